@@ -1,0 +1,12 @@
+"""The worker: offline LLM API, engine loop, model runner, models, weights, sampler."""
+
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import LLMEngine
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "ModelConfig", "RequestMetrics",
+    "RequestOutput", "SamplingParams",
+]

@@ -1,0 +1,46 @@
+"""Paged attention for one flattened step: write the step's K/V into the cache, then attend.
+
+The step's sequences are ordered decodes first (one query each), then prefill chunks; each
+part goes to its kernel of the contract in kernels/ (reference on CPU, Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32, decodes first
+    context_lens: torch.Tensor  # [B] int32: keys per sequence after this step
+    num_decodes: int  # the first num_decodes sequences (and tokens) are decodes
+    prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32, offsets into the prefill tokens
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k_cache, v_cache
+    backend: ModuleType
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] of this step's tokens → [T, Hq, D]."""
+    k_cache, v_cache = meta.kv_caches[layer]
+    ops = meta.backend
+    ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    nd = meta.num_decodes
+    if nd == q.shape[0]:
+        return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    if nd == 0:
+        return ops.paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q, meta.context_lens, scale
+        )
+    decode = ops.paged_decode_attention(
+        q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale
+    )
+    prefill = ops.paged_prefill_attention(
+        q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale
+    )
+    return torch.cat([decode, prefill])

@@ -1,0 +1,129 @@
+"""Model and engine configuration: what the checkpoint says, and how the engine runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The architecture facts our Llama-family model needs, read from a HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or raw.get('model_type')!r}; stoke runs "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        num_heads = raw["num_attention_heads"]
+        # transformers 5 folds rope_theta/rope_scaling into rope_parameters.
+        rope = dict(raw.get("rope_parameters") or {})
+        rope_theta = float(raw.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+        scaling = raw.get("rope_scaling") or rope or None
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.pop("rope_theta", None)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        eos = raw.get("eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str) -> ModelConfig:
+        with open(os.path.join(path, "config.json")) as f:
+            config = cls.from_dict(json.load(f))
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                config.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        return config
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How to run: device, dtype, KV pool size and batching limits. Defaults suit the CPU."""
+
+    model: str | None = None  # HF checkpoint dir; None: the embedded default
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: str = "auto"
+    load_format: str = "auto"  # auto | safetensors | dummy
+    seed: int = 0
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # CPU: the KV pool budget (default 2 GiB)
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory stoke may use
+    num_kv_blocks: int | None = None  # overrides both (tests use tiny pools)
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_num_partial_prefills: int = 2
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]

@@ -1,0 +1,306 @@
+"""The engine loop: schedule → one forward pass → sample → update → outputs.
+
+A request with n > 1 becomes n scheduler requests (samples); samples 1..n-1 wait for sample 0's
+prompt to be computed and then share its KV blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from scheduler import Request, Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Sample:
+    """One of a request's n samples: its scheduler request and its output state."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_tokens: int = 0  # output tokens already reported in a delta
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    samples: list[_Sample] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+@dataclass(slots=True)
+class StepStats:
+    num_steps: int = 0
+    num_batched_tokens: int = 0
+    schedule_seconds: float = 0.0  # scheduler.schedule + scheduler.update
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    last_batch_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.config = config
+        if config.model is None:
+            from engine.default_model import default_model_path
+
+            path = default_model_path()
+        else:
+            path = config.model
+        self.model_path = path
+        self.model_config = ModelConfig.from_dir(path)
+        self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
+        self.runner = ModelRunner(path, self.model_config, config)
+        max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                            self.model_config.max_position_embeddings)
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_model_len=max_model_len,
+            num_blocks=self.runner.num_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_num_partial_prefills=config.max_num_partial_prefills,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
+        ))
+        self.sampler = Sampler()
+        self.eos_token_ids = list(self.model_config.eos_token_ids)
+        self.groups: dict[str, _Group] = {}
+        self.samples: dict[Request, tuple[_Group, _Sample]] = {}
+        self.stats = StepStats()
+
+    @staticmethod
+    def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            logger.info("no tokenizer in %s: only token-id prompts will work", path)
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            logger.warning("no tokenizer in %s (%s): only token-id prompts will work", path, exc)
+            return None
+
+    # --------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as token ids")
+        return self.tokenizer.encode(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError for a request that can't be served; returns its max_tokens."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
+        self.scheduler.check_admissible(len(prompt_token_ids), max_tokens)
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None) -> None:
+        """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        text = prompt if isinstance(prompt, str) else None
+        if prompt_token_ids is None:
+            prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = self.validate(prompt_token_ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        group = _Group(request_id, text, prompt_token_ids, params, arrival)
+        first: Request | None = None
+        for index in range(params.n):
+            request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens,
+                              prefill_after=first, arrival_time=arrival)
+            first = first or request
+            sample = _Sample(
+                index=index,
+                request=request,
+                detokenizer=self._detokenizer(prompt_token_ids, params),
+                generator=self._generator(params, index),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            group.samples.append(sample)
+            self.samples[request] = (group, sample)
+            self.scheduler.add_request(request)
+        self.groups[request_id] = group
+
+    def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; all its blocks return to the pool."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for sample in group.samples:
+            if sample.finish_reason is None:
+                self._finish(sample, "abort")
+        return self._output(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if not batch.requests:
+            return []
+        logits, rows = self.runner.execute(batch)
+        t2 = time.perf_counter()
+        sampling_rows = []
+        for i in rows:
+            request = batch.requests[i]
+            group, sample = self.samples[request]
+            sampling_rows.append(SamplingRow(
+                params=group.params,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=request.output_token_ids,
+                generator=sample.generator,
+                eos_token_ids=self.eos_token_ids,
+            ))
+        sampled_out = self.sampler(logits, sampling_rows)
+        t3 = time.perf_counter()
+        sampled: list[int | None] = [None] * len(batch)
+        for j, i in enumerate(rows):
+            sampled[i] = sampled_out.token_ids[j]
+        self.scheduler.update(batch, sampled)
+        t4 = time.perf_counter()
+
+        touched: dict[str, _Group] = {}
+        for j, i in enumerate(rows):
+            group, sample = self.samples[batch.requests[i]]
+            self._append(group, sample, sampled_out.token_ids[j],
+                         sampled_out.logprobs[j] if sampled_out.logprobs is not None else None,
+                         sampled_out.top_logprobs[j] if sampled_out.top_logprobs is not None else None)
+            touched[group.request_id] = group
+        outputs = [self._output(group) for group in touched.values()]
+
+        s = self.stats
+        s.num_steps += 1
+        s.last_batch_tokens = batch.total_tokens
+        s.num_batched_tokens += batch.total_tokens
+        s.schedule_seconds += (t1 - t0) + (t4 - t3)
+        s.forward_seconds += t2 - t1
+        s.sample_seconds += t3 - t2
+        return outputs
+
+    def _append(self, group: _Group, sample: _Sample, token: int, logprob: float | None,
+                top: list[tuple[int, float]] | None) -> None:
+        params, request = group.params, sample.request
+        if sample.logprobs is not None and logprob is not None:
+            entry = dict(top or [])
+            entry[token] = logprob
+            sample.logprobs.append(entry)
+            sample.cumulative_logprob += logprob
+        stop_string = sample.detokenizer.add_token(token) if sample.detokenizer is not None else False
+        num_out = request.num_output_tokens
+        if num_out >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                return self._finish(sample, "stop")
+            if token in params.stop_token_ids:
+                return self._finish(sample, "stop", token)
+            if stop_string:
+                return self._finish(sample, "stop", sample.detokenizer.stop_reason)
+        if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(sample, "length")
+
+    def _finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:
+        sample.finish_reason, sample.stop_reason = reason, stop_reason
+        if sample.detokenizer is not None and not sample.detokenizer.stop_reason:
+            sample.detokenizer.finish()
+        self.scheduler.finish(sample.request)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for sample in group.samples:
+            token_ids = sample.request.output_token_ids
+            detok = sample.detokenizer
+            completions.append(CompletionOutput(
+                index=sample.index,
+                text=detok.text if detok is not None else "",
+                token_ids=token_ids,
+                cumulative_logprob=sample.cumulative_logprob if sample.logprobs is not None else None,
+                logprobs=sample.logprobs,
+                finish_reason=sample.finish_reason,
+                stop_reason=sample.stop_reason,
+                delta_text=detok.take_delta() if detok is not None else "",
+                delta_token_ids=token_ids[sample.sent_tokens:],
+            ))
+            sample.sent_tokens = len(token_ids)
+        finished = group.finished
+        if finished:
+            del self.groups[group.request_id]
+            for sample in group.samples:
+                self.samples.pop(sample.request, None)
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=group.samples[0].request.num_cached_tokens,
+            metrics=self._metrics(group, finished),
+        )
+
+    @staticmethod
+    def _metrics(group: _Group, finished: bool) -> RequestMetrics:
+        requests = [s.request for s in group.samples]
+
+        def first(values: list[float | None]) -> float | None:
+            present = [v for v in values if v is not None]
+            return min(present) if present else None
+
+        finish_times = [r.finish_time for r in requests]
+        return RequestMetrics(
+            arrival_time=group.arrival_time,
+            first_scheduled_time=first([r.first_scheduled_time for r in requests]),
+            first_token_time=first([r.first_token_time for r in requests]),
+            finish_time=max(finish_times) if all(t is not None for t in finish_times) else None,
+            inter_token_latencies=[b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
+            if finished else [],
+            num_preemptions=sum(r.num_preemptions for r in requests),
+        )

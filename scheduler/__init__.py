@@ -1,0 +1,11 @@
+"""Pure-Python scheduling: request state, the paged block pool with prefix caching, and the
+continuous-batching policy. Imports neither torch nor engine."""
+
+from scheduler.block_manager import BlockManager, PrefixCacheStats
+from scheduler.request import AdmissionError, Request, RequestStatus
+from scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+
+__all__ = [
+    "AdmissionError", "BlockManager", "PrefixCacheStats", "Request", "RequestStatus",
+    "ScheduledBatch", "Scheduler", "SchedulerConfig",
+]

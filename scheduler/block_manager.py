@@ -1,0 +1,215 @@
+"""Paged KV block pool with reference counts and a prefix cache over full blocks.
+
+A full block is keyed by a hash chained over its parent's hash and its own token ids, so one
+hash names a whole prefix. Hits are verified against the stored token ids and parent hash:
+a hash collision can cost a cache miss, never wrong KV. Blocks with no references stay in the
+cache and are evicted least-recently-freed first, and only when no never-cached block is left.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from scheduler.request import Request
+
+BlockHasher = Callable[[int | None, tuple[int, ...]], int]
+
+
+def chained_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent_hash, token_ids))
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set while the block is registered in the prefix cache
+    parent_hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    queries_tokens: int = 0
+    hits_tokens: int = 0
+    evictions: int = 0
+
+
+class BlockManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        hasher: BlockHasher = chained_hash,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hasher = hasher
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Never-cached free blocks (a stack) and cached unreferenced blocks (LRU order).
+        self.free_uncached: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.stats = PrefixCacheStats()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_uncached) + len(self.evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, request: Request) -> None:
+        """Extend request.block_hashes over every full block of its tokens."""
+        hashes, tokens, size = request.block_hashes, request.token_ids, self.block_size
+        for i in range(len(hashes), len(tokens) // size):
+            parent = hashes[-1] if hashes else None
+            hashes.append(self.hasher(parent, tuple(tokens[i * size:(i + 1) * size])))
+
+    def match_prefix(self, request: Request) -> list[int]:
+        """Cached blocks holding the longest prefix of the request's tokens, leaving at least
+        one token to compute (the last one must produce logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        self._update_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        parent: int | None = None
+        size, tokens = self.block_size, request.token_ids
+        for i, h in enumerate(request.block_hashes[:max_blocks]):
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.parent_hash != parent or block.token_ids != tuple(tokens[i * size:(i + 1) * size]):
+                break  # a hash collision: treat as a miss
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    # -------------------------------------------------------------- allocation
+    def allocate_slots(self, request: Request, num_new_tokens: int, hits: Sequence[int] = ()) -> bool:
+        """Give the request blocks for num_computed_tokens + len(hits) blocks + num_new_tokens.
+
+        `hits` (from match_prefix, only while the request holds no blocks) are shared, not
+        copied. Returns False, changing nothing, when the pool cannot supply the new blocks.
+        """
+        assert not hits or not request.block_ids, "prefix hits only at admission"
+        computed = request.num_computed_tokens + len(hits) * self.block_size
+        num_new_blocks = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
+        reclaimed_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if num_new_blocks > self.num_free_blocks - reclaimed_hits:
+            return False
+        for block_id in hits:
+            self._ref(block_id)
+        request.block_ids.extend(hits)
+        for _ in range(num_new_blocks):
+            request.block_ids.append(self._take_free_block())
+        return True
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.evictable[block_id]
+        block.ref_count += 1
+
+    def _take_free_block(self) -> int:
+        if self.free_uncached:
+            block_id = self.free_uncached.pop()
+        else:
+            block_id, _ = self.evictable.popitem(last=False)
+            self._uncache(self.blocks[block_id])
+            self.stats.evictions += 1
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def _uncache(self, block: Block) -> None:
+        if block.hash is not None and self.cached.get(block.hash) == block.block_id:
+            del self.cached[block.hash]
+        block.hash, block.parent_hash, block.token_ids = None, None, ()
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references. Tail blocks are freed first so that, being the
+        least useful to other prefixes, they are also evicted first."""
+        for block_id in reversed(request.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.evictable[block_id] = None
+                else:
+                    self.free_uncached.append(block_id)
+        request.block_ids.clear()
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks whose KV is now fully computed."""
+        if not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        num_full = request.num_computed_tokens // size
+        first = 0
+        # Blocks already registered by this request are the leading ones with a hash set.
+        while first < num_full and self.blocks[request.block_ids[first]].hash is not None:
+            first += 1
+        if first == num_full:
+            return
+        self._update_hashes(request)
+        tokens = request.token_ids
+        for i in range(first, num_full):
+            block = self.blocks[request.block_ids[i]]
+            if block.hash is not None:
+                continue
+            h = request.block_hashes[i]
+            if h in self.cached:
+                continue  # the same prefix is cached in another block already
+            block.hash = h
+            block.parent_hash = request.block_hashes[i - 1] if i else None
+            block.token_ids = tuple(tokens[i * size:(i + 1) * size])
+            self.cached[h] = block.block_id
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached unreferenced block (e.g. after weights change)."""
+        while self.evictable:
+            block_id, _ = self.evictable.popitem(last=False)
+            self._uncache(self.blocks[block_id])
+            self.free_uncached.append(block_id)
+
+    # -------------------------------------------------------------- invariants
+    def check_invariants(self, live_requests: Sequence[Request] = ()) -> None:
+        """Assert the pool's bookkeeping is consistent (used by tests)."""
+        free = set(self.free_uncached)
+        evictable = set(self.evictable)
+        assert len(free) == len(self.free_uncached), "duplicate in free list"
+        assert not free & evictable, "block both free and evictable"
+        for block in self.blocks:
+            in_free = block.block_id in free or block.block_id in evictable
+            assert (block.ref_count == 0) == in_free, f"block {block.block_id}: ref {block.ref_count}, free {in_free}"
+            if block.block_id in evictable:
+                assert block.hash is not None and self.cached.get(block.hash) == block.block_id
+            if block.block_id in free:
+                assert block.hash is None
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == h
+        if live_requests:
+            refs: dict[int, int] = {}
+            for request in live_requests:
+                for block_id in request.block_ids:
+                    refs[block_id] = refs.get(block_id, 0) + 1
+            for block in self.blocks:
+                assert block.ref_count == refs.get(block.block_id, 0), f"block {block.block_id} refcount"

@@ -1,0 +1,220 @@
+"""Iteration-level continuous batching over the block manager.
+
+Every step: running decodes first, then running partial prefills, then waiting requests are
+admitted while the token budget and max_num_seqs allow. Prefill of any request is chunked to
+fit the budget; long prompts are capped per step so a short request is not stuck behind them.
+When blocks run out, the most recently admitted running request is preempted by recompute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler.block_manager import BlockManager
+from scheduler.request import AdmissionError, Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_model_len: int
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    # At most this many requests mid-prefill at once, and of those at most
+    # max_long_partial_prefills with more than long_prefill_token_threshold tokens to go;
+    # a long prefill gets at most that many tokens a step while others wait.
+    max_num_partial_prefills: int = 2
+    max_long_partial_prefills: int = 1
+    long_prefill_token_threshold: int = 0  # 0: max_num_batched_tokens // 2
+
+    def __post_init__(self) -> None:
+        if self.long_prefill_token_threshold <= 0:
+            self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 2)
+        for name in ("max_model_len", "num_blocks", "block_size", "max_num_seqs",
+                     "max_num_batched_tokens", "max_num_partial_prefills", "max_long_partial_prefills"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One forward pass: requests[i] computes num_tokens[i] tokens from its num_computed_tokens.
+    The first num_decodes entries compute exactly one token each."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    num_decodes: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def samples(self, i: int) -> bool:
+        """Whether request i reaches its last known token this step (and so samples one)."""
+        request = self.requests[i]
+        return request.num_computed_tokens + self.num_tokens[i] == request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------- requests
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise AdmissionError for a request that could never be served."""
+        total = num_prompt_tokens + max_tokens
+        if num_prompt_tokens < 1:
+            raise AdmissionError("the prompt must contain at least one token", "invalid_prompt")
+        if total > self.config.max_model_len:
+            raise AdmissionError(
+                f"this model's maximum context length is {self.config.max_model_len} tokens, but "
+                f"{total} were requested ({num_prompt_tokens} in the prompt + {max_tokens} max_tokens)",
+                "context_length_exceeded",
+            )
+        pool_tokens = self.config.num_blocks * self.config.block_size
+        if total > pool_tokens:
+            raise AdmissionError(
+                f"the request needs {total} tokens of KV cache ({num_prompt_tokens} prompt + {max_tokens} "
+                f"max_tokens) but the whole pool holds {pool_tokens} ({self.config.num_blocks} blocks "
+                f"of {self.config.block_size})",
+                "kv_cache_too_small",
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.check_admissible(request.num_prompt_tokens, request.max_tokens)
+        self.waiting.append(request)
+
+    def finish(self, request: Request) -> None:
+        """Remove a request (finished or aborted) wherever it is; every block is returned."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        else:
+            return
+        self.block_manager.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_time = time.monotonic()
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------- schedule
+    def schedule(self) -> ScheduledBatch:
+        cfg, bm = self.config, self.block_manager
+        batch = ScheduledBatch()
+        budget = cfg.max_num_batched_tokens
+        scheduled: dict[Request, int] = {}
+        now = time.monotonic()
+
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.num_uncomputed_tokens, budget)
+            if n > 1 and (self.waiting or len(prefills) > 1):
+                n = min(n, cfg.long_prefill_token_threshold)
+            while not bm.allocate_slots(request, n):
+                victim = self.running[-1]
+                budget += scheduled.pop(victim, 0)
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled[request] = n
+                budget -= n
+
+        if not batch.preempted:
+            budget = self._admit(scheduled, budget, now)
+
+        ordered = sorted(scheduled.items(), key=lambda item: item[1] != 1)
+        batch.requests = [r for r, _ in ordered]
+        batch.num_tokens = [n for _, n in ordered]
+        batch.num_decodes = sum(1 for n in batch.num_tokens if n == 1)
+        return batch
+
+    def _admit(self, scheduled: dict[Request, int], budget: int, now: float) -> int:
+        cfg, bm = self.config, self.block_manager
+        partial = sum(1 for r, n in scheduled.items() if n < r.num_uncomputed_tokens)
+        long_partial = sum(
+            1 for r, n in scheduled.items()
+            if n < r.num_uncomputed_tokens and r.num_uncomputed_tokens > cfg.long_prefill_token_threshold
+        )
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.waiting[0]
+            sibling = request.prefill_after
+            if sibling is not None and not (sibling.prompt_computed or sibling.finished):
+                skipped.append(self.waiting.popleft())
+                continue
+            hits = bm.match_prefix(request)
+            need = request.num_tokens - len(hits) * cfg.block_size
+            is_long = need > cfg.long_prefill_token_threshold
+            n = min(need, budget, cfg.long_prefill_token_threshold) if is_long else min(need, budget)
+            if n < need:
+                if partial >= cfg.max_num_partial_prefills or (is_long and long_partial >= cfg.max_long_partial_prefills):
+                    skipped.append(self.waiting.popleft())
+                    continue
+                partial += 1
+                long_partial += is_long
+            if not bm.allocate_slots(request, n, hits):
+                break
+            self.waiting.popleft()
+            num_hit_tokens = len(hits) * cfg.block_size
+            if request.num_preemptions == 0:
+                bm.stats.queries_tokens += request.num_tokens
+                bm.stats.hits_tokens += num_hit_tokens
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            self.running.append(request)
+            scheduled[request] = n
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.stats.num_preemptions += 1
+
+    # --------------------------------------------------------------- update
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """Advance every scheduled request; sampled[i] is request i's new token, if it sampled."""
+        now = time.monotonic()
+        bm = self.block_manager
+        for request, n, token in zip(batch.requests, batch.num_tokens, sampled):
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += n
+            bm.cache_full_blocks(request)
+            if token is not None:
+                request.append_token(token, now)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random checkpoints saved by transformers, and the transformers oracle."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+TINY_COMMON = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    # A wide init spreads the logits, so greedy argmax is not decided by rounding noise.
+    initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+)
+
+
+def _save_tiny(kind: str, path: str) -> str:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**TINY_COMMON, tie_word_embeddings=False,
+                                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(config)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
+        model = transformers.Qwen3ForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: _save_tiny(kind, os.path.join(root, kind)) for kind in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from engine.default_model import default_model_path
+
+    return default_model_path()
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy tokens (fp32, eager), one prompt at a time, EOS ignored."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    outs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        outs.append(gen[0, len(prompt):].tolist())
+    return outs
