@@ -1,0 +1,148 @@
+"""Incremental (streaming) detokenization with stop strings.
+
+Decoding token by token is not `decode([t])` per token: byte-level BPE splits one emoji or
+CJK character over several tokens, and sentencepiece tokenizers drop the leading space of
+whatever token comes first. So, as vLLM does, each step decodes a small window of recent
+tokens and emits only what the newest tokens added:
+
+    window = ids[prefix_offset:]        prefix_text = decode(ids[prefix_offset:read_offset])
+    new = decode(window)                emit new[len(prefix_text):] unless new ends in '\ufffd'
+
+then slides `prefix_offset = read_offset; read_offset = len(ids)`. Text that ends in an
+incomplete UTF-8 character (U+FFFD) is held until a later token completes it, or until
+`finish()`, which releases it as `tokenizer.decode` would show it. The window starts with the
+prompt's last few tokens, so the first output token gets the same spacing it has in context.
+Cost per token: one decode of a few tokens.
+
+Stop strings may span tokens. The trailing characters that could still become the start of
+a stop string are held back, so no streamed delta ever contains any part of a stop string;
+on a match the text is cut before it (or after it with `include_stop_str_in_output`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_PROMPT_CONTEXT = 5  # prompt tokens decoded as context for the first output tokens
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        # The Rust tokenizer decodes without transformers' Python overhead; transformers'
+        # decode adds only clean_up_tokenization_spaces, which incremental decoding cannot
+        # honour (it rewrites across token boundaries) and vLLM ignores as well.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self._decode_fn = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        else:
+            self._decode_fn = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        self._stop = [s for s in stop if s]
+        self._include_stop = include_stop_str_in_output
+        self._max_stop = max((len(s) for s in self._stop), default=0)
+
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self._prefix_text = self._decode(context) if context else ""
+        if self._prefix_text.endswith(_REPLACEMENT):
+            # The prompt ends inside a character: its text is no stable prefix. Decode the
+            # output on its own instead (as tokenizer.decode(output_ids) would).
+            context, self._prefix_text = [], ""
+        self._ids: list[int] = context  # window: context + tokens not yet settled
+        self._read = len(context)  # window[:_read] decodes to _prefix_text
+
+        self._full = ""  # all decoded output text (before stop-string truncation)
+        self._safe = 0  # len of _full that may be shown (holds back possible stop starts)
+        self._taken = 0  # len of text already returned by take_delta
+        self.stop_reason: str | None = None
+        self._done = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decode_fn(ids)
+
+    @property
+    def text(self) -> str:
+        """All output text safe to show so far."""
+        return self._full[: self._safe]
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def take_delta(self) -> str:
+        """Text appended to `text` since the last call."""
+        delta = self._full[self._taken : self._safe]
+        self._taken = self._safe
+        return delta
+
+    def add_token(self, token_id: int) -> bool:
+        """Add one generated token; True iff a stop string matched now (text is then final)."""
+        if self._done:
+            return False
+        self._ids.append(token_id)
+        new_text = self._decode(self._ids)
+        if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
+            return False  # nothing new, or an incomplete character: wait for more tokens
+        return self._append(self._settle(new_text))
+
+    def finish(self) -> None:
+        """The request ended: release text held for incomplete characters or stop strings."""
+        if self._done:
+            return
+        if len(self._ids) > self._read:
+            new_text = self._decode(self._ids)
+            if len(new_text) > len(self._prefix_text) and self._append(self._settle(new_text)):
+                return
+        self._safe = len(self._full)
+        self._done = True
+
+    def _settle(self, new_text: str) -> str:
+        """The text the unsettled tokens add; slide the window so it starts at the last chunk."""
+        # The window starts on a character boundary, so new_text extends prefix_text for the
+        # decoders in use (byte-level, metaspace, byte-fallback); were it to rewrite earlier
+        # text, this keeps going as vLLM does rather than retract what was shown.
+        delta = new_text[len(self._prefix_text) :]
+        del self._ids[: self._read]
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        return delta
+
+    def _append(self, delta: str) -> bool:
+        start = len(self._full)
+        self._full += delta
+        if not self._stop:
+            self._safe = len(self._full)
+            return False
+        # Earliest stop string that ends inside the new text (ties: the first listed).
+        best: tuple[int, str] | None = None
+        for s in self._stop:
+            i = self._full.find(s, max(0, start - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            i, s = best
+            self._full = self._full[: i + len(s) if self._include_stop else i]
+            self._safe = len(self._full)
+            self.stop_reason = s
+            self._done = True
+            return True
+        self._safe = max(self._safe, len(self._full) - self._held_back())
+        return False
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        tail = self._full[-(self._max_stop - 1) :] if self._max_stop > 1 else ""
+        for n in range(len(tail), 0, -1):
+            suffix = tail[-n:]
+            if any(s.startswith(suffix) for s in self._stop):
+                return n
+        return 0
