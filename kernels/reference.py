@@ -1,0 +1,99 @@
+"""Paged attention in plain torch: the CPU serving path and the oracle for the Triton kernels.
+
+Every function is vectorised over the batch: K/V are gathered through the block tables with
+one index op, padding and causality become one boolean mask, and torch's fused
+`scaled_dot_product_attention` does the rest (GQA via `enable_gqa`, no K/V repeat).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    # A view of the cache as one row per slot, so writes land in place.
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+
+
+def _gather_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K/V of every sequence as `[B, Hkv, L, D]` and the key-validity mask `[B, L]`.
+
+    Masked keys still enter the matmuls with weight 0, so every cache slot must hold a finite
+    value (the engine zero-initialises its caches): zeroing the stale tail here per call would
+    cost as much as the gather itself."""
+    block_size = k_cache.shape[1]
+    num_blocks = -(-int(context_lens.max()) // block_size)
+    # Ids past a sequence's blocks may be padding (-1): clamp to index, then mask out.
+    ids = block_tables[:, :num_blocks].clamp_min(0).long()
+    k = k_cache[ids].flatten(1, 2)  # a fresh copy, [B, L, Hkv, D]
+    v = v_cache[ids].flatten(1, 2)
+    valid = torch.arange(k.shape[1], device=k.device) < context_lens[:, None]
+    return k.transpose(1, 2), v.transpose(1, 2), valid
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, L, D]`, mask broadcastable to `[B, Hq, Lq, L]`."""
+    return F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys."""
+    k, v, valid = _gather_kv(k_cache, v_cache, block_tables, context_lens)
+    out = _attend(q[:, :, None], k, v, valid[:, None, None, :], scale)
+    return out[:, :, 0]
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated)."""
+    device = q.device
+    starts = cu_seqlens_q[:-1].long()
+    q_lens = cu_seqlens_q[1:].long() - starts
+    max_q = int(q_lens.max())
+    # Token t belongs to sequence seq[t] at row row[t] of the padded batch.
+    seq = torch.repeat_interleave(
+        torch.arange(len(q_lens), device=device), q_lens, output_size=q.shape[0]
+    )
+    row = torch.arange(q.shape[0], device=device) - starts[seq]
+    padded = q.new_zeros(len(q_lens), max_q, *q.shape[1:])
+    padded[seq, row] = q
+
+    k, v, valid = _gather_kv(k_cache, v_cache, block_tables, context_lens)
+    positions = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=device)
+    key_pos = torch.arange(k.shape[2], device=device)
+    # Padding rows (past q_len) see every valid key: never a fully masked (NaN) row.
+    mask = (key_pos <= positions[:, :, None]) & valid[:, None, :]  # [B, max_q, L]
+    out = _attend(padded.transpose(1, 2), k, v, mask[:, None], scale)
+    return out.transpose(1, 2)[seq, row]
