@@ -17,11 +17,13 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    # A view of the cache as one row per slot, so writes land in place.
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    # Views of the caches as one row per slot, so the copies land in place.
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
 def _gather_kv(

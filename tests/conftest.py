@@ -27,19 +27,23 @@ def _save_tiny(kind: str, path: str) -> str:
     elif kind == "qwen2":
         config = transformers.Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(config)
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**TINY_COMMON, sliding_window=None, tie_word_embeddings=False)
+        model = transformers.MistralForCausalLM(config)
     elif kind == "qwen3":
         config = transformers.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
         model = transformers.Qwen3ForCausalLM(config)
     else:
         raise ValueError(kind)
-    model.save_pretrained(path)
+    # Qwen2 is saved in shards, so the sharded-index path is covered too.
+    model.save_pretrained(path, max_shard_size="200KB" if kind == "qwen2" else "5GB")
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: _save_tiny(kind, os.path.join(root, kind)) for kind in ("llama", "qwen2", "qwen3")}
+    return {kind: _save_tiny(kind, os.path.join(root, kind)) for kind in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def assert_pool_empty(llm: LLM) -> None:
     bm.check_invariants()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_matches_transformers_tiny(tiny_checkpoints: dict[str, str], kind: str) -> None:
     path = tiny_checkpoints[kind]
     prompts = random_prompts(1, 4, 1, 40)
@@ -246,3 +246,30 @@ def test_admission_errors_leave_the_engine_untouched(tiny_path: str) -> None:
         llm.generate([[5] * 4, [5] * 90], SamplingParams(max_tokens=20))
     assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
     assert llm.generate([[5] * 4], SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0].finish_reason == "length"
+
+
+def test_dummy_weights_from_config_alone(tmp_path, tiny_path: str) -> None:
+    import shutil
+
+    shutil.copy(f"{tiny_path}/config.json", tmp_path / "config.json")  # no weights at all
+    outs = [LLM(str(tmp_path), load_format="dummy", num_kv_blocks=32, seed=s).generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=6, **GREEDY))[0].outputs[0].token_ids for s in (0, 0, 1)]
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+    with pytest.raises(FileNotFoundError, match="dummy"):
+        LLM(str(tmp_path), num_kv_blocks=32)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_follows_fp32(tiny_path: str, dtype: str) -> None:
+    import torch
+
+    prompts = mixed_prompts()[:4]
+    fp32 = LLM(tiny_path, num_kv_blocks=64).generate(prompts, SamplingParams(max_tokens=1, logprobs=5, **GREEDY))
+    llm = LLM(tiny_path, num_kv_blocks=64, dtype=dtype)
+    assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
+    half = llm.generate(prompts, SamplingParams(max_tokens=1, **GREEDY))
+    for ref, out in zip(fp32, half):
+        # Rounding may flip a near tie: the half-precision choice must be a near-best fp32 token.
+        fp32_logprobs = ref.outputs[0].logprobs[0]
+        token = out.outputs[0].token_ids[0]
+        assert token in fp32_logprobs and fp32_logprobs[token] >= max(fp32_logprobs.values()) - 0.3
