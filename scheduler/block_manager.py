@@ -1,8 +1,9 @@
 """Paged KV block pool with reference counts and a prefix cache over full blocks.
 
 A full block is keyed by a hash chained over its parent's hash and its own token ids, so one
-hash names a whole prefix. Hits are verified against the stored token ids and parent hash:
-a hash collision can cost a cache miss, never wrong KV. Blocks with no references stay in the
+hash names a whole prefix. Hits are verified exactly: against the stored token ids, and the
+parent by its registration serial (unique for ever, unlike hashes and block ids), so a hash
+collision can cost a cache miss, never wrong KV. Blocks with no references stay in the
 cache and are evicted least-recently-freed first, and only when no never-cached block is left.
 """
 
@@ -26,7 +27,8 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None  # set while the block is registered in the prefix cache
-    parent_hash: int | None = None
+    serial: int | None = None  # this registration's unique number
+    parent_serial: int | None = None  # the registered block whose KV this one was computed after
     token_ids: tuple[int, ...] = ()
 
 
@@ -57,6 +59,7 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cached: dict[int, int] = {}  # hash -> block id
         self.stats = PrefixCacheStats()
+        self._next_serial = 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -96,10 +99,10 @@ class BlockManager:
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            if block.parent_hash != parent or block.token_ids != tuple(tokens[i * size:(i + 1) * size]):
+            if block.parent_serial != parent or block.token_ids != tuple(tokens[i * size:(i + 1) * size]):
                 break  # a hash collision: treat as a miss
             hits.append(block_id)
-            parent = h
+            parent = block.serial
         return hits
 
     # -------------------------------------------------------------- allocation
@@ -118,6 +121,9 @@ class BlockManager:
         for block_id in hits:
             self._ref(block_id)
         request.block_ids.extend(hits)
+        if hits:
+            request.num_prefix_cached_blocks = len(hits)
+            request.prefix_tail_serial = self.blocks[hits[-1]].serial
         for _ in range(num_new_blocks):
             request.block_ids.append(self._take_free_block())
         return True
@@ -141,7 +147,7 @@ class BlockManager:
     def _uncache(self, block: Block) -> None:
         if block.hash is not None and self.cached.get(block.hash) == block.block_id:
             del self.cached[block.hash]
-        block.hash, block.parent_hash, block.token_ids = None, None, ()
+        block.hash, block.serial, block.parent_serial, block.token_ids = None, None, None, ()
 
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks are freed first so that, being the
@@ -156,32 +162,41 @@ class BlockManager:
                 else:
                     self.free_uncached.append(block_id)
         request.block_ids.clear()
+        request.num_prefix_cached_blocks, request.prefix_tail_serial = 0, None
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's blocks whose KV is now fully computed."""
+        """Register the request's blocks whose KV is now fully computed.
+
+        A block whose prefix is already cached in a twin block (identical tokens after the
+        same parent) stays unregistered and the chain continues from the twin; a hash taken
+        by different content (a collision) ends the chain for this request.
+        """
         if not self.enable_prefix_caching:
             return
         size = self.block_size
         num_full = request.num_computed_tokens // size
-        first = 0
-        # Blocks already registered by this request are the leading ones with a hash set.
-        while first < num_full and self.blocks[request.block_ids[first]].hash is not None:
-            first += 1
-        if first == num_full:
+        start = request.num_prefix_cached_blocks
+        if start >= num_full:
             return
         self._update_hashes(request)
-        tokens = request.token_ids
-        for i in range(first, num_full):
-            block = self.blocks[request.block_ids[i]]
-            if block.hash is not None:
-                continue
+        tokens, parent = request.token_ids, request.prefix_tail_serial
+        for i in range(start, num_full):
             h = request.block_hashes[i]
-            if h in self.cached:
-                continue  # the same prefix is cached in another block already
-            block.hash = h
-            block.parent_hash = request.block_hashes[i - 1] if i else None
-            block.token_ids = tuple(tokens[i * size:(i + 1) * size])
-            self.cached[h] = block.block_id
+            block_tokens = tuple(tokens[i * size:(i + 1) * size])
+            twin_id = self.cached.get(h)
+            if twin_id is not None:
+                twin = self.blocks[twin_id]
+                if twin.parent_serial != parent or twin.token_ids != block_tokens:
+                    break
+                parent = twin.serial
+            else:
+                block = self.blocks[request.block_ids[i]]
+                block.hash, block.serial, block.parent_serial = h, self._next_serial, parent
+                block.token_ids = block_tokens
+                self._next_serial += 1
+                self.cached[h] = block.block_id
+                parent = block.serial
+            request.num_prefix_cached_blocks, request.prefix_tail_serial = i + 1, parent
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached unreferenced block (e.g. after weights change)."""
