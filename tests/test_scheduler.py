@@ -1,0 +1,301 @@
+"""The batching policy, driven by a fake engine loop: schedule(), then update() with a fake
+token for every request that samples, then finish() for those that reached max_tokens.
+Every step checks the batch against the config and the pool against its invariants."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler import AdmissionError, Request, RequestStatus, ScheduledBatch, Scheduler, SchedulerConfig
+
+
+def fake_token(request: Request) -> int:
+    return 1000 + request.num_output_tokens  # deterministic, never a prompt token
+
+
+def live(sched: Scheduler) -> list[Request]:
+    return sched.running + list(sched.waiting)
+
+
+def step(sched: Scheduler) -> ScheduledBatch:
+    """One engine iteration with the checks every step must pass."""
+    cfg = sched.config
+    running_before = list(sched.running)
+    decodes_before = [r for r in running_before if r.num_uncomputed_tokens == 1]
+    batch = sched.schedule()
+
+    assert batch.total_tokens <= cfg.max_num_batched_tokens
+    assert len(batch) <= cfg.max_num_seqs and len(sched.running) <= cfg.max_num_seqs
+    assert len(set(map(id, batch.requests))) == len(batch)
+    assert all(n == 1 for n in batch.num_tokens[:batch.num_decodes])
+    assert all(n > 1 for n in batch.num_tokens[batch.num_decodes:]), "decodes come first"
+    # Preemption takes the most recently admitted running request first.
+    assert batch.preempted == running_before[::-1][:len(batch.preempted)]
+    for victim in batch.preempted:
+        assert victim.status is RequestStatus.WAITING and victim.block_ids == [] and victim.num_computed_tokens == 0
+    if not batch.preempted and len(decodes_before) <= cfg.max_num_batched_tokens:
+        scheduled = set(map(id, batch.requests))
+        assert all(id(r) in scheduled for r in decodes_before), "a decode was left out"
+    for request, n in zip(batch.requests, batch.num_tokens):
+        assert request.status is RequestStatus.RUNNING
+        assert 1 <= n <= request.num_uncomputed_tokens
+        assert len(request.block_ids) * cfg.block_size >= request.num_computed_tokens + n, "no slots for the tokens"
+
+    sampled = [fake_token(r) if batch.samples(i) else None for i, r in enumerate(batch.requests)]
+    sched.update(batch, sampled)
+    for request in batch.requests:
+        if request.num_output_tokens >= request.max_tokens:
+            sched.finish(request)
+    sched.block_manager.check_invariants(live(sched))
+    return batch
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 10_000) -> int:
+    steps = 0
+    while sched.has_unfinished:
+        step(sched)
+        steps += 1
+        assert steps < max_steps, "no progress"
+    return steps
+
+
+def make(prompt_len: int, max_tokens: int, rid: str, base: int = 0, **kw) -> Request:
+    return Request(rid, [base + (i % 97) for i in range(prompt_len)], max_tokens, **kw)
+
+
+def assert_all_free(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    bm.check_invariants()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+# ------------------------------------------------------------------ budget / policy
+# (num_blocks, block_size, max_num_seqs, max_num_batched_tokens): tight pools preempt, small
+# budgets chunk, one seq serialises, a big pool never evicts.
+CONFIGS = [(12, 4, 8, 32), (16, 2, 8, 16), (24, 4, 3, 100), (10, 16, 6, 64), (40, 4, 1, 8), (200, 16, 8, 32)]
+
+
+@pytest.mark.parametrize("seed", range(len(CONFIGS)))
+def test_random_workload_respects_limits_and_completes(seed: int) -> None:
+    rng = random.Random(seed)
+    num_blocks, block_size, max_num_seqs, budget = CONFIGS[seed]
+    cfg = SchedulerConfig(max_model_len=256, num_blocks=num_blocks, block_size=block_size,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    sched = Scheduler(cfg)
+    pool = cfg.num_blocks * cfg.block_size
+    prefixes = [[rng.randrange(50) for _ in range(rng.randrange(0, 40))] for _ in range(3)]
+    requests: list[Request] = []
+    steps = 0
+    while len(requests) < 25 or sched.has_unfinished:
+        if len(requests) < 25 and rng.random() < 0.4:
+            prompt = (rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 60))])
+            max_tokens = rng.randrange(1, 20)
+            prompt = prompt[:max(1, min(cfg.max_model_len, pool) - max_tokens)]
+            request = Request(f"r{len(requests)}", prompt, max_tokens)
+            sched.add_request(request)
+            requests.append(request)
+        step(sched)
+        if requests and rng.random() < 0.05:  # an abort at any moment
+            sched.finish(rng.choice(requests))
+        steps += 1
+        assert steps < 5000
+    for request in requests:
+        assert request.finished
+        assert request.num_output_tokens <= request.max_tokens
+        if request.num_output_tokens:
+            assert request.output_token_ids == [1000 + i for i in range(request.num_output_tokens)]
+    assert_all_free(sched)
+
+
+def test_chunked_prefill_covers_prompts_longer_than_the_budget() -> None:
+    sched = Scheduler(SchedulerConfig(max_model_len=512, num_blocks=64, block_size=4, max_num_batched_tokens=16))
+    request = make(100, 3, "long")
+    sched.add_request(request)
+    chunks: list[int] = []
+    while not request.prompt_computed:
+        batch = step(sched)
+        assert batch.requests == [request]
+        assert request.num_output_tokens == (1 if request.prompt_computed else 0), "samples only at the prompt's end"
+        chunks.append(batch.num_tokens[0])
+    assert sum(chunks) == 100 and max(chunks) <= 16 and len(chunks) >= 7
+    run_to_completion(sched)
+    assert request.num_output_tokens == 3
+    assert_all_free(sched)
+
+
+def test_short_request_not_stuck_behind_a_long_prefill() -> None:
+    cfg = SchedulerConfig(max_model_len=4096, num_blocks=512, block_size=16, max_num_batched_tokens=64)
+    sched = Scheduler(cfg)
+    long = make(2000, 2, "long")
+    sched.add_request(long)
+    step(sched)
+    step(sched)
+    assert 0 < long.num_computed_tokens < 2000
+    short = make(10, 2, "short", base=500)
+    sched.add_request(short)
+    for _ in range(2):
+        batch = step(sched)
+        if short in batch.requests:
+            # While someone waits, the long prefill takes at most the threshold per step.
+            assert batch.num_tokens[batch.requests.index(short)] == 10
+            assert batch.num_tokens[batch.requests.index(long)] <= cfg.long_prefill_token_threshold
+            break
+    else:
+        pytest.fail("short request not scheduled within two steps")
+    assert short.num_output_tokens == 1
+    run_to_completion(sched)
+    assert long.num_output_tokens == 2 and short.num_output_tokens == 2
+    assert_all_free(sched)
+
+
+# ------------------------------------------------------------------ preemption
+def test_preemption_under_a_tiny_pool_completes_every_request() -> None:
+    cfg = SchedulerConfig(max_model_len=64, num_blocks=10, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+    sched = Scheduler(cfg)
+    bm = sched.block_manager
+    requests = [make(6 + i, 14, f"r{i}", base=100 * i) for i in range(5)]
+    for request in requests:
+        sched.add_request(request)
+    readmissions_with_hits = 0
+    while sched.has_unfinished:
+        before_stats = (bm.stats.queries_tokens, bm.stats.hits_tokens)
+        first_time = [r for r in sched.waiting if r.first_scheduled_time is None]
+        readmitting = [r for r in sched.waiting if r.num_preemptions > 0]
+        batch = sched.schedule()
+        admitted_first = [r for r in first_time if r.status is RequestStatus.RUNNING]
+        # Only first admissions count as prefix-cache queries; a re-admission adds nothing.
+        assert bm.stats.queries_tokens - before_stats[0] == sum(r.num_prompt_tokens for r in admitted_first)
+        assert bm.stats.hits_tokens - before_stats[1] == sum(r.num_cached_tokens for r in admitted_first)
+        readmissions_with_hits += sum(1 for r in readmitting if r.status is RequestStatus.RUNNING and r.num_computed_tokens)
+        sched.update(batch, [fake_token(r) if batch.samples(i) else None for i, r in enumerate(batch.requests)])
+        for request in batch.requests:
+            if request.num_output_tokens >= request.max_tokens:
+                sched.finish(request)
+        bm.check_invariants(live(sched))
+    assert sched.stats.num_preemptions > 0
+    assert sched.stats.num_preemptions == sum(r.num_preemptions for r in requests)
+    assert readmissions_with_hits > 0, "a preempted request should find its own cached blocks"
+    for request in requests:
+        assert request.output_token_ids == [1000 + i for i in range(14)]
+    assert_all_free(sched)
+
+
+def test_preemption_victim_is_the_most_recently_admitted() -> None:
+    # Three decoding requests fill the pool exactly; the next block any of them needs
+    # must come from the newest one.
+    cfg = SchedulerConfig(max_model_len=64, num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    sched = Scheduler(cfg)
+    a, b, c = make(8, 10, "a", 0), make(8, 10, "b", 100), make(8, 10, "c", 200)
+    for request in (a, b, c):
+        sched.add_request(request)
+    step(sched)  # all admitted, 2 blocks each, the pool is full
+    assert sched.running == [a, b, c] and sched.block_manager.num_free_blocks == 0
+    batch = step(sched)  # a's 9th token needs a third block
+    assert batch.preempted == [c] and c.status is RequestStatus.WAITING and c.num_preemptions == 1
+    assert sched.stats.num_preemptions == 1
+    run_to_completion(sched)
+    assert [r.num_output_tokens for r in (a, b, c)] == [10, 10, 10]
+    assert_all_free(sched)
+
+
+# ------------------------------------------------------------------ prefix caching
+def test_prefix_cache_counters_for_a_shared_prefix() -> None:
+    bs = 4
+    sched = Scheduler(SchedulerConfig(max_model_len=128, num_blocks=32, block_size=bs))
+    bm = sched.block_manager
+    prefix = list(range(1, 4 * bs + 1))
+    first = Request("first", prefix + [90, 91, 92], 5)
+    second = Request("second", prefix + [80, 81, 82], 2)
+    sched.add_request(first)
+    step(sched)
+    assert first.prompt_computed
+    sched.add_request(second)
+    step(sched)
+    assert second.num_cached_tokens == 4 * bs
+    assert second.block_ids[:4] == first.block_ids[:4]
+    assert bm.stats.hits_tokens == 4 * bs
+    assert bm.stats.queries_tokens == first.num_prompt_tokens + second.num_prompt_tokens
+    run_to_completion(sched)
+    assert_all_free(sched)
+
+
+def test_sibling_waits_for_the_prompt_then_shares_its_blocks() -> None:
+    bs = 4
+    sched = Scheduler(SchedulerConfig(max_model_len=128, num_blocks=32, block_size=bs, max_num_batched_tokens=8))
+    prompt = list(range(1, 4 * bs + 3))  # 4 full blocks + 2 tokens
+    a = Request("a", prompt, 3)
+    b = Request("b", list(prompt), 3, prefill_after=a)
+    sched.add_request(a)
+    sched.add_request(b)
+    while b.status is RequestStatus.WAITING:
+        computed_before = a.prompt_computed
+        batch = step(sched)
+        if b in batch.requests:
+            assert computed_before, "admitted before the sibling's prompt was computed"
+        else:
+            assert b.block_ids == []
+    assert b.num_cached_tokens == 4 * bs
+    assert b.block_ids[:4] == a.block_ids[:4]
+    assert all(sched.block_manager.blocks[i].ref_count == 2 for i in a.block_ids[:4])
+    run_to_completion(sched)
+    assert a.num_output_tokens == b.num_output_tokens == 3
+    assert_all_free(sched)
+
+
+# ------------------------------------------------------------------ abort
+@pytest.mark.parametrize("stage", ["waiting", "mid_prefill", "decoding", "between_schedule_and_update"])
+def test_abort_at_any_moment_returns_every_block(stage: str) -> None:
+    sched = Scheduler(SchedulerConfig(max_model_len=256, num_blocks=32, block_size=4, max_num_batched_tokens=16))
+    other = make(20, 4, "other", base=300)
+    victim = make(40, 8, "victim")
+    sched.add_request(other)
+    sched.add_request(victim)
+    if stage == "mid_prefill":
+        while victim.num_computed_tokens == 0:
+            step(sched)
+        assert not victim.prompt_computed and victim.block_ids
+    elif stage == "decoding":
+        while victim.num_output_tokens < 2:
+            step(sched)
+    if stage == "between_schedule_and_update":
+        while victim not in (batch := sched.schedule()).requests:
+            sched.update(batch, [fake_token(r) if batch.samples(i) else None for i, r in enumerate(batch.requests)])
+        sampled = [fake_token(r) if batch.samples(i) else None for i, r in enumerate(batch.requests)]
+        sched.finish(victim)
+        outputs = victim.num_output_tokens
+        sched.update(batch, sampled)
+        assert victim.num_output_tokens == outputs, "an aborted request is not advanced"
+    else:
+        sched.finish(victim)
+    assert victim.finished and victim.block_ids == []
+    assert victim not in sched.running and victim not in sched.waiting
+    sched.block_manager.check_invariants(live(sched))
+    finish_time = victim.finish_time
+    sched.finish(victim)  # a second finish is a no-op
+    assert victim.finish_time == finish_time and victim.finished
+    run_to_completion(sched)
+    assert other.num_output_tokens == 4
+    assert_all_free(sched)
+
+
+# ------------------------------------------------------------------ admission
+def test_check_admissible_names_the_numbers() -> None:
+    sched = Scheduler(SchedulerConfig(max_model_len=100, num_blocks=4, block_size=16))
+    with pytest.raises(AdmissionError) as err:
+        sched.check_admissible(90, 20)
+    assert err.value.code == "context_length_exceeded"
+    assert all(s in str(err.value) for s in ("100", "110", "90", "20"))
+
+    with pytest.raises(AdmissionError) as err:
+        sched.add_request(make(50, 20, "big"))  # 70 tokens, the pool holds 64
+    assert err.value.code == "kv_cache_too_small"
+    assert all(s in str(err.value) for s in ("70", "64", "50", "20", "4 blocks", "16"))
+    assert not sched.has_unfinished, "a rejected request is not queued"
+
+    with pytest.raises(AdmissionError) as err:
+        sched.check_admissible(0, 5)
+    assert err.value.code == "invalid_prompt"
+    sched.check_admissible(40, 24)  # exactly the pool: admissible
