@@ -26,33 +26,52 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
+# Gather destinations reused across calls: a fresh multi-MB tensor per layer per step costs
+# more in page faults than the copy itself. One buffer for K and one for V per (device, dtype).
+_workspaces: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+
+def _workspace(which: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+    key = (like.device, like.dtype, which)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _workspaces[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
 def _gather_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K/V of every sequence as `[B, Hkv, L, D]` and the key-validity mask `[B, L]`.
+    """K/V of every sequence as `[B, Hkv, L, D]` views and the key-validity mask `[B, L]`.
 
     Masked keys still enter the matmuls with weight 0, so every cache slot must hold a finite
     value (the engine zero-initialises its caches): zeroing the stale tail here per call would
-    cost as much as the gather itself."""
+    cost as much as the gather itself. The K/V returned live in a workspace that the next call
+    overwrites."""
     block_size = k_cache.shape[1]
     num_blocks = -(-int(context_lens.max()) // block_size)
     # Ids past a sequence's blocks may be padding (-1): clamp to index, then mask out.
-    ids = block_tables[:, :num_blocks].clamp_min(0).long()
-    k = k_cache[ids].flatten(1, 2)  # a fresh copy, [B, L, Hkv, D]
-    v = v_cache[ids].flatten(1, 2)
-    valid = torch.arange(k.shape[1], device=k.device) < context_lens[:, None]
-    return k.transpose(1, 2), v.transpose(1, 2), valid
+    ids = block_tables[:, :num_blocks].clamp_min(0).flatten().long()
+    batch = block_tables.shape[0]
+    shape = (batch, num_blocks * block_size, *k_cache.shape[2:])
+    numel = ids.numel() * k_cache[0].numel()
+    k = torch.index_select(k_cache, 0, ids, out=_workspace(0, numel, k_cache).view(ids.numel(), *k_cache.shape[1:]))
+    v = torch.index_select(v_cache, 0, ids, out=_workspace(1, numel, v_cache).view(ids.numel(), *v_cache.shape[1:]))
+    valid = torch.arange(shape[1], device=k.device) < context_lens[:, None]
+    return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), valid
 
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, L, D]`, mask broadcastable to `[B, Hq, Lq, L]`."""
+    # An additive float mask takes a faster SDPA path on CPU than a boolean one.
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     return F.scaled_dot_product_attention(
-        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=bias, scale=scale, enable_gqa=True
     )
 
 
@@ -99,3 +118,32 @@ def paged_prefill_attention(
     mask = (key_pos <= positions[:, :, None]) & valid[:, None, :]  # [B, max_q, L]
     out = _attend(padded.transpose(1, 2), k, v, mask[:, None], scale)
     return out.transpose(1, 2)[seq, row]
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, as engine/models/llama.py computes it: fp32 statistics, cast
+    back to x's dtype, then times the weight. With `residual`, normalises `x + residual`
+    (added in x's dtype) and returns `(out, x + residual)`: the fused pre-norm residual step."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding in HF's rotate-half layout, in place on q `[T, Hq, D]` and k `[T, Hkv, D]`
+    (views welcome); cos/sin `[max_positions, D/2]` are indexed by positions `[T]`. Computed in
+    fp32 and cast back, as engine/models/llama.py does. Returns (q, k)."""
+    c, s = cos[positions].float().unsqueeze(1), sin[positions].float().unsqueeze(1)
+    for x in (q, k):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        x.copy_(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
+    return q, k

@@ -1,0 +1,481 @@
+"""Paged attention in Triton: the CUDA serving path, the same contract as `kernels.reference`.
+
+Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
+
+- `store_kv`: one program per token copies its K/V rows into their slot (slot -1 = skip).
+- `paged_decode_attention`: one program per (sequence, kv head, split). The query heads that
+  share a kv head form the rows of one `tl.dot` (padded to 16, the smallest dot tile), so each
+  K/V tile is read once per kv head, not once per query head. At small batch a long context is
+  cut into splits (flash-decoding); each split writes an unnormalised partial (acc, max, sum)
+  and a second kernel merges them. The split count comes from the batch size and the block
+  table's width only — never from the context lengths' values — so the call does no host sync
+  and is safe to capture in a CUDA graph.
+- `paged_prefill_attention`: FlashAttention-2 style over ragged sequences: one program per
+  (query tile, query head); the tile finds its sequence by binary search over `cu_seqlens_q`
+  (again no host sync). Key tiles fully below the tile's first query position run without
+  a mask; the tiles on the diagonal apply the causal mask.
+
+Keys are gathered token by token through the block table (a tile may span several cache
+blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
+sequence's context are masked, so stale cache slots are never read (even NaN is harmless).
+Softmax runs in the exp2 domain with fp32 statistics and an fp32 accumulator; fp32 inputs use
+IEEE dots (no TF32). Only pointer arithmetic (no block pointers): Triton 3.4 and later.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
+
+
+# ----------------------------------------------------------------------------- helpers (jit)
+
+
+@triton.jit
+def _kv_offsets(table_row, tile_start, offs_n, ctx, stride_block, stride_slot,
+                BLOCK_SIZE: tl.constexpr, TILE_IN_BLOCK: tl.constexpr):
+    """Cache offsets `[BLOCK_N]` of the tokens `tile_start + offs_n` of one sequence."""
+    if TILE_IN_BLOCK:
+        # The tile lies inside one cache block: one block id, contiguous slots.
+        block = tl.load(table_row + tile_start // BLOCK_SIZE).to(tl.int64)
+        slot = (tile_start % BLOCK_SIZE) + offs_n
+    else:
+        tok = tile_start + offs_n
+        block = tl.load(table_row + tok // BLOCK_SIZE, mask=tok < ctx, other=0).to(tl.int64)
+        slot = tok % BLOCK_SIZE
+    return block * stride_block + slot.to(tl.int64) * stride_slot
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
+                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step of rows `q` `[M, D]` over a K/V tile `[N, D]`."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=kv_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2e
+    if MASKED:
+        s = tl.where(score_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    v = v.to(q.dtype)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+# ----------------------------------------------------------------------------- store_kv
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask = (offs_h < NUM_KV_HEADS)[:, None]
+        t64 = t.to(tl.int64)
+        k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        tl.store(k_cache_ptr + slot * stride_kc_slot + offs_h[:, None] * stride_kc_h + offs_d[None, :],
+                 k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + slot * stride_vc_slot + offs_h[:, None] * stride_vc_h + offs_d[None, :],
+                 v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip."""
+    T, num_kv_heads, head_dim = key.shape
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    if value.shape != key.shape or slot_mapping.shape != (T,):
+        raise ValueError(f"store_kv: key {tuple(key.shape)}, value {tuple(value.shape)} and "
+                         f"slot_mapping {tuple(slot_mapping.shape)} disagree")
+    if T == 0:
+        return
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    slot_mapping = slot_mapping.contiguous()
+    _store_kv_kernel[(T,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+    )
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    scale_log2e, num_splits,
+    stride_qb, stride_qh,
+    stride_kc_block, stride_kc_slot, stride_kc_h,
+    stride_vc_block, stride_vc_slot, stride_vc_h,
+    stride_bt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    # Splits cut the context into equal BLOCK_N-aligned chunks; trailing splits may be empty.
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    table_row = block_tables_ptr + b64 * stride_bt
+    k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
+    v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
+    # Every tile starts below ctx, so each holds a valid key: m_i is finite after the first.
+    for start in range(lo, hi, BLOCK_N):
+        kv_mask = start + offs_n < ctx
+        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
+                            BLOCK_SIZE, TILE_IN_BLOCK)
+        if SAME_LAYOUT:
+            v_off = k_off
+        else:
+            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+                                BLOCK_SIZE, TILE_IN_BLOCK)
+        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                     kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e,
+                                     True, DOT_PREC)
+
+    if SPLIT:
+        # Partials [B, Hq, S, D] and [B, Hq, S], contiguous.
+        row = (b64 * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_m_ptr + row, m_i, mask=g_mask)
+        tl.store(part_l_ptr + row, l_i, mask=g_mask)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, num_splits,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < num_splits
+    row = (b * tl.num_programs(1) + h) * num_splits + offs_s
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    # Empty splits (m = -inf) weigh 0; a context of 0 (a padding row) leaves all empty: zeros.
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))
+    l_sum = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys; a
+    sequence with context 0 (a padding row of a captured batch) gets zeros.
+
+    `num_splits` forces the split-K factor (None: chosen from the batch and the table width)."""
+    B, num_heads, head_dim = q.shape
+    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
+    block_size = k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    block_tables, context_lens = _rows_contiguous(block_tables), context_lens.contiguous()
+    group = num_heads // num_kv_heads
+    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
+    if num_splits is None:
+        num_splits = _num_splits(B, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    split = num_splits > 1
+    if split:
+        part_acc = torch.empty((B, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((B, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    _decode_kernel[(B, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_acc, part_m, part_l,
+        scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
+        SPLIT=split, SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _decode_reduce_kernel[(B, num_heads)](
+            part_acc, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim * num_splits >= 2048 else 2,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _find_sequence(cu_seqlens_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
+    """The sequence owning query tile `tile`: sequence b owns tiles from cu[b] // BLOCK_M + b
+    (an upper bound of the tiles before it, so a grid of Tq // BLOCK_M + B tiles covers all)."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid
+        if first <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
+    scale_log2e, num_seqs,
+    stride_qt, stride_qh,
+    stride_kc_block, stride_kc_slot, stride_kc_h,
+    stride_vc_block, stride_vc_slot, stride_vc_h,
+    stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = _find_sequence(cu_seqlens_ptr, pid, num_seqs, BLOCK_M)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    tile = pid - (q_start // BLOCK_M + seq)
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+    kvh = h // GROUP
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    tok = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    positions = ctx - q_len + offs_m  # padding rows (past q_len) see keys < ctx only
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
+    v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
+    first_pos = ctx - q_len + tile * BLOCK_M
+    end = tl.minimum(first_pos + BLOCK_M, ctx)  # keys past the tile's last position are unseen
+    # Key tiles wholly at or below the first row's position: visible to every row, no mask.
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
+                            BLOCK_SIZE, TILE_IN_BLOCK)
+        if SAME_LAYOUT:
+            v_off = k_off
+        else:
+            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+                                BLOCK_SIZE, TILE_IN_BLOCK)
+        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                     offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, DOT_PREC)
+    # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees a
+    # valid key in the first tile here and m_i never stays -inf.
+    for start in range(full_end, end, BLOCK_N):
+        keys = start + offs_n
+        kv_mask = keys < ctx
+        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
+                            BLOCK_SIZE, TILE_IN_BLOCK)
+        if SAME_LAYOUT:
+            v_off = k_off
+        else:
+            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+                                BLOCK_SIZE, TILE_IN_BLOCK)
+        score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
+        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated)."""
+    Tq, num_heads, head_dim = q.shape
+    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
+    block_size = k_cache.shape[1]
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if Tq == 0 or num_seqs == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    block_tables, context_lens = _rows_contiguous(block_tables), context_lens.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
+    grid = (Tq // block_m + num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        scale * LOG2E, num_seqs,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
+        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages). K+V tiles of one stage stay <= 32 KiB (bf16, D=128:
+    64 keys), so three stages fit any recent GPU's shared memory; fp32 halves the tile."""
+    if device.type != "cuda":
+        return MIN_DOT, 4, 1  # the interpreter: smallest tile, so tests exercise many tiles
+    elt = torch.empty((), dtype=dtype).element_size()
+    block_n = max(MIN_DOT, min(64, 16384 // (head_dim * elt)))
+    return block_n, 4, 3 if elt <= 2 else 2
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit types: 64 queries x 64 keys for
+    D <= 128 (two stages of K+V plus the Q tile: 80 KiB of shared memory at D=128, no spills
+    on sm_90), 64 x 32 at D = 256 (96 KiB). fp32 runs its IEEE dots on FMA units, where 64-row
+    tiles spill: 32 x 32, 32 x 16 at D = 128, 16 x 16 at D = 256; 8 warps."""
+    if device.type != "cuda":
+        return MIN_DOT, MIN_DOT, 4, 1
+    if dtype == torch.float32:
+        return 32 if head_dim <= 128 else 16, 32 if head_dim <= 64 else 16, 8, 2
+    block_n = 64 if head_dim <= 128 else 32
+    return 64, block_n, 4 if head_dim <= 64 else 8, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Split-K factor from shapes alone (no host sync): enough (sequence, kv head, split)
+    programs for ~2 waves of the GPU's SMs, but no split shorter than 256 keys, at most 64."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * num_kv_heads
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(math.ceil(2 * sms / programs), max_context // 256, 64))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                         "[num_blocks, block_size, num_kv_heads, head_dim]")
+    if tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
+        raise ValueError(f"cache heads/dim {tuple(k_cache.shape[2:])} != tokens' {(num_kv_heads, head_dim)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the caches' head_dim must be contiguous")
+    if head_dim < MIN_DOT or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= {MIN_DOT}, got {head_dim}")
+
+
+def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> int:
+    num_kv_heads = k_cache.shape[2]
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    return num_kv_heads
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

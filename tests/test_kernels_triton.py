@@ -1,0 +1,477 @@
+"""The Triton kernels against their torch references (kernels.reference), and the engine end to
+end on the Triton backend.
+
+Without CUDA the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before any
+kernel module is imported, so it is set here, at the top, and the kernel modules are imported
+lazily by fixtures (importing them at collection would also break the check in
+test_kernels_reference that the Triton backend is never imported unless chosen). The
+interpreter is slow and wrong for bf16, so the CPU tests use tiny shapes in fp32/fp16 and the
+smallest tiles (16), which makes even short contexts span several tiles and splits. The `gpu`
+class compiles for real and adds bf16, head dims 64-256 and long contexts.
+
+Tolerances against the reference run in fp32 on the same (rounded) inputs:
+fp32 1e-5 (abs and rel); fp16 3e-3; bf16 (GPU) 2e-2 — about two units in the last place of
+the output, which the kernels round once from an fp32 accumulator (plus the probabilities
+rounded to the input dtype for the P@V dot, as FlashAttention does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+from types import ModuleType
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+from tests.test_kernels_reference import paged_batch, ragged_lens  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def ops() -> ModuleType:
+    return importlib.import_module("kernels.triton_ops")
+
+
+@pytest.fixture(scope="module")
+def norm_rope() -> ModuleType:
+    return importlib.import_module("kernels.triton_norm_rope")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def to_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+def expected_decode(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
+    """The reference, in fp32 on the same rounded inputs."""
+    return reference.paged_decode_attention(
+        q.float(), k_cache.float(), v_cache.float(), tables, lens, SCALE
+    )
+
+
+def expected_prefill(q, k_cache, v_cache, tables, cu_seqlens, lens) -> torch.Tensor:
+    return reference.paged_prefill_attention(
+        q.float(), k_cache.float(), v_cache.float(), tables, cu_seqlens, lens, SCALE
+    )
+
+
+def stale_to_nan(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: list[int]) -> None:
+    """Every slot that holds no sequence's token becomes NaN (in place)."""
+    block_size = k_cache.shape[1]
+    used = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for i in range(n):
+            used[int(tables[b, i // block_size]), i % block_size] = True
+    k_cache[~used] = float("nan")
+    v_cache[~used] = float("nan")
+
+
+SCALE = 0.3
+
+
+# ----------------------------------------------------------------------------- store_kv
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_store_kv_matches_reference(ops: ModuleType, slot_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    num_blocks, block_size, num_kv_heads, head_dim, T = 5, 4, 3, 16, 9
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
+    slots[[0, 4, 8]] = -1
+    # key and value as strided views of one fused projection, as the model produces them.
+    qkv = torch.randn(T, 5 * num_kv_heads * head_dim, generator=gen).to(dtype)
+    HD = num_kv_heads * head_dim
+    views = lambda t: (t[:, HD : 2 * HD].view(T, num_kv_heads, head_dim),  # noqa: E731
+                       t[:, 3 * HD : 4 * HD].view(T, num_kv_heads, head_dim))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reference.store_kv(*views(qkv), k_ref, v_ref, slots.to(slot_dtype))
+    k_cache, v_cache, qkv, slots = to_device(k_cache, v_cache, qkv, slots.to(slot_dtype))
+    ops.store_kv(*views(qkv), k_cache, v_cache, slots)
+    assert torch.equal(k_cache.cpu(), k_ref) and torch.equal(v_cache.cpu(), v_ref)
+
+
+# ----------------------------------------------------------------------------- decode
+
+DECODE_CONFIGS = [  # (query heads per kv head, kv heads, head_dim, block_size, dtype, num_splits)
+    (1, 2, 16, 16, torch.float32, 1),  # tiles inside one block
+    (3, 2, 32, 4, torch.float32, 3),  # tiles spanning blocks, split-K with an empty split
+    (4, 1, 16, 32, torch.float16, 2),
+    (8, 1, 32, 8, torch.float16, 1),
+    (4, 2, 16, 16, torch.float32, None),  # the automatic choice
+    (8, 1, 16, 16, torch.float16, 4),
+]
+
+
+@pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,dtype,num_splits", DECODE_CONFIGS)
+@pytest.mark.parametrize("seed", range(2))
+def test_decode_matches_reference(
+    ops: ModuleType, group: int, num_kv_heads: int, head_dim: int, block_size: int,
+    dtype: torch.dtype, num_splits: int | None, seed: int,
+) -> None:
+    gen = torch.Generator().manual_seed(10 * seed + group)
+    # Lengths 1, 2 * block_size (exact multiple) and a random one; tables padded with -1 or a
+    # foreign block, scattered over a shuffled pool with finite poison in every other slot.
+    lens = ragged_lens(gen, 1, block_size, 40)
+    k_cache, v_cache, tables, _, _ = paged_batch(
+        lens, block_size, num_kv_heads, head_dim, dtype, gen, pad_id=(-1, 5)[seed]
+    )
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_decode(q, k_cache, v_cache, tables, context_lens)
+    out = ops.paged_decode_attention(*to_device(q, k_cache, v_cache, tables, context_lens), SCALE,
+                                     num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+
+
+def test_decode_ignores_stale_slots_even_nan(ops: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(5)
+    lens = [1, 16, 27]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float32, gen, pad_id=-1)
+    q = torch.randn(3, 6, 16, generator=gen)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_decode(q, k_cache, v_cache, tables, context_lens)
+    stale_to_nan(k_cache, v_cache, tables, lens)
+    for splits in (1, 3):
+        out = ops.paged_decode_attention(*to_device(q, k_cache, v_cache, tables, context_lens), SCALE,
+                                         num_splits=splits)
+        torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
+
+
+def test_decode_padding_rows_with_no_context_give_zeros(ops: ModuleType) -> None:
+    """A CUDA-graph batch pads with rows of context 0: they must not produce NaN."""
+    gen = torch.Generator().manual_seed(9)
+    k_cache, v_cache, tables, _, _ = paged_batch([20, 1], 16, 1, 16, torch.float32, gen, pad_id=0)
+    tables[1] = 0
+    q = torch.randn(2, 2, 16, generator=gen)
+    lens = torch.tensor([20, 0], dtype=torch.int32)
+    expected = expected_decode(q[:1], k_cache, v_cache, tables[:1], lens[:1])
+    for splits in (1, 2):
+        out = ops.paged_decode_attention(*to_device(q, k_cache, v_cache, tables, lens), SCALE,
+                                         num_splits=splits).cpu()
+        assert torch.equal(out[1], torch.zeros(2, 16))
+        torch.testing.assert_close(out[:1], expected, **TOL[torch.float32])
+
+
+def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split-K only when (sequence, kv head) programs cannot fill the GPU, never below 256
+    keys a split; decided from shapes alone."""
+    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert ops._num_splits(1, 8, 8192, cuda) == 32
+    assert ops._num_splits(4, 8, 512, cuda) == 2
+    assert ops._num_splits(4, 8, 200, cuda) == 1
+    assert ops._num_splits(64, 8, 8192, cuda) == 1
+    assert ops._num_splits(1, 1, 1 << 20, cuda) == 64
+    assert ops._num_splits(1, 8, 8192, torch.device("cpu")) == 1
+
+
+# ----------------------------------------------------------------------------- prefill
+
+PREFILL_CONFIGS = [  # (query heads per kv head, kv heads, head_dim, block_size, dtype)
+    (1, 2, 16, 16, torch.float32),
+    (3, 1, 32, 4, torch.float32),
+    (4, 1, 16, 32, torch.float16),
+    (8, 1, 16, 8, torch.float16),
+]
+
+
+@pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,dtype", PREFILL_CONFIGS)
+@pytest.mark.parametrize("prefix", ["none", "cached"])
+def test_prefill_matches_reference(
+    ops: ModuleType, group: int, num_kv_heads: int, head_dim: int, block_size: int,
+    dtype: torch.dtype, prefix: str,
+) -> None:
+    gen = torch.Generator().manual_seed(group + head_dim + (prefix == "cached"))
+    lens = ragged_lens(gen, 1, block_size, 40)
+    if prefix == "none":  # whole prompts: several query and key tiles, the diagonal in each
+        q_lens = list(lens)
+    else:  # one new token after an exact multiple of the block size; 20 new after 17 cached
+        # (two query tiles, each with unmasked key tiles before its diagonal); a random suffix
+        lens = [2 * block_size, 37, lens[2]]
+        q_lens = [1, 20, int(torch.randint(1, lens[2] + 1, (), generator=gen))]
+    k_cache, v_cache, tables, _, _ = paged_batch(
+        lens, block_size, num_kv_heads, head_dim, dtype, gen, pad_id=-1
+    )
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_prefill(q, k_cache, v_cache, tables, cu_seqlens, context_lens)
+    out = ops.paged_prefill_attention(
+        *to_device(q, k_cache, v_cache, tables, cu_seqlens, context_lens), SCALE
+    )
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+
+
+def test_prefill_ignores_stale_slots_and_equals_decode(ops: ModuleType) -> None:
+    """One query per sequence: prefill and decode agree, NaN in stale slots changes nothing."""
+    gen = torch.Generator().manual_seed(6)
+    lens = [1, 24, 33]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 1, 16, torch.float32, gen, pad_id=-1)
+    q = torch.randn(3, 4, 16, generator=gen)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_decode(q, k_cache, v_cache, tables, context_lens)
+    stale_to_nan(k_cache, v_cache, tables, lens)
+    cu_seqlens = torch.arange(4, dtype=torch.int32)
+    out = ops.paged_prefill_attention(
+        *to_device(q, k_cache, v_cache, tables, cu_seqlens, context_lens), SCALE
+    )
+    torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
+
+
+def test_empty_inputs(ops: ModuleType) -> None:
+    k_cache = torch.zeros(2, 16, 1, 16, device=DEVICE)
+    tables = torch.zeros(0, 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    q = torch.zeros(0, 2, 16, device=DEVICE)
+    assert ops.paged_decode_attention(q, k_cache, k_cache, tables, lens, 1.0).shape == (0, 2, 16)
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    assert ops.paged_prefill_attention(q, k_cache, k_cache, tables, cu, lens, 1.0).shape == (0, 2, 16)
+    ops.store_kv(q[:, :1], q[:, :1], k_cache, k_cache, torch.zeros(0, dtype=torch.long, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- norm and rope
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(norm_rope: ModuleType, dtype: torch.dtype, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 96, generator=gen).to(dtype)  # a hidden size that is not a power of two
+    residual = torch.randn(5, 96, generator=gen).to(dtype) if with_residual else None
+    weight = (1 + 0.2 * torch.randn(96, generator=gen)).to(dtype)
+    expected = reference.rms_norm(x, weight, 1e-6, residual)
+    got = norm_rope.rms_norm(*to_device(x, weight), 1e-6, residual.to(DEVICE) if with_residual else None)
+    if with_residual:
+        (out, new_residual), (expected, expected_residual) = got, expected
+        assert torch.equal(new_residual.cpu(), expected_residual)
+    else:
+        out = got
+    assert out.dtype == expected.dtype and out.shape == x.shape
+    torch.testing.assert_close(out.cpu(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_on_heads_of_a_fused_projection(norm_rope: ModuleType, dtype: torch.dtype) -> None:
+    """Qwen3's q/k norm: per head over head_dim, on a strided view of the qkv output."""
+    gen = torch.Generator().manual_seed(3)
+    T, H, D = 4, 3, 32
+    qkv = torch.randn(T, 2 * H * D + 8, generator=gen).to(dtype)
+    weight = torch.randn(D, generator=gen).to(dtype)
+    expected = reference.rms_norm(qkv[:, : H * D].view(T, H, D), weight, 1e-5)
+    out = norm_rope.rms_norm(qkv.to(DEVICE)[:, : H * D].view(T, H, D), weight.to(DEVICE), 1e-5)
+    torch.testing.assert_close(out.cpu(), expected, **TOL[dtype])
+
+
+def rope_tables(head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_rotary_matches_reference_in_place(norm_rope: ModuleType, dtype: torch.dtype, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(4)
+    T, Hq, Hkv, max_pos = 6, 6, 2, 64
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen).to(dtype)
+    positions = torch.tensor([0, 63, 5, 6, 7, 31])
+    cos, sin = rope_tables(head_dim, max_pos)
+    ref = qkv.clone()
+    views = lambda t: (t[:, : Hq * head_dim].view(T, Hq, head_dim),  # noqa: E731
+                       t[:, Hq * head_dim : (Hq + Hkv) * head_dim].view(T, Hkv, head_dim))
+    reference.apply_rotary(*views(ref), cos, sin, positions)
+    dev_qkv = qkv.to(DEVICE)
+    q, k = views(dev_qkv)
+    out_q, out_k = norm_rope.apply_rotary(q, k, *to_device(cos, sin, positions))
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    got = dev_qkv.cpu()
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    v_cols = slice((Hq + Hkv) * head_dim, None)
+    assert torch.equal(got[:, v_cols], qkv[:, v_cols])  # v untouched
+
+
+def test_rotary_reference_matches_model(norm_rope: ModuleType) -> None:
+    """kernels.reference.apply_rotary is the model's own Rotary, in place."""
+    from engine.models.llama import Rotary
+
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 2, 16, generator=gen)
+    cos, sin = rope_tables(16, 32)
+    positions = torch.tensor([3, 0, 31, 7, 7])
+    expected = Rotary.apply((cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)), q, k)
+    reference.apply_rotary(q, k, cos, sin, positions)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def test_engine_greedy_tokens_equal_reference_backend(
+    ops: ModuleType, tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine import LLM, SamplingParams
+
+    calls: list[str] = []  # which Triton kernels ran, in order: d(ecode), p(refill), c(ached prefix)
+
+    def spy(name: str, kind: str):
+        kernel = getattr(ops, name)
+
+        def wrapped(*args, **kwargs):
+            if kind == "p":
+                cu, lens = args[4], args[5]
+                calls.append("c" if bool(((cu[1:] - cu[:-1]) < lens).any()) else "p")
+            else:
+                calls.append(kind)
+            return kernel(*args, **kwargs)
+        monkeypatch.setattr(ops, name, wrapped)
+
+    spy("paged_decode_attention", "d")
+    spy("paged_prefill_attention", "p")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 21)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv(kernels.BACKEND_ENV, backend)
+        # A 16-token step budget chunks the long prompt, so steps mix decodes with a prefill
+        # chunk over a cached prefix; 8-token blocks make every 16-key tile span two blocks.
+        # fp32 on any device: bf16 rounding could legitimately flip a greedy token.
+        llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=16, block_size=8, max_num_batched_tokens=16,
+                  dtype="float32")
+        assert llm.engine.runner.backend.__name__ == kernels.BACKENDS[backend]
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert tokens["triton"] == tokens["reference"]
+    trace = "".join(calls)
+    assert "dc" in trace, trace  # a step mixed decodes with a prefill chunk after a cached prefix
+    assert all(len(t) == 6 for t in tokens["triton"])
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+def paged_cache(
+    lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """paged_batch, vectorised for long contexts: shuffled blocks, poison elsewhere."""
+    needed = [-(-n // block_size) for n in lens]
+    num_blocks = sum(needed) + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, 300.0, dtype=dtype)
+    v_cache = torch.full(shape, 300.0, dtype=dtype)
+    ids = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(lens), max(needed) + 2), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        row = ids[used : used + needed[b]]
+        used += needed[b]
+        tables[b, : len(row)] = row.int()
+        slots = (row[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+    return k_cache, v_cache, tables
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+class TestCompiledOnGPU:
+    """Compiled for real: bf16, head dims 64-256, large blocks, long contexts, many splits."""
+
+    DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
+        (4, 8, 128, 16), (2, 8, 128, 32), (1, 4, 64, 64), (8, 2, 256, 16), (3, 2, 64, 128),
+    ])
+    @pytest.mark.parametrize("batch,max_len,num_splits", [(1, 4100, None), (5, 2000, 1), (7, 700, 8), (40, 300, None)])
+    def test_decode(self, ops, dtype, group, num_kv_heads, head_dim, block_size, batch, max_len, num_splits):
+        gen = torch.Generator().manual_seed(batch + head_dim)
+        lens = [1, 2 * block_size, *torch.randint(1, max_len, (batch,), generator=gen).tolist()]
+        k_cache, v_cache, tables = paged_cache(lens, block_size, num_kv_heads, head_dim, dtype, gen)
+        q = torch.randn(len(lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
+        args = to_device(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32))
+        out = ops.paged_decode_attention(*args, head_dim**-0.5, num_splits=num_splits)
+        expected = reference.paged_decode_attention(
+            args[0].float(), args[1].float(), args[2].float(), args[3], args[4], head_dim**-0.5
+        )
+        torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
+        (4, 8, 128, 16), (1, 4, 64, 64), (8, 2, 256, 32), (2, 2, 128, 128),
+    ])
+    def test_prefill(self, ops, dtype, group, num_kv_heads, head_dim, block_size):
+        gen = torch.Generator().manual_seed(head_dim + block_size)
+        lens = [1000, 1, 2 * block_size, 777]
+        q_lens = [1000, 1, 5, 300]  # whole prompt, a decode-like token, cached prefixes
+        k_cache, v_cache, tables = paged_cache(lens, block_size, num_kv_heads, head_dim, dtype, gen)
+        q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
+        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        args = to_device(q, k_cache, v_cache, tables, cu, torch.tensor(lens, dtype=torch.int32))
+        out = ops.paged_prefill_attention(*args, head_dim**-0.5)
+        expected = reference.paged_prefill_attention(
+            args[0].float(), args[1].float(), args[2].float(), *args[3:], head_dim**-0.5
+        )
+        torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_store_kv(self, ops, dtype):
+        gen = torch.Generator().manual_seed(0)
+        k_cache = torch.randn(64, 16, 8, 128, generator=gen).to(dtype).to(DEVICE)
+        v_cache = torch.randn(64, 16, 8, 128, generator=gen).to(dtype).to(DEVICE)
+        slots = torch.randperm(64 * 16, generator=gen)[:300].to(DEVICE)
+        slots[::7] = -1
+        key, value = torch.randn(2, 300, 8, 128, generator=gen).to(dtype).to(DEVICE)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        reference.store_kv(key, value, k_ref, v_ref, slots)
+        ops.store_kv(key, value, k_cache, v_cache, slots.int())
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("hidden", [576, 4096])
+    def test_rms_norm(self, norm_rope, dtype, hidden):
+        gen = torch.Generator().manual_seed(hidden)
+        x, residual = torch.randn(2, 257, hidden, generator=gen).to(dtype).to(DEVICE)
+        weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+        out, new_residual = norm_rope.rms_norm(x, weight, 1e-6, residual)
+        expected, expected_residual = reference.rms_norm(x, weight, 1e-6, residual)
+        assert torch.equal(new_residual, expected_residual)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+        torch.testing.assert_close(norm_rope.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), **TOL[dtype])
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("head_dim", [64, 128])
+    def test_rotary(self, norm_rope, dtype, head_dim):
+        gen = torch.Generator().manual_seed(head_dim)
+        T, Hq, Hkv = 333, 32, 8
+        qkv = torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen).to(dtype).to(DEVICE)
+        positions = torch.randint(0, 4096, (T,), generator=gen).to(DEVICE)
+        cos, sin = to_device(*rope_tables(head_dim, 4096))
+        ref = qkv.clone()
+        views = lambda t: (t[:, : Hq * head_dim].view(T, Hq, head_dim),  # noqa: E731
+                           t[:, Hq * head_dim : (Hq + Hkv) * head_dim].view(T, Hkv, head_dim))
+        reference.apply_rotary(*views(ref), cos, sin, positions)
+        norm_rope.apply_rotary(*views(qkv), cos, sin, positions)
+        torch.testing.assert_close(qkv, ref, **TOL[dtype])
