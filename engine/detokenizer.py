@@ -84,15 +84,16 @@ class IncrementalDetokenizer:
         self._taken = self._safe
         return delta
 
-    def add_token(self, token_id: int) -> bool:
-        """Add one generated token; True iff a stop string matched now (text is then final)."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> bool:
+        """Add one generated token; True iff a stop string matched now (text is then final).
+        With check_stop False (before min_tokens) stop strings are not looked for."""
         if self._done:
             return False
         self._ids.append(token_id)
         new_text = self._decode(self._ids)
         if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
             return False  # nothing new, or an incomplete character: wait for more tokens
-        return self._append(self._settle(new_text))
+        return self._append(self._settle(new_text), check_stop)
 
     def finish(self) -> None:
         """The request ended: release text held for incomplete characters or stop strings."""
@@ -116,7 +117,7 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self._ids)
         return delta
 
-    def _append(self, delta: str) -> bool:
+    def _append(self, delta: str, check_stop: bool = True) -> bool:
         start = len(self._full)
         self._full += delta
         if not self._stop:
@@ -124,7 +125,7 @@ class IncrementalDetokenizer:
             return False
         # Earliest stop string that ends inside the new text (ties: the first listed).
         best: tuple[int, str] | None = None
-        for s in self._stop:
+        for s in self._stop if check_stop else ():
             i = self._full.find(s, max(0, start - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)

@@ -236,9 +236,10 @@ class LLMEngine:
             entry[token] = logprob
             sample.logprobs.append(entry)
             sample.cumulative_logprob += logprob
-        stop_string = sample.detokenizer.add_token(token) if sample.detokenizer is not None else False
         num_out = request.num_output_tokens
-        if num_out >= params.min_tokens:
+        past_min = num_out >= params.min_tokens
+        stop_string = sample.detokenizer.add_token(token, past_min) if sample.detokenizer is not None else False
+        if past_min:
             if token in self.eos_token_ids and not params.ignore_eos:
                 return self._finish(sample, "stop")
             if token in params.stop_token_ids:

