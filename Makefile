@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Write a haiku about GPUs.
 
-.PHONY: install test generate bench lint clean
+.PHONY: install test generate bench lint clean serve
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 generate: install
 	$(VENV)/bin/stoke generate "$(PROMPT)"
+
+# The embedded default model behind the OpenAI-compatible API on http://127.0.0.1:8000.
+serve: install
+	$(VENV)/bin/stoke serve --host 127.0.0.1 --port 8000
 
 bench: install
 	$(PY) -m benchmarks.offline

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cli import main
+from server.cli import main
 
 
 def test_generate_prints_the_completion(capsys: pytest.CaptureFixture[str], default_model_dir: str) -> None:

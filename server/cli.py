@@ -1,4 +1,5 @@
-"""`stoke` command line: generate (and bench, a thin alias of benchmarks.offline)."""
+"""`stoke` command line: generate, serve (the HTTP server, server/launch.py) and bench
+(a thin alias of benchmarks.offline)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
 
     sub.add_parser("bench", help="offline throughput benchmark (benchmarks/offline.py)", add_help=False)
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server (stoke serve [MODEL] --host --port ...)",
+                   add_help=False)
 
     args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        from server.launch import main as serve_main
+
+        return serve_main(rest)
     if args.command == "bench":
         from benchmarks.offline import main as bench_main
 

@@ -1,0 +1,457 @@
+"""Serving benchmark: a load generator against any OpenAI-compatible server.
+
+Sends a workload to `/v1/completions` (streaming, greedy, fixed output lengths) with Poisson
+arrivals (--request-rate) or a fixed number of clients (--concurrency), and reports request
+and output-token throughput plus TTFT / TPOT / ITL / end-to-end latency at p50/p90/p99.
+Writes JSON (per-request records + summary) and, with matplotlib installed (the `bench`
+extra), a PNG.
+
+Workloads:
+  mixed          prompts of --prompt-len tokens, outputs of --output-len tokens (uniform ranges)
+  shared-prefix  --num-prefixes system-prompt-like prefixes of --prefix-len tokens shared by the
+                 requests, each with its own --suffix-len-token question
+
+Against a running server:
+  python -m benchmarks.serve --base-url http://127.0.0.1:8000/v1 --backend stoke
+
+Or let it start the servers itself, one after the other, same workload, one table:
+  python -m benchmarks.serve --launch stoke,transformers --threads 1
+
+`--backend` picks how "generate exactly N tokens" is asked for: stoke/vllm take `ignore_eos`;
+`transformers serve` takes a `generation_config` without an EOS token; plain OpenAI gets
+max_tokens only (outputs may end early; the report counts real tokens either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+try:  # the openai SDK's HTTP client (httpx2 in openai >= 3, httpx before)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+
+PERCENTILES = (50, 90, 99)
+
+
+# ------------------------------------------------------------------------------ workload
+@dataclass(slots=True)
+class Item:
+    prompt: str
+    prompt_len: int
+    output_len: int
+
+
+def _tokenizer(path: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    if path is None:
+        from engine.default_model import default_model_path
+
+        path = default_model_path()
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _random_text(tokenizer: Any, rng: random.Random, n: int) -> str:
+    """Text of about n tokens from random ordinary tokens (re-tokenized and trimmed to n)."""
+    special = set(tokenizer.all_special_ids)
+    ids = [t for t in (rng.randrange(1000, tokenizer.vocab_size) for _ in range(n + 8)) if t not in special]
+    text = tokenizer.decode(ids[:n])
+    ids = tokenizer.encode(text)[:n]
+    return tokenizer.decode(ids)
+
+
+def build_workload(args: argparse.Namespace) -> list[Item]:
+    rng = random.Random(args.seed)
+    tok = _tokenizer(args.tokenizer)
+    items = []
+    if args.workload == "mixed":
+        lo, hi = args.prompt_len
+        olo, ohi = args.output_len
+        for _ in range(args.num_requests):
+            n = rng.randint(lo, hi)
+            items.append(Item(_random_text(tok, rng, n), n, rng.randint(olo, ohi)))
+    else:
+        prefixes = [_random_text(tok, rng, args.prefix_len) for _ in range(args.num_prefixes)]
+        olo, ohi = args.output_len
+        for i in range(args.num_requests):
+            prefix = prefixes[i % len(prefixes)]
+            prompt = prefix + " Question: " + _random_text(tok, rng, args.suffix_len)
+            items.append(Item(prompt, len(tok.encode(prompt)), rng.randint(olo, ohi)))
+    return items
+
+
+# ------------------------------------------------------------------------------ client
+@dataclass(slots=True)
+class Record:
+    ok: bool
+    prompt_len: int
+    output_len_requested: int
+    output_tokens: int = 0
+    start: float = 0.0
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.e2e is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def request_body(args: argparse.Namespace, model: str, item: Item) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len,
+                            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if args.backend in ("stoke", "vllm"):
+        body["ignore_eos"] = True
+    elif args.backend == "transformers":
+        body["generation_config"] = json.dumps({"max_new_tokens": item.output_len, "do_sample": False})
+    return body
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], item: Item) -> Record:
+    record = Record(ok=False, prompt_len=item.prompt_len, output_len_requested=item.output_len)
+    start = record.start = time.perf_counter()
+    last = None
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                payload = json.loads(data)
+                if "error" in payload:
+                    record.error = str(payload["error"])[:200]
+                    return record
+                if payload.get("usage"):
+                    usage_tokens = payload["usage"].get("completion_tokens")
+                for choice in payload.get("choices") or []:
+                    if choice.get("text"):
+                        now = time.perf_counter()
+                        if last is None:
+                            record.ttft = now - start
+                        else:
+                            record.itl.append(now - last)
+                        last = now
+                        chunks += 1
+        record.e2e = time.perf_counter() - start
+        record.output_tokens = usage_tokens if usage_tokens is not None else chunks
+        record.ok = record.ttft is not None
+        if not record.ok:
+            record.error = "no tokens"
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not crash
+        record.error = f"{type(exc).__name__}: {exc}"[:200]
+    return record
+
+
+async def run_load(args: argparse.Namespace, base_url: str, model: str,
+                   items: list[Item]) -> tuple[list[Record], float]:
+    url = base_url.rstrip("/") + "/completions"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
+        # Warm-up, not measured: the first requests of a fresh server pay one-off costs.
+        warm = Item(items[0].prompt, items[0].prompt_len, 4)
+        await asyncio.gather(*(send(client, url, request_body(args, model, warm), warm) for _ in range(2)))
+        rng = random.Random(args.seed + 1)
+        start = time.perf_counter()
+        if args.concurrency:
+            queue: asyncio.Queue[Item] = asyncio.Queue()
+            for item in items:
+                queue.put_nowait(item)
+            records: list[Record] = []
+
+            async def worker() -> None:
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    records.append(await send(client, url, request_body(args, model, item), item))
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        else:
+            tasks = []
+            for item in items:
+                tasks.append(asyncio.create_task(send(client, url, request_body(args, model, item), item)))
+                if args.request_rate != math.inf:
+                    await asyncio.sleep(rng.expovariate(args.request_rate))
+            records = list(await asyncio.gather(*tasks))
+        duration = time.perf_counter() - start
+    return records, duration
+
+
+# ------------------------------------------------------------------------------ report
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(records: list[Record], duration: float) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    summary: dict[str, Any] = {
+        "requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
+        "duration_s": duration, "request_throughput": len(ok) / duration,
+        "output_token_throughput": out_tokens / duration,
+        "total_token_throughput": (out_tokens + sum(r.prompt_len for r in ok)) / duration,
+        "output_tokens": out_tokens,
+    }
+    series = {"ttft": [r.ttft for r in ok if r.ttft is not None], "tpot": [r.tpot for r in ok if r.tpot is not None],
+              "itl": [x for r in ok for x in r.itl], "e2e": [r.e2e for r in ok if r.e2e is not None]}
+    for name, values in series.items():
+        summary[f"mean_{name}_ms"] = 1000 * sum(values) / len(values) if values else None
+        for p in PERCENTILES:
+            v = _pct(values, p)
+            summary[f"p{p}_{name}_ms"] = None if v is None else 1000 * v
+    errors = sorted({r.error for r in records if r.error})
+    if errors:
+        summary["errors"] = errors[:5]
+    return summary
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    names = list(results)
+    rows = [("completed / failed", lambda s: f"{s['completed']} / {s['failed']}"),
+            ("duration (s)", lambda s: f"{s['duration_s']:.1f}"),
+            ("requests/s", lambda s: f"{s['request_throughput']:.2f}"),
+            ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}")]
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        for p in PERCENTILES:
+            key = f"p{p}_{metric}_ms"
+            rows.append((f"{metric.upper()} p{p} (ms)", lambda s, key=key: "-" if s[key] is None else f"{s[key]:.0f}"))
+    width = max(len(r[0]) for r in rows)
+    cols = [max(14, len(n)) for n in names]
+    print("| " + "metric".ljust(width) + " | " + " | ".join(n.rjust(c) for n, c in zip(names, cols)) + " |")
+    print("|" + "-" * (width + 2) + "|" + "|".join("-" * (c + 2) for c in cols) + "|")
+    for label, fmt in rows:
+        print("| " + label.ljust(width) + " | " + " | ".join(fmt(results[n]).rjust(c) for n, c in zip(names, cols))
+              + " |")
+    if len(names) == 2:
+        a, b = (results[n] for n in names)
+        if b["output_token_throughput"] and a["p99_ttft_ms"] is not None and b["p99_ttft_ms"] is not None:
+            speedup = a["output_token_throughput"] / b["output_token_throughput"]
+            print(f"\n{names[0]} / {names[1]}: output tokens/s x{speedup:.2f}, "
+                  f"p99 TTFT x{a['p99_ttft_ms'] / b['p99_ttft_ms']:.2f}")
+
+
+def plot(path: str, runs: dict[str, dict[str, Any]]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for name, run in runs.items():
+        ok = [r for r in run["records"] if r["ok"]]
+        for ax, key, title in ((axes[0], "ttft", "TTFT"), (axes[1], "e2e", "end-to-end latency")):
+            values = sorted(1000 * r[key] for r in ok if r[key] is not None)
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name)
+            ax.set_title(f"{title} CDF")
+            ax.set_xlabel("ms")
+        itl = sorted(1000 * x for r in ok for x in r["itl"])
+        if itl:
+            axes[2].plot(itl, [(i + 1) / len(itl) for i in range(len(itl))], label=name)
+        axes[2].set_title("inter-token latency CDF")
+        axes[2].set_xlabel("ms (log)")
+        axes[2].set_xscale("log")
+    names = list(runs)
+    axes[3].bar(names, [runs[n]["summary"]["output_token_throughput"] for n in names])
+    axes[3].set_title("output tokens/s")
+    for ax in axes[:3]:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+# ------------------------------------------------------------------------------ servers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launched:
+    """A server this script started (stoke or transformers serve) and stops again."""
+
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        self.kind = kind
+        self.port = _free_port()
+        env = dict(os.environ)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        model_dir = args.model_dir
+        if model_dir is None:
+            from engine.default_model import default_model_path
+
+            model_dir = default_model_path()
+        if kind == "stoke":
+            cmd = [sys.executable, "-m", "server", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
+                   *(["--cpu-threads", str(args.threads)] if args.threads else []), *args.stoke_arg]
+            self.model = os.path.basename(os.path.normpath(model_dir))
+            self.ready_path = "/ready"
+        elif kind == "transformers":
+            exe = os.path.join(os.path.dirname(sys.executable), "transformers")
+            cmd = [exe, "serve", model_dir, "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "warning", *args.transformers_arg]
+            env["HF_HUB_OFFLINE"] = "1"
+            if args.transformers_pythonpath:  # e.g. a --target dir holding accelerate + psutil
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (args.transformers_pythonpath,
+                                                                env.get("PYTHONPATH")) if p)
+            self.model = model_dir
+            self.ready_path = "/health"
+        else:
+            raise ValueError(f"unknown server kind {kind!r}")
+        self.log = open(os.path.join(args.out_dir, f"server-{kind}.log"), "wb")
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=repo)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}{self.ready_path}", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.kind} server not ready after {timeout}s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# ------------------------------------------------------------------------------ main
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
+    target = p.add_argument_group("target")
+    target.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000/v1 (or use --launch)")
+    target.add_argument("--model", default=None, help="model id to send (default: the server's first model)")
+    target.add_argument("--backend", default="stoke", choices=["stoke", "vllm", "transformers", "openai"])
+    target.add_argument("--label", default=None, help="name of this run in the table")
+    target.add_argument("--launch", default=None, help="start these servers in turn: stoke,transformers")
+    target.add_argument("--model-dir", default=None, help="checkpoint for --launch (default: embedded default)")
+    target.add_argument("--threads", type=int, default=None, help="--launch: torch/OMP threads for every server")
+    target.add_argument("--stoke-arg", action="append", default=[], help="extra `stoke serve` option (repeat)")
+    target.add_argument("--transformers-arg", action="append", default=[])
+    target.add_argument("--transformers-pythonpath", default=None,
+                        help="extra PYTHONPATH for transformers serve (it needs accelerate)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", default="mixed", choices=["mixed", "shared-prefix"])
+    w.add_argument("--num-requests", type=int, default=64)
+    w.add_argument("--prompt-len", type=_range, default=(32, 512), help="mixed: LO:HI prompt tokens")
+    w.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI output tokens")
+    w.add_argument("--prefix-len", type=int, default=512)
+    w.add_argument("--num-prefixes", type=int, default=4)
+    w.add_argument("--suffix-len", type=int, default=32)
+    w.add_argument("--request-rate", type=float, default=math.inf,
+                   help="Poisson arrivals per second (inf: all at once)")
+    w.add_argument("--concurrency", type=int, default=None, help="fixed number of clients instead of arrivals")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--tokenizer", default=None, help="tokenizer dir for building prompts (default: embedded model)")
+    w.add_argument("--timeout", type=float, default=1800.0)
+    o = p.add_argument_group("output")
+    o.add_argument("--out-dir", default="results")
+    o.add_argument("--name", default="serve", help="writes OUT_DIR/NAME.json and NAME.png")
+    return p.parse_args(argv)
+
+
+def _discover_model(base_url: str) -> str:
+    response = httpx.get(base_url.rstrip("/") + "/models", timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.base_url and not args.launch:
+        print("give --base-url or --launch", file=sys.stderr)
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    items = build_workload(args)
+    mode = f"concurrency {args.concurrency}" if args.concurrency else f"request rate {args.request_rate}/s"
+    print(f"workload {args.workload}: {len(items)} requests, prompt tokens {sum(i.prompt_len for i in items)}, "
+          f"output tokens {sum(i.output_len for i in items)}, {mode}", flush=True)
+    runs: dict[str, dict[str, Any]] = {}
+    targets = args.launch.split(",") if args.launch else [args.label or args.backend]
+    for target in targets:
+        server = None
+        run_args = argparse.Namespace(**vars(args))
+        if args.launch:
+            server = Launched(target, args)
+            run_args.backend = target
+            print(f"starting {target} ...", flush=True)
+            try:
+                server.wait_ready(600)
+            except RuntimeError:
+                server.stop()
+                raise
+            base_url, model = server.base_url, server.model
+        else:
+            base_url, model = args.base_url, args.model or _discover_model(args.base_url)
+        try:
+            records, duration = asyncio.run(run_load(run_args, base_url, model, items))
+        finally:
+            if server is not None:
+                server.stop()
+        summary = summarize(records, duration)
+        runs[target] = {"backend": run_args.backend, "base_url": base_url, "model": model, "summary": summary,
+                        "records": [{**asdict(r), "tpot": r.tpot} for r in records]}
+        print(f"{target}: {summary['completed']}/{summary['requests']} ok in {duration:.1f}s, "
+              f"{summary['output_token_throughput']:.1f} output tok/s", flush=True)
+    print()
+    print_table({name: run["summary"] for name, run in runs.items()})
+    config = {k: v for k, v in vars(args).items() if k not in ("stoke_arg", "transformers_arg")}
+    config["request_rate"] = str(config["request_rate"])
+    json_path = os.path.join(args.out_dir, f"{args.name}.json")
+    with open(json_path, "w") as f:
+        json.dump({"config": config, "runs": runs}, f, indent=1)
+    png_path = os.path.join(args.out_dir, f"{args.name}.png")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if plot(png_path, runs) else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

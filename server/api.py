@@ -1,0 +1,236 @@
+"""The FastAPI app: OpenAI routes, health/readiness, metrics, error shape, body-size cap.
+
+`create_app(config)` builds everything the HTTP process needs; its lifespan starts the worker
+(server/engine_client.py) and stops it after uvicorn has drained in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import errors
+from server.config import ServerConfig
+from server.engine_client import EngineClient
+from server.errors import APIError
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.request_log import RequestLogger, RequestRecord, key_id
+from server.serving import OpenAIServing
+
+logger = logging.getLogger("stoke.server")
+
+_ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions")}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the cap, before any of it is parsed (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_large = False
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_bytes
+            except ValueError:
+                too_large = False
+        chunks: list[bytes] = []
+        if not too_large:
+            size, more = 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    too_large = True
+                    break
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+        if too_large:
+            app_state = scope["app"].state if "app" in scope else None
+            if app_state is not None and hasattr(app_state, "metrics"):
+                app_state.metrics.on_error("invalid_request")
+            response = error_response(errors.too_large(self.max_bytes))
+            response.headers["Connection"] = "close"
+            return await response(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str | None = None,
+               on_worker_death: Callable[[], None] | None = None) -> FastAPI:
+    """model_path: the resolved checkpoint dir (for the tokenizer and the model name)."""
+    metrics = Metrics()
+    request_logger = RequestLogger(config.log_request_text)
+    engine_args = dict(config.engine_args)
+    if model_path is not None:
+        engine_args["model"] = model_path
+    model_name = config.served_model_name or ServerConfig.model_name(model_path or str(engine_args.get("model")))
+
+    def died() -> None:
+        logger.error("the engine worker is gone: /health now answers 503")
+        if on_worker_death is not None:
+            on_worker_death()
+
+    client = EngineClient(engine_args, on_death=died, on_frame=metrics.on_frame, log_level=config.log_level,
+                          cpu_threads=config.cpu_threads)
+    serving = OpenAIServing(config, tokenizer, client, metrics, request_logger, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await client.start()
+        try:
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="stoke", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.client = client
+    app.state.serving = serving
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+
+    def new_record(request: Request, body: Any = None) -> RequestRecord:
+        prefix, endpoint = _ENDPOINTS.get(request.url.path, ("req", request.url.path))
+        record = RequestRecord(client.new_request_id(prefix), endpoint)
+        auth = request.headers.get("authorization", "")
+        record.key_id = key_id(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
+        if body is not None:
+            record.model = getattr(body, "model", None)
+            record.user = getattr(body, "user", None)
+        return record
+
+    def check_access(request: Request) -> None:
+        if config.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            if not (auth.lower().startswith("bearer ") and auth[7:].strip() == config.api_key):
+                raise errors.unauthorized()
+        if serving.draining:
+            raise errors.unavailable("the server is shutting down", code="shutting_down")
+        if client.dead:
+            raise errors.engine_dead()
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = errors.from_validation_errors(list(exc.errors()))
+        if request.url.path in _ENDPOINTS:
+            serving.fail(new_record(request), error)
+        else:
+            metrics.on_error(error.metric)
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            error = APIError(404, f"no route {request.method} {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            error = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                             code="method_not_allowed")
+        else:
+            error = APIError(exc.status_code, "request failed", code="http_error")
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        metrics.on_error("internal")
+        return error_response(errors.internal())
+
+    async def handle(request: Request, body: Any, make_job: Callable[..., Any]) -> Response:
+        arrival = time.monotonic()
+        record = new_record(request, body)
+        try:
+            check_access(request)
+            job = make_job(body, record, arrival)
+            return await serving.run(job, request)
+        except APIError as exc:
+            serving.fail(record, exc)
+            return error_response(exc)
+        except asyncio.CancelledError:
+            serving.cancelled(record)
+            raise
+        except Exception:
+            logger.exception("request %s failed", record.request_id)
+            error = errors.internal()
+            serving.fail(record, error)
+            return error_response(error)
+
+    # ------------------------------------------------------------------ routes
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await handle(request, body, serving.completion_job)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await handle(request, body, serving.chat_job)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        if config.api_key is not None:
+            try:
+                check_access(request)
+            except APIError as exc:
+                if exc.status == 401:
+                    return error_response(exc)
+        info = client.info
+        return JSONResponse({"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "stoke",
+            "root": info.model_path if info else model_path,
+            "max_model_len": info.max_model_len if info else None,
+        }]})
+
+    @app.get("/health")
+    async def health() -> Response:
+        if client.dead:
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if client.dead:
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        if serving.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not client.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app

@@ -1,0 +1,33 @@
+"""How the server runs: address, limits, logging — and the engine arguments for its worker."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    engine_args: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields (plain data)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model directory's name
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    log_request_text: bool = False  # put prompt and output text in the request log line
+    # Caps: a request beyond one gets a 400 that names the cap.
+    max_n: int = 16
+    max_tokens_limit: int | None = None  # None: only the context length bounds max_tokens
+    max_stop: int = 16
+    max_logprobs: int = 20
+    max_body_bytes: int = 4 << 20
+    max_pending_requests: int = 4096  # API requests in flight; beyond: 503 overloaded
+    request_timeout: float | None = None  # seconds; past it: abort and 504
+    drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    worker_death_grace: float = 1.0  # seconds /health answers 503 before the process exits
+    log_level: str = "info"
+    cpu_threads: int | None = None  # torch intra-op threads in the worker (None: torch's default)
+
+    @staticmethod
+    def model_name(model_path: str) -> str:
+        return os.path.basename(os.path.normpath(model_path))

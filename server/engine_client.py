@@ -1,0 +1,304 @@
+"""The HTTP process's handle on its worker: spawn it, send commands, route outputs back.
+
+The worker is a child process (``python -m server.worker``) with two OS pipes: commands go
+down one, output frames come back up the other (server/ipc.py). A reader thread parses frames
+and hands each to the event loop; outputs are routed to the Generation (one API request, one
+or more engine requests) that owns them. End of the output pipe without a shutdown means the
+worker died: every in-flight Generation fails with EngineDeadError and `on_death` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.ipc import FrameReader, FrameWriter
+
+logger = logging.getLogger("stoke.server")
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class EngineDeadError(RuntimeError):
+    """The worker process is gone (or never started)."""
+
+
+class EngineRejected(Exception):
+    """The worker refused a request at admission: kind "admission" | "invalid" | "internal"."""
+
+    def __init__(self, kind: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.code, self.message = kind, code, message
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """The worker's latest gauges and cumulative counters."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_queries_tokens: int = 0
+    prefix_hits_tokens: int = 0
+    preemptions: int = 0
+    num_steps: int = 0
+
+
+@dataclass(eq=False)
+class Generation:
+    """One API request's engine requests (one per prompt); outputs arrive on one queue."""
+
+    client: EngineClient
+    ids: list[str]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: asyncio.Future | None = None
+    unfinished: set[str] = field(default_factory=set)
+    pending_ack: set[str] = field(default_factory=set)
+    failed: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.unfinished = set(self.ids)
+        self.pending_ack = set(self.ids)
+        self.started = asyncio.get_running_loop().create_future()
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+    async def wait_started(self) -> None:
+        """Return once the worker queued every prompt; raise EngineRejected / EngineDeadError."""
+        await self.started
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(prompt index, output frame) until every engine request finished."""
+        while self.unfinished or not self.queue.empty():
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            index, output = item
+            if output["finished"]:
+                self.unfinished.discard(output["id"])
+            yield index, output
+
+    def abort(self) -> None:
+        """Stop every unfinished engine request of this generation (idempotent, never raises)."""
+        if self.unfinished and self.failed is None:
+            self.client.abort([i for i in self.ids if i in self.unfinished])
+
+    # Called on the event loop by the client.
+    def _on_added(self, request_id: str) -> None:
+        self.pending_ack.discard(request_id)
+        if not self.pending_ack and not self.started.done():
+            self.started.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = exc
+        if not self.started.done():
+            self.started.set_exception(exc)
+            self.started.exception()  # mark retrieved: the caller may be gone already
+        self.queue.put_nowait(exc)
+
+
+class EngineClient:
+    def __init__(self, engine_args: dict[str, Any], *, on_death: Callable[[], None] | None = None,
+                 on_frame: Callable[[dict[str, Any]], None] | None = None, log_level: str = "INFO",
+                 cpu_threads: int | None = None) -> None:
+        self.engine_args = engine_args
+        self.cpu_threads = cpu_threads
+        self.on_death = on_death
+        self.on_frame = on_frame  # metrics hook: every frame (stats, outputs, batch tokens)
+        self.log_level = log_level
+        self.info: WorkerInfo | None = None
+        self.initial_stats = EngineStats()
+        self.stats = EngineStats()
+        self.process: subprocess.Popen | None = None
+        self.dead = False
+        self.stopping = False
+        self._writer: FrameWriter | None = None
+        self._ready: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._owners: dict[str, tuple[Generation, int]] = {}
+        self._counter = 0
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server.worker", "--in-fd", str(cmd_r), "--out-fd", str(out_w),
+                 "--log-level", self.log_level],
+                # stdout carries the request log lines: the worker writes to stderr only.
+                pass_fds=(cmd_r, out_w), stdin=subprocess.DEVNULL, stdout=2, env=env,
+            )
+        finally:
+            os.close(cmd_r)  # the child holds its own copies; ours would hide its death
+            os.close(out_w)
+        self._writer = FrameWriter(cmd_w)
+        threading.Thread(target=self._read_loop, args=(FrameReader(out_r),), name="stoke-engine-reader",
+                         daemon=True).start()
+        self._send({"type": "init", "engine": self.engine_args, "cpu_threads": self.cpu_threads})
+        logger.info("worker process %d started", self.process.pid)
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None and not self.dead
+
+    async def wait_ready(self) -> None:
+        if self.dead:
+            raise EngineDeadError("the engine worker is not running")
+        if self.info is None:
+            await self._ready.wait()
+            if self.dead:
+                raise EngineDeadError("the engine worker is not running")
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the worker: a shutdown frame, then SIGKILL if it does not exit in time."""
+        self.stopping = True
+        if self.process is None:
+            return
+        try:
+            self._send({"type": "shutdown"})
+        except OSError:
+            pass
+        try:
+            await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker did not exit within %.0fs; killing it", timeout)
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait)
+        if self._writer is not None:
+            self._writer.close()
+
+    # -------------------------------------------------------------- requests
+    def new_request_id(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}-{os.getpid():x}{self._counter:08x}"
+
+    def generate(self, request_id: str, prompts: list[list[int]], params: dict[str, Any],
+                 arrival_time: float) -> Generation:
+        """Queue prompts (one engine request each, ids `{request_id}-{i}`) with one params."""
+        if self.dead:
+            raise EngineDeadError("the engine worker is not running")
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        generation = Generation(self, ids)
+        for index, engine_id in enumerate(ids):
+            self._owners[engine_id] = (generation, index)
+        try:
+            self._send({"type": "add", "ids": ids, "prompts": prompts, "params": params,
+                        "arrival_time": arrival_time})
+        except OSError:
+            for engine_id in ids:
+                self._owners.pop(engine_id, None)
+            raise EngineDeadError("the engine worker is not running") from None
+        return generation
+
+    def abort(self, ids: list[str]) -> None:
+        if self.dead or not ids:
+            return
+        try:
+            self._send({"type": "abort", "ids": ids})
+        except OSError:
+            pass
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is None:
+            raise BrokenPipeError("worker not started")
+        self._writer.write(message)
+
+    # ------------------------------------------------------ worker → loop
+    def _read_loop(self, reader: FrameReader) -> None:
+        try:
+            while True:
+                frame = reader.read()
+                if frame is None:
+                    break
+                self._loop.call_soon_threadsafe(self._dispatch, frame)
+        except Exception:
+            logger.exception("broken frame from the worker")
+        finally:
+            reader.close()
+            self._loop.call_soon_threadsafe(self._on_eof)
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "ready":
+            self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
+                                   frame["num_blocks"], frame["block_size"])
+            self.initial_stats = EngineStats(**frame["stats"])
+            self.stats = EngineStats(**frame["stats"])
+            logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",
+                        self.info.model_path, self.info.max_model_len, self.info.num_blocks, self.info.block_size)
+            if self.on_frame is not None:
+                self.on_frame(frame)
+            self._ready.set()
+            return
+        if kind == "fatal":
+            logger.error("worker: %s", frame.get("message"))
+            return
+        if self.on_frame is not None:
+            try:
+                self.on_frame(frame)
+            except Exception:
+                logger.exception("metrics hook failed")
+        if "stats" in frame:
+            self.stats = EngineStats(**frame["stats"])
+        for engine_id in frame.get("added", ()):
+            owner = self._owners.get(engine_id)
+            if owner is not None:
+                owner[0]._on_added(engine_id)
+        for error in frame.get("errors", ()):
+            exc = EngineRejected(error["kind"], error["code"], error["message"])
+            generations = {self._owners.pop(i)[0] for i in error["ids"] if i in self._owners}
+            for generation in generations:
+                generation._fail(exc)
+        for output in frame.get("outputs", ()):
+            owner = self._owners.get(output["id"])
+            if owner is None:
+                continue
+            if output["finished"]:
+                del self._owners[output["id"]]
+            owner[0].queue.put_nowait((owner[1], output))
+
+    def _on_eof(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        code = self.process.poll() if self.process is not None else None
+        if self.stopping:
+            logger.info("worker process stopped")
+        else:
+            logger.error("the engine worker died (exit code %s); failing %d in-flight request(s)",
+                         code, len({g for g, _ in self._owners.values()}))
+        exc = EngineDeadError("the engine worker is not running")
+        for generation in {g for g, _ in self._owners.values()}:
+            generation._fail(exc)
+        self._owners.clear()
+        if self._ready is not None:
+            self._ready.set()
+        if not self.stopping and self.on_death is not None:
+            self.on_death()
+

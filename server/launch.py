@@ -1,0 +1,213 @@
+"""`stoke serve`: parse options, set up logging, run uvicorn with stoke's shutdown rules.
+
+- SIGTERM / Ctrl-C: /ready turns 503 and new requests get 503 at once, uvicorn stops
+  accepting connections, in-flight requests get up to --drain-timeout seconds to finish (then
+  they are aborted), the worker is stopped, and the process exits 0. A second Ctrl-C forces it.
+- The worker dies: in-flight requests fail with 503, /health answers 503 for
+  --worker-death-grace seconds, then the process exits 1 so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+from server.config import ServerConfig
+
+logger = logging.getLogger("stoke.server")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6, "mib": 2 ** 20,
+          "g": 10 ** 9, "gb": 10 ** 9, "gib": 2 ** 30, "t": 10 ** 12, "tb": 10 ** 12, "tib": 2 ** 40}
+
+
+def parse_size(text: str) -> int:
+    """'268435456', '256MiB', '2GiB', '512MB' → bytes."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 268435456, 256MiB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stoke serve", description="OpenAI-compatible HTTP server (FastAPI + uvicorn) "
+                                "in front of an engine worker process")
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' (env STOKE_API_KEY)")
+    p.add_argument("--log-request-text", action="store_true",
+                   help="put prompt and output text in the per-request log line")
+    p.add_argument("--log-level", default="info")
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--kv-cache-memory-bytes", type=parse_size, default=None, help="CPU KV pool, e.g. 2GiB")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--num-kv-blocks", type=int, default=None)
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    e.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads in the worker (default: torch's choice; 1 is best on a busy shared CPU)")
+    e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    limits = p.add_argument_group("limits")
+    d = ServerConfig()
+    limits.add_argument("--max-n", type=int, default=d.max_n)
+    limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
+    limits.add_argument("--max-stop", type=int, default=d.max_stop)
+    limits.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+    limits.add_argument("--max-body-bytes", type=parse_size, default=d.max_body_bytes)
+    limits.add_argument("--max-pending-requests", type=int, default=d.max_pending_requests)
+    limits.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds; then 504")
+    limits.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                        help="seconds in-flight requests get to finish after SIGTERM")
+    limits.add_argument("--worker-death-grace", type=float, default=d.worker_death_grace)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    engine_args: dict[str, Any] = {
+        "model": args.model, "dtype": args.dtype, "device": args.device, "load_format": args.load_format,
+        "seed": args.seed, "block_size": args.block_size, "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "gpu_memory_utilization": args.gpu_memory_utilization, "num_kv_blocks": args.num_kv_blocks,
+        "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
+    }
+    return ServerConfig(
+        engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get("STOKE_API_KEY") or None, log_request_text=args.log_request_text,
+        max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, max_stop=args.max_stop,
+        max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes,
+        max_pending_requests=args.max_pending_requests, request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout, worker_death_grace=args.worker_death_grace, log_level=args.log_level,
+        cpu_threads=args.cpu_threads,
+    )
+
+
+def setup_logging(level: str) -> None:
+    """Server logs to stderr; the per-request JSON lines (stoke.requests) alone to stdout."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+    requests_logger = logging.getLogger("stoke.requests")
+    requests_logger.setLevel(logging.INFO)
+    requests_logger.propagate = False
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    requests_logger.handlers[:] = [out]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    setup_logging(config.log_level)
+
+    from engine.config import EngineConfig
+    from server.api import create_app
+
+    try:
+        EngineConfig(**config.engine_args)  # fail fast on a bad option, before anything starts
+    except (TypeError, ValueError) as exc:
+        logger.error("bad engine option: %s", exc)
+        return 2
+    model_path = config.engine_args.get("model")
+    if model_path is not None and not os.path.isfile(os.path.join(model_path, "config.json")):
+        logger.error("%s is not a Hugging Face checkpoint directory (no config.json)", model_path)
+        return 2
+    if model_path is None:
+        from engine.default_model import default_model_path
+
+        model_path = default_model_path()
+    tokenizer = load_tokenizer(model_path)
+
+    state = {"worker_died": False}
+    server: StokeServer | None = None
+
+    def on_worker_death() -> None:
+        state["worker_died"] = True
+        if server is not None:
+            asyncio.get_running_loop().call_later(config.worker_death_grace, server.stop)
+
+    app = create_app(config, tokenizer=tokenizer, model_path=model_path, on_worker_death=on_worker_death)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                               timeout_graceful_shutdown=config.drain_timeout + 5.0, lifespan="on",
+                               log_level=config.log_level.lower())
+    server = StokeServer(uv_config, app)
+    server.run()
+    if state["worker_died"]:
+        logger.error("exiting with status 1: the engine worker died")
+        return 1
+    return 0
+
+
+def load_tokenizer(path: str) -> Any:
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        logger.warning("no tokenizer in %s: only token-id prompts will work", path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class StokeServer(uvicorn.Server):
+    """uvicorn.Server with stoke's shutdown rules."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        serving = self.app.state.serving
+        if not serving.draining:
+            timeout = serving.config.drain_timeout
+            logger.info("received %s: no new requests; draining in-flight ones (up to %ss)",
+                        signal.Signals(sig).name, timeout)
+            serving.draining = True
+            # A signal handler may not touch the loop's timers directly; this hop is safe.
+            self.loop.call_soon_threadsafe(self.loop.call_later, timeout, serving.cut_off)
+        super().handle_exit(sig, frame)
+
+    def stop(self) -> None:
+        self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the signal after its shutdown (exit status -15); for stoke a
+        # drained shutdown is a clean exit, so this only swaps the handlers in and out.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

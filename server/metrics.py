@@ -1,0 +1,175 @@
+"""Prometheus metrics (`GET /metrics`). The names are a spec: dashboards rely on them.
+
+Everything lives in one CollectorRegistry per app (not the process-global one), fed from two
+places: the worker's frames (gauges, cumulative engine counters, per-step batch sizes, token
+counts, and the engine's per-request monotonic timestamps when a request finishes) and the
+HTTP layer (errors). GPU gauges are read from NVML at scrape time; without NVML they are absent
+and stoke_gpu_info{available="false"} says so. docs/metrics.md explains each with PromQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import ERROR_METRIC_TYPES
+
+disable_created_metrics()  # no *_created series: they double the output and no dashboard reads them
+
+logger = logging.getLogger("stoke.server")
+
+# Seconds: 1 ms .. 10 min, roughly 1-2.5-5 per decade.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Tokens: powers of two up to 128k.
+TOKEN_BUCKETS = tuple(float(2 ** i) for i in range(18))
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class GPUCollector:
+    """stoke_gpu_utilization_ratio{gpu} and stoke_gpu_memory_used_bytes{gpu} from NVML."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception as exc:  # no library, no driver, no GPU: all the same here
+            logger.info("NVML unavailable (%s): GPU metrics are absent", type(exc).__name__)
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("stoke_gpu_info", "Whether GPU metrics (NVML) are available", labels=["available"])
+        if self._nvml is None:
+            info.add_metric(["false"], 1.0)
+            yield info
+            return
+        nv = self._nvml
+        util = GaugeMetricFamily("stoke_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period",
+                                 labels=["gpu"])
+        mem = GaugeMetricFamily("stoke_gpu_memory_used_bytes", "GPU memory in use (all processes)", labels=["gpu"])
+        try:
+            for i in range(nv.nvmlDeviceGetCount()):
+                handle = nv.nvmlDeviceGetHandleByIndex(i)
+                util.add_metric([str(i)], nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+                mem.add_metric([str(i)], float(nv.nvmlDeviceGetMemoryInfo(handle).used))
+        except Exception as exc:
+            logger.warning("NVML query failed: %s", exc)
+            info.add_metric(["false"], 1.0)
+            yield info
+            return
+        info.add_metric(["true"], 1.0)
+        yield info
+        yield util
+        yield mem
+
+
+class Metrics:
+    def __init__(self, gpu: bool = True) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests_waiting = Gauge("stoke_requests_waiting", "Requests queued in the scheduler", registry=r)
+        self.requests_running = Gauge("stoke_requests_running", "Requests admitted to the running batch", registry=r)
+        self.kv_cache_usage = Gauge("stoke_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)
+        self.prefix_queries = Counter("stoke_prefix_cache_queries_tokens",
+                                      "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("stoke_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache",
+                                   registry=r)
+        self.prompt_tokens = Counter("stoke_prompt_tokens", "Prompt tokens of requests whose prefill completed",
+                                     registry=r)
+        self.generation_tokens = Counter("stoke_generation_tokens", "Generated tokens", registry=r)
+        self.preemptions = Counter("stoke_preemptions", "Requests preempted (recomputed) for lack of KV blocks",
+                                   registry=r)
+        self.requests = Counter("stoke_requests", "Finished completions (one per choice), by finish reason",
+                                ["finish_reason"], registry=r)
+        self.errors = Counter("stoke_request_errors", "API requests that ended in an error, by type", ["type"],
+                              registry=r)
+        self.ttft = Histogram("stoke_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("stoke_inter_token_latency_seconds", "Time between consecutive generated tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("stoke_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.queue_time = Histogram("stoke_request_queue_time_seconds", "Arrival to first scheduled",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("stoke_request_prompt_tokens", "Prompt tokens per request",
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("stoke_request_generation_tokens",
+                                                   "Generated tokens per request (all n choices)",
+                                                   buckets=TOKEN_BUCKETS, registry=r)
+        self.step_batch_tokens = Histogram("stoke_step_batch_tokens", "Tokens in one engine step's forward pass",
+                                           buckets=TOKEN_BUCKETS, registry=r)
+        for reason in FINISH_REASONS:
+            self.requests.labels(reason)
+        for kind in ERROR_METRIC_TYPES:
+            self.errors.labels(kind)
+        if gpu:
+            r.register(GPUCollector())
+        self._last: dict[str, int] = {}
+        self._prefilled: set[str] = set()
+
+    def set_baseline(self, stats: dict[str, Any]) -> None:
+        """The worker's counters at ready (the warm-up step is not user traffic)."""
+        self._last = {k: int(stats[k]) for k in ("prefix_queries_tokens", "prefix_hits_tokens", "preemptions")}
+
+    # ------------------------------------------------------------ from the worker
+    def on_frame(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "ready":
+            self.set_baseline(frame["stats"])
+        stats = frame.get("stats")
+        if stats is not None:
+            self.requests_waiting.set(stats["waiting"])
+            self.requests_running.set(stats["running"])
+            self.kv_cache_usage.set(stats["kv_cache_usage"])
+            for key, counter in (("prefix_queries_tokens", self.prefix_queries),
+                                 ("prefix_hits_tokens", self.prefix_hits), ("preemptions", self.preemptions)):
+                value = int(stats[key])
+                delta = value - self._last.get(key, 0)
+                if delta > 0:
+                    counter.inc(delta)
+                self._last[key] = value
+        if frame.get("batch_tokens"):
+            self.step_batch_tokens.observe(frame["batch_tokens"])
+        for output in frame.get("outputs", ()):
+            self._on_output(output)
+
+    def _on_output(self, output: dict[str, Any]) -> None:
+        new_tokens = sum(len(c["token_ids"]) for c in output["outputs"])
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+            if output["id"] not in self._prefilled:
+                self._prefilled.add(output["id"])
+                self.prompt_tokens.inc(output["num_prompt_tokens"])
+        if not output["finished"]:
+            return
+        self._prefilled.discard(output["id"])
+        reasons = [c["finish_reason"] for c in output["outputs"]]
+        for reason in reasons:
+            if reason in FINISH_REASONS:
+                self.requests.labels(reason).inc()
+        m = output.get("metrics")
+        if m is None or "abort" in reasons:
+            return  # latency of an aborted request says nothing about the server
+        arrival = m["arrival_time"]
+        if m["first_token_time"] is not None:
+            self.ttft.observe(max(0.0, m["first_token_time"] - arrival))
+        if m["first_scheduled_time"] is not None:
+            self.queue_time.observe(max(0.0, m["first_scheduled_time"] - arrival))
+        if m["finish_time"] is not None:
+            self.e2e.observe(max(0.0, m["finish_time"] - arrival))
+        for latency in m["inter_token_latencies"]:
+            self.itl.observe(latency)
+        self.request_prompt_tokens.observe(output["num_prompt_tokens"])
+        self.request_generation_tokens.observe(sum(c["num_tokens"] for c in output["outputs"]))
+
+    # ------------------------------------------------------------- from the HTTP layer
+    def on_error(self, metric_type: str) -> None:
+        self.errors.labels(metric_type if metric_type in ERROR_METRIC_TYPES else "internal").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

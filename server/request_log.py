@@ -1,0 +1,87 @@
+"""One structured JSON line per finished API request, on the `stoke.requests` logger.
+
+Fields are always present (null when unknown), so a log pipeline can rely on the shape:
+request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
+stream, n, prompt_tokens, cached_tokens, completion_tokens, queue_time_s, ttft_s,
+mean_itl_s, e2e_s, finish_reason, error_type, status — plus prompt and output text only
+with --log-request-text. Latencies are the engine's monotonic timestamps (seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger("stoke.requests")
+
+
+def key_id(api_key: str | None) -> str | None:
+    """A stable, non-reversible id for a client key: enough to group by, useless to call with."""
+    if not api_key:
+        return None
+    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    endpoint: str
+    model: str | None = None
+    key_id: str | None = None
+    user: str | None = None
+    stream: bool = False
+    n: int = 1
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    queue_time_s: float | None = None
+    ttft_s: float | None = None
+    mean_itl_s: float | None = None
+    e2e_s: float | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None
+    status: int = 200
+    prompt: Any = None
+    output: Any = None
+    _itls: list[float] = field(default_factory=list, repr=False)
+    _done: bool = field(default=False, repr=False)
+
+    def add_engine_metrics(self, metrics: dict[str, Any] | None) -> None:
+        """Fold one engine request's timestamps in (a request with several prompts has several)."""
+        if not metrics:
+            return
+        arrival = metrics["arrival_time"]
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else max(0.0, t - arrival)
+
+        queue, ttft, e2e = since(metrics["first_scheduled_time"]), since(metrics["first_token_time"]), \
+            since(metrics["finish_time"])
+        self.queue_time_s = queue if self.queue_time_s is None or queue is None else max(self.queue_time_s, queue)
+        self.ttft_s = ttft if self.ttft_s is None or ttft is None else min(self.ttft_s, ttft)
+        self.e2e_s = e2e if self.e2e_s is None or e2e is None else max(self.e2e_s, e2e)
+        self._itls.extend(metrics["inter_token_latencies"])
+        if self._itls:
+            self.mean_itl_s = sum(self._itls) / len(self._itls)
+
+
+class RequestLogger:
+    def __init__(self, log_text: bool = False) -> None:
+        self.log_text = log_text
+
+    def emit(self, record: RequestRecord) -> None:
+        """Write the record's line once (later calls for the same record do nothing)."""
+        if record._done:
+            return
+        record._done = True
+        line = asdict(record)
+        del line["_itls"], line["_done"]
+        if not self.log_text:
+            del line["prompt"], line["output"]
+        for key in ("queue_time_s", "ttft_s", "mean_itl_s", "e2e_s"):
+            if line[key] is not None:
+                line[key] = round(line[key], 6)
+        logger.info(json.dumps({"event": "request", **line}, ensure_ascii=False, separators=(",", ":")))

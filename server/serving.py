@@ -1,0 +1,595 @@
+"""OpenAI completions and chat completions over the engine client.
+
+A request is validated and turned into a Job (token-id prompts + SamplingParams fields), handed
+to the worker, and its outputs are turned into OpenAI responses — one JSON body, or SSE chunks
+exactly as OpenAI streams them (`data: {...}` lines, then `data: [DONE]`). A client that goes
+away (streaming or not) aborts its engine requests at once, so their KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.sampling_params import SamplingParams
+from server import errors
+from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
+from server.errors import APIError
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.request_log import RequestLogger, RequestRecord
+
+logger = logging.getLogger("stoke.server")
+
+_SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+_MAX_STOP_CHARS = 1024
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class ShuttingDown(Exception):
+    """The drain timeout passed with this request still running."""
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[list[list[float]]] = field(default_factory=list)  # [[tid, lp], ...] per token
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    started: bool = False  # chat streaming: the role delta went out
+
+
+@dataclass(slots=True)
+class Job:
+    kind: str  # "completion" | "chat"
+    request_id: str
+    model: str
+    created: int
+    arrival: float
+    prompts: list[list[int]]
+    prompt_texts: list[str | None]
+    params: dict[str, Any]
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None  # top-k per token (completions: logprobs; chat: top_logprobs if logprobs)
+    record: RequestRecord
+    choices: list[Choice] = field(default_factory=list)  # filled while the outputs come in
+    cached: dict[int, int] = field(default_factory=dict)  # prompt index → prefix-cache hit tokens
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always runs `on_close`, however the stream ends."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _shutdown_error() -> APIError:
+    return errors.unavailable("the server shut down before this request finished", code="shutting_down")
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {body}\n\n"
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return once the client has closed the connection (the request body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class OpenAIServing:
+    def __init__(self, config: ServerConfig, tokenizer: Any, client: EngineClient, metrics: Metrics,
+                 request_logger: RequestLogger, model_name: str) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.client = client
+        self.metrics = metrics
+        self.request_logger = request_logger
+        self.model_name = model_name
+        self.in_flight = 0
+        self.draining = False  # set on SIGTERM: requests cut short now are the server's doing
+        self.live: set[Generation] = set()
+        self._token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
+
+    # =========================================================== requests → jobs
+    def check_model(self, model: str | None) -> str:
+        known = (self.model_name, self.client.info.model_path if self.client.info else None)
+        if model is not None and model not in known:
+            raise errors.model_not_found(model)
+        return self.model_name
+
+    def _max_model_len(self) -> int:
+        return self.client.info.max_model_len
+
+    def _sampling_fields(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                         logprobs: int | None) -> dict[str, Any]:
+        cfg = self.config
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(req, name)
+            if value is not None and not math.isfinite(value):
+                raise errors.invalid(f"{name} must be a finite number", param=name)
+        n = 1 if req.n is None else req.n
+        if n > cfg.max_n:
+            raise errors.invalid(f"n must be <= {cfg.max_n} on this server, got {n}", param="n")
+        if max_tokens is not None and cfg.max_tokens_limit is not None and max_tokens > cfg.max_tokens_limit:
+            raise errors.invalid(f"max_tokens must be <= {cfg.max_tokens_limit} on this server, got {max_tokens}",
+                                 param="max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > cfg.max_stop:
+            raise errors.invalid(f"at most {cfg.max_stop} stop sequences are allowed, got {len(stop)}", param="stop")
+        if any(len(s) > _MAX_STOP_CHARS for s in stop):
+            raise errors.invalid(f"stop sequences may have at most {_MAX_STOP_CHARS} characters", param="stop")
+        stop_token_ids = list(req.stop_token_ids or [])
+        if len(stop_token_ids) > cfg.max_stop:
+            raise errors.invalid(f"at most {cfg.max_stop} stop_token_ids are allowed, got {len(stop_token_ids)}",
+                                 param="stop_token_ids")
+        if logprobs is not None and logprobs > cfg.max_logprobs:
+            raise errors.invalid(f"at most {cfg.max_logprobs} logprobs per token are allowed, got {logprobs}",
+                                 param="logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
+        if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
+            raise errors.invalid("seed must fit in a signed 64-bit integer", param="seed")
+        if req.logit_bias:
+            raise errors.unsupported("logit_bias is not supported", param="logit_bias")
+        fields = dict(
+            n=n,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens or 0,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=bool(req.ignore_eos),
+            logprobs=logprobs,
+            skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        )
+        try:
+            SamplingParams(**fields)
+        except ValueError as exc:
+            message = str(exc)
+            name = message.split(" ", 1)[0]
+            raise errors.invalid(message, param=name if name in fields else None) from None
+        return fields
+
+    def _job(self, kind: str, req: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
+             arrival: float, prompts: list[list[int]], prompt_texts: list[str | None], params: dict[str, Any],
+             echo: bool, logprobs: int | None) -> Job:
+        stream = bool(req.stream)
+        include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
+        record.n = params["n"]
+        record.stream = stream
+        record.prompt_tokens = sum(len(p) for p in prompts)
+        if self.request_logger.log_text:
+            record.prompt = prompt_texts[0] if len(prompt_texts) == 1 else prompt_texts
+        return Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
+                   prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise errors.invalid("this model has no tokenizer: send prompts as token ids", param="prompt")
+        return self.tokenizer.encode(text)
+
+    def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
+        record.model = self.check_model(req.model)
+        if req.suffix:
+            raise errors.unsupported("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise errors.unsupported("best_of is not supported (use n)", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise errors.unsupported("echo together with logprobs needs prompt logprobs, which stoke does not "
+                                     "compute yet", param="echo")
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            raw: list[str | list[int]] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            raw = [list(prompt)]  # type: ignore[list-item]
+        else:
+            raw = list(prompt)  # type: ignore[arg-type]
+        if not raw:
+            raise errors.invalid("prompt must not be empty", param="prompt")
+        prompts, texts = [], []
+        for p in raw:
+            if isinstance(p, str):
+                prompts.append(self._encode(p))
+                texts.append(p)
+            else:
+                prompts.append(list(p))
+                texts.append(None)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = self._sampling_fields(req, max_tokens, req.logprobs)
+        return self._job("completion", req, record, arrival, prompts, texts, params, bool(req.echo), req.logprobs)
+
+    def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
+        record.model = self.check_model(req.model)
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
+        if not req.messages:
+            raise errors.invalid("messages must not be empty", param="messages")
+        if req.tools:
+            raise errors.unsupported("tools are not supported", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise errors.unsupported("only response_format type 'text' is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise errors.invalid("top_logprobs needs logprobs=true", param="top_logprobs")
+        if req.top_logprobs is not None and req.top_logprobs < 0:
+            raise errors.invalid("top_logprobs must be >= 0", param="top_logprobs")
+        text = self._render_chat(req)
+        tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            room = max(1, self._max_model_len() - len(tokens))
+            max_tokens = min(room, self.config.max_tokens_limit or room)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling_fields(req, max_tokens, logprobs)
+        return self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
+
+    def _render_chat(self, req: ChatCompletionRequest) -> str:
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.type == "text" and part.text is None:
+                        raise errors.invalid("a text content part needs 'text'", param=f"messages.{i}.content")
+                    if part.type != "text":
+                        raise errors.unsupported(f"message content of type '{part.type}' is not supported",
+                                                 param=f"messages.{i}.content")
+                    parts.append(part.text)
+                content = "".join(parts)
+            message: dict[str, Any] = {"role": m.role, "content": content or ""}
+            if m.name:
+                message["name"] = m.name
+            messages.append(message)
+        reserved = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+        extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in reserved}
+        continue_final = bool(req.continue_final_message)
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=bool(req.add_generation_prompt) and not continue_final,
+                continue_final_message=continue_final, **extra)
+        except Exception as exc:
+            from jinja2 import TemplateError
+
+            if isinstance(exc, TemplateError):  # the template's own message, e.g. "roles must alternate"
+                raise errors.invalid(f"chat template error: {exc}", param="messages") from None
+            if isinstance(exc, ValueError) and continue_final:
+                raise errors.invalid("continue_final_message needs a final assistant message",
+                                     param="messages") from None
+            raise errors.invalid("the chat template could not render these messages", param="messages") from None
+
+    # ================================================================== run
+    async def run(self, job: Job, request: Request) -> Response:
+        if self.in_flight >= self.config.max_pending_requests:
+            raise errors.unavailable("the server has too many requests in flight; retry later", code="overloaded")
+        self.in_flight += 1
+        released = False
+
+        generation: Generation | None = None
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                self.live.discard(generation)
+
+        try:
+            await self.client.wait_ready()
+            generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival)
+            self.live.add(generation)
+            try:
+                await generation.wait_started()
+            except asyncio.CancelledError:
+                generation.abort()
+                raise
+        except EngineDeadError:
+            release()
+            raise errors.engine_dead() from None
+        except EngineRejected as exc:
+            release()
+            raise self._rejected(job, exc) from None
+        except BaseException:
+            release()
+            raise
+        if job.stream:
+            return SSEResponse(self._stream(job, generation), on_close=lambda: self._close(job, generation, release))
+        try:
+            return await self._respond(job, generation, request)
+        finally:
+            release()
+
+    def cut_off(self) -> None:
+        """Drain timeout: abort every request still running; each gets a 503 (or an error event)."""
+        for generation in list(self.live):
+            generation.abort()
+            generation._fail(ShuttingDown())
+
+    def _rejected(self, job: Job, exc: EngineRejected) -> APIError:
+        param = "messages" if job.kind == "chat" else "prompt"
+        if exc.kind == "admission":
+            if exc.code in ("context_length_exceeded", "kv_cache_too_small"):
+                return errors.context_length(exc.message, param=param, code=exc.code)
+            return errors.invalid(exc.message, param=param, code=exc.code)
+        if exc.kind == "invalid":
+            return errors.invalid(exc.message, param=param)
+        return errors.internal()
+
+    def _close(self, job: Job, generation: Generation, release: Callable[[], None]) -> None:
+        """A stream ended: if it ended early (client gone, or shutdown past the drain timeout),
+        abort its engine requests and log it."""
+        release()
+        if not generation.finished and generation.failed is None:
+            generation.abort()
+            self._usage(job, job.choices, job.cached)
+            self.cancelled(job.record)
+
+    def finish(self, record: RequestRecord, status: int = 200, error_type: str | None = None) -> None:
+        if record._done:
+            return
+        record.status = status
+        record.error_type = error_type
+        if error_type is not None:
+            self.metrics.on_error(error_type)
+        self.request_logger.emit(record)
+
+    def fail(self, record: RequestRecord, exc: APIError) -> None:
+        self.finish(record, status=exc.status, error_type=exc.metric)
+
+    def cancelled(self, record: RequestRecord) -> None:
+        """The handler was cancelled: by shutdown past the drain timeout, or the client left."""
+        if self.draining:
+            self.finish(record, status=503, error_type="overloaded")
+        else:
+            self.finish(record, status=499, error_type="aborted")
+
+    # ---------------------------------------------------------------- consuming
+    def _choices(self, job: Job) -> list[Choice]:
+        job.choices = [Choice(i) for i in range(len(job.prompts) * job.n)]
+        return job.choices
+
+    def _absorb(self, job: Job, choices: list[Choice], index: int, output: dict[str, Any],
+                cached: dict[int, int]) -> list[tuple[Choice, dict[str, Any]]]:
+        """Fold one output frame into the choices; returns (choice, its delta) pairs."""
+        cached[index] = output["num_cached_tokens"]
+        if output["finished"]:
+            job.record.add_engine_metrics(output.get("metrics"))
+        deltas = []
+        for c in output["outputs"]:
+            choice = choices[index * job.n + c["index"]]
+            choice.text.append(c["text"])
+            choice.token_ids.extend(c["token_ids"])
+            choice.num_tokens = c["num_tokens"]
+            if c["logprobs"] is not None:
+                choice.logprobs.extend(c["logprobs"])
+            choice.finish_reason = c["finish_reason"]
+            choice.stop_reason = c["stop_reason"]
+            deltas.append((choice, c))
+        return deltas
+
+    def _usage(self, job: Job, choices: list[Choice], cached: dict[int, int]) -> dict[str, Any]:
+        prompt_tokens = sum(len(p) for p in job.prompts)
+        completion_tokens = sum(c.num_tokens for c in choices)
+        cached_tokens = sum(cached.values())
+        r = job.record
+        r.completion_tokens, r.cached_tokens = completion_tokens, cached_tokens
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+    def _summarize(self, job: Job, choices: list[Choice]) -> None:
+        reasons = sorted({c.finish_reason for c in choices if c.finish_reason})
+        job.record.finish_reason = ",".join(reasons) or None
+        if self.request_logger.log_text:
+            outputs = ["".join(c.text) for c in choices]
+            job.record.output = outputs[0] if len(outputs) == 1 else outputs
+
+    async def _respond(self, job: Job, generation: Generation, request: Request) -> Response:
+        choices, cached = self._choices(job), job.cached
+
+        async def consume() -> None:
+            async for index, output in generation:
+                self._absorb(job, choices, index, output, cached)
+
+        consumer = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({consumer, watcher}, timeout=self.config.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not consumer.done():
+                consumer.cancel()
+                generation.abort()
+                self._usage(job, choices, cached)  # what was generated before the cut
+        if consumer in done:
+            exc = consumer.exception()
+            if isinstance(exc, EngineDeadError):
+                raise errors.engine_dead("the engine stopped while serving this request") from None
+            if isinstance(exc, ShuttingDown):
+                self._usage(job, choices, cached)
+                raise _shutdown_error() from None
+            if exc is not None:
+                raise exc
+            usage = self._usage(job, choices, cached)
+            self._summarize(job, choices)
+            body = self._completion_body(job, choices, usage) if job.kind == "completion" \
+                else self._chat_body(job, choices, usage)
+            self.finish(job.record)
+            return JSONResponse(body)
+        if watcher in done:  # the client is gone: nobody reads this response
+            self._usage(job, choices, cached)
+            self.finish(job.record, status=499, error_type="aborted")
+            return Response(status_code=499)
+        raise errors.timeout(self.config.request_timeout or 0.0)
+
+    async def _stream(self, job: Job, generation: Generation) -> AsyncIterator[str]:
+        choices, cached = self._choices(job), job.cached
+        deadline = None if self.config.request_timeout is None else job.arrival + self.config.request_timeout
+        chat = job.kind == "chat"
+        try:
+            if job.echo:
+                for choice in choices:
+                    prompt_text = self._prompt_text(job, choice.index // job.n)
+                    yield sse(self._completion_chunk(job, choice.index, prompt_text, None, None))
+            iterator = generation.__aiter__()
+            while True:
+                try:
+                    if deadline is None:
+                        index, output = await iterator.__anext__()
+                    else:
+                        remaining = max(0.0, deadline - time.monotonic())
+                        index, output = await asyncio.wait_for(iterator.__anext__(), remaining)
+                except StopAsyncIteration:
+                    break
+                for choice, delta in self._absorb(job, choices, index, output, cached):
+                    text, token_ids, reason = delta["text"], delta["token_ids"], delta["finish_reason"]
+                    if not text and reason is None and not (job.logprobs is not None and token_ids):
+                        continue
+                    logprobs = None
+                    if job.logprobs is not None and delta["logprobs"]:
+                        logprobs = self._chat_logprobs(job, token_ids, delta["logprobs"]) if chat \
+                            else self._completion_logprobs(token_ids, delta["logprobs"], 0)
+                    if chat:
+                        if not choice.started:
+                            choice.started = True
+                            yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""},
+                                                       None, None))
+                        yield sse(self._chat_chunk(job, choice.index, {"content": text} if text else {},
+                                                   logprobs, reason))
+                    else:
+                        yield sse(self._completion_chunk(job, choice.index, text, logprobs, reason))
+            usage = self._usage(job, choices, cached)
+            if job.include_usage:
+                yield sse({"id": job.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": job.created, "model": job.model, "choices": [], "usage": usage})
+            self._summarize(job, choices)
+            self.finish(job.record)
+            yield sse("[DONE]")
+        except Exception as exc:  # the status line went out already: the error goes in the stream
+            generation.abort()
+            if isinstance(exc, asyncio.TimeoutError):
+                error = errors.timeout(self.config.request_timeout or 0.0)
+            elif isinstance(exc, EngineDeadError):
+                error = errors.engine_dead("the engine stopped while serving this request")
+            elif isinstance(exc, ShuttingDown):
+                error = _shutdown_error()
+            else:
+                logger.exception("streaming %s failed", job.request_id)
+                error = errors.internal()
+            self._usage(job, choices, cached)
+            self.fail(job.record, error)
+            yield sse(error.body())
+            yield sse("[DONE]")
+
+    # ---------------------------------------------------------------- response bodies
+    def _decode_token(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id])
+
+    def _prompt_text(self, job: Job, prompt_index: int) -> str:
+        text = job.prompt_texts[prompt_index]
+        if text is None:
+            text = self.tokenizer.decode(job.prompts[prompt_index]) if self.tokenizer is not None else ""
+        return text
+
+    def _completion_logprobs(self, token_ids: list[int], entries: list[list[list[float]]],
+                             offset: int) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for tid, entry in zip(token_ids, entries):
+            s = self._token_str(tid)
+            pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
+            tokens.append(s)
+            token_logprobs.append(pairs.get(tid))
+            top.append({self._token_str(t): lp for t, lp in sorted(pairs.items(), key=lambda kv: -kv[1])})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _chat_logprobs(self, job: Job, token_ids: list[int], entries: list[list[list[float]]]) -> dict[str, Any]:
+        content = []
+        k = job.logprobs or 0
+        for tid, entry in zip(token_ids, entries):
+            pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
+            s = self._token_str(tid)
+            best = sorted(pairs.items(), key=lambda kv: -kv[1])[:k]
+            content.append({
+                "token": s, "logprob": pairs.get(tid), "bytes": list(s.encode()),
+                "top_logprobs": [{"token": self._token_str(t), "logprob": lp,
+                                  "bytes": list(self._token_str(t).encode())} for t, lp in best],
+            })
+        return {"content": content}
+
+    def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | None,
+                          finish_reason: str | None) -> dict[str, Any]:
+        return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def _chat_chunk(self, job: Job, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
+                    finish_reason: str | None) -> dict[str, Any]:
+        return {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created,
+                "model": job.model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                 "finish_reason": finish_reason}]}
+
+    def _completion_body(self, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for choice in choices:
+            text = "".join(choice.text)
+            prefix = self._prompt_text(job, choice.index // job.n) if job.echo else ""
+            logprobs = None
+            if job.logprobs is not None:
+                logprobs = self._completion_logprobs(choice.token_ids, choice.logprobs, len(prefix))
+            out.append({"index": choice.index, "text": prefix + text, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+        return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
+                "choices": out, "usage": usage}
+
+    def _chat_body(self, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for choice in choices:
+            logprobs = None
+            if job.logprobs is not None:
+                logprobs = self._chat_logprobs(job, choice.token_ids, choice.logprobs)
+            out.append({"index": choice.index, "message": {"role": "assistant", "content": "".join(choice.text)},
+                        "logprobs": logprobs, "finish_reason": choice.finish_reason,
+                        "stop_reason": choice.stop_reason})
+        return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,
+                "choices": out, "usage": usage}

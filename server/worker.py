@@ -1,0 +1,238 @@
+"""The worker process: one LLMEngine, driven by commands from the HTTP process over pipes.
+
+Run as ``python -m server.worker --in-fd R --out-fd W`` by server/engine_client.py. The first
+frame in is ``{"type": "init", "engine": {EngineConfig fields}}``; the worker loads the model,
+runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
+
+    take every pending command (block only when idle)
+      add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t}
+             all prompts are validated before any is queued; ack in "added" or one "errors" entry
+      abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
+      shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
+    one engine step → one frame {"outputs": [...], "stats": {...}, "batch_tokens": n}
+
+Commands are read by a thread into a queue, so an abort takes effect before the next step.
+The worker ignores SIGINT/SIGTERM: the HTTP process owns shutdown (it drains first). An
+exception inside a step is fatal (exit 1): the HTTP process then fails in-flight requests with
+503 and exits non-zero, so a supervisor restarts both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from server.ipc import FrameReader, FrameWriter
+
+logger = logging.getLogger("stoke.worker")
+
+WARMUP_ID = "__stoke_warmup__"
+
+
+def encode_output(out: Any) -> dict[str, Any]:
+    """A RequestOutput as plain data: only what is new since the previous output."""
+    completions = []
+    for c in out.outputs:
+        n_new = len(c.delta_token_ids)
+        logprobs = None
+        if c.logprobs is not None:
+            new = c.logprobs[len(c.token_ids) - n_new:] if n_new else []
+            logprobs = [[[tid, lp] for tid, lp in entry.items()] for entry in new]
+        completions.append({
+            "index": c.index,
+            "text": c.delta_text,
+            "token_ids": list(c.delta_token_ids),
+            "logprobs": logprobs,
+            "num_tokens": len(c.token_ids),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        })
+    frame: dict[str, Any] = {
+        "id": out.request_id,
+        "finished": out.finished,
+        "num_prompt_tokens": len(out.prompt_token_ids),
+        "num_cached_tokens": out.num_cached_tokens,
+        "outputs": completions,
+    }
+    m = out.metrics
+    if out.finished and m is not None:
+        frame["metrics"] = {
+            "arrival_time": m.arrival_time,
+            "first_scheduled_time": m.first_scheduled_time,
+            "first_token_time": m.first_token_time,
+            "finish_time": m.finish_time,
+            "inter_token_latencies": m.inter_token_latencies,
+            "num_preemptions": m.num_preemptions,
+        }
+    return frame
+
+
+class Worker:
+    def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.engine: Any = None
+
+    # ----------------------------------------------------------------- set-up
+    def start(self, init: dict[str, Any]) -> None:
+        import torch
+
+        from engine import EngineConfig, LLMEngine, SamplingParams
+
+        if init.get("cpu_threads"):
+            torch.set_num_threads(int(init["cpu_threads"]))
+        self.engine = LLMEngine(EngineConfig(**init.get("engine", {})))
+        # One warm-up step: /ready means "a step has run", and the first user pays no warm-up.
+        self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        e = self.engine
+        self.writer.write({
+            "type": "ready",
+            "model_path": e.model_path,
+            "max_model_len": e.max_model_len,
+            "vocab_size": e.model_config.vocab_size,
+            "num_blocks": e.scheduler.block_manager.num_blocks,
+            "block_size": e.scheduler.block_manager.block_size,
+            "stats": self.stats(),
+        })
+
+    def stats(self) -> dict[str, Any]:
+        s = self.engine.scheduler
+        bm = s.block_manager
+        return {
+            "waiting": len(s.waiting),
+            "running": len(s.running),
+            "kv_cache_usage": bm.usage,
+            "prefix_queries_tokens": bm.stats.queries_tokens,
+            "prefix_hits_tokens": bm.stats.hits_tokens,
+            "preemptions": s.stats.num_preemptions,
+            "num_steps": self.engine.stats.num_steps,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def _read_commands(self) -> None:
+        try:
+            while True:
+                message = self.reader.read()
+                self.inbox.put(message)
+                if message is None:
+                    return
+        except Exception:  # a broken frame: treat like a closed pipe
+            logger.exception("bad frame from the HTTP process")
+            self.inbox.put(None)
+
+    def run(self) -> int:
+        threading.Thread(target=self._read_commands, name="stoke-worker-commands", daemon=True).start()
+        engine = self.engine
+        while True:
+            messages: list[dict[str, Any] | None] = []
+            if not engine.has_unfinished_requests():
+                messages.append(self.inbox.get())
+            while True:
+                try:
+                    messages.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            frame: dict[str, Any] = {"added": [], "errors": [], "outputs": []}
+            stop = False
+            for message in messages:
+                kind = None if message is None else message.get("type")
+                if kind == "add":
+                    self._add(message, frame)
+                elif kind == "abort":
+                    for request_id in message.get("ids", []):
+                        out = engine.abort_request(request_id)
+                        if out is not None:
+                            frame["outputs"].append(encode_output(out))
+                else:  # shutdown, end of pipe, or anything unknown
+                    stop = True
+                    break
+            if stop:
+                return 0
+            if engine.has_unfinished_requests():
+                steps = engine.stats.num_steps
+                outputs = engine.step()
+                frame["outputs"].extend(encode_output(o) for o in outputs)
+                if engine.stats.num_steps > steps:
+                    frame["batch_tokens"] = engine.stats.last_batch_tokens
+            if messages or "batch_tokens" in frame or frame["outputs"]:
+                frame["stats"] = self.stats()
+                self.writer.write(frame)
+
+    def _add(self, message: dict[str, Any], frame: dict[str, Any]) -> None:
+        from engine import SamplingParams
+        from scheduler import AdmissionError
+
+        ids: list[str] = message["ids"]
+        try:
+            params = SamplingParams(**message["params"])
+            prompts = message["prompts"]
+            for tokens in prompts:
+                self.engine.validate(tokens, params)
+            for request_id, tokens in zip(ids, prompts):
+                self.engine.add_request(request_id, tokens, params, arrival_time=message.get("arrival_time"),
+                                        prompt_token_ids=tokens)
+        except Exception as exc:  # nothing of this message stays queued
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            if isinstance(exc, AdmissionError):
+                error = {"kind": "admission", "code": exc.code, "message": str(exc)}
+            elif isinstance(exc, (ValueError, TypeError)):
+                error = {"kind": "invalid", "code": "invalid_value", "message": str(exc)}
+            else:
+                logger.exception("adding request %s failed", ids)
+                error = {"kind": "internal", "code": "internal_error", "message": "internal error"}
+            frame["errors"].append({"ids": ids, **error})
+            return
+        frame["added"].extend(ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.worker")
+    parser.add_argument("--in-fd", type=int, required=True)
+    parser.add_argument("--out-fd", type=int, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    # The HTTP process owns shutdown: a Ctrl-C on the terminal must not kill in-flight work.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
+    reader, writer = FrameReader(args.in_fd), FrameWriter(args.out_fd)
+    init = reader.read()
+    if init is None or init.get("type") != "init":
+        logger.error("no init frame from the HTTP process")
+        return 2
+    worker = Worker(reader, writer)
+    try:
+        worker.start(init)
+    except Exception as exc:
+        logger.error("engine start-up failed:\n%s", traceback.format_exc())
+        try:
+            writer.write({"type": "fatal", "message": f"engine start-up failed: {type(exc).__name__}: {exc}"})
+        except OSError:
+            pass
+        return 1
+    try:
+        return worker.run()
+    except BrokenPipeError:
+        return 0  # the HTTP process is gone
+    except Exception:
+        logger.critical("engine step failed; the worker exits:\n%s", traceback.format_exc())
+        return 1
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    code = main()
+    logging.getLogger("stoke.worker").info("worker exits (%d) after %.1fs", code, time.monotonic() - started)
+    sys.exit(code)

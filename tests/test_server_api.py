@@ -1,0 +1,259 @@
+"""The OpenAI API of a real `stoke serve` (embedded default model), driven by the `openai` SDK.
+
+One server for the module; small max_tokens throughout (the CPU does tens of tokens/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+
+import openai
+import pytest
+
+from tests.server_harness import ServerProcess
+
+API_KEY = "sk-test-secret-0123456789"
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1", "--api-key", API_KEY, "--max-n", "4",
+                      "--max-tokens-limit", "512", "--max-stop", "4", "--max-body-bytes", "65536").start()
+    yield s
+    s.stop()
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server):
+    from transformers import AutoTokenizer
+
+    from engine.default_model import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def test_models_health_ready(server, client, model):
+    assert model == "SmolLM2-135M-Instruct-Q4_1"
+    assert server.get("/health")[0] == 200
+    assert server.get("/ready")[0] == 200
+
+
+def test_completion_text_and_token_id_prompts(client, model, tokenizer):
+    text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
+    choice = text.choices[0]
+    assert choice.text and choice.finish_reason == "length"
+    assert text.usage.completion_tokens == 6
+    assert text.usage.prompt_tokens == len(tokenizer.encode(PROMPT))
+    assert text.usage.prompt_tokens_details.cached_tokens == 0
+    # The same prompt as token ids: same greedy text.
+    ids = client.completions.create(model=model, prompt=tokenizer.encode(PROMPT), max_tokens=6, temperature=0)
+    assert ids.choices[0].text == choice.text
+    # Several prompts in one request: one choice each, in order.
+    batch = client.completions.create(model=model, prompt=[PROMPT, "1, 2, 3,"], max_tokens=3, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == choice.text[:len(batch.choices[0].text)]
+    batch_ids = client.completions.create(model=model, prompt=[tokenizer.encode(PROMPT), [16, 28, 1]],
+                                          max_tokens=2, temperature=0)
+    assert len(batch_ids.choices) == 2 and batch_ids.usage.completion_tokens == 4
+
+
+def test_chat_and_streaming_with_usage(client, model):
+    messages = [{"role": "user", "content": "Say hello."}]
+    full = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    content = full.choices[0].message.content
+    assert content and full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens <= 8 and full.usage.prompt_tokens > 5
+
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details is not None
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+    max_completion = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=2,
+                                                    temperature=0)
+    assert max_completion.usage.completion_tokens == 2
+
+
+def test_async_streams_concurrently(server, model):
+    async def main() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+        async def one(prompt: str) -> str:
+            stream = await aclient.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
+                                                      stream=True)
+            return "".join([chunk.choices[0].text async for chunk in stream])
+
+        try:
+            return await asyncio.gather(*(one(p) for p in (PROMPT, "Once upon a time", "def add(a, b):")))
+        finally:
+            await aclient.close()
+
+    texts = asyncio.run(main())
+    assert all(texts)
+
+
+def test_n_choices(client, model):
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=3, temperature=1.0, seed=7)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert out.usage.completion_tokens == 12
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                            max_tokens=3, temperature=1.0, seed=3, stream=True)
+    seen = {c.choices[0].index for c in stream if c.choices}
+    assert seen == {0, 1}
+
+
+def test_stop_strings(client, model):
+    free = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+    words = free.split()
+    assert len(words) >= 3, free
+    stop = " " + words[2]
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop])
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == free[:free.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=stop, stream=True))
+    assert streamed == out.choices[0].text
+
+
+def test_logprobs(client, model):
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert "".join(lp.tokens) == out.choices[0].text
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and token in top and max(top.values()) == pytest.approx(logprob)  # greedy: the best
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+
+
+def test_echo(client, model):
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0)
+    echoed = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, stream=True)]
+    assert chunks[0] == PROMPT and "".join(chunks) == echoed.choices[0].text
+
+
+def _post(server, path: str, body: bytes | str, headers: dict | None = None, method: str = "POST"):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        hdrs = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}", **(headers or {})}
+        conn.request(method, path, body=body.encode() if isinstance(body, str) else body, headers=hdrs)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _j(obj) -> str:
+    return json.dumps(obj)
+
+
+MODEL = "SmolLM2-135M-Instruct-Q4_1"
+BAD_INPUTS = [
+    # (name, path, body, status, code)
+    ("malformed json", "/v1/completions", '{"prompt": "hi", ', 400, "invalid_json"),
+    ("not an object", "/v1/completions", "[1, 2]", 422, "invalid_type"),
+    ("wrong type", "/v1/completions", _j({"prompt": "hi", "max_tokens": "many"}), 422, "invalid_type"),
+    ("prompt of mixed types", "/v1/completions", _j({"prompt": ["a", 1]}), 422, "invalid_type"),
+    ("missing prompt", "/v1/completions", _j({"max_tokens": 2}), 422, "missing_required_parameter"),
+    ("missing messages", "/v1/chat/completions", _j({"model": MODEL}), 422, "missing_required_parameter"),
+    ("unknown model", "/v1/completions", _j({"model": "gpt-5", "prompt": "hi"}), 404, "model_not_found"),
+    ("prompt too long", "/v1/completions", _j({"prompt": [5] * 8190, "max_tokens": 16}), 400,
+     "context_length_exceeded"),
+    ("max_tokens beyond context", "/v1/chat/completions",
+     _j({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}), 400, "invalid_value"),
+    ("max_tokens beyond cap", "/v1/completions", _j({"prompt": "hi", "max_tokens": 513}), 400, "invalid_value"),
+    ("n beyond cap", "/v1/completions", _j({"prompt": "hi", "n": 5}), 400, "invalid_value"),
+    ("stop list beyond cap", "/v1/completions", _j({"prompt": "hi", "stop": list("abcde")}), 400, "invalid_value"),
+    ("negative temperature", "/v1/completions", _j({"prompt": "hi", "temperature": -1}), 400, "invalid_value"),
+    ("NaN temperature", "/v1/completions", '{"prompt": "hi", "temperature": NaN}', 400, "invalid_value"),
+    ("top_p zero", "/v1/completions", _j({"prompt": "hi", "top_p": 0}), 400, "invalid_value"),
+    ("max_tokens zero", "/v1/completions", _j({"prompt": "hi", "max_tokens": 0}), 400, "invalid_value"),
+    ("token id out of vocab", "/v1/completions", _j({"prompt": [1, 10 ** 9]}), 400, "invalid_value"),
+    ("negative token id", "/v1/completions", _j({"prompt": [[1, -3]]}), 400, "invalid_value"),
+    ("empty prompt", "/v1/completions", _j({"prompt": ""}), 400, "invalid_prompt"),
+    ("empty prompt list", "/v1/completions", _j({"prompt": []}), 400, "invalid_value"),
+    ("empty messages", "/v1/chat/completions", _j({"messages": []}), 400, "invalid_value"),
+    ("huge seed", "/v1/completions", _j({"prompt": "hi", "seed": 2 ** 70}), 400, "invalid_value"),
+    ("logprobs beyond cap", "/v1/completions", _j({"prompt": "hi", "logprobs": 50}), 400, "invalid_value"),
+    ("logit_bias", "/v1/completions", _j({"prompt": "hi", "logit_bias": {"5": 1}}), 400, "unsupported_parameter"),
+    ("image content", "/v1/chat/completions",
+     _j({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
+     "unsupported_parameter"),
+    ("oversized body", "/v1/completions", _j({"prompt": "x" * 70000}), 413, "request_too_large"),
+    ("unknown route", "/v1/engines", _j({}), 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,code", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(server, name, path, body, status, code):
+    got, raw = _post(server, path, body)
+    assert got == status, raw
+    error = json.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+
+
+def test_server_healthy_after_bad_inputs(server, client, model):
+    assert server.get("/health")[0] == 200
+    assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    m = server.metrics()
+    assert m['stoke_request_errors_total{type="invalid_request"}'] >= 20
+    assert m['stoke_request_errors_total{type="context_length"}'] >= 1
+    assert m['stoke_request_errors_total{type="internal"}'] == 0
+    assert m["stoke_requests_running"] == 0 and m["stoke_requests_waiting"] == 0
+
+
+def test_auth_required(server, model):
+    bad = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=model, prompt="hi", max_tokens=1)
+
+
+def test_request_log_lines(server, client, model):
+    before = len(server.log_lines())
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, user="alice")
+    lines = server.log_lines()
+    assert len(lines) == before + 1
+    line = lines[-1]
+    assert line["request_id"] == out.id and line["user"] == "alice" and line["status"] == 200
+    expected = {"event", "request_id", "endpoint", "model", "key_id", "user", "stream", "n", "prompt_tokens",
+                "cached_tokens", "completion_tokens", "queue_time_s", "ttft_s", "mean_itl_s", "e2e_s",
+                "finish_reason", "error_type", "status"}
+    assert set(line) == expected  # no prompt/output text without --log-request-text
+    assert line["prompt_tokens"] == out.usage.prompt_tokens and line["completion_tokens"] == 3
+    assert line["finish_reason"] == "length" and line["error_type"] is None
+    assert 0 <= line["queue_time_s"] <= line["ttft_s"] <= line["e2e_s"] and line["mean_itl_s"] > 0
+    assert line["key_id"] == "sha256:" + hashlib.sha256(API_KEY.encode()).hexdigest()[:12]
+    # One line per request, errors included, and never the key itself.
+    ids = [entry["request_id"] for entry in lines]
+    assert len(ids) == len(set(ids))
+    errors = [entry for entry in lines if entry["status"] >= 400]
+    assert errors and all(entry["error_type"] for entry in errors)
+    assert API_KEY not in server.stdout() and API_KEY not in server.stderr()
+    assert "Traceback" not in server.stderr()

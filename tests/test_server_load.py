@@ -1,0 +1,161 @@
+"""Metrics under load, and cancellation: a real `stoke serve` with max_num_seqs=8.
+
+Cancellation in the style of vLLM's test: many streams dropped after their first chunk must
+leave nothing behind in the engine (no running or waiting request, no KV block in use), and
+the server must go on serving promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+
+from tests.server_harness import ServerProcess
+
+MAX_NUM_SEQS = 8
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1",
+                      "--max-num-seqs", str(MAX_NUM_SEQS)).start()
+    yield s
+    s.stop()
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def delta(after: dict, before: dict, name: str) -> float:
+    return after[name] - before[name]
+
+
+def idle(server) -> bool:
+    m = server.metrics()
+    return m["stoke_requests_running"] == 0 and m["stoke_requests_waiting"] == 0 and \
+        m["stoke_kv_cache_usage_ratio"] == 0
+
+
+def test_shared_prefix_raises_hit_counter(server, client):
+    prefix = [(i * 7919) % 40000 + 1000 for i in range(300)]
+    before = server.metrics()
+    first = client.completions.create(model=None, prompt=prefix + [11, 12], max_tokens=2, temperature=0)
+    second = client.completions.create(model=None, prompt=prefix + [13, 14], max_tokens=2, temperature=0)
+    after = server.metrics()
+    hits = after["stoke_prefix_cache_hits_tokens_total"] - before["stoke_prefix_cache_hits_tokens_total"]
+    queries = after["stoke_prefix_cache_queries_tokens_total"] - before["stoke_prefix_cache_queries_tokens_total"]
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 288  # 18 full blocks of 16
+    assert hits == 288 and queries == 2 * 302
+    assert after["stoke_prompt_tokens_total"] - before["stoke_prompt_tokens_total"] == 2 * 302
+    assert after["stoke_generation_tokens_total"] - before["stoke_generation_tokens_total"] == 4
+    assert delta(after, before, 'stoke_requests_total{finish_reason="length"}') == 2
+    assert after["stoke_time_to_first_token_seconds_count"] - before["stoke_time_to_first_token_seconds_count"] == 2
+    assert after["stoke_step_batch_tokens_count"] > before["stoke_step_batch_tokens_count"]
+
+
+def test_queue_depth_rises_beyond_max_num_seqs(server, client):
+    peak = {"waiting": 0.0, "running": 0.0}
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            m = server.metrics()
+            peak["waiting"] = max(peak["waiting"], m["stoke_requests_waiting"])
+            peak["running"] = max(peak["running"], m["stoke_requests_running"])
+            time.sleep(0.02)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+
+    async def burst() -> None:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        try:
+            await asyncio.gather(*(aclient.completions.create(model=None, prompt=f"Count to {i}:", max_tokens=6,
+                                                              temperature=0, extra_body={"ignore_eos": True})
+                                   for i in range(2 * MAX_NUM_SEQS)))
+        finally:
+            await aclient.close()
+
+    try:
+        asyncio.run(burst())
+    finally:
+        done.set()
+        scraper.join()
+    assert peak["waiting"] >= 1
+    assert peak["running"] <= MAX_NUM_SEQS
+    m = server.metrics()
+    assert m["stoke_request_queue_time_seconds_count"] >= 2 * MAX_NUM_SEQS
+    assert wait_for(lambda: idle(server), 10)
+
+
+def test_dropped_streams_are_aborted_and_free_their_blocks(server, client):
+    num_streams = 32
+    before = server.metrics()
+
+    async def drop_after_first_chunk(aclient: openai.AsyncOpenAI, i: int) -> str:
+        stream = await aclient.chat.completions.create(
+            model=None, messages=[{"role": "user", "content": f"Write a long story about robot number {i}."}],
+            max_tokens=200, temperature=0.8, seed=i, stream=True, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            await stream.close()
+            return chunk.id
+        return ""
+
+    async def main() -> list[str]:
+        # One connection per stream, so closing one really drops it.
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        try:
+            return await asyncio.gather(*(drop_after_first_chunk(aclient, i) for i in range(num_streams)))
+        finally:
+            await aclient.close()
+
+    ids = asyncio.run(main())
+    assert all(ids) and len(set(ids)) == num_streams
+    assert wait_for(lambda: idle(server), 30), server.metrics()
+    after = server.metrics()
+    assert delta(after, before, 'stoke_request_errors_total{type="aborted"}') == num_streams
+    assert delta(after, before, 'stoke_requests_total{finish_reason="abort"}') == num_streams
+    # Far fewer tokens than 32 x 200 were generated: the engine stopped them.
+    generated = after["stoke_generation_tokens_total"] - before["stoke_generation_tokens_total"]
+    assert generated < num_streams * 20
+    lines = [line for line in server.log_lines() if line["request_id"] in set(ids)]
+    assert len(lines) == num_streams and all(line["status"] == 499 for line in lines)
+    assert all(line["error_type"] == "aborted" and line["finish_reason"] is None for line in lines)
+
+    start = time.monotonic()
+    fresh = client.completions.create(model=None, prompt="Hello", max_tokens=4, temperature=0)
+    assert fresh.usage.completion_tokens == 4 and time.monotonic() - start < 30
+
+
+def test_non_streaming_disconnect_aborts(server):
+    before = server.metrics()
+    body = json.dumps({"prompt": "Tell me everything about the sea.", "max_tokens": 500, "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_for(lambda: server.metrics()["stoke_requests_running"] == 1, 30)
+    sock.close()
+    assert wait_for(lambda: idle(server), 30)
+    after = server.metrics()
+    assert delta(after, before, 'stoke_request_errors_total{type="aborted"}') == 1
+    assert after["stoke_generation_tokens_total"] - before["stoke_generation_tokens_total"] < 400

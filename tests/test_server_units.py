@@ -1,0 +1,172 @@
+"""The server's parts without a server: framing, error mapping, metrics, the log line, options."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import pytest
+
+from server import errors
+from server.ipc import FrameError, FrameReader, FrameWriter, encode_frame
+from server.launch import build_parser, config_from_args, parse_size
+from server.metrics import Metrics
+from server.request_log import RequestLogger, RequestRecord, key_id
+
+SPEC_METRICS = [
+    "stoke_requests_waiting", "stoke_requests_running", "stoke_kv_cache_usage_ratio",
+    "stoke_prefix_cache_queries_tokens_total", "stoke_prefix_cache_hits_tokens_total", "stoke_prompt_tokens_total",
+    "stoke_generation_tokens_total", "stoke_preemptions_total", "stoke_requests_total", "stoke_request_errors_total",
+    "stoke_time_to_first_token_seconds", "stoke_inter_token_latency_seconds", "stoke_e2e_request_latency_seconds",
+    "stoke_request_queue_time_seconds", "stoke_request_prompt_tokens", "stoke_request_generation_tokens",
+    "stoke_step_batch_tokens", "stoke_gpu_info",
+]
+
+
+def test_frames_round_trip_over_a_pipe():
+    r, w = os.pipe()
+    writer, reader = FrameWriter(w), FrameReader(r)
+    messages = [{"type": "add", "ids": ["a-0"], "prompts": [[1, 2, 3]], "text": "héllo ✓"}, [], None, 3.5]
+    for m in messages:
+        writer.write(m)
+    writer.close()
+    assert [reader.read() for _ in messages] == messages
+    assert reader.read() is None  # end of stream
+    reader.close()
+
+
+@pytest.mark.parametrize("data", [encode_frame({"a": 1})[:-2], b"\x00\x00\x00\x03abc", b"\x00\x00"])
+def test_broken_frames_are_rejected(data):
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    with pytest.raises(FrameError):
+        FrameReader(r).read()
+    os.close(r)
+
+
+def test_validation_errors_map_to_400_and_422():
+    assert errors.from_validation_errors([{"type": "json_invalid", "loc": ("body", 5), "msg": "x"}]).status == 400
+    e = errors.from_validation_errors([{"type": "int_parsing", "loc": ("body", "max_tokens"),
+                                        "msg": "Input should be a valid integer"}])
+    assert (e.status, e.code, e.param) == (422, "invalid_type", "max_tokens")
+    e = errors.from_validation_errors([{"type": "missing", "loc": ("body", "prompt"), "msg": "Field required"}])
+    assert (e.status, e.code, e.param) == (422, "missing_required_parameter", "prompt")
+    union = [{"type": "string_type", "loc": ("body", "prompt", "str"), "msg": "Input should be a valid string"},
+             {"type": "list_type", "loc": ("body", "prompt", "list[str]"), "msg": "Input should be a valid list"}]
+    e = errors.from_validation_errors(union)
+    assert (e.status, e.param) == (422, "prompt") and "more" not in e.message
+    body = errors.internal().body()["error"]
+    assert body["message"] == "internal server error" and set(body) == {"message", "type", "param", "code"}
+
+
+def test_metrics_names_and_engine_frames():
+    m = Metrics()
+    text = m.render()[0].decode()
+    for name in SPEC_METRICS:
+        assert f"\n{name}" in "\n" + text or f"# TYPE {name}" in text, name
+    assert "_created" not in text
+    if 'stoke_gpu_info{available="false"}' not in text:  # a machine with NVML
+        assert "stoke_gpu_memory_used_bytes" in text
+    m.on_frame({"type": "ready", "stats": {"waiting": 0, "running": 0, "kv_cache_usage": 0.0,
+                                           "prefix_queries_tokens": 8, "prefix_hits_tokens": 0,
+                                           "preemptions": 0, "num_steps": 1}})
+    output = {"id": "r-0", "finished": True, "num_prompt_tokens": 5, "num_cached_tokens": 0,
+              "outputs": [{"index": 0, "text": "hi", "token_ids": [7, 8], "logprobs": None, "num_tokens": 2,
+                           "finish_reason": "length", "stop_reason": None}],
+              "metrics": {"arrival_time": 10.0, "first_scheduled_time": 10.001, "first_token_time": 10.2,
+                          "finish_time": 10.3, "inter_token_latencies": [0.1], "num_preemptions": 0}}
+    m.on_frame({"stats": {"waiting": 3, "running": 2, "kv_cache_usage": 0.5, "prefix_queries_tokens": 40,
+                          "prefix_hits_tokens": 16, "preemptions": 1, "num_steps": 5},
+                "batch_tokens": 7, "outputs": [output]})
+    m.on_error("aborted")
+    text = m.render()[0].decode()
+    for line in ("stoke_requests_waiting 3.0", "stoke_kv_cache_usage_ratio 0.5",
+                 "stoke_prefix_cache_queries_tokens_total 32.0", "stoke_prefix_cache_hits_tokens_total 16.0",
+                 "stoke_preemptions_total 1.0", "stoke_prompt_tokens_total 5.0", "stoke_generation_tokens_total 2.0",
+                 'stoke_requests_total{finish_reason="length"} 1.0', 'stoke_request_errors_total{type="aborted"} 1.0',
+                 "stoke_time_to_first_token_seconds_count 1.0",
+                 'stoke_time_to_first_token_seconds_bucket{le="0.3"} 1.0',
+                 'stoke_time_to_first_token_seconds_bucket{le="0.15"} 0.0', "stoke_step_batch_tokens_sum 7.0",
+                 'stoke_inter_token_latency_seconds_bucket{le="0.001"} 0.0'):
+        assert line in text, line
+
+
+def test_request_log_line(caplog):
+    record = RequestRecord("cmpl-1", "completions", model="m", key_id=key_id("sk-secret"), prompt="p", output="o")
+    record.add_engine_metrics({"arrival_time": 1.0, "first_scheduled_time": 1.5, "first_token_time": 2.0,
+                               "finish_time": 3.0, "inter_token_latencies": [0.5, 0.5]})
+    with caplog.at_level(logging.INFO, logger="stoke.requests"):
+        RequestLogger(log_text=False).emit(record)
+        RequestLogger(log_text=False).emit(record)  # once only
+    assert len(caplog.records) == 1
+    line = json.loads(caplog.records[0].getMessage())
+    assert line["key_id"].startswith("sha256:") and "sk-secret" not in caplog.text
+    assert (line["queue_time_s"], line["ttft_s"], line["e2e_s"], line["mean_itl_s"]) == (0.5, 1.0, 2.0, 0.5)
+    assert "prompt" not in line and "output" not in line
+    caplog.clear()
+    record = RequestRecord("cmpl-2", "completions", prompt="p", output="o")
+    with caplog.at_level(logging.INFO, logger="stoke.requests"):
+        RequestLogger(log_text=True).emit(record)
+    line = json.loads(caplog.records[0].getMessage())
+    assert line["prompt"] == "p" and line["output"] == "o"
+
+
+def test_options():
+    assert parse_size("256MiB") == 256 << 20 and parse_size("2GiB") == 2 << 30 and parse_size("1000") == 1000
+    config = config_from_args(build_parser().parse_args(
+        ["/m", "--port", "9000", "--max-num-seqs", "4", "--kv-cache-memory-bytes", "1GiB", "--log-request-text"]))
+    assert config.port == 9000 and config.log_request_text
+    assert config.engine_args["model"] == "/m" and config.engine_args["max_num_seqs"] == 4
+    assert config.engine_args["kv_cache_memory_bytes"] == 1 << 30
+
+
+def test_worker_encodes_only_new_logprobs():
+    from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from server.worker import encode_output
+
+    out = RequestOutput("r", None, [1, 2], [CompletionOutput(
+        0, "ab", [5, 6], logprobs=[{5: -0.1, 9: -2.0}, {6: -0.2}], finish_reason="stop", delta_text="b",
+        delta_token_ids=[6])], finished=True, metrics=RequestMetrics(arrival_time=1.0, finish_time=2.0))
+    frame = encode_output(out)
+    assert frame["outputs"][0]["logprobs"] == [[[6, -0.2]]]
+    assert frame["outputs"][0]["num_tokens"] == 2 and frame["metrics"]["finish_time"] == 2.0
+    json.dumps(frame)  # plain data
+
+
+def test_serve_benchmark_summary():
+    from benchmarks.serve import Record, summarize
+
+    records = [Record(ok=True, prompt_len=10, output_len_requested=5, output_tokens=5, ttft=0.1 * i, e2e=0.1 * i + 0.4,
+                      itl=[0.1] * 4) for i in range(1, 11)]
+    records.append(Record(ok=False, prompt_len=10, output_len_requested=5, error="HTTP 503"))
+    s = summarize(records, duration=2.0)
+    assert (s["completed"], s["failed"], s["output_tokens"]) == (10, 1, 50)
+    assert s["output_token_throughput"] == 25.0 and s["request_throughput"] == 5.0
+    assert s["p50_ttft_ms"] == pytest.approx(550.0) and s["p99_ttft_ms"] == pytest.approx(991.0)
+    assert s["p50_tpot_ms"] == pytest.approx(100.0) and s["p90_itl_ms"] == pytest.approx(100.0)
+    assert s["errors"] == ["HTTP 503"]
+
+
+def test_gpu_gauges_from_nvml(monkeypatch):
+    """With NVML present (a fake one here), per-GPU gauges appear and gpu_info says available."""
+    import types
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=40 + h),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=(h + 1) * 1024))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    text = Metrics().render()[0].decode()
+    assert 'stoke_gpu_info{available="true"} 1.0' in text
+    assert 'stoke_gpu_utilization_ratio{gpu="1"} 0.41' in text
+    assert 'stoke_gpu_memory_used_bytes{gpu="0"} 1024.0' in text
+
+    def broken():
+        raise RuntimeError("driver gone")
+
+    fake.nvmlDeviceGetCount = broken  # NVML failing at scrape time: no crash, just "not available"
+    text = Metrics().render()[0].decode()
+    assert 'stoke_gpu_info{available="false"} 1.0' in text and "stoke_gpu_memory_used_bytes{" not in text
