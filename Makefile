@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Write a haiku about GPUs.
 
-.PHONY: install test generate bench lint clean serve
+.PHONY: install test generate bench lint clean serve gpu-check
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ serve: install
 
 bench: install
 	$(PY) -m benchmarks.offline
+
+# Every GPU figure in one command (<= 10 min on one H100): kernel tests compiled for real, kernel
+# micro-benchmarks, offline engine vs transformers with CUDA graphs on and off. Runs from the repo
+# root with the machine's own python and nothing installed; results/gpu_check.json + a table.
+gpu-check:
+	PYTHONPATH=. python3 -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis

@@ -107,7 +107,9 @@ class EngineConfig:
     seed: int = 0
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # CPU: the KV pool budget (default 2 GiB)
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory stoke may use
+    # CUDA: the fraction of the GPU's total memory this engine may use (weights, activations,
+    # CUDA graphs, KV cache; other processes' memory counts against it too)
+    gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # overrides both (tests use tiny pools)
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -115,6 +117,12 @@ class EngineConfig:
     max_num_partial_prefills: int = 2
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
+    # CUDA graphs replay pure-decode steps (CUDA with the Triton backend only); True: never.
+    enforce_eager: bool = False
+
+    def resolve_max_model_len(self, model: ModelConfig) -> int:
+        """The longest sequence served: max_model_len, capped by the model's positions."""
+        return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

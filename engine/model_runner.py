@@ -1,22 +1,35 @@
-"""Turns a ScheduledBatch into one flattened forward pass over the paged KV cache."""
+"""Turns a ScheduledBatch into one flattened forward pass over the paged KV cache.
+
+On CUDA with the Triton backend, three things change (the CPU path is the plain one below):
+the model's RMSNorm/residual adds and rotary run as fused Triton kernels; pure-decode steps
+replay CUDA graphs (engine/cuda_graphs.py; `enforce_eager` turns them off); and a step's
+inputs reach the device in one packed copy (engine/transfer.py).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 import kernels
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graphs import CudaGraphRunner, batch_buckets, bucket_for, pad_decode_inputs
 from engine.models.llama import LlamaForCausalLM
+from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
 from scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+# Set aside beyond the measured decode peak for the CUDA graphs' pool: allocator rounding and the
+# cuBLAS workspace of the capture stream, which is allocated inside the pool.
+CUDA_GRAPH_SLACK_BYTES = 128 << 20
 
 
 @dataclass(slots=True)
@@ -28,6 +41,24 @@ class StepInputs:
     sampling_rows: list[int]  # for each logits row, the index of its request in the batch
 
 
+@dataclass(slots=True)
+class HostInputs:
+    """A step's inputs as host lists, before they go to the device."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    cu_seqlens: list[int] = field(default_factory=lambda: [0])
+    logits_indices: list[int] = field(default_factory=list)
+    sampling_rows: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+
+
+def is_triton(backend) -> bool:
+    return backend.__name__ == kernels.BACKENDS["triton"]
+
+
 class ModelRunner:
     def __init__(self, model_path: str, model_config: ModelConfig, config: EngineConfig) -> None:
         self.config = config
@@ -36,14 +67,54 @@ class ModelRunner:
         self.dtype = config.resolve_dtype(self.device)
         self.block_size = config.block_size
         self.backend = kernels.attention_backend(self.device)
+        self.max_model_len = config.resolve_max_model_len(model_config)
         self.model = self._load_model(model_path)
+        on_gpu_triton = self.device.type == "cuda" and is_triton(self.backend)
+        if on_gpu_triton:  # fused RMSNorm+residual and in-place rotary
+            self.model.use_norm_rope_kernels(importlib.import_module("kernels.triton_norm_rope"))
+        # CUDA graphs need host-sync-free kernels: CUDA with the Triton backend only.
+        self.graph_buckets = batch_buckets(config.max_num_seqs) if on_gpu_triton and not config.enforce_eager else []
+        self.graph_table_width = -(-self.max_model_len // self.block_size)
+        self.memory_profile: dict[str, Any] = {}
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches(self.num_blocks)
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if self.graph_buckets:
+            self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> None:
+        graphs = CudaGraphRunner(self._decode_forward, self.kv_caches, self.backend, self.graph_buckets,
+                                 self.graph_table_width, self.device)
+        try:
+            graphs.capture()
+        except Exception as e:  # noqa: BLE001 - serve eagerly rather than not at all, and say so
+            logger.error("CUDA graph capture failed, running every step eagerly: %s", e)
+            self.memory_profile["cuda_graphs_error"] = f"{type(e).__name__}: {e}"[:500]
+            del graphs
+            if torch.cuda.is_available():
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+            return
+        self.cuda_graphs = graphs
+        self.memory_profile["cuda_graphs_actual"] = graphs.memory_bytes
+        estimate = self.memory_profile.get("cuda_graphs_reserved")
+        if estimate is not None and graphs.memory_bytes > estimate:
+            logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB set aside for them",
+                           graphs.memory_bytes / 2**20, estimate / 2**20)
 
     # ------------------------------------------------------------------ set-up
     def _load_model(self, path: str) -> LlamaForCausalLM:
-        with torch.device(self.device):
-            model = LlamaForCausalLM(self.model_config)
+        # On a GPU, parameters are created in the target dtype (an 8B model built in fp32 first
+        # would take 32 GB); every one is overwritten below, and the rope tables are computed in
+        # explicit fp32 either way.
+        default = torch.get_default_dtype()
+        if self.device.type == "cuda":
+            torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = LlamaForCausalLM(self.model_config)
+        finally:
+            torch.set_default_dtype(default)
         model.to(self.dtype)
         # The rope tables stay fp32, as in the reference implementation.
         model.model.rotary.float()
@@ -70,38 +141,100 @@ class ModelRunner:
             budget = self.config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
         num_blocks = budget // self.block_bytes
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.block_bytes} bytes")
+            hint = (" (raise gpu_memory_utilization, or lower max_num_batched_tokens / max_num_seqs)"
+                    if self.device.type == "cuda" else "")
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.block_bytes} bytes{hint}")
         return num_blocks
 
     def _profile_cuda_kv_budget(self) -> int:
-        """Run the largest step once with a throwaway cache; what is left of the allowed
-        fraction of memory after its peak is the KV pool."""
+        """The KV pool's bytes: what is left of gpu_memory_utilization × total memory after the
+        weights, the peak of the largest step (forward, logits and sampling), the CUDA graphs
+        (their pool holds every bucket's logits for good), and what other processes and the
+        CUDA context hold — measured by running those steps once with a throwaway cache."""
+        from engine.sampler import Sampler, SamplingRow
+        from engine.sampling_params import SamplingParams
+
+        util = self.config.gpu_memory_utilization
+        if not 0.0 < util <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
+        dev = self.device
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(dev)
         n = self.config.max_num_batched_tokens
         bs = self.block_size
         blocks = -(-n // bs)
         caches = self._allocate_kv_caches(blocks)
+        cache_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in caches)
+        with torch.inference_mode():
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(n, device=dev),
+                block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+                context_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+                num_decodes=0,
+                prefill_cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                kv_caches=caches,
+                backend=self.backend,
+            )
+            ids = torch.zeros(n, dtype=torch.long, device=dev)
+            positions = torch.arange(n, device=dev) % self.model_config.max_position_embeddings
+            hidden = self.model(ids, positions, meta)
+            rows = min(n, self.config.max_num_seqs)
+            logits = self.model.compute_logits(hidden[-rows:]).float()
+            del hidden
+            # Sampling at its most memory-hungry: a full-vocabulary sort (top-p) and logprobs.
+            worst = SamplingParams(temperature=0.7, top_p=0.9, logprobs=5)
+            Sampler()(logits, [SamplingRow(worst, [], [], None, []) for _ in range(rows)])
+            del logits
+            torch.cuda.synchronize(dev)
+            step_peak = torch.cuda.max_memory_allocated(dev) - cache_bytes
+            graph_reserve = 0
+            if self.graph_buckets:
+                graph_reserve = self._cuda_graph_reserve(caches)
+        del caches, meta
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        # Everything on the card that is not a live tensor of ours: the CUDA context, library
+        # workspaces, our allocator's unreleasable slack, and other processes.
+        used_elsewhere = total - free - torch.cuda.memory_allocated(dev)
+        budget = int(total * util) - step_peak - used_elsewhere - graph_reserve
+        self.memory_profile.update(total=total, allowed=int(total * util), step_peak=step_peak,
+                                   used_elsewhere=used_elsewhere, cuda_graphs_reserved=graph_reserve,
+                                   kv_cache_budget=budget)
+        logger.info("GPU memory: %.2f GiB allowed (%.0f%% of %.2f GiB); weights+step peak %.2f GiB, "
+                    "elsewhere %.2f GiB, CUDA graphs %.2f GiB → KV cache %.2f GiB",
+                    total * util / 2**30, util * 100, total / 2**30, step_peak / 2**30,
+                    used_elsewhere / 2**30, graph_reserve / 2**30, budget / 2**30)
+        return budget
+
+    def _cuda_graph_reserve(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Bytes the captured graphs will hold: the largest bucket's decode step peak (measured
+        eagerly here; every capture's intermediates reuse it, they share one pool), plus the
+        logits of every other bucket, plus the static inputs, plus allocator rounding."""
+        dev = self.device
+        b, width = self.graph_buckets[-1], self.graph_table_width
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=self.device),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
-            context_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            num_decodes=0,
-            prefill_cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            slot_mapping=torch.full((b,), -1, dtype=torch.long, device=dev),
+            block_tables=torch.zeros((b, width), dtype=torch.int32, device=dev),
+            context_lens=torch.ones(b, dtype=torch.int32, device=dev),
+            num_decodes=b,
+            prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
             kv_caches=caches,
             backend=self.backend,
         )
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(n, device=self.device), meta)
-            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del caches, hidden
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info()
-        used_elsewhere = total - free - torch.cuda.memory_allocated()
-        return int(total * self.config.gpu_memory_utilization) - peak - used_elsewhere
+        ids = torch.zeros(b, dtype=torch.long, device=dev)
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = self._decode_forward(ids, ids, meta)
+        torch.cuda.synchronize(dev)
+        decode_peak = torch.cuda.max_memory_allocated(dev) - before
+        logits_row = out.shape[1] * out.element_size()
+        del out
+        others = sum(self.graph_buckets[:-1]) * logits_row
+        static = b * (3 * 8 + 4) + b * width * 4
+        rounding = 2 * (2 << 20) * len(self.graph_buckets)
+        return decode_peak + others + static + rounding + CUDA_GRAPH_SLACK_BYTES
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
@@ -113,52 +246,88 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
 
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        """What a CUDA graph holds: the model and the LM head over every row."""
+        return self.model.compute_logits(self.model(input_ids, positions, meta))
+
     # ------------------------------------------------------------------ a step
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def host_inputs(self, batch: ScheduledBatch) -> HostInputs:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        cu_seqlens = [0]
-        logits_indices: list[int] = []
-        sampling_rows: list[int] = []
+        h = HostInputs()
         max_blocks = 0
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            input_ids.extend(request.token_ids[start:end])
-            positions.extend(range(start, end))
+            h.input_ids.extend(request.token_ids[start:end])
+            h.positions.extend(range(start, end))
             blocks = request.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            context_lens.append(end)
+            h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            h.context_lens.append(end)
             if i >= batch.num_decodes:
-                cu_seqlens.append(cu_seqlens[-1] + n)
+                h.cu_seqlens.append(h.cu_seqlens[-1] + n)
             if end == request.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
-                sampling_rows.append(i)
+                h.logits_indices.append(len(h.input_ids) - 1)
+                h.sampling_rows.append(i)
             max_blocks = max(max_blocks, -(-end // bs))
-        tables = [r.block_ids[:max_blocks] + [0] * (max_blocks - len(r.block_ids[:max_blocks])) for r in batch.requests]
-        dev = self.device
+        h.tables = [r.block_ids[:max_blocks] + [0] * (max_blocks - len(r.block_ids[:max_blocks])) for r in batch.requests]
+        return h
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        h = self.host_inputs(batch)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = to_device([
+            torch.tensor(h.input_ids, dtype=torch.long),
+            torch.tensor(h.positions, dtype=torch.long),
+            torch.tensor(h.slots, dtype=torch.int64),
+            torch.tensor(h.tables, dtype=torch.int32),
+            torch.tensor(h.context_lens, dtype=torch.int32),
+            torch.tensor(h.cu_seqlens, dtype=torch.int32),
+            torch.tensor(h.logits_indices, dtype=torch.long),
+        ], self.device)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            slot_mapping=slots,
+            block_tables=tables,
+            context_lens=context_lens,
             num_decodes=batch.num_decodes,
-            prefill_cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
+            prefill_cu_seqlens_q=cu_seqlens,
             kv_caches=self.kv_caches,
             backend=self.backend,
         )
-        return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
-            sampling_rows=sampling_rows,
-        )
+        return StepInputs(input_ids=ids, positions=positions, meta=meta,
+                          logits_indices=logits_indices, sampling_rows=h.sampling_rows)
+
+    def graph_bucket(self, batch: ScheduledBatch) -> int | None:
+        """The CUDA graph bucket that runs this step, or None (eager): pure decodes only,
+        every context within the captured table width."""
+        if self.cuda_graphs is None or batch.num_decodes != len(batch.requests) or not batch.requests:
+            return None
+        if max(r.num_computed_tokens for r in batch.requests) >= self.max_model_len:
+            return None
+        return bucket_for(self.cuda_graphs.buckets, len(batch.requests))
+
+    def _execute_graph(self, batch: ScheduledBatch, bucket: int) -> tuple[torch.Tensor, list[int]]:
+        h = self.host_inputs(batch)
+        n = len(batch.requests)
+        pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens, h.tables)
+        ids, positions, slots, context_lens, tables, logits_indices = to_device([
+            torch.tensor(h.input_ids, dtype=torch.long),
+            torch.tensor(h.positions, dtype=torch.long),
+            torch.tensor(h.slots, dtype=torch.int64),
+            torch.tensor(h.context_lens, dtype=torch.int32),
+            torch.tensor(h.tables, dtype=torch.int32),
+            torch.tensor(h.logits_indices, dtype=torch.long),
+        ], self.device)
+        out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
+        rows = out[: len(h.logits_indices)] if h.logits_indices == list(range(len(h.logits_indices))) \
+            else out[logits_indices]
+        # A copy: `out` is the graph's static memory, which the next replay overwrites.
+        return rows.to(torch.float32, copy=True), h.sampling_rows
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Run the step; returns fp32 logits for the sampling requests and their batch indices."""
+        bucket = self.graph_bucket(batch)
+        if bucket is not None:
+            return self._execute_graph(batch, bucket)
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

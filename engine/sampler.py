@@ -13,6 +13,13 @@ that generator alone, so its tokens do not depend on its batch mates or its row 
 
 Logprobs are computed from the raw logits (before penalties and temperature), as vLLM V1
 does by default.
+
+No host sync per row, on any device: which stages run, and over which rows, is decided on the
+host from the SamplingParams alone (never from device values). Every per-row parameter and
+index list the stages need is built on the host first and reaches the device in one copy
+(`engine.transfer.to_device`); the sampled ids, with the logprobs when asked, come back in one
+copy at the end. Seeded rows still draw their noise one row at a time (each from its own
+generator): kernel launches, not syncs.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.transfer import to_device
 
 _GREEDY_EPS = 1e-5
 
@@ -48,11 +56,35 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
-def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | None:
+class _Staged:
+    """The step's host tensors by name, sent to the device together (one copy on CUDA)."""
+
+    def __init__(self) -> None:
+        self._host: dict[str, torch.Tensor] = {}
+        self.dev: dict[str, torch.Tensor] = {}
+
+    def long(self, name: str, values: list[int] | torch.Tensor) -> None:
+        self._host[name] = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+
+    def float(self, name: str, values: list[float]) -> None:
+        self._host[name] = torch.tensor(values, dtype=torch.float32)
+
+    def send(self, device: torch.device) -> None:
+        names = list(self._host)
+        self.dev = dict(zip(names, to_device([self._host[n] for n in names], device)))
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.dev.get(name)
+
+    def col(self, name: str) -> torch.Tensor:
+        return self.dev[name].unsqueeze(1)
+
+
+def _subset(mask: list[bool]) -> list[int] | None:
     """Indices of the rows where mask holds; None when every row does (use the whole batch)."""
     if all(mask):
         return None
-    return torch.tensor([i for i, m in enumerate(mask) if m], dtype=torch.long, device=device)
+    return [i for i, m in enumerate(mask) if m]
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -66,44 +98,37 @@ def _put(x: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> torc
     return x
 
 
-def _col(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
-
-
-def _token_pairs(
-    seqs: list[list[int]], rows: list[int], vocab: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened (row index, token id) pairs of the given sequences: the scatter indices of
-    the penalty stages, O(total tokens) instead of O(batch × vocab). Ids outside [0, vocab)
-    are dropped."""
+def _token_pairs(seqs: list[list[int]], rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row index, token id) pairs of the given sequences, on the host: the scatter
+    indices of the penalty stages, O(total tokens) instead of O(batch × vocab). Ids outside
+    [0, vocab) are dropped."""
     lengths = torch.tensor([len(q) for q in seqs], dtype=torch.long)
     tok = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
     row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
     ok = (tok >= 0) & (tok < vocab)
-    return row[ok].to(device), tok[ok].to(device)
+    return row[ok], tok[ok]
 
 
-def _apply_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask logits outside each row's top-k, then outside its nucleus (top-p), with -inf.
+def _apply_top_k_top_p(
+    x: torch.Tensor, k_max: int, k_col: torch.Tensor | None, p_col: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask logits outside each row's top-k (k_col `[n, 1]`, None: no row cuts below k_max),
+    then outside its nucleus (p_col `[n, 1]`, None: no row has a top-p), with -inf.
 
     One sort; when every row has a top-k, a top-k selection of the k_max best replaces it.
     """
     vocab = x.shape[1]
-    ks = [k if 0 < k < vocab else vocab for k in top_k]
-    k_max = max(ks)
     if k_max < vocab:
         vals, order = x.topk(k_max, dim=-1)  # sorted, best first
     else:
         vals, order = x.sort(dim=-1, descending=True)
     width = vals.shape[1]
-    if any(k < width for k in ks):
+    if k_col is not None:
         pos = torch.arange(width, device=x.device).unsqueeze(0)
-        k_col = torch.tensor(ks, device=x.device).unsqueeze(1)
         vals = vals.masked_fill(pos >= k_col, float("-inf"))
-    if any(p < 1.0 for p in top_p):
+    if p_col is not None:
         probs = vals.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each token
-        p_col = _col(top_p, x.device)
         drop = (before >= p_col) & (p_col < 1.0)  # rows without top-p keep everything
         drop[:, 0] = False  # always keep the best token
         vals = vals.masked_fill(drop, float("-inf"))
@@ -117,23 +142,20 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         batch, vocab = logits.shape
-        device = logits.device
         params = [r.params for r in rows]
 
-        # Logprobs come from the raw logits, so take them before anything changes.
         want_lp = [p.logprobs is not None for p in params]
-        lp_idx = _rows(want_lp, device) if any(want_lp) else None
-        raw_logprobs = _take(logits, lp_idx).float().log_softmax(dim=-1) if any(want_lp) else None
-
         need_min = [len(r.output_token_ids) < r.params.min_tokens for r in rows]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
         greedy = [p.temperature < _GREEDY_EPS for p in params]
+        rand = [i for i in range(batch) if not greedy[i]]
 
-        modifies = any(need_min) or any(need_rep) or any(need_freq) or not all(greedy)
-        x = logits.to(torch.float32, copy=True) if modifies else logits.float()
-
-        # 1. min_tokens: no EOS / stop token until the row has generated min_tokens.
+        # ---- host: every index list and per-row value the stages below use, then one copy.
+        st = _Staged()
+        lp_rows = _subset(want_lp) if any(want_lp) else None
+        if lp_rows is not None:
+            st.long("lp_idx", lp_rows)
         if any(need_min):
             banned = [
                 (i, t)
@@ -144,90 +166,137 @@ class Sampler:
             ]
             if banned:
                 ri, ti = zip(*banned)
-                x[torch.tensor(ri, device=device), torch.tensor(ti, device=device)] = float("-inf")
+                st.long("ban_rows", list(ri))
+                st.long("ban_tokens", list(ti))
+        if any(need_rep):
+            sel = [i for i in range(batch) if need_rep[i]]
+            ri, ti = _token_pairs([rows[i].prompt_token_ids + rows[i].output_token_ids for i in sel], sel, vocab)
+            st.long("rep_rows", ri)
+            st.long("rep_tokens", ti)
+            st.float("rep", [p.repetition_penalty if need_rep[i] else 1.0 for i, p in enumerate(params)])
+        if any(need_freq):
+            sel = [i for i in range(batch) if need_freq[i]]
+            ri, ti = _token_pairs([rows[i].output_token_ids for i in sel], sel, vocab)
+            flat = torch.unique(ri * vocab + ti)  # once per distinct token (on the host: no sync)
+            st.long("freq_rows", ri)
+            st.long("freq_tokens", ti)
+            st.long("pres_rows", flat // vocab)
+            st.long("pres_tokens", flat % vocab)
+            st.float("freq", [p.frequency_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
+            st.float("pres", [p.presence_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
+        plan = self._plan_random(st, [params[i] for i in rand], [rows[i].generator for i in rand], vocab)
+        if rand and len(rand) < batch:
+            st.long("rand_idx", rand)
+        st.send(logits.device)
+
+        # ---- device: no sync until the one copy back.
+        # Logprobs come from the raw logits, so take them before anything changes.
+        lp_idx = st.get("lp_idx")
+        raw_logprobs = _take(logits, lp_idx).float().log_softmax(dim=-1) if any(want_lp) else None
+
+        modifies = any(need_min) or any(need_rep) or any(need_freq) or not all(greedy)
+        x = logits.to(torch.float32, copy=True) if modifies else logits.float()
+
+        # 1. min_tokens: no EOS / stop token until the row has generated min_tokens.
+        if st.get("ban_rows") is not None:
+            x[st.dev["ban_rows"], st.dev["ban_tokens"]] = float("-inf")
 
         # 2. Repetition penalty (HF): over prompt + output tokens, positive logits divided.
         #    Duplicate (row, token) pairs all write the same value, so no dedup is needed.
         if any(need_rep):
-            sel = [i for i in range(batch) if need_rep[i]]
-            ri, ti = _token_pairs(
-                [rows[i].prompt_token_ids + rows[i].output_token_ids for i in sel], sel, vocab, device
-            )
-            pen = torch.ones(batch, device=device)
-            pen[sel] = torch.tensor([params[i].repetition_penalty for i in sel], device=device)
-            v, p = x[ri, ti], pen[ri]
+            ri, ti = st.dev["rep_rows"], st.dev["rep_tokens"]
+            v, p = x[ri, ti], st.dev["rep"][ri]
             x[ri, ti] = torch.where(v > 0, v / p, v * p)
 
         # 3. Frequency / presence penalties (OpenAI): over output tokens only.
         if any(need_freq):
-            sel = [i for i in range(batch) if need_freq[i]]
-            ri, ti = _token_pairs([rows[i].output_token_ids for i in sel], sel, vocab, device)
-            freq = torch.zeros(batch, device=device)
-            pres = torch.zeros(batch, device=device)
-            freq[sel] = torch.tensor([params[i].frequency_penalty for i in sel], device=device)
-            pres[sel] = torch.tensor([params[i].presence_penalty for i in sel], device=device)
-            x.index_put_((ri, ti), -freq[ri], accumulate=True)  # once per occurrence
-            flat = torch.unique(ri * vocab + ti)  # once per distinct token
-            ru, tu = flat // vocab, flat % vocab
-            x.index_put_((ru, tu), -pres[ru], accumulate=True)
+            ri, ti = st.dev["freq_rows"], st.dev["freq_tokens"]
+            x.index_put_((ri, ti), -st.dev["freq"][ri], accumulate=True)  # once per occurrence
+            ru, tu = st.dev["pres_rows"], st.dev["pres_tokens"]
+            x.index_put_((ru, tu), -st.dev["pres"][ru], accumulate=True)  # once per distinct token
 
         # 4. Greedy rows: exactly the argmax of the (penalised) logits.
         #    Random rows: x is our own copy here, so the stages below may write into it.
-        if all(greedy):
+        if not rand:
             tokens = x.argmax(dim=-1)
         else:
-            rand = [not g for g in greedy]
-            idx = _rows(rand, device)
-            sel = [i for i in range(batch) if rand[i]]
-            sub = self._process(_take(x, idx), [params[i] for i in sel])
-            sampled = self._sample(sub, [rows[i].generator for i in sel])
+            idx = st.get("rand_idx")
+            sub = self._process(_take(x, idx), plan, st)
+            sampled = self._sample(sub, plan["generators"], st)
             tokens = sampled if idx is None else _put(x.argmax(dim=-1), idx, sampled)
 
-        token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SamplerOutput(token_ids=token_list, logprobs=None, top_logprobs=None)
-        return self._logprobs(raw_logprobs, lp_idx, want_lp, tokens, token_list, params)
+            return SamplerOutput(token_ids=tokens.tolist(), logprobs=None, top_logprobs=None)
+        return self._logprobs(raw_logprobs, lp_idx, want_lp, tokens, params)
 
     @staticmethod
-    def _process(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p for the rows that sample at random."""
-        vocab, device = x.shape[1], x.device
+    def _plan_random(st: _Staged, params: list[SamplingParams], generators: list[torch.Generator | None],
+                     vocab: int) -> dict:
+        """Host half of temperature, top-k, top-p, min-p and the noise of the random rows
+        (indices below are within those rows)."""
+        plan: dict = {"generators": generators, "top_k_top_p": False, "k_max": vocab}
+        if not params:
+            return plan
         temps = [p.temperature for p in params]
         if any(t != 1.0 for t in temps):
-            x = x / _col(temps, device)
+            st.float("temp", temps)
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
-        use_k = any(0 < k < vocab for k in top_k)
-        use_p = any(p < 1.0 for p in top_p)
-        if use_k or use_p:
+        if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             need = [0 < k < vocab or p < 1.0 for k, p in zip(top_k, top_p)]
-            idx = _rows(need, device)
-            sel = [i for i in range(len(params)) if need[i]]
-            sub = _apply_top_k_top_p(_take(x, idx), [top_k[i] for i in sel], [top_p[i] for i in sel])
-            x = _put(x, idx, sub)
+            sel = _subset(need)
+            if sel is not None:
+                st.long("kp_idx", sel)
+            sel = sel if sel is not None else list(range(len(params)))
+            ks = [top_k[i] if 0 < top_k[i] < vocab else vocab for i in sel]
+            plan["top_k_top_p"], plan["k_max"] = True, max(ks)
+            if any(k < plan["k_max"] for k in ks):
+                st.long("top_k", ks)
+            if any(top_p[i] < 1.0 for i in sel):
+                st.float("top_p", [top_p[i] for i in sel])
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
-            need = [m > 0.0 for m in min_p]
-            idx = _rows(need, device)
+            plan["min_p"] = True
+            sel = _subset([m > 0.0 for m in min_p])
+            if sel is not None:
+                st.long("min_p_idx", sel)
+            st.float("min_p", [m for m in min_p if m > 0.0])
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if 0 < len(shared) < len(generators):
+            st.long("shared_idx", shared)
+        return plan
+
+    @staticmethod
+    def _process(x: torch.Tensor, plan: dict, st: _Staged) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p for the rows that sample at random."""
+        if st.get("temp") is not None:
+            x = x / st.col("temp")
+        if plan["top_k_top_p"]:
+            idx = st.get("kp_idx")
+            k_col = st.col("top_k") if st.get("top_k") is not None else None
+            p_col = st.col("top_p") if st.get("top_p") is not None else None
+            x = _put(x, idx, _apply_top_k_top_p(_take(x, idx), plan["k_max"], k_col, p_col))
+        if plan.get("min_p"):
+            idx = st.get("min_p_idx")
             sub = _take(x, idx)
             probs = sub.softmax(dim=-1)
-            thresh = probs.amax(dim=-1, keepdim=True) * _col([m for m in min_p if m > 0.0], device)
+            thresh = probs.amax(dim=-1, keepdim=True) * st.col("min_p")
             x = _put(x, idx, sub.masked_fill(probs < thresh, float("-inf")))
         return x
 
     @staticmethod
-    def _sample(x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    def _sample(x: torch.Tensor, generators: list[torch.Generator | None], st: _Staged) -> torch.Tensor:
         """Exponential race: argmax(probs / q), q ~ Exp(1) i.i.d., samples from probs."""
         n, vocab = x.shape
         probs = x.softmax(dim=-1)
-        shared = [i for i, g in enumerate(generators) if g is None]
-        if len(shared) == n:
+        num_shared = sum(g is None for g in generators)
+        if num_shared == n:
             q = torch.empty_like(probs).exponential_()
         else:
             q = torch.empty_like(probs)
-            if shared:
-                noise = torch.empty(len(shared), vocab, device=x.device).exponential_()
-                q[torch.tensor(shared, device=x.device)] = noise
+            if num_shared:
+                noise = torch.empty(num_shared, vocab, device=x.device).exponential_()
+                q[st.dev["shared_idx"]] = noise
             for i, g in enumerate(generators):
                 if g is None:
                     continue
@@ -245,19 +314,30 @@ class Sampler:
         lp_idx: torch.Tensor | None,
         want: list[bool],
         tokens: torch.Tensor,
-        token_list: list[int],
         params: list[SamplingParams],
     ) -> SamplerOutput:
+        """Sampled ids, their logprobs and the top-k logprobs, back to the host in one copy
+        (as float64: exact for fp32 values and for ids < 2**53)."""
+        batch = tokens.shape[0]
         sel = [i for i, w in enumerate(want) if w]
-        chosen = raw.gather(1, _take(tokens, lp_idx).unsqueeze(1)).squeeze(1).tolist()
-        logprobs = [0.0] * len(token_list)
-        top: list[list[tuple[int, float]]] = [[] for _ in token_list]
+        chosen = raw.gather(1, _take(tokens, lp_idx).unsqueeze(1)).squeeze(1)
         k_max = min(max(params[i].logprobs or 0 for i in sel), raw.shape[1])
+        parts = [tokens.double(), chosen.double()]
         if k_max > 0:
             vals, ids = raw.topk(k_max, dim=-1)
-            vals_l, ids_l = vals.tolist(), ids.tolist()
+            parts += [vals.double().flatten(), ids.double().flatten()]
+        host = torch.cat(parts).cpu()
+        token_list = host[:batch].long().tolist()
+        chosen_l = host[batch : batch + len(sel)].tolist()
+        if k_max > 0:
+            start = batch + len(sel)
+            block = len(sel) * k_max
+            vals_l = host[start : start + block].view(len(sel), k_max).tolist()
+            ids_l = host[start + block : start + 2 * block].long().view(len(sel), k_max).tolist()
+        logprobs = [0.0] * batch
+        top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]
         for j, i in enumerate(sel):
-            logprobs[i] = chosen[j]
+            logprobs[i] = chosen_l[j]
             k = params[i].logprobs or 0
             if k > 0:
                 top[i] = list(zip(ids_l[j][:k], vals_l[j][:k]))

@@ -32,12 +32,15 @@ def iterate_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights from the config alone, for benchmarks where no checkpoint is at hand."""
-    generator = torch.Generator().manual_seed(seed)
+    """Random weights from the config alone, for benchmarks where no checkpoint is at hand.
+    Drawn where the parameters live (a GPU draws billions in milliseconds); the CPU and a GPU
+    give different, each deterministic, weights for one seed."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                values = torch.randn(param.shape, generator=generator) * std
+                values = torch.randn(param.shape, generator=generator, device=device) * std
                 param.copy_(values.to(param.dtype))

@@ -35,7 +35,9 @@ def _workspace(which: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     key = (like.device, like.dtype, which)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _workspaces[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        # A normal tensor (not an inference tensor) serves callers in and out of inference mode.
+        with torch.inference_mode(False):
+            buf = _workspaces[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buf[:numel]
 
 

@@ -1,11 +1,19 @@
 """The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
 (q/k RMSNorm). Tokens of all sequences are flattened to [T, hidden]; attention goes through
-the paged kernels, so this file knows nothing about batching or padding."""
+the paged kernels, so this file knows nothing about batching or padding.
+
+The layers pass the residual stream beside the hidden states (vLLM's style), so that on CUDA
+the residual add and the next RMSNorm run as one fused Triton kernel; rotary embedding then
+runs in place on q/k. `LlamaForCausalLM.use_norm_rope_kernels(kernels.triton_norm_rope)`
+switches to those kernels; without it (the CPU) the torch code below runs, with the same
+rounding points, so both give the same numbers up to fp32 summation order."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +28,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels: ModuleType | None = None  # kernels.triton_norm_rope, or None: torch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """rmsnorm(x) * weight; with `residual`, (rmsnorm(x + residual) * weight, x + residual)."""
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            residual = x
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -50,6 +68,14 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
 
 
+@dataclass(slots=True)
+class RopeInputs:
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None  # [T, 1, D/2] each (torch path)
+    cos_table: torch.Tensor  # [max_positions, D/2] (fused kernel)
+    sin_table: torch.Tensor
+    positions: torch.Tensor  # [T]
+
+
 class Rotary(nn.Module):
     """Rotary embedding with a cos/sin table over every position (HF's rotate-half layout)."""
 
@@ -65,6 +91,13 @@ class Rotary(nn.Module):
         """cos, sin [T, 1, D/2] for the step's positions (once per step, shared by every layer)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def inputs(self, positions: torch.Tensor, fused: bool) -> RopeInputs:
+        """What every layer's rotary needs this step: the looked-up rows for the torch code,
+        or the whole tables and the positions for the fused kernel (which looks up itself)."""
+        if fused:
+            return RopeInputs(None, self.cos, self.sin, positions)
+        return RopeInputs(self.lookup(positions), self.cos, self.sin, positions)
+
     @staticmethod
     def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], *xs: torch.Tensor) -> list[torch.Tensor]:
         cos, sin = cos_sin
@@ -79,6 +112,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        self.rope_kernels: ModuleType | None = None  # kernels.triton_norm_rope, or None: torch
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -91,14 +125,17 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeInputs, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Rotary.apply(cos_sin, q, k)
+        if self.rope_kernels is not None:  # in place on the (strided) views
+            self.rope_kernels.apply_rotary(q, k, rope.cos_table, rope.sin_table, rope.positions)
+        else:
+            q, k = Rotary.apply(rope.cos_sin, q, k)
         out = paged_attention(q, k, v.contiguous(), self.layer, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -123,9 +160,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); their sum is the layer's
+        output. `residual` None: the first layer, whose input is x alone."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -150,14 +196,26 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm_rope_kernels: ModuleType | None = None
+
+    def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
+        """Run every RMSNorm (with its residual add) and the rotary embedding through `ops`
+        (kernels.triton_norm_rope on CUDA); None: back to the torch code."""
+        self.norm_rope_kernels = ops
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernels = ops
+            elif isinstance(module, Attention):
+                module.rope_kernels = ops
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden] (before the norm)."""
         x = self.model.embed_tokens(input_ids)
-        cos_sin = self.model.rotary.lookup(positions)
+        rope = self.model.rotary.inputs(positions, fused=self.norm_rope_kernels is not None)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos_sin, meta)
-        return x
+            x, residual = layer(x, residual, rope, meta)
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.model.norm(hidden)

@@ -1,0 +1,378 @@
+"""`make gpu-check`: every GPU figure of stoke in one command of at most ten minutes.
+
+On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
+1. kernel_tests: the Triton kernels compiled for real (fp16/bf16/fp32): `pytest -m gpu` over
+   tests/test_kernels_triton.py and tests/test_runner_gpu_path.py, or, without pytest,
+   benchmarks/mini_pytest.py running the same test functions;
+2. kernels: benchmarks/kernels.py at GPU sizes (time, HBM GB/s vs peak, ratio to torch);
+3. offline_*: benchmarks/offline.py with dummy weights for configs/qwen3-0.6b and
+   configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
+   transformers' continuous batching on the same GPU, then stoke again with --enforce-eager;
+4. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
+   and a table.
+Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
+stage that hangs or fails costs only itself. `--cpu-smoke` runs the same orchestration at tiny
+sizes on the CPU (tests under the interpreter, a tiny dummy model).
+
+    PYTHONPATH=. python3 -m benchmarks.gpu_check                # on the GPU box
+    PYTHONPATH=. python3 -m benchmarks.gpu_check --cpu-smoke    # anywhere, ~half a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped, not started
+
+TINY_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 32, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+@dataclass(slots=True)
+class Stage:
+    name: str
+    command: list[str]
+    limit_s: float  # the most this stage may take (cut to the budget left)
+    result_path: str | None = None  # its JSON
+    kind: str = ""  # tests | kernels | offline
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StageResult:
+    name: str
+    status: str  # ok | failed | timeout | skipped
+    seconds: float = 0.0
+    returncode: int | None = None
+    log: str | None = None
+    command: list[str] = field(default_factory=list)
+    reason: str | None = None
+    result: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str]) -> StageResult:
+    """Run one stage as a subprocess, its output to a log file, killed at its limit."""
+    limit = min(stage.limit_s, remaining_s)
+    if limit < MIN_STAGE_S:
+        return StageResult(stage.name, "skipped", command=stage.command, reason="no time left in the budget",
+                           meta=stage.meta)
+    log = os.path.join(log_dir, f"{stage.name}.log")
+    t0 = time.perf_counter()
+    print(f"== {stage.name} (limit {limit:.0f}s): {' '.join(stage.command)}", flush=True)
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(stage.command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=limit)
+            status = "ok" if proc.returncode == 0 else "failed"
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            status, code = "timeout", None
+    seconds = time.perf_counter() - t0
+    result = None
+    if stage.result_path and os.path.exists(stage.result_path):
+        try:
+            with open(stage.result_path) as f:
+                result = json.load(f)
+        except (OSError, ValueError) as e:
+            result = {"unreadable": str(e)}
+    reason = None if status == "ok" else _tail(log)
+    print(f"   {status} in {seconds:.0f}s" + (f": {reason.splitlines()[-1] if reason else ''}"
+                                             if status != "ok" else ""), flush=True)
+    return StageResult(stage.name, status, seconds, code, os.path.relpath(log, ROOT), stage.command, reason,
+                       result, stage.meta)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).strip()
+    except OSError:
+        return ""
+
+
+def has_pytest() -> bool:
+    return importlib.util.find_spec("pytest") is not None
+
+
+# ----------------------------------------------------------------------------- the plan
+def plan(args: argparse.Namespace, work: str) -> list[Stage]:
+    py = sys.executable
+    out = lambda name: os.path.join(work, f"{name}.json")  # noqa: E731
+    stages: list[Stage] = []
+    test_files = ["tests/test_kernels_triton.py", "tests/test_runner_gpu_path.py"]
+    if args.cpu_smoke:  # the interpreter on a handful of tests: the orchestration is what is tested
+        select = ["-k", "store_kv_matches"]
+        test_files = test_files[:1]
+    else:
+        select = ["-m", "gpu"]
+    use_pytest = has_pytest() and not args.no_pytest
+    if use_pytest:
+        cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, *test_files,
+               f"--junitxml={os.path.join(work, 'kernel_tests.xml')}"]
+    else:
+        cmd = [py, "-m", "benchmarks.mini_pytest", *test_files, *select, "--json", out("kernel_tests")]
+    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 150, None if use_pytest else out("kernel_tests"),
+                        "tests", {"runner": "pytest" if use_pytest else "mini_pytest"}))
+
+    kcmd = [py, "-m", "benchmarks.kernels", "--out", out("kernels")]
+    if args.cpu_smoke:
+        kcmd += ["--tiny", "--iters", "2", "--only", "decode", "rms_norm", "share"]
+    stages.append(Stage("kernels", kcmd, 30 if args.cpu_smoke else 120, out("kernels"), "kernels"))
+
+    if args.cpu_smoke:
+        tiny = os.path.join(work, "tiny-qwen3")
+        os.makedirs(tiny, exist_ok=True)
+        with open(os.path.join(tiny, "config.json"), "w") as f:
+            json.dump(TINY_CONFIG, f)
+        models = [("tiny", tiny, ["--num-requests", "3", "--min-prompt", "4", "--max-prompt", "12",
+                                  "--min-output", "2", "--max-output", "4", "--dtype", "float32",
+                                  "--sched-seqs", "4", "--sched-steps", "3"], 30, 30)]
+    else:
+        common = ["--dtype", "bfloat16", "--min-prompt", "32", "--max-prompt", "512", "--min-output", "16",
+                  "--max-output", "256", "--max-model-len", "1024", "--sched-steps", "50"]
+        models = [
+            ("qwen3-0.6b", "configs/qwen3-0.6b", ["--num-requests", str(args.requests_small), *common], 150, 75),
+            ("llama-3-8b", "configs/llama-3-8b", ["--num-requests", str(args.requests_large), *common], 180, 90),
+        ]
+    for name, path, extra, limit_peer, limit_eager in models:
+        base = [py, "-m", "benchmarks.offline", "--model", path, "--load-format", "dummy", "--skip-static", *extra]
+        stages.append(Stage(f"offline_{name}", [*base, "--out", out(f"offline_{name}")], limit_peer,
+                            out(f"offline_{name}"), "offline", {"model": name, "cuda_graphs": True}))
+        stages.append(Stage(f"offline_{name}_eager", [*base, "--enforce-eager", "--skip-transformers",
+                                                      "--out", out(f"offline_{name}_eager")],
+                            limit_eager, out(f"offline_{name}_eager"), "offline",
+                            {"model": name, "cuda_graphs": False}))
+    # Priority when time runs short: stoke (CUDA graphs) against transformers for both models,
+    # then the eager runs (graphs off).
+    order = {"kernel_tests": 0, "kernels": 1}
+    for s in stages:
+        if s.kind == "offline":
+            model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
+            order[s.name] = 2 + model_rank + (0 if s.meta["cuda_graphs"] else 2)
+    stages.sort(key=lambda s: order[s.name])
+    if args.stages:
+        stages = [s for s in stages if s.name in args.stages]
+    return stages
+
+
+# ----------------------------------------------------------------------------- results
+def _junit(path: str) -> dict[str, Any] | None:
+    import xml.etree.ElementTree as ET
+
+    if not os.path.exists(path):
+        return None
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    return {"passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
+            "failed": total["failures"] + total["errors"], "skipped": total["skipped"], "failures": failed[:20]}
+
+
+def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
+    summary: dict[str, Any] = {"tests": None, "kernels": None, "offline": {}}
+    for r in results:
+        if r.name == "kernel_tests":
+            tests = _junit(os.path.join(work, "kernel_tests.xml")) if r.meta.get("runner") == "pytest" else r.result
+            if tests is not None:
+                tests = {k: tests[k] for k in ("passed", "failed", "skipped") if k in tests} | {
+                    "failures": [f["test"] if isinstance(f, dict) else f for f in tests.get("failures", [])][:20]}
+            summary["tests"] = {"runner": r.meta.get("runner"), "status": r.status, **(tests or {})}
+        elif r.name == "kernels" and r.result:
+            summary["kernels"] = _kernel_summary(r.result)
+        elif r.name.startswith("offline_") and r.result and "systems" in r.result:
+            entry = summary["offline"].setdefault(r.meta["model"], {})
+            systems = r.result["systems"]
+            key = "stoke_cuda_graphs" if r.meta["cuda_graphs"] else "stoke_eager"
+            stoke = systems.get("stoke", {})
+            entry[key] = stoke.get("useful_tokens_per_second")
+            entry[f"{key}_extra"] = {k: stoke.get("extra", {}).get(k) for k in (
+                "num_steps", "forward_seconds", "sample_seconds", "schedule_seconds", "cuda_graph_buckets",
+                "fused_norm_rope", "num_kv_blocks", "memory_profile", "dtype", "device")}
+            if "continuous" in systems:
+                entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
+            entry["workload"] = r.result.get("workload")
+    for model, e in summary["offline"].items():
+        cb, graphs, eager = e.get("transformers_cb"), e.get("stoke_cuda_graphs"), e.get("stoke_eager")
+        e["stoke_vs_transformers_cb"] = graphs / cb if graphs and cb else None
+        e["cuda_graphs_speedup"] = graphs / eager if graphs and eager else None
+        e["goal_vs_transformers_cb"] = 3.0
+    return summary
+
+
+def _kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
+    def ratios(rows: list[dict[str, Any]], key: str) -> dict[str, float] | None:
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        if not values:
+            return None
+        return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
+
+    decode = k.get("decode", [])
+    long_ctx = max((r["context"] for r in decode if "context" in r), default=None)
+    best = {}
+    for r in decode:
+        if r.get("context") == long_ctx and r.get("stoke_peak_fraction") is not None:
+            best[r["layout"]] = max(best.get(r["layout"], 0.0), r["stoke_peak_fraction"])
+    return {
+        "device": k["env"].get("device_name"), "peak_gbps": k["env"].get("peak_gbps"), "impl": k["env"].get("impl"),
+        "decode_long_context": long_ctx, "decode_best_peak_fraction": best,
+        "decode_vs_sdpa": ratios(decode, "sdpa_contiguous_ratio"),
+        "decode_vs_torch_paged": ratios(decode, "torch_paged_ratio"),
+        "prefill_vs_sdpa": ratios(k.get("prefill", []), "sdpa_contiguous_ratio"),
+        "prefill_vs_torch_paged": ratios(k.get("prefill", []), "torch_paged_ratio"),
+        "store_kv_vs_torch": ratios(k.get("store_kv", []), "torch_ratio"),
+        "rms_norm_vs_torch": ratios(k.get("rms_norm", []), "torch_ratio"),
+        "rotary_vs_torch": ratios(k.get("rotary", []), "torch_ratio"),
+        "attention_share": [
+            {"model": s.get("model"), **{p: s[p]["attention_share"] for p in ("decode", "prefill") if p in s}}
+            for s in k.get("attention_share", [])],
+        "slower_than_torch": k.get("summary", {}).get("slower_than_torch", [])[:20],
+    }
+
+
+def _f(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(report: dict[str, Any]) -> str:
+    env, s = report["env"], report["summary"]
+    lines = [f"gpu-check on {env['device_name']} — python {env['python']}, torch {env['torch']}, triton "
+             f"{env['triton']}, transformers {env['transformers']}; {env['seconds']:.0f}s of a {env['budget_s']:.0f}s budget",
+             "", f"{'stage':<28}{'status':<10}{'seconds':>8}"]
+    for r in report["stages"]:
+        lines.append(f"{r['name']:<28}{r['status']:<10}{r['seconds']:>8.0f}"
+                     + (f"  {(r['reason'] or '').splitlines()[-1][:90]}" if r["status"] != "ok" and r["reason"] else ""))
+    t = s.get("tests")
+    if t:
+        lines += ["", f"kernel tests ({t['runner']}): {t.get('passed', '-')} passed, {t.get('failed', '-')} failed, "
+                      f"{t.get('skipped', '-')} skipped"]
+        lines += [f"  FAILED {name}" for name in t.get("failures", [])]
+    k = s.get("kernels")
+    if k:
+        lines += ["", f"kernels ({k['impl']} on {k['device']}, peak {_f(k['peak_gbps'], '.0f')} GB/s):"]
+        for layout, frac in k["decode_best_peak_fraction"].items():
+            lines.append(f"  decode {layout} at context {k['decode_long_context']}: best {100 * frac:.0f}% of peak "
+                         f"HBM bandwidth (goal 80%)")
+        for key in ("decode_vs_sdpa", "decode_vs_torch_paged", "prefill_vs_sdpa", "prefill_vs_torch_paged",
+                    "store_kv_vs_torch", "rms_norm_vs_torch", "rotary_vs_torch"):
+            r = k.get(key)
+            if r:
+                lines.append(f"  {key:<24} torch/stoke time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
+                             f"max {_f(r['max'])}x (goal >= 1)")
+        for share in k["attention_share"]:
+            lines.append(f"  attention share of a step, {share['model']}: decode {_f(100 * share['decode'], '.0f')}%, "
+                         f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share
+                         else f"  attention share, {share['model']}: -")
+    if s.get("offline"):
+        lines += ["", f"{'offline (useful tok/s)':<24}{'stoke graphs':>14}{'stoke eager':>13}{'HF CB':>10}"
+                      f"{'stoke/HF':>10}{'graphs/eager':>14}"]
+        for model, e in s["offline"].items():
+            lines.append(f"{model:<24}{_f(e.get('stoke_cuda_graphs'), '.0f'):>14}{_f(e.get('stoke_eager'), '.0f'):>13}"
+                         f"{_f(e.get('transformers_cb'), '.0f'):>10}{_f(e.get('stoke_vs_transformers_cb')):>10}"
+                         f"{_f(e.get('cuda_graphs_speedup')):>14}")
+        lines.append("  goal: stoke >= 3x transformers continuous batching on the same GPU")
+        for model, e in s["offline"].items():
+            extra = e.get("stoke_cuda_graphs_extra") or {}
+            if "stoke_cuda_graphs" in e and not extra.get("cuda_graph_buckets"):
+                lines.append(f"  note: {model}: no CUDA graphs were captured (CPU, or not the Triton backend)")
+    return "\n".join(lines)
+
+
+_ENV_PROBE = """
+import importlib.util, json, platform, sys
+info = {"python": platform.python_version(), "platform": platform.platform()}
+import torch
+info["torch"] = torch.__version__
+info["cuda"] = torch.cuda.is_available()
+info["device_name"] = torch.cuda.get_device_name() if info["cuda"] else (platform.processor() or "cpu")
+for mod in ("triton", "transformers"):
+    try:
+        info[mod] = __import__(mod).__version__
+    except ImportError:
+        info[mod] = None
+info["pytest"] = importlib.util.find_spec("pytest") is not None
+print(json.dumps(info))
+"""
+
+
+def environment(budget: float, env: dict[str, str]) -> dict[str, Any]:
+    """Versions and the device, probed in a subprocess: this process never initialises CUDA, so
+    it holds no GPU memory while the stages run."""
+    info: dict[str, Any] = {"budget_s": budget, "python": platform.python_version(), "torch": None, "cuda": False,
+                            "device_name": "unknown", "triton": None, "transformers": None, "pytest": has_pytest()}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _ENV_PROBE], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        info["probe_error"] = str(e)[:200]
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the orchestration")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all stages (default 560 on a GPU, 120 with --cpu-smoke)")
+    p.add_argument("--out", default="results/gpu_check.json")
+    p.add_argument("--stages", nargs="*", default=None, help="only these stages (names as in the table)")
+    p.add_argument("--no-pytest", action="store_true", help="use benchmarks/mini_pytest.py even if pytest exists")
+    p.add_argument("--requests-small", type=int, default=512, help="offline requests for Qwen3-0.6B")
+    p.add_argument("--requests-large", type=int, default=256, help="offline requests for Llama-3-8B")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    budget = args.budget or (120.0 if args.cpu_smoke else 560.0)
+    out = os.path.abspath(args.out)
+    work = os.path.splitext(out)[0]  # results/gpu_check/ beside results/gpu_check.json
+    os.makedirs(work, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.cpu_smoke:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU path even on a GPU box
+    info = environment(budget, env)
+    if not info["cuda"] and not args.cpu_smoke:
+        print("no CUDA device: running the CPU smoke version (--cpu-smoke)", flush=True)
+        args.cpu_smoke = True
+        budget = args.budget or 120.0
+        info["budget_s"] = budget
+    results: list[StageResult] = []
+    for stage in plan(args, work):
+        remaining = budget - (time.perf_counter() - t0)
+        results.append(run_stage(stage, remaining, work, env))
+    report = {
+        "env": {**info, "cpu_smoke": args.cpu_smoke, "seconds": time.perf_counter() - t0},
+        "stages": [asdict(r) for r in results],
+        "summary": summarise(results, work),
+    }
+    print(render(report), flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {os.path.relpath(out, ROOT)} (stage logs and JSON in {os.path.relpath(work, ROOT)}/)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

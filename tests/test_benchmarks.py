@@ -1,0 +1,102 @@
+"""The offline benchmark runs end to end at tiny sizes and writes a complete report.
+
+Numbers are not judged here (performance is shown by the benchmark itself, never by timed
+tests): only that every field is present and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    path = str(tmp_path_factory.mktemp("bench") / "tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def test_workload_is_deterministic_and_avoids_special_ids() -> None:
+    from benchmarks.offline import make_workload
+
+    a = make_workload(16, (8, 16), (4, 8), vocab_size=64, exclude={0, 1, 2}, seed=0)
+    b = make_workload(16, (8, 16), (4, 8), vocab_size=64, exclude={0, 1, 2}, seed=0)
+    assert a == b
+    assert all(8 <= len(p) <= 16 for p in a.prompts)
+    assert all(4 <= n <= 8 for n in a.output_lens)
+    assert not {t for p in a.prompts for t in p} & {0, 1, 2}
+
+
+def test_offline_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
+    from benchmarks.offline import main
+
+    out = tmp_path / "offline.json"
+    report = main([
+        "--model", tiny_llama, "--num-requests", "4", "--min-prompt", "8", "--max-prompt", "16",
+        "--min-output", "4", "--max-output", "8", "--sched-seqs", "16", "--sched-steps", "5",
+        "--out", str(out),
+    ])
+    assert os.path.exists(out)
+    data = json.loads(out.read_text())
+    assert data["ratios"] == pytest.approx(report["ratios"])
+
+    assert set(data["systems"]) == {"stoke", "static", "continuous"}
+    for key, system in data["systems"].items():
+        for field in ("wall_seconds", "useful_output_tokens", "generated_tokens", "useful_tokens_per_second",
+                      "useful_gflops"):
+            assert _positive(system[field]), (key, field, system[field])
+        assert system["generated_tokens"] >= system["useful_output_tokens"]
+        assert system["useful_output_tokens"] == data["workload"]["output_tokens"]
+    for key in ("static", "continuous"):
+        assert _positive(data["ratios"][key])
+        assert 0 <= data["systems"][key]["exact_match_vs_stoke"] <= 1
+
+    stoke = data["systems"]["stoke"]["extra"]
+    for field in ("num_steps", "num_batched_tokens", "forward_seconds", "schedule_seconds", "sample_seconds"):
+        assert _positive(stoke[field]), field
+
+    for field in ("gflops", "median_ms"):
+        assert _positive(data["matmul"][field])
+    assert _positive(data["engine_gflops"]) and _positive(data["engine_matmul_fraction"])
+    for field in ("prompt_tokens", "output_tokens"):
+        assert _positive(data["workload"][field])
+    assert _positive(data["useful_flops"]["total"])
+
+    sched = data["scheduler_microbench"]
+    assert sched["num_seqs"] == 16
+    for field in ("median_ms", "p90_ms", "mean_ms"):
+        assert _positive(sched[field])
+
+
+def test_skip_flags(tiny_llama: str, tmp_path) -> None:
+    from benchmarks.offline import main
+
+    report = main([
+        "--model", tiny_llama, "--num-requests", "2", "--min-prompt", "4", "--max-prompt", "6",
+        "--min-output", "2", "--max-output", "3", "--skip-transformers", "--sched-seqs", "4",
+        "--sched-steps", "3", "--out", str(tmp_path / "o.json"),
+    ])
+    assert set(report["systems"]) == {"stoke"} and report["ratios"] == {}
+
+
+def test_bad_arguments_are_rejected() -> None:
+    from benchmarks.offline import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--min-prompt", "10", "--max-prompt", "5"])

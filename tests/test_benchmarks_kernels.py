@@ -1,0 +1,268 @@
+"""benchmarks/kernels.py at tiny sizes on the CPU, and the pieces of `make gpu-check`
+(benchmarks/gpu_check.py, benchmarks/mini_pytest.py): its plan, its stage runner (ok, failed,
+timeout, out of budget), the pytest stand-in on a demo module, its summary and table, and one
+reduced end-to-end CPU smoke run. Numbers are not judged (benchmarks show performance, tests
+never time anything): only that the figures are there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+from benchmarks.kernels import main as kernels_main
+from benchmarks.kernels import peak_bandwidth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+@pytest.fixture(scope="module")
+def kernels_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("kernels") / "kernels.json"
+    report = kernels_main(["--tiny", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["summary"] == json.loads(json.dumps(report["summary"]))
+    return data
+
+
+def test_kernels_benchmark_tiny_on_cpu(kernels_report: dict) -> None:
+    env = kernels_report["env"]
+    assert env["device"] == "cpu" and env["impl"] == "reference" and env["tiny"]
+    assert env["peak_gbps"] is None and env["peak_source"] == "unknown"
+    layouts = {"llama-3-8b", "qwen3-0.6b"}
+    assert {r["layout"] for r in kernels_report["decode"]} == layouts
+    for r in kernels_report["decode"]:
+        for key in ("batch", "context", "stoke_ms", "stoke_gbps", "bytes", "sdpa_contiguous_ms", "sdpa_contiguous_ratio"):
+            assert _positive(r[key]), (key, r)
+    for r in kernels_report["prefill"]:
+        for key in ("seqs", "length", "stoke_ms", "stoke_tflops", "sdpa_contiguous_ms"):
+            assert _positive(r[key]), (key, r)
+    for kind in ("store_kv", "rms_norm", "rotary"):
+        assert kernels_report[kind], kind
+        assert all(_positive(r["stoke_ms"]) and _positive(r["stoke_gbps"]) for r in kernels_report[kind])
+    (share,) = kernels_report["attention_share"]
+    assert share["model"] == "tiny"
+    for phase in ("decode", "prefill"):
+        s = share[phase]
+        assert 0 < s["attention_ms"] <= s["step_ms"] and 0 < s["attention_share"] <= 1
+        assert set(s["per_kernel_ms"]) >= {"store_kv"}
+    assert "paged_decode_attention" in share["decode"]["per_kernel_ms"]
+    assert "paged_prefill_attention" in share["prefill"]["per_kernel_ms"]
+    assert set(kernels_report["summary"]) >= {"decode_goal_met", "slower_than_torch", "notes"}
+
+
+def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None:
+    """The CUDA run's shape (Triton as stoke's kernels, torch's reference as a peer, ratios)
+    with the interpreter standing in for the GPU; a subprocess, so that TRITON_INTERPRET is set
+    before Triton is first imported and this process never imports the Triton backend."""
+    out = tmp_path / "k.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--tiny", "--impl", "triton", "--iters", "1",
+                           "--layouts", "qwen3-0.6b", "--only", "decode", "rms_norm", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["env"]["impl"] == "triton" and data["prefill"] == [] and data["attention_share"] == []
+    for r in data["decode"]:
+        assert r["layout"] == "qwen3-0.6b"
+        for key in ("stoke_ms", "torch_paged_ms", "torch_paged_ratio", "sdpa_contiguous_ms", "sdpa_contiguous_ratio"):
+            assert _positive(r[key]), (key, r)
+    assert all(_positive(r["torch_ratio"]) for r in data["rms_norm"])
+    assert "torch_paged x" in proc.stdout and "decode attention" in proc.stdout
+
+
+def test_peak_bandwidth_by_device_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    for name, tbps in [("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0), ("NVIDIA H200", 4.8),
+                       ("NVIDIA A100-SXM4-80GB", 2.0), ("NVIDIA A100 80GB PCIe", 2.0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        peak, source = peak_bandwidth(cuda)
+        assert peak == pytest.approx(tbps * 1e12) and source.startswith("table"), name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    peak, source = peak_bandwidth(cuda)  # nvml, or unknown where there is no driver
+    assert (source == "nvml" and peak > 0) or (source == "unknown" and peak is None)
+    assert peak_bandwidth(torch.device("cpu")) == (None, "unknown")
+
+
+# ----------------------------------------------------------------------------- gpu_check
+
+
+def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    args = gpu_check.parse_args([])
+    stages = gpu_check.plan(args, str(tmp_path))
+    names = [s.name for s in stages]
+    assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
+                     "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
+    assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
+    tests = stages[0].command
+    assert "-m" in tests and "gpu" in tests and "tests/test_kernels_triton.py" in tests
+    for s in stages[2:]:
+        cmd = " ".join(s.command)
+        assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
+        assert ("--enforce-eager" in cmd) == s.name.endswith("_eager")
+        assert ("--skip-transformers" in cmd) == s.name.endswith("_eager")
+    assert "--num-requests 512" in " ".join(stages[2].command)
+    # Without pytest (the bare GPU box), the stand-in runs the same selection.
+    monkeypatch.setattr(gpu_check, "has_pytest", lambda: False)
+    stages = gpu_check.plan(args, str(tmp_path))
+    assert stages[0].command[1:3] == ["-m", "benchmarks.mini_pytest"] and stages[0].meta["runner"] == "mini_pytest"
+    assert "gpu" in stages[0].command
+    only = gpu_check.plan(gpu_check.parse_args(["--stages", "kernels"]), str(tmp_path))
+    assert [s.name for s in only] == ["kernels"]
+
+
+def test_run_stage_outcomes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 0.5)
+    env = dict(os.environ)
+    py = sys.executable
+    out = tmp_path / "r.json"
+    ok = gpu_check.run_stage(gpu_check.Stage(
+        "ok", [py, "-c", f"import json; json.dump({{'x': 1}}, open({str(out)!r}, 'w')); print('hi')"], 30,
+        str(out)), 100, str(tmp_path), env)
+    assert ok.status == "ok" and ok.returncode == 0 and ok.result == {"x": 1} and ok.reason is None
+    assert (tmp_path / "ok.log").read_text().strip() == "hi"
+    bad = gpu_check.run_stage(gpu_check.Stage("bad", [py, "-c", "raise SystemExit('boom')"], 30), 100,
+                              str(tmp_path), env)
+    assert bad.status == "failed" and bad.returncode == 1 and "boom" in bad.reason
+    slow = gpu_check.run_stage(gpu_check.Stage("slow", [py, "-c", "import time; time.sleep(30)"], 30), 1.0,
+                               str(tmp_path), env)
+    assert slow.status == "timeout" and slow.seconds < 20
+    late = gpu_check.run_stage(gpu_check.Stage("late", [py, "-c", "pass"], 30), 0.2, str(tmp_path), env)
+    assert late.status == "skipped" and "budget" in late.reason
+
+
+DEMO_CONFTEST = '''
+import pytest
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    path = tmp_path_factory.mktemp("shared") / "f.txt"
+    path.write_text("ok")
+    return str(path)
+'''
+
+DEMO_TESTS = '''
+import os
+import pytest
+
+CALLS = []
+
+@pytest.fixture(scope="module")
+def doubled(shared):
+    CALLS.append(1)
+    return open(shared).read() * 2
+
+def test_plain(doubled):
+    assert doubled == "okok"
+
+@pytest.mark.parametrize("a", [1, 2])
+@pytest.mark.parametrize("b,c", [(3, 4), (5, 6)])
+def test_grid(a, b, c):
+    assert a < b < c
+
+def test_helpers(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINI_DEMO", "1")
+    assert os.environ["MINI_DEMO"] == "1"
+    with pytest.raises(ValueError, match="bad"):
+        raise ValueError("bad input")
+    assert [0.1 + 0.2] == pytest.approx([0.3])
+    assert tmp_path.exists()
+
+def test_env_restored():
+    assert "MINI_DEMO" not in os.environ
+
+@pytest.mark.gpu
+class TestMarked:
+    @pytest.mark.parametrize("x", [1, 2, 3])
+    def test_x(self, x, doubled):
+        assert x != 2, "two fails"
+
+    @pytest.mark.skipif(True, reason="never")
+    def test_skipped(self):
+        raise AssertionError
+
+def test_fixture_once():
+    assert len(CALLS) <= 1
+
+@pytest.mark.parametrize("v", [1, pytest.param(2, marks=pytest.mark.skipif(True, reason="no"))])
+def test_param(v):
+    assert v == 1
+'''
+
+
+def test_mini_pytest_runs_pytest_style_tests(tmp_path) -> None:
+    pkg = tmp_path / "demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "conftest.py").write_text(textwrap.dedent(DEMO_CONFTEST))
+    (pkg / "test_demo.py").write_text(textwrap.dedent(DEMO_TESTS))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def run(*args: str) -> dict:
+        out = tmp_path / "out.json"
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.mini_pytest", "demo/test_demo.py", *args,
+                               "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        result = json.loads(out.read_text())
+        assert proc.returncode == (1 if result["failed"] else 0), proc.stdout + proc.stderr
+        return result
+
+    everything = run()
+    assert (everything["passed"], everything["failed"], everything["skipped"]) == (11, 1, 2)
+    assert "test_x[2]" in everything["failures"][0]["test"] and "two fails" in everything["failures"][0]["error"]
+    marked = run("-m", "gpu")
+    assert (marked["passed"], marked["failed"], marked["skipped"], marked["deselected"]) == (2, 1, 1, 10)
+    assert run("-k", "test_grid")["passed"] == 4
+
+
+def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
+    offline = {"workload": {"num_requests": 4}, "systems": {
+        "stoke": {"useful_tokens_per_second": 300.0, "extra": {"num_steps": 9, "cuda_graph_buckets": [1, 2]}},
+        "continuous": {"useful_tokens_per_second": 100.0}}}
+    eager = {"workload": {"num_requests": 4}, "systems": {"stoke": {"useful_tokens_per_second": 150.0, "extra": {}}}}
+    results = [
+        gpu_check.StageResult("kernel_tests", "ok", 3.0, 0, result={"passed": 5, "failed": 1, "skipped": 0,
+                              "failures": [{"test": "t::x", "error": "e"}]}, meta={"runner": "mini_pytest"}),
+        gpu_check.StageResult("kernels", "ok", 2.0, 0, result=kernels_report),
+        gpu_check.StageResult("offline_m", "ok", 5.0, 0, result=offline, meta={"model": "m", "cuda_graphs": True}),
+        gpu_check.StageResult("offline_m_eager", "timeout", 9.0, None, reason="killed\nat the limit",
+                              result=eager, meta={"model": "m", "cuda_graphs": False}),
+    ]
+    summary = gpu_check.summarise(results, str(tmp_path))
+    assert summary["tests"]["passed"] == 5 and summary["tests"]["failures"] == ["t::x"]
+    m = summary["offline"]["m"]
+    assert m["stoke_vs_transformers_cb"] == pytest.approx(3.0) and m["cuda_graphs_speedup"] == pytest.approx(2.0)
+    k = summary["kernels"]
+    assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
+    report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
+                      "seconds": 20.0, "budget_s": 560.0},
+              "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
+    table = gpu_check.render(report)
+    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
+                   "decode_vs_sdpa", "attention share"):
+        assert needle in table, needle
+
+
+def test_gpu_check_cpu_smoke_end_to_end(tmp_path) -> None:
+    """Two of the smoke stages for real (subprocesses): the kernel tests through the pytest
+    stand-in under the interpreter, and the offline engine on a tiny dummy model."""
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.main(["--cpu-smoke", "--no-pytest", "--stages", "kernel_tests", "offline_tiny_eager",
+                             "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["env"]["cpu_smoke"] and [s["name"] for s in data["stages"]] == ["kernel_tests", "offline_tiny_eager"]
+    assert all(s["status"] == "ok" for s in data["stages"]), [(s["name"], s["reason"]) for s in data["stages"]]
+    tests = data["summary"]["tests"]
+    assert tests["runner"] == "mini_pytest" and tests["passed"] == 4 and tests["failed"] == 0
+    assert _positive(data["summary"]["offline"]["tiny"]["stoke_eager"])
+    assert os.path.exists(tmp_path / "gpu_check" / "kernel_tests.log")
+    assert report["summary"] == data["summary"]

@@ -1,0 +1,337 @@
+"""The engine's GPU path, exercised on the CPU wherever it can be: the one-copy transfer, the
+sampler through packed tensors, the fused RMSNorm/rotary switch (Triton interpreter), the CUDA
+graph replay logic (buckets, padding, static buffers, slicing) with an eager stand-in for the
+captured graph, and the KV-budget arithmetic of the memory profile.
+
+What only a GPU can show (a real capture and replay, the memory the graphs really take) runs in
+`make gpu-check`; the `gpu` tests at the bottom capture for real when CUDA is present.
+
+(Named to run after test_kernels_reference: a test here selects the Triton backend, which that
+file checks is never imported unless chosen.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # before any Triton kernel module is imported (see test_kernels_triton)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.cuda_graphs import CudaGraphRunner, batch_buckets, bucket_for, pad_decode_inputs  # noqa: E402
+from engine.sampler import Sampler, SamplingRow  # noqa: E402
+from engine.transfer import to_device  # noqa: E402
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+CPU = dict(device="cpu")  # the CPU stand-ins below run on the CPU even on a GPU machine
+# The Triton interpreter (TRITON_INTERPRET, set above) runs only on a machine without CUDA.
+interpreter_only = pytest.mark.skipif(CUDA, reason="Triton on CPU tensors needs the interpreter (no CUDA)")
+
+
+def prompts(seed: int, count: int, lo: int, hi: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------- transfer
+
+
+def test_packed_transfer_gives_equal_tensors() -> None:
+    tensors = [
+        torch.arange(5, dtype=torch.long), torch.tensor([], dtype=torch.long),
+        torch.arange(12, dtype=torch.int32).view(3, 4), torch.tensor([0.5, -1.25, 3.0]),
+        torch.tensor([True, False, True]), torch.zeros((0, 7), dtype=torch.int32), torch.tensor(7),
+        torch.randn(2, 3, dtype=torch.float64),
+    ]
+    out = to_device(tensors, torch.device("cpu"), pack=True)
+    assert len(out) == len(tensors)
+    for a, b in zip(tensors, out):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert b.is_contiguous()
+    # unpacked (the CPU default) hands the tensors back as they are
+    assert all(a is b for a, b in zip(tensors, to_device(tensors, torch.device("cpu"))))
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def _rows(rng: random.Random, batch: int, vocab: int) -> list[SamplingRow]:
+    rows = []
+    for _ in range(batch):
+        p = SamplingParams(
+            temperature=rng.choice([0.0, 0.7, 1.0]), top_k=rng.choice([0, 3]), top_p=rng.choice([1.0, 0.8]),
+            min_p=rng.choice([0.0, 0.1]), repetition_penalty=rng.choice([1.0, 1.2]),
+            frequency_penalty=rng.choice([0.0, 0.5]), presence_penalty=rng.choice([0.0, 0.3]),
+            logprobs=rng.choice([None, 0, 3]), min_tokens=rng.choice([0, 3]), stop_token_ids=[1],
+            seed=rng.choice([None, 11]),
+        )
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        rows.append(SamplingRow(p, [rng.randrange(vocab) for _ in range(4)], [rng.randrange(vocab) for _ in range(2)],
+                                gen, [2]))
+    return rows
+
+
+def test_sampler_one_transfer_per_step_and_packed_equals_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.sampler as sampler_module
+
+    calls: list[int] = []
+
+    def packed(tensors, device, pack=None):
+        calls.append(len(tensors))
+        return to_device(tensors, device, pack=True)
+
+    for seed in range(6):
+        logits = torch.randn(7, 40, generator=torch.Generator().manual_seed(seed)) * 2
+        results = []
+        for patch in (False, True):
+            if patch:
+                monkeypatch.setattr(sampler_module, "to_device", packed)
+            torch.manual_seed(seed)
+            out = Sampler()(logits, _rows(random.Random(seed), 7, 40))
+            results.append((out.token_ids, out.logprobs, out.top_logprobs))
+        monkeypatch.undo()
+        assert results[0] == results[1]
+    assert len(calls) == 6  # one host-to-device transfer per step
+
+
+# ----------------------------------------------------------------------------- fused norm/rope
+
+
+@pytest.fixture(scope="module")
+def norm_rope():
+    return importlib.import_module("kernels.triton_norm_rope")
+
+
+@interpreter_only
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fused_norm_rope_kernels_give_the_same_tokens(tiny_checkpoints: dict[str, str], norm_rope, kind: str) -> None:
+    ps = prompts(5, 3, 2, 20)
+    params = SamplingParams(max_tokens=5, logprobs=3, **GREEDY)
+    llm = LLM(tiny_checkpoints[kind], num_kv_blocks=32, **CPU)
+    expected = llm.generate(ps, params)
+    model = llm.engine.runner.model
+    model.use_norm_rope_kernels(norm_rope)
+    assert model.model.norm.kernels is norm_rope and model.model.layers[0].self_attn.rope_kernels is norm_rope
+    got = llm.generate(ps, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    for a, b in zip(got, expected):
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys()
+            assert all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    model.use_norm_rope_kernels(None)
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, params)] == [o.outputs[0].token_ids for o in expected]
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def test_buckets_and_padding() -> None:
+    assert batch_buckets(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert batch_buckets(1000) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert batch_buckets(1) == [1]
+    with pytest.raises(ValueError):
+        batch_buckets(0)
+    b = batch_buckets(100)
+    assert [bucket_for(b, n) for n in (1, 3, 4, 5, 64, 65, 100, 101)] == [1, 4, 4, 8, 64, 100, 100, None]
+    ids, pos, slots, ctx, tables = [5, 6], [10, 3], [42, 7], [11, 4], [[1, 2], [3, 0]]
+    pad_decode_inputs(2, 4, ids, pos, slots, ctx, tables)
+    assert ids == [5, 6, 0, 0] and pos == [10, 3, 0, 0] and slots == [42, 7, -1, -1] and ctx == [11, 4, 0, 0]
+    assert tables == [[1, 2], [3, 0], [0, 0], [0, 0]]
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay runs the forward on the static
+    input buffers and writes the graph's static output, exactly what a real replay does."""
+
+    def __init__(self, runner: CudaGraphRunner, bucket: int, log: list[int]) -> None:
+        self.runner, self.bucket, self.log = runner, bucket, log
+
+    def replay(self) -> None:
+        g, b = self.runner, self.bucket
+        self.log.append(b)
+        with torch.inference_mode():
+            g.outputs[b].copy_(g.forward(g.input_ids[:b], g.positions[:b], g._meta(b)))
+
+
+def with_eager_graphs(llm: LLM, max_num_seqs: int) -> list[int]:
+    """Give llm's runner CUDA-graph machinery whose graphs replay eagerly; returns the log of
+    replayed buckets."""
+    runner = llm.engine.runner
+    log: list[int] = []
+    g = CudaGraphRunner(runner._decode_forward, runner.kv_caches, runner.backend, batch_buckets(max_num_seqs),
+                        runner.graph_table_width, runner.device)
+    vocab = runner.model_config.vocab_size
+    for b in g.buckets:
+        g.graphs[b] = EagerGraph(g, b, log)
+        g.outputs[b] = torch.full((b, vocab), float("nan"))  # stale garbage must never leak out
+    # Stale static inputs from "earlier steps": every replay must overwrite what it reads.
+    g.input_ids.fill_(7)
+    g.positions.fill_(3)
+    g.block_tables.fill_(5)
+    runner.cuda_graphs = g
+    execute_graph = runner._execute_graph
+
+    def spy(batch, bucket):
+        padded.append(len(batch.requests) < bucket)
+        return execute_graph(batch, bucket)
+
+    padded: list[bool] = []
+    runner._execute_graph = spy
+    runner.padded_replays = padded
+    return log
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=interpreter_only)])
+def test_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                              backend: str) -> None:
+    monkeypatch.setenv(kernels.BACKEND_ENV, backend)
+    path = tiny_checkpoints["llama"]
+    # The interpreter is slow: a smaller run for Triton (whose padding rows see context 0).
+    lens = (2, 3, 5, 8, 9, 14) if backend == "reference" else (1, 2, 3, 5)
+    ps = prompts(9, len(lens), 1, 40 if backend == "reference" else 12)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in lens]
+    args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32", **CPU)
+    expected = [o.outputs[0].token_ids for o in LLM(path, **args).generate(ps, params)]
+    llm = LLM(path, **args)
+    assert llm.engine.runner.cuda_graphs is None  # never on the CPU by itself
+    log = with_eager_graphs(llm, 5)
+    assert llm.engine.runner.cuda_graphs.buckets == [1, 2, 4, 5]
+    got = [o.outputs[0].token_ids for o in llm.generate(ps, params)]
+    assert got == expected
+    # the batch shrinks as requests finish, down to one row; 3 decoding rows replay bucket 4
+    assert {1, 2, 4} <= set(log), log
+    assert any(llm.engine.runner.padded_replays)
+    # logprobs through a replayed step are those of the eager step
+    lp = SamplingParams(max_tokens=3, logprobs=2, **GREEDY)
+    want = LLM(path, **args).generate(ps[:3], lp)
+    have = llm.generate(ps[:3], lp)
+    for a, b in zip(have, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+
+
+def test_graph_bucket_choice(tiny_checkpoints: dict[str, str]) -> None:
+    from scheduler import ScheduledBatch
+
+    llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=16, max_num_seqs=4, max_model_len=64, **CPU)
+    runner = llm.engine.runner
+    llm.engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=8, **GREEDY))
+    llm.engine.step()  # the prefill
+    request = llm.engine.scheduler.running[0]
+    assert runner.graph_bucket(ScheduledBatch([request], [1], num_decodes=1)) is None  # no graphs yet
+    with_eager_graphs(llm, 4)
+    assert runner.graph_bucket(ScheduledBatch([request], [1], num_decodes=1)) == 1
+    assert runner.graph_bucket(ScheduledBatch([request], [1], num_decodes=0)) is None  # a prefill chunk
+    assert runner.graph_bucket(ScheduledBatch([], [], num_decodes=0)) is None
+    assert runner.graph_bucket(ScheduledBatch([request] * 5, [1] * 5, num_decodes=5)) is None  # > largest bucket
+    assert runner.graph_bucket(ScheduledBatch([request] * 3, [1] * 3, num_decodes=3)) == 4
+    llm.engine.abort_request("a")
+
+
+def test_a_failed_capture_falls_back_to_eager(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CudaGraphRunner, "capture", broken)
+    llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=16, max_num_seqs=4, **CPU)
+    runner = llm.engine.runner
+    runner.graph_buckets = batch_buckets(4)
+    runner._capture_cuda_graphs()
+    assert runner.cuda_graphs is None and "not permitted" in runner.memory_profile["cuda_graphs_error"]
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, **GREEDY))
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+# ----------------------------------------------------------------------------- memory profile
+
+
+def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profile on the CPU with a fake CUDA memory model: it runs the largest step, the
+    sampler and the largest decode bucket, and subtracts what it should."""
+    from engine.model_runner import CUDA_GRAPH_SLACK_BYTES
+
+    llm = LLM(tiny_checkpoints["qwen3"], num_kv_blocks=8, max_num_seqs=6, max_num_batched_tokens=96,
+              max_model_len=200, gpu_memory_utilization=0.5, **CPU)
+    runner = llm.engine.runner
+    runner.graph_buckets = batch_buckets(6)
+    GiB = 1 << 30
+    fake = dict(allocated=3 * GiB, peak=5 * GiB, free=20 * GiB, total=80 * GiB)
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: fake["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: fake["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (fake["free"], fake["total"]))
+    budget = runner._profile_cuda_kv_budget()
+    prof = runner.memory_profile
+    c = runner.model_config
+    cache_bytes = 2 * c.num_layers * (96 // 16) * 16 * c.num_kv_heads * c.head_dim * 4
+    assert prof["step_peak"] == 5 * GiB - cache_bytes
+    assert prof["used_elsewhere"] == 80 * GiB - 20 * GiB - 3 * GiB
+    logits_row = c.vocab_size * 4
+    static = 6 * 28 + 6 * (-(-200 // 16)) * 4
+    slack = 4 * (4 << 20) + CUDA_GRAPH_SLACK_BYTES
+    assert prof["cuda_graphs_reserved"] == (5 - 3) * GiB + (1 + 2 + 4) * logits_row + static + slack
+    assert budget == 40 * GiB - prof["step_peak"] - prof["used_elsewhere"] - prof["cuda_graphs_reserved"]
+    runner.graph_buckets = []
+    runner._profile_cuda_kv_budget()
+    assert runner.memory_profile["cuda_graphs_reserved"] == 0
+    runner.config.gpu_memory_utilization = 1.5
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        runner._profile_cuda_kv_budget()
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graphs_give_eager_tokens_on_gpu(tiny_checkpoints: dict[str, str]) -> None:
+    path = tiny_checkpoints["llama"]
+    ps = prompts(9, 6, 1, 40)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 3, 7, 12, 5, 10)]
+    args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32")
+    eager = LLM(path, enforce_eager=True, **args)
+    assert eager.engine.runner.cuda_graphs is None
+    graphs = LLM(path, **args)
+    assert graphs.engine.runner.cuda_graphs is not None
+    assert graphs.engine.runner.model.norm_rope_kernels is not None
+    want = [o.outputs[0].token_ids for o in eager.generate(ps, params)]
+    assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gpu_engine_matches_transformers(tiny_checkpoints: dict[str, str], kind: str) -> None:
+    """The whole GPU path (Triton attention, fused norm/rope, CUDA graphs, one-copy inputs,
+    sampler on the device) in fp32 against transformers' greedy tokens, with the KV pool sized
+    by the memory profile."""
+    from tests.conftest import hf_greedy
+
+    path = tiny_checkpoints[kind]
+    ps = prompts(1, 4, 1, 40)
+    expected = hf_greedy(path, ps, 16)
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=256, max_model_len=512, max_num_seqs=8,
+              gpu_memory_utilization=0.05)
+    runner = llm.engine.runner
+    assert runner.cuda_graphs is not None and runner.cuda_graphs.buckets == [1, 2, 4, 8]
+    prof = runner.memory_profile
+    assert prof["kv_cache_budget"] > 0 and runner.num_blocks == prof["kv_cache_budget"] // runner.block_bytes
+    assert 0 < prof["cuda_graphs_actual"] <= prof["cuda_graphs_reserved"], prof
+    out = llm.generate(ps, SamplingParams(max_tokens=16, logprobs=2, **GREEDY))
+    assert [o.outputs[0].token_ids for o in out] == expected
+    # sampling on the device: seeded rows reproduce, whatever their batch mates
+    params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    alone = llm.generate([ps[0]], params)[0].outputs[0].token_ids
+    mixed = llm.generate(ps, [params] + [SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)] * 3)
+    assert mixed[0].outputs[0].token_ids == alone
