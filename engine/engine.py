@@ -48,6 +48,7 @@ class _Group:
     params: SamplingParams
     arrival_time: float
     samples: list[_Sample] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -139,10 +140,14 @@ class LLMEngine:
         max_tokens = self.validate(prompt_token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         group = _Group(request_id, text, prompt_token_ids, params, arrival)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
         first: Request | None = None
         for index in range(params.n):
-            request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens,
-                              prefill_after=first, arrival_time=arrival)
+            # Prompt logprobs need logits at every prompt position: sample 0 computes them all.
+            request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens, prefill_after=first,
+                              use_prefix_cache=first is not None or params.prompt_logprobs is None,
+                              arrival_time=arrival)
             first = first or request
             sample = _Sample(
                 index=index,
@@ -189,7 +194,14 @@ class LLMEngine:
         t1 = time.perf_counter()
         if not batch.requests:
             return []
-        logits, rows = self.runner.execute(batch)
+        all_logits_rows = [
+            i for i, request in enumerate(batch.requests)
+            if not request.use_prefix_cache and not request.prompt_computed
+        ]
+        step_logits = self.runner.execute(batch, all_logits_rows)
+        logits, rows = step_logits.logits, step_logits.sampling_rows
+        for i, position_logits in step_logits.per_position.items():
+            self._record_prompt_logprobs(batch.requests[i], position_logits)
         t2 = time.perf_counter()
         sampling_rows = []
         for i in rows:
@@ -227,6 +239,28 @@ class LLMEngine:
         s.forward_seconds += t2 - t1
         s.sample_seconds += t3 - t2
         return outputs
+
+    def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor) -> None:
+        """Logits at positions start.. predict prompt tokens start+1..; a recompute after
+        preemption finds them recorded already."""
+        group, _ = self.samples[request]
+        recorded = group.prompt_logprobs
+        start = request.num_computed_tokens
+        first = len(recorded) - start - 1  # the first position whose prediction is not recorded
+        last = min(logits.shape[0], request.num_prompt_tokens - start - 1)
+        if first >= last:
+            return
+        logprobs = logits[first:last].log_softmax(dim=-1)
+        targets = torch.tensor(request.prompt_token_ids[start + first + 1:start + last + 1], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        k = group.params.prompt_logprobs
+        top = logprobs.topk(k, dim=-1) if k else None
+        top_ids = top.indices.tolist() if top is not None else [[]] * len(chosen)
+        top_values = top.values.tolist() if top is not None else [[]] * len(chosen)
+        for target, lp, ids, values in zip(targets.tolist(), chosen, top_ids, top_values):
+            entry = dict(zip(ids, values))
+            entry[target] = lp
+            recorded.append(entry)
 
     def _append(self, group: _Group, sample: _Sample, token: int, logprob: float | None,
                 top: list[tuple[int, float]] | None) -> None:
@@ -285,6 +319,7 @@ class LLMEngine:
             finished=finished,
             num_cached_tokens=group.samples[0].request.num_cached_tokens,
             metrics=self._metrics(group, finished),
+            prompt_logprobs=group.prompt_logprobs,
         )
 
     @staticmethod

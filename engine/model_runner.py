@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,13 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states that sample
     sampling_rows: list[int]  # for each logits row, the index of its request in the batch
+
+
+@dataclass(slots=True)
+class StepLogits:
+    logits: torch.Tensor  # [num sampling requests, vocab] fp32
+    sampling_rows: list[int]  # for each logits row, the index of its request in the batch
+    per_position: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index → [n, vocab]
 
 
 @dataclass(slots=True)
@@ -323,12 +331,20 @@ class ModelRunner:
         return rows.to(torch.float32, copy=True), h.sampling_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; returns fp32 logits for the sampling requests and their batch indices."""
-        bucket = self.graph_bucket(batch)
+    def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = ()) -> StepLogits:
+        """Run the step: fp32 logits for the sampling requests, and for the requests at batch
+        indices `all_logits_rows` (prompt logprobs) the logits of every position computed."""
+        bucket = None if all_logits_rows else self.graph_bucket(batch)
         if bucket is not None:
-            return self._execute_graph(batch, bucket)
+            return StepLogits(*self._execute_graph(batch, bucket))
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return logits.float(), inputs.sampling_rows
+        per_position: dict[int, torch.Tensor] = {}
+        if all_logits_rows:
+            starts = [0]
+            for n in batch.num_tokens:
+                starts.append(starts[-1] + n)
+            for i in all_logits_rows:
+                per_position[i] = self.model.compute_logits(hidden[starts[i]:starts[i + 1]]).float()
+        return StepLogits(logits.float(), inputs.sampling_rows, per_position)

@@ -44,3 +44,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    # SamplingParams.prompt_logprobs: per prompt token, {token_id: logprob} of the token and
+    # the top-k given the tokens before it; None for the first token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -22,6 +22,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     _stop_list: list[str] = field(default_factory=list, repr=False)
@@ -74,6 +75,8 @@ class SamplingParams:
             fail("repetition_penalty", "must be > 0")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             fail("logprobs", "must be None or an integer >= 0")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
+            fail("prompt_logprobs", "must be None or an integer >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             fail("seed", "must be an integer")
         if any(not isinstance(s, str) or not s for s in self._stop_list):

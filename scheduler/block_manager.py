@@ -87,7 +87,7 @@ class BlockManager:
     def match_prefix(self, request: Request) -> list[int]:
         """Cached blocks holding the longest prefix of the request's tokens, leaving at least
         one token to compute (the last one must produce logits)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not request.use_prefix_cache:
             return []
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

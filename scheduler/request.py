@@ -28,6 +28,8 @@ class Request:
     max_tokens: int
     # n>1: the sibling whose prompt must be computed first, so this one reuses its KV blocks.
     prefill_after: Request | None = None
+    # False when every prompt position must be computed (e.g. for prompt logprobs).
+    use_prefix_cache: bool = True
     arrival_time: float = field(default_factory=time.monotonic)
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output

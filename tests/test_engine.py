@@ -273,3 +273,27 @@ def test_half_precision_follows_fp32(tiny_path: str, dtype: str) -> None:
         fp32_logprobs = ref.outputs[0].logprobs[0]
         token = out.outputs[0].token_ids[0]
         assert token in fp32_logprobs and fp32_logprobs[token] >= max(fp32_logprobs.values()) - 0.3
+
+
+def test_prompt_logprobs_equal_transformers(tiny_path: str) -> None:
+    import torch
+    import transformers
+
+    prompts = random_prompts(11, 2, 20, 45)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    # A tiny pool and budget: chunked prefill and preemption must not lose or repeat entries.
+    llm = LLM(tiny_path, num_kv_blocks=14, block_size=8, max_num_batched_tokens=16)
+    llm.generate([prompts[0]], SamplingParams(max_tokens=2, **GREEDY))  # cached: must not be used
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=20, prompt_logprobs=2, **GREEDY))
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        entries = out.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for pos, entry in enumerate(entries[1:], start=1):
+            token = prompt[pos]
+            assert entry[token] == pytest.approx(expected[pos - 1, token].item(), abs=1e-4)
+            best = expected[pos - 1].topk(2).indices.tolist()
+            assert set(best) <= set(entry) and len(entry) in (2, 3)
+    assert outputs[0].num_cached_tokens == 0
+    assert_pool_empty(llm)
