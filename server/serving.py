@@ -72,6 +72,8 @@ class Job:
     record: RequestRecord
     choices: list[Choice] = field(default_factory=list)  # filled while the outputs come in
     cached: dict[int, int] = field(default_factory=dict)  # prompt index → prefix-cache hit tokens
+    # echo with logprobs: prompt index → per prompt token [[tid, lp], ...] (None for the first)
+    prompt_logprobs: dict[int, list[list[list[float]] | None]] = field(default_factory=dict)
 
 
 class SSEResponse(StreamingResponse):
@@ -210,9 +212,6 @@ class OpenAIServing:
             raise errors.unsupported("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise errors.unsupported("best_of is not supported (use n)", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise errors.unsupported("echo together with logprobs needs prompt logprobs, which stoke does not "
-                                     "compute yet", param="echo")
         prompt = req.prompt
         if isinstance(prompt, str):
             raw: list[str | list[int]] = [prompt]
@@ -232,6 +231,8 @@ class OpenAIServing:
                 texts.append(None)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = self._sampling_fields(req, max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:
+            params["prompt_logprobs"] = req.logprobs
         return self._job("completion", req, record, arrival, prompts, texts, params, bool(req.echo), req.logprobs)
 
     def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
@@ -389,6 +390,8 @@ class OpenAIServing:
                 cached: dict[int, int]) -> list[tuple[Choice, dict[str, Any]]]:
         """Fold one output frame into the choices; returns (choice, its delta) pairs."""
         cached[index] = output["num_cached_tokens"]
+        if "prompt_logprobs" in output:
+            job.prompt_logprobs[index] = output["prompt_logprobs"]
         if output["finished"]:
             job.record.add_engine_metrics(output.get("metrics"))
         deltas = []
@@ -465,10 +468,12 @@ class OpenAIServing:
         deadline = None if self.config.request_timeout is None else job.arrival + self.config.request_timeout
         chat = job.kind == "chat"
         try:
-            if job.echo:
+            echo_pending = {choice.index for choice in choices} if job.echo else set()
+            if job.echo and job.logprobs is None:
                 for choice in choices:
-                    prompt_text = self._prompt_text(job, choice.index // job.n)
-                    yield sse(self._completion_chunk(job, choice.index, prompt_text, None, None))
+                    yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, choice.index // job.n),
+                                                     None, None))
+                echo_pending.clear()
             iterator = generation.__aiter__()
             while True:
                 try:
@@ -480,6 +485,11 @@ class OpenAIServing:
                 except StopAsyncIteration:
                     break
                 for choice, delta in self._absorb(job, choices, index, output, cached):
+                    if choice.index in echo_pending:  # echo with logprobs: the prompt's come first
+                        echo_pending.discard(choice.index)
+                        prompt_index = choice.index // job.n
+                        yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, prompt_index),
+                                                         self._prompt_logprobs(job, prompt_index), None))
                     text, token_ids, reason = delta["text"], delta["token_ids"], delta["finish_reason"]
                     if not text and reason is None and not (job.logprobs is not None and token_ids):
                         continue
@@ -544,6 +554,16 @@ class OpenAIServing:
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
+    def _prompt_logprobs(self, job: Job, prompt_index: int) -> dict[str, Any]:
+        """The completions logprobs object for the echoed prompt (the first token has none)."""
+        entries = job.prompt_logprobs.get(prompt_index) or []
+        prompt = job.prompts[prompt_index][: len(entries)]
+        logprobs = self._completion_logprobs(prompt, [e or [] for e in entries], 0)
+        for i, entry in enumerate(entries):
+            if entry is None:
+                logprobs["token_logprobs"][i] = logprobs["top_logprobs"][i] = None
+        return logprobs
+
     def _chat_logprobs(self, job: Job, token_ids: list[int], entries: list[list[list[float]]]) -> dict[str, Any]:
         content = []
         k = job.logprobs or 0
@@ -577,6 +597,9 @@ class OpenAIServing:
             logprobs = None
             if job.logprobs is not None:
                 logprobs = self._completion_logprobs(choice.token_ids, choice.logprobs, len(prefix))
+                if job.echo:
+                    prompt = self._prompt_logprobs(job, choice.index // job.n)
+                    logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
             out.append({"index": choice.index, "text": prefix + text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,

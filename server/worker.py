@@ -61,6 +61,12 @@ def encode_output(out: Any) -> dict[str, Any]:
         "num_cached_tokens": out.num_cached_tokens,
         "outputs": completions,
     }
+    first = out.outputs[0]
+    if out.prompt_logprobs is not None and first.delta_token_ids and len(first.token_ids) == len(first.delta_token_ids):
+        # Complete once the first token exists: sent once, with sample 0's first output.
+        frame["prompt_logprobs"] = [
+            None if entry is None else [[tid, lp] for tid, lp in entry.items()] for entry in out.prompt_logprobs
+        ]
     m = out.metrics
     if out.finished and m is not None:
         frame["metrics"] = {

@@ -157,6 +157,23 @@ def test_echo(client, model):
     assert chunks[0] == PROMPT and "".join(chunks) == echoed.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, model, tokenizer):
+    """lm-eval style: echo + logprobs + max_tokens=1 gives the log-likelihood of every prompt token."""
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert len(lp.tokens) == len(prompt_ids) + 1 == out.usage.prompt_tokens + 1
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) >= 2 and token in top for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:]))
+    assert lp.text_offset[: len(prompt_ids)] == sorted(lp.text_offset[: len(prompt_ids)])
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt_ids)]
+
+
 def _post(server, path: str, body: bytes | str, headers: dict | None = None, method: str = "POST"):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
