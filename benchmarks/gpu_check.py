@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from benchmarks.report import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped, not started
 
@@ -367,9 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summarise(results, work),
     }
     print(render(report), flush=True)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, out)
     print(f"wrote {os.path.relpath(out, ROOT)} (stage logs and JSON in {os.path.relpath(work, ROOT)}/)")
     return report
 

@@ -22,7 +22,6 @@ of Qwen3-0.6B and Llama-3-8B (dummy weights).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import write_json
 from kernels import reference
 
 LAYOUTS = {  # name: (query heads, kv heads, head dim, hidden size, model config dir)
@@ -624,9 +624,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["env"]["seconds"] = time.perf_counter() - t0
     print(render(report), flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(report, args.out)
         print(f"wrote {args.out}")
     return report
 

@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import torch
 
+from benchmarks.report import write_json
 from engine.config import ModelConfig
 from scheduler import Request, Scheduler, SchedulerConfig
 
@@ -618,9 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(render(report), flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(report, args.out)
         print(f"wrote {args.out}")
     return report
 

@@ -1,0 +1,14 @@
+"""What every benchmark does last: write its report as JSON where it was asked to."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_json(report: Any, path: str) -> None:
+    """Write `report` to `path` (indented JSON), creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
