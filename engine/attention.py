@@ -21,6 +21,9 @@ class AttentionMetadata:
     prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32, offsets into the prefill tokens
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k_cache, v_cache
     backend: ModuleType
+    # Ends of the groups the decodes (sorted by context length) are attended in; a padded
+    # kernel (the reference) then pads each group only to its own longest context. () = one.
+    decode_groups: tuple[int, ...] = ()
 
 
 def paged_attention(
@@ -31,16 +34,15 @@ def paged_attention(
     ops = meta.backend
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decodes
-    if nd == q.shape[0]:
-        return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
-    if nd == 0:
-        return ops.paged_prefill_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q, meta.context_lens, scale
-        )
-    decode = ops.paged_decode_attention(
-        q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale
-    )
-    prefill = ops.paged_prefill_attention(
-        q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale
-    )
-    return torch.cat([decode, prefill])
+    parts = []
+    start = 0
+    for end in meta.decode_groups or ((nd,) if nd else ()):
+        parts.append(ops.paged_decode_attention(
+            q[start:end], k_cache, v_cache, meta.block_tables[start:end], meta.context_lens[start:end], scale
+        ))
+        start = end
+    if nd < q.shape[0]:
+        parts.append(ops.paged_prefill_attention(
+            q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale
+        ))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -42,6 +42,10 @@ class StepInputs:
     sampling_rows: list[int]  # for each logits row, the index of its request in the batch
 
 
+DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 8
+
+
 @dataclass(slots=True)
 class StepLogits:
     logits: torch.Tensor  # [num sampling requests, vocab] fp32
@@ -299,9 +303,19 @@ class ModelRunner:
             prefill_cu_seqlens_q=cu_seqlens,
             kv_caches=self.kv_caches,
             backend=self.backend,
+            decode_groups=self._decode_groups(batch.num_decodes),
         )
         return StepInputs(input_ids=ids, positions=positions, meta=meta,
                           logits_indices=logits_indices, sampling_rows=h.sampling_rows)
+
+    def _decode_groups(self, num_decodes: int) -> tuple[int, ...]:
+        """For the padded reference kernels: up to DECODE_GROUPS groups of at least
+        MIN_DECODE_GROUP decodes (the scheduler sorts them by context length), so each group
+        gathers and attends only up to its own longest context. The Triton kernels don't pad."""
+        if is_triton(self.backend) or num_decodes < 2 * MIN_DECODE_GROUP:
+            return ()
+        groups = min(DECODE_GROUPS, num_decodes // MIN_DECODE_GROUP)
+        return tuple(num_decodes * (g + 1) // groups for g in range(groups))
 
     def graph_bucket(self, batch: ScheduledBatch) -> int | None:
         """The CUDA graph bucket that runs this step, or None (eager): pure decodes only,

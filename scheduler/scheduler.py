@@ -149,7 +149,10 @@ class Scheduler:
         if not batch.preempted:
             budget = self._admit(scheduled, budget, now)
 
-        ordered = sorted(scheduled.items(), key=lambda item: item[1] != 1)
+        # Decodes first, shortest context first (attention can then pad each group of decodes
+        # only to its own longest context); prefill chunks after them in admission order.
+        ordered = sorted(scheduled.items(),
+                         key=lambda item: (item[1] != 1, item[0].num_computed_tokens if item[1] == 1 else 0))
         batch.requests = [r for r, _ in ordered]
         batch.num_tokens = [n for _, n in ordered]
         batch.num_decodes = sum(1 for n in batch.num_tokens if n == 1)
