@@ -66,6 +66,18 @@ class HostInputs:
     sampling_rows: list[int] = field(default_factory=list)
     tables: list[list[int]] = field(default_factory=list)
 
+    def on_device(self, device: torch.device) -> list[torch.Tensor]:
+        """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices, in one copy."""
+        return to_device([
+            torch.tensor(self.input_ids, dtype=torch.long),
+            torch.tensor(self.positions, dtype=torch.long),
+            torch.tensor(self.slots, dtype=torch.int64),
+            torch.tensor(self.tables, dtype=torch.int32),
+            torch.tensor(self.context_lens, dtype=torch.int32),
+            torch.tensor(self.cu_seqlens, dtype=torch.int32),
+            torch.tensor(self.logits_indices, dtype=torch.long),
+        ], device)
+
 
 def is_triton(backend) -> bool:
     return backend.__name__ == kernels.BACKENDS["triton"]
@@ -286,15 +298,7 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         h = self.host_inputs(batch)
-        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = to_device([
-            torch.tensor(h.input_ids, dtype=torch.long),
-            torch.tensor(h.positions, dtype=torch.long),
-            torch.tensor(h.slots, dtype=torch.int64),
-            torch.tensor(h.tables, dtype=torch.int32),
-            torch.tensor(h.context_lens, dtype=torch.int32),
-            torch.tensor(h.cu_seqlens, dtype=torch.int32),
-            torch.tensor(h.logits_indices, dtype=torch.long),
-        ], self.device)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device)
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables,
@@ -330,14 +334,7 @@ class ModelRunner:
         h = self.host_inputs(batch)
         n = len(batch.requests)
         pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens, h.tables)
-        ids, positions, slots, context_lens, tables, logits_indices = to_device([
-            torch.tensor(h.input_ids, dtype=torch.long),
-            torch.tensor(h.positions, dtype=torch.long),
-            torch.tensor(h.slots, dtype=torch.int64),
-            torch.tensor(h.context_lens, dtype=torch.int32),
-            torch.tensor(h.tables, dtype=torch.int32),
-            torch.tensor(h.logits_indices, dtype=torch.long),
-        ], self.device)
+        ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device)
         out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
         rows = out[: len(h.logits_indices)] if h.logits_indices == list(range(len(h.logits_indices))) \
             else out[logits_indices]
