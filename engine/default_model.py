@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from kernels.native import cache_dir
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "FORMAT_VERSION",
@@ -56,18 +58,6 @@ _OLD_INFIX = ".old-"
 
 # ---------------------------------------------------------------------------------------------
 # Locations
-
-
-def cache_dir() -> Path:
-    """Root of stoke's cache: ``$STOKE_CACHE_DIR``, else ``$XDG_CACHE_HOME/stoke``, else
-    ``~/.cache/stoke``."""
-    explicit = os.environ.get("STOKE_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "stoke"
-    return Path.home() / ".cache" / "stoke"
 
 
 def default_gguf_path() -> str:

@@ -315,8 +315,8 @@ class ModelRunner:
     def _decode_groups(self, num_decodes: int) -> tuple[int, ...]:
         """For the padded reference kernels: up to DECODE_GROUPS groups of at least
         MIN_DECODE_GROUP decodes (the scheduler sorts them by context length), so each group
-        gathers and attends only up to its own longest context. The Triton kernels don't pad."""
-        if is_triton(self.backend) or num_decodes < 2 * MIN_DECODE_GROUP:
+        gathers and attends only up to its own longest context. The C and Triton kernels don't pad."""
+        if self.backend is not kernels.reference or num_decodes < 2 * MIN_DECODE_GROUP:
             return ()
         groups = min(DECODE_GROUPS, num_decodes // MIN_DECODE_GROUP)
         return tuple(num_decodes * (g + 1) // groups for g in range(groups))

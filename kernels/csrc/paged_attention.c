@@ -1,0 +1,215 @@
+/* Paged decode attention for the CPU, fp32: the contract's paged_decode_attention, reading
+ * each K/V row of the paged cache once, in place (no gather into a dense copy).
+ *
+ * A work item is one sequence, all its heads: each cache block (block_size slots of every kv
+ * head, contiguous) is read once per pass, and the query heads of one kv head (GQA) reuse the
+ * rows while they are in L1. Per item: scores for every key (one pass over K), softmax in
+ * place, then the weighted sum of V (one pass over V). Threads take items from a shared
+ * counter, longest contexts first (the caller sorts decodes by context length ascending, so
+ * the items are walked from the end). Loops are written over 8-float vectors (GCC/Clang
+ * vector extensions: AVX2 on x86, two NEON registers on ARM) with the head dim a constant for
+ * 64 and 128, so the compiler keeps the accumulators in registers.
+ *
+ * Built by kernels/native.py with the machine's C compiler and loaded through ctypes: plain C
+ * with no Python or torch headers, so it compiles in about a second.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *q;            /* [B, Hq, D] with strides q_stride_b, q_stride_h (elements) */
+    const float *k_cache;      /* [num_blocks, block_size, Hkv, D], contiguous */
+    const float *v_cache;
+    const int32_t *block_tables; /* [B, table_stride] */
+    const int32_t *context_lens; /* [B] */
+    float *out;                /* [B, Hq, D], contiguous */
+    int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, table_stride;
+    int64_t q_stride_b, q_stride_h;
+    float scale;
+    int64_t next_item;         /* shared work counter */
+} decode_args;
+
+/* 8 floats; aligned(4) lets a pointer to any float be read as one (unaligned loads). */
+typedef float vf __attribute__((vector_size(32), aligned(4)));
+#define VL 8
+#define MAX_HEAD_DIM 256 /* the caller sends larger or non-multiple-of-VL head dims elsewhere */
+
+static inline float hsum(vf x) {
+    float s = 0.0f;
+    for (int l = 0; l < VL; l++) s += x[l];
+    return s;
+}
+
+/* out[j] = scale * q . k_j for the n rows of one cache block, 4 rows at a time so the
+ * multiply-add chains are independent. D is a multiple of VL. */
+static inline __attribute__((always_inline)) void block_scores(
+    const float *q, const float *krow, int64_t n, int64_t row_stride, float scale, float *out,
+    const int64_t D) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = krow + j * row_stride, *k1 = k0 + row_stride;
+        const float *k2 = k1 + row_stride, *k3 = k2 + row_stride;
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t c = 0; c < D; c += VL) {
+            const vf qv = *(const vf *)(q + c);
+            a0 += qv * *(const vf *)(k0 + c);
+            a1 += qv * *(const vf *)(k1 + c);
+            a2 += qv * *(const vf *)(k2 + c);
+            a3 += qv * *(const vf *)(k3 + c);
+        }
+        out[j] = hsum(a0) * scale;
+        out[j + 1] = hsum(a1) * scale;
+        out[j + 2] = hsum(a2) * scale;
+        out[j + 3] = hsum(a3) * scale;
+    }
+    for (; j < n; j++) {
+        const float *k0 = krow + j * row_stride;
+        vf a0 = {0};
+        for (int64_t c = 0; c < D; c += VL) a0 += *(const vf *)(q + c) * *(const vf *)(k0 + c);
+        out[j] = hsum(a0) * scale;
+    }
+}
+
+/* acc += sum_j p[j] v_j over the n rows of one cache block; acc stays in registers. */
+static inline __attribute__((always_inline)) void block_weighted_sum(
+    const float *p, const float *vrow, int64_t n, int64_t row_stride, float *acc, const int64_t D) {
+    vf a[MAX_HEAD_DIM / VL];
+    for (int64_t c = 0; c < D / VL; c++) a[c] = *(const vf *)(acc + c * VL);
+    for (int64_t j = 0; j < n; j++, vrow += row_stride) {
+        const vf pj = (vf){0} + p[j];
+        for (int64_t c = 0; c < D / VL; c++) a[c] += pj * *(const vf *)(vrow + c * VL);
+    }
+    for (int64_t c = 0; c < D / VL; c++) *(vf *)(acc + c * VL) = a[c];
+}
+
+/* Ask for the next cache block (into L2) while this one is worked on: blocks are scattered,
+ * so the hardware prefetcher can't guess where the next one starts. */
+static inline void prefetch_block(const float *block, int64_t floats) {
+    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(block + i, 0, 1);
+}
+
+/* One sequence: all its query heads over its ctx keys; `scores` holds Hq * ctx, `acc` Hq * D.
+ * Each cache block (all kv heads of block_size slots, contiguous) is read once per pass.
+ * Inlined with D a constant for the common head dims, so the inner loops unroll fully. */
+static inline __attribute__((always_inline)) void decode_item(
+    const decode_args *a, int64_t b, float *scores, float *acc, const int64_t D) {
+    const int64_t bs = a->block_size, Hkv = a->num_kv_heads, Hq = a->num_heads;
+    const int64_t group = Hq / Hkv;
+    const int64_t ctx = a->context_lens[b];
+    float *out = a->out + b * Hq * D;
+    if (ctx <= 0) { /* padding rows: no keys, a zero output */
+        memset(out, 0, (size_t)(Hq * D) * sizeof(float));
+        return;
+    }
+    const int32_t *table = a->block_tables + b * a->table_stride;
+    const int64_t row_stride = Hkv * D; /* between consecutive slots of one block */
+    const int64_t block_floats = bs * row_stride;
+    const int64_t num_blocks = (ctx + bs - 1) / bs;
+    const float *q = a->q + b * a->q_stride_b;
+
+    /* Pass 1: scores = q . k * scale. */
+    for (int64_t i = 0; i < num_blocks; i++) {
+        const int64_t t0 = i * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
+        const float *block = a->k_cache + (int64_t)table[i] * block_floats;
+        prefetch_block(i + 1 < num_blocks ? a->k_cache + (int64_t)table[i + 1] * block_floats
+                                          : a->v_cache + (int64_t)table[0] * block_floats,
+                       block_floats);
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t head = h * group + g;
+                block_scores(q + head * a->q_stride_h, block + h * D, n, row_stride, a->scale,
+                             scores + head * ctx + t0, D);
+            }
+    }
+    /* Softmax per head, in place; the normaliser is applied to the output at the end. */
+    float inv_sum[Hq];
+    for (int64_t head = 0; head < Hq; head++) {
+        float *s = scores + head * ctx;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < ctx; t++) m = s[t] > m ? s[t] : m;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < ctx; t++) {
+            s[t] = expf(s[t] - m);
+            sum += s[t];
+        }
+        inv_sum[head] = 1.0f / sum;
+    }
+    /* Pass 2: acc = sum_t p_t v_t. */
+    memset(acc, 0, (size_t)(Hq * D) * sizeof(float));
+    for (int64_t i = 0; i < num_blocks; i++) {
+        const int64_t t0 = i * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
+        const float *block = a->v_cache + (int64_t)table[i] * block_floats;
+        if (i + 1 < num_blocks) prefetch_block(a->v_cache + (int64_t)table[i + 1] * block_floats, block_floats);
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t head = h * group + g;
+                block_weighted_sum(scores + head * ctx + t0, block + h * D, n, row_stride, acc + head * D, D);
+            }
+    }
+    for (int64_t head = 0; head < Hq; head++)
+        for (int64_t d = 0; d < D; d++) out[head * D + d] = acc[head * D + d] * inv_sum[head];
+}
+
+static void decode_item_64(const decode_args *a, int64_t b, float *scores, float *acc) {
+    decode_item(a, b, scores, acc, 64);
+}
+static void decode_item_128(const decode_args *a, int64_t b, float *scores, float *acc) {
+    decode_item(a, b, scores, acc, 128);
+}
+static void decode_item_any(const decode_args *a, int64_t b, float *scores, float *acc) {
+    decode_item(a, b, scores, acc, a->head_dim);
+}
+
+static void *decode_worker(void *arg) {
+    decode_args *a = (decode_args *)arg;
+    const int64_t items = a->num_seqs;
+    int64_t max_ctx = 0;
+    for (int64_t b = 0; b < a->num_seqs; b++)
+        max_ctx = a->context_lens[b] > max_ctx ? a->context_lens[b] : max_ctx;
+    float *scores = malloc((size_t)(a->num_heads * (max_ctx > 0 ? max_ctx : 1)) * sizeof(float));
+    float *acc = malloc((size_t)(a->num_heads * a->head_dim) * sizeof(float));
+    if (scores == NULL || acc == NULL) {
+        free(scores);
+        free(acc);
+        return (void *)1;
+    }
+    void (*item_fn)(const decode_args *, int64_t, float *, float *) =
+        a->head_dim == 64 ? decode_item_64 : a->head_dim == 128 ? decode_item_128 : decode_item_any;
+    for (;;) {
+        const int64_t i = __atomic_fetch_add(&a->next_item, 1, __ATOMIC_RELAXED);
+        if (i >= items) break;
+        item_fn(a, items - 1 - i, scores, acc); /* longest contexts first */
+    }
+    free(scores);
+    free(acc);
+    return NULL;
+}
+
+/* Returns 0 on success, nonzero if no thread could allocate its scratch memory. */
+int stoke_paged_decode_attention_f32(
+    const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
+    const int32_t *context_lens, float *out, int64_t num_seqs, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t table_stride,
+    int64_t q_stride_b, int64_t q_stride_h, float scale, int64_t num_threads) {
+    decode_args a = {q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
+                     num_kv_heads, head_dim, block_size, table_stride, q_stride_b, q_stride_h,
+                     scale, 0};
+    const int64_t items = num_seqs;
+    int64_t keys = 0;
+    for (int64_t b = 0; b < num_seqs; b++) keys += context_lens[b] > 0 ? context_lens[b] : 0;
+    /* Starting a thread costs tens of microseconds: worth it only past ~1 MB of K/V. */
+    if (keys * num_kv_heads * head_dim < (1 << 18)) num_threads = 1;
+    if (num_threads > items) num_threads = items;
+    if (num_threads < 1) num_threads = 1;
+    pthread_t threads[num_threads];
+    int64_t started = 0;
+    for (; started < num_threads - 1; started++)
+        if (pthread_create(&threads[started], NULL, decode_worker, &a) != 0) break;
+    decode_worker(&a);
+    for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
+    /* A worker that could not allocate takes no item; the others take them all. */
+    return a.next_item < items;
+}

@@ -1,0 +1,152 @@
+"""kernels.cpu_ops (decode attention in C) against the naive fp64 oracle, the reference, and
+the engine's tokens on the reference backend; its build cache and the fallback to the
+reference where no C compiler is found."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_ops, native, reference
+from tests.test_kernels_reference import POISON, naive_attention, paged_batch, ragged_lens
+
+CONFIGS = [  # (query heads per kv head, head_dim, block_size): 64/128 are specialised in C
+    (1, 64, 16),
+    (3, 64, 16),
+    (4, 128, 32),
+    (8, 32, 4),
+    (3, 256, 8),
+    (2, 48, 1),
+]
+
+
+@pytest.mark.parametrize("group,head_dim,block_size", CONFIGS)
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_matches_naive(group: int, head_dim: int, block_size: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    num_kv_heads = 2
+    lens = ragged_lens(gen, 5, block_size, 90, shortest=(1, 1, block_size + 3)[seed])
+    k_cache, v_cache, tables, keys, values = paged_batch(
+        lens, block_size, num_kv_heads, head_dim, torch.float32, gen, pad_id=(-1, 0, 5)[seed]
+    )
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), scale)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    expected = torch.cat([naive_attention(q[b : b + 1], keys[b], values[b], scale) for b in range(len(lens))])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_long_contexts_across_threads(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ~1 MB of K/V the kernel starts threads; sequences are shared out among them."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(5)
+    lens = [700, 1, 513, 64, 900, 333]
+    k_cache, v_cache, tables, keys, values = paged_batch(lens, 16, 4, 64, torch.float32, gen, pad_id=-1)
+    q = torch.randn(len(lens), 12, 64, generator=gen)
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.125)
+    expected = torch.cat([naive_attention(q[b : b + 1], keys[b], values[b], 0.125) for b in range(len(lens))])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_reads_strided_queries_and_int64_inputs() -> None:
+    """q as the model hands it over (a view into the fused qkv rows), tables/lens as int64."""
+    gen = torch.Generator().manual_seed(8)
+    lens = [5, 40, 17]
+    k_cache, v_cache, tables, keys, values = paged_batch(lens, 8, 2, 64, torch.float32, gen, pad_id=-1)
+    qkv = torch.randn(len(lens), 6 * 64 + 2 * 2 * 64, generator=gen)
+    q = qkv[:, : 6 * 64].view(len(lens), 6, 64)
+    assert not q.is_contiguous()
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables.long(), torch.tensor(lens), 0.2)
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.2)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_decode_zero_context_rows_are_zero() -> None:
+    """Rows with no keys (padding) give zeros and never read the poisoned cache."""
+    gen = torch.Generator().manual_seed(9)
+    k_cache, v_cache, tables, _, _ = paged_batch([3, 20], 4, 2, 64, torch.float32, gen, pad_id=-1)
+    q = torch.randn(3, 4, 64, generator=gen)
+    tables = torch.cat([tables, torch.full((1, tables.shape[1]), -1, dtype=torch.int32)])
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([3, 20, 0], dtype=torch.int32), 0.1)
+    assert torch.equal(out[2], torch.zeros(4, 64))
+    assert out[:2].abs().max() < POISON / 10
+    assert cpu_ops.paged_decode_attention(q[:0], k_cache, v_cache, tables[:0], torch.zeros(0, dtype=torch.int32), 0.1).shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.float32, 20)])
+def test_decode_outside_the_c_kernel_is_the_reference(dtype: torch.dtype, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(10)
+    lens = [9, 30]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 4, 2, head_dim, dtype, gen, pad_id=-1)
+    q = torch.randn(2, 4, head_dim, generator=gen).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3)
+    assert torch.equal(out, reference.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3))
+
+
+def test_backend_is_c_on_cpu_and_falls_back_without_a_compiler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    assert kernels.attention_backend(torch.device("cpu")) is cpu_ops
+    monkeypatch.setenv(kernels.BACKEND_ENV, "reference")
+    assert kernels.attention_backend(torch.device("cpu")) is reference
+
+    # A machine without a compiler: a fresh import of cpu_ops fails to build and the default
+    # falls back to the reference, saying why; asking for "cpu" by name is an error.
+    monkeypatch.setenv("STOKE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "kernels.cpu_ops")
+    native.load.cache_clear()
+    try:
+        monkeypatch.delenv(kernels.BACKEND_ENV)
+        with caplog.at_level(logging.WARNING, logger="kernels"):
+            assert kernels.attention_backend(torch.device("cpu")) is reference
+        assert "no C compiler" in caplog.text
+        monkeypatch.setenv(kernels.BACKEND_ENV, "cpu")
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            kernels.attention_backend(torch.device("cpu"))
+    finally:
+        native.load.cache_clear()
+
+
+def test_build_is_cached_per_source_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("STOKE_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        native.load("paged_attention")
+        built = list((tmp_path / "kernels").glob("*/libpaged_attention.so"))
+        assert len(built) == 1
+        mtime = built[0].stat().st_mtime_ns
+        native.load.cache_clear()
+        native.load("paged_attention")  # a new process would find the same file
+        assert built[0].stat().st_mtime_ns == mtime
+        assert not [p for p in built[0].parent.iterdir() if p.name != "libpaged_attention.so"]
+    finally:
+        native.load.cache_clear()
+
+
+def test_engine_tokens_equal_the_reference_backend(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed decode/prefill steps (a 16-token budget chunks the long prompts) with prefix hits."""
+    from engine import LLM, SamplingParams
+
+    rng = random.Random(4)
+    shared = [rng.randrange(3, 500) for _ in range(40)]
+    prompts = [shared + [rng.randrange(3, 500) for _ in range(n)] for n in (1, 7, 30)]
+    prompts += [[rng.randrange(3, 500) for _ in range(n)] for n in (2, 60)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv(kernels.BACKEND_ENV, backend)
+        llm = LLM(tiny_checkpoints["qwen2"], num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
+        assert llm.engine.runner.backend is (cpu_ops if backend == "cpu" else reference)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.scheduler.block_manager.num_used_blocks == 0
+    assert tokens["cpu"] == tokens["reference"]
