@@ -13,13 +13,13 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 from kernels import native, reference
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
 
 store_kv = reference.store_kv
-paged_prefill_attention = reference.paged_prefill_attention
 
 _lib = native.load("paged_attention")
 _decode = _lib.stoke_paged_decode_attention_f32
@@ -63,4 +63,37 @@ def paged_decode_attention(
     )
     if failed:
         raise MemoryError("paged decode attention could not allocate its scratch memory")
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences, one SDPA call per
+    sequence: a step holds a few prefill chunks, and unpadded calls beat the reference's one
+    padded call — no work on padding rows, and a chunk without a cached prefix (the common
+    case) runs `is_causal`, which skips the masked half of the tiles."""
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for b, total in enumerate(context_lens.tolist()):
+        start, end = bounds[b], bounds[b + 1]
+        new = end - start
+        blocks = block_tables[b, : -(-total // block_size)].long()
+        k = k_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)
+        qb = q[start:end].transpose(0, 1)  # [Hq, new, D]
+        if new == total:
+            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # new tokens after a cached prefix: query j sits at position total - new + j
+            positions = torch.arange(total - new, total)[:, None]
+            bias = torch.zeros(new, total, dtype=q.dtype).masked_fill_(torch.arange(total) > positions, float("-inf"))
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
     return out

@@ -41,6 +41,28 @@ def test_decode_matches_naive(group: int, head_dim: int, block_size: int, seed: 
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group,head_dim,block_size", CONFIGS[:4])
+@pytest.mark.parametrize("seed", range(2))
+def test_prefill_matches_naive(group: int, head_dim: int, block_size: int, seed: int) -> None:
+    """One SDPA call per sequence: whole prompts (is_causal), one new token, and a suffix
+    after a cached prefix (the bottom-right causal mask)."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    num_kv_heads = 2
+    lens = ragged_lens(gen, 4, block_size, 60, shortest=(1, block_size + 3)[seed])
+    q_lens = [(n, 1, int(torch.randint(1, n + 1, (), generator=gen)))[i % 3] for i, n in enumerate(lens)]
+    k_cache, v_cache, tables, keys, values = paged_batch(
+        lens, block_size, num_kv_heads, head_dim, torch.float32, gen, pad_id=(-1, 5)[seed]
+    )
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen)
+    cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    out = cpu_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens, torch.tensor(lens, dtype=torch.int32), 0.3)
+    assert out.shape == q.shape
+    expected = torch.cat([
+        naive_attention(q[cu_seqlens[b] : cu_seqlens[b + 1]], keys[b], values[b], 0.3) for b in range(len(lens))
+    ])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_long_contexts_across_threads(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past ~1 MB of K/V the kernel starts threads; sequences are shared out among them."""

@@ -37,6 +37,28 @@ typedef float vf __attribute__((vector_size(32), aligned(4)));
 #define VL 8
 #define MAX_HEAD_DIM 256 /* the caller sends larger or non-multiple-of-VL head dims elsewhere */
 
+typedef int32_t vi __attribute__((vector_size(32), aligned(4)));
+
+/* exp(x) of 8 lanes for x <= 0 (softmax: score - max): Cephes' expf, about 1 ulp. Inputs
+ * below -87 give about 1e-38 rather than 0: negligible next to the max's weight of 1. */
+static inline vf vexp(vf x) {
+    const vf lo = (vf){0} - 87.0f;
+    const vi below = x < lo;
+    x = (vf)((below & (vi)lo) | (~below & (vi)x));
+    const vf magic = (vf){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf n = (x * 1.44269504088896341f + magic) - magic;
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)two_n;
+}
+
 static inline float hsum(vf x) {
     float s = 0.0f;
     for (int l = 0; l < VL; l++) s += x[l];
@@ -130,8 +152,15 @@ static inline __attribute__((always_inline)) void decode_item(
         float *s = scores + head * ctx;
         float m = -INFINITY;
         for (int64_t t = 0; t < ctx; t++) m = s[t] > m ? s[t] : m;
-        float sum = 0.0f;
-        for (int64_t t = 0; t < ctx; t++) {
+        vf vsum = {0};
+        int64_t t = 0;
+        for (; t + VL <= ctx; t += VL) {
+            const vf e = vexp(*(vf *)(s + t) - m);
+            *(vf *)(s + t) = e;
+            vsum += e;
+        }
+        float sum = hsum(vsum);
+        for (; t < ctx; t++) {
             s[t] = expf(s[t] - m);
             sum += s[t];
         }
