@@ -1,11 +1,18 @@
-"""The CPU serving kernels: the contract of kernels.reference, with decode attention in C.
+"""The CPU serving kernels: the attention contract of kernels.reference, plus the fused layer
+ops the model takes through `LlamaForCausalLM.use_norm_rope_kernels` (rms_norm, apply_rotary,
+silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts in C.
 
-Decode attention is bandwidth-bound: the reference gathers every sequence's K/V into a dense
-copy and SDPA reads that copy again, three passes over the largest data of a step. The C
-kernel (kernels/csrc/paged_attention.c) reads each K/V row once, in place in the paged cache.
-It serves fp32 on the CPU with head dims that are multiples of 8 up to 256; anything else
-(fp16/bf16, another device, an odd head dim) goes to the reference.
-Importing this module builds the library, or raises NativeBuildError where it can't be built.
+- Decode attention is bandwidth-bound: the reference gathers every sequence's K/V into a dense
+  copy and SDPA reads that copy again. The C kernel (csrc/paged_attention.c) reads each K/V
+  row once, in place in the paged cache.
+- Prefill attention is compute-bound and torch's SDPA is good at it: one unpadded call per
+  sequence (a step holds a few prefill chunks), `is_causal` when there is no cached prefix.
+- RMSNorm + residual, rotary and SiLU * up are several torch ops each, every one a pass over
+  memory; in C (csrc/layer_ops.c) each is one pass.
+
+The C code serves fp32 tensors on the CPU (attention: head dims that are multiples of 8 up to
+256); anything else goes to the torch reference. Importing this module builds the library, or
+raises NativeBuildError where it can't be built.
 """
 
 from __future__ import annotations
@@ -17,22 +24,26 @@ import torch.nn.functional as F
 
 from kernels import native, reference
 
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
+__all__ = [
+    "apply_rotary", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_and_mul", "store_kv",
+]
 
 store_kv = reference.store_kv
 
-_lib = native.load("paged_attention")
-_decode = _lib.stoke_paged_decode_attention_f32
-_decode.restype = ctypes.c_int
-_decode.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
+_lib = native.load()
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_lib.stoke_paged_decode_attention_f32.restype = ctypes.c_int
+_lib.stoke_paged_decode_attention_f32.argtypes = [_ptr] * 6 + [_i64] * 8 + [_f32, _i64]
+_lib.stoke_rms_norm_f32.restype = None
+_lib.stoke_rms_norm_f32.argtypes = [_ptr] * 5 + [_i64] * 4 + [_f32, _i64]
+_lib.stoke_rotary_f32.restype = None
+_lib.stoke_rotary_f32.argtypes = [_ptr] * 4 + [_i64] * 6
+_lib.stoke_silu_and_mul_f32.restype = None
+_lib.stoke_silu_and_mul_f32.argtypes = [_ptr] * 2 + [_i64] * 3
 
 
-def _native_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    head_dim = q.shape[-1]
-    return (
-        head_dim % 8 == 0 and head_dim <= 256
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k_cache, v_cache))
-    )
+def _fp32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def paged_decode_attention(
@@ -44,10 +55,9 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys."""
-    if not _native_ok(q, k_cache, v_cache):
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    if not (_fp32_cpu(q, k_cache, v_cache) and head_dim % 8 == 0 and head_dim <= 256):
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     if q.stride(2) != 1:
         q = q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # no-ops for the engine's pools
@@ -56,9 +66,9 @@ def paged_decode_attention(
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype)
     if batch == 0:
         return out
-    failed = _decode(
+    failed = _lib.stoke_paged_decode_attention_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-        out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, k_cache.shape[1], tables.stride(0),
+        out.data_ptr(), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], tables.stride(0),
         q.stride(0), q.stride(1), scale, torch.get_num_threads(),
     )
     if failed:
@@ -75,10 +85,9 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences, one SDPA call per
-    sequence: a step holds a few prefill chunks, and unpadded calls beat the reference's one
-    padded call — no work on padding rows, and a chunk without a cached prefix (the common
-    case) runs `is_causal`, which skips the masked half of the tiles."""
+    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences, one SDPA call each:
+    no work on padding rows, and a chunk without a cached prefix (the common case) runs
+    `is_causal`, which skips the masked tiles."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
@@ -96,4 +105,53 @@ def paged_prefill_attention(
             bias = torch.zeros(new, total, dtype=q.dtype).masked_fill_(torch.arange(total) > positions, float("-inf"))
             o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
         out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _rows(x: torch.Tensor) -> bool:
+    """A 2-D fp32 CPU tensor whose rows are contiguous (any row stride)."""
+    return x.dim() == 2 and x.stride(1) == 1 and _fp32_cpu(x)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """kernels.reference.rms_norm in one pass per row: `rmsnorm(x) * weight`, or with
+    `residual`, `(rmsnorm(x + residual) * weight, x + residual)`."""
+    if not (_rows(x) and weight.is_contiguous() and _fp32_cpu(weight) and (residual is None or _rows(residual))):
+        return reference.rms_norm(x, weight, eps, residual)
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden, dtype=x.dtype)
+    res_out = None if residual is None else torch.empty(rows, hidden, dtype=x.dtype)
+    _lib.stoke_rms_norm_f32(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+        None if res_out is None else res_out.data_ptr(), rows, hidden, x.stride(0),
+        0 if residual is None else residual.stride(0), eps, torch.get_num_threads(),
+    )
+    return out if res_out is None else (out, res_out)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.reference.apply_rotary in place on q `[T, Hq, D]` and k `[T, Hkv, D]` (strided
+    views welcome: only the last dim must be contiguous); cos/sin `[max_positions, D/2]`."""
+    if not (_fp32_cpu(q, k, cos, sin) and q.stride(2) == 1 and k.stride(2) == 1
+            and cos.is_contiguous() and sin.is_contiguous()):
+        return reference.apply_rotary(q, k, cos, sin, positions)
+    pos = positions.to(torch.int64).contiguous()
+    for x in (q, k):
+        tokens, heads, head_dim = x.shape
+        _lib.stoke_rotary_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), tokens, heads,
+                              head_dim, x.stride(0), x.stride(1), torch.get_num_threads())
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """kernels.reference.silu_and_mul in one pass: x `[T, 2I]` (gate, up) → silu(gate) * up."""
+    if not (x.is_contiguous() and x.dim() == 2 and _fp32_cpu(x)):
+        return reference.silu_and_mul(x)
+    rows, width = x.shape
+    out = torch.empty(rows, width // 2, dtype=x.dtype)
+    _lib.stoke_silu_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out

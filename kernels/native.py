@@ -1,8 +1,9 @@
 """Build and load the C kernels in kernels/csrc/ with the machine's C compiler, once.
 
-The library is plain C (no Python or torch headers), compiled for this CPU (`-march=native`)
-in about a second and cached under `<stoke cache>/kernels/<key>/`, where the key covers the
-source, the compiler and flags, and the CPU's feature flags — so a cache dir shared between
+The library (every `csrc/*.c` in one shared object) is plain C with no Python or torch
+headers, compiled for this CPU (`-march=native`) in about a second and cached under
+`<stoke cache>/kernels/<key>/`, where the key covers the sources, the compiler and flags, and
+the CPU's feature flags — so a cache dir shared between
 machines never hands one of them code for another CPU. Written to a temporary name and renamed,
 so concurrent first builds (several test workers, a server and a benchmark) never see half a
 file.
@@ -21,7 +22,8 @@ from functools import cache
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
+LIBRARY = "libstoke_kernels.so"
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
 
 
 def cache_dir() -> Path:
@@ -59,30 +61,28 @@ def _cpu_features() -> str:
 
 
 @cache
-def load(name: str) -> ctypes.CDLL:
-    """The compiled `csrc/<name>.c`, built on first use; NativeBuildError if it can't be."""
+def load() -> ctypes.CDLL:
+    """The compiled csrc/ library, built on first use; NativeBuildError if it can't be."""
     if os.name != "posix":
         raise NativeBuildError(f"C kernels are built on POSIX systems only, not {os.name}")
-    source = SOURCE_DIR / f"{name}.c"
+    sources = sorted(SOURCE_DIR.glob("*.c"))
     compiler = _compiler()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeBuildError(f"C compiler {compiler!r} does not run: {e}") from e
-    key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, version, " ".join(FLAGS), _cpu_features()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / key / f"lib{name}.so"
+    texts = [f"{p.name}\n{p.read_text()}" for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".c", ".h")]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, " ".join(FLAGS), _cpu_features()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / key / LIBRARY
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            result = subprocess.run(
-                [compiler, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
-            )
+            cmd = [compiler, *FLAGS, f"-I{SOURCE_DIR}", *map(str, sources), "-o", tmp, "-lm"]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
-                raise NativeBuildError(f"compiling {source.name} failed:\n{result.stderr[-2000:]}")
+                raise NativeBuildError(f"compiling {SOURCE_DIR} failed:\n{result.stderr[-2000:]}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

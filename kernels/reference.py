@@ -149,3 +149,9 @@ def apply_rotary(
         x1, x2 = x.float().chunk(2, dim=-1)
         x.copy_(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
     return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: x `[T, 2I]` holds gate then up; returns silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,5 +1,6 @@
 """Fused RMSNorm (with the residual add) and rotary embedding in Triton; the torch references
 are `kernels.reference.rms_norm` and `kernels.reference.apply_rotary`, same signatures.
+`silu_and_mul` is the reference's torch code: the model takes all three from one module.
 
 Both are memory-bound elementwise kernels: one program per row (norm) or per token (rotary),
 fp32 arithmetic, the same rounding points as engine/models/llama.py (the residual sum and the
@@ -12,6 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.reference import silu_and_mul
+
+__all__ = ["apply_rotary", "rms_norm", "silu_and_mul"]
 
 # ----------------------------------------------------------------------------- RMSNorm
 

@@ -1,6 +1,6 @@
-"""kernels.cpu_ops (decode attention in C) against the naive fp64 oracle, the reference, and
-the engine's tokens on the reference backend; its build cache and the fallback to the
-reference where no C compiler is found."""
+"""kernels.cpu_ops (attention and layer ops in C) against the naive fp64 oracle, the torch
+reference, and the engine's tokens on the reference backend; its build cache and the fallback
+to the reference where no C compiler is found."""
 
 from __future__ import annotations
 
@@ -112,6 +112,53 @@ def test_decode_outside_the_c_kernel_is_the_reference(dtype: torch.dtype, head_d
     assert torch.equal(out, reference.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3))
 
 
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 20)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(rows: int, hidden: int, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, hidden + 7, generator=gen)
+    x = wide[:, :hidden]  # strided rows, as a slice of a wider activation
+    residual = torch.randn(rows, hidden, generator=gen) if with_residual else None
+    weight = torch.randn(hidden, generator=gen)
+    got = cpu_ops.rms_norm(x, weight, 1e-5, residual)
+    expected = reference.rms_norm(x, weight, 1e-5, residual)
+    if with_residual:
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[1], expected[1])
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # 3-D inputs (Qwen3's per-head q/k norm) take the torch path
+    x3 = torch.randn(4, 3, hidden, generator=gen)
+    assert torch.equal(cpu_ops.rms_norm(x3, weight, 1e-6), reference.rms_norm(x3, weight, 1e-6))
+
+
+@pytest.mark.parametrize("head_dim", [64, 32, 12])
+def test_rotary_in_place_on_strided_views_matches_reference(head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    tokens, hq, hkv = 23, 6, 2
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=gen)
+    q = qkv[:, : hq * head_dim].view(tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(tokens, hkv, head_dim)
+    angles = torch.rand(100, head_dim // 2, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    positions = torch.randint(0, 100, (tokens,), generator=gen)
+    q_ref, k_ref = reference.apply_rotary(q.clone(), k.clone(), cos, sin, positions)
+    before_v = qkv[:, (hq + hkv) * head_dim :].clone()
+    q_out, k_out = cpu_ops.apply_rotary(q, k, cos, sin, positions)
+    assert q_out is q and k_out is k  # in place
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, (hq + hkv) * head_dim :], before_v)  # v untouched
+
+
+@pytest.mark.parametrize("rows,inner", [(1, 1536), (70, 64), (5, 13)])
+def test_silu_and_mul_matches_reference(rows: int, inner: int) -> None:
+    gen = torch.Generator().manual_seed(inner)
+    x = torch.randn(rows, 2 * inner, generator=gen) * 8  # both tails of the sigmoid
+    x[0, :4] = torch.tensor([-120.0, 120.0, 0.0, -88.5])
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-6)
+
+
 def test_backend_is_c_on_cpu_and_falls_back_without_a_compiler(
     monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -143,14 +190,14 @@ def test_build_is_cached_per_source_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("STOKE_CACHE_DIR", str(tmp_path))
     native.load.cache_clear()
     try:
-        native.load("paged_attention")
-        built = list((tmp_path / "kernels").glob("*/libpaged_attention.so"))
+        native.load()
+        built = list((tmp_path / "kernels").glob(f"*/{native.LIBRARY}"))
         assert len(built) == 1
         mtime = built[0].stat().st_mtime_ns
         native.load.cache_clear()
-        native.load("paged_attention")  # a new process would find the same file
+        native.load()  # a new process would find the same file
         assert built[0].stat().st_mtime_ns == mtime
-        assert not [p for p in built[0].parent.iterdir() if p.name != "libpaged_attention.so"]
+        assert [p.name for p in built[0].parent.iterdir()] == [native.LIBRARY]  # no temporaries left
     finally:
         native.load.cache_clear()
 

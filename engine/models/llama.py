@@ -146,9 +146,13 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.kernels: ModuleType | None = None  # a module with silu_and_mul, or None: torch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -199,11 +203,12 @@ class LlamaForCausalLM(nn.Module):
         self.norm_rope_kernels: ModuleType | None = None
 
     def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
-        """Run every RMSNorm (with its residual add) and the rotary embedding through `ops`
-        (kernels.triton_norm_rope on CUDA); None: back to the torch code."""
+        """Run every RMSNorm (with its residual add), the rotary embedding and the MLP's
+        activation through `ops` (kernels.triton_norm_rope on CUDA, kernels.cpu_ops on the
+        CPU); None: back to the torch code."""
         self.norm_rope_kernels = ops
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, MLP)):
                 module.kernels = ops
             elif isinstance(module, Attention):
                 module.rope_kernels = ops

@@ -14,56 +14,27 @@
  * with no Python or torch headers, so it compiles in about a second.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "parallel.h"
+#include "vec.h"
+
+#define MAX_HEAD_DIM 256 /* the caller sends larger or non-multiple-of-VL head dims elsewhere */
+
 typedef struct {
-    const float *q;            /* [B, Hq, D] with strides q_stride_b, q_stride_h (elements) */
-    const float *k_cache;      /* [num_blocks, block_size, Hkv, D], contiguous */
+    const float *q;              /* [B, Hq, D] with strides q_stride_b, q_stride_h (elements) */
+    const float *k_cache;        /* [num_blocks, block_size, Hkv, D], contiguous */
     const float *v_cache;
     const int32_t *block_tables; /* [B, table_stride] */
     const int32_t *context_lens; /* [B] */
-    float *out;                /* [B, Hq, D], contiguous */
+    float *out;                  /* [B, Hq, D], contiguous */
     int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, table_stride;
     int64_t q_stride_b, q_stride_h;
     float scale;
-    int64_t next_item;         /* shared work counter */
+    int failed;                  /* set when scratch memory could not be had */
 } decode_args;
-
-/* 8 floats; aligned(4) lets a pointer to any float be read as one (unaligned loads). */
-typedef float vf __attribute__((vector_size(32), aligned(4)));
-#define VL 8
-#define MAX_HEAD_DIM 256 /* the caller sends larger or non-multiple-of-VL head dims elsewhere */
-
-typedef int32_t vi __attribute__((vector_size(32), aligned(4)));
-
-/* exp(x) of 8 lanes for x <= 0 (softmax: score - max): Cephes' expf, about 1 ulp. Inputs
- * below -87 give about 1e-38 rather than 0: negligible next to the max's weight of 1. */
-static inline vf vexp(vf x) {
-    const vf lo = (vf){0} - 87.0f;
-    const vi below = x < lo;
-    x = (vf)((below & (vi)lo) | (~below & (vi)x));
-    const vf magic = (vf){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const vf n = (x * 1.44269504088896341f + magic) - magic;
-    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)two_n;
-}
-
-static inline float hsum(vf x) {
-    float s = 0.0f;
-    for (int l = 0; l < VL; l++) s += x[l];
-    return s;
-}
 
 /* out[j] = scale * q . k_j for the n rows of one cache block, 4 rows at a time so the
  * multiply-add chains are independent. D is a multiple of VL. */
@@ -192,32 +163,26 @@ static void decode_item_any(const decode_args *a, int64_t b, float *scores, floa
     decode_item(a, b, scores, acc, a->head_dim);
 }
 
-static void *decode_worker(void *arg) {
-    decode_args *a = (decode_args *)arg;
-    const int64_t items = a->num_seqs;
-    int64_t max_ctx = 0;
-    for (int64_t b = 0; b < a->num_seqs; b++)
-        max_ctx = a->context_lens[b] > max_ctx ? a->context_lens[b] : max_ctx;
-    float *scores = malloc((size_t)(a->num_heads * (max_ctx > 0 ? max_ctx : 1)) * sizeof(float));
-    float *acc = malloc((size_t)(a->num_heads * a->head_dim) * sizeof(float));
-    if (scores == NULL || acc == NULL) {
-        free(scores);
-        free(acc);
-        return (void *)1;
-    }
+/* Items [begin, end) counted from the longest context: the caller sorts decodes by context
+ * length ascending, so the items are walked from the end and the long ones start first. */
+static void decode_range(void *ctx, int64_t begin, int64_t end) {
+    decode_args *a = (decode_args *)ctx;
     void (*item_fn)(const decode_args *, int64_t, float *, float *) =
         a->head_dim == 64 ? decode_item_64 : a->head_dim == 128 ? decode_item_128 : decode_item_any;
-    for (;;) {
-        const int64_t i = __atomic_fetch_add(&a->next_item, 1, __ATOMIC_RELAXED);
-        if (i >= items) break;
-        item_fn(a, items - 1 - i, scores, acc); /* longest contexts first */
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t b = a->num_seqs - 1 - i;
+        const int64_t ctx_len = a->context_lens[b] > 0 ? a->context_lens[b] : 1;
+        float *scores = malloc((size_t)(a->num_heads * (ctx_len + a->head_dim)) * sizeof(float));
+        if (scores == NULL) {
+            __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        item_fn(a, b, scores, scores + a->num_heads * ctx_len);
+        free(scores);
     }
-    free(scores);
-    free(acc);
-    return NULL;
 }
 
-/* Returns 0 on success, nonzero if no thread could allocate its scratch memory. */
+/* Returns 0 on success, nonzero if scratch memory could not be had. */
 int stoke_paged_decode_attention_f32(
     const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
     const int32_t *context_lens, float *out, int64_t num_seqs, int64_t num_heads,
@@ -226,19 +191,10 @@ int stoke_paged_decode_attention_f32(
     decode_args a = {q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
                      num_kv_heads, head_dim, block_size, table_stride, q_stride_b, q_stride_h,
                      scale, 0};
-    const int64_t items = num_seqs;
     int64_t keys = 0;
     for (int64_t b = 0; b < num_seqs; b++) keys += context_lens[b] > 0 ? context_lens[b] : 0;
     /* Starting a thread costs tens of microseconds: worth it only past ~1 MB of K/V. */
     if (keys * num_kv_heads * head_dim < (1 << 18)) num_threads = 1;
-    if (num_threads > items) num_threads = items;
-    if (num_threads < 1) num_threads = 1;
-    pthread_t threads[num_threads];
-    int64_t started = 0;
-    for (; started < num_threads - 1; started++)
-        if (pthread_create(&threads[started], NULL, decode_worker, &a) != 0) break;
-    decode_worker(&a);
-    for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
-    /* A worker that could not allocate takes no item; the others take them all. */
-    return a.next_item < items;
+    parallel_for(decode_range, &a, num_seqs, 1, num_threads);
+    return a.failed;
 }
