@@ -23,7 +23,7 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY = "libstoke_kernels.so"
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 
 
 def cache_dir() -> Path:

@@ -7,13 +7,14 @@
  * rotate-half layout; silu(g) = g / (1 + exp(-g)). Only summation order differs.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "parallel.h"
 #include "vec.h"
 
 /* Below this many floats a call runs on one thread. */
-#define PARALLEL_MIN_FLOATS (1 << 16)
+#define PARALLEL_MIN_FLOATS (1 << 14)
 
 static int64_t threads_for(int64_t floats, int64_t num_threads) {
     return floats < PARALLEL_MIN_FLOATS ? 1 : num_threads;

@@ -11,7 +11,7 @@
  * 64 and 128, so the compiler keeps the accumulators in registers.
  *
  * Built by kernels/native.py with the machine's C compiler and loaded through ctypes: plain C
- * with no Python or torch headers, so it compiles in about a second.
+ * with no Python or torch headers, so it compiles in about a second. Threads: parallel.h.
  */
 #include <math.h>
 #include <stdint.h>
@@ -193,8 +193,8 @@ int stoke_paged_decode_attention_f32(
                      scale, 0};
     int64_t keys = 0;
     for (int64_t b = 0; b < num_seqs; b++) keys += context_lens[b] > 0 ? context_lens[b] : 0;
-    /* Starting a thread costs tens of microseconds: worth it only past ~1 MB of K/V. */
-    if (keys * num_kv_heads * head_dim < (1 << 18)) num_threads = 1;
+    /* Handing work to the thread team costs microseconds: not worth it for a few keys. */
+    if (keys * num_kv_heads * head_dim < (1 << 14)) num_threads = 1;
     parallel_for(decode_range, &a, num_seqs, 1, num_threads);
     return a.failed;
 }
