@@ -1,7 +1,8 @@
 """Turns a ScheduledBatch into one flattened forward pass over the paged KV cache.
 
-On CUDA with the Triton backend, three things change (the CPU path is the plain one below):
-the model's RMSNorm/residual adds and rotary run as fused Triton kernels; pure-decode steps
+The model's RMSNorm/residual adds, rotary and SiLU * up run as fused kernels where the
+backend has them (C with the CPU backend, Triton on CUDA). On CUDA with the Triton backend,
+two more things change (the CPU path is the plain one below): pure-decode steps
 replay CUDA graphs (engine/cuda_graphs.py; `enforce_eager` turns them off); and a step's
 inputs reach the device in one packed copy (engine/transfer.py).
 """

@@ -2,11 +2,12 @@
 (q/k RMSNorm). Tokens of all sequences are flattened to [T, hidden]; attention goes through
 the paged kernels, so this file knows nothing about batching or padding.
 
-The layers pass the residual stream beside the hidden states (vLLM's style), so that on CUDA
-the residual add and the next RMSNorm run as one fused Triton kernel; rotary embedding then
-runs in place on q/k. `LlamaForCausalLM.use_norm_rope_kernels(kernels.triton_norm_rope)`
-switches to those kernels; without it (the CPU) the torch code below runs, with the same
-rounding points, so both give the same numbers up to fp32 summation order."""
+The layers pass the residual stream beside the hidden states (vLLM's style), so that the
+residual add and the next RMSNorm run as one fused kernel; rotary embedding then runs in place
+on q/k, and the MLP's SiLU * up in one pass. `LlamaForCausalLM.use_norm_rope_kernels(ops)`
+switches to those kernels (kernels.triton_norm_rope on CUDA, kernels.cpu_ops' C on the CPU);
+without it the torch code below runs, with the same rounding points, so all give the same
+numbers up to fp32 summation order."""
 
 from __future__ import annotations
 
