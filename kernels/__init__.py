@@ -1,5 +1,6 @@
 """Attention kernels, one contract: `reference` (torch, any device, the oracle), `cpu_ops` (the
-CPU serving path: the reference with decode attention in C) and `triton_ops` (Triton, CUDA).
+CPU serving path: decode attention and the fused layer ops in C, prefill as unpadded SDPA) and
+`triton_ops` (Triton, CUDA).
 
 Backends are imported only when chosen: `TRITON_INTERPRET` must be set before Triton kernels
 are first imported, and `cpu_ops` compiles its C library on import.

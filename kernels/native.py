@@ -3,10 +3,9 @@
 The library (every `csrc/*.c` in one shared object) is plain C with no Python or torch
 headers, compiled for this CPU (`-march=native`) in about a second and cached under
 `<stoke cache>/kernels/<key>/`, where the key covers the sources, the compiler and flags, and
-the CPU's feature flags — so a cache dir shared between
-machines never hands one of them code for another CPU. Written to a temporary name and renamed,
-so concurrent first builds (several test workers, a server and a benchmark) never see half a
-file.
+the CPU's feature flags — so a cache dir shared between machines never hands one of them code
+for another CPU. Written to a temporary name and renamed, so concurrent first builds (several
+test workers, a server and a benchmark) never see half a file.
 """
 
 from __future__ import annotations
