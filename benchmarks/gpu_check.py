@@ -209,6 +209,8 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
                 "fused_norm_rope", "num_kv_blocks", "memory_profile", "dtype", "device")}
             if "continuous" in systems:
                 entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
+            if r.result.get("peer_errors"):
+                entry["peer_errors"] = r.result["peer_errors"]
             entry["workload"] = r.result.get("workload")
     for model, e in summary["offline"].items():
         cb, graphs, eager = e.get("transformers_cb"), e.get("stoke_cuda_graphs"), e.get("stoke_eager")
@@ -289,6 +291,9 @@ def render(report: dict[str, Any]) -> str:
                          f"{_f(e.get('transformers_cb'), '.0f'):>10}{_f(e.get('stoke_vs_transformers_cb')):>10}"
                          f"{_f(e.get('cuda_graphs_speedup')):>14}")
         lines.append("  goal: stoke >= 3x transformers continuous batching on the same GPU")
+        for model, e in s["offline"].items():
+            for peer, error in (e.get("peer_errors") or {}).items():
+                lines.append(f"  {model}: transformers {peer} FAILED: {error.splitlines()[0][:120]}")
         for model, e in s["offline"].items():
             extra = e.get("stoke_cuda_graphs_extra") or {}
             if "stoke_cuda_graphs" in e and not extra.get("cuda_graph_buckets"):

@@ -313,7 +313,10 @@ def run_continuous(path: str, workload: Workload, reference: list[list[int]] | N
     # allocate, and its attention masks grow with the pool): give it stoke's KV budget, or just
     # what the whole workload needs at once if that is less. Everything else is its default.
     need = sum(-(-(len(p) + n) // page) for p, n in zip(workload.prompts, workload.output_lens))
-    cb_kwargs: dict[str, Any] = dict(page_size=page, num_blocks=max(1, min(kv_tokens // page, need)))
+    # The page-size field was `block_size` up to transformers 5.17 and `page_size` after.
+    fields = ContinuousBatchingConfig.__dataclass_fields__
+    page_field = "page_size" if "page_size" in fields else "block_size"
+    cb_kwargs: dict[str, Any] = {page_field: page, "num_blocks": max(1, min(kv_tokens // page, need))}
     if args.cb_max_batch_tokens:
         cb_kwargs["max_batch_tokens"] = args.cb_max_batch_tokens
     cb_config = ContinuousBatchingConfig(**cb_kwargs)
@@ -574,12 +577,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     systems["stoke"] = stoke
     print(f"stoke: {stoke.wall_seconds:.2f}s, {stoke.useful_tokens_per_second:.1f} tok/s", flush=True)
     kv_tokens = stoke.extra["num_kv_blocks"] * stoke.extra["block_size"]
-    if not args.skip_transformers and not args.skip_static:
-        systems["static"] = run_static(path, workload, reference, args)
-        print(f"static: {systems['static'].wall_seconds:.2f}s", flush=True)
-    if not args.skip_transformers and not args.skip_continuous:
-        systems["continuous"] = run_continuous(path, workload, reference, args, kv_tokens)
-        print(f"continuous: {systems['continuous'].wall_seconds:.2f}s", flush=True)
+    # A peer that breaks (another transformers version, out of memory) is reported, and stoke's
+    # figures are still written.
+    peer_errors: dict[str, str] = {}
+    peers = [("static", args.skip_static, lambda: run_static(path, workload, reference, args)),
+             ("continuous", args.skip_continuous, lambda: run_continuous(path, workload, reference, args, kv_tokens))]
+    for key, skip, run in peers:
+        if args.skip_transformers or skip:
+            continue
+        try:
+            systems[key] = run()
+        except Exception as e:  # noqa: BLE001 - any failure of a peer is a result to report
+            peer_errors[key] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"{key}: FAILED {peer_errors[key]}", flush=True)
+            _free()
+            continue
+        print(f"{key}: {systems[key].wall_seconds:.2f}s", flush=True)
 
     flops = useful_flops(config, layer_params(config), workload)
     mm = matmul_rate(256, config.hidden_size, config.intermediate_size, device=_device(args), dtype=_dtype(args))
@@ -610,6 +623,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "argv": sys.argv if argv is None else ["benchmarks/offline.py", *argv],
         },
         "systems": system_json,
+        "peer_errors": peer_errors,
         "ratios": ratios,
         "goals": {"static": 3.0, "continuous": 5.0},
         "useful_flops": flops,
