@@ -88,12 +88,17 @@ def peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
 
 # ----------------------------------------------------------------------------- timing
 class Timer:
-    """Median wall time of a call: CUDA events with the L2 cache flushed before each run, or
-    perf_counter on the CPU."""
+    """Median time of a call: on CUDA its GPU time, by events with the L2 cache flushed before
+    each run and the CPU's launch cost hidden (a spin kernel keeps the GPU busy while the call is
+    launched: under CUDA graphs, as the engine decodes, there is no launch cost); on the CPU,
+    perf_counter. `launch_us` is the last call's median CPU time to launch (CUDA) or run (CPU)."""
+
+    SPIN_CYCLES = 400_000  # ~0.2 ms at 2 GHz: longer than any launch measured here
 
     def __init__(self, device: torch.device, iters: int, warmup: int) -> None:
         self.device, self.iters, self.warmup = device, iters, warmup
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+        self.launch_us: float | None = None
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         """Milliseconds."""
@@ -105,15 +110,22 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+            self.launch_us = statistics.median(times) * 1e3
             return statistics.median(times)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.iters)]
+        launches = []
+        torch.cuda.synchronize(self.device)
         for start, end in events:
+            torch.cuda._sleep(self.SPIN_CYCLES)
             self.flush.zero_()
             start.record()
+            t0 = time.perf_counter()
             fn()
+            launches.append((time.perf_counter() - t0) * 1e6)
             end.record()
-        torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # one run at a time: the spin must precede each launch
+        self.launch_us = statistics.median(launches)
         return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
@@ -164,8 +176,8 @@ def _gen(device: torch.device, seed: int = 0) -> torch.Generator:
 
 
 def _row(impl_ms: float | None, peers: dict[str, tuple[float | None, str | None]], nbytes: float,
-         peak: float | None, flops: float | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"stoke_ms": impl_ms, "bytes": nbytes}
+         peak: float | None, flops: float | None = None, launch_us: float | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {"stoke_ms": impl_ms, "stoke_launch_us": launch_us, "bytes": nbytes}
     if impl_ms:
         row["stoke_gbps"] = nbytes / impl_ms / 1e6
         row["stoke_peak_fraction"] = nbytes / impl_ms / 1e-3 / peak if peak else None
@@ -217,6 +229,7 @@ class Bench:
                     q = torch.randn(batch, hq, d, generator=gen, device=self.device).to(self.dtype)
                     scale = d**-0.5
                     ms = self.timer(lambda: self.ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale))
+                    launch_us = self.timer.launch_us
                     peers = {}
                     if self.torch_peer():
                         # reference: gather + SDPA with a mask (math backend with GQA: K/V expanded)
@@ -231,7 +244,7 @@ class Bench:
                         q4, k, v, scale=scale, enable_gqa=True))
                     nbytes = kv_bytes + 2 * q.numel() * self.elt
                     rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": BLOCK_SIZE,
-                                 **_row(ms, peers, nbytes, self.peak)})
+                                 **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
                     del k_cache, v_cache, k, v
                     self._release()
         return rows
@@ -249,6 +262,7 @@ class Bench:
                     scale = d**-0.5
                     ms = self.timer(lambda: self.ops.paged_prefill_attention(
                         q, k_cache, v_cache, tables, cu, lens, scale))
+                    launch_us = self.timer.launch_us
                     peers = {}
                     if self.torch_peer():
                         scores = seqs * hq * length * length * 4  # the math backend's fp32 scores
@@ -264,7 +278,7 @@ class Bench:
                     nbytes = (2 * q.numel() + 2 * seqs * length * hkv * d) * self.elt
                     flops = 4.0 * hq * d * seqs * length * (length + 1) / 2
                     rows.append({"layout": layout, "seqs": seqs, "length": length, "block_size": BLOCK_SIZE,
-                                 **_row(ms, peers, nbytes, self.peak, flops)})
+                                 **_row(ms, peers, nbytes, self.peak, flops, launch_us)})
                     del k_cache, v_cache, k, v, q
                     self._release()
         return rows
@@ -280,11 +294,13 @@ class Bench:
                 key, value = torch.randn(2, tokens, hkv, d, generator=gen, device=self.device).to(self.dtype)
                 slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=gen, device=self.device)[:tokens]
                 ms = self.timer(lambda: self.ops.store_kv(key, value, k_cache, v_cache, slots))
+                launch_us = self.timer.launch_us
                 peers = {}
                 if self.torch_peer():
                     peers["torch"] = _try(self.timer, lambda: reference.store_kv(key, value, k_cache, v_cache, slots))
                 nbytes = 4 * tokens * hkv * d * self.elt + slots.numel() * 8
-                rows.append({"layout": layout, "tokens": tokens, **_row(ms, peers, nbytes, self.peak)})
+                rows.append({"layout": layout, "tokens": tokens,
+                             **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
         return rows
 
     def rms_norm(self) -> list[dict[str, Any]]:
@@ -299,12 +315,13 @@ class Bench:
                 x, res = torch.randn(2, tokens, hidden, generator=gen, device=self.device).to(self.dtype)
                 w = torch.ones(hidden, dtype=self.dtype, device=self.device)
                 ms = self.timer(lambda: self.norm_rope.rms_norm(x, w, 1e-6, res))
+                launch_us = self.timer.launch_us
                 peers = {}
                 if self.torch_peer():
                     peers["torch"] = _try(self.timer, lambda: reference.rms_norm(x, w, 1e-6, res))
                 nbytes = (4 * tokens * hidden + hidden) * self.elt
                 rows.append({"layout": layout, "hidden": hidden, "tokens": tokens, "residual": True,
-                             **_row(ms, peers, nbytes, self.peak)})
+                             **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
         return rows
 
     def rotary(self) -> list[dict[str, Any]]:
@@ -319,11 +336,13 @@ class Bench:
                 angles = torch.rand(8192, d // 2, generator=gen, device=self.device)
                 cos, sin = angles.cos(), angles.sin()
                 ms = self.timer(lambda: self.norm_rope.apply_rotary(q, k, cos, sin, positions))
+                launch_us = self.timer.launch_us
                 peers = {}
                 if self.torch_peer():
                     peers["torch"] = _try(self.timer, lambda: reference.apply_rotary(q, k, cos, sin, positions))
                 nbytes = 2 * tokens * (hq + hkv) * d * self.elt + 2 * tokens * (d // 2) * 4 + tokens * 8
-                rows.append({"layout": layout, "tokens": tokens, **_row(ms, peers, nbytes, self.peak)})
+                rows.append({"layout": layout, "tokens": tokens,
+                             **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
         return rows
 
     def _release(self) -> None:
@@ -489,14 +508,15 @@ def render(report: dict[str, Any]) -> str:
     peak = env["peak_gbps"]
     lines = [f"kernel micro-benchmarks on {env['device_name']} ({env['dtype']}, {env['impl']}); peak HBM "
              f"{_fmt(peak, '.0f')} GB/s ({env['peak_source']}); times are medians"
-             + (", L2 flushed" if env["device"] == "cuda" else "")]
+             + (", GPU time (L2 flushed, launch hidden); 'launch us' is the CPU's cost to launch"
+                if env["device"] == "cuda" else "")]
 
     def table(title: str, rows: list[dict[str, Any]], keys: list[tuple[str, str]], peers: list[str]) -> None:
         if not rows:
             return
         lines.append("")
         lines.append(title)
-        head = "".join(f"{k:>10}" for k, _ in keys) + f"{'stoke ms':>11}{'GB/s':>9}{'%peak':>7}"
+        head = "".join(f"{k:>10}" for k, _ in keys) + f"{'stoke ms':>11}{'launch us':>10}{'GB/s':>9}{'%peak':>7}"
         head += "".join(f"{p + ' x':>20}" for p in peers)
         lines.append(head)
         for r in rows:
@@ -505,7 +525,8 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(line + f"  skipped ({r['skipped']})")
                 continue
             frac = r.get("stoke_peak_fraction")
-            line += f"{_fmt(r['stoke_ms'], '.4f'):>11}{_fmt(r.get('stoke_gbps'), '.0f'):>9}"
+            line += f"{_fmt(r['stoke_ms'], '.4f'):>11}{_fmt(r.get('stoke_launch_us'), '.0f'):>10}"
+            line += f"{_fmt(r.get('stoke_gbps'), '.0f'):>9}"
             line += f"{_fmt(None if frac is None else 100 * frac, '.0f'):>7}"
             for p in peers:
                 ratio = r.get(f"{p}_ratio")

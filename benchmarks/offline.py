@@ -326,8 +326,10 @@ def run_continuous(path: str, workload: Workload, reference: list[list[int]] | N
              f"(min of stoke's KV budget and the whole workload at once); other ContinuousBatchingConfig fields at their defaults"]
     extra: dict[str, Any] = {"api": args.cb_api, "attn_implementation": args.cb_attn, **cb_kwargs}
 
+    # no_grad, not inference_mode: the manager's thread updates in place tensors that its
+    # warm-up created in this one, and inference tensors refuse that outside inference mode.
     if args.cb_api == "generate_batch":
-        with torch.inference_mode():
+        with torch.no_grad():
             model.generate_batch(inputs=[workload.prompts[0][:8]], generation_config=GenerationConfig(
                 max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=pad),
                 continuous_batching_config=cb_config)
@@ -341,7 +343,7 @@ def run_continuous(path: str, workload: Workload, reference: list[list[int]] | N
         notes.append(f"generate_batch takes one max_new_tokens: every request ran {new} tokens, only its own "
                      "output length counts as useful; timing includes its setup")
     else:
-        with torch.inference_mode(), model.continuous_batching_context_manager(
+        with torch.no_grad(), model.continuous_batching_context_manager(
             generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=60,
             workload_hints=hints,
         ) as manager:

@@ -84,6 +84,21 @@ def is_triton(backend) -> bool:
     return backend.__name__ == kernels.BACKENDS["triton"]
 
 
+@dataclass(frozen=True, slots=True)
+class CudaMemory:
+    """One reading of the card's memory: free and total (all processes), and this process's
+    live tensors."""
+
+    free: int
+    total: int
+    allocated: int
+
+    @staticmethod
+    def read(device: torch.device) -> "CudaMemory":
+        free, total = torch.cuda.mem_get_info(device)
+        return CudaMemory(free, total, torch.cuda.memory_allocated(device))
+
+
 class ModelRunner:
     def __init__(self, model_path: str, model_config: ModelConfig, config: EngineConfig) -> None:
         self.config = config
@@ -93,6 +108,12 @@ class ModelRunner:
         self.block_size = config.block_size
         self.backend = kernels.attention_backend(self.device)
         self.max_model_len = config.resolve_max_model_len(model_config)
+        # What the card held before this engine took anything: the memory profile charges this
+        # engine for its own growth only, so another engine or process beside it is not counted.
+        self.cuda_baseline: CudaMemory | None = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self.cuda_baseline = CudaMemory.read(self.device)
         self.model = self._load_model(model_path)
         on_gpu_triton = self.device.type == "cuda" and is_triton(self.backend)
         if on_gpu_triton:  # fused RMSNorm+residual and in-place rotary
@@ -168,16 +189,23 @@ class ModelRunner:
             budget = self.config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
         num_blocks = budget // self.block_bytes
         if num_blocks < 1:
-            hint = (" (raise gpu_memory_utilization, or lower max_num_batched_tokens / max_num_seqs)"
-                    if self.device.type == "cuda" else "")
+            hint = ""
+            if self.memory_profile.get("bound") == "free memory":
+                hint = (f" (only {self.memory_profile['free']} bytes are free on the GPU: free memory, or lower "
+                        "max_num_batched_tokens / max_num_seqs)")
+            elif self.device.type == "cuda":
+                hint = " (raise gpu_memory_utilization, or lower max_num_batched_tokens / max_num_seqs)"
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.block_bytes} bytes{hint}")
         return num_blocks
 
     def _profile_cuda_kv_budget(self) -> int:
-        """The KV pool's bytes: what is left of gpu_memory_utilization × total memory after the
-        weights, the peak of the largest step (forward, logits and sampling), the CUDA graphs
-        (their pool holds every bucket's logits for good), and what other processes and the
-        CUDA context hold — measured by running those steps once with a throwaway cache."""
+        """The KV pool's bytes, as vLLM sizes it: gpu_memory_utilization × total memory is this
+        engine's share of the card, and the pool gets what is left of it after the weights, the
+        peak of the largest step (forward, logits and sampling), the CUDA graphs (their pool
+        holds every bucket's logits for good) and the non-tensor memory this engine added (CUDA
+        context, library workspaces, allocator slack) — measured by running those steps once with
+        a throwaway cache. Memory that was taken before the engine started (another engine in
+        this process, another process) is not charged, but the pool must fit in what is free."""
         from engine.sampler import Sampler, SamplingRow
         from engine.sampling_params import SamplingParams
 
@@ -185,8 +213,10 @@ class ModelRunner:
         if not 0.0 < util <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
         dev = self.device
+        baseline = self.cuda_baseline or CudaMemory.read(dev)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
+        loaded = CudaMemory.read(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         n = self.config.max_num_batched_tokens
         bs = self.block_size
@@ -214,24 +244,27 @@ class ModelRunner:
             Sampler()(logits, [SamplingRow(worst, [], [], None, []) for _ in range(rows)])
             del logits
             torch.cuda.synchronize(dev)
-            step_peak = torch.cuda.max_memory_allocated(dev) - cache_bytes
+            step_peak = torch.cuda.max_memory_allocated(dev) - loaded.allocated - cache_bytes
             graph_reserve = 0
             if self.graph_buckets:
                 graph_reserve = self._cuda_graph_reserve(caches)
         del caches, meta
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(dev)
-        # Everything on the card that is not a live tensor of ours: the CUDA context, library
-        # workspaces, our allocator's unreleasable slack, and other processes.
-        used_elsewhere = total - free - torch.cuda.memory_allocated(dev)
-        budget = int(total * util) - step_peak - used_elsewhere - graph_reserve
-        self.memory_profile.update(total=total, allowed=int(total * util), step_peak=step_peak,
-                                   used_elsewhere=used_elsewhere, cuda_graphs_reserved=graph_reserve,
-                                   kv_cache_budget=budget)
-        logger.info("GPU memory: %.2f GiB allowed (%.0f%% of %.2f GiB); weights+step peak %.2f GiB, "
-                    "elsewhere %.2f GiB, CUDA graphs %.2f GiB → KV cache %.2f GiB",
-                    total * util / 2**30, util * 100, total / 2**30, step_peak / 2**30,
-                    used_elsewhere / 2**30, graph_reserve / 2**30, budget / 2**30)
+        now = CudaMemory.read(dev)
+        weights = loaded.allocated - baseline.allocated
+        # Bytes this engine took from the card that are not live tensors of its own.
+        non_tensor = max(0, (baseline.free - now.free) - (now.allocated - baseline.allocated))
+        allowed = int(now.total * util)
+        share = allowed - weights - step_peak - non_tensor - graph_reserve
+        fits = now.free - step_peak - graph_reserve
+        budget = min(share, fits)
+        self.memory_profile.update(total=now.total, allowed=allowed, weights=weights, step_peak=step_peak,
+                                   non_tensor=non_tensor, free=now.free, cuda_graphs_reserved=graph_reserve,
+                                   kv_cache_budget=budget, bound="free memory" if fits < share else "share")
+        logger.info("GPU memory: %.2f GiB allowed (%.0f%% of %.2f GiB); weights %.2f GiB, step peak %.2f GiB, "
+                    "non-tensor %.2f GiB, CUDA graphs %.2f GiB → KV cache %.2f GiB (%.2f GiB free)",
+                    allowed / 2**30, util * 100, now.total / 2**30, weights / 2**30, step_peak / 2**30,
+                    non_tensor / 2**30, graph_reserve / 2**30, budget / 2**30, now.free / 2**30)
         return budget
 
     def _cuda_graph_reserve(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -257,15 +257,18 @@ def test_a_failed_capture_falls_back_to_eager(tiny_checkpoints: dict[str, str], 
 
 def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The profile on the CPU with a fake CUDA memory model: it runs the largest step, the
-    sampler and the largest decode bucket, and subtracts what it should."""
-    from engine.model_runner import CUDA_GRAPH_SLACK_BYTES
+    sampler and the largest decode bucket, charges this engine for its own growth since its
+    baseline (not for what was taken before it), and never plans past the free memory."""
+    from engine.model_runner import CUDA_GRAPH_SLACK_BYTES, CudaMemory
 
     llm = LLM(tiny_checkpoints["qwen3"], num_kv_blocks=8, max_num_seqs=6, max_num_batched_tokens=96,
               max_model_len=200, gpu_memory_utilization=0.5, **CPU)
     runner = llm.engine.runner
     runner.graph_buckets = batch_buckets(6)
     GiB = 1 << 30
-    fake = dict(allocated=3 * GiB, peak=5 * GiB, free=20 * GiB, total=80 * GiB)
+    # Before the engine: 2 GiB taken by others, 0.5 GiB of it live tensors of this process.
+    runner.cuda_baseline = CudaMemory(free=78 * GiB, total=80 * GiB, allocated=GiB // 2)
+    fake = dict(allocated=7 * GiB // 2, peak=6 * GiB, free=73 * GiB, total=80 * GiB)
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: fake["allocated"])
@@ -275,13 +278,21 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
     prof = runner.memory_profile
     c = runner.model_config
     cache_bytes = 2 * c.num_layers * (96 // 16) * 16 * c.num_kv_heads * c.head_dim * 4
-    assert prof["step_peak"] == 5 * GiB - cache_bytes
-    assert prof["used_elsewhere"] == 80 * GiB - 20 * GiB - 3 * GiB
+    assert prof["weights"] == 3 * GiB
+    assert prof["step_peak"] == 6 * GiB - 7 * GiB // 2 - cache_bytes
+    assert prof["non_tensor"] == (78 - 73) * GiB - 3 * GiB
     logits_row = c.vocab_size * 4
     static = 6 * 28 + 6 * (-(-200 // 16)) * 4
     slack = 4 * (4 << 20) + CUDA_GRAPH_SLACK_BYTES
-    assert prof["cuda_graphs_reserved"] == (5 - 3) * GiB + (1 + 2 + 4) * logits_row + static + slack
-    assert budget == 40 * GiB - prof["step_peak"] - prof["used_elsewhere"] - prof["cuda_graphs_reserved"]
+    assert prof["cuda_graphs_reserved"] == 5 * GiB // 2 + (1 + 2 + 4) * logits_row + static + slack
+    assert prof["bound"] == "share"
+    assert budget == 40 * GiB - 3 * GiB - prof["step_peak"] - 2 * GiB - prof["cuda_graphs_reserved"]
+    # Little free on the card: the pool is what fits, whatever the share would allow.
+    runner.cuda_baseline = CudaMemory(free=12 * GiB, total=80 * GiB, allocated=GiB // 2)
+    fake["free"] = 8 * GiB
+    budget = runner._profile_cuda_kv_budget()
+    assert runner.memory_profile["bound"] == "free memory"
+    assert budget == 8 * GiB - runner.memory_profile["step_peak"] - runner.memory_profile["cuda_graphs_reserved"]
     runner.graph_buckets = []
     runner._profile_cuda_kv_budget()
     assert runner.memory_profile["cuda_graphs_reserved"] == 0
