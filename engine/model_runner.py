@@ -118,8 +118,9 @@ class ModelRunner:
         on_gpu_triton = self.device.type == "cuda" and is_triton(self.backend)
         if on_gpu_triton:  # fused RMSNorm+residual and in-place rotary
             self.model.use_norm_rope_kernels(importlib.import_module("kernels.triton_norm_rope"))
-        elif self.backend.__name__ == kernels.BACKENDS["cpu"]:  # the same, in C
+        elif self.backend.__name__ == kernels.BACKENDS["cpu"]:  # the same in C, and the projections
             self.model.use_norm_rope_kernels(self.backend)
+            self.model.use_linear_kernels(self.backend)
         # CUDA graphs need host-sync-free kernels: CUDA with the Triton backend only.
         self.graph_buckets = batch_buckets(config.max_num_seqs) if on_gpu_triton and not config.enforce_eager else []
         self.graph_table_width = -(-self.max_model_len // self.block_size)

@@ -9,6 +9,10 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
   sequence (a step holds a few prefill chunks), `is_causal` when there is no cached prefix.
 - RMSNorm + residual, rotary and SiLU * up are several torch ops each, every one a pass over
   memory; in C (csrc/layer_ops.c) each is one pass.
+- The projections of a decode step multiply a few rows by each weight, where the BLAS repacks
+  the weight on every call: `pack_linear_weight` packs it once at load, and `linear` runs the
+  product over the packed panels in C (csrc/linear.c) for up to SMALL_BATCH_ROWS rows; larger
+  (prefill) products stay with torch.
 
 The C code serves fp32 tensors on the CPU (attention: head dims that are multiples of 8 up to
 256); anything else goes to the torch reference. Importing this module builds the library, or
@@ -25,8 +29,14 @@ import torch.nn.functional as F
 from kernels import native, reference
 
 __all__ = [
-    "apply_rotary", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_and_mul", "store_kv",
+    "apply_rotary", "linear", "pack_linear_weight", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
+    "silu_and_mul", "store_kv",
 ]
+
+# Up to this many rows `linear` runs the C product over the packed weight; above, torch's BLAS
+# (its large-matrix kernel amortises its packing). Measured on the model's shapes: see
+# benchmarks/linear.py.
+SMALL_BATCH_ROWS = 64
 
 store_kv = reference.store_kv
 
@@ -40,6 +50,10 @@ _lib.stoke_rotary_f32.restype = None
 _lib.stoke_rotary_f32.argtypes = [_ptr] * 4 + [_i64] * 6
 _lib.stoke_silu_and_mul_f32.restype = None
 _lib.stoke_silu_and_mul_f32.argtypes = [_ptr] * 2 + [_i64] * 3
+_lib.stoke_pack_linear_weight_f32.restype = None
+_lib.stoke_pack_linear_weight_f32.argtypes = [_ptr] * 2 + [_i64] * 3
+_lib.stoke_linear_f32.restype = None
+_lib.stoke_linear_f32.argtypes = [_ptr] * 4 + [_i64] * 6
 
 
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:
@@ -154,4 +168,38 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, width = x.shape
     out = torch.empty(rows, width // 2, dtype=x.dtype)
     _lib.stoke_silu_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    return out
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A Linear weight `[N, K]` in the C product's layout (panels of 16 output columns, each
+    `[K][16]` contiguous, N padded to 16), or None where `linear` would not use it (not a 2-D
+    fp32 CPU tensor)."""
+    if not (weight.dim() == 2 and _fp32_cpu(weight)):
+        return None
+    weight = weight.detach().contiguous()
+    n, k = weight.shape
+    packed = torch.empty(-(-n // 16) * k * 16, dtype=torch.float32)
+    _lib.stoke_pack_linear_weight_f32(weight.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x `[M, K]`: in C over `packed` (pack_linear_weight(weight))
+    when M <= SMALL_BATCH_ROWS, else torch."""
+    if (packed is None or not _rows(x) or x.shape[0] > SMALL_BATCH_ROWS
+            or (bias is not None and not _fp32_cpu(bias))):
+        return F.linear(x, weight, bias)
+    return _linear_c(x, packed, bias, weight.shape[0])
+
+
+def _linear_c(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m == 0:
+        return out
+    bias = None if bias is None else bias.contiguous()
+    _lib.stoke_linear_f32(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                          out.data_ptr(), m, n, k, x.stride(0), n, torch.get_num_threads())
     return out

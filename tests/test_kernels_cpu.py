@@ -159,6 +159,66 @@ def test_silu_and_mul_matches_reference(rows: int, inner: int) -> None:
     torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (5, 33, 37), (6, 64, 16), (13, 48, 1000), (64, 1536, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_matches_torch(m: int, k: int, n: int, with_bias: bool, threads: int,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every register-tile height (1-6 rows and their mix), a last panel of 1-15 columns, odd K,
+    one or two threads, and rows read through a stride (a slice of wider rows)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(m * n + k)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    wide = torch.randn(m, k + 7, generator=gen)
+    x = wide[:, 3 : 3 + k]
+    packed = cpu_ops.pack_linear_weight(weight)
+    assert packed is not None and packed.numel() == -(-n // 16) * 16 * k
+    out = cpu_ops.linear(x, weight, bias, packed)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=2e-5 * k**0.5, rtol=1e-5)
+
+
+def test_linear_outside_the_c_product_is_torch() -> None:
+    """Past SMALL_BATCH_ROWS rows, without a packed weight, or off fp32: torch's own result."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 24, generator=gen)
+    packed = cpu_ops.pack_linear_weight(weight)
+    big = torch.randn(cpu_ops.SMALL_BATCH_ROWS + 1, 24, generator=gen)
+    assert torch.equal(cpu_ops.linear(big, weight, None, packed), torch.nn.functional.linear(big, weight))
+    small = big[:3]
+    assert torch.equal(cpu_ops.linear(small, weight, None, None), torch.nn.functional.linear(small, weight))
+    assert cpu_ops.pack_linear_weight(weight.half()) is None
+    assert cpu_ops.pack_linear_weight(torch.randn(2, 3, 4)) is None
+    half = small.half()
+    assert torch.equal(cpu_ops.linear(half, weight.half(), None, None),
+                       torch.nn.functional.linear(half, weight.half()))
+    empty = cpu_ops.linear(small[:0], weight, None, packed)
+    assert empty.shape == (0, 40)
+
+
+def test_model_projections_through_packed_weights(tiny_checkpoints: dict[str, str]) -> None:
+    """use_linear_kernels packs every projection and the (tied) head; logits agree with torch's,
+    and None goes back to torch."""
+    from engine.config import ModelConfig
+    from engine.models.llama import Linear, LlamaForCausalLM
+    from engine.weights import iterate_safetensors
+
+    path = tiny_checkpoints["qwen2"]  # qkv bias, tied embeddings
+    config = ModelConfig.from_dir(path)
+    model = LlamaForCausalLM(config)
+    model.load_weights(iterate_safetensors(path))
+    hidden = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = model.compute_logits(hidden)
+        model.use_linear_kernels(cpu_ops)
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert linears and all(m.packed is not None for m in linears) and model.head_packed is not None
+        torch.testing.assert_close(model.compute_logits(hidden), want, atol=1e-4, rtol=1e-5)
+        model.use_linear_kernels(None)
+        assert all(m.packed is None for m in linears) and model.head_packed is None
+        assert torch.equal(model.compute_logits(hidden), want)
+
+
 def test_backend_is_c_on_cpu_and_falls_back_without_a_compiler(
     monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:

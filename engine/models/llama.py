@@ -7,7 +7,8 @@ residual add and the next RMSNorm run as one fused kernel; rotary embedding then
 on q/k, and the MLP's SiLU * up in one pass. `LlamaForCausalLM.use_norm_rope_kernels(ops)`
 switches to those kernels (kernels.triton_norm_rope on CUDA, kernels.cpu_ops' C on the CPU);
 without it the torch code below runs, with the same rounding points, so all give the same
-numbers up to fp32 summation order."""
+numbers up to fp32 summation order. `use_linear_kernels(ops)` likewise runs the projections and
+the LM head through a backend's product over weights it packed once (kernels.cpu_ops)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,25 @@ class Rotary(nn.Module):
         return out
 
 
+class Linear(nn.Linear):
+    """nn.Linear, or, after `use_kernels(ops)`, `ops.linear` over the weight as `ops` packed it
+    (once: the weights must be final)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.kernels: ModuleType | None = None
+        self.packed: torch.Tensor | None = None
+
+    def use_kernels(self, ops: ModuleType | None) -> None:
+        self.kernels = ops
+        self.packed = None if ops is None else ops.pack_linear_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.linear(x, self.weight, self.bias, self.packed)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -118,8 +138,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -145,8 +165,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.kernels: ModuleType | None = None  # a module with silu_and_mul, or None: torch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,6 +222,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.norm_rope_kernels: ModuleType | None = None
+        self.linear_kernels: ModuleType | None = None
+        self.head_packed: torch.Tensor | None = None  # the LM head's weight as linear_kernels packed it
 
     def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
         """Run every RMSNorm (with its residual add), the rotary embedding and the MLP's
@@ -214,6 +236,19 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, Attention):
                 module.rope_kernels = ops
 
+    def use_linear_kernels(self, ops: ModuleType | None) -> None:
+        """Run every projection and the LM head as `ops.linear` over weights `ops` packed now
+        (kernels.cpu_ops: the small-batch product in C); call it once the weights are loaded.
+        None: back to torch."""
+        self.linear_kernels = ops
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_kernels(ops)
+        self.head_packed = None if ops is None else ops.pack_linear_weight(self._head_weight())
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden] (before the norm)."""
         x = self.model.embed_tokens(input_ids)
@@ -225,8 +260,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.model.norm(hidden)
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.linear_kernels is not None:
+            return self.linear_kernels.linear(hidden, self._head_weight(), None, self.head_packed)
+        return F.linear(hidden, self._head_weight())
 
     def _shard_bounds(self, fused: str, shard: int) -> tuple[int, int]:
         c = self.config

@@ -1,0 +1,86 @@
+"""The CPU projections: torch's F.linear (the BLAS) against kernels.cpu_ops.linear (C over a
+weight packed once) on a model's shapes, for the row counts of decode and prefill steps.
+
+    python -m benchmarks.linear                       # the embedded default's shapes, 2 threads
+    python -m benchmarks.linear --model DIR --rows 1 8 32 --threads 1
+
+Both run in the same process on the same inputs, alternating, best of `--repeats` rounds of
+`--iters` calls each; the table shows GFLOP/s and C / torch. This is what sets
+kernels.cpu_ops.SMALL_BATCH_ROWS (the row count up to which the engine uses the C product).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.report import write_json
+from engine.config import ModelConfig
+
+
+def model_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """name: (K, N) of each projection of one layer, and the LM head."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    h, i = config.hidden_size, config.intermediate_size
+    return {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down": (i, h), "lm_head": (h, config.vocab_size)}
+
+
+def best_seconds(fn, iters: int, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / iters)
+    return best
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kernels import cpu_ops
+
+    if args.model is None:
+        from engine.default_model import default_model_path
+
+        args.model = default_model_path()
+    torch.set_num_threads(args.threads)
+    config = ModelConfig.from_dir(args.model)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (k, n) in model_shapes(config).items():
+        weight = torch.randn(n, k, generator=gen) / k**0.5
+        packed = cpu_ops.pack_linear_weight(weight)
+        for m in args.rows:
+            x = torch.randn(m, k, generator=gen)
+            flops = 2.0 * m * k * n
+            iters = max(2, min(200, int(args.flops_per_round / flops)))
+            torch_s = best_seconds(lambda: F.linear(x, weight), iters, args.repeats)
+            c_s = best_seconds(lambda: cpu_ops._linear_c(x, packed, None, n), iters, args.repeats)
+            diff = (cpu_ops._linear_c(x, packed, None, n) - F.linear(x, weight)).abs().max().item()
+            rows.append({"shape": name, "m": m, "k": k, "n": n, "torch_gflops": flops / torch_s / 1e9,
+                         "c_gflops": flops / c_s / 1e9, "c_over_torch": torch_s / c_s, "max_abs_diff": diff})
+            print(f"{name:>8} m={m:<5} torch {flops / torch_s / 1e9:6.1f}  C {flops / c_s / 1e9:6.1f} GFLOP/s  "
+                  f"C/torch {torch_s / c_s:5.2f}x", flush=True)
+    return {"model": args.model, "threads": args.threads, "small_batch_rows": cpu_ops.SMALL_BATCH_ROWS,
+            "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint dir for the shapes (default: embedded default)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--flops-per-round", type=float, default=2e9)
+    p.add_argument("--out", default="results/linear.json")
+    report = run(p.parse_args(argv))
+    write_json(report, p.parse_args(argv).out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
