@@ -4,9 +4,9 @@ weight packed once) on a model's shapes, for the row counts of decode and prefil
     python -m benchmarks.linear                       # the embedded default's shapes, 2 threads
     python -m benchmarks.linear --model DIR --rows 1 8 32 --threads 1
 
-Both run in the same process on the same inputs, alternating, best of `--repeats` rounds of
-`--iters` calls each; the table shows GFLOP/s and C / torch. This is what sets
-kernels.cpu_ops.SMALL_BATCH_ROWS (the row count up to which the engine uses the C product).
+Both run in the same process on the same inputs, best of `--repeats` rounds of calls each;
+the table shows GFLOP/s and C / torch. This is what decided that the engine's CPU backend runs
+every projection in C (where the weight is packed once) rather than torch's BLAS.
 """
 
 from __future__ import annotations
@@ -59,14 +59,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flops = 2.0 * m * k * n
             iters = max(2, min(200, int(args.flops_per_round / flops)))
             torch_s = best_seconds(lambda: F.linear(x, weight), iters, args.repeats)
-            c_s = best_seconds(lambda: cpu_ops._linear_c(x, packed, None, n), iters, args.repeats)
-            diff = (cpu_ops._linear_c(x, packed, None, n) - F.linear(x, weight)).abs().max().item()
+            c_s = best_seconds(lambda: cpu_ops.linear(x, packed, None, n), iters, args.repeats)
+            diff = (cpu_ops.linear(x, packed, None, n) - F.linear(x, weight)).abs().max().item()
             rows.append({"shape": name, "m": m, "k": k, "n": n, "torch_gflops": flops / torch_s / 1e9,
                          "c_gflops": flops / c_s / 1e9, "c_over_torch": torch_s / c_s, "max_abs_diff": diff})
             print(f"{name:>8} m={m:<5} torch {flops / torch_s / 1e9:6.1f}  C {flops / c_s / 1e9:6.1f} GFLOP/s  "
                   f"C/torch {torch_s / c_s:5.2f}x", flush=True)
-    return {"model": args.model, "threads": args.threads, "small_batch_rows": cpu_ops.SMALL_BATCH_ROWS,
-            "rows": rows}
+    return {"model": args.model, "threads": args.threads, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -77,8 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--flops-per-round", type=float, default=2e9)
     p.add_argument("--out", default="results/linear.json")
-    report = run(p.parse_args(argv))
-    write_json(report, p.parse_args(argv).out)
+    args = p.parse_args(argv)
+    report = run(args)
+    write_json(report, args.out)
     return report
 
 

@@ -266,3 +266,17 @@ def test_gpu_check_cpu_smoke_end_to_end(tmp_path) -> None:
     assert _positive(data["summary"]["offline"]["tiny"]["stoke_eager"])
     assert os.path.exists(tmp_path / "gpu_check" / "kernel_tests.log")
     assert report["summary"] == data["summary"]
+
+
+def test_linear_benchmark_tiny(tiny_checkpoints: dict[str, str], tmp_path) -> None:
+    """benchmarks/linear.py on a tiny model's shapes: every projection and row count timed for
+    both, and the C product agrees with torch's."""
+    from benchmarks.linear import main as linear_main
+
+    out = tmp_path / "linear.json"
+    report = linear_main(["--model", tiny_checkpoints["qwen2"], "--rows", "1", "7", "--repeats", "1",
+                          "--flops-per-round", "1e6", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [(r["shape"], r["m"]) for r in report["rows"]] == [
+        (s, m) for s in ("qkv", "o", "gate_up", "down", "lm_head") for m in (1, 7)]
+    assert all(r["torch_gflops"] > 0 and r["c_gflops"] > 0 and r["max_abs_diff"] < 1e-3 for r in report["rows"])

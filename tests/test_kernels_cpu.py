@@ -159,7 +159,7 @@ def test_silu_and_mul_matches_reference(rows: int, inner: int) -> None:
     torch.testing.assert_close(cpu_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (5, 33, 37), (6, 64, 16), (13, 48, 1000), (64, 1536, 576)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (5, 33, 37), (6, 64, 16), (13, 48, 1000), (200, 96, 50)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_matches_torch(m: int, k: int, n: int, with_bias: bool, threads: int,
@@ -174,48 +174,52 @@ def test_linear_matches_torch(m: int, k: int, n: int, with_bias: bool, threads: 
     x = wide[:, 3 : 3 + k]
     packed = cpu_ops.pack_linear_weight(weight)
     assert packed is not None and packed.numel() == -(-n // 16) * 16 * k
-    out = cpu_ops.linear(x, weight, bias, packed)
+    assert torch.equal(cpu_ops.unpack_linear_weight(packed, n, k), weight)
+    out = cpu_ops.linear(x, packed, bias, n)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=2e-5 * k**0.5, rtol=1e-5)
 
 
 def test_linear_outside_the_c_product_is_torch() -> None:
-    """Past SMALL_BATCH_ROWS rows, without a packed weight, or off fp32: torch's own result."""
+    """Inputs the C product does not take (off fp32, 3-D) get torch's result over the unpacked
+    weight; weights it can't pack are left to torch; zero rows give an empty result."""
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(40, 24, generator=gen)
     packed = cpu_ops.pack_linear_weight(weight)
-    big = torch.randn(cpu_ops.SMALL_BATCH_ROWS + 1, 24, generator=gen)
-    assert torch.equal(cpu_ops.linear(big, weight, None, packed), torch.nn.functional.linear(big, weight))
-    small = big[:3]
-    assert torch.equal(cpu_ops.linear(small, weight, None, None), torch.nn.functional.linear(small, weight))
+    x = torch.randn(3, 24, generator=gen)
+    assert torch.equal(cpu_ops.linear(x.double(), packed, None, 40), torch.nn.functional.linear(x.double(), weight.double()))
+    x3 = x.view(3, 1, 24)
+    assert torch.equal(cpu_ops.linear(x3, packed, None, 40), torch.nn.functional.linear(x3, weight))
     assert cpu_ops.pack_linear_weight(weight.half()) is None
     assert cpu_ops.pack_linear_weight(torch.randn(2, 3, 4)) is None
-    half = small.half()
-    assert torch.equal(cpu_ops.linear(half, weight.half(), None, None),
-                       torch.nn.functional.linear(half, weight.half()))
-    empty = cpu_ops.linear(small[:0], weight, None, packed)
-    assert empty.shape == (0, 40)
+    assert cpu_ops.linear(x[:0], packed, None, 40).shape == (0, 40)
 
 
-def test_model_projections_through_packed_weights(tiny_checkpoints: dict[str, str]) -> None:
-    """use_linear_kernels packs every projection and the (tied) head; logits agree with torch's,
-    and None goes back to torch."""
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])  # tied head with qkv bias; untied head
+def test_model_projections_through_packed_weights(tiny_checkpoints: dict[str, str], kind: str) -> None:
+    """use_linear_kernels packs every projection and the head in place of their weights (held
+    once), logits agree with torch's, and None unpacks the very same weights again."""
     from engine.config import ModelConfig
     from engine.models.llama import Linear, LlamaForCausalLM
     from engine.weights import iterate_safetensors
 
-    path = tiny_checkpoints["qwen2"]  # qkv bias, tied embeddings
+    path = tiny_checkpoints[kind]
     config = ModelConfig.from_dir(path)
     model = LlamaForCausalLM(config)
     model.load_weights(iterate_safetensors(path))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     hidden = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         want = model.compute_logits(hidden)
-        model.use_linear_kernels(cpu_ops)
-        linears = [m for m in model.modules() if isinstance(m, Linear)]
-        assert linears and all(m.packed is not None for m in linears) and model.head_packed is not None
+    model.use_linear_kernels(cpu_ops)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None and m.weight.numel() == 0 for m in linears)
+    assert (model.head_packed is not None) == (model.lm_head is None)
+    with torch.inference_mode():
         torch.testing.assert_close(model.compute_logits(hidden), want, atol=1e-4, rtol=1e-5)
-        model.use_linear_kernels(None)
-        assert all(m.packed is None for m in linears) and model.head_packed is None
+    model.use_linear_kernels(None)
+    assert all(m.packed is None for m in linears) and model.head_packed is None
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    with torch.inference_mode():
         assert torch.equal(model.compute_logits(hidden), want)
 
 

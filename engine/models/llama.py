@@ -111,8 +111,9 @@ class Rotary(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, or, after `use_kernels(ops)`, `ops.linear` over the weight as `ops` packed it
-    (once: the weights must be final)."""
+    """nn.Linear, or, after `use_kernels(ops)`, `ops.linear` over the weight as `ops` packed it.
+    The packed copy replaces the weight (which is then empty) until `use_kernels(None)`
+    unpacks it again, so the weights are held once."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -120,12 +121,18 @@ class Linear(nn.Linear):
         self.packed: torch.Tensor | None = None
 
     def use_kernels(self, ops: ModuleType | None) -> None:
-        self.kernels = ops
-        self.packed = None if ops is None else ops.pack_linear_weight(self.weight)
+        if self.packed is not None:  # back to the plain weight first
+            unpacked = self.kernels.unpack_linear_weight(self.packed, self.out_features, self.in_features)
+            self.weight = nn.Parameter(unpacked, requires_grad=False)
+            self.kernels = self.packed = None
+        packed = None if ops is None else ops.pack_linear_weight(self.weight)
+        if packed is not None:
+            self.kernels, self.packed = ops, packed
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None:
-            return self.kernels.linear(x, self.weight, self.bias, self.packed)
+        if self.packed is not None:
+            return self.kernels.linear(x, self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -220,10 +227,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.norm_rope_kernels: ModuleType | None = None
         self.linear_kernels: ModuleType | None = None
-        self.head_packed: torch.Tensor | None = None  # the LM head's weight as linear_kernels packed it
+        self.head_packed: torch.Tensor | None = None  # a tied head's packed copy (the embedding stays)
 
     def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
         """Run every RMSNorm (with its residual add), the rotary embedding and the MLP's
@@ -237,17 +244,15 @@ class LlamaForCausalLM(nn.Module):
                 module.rope_kernels = ops
 
     def use_linear_kernels(self, ops: ModuleType | None) -> None:
-        """Run every projection and the LM head as `ops.linear` over weights `ops` packed now
-        (kernels.cpu_ops: the small-batch product in C); call it once the weights are loaded.
-        None: back to torch."""
+        """Run every projection and the LM head as `ops.linear` over weights `ops` packs now
+        (kernels.cpu_ops: the product in C); call it once the weights are loaded. A tied head
+        gets a packed copy of the embedding. None: back to torch."""
         self.linear_kernels = ops
         for module in self.modules():
             if isinstance(module, Linear):
                 module.use_kernels(ops)
-        self.head_packed = None if ops is None else ops.pack_linear_weight(self._head_weight())
-
-    def _head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        tied = self.lm_head is None and ops is not None
+        self.head_packed = ops.pack_linear_weight(self.model.embed_tokens.weight) if tied else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden] (before the norm)."""
@@ -260,9 +265,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.model.norm(hidden)
-        if self.linear_kernels is not None:
-            return self.linear_kernels.linear(hidden, self._head_weight(), None, self.head_packed)
-        return F.linear(hidden, self._head_weight())
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if self.head_packed is not None:
+            return self.linear_kernels.linear(hidden, self.head_packed, None, self.config.vocab_size)
+        return F.linear(hidden, self.model.embed_tokens.weight)
 
     def _shard_bounds(self, fused: str, shard: int) -> tuple[int, int]:
         c = self.config

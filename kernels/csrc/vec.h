@@ -10,7 +10,8 @@ typedef float vf __attribute__((vector_size(32), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(32), aligned(4)));
 #define VL 8
 
-static inline vf splat(float x) { return (vf){0} + x; }
+/* An initializer, not `(vf){0} + x`: that is an add before the broadcast (0 + -0 is +0). */
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
 
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
