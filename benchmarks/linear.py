@@ -4,20 +4,20 @@ weight packed once) on a model's shapes, for the row counts of decode and prefil
     python -m benchmarks.linear                       # the embedded default's shapes, 2 threads
     python -m benchmarks.linear --model DIR --rows 1 8 32 --threads 1
 
-Both run in the same process on the same inputs, best of `--repeats` rounds of calls each;
-the table shows GFLOP/s and C / torch. This is what decided that the engine's CPU backend runs
+Both run in the same process on the same inputs, timed by benchmarks.kernels.Timer (the median
+of `--iters` calls after a warm-up); the table shows GFLOP/s and C / torch. This is what decided that the engine's CPU backend runs
 every projection in C (where the weight is packed once) rather than torch's BLAS.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernels import Timer
 from benchmarks.report import write_json
 from engine.config import ModelConfig
 
@@ -27,17 +27,6 @@ def model_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     h, i = config.hidden_size, config.intermediate_size
     return {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down": (i, h), "lm_head": (h, config.vocab_size)}
-
-
-def best_seconds(fn, iters: int, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     config = ModelConfig.from_dir(args.model)
     gen = torch.Generator().manual_seed(0)
+    timer = Timer(torch.device("cpu"), args.iters, warmup=2)
     rows = []
     for name, (k, n) in model_shapes(config).items():
         weight = torch.randn(n, k, generator=gen) / k**0.5
@@ -57,9 +47,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for m in args.rows:
             x = torch.randn(m, k, generator=gen)
             flops = 2.0 * m * k * n
-            iters = max(2, min(200, int(args.flops_per_round / flops)))
-            torch_s = best_seconds(lambda: F.linear(x, weight), iters, args.repeats)
-            c_s = best_seconds(lambda: cpu_ops.linear(x, packed, None, n), iters, args.repeats)
+            torch_s = timer(lambda: F.linear(x, weight)) / 1e3
+            c_s = timer(lambda: cpu_ops.linear(x, packed, None, n)) / 1e3
             diff = (cpu_ops.linear(x, packed, None, n) - F.linear(x, weight)).abs().max().item()
             rows.append({"shape": name, "m": m, "k": k, "n": n, "torch_gflops": flops / torch_s / 1e9,
                          "c_gflops": flops / c_s / 1e9, "c_over_torch": torch_s / c_s, "max_abs_diff": diff})
@@ -73,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default=None, help="checkpoint dir for the shapes (default: embedded default)")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--flops-per-round", type=float, default=2e9)
+    p.add_argument("--iters", type=int, default=50, help="timed calls per shape and row count (median)")
     p.add_argument("--out", default="results/linear.json")
     args = p.parse_args(argv)
     report = run(args)

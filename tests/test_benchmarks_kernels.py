@@ -274,8 +274,8 @@ def test_linear_benchmark_tiny(tiny_checkpoints: dict[str, str], tmp_path) -> No
     from benchmarks.linear import main as linear_main
 
     out = tmp_path / "linear.json"
-    report = linear_main(["--model", tiny_checkpoints["qwen2"], "--rows", "1", "7", "--repeats", "1",
-                          "--flops-per-round", "1e6", "--threads", "1", "--out", str(out)])
+    report = linear_main(["--model", tiny_checkpoints["qwen2"], "--rows", "1", "7", "--iters", "2",
+                          "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [(r["shape"], r["m"]) for r in report["rows"]] == [
         (s, m) for s in ("qkv", "o", "gate_up", "down", "lm_head") for m in (1, 7)]
