@@ -7,7 +7,8 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
 2. kernels: benchmarks/kernels.py at GPU sizes (time, HBM GB/s vs peak, ratio to torch);
 3. offline_*: benchmarks/offline.py with dummy weights for configs/qwen3-0.6b and
    configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
-   transformers' continuous batching on the same GPU, then stoke again with --enforce-eager;
+   transformers' continuous batching on the same GPU, then stoke again with --enforce-eager
+   and with CUDA graphs for pure-decode steps only (--cuda-graph-mode decode);
 4. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
 Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
@@ -35,6 +36,8 @@ from benchmarks.report import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped, not started
+# stoke's offline runs beside the one with every CUDA graph (and the peer): their flags.
+GRAPH_VARIANTS = {"eager": ["--enforce-eager"], "decode_graphs": ["--cuda-graph-mode", "decode"]}
 
 TINY_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
@@ -151,21 +154,21 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
             ("qwen3-0.6b", "configs/qwen3-0.6b", ["--num-requests", str(args.requests_small), *common], 150, 75),
             ("llama-3-8b", "configs/llama-3-8b", ["--num-requests", str(args.requests_large), *common], 180, 90),
         ]
-    for name, path, extra, limit_peer, limit_eager in models:
+    for name, path, extra, limit_peer, limit_alone in models:
         base = [py, "-m", "benchmarks.offline", "--model", path, "--load-format", "dummy", "--skip-static", *extra]
         stages.append(Stage(f"offline_{name}", [*base, "--out", out(f"offline_{name}")], limit_peer,
-                            out(f"offline_{name}"), "offline", {"model": name, "cuda_graphs": True}))
-        stages.append(Stage(f"offline_{name}_eager", [*base, "--enforce-eager", "--skip-transformers",
-                                                      "--out", out(f"offline_{name}_eager")],
-                            limit_eager, out(f"offline_{name}_eager"), "offline",
-                            {"model": name, "cuda_graphs": False}))
-    # Priority when time runs short: stoke (CUDA graphs) against transformers for both models,
-    # then the eager runs (graphs off).
+                            out(f"offline_{name}"), "offline", {"model": name, "graphs": "full"}))
+        for graphs, flags in GRAPH_VARIANTS.items():
+            stage = f"offline_{name}_{graphs}"
+            stages.append(Stage(stage, [*base, *flags, "--skip-transformers", "--out", out(stage)],
+                                limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
+    # Priority when time runs short: stoke (all CUDA graphs) against transformers for both
+    # models, then eager (graphs off), then graphs for pure decodes only.
     order = {"kernel_tests": 0, "kernels": 1}
     for s in stages:
         if s.kind == "offline":
             model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
-            order[s.name] = 2 + model_rank + (0 if s.meta["cuda_graphs"] else 2)
+            order[s.name] = 2 + model_rank + 2 * ["full", *GRAPH_VARIANTS].index(s.meta["graphs"])
     stages.sort(key=lambda s: order[s.name])
     if args.stages:
         stages = [s for s in stages if s.name in args.stages]
@@ -201,11 +204,13 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
             entry = summary["offline"].setdefault(r.meta["model"], {})
             systems = r.result["systems"]
-            key = "stoke_cuda_graphs" if r.meta["cuda_graphs"] else "stoke_eager"
+            key = {"full": "stoke_cuda_graphs", "eager": "stoke_eager",
+                   "decode_graphs": "stoke_decode_graphs"}[r.meta["graphs"]]
             stoke = systems.get("stoke", {})
             entry[key] = stoke.get("useful_tokens_per_second")
             entry[f"{key}_extra"] = {k: stoke.get("extra", {}).get(k) for k in (
                 "num_steps", "forward_seconds", "sample_seconds", "schedule_seconds", "cuda_graph_buckets",
+                "cuda_graph_token_buckets", "cuda_graph_capture_seconds",
                 "fused_norm_rope", "num_kv_blocks", "memory_profile", "dtype", "device")}
             if "continuous" in systems:
                 entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
@@ -214,8 +219,10 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             entry["workload"] = r.result.get("workload")
     for model, e in summary["offline"].items():
         cb, graphs, eager = e.get("transformers_cb"), e.get("stoke_cuda_graphs"), e.get("stoke_eager")
+        decode_only = e.get("stoke_decode_graphs")
         e["stoke_vs_transformers_cb"] = graphs / cb if graphs and cb else None
         e["cuda_graphs_speedup"] = graphs / eager if graphs and eager else None
+        e["mixed_graphs_speedup"] = graphs / decode_only if graphs and decode_only else None
         e["goal_vs_transformers_cb"] = 3.0
     return summary
 
@@ -284,12 +291,13 @@ def render(report: dict[str, Any]) -> str:
                          f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share
                          else f"  attention share, {share['model']}: -")
     if s.get("offline"):
-        lines += ["", f"{'offline (useful tok/s)':<24}{'stoke graphs':>14}{'stoke eager':>13}{'HF CB':>10}"
-                      f"{'stoke/HF':>10}{'graphs/eager':>14}"]
+        lines += ["", f"{'offline (useful tok/s)':<24}{'stoke graphs':>14}{'decode graphs':>15}{'stoke eager':>13}"
+                      f"{'HF CB':>10}{'stoke/HF':>10}{'graphs/eager':>14}{'full/decode':>13}"]
         for model, e in s["offline"].items():
-            lines.append(f"{model:<24}{_f(e.get('stoke_cuda_graphs'), '.0f'):>14}{_f(e.get('stoke_eager'), '.0f'):>13}"
+            lines.append(f"{model:<24}{_f(e.get('stoke_cuda_graphs'), '.0f'):>14}"
+                         f"{_f(e.get('stoke_decode_graphs'), '.0f'):>15}{_f(e.get('stoke_eager'), '.0f'):>13}"
                          f"{_f(e.get('transformers_cb'), '.0f'):>10}{_f(e.get('stoke_vs_transformers_cb')):>10}"
-                         f"{_f(e.get('cuda_graphs_speedup')):>14}")
+                         f"{_f(e.get('cuda_graphs_speedup')):>14}{_f(e.get('mixed_graphs_speedup')):>13}")
         lines.append("  goal: stoke >= 3x transformers continuous batching on the same GPU")
         for model, e in s["offline"].items():
             for peer, error in (e.get("peer_errors") or {}).items():

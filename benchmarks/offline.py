@@ -15,7 +15,7 @@ matmul rate at the model's MLP shape, and the fraction of it the engine achieves
 
 On a GPU (what `make gpu-check` runs): random weights from a shipped config, bf16, both
 engines on the card, transformers' continuous batching as the peer (--enforce-eager turns
-stoke's CUDA graphs off):
+stoke's CUDA graphs off, --cuda-graph-mode decode keeps them for pure-decode steps only):
 
     python -m benchmarks.offline --model configs/qwen3-0.6b --load-format dummy --dtype bfloat16 \
         --num-requests 512 --skip-static
@@ -159,6 +159,7 @@ def run_stoke(path: str | None, workload: Workload, args: argparse.Namespace) ->
     t0 = time.perf_counter()
     engine_args: dict[str, Any] = dict(
         dtype=args.dtype, device=args.device, load_format=args.load_format, enforce_eager=args.enforce_eager,
+        cuda_graph_mode=args.cuda_graph_mode,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens)
     if args.gpu_memory_utilization is not None:
@@ -202,6 +203,8 @@ def run_stoke(path: str | None, workload: Workload, args: argparse.Namespace) ->
             "device": str(llm.engine.runner.device),
             "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
             "cuda_graph_buckets": llm.engine.runner.cuda_graphs.buckets if llm.engine.runner.cuda_graphs else [],
+            "cuda_graph_token_buckets": (llm.engine.runner.cuda_graphs.token_buckets
+                                         if llm.engine.runner.cuda_graphs else []),
             "cuda_graph_capture_seconds": (llm.engine.runner.cuda_graphs.capture_seconds
                                            if llm.engine.runner.cuda_graphs else 0.0),
             "fused_norm_rope": llm.engine.runner.model.norm_rope_kernels is not None,
@@ -486,6 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "CUDA graphs' block tables are this wide")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="stoke on CUDA (default: its own)")
     p.add_argument("--enforce-eager", action="store_true", help="stoke: no CUDA graphs")
+    p.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
+                   help="stoke: graphs for decode and mixed steps (full) or pure-decode steps only")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="every system")
     p.add_argument("--device", default="auto", help="every system: auto (CUDA if present), cpu, cuda")

@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+CUDA_GRAPH_MODES = ("full", "decode")  # full: decode and mixed steps; decode: pure decodes only
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -117,12 +119,19 @@ class EngineConfig:
     max_num_partial_prefills: int = 2
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
-    # CUDA graphs replay pure-decode steps (CUDA with the Triton backend only); True: never.
+    # CUDA graphs (CUDA with the Triton backend only): "full" replays pure-decode steps and
+    # steps with prefills, "decode" pure-decode steps only; enforce_eager: never.
+    cuda_graph_mode: str = "full"
     enforce_eager: bool = False
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, capped by the model's positions."""
         return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+    def resolve_cuda_graph_mode(self) -> str:
+        if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graph_mode must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graph_mode!r}")
+        return self.cuda_graph_mode
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -2,8 +2,9 @@
 
 The model's RMSNorm/residual adds, rotary and SiLU * up run as fused kernels where the
 backend has them (C with the CPU backend, Triton on CUDA). On CUDA with the Triton backend,
-two more things change (the CPU path is the plain one below): pure-decode steps
-replay CUDA graphs (engine/cuda_graphs.py; `enforce_eager` turns them off); and a step's
+two more things change (the CPU path is the plain one below): steps replay CUDA graphs
+(engine/cuda_graphs.py: pure decodes by batch size, steps with prefills by token count;
+`cuda_graph_mode="decode"` keeps only the first, `enforce_eager` turns both off); and a step's
 inputs reach the device in one packed copy (engine/transfer.py).
 """
 
@@ -20,7 +21,15 @@ import torch
 import kernels
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
-from engine.cuda_graphs import CudaGraphRunner, batch_buckets, bucket_for, pad_decode_inputs
+from engine.cuda_graphs import (
+    CudaGraphRunner,
+    GraphKey,
+    batch_buckets,
+    pad_decode_inputs,
+    pad_mixed_sequences,
+    pad_tokens,
+    token_buckets,
+)
 from engine.models.llama import LlamaForCausalLM
 from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
@@ -108,6 +117,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.backend = kernels.attention_backend(self.device)
         self.max_model_len = config.resolve_max_model_len(model_config)
+        self.cuda_graph_mode = config.resolve_cuda_graph_mode()
         # What the card held before this engine took anything: the memory profile charges this
         # engine for its own growth only, so another engine or process beside it is not counted.
         self.cuda_baseline: CudaMemory | None = None
@@ -122,7 +132,10 @@ class ModelRunner:
             self.model.use_norm_rope_kernels(self.backend)
             self.model.use_linear_kernels(self.backend)
         # CUDA graphs need host-sync-free kernels: CUDA with the Triton backend only.
-        self.graph_buckets = batch_buckets(config.max_num_seqs) if on_gpu_triton and not config.enforce_eager else []
+        graphs = on_gpu_triton and not config.enforce_eager
+        self.graph_buckets = batch_buckets(config.max_num_seqs) if graphs else []
+        self.graph_token_buckets = (token_buckets(config.max_num_batched_tokens)
+                                    if graphs and self.cuda_graph_mode == "full" else [])
         self.graph_table_width = -(-self.max_model_len // self.block_size)
         self.memory_profile: dict[str, Any] = {}
         self.num_blocks = self._num_kv_blocks()
@@ -131,9 +144,12 @@ class ModelRunner:
         if self.graph_buckets:
             self._capture_cuda_graphs()
 
+    def _graph_runner(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CudaGraphRunner:
+        return CudaGraphRunner(self.model, self.model.compute_logits, kv_caches, self.backend, self.graph_buckets,
+                               self.graph_token_buckets, self.config.max_num_seqs, self.graph_table_width, self.device)
+
     def _capture_cuda_graphs(self) -> None:
-        graphs = CudaGraphRunner(self._decode_forward, self.kv_caches, self.backend, self.graph_buckets,
-                                 self.graph_table_width, self.device)
+        graphs = self._graph_runner(self.kv_caches)
         try:
             graphs.capture()
         except Exception as e:  # noqa: BLE001 - serve eagerly rather than not at all, and say so
@@ -269,33 +285,33 @@ class ModelRunner:
         return budget
 
     def _cuda_graph_reserve(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Bytes the captured graphs will hold: the largest bucket's decode step peak (measured
-        eagerly here; every capture's intermediates reuse it, they share one pool), plus the
-        logits of every other bucket, plus the static inputs, plus allocator rounding."""
+        """Bytes the captured graphs will hold: the peak of the largest decode and mixed graphs'
+        forwards (measured eagerly here on the static inputs; every capture's intermediates reuse
+        the largest one's, they share one pool), plus every other graph's output, plus the
+        static inputs, plus allocator rounding."""
         dev = self.device
-        b, width = self.graph_buckets[-1], self.graph_table_width
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((b,), -1, dtype=torch.long, device=dev),
-            block_tables=torch.zeros((b, width), dtype=torch.int32, device=dev),
-            context_lens=torch.ones(b, dtype=torch.int32, device=dev),
-            num_decodes=b,
-            prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
-            kv_caches=caches,
-            backend=self.backend,
-        )
-        ids = torch.zeros(b, dtype=torch.long, device=dev)
-        torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        out = self._decode_forward(ids, ids, meta)
-        torch.cuda.synchronize(dev)
-        decode_peak = torch.cuda.max_memory_allocated(dev) - before
-        logits_row = out.shape[1] * out.element_size()
-        del out
-        others = sum(self.graph_buckets[:-1]) * logits_row
-        static = b * (3 * 8 + 4) + b * width * 4
-        rounding = 2 * (2 << 20) * len(self.graph_buckets)
-        return decode_peak + others + static + rounding + CUDA_GRAPH_SLACK_BYTES
+        graphs = self._graph_runner(caches)
+        static = sum(t.numel() * t.element_size() for t in (
+            graphs.input_ids, graphs.positions, graphs.slot_mapping, graphs.context_lens, graphs.block_tables,
+            graphs.cu_seqlens, graphs.logits_indices))
+        largest: list[GraphKey] = [("decode", graphs.buckets[-1])]
+        if graphs.token_buckets:
+            largest.append(("mixed", graphs.token_buckets[-1]))
+        peak, row_bytes = 0, {}
+        for key in largest:
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            out = graphs.run(key)
+            torch.cuda.synchronize(dev)
+            peak = max(peak, torch.cuda.max_memory_allocated(dev) - before)
+            row_bytes[key[0]] = out.shape[1] * out.element_size()
+            del out
+        others = sum(graphs.buckets[:-1]) * row_bytes["decode"]
+        if graphs.token_buckets:
+            others += (len(graphs.token_buckets) - 1) * graphs.max_num_seqs * row_bytes["mixed"]
+        rounding = 2 * (2 << 20) * len(graphs.keys)
+        return peak + others + static + rounding + CUDA_GRAPH_SLACK_BYTES
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
@@ -306,11 +322,6 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(c.num_layers)
         ]
-
-    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                        meta: AttentionMetadata) -> torch.Tensor:
-        """What a CUDA graph holds: the model and the LM head over every row."""
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
 
     # ------------------------------------------------------------------ a step
     def host_inputs(self, batch: ScheduledBatch) -> HostInputs:
@@ -358,33 +369,51 @@ class ModelRunner:
         groups = min(DECODE_GROUPS, num_decodes // MIN_DECODE_GROUP)
         return tuple(num_decodes * (g + 1) // groups for g in range(groups))
 
-    def graph_bucket(self, batch: ScheduledBatch) -> int | None:
-        """The CUDA graph bucket that runs this step, or None (eager): pure decodes only,
-        every context within the captured table width."""
-        if self.cuda_graphs is None or batch.num_decodes != len(batch.requests) or not batch.requests:
+    def graph_key(self, batch: ScheduledBatch) -> GraphKey | None:
+        """The CUDA graph that runs this step, or None (eager): a decode graph for pure decodes,
+        else a mixed one for the step's token count; every context within the captured width."""
+        if self.cuda_graphs is None or not batch.requests:
             return None
-        if max(r.num_computed_tokens for r in batch.requests) >= self.max_model_len:
+        if max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)) > self.max_model_len:
             return None
-        return bucket_for(self.cuda_graphs.buckets, len(batch.requests))
+        if batch.num_decodes == len(batch.requests):
+            bucket = self.cuda_graphs.bucket(len(batch.requests))
+            if bucket is not None:
+                return "decode", bucket
+        bucket = self.cuda_graphs.token_bucket(sum(batch.num_tokens))
+        if bucket is None or len(batch.requests) > self.cuda_graphs.max_num_seqs:
+            return None
+        return "mixed", bucket
 
-    def _execute_graph(self, batch: ScheduledBatch, bucket: int) -> tuple[torch.Tensor, list[int]]:
+    def _execute_graph(self, batch: ScheduledBatch, key: GraphKey) -> tuple[torch.Tensor, list[int]]:
         h = self.host_inputs(batch)
+        kind, bucket = key
         n = len(batch.requests)
-        pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens, h.tables)
-        ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device)
-        out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
-        rows = out[: len(h.logits_indices)] if h.logits_indices == list(range(len(h.logits_indices))) \
-            else out[logits_indices]
-        # A copy: `out` is the graph's static memory, which the next replay overwrites.
-        return rows.to(torch.float32, copy=True), h.sampling_rows
+        num_logits = len(h.logits_indices)
+        if kind == "decode":
+            pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens, h.tables)
+            ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device)
+            out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
+            rows = out[:num_logits] if h.logits_indices == list(range(num_logits)) else out[logits_indices]
+            # A copy: `out` is the graph's static memory, which the next replay overwrites.
+            return rows.to(torch.float32, copy=True), h.sampling_rows
+        # Every sequence through the prefill kernel: the decodes (first) are one-token sequences.
+        nd = batch.num_decodes
+        h.cu_seqlens = list(range(nd + 1)) + [nd + c for c in h.cu_seqlens[1:]]
+        pad_tokens(bucket - len(h.input_ids), h.input_ids, h.positions, h.slots)
+        pad_mixed_sequences(self.cuda_graphs.max_num_seqs, h.cu_seqlens, h.context_lens, h.logits_indices)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device)
+        hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_seqlens,
+                                               logits_indices)
+        return self.model.compute_logits(hidden[:num_logits]).float(), h.sampling_rows
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = ()) -> StepLogits:
         """Run the step: fp32 logits for the sampling requests, and for the requests at batch
         indices `all_logits_rows` (prompt logprobs) the logits of every position computed."""
-        bucket = None if all_logits_rows else self.graph_bucket(batch)
-        if bucket is not None:
-            return StepLogits(*self._execute_graph(batch, bucket))
+        key = None if all_logits_rows else self.graph_key(batch)
+        if key is not None:
+            return StepLogits(*self._execute_graph(batch, key))
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

@@ -11,9 +11,12 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   table's width only — never from the context lengths' values — so the call does no host sync
   and is safe to capture in a CUDA graph.
 - `paged_prefill_attention`: FlashAttention-2 style over ragged sequences: one program per
-  (query tile, query head); the tile finds its sequence by binary search over `cu_seqlens_q`
-  (again no host sync). Key tiles fully below the tile's first query position run without
-  a mask; the tiles on the diagonal apply the causal mask.
+  (query tile, kv head) with the group's query heads packed into the tile's rows (GQA: each
+  K/V tile is read once per kv head, as in decode), or per (query tile, query head) when the
+  group is not a power of two; the tile finds its sequence by binary search over
+  `cu_seqlens_q` (again no host sync). Key tiles fully below the tile's first query position
+  run without a mask; the tiles on the diagonal apply the causal mask. A decode is a sequence
+  with one new token, so one launch can attend a whole mixed step (the mixed CUDA graphs).
 
 Keys are gathered token by token through the block table (a tile may span several cache
 blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
@@ -278,14 +281,14 @@ def paged_decode_attention(
 
 
 @triton.jit
-def _find_sequence(cu_seqlens_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
-    """The sequence owning query tile `tile`: sequence b owns tiles from cu[b] // BLOCK_M + b
-    (an upper bound of the tiles before it, so a grid of Tq // BLOCK_M + B tiles covers all)."""
+def _find_sequence(cu_seqlens_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence owning query tile `tile`: sequence b owns tiles from cu[b] // BLOCK_Q + b
+    (an upper bound of the tiles before it, so a grid of Tq // BLOCK_Q + B tiles covers all)."""
     lo: tl.int32 = 0
     hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        first = tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid
+        first = tl.load(cu_seqlens_ptr + mid) // BLOCK_Q + mid
         if first <= tile:
             lo = mid + 1
         else:
@@ -301,29 +304,36 @@ def _prefill_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
     stride_bt, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
+    # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
     pid = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = _find_sequence(cu_seqlens_ptr, pid, num_seqs, BLOCK_M)
+    if HEADS > 1:
+        first_head = tl.program_id(1) * GROUP
+    else:
+        first_head = tl.program_id(1)
+    kvh = first_head // GROUP
+    seq = _find_sequence(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
-    tile = pid - (q_start // BLOCK_M + seq)
-    if tile * BLOCK_M >= q_len:
+    tile = pid - (q_start // BLOCK_Q + seq)
+    if tile * BLOCK_Q >= q_len:
         return
     ctx = tl.load(context_lens_ptr + seq)
-    kvh = h // GROUP
 
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_q = tile * BLOCK_Q + rows // HEADS
+    heads = first_head + rows % HEADS
+    row_mask = (offs_q < q_len) & (rows % HEADS < GROUP)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_mask = offs_m < q_len
-    tok = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None], other=0.0)
-    positions = ctx - q_len + offs_m  # padding rows (past q_len) see keys < ctx only
+    tok = (q_start + offs_q).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None], other=0.0)
+    positions = ctx - q_len + offs_q  # padding rows (past q_len) see keys < ctx only
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -331,8 +341,8 @@ def _prefill_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
     v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
-    first_pos = ctx - q_len + tile * BLOCK_M
-    end = tl.minimum(first_pos + BLOCK_M, ctx)  # keys past the tile's last position are unseen
+    first_pos = ctx - q_len + tile * BLOCK_Q
+    end = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last position are unseen
     # Key tiles wholly at or below the first row's position: visible to every row, no mask.
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     for start in range(0, full_end, BLOCK_N):
@@ -362,8 +372,8 @@ def _prefill_kernel(
                                      kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+    tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
 def paged_prefill_attention(
@@ -374,8 +384,15 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    pack_gqa: bool | None = None,
 ) -> torch.Tensor:
-    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated)."""
+    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
+    Sequences may have no new tokens, and tokens past `cu_seqlens_q[-1]` belong to none (their
+    rows are left unwritten): a padded step for a CUDA graph.
+
+    `pack_gqa` forces whether a program takes all query heads of a kv head (None: when the
+    group is a power of two, so no row of the tile is wasted)."""
     Tq, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
     block_size = k_cache.shape[1]
@@ -386,8 +403,14 @@ def paged_prefill_attention(
     q = _last_dim_contiguous(q)
     block_tables, context_lens = _rows_contiguous(block_tables), context_lens.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous()
+    group = num_heads // num_kv_heads
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
-    grid = (Tq // block_m + num_seqs, num_heads)
+    if pack_gqa is None:
+        pack_gqa = group & (group - 1) == 0
+    heads = triton.next_power_of_2(group) if pack_gqa else 1
+    block_m = max(block_m, heads)
+    block_q = block_m // heads
+    grid = (Tq // block_q + num_seqs, num_kv_heads if heads > 1 else num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         scale * LOG2E, num_seqs,
@@ -395,8 +418,8 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
+        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

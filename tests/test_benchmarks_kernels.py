@@ -102,7 +102,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     stages = gpu_check.plan(args, str(tmp_path))
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
-                     "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
+                     "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager",
+                     "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
     tests = stages[0].command
     assert "-m" in tests and "gpu" in tests and "tests/test_kernels_triton.py" in tests
@@ -110,7 +111,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         cmd = " ".join(s.command)
         assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
         assert ("--enforce-eager" in cmd) == s.name.endswith("_eager")
-        assert ("--skip-transformers" in cmd) == s.name.endswith("_eager")
+        assert ("--cuda-graph-mode decode" in cmd) == s.name.endswith("_decode_graphs")
+        assert ("--skip-transformers" in cmd) == s.name.endswith(("_eager", "_decode_graphs"))
     assert "--num-requests 512" in " ".join(stages[2].command)
     # Without pytest (the bare GPU box), the stand-in runs the same selection.
     monkeypatch.setattr(gpu_check, "has_pytest", lambda: False)
@@ -229,25 +231,30 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
         "stoke": {"useful_tokens_per_second": 300.0, "extra": {"num_steps": 9, "cuda_graph_buckets": [1, 2]}},
         "continuous": {"useful_tokens_per_second": 100.0}}}
     eager = {"workload": {"num_requests": 4}, "systems": {"stoke": {"useful_tokens_per_second": 150.0, "extra": {}}}}
+    decode_only = {"workload": {"num_requests": 4},
+                   "systems": {"stoke": {"useful_tokens_per_second": 240.0, "extra": {}}}}
     results = [
         gpu_check.StageResult("kernel_tests", "ok", 3.0, 0, result={"passed": 5, "failed": 1, "skipped": 0,
                               "failures": [{"test": "t::x", "error": "e"}]}, meta={"runner": "mini_pytest"}),
         gpu_check.StageResult("kernels", "ok", 2.0, 0, result=kernels_report),
-        gpu_check.StageResult("offline_m", "ok", 5.0, 0, result=offline, meta={"model": "m", "cuda_graphs": True}),
+        gpu_check.StageResult("offline_m", "ok", 5.0, 0, result=offline, meta={"model": "m", "graphs": "full"}),
         gpu_check.StageResult("offline_m_eager", "timeout", 9.0, None, reason="killed\nat the limit",
-                              result=eager, meta={"model": "m", "cuda_graphs": False}),
+                              result=eager, meta={"model": "m", "graphs": "eager"}),
+        gpu_check.StageResult("offline_m_decode_graphs", "ok", 6.0, 0, result=decode_only,
+                              meta={"model": "m", "graphs": "decode_graphs"}),
     ]
     summary = gpu_check.summarise(results, str(tmp_path))
     assert summary["tests"]["passed"] == 5 and summary["tests"]["failures"] == ["t::x"]
     m = summary["offline"]["m"]
     assert m["stoke_vs_transformers_cb"] == pytest.approx(3.0) and m["cuda_graphs_speedup"] == pytest.approx(2.0)
+    assert m["mixed_graphs_speedup"] == pytest.approx(1.25) and m["stoke_decode_graphs"] == 240.0
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
-    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
+    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25",
                    "decode_vs_sdpa", "attention share"):
         assert needle in table, needle
 

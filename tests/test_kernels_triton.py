@@ -198,10 +198,12 @@ PREFILL_CONFIGS = [  # (query heads per kv head, kv heads, head_dim, block_size,
 
 @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,dtype", PREFILL_CONFIGS)
 @pytest.mark.parametrize("prefix", ["none", "cached"])
+@pytest.mark.parametrize("pack_gqa", [True, False])
 def test_prefill_matches_reference(
     ops: ModuleType, group: int, num_kv_heads: int, head_dim: int, block_size: int,
-    dtype: torch.dtype, prefix: str,
+    dtype: torch.dtype, prefix: str, pack_gqa: bool,
 ) -> None:
+    """Both tilings: query heads packed per kv head (a group of 3 pads its tile rows) or not."""
     gen = torch.Generator().manual_seed(group + head_dim + (prefix == "cached"))
     lens = ragged_lens(gen, 1, block_size, 40)
     if prefix == "none":  # whole prompts: several query and key tiles, the diagonal in each
@@ -218,10 +220,37 @@ def test_prefill_matches_reference(
     context_lens = torch.tensor(lens, dtype=torch.int32)
     expected = expected_prefill(q, k_cache, v_cache, tables, cu_seqlens, context_lens)
     out = ops.paged_prefill_attention(
-        *to_device(q, k_cache, v_cache, tables, cu_seqlens, context_lens), SCALE
+        *to_device(q, k_cache, v_cache, tables, cu_seqlens, context_lens), SCALE, pack_gqa=pack_gqa
     )
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int) -> None:
+    """What a mixed CUDA graph launches: decodes (one new token) and chunks in one call, then
+    sequences with no new token and tokens of no sequence up to the captured sizes. The real
+    rows equal decode + prefill on their parts; the padding rows are never written."""
+    gen = torch.Generator().manual_seed(12 + group)
+    lens, q_lens = [9, 33, 1, 40, 21], [1, 1, 1, 23, 21]  # three decodes, a cached prefix, a prompt
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float32, gen, pad_id=-1)
+    n = sum(q_lens)
+    q = torch.randn(n, 2 * group, 16, generator=gen)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    want = torch.cat([
+        expected_decode(q[:3], k_cache, v_cache, tables[:3], context_lens[:3]),
+        expected_prefill(q[3:], k_cache, v_cache, tables[3:], torch.tensor([0, 23, 44], dtype=torch.int32),
+                         context_lens[3:]),
+    ])
+    stale_to_nan(k_cache, v_cache, tables, lens)
+    pad_seqs, pad_tokens = 3, 19
+    cu = torch.tensor([0, *q_lens] + [0] * pad_seqs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    padded_q = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"))])
+    padded_tables = torch.cat([tables, torch.zeros((pad_seqs, tables.shape[1]), dtype=tables.dtype)])
+    padded_lens = torch.cat([context_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
+    out = ops.paged_prefill_attention(*to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens),
+                                      SCALE).cpu()
+    torch.testing.assert_close(out[:n], want, **TOL[torch.float32])
 
 
 def test_prefill_ignores_stale_slots_and_equals_decode(ops: ModuleType) -> None:

@@ -26,7 +26,15 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.cuda_graphs import CudaGraphRunner, batch_buckets, bucket_for, pad_decode_inputs  # noqa: E402
+from engine.cuda_graphs import (  # noqa: E402
+    CudaGraphRunner,
+    batch_buckets,
+    bucket_for,
+    pad_decode_inputs,
+    pad_mixed_sequences,
+    pad_tokens,
+    token_buckets,
+)
 from engine.sampler import Sampler, SamplingRow  # noqa: E402
 from engine.transfer import to_device  # noqa: E402
 
@@ -146,53 +154,70 @@ def test_buckets_and_padding() -> None:
     pad_decode_inputs(2, 4, ids, pos, slots, ctx, tables)
     assert ids == [5, 6, 0, 0] and pos == [10, 3, 0, 0] and slots == [42, 7, -1, -1] and ctx == [11, 4, 0, 0]
     assert tables == [[1, 2], [3, 0], [0, 0], [0, 0]]
+    assert token_buckets(2048) == [32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert token_buckets(100) == [32, 48, 64, 96, 100]
+    assert token_buckets(64) == [32, 48, 64]
+    assert token_buckets(20) == [20]
+    with pytest.raises(ValueError):
+        token_buckets(0)
+    ids, pos, slots = [5, 6, 7], [0, 1, 9], [3, 4, 8]
+    pad_tokens(2, ids, pos, slots)
+    assert ids == [5, 6, 7, 0, 0] and pos == [0, 1, 9, 0, 0] and slots == [3, 4, 8, -1, -1]
+    cu, ctx, rows = [0, 1, 3], [9, 2], [0, 2]
+    pad_mixed_sequences(4, cu, ctx, rows)
+    assert cu == [0, 1, 3, 3, 3] and ctx == [9, 2, 0, 0] and rows == [0, 2, 0, 0]
 
 
 class EagerGraph:
     """Stands in for a captured CUDA graph on the CPU: replay runs the forward on the static
     input buffers and writes the graph's static output, exactly what a real replay does."""
 
-    def __init__(self, runner: CudaGraphRunner, bucket: int, log: list[int]) -> None:
-        self.runner, self.bucket, self.log = runner, bucket, log
+    def __init__(self, runner: CudaGraphRunner, key: tuple[str, int], log: list[tuple[str, int]]) -> None:
+        self.runner, self.key, self.log = runner, key, log
 
     def replay(self) -> None:
-        g, b = self.runner, self.bucket
-        self.log.append(b)
+        self.log.append(self.key)
         with torch.inference_mode():
-            g.outputs[b].copy_(g.forward(g.input_ids[:b], g.positions[:b], g._meta(b)))
+            self.runner.outputs[self.key].copy_(self.runner.run(self.key))
 
 
-def with_eager_graphs(llm: LLM, max_num_seqs: int) -> list[int]:
-    """Give llm's runner CUDA-graph machinery whose graphs replay eagerly; returns the log of
-    replayed buckets."""
+def with_eager_graphs(llm: LLM, max_num_seqs: int, tokens: list[int] = ()) -> list[tuple[str, int]]:
+    """Give llm's runner CUDA-graph machinery (decode graphs, and mixed ones for `tokens`)
+    whose graphs replay eagerly; returns the log of replayed graphs."""
     runner = llm.engine.runner
-    log: list[int] = []
-    g = CudaGraphRunner(runner._decode_forward, runner.kv_caches, runner.backend, batch_buckets(max_num_seqs),
-                        runner.graph_table_width, runner.device)
-    vocab = runner.model_config.vocab_size
-    for b in g.buckets:
-        g.graphs[b] = EagerGraph(g, b, log)
-        g.outputs[b] = torch.full((b, vocab), float("nan"))  # stale garbage must never leak out
+    log: list[tuple[str, int]] = []
+    g = CudaGraphRunner(runner.model, runner.model.compute_logits, runner.kv_caches, runner.backend,
+                        batch_buckets(max_num_seqs), list(tokens), max_num_seqs, runner.graph_table_width,
+                        runner.device)
+    c = runner.model_config
+    for key in g.keys:
+        g.graphs[key] = EagerGraph(g, key, log)
+        shape = (key[1], c.vocab_size) if key[0] == "decode" else (max_num_seqs, c.hidden_size)
+        g.outputs[key] = torch.full(shape, float("nan"))  # stale garbage must never leak out
     # Stale static inputs from "earlier steps": every replay must overwrite what it reads.
     g.input_ids.fill_(7)
     g.positions.fill_(3)
     g.block_tables.fill_(5)
+    g.context_lens.fill_(9)
+    g.cu_seqlens.fill_(2)
     runner.cuda_graphs = g
     execute_graph = runner._execute_graph
 
-    def spy(batch, bucket):
-        padded.append(len(batch.requests) < bucket)
-        return execute_graph(batch, bucket)
+    def spy(batch, key):
+        padded.append(len(batch.requests) < key[1] if key[0] == "decode" else sum(batch.num_tokens) < key[1])
+        steps.append((key[0], batch.num_decodes, len(batch.requests)))
+        return execute_graph(batch, key)
 
     padded: list[bool] = []
+    steps: list[tuple[str, int, int]] = []  # (graph kind, decodes, sequences) of each replayed step
     runner._execute_graph = spy
-    runner.padded_replays = padded
+    runner.padded_replays, runner.replayed_steps = padded, steps
     return log
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=interpreter_only)])
-def test_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                                              backend: str) -> None:
+def test_decode_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str],
+                                                     monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     monkeypatch.setenv(kernels.BACKEND_ENV, backend)
     path = tiny_checkpoints["llama"]
     # The interpreter is slow: a smaller run for Triton (whose padding rows see context 0).
@@ -208,7 +233,7 @@ def test_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str], 
     got = [o.outputs[0].token_ids for o in llm.generate(ps, params)]
     assert got == expected
     # the batch shrinks as requests finish, down to one row; 3 decoding rows replay bucket 4
-    assert {1, 2, 4} <= set(log), log
+    assert {("decode", 1), ("decode", 2), ("decode", 4)} <= set(log), log
     assert any(llm.engine.runner.padded_replays)
     # logprobs through a replayed step are those of the eager step
     lp = SamplingParams(max_tokens=3, logprobs=2, **GREEDY)
@@ -220,7 +245,38 @@ def test_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str], 
             assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
 
 
-def test_graph_bucket_choice(tiny_checkpoints: dict[str, str]) -> None:
+@interpreter_only
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str],
+                                                    monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Steps with prefill chunks (whole prompts, chunks after a cached prefix, decodes beside
+    them) through the mixed graphs' padded inputs and single prefill launch per layer: the
+    tokens and logprobs of the eager Triton path, and no KV block leaks."""
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    path = tiny_checkpoints[kind]
+    lens = (3, 6, 2, 5, 4)
+    ps = prompts(4, len(lens), 2, 30)
+    ps[3] = ps[0][:20] + ps[3]  # a cached prefix (prefix caching on): its chunk starts past it
+    params = [SamplingParams(max_tokens=n, logprobs=1, **GREEDY) for n in lens]
+    args = dict(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, max_model_len=128,
+                max_num_partial_prefills=2, dtype="float32", **CPU)
+    want = LLM(path, **args).generate(ps, params)
+    llm = LLM(path, **args)
+    log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
+    have = llm.generate(ps, params)
+    for a, b in zip(have, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    steps = llm.engine.runner.replayed_steps
+    assert {k for k, _ in log} == {"decode", "mixed"}, log
+    assert any(k == "mixed" and 0 < nd < n for k, nd, n in steps), steps  # decodes beside a chunk
+    assert any(llm.engine.runner.padded_replays)
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+
+
+def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
     from scheduler import ScheduledBatch
 
     llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=16, max_num_seqs=4, max_model_len=64, **CPU)
@@ -228,14 +284,26 @@ def test_graph_bucket_choice(tiny_checkpoints: dict[str, str]) -> None:
     llm.engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=8, **GREEDY))
     llm.engine.step()  # the prefill
     request = llm.engine.scheduler.running[0]
-    assert runner.graph_bucket(ScheduledBatch([request], [1], num_decodes=1)) is None  # no graphs yet
+    assert runner.graph_key(ScheduledBatch([request], [1], num_decodes=1)) is None  # no graphs yet
     with_eager_graphs(llm, 4)
-    assert runner.graph_bucket(ScheduledBatch([request], [1], num_decodes=1)) == 1
-    assert runner.graph_bucket(ScheduledBatch([request], [1], num_decodes=0)) is None  # a prefill chunk
-    assert runner.graph_bucket(ScheduledBatch([], [], num_decodes=0)) is None
-    assert runner.graph_bucket(ScheduledBatch([request] * 5, [1] * 5, num_decodes=5)) is None  # > largest bucket
-    assert runner.graph_bucket(ScheduledBatch([request] * 3, [1] * 3, num_decodes=3)) == 4
+    assert runner.graph_key(ScheduledBatch([request], [1], num_decodes=1)) == ("decode", 1)
+    assert runner.graph_key(ScheduledBatch([request], [1], num_decodes=0)) is None  # a chunk; no mixed graph
+    assert runner.graph_key(ScheduledBatch([], [], num_decodes=0)) is None
+    assert runner.graph_key(ScheduledBatch([request] * 5, [1] * 5, num_decodes=5)) is None  # > largest bucket
+    assert runner.graph_key(ScheduledBatch([request] * 3, [1] * 3, num_decodes=3)) == ("decode", 4)
+    with_eager_graphs(llm, 4, tokens=[8, 32])
+    assert runner.graph_key(ScheduledBatch([request], [1], num_decodes=0)) == ("mixed", 8)
+    assert runner.graph_key(ScheduledBatch([request] * 2, [1, 9], num_decodes=1)) == ("mixed", 32)
+    assert runner.graph_key(ScheduledBatch([request] * 2, [1, 32], num_decodes=1)) is None  # > largest bucket
+    assert runner.graph_key(ScheduledBatch([request] * 3, [1] * 3, num_decodes=3)) == ("decode", 4)
+    assert runner.graph_key(ScheduledBatch([request] * 5, [1] * 5, num_decodes=5)) is None  # > max_num_seqs
+    assert runner.graph_key(ScheduledBatch([request], [62], num_decodes=0)) is None  # past max_model_len
     llm.engine.abort_request("a")
+
+
+def test_cuda_graph_mode_is_checked(tiny_checkpoints: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="cuda_graph_mode"):
+        LLM(tiny_checkpoints["llama"], num_kv_blocks=16, cuda_graph_mode="piecewise", **CPU)
 
 
 def test_a_failed_capture_falls_back_to_eager(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,7 +325,7 @@ def test_a_failed_capture_falls_back_to_eager(tiny_checkpoints: dict[str, str], 
 
 def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The profile on the CPU with a fake CUDA memory model: it runs the largest step, the
-    sampler and the largest decode bucket, charges this engine for its own growth since its
+    sampler and the largest decode and mixed graphs, charges this engine for its own growth since its
     baseline (not for what was taken before it), and never plans past the free memory."""
     from engine.model_runner import CUDA_GRAPH_SLACK_BYTES, CudaMemory
 
@@ -265,6 +333,7 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
               max_model_len=200, gpu_memory_utilization=0.5, **CPU)
     runner = llm.engine.runner
     runner.graph_buckets = batch_buckets(6)
+    runner.graph_token_buckets = token_buckets(96)
     GiB = 1 << 30
     # Before the engine: 2 GiB taken by others, 0.5 GiB of it live tensors of this process.
     runner.cuda_baseline = CudaMemory(free=78 * GiB, total=80 * GiB, allocated=GiB // 2)
@@ -281,10 +350,13 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
     assert prof["weights"] == 3 * GiB
     assert prof["step_peak"] == 6 * GiB - 7 * GiB // 2 - cache_bytes
     assert prof["non_tensor"] == (78 - 73) * GiB - 3 * GiB
-    logits_row = c.vocab_size * 4
-    static = 6 * 28 + 6 * (-(-200 // 16)) * 4
-    slack = 4 * (4 << 20) + CUDA_GRAPH_SLACK_BYTES
-    assert prof["cuda_graphs_reserved"] == 5 * GiB // 2 + (1 + 2 + 4) * logits_row + static + slack
+    # The largest decode and mixed graphs peak alike here (one fake peak); every other graph
+    # keeps its output: decode logits [b, vocab], mixed hidden states [max_num_seqs, hidden].
+    logits_row, hidden_row = c.vocab_size * 4, c.hidden_size * 4
+    outputs = (1 + 2 + 4) * logits_row + (4 - 1) * 6 * hidden_row
+    static = 96 * 3 * 8 + 6 * 4 + 6 * (-(-200 // 16)) * 4 + 7 * 4 + 6 * 8
+    slack = (4 + 4) * (4 << 20) + CUDA_GRAPH_SLACK_BYTES
+    assert prof["cuda_graphs_reserved"] == 5 * GiB // 2 + outputs + static + slack
     assert prof["bound"] == "share"
     assert budget == 40 * GiB - 3 * GiB - prof["step_peak"] - 2 * GiB - prof["cuda_graphs_reserved"]
     # Little free on the card: the pool is what fits, whatever the share would allow.
@@ -293,7 +365,7 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
     budget = runner._profile_cuda_kv_budget()
     assert runner.memory_profile["bound"] == "free memory"
     assert budget == 8 * GiB - runner.memory_profile["step_peak"] - runner.memory_profile["cuda_graphs_reserved"]
-    runner.graph_buckets = []
+    runner.graph_buckets = runner.graph_token_buckets = []
     runner._profile_cuda_kv_budget()
     assert runner.memory_profile["cuda_graphs_reserved"] == 0
     runner.config.gpu_memory_utilization = 1.5
@@ -311,13 +383,18 @@ def test_cuda_graphs_give_eager_tokens_on_gpu(tiny_checkpoints: dict[str, str]) 
     ps = prompts(9, 6, 1, 40)
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 3, 7, 12, 5, 10)]
     args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32")
+    ps[4] = ps[1][:20] + ps[4]  # a cached prefix
     eager = LLM(path, enforce_eager=True, **args)
     assert eager.engine.runner.cuda_graphs is None
-    graphs = LLM(path, **args)
-    assert graphs.engine.runner.cuda_graphs is not None
-    assert graphs.engine.runner.model.norm_rope_kernels is not None
     want = [o.outputs[0].token_ids for o in eager.generate(ps, params)]
-    assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
+    del eager
+    for mode, tokens in (("full", [32, 48, 64]), ("decode", [])):
+        graphs = LLM(path, cuda_graph_mode=mode, **args)
+        runner = graphs.engine.runner
+        assert runner.cuda_graphs is not None and runner.cuda_graphs.token_buckets == tokens
+        assert runner.model.norm_rope_kernels is not None
+        assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
+        del graphs, runner
 
 
 @pytest.mark.gpu
