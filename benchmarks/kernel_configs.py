@@ -1,6 +1,8 @@
 """Tile sweep for the Triton prefill attention kernel on one GPU: which (BLOCK_M, BLOCK_N,
-num_warps, num_stages) is fastest on the shapes of benchmarks/kernels.py, against the one
-`kernels.triton_ops._prefill_config` picks now and torch SDPA on contiguous K/V.
+num_warps, num_stages) is fastest on the shapes of benchmarks/kernels.py, with a kv head's
+query heads packed into the tile's rows (the default for power-of-two groups) and, for a few
+tiles, one query head per program; against the one `kernels.triton_ops._prefill_config` picks
+now and torch SDPA on contiguous K/V.
 
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --out results/kernel_configs.json
 
@@ -24,6 +26,8 @@ from benchmarks.report import write_json
 SHAPES = [("llama-3-8b", 4, 4096), ("qwen3-0.6b", 4, 1024), ("llama-3-8b", 1, 512)]
 TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 2),
          (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+UNPACKED_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
+CANDIDATES = [(tile, True) for tile in TILES] + [(tile, False) for tile in UNPACKED_TILES]
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,22 +58,29 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                                                                enable_gqa=True))
         shipped_tile = shipped(d, dtype, device)
         results = []
-        for tile in TILES:
+        for tile, packed in CANDIDATES:
             if time.perf_counter() - t_start > args.budget:
                 break
             triton_ops._prefill_config = lambda *a, tile=tile: tile
+
+            def candidate(packed: bool = packed) -> torch.Tensor:
+                return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale,
+                                                          pack_gqa=packed)
+
             try:
-                got = run()
+                got = candidate()
                 err = (got.float() - want.float()).abs().max().item()
-                ms = timer(run)
-                results.append({"tile": list(tile), "ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": err})
+                ms = timer(candidate)
+                results.append({"tile": list(tile), "packed": packed, "ms": ms, "tflops": flops / ms / 1e9,
+                                "max_abs_diff": err})
             except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result
-                results.append({"tile": list(tile), "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                results.append({"tile": list(tile), "packed": packed,
+                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"})
             finally:
                 triton_ops._prefill_config = shipped
         ok = [r for r in results if "ms" in r]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
-        current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile)), None)
+        current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile) and r["packed"]), None)
         rows.append({"layout": layout, "seqs": seqs, "length": length, "sdpa_ms": sdpa_ms,
                      "shipped_tile": list(shipped_tile), "shipped_ms": current and current["ms"],
                      "best": best, "candidates": results})
@@ -77,7 +88,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         if current:
             line += f"; shipped {tuple(shipped_tile)} {current['ms']:.4f} ms"
         if best:
-            line += f"; best {tuple(best['tile'])} {best['ms']:.4f} ms ({best['tflops']:.0f} TFLOP/s)"
+            line += (f"; best {tuple(best['tile'])}{'' if best['packed'] else ' unpacked'} {best['ms']:.4f} ms "
+                     f"({best['tflops']:.0f} TFLOP/s)")
         print(line, flush=True)
         del k_cache, v_cache, k, v, q, want
         torch.cuda.empty_cache()

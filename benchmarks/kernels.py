@@ -3,7 +3,11 @@
 On CUDA (the Triton backend):
 - decode attention, batch 1-256 x context 512-8192, Llama-3-8B (32 q / 8 kv heads, d128) and
   Qwen3-0.6B (16 q / 8 kv, d128) layouts, over a paged cache with shuffled blocks;
-- prefill attention, 1-8 sequences of 512-4096 tokens (causal, no cached prefix);
+- prefill attention, 1-8 sequences of 512-4096 tokens (causal, no cached prefix), also with
+  one program per query head instead of a kv head's packed group (`unpacked`);
+- a mixed step's attention, 16-256 decodes at context 2048 beside a 512-token prompt: the one
+  prefill launch a mixed CUDA graph runs against the eager split (decode kernel + prefill
+  kernel + concatenation, `split`);
 - store_kv, fused RMSNorm (+residual), rotary.
 Each is timed with CUDA events (median, L2 flushed before every run) and reported as achieved
 HBM GB/s against the card's peak, next to torch: `kernels.reference` on the same paged inputs
@@ -45,13 +49,13 @@ LAYOUTS = {  # name: (query heads, kv heads, head dim, hidden size, model config
 }
 GPU_SIZES = dict(
     decode_batches=[1, 4, 16, 64, 256], decode_contexts=[512, 2048, 8192],
-    prefill_seqs=[1, 4, 8], prefill_lens=[512, 1024, 4096],
+    prefill_seqs=[1, 4, 8], prefill_lens=[512, 1024, 4096], mixed_decodes=[16, 64, 256], mixed=(2048, 512),
     store_tokens=[256, 8192], norm_tokens=[1, 256, 8192], rotary_tokens=[256, 8192],
     share_decode=(64, 2048), share_prefill=(1, 2048), iters=25, warmup=3,
 )
 TINY_SIZES = dict(
     decode_batches=[1, 4], decode_contexts=[32, 96],
-    prefill_seqs=[1, 2], prefill_lens=[16, 48],
+    prefill_seqs=[1, 2], prefill_lens=[16, 48], mixed_decodes=[2], mixed=(40, 24),
     store_tokens=[64], norm_tokens=[4, 64], rotary_tokens=[64],
     share_decode=(4, 48), share_prefill=(2, 32), iters=5, warmup=1,
 )
@@ -264,6 +268,9 @@ class Bench:
                         q, k_cache, v_cache, tables, cu, lens, scale))
                     launch_us = self.timer.launch_us
                     peers = {}
+                    if self.impl == "triton":
+                        peers["unpacked"] = _try(self.timer, lambda: self.ops.paged_prefill_attention(
+                            q, k_cache, v_cache, tables, cu, lens, scale, pack_gqa=False))
                     if self.torch_peer():
                         scores = seqs * hq * length * length * 4  # the math backend's fp32 scores
                         if 3 * scores < 0.5 * _free_bytes(self.device):
@@ -281,6 +288,37 @@ class Bench:
                                  **_row(ms, peers, nbytes, self.peak, flops, launch_us)})
                     del k_cache, v_cache, k, v, q
                     self._release()
+        return rows
+
+    def mixed(self) -> list[dict[str, Any]]:
+        rows = []
+        context, chunk = self.sizes["mixed"]
+        for layout, (hq, hkv, d, _, _) in self.layouts.items():
+            for decodes in self.sizes["mixed_decodes"]:
+                gen = _gen(self.device, decodes)
+                lens = [context] * decodes + [chunk]
+                k_cache, v_cache, tables = paged_cache(lens, hkv, d, self.dtype, self.device, gen)
+                ctx = torch.tensor(lens, dtype=torch.int32, device=self.device)
+                q = torch.randn(decodes + chunk, hq, d, generator=gen, device=self.device).to(self.dtype)
+                cu_all = torch.tensor([*range(decodes + 1), decodes + chunk], dtype=torch.int32, device=self.device)
+                cu_chunk = torch.tensor([0, chunk], dtype=torch.int32, device=self.device)
+                scale = d**-0.5
+
+                def split() -> torch.Tensor:
+                    return torch.cat([
+                        self.ops.paged_decode_attention(q[:decodes], k_cache, v_cache, tables[:decodes],
+                                                        ctx[:decodes], scale),
+                        self.ops.paged_prefill_attention(q[decodes:], k_cache, v_cache, tables[decodes:], cu_chunk,
+                                                         ctx[decodes:], scale)])
+
+                ms = self.timer(lambda: self.ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_all, ctx,
+                                                                         scale))
+                launch_us = self.timer.launch_us
+                nbytes = (2 * q.numel() + 2 * sum(lens) * hkv * d) * self.elt
+                rows.append({"layout": layout, "decodes": decodes, "context": context, "chunk": chunk,
+                             **_row(ms, {"split": _try(self.timer, split)}, nbytes, self.peak, launch_us=launch_us)})
+                del k_cache, v_cache, q
+                self._release()
         return rows
 
     def store_kv(self) -> list[dict[str, Any]]:
@@ -537,7 +575,10 @@ def render(report: dict[str, Any]) -> str:
     peers = ["torch_paged", "sdpa_contiguous"] if env["impl"] != "reference" else ["sdpa_contiguous"]
     table("decode attention (torch ms (torch/stoke))", report["decode"],
           [("layout", ""), ("batch", ""), ("context", "")], peers)
-    table("prefill attention", report["prefill"], [("layout", ""), ("seqs", ""), ("length", "")], peers)
+    table("prefill attention", report["prefill"], [("layout", ""), ("seqs", ""), ("length", "")],
+          (["unpacked"] if env["impl"] == "triton" else []) + peers)
+    table("mixed step attention: one prefill launch vs split (decode + prefill + cat)", report.get("mixed", []),
+          [("layout", ""), ("decodes", ""), ("context", ""), ("chunk", "")], ["split"])
     simple = ["torch"] if env["impl"] != "reference" else []
     table("store_kv", report["store_kv"], [("layout", ""), ("tokens", "")], simple)
     table("rms_norm (+residual)", report["rms_norm"], [("hidden", ""), ("tokens", "")], simple)
@@ -588,7 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default: by size)")
     p.add_argument("--only", nargs="*", default=None,
-                   choices=["decode", "prefill", "store_kv", "rms_norm", "rotary", "share"],
+                   choices=["decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary", "share"],
                    help="run only these parts")
     p.add_argument("--share-models", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS),
                    help="models for the attention share on CUDA")
@@ -609,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     bench = Bench(args, device, dtype)
-    parts = set(args.only) if args.only else {"decode", "prefill", "store_kv", "rms_norm", "rotary", "share"}
+    parts = set(args.only) if args.only else {"decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary", "share"}
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "env": {
@@ -627,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["env"]["triton"] = triton.__version__
     except ImportError:
         report["env"]["triton"] = None
-    for part in ("decode", "prefill", "store_kv", "rms_norm", "rotary"):
+    for part in ("decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary"):
         report[part] = getattr(bench, part)() if part in parts else []
         print(f"{part}: done ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
     report["attention_share"] = []

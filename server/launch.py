@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads in the worker (default: torch's choice; 1 is best on a busy shared CPU)")
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    e.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
+                   help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only")
+    e.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     limits = p.add_argument_group("limits")
     d = ServerConfig()
     limits.add_argument("--max-n", type=int, default=d.max_n)
@@ -90,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "gpu_memory_utilization": args.gpu_memory_utilization, "num_kv_blocks": args.num_kv_blocks,
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
+        "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,

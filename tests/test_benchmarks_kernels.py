@@ -48,6 +48,10 @@ def test_kernels_benchmark_tiny_on_cpu(kernels_report: dict) -> None:
     for r in kernels_report["prefill"]:
         for key in ("seqs", "length", "stoke_ms", "stoke_tflops", "sdpa_contiguous_ms"):
             assert _positive(r[key]), (key, r)
+    assert {r["layout"] for r in kernels_report["mixed"]} == layouts
+    for r in kernels_report["mixed"]:
+        for key in ("decodes", "context", "chunk", "stoke_ms", "split_ms", "split_ratio"):
+            assert _positive(r[key]), (key, r)
     for kind in ("store_kv", "rms_norm", "rotary"):
         assert kernels_report[kind], kind
         assert all(_positive(r["stoke_ms"]) and _positive(r["stoke_gbps"]) for r in kernels_report[kind])
@@ -68,16 +72,21 @@ def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None
     before Triton is first imported and this process never imports the Triton backend."""
     out = tmp_path / "k.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--tiny", "--impl", "triton", "--iters", "1",
-                           "--layouts", "qwen3-0.6b", "--only", "decode", "rms_norm", "--out", str(out)],
+                           "--layouts", "qwen3-0.6b", "--only", "decode", "prefill", "mixed", "rms_norm",
+                           "--out", str(out)],
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["env"]["impl"] == "triton" and data["prefill"] == [] and data["attention_share"] == []
+    assert data["env"]["impl"] == "triton" and data["store_kv"] == [] and data["attention_share"] == []
     for r in data["decode"]:
         assert r["layout"] == "qwen3-0.6b"
         for key in ("stoke_ms", "torch_paged_ms", "torch_paged_ratio", "sdpa_contiguous_ms", "sdpa_contiguous_ratio"):
             assert _positive(r[key]), (key, r)
     assert all(_positive(r["torch_ratio"]) for r in data["rms_norm"])
+    assert data["prefill"] and all(_positive(r["unpacked_ratio"]) and _positive(r["sdpa_contiguous_ratio"])
+                                   for r in data["prefill"])
+    assert data["mixed"] and all(_positive(r["split_ratio"]) for r in data["mixed"])
+    assert "mixed step attention" in proc.stdout
     assert "torch_paged x" in proc.stdout and "decode attention" in proc.stdout
 
 

@@ -449,9 +449,10 @@ class TestCompiledOnGPU:
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
-        (4, 8, 128, 16), (1, 4, 64, 64), (8, 2, 256, 32), (2, 2, 128, 128),
+        (4, 8, 128, 16), (1, 4, 64, 64), (8, 2, 256, 32), (2, 2, 128, 128), (3, 2, 128, 16),
     ])
-    def test_prefill(self, ops, dtype, group, num_kv_heads, head_dim, block_size):
+    @pytest.mark.parametrize("pack_gqa", [True, False])
+    def test_prefill(self, ops, dtype, group, num_kv_heads, head_dim, block_size, pack_gqa):
         gen = torch.Generator().manual_seed(head_dim + block_size)
         lens = [1000, 1, 2 * block_size, 777]
         q_lens = [1000, 1, 5, 300]  # whole prompt, a decode-like token, cached prefixes
@@ -459,7 +460,7 @@ class TestCompiledOnGPU:
         q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
         cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         args = to_device(q, k_cache, v_cache, tables, cu, torch.tensor(lens, dtype=torch.int32))
-        out = ops.paged_prefill_attention(*args, head_dim**-0.5)
+        out = ops.paged_prefill_attention(*args, head_dim**-0.5, pack_gqa=pack_gqa)
         expected = reference.paged_prefill_attention(
             args[0].float(), args[1].float(), args[2].float(), *args[3:], head_dim**-0.5
         )

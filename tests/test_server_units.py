@@ -121,6 +121,9 @@ def test_options():
     assert config.port == 9000 and config.log_request_text
     assert config.engine_args["model"] == "/m" and config.engine_args["max_num_seqs"] == 4
     assert config.engine_args["kv_cache_memory_bytes"] == 1 << 30
+    assert config.engine_args["cuda_graph_mode"] == "full" and not config.engine_args["enforce_eager"]
+    config = config_from_args(build_parser().parse_args(["--cuda-graph-mode", "decode", "--enforce-eager"]))
+    assert config.engine_args["cuda_graph_mode"] == "decode" and config.engine_args["enforce_eager"]
 
 
 def test_worker_encodes_only_new_logprobs():
