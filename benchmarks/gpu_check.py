@@ -9,7 +9,9 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
    transformers' continuous batching on the same GPU, then stoke again with --enforce-eager
    and with CUDA graphs for pure-decode steps only (--cuda-graph-mode decode);
-4. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
+4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (last:
+   it runs in what is left of the budget);
+5. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
 Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
 stage that hangs or fails costs only itself. `--cpu-smoke` runs the same orchestration at tiny
@@ -53,7 +55,7 @@ class Stage:
     command: list[str]
     limit_s: float  # the most this stage may take (cut to the budget left)
     result_path: str | None = None  # its JSON
-    kind: str = ""  # tests | kernels | offline
+    kind: str = ""  # tests | kernels | offline | sweep
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -162,9 +164,14 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
             stage = f"offline_{name}_{graphs}"
             stages.append(Stage(stage, [*base, *flags, "--skip-transformers", "--out", out(stage)],
                                 limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
+    # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
+    sweep = [py, "-m", "benchmarks.kernel_configs", "--out", out("kernel_configs")]
+    if args.cpu_smoke:
+        sweep += ["--tiny", "--iters", "1"]
+    stages.append(Stage("kernel_configs", sweep, 30 if args.cpu_smoke else 150, out("kernel_configs"), "sweep"))
     # Priority when time runs short: stoke (all CUDA graphs) against transformers for both
-    # models, then eager (graphs off), then graphs for pure decodes only.
-    order = {"kernel_tests": 0, "kernels": 1}
+    # models, then eager (graphs off), then graphs for pure decodes only, then the sweeps.
+    order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 100}
     for s in stages:
         if s.kind == "offline":
             model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
@@ -201,6 +208,8 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             summary["tests"] = {"runner": r.meta.get("runner"), "status": r.status, **(tests or {})}
         elif r.name == "kernels" and r.result:
             summary["kernels"] = _kernel_summary(r.result)
+        elif r.name == "kernel_configs" and r.result and "rows" in r.result:
+            summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
             entry = summary["offline"].setdefault(r.meta["model"], {})
             systems = r.result["systems"]
@@ -225,6 +234,19 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
         e["mixed_graphs_speedup"] = graphs / decode_only if graphs and decode_only else None
         e["goal_vs_transformers_cb"] = 3.0
     return summary
+
+
+def _sweep_summary(k: dict[str, Any]) -> dict[str, Any]:
+    """Per swept shape: the shipped choice's time, the best candidate's, and SDPA's."""
+    prefill = [{"shape": f"{r['layout']} {r['seqs']}x{r['length']}", "sdpa_ms": r["sdpa_ms"],
+                "shipped_ms": r["shipped_ms"], "best_ms": r["best"] and r["best"]["ms"],
+                "best": r["best"] and f"{tuple(r['best']['tile'])}{'' if r['best']['packed'] else ' unpacked'}"}
+               for r in k.get("rows", [])]
+    decode = [{"shape": f"{r['layout']} b{r['batch']} ctx{r['context']}", "sdpa_ms": r["sdpa_ms"],
+               "shipped_ms": r["heuristic_ms"], "best_ms": r["best"]["ms"],
+               "best": f"{r['best']['splits']} splits (heuristic {r['heuristic_splits']})"}
+              for r in k.get("decode", [])]
+    return {"prefill": prefill, "decode": decode}
 
 
 def _kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +312,11 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  attention share of a step, {share['model']}: decode {_f(100 * share['decode'], '.0f')}%, "
                          f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share
                          else f"  attention share, {share['model']}: -")
+    for kind, rows in (s.get("sweeps") or {}).items():
+        if rows:
+            lines += ["", f"{kind} sweep (ms){'':<12}{'sdpa':>11}{'shipped':>11}{'best':>11}  best candidate"]
+            lines += [f"{r['shape']:<30}{_f(r['sdpa_ms'], '.4f'):>11}{_f(r['shipped_ms'], '.4f'):>11}"
+                      f"{_f(r['best_ms'], '.4f'):>11}  {r['best']}" for r in rows]
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke graphs':>14}{'decode graphs':>15}{'stoke eager':>13}"
                       f"{'HF CB':>10}{'stoke/HF':>10}{'graphs/eager':>14}{'full/decode':>13}"]

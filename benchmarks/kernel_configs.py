@@ -1,20 +1,26 @@
-"""Tile sweep for the Triton prefill attention kernel on one GPU: which (BLOCK_M, BLOCK_N,
-num_warps, num_stages) is fastest on the shapes of benchmarks/kernels.py, with a kv head's
-query heads packed into the tile's rows (the default for power-of-two groups) and, for a few
-tiles, one query head per program; against the one `kernels.triton_ops._prefill_config` picks
-now and torch SDPA on contiguous K/V.
+"""Configuration sweeps for the Triton attention kernels on one GPU, against what they pick now
+and torch SDPA on contiguous K/V:
+
+- prefill: which (BLOCK_M, BLOCK_N, num_warps, num_stages) is fastest on the shapes of
+  benchmarks/kernels.py, with a kv head's query heads packed into the tile's rows (the default
+  for power-of-two groups) and, for a few tiles, one query head per program. It swaps
+  `_prefill_config` for each candidate (the launch reads it on every call), so each row is the
+  shipped kernel with one other tile; a tile that does not compile (shared memory) is reported.
+- decode: which split-K factor is fastest at small batch (where `_num_splits` splits), each
+  forced through `num_splits=`, against the heuristic's own choice.
 
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --out results/kernel_configs.json
-
-It swaps `_prefill_config` for each candidate (the kernel's launch reads it on every call), so
-each row is the shipped kernel with one other tile; a candidate that does not compile (shared
-memory) is reported as such. CUDA only.
+    python -m benchmarks.kernel_configs --tiny   # the Triton interpreter on the CPU, tiny shapes:
+                                                 # only to exercise the script (times mean nothing)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,22 +29,90 @@ import torch.nn.functional as F
 from benchmarks.kernels import LAYOUTS, Timer, gathered, paged_cache
 from benchmarks.report import write_json
 
-SHAPES = [("llama-3-8b", 4, 4096), ("qwen3-0.6b", 4, 1024), ("llama-3-8b", 1, 512)]
-TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 2),
-         (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
-UNPACKED_TILES = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
-CANDIDATES = [(tile, True) for tile in TILES] + [(tile, False) for tile in UNPACKED_TILES]
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    device: str
+    dtype: torch.dtype
+    prefill_shapes: list[tuple[str, int, int]]  # (layout, sequences, length)
+    tiles: list[tuple[int, int, int, int]]  # (BLOCK_M, BLOCK_N, num_warps, num_stages), heads packed
+    unpacked_tiles: list[tuple[int, int, int, int]]  # the same, one query head per program
+    decode_shapes: list[tuple[str, int, int]]  # (layout, batch, context)
+    splits: list[int]
 
 
-def sweep(args: argparse.Namespace) -> dict[str, Any]:
+GPU = Sweep(
+    device="cuda", dtype=torch.bfloat16,
+    prefill_shapes=[("llama-3-8b", 4, 4096), ("qwen3-0.6b", 4, 1024), ("llama-3-8b", 1, 512)],
+    tiles=[(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 2),
+           (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+    unpacked_tiles=[(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
+    decode_shapes=[(layout, batch, ctx) for layout in ("llama-3-8b", "qwen3-0.6b") for batch in (1, 4, 16)
+                   for ctx in (512, 2048, 8192)],
+    splits=[1, 2, 4, 8, 16, 32, 64],
+)
+TINY = Sweep(
+    device="cpu", dtype=torch.float32, prefill_shapes=[("qwen3-0.6b", 2, 20)], tiles=[(16, 16, 4, 1), (32, 16, 4, 1)],
+    unpacked_tiles=[(16, 16, 4, 1)], decode_shapes=[("llama-3-8b", 2, 40)], splits=[1, 2],
+)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
     from kernels import triton_ops
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = torch.device(plan.device), plan.dtype
+    timer = Timer(device, args.iters, warmup=2)
+    for layout, batch, ctx in plan.decode_shapes:
+        hq, hkv, d, _, _ = LAYOUTS[layout]
+        gen = torch.Generator(device=device).manual_seed(batch * ctx)
+        k_cache, v_cache, tables = paged_cache([ctx] * batch, hkv, d, dtype, device, gen)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        q = torch.randn(batch, hq, d, generator=gen, device=device).to(dtype)
+        scale = d**-0.5
+
+        def run(splits: int | None) -> torch.Tensor:
+            return triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
+
+        want = run(None)
+        heuristic = triton_ops._num_splits(batch, hkv, tables.shape[1] * k_cache.shape[1], device)
+        k, v = gathered(k_cache, tables, ctx), gathered(v_cache, tables, ctx)
+        sdpa_ms = timer(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True))
+        candidates = []
+        for splits in plan.splits:
+            if splits > 1 and splits > ctx // 16:
+                continue
+            err = (run(splits).float() - want.float()).abs().max().item()
+            candidates.append({"splits": splits, "ms": timer(lambda: run(splits)), "max_abs_diff": err})
+        best = min(candidates, key=lambda r: r["ms"])
+        shipped = next((r["ms"] for r in candidates if r["splits"] == heuristic), None)
+        rows.append({"layout": layout, "batch": batch, "context": ctx, "sdpa_ms": sdpa_ms,
+                     "heuristic_splits": heuristic, "heuristic_ms": shipped, "best": best, "candidates": candidates})
+        print(f"decode {layout} b{batch} ctx{ctx}: sdpa {sdpa_ms:.4f} ms; heuristic {heuristic} splits "
+              f"{'-' if shipped is None else format(shipped, '.4f')} ms; best {best['splits']} splits "
+              f"{best['ms']:.4f} ms", flush=True)
+        save()
+        del k_cache, v_cache, k, v
+        _release(device)
+
+
+def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    from kernels import triton_ops
+
+    device, dtype = torch.device(plan.device), plan.dtype
     timer = Timer(device, args.iters, warmup=2)
     shipped = triton_ops._prefill_config
-    rows = []
+    candidates = [(tile, True) for tile in plan.tiles] + [(tile, False) for tile in plan.unpacked_tiles]
     t_start = time.perf_counter()
-    for layout, seqs, length in SHAPES:
+    for layout, seqs, length in plan.prefill_shapes:
         hq, hkv, d, _, _ = LAYOUTS[layout]
         gen = torch.Generator(device=device).manual_seed(seqs * length)
         k_cache, v_cache, tables = paged_cache([length] * seqs, hkv, d, dtype, device, gen)
@@ -48,8 +122,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         scale = d**-0.5
         flops = 4.0 * hq * d * seqs * length * (length + 1) / 2
 
-        def run() -> torch.Tensor:
-            return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale)
+        def run(packed: bool | None = None) -> torch.Tensor:
+            return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, pack_gqa=packed)
 
         want = run()
         k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
@@ -58,19 +132,13 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                                                                enable_gqa=True))
         shipped_tile = shipped(d, dtype, device)
         results = []
-        for tile, packed in CANDIDATES:
+        for tile, packed in candidates:
             if time.perf_counter() - t_start > args.budget:
                 break
             triton_ops._prefill_config = lambda *a, tile=tile: tile
-
-            def candidate(packed: bool = packed) -> torch.Tensor:
-                return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale,
-                                                          pack_gqa=packed)
-
             try:
-                got = candidate()
-                err = (got.float() - want.float()).abs().max().item()
-                ms = timer(candidate)
+                err = (run(packed).float() - want.float()).abs().max().item()
+                ms = timer(lambda: run(packed))
                 results.append({"tile": list(tile), "packed": packed, "ms": ms, "tflops": flops / ms / 1e9,
                                 "max_abs_diff": err})
             except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result
@@ -84,28 +152,44 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"layout": layout, "seqs": seqs, "length": length, "sdpa_ms": sdpa_ms,
                      "shipped_tile": list(shipped_tile), "shipped_ms": current and current["ms"],
                      "best": best, "candidates": results})
-        line = f"{layout} {seqs}x{length}: sdpa {sdpa_ms:.4f} ms"
+        line = f"prefill {layout} {seqs}x{length}: sdpa {sdpa_ms:.4f} ms"
         if current:
             line += f"; shipped {tuple(shipped_tile)} {current['ms']:.4f} ms"
         if best:
             line += (f"; best {tuple(best['tile'])}{'' if best['packed'] else ' unpacked'} {best['ms']:.4f} ms "
                      f"({best['tflops']:.0f} TFLOP/s)")
         print(line, flush=True)
+        save()
         del k_cache, v_cache, k, v, q, want
-        torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "rows": rows}
+        _release(device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--budget", type=float, default=150.0, help="seconds; later candidates are skipped past it")
+    p.add_argument("--budget", type=float, default=150.0, help="seconds; later prefill tiles are skipped past it")
     p.add_argument("--out", default="results/kernel_configs.json")
+    p.add_argument("--only", nargs="*", default=["prefill", "decode"], choices=["prefill", "decode"])
+    p.add_argument("--tiny", action="store_true", help="the interpreter on the CPU at tiny sizes (exercises the script)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("kernel_configs sweeps Triton tiles on a CUDA GPU")
-    report = sweep(args)
-    write_json(report, args.out)
+    if args.tiny:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+        plan = TINY
+    elif torch.cuda.is_available():
+        plan = GPU
+    else:
+        raise SystemExit("kernel_configs sweeps the Triton kernels on a CUDA GPU (--tiny: the interpreter)")
+    report: dict[str, Any] = {"device": _device_name(torch.device(plan.device)),
+                              "dtype": str(plan.dtype).removeprefix("torch."), "rows": [], "decode": []}
+
+    def save() -> None:  # after every shape: a run cut short keeps what it measured
+        write_json(report, args.out)
+
+    if "prefill" in args.only:
+        sweep_prefill(plan, args, report["rows"], save)
+    if "decode" in args.only:
+        sweep_decode(plan, args, report["decode"], save)
+    save()
     print(f"wrote {args.out}")
     return report
 

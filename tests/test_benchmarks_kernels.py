@@ -103,6 +103,25 @@ def test_peak_bandwidth_by_device_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert peak_bandwidth(torch.device("cpu")) == (None, "unknown")
 
 
+def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
+    """benchmarks/kernel_configs.py (the GPU tile and split sweeps) at tiny sizes under the
+    interpreter, in a subprocess: every candidate runs and agrees with the shipped choice."""
+    out = tmp_path / "kc.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_configs", "--tiny", "--iters", "1",
+                           "--out", str(out)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (prefill,) = data["rows"]
+    assert [(c["tile"], c["packed"]) for c in prefill["candidates"]] == [
+        ([16, 16, 4, 1], True), ([32, 16, 4, 1], True), ([16, 16, 4, 1], False)]
+    assert all(_positive(c["ms"]) and c["max_abs_diff"] < 1e-4 for c in prefill["candidates"])
+    assert prefill["shipped_tile"] == [16, 16, 4, 1] and _positive(prefill["shipped_ms"])
+    (decode,) = data["decode"]
+    assert [c["splits"] for c in decode["candidates"]] == [1, 2] and decode["heuristic_splits"] == 1
+    assert all(c["max_abs_diff"] < 1e-4 for c in decode["candidates"]) and _positive(decode["best"]["ms"])
+
+
 # ----------------------------------------------------------------------------- gpu_check
 
 
@@ -112,11 +131,12 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager",
-                     "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs"]
+                     "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs", "kernel_configs"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
     tests = stages[0].command
     assert "-m" in tests and "gpu" in tests and "tests/test_kernels_triton.py" in tests
-    for s in stages[2:]:
+    assert stages[-1].command[1:3] == ["-m", "benchmarks.kernel_configs"]
+    for s in stages[2:-1]:
         cmd = " ".join(s.command)
         assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
         assert ("--enforce-eager" in cmd) == s.name.endswith("_eager")
@@ -251,19 +271,27 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                               result=eager, meta={"model": "m", "graphs": "eager"}),
         gpu_check.StageResult("offline_m_decode_graphs", "ok", 6.0, 0, result=decode_only,
                               meta={"model": "m", "graphs": "decode_graphs"}),
+        gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
+            "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
+                      "best": {"tile": [128, 64, 8, 2], "packed": False, "ms": 0.07}}],
+            "decode": [{"layout": "l", "batch": 1, "context": 512, "sdpa_ms": 0.0106, "heuristic_splits": 2,
+                        "heuristic_ms": 0.0149, "best": {"splits": 1, "ms": 0.0091}}]}),
     ]
     summary = gpu_check.summarise(results, str(tmp_path))
     assert summary["tests"]["passed"] == 5 and summary["tests"]["failures"] == ["t::x"]
     m = summary["offline"]["m"]
     assert m["stoke_vs_transformers_cb"] == pytest.approx(3.0) and m["cuda_graphs_speedup"] == pytest.approx(2.0)
     assert m["mixed_graphs_speedup"] == pytest.approx(1.25) and m["stoke_decode_graphs"] == 240.0
+    assert summary["sweeps"]["prefill"][0]["best"] == "(128, 64, 8, 2) unpacked"
+    assert summary["sweeps"]["decode"][0]["best"] == "1 splits (heuristic 2)"
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
-    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25",
+    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024", "(128, 64, 8, 2) unpacked",
+                   "l b1 ctx512", "0.0091",
                    "decode_vs_sdpa", "attention share"):
         assert needle in table, needle
 
