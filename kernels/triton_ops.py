@@ -64,12 +64,14 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_lo
         k = tl.load(k_ptrs, mask=kv_mask[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2e
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # The scale is applied to the row max and then inside the exponent's argument, where it
+    # fuses with the subtraction (one FMA per score instead of a multiply and a subtract).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2e)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * scale_log2e - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
