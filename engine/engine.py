@@ -188,7 +188,11 @@ class LLMEngine:
         return bool(self.groups)
 
     # ------------------------------------------------------------------- step
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One engine iteration. Returns the outputs of the requests that got tokens (deltas
+        since their previous output, for streaming), or with `final_only` those of the
+        requests that finished only (the offline API: a step then builds no output for the
+        hundreds of requests still running)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -223,13 +227,14 @@ class LLMEngine:
         t4 = time.perf_counter()
 
         touched: dict[str, _Group] = {}
+        token_ids, logprobs, top = sampled_out.token_ids, sampled_out.logprobs, sampled_out.top_logprobs
         for j, i in enumerate(rows):
             group, sample = self.samples[batch.requests[i]]
-            self._append(group, sample, sampled_out.token_ids[j],
-                         sampled_out.logprobs[j] if sampled_out.logprobs is not None else None,
-                         sampled_out.top_logprobs[j] if sampled_out.top_logprobs is not None else None)
-            touched[group.request_id] = group
-        outputs = [self._output(group) for group in touched.values()]
+            self._append(group, sample, token_ids[j], logprobs[j] if logprobs is not None else None,
+                         top[j] if top is not None else None)
+            if not final_only or sample.finish_reason is not None:
+                touched[group.request_id] = group
+        outputs = [self._output(group) for group in touched.values() if not final_only or group.finished]
 
         s = self.stats
         s.num_steps += 1
@@ -324,6 +329,10 @@ class LLMEngine:
 
     @staticmethod
     def _metrics(group: _Group, finished: bool) -> RequestMetrics:
+        if not finished and len(group.samples) == 1:  # the common case of every step, cheaply
+            r = group.samples[0].request
+            return RequestMetrics(arrival_time=group.arrival_time, first_scheduled_time=r.first_scheduled_time,
+                                  first_token_time=r.first_token_time, num_preemptions=r.num_preemptions)
         requests = [s.request for s in group.samples]
 
         def first(values: list[float | None]) -> float | None:

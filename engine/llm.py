@@ -50,7 +50,6 @@ class LLM:
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
+            for output in self.engine.step(final_only=True):
+                finished[output.request_id] = output
         return [finished[i] for i in ids]

@@ -330,10 +330,15 @@ class ModelRunner:
         max_blocks = 0
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            h.input_ids.extend(request.token_ids[start:end])
-            h.positions.extend(range(start, end))
             blocks = request.block_ids
-            h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:  # a decode: most rows of most steps, without the generic path's ranges
+                h.input_ids.append(request.token_ids[start])
+                h.positions.append(start)
+                h.slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                h.input_ids.extend(request.token_ids[start:end])
+                h.positions.extend(range(start, end))
+                h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             h.context_lens.append(end)
             if i >= batch.num_decodes:
                 h.cu_seqlens.append(h.cu_seqlens[-1] + n)

@@ -297,3 +297,39 @@ def test_prompt_logprobs_equal_transformers(tiny_path: str) -> None:
             assert set(best) <= set(entry) and len(entry) in (2, 3)
     assert outputs[0].num_cached_tokens == 0
     assert_pool_empty(llm)
+
+
+def test_final_only_steps_give_the_streamed_final_outputs(default_llm: LLM) -> None:
+    """`step(final_only=True)` (what LLM.generate runs) builds outputs for finished requests
+    only, and each equals the last output of the streaming steps: text (with a stop string),
+    tokens, logprobs, n samples, metrics."""
+    engine = default_llm.engine
+    params = [SamplingParams(max_tokens=12, logprobs=2, **GREEDY),
+              SamplingParams(max_tokens=9, n=2, temperature=0.8, seed=3),
+              SamplingParams(max_tokens=30, stop=[" is"], **GREEDY)]
+    prompts = ["The capital of France is", "Once upon a time", "Water boils at"]
+
+    def run(final_only: bool) -> dict[str, object]:
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(f"final-{final_only}-{i}", prompt, p)
+        last, texts = {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step(final_only=final_only):
+                assert out.finished or not final_only
+                key = out.request_id.rsplit("-", 1)[1]
+                texts[key] = texts.get(key, "") + out.outputs[0].delta_text
+                last[key] = out
+        return last, texts
+
+    streamed, streamed_text = run(False)
+    final, final_text = run(True)
+    assert sorted(final) == sorted(streamed) == ["0", "1", "2"]
+    for key in final:
+        a, b = final[key], streamed[key]
+        assert a.finished and b.finished and a.metrics.finish_time is not None
+        assert len(a.metrics.inter_token_latencies) == len(b.metrics.inter_token_latencies)
+        for ca, cb in zip(a.outputs, b.outputs, strict=True):
+            assert (ca.text, ca.token_ids, ca.finish_reason, ca.stop_reason) == \
+                (cb.text, cb.token_ids, cb.finish_reason, cb.stop_reason)
+            assert ca.logprobs == cb.logprobs and ca.cumulative_logprob == cb.cumulative_logprob
+        assert final_text[key] == streamed_text[key] == b.outputs[0].text  # one delta: the whole text
