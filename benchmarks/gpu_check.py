@@ -238,11 +238,11 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
 
 def _sweep_summary(k: dict[str, Any]) -> dict[str, Any]:
     """Per swept shape: the shipped choice's time, the best candidate's, and SDPA's."""
-    prefill = [{"shape": f"{r['layout']} {r['seqs']}x{r['length']}", "sdpa_ms": r["sdpa_ms"],
+    prefill = [{"shape": f"{r['layout']} {r['seqs']}x{r['length']} b{r.get('block_size', 16)}", "sdpa_ms": r["sdpa_ms"],
                 "shipped_ms": r["shipped_ms"], "best_ms": r["best"] and r["best"]["ms"],
                 "best": r["best"] and f"{tuple(r['best']['tile'])}{'' if r['best']['packed'] else ' unpacked'}"}
                for r in k.get("rows", [])]
-    decode = [{"shape": f"{r['layout']} b{r['batch']} ctx{r['context']}", "sdpa_ms": r["sdpa_ms"],
+    decode = [{"shape": f"{r['layout']} n{r['batch']} ctx{r['context']} b{r.get('block_size', 16)}", "sdpa_ms": r["sdpa_ms"],
                "shipped_ms": r["heuristic_ms"], "best_ms": r["best"]["ms"],
                "best": f"{r['best']['splits']} splits (heuristic {r['heuristic_splits']})"}
               for r in k.get("decode", [])]

@@ -9,6 +9,10 @@ and torch SDPA on contiguous K/V:
 - decode: which split-K factor is fastest at small batch (where `_num_splits` splits), each
   forced through `num_splits=`, against the heuristic's own choice.
 
+Both also run over caches of larger blocks (64 tokens: a key tile then lies in one block, one
+block-id load per tile and contiguous rows, instead of a lookup per token) with fewer prefill
+tiles, to show what the engine's block size costs the kernels.
+
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --out results/kernel_configs.json
     python -m benchmarks.kernel_configs --tiny   # the Triton interpreter on the CPU, tiny shapes:
                                                  # only to exercise the script (times mean nothing)
@@ -17,6 +21,7 @@ and torch SDPA on contiguous K/V:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +44,8 @@ class Sweep:
     unpacked_tiles: list[tuple[int, int, int, int]]  # the same, one query head per program
     decode_shapes: list[tuple[str, int, int]]  # (layout, batch, context)
     splits: list[int]
+    block_sizes: list[int]  # the first gets every tile; the others `large_block_tiles`
+    large_block_tiles: list[tuple[int, int, int, int]]
 
 
 GPU = Sweep(
@@ -50,10 +57,13 @@ GPU = Sweep(
     decode_shapes=[(layout, batch, ctx) for layout in ("llama-3-8b", "qwen3-0.6b") for batch in (1, 4, 16)
                    for ctx in (512, 2048, 8192)],
     splits=[1, 2, 4, 8, 16, 32, 64],
+    block_sizes=[16, 64],
+    large_block_tiles=[(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
 )
 TINY = Sweep(
     device="cpu", dtype=torch.float32, prefill_shapes=[("qwen3-0.6b", 2, 20)], tiles=[(16, 16, 4, 1), (32, 16, 4, 1)],
-    unpacked_tiles=[(16, 16, 4, 1)], decode_shapes=[("llama-3-8b", 2, 40)], splits=[1, 2],
+    unpacked_tiles=[(16, 16, 4, 1)], decode_shapes=[("llama-3-8b", 2, 40)], splits=[1, 2], block_sizes=[16, 32],
+    large_block_tiles=[(16, 16, 4, 1)],
 )
 
 
@@ -71,10 +81,10 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
 
     device, dtype = torch.device(plan.device), plan.dtype
     timer = Timer(device, args.iters, warmup=2)
-    for layout, batch, ctx in plan.decode_shapes:
+    for (layout, batch, ctx), block_size in itertools.product(plan.decode_shapes, plan.block_sizes):
         hq, hkv, d, _, _ = LAYOUTS[layout]
         gen = torch.Generator(device=device).manual_seed(batch * ctx)
-        k_cache, v_cache, tables = paged_cache([ctx] * batch, hkv, d, dtype, device, gen)
+        k_cache, v_cache, tables = paged_cache([ctx] * batch, hkv, d, dtype, device, gen, block_size)
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         q = torch.randn(batch, hq, d, generator=gen, device=device).to(dtype)
         scale = d**-0.5
@@ -94,9 +104,9 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
             candidates.append({"splits": splits, "ms": timer(lambda: run(splits)), "max_abs_diff": err})
         best = min(candidates, key=lambda r: r["ms"])
         shipped = next((r["ms"] for r in candidates if r["splits"] == heuristic), None)
-        rows.append({"layout": layout, "batch": batch, "context": ctx, "sdpa_ms": sdpa_ms,
+        rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": block_size, "sdpa_ms": sdpa_ms,
                      "heuristic_splits": heuristic, "heuristic_ms": shipped, "best": best, "candidates": candidates})
-        print(f"decode {layout} b{batch} ctx{ctx}: sdpa {sdpa_ms:.4f} ms; heuristic {heuristic} splits "
+        print(f"decode {layout} b{batch} ctx{ctx} block {block_size}: sdpa {sdpa_ms:.4f} ms; heuristic {heuristic} splits "
               f"{'-' if shipped is None else format(shipped, '.4f')} ms; best {best['splits']} splits "
               f"{best['ms']:.4f} ms", flush=True)
         save()
@@ -110,12 +120,15 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
     device, dtype = torch.device(plan.device), plan.dtype
     timer = Timer(device, args.iters, warmup=2)
     shipped = triton_ops._prefill_config
-    candidates = [(tile, True) for tile in plan.tiles] + [(tile, False) for tile in plan.unpacked_tiles]
     t_start = time.perf_counter()
-    for layout, seqs, length in plan.prefill_shapes:
+    for (layout, seqs, length), block_size in itertools.product(plan.prefill_shapes, plan.block_sizes):
+        if block_size == plan.block_sizes[0]:
+            candidates = [(tile, True) for tile in plan.tiles] + [(tile, False) for tile in plan.unpacked_tiles]
+        else:
+            candidates = [(tile, True) for tile in plan.large_block_tiles]
         hq, hkv, d, _, _ = LAYOUTS[layout]
         gen = torch.Generator(device=device).manual_seed(seqs * length)
-        k_cache, v_cache, tables = paged_cache([length] * seqs, hkv, d, dtype, device, gen)
+        k_cache, v_cache, tables = paged_cache([length] * seqs, hkv, d, dtype, device, gen, block_size)
         lens = torch.full((seqs,), length, dtype=torch.int32, device=device)
         cu = torch.arange(seqs + 1, dtype=torch.int32, device=device) * length
         q = torch.randn(seqs * length, hq, d, generator=gen, device=device).to(dtype)
@@ -149,10 +162,10 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
         ok = [r for r in results if "ms" in r]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
         current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile) and r["packed"]), None)
-        rows.append({"layout": layout, "seqs": seqs, "length": length, "sdpa_ms": sdpa_ms,
+        rows.append({"layout": layout, "seqs": seqs, "length": length, "block_size": block_size, "sdpa_ms": sdpa_ms,
                      "shipped_tile": list(shipped_tile), "shipped_ms": current and current["ms"],
                      "best": best, "candidates": results})
-        line = f"prefill {layout} {seqs}x{length}: sdpa {sdpa_ms:.4f} ms"
+        line = f"prefill {layout} {seqs}x{length} block {block_size}: sdpa {sdpa_ms:.4f} ms"
         if current:
             line += f"; shipped {tuple(shipped_tile)} {current['ms']:.4f} ms"
         if best:

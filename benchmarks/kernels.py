@@ -151,11 +151,11 @@ def _free_bytes(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- inputs
 def paged_cache(lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                gen: torch.Generator, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K/V caches holding sequences of `lens` tokens in shuffled blocks, and their tables."""
-    needed = [-(-n // BLOCK_SIZE) for n in lens]
+    needed = [-(-n // block_size) for n in lens]
     num_blocks = sum(needed)
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
     v_cache = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
     ids = torch.randperm(num_blocks, generator=gen, device=device).int()
@@ -169,9 +169,9 @@ def paged_cache(lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.
 
 def gathered(k_cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
     """[B, Hkv, length, D] contiguous: the paged K (or V) of equal-length sequences."""
-    b = tables.shape[0]
-    blocks = -(-length // BLOCK_SIZE)
-    x = k_cache[tables[:, :blocks].long()].reshape(b, blocks * BLOCK_SIZE, *k_cache.shape[2:])[:, :length]
+    b, block_size = tables.shape[0], k_cache.shape[1]
+    blocks = -(-length // block_size)
+    x = k_cache[tables[:, :blocks].long()].reshape(b, blocks * block_size, *k_cache.shape[2:])[:, :length]
     return x.transpose(1, 2).contiguous()
 
 

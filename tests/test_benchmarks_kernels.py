@@ -112,14 +112,18 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    (prefill,) = data["rows"]
+    prefill, prefill_large = data["rows"]
+    assert (prefill["block_size"], prefill_large["block_size"]) == (16, 32)
     assert [(c["tile"], c["packed"]) for c in prefill["candidates"]] == [
         ([16, 16, 4, 1], True), ([32, 16, 4, 1], True), ([16, 16, 4, 1], False)]
-    assert all(_positive(c["ms"]) and c["max_abs_diff"] < 1e-4 for c in prefill["candidates"])
-    assert prefill["shipped_tile"] == [16, 16, 4, 1] and _positive(prefill["shipped_ms"])
-    (decode,) = data["decode"]
-    assert [c["splits"] for c in decode["candidates"]] == [1, 2] and decode["heuristic_splits"] == 1
-    assert all(c["max_abs_diff"] < 1e-4 for c in decode["candidates"]) and _positive(decode["best"]["ms"])
+    assert [(c["tile"], c["packed"]) for c in prefill_large["candidates"]] == [([16, 16, 4, 1], True)]
+    for row in data["rows"]:
+        assert all(_positive(c["ms"]) and c["max_abs_diff"] < 1e-4 for c in row["candidates"])
+        assert row["shipped_tile"] == [16, 16, 4, 1] and _positive(row["shipped_ms"])
+    assert [r["block_size"] for r in data["decode"]] == [16, 32]
+    for decode in data["decode"]:
+        assert [c["splits"] for c in decode["candidates"]] == [1, 2] and decode["heuristic_splits"] == 1
+        assert all(c["max_abs_diff"] < 1e-4 for c in decode["candidates"]) and _positive(decode["best"]["ms"])
 
 
 # ----------------------------------------------------------------------------- gpu_check
@@ -290,8 +294,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                       "seconds": 20.0, "budget_s": 560.0},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
-    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024", "(128, 64, 8, 2) unpacked",
-                   "l b1 ctx512", "0.0091",
+    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
+                   "l n1 ctx512 b16", "0.0091",
                    "decode_vs_sdpa", "attention share"):
         assert needle in table, needle
 
