@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from kernels import native, reference
 
 __all__ = [
-    "apply_rotary", "linear", "pack_linear_weight", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-    "silu_and_mul", "store_kv", "unpack_linear_weight",
+    "apply_rotary", "embedding_from_packed", "linear", "pack_linear_weight", "paged_decode_attention",
+    "paged_prefill_attention", "rms_norm", "silu_and_mul", "store_kv", "unpack_linear_weight",
 ]
 
 
@@ -186,6 +186,13 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def unpack_linear_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The `[n, k]` weight that pack_linear_weight packed."""
     return packed.view(-1, k, 16).transpose(1, 2).reshape(-1, k)[:n].contiguous()
+
+
+def embedding_from_packed(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `ids` `[T]` of the `[n, k]` weight that pack_linear_weight packed, `[T, k]`: a tied
+    LM head's packed weight serves the embedding lookups too (row r is column r % 16 of panel
+    r // 16)."""
+    return packed.view(-1, k, 16)[ids // 16, :, ids % 16]
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -197,7 +197,8 @@ def test_linear_outside_the_c_product_is_torch() -> None:
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])  # tied head with qkv bias; untied head
 def test_model_projections_through_packed_weights(tiny_checkpoints: dict[str, str], kind: str) -> None:
     """use_linear_kernels packs every projection and the head in place of their weights (held
-    once), logits agree with torch's, and None unpacks the very same weights again."""
+    once; a tied head's packed weight also serves the embedding lookups), logits agree with
+    torch's, and None unpacks the very same weights again."""
     from engine.config import ModelConfig
     from engine.models.llama import Linear, LlamaForCausalLM
     from engine.weights import iterate_safetensors
@@ -213,7 +214,14 @@ def test_model_projections_through_packed_weights(tiny_checkpoints: dict[str, st
     model.use_linear_kernels(cpu_ops)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is not None and m.weight.numel() == 0 for m in linears)
-    assert (model.head_packed is not None) == (model.lm_head is None)
+    tied = model.lm_head is None
+    assert (model.head_packed is not None) == tied
+    # A tied head's packed weight serves the embedding too: held once, the same rows.
+    assert (model.model.embed_tokens.weight.numel() == 0) == tied
+    if tied:
+        ids = torch.tensor([0, 5, 17, config.vocab_size - 1, 5])
+        assert torch.equal(cpu_ops.embedding_from_packed(model.head_packed, ids, config.hidden_size),
+                           before["model.embed_tokens.weight"][ids])
     with torch.inference_mode():
         torch.testing.assert_close(model.compute_logits(hidden), want, atol=1e-4, rtol=1e-5)
     model.use_linear_kernels(None)

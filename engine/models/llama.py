@@ -230,7 +230,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.norm_rope_kernels: ModuleType | None = None
         self.linear_kernels: ModuleType | None = None
-        self.head_packed: torch.Tensor | None = None  # a tied head's packed copy (the embedding stays)
+        # A tied head's packed weight: it also serves the embedding lookups, whose own weight is
+        # then empty (held once, as with every Linear).
+        self.head_packed: torch.Tensor | None = None
 
     def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
         """Run every RMSNorm (with its residual add), the rotary embedding and the MLP's
@@ -246,17 +248,28 @@ class LlamaForCausalLM(nn.Module):
     def use_linear_kernels(self, ops: ModuleType | None) -> None:
         """Run every projection and the LM head as `ops.linear` over weights `ops` packs now
         (kernels.cpu_ops: the product in C); call it once the weights are loaded. A tied head
-        gets a packed copy of the embedding. None: back to torch."""
+        packs the embedding, and the lookups read the packed copy. None: back to torch."""
+        embed = self.model.embed_tokens
+        if self.head_packed is not None:  # back to the plain embedding first
+            unpacked = self.linear_kernels.unpack_linear_weight(self.head_packed, embed.num_embeddings,
+                                                                embed.embedding_dim)
+            embed.weight = nn.Parameter(unpacked, requires_grad=False)
+            self.head_packed = None
         self.linear_kernels = ops
         for module in self.modules():
             if isinstance(module, Linear):
                 module.use_kernels(ops)
-        tied = self.lm_head is None and ops is not None
-        self.head_packed = ops.pack_linear_weight(self.model.embed_tokens.weight) if tied else None
+        if self.lm_head is None and ops is not None:
+            self.head_packed = ops.pack_linear_weight(embed.weight)
+            if self.head_packed is not None:
+                embed.weight = nn.Parameter(embed.weight.new_empty(0), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden] (before the norm)."""
-        x = self.model.embed_tokens(input_ids)
+        if self.head_packed is not None:
+            x = self.linear_kernels.embedding_from_packed(self.head_packed, input_ids, self.config.hidden_size)
+        else:
+            x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.inputs(positions, fused=self.norm_rope_kernels is not None)
         residual = None
         for layer in self.model.layers:
