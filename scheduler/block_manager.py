@@ -112,6 +112,8 @@ class BlockManager:
         `hits` (from match_prefix, only while the request holds no blocks) are shared, not
         copied. Returns False, changing nothing, when the pool cannot supply the new blocks.
         """
+        if not hits and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+            return True  # fits the blocks it holds: most decode steps
         assert not hits or not request.block_ids, "prefix hits only at admission"
         computed = request.num_computed_tokens + len(hits) * self.block_size
         num_new_blocks = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
