@@ -272,6 +272,10 @@ def _kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
         "store_kv_vs_torch": ratios(k.get("store_kv", []), "torch_ratio"),
         "rms_norm_vs_torch": ratios(k.get("rms_norm", []), "torch_ratio"),
         "rotary_vs_torch": ratios(k.get("rotary", []), "torch_ratio"),
+        # Not goals, choices: packed GQA prefill against one head per program, and a mixed
+        # step's single prefill launch (what mixed CUDA graphs run) against the eager split.
+        "prefill_packed_vs_unpacked": ratios(k.get("prefill", []), "unpacked_ratio"),
+        "mixed_one_launch_vs_split": ratios(k.get("mixed", []), "split_ratio"),
         "attention_share": [
             {"model": s.get("model"), **{p: s[p]["attention_share"] for p in ("decode", "prefill") if p in s}}
             for s in k.get("attention_share", [])],
@@ -308,6 +312,11 @@ def render(report: dict[str, Any]) -> str:
             if r:
                 lines.append(f"  {key:<24} torch/stoke time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
                              f"max {_f(r['max'])}x (goal >= 1)")
+        for key, what in (("prefill_packed_vs_unpacked", "unpacked/packed"), ("mixed_one_launch_vs_split", "split/one")):
+            r = k.get(key)
+            if r:
+                lines.append(f"  {key:<28} {what} time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
+                             f"max {_f(r['max'])}x (> 1: the engine's choice is faster)")
         for share in k["attention_share"]:
             lines.append(f"  attention share of a step, {share['model']}: decode {_f(100 * share['decode'], '.0f')}%, "
                          f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share

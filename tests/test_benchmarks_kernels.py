@@ -290,12 +290,13 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert summary["sweeps"]["decode"][0]["best"] == "1 splits (heuristic 2)"
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
+    assert k["mixed_one_launch_vs_split"]["min"] > 0 and k["prefill_packed_vs_unpacked"] is None  # no Triton
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
-                   "l n1 ctx512 b16", "0.0091",
+                   "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split",
                    "decode_vs_sdpa", "attention share"):
         assert needle in table, needle
 
