@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    e.add_argument("--max-num-partial-prefills", type=int, default=2,
+                   help="prompts whose prefill a step may advance at once")
+    e.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="the most prompt tokens of one request per step (0: max-num-batched-tokens / 2); lower bounds the "
+                        "steps that running requests wait through (inter-token latency), at some TTFT")
     e.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads in the worker (default: torch's choice; 1 is best on a busy shared CPU)")
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
@@ -93,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "gpu_memory_utilization": args.gpu_memory_utilization, "num_kv_blocks": args.num_kv_blocks,
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
+        "max_num_partial_prefills": args.max_num_partial_prefills,
+        "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
     }
     return ServerConfig(

@@ -122,8 +122,12 @@ def test_options():
     assert config.engine_args["model"] == "/m" and config.engine_args["max_num_seqs"] == 4
     assert config.engine_args["kv_cache_memory_bytes"] == 1 << 30
     assert config.engine_args["cuda_graph_mode"] == "full" and not config.engine_args["enforce_eager"]
-    config = config_from_args(build_parser().parse_args(["--cuda-graph-mode", "decode", "--enforce-eager"]))
+    assert config.engine_args["long_prefill_token_threshold"] == 0 and config.engine_args["max_num_partial_prefills"] == 2
+    config = config_from_args(build_parser().parse_args(["--cuda-graph-mode", "decode", "--enforce-eager",
+                                                         "--long-prefill-token-threshold", "256",
+                                                         "--max-num-partial-prefills", "1"]))
     assert config.engine_args["cuda_graph_mode"] == "decode" and config.engine_args["enforce_eager"]
+    assert config.engine_args["long_prefill_token_threshold"] == 256 and config.engine_args["max_num_partial_prefills"] == 1
 
 
 def test_worker_encodes_only_new_logprobs():
