@@ -226,31 +226,37 @@ def test_prefill_matches_reference(
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int) -> None:
+def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                            lens: list[int], q_lens: list[int], num_decodes: int) -> None:
     """What a mixed CUDA graph launches: decodes (one new token) and chunks in one call, then
     sequences with no new token and tokens of no sequence up to the captured sizes. The real
-    rows equal decode + prefill on their parts; the padding rows are never written."""
-    gen = torch.Generator().manual_seed(12 + group)
-    lens, q_lens = [9, 33, 1, 40, 21], [1, 1, 1, 23, 21]  # three decodes, a cached prefix, a prompt
-    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float32, gen, pad_id=-1)
+    rows equal decode + prefill on their parts."""
+    gen = torch.Generator().manual_seed(12 + group + head_dim)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, head_dim, dtype, gen, pad_id=-1)
     n = sum(q_lens)
-    q = torch.randn(n, 2 * group, 16, generator=gen)
+    q = torch.randn(n, 2 * group, head_dim, generator=gen).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32)
+    nd = num_decodes
+    cu_chunks = torch.tensor([0, *q_lens[nd:]], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     want = torch.cat([
-        expected_decode(q[:3], k_cache, v_cache, tables[:3], context_lens[:3]),
-        expected_prefill(q[3:], k_cache, v_cache, tables[3:], torch.tensor([0, 23, 44], dtype=torch.int32),
-                         context_lens[3:]),
+        expected_decode(q[:nd], k_cache, v_cache, tables[:nd], context_lens[:nd]),
+        expected_prefill(q[nd:], k_cache, v_cache, tables[nd:], cu_chunks, context_lens[nd:]),
     ])
     stale_to_nan(k_cache, v_cache, tables, lens)
     pad_seqs, pad_tokens = 3, 19
     cu = torch.tensor([0, *q_lens] + [0] * pad_seqs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    padded_q = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"))])
+    padded_q = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"), dtype=dtype)])
     padded_tables = torch.cat([tables, torch.zeros((pad_seqs, tables.shape[1]), dtype=tables.dtype)])
     padded_lens = torch.cat([context_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
     out = ops.paged_prefill_attention(*to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens),
                                       SCALE).cpu()
-    torch.testing.assert_close(out[:n], want, **TOL[torch.float32])
+    torch.testing.assert_close(out[:n].float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int) -> None:
+    # three decodes, a cached prefix, a whole prompt
+    check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3)
 
 
 def test_prefill_ignores_stale_slots_and_equals_decode(ops: ModuleType) -> None:
@@ -465,6 +471,14 @@ class TestCompiledOnGPU:
             args[0].float(), args[1].float(), args[2].float(), *args[3:], head_dim**-0.5
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (2, 64, 32), (3, 128, 16)])
+    def test_padded_mixed_step(self, ops, dtype, group, head_dim, block_size):
+        """A mixed CUDA graph's one launch: 24 decodes up to 1200 keys beside two chunks."""
+        gen = torch.Generator().manual_seed(group)
+        lens = [*torch.randint(1, 1200, (24,), generator=gen).tolist(), 700, 300]
+        check_padded_mixed_step(ops, group, head_dim, block_size, dtype, lens, [1] * 24 + [200, 300], 24)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_store_kv(self, ops, dtype):
