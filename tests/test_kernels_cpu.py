@@ -64,13 +64,18 @@ def test_prefill_matches_naive(group: int, head_dim: int, block_size: int, seed:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_long_contexts_across_threads(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past ~1 MB of K/V the kernel starts threads; sequences are shared out among them."""
+@pytest.mark.parametrize("lens,head_dim", [
+    ([700, 1, 513, 64, 900, 333], 64),  # many sequences: one work item per sequence
+    ([900], 64), ([1, 777, 300], 32),  # fewer than twice the threads: one item per (sequence, kv head)
+])
+def test_decode_long_contexts_across_threads(threads: int, lens: list[int], head_dim: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ~1 MB of K/V the kernel starts threads; sequences, or a few sequences' kv heads,
+    are shared out among them."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     gen = torch.Generator().manual_seed(5)
-    lens = [700, 1, 513, 64, 900, 333]
-    k_cache, v_cache, tables, keys, values = paged_batch(lens, 16, 4, 64, torch.float32, gen, pad_id=-1)
-    q = torch.randn(len(lens), 12, 64, generator=gen)
+    k_cache, v_cache, tables, keys, values = paged_batch(lens, 16, 4, head_dim, torch.float32, gen, pad_id=-1)
+    q = torch.randn(len(lens), 12, head_dim, generator=gen)
     out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.125)
     expected = torch.cat([naive_attention(q[b : b + 1], keys[b], values[b], 0.125) for b in range(len(lens))])
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
