@@ -177,3 +177,35 @@ def test_gpu_gauges_from_nvml(monkeypatch):
     fake.nvmlDeviceGetCount = broken  # NVML failing at scrape time: no crash, just "not available"
     text = Metrics().render()[0].decode()
     assert 'stoke_gpu_info{available="false"} 1.0' in text and "stoke_gpu_memory_used_bytes{" not in text
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(monkeypatch):
+    """docs/grafana/stoke.json: every PromQL expression names series that /metrics exports (with
+    NVML present), it covers what the dashboard is for, and it imports cleanly (one datasource
+    input, unique panel ids, panels inside the 24-column grid)."""
+    import re
+    import types
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=50),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=1024))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    text = Metrics().render()[0].decode()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "grafana", "stoke.json")) as f:
+        dashboard = json.load(f)
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bstoke_[a-z0-9_]+", e)}
+    assert used and used <= exported, used - exported
+    for needed in ("stoke_requests_waiting", "stoke_prefix_cache_hits_tokens_total", "stoke_gpu_utilization_ratio",
+                   "stoke_time_to_first_token_seconds_bucket", "stoke_inter_token_latency_seconds_bucket",
+                   "stoke_generation_tokens_total", "stoke_request_errors_total"):
+        assert needed in used, needed
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in dashboard["panels"])
+    assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in panels)
