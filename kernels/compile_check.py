@@ -1,0 +1,234 @@
+"""Compile every Triton kernel for real GPU targets on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, but it is permissive:
+it never lowers a kernel to PTX, so a layout the compiler rejects, or a tile whose shared
+memory exceeds what a card gives one block, shows up only on a GPU. Here each kernel goes
+through Triton's whole NVIDIA pipeline (TTIR → TTGIR → LLVM → PTX → cubin with the bundled
+ptxas) for each target, launched through the real wrappers of kernels/triton_ops.py and
+kernels/triton_norm_rope.py, so the specialisations and tiles are exactly those a CUDA run
+picks. How: a stand-in driver names the target, and Triton's jit cache hook compiles each
+launch itself and tells Triton to skip it (nothing runs; outputs stay unwritten).
+
+    python -m kernels.compile_check                       # every target and case; table + exit status
+    python -m kernels.compile_check --targets sm90 --resources   # + registers and spills (ptxas -v)
+
+Exit status 1 when a kernel fails to compile or needs more shared memory than its target has.
+Needs a Triton with the NVIDIA backend (the PyPI wheel); must run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+# name: (compute capability, shared memory one block may have (opt-in maximum), cards)
+TARGETS = {
+    "sm80": (80, 166912, "A100"),
+    "sm89": (89, 101376, "L40S, RTX 4090"),
+    "sm90": (90, 232448, "H100, H200"),
+}
+# name: (query heads, kv heads, head dim)
+LAYOUTS = {
+    "llama-3-8b": (32, 8, 128),
+    "smollm2": (9, 3, 64),  # a group of 3: one query head per program unless packing is forced
+    "d256": (8, 2, 256),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "TILE_IN_BLOCK", "HAS_RESIDUAL", "BLOCK")
+
+
+@dataclass(slots=True)
+class Compiled:
+    target: str
+    case: str
+    kernel: str
+    num_warps: int
+    num_stages: int
+    variant: str = ""  # the constexprs that tell a kernel's launches apart
+    shared: int | None = None
+    shared_limit: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    resources: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.shared is not None and self.shared <= self.shared_limit
+
+
+class _TargetDriver:
+    """What Triton's launch path asks of a driver before it compiles; nothing runs."""
+
+    def __init__(self, target: Any, device: int) -> None:
+        self.target, self.device = target, device
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return self.device  # one per target: Triton caches its binder (and target) per device
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+def _ptxas_resources(ptx: str, capability: int) -> dict[str, int]:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+                              src, "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True).stderr
+    found = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+             "spill_loads": r"(\d+) bytes spill loads"}
+    return {k: int(m.group(1)) for k, pattern in found.items() if (m := re.search(pattern, log))}
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's last line: Triton wraps the failing statement's source around it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() not in ("", "^")]
+    return f"{type(error).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def _cases(quick: bool) -> list[tuple[str, str, str]]:
+    """(layout, dtype, which kernels): all = attention and the norm/rope kernels."""
+    if quick:
+        return [("llama-3-8b", "bf16", "all"), ("llama-3-8b", "fp32", "attention"), ("smollm2", "fp16", "attention"),
+                ("d256", "bf16", "attention")]
+    return [(layout, dtype, "all") for layout in LAYOUTS for dtype in DTYPES]
+
+
+def _launch(case: tuple[str, str, str]) -> None:
+    """Every launch a CUDA step makes for this case, through the public wrappers."""
+    from kernels import triton_norm_rope, triton_ops
+
+    layout, dtype_name, which = case
+    hq, hkv, d = LAYOUTS[layout]
+    dtype, tokens, seqs, block_size = DTYPES[dtype_name], 64, 4, 16
+    qkv = torch.zeros(tokens, (hq + 2 * hkv) * d, dtype=dtype)  # the engine's q/k/v are views of this
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+    cache = torch.zeros(32, block_size, hkv, d, dtype=dtype)
+    tables = torch.zeros(seqs, 8, dtype=torch.int32)
+    lens = torch.ones(seqs, dtype=torch.int32)
+    cu = torch.arange(seqs + 1, dtype=torch.int32) * (tokens // seqs)
+    triton_ops.store_kv(k, k, cache, cache, torch.zeros(tokens, dtype=torch.long))
+    for splits in (1, 8):
+        triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=splits)
+    for pack in (True, False):
+        triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
+    if which == "all":
+        hidden = torch.zeros(tokens, hq * d, dtype=dtype)
+        triton_norm_rope.rms_norm(hidden, torch.ones(hq * d, dtype=dtype), 1e-6)
+        triton_norm_rope.rms_norm(hidden, torch.ones(hq * d, dtype=dtype), 1e-6, residual=hidden)
+        triton_norm_rope.rms_norm(q, torch.ones(d, dtype=dtype), 1e-6)  # qk-norm on heads
+        table = torch.zeros(128, d // 2)
+        triton_norm_rope.apply_rotary(q, k, table, table, torch.zeros(tokens, dtype=torch.long))
+
+
+def check(targets: list[str], quick: bool, resources: bool) -> list[Compiled]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernels.compile_check compiles for GPUs: run it without TRITON_INTERPRET")
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime import driver
+
+    from kernels import triton_ops
+
+    results: list[Compiled] = []
+    current: dict[str, Any] = {}
+
+    def compile_launch(*, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:  # noqa: A002
+        name, (capability, limit, _) = current["target"], TARGETS[current["target"]]
+        names = fn.jit_function.arg_names
+        constants = {names[path[0]]: value for path, value in compile["constants"].items() if len(path) == 1}
+        variant = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k in VARIANT_KEYS
+                           if (v := constants.get(k)) is not None)
+        row = Compiled(name, current["case"], fn.name, compile["num_warps"], compile["num_stages"], variant,
+                       shared_limit=limit)
+        t0 = time.perf_counter()
+        try:
+            src = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
+            kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={
+                "num_warps": compile["num_warps"], "num_stages": compile["num_stages"],
+                "num_ctas": compile["num_ctas"], "enable_fp_fusion": compile["enable_fp_fusion"]})
+            row.shared = kernel.metadata.shared
+            if resources:
+                row.resources = _ptxas_resources(kernel.asm["ptx"], capability)
+        except Exception as e:  # noqa: BLE001 - a kernel that does not compile is the finding
+            row.error = _reason(e)
+        row.seconds = time.perf_counter() - t0
+        results.append(row)
+        return True  # compiled here: Triton skips its own compile and the launch
+
+    # The wrappers pick their GPU tiles when the device is CUDA; these tensors live on the CPU.
+    cuda = torch.device("cuda")
+    tile_fns = {name: getattr(triton_ops, name) for name in ("_prefill_config", "_decode_config")}
+    for name, fn in tile_fns.items():
+        setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
+    hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
+    previous_driver = getattr(driver, "_active", None)  # None until first use; restored below
+    try:
+        for index, name in enumerate(targets):
+            driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
+            current["target"] = name
+            for case in _cases(quick):
+                current["case"] = f"{case[0]} {case[1]}"
+                _launch(case)
+    finally:
+        knobs.runtime.jit_cache_hook = hook
+        for name, fn in tile_fns.items():
+            setattr(triton_ops, name, fn)
+        driver.set_active(previous_driver)
+    return results
+
+
+def render(rows: list[Compiled]) -> str:
+    lines = [f"{'target':<7}{'case':<18}{'kernel':<24}{'variant':<48}{'warps':>6}{'stages':>7}{'shared KiB':>11}"
+             f"{'limit':>7}{'regs':>6}{'spills':>8}  status"]
+    for r in rows:
+        spills = r.resources.get("spill_stores", 0) + r.resources.get("spill_loads", 0) if r.resources else None
+        status = "ok" if r.ok else (r.error or "shared memory over the limit")
+        lines.append(f"{r.target:<7}{r.case:<18}{r.kernel:<24}{r.variant:<48}{r.num_warps:>6}{r.num_stages:>7}"
+                     f"{'-' if r.shared is None else r.shared // 1024:>11}{r.shared_limit // 1024:>7}"
+                     f"{r.resources.get('registers', '-'):>6}{'-' if spills is None else spills:>8}  {status}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--quick", action="store_true", help="the cases `make test` runs (one layout per risk)")
+    p.add_argument("--resources", action="store_true", help="registers and spills per kernel (ptxas -v)")
+    p.add_argument("--out", default=None, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = check(args.targets, args.quick, args.resources)
+    print(render(rows))
+    bad = [r for r in rows if not r.ok]
+    print(f"{len(rows)} kernels compiled for {', '.join(args.targets)} in {time.perf_counter() - t0:.0f}s; "
+          f"{len(bad)} failed or over the shared-memory limit")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump([asdict(r) | {"ok": r.ok} for r in rows], f, indent=1)
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
