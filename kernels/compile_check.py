@@ -182,11 +182,13 @@ def check(targets: list[str], quick: bool, resources: bool) -> list[Compiled]:
     tile_fns = {name: getattr(triton_ops, name) for name in ("_prefill_config", "_decode_config")}
     for name, fn in tile_fns.items():
         setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
+    capability_fn = triton_ops._device_capability  # tiles may depend on the architecture
     hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
     previous_driver = getattr(driver, "_active", None)  # None until first use; restored below
     try:
         for index, name in enumerate(targets):
             driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
+            triton_ops._device_capability = lambda device, cc=TARGETS[name][0]: divmod(cc, 10)
             current["target"] = name
             for case in _cases(quick):
                 current["case"] = f"{case[0]} {case[1]}"
@@ -195,6 +197,7 @@ def check(targets: list[str], quick: bool, resources: bool) -> list[Compiled]:
         knobs.runtime.jit_cache_hook = hook
         for name, fn in tile_fns.items():
             setattr(triton_ops, name, fn)
+        triton_ops._device_capability = capability_fn
         driver.set_active(previous_driver)
     return results
 

@@ -442,11 +442,14 @@ def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit types: 64 queries x 64 keys, 4 warps,
-    for D <= 128 (two stages of K+V plus the Q tile: 80 KiB of shared memory at D=128). On an
-    H200 (benchmarks/kernel_configs.py, bf16, D=128) it was the fastest of 11 tiles on 4x1024
-    and 1x512 tokens and within 7% of the best (128 x 128, 8 warps, which needs 160 KiB) on
-    4x4096; 8 warps on the same tile took 1.1-2x as long. 64 x 32, 8 warps at D = 256 (96 KiB;
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit types, D <= 128: on Hopper 64 queries
+    x 64 keys, 4 warps (two stages of K+V plus the Q tile: 80 KiB of shared memory at D=128);
+    on an H200 (benchmarks/kernel_configs.py, bf16, D=128) it was the fastest of 11 tiles on
+    4x1024 and 1x512 tokens and within 7% of the best (128 x 128, 8 warps, which needs
+    160 KiB) on 4x4096; 8 warps on the same tile took 1.1-2x as long. Before Hopper (mma.sync,
+    no wgmma) that tile needs 255 registers a thread and spills (kernels/compile_check.py
+    --resources, sm_80 and sm_89), where 128 x 32 with 8 warps takes 194 and spills nothing
+    (48 KiB; the tile FlashAttention-2 uses on sm8x). 64 x 32, 8 warps at D = 256 (96 KiB;
     not swept). fp32 runs its IEEE dots on FMA units, where 64-row tiles spill: 32 x 32,
     32 x 16 at D = 128, 16 x 16 at D = 256; 8 warps."""
     if device.type != "cuda":
@@ -454,8 +457,17 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     if dtype == torch.float32:
         return 32 if head_dim <= 128 else 16, 32 if head_dim <= 64 else 16, 8, 2
     if head_dim <= 128:
-        return 64, 64, 4, 2
+        return (64, 64, 4, 2) if _device_capability(device)[0] >= 9 else (128, 32, 8, 2)
     return 64, 32, 8, 2
+
+
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 @functools.lru_cache(maxsize=None)
