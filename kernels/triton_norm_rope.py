@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import silu_and_mul
+from kernels.triton_ops import LAUNCH_OPTIONS
 
 __all__ = ["apply_rotary", "rms_norm", "silu_and_mul"]
 
@@ -80,7 +81,7 @@ def rms_norm(
         eps, N, x3.shape[1],
         x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
         HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),
+        num_warps=min(16, max(1, block // 512)), **LAUNCH_OPTIONS,
     )
     return out if residual is None else (out, res_out)
 
@@ -141,6 +142,6 @@ def apply_rotary(
         num_q_heads, num_k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        num_warps=4 if block_hq * block_half >= 2048 else 1,
+        num_warps=4 if block_hq * block_half >= 2048 else 1, **LAUNCH_OPTIONS,
     )
     return q, k
