@@ -9,8 +9,8 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
    transformers' continuous batching on the same GPU, then stoke again with --enforce-eager
    and with CUDA graphs for pure-decode steps only (--cuda-graph-mode decode);
-4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (last:
-   it runs in what is left of the budget);
+4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
+   after the offline runs against transformers, before the others: see the priority in plan());
 5. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
 Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
@@ -39,7 +39,7 @@ from benchmarks.report import write_json
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped, not started
 # stoke's offline runs beside the one with every CUDA graph (and the peer): their flags.
-GRAPH_VARIANTS = {"eager": ["--enforce-eager"], "decode_graphs": ["--cuda-graph-mode", "decode"]}
+GRAPH_VARIANTS = {"decode_graphs": ["--cuda-graph-mode", "decode"], "eager": ["--enforce-eager"]}
 
 TINY_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
@@ -165,17 +165,20 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
             stages.append(Stage(stage, [*base, *flags, "--skip-transformers", "--out", out(stage)],
                                 limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
-    sweep = [py, "-m", "benchmarks.kernel_configs", "--out", out("kernel_configs")]
+    # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
+    sweep = [py, "-m", "benchmarks.kernel_configs", "--budget", "90", "--out", out("kernel_configs")]
     if args.cpu_smoke:
         sweep += ["--tiny", "--iters", "1"]
     stages.append(Stage("kernel_configs", sweep, 30 if args.cpu_smoke else 150, out("kernel_configs"), "sweep"))
-    # Priority when time runs short: stoke (all CUDA graphs) against transformers for both
-    # models, then eager (graphs off), then graphs for pure decodes only, then the sweeps.
-    order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 100}
+    # Priority when time runs short, by what each stage still has to tell: stoke (all CUDA
+    # graphs) against transformers for both models, the kernel sweeps (the open kernel goals),
+    # graphs for pure decodes only (what mixed graphs add), then eager (measured before).
+    order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4}
     for s in stages:
         if s.kind == "offline":
             model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
-            order[s.name] = 2 + model_rank + 2 * ["full", *GRAPH_VARIANTS].index(s.meta["graphs"])
+            variant = ["full", *GRAPH_VARIANTS].index(s.meta["graphs"])
+            order[s.name] = 2 + model_rank + (3 + 2 * variant if variant else 0)
     stages.sort(key=lambda s: order[s.name])
     if args.stages:
         stages = [s for s in stages if s.name in args.stages]
