@@ -222,7 +222,7 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             entry[key] = stoke.get("useful_tokens_per_second")
             entry[f"{key}_extra"] = {k: stoke.get("extra", {}).get(k) for k in (
                 "num_steps", "forward_seconds", "sample_seconds", "schedule_seconds", "cuda_graph_buckets",
-                "cuda_graph_token_buckets", "cuda_graph_capture_seconds",
+                "cuda_graph_token_buckets", "cuda_graph_capture_seconds", "device_busy_fraction",
                 "fused_norm_rope", "num_kv_blocks", "memory_profile", "dtype", "device")}
             if "continuous" in systems:
                 entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
@@ -338,6 +338,13 @@ def render(report: dict[str, Any]) -> str:
                          f"{_f(e.get('transformers_cb'), '.0f'):>10}{_f(e.get('stoke_vs_transformers_cb')):>10}"
                          f"{_f(e.get('cuda_graphs_speedup')):>14}{_f(e.get('mixed_graphs_speedup')):>13}")
         lines.append("  goal: stoke >= 3x transformers continuous batching on the same GPU")
+        for model, e in s["offline"].items():
+            busy = [(label, (e.get(f"{key}_extra") or {}).get("device_busy_fraction"))
+                    for label, key in (("all graphs", "stoke_cuda_graphs"), ("decode graphs", "stoke_decode_graphs"),
+                                       ("eager", "stoke_eager"))]
+            if any(b for _, b in busy):
+                lines.append(f"  {model}: share of the wall a step is on the GPU (the rest it waits on the host): "
+                             + ", ".join(f"{label} {_f(None if b is None else 100 * b, '.0f')}%" for label, b in busy))
         for model, e in s["offline"].items():
             for peer, error in (e.get("peer_errors") or {}).items():
                 lines.append(f"  {model}: transformers {peer} FAILED: {error.splitlines()[0][:120]}")

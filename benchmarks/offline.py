@@ -194,6 +194,8 @@ def run_stoke(path: str | None, workload: Workload, args: argparse.Namespace) ->
             "forward_seconds": s.forward_seconds,
             "sample_seconds": s.sample_seconds,
             "other_seconds": wall - s.schedule_seconds - s.forward_seconds - s.sample_seconds,
+            # CUDA: the fraction of the wall in which a step was on the GPU (0 on the CPU)
+            "device_busy_fraction": s.device_seconds / wall if wall else 0.0,
             "num_preemptions": llm.engine.scheduler.stats.num_preemptions - preemptions0,
             "num_kv_blocks": llm.engine.runner.num_blocks,
             "block_size": llm.engine.config.block_size,

@@ -62,6 +62,10 @@ class StepStats:
     schedule_seconds: float = 0.0  # scheduler.schedule + scheduler.update
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
+    # CUDA: the GPU's time from each step's first operation to its sampler's last (CUDA events).
+    # Wall time minus this is when the GPU waited on the host between steps: scheduling, input
+    # preparation, outputs, and launches that did not keep up.
+    device_seconds: float = 0.0
     last_batch_tokens: int = 0
 
 
@@ -202,6 +206,10 @@ class LLMEngine:
             i for i, request in enumerate(batch.requests)
             if not request.use_prefix_cache and not request.prompt_computed
         ]
+        events = None
+        if self.runner.device.type == "cuda":
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         step_logits = self.runner.execute(batch, all_logits_rows)
         logits, rows = step_logits.logits, step_logits.sampling_rows
         for i, position_logits in step_logits.per_position.items():
@@ -219,6 +227,10 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
             ))
         sampled_out = self.sampler(logits, sampling_rows)
+        if events is not None:  # the sampler's copy back has synchronised: the span is complete
+            events[1].record()
+            events[1].synchronize()
+            self.stats.device_seconds += events[0].elapsed_time(events[1]) / 1e3
         t3 = time.perf_counter()
         sampled: list[int | None] = [None] * len(batch)
         for j, i in enumerate(rows):

@@ -261,7 +261,8 @@ def test_mini_pytest_runs_pytest_style_tests(tmp_path) -> None:
 
 def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     offline = {"workload": {"num_requests": 4}, "systems": {
-        "stoke": {"useful_tokens_per_second": 300.0, "extra": {"num_steps": 9, "cuda_graph_buckets": [1, 2]}},
+        "stoke": {"useful_tokens_per_second": 300.0, "extra": {"num_steps": 9, "cuda_graph_buckets": [1, 2],
+                                                               "device_busy_fraction": 0.62}},
         "continuous": {"useful_tokens_per_second": 100.0}}}
     eager = {"workload": {"num_requests": 4}, "systems": {"stoke": {"useful_tokens_per_second": 150.0, "extra": {}}}}
     decode_only = {"workload": {"num_requests": 4},
@@ -296,7 +297,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
-                   "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split",
+                   "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "all graphs 62%",
                    "decode_vs_sdpa", "attention share"):
         assert needle in table, needle
 

@@ -394,6 +394,7 @@ def test_cuda_graphs_give_eager_tokens_on_gpu(tiny_checkpoints: dict[str, str]) 
         assert runner.cuda_graphs is not None and runner.cuda_graphs.token_buckets == tokens
         assert runner.model.norm_rope_kernels is not None
         assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
+        assert graphs.engine.stats.device_seconds > 0  # each step's span on the GPU, by CUDA events
         del graphs, runner
 
 
