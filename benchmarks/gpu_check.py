@@ -243,7 +243,8 @@ def _sweep_summary(k: dict[str, Any]) -> dict[str, Any]:
     """Per swept shape: the shipped choice's time, the best candidate's, and SDPA's."""
     prefill = [{"shape": f"{r['layout']} {r['seqs']}x{r['length']} b{r.get('block_size', 16)}", "sdpa_ms": r["sdpa_ms"],
                 "shipped_ms": r["shipped_ms"], "best_ms": r["best"] and r["best"]["ms"],
-                "best": r["best"] and f"{tuple(r['best']['tile'])}{'' if r['best']['packed'] else ' unpacked'}"}
+                "best": r["best"] and (f"{tuple(r['best']['tile'])}{'' if r['best']['packed'] else ' unpacked'}"
+                                       f"{' tma' if r['best'].get('tma') else ''}")}
                for r in k.get("rows", [])]
     decode = [{"shape": f"{r['layout']} n{r['batch']} ctx{r['context']} b{r.get('block_size', 16)}", "sdpa_ms": r["sdpa_ms"],
                "shipped_ms": r["heuristic_ms"], "best_ms": r["best"]["ms"],

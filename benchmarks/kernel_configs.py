@@ -11,7 +11,9 @@ and torch SDPA on contiguous K/V:
 
 Both also run over caches of larger blocks (64 tokens: a key tile then lies in one block, one
 block-id load per tile and contiguous rows, instead of a lookup per token) with fewer prefill
-tiles, to show what the engine's block size costs the kernels.
+tiles, to show what the engine's block size costs the kernels; there the prefill tiles also run
+with K/V loaded through tensor descriptors (`tma=True`: Hopper's TMA engine instead of per-thread
+async copies).
 
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --out results/kernel_configs.json
     python -m benchmarks.kernel_configs --tiny   # the Triton interpreter on the CPU, tiny shapes:
@@ -65,6 +67,11 @@ TINY = Sweep(
     unpacked_tiles=[(16, 16, 4, 1)], decode_shapes=[("llama-3-8b", 2, 40)], splits=[1, 2], block_sizes=[16, 32],
     large_block_tiles=[(16, 16, 4, 1)],
 )
+
+
+def _describe(candidate: dict[str, Any]) -> str:
+    return (f"{tuple(candidate['tile'])}{'' if candidate['packed'] else ' unpacked'}"
+            f"{' tma' if candidate.get('tma') else ''}")
 
 
 def _device_name(device: torch.device) -> str:
@@ -123,9 +130,9 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
     t_start = time.perf_counter()
     for (layout, seqs, length), block_size in itertools.product(plan.prefill_shapes, plan.block_sizes):
         if block_size == plan.block_sizes[0]:
-            candidates = [(tile, True) for tile in plan.tiles] + [(tile, False) for tile in plan.unpacked_tiles]
+            candidates = [(tile, True, False) for tile in plan.tiles] + [(tile, False, False) for tile in plan.unpacked_tiles]
         else:
-            candidates = [(tile, True) for tile in plan.large_block_tiles]
+            candidates = [(tile, True, tma) for tile in plan.large_block_tiles for tma in (False, True)]
         hq, hkv, d, _, _ = LAYOUTS[layout]
         gen = torch.Generator(device=device).manual_seed(seqs * length)
         k_cache, v_cache, tables = paged_cache([length] * seqs, hkv, d, dtype, device, gen, block_size)
@@ -135,8 +142,9 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
         scale = d**-0.5
         flops = 4.0 * hq * d * seqs * length * (length + 1) / 2
 
-        def run(packed: bool | None = None) -> torch.Tensor:
-            return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, pack_gqa=packed)
+        def run(packed: bool | None = None, tma: bool = False) -> torch.Tensor:
+            return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, pack_gqa=packed,
+                                                      tma=tma)
 
         want = run()
         k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
@@ -145,23 +153,24 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
                                                                enable_gqa=True))
         shipped_tile = shipped(d, dtype, device)
         results = []
-        for tile, packed in candidates:
+        for tile, packed, tma in candidates:
             if time.perf_counter() - t_start > args.budget:
                 break
             triton_ops._prefill_config = lambda *a, tile=tile: tile
             try:
-                err = (run(packed).float() - want.float()).abs().max().item()
-                ms = timer(lambda: run(packed))
-                results.append({"tile": list(tile), "packed": packed, "ms": ms, "tflops": flops / ms / 1e9,
+                err = (run(packed, tma).float() - want.float()).abs().max().item()
+                ms = timer(lambda: run(packed, tma))
+                results.append({"tile": list(tile), "packed": packed, "tma": tma, "ms": ms, "tflops": flops / ms / 1e9,
                                 "max_abs_diff": err})
             except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result
-                results.append({"tile": list(tile), "packed": packed,
+                results.append({"tile": list(tile), "packed": packed, "tma": tma,
                                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"})
             finally:
                 triton_ops._prefill_config = shipped
         ok = [r for r in results if "ms" in r]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
-        current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile) and r["packed"]), None)
+        current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile) and r["packed"] and not r["tma"]),
+                       None)
         rows.append({"layout": layout, "seqs": seqs, "length": length, "block_size": block_size, "sdpa_ms": sdpa_ms,
                      "shipped_tile": list(shipped_tile), "shipped_ms": current and current["ms"],
                      "best": best, "candidates": results})
@@ -169,7 +178,7 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
         if current:
             line += f"; shipped {tuple(shipped_tile)} {current['ms']:.4f} ms"
         if best:
-            line += (f"; best {tuple(best['tile'])}{'' if best['packed'] else ' unpacked'} {best['ms']:.4f} ms "
+            line += (f"; best {_describe(best)} {best['ms']:.4f} ms "
                      f"({best['tflops']:.0f} TFLOP/s)")
         print(line, flush=True)
         save()

@@ -44,7 +44,7 @@ LAYOUTS = {
     "d256": (8, 2, 256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "TILE_IN_BLOCK", "HAS_RESIDUAL", "BLOCK")
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "TILE_IN_BLOCK", "USE_TMA", "HAS_RESIDUAL", "BLOCK")
 
 
 @dataclass(slots=True)
@@ -131,6 +131,9 @@ def _launch(case: tuple[str, str, str]) -> None:
         triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=splits)
     for pack in (True, False):
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
+    if dtype != torch.float32:  # the tensor-descriptor experiment (TMA on Hopper), 16-bit only
+        big_blocks = torch.zeros(8, 64, hkv, d, dtype=dtype)  # blocks that hold whole key tiles
+        triton_ops.paged_prefill_attention(q, big_blocks, big_blocks, tables, cu, lens, 0.1, tma=True)
     if which == "all":
         hidden = torch.zeros(tokens, hq * d, dtype=dtype)
         triton_norm_rope.rms_norm(hidden, torch.ones(hq * d, dtype=dtype), 1e-6)

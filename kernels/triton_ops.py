@@ -70,12 +70,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_lo
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
-    # The scale is applied to the row max and then inside the exponent's argument, where it
-    # fuses with the subtraction (one FMA per score instead of a multiply and a subtract).
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2e)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * scale_log2e - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e)
     if MASKED:
         v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
     else:
@@ -83,6 +78,32 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_lo
     v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_loaded(q, k, v, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
+                   MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """`_attend_tile` over K/V tiles already loaded whole (by TMA): rows past the context may
+    hold anything, so their scores are masked and their values zeroed (0 * NaN is NaN)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+    if MASKED:
+        s = tl.where(score_mask, s, float("-inf"))
+        v = tl.where(kv_mask[:, None], v, 0.0)
+    m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e)
+    v = v.to(q.dtype)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, scale_log2e):
+    """One step of the running max / sum over raw scores `s`: (new max, rescale of the old
+    accumulator, probabilities, new sum). The scale is applied to the row max and then inside
+    the exponent's argument, where it fuses with the subtraction (one FMA per score)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2e)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale_log2e - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
 # ----------------------------------------------------------------------------- store_kv
@@ -304,6 +325,7 @@ def _find_sequence(cu_seqlens_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
+    k_desc, v_desc,  # with USE_TMA: the caches as 2-D [slots, Hkv * D] tensor descriptors
     scale_log2e, num_seqs,
     stride_qt, stride_qh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
@@ -311,7 +333,7 @@ def _prefill_kernel(
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
@@ -351,30 +373,40 @@ def _prefill_kernel(
     # Key tiles wholly at or below the first row's position: visible to every row, no mask.
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     for start in range(0, full_end, BLOCK_N):
-        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
-                            BLOCK_SIZE, TILE_IN_BLOCK)
-        if SAME_LAYOUT:
-            v_off = k_off
+        if USE_TMA:  # a key tile inside one cache block: one descriptor load each for K and V
+            row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
+            m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
+                                           offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, DOT_PREC)
         else:
-            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+            k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
                                 BLOCK_SIZE, TILE_IN_BLOCK)
-        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                     offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, DOT_PREC)
+            if SAME_LAYOUT:
+                v_off = k_off
+            else:
+                v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+                                    BLOCK_SIZE, TILE_IN_BLOCK)
+            m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                         offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, DOT_PREC)
     # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees a
     # valid key in the first tile here and m_i never stays -inf.
     for start in range(full_end, end, BLOCK_N):
         keys = start + offs_n
         kv_mask = keys < ctx
-        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
-                            BLOCK_SIZE, TILE_IN_BLOCK)
-        if SAME_LAYOUT:
-            v_off = k_off
-        else:
-            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
-                                BLOCK_SIZE, TILE_IN_BLOCK)
         score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
-        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
+        if USE_TMA:
+            row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
+            m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
+                                           kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
+        else:
+            k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
+                                BLOCK_SIZE, TILE_IN_BLOCK)
+            if SAME_LAYOUT:
+                v_off = k_off
+            else:
+                v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+                                    BLOCK_SIZE, TILE_IN_BLOCK)
+            m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                         kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -391,13 +423,16 @@ def paged_prefill_attention(
     scale: float,
     *,
     pack_gqa: bool | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
     Sequences may have no new tokens, and tokens past `cu_seqlens_q[-1]` belong to none (their
     rows are left unwritten): a padded step for a CUDA graph.
 
     `pack_gqa` forces whether a program takes all query heads of a kv head (None: when the
-    group is a power of two, so no row of the tile is wasted)."""
+    group is a power of two, so no row of the tile is wasted). `tma` loads each K/V tile
+    through a tensor descriptor (Hopper's TMA; plain loads before it): an experiment for
+    benchmarks/kernel_configs.py, only where a key tile lies inside one cache block."""
     Tq, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
     block_size = k_cache.shape[1]
@@ -416,8 +451,16 @@ def paged_prefill_attention(
     block_m = max(block_m, heads)
     block_q = block_m // heads
     grid = (Tq // block_q + num_seqs, num_kv_heads if heads > 1 else num_heads)
+    k_desc = v_desc = None
+    if tma:
+        if block_size % block_n or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError(f"tma needs contiguous caches whose blocks ({block_size}) hold whole key tiles ({block_n})")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc, v_desc = (TensorDescriptor.from_tensor(c.view(-1, num_kv_heads * head_dim), [block_n, head_dim])
+                          for c in (k_cache, v_cache))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, k_desc, v_desc,
         scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -425,7 +468,7 @@ def paged_prefill_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
-        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
+        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), USE_TMA=tma,
         num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
     return out

@@ -116,7 +116,8 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
     assert (prefill["block_size"], prefill_large["block_size"]) == (16, 32)
     assert [(c["tile"], c["packed"]) for c in prefill["candidates"]] == [
         ([16, 16, 4, 1], True), ([32, 16, 4, 1], True), ([16, 16, 4, 1], False)]
-    assert [(c["tile"], c["packed"]) for c in prefill_large["candidates"]] == [([16, 16, 4, 1], True)]
+    assert [(c["tile"], c["packed"], c["tma"]) for c in prefill_large["candidates"]] == [
+        ([16, 16, 4, 1], True, False), ([16, 16, 4, 1], True, True)]
     for row in data["rows"]:
         assert all(_positive(c["ms"]) and c["max_abs_diff"] < 1e-4 for c in row["candidates"])
         assert row["shipped_tile"] == [16, 16, 4, 1] and _positive(row["shipped_ms"])

@@ -226,6 +226,29 @@ def test_prefill_matches_reference(
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("pack_gqa", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_through_tensor_descriptors(ops: ModuleType, pack_gqa: bool, dtype: torch.dtype) -> None:
+    """`tma=True` (K/V tiles loaded whole through tensor descriptors, where blocks hold whole
+    tiles) equals the reference: prompts, a chunk after a cached prefix, a decode; NaN in stale
+    slots past each context is masked out of the scores and zeroed out of the values."""
+    gen = torch.Generator().manual_seed(21)
+    lens, q_lens = [45, 70, 33, 1], [45, 20, 1, 1]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 32, 2, 16, dtype, gen, pad_id=0)
+    q = torch.randn(sum(q_lens), 8, 16, generator=gen).to(dtype)
+    cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_prefill(q, k_cache, v_cache, tables, cu, context_lens)
+    stale_to_nan(k_cache, v_cache, tables, lens)
+    out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, context_lens), SCALE,
+                                      pack_gqa=pack_gqa, tma=True)
+    torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+    with pytest.raises(ValueError, match="tma"):
+        small = paged_batch([5], 8, 2, 16, dtype, gen, pad_id=0)
+        ops.paged_prefill_attention(q[:5], small[0], small[1], small[2], torch.tensor([0, 5], dtype=torch.int32),
+                                    torch.tensor([5], dtype=torch.int32), SCALE, tma=True)
+
+
 def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
                             lens: list[int], q_lens: list[int], num_decodes: int) -> None:
     """What a mixed CUDA graph launches: decodes (one new token) and chunks in one call, then
@@ -472,6 +495,21 @@ class TestCompiledOnGPU:
             args[0].float(), args[1].float(), args[2].float(), *args[3:], head_dim**-0.5
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_prefill_through_tensor_descriptors(self, ops, dtype):
+        """The TMA experiment compiled: 64-token blocks, stale NaN past each context."""
+        gen = torch.Generator().manual_seed(64)
+        lens, q_lens = [1000, 777, 65], [1000, 300, 1]
+        k_cache, v_cache, tables, _, _ = paged_batch(lens, 64, 8, 128, dtype, gen, pad_id=0)
+        q = torch.randn(sum(q_lens), 32, 128, generator=gen).to(dtype)
+        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        expected = reference.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), tables, cu, ctx,
+                                                     128**-0.5)
+        stale_to_nan(k_cache, v_cache, tables, lens)
+        out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), 128**-0.5, tma=True)
+        torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (2, 64, 32), (3, 128, 16)])
