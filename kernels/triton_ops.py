@@ -106,6 +106,33 @@ def _online_softmax(s, m_i, l_i, scale_log2e):
     return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
+@triton.jit
+def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+              stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+              kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              TILE_IN_BLOCK: tl.constexpr, SAME_LAYOUT: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One online-softmax step over the key tile `start + offs_n` of a sequence: loaded through
+    the tensor descriptors (USE_TMA: the tile lies inside one cache block) or gathered through
+    the block table."""
+    if USE_TMA:
+        row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
+        m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
+                                       kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+    else:
+        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
+                            BLOCK_SIZE, TILE_IN_BLOCK)
+        if SAME_LAYOUT:
+            v_off = k_off
+        else:
+            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
+                                BLOCK_SIZE, TILE_IN_BLOCK)
+        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+    return m_i, l_i, acc
+
+
 # ----------------------------------------------------------------------------- store_kv
 
 
@@ -200,16 +227,10 @@ def _decode_kernel(
     # Every tile starts below ctx, so each holds a valid key: m_i is finite after the first.
     for start in range(lo, hi, BLOCK_N):
         kv_mask = start + offs_n < ctx
-        k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
-                            BLOCK_SIZE, TILE_IN_BLOCK)
-        if SAME_LAYOUT:
-            v_off = k_off
-        else:
-            v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
-                                BLOCK_SIZE, TILE_IN_BLOCK)
-        m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                     kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e,
-                                     True, DOT_PREC)
+        m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, None, None,
+                                  stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                  kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC)
 
     if SPLIT:
         # Partials [B, Hq, S, D] and [B, Hq, S], contiguous.
@@ -373,40 +394,20 @@ def _prefill_kernel(
     # Key tiles wholly at or below the first row's position: visible to every row, no mask.
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     for start in range(0, full_end, BLOCK_N):
-        if USE_TMA:  # a key tile inside one cache block: one descriptor load each for K and V
-            row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
-            m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
-                                           offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, DOT_PREC)
-        else:
-            k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
-                                BLOCK_SIZE, TILE_IN_BLOCK)
-            if SAME_LAYOUT:
-                v_off = k_off
-            else:
-                v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
-                                    BLOCK_SIZE, TILE_IN_BLOCK)
-            m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                         offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, DOT_PREC)
+        m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                      offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
+                                      TILE_IN_BLOCK, SAME_LAYOUT, USE_TMA, DOT_PREC)
     # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees a
     # valid key in the first tile here and m_i never stays -inf.
     for start in range(full_end, end, BLOCK_N):
         keys = start + offs_n
         kv_mask = keys < ctx
         score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
-        if USE_TMA:
-            row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
-            m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
-                                           kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
-        else:
-            k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
-                                BLOCK_SIZE, TILE_IN_BLOCK)
-            if SAME_LAYOUT:
-                v_off = k_off
-            else:
-                v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
-                                    BLOCK_SIZE, TILE_IN_BLOCK)
-            m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                         kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, DOT_PREC)
+        m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                      kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM, BLOCK_SIZE,
+                                      TILE_IN_BLOCK, SAME_LAYOUT, USE_TMA, DOT_PREC)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
