@@ -159,6 +159,13 @@ class CudaGraphRunner:
         self.capture_seconds = 0.0
 
     @property
+    def static_bytes(self) -> int:
+        """The static input buffers' bytes (allocated outside the graphs' pool)."""
+        return sum(t.numel() * t.element_size() for t in (
+            self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.block_tables,
+            self.cu_seqlens, self.logits_indices))
+
+    @property
     def keys(self) -> list[GraphKey]:
         """Every graph, in capture order: mixed ones (the larger steps) first, largest first."""
         return ([("mixed", t) for t in reversed(self.token_buckets)]
@@ -209,10 +216,7 @@ class CudaGraphRunner:
             self.graphs[key], self.outputs[key] = graph, out
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the warm-ups' blocks (outside the pool) go back
-        static = sum(t.numel() * t.element_size() for t in (
-            self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.block_tables,
-            self.cu_seqlens, self.logits_indices))
-        self.memory_bytes = torch.cuda.memory_reserved(self.device) - reserved0 + static
+        self.memory_bytes = torch.cuda.memory_reserved(self.device) - reserved0 + self.static_bytes
         self.capture_seconds = time.perf_counter() - t0
         logger.info("captured CUDA graphs for decode batches %s and mixed steps of %s tokens in %.1fs (%.0f MiB)",
                     self.buckets, self.token_buckets, self.capture_seconds, self.memory_bytes / 2**20)
@@ -230,12 +234,11 @@ class CudaGraphRunner:
         if w:
             self.block_tables[:rows, :w].copy_(block_tables)
 
-    def _copy_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> int:
+    def _copy_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         n = input_ids.shape[0]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(slot_mapping)
-        return n
 
     def replay(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,

@@ -297,9 +297,6 @@ class ModelRunner:
         static inputs, plus allocator rounding."""
         dev = self.device
         graphs = self._graph_runner(caches)
-        static = sum(t.numel() * t.element_size() for t in (
-            graphs.input_ids, graphs.positions, graphs.slot_mapping, graphs.context_lens, graphs.block_tables,
-            graphs.cu_seqlens, graphs.logits_indices))
         largest: list[GraphKey] = [("decode", graphs.buckets[-1])]
         if graphs.token_buckets:
             largest.append(("mixed", graphs.token_buckets[-1]))
@@ -317,7 +314,7 @@ class ModelRunner:
         if graphs.token_buckets:
             others += (len(graphs.token_buckets) - 1) * graphs.max_num_seqs * row_bytes["mixed"]
         rounding = 2 * (2 << 20) * len(graphs.keys)
-        return peak + others + static + rounding + CUDA_GRAPH_SLACK_BYTES
+        return peak + others + graphs.static_bytes + rounding + CUDA_GRAPH_SLACK_BYTES
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
