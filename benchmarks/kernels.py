@@ -60,6 +60,8 @@ TINY_SIZES = dict(
     share_decode=(4, 48), share_prefill=(2, 32), iters=5, warmup=1,
 )
 BLOCK_SIZE = 16
+KERNEL_PARTS = ("decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary")  # Bench methods, in order
+PARTS = (*KERNEL_PARTS, "share")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Peak HBM bandwidth (TB/s) by device name: the first rule whose words all appear wins.
@@ -629,7 +631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default: by size)")
     p.add_argument("--only", nargs="*", default=None,
-                   choices=["decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary", "share"],
+                   choices=list(PARTS),
                    help="run only these parts")
     p.add_argument("--share-models", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS),
                    help="models for the attention share on CUDA")
@@ -650,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     bench = Bench(args, device, dtype)
-    parts = set(args.only) if args.only else {"decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary", "share"}
+    parts = set(args.only or PARTS)
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "env": {
@@ -668,7 +670,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["env"]["triton"] = triton.__version__
     except ImportError:
         report["env"]["triton"] = None
-    for part in ("decode", "prefill", "mixed", "store_kv", "rms_norm", "rotary"):
+    for part in KERNEL_PARTS:
         report[part] = getattr(bench, part)() if part in parts else []
         print(f"{part}: done ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
     report["attention_share"] = []
