@@ -44,7 +44,7 @@ LAYOUTS = {
     "d256": (8, 2, 256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "TILE_IN_BLOCK", "USE_TMA", "HAS_RESIDUAL", "BLOCK")
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "USE_TMA", "HAS_RESIDUAL", "BLOCK")
 
 
 @dataclass(slots=True)
@@ -127,8 +127,9 @@ def _launch(case: tuple[str, str, str]) -> None:
     lens = torch.ones(seqs, dtype=torch.int32)
     cu = torch.arange(seqs + 1, dtype=torch.int32) * (tokens // seqs)
     triton_ops.store_kv(k, k, cache, cache, torch.zeros(tokens, dtype=torch.long))
-    for splits in (1, 8):
-        triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=splits)
+    for splits, fused in ((1, True), (8, True), (8, False)):  # one split, the merge fused or launched
+        triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=splits,
+                                          fused_merge=fused)
     for pack in (True, False):
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
     if dtype != torch.float32:  # the tensor-descriptor experiment (TMA on Hopper), 16-bit only

@@ -7,9 +7,10 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   share a kv head form the rows of one `tl.dot` (padded to 16, the smallest dot tile), so each
   K/V tile is read once per kv head, not once per query head. At small batch a long context is
   cut into splits (flash-decoding); each split writes an unnormalised partial (acc, max, sum)
-  and a second kernel merges them. The split count comes from the batch size and the block
-  table's width only — never from the context lengths' values — so the call does no host sync
-  and is safe to capture in a CUDA graph.
+  and the last split of a (sequence, kv head) to arrive, by an atomic counter, merges them:
+  split-K costs no second launch (a merge kernel remains as the benchmarks' peer). The split
+  count comes from the batch size and the block table's width only — never from the context
+  lengths' values — so the call does no host sync and is safe to capture in a CUDA graph.
 - `paged_prefill_attention`: FlashAttention-2 style over ragged sequences: one program per
   (query tile, kv head) with the group's query heads packed into the tile's rows (GQA: each
   K/V tile is read once per kv head, as in decode), or per (query tile, query head) when the
@@ -190,7 +191,7 @@ def store_kv(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr,
     scale_log2e, num_splits,
     stride_qb, stride_qh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
@@ -198,7 +199,8 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    SPLIT: tl.constexpr, SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -238,10 +240,44 @@ def _decode_kernel(
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
         tl.store(part_m_ptr + row, m_i, mask=g_mask)
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
+        if FUSED_MERGE:
+            # The last split of this (sequence, kv head) to finish merges all of them, which
+            # saves the reduction kernel's launch. Every thread's stores precede the counter's
+            # release (barrier, then acq_rel atomic); the last program's acquire sees them all.
+            tl.debug_barrier()
+            counter = counters_ptr + b64 * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1) == num_splits - 1:
+                tl.store(counter, 0)  # zero again for the next launch on this stream
+                for g in tl.range(0, GROUP, loop_unroll_factor=1):
+                    head = kvh * GROUP + g
+                    _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
+                                  (b64 * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
+                                  out_ptr + b64 * stride_ob + head * stride_oh, HEAD_DIM, BLOCK_S)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit(noinline=True)  # inlined into the decode kernel, fp32 tiles spilled 1 KiB on sm_90
+def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, out_ptr,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Write one (sequence, query head)'s output from its `num_splits` partials at rows
+    `first_row`... Loads bypass L1 (`.cg`): other programs of the same launch wrote them."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < num_splits
+    row = first_row + offs_s
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0,
+                  cache_modifier=".cg")
+    # Empty splits (m = -inf) weigh 0; a context of 0 (a padding row) leaves all empty: zeros.
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))
+    l_sum = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -252,19 +288,8 @@ def _decode_reduce_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < num_splits
-    row = (b * tl.num_programs(1) + h) * num_splits + offs_s
-    m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
-    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    # Empty splits (m = -inf) weigh 0; a context of 0 (a padding row) leaves all empty: zeros.
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))
-    l_sum = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, (b * tl.num_programs(1) + h) * num_splits, num_splits,
+                  out_ptr + b * stride_ob + h * stride_oh, HEAD_DIM, BLOCK_S)
 
 
 def paged_decode_attention(
@@ -276,11 +301,14 @@ def paged_decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys; a
     sequence with context 0 (a padding row of a captured batch) gets zeros.
 
-    `num_splits` forces the split-K factor (None: chosen from the batch and the table width)."""
+    `num_splits` forces the split-K factor (None: chosen from the batch and the table width).
+    With splits, `fused_merge` has the last split of each (sequence, kv head) merge the
+    partials (one launch); otherwise a second kernel merges them (the benchmarks' peer)."""
     B, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
     block_size = k_cache.shape[1]
@@ -302,9 +330,11 @@ def paged_decode_attention(
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused
+    fused = split and fused_merge
+    counters = _split_counters(B * num_kv_heads, q.device) if fused else out  # unused without
     _decode_kernel[(B, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_acc, part_m, part_l,
+        out, part_acc, part_m, part_l, counters,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -312,16 +342,34 @@ def paged_decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
-        SPLIT=split, SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
+        SPLIT=split, FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(num_splits),
+        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
-    if split:
+    if split and not fused:
         _decode_reduce_kernel[(B, num_heads)](
             part_acc, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4 if head_dim * num_splits >= 2048 else 2, **LAUNCH_OPTIONS,
         )
     return out
+
+
+# Arrival counters of the fused split merge, per device: every launch leaves them zero (each
+# merging program resets its own), so launches in stream order share them with no memset. A
+# buffer outgrown stays referenced: a captured CUDA graph may still point at it.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+MIN_COUNTERS = 8192  # (sequence, kv head) pairs; the split heuristic needs fewer than the SMs
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"split decode of {n} (sequence, kv head) pairs under CUDA graph capture needs "
+                               "counters allocated before it: run the same batch once eagerly first")
+        buffers.append(torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 # ----------------------------------------------------------------------------- prefill

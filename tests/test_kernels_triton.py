@@ -173,6 +173,26 @@ def test_decode_padding_rows_with_no_context_give_zeros(ops: ModuleType) -> None
         torch.testing.assert_close(out[:1], expected, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("fused_merge", [True, False])
+def test_decode_split_merge_in_one_launch_or_two(ops: ModuleType, fused_merge: bool) -> None:
+    """The last split merging the partials (one launch) and the reduction kernel (two) both give
+    the reference; the fused merge leaves its arrival counters zero, so the next launch starts
+    clean with any split count (and a CUDA graph replays without a memset)."""
+    gen = torch.Generator().manual_seed(13)
+    lens = [1, 40, 33, 70]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float32, gen, pad_id=-1)
+    q = torch.randn(len(lens), 8, 16, generator=gen)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_decode(q, k_cache, v_cache, tables, context_lens)
+    for splits in (2, 5, 3):
+        out = ops.paged_decode_attention(*to_device(q, k_cache, v_cache, tables, context_lens), SCALE,
+                                         num_splits=splits, fused_merge=fused_merge)
+        torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
+    counters = ops._COUNTERS.get(out.device, [])
+    assert counters or not fused_merge
+    assert all(not c.any() for c in counters)
+
+
 def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """Split-K only when (sequence, kv head) programs cannot fill the GPU, never below 256
     keys a split; decided from shapes alone."""
@@ -475,6 +495,26 @@ class TestCompiledOnGPU:
             args[0].float(), args[1].float(), args[2].float(), args[3], args[4], head_dim**-0.5
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+    def test_fused_split_merge_repeated_and_in_a_graph(self, ops):
+        """The fused merge's arrival counters and memory ordering, compiled: back-to-back launches
+        (eager and replayed from one CUDA graph) equal the two-launch merge, every time."""
+        gen = torch.Generator().manual_seed(3)
+        lens = torch.randint(1, 3000, (6,), generator=gen).tolist()
+        k_cache, v_cache, tables = paged_cache(lens, 16, 8, 128, torch.bfloat16, gen)
+        q = torch.randn(len(lens), 32, 128, generator=gen).to(torch.bfloat16)
+        args = to_device(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32))
+        want = ops.paged_decode_attention(*args, 0.1, num_splits=16, fused_merge=False)
+        for _ in range(50):
+            assert torch.equal(ops.paged_decode_attention(*args, 0.1, num_splits=16), want)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.paged_decode_attention(*args, 0.1, num_splits=16)
+        for _ in range(50):
+            out.zero_()
+            graph.replay()
+            assert torch.equal(out, want)
+        assert not ops._COUNTERS[out.device][-1].any()
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,pack_gqa", [
