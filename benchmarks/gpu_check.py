@@ -280,6 +280,13 @@ def _kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
         # step's single prefill launch (what mixed CUDA graphs run) against the eager split.
         "prefill_packed_vs_unpacked": ratios(k.get("prefill", []), "unpacked_ratio"),
         "mixed_one_launch_vs_split": ratios(k.get("mixed", []), "split_ratio"),
+        "decode_fused_vs_merge_kernel": ratios(decode, "merge_kernel_ratio"),
+        # Which SDPA backend the goal's peer is, and stoke against each fused one forced.
+        "sdpa_backends": sorted({r["sdpa_backend"] for r in decode + k.get("prefill", []) if r.get("sdpa_backend")}),
+        "decode_vs_sdpa_flash": ratios(decode, "sdpa_flash_ratio"),
+        "decode_vs_sdpa_cudnn": ratios(decode, "sdpa_cudnn_ratio"),
+        "prefill_vs_sdpa_flash": ratios(k.get("prefill", []), "sdpa_flash_ratio"),
+        "prefill_vs_sdpa_cudnn": ratios(k.get("prefill", []), "sdpa_cudnn_ratio"),
         "attention_share": [
             {"model": s.get("model"), **{p: s[p]["attention_share"] for p in ("decode", "prefill") if p in s}}
             for s in k.get("attention_share", [])],
@@ -310,13 +317,17 @@ def render(report: dict[str, Any]) -> str:
         for layout, frac in k["decode_best_peak_fraction"].items():
             lines.append(f"  decode {layout} at context {k['decode_long_context']}: best {100 * frac:.0f}% of peak "
                          f"HBM bandwidth (goal 80%)")
-        for key in ("decode_vs_sdpa", "decode_vs_torch_paged", "prefill_vs_sdpa", "prefill_vs_torch_paged",
+        if k.get("sdpa_backends"):
+            lines.append(f"  torch SDPA chose: {', '.join(k['sdpa_backends'])}")
+        for key in ("decode_vs_sdpa", "decode_vs_sdpa_flash", "decode_vs_sdpa_cudnn", "decode_vs_torch_paged",
+                    "prefill_vs_sdpa", "prefill_vs_sdpa_flash", "prefill_vs_sdpa_cudnn", "prefill_vs_torch_paged",
                     "store_kv_vs_torch", "rms_norm_vs_torch", "rotary_vs_torch"):
             r = k.get(key)
             if r:
                 lines.append(f"  {key:<24} torch/stoke time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
                              f"max {_f(r['max'])}x (goal >= 1)")
-        for key, what in (("prefill_packed_vs_unpacked", "unpacked/packed"), ("mixed_one_launch_vs_split", "split/one")):
+        for key, what in (("prefill_packed_vs_unpacked", "unpacked/packed"), ("mixed_one_launch_vs_split", "split/one"),
+                          ("decode_fused_vs_merge_kernel", "two launches/one")):
             r = k.get(key)
             if r:
                 lines.append(f"  {key:<28} {what} time: min {_f(r['min'])}x, median {_f(r['median'])}x, "

@@ -7,7 +7,8 @@ and torch SDPA on contiguous K/V:
   `_prefill_config` for each candidate (the launch reads it on every call), so each row is the
   shipped kernel with one other tile; a tile that does not compile (shared memory) is reported.
 - decode: which split-K factor is fastest at small batch (where `_num_splits` splits), each
-  forced through `num_splits=`, against the heuristic's own choice.
+  forced through `num_splits=`, against the heuristic's own choice; with splits, also the
+  partials merged by a second kernel (`merge_kernel_ms`) instead of by the last split.
 
 Both also run over caches of larger blocks (64 tokens: a key tile then lies in one block, one
 block-id load per tile and contiguous rows, instead of a lookup per token) with fewer prefill
@@ -96,8 +97,9 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
         q = torch.randn(batch, hq, d, generator=gen, device=device).to(dtype)
         scale = d**-0.5
 
-        def run(splits: int | None) -> torch.Tensor:
-            return triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
+        def run(splits: int | None, fused_merge: bool = True) -> torch.Tensor:
+            return triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits,
+                                                     fused_merge=fused_merge)
 
         want = run(None)
         heuristic = triton_ops._num_splits(batch, hkv, tables.shape[1] * k_cache.shape[1], device)
@@ -108,7 +110,10 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
             if splits > 1 and splits > ctx // 16:
                 continue
             err = (run(splits).float() - want.float()).abs().max().item()
-            candidates.append({"splits": splits, "ms": timer(lambda: run(splits)), "max_abs_diff": err})
+            candidate = {"splits": splits, "ms": timer(lambda: run(splits)), "max_abs_diff": err}
+            if splits > 1:  # the partials merged by a second launch instead of the last split
+                candidate["merge_kernel_ms"] = timer(lambda: run(splits, fused_merge=False))
+            candidates.append(candidate)
         best = min(candidates, key=lambda r: r["ms"])
         shipped = next((r["ms"] for r in candidates if r["splits"] == heuristic), None)
         rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": block_size, "sdpa_ms": sdpa_ms,

@@ -8,11 +8,15 @@ On CUDA (the Triton backend):
 - a mixed step's attention, 16-256 decodes at context 2048 beside a 512-token prompt: the one
   prefill launch a mixed CUDA graph runs against the eager split (decode kernel + prefill
   kernel + concatenation, `split`);
+- decode's split-K with the partials merged by a second kernel (`merge_kernel`) rather than by
+  the last split;
 - store_kv, fused RMSNorm (+residual), rotary.
 Each is timed with CUDA events (median, L2 flushed before every run) and reported as achieved
 HBM GB/s against the card's peak, next to torch: `kernels.reference` on the same paged inputs
 and, for attention, torch SDPA on K/V already gathered into contiguous tensors (what a dense
-engine would run; its gather is not timed). ratio = torch time / stoke time (> 1: stoke faster).
+engine would run; its gather is not timed): SDPA's own choice, and on CUDA its FlashAttention-2
+and cuDNN backends forced (`sdpa_flash`, `sdpa_cudnn`), which tells what the goal's peer is.
+ratio = torch time / stoke time (> 1: stoke faster).
 
 On the CPU only the torch reference runs (the Triton interpreter's speed means nothing), at
 tiny sizes: its time, and the attention share of a whole forward step of the tiny (--tiny) or
@@ -198,6 +202,34 @@ def _row(impl_ms: float | None, peers: dict[str, tuple[float | None, str | None]
 
 
 # ----------------------------------------------------------------------------- benchmarks
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION")  # forced one at a time beside SDPA's own choice
+
+
+def sdpa_peers(timer: Timer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               is_causal: bool) -> tuple[dict[str, tuple[float | None, str | None]], str | None]:
+    """torch SDPA on contiguous K/V: its own choice (`sdpa_contiguous`, the goal's peer), and on
+    CUDA each fused backend forced (`sdpa_flash`, `sdpa_cudnn`), which says what that choice
+    is: FlashAttention-2 or cuDNN's Hopper kernels. Also the name of the backend it picks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, enable_gqa=True)
+
+    peers = {"sdpa_contiguous": _try(timer, call)}
+    try:
+        choice = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True)).name
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        choice = None
+    if q.is_cuda:
+        for name in SDPA_BACKENDS:
+            def forced(backend: SDPBackend = getattr(SDPBackend, name)) -> torch.Tensor:
+                with sdpa_kernel(backend):
+                    return call()
+
+            peers["sdpa_" + name.split("_")[0].lower()] = _try(timer, forced)
+    return peers, choice
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device, self.dtype = args, device, dtype
@@ -237,6 +269,9 @@ class Bench:
                     ms = self.timer(lambda: self.ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale))
                     launch_us = self.timer.launch_us
                     peers = {}
+                    if self.impl == "triton":  # split-K's partials merged by a second launch
+                        peers["merge_kernel"] = _try(self.timer, lambda: self.ops.paged_decode_attention(
+                            q, k_cache, v_cache, tables, lens, scale, fused_merge=False))
                     if self.torch_peer():
                         # reference: gather + SDPA with a mask (math backend with GQA: K/V expanded)
                         if kv_bytes * (4 + hq // hkv * 2) < 0.8 * _free_bytes(self.device):
@@ -245,12 +280,11 @@ class Bench:
                         else:
                             peers["torch_paged"] = (None, "skipped: memory")
                     k, v = gathered(k_cache, tables, ctx), gathered(v_cache, tables, ctx)
-                    q4 = q[:, :, None]
-                    peers["sdpa_contiguous"] = _try(self.timer, lambda: F.scaled_dot_product_attention(
-                        q4, k, v, scale=scale, enable_gqa=True))
+                    sdpa, choice = sdpa_peers(self.timer, q[:, :, None], k, v, scale, is_causal=False)
                     nbytes = kv_bytes + 2 * q.numel() * self.elt
                     rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": BLOCK_SIZE,
-                                 **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
+                                 **_row(ms, peers | sdpa, nbytes, self.peak, launch_us=launch_us),
+                                 "sdpa_backend": choice})
                     del k_cache, v_cache, k, v
                     self._release()
         return rows
@@ -282,12 +316,12 @@ class Bench:
                             peers["torch_paged"] = (None, "skipped: memory")
                     k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
                     q4 = q.view(seqs, length, hq, d).transpose(1, 2)
-                    peers["sdpa_contiguous"] = _try(self.timer, lambda: F.scaled_dot_product_attention(
-                        q4, k, v, scale=scale, is_causal=True, enable_gqa=True))
+                    sdpa, choice = sdpa_peers(self.timer, q4, k, v, scale, is_causal=True)
                     nbytes = (2 * q.numel() + 2 * seqs * length * hkv * d) * self.elt
                     flops = 4.0 * hq * d * seqs * length * (length + 1) / 2
                     rows.append({"layout": layout, "seqs": seqs, "length": length, "block_size": BLOCK_SIZE,
-                                 **_row(ms, peers, nbytes, self.peak, flops, launch_us)})
+                                 **_row(ms, peers | sdpa, nbytes, self.peak, flops, launch_us),
+                                 "sdpa_backend": choice})
                     del k_cache, v_cache, k, v, q
                     self._release()
         return rows
@@ -575,10 +609,17 @@ def render(report: dict[str, Any]) -> str:
             lines.append(line)
 
     peers = ["torch_paged", "sdpa_contiguous"] if env["impl"] != "reference" else ["sdpa_contiguous"]
+    if env["device"] == "cuda":
+        peers += ["sdpa_flash", "sdpa_cudnn"]
+    triton = env["impl"] == "triton"
     table("decode attention (torch ms (torch/stoke))", report["decode"],
-          [("layout", ""), ("batch", ""), ("context", "")], peers)
+          [("layout", ""), ("batch", ""), ("context", "")], (["merge_kernel"] if triton else []) + peers)
     table("prefill attention", report["prefill"], [("layout", ""), ("seqs", ""), ("length", "")],
-          (["unpacked"] if env["impl"] == "triton" else []) + peers)
+          (["unpacked"] if triton else []) + peers)
+    for kind in ("decode", "prefill"):
+        choices = sorted({r["sdpa_backend"] for r in report[kind] if r.get("sdpa_backend")})
+        if choices:
+            lines.append(f"{kind}: SDPA chose {', '.join(choices)} (sdpa_contiguous)")
     table("mixed step attention: one prefill launch vs split (decode + prefill + cat)", report.get("mixed", []),
           [("layout", ""), ("decodes", ""), ("context", ""), ("chunk", "")], ["split"])
     simple = ["torch"] if env["impl"] != "reference" else []

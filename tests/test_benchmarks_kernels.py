@@ -80,14 +80,17 @@ def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None
     assert data["env"]["impl"] == "triton" and data["store_kv"] == [] and data["attention_share"] == []
     for r in data["decode"]:
         assert r["layout"] == "qwen3-0.6b"
-        for key in ("stoke_ms", "torch_paged_ms", "torch_paged_ratio", "sdpa_contiguous_ms", "sdpa_contiguous_ratio"):
+        for key in ("stoke_ms", "torch_paged_ms", "torch_paged_ratio", "sdpa_contiguous_ms", "sdpa_contiguous_ratio",
+                    "merge_kernel_ratio"):
             assert _positive(r[key]), (key, r)
+        assert r["sdpa_backend"] in ("FLASH_ATTENTION", "MATH", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"), r
     assert all(_positive(r["torch_ratio"]) for r in data["rms_norm"])
     assert data["prefill"] and all(_positive(r["unpacked_ratio"]) and _positive(r["sdpa_contiguous_ratio"])
                                    for r in data["prefill"])
     assert data["mixed"] and all(_positive(r["split_ratio"]) for r in data["mixed"])
     assert "mixed step attention" in proc.stdout
-    assert "torch_paged x" in proc.stdout and "decode attention" in proc.stdout
+    assert "torch_paged x" in proc.stdout and "merge_kernel x" in proc.stdout and "decode attention" in proc.stdout
+    assert "decode: SDPA chose" in proc.stdout
 
 
 def test_peak_bandwidth_by_device_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +128,7 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
     for decode in data["decode"]:
         assert [c["splits"] for c in decode["candidates"]] == [1, 2] and decode["heuristic_splits"] == 1
         assert all(c["max_abs_diff"] < 1e-4 for c in decode["candidates"]) and _positive(decode["best"]["ms"])
+        assert [_positive(c.get("merge_kernel_ms")) for c in decode["candidates"]] == [False, True]
 
 
 # ----------------------------------------------------------------------------- gpu_check
@@ -268,10 +272,13 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     eager = {"workload": {"num_requests": 4}, "systems": {"stoke": {"useful_tokens_per_second": 150.0, "extra": {}}}}
     decode_only = {"workload": {"num_requests": 4},
                    "systems": {"stoke": {"useful_tokens_per_second": 240.0, "extra": {}}}}
+    kernels = json.loads(json.dumps(kernels_report))  # as on CUDA: the merge and SDPA backend peers
+    for r in kernels["decode"]:
+        r.update(merge_kernel_ratio=1.3, sdpa_flash_ratio=0.9, sdpa_backend="CUDNN_ATTENTION")
     results = [
         gpu_check.StageResult("kernel_tests", "ok", 3.0, 0, result={"passed": 5, "failed": 1, "skipped": 0,
                               "failures": [{"test": "t::x", "error": "e"}]}, meta={"runner": "mini_pytest"}),
-        gpu_check.StageResult("kernels", "ok", 2.0, 0, result=kernels_report),
+        gpu_check.StageResult("kernels", "ok", 2.0, 0, result=kernels),
         gpu_check.StageResult("offline_m", "ok", 5.0, 0, result=offline, meta={"model": "m", "graphs": "full"}),
         gpu_check.StageResult("offline_m_eager", "timeout", 9.0, None, reason="killed\nat the limit",
                               result=eager, meta={"model": "m", "graphs": "eager"}),
@@ -293,13 +300,16 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
     assert k["mixed_one_launch_vs_split"]["min"] > 0 and k["prefill_packed_vs_unpacked"] is None  # no Triton
+    assert k["decode_fused_vs_merge_kernel"]["median"] == 1.3 and k["decode_vs_sdpa_flash"]["max"] == 0.9
+    assert k["decode_vs_sdpa_cudnn"] is None and "CUDNN_ATTENTION" in k["sdpa_backends"]
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
                    "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "all graphs 62%",
-                   "decode_vs_sdpa", "attention share"):
+                   "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
+                   "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION"):
         assert needle in table, needle
 
 
