@@ -248,7 +248,7 @@ def _decode_kernel(
             counter = counters_ptr + b64 * tl.num_programs(1) + kvh
             if tl.atomic_add(counter, 1) == num_splits - 1:
                 tl.store(counter, 0)  # zero again for the next launch on this stream
-                for g in tl.range(0, GROUP, loop_unroll_factor=1):
+                for g in range(GROUP):
                     head = kvh * GROUP + g
                     _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
                                   (b64 * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
@@ -406,7 +406,9 @@ def _prefill_kernel(
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
-    pid = tl.program_id(0)
+    # Last tiles first: a sequence's later query tiles see more keys, and launching the longest
+    # programs first leaves short ones, not long ones, for the launch's final wave.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     if HEADS > 1:
         first_head = tl.program_id(1) * GROUP
     else:
