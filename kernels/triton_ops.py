@@ -15,9 +15,10 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   (query tile, kv head) with the group's query heads packed into the tile's rows (GQA: each
   K/V tile is read once per kv head, as in decode), or per (query tile, query head) when the
   group is not a power of two; the tile finds its sequence by binary search over
-  `cu_seqlens_q` (again no host sync). Key tiles fully below the tile's first query position
-  run without a mask; the tiles on the diagonal apply the causal mask. A decode is a sequence
-  with one new token, so one launch can attend a whole mixed step (the mixed CUDA graphs).
+  `cu_seqlens_q` (again no host sync), and a sequence's tiles run last (most keys) first.
+  Key tiles fully below the tile's first query position run without a mask; the tiles on the
+  diagonal apply the causal mask. A decode is a sequence with one new token, so one launch can
+  attend a whole mixed step (the mixed CUDA graphs).
 
 Keys are gathered token by token through the block table (a tile may span several cache
 blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
@@ -406,9 +407,7 @@ def _prefill_kernel(
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
-    # Last tiles first: a sequence's later query tiles see more keys, and launching the longest
-    # programs first leaves short ones, not long ones, for the launch's final wave.
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid = tl.program_id(0)
     if HEADS > 1:
         first_head = tl.program_id(1) * GROUP
     else:
@@ -417,8 +416,11 @@ def _prefill_kernel(
     seq = _find_sequence(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
-    tile = pid - (q_start // BLOCK_Q + seq)
-    if tile * BLOCK_Q >= q_len:
+    # A sequence's query tiles run last first: later tiles see more keys, and starting the long
+    # programs first leaves short ones for the launch's final wave. Sequences keep their order
+    # (a mixed step's decodes, each one long program, come before its prompt chunks).
+    tile = (q_start + q_len) // BLOCK_Q + seq - pid
+    if tile < 0 or tile * BLOCK_Q >= q_len:  # < 0: padding slots past the last sequence's
         return
     ctx = tl.load(context_lens_ptr + seq)
 
