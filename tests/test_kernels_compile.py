@@ -1,7 +1,8 @@
 """Every Triton kernel compiled for real GPU targets (Hopper, and Ada's 99 KiB of shared memory
 per block) on this machine without a GPU: kernels/compile_check.py runs Triton's NVIDIA
 pipeline down to a cubin through the real launch wrappers, with the tiles a CUDA run picks,
-and ptxas reports each kernel's registers and spills.
+and ptxas reports each kernel's registers and spills. With the venv's Triton, and with the
+oldest supported release and the GPU machines' one.
 
 A subprocess: the check needs the compiled (not interpreted) kernels, and other test modules
 set TRITON_INTERPRET before importing them.
@@ -14,7 +15,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLDER_TRITONS = ["3.4.0", "3.6.0"]  # the Makefile installs them
 
 
 def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_spills(tmp_path) -> None:
@@ -46,3 +50,24 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
     prefill = {r["target"]: r for r in rows if r["case"] == "llama-3-8b bf16" and r["kernel"] == "_prefill_kernel"}
     assert "BLOCK_M=64 BLOCK_N=64" in prefill["sm90"]["variant"] and prefill["sm90"]["num_warps"] == 4
     assert "BLOCK_M=128 BLOCK_N=32" in prefill["sm89"]["variant"] and prefill["sm89"]["num_warps"] == 8
+
+
+@pytest.mark.parametrize("version", OLDER_TRITONS)
+def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path) -> None:
+    """The same kernels with Triton 3.4 (the oldest the kernels support) and 3.6 (the GPU
+    machines' release), installed beside the venv by `make install`, for Hopper."""
+    side = os.path.join(sys.prefix, f"triton-{version}")
+    assert os.path.isdir(side), f"{side} is missing: `make install` puts it there (remove {sys.prefix}/.installed-stamp)"
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": f"{side}{os.pathsep}{ROOT}"}
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick", "--targets", "sm90",
+                           "--resources", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"compiled with Triton {version} for sm90" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel",
+                                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel"}
+    assert all(r["ok"] for r in rows)
+    assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
+                if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
+                and "USE_TMA=1" not in r["variant"]]
