@@ -194,13 +194,15 @@ def test_decode_split_merge_in_one_launch_or_two(ops: ModuleType, fused_merge: b
 
 
 def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Split-K only when (sequence, kv head) programs cannot fill the GPU, never below 256
+    """Split-K only when (sequence, kv head) programs cannot fill the GPU, never below 64
     keys a split; decided from shapes alone."""
     monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert ops._num_splits(1, 8, 8192, cuda) == 32
-    assert ops._num_splits(4, 8, 512, cuda) == 2
-    assert ops._num_splits(4, 8, 200, cuda) == 1
+    assert ops._num_splits(1, 8, 8192, cuda) == 33  # two waves: 264 programs
+    assert ops._num_splits(1, 8, 512, cuda) == 8  # capped by 64-key splits
+    assert ops._num_splits(4, 8, 512, cuda) == 8
+    assert ops._num_splits(16, 8, 512, cuda) == 3
+    assert ops._num_splits(4, 8, 100, cuda) == 1
     assert ops._num_splits(64, 8, 8192, cuda) == 1
     assert ops._num_splits(1, 1, 1 << 20, cuda) == 64
     assert ops._num_splits(1, 8, 8192, torch.device("cpu")) == 1
