@@ -10,7 +10,9 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    transformers' continuous batching on the same GPU, then stoke again with --enforce-eager
    and with CUDA graphs for pure-decode steps only (--cuda-graph-mode decode);
 4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
-   after the offline runs against transformers, before the others: see the priority in plan());
+   after the offline runs against transformers, before the others: see the priority in plan()),
+   which write the tuning they recommend (kernels/tuning.py); kernels_tuned: the attention
+   micro-benchmarks again with that tuning (STOKE_KERNEL_TUNING);
 5. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
 Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
@@ -57,6 +59,8 @@ class Stage:
     result_path: str | None = None  # its JSON
     kind: str = ""  # tests | kernels | offline | sweep
     meta: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # added to the run's environment
+    requires: str | None = None  # a file an earlier stage writes: skipped without it
 
 
 @dataclass(slots=True)
@@ -78,12 +82,15 @@ def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str
     if limit < MIN_STAGE_S:
         return StageResult(stage.name, "skipped", command=stage.command, reason="no time left in the budget",
                            meta=stage.meta)
+    if stage.requires and not os.path.exists(stage.requires):
+        return StageResult(stage.name, "skipped", command=stage.command,
+                           reason=f"{os.path.relpath(stage.requires, ROOT)} was not written", meta=stage.meta)
     log = os.path.join(log_dir, f"{stage.name}.log")
     t0 = time.perf_counter()
     print(f"== {stage.name} (limit {limit:.0f}s): {' '.join(stage.command)}", flush=True)
     with open(log, "w") as f:
         try:
-            proc = subprocess.run(stage.command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.run(stage.command, cwd=ROOT, env=env | stage.env, stdout=f, stderr=subprocess.STDOUT,
                                   timeout=limit)
             status = "ok" if proc.returncode == 0 else "failed"
             code: int | None = proc.returncode
@@ -166,19 +173,28 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
                                 limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
-    sweep = [py, "-m", "benchmarks.kernel_configs", "--budget", "90", "--out", out("kernel_configs")]
+    tuning = os.path.join(work, "kernel_tuning.json")
+    sweep = [py, "-m", "benchmarks.kernel_configs", "--budget", "90", "--out", out("kernel_configs"),
+             "--write-tuning", tuning]
     if args.cpu_smoke:
         sweep += ["--tiny", "--iters", "1"]
     stages.append(Stage("kernel_configs", sweep, 30 if args.cpu_smoke else 150, out("kernel_configs"), "sweep"))
+    # The attention micro-benchmarks again with the tuning the sweep recommends: the shipped
+    # kernels' figures and the tuned ones' from one run, for the next commit to choose.
+    tuned = [py, "-m", "benchmarks.kernels", "--only", "decode", "prefill", "--out", out("kernels_tuned")]
+    if args.cpu_smoke:
+        tuned += ["--tiny", "--iters", "1", "--impl", "triton", "--layouts", "qwen3-0.6b"]
+    stages.append(Stage("kernels_tuned", tuned, 30 if args.cpu_smoke else 60, out("kernels_tuned"), "kernels",
+                        {"tuning": tuning}, env={"STOKE_KERNEL_TUNING": tuning}, requires=tuning))
     # Priority when time runs short, by what each stage still has to tell: stoke (all CUDA
     # graphs) against transformers for both models, the kernel sweeps (the open kernel goals),
     # graphs for pure decodes only (what mixed graphs add), then eager (measured before).
-    order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4}
+    order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4, "kernels_tuned": 5}
     for s in stages:
         if s.kind == "offline":
             model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
             variant = ["full", *GRAPH_VARIANTS].index(s.meta["graphs"])
-            order[s.name] = 2 + model_rank + (3 + 2 * variant if variant else 0)
+            order[s.name] = 2 + model_rank + (4 + 2 * variant if variant else 0)
     stages.sort(key=lambda s: order[s.name])
     if args.stages:
         stages = [s for s in stages if s.name in args.stages]
@@ -211,6 +227,11 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             summary["tests"] = {"runner": r.meta.get("runner"), "status": r.status, **(tests or {})}
         elif r.name == "kernels" and r.result:
             summary["kernels"] = _kernel_summary(r.result)
+        elif r.name == "kernels_tuned" and r.result and "env" in r.result:
+            with open(r.meta["tuning"]) as f:
+                tuning = json.load(f)
+            summary["kernels_tuned"] = _kernel_summary(r.result) | {
+                "tuning": {k: tuning.get(k) for k in ("prefill_tile", "pack_gqa", "min_split_keys")}}
         elif r.name == "kernel_configs" and r.result and "rows" in r.result:
             summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -332,6 +353,14 @@ def render(report: dict[str, Any]) -> str:
             if r:
                 lines.append(f"  {key:<28} {what} time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
                              f"max {_f(r['max'])}x (> 1: the engine's choice is faster)")
+        tuned = s.get("kernels_tuned")
+        if tuned:
+            lines.append(f"  with the sweep's tuning {tuned['tuning']} (STOKE_KERNEL_TUNING):")
+            for key in ("decode_vs_sdpa", "prefill_vs_sdpa"):
+                r = tuned.get(key)
+                if r:
+                    lines.append(f"    {key:<22} torch/stoke time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
+                                 f"max {_f(r['max'])}x (goal >= 1)")
         for share in k["attention_share"]:
             lines.append(f"  attention share of a step, {share['model']}: decode {_f(100 * share['decode'], '.0f')}%, "
                          f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share

@@ -16,7 +16,11 @@ tiles, to show what the engine's block size costs the kernels; there the prefill
 with K/V loaded through tensor descriptors (`tma=True`: Hopper's TMA engine instead of per-thread
 async copies).
 
+From the two sweeps it recommends a tuning for this GPU (kernels/tuning.py: the prefill tile
+and tiling, the decode split minimum; see `recommend`), which `--write-tuning` saves.
+
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --out results/kernel_configs.json
+    PYTHONPATH=. python3 -m benchmarks.kernel_configs --write-tuning kernels/tuning/<GPU>.json
     python -m benchmarks.kernel_configs --tiny   # the Triton interpreter on the CPU, tiny shapes:
                                                  # only to exercise the script (times mean nothing)
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +41,9 @@ import torch.nn.functional as F
 
 from benchmarks.kernels import LAYOUTS, Timer, gathered, paged_cache
 from benchmarks.report import write_json
+from kernels.tuning import KernelTuning, write_tuning
+
+MIN_KEYS_CANDIDATES = (32, 64, 128, 256)  # decode: the minimum keys per split, as what-ifs
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +110,11 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
                                                      fused_merge=fused_merge)
 
         want = run(None)
-        heuristic = triton_ops._num_splits(batch, hkv, tables.shape[1] * k_cache.shape[1], device)
+        width = tables.shape[1] * k_cache.shape[1]
+        heuristic = triton_ops._num_splits(batch, hkv, width, device)
+        # What the heuristic would pick with each candidate minimum of keys per split.
+        by_min_keys = {str(keys): triton_ops._num_splits(batch, hkv, width, device, min_keys=keys)
+                       for keys in MIN_KEYS_CANDIDATES}  # str keys: as they read back from the JSON
         k, v = gathered(k_cache, tables, ctx), gathered(v_cache, tables, ctx)
         sdpa_ms = timer(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True))
         candidates = []
@@ -117,7 +129,8 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
         best = min(candidates, key=lambda r: r["ms"])
         shipped = next((r["ms"] for r in candidates if r["splits"] == heuristic), None)
         rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": block_size, "sdpa_ms": sdpa_ms,
-                     "heuristic_splits": heuristic, "heuristic_ms": shipped, "best": best, "candidates": candidates})
+                     "heuristic_splits": heuristic, "heuristic_ms": shipped, "best": best, "candidates": candidates,
+                     "splits_by_min_keys": by_min_keys})
         print(f"decode {layout} b{batch} ctx{ctx} block {block_size}: sdpa {sdpa_ms:.4f} ms; heuristic {heuristic} splits "
               f"{'-' if shipped is None else format(shipped, '.4f')} ms; best {best['splits']} splits "
               f"{best['ms']:.4f} ms", flush=True)
@@ -191,6 +204,50 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
         _release(device)
 
 
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
+    """The tuning the sweep supports, and the scores behind it (geometric mean over the swept
+    shapes of time / that shape's best time; 1.0 = best everywhere). Only what the engine runs
+    counts: the smallest block size, pointer loads (no TMA).
+    - prefill: the (tile, tiling) with the lowest score among those measured on every shape;
+    - decode: the minimum keys per split whose heuristic choice scores lowest, each shape timed
+      at the largest swept split count not above that choice. Ties keep the built-in value."""
+    from kernels import triton_ops
+
+    tile, pack, keys, measured = None, None, None, {}
+    rows = report.get("rows", [])
+    small = min((r["block_size"] for r in rows), default=None)
+    rows = [r for r in rows if r["block_size"] == small and r.get("best")]
+    if rows:
+        times = [{(tuple(c["tile"]), c["packed"]): c["ms"] for c in r["candidates"] if "ms" in c and not c.get("tma")}
+                 for r in rows]
+        common = set.intersection(*(set(t) for t in times))
+        scores = {k: _geomean([t[k] / min(t.values()) for t in times]) for k in common}
+        if scores:
+            (tile, pack), score = min(scores.items(), key=lambda kv: kv[1])
+            measured["prefill"] = {"tile": list(tile), "packed": pack, "score": round(score, 4),
+                                   "shapes": [f"{r['layout']} {r['seqs']}x{r['length']}" for r in rows]}
+    decode = report.get("decode", [])
+    small = min((r["block_size"] for r in decode), default=None)
+    decode = [r for r in decode if r["block_size"] == small]
+    if decode:
+        def time_at(row: dict[str, Any], splits: int) -> float:
+            fits = [c for c in row["candidates"] if c["splits"] <= splits]
+            return max(fits, key=lambda c: c["splits"])["ms"]
+
+        scores = {}
+        for k in sorted(MIN_KEYS_CANDIDATES, key=lambda k: k != triton_ops.MIN_SPLIT_KEYS):  # built-in first
+            chosen = [r["splits_by_min_keys"][str(k)] for r in decode]
+            scores[k] = _geomean([time_at(r, s) / r["best"]["ms"] for r, s in zip(decode, chosen)])
+        keys = min(scores, key=lambda k: scores[k])  # the first of equals: the built-in
+        measured["decode"] = {"min_split_keys_scores": {str(k): round(v, 4) for k, v in scores.items()},
+                              "shapes": [f"{r['layout']} n{r['batch']} ctx{r['context']}" for r in decode]}
+    return KernelTuning(prefill_tile=tile, pack_gqa=pack, min_split_keys=keys), measured
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=10)
@@ -198,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="results/kernel_configs.json")
     p.add_argument("--only", nargs="*", default=["prefill", "decode"], choices=["prefill", "decode"])
     p.add_argument("--tiny", action="store_true", help="the interpreter on the CPU at tiny sizes (exercises the script)")
+    p.add_argument("--write-tuning", default=None, metavar="PATH",
+                   help="write the tuning the sweep supports (kernels/tuning.py; STOKE_KERNEL_TUNING=PATH uses it, "
+                        "kernels/tuning/<GPU>.json ships it)")
     args = p.parse_args(argv)
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
@@ -216,8 +276,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sweep_prefill(plan, args, report["rows"], save)
     if "decode" in args.only:
         sweep_decode(plan, args, report["decode"], save)
+    tuning, measured = recommend(report)
+    report["recommended"] = {"prefill_tile": tuning.prefill_tile and list(tuning.prefill_tile),
+                             "pack_gqa": tuning.pack_gqa, "min_split_keys": tuning.min_split_keys, **measured}
     save()
+    print(f"recommended: {report['recommended']}")
     print(f"wrote {args.out}")
+    if args.write_tuning:
+        write_tuning(tuning, report["device"], args.write_tuning, measured)
+        print(f"wrote the tuning to {args.write_tuning}")
     return report
 
 

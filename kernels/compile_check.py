@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from kernels.tuning import KernelTuning, parse_tuning
+
 # name: (compute capability, shared memory one block may have (opt-in maximum), cards)
 TARGETS = {
     "sm80": (80, 166912, "A100"),
@@ -148,7 +150,8 @@ def _launch(case: tuple[str, str, str]) -> None:
         triton_norm_rope.apply_rotary(q, k, table, table, torch.zeros(tokens, dtype=torch.long))
 
 
-def check(targets: list[str], quick: bool, resources: bool) -> list[Compiled]:
+def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning | None = None) -> list[Compiled]:
+    """`tuning`: a GPU's kernel tuning to compile with (None: the built-in choices)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernels.compile_check compiles for GPUs: run it without TRITON_INTERPRET")
     import triton
@@ -191,6 +194,7 @@ def check(targets: list[str], quick: bool, resources: bool) -> list[Compiled]:
     for name, fn in tile_fns.items():
         setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
     capability_fn = triton_ops._device_capability  # tiles may depend on the architecture
+    tuning_fn, triton_ops._device_tuning = triton_ops._device_tuning, lambda device: tuning or KernelTuning()
     hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
     previous_driver = getattr(driver, "_active", None)  # None until first use; restored below
     try:
@@ -206,6 +210,7 @@ def check(targets: list[str], quick: bool, resources: bool) -> list[Compiled]:
         for name, fn in tile_fns.items():
             setattr(triton_ops, name, fn)
         triton_ops._device_capability = capability_fn
+        triton_ops._device_tuning = tuning_fn
         driver.set_active(previous_driver)
     return results
 
@@ -228,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the cases `make test` runs (one layout per risk)")
     p.add_argument("--resources", action="store_true", help="registers and spills per kernel (ptxas -v)")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
+    p.add_argument("--tuning", default=None, help="a kernel tuning JSON (kernels/tuning.py) to compile with")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    rows = check(args.targets, args.quick, args.resources)
+    tuning = None
+    if args.tuning:
+        with open(args.tuning) as f:
+            tuning = parse_tuning(json.load(f), args.tuning)
+    rows = check(args.targets, args.quick, args.resources, tuning)
     print(render(rows))
     bad = [r for r in rows if not r.ok]
     import triton

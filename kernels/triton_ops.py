@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tuning import KernelTuning, load_tuning
+
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
 # Every launch: multiply-adds fused (the softmax's scale sits in the exponent's FMA). Triton
@@ -499,7 +501,7 @@ def paged_prefill_attention(
     group = num_heads // num_kv_heads
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
     if pack_gqa is None:
-        pack_gqa = group & (group - 1) == 0
+        pack_gqa = _pack_gqa_default(group, q.device)
     heads = triton.next_power_of_2(group) if pack_gqa else 1
     block_m = max(block_m, heads)
     block_q = block_m // heads
@@ -556,12 +558,34 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     if dtype == torch.float32:
         return 32 if head_dim <= 128 else 16, 32 if head_dim <= 64 else 16, 8, 2
     if head_dim <= 128:
+        tuned = _device_tuning(device).prefill_tile  # what the sweep measured fastest on this GPU
+        if tuned is not None:
+            return tuned
         return (64, 64, 4, 2) if _device_capability(device)[0] >= 9 else (128, 32, 8, 2)
     return 64, 32, 8, 2
 
 
+def _pack_gqa_default(group: int, device: torch.device) -> bool:
+    """Packed when the group is a power of two (no row of the tile wasted), unless this GPU's
+    tuning measured one head per program faster."""
+    if group & (group - 1):
+        return False
+    tuned = _device_tuning(device).pack_gqa if device.type == "cuda" else None
+    return True if tuned is None else tuned
+
+
 def _device_capability(device: torch.device) -> tuple[int, int]:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _device_tuning(device: torch.device) -> KernelTuning:
+    return _tuning(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _tuning(index: int) -> KernelTuning:
+    """kernels/tuning.py's file for this GPU, read once per process."""
+    return load_tuning(torch.cuda.get_device_name(index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -577,20 +601,23 @@ def _sm_count(index: int) -> int:
 MIN_SPLIT_KEYS = 64
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+def _num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
+                min_keys: int | None = None) -> int:
     """Split-K factor from shapes alone (no host sync): enough (sequence, kv head, split)
     programs for ~2 waves of the GPU's SMs, but no split shorter than MIN_SPLIT_KEYS keys (one
     bf16 tile at D = 128), at most 64. On the H200 the decode shapes whose splits were capped
     by a 256-key minimum (batch 1-4 at context 512, batch 1 at 2048: 16-64 programs on 132 SMs,
     each streaming 64-128 KiB) ran at 0.71-0.85x SDPA, the uncapped ones at 0.92-1.03x; since
-    the last split merges (no second launch), more and shorter splits cost little."""
+    the last split merges (no second launch), more and shorter splits cost little. A GPU's
+    tuning, or `min_keys` (the sweep's what-if), replaces the minimum."""
     if device.type != "cuda":
         return 1
     programs = batch * num_kv_heads
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= sms:
         return 1
-    return max(1, min(math.ceil(2 * sms / programs), max_context // MIN_SPLIT_KEYS, 64))
+    min_keys = min_keys or _device_tuning(device).min_split_keys or MIN_SPLIT_KEYS
+    return max(1, min(math.ceil(2 * sms / programs), max_context // min_keys, 64))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -19,6 +19,7 @@ import torch
 from benchmarks import gpu_check
 from benchmarks.kernels import main as kernels_main
 from benchmarks.kernels import peak_bandwidth
+from kernels.tuning import parse_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,11 +111,19 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
     """benchmarks/kernel_configs.py (the GPU tile and split sweeps) at tiny sizes under the
     interpreter, in a subprocess: every candidate runs and agrees with the shipped choice."""
     out = tmp_path / "kc.json"
+    tuning = tmp_path / "tuning.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_configs", "--tiny", "--iters", "1",
-                           "--out", str(out)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                          capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--write-tuning", str(tuning)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
+    # The recommendation, written as a tuning the kernels load: a swept tile, a candidate minimum.
+    recommended = data["recommended"]
+    written = parse_tuning(json.loads(tuning.read_text()), str(tuning))
+    assert list(written.prefill_tile) == recommended["prefill_tile"] and written.pack_gqa == recommended["pack_gqa"]
+    assert written.prefill_tile in [(16, 16, 4, 1), (32, 16, 4, 1)] and written.min_split_keys == 64
+    assert recommended["prefill"]["score"] == 1.0 and set(recommended["decode"]["min_split_keys_scores"]) == {
+        "32", "64", "128", "256"}
     prefill, prefill_large = data["rows"]
     assert (prefill["block_size"], prefill_large["block_size"]) == (16, 32)
     assert [(c["tile"], c["packed"]) for c in prefill["candidates"]] == [
@@ -139,13 +148,17 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     stages = gpu_check.plan(args, str(tmp_path))
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b", "kernel_configs",
-                     "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
+                     "kernels_tuned", "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
     tests = stages[0].command
     assert "-m" in tests and "gpu" in tests and "tests/test_kernels_triton.py" in tests
-    assert stages[4].command[1:3] == ["-m", "benchmarks.kernel_configs"]
-    for s in stages[2:4] + stages[5:]:
+    sweep, tuned = stages[4:6]
+    assert sweep.command[1:3] == ["-m", "benchmarks.kernel_configs"]
+    tuning = sweep.command[sweep.command.index("--write-tuning") + 1]
+    assert tuned.command[1:3] == ["-m", "benchmarks.kernels"] and tuned.requires == tuning
+    assert tuned.env == {"STOKE_KERNEL_TUNING": tuning}
+    for s in stages[2:4] + stages[6:]:
         cmd = " ".join(s.command)
         assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
         assert ("--enforce-eager" in cmd) == s.name.endswith("_eager")
@@ -179,6 +192,14 @@ def test_run_stage_outcomes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert slow.status == "timeout" and slow.seconds < 20
     late = gpu_check.run_stage(gpu_check.Stage("late", [py, "-c", "pass"], 30), 0.2, str(tmp_path), env)
     assert late.status == "skipped" and "budget" in late.reason
+    needs = tmp_path / "written-earlier.json"
+    stage = gpu_check.Stage("env", [py, "-c", "import os; print(os.environ['STOKE_X'])"], 30,
+                            env={"STOKE_X": "from the stage"}, requires=str(needs))
+    missing = gpu_check.run_stage(stage, 100, str(tmp_path), env)
+    assert missing.status == "skipped" and "was not written" in missing.reason
+    needs.write_text("{}")
+    assert gpu_check.run_stage(stage, 100, str(tmp_path), env).status == "ok"
+    assert (tmp_path / "env.log").read_text().strip() == "from the stage"
 
 
 DEMO_CONFTEST = '''
@@ -290,7 +311,15 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             "decode": [{"layout": "l", "batch": 1, "context": 512, "sdpa_ms": 0.0106, "heuristic_splits": 2,
                         "heuristic_ms": 0.0149, "best": {"splits": 1, "ms": 0.0091}}]}),
     ]
+    tuning = tmp_path / "kernel_tuning.json"
+    tuning.write_text(json.dumps({"device": "dev", "prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
+                                  "min_split_keys": 128}))
+    results.append(gpu_check.StageResult("kernels_tuned", "ok", 2.0, 0, result=kernels,
+                                         meta={"tuning": str(tuning)}))
     summary = gpu_check.summarise(results, str(tmp_path))
+    assert summary["kernels_tuned"]["tuning"] == {"prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
+                                                  "min_split_keys": 128}
+    assert summary["kernels_tuned"]["decode_vs_sdpa"] == summary["kernels"]["decode_vs_sdpa"]
     assert summary["tests"]["passed"] == 5 and summary["tests"]["failures"] == ["t::x"]
     m = summary["offline"]["m"]
     assert m["stoke_vs_transformers_cb"] == pytest.approx(3.0) and m["cuda_graphs_speedup"] == pytest.approx(2.0)
@@ -309,7 +338,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
                    "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "all graphs 62%",
                    "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
-                   "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION"):
+                   "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION",
+                   "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]"):
         assert needle in table, needle
 
 

@@ -196,7 +196,10 @@ def test_decode_split_merge_in_one_launch_or_two(ops: ModuleType, fused_merge: b
 def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """Split-K only when (sequence, kv head) programs cannot fill the GPU, never below 64
     keys a split; decided from shapes alone."""
+    from kernels.tuning import KernelTuning
+
     monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(ops, "_device_tuning", lambda device: KernelTuning())  # the built-in minimum
     cuda = torch.device("cuda", 0)
     assert ops._num_splits(1, 8, 8192, cuda) == 33  # two waves: 264 programs
     assert ops._num_splits(1, 8, 512, cuda) == 8  # capped by 64-key splits
@@ -206,6 +209,32 @@ def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) 
     assert ops._num_splits(64, 8, 8192, cuda) == 1
     assert ops._num_splits(1, 1, 1 << 20, cuda) == 64
     assert ops._num_splits(1, 8, 8192, torch.device("cpu")) == 1
+
+
+def test_a_gpus_tuning_replaces_the_built_in_choices(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels/tuning.py's values, where a GPU has them: the 16-bit prefill tile at head dim
+    <= 128, the tiling of power-of-two groups, the decode split minimum; nothing else moves."""
+    from kernels.tuning import KernelTuning
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(ops, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops, "_device_tuning", lambda device: KernelTuning())
+    assert ops._prefill_config(128, torch.bfloat16, cuda) == (64, 64, 4, 2)
+    assert ops._pack_gqa_default(4, cuda) and not ops._pack_gqa_default(3, cuda)
+    assert ops._num_splits(1, 8, 512, cuda) == 8
+    tuned = KernelTuning(prefill_tile=(128, 128, 8, 2), pack_gqa=False, min_split_keys=256)
+    monkeypatch.setattr(ops, "_device_tuning", lambda device: tuned)
+    assert ops._prefill_config(128, torch.bfloat16, cuda) == ops._prefill_config(64, torch.float16, cuda) == (
+        128, 128, 8, 2)
+    assert ops._prefill_config(256, torch.bfloat16, cuda) == (64, 32, 8, 2)  # not what was swept
+    assert ops._prefill_config(128, torch.float32, cuda) == (32, 16, 8, 2)
+    assert not ops._pack_gqa_default(4, cuda)
+    assert ops._num_splits(1, 8, 512, cuda) == 2
+    assert ops._num_splits(1, 8, 512, cuda, min_keys=32) == 16  # the sweep's what-if
+    # On the CPU (the interpreter) no tuning is read: the smallest tiles, one split.
+    assert ops._prefill_config(128, torch.float16, torch.device("cpu")) == (16, 16, 4, 1)
+    assert ops._pack_gqa_default(4, torch.device("cpu")) and ops._num_splits(1, 8, 512, torch.device("cpu")) == 1
 
 
 # ----------------------------------------------------------------------------- prefill
