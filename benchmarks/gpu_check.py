@@ -11,7 +11,7 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    and with CUDA graphs for pure-decode steps only (--cuda-graph-mode decode);
 4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
-   which write the tuning they recommend (kernels/tuning.py); kernels_tuned: the attention
+   which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
    micro-benchmarks again with that tuning (STOKE_KERNEL_TUNING);
 5. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
@@ -178,13 +178,13 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
              "--write-tuning", tuning]
     if args.cpu_smoke:
         sweep += ["--tiny", "--iters", "1"]
-    stages.append(Stage("kernel_configs", sweep, 30 if args.cpu_smoke else 150, out("kernel_configs"), "sweep"))
+    stages.append(Stage("kernel_configs", sweep, 90 if args.cpu_smoke else 150, out("kernel_configs"), "sweep"))
     # The attention micro-benchmarks again with the tuning the sweep recommends: the shipped
     # kernels' figures and the tuned ones' from one run, for the next commit to choose.
     tuned = [py, "-m", "benchmarks.kernels", "--only", "decode", "prefill", "--out", out("kernels_tuned")]
     if args.cpu_smoke:
         tuned += ["--tiny", "--iters", "1", "--impl", "triton", "--layouts", "qwen3-0.6b"]
-    stages.append(Stage("kernels_tuned", tuned, 30 if args.cpu_smoke else 60, out("kernels_tuned"), "kernels",
+    stages.append(Stage("kernels_tuned", tuned, 90 if args.cpu_smoke else 60, out("kernels_tuned"), "kernels",
                         {"tuning": tuning}, env={"STOKE_KERNEL_TUNING": tuning}, requires=tuning))
     # Priority when time runs short, by what each stage still has to tell: stoke (all CUDA
     # graphs) against transformers for both models, the kernel sweeps (the open kernel goals),

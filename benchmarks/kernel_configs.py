@@ -269,22 +269,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"device": _device_name(torch.device(plan.device)),
                               "dtype": str(plan.dtype).removeprefix("torch."), "rows": [], "decode": []}
 
-    def save() -> None:  # after every shape: a run cut short keeps what it measured
+    def save() -> None:  # after every shape: a run cut short keeps what it measured, and its tuning
+        tuning, measured = recommend(report)
+        report["recommended"] = {"prefill_tile": tuning.prefill_tile and list(tuning.prefill_tile),
+                                 "pack_gqa": tuning.pack_gqa, "min_split_keys": tuning.min_split_keys, **measured}
         write_json(report, args.out)
+        if args.write_tuning:
+            write_tuning(tuning, report["device"], args.write_tuning, measured)
 
     if "prefill" in args.only:
         sweep_prefill(plan, args, report["rows"], save)
     if "decode" in args.only:
         sweep_decode(plan, args, report["decode"], save)
-    tuning, measured = recommend(report)
-    report["recommended"] = {"prefill_tile": tuning.prefill_tile and list(tuning.prefill_tile),
-                             "pack_gqa": tuning.pack_gqa, "min_split_keys": tuning.min_split_keys, **measured}
     save()
     print(f"recommended: {report['recommended']}")
-    print(f"wrote {args.out}")
-    if args.write_tuning:
-        write_tuning(tuning, report["device"], args.write_tuning, measured)
-        print(f"wrote the tuning to {args.write_tuning}")
+    print(f"wrote {args.out}" + (f" and the tuning to {args.write_tuning}" if args.write_tuning else ""))
     return report
 
 
