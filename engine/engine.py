@@ -221,8 +221,8 @@ class LLMEngine:
             group, sample = self.samples[request]
             sampling_rows.append(SamplingRow(
                 params=group.params,
-                prompt_token_ids=request.prompt_token_ids,
-                output_token_ids=request.output_token_ids,
+                token_ids=request.token_ids,
+                num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator,
                 eos_token_ids=self.eos_token_ids,
             ))

@@ -264,7 +264,7 @@ class ModelRunner:
             del hidden
             # Sampling at its most memory-hungry: a full-vocabulary sort (top-p) and logprobs.
             worst = SamplingParams(temperature=0.7, top_p=0.9, logprobs=5)
-            Sampler()(logits, [SamplingRow(worst, [], [], None, []) for _ in range(rows)])
+            Sampler()(logits, [SamplingRow(worst, [], 0, None, []) for _ in range(rows)])
             del logits
             torch.cuda.synchronize(dev)
             step_peak = torch.cuda.max_memory_allocated(dev) - loaded.allocated - cache_bytes

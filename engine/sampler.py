@@ -40,11 +40,21 @@ class SamplingRow:
     """One row of the logits: a sequence that samples this step."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # generated so far (before this step)
+    # The sequence so far, prompt then output, before this step's token. The request's own list,
+    # not a copy: copying every row's history every step grows with the output's length.
+    token_ids: list[int]
+    num_prompt_tokens: int
     generator: torch.Generator | None  # set when params.seed is set; else the default RNG
-    # suppressed (with params.stop_token_ids) while len(output_token_ids) < params.min_tokens
+    # suppressed (with params.stop_token_ids) while num_output_tokens < params.min_tokens
     eos_token_ids: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass(slots=True)
@@ -145,7 +155,7 @@ class Sampler:
         params = [r.params for r in rows]
 
         want_lp = [p.logprobs is not None for p in params]
-        need_min = [len(r.output_token_ids) < r.params.min_tokens for r in rows]
+        need_min = [r.num_output_tokens < r.params.min_tokens for r in rows]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
         greedy = [p.temperature < _GREEDY_EPS for p in params]
@@ -170,7 +180,7 @@ class Sampler:
                 st.long("ban_tokens", list(ti))
         if any(need_rep):
             sel = [i for i in range(batch) if need_rep[i]]
-            ri, ti = _token_pairs([rows[i].prompt_token_ids + rows[i].output_token_ids for i in sel], sel, vocab)
+            ri, ti = _token_pairs([rows[i].token_ids for i in sel], sel, vocab)
             st.long("rep_rows", ri)
             st.long("rep_tokens", ti)
             st.float("rep", [p.repetition_penalty if need_rep[i] else 1.0 for i, p in enumerate(params)])

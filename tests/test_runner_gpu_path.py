@@ -82,8 +82,7 @@ def _rows(rng: random.Random, batch: int, vocab: int) -> list[SamplingRow]:
             seed=rng.choice([None, 11]),
         )
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-        rows.append(SamplingRow(p, [rng.randrange(vocab) for _ in range(4)], [rng.randrange(vocab) for _ in range(2)],
-                                gen, [2]))
+        rows.append(SamplingRow(p, [rng.randrange(vocab) for _ in range(6)], 4, gen, [2]))  # 4 prompt, 2 output
     return rows
 
 

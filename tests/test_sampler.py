@@ -23,8 +23,8 @@ def row(
 ) -> SamplingRow:
     return SamplingRow(
         params=params or SamplingParams(),
-        prompt_token_ids=list(prompt or []),
-        output_token_ids=list(output or []),
+        token_ids=list(prompt or []) + list(output or []),
+        num_prompt_tokens=len(prompt or []),
         generator=generator,
         eos_token_ids=list(eos or []),
     )
@@ -38,7 +38,7 @@ def naive_penalised(logits: torch.Tensor, r: SamplingRow) -> torch.Tensor:
         for t in list(r.eos_token_ids) + list(p.stop_token_ids):
             x[t] = float("-inf")
     if p.repetition_penalty != 1.0:
-        for t in set(r.prompt_token_ids) | set(r.output_token_ids):
+        for t in set(r.token_ids[:r.num_prompt_tokens]) | set(r.output_token_ids):
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
     for t in set(r.output_token_ids):
         c = r.output_token_ids.count(t)
