@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -23,6 +24,9 @@ from engine.sampling_params import SamplingParams
 from scheduler import Request, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
+
+OutputKind = Literal["cumulative", "delta", "final"]
+OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
 
 
 @dataclass(slots=True, eq=False)
@@ -192,11 +196,17 @@ class LLMEngine:
         return bool(self.groups)
 
     # ------------------------------------------------------------------- step
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
-        """One engine iteration. Returns the outputs of the requests that got tokens (deltas
-        since their previous output, for streaming), or with `final_only` those of the
-        requests that finished only (the offline API: a step then builds no output for the
-        hundreds of requests still running)."""
+    def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput]:
+        """One engine iteration, and the outputs it produced, as vLLM's RequestOutputKind:
+        - "cumulative": every request that got tokens, with its whole text, tokens and logprobs
+          so far, and what is new since its previous output (`delta_text`, `delta_token_ids`);
+        - "delta": the same requests, with only what is new (text, tokens, logprobs): what a
+          streaming server sends, built in time that does not grow with the output's length;
+        - "final": only the requests that finished, whole (the offline API: a step then builds
+          no output for the hundreds of requests still running)."""
+        if outputs not in OUTPUT_KINDS:
+            raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
+        final_only = outputs == "final"
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -246,7 +256,8 @@ class LLMEngine:
                          top[j] if top is not None else None)
             if not final_only or sample.finish_reason is not None:
                 touched[group.request_id] = group
-        outputs = [self._output(group) for group in touched.values() if not final_only or group.finished]
+        results = [self._output(group, delta=outputs == "delta") for group in touched.values()
+                   if not final_only or group.finished]
 
         s = self.stats
         s.num_steps += 1
@@ -255,7 +266,7 @@ class LLMEngine:
         s.schedule_seconds += (t1 - t0) + (t4 - t3)
         s.forward_seconds += t2 - t1
         s.sample_seconds += t3 - t2
-        return outputs
+        return results
 
     def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor) -> None:
         """Logits at positions start.. predict prompt tokens start+1..; a recompute after
@@ -306,23 +317,31 @@ class LLMEngine:
             sample.detokenizer.finish()
         self.scheduler.finish(sample.request)
 
-    def _output(self, group: _Group) -> RequestOutput:
+    def _output(self, group: _Group, delta: bool = False) -> RequestOutput:
         completions = []
         for sample in group.samples:
-            token_ids = sample.request.output_token_ids
-            detok = sample.detokenizer
+            request, detok = sample.request, sample.detokenizer
+            new_ids = request.token_ids[request.num_prompt_tokens + sample.sent_tokens:]
+            new_text = detok.take_delta() if detok is not None else ""
+            logprobs = sample.logprobs
+            if delta:
+                text, token_ids = new_text, new_ids
+                logprobs = logprobs[sample.sent_tokens:] if logprobs is not None else None
+            else:
+                text, token_ids = detok.text if detok is not None else "", request.output_token_ids
             completions.append(CompletionOutput(
                 index=sample.index,
-                text=detok.text if detok is not None else "",
+                text=text,
                 token_ids=token_ids,
                 cumulative_logprob=sample.cumulative_logprob if sample.logprobs is not None else None,
-                logprobs=sample.logprobs,
+                logprobs=logprobs,
                 finish_reason=sample.finish_reason,
                 stop_reason=sample.stop_reason,
-                delta_text=detok.take_delta() if detok is not None else "",
-                delta_token_ids=token_ids[sample.sent_tokens:],
+                delta_text=new_text,
+                delta_token_ids=new_ids,
+                num_tokens=request.num_output_tokens,
             ))
-            sample.sent_tokens = len(token_ids)
+            sample.sent_tokens = request.num_output_tokens
         finished = group.finished
         if finished:
             del self.groups[group.request_id]

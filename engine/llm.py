@@ -50,6 +50,6 @@ class LLM:
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step(final_only=True):
+            for output in self.engine.step(outputs="final"):
                 finished[output.request_id] = output
         return [finished[i] for i in ids]

@@ -17,6 +17,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     delta_text: str = ""  # text new since this request's previous output
     delta_token_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # tokens generated so far (with outputs="delta", token_ids holds the new ones only)
 
     @property
     def finished(self) -> bool:

@@ -37,20 +37,20 @@ WARMUP_ID = "__stoke_warmup__"
 
 
 def encode_output(out: Any) -> dict[str, Any]:
-    """A RequestOutput as plain data: only what is new since the previous output."""
+    """A RequestOutput (any output kind) as plain data: only what is new since the previous one."""
     completions = []
     for c in out.outputs:
         n_new = len(c.delta_token_ids)
         logprobs = None
-        if c.logprobs is not None:
-            new = c.logprobs[len(c.token_ids) - n_new:] if n_new else []
+        if c.logprobs is not None:  # the last n_new entries: the new ones, cumulative or delta
+            new = c.logprobs[len(c.logprobs) - n_new:] if n_new else []
             logprobs = [[[tid, lp] for tid, lp in entry.items()] for entry in new]
         completions.append({
             "index": c.index,
             "text": c.delta_text,
             "token_ids": list(c.delta_token_ids),
             "logprobs": logprobs,
-            "num_tokens": len(c.token_ids),
+            "num_tokens": c.num_tokens,
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         })
@@ -62,7 +62,7 @@ def encode_output(out: Any) -> dict[str, Any]:
         "outputs": completions,
     }
     first = out.outputs[0]
-    if out.prompt_logprobs is not None and first.delta_token_ids and len(first.token_ids) == len(first.delta_token_ids):
+    if out.prompt_logprobs is not None and first.delta_token_ids and first.num_tokens == len(first.delta_token_ids):
         # Complete once the first token exists: sent once, with sample 0's first output.
         frame["prompt_logprobs"] = [
             None if entry is None else [[tid, lp] for tid, lp in entry.items()] for entry in out.prompt_logprobs
@@ -166,7 +166,7 @@ class Worker:
                 return 0
             if engine.has_unfinished_requests():
                 steps = engine.stats.num_steps
-                outputs = engine.step()
+                outputs = engine.step(outputs="delta")  # frames carry deltas only
                 frame["outputs"].extend(encode_output(o) for o in outputs)
                 if engine.stats.num_steps > steps:
                     frame["batch_tokens"] = engine.stats.last_batch_tokens

@@ -299,37 +299,58 @@ def test_prompt_logprobs_equal_transformers(tiny_path: str) -> None:
     assert_pool_empty(llm)
 
 
-def test_final_only_steps_give_the_streamed_final_outputs(default_llm: LLM) -> None:
-    """`step(final_only=True)` (what LLM.generate runs) builds outputs for finished requests
-    only, and each equals the last output of the streaming steps: text (with a stop string),
-    tokens, logprobs, n samples, metrics."""
+def test_output_kinds_agree(default_llm: LLM) -> None:
+    """`step(outputs="final")` (what LLM.generate runs) builds outputs for finished requests
+    only, and each equals the last output of the cumulative steps; the "delta" steps (what the
+    server streams) add up to it: text (with a stop string), tokens, logprobs, n samples,
+    metrics, and their running count of tokens."""
     engine = default_llm.engine
     params = [SamplingParams(max_tokens=12, logprobs=2, **GREEDY),
               SamplingParams(max_tokens=9, n=2, temperature=0.8, seed=3),
               SamplingParams(max_tokens=30, stop=[" is"], **GREEDY)]
     prompts = ["The capital of France is", "Once upon a time", "Water boils at"]
 
-    def run(final_only: bool) -> dict[str, object]:
+    def run(kind: str) -> tuple[dict[str, object], dict[tuple[str, int], dict[str, list]]]:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add_request(f"final-{final_only}-{i}", prompt, p)
-        last, texts = {}, {}
+            engine.add_request(f"{kind}-{i}", prompt, p)
+        last, added = {}, {}
         while engine.has_unfinished_requests():
-            for out in engine.step(final_only=final_only):
-                assert out.finished or not final_only
+            for out in engine.step(outputs=kind):
+                assert out.finished or kind != "final"
                 key = out.request_id.rsplit("-", 1)[1]
-                texts[key] = texts.get(key, "") + out.outputs[0].delta_text
+                for c in out.outputs:
+                    acc = added.setdefault((key, c.index), {"delta_text": [], "text": [], "ids": [], "logprobs": []})
+                    acc["delta_text"].append(c.delta_text)
+                    acc["text"].append(c.text)
+                    acc["ids"] += c.token_ids
+                    acc["logprobs"] += c.logprobs or []
+                    if kind == "delta":
+                        assert c.delta_token_ids == c.token_ids and c.num_tokens == len(acc["ids"])
+                    else:
+                        n = len(c.token_ids)
+                        assert c.num_tokens == n and c.token_ids[n - len(c.delta_token_ids):] == c.delta_token_ids
                 last[key] = out
-        return last, texts
+        return last, added
 
-    streamed, streamed_text = run(False)
-    final, final_text = run(True)
-    assert sorted(final) == sorted(streamed) == ["0", "1", "2"]
+    streamed, _ = run("cumulative")
+    final, final_added = run("final")
+    delta, delta_added = run("delta")
+    assert sorted(final) == sorted(streamed) == sorted(delta) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="outputs must be one of"):
+        engine.step(outputs="partial")
     for key in final:
-        a, b = final[key], streamed[key]
-        assert a.finished and b.finished and a.metrics.finish_time is not None
+        a, b, d = final[key], streamed[key], delta[key]
+        assert a.finished and b.finished and d.finished and a.metrics.finish_time is not None
         assert len(a.metrics.inter_token_latencies) == len(b.metrics.inter_token_latencies)
         for ca, cb in zip(a.outputs, b.outputs, strict=True):
             assert (ca.text, ca.token_ids, ca.finish_reason, ca.stop_reason) == \
                 (cb.text, cb.token_ids, cb.finish_reason, cb.stop_reason)
             assert ca.logprobs == cb.logprobs and ca.cumulative_logprob == cb.cumulative_logprob
-        assert final_text[key] == streamed_text[key] == b.outputs[0].text  # one delta: the whole text
+            assert "".join(final_added[key, ca.index]["delta_text"]) == ca.text  # one delta: the whole text
+            got = delta_added[key, ca.index]
+            assert "".join(got["text"]) == "".join(got["delta_text"]) == cb.text
+            assert got["ids"] == cb.token_ids and got["logprobs"] == (cb.logprobs or [])
+        for cd, cb in zip(d.outputs, b.outputs, strict=True):
+            assert (cd.finish_reason, cd.stop_reason, cd.num_tokens) == (cb.finish_reason, cb.stop_reason,
+                                                                         len(cb.token_ids))
+            assert cd.cumulative_logprob == cb.cumulative_logprob

@@ -134,11 +134,16 @@ def test_worker_encodes_only_new_logprobs():
     from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
     from server.worker import encode_output
 
-    out = RequestOutput("r", None, [1, 2], [CompletionOutput(
+    metrics = RequestMetrics(arrival_time=1.0, finish_time=2.0)
+    cumulative = RequestOutput("r", None, [1, 2], [CompletionOutput(
         0, "ab", [5, 6], logprobs=[{5: -0.1, 9: -2.0}, {6: -0.2}], finish_reason="stop", delta_text="b",
-        delta_token_ids=[6])], finished=True, metrics=RequestMetrics(arrival_time=1.0, finish_time=2.0))
-    frame = encode_output(out)
-    assert frame["outputs"][0]["logprobs"] == [[[6, -0.2]]]
+        delta_token_ids=[6], num_tokens=2)], finished=True, metrics=metrics)
+    delta = RequestOutput("r", None, [1, 2], [CompletionOutput(  # step(outputs="delta"): what the worker runs
+        0, "b", [6], logprobs=[{6: -0.2}], finish_reason="stop", delta_text="b", delta_token_ids=[6],
+        num_tokens=2)], finished=True, metrics=metrics)
+    frame = encode_output(cumulative)
+    assert frame == encode_output(delta)
+    assert frame["outputs"][0]["logprobs"] == [[[6, -0.2]]] and frame["outputs"][0]["text"] == "b"
     assert frame["outputs"][0]["num_tokens"] == 2 and frame["metrics"]["finish_time"] == 2.0
     json.dumps(frame)  # plain data
 
