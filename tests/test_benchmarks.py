@@ -100,3 +100,15 @@ def test_bad_arguments_are_rejected() -> None:
 
     with pytest.raises(SystemExit):
         parse_args(["--min-prompt", "10", "--max-prompt", "5"])
+
+
+def test_host_overhead_benchmark_tiny(tmp_path) -> None:
+    """benchmarks/host_overhead.py at a tiny batch: a window time per kind, in the JSON too."""
+    from benchmarks.host_overhead import main as host_main
+
+    out = tmp_path / "host.json"
+    report = host_main(["--batch", "4", "--steps", "20", "--window", "10", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["kind"] for r in report["rows"]] == ["cumulative", "delta", "final"]
+    assert all(len(r["ms_per_step"]) == 2 and all(x > 0 for x in r["ms_per_step"]) and r["median_ms"] > 0
+               for r in report["rows"])

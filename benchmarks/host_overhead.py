@@ -1,0 +1,122 @@
+"""The engine's host time per step with the forward taken out: what the GPU waits on between
+steps once CUDA graphs have made the forward cheap to launch (scheduling, input preparation,
+the sampler's host side, token bookkeeping, detokenization, outputs).
+
+A 1-layer dummy Qwen3 with the default model's tokenizer decodes `--batch` requests for
+`--steps` steps per output kind (vLLM's: "cumulative", "delta" — what the server streams —
+and "final" — what LLM.generate runs). The model runner still builds each step's inputs on
+the host; only the forward is replaced, by fixed logits over a small vocabulary whose
+argmax is mapped to ordinary word tokens (so detokenization does real work). Reported: ms per
+step in windows of `--window` steps, so a cost that grows with the output's length shows.
+Medians are what to compare; the machine's noise is large at this scale.
+
+    python -m benchmarks.host_overhead --out results/host_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from benchmarks.gpu_check import TINY_CONFIG
+from benchmarks.report import write_json
+from engine.default_model import default_model_path
+from engine.engine import OUTPUT_KINDS, LLMEngine
+from engine.llm import LLM
+from engine.model_runner import StepLogits
+from engine.sampling_params import SamplingParams
+
+STAND_IN_VOCAB = 64  # logits the sampler really sees; its argmax t becomes word token FIRST_WORD + 37 t
+FIRST_WORD = 1000
+
+
+def engine_without_forward(path: str, batch: int) -> LLMEngine:
+    engine = LLM(path, load_format="dummy", max_num_seqs=batch, device="cpu").engine
+    runner, sampler = engine.runner, engine.sampler
+    logits = torch.randn(batch, STAND_IN_VOCAB, generator=torch.Generator().manual_seed(0))
+
+    def execute(step_batch, all_logits_rows=()) -> StepLogits:
+        inputs = runner.host_inputs(step_batch)  # the host work a CUDA graph replay also does
+        return StepLogits(logits[:len(inputs.sampling_rows)], inputs.sampling_rows, {})
+
+    def sample(step_logits, rows):
+        out = sampler(step_logits, rows)
+        out.token_ids = [FIRST_WORD + 37 * t for t in out.token_ids]
+        return out
+
+    runner.execute, engine.sampler = execute, sample
+    return engine
+
+
+def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> list[float]:
+    rng = random.Random(0)
+    ids = [f"{kind}-{i}" for i in range(args.batch)]
+    for request_id in ids:
+        prompt = [rng.randrange(FIRST_WORD, 20000) for _ in range(rng.randint(32, 128))]
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True,
+                                                              temperature=0.0))
+    while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
+        engine.step(outputs=kind)  # the prompts: not what is measured
+    windows = []
+    for _ in range(args.steps // args.window):
+        t0 = time.perf_counter()
+        for _ in range(args.window):
+            engine.step(outputs=kind)
+        windows.append((time.perf_counter() - t0) * 1e3 / args.window)
+    for request_id in ids:
+        engine.abort_request(request_id)
+    return windows
+
+
+def checkpoint_dir(tmp: str, layers: int) -> str:
+    """A dummy-weight Qwen3 config with the default model's tokenizer (and its vocabulary)."""
+    tokenizer_dir = default_model_path()
+    with open(os.path.join(tokenizer_dir, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(TINY_CONFIG | {"num_hidden_layers": layers, "vocab_size": vocab,
+                                 "max_position_embeddings": 4096}, f)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    return tmp
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=700, help="decode steps measured per kind")
+    p.add_argument("--window", type=int, default=100, help="steps per reported mean")
+    p.add_argument("--kinds", nargs="*", default=list(OUTPUT_KINDS), choices=OUTPUT_KINDS)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="results/host_overhead.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = engine_without_forward(checkpoint_dir(tmp, layers=1), args.batch)
+        rows = [{"kind": kind, "ms_per_step": measure(engine, kind, args)} for kind in args.kinds]
+    for row in rows:
+        row["median_ms"] = statistics.median(row["ms_per_step"])
+    report = {"batch": args.batch, "steps": args.steps, "window": args.window, "rows": rows}
+    print(f"host ms per step, batch {args.batch}, forward removed; windows of {args.window} steps "
+          f"(output tokens 0-{args.steps}):")
+    for row in rows:
+        print(f"  {row['kind']:<11}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"]))
+    write_json(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
