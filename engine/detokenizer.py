@@ -12,7 +12,11 @@ then slides `prefix_offset = read_offset; read_offset = len(ids)`. Text that end
 incomplete UTF-8 character (U+FFFD) is held until a later token completes it, or until
 `finish()`, which releases it as `tokenizer.decode` would show it. The window starts with the
 prompt's last few tokens, so the first output token gets the same spacing it has in context.
-Cost per token: one decode of a few tokens.
+Cost per token: two decodes of a few tokens. With a Rust (fast) tokenizer the same algorithm
+runs inside the tokenizers library (`DecodeStream`, one call per token, about 2.7x faster);
+the window here still slides alongside, undecoded, so `finish()` can release held bytes, and
+should the stream reject a prefix (its "invalid prefix" error, where a decoder rewrites
+earlier text) the request carries on with the decodes here.
 
 Stop strings may span tokens. The trailing characters that could still become the start of
 a stop string are held back, so no streamed delta ever contains any part of a stop string;
@@ -23,6 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21: the window's decodes only
+    DecodeStream = None
 
 _PROMPT_CONTEXT = 5  # prompt tokens decoded as context for the first output tokens
 _REPLACEMENT = "\ufffd"
@@ -58,7 +67,10 @@ class IncrementalDetokenizer:
             # output on its own instead (as tokenizer.decode(output_ids) would).
             context, self._prefix_text = [], ""
         self._ids: list[int] = context  # window: context + tokens not yet settled
-        self._read = len(context)  # window[:_read] decodes to _prefix_text
+        self._read = len(context)  # window[:_read] decodes to _prefix_text (stale while streaming)
+        self._backend, self._stream = backend, None
+        if backend is not None and DecodeStream is not None:
+            self._stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
 
         self._full = ""  # all decoded output text (before stop-string truncation)
         self._safe = 0  # len of _full that may be shown (holds back possible stop starts)
@@ -90,6 +102,17 @@ class IncrementalDetokenizer:
         if self._done:
             return False
         self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:  # noqa: BLE001 - "invalid prefix": on with the window's decodes
+                self._stream = None
+                self._prefix_text = self._decode(self._ids[: self._read])
+            else:
+                if piece is None:
+                    return False
+                self._slide()
+                return self._append(piece, check_stop)
         new_text = self._decode(self._ids)
         if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
             return False  # nothing new, or an incomplete character: wait for more tokens
@@ -100,6 +123,8 @@ class IncrementalDetokenizer:
         if self._done:
             return
         if len(self._ids) > self._read:
+            if self._stream is not None:  # the window's prefix text was not kept up to date
+                self._prefix_text = self._decode(self._ids[: self._read])
             new_text = self._decode(self._ids)
             if len(new_text) > len(self._prefix_text) and self._append(self._settle(new_text)):
                 return
@@ -112,10 +137,14 @@ class IncrementalDetokenizer:
         # decoders in use (byte-level, metaspace, byte-fallback); were it to rewrite earlier
         # text, this keeps going as vLLM does rather than retract what was shown.
         delta = new_text[len(self._prefix_text) :]
-        del self._ids[: self._read]
-        self._read = len(self._ids)
+        self._slide()
         self._prefix_text = self._decode(self._ids)
         return delta
+
+    def _slide(self) -> None:
+        """The window after a settle: the tokens just settled are the new prefix."""
+        del self._ids[: self._read]
+        self._read = len(self._ids)
 
     def _append(self, delta: str, check_stop: bool = True) -> bool:
         start = len(self._full)

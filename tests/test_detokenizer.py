@@ -1,4 +1,6 @@
-"""Incremental detokenizer on the embedded model's real (byte-level BPE) tokenizer."""
+"""Incremental detokenizer on the embedded model's real (byte-level BPE) tokenizer: each test
+both through the tokenizers library's DecodeStream (fast tokenizers) and through the window's
+own decodes (other tokenizers, and after the stream rejects a prefix)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import random
 
 import pytest
 
+from engine import detokenizer
 from engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
@@ -15,6 +18,13 @@ TEXTS = [
     "Accents: café, naïve, résumé, Ångström, São Paulo, Zürich",
     "  leading spaces\n\nnew lines\ttabs   and ∑ math ∫ symbols →",
 ]
+
+
+@pytest.fixture(autouse=True, params=["stream", "window"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "window":
+        monkeypatch.setattr(detokenizer, "DecodeStream", None)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +215,30 @@ def test_stop_strings_are_not_checked_before_min_tokens(tok) -> None:
     # The first "two" falls before min_tokens and is shown; the second one stops.
     assert matched.index(True) == 3
     assert detok.text == " one two one "
+
+
+def test_the_path_taken(tok, decode_path: str) -> None:
+    d = IncrementalDetokenizer(tok, encode(tok, "Say hi"))
+    assert (d._stream is not None) == (decode_path == "stream")
+
+
+def test_a_stream_that_rejects_a_prefix_hands_over_to_the_window(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DecodeStream raises "invalid prefix" where a decoder rewrites earlier text: the request
+    goes on with the window's decodes, and its text is still what tokenizer.decode gives."""
+    from tokenizers.decoders import DecodeStream as real
+
+    class Failing:
+        def __init__(self, **kw):
+            self.inner, self.calls = real(**kw), 0
+
+        def step(self, backend, token_id):
+            self.calls += 1
+            if self.calls == 7:
+                raise Exception("Invalid prefix encountered")
+            return self.inner.step(backend, token_id)
+
+    monkeypatch.setattr(detokenizer, "DecodeStream", Failing)
+    prompt, output = encode(tok, "Write:"), encode(tok, TEXTS[1] + " " + TEXTS[2])
+    d, deltas, _ = stream(tok, prompt, output)
+    assert d._stream is None
+    assert "".join(deltas) == d.text == tok.decode(output, skip_special_tokens=True)
