@@ -70,7 +70,10 @@ class IncrementalDetokenizer:
         self._read = len(context)  # window[:_read] decodes to _prefix_text (stale while streaming)
         self._backend, self._stream = backend, None
         if backend is not None and DecodeStream is not None:
-            self._stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+            try:
+                self._stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+            except TypeError:  # tokenizers before 0.22 take no prompt ids: the window's decodes
+                pass
 
         self._full = ""  # all decoded output text (before stop-string truncation)
         self._safe = 0  # len of _full that may be shown (holds back possible stop starts)

@@ -217,9 +217,16 @@ def test_stop_strings_are_not_checked_before_min_tokens(tok) -> None:
     assert detok.text == " one two one "
 
 
-def test_the_path_taken(tok, decode_path: str) -> None:
+def test_the_path_taken(tok, decode_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     d = IncrementalDetokenizer(tok, encode(tok, "Say hi"))
     assert (d._stream is not None) == (decode_path == "stream")
+
+    class Old:  # tokenizers 0.21: no prompt ids
+        def __init__(self, skip_special_tokens: bool = False) -> None:
+            pass
+
+    monkeypatch.setattr(detokenizer, "DecodeStream", Old)
+    assert IncrementalDetokenizer(tok, encode(tok, "Say hi"))._stream is None
 
 
 def test_a_stream_that_rejects_a_prefix_hands_over_to_the_window(tok, monkeypatch: pytest.MonkeyPatch) -> None:
