@@ -56,7 +56,10 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        samples = self.samples
+        if len(samples) == 1:  # every step asks, for every request: no generator for the usual n = 1
+            return samples[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in samples)
 
 
 @dataclass(slots=True)
@@ -321,14 +324,15 @@ class LLMEngine:
         completions = []
         for sample in group.samples:
             request, detok = sample.request, sample.detokenizer
-            new_ids = request.token_ids[request.num_prompt_tokens + sample.sent_tokens:]
+            num_prompt, num_out = request.num_prompt_tokens, request.num_output_tokens
+            new_ids = request.token_ids[num_prompt + sample.sent_tokens:]
             new_text = detok.take_delta() if detok is not None else ""
             logprobs = sample.logprobs
             if delta:
                 text, token_ids = new_text, new_ids
                 logprobs = logprobs[sample.sent_tokens:] if logprobs is not None else None
             else:
-                text, token_ids = detok.text if detok is not None else "", request.output_token_ids
+                text, token_ids = detok.text if detok is not None else "", request.token_ids[num_prompt:]
             completions.append(CompletionOutput(
                 index=sample.index,
                 text=text,
@@ -339,9 +343,9 @@ class LLMEngine:
                 stop_reason=sample.stop_reason,
                 delta_text=new_text,
                 delta_token_ids=new_ids,
-                num_tokens=request.num_output_tokens,
+                num_tokens=num_out,
             ))
-            sample.sent_tokens = request.num_output_tokens
+            sample.sent_tokens = num_out
         finished = group.finished
         if finished:
             del self.groups[group.request_id]
