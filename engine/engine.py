@@ -56,10 +56,7 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        samples = self.samples
-        if len(samples) == 1:  # every step asks, for every request: no generator for the usual n = 1
-            return samples[0].finish_reason is not None
-        return all(s.finish_reason is not None for s in samples)
+        return all(s.finish_reason is not None for s in self.samples)
 
 
 @dataclass(slots=True)
@@ -332,7 +329,7 @@ class LLMEngine:
                 text, token_ids = new_text, new_ids
                 logprobs = logprobs[sample.sent_tokens:] if logprobs is not None else None
             else:
-                text, token_ids = detok.text if detok is not None else "", request.token_ids[num_prompt:]
+                text, token_ids = detok.text if detok is not None else "", request.output_token_ids
             completions.append(CompletionOutput(
                 index=sample.index,
                 text=text,

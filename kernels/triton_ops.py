@@ -574,12 +574,16 @@ def _pack_gqa_default(group: int, device: torch.device) -> bool:
     return True if tuned is None else tuned
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _device_capability(device: torch.device) -> tuple[int, int]:
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability(_device_index(device))
 
 
 def _device_tuning(device: torch.device) -> KernelTuning:
-    return _tuning(device.index if device.index is not None else torch.cuda.current_device())
+    return _tuning(_device_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -613,7 +617,7 @@ def _num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.d
     if device.type != "cuda":
         return 1
     programs = batch * num_kv_heads
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(_device_index(device))
     if programs >= sms:
         return 1
     min_keys = min_keys or _device_tuning(device).min_split_keys or MIN_SPLIT_KEYS
