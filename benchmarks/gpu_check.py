@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from benchmarks.report import write_json
+from kernels.tuning import parse_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped, not started
@@ -229,9 +230,8 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             summary["kernels"] = _kernel_summary(r.result)
         elif r.name == "kernels_tuned" and r.result and "env" in r.result:
             with open(r.meta["tuning"]) as f:
-                tuning = json.load(f)
-            summary["kernels_tuned"] = _kernel_summary(r.result) | {
-                "tuning": {k: tuning.get(k) for k in ("prefill_tile", "pack_gqa", "min_split_keys")}}
+                tuning = parse_tuning(json.load(f), r.meta["tuning"])
+            summary["kernels_tuned"] = _kernel_summary(r.result) | {"tuning": tuning.as_json()}
         elif r.name == "kernel_configs" and r.result and "rows" in r.result:
             summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -319,6 +319,10 @@ def _f(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _spread(r: dict[str, float]) -> str:
+    return f"min {_f(r['min'])}x, median {_f(r['median'])}x, max {_f(r['max'])}x"
+
+
 def render(report: dict[str, Any]) -> str:
     env, s = report["env"], report["summary"]
     lines = [f"gpu-check on {env['device_name']} — python {env['python']}, torch {env['torch']}, triton "
@@ -345,22 +349,19 @@ def render(report: dict[str, Any]) -> str:
                     "store_kv_vs_torch", "rms_norm_vs_torch", "rotary_vs_torch"):
             r = k.get(key)
             if r:
-                lines.append(f"  {key:<24} torch/stoke time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
-                             f"max {_f(r['max'])}x (goal >= 1)")
+                lines.append(f"  {key:<24} torch/stoke time: {_spread(r)} (goal >= 1)")
         for key, what in (("prefill_packed_vs_unpacked", "unpacked/packed"), ("mixed_one_launch_vs_split", "split/one"),
                           ("decode_fused_vs_merge_kernel", "two launches/one")):
             r = k.get(key)
             if r:
-                lines.append(f"  {key:<28} {what} time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
-                             f"max {_f(r['max'])}x (> 1: the engine's choice is faster)")
+                lines.append(f"  {key:<28} {what} time: {_spread(r)} (> 1: the engine's choice is faster)")
         tuned = s.get("kernels_tuned")
         if tuned:
             lines.append(f"  with the sweep's tuning {tuned['tuning']} (STOKE_KERNEL_TUNING):")
             for key in ("decode_vs_sdpa", "prefill_vs_sdpa"):
                 r = tuned.get(key)
                 if r:
-                    lines.append(f"    {key:<22} torch/stoke time: min {_f(r['min'])}x, median {_f(r['median'])}x, "
-                                 f"max {_f(r['max'])}x (goal >= 1)")
+                    lines.append(f"    {key:<22} torch/stoke time: {_spread(r)} (goal >= 1)")
         for share in k["attention_share"]:
             lines.append(f"  attention share of a step, {share['model']}: decode {_f(100 * share['decode'], '.0f')}%, "
                          f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share

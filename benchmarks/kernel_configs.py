@@ -217,10 +217,12 @@ def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
       at the largest swept split count not above that choice. Ties keep the built-in value."""
     from kernels import triton_ops
 
+    def engine_block_size(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        small = min((r["block_size"] for r in rows), default=None)
+        return [r for r in rows if r["block_size"] == small]
+
     tile, pack, keys, measured = None, None, None, {}
-    rows = report.get("rows", [])
-    small = min((r["block_size"] for r in rows), default=None)
-    rows = [r for r in rows if r["block_size"] == small and r.get("best")]
+    rows = [r for r in engine_block_size(report.get("rows", [])) if r.get("best")]
     if rows:
         times = [{(tuple(c["tile"]), c["packed"]): c["ms"] for c in r["candidates"] if "ms" in c and not c.get("tma")}
                  for r in rows]
@@ -230,9 +232,7 @@ def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
             (tile, pack), score = min(scores.items(), key=lambda kv: kv[1])
             measured["prefill"] = {"tile": list(tile), "packed": pack, "score": round(score, 4),
                                    "shapes": [f"{r['layout']} {r['seqs']}x{r['length']}" for r in rows]}
-    decode = report.get("decode", [])
-    small = min((r["block_size"] for r in decode), default=None)
-    decode = [r for r in decode if r["block_size"] == small]
+    decode = engine_block_size(report.get("decode", []))
     if decode:
         def time_at(row: dict[str, Any], splits: int) -> float:
             fits = [c for c in row["candidates"] if c["splits"] <= splits]
@@ -271,8 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def save() -> None:  # after every shape: a run cut short keeps what it measured, and its tuning
         tuning, measured = recommend(report)
-        report["recommended"] = {"prefill_tile": tuning.prefill_tile and list(tuning.prefill_tile),
-                                 "pack_gqa": tuning.pack_gqa, "min_split_keys": tuning.min_split_keys, **measured}
+        report["recommended"] = tuning.as_json() | measured
         write_json(report, args.out)
         if args.write_tuning:
             write_tuning(tuning, report["device"], args.write_tuning, measured)

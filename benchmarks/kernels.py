@@ -202,7 +202,8 @@ def _row(impl_ms: float | None, peers: dict[str, tuple[float | None, str | None]
 
 
 # ----------------------------------------------------------------------------- benchmarks
-SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION")  # forced one at a time beside SDPA's own choice
+# Peer name: SDPA backend forced, one at a time beside SDPA's own choice.
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
 def sdpa_peers(timer: Timer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -221,12 +222,12 @@ def sdpa_peers(timer: Timer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     except (RuntimeError, TypeError, ValueError, AttributeError):
         choice = None
     if q.is_cuda:
-        for name in SDPA_BACKENDS:
+        for peer, name in SDPA_BACKENDS.items():
             def forced(backend: SDPBackend = getattr(SDPBackend, name)) -> torch.Tensor:
                 with sdpa_kernel(backend):
                     return call()
 
-            peers["sdpa_" + name.split("_")[0].lower()] = _try(timer, forced)
+            peers[peer] = _try(timer, forced)
     return peers, choice
 
 
@@ -610,7 +611,7 @@ def render(report: dict[str, Any]) -> str:
 
     peers = ["torch_paged", "sdpa_contiguous"] if env["impl"] != "reference" else ["sdpa_contiguous"]
     if env["device"] == "cuda":
-        peers += ["sdpa_flash", "sdpa_cudnn"]
+        peers += list(SDPA_BACKENDS)
     triton = env["impl"] == "triton"
     table("decode attention (torch ms (torch/stoke))", report["decode"],
           [("layout", ""), ("batch", ""), ("context", "")], (["merge_kernel"] if triton else []) + peers)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 ENV_VAR = "STOKE_KERNEL_TUNING"
@@ -34,6 +34,11 @@ class KernelTuning:
     min_split_keys: int | None = None
     source: str | None = None  # the file it came from; None: built-in choices only
 
+    def as_json(self) -> dict[str, Any]:
+        """Its values as the file holds them (without `source`)."""
+        return {"prefill_tile": self.prefill_tile and list(self.prefill_tile), "pack_gqa": self.pack_gqa,
+                "min_split_keys": self.min_split_keys}
+
 
 def tuning_path(device_name: str) -> str:
     """Where a GPU's shipped tuning lives: its name with every run of other characters than
@@ -42,9 +47,10 @@ def tuning_path(device_name: str) -> str:
 
 
 def load_tuning(device_name: str) -> KernelTuning:
-    path = os.environ.get(ENV_VAR) or tuning_path(device_name)
+    chosen = os.environ.get(ENV_VAR)
+    path = chosen or tuning_path(device_name)
     if not os.path.exists(path):
-        if os.environ.get(ENV_VAR):
+        if chosen:
             raise FileNotFoundError(f"{ENV_VAR}={path}: no such file")
         return KernelTuning()
     with open(path) as f:
@@ -78,9 +84,7 @@ def parse_tuning(data: Any, source: str) -> KernelTuning:
 
 
 def write_tuning(tuning: KernelTuning, device_name: str, path: str, measured: dict[str, Any] | None = None) -> None:
-    data = {"device": device_name, **{k: v for k, v in asdict(tuning).items() if k != "source"}}
-    if data["prefill_tile"] is not None:
-        data["prefill_tile"] = list(data["prefill_tile"])
+    data = {"device": device_name, **tuning.as_json()}
     if measured:
         data["measured"] = measured  # what the choice rests on, for the reader
     parse_tuning(data, path)  # never write what would not load
