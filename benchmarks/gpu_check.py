@@ -7,8 +7,9 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
 2. kernels: benchmarks/kernels.py at GPU sizes (time, HBM GB/s vs peak, ratio to torch);
 3. offline_*: benchmarks/offline.py with dummy weights for configs/qwen3-0.6b and
    configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
-   transformers' continuous batching on the same GPU, then stoke again with --enforce-eager
-   and with CUDA graphs for pure-decode steps only (--cuda-graph-mode decode);
+   transformers' continuous batching on the same GPU, then stoke again without async
+   scheduling (--no-async-scheduling), with CUDA graphs for pure-decode steps only
+   (--cuda-graph-mode decode) and with --enforce-eager;
 4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
@@ -41,8 +42,13 @@ from kernels.tuning import parse_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped, not started
-# stoke's offline runs beside the one with every CUDA graph (and the peer): their flags.
-GRAPH_VARIANTS = {"decode_graphs": ["--cuda-graph-mode", "decode"], "eager": ["--enforce-eager"]}
+# stoke's offline runs beside the default one (every CUDA graph, async scheduling; with the
+# peer): their flags, in the order they are worth the time left.
+ENGINE_VARIANTS = {"sync_scheduling": ["--no-async-scheduling"], "decode_graphs": ["--cuda-graph-mode", "decode"],
+                   "eager": ["--enforce-eager"]}
+# Each offline run's key in the summary.
+OFFLINE_KEYS = {"full": "stoke_cuda_graphs", "sync_scheduling": "stoke_sync_scheduling",
+                "decode_graphs": "stoke_decode_graphs", "eager": "stoke_eager"}
 
 TINY_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
@@ -168,7 +174,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
         base = [py, "-m", "benchmarks.offline", "--model", path, "--load-format", "dummy", "--skip-static", *extra]
         stages.append(Stage(f"offline_{name}", [*base, "--out", out(f"offline_{name}")], limit_peer,
                             out(f"offline_{name}"), "offline", {"model": name, "graphs": "full"}))
-        for graphs, flags in GRAPH_VARIANTS.items():
+        for graphs, flags in ENGINE_VARIANTS.items():
             stage = f"offline_{name}_{graphs}"
             stages.append(Stage(stage, [*base, *flags, "--skip-transformers", "--out", out(stage)],
                                 limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
@@ -189,12 +195,12 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
                         {"tuning": tuning}, env={"STOKE_KERNEL_TUNING": tuning}, requires=tuning))
     # Priority when time runs short, by what each stage still has to tell: stoke (all CUDA
     # graphs) against transformers for both models, the kernel sweeps (the open kernel goals),
-    # graphs for pure decodes only (what mixed graphs add), then eager (measured before).
+    # then the other engine variants in ENGINE_VARIANTS' order.
     order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4, "kernels_tuned": 5}
     for s in stages:
         if s.kind == "offline":
             model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
-            variant = ["full", *GRAPH_VARIANTS].index(s.meta["graphs"])
+            variant = ["full", *ENGINE_VARIANTS].index(s.meta["graphs"])
             order[s.name] = 2 + model_rank + (4 + 2 * variant if variant else 0)
     stages.sort(key=lambda s: order[s.name])
     if args.stages:
@@ -237,14 +243,13 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
             entry = summary["offline"].setdefault(r.meta["model"], {})
             systems = r.result["systems"]
-            key = {"full": "stoke_cuda_graphs", "eager": "stoke_eager",
-                   "decode_graphs": "stoke_decode_graphs"}[r.meta["graphs"]]
+            key = OFFLINE_KEYS[r.meta["graphs"]]
             stoke = systems.get("stoke", {})
             entry[key] = stoke.get("useful_tokens_per_second")
             entry[f"{key}_extra"] = {k: stoke.get("extra", {}).get(k) for k in (
                 "num_steps", "forward_seconds", "sample_seconds", "schedule_seconds", "cuda_graph_buckets",
                 "cuda_graph_token_buckets", "cuda_graph_capture_seconds", "device_busy_fraction",
-                "fused_norm_rope", "num_kv_blocks", "memory_profile", "dtype", "device")}
+                "fused_norm_rope", "async_scheduling", "num_kv_blocks", "memory_profile", "dtype", "device")}
             if "continuous" in systems:
                 entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
             if r.result.get("peer_errors"):
@@ -256,6 +261,8 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
         e["stoke_vs_transformers_cb"] = graphs / cb if graphs and cb else None
         e["cuda_graphs_speedup"] = graphs / eager if graphs and eager else None
         e["mixed_graphs_speedup"] = graphs / decode_only if graphs and decode_only else None
+        sync = e.get("stoke_sync_scheduling")
+        e["async_scheduling_speedup"] = graphs / sync if graphs and sync else None
         e["goal_vs_transformers_cb"] = 3.0
     return summary
 
@@ -372,18 +379,21 @@ def render(report: dict[str, Any]) -> str:
             lines += [f"{r['shape']:<30}{_f(r['sdpa_ms'], '.4f'):>11}{_f(r['shipped_ms'], '.4f'):>11}"
                       f"{_f(r['best_ms'], '.4f'):>11}  {r['best']}" for r in rows]
     if s.get("offline"):
-        lines += ["", f"{'offline (useful tok/s)':<24}{'stoke graphs':>14}{'decode graphs':>15}{'stoke eager':>13}"
-                      f"{'HF CB':>10}{'stoke/HF':>10}{'graphs/eager':>14}{'full/decode':>13}"]
+        lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
+                      f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"
+                      f"{'full/decode':>13}"]
         for model, e in s["offline"].items():
-            lines.append(f"{model:<24}{_f(e.get('stoke_cuda_graphs'), '.0f'):>14}"
-                         f"{_f(e.get('stoke_decode_graphs'), '.0f'):>15}{_f(e.get('stoke_eager'), '.0f'):>13}"
-                         f"{_f(e.get('transformers_cb'), '.0f'):>10}{_f(e.get('stoke_vs_transformers_cb')):>10}"
+            lines.append(f"{model:<24}{_f(e.get('stoke_cuda_graphs'), '.0f'):>8}"
+                         f"{_f(e.get('stoke_sync_scheduling'), '.0f'):>12}{_f(e.get('stoke_decode_graphs'), '.0f'):>15}"
+                         f"{_f(e.get('stoke_eager'), '.0f'):>8}{_f(e.get('transformers_cb'), '.0f'):>8}"
+                         f"{_f(e.get('stoke_vs_transformers_cb')):>10}{_f(e.get('async_scheduling_speedup')):>12}"
                          f"{_f(e.get('cuda_graphs_speedup')):>14}{_f(e.get('mixed_graphs_speedup')):>13}")
+        lines.append("  stoke: every CUDA graph and async scheduling (the defaults); each other column changes one of them")
         lines.append("  goal: stoke >= 3x transformers continuous batching on the same GPU")
         for model, e in s["offline"].items():
             busy = [(label, (e.get(f"{key}_extra") or {}).get("device_busy_fraction"))
-                    for label, key in (("all graphs", "stoke_cuda_graphs"), ("decode graphs", "stoke_decode_graphs"),
-                                       ("eager", "stoke_eager"))]
+                    for label, key in (("stoke", "stoke_cuda_graphs"), ("sync scheduling", "stoke_sync_scheduling"),
+                                       ("decode graphs", "stoke_decode_graphs"), ("eager", "stoke_eager"))]
             if any(b for _, b in busy):
                 lines.append(f"  {model}: share of the wall a step is on the GPU (the rest it waits on the host): "
                              + ", ".join(f"{label} {_f(None if b is None else 100 * b, '.0f')}%" for label, b in busy))

@@ -159,7 +159,7 @@ def run_stoke(path: str | None, workload: Workload, args: argparse.Namespace) ->
     t0 = time.perf_counter()
     engine_args: dict[str, Any] = dict(
         dtype=args.dtype, device=args.device, load_format=args.load_format, enforce_eager=args.enforce_eager,
-        cuda_graph_mode=args.cuda_graph_mode,
+        cuda_graph_mode=args.cuda_graph_mode, async_scheduling=args.async_scheduling,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens)
     if args.gpu_memory_utilization is not None:
@@ -210,6 +210,7 @@ def run_stoke(path: str | None, workload: Workload, args: argparse.Namespace) ->
             "cuda_graph_capture_seconds": (llm.engine.runner.cuda_graphs.capture_seconds
                                            if llm.engine.runner.cuda_graphs else 0.0),
             "fused_norm_rope": llm.engine.runner.model.norm_rope_kernels is not None,
+            "async_scheduling": llm.engine.async_scheduling,
             "memory_profile": dict(llm.engine.runner.memory_profile),
         },
     )
@@ -493,6 +494,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="stoke: no CUDA graphs")
     p.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
                    help="stoke: graphs for decode and mixed steps (full) or pure-decode steps only")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="stoke: launch each step before the previous one's tokens reach the host "
+                        "(default: on for CUDA, off for the CPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="every system")
     p.add_argument("--device", default="auto", help="every system: auto (CUDA if present), cpu, cuda")

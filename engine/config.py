@@ -123,6 +123,10 @@ class EngineConfig:
     # steps with prefills, "decode" pure-decode steps only; enforce_eager: never.
     cuda_graph_mode: str = "full"
     enforce_eager: bool = False
+    # Schedule and launch step N+1 before step N's tokens reach the host, so the host's work
+    # (outputs, detokenizing, scheduling, inputs) overlaps the device's. None: on for CUDA, off
+    # for the CPU, where the forward runs on the host anyway.
+    async_scheduling: bool | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, capped by the model's positions."""
@@ -132,6 +136,9 @@ class EngineConfig:
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph_mode must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graph_mode!r}")
         return self.cuda_graph_mode
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

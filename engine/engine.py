@@ -17,11 +17,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import SampledTokens, Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
-from scheduler import Request, Scheduler, SchedulerConfig
+from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,24 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+@dataclass(slots=True, eq=False)
+class _Launched:
+    """A step whose forward and sampling are launched: its tokens may still be on the device."""
+
+    batch: ScheduledBatch
+    rows: list[int]  # for each sampled token, its request's index in the batch
+    sampled: SampledTokens
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA: the step's device span
+
+    def previous_tokens(self) -> PreviousTokens:
+        return PreviousTokens(self.sampled.token_ids, {self.batch.requests[i]: j for j, i in enumerate(self.rows)})
+
+
 @dataclass(slots=True)
 class StepStats:
     num_steps: int = 0
     num_batched_tokens: int = 0
-    schedule_seconds: float = 0.0  # scheduler.schedule + scheduler.update
+    schedule_seconds: float = 0.0  # the scheduler's work, and turning tokens into outputs
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
     # CUDA: the GPU's time from each step's first operation to its sampler's last (CUDA events).
@@ -105,6 +118,8 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self.samples: dict[Request, tuple[_Group, _Sample]] = {}
         self.stats = StepStats()
+        self.async_scheduling = config.resolve_async_scheduling(self.runner.device)
+        self._in_flight: _Launched | None = None
 
     @staticmethod
     def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
@@ -203,15 +218,20 @@ class LLMEngine:
         - "delta": the same requests, with only what is new (text, tokens, logprobs): what a
           streaming server sends, built in time that does not grow with the output's length;
         - "final": only the requests that finished, whole (the offline API: a step then builds
-          no output for the hundreds of requests still running)."""
+          no output for the hundreds of requests still running).
+
+        With async scheduling a step launches its forward and sampling, then turns the previous
+        step's tokens into outputs while the device runs: a step returns the outputs of the one
+        before it, and a request that finished there has one surplus token computed, discarded."""
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
-        final_only = outputs == "final"
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
+        in_flight, self._in_flight = self._in_flight, None
+        results: list[RequestOutput] = []
         if not batch.requests:
-            return []
+            return self._process(in_flight, outputs) if in_flight is not None else results
         all_logits_rows = [
             i for i, request in enumerate(batch.requests)
             if not request.use_prefix_cache and not request.prompt_computed
@@ -220,44 +240,35 @@ class LLMEngine:
         if self.runner.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
-        step_logits = self.runner.execute(batch, all_logits_rows)
-        logits, rows = step_logits.logits, step_logits.sampling_rows
+        previous = in_flight.previous_tokens() if in_flight is not None else None
+        step_logits = self.runner.execute(batch, all_logits_rows, previous)
         for i, position_logits in step_logits.per_position.items():
             self._record_prompt_logprobs(batch.requests[i], position_logits)
         t2 = time.perf_counter()
-        sampling_rows = []
-        for i in rows:
-            request = batch.requests[i]
-            group, sample = self.samples[request]
-            sampling_rows.append(SamplingRow(
-                params=group.params,
-                token_ids=request.token_ids,
-                num_prompt_tokens=request.num_prompt_tokens,
-                generator=sample.generator,
-                eos_token_ids=self.eos_token_ids,
-            ))
-        sampled_out = self.sampler(logits, sampling_rows)
-        if events is not None:  # the sampler's copy back has synchronised: the span is complete
+        requests = [batch.requests[i] for i in step_logits.sampling_rows]
+        entries = [self.samples[request] for request in requests]
+        if in_flight is not None and any(group.params.has_penalties for group, _ in entries):
+            results += self._process(in_flight, outputs)  # the penalties read the tokens in flight
+            in_flight = None
+        sampling_rows = [
+            SamplingRow(params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
+                        generator=sample.generator, eos_token_ids=self.eos_token_ids,
+                        num_pending_tokens=request.num_pending_tokens)
+            for request, (group, sample) in zip(requests, entries)
+        ]
+        sampled = self.sampler.sample(step_logits.logits, sampling_rows)
+        if events is not None:
             events[1].record()
-            events[1].synchronize()
-            self.stats.device_seconds += events[0].elapsed_time(events[1]) / 1e3
         t3 = time.perf_counter()
-        sampled: list[int | None] = [None] * len(batch)
-        for j, i in enumerate(rows):
-            sampled[i] = sampled_out.token_ids[j]
-        self.scheduler.update(batch, sampled)
+        self.scheduler.advance(batch)
+        launched = _Launched(batch, step_logits.sampling_rows, sampled, events)
         t4 = time.perf_counter()
-
-        touched: dict[str, _Group] = {}
-        token_ids, logprobs, top = sampled_out.token_ids, sampled_out.logprobs, sampled_out.top_logprobs
-        for j, i in enumerate(rows):
-            group, sample = self.samples[batch.requests[i]]
-            self._append(group, sample, token_ids[j], logprobs[j] if logprobs is not None else None,
-                         top[j] if top is not None else None)
-            if not final_only or sample.finish_reason is not None:
-                touched[group.request_id] = group
-        results = [self._output(group, delta=outputs == "delta") for group in touched.values()
-                   if not final_only or group.finished]
+        if in_flight is not None:
+            results += self._process(in_flight, outputs)
+        if self.async_scheduling:
+            self._in_flight = launched
+        else:
+            results += self._process(launched, outputs)
 
         s = self.stats
         s.num_steps += 1
@@ -267,6 +278,33 @@ class LLMEngine:
         s.forward_seconds += t2 - t1
         s.sample_seconds += t3 - t2
         return results
+
+    def _process(self, launched: _Launched, outputs: OutputKind) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, and turn them into the requests' progress and outputs."""
+        t0 = time.perf_counter()
+        out = launched.sampled.output()
+        if launched.events is not None:  # the copy back has landed: the span is complete
+            self.stats.device_seconds += launched.events[0].elapsed_time(launched.events[1]) / 1e3
+        t1 = time.perf_counter()
+        self.stats.sample_seconds += t1 - t0
+        final_only = outputs == "final"
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        token_ids, logprobs, top = out.token_ids, out.logprobs, out.top_logprobs
+        for j, i in enumerate(launched.rows):
+            request = launched.batch.requests[i]
+            entry = self.samples.get(request)
+            if entry is None or entry[1].finish_reason is not None:
+                continue  # finished (or aborted) after this step was launched: a surplus token
+            group, sample = entry
+            self.scheduler.append_token(request, token_ids[j], now)
+            self._append(group, sample, token_ids[j], logprobs[j] if logprobs is not None else None,
+                         top[j] if top is not None else None)
+            if not final_only or sample.finish_reason is not None:
+                touched[group.request_id] = group
+        self.stats.schedule_seconds += time.perf_counter() - t1
+        return [self._output(group, delta=outputs == "delta") for group in touched.values()
+                if not final_only or group.finished]
 
     def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor) -> None:
         """Logits at positions start.. predict prompt tokens start+1..; a recompute after
@@ -308,7 +346,7 @@ class LLMEngine:
                 return self._finish(sample, "stop", token)
             if stop_string:
                 return self._finish(sample, "stop", sample.detokenizer.stop_reason)
-        if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_out >= request.max_tokens or len(request.token_ids) >= self.max_model_len:
             self._finish(sample, "length")
 
     def _finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:

@@ -34,7 +34,7 @@ from engine.cuda_graphs import (
 from engine.models.llama import LlamaForCausalLM
 from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
-from scheduler import ScheduledBatch
+from scheduler import Request, ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +76,21 @@ class HostInputs:
     logits_indices: list[int] = field(default_factory=list)
     sampling_rows: list[int] = field(default_factory=list)
     tables: list[list[int]] = field(default_factory=list)
+    # Input positions whose token is still on the device (async scheduling), and for each, its
+    # row in the previous step's sampled ids.
+    pending_positions: list[int] = field(default_factory=list)
+    pending_rows: list[int] = field(default_factory=list)
 
     @property
     def table_width(self) -> int:
         return len(self.tables[0]) if self.tables else 0
 
-    def on_device(self, device: torch.device) -> list[torch.Tensor]:
-        """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices, in one copy."""
-        return to_device([
+    def on_device(self, device: torch.device, previous: PreviousTokens | None = None) -> list[torch.Tensor]:
+        """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices, in one
+        copy; the pending input ids are then taken from the previous step's sampled ids."""
+        pending = [torch.tensor(self.pending_positions, dtype=torch.long),
+                   torch.tensor(self.pending_rows, dtype=torch.long)] if self.pending_positions else []
+        tensors = to_device([
             torch.tensor(self.input_ids, dtype=torch.long),
             torch.tensor(self.positions, dtype=torch.long),
             torch.tensor(self.slots, dtype=torch.int64),
@@ -92,7 +99,20 @@ class HostInputs:
             torch.tensor(self.context_lens, dtype=torch.int32),
             torch.tensor(self.cu_seqlens, dtype=torch.int32),
             torch.tensor(self.logits_indices, dtype=torch.long),
+            *pending,
         ], device)
+        if pending:
+            positions, rows = tensors[7:]
+            tensors[0][positions] = previous.token_ids[rows]
+        return tensors[:7]
+
+
+@dataclass(slots=True)
+class PreviousTokens:
+    """The ids the step before sampled, still on the device; rows: each sampling request's row."""
+
+    token_ids: torch.Tensor
+    rows: dict[Request, int]
 
 
 def is_triton(backend) -> bool:
@@ -327,7 +347,7 @@ class ModelRunner:
         ]
 
     # ------------------------------------------------------------------ a step
-    def host_inputs(self, batch: ScheduledBatch) -> HostInputs:
+    def host_inputs(self, batch: ScheduledBatch, previous: PreviousTokens | None = None) -> HostInputs:
         bs = self.block_size
         h = HostInputs()
         max_blocks = 0
@@ -335,10 +355,17 @@ class ModelRunner:
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             blocks = request.block_ids
             if n == 1:  # a decode: most rows of most steps, without the generic path's ranges
-                h.input_ids.append(request.token_ids[start])
+                if start < len(request.token_ids):
+                    h.input_ids.append(request.token_ids[start])
+                else:  # its token was sampled by the step still in flight
+                    h.pending_positions.append(len(h.input_ids))
+                    h.pending_rows.append(previous.rows[request])
+                    h.input_ids.append(0)
                 h.positions.append(start)
                 h.slots.append(blocks[start // bs] * bs + start % bs)
             else:
+                if end > len(request.token_ids):
+                    raise RuntimeError(f"{request.request_id}: a chunk of {n} tokens reaches a pending token")
                 h.input_ids.extend(request.token_ids[start:end])
                 h.positions.extend(range(start, end))
                 h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
@@ -352,9 +379,9 @@ class ModelRunner:
         h.tables = [r.block_ids[:max_blocks] + [0] * (max_blocks - len(r.block_ids[:max_blocks])) for r in batch.requests]
         return h
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        h = self.host_inputs(batch)
-        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device)
+    def prepare(self, batch: ScheduledBatch, previous: PreviousTokens | None = None) -> StepInputs:
+        h = self.host_inputs(batch, previous)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device, previous)
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables,
@@ -393,14 +420,15 @@ class ModelRunner:
             return None
         return "mixed", bucket
 
-    def _execute_graph(self, batch: ScheduledBatch, key: GraphKey) -> tuple[torch.Tensor, list[int]]:
-        h = self.host_inputs(batch)
+    def _execute_graph(self, batch: ScheduledBatch, key: GraphKey,
+                       previous: PreviousTokens | None) -> tuple[torch.Tensor, list[int]]:
+        h = self.host_inputs(batch, previous)
         kind, bucket = key
         n = len(batch.requests)
         num_logits = len(h.logits_indices)
         if kind == "decode":
             pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens, h.tables)
-            ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device)
+            ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device, previous)
             out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
             rows = out[:num_logits] if h.logits_indices == list(range(num_logits)) else out[logits_indices]
             # A copy: `out` is the graph's static memory, which the next replay overwrites.
@@ -410,19 +438,21 @@ class ModelRunner:
         h.cu_seqlens = list(range(nd + 1)) + [nd + c for c in h.cu_seqlens[1:]]
         pad_tokens(bucket - len(h.input_ids), h.input_ids, h.positions, h.slots)
         pad_mixed_sequences(self.cuda_graphs.max_num_seqs, h.cu_seqlens, h.context_lens, h.logits_indices)
-        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device, previous)
         hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_seqlens,
                                                logits_indices)
         return self.model.compute_logits(hidden[:num_logits]).float(), h.sampling_rows
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = ()) -> StepLogits:
+    def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = (),
+                previous: PreviousTokens | None = None) -> StepLogits:
         """Run the step: fp32 logits for the sampling requests, and for the requests at batch
-        indices `all_logits_rows` (prompt logprobs) the logits of every position computed."""
+        indices `all_logits_rows` (prompt logprobs) the logits of every position computed.
+        A decode whose token is not in the host's token_ids yet takes it from `previous`."""
         key = None if all_logits_rows else self.graph_key(batch)
         if key is not None:
-            return StepLogits(*self._execute_graph(batch, key))
-        inputs = self.prepare(batch)
+            return StepLogits(*self._execute_graph(batch, key, previous))
+        inputs = self.prepare(batch, previous)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         per_position: dict[int, torch.Tensor] = {}

@@ -18,13 +18,15 @@ No host sync per row, on any device: which stages run, and over which rows, is d
 host from the SamplingParams alone (never from device values). Every per-row parameter and
 index list the stages need is built on the host first and reaches the device in one copy
 (`engine.transfer.to_device`); the sampled ids, with the logprobs when asked, come back in one
-copy at the end. Seeded rows still draw their noise one row at a time (each from its own
+copy at the end, which `Sampler.sample` leaves in flight (`SampledTokens`): the engine can
+prepare and launch the next step before it waits for them. Seeded rows still draw their noise one row at a time (each from its own
 generator): kernel launches, not syncs.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +49,13 @@ class SamplingRow:
     generator: torch.Generator | None  # set when params.seed is set; else the default RNG
     # suppressed (with params.stop_token_ids) while num_output_tokens < params.min_tokens
     eos_token_ids: list[int]
+    # Earlier tokens sampled but not yet in token_ids (async scheduling); they count towards
+    # min_tokens; the penalties need the tokens themselves, so a row with them has none.
+    num_pending_tokens: int = 0
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -145,10 +150,38 @@ def _apply_top_k_top_p(
     return torch.full_like(x, float("-inf")).scatter_(1, order, vals)
 
 
+class SampledTokens:
+    """A step's sampled ids on the device, and on their way to the host with the logprobs:
+    `token_ids` can feed the next step at once; `output()` waits for the copy back."""
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor,
+                 unpack: Callable[[torch.Tensor], SamplerOutput]) -> None:
+        self.token_ids = token_ids
+        self._unpack = unpack
+        self._ready: torch.cuda.Event | None = None
+        if packed.device.type == "cuda":
+            # Pinned, so the copy is asynchronous; the event says when it has landed.
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = packed.cpu()
+
+    def output(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._unpack(self._host)
+
+
 class Sampler:
     """Turns a [B, V] logits tensor and B SamplingRows into B token ids (+ logprobs)."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        return self.sample(logits, rows).output()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        """Launch the step's sampling; nothing here waits for the device."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         batch, vocab = logits.shape
@@ -158,6 +191,8 @@ class Sampler:
         need_min = [r.num_output_tokens < r.params.min_tokens for r in rows]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+        if any(r.num_pending_tokens and r.params.has_penalties for r in rows):
+            raise ValueError("the penalties need every earlier token: wait for the pending ones first")
         greedy = [p.temperature < _GREEDY_EPS for p in params]
         rand = [i for i in range(batch) if not greedy[i]]
 
@@ -236,7 +271,7 @@ class Sampler:
             tokens = sampled if idx is None else _put(x.argmax(dim=-1), idx, sampled)
 
         if raw_logprobs is None:
-            return SamplerOutput(token_ids=tokens.tolist(), logprobs=None, top_logprobs=None)
+            return SampledTokens(tokens, tokens, lambda host: SamplerOutput(host.tolist(), None, None))
         return self._logprobs(raw_logprobs, lp_idx, want_lp, tokens, params)
 
     @staticmethod
@@ -325,7 +360,7 @@ class Sampler:
         want: list[bool],
         tokens: torch.Tensor,
         params: list[SamplingParams],
-    ) -> SamplerOutput:
+    ) -> SampledTokens:
         """Sampled ids, their logprobs and the top-k logprobs, back to the host in one copy
         (as float64: exact for fp32 values and for ids < 2**53)."""
         batch = tokens.shape[0]
@@ -336,19 +371,22 @@ class Sampler:
         if k_max > 0:
             vals, ids = raw.topk(k_max, dim=-1)
             parts += [vals.double().flatten(), ids.double().flatten()]
-        host = torch.cat(parts).cpu()
-        token_list = host[:batch].long().tolist()
-        chosen_l = host[batch : batch + len(sel)].tolist()
-        if k_max > 0:
-            start = batch + len(sel)
-            block = len(sel) * k_max
-            vals_l = host[start : start + block].view(len(sel), k_max).tolist()
-            ids_l = host[start + block : start + 2 * block].long().view(len(sel), k_max).tolist()
-        logprobs = [0.0] * batch
-        top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]
-        for j, i in enumerate(sel):
-            logprobs[i] = chosen_l[j]
-            k = params[i].logprobs or 0
-            if k > 0:
-                top[i] = list(zip(ids_l[j][:k], vals_l[j][:k]))
-        return SamplerOutput(token_ids=token_list, logprobs=logprobs, top_logprobs=top)
+        ks = [params[i].logprobs or 0 for i in sel]
+
+        def unpack(host: torch.Tensor) -> SamplerOutput:
+            token_list = host[:batch].long().tolist()
+            chosen_l = host[batch : batch + len(sel)].tolist()
+            if k_max > 0:
+                start = batch + len(sel)
+                block = len(sel) * k_max
+                vals_l = host[start : start + block].view(len(sel), k_max).tolist()
+                ids_l = host[start + block : start + 2 * block].long().view(len(sel), k_max).tolist()
+            logprobs = [0.0] * batch
+            top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]
+            for j, (i, k) in enumerate(zip(sel, ks)):
+                logprobs[i] = chosen_l[j]
+                if k > 0:
+                    top[i] = list(zip(ids_l[j][:k], vals_l[j][:k]))
+            return SamplerOutput(token_ids=token_list, logprobs=logprobs, top_logprobs=top)
+
+        return SampledTokens(tokens, torch.cat(parts), unpack)

@@ -176,7 +176,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.block_size
-        num_full = request.num_computed_tokens // size
+        # Only blocks whose tokens the host knows: a pending token's KV may be computed already.
+        num_full = min(request.num_computed_tokens, len(request.token_ids)) // size
         start = request.num_prefix_cached_blocks
         if start >= num_full:
             return

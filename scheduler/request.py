@@ -32,7 +32,10 @@ class Request:
     use_prefix_cache: bool = True
     arrival_time: float = field(default_factory=time.monotonic)
 
-    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, as far as the host knows
+    # Sampled on the device, not yet in token_ids (async scheduling: a step is scheduled while
+    # the previous step's tokens are still on their way back).
+    num_pending_tokens: int = 0
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of the full blocks of token_ids, computed lazily by the block manager.
@@ -59,10 +62,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the sequence has, pending ones included: what the scheduler plans with."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens the host knows (pending ones excluded)."""
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
@@ -71,7 +76,13 @@ class Request:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def done_by_length(self) -> bool:
+        """Its pending tokens already reach max_tokens: it finishes when they arrive, so
+        computing another token for it would be wasted."""
+        return self.num_pending_tokens > 0 and self.num_output_tokens + self.num_pending_tokens >= self.max_tokens
 
     @property
     def prompt_computed(self) -> bool:
@@ -81,7 +92,10 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def append_token(self, token_id: int, now: float) -> None:
+    def append_token(self, token_id: int, now: float, pending: bool = False) -> None:
+        """Add a sampled token; pending: it was counted in num_pending_tokens until now."""
+        if pending:
+            self.num_pending_tokens -= 1
         self.token_ids.append(token_id)
         if self.first_token_time is None:
             self.first_token_time = now

@@ -125,7 +125,7 @@ class Scheduler:
         scheduled: dict[Request, int] = {}
         now = time.monotonic()
 
-        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1 and not r.done_by_length]
         prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
         for request in decodes + prefills:
             if budget == 0:
@@ -169,7 +169,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             sibling = request.prefill_after
-            if sibling is not None and not (sibling.prompt_computed or sibling.finished):
+            # A request preempted with a token in flight waits for it: its prefill needs it.
+            if request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished):
                 skipped.append(self.waiting.popleft())
                 continue
             hits = bm.match_prefix(request)
@@ -210,14 +211,30 @@ class Scheduler:
         self.stats.num_preemptions += 1
 
     # --------------------------------------------------------------- update
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        """Advance every scheduled request; sampled[i] is request i's new token, if it sampled."""
-        now = time.monotonic()
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch has been launched: its tokens count as computed, and each request that
+        samples has one token pending until append_token brings it."""
         bm = self.block_manager
-        for request, n, token in zip(batch.requests, batch.num_tokens, sampled):
+        for request, n in zip(batch.requests, batch.num_tokens):
             if request.status is not RequestStatus.RUNNING:
                 continue
+            if request.num_computed_tokens + n == request.num_tokens:
+                request.num_pending_tokens += 1
             request.num_computed_tokens += n
             bm.cache_full_blocks(request)
+
+    def append_token(self, request: Request, token: int, now: float | None = None) -> None:
+        """A pending token has arrived (a preempted request gets it too: its recompute needs it)."""
+        if request.status is RequestStatus.FINISHED:
+            return
+        request.append_token(token, time.monotonic() if now is None else now, pending=True)
+        if request.status is RequestStatus.RUNNING:
+            self.block_manager.cache_full_blocks(request)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """advance, then the sampled tokens at once; sampled[i] is request i's new token, if it sampled."""
+        now = time.monotonic()
+        self.advance(batch)
+        for request, token in zip(batch.requests, sampled):
             if token is not None:
-                request.append_token(token, now)
+                self.append_token(request, token, now)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
                    help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only")
     e.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare and launch each step before the previous step's tokens reach the host "
+                        "(default: on for CUDA, off for the CPU)")
     limits = p.add_argument_group("limits")
     d = ServerConfig()
     limits.add_argument("--max-n", type=int, default=d.max_n)
@@ -101,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,

@@ -148,7 +148,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     stages = gpu_check.plan(args, str(tmp_path))
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b", "kernel_configs",
-                     "kernels_tuned", "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
+                     "kernels_tuned", "offline_qwen3-0.6b_sync_scheduling", "offline_llama-3-8b_sync_scheduling",
+                     "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
     tests = stages[0].command
@@ -163,7 +164,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
         assert ("--enforce-eager" in cmd) == s.name.endswith("_eager")
         assert ("--cuda-graph-mode decode" in cmd) == s.name.endswith("_decode_graphs")
-        assert ("--skip-transformers" in cmd) == s.name.endswith(("_eager", "_decode_graphs"))
+        assert ("--no-async-scheduling" in cmd) == s.name.endswith("_sync_scheduling")
+        assert ("--skip-transformers" in cmd) == s.name.endswith(("_eager", "_decode_graphs", "_sync_scheduling"))
     assert "--num-requests 512" in " ".join(stages[2].command)
     # Without pytest (the bare GPU box), the stand-in runs the same selection.
     monkeypatch.setattr(gpu_check, "has_pytest", lambda: False)
@@ -293,6 +295,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     eager = {"workload": {"num_requests": 4}, "systems": {"stoke": {"useful_tokens_per_second": 150.0, "extra": {}}}}
     decode_only = {"workload": {"num_requests": 4},
                    "systems": {"stoke": {"useful_tokens_per_second": 240.0, "extra": {}}}}
+    sync_scheduling = {"workload": {"num_requests": 4},
+                       "systems": {"stoke": {"useful_tokens_per_second": 200.0, "extra": {"async_scheduling": False}}}}
     kernels = json.loads(json.dumps(kernels_report))  # as on CUDA: the merge and SDPA backend peers
     for r in kernels["decode"]:
         r.update(merge_kernel_ratio=1.3, sdpa_flash_ratio=0.9, sdpa_backend="CUDNN_ATTENTION")
@@ -305,6 +309,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                               result=eager, meta={"model": "m", "graphs": "eager"}),
         gpu_check.StageResult("offline_m_decode_graphs", "ok", 6.0, 0, result=decode_only,
                               meta={"model": "m", "graphs": "decode_graphs"}),
+        gpu_check.StageResult("offline_m_sync_scheduling", "ok", 6.0, 0, result=sync_scheduling,
+                              meta={"model": "m", "graphs": "sync_scheduling"}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
                       "best": {"tile": [128, 64, 8, 2], "packed": False, "ms": 0.07}}],
@@ -324,6 +330,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     m = summary["offline"]["m"]
     assert m["stoke_vs_transformers_cb"] == pytest.approx(3.0) and m["cuda_graphs_speedup"] == pytest.approx(2.0)
     assert m["mixed_graphs_speedup"] == pytest.approx(1.25) and m["stoke_decode_graphs"] == 240.0
+    assert m["async_scheduling_speedup"] == pytest.approx(1.5)
+    assert m["stoke_sync_scheduling_extra"]["async_scheduling"] is False
     assert summary["sweeps"]["prefill"][0]["best"] == "(128, 64, 8, 2) unpacked"
     assert summary["sweeps"]["decode"][0]["best"] == "1 splits (heuristic 2)"
     k = summary["kernels"]
@@ -336,7 +344,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
-                   "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "all graphs 62%",
+                   "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "stoke 62%", "1.50",
                    "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
                    "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION",
                    "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]"):

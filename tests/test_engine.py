@@ -91,8 +91,9 @@ def mixed_prompts() -> list[list[int]]:
     dict(num_kv_blocks=14, block_size=8),  # preemption: the pool holds ~2 requests at a time
     dict(num_kv_blocks=40, block_size=4, max_num_seqs=3),
 ], ids=["batched", "chunked", "long-cap", "preempt", "preempt-small-blocks"])
-def test_batch_invariance(tiny_path: str, alone: dict, engine_args: dict) -> None:
-    llm = LLM(tiny_path, **engine_args)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_batch_invariance(tiny_path: str, alone: dict, engine_args: dict, async_scheduling: bool) -> None:
+    llm = LLM(tiny_path, async_scheduling=async_scheduling, **engine_args)
     prompts = mixed_prompts()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=20, **GREEDY))
     assert token_ids(outputs) == [alone[tuple(p)] for p in prompts]
