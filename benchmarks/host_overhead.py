@@ -37,6 +37,7 @@ from engine.default_model import default_model_path
 from engine.engine import OUTPUT_KINDS, LLMEngine
 from engine.llm import LLM
 from engine.model_runner import StepLogits
+from engine.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 
 STAND_IN_VOCAB = 64  # logits the sampler really sees; its argmax t becomes word token FIRST_WORD + 37 t
@@ -48,17 +49,33 @@ def engine_without_forward(path: str, batch: int) -> LLMEngine:
     runner, sampler = engine.runner, engine.sampler
     logits = torch.randn(batch, STAND_IN_VOCAB, generator=torch.Generator().manual_seed(0))
 
-    def execute(step_batch, all_logits_rows=()) -> StepLogits:
-        inputs = runner.host_inputs(step_batch)  # the host work a CUDA graph replay also does
+    def execute(step_batch, all_logits_rows=(), previous=None) -> StepLogits:
+        inputs = runner.host_inputs(step_batch, previous)  # the host work a CUDA graph replay also does
         return StepLogits(logits[:len(inputs.sampling_rows)], inputs.sampling_rows, {})
 
-    def sample(step_logits, rows):
-        out = sampler(step_logits, rows)
+    runner.execute, engine.sampler = execute, _WordSampler(sampler)
+    return engine
+
+
+class _WordTokens:
+    """The stand-in's sampled ids, mapped to word tokens on the device and on the host."""
+
+    def __init__(self, sampled: SampledTokens) -> None:
+        self._sampled = sampled
+        self.token_ids = FIRST_WORD + 37 * sampled.token_ids
+
+    def output(self) -> SamplerOutput:
+        out = self._sampled.output()
         out.token_ids = [FIRST_WORD + 37 * t for t in out.token_ids]
         return out
 
-    runner.execute, engine.sampler = execute, sample
-    return engine
+
+class _WordSampler:
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> _WordTokens:
+        return _WordTokens(self.sampler.sample(logits, rows))
 
 
 def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> list[float]:

@@ -202,10 +202,10 @@ def with_eager_graphs(llm: LLM, max_num_seqs: int, tokens: list[int] = ()) -> li
     runner.cuda_graphs = g
     execute_graph = runner._execute_graph
 
-    def spy(batch, key):
+    def spy(batch, key, previous):
         padded.append(len(batch.requests) < key[1] if key[0] == "decode" else sum(batch.num_tokens) < key[1])
         steps.append((key[0], batch.num_decodes, len(batch.requests)))
-        return execute_graph(batch, key)
+        return execute_graph(batch, key, previous)
 
     padded: list[bool] = []
     steps: list[tuple[str, int, int]] = []  # (graph kind, decodes, sequences) of each replayed step
@@ -260,13 +260,14 @@ def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, 
     args = dict(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, max_model_len=128,
                 max_num_partial_prefills=2, dtype="float32", **CPU)
     want = LLM(path, **args).generate(ps, params)
-    llm = LLM(path, **args)
-    log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
-    have = llm.generate(ps, params)
-    for a, b in zip(have, want):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    for async_scheduling in (False, True):  # async: decodes read their token from the last step's ids
+        llm = LLM(path, async_scheduling=async_scheduling, **args)
+        log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
+        have = llm.generate(ps, params)
+        for a, b in zip(have, want):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
     steps = llm.engine.runner.replayed_steps
     assert {k for k, _ in log} == {"decode", "mixed"}, log
     assert any(k == "mixed" and 0 < nd < n for k, nd, n in steps), steps  # decodes beside a chunk
@@ -387,9 +388,11 @@ def test_cuda_graphs_give_eager_tokens_on_gpu(tiny_checkpoints: dict[str, str]) 
     assert eager.engine.runner.cuda_graphs is None
     want = [o.outputs[0].token_ids for o in eager.generate(ps, params)]
     del eager
-    for mode, tokens in (("full", [32, 48, 64]), ("decode", [])):
-        graphs = LLM(path, cuda_graph_mode=mode, **args)
+    for mode, tokens, async_scheduling in (("full", [32, 48, 64], True), ("full", [32, 48, 64], False),
+                                           ("decode", [], True)):
+        graphs = LLM(path, cuda_graph_mode=mode, async_scheduling=async_scheduling, **args)
         runner = graphs.engine.runner
+        assert graphs.engine.async_scheduling is async_scheduling
         assert runner.cuda_graphs is not None and runner.cuda_graphs.token_buckets == tokens
         assert runner.model.norm_rope_kernels is not None
         assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want

@@ -299,3 +299,53 @@ def test_check_admissible_names_the_numbers() -> None:
         sched.check_admissible(0, 5)
     assert err.value.code == "invalid_prompt"
     sched.check_admissible(40, 24)  # exactly the pool: admissible
+
+
+# ------------------------------------------------------------------ async scheduling
+@pytest.mark.parametrize("num_blocks", [64, 12], ids=["roomy", "preempting"])
+def test_one_step_in_flight_gives_the_same_sequences(num_blocks: int) -> None:
+    """The async engine's loop: step N+1 is scheduled and advanced before step N's tokens are
+    appended. Every request still gets exactly its max_tokens tokens, none is scheduled for a
+    token past them, blocks are registered only over known tokens, and nothing leaks."""
+    cfg = SchedulerConfig(max_model_len=96, num_blocks=num_blocks, block_size=4, max_num_batched_tokens=24,
+                          max_num_seqs=6)
+    sched = Scheduler(cfg)
+    bm = sched.block_manager
+    rng = random.Random(3)
+    shared = [7] * 9
+    requests = [Request(f"r{i}", (shared if i % 2 else []) + [100 * i + j for j in range(rng.randint(1, 20))],
+                        rng.randint(1, 12)) for i in range(8)]
+    for request in requests:
+        sched.add_request(request)
+    in_flight: list[tuple[Request, int]] = []
+    sampled_rows = steps = 0
+    while sched.has_unfinished or in_flight:
+        batch = sched.schedule()
+        for request, n in zip(batch.requests, batch.num_tokens):
+            assert not request.done_by_length and request.num_output_tokens + request.num_pending_tokens < request.max_tokens
+            assert n == 1 or request.num_pending_tokens == 0, "only a decode reads a token still in flight"
+        # The k-th output token is 1000 + k, whenever the host learns it.
+        launched = [(r, 1000 + r.num_output_tokens + r.num_pending_tokens)
+                    for i, r in enumerate(batch.requests) if batch.samples(i)]
+        sampled_rows += len(launched)
+        sched.advance(batch)
+        for request, token in in_flight:
+            if request.finished:
+                continue
+            sched.append_token(request, token)
+            if request.num_output_tokens >= request.max_tokens:
+                sched.finish(request)
+        in_flight = launched
+        bm.check_invariants(live(sched))
+        for request in live(sched):
+            assert request.num_prefix_cached_blocks * cfg.block_size <= len(request.token_ids)
+        steps += 1
+        assert steps < 1000, "no progress"
+    for request in requests:
+        assert request.output_token_ids == [1000 + k for k in range(request.max_tokens)]
+        assert request.num_pending_tokens == 0
+    # No surplus token: a request whose pending tokens reach max_tokens is not scheduled again.
+    assert sampled_rows == sum(r.max_tokens for r in requests)
+    assert (sched.stats.num_preemptions > 0) == (num_blocks == 12)
+    assert bm.stats.hits_tokens > 0
+    assert_all_free(sched)

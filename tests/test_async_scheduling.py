@@ -1,0 +1,158 @@
+"""Async scheduling: step N+1 is scheduled and launched while step N's tokens are still on the
+device. The outputs must be those of the synchronous engine, request for request: tokens, text,
+logprobs, stop and finish reasons; nothing leaks, and no token is computed past max_tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler, SamplingRow
+from tests.test_engine import GREEDY, assert_pool_empty, random_prompts
+
+
+def run(llm: LLM, async_scheduling: bool, prompts, params):
+    llm.engine.async_scheduling = async_scheduling
+    llm.engine.scheduler.block_manager.reset_prefix_cache()  # each run computes its prompts
+    steps, tokens = llm.engine.stats.num_steps, llm.engine.stats.num_batched_tokens
+    outputs = llm.generate(prompts, params)
+    assert_pool_empty(llm)
+    return outputs, llm.engine.stats.num_steps - steps, llm.engine.stats.num_batched_tokens - tokens
+
+
+@pytest.fixture(scope="module")
+def default_llm(default_model_dir: str) -> LLM:
+    return LLM(default_model_dir, kv_cache_memory_bytes=64 << 20, async_scheduling=True)
+
+
+def test_every_sampling_feature_matches_the_synchronous_engine(default_llm: LLM) -> None:
+    chat = default_llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "Say hi."}],
+                                                            tokenize=False, add_generation_prompt=True)
+    natural, _, _ = run(default_llm, False, [chat], SamplingParams(max_tokens=60, temperature=0.0))
+    n = len(natural[0].outputs[0].token_ids)
+    assert natural[0].outputs[0].finish_reason == "stop" and n > 2
+    prompts = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at",
+               "The best way to learn", "My favourite colour is", "In 1969, the first", chat, "A list of fruits:"]
+    params = [
+        SamplingParams(max_tokens=12, logprobs=2, **GREEDY),
+        SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7),
+        SamplingParams(max_tokens=8, n=2, temperature=1.0, seed=3, logprobs=1),
+        SamplingParams(max_tokens=30, stop=[" is"], **GREEDY),  # a stop string: one surplus token
+        SamplingParams(max_tokens=16, min_tokens=6, temperature=0.0),
+        SamplingParams(max_tokens=10, repetition_penalty=1.3, presence_penalty=0.5, **GREEDY),  # waits for them
+        SamplingParams(max_tokens=4, prompt_logprobs=2, **GREEDY),
+        # EOS is allowed exactly when it comes: min_tokens counts the tokens still in flight
+        SamplingParams(max_tokens=n + 5, min_tokens=n - 1, temperature=0.0),
+        # samples that stop at different steps: the finished ones' surplus tokens are dropped
+        SamplingParams(max_tokens=24, n=3, temperature=1.0, seed=11, stop=[",", " and"], logprobs=1),
+    ]
+    want, _, _ = run(default_llm, False, prompts, params)
+    assert want[7].outputs[0].token_ids == natural[0].outputs[0].token_ids
+    assert len({len(c.token_ids) for c in want[8].outputs}) > 1 and want[8].outputs[0].finish_reason == "stop"
+    have, _, _ = run(default_llm, True, prompts, params)
+    assert default_llm.engine._in_flight is None  # generate returns once the last step is taken back
+    for a, b in zip(have, want, strict=True):
+        assert a.request_id != b.request_id and a.prompt_token_ids == b.prompt_token_ids
+        assert a.prompt_logprobs == b.prompt_logprobs or all(
+            x.keys() == y.keys() and all(x[t] == pytest.approx(y[t], abs=1e-4) for t in x)
+            for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
+        for ca, cb in zip(a.outputs, b.outputs, strict=True):
+            assert (ca.token_ids, ca.text, ca.finish_reason, ca.stop_reason) == \
+                (cb.token_ids, cb.text, cb.finish_reason, cb.stop_reason)
+            assert (ca.logprobs is None) == (cb.logprobs is None)
+            for x, y in zip(ca.logprobs or [], cb.logprobs or [], strict=True):
+                assert x.keys() == y.keys() and all(x[t] == pytest.approx(y[t], abs=1e-4) for t in x)
+    reasons = {c.finish_reason for o in want for c in o.outputs}
+    assert reasons == {"stop", "length"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_checkpoints: dict[str, str]) -> LLM:
+    return LLM(tiny_checkpoints["llama"], num_kv_blocks=64, block_size=4, max_num_seqs=4,
+               max_num_batched_tokens=32, async_scheduling=True)
+
+
+def test_steps_overlap_and_compute_no_token_past_max_tokens(tiny_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes read their input from the ids the step in flight sampled; a step's outputs come
+    back one step later; length-finished requests cost no surplus token (the synchronous
+    engine's count of tokens computed); a stop token costs exactly one."""
+    prompts = random_prompts(11, 6, 1, 30)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 9, 1, 12, 6, 8)]
+    pending_inputs: list[int] = []
+    host_inputs = ModelRunner.host_inputs
+
+    def spy(self, batch, previous=None):
+        h = host_inputs(self, batch, previous)
+        pending_inputs.append(len(h.pending_positions))
+        return h
+
+    monkeypatch.setattr(ModelRunner, "host_inputs", spy)
+    want, _, sync_tokens = run(tiny_llm, False, prompts, params)
+    assert not any(pending_inputs)
+    pending_inputs.clear()
+    have, _, async_tokens = run(tiny_llm, True, prompts, params)
+    assert [o.outputs[0].token_ids for o in have] == [o.outputs[0].token_ids for o in want]
+    assert sum(pending_inputs) > 0 and async_tokens == sync_tokens
+    assert tiny_llm.engine.scheduler.stats.num_preemptions == 0  # else recomputes would differ
+
+    # The first step (prefills) returns nothing: its tokens are reported by the next one.
+    engine = tiny_llm.engine
+    engine.add_request("late", prompts[0], SamplingParams(max_tokens=3, **GREEDY))
+    assert engine.step() == [] and engine._in_flight is not None
+    first = engine.step()
+    assert [o.outputs[0].token_ids for o in first] == [want[0].outputs[0].token_ids[:1]]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_empty(tiny_llm)
+
+    # A stop token is only seen on the host after the next step was launched: one surplus token.
+    stop = want[1].outputs[0].token_ids[4]
+    stopping = [SamplingParams(max_tokens=9, stop_token_ids=[stop], **GREEDY)]
+    sync, _, sync_tokens = run(tiny_llm, False, prompts[1:2], stopping)
+    out, _, async_tokens = run(tiny_llm, True, prompts[1:2], stopping)
+    assert out[0].outputs[0].token_ids == sync[0].outputs[0].token_ids == want[1].outputs[0].token_ids[:5]
+    assert out[0].outputs[0].stop_reason == stop and async_tokens == sync_tokens + 1
+
+
+def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
+    engine = tiny_llm.engine
+    prompts = random_prompts(12, 3, 5, 20)
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    want, _, _ = run(tiny_llm, False, prompts, params)
+    engine.async_scheduling = True
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"a{i}", prompt, params)
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight is not None and "a0" in engine.groups
+    aborted = engine.abort_request("a0")
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id != "a0", "the aborted request's token in flight is dropped"
+            results[out.request_id] = out
+    assert [results[f"a{i}"].outputs[0].token_ids for i in (1, 2)] == [w.outputs[0].token_ids for w in want[1:]]
+    engine.step()  # takes back the last launched step, if any
+    assert engine._in_flight is None
+    assert_pool_empty(tiny_llm)
+
+
+def test_sampler_counts_tokens_in_flight() -> None:
+    """min_tokens counts the tokens still on the device; the penalties, which need the tokens
+    themselves, refuse a row that has some."""
+    eos = 2
+    logits = torch.zeros(1, 8)
+    logits[0, eos] = 5.0
+    params = SamplingParams(min_tokens=3, temperature=0.0)
+
+    def row(pending: int, p: SamplingParams = params) -> SamplingRow:
+        return SamplingRow(p, [4, 5, 6], 2, None, [eos], num_pending_tokens=pending)  # one output known
+
+    assert Sampler()(logits, [row(1)]).token_ids != [eos]  # 2 outputs before this one: banned
+    assert Sampler()(logits, [row(2)]).token_ids == [eos]  # 3 before it: allowed
+    with pytest.raises(ValueError, match="penalties"):
+        Sampler()(logits, [row(1, SamplingParams(repetition_penalty=1.2))])
+    assert Sampler()(logits, [row(0, SamplingParams(repetition_penalty=1.2, temperature=0.0))]).token_ids == [eos]
