@@ -283,7 +283,8 @@ class LLMEngine:
         """Wait for a launched step's tokens, and turn them into the requests' progress and outputs."""
         t0 = time.perf_counter()
         out = launched.sampled.output()
-        if launched.events is not None:  # the copy back has landed: the span is complete
+        if launched.events is not None:  # recorded just after the copy back: done, or nearly
+            launched.events[1].synchronize()
             self.stats.device_seconds += launched.events[0].elapsed_time(launched.events[1]) / 1e3
         t1 = time.perf_counter()
         self.stats.sample_seconds += t1 - t0

@@ -1,4 +1,5 @@
-"""Metrics under load, and cancellation: a real `stoke serve` with max_num_seqs=8.
+"""Metrics under load, and cancellation: a real `stoke serve` with max_num_seqs=8, with async
+scheduling (the default on CUDA), so its worker runs a step ahead of the outputs it sends.
 
 Cancellation in the style of vLLM's test: many streams dropped after their first chunk must
 leave nothing behind in the engine (no running or waiting request, no KV block in use), and
@@ -24,7 +25,7 @@ MAX_NUM_SEQS = 8
 @pytest.fixture(scope="module")
 def server():
     s = ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1",
-                      "--max-num-seqs", str(MAX_NUM_SEQS)).start()
+                      "--max-num-seqs", str(MAX_NUM_SEQS), "--async-scheduling").start()
     yield s
     s.stop()
     s.close()
