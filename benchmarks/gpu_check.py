@@ -334,9 +334,9 @@ def render(report: dict[str, Any]) -> str:
     env, s = report["env"], report["summary"]
     lines = [f"gpu-check on {env['device_name']} — python {env['python']}, torch {env['torch']}, triton "
              f"{env['triton']}, transformers {env['transformers']}; {env['seconds']:.0f}s of a {env['budget_s']:.0f}s budget",
-             "", f"{'stage':<28}{'status':<10}{'seconds':>8}"]
+             "", f"{'stage':<36}{'status':<10}{'seconds':>8}"]
     for r in report["stages"]:
-        lines.append(f"{r['name']:<28}{r['status']:<10}{r['seconds']:>8.0f}"
+        lines.append(f"{r['name']:<36}{r['status']:<10}{r['seconds']:>8.0f}"
                      + (f"  {(r['reason'] or '').splitlines()[-1][:90]}" if r["status"] != "ok" and r["reason"] else ""))
     t = s.get("tests")
     if t:
