@@ -245,18 +245,17 @@ class LLMEngine:
         for i, position_logits in step_logits.per_position.items():
             self._record_prompt_logprobs(batch.requests[i], position_logits)
         t2 = time.perf_counter()
-        requests = [batch.requests[i] for i in step_logits.sampling_rows]
-        entries = [self.samples[request] for request in requests]
-        if in_flight is not None and any(group.params.has_penalties for group, _ in entries):
-            results += self._process(in_flight, outputs)  # the penalties read the tokens in flight
-            in_flight = None
-        sampling_rows = [
-            SamplingRow(params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
-                        generator=sample.generator, eos_token_ids=self.eos_token_ids,
-                        num_pending_tokens=request.num_pending_tokens)
-            for request, (group, sample) in zip(requests, entries)
-        ]
-        sampled = self.sampler.sample(step_logits.logits, sampling_rows)
+        sampling_rows = []
+        for i in step_logits.sampling_rows:
+            request = batch.requests[i]
+            group, sample = self.samples[request]
+            sampling_rows.append(SamplingRow(
+                params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
+                generator=sample.generator, eos_token_ids=self.eos_token_ids,
+                pending_rows=(previous.rows[request],) if request.num_pending_tokens else (),
+            ))
+        sampled = self.sampler.sample(step_logits.logits, sampling_rows,
+                                      previous.token_ids if previous is not None else None)
         if events is not None:
             events[1].record()
         t3 = time.perf_counter()

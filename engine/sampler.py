@@ -49,13 +49,14 @@ class SamplingRow:
     generator: torch.Generator | None  # set when params.seed is set; else the default RNG
     # suppressed (with params.stop_token_ids) while num_output_tokens < params.min_tokens
     eos_token_ids: list[int]
-    # Earlier tokens sampled but not yet in token_ids (async scheduling); they count towards
-    # min_tokens; the penalties need the tokens themselves, so a row with them has none.
-    num_pending_tokens: int = 0
+    # Earlier tokens sampled but not yet in token_ids (async scheduling): their rows in the
+    # `pending_ids` given to Sampler.sample, still on the device. They count towards min_tokens,
+    # and the penalties read them there.
+    pending_rows: tuple[int, ...] = ()
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) + self.num_pending_tokens - self.num_prompt_tokens
+        return len(self.token_ids) + len(self.pending_rows) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -124,6 +125,28 @@ def _token_pairs(seqs: list[list[int]], rows: list[int], vocab: int) -> tuple[to
     return row[ok], tok[ok]
 
 
+def _stage_pairs(st: _Staged, name: str, rows: list[SamplingRow], sel: list[int], seqs: list[list[int]],
+                 vocab: int) -> None:
+    """The (row, token) pairs of a penalty stage: the known tokens' on the host, and for the
+    tokens still on the device, their rows and where they are in pending_ids."""
+    ri, ti = _token_pairs(seqs, sel, vocab)
+    st.long(f"{name}_rows", ri)
+    st.long(f"{name}_tokens", ti)
+    pending = [(i, j) for i in sel for j in rows[i].pending_rows]
+    if pending:
+        st.long(f"{name}_pending_rows", [i for i, _ in pending])
+        st.long(f"{name}_pending_at", [j for _, j in pending])
+
+
+def _pairs(st: _Staged, name: str, pending_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A penalty stage's (row, token) index tensors on the device, pending tokens included."""
+    ri, ti = st.dev[f"{name}_rows"], st.dev[f"{name}_tokens"]
+    at = st.get(f"{name}_pending_at")
+    if at is None:
+        return ri, ti
+    return torch.cat([ri, st.dev[f"{name}_pending_rows"]]), torch.cat([ti, pending_ids[at]])
+
+
 def _apply_top_k_top_p(
     x: torch.Tensor, k_max: int, k_col: torch.Tensor | None, p_col: torch.Tensor | None
 ) -> torch.Tensor:
@@ -177,11 +200,14 @@ class SampledTokens:
 class Sampler:
     """Turns a [B, V] logits tensor and B SamplingRows into B token ids (+ logprobs)."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        return self.sample(logits, rows).output()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 pending_ids: torch.Tensor | None = None) -> SamplerOutput:
+        return self.sample(logits, rows, pending_ids).output()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
-        """Launch the step's sampling; nothing here waits for the device."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+               pending_ids: torch.Tensor | None = None) -> SampledTokens:
+        """Launch the step's sampling; nothing here waits for the device. `pending_ids`: the
+        ids the rows' `pending_rows` index (the previous step's, on the device)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         batch, vocab = logits.shape
@@ -191,8 +217,8 @@ class Sampler:
         need_min = [r.num_output_tokens < r.params.min_tokens for r in rows]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
-        if any(r.num_pending_tokens and r.params.has_penalties for r in rows):
-            raise ValueError("the penalties need every earlier token: wait for the pending ones first")
+        if pending_ids is None and any(r.pending_rows and r.params.has_penalties for r in rows):
+            raise ValueError("rows with penalties and pending tokens need the pending_ids they index")
         greedy = [p.temperature < _GREEDY_EPS for p in params]
         rand = [i for i in range(batch) if not greedy[i]]
 
@@ -215,18 +241,11 @@ class Sampler:
                 st.long("ban_tokens", list(ti))
         if any(need_rep):
             sel = [i for i in range(batch) if need_rep[i]]
-            ri, ti = _token_pairs([rows[i].token_ids for i in sel], sel, vocab)
-            st.long("rep_rows", ri)
-            st.long("rep_tokens", ti)
+            _stage_pairs(st, "rep", rows, sel, [rows[i].token_ids for i in sel], vocab)
             st.float("rep", [p.repetition_penalty if need_rep[i] else 1.0 for i, p in enumerate(params)])
         if any(need_freq):
             sel = [i for i in range(batch) if need_freq[i]]
-            ri, ti = _token_pairs([rows[i].output_token_ids for i in sel], sel, vocab)
-            flat = torch.unique(ri * vocab + ti)  # once per distinct token (on the host: no sync)
-            st.long("freq_rows", ri)
-            st.long("freq_tokens", ti)
-            st.long("pres_rows", flat // vocab)
-            st.long("pres_tokens", flat % vocab)
+            _stage_pairs(st, "freq", rows, sel, [rows[i].output_token_ids for i in sel], vocab)
             st.float("freq", [p.frequency_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
             st.float("pres", [p.presence_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
         plan = self._plan_random(st, [params[i] for i in rand], [rows[i].generator for i in rand], vocab)
@@ -249,16 +268,17 @@ class Sampler:
         # 2. Repetition penalty (HF): over prompt + output tokens, positive logits divided.
         #    Duplicate (row, token) pairs all write the same value, so no dedup is needed.
         if any(need_rep):
-            ri, ti = st.dev["rep_rows"], st.dev["rep_tokens"]
+            ri, ti = _pairs(st, "rep", pending_ids)
             v, p = x[ri, ti], st.dev["rep"][ri]
             x[ri, ti] = torch.where(v > 0, v / p, v * p)
 
         # 3. Frequency / presence penalties (OpenAI): over output tokens only.
         if any(need_freq):
-            ri, ti = st.dev["freq_rows"], st.dev["freq_tokens"]
+            ri, ti = _pairs(st, "freq", pending_ids)
             x.index_put_((ri, ti), -st.dev["freq"][ri], accumulate=True)  # once per occurrence
-            ru, tu = st.dev["pres_rows"], st.dev["pres_tokens"]
-            x.index_put_((ru, tu), -st.dev["pres"][ru], accumulate=True)  # once per distinct token
+            seen = torch.zeros_like(x, dtype=torch.bool)
+            seen[ri, ti] = True
+            x -= seen * st.col("pres")  # once per distinct token
 
         # 4. Greedy rows: exactly the argmax of the (penalised) logits.
         #    Random rows: x is our own copy here, so the stages below may write into it.

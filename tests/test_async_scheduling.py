@@ -41,7 +41,7 @@ def test_every_sampling_feature_matches_the_synchronous_engine(default_llm: LLM)
         SamplingParams(max_tokens=8, n=2, temperature=1.0, seed=3, logprobs=1),
         SamplingParams(max_tokens=30, stop=[" is"], **GREEDY),  # a stop string: one surplus token
         SamplingParams(max_tokens=16, min_tokens=6, temperature=0.0),
-        SamplingParams(max_tokens=10, repetition_penalty=1.3, presence_penalty=0.5, **GREEDY),  # waits for them
+        SamplingParams(max_tokens=10, repetition_penalty=1.3, presence_penalty=0.5, **GREEDY),  # read the ids in flight
         SamplingParams(max_tokens=4, prompt_logprobs=2, **GREEDY),
         # EOS is allowed exactly when it comes: min_tokens counts the tokens still in flight
         SamplingParams(max_tokens=n + 5, min_tokens=n - 1, temperature=0.0),
@@ -140,19 +140,14 @@ def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
     assert_pool_empty(tiny_llm)
 
 
-def test_sampler_counts_tokens_in_flight() -> None:
-    """min_tokens counts the tokens still on the device; the penalties, which need the tokens
-    themselves, refuse a row that has some."""
-    eos = 2
+def test_sampler_needs_the_pending_ids_for_penalties() -> None:
+    params = SamplingParams(repetition_penalty=1.2, temperature=0.0)
+    rows = [SamplingRow(params, [4, 5, 6], 2, None, [2], pending_rows=(0,))]
+    with pytest.raises(ValueError, match="pending_ids"):
+        Sampler()(torch.zeros(1, 8), rows)
     logits = torch.zeros(1, 8)
-    logits[0, eos] = 5.0
-    params = SamplingParams(min_tokens=3, temperature=0.0)
-
-    def row(pending: int, p: SamplingParams = params) -> SamplingRow:
-        return SamplingRow(p, [4, 5, 6], 2, None, [eos], num_pending_tokens=pending)  # one output known
-
-    assert Sampler()(logits, [row(1)]).token_ids != [eos]  # 2 outputs before this one: banned
-    assert Sampler()(logits, [row(2)]).token_ids == [eos]  # 3 before it: allowed
-    with pytest.raises(ValueError, match="penalties"):
-        Sampler()(logits, [row(1, SamplingParams(repetition_penalty=1.2))])
-    assert Sampler()(logits, [row(0, SamplingParams(repetition_penalty=1.2, temperature=0.0))]).token_ids == [eos]
+    logits[0, 3] = 1.0
+    logits[0, 4] = 1.1
+    # 4 is in the history (1.1 / 1.2 < 1); the pending token decides whether 3 is too
+    assert Sampler()(logits, rows, torch.tensor([3])).token_ids == [4]
+    assert Sampler()(logits, rows, torch.tensor([7])).token_ids == [3]

@@ -86,6 +86,17 @@ def test_penalties_match_naive_reference():
             rows.append(row(params, prompt, output, eos=[rng.randrange(V)]))
         want = [int(naive_penalised(logits[i], r).argmax()) for i, r in enumerate(rows)]
         assert sampler(logits, rows).token_ids == want, trial
+        # Async scheduling: a row's last output tokens still on the device, in pending_ids (among
+        # other rows' tokens); min_tokens counts them and the penalties read them there.
+        pending_ids: list[int] = [rng.randrange(V)]
+        in_flight = []
+        for r in rows:
+            k = rng.randint(0, min(2, r.num_output_tokens))
+            known = r.token_ids[:len(r.token_ids) - k]
+            at = tuple(range(len(pending_ids), len(pending_ids) + k))
+            pending_ids += r.token_ids[len(known):] + [rng.randrange(V)]
+            in_flight.append(SamplingRow(r.params, known, r.num_prompt_tokens, None, r.eos_token_ids, pending_rows=at))
+        assert sampler(logits, in_flight, torch.tensor(pending_ids)).token_ids == want, trial
 
 
 def test_repetition_penalty_signs():
