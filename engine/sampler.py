@@ -276,9 +276,8 @@ class Sampler:
         if any(need_freq):
             ri, ti = _pairs(st, "freq", pending_ids)
             x.index_put_((ri, ti), -st.dev["freq"][ri], accumulate=True)  # once per occurrence
-            seen = torch.zeros_like(x, dtype=torch.bool)
-            seen[ri, ti] = True
-            x -= seen * st.col("pres")  # once per distinct token
+            # Once per distinct token: duplicate pairs all write the same value, as above.
+            x[ri, ti] = x[ri, ti] - st.dev["pres"][ri]
 
         # 4. Greedy rows: exactly the argmax of the (penalised) logits.
         #    Random rows: x is our own copy here, so the stages below may write into it.
