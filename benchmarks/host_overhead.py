@@ -74,8 +74,9 @@ class _WordSampler:
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> _WordTokens:
-        return _WordTokens(self.sampler.sample(logits, rows))
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+               pending_ids: torch.Tensor | None = None) -> _WordTokens:
+        return _WordTokens(self.sampler.sample(logits, rows, pending_ids))
 
 
 def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> list[float]:
