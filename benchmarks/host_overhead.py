@@ -10,6 +10,11 @@ argmax is mapped to ordinary word tokens (so detokenization does real work). Rep
 step in windows of `--window` steps, so a cost that grows with the output's length shows.
 Medians are what to compare; the machine's noise is large at this scale.
 
+`--device-ms X --scheduling sync async` adds a stand-in device: each step's forward becomes an
+X ms job on a thread of its own, as a CUDA stream runs beside the host, and a step's tokens
+wait for it. Synchronous steps then take host + X; with async scheduling, the host works on
+one step's outputs while the next is on the device, and a step takes max(host, X).
+
     python -m benchmarks.host_overhead --out results/host_overhead.json
 """
 
@@ -24,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable
@@ -42,49 +48,77 @@ from engine.sampling_params import SamplingParams
 
 STAND_IN_VOCAB = 64  # logits the sampler really sees; its argmax t becomes word token FIRST_WORD + 37 t
 FIRST_WORD = 1000
+MAX_PROMPT = 128
 
 
-def engine_without_forward(path: str, batch: int) -> LLMEngine:
-    engine = LLM(path, load_format="dummy", max_num_seqs=batch, device="cpu").engine
+def max_tokens(args: argparse.Namespace) -> int:
+    return args.steps + 8  # the prompts' steps and the measured ones, with room to spare
+
+
+class StandInDevice:
+    """A GPU stream stand-in: each step's forward is a job of `ms` milliseconds on one thread
+    (jobs run in launch order, the host goes on meanwhile); a step's tokens wait for its job."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+        self._stream = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stand-in-device")
+        self.last: Future | None = None
+
+    def launch(self) -> None:
+        self.last = self._stream.submit(time.sleep, self.ms / 1e3) if self.ms > 0 else None
+
+
+def engine_without_forward(path: str, batch: int, max_tokens: int,
+                           device: StandInDevice | None = None) -> LLMEngine:
+    """An engine for `batch` requests of up to MAX_PROMPT + max_tokens tokens, with a KV pool
+    just that large (a zeroed pool of gigabytes can take seconds to allocate)."""
+    blocks = batch * -(-(MAX_PROMPT + max_tokens) // 16)
+    engine = LLM(path, load_format="dummy", max_num_seqs=batch, device="cpu", block_size=16,
+                 num_kv_blocks=blocks).engine
     runner, sampler = engine.runner, engine.sampler
     logits = torch.randn(batch, STAND_IN_VOCAB, generator=torch.Generator().manual_seed(0))
+    device = device or StandInDevice(0.0)
 
     def execute(step_batch, all_logits_rows=(), previous=None) -> StepLogits:
         inputs = runner.host_inputs(step_batch, previous)  # the host work a CUDA graph replay also does
+        device.launch()
         return StepLogits(logits[:len(inputs.sampling_rows)], inputs.sampling_rows, {})
 
-    runner.execute, engine.sampler = execute, _WordSampler(sampler)
+    runner.execute, engine.sampler = execute, _WordSampler(sampler, device)
     return engine
 
 
 class _WordTokens:
-    """The stand-in's sampled ids, mapped to word tokens on the device and on the host."""
+    """The stand-in's sampled ids, mapped to word tokens on the device and on the host; on the
+    host once the step's device job is done."""
 
-    def __init__(self, sampled: SampledTokens) -> None:
-        self._sampled = sampled
+    def __init__(self, sampled: SampledTokens, job: Future | None) -> None:
+        self._sampled, self._job = sampled, job
         self.token_ids = FIRST_WORD + 37 * sampled.token_ids
 
     def output(self) -> SamplerOutput:
+        if self._job is not None:
+            self._job.result()
         out = self._sampled.output()
         out.token_ids = [FIRST_WORD + 37 * t for t in out.token_ids]
         return out
 
 
 class _WordSampler:
-    def __init__(self, sampler: Sampler) -> None:
-        self.sampler = sampler
+    def __init__(self, sampler: Sampler, device: StandInDevice) -> None:
+        self.sampler, self.device = sampler, device
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
                pending_ids: torch.Tensor | None = None) -> _WordTokens:
-        return _WordTokens(self.sampler.sample(logits, rows, pending_ids))
+        return _WordTokens(self.sampler.sample(logits, rows, pending_ids), self.device.last)
 
 
 def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> list[float]:
     rng = random.Random(0)
     ids = [f"{kind}-{i}" for i in range(args.batch)]
     for request_id in ids:
-        prompt = [rng.randrange(FIRST_WORD, 20000) for _ in range(rng.randint(32, 128))]
-        engine.add_request(request_id, prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True,
+        prompt = [rng.randrange(FIRST_WORD, 20000) for _ in range(rng.randint(32, MAX_PROMPT))]
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens(args), ignore_eos=True,
                                                               temperature=0.0))
     while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
         engine.step(outputs=kind)  # the prompts: not what is measured
@@ -119,19 +153,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--window", type=int, default=100, help="steps per reported mean")
     p.add_argument("--kinds", nargs="*", default=list(OUTPUT_KINDS), choices=OUTPUT_KINDS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device-ms", type=float, default=0.0,
+                   help="a stand-in device that takes this long per step, beside the host (0: none)")
+    p.add_argument("--scheduling", nargs="*", default=["sync"], choices=["sync", "async"],
+                   help="async: the host works on step N's outputs while step N+1 is on the (stand-in) device")
     p.add_argument("--out", default="results/host_overhead.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = engine_without_forward(checkpoint_dir(tmp, layers=1), args.batch)
-        rows = [{"kind": kind, "ms_per_step": measure(engine, kind, args)} for kind in args.kinds]
+        engine = engine_without_forward(checkpoint_dir(tmp, layers=1), args.batch, max_tokens(args),
+                                        StandInDevice(args.device_ms))
+        rows = []
+        for kind in args.kinds:
+            for scheduling in args.scheduling:
+                engine.async_scheduling = scheduling == "async"
+                rows.append({"kind": kind, "scheduling": scheduling, "ms_per_step": measure(engine, kind, args)})
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
-    report = {"batch": args.batch, "steps": args.steps, "window": args.window, "rows": rows}
-    print(f"host ms per step, batch {args.batch}, forward removed; windows of {args.window} steps "
+    report = {"batch": args.batch, "steps": args.steps, "window": args.window, "device_ms": args.device_ms,
+              "rows": rows}
+    device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
+    print(f"ms per step, batch {args.batch}, {device}; windows of {args.window} steps "
           f"(output tokens 0-{args.steps}):")
     for row in rows:
-        print(f"  {row['kind']:<11}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"]))
+        print(f"  {row['kind']:<11}{row['scheduling']:<6}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"]))
     write_json(report, args.out)
     return report
 

@@ -109,6 +109,13 @@ def test_host_overhead_benchmark_tiny(tmp_path) -> None:
     out = tmp_path / "host.json"
     report = host_main(["--batch", "4", "--steps", "20", "--window", "10", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert [r["kind"] for r in report["rows"]] == ["cumulative", "delta", "final"]
+    assert [(r["kind"], r["scheduling"]) for r in report["rows"]] == [
+        ("cumulative", "sync"), ("delta", "sync"), ("final", "sync")]
     assert all(len(r["ms_per_step"]) == 2 and all(x > 0 for x in r["ms_per_step"]) and r["median_ms"] > 0
                for r in report["rows"])
+    # With a stand-in device beside the host, synchronous and async scheduling.
+    report = host_main(["--batch", "4", "--steps", "10", "--window", "5", "--kinds", "delta", "--device-ms", "1",
+                        "--scheduling", "sync", "async", "--out", str(out)])
+    assert report["device_ms"] == 1.0
+    assert [(r["scheduling"], len(r["ms_per_step"])) for r in report["rows"]] == [("sync", 2), ("async", 2)]
+    assert all(x >= 1.0 for r in report["rows"] for x in r["ms_per_step"])  # each step waits for its job
