@@ -208,7 +208,9 @@ class LLMEngine:
         return self._output(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        """Requests in flight, or a launched step not yet taken back (its tokens are surplus
+        when every request has finished, but its step still holds device memory)."""
+        return bool(self.groups) or self._in_flight is not None
 
     # ------------------------------------------------------------------- step
     def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput]:

@@ -9,7 +9,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.model_runner import ModelRunner
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import SampledTokens, Sampler, SamplingRow
 from tests.test_engine import GREEDY, assert_pool_empty, random_prompts
 
 
@@ -116,6 +116,32 @@ def test_steps_overlap_and_compute_no_token_past_max_tokens(tiny_llm: LLM, monke
     assert out[0].outputs[0].stop_reason == stop and async_tokens == sync_tokens + 1
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_the_host_waits_for_a_step_only_after_launching_the_next(
+        tiny_llm: LLM, monkeypatch: pytest.MonkeyPatch, async_scheduling: bool) -> None:
+    """What lets the GPU run while the host works: with async scheduling, step N's tokens are
+    waited for only once step N+1's forward and sampling are launched."""
+    log: list[str] = []
+    execute, output = ModelRunner.execute, SampledTokens.output
+
+    def launch(self, *args, **kwargs):
+        log.append("launch")
+        return execute(self, *args, **kwargs)
+
+    def wait(self):
+        log.append("wait")
+        return output(self)
+
+    monkeypatch.setattr(ModelRunner, "execute", launch)
+    monkeypatch.setattr(SampledTokens, "output", wait)
+    run(tiny_llm, async_scheduling, random_prompts(13, 2, 3, 9), SamplingParams(max_tokens=4, **GREEDY))
+    steps = log.count("launch")
+    assert log.count("wait") == steps >= 4
+    expected = ["launch", "wait"] * steps if not async_scheduling else \
+        ["launch"] + ["launch", "wait"] * (steps - 1) + ["wait"]
+    assert log == expected
+
+
 def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
     engine = tiny_llm.engine
     prompts = random_prompts(12, 3, 5, 20)
@@ -135,7 +161,6 @@ def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
             assert out.request_id != "a0", "the aborted request's token in flight is dropped"
             results[out.request_id] = out
     assert [results[f"a{i}"].outputs[0].token_ids for i in (1, 2)] == [w.outputs[0].token_ids for w in want[1:]]
-    engine.step()  # takes back the last launched step, if any
     assert engine._in_flight is None
     assert_pool_empty(tiny_llm)
 

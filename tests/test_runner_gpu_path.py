@@ -381,10 +381,13 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
 def test_cuda_graphs_give_eager_tokens_on_gpu(tiny_checkpoints: dict[str, str]) -> None:
     path = tiny_checkpoints["llama"]
     ps = prompts(9, 6, 1, 40)
-    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 3, 7, 12, 5, 10)]
+    # Penalties on some rows: with async scheduling they read the tokens still on the device.
+    params = [SamplingParams(max_tokens=n, **GREEDY, **({"repetition_penalty": 1.3, "frequency_penalty": 0.4,
+                                                        "presence_penalty": 0.2} if i % 2 else {}))
+              for i, n in enumerate((9, 3, 7, 12, 5, 10))]
     args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32")
     ps[4] = ps[1][:20] + ps[4]  # a cached prefix
-    eager = LLM(path, enforce_eager=True, **args)
+    eager = LLM(path, enforce_eager=True, async_scheduling=False, **args)
     assert eager.engine.runner.cuda_graphs is None
     want = [o.outputs[0].token_ids for o in eager.generate(ps, params)]
     del eager
