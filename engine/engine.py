@@ -230,10 +230,12 @@ class LLMEngine:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
-        in_flight, self._in_flight = self._in_flight, None
+        # Left in self._in_flight until taken back: if launching this step raises, the engine
+        # stays as it was.
+        in_flight = self._in_flight
         results: list[RequestOutput] = []
         if not batch.requests:
-            return self._process(in_flight, outputs) if in_flight is not None else results
+            return self._take_back(outputs) if in_flight is not None else results
         all_logits_rows = [
             i for i, request in enumerate(batch.requests)
             if not request.use_prefix_cache and not request.prompt_computed
@@ -265,11 +267,10 @@ class LLMEngine:
         launched = _Launched(batch, step_logits.sampling_rows, sampled, events)
         t4 = time.perf_counter()
         if in_flight is not None:
-            results += self._process(in_flight, outputs)
-        if self.async_scheduling:
-            self._in_flight = launched
-        else:
-            results += self._process(launched, outputs)
+            results += self._take_back(outputs)
+        self._in_flight = launched
+        if not self.async_scheduling:
+            results += self._take_back(outputs)
 
         s = self.stats
         s.num_steps += 1
@@ -280,8 +281,9 @@ class LLMEngine:
         s.sample_seconds += t3 - t2
         return results
 
-    def _process(self, launched: _Launched, outputs: OutputKind) -> list[RequestOutput]:
-        """Wait for a launched step's tokens, and turn them into the requests' progress and outputs."""
+    def _take_back(self, outputs: OutputKind) -> list[RequestOutput]:
+        """Wait for the launched step's tokens, and turn them into the requests' progress and outputs."""
+        launched, self._in_flight = self._in_flight, None
         t0 = time.perf_counter()
         out = launched.sampled.output()
         if launched.events is not None:  # recorded just after the copy back: done, or nearly

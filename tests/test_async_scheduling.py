@@ -142,6 +142,36 @@ def test_the_host_waits_for_a_step_only_after_launching_the_next(
     assert log == expected
 
 
+def test_a_step_that_fails_to_launch_leaves_the_engine_as_it_was(tiny_llm: LLM,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = tiny_llm.engine
+    prompts = random_prompts(14, 3, 2, 12)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    want, _, _ = run(tiny_llm, False, prompts, params)
+    engine.async_scheduling = True
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"f{i}", prompt, params)
+    engine.step()
+    engine.step()
+    in_flight = engine._in_flight
+    execute = ModelRunner.execute
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ModelRunner, "execute", fail)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.step()
+    assert engine._in_flight is in_flight  # not taken back: its tokens are not lost
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+    assert [results[f"f{i}"].outputs[0].token_ids for i in range(3)] == [w.outputs[0].token_ids for w in want]
+    assert_pool_empty(tiny_llm)
+
+
 def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
     engine = tiny_llm.engine
     prompts = random_prompts(12, 3, 5, 20)
