@@ -142,6 +142,21 @@ def test_the_host_waits_for_a_step_only_after_launching_the_next(
     assert log == expected
 
 
+def test_pending_inputs_through_the_packed_copy(tiny_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on CUDA, where a step's inputs are views of one packed buffer: the pending ids are
+    written into the input ids' view."""
+    import functools
+
+    from engine import model_runner, transfer
+
+    prompts = random_prompts(15, 4, 1, 20)
+    params = SamplingParams(max_tokens=7, logprobs=1, **GREEDY)
+    want, _, _ = run(tiny_llm, False, prompts, params)
+    monkeypatch.setattr(model_runner, "to_device", functools.partial(transfer.to_device, pack=True))
+    have, _, _ = run(tiny_llm, True, prompts, params)
+    assert [o.outputs[0].token_ids for o in have] == [o.outputs[0].token_ids for o in want]
+
+
 def test_a_step_that_fails_to_launch_leaves_the_engine_as_it_was(tiny_llm: LLM,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     engine = tiny_llm.engine
