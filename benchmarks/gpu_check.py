@@ -335,6 +335,9 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"gpu-check on {env['device_name']} — python {env['python']}, torch {env['torch']}, triton "
              f"{env['triton']}, transformers {env['transformers']}; {env['seconds']:.0f}s of a {env['budget_s']:.0f}s budget",
              "", f"{'stage':<36}{'status':<10}{'seconds':>8}"]
+    missing = [m for m, present in (env.get("server_packages") or {}).items() if not present]
+    if missing:
+        lines.insert(1, f"not installed here (stoke serve needs them): {', '.join(missing)}")
     for r in report["stages"]:
         lines.append(f"{r['name']:<36}{r['status']:<10}{r['seconds']:>8.0f}"
                      + (f"  {(r['reason'] or '').splitlines()[-1][:90]}" if r["status"] != "ok" and r["reason"] else ""))
@@ -407,7 +410,8 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_ENV_PROBE = """
+SERVER_PACKAGES = ("fastapi", "uvicorn", "prometheus_client", "pynvml", "openai", "gguf", "safetensors")
+_ENV_PROBE = f"SERVER_PACKAGES = {SERVER_PACKAGES!r}\n" + """
 import importlib.util, json, platform, sys
 info = {"python": platform.python_version(), "platform": platform.platform()}
 import torch
@@ -420,6 +424,8 @@ for mod in ("triton", "transformers"):
     except ImportError:
         info[mod] = None
 info["pytest"] = importlib.util.find_spec("pytest") is not None
+# What `stoke serve` needs beyond the engine: whether a server benchmark could run here.
+info["server_packages"] = {m: importlib.util.find_spec(m) is not None for m in SERVER_PACKAGES}
 print(json.dumps(info))
 """
 
