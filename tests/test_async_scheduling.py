@@ -22,6 +22,25 @@ def run(llm: LLM, async_scheduling: bool, prompts, params):
     return outputs, llm.engine.stats.num_steps - steps, llm.engine.stats.num_batched_tokens - tokens
 
 
+def start_async(llm: LLM, prefix: str, prompts, params: SamplingParams):
+    """The synchronous engine's outputs for the prompts; then the same requests queued (ids
+    prefix0, prefix1, ...) for the async engine to step through."""
+    want, _, _ = run(llm, False, prompts, params)
+    llm.engine.async_scheduling = True
+    for i, prompt in enumerate(prompts):
+        llm.engine.add_request(f"{prefix}{i}", prompt, params)
+    return want
+
+
+def drain(engine) -> dict[str, object]:
+    """Step until nothing is left; each request's last output by id."""
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id] = out
+    return results
+
+
 @pytest.fixture(scope="module")
 def default_llm(default_model_dir: str) -> LLM:
     return LLM(default_model_dir, kv_cache_memory_bytes=64 << 20, async_scheduling=True)
@@ -160,12 +179,7 @@ def test_pending_inputs_through_the_packed_copy(tiny_llm: LLM, monkeypatch: pyte
 def test_a_step_that_fails_to_launch_leaves_the_engine_as_it_was(tiny_llm: LLM,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     engine = tiny_llm.engine
-    prompts = random_prompts(14, 3, 2, 12)
-    params = SamplingParams(max_tokens=6, **GREEDY)
-    want, _, _ = run(tiny_llm, False, prompts, params)
-    engine.async_scheduling = True
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"f{i}", prompt, params)
+    want = start_async(tiny_llm, "f", random_prompts(14, 3, 2, 12), SamplingParams(max_tokens=6, **GREEDY))
     engine.step()
     engine.step()
     in_flight = engine._in_flight
@@ -179,32 +193,21 @@ def test_a_step_that_fails_to_launch_leaves_the_engine_as_it_was(tiny_llm: LLM,
         engine.step()
     assert engine._in_flight is in_flight  # not taken back: its tokens are not lost
     monkeypatch.setattr(ModelRunner, "execute", execute)
-    results = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            results[out.request_id] = out
+    results = drain(engine)
     assert [results[f"f{i}"].outputs[0].token_ids for i in range(3)] == [w.outputs[0].token_ids for w in want]
     assert_pool_empty(tiny_llm)
 
 
 def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
     engine = tiny_llm.engine
-    prompts = random_prompts(12, 3, 5, 20)
-    params = SamplingParams(max_tokens=10, **GREEDY)
-    want, _, _ = run(tiny_llm, False, prompts, params)
-    engine.async_scheduling = True
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"a{i}", prompt, params)
+    want = start_async(tiny_llm, "a", random_prompts(12, 3, 5, 20), SamplingParams(max_tokens=10, **GREEDY))
     for _ in range(3):
         engine.step()
     assert engine._in_flight is not None and "a0" in engine.groups
     aborted = engine.abort_request("a0")
     assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
-    results = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            assert out.request_id != "a0", "the aborted request's token in flight is dropped"
-            results[out.request_id] = out
+    results = drain(engine)
+    assert "a0" not in results, "the aborted request's token in flight is dropped"
     assert [results[f"a{i}"].outputs[0].token_ids for i in (1, 2)] == [w.outputs[0].token_ids for w in want[1:]]
     assert engine._in_flight is None
     assert_pool_empty(tiny_llm)
