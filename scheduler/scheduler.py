@@ -125,8 +125,16 @@ class Scheduler:
         scheduled: dict[Request, int] = {}
         now = time.monotonic()
 
-        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1 and not r.done_by_length]
-        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        finishing = 0  # done by length once their pending tokens arrive: no seat in this batch
+        for r in self.running:
+            if r.num_uncomputed_tokens > 1:
+                prefills.append(r)
+            elif r.done_by_length:
+                finishing += 1
+            else:
+                decodes.append(r)
         for request in decodes + prefills:
             if budget == 0:
                 break
@@ -147,7 +155,7 @@ class Scheduler:
                 budget -= n
 
         if not batch.preempted:
-            budget = self._admit(scheduled, budget, now)
+            budget = self._admit(scheduled, budget, now, finishing)
 
         # Decodes first, shortest context first (attention can then pad each group of decodes
         # only to its own longest context); prefill chunks after them in admission order.
@@ -158,7 +166,7 @@ class Scheduler:
         batch.num_decodes = sum(1 for n in batch.num_tokens if n == 1)
         return batch
 
-    def _admit(self, scheduled: dict[Request, int], budget: int, now: float) -> int:
+    def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int) -> int:
         cfg, bm = self.config, self.block_manager
         partial = sum(1 for r, n in scheduled.items() if n < r.num_uncomputed_tokens)
         long_partial = sum(
@@ -166,7 +174,7 @@ class Scheduler:
             if n < r.num_uncomputed_tokens and r.num_uncomputed_tokens > cfg.long_prefill_token_threshold
         )
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) - finishing < cfg.max_num_seqs:
             request = self.waiting[0]
             sibling = request.prefill_after
             # A request preempted with a token in flight waits for it: its prefill needs it.

@@ -318,9 +318,12 @@ def test_one_step_in_flight_gives_the_same_sequences(num_blocks: int) -> None:
     for request in requests:
         sched.add_request(request)
     in_flight: list[tuple[Request, int]] = []
-    sampled_rows = steps = 0
+    sampled_rows = steps = seats_reused = 0
     while sched.has_unfinished or in_flight:
         batch = sched.schedule()
+        finishing = sum(r.done_by_length for r in sched.running)
+        assert len(batch) <= cfg.max_num_seqs and len(sched.running) - finishing <= cfg.max_num_seqs
+        seats_reused += len(sched.running) > cfg.max_num_seqs  # admitted into a finishing request's seat
         for request, n in zip(batch.requests, batch.num_tokens):
             assert not request.done_by_length and request.num_output_tokens + request.num_pending_tokens < request.max_tokens
             assert n == 1 or request.num_pending_tokens == 0, "only a decode reads a token still in flight"
@@ -347,5 +350,6 @@ def test_one_step_in_flight_gives_the_same_sequences(num_blocks: int) -> None:
     # No surplus token: a request whose pending tokens reach max_tokens is not scheduled again.
     assert sampled_rows == sum(r.max_tokens for r in requests)
     assert (sched.stats.num_preemptions > 0) == (num_blocks == 12)
+    assert seats_reused > 0 or num_blocks == 12
     assert bm.stats.hits_tokens > 0
     assert_all_free(sched)
