@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -165,8 +166,33 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], item: 
     return record
 
 
+_GPU_UTILIZATION = re.compile(r"^stoke_gpu_utilization_ratio\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
+def gpu_utilization(metrics_text: str) -> float | None:
+    """The mean over GPUs of stoke_gpu_utilization_ratio in one /metrics scrape; None when the
+    server has no NVML (the CPU, or no driver)."""
+    values = [float(v) for v in _GPU_UTILIZATION.findall(metrics_text)]
+    return sum(values) / len(values) if values else None
+
+
+async def sample_gpu_utilization(client: httpx.AsyncClient, metrics_url: str, samples: list[float],
+                                 period_s: float = 0.5) -> None:
+    """Scrape a stoke server's /metrics every period_s until cancelled (NVML's own sample
+    period is 1/6 to 1 s): what Grafana would show during the run."""
+    while True:
+        try:
+            value = gpu_utilization((await client.get(metrics_url, timeout=5)).text)
+            if value is not None:
+                samples.append(value)
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(period_s)
+
+
 async def run_load(args: argparse.Namespace, base_url: str, model: str,
-                   items: list[Item]) -> tuple[list[Record], float]:
+                   items: list[Item]) -> tuple[list[Record], float, list[float]]:
+    """The records, the seconds the load took, and (stoke) its GPU utilisation samples."""
     url = base_url.rstrip("/") + "/completions"
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
@@ -174,6 +200,11 @@ async def run_load(args: argparse.Namespace, base_url: str, model: str,
         warm = Item(items[0].prompt, items[0].prompt_len, 4)
         await asyncio.gather(*(send(client, url, request_body(args, model, warm), warm) for _ in range(2)))
         rng = random.Random(args.seed + 1)
+        samples: list[float] = []
+        sampler = None
+        if args.backend == "stoke":
+            metrics_url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+            sampler = asyncio.create_task(sample_gpu_utilization(client, metrics_url, samples))
         start = time.perf_counter()
         if args.concurrency:
             queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -195,7 +226,9 @@ async def run_load(args: argparse.Namespace, base_url: str, model: str,
                     await asyncio.sleep(rng.expovariate(args.request_rate))
             records = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
-    return records, duration
+        if sampler is not None:
+            sampler.cancel()
+    return records, duration, samples
 
 
 # ------------------------------------------------------------------------------ report
@@ -208,7 +241,7 @@ def _pct(values: list[float], p: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def summarize(records: list[Record], duration: float) -> dict[str, Any]:
+def summarize(records: list[Record], duration: float, gpu_samples: list[float] | None = None) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     summary: dict[str, Any] = {
@@ -225,6 +258,9 @@ def summarize(records: list[Record], duration: float) -> dict[str, Any]:
         for p in PERCENTILES:
             v = _pct(values, p)
             summary[f"p{p}_{name}_ms"] = None if v is None else 1000 * v
+    # The server's GPU busy fraction (NVML) sampled through the run: None without samples.
+    summary["gpu_utilization_mean"] = sum(gpu_samples) / len(gpu_samples) if gpu_samples else None
+    summary["gpu_utilization_samples"] = len(gpu_samples or [])
     errors = sorted({r.error for r in records if r.error})
     if errors:
         summary["errors"] = errors[:5]
@@ -236,7 +272,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     rows = [("completed / failed", lambda s: f"{s['completed']} / {s['failed']}"),
             ("duration (s)", lambda s: f"{s['duration_s']:.1f}"),
             ("requests/s", lambda s: f"{s['request_throughput']:.2f}"),
-            ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}")]
+            ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}"),
+            ("GPU utilisation (NVML)", lambda s: "-" if s.get("gpu_utilization_mean") is None
+             else f"{100 * s['gpu_utilization_mean']:.0f}%")]
     for metric in ("ttft", "tpot", "itl", "e2e"):
         for p in PERCENTILES:
             key = f"p{p}_{metric}_ms"
@@ -432,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base_url, model = args.base_url, args.model or _discover_model(args.base_url)
         try:
-            records, duration = asyncio.run(run_load(run_args, base_url, model, items))
+            records, duration, gpu_samples = asyncio.run(run_load(run_args, base_url, model, items))
         finally:
             if server is not None:
                 server.stop()
-        summary = summarize(records, duration)
+        summary = summarize(records, duration, gpu_samples)
         runs[target] = {"backend": run_args.backend, "base_url": base_url, "model": model, "summary": summary,
                         "records": [{**asdict(r), "tpot": r.tpot} for r in records]}
         print(f"{target}: {summary['completed']}/{summary['requests']} ok in {duration:.1f}s, "

@@ -160,3 +160,18 @@ def test_non_streaming_disconnect_aborts(server):
     after = server.metrics()
     assert delta(after, before, 'stoke_request_errors_total{type="aborted"}') == 1
     assert after["stoke_generation_tokens_total"] - before["stoke_generation_tokens_total"] < 400
+
+
+def test_serve_benchmark_against_the_server(server, tmp_path):
+    """benchmarks/serve.py's load generator end to end: streaming requests of exact lengths,
+    the latency summary, and the server's /metrics sampled through the run (no NVML here)."""
+    from benchmarks.serve import main as serve_main
+
+    assert serve_main(["--base-url", server.base_url, "--num-requests", "6", "--prompt-len", "8:24",
+                       "--output-len", "3:6", "--out-dir", str(tmp_path), "--name", "load"]) == 0
+    run = json.loads((tmp_path / "load.json").read_text())["runs"]["stoke"]
+    s = run["summary"]
+    assert (s["completed"], s["failed"]) == (6, 0)
+    assert s["output_tokens"] == sum(r["output_len_requested"] for r in run["records"])
+    assert s["p99_ttft_ms"] > 0 and s["p50_itl_ms"] > 0
+    assert s["gpu_utilization_mean"] is None and s["gpu_utilization_samples"] == 0

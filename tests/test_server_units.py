@@ -160,6 +160,9 @@ def test_serve_benchmark_summary():
     assert s["p50_ttft_ms"] == pytest.approx(550.0) and s["p99_ttft_ms"] == pytest.approx(991.0)
     assert s["p50_tpot_ms"] == pytest.approx(100.0) and s["p90_itl_ms"] == pytest.approx(100.0)
     assert s["errors"] == ["HTTP 503"]
+    assert s["gpu_utilization_mean"] is None and s["gpu_utilization_samples"] == 0
+    s = summarize(records, duration=2.0, gpu_samples=[0.5, 0.7, 0.9])
+    assert s["gpu_utilization_mean"] == pytest.approx(0.7) and s["gpu_utilization_samples"] == 3
 
 
 def test_gpu_gauges_from_nvml(monkeypatch):
@@ -175,6 +178,9 @@ def test_gpu_gauges_from_nvml(monkeypatch):
     assert 'stoke_gpu_info{available="true"} 1.0' in text
     assert 'stoke_gpu_utilization_ratio{gpu="1"} 0.41' in text
     assert 'stoke_gpu_memory_used_bytes{gpu="0"} 1024.0' in text
+    from benchmarks.serve import gpu_utilization  # what the serve benchmark samples during a run
+
+    assert gpu_utilization(text) == pytest.approx(0.405)  # the mean of the two GPUs
 
     def broken():
         raise RuntimeError("driver gone")
@@ -182,6 +188,7 @@ def test_gpu_gauges_from_nvml(monkeypatch):
     fake.nvmlDeviceGetCount = broken  # NVML failing at scrape time: no crash, just "not available"
     text = Metrics().render()[0].decode()
     assert 'stoke_gpu_info{available="false"} 1.0' in text and "stoke_gpu_memory_used_bytes{" not in text
+    assert gpu_utilization(text) is None
 
 
 def test_grafana_dashboard_queries_only_exported_metrics(monkeypatch):
