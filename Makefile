@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Write a haiku about GPUs.
 
-.PHONY: install test generate bench lint clean serve gpu-check
+.PHONY: install test generate bench lint clean serve gpu-check gpu-carry
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: install
 # root with the machine's own python and nothing installed; results/gpu_check.json + a table.
 gpu-check:
 	PYTHONPATH=. python3 -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# Before a device-tool run, on this machine: the default model's config and tokenizer in
+# results/gpu_carry (pass carry=["results/gpu_carry"]), for gpu-check's stoke serve stage.
+gpu-carry: install
+	$(PY) -m benchmarks.gpu_check --prepare-carry
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis

