@@ -214,16 +214,19 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
         tuned += ["--tiny", "--iters", "1", "--impl", "triton", "--layouts", "qwen3-0.6b"]
     stages.append(Stage("kernels_tuned", tuned, 90 if args.cpu_smoke else 60, out("kernels_tuned"), "kernels",
                         {"tuning": tuning}, env={"STOKE_KERNEL_TUNING": tuning}, requires=tuning))
-    # Priority when time runs short, by what each stage still has to tell: stoke (all CUDA
-    # graphs) against transformers for both models, the kernel sweeps (the open kernel goals),
-    # then the other engine variants in ENGINE_VARIANTS' order.
-    order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 4, "kernels_tuned": 5,
-                               "serve_default_model": 9.5}  # after the sync-scheduling runs
+    # Priority when time runs short (the budget rarely fits every stage), by what each stage
+    # still has to tell: the kernel tests and benchmarks; stoke (the defaults) against
+    # transformers for both models; the small model without async scheduling (cheap, and it
+    # decides that default); the kernel sweeps and the tuned re-run (the open kernel goals);
+    # the large model without async scheduling; the server; then the CUDA-graph variants.
+    order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 5, "kernels_tuned": 6,
+                               "serve_default_model": 8}
+    variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 7,
+                     ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
     for s in stages:
         if s.kind == "offline":
-            model_rank = 0 if s.meta["model"] in ("qwen3-0.6b", "tiny") else 1
-            variant = ["full", *ENGINE_VARIANTS].index(s.meta["graphs"])
-            order[s.name] = 2 + model_rank + (4 + 2 * variant if variant else 0)
+            small = s.meta["model"] in ("qwen3-0.6b", "tiny")
+            order[s.name] = variant_order[s.meta["graphs"], 0 if small else 1]
     stages.sort(key=lambda s: order[s.name])
     if args.stages:
         stages = [s for s in stages if s.name in args.stages]
