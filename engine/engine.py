@@ -1,4 +1,7 @@
-"""The engine loop: schedule → one forward pass → sample → update → outputs.
+"""The engine loop: schedule → one forward pass → sample → advance → tokens → outputs.
+
+With async scheduling (the default on CUDA) a step's tokens are taken back only after the next
+step is launched: the host turns them into outputs while the device runs.
 
 A request with n > 1 becomes n scheduler requests (samples); samples 1..n-1 wait for sample 0's
 prompt to be computed and then share its KV blocks through the prefix cache.

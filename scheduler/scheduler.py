@@ -4,6 +4,10 @@ Every step: running decodes first, then running partial prefills, then waiting r
 admitted while the token budget and max_num_seqs allow. Prefill of any request is chunked to
 fit the budget; long prompts are capped per step so a short request is not stuck behind them.
 When blocks run out, the most recently admitted running request is preempted by recompute.
+
+A launched step is `advance`d at once; its sampled tokens arrive later (`append_token`), and
+until then count as each request's pending tokens (async scheduling plans the next step with
+them).
 """
 
 from __future__ import annotations
