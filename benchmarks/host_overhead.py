@@ -21,6 +21,7 @@ one step's outputs while the next is on the device, and a step takes max(host, X
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -45,6 +46,7 @@ from engine.llm import LLM
 from engine.model_runner import StepLogits
 from engine.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
+from server.worker import freeze_startup_heap
 
 STAND_IN_VOCAB = 64  # logits the sampler really sees; its argmax t becomes word token FIRST_WORD + 37 t
 FIRST_WORD = 1000
@@ -113,7 +115,32 @@ class _WordSampler:
         return _WordTokens(self.sampler.sample(logits, rows, pending_ids), self.device.last)
 
 
-def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> list[float]:
+class GcTimer:
+    """Time spent in Python's cyclic garbage collector while active (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.longest, self.full_collections = 0.0, 0.0, 0
+        self._start = 0.0
+
+    def __enter__(self) -> GcTimer:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        took = time.perf_counter() - self._start
+        self.seconds += took
+        self.longest = max(self.longest, took)
+        self.full_collections += info["generation"] == 2
+
+
+def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> tuple[list[float], GcTimer]:
+    """ms per step over each window of measured steps, and the collector's time among them."""
     rng = random.Random(0)
     ids = [f"{kind}-{i}" for i in range(args.batch)]
     for request_id in ids:
@@ -123,14 +150,15 @@ def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> list[floa
     while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
         engine.step(outputs=kind)  # the prompts: not what is measured
     windows = []
-    for _ in range(args.steps // args.window):
-        t0 = time.perf_counter()
-        for _ in range(args.window):
-            engine.step(outputs=kind)
-        windows.append((time.perf_counter() - t0) * 1e3 / args.window)
+    with GcTimer() as collector:
+        for _ in range(args.steps // args.window):
+            t0 = time.perf_counter()
+            for _ in range(args.window):
+                engine.step(outputs=kind)
+            windows.append((time.perf_counter() - t0) * 1e3 / args.window)
     for request_id in ids:
         engine.abort_request(request_id)
-    return windows
+    return windows, collector
 
 
 def checkpoint_dir(tmp: str, layers: int) -> str:
@@ -157,26 +185,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="a stand-in device that takes this long per step, beside the host (0: none)")
     p.add_argument("--scheduling", nargs="*", default=["sync"], choices=["sync", "async"],
                    help="async: the host works on step N's outputs while step N+1 is on the (stand-in) device")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="freeze the start-up heap out of the cyclic collector's reach, as the server's worker does")
     p.add_argument("--out", default="results/host_overhead.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         engine = engine_without_forward(checkpoint_dir(tmp, layers=1), args.batch, max_tokens(args),
                                         StandInDevice(args.device_ms))
+        if args.gc_freeze:
+            freeze_startup_heap()
         rows = []
         for kind in args.kinds:
             for scheduling in args.scheduling:
                 engine.async_scheduling = scheduling == "async"
-                rows.append({"kind": kind, "scheduling": scheduling, "ms_per_step": measure(engine, kind, args)})
+                windows, collector = measure(engine, kind, args)
+                rows.append({"kind": kind, "scheduling": scheduling, "ms_per_step": windows,
+                             "gc_ms_per_step": 1e3 * collector.seconds / (len(windows) * args.window),
+                             "gc_longest_ms": 1e3 * collector.longest,
+                             "gc_full_collections": collector.full_collections})
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
     report = {"batch": args.batch, "steps": args.steps, "window": args.window, "device_ms": args.device_ms,
-              "rows": rows}
+              "gc_freeze": args.gc_freeze, "rows": rows}
     device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
     print(f"ms per step, batch {args.batch}, {device}; windows of {args.window} steps "
           f"(output tokens 0-{args.steps}):")
     for row in rows:
-        print(f"  {row['kind']:<11}{row['scheduling']:<6}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"]))
+        print(f"  {row['kind']:<11}{row['scheduling']:<6}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"])
+              + f"   gc {row['gc_ms_per_step']:.2f} ms/step, longest {row['gc_longest_ms']:.0f} ms, "
+                f"{row['gc_full_collections']} full")
     write_json(report, args.out)
     return report
 

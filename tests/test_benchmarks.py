@@ -113,6 +113,8 @@ def test_host_overhead_benchmark_tiny(tmp_path) -> None:
         ("cumulative", "sync"), ("delta", "sync"), ("final", "sync")]
     assert all(len(r["ms_per_step"]) == 2 and all(x > 0 for x in r["ms_per_step"]) and r["median_ms"] > 0
                for r in report["rows"])
+    assert all(r["gc_ms_per_step"] >= 0 and r["gc_longest_ms"] >= 0 and r["gc_full_collections"] >= 0
+               for r in report["rows"]) and report["gc_freeze"] is False
     # With a stand-in device beside the host, synchronous and async scheduling.
     report = host_main(["--batch", "4", "--steps", "10", "--window", "5", "--kinds", "delta", "--device-ms", "1",
                         "--scheduling", "sync", "async", "--out", str(out)])

@@ -221,3 +221,29 @@ def test_grafana_dashboard_queries_only_exported_metrics(monkeypatch):
     assert len(ids) == len(set(ids))
     assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in dashboard["panels"])
     assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in panels)
+
+
+def test_worker_process_freezes_its_startup_heap(tiny_checkpoints):
+    """The worker, over its pipes: after start-up (engine and warm-up) the objects it holds are
+    out of the cyclic collector's reach, so no full collection rescans them mid-serving."""
+    import subprocess
+
+    to_worker, from_worker = os.pipe(), os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "server.worker", "--in-fd", str(to_worker[0]),
+                             "--out-fd", str(from_worker[1]), "--log-level", "WARNING"],
+                            pass_fds=(to_worker[0], from_worker[1]))
+    os.close(to_worker[0])
+    os.close(from_worker[1])
+    writer, reader = FrameWriter(to_worker[1]), FrameReader(from_worker[0])
+    try:
+        writer.write({"type": "init", "engine": {"model": tiny_checkpoints["llama"], "num_kv_blocks": 16}})
+        ready = reader.read()
+        assert ready["type"] == "ready" and ready["num_blocks"] == 16
+        assert ready["frozen_objects"] > 10_000  # torch, transformers, the model: all frozen
+        writer.write({"type": "shutdown"})
+        assert proc.wait(60) == 0
+    finally:
+        writer.close()
+        reader.close()
+        if proc.poll() is None:
+            proc.kill()
