@@ -40,9 +40,9 @@ WARMUP_ID = "__stoke_warmup__"
 def freeze_startup_heap() -> None:
     """Move every object alive after start-up (the model, the tokenizer, the libraries: ~300 k
     with the default model) out of the cyclic collector's reach. A full collection over them
-    takes ~120-150 ms on this project's CPU and comes every ~100 steps at batch 256: a stall
-    of that size in one inter-token gap in a hundred, i.e. at p99. This process lives as long
-    as its one engine, so nothing frozen here was meant to be freed."""
+    took 120-145 ms on this project's CPU, every ~200 steps at batch 256: a stall in one
+    inter-token gap in a few hundred, the tail p99 reports (docs/measurements/cpu-2026-11-30).
+    This process lives as long as its one engine, so nothing frozen here was meant to be freed."""
     gc.collect()
     gc.freeze()
 
