@@ -429,7 +429,8 @@ def render(report: dict[str, Any]) -> str:
                          f"{_f(e.get('stoke_eager'), '.0f'):>8}{_f(e.get('transformers_cb'), '.0f'):>8}"
                          f"{_f(e.get('stoke_vs_transformers_cb')):>10}{_f(e.get('async_scheduling_speedup')):>12}"
                          f"{_f(e.get('cuda_graphs_speedup')):>14}{_f(e.get('mixed_graphs_speedup')):>13}")
-        lines.append("  stoke: every CUDA graph and async scheduling (the defaults); each other column changes one of them")
+        lines.append("  stoke: every CUDA graph and async scheduling (the defaults); "
+                     "each other column changes one of them")
         lines.append("  goal: stoke >= 3x transformers continuous batching on the same GPU")
         for model, e in s["offline"].items():
             busy = [(label, (e.get(f"{key}_extra") or {}).get("device_busy_fraction"))

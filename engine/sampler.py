@@ -19,8 +19,8 @@ host from the SamplingParams alone (never from device values). Every per-row par
 index list the stages need is built on the host first and reaches the device in one copy
 (`engine.transfer.to_device`); the sampled ids, with the logprobs when asked, come back in one
 copy at the end, which `Sampler.sample` leaves in flight (`SampledTokens`): the engine can
-prepare and launch the next step before it waits for them. Seeded rows still draw their noise one row at a time (each from its own
-generator): kernel launches, not syncs.
+prepare and launch the next step before it waits for them. Seeded rows still draw their noise
+one row at a time (each from its own generator): kernel launches, not syncs.
 """
 
 from __future__ import annotations

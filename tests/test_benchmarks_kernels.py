@@ -162,7 +162,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert tuned.command[1:3] == ["-m", "benchmarks.kernels"] and tuned.requires == tuning
     assert tuned.env == {"STOKE_KERNEL_TUNING": tuning}
     serve = by_name["serve_default_model"]
-    assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"] and "--stoke-arg=dummy" in serve.command
+    assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"]
+    assert "--stoke-arg=dummy" in serve.command
     assert serve.requires == os.path.join(gpu_check.CARRY_DIR, "config.json")  # skipped unless carried
     for s in (s for s in stages if s.kind == "offline"):
         cmd = " ".join(s.command)

@@ -325,7 +325,8 @@ def test_one_step_in_flight_gives_the_same_sequences(num_blocks: int) -> None:
         assert len(batch) <= cfg.max_num_seqs and len(sched.running) - finishing <= cfg.max_num_seqs
         seats_reused += len(sched.running) > cfg.max_num_seqs  # admitted into a finishing request's seat
         for request, n in zip(batch.requests, batch.num_tokens):
-            assert not request.done_by_length and request.num_output_tokens + request.num_pending_tokens < request.max_tokens
+            assert not request.done_by_length
+            assert request.num_output_tokens + request.num_pending_tokens < request.max_tokens
             assert n == 1 or request.num_pending_tokens == 0, "only a decode reads a token still in flight"
         # The k-th output token is 1000 + k, whenever the host learns it.
         launched = [(r, 1000 + r.num_output_tokens + r.num_pending_tokens)
