@@ -259,7 +259,7 @@ class LLMEngine:
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,
-                pending_rows=(previous.rows[request],) if request.num_pending_tokens else (),
+                pending_rows=(previous.rows[request],) if request.num_pending_tokens else (), key=request,
             ))
         sampled = self.sampler.sample(step_logits.logits, sampling_rows,
                                       previous.token_ids if previous is not None else None)

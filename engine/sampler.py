@@ -29,6 +29,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -53,6 +54,9 @@ class SamplingRow:
     # `pending_ids` given to Sampler.sample, still on the device. They count towards min_tokens,
     # and the penalties read them there.
     pending_rows: tuple[int, ...] = ()
+    # The sequence's identity across steps (the engine's Request): the sampler then keeps its
+    # history as a tensor and converts only the tokens added since (see _Histories).
+    key: object = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -114,18 +118,53 @@ def _put(x: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> torc
     return x
 
 
-def _token_pairs(seqs: list[list[int]], rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _Histories:
+    """The penalised rows' token ids as host tensors, kept from one step to the next for rows
+    with a key. A sequence only grows, so a step converts just the tokens added since its last
+    one: converting every row's whole history from Python ints each step took ~26 ms a stage
+    at 256 rows of 1,000 tokens."""
+
+    def __init__(self) -> None:
+        # key → (buffer with room to grow, tokens in it)
+        self._kept: dict[object, tuple[torch.Tensor, int]] = {}
+        self._used: dict[object, tuple[torch.Tensor, int]] = {}
+
+    def tensor(self, row: SamplingRow) -> torch.Tensor:
+        tokens = row.token_ids
+        n = len(tokens)
+        if row.key is None:
+            return torch.tensor(tokens, dtype=torch.long)
+        buf, have = self._used.get(row.key) or self._kept.get(row.key) or (None, 0)
+        if buf is None or have > n or n > buf.numel():
+            if buf is not None and have <= n:  # outgrown: twice the room, the known tokens kept
+                grown = torch.empty(2 * n, dtype=torch.long)
+                grown[:have] = buf[:have]
+                buf = grown
+            else:
+                buf, have = torch.empty(2 * n, dtype=torch.long), 0
+        if have < n:
+            buf[have:n] = torch.tensor(tokens[have:], dtype=torch.long)
+        self._used[row.key] = buf, n
+        return buf[:n]
+
+    def end_step(self) -> None:
+        """Keep the rows this step saw (finished requests fall out)."""
+        self._kept, self._used = self._used, {}
+
+
+def _token_pairs(seqs: list[torch.Tensor], rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (row index, token id) pairs of the given sequences, on the host: the scatter
     indices of the penalty stages, O(total tokens) instead of O(batch × vocab). Ids outside
     [0, vocab) are dropped."""
-    lengths = torch.tensor([len(q) for q in seqs], dtype=torch.long)
-    tok = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
-    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
-    ok = (tok >= 0) & (tok < vocab)
-    return row[ok], tok[ok]
+    tok = torch.cat(seqs)
+    row = torch.from_numpy(np.repeat(np.asarray(rows, dtype=np.int64), [q.numel() for q in seqs]))
+    if tok.numel() and not (int(tok.min()) >= 0 and int(tok.max()) < vocab):  # rare: mask the others out
+        ok = (tok >= 0) & (tok < vocab)
+        return row[ok], tok[ok]
+    return row, tok
 
 
-def _stage_pairs(st: _Staged, name: str, rows: list[SamplingRow], sel: list[int], seqs: list[list[int]],
+def _stage_pairs(st: _Staged, name: str, rows: list[SamplingRow], sel: list[int], seqs: list[torch.Tensor],
                  vocab: int) -> None:
     """The (row, token) pairs of a penalty stage: the known tokens' on the host, and for the
     tokens still on the device, their rows and where they are in pending_ids."""
@@ -200,6 +239,9 @@ class SampledTokens:
 class Sampler:
     """Turns a [B, V] logits tensor and B SamplingRows into B token ids (+ logprobs)."""
 
+    def __init__(self) -> None:
+        self._histories = _Histories()
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  pending_ids: torch.Tensor | None = None) -> SamplerOutput:
         return self.sample(logits, rows, pending_ids).output()
@@ -241,13 +283,15 @@ class Sampler:
                 st.long("ban_tokens", list(ti))
         if any(need_rep):
             sel = [i for i in range(batch) if need_rep[i]]
-            _stage_pairs(st, "rep", rows, sel, [rows[i].token_ids for i in sel], vocab)
+            _stage_pairs(st, "rep", rows, sel, [self._histories.tensor(rows[i]) for i in sel], vocab)
             st.float("rep", [p.repetition_penalty if need_rep[i] else 1.0 for i, p in enumerate(params)])
         if any(need_freq):
             sel = [i for i in range(batch) if need_freq[i]]
-            _stage_pairs(st, "freq", rows, sel, [rows[i].output_token_ids for i in sel], vocab)
+            outputs = [self._histories.tensor(rows[i])[rows[i].num_prompt_tokens:] for i in sel]
+            _stage_pairs(st, "freq", rows, sel, outputs, vocab)
             st.float("freq", [p.frequency_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
             st.float("pres", [p.presence_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
+        self._histories.end_step()
         plan = self._plan_random(st, [params[i] for i in rand], [rows[i].generator for i in rand], vocab)
         if rand and len(rand) < batch:
             st.long("rand_idx", rand)

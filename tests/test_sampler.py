@@ -99,6 +99,47 @@ def test_penalties_match_naive_reference():
         assert sampler(logits, in_flight, torch.tensor(pending_ids)).token_ids == want, trial
 
 
+def test_penalties_over_growing_histories_kept_between_steps():
+    """Rows with a key: the sampler keeps each history as a tensor and converts only the new
+    tokens. Over steps in which sequences grow, leave the batch and come back (and one is
+    replaced by a shorter sequence under the same key), every step equals the reference."""
+    rng = random.Random(5)
+    V = 32
+    s = Sampler()  # one sampler across steps, as the engine has
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.6, frequency_penalty=0.7, presence_penalty=0.4)
+    seqs = {k: [rng.randrange(V) for _ in range(rng.randint(1, 6))] for k in "abcd"}
+    for step in range(12):
+        keys = [k for k in "abcd" if (step + ord(k)) % 4]  # each key sits out every fourth step
+        if step == 7:
+            seqs["b"] = seqs["b"][:2]  # shorter than what was kept: rebuilt
+        logits = torch.randn(len(keys), V, generator=torch.Generator().manual_seed(step)) * 2
+        rows = [SamplingRow(params, seqs[k], 2 if len(seqs[k]) > 2 else 0, None, [], key=k) for k in keys]
+        want = [int(naive_penalised(logits[i], r).argmax()) for i, r in enumerate(rows)]
+        got = s(logits, rows).token_ids
+        assert got == want, step
+        for k, t in zip(keys, got):
+            seqs[k].append(t)  # the engine appends to the same list
+
+
+def test_kept_histories_equal_the_sequences():
+    """The sampler's kept history tensors, through growth past their buffers, a step without
+    the row, and a shorter sequence under the same key: always the sequence itself."""
+    from engine.sampler import _Histories
+
+    histories = _Histories()
+    rng = random.Random(6)
+    seq = [rng.randrange(1000) for _ in range(3)]
+    for step in range(40):
+        if step == 25:
+            seq = seq[:4]
+        if step % 7 != 3:
+            row = SamplingRow(SamplingParams(), seq, 1, None, [], key="k")
+            assert histories.tensor(row).tolist() == seq and histories.tensor(row).tolist() == seq, step
+        histories.end_step()
+        seq.append(rng.randrange(1000))
+    assert histories.tensor(SamplingRow(SamplingParams(), [7, 8], 1, None, [])).tolist() == [7, 8]  # no key
+
+
 def test_repetition_penalty_signs():
     logits = torch.tensor([[2.0, -1.0, 1.5, -3.0]])
     # token 0 (positive) is divided: 2/2 = 1 < 1.5; so greedy moves to token 2
