@@ -145,8 +145,9 @@ def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> tuple[lis
     ids = [f"{kind}-{i}" for i in range(args.batch)]
     for request_id in ids:
         prompt = [rng.randrange(FIRST_WORD, 20000) for _ in range(rng.randint(32, MAX_PROMPT))]
+        penalties = dict(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.5) if args.penalties else {}
         engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens(args), ignore_eos=True,
-                                                              temperature=0.0))
+                                                              temperature=0.0, **penalties))
     while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
         engine.step(outputs=kind)  # the prompts: not what is measured
     windows = []
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="a stand-in device that takes this long per step, beside the host (0: none)")
     p.add_argument("--scheduling", nargs="*", default=["sync"], choices=["sync", "async"],
                    help="async: the host works on step N's outputs while step N+1 is on the (stand-in) device")
+    p.add_argument("--penalties", action="store_true",
+                   help="every request with repetition, frequency and presence penalties (their host work "
+                        "reads each request's whole history every step)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="freeze the start-up heap out of the cyclic collector's reach, as the server's worker does")
     p.add_argument("--out", default="results/host_overhead.json")
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
     report = {"batch": args.batch, "steps": args.steps, "window": args.window, "device_ms": args.device_ms,
-              "gc_freeze": args.gc_freeze, "rows": rows}
+              "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
     device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
     print(f"ms per step, batch {args.batch}, {device}; windows of {args.window} steps "
           f"(output tokens 0-{args.steps}):")
