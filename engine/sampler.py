@@ -62,10 +62,6 @@ class SamplingRow:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) + len(self.pending_rows) - self.num_prompt_tokens
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
 
 @dataclass(slots=True)
 class SamplerOutput:
@@ -135,13 +131,12 @@ class _Histories:
         if row.key is None:
             return torch.tensor(tokens, dtype=torch.long)
         buf, have = self._used.get(row.key) or self._kept.get(row.key) or (None, 0)
-        if buf is None or have > n or n > buf.numel():
-            if buf is not None and have <= n:  # outgrown: twice the room, the known tokens kept
-                grown = torch.empty(2 * n, dtype=torch.long)
-                grown[:have] = buf[:have]
-                buf = grown
-            else:
-                buf, have = torch.empty(2 * n, dtype=torch.long), 0
+        if buf is None or have > n:  # new, or a shorter sequence than the one kept
+            buf, have = torch.empty(2 * n, dtype=torch.long), 0
+        elif n > buf.numel():  # outgrown: twice the room, the known tokens kept
+            grown = torch.empty(2 * n, dtype=torch.long)
+            grown[:have] = buf[:have]
+            buf = grown
         if have < n:
             buf[have:n] = torch.tensor(tokens[have:], dtype=torch.long)
         self._used[row.key] = buf, n
@@ -259,7 +254,7 @@ class Sampler:
         need_min = [r.num_output_tokens < r.params.min_tokens for r in rows]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
-        if pending_ids is None and any(r.pending_rows and r.params.has_penalties for r in rows):
+        if pending_ids is None and any(r.pending_rows and (need_rep[i] or need_freq[i]) for i, r in enumerate(rows)):
             raise ValueError("rows with penalties and pending tokens need the pending_ids they index")
         greedy = [p.temperature < _GREEDY_EPS for p in params]
         rand = [i for i in range(batch) if not greedy[i]]

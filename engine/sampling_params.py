@@ -42,11 +42,6 @@ class SamplingParams:
         return self._stop_list
 
     @property
-    def has_penalties(self) -> bool:
-        """Whether sampling reads the sequence's earlier tokens (repetition, frequency, presence)."""
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-    @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 

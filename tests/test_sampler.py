@@ -34,14 +34,15 @@ def naive_penalised(logits: torch.Tensor, r: SamplingRow) -> torch.Tensor:
     """Per-row, per-token reference: min_tokens, repetition (HF), frequency/presence (OpenAI)."""
     x = logits.clone().float()
     p = r.params
-    if len(r.output_token_ids) < p.min_tokens:
+    output = r.token_ids[r.num_prompt_tokens:]
+    if len(output) < p.min_tokens:
         for t in list(r.eos_token_ids) + list(p.stop_token_ids):
             x[t] = float("-inf")
     if p.repetition_penalty != 1.0:
-        for t in set(r.token_ids[:r.num_prompt_tokens]) | set(r.output_token_ids):
+        for t in set(r.token_ids[:r.num_prompt_tokens]) | set(output):
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
-    for t in set(r.output_token_ids):
-        c = r.output_token_ids.count(t)
+    for t in set(output):
+        c = output.count(t)
         x[t] -= p.frequency_penalty * c + p.presence_penalty
     return x
 
