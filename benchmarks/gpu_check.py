@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from benchmarks.report import write_json
+from benchmarks.report import describe_prefill_candidate, write_json
 from kernels.tuning import parse_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,8 +301,7 @@ def _sweep_summary(k: dict[str, Any]) -> dict[str, Any]:
     """Per swept shape: the shipped choice's time, the best candidate's, and SDPA's."""
     prefill = [{"shape": f"{r['layout']} {r['seqs']}x{r['length']} b{r.get('block_size', 16)}", "sdpa_ms": r["sdpa_ms"],
                 "shipped_ms": r["shipped_ms"], "best_ms": r["best"] and r["best"]["ms"],
-                "best": r["best"] and (f"{tuple(r['best']['tile'])}{'' if r['best']['packed'] else ' unpacked'}"
-                                       f"{' tma' if r['best'].get('tma') else ''}")}
+                "best": r["best"] and describe_prefill_candidate(r["best"])}
                for r in k.get("rows", [])]
     decode = [{"shape": f"{r['layout']} n{r['batch']} ctx{r['context']} b{r.get('block_size', 16)}", "sdpa_ms": r["sdpa_ms"],
                "shipped_ms": r["heuristic_ms"], "best_ms": r["best"]["ms"],
@@ -337,6 +336,8 @@ def _kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
         # Not goals, choices: packed GQA prefill against one head per program, and a mixed
         # step's single prefill launch (what mixed CUDA graphs run) against the eager split.
         "prefill_packed_vs_unpacked": ratios(k.get("prefill", []), "unpacked_ratio"),
+        "prefill_cache_vs_new_kv_rows": ratios(k.get("prefill", []), "new_kv_rows_ratio"),
+        "prefill_cache_vs_new_kv_tma": ratios(k.get("prefill", []), "new_kv_tma_ratio"),
         "mixed_one_launch_vs_split": ratios(k.get("mixed", []), "split_ratio"),
         "decode_fused_vs_merge_kernel": ratios(decode, "merge_kernel_ratio"),
         # Which SDPA backend the goal's peer is, and stoke against each fused one forced.
@@ -390,7 +391,10 @@ def render(report: dict[str, Any]) -> str:
             r = k.get(key)
             if r:
                 lines.append(f"  {key:<24} torch/stoke time: {_spread(r)} (goal >= 1)")
-        for key, what in (("prefill_packed_vs_unpacked", "unpacked/packed"), ("mixed_one_launch_vs_split", "split/one"),
+        for key, what in (("prefill_packed_vs_unpacked", "unpacked/packed"),
+                          ("prefill_cache_vs_new_kv_rows", "new keys from rows/through the cache"),
+                          ("prefill_cache_vs_new_kv_tma", "new keys by TMA/through the cache"),
+                          ("mixed_one_launch_vs_split", "split/one"),
                           ("decode_fused_vs_merge_kernel", "two launches/one")):
             r = k.get(key)
             if r:

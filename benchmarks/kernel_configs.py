@@ -10,14 +10,18 @@ and torch SDPA on contiguous K/V:
   forced through `num_splits=`, against the heuristic's own choice; with splits, also the
   partials merged by a second kernel (`merge_kernel_ms`) instead of by the last split.
 
-Both also run over caches of larger blocks (64 tokens: a key tile then lies in one block, one
-block-id load per tile and contiguous rows, instead of a lookup per token) with fewer prefill
-tiles, to show what the engine's block size costs the kernels; there the prefill tiles also run
-with K/V loaded through tensor descriptors (`tma=True`: Hopper's TMA engine instead of per-thread
-async copies).
+Prefill runs as the engine calls it: q/k/v views of one projection, the new tokens' K/V passed
+along. A few tiles also read the new keys from those rows instead of through the block table
+(`new_kv="rows"`, and `"tma"`: through tensor descriptors, Hopper's TMA engine instead of
+per-thread async copies). Both sweeps also run over caches of larger blocks (64 tokens: a key
+tile then lies in one block, one block-id load per tile and contiguous rows, instead of a
+lookup per token) with fewer prefill tiles, to show what the engine's block size costs the
+kernels; there the prefill tiles also run with the cache's tiles loaded through tensor
+descriptors (`cache_tma`).
 
-From the two sweeps it recommends a tuning for this GPU (kernels/tuning.py: the prefill tile
-and tiling, the decode split minimum; see `recommend`), which `--write-tuning` saves.
+From the two sweeps it recommends a tuning for this GPU (kernels/tuning.py: the prefill tile,
+tiling and source of the new K/V, the decode split minimum; see `recommend`), which
+`--write-tuning` saves.
 
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --out results/kernel_configs.json
     PYTHONPATH=. python3 -m benchmarks.kernel_configs --write-tuning kernels/tuning/<GPU>.json
@@ -39,8 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernels import LAYOUTS, Timer, gathered, paged_cache
-from benchmarks.report import write_json
+from benchmarks.kernels import LAYOUTS, Timer, gathered, paged_cache, projection_views
+from benchmarks.report import describe_prefill_candidate, write_json
 from kernels.tuning import KernelTuning, write_tuning
 
 MIN_KEYS_CANDIDATES = (32, 64, 128, 256)  # decode: the minimum keys per split, as what-ifs
@@ -53,6 +57,7 @@ class Sweep:
     prefill_shapes: list[tuple[str, int, int]]  # (layout, sequences, length)
     tiles: list[tuple[int, int, int, int]]  # (BLOCK_M, BLOCK_N, num_warps, num_stages), heads packed
     unpacked_tiles: list[tuple[int, int, int, int]]  # the same, one query head per program
+    new_kv_tiles: list[tuple[int, int, int, int]]  # packed, also with the new keys from their rows
     decode_shapes: list[tuple[str, int, int]]  # (layout, batch, context)
     splits: list[int]
     block_sizes: list[int]  # the first gets every tile; the others `large_block_tiles`
@@ -65,6 +70,7 @@ GPU = Sweep(
     tiles=[(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 32, 4, 2),
            (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
     unpacked_tiles=[(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
+    new_kv_tiles=[(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)],
     decode_shapes=[(layout, batch, ctx) for layout in ("llama-3-8b", "qwen3-0.6b") for batch in (1, 4, 16)
                    for ctx in (512, 2048, 8192)],
     splits=[1, 2, 4, 8, 16, 32, 64],
@@ -73,14 +79,10 @@ GPU = Sweep(
 )
 TINY = Sweep(
     device="cpu", dtype=torch.float32, prefill_shapes=[("qwen3-0.6b", 2, 20)], tiles=[(16, 16, 4, 1), (32, 16, 4, 1)],
-    unpacked_tiles=[(16, 16, 4, 1)], decode_shapes=[("llama-3-8b", 2, 40)], splits=[1, 2], block_sizes=[16, 32],
+    unpacked_tiles=[(16, 16, 4, 1)], new_kv_tiles=[(16, 16, 4, 1)], decode_shapes=[("llama-3-8b", 2, 40)],
+    splits=[1, 2], block_sizes=[16, 32],
     large_block_tiles=[(16, 16, 4, 1)],
 )
-
-
-def _describe(candidate: dict[str, Any]) -> str:
-    return (f"{tuple(candidate['tile'])}{'' if candidate['packed'] else ' unpacked'}"
-            f"{' tma' if candidate.get('tma') else ''}")
 
 
 def _device_name(device: torch.device) -> str:
@@ -147,48 +149,51 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
     shipped = triton_ops._prefill_config
     t_start = time.perf_counter()
     for (layout, seqs, length), block_size in itertools.product(plan.prefill_shapes, plan.block_sizes):
+        # (tile, packed, cache_tma, new_kv)
         if block_size == plan.block_sizes[0]:
-            candidates = [(tile, True, False) for tile in plan.tiles] + [(tile, False, False) for tile in plan.unpacked_tiles]
+            candidates = ([(tile, True, False, "cache") for tile in plan.tiles]
+                          + [(tile, False, False, "cache") for tile in plan.unpacked_tiles]
+                          + [(tile, True, False, new_kv) for tile in plan.new_kv_tiles for new_kv in ("rows", "tma")])
         else:
-            candidates = [(tile, True, tma) for tile in plan.large_block_tiles for tma in (False, True)]
+            candidates = [(tile, True, tma, "cache") for tile in plan.large_block_tiles for tma in (False, True)]
         hq, hkv, d, _, _ = LAYOUTS[layout]
         gen = torch.Generator(device=device).manual_seed(seqs * length)
         k_cache, v_cache, tables = paged_cache([length] * seqs, hkv, d, dtype, device, gen, block_size)
         lens = torch.full((seqs,), length, dtype=torch.int32, device=device)
         cu = torch.arange(seqs + 1, dtype=torch.int32, device=device) * length
+        k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
         q = torch.randn(seqs * length, hq, d, generator=gen, device=device).to(dtype)
+        q, key, value = projection_views(q, k, v)
         scale = d**-0.5
         flops = 4.0 * hq * d * seqs * length * (length + 1) / 2
 
-        def run(packed: bool | None = None, tma: bool = False) -> torch.Tensor:
-            return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, pack_gqa=packed,
-                                                      tma=tma)
+        def run(packed: bool | None = None, cache_tma: bool = False, new_kv: str = "cache") -> torch.Tensor:
+            return triton_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, key=key,
+                                                      value=value, new_kv=new_kv, pack_gqa=packed, cache_tma=cache_tma)
 
         want = run()
-        k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
         q4 = q.view(seqs, length, hq, d).transpose(1, 2)
         sdpa_ms = timer(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, is_causal=True,
                                                                enable_gqa=True))
         shipped_tile = shipped(d, dtype, device)
         results = []
-        for tile, packed, tma in candidates:
+        for tile, packed, cache_tma, new_kv in candidates:
             if time.perf_counter() - t_start > args.budget:
                 break
             triton_ops._prefill_config = lambda *a, tile=tile: tile
+            described = {"tile": list(tile), "packed": packed, "cache_tma": cache_tma, "new_kv": new_kv}
             try:
-                err = (run(packed, tma).float() - want.float()).abs().max().item()
-                ms = timer(lambda: run(packed, tma))
-                results.append({"tile": list(tile), "packed": packed, "tma": tma, "ms": ms, "tflops": flops / ms / 1e9,
-                                "max_abs_diff": err})
+                err = (run(packed, cache_tma, new_kv).float() - want.float()).abs().max().item()
+                ms = timer(lambda: run(packed, cache_tma, new_kv))
+                results.append(described | {"ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": err})
             except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result
-                results.append({"tile": list(tile), "packed": packed, "tma": tma,
-                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"})
+                results.append(described | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"})
             finally:
                 triton_ops._prefill_config = shipped
         ok = [r for r in results if "ms" in r]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
-        current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile) and r["packed"] and not r["tma"]),
-                       None)
+        current = next((r for r in ok if tuple(r["tile"]) == tuple(shipped_tile) and r["packed"]
+                        and not r["cache_tma"] and r["new_kv"] == "cache"), None)
         rows.append({"layout": layout, "seqs": seqs, "length": length, "block_size": block_size, "sdpa_ms": sdpa_ms,
                      "shipped_tile": list(shipped_tile), "shipped_ms": current and current["ms"],
                      "best": best, "candidates": results})
@@ -196,7 +201,7 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
         if current:
             line += f"; shipped {tuple(shipped_tile)} {current['ms']:.4f} ms"
         if best:
-            line += (f"; best {_describe(best)} {best['ms']:.4f} ms "
+            line += (f"; best {describe_prefill_candidate(best)} {best['ms']:.4f} ms "
                      f"({best['tflops']:.0f} TFLOP/s)")
         print(line, flush=True)
         save()
@@ -210,9 +215,10 @@ def _geomean(xs: list[float]) -> float:
 
 def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
     """The tuning the sweep supports, and the scores behind it (geometric mean over the swept
-    shapes of time / that shape's best time; 1.0 = best everywhere). Only what the engine runs
-    counts: the smallest block size, pointer loads (no TMA).
-    - prefill: the (tile, tiling) with the lowest score among those measured on every shape;
+    shapes of time / that shape's best time; 1.0 = best everywhere). Only what the engine can
+    run counts: the smallest block size, the cache's tiles through pointer loads.
+    - prefill: the (tile, tiling, source of the new K/V) with the lowest score among those
+      measured on every shape;
     - decode: the minimum keys per split whose heuristic choice scores lowest, each shape timed
       at the largest swept split count not above that choice. Ties keep the built-in value."""
     from kernels import triton_ops
@@ -221,16 +227,16 @@ def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
         small = min((r["block_size"] for r in rows), default=None)
         return [r for r in rows if r["block_size"] == small]
 
-    tile, pack, keys, measured = None, None, None, {}
+    tile, pack, new_kv, keys, measured = None, None, None, None, {}
     rows = [r for r in engine_block_size(report.get("rows", [])) if r.get("best")]
     if rows:
-        times = [{(tuple(c["tile"]), c["packed"]): c["ms"] for c in r["candidates"] if "ms" in c and not c.get("tma")}
-                 for r in rows]
+        times = [{(tuple(c["tile"]), c["packed"], c.get("new_kv", "cache")): c["ms"] for c in r["candidates"]
+                  if "ms" in c and not c.get("cache_tma")} for r in rows]
         common = set.intersection(*(set(t) for t in times))
         scores = {k: _geomean([t[k] / min(t.values()) for t in times]) for k in common}
         if scores:
-            (tile, pack), score = min(scores.items(), key=lambda kv: kv[1])
-            measured["prefill"] = {"tile": list(tile), "packed": pack, "score": round(score, 4),
+            (tile, pack, new_kv), score = min(scores.items(), key=lambda kv: kv[1])
+            measured["prefill"] = {"tile": list(tile), "packed": pack, "new_kv": new_kv, "score": round(score, 4),
                                    "shapes": [f"{r['layout']} {r['seqs']}x{r['length']}" for r in rows]}
     decode = engine_block_size(report.get("decode", []))
     if decode:
@@ -245,7 +251,7 @@ def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
         keys = min(scores, key=lambda k: scores[k])  # the first of equals: the built-in
         measured["decode"] = {"min_split_keys_scores": {str(k): round(v, 4) for k, v in scores.items()},
                               "shapes": [f"{r['layout']} n{r['batch']} ctx{r['context']}" for r in decode]}
-    return KernelTuning(prefill_tile=tile, pack_gqa=pack, min_split_keys=keys), measured
+    return KernelTuning(prefill_tile=tile, pack_gqa=pack, prefill_new_kv=new_kv, min_split_keys=keys), measured
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

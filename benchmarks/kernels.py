@@ -3,8 +3,10 @@
 On CUDA (the Triton backend):
 - decode attention, batch 1-256 x context 512-8192, Llama-3-8B (32 q / 8 kv heads, d128) and
   Qwen3-0.6B (16 q / 8 kv, d128) layouts, over a paged cache with shuffled blocks;
-- prefill attention, 1-8 sequences of 512-4096 tokens (causal, no cached prefix), also with
-  one program per query head instead of a kv head's packed group (`unpacked`);
+- prefill attention, 1-8 sequences of 512-4096 tokens (causal, no cached prefix), q/k/v views
+  of one projection as the model passes them, also with one program per query head instead of
+  a kv head's packed group (`unpacked`), and with the new keys read from their K/V rows
+  instead of through the block table (`new_kv_rows`; through tensor descriptors: `new_kv_tma`);
 - a mixed step's attention, 16-256 decodes at context 2048 beside a 512-token prompt: the one
   prefill launch a mixed CUDA graph runs against the eager split (decode kernel + prefill
   kernel + concatenation, `split`);
@@ -181,6 +183,20 @@ def gathered(k_cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.
     return x.transpose(1, 2).contiguous()
 
 
+def projection_views(q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q `[T, Hq, D]` and the new tokens' K/V (gathered `[B, Hkv, L, D]`, T = B * L) as the
+    model hands them to attention: strided `[T, H, D]` views of one fused projection."""
+    tokens, hq, d = q.shape
+    hkv = k.shape[1]
+    qkv = torch.empty(tokens, (hq + 2 * hkv) * d, dtype=q.dtype, device=q.device)
+    views = (qkv[:, : hq * d].view(tokens, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d),
+             qkv[:, (hq + hkv) * d :].view(tokens, hkv, d))
+    for view, x in zip(views, (q, k.transpose(1, 2), v.transpose(1, 2))):
+        view.copy_(x.reshape(view.shape))
+    return views
+
+
 def _gen(device: torch.device, seed: int = 0) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -299,15 +315,20 @@ class Bench:
                     k_cache, v_cache, tables = paged_cache([length] * seqs, hkv, d, self.dtype, self.device, gen)
                     lens = torch.full((seqs,), length, dtype=torch.int32, device=self.device)
                     cu = torch.arange(seqs + 1, dtype=torch.int32, device=self.device) * length
+                    k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
                     q = torch.randn(seqs * length, hq, d, generator=gen, device=self.device).to(self.dtype)
+                    q, key, value = projection_views(q, k, v)  # the engine passes the new K/V along
                     scale = d**-0.5
                     ms = self.timer(lambda: self.ops.paged_prefill_attention(
-                        q, k_cache, v_cache, tables, cu, lens, scale))
+                        q, k_cache, v_cache, tables, cu, lens, scale, key=key, value=value))
                     launch_us = self.timer.launch_us
                     peers = {}
                     if self.impl == "triton":
                         peers["unpacked"] = _try(self.timer, lambda: self.ops.paged_prefill_attention(
-                            q, k_cache, v_cache, tables, cu, lens, scale, pack_gqa=False))
+                            q, k_cache, v_cache, tables, cu, lens, scale, key=key, value=value, pack_gqa=False))
+                        for source in ("rows", "tma"):  # the new keys from their rows, not the cache
+                            peers[f"new_kv_{source}"] = _try(self.timer, lambda: self.ops.paged_prefill_attention(
+                                q, k_cache, v_cache, tables, cu, lens, scale, key=key, value=value, new_kv=source))
                     if self.torch_peer():
                         scores = seqs * hq * length * length * 4  # the math backend's fp32 scores
                         if 3 * scores < 0.5 * _free_bytes(self.device):
@@ -315,7 +336,6 @@ class Bench:
                                 q, k_cache, v_cache, tables, cu, lens, scale))
                         else:
                             peers["torch_paged"] = (None, "skipped: memory")
-                    k, v = gathered(k_cache, tables, length), gathered(v_cache, tables, length)
                     q4 = q.view(seqs, length, hq, d).transpose(1, 2)
                     sdpa, choice = sdpa_peers(self.timer, q4, k, v, scale, is_causal=True)
                     nbytes = (2 * q.numel() + 2 * seqs * length * hkv * d) * self.elt
@@ -616,7 +636,7 @@ def render(report: dict[str, Any]) -> str:
     table("decode attention (torch ms (torch/stoke))", report["decode"],
           [("layout", ""), ("batch", ""), ("context", "")], (["merge_kernel"] if triton else []) + peers)
     table("prefill attention", report["prefill"], [("layout", ""), ("seqs", ""), ("length", "")],
-          (["unpacked"] if triton else []) + peers)
+          (["unpacked", "new_kv_rows", "new_kv_tma"] if triton else []) + peers)
     for kind in ("decode", "prefill"):
         choices = sorted({r["sdpa_backend"] for r in report[kind] if r.get("sdpa_backend")})
         if choices:

@@ -12,3 +12,10 @@ def write_json(report: Any, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+def describe_prefill_candidate(candidate: dict[str, Any]) -> str:
+    """A prefill sweep candidate (benchmarks/kernel_configs.py) in a few words."""
+    new_kv = candidate.get("new_kv", "cache")
+    return (f"{tuple(candidate['tile'])}{'' if candidate['packed'] else ' unpacked'}"
+            f"{' cache tma' if candidate.get('cache_tma') else ''}{'' if new_kv == 'cache' else f' new kv {new_kv}'}")

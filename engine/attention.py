@@ -42,7 +42,9 @@ def paged_attention(
         ))
         start = end
     if nd < q.shape[0]:
+        # The chunks' own K/V go along: their new keys need no trip through the block table.
         parts.append(ops.paged_prefill_attention(
-            q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale
+            q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale,
+            key=k[nd:], value=v[nd:],
         ))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

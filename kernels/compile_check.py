@@ -46,7 +46,8 @@ LAYOUTS = {
     "d256": (8, 2, 256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "USE_TMA", "HAS_RESIDUAL", "BLOCK")
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA", "FRESH",
+                "FRESH_TMA", "HAS_RESIDUAL", "BLOCK")
 
 
 @dataclass(slots=True)
@@ -138,9 +139,12 @@ def _launch(case: tuple[str, str, str]) -> None:
                                           fused_merge=fused)
     for pack in (True, False):
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
-    if dtype != torch.float32:  # the tensor-descriptor experiment (TMA on Hopper), 16-bit only
+    # The new tokens' K/V read from the projection's views (what a GPU's tuning may choose).
+    triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
+    if dtype != torch.float32:  # the tensor-descriptor experiments (TMA on Hopper), 16-bit only
+        triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="tma")
         big_blocks = torch.zeros(8, 64, hkv, d, dtype=dtype)  # blocks that hold whole key tiles
-        triton_ops.paged_prefill_attention(q, big_blocks, big_blocks, tables, cu, lens, 0.1, tma=True)
+        triton_ops.paged_prefill_attention(q, big_blocks, big_blocks, tables, cu, lens, 0.1, cache_tma=True)
     if which == "all":
         hidden = torch.zeros(tokens, hq * d, dtype=dtype)
         triton_norm_rope.rms_norm(hidden, torch.ones(hq * d, dtype=dtype), 1e-6)

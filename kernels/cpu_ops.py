@@ -95,22 +95,29 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences, one SDPA call each:
     no work on padding rows, and a chunk without a cached prefix (the common case) runs
-    `is_causal`, which skips the masked tiles."""
+    `is_causal`, which skips the masked tiles, on the step's own `key`/`value` when given
+    (no gather from the cache)."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     for b, total in enumerate(context_lens.tolist()):
         start, end = bounds[b], bounds[b + 1]
         new = end - start
-        blocks = block_tables[b, : -(-total // block_size)].long()
         # 4-D [1, H, L, D]: torch's CPU flash kernel takes only batched inputs; 3-D ones fall to
         # the math path, 3-5x slower.
-        k = k_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)[None]  # [1, Hkv, L, D]
-        v = v_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)[None]
         qb = q[start:end].transpose(0, 1)[None]  # [1, Hq, new, D]
+        if new == total and key is not None:
+            k, v = key[start:end].transpose(0, 1)[None], value[start:end].transpose(0, 1)[None]
+        else:
+            blocks = block_tables[b, : -(-total // block_size)].long()
+            k = k_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)[None]  # [1, Hkv, L, D]
+            v = v_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)[None]
         if new == total:
             o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:  # new tokens after a cached prefix: query j sits at position total - new + j

@@ -99,8 +99,13 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated)."""
+    """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
+    `key`/`value` `[Tq, Hkv, D]` are the new tokens' K/V, already stored in the cache: a kernel
+    may read them from there instead (the oracle reads everything from the cache)."""
     device = q.device
     starts = cu_seqlens_q[:-1].long()
     q_lens = cu_seqlens_q[1:].long() - starts

@@ -18,7 +18,11 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   `cu_seqlens_q` (again no host sync), and a sequence's tiles run last (most keys) first.
   Key tiles fully below the tile's first query position run without a mask; the tiles on the
   diagonal apply the causal mask. A decode is a sequence with one new token, so one launch can
-  attend a whole mixed step (the mixed CUDA graphs).
+  attend a whole mixed step (the mixed CUDA graphs). Given the step's own K/V (`key`/`value`,
+  the projection's views), the new keys may be read from those rows instead of through the
+  block table (`new_kv`: `rows`, or `tma` through tensor descriptors, which needs no whole key
+  tile per cache block): the cached prefix first, then the new keys in tiles that line up with
+  the query tiles. Which source is faster is a GPU's tuning, measured by the sweep.
 
 Keys are gathered token by token through the block table (a tile may span several cache
 blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
@@ -36,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tuning import KernelTuning, load_tuning
+from kernels.tuning import NEW_KV_SOURCES, KernelTuning, load_tuning
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
@@ -133,6 +137,24 @@ def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_d
             v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
                                 BLOCK_SIZE, TILE_IN_BLOCK)
         m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
+                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fresh_tile(q, start, offs_n, kvh, key_head, value_head, key_desc, value_desc, stride_kt, stride_vt,
+                kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
+                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over the step's own K/V rows `start + offs_n` (contiguous
+    token rows, whatever the cache's block size): through the tensor descriptors (USE_TMA) or
+    plain loads."""
+    if USE_TMA:
+        column = kvh * HEAD_DIM
+        m_i, l_i, acc = _attend_loaded(q, key_desc.load([start, column]), value_desc.load([start, column]),
+                                       kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+    else:
+        rows = (start + offs_n).to(tl.int64)[:, None]
+        m_i, l_i, acc = _attend_tile(q, key_head + rows * stride_kt, value_head + rows * stride_vt,
                                      kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
     return m_i, l_i, acc
 
@@ -396,16 +418,19 @@ def _find_sequence(cu_seqlens_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
-    k_desc, v_desc,  # with USE_TMA: the caches as 2-D [slots, Hkv * D] tensor descriptors
+    q_ptr, k_cache_ptr, v_cache_ptr, key_ptr, value_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr,
+    out_ptr,
+    k_desc, v_desc,  # with CACHE_TMA: the caches as 2-D [slots, Hkv * D] tensor descriptors
+    key_desc, value_desc,  # with FRESH_TMA: the step's K/V as 2-D [tokens, Hkv * D] descriptors
     scale_log2e, num_seqs,
-    stride_qt, stride_qh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_TMA: tl.constexpr,
+    FRESH: tl.constexpr, FRESH_TMA: tl.constexpr,
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
@@ -435,7 +460,6 @@ def _prefill_kernel(
     tok = (q_start + offs_q).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask[:, None], other=0.0)
-    positions = ctx - q_len + offs_q  # padding rows (past q_len) see keys < ctx only
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -443,25 +467,62 @@ def _prefill_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
     v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
-    first_pos = ctx - q_len + tile * BLOCK_Q
-    end = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last position are unseen
-    # Key tiles wholly at or below the first row's position: visible to every row, no mask.
-    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+    if FRESH:
+        # The cached prefix from the cache, every key visible to every row; the new tokens'
+        # keys from the step's own K/V, whose tiles line up with the query tiles.
+        prefix = ctx - q_len
+        prefix_full = prefix // BLOCK_N * BLOCK_N
+        for start in range(0, prefix_full, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                       stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                       offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
-                                      TILE_IN_BLOCK, SAME_LAYOUT, USE_TMA, DOT_PREC)
-    # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees a
-    # valid key in the first tile here and m_i never stays -inf.
-    for start in range(full_end, end, BLOCK_N):
-        keys = start + offs_n
-        kv_mask = keys < ctx
-        score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
-        m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                      TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+        # At most one tile, but as a loop: straight-line, it took 255 registers and spilled
+        # (fp32 on sm_90, kernels/compile_check.py), where the loop takes 76.
+        for start in range(prefix_full, prefix, BLOCK_N):
+            kv_mask = start + offs_n < prefix
+            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                       stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                      kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM, BLOCK_SIZE,
-                                      TILE_IN_BLOCK, SAME_LAYOUT, USE_TMA, DOT_PREC)
+                                      kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                      BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+        key_head = key_ptr + kvh * stride_kh + offs_d[None, :]
+        value_head = value_ptr + kvh * stride_vh + offs_d[None, :]
+        first_q = tile * BLOCK_Q
+        # New keys wholly at or below the tile's first query: no mask. Key 0 is visible to
+        # every row, so if the prefix and this loop are empty m_i still turns finite below.
+        fresh_full = (first_q + 1) // BLOCK_N * BLOCK_N
+        for start in range(0, fresh_full, BLOCK_N):
+            m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc, value_desc,
+                                        stride_kt, stride_vt, offs_n, offs_n, m_i, l_i, acc, scale_log2e,
+                                        False, HEAD_DIM, FRESH_TMA, DOT_PREC)
+        for start in range(fresh_full, tl.minimum(first_q + BLOCK_Q, q_len), BLOCK_N):
+            keys = start + offs_n
+            kv_mask = keys < q_len
+            score_mask = (keys[None, :] <= offs_q[:, None]) & kv_mask[None, :]
+            m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc, value_desc,
+                                        stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
+                                        True, HEAD_DIM, FRESH_TMA, DOT_PREC)
+    else:
+        positions = ctx - q_len + offs_q  # padding rows (past q_len) see keys < ctx only
+        first_pos = ctx - q_len + tile * BLOCK_Q
+        end = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last position are unseen
+        # Key tiles wholly at or below the first row's position: visible to every row, no mask.
+        full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                      offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
+                                      TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+        # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees
+        # a valid key in the first tile here and m_i never stays -inf.
+        for start in range(full_end, end, BLOCK_N):
+            keys = start + offs_n
+            kv_mask = keys < ctx
+            score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
+            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                      kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                      BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -477,22 +538,41 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
+    new_kv: str | None = None,
     pack_gqa: bool | None = None,
-    tma: bool = False,
+    cache_tma: bool = False,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
     Sequences may have no new tokens, and tokens past `cu_seqlens_q[-1]` belong to none (their
     rows are left unwritten): a padded step for a CUDA graph.
 
-    `pack_gqa` forces whether a program takes all query heads of a kv head (None: when the
-    group is a power of two, so no row of the tile is wasted). `tma` loads each K/V tile
-    through a tensor descriptor (Hopper's TMA; plain loads before it): an experiment for
-    benchmarks/kernel_configs.py, only where a key tile lies inside one cache block."""
+    `key`/`value` `[Tq, Hkv, D]`: the new tokens' K/V as just stored in the cache (views of the
+    projection welcome). `new_kv` says where the new keys are read: `cache` through the block
+    table like the prefix; `rows` from `key`/`value`, whose rows line up with the query tiles
+    whatever the block size; `tma` the same through tensor descriptors (Hopper's TMA engine).
+    None: this GPU's tuning (`prefill_new_kv`), else `cache` (the only source measured so
+    far). `pack_gqa` forces whether a program takes all query heads of a kv head (None: when
+    the group is a power of two, so no row of the tile is wasted). `cache_tma` loads cache
+    tiles through tensor descriptors: an experiment for benchmarks/kernel_configs.py, only
+    where a key tile lies inside one cache block."""
     Tq, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
     block_size = k_cache.shape[1]
     num_seqs = cu_seqlens_q.shape[0] - 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if (key is None) != (value is None):
+        raise ValueError("paged_prefill_attention: key and value come together")
+    if key is not None and not (key.shape == value.shape == (Tq, num_kv_heads, head_dim)):
+        raise ValueError(f"paged_prefill_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must be "
+                         f"{(Tq, num_kv_heads, head_dim)}, one row per query token")
+    if new_kv is None:
+        new_kv = "cache" if key is None else _new_kv_default(q.device)
+    if new_kv not in NEW_KV_SOURCES:
+        raise ValueError(f"new_kv must be one of {NEW_KV_SOURCES}, got {new_kv!r}")
+    if new_kv != "cache" and key is None:
+        raise ValueError(f"new_kv={new_kv!r} reads the new tokens' key and value: pass them")
     if Tq == 0 or num_seqs == 0:
         return out
     q = _last_dim_contiguous(q)
@@ -506,27 +586,53 @@ def paged_prefill_attention(
     block_m = max(block_m, heads)
     block_q = block_m // heads
     grid = (Tq // block_q + num_seqs, num_kv_heads if heads > 1 else num_heads)
-    k_desc = v_desc = None
-    if tma:
-        if block_size % block_n or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError(f"tma needs contiguous caches whose blocks ({block_size}) hold whole key tiles ({block_n})")
+    fresh = new_kv != "cache"
+    if fresh:
+        key, value = _rows_with_contiguous_heads(key), _rows_with_contiguous_heads(value)
+    if cache_tma and (block_size % block_n or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        raise ValueError(f"cache_tma needs contiguous caches whose blocks ({block_size}) hold whole key tiles "
+                         f"({block_n})")
+    if new_kv == "tma" and not _tma_ready(key, value):
+        raise ValueError("new_kv='tma' needs key and value rows 16-byte aligned (base and row stride)")
+    k_desc = v_desc = key_desc = value_desc = None
+    if cache_tma or new_kv == "tma":
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        k_desc, v_desc = (TensorDescriptor.from_tensor(c.view(-1, num_kv_heads * head_dim), [block_n, head_dim])
-                          for c in (k_cache, v_cache))
+        def descriptor(x: torch.Tensor) -> TensorDescriptor:  # [tokens or slots, Hkv * D]
+            return TensorDescriptor.from_tensor(x.flatten(0, -3).flatten(-2), [block_n, head_dim])
+
+        if cache_tma:
+            k_desc, v_desc = descriptor(k_cache), descriptor(v_cache)
+        if new_kv == "tma":
+            key_desc, value_desc = descriptor(key), descriptor(value)
+    rows = (key, value) if fresh else (q, q)  # unused with the cache
+    row_strides = (key.stride(0), key.stride(1), value.stride(0), value.stride(1)) if fresh else (0, 0, 0, 0)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, k_desc, v_desc,
+        q, k_cache, v_cache, *rows, block_tables, cu_seqlens_q, context_lens, out,
+        k_desc, v_desc, key_desc, value_desc,
         scale * LOG2E, num_seqs,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), *row_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
-        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), USE_TMA=tma,
+        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), CACHE_TMA=cache_tma,
+        FRESH=fresh, FRESH_TMA=new_kv == "tma",
         num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
     return out
+
+
+def _rows_with_contiguous_heads(x: torch.Tensor) -> torch.Tensor:
+    """`[T, H, D]` whose heads sit side by side in each token's row (any row stride): what
+    one tensor descriptor of `[T, H * D]` covers, and the projection's K/V views are."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
+def _tma_ready(*xs: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    return all(x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0 for x in xs)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -563,6 +669,12 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
             return tuned
         return (64, 64, 4, 2) if _device_capability(device)[0] >= 9 else (128, 32, 8, 2)
     return 64, 32, 8, 2
+
+
+def _new_kv_default(device: torch.device) -> str:
+    """Where prefill reads the new tokens' K/V unless told: this GPU's tuning, else the cache."""
+    tuned = _device_tuning(device).prefill_new_kv if device.type == "cuda" else None
+    return tuned or "cache"
 
 
 def _pack_gqa_default(group: int, device: torch.device) -> bool:

@@ -3,11 +3,14 @@ benchmarks/kernel_configs.py (`--write-tuning`) rather than guessed.
 
 A tuning is a small JSON file:
 
-    {"device": "NVIDIA H200", "prefill_tile": [64, 64, 4, 2], "pack_gqa": true, "min_split_keys": 64}
+    {"device": "NVIDIA H200", "prefill_tile": [64, 64, 4, 2], "pack_gqa": true, "prefill_new_kv": "cache",
+     "min_split_keys": 64}
 
 - `prefill_tile`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for 16-bit
   inputs with head_dim <= 128, the shapes the sweep measures;
 - `pack_gqa`: whether prefill packs a kv head's query heads into one tile (power-of-two groups);
+- `prefill_new_kv`: where prefill reads the new tokens' K/V: `cache` (through the block table,
+  as the prefix), `rows` (the step's own K/V rows) or `tma` (those through tensor descriptors);
 - `min_split_keys`: the shortest split-K chunk the decode heuristic makes.
 
 Any key may be missing or null: the built-in choice stands. The file is `$STOKE_KERNEL_TUNING`
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_VAR = "STOKE_KERNEL_TUNING"
+NEW_KV_SOURCES = ("cache", "rows", "tma")  # kernels.triton_ops's sources of the new tokens' K/V
 TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 
 
@@ -31,13 +35,14 @@ TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 class KernelTuning:
     prefill_tile: tuple[int, int, int, int] | None = None
     pack_gqa: bool | None = None
+    prefill_new_kv: str | None = None
     min_split_keys: int | None = None
     source: str | None = None  # the file it came from; None: built-in choices only
 
     def as_json(self) -> dict[str, Any]:
         """Its values as the file holds them (without `source`)."""
         return {"prefill_tile": self.prefill_tile and list(self.prefill_tile), "pack_gqa": self.pack_gqa,
-                "min_split_keys": self.min_split_keys}
+                "prefill_new_kv": self.prefill_new_kv, "min_split_keys": self.min_split_keys}
 
 
 def tuning_path(device_name: str) -> str:
@@ -64,7 +69,7 @@ def parse_tuning(data: Any, source: str) -> KernelTuning:
 
     if not isinstance(data, dict):
         raise bad("expected a JSON object")
-    unknown = set(data) - {"device", "prefill_tile", "pack_gqa", "min_split_keys", "measured"}
+    unknown = set(data) - {"device", "prefill_tile", "pack_gqa", "prefill_new_kv", "min_split_keys", "measured"}
     if unknown:
         raise bad(f"unknown keys {sorted(unknown)}")
     tile = data.get("prefill_tile")
@@ -77,10 +82,13 @@ def parse_tuning(data: Any, source: str) -> KernelTuning:
     pack = data.get("pack_gqa")
     if pack is not None and not isinstance(pack, bool):
         raise bad(f"pack_gqa must be true, false or null; got {pack!r}")
+    new_kv = data.get("prefill_new_kv")
+    if new_kv is not None and new_kv not in NEW_KV_SOURCES:
+        raise bad(f"prefill_new_kv must be one of {list(NEW_KV_SOURCES)} or null; got {new_kv!r}")
     keys = data.get("min_split_keys")
     if keys is not None and (type(keys) is not int or keys < 1):
         raise bad(f"min_split_keys must be a positive integer; got {keys!r}")
-    return KernelTuning(prefill_tile=tile, pack_gqa=pack, min_split_keys=keys, source=source)
+    return KernelTuning(prefill_tile=tile, pack_gqa=pack, prefill_new_kv=new_kv, min_split_keys=keys, source=source)
 
 
 def write_tuning(tuning: KernelTuning, device_name: str, path: str, measured: dict[str, Any] | None = None) -> None:

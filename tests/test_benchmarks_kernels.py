@@ -121,14 +121,16 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
     recommended = data["recommended"]
     written = parse_tuning(json.loads(tuning.read_text()), str(tuning))
     assert list(written.prefill_tile) == recommended["prefill_tile"] and written.pack_gqa == recommended["pack_gqa"]
+    assert written.prefill_new_kv == recommended["prefill_new_kv"] in ("cache", "rows", "tma")
     assert written.prefill_tile in [(16, 16, 4, 1), (32, 16, 4, 1)] and written.min_split_keys == 64
     assert recommended["prefill"]["score"] == 1.0 and set(recommended["decode"]["min_split_keys_scores"]) == {
         "32", "64", "128", "256"}
     prefill, prefill_large = data["rows"]
     assert (prefill["block_size"], prefill_large["block_size"]) == (16, 32)
-    assert [(c["tile"], c["packed"]) for c in prefill["candidates"]] == [
-        ([16, 16, 4, 1], True), ([32, 16, 4, 1], True), ([16, 16, 4, 1], False)]
-    assert [(c["tile"], c["packed"], c["tma"]) for c in prefill_large["candidates"]] == [
+    assert [(c["tile"], c["packed"], c["new_kv"]) for c in prefill["candidates"]] == [
+        ([16, 16, 4, 1], True, "cache"), ([32, 16, 4, 1], True, "cache"), ([16, 16, 4, 1], False, "cache"),
+        ([16, 16, 4, 1], True, "rows"), ([16, 16, 4, 1], True, "tma")]
+    assert [(c["tile"], c["packed"], c["cache_tma"]) for c in prefill_large["candidates"]] == [
         ([16, 16, 4, 1], True, False), ([16, 16, 4, 1], True, True)]
     for row in data["rows"]:
         assert all(_positive(c["ms"]) and c["max_abs_diff"] < 1e-4 for c in row["candidates"])
@@ -306,6 +308,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     kernels = json.loads(json.dumps(kernels_report))  # as on CUDA: the merge and SDPA backend peers
     for r in kernels["decode"]:
         r.update(merge_kernel_ratio=1.3, sdpa_flash_ratio=0.9, sdpa_backend="CUDNN_ATTENTION")
+    for r in kernels["prefill"]:  # and the new keys read from their rows
+        r.update(new_kv_rows_ratio=1.02, new_kv_tma_ratio=0.8)
     results = [
         gpu_check.StageResult("kernel_tests", "ok", 3.0, 0, result={"passed": 5, "failed": 1, "skipped": 0,
                               "failures": [{"test": "t::x", "error": "e"}]}, meta={"runner": "mini_pytest"}),
@@ -323,18 +327,18 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             "gpu_utilization_samples": 60}}}}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
-                      "best": {"tile": [128, 64, 8, 2], "packed": False, "ms": 0.07}}],
+                      "best": {"tile": [128, 64, 8, 2], "packed": False, "new_kv": "tma", "ms": 0.07}}],
             "decode": [{"layout": "l", "batch": 1, "context": 512, "sdpa_ms": 0.0106, "heuristic_splits": 2,
                         "heuristic_ms": 0.0149, "best": {"splits": 1, "ms": 0.0091}}]}),
     ]
     tuning = tmp_path / "kernel_tuning.json"
     tuning.write_text(json.dumps({"device": "dev", "prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
-                                  "min_split_keys": 128}))
+                                  "prefill_new_kv": "rows", "min_split_keys": 128}))
     results.append(gpu_check.StageResult("kernels_tuned", "ok", 2.0, 0, result=kernels,
                                          meta={"tuning": str(tuning)}))
     summary = gpu_check.summarise(results, str(tmp_path))
     assert summary["kernels_tuned"]["tuning"] == {"prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
-                                                  "min_split_keys": 128}
+                                                  "prefill_new_kv": "rows", "min_split_keys": 128}
     assert summary["kernels_tuned"]["decode_vs_sdpa"] == summary["kernels"]["decode_vs_sdpa"]
     assert summary["tests"]["passed"] == 5 and summary["tests"]["failures"] == ["t::x"]
     m = summary["offline"]["m"]
@@ -342,22 +346,25 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert m["mixed_graphs_speedup"] == pytest.approx(1.25) and m["stoke_decode_graphs"] == 240.0
     assert m["async_scheduling_speedup"] == pytest.approx(1.5)
     assert m["stoke_sync_scheduling_extra"]["async_scheduling"] is False
-    assert summary["sweeps"]["prefill"][0]["best"] == "(128, 64, 8, 2) unpacked"
+    assert summary["sweeps"]["prefill"][0]["best"] == "(128, 64, 8, 2) unpacked new kv tma"
     assert summary["sweeps"]["decode"][0]["best"] == "1 splits (heuristic 2)"
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
     assert k["mixed_one_launch_vs_split"]["min"] > 0 and k["prefill_packed_vs_unpacked"] is None  # no Triton
     assert k["decode_fused_vs_merge_kernel"]["median"] == 1.3 and k["decode_vs_sdpa_flash"]["max"] == 0.9
     assert k["decode_vs_sdpa_cudnn"] is None and "CUDNN_ATTENTION" in k["sdpa_backends"]
+    assert k["prefill_cache_vs_new_kv_rows"]["max"] == 1.02 and k["prefill_cache_vs_new_kv_tma"]["min"] == 0.8
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False}},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
-    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00", "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked",
+    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
+                   "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked new kv tma",
+                   "prefill_cache_vs_new_kv_tma", "new keys by TMA/through the cache",
                    "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "stoke 62%", "1.50",
                    "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
                    "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION",
-                   "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]",
+                   "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]", "'prefill_new_kv': 'rows'",
                    "not installed here (stoke serve needs them): pynvml",
                    "9000 output tok/s, TTFT p50/p99 80/420 ms, ITL p50/p99 9.5/31.0 ms, GPU utilisation (NVML) 87% "
                    "over 60 samples"):

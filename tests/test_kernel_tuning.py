@@ -41,6 +41,7 @@ def test_load_from_the_environment_the_shipped_file_or_nothing(tmp_path, monkeyp
     ({"prefill_tile": [8, 64, 4, 2]}, "prefill_tile must be"),  # below tl.dot's 16
     ({"prefill_tile": [64, 64, 4, "2"]}, "prefill_tile must be"),
     ({"pack_gqa": "yes"}, "pack_gqa must be"),
+    ({"prefill_new_kv": "fresh"}, "prefill_new_kv must be one of"),
     ({"min_split_keys": 0}, "min_split_keys must be"),
     ({"min_split_keys": 64.0}, "min_split_keys must be"),
 ])
@@ -51,11 +52,12 @@ def test_a_bad_tuning_is_an_error_naming_its_file(data: object, error: str) -> N
 
 def test_written_as_it_reads_back(tmp_path) -> None:
     path = tmp_path / "t" / "x.json"
-    chosen = KernelTuning(prefill_tile=(64, 64, 4, 2), pack_gqa=True, min_split_keys=64)
+    chosen = KernelTuning(prefill_tile=(64, 64, 4, 2), pack_gqa=True, prefill_new_kv="rows", min_split_keys=64)
     write_tuning(chosen, "GPU X", str(path), measured={"prefill": {"score": 1.02}})
     data = json.loads(path.read_text())
     assert data["device"] == "GPU X" and data["measured"] == {"prefill": {"score": 1.02}}
-    assert parse_tuning(data, str(path)) == KernelTuning((64, 64, 4, 2), True, 64, str(path))
+    assert parse_tuning(data, str(path)) == KernelTuning(prefill_tile=(64, 64, 4, 2), pack_gqa=True,
+                                                         prefill_new_kv="rows", min_split_keys=64, source=str(path))
     with pytest.raises(ValueError, match="min_split_keys"):
         write_tuning(KernelTuning(min_split_keys=-1), "GPU X", str(tmp_path / "bad.json"))
     assert not (tmp_path / "bad.json").exists()

@@ -43,9 +43,12 @@ def test_decode_matches_naive(group: int, head_dim: int, block_size: int, seed: 
 
 @pytest.mark.parametrize("group,head_dim,block_size", CONFIGS[:4])
 @pytest.mark.parametrize("seed", range(2))
-def test_prefill_matches_naive(group: int, head_dim: int, block_size: int, seed: int) -> None:
+@pytest.mark.parametrize("fresh", [False, True])
+def test_prefill_matches_naive(group: int, head_dim: int, block_size: int, seed: int, fresh: bool) -> None:
     """One SDPA call per sequence: whole prompts (is_causal), one new token, and a suffix
-    after a cached prefix (the bottom-right causal mask)."""
+    after a cached prefix (the bottom-right causal mask). `fresh`: the new tokens' K/V passed
+    as the engine passes them; whole prompts then read only those (their cache blocks are
+    poisoned here)."""
     gen = torch.Generator().manual_seed(100 + seed)
     num_kv_heads = 2
     lens = ragged_lens(gen, 4, block_size, 60, shortest=(1, block_size + 3)[seed])
@@ -55,7 +58,15 @@ def test_prefill_matches_naive(group: int, head_dim: int, block_size: int, seed:
     )
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen)
     cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    out = cpu_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens, torch.tensor(lens, dtype=torch.int32), 0.3)
+    kv = {}
+    if fresh:
+        kv = {"key": torch.cat([k[n - new :] for k, n, new in zip(keys, lens, q_lens)]),
+              "value": torch.cat([v[n - new :] for v, n, new in zip(values, lens, q_lens)])}
+        for b, (n, new) in enumerate(zip(lens, q_lens)):
+            if new == n:
+                k_cache[tables[b, : -(-n // block_size)].long()] = float("nan")
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    out = cpu_ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens, context_lens, 0.3, **kv)
     assert out.shape == q.shape
     expected = torch.cat([
         naive_attention(q[cu_seqlens[b] : cu_seqlens[b + 1]], keys[b], values[b], 0.3) for b in range(len(lens))

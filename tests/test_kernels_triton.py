@@ -83,6 +83,26 @@ def stale_to_nan(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Ten
     v_cache[~used] = float("nan")
 
 
+def new_tokens_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
+                  q_lens: list[int], pad_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens' K/V as the model hands them over: strided `[T, Hkv, D]` views of one
+    fused projection row (NaN around them, and in `pad_tokens` rows of no sequence). Their
+    cache slots turn NaN (in place), so a kernel that reads them from the cache fails."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    total, width = sum(q_lens) + pad_tokens, num_kv_heads * head_dim
+    row = torch.full((total, 5 * width), float("nan"), dtype=k_cache.dtype)
+    key = row[:, width : 2 * width].view(total, num_kv_heads, head_dim)
+    value = row[:, 3 * width : 4 * width].view(total, num_kv_heads, head_dim)
+    t = 0
+    for b, (n, new) in enumerate(zip(lens, q_lens)):
+        for pos in range(n - new, n):
+            block, slot = int(tables[b, pos // block_size]), pos % block_size
+            key[t], value[t] = k_cache[block, slot], v_cache[block, slot]
+            k_cache[block, slot] = v_cache[block, slot] = float("nan")
+            t += 1
+    return key, value
+
+
 SCALE = 0.3
 
 
@@ -213,7 +233,8 @@ def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) 
 
 def test_a_gpus_tuning_replaces_the_built_in_choices(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels/tuning.py's values, where a GPU has them: the 16-bit prefill tile at head dim
-    <= 128, the tiling of power-of-two groups, the decode split minimum; nothing else moves."""
+    <= 128, the tiling of power-of-two groups, where the new tokens' K/V are read, the decode
+    split minimum; nothing else moves."""
     from kernels.tuning import KernelTuning
 
     cuda = torch.device("cuda", 0)
@@ -223,18 +244,20 @@ def test_a_gpus_tuning_replaces_the_built_in_choices(ops: ModuleType, monkeypatc
     assert ops._prefill_config(128, torch.bfloat16, cuda) == (64, 64, 4, 2)
     assert ops._pack_gqa_default(4, cuda) and not ops._pack_gqa_default(3, cuda)
     assert ops._num_splits(1, 8, 512, cuda) == 8
-    tuned = KernelTuning(prefill_tile=(128, 128, 8, 2), pack_gqa=False, min_split_keys=256)
+    assert ops._new_kv_default(cuda) == "cache"
+    tuned = KernelTuning(prefill_tile=(128, 128, 8, 2), pack_gqa=False, prefill_new_kv="tma", min_split_keys=256)
     monkeypatch.setattr(ops, "_device_tuning", lambda device: tuned)
     assert ops._prefill_config(128, torch.bfloat16, cuda) == ops._prefill_config(64, torch.float16, cuda) == (
         128, 128, 8, 2)
     assert ops._prefill_config(256, torch.bfloat16, cuda) == (64, 32, 8, 2)  # not what was swept
     assert ops._prefill_config(128, torch.float32, cuda) == (32, 16, 8, 2)
-    assert not ops._pack_gqa_default(4, cuda)
+    assert not ops._pack_gqa_default(4, cuda) and ops._new_kv_default(cuda) == "tma"
     assert ops._num_splits(1, 8, 512, cuda) == 2
     assert ops._num_splits(1, 8, 512, cuda, min_keys=32) == 16  # the sweep's what-if
     # On the CPU (the interpreter) no tuning is read: the smallest tiles, one split.
     assert ops._prefill_config(128, torch.float16, torch.device("cpu")) == (16, 16, 4, 1)
     assert ops._pack_gqa_default(4, torch.device("cpu")) and ops._num_splits(1, 8, 512, torch.device("cpu")) == 1
+    assert ops._new_kv_default(torch.device("cpu")) == "cache"
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -280,7 +303,7 @@ def test_prefill_matches_reference(
 @pytest.mark.parametrize("pack_gqa", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prefill_through_tensor_descriptors(ops: ModuleType, pack_gqa: bool, dtype: torch.dtype) -> None:
-    """`tma=True` (K/V tiles loaded whole through tensor descriptors, where blocks hold whole
+    """`cache_tma=True` (K/V tiles loaded whole through tensor descriptors, where blocks hold whole
     tiles) equals the reference: prompts, a chunk after a cached prefix, a decode; NaN in stale
     slots past each context is masked out of the scores and zeroed out of the values."""
     gen = torch.Generator().manual_seed(21)
@@ -292,19 +315,72 @@ def test_prefill_through_tensor_descriptors(ops: ModuleType, pack_gqa: bool, dty
     expected = expected_prefill(q, k_cache, v_cache, tables, cu, context_lens)
     stale_to_nan(k_cache, v_cache, tables, lens)
     out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, context_lens), SCALE,
-                                      pack_gqa=pack_gqa, tma=True)
+                                      pack_gqa=pack_gqa, cache_tma=True)
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
-    with pytest.raises(ValueError, match="tma"):
+    with pytest.raises(ValueError, match="cache_tma"):
         small = paged_batch([5], 8, 2, 16, dtype, gen, pad_id=0)
         ops.paged_prefill_attention(q[:5], small[0], small[1], small[2], torch.tensor([0, 5], dtype=torch.int32),
-                                    torch.tensor([5], dtype=torch.int32), SCALE, tma=True)
+                                    torch.tensor([5], dtype=torch.int32), SCALE, cache_tma=True)
+
+
+@pytest.mark.parametrize("new_kv", ["rows", "tma"])
+@pytest.mark.parametrize("dtype,block_size,pack_gqa", [
+    (torch.float32, 16, True), (torch.float16, 8, True), (torch.float16, 32, False), (torch.float32, 8, False),
+])
+def test_prefill_reads_new_tokens_from_key_value(
+    ops: ModuleType, dtype: torch.dtype, block_size: int, pack_gqa: bool, new_kv: str
+) -> None:
+    """`new_kv` rows: the new keys come from the step's own K/V (`key`/`value`) and the cached
+    prefix through the block table: a whole prompt, prefixes ending on a block boundary and
+    inside a tile, a decode, a one-token prompt. The new tokens' cache slots and stale slots
+    hold NaN, so reading either shows. `tma`: the same rows through tensor descriptors over
+    strided views (with `cache_tma` too where blocks hold whole tiles)."""
+    gen = torch.Generator().manual_seed(block_size + len(new_kv))
+    lens, q_lens = [45, 2 * block_size + 20, 37, 33, 1], [45, 20, 20, 1, 1]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, 16, dtype, gen, pad_id=0)
+    q = torch.randn(sum(q_lens), 8, 16, generator=gen).to(dtype)
+    cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_prefill(q, k_cache, v_cache, tables, cu, context_lens)
+    stale_to_nan(k_cache, v_cache, tables, lens)
+    key, value = new_tokens_kv(k_cache, v_cache, tables, lens, q_lens)
+    out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, context_lens), SCALE,
+                                      key=key.to(DEVICE), value=value.to(DEVICE), new_kv=new_kv, pack_gqa=pack_gqa,
+                                      cache_tma=new_kv == "tma" and block_size >= 16)
+    torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+
+
+def test_prefill_key_value_errors(ops: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(2)
+    k_cache, v_cache, tables, _, _ = paged_batch([5], 8, 2, 16, torch.float32, gen, pad_id=0)
+    q = torch.randn(5, 4, 16, generator=gen)
+    args = to_device(q, k_cache, v_cache, tables, torch.tensor([0, 5], dtype=torch.int32),
+                     torch.tensor([5], dtype=torch.int32))
+    key = torch.randn(5, 2, 16, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="come together"):
+        ops.paged_prefill_attention(*args, SCALE, key=key)
+    with pytest.raises(ValueError, match="one row per query token"):
+        ops.paged_prefill_attention(*args, SCALE, key=key[:4], value=key[:4])
+    with pytest.raises(ValueError, match="pass them"):
+        ops.paged_prefill_attention(*args, SCALE, new_kv="rows")
+    with pytest.raises(ValueError, match="new_kv must be one of"):
+        ops.paged_prefill_attention(*args, SCALE, key=key, value=key, new_kv="fresh")
+    # Rows at an odd float offset are not 16-byte aligned: no tensor descriptor.
+    odd = torch.randn(5 * 33 + 1, device=DEVICE)[1:].view(5, 33)[:, :32].view(5, 2, 16)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ops.paged_prefill_attention(*args, SCALE, key=odd, value=odd, new_kv="tma")
+    # Unless told, key and value are read where this GPU's tuning says: the cache on the CPU.
+    poisoned = torch.full_like(key, float("nan"))
+    want = ops.paged_prefill_attention(*args, SCALE)
+    assert torch.equal(ops.paged_prefill_attention(*args, SCALE, key=poisoned, value=poisoned), want)
 
 
 def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                            lens: list[int], q_lens: list[int], num_decodes: int) -> None:
+                            lens: list[int], q_lens: list[int], num_decodes: int, fresh: bool = False) -> None:
     """What a mixed CUDA graph launches: decodes (one new token) and chunks in one call, then
     sequences with no new token and tokens of no sequence up to the captured sizes. The real
-    rows equal decode + prefill on their parts."""
+    rows equal decode + prefill on their parts. `fresh`: the new tokens' K/V passed as the
+    engine passes them (and only there: their cache slots hold NaN)."""
     gen = torch.Generator().manual_seed(12 + group + head_dim)
     k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, head_dim, dtype, gen, pad_id=-1)
     n = sum(q_lens)
@@ -318,19 +394,23 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
     ])
     stale_to_nan(k_cache, v_cache, tables, lens)
     pad_seqs, pad_tokens = 3, 19
+    kv = {}
+    if fresh:
+        kv = dict(zip(("key", "value"), to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens, pad_tokens))),
+                  new_kv="rows")
     cu = torch.tensor([0, *q_lens] + [0] * pad_seqs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     padded_q = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"), dtype=dtype)])
     padded_tables = torch.cat([tables, torch.zeros((pad_seqs, tables.shape[1]), dtype=tables.dtype)])
     padded_lens = torch.cat([context_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
     out = ops.paged_prefill_attention(*to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens),
-                                      SCALE).cpu()
+                                      SCALE, **kv).cpu()
     torch.testing.assert_close(out[:n].float(), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int) -> None:
+@pytest.mark.parametrize("group,fresh", [(1, False), (4, False), (4, True)])
+def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int, fresh: bool) -> None:
     # three decodes, a cached prefix, a whole prompt
-    check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3)
+    check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh)
 
 
 def test_prefill_ignores_stale_slots_and_equals_decode(ops: ModuleType) -> None:
@@ -570,6 +650,28 @@ class TestCompiledOnGPU:
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("new_kv", ["rows", "tma"])
+    @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
+        (4, 8, 128, 16), (8, 2, 256, 32), (3, 2, 128, 16), (1, 4, 64, 64),
+    ])
+    def test_prefill_from_key_value(self, ops, dtype, new_kv, group, num_kv_heads, head_dim, block_size):
+        """The new tokens' K/V from the projection's strided views (through tensor descriptors
+        with `tma`), the cached prefix from the cache, whose new tokens' slots hold NaN."""
+        gen = torch.Generator().manual_seed(head_dim + len(new_kv))
+        lens, q_lens = [1000, 1, 2 * block_size + 5, 777], [1000, 1, 5, 300]
+        k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, head_dim, dtype, gen, pad_id=0)
+        q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
+        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        expected = reference.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), tables, cu, ctx,
+                                                     head_dim**-0.5)
+        stale_to_nan(k_cache, v_cache, tables, lens)
+        key, value = to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens))
+        out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), head_dim**-0.5,
+                                          key=key, value=value, new_kv=new_kv)
+        torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     def test_prefill_through_tensor_descriptors(self, ops, dtype):
         """The TMA experiment compiled: 64-token blocks, stale NaN past each context."""
@@ -582,16 +684,18 @@ class TestCompiledOnGPU:
         expected = reference.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), tables, cu, ctx,
                                                      128**-0.5)
         stale_to_nan(k_cache, v_cache, tables, lens)
-        out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), 128**-0.5, tma=True)
+        out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), 128**-0.5, cache_tma=True)
         torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (2, 64, 32), (3, 128, 16)])
-    def test_padded_mixed_step(self, ops, dtype, group, head_dim, block_size):
+    @pytest.mark.parametrize("group,head_dim,block_size,fresh", [
+        (4, 128, 16, False), (2, 64, 32, False), (3, 128, 16, False), (4, 128, 16, True), (3, 128, 16, True),
+    ])
+    def test_padded_mixed_step(self, ops, dtype, group, head_dim, block_size, fresh):
         """A mixed CUDA graph's one launch: 24 decodes up to 1200 keys beside two chunks."""
         gen = torch.Generator().manual_seed(group)
         lens = [*torch.randint(1, 1200, (24,), generator=gen).tolist(), 700, 300]
-        check_padded_mixed_step(ops, group, head_dim, block_size, dtype, lens, [1] * 24 + [200, 300], 24)
+        check_padded_mixed_step(ops, group, head_dim, block_size, dtype, lens, [1] * 24 + [200, 300], 24, fresh)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_store_kv(self, ops, dtype):
