@@ -151,9 +151,10 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
     for (layout, seqs, length), block_size in itertools.product(plan.prefill_shapes, plan.block_sizes):
         # (tile, packed, cache_tma, new_kv)
         if block_size == plan.block_sizes[0]:
+            # One head per program last: the first to go when the budget runs out.
             candidates = ([(tile, True, False, "cache") for tile in plan.tiles]
-                          + [(tile, False, False, "cache") for tile in plan.unpacked_tiles]
-                          + [(tile, True, False, new_kv) for tile in plan.new_kv_tiles for new_kv in ("rows", "tma")])
+                          + [(tile, True, False, new_kv) for tile in plan.new_kv_tiles for new_kv in ("rows", "tma")]
+                          + [(tile, False, False, "cache") for tile in plan.unpacked_tiles])
         else:
             candidates = [(tile, True, tma, "cache") for tile in plan.large_block_tiles for tma in (False, True)]
         hq, hkv, d, _, _ = LAYOUTS[layout]

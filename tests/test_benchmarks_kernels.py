@@ -128,8 +128,8 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
     prefill, prefill_large = data["rows"]
     assert (prefill["block_size"], prefill_large["block_size"]) == (16, 32)
     assert [(c["tile"], c["packed"], c["new_kv"]) for c in prefill["candidates"]] == [
-        ([16, 16, 4, 1], True, "cache"), ([32, 16, 4, 1], True, "cache"), ([16, 16, 4, 1], False, "cache"),
-        ([16, 16, 4, 1], True, "rows"), ([16, 16, 4, 1], True, "tma")]
+        ([16, 16, 4, 1], True, "cache"), ([32, 16, 4, 1], True, "cache"), ([16, 16, 4, 1], True, "rows"),
+        ([16, 16, 4, 1], True, "tma"), ([16, 16, 4, 1], False, "cache")]
     assert [(c["tile"], c["packed"], c["cache_tma"]) for c in prefill_large["candidates"]] == [
         ([16, 16, 4, 1], True, False), ([16, 16, 4, 1], True, True)]
     for row in data["rows"]:
