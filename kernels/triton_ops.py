@@ -225,6 +225,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -273,11 +274,12 @@ def _decode_kernel(
             counter = counters_ptr + b64 * tl.num_programs(1) + kvh
             if tl.atomic_add(counter, 1) == num_splits - 1:
                 tl.store(counter, 0)  # zero again for the next launch on this stream
-                for g in range(GROUP):
+                for g in range(0, GROUP, MERGE_HEADS):
                     head = kvh * GROUP + g
                     _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
                                   (b64 * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
-                                  out_ptr + b64 * stride_ob + head * stride_oh, HEAD_DIM, BLOCK_S)
+                                  out_ptr + b64 * stride_ob + head * stride_oh, stride_oh,
+                                  tl.minimum(MERGE_HEADS, GROUP - g), BLOCK_GM, HEAD_DIM, BLOCK_S)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -285,36 +287,44 @@ def _decode_kernel(
 
 
 @triton.jit(noinline=True)  # inlined into the decode kernel, fp32 tiles spilled 1 KiB on sm_90
-def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, out_ptr,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Write one (sequence, query head)'s output from its `num_splits` partials at rows
-    `first_row`... Loads bypass L1 (`.cg`): other programs of the same launch wrote them."""
+def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, out_ptr, stride_oh, heads,
+                  BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Write the outputs of `heads` (<= BLOCK_GM) consecutive query heads of one sequence
+    (from `out_ptr`) from their `num_splits` partials each, at rows
+    `first_row + g * num_splits + s`: one load of all of them, not one per head, since in the
+    fused merge this is the tail of the last split to finish. Loads bypass L1 (`.cg`): other
+    programs of the same launch wrote them."""
+    offs_g = tl.arange(0, BLOCK_GM)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < num_splits
-    row = first_row + offs_s
-    m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0, cache_modifier=".cg")
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0,
-                  cache_modifier=".cg")
+    g_mask = offs_g < heads
+    mask = g_mask[:, None] & (offs_s < num_splits)[None, :]
+    row = first_row + offs_g[:, None] * num_splits + offs_s[None, :]  # [G, S]
+    m = tl.load(part_m_ptr + row, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(part_l_ptr + row, mask=mask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None],
+                  other=0.0, cache_modifier=".cg")  # [G, S, D]
     # Empty splits (m = -inf) weigh 0; a context of 0 (a padding row) leaves all empty: zeros.
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))
-    l_sum = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
-    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))
+    m_max = tl.max(m, 1)
+    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)[:, None])
+    l_sum = tl.sum(l * w, 1)
+    out = tl.sum(acc * w[:, :, None], 1) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_mask[:, None])
 
 
 @triton.jit
 def _decode_reduce_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, num_splits,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # One program per (sequence, kv head), as the fused merge.
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, (b * tl.num_programs(1) + h) * num_splits, num_splits,
-                  out_ptr + b * stride_ob + h * stride_oh, HEAD_DIM, BLOCK_S)
+    kvh = tl.program_id(1)
+    _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, (b * tl.num_programs(1) + kvh) * GROUP * num_splits,
+                  num_splits, out_ptr + b * stride_ob + kvh * GROUP * stride_oh, stride_oh, GROUP,
+                  BLOCK_GM, HEAD_DIM, BLOCK_S)
 
 
 def paged_decode_attention(
@@ -356,6 +366,9 @@ def paged_decode_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     fused = split and fused_merge
+    # The fused merge takes a kv head's query heads in one load, but fp32's caller then took
+    # 255 registers and spilled 556 bytes on sm_90 (kernels/compile_check.py): one at a time.
+    merge_heads = group if q.element_size() <= 2 else 1
     counters = _split_counters(B * num_kv_heads, q.device) if fused else out  # unused without
     _decode_kernel[(B, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
@@ -368,14 +381,16 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SPLIT=split, FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(num_splits),
+        MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
     if split and not fused:
-        _decode_reduce_kernel[(B, num_heads)](
+        _decode_reduce_kernel[(B, num_kv_heads)](
             part_acc, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if head_dim * num_splits >= 2048 else 2, **LAUNCH_OPTIONS,
+            GROUP=group, BLOCK_GM=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if group * head_dim * num_splits >= 2048 else 2, **LAUNCH_OPTIONS,
         )
     return out
 
