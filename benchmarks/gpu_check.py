@@ -267,7 +267,8 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             stoke = r.result["runs"].get("stoke", {}).get("summary", {})
             summary["serve"] = {k: stoke.get(k) for k in (
                 "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
-                "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples")}
+                "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples",
+                "server_cpu_us_per_token", "tokens_per_chunk")}
         elif r.name == "kernel_configs" and r.result and "rows" in r.result:
             summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -423,6 +424,11 @@ def render(report: dict[str, Any]) -> str:
                       f"{_f(v['p50_ttft_ms'], '.0f')}/{_f(v['p99_ttft_ms'], '.0f')} ms, ITL p50/p99 "
                       f"{_f(v['p50_itl_ms'], '.1f')}/{_f(v['p99_itl_ms'], '.1f')} ms, GPU utilisation (NVML) "
                       + ("-" if util is None else f"{100 * util:.0f}% over {v['gpu_utilization_samples']} samples")]
+        cpu = v.get("server_cpu_us_per_token")
+        if cpu:
+            lines.append(f"  CPU per output token: HTTP process {cpu['main']:.0f} us, engine worker "
+                         f"{cpu['children']:.0f} us (one core each: the larger caps tok/s at 1e6 / it); "
+                         f"{_f(v.get('tokens_per_chunk'))} tokens per SSE chunk")
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"

@@ -101,6 +101,7 @@ class Record:
     prompt_len: int
     output_len_requested: int
     output_tokens: int = 0
+    chunks: int = 0  # SSE chunks with text: more tokens than chunks when the server merged some
     start: float = 0.0
     ttft: float | None = None
     e2e: float | None = None
@@ -157,6 +158,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], item: 
                         last = now
                         chunks += 1
         record.e2e = time.perf_counter() - start
+        record.chunks = chunks
         record.output_tokens = usage_tokens if usage_tokens is not None else chunks
         record.ok = record.ttft is not None
         if not record.ok:
@@ -250,6 +252,8 @@ def summarize(records: list[Record], duration: float, gpu_samples: list[float] |
         "output_token_throughput": out_tokens / duration,
         "total_token_throughput": (out_tokens + sum(r.prompt_len for r in ok)) / duration,
         "output_tokens": out_tokens,
+        # A server streaming behind its engine merges tokens into fewer chunks (ITL is per chunk).
+        "tokens_per_chunk": out_tokens / max(1, sum(r.chunks for r in ok)),
     }
     series = {"ttft": [r.ttft for r in ok if r.ttft is not None], "tpot": [r.tpot for r in ok if r.tpot is not None],
               "itl": [x for r in ok for x in r.itl], "e2e": [r.e2e for r in ok if r.e2e is not None]}
@@ -267,14 +271,26 @@ def summarize(records: list[Record], duration: float, gpu_samples: list[float] |
     return summary
 
 
+def add_server_cpu(summary: dict[str, Any], cpu: dict[str, float]) -> None:
+    """The launched server's CPU seconds during the load, and per output token: for stoke the
+    HTTP process (`main`: parsing, SSE, sockets) and the engine worker (`children`), which
+    says whether streaming, not the engine, bounds the throughput."""
+    tokens = summary["output_tokens"]
+    summary["server_cpu_s"] = cpu
+    summary["server_cpu_us_per_token"] = {k: 1e6 * v / tokens for k, v in cpu.items()} if tokens else None
+
+
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     names = list(results)
     rows = [("completed / failed", lambda s: f"{s['completed']} / {s['failed']}"),
             ("duration (s)", lambda s: f"{s['duration_s']:.1f}"),
             ("requests/s", lambda s: f"{s['request_throughput']:.2f}"),
             ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}"),
+            ("output tokens per chunk", lambda s: f"{s['tokens_per_chunk']:.2f}"),
             ("GPU utilisation (NVML)", lambda s: "-" if s.get("gpu_utilization_mean") is None
-             else f"{100 * s['gpu_utilization_mean']:.0f}%")]
+             else f"{100 * s['gpu_utilization_mean']:.0f}%"),
+            ("server CPU us/token (main)", lambda s: _per_token(s, "main")),
+            ("server CPU us/token (children)", lambda s: _per_token(s, "children"))]
     for metric in ("ttft", "tpot", "itl", "e2e"):
         for p in PERCENTILES:
             key = f"p{p}_{metric}_ms"
@@ -292,6 +308,11 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             speedup = a["output_token_throughput"] / b["output_token_throughput"]
             print(f"\n{names[0]} / {names[1]}: output tokens/s x{speedup:.2f}, "
                   f"p99 TTFT x{a['p99_ttft_ms'] / b['p99_ttft_ms']:.2f}")
+
+
+def _per_token(summary: dict[str, Any], part: str) -> str:
+    per_token = summary.get("server_cpu_us_per_token")
+    return "-" if not per_token else f"{per_token[part]:.0f}"
 
 
 def plot(path: str, runs: dict[str, dict[str, Any]]) -> bool:
@@ -334,6 +355,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue  # gone meanwhile
+    return found
 
 
 class Launched:
@@ -384,6 +424,16 @@ class Launched:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"{self.kind} server not ready after {timeout}s; see {self.log.name}")
+
+    def cpu_seconds(self) -> dict[str, float] | None:
+        """CPU time so far of the server's main process (stoke: the HTTP process) and of its
+        children (stoke: the engine worker); None where /proc is not there."""
+        try:
+            main = _cpu_seconds(self.proc.pid)
+            children = sum(_cpu_seconds(pid) for pid in _children(self.proc.pid))
+        except OSError:
+            return None
+        return {"main": main, "children": children}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -469,12 +519,16 @@ def main(argv: list[str] | None = None) -> int:
             base_url, model = server.base_url, server.model
         else:
             base_url, model = args.base_url, args.model or _discover_model(args.base_url)
+        cpu_before = server.cpu_seconds() if server is not None else None
         try:
             records, duration, gpu_samples = asyncio.run(run_load(run_args, base_url, model, items))
+            cpu_after = server.cpu_seconds() if server is not None else None
         finally:
             if server is not None:
                 server.stop()
         summary = summarize(records, duration, gpu_samples)
+        if cpu_before and cpu_after:
+            add_server_cpu(summary, {k: cpu_after[k] - cpu_before[k] for k in cpu_after})
         runs[target] = {"backend": run_args.backend, "base_url": base_url, "model": model, "summary": summary,
                         "records": [{**asdict(r), "tpot": r.tpot} for r in records]}
         print(f"{target}: {summary['completed']}/{summary['requests']} ok in {duration:.1f}s, "

@@ -90,14 +90,31 @@ class Generation:
 
     async def _iterate(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """(prompt index, output frame) until every engine request finished."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+        """The same outputs, every one already queued at once: a stream that fell behind the
+        engine (its event loop busier than the engine is fast) catches up in one chunk per
+        choice, not one per token, so the HTTP process's cost per token falls as load rises.
+        An error is raised after the outputs queued before it."""
         while self.unfinished or not self.queue.empty():
+            batch: list[tuple[int, dict[str, Any]]] = []
             item = await self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            index, output = item
-            if output["finished"]:
-                self.unfinished.discard(output["id"])
-            yield index, output
+            while True:
+                if isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    raise item
+                index, output = item
+                if output["finished"]:
+                    self.unfinished.discard(output["id"])
+                batch.append((index, output))
+                if self.queue.empty():
+                    break
+                item = self.queue.get_nowait()
+            yield batch
 
     def abort(self) -> None:
         """Stop every unfinished engine request of this generation (idempotent, never raises)."""

@@ -100,6 +100,23 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {body}\n\n"
 
 
+def merge_deltas(deltas: list[tuple[Choice, dict[str, Any]]]) -> list[tuple[Choice, dict[str, Any]]]:
+    """One delta per choice (in order of first appearance) from several steps' deltas: text,
+    token ids and logprobs joined, the last finish and stop reasons."""
+    merged: dict[int, tuple[Choice, dict[str, Any]]] = {}
+    for choice, delta in deltas:
+        if choice.index not in merged:
+            merged[choice.index] = (choice, delta)
+            continue
+        first = merged[choice.index][1]
+        logprobs = first["logprobs"] if delta["logprobs"] is None else (first["logprobs"] or []) + delta["logprobs"]
+        merged[choice.index] = (choice, first | {
+            "text": first["text"] + delta["text"], "token_ids": first["token_ids"] + delta["token_ids"],
+            "logprobs": logprobs, "num_tokens": delta["num_tokens"], "finish_reason": delta["finish_reason"],
+            "stop_reason": delta["stop_reason"]})
+    return list(merged.values())
+
+
 async def wait_for_disconnect(request: Request) -> None:
     """Return once the client has closed the connection (the request body was already read)."""
     while True:
@@ -474,17 +491,18 @@ class OpenAIServing:
                     yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, choice.index // job.n),
                                                      None, None))
                 echo_pending.clear()
-            iterator = generation.__aiter__()
+            iterator = generation.batches()
             while True:
                 try:
                     if deadline is None:
-                        index, output = await iterator.__anext__()
+                        batch = await iterator.__anext__()
                     else:
                         remaining = max(0.0, deadline - time.monotonic())
-                        index, output = await asyncio.wait_for(iterator.__anext__(), remaining)
+                        batch = await asyncio.wait_for(iterator.__anext__(), remaining)
                 except StopAsyncIteration:
                     break
-                for choice, delta in self._absorb(job, choices, index, output, cached):
+                deltas = [d for index, output in batch for d in self._absorb(job, choices, index, output, cached)]
+                for choice, delta in merge_deltas(deltas):
                     if choice.index in echo_pending:  # echo with logprobs: the prompt's come first
                         echo_pending.discard(choice.index)
                         prompt_index = choice.index // job.n

@@ -324,7 +324,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
         gpu_check.StageResult("serve_default_model", "ok", 40.0, 0, result={"runs": {"stoke": {"summary": {
             "completed": 512, "failed": 0, "output_token_throughput": 9000.0, "p50_ttft_ms": 80.0, "p99_ttft_ms": 420.0,
             "p50_itl_ms": 9.5, "p99_itl_ms": 31.0, "p99_e2e_ms": 3000.0, "gpu_utilization_mean": 0.87,
-            "gpu_utilization_samples": 60}}}}),
+            "gpu_utilization_samples": 60, "server_cpu_us_per_token": {"main": 41.0, "children": 22.5},
+            "tokens_per_chunk": 1.5}}}}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
                       "best": {"tile": [128, 64, 8, 2], "packed": False, "new_kv": "tma", "ms": 0.07}}],
@@ -367,7 +368,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]", "'prefill_new_kv': 'rows'",
                    "not installed here (stoke serve needs them): pynvml",
                    "9000 output tok/s, TTFT p50/p99 80/420 ms, ITL p50/p99 9.5/31.0 ms, GPU utilisation (NVML) 87% "
-                   "over 60 samples"):
+                   "over 60 samples", "CPU per output token: HTTP process 41 us, engine worker 22 us",
+                   "1.50 tokens per SSE chunk"):
         assert needle in table, needle
 
 

@@ -173,5 +173,6 @@ def test_serve_benchmark_against_the_server(server, tmp_path):
     s = run["summary"]
     assert (s["completed"], s["failed"]) == (6, 0)
     assert s["output_tokens"] == sum(r["output_len_requested"] for r in run["records"])
+    assert s["tokens_per_chunk"] >= 1.0 and all(r["chunks"] >= 1 for r in run["records"])
     assert s["p99_ttft_ms"] > 0 and s["p50_itl_ms"] > 0
     assert s["gpu_utilization_mean"] is None and s["gpu_utilization_samples"] == 0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
+import time
 
 import pytest
 
 from server import errors
+from server.config import ServerConfig
 from server.ipc import FrameError, FrameReader, FrameWriter, encode_frame
 from server.launch import build_parser, config_from_args, parse_size
 from server.metrics import Metrics
@@ -149,13 +152,13 @@ def test_worker_encodes_only_new_logprobs():
 
 
 def test_serve_benchmark_summary():
-    from benchmarks.serve import Record, summarize
+    from benchmarks.serve import Record, add_server_cpu, summarize
 
-    records = [Record(ok=True, prompt_len=10, output_len_requested=5, output_tokens=5, ttft=0.1 * i, e2e=0.1 * i + 0.4,
-                      itl=[0.1] * 4) for i in range(1, 11)]
+    records = [Record(ok=True, prompt_len=10, output_len_requested=5, output_tokens=5, chunks=5 - (i == 1),
+                      ttft=0.1 * i, e2e=0.1 * i + 0.4, itl=[0.1] * 4) for i in range(1, 11)]
     records.append(Record(ok=False, prompt_len=10, output_len_requested=5, error="HTTP 503"))
     s = summarize(records, duration=2.0)
-    assert (s["completed"], s["failed"], s["output_tokens"]) == (10, 1, 50)
+    assert (s["completed"], s["failed"], s["output_tokens"]) == (10, 1, 50) and s["tokens_per_chunk"] == 50 / 49
     assert s["output_token_throughput"] == 25.0 and s["request_throughput"] == 5.0
     assert s["p50_ttft_ms"] == pytest.approx(550.0) and s["p99_ttft_ms"] == pytest.approx(991.0)
     assert s["p50_tpot_ms"] == pytest.approx(100.0) and s["p90_itl_ms"] == pytest.approx(100.0)
@@ -163,6 +166,28 @@ def test_serve_benchmark_summary():
     assert s["gpu_utilization_mean"] is None and s["gpu_utilization_samples"] == 0
     s = summarize(records, duration=2.0, gpu_samples=[0.5, 0.7, 0.9])
     assert s["gpu_utilization_mean"] == pytest.approx(0.7) and s["gpu_utilization_samples"] == 3
+    add_server_cpu(s, {"main": 0.002, "children": 0.001})
+    assert s["server_cpu_us_per_token"] == pytest.approx({"main": 40.0, "children": 20.0})
+
+
+def test_serve_benchmark_reads_a_process_and_its_childrens_cpu_time():
+    """What `--launch` reads of the server it started (/proc): the main process's CPU time and
+    its children's, one that burns CPU included."""
+    import subprocess
+
+    from benchmarks.serve import _children, _cpu_seconds
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while _cpu_seconds(child.pid) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.pid in _children(os.getpid())
+        assert 0.3 <= _cpu_seconds(child.pid) < 5 and _cpu_seconds(os.getpid()) > 0
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_gpu_gauges_from_nvml(monkeypatch):
@@ -247,3 +272,53 @@ def test_worker_process_freezes_its_startup_heap(tiny_checkpoints):
         reader.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def _frame(request_id: str, index: int, text: str, token_ids: list[int], num_tokens: int,
+           finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+    return {"id": request_id, "finished": finish_reason is not None, "num_prompt_tokens": 3, "num_cached_tokens": 0,
+            "outputs": [{"index": index, "text": text, "token_ids": token_ids, "logprobs": logprobs,
+                         "num_tokens": num_tokens, "finish_reason": finish_reason, "stop_reason": None}]}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_behind_the_engine_catches_up_in_one_chunk_per_choice(chat):
+    """Outputs queued while the stream was busy go out merged, one chunk per choice: text,
+    tokens and logprobs joined in order, the last finish reason; what was not yet queued
+    still goes out on its own. The whole stream's text and usage are what the engine made."""
+    from server.engine_client import Generation
+    from server.serving import Job, OpenAIServing
+
+    async def run() -> list[dict]:
+        serving = OpenAIServing(ServerConfig(), None, client=None, metrics=Metrics(),
+                                request_logger=RequestLogger(log_text=False), model_name="m")
+        job = Job(kind="chat" if chat else "completion", request_id="cmpl-1", model="m", created=0, arrival=0.0,
+                  prompts=[[1, 2, 3]], prompt_texts=["p"], params={}, n=2, stream=True, include_usage=True,
+                  echo=False, logprobs=1 if not chat else None, record=RequestRecord("cmpl-1", "completions"))
+        generation = Generation(client=None, ids=["e-0"])
+        lp = [[[5, -0.5]], [[6, -0.25]]]
+        for frame in (_frame("e-0", 0, "He", [5], 1, logprobs=lp[:1]),
+                      _frame("e-0", 1, "Yo", [9], 1, logprobs=[[[9, -1.0]]]),
+                      _frame("e-0", 0, "llo", [6], 2, logprobs=lp[1:])):
+            generation.queue.put_nowait((0, frame))
+        chunks, stream = [], serving._stream(job, generation)
+        async for line in stream:
+            chunks.append(line)
+            if len(chunks) == 2 + chat * 2:  # the first batch out (chat: a role chunk per choice first)
+                generation.queue.put_nowait((0, _frame("e-0", 1, "!", [10], 2, "length", [[[10, -2.0]]])))
+                generation.queue.put_nowait((0, _frame("e-0", 0, "", [7], 3, "stop", [[[7, -0.1]]])))
+        return [json.loads(c[len("data: "):]) for c in chunks if c != "data: [DONE]\n\n"]
+
+    chunks = asyncio.run(run())
+    key = "delta" if chat else "text"
+    bodies = [(c["choices"][0]["index"], c["choices"][0][key], c["choices"][0]["finish_reason"])
+              for c in chunks if c["choices"] and (not chat or "role" not in c["choices"][0]["delta"])]
+    if chat:
+        bodies = [(i, d.get("content", ""), r) for i, d, r in bodies]
+    # batch 1 merged choice 0's two frames; batch 2 carried both choices' last frames
+    assert bodies == [(0, "Hello", None), (1, "Yo", None), (1, "!", "length"), (0, "", "stop")]
+    if not chat:
+        assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -0.25]
+        assert chunks[0]["choices"][0]["logprobs"]["tokens"] == ["<5>", "<6>"]
+        assert chunks[0]["choices"][0]["logprobs"]["text_offset"] == [0, 3]
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
