@@ -274,12 +274,12 @@ def _decode_kernel(
             counter = counters_ptr + b64 * tl.num_programs(1) + kvh
             if tl.atomic_add(counter, 1) == num_splits - 1:
                 tl.store(counter, 0)  # zero again for the next launch on this stream
-                for g in range(0, GROUP, MERGE_HEADS):
+                for g in range(0, GROUP, MERGE_HEADS):  # MERGE_HEADS divides GROUP
                     head = kvh * GROUP + g
                     _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
                                   (b64 * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
                                   out_ptr + b64 * stride_ob + head * stride_oh, stride_oh,
-                                  tl.minimum(MERGE_HEADS, GROUP - g), BLOCK_GM, HEAD_DIM, BLOCK_S)
+                                  MERGE_HEADS, BLOCK_GM, HEAD_DIM, BLOCK_S)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -287,30 +287,44 @@ def _decode_kernel(
 
 
 @triton.jit(noinline=True)  # inlined into the decode kernel, fp32 tiles spilled 1 KiB on sm_90
-def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, out_ptr, stride_oh, heads,
-                  BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Write the outputs of `heads` (<= BLOCK_GM) consecutive query heads of one sequence
-    (from `out_ptr`) from their `num_splits` partials each, at rows
-    `first_row + g * num_splits + s`: one load of all of them, not one per head, since in the
-    fused merge this is the tail of the last split to finish. Loads bypass L1 (`.cg`): other
-    programs of the same launch wrote them."""
-    offs_g = tl.arange(0, BLOCK_GM)
+def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, out_ptr, stride_oh,
+                  HEADS: tl.constexpr, BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Write the outputs of HEADS (<= BLOCK_GM) consecutive query heads of one sequence (from
+    `out_ptr`) from their `num_splits` partials each, at rows `first_row + g * num_splits + s`:
+    one load of all of them, not one per head, since in the fused merge this is the tail of the
+    last split to finish. Loads bypass L1 (`.cg`): other programs of the same launch wrote them."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < heads
-    mask = g_mask[:, None] & (offs_s < num_splits)[None, :]
-    row = first_row + offs_g[:, None] * num_splits + offs_s[None, :]  # [G, S]
-    m = tl.load(part_m_ptr + row, mask=mask, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(part_l_ptr + row, mask=mask, other=0.0, cache_modifier=".cg")
-    acc = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None],
-                  other=0.0, cache_modifier=".cg")  # [G, S, D]
-    # Empty splits (m = -inf) weigh 0; a context of 0 (a padding row) leaves all empty: zeros.
-    m_max = tl.max(m, 1)
-    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0)[:, None])
-    l_sum = tl.sum(l * w, 1)
-    out = tl.sum(acc * w[:, :, None], 1) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    tl.store(out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None])
+    if HEADS == 1:
+        # One head as [S] and [S, D]: as [1, S, D], fp32's caller spilled (sm_90, Triton 3.6).
+        s_mask = offs_s < num_splits
+        row = first_row + offs_s
+        m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0,
+                      cache_modifier=".cg")
+        tl.store(out_ptr + offs_d, _merged(m, l, acc, 0).to(out_ptr.dtype.element_ty))
+    else:
+        offs_g = tl.arange(0, BLOCK_GM)
+        g_mask = offs_g < HEADS
+        mask = g_mask[:, None] & (offs_s < num_splits)[None, :]
+        row = first_row + offs_g[:, None] * num_splits + offs_s[None, :]  # [G, S]
+        m = tl.load(part_m_ptr + row, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_l_ptr + row, mask=mask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None],
+                      other=0.0, cache_modifier=".cg")  # [G, S, D]
+        tl.store(out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :],
+                 _merged(m, l, acc, 1).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit
+def _merged(m, l, acc, AXIS: tl.constexpr):
+    """Partial outputs `acc` merged along AXIS (the splits) by their running max `m` and sum
+    `l`. Empty splits (m = -inf) weigh 0; all empty (a padding row's context of 0): zeros."""
+    m_max = tl.max(m, AXIS)
+    w = tl.exp2(m - tl.expand_dims(tl.where(m_max > float("-inf"), m_max, 0.0), AXIS))
+    l_sum = tl.sum(l * w, AXIS)
+    return tl.sum(acc * tl.expand_dims(w, AXIS + 1), AXIS) / tl.expand_dims(tl.where(l_sum > 0, l_sum, 1.0), AXIS)
 
 
 @triton.jit
