@@ -650,10 +650,10 @@ class TestCompiledOnGPU:
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("new_kv", ["rows", "tma"])
-    @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
-        (4, 8, 128, 16), (8, 2, 256, 32), (3, 2, 128, 16), (1, 4, 64, 64),
+    @pytest.mark.parametrize("dtype,new_kv,group,num_kv_heads,head_dim,block_size", [  # a few compiles each
+        (torch.bfloat16, "rows", 4, 8, 128, 16), (torch.bfloat16, "tma", 4, 8, 128, 16),
+        (torch.float16, "tma", 3, 2, 128, 16), (torch.bfloat16, "rows", 8, 2, 256, 32),
+        (torch.float32, "rows", 1, 4, 64, 64), (torch.bfloat16, "tma", 1, 4, 64, 64),
     ])
     def test_prefill_from_key_value(self, ops, dtype, new_kv, group, num_kv_heads, head_dim, block_size):
         """The new tokens' K/V from the projection's strided views (through tensor descriptors
@@ -687,10 +687,10 @@ class TestCompiledOnGPU:
         out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), 128**-0.5, cache_tma=True)
         torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    @pytest.mark.parametrize("group,head_dim,block_size,fresh", [
-        (4, 128, 16, False), (2, 64, 32, False), (3, 128, 16, False), (4, 128, 16, True), (3, 128, 16, True),
-    ])
+    @pytest.mark.parametrize("dtype,group,head_dim,block_size,fresh", [
+        (dtype, *config, False) for dtype in (torch.bfloat16, torch.float16)
+        for config in ((4, 128, 16), (2, 64, 32), (3, 128, 16))
+    ] + [(torch.bfloat16, 4, 128, 16, True), (torch.float16, 3, 128, 16, True)])
     def test_padded_mixed_step(self, ops, dtype, group, head_dim, block_size, fresh):
         """A mixed CUDA graph's one launch: 24 decodes up to 1200 keys beside two chunks."""
         gen = torch.Generator().manual_seed(group)
