@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.ipc import FrameReader, FrameWriter
+from server.ipc import FrameReader, FrameWriter, unpack_output
 
 logger = logging.getLogger("stoke.server")
 
@@ -253,6 +253,8 @@ class EngineClient:
                 frame = reader.read()
                 if frame is None:
                     break
+                if "outputs" in frame:  # by name from here on, off the event loop
+                    frame["outputs"] = [unpack_output(row) for row in frame["outputs"]]
                 self._loop.call_soon_threadsafe(self._dispatch, frame)
         except Exception:
             logger.exception("broken frame from the worker")

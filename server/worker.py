@@ -47,8 +47,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def encode_output(out: Any) -> dict[str, Any]:
-    """A RequestOutput (any output kind) as plain data: only what is new since the previous one."""
+def encode_output(out: Any) -> list[Any]:
+    """A RequestOutput (any output kind) as plain data (server.ipc.OUTPUT_FIELDS, in order):
+    only what is new since the previous one."""
     completions = []
     for c in out.outputs:
         n_new = len(c.delta_token_ids)
@@ -56,31 +57,18 @@ def encode_output(out: Any) -> dict[str, Any]:
         if c.logprobs is not None:  # the last n_new entries: the new ones, cumulative or delta
             new = c.logprobs[len(c.logprobs) - n_new:] if n_new else []
             logprobs = [[[tid, lp] for tid, lp in entry.items()] for entry in new]
-        completions.append({
-            "index": c.index,
-            "text": c.delta_text,
-            "token_ids": list(c.delta_token_ids),
-            "logprobs": logprobs,
-            "num_tokens": c.num_tokens,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        })
-    frame: dict[str, Any] = {
-        "id": out.request_id,
-        "finished": out.finished,
-        "num_prompt_tokens": len(out.prompt_token_ids),
-        "num_cached_tokens": out.num_cached_tokens,
-        "outputs": completions,
-    }
+        completions.append([c.index, c.delta_text, list(c.delta_token_ids), logprobs, c.num_tokens, c.finish_reason,
+                            c.stop_reason])
+    prompt_logprobs = metrics = None
     first = out.outputs[0]
     if out.prompt_logprobs is not None and first.delta_token_ids and first.num_tokens == len(first.delta_token_ids):
         # Complete once the first token exists: sent once, with sample 0's first output.
-        frame["prompt_logprobs"] = [
+        prompt_logprobs = [
             None if entry is None else [[tid, lp] for tid, lp in entry.items()] for entry in out.prompt_logprobs
         ]
     m = out.metrics
     if out.finished and m is not None:
-        frame["metrics"] = {
+        metrics = {
             "arrival_time": m.arrival_time,
             "first_scheduled_time": m.first_scheduled_time,
             "first_token_time": m.first_token_time,
@@ -88,7 +76,8 @@ def encode_output(out: Any) -> dict[str, Any]:
             "inter_token_latencies": m.inter_token_latencies,
             "num_preemptions": m.num_preemptions,
         }
-    return frame
+    return [out.request_id, out.finished, len(out.prompt_token_ids), out.num_cached_tokens, completions,
+            prompt_logprobs, metrics]
 
 
 class Worker:

@@ -135,6 +135,7 @@ def test_options():
 
 def test_worker_encodes_only_new_logprobs():
     from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from server.ipc import unpack_output
     from server.worker import encode_output
 
     metrics = RequestMetrics(arrival_time=1.0, finish_time=2.0)
@@ -144,11 +145,16 @@ def test_worker_encodes_only_new_logprobs():
     delta = RequestOutput("r", None, [1, 2], [CompletionOutput(  # step(outputs="delta"): what the worker runs
         0, "b", [6], logprobs=[{6: -0.2}], finish_reason="stop", delta_text="b", delta_token_ids=[6],
         num_tokens=2)], finished=True, metrics=metrics)
-    frame = encode_output(cumulative)
-    assert frame == encode_output(delta)
+    frame = unpack_output(encode_output(cumulative))
+    assert frame == unpack_output(encode_output(delta))
     assert frame["outputs"][0]["logprobs"] == [[[6, -0.2]]] and frame["outputs"][0]["text"] == "b"
     assert frame["outputs"][0]["num_tokens"] == 2 and frame["metrics"]["finish_time"] == 2.0
-    json.dumps(frame)  # plain data
+    assert "prompt_logprobs" not in frame and (frame["id"], frame["num_prompt_tokens"]) == ("r", 2)
+    packed = encode_output(delta)  # what crosses the pipe: fields by position
+    assert packed[:4] == ["r", True, 2, 0] and packed[4] == [[0, "b", [6], [[[6, -0.2]]], 2, "stop", None]]
+    json.dumps(packed)  # plain data
+    with pytest.raises(FrameError, match="7 fields"):
+        unpack_output(packed[:6])
 
 
 def test_serve_benchmark_summary():
