@@ -500,15 +500,22 @@ def _prefill_kernel(
         # The cached prefix from the cache, every key visible to every row; the new tokens'
         # keys from the step's own K/V, whose tiles line up with the query tiles.
         prefix = ctx - q_len
-        prefix_full = prefix // BLOCK_N * BLOCK_N
-        for start in range(0, prefix_full, BLOCK_N):
-            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
-                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                      offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
-                                      TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+        full_end = prefix // BLOCK_N * BLOCK_N
+    else:
+        positions = ctx - q_len + offs_q  # padding rows (past q_len) see keys < ctx only
+        first_pos = ctx - q_len + tile * BLOCK_Q
+        end = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last position are unseen
+        full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    # Cache key tiles visible to every row (wholly at or below the first row's position): no mask.
+    for start in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                  stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                  offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
+                                  TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+    if FRESH:
         # At most one tile, but as a loop: straight-line, it took 255 registers and spilled
         # (fp32 on sm_90, kernels/compile_check.py), where the loop takes 76.
-        for start in range(prefix_full, prefix, BLOCK_N):
+        for start in range(full_end, prefix, BLOCK_N):
             kv_mask = start + offs_n < prefix
             m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                       stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
@@ -532,16 +539,6 @@ def _prefill_kernel(
                                         stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
                                         True, HEAD_DIM, FRESH_TMA, DOT_PREC)
     else:
-        positions = ctx - q_len + offs_q  # padding rows (past q_len) see keys < ctx only
-        first_pos = ctx - q_len + tile * BLOCK_Q
-        end = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last position are unseen
-        # Key tiles wholly at or below the first row's position: visible to every row, no mask.
-        full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
-            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
-                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                      offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
-                                      TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
         # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees
         # a valid key in the first tile here and m_i never stays -inf.
         for start in range(full_end, end, BLOCK_N):
