@@ -357,9 +357,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_seconds(pid: int) -> float:
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
+        return f.read().rpartition(")")[2].split()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
@@ -368,9 +373,8 @@ def _children(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
-                        found.append(int(entry))
+                if int(_stat(int(entry))[1]) == pid:
+                    found.append(int(entry))
             except OSError:
                 continue  # gone meanwhile
     return found

@@ -365,7 +365,7 @@ def paged_decode_attention(
     if B == 0:
         return out
     q = _last_dim_contiguous(q)
-    block_tables, context_lens = _rows_contiguous(block_tables), context_lens.contiguous()
+    block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
     group = num_heads // num_kv_heads
     block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
     if num_splits is None:
@@ -602,7 +602,7 @@ def paged_prefill_attention(
     if Tq == 0 or num_seqs == 0:
         return out
     q = _last_dim_contiguous(q)
-    block_tables, context_lens = _rows_contiguous(block_tables), context_lens.contiguous()
+    block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous()
     group = num_heads // num_kv_heads
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
@@ -792,6 +792,3 @@ def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, h
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
-
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
