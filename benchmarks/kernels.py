@@ -7,9 +7,10 @@ On CUDA (the Triton backend):
   of one projection as the model passes them, also with one program per query head instead of
   a kv head's packed group (`unpacked`), and with the new keys read from their K/V rows
   instead of through the block table (`new_kv_rows`; through tensor descriptors: `new_kv_tma`);
-- a mixed step's attention, 16-256 decodes at context 2048 beside a 512-token prompt: the one
-  prefill launch a mixed CUDA graph runs against the eager split (decode kernel + prefill
-  kernel + concatenation, `split`);
+- a mixed step's attention, decodes beside a 512-token prompt (4 at context 16384, where the
+  decode kernel would split and the prefill kernel walks each context in one program; 16-256
+  at 2048): the one prefill launch a mixed CUDA graph runs against the eager split (decode
+  kernel + prefill kernel + concatenation, `split`);
 - decode's split-K with the partials merged by a second kernel (`merge_kernel`) rather than by
   the last split;
 - store_kv, fused RMSNorm (+residual), rotary.
@@ -55,13 +56,13 @@ LAYOUTS = {  # name: (query heads, kv heads, head dim, hidden size, model config
 }
 GPU_SIZES = dict(
     decode_batches=[1, 4, 16, 64, 256], decode_contexts=[512, 2048, 8192],
-    prefill_seqs=[1, 4, 8], prefill_lens=[512, 1024, 4096], mixed_decodes=[16, 64, 256], mixed=(2048, 512),
+    prefill_seqs=[1, 4, 8], prefill_lens=[512, 1024, 4096], mixed=[(4, 16384), (16, 2048), (64, 2048), (256, 2048)], mixed_chunk=512,
     store_tokens=[256, 8192], norm_tokens=[1, 256, 8192], rotary_tokens=[256, 8192],
     share_decode=(64, 2048), share_prefill=(1, 2048), iters=25, warmup=3,
 )
 TINY_SIZES = dict(
     decode_batches=[1, 4], decode_contexts=[32, 96],
-    prefill_seqs=[1, 2], prefill_lens=[16, 48], mixed_decodes=[2], mixed=(40, 24),
+    prefill_seqs=[1, 2], prefill_lens=[16, 48], mixed=[(2, 40)], mixed_chunk=24,
     store_tokens=[64], norm_tokens=[4, 64], rotary_tokens=[64],
     share_decode=(4, 48), share_prefill=(2, 32), iters=5, warmup=1,
 )
@@ -349,9 +350,9 @@ class Bench:
 
     def mixed(self) -> list[dict[str, Any]]:
         rows = []
-        context, chunk = self.sizes["mixed"]
+        chunk = self.sizes["mixed_chunk"]
         for layout, (hq, hkv, d, _, _) in self.layouts.items():
-            for decodes in self.sizes["mixed_decodes"]:
+            for decodes, context in self.sizes["mixed"]:
                 gen = _gen(self.device, decodes)
                 lens = [context] * decodes + [chunk]
                 k_cache, v_cache, tables = paged_cache(lens, hkv, d, self.dtype, self.device, gen)
