@@ -17,6 +17,11 @@ Against a running server:
 Or let it start the servers itself, one after the other, same workload, one table:
   python -m benchmarks.serve --launch stoke,transformers --threads 1
 
+The load generator reports its own CPU: one Python process parses ~10k SSE chunks a second on
+a core, fewer than a GPU server streams, and near a full core its own lag is in every latency.
+`--client-processes N` shares the workload among N processes (each takes every N-th request
+and its share of the concurrency or arrival rate).
+
 `--backend` picks how "generate exactly N tokens" is asked for: stoke/vllm take `ignore_eos`;
 `transformers serve` takes a `generation_config` without an EOS token; plain OpenAI gets
 max_tokens only (outputs may end early; the report counts real tokens either way).
@@ -45,6 +50,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 PERCENTILES = (50, 90, 99)
+CLIENT_BOUND = 0.9  # the load generator's CPU busy fraction from which its own lag shows
 
 
 # ------------------------------------------------------------------------------ workload
@@ -192,9 +198,49 @@ async def sample_gpu_utilization(client: httpx.AsyncClient, metrics_url: str, sa
         await asyncio.sleep(period_s)
 
 
-async def run_load(args: argparse.Namespace, base_url: str, model: str,
-                   items: list[Item]) -> tuple[list[Record], float, list[float]]:
-    """The records, the seconds the load took, and (stoke) its GPU utilisation samples."""
+@dataclass(slots=True)
+class Load:
+    records: list[Record]
+    start: float  # perf_counter (CLOCK_MONOTONIC: one clock for every process) when the load began
+    duration: float  # seconds, first request sent to last one done
+    gpu_samples: list[float]  # stoke's GPU utilisation through the run
+    client_cpu_s: float  # the load generators' CPU seconds meanwhile
+    client_busy: float  # the busiest load generator's CPU seconds per second: near 1, it bounded the run
+
+
+def generate_load(args: argparse.Namespace, base_url: str, model: str, items: list[Item]) -> Load:
+    """The workload from `args.client_processes` load generators: every process takes every
+    n-th request, its share of the concurrency or the arrival rate (Poisson arrivals split
+    so stay Poisson), and its own warm-up; the first also samples the GPU."""
+    n = min(args.client_processes, len(items), args.concurrency or len(items))
+    if n <= 1:
+        return asyncio.run(run_load(args, base_url, model, items))
+    shares = []
+    for i in range(n):
+        share = argparse.Namespace(**vars(args))
+        if args.concurrency:
+            share.concurrency = args.concurrency // n + (i < args.concurrency % n)
+        share.request_rate, share.seed = args.request_rate / n, args.seed + i
+        shares.append((share, base_url, model, items[i::n], i == 0))
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        loads = pool.starmap(_load_in_process, shares)
+    start = min(load.start for load in loads)
+    return Load(records=[r for load in loads for r in load.records], start=start,
+                duration=max(load.start + load.duration for load in loads) - start,
+                gpu_samples=[x for load in loads for x in load.gpu_samples],
+                client_cpu_s=sum(load.client_cpu_s for load in loads),
+                client_busy=max(load.client_busy for load in loads))
+
+
+def _load_in_process(args: argparse.Namespace, base_url: str, model: str, items: list[Item],
+                     sample_gpu: bool) -> Load:
+    return asyncio.run(run_load(args, base_url, model, items, sample_gpu))
+
+
+async def run_load(args: argparse.Namespace, base_url: str, model: str, items: list[Item],
+                   sample_gpu: bool = True) -> Load:
     url = base_url.rstrip("/") + "/completions"
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
@@ -204,10 +250,10 @@ async def run_load(args: argparse.Namespace, base_url: str, model: str,
         rng = random.Random(args.seed + 1)
         samples: list[float] = []
         sampler = None
-        if args.backend == "stoke":
+        if args.backend == "stoke" and sample_gpu:
             metrics_url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
             sampler = asyncio.create_task(sample_gpu_utilization(client, metrics_url, samples))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if args.concurrency:
             queue: asyncio.Queue[Item] = asyncio.Queue()
             for item in items:
@@ -227,10 +273,10 @@ async def run_load(args: argparse.Namespace, base_url: str, model: str,
                 if args.request_rate != math.inf:
                     await asyncio.sleep(rng.expovariate(args.request_rate))
             records = list(await asyncio.gather(*tasks))
-        duration = time.perf_counter() - start
+        duration, client_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         if sampler is not None:
             sampler.cancel()
-    return records, duration, samples
+    return Load(records, start, duration, samples, client_cpu_s, client_cpu_s / duration)
 
 
 # ------------------------------------------------------------------------------ report
@@ -243,7 +289,9 @@ def _pct(values: list[float], p: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def summarize(records: list[Record], duration: float, gpu_samples: list[float] | None = None) -> dict[str, Any]:
+def summarize(records: list[Record], duration: float, gpu_samples: list[float] | None = None,
+              client: tuple[float, float] | None = None) -> dict[str, Any]:
+    """`client`: the load generators' CPU seconds and the busiest one's busy fraction."""
     ok = [r for r in records if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     summary: dict[str, Any] = {
@@ -265,6 +313,10 @@ def summarize(records: list[Record], duration: float, gpu_samples: list[float] |
     # The server's GPU busy fraction (NVML) sampled through the run: None without samples.
     summary["gpu_utilization_mean"] = sum(gpu_samples) / len(gpu_samples) if gpu_samples else None
     summary["gpu_utilization_samples"] = len(gpu_samples or [])
+    # A load generator is one Python process: near one core busy, its own lag is in every
+    # latency above and it, not the server, may have set the throughput.
+    client_cpu_s, summary["client_cpu_busy"] = client or (None, None)
+    summary["client_cpu_us_per_token"] = 1e6 * client_cpu_s / out_tokens if client_cpu_s and out_tokens else None
     errors = sorted({r.error for r in records if r.error})
     if errors:
         summary["errors"] = errors[:5]
@@ -290,7 +342,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             ("GPU utilisation (NVML)", lambda s: "-" if s.get("gpu_utilization_mean") is None
              else f"{100 * s['gpu_utilization_mean']:.0f}%"),
             ("server CPU us/token (main)", lambda s: _per_token(s, "main")),
-            ("server CPU us/token (children)", lambda s: _per_token(s, "children"))]
+            ("server CPU us/token (children)", lambda s: _per_token(s, "children")),
+            ("load generator CPU busy", lambda s: "-" if s.get("client_cpu_busy") is None
+             else f"{100 * s['client_cpu_busy']:.0f}%")]
     for metric in ("ttft", "tpot", "itl", "e2e"):
         for p in PERCENTILES:
             key = f"p{p}_{metric}_ms"
@@ -482,6 +536,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Poisson arrivals per second (inf: all at once)")
     w.add_argument("--concurrency", type=int, default=None, help="fixed number of clients instead of arrivals")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--client-processes", type=int, default=1,
+                   help="load generators (processes) sharing the workload: one Python client parses "
+                        "SSE chunks at ~10k/s a core, less than a GPU server streams")
     w.add_argument("--tokenizer", default=None, help="tokenizer dir for building prompts (default: embedded model)")
     w.add_argument("--timeout", type=float, default=1800.0)
     o = p.add_argument_group("output")
@@ -525,12 +582,13 @@ def main(argv: list[str] | None = None) -> int:
             base_url, model = args.base_url, args.model or _discover_model(args.base_url)
         cpu_before = server.cpu_seconds() if server is not None else None
         try:
-            records, duration, gpu_samples = asyncio.run(run_load(run_args, base_url, model, items))
+            load = generate_load(run_args, base_url, model, items)
             cpu_after = server.cpu_seconds() if server is not None else None
         finally:
             if server is not None:
                 server.stop()
-        summary = summarize(records, duration, gpu_samples)
+        records, duration = load.records, load.duration
+        summary = summarize(records, duration, load.gpu_samples, (load.client_cpu_s, load.client_busy))
         if cpu_before and cpu_after:
             add_server_cpu(summary, {k: cpu_after[k] - cpu_before[k] for k in cpu_after})
         runs[target] = {"backend": run_args.backend, "base_url": base_url, "model": model, "summary": summary,
@@ -539,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['output_token_throughput']:.1f} output tok/s", flush=True)
     print()
     print_table({name: run["summary"] for name, run in runs.items()})
+    for name, run in runs.items():
+        busy = run["summary"]["client_cpu_busy"]
+        if busy is not None and busy >= CLIENT_BOUND:
+            print(f"\n{name}: a load generator kept {100 * busy:.0f}% of a core busy: its own lag is in these "
+                  f"latencies, and it may have bounded the throughput (--client-processes shares the load)")
     config = {k: v for k, v in vars(args).items() if k not in ("stoke_arg", "transformers_arg")}
     config["request_rate"] = str(config["request_rate"])
     json_path = os.path.join(args.out_dir, f"{args.name}.json")

@@ -163,15 +163,18 @@ def test_non_streaming_disconnect_aborts(server):
 
 
 def test_serve_benchmark_against_the_server(server, tmp_path):
-    """benchmarks/serve.py's load generator end to end: streaming requests of exact lengths,
-    the latency summary, and the server's /metrics sampled through the run (no NVML here)."""
+    """benchmarks/serve.py's load generator end to end, the load shared by two processes:
+    streaming requests of exact lengths, the latency summary, the load generators' own CPU,
+    and the server's /metrics sampled through the run (no NVML here)."""
     from benchmarks.serve import main as serve_main
 
     assert serve_main(["--base-url", server.base_url, "--num-requests", "6", "--prompt-len", "8:24",
-                       "--output-len", "3:6", "--out-dir", str(tmp_path), "--name", "load"]) == 0
+                       "--output-len", "3:6", "--client-processes", "2", "--out-dir", str(tmp_path),
+                       "--name", "load"]) == 0
     run = json.loads((tmp_path / "load.json").read_text())["runs"]["stoke"]
     s = run["summary"]
-    assert (s["completed"], s["failed"]) == (6, 0)
+    assert (s["completed"], s["failed"]) == (6, 0) and len(run["records"]) == 6
+    assert 0 < s["client_cpu_busy"] <= 1.5 and s["client_cpu_us_per_token"] > 0
     assert s["output_tokens"] == sum(r["output_len_requested"] for r in run["records"])
     assert s["tokens_per_chunk"] >= 1.0 and all(r["chunks"] >= 1 for r in run["records"])
     assert s["p99_ttft_ms"] > 0 and s["p50_itl_ms"] > 0
