@@ -46,8 +46,9 @@ bench: install
 gpu-check:
 	PYTHONPATH=. python3 -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
-# Before a device-tool run, on this machine: the default model's config and tokenizer in
-# results/gpu_carry (pass carry=["results/gpu_carry"]), for gpu-check's stoke serve stage.
+# Before a device-tool run, on this machine: the default model's config and tokenizer, and the
+# HTTP stack as wheels for the GPU machine's Python, in results/gpu_carry (pass
+# carry=["results/gpu_carry"]), for gpu-check's stoke serve stage.
 gpu-carry: install
 	$(PY) -m benchmarks.gpu_check --prepare-carry
 

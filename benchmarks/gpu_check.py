@@ -11,8 +11,10 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    scheduling (--no-async-scheduling), with CUDA graphs for pure-decode steps only
    (--cuda-graph-mode decode) and with --enforce-eager;
 4. serve_default_model: `stoke serve` on the default model's architecture (config and tokenizer
-   carried from `make gpu-carry`, dummy weights) under benchmarks/serve.py's load: TTFT / ITL
-   percentiles and the GPU utilisation its /metrics reports (NVML); skipped without the carry;
+   carried from `make gpu-carry`, dummy weights; the HTTP stack too, which the GPU box lacks)
+   under benchmarks/serve.py's load from four processes: TTFT / ITL percentiles, the GPU
+   utilisation its /metrics reports (NVML), CPU per token of each process; skipped without the
+   carry;
 5. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
@@ -59,6 +61,12 @@ OFFLINE_KEYS = {"full": "stoke_cuda_graphs", "sync_scheduling": "stoke_sync_sche
 # serve` on the default model's architecture with dummy weights and real text.
 CARRY_DIR = os.path.join(ROOT, "results", "gpu_carry", "default-model")
 CARRY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+# Also carried: the HTTP stack the serve stage needs and the GPU box lacks (it has torch, triton
+# and transformers, nothing of stoke's own dependencies): the versions this venv tests, as
+# wheels for the box's Python unpacked into one directory, put on the serve stage's PYTHONPATH.
+CARRY_SITE = os.path.join(ROOT, "results", "gpu_carry", "site")
+GPU_BOX_PYTHON = "3.12"  # the device tool's machines
+SERVE_STACK = ("fastapi", "uvicorn", "prometheus-client", "nvidia-ml-py", "httpx2")  # and their dependencies
 
 TINY_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
@@ -77,6 +85,7 @@ class Stage:
     kind: str = ""  # tests | kernels | offline | sweep
     meta: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # added to the run's environment
+    pythonpath: list[str] = field(default_factory=list)  # appended to the run's PYTHONPATH
     requires: str | None = None  # a file an earlier stage writes: skipped without it
 
 
@@ -105,9 +114,12 @@ def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str
     log = os.path.join(log_dir, f"{stage.name}.log")
     t0 = time.perf_counter()
     print(f"== {stage.name} (limit {limit:.0f}s): {' '.join(stage.command)}", flush=True)
+    run_env = env | stage.env
+    if stage.pythonpath:
+        run_env["PYTHONPATH"] = os.pathsep.join([p for p in [run_env.get("PYTHONPATH")] if p] + stage.pythonpath)
     with open(log, "w") as f:
         try:
-            proc = subprocess.run(stage.command, cwd=ROOT, env=env | stage.env, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.run(stage.command, cwd=ROOT, env=run_env, stdout=f, stderr=subprocess.STDOUT,
                                   timeout=limit)
             status = "ok" if proc.returncode == 0 else "failed"
             code: int | None = proc.returncode
@@ -195,10 +207,11 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     if args.cpu_smoke:
         serve += ["--stoke-arg=--kv-cache-memory-bytes", "--stoke-arg=64MiB", "--num-requests", "3",
                   "--prompt-len", "8:16", "--output-len", "2:4"]
-    else:
-        serve += ["--num-requests", "512"]
+    else:  # a GPU streams more chunks a second than one Python client parses (~10k a core)
+        serve += ["--num-requests", "512", "--client-processes", "4"]
     stages.append(Stage("serve_default_model", serve, 60 if args.cpu_smoke else 150, out("serve_default_model"),
-                        "serve", requires=os.path.join(CARRY_DIR, "config.json")))
+                        "serve", requires=os.path.join(CARRY_DIR, "config.json"),
+                        pythonpath=[CARRY_SITE] if carried_stack_fits(args) else []))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -268,7 +281,7 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             summary["serve"] = {k: stoke.get(k) for k in (
                 "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
                 "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples",
-                "server_cpu_us_per_token", "tokens_per_chunk")}
+                "server_cpu_us_per_token", "tokens_per_chunk", "client_cpu_busy")}
         elif r.name == "kernel_configs" and r.result and "rows" in r.result:
             summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -429,6 +442,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  CPU per output token: HTTP process {cpu['main']:.0f} us, engine worker "
                          f"{cpu['children']:.0f} us (one core each: the larger caps tok/s at 1e6 / it); "
                          f"{_f(v.get('tokens_per_chunk'))} tokens per SSE chunk")
+        busy = v.get("client_cpu_busy")
+        if busy is not None:
+            lines.append(f"  load generators: the busiest kept {100 * busy:.0f}% of a core busy"
+                         + (" (near 100%: latencies include its lag)" if busy >= 0.9 else ""))
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"
@@ -511,7 +528,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare_carry() -> str:
-    """Copy the embedded default model's config and tokenizer (not its weights) to CARRY_DIR."""
+    """Copy the embedded default model's config and tokenizer (not its weights) to CARRY_DIR, and
+    the serve stack for the GPU box's Python to CARRY_SITE (needs the package index; without it,
+    a warning, and the serve stage runs only where the box has the stack)."""
     import shutil
 
     from engine.default_model import default_model_path
@@ -521,7 +540,64 @@ def prepare_carry() -> str:
     for name in CARRY_FILES:
         if os.path.exists(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), CARRY_DIR)
+    carry_serve_stack(CARRY_SITE)
     return CARRY_DIR
+
+
+def carry_serve_stack(site: str) -> None:
+    """SERVE_STACK at this venv's versions, with dependencies, as wheels for the GPU box's
+    Python, unpacked into `site` (replacing what was there)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as wheels:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", wheels,
+                               *download_options(GPU_BOX_PYTHON), *pinned(SERVE_STACK)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"warning: no serve stack carried (pip download failed):\n{proc.stderr.strip()[-2000:]}",
+                  file=sys.stderr)
+            return
+        shutil.rmtree(site, ignore_errors=True)
+        unpack_wheels(sorted(os.path.join(wheels, w) for w in os.listdir(wheels)), site)
+
+
+def carried_stack_fits(args: argparse.Namespace) -> bool:
+    """The carried serve stack is for the GPU box: its wheels (pydantic-core is compiled) import
+    only in that Python, which elsewhere would find them first and fail."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return os.path.isdir(CARRY_SITE) and not args.cpu_smoke and version == GPU_BOX_PYTHON
+
+
+def download_options(python: str) -> list[str]:
+    """pip download's options for binary wheels a CPython `python` on x86-64 Linux can import."""
+    platforms = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+    return ["--only-binary=:all:", "--implementation", "cp", "--python-version", python,
+            *(arg for p in platforms for arg in ("--platform", p))]
+
+
+def pinned(distributions: tuple[str, ...]) -> list[str]:
+    """Each distribution at the version installed here (what the tests ran), else unpinned."""
+    from importlib import metadata
+
+    specs = []
+    for name in distributions:
+        try:
+            specs.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            specs.append(name)
+    return specs
+
+
+def unpack_wheels(wheels: list[str], site: str) -> None:
+    """Wheels unpacked side by side into `site`, as pip would install their libraries (their
+    `.data` scripts and headers left out): importable with `site` on PYTHONPATH."""
+    import zipfile
+
+    os.makedirs(site, exist_ok=True)
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site, [m for m in z.namelist() if not m.split("/", 1)[0].endswith(".data")])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

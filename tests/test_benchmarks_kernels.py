@@ -167,6 +167,16 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"]
     assert "--stoke-arg=dummy" in serve.command
     assert serve.requires == os.path.join(gpu_check.CARRY_DIR, "config.json")  # skipped unless carried
+    assert "--client-processes" in serve.command  # one Python client would bound a GPU's stream rate
+    # The carried serve stack goes on the serve stage's PYTHONPATH only, and only when carried.
+    monkeypatch.setattr(gpu_check, "CARRY_SITE", str(tmp_path / "site"))
+    monkeypatch.setattr(gpu_check, "GPU_BOX_PYTHON", f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert {s.name: s.pythonpath for s in gpu_check.plan(args, str(tmp_path))}["serve_default_model"] == []
+    (tmp_path / "site").mkdir()
+    assert {s.name: s.pythonpath for s in gpu_check.plan(args, str(tmp_path)) if s.pythonpath} == {
+        "serve_default_model": [str(tmp_path / "site")]}
+    monkeypatch.setattr(gpu_check, "GPU_BOX_PYTHON", "2.7")  # wheels for another Python: not used
+    assert not any(s.pythonpath for s in gpu_check.plan(args, str(tmp_path)))
     for s in (s for s in stages if s.kind == "offline"):
         cmd = " ".join(s.command)
         assert "--load-format dummy" in cmd and "--dtype bfloat16" in cmd and "--skip-static" in cmd
@@ -210,6 +220,34 @@ def test_run_stage_outcomes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     needs.write_text("{}")
     assert gpu_check.run_stage(stage, 100, str(tmp_path), env).status == "ok"
     assert (tmp_path / "env.log").read_text().strip() == "from the stage"
+    paths = gpu_check.Stage("paths", [py, "-c", "import os; print(os.environ['PYTHONPATH'])"], 30,
+                            pythonpath=["/carried"])
+    assert gpu_check.run_stage(paths, 100, str(tmp_path), env | {"PYTHONPATH": "/repo"}).status == "ok"
+    assert (tmp_path / "paths.log").read_text().strip() == os.pathsep.join(["/repo", "/carried"])
+
+
+def test_carried_wheels_unpack_importable(tmp_path) -> None:
+    """`make gpu-carry`'s serve stack: wheels unpacked side by side import from one directory
+    on PYTHONPATH (their .data scripts left out); pins are this venv's versions."""
+    import zipfile
+
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("demo_pkg/__init__.py", "VALUE = 42\n")
+        z.writestr("demo_pkg-1.0.dist-info/METADATA", "Name: demo-pkg\nVersion: 1.0\n")
+        z.writestr("demo_pkg-1.0.data/scripts/demo", "#!/bin/sh\n")
+    site = tmp_path / "site"
+    gpu_check.unpack_wheels([str(wheel)], str(site))
+    assert sorted(os.listdir(site)) == ["demo_pkg", "demo_pkg-1.0.dist-info"]
+    out = subprocess.run([sys.executable, "-c", "import demo_pkg; print(demo_pkg.VALUE)"], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(site)), check=True).stdout
+    assert out.strip() == "42"
+    from importlib import metadata
+
+    assert gpu_check.pinned(("fastapi", "no-such-distribution-x")) == [
+        f"fastapi=={metadata.version('fastapi')}", "no-such-distribution-x"]
+    options = gpu_check.download_options("3.12")
+    assert options[options.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in options
 
 
 DEMO_CONFTEST = '''
@@ -325,7 +363,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             "completed": 512, "failed": 0, "output_token_throughput": 9000.0, "p50_ttft_ms": 80.0, "p99_ttft_ms": 420.0,
             "p50_itl_ms": 9.5, "p99_itl_ms": 31.0, "p99_e2e_ms": 3000.0, "gpu_utilization_mean": 0.87,
             "gpu_utilization_samples": 60, "server_cpu_us_per_token": {"main": 41.0, "children": 22.5},
-            "tokens_per_chunk": 1.5}}}}),
+            "tokens_per_chunk": 1.5, "client_cpu_busy": 0.95}}}}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
                       "best": {"tile": [128, 64, 8, 2], "packed": False, "new_kv": "tma", "ms": 0.07}}],
@@ -369,7 +407,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "not installed here (stoke serve needs them): pynvml",
                    "9000 output tok/s, TTFT p50/p99 80/420 ms, ITL p50/p99 9.5/31.0 ms, GPU utilisation (NVML) 87% "
                    "over 60 samples", "CPU per output token: HTTP process 41 us, engine worker 22 us",
-                   "1.50 tokens per SSE chunk"):
+                   "1.50 tokens per SSE chunk", "the busiest kept 95% of a core busy (near 100%: latencies include"):
         assert needle in table, needle
 
 
@@ -409,7 +447,11 @@ def test_gpu_carry_holds_the_default_models_config_and_tokenizer(monkeypatch: py
     from engine.default_model import default_model_path
 
     monkeypatch.setattr(gpu_check, "CARRY_DIR", str(tmp_path / "default-model"))
+    monkeypatch.setattr(gpu_check, "CARRY_SITE", str(tmp_path / "site"))
+    sites: list[str] = []  # the serve stack's download (the package index) is not this test's
+    monkeypatch.setattr(gpu_check, "carry_serve_stack", sites.append)
     path = gpu_check.main(["--prepare-carry"])["carry"]
+    assert sites == [str(tmp_path / "site")]
     assert sorted(os.listdir(path)) == sorted(gpu_check.CARRY_FILES)
     with open(os.path.join(path, "config.json")) as f, open(os.path.join(default_model_path(), "config.json")) as g:
         assert json.load(f) == json.load(g)
