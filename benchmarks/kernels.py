@@ -254,7 +254,7 @@ class Bench:
         self.sizes = TINY_SIZES if args.tiny or device.type != "cuda" else GPU_SIZES
         self.timer = Timer(device, args.iters or self.sizes["iters"], self.sizes["warmup"])
         self.peak, self.peak_source = peak_bandwidth(device)
-        self.elt = torch.empty((), dtype=dtype).element_size()
+        self.elt = dtype.itemsize
         self.layouts = {name: LAYOUTS[name] for name in args.layouts}
         impl = args.impl if args.impl != "auto" else ("triton" if device.type == "cuda" else "reference")
         if impl == "triton":  # on the CPU: the interpreter (TRITON_INTERPRET=1), to test this script

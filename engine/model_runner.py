@@ -220,7 +220,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         c = self.model_config
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = self.dtype.itemsize
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * element
 
     def _num_kv_blocks(self) -> int:

@@ -669,7 +669,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
     64 keys), so three stages fit any recent GPU's shared memory; fp32 halves the tile."""
     if device.type != "cuda":
         return MIN_DOT, 4, 1  # the interpreter: smallest tile, so tests exercise many tiles
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     block_n = max(MIN_DOT, min(64, 16384 // (head_dim * elt)))
     return block_n, 4, 3 if elt <= 2 else 2
 
