@@ -123,7 +123,8 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
 
     def new_record(request: Request, body: Any = None) -> RequestRecord:
-        prefix, endpoint = _ENDPOINTS.get(request.url.path, ("req", request.url.path))
+        path = request.scope["path"]  # not request.url: that parses a whole URL per request
+        prefix, endpoint = _ENDPOINTS.get(path, ("req", path))
         record = RequestRecord(client.new_request_id(prefix), endpoint)
         auth = request.headers.get("authorization", "")
         record.key_id = key_id(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
@@ -146,7 +147,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = errors.from_validation_errors(list(exc.errors()))
-        if request.url.path in _ENDPOINTS:
+        if request.scope["path"] in _ENDPOINTS:
             serving.fail(new_record(request), error)
         else:
             metrics.on_error(error.metric)

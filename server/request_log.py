@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 logger = logging.getLogger("stoke.requests")
@@ -46,8 +46,9 @@ class RequestRecord:
     status: int = 200
     prompt: Any = None
     output: Any = None
-    _itls: list[float] = field(default_factory=list, repr=False)
-    _done: bool = field(default=False, repr=False)
+    _itl_sum: float = 0.0
+    _itl_count: int = 0
+    _done: bool = False
 
     def add_engine_metrics(self, metrics: dict[str, Any] | None) -> None:
         """Fold one engine request's timestamps in (a request with several prompts has several)."""
@@ -63,25 +64,33 @@ class RequestRecord:
         self.queue_time_s = queue if self.queue_time_s is None or queue is None else max(self.queue_time_s, queue)
         self.ttft_s = ttft if self.ttft_s is None or ttft is None else min(self.ttft_s, ttft)
         self.e2e_s = e2e if self.e2e_s is None or e2e is None else max(self.e2e_s, e2e)
-        self._itls.extend(metrics["inter_token_latencies"])
-        if self._itls:
-            self.mean_itl_s = sum(self._itls) / len(self._itls)
+        itls = metrics["inter_token_latencies"]
+        self._itl_sum += sum(itls)
+        self._itl_count += len(itls)
+        if self._itl_count:
+            self.mean_itl_s = self._itl_sum / self._itl_count
+
+
+LINE_FIELDS = tuple(f.name for f in fields(RequestRecord) if not f.name.startswith("_"))
+LATENCY_FIELDS = ("queue_time_s", "ttft_s", "mean_itl_s", "e2e_s")
 
 
 class RequestLogger:
     def __init__(self, log_text: bool = False) -> None:
         self.log_text = log_text
+        # The line's fields, read off the record (dataclasses.asdict deep-copied every value:
+        # ~7% of the HTTP process's CPU per request).
+        self.fields = LINE_FIELDS if log_text else tuple(f for f in LINE_FIELDS if f not in ("prompt", "output"))
 
     def emit(self, record: RequestRecord) -> None:
         """Write the record's line once (later calls for the same record do nothing)."""
         if record._done:
             return
         record._done = True
-        line = asdict(record)
-        del line["_itls"], line["_done"]
-        if not self.log_text:
-            del line["prompt"], line["output"]
-        for key in ("queue_time_s", "ttft_s", "mean_itl_s", "e2e_s"):
+        line: dict[str, Any] = {"event": "request"}
+        for name in self.fields:
+            line[name] = getattr(record, name)
+        for key in LATENCY_FIELDS:
             if line[key] is not None:
                 line[key] = round(line[key], 6)
-        logger.info(json.dumps({"event": "request", **line}, ensure_ascii=False, separators=(",", ":")))
+        logger.info(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
