@@ -522,8 +522,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="results/gpu_check.json")
     p.add_argument("--stages", nargs="*", default=None, help="only these stages (names as in the table)")
     p.add_argument("--no-pytest", action="store_true", help="use benchmarks/mini_pytest.py even if pytest exists")
-    p.add_argument("--requests-small", type=int, default=512, help="offline requests for Qwen3-0.6B")
-    p.add_argument("--requests-large", type=int, default=256, help="offline requests for Llama-3-8B")
+    # Half of 2026-11-30's run (512 / 256: 133 s and 101 s, 83 s and 70 s of them transformers'
+    # for 5.2x and 10.9x): the budget's seconds go to the open kernel goals' sweep instead.
+    p.add_argument("--requests-small", type=int, default=256, help="offline requests for Qwen3-0.6B")
+    p.add_argument("--requests-large", type=int, default=128, help="offline requests for Llama-3-8B")
     return p.parse_args(argv)
 
 

@@ -184,7 +184,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         assert ("--cuda-graph-mode decode" in cmd) == s.name.endswith("_decode_graphs")
         assert ("--no-async-scheduling" in cmd) == s.name.endswith("_sync_scheduling")
         assert ("--skip-transformers" in cmd) == s.name.endswith(("_eager", "_decode_graphs", "_sync_scheduling"))
-    assert "--num-requests 512" in " ".join(stages[2].command)
+    assert "--num-requests 256" in " ".join(stages[2].command)
     # Without pytest (the bare GPU box), the stand-in runs the same selection.
     monkeypatch.setattr(gpu_check, "has_pytest", lambda: False)
     stages = gpu_check.plan(args, str(tmp_path))
