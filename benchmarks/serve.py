@@ -224,7 +224,9 @@ def generate_load(args: argparse.Namespace, base_url: str, model: str, items: li
         shares.append((share, base_url, model, items[i::n], i == 0))
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(n) as pool:
+    context = multiprocessing.get_context("spawn")
+    # Each process starts its timed load once all have warmed up (imports take a second).
+    with context.Pool(n, initializer=_start_together, initargs=(context.Barrier(n),)) as pool:
         loads = pool.starmap(_load_in_process, shares)
     start = min(load.start for load in loads)
     return Load(records=[r for load in loads for r in load.records], start=start,
@@ -232,6 +234,14 @@ def generate_load(args: argparse.Namespace, base_url: str, model: str, items: li
                 gpu_samples=[x for load in loads for x in load.gpu_samples],
                 client_cpu_s=sum(load.client_cpu_s for load in loads),
                 client_busy=max(load.client_busy for load in loads))
+
+
+_BARRIER: Any = None  # in a load-generator process: where the processes wait for each other
+
+
+def _start_together(barrier: Any) -> None:
+    global _BARRIER
+    _BARRIER = barrier
 
 
 def _load_in_process(args: argparse.Namespace, base_url: str, model: str, items: list[Item],
@@ -247,6 +257,8 @@ async def run_load(args: argparse.Namespace, base_url: str, model: str, items: l
         # Warm-up, not measured: the first requests of a fresh server pay one-off costs.
         warm = Item(items[0].prompt, items[0].prompt_len, 4)
         await asyncio.gather(*(send(client, url, request_body(args, model, warm), warm) for _ in range(2)))
+        if _BARRIER is not None:
+            _BARRIER.wait(timeout=300)  # blocks the loop: nothing else runs in it yet
         rng = random.Random(args.seed + 1)
         samples: list[float] = []
         sampler = None
