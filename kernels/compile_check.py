@@ -143,7 +143,8 @@ def _launch(case: tuple[str, str, str]) -> None:
     triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
     if dtype != torch.float32:  # the tensor-descriptor experiments (TMA on Hopper), 16-bit only
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="tma")
-        big_blocks = torch.zeros(8, 64, hkv, d, dtype=dtype)  # blocks that hold whole key tiles
+        tile_keys = triton_ops._prefill_config(d, dtype, torch.device("cuda"))[1]  # a tuning may set 128
+        big_blocks = torch.zeros(8, max(64, tile_keys), hkv, d, dtype=dtype)  # blocks that hold whole key tiles
         triton_ops.paged_prefill_attention(q, big_blocks, big_blocks, tables, cu, lens, 0.1, cache_tma=True)
     if which == "all":
         hidden = torch.zeros(tokens, hq * d, dtype=dtype)

@@ -80,3 +80,27 @@ def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path
     assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
                 if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
                 and not _experiment(r["variant"])]
+
+
+def test_the_sweeps_largest_prefill_tile_compiles_with_the_gpu_machines_triton(tmp_path) -> None:
+    """A tuning the H200 sweep may write (benchmarks/kernel_configs.py's largest tile, new K/V
+    by TMA) compiled as `kernels_tuned` would launch it, with Triton 3.6: every kernel within
+    Hopper's shared memory (3 stages of 128 x 128 K/V tiles: 224 KiB of 227), and the cache
+    source, the default, without spills."""
+    side = os.path.join(sys.prefix, "triton-3.6.0")
+    assert os.path.isdir(side), f"{side} is missing: `make test` puts it there"
+    tuning, out = tmp_path / "tuning.json", tmp_path / "compile.json"
+    tuning.write_text(json.dumps({"device": "NVIDIA H200", "prefill_tile": [128, 128, 8, 3],
+                                  "prefill_new_kv": "tma"}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": f"{side}{os.pathsep}{ROOT}"}
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick", "--targets", "sm90",
+                           "--resources", "--tuning", str(tuning), "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    prefill = [r for r in rows if r["kernel"] == "_prefill_kernel" and r["case"] == "llama-3-8b bf16"]
+    assert prefill and all(r["ok"] and "BLOCK_M=128 BLOCK_N=128" in r["variant"] and r["num_stages"] == 3
+                           for r in prefill)
+    assert max(r["shared"] for r in prefill) > 200 << 10  # the three-stage tile really is that large
+    assert not [r["variant"] for r in prefill if not _experiment(r["variant"])
+                and r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)]
