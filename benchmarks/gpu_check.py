@@ -383,7 +383,9 @@ def render(report: dict[str, Any]) -> str:
              "", f"{'stage':<36}{'status':<10}{'seconds':>8}"]
     missing = [m for m, present in (env.get("server_packages") or {}).items() if not present]
     if missing:
-        lines.insert(1, f"not installed here (stoke serve needs them): {', '.join(missing)}")
+        lines.insert(1, f"not installed here (stoke serve needs them): {', '.join(missing)}"
+                        + ("; the serve stage ran with the carried ones (make gpu-carry)"
+                           if env.get("serve_stack_carried") else ""))
     for r in report["stages"]:
         lines.append(f"{r['name']:<36}{r['status']:<10}{r['seconds']:>8.0f}"
                      + (f"  {(r['reason'] or '').splitlines()[-1][:90]}" if r["status"] != "ok" and r["reason"] else ""))
@@ -630,7 +632,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         remaining = budget - (time.perf_counter() - t0)
         results.append(run_stage(stage, remaining, work, env))
     report = {
-        "env": {**info, "cpu_smoke": args.cpu_smoke, "seconds": time.perf_counter() - t0},
+        "env": {**info, "cpu_smoke": args.cpu_smoke, "seconds": time.perf_counter() - t0,
+                "serve_stack_carried": carried_stack_fits(args)},
         "stages": [asdict(r) for r in results],
         "summary": summarise(results, work),
     }

@@ -394,7 +394,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert k["decode_vs_sdpa_cudnn"] is None and "CUDNN_ATTENTION" in k["sdpa_backends"]
     assert k["prefill_cache_vs_new_kv_rows"]["max"] == 1.02 and k["prefill_cache_vs_new_kv_tma"]["min"] == 0.8
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
-                      "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False}},
+                      "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False},
+                      "serve_stack_carried": True},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
@@ -404,7 +405,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
                    "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION",
                    "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]", "'prefill_new_kv': 'rows'",
-                   "not installed here (stoke serve needs them): pynvml",
+                   "not installed here (stoke serve needs them): pynvml; the serve stage ran with the carried ones",
                    "9000 output tok/s, TTFT p50/p99 80/420 ms, ITL p50/p99 9.5/31.0 ms, GPU utilisation (NVML) 87% "
                    "over 60 samples", "CPU per output token: HTTP process 41 us, engine worker 22 us",
                    "1.50 tokens per SSE chunk", "the busiest kept 95% of a core busy (near 100%: latencies include"):
