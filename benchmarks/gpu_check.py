@@ -209,9 +209,10 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
                   "--prompt-len", "8:16", "--output-len", "2:4"]
     else:  # a GPU streams more chunks a second than one Python client parses (~10k a core)
         serve += ["--num-requests", "512", "--client-processes", "4"]
+    carried = carried_stack_fits(args)
     stages.append(Stage("serve_default_model", serve, 60 if args.cpu_smoke else 150, out("serve_default_model"),
-                        "serve", requires=os.path.join(CARRY_DIR, "config.json"),
-                        pythonpath=[CARRY_SITE] if carried_stack_fits(args) else []))
+                        "serve", {"carried_stack": carried}, requires=os.path.join(CARRY_DIR, "config.json"),
+                        pythonpath=[CARRY_SITE] if carried else []))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -382,10 +383,10 @@ def render(report: dict[str, Any]) -> str:
              f"{env['triton']}, transformers {env['transformers']}; {env['seconds']:.0f}s of a {env['budget_s']:.0f}s budget",
              "", f"{'stage':<36}{'status':<10}{'seconds':>8}"]
     missing = [m for m, present in (env.get("server_packages") or {}).items() if not present]
+    carried = any(r["meta"].get("carried_stack") and r["status"] != "skipped" for r in report["stages"])
     if missing:
         lines.insert(1, f"not installed here (stoke serve needs them): {', '.join(missing)}"
-                        + ("; the serve stage ran with the carried ones (make gpu-carry)"
-                           if env.get("serve_stack_carried") else ""))
+                        + ("; the serve stage ran with the carried ones (make gpu-carry)" if carried else ""))
     for r in report["stages"]:
         lines.append(f"{r['name']:<36}{r['status']:<10}{r['seconds']:>8.0f}"
                      + (f"  {(r['reason'] or '').splitlines()[-1][:90]}" if r["status"] != "ok" and r["reason"] else ""))
@@ -632,8 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         remaining = budget - (time.perf_counter() - t0)
         results.append(run_stage(stage, remaining, work, env))
     report = {
-        "env": {**info, "cpu_smoke": args.cpu_smoke, "seconds": time.perf_counter() - t0,
-                "serve_stack_carried": carried_stack_fits(args)},
+        "env": {**info, "cpu_smoke": args.cpu_smoke, "seconds": time.perf_counter() - t0},
         "stages": [asdict(r) for r in results],
         "summary": summarise(results, work),
     }

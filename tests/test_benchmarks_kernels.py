@@ -363,7 +363,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             "completed": 512, "failed": 0, "output_token_throughput": 9000.0, "p50_ttft_ms": 80.0, "p99_ttft_ms": 420.0,
             "p50_itl_ms": 9.5, "p99_itl_ms": 31.0, "p99_e2e_ms": 3000.0, "gpu_utilization_mean": 0.87,
             "gpu_utilization_samples": 60, "server_cpu_us_per_token": {"main": 41.0, "children": 22.5},
-            "tokens_per_chunk": 1.5, "client_cpu_busy": 0.95}}}}),
+            "tokens_per_chunk": 1.5, "client_cpu_busy": 0.95}}}}, meta={"carried_stack": True}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
                       "best": {"tile": [128, 64, 8, 2], "packed": False, "new_kv": "tma", "ms": 0.07}}],
@@ -394,8 +394,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert k["decode_vs_sdpa_cudnn"] is None and "CUDNN_ATTENTION" in k["sdpa_backends"]
     assert k["prefill_cache_vs_new_kv_rows"]["max"] == 1.02 and k["prefill_cache_vs_new_kv_tma"]["min"] == 0.8
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
-                      "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False},
-                      "serve_stack_carried": True},
+                      "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False}},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
     for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
@@ -410,6 +409,10 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "over 60 samples", "CPU per output token: HTTP process 41 us, engine worker 22 us",
                    "1.50 tokens per SSE chunk", "the busiest kept 95% of a core busy (near 100%: latencies include"):
         assert needle in table, needle
+    # A serve stage that did not run (budget, --stages) ran with nothing carried.
+    report["stages"] = [s | {"status": "skipped"} if s["name"] == "serve_default_model" else s
+                        for s in report["stages"]]
+    assert "carried ones" not in gpu_check.render(report)
 
 
 def test_gpu_check_cpu_smoke_end_to_end(tmp_path) -> None:
