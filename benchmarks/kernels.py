@@ -56,7 +56,8 @@ LAYOUTS = {  # name: (query heads, kv heads, head dim, hidden size, model config
 }
 GPU_SIZES = dict(
     decode_batches=[1, 4, 16, 64, 256], decode_contexts=[512, 2048, 8192],
-    prefill_seqs=[1, 4, 8], prefill_lens=[512, 1024, 4096], mixed=[(4, 16384), (16, 2048), (64, 2048), (256, 2048)], mixed_chunk=512,
+    prefill_seqs=[1, 4, 8], prefill_lens=[512, 1024, 4096],
+    mixed=[(4, 16384), (16, 2048), (64, 2048), (256, 2048)], mixed_chunk=512,  # (decodes, context) + a prompt
     store_tokens=[256, 8192], norm_tokens=[1, 256, 8192], rotary_tokens=[256, 8192],
     share_decode=(64, 2048), share_prefill=(1, 2048), iters=25, warmup=3,
 )
