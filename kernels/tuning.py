@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 ENV_VAR = "STOKE_KERNEL_TUNING"
@@ -69,7 +69,7 @@ def parse_tuning(data: Any, source: str) -> KernelTuning:
 
     if not isinstance(data, dict):
         raise bad("expected a JSON object")
-    unknown = set(data) - {"device", "prefill_tile", "pack_gqa", "prefill_new_kv", "min_split_keys", "measured"}
+    unknown = set(data) - {f.name for f in fields(KernelTuning) if f.name != "source"} - {"device", "measured"}
     if unknown:
         raise bad(f"unknown keys {sorted(unknown)}")
     tile = data.get("prefill_tile")
