@@ -40,6 +40,7 @@ import torch
 
 from benchmarks.gpu_check import TINY_CONFIG
 from benchmarks.report import write_json
+from engine.config import EngineConfig
 from engine.default_model import default_model_path
 from engine.engine import OUTPUT_KINDS, LLMEngine
 from engine.llm import LLM
@@ -50,11 +51,19 @@ from server.worker import freeze_startup_heap
 
 STAND_IN_VOCAB = 64  # logits the sampler really sees; its argmax t becomes word token FIRST_WORD + 37 t
 FIRST_WORD = 1000
-MAX_PROMPT = 128
+PROMPT_TOKENS = (32, 128)  # each prompt's length, drawn from this range unless --prompt-tokens
 
 
 def max_tokens(args: argparse.Namespace) -> int:
-    return args.steps + 8  # the prompts' steps and the measured ones, with room to spare
+    """Enough that no request finishes before the measured steps end: the first prompts decode
+    while the last ones are still prefilling."""
+    budget = EngineConfig().max_num_batched_tokens
+    prefill_steps = -(-args.batch * prompt_range(args)[1] // max(budget - args.batch, budget // 4))  # decodes go first
+    return prefill_steps + args.steps + 8
+
+
+def prompt_range(args: argparse.Namespace) -> tuple[int, int]:
+    return (args.prompt_tokens, args.prompt_tokens) if args.prompt_tokens else PROMPT_TOKENS
 
 
 class StandInDevice:
@@ -70,11 +79,11 @@ class StandInDevice:
         self.last = self._stream.submit(time.sleep, self.ms / 1e3) if self.ms > 0 else None
 
 
-def engine_without_forward(path: str, batch: int, max_tokens: int,
+def engine_without_forward(path: str, batch: int, max_len: int,
                            device: StandInDevice | None = None) -> LLMEngine:
-    """An engine for `batch` requests of up to MAX_PROMPT + max_tokens tokens, with a KV pool
-    just that large (a zeroed pool of gigabytes can take seconds to allocate)."""
-    blocks = batch * -(-(MAX_PROMPT + max_tokens) // 16)
+    """An engine for `batch` requests of up to max_len tokens, with a KV pool just that large
+    (a zeroed pool of gigabytes can take seconds to allocate)."""
+    blocks = batch * -(-max_len // 16)
     engine = LLM(path, load_format="dummy", max_num_seqs=batch, device="cpu", block_size=16,
                  num_kv_blocks=blocks).engine
     runner, sampler = engine.runner, engine.sampler
@@ -144,7 +153,7 @@ def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> tuple[lis
     rng = random.Random(0)
     ids = [f"{kind}-{i}" for i in range(args.batch)]
     for request_id in ids:
-        prompt = [rng.randrange(FIRST_WORD, 20000) for _ in range(rng.randint(32, MAX_PROMPT))]
+        prompt = [rng.randrange(FIRST_WORD, 20000) for _ in range(rng.randint(*prompt_range(args)))]
         penalties = dict(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.5) if args.penalties else {}
         engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens(args), ignore_eos=True,
                                                               temperature=0.0, **penalties))
@@ -162,14 +171,14 @@ def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> tuple[lis
     return windows, collector
 
 
-def checkpoint_dir(tmp: str, layers: int) -> str:
+def checkpoint_dir(tmp: str, layers: int, max_positions: int = 4096) -> str:
     """A dummy-weight Qwen3 config with the default model's tokenizer (and its vocabulary)."""
     tokenizer_dir = default_model_path()
     with open(os.path.join(tokenizer_dir, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(TINY_CONFIG | {"num_hidden_layers": layers, "vocab_size": vocab,
-                                 "max_position_embeddings": 4096}, f)
+                                 "max_position_embeddings": max_positions}, f)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tokenizer_dir, name), tmp)
     return tmp
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=700, help="decode steps measured per kind")
     p.add_argument("--window", type=int, default=100, help="steps per reported mean")
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="every prompt this long (0: %d-%d tokens each); the block tables grow with the context" % PROMPT_TOKENS)
     p.add_argument("--kinds", nargs="*", default=list(OUTPUT_KINDS), choices=OUTPUT_KINDS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device-ms", type=float, default=0.0,
@@ -195,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = engine_without_forward(checkpoint_dir(tmp, layers=1), args.batch, max_tokens(args),
-                                        StandInDevice(args.device_ms))
+        max_len = prompt_range(args)[1] + max_tokens(args)
+        engine = engine_without_forward(checkpoint_dir(tmp, layers=1, max_positions=max(4096, max_len)),
+                                        args.batch, max_len, StandInDevice(args.device_ms))
         if args.gc_freeze:
             freeze_startup_heap()
         rows = []
@@ -210,11 +222,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "gc_full_collections": collector.full_collections})
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
-    report = {"batch": args.batch, "steps": args.steps, "window": args.window, "device_ms": args.device_ms,
+    report = {"batch": args.batch, "prompt_tokens": prompt_range(args), "steps": args.steps, "window": args.window, "device_ms": args.device_ms,
               "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
     device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
-    print(f"ms per step, batch {args.batch}, {device}; windows of {args.window} steps "
-          f"(output tokens 0-{args.steps}):")
+    lo, hi = prompt_range(args)
+    print(f"ms per step, batch {args.batch}, prompts of {lo}-{hi} tokens, {device}; windows of {args.window} "
+          f"steps (output tokens 0-{args.steps}):")
     for row in rows:
         print(f"  {row['kind']:<11}{row['scheduling']:<6}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"])
               + f"   gc {row['gc_ms_per_step']:.2f} ms/step, longest {row['gc_longest_ms']:.0f} ms, "

@@ -8,7 +8,8 @@ first copies the step's inputs into their first rows) and is padded to a bucket.
 - **decode** graphs, one per batch-size bucket (1, 2, 4, ..., 256, capped at max_num_seqs),
   replay pure-decode steps: the model and the LM head, with the split-K decode kernel. A batch
   of n replays the smallest bucket >= n, padded with rows that do nothing: slot -1 (store_kv
-  skips it), context 0 (decode attention gives zeros), token 0, position 0. The graph's output
+  skips it), context 0 (decode attention gives zeros, reading no block table), token 0,
+  position 0. The graph's output
   is the logits of every row; the caller slices its rows.
 - **mixed** graphs, one per token-count bucket (32, 48, 64, 96, ... up to
   max_num_batched_tokens), replay steps with prefill chunks (decodes beside them or not):
@@ -82,16 +83,14 @@ def bucket_for(buckets: list[int], n: int) -> int | None:
 
 
 def pad_decode_inputs(
-    n: int, bucket: int, input_ids: list[int], positions: list[int], slots: list[int],
-    context_lens: list[int], tables: list[list[int]],
+    n: int, bucket: int, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
 ) -> None:
     """Append bucket - n padding rows (in place): token 0, position 0, slot -1 (nothing is
-    stored), context 0 (attention reads nothing and returns zeros), an all-zero table row."""
+    stored), context 0 (attention reads nothing and returns zeros, so their block-table rows,
+    left as they are, are never read)."""
     pad = bucket - n
-    width = len(tables[0]) if tables else 0
     pad_tokens(pad, input_ids, positions, slots)
     context_lens.extend([0] * pad)
-    tables.extend([[0] * width for _ in range(pad)])
 
 
 def pad_tokens(pad: int, input_ids: list[int], positions: list[int], slots: list[int]) -> None:
@@ -245,7 +244,7 @@ class CudaGraphRunner:
         context_lens: torch.Tensor, block_tables: torch.Tensor,
     ) -> torch.Tensor:
         """Run the decode graph of the bucket these (already padded) inputs fill: `[bucket]`
-        each and block tables `[bucket, w]` with w <= table_width. Returns the graph's logits
+        each, and block tables `[n, w]` for the n real sequences, w <= table_width. Returns the graph's logits
         `[bucket, V]`: static memory that the next replay overwrites, so read it first."""
         b = input_ids.shape[0]
         if ("decode", b) not in self.graphs:

@@ -361,6 +361,7 @@ class LLMEngine:
         if sample.detokenizer is not None and not sample.detokenizer.stop_reason:
             sample.detokenizer.finish()
         self.scheduler.finish(sample.request)
+        self.runner.release(sample.request)
 
     def _output(self, group: _Group, delta: bool = False) -> RequestOutput:
         completions = []

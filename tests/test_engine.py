@@ -27,6 +27,7 @@ def assert_pool_empty(llm: LLM) -> None:
     bm = llm.engine.scheduler.block_manager
     assert bm.num_used_blocks == 0
     assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+    assert len(llm.engine.runner.block_tables) == 0, "block-table rows leaked"
     bm.check_invariants()
 
 

@@ -149,10 +149,9 @@ def test_buckets_and_padding() -> None:
         batch_buckets(0)
     b = batch_buckets(100)
     assert [bucket_for(b, n) for n in (1, 3, 4, 5, 64, 65, 100, 101)] == [1, 4, 4, 8, 64, 100, 100, None]
-    ids, pos, slots, ctx, tables = [5, 6], [10, 3], [42, 7], [11, 4], [[1, 2], [3, 0]]
-    pad_decode_inputs(2, 4, ids, pos, slots, ctx, tables)
+    ids, pos, slots, ctx = [5, 6], [10, 3], [42, 7], [11, 4]
+    pad_decode_inputs(2, 4, ids, pos, slots, ctx)
     assert ids == [5, 6, 0, 0] and pos == [10, 3, 0, 0] and slots == [42, 7, -1, -1] and ctx == [11, 4, 0, 0]
-    assert tables == [[1, 2], [3, 0], [0, 0], [0, 0]]
     assert token_buckets(2048) == [32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
     assert token_buckets(100) == [32, 48, 64, 96, 100]
     assert token_buckets(64) == [32, 48, 64]
