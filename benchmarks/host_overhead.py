@@ -47,7 +47,7 @@ from engine.llm import LLM
 from engine.model_runner import StepLogits
 from engine.sampler import SampledTokens, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
-from server.worker import freeze_startup_heap
+from server.heap import HeapPacer
 
 STAND_IN_VOCAB = 64  # logits the sampler really sees; its argmax t becomes word token FIRST_WORD + 37 t
 FIRST_WORD = 1000
@@ -148,8 +148,10 @@ class GcTimer:
         self.full_collections += info["generation"] == 2
 
 
-def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> tuple[list[float], GcTimer]:
-    """ms per step over each window of measured steps, and the collector's time among them."""
+def measure(engine: LLMEngine, kind: str, args: argparse.Namespace,
+            heap: HeapPacer | None = None) -> tuple[list[float], float, GcTimer]:
+    """ms per step over each window of measured steps, the p99 of one step's ms, and the
+    collector's time among them."""
     rng = random.Random(0)
     ids = [f"{kind}-{i}" for i in range(args.batch)]
     for request_id in ids:
@@ -158,17 +160,26 @@ def measure(engine: LLMEngine, kind: str, args: argparse.Namespace) -> tuple[lis
         engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens(args), ignore_eos=True,
                                                               temperature=0.0, **penalties))
     while engine.scheduler.waiting or any(r.num_uncomputed_tokens > 1 for r in engine.scheduler.running):
-        engine.step(outputs=kind)  # the prompts: not what is measured
-    windows = []
+        step(engine, kind, heap)  # the prompts: not what is measured
+    windows, steps = [], []
     with GcTimer() as collector:
         for _ in range(args.steps // args.window):
             t0 = time.perf_counter()
             for _ in range(args.window):
-                engine.step(outputs=kind)
+                t = time.perf_counter()
+                step(engine, kind, heap)
+                steps.append(time.perf_counter() - t)
             windows.append((time.perf_counter() - t0) * 1e3 / args.window)
     for request_id in ids:
         engine.abort_request(request_id)
-    return windows, collector
+    steps.sort()
+    return windows, 1e3 * steps[int(0.99 * (len(steps) - 1))], collector
+
+
+def step(engine: LLMEngine, kind: str, heap: HeapPacer | None) -> None:
+    engine.step(outputs=kind)
+    if heap is not None:  # as the server's worker runs
+        heap.after_step()
 
 
 def checkpoint_dir(tmp: str, layers: int, max_positions: int = 4096) -> str:
@@ -201,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="every request with repetition, frequency and presence penalties (their host work "
                         "reads each request's whole history every step)")
     p.add_argument("--gc-freeze", action="store_true",
-                   help="freeze the start-up heap out of the cyclic collector's reach, as the server's worker does")
+                   help="pace the cyclic collector as the server's worker does (server/heap.py): the start-up heap "
+                        "frozen, then what survives a young collection every few steps")
     p.add_argument("--out", default="results/host_overhead.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -209,28 +221,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_len = prompt_range(args)[1] + max_tokens(args)
         engine = engine_without_forward(checkpoint_dir(tmp, layers=1, max_positions=max(4096, max_len)),
                                         args.batch, max_len, StandInDevice(args.device_ms))
-        if args.gc_freeze:
-            freeze_startup_heap()
+        heap = HeapPacer() if args.gc_freeze else None
         rows = []
         for kind in args.kinds:
             for scheduling in args.scheduling:
                 engine.async_scheduling = scheduling == "async"
-                windows, collector = measure(engine, kind, args)
-                rows.append({"kind": kind, "scheduling": scheduling, "ms_per_step": windows,
+                windows, p99, collector = measure(engine, kind, args, heap)
+                rows.append({"kind": kind, "scheduling": scheduling, "ms_per_step": windows, "p99_step_ms": p99,
                              "gc_ms_per_step": 1e3 * collector.seconds / (len(windows) * args.window),
                              "gc_longest_ms": 1e3 * collector.longest,
                              "gc_full_collections": collector.full_collections})
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
-    report = {"batch": args.batch, "prompt_tokens": prompt_range(args), "steps": args.steps, "window": args.window, "device_ms": args.device_ms,
-              "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
+    report = {"batch": args.batch, "prompt_tokens": list(prompt_range(args)), "steps": args.steps, "window": args.window,
+              "device_ms": args.device_ms, "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
     device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
     lo, hi = prompt_range(args)
     print(f"ms per step, batch {args.batch}, prompts of {lo}-{hi} tokens, {device}; windows of {args.window} "
           f"steps (output tokens 0-{args.steps}):")
     for row in rows:
         print(f"  {row['kind']:<11}{row['scheduling']:<6}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"])
-              + f"   gc {row['gc_ms_per_step']:.2f} ms/step, longest {row['gc_longest_ms']:.0f} ms, "
+              + f"   p99 {row['p99_step_ms']:.1f}; gc {row['gc_ms_per_step']:.2f} ms/step, longest {row['gc_longest_ms']:.0f} ms, "
                 f"{row['gc_full_collections']} full")
     write_json(report, args.out)
     return report

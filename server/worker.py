@@ -20,7 +20,6 @@ exception inside a step is fatal (exit 1): the HTTP process then fails in-flight
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import queue
 import signal
@@ -30,21 +29,12 @@ import time
 import traceback
 from typing import Any
 
+from server.heap import HeapPacer
 from server.ipc import FrameReader, FrameWriter
 
 logger = logging.getLogger("stoke.worker")
 
 WARMUP_ID = "__stoke_warmup__"
-
-
-def freeze_startup_heap() -> None:
-    """Move every object alive after start-up (the model, the tokenizer, the libraries: ~300 k
-    with the default model) out of the cyclic collector's reach. A full collection over them
-    took 120-145 ms on this project's CPU, every ~200 steps at batch 256: a stall in one
-    inter-token gap in a few hundred, the tail p99 reports (docs/measurements/cpu-2026-11-30).
-    This process lives as long as its one engine, so nothing frozen here was meant to be freed."""
-    gc.collect()
-    gc.freeze()
 
 
 def encode_output(out: Any) -> list[Any]:
@@ -86,6 +76,7 @@ class Worker:
         self.writer = writer
         self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.engine: Any = None
+        self.heap: HeapPacer | None = None
 
     # ----------------------------------------------------------------- set-up
     def start(self, init: dict[str, Any]) -> None:
@@ -100,7 +91,7 @@ class Worker:
         self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
         while self.engine.has_unfinished_requests():
             self.engine.step()
-        freeze_startup_heap()
+        self.heap = HeapPacer()
         e = self.engine
         self.writer.write({
             "type": "ready",
@@ -109,7 +100,7 @@ class Worker:
             "vocab_size": e.model_config.vocab_size,
             "num_blocks": e.scheduler.block_manager.num_blocks,
             "block_size": e.scheduler.block_manager.block_size,
-            "frozen_objects": gc.get_freeze_count(),
+            "frozen_objects": self.heap.frozen_baseline,
             "stats": self.stats(),
         })
 
@@ -144,6 +135,7 @@ class Worker:
         while True:
             messages: list[dict[str, Any] | None] = []
             if not engine.has_unfinished_requests():
+                self.heap.on_idle()
                 messages.append(self.inbox.get())
             while True:
                 try:
@@ -169,6 +161,7 @@ class Worker:
             if engine.has_unfinished_requests():
                 steps = engine.stats.num_steps
                 outputs = engine.step(outputs="delta")  # frames carry deltas only
+                self.heap.after_step()
                 frame["outputs"].extend(encode_output(o) for o in outputs)
                 if engine.stats.num_steps > steps:
                     frame["batch_tokens"] = engine.stats.last_batch_tokens

@@ -112,12 +112,13 @@ def test_host_overhead_benchmark_tiny(tmp_path) -> None:
     assert [(r["kind"], r["scheduling"]) for r in report["rows"]] == [
         ("cumulative", "sync"), ("delta", "sync"), ("final", "sync")]
     assert all(len(r["ms_per_step"]) == 2 and all(x > 0 for x in r["ms_per_step"]) and r["median_ms"] > 0
-               for r in report["rows"])
+               and r["p99_step_ms"] >= min(r["ms_per_step"]) for r in report["rows"])
+    assert report["prompt_tokens"] == [32, 128]
     assert all(r["gc_ms_per_step"] >= 0 and r["gc_longest_ms"] >= 0 and r["gc_full_collections"] >= 0
                for r in report["rows"]) and report["gc_freeze"] is False
     # With a stand-in device beside the host, synchronous and async scheduling.
     report = host_main(["--batch", "4", "--steps", "10", "--window", "5", "--kinds", "delta", "--device-ms", "1",
-                        "--scheduling", "sync", "async", "--out", str(out)])
-    assert report["device_ms"] == 1.0
+                        "--scheduling", "sync", "async", "--prompt-tokens", "300", "--out", str(out)])
+    assert report["device_ms"] == 1.0 and report["prompt_tokens"] == [300, 300]
     assert [(r["scheduling"], len(r["ms_per_step"])) for r in report["rows"]] == [("sync", 2), ("async", 2)]
     assert all(x >= 1.0 for r in report["rows"] for x in r["ms_per_step"])  # each step waits for its job
