@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import http.client
 import json
+import re
 
 import openai
 import pytest
@@ -274,3 +275,4 @@ def test_request_log_lines(server, client, model):
     assert errors and all(entry["error_type"] for entry in errors)
     assert API_KEY not in server.stdout() and API_KEY not in server.stderr()
     assert "Traceback" not in server.stderr()
+    assert re.search(r"HTTP process: \d{5,} start-up objects frozen", server.stderr())
