@@ -59,7 +59,10 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        for s in self.samples:  # a loop, not all(genexpr): asked of every group every step
+            if s.finish_reason is None:
+                return False
+        return True
 
 
 @dataclass(slots=True, eq=False)
