@@ -47,7 +47,7 @@ LAYOUTS = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA", "FRESH",
-                "FRESH_TMA", "HAS_RESIDUAL", "BLOCK")
+                "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK")
 
 
 @dataclass(slots=True)
@@ -139,6 +139,12 @@ def _launch(case: tuple[str, str, str]) -> None:
                                           fused_merge=fused)
     for pack in (True, False):
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
+    # A mixed CUDA graph's attention: the leading decodes by the graphed decode kernel, the
+    # prefill kernel skipping them, one output.
+    counts, out = torch.zeros(2, dtype=torch.int32), torch.zeros_like(q)
+    triton_ops.paged_decode_attention_graphed(q, cache, cache, tables, lens, 0.1, counts, out)
+    triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k,
+                                       skip_sequences=counts, out=out)
     # The new tokens' K/V read from the projection's views (what a GPU's tuning may choose).
     triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
     if dtype != torch.float32:  # the tensor-descriptor experiments (TMA on Hopper), 16-bit only

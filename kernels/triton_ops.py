@@ -228,9 +228,73 @@ def _decode_kernel(
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    # One program per (sequence, kv head, split).
+    _decode_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), num_splits,
+                 q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                 out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
+                 stride_qb, stride_qh, stride_kc_block, stride_kc_slot, stride_kc_h,
+                 stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt, stride_ob, stride_oh,
+                 GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SPLIT, FUSED_MERGE, BLOCK_S,
+                 MERGE_HEADS, BLOCK_GM, SAME_LAYOUT, DOT_PREC)
+
+
+@triton.jit
+def _decode_graphed_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, counts_ptr,
+    scale_log2e, num_kv_heads,
+    stride_qb, stride_qh,
+    stride_kc_block, stride_kc_slot, stride_kc_h,
+    stride_vc_block, stride_vc_slot, stride_vc_h,
+    stride_bt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+    MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # A fixed number of programs walks the (sequence, kv head, split) items of the first
+    # counts[0] sequences, split counts[1] ways: both read here, not fixed by the grid.
+    num_seqs = tl.load(counts_ptr)
+    num_splits = tl.load(counts_ptr + 1)
+    per_seq = num_kv_heads * num_splits
+    for item in range(tl.program_id(0), num_seqs * per_seq, tl.num_programs(0)):
+        b = item // per_seq
+        kvh = item % per_seq // num_splits
+        split = item % num_splits
+        if num_splits > 1:
+            _decode_item(b, kvh, split, num_kv_heads, num_splits,
+                         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
+                         stride_qb, stride_qh, stride_kc_block, stride_kc_slot, stride_kc_h,
+                         stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt, stride_ob, stride_oh,
+                         GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, True, True, BLOCK_S,
+                         MERGE_HEADS, BLOCK_GM, SAME_LAYOUT, DOT_PREC)
+        else:
+            _decode_item(b, kvh, split, num_kv_heads, num_splits,
+                         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
+                         stride_qb, stride_qh, stride_kc_block, stride_kc_slot, stride_kc_h,
+                         stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt, stride_ob, stride_oh,
+                         GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, False, False, BLOCK_S,
+                         MERGE_HEADS, BLOCK_GM, SAME_LAYOUT, DOT_PREC)
+
+
+@triton.jit
+def _decode_item(
+    b, kvh, split, num_kv_heads, num_splits,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
+    stride_qb, stride_qh,
+    stride_kc_block, stride_kc_slot, stride_kc_h,
+    stride_vc_block, stride_vc_slot, stride_vc_h,
+    stride_bt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Split `split` of `num_splits` of sequence b's context, for kv head kvh's query heads."""
     ctx = tl.load(context_lens_ptr + b)
     # Splits cut the context into equal BLOCK_N-aligned chunks; trailing splits may be empty.
     chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
@@ -262,7 +326,7 @@ def _decode_kernel(
 
     if SPLIT:
         # Partials [B, Hq, S, D] and [B, Hq, S], contiguous.
-        row = (b64 * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        row = (b64 * num_kv_heads * GROUP + heads) * num_splits + split
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
         tl.store(part_m_ptr + row, m_i, mask=g_mask)
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
@@ -271,13 +335,13 @@ def _decode_kernel(
             # saves the reduction kernel's launch. Every thread's stores precede the counter's
             # release (barrier, then acq_rel atomic); the last program's acquire sees them all.
             tl.debug_barrier()
-            counter = counters_ptr + b64 * tl.num_programs(1) + kvh
+            counter = counters_ptr + b64 * num_kv_heads + kvh
             if tl.atomic_add(counter, 1) == num_splits - 1:
                 tl.store(counter, 0)  # zero again for the next launch on this stream
                 for g in range(0, GROUP, MERGE_HEADS):  # MERGE_HEADS divides GROUP
                     head = kvh * GROUP + g
                     _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
-                                  (b64 * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
+                                  (b64 * num_kv_heads * GROUP + head) * num_splits, num_splits,
                                   out_ptr + b64 * stride_ob + head * stride_oh, stride_oh,
                                   MERGE_HEADS, BLOCK_GM, HEAD_DIM, BLOCK_S)
     else:
@@ -426,6 +490,80 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
     return buffers[-1]
 
 
+# A mixed CUDA graph's decodes: at most this many splits, and this many (sequence, kv head,
+# split) items with partials (their buffer's rows, in kv heads: 2 MiB at a group of 4, D 128).
+GRAPHED_MAX_SPLITS = 16
+GRAPHED_SPLIT_ITEMS = 1024
+
+
+def graphed_decode_splits(num_decodes: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """The split count for `paged_decode_attention_graphed` this step: the eager choice
+    (`_num_splits` over the decodes' longest context), within the graphed buffers."""
+    if num_decodes == 0:
+        return 1
+    splits = _num_splits(num_decodes, num_kv_heads, max_context, device)
+    return max(1, min(splits, GRAPHED_MAX_SPLITS, GRAPHED_SPLIT_ITEMS // (num_decodes * num_kv_heads)))
+
+
+def paged_decode_attention_graphed(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    counts: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """`paged_decode_attention` for the leading `counts[0]` sequences (rows of `q`,
+    `block_tables`, `context_lens`), each split `counts[1]` ways, into their rows of `out`
+    (the others are left as they are). `counts` is int32 on the device: in a mixed CUDA graph
+    the step's decode count and split count change at every replay, so a fixed number of
+    programs (twice the SMs) walks the work items instead of a grid shaped by them. The
+    caller keeps counts[0] <= len(block_tables), counts[1] <= GRAPHED_MAX_SPLITS and, when
+    counts[1] > 1, counts[0] * Hkv * counts[1] <= GRAPHED_SPLIT_ITEMS
+    (`graphed_decode_splits` does)."""
+    B = block_tables.shape[0]
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
+    out = _output_like(q, out)
+    if B == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
+    group = num_heads // num_kv_heads
+    block_size = k_cache.shape[1]
+    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
+    part_acc = torch.empty((GRAPHED_SPLIT_ITEMS * group, head_dim), dtype=torch.float32, device=q.device)
+    part_m = torch.empty(GRAPHED_SPLIT_ITEMS * group, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    merge_heads = group if q.element_size() <= 2 else 1  # as paged_decode_attention's fused merge
+    programs = 2 * _sm_count(_device_index(q.device)) if q.device.type == "cuda" else 3
+    _decode_graphed_kernel[(programs,)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_acc, part_m, part_l, _split_counters(B * num_kv_heads, q.device), counts,
+        scale * LOG2E, num_kv_heads,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
+        BLOCK_S=GRAPHED_MAX_SPLITS, MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
+        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+    )
+    return out
+
+
+def _output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
 # ----------------------------------------------------------------------------- prefill
 
 
@@ -451,6 +589,7 @@ def _prefill_kernel(
     out_ptr,
     k_desc, v_desc,  # with CACHE_TMA: the caches as 2-D [slots, Hkv * D] tensor descriptors
     key_desc, value_desc,  # with FRESH_TMA: the step's K/V as 2-D [tokens, Hkv * D] descriptors
+    skip_ptr,  # with SKIP_LEADING: how many leading sequences are left to another kernel
     scale_log2e, num_seqs,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
@@ -459,7 +598,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_TMA: tl.constexpr,
-    FRESH: tl.constexpr, FRESH_TMA: tl.constexpr,
+    FRESH: tl.constexpr, FRESH_TMA: tl.constexpr, SKIP_LEADING: tl.constexpr,
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
@@ -470,6 +609,9 @@ def _prefill_kernel(
         first_head = tl.program_id(1)
     kvh = first_head // GROUP
     seq = _find_sequence(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q)
+    if SKIP_LEADING:
+        if seq < tl.load(skip_ptr):
+            return
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
     # A sequence's query tiles run last first: later tiles see more keys, and starting the long
@@ -569,6 +711,8 @@ def paged_prefill_attention(
     new_kv: str | None = None,
     pack_gqa: bool | None = None,
     cache_tma: bool = False,
+    skip_sequences: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
     Sequences may have no new tokens, and tokens past `cu_seqlens_q[-1]` belong to none (their
@@ -582,12 +726,17 @@ def paged_prefill_attention(
     far). `pack_gqa` forces whether a program takes all query heads of a kv head (None: when
     the group is a power of two, so no row of the tile is wasted). `cache_tma` loads cache
     tiles through tensor descriptors: an experiment for benchmarks/kernel_configs.py, only
-    where a key tile lies inside one cache block."""
+    where a key tile lies inside one cache block.
+
+    `skip_sequences`: an int32 tensor on the device whose first element is how many leading
+    sequences to leave alone (a mixed CUDA graph's decodes, which
+    `paged_decode_attention_graphed` attends); their rows of the output are not written.
+    `out`: the output to write into (`q`'s shape and dtype) instead of a new tensor."""
     Tq, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
     block_size = k_cache.shape[1]
     num_seqs = cu_seqlens_q.shape[0] - 1
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_like(q, out)
     if (key is None) != (value is None):
         raise ValueError("paged_prefill_attention: key and value come together")
     if key is not None and not (key.shape == value.shape == (Tq, num_kv_heads, head_dim)):
@@ -635,7 +784,7 @@ def paged_prefill_attention(
     row_strides = (key.stride(0), key.stride(1), value.stride(0), value.stride(1)) if fresh else (0, 0, 0, 0)
     _prefill_kernel[grid](
         q, k_cache, v_cache, *rows, block_tables, cu_seqlens_q, context_lens, out,
-        k_desc, v_desc, key_desc, value_desc,
+        k_desc, v_desc, key_desc, value_desc, skip_sequences if skip_sequences is not None else cu_seqlens_q,
         scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1), *row_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -644,7 +793,7 @@ def paged_prefill_attention(
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), CACHE_TMA=cache_tma,
-        FRESH=fresh, FRESH_TMA=new_kv == "tma",
+        FRESH=fresh, FRESH_TMA=new_kv == "tma", SKIP_LEADING=skip_sequences is not None,
         num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
     return out

@@ -84,10 +84,11 @@ def stale_to_nan(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Ten
 
 
 def new_tokens_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
-                  q_lens: list[int], pad_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  q_lens: list[int], pad_tokens: int = 0, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The new tokens' K/V as the model hands them over: strided `[T, Hkv, D]` views of one
     fused projection row (NaN around them, and in `pad_tokens` rows of no sequence). Their
-    cache slots turn NaN (in place), so a kernel that reads them from the cache fails."""
+    cache slots turn NaN (in place), so a kernel that reads them from the cache fails; except
+    those of the first `keep` sequences (decodes whose kernel reads the cache)."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     total, width = sum(q_lens) + pad_tokens, num_kv_heads * head_dim
     row = torch.full((total, 5 * width), float("nan"), dtype=k_cache.dtype)
@@ -98,7 +99,8 @@ def new_tokens_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Te
         for pos in range(n - new, n):
             block, slot = int(tables[b, pos // block_size]), pos % block_size
             key[t], value[t] = k_cache[block, slot], v_cache[block, slot]
-            k_cache[block, slot] = v_cache[block, slot] = float("nan")
+            if b >= keep:
+                k_cache[block, slot] = v_cache[block, slot] = float("nan")
             t += 1
     return key, value
 
@@ -376,11 +378,15 @@ def test_prefill_key_value_errors(ops: ModuleType) -> None:
 
 
 def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                            lens: list[int], q_lens: list[int], num_decodes: int, fresh: bool = False) -> None:
+                            lens: list[int], q_lens: list[int], num_decodes: int, fresh: bool = False,
+                            graphed_splits: int | None = None) -> None:
     """What a mixed CUDA graph launches: decodes (one new token) and chunks in one call, then
     sequences with no new token and tokens of no sequence up to the captured sizes. The real
     rows equal decode + prefill on their parts. `fresh`: the new tokens' K/V passed as the
-    engine passes them (and only there: their cache slots hold NaN)."""
+    engine passes them (and only there: their cache slots hold NaN). `graphed_splits`: the
+    decodes go to `paged_decode_attention_graphed` (split that many ways, counts on the
+    device) and the prefill kernel skips them, both writing one output; the padding tokens'
+    rows stay as they were."""
     gen = torch.Generator().manual_seed(12 + group + head_dim)
     k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, head_dim, dtype, gen, pad_id=-1)
     n = sum(q_lens)
@@ -396,14 +402,23 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
     pad_seqs, pad_tokens = 3, 19
     kv = {}
     if fresh:
-        kv = dict(zip(("key", "value"), to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens, pad_tokens))),
-                  new_kv="rows")
+        keep = nd if graphed_splits is not None else 0
+        kv = dict(zip(("key", "value"), to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens, pad_tokens,
+                                                                 keep))), new_kv="rows")
     cu = torch.tensor([0, *q_lens] + [0] * pad_seqs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     padded_q = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"), dtype=dtype)])
     padded_tables = torch.cat([tables, torch.zeros((pad_seqs, tables.shape[1]), dtype=tables.dtype)])
     padded_lens = torch.cat([context_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
-    out = ops.paged_prefill_attention(*to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens),
-                                      SCALE, **kv).cpu()
+    args = to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens)
+    if graphed_splits is None:
+        out = ops.paged_prefill_attention(*args, SCALE, **kv).cpu()
+    else:
+        counts = torch.tensor([nd, graphed_splits], dtype=torch.int32, device=DEVICE)
+        out = torch.full_like(args[0], 7.0)
+        ops.paged_decode_attention_graphed(args[0], *args[1:4], args[5], SCALE, counts, out)
+        ops.paged_prefill_attention(*args, SCALE, **kv, skip_sequences=counts, out=out)
+        out = out.cpu()
+        assert torch.equal(out[n:], torch.full_like(out[n:], 7.0))
     torch.testing.assert_close(out[:n].float(), want, **TOL[dtype])
 
 
@@ -411,6 +426,38 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
 def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int, fresh: bool) -> None:
     # three decodes, a cached prefix, a whole prompt
     check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh)
+
+
+@pytest.mark.parametrize("group,splits,fresh", [(1, 1, False), (4, 3, False), (4, 16, True), (2, 5, False)])
+def test_graphed_decodes_beside_a_prefill_that_skips_them(ops: ModuleType, group: int, splits: int,
+                                                          fresh: bool) -> None:
+    # three decodes (one of context 1, so most of its splits are empty), a cached prefix, a prompt
+    check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh,
+                            graphed_splits=splits)
+
+
+def test_graphed_decode_counts_come_from_the_device(ops: ModuleType) -> None:
+    """One launch shape, any step: the decode count and the split count are read from the
+    tensor at run time (0 decodes: nothing written), and repeated launches find the merge's
+    arrival counters zero."""
+    gen = torch.Generator().manual_seed(21)
+    lens = [17, 40, 3, 29]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float16, gen, pad_id=-1)
+    q = torch.randn(len(lens), 8, 16, generator=gen).to(torch.float16)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    want = expected_decode(q, k_cache, v_cache, tables, context_lens)
+    args = to_device(q, k_cache, v_cache, tables, context_lens)
+    counts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    for nd, splits in ((0, 4), (2, 4), (4, 1), (3, 7), (4, 16)):
+        counts.copy_(torch.tensor([nd, splits]))
+        out = ops.paged_decode_attention_graphed(*args, SCALE, counts, torch.zeros_like(args[0])).cpu()
+        torch.testing.assert_close(out[:nd].float(), want[:nd], **TOL[torch.float16])
+        assert not out[nd:].any()
+    assert all(not c.any() for c in ops._COUNTERS.get(args[0].device, []))
+    assert ops.graphed_decode_splits(0, 8, 4096, DEVICE) == 1
+    assert ops.graphed_decode_splits(3, 8, 4096, torch.device("cpu")) == 1  # no split on the CPU
+    with pytest.raises(ValueError, match="out must be"):
+        ops.paged_decode_attention_graphed(*args, SCALE, counts, torch.zeros(4, 8, 16))
 
 
 def test_prefill_ignores_stale_slots_and_equals_decode(ops: ModuleType) -> None:
