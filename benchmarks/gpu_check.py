@@ -349,12 +349,14 @@ def _kernel_summary(k: dict[str, Any]) -> dict[str, Any]:
         "store_kv_vs_torch": ratios(k.get("store_kv", []), "torch_ratio"),
         "rms_norm_vs_torch": ratios(k.get("rms_norm", []), "torch_ratio"),
         "rotary_vs_torch": ratios(k.get("rotary", []), "torch_ratio"),
-        # Not goals, choices: packed GQA prefill against one head per program, and a mixed
-        # step's single prefill launch (what mixed CUDA graphs run) against the eager split.
+        # Not goals, choices: packed GQA prefill against one head per program; a mixed step's
+        # single prefill launch (what mixed CUDA graphs ran before the graphed decodes) against
+        # the eager split, and against the graphed decodes beside it (what they run now).
         "prefill_packed_vs_unpacked": ratios(k.get("prefill", []), "unpacked_ratio"),
         "prefill_cache_vs_new_kv_rows": ratios(k.get("prefill", []), "new_kv_rows_ratio"),
         "prefill_cache_vs_new_kv_tma": ratios(k.get("prefill", []), "new_kv_tma_ratio"),
         "mixed_one_launch_vs_split": ratios(k.get("mixed", []), "split_ratio"),
+        "mixed_one_launch_vs_graphed": ratios(k.get("mixed", []), "graphed_ratio"),
         "decode_fused_vs_merge_kernel": ratios(decode, "merge_kernel_ratio"),
         # Which SDPA backend the goal's peer is, and stoke against each fused one forced.
         "sdpa_backends": sorted({r["sdpa_backend"] for r in decode + k.get("prefill", []) if r.get("sdpa_backend")}),
@@ -417,6 +419,10 @@ def render(report: dict[str, Any]) -> str:
             r = k.get(key)
             if r:
                 lines.append(f"  {key:<28} {what} time: {_spread(r)} (> 1: the engine's choice is faster)")
+        r = k.get("mixed_one_launch_vs_graphed")
+        if r:
+            lines.append(f"  {'mixed_one_launch_vs_graphed':<28} graphed/one time: {_spread(r)} (< 1: the graphed "
+                         "decodes, what mixed graphs run now, are faster)")
         tuned = s.get("kernels_tuned")
         if tuned:
             lines.append(f"  with the sweep's tuning {tuned['tuning']} (STOKE_KERNEL_TUNING):")

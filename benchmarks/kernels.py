@@ -8,9 +8,11 @@ On CUDA (the Triton backend):
   a kv head's packed group (`unpacked`), and with the new keys read from their K/V rows
   instead of through the block table (`new_kv_rows`; through tensor descriptors: `new_kv_tma`);
 - a mixed step's attention, decodes beside a 512-token prompt (4 at context 16384, where the
-  decode kernel would split and the prefill kernel walks each context in one program; 16-256
-  at 2048): the one prefill launch a mixed CUDA graph runs against the eager split (decode
-  kernel + prefill kernel + concatenation, `split`);
+  decode kernel splits and the prefill kernel walks each context in one program; 16-256 at
+  2048): one prefill launch over every sequence against the eager split (decode kernel +
+  prefill kernel + concatenation, `split`) and what mixed CUDA graphs launch now (`graphed`:
+  the graphed decode kernel, counts on the device, then the prefill kernel skipping the
+  decodes, into one output);
 - decode's split-K with the partials merged by a second kernel (`merge_kernel`) rather than by
   the last split;
 - store_kv, fused RMSNorm (+residual), rotary.
@@ -373,9 +375,21 @@ class Bench:
                 ms = self.timer(lambda: self.ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_all, ctx,
                                                                          scale))
                 launch_us = self.timer.launch_us
+                peers = {"split": _try(self.timer, split)}
+                if hasattr(self.ops, "paged_decode_attention_graphed"):
+                    splits = self.ops.graphed_decode_splits(decodes, hkv, context, self.device)
+                    counts = torch.tensor([decodes, splits], dtype=torch.int32, device=self.device)
+
+                    def graphed() -> torch.Tensor:
+                        out = self.ops.paged_decode_attention_graphed(q, k_cache, v_cache, tables, ctx, scale, counts,
+                                                                      torch.empty_like(q))
+                        return self.ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_all, ctx, scale,
+                                                                skip_sequences=counts, out=out)
+
+                    peers["graphed"] = _try(self.timer, graphed)
                 nbytes = (2 * q.numel() + 2 * sum(lens) * hkv * d) * self.elt
                 rows.append({"layout": layout, "decodes": decodes, "context": context, "chunk": chunk,
-                             **_row(ms, {"split": _try(self.timer, split)}, nbytes, self.peak, launch_us=launch_us)})
+                             **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
                 del k_cache, v_cache, q
                 self._release()
         return rows
@@ -643,8 +657,9 @@ def render(report: dict[str, Any]) -> str:
         choices = sorted({r["sdpa_backend"] for r in report[kind] if r.get("sdpa_backend")})
         if choices:
             lines.append(f"{kind}: SDPA chose {', '.join(choices)} (sdpa_contiguous)")
-    table("mixed step attention: one prefill launch vs split (decode + prefill + cat)", report.get("mixed", []),
-          [("layout", ""), ("decodes", ""), ("context", ""), ("chunk", "")], ["split"])
+    table("mixed step attention: one prefill launch vs split (decode + prefill + cat) and graphed (what mixed "
+          "graphs run)", report.get("mixed", []), [("layout", ""), ("decodes", ""), ("context", ""), ("chunk", "")],
+          ["split", "graphed"] if triton else ["split"])
     simple = ["torch"] if env["impl"] != "reference" else []
     table("store_kv", report["store_kv"], [("layout", ""), ("tokens", "")], simple)
     table("rms_norm (+residual)", report["rms_norm"], [("hidden", ""), ("tokens", "")], simple)

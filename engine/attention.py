@@ -24,6 +24,10 @@ class AttentionMetadata:
     # Ends of the groups the decodes (sorted by context length) are attended in; a padded
     # kernel (the reference) then pads each group only to its own longest context. () = one.
     decode_groups: tuple[int, ...] = ()
+    # A mixed CUDA graph's step: int32 [2] on the device, its decode count (the leading
+    # sequences) and their split count, which change at every replay. num_decodes is then 0
+    # and prefill_cu_seqlens_q spans every sequence, decodes included.
+    graphed_decodes: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -33,6 +37,13 @@ def paged_attention(
     k_cache, v_cache = meta.kv_caches[layer]
     ops = meta.backend
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.graphed_decodes is not None:
+        # Both kernels write one output: the decodes' rows (split-K), then the chunks' rows.
+        out = ops.paged_decode_attention_graphed(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                                 meta.graphed_decodes, torch.empty_like(q))
+        return ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q,
+                                           meta.context_lens, scale, key=k, value=v,
+                                           skip_sequences=meta.graphed_decodes, out=out)
     nd = meta.num_decodes
     parts = []
     start = 0

@@ -12,10 +12,12 @@ first copies the step's inputs into their first rows) and is padded to a bucket.
   position 0. The graph's output
   is the logits of every row; the caller slices its rows.
 - **mixed** graphs, one per token-count bucket (32, 48, 64, 96, ... up to
-  max_num_batched_tokens), replay steps with prefill chunks (decodes beside them or not):
-  every sequence, a decode included, goes through the varlen prefill kernel, so one launch
-  per layer attends the whole step and the launch grid depends on the bucket only. The
-  sequences are padded to max_num_seqs with ones of no new token and context 0, the tokens to
+  max_num_batched_tokens), replay steps with prefill chunks (decodes beside them or not).
+  The step's decode count and their split-K factor go in with its inputs (`decode_counts`):
+  the graphed decode kernel reads them on the device and attends the leading sequences with a
+  fixed number of programs, and the varlen prefill kernel, whose grid depends on the bucket
+  only, skips them. So a long context beside a prompt chunk is split as in an eager step,
+  not walked by one program. The sequences are padded to max_num_seqs with ones of no new token and context 0, the tokens to
   the bucket with slot -1 tokens of no sequence (attention leaves their rows unwritten; no
   later op mixes rows). The graph's output is the final hidden states of the sampling rows
   (`logits_indices`, padded to max_num_seqs); the LM head runs eagerly on the real ones, so a
@@ -151,6 +153,10 @@ class CudaGraphRunner:
         self.cu_seqlens = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=device)
+        self.decode_counts = torch.zeros(2, dtype=torch.int32, device=device)  # mixed: decodes, their splits
+        # Mixed steps' decodes by the graphed decode kernel where the backend has it (Triton);
+        # else (a CPU backend standing in, in tests) every sequence by the prefill kernel.
+        self.graphed_decodes = hasattr(backend, "paged_decode_attention_graphed")
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphKey, torch.Tensor] = {}
         self.pool = None
@@ -162,7 +168,7 @@ class CudaGraphRunner:
         """The static input buffers' bytes (allocated outside the graphs' pool)."""
         return sum(t.numel() * t.element_size() for t in (
             self.input_ids, self.positions, self.slot_mapping, self.context_lens, self.block_tables,
-            self.cu_seqlens, self.logits_indices))
+            self.cu_seqlens, self.logits_indices, self.decode_counts))
 
     @property
     def keys(self) -> list[GraphKey]:
@@ -182,6 +188,7 @@ class CudaGraphRunner:
             slot_mapping=self.slot_mapping[:n], block_tables=self.block_tables,
             context_lens=self.context_lens, num_decodes=0, prefill_cu_seqlens_q=self.cu_seqlens,
             kv_caches=self.kv_caches, backend=self.backend,
+            graphed_decodes=self.decode_counts if self.graphed_decodes else None,
         )
 
     def run(self, key: GraphKey) -> torch.Tensor:
@@ -258,12 +265,13 @@ class CudaGraphRunner:
     def replay_mixed(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
         context_lens: torch.Tensor, block_tables: torch.Tensor, cu_seqlens: torch.Tensor,
-        logits_indices: torch.Tensor,
+        logits_indices: torch.Tensor, decode_counts: torch.Tensor,
     ) -> torch.Tensor:
         """Run the mixed graph of the token bucket these inputs fill, padded by
         pad_tokens/pad_mixed_sequences: tokens `[bucket]`, context_lens and logits_indices
         `[max_num_seqs]`, cu_seqlens `[max_num_seqs + 1]` over every sequence (decodes too),
-        block tables `[n, w]` for the n real sequences. Returns the hidden states of the
+        block tables `[n, w]` for the n real sequences, decode_counts `[2]`: the leading
+        decodes and their split count (kernels.triton_ops.graphed_decode_splits). Returns the hidden states of the
         `logits_indices` rows, `[max_num_seqs, hidden]` (static memory, like `replay`)."""
         t = input_ids.shape[0]
         if ("mixed", t) not in self.graphs:
@@ -275,5 +283,6 @@ class CudaGraphRunner:
         self.context_lens.copy_(context_lens)
         self.cu_seqlens.copy_(cu_seqlens)
         self.logits_indices.copy_(logits_indices)
+        self.decode_counts.copy_(decode_counts)
         self.graphs["mixed", t].replay()
         return self.outputs["mixed", t]

@@ -435,14 +435,20 @@ class ModelRunner:
             rows = out[:num_logits] if h.logits_indices == list(range(num_logits)) else out[logits_indices]
             # A copy: `out` is the graph's static memory, which the next replay overwrites.
             return rows.to(torch.float32, copy=True), h.sampling_rows
-        # Every sequence through the prefill kernel: the decodes (first) are one-token sequences.
+        # cu_seqlens spans every sequence, the decodes (first) as one-token ones; the graphed
+        # decode kernel takes those, split as its counts say, and the prefill kernel the rest.
         nd = batch.num_decodes
+        splits = 1
+        if self.cuda_graphs.graphed_decodes:
+            splits = self.backend.graphed_decode_splits(nd, self.model_config.num_kv_heads,
+                                                        max(h.context_lens[:nd], default=0), self.device)
         h.cu_seqlens = list(range(nd + 1)) + [nd + c for c in h.cu_seqlens[1:]]
         pad_tokens(bucket - len(h.input_ids), h.input_ids, h.positions, h.slots)
         pad_mixed_sequences(self.cuda_graphs.max_num_seqs, h.cu_seqlens, h.context_lens, h.logits_indices)
-        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device, previous)
-        hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_seqlens,
-                                               logits_indices)
+        h.cu_seqlens += [nd, splits]  # the decode counts ride in cu_seqlens' copy
+        ids, positions, slots, tables, context_lens, cu_counts, logits_indices = h.on_device(self.device, previous)
+        hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_counts[:-2],
+                                               logits_indices, cu_counts[-2:])
         return self.model.compute_logits(hidden[:num_logits]).float(), h.sampling_rows
 
     @torch.inference_mode()

@@ -11,6 +11,9 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   split-K costs no second launch (a merge kernel remains as the benchmarks' peer). The split
   count comes from the batch size and the block table's width only — never from the context
   lengths' values — so the call does no host sync and is safe to capture in a CUDA graph.
+  `paged_decode_attention_graphed` is the same work for a mixed CUDA graph, whose decode
+  count changes at every replay: the count and the split factor are read on the device, and
+  a fixed number of programs (twice the SMs) walks the (sequence, kv head, split) items.
 - `paged_prefill_attention`: FlashAttention-2 style over ragged sequences: one program per
   (query tile, kv head) with the group's query heads packed into the tile's rows (GQA: each
   K/V tile is read once per kv head, as in decode), or per (query tile, query head) when the
@@ -18,7 +21,8 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   `cu_seqlens_q` (again no host sync), and a sequence's tiles run last (most keys) first.
   Key tiles fully below the tile's first query position run without a mask; the tiles on the
   diagonal apply the causal mask. A decode is a sequence with one new token, so one launch can
-  attend a whole mixed step (the mixed CUDA graphs). Given the step's own K/V (`key`/`value`,
+  attend a whole mixed step; in a mixed CUDA graph it skips the leading sequences instead
+  (`skip_sequences`), left to the graphed decode kernel. Given the step's own K/V (`key`/`value`,
   the projection's views), the new keys may be read from those rows instead of through the
   block table (`new_kv`: `rows`, or `tma` through tensor descriptors, which needs no whole key
   tile per cache block): the cached prefix first, then the new keys in tiles that line up with

@@ -88,7 +88,7 @@ def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None
     assert all(_positive(r["torch_ratio"]) for r in data["rms_norm"])
     assert data["prefill"] and all(_positive(r["unpacked_ratio"]) and _positive(r["sdpa_contiguous_ratio"])
                                    for r in data["prefill"])
-    assert data["mixed"] and all(_positive(r["split_ratio"]) for r in data["mixed"])
+    assert data["mixed"] and all(_positive(r["split_ratio"]) and _positive(r["graphed_ratio"]) for r in data["mixed"])
     assert "mixed step attention" in proc.stdout
     assert "torch_paged x" in proc.stdout and "merge_kernel x" in proc.stdout and "decode attention" in proc.stdout
     assert "decode: SDPA chose" in proc.stdout
@@ -348,6 +348,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
         r.update(merge_kernel_ratio=1.3, sdpa_flash_ratio=0.9, sdpa_backend="CUDNN_ATTENTION")
     for r in kernels["prefill"]:  # and the new keys read from their rows
         r.update(new_kv_rows_ratio=1.02, new_kv_tma_ratio=0.8)
+    for r in kernels["mixed"]:  # and the graphed decodes beside the prefill
+        r.update(graphed_ratio=0.4)
     results = [
         gpu_check.StageResult("kernel_tests", "ok", 3.0, 0, result={"passed": 5, "failed": 1, "skipped": 0,
                               "failures": [{"test": "t::x", "error": "e"}]}, meta={"runner": "mini_pytest"}),
@@ -393,6 +395,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert k["decode_fused_vs_merge_kernel"]["median"] == 1.3 and k["decode_vs_sdpa_flash"]["max"] == 0.9
     assert k["decode_vs_sdpa_cudnn"] is None and "CUDNN_ATTENTION" in k["sdpa_backends"]
     assert k["prefill_cache_vs_new_kv_rows"]["max"] == 1.02 and k["prefill_cache_vs_new_kv_tma"]["min"] == 0.8
+    assert k["mixed_one_launch_vs_graphed"]["median"] == 0.4
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False}},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
@@ -401,6 +404,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked new kv tma",
                    "prefill_cache_vs_new_kv_tma", "new keys by TMA/through the cache",
                    "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "stoke 62%", "1.50",
+                   "mixed_one_launch_vs_graphed  graphed/one time: min 0.40x",
                    "decode_vs_sdpa", "attention share", "decode_fused_vs_merge_kernel", "two launches/one",
                    "decode_vs_sdpa_flash", "torch SDPA chose: CUDNN_ATTENTION",
                    "with the sweep's tuning {'prefill_tile': [128, 64, 8, 2]", "'prefill_new_kv': 'rows'",

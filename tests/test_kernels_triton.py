@@ -415,8 +415,9 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
     else:
         counts = torch.tensor([nd, graphed_splits], dtype=torch.int32, device=DEVICE)
         out = torch.full_like(args[0], 7.0)
-        ops.paged_decode_attention_graphed(args[0], *args[1:4], args[5], SCALE, counts, out)
         ops.paged_prefill_attention(*args, SCALE, **kv, skip_sequences=counts, out=out)
+        assert torch.equal(out[:nd].cpu(), torch.full_like(out[:nd].cpu(), 7.0)), "the decodes' rows are skipped"
+        ops.paged_decode_attention_graphed(args[0], *args[1:4], args[5], SCALE, counts, out)
         out = out.cpu()
         assert torch.equal(out[n:], torch.full_like(out[n:], 7.0))
     torch.testing.assert_close(out[:n].float(), want, **TOL[dtype])
@@ -743,6 +744,14 @@ class TestCompiledOnGPU:
         gen = torch.Generator().manual_seed(group)
         lens = [*torch.randint(1, 1200, (24,), generator=gen).tolist(), 700, 300]
         check_padded_mixed_step(ops, group, head_dim, block_size, dtype, lens, [1] * 24 + [200, 300], 24, fresh)
+
+    @pytest.mark.parametrize("dtype,group,splits", [(torch.bfloat16, 4, 1), (torch.bfloat16, 4, 5),
+                                                    (torch.float16, 3, 16), (torch.float32, 4, 7)])
+    def test_graphed_mixed_step(self, ops, dtype, group, splits):
+        """What the mixed graphs launch now: 3 decodes up to 9000 keys split-K by the graphed
+        decode kernel, the prefill kernel skipping them."""
+        lens = [9000, 4100, 1, 700, 300]
+        check_padded_mixed_step(ops, group, 128, 16, dtype, lens, [1, 1, 1, 200, 300], 3, graphed_splits=splits)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_store_kv(self, ops, dtype):

@@ -244,13 +244,23 @@ def test_decode_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str,
 
 
 @interpreter_only
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind,splits", [("llama", 3), ("qwen3", None)])
 def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, str],
-                                                    monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                    splits: int | None) -> None:
     """Steps with prefill chunks (whole prompts, chunks after a cached prefix, decodes beside
-    them) through the mixed graphs' padded inputs and single prefill launch per layer: the
-    tokens and logprobs of the eager Triton path, and no KV block leaks."""
+    them) through the mixed graphs' padded inputs, the graphed decode kernel and the prefill
+    kernel skipping the decodes: the tokens and logprobs of the eager Triton path, and no KV
+    block leaks. `splits`: the split-K factor forced (the CPU's own choice is 1), in eager
+    decodes and graphed ones alike."""
     monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    triton_ops = importlib.import_module("kernels.triton_ops")
+    if splits is not None:
+        monkeypatch.setattr(triton_ops, "_num_splits", lambda *args, **kwargs: splits)
+    chosen: list[tuple[int, int]] = []
+    graphed_splits = triton_ops.graphed_decode_splits
+    monkeypatch.setattr(triton_ops, "graphed_decode_splits",
+                        lambda nd, *a: chosen.append((nd, graphed_splits(nd, *a))) or chosen[-1][1])
     path = tiny_checkpoints[kind]
     lens = (3, 6, 2, 5, 4)
     ps = prompts(4, len(lens), 2, 30)
@@ -270,6 +280,7 @@ def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, 
     steps = llm.engine.runner.replayed_steps
     assert {k for k, _ in log} == {"decode", "mixed"}, log
     assert any(k == "mixed" and 0 < nd < n for k, nd, n in steps), steps  # decodes beside a chunk
+    assert any(nd > 0 and s == (splits or 1) for nd, s in chosen), chosen
     assert any(llm.engine.runner.padded_replays)
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
@@ -353,7 +364,7 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
     # keeps its output: decode logits [b, vocab], mixed hidden states [max_num_seqs, hidden].
     logits_row, hidden_row = c.vocab_size * 4, c.hidden_size * 4
     outputs = (1 + 2 + 4) * logits_row + (4 - 1) * 6 * hidden_row
-    static = 96 * 3 * 8 + 6 * 4 + 6 * (-(-200 // 16)) * 4 + 7 * 4 + 6 * 8
+    static = 96 * 3 * 8 + 6 * 4 + 6 * (-(-200 // 16)) * 4 + 7 * 4 + 6 * 8 + 2 * 4
     slack = (4 + 4) * (4 << 20) + CUDA_GRAPH_SLACK_BYTES
     assert prof["cuda_graphs_reserved"] == 5 * GiB // 2 + outputs + static + slack
     assert prof["bound"] == "share"
