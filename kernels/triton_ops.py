@@ -13,7 +13,7 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   lengths' values — so the call does no host sync and is safe to capture in a CUDA graph.
   `paged_decode_attention_graphed` is the same work for a mixed CUDA graph, whose decode
   count changes at every replay: the count and the split factor are read on the device, and
-  a fixed number of programs (twice the SMs) walks the (sequence, kv head, split) items.
+  a fixed number of programs walks the (sequence, kv head, split) items.
 - `paged_prefill_attention`: FlashAttention-2 style over ragged sequences: one program per
   (query tile, kv head) with the group's query heads packed into the tile's rows (GQA: each
   K/V tile is read once per kv head, as in decode), or per (query tile, query head) when the
@@ -523,7 +523,7 @@ def paged_decode_attention_graphed(
     `block_tables`, `context_lens`), each split `counts[1]` ways, into their rows of `out`
     (the others are left as they are). `counts` is int32 on the device: in a mixed CUDA graph
     the step's decode count and split count change at every replay, so a fixed number of
-    programs (twice the SMs) walks the work items instead of a grid shaped by them. The
+    programs walks the work items instead of a grid shaped by them. The
     caller keeps counts[0] <= len(block_tables), counts[1] <= GRAPHED_MAX_SPLITS and, when
     counts[1] > 1, counts[0] * Hkv * counts[1] <= GRAPHED_SPLIT_ITEMS
     (`graphed_decode_splits` does)."""
@@ -542,7 +542,10 @@ def paged_decode_attention_graphed(
     part_m = torch.empty(GRAPHED_SPLIT_ITEMS * group, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     merge_heads = group if q.element_size() <= 2 else 1  # as paged_decode_attention's fused merge
-    programs = 2 * _sm_count(_device_index(q.device)) if q.device.type == "cuda" else 3
+    # A program per (sequence, kv head) of the widest step, as paged_decode_attention's grid
+    # without splits (so no program walks two contexts when nothing is split), and at least
+    # two per SM, which the split items (at most GRAPHED_SPLIT_ITEMS) share.
+    programs = max(2 * _sm_count(_device_index(q.device)) if q.device.type == "cuda" else 3, B * num_kv_heads)
     _decode_graphed_kernel[(programs,)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_acc, part_m, part_l, _split_counters(B * num_kv_heads, q.device), counts,
