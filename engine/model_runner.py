@@ -78,11 +78,12 @@ class HostInputs:
     sampling_rows: list[int] = field(default_factory=list)
     tables: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))  # [sequences, width]
     # Input positions whose token is still on the device (async scheduling), and for each, its
-    # row in the previous step's sampled ids.
+    # row in the previous step's sampled ids (`previous_ids`, on the device).
     pending_positions: list[int] = field(default_factory=list)
     pending_rows: list[int] = field(default_factory=list)
+    previous_ids: torch.Tensor | None = None
 
-    def on_device(self, device: torch.device, previous: PreviousTokens | None = None) -> list[torch.Tensor]:
+    def on_device(self, device: torch.device) -> list[torch.Tensor]:
         """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices, in one
         copy; the pending input ids are then taken from the previous step's sampled ids."""
         pending = [torch.tensor(self.pending_positions, dtype=torch.long),
@@ -99,7 +100,7 @@ class HostInputs:
         ], device)
         if pending:
             positions, rows = tensors[7:]
-            tensors[0][positions] = previous.token_ids[rows]
+            tensors[0][positions] = self.previous_ids[rows]
         return tensors[:7]
 
 
@@ -357,6 +358,7 @@ class ModelRunner:
                 else:  # its token was sampled by the step still in flight
                     h.pending_positions.append(len(h.input_ids))
                     h.pending_rows.append(previous.rows[request])
+                    h.previous_ids = previous.token_ids
                     h.input_ids.append(0)
                 h.positions.append(start)
                 h.slots.append(blocks[start // bs] * bs + start % bs)
@@ -383,7 +385,7 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch, previous: PreviousTokens | None = None) -> StepInputs:
         h = self.host_inputs(batch, previous)
-        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device, previous)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device)
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables,
@@ -430,7 +432,7 @@ class ModelRunner:
         num_logits = len(h.logits_indices)
         if kind == "decode":
             pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens)
-            ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device, previous)
+            ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device)
             out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
             rows = out[:num_logits] if h.logits_indices == list(range(num_logits)) else out[logits_indices]
             # A copy: `out` is the graph's static memory, which the next replay overwrites.
@@ -446,7 +448,7 @@ class ModelRunner:
         pad_tokens(bucket - len(h.input_ids), h.input_ids, h.positions, h.slots)
         pad_mixed_sequences(self.cuda_graphs.max_num_seqs, h.cu_seqlens, h.context_lens, h.logits_indices)
         h.cu_seqlens += [nd, splits]  # the decode counts ride in cu_seqlens' copy
-        ids, positions, slots, tables, context_lens, cu_counts, logits_indices = h.on_device(self.device, previous)
+        ids, positions, slots, tables, context_lens, cu_counts, logits_indices = h.on_device(self.device)
         hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_counts[:-2],
                                                logits_indices, cu_counts[-2:])
         return self.model.compute_logits(hidden[:num_logits]).float(), h.sampling_rows
