@@ -233,13 +233,20 @@ def _decode_kernel(
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # One program per (sequence, kv head, split).
-    _decode_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), num_splits,
-                 q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                 out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
-                 stride_qb, stride_qh, stride_kc_block, stride_kc_slot, stride_kc_h,
-                 stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt, stride_ob, stride_oh,
-                 GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SPLIT, FUSED_MERGE, BLOCK_S,
-                 MERGE_HEADS, BLOCK_GM, SAME_LAYOUT, DOT_PREC)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    m_i, l_i, acc = _decode_split(b, kvh, split, num_splits, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                                  context_lens_ptr, scale_log2e, stride_qb, stride_qh,
+                                  stride_kc_block, stride_kc_slot, stride_kc_h,
+                                  stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
+                                  GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT, DOT_PREC)
+    if SPLIT:
+        _decode_partial(m_i, l_i, acc, b, kvh, split, tl.num_programs(1), num_splits,
+                        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
+                        GROUP, BLOCK_G, HEAD_DIM, FUSED_MERGE, BLOCK_S, MERGE_HEADS, BLOCK_GM)
+    else:
+        _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM)
 
 
 @triton.jit
@@ -265,40 +272,34 @@ def _decode_graphed_kernel(
         b = item // per_seq
         kvh = item % per_seq // num_splits
         split = item % num_splits
+        m_i, l_i, acc = _decode_split(b, kvh, split, num_splits, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                                      context_lens_ptr, scale_log2e, stride_qb, stride_qh,
+                                      stride_kc_block, stride_kc_slot, stride_kc_h,
+                                      stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
+                                      GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT,
+                                      DOT_PREC)
         if num_splits > 1:
-            _decode_item(b, kvh, split, num_kv_heads, num_splits,
-                         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
-                         stride_qb, stride_qh, stride_kc_block, stride_kc_slot, stride_kc_h,
-                         stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt, stride_ob, stride_oh,
-                         GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, True, True, BLOCK_S,
-                         MERGE_HEADS, BLOCK_GM, SAME_LAYOUT, DOT_PREC)
+            _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
+                            out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
+                            GROUP, BLOCK_G, HEAD_DIM, True, BLOCK_S, MERGE_HEADS, BLOCK_GM)
         else:
-            _decode_item(b, kvh, split, num_kv_heads, num_splits,
-                         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
-                         stride_qb, stride_qh, stride_kc_block, stride_kc_slot, stride_kc_h,
-                         stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt, stride_ob, stride_oh,
-                         GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, False, False, BLOCK_S,
-                         MERGE_HEADS, BLOCK_GM, SAME_LAYOUT, DOT_PREC)
+            _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM)
 
 
 @triton.jit
-def _decode_item(
-    b, kvh, split, num_kv_heads, num_splits,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, scale_log2e,
+def _decode_split(
+    b, kvh, split, num_splits,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale_log2e,
     stride_qb, stride_qh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
-    stride_bt, stride_ob, stride_oh,
+    stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Split `split` of `num_splits` of sequence b's context, for kv head kvh's query heads."""
+    """Split `split` of `num_splits` of sequence b's context for kv head kvh's query heads (the
+    rows): the unnormalised (max, sum, accumulator) of the online softmax."""
     ctx = tl.load(context_lens_ptr + b)
     # Splits cut the context into equal BLOCK_N-aligned chunks; trailing splits may be empty.
     chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
@@ -308,11 +309,10 @@ def _decode_item(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
     b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
+                mask=(offs_g < GROUP)[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -327,31 +327,50 @@ def _decode_item(
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                   kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
                                   BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC)
+    return m_i, l_i, acc
 
-    if SPLIT:
-        # Partials [B, Hq, S, D] and [B, Hq, S], contiguous.
-        row = (b64 * num_kv_heads * GROUP + heads) * num_splits + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
-        tl.store(part_m_ptr + row, m_i, mask=g_mask)
-        tl.store(part_l_ptr + row, l_i, mask=g_mask)
-        if FUSED_MERGE:
-            # The last split of this (sequence, kv head) to finish merges all of them, which
-            # saves the reduction kernel's launch. Every thread's stores precede the counter's
-            # release (barrier, then acq_rel atomic); the last program's acquire sees them all.
-            tl.debug_barrier()
-            counter = counters_ptr + b64 * num_kv_heads + kvh
-            if tl.atomic_add(counter, 1) == num_splits - 1:
-                tl.store(counter, 0)  # zero again for the next launch on this stream
-                for g in range(0, GROUP, MERGE_HEADS):  # MERGE_HEADS divides GROUP
-                    head = kvh * GROUP + g
-                    _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
-                                  (b64 * num_kv_heads * GROUP + head) * num_splits, num_splits,
-                                  out_ptr + b64 * stride_ob + head * stride_oh, stride_oh,
-                                  MERGE_HEADS, BLOCK_GM, HEAD_DIM, BLOCK_S)
-    else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
-        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+@triton.jit
+def _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """An unsplit context's output rows."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + (kvh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None])
+
+
+@triton.jit
+def _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
+                    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
+                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, FUSED_MERGE: tl.constexpr,
+                    BLOCK_S: tl.constexpr, MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr):
+    """A split's partial; with FUSED_MERGE, the last split of the (sequence, kv head) to arrive
+    merges them all into the output rows."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    b64 = b.to(tl.int64)
+    # Partials [B, Hq, S, D] and [B, Hq, S], contiguous.
+    row = (b64 * num_kv_heads * GROUP + kvh * GROUP + offs_g) * num_splits + split
+    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+    tl.store(part_m_ptr + row, m_i, mask=g_mask)
+    tl.store(part_l_ptr + row, l_i, mask=g_mask)
+    if FUSED_MERGE:
+        # The last split of this (sequence, kv head) to finish merges all of them, which
+        # saves the reduction kernel's launch. Every thread's stores precede the counter's
+        # release (barrier, then acq_rel atomic); the last program's acquire sees them all.
+        tl.debug_barrier()
+        counter = counters_ptr + b64 * num_kv_heads + kvh
+        if tl.atomic_add(counter, 1) == num_splits - 1:
+            tl.store(counter, 0)  # zero again for the next launch on this stream
+            for g in range(0, GROUP, MERGE_HEADS):  # MERGE_HEADS divides GROUP
+                head = kvh * GROUP + g
+                _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
+                              (b64 * num_kv_heads * GROUP + head) * num_splits, num_splits,
+                              out_ptr + b64 * stride_ob + head * stride_oh, stride_oh,
+                              MERGE_HEADS, BLOCK_GM, HEAD_DIM, BLOCK_S)
 
 
 @triton.jit(noinline=True)  # inlined into the decode kernel, fp32 tiles spilled 1 KiB on sm_90
