@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=700, help="decode steps measured per kind")
     p.add_argument("--window", type=int, default=100, help="steps per reported mean")
     p.add_argument("--prompt-tokens", type=int, default=0,
-                   help="every prompt this long (0: %d-%d tokens each); the block tables grow with the context" % PROMPT_TOKENS)
+                   help="every prompt this long (0: %d-%d tokens each); the block tables grow with the "
+                        "context" % PROMPT_TOKENS)
     p.add_argument("--kinds", nargs="*", default=list(OUTPUT_KINDS), choices=OUTPUT_KINDS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device-ms", type=float, default=0.0,
@@ -233,15 +234,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "gc_full_collections": collector.full_collections})
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
-    report = {"batch": args.batch, "prompt_tokens": list(prompt_range(args)), "steps": args.steps, "window": args.window,
-              "device_ms": args.device_ms, "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
+    report = {"batch": args.batch, "prompt_tokens": list(prompt_range(args)), "steps": args.steps,
+              "window": args.window, "device_ms": args.device_ms, "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
     device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
     lo, hi = prompt_range(args)
     print(f"ms per step, batch {args.batch}, prompts of {lo}-{hi} tokens, {device}; windows of {args.window} "
           f"steps (output tokens 0-{args.steps}):")
     for row in rows:
         print(f"  {row['kind']:<11}{row['scheduling']:<6}" + " ".join(f"{x:6.2f}" for x in row["ms_per_step"])
-              + f"   p99 {row['p99_step_ms']:.1f}; gc {row['gc_ms_per_step']:.2f} ms/step, longest {row['gc_longest_ms']:.0f} ms, "
+              + f"   p99 {row['p99_step_ms']:.1f}; gc {row['gc_ms_per_step']:.2f} ms/step, "
+                f"longest {row['gc_longest_ms']:.0f} ms, "
                 f"{row['gc_full_collections']} full")
     write_json(report, args.out)
     return report

@@ -9,26 +9,26 @@ first copies the step's inputs into their first rows) and is padded to a bucket.
   replay pure-decode steps: the model and the LM head, with the split-K decode kernel. A batch
   of n replays the smallest bucket >= n, padded with rows that do nothing: slot -1 (store_kv
   skips it), context 0 (decode attention gives zeros, reading no block table), token 0,
-  position 0. The graph's output
-  is the logits of every row; the caller slices its rows.
+  position 0. The graph's output is the logits of every row; the caller slices its rows.
 - **mixed** graphs, one per token-count bucket (32, 48, 64, 96, ... up to
   max_num_batched_tokens), replay steps with prefill chunks (decodes beside them or not).
   The step's decode count and their split-K factor go in with its inputs (`decode_counts`):
   the graphed decode kernel reads them on the device and attends the leading sequences with a
   fixed number of programs, and the varlen prefill kernel, whose grid depends on the bucket
   only, skips them. So a long context beside a prompt chunk is split as in an eager step,
-  not walked by one program. The sequences are padded to max_num_seqs with ones of no new token and context 0, the tokens to
-  the bucket with slot -1 tokens of no sequence (attention leaves their rows unwritten; no
-  later op mixes rows). The graph's output is the final hidden states of the sampling rows
-  (`logits_indices`, padded to max_num_seqs); the LM head runs eagerly on the real ones, so a
-  graph holds `[max_num_seqs, hidden]`, not a vocabulary of logits.
+  not walked by one program. The sequences are padded to max_num_seqs with ones of no new
+  token and context 0, the tokens to the bucket with slot -1 tokens of no sequence
+  (attention leaves their rows unwritten; no later op mixes rows). The graph's output is the
+  final hidden states of the sampling rows (`logits_indices`, padded to max_num_seqs); the LM
+  head runs eagerly on the real ones, so a graph holds `[max_num_seqs, hidden]`, not a
+  vocabulary of logits.
 
 The block tables have a fixed width, ceil(max_model_len / block_size), so the decode kernel's
 split count (derived from shapes only) is frozen with the graph; columns past a row's context
 are never read, so only the batch's own columns are copied each step.
 
 This needs kernels that never sync with the host and whose launch grid depends on shapes
-only: the Triton backend (kernels.triton_ops, kernels.triton_norm_rope). The reference
+(and counts read on the device) only: the Triton backend (kernels.triton_ops, kernels.triton_norm_rope). The reference
 backend syncs (store_kv checks for skipped slots) and is never captured.
 
 All graphs share one memory pool and are captured largest first, so the smaller ones reuse the
@@ -251,8 +251,9 @@ class CudaGraphRunner:
         context_lens: torch.Tensor, block_tables: torch.Tensor,
     ) -> torch.Tensor:
         """Run the decode graph of the bucket these (already padded) inputs fill: `[bucket]`
-        each, and block tables `[n, w]` for the n real sequences, w <= table_width. Returns the graph's logits
-        `[bucket, V]`: static memory that the next replay overwrites, so read it first."""
+        each, and block tables `[n, w]` for the n real sequences, w <= table_width. Returns the
+        graph's logits `[bucket, V]`: static memory that the next replay overwrites, so read
+        it first."""
         b = input_ids.shape[0]
         if ("decode", b) not in self.graphs:
             raise ValueError(f"no CUDA graph for a batch of {b} (buckets {self.buckets})")
@@ -271,8 +272,9 @@ class CudaGraphRunner:
         pad_tokens/pad_mixed_sequences: tokens `[bucket]`, context_lens and logits_indices
         `[max_num_seqs]`, cu_seqlens `[max_num_seqs + 1]` over every sequence (decodes too),
         block tables `[n, w]` for the n real sequences, decode_counts `[2]`: the leading
-        decodes and their split count (kernels.triton_ops.graphed_decode_splits). Returns the hidden states of the
-        `logits_indices` rows, `[max_num_seqs, hidden]` (static memory, like `replay`)."""
+        decodes and their split count (kernels.triton_ops.graphed_decode_splits). Returns the
+        hidden states of the `logits_indices` rows, `[max_num_seqs, hidden]` (static memory,
+        like `replay`)."""
         t = input_ids.shape[0]
         if ("mixed", t) not in self.graphs:
             raise ValueError(f"no CUDA graph for a mixed step of {t} tokens (buckets {self.token_buckets})")

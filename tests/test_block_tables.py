@@ -70,7 +70,8 @@ def test_random_steps_equal_tables_built_from_lists() -> None:
         action = rng.random()
         if action < 0.15 or not live:
             serial += 1
-            live.append(Request(f"r{serial}", [1], max_tokens=64, block_ids=[rng.randrange(100) for _ in range(rng.randint(0, 3))]))
+            blocks = [rng.randrange(100) for _ in range(rng.randint(0, 3))]
+            live.append(Request(f"r{serial}", [1], max_tokens=64, block_ids=blocks))
         elif action < 0.25:
             tables.release(live.pop(rng.randrange(len(live))))
         elif action < 0.35:
