@@ -55,7 +55,7 @@ class SamplingRow:
     # and the penalties read them there.
     pending_rows: tuple[int, ...] = ()
     # The sequence's identity across steps (the engine's Request): the sampler then keeps its
-    # history as a tensor and converts only the tokens added since (see _Histories).
+    # history as an array and converts only the tokens added since (see _Histories).
     key: object = None
 
     @property
@@ -115,30 +115,32 @@ def _put(x: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> torc
 
 
 class _Histories:
-    """The penalised rows' token ids as host tensors, kept from one step to the next for rows
+    """The penalised rows' token ids as host arrays, kept from one step to the next for rows
     with a key. A sequence only grows, so a step converts just the tokens added since its last
     one: converting every row's whole history from Python ints each step took ~26 ms a stage
-    at 256 rows of 1,000 tokens."""
+    at 256 rows of 1,000 tokens. numpy, not torch: a row's step is a few small operations,
+    each ~1 µs in numpy and several in torch (a decode step at 256 rows with every penalty:
+    8.5 → 4.9 ms of host time, `benchmarks/host_overhead.py --penalties`)."""
 
     def __init__(self) -> None:
         # key → (buffer with room to grow, tokens in it)
-        self._kept: dict[object, tuple[torch.Tensor, int]] = {}
-        self._used: dict[object, tuple[torch.Tensor, int]] = {}
+        self._kept: dict[object, tuple[np.ndarray, int]] = {}
+        self._used: dict[object, tuple[np.ndarray, int]] = {}
 
-    def tensor(self, row: SamplingRow) -> torch.Tensor:
+    def tokens(self, row: SamplingRow) -> np.ndarray:
         tokens = row.token_ids
         n = len(tokens)
         if row.key is None:
-            return torch.tensor(tokens, dtype=torch.long)
+            return np.array(tokens, dtype=np.int64)
         buf, have = self._used.get(row.key) or self._kept.get(row.key) or (None, 0)
         if buf is None or have > n:  # new, or a shorter sequence than the one kept
-            buf, have = torch.empty(2 * n, dtype=torch.long), 0
-        elif n > buf.numel():  # outgrown: twice the room, the known tokens kept
-            grown = torch.empty(2 * n, dtype=torch.long)
+            buf, have = np.empty(2 * n, dtype=np.int64), 0
+        elif n > buf.shape[0]:  # outgrown: twice the room, the known tokens kept
+            grown = np.empty(2 * n, dtype=np.int64)
             grown[:have] = buf[:have]
             buf = grown
         if have < n:
-            buf[have:n] = torch.tensor(tokens[have:], dtype=torch.long)
+            buf[have:n] = tokens[have:]
         self._used[row.key] = buf, n
         return buf[:n]
 
@@ -147,19 +149,19 @@ class _Histories:
         self._kept, self._used = self._used, {}
 
 
-def _token_pairs(seqs: list[torch.Tensor], rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_pairs(seqs: list[np.ndarray], rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (row index, token id) pairs of the given sequences, on the host: the scatter
     indices of the penalty stages, O(total tokens) instead of O(batch × vocab). Ids outside
     [0, vocab) are dropped."""
-    tok = torch.cat(seqs)
-    row = torch.from_numpy(np.repeat(np.asarray(rows, dtype=np.int64), [q.numel() for q in seqs]))
-    if tok.numel() and not (int(tok.min()) >= 0 and int(tok.max()) < vocab):  # rare: mask the others out
+    tok = np.concatenate(seqs) if seqs else np.empty(0, dtype=np.int64)
+    row = np.repeat(np.asarray(rows, dtype=np.int64), [q.shape[0] for q in seqs])
+    if tok.size and not (tok.min() >= 0 and tok.max() < vocab):  # rare: mask the others out
         ok = (tok >= 0) & (tok < vocab)
-        return row[ok], tok[ok]
-    return row, tok
+        row, tok = row[ok], tok[ok]
+    return torch.from_numpy(row), torch.from_numpy(tok)
 
 
-def _stage_pairs(st: _Staged, name: str, rows: list[SamplingRow], sel: list[int], seqs: list[torch.Tensor],
+def _stage_pairs(st: _Staged, name: str, rows: list[SamplingRow], sel: list[int], seqs: list[np.ndarray],
                  vocab: int) -> None:
     """The (row, token) pairs of a penalty stage: the known tokens' on the host, and for the
     tokens still on the device, their rows and where they are in pending_ids."""
@@ -278,11 +280,11 @@ class Sampler:
                 st.long("ban_tokens", list(ti))
         if any(need_rep):
             sel = [i for i in range(batch) if need_rep[i]]
-            _stage_pairs(st, "rep", rows, sel, [self._histories.tensor(rows[i]) for i in sel], vocab)
+            _stage_pairs(st, "rep", rows, sel, [self._histories.tokens(rows[i]) for i in sel], vocab)
             st.float("rep", [p.repetition_penalty if need_rep[i] else 1.0 for i, p in enumerate(params)])
         if any(need_freq):
             sel = [i for i in range(batch) if need_freq[i]]
-            outputs = [self._histories.tensor(rows[i])[rows[i].num_prompt_tokens:] for i in sel]
+            outputs = [self._histories.tokens(rows[i])[rows[i].num_prompt_tokens:] for i in sel]
             _stage_pairs(st, "freq", rows, sel, outputs, vocab)
             st.float("freq", [p.frequency_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
             st.float("pres", [p.presence_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])

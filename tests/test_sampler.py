@@ -123,7 +123,7 @@ def test_penalties_over_growing_histories_kept_between_steps():
 
 
 def test_kept_histories_equal_the_sequences():
-    """The sampler's kept history tensors, through growth past their buffers, a step without
+    """The sampler's kept history arrays, through growth past their buffers, a step without
     the row, and a shorter sequence under the same key: always the sequence itself."""
     from engine.sampler import _Histories
 
@@ -135,10 +135,10 @@ def test_kept_histories_equal_the_sequences():
             seq = seq[:4]
         if step % 7 != 3:
             row = SamplingRow(SamplingParams(), seq, 1, None, [], key="k")
-            assert histories.tensor(row).tolist() == seq and histories.tensor(row).tolist() == seq, step
+            assert histories.tokens(row).tolist() == seq and histories.tokens(row).tolist() == seq, step
         histories.end_step()
         seq.append(rng.randrange(1000))
-    assert histories.tensor(SamplingRow(SamplingParams(), [7, 8], 1, None, [])).tolist() == [7, 8]  # no key
+    assert histories.tokens(SamplingRow(SamplingParams(), [7, 8], 1, None, [])).tolist() == [7, 8]  # no key
 
 
 def test_repetition_penalty_signs():
