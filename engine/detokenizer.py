@@ -20,7 +20,9 @@ earlier text) the request carries on with the decodes here.
 
 Stop strings may span tokens. The trailing characters that could still become the start of
 a stop string are held back, so no streamed delta ever contains any part of a stop string;
-on a match the text is cut before it (or after it with `include_stop_str_in_output`).
+on a match the text is cut before it (or after it with `include_stop_str_in_output`). A match
+can only start in the held-back text, so only that tail is searched and ever rewritten; the
+text before it is kept as a list of pieces, not one string that every token would copy.
 """
 
 from __future__ import annotations
@@ -75,9 +77,9 @@ class IncrementalDetokenizer:
             except TypeError:  # tokenizers before 0.22 take no prompt ids: the window's decodes
                 pass
 
-        self._full = ""  # all decoded output text (before stop-string truncation)
-        self._safe = 0  # len of _full that may be shown (holds back possible stop starts)
-        self._taken = 0  # len of text already returned by take_delta
+        self._shown: list[str] = []  # the text that may be shown, in pieces
+        self._num_taken = 0  # pieces already returned by take_delta
+        self._held = ""  # decoded text after it: a stop string may yet start there
         self.stop_reason: str | None = None
         self._done = False
 
@@ -87,7 +89,7 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """All output text safe to show so far."""
-        return self._full[: self._safe]
+        return "".join(self._shown)
 
     @property
     def finished(self) -> bool:
@@ -95,8 +97,8 @@ class IncrementalDetokenizer:
 
     def take_delta(self) -> str:
         """Text appended to `text` since the last call."""
-        delta = self._full[self._taken : self._safe]
-        self._taken = self._safe
+        delta = "".join(self._shown[self._num_taken:])
+        self._num_taken = len(self._shown)
         return delta
 
     def add_token(self, token_id: int, check_stop: bool = True) -> bool:
@@ -131,7 +133,7 @@ class IncrementalDetokenizer:
             new_text = self._decode(self._ids)
             if len(new_text) > len(self._prefix_text) and self._append(self._settle(new_text)):
                 return
-        self._safe = len(self._full)
+        self._show(len(self._held))
         self._done = True
 
     def _settle(self, new_text: str) -> str:
@@ -150,30 +152,36 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
 
     def _append(self, delta: str, check_stop: bool = True) -> bool:
-        start = len(self._full)
-        self._full += delta
         if not self._stop:
-            self._safe = len(self._full)
+            self._shown.append(delta)
             return False
+        start = len(self._held)
+        self._held += delta
         # Earliest stop string that ends inside the new text (ties: the first listed).
         best: tuple[int, str] | None = None
         for s in self._stop if check_stop else ():
-            i = self._full.find(s, max(0, start - len(s) + 1))
+            i = self._held.find(s, max(0, start - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is not None:
             i, s = best
-            self._full = self._full[: i + len(s) if self._include_stop else i]
-            self._safe = len(self._full)
+            self._held = self._held[: i + len(s) if self._include_stop else i]
+            self._show(len(self._held))
             self.stop_reason = s
             self._done = True
             return True
-        self._safe = max(self._safe, len(self._full) - self._held_back())
+        self._show(len(self._held) - self._held_back())
         return False
 
+    def _show(self, n: int) -> None:
+        """The first n held characters may be shown."""
+        if n > 0:
+            self._shown.append(self._held[:n])
+            self._held = self._held[n:]
+
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
-        tail = self._full[-(self._max_stop - 1) :] if self._max_stop > 1 else ""
+        """Length of the longest suffix of the held text that is a proper prefix of a stop string."""
+        tail = self._held[-(self._max_stop - 1) :] if self._max_stop > 1 else ""
         for n in range(len(tail), 0, -1):
             suffix = tail[-n:]
             if any(s.startswith(suffix) for s in self._stop):
