@@ -678,6 +678,33 @@ class TestCompiledOnGPU:
             assert torch.equal(out, first)
         assert not ops._COUNTERS[out.device][-1].any()
 
+    def test_graphed_decodes_replayed_with_new_counts(self, ops):
+        """What a mixed CUDA graph relies on: one captured graphed-decode launch, replayed with
+        the decode count and split count changed in place, gives the eager decode of that many
+        rows each time (the others untouched), with the fused merge's counters left zero."""
+        gen = torch.Generator().manual_seed(4)
+        lens = torch.randint(1, 9000, (8,), generator=gen).tolist()
+        k_cache, v_cache, tables = paged_cache(lens, 16, 8, 128, torch.bfloat16, gen)
+        q = torch.randn(len(lens), 32, 128, generator=gen).to(torch.bfloat16)
+        q, k_cache, v_cache, tables, context_lens = to_device(q, k_cache, v_cache, tables,
+                                                              torch.tensor(lens, dtype=torch.int32))
+        counts = torch.tensor([len(lens), 16], dtype=torch.int32, device=DEVICE)
+        out = torch.zeros_like(q)
+        ops.paged_decode_attention_graphed(q, k_cache, v_cache, tables, context_lens, 0.1, counts, out)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.paged_decode_attention_graphed(q, k_cache, v_cache, tables, context_lens, 0.1, counts, out)
+        for nd, splits in ((8, 16), (1, 16), (3, 5), (8, 1), (0, 4), (5, 2)):
+            counts.copy_(torch.tensor([nd, splits]))
+            out.fill_(7.0)
+            graph.replay()
+            if nd:
+                want = ops.paged_decode_attention(q[:nd], k_cache, v_cache, tables[:nd], context_lens[:nd], 0.1,
+                                                  num_splits=splits)
+                torch.testing.assert_close(out[:nd], want, **TOL[torch.bfloat16])
+            assert (out[nd:] == 7.0).all()
+        assert not ops._COUNTERS[out.device][-1].any()
+
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,pack_gqa", [
         (4, 8, 128, 16, None), (1, 4, 64, 64, None), (8, 2, 256, 32, None), (2, 2, 128, 128, None),
