@@ -376,17 +376,11 @@ class Bench:
                                                                          scale))
                 launch_us = self.timer.launch_us
                 peers = {"split": _try(self.timer, split)}
-                if hasattr(self.ops, "paged_decode_attention_graphed"):
+                if hasattr(self.ops, "paged_mixed_attention_graphed"):
                     splits = self.ops.graphed_decode_splits(decodes, hkv, context, self.device)
                     counts = torch.tensor([decodes, splits], dtype=torch.int32, device=self.device)
-
-                    def graphed() -> torch.Tensor:
-                        out = self.ops.paged_decode_attention_graphed(q, k_cache, v_cache, tables, ctx, scale, counts,
-                                                                      torch.empty_like(q))
-                        return self.ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu_all, ctx, scale,
-                                                                skip_sequences=counts, out=out)
-
-                    peers["graphed"] = _try(self.timer, graphed)
+                    peers["graphed"] = _try(self.timer, lambda: self.ops.paged_mixed_attention_graphed(
+                        q, k_cache, v_cache, tables, cu_all, ctx, scale, counts))
                 nbytes = (2 * q.numel() + 2 * sum(lens) * hkv * d) * self.elt
                 rows.append({"layout": layout, "decodes": decodes, "context": context, "chunk": chunk,
                              **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})

@@ -38,12 +38,8 @@ def paged_attention(
     ops = meta.backend
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.graphed_decodes is not None:
-        # Both kernels write one output: the decodes' rows (split-K), then the chunks' rows.
-        out = ops.paged_decode_attention_graphed(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                                 meta.graphed_decodes, torch.empty_like(q))
-        return ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q,
-                                           meta.context_lens, scale, key=k, value=v,
-                                           skip_sequences=meta.graphed_decodes, out=out)
+        return ops.paged_mixed_attention_graphed(q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q,
+                                                 meta.context_lens, scale, meta.graphed_decodes, key=k, value=v)
     nd = meta.num_decodes
     parts = []
     start = 0

@@ -28,8 +28,8 @@ split count (derived from shapes only) is frozen with the graph; columns past a 
 are never read, so only the batch's own columns are copied each step.
 
 This needs kernels that never sync with the host and whose launch grid depends on shapes
-(and counts read on the device) only: the Triton backend (kernels.triton_ops, kernels.triton_norm_rope). The reference
-backend syncs (store_kv checks for skipped slots) and is never captured.
+(and counts read on the device) only: the Triton backend (kernels.triton_ops,
+kernels.triton_norm_rope). The reference backend syncs (store_kv checks for skipped slots) and is never captured.
 
 All graphs share one memory pool and are captured largest first, so the smaller ones reuse the
 largest one's intermediate buffers; only each graph's output stays allocated for good.
@@ -156,7 +156,7 @@ class CudaGraphRunner:
         self.decode_counts = torch.zeros(2, dtype=torch.int32, device=device)  # mixed: decodes, their splits
         # Mixed steps' decodes by the graphed decode kernel where the backend has it (Triton);
         # else (a CPU backend standing in, in tests) every sequence by the prefill kernel.
-        self.graphed_decodes = hasattr(backend, "paged_decode_attention_graphed")
+        self.graphed_decodes = hasattr(backend, "paged_mixed_attention_graphed")
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphKey, torch.Tensor] = {}
         self.pool = None

@@ -141,10 +141,8 @@ def _launch(case: tuple[str, str, str]) -> None:
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
     # A mixed CUDA graph's attention: the leading decodes by the graphed decode kernel, the
     # prefill kernel skipping them, one output.
-    counts, out = torch.zeros(2, dtype=torch.int32), torch.zeros_like(q)
-    triton_ops.paged_decode_attention_graphed(q, cache, cache, tables, lens, 0.1, counts, out)
-    triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k,
-                                       skip_sequences=counts, out=out)
+    triton_ops.paged_mixed_attention_graphed(q, cache, cache, tables, cu, lens, 0.1, torch.zeros(2, dtype=torch.int32),
+                                             key=k, value=k)
     # The new tokens' K/V read from the projection's views (what a GPU's tuning may choose).
     triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
     if dtype != torch.float32:  # the tensor-descriptor experiments (TMA on Hopper), 16-bit only

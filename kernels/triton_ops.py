@@ -454,7 +454,6 @@ def paged_decode_attention(
     q = _last_dim_contiguous(q)
     block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
     if num_splits is None:
         num_splits = _num_splits(B, num_kv_heads, block_tables.shape[1] * block_size, q.device)
     if num_splits < 1:
@@ -467,24 +466,13 @@ def paged_decode_attention(
     else:
         part_acc = part_m = part_l = out  # unused
     fused = split and fused_merge
-    # The fused merge takes a kv head's query heads in one load, but fp32's caller then took
-    # 255 registers and spilled 556 bytes on sm_90 (kernels/compile_check.py): one at a time.
-    merge_heads = group if q.element_size() <= 2 else 1
     counters = _split_counters(B * num_kv_heads, q.device) if fused else out  # unused without
+    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group)
     _decode_kernel[(B, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_acc, part_m, part_l, counters,
-        scale * LOG2E, num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
-        SPLIT=split, FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(num_splits),
-        MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
-        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+        scale * LOG2E, num_splits, *strides,
+        SPLIT=split, FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(num_splits), **options,
     )
     if split and not fused:
         _decode_reduce_kernel[(B, num_kv_heads)](
@@ -501,6 +489,29 @@ def paged_decode_attention(
 # buffer outgrown stays referenced: a captured CUDA graph may still point at it.
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 MIN_COUNTERS = 8192  # (sequence, kv head) pairs; the split heuristic needs fewer than the SMs
+
+
+def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   out: torch.Tensor, group: int) -> tuple[tuple[int, ...], dict]:
+    """What both decode kernels take after their scalars: the strides, then the constexprs
+    and launch options that the shapes and the dtype decide."""
+    head_dim, block_size = q.shape[2], k_cache.shape[1]
+    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
+    # The fused merge takes a kv head's query heads in one load, but fp32's caller then took
+    # 255 registers and spilled 556 bytes on sm_90 (kernels/compile_check.py): one at a time.
+    merge_heads = group if q.element_size() <= 2 else 1
+    strides = (q.stride(0), q.stride(1),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+               block_tables.stride(0), out.stride(0), out.stride(1))
+    options = dict(
+        GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
+        MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
+        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+    )
+    return strides, options
 
 
 def _split_counters(n: int, device: torch.device) -> torch.Tensor:
@@ -555,12 +566,10 @@ def paged_decode_attention_graphed(
     q = _last_dim_contiguous(q)
     block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
     group = num_heads // num_kv_heads
-    block_size = k_cache.shape[1]
-    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
     part_acc = torch.empty((GRAPHED_SPLIT_ITEMS * group, head_dim), dtype=torch.float32, device=q.device)
     part_m = torch.empty(GRAPHED_SPLIT_ITEMS * group, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    merge_heads = group if q.element_size() <= 2 else 1  # as paged_decode_attention's fused merge
+    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group)
     # A program per (sequence, kv head) of the widest step, as paged_decode_attention's grid
     # without splits (so no program walks two contexts when nothing is split), and at least
     # two per SM, which the split items (at most GRAPHED_SPLIT_ITEMS) share.
@@ -568,18 +577,33 @@ def paged_decode_attention_graphed(
     _decode_graphed_kernel[(programs,)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_acc, part_m, part_l, _split_counters(B * num_kv_heads, q.device), counts,
-        scale * LOG2E, num_kv_heads,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
-        BLOCK_S=GRAPHED_MAX_SPLITS, MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
-        SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+        scale * LOG2E, num_kv_heads, *strides,
+        BLOCK_S=GRAPHED_MAX_SPLITS, **options,
     )
     return out
+
+
+def paged_mixed_attention_graphed(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    counts: torch.Tensor,
+    *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A mixed CUDA graph's attention, into one output: the leading `counts[0]` sequences
+    (the decodes, one query each, first in `q`) by `paged_decode_attention_graphed`, split
+    `counts[1]` ways, and the others by `paged_prefill_attention`, which skips them.
+    `cu_seqlens_q` spans every sequence, decodes included."""
+    out = paged_decode_attention_graphed(q, k_cache, v_cache, block_tables, context_lens, scale, counts,
+                                         torch.empty_like(q))
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                   key=key, value=value, skip_sequences=counts, out=out)
 
 
 def _output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
