@@ -283,7 +283,7 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
             summary["serve"] = {k: stoke.get(k) for k in (
                 "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
                 "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples",
-                "server_cpu_us_per_token", "tokens_per_chunk", "client_cpu_busy")}
+                "server_cpu_us_per_token", "tokens_per_chunk", "client_cpu_busy", "client_bound")}
         elif r.name == "kernel_configs" and r.result and "rows" in r.result:
             summary["sweeps"] = _sweep_summary(r.result)
         elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -455,7 +455,7 @@ def render(report: dict[str, Any]) -> str:
         busy = v.get("client_cpu_busy")
         if busy is not None:
             lines.append(f"  load generators: the busiest kept {100 * busy:.0f}% of a core busy"
-                         + (" (near 100%: latencies include its lag)" if busy >= 0.9 else ""))
+                         + (" (near 100%: latencies include its lag)" if v.get("client_bound") else ""))
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"

@@ -328,6 +328,7 @@ def summarize(records: list[Record], duration: float, gpu_samples: list[float] |
     # A load generator is one Python process: near one core busy, its own lag is in every
     # latency above and it, not the server, may have set the throughput.
     client_cpu_s, summary["client_cpu_busy"] = client or (None, None)
+    summary["client_bound"] = summary["client_cpu_busy"] is not None and summary["client_cpu_busy"] >= CLIENT_BOUND
     summary["client_cpu_us_per_token"] = 1e6 * client_cpu_s / out_tokens if client_cpu_s and out_tokens else None
     errors = sorted({r.error for r in records if r.error})
     if errors:
@@ -611,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table({name: run["summary"] for name, run in runs.items()})
     for name, run in runs.items():
         busy = run["summary"]["client_cpu_busy"]
-        if busy is not None and busy >= CLIENT_BOUND:
+        if run["summary"]["client_bound"]:
             print(f"\n{name}: a load generator kept {100 * busy:.0f}% of a core busy: its own lag is in these "
                   f"latencies, and it may have bounded the throughput (--client-processes shares the load)")
     config = {k: v for k, v in vars(args).items() if k not in ("stoke_arg", "transformers_arg")}

@@ -365,7 +365,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             "completed": 512, "failed": 0, "output_token_throughput": 9000.0, "p50_ttft_ms": 80.0, "p99_ttft_ms": 420.0,
             "p50_itl_ms": 9.5, "p99_itl_ms": 31.0, "p99_e2e_ms": 3000.0, "gpu_utilization_mean": 0.87,
             "gpu_utilization_samples": 60, "server_cpu_us_per_token": {"main": 41.0, "children": 22.5},
-            "tokens_per_chunk": 1.5, "client_cpu_busy": 0.95}}}}, meta={"carried_stack": True}),
+            "tokens_per_chunk": 1.5, "client_cpu_busy": 0.95,
+            "client_bound": True}}}}, meta={"carried_stack": True}),
         gpu_check.StageResult("kernel_configs", "timeout", 150.0, None, result={
             "rows": [{"layout": "l", "seqs": 4, "length": 1024, "sdpa_ms": 0.05, "shipped_ms": 0.08,
                       "best": {"tile": [128, 64, 8, 2], "packed": False, "new_kv": "tma", "ms": 0.07}}],

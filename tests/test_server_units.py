@@ -172,9 +172,10 @@ def test_serve_benchmark_summary():
     assert s["gpu_utilization_mean"] is None and s["gpu_utilization_samples"] == 0
     s = summarize(records, duration=2.0, gpu_samples=[0.5, 0.7, 0.9])
     assert s["gpu_utilization_mean"] == pytest.approx(0.7) and s["gpu_utilization_samples"] == 3
-    assert s["client_cpu_busy"] is None and s["client_cpu_us_per_token"] is None
+    assert s["client_cpu_busy"] is None and s["client_cpu_us_per_token"] is None and s["client_bound"] is False
     s = summarize(records, duration=2.0, client=(0.5, 0.95))  # the load generators' CPU, the busiest's share
-    assert s["client_cpu_busy"] == 0.95 and s["client_cpu_us_per_token"] == pytest.approx(1e4)
+    assert s["client_cpu_busy"] == 0.95 and s["client_cpu_us_per_token"] == pytest.approx(1e4) and s["client_bound"]
+    assert summarize(records, duration=2.0, client=(0.5, 0.5))["client_bound"] is False
     add_server_cpu(s, {"main": 0.002, "children": 0.001})
     assert s["server_cpu_us_per_token"] == pytest.approx({"main": 40.0, "children": 20.0})
 
