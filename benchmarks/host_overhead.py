@@ -58,7 +58,8 @@ def max_tokens(args: argparse.Namespace) -> int:
     """Enough that no request finishes before the measured steps end: the first prompts decode
     while the last ones are still prefilling."""
     budget = EngineConfig().max_num_batched_tokens
-    prefill_steps = -(-args.batch * prompt_range(args)[1] // max(budget - args.batch, budget // 4))  # decodes go first
+    per_step = max(budget - args.batch, budget // 4)  # the decodes take their share of the budget first
+    prefill_steps = -(-args.batch * prompt_range(args)[1] // per_step)
     return prefill_steps + args.steps + 8
 
 
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["median_ms"] = statistics.median(row["ms_per_step"])
     report = {"batch": args.batch, "prompt_tokens": list(prompt_range(args)), "steps": args.steps,
-              "window": args.window, "device_ms": args.device_ms, "gc_freeze": args.gc_freeze, "penalties": args.penalties, "rows": rows}
+              "window": args.window, "device_ms": args.device_ms, "gc_freeze": args.gc_freeze,
+              "penalties": args.penalties, "rows": rows}
     device = f"a stand-in device step of {args.device_ms:g} ms" if args.device_ms else "forward removed"
     lo, hi = prompt_range(args)
     print(f"ms per step, batch {args.batch}, prompts of {lo}-{hi} tokens, {device}; windows of {args.window} "

@@ -1,4 +1,5 @@
-"""The worker's cyclic garbage collector: what its full collections may walk, and when.
+"""The worker's cyclic garbage collector: what its full collections may walk, and when (the
+HTTP process takes only the start-up freeze: its per-connection objects are cyclic).
 
 A full collection walks every tracked object outside the frozen generation, and every element
 of every list among them, while the engine loop waits. In the worker that would be:
@@ -34,8 +35,9 @@ RECLAIM_GROWTH = 10_000
 
 def freeze_startup_heap() -> int:
     """Collect, then move every object alive (the model, the tokenizer, the libraries) out of
-    the collector's reach; returns how many were frozen. The worker lives as long as its one
-    engine, so nothing frozen here was meant to be freed."""
+    the collector's reach; returns how many were frozen. Called once start-up is done, by the
+    worker and by the HTTP process: each lives as long as what it started with, so nothing
+    frozen then was meant to be freed."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
