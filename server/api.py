@@ -182,6 +182,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         record = new_record(request, body)
         try:
             check_access(request)
+            await serving.wait_ready()
             job = make_job(body, record, arrival)
             return await serving.run(job, request)
         except APIError as exc:

@@ -140,6 +140,14 @@ class OpenAIServing:
         self._token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
 
     # =========================================================== requests → jobs
+    async def wait_ready(self) -> None:
+        """A job is built with the worker's limits (context length, vocabulary): a request that
+        arrives while the model loads waits for them."""
+        try:
+            await self.client.wait_ready()
+        except EngineDeadError:
+            raise errors.engine_dead() from None
+
     def check_model(self, model: str | None) -> str:
         known = (self.model_name, self.client.info.model_path if self.client.info else None)
         if model is not None and model not in known:
@@ -330,7 +338,6 @@ class OpenAIServing:
                 self.live.discard(generation)
 
         try:
-            await self.client.wait_ready()
             generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival)
             self.live.add(generation)
             try:

@@ -44,7 +44,8 @@ class ServerProcess:
     def base_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self) -> ServerProcess:
+    def start(self, wait: str = "/ready") -> ServerProcess:
+        """Launch, and return once `wait` answers 200 ("/health": HTTP up, the model may still load)."""
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
@@ -54,7 +55,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr()[-4000:]}")
-            status, _ = self.get("/ready")
+            status, _ = self.get(wait)
             if status == 200:
                 return self
             time.sleep(0.2)

@@ -71,6 +71,39 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero():
         server.close()
 
 
+def test_request_while_the_model_loads_waits_for_it():
+    """HTTP answers before the engine is ready. A chat request without max_tokens (its default
+    is the room left in the context, which needs the worker's limits) arriving then waits for
+    the engine and is served. The worker is held stopped until the request is in, so it
+    arrives while loading."""
+    server = ServerProcess("--kv-cache-memory-bytes", "64MiB", "--cpu-threads", "1",
+                           "--max-tokens-limit", "4").start(wait="/health")
+    try:
+        worker = server.worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            assert server.get("/ready")[0] == 503
+            result: dict = {}
+
+            def chat() -> None:
+                client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=240)
+                result["response"] = client.chat.completions.create(
+                    model=None, messages=[{"role": "user", "content": "Hi"}], temperature=0)
+
+            thread = threading.Thread(target=chat)
+            thread.start()
+            time.sleep(1.0)
+            assert thread.is_alive() and server.get("/ready")[0] == 503
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        thread.join(240)
+        assert result["response"].usage.completion_tokens == 4  # the server's cap: room left, capped
+        assert server.get("/ready")[0] == 200
+        assert server.metrics()['stoke_request_errors_total{type="internal"}'] == 0
+    finally:
+        server.close()
+
+
 def test_worker_death_fails_in_flight_with_503_and_exits_nonzero():
     server = _server("--worker-death-grace", "3")
     try:
