@@ -206,20 +206,37 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await handle(request, body, serving.chat_job)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
+    def model_card() -> dict[str, Any]:
+        info = client.info
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "stoke",
+                "root": info.model_path if info else model_path,
+                "max_model_len": info.max_model_len if info else None}
+
+    def check_key(request: Request) -> None:
+        """The model list needs the key when one is set, and answers while loading or draining."""
         if config.api_key is not None:
             try:
                 check_access(request)
             except APIError as exc:
                 if exc.status == 401:
-                    return error_response(exc)
-        info = client.info
-        return JSONResponse({"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "stoke",
-            "root": info.model_path if info else model_path,
-            "max_model_len": info.max_model_len if info else None,
-        }]})
+                    raise
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            check_key(request)
+        except APIError as exc:
+            return error_response(exc)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> Response:
+        try:
+            check_key(request)
+            serving.check_model(model)
+        except APIError as exc:
+            return error_response(exc)
+        return JSONResponse(model_card())
 
     @app.get("/health")
     async def health() -> Response:
