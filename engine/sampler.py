@@ -4,7 +4,7 @@ One call handles one decode step for a batch of sequences (one logits row each).
 in vLLM's order and each is skipped entirely when no row in the batch needs it, so an
 all-greedy batch without penalties costs one argmax:
 
-    min_tokens suppression → repetition penalty → frequency/presence penalties
+    min_tokens suppression → logit bias → repetition penalty → frequency/presence penalties
     → greedy rows: argmax → temperature → top-k → top-p → min-p → sample
 
 Random sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws from
@@ -82,8 +82,8 @@ class _Staged:
     def long(self, name: str, values: list[int] | torch.Tensor) -> None:
         self._host[name] = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
 
-    def float(self, name: str, values: list[float]) -> None:
-        self._host[name] = torch.tensor(values, dtype=torch.float32)
+    def float(self, name: str, values: list[float] | torch.Tensor) -> None:
+        self._host[name] = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float32)
 
     def send(self, device: torch.device) -> None:
         names = list(self._host)
@@ -174,6 +174,20 @@ def _stage_pairs(st: _Staged, name: str, rows: list[SamplingRow], sel: list[int]
         st.long(f"{name}_pending_at", [j for _, j in pending])
 
 
+def _stage_biases(st: _Staged, biases: list[tuple[np.ndarray, np.ndarray]], rows: list[int], vocab: int) -> None:
+    """The logit-bias stage's (row, token, bias) triples, flattened; ids outside [0, vocab)
+    dropped (the engine rejects them at admission)."""
+    tok = np.concatenate([t for t, _ in biases])
+    val = np.concatenate([v for _, v in biases])
+    row = np.repeat(np.asarray(rows, dtype=np.int64), [t.shape[0] for t, _ in biases])
+    if tok.max() >= vocab:
+        ok = tok < vocab
+        row, tok, val = row[ok], tok[ok], val[ok]
+    st.long("bias_rows", torch.from_numpy(row))
+    st.long("bias_tokens", torch.from_numpy(tok))
+    st.float("bias_values", torch.from_numpy(val))
+
+
 def _pairs(st: _Staged, name: str, pending_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A penalty stage's (row, token) index tensors on the device, pending tokens included."""
     ri, ti = st.dev[f"{name}_rows"], st.dev[f"{name}_tokens"]
@@ -254,6 +268,7 @@ class Sampler:
 
         want_lp = [p.logprobs is not None for p in params]
         need_min = [r.num_output_tokens < r.params.min_tokens for r in rows]
+        biased = [i for i, p in enumerate(params) if p.logit_bias_arrays is not None]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
         if pending_ids is None and any(r.pending_rows and (need_rep[i] or need_freq[i]) for i, r in enumerate(rows)):
@@ -278,6 +293,8 @@ class Sampler:
                 ri, ti = zip(*banned)
                 st.long("ban_rows", list(ri))
                 st.long("ban_tokens", list(ti))
+        if biased:
+            _stage_biases(st, [params[i].logit_bias_arrays for i in biased], biased, vocab)
         if any(need_rep):
             sel = [i for i in range(batch) if need_rep[i]]
             _stage_pairs(st, "rep", rows, sel, [self._histories.tokens(rows[i]) for i in sel], vocab)
@@ -299,28 +316,32 @@ class Sampler:
         lp_idx = st.get("lp_idx")
         raw_logprobs = _take(logits, lp_idx).float().log_softmax(dim=-1) if any(want_lp) else None
 
-        modifies = any(need_min) or any(need_rep) or any(need_freq) or not all(greedy)
+        modifies = any(need_min) or bool(biased) or any(need_rep) or any(need_freq) or not all(greedy)
         x = logits.to(torch.float32, copy=True) if modifies else logits.float()
 
         # 1. min_tokens: no EOS / stop token until the row has generated min_tokens.
         if st.get("ban_rows") is not None:
             x[st.dev["ban_rows"], st.dev["ban_tokens"]] = float("-inf")
 
-        # 2. Repetition penalty (HF): over prompt + output tokens, positive logits divided.
+        # 2. Logit bias (OpenAI): each row's (token, bias) pairs are distinct, so one scatter-add.
+        if biased:
+            x.index_put_((st.dev["bias_rows"], st.dev["bias_tokens"]), st.dev["bias_values"], accumulate=True)
+
+        # 3. Repetition penalty (HF): over prompt + output tokens, positive logits divided.
         #    Duplicate (row, token) pairs all write the same value, so no dedup is needed.
         if any(need_rep):
             ri, ti = _pairs(st, "rep", pending_ids)
             v, p = x[ri, ti], st.dev["rep"][ri]
             x[ri, ti] = torch.where(v > 0, v / p, v * p)
 
-        # 3. Frequency / presence penalties (OpenAI): over output tokens only.
+        # 4. Frequency / presence penalties (OpenAI): over output tokens only.
         if any(need_freq):
             ri, ti = _pairs(st, "freq", pending_ids)
             x.index_put_((ri, ti), -st.dev["freq"][ri], accumulate=True)  # once per occurrence
             # Once per distinct token: duplicate pairs all write the same value, as above.
             x[ri, ti] = x[ri, ti] - st.dev["pres"][ri]
 
-        # 4. Greedy rows: exactly the argmax of the (penalised) logits.
+        # 5. Greedy rows: exactly the argmax of the (penalised) logits.
         #    Random rows: x is our own copy here, so the stages below may write into it.
         if not rand:
             tokens = x.argmax(dim=-1)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -25,7 +29,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id → added to its logit before the penalties and sampling (OpenAI's logit_bias);
+    # keys may arrive as decimal strings (JSON object keys)
+    logit_bias: dict[int, float] | None = None
     _stop_list: list[str] = field(default_factory=list, repr=False)
+    # logit_bias as arrays, for the sampler's scatter every step
+    _bias_tokens: np.ndarray | None = field(default=None, repr=False)
+    _bias_values: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +46,20 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.logit_bias:
+            self._bias_tokens = np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=len(self.logit_bias))
+            self._bias_values = np.fromiter(self.logit_bias.values(), dtype=np.float32, count=len(self.logit_bias))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if logit_bias names a token id the model does not have."""
+        if self._bias_tokens is not None and self._bias_tokens.max() >= vocab_size:
+            raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab_size}, "
+                             f"got {int(self._bias_tokens.max())}")
+
+    @property
+    def logit_bias_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(token ids, biases) of logit_bias; None without one."""
+        return None if self._bias_tokens is None else (self._bias_tokens, self._bias_values)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -83,3 +107,26 @@ class SamplingParams:
             fail("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be non-negative integers")
+        if self.logit_bias is not None:
+            self.logit_bias = _token_biases(self.logit_bias)
+
+
+def _token_biases(bias: object) -> dict[int, float]:
+    """logit_bias with int keys (decimal strings accepted) and float biases in range."""
+    low, high = LOGIT_BIAS_RANGE
+    rule = f"logit_bias must map token ids (integers >= 0) to numbers in [{low:g}, {high:g}]"
+    if not isinstance(bias, dict):
+        raise ValueError(f"{rule}, got {bias!r:.100}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            token: int | None = key
+        elif isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        else:
+            token = None
+        ok_value = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        if token is None or token < 0 or not ok_value:
+            raise ValueError(f"{rule}, got {key!r:.40}: {value!r:.40}")
+        out[token] = float(value)
+    return out

@@ -184,8 +184,6 @@ class OpenAIServing:
                                  param="logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
         if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
             raise errors.invalid("seed must fit in a signed 64-bit integer", param="seed")
-        if req.logit_bias:
-            raise errors.unsupported("logit_bias is not supported", param="logit_bias")
         fields = dict(
             n=n,
             max_tokens=max_tokens,
@@ -204,9 +202,10 @@ class OpenAIServing:
             logprobs=logprobs,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            logit_bias=req.logit_bias or None,
         )
         try:
-            SamplingParams(**fields)
+            SamplingParams(**fields).check_vocab(self.client.info.vocab_size)
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]

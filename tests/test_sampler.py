@@ -31,13 +31,16 @@ def row(
 
 
 def naive_penalised(logits: torch.Tensor, r: SamplingRow) -> torch.Tensor:
-    """Per-row, per-token reference: min_tokens, repetition (HF), frequency/presence (OpenAI)."""
+    """Per-row, per-token reference: min_tokens, logit bias, repetition (HF), frequency/presence
+    (OpenAI)."""
     x = logits.clone().float()
     p = r.params
     output = r.token_ids[r.num_prompt_tokens:]
     if len(output) < p.min_tokens:
         for t in list(r.eos_token_ids) + list(p.stop_token_ids):
             x[t] = float("-inf")
+    for t, bias in (p.logit_bias or {}).items():
+        x[t] += bias
     if p.repetition_penalty != 1.0:
         for t in set(r.token_ids[:r.num_prompt_tokens]) | set(output):
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
@@ -81,6 +84,8 @@ def test_penalties_match_naive_reference():
                 frequency_penalty=rng.choice([0.0, 0.0, 0.5, -1.0, 2.0]),
                 presence_penalty=rng.choice([0.0, 0.0, 1.0, -0.5]),
                 stop_token_ids=rng.sample(range(V), rng.randint(0, 2)),
+                logit_bias=rng.choice([None, None, {str(t): rng.uniform(-100, 100) for t in rng.sample(range(V), 3)},
+                                       {t: rng.uniform(-4, 4) for t in rng.sample(range(V), rng.randint(1, V))}]),
             )
             prompt = [rng.randrange(V) for _ in range(rng.randint(0, 12))]
             output = [rng.randrange(V) for _ in range(rng.randint(0, 12))]
@@ -206,6 +211,34 @@ def test_min_tokens_suppresses_eos_and_stop_ids():
     rows = [row(SamplingParams(min_tokens=5, stop_token_ids=[2]), eos=[1])] * 500
     out = sampler(logits[0].expand(500, -1), rows).token_ids
     assert not {1, 2} & set(out)
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    """OpenAI's semantics: +100 makes a token all but certain, -100 all but impossible, at any
+    temperature; it moves the sampled distribution, not the logprobs (taken from the raw
+    logits, as vLLM does); rows without a bias are untouched."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    force = SamplingParams(temperature=1.0, logit_bias={"7": 100}, logprobs=0)
+    ban = SamplingParams(temperature=0.0, logit_bias={str(int(logits[1].argmax())): -100})
+    rows = [row(force), row(ban), row(SamplingParams(temperature=0.0)), row(force)]
+    out = sampler(logits, rows)
+    assert out.token_ids[0] == out.token_ids[3] == 7
+    assert out.token_ids[1] == int(logits[1].topk(2).indices[1])  # the runner-up
+    assert out.token_ids[2] == int(logits[2].argmax())
+    assert out.logprobs[0] == pytest.approx(float(logits[0].log_softmax(-1)[7]), abs=1e-5)
+    draws = sampler(logits[0].expand(400, -1), [row(SamplingParams(logit_bias={3: -100, 4: -100}))] * 400)
+    assert not {3, 4} & set(draws.token_ids)
+    assert torch.equal(logits, torch.randn(4, 50, generator=torch.Generator().manual_seed(3)))  # unmodified
+
+
+def test_logit_bias_validated():
+    assert SamplingParams(logit_bias={"12": 5, 3: -1.5}).logit_bias == {12: 5.0, 3: -1.5}
+    for bad in ({"x": 1}, {"1.5": 1}, {"-1": 1}, {"1": 101}, {"1": float("nan")}, {True: 1}, {"1": "2"}, [1]):
+        with pytest.raises(ValueError, match="^logit_bias"):
+            SamplingParams(logit_bias=bad)
+    SamplingParams(logit_bias={"49": 1}).check_vocab(50)
+    with pytest.raises(ValueError, match="^logit_bias"):
+        SamplingParams(logit_bias={"50": 1}).check_vocab(50)
 
 
 def _seeded_run(seed: int, position: int, mates: int, steps: int = 12) -> list[int]:

@@ -50,6 +50,10 @@ def tokenizer(server):
 
 def test_models_health_ready(server, client, model):
     assert model == "SmolLM2-135M-Instruct-Q4_1"
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-5")
+    assert info.value.body["code"] == "model_not_found"
     assert server.get("/health")[0] == 200
     assert server.get("/ready")[0] == 200
 
@@ -175,6 +179,24 @@ def test_echo_with_logprobs_scores_the_prompt(client, model, tokenizer):
     assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt_ids)]
 
 
+def test_logit_bias(client, model, tokenizer):
+    """+100 on one token makes every sampled token that one; -100 on the greedy choice gives
+    another; an invalid map is a 400 that names logit_bias."""
+    the = tokenizer.encode(" the")[0]
+    forced = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=1.0,
+                                       logit_bias={str(the): 100})
+    assert forced.choices[0].text == " the the the"
+    greedy = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0).choices[0].text
+    (first,) = tokenizer.encode(greedy)
+    banned = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text not in ("", greedy)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       logit_bias={"1": 250})
+    assert info.value.body["param"] == "logit_bias"
+
+
 def _post(server, path: str, body: bytes | str, headers: dict | None = None, method: str = "POST"):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
@@ -218,7 +240,12 @@ BAD_INPUTS = [
     ("empty messages", "/v1/chat/completions", _j({"messages": []}), 400, "invalid_value"),
     ("huge seed", "/v1/completions", _j({"prompt": "hi", "seed": 2 ** 70}), 400, "invalid_value"),
     ("logprobs beyond cap", "/v1/completions", _j({"prompt": "hi", "logprobs": 50}), 400, "invalid_value"),
-    ("logit_bias", "/v1/completions", _j({"prompt": "hi", "logit_bias": {"5": 1}}), 400, "unsupported_parameter"),
+    ("logit_bias beyond 100", "/v1/completions", _j({"prompt": "hi", "logit_bias": {"5": 101}}), 400,
+     "invalid_value"),
+    ("logit_bias key not a token id", "/v1/completions", _j({"prompt": "hi", "logit_bias": {"five": 1}}), 400,
+     "invalid_value"),
+    ("logit_bias token beyond vocab", "/v1/chat/completions",
+     _j({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"49152": 1}}), 400, "invalid_value"),
     ("image content", "/v1/chat/completions",
      _j({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
      "unsupported_parameter"),
