@@ -45,6 +45,7 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     sent_tokens: int = 0  # output tokens already reported in a delta
+    sent_finish: bool = False  # a delta output reported finish_reason already
 
 
 @dataclass(slots=True, eq=False)
@@ -224,8 +225,9 @@ class LLMEngine:
         """One engine iteration, and the outputs it produced, as vLLM's RequestOutputKind:
         - "cumulative": every request that got tokens, with its whole text, tokens and logprobs
           so far, and what is new since its previous output (`delta_text`, `delta_token_ids`);
-        - "delta": the same requests, with only what is new (text, tokens, logprobs): what a
-          streaming server sends, built in time that does not grow with the output's length;
+        - "delta": the same requests, with only what is new (text, tokens, logprobs) of only
+          the samples that have news: what a streaming server sends, built in time that does
+          not grow with the output's length;
         - "final": only the requests that finished, whole (the offline API: a step then builds
           no output for the hundreds of requests still running).
 
@@ -376,6 +378,11 @@ class LLMEngine:
             new_text = detok.take_delta() if detok is not None else ""
             logprobs = sample.logprobs
             if delta:
+                # Only the samples with news: a sibling that finished earlier (n > 1) would
+                # otherwise report its finish again every step until the last one finishes.
+                if not new_ids and not new_text and (sample.finish_reason is None or sample.sent_finish):
+                    continue
+                sample.sent_finish = sample.finish_reason is not None
                 text, token_ids = new_text, new_ids
                 logprobs = logprobs[sample.sent_tokens:] if logprobs is not None else None
             else:

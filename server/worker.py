@@ -51,8 +51,10 @@ def encode_output(out: Any) -> list[Any]:
                             c.stop_reason])
     prompt_logprobs = metrics = None
     first = out.outputs[0]
-    if out.prompt_logprobs is not None and first.delta_token_ids and first.num_tokens == len(first.delta_token_ids):
-        # Complete once the first token exists: sent once, with sample 0's first output.
+    if (out.prompt_logprobs is not None and first.index == 0 and first.delta_token_ids
+            and first.num_tokens == len(first.delta_token_ids)):
+        # Complete once the first token exists: sent once, with sample 0's first output (a
+        # delta output lists only the samples with news, in order).
         prompt_logprobs = [
             None if entry is None else [[tid, lp] for tid, lp in entry.items()] for entry in out.prompt_logprobs
         ]
