@@ -74,6 +74,8 @@ class Job:
     cached: dict[int, int] = field(default_factory=dict)  # prompt index → prefix-cache hit tokens
     # echo with logprobs: prompt index → per prompt token [[tid, lp], ...] (None for the first)
     prompt_logprobs: dict[int, list[list[list[float]] | None]] = field(default_factory=dict)
+    # choice index → its text chunk's SSE line before and after the text (`_text_chunk`)
+    text_chunks: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 class SSEResponse(StreamingResponse):
@@ -95,9 +97,15 @@ def _shutdown_error() -> APIError:
     return errors.unavailable("the server shut down before this request finished", code="shutting_down")
 
 
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+_PLACEHOLDER = "\x00text\x00"  # encodes to an escape no real chunk's other fields contain
+
+
 def sse(data: dict[str, Any] | str) -> str:
-    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {body}\n\n"
+    return f"data: {data if isinstance(data, str) else _dumps(data)}\n\n"
 
 
 def merge_deltas(deltas: list[tuple[Choice, dict[str, Any]]]) -> list[tuple[Choice, dict[str, Any]]]:
@@ -521,11 +529,12 @@ class OpenAIServing:
                     if job.logprobs is not None and delta["logprobs"]:
                         logprobs = self._chat_logprobs(job, token_ids, delta["logprobs"]) if chat \
                             else self._completion_logprobs(token_ids, delta["logprobs"], 0)
-                    if chat:
-                        if not choice.started:
-                            choice.started = True
-                            yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""},
-                                                       None, None))
+                    if chat and not choice.started:
+                        choice.started = True
+                        yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""}, None, None))
+                    if text and logprobs is None and reason is None:  # most chunks: one token's text
+                        yield self._text_chunk(job, choice.index, text)
+                    elif chat:
                         yield sse(self._chat_chunk(job, choice.index, {"content": text} if text else {},
                                                    logprobs, reason))
                     else:
@@ -601,6 +610,19 @@ class OpenAIServing:
                                   "bytes": list(self._token_str(t).encode())} for t, lp in best],
             })
         return {"content": content}
+
+    def _text_chunk(self, job: Job, index: int, text: str) -> str:
+        """The SSE line of a chunk with text only (no logprobs, no finish reason): the generic
+        chunk rendered once per choice around a placeholder, then only the text is encoded for
+        each token. The same bytes as `sse(self._chat_chunk(...))` / `_completion_chunk`, in a
+        quarter of the time, and it runs for every token of every stream."""
+        around = job.text_chunks.get(index)
+        if around is None:
+            chunk = self._chat_chunk(job, index, {"content": _PLACEHOLDER}, None, None) if job.kind == "chat" \
+                else self._completion_chunk(job, index, _PLACEHOLDER, None, None)
+            head, tail = sse(chunk).split(_dumps(_PLACEHOLDER))
+            around = job.text_chunks[index] = (head, tail)
+        return around[0] + _dumps(text) + around[1]
 
     def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | None,
                           finish_reason: str | None) -> dict[str, Any]:

@@ -332,3 +332,24 @@ def test_a_stream_behind_the_engine_catches_up_in_one_chunk_per_choice(chat):
         assert chunks[0]["choices"][0]["logprobs"]["tokens"] == ["<5>", "<6>"]
         assert chunks[0]["choices"][0]["logprobs"]["text_offset"] == [0, 3]
     assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_text_chunks_are_the_generic_chunks_bytes(kind):
+    """The per-token fast path (`_text_chunk`: the chunk rendered once around a placeholder)
+    writes exactly what the generic chunk does, whatever the text: quotes, escapes, control
+    characters, non-ASCII, surrogate-free emoji, JSON-looking text."""
+    from server.serving import Job, OpenAIServing, sse
+
+    serving = OpenAIServing(ServerConfig(), None, client=None, metrics=Metrics(),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    job = Job(kind=kind, request_id="chatcmpl-7", model='my "model" é', created=1796105673, arrival=0.0,
+              prompts=[[1]], prompt_texts=["p"], params={}, n=3, stream=True, include_usage=False, echo=False,
+              logprobs=None, record=RequestRecord("chatcmpl-7", "chat"))
+    texts = [" hello", '"quoted" \\ back', "\n\t\x00\x1f", "東京 🍣", '{"choices":[]}', "\u2028", "x" * 300]
+    for index in (0, 2):
+        for text in texts:
+            generic = serving._chat_chunk(job, index, {"content": text}, None, None) if kind == "chat" \
+                else serving._completion_chunk(job, index, text, None, None)
+            assert serving._text_chunk(job, index, text) == sse(generic)
+    assert sorted(job.text_chunks) == [0, 2]
