@@ -52,6 +52,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     started: bool = False  # chat streaming: the role delta went out
+    text_offset: int = 0  # completions streaming: the next token's text_offset (after any echo)
 
 
 @dataclass(slots=True)
@@ -502,8 +503,9 @@ class OpenAIServing:
             echo_pending = {choice.index for choice in choices} if job.echo else set()
             if job.echo and job.logprobs is None:
                 for choice in choices:
-                    yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, choice.index // job.n),
-                                                     None, None))
+                    prompt_text = self._prompt_text(job, choice.index // job.n)
+                    choice.text_offset = len(prompt_text)
+                    yield sse(self._completion_chunk(job, choice.index, prompt_text, None, None))
                 echo_pending.clear()
             iterator = generation.batches()
             while True:
@@ -520,15 +522,20 @@ class OpenAIServing:
                     if choice.index in echo_pending:  # echo with logprobs: the prompt's come first
                         echo_pending.discard(choice.index)
                         prompt_index = choice.index // job.n
-                        yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, prompt_index),
+                        prompt_text = self._prompt_text(job, prompt_index)
+                        choice.text_offset = len(prompt_text)
+                        yield sse(self._completion_chunk(job, choice.index, prompt_text,
                                                          self._prompt_logprobs(job, prompt_index), None))
                     text, token_ids, reason = delta["text"], delta["token_ids"], delta["finish_reason"]
                     if not text and reason is None and not (job.logprobs is not None and token_ids):
                         continue
                     logprobs = None
                     if job.logprobs is not None and delta["logprobs"]:
-                        logprobs = self._chat_logprobs(job, token_ids, delta["logprobs"]) if chat \
-                            else self._completion_logprobs(token_ids, delta["logprobs"], 0)
+                        if chat:
+                            logprobs = self._chat_logprobs(job, token_ids, delta["logprobs"])
+                        else:  # offsets run on from the previous chunk's, as in the whole body
+                            logprobs = self._completion_logprobs(token_ids, delta["logprobs"], choice.text_offset)
+                            choice.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                     if chat and not choice.started:
                         choice.started = True
                         yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""}, None, None))

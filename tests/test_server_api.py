@@ -183,6 +183,20 @@ def test_echo_with_logprobs_scores_the_prompt(client, model, tokenizer):
     assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt_ids)]
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_add_up_to_the_whole(client, model, echo):
+    """A streamed completion's logprobs, chunk after chunk, are the whole body's: the same
+    tokens and values, and text offsets that run on from chunk to chunk (after the echoed
+    prompt), not from 0 in each."""
+    kwargs = dict(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=echo, logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)
+             if c.choices and c.choices[0].logprobs]
+    for field in ("tokens", "token_logprobs", "text_offset"):
+        assert [x for p in parts for x in getattr(p, field)] == getattr(whole, field), field
+    assert len(parts) >= 3
+
+
 def test_logit_bias(client, model, tokenizer):
     """+100 on one token makes every sampled token that one; -100 on the greedy choice gives
     another; an invalid map is a 400 that names logit_bias."""
