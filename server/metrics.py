@@ -112,6 +112,10 @@ class Metrics:
             r.register(GPUCollector())
         self._last: dict[str, int] = {}
         self._prefilled: set[str] = set()
+        # engine request id → choice index → (finish reason, tokens), until the request ends:
+        # with n > 1 a choice's finish arrives in the output of the step it finished in
+        # (delta outputs list only the choices with news), or again in an abort's output.
+        self._finished: dict[str, dict[int, tuple[str, int]]] = {}
 
     def set_baseline(self, stats: dict[str, Any]) -> None:
         """The worker's counters at ready (the warm-up step is not user traffic)."""
@@ -145,10 +149,14 @@ class Metrics:
             if output["id"] not in self._prefilled:
                 self._prefilled.add(output["id"])
                 self.prompt_tokens.inc(output["num_prompt_tokens"])
+        for c in output["outputs"]:
+            if c["finish_reason"] is not None:
+                self._finished.setdefault(output["id"], {})[c["index"]] = (c["finish_reason"], c["num_tokens"])
         if not output["finished"]:
             return
         self._prefilled.discard(output["id"])
-        reasons = [c["finish_reason"] for c in output["outputs"]]
+        choices = self._finished.pop(output["id"], {}).values()
+        reasons = [reason for reason, _ in choices]
         for reason in reasons:
             if reason in FINISH_REASONS:
                 self.requests.labels(reason).inc()
@@ -165,7 +173,7 @@ class Metrics:
         for latency in m["inter_token_latencies"]:
             self.itl.observe(latency)
         self.request_prompt_tokens.observe(output["num_prompt_tokens"])
-        self.request_generation_tokens.observe(sum(c["num_tokens"] for c in output["outputs"]))
+        self.request_generation_tokens.observe(sum(tokens for _, tokens in choices))
 
     # ------------------------------------------------------------- from the HTTP layer
     def on_error(self, metric_type: str) -> None:

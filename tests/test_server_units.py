@@ -97,6 +97,32 @@ def test_metrics_names_and_engine_frames():
         assert line in text, line
 
 
+def test_metrics_count_every_choice_of_a_request_once():
+    """n = 2: choice 0 finishes a step before choice 1, and its finish is in that step's output
+    only (delta outputs list the choices with news); an aborted request's output lists every
+    choice again. Each choice counts once in stoke_requests_total, and the request's generated
+    tokens are both choices'."""
+    m = Metrics()
+
+    def output(request_id: str, finished: bool, *choices: tuple[int, int, str | None]) -> dict:
+        return {"id": request_id, "finished": finished, "num_prompt_tokens": 3, "num_cached_tokens": 0,
+                "outputs": [{"index": i, "text": "x", "token_ids": [5], "logprobs": None, "num_tokens": n,
+                             "finish_reason": reason, "stop_reason": None} for i, n, reason in choices],
+                "metrics": {"arrival_time": 1.0, "first_scheduled_time": 1.0, "first_token_time": 1.1,
+                            "finish_time": 1.5, "inter_token_latencies": [], "num_preemptions": 0}}
+
+    m.on_frame({"outputs": [output("a", False, (0, 4, "length"), (1, 3, None))]})
+    m.on_frame({"outputs": [output("a", True, (1, 4, "stop"))]})
+    m.on_frame({"outputs": [output("b", False, (0, 2, "stop"), (1, 1, None))]})
+    m.on_frame({"outputs": [output("b", True, (0, 2, "stop"), (1, 1, "abort"))]})  # an abort: cumulative
+    text = m.render()[0].decode()
+    for line in ('stoke_requests_total{finish_reason="length"} 1.0', 'stoke_requests_total{finish_reason="stop"} 2.0',
+                 'stoke_requests_total{finish_reason="abort"} 1.0', "stoke_request_generation_tokens_count 1.0",
+                 "stoke_request_generation_tokens_sum 8.0"):
+        assert line in text, line
+    assert not m._finished
+
+
 def test_request_log_line(caplog):
     record = RequestRecord("cmpl-1", "completions", model="m", key_id=key_id("sk-secret"), prompt="p", output="o")
     record.add_engine_metrics({"arrival_time": 1.0, "first_scheduled_time": 1.5, "first_token_time": 2.0,
