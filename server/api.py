@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,7 +27,7 @@ from server.heap import freeze_startup_heap
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.request_log import RequestLogger, RequestRecord, key_id
-from server.serving import OpenAIServing
+from server.serving import Job, OpenAIServing
 
 logger = logging.getLogger("stoke.server")
 
@@ -177,13 +177,13 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         metrics.on_error("internal")
         return error_response(errors.internal())
 
-    async def handle(request: Request, body: Any, make_job: Callable[..., Any]) -> Response:
+    async def handle(request: Request, body: Any, make_job: Callable[..., Awaitable[Job]]) -> Response:
         arrival = time.monotonic()
         record = new_record(request, body)
         try:
             check_access(request)
             await serving.wait_ready()
-            job = make_job(body, record, arrival)
+            job = await make_job(body, record, arrival)
             return await serving.run(job, request)
         except APIError as exc:
             serving.fail(record, exc)

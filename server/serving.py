@@ -15,7 +15,8 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 from typing import Any
 
 from starlette.requests import Request
@@ -36,6 +37,8 @@ logger = logging.getLogger("stoke.server")
 _SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 _MAX_STOP_CHARS = 1024
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+# Prompts longer than this are tokenized off the event loop (~1.5 ms a 4k-character text here).
+TOKENIZE_INLINE_CHARS = 4096
 
 
 class ShuttingDown(Exception):
@@ -143,6 +146,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.request_logger = request_logger
         self.model_name = model_name
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stoke-tokenizer")
         self.in_flight = 0
         self.draining = False  # set on SIGTERM: requests cut short now are the server's doing
         self.live: set[Generation] = set()
@@ -234,12 +238,19 @@ class OpenAIServing:
         return Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
                    prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
 
-    def _encode(self, text: str) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt. A long text is tokenized on the tokenizer thread: ~12 ms for
+        8k tokens, which on the event loop would stall every stream for as long (the
+        tokenizer releases the GIL). Concurrent encodes are safe: they share the tokenizer's
+        settings (no truncation, no padding), so none mutates it."""
         if self.tokenizer is None:
             raise errors.invalid("this model has no tokenizer: send prompts as token ids", param="prompt")
-        return self.tokenizer.encode(text)
+        encode = partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        if len(text) <= TOKENIZE_INLINE_CHARS:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode)
 
-    def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
+    async def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
         if req.suffix:
             raise errors.unsupported("suffix is not supported", param="suffix")
@@ -257,7 +268,7 @@ class OpenAIServing:
         prompts, texts = [], []
         for p in raw:
             if isinstance(p, str):
-                prompts.append(self._encode(p))
+                prompts.append(await self._encode(p))
                 texts.append(p)
             else:
                 prompts.append(list(p))
@@ -268,7 +279,7 @@ class OpenAIServing:
             params["prompt_logprobs"] = req.logprobs
         return self._job("completion", req, record, arrival, prompts, texts, params, bool(req.echo), req.logprobs)
 
-    def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
+    async def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
@@ -283,7 +294,7 @@ class OpenAIServing:
         if req.top_logprobs is not None and req.top_logprobs < 0:
             raise errors.invalid("top_logprobs must be >= 0", param="top_logprobs")
         text = self._render_chat(req)
-        tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        tokens = await self._encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             room = max(1, self._max_model_len() - len(tokens))

@@ -77,6 +77,16 @@ def test_completion_text_and_token_id_prompts(client, model, tokenizer):
     assert len(batch_ids.choices) == 2 and batch_ids.usage.completion_tokens == 4
 
 
+def test_long_text_prompt(client, model, tokenizer):
+    """A prompt long enough to be tokenized off the event loop gets the tokenizer's ids."""
+    from server.serving import TOKENIZE_INLINE_CHARS
+
+    text = "Paris is the capital of France. " * (TOKENIZE_INLINE_CHARS // 32 + 1)
+    out = client.completions.create(model=model, prompt=text, max_tokens=1, temperature=0, echo=True)
+    assert out.usage.prompt_tokens == len(tokenizer.encode(text))
+    assert out.choices[0].text.startswith(text)
+
+
 def test_chat_and_streaming_with_usage(client, model):
     messages = [{"role": "user", "content": "Say hello."}]
     full = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)

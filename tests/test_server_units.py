@@ -379,3 +379,34 @@ def test_text_chunks_are_the_generic_chunks_bytes(kind):
                 else serving._completion_chunk(job, index, text, None, None)
             assert serving._text_chunk(job, index, text) == sse(generic)
     assert sorted(job.text_chunks) == [0, 2]
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop():
+    """A text past TOKENIZE_INLINE_CHARS is encoded on the tokenizer thread (the event loop
+    keeps serving streams meanwhile), a short one inline; both give the tokenizer's ids with
+    the caller's add_special_tokens."""
+    import threading
+
+    from server.serving import TOKENIZE_INLINE_CHARS, OpenAIServing
+
+    class Tokenizer:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, bool]] = []
+
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            self.calls.append((threading.current_thread().name, add_special_tokens))
+            return [len(text), int(add_special_tokens)]
+
+    tokenizer = Tokenizer()
+    serving = OpenAIServing(ServerConfig(), tokenizer, client=None, metrics=Metrics(),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+
+    async def run() -> list[list[int]]:
+        loop_thread = threading.current_thread().name
+        out = [await serving._encode("x" * TOKENIZE_INLINE_CHARS),
+               await serving._encode("y" * (TOKENIZE_INLINE_CHARS + 1), add_special_tokens=False)]
+        assert tokenizer.calls[0][0] == loop_thread
+        return out
+
+    assert asyncio.run(run()) == [[TOKENIZE_INLINE_CHARS, 1], [TOKENIZE_INLINE_CHARS + 1, 0]]
+    assert tokenizer.calls[1] == ("stoke-tokenizer_0", False)
