@@ -11,6 +11,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+Message = dict[str, Any]  # {"role": ..., "content": ...}, as the OpenAI API's
 
 
 class LLM:
@@ -30,16 +31,51 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
+        params = self._params(sampling_params, len(prompts))
+        # Tokenize and validate everything before anything is scheduled.
+        token_prompts = [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self._run(prompts, token_prompts, params)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of messages) or a list of them, each
+        rendered with the model's chat template, then generated as `generate` does (outputs
+        in conversation order, `prompt` the rendered text). The rendered text is tokenized
+        without special tokens: the template writes them (a BOS added again would be a
+        second one)."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: use generate()")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        texts = [tokenizer.apply_chat_template(
+            list(conversation), tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+            for conversation in conversations]
+        token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))
+
+    @staticmethod
+    def _params(sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt."""
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        # Tokenize and validate everything before anything is scheduled.
-        token_prompts = [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params
+
+    def _run(self, prompts: list[Prompt], token_prompts: list[list[int]],
+             params: list[SamplingParams]) -> list[RequestOutput]:
+        """Validate every prompt, then run them all to completion."""
         for tokens, p in zip(token_prompts, params):
             self.engine.validate(tokens, p)
         ids = []

@@ -11,15 +11,13 @@ def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype)
-    prompt = args.prompt
     tokenizer = llm.get_tokenizer()
-    if not args.raw and tokenizer is not None and tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=args.stop or None)
-    output = llm.generate([prompt], params)[0].outputs[0]
+    if not args.raw and tokenizer is not None and tokenizer.chat_template:
+        output = llm.chat([{"role": "user", "content": args.prompt}], params)[0].outputs[0]
+    else:
+        output = llm.generate([args.prompt], params)[0].outputs[0]
     print(output.text)
     return 0
 

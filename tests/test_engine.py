@@ -66,6 +66,28 @@ def test_default_model_chat_stops_at_eos(default_llm: LLM) -> None:
     assert out.finish_reason == "stop" and out.token_ids[-1] in default_llm.engine.eos_token_ids
 
 
+def test_chat_renders_the_template_once_without_a_second_bos(default_llm: LLM, tiny_checkpoints) -> None:
+    """LLM.chat (vLLM's): each conversation through the chat template, tokenized without
+    special tokens (the template wrote them), outputs in conversation order."""
+    tokenizer = default_llm.get_tokenizer()
+    conversations = [[{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hi"}]]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    chats = default_llm.chat(conversations, params)
+    assert [c.prompt for c in chats] == texts and [c.prompt_token_ids for c in chats] == ids
+    assert token_ids(chats) == token_ids(default_llm.generate(ids, params))
+    assert default_llm.chat(conversations[0], params)[0].outputs[0].token_ids == chats[0].outputs[0].token_ids
+    assert "Paris" in default_llm.chat(conversations[0], SamplingParams(max_tokens=32, temperature=0.0))[0].outputs[0].text
+    cont = default_llm.chat(conversations[0] + [{"role": "assistant", "content": "The capital is"}], params,
+                            continue_final_message=True)[0]
+    assert cont.prompt.rstrip().endswith("The capital is")
+    with pytest.raises(ValueError, match="no chat template"):
+        LLM(tiny_checkpoints["llama"], num_kv_blocks=16).chat(conversations[0])
+    assert_pool_empty(default_llm)
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tiny_checkpoints: dict[str, str]) -> str:
     return tiny_checkpoints["llama"]
