@@ -115,34 +115,48 @@ def _put(x: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> torc
 
 
 class _Histories:
-    """The penalised rows' token ids as host arrays, kept from one step to the next for rows
-    with a key. A sequence only grows, so a step converts just the tokens added since its last
-    one: converting every row's whole history from Python ints each step took ~26 ms a stage
-    at 256 rows of 1,000 tokens. numpy, not torch: a row's step is a few small operations,
-    each ~1 µs in numpy and several in torch (a decode step at 256 rows with every penalty:
-    8.5 → 4.9 ms of host time, `benchmarks/host_overhead.py --penalties`)."""
+    """The penalised rows' tokens as host arrays: the prompt's distinct tokens, then every
+    output token. The repetition penalty needs each token once, and a long prompt repeats
+    most of its tokens (8k tokens of English: 1.6k distinct), so the prompt is deduplicated
+    once; the outputs keep their repeats (the frequency penalty counts them). For rows with a
+    key the arrays are kept from one step to the next, and since a sequence only grows, a step
+    converts just the tokens added since its last one: converting every row's whole history
+    from Python ints each step took ~26 ms a stage at 256 rows of 1,000 tokens. numpy, not
+    torch: a row's step is a few small operations, each ~1 µs in numpy and several in torch (a
+    decode step at 256 rows with every penalty: 8.5 → 4.9 ms of host time,
+    `benchmarks/host_overhead.py --penalties`)."""
 
     def __init__(self) -> None:
-        # key → (buffer with room to grow, tokens in it)
-        self._kept: dict[object, tuple[np.ndarray, int]] = {}
-        self._used: dict[object, tuple[np.ndarray, int]] = {}
+        # key → (buffer with room to grow, entries in it, the prompt's distinct tokens among
+        # them, the sequence's tokens they hold)
+        self._kept: dict[object, tuple[np.ndarray, int, int, int]] = {}
+        self._used: dict[object, tuple[np.ndarray, int, int, int]] = {}
 
-    def tokens(self, row: SamplingRow) -> np.ndarray:
+    def tokens(self, row: SamplingRow) -> tuple[np.ndarray, int]:
+        """(the prompt's distinct tokens followed by the output tokens, how many of them are
+        the prompt's)."""
         tokens = row.token_ids
-        n = len(tokens)
-        if row.key is None:
-            return np.array(tokens, dtype=np.int64)
-        buf, have = self._used.get(row.key) or self._kept.get(row.key) or (None, 0)
-        if buf is None or have > n:  # new, or a shorter sequence than the one kept
-            buf, have = np.empty(2 * n, dtype=np.int64), 0
-        elif n > buf.shape[0]:  # outgrown: twice the room, the known tokens kept
-            grown = np.empty(2 * n, dtype=np.int64)
-            grown[:have] = buf[:have]
+        n, num_prompt = len(tokens), row.num_prompt_tokens
+        kept = None if row.key is None else self._used.get(row.key) or self._kept.get(row.key)
+        if kept is None or kept[3] > n:  # new, or a shorter sequence than the one kept
+            prompt = np.unique(np.array(tokens[:num_prompt], dtype=np.int64))
+            d = prompt.shape[0]
+            buf = np.empty(d + 2 * (n - num_prompt) + 16, dtype=np.int64)
+            buf[:d] = prompt
+            used, have = d, num_prompt
+        else:
+            buf, used, d, have = kept
+        new = n - have
+        if used + new > buf.shape[0]:  # outgrown: twice the room, the known tokens kept
+            grown = np.empty(2 * (used + new), dtype=np.int64)
+            grown[:used] = buf[:used]
             buf = grown
-        if have < n:
-            buf[have:n] = tokens[have:]
-        self._used[row.key] = buf, n
-        return buf[:n]
+        if new:
+            buf[used:used + new] = tokens[have:]
+            used += new
+        if row.key is not None:
+            self._used[row.key] = buf, used, d, n
+        return buf[:used], d
 
     def end_step(self) -> None:
         """Keep the rows this step saw (finished requests fall out)."""
@@ -297,11 +311,11 @@ class Sampler:
             _stage_biases(st, [params[i].logit_bias_arrays for i in biased], biased, vocab)
         if any(need_rep):
             sel = [i for i in range(batch) if need_rep[i]]
-            _stage_pairs(st, "rep", rows, sel, [self._histories.tokens(rows[i]) for i in sel], vocab)
+            _stage_pairs(st, "rep", rows, sel, [self._histories.tokens(rows[i])[0] for i in sel], vocab)
             st.float("rep", [p.repetition_penalty if need_rep[i] else 1.0 for i, p in enumerate(params)])
         if any(need_freq):
             sel = [i for i in range(batch) if need_freq[i]]
-            outputs = [self._histories.tokens(rows[i])[rows[i].num_prompt_tokens:] for i in sel]
+            outputs = [tokens[d:] for tokens, d in map(self._histories.tokens, (rows[i] for i in sel))]
             _stage_pairs(st, "freq", rows, sel, outputs, vocab)
             st.float("freq", [p.frequency_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])
             st.float("pres", [p.presence_penalty if need_freq[i] else 0.0 for i, p in enumerate(params)])

@@ -129,21 +129,30 @@ def test_penalties_over_growing_histories_kept_between_steps():
 
 def test_kept_histories_equal_the_sequences():
     """The sampler's kept history arrays, through growth past their buffers, a step without
-    the row, and a shorter sequence under the same key: always the sequence itself."""
+    the row, and a shorter sequence under the same key: always the prompt's distinct tokens,
+    then the outputs with their repeats."""
     from engine.sampler import _Histories
+
+    def expected(seq: list[int], num_prompt: int) -> tuple[list[int], int]:
+        prompt = sorted(set(seq[:num_prompt]))
+        return prompt + seq[num_prompt:], len(prompt)
 
     histories = _Histories()
     rng = random.Random(6)
-    seq = [rng.randrange(1000) for _ in range(3)]
+    num_prompt = 12
+    seq = [rng.randrange(8) for _ in range(num_prompt + 1)]  # a prompt that repeats itself
     for step in range(40):
         if step == 25:
-            seq = seq[:4]
+            seq = seq[:num_prompt + 2]
         if step % 7 != 3:
-            row = SamplingRow(SamplingParams(), seq, 1, None, [], key="k")
-            assert histories.tokens(row).tolist() == seq and histories.tokens(row).tolist() == seq, step
+            row = SamplingRow(SamplingParams(), seq, num_prompt, None, [], key="k")
+            for _ in range(2):  # asked twice in a step: the same
+                tokens, d = histories.tokens(row)
+                assert (tokens.tolist(), d) == expected(seq, num_prompt), step
         histories.end_step()
-        seq.append(rng.randrange(1000))
-    assert histories.tokens(SamplingRow(SamplingParams(), [7, 8], 1, None, [])).tolist() == [7, 8]  # no key
+        seq.append(rng.randrange(8))
+    tokens, d = histories.tokens(SamplingRow(SamplingParams(), [7, 8, 7, 9], 3, None, []))  # no key
+    assert (tokens.tolist(), d) == ([7, 8, 9], 2)
 
 
 def test_repetition_penalty_signs():
