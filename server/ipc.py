@@ -7,10 +7,14 @@ can at worst be rejected, never run code. One writer per fd (or a lock); one rea
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import struct
 import threading
+from array import array
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _HEADER = struct.Struct(">I")
@@ -31,15 +35,62 @@ OPTIONAL_FIELDS = ("prompt_logprobs", "metrics")
 
 
 def unpack_output(row: list[Any]) -> dict[str, Any]:
-    """An output as the worker sends it, by field name; the optional fields only when present."""
+    """An output as the worker sends it, by field name; the optional fields only when present,
+    logprobs as `[[token id, logprob], ...]` per token (None for a prompt's first)."""
     if not isinstance(row, list) or len(row) != len(OUTPUT_FIELDS):
         raise FrameError(f"an output has {len(OUTPUT_FIELDS)} fields: {row!r:.200}")
     output = dict(zip(OUTPUT_FIELDS, row))
     for name in OPTIONAL_FIELDS:
         if output[name] is None:
             del output[name]
-    output["outputs"] = [dict(zip(COMPLETION_FIELDS, c)) for c in output["outputs"]]
+    if "prompt_logprobs" in output:
+        output["prompt_logprobs"] = unpack_logprobs(output["prompt_logprobs"])
+    output["outputs"] = completions = [dict(zip(COMPLETION_FIELDS, c)) for c in output["outputs"]]
+    for c in completions:
+        if c["logprobs"] is not None:
+            c["logprobs"] = unpack_logprobs(c["logprobs"])
     return output
+
+
+# Logprobs cross as packed binary in a base64 string: formatting thousands of floats as JSON
+# text every step cost the worker's step loop 5 ms a frame at 256 streams of 20 logprobs
+# (~1 ms packed), and parsing them the HTTP process 3.3 ms (1.7 ms). The values come from
+# float32 tensors, so float32 holds them exactly.
+def pack_logprobs(entries: Sequence[Mapping[int, float] | None]) -> str:
+    """Per-token {token id: logprob} maps (None where a token has none: a prompt's first) as
+    int32 [tokens, count per token (0: None), ids...] then float32 [logprobs...], base64."""
+    counts = array("i", [len(e) if e else 0 for e in entries])
+    ids, values = array("i"), array("f")
+    for entry in entries:
+        if entry:
+            ids.extend(entry.keys())
+            values.extend(entry.values())
+    header = array("i", [len(entries)])
+    return base64.b64encode(header.tobytes() + counts.tobytes() + ids.tobytes() + values.tobytes()).decode("ascii")
+
+
+def unpack_logprobs(data: Any) -> list[list[list[float]] | None]:
+    """`pack_logprobs`' entries as `[[token id, logprob], ...]` per token (None where none)."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise FrameError(f"logprobs are not base64: {data!r:.100}") from None
+    if len(raw) < 4:
+        raise FrameError("logprobs without a header")
+    (n,) = array("i", raw[:4])
+    counts = array("i", raw[4:4 + 4 * n]) if n >= 0 and len(raw) >= 4 + 4 * n else None
+    total = sum(counts) if counts is not None and min(counts, default=0) >= 0 else -1
+    if total < 0 or len(raw) != 4 + 4 * n + 8 * total:
+        raise FrameError(f"malformed logprobs ({len(raw)} bytes for {n} tokens)")
+    start = 4 + 4 * n
+    ids = array("i", raw[start:start + 4 * total]).tolist()
+    values = array("f", raw[start + 4 * total:]).tolist()
+    out: list[list[list[float]] | None] = []
+    k = 0
+    for count in counts:
+        out.append([[ids[j], values[j]] for j in range(k, k + count)] if count else None)
+        k += count
+    return out
 
 
 def encode_frame(message: Any) -> bytes:

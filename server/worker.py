@@ -30,7 +30,7 @@ import traceback
 from typing import Any
 
 from server.heap import HeapPacer
-from server.ipc import FrameReader, FrameWriter
+from server.ipc import FrameReader, FrameWriter, pack_logprobs
 
 logger = logging.getLogger("stoke.worker")
 
@@ -46,7 +46,7 @@ def encode_output(out: Any) -> list[Any]:
         logprobs = None
         if c.logprobs is not None:  # the last n_new entries: the new ones, cumulative or delta
             new = c.logprobs[len(c.logprobs) - n_new:] if n_new else []
-            logprobs = [[[tid, lp] for tid, lp in entry.items()] for entry in new]
+            logprobs = pack_logprobs(new)
         completions.append([c.index, c.delta_text, list(c.delta_token_ids), logprobs, c.num_tokens, c.finish_reason,
                             c.stop_reason])
     prompt_logprobs = metrics = None
@@ -55,9 +55,7 @@ def encode_output(out: Any) -> list[Any]:
             and first.num_tokens == len(first.delta_token_ids)):
         # Complete once the first token exists: sent once, with sample 0's first output (a
         # delta output lists only the samples with news, in order).
-        prompt_logprobs = [
-            None if entry is None else [[tid, lp] for tid, lp in entry.items()] for entry in out.prompt_logprobs
-        ]
+        prompt_logprobs = pack_logprobs(out.prompt_logprobs)
     m = out.metrics
     if out.finished and m is not None:
         metrics = {

@@ -166,21 +166,49 @@ def test_worker_encodes_only_new_logprobs():
 
     metrics = RequestMetrics(arrival_time=1.0, finish_time=2.0)
     cumulative = RequestOutput("r", None, [1, 2], [CompletionOutput(
-        0, "ab", [5, 6], logprobs=[{5: -0.1, 9: -2.0}, {6: -0.2}], finish_reason="stop", delta_text="b",
+        0, "ab", [5, 6], logprobs=[{5: -0.125, 9: -2.0}, {6: -0.25, 7: -3.5}], finish_reason="stop", delta_text="b",
         delta_token_ids=[6], num_tokens=2)], finished=True, metrics=metrics)
     delta = RequestOutput("r", None, [1, 2], [CompletionOutput(  # step(outputs="delta"): what the worker runs
-        0, "b", [6], logprobs=[{6: -0.2}], finish_reason="stop", delta_text="b", delta_token_ids=[6],
+        0, "b", [6], logprobs=[{6: -0.25, 7: -3.5}], finish_reason="stop", delta_text="b", delta_token_ids=[6],
         num_tokens=2)], finished=True, metrics=metrics)
     frame = unpack_output(encode_output(cumulative))
     assert frame == unpack_output(encode_output(delta))
-    assert frame["outputs"][0]["logprobs"] == [[[6, -0.2]]] and frame["outputs"][0]["text"] == "b"
+    assert frame["outputs"][0]["logprobs"] == [[[6, -0.25], [7, -3.5]]] and frame["outputs"][0]["text"] == "b"
     assert frame["outputs"][0]["num_tokens"] == 2 and frame["metrics"]["finish_time"] == 2.0
     assert "prompt_logprobs" not in frame and (frame["id"], frame["num_prompt_tokens"]) == ("r", 2)
     packed = encode_output(delta)  # what crosses the pipe: fields by position
-    assert packed[:4] == ["r", True, 2, 0] and packed[4] == [[0, "b", [6], [[[6, -0.2]]], 2, "stop", None]]
+    assert packed[:4] == ["r", True, 2, 0] and packed[4][0][:3] == [0, "b", [6]]
+    assert isinstance(packed[4][0][3], str) and packed[4][0][4:] == [2, "stop", None]  # logprobs packed
     json.dumps(packed)  # plain data
     with pytest.raises(FrameError, match="7 fields"):
         unpack_output(packed[:6])
+
+
+def test_logprobs_pack_round_trip_and_reject_malformed():
+    """Packed logprobs come back as the worker had them: per token the (id, logprob) pairs in
+    order, None where a token has none (a prompt's first); float32 values exactly, -inf too."""
+    import base64
+    import random
+    from array import array
+
+    import numpy as np
+
+    from server.ipc import pack_logprobs, unpack_logprobs
+
+    rng = random.Random(0)
+    for _ in range(50):
+        entries = [None if rng.random() < 0.1 else
+                   {rng.randrange(200_000): float(np.float32(-rng.expovariate(0.3))) for _ in range(rng.randint(1, 21))}
+                   for _ in range(rng.randint(0, 30))]
+        assert unpack_logprobs(pack_logprobs(entries)) == [
+            None if e is None else [[t, lp] for t, lp in e.items()] for e in entries]
+    assert unpack_logprobs(pack_logprobs([{3: float("-inf")}])) == [[[3, float("-inf")]]]
+    good = pack_logprobs([{1: -0.5}, None])
+    for bad in ("not base64!", base64.b64encode(b"\x01").decode(), good[:-4],
+                base64.b64encode(array("i", [1, -1]).tobytes()).decode(),
+                base64.b64encode(array("i", [10 ** 6]).tobytes()).decode(), 42):
+        with pytest.raises(FrameError):
+            unpack_logprobs(bad)
 
 
 def test_serve_benchmark_summary():
