@@ -46,7 +46,9 @@ class _SamplingRequest(_Model):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids before strings: a union tries each member and a failed list[str] builds an error
+    # per element, so a 100k-id prompt took 40 ms to validate (6 ms in this order), on the loop.
+    prompt: str | list[int] | list[list[int]] | list[str]
     echo: bool | None = False
     logprobs: int | None = None
     suffix: str | None = None
