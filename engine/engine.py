@@ -24,6 +24,7 @@ from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
+from engine.transfer import HostCopy, to_device
 from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class _Group:
     arrival_time: float
     samples: list[_Sample] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs_pending: int = 0  # positions whose logprobs are still on their way back
 
     @property
     def finished(self) -> bool:
@@ -74,6 +76,8 @@ class _Launched:
     rows: list[int]  # for each sampled token, its request's index in the batch
     sampled: SampledTokens
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA: the step's device span
+    # the prompt logprobs this step computed, per group, on their way back (in position order)
+    prompt_logprobs: list[tuple[_Group, HostCopy[list[dict[int, float]]]]] = field(default_factory=list)
 
     def previous_tokens(self) -> PreviousTokens:
         return PreviousTokens(self.sampled.token_ids, {self.batch.requests[i]: j for j, i in enumerate(self.rows)})
@@ -255,8 +259,8 @@ class LLMEngine:
             events[0].record()
         previous = in_flight.previous_tokens() if in_flight is not None else None
         step_logits = self.runner.execute(batch, all_logits_rows, previous)
-        for i, position_logits in step_logits.per_position.items():
-            self._record_prompt_logprobs(batch.requests[i], position_logits)
+        prompt_logprobs = [self._prompt_logprobs(batch.requests[i], position_logits)
+                           for i, position_logits in step_logits.per_position.items()]
         t2 = time.perf_counter()
         sampling_rows = []
         for i in step_logits.sampling_rows:
@@ -273,7 +277,8 @@ class LLMEngine:
             events[1].record()
         t3 = time.perf_counter()
         self.scheduler.advance(batch)
-        launched = _Launched(batch, step_logits.sampling_rows, sampled, events)
+        launched = _Launched(batch, step_logits.sampling_rows, sampled, events,
+                             [p for p in prompt_logprobs if p is not None])
         t4 = time.perf_counter()
         if in_flight is not None:
             results += self._take_back(outputs)
@@ -295,6 +300,10 @@ class LLMEngine:
         launched, self._in_flight = self._in_flight, None
         t0 = time.perf_counter()
         out = launched.sampled.output()
+        for group, copy in launched.prompt_logprobs:  # copied before the tokens: landed too
+            entries = copy.result()
+            group.prompt_logprobs.extend(entries)
+            group.prompt_logprobs_pending -= len(entries)
         if launched.events is not None:  # recorded just after the copy back: done, or nearly
             launched.events[1].synchronize()
             self.stats.device_seconds += launched.events[0].elapsed_time(launched.events[1]) / 1e3
@@ -319,27 +328,41 @@ class LLMEngine:
         return [self._output(group, delta=outputs == "delta") for group in touched.values()
                 if not final_only or group.finished]
 
-    def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor) -> None:
-        """Logits at positions start.. predict prompt tokens start+1..; a recompute after
-        preemption finds them recorded already."""
+    def _prompt_logprobs(self, request: Request, logits: torch.Tensor,
+                         ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:
+        """Logits at positions start.. predict prompt tokens start+1..: their logprobs, launched
+        and on their way back with the step's tokens (`_take_back` records them), so a step
+        with prompt logprobs waits on the device no more than any other. A recompute after
+        preemption skips the positions recorded or on their way."""
         group, _ = self.samples[request]
-        recorded = group.prompt_logprobs
         start = request.num_computed_tokens
-        first = len(recorded) - start - 1  # the first position whose prediction is not recorded
+        known = len(group.prompt_logprobs) + group.prompt_logprobs_pending
+        first = known - start - 1  # the first position whose prediction is not known
         last = min(logits.shape[0], request.num_prompt_tokens - start - 1)
         if first >= last:
-            return
-        logprobs = logits[first:last].log_softmax(dim=-1)
-        targets = torch.tensor(request.prompt_token_ids[start + first + 1:start + last + 1], device=logprobs.device)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        k = group.params.prompt_logprobs
-        top = logprobs.topk(k, dim=-1) if k else None
-        top_ids = top.indices.tolist() if top is not None else [[]] * len(chosen)
-        top_values = top.values.tolist() if top is not None else [[]] * len(chosen)
-        for target, lp, ids, values in zip(targets.tolist(), chosen, top_ids, top_values):
-            entry = dict(zip(ids, values))
-            entry[target] = lp
-            recorded.append(entry)
+            return None
+        n, k = last - first, group.params.prompt_logprobs
+        targets = request.prompt_token_ids[start + first + 1:start + last + 1]
+        (targets_dev,) = to_device([torch.tensor(targets, dtype=torch.long)], logits.device)
+        logprobs = logits[first:last].float().log_softmax(dim=-1)
+        parts = [logprobs.gather(1, targets_dev[:, None])[:, 0].double()]
+        if k:
+            top = logprobs.topk(k, dim=-1)
+            parts += [top.values.double().flatten(), top.indices.double().flatten()]
+
+        def unpack(host: torch.Tensor) -> list[dict[int, float]]:
+            chosen = host[:n].tolist()
+            values = host[n:n + n * k].view(n, k).tolist() if k else [[]] * n
+            ids = host[n + n * k:].long().view(n, k).tolist() if k else [[]] * n
+            entries = []
+            for target, lp, top_ids, top_values in zip(targets, chosen, ids, values):
+                entry = dict(zip(top_ids, top_values))
+                entry[target] = lp
+                entries.append(entry)
+            return entries
+
+        group.prompt_logprobs_pending += n
+        return group, HostCopy(torch.cat(parts), unpack)
 
     def _append(self, group: _Group, sample: _Sample, token: int, logprob: float | None,
                 top: list[tuple[int, float]] | None) -> None:

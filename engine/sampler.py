@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.transfer import to_device
+from engine.transfer import HostCopy, to_device
 
 _GREEDY_EPS = 1e-5
 
@@ -244,21 +244,10 @@ class SampledTokens:
     def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor,
                  unpack: Callable[[torch.Tensor], SamplerOutput]) -> None:
         self.token_ids = token_ids
-        self._unpack = unpack
-        self._ready: torch.cuda.Event | None = None
-        if packed.device.type == "cuda":
-            # Pinned, so the copy is asynchronous; the event says when it has landed.
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = packed.cpu()
+        self._copy = HostCopy(packed, unpack)
 
     def output(self) -> SamplerOutput:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._unpack(self._host)
+        return self._copy.result()
 
 
 class Sampler:

@@ -9,7 +9,12 @@ of the device buffer. On the CPU nothing is copied: the host tensors are returne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 _ALIGN = 16  # every segment starts 16-byte aligned, so any dtype can view it
 
@@ -43,3 +48,25 @@ def to_device(tensors: list[torch.Tensor], device: torch.device, *, pack: bool |
         n = t.numel() * t.element_size()
         out.append(dev[off : off + n].view(t.dtype).view(t.shape))
     return out
+
+
+class HostCopy(Generic[T]):
+    """A device tensor on its way back to the host, the other direction: on CUDA an
+    asynchronous copy into pinned memory and an event that says when it has landed, so the
+    caller can go on launching work; `result()` waits for it and unpacks."""
+
+    def __init__(self, packed: torch.Tensor, unpack: Callable[[torch.Tensor], T]) -> None:
+        self._unpack = unpack
+        self._ready: torch.cuda.Event | None = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = packed.cpu()
+
+    def result(self) -> T:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._unpack(self._host)

@@ -299,14 +299,18 @@ def test_half_precision_follows_fp32(tiny_path: str, dtype: str) -> None:
         assert token in fp32_logprobs and fp32_logprobs[token] >= max(fp32_logprobs.values()) - 0.3
 
 
-def test_prompt_logprobs_equal_transformers(tiny_path: str) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_equal_transformers(tiny_path: str, async_scheduling: bool) -> None:
+    """Prompt logprobs come back with the step's tokens; asynchronously, a step's are recorded
+    only after the next step was scheduled, which may have preempted the request."""
     import torch
     import transformers
 
     prompts = random_prompts(11, 2, 20, 45)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     # A tiny pool and budget: chunked prefill and preemption must not lose or repeat entries.
-    llm = LLM(tiny_path, num_kv_blocks=14, block_size=8, max_num_batched_tokens=16)
+    llm = LLM(tiny_path, num_kv_blocks=10, block_size=8, max_num_batched_tokens=16,
+              async_scheduling=async_scheduling)
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, **GREEDY))  # cached: must not be used
     outputs = llm.generate(prompts, SamplingParams(max_tokens=20, prompt_logprobs=2, **GREEDY))
     for prompt, out in zip(prompts, outputs):
@@ -320,6 +324,7 @@ def test_prompt_logprobs_equal_transformers(tiny_path: str) -> None:
             best = expected[pos - 1].topk(2).indices.tolist()
             assert set(best) <= set(entry) and len(entry) in (2, 3)
     assert outputs[0].num_cached_tokens == 0
+    assert llm.engine.scheduler.stats.num_preemptions > 0
     assert_pool_empty(llm)
 
 
