@@ -5,6 +5,10 @@ block tables, ...; the sampler's per-row parameters and index lists). Each `torc
 device="cuda")` is its own host-to-device copy with its own latency, so on CUDA they are
 packed into one pinned byte buffer, copied once (asynchronously), and handed out as typed views
 of the device buffer. On the CPU nothing is copied: the host tensors are returned as they are.
+
+Device → host without waiting (`HostCopy`): a step's results (sampled ids, logprobs) start
+back into pinned memory while the host goes on launching the next step, and are read once
+they have landed.
 """
 
 from __future__ import annotations
