@@ -4,7 +4,9 @@ Fields are always present (null when unknown), so a log pipeline can rely on the
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
 stream, n, prompt_tokens, cached_tokens, completion_tokens, queue_time_s, ttft_s,
 mean_itl_s, e2e_s, finish_reason, error_type, status — plus prompt and output text only
-with --log-request-text. Latencies are the engine's monotonic timestamps (seconds).
+with --log-request-text. Latencies are the engine's monotonic timestamps (seconds); a
+request aborted before it finished (the client left) has the engine's none, and its ttft_s
+is when the HTTP process received its first token.
 """
 
 from __future__ import annotations

@@ -433,6 +433,10 @@ class OpenAIServing:
                 cached: dict[int, int]) -> list[tuple[Choice, dict[str, Any]]]:
         """Fold one output frame into the choices; returns (choice, its delta) pairs."""
         cached[index] = output["num_cached_tokens"]
+        if job.record.ttft_s is None and any(c["token_ids"] for c in output["outputs"]):
+            # When this process got the first token: the engine's own timestamp replaces it when
+            # the request finishes; an aborted request (the client left) keeps it.
+            job.record.ttft_s = time.monotonic() - job.arrival
         if "prompt_logprobs" in output:
             job.prompt_logprobs[index] = output["prompt_logprobs"]
         if output["finished"]:

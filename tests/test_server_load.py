@@ -142,6 +142,7 @@ def test_dropped_streams_are_aborted_and_free_their_blocks(server, client):
     lines = [line for line in server.log_lines() if line["request_id"] in set(ids)]
     assert len(lines) == num_streams and all(line["status"] == 499 for line in lines)
     assert all(line["error_type"] == "aborted" and line["finish_reason"] is None for line in lines)
+    assert all(line["ttft_s"] > 0 for line in lines)  # each got its first token (the role chunk came with it)
 
     start = time.monotonic()
     fresh = client.completions.create(model=None, prompt="Hello", max_tokens=4, temperature=0)
