@@ -25,7 +25,7 @@ from server.engine_client import EngineClient
 from server.errors import APIError
 from server.heap import freeze_startup_heap
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord, key_id
 from server.serving import Job, OpenAIServing
 
@@ -237,6 +237,24 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         except APIError as exc:
             return error_response(exc)
         return JSONResponse(model_card())
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        try:
+            check_access(request)
+            await serving.wait_ready()
+            return JSONResponse(await serving.tokenize(body))
+        except APIError as exc:
+            return error_response(exc)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+        try:
+            check_access(request)
+            await serving.wait_ready()
+            return JSONResponse(serving.detokenize(body))
+        except APIError as exc:
+            return error_response(exc)
 
     @app.get("/health")
     async def health() -> Response:

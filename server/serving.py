@@ -29,7 +29,7 @@ from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
 from server.errors import APIError
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
 
 logger = logging.getLogger("stoke.server")
@@ -303,7 +303,34 @@ class OpenAIServing:
         params = self._sampling_fields(req, max_tokens, logprobs)
         return self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
 
-    def _render_chat(self, req: ChatCompletionRequest) -> str:
+    # ============================================================== tokenizer
+    async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: the ids the completions (a prompt) or chat (messages) endpoint
+        would give the engine."""
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise errors.invalid("send either a prompt or messages", param="prompt")
+        if req.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise errors.invalid("this model has no chat template", param="messages")
+            text = self._render_chat(req)
+        else:
+            text = req.prompt
+        add_special_tokens = req.messages is None if req.add_special_tokens is None else req.add_special_tokens
+        tokens = await self._encode(text, add_special_tokens=add_special_tokens)
+        return {"count": len(tokens), "max_model_len": self._max_model_len(), "tokens": tokens}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        if self.tokenizer is None:
+            raise errors.invalid("this model has no tokenizer", param="tokens")
+        vocab = self.client.info.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise errors.invalid(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _render_chat(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content

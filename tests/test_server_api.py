@@ -225,6 +225,31 @@ def test_logit_bias(client, model, tokenizer):
     assert info.value.body["param"] == "logit_bias"
 
 
+def test_tokenize_and_detokenize(server, client, model, tokenizer):
+    """vLLM's /tokenize and /detokenize: the ids the endpoints give the engine (a prompt with
+    special tokens, chat messages through the template without), and back to text."""
+    status, raw = _post(server, "/tokenize", _j({"model": model, "prompt": PROMPT}))
+    body = json.loads(raw)
+    assert status == 200 and body["tokens"] == tokenizer.encode(PROMPT) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 8192
+    messages = [{"role": "user", "content": "Hi"}]
+    status, raw = _post(server, "/tokenize", _j({"messages": messages}))
+    chat_ids = json.loads(raw)["tokens"]
+    usage = client.chat.completions.create(model=model, messages=messages, max_tokens=1).usage
+    assert status == 200 and len(chat_ids) == usage.prompt_tokens
+    assert chat_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+    status, raw = _post(server, "/detokenize", _j({"model": model, "tokens": body["tokens"]}))
+    assert status == 200 and json.loads(raw) == {"prompt": PROMPT}
+    for path, request, code in (("/tokenize", {}, "invalid_value"),
+                                ("/tokenize", {"prompt": "a", "messages": messages}, "invalid_value"),
+                                ("/tokenize", {"model": "gpt-5", "prompt": "a"}, "model_not_found"),
+                                ("/detokenize", {"tokens": [1, 10 ** 9]}, "invalid_value"),
+                                ("/detokenize", {"tokens": "abc"}, "invalid_type")):
+        status, raw = _post(server, path, _j(request))
+        assert status in (400, 404, 422) and json.loads(raw)["error"]["code"] == code, (path, request, raw)
+
+
 def _post(server, path: str, body: bytes | str, headers: dict | None = None, method: str = "POST"):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
