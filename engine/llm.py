@@ -54,10 +54,12 @@ class LLM:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template: use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        texts = [tokenizer.apply_chat_template(
-            list(conversation), tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
-            for conversation in conversations]
+        generation_prompt = add_generation_prompt and not continue_final_message
+        texts = [tokenizer.apply_chat_template(list(conversation), tokenize=False,
+                                               add_generation_prompt=generation_prompt,
+                                               continue_final_message=continue_final_message,
+                                               **(chat_template_kwargs or {}))
+                 for conversation in conversations]
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))
 

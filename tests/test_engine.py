@@ -79,7 +79,8 @@ def test_chat_renders_the_template_once_without_a_second_bos(default_llm: LLM, t
     assert [c.prompt for c in chats] == texts and [c.prompt_token_ids for c in chats] == ids
     assert token_ids(chats) == token_ids(default_llm.generate(ids, params))
     assert default_llm.chat(conversations[0], params)[0].outputs[0].token_ids == chats[0].outputs[0].token_ids
-    assert "Paris" in default_llm.chat(conversations[0], SamplingParams(max_tokens=32, temperature=0.0))[0].outputs[0].text
+    answer = default_llm.chat(conversations[0], SamplingParams(max_tokens=32, temperature=0.0))[0].outputs[0]
+    assert "Paris" in answer.text
     cont = default_llm.chat(conversations[0] + [{"role": "assistant", "content": "The capital is"}], params,
                             continue_final_message=True)[0]
     assert cont.prompt.rstrip().endswith("The capital is")
