@@ -124,6 +124,8 @@ class Record:
 def request_body(args: argparse.Namespace, model: str, item: Item) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len,
                             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if args.logprobs is not None:
+        body["logprobs"] = args.logprobs
     if args.backend in ("stoke", "vllm"):
         body["ignore_eos"] = True
     elif args.backend == "transformers":
@@ -549,6 +551,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Poisson arrivals per second (inf: all at once)")
     w.add_argument("--concurrency", type=int, default=None, help="fixed number of clients instead of arrivals")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--logprobs", type=int, default=None, help="top logprobs per output token (default: none)")
     w.add_argument("--client-processes", type=int, default=1,
                    help="load generators (processes) sharing the workload: one Python client parses "
                         "SSE chunks at ~10k/s a core, less than a GPU server streams")

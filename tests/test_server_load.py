@@ -165,13 +165,13 @@ def test_non_streaming_disconnect_aborts(server):
 
 def test_serve_benchmark_against_the_server(server, tmp_path):
     """benchmarks/serve.py's load generator end to end, the load shared by two processes:
-    streaming requests of exact lengths, the latency summary, the load generators' own CPU,
-    and the server's /metrics sampled through the run (no NVML here)."""
+    streaming requests of exact lengths (with top logprobs), the latency summary, the load
+    generators' own CPU, and the server's /metrics sampled through the run (no NVML here)."""
     from benchmarks.serve import main as serve_main
 
     assert serve_main(["--base-url", server.base_url, "--num-requests", "6", "--prompt-len", "8:24",
-                       "--output-len", "3:6", "--client-processes", "2", "--out-dir", str(tmp_path),
-                       "--name", "load"]) == 0
+                       "--output-len", "3:6", "--client-processes", "2", "--logprobs", "2",
+                       "--out-dir", str(tmp_path), "--name", "load"]) == 0
     run = json.loads((tmp_path / "load.json").read_text())["runs"]["stoke"]
     s = run["summary"]
     assert (s["completed"], s["failed"]) == (6, 0) and len(run["records"]) == 6
