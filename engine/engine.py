@@ -22,7 +22,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampler import SampledTokens, Sampler, SamplingRow
+from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams
 from engine.transfer import HostCopy, to_device
 from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
@@ -344,16 +344,10 @@ class LLMEngine:
         n, k = last - first, group.params.prompt_logprobs
         targets = request.prompt_token_ids[start + first + 1:start + last + 1]
         (targets_dev,) = to_device([torch.tensor(targets, dtype=torch.long)], logits.device)
-        logprobs = logits[first:last].float().log_softmax(dim=-1)
-        parts = [logprobs.gather(1, targets_dev[:, None])[:, 0].double()]
-        if k:
-            top = logprobs.topk(k, dim=-1)
-            parts += [top.values.double().flatten(), top.indices.double().flatten()]
+        parts = top_logprobs_parts(logits[first:last].float().log_softmax(dim=-1), targets_dev, k)
 
         def unpack(host: torch.Tensor) -> list[dict[int, float]]:
-            chosen = host[:n].tolist()
-            values = host[n:n + n * k].view(n, k).tolist() if k else [[]] * n
-            ids = host[n + n * k:].long().view(n, k).tolist() if k else [[]] * n
+            chosen, values, ids = split_top_logprobs(host, n, k)
             entries = []
             for target, lp, top_ids, top_values in zip(targets, chosen, ids, values):
                 entry = dict(zip(top_ids, top_values))

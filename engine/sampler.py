@@ -211,6 +211,27 @@ def _pairs(st: _Staged, name: str, pending_ids: torch.Tensor | None) -> tuple[to
     return torch.cat([ri, st.dev[f"{name}_pending_rows"]]), torch.cat([ti, pending_ids[at]])
 
 
+def top_logprobs_parts(logprobs: torch.Tensor, chosen_ids: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Each row's logprob of its chosen token, then (k > 0) its k best logprobs and their ids:
+    float64, exact for fp32 values and for ids < 2**53, so they go back to the host in one
+    copy with whatever else is concatenated to them; `split_top_logprobs` reads them."""
+    parts = [logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).double()]
+    if k > 0:
+        values, ids = logprobs.topk(k, dim=-1)
+        parts += [values.double().flatten(), ids.double().flatten()]
+    return parts
+
+
+def split_top_logprobs(host: torch.Tensor, n: int, k: int) -> tuple[list[float], list[list[float]], list[list[int]]]:
+    """`top_logprobs_parts` of n rows, from the start of `host`: (chosen, top values, top ids)."""
+    chosen = host[:n].tolist()
+    if k == 0:
+        return chosen, [[]] * n, [[]] * n
+    values = host[n:n + n * k].view(n, k).tolist()
+    ids = host[n + n * k:n + 2 * n * k].long().view(n, k).tolist()
+    return chosen, values, ids
+
+
 def _apply_top_k_top_p(
     x: torch.Tensor, k_max: int, k_col: torch.Tensor | None, p_col: torch.Tensor | None
 ) -> torch.Tensor:
@@ -449,22 +470,13 @@ class Sampler:
         (as float64: exact for fp32 values and for ids < 2**53)."""
         batch = tokens.shape[0]
         sel = [i for i, w in enumerate(want) if w]
-        chosen = raw.gather(1, _take(tokens, lp_idx).unsqueeze(1)).squeeze(1)
         k_max = min(max(params[i].logprobs or 0 for i in sel), raw.shape[1])
-        parts = [tokens.double(), chosen.double()]
-        if k_max > 0:
-            vals, ids = raw.topk(k_max, dim=-1)
-            parts += [vals.double().flatten(), ids.double().flatten()]
+        parts = [tokens.double()] + top_logprobs_parts(raw, _take(tokens, lp_idx), k_max)
         ks = [params[i].logprobs or 0 for i in sel]
 
         def unpack(host: torch.Tensor) -> SamplerOutput:
             token_list = host[:batch].long().tolist()
-            chosen_l = host[batch : batch + len(sel)].tolist()
-            if k_max > 0:
-                start = batch + len(sel)
-                block = len(sel) * k_max
-                vals_l = host[start : start + block].view(len(sel), k_max).tolist()
-                ids_l = host[start + block : start + 2 * block].long().view(len(sel), k_max).tolist()
+            chosen_l, vals_l, ids_l = split_top_logprobs(host[batch:], len(sel), k_max)
             logprobs = [0.0] * batch
             top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]
             for j, (i, k) in enumerate(zip(sel, ks)):
