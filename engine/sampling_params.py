@@ -33,9 +33,8 @@ class SamplingParams:
     # keys may arrive as decimal strings (JSON object keys)
     logit_bias: dict[int, float] | None = None
     _stop_list: list[str] = field(default_factory=list, repr=False)
-    # logit_bias as arrays, for the sampler's scatter every step
-    _bias_tokens: np.ndarray | None = field(default=None, repr=False)
-    _bias_values: np.ndarray | None = field(default=None, repr=False)
+    # logit_bias as (token ids, biases) arrays, for the sampler's scatter every step
+    _bias_arrays: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,19 +46,20 @@ class SamplingParams:
             self.top_k = 0
         self._validate()
         if self.logit_bias:
-            self._bias_tokens = np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=len(self.logit_bias))
-            self._bias_values = np.fromiter(self.logit_bias.values(), dtype=np.float32, count=len(self.logit_bias))
+            n = len(self.logit_bias)
+            self._bias_arrays = (np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=n),
+                                 np.fromiter(self.logit_bias.values(), dtype=np.float32, count=n))
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if logit_bias names a token id the model does not have."""
-        if self._bias_tokens is not None and self._bias_tokens.max() >= vocab_size:
+        if self._bias_arrays is not None and self._bias_arrays[0].max() >= vocab_size:
             raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab_size}, "
-                             f"got {int(self._bias_tokens.max())}")
+                             f"got {int(self._bias_arrays[0].max())}")
 
     @property
     def logit_bias_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(token ids, biases) of logit_bias; None without one."""
-        return None if self._bias_tokens is None else (self._bias_tokens, self._bias_values)
+        return self._bias_arrays
 
     @property
     def stop_strings(self) -> list[str]:
