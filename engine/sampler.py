@@ -139,7 +139,9 @@ class _Histories:
         n, num_prompt = len(tokens), row.num_prompt_tokens
         kept = None if row.key is None else self._used.get(row.key) or self._kept.get(row.key)
         if kept is None or kept[3] > n:  # new, or a shorter sequence than the one kept
-            prompt = np.unique(np.array(tokens[:num_prompt], dtype=np.int64))
+            # A set, not np.unique: 5x faster at 8k tokens, and np.unique imports numpy.ma on
+            # first use, mid-step, leaving the import's reference cycles behind.
+            prompt = np.fromiter(set(tokens[:num_prompt]), dtype=np.int64)
             d = prompt.shape[0]
             buf = np.empty(d + 2 * (n - num_prompt) + 16, dtype=np.int64)
             buf[:d] = prompt
