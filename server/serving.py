@@ -80,6 +80,9 @@ class Job:
     prompt_logprobs: dict[int, list[list[list[float]] | None]] = field(default_factory=dict)
     # choice index → its text chunk's SSE line before and after the text (`_text_chunk`)
     text_chunks: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # completions with echo and max_tokens=0 (legacy OpenAI, vLLM): the prompt and its
+    # logprobs only; the engine samples one token from the prompt's last logits, not returned
+    echo_only: bool = False
 
 
 class SSEResponse(StreamingResponse):
@@ -274,10 +277,16 @@ class OpenAIServing:
                 prompts.append(list(p))
                 texts.append(None)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = self._sampling_fields(req, max_tokens, req.logprobs)
+        echo_only = bool(req.echo) and max_tokens == 0
+        if max_tokens == 0 and not echo_only:
+            raise errors.invalid("max_tokens must be >= 1 (0 only with echo: the prompt, and its logprobs "
+                                 "with logprobs, without a completion)", param="max_tokens")
+        params = self._sampling_fields(req, 1 if echo_only else max_tokens, req.logprobs)
         if req.echo and req.logprobs is not None:
             params["prompt_logprobs"] = req.logprobs
-        return self._job("completion", req, record, arrival, prompts, texts, params, bool(req.echo), req.logprobs)
+        job = self._job("completion", req, record, arrival, prompts, texts, params, bool(req.echo), req.logprobs)
+        job.echo_only = echo_only
+        return job
 
     async def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
@@ -470,6 +479,9 @@ class OpenAIServing:
             job.record.add_engine_metrics(output.get("metrics"))
         deltas = []
         for c in output["outputs"]:
+            if job.echo_only:  # the token sampled is not the client's: max_tokens=0 was reached
+                c = c | {"text": "", "token_ids": [], "logprobs": None, "num_tokens": 0, "stop_reason": None,
+                         "finish_reason": "length" if c["finish_reason"] is not None else None}
             choice = choices[index * job.n + c["index"]]
             choice.text.append(c["text"])
             choice.token_ids.extend(c["token_ids"])

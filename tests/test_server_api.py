@@ -193,6 +193,27 @@ def test_echo_with_logprobs_scores_the_prompt(client, model, tokenizer):
     assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt_ids)]
 
 
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(client, model):
+    """Legacy OpenAI and vLLM: echo with max_tokens=0 scores the prompt and completes nothing,
+    streamed or not; without echo, max_tokens=0 is a 400."""
+    scored = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0, echo=True,
+                                       logprobs=2).choices[0].logprobs
+    prompt_len = client.completions.create(model=model, prompt=PROMPT, max_tokens=1).usage.prompt_tokens
+    out = client.completions.create(model=model, prompt=[PROMPT, PROMPT], max_tokens=0, echo=True, logprobs=2)
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == 2 * prompt_len
+    for choice in out.choices:
+        assert choice.text == PROMPT and choice.finish_reason == "length"
+        assert choice.logprobs.tokens == scored.tokens[:prompt_len]
+        assert choice.logprobs.token_logprobs == scored.token_logprobs[:prompt_len]
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=0, echo=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks[:-1]] == [(PROMPT, None), ("", "length")]
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"
+
+
 @pytest.mark.parametrize("echo", [False, True])
 def test_streamed_logprobs_add_up_to_the_whole(client, model, echo):
     """A streamed completion's logprobs, chunk after chunk, are the whole body's: the same
