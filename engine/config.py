@@ -16,6 +16,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# generation_config.json keys that become a request's defaults where it sets none (the model's
+# recommended sampling, as vLLM's `--generation-config auto`); max_new_tokens is max_tokens.
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
 CUDA_GRAPH_MODES = ("full", "decode")  # full: decode and mixed steps; decode: pure decodes only
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -98,6 +103,24 @@ class ModelConfig:
         return config
 
 
+def generation_defaults(source: str, model_dir: str) -> dict[str, Any]:
+    """The sampling defaults `source` names: "auto", those of the model's own
+    generation_config.json (none if it has none); "none", none (OpenAI's and vLLM's built-in
+    defaults apply); otherwise a directory whose generation_config.json holds them. Only the
+    keys the file sets: transformers' own defaults (top_k 50) are not the model's advice."""
+    if source == "none":
+        return {}
+    path = os.path.join(model_dir if source == "auto" else source, "generation_config.json")
+    if not os.path.isfile(path):
+        if source == "auto":
+            return {}
+        raise ValueError(f"generation_config must be auto, none or a directory with a generation_config.json; "
+                         f"{path} does not exist")
+    with open(path) as f:
+        raw = json.load(f)
+    return {ours: raw[key] for key, ours in GENERATION_DEFAULT_KEYS.items() if raw.get(key) is not None}
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """How to run: device, dtype, KV pool size and batching limits. Defaults suit the CPU."""
@@ -127,6 +150,8 @@ class EngineConfig:
     # (outputs, detokenizing, scheduling, inputs) overlaps the device's. None: on for CUDA, off
     # for the CPU, where the forward runs on the host anyway.
     async_scheduling: bool | None = None
+    # Where requests' default sampling comes from (`generation_defaults`): auto | none | a dir.
+    generation_config: str = "auto"
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, capped by the model's positions."""

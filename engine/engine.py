@@ -13,12 +13,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, generation_defaults
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -110,6 +110,7 @@ class LLMEngine:
         self.model_path = path
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
+        self.default_sampling = self._default_sampling(config.generation_config, path)
         self.runner = ModelRunner(path, self.model_config, config)
         max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                             self.model_config.max_position_embeddings)
@@ -142,6 +143,18 @@ class LLMEngine:
         except (OSError, ValueError) as exc:
             logger.warning("no tokenizer in %s (%s): only token-id prompts will work", path, exc)
             return None
+
+    @staticmethod
+    def _default_sampling(source: str, path: str) -> dict[str, Any]:
+        """SamplingParams fields a request leaves unset takes from the generation config."""
+        defaults = generation_defaults(source, path)
+        try:
+            SamplingParams(**defaults)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the generation config's sampling defaults {defaults} are not valid: {exc}") from None
+        if defaults:
+            logger.info("requests default to the generation config's %s (generation_config='none': off)", defaults)
+        return defaults
 
     # --------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:

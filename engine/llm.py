@@ -63,11 +63,15 @@ class LLM:
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))
 
-    @staticmethod
-    def _params(sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no SamplingParams: the defaults, with
+        the model's generation config's sampling where it has some (as vLLM's)."""
+        return SamplingParams(**self.engine.default_sampling)
+
+    def _params(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
         """One SamplingParams per prompt."""
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         params = list(sampling_params)

@@ -45,6 +45,7 @@ class WorkerInfo:
     vocab_size: int
     num_blocks: int
     block_size: int
+    default_sampling: dict[str, Any]  # the generation config's: what a request leaves unset takes
 
 
 @dataclass(slots=True)
@@ -266,7 +267,7 @@ class EngineClient:
         kind = frame.get("type")
         if kind == "ready":
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
-                                   frame["num_blocks"], frame["block_size"])
+                                   frame["num_blocks"], frame["block_size"], frame["default_sampling"])
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

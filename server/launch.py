@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare and launch each step before the previous step's tokens reach the host "
                         "(default: on for CUDA, off for the CPU)")
+    e.add_argument("--generation-config", default="auto",
+                   help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
+                        "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
+                        "defaults), or a directory with a generation_config.json")
     limits = p.add_argument_group("limits")
     d = ServerConfig()
     limits.add_argument("--max-n", type=int, default=d.max_n)
@@ -104,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
-        "async_scheduling": args.async_scheduling,
+        "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     setup_logging(config.log_level)
 
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, generation_defaults
     from server.api import create_app
 
     try:
@@ -153,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         from engine.default_model import default_model_path
 
         model_path = default_model_path()
+    try:
+        generation_defaults(config.engine_args["generation_config"], model_path)
+    except (OSError, ValueError) as exc:
+        logger.error("bad --generation-config: %s", exc)
+        return 2
     tokenizer = load_tokenizer(model_path)
 
     state = {"worker_died": False}

@@ -173,6 +173,11 @@ class OpenAIServing:
     def _max_model_len(self) -> int:
         return self.client.info.max_model_len
 
+    def _default_max_tokens(self, otherwise: int) -> int:
+        """max_tokens for a request that sets none: `otherwise`, capped by the generation
+        config's max_new_tokens."""
+        return min(otherwise, self.client.info.default_sampling.get("max_tokens", otherwise))
+
     def _sampling_fields(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                          logprobs: int | None) -> dict[str, Any]:
         cfg = self.config
@@ -200,17 +205,19 @@ class OpenAIServing:
                                  param="logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
         if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
             raise errors.invalid("seed must fit in a signed 64-bit integer", param="seed")
+        default = self.client.info.default_sampling  # the model's generation config's
         fields = dict(
             n=n,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
+            temperature=default.get("temperature", 1.0) if req.temperature is None else req.temperature,
+            top_p=default.get("top_p", 1.0) if req.top_p is None else req.top_p,
+            top_k=default.get("top_k", 0) if req.top_k is None else req.top_k,
+            min_p=default.get("min_p", 0.0) if req.min_p is None else req.min_p,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=default.get("repetition_penalty", 1.0) if req.repetition_penalty is None
+            else req.repetition_penalty,
             seed=req.seed,
             stop=stop,
             stop_token_ids=stop_token_ids,
@@ -276,7 +283,7 @@ class OpenAIServing:
             else:
                 prompts.append(list(p))
                 texts.append(None)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        max_tokens = self._default_max_tokens(16) if req.max_tokens is None else req.max_tokens
         echo_only = bool(req.echo) and max_tokens == 0
         if max_tokens == 0 and not echo_only:
             raise errors.invalid("max_tokens must be >= 1 (0 only with echo: the prompt, and its logprobs "
@@ -307,7 +314,7 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             room = max(1, self._max_model_len() - len(tokens))
-            max_tokens = min(room, self.config.max_tokens_limit or room)
+            max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_fields(req, max_tokens, logprobs)
         return self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)

@@ -284,6 +284,43 @@ def test_dummy_weights_from_config_alone(tmp_path, tiny_path: str) -> None:
         LLM(str(tmp_path), num_kv_blocks=32)
 
 
+def test_generation_config_gives_the_default_sampling(tmp_path, tiny_path: str) -> None:
+    """vLLM's `--generation-config auto`: the sampling the model's generation_config.json sets
+    (max_new_tokens as max_tokens, not transformers' own defaults) is what `generate` uses
+    without SamplingParams; "none" and another directory choose otherwise; a bad value fails
+    at start."""
+    import json
+    import shutil
+
+    from engine.config import generation_defaults
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    with open(model / "generation_config.json") as f:
+        saved = json.load(f)
+    advice = {"temperature": 0.0, "top_k": 5, "max_new_tokens": 3, "do_sample": True, "top_p": None}
+    (model / "generation_config.json").write_text(json.dumps(saved | advice))
+    llm = LLM(str(model), num_kv_blocks=32)
+    assert llm.engine.default_sampling == {"temperature": 0.0, "top_k": 5, "max_tokens": 3}
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, top_k=5, max_tokens=3)
+    prompts = [[5, 6, 7], [9, 8]]
+    defaulted = [o.outputs[0].token_ids for o in llm.generate(prompts)]
+    explicit = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3))]
+    assert defaulted == explicit and all(len(t) == 3 for t in defaulted)
+
+    assert generation_defaults("none", str(model)) == {}
+    assert generation_defaults("auto", tiny_path) == {}  # bos/eos only: no sampling advice
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"top_p": 0.5, "repetition_penalty": 1.1}))
+    assert generation_defaults(str(other), str(model)) == {"top_p": 0.5, "repetition_penalty": 1.1}
+    with pytest.raises(ValueError, match="generation_config"):
+        generation_defaults(str(tmp_path / "missing"), str(model))
+    (model / "generation_config.json").write_text(json.dumps(saved | {"temperature": -1.0}))
+    with pytest.raises(ValueError, match="generation config"):
+        LLM(str(model), num_kv_blocks=32)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_follows_fp32(tiny_path: str, dtype: str) -> None:
     import torch

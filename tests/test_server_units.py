@@ -157,6 +157,9 @@ def test_options():
                                                          "--max-num-partial-prefills", "1"]))
     assert config.engine_args["cuda_graph_mode"] == "decode" and config.engine_args["enforce_eager"]
     assert config.engine_args["long_prefill_token_threshold"] == 256 and config.engine_args["max_num_partial_prefills"] == 1
+    assert config.engine_args["generation_config"] == "auto"
+    config = config_from_args(build_parser().parse_args(["--generation-config", "none"]))
+    assert config.engine_args["generation_config"] == "none"
 
 
 def test_worker_encodes_only_new_logprobs():
@@ -438,3 +441,35 @@ def test_long_prompts_are_tokenized_off_the_event_loop():
 
     assert asyncio.run(run()) == [[TOKENIZE_INLINE_CHARS, 1], [TOKENIZE_INLINE_CHARS + 1, 0]]
     assert tokenizer.calls[1] == ("stoke-tokenizer_0", False)
+
+
+def test_requests_take_the_generation_configs_sampling_where_they_set_none():
+    """What the worker reports of the model's generation config fills what a request leaves
+    unset (max_new_tokens caps the default max_tokens); what it sets stays."""
+    import types
+
+    from engine.default_model import default_model_path
+    from server.engine_client import WorkerInfo
+    from server.protocol import ChatCompletionRequest, CompletionRequest
+    from server.serving import OpenAIServing
+    from transformers import AutoTokenizer
+
+    default = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_tokens": 8}
+    client = types.SimpleNamespace(info=WorkerInfo("m", 1000, 49152, 16, 16, default))
+    serving = OpenAIServing(ServerConfig(), AutoTokenizer.from_pretrained(default_model_path()), client=client,
+                            metrics=Metrics(), request_logger=RequestLogger(log_text=False), model_name="m")
+
+    def params(job_for, req) -> dict:
+        return asyncio.run(job_for(req, RequestRecord("r", "x"), 0.0)).params
+
+    unset = params(serving.completion_job, CompletionRequest(prompt=[1, 2, 3]))
+    assert {k: unset[k] for k in default} == default and unset["min_p"] == 0.0
+    chat = params(serving.chat_job, ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]))
+    assert {k: chat[k] for k in default} == default
+    explicit = params(serving.completion_job, CompletionRequest(prompt=[1, 2, 3], temperature=0.0, top_p=1.0, top_k=0,
+                                                                repetition_penalty=1.0, max_tokens=50))
+    assert {k: explicit[k] for k in default} == {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                                                 "repetition_penalty": 1.0, "max_tokens": 50}
+    client.info.default_sampling = {}  # --generation-config none, or a model without advice
+    plain = params(serving.completion_job, CompletionRequest(prompt=[1, 2, 3]))
+    assert (plain["temperature"], plain["top_p"], plain["top_k"], plain["max_tokens"]) == (1.0, 1.0, 0, 16)
