@@ -43,22 +43,23 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: one conversation (a list of messages) or a list of them, each
         rendered with the model's chat template, then generated as `generate` does (outputs
         in conversation order, `prompt` the rendered text). The rendered text is tokenized
         without special tokens: the template writes them (a BOS added again would be a
-        second one)."""
+        second one). `chat_template`: a Jinja template to use instead of the tokenizer's."""
         tokenizer = self.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template: use generate()")
+        if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
+            raise ValueError("this model has no chat template: pass chat_template, or use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         generation_prompt = add_generation_prompt and not continue_final_message
         texts = [tokenizer.apply_chat_template(list(conversation), tokenize=False,
                                                add_generation_prompt=generation_prompt,
                                                continue_final_message=continue_final_message,
-                                               **(chat_template_kwargs or {}))
+                                               chat_template=chat_template, **(chat_template_kwargs or {}))
                  for conversation in conversations]
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))

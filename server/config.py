@@ -27,6 +27,7 @@ class ServerConfig:
     worker_death_grace: float = 1.0  # seconds /health answers 503 before the process exits
     log_level: str = "info"
     cpu_threads: int | None = None  # torch intra-op threads in the worker (None: torch's default)
+    chat_template: str | None = None  # --chat-template: a Jinja file or the template itself
 
     @staticmethod
     def model_name(model_path: str) -> str:

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare and launch each step before the previous step's tokens reach the host "
                         "(default: on for CUDA, off for the CPU)")
+    p.add_argument("--chat-template", default=None,
+                   help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
+                        "the template itself")
     e.add_argument("--generation-config", default="auto",
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
@@ -117,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes,
         max_pending_requests=args.max_pending_requests, request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout, worker_death_grace=args.worker_death_grace, log_level=args.log_level,
-        cpu_threads=args.cpu_threads,
+        cpu_threads=args.cpu_threads, chat_template=args.chat_template,
     )
 
 
@@ -163,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("bad --generation-config: %s", exc)
         return 2
     tokenizer = load_tokenizer(model_path)
+    if config.chat_template is not None:
+        try:
+            if tokenizer is None:
+                raise ValueError("the model has no tokenizer to render it with")
+            tokenizer.chat_template = load_chat_template(config.chat_template)
+        except (OSError, ValueError) as exc:
+            logger.error("bad --chat-template: %s", exc)
+            return 2
 
     state = {"worker_died": False}
     server: StokeServer | None = None
@@ -182,6 +193,27 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("exiting with status 1: the engine worker died")
         return 1
     return 0
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: the template itself if it looks like one (as vLLM tells them apart:
+    Jinja's braces or a line break), else the file it names; checked for Jinja syntax."""
+    if any(c in value for c in "{}\n"):
+        template = value
+    else:
+        try:
+            with open(value, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as exc:
+            raise ValueError(f"{value!r} looks like a path, but cannot be read: {exc.strerror}") from None
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:  # the environment transformers renders chat templates in
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"the chat template is not valid Jinja (line {exc.lineno}): {exc.message}") from None
+    return template
 
 
 def load_tokenizer(path: str) -> Any:

@@ -86,6 +86,10 @@ def test_chat_renders_the_template_once_without_a_second_bos(default_llm: LLM, t
     assert cont.prompt.rstrip().endswith("The capital is")
     with pytest.raises(ValueError, match="no chat template"):
         LLM(tiny_checkpoints["llama"], num_kv_blocks=16).chat(conversations[0])
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    given = default_llm.chat(conversations[1], params, chat_template=plain)[0]
+    assert given.prompt == "system: Answer in one word.\nuser: Hi\nassistant:"
+    assert given.prompt_token_ids == tokenizer.encode(given.prompt, add_special_tokens=False)
     assert_pool_empty(default_llm)
 
 
