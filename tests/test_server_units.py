@@ -412,6 +412,39 @@ def test_text_chunks_are_the_generic_chunks_bytes(kind):
     assert sorted(job.text_chunks) == [0, 2]
 
 
+def test_streamed_chat_logprobs_are_the_bodies_bytes():
+    """A stream's chat logprobs, built as JSON text from pieces cached per token, are exactly
+    what encoding the body's objects writes: tricky token strings (quotes, control characters,
+    non-ASCII, two ids with one string), -inf clamped, top-k cut below the entries; spliced
+    into the chunk after a text that itself holds the placeholder."""
+    import random
+
+    from server.serving import _PLACEHOLDER, Job, OpenAIServing, _dumps, _with_logprobs, sse
+
+    strings = [" the", '"q"', "\\", "\n\x00", "東京", "🍣", " the", "\u2028"]
+
+    class Tokenizer:
+        def decode(self, ids: list[int]) -> str:
+            return strings[ids[0] % len(strings)]
+
+    serving = OpenAIServing(ServerConfig(), Tokenizer(), client=None, metrics=Metrics(),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    rng = random.Random(3)
+    for k in (0, 1, 3, 8):
+        job = Job(kind="chat", request_id="c", model="m", created=0, arrival=0.0, prompts=[[1]], prompt_texts=["p"],
+                  params={}, n=1, stream=True, include_usage=False, echo=False, logprobs=k,
+                  record=RequestRecord("c", "chat"))
+        token_ids = [rng.randrange(100) for _ in range(3)]
+        entries = [[[t, rng.choice([-rng.random() * 5, float("-inf"), 0.0])] for t in rng.sample(range(100), 8)]
+                   + [[tid, -rng.random()]] for tid in token_ids]
+        json_text = serving._chat_logprobs_json(job, token_ids, entries)
+        assert json_text == _dumps(serving._chat_logprobs(job, token_ids, entries))
+        text = "a" + _PLACEHOLDER + "b"
+        line = _with_logprobs(sse(serving._chat_chunk(job, 0, {"content": text}, _PLACEHOLDER, None)), json_text)
+        assert line == sse(serving._chat_chunk(job, 0, {"content": text}, serving._chat_logprobs(job, token_ids, entries),
+                                               None))
+
+
 def test_long_prompts_are_tokenized_off_the_event_loop():
     """A text past TOKENIZE_INLINE_CHARS is encoded on the tokenizer thread (the event loop
     keeps serving streams meanwhile), a short one inline; both give the tokenizer's ids with
