@@ -123,3 +123,17 @@ class ServerProcess:
         """Stop (if needed) and delete the log files."""
         self.stop(signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ServerProcess:
+        """A test module's server: started, then stopped gracefully and closed at the end."""
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.close()
+
+    def client(self, api_key: str = "unused") -> Any:
+        """The `openai` SDK's client of this server: no retries, a CPU-sized timeout."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120)

@@ -22,16 +22,14 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1", "--api-key", API_KEY, "--max-n", "4",
-                      "--max-tokens-limit", "512", "--max-stop", "4", "--max-body-bytes", "65536").start()
-    yield s
-    s.stop()
-    s.close()
+    with ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1", "--api-key", API_KEY, "--max-n", "4",
+                       "--max-tokens-limit", "512", "--max-stop", "4", "--max-body-bytes", "65536") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    return server.client(API_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,14 @@ MAX_NUM_SEQS = 8
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1",
-                      "--max-num-seqs", str(MAX_NUM_SEQS), "--async-scheduling").start()
-    yield s
-    s.stop()
-    s.close()
+    with ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1",
+                       "--max-num-seqs", str(MAX_NUM_SEQS), "--async-scheduling") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    return server.client()
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
