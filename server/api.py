@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
@@ -128,6 +129,9 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     app.state.client = client
     app.state.serving = serving
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.allowed_origins:  # outermost: preflights answered, and errors carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
 
     def new_record(request: Request, body: Any = None) -> RequestRecord:
         path = request.scope["path"]  # not request.url: that parses a whole URL per request

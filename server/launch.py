@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare and launch each step before the previous step's tokens reach the host "
                         "(default: on for CUDA, off for the CPU)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins whose pages may call the API (CORS), e.g. https://chat.example.com; "
+                        "'*' for any (default: none, same-origin pages only)")
     p.add_argument("--chat-template", default=None,
                    help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
                         "the template itself")
@@ -120,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes,
         max_pending_requests=args.max_pending_requests, request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout, worker_death_grace=args.worker_death_grace, log_level=args.log_level,
-        cpu_threads=args.cpu_threads, chat_template=args.chat_template,
+        cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
     )
 
 

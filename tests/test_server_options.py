@@ -1,8 +1,10 @@
 """`stoke serve` options that change what requests get, on a real server (embedded default
-model) driven by the `openai` SDK: `--chat-template` and `--generation-config`."""
+model) driven by the `openai` SDK: `--chat-template`, `--generation-config` and
+`--allowed-origins`."""
 
 from __future__ import annotations
 
+import http.client
 import json
 
 import openai
@@ -11,6 +13,7 @@ import pytest
 from server.launch import load_chat_template
 from tests.server_harness import ServerProcess
 
+ORIGIN = "https://chat.example.com"
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
 
 
@@ -19,16 +22,15 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("options")
     (root / "chat.jinja").write_text(TEMPLATE)
     (root / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 3}))
-    s = ServerProcess("--kv-cache-memory-bytes", "64MiB", "--cpu-threads", "1",
-                      "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root)).start()
-    yield s
-    s.stop()
-    s.close()
+    with ServerProcess("--kv-cache-memory-bytes", "64MiB", "--cpu-threads", "1",
+                       "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root),
+                       "--allowed-origins", ORIGIN) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    return server.client()
 
 
 def test_chat_template_option_renders_chats(server, client):
@@ -64,3 +66,28 @@ def test_chat_template_values(tmp_path):
         load_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match="not valid Jinja"):
         load_chat_template("{% for m in messages %}{{ m }}")
+
+
+def _request(server, method: str, path: str, headers: dict, body: dict | None = None) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request(method, path, body=None if body is None else json.dumps(body),
+                 headers={"Content-Type": "application/json", **headers})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
+
+
+def test_allowed_origins_get_cors_headers(server):
+    """A browser page from an allowed origin gets its preflight answered and the headers on
+    every response, errors included; another origin's preflight is refused."""
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = _request(server, "OPTIONS", "/v1/chat/completions", {"Origin": ORIGIN, **preflight})
+    assert ok.status == 200 and ok.getheader("access-control-allow-origin") == ORIGIN
+    assert "POST" in ok.getheader("access-control-allow-methods")
+    refused = _request(server, "OPTIONS", "/v1/chat/completions", {"Origin": "https://evil.example", **preflight})
+    assert refused.status == 400 and refused.getheader("access-control-allow-origin") is None
+    served = _request(server, "POST", "/v1/completions", {"Origin": ORIGIN}, {"prompt": "Hi", "max_tokens": 1})
+    assert served.status == 200 and served.getheader("access-control-allow-origin") == ORIGIN
+    error = _request(server, "POST", "/v1/completions", {"Origin": ORIGIN}, {"prompt": "Hi", "max_tokens": -1})
+    assert error.status == 400 and error.getheader("access-control-allow-origin") == ORIGIN
