@@ -18,6 +18,7 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: usage in every chunk too
 
 
 class _SamplingRequest(_Model):

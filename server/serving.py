@@ -80,6 +80,8 @@ class Job:
     prompt_logprobs: dict[int, list[list[list[float]] | None]] = field(default_factory=dict)
     # choice index → its text chunk's SSE line before and after the text (`_text_chunk`)
     text_chunks: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # vLLM's stream_options.continuous_usage_stats: every chunk has its choice's usage so far
+    continuous_usage: bool = False
     # completions with echo and max_tokens=0 (legacy OpenAI, vLLM): the prompt and its
     # logprobs only; the engine samples one token from the prompt's last logits, not returned
     echo_only: bool = False
@@ -260,8 +262,10 @@ class OpenAIServing:
         record.prompt_tokens = sum(len(p) for p in prompts)
         if self.request_logger.log_text:
             record.prompt = prompt_texts[0] if len(prompt_texts) == 1 else prompt_texts
-        return Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
-                   prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
+        job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
+                  prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
+        job.continuous_usage = include_usage and bool(req.stream_options.continuous_usage_stats)
+        return job
 
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt. A long text is tokenized on the tokenizer thread: ~12 ms for
@@ -616,7 +620,8 @@ class OpenAIServing:
                     if chat and not choice.started:
                         choice.started = True
                         yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""}, None, None))
-                    if text and logprobs is None and chat_logprobs is None and reason is None:  # most chunks
+                    if text and logprobs is None and chat_logprobs is None and reason is None \
+                            and not job.continuous_usage:  # most chunks
                         yield self._text_chunk(job, choice.index, text)
                     elif chat:
                         slot = None if chat_logprobs is None else _PLACEHOLDER
@@ -732,16 +737,24 @@ class OpenAIServing:
             around = job.text_chunks[index] = (head, tail)
         return around[0] + _dumps(text) + around[1]
 
-    def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | None,
+    def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | str | None,
                           finish_reason: str | None) -> dict[str, Any]:
-        return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        return self._chunk(job, index, "text_completion",
+                           {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
-    def _chat_chunk(self, job: Job, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
+    def _chat_chunk(self, job: Job, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | str | None,
                     finish_reason: str | None) -> dict[str, Any]:
-        return {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created,
-                "model": job.model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                 "finish_reason": finish_reason}]}
+        return self._chunk(job, index, "chat.completion.chunk",
+                           {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+
+    @staticmethod
+    def _chunk(job: Job, index: int, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        chunk = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model, "choices": [choice]}
+        if job.continuous_usage:  # as vLLM's: the choice's own tokens so far
+            prompt_tokens, completion_tokens = len(job.prompts[index // job.n]), job.choices[index].num_tokens
+            chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+        return chunk
 
     def _completion_body(self, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         out = []

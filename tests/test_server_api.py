@@ -100,6 +100,16 @@ def test_chat_and_streaming_with_usage(client, model):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens_details is not None
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert all(c.usage is None for c in chunks[:-1])
+
+    # vLLM's continuous_usage_stats: every chunk with its choice's tokens so far
+    continuous = list(client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in continuous if c.choices) == content
+    counts = [c.usage.completion_tokens for c in continuous]
+    assert counts == sorted(counts) and counts[-2] == counts[-1] == full.usage.completion_tokens
+    assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in continuous)
 
     max_completion = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=2,
                                                     temperature=0)
