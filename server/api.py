@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,11 @@ from server.request_log import RequestLogger, RequestRecord, key_id
 from server.serving import Job, OpenAIServing
 
 logger = logging.getLogger("stoke.server")
+
+try:
+    _VERSION = importlib.metadata.version("stoke")
+except importlib.metadata.PackageNotFoundError:  # run from the tree (gpu-check: PYTHONPATH=.)
+    _VERSION = "unknown"
 
 _ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions")}
 
@@ -275,6 +281,10 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         if not client.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": _VERSION})
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

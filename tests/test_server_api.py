@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import re
 
@@ -54,6 +55,7 @@ def test_models_health_ready(server, client, model):
     assert info.value.body["code"] == "model_not_found"
     assert server.get("/health")[0] == 200
     assert server.get("/ready")[0] == 200
+    assert json.loads(server.get("/version")[1]) == {"version": importlib.metadata.version("stoke")}
 
 
 def test_completion_text_and_token_id_prompts(client, model, tokenizer):
