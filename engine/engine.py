@@ -151,7 +151,8 @@ class LLMEngine:
         try:
             SamplingParams(**defaults)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"the generation config's sampling defaults {defaults} are not valid: {exc}") from None
+            raise ValueError(f"the generation config's sampling defaults {defaults} are not valid: {exc} "
+                             "(generation_config='none' ignores them)") from None
         if defaults:
             logger.info("requests default to the generation config's %s (generation_config='none': off)", defaults)
         return defaults
