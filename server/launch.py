@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-request-text", action="store_true",
                    help="put prompt and output text in the per-request log line")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin whose pages may call the API (CORS), e.g. https://chat.example.com, "
+                        "repeated for several; '*' for any (default: none, same-origin pages only)")
+    p.add_argument("--chat-template", default=None,
+                   help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
+                        "the template itself")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default="auto")
@@ -79,12 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare and launch each step before the previous step's tokens reach the host "
                         "(default: on for CUDA, off for the CPU)")
-    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
-                   help="browser origins whose pages may call the API (CORS), e.g. https://chat.example.com; "
-                        "'*' for any (default: none, same-origin pages only)")
-    p.add_argument("--chat-template", default=None,
-                   help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
-                        "the template itself")
     e.add_argument("--generation-config", default="auto",
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "

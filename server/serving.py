@@ -709,9 +709,9 @@ class OpenAIServing:
     def _chat_logprobs_json(self, job: Job, token_ids: list[int], entries: list[list[list[float]]]) -> str:
         """`_chat_logprobs` as JSON text, for a stream's chunks: the same bytes as `_dumps` of it
         (tests hold them equal), from pieces cached per token id. Building the objects and
-        encoding them took 74 µs a token with 20 top logprobs, most of it the encoder's on the
-        byte lists; 34 µs so. (Completions' logprobs have no byte lists: building their text
-        saves nothing there.)"""
+        encoding them took twice as long with 20 top logprobs (~75 µs a token), most of it
+        the encoder's on the byte lists (docs/measurements/cpu-2026-12-01c). Completions'
+        logprobs have no byte lists: building their text saved nothing there."""
         content = []
         k = job.logprobs or 0
         for tid, entry in zip(token_ids, entries):
@@ -737,13 +737,14 @@ class OpenAIServing:
             around = job.text_chunks[index] = (head, tail)
         return around[0] + _dumps(text) + around[1]
 
-    def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | str | None,
+    def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | None,
                           finish_reason: str | None) -> dict[str, Any]:
         return self._chunk(job, index, "text_completion",
                            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
     def _chat_chunk(self, job: Job, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | str | None,
                     finish_reason: str | None) -> dict[str, Any]:
+        """logprobs: the objects, or `_PLACEHOLDER` for `_with_logprobs` to replace."""
         return self._chunk(job, index, "chat.completion.chunk",
                            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 

@@ -158,8 +158,11 @@ def test_options():
     assert config.engine_args["cuda_graph_mode"] == "decode" and config.engine_args["enforce_eager"]
     assert config.engine_args["long_prefill_token_threshold"] == 256 and config.engine_args["max_num_partial_prefills"] == 1
     assert config.engine_args["generation_config"] == "auto"
-    config = config_from_args(build_parser().parse_args(["--generation-config", "none"]))
-    assert config.engine_args["generation_config"] == "none"
+    config = config_from_args(build_parser().parse_args(["--generation-config", "none", "--allowed-origins", "https://a",
+                                                         "--allowed-origins", "https://b", "/m"]))
+    assert config.engine_args["generation_config"] == "none" and config.engine_args["model"] == "/m"
+    assert config.allowed_origins == ["https://a", "https://b"] and config_from_args(
+        build_parser().parse_args([])).allowed_origins is None
 
 
 def test_worker_encodes_only_new_logprobs():
