@@ -126,6 +126,12 @@ def _with_logprobs(line: str, logprobs: str | None) -> str:
     return head + logprobs + tail
 
 
+def _ranked(entry: list[list[float]]) -> tuple[dict[int, float], list[tuple[int, float]]]:
+    """One token's [id, logprob] entries by id (clamped: JSON has no -inf), and best first."""
+    pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
+    return pairs, sorted(pairs.items(), key=lambda kv: -kv[1])
+
+
 def _number(value: float | None) -> str:
     """A logprob as the JSON encoder writes it."""
     return repr(value) if value is not None and math.isfinite(value) else _dumps(value)
@@ -669,10 +675,10 @@ class OpenAIServing:
         tokens, token_logprobs, top, offsets = [], [], [], []
         for tid, entry in zip(token_ids, entries):
             s = self._token_str(tid)
-            pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
+            pairs, ranked = _ranked(entry)
             tokens.append(s)
             token_logprobs.append(pairs.get(tid))
-            top.append({self._token_str(t): lp for t, lp in sorted(pairs.items(), key=lambda kv: -kv[1])})
+            top.append({self._token_str(t): lp for t, lp in ranked})
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -691,13 +697,12 @@ class OpenAIServing:
         content = []
         k = job.logprobs or 0
         for tid, entry in zip(token_ids, entries):
-            pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
+            pairs, ranked = _ranked(entry)
             s = self._token_str(tid)
-            best = sorted(pairs.items(), key=lambda kv: -kv[1])[:k]
             content.append({
                 "token": s, "logprob": pairs.get(tid), "bytes": list(s.encode()),
                 "top_logprobs": [{"token": self._token_str(t), "logprob": lp,
-                                  "bytes": list(self._token_str(t).encode())} for t, lp in best],
+                                  "bytes": list(self._token_str(t).encode())} for t, lp in ranked[:k]],
             })
         return {"content": content}
 
@@ -715,9 +720,9 @@ class OpenAIServing:
         content = []
         k = job.logprobs or 0
         for tid, entry in zip(token_ids, entries):
-            pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
+            pairs, ranked = _ranked(entry)
             top = []
-            for t, lp in sorted(pairs.items(), key=lambda kv: -kv[1])[:k]:
+            for t, lp in ranked[:k]:
                 s, b = self._token_json(t)
                 top.append(f'{{"token":{s},"logprob":{_number(lp)}{b}}}')
             s, b = self._token_json(tid)
