@@ -72,6 +72,9 @@ class Generation:
     unfinished: set[str] = field(default_factory=set)
     pending_ack: set[str] = field(default_factory=set)
     failed: BaseException | None = None
+    # Called after each output queued, and on failure, once nobody iterates any more (an
+    # aborted generation whose last outputs are still on their way).
+    on_delivery: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.unfinished = set(self.ids)
@@ -134,6 +137,13 @@ class Generation:
             self.started.set_exception(exc)
             self.started.exception()  # mark retrieved: the caller may be gone already
         self.queue.put_nowait(exc)
+        if self.on_delivery is not None:
+            self.on_delivery()
+
+    def _deliver(self, index: int, output: dict[str, Any]) -> None:
+        self.queue.put_nowait((index, output))
+        if self.on_delivery is not None:
+            self.on_delivery()
 
 
 class EngineClient:
@@ -301,7 +311,7 @@ class EngineClient:
                 continue
             if output["finished"]:
                 del self._owners[output["id"]]
-            owner[0].queue.put_nowait((owner[1], output))
+            owner[0]._deliver(owner[1], output)
 
     def _on_eof(self) -> None:
         if self.dead:

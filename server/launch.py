@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
     limits.add_argument("--max-body-bytes", type=parse_size, default=d.max_body_bytes)
     limits.add_argument("--max-pending-requests", type=int, default=d.max_pending_requests)
-    limits.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds; then 504")
+    limits.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                        help="seconds from a request's arrival; then 504 (or an error event, streaming)")
     limits.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM")
     limits.add_argument("--worker-death-grace", type=float, default=d.worker_death_grace)

@@ -4,9 +4,10 @@ Fields are always present (null when unknown), so a log pipeline can rely on the
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
 stream, n, prompt_tokens, cached_tokens, completion_tokens, queue_time_s, ttft_s,
 mean_itl_s, e2e_s, finish_reason, error_type, status — plus prompt and output text only
-with --log-request-text. Latencies are the engine's monotonic timestamps (seconds); a
-request aborted before it finished (the client left) has the engine's none, and its ttft_s
-is when the HTTP process received its first token.
+with --log-request-text. Latencies are the engine's monotonic timestamps (seconds). A request
+cut short (the client left, a timeout) is logged once the worker confirmed its abort, within
+a step, so its line has the engine's times too: e2e_s runs to the abort, and a request that
+was never scheduled spent all of it queued.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class RequestRecord:
     output: Any = None
     _itl_sum: float = 0.0
     _itl_count: int = 0
-    _done: bool = False
+    _finished: bool = False  # status and error type are final
+    _awaiting_engine: bool = False  # aborted: the worker's last outputs are on their way
+    _done: bool = False  # the line was written
 
     def add_engine_metrics(self, metrics: dict[str, Any] | None) -> None:
         """Fold one engine request's timestamps in (a request with several prompts has several)."""
@@ -63,6 +66,8 @@ class RequestRecord:
 
         queue, ttft, e2e = since(metrics["first_scheduled_time"]), since(metrics["first_token_time"]), \
             since(metrics["finish_time"])
+        if queue is None:  # aborted before it was ever scheduled: queued all its life
+            queue = e2e
         self.queue_time_s = queue if self.queue_time_s is None or queue is None else max(self.queue_time_s, queue)
         self.ttft_s = ttft if self.ttft_s is None or ttft is None else min(self.ttft_s, ttft)
         self.e2e_s = e2e if self.e2e_s is None or e2e is None else max(self.e2e_s, e2e)

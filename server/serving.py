@@ -39,6 +39,8 @@ _MAX_STOP_CHARS = 1024
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 # Prompts longer than this are tokenized off the event loop (~1.5 ms a 4k-character text here).
 TOKENIZE_INLINE_CHARS = 4096
+# An aborted request's log line waits this long at most for the worker's confirmation.
+ABORT_LOG_GRACE_S = 30.0
 
 
 class ShuttingDown(Exception):
@@ -85,6 +87,8 @@ class Job:
     # completions with echo and max_tokens=0 (legacy OpenAI, vLLM): the prompt and its
     # logprobs only; the engine samples one token from the prompt's last logits, not returned
     echo_only: bool = False
+    # cut short: when the log line stops waiting for the worker's confirmation (`_abort`)
+    settle_timer: asyncio.TimerHandle | None = None
 
 
 class SSEResponse(StreamingResponse):
@@ -430,7 +434,7 @@ class OpenAIServing:
             try:
                 await generation.wait_started()
             except asyncio.CancelledError:
-                generation.abort()
+                self._abort(job, generation)
                 raise
         except EngineDeadError:
             release()
@@ -469,18 +473,64 @@ class OpenAIServing:
         abort its engine requests and log it."""
         release()
         if not generation.finished and generation.failed is None:
-            generation.abort()
-            self._usage(job, job.choices, job.cached)
+            self._abort(job, generation)
             self.cancelled(job.record)
 
-    def finish(self, record: RequestRecord, status: int = 200, error_type: str | None = None) -> None:
-        if record._done:
+    def _abort(self, job: Job, generation: Generation) -> None:
+        """Stop the job's unfinished engine requests. Their last outputs (the abort's, with the
+        engine's timestamps) arrive within a step; the log line waits for them."""
+        self._usage(job, job.choices, job.cached)  # what was generated before the cut
+        if generation.finished or generation.failed is not None or job.record._awaiting_engine:
             return
+        generation.abort()
+        job.record._awaiting_engine = True
+        generation.on_delivery = partial(self._settle, job, generation)
+        # A worker that neither answers nor dies would otherwise keep the line forever.
+        job.settle_timer = asyncio.get_running_loop().call_later(ABORT_LOG_GRACE_S, self._settled, job)
+        self._settle(job, generation)  # its last outputs may be queued already, unread
+
+    def _settle(self, job: Job, generation: Generation) -> None:
+        """An aborted generation's outputs, as they arrive: folded in, and the line written once
+        the last one is in (or the worker is gone)."""
+        while not generation.queue.empty():
+            item = generation.queue.get_nowait()
+            if isinstance(item, BaseException):
+                generation.unfinished.clear()
+                break
+            index, output = item
+            if output["finished"]:
+                generation.unfinished.discard(output["id"])
+            if job.choices:
+                self._absorb(job, job.choices, index, output, job.cached)
+            elif output["finished"]:
+                job.record.add_engine_metrics(output.get("metrics"))
+        if generation.finished:
+            generation.on_delivery = None
+            self._usage(job, job.choices, job.cached)
+            self._settled(job)
+
+    def _settled(self, job: Job) -> None:
+        if job.settle_timer is not None:
+            job.settle_timer.cancel()
+            job.settle_timer = None
+        record = job.record
+        if record._awaiting_engine:
+            record._awaiting_engine = False
+            if record._finished:
+                self.request_logger.emit(record)
+
+    def finish(self, record: RequestRecord, status: int = 200, error_type: str | None = None) -> None:
+        """The request's outcome (its first one stands): counted now, logged now or, when it was
+        cut short, once the worker confirmed the abort (`_settle`)."""
+        if record._finished:
+            return
+        record._finished = True
         record.status = status
         record.error_type = error_type
         if error_type is not None:
             self.metrics.on_error(error_type)
-        self.request_logger.emit(record)
+        if not record._awaiting_engine:
+            self.request_logger.emit(record)
 
     def fail(self, record: RequestRecord, exc: APIError) -> None:
         self.finish(record, status=exc.status, error_type=exc.metric)
@@ -542,6 +592,12 @@ class OpenAIServing:
             outputs = ["".join(c.text) for c in choices]
             job.record.output = outputs[0] if len(outputs) == 1 else outputs
 
+    def _remaining(self, job: Job) -> float | None:
+        """Seconds left of the request timeout, which runs from the request's arrival."""
+        if self.config.request_timeout is None:
+            return None
+        return max(0.0, job.arrival + self.config.request_timeout - time.monotonic())
+
     async def _respond(self, job: Job, generation: Generation, request: Request) -> Response:
         choices, cached = self._choices(job), job.cached
 
@@ -551,15 +607,14 @@ class OpenAIServing:
 
         consumer = asyncio.ensure_future(consume())
         watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        timeout = self._remaining(job)
         try:
-            done, _ = await asyncio.wait({consumer, watcher}, timeout=self.config.request_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({consumer, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
             if not consumer.done():
                 consumer.cancel()
-                generation.abort()
-                self._usage(job, choices, cached)  # what was generated before the cut
+                self._abort(job, generation)
         if consumer in done:
             exc = consumer.exception()
             if isinstance(exc, EngineDeadError):
@@ -576,14 +631,12 @@ class OpenAIServing:
             self.finish(job.record)
             return JSONResponse(body)
         if watcher in done:  # the client is gone: nobody reads this response
-            self._usage(job, choices, cached)
             self.finish(job.record, status=499, error_type="aborted")
             return Response(status_code=499)
         raise errors.timeout(self.config.request_timeout or 0.0)
 
     async def _stream(self, job: Job, generation: Generation) -> AsyncIterator[str]:
         choices, cached = self._choices(job), job.cached
-        deadline = None if self.config.request_timeout is None else job.arrival + self.config.request_timeout
         chat = job.kind == "chat"
         try:
             echo_pending = {choice.index for choice in choices} if job.echo else set()
@@ -596,10 +649,10 @@ class OpenAIServing:
             iterator = generation.batches()
             while True:
                 try:
-                    if deadline is None:
+                    remaining = self._remaining(job)
+                    if remaining is None:
                         batch = await iterator.__anext__()
                     else:
-                        remaining = max(0.0, deadline - time.monotonic())
                         batch = await asyncio.wait_for(iterator.__anext__(), remaining)
                 except StopAsyncIteration:
                     break
@@ -643,7 +696,7 @@ class OpenAIServing:
             self.finish(job.record)
             yield sse("[DONE]")
         except Exception as exc:  # the status line went out already: the error goes in the stream
-            generation.abort()
+            self._abort(job, generation)
             if isinstance(exc, asyncio.TimeoutError):
                 error = errors.timeout(self.config.request_timeout or 0.0)
             elif isinstance(exc, EngineDeadError):
@@ -653,7 +706,6 @@ class OpenAIServing:
             else:
                 logger.exception("streaming %s failed", job.request_id)
                 error = errors.internal()
-            self._usage(job, choices, cached)
             self.fail(job.record, error)
             yield sse(error.body())
             yield sse("[DONE]")

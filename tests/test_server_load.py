@@ -141,10 +141,39 @@ def test_dropped_streams_are_aborted_and_free_their_blocks(server, client):
     assert len(lines) == num_streams and all(line["status"] == 499 for line in lines)
     assert all(line["error_type"] == "aborted" and line["finish_reason"] is None for line in lines)
     assert all(line["ttft_s"] > 0 for line in lines)  # each got its first token (the role chunk came with it)
+    # The lines waited for the worker's abort: the engine's times, up to the abort.
+    assert all(0 <= line["queue_time_s"] <= line["ttft_s"] <= line["e2e_s"] for line in lines), lines
+    assert all(line["completion_tokens"] >= 1 for line in lines)
 
     start = time.monotonic()
     fresh = client.completions.create(model=None, prompt="Hello", max_tokens=4, temperature=0)
     assert fresh.usage.completion_tokens == 4 and time.monotonic() - start < 30
+
+
+def test_a_request_dropped_while_queued_logs_its_wait(server, client):
+    """Clients that leave while their request waits for a running slot: each line says how
+    long it was queued (all its life), and nothing of them stays in the engine."""
+    blockers = [client.completions.create(model=None, prompt=f"Count to a thousand, {i}.", max_tokens=400,
+                                          extra_body={"ignore_eos": True}, stream=True)
+                for i in range(MAX_NUM_SEQS)]
+    assert wait_for(lambda: server.metrics()["stoke_requests_running"] == MAX_NUM_SEQS, 30)
+    sockets, body = [], json.dumps({"prompt": "Hello there", "max_tokens": 8}).encode()
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sockets.append(sock)
+    assert wait_for(lambda: server.metrics()["stoke_requests_waiting"] == 2, 30)
+    time.sleep(0.3)
+    for sock in sockets:
+        sock.close()
+    assert wait_for(lambda: server.metrics()["stoke_requests_waiting"] == 0, 30)
+    for stream in blockers:
+        stream.close()
+    assert wait_for(lambda: idle(server), 30)
+    lines = [line for line in server.log_lines()[-(MAX_NUM_SEQS + 2):] if line["ttft_s"] is None]
+    assert len(lines) == 2 and all(line["status"] == 499 and line["completion_tokens"] == 0 for line in lines)
+    assert all(line["queue_time_s"] == line["e2e_s"] >= 0.3 for line in lines), lines
 
 
 def test_non_streaming_disconnect_aborts(server):

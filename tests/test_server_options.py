@@ -1,11 +1,13 @@
 """`stoke serve` options that change what requests get, on a real server (embedded default
-model) driven by the `openai` SDK: `--chat-template`, `--generation-config` and
-`--allowed-origins`."""
+model) driven by the `openai` SDK: `--chat-template`, `--generation-config`,
+`--allowed-origins` and `--request-timeout`."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import time
 
 import openai
 import pytest
@@ -15,6 +17,9 @@ from tests.server_harness import ServerProcess
 
 ORIGIN = "https://chat.example.com"
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+# Far above what this module's other requests take (a few tokens each), far below two
+# 1,600-token answers on this CPU.
+REQUEST_TIMEOUT = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +27,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("options")
     (root / "chat.jinja").write_text(TEMPLATE)
     (root / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 3}))
-    with ServerProcess("--kv-cache-memory-bytes", "64MiB", "--cpu-threads", "1",
+    with ServerProcess("--kv-cache-memory-bytes", "160MiB", "--cpu-threads", "1",
                        "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root),
-                       "--allowed-origins", ORIGIN) as s:
+                       "--allowed-origins", ORIGIN, "--request-timeout", str(REQUEST_TIMEOUT)) as s:
         yield s
 
 
@@ -91,3 +96,58 @@ def test_allowed_origins_get_cors_headers(server):
     assert served.status == 200 and served.getheader("access-control-allow-origin") == ORIGIN
     error = _request(server, "POST", "/v1/completions", {"Origin": ORIGIN}, {"prompt": "Hi", "max_tokens": -1})
     assert error.status == 400 and error.getheader("access-control-allow-origin") == ORIGIN
+
+
+def test_request_timeout_answers_504_and_frees_the_engine(server, client):
+    """Past --request-timeout (from arrival): a 504 in OpenAI's shape, or, once a stream has
+    started, an error event and [DONE]; the engine requests are aborted, both counted as
+    timeouts, and their log lines carry the engine's times up to the abort."""
+    before = server.metrics()
+    long = {"max_tokens": 1600, "extra_body": {"ignore_eos": True}}
+
+    async def main() -> tuple[openai.APIStatusError, list[str], openai.APIError]:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        try:
+            async def whole() -> openai.APIStatusError:
+                with pytest.raises(openai.APIStatusError) as info:
+                    await aclient.completions.create(model=None, prompt="Tell me about the sea.", **long)
+                return info.value
+
+            async def streamed() -> tuple[list[str], openai.APIError]:
+                texts: list[str] = []
+                with pytest.raises(openai.APIError) as info:
+                    stream = await aclient.completions.create(model=None, prompt="Tell me about the sky.",
+                                                              stream=True, **long)
+                    async for chunk in stream:
+                        texts.append(chunk.choices[0].text)
+                return texts, info.value
+
+            error, (texts, stream_error) = await asyncio.gather(whole(), streamed())
+            return error, texts, stream_error
+        finally:
+            await aclient.close()
+
+    start = time.monotonic()
+    error, texts, stream_error = asyncio.run(main())
+    assert REQUEST_TIMEOUT <= time.monotonic() - start < REQUEST_TIMEOUT + 30, (error.body, stream_error)
+    assert error.status_code == 504
+    assert error.body == {"message": error.body["message"], "type": "timeout_error", "param": None,
+                          "code": "timeout"} and "6s request timeout" in error.body["message"]
+    assert texts and stream_error.body["code"] == "timeout"
+
+    deadline = time.monotonic() + 30
+    while server.metrics()["stoke_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = server.metrics()
+    assert after["stoke_requests_running"] == after["stoke_requests_waiting"] == 0
+    assert after["stoke_kv_cache_usage_ratio"] == 0
+    for name, count in (('stoke_request_errors_total{type="timeout"}', 2),
+                        ('stoke_requests_total{finish_reason="abort"}', 2)):
+        assert after[name] - before[name] == count, name
+    lines = [line for line in server.log_lines() if line["error_type"] == "timeout"]
+    assert sorted(line["status"] for line in lines) == [504, 504] and {line["stream"] for line in lines} == {True, False}
+    assert all(0 <= line["queue_time_s"] <= line["ttft_s"] < REQUEST_TIMEOUT <= line["e2e_s"] for line in lines), lines
+    assert all(line["completion_tokens"] > 0 for line in lines)
+
+    fresh = client.completions.create(model=None, prompt="Hi", max_tokens=2)
+    assert fresh.usage.completion_tokens == 2
