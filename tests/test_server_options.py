@@ -1,6 +1,6 @@
 """`stoke serve` options that change what requests get, on a real server (embedded default
 model) driven by the `openai` SDK: `--chat-template`, `--generation-config`,
-`--allowed-origins` and `--request-timeout`."""
+`--allowed-origins`, `--request-timeout`, `--max-pending-requests` and `--served-model-name`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endf
 # Far above what this module's other requests take (a few tokens each), far below two
 # 1,600-token answers on this CPU.
 REQUEST_TIMEOUT = 6.0
+SERVED_NAME = "team/chat-model"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (root / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 3}))
     with ServerProcess("--kv-cache-memory-bytes", "160MiB", "--cpu-threads", "1",
                        "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root),
-                       "--allowed-origins", ORIGIN, "--request-timeout", str(REQUEST_TIMEOUT)) as s:
+                       "--allowed-origins", ORIGIN, "--request-timeout", str(REQUEST_TIMEOUT),
+                       "--max-pending-requests", "2", "--served-model-name", SERVED_NAME) as s:
         yield s
 
 
@@ -122,7 +124,15 @@ def test_request_timeout_answers_504_and_frees_the_engine(server, client):
                         texts.append(chunk.choices[0].text)
                 return texts, info.value
 
-            error, (texts, stream_error) = await asyncio.gather(whole(), streamed())
+            async def third() -> openai.APIStatusError:  # once both are in flight: over --max-pending-requests
+                while server.metrics()["stoke_requests_running"] < 2:
+                    await asyncio.sleep(0.05)
+                with pytest.raises(openai.APIStatusError) as info:
+                    await aclient.completions.create(model=None, prompt="Hi", max_tokens=1)
+                return info.value
+
+            error, (texts, stream_error), overloaded = await asyncio.gather(whole(), streamed(), third())
+            assert overloaded.status_code == 503 and overloaded.body["code"] == "overloaded"
             return error, texts, stream_error
         finally:
             await aclient.close()
@@ -142,6 +152,7 @@ def test_request_timeout_answers_504_and_frees_the_engine(server, client):
     assert after["stoke_requests_running"] == after["stoke_requests_waiting"] == 0
     assert after["stoke_kv_cache_usage_ratio"] == 0
     for name, count in (('stoke_request_errors_total{type="timeout"}', 2),
+                        ('stoke_request_errors_total{type="overloaded"}', 1),
                         ('stoke_requests_total{finish_reason="abort"}', 2)):
         assert after[name] - before[name] == count, name
     lines = [line for line in server.log_lines() if line["error_type"] == "timeout"]
@@ -151,3 +162,12 @@ def test_request_timeout_answers_504_and_frees_the_engine(server, client):
 
     fresh = client.completions.create(model=None, prompt="Hi", max_tokens=2)
     assert fresh.usage.completion_tokens == 2
+
+
+def test_served_model_name_is_the_model_id(client):
+    assert [m.id for m in client.models.list().data] == [SERVED_NAME]
+    done = client.completions.create(model=SERVED_NAME, prompt="Hi", max_tokens=1)
+    assert done.model == SERVED_NAME
+    with pytest.raises(openai.NotFoundError) as info:  # the directory's name is not an alias
+        client.completions.create(model="SmolLM2-135M-Instruct-Q4_1", prompt="Hi", max_tokens=1)
+    assert info.value.body["code"] == "model_not_found"
