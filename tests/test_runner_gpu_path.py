@@ -12,9 +12,12 @@ file checks is never imported unless chosen.)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -166,17 +169,53 @@ def test_buckets_and_padding() -> None:
     assert cu == [0, 1, 3, 3, 3] and ctx == [9, 2, 0, 0] and rows == [0, 2, 0, 0]
 
 
+@contextlib.contextmanager
+def triton_launches() -> Iterator[list[tuple[Any, ...]]]:
+    """Record every Triton launch (interpreter) made inside: the kernel, its grid, its scalar
+    arguments and its tensors' shapes, strides and dtypes. A CUDA graph replays its captured
+    launches with exactly these, whatever the step, so they must not depend on the step."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: list[tuple[Any, ...]] = []
+    run = InterpretedFunction.run
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+        return value if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        grid_now = grid(kwargs) if callable(grid) else grid
+        launched.append((self.__name__, tuple(grid_now), tuple(describe(a) for a in args),
+                         tuple(sorted((k, describe(v)) for k, v in kwargs.items()))))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording
+    try:
+        yield launched
+    finally:
+        InterpretedFunction.run = run
+
+
 class EagerGraph:
     """Stands in for a captured CUDA graph on the CPU: replay runs the forward on the static
-    input buffers and writes the graph's static output, exactly what a real replay does."""
+    input buffers and writes the graph's static output, exactly what a real replay does. The
+    first replay stands for the capture: every later one must make the same Triton launches
+    (grids, scalars, shapes), as a real graph can do nothing else."""
 
     def __init__(self, runner: CudaGraphRunner, key: tuple[str, int], log: list[tuple[str, int]]) -> None:
         self.runner, self.key, self.log = runner, key, log
+        self.captured: list[tuple[Any, ...]] | None = None
 
     def replay(self) -> None:
         self.log.append(self.key)
-        with torch.inference_mode():
+        with torch.inference_mode(), triton_launches() as launched:
             self.runner.outputs[self.key].copy_(self.runner.run(self.key))
+        if self.captured is None:
+            self.captured = launched
+        for i, (now, then) in enumerate(zip(launched, self.captured)):
+            assert now == then, f"{self.key}: launch {i} differs from the captured one:\n{now}\n{then}"
+        assert len(launched) == len(self.captured), f"{self.key}: {len(launched)} launches, captured {len(self.captured)}"
 
 
 def with_eager_graphs(llm: LLM, max_num_seqs: int, tokens: list[int] = ()) -> list[tuple[str, int]]:
