@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import os
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +39,7 @@ from engine.cuda_graphs import (  # noqa: E402
     pad_tokens,
     token_buckets,
 )
+from engine.model_runner import is_triton  # noqa: E402
 from engine.sampler import Sampler, SamplingRow  # noqa: E402
 from engine.transfer import to_device  # noqa: E402
 
@@ -169,12 +171,34 @@ def test_buckets_and_padding() -> None:
     assert cu == [0, 1, 3, 3, 3] and ctx == [9, 2, 0, 0] and rows == [0, 2, 0, 0]
 
 
+# What reads a tensor's values on the host: on CUDA a sync, which a graph capture refuses (the
+# runner would then fall back to eager steps, slow and silent).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
 @contextlib.contextmanager
-def triton_launches() -> Iterator[list[tuple[Any, ...]]]:
-    """Record every Triton launch (interpreter) made inside: the kernel, its grid, its scalar
-    arguments and its tensors' shapes, strides and dtypes. A CUDA graph replays its captured
-    launches with exactly these, whatever the step, so they must not depend on the step."""
+def graph_rules() -> Iterator[list[tuple[Any, ...]]]:
+    """What a captured forward must obey, checked on the CPU. Inside, a host read of a tensor
+    (HOST_READS) raises, except the Triton interpreter's own; and every Triton launch is
+    recorded: the kernel, its grid, its scalar arguments and its tensors' shapes, strides and
+    dtypes. A CUDA graph replays its captured launches with exactly these, whatever the step,
+    so they must not depend on the step."""
     from triton.runtime.interpreter import InterpretedFunction
+
+    interpreter = os.path.dirname(InterpretedFunction.run.__code__.co_filename)
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def forbidden(name: str):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None:  # the interpreter runs kernels on host copies: allowed
+                if frame.f_code.co_filename.startswith(interpreter):
+                    return original(self, *args, **kwargs)
+                frame = frame.f_back
+            raise AssertionError(f"Tensor.{name} in a graphed forward: a host sync, which CUDA graph capture refuses")
+        return read
 
     launched: list[tuple[Any, ...]] = []
     run = InterpretedFunction.run
@@ -191,17 +215,22 @@ def triton_launches() -> Iterator[list[tuple[Any, ...]]]:
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = recording
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, forbidden(name))
     try:
         yield launched
     finally:
         InterpretedFunction.run = run
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 class EagerGraph:
     """Stands in for a captured CUDA graph on the CPU: replay runs the forward on the static
     input buffers and writes the graph's static output, exactly what a real replay does. The
     first replay stands for the capture: every later one must make the same Triton launches
-    (grids, scalars, shapes), as a real graph can do nothing else."""
+    (grids, scalars, shapes), as a real graph can do nothing else; no replay may read a
+    tensor on the host (`graph_rules`)."""
 
     def __init__(self, runner: CudaGraphRunner, key: tuple[str, int], log: list[tuple[str, int]]) -> None:
         self.runner, self.key, self.log = runner, key, log
@@ -209,7 +238,9 @@ class EagerGraph:
 
     def replay(self) -> None:
         self.log.append(self.key)
-        with torch.inference_mode(), triton_launches() as launched:
+        # The reference backend syncs (store_kv looks for skipped slots): it is never captured.
+        rules = graph_rules() if is_triton(self.runner.backend) else contextlib.nullcontext([])
+        with torch.inference_mode(), rules as launched:
             self.runner.outputs[self.key].copy_(self.runner.run(self.key))
         if self.captured is None:
             self.captured = launched
@@ -478,3 +509,42 @@ def test_gpu_engine_matches_transformers(tiny_checkpoints: dict[str, str], kind:
     alone = llm.generate([ps[0]], params)[0].outputs[0].token_ids
     mixed = llm.generate(ps, [params] + [SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)] * 3)
     assert mixed[0].outputs[0].token_ids == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch, enforce_eager: bool) -> None:
+    """What async scheduling needs of the GPU path: launching a step (its inputs' copy, the
+    forward, sampling with penalties, seeds, top-k/top-p/min-p, logit bias and logprobs) never
+    waits for the device; torch's sync debug mode makes any such wait an error. Prompt
+    logprobs are left out: their step waits for them (they come back with its tokens)."""
+    from engine.model_runner import ModelRunner
+
+    path = tiny_checkpoints["llama"]
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_model_len=256, max_num_seqs=8,
+              enforce_eager=enforce_eager, async_scheduling=True, gpu_memory_utilization=0.05)
+    assert (llm.engine.runner.cuda_graphs is None) is enforce_eager
+    execute = ModelRunner.execute
+    launches: list[int] = []
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return execute(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            launches.append(1)
+
+    monkeypatch.setattr(ModelRunner, "execute", strict)
+    ps = prompts(5, 6, 1, 60)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.7, min_p=0.1, logprobs=3, ignore_eos=True),
+              SamplingParams(max_tokens=12, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3,
+                             ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.0, logit_bias={5: 4.0, 7: -100.0}, ignore_eos=True),
+              SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=3, ignore_eos=True)]
+    out = llm.generate(ps, params)
+    assert len(launches) > 12 and all(len(c.token_ids) == 12 for o in out for c in o.outputs)
