@@ -99,7 +99,7 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
     from kernels import triton_ops
 
     device, dtype = torch.device(plan.device), plan.dtype
-    timer = Timer(device, args.iters, warmup=2)
+    timer = Timer(device, args.iters, warmup=args.warmup)
     for (layout, batch, ctx), block_size in itertools.product(plan.decode_shapes, plan.block_sizes):
         hq, hkv, d, _, _ = LAYOUTS[layout]
         gen = torch.Generator(device=device).manual_seed(batch * ctx)
@@ -146,7 +146,7 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
     from kernels import triton_ops
 
     device, dtype = torch.device(plan.device), plan.dtype
-    timer = Timer(device, args.iters, warmup=2)
+    timer = Timer(device, args.iters, warmup=args.warmup)
     shipped = triton_ops._prefill_config
     t_start = time.perf_counter()
     for (layout, seqs, length), block_size in itertools.product(plan.prefill_shapes, plan.block_sizes):
@@ -259,6 +259,7 @@ def recommend(report: dict[str, Any]) -> tuple[KernelTuning, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
     p.add_argument("--budget", type=float, default=150.0, help="seconds; later prefill tiles are skipped past it")
     p.add_argument("--out", default="results/kernel_configs.json")
     p.add_argument("--only", nargs="*", default=["prefill", "decode"], choices=["prefill", "decode"])

@@ -255,7 +255,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device, self.dtype = args, device, dtype
         self.sizes = TINY_SIZES if args.tiny or device.type != "cuda" else GPU_SIZES
-        self.timer = Timer(device, args.iters or self.sizes["iters"], self.sizes["warmup"])
+        warmup = self.sizes["warmup"] if args.warmup is None else args.warmup
+        self.timer = Timer(device, args.iters or self.sizes["iters"], warmup)
         self.peak, self.peak_source = peak_bandwidth(device)
         self.elt = dtype.itemsize
         self.layouts = {name: LAYOUTS[name] for name in args.layouts}
@@ -703,6 +704,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default: by size)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs before them (default: by size)")
     p.add_argument("--only", nargs="*", default=None,
                    choices=list(PARTS),
                    help="run only these parts")

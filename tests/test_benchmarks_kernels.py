@@ -72,7 +72,7 @@ def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None
     with the interpreter standing in for the GPU; a subprocess, so that TRITON_INTERPRET is set
     before Triton is first imported and this process never imports the Triton backend."""
     out = tmp_path / "k.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--tiny", "--impl", "triton", "--iters", "1",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--tiny", "--impl", "triton", "--iters", "1", "--warmup", "0",
                            "--layouts", "qwen3-0.6b", "--only", "decode", "prefill", "mixed", "rms_norm",
                            "--out", str(out)],
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
@@ -112,7 +112,7 @@ def test_kernel_configs_sweep_under_the_interpreter(tmp_path) -> None:
     interpreter, in a subprocess: every candidate runs and agrees with the shipped choice."""
     out = tmp_path / "kc.json"
     tuning = tmp_path / "tuning.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_configs", "--tiny", "--iters", "1",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_configs", "--tiny", "--iters", "1", "--warmup", "0",
                            "--out", str(out), "--write-tuning", str(tuning)], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
