@@ -523,8 +523,9 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
     from engine.model_runner import ModelRunner
 
     path = tiny_checkpoints["llama"]
-    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_model_len=256, max_num_seqs=8,
-              enforce_eager=enforce_eager, async_scheduling=True, gpu_memory_utilization=0.05)
+    # The shapes of test_cuda_graphs_give_eager_tokens_on_gpu: its compiled kernels serve here too.
+    llm = LLM(path, num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32",
+              enforce_eager=enforce_eager, async_scheduling=True)
     assert (llm.engine.runner.cuda_graphs is None) is enforce_eager
     execute = ModelRunner.execute
     launches: list[int] = []
@@ -538,7 +539,7 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
             launches.append(1)
 
     monkeypatch.setattr(ModelRunner, "execute", strict)
-    ps = prompts(5, 6, 1, 60)
+    ps = prompts(5, 6, 1, 40)
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=7, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0.7, min_p=0.1, logprobs=3, ignore_eos=True),
