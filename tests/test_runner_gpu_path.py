@@ -517,9 +517,8 @@ def test_gpu_engine_matches_transformers(tiny_checkpoints: dict[str, str], kind:
 def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[str, str],
                                                         monkeypatch: pytest.MonkeyPatch, enforce_eager: bool) -> None:
     """What async scheduling needs of the GPU path: launching a step (its inputs' copy, the
-    forward, sampling with penalties, seeds, top-k/top-p/min-p, logit bias and logprobs) never
-    waits for the device; torch's sync debug mode makes any such wait an error. Prompt
-    logprobs are left out: their step waits for them (they come back with its tokens)."""
+    forward, sampling with penalties, seeds, top-k/top-p/min-p, logit bias, logprobs and prompt
+    logprobs) never waits for the device; torch's sync debug mode makes any such wait an error."""
     from engine.model_runner import ModelRunner
 
     path = tiny_checkpoints["llama"]
@@ -540,7 +539,7 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
 
     monkeypatch.setattr(ModelRunner, "execute", strict)
     ps = prompts(5, 6, 1, 40)
-    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+    params = [SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=2, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=7, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0.7, min_p=0.1, logprobs=3, ignore_eos=True),
               SamplingParams(max_tokens=12, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3,
@@ -549,3 +548,4 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
               SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=3, ignore_eos=True)]
     out = llm.generate(ps, params)
     assert len(launches) > 12 and all(len(c.token_ids) == 12 for o in out for c in o.outputs)
+    assert len(out[0].prompt_logprobs) == len(ps[0])
