@@ -509,3 +509,62 @@ def test_requests_take_the_generation_configs_sampling_where_they_set_none():
     client.info.default_sampling = {}  # --generation-config none, or a model without advice
     plain = params(serving.completion_job, CompletionRequest(prompt=[1, 2, 3]))
     assert (plain["temperature"], plain["top_p"], plain["top_k"], plain["max_tokens"]) == (1.0, 1.0, 0, 16)
+
+
+@pytest.mark.parametrize("answer", ["abort output", "worker death", "no answer"])
+def test_a_cut_short_requests_line_waits_for_the_workers_abort(answer, caplog, monkeypatch):
+    """The line of a request cut short (here: the client left) is written once the worker's
+    abort output is in, with the engine's times and the tokens made before the cut; or when
+    the worker dies; or, should the worker never answer, after ABORT_LOG_GRACE_S. Its error
+    is counted at once either way."""
+    from server import serving as serving_module
+    from server.engine_client import EngineDeadError, Generation
+    from server.serving import Job, OpenAIServing
+
+    monkeypatch.setattr(serving_module, "ABORT_LOG_GRACE_S", 0.05)
+
+    class Client:
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+
+        def abort(self, ids: list[str]) -> None:
+            self.aborted.extend(ids)
+
+    async def run() -> tuple[list[str], int, Metrics]:
+        metrics = Metrics(gpu=False)
+        serving = OpenAIServing(ServerConfig(), None, client=None, metrics=metrics,
+                                request_logger=RequestLogger(log_text=False), model_name="m")
+        record = RequestRecord("cmpl-1", "completions")
+        job = Job(kind="completion", request_id="cmpl-1", model="m", created=0, arrival=0.0, prompts=[[1, 2, 3]],
+                  prompt_texts=["p"], params={}, n=1, stream=True, include_usage=False, echo=False, logprobs=None,
+                  record=record)
+        client = Client()
+        generation = Generation(client=client, ids=["e-0"])
+        serving._choices(job)
+        serving._absorb(job, job.choices, 0, _frame("e-0", 0, "He", [5], 1), job.cached)
+        serving._abort(job, generation)
+        serving.cancelled(record)
+        assert client.aborted == ["e-0"] and not caplog.records  # counted, not yet written
+        lines_before = len(caplog.records)
+        if answer == "abort output":
+            out = _frame("e-0", 0, "llo", [6], 2, "abort")
+            out["metrics"] = {"arrival_time": 10.0, "first_scheduled_time": 10.5, "first_token_time": 11.0,
+                              "finish_time": 12.0, "inter_token_latencies": [1.0]}
+            generation._deliver(0, out)
+        elif answer == "worker death":
+            generation._fail(EngineDeadError("gone"))
+        else:
+            await asyncio.sleep(0.2)
+        return [r.getMessage() for r in caplog.records], lines_before, metrics
+
+    with caplog.at_level(logging.INFO, logger="stoke.requests"):
+        messages, before, metrics = asyncio.run(run())
+    assert before == 0 and len(messages) == 1
+    line = json.loads(messages[0])
+    assert (line["status"], line["error_type"]) == (499, "aborted")
+    assert metrics.errors.labels("aborted")._value.get() == 1
+    if answer == "abort output":
+        assert line["completion_tokens"] == 2
+        assert (line["queue_time_s"], line["ttft_s"], line["e2e_s"]) == (0.5, 1.0, 2.0)
+    else:
+        assert line["completion_tokens"] == 1 and line["queue_time_s"] is None and line["e2e_s"] is None
