@@ -44,6 +44,7 @@ class _SamplingRequest(_Model):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
 
 
 class CompletionRequest(_SamplingRequest):

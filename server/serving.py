@@ -289,6 +289,22 @@ class OpenAIServing:
             return encode()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode)
 
+    def _truncated(self, req: CompletionRequest | ChatCompletionRequest, tokens: list[int]) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len), the
+        same list when it is no longer."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return tokens
+        limit = self._max_model_len()
+        if k == -1:
+            k = limit
+        if k < 1:
+            raise errors.invalid(f"truncate_prompt_tokens must be -1 or >= 1, got {k}", param="truncate_prompt_tokens")
+        if k > limit:
+            raise errors.invalid(f"truncate_prompt_tokens ({k}) is greater than max_model_len ({limit})",
+                                 param="truncate_prompt_tokens")
+        return tokens[-k:] if len(tokens) > k else tokens
+
     async def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
         if req.suffix:
@@ -306,12 +322,10 @@ class OpenAIServing:
             raise errors.invalid("prompt must not be empty", param="prompt")
         prompts, texts = [], []
         for p in raw:
-            if isinstance(p, str):
-                prompts.append(await self._encode(p))
-                texts.append(p)
-            else:
-                prompts.append(list(p))
-                texts.append(None)
+            tokens = await self._encode(p) if isinstance(p, str) else list(p)
+            kept = self._truncated(req, tokens)
+            prompts.append(kept)
+            texts.append(p if isinstance(p, str) and kept is tokens else None)  # None: decoded when echoed
         max_tokens = self._default_max_tokens(16) if req.max_tokens is None else req.max_tokens
         echo_only = bool(req.echo) and max_tokens == 0
         if max_tokens == 0 and not echo_only:
@@ -340,6 +354,8 @@ class OpenAIServing:
             raise errors.invalid("top_logprobs must be >= 0", param="top_logprobs")
         text = self._render_chat(req)
         tokens = await self._encode(text, add_special_tokens=False)
+        kept = self._truncated(req, tokens)
+        text, tokens = (text if kept is tokens else None), kept
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             room = max(1, self._max_model_len() - len(tokens))

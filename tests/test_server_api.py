@@ -228,6 +228,34 @@ def test_echo_with_max_tokens_0_returns_the_prompt_alone(client, model):
     assert info.value.body["param"] == "max_tokens"
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, model, tokenizer):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens are what the model sees (and
+    what echo returns); -1 means the context length, so an over-long prompt fits; k beyond it
+    or below -1 is a 400."""
+    ids = tokenizer.encode(PROMPT)
+    k = len(ids) - 2
+    whole = client.completions.create(model=model, prompt=ids[-k:], max_tokens=4, temperature=0)
+    cut = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": k})
+    assert cut.usage.prompt_tokens == k and cut.choices[0].text == tokenizer.decode(ids[-k:]) + whole.choices[0].text
+    short = client.completions.create(model=model, prompt=ids, max_tokens=1, extra_body={"truncate_prompt_tokens": 99})
+    assert short.usage.prompt_tokens == len(ids)  # no longer than k: unchanged
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=1,
+                                          extra_body={"truncate_prompt_tokens": 3})
+    assert chat.usage.prompt_tokens == 3
+    # 8,000 ids of an 8,192 context, cut to the last 100: room for the answer
+    long = client.completions.create(model=model, prompt=[5] * 7900 + ids, max_tokens=2,
+                                     extra_body={"truncate_prompt_tokens": 100})
+    assert long.usage.prompt_tokens == 100
+    with pytest.raises(openai.BadRequestError) as info:  # the whole context: no room left for max_tokens
+        client.completions.create(model=model, prompt=[5] * 9000, max_tokens=2, extra_body={"truncate_prompt_tokens": -1})
+    assert info.value.body["code"] == "context_length_exceeded"
+    for bad in (0, -2, 8193):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=1, extra_body={"truncate_prompt_tokens": bad})
+        assert info.value.body["param"] == "truncate_prompt_tokens"
+
+
 @pytest.mark.parametrize("echo", [False, True])
 def test_streamed_logprobs_add_up_to_the_whole(client, model, echo):
     """A streamed completion's logprobs, chunk after chunk, are the whole body's: the same
