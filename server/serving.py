@@ -824,8 +824,9 @@ class OpenAIServing:
     @staticmethod
     def _chunk(job: Job, index: int, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
         chunk = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model, "choices": [choice]}
-        if job.continuous_usage:  # as vLLM's: the choice's own tokens so far
-            prompt_tokens, completion_tokens = len(job.prompts[index // job.n]), job.choices[index].num_tokens
+        if job.continuous_usage:  # as vLLM's: the choice's own tokens so far (none before its content)
+            prompt_tokens = len(job.prompts[index // job.n])
+            completion_tokens = 0 if "role" in choice.get("delta", ()) else job.choices[index].num_tokens
             chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens}
         return chunk

@@ -111,6 +111,7 @@ def test_chat_and_streaming_with_usage(client, model):
     assert "".join(c.choices[0].delta.content or "" for c in continuous if c.choices) == content
     counts = [c.usage.completion_tokens for c in continuous]
     assert counts == sorted(counts) and counts[-2] == counts[-1] == full.usage.completion_tokens
+    assert continuous[0].choices[0].delta.role == "assistant" and counts[0] == 0  # vLLM's role chunk
     assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in continuous)
 
     max_completion = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=2,
