@@ -10,12 +10,13 @@ worker died: every in-flight Generation fails with EngineDeadError and `on_death
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,21 +105,36 @@ class Generation:
         choice, not one per token, so the HTTP process's cost per token falls as load rises.
         An error is raised after the outputs queued before it."""
         while self.unfinished or not self.queue.empty():
-            batch: list[tuple[int, dict[str, Any]]] = []
-            item = await self.queue.get()
-            while True:
-                if isinstance(item, BaseException):
-                    if batch:
-                        yield batch
-                    raise item
-                index, output = item
-                if output["finished"]:
-                    self.unfinished.discard(output["id"])
-                batch.append((index, output))
-                if self.queue.empty():
-                    break
-                item = self.queue.get_nowait()
-            yield batch
+            first = await self.queue.get()
+            batch, error = self._fold(itertools.chain((first,), self._queued()))
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
+
+    def take_queued(self) -> list[tuple[int, dict[str, Any]]]:
+        """Without waiting, for a generation nobody iterates any more (`on_delivery`): the
+        outputs queued now. After an error (the worker is gone) nothing will come: finished."""
+        batch, error = self._fold(self._queued())
+        if error is not None:
+            self.unfinished.clear()
+        return batch
+
+    def _queued(self) -> Iterator[Any]:
+        while not self.queue.empty():
+            yield self.queue.get_nowait()
+
+    def _fold(self, items: Iterable[Any]) -> tuple[list[tuple[int, dict[str, Any]]], BaseException | None]:
+        """Outputs up to the first error (returned apart); a finished one's request leaves `unfinished`."""
+        batch: list[tuple[int, dict[str, Any]]] = []
+        for item in items:
+            if isinstance(item, BaseException):
+                return batch, item
+            index, output = item
+            if output["finished"]:
+                self.unfinished.discard(output["id"])
+            batch.append((index, output))
+        return batch, None
 
     def abort(self) -> None:
         """Stop every unfinished engine request of this generation (idempotent, never raises)."""

@@ -495,6 +495,8 @@ class OpenAIServing:
     def _abort(self, job: Job, generation: Generation) -> None:
         """Stop the job's unfinished engine requests. Their last outputs (the abort's, with the
         engine's timestamps) arrive within a step; the log line waits for them."""
+        if not job.choices:  # cancelled before its outputs were awaited
+            self._choices(job)
         self._usage(job, job.choices, job.cached)  # what was generated before the cut
         if generation.finished or generation.failed is not None or job.record._awaiting_engine:
             return
@@ -508,18 +510,8 @@ class OpenAIServing:
     def _settle(self, job: Job, generation: Generation) -> None:
         """An aborted generation's outputs, as they arrive: folded in, and the line written once
         the last one is in (or the worker is gone)."""
-        while not generation.queue.empty():
-            item = generation.queue.get_nowait()
-            if isinstance(item, BaseException):
-                generation.unfinished.clear()
-                break
-            index, output = item
-            if output["finished"]:
-                generation.unfinished.discard(output["id"])
-            if job.choices:
-                self._absorb(job, job.choices, index, output, job.cached)
-            elif output["finished"]:
-                job.record.add_engine_metrics(output.get("metrics"))
+        for index, output in generation.take_queued():
+            self._absorb(job, job.choices, index, output, job.cached)
         if generation.finished:
             generation.on_delivery = None
             self._usage(job, job.choices, job.cached)
