@@ -26,6 +26,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
+    """predicate's first true value within timeout seconds (polled), else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def idle(server: ServerProcess) -> bool:
+    """Nothing running or waiting in the server's engine, and no KV block in use."""
+    m = server.metrics()
+    return m["stoke_requests_running"] == 0 and m["stoke_requests_waiting"] == 0 and \
+        m["stoke_kv_cache_usage_ratio"] == 0
+
+
 class ServerProcess:
     def __init__(self, *args: str, ready_timeout: float = 240.0) -> None:
         self.args = list(args)

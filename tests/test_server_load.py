@@ -17,7 +17,7 @@ import time
 import openai
 import pytest
 
-from tests.server_harness import ServerProcess
+from tests.server_harness import ServerProcess, idle, wait_for
 
 MAX_NUM_SEQS = 8
 
@@ -34,24 +34,8 @@ def client(server):
     return server.client()
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
 def delta(after: dict, before: dict, name: str) -> float:
     return after[name] - before[name]
-
-
-def idle(server) -> bool:
-    m = server.metrics()
-    return m["stoke_requests_running"] == 0 and m["stoke_requests_waiting"] == 0 and \
-        m["stoke_kv_cache_usage_ratio"] == 0
 
 
 def test_shared_prefix_raises_hit_counter(server, client):
