@@ -270,11 +270,12 @@ class OpenAIServing:
         record.n = params["n"]
         record.stream = stream
         record.prompt_tokens = sum(len(p) for p in prompts)
-        if self.request_logger.log_text:
-            record.prompt = prompt_texts[0] if len(prompt_texts) == 1 else prompt_texts
         job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
                   prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
         job.continuous_usage = include_usage and bool(req.stream_options.continuous_usage_stats)
+        if self.request_logger.log_text:  # what the model sees: a truncated or token-id prompt decoded
+            texts = [self._prompt_text(job, i) for i in range(len(prompts))]
+            record.prompt = texts[0] if len(texts) == 1 else texts
         return job
 
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

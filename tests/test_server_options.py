@@ -1,6 +1,7 @@
 """`stoke serve` options that change what requests get, on a real server (embedded default
 model) driven by the `openai` SDK: `--chat-template`, `--generation-config`,
-`--allowed-origins`, `--request-timeout`, `--max-pending-requests` and `--served-model-name`."""
+`--allowed-origins`, `--request-timeout`, `--max-pending-requests`, `--served-model-name` and
+`--log-request-text`."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     with ServerProcess("--kv-cache-memory-bytes", "160MiB", "--cpu-threads", "1",
                        "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root),
                        "--allowed-origins", ORIGIN, "--request-timeout", str(REQUEST_TIMEOUT),
-                       "--max-pending-requests", "2", "--served-model-name", SERVED_NAME) as s:
+                       "--max-pending-requests", "2", "--served-model-name", SERVED_NAME,
+                       "--log-request-text") as s:
         yield s
 
 
@@ -169,3 +171,30 @@ def test_served_model_name_is_the_model_id(client):
     with pytest.raises(openai.NotFoundError) as info:  # the directory's name is not an alias
         client.completions.create(model="SmolLM2-135M-Instruct-Q4_1", prompt="Hi", max_tokens=1)
     assert info.value.body["code"] == "model_not_found"
+
+
+def test_log_request_text_logs_what_the_model_saw(server, client):
+    """Each log line carries the prompt the model saw and the text it wrote: a truncated
+    prompt's kept end, a token-id prompt decoded, a chat as its template rendered it."""
+    from transformers import AutoTokenizer
+
+    from engine.default_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    text = "one two three four five six"
+    ids = tokenizer.encode(text)
+    requests = [
+        ({"prompt": text}, text),
+        ({"prompt": text, "extra_body": {"truncate_prompt_tokens": 2}}, tokenizer.decode(ids[-2:])),
+        ({"prompt": ids[:3]}, tokenizer.decode(ids[:3])),
+        ({"prompt": [ids[:3], ids[-2:]]}, [tokenizer.decode(ids[:3]), tokenizer.decode(ids[-2:])]),
+    ]
+    for kwargs, seen in requests:
+        out = client.completions.create(model=None, max_tokens=2, **kwargs)
+        line = [entry for entry in server.log_lines() if entry["request_id"] == out.id]
+        assert len(line) == 1 and line[0]["prompt"] == seen
+        written = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+        assert line[0]["output"] == (written[0] if len(written) == 1 else written)
+    chat = client.chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    (line,) = [entry for entry in server.log_lines() if entry["request_id"] == chat.id]
+    assert line["prompt"] == "<user> Hi\n<assistant>" and line["output"] == chat.choices[0].message.content
