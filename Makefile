@@ -5,14 +5,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Write a haiku about GPUs.
 
-.PHONY: install test generate bench lint clean serve gpu-check gpu-carry
+.PHONY: install test generate bench lint clean serve gpu-check gpu-carry lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The releases `make test` last passed with: a fresh clone installs these, so a release upstream
+# cannot turn CI red overnight (transformers 5.25 did). `make lock` moves them to the newest
+# within pyproject.toml's ranges; commit the file once `make test` passes with it.
+CONSTRAINTS := constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	# Hugging Face's `kernels` (brought by transformers >= 5.25 into a venv made before the pin)
 	# is a top-level package of our `kernels`' name: whichever comes first breaks the other.
 	$(PY) -m pip uninstall -q -y kernels 2>/dev/null
@@ -54,6 +59,16 @@ gpu-check:
 # carry=["results/gpu_carry"]), for gpu-check's stoke serve stage.
 gpu-carry: install
 	$(PY) -m benchmarks.gpu_check --prepare-carry
+
+LOCK_VENV := $(VENV)-lock
+
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[test]'
+	{ echo "# make lock: the releases make test passes with (make install installs these)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
