@@ -382,14 +382,22 @@ class LLMEngine:
             sample.cumulative_logprob += logprob
         num_out = request.num_output_tokens
         past_min = num_out >= params.min_tokens
-        stop_string = sample.detokenizer.add_token(token, past_min) if sample.detokenizer is not None else False
-        if past_min:
-            if token in self.eos_token_ids and not params.ignore_eos:
-                return self._finish(sample, "stop")
-            if token in params.stop_token_ids:
-                return self._finish(sample, "stop", token)
-            if stop_string:
-                return self._finish(sample, "stop", sample.detokenizer.stop_reason)
+        eos = past_min and token in self.eos_token_ids and not params.ignore_eos
+        stop_token = past_min and token in params.stop_token_ids
+        # As vLLM: the text ends before a stop token (EOS included), whose id stays in the
+        # output's ids, unless include_stop_str_in_output.
+        if sample.detokenizer is not None and (not (eos or stop_token) or params.include_stop_str_in_output):
+            # Stop strings count from the token after the first min_tokens, as in vLLM (the
+            # sampler holds EOS and stop ids back until then too).
+            stop_string = sample.detokenizer.add_token(token, num_out > params.min_tokens)
+        else:
+            stop_string = False
+        if eos:
+            return self._finish(sample, "stop")
+        if stop_token:
+            return self._finish(sample, "stop", token)
+        if stop_string:
+            return self._finish(sample, "stop", sample.detokenizer.stop_reason)
         if num_out >= request.max_tokens or len(request.token_ids) >= self.max_model_len:
             self._finish(sample, "length")
 

@@ -239,6 +239,47 @@ def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
     assert longer.token_ids[: n - 1] == stopped.token_ids[: n - 1] and longer.token_ids[n - 1] not in eos
 
 
+def test_a_stop_tokens_text_is_not_output(default_llm: LLM) -> None:
+    """As vLLM: generation that ends on a stop token (stop_token_ids, or EOS) keeps the
+    token's id but not its text, unless include_stop_str_in_output; special tokens too."""
+    prompt = "The capital of France is"
+    ids = default_llm.generate(prompt, SamplingParams(max_tokens=8, **GREEDY))[0].outputs[0].token_ids
+    k = next(i for i in range(2, 8) if ids[i] not in ids[:i])  # the first time the token comes
+
+    def text(**params) -> tuple[str, list[int]]:
+        out = default_llm.generate(prompt, SamplingParams(**(dict(max_tokens=8, **GREEDY) | params)))[0].outputs[0]
+        return out.text, out.token_ids
+
+    assert text(stop_token_ids=[ids[k]]) == (text(max_tokens=k)[0], ids[:k + 1])
+    assert text(stop_token_ids=[ids[k]], include_stop_str_in_output=True) == (text(max_tokens=k + 1)[0], ids[:k + 1])
+    tokenizer = default_llm.get_tokenizer()
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                         add_generation_prompt=True)
+    for include in (False, True):
+        out = default_llm.generate(chat, SamplingParams(max_tokens=60, temperature=0.0, skip_special_tokens=False,
+                                                        include_stop_str_in_output=include))[0].outputs[0]
+        eos = tokenizer.decode(out.token_ids[-1:])
+        assert out.finish_reason == "stop" and eos.startswith("<|")
+        assert out.text == tokenizer.decode(out.token_ids[:len(out.token_ids) - (not include)])
+        assert out.text.endswith(eos) == include
+
+
+def test_stop_strings_count_from_the_token_after_min_tokens(default_llm: LLM) -> None:
+    """As vLLM: a stop string ending in one of the first min_tokens tokens does not stop (EOS
+    and stop ids cannot come before then either)."""
+    prompt = "The capital of France is"
+    full = default_llm.generate(prompt, SamplingParams(max_tokens=8, **GREEDY))[0].outputs[0]
+    tokenizer = default_llm.get_tokenizer()
+    k = 1 + next(i for i, t in enumerate(full.token_ids) if "." in tokenizer.decode([t]))  # "." ends token k
+    assert "." not in full.text[full.text.index(".") + 1:]  # once only: stopping later would be "length"
+    for min_tokens in range(k + 1):
+        out = default_llm.generate(prompt, SamplingParams(max_tokens=8, stop=["."], min_tokens=min_tokens,
+                                                          **GREEDY))[0].outputs[0]
+        stops = min_tokens < k
+        assert out.finish_reason == ("stop" if stops else "length"), min_tokens
+        assert out.text == (full.text[:full.text.index(".")] if stops else full.text)
+
+
 def test_stop_strings_are_cut_from_text(default_llm: LLM) -> None:
     full = default_llm.generate("The capital of France is", SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
     words = full.text.split()
