@@ -51,10 +51,15 @@ class SamplingParams:
                                  np.fromiter(self.logit_bias.values(), dtype=np.float32, count=n))
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise ValueError if logit_bias names a token id the model does not have."""
+        """Raise ValueError if logit_bias names a token id the model does not have, or top
+        logprobs ask for more tokens than it has."""
         if self._bias_arrays is not None and self._bias_arrays[0].max() >= vocab_size:
             raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab_size}, "
                              f"got {int(self._bias_arrays[0].max())}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and k > vocab_size:
+                raise ValueError(f"{name} must be <= the vocabulary size {vocab_size}, got {k}")
 
     @property
     def logit_bias_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -226,6 +226,19 @@ def test_stop_token_ids_min_tokens_and_logprobs(tiny_path: str, alone: dict) -> 
     assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
 
 
+def test_more_top_logprobs_than_the_vocabulary_is_refused(tiny_path: str) -> None:
+    """Asking for more top logprobs than there are tokens is a ValueError before anything is
+    queued (prompt logprobs used to fail inside the step, every step after)."""
+    llm = LLM(tiny_path, num_kv_blocks=64)
+    vocab = llm.engine.model_config.vocab_size
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=name):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, **{name: vocab + 1}))
+        assert_pool_empty(llm)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, logprobs=vocab, prompt_logprobs=vocab, **GREEDY))
+    assert len(out[0].outputs[0].logprobs[0]) == vocab and len(out[0].prompt_logprobs[1]) == vocab
+
+
 def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
     eos = default_llm.engine.eos_token_ids
     tokenizer = default_llm.get_tokenizer()
