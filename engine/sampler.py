@@ -5,7 +5,7 @@ in vLLM's order and each is skipped entirely when no row in the batch needs it, 
 all-greedy batch without penalties costs one argmax:
 
     min_tokens suppression → logit bias → repetition penalty → frequency/presence penalties
-    → greedy rows: argmax → temperature → top-k → top-p → min-p → sample
+    → greedy rows: argmax → temperature → min-p → top-k → top-p → sample
 
 Random sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws from
 `probs` exactly. A row with its own `torch.Generator` (a seeded request) draws its noise from
@@ -420,20 +420,21 @@ class Sampler:
 
     @staticmethod
     def _process(x: torch.Tensor, plan: dict, st: _Staged) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p for the rows that sample at random."""
+        """Temperature, min-p, then top-k and top-p over what min-p left (vLLM V1's order)
+        for the rows that sample at random."""
         if st.get("temp") is not None:
             x = x / st.col("temp")
-        if plan["top_k_top_p"]:
-            idx = st.get("kp_idx")
-            k_col = st.col("top_k") if st.get("top_k") is not None else None
-            p_col = st.col("top_p") if st.get("top_p") is not None else None
-            x = _put(x, idx, _apply_top_k_top_p(_take(x, idx), plan["k_max"], k_col, p_col))
         if plan.get("min_p"):
             idx = st.get("min_p_idx")
             sub = _take(x, idx)
             probs = sub.softmax(dim=-1)
             thresh = probs.amax(dim=-1, keepdim=True) * st.col("min_p")
             x = _put(x, idx, sub.masked_fill(probs < thresh, float("-inf")))
+        if plan["top_k_top_p"]:
+            idx = st.get("kp_idx")
+            k_col = st.col("top_k") if st.get("top_k") is not None else None
+            p_col = st.col("top_p") if st.get("top_p") is not None else None
+            x = _put(x, idx, _apply_top_k_top_p(_take(x, idx), plan["k_max"], k_col, p_col))
         return x
 
     @staticmethod

@@ -199,12 +199,15 @@ def test_top_k_top_p_min_p_keep_only_allowed_tokens():
         (SamplingParams(top_p=0.8), {i for i in range(8) if float(probs[:i].sum()) < 0.8}),
         (SamplingParams(min_p=0.3), {i for i in range(8) if float(probs[i]) >= 0.3 * float(probs.max())}),
         (SamplingParams(top_k=5, top_p=0.8, temperature=0.5), None),  # checked below
+        # vLLM V1's order: min-p first, then top-p over what it left. top-p first would keep
+        # token 2 (the mass before it, 0.8, is below 0.85), and min-p (0.08 >= 0.05) too.
+        (SamplingParams(min_p=0.1, top_p=0.85), {0, 1}, torch.tensor([0.5, 0.3, 0.08] + [0.01] * 12).log()),
     ]
-    for params, allowed in cases:
+    for params, allowed, *own_logits in cases:
         if allowed is None:  # temperature first, then top-k, then top-p on what is left
             p = (logits / 0.5)[:5].softmax(-1)
             allowed = {i for i in range(5) if float(p[:i].sum()) < 0.8}
-        out = sampler(logits.expand(n, -1), [row(params)] * n).token_ids
+        out = sampler((own_logits or [logits])[0].expand(n, -1), [row(params)] * n).token_ids
         seen = set(out)
         assert seen <= allowed, (params, seen, allowed)
         assert seen == allowed, (params, seen, allowed)  # every allowed token still sampled
