@@ -173,8 +173,8 @@ class LLMEngine:
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
+        if max_tokens is None:  # as long as the context, and the KV pool, allow
+            max_tokens = max(1, self.scheduler.max_sequence_tokens - len(prompt_token_ids))
         self.scheduler.check_admissible(len(prompt_token_ids), max_tokens)
         return max_tokens
 

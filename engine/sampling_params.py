@@ -12,7 +12,7 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # None: as long as the context and the KV pool allow
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0

@@ -81,6 +81,12 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------- requests
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence (prompt + output) that can be admitted: the context length, or
+        the whole KV pool where that holds less."""
+        return min(self.config.max_model_len, self.config.num_blocks * self.config.block_size)
+
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise AdmissionError for a request that could never be served."""
         total = num_prompt_tokens + max_tokens

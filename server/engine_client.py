@@ -47,6 +47,7 @@ class WorkerInfo:
     num_blocks: int
     block_size: int
     default_sampling: dict[str, Any]  # the generation config's: what a request leaves unset takes
+    max_sequence_tokens: int  # prompt + output of the longest request admitted (context or pool)
 
 
 @dataclass(slots=True)
@@ -293,7 +294,8 @@ class EngineClient:
         kind = frame.get("type")
         if kind == "ready":
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
-                                   frame["num_blocks"], frame["block_size"], frame["default_sampling"])
+                                   frame["num_blocks"], frame["block_size"], frame["default_sampling"],
+                                   frame["max_sequence_tokens"])
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

@@ -359,7 +359,7 @@ class OpenAIServing:
         text, tokens = (text if kept is tokens else None), kept
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
-            room = max(1, self._max_model_len() - len(tokens))
+            room = max(1, self.client.info.max_sequence_tokens - len(tokens))
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_fields(req, max_tokens, logprobs)

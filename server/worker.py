@@ -100,6 +100,7 @@ class Worker:
             "vocab_size": e.model_config.vocab_size,
             "num_blocks": e.scheduler.block_manager.num_blocks,
             "block_size": e.scheduler.block_manager.block_size,
+            "max_sequence_tokens": e.scheduler.max_sequence_tokens,
             "default_sampling": e.default_sampling,
             "frozen_objects": self.heap.frozen_baseline,
             "stats": self.stats(),

@@ -239,6 +239,16 @@ def test_more_top_logprobs_than_the_vocabulary_is_refused(tiny_path: str) -> Non
     assert len(out[0].outputs[0].logprobs[0]) == vocab and len(out[0].prompt_logprobs[1]) == vocab
 
 
+def test_unset_max_tokens_runs_to_the_context_or_the_pool(tiny_path: str) -> None:
+    """max_tokens=None: up to the context length, or to the whole KV pool where it holds less
+    (4 blocks of 16 here, under a 4,096-token context): served, never refused."""
+    llm = LLM(tiny_path, num_kv_blocks=4, block_size=16)
+    assert llm.engine.max_model_len > 64
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=None, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == 64 - 3 and out.finish_reason == "length"
+    assert_pool_empty(llm)
+
+
 def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
     eos = default_llm.engine.eos_token_ids
     tokenizer = default_llm.get_tokenizer()

@@ -491,7 +491,7 @@ def test_requests_take_the_generation_configs_sampling_where_they_set_none():
     from transformers import AutoTokenizer
 
     default = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_tokens": 8}
-    client = types.SimpleNamespace(info=WorkerInfo("m", 1000, 49152, 16, 16, default))
+    client = types.SimpleNamespace(info=WorkerInfo("m", 1000, 49152, 16, 16, default, 256))
     serving = OpenAIServing(ServerConfig(), AutoTokenizer.from_pretrained(default_model_path()), client=client,
                             metrics=Metrics(), request_logger=RequestLogger(log_text=False), model_name="m")
 
@@ -509,6 +509,13 @@ def test_requests_take_the_generation_configs_sampling_where_they_set_none():
     client.info.default_sampling = {}  # --generation-config none, or a model without advice
     plain = params(serving.completion_job, CompletionRequest(prompt=[1, 2, 3]))
     assert (plain["temperature"], plain["top_p"], plain["top_k"], plain["max_tokens"]) == (1.0, 1.0, 0, 16)
+    # A chat without max_tokens may run to the end of the context, or of the KV pool where
+    # that holds less (here 256 tokens of a 1,000-token context): never a request refused.
+    messages = [{"role": "user", "content": "hi"}]
+    tokenizer = serving.tokenizer
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False)
+    assert params(serving.chat_job, ChatCompletionRequest(messages=messages))["max_tokens"] == 256 - len(prompt)
 
 
 @pytest.mark.parametrize("answer", ["abort output", "worker death", "no answer"])
