@@ -215,9 +215,13 @@ class OpenAIServing:
         n = 1 if req.n is None else req.n
         if n > cfg.max_n:
             raise errors.invalid(f"n must be <= {cfg.max_n} on this server, got {n}", param="n")
+        # Errors name the field the client sent: a chat's max_tokens may come as max_completion_tokens.
+        sent_as = {"max_tokens": "max_completion_tokens"} \
+            if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None else {}
         if max_tokens is not None and cfg.max_tokens_limit is not None and max_tokens > cfg.max_tokens_limit:
-            raise errors.invalid(f"max_tokens must be <= {cfg.max_tokens_limit} on this server, got {max_tokens}",
-                                 param="max_tokens")
+            name = sent_as.get("max_tokens", "max_tokens")
+            raise errors.invalid(f"{name} must be <= {cfg.max_tokens_limit} on this server, got {max_tokens}",
+                                 param=name)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > cfg.max_stop:
             raise errors.invalid(f"at most {cfg.max_stop} stop sequences are allowed, got {len(stop)}", param="stop")
@@ -259,13 +263,17 @@ class OpenAIServing:
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]
-            raise errors.invalid(message, param=name if name in fields else None) from None
+            if name in sent_as:
+                message, name = sent_as[name] + message[len(name):], sent_as[name]
+            raise errors.invalid(message, param=name if name in fields or name in sent_as.values() else None) from None
         return fields
 
     def _job(self, kind: str, req: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
              arrival: float, prompts: list[list[int]], prompt_texts: list[str | None], params: dict[str, Any],
              echo: bool, logprobs: int | None) -> Job:
         stream = bool(req.stream)
+        if req.stream_options is not None and not stream:  # as OpenAI and vLLM
+            raise errors.invalid("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
         record.n = params["n"]
         record.stream = stream
@@ -405,7 +413,7 @@ class OpenAIServing:
                         raise errors.unsupported(f"message content of type '{part.type}' is not supported",
                                                  param=f"messages.{i}.content")
                     parts.append(part.text)
-                content = "".join(parts)
+                content = "\n".join(parts)  # as vLLM joins a string-content template's parts
             message: dict[str, Any] = {"role": m.role, "content": content or ""}
             if m.name:
                 message["name"] = m.name
@@ -816,6 +824,8 @@ class OpenAIServing:
 
     @staticmethod
     def _chunk(job: Job, index: int, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        if choice["finish_reason"] is not None:  # the choice's last chunk, as vLLM's: what stopped it
+            choice["stop_reason"] = job.choices[index].stop_reason
         chunk = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model, "choices": [choice]}
         if job.continuous_usage:  # as vLLM's: the choice's own tokens so far (none before its content)
             prompt_tokens = len(job.prompts[index // job.n])

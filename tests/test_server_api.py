@@ -159,9 +159,15 @@ def test_stop_strings(client, model):
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop])
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == free[:free.index(stop)]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=stop, stream=True))
-    assert streamed == out.choices[0].text
+    assert out.choices[0].model_extra["stop_reason"] == stop
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    # The last chunk says what stopped the choice, as the body does (vLLM's stop_reason).
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].model_extra["stop_reason"] == stop
+    chat = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=2, stream=True))
+    assert chat[-1].choices[0].finish_reason == "length" and chat[-1].choices[0].model_extra["stop_reason"] is None
 
 
 def test_logprobs(client, model):
@@ -303,6 +309,11 @@ def test_tokenize_and_detokenize(server, client, model, tokenizer):
     assert status == 200 and len(chat_ids) == usage.prompt_tokens
     assert chat_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
+    # Text content parts reach the template as one string, joined by newlines (as vLLM).
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]}]
+    status, raw = _post(server, "/tokenize", _j({"messages": parts}))
+    assert status == 200 and json.loads(raw)["tokens"] == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say\nhello"}], add_generation_prompt=True, tokenize=True, return_dict=False)
     status, raw = _post(server, "/detokenize", _j({"model": model, "tokens": body["tokens"]}))
     assert status == 200 and json.loads(raw) == {"prompt": PROMPT}
     for path, request, code in (("/tokenize", {}, "invalid_value"),
@@ -369,6 +380,21 @@ BAD_INPUTS = [
     ("oversized body", "/v1/completions", _j({"prompt": "x" * 70000}), 413, "request_too_large"),
     ("unknown route", "/v1/engines", _j({}), 404, "not_found"),
 ]
+
+
+def test_errors_name_the_field_the_client_sent(server):
+    """A chat's max_completion_tokens is checked as max_tokens, but its errors name it; and
+    stream_options without stream is refused (OpenAI, vLLM)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for body, param in ((chat | {"max_completion_tokens": 0}, "max_completion_tokens"),
+                        (chat | {"max_completion_tokens": 513}, "max_completion_tokens"),
+                        (chat | {"max_tokens": 513}, "max_tokens"),
+                        (chat | {"stream_options": {"include_usage": True}}, "stream_options"),
+                        ({"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, "stream_options")):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, raw = _post(server, path, _j(body))
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] == param and error["message"].startswith(param), raw
 
 
 @pytest.mark.parametrize("name,path,body,status,code", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
