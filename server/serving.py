@@ -263,9 +263,10 @@ class OpenAIServing:
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]
-            if name in sent_as:
-                message, name = sent_as[name] + message[len(name):], sent_as[name]
-            raise errors.invalid(message, param=name if name in fields or name in sent_as.values() else None) from None
+            param = sent_as.get(name, name) if name in fields else None
+            if param is not None and param != name:
+                message = param + message[len(name):]
+            raise errors.invalid(message, param=param) from None
         return fields
 
     def _job(self, kind: str, req: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
