@@ -86,13 +86,18 @@ class LLM:
         for tokens, p in zip(token_prompts, params):
             self.engine.validate(tokens, p)
         ids = []
-        for prompt, tokens, p in zip(prompts, token_prompts, params):
-            request_id = f"offline-{self._counter}"
-            self._counter += 1
-            self.engine.add_request(request_id, prompt, p, prompt_token_ids=tokens)
-            ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step(outputs="final"):
-                finished[output.request_id] = output
+        try:
+            for prompt, tokens, p in zip(prompts, token_prompts, params):
+                request_id = f"offline-{self._counter}"
+                self._counter += 1
+                self.engine.add_request(request_id, prompt, p, prompt_token_ids=tokens)
+                ids.append(request_id)
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step(outputs="final"):
+                    finished[output.request_id] = output
+        except BaseException:  # e.g. Ctrl-C in a notebook: the next call must not run these first
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
         return [finished[i] for i in ids]

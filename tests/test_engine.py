@@ -249,6 +249,29 @@ def test_unset_max_tokens_runs_to_the_context_or_the_pool(tiny_path: str) -> Non
     assert_pool_empty(llm)
 
 
+def test_an_interrupted_generate_leaves_nothing_behind(tiny_path: str, monkeypatch) -> None:
+    """Ctrl-C (or any error) inside generate aborts its requests: their blocks return, and the
+    next call runs only its own prompts."""
+    llm = LLM(tiny_path, num_kv_blocks=64)
+    real_step, calls = llm.engine.step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=20, **GREEDY))
+    monkeypatch.setattr(llm.engine, "step", real_step)
+    while llm.engine.has_unfinished_requests():  # a launched step's surplus tokens, if any
+        assert llm.engine.step() == []
+    assert_pool_empty(llm)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, **GREEDY))
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4
+
+
 def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
     eos = default_llm.engine.eos_token_ids
     tokenizer = default_llm.get_tokenizer()
