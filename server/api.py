@@ -48,9 +48,10 @@ def error_response(exc: APIError) -> JSONResponse:
 class BodyLimitMiddleware:
     """413 for a body over the cap, before any of it is parsed (Content-Length or streamed)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_refused: Callable[[Request, APIError], None]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_refused = on_refused  # counts it, and logs its line
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -78,10 +79,9 @@ class BodyLimitMiddleware:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
         if too_large:
-            app_state = scope["app"].state if "app" in scope else None
-            if app_state is not None and hasattr(app_state, "metrics"):
-                app_state.metrics.on_error("invalid_request")
-            response = error_response(errors.too_large(self.max_bytes))
+            error = errors.too_large(self.max_bytes)
+            self.on_refused(Request(scope), error)
+            response = error_response(error)
             response.headers["Connection"] = "close"
             return await response(scope, receive, send)
         body, replayed = b"".join(chunks), False
@@ -108,6 +108,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
 
     def died() -> None:
         logger.error("the engine worker is gone: /health now answers 503")
+        metrics.on_engine_gone()
         if on_worker_death is not None:
             on_worker_death()
 
@@ -134,11 +135,6 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     app.state.metrics = metrics
     app.state.client = client
     app.state.serving = serving
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    if config.allowed_origins:  # outermost: preflights answered, and errors carry the headers too
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
-
     def new_record(request: Request, body: Any = None) -> RequestRecord:
         path = request.scope["path"]  # not request.url: that parses a whole URL per request
         prefix, endpoint = _ENDPOINTS.get(path, ("req", path))
@@ -149,6 +145,18 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             record.model = getattr(body, "model", None)
             record.user = getattr(body, "user", None)
         return record
+
+    def refused(request: Request, error: APIError) -> None:
+        """A request refused before its handler ran: counted, and on an API route logged."""
+        if request.scope["path"] in _ENDPOINTS:
+            serving.fail(new_record(request), error)
+        else:
+            metrics.on_error(error.metric)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, on_refused=refused)
+    if config.allowed_origins:  # outermost: preflights answered, and errors carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
 
     def check_access(request: Request) -> None:
         if config.api_key is not None:
@@ -164,10 +172,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = errors.from_validation_errors(list(exc.errors()))
-        if request.scope["path"] in _ENDPOINTS:
-            serving.fail(new_record(request), error)
-        else:
-            metrics.on_error(error.metric)
+        refused(request, error)
         return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)

@@ -116,6 +116,7 @@ class Metrics:
         # with n > 1 a choice's finish arrives in the output of the step it finished in
         # (delta outputs list only the choices with news), or again in an abort's output.
         self._finished: dict[str, dict[int, tuple[str, int]]] = {}
+        self._prompt_only: set[str] = set()  # engine request ids: see prompt_only()
 
     def set_baseline(self, stats: dict[str, Any]) -> None:
         """The worker's counters at ready (the warm-up step is not user traffic)."""
@@ -141,39 +142,57 @@ class Metrics:
             self.step_batch_tokens.observe(frame["batch_tokens"])
         for output in frame.get("outputs", ()):
             self._on_output(output)
+        for refused in frame.get("errors", ()):  # never queued: no output will end them
+            self._prompt_only.difference_update(refused["ids"])
+
+    def prompt_only(self, engine_ids: list[str]) -> None:
+        """Engine requests whose one sampled token is not the client's (echo with max_tokens 0:
+        the prompt scored): their prompts count, no generated token or token latency does."""
+        self._prompt_only.update(engine_ids)
 
     def _on_output(self, output: dict[str, Any]) -> None:
+        engine_id = output["id"]
+        prompt_only = engine_id in self._prompt_only
         new_tokens = sum(len(c["token_ids"]) for c in output["outputs"])
         if new_tokens:
-            self.generation_tokens.inc(new_tokens)
-            if output["id"] not in self._prefilled:
-                self._prefilled.add(output["id"])
+            if not prompt_only:
+                self.generation_tokens.inc(new_tokens)
+            if engine_id not in self._prefilled:
+                self._prefilled.add(engine_id)
                 self.prompt_tokens.inc(output["num_prompt_tokens"])
         for c in output["outputs"]:
             if c["finish_reason"] is not None:
-                self._finished.setdefault(output["id"], {})[c["index"]] = (c["finish_reason"], c["num_tokens"])
+                self._finished.setdefault(engine_id, {})[c["index"]] = (c["finish_reason"], c["num_tokens"])
         if not output["finished"]:
             return
-        self._prefilled.discard(output["id"])
-        choices = self._finished.pop(output["id"], {}).values()
+        self._prefilled.discard(engine_id)
+        self._prompt_only.discard(engine_id)
+        choices = self._finished.pop(engine_id, {}).values()
         reasons = [reason for reason, _ in choices]
         for reason in reasons:
             if reason in FINISH_REASONS:
                 self.requests.labels(reason).inc()
+        # Tokens of every request, aborted ones too: their sum is what the counters counted.
+        self.request_prompt_tokens.observe(output["num_prompt_tokens"])
+        self.request_generation_tokens.observe(0 if prompt_only else sum(tokens for _, tokens in choices))
         m = output.get("metrics")
         if m is None or "abort" in reasons:
             return  # latency of an aborted request says nothing about the server
         arrival = m["arrival_time"]
-        if m["first_token_time"] is not None:
+        if m["first_token_time"] is not None and not prompt_only:
             self.ttft.observe(max(0.0, m["first_token_time"] - arrival))
         if m["first_scheduled_time"] is not None:
             self.queue_time.observe(max(0.0, m["first_scheduled_time"] - arrival))
         if m["finish_time"] is not None:
             self.e2e.observe(max(0.0, m["finish_time"] - arrival))
-        for latency in m["inter_token_latencies"]:
+        for latency in () if prompt_only else m["inter_token_latencies"]:
             self.itl.observe(latency)
-        self.request_prompt_tokens.observe(output["num_prompt_tokens"])
-        self.request_generation_tokens.observe(sum(tokens for _, tokens in choices))
+
+    def on_engine_gone(self) -> None:
+        """The worker died: nothing runs, waits or holds KV any more (its requests have failed),
+        so a dashboard must not show the dead engine as a busy one."""
+        for gauge in (self.requests_waiting, self.requests_running, self.kv_cache_usage):
+            gauge.set(0)
 
     # ------------------------------------------------------------- from the HTTP layer
     def on_error(self, metric_type: str) -> None:

@@ -456,6 +456,8 @@ class OpenAIServing:
 
         try:
             generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival)
+            if job.echo_only:
+                self.metrics.prompt_only(generation.ids)
             self.live.add(generation)
             try:
                 await generation.wait_started()
@@ -569,14 +571,17 @@ class OpenAIServing:
                 cached: dict[int, int]) -> list[tuple[Choice, dict[str, Any]]]:
         """Fold one output frame into the choices; returns (choice, its delta) pairs."""
         cached[index] = output["num_cached_tokens"]
-        if job.record.ttft_s is None and any(c["token_ids"] for c in output["outputs"]):
+        if job.record.ttft_s is None and not job.echo_only and any(c["token_ids"] for c in output["outputs"]):
             # When this process got the first token: the engine's own timestamp replaces it when
             # the request finishes; an aborted request (the client left) keeps it.
             job.record.ttft_s = time.monotonic() - job.arrival
         if "prompt_logprobs" in output:
             job.prompt_logprobs[index] = output["prompt_logprobs"]
         if output["finished"]:
-            job.record.add_engine_metrics(output.get("metrics"))
+            metrics = output.get("metrics")
+            if job.echo_only and metrics:  # no token reached the client
+                metrics = metrics | {"first_token_time": None, "inter_token_latencies": []}
+            job.record.add_engine_metrics(metrics)
         deltas = []
         for c in output["outputs"]:
             if job.echo_only:  # the token sampled is not the client's: max_tokens=0 was reached
@@ -635,11 +640,11 @@ class OpenAIServing:
                 self._abort(job, generation)
         if consumer in done:
             exc = consumer.exception()
-            if isinstance(exc, EngineDeadError):
-                raise errors.engine_dead("the engine stopped while serving this request") from None
-            if isinstance(exc, ShuttingDown):
-                self._usage(job, choices, cached)
-                raise _shutdown_error() from None
+            if isinstance(exc, (EngineDeadError, ShuttingDown)):
+                self._usage(job, choices, cached)  # the log line's tokens: what came before the end
+                error = errors.engine_dead("the engine stopped while serving this request") \
+                    if isinstance(exc, EngineDeadError) else _shutdown_error()
+                raise error from None
             if exc is not None:
                 raise exc
             usage = self._usage(job, choices, cached)

@@ -443,6 +443,7 @@ def test_request_log_lines(server, client, model):
     assert len(ids) == len(set(ids))
     errors = [entry for entry in lines if entry["status"] >= 400]
     assert errors and all(entry["error_type"] for entry in errors)
+    assert {400, 404, 413, 422} <= {entry["status"] for entry in errors}  # the bad inputs' lines, 413 too
     assert API_KEY not in server.stdout() and API_KEY not in server.stderr()
     assert "Traceback" not in server.stderr()
     assert re.search(r"HTTP process: \d{5,} start-up objects frozen", server.stderr())

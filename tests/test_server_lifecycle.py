@@ -119,10 +119,13 @@ def test_worker_death_fails_in_flight_with_503_and_exits_nonzero():
                 results["blocking"] = exc
 
         def stream() -> None:
+            chunks = 0
             try:
                 for _ in client.completions.create(model=None, prompt="Tell me about the sky.", max_tokens=1000,
                                                    stream=True, extra_body={"ignore_eos": True}):
-                    streaming.set()
+                    chunks += 1
+                    if chunks == 5:  # both requests are decoding: the other one is in the same batch
+                        streaming.set()
             except Exception as exc:  # noqa: BLE001
                 results["stream"] = exc
             finally:
@@ -131,7 +134,7 @@ def test_worker_death_fails_in_flight_with_503_and_exits_nonzero():
         threads = [threading.Thread(target=blocking), threading.Thread(target=stream)]
         for t in threads:
             t.start()
-        assert streaming.wait(60)
+        assert streaming.wait(60) and server.metrics()["stoke_requests_running"] == 2
         os.kill(server.worker_pid(), signal.SIGKILL)
         for t in threads:
             t.join(30)
@@ -143,11 +146,16 @@ def test_worker_death_fails_in_flight_with_503_and_exits_nonzero():
         assert isinstance(results["stream"], openai.APIError)  # the error event inside the stream
         status, body = server.get("/health", timeout=2)
         assert status == 503 and json.loads(body)["status"] == "engine_dead"
+        gauges = server.metrics()  # a dead engine is not a busy one
+        assert [gauges[g] for g in ("stoke_requests_running", "stoke_requests_waiting",
+                                    "stoke_kv_cache_usage_ratio")] == [0, 0, 0]
         code = server.proc.wait(60)
         assert code != 0
         lines = server.log_lines()
         assert [line["status"] for line in lines[-2:]] == [503, 503]
         assert all(line["error_type"] == "internal" for line in lines[-2:])
+        # Each line has the tokens made before the death (the body never went out).
+        assert all(line["completion_tokens"] >= 3 for line in lines[-2:]), lines[-2:]
     finally:
         server.close()
 
