@@ -42,6 +42,9 @@ def attention_backend(device: torch.device) -> ModuleType:
         raise ValueError(
             f"{BACKEND_ENV}={name!r} is not an attention backend; choose one of {sorted(BACKENDS)}"
         )
+    if name == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"{BACKEND_ENV}=triton off CUDA runs the kernels in Triton's interpreter: "
+                         "set TRITON_INTERPRET=1 as well (before the process starts)")
     try:
         return importlib.import_module(BACKENDS[name])
     except (ModuleNotFoundError, RuntimeError) as e:

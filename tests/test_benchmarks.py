@@ -84,15 +84,16 @@ def test_offline_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
         assert _positive(sched[field])
 
 
-def test_skip_flags(tiny_llama: str, tmp_path) -> None:
-    from benchmarks.offline import main
+def test_skip_flags_through_stoke_bench(tiny_llama: str, tmp_path) -> None:
+    from server.cli import main
 
-    report = main([
-        "--model", tiny_llama, "--num-requests", "2", "--min-prompt", "4", "--max-prompt", "6",
+    status = main([
+        "bench", "--model", tiny_llama, "--num-requests", "2", "--min-prompt", "4", "--max-prompt", "6",
         "--min-output", "2", "--max-output", "3", "--skip-transformers", "--sched-seqs", "4",
         "--sched-steps", "3", "--out", str(tmp_path / "o.json"),
     ])
-    assert set(report["systems"]) == {"stoke"} and report["ratios"] == {}
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert status == 0 and set(report["systems"]) == {"stoke"} and report["ratios"] == {}
 
 
 def test_bad_arguments_are_rejected() -> None:

@@ -254,6 +254,11 @@ def test_backend_is_c_on_cpu_and_falls_back_without_a_compiler(
     assert kernels.attention_backend(torch.device("cpu")) is cpu_ops
     monkeypatch.setenv(kernels.BACKEND_ENV, "reference")
     assert kernels.attention_backend(torch.device("cpu")) is reference
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")  # on a CPU, only in the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.attention_backend(torch.device("cpu"))
+    monkeypatch.setenv(kernels.BACKEND_ENV, "reference")
 
     # A machine without a compiler: a fresh import of cpu_ops fails to build and the default
     # falls back to the reference, saying why; asking for "cpu" by name is an error.
