@@ -527,6 +527,7 @@ class OpenAIServing:
         if generation.finished:
             generation.on_delivery = None
             self._usage(job, job.choices, job.cached)
+            self._summarize(job, job.choices)  # "abort" (beside what choices finished before)
             self._settled(job)
 
     def _settled(self, job: Job) -> None:

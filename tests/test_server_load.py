@@ -123,7 +123,7 @@ def test_dropped_streams_are_aborted_and_free_their_blocks(server, client):
     assert generated < num_streams * 20
     lines = [line for line in server.log_lines() if line["request_id"] in set(ids)]
     assert len(lines) == num_streams and all(line["status"] == 499 for line in lines)
-    assert all(line["error_type"] == "aborted" and line["finish_reason"] is None for line in lines)
+    assert all(line["error_type"] == "aborted" and line["finish_reason"] == "abort" for line in lines)
     assert all(line["ttft_s"] > 0 for line in lines)  # each got its first token (the role chunk came with it)
     # The lines waited for the worker's abort: the engine's times, up to the abort.
     assert all(0 <= line["queue_time_s"] <= line["ttft_s"] <= line["e2e_s"] for line in lines), lines

@@ -590,7 +590,7 @@ def test_a_cut_short_requests_line_waits_for_the_workers_abort(answer, caplog, m
     assert (line["status"], line["error_type"]) == (499, "aborted")
     assert metrics.errors.labels("aborted")._value.get() == 1
     if answer == "abort output":
-        assert line["completion_tokens"] == 2
+        assert line["completion_tokens"] == 2 and line["finish_reason"] == "abort"
         assert (line["queue_time_s"], line["ttft_s"], line["e2e_s"]) == (0.5, 1.0, 2.0)
     else:
         assert line["completion_tokens"] == 1 and line["queue_time_s"] is None and line["e2e_s"] is None
