@@ -97,29 +97,36 @@ def test_metrics_names_and_engine_frames():
         assert line in text, line
 
 
+def _assert_exported(m: Metrics, *lines: str) -> None:
+    text = m.render()[0].decode()
+    for line in lines:
+        assert line in text, line
+
+
+def _engine_output(request_id: str, finished: bool, *choices: tuple[int, int, str | None],
+                   num_prompt_tokens: int = 3) -> dict:
+    """A worker output: one new token for each (choice index, tokens so far, finish reason)."""
+    return {"id": request_id, "finished": finished, "num_prompt_tokens": num_prompt_tokens, "num_cached_tokens": 0,
+            "outputs": [{"index": i, "text": "x", "token_ids": [5], "logprobs": None, "num_tokens": n,
+                         "finish_reason": reason, "stop_reason": None} for i, n, reason in choices],
+            "metrics": {"arrival_time": 1.0, "first_scheduled_time": 1.0, "first_token_time": 1.1,
+                        "finish_time": 1.5, "inter_token_latencies": [], "num_preemptions": 0}}
+
+
 def test_metrics_count_every_choice_of_a_request_once():
     """n = 2: choice 0 finishes a step before choice 1, and its finish is in that step's output
     only (delta outputs list the choices with news); an aborted request's output lists every
     choice again. Each choice counts once in stoke_requests_total, and a request's generated
     tokens are both choices', an aborted request's too (the histogram's sum is the counter's)."""
-    m = Metrics()
-
-    def output(request_id: str, finished: bool, *choices: tuple[int, int, str | None]) -> dict:
-        return {"id": request_id, "finished": finished, "num_prompt_tokens": 3, "num_cached_tokens": 0,
-                "outputs": [{"index": i, "text": "x", "token_ids": [5], "logprobs": None, "num_tokens": n,
-                             "finish_reason": reason, "stop_reason": None} for i, n, reason in choices],
-                "metrics": {"arrival_time": 1.0, "first_scheduled_time": 1.0, "first_token_time": 1.1,
-                            "finish_time": 1.5, "inter_token_latencies": [], "num_preemptions": 0}}
-
+    m, output = Metrics(), _engine_output
     m.on_frame({"outputs": [output("a", False, (0, 4, "length"), (1, 3, None))]})
     m.on_frame({"outputs": [output("a", True, (1, 4, "stop"))]})
     m.on_frame({"outputs": [output("b", False, (0, 2, "stop"), (1, 1, None))]})
     m.on_frame({"outputs": [output("b", True, (0, 2, "stop"), (1, 1, "abort"))]})  # an abort: cumulative
-    text = m.render()[0].decode()
-    for line in ('stoke_requests_total{finish_reason="length"} 1.0', 'stoke_requests_total{finish_reason="stop"} 2.0',
-                 'stoke_requests_total{finish_reason="abort"} 1.0', "stoke_request_generation_tokens_count 2.0",
-                 "stoke_request_generation_tokens_sum 11.0", "stoke_time_to_first_token_seconds_count 1.0"):
-        assert line in text, line
+    _assert_exported(m, 'stoke_requests_total{finish_reason="length"} 1.0',
+                     'stoke_requests_total{finish_reason="stop"} 2.0', 'stoke_requests_total{finish_reason="abort"} 1.0',
+                     "stoke_request_generation_tokens_count 2.0", "stoke_request_generation_tokens_sum 11.0",
+                     "stoke_time_to_first_token_seconds_count 1.0")
     assert not m._finished
 
 
@@ -128,18 +135,12 @@ def test_a_scored_prompt_counts_no_generated_token():
     sees; it counts in no token counter or token latency, the prompt does."""
     m = Metrics(gpu=False)
     m.prompt_only(["e-0"])
-    m.on_frame({"outputs": [{"id": "e-0", "finished": True, "num_prompt_tokens": 9, "num_cached_tokens": 0,
-                             "outputs": [{"index": 0, "text": "x", "token_ids": [5], "logprobs": None, "num_tokens": 1,
-                                          "finish_reason": "length", "stop_reason": None}],
-                             "metrics": {"arrival_time": 1.0, "first_scheduled_time": 1.0, "first_token_time": 1.1,
-                                         "finish_time": 1.1, "inter_token_latencies": [], "num_preemptions": 0}}]})
+    m.on_frame({"outputs": [_engine_output("e-0", True, (0, 1, "length"), num_prompt_tokens=9)]})
     m.prompt_only(["e-1"])
     m.on_frame({"errors": [{"ids": ["e-1"], "kind": "admission"}]})  # refused: never outputs
-    text = m.render()[0].decode()
-    for line in ("stoke_generation_tokens_total 0.0", "stoke_prompt_tokens_total 9.0",
-                 "stoke_request_generation_tokens_sum 0.0", "stoke_request_prompt_tokens_sum 9.0",
-                 "stoke_time_to_first_token_seconds_count 0.0", "stoke_e2e_request_latency_seconds_count 1.0"):
-        assert line in text, line
+    _assert_exported(m, "stoke_generation_tokens_total 0.0", "stoke_prompt_tokens_total 9.0",
+                     "stoke_request_generation_tokens_sum 0.0", "stoke_request_prompt_tokens_sum 9.0",
+                     "stoke_time_to_first_token_seconds_count 0.0", "stoke_e2e_request_latency_seconds_count 1.0")
     assert not m._prompt_only
 
 
