@@ -107,7 +107,8 @@ class Timer:
     """Median time of a call: on CUDA its GPU time, by events with the L2 cache flushed before
     each run and the CPU's launch cost hidden (a spin kernel keeps the GPU busy while the call is
     launched: under CUDA graphs, as the engine decodes, there is no launch cost); on the CPU,
-    perf_counter. `launch_us` is the last call's median CPU time to launch (CUDA) or run (CPU)."""
+    perf_counter. `launch_us` is the last call's median CPU time to launch (CUDA) or run (CPU);
+    `times` its runs' milliseconds."""
 
     SPIN_CYCLES = 400_000  # ~0.2 ms at 2 GHz: longer than any launch measured here
 
@@ -115,6 +116,7 @@ class Timer:
         self.device, self.iters, self.warmup = device, iters, warmup
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
         self.launch_us: float | None = None
+        self.times: list[float] = []
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         """Milliseconds."""
@@ -126,7 +128,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-            self.launch_us = statistics.median(times) * 1e3
+            self.launch_us, self.times = statistics.median(times) * 1e3, times
             return statistics.median(times)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.iters)]
@@ -142,7 +144,8 @@ class Timer:
             end.record()
             torch.cuda.synchronize(self.device)  # one run at a time: the spin must precede each launch
         self.launch_us = statistics.median(launches)
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        self.times = [s.elapsed_time(e) for s, e in events]
+        return statistics.median(self.times)
 
 
 def _try(timer: Timer, fn: Callable[[], Any]) -> tuple[float | None, str | None]:

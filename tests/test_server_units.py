@@ -261,6 +261,34 @@ def test_serve_benchmark_summary():
     assert s["server_cpu_us_per_token"] == pytest.approx({"main": 40.0, "children": 20.0})
 
 
+def test_serve_benchmark_times_tokens_per_arrival():
+    """A stream's events that one network read brings count as one arrival in ITL, however the
+    server chunked them: three one-token events in one write (transformers serve) and one
+    merged event (stoke behind its engine) each give one gap; the usage sets the tokens."""
+    from benchmarks.serve import Item, httpx, send
+
+    def event(text: str) -> bytes:
+        return b"data: " + json.dumps({"choices": [{"index": 0, "text": text}]}).encode() + b"\n\n"
+
+    usage = b'data: {"choices": [], "usage": {"completion_tokens": 7}}\n\ndata: [DONE]\n\n'
+    reads = [event("a"), event("b") + event("c") + event("d")[:9], event("d")[9:], event("efg") + usage]
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for data in reads:
+                await asyncio.sleep(0.05)
+                yield data
+
+    async def run():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, stream=Stream()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send(client, "http://x/v1/completions", {}, Item("p", 1, 7))
+
+    record = asyncio.run(run())
+    assert record.ok and record.output_tokens == 7 and record.chunks == 5
+    assert len(record.itl) == 3 and all(0.03 < gap < 0.5 for gap in record.itl), record.itl
+
+
 def test_serve_benchmark_reads_a_process_and_its_childrens_cpu_time():
     """What `--launch` reads of the server it started (/proc): the main process's CPU time and
     its children's, one that burns CPU included."""
