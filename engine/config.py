@@ -166,9 +166,13 @@ class EngineConfig:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """The device, with its index on CUDA: a tensor's device is "cuda:0", never "cuda", and
+        the two compare unequal (a seeded request's generator made on "cuda" would not match
+        its logits' device)."""
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -273,8 +273,8 @@ class LLMEngine:
             events[0].record()
         previous = in_flight.previous_tokens() if in_flight is not None else None
         step_logits = self.runner.execute(batch, all_logits_rows, previous)
-        prompt_logprobs = [self._prompt_logprobs(batch.requests[i], position_logits)
-                           for i, position_logits in step_logits.per_position.items()]
+        prompt_logprobs = [self._prompt_logprobs(batch.requests[i], hidden)
+                           for i, hidden in step_logits.per_position.items()]
         t2 = time.perf_counter()
         sampling_rows = []
         for i in step_logits.sampling_rows:
@@ -342,23 +342,31 @@ class LLMEngine:
         return [self._output(group, delta=outputs == "delta") for group in touched.values()
                 if not final_only or group.finished]
 
-    def _prompt_logprobs(self, request: Request, logits: torch.Tensor,
+    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor,
                          ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:
-        """Logits at positions start.. predict prompt tokens start+1..: their logprobs, launched
-        and on their way back with the step's tokens (`_take_back` records them), so a step
-        with prompt logprobs waits on the device no more than any other. A recompute after
-        preemption skips the positions recorded or on their way."""
+        """Hidden states at positions start.. predict prompt tokens start+1..: their logprobs,
+        launched and on their way back with the step's tokens (`_take_back` records them), so a
+        step with prompt logprobs waits on the device no more than any other. A recompute after
+        preemption skips the positions recorded or on their way. The logits are made max_num_seqs
+        positions at a time: no more than a step's sampling logits, which the GPU memory profile
+        charges (a 2,048-token chunk's at once would be gigabytes at a 150k vocabulary)."""
         group, _ = self.samples[request]
         start = request.num_computed_tokens
         known = len(group.prompt_logprobs) + group.prompt_logprobs_pending
         first = known - start - 1  # the first position whose prediction is not known
-        last = min(logits.shape[0], request.num_prompt_tokens - start - 1)
+        last = min(hidden.shape[0], request.num_prompt_tokens - start - 1)
         if first >= last:
             return None
         n, k = last - first, group.params.prompt_logprobs
         targets = request.prompt_token_ids[start + first + 1:start + last + 1]
-        (targets_dev,) = to_device([torch.tensor(targets, dtype=torch.long)], logits.device)
-        parts = top_logprobs_parts(logits[first:last].float().log_softmax(dim=-1), targets_dev, k)
+        (targets_dev,) = to_device([torch.tensor(targets, dtype=torch.long)], hidden.device)
+        slices = []
+        for i in range(first, last, self.config.max_num_seqs):
+            j = min(last, i + self.config.max_num_seqs)
+            with torch.inference_mode():
+                logprobs = self.runner.model.compute_logits(hidden[i:j]).float().log_softmax(dim=-1)
+            slices.append(top_logprobs_parts(logprobs, targets_dev[i - first:j - first], k))
+        parts = [torch.cat(part) for part in zip(*slices)]  # each part's rows in order, as one call's
 
         def unpack(host: torch.Tensor) -> list[dict[int, float]]:
             chosen, values, ids = split_top_logprobs(host, n, k)

@@ -43,6 +43,12 @@ DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 # Set aside beyond the measured decode peak for the CUDA graphs' pool: allocator rounding and the
 # cuBLAS workspace of the capture stream, which is allocated inside the pool.
 CUDA_GRAPH_SLACK_BYTES = 128 << 20
+# Left unplanned when the pool is bound by the card's free memory (little else is left then):
+# the allocator's rounding of a real step's blocks, and memory CUDA takes outside torch's
+# allocator (graph instantiation, library handles). Each KV tensor may also round up to one
+# more 2 MiB segment (FREE_MEMORY_SEGMENT_BYTES apiece).
+FREE_MEMORY_MARGIN_BYTES = 256 << 20
+FREE_MEMORY_SEGMENT_BYTES = 2 << 20
 
 
 @dataclass(slots=True)
@@ -62,7 +68,9 @@ MIN_DECODE_GROUP = 8
 class StepLogits:
     logits: torch.Tensor  # [num sampling requests, vocab] fp32
     sampling_rows: list[int]  # for each logits row, the index of its request in the batch
-    per_position: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index → [n, vocab]
+    # batch index → the final hidden states [n, hidden] of every position it computed (prompt
+    # logprobs): their logits, a vocabulary per position, are made a slice at a time.
+    per_position: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -243,10 +251,12 @@ class ModelRunner:
         """The KV pool's bytes, as vLLM sizes it: gpu_memory_utilization × total memory is this
         engine's share of the card, and the pool gets what is left of it after the weights, the
         peak of the largest step (forward, logits and sampling), the CUDA graphs (their pool
-        holds every bucket's logits for good) and the non-tensor memory this engine added (CUDA
-        context, library workspaces, allocator slack) — measured by running those steps once with
+        holds every bucket's logits for good) and the non-tensor memory this engine added
+        (library workspaces, allocator slack) — measured by running those steps once with
         a throwaway cache. Memory that was taken before the engine started (another engine in
-        this process, another process) is not charged, but the pool must fit in what is free."""
+        this process, another process) is not charged, but the pool must fit in what is free,
+        with a margin. The CUDA context is made before the baseline is read, so it is not
+        charged either (as in vLLM)."""
         from engine.sampler import Sampler, SamplingRow
         from engine.sampling_params import SamplingParams
 
@@ -297,11 +307,13 @@ class ModelRunner:
         non_tensor = max(0, (baseline.free - now.free) - (now.allocated - baseline.allocated))
         allowed = int(now.total * util)
         share = allowed - weights - step_peak - non_tensor - graph_reserve
-        fits = now.free - step_peak - graph_reserve
+        margin = FREE_MEMORY_MARGIN_BYTES + 2 * self.model_config.num_layers * FREE_MEMORY_SEGMENT_BYTES
+        fits = now.free - step_peak - graph_reserve - margin
         budget = min(share, fits)
         self.memory_profile.update(total=now.total, allowed=allowed, weights=weights, step_peak=step_peak,
                                    non_tensor=non_tensor, free=now.free, cuda_graphs_reserved=graph_reserve,
-                                   kv_cache_budget=budget, bound="free memory" if fits < share else "share")
+                                   free_margin=margin, kv_cache_budget=budget,
+                                   bound="free memory" if fits < share else "share")
         logger.info("GPU memory: %.2f GiB allowed (%.0f%% of %.2f GiB); weights %.2f GiB, step peak %.2f GiB, "
                     "non-tensor %.2f GiB, CUDA graphs %.2f GiB → KV cache %.2f GiB (%.2f GiB free)",
                     allowed / 2**30, util * 100, now.total / 2**30, weights / 2**30, step_peak / 2**30,
@@ -457,7 +469,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = (),
                 previous: PreviousTokens | None = None) -> StepLogits:
         """Run the step: fp32 logits for the sampling requests, and for the requests at batch
-        indices `all_logits_rows` (prompt logprobs) the logits of every position computed.
+        indices `all_logits_rows` (prompt logprobs) the hidden states of every position computed.
         A decode whose token is not in the host's token_ids yet takes it from `previous`."""
         key = None if all_logits_rows else self.graph_key(batch)
         if key is not None:
@@ -471,5 +483,5 @@ class ModelRunner:
             for n in batch.num_tokens:
                 starts.append(starts[-1] + n)
             for i in all_logits_rows:
-                per_position[i] = self.model.compute_logits(hidden[starts[i]:starts[i + 1]]).float()
+                per_position[i] = hidden[starts[i]:starts[i + 1]]
         return StepLogits(logits.float(), inputs.sampling_rows, per_position)

@@ -431,14 +431,15 @@ def test_half_precision_follows_fp32(tiny_path: str, dtype: str) -> None:
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_prompt_logprobs_equal_transformers(tiny_path: str, async_scheduling: bool) -> None:
     """Prompt logprobs come back with the step's tokens; asynchronously, a step's are recorded
-    only after the next step was scheduled, which may have preempted the request."""
+    only after the next step was scheduled, which may have preempted the request. Their logits
+    are made max_num_seqs (here 4) positions at a time, so a chunk's span several slices."""
     import torch
     import transformers
 
     prompts = random_prompts(11, 2, 20, 45)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     # A tiny pool and budget: chunked prefill and preemption must not lose or repeat entries.
-    llm = LLM(tiny_path, num_kv_blocks=10, block_size=8, max_num_batched_tokens=16,
+    llm = LLM(tiny_path, num_kv_blocks=10, block_size=8, max_num_batched_tokens=16, max_num_seqs=4,
               async_scheduling=async_scheduling)
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, **GREEDY))  # cached: must not be used
     outputs = llm.generate(prompts, SamplingParams(max_tokens=20, prompt_logprobs=2, **GREEDY))

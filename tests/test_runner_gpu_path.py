@@ -407,7 +407,8 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
     """The profile on the CPU with a fake CUDA memory model: it runs the largest step, the
     sampler and the largest decode and mixed graphs, charges this engine for its own growth since its
     baseline (not for what was taken before it), and never plans past the free memory."""
-    from engine.model_runner import CUDA_GRAPH_SLACK_BYTES, CudaMemory
+    from engine.model_runner import (CUDA_GRAPH_SLACK_BYTES, FREE_MEMORY_MARGIN_BYTES, FREE_MEMORY_SEGMENT_BYTES,
+                                     CudaMemory)
 
     llm = LLM(tiny_checkpoints["qwen3"], num_kv_blocks=8, max_num_seqs=6, max_num_batched_tokens=96,
               max_model_len=200, gpu_memory_utilization=0.5, **CPU)
@@ -444,7 +445,10 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
     fake["free"] = 8 * GiB
     budget = runner._profile_cuda_kv_budget()
     assert runner.memory_profile["bound"] == "free memory"
-    assert budget == 8 * GiB - runner.memory_profile["step_peak"] - runner.memory_profile["cuda_graphs_reserved"]
+    margin = FREE_MEMORY_MARGIN_BYTES + 2 * c.num_layers * FREE_MEMORY_SEGMENT_BYTES  # rounding, non-torch memory
+    assert runner.memory_profile["free_margin"] == margin
+    assert budget == 8 * GiB - runner.memory_profile["step_peak"] - runner.memory_profile["cuda_graphs_reserved"] \
+        - margin
     runner.graph_buckets = runner.graph_token_buckets = []
     runner._profile_cuda_kv_budget()
     assert runner.memory_profile["cuda_graphs_reserved"] == 0
@@ -519,25 +523,34 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
     """What async scheduling needs of the GPU path: launching a step (its inputs' copy, the
     forward, sampling with penalties, seeds, top-k/top-p/min-p, logit bias, logprobs and prompt
     logprobs) never waits for the device; torch's sync debug mode makes any such wait an error."""
+    from engine.engine import LLMEngine
     from engine.model_runner import ModelRunner
+    from engine.sampler import Sampler
 
     path = tiny_checkpoints["llama"]
     # The shapes of test_cuda_graphs_give_eager_tokens_on_gpu: its compiled kernels serve here too.
     llm = LLM(path, num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32",
               enforce_eager=enforce_eager, async_scheduling=True)
     assert (llm.engine.runner.cuda_graphs is None) is enforce_eager
-    execute = ModelRunner.execute
-    launches: list[int] = []
+    launches: list[str] = []
 
-    def strict(self, *args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return execute(self, *args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            launches.append(1)
+    def strict(cls: type, name: str) -> None:
+        """cls.name in sync debug mode "error": a wait on the device inside it raises."""
+        method = getattr(cls, name)
 
-    monkeypatch.setattr(ModelRunner, "execute", strict)
+        def wrapped(self, *args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                launches.append(name)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    # A step's launch: the forward, the prompt logprobs, sampling (then, a step later, the wait).
+    for cls, name in ((ModelRunner, "execute"), (LLMEngine, "_prompt_logprobs"), (Sampler, "sample")):
+        strict(cls, name)
     ps = prompts(5, 6, 1, 40)
     params = [SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=2, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=7, ignore_eos=True),
@@ -547,5 +560,6 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
               SamplingParams(max_tokens=12, temperature=0.0, logit_bias={5: 4.0, 7: -100.0}, ignore_eos=True),
               SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=3, ignore_eos=True)]
     out = llm.generate(ps, params)
-    assert len(launches) > 12 and all(len(c.token_ids) == 12 for o in out for c in o.outputs)
+    assert launches.count("execute") > 12 and launches.count("sample") == launches.count("execute")
+    assert "_prompt_logprobs" in launches and all(len(c.token_ids) == 12 for o in out for c in o.outputs)
     assert len(out[0].prompt_logprobs) == len(ps[0])
