@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -48,6 +51,9 @@ class ModelConfig:
     qk_norm: bool
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Sliding-window attention, where the checkpoint uses it: served only up to the window, where
+    # it equals the full attention our kernels compute.
+    sliding_window: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -59,6 +65,14 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        # What our one model file does not compute is refused, never approximated.
+        act = raw.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {act!r} is not supported: stoke's MLP is SiLU-gated")
+        if raw.get("mlp_bias"):
+            raise ValueError("mlp_bias (biases on the MLP projections) is not supported")
+        if raw.get("attention_bias") and family != "qwen2":
+            raise ValueError(f"attention_bias (biases on every attention projection) is not supported for {arch}")
         num_heads = raw["num_attention_heads"]
         # transformers 5 folds rope_theta/rope_scaling into rope_parameters.
         rope = dict(raw.get("rope_parameters") or {})
@@ -84,10 +98,11 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3",
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            sliding_window=_sliding_window(raw, family),
         )
 
     @classmethod
@@ -101,6 +116,16 @@ class ModelConfig:
             if eos is not None:
                 config.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         return config
+
+
+def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
+    """The window of a checkpoint whose attention slides: Mistral's `sliding_window`; Qwen2 and
+    Qwen3's only with `use_sliding_window` (released configs carry a window they do not use);
+    any model's whose `layer_types` name sliding layers."""
+    window = raw.get("sliding_window")
+    uses = family == "mistral" or bool(raw.get("use_sliding_window")) \
+        or "sliding_attention" in (raw.get("layer_types") or ())
+    return int(window) if uses and window else None
 
 
 def generation_defaults(source: str, model_dir: str) -> dict[str, Any]:
@@ -154,8 +179,19 @@ class EngineConfig:
     generation_config: str = "auto"
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
-        """The longest sequence served: max_model_len, capped by the model's positions."""
-        return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+        """The longest sequence served: max_model_len, capped by the model's positions and by
+        its attention window (past it, the model attends to the window only, which our
+        kernels do not do)."""
+        longest = model.max_position_embeddings
+        if model.sliding_window is not None and model.sliding_window < longest:
+            if self.max_model_len is not None and self.max_model_len > model.sliding_window:
+                raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's attention window "
+                                 f"({model.sliding_window} tokens): stoke serves a sliding-window model "
+                                 "only up to its window")
+            logger.warning("the model attends to a sliding window of %d tokens: served up to that context",
+                           model.sliding_window)
+            longest = model.sliding_window
+        return min(self.max_model_len or longest, longest)
 
     def resolve_cuda_graph_mode(self) -> str:
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:

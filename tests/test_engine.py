@@ -272,6 +272,31 @@ def test_an_interrupted_generate_leaves_nothing_behind(tiny_path: str, monkeypat
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4
 
 
+def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
+    """What the one model file does not compute is refused (another activation, MLP or o_proj
+    biases), never approximated; a sliding-window model is served up to its window, where its
+    attention is the full attention the kernels compute."""
+    from engine.config import EngineConfig, ModelConfig
+
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256}
+    for bad, match in (({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"),
+                       ({"attention_bias": True}, "attention_bias")):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_dict(base | bad)
+    assert ModelConfig.from_dict(base | {"hidden_act": "silu"}).sliding_window is None
+    mistral = ModelConfig.from_dict(base | {"architectures": ["MistralForCausalLM"], "sliding_window": 64})
+    assert mistral.sliding_window == 64 and EngineConfig().resolve_max_model_len(mistral) == 64
+    assert EngineConfig(max_model_len=32).resolve_max_model_len(mistral) == 32
+    with pytest.raises(ValueError, match="window"):
+        EngineConfig(max_model_len=128).resolve_max_model_len(mistral)
+    qwen2 = base | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64}
+    assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": False}).sliding_window is None  # released configs
+    assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": True}).sliding_window == 64
+    assert ModelConfig.from_dict(qwen2 | {"layer_types": ["full_attention", "sliding_attention"]}).sliding_window == 64
+
+
 def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
     eos = default_llm.engine.eos_token_ids
     tokenizer = default_llm.get_tokenizer()
