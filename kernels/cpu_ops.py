@@ -67,7 +67,12 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys."""
     batch, num_heads, head_dim = q.shape
-    if not (_fp32_cpu(q, k_cache, v_cache) and head_dim % 8 == 0 and head_dim <= 256):
+    # What C trusts, checked in O(1) (shapes: the torch reference raises or broadcasts instead
+    # of reading out of bounds); the block ids and lengths are the engine's to keep in range.
+    if not (_fp32_cpu(q, k_cache, v_cache) and head_dim % 8 == 0 and head_dim <= 256
+            and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
+            and num_heads % k_cache.shape[2] == 0 and block_tables.dim() == 2
+            and block_tables.shape[0] == context_lens.shape[0] == batch):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     if q.stride(2) != 1:
         q = q.contiguous()
@@ -138,7 +143,8 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """kernels.reference.rms_norm in one pass per row: `rmsnorm(x) * weight`, or with
     `residual`, `(rmsnorm(x + residual) * weight, x + residual)`."""
-    if not (_rows(x) and weight.is_contiguous() and _fp32_cpu(weight) and (residual is None or _rows(residual))):
+    if not (_rows(x) and weight.is_contiguous() and _fp32_cpu(weight) and weight.numel() == x.shape[1]
+            and (residual is None or (_rows(residual) and residual.shape == x.shape))):
         return reference.rms_norm(x, weight, eps, residual)
     rows, hidden = x.shape
     out = torch.empty(rows, hidden, dtype=x.dtype)
@@ -156,8 +162,10 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels.reference.apply_rotary in place on q `[T, Hq, D]` and k `[T, Hkv, D]` (strided
     views welcome: only the last dim must be contiguous); cos/sin `[max_positions, D/2]`."""
+    half = q.shape[-1] // 2
     if not (_fp32_cpu(q, k, cos, sin) and q.stride(2) == 1 and k.stride(2) == 1
-            and cos.is_contiguous() and sin.is_contiguous()):
+            and cos.is_contiguous() and sin.is_contiguous() and q.shape[-1] == k.shape[-1] == 2 * half
+            and cos.shape[-1] == sin.shape[-1] == half and positions.numel() == q.shape[0] == k.shape[0]):
         return reference.apply_rotary(q, k, cos, sin, positions)
     pos = positions.to(torch.int64).contiguous()
     for x in (q, k):
@@ -169,7 +177,7 @@ def apply_rotary(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """kernels.reference.silu_and_mul in one pass: x `[T, 2I]` (gate, up) → silu(gate) * up."""
-    if not (x.is_contiguous() and x.dim() == 2 and _fp32_cpu(x)):
+    if not (x.is_contiguous() and x.dim() == 2 and x.shape[1] % 2 == 0 and _fp32_cpu(x)):
         return reference.silu_and_mul(x)
     rows, width = x.shape
     out = torch.empty(rows, width // 2, dtype=x.dtype)
@@ -205,10 +213,12 @@ def embedding_from_packed(packed: torch.Tensor, ids: torch.Tensor, k: int) -> to
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """F.linear(x, weight, bias) for x `[M, K]`, with the `[n, K]` weight given packed
     (pack_linear_weight): in C for fp32 rows, else torch over the unpacked weight."""
-    if not (_rows(x) and (bias is None or _fp32_cpu(bias))):
-        weight = unpack_linear_weight(packed, n, x.shape[-1]).to(x.dtype)
+    k = x.shape[-1]
+    if not (_rows(x) and k > 0 and _fp32_cpu(packed) and packed.is_contiguous()
+            and packed.numel() == -(-n // 16) * 16 * k and (bias is None or (_fp32_cpu(bias) and bias.numel() == n))):
+        weight = unpack_linear_weight(packed, n, k).to(x.dtype) if k else x.new_zeros(n, 0)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-    m, k = x.shape
+    m = x.shape[0]
     out = torch.empty(m, n, dtype=x.dtype)
     if m == 0:
         return out

@@ -312,3 +312,56 @@ def test_engine_tokens_equal_the_reference_backend(tiny_checkpoints: dict[str, s
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert llm.engine.scheduler.block_manager.num_used_blocks == 0
     assert tokens["cpu"] == tokens["reference"]
+
+
+def _inconsistent_inputs() -> dict[str, tuple]:
+    """Calls whose shapes disagree, each as (cpu_ops function, the torch reference, args): the C
+    kernels would read out of bounds (or divide by zero) on them."""
+    import torch.nn.functional as F
+
+    r = torch.randn
+    packed24 = cpu_ops.pack_linear_weight(r(40, 24))
+    q, cache = r(2, 3, 64), r(4, 16, 2, 64)
+    tables, lens = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32)
+    table = r(100, 32)
+    return {
+        "linear, K = 0": (cpu_ops.linear, lambda x, p, b, n: F.linear(x, torch.zeros(n, 0)),
+                          (r(3, 0), cpu_ops.pack_linear_weight(r(32, 0)), None, 32)),
+        "linear, K of x not the weight's": (
+            cpu_ops.linear, lambda x, p, b, n: F.linear(x, cpu_ops.unpack_linear_weight(p, n, 24)),
+            (r(3, 64), packed24, None, 40)),
+        "linear, a one-element bias": (
+            cpu_ops.linear, lambda x, p, b, n: F.linear(x, cpu_ops.unpack_linear_weight(p, n, 24), b),
+            (r(3, 24), packed24, r(1), 40)),
+        "rms_norm, a one-element weight": (cpu_ops.rms_norm, reference.rms_norm, (r(4, 64), r(1), 1e-6)),
+        "rms_norm, a broadcast residual": (cpu_ops.rms_norm, reference.rms_norm, (r(4, 64), r(64), 1e-6, r(1, 64))),
+        "rotary, fewer positions than tokens": (cpu_ops.apply_rotary, reference.apply_rotary,
+                                                (r(4, 2, 64), r(4, 1, 64), table, table, torch.arange(2))),
+        "rotary, full-width tables": (cpu_ops.apply_rotary, reference.apply_rotary,
+                                      (r(4, 2, 64), r(4, 1, 64), r(100, 64), r(100, 64), torch.arange(4))),
+        "silu_and_mul, an odd width": (cpu_ops.silu_and_mul, reference.silu_and_mul, (r(4, 129),)),
+        "decode, a cache of another head_dim": (cpu_ops.paged_decode_attention, reference.paged_decode_attention,
+                                                (q, r(4, 16, 1, 32), r(4, 16, 1, 32), tables, lens, 0.1)),
+        "decode, query heads not a multiple of kv heads": (
+            cpu_ops.paged_decode_attention, reference.paged_decode_attention, (q, cache, cache, tables, lens, 0.1)),
+        "decode, fewer tables than queries": (cpu_ops.paged_decode_attention, reference.paged_decode_attention,
+                                              (r(2, 4, 64), cache, cache, tables[:1], lens[:1], 0.1)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_inconsistent_inputs()))
+def test_inconsistent_shapes_never_reach_c(case: str) -> None:
+    """Shapes that disagree go to torch, which raises or broadcasts as the reference does: C,
+    which trusts them, would read out of bounds, or crash the worker."""
+    torch.manual_seed(0)
+    fn, ref, args = _inconsistent_inputs()[case]
+    clone = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731 (rotary is in place)
+    try:
+        want = ref(*clone())
+    except (RuntimeError, ValueError, IndexError) as exc:
+        with pytest.raises(type(exc)):
+            fn(*clone())
+        return
+    got = fn(*clone())
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w)
