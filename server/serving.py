@@ -424,6 +424,9 @@ class OpenAIServing:
                     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
         extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in reserved}
         continue_final = bool(req.continue_final_message)
+        if continue_final and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+            raise errors.invalid("continue_final_message and add_generation_prompt cannot both be true (as vLLM)",
+                                 param="continue_final_message")
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=bool(req.add_generation_prompt) and not continue_final,

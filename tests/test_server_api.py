@@ -374,12 +374,27 @@ BAD_INPUTS = [
      "invalid_value"),
     ("logit_bias token beyond vocab", "/v1/chat/completions",
      _j({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"49152": 1}}), 400, "invalid_value"),
+    ("continue_final_message with add_generation_prompt", "/v1/chat/completions",
+     _j({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}],
+         "continue_final_message": True, "add_generation_prompt": True}), 400, "invalid_value"),
     ("image content", "/v1/chat/completions",
      _j({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
      "unsupported_parameter"),
     ("oversized body", "/v1/completions", _j({"prompt": "x" * 70000}), 413, "request_too_large"),
     ("unknown route", "/v1/engines", _j({}), 404, "not_found"),
 ]
+
+
+def test_continue_final_message_extends_the_assistants_text(server, client, model):
+    """vLLM's continue_final_message: the last assistant message is continued, not closed (no
+    generation prompt after it); add_generation_prompt left at its default is fine."""
+    root = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0)  # /tokenize is not under /v1
+    messages = [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "1, 2, 3"}]
+    tokens = root.post("/tokenize", body={"messages": messages, "continue_final_message": True,
+                                          "add_generation_prompt": False}, cast_to=object)["tokens"]
+    out = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0,
+                                         extra_body={"continue_final_message": True})
+    assert out.usage.prompt_tokens == len(tokens)
 
 
 def test_errors_name_the_field_the_client_sent(server):
