@@ -179,10 +179,13 @@ class EngineConfig:
     generation_config: str = "auto"
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
-        """The longest sequence served: max_model_len, capped by the model's positions and by
-        its attention window (past it, the model attends to the window only, which our
+        """The longest sequence served: max_model_len (at most the model's positions), capped
+        by its attention window (past it, the model attends to the window only, which our
         kernels do not do)."""
         longest = model.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > longest:  # as vLLM
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({longest}): past them its positions were never trained")
         if model.sliding_window is not None and model.sliding_window < longest:
             if self.max_model_len is not None and self.max_model_len > model.sliding_window:
                 raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's attention window "

@@ -55,11 +55,11 @@ class LLM:
         if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
             raise ValueError("this model has no chat template: pass chat_template, or use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        generation_prompt = add_generation_prompt and not continue_final_message
-        texts = [tokenizer.apply_chat_template(list(conversation), tokenize=False,
-                                               add_generation_prompt=generation_prompt,
-                                               continue_final_message=continue_final_message,
-                                               chat_template=chat_template, **(chat_template_kwargs or {}))
+        # As vLLM's, chat_template_kwargs may also set the named arguments (theirs win).
+        kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                  "chat_template": chat_template} | (chat_template_kwargs or {})
+        kwargs["add_generation_prompt"] = kwargs["add_generation_prompt"] and not kwargs["continue_final_message"]
+        texts = [tokenizer.apply_chat_template(list(conversation), tokenize=False, **kwargs)
                  for conversation in conversations]
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))

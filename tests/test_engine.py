@@ -84,6 +84,9 @@ def test_chat_renders_the_template_once_without_a_second_bos(default_llm: LLM, t
     cont = default_llm.chat(conversations[0] + [{"role": "assistant", "content": "The capital is"}], params,
                             continue_final_message=True)[0]
     assert cont.prompt.rstrip().endswith("The capital is")
+    # chat_template_kwargs may set the named arguments too, as in vLLM.
+    bare = default_llm.chat(conversations[0], params, chat_template_kwargs={"add_generation_prompt": False})[0]
+    assert bare.prompt == tokenizer.apply_chat_template(conversations[0], tokenize=False, add_generation_prompt=False)
     with pytest.raises(ValueError, match="no chat template"):
         LLM(tiny_checkpoints["llama"], num_kv_blocks=16).chat(conversations[0])
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -291,6 +294,8 @@ def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
     assert EngineConfig(max_model_len=32).resolve_max_model_len(mistral) == 32
     with pytest.raises(ValueError, match="window"):
         EngineConfig(max_model_len=128).resolve_max_model_len(mistral)
+    with pytest.raises(ValueError, match="max_position_embeddings"):  # as vLLM: never trained that far
+        EngineConfig(max_model_len=512).resolve_max_model_len(ModelConfig.from_dict(base))
     qwen2 = base | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64}
     assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": False}).sliding_window is None  # released configs
     assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": True}).sliding_window == 64
