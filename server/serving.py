@@ -130,6 +130,19 @@ def _with_logprobs(line: str, logprobs: str | None) -> str:
     return head + logprobs + tail
 
 
+def _with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
+    """A history's tool calls as templates take them (vLLM does the same): each call's
+    `function.arguments`, a JSON string in OpenAI's messages, as the object it encodes."""
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except ValueError:
+                pass  # not JSON: the template gets the string
+    return message
+
+
 def _ranked(entry: list[list[float]]) -> tuple[dict[int, float], list[tuple[int, float]]]:
     """One token's [id, logprob] entries by id (clamped: JSON has no -inf), and best first."""
     pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
@@ -418,7 +431,8 @@ class OpenAIServing:
             message: dict[str, Any] = {"role": m.role, "content": content or ""}
             if m.name:
                 message["name"] = m.name
-            messages.append(message)
+            message |= {k: v for k, v in (m.model_extra or {}).items() if k not in message}  # tool_calls ...
+            messages.append(_with_tool_arguments_parsed(message))
         reserved = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
                     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}

@@ -567,6 +567,30 @@ def test_requests_take_the_generation_configs_sampling_where_they_set_none():
     assert params(serving.chat_job, ChatCompletionRequest(messages=messages))["max_tokens"] == 256 - len(prompt)
 
 
+def test_a_chat_history_with_tool_calls_reaches_the_template():
+    """A history's tool calls and tool results reach the chat template with their fields (as
+    vLLM passes them), each call's JSON arguments parsed; the rest renders as before."""
+    from engine.default_model import default_model_path
+    from server.protocol import ChatCompletionRequest
+    from server.serving import OpenAIServing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %} call {{ c.id }} {{ c.function.name }}({{ c.function.arguments.city }})"
+        "{% endfor %}{% if m.tool_call_id %} for {{ m.tool_call_id }}{% endif %}{{ '\\n' }}{% endfor %}")
+    serving = OpenAIServing(ServerConfig(), tokenizer, client=None, metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    req = ChatCompletionRequest(messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], add_generation_prompt=False)
+    assert serving._render_chat(req) == ("user: Weather in Paris?\nassistant:  call c1 weather(Paris)\n"
+                                         "tool: sunny for c1\n")
+
+
 @pytest.mark.parametrize("answer", ["abort output", "worker death", "no answer"])
 def test_a_cut_short_requests_line_waits_for_the_workers_abort(answer, caplog, monkeypatch):
     """The line of a request cut short (here: the client left) is written once the worker's
