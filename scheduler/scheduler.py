@@ -30,7 +30,8 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # At most this many requests mid-prefill at once, and of those at most
     # max_long_partial_prefills with more than long_prefill_token_threshold tokens to go;
-    # a long prefill gets at most that many tokens a step while others wait.
+    # a long prefill gets at most that many tokens a step while others wait (and the rest of
+    # the budget, when none of them can start).
     max_num_partial_prefills: int = 2
     max_long_partial_prefills: int = 1
     long_prefill_token_threshold: int = 0  # 0: max_num_batched_tokens // 2
@@ -165,7 +166,21 @@ class Scheduler:
                 budget -= n
 
         if not batch.preempted:
+            running = len(scheduled)
             budget = self._admit(scheduled, budget, now, finishing)
+            # The long-prefill cap keeps room for the requests waiting. What they could not take
+            # this step (their prefill limits, the seats, the KV pool) goes to the chunks it cut
+            # short, in order, rather than to nobody; unless a request admitted now finishes its
+            # prompt in this step, whose first token a longer step would delay.
+            admitted = list(scheduled.items())[running:]
+            topping_up = all(n < r.num_uncomputed_tokens for r, n in admitted)
+            for request, n in scheduled.items() if topping_up else ():
+                if budget == 0:
+                    break
+                more = min(request.num_uncomputed_tokens - n, budget)
+                if more > 0 and bm.allocate_slots(request, n + more):
+                    scheduled[request] = n + more
+                    budget -= more
 
         # Decodes first, shortest context first (attention can then pad each group of decodes
         # only to its own longest context); prefill chunks after them in admission order.
