@@ -192,9 +192,13 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         first: Request | None = None
+        # Samples 1.. start once sample 0's prompt is in the prefix cache, to reuse it; with no
+        # cache they would only wait to recompute it.
+        caching = self.scheduler.config.enable_prefix_caching
         for index in range(params.n):
             # Prompt logprobs need logits at every prompt position: sample 0 computes them all.
-            request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens, prefill_after=first,
+            request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens,
+                              prefill_after=first if caching else None,
                               use_prefix_cache=first is not None or params.prompt_logprobs is None,
                               arrival_time=arrival)
             first = first or request

@@ -302,6 +302,20 @@ def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
     assert ModelConfig.from_dict(qwen2 | {"layer_types": ["full_attention", "sliding_attention"]}).sliding_window == 64
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_samples_wait_for_the_first_prompt_only_to_reuse_it(tiny_path: str, caching: bool) -> None:
+    """n = 3: with the prefix cache, samples 1 and 2 start once sample 0's prompt is cached
+    (then hit it); without it they start at once (waiting would only delay their recompute)."""
+    llm = LLM(tiny_path, num_kv_blocks=64, enable_prefix_caching=caching)
+    engine = llm.engine
+    engine.add_request("r", list(range(1, 40)), SamplingParams(n=3, max_tokens=3, **GREEDY))
+    engine.step()
+    assert len(engine.scheduler.running) == (1 if caching else 3)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_empty(llm)
+
+
 def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
     eos = default_llm.engine.eos_token_ids
     tokenizer = default_llm.get_tokenizer()
