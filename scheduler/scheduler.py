@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import chain, islice
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
@@ -171,16 +172,18 @@ class Scheduler:
             # The long-prefill cap keeps room for the requests waiting. What they could not take
             # this step (their prefill limits, the seats, the KV pool) goes to the chunks it cut
             # short, in order, rather than to nobody; unless a request admitted now finishes its
-            # prompt in this step, whose first token a longer step would delay.
-            admitted = list(scheduled.items())[running:]
-            topping_up = all(n < r.num_uncomputed_tokens for r, n in admitted)
-            for request, n in scheduled.items() if topping_up else ():
-                if budget == 0:
-                    break
-                more = min(request.num_uncomputed_tokens - n, budget)
-                if more > 0 and bm.allocate_slots(request, n + more):
-                    scheduled[request] = n + more
-                    budget -= more
+            # prompt in this step, whose first token a longer step would delay. Only prefills
+            # can have been cut: the decodes, most of a batch, are not walked.
+            admitted = list(islice(reversed(scheduled), len(scheduled) - running))[::-1]
+            if budget and all(scheduled[r] < r.num_uncomputed_tokens for r in admitted):
+                for request in chain(prefills, admitted):
+                    n = scheduled.get(request, 0)  # 0: not in this step
+                    more = min(request.num_uncomputed_tokens - n, budget) if n else 0
+                    if more > 0 and bm.allocate_slots(request, n + more):
+                        scheduled[request] = n + more
+                        budget -= more
+                    if budget == 0:
+                        break
 
         # Decodes first, shortest context first (attention can then pad each group of decodes
         # only to its own longest context); prefill chunks after them in admission order.
