@@ -2,9 +2,13 @@
 
 A full block is keyed by a hash chained over its parent's hash and its own token ids, so one
 hash names a whole prefix. Hits are verified exactly: against the stored token ids, and the
-parent by its registration serial (unique for ever, unlike hashes and block ids), so a hash
-collision can cost a cache miss, never wrong KV. Blocks with no references stay in the
-cache and are evicted least-recently-freed first, and only when no never-cached block is left.
+parent by its serial, the number of the exact token prefix the block's KV was computed after
+(unique for ever, unlike hashes and block ids), so a hash collision can cost a cache miss,
+never wrong KV. A hash may hold several blocks: twins (the same prefix computed by requests
+admitted together, sharing one serial) and collisions (other prefixes), as in vLLM, so a
+prefix stays cached while any copy of it does. Blocks with no references stay in the cache
+and are evicted only when no never-cached block is left: spare twins first (their prefix
+stays cached), then least-recently-freed first.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None  # set while the block is registered in the prefix cache
-    serial: int | None = None  # this registration's unique number
-    parent_serial: int | None = None  # the registered block whose KV this one was computed after
+    serial: int | None = None  # the number of the token prefix whose KV this block holds
+    parent_serial: int | None = None  # the prefix before this block's tokens
     token_ids: tuple[int, ...] = ()
 
 
@@ -57,7 +61,7 @@ class BlockManager:
         # Never-cached free blocks (a stack) and cached unreferenced blocks (LRU order).
         self.free_uncached: list[int] = list(range(num_blocks - 1, -1, -1))
         self.evictable: OrderedDict[int, None] = OrderedDict()
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[int, dict[int, None]] = {}  # hash -> its registered block ids, in order
         self.stats = PrefixCacheStats()
         self._next_serial = 0
 
@@ -95,15 +99,25 @@ class BlockManager:
         parent: int | None = None
         size, tokens = self.block_size, request.token_ids
         for i, h in enumerate(request.block_hashes[:max_blocks]):
-            block_id = self.cached.get(h)
+            block_id = self._lookup(h, parent, tuple(tokens[i * size:(i + 1) * size]))
             if block_id is None:
                 break
-            block = self.blocks[block_id]
-            if block.parent_serial != parent or block.token_ids != tuple(tokens[i * size:(i + 1) * size]):
-                break  # a hash collision: treat as a miss
             hits.append(block_id)
-            parent = block.serial
+            parent = self.blocks[block_id].serial
         return hits
+
+    def _lookup(self, block_hash: int, parent: int | None, token_ids: tuple[int, ...]) -> int | None:
+        """A registered block holding token_ids after the prefix numbered parent; one in use
+        if any (sharing it takes no free block), else the first registered."""
+        found = None
+        for block_id in self.cached.get(block_hash, ()):
+            block = self.blocks[block_id]
+            if block.parent_serial == parent and block.token_ids == token_ids:
+                if block.ref_count:
+                    return block_id
+                if found is None:
+                    found = block_id
+        return found
 
     # -------------------------------------------------------------- allocation
     def allocate_slots(self, request: Request, num_new_tokens: int, hits: Sequence[int] = ()) -> bool:
@@ -147,13 +161,17 @@ class BlockManager:
         return block_id
 
     def _uncache(self, block: Block) -> None:
-        if block.hash is not None and self.cached.get(block.hash) == block.block_id:
-            del self.cached[block.hash]
+        if block.hash is not None:
+            twins = self.cached[block.hash]
+            del twins[block.block_id]
+            if not twins:
+                del self.cached[block.hash]
         block.hash, block.serial, block.parent_serial, block.token_ids = None, None, None, ()
 
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks are freed first so that, being the
-        least useful to other prefixes, they are also evicted first."""
+        least useful to other prefixes, they are also evicted first; a block whose prefix a
+        twin also holds goes to the front: evicting it loses no hit."""
         for block_id in reversed(request.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -161,17 +179,22 @@ class BlockManager:
             if block.ref_count == 0:
                 if block.hash is not None:
                     self.evictable[block_id] = None
+                    if self._has_twin(block):
+                        self.evictable.move_to_end(block_id, last=False)
                 else:
                     self.free_uncached.append(block_id)
         request.block_ids.clear()
         request.num_prefix_cached_blocks, request.prefix_tail_serial = 0, None
 
+    def _has_twin(self, block: Block) -> bool:
+        return any(self.blocks[other].serial == block.serial
+                   for other in self.cached[block.hash] if other != block.block_id)
+
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks whose KV is now fully computed.
 
-        A block whose prefix is already cached in a twin block (identical tokens after the
-        same parent) stays unregistered and the chain continues from the twin; a hash taken
-        by different content (a collision) ends the chain for this request.
+        A block whose prefix a registered twin already holds (the same tokens after the same
+        prefix) takes the twin's serial, so the prefix outlives either copy's eviction.
         """
         if not self.enable_prefix_caching:
             return
@@ -186,19 +209,16 @@ class BlockManager:
         for i in range(start, num_full):
             h = request.block_hashes[i]
             block_tokens = tuple(tokens[i * size:(i + 1) * size])
-            twin_id = self.cached.get(h)
+            block = self.blocks[request.block_ids[i]]
+            assert block.hash is None, f"block {block.block_id} registered twice"
+            twin_id = self._lookup(h, parent, block_tokens)
             if twin_id is not None:
-                twin = self.blocks[twin_id]
-                if twin.parent_serial != parent or twin.token_ids != block_tokens:
-                    break
-                parent = twin.serial
+                serial = self.blocks[twin_id].serial
             else:
-                block = self.blocks[request.block_ids[i]]
-                block.hash, block.serial, block.parent_serial = h, self._next_serial, parent
-                block.token_ids = block_tokens
-                self._next_serial += 1
-                self.cached[h] = block.block_id
-                parent = block.serial
+                serial, self._next_serial = self._next_serial, self._next_serial + 1
+            block.hash, block.serial, block.parent_serial, block.token_ids = h, serial, parent, block_tokens
+            self.cached.setdefault(h, {})[block.block_id] = None
+            parent = serial
             request.num_prefix_cached_blocks, request.prefix_tail_serial = i + 1, parent
 
     def reset_prefix_cache(self) -> None:
@@ -218,12 +238,14 @@ class BlockManager:
         for block in self.blocks:
             in_free = block.block_id in free or block.block_id in evictable
             assert (block.ref_count == 0) == in_free, f"block {block.block_id}: ref {block.ref_count}, free {in_free}"
+            if block.hash is not None:
+                assert block.block_id in self.cached.get(block.hash, ()), f"block {block.block_id} unlisted"
             if block.block_id in evictable:
-                assert block.hash is not None and self.cached.get(block.hash) == block.block_id
+                assert block.hash is not None
             if block.block_id in free:
                 assert block.hash is None
-        for h, block_id in self.cached.items():
-            assert self.blocks[block_id].hash == h
+        for h, block_ids in self.cached.items():
+            assert block_ids and all(self.blocks[b].hash == h for b in block_ids)
         if live_requests:
             refs: dict[int, int] = {}
             for request in live_requests:

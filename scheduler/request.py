@@ -40,8 +40,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of the full blocks of token_ids, computed lazily by the block manager.
     block_hashes: list[int] = field(default_factory=list)
-    # Leading full blocks whose KV is in the prefix cache (in our block or a twin), and the
-    # serial of the last of them: where the block manager's registration resumes.
+    # Leading full blocks registered in the prefix cache (hits, then our own), and the serial
+    # of the last of them: where the block manager's registration resumes.
     num_prefix_cached_blocks: int = 0
     prefix_tail_serial: int | None = None
     num_cached_tokens: int = 0  # prefix-cache hit tokens at first admission

@@ -157,35 +157,35 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self._compute(request, n)
         self.history.append(tuple(request.token_ids))
 
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def free(self, data: st.DataObject) -> None:
-        request = self.live.pop(data.draw(st.sampled_from(sorted(self.live))))
-        released = list(reversed(request.block_ids))  # free() releases tail first
+    def _release(self, request: Request) -> None:
+        """Free the request in the manager and the model: tail blocks first; a cached block
+        whose prefix another cached block also holds (same serial) to the front of the LRU."""
+        blocks = self.bm.blocks
+        released = list(reversed(request.block_ids))
         self.bm.free(request)
         assert request.block_ids == []
         for block_id in released:
             self.refs[block_id] -= 1
             if self.refs[block_id] == 0:
                 del self.refs[block_id]
-                if self.bm.blocks[block_id].hash is not None:
-                    self.lru[block_id] = None
-                else:
+                block = blocks[block_id]
+                if block.hash is None:
                     self.uncached_free.add(block_id)
+                    continue
+                self.lru[block_id] = None
+                if any(other.block_id != block_id and other.hash is not None and other.serial == block.serial
+                       for other in blocks):
+                    self.lru.move_to_end(block_id, last=False)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        self._release(self.live.pop(data.draw(st.sampled_from(sorted(self.live)))))
 
     @rule()
     def free_all(self) -> None:
         while self.live:
-            request = self.live.pop(next(iter(self.live)))
-            for block_id in reversed(request.block_ids):
-                self.refs[block_id] -= 1
-                if self.refs[block_id] == 0:
-                    del self.refs[block_id]
-                    if self.bm.blocks[block_id].hash is not None:
-                        self.lru[block_id] = None
-                    else:
-                        self.uncached_free.add(block_id)
-            self.bm.free(request)
+            self._release(self.live.pop(next(iter(self.live))))
         assert self.bm.num_free_blocks == self.bm.num_blocks, "blocks leaked"
 
     @rule()
@@ -240,14 +240,17 @@ def _admit_and_compute(bm: BlockManager, request_id: str, tokens: list[int]) -> 
 def test_forced_collision_never_serves_different_tokens() -> None:
     bm = BlockManager(16, 2, hasher=lambda parent, toks: 0)  # every block hashes equal
     a, _ = _admit_and_compute(bm, "a", [1, 2, 3, 4, 5])
-    # Same first block: a hit on it, but the second block (also hash 0) is no hit.
+    # The same two blocks: hits, told apart from each other by their tokens and parents.
     b, hits = _admit_and_compute(bm, "b", [1, 2, 3, 4, 9])
-    assert hits == [a.block_ids[0]]
+    assert hits == a.block_ids[:2]
     assert bm.blocks[b.block_ids[0]].ref_count == 2
+    # The same first block, then another: a hit on the first only.
+    d, hits = _admit_and_compute(bm, "d", [1, 2, 3, 5, 9])
+    assert hits == [a.block_ids[0]]
     # Different first block with the same hash: a miss, never the other tokens' KV.
     c, hits = _admit_and_compute(bm, "c", [7, 7, 3, 4, 5])
     assert hits == []
-    for request in (a, b, c):
+    for request in (a, b, c, d):
         bm.free(request)
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks
@@ -265,34 +268,75 @@ def test_collision_on_parent_does_not_serve_child_computed_after_other_tokens() 
 
 
 def test_equal_block_after_a_different_prefix_is_not_a_twin() -> None:
-    """A hash taken by a block with our tokens but another parent ends our chain: registering
-    our later blocks behind it would serve them after the other prefix."""
+    """A block with our tokens and hash but another prefix before it is no twin: our block is
+    cached beside it, and each chain serves only after its own prefix."""
     bm = BlockManager(16, 2, hasher=_tokens_only)
     a, _ = _admit_and_compute(bm, "a", [1, 1, 5, 5, 7])
     b, _ = _admit_and_compute(bm, "b", [2, 2, 5, 5, 6, 6, 9])
     probe = Request("c", [1, 1, 5, 5, 6, 6, 8], max_tokens=1)
     assert bm.match_prefix(probe) == a.block_ids[:2], "b's (6, 6) was computed after (2, 2), not (1, 1)"
-    assert b.block_ids[2] not in bm.cached.values()
+    assert bm.match_prefix(Request("d", [2, 2, 5, 5, 6, 6, 8], max_tokens=1)) == b.block_ids[:3]
+
+
+def _admit_together(bm: BlockManager, tokens: list[int], count: int) -> list[Request]:
+    """Requests with the same prompt admitted in one step: none hits, each computes it."""
+    requests = [Request(f"t{i}", tokens, max_tokens=1) for i in range(count)]
+    for request in requests:
+        assert bm.match_prefix(request) == []
+        assert bm.allocate_slots(request, request.num_tokens)
+    for request in requests:
+        request.num_computed_tokens = request.num_tokens
+        bm.cache_full_blocks(request)
+    return requests
 
 
 def test_chain_continues_through_a_twin_block() -> None:
-    """Two requests computing the same prompt at once: the second's blocks stay unregistered
-    (twins of the first's), and its own later blocks are still cached behind the first's."""
+    """Two requests computing the same prompt at once: both copies are cached as one prefix,
+    and the second's own later blocks are hits after either copy."""
     bm = BlockManager(16, 2)
-    a, b = Request("a", [1, 2, 3, 4, 5], max_tokens=1), Request("b", [1, 2, 3, 4, 5], max_tokens=1)
-    for request in (a, b):
-        assert bm.match_prefix(request) == []
-        assert bm.allocate_slots(request, 5)
-    for request in (a, b):
-        request.num_computed_tokens = 5
-        bm.cache_full_blocks(request)
-    assert [bm.blocks[i].hash is None for i in b.block_ids[:2]] == [True, True]
+    a, b = _admit_together(bm, [1, 2, 3, 4, 5], 2)
+    assert [bm.blocks[i].serial for i in a.block_ids[:2]] == [bm.blocks[i].serial for i in b.block_ids[:2]]
     b.append_token(6, 0.0)  # b goes its own way: [1 2][3 4][5 6]
     assert bm.allocate_slots(b, 1)
     b.num_computed_tokens = 6
     bm.cache_full_blocks(b)
     probe = Request("p", [1, 2, 3, 4, 5, 6, 7], max_tokens=1)
-    assert bm.match_prefix(probe) == a.block_ids[:2] + [b.block_ids[2]]
+    assert bm.match_prefix(probe) in (a.block_ids[:2] + [b.block_ids[2]], b.block_ids[:3])
+    bm.check_invariants([a, b])
+
+
+def test_prefix_outlives_the_eviction_of_one_twin() -> None:
+    """The first copy of a prefix computed twice is evicted while the second's request runs:
+    the prefix is still a hit, in the second copy, and a later block computed after it too
+    (before, only the first copy was cached: the prefix was lost, and a block registered
+    behind it stayed unreachable)."""
+    bm = BlockManager(6, 2)
+    a, b = _admit_together(bm, [1, 2, 3, 4, 5], 2)
+    bm.free(a)  # a's two cached blocks and one uncached tail
+    filler, _ = _admit_and_compute(bm, "f", [9] * 5)  # takes the 3 free blocks: evicts a's
+    assert bm.stats.evictions == 2
+    probe = Request("p", [1, 2, 3, 4, 5], max_tokens=1)
+    assert bm.match_prefix(probe) == b.block_ids[:2]
+    bm.free(filler)
+    bm.check_invariants([b])
+
+
+def test_spare_twins_are_evicted_before_other_prefixes() -> None:
+    """Freed copies of a prefix that another copy still holds are evicted first: evicting them
+    loses no hit, where plain least-recently-freed order would evict another prefix."""
+    bm = BlockManager(8, 2)
+    other, _ = _admit_and_compute(bm, "o", [7, 7, 7])
+    bm.free(other)  # freed first: least recently
+    a, b = _admit_together(bm, [1, 2, 3, 4, 5], 2)
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free_blocks == 8
+    filler, _ = _admit_and_compute(bm, "f", [9] * 9)  # 5 blocks: 3 never cached, 2 evicted
+    assert bm.stats.evictions == 2
+    assert len(bm.match_prefix(Request("p", [7, 7, 7], max_tokens=1))) == 1
+    assert len(bm.match_prefix(Request("q", [1, 2, 3, 4, 5], max_tokens=1))) == 2
+    bm.free(filler)
+    bm.check_invariants()
 
 
 def test_evictions_counted_and_never_cached_blocks_used_first() -> None:
