@@ -153,6 +153,11 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         else:
             metrics.on_error(error.metric)
 
+    def utility_error(error: APIError) -> JSONResponse:
+        """The models, tokenize and detokenize routes' errors: counted, no log line (no model call)."""
+        metrics.on_error(error.metric)
+        return error_response(error)
+
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, on_refused=refused)
     if config.allowed_origins:  # outermost: preflights answered, and errors carry the headers too
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
@@ -241,7 +246,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         try:
             check_key(request)
         except APIError as exc:
-            return error_response(exc)
+            return utility_error(exc)
         return JSONResponse({"object": "list", "data": [model_card()]})
 
     @app.get("/v1/models/{model:path}")
@@ -250,7 +255,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             check_key(request)
             serving.check_model(model)
         except APIError as exc:
-            return error_response(exc)
+            return utility_error(exc)
         return JSONResponse(model_card())
 
     @app.post("/tokenize")
@@ -260,7 +265,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             await serving.wait_ready()
             return JSONResponse(await serving.tokenize(body))
         except APIError as exc:
-            return error_response(exc)
+            return utility_error(exc)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
@@ -269,7 +274,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             await serving.wait_ready()
             return JSONResponse(serving.detokenize(body))
         except APIError as exc:
-            return error_response(exc)
+            return utility_error(exc)
 
     @app.get("/health")
     async def health() -> Response:

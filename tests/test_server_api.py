@@ -316,6 +316,8 @@ def test_tokenize_and_detokenize(server, client, model, tokenizer):
         [{"role": "user", "content": "Say\nhello"}], add_generation_prompt=True, tokenize=True, return_dict=False)
     status, raw = _post(server, "/detokenize", _j({"model": model, "tokens": body["tokens"]}))
     assert status == 200 and json.loads(raw) == {"prompt": PROMPT}
+    errors = 'stoke_request_errors_total{type="invalid_request"}'
+    before = server.metrics()[errors]
     for path, request, code in (("/tokenize", {}, "invalid_value"),
                                 ("/tokenize", {"prompt": "a", "messages": messages}, "invalid_value"),
                                 ("/tokenize", {"model": "gpt-5", "prompt": "a"}, "model_not_found"),
@@ -323,6 +325,7 @@ def test_tokenize_and_detokenize(server, client, model, tokenizer):
                                 ("/detokenize", {"tokens": "abc"}, "invalid_type")):
         status, raw = _post(server, path, _j(request))
         assert status in (400, 404, 422) and json.loads(raw)["error"]["code"] == code, (path, request, raw)
+    assert server.metrics()[errors] == before + 5, "every refusal is counted, not only the 422s"
 
 
 def _post(server, path: str, body: bytes | str, headers: dict | None = None, method: str = "POST"):
