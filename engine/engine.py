@@ -237,6 +237,10 @@ class LLMEngine:
                 self._finish(sample, "abort")
         return self._output(group)
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache; False (nothing changed) while requests hold KV blocks."""
+        return self.scheduler.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         """Requests in flight, or a launched step not yet taken back (its tokens are surplus
         when every request has finished, but its step still holds device memory)."""

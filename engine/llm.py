@@ -69,6 +69,11 @@ class LLM:
         the model's generation config's sampling where it has some (as vLLM's)."""
         return SamplingParams(**self.engine.default_sampling)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix, so the next prompts are computed in full (a
+        benchmark's rounds alike). False, and nothing changed, while requests hold KV blocks."""
+        return self.engine.reset_prefix_cache()
+
     def _params(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
         """One SamplingParams per prompt."""
         if sampling_params is None:

@@ -221,12 +221,16 @@ class BlockManager:
             parent = serial
             request.num_prefix_cached_blocks, request.prefix_tail_serial = i + 1, parent
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached unreferenced block (e.g. after weights change)."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (after weights change, between benchmark runs), as vLLM's:
+        refused (False, nothing changed) while requests hold blocks, as their KV stays valid."""
+        if self.num_used_blocks:
+            return False
         while self.evictable:
             block_id, _ = self.evictable.popitem(last=False)
             self._uncache(self.blocks[block_id])
             self.free_uncached.append(block_id)
+        return True
 
     # -------------------------------------------------------------- invariants
     def check_invariants(self, live_requests: Sequence[Request] = ()) -> None:

@@ -190,7 +190,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @rule()
     def reset_prefix_cache(self) -> None:
-        self.bm.reset_prefix_cache()
+        before = self._snapshot()
+        if self.live:
+            assert not self.bm.reset_prefix_cache() and self._snapshot() == before, "reset while blocks are held"
+            return
+        assert self.bm.reset_prefix_cache()
         self.uncached_free.update(self.lru)
         self.lru.clear()
         for block in self.bm.blocks:

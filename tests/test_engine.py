@@ -144,6 +144,15 @@ def test_prefix_cache_hits_give_identical_outputs(tiny_path: str, alone: dict) -
     assert stats.hits_tokens == 80
     assert stats.queries_tokens == sum(len(p) for p in prompts)
     assert_pool_empty(llm)
+    # vLLM's reset_prefix_cache: refused while a request holds blocks, then the prefix is gone.
+    llm.engine.add_request("held", prompts[0], SamplingParams(max_tokens=2, **GREEDY))
+    llm.engine.step()
+    assert not llm.reset_prefix_cache()
+    llm.engine.abort_request("held")
+    assert llm.reset_prefix_cache()
+    again = [llm.generate([p], SamplingParams(max_tokens=20, **GREEDY))[0] for p in prompts[1:]]
+    assert [o.num_cached_tokens for o in again] == [0, 40] and token_ids(again) == token_ids(rest)
+    assert_pool_empty(llm)
 
 
 def test_prefix_cache_hit_counts_skip_recomputation_after_preemption(tiny_path: str) -> None:
