@@ -131,7 +131,7 @@ def _token_biases(bias: object) -> dict[int, float]:
         else:
             token = None
         ok_value = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-        if token is None or token < 0 or not ok_value:
+        if token is None or not 0 <= token < 2**63 or not ok_value:  # past int64: no such token either
             raise ValueError(f"{rule}, got {key!r:.40}: {value!r:.40}")
         out[token] = float(value)
     return out

@@ -249,7 +249,8 @@ def test_logit_bias_forces_and_bans_tokens():
 
 def test_logit_bias_validated():
     assert SamplingParams(logit_bias={"12": 5, 3: -1.5}).logit_bias == {12: 5.0, 3: -1.5}
-    for bad in ({"x": 1}, {"1.5": 1}, {"-1": 1}, {"1": 101}, {"1": float("nan")}, {True: 1}, {"1": "2"}, [1]):
+    for bad in ({"x": 1}, {"1.5": 1}, {"-1": 1}, {"1": 101}, {"1": float("nan")}, {True: 1}, {"1": "2"}, [1],
+                {str(2**63): 1}, {2**64: 1}):  # past int64: raised OverflowError
         with pytest.raises(ValueError, match="^logit_bias"):
             SamplingParams(logit_bias=bad)
     SamplingParams(logit_bias={"49": 1}).check_vocab(50)
