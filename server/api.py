@@ -182,6 +182,11 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not read the body: bad UTF-8, an int too long
+            error = APIError(400, "the request body is not valid JSON (or not UTF-8, or a number too long "
+                                  "for it)", code="invalid_json")
+            refused(request, error)
+            return error_response(error)
         if exc.status_code == 404:
             error = APIError(404, f"no route {request.method} {request.url.path}", code="not_found")
         elif exc.status_code == 405:

@@ -99,6 +99,12 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    # A value no text can hold (server/protocol.py): a bad value, wherever a union put it.
+    for e in errors:
+        if e.get("type") == "lone_surrogate":
+            param = _param(tuple(e.get("loc", ())) + (e["ctx"]["field"],))
+            return APIError(400, f"'{param}' holds half a UTF-16 surrogate pair (e.g. \\ud800 alone): "
+                                 "not text", param=param, code="invalid_value")
     if first.get("type") == "missing":
         if param is None:
             return APIError(422, "the request body is missing", code="missing_required_parameter")

@@ -7,13 +7,43 @@ Unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
+
+# Half a UTF-16 pair: valid JSON ("\ud800"), but no UTF-8 text, so the tokenizer, the pipe to
+# the worker and the log line would each fail on it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any, typed: bool) -> bool:
+    """typed: a declared field's value, where a list that starts with an int holds only ints
+    (pydantic checked it), so a 100k-token prompt is not walked; JSON of any shape is."""
+    if isinstance(value, str):
+        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        if typed and value and type(value[0]) is int:
+            return False
+        return any(_has_lone_surrogate(v, typed) for v in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k, False) or _has_lone_surrogate(v, False) for k, v in value.items())
+    return False  # numbers, None, and nested models (each checked itself)
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _text_is_unicode(self) -> _Model:
+        fields = [(name, value, True) for name, value in self.__dict__.items()]
+        fields += [(name, value, False) for name, value in (self.__pydantic_extra__ or {}).items()]
+        for name, value, typed in fields:
+            if _has_lone_surrogate(value, typed):
+                raise PydanticCustomError("lone_surrogate", "half a UTF-16 surrogate pair in '{field}'",
+                                          {"field": name})
+        return self
 
 
 class StreamOptions(_Model):

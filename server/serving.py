@@ -369,6 +369,8 @@ class OpenAIServing:
             raise errors.invalid("messages must not be empty", param="messages")
         if req.tools:
             raise errors.unsupported("tools are not supported", param="tools")
+        if req.tool_choice is not None and req.tool_choice != "none":  # as OpenAI and vLLM
+            raise errors.invalid("tool_choice needs tools", param="tool_choice")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise errors.unsupported("only response_format type 'text' is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:

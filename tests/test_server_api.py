@@ -316,6 +316,8 @@ def test_tokenize_and_detokenize(server, client, model, tokenizer):
         [{"role": "user", "content": "Say\nhello"}], add_generation_prompt=True, tokenize=True, return_dict=False)
     status, raw = _post(server, "/detokenize", _j({"model": model, "tokens": body["tokens"]}))
     assert status == 200 and json.loads(raw) == {"prompt": PROMPT}
+    status, raw = _post(server, "/tokenize", '{"prompt": "\\ud83d\\ude00"}')  # a whole surrogate pair is text
+    assert status == 200 and json.loads(raw)["tokens"] == tokenizer.encode("\U0001F600")
     errors = 'stoke_request_errors_total{type="invalid_request"}'
     before = server.metrics()[errors]
     for path, request, code in (("/tokenize", {}, "invalid_value"),
@@ -383,6 +385,23 @@ BAD_INPUTS = [
     ("image content", "/v1/chat/completions",
      _j({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
      "unsupported_parameter"),
+    ("logit_bias token past int64", "/v1/completions", _j({"prompt": "hi", "logit_bias": {str(2 ** 63): 1}}), 400,
+     "invalid_value"),
+    ("tool_choice without tools", "/v1/chat/completions",
+     _j({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}), 400, "invalid_value"),
+    # Half a surrogate pair: valid JSON, but no text (the tokenizer, the pipe and the log line failed on it).
+    ("lone surrogate in the prompt", "/v1/completions", '{"prompt": "\\ud800"}', 400, "invalid_value"),
+    ("lone surrogate in a stop string", "/v1/completions", '{"prompt": "hi", "stop": "\\udfff"}', 400,
+     "invalid_value"),
+    ("lone surrogate in a message", "/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc80hi"}]}]}', 400, "invalid_value"),
+    ("lone surrogate in the model name", "/v1/completions", '{"prompt": "hi", "model": "\\ud800"}', 400,
+     "invalid_value"),
+    ("lone surrogate in the user", "/v1/completions", '{"prompt": "hi", "user": "\\ud800"}', 400, "invalid_value"),
+    ("lone surrogate to tokenize", "/tokenize", '{"prompt": "\\ud800"}', 400, "invalid_value"),
+    ("body not UTF-8", "/v1/completions", b'{"prompt": "\xff"}', 400, "invalid_json"),
+    ("number too long for JSON", "/v1/completions", '{"prompt": "hi", "seed": ' + "9" * 5000 + "}", 400,
+     "invalid_json"),
     ("oversized body", "/v1/completions", _j({"prompt": "x" * 70000}), 413, "request_too_large"),
     ("unknown route", "/v1/engines", _j({}), 404, "not_found"),
 ]
