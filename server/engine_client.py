@@ -335,7 +335,12 @@ class EngineClient:
         if self.dead:
             return
         self.dead = True
-        code = self.process.poll() if self.process is not None else None
+        code = None
+        if self.process is not None:
+            try:  # the pipe closes as the process exits: its status follows within moments
+                code = self.process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
         if self.stopping:
             logger.info("worker process stopped")
         else:

@@ -151,6 +151,7 @@ def test_worker_death_fails_in_flight_with_503_and_exits_nonzero():
                                     "stoke_kv_cache_usage_ratio")] == [0, 0, 0]
         code = server.proc.wait(60)
         assert code != 0
+        assert f"the engine worker died (exit code {-signal.SIGKILL})" in server.stderr()
         lines = server.log_lines()
         assert [line["status"] for line in lines[-2:]] == [503, 503]
         assert all(line["error_type"] == "internal" for line in lines[-2:])
