@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,9 +86,19 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
 
+    def _within_context(self, tokens: list[int], params: SamplingParams) -> SamplingParams:
+        """As vLLM's offline API, a max_tokens past the end of the context (or of the KV pool,
+        when it holds less) stops there, finish_reason "length", instead of being refused (the
+        server refuses it, as vLLM's). A prompt with no room left is still an error."""
+        room = self.engine.scheduler.max_sequence_tokens - len(tokens)
+        if params.max_tokens is None or params.max_tokens <= room or room < 1:
+            return params
+        return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+
     def _run(self, prompts: list[Prompt], token_prompts: list[list[int]],
              params: list[SamplingParams]) -> list[RequestOutput]:
         """Validate every prompt, then run them all to completion."""
+        params = [self._within_context(tokens, p) for tokens, p in zip(token_prompts, params)]
         for tokens, p in zip(token_prompts, params):
             self.engine.validate(tokens, p)
         ids = []

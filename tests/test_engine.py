@@ -253,12 +253,21 @@ def test_more_top_logprobs_than_the_vocabulary_is_refused(tiny_path: str) -> Non
 
 def test_unset_max_tokens_runs_to_the_context_or_the_pool(tiny_path: str) -> None:
     """max_tokens=None: up to the context length, or to the whole KV pool where it holds less
-    (4 blocks of 16 here, under a 4,096-token context): served, never refused."""
+    (4 blocks of 16 here, under a 4,096-token context): served, never refused. Offline, as
+    vLLM's, a max_tokens past them stops there too (min_tokens with it)."""
     llm = LLM(tiny_path, num_kv_blocks=4, block_size=16)
     assert llm.engine.max_model_len > 64
-    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=None, **GREEDY))[0].outputs[0]
-    assert len(out.token_ids) == 64 - 3 and out.finish_reason == "length"
+    for params in (SamplingParams(max_tokens=None, **GREEDY), SamplingParams(max_tokens=100, min_tokens=80, **GREEDY)):
+        out = llm.generate([[1, 2, 3]], params)[0].outputs[0]
+        assert len(out.token_ids) == 64 - 3 and out.finish_reason == "length"
+        assert params.max_tokens in (None, 100)  # the caller's own params are left as they were
     assert_pool_empty(llm)
+    short = LLM(tiny_path, num_kv_blocks=64, block_size=16, max_model_len=40)
+    out = short.generate([[1, 2, 3] * 10], SamplingParams(max_tokens=50, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+    with pytest.raises(AdmissionError, match="maximum context length"):  # no room for one token
+        short.generate([[1] * 40], SamplingParams(max_tokens=5))
+    assert_pool_empty(short)
 
 
 def test_an_interrupted_generate_leaves_nothing_behind(tiny_path: str, monkeypatch) -> None:
