@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from engine.chat_messages import with_tool_arguments_parsed
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -46,21 +47,26 @@ class LLM:
         continue_final_message: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: one conversation (a list of messages) or a list of them, each
         rendered with the model's chat template, then generated as `generate` does (outputs
         in conversation order, `prompt` the rendered text). The rendered text is tokenized
         without special tokens: the template writes them (a BOS added again would be a
-        second one). `chat_template`: a Jinja template to use instead of the tokenizer's."""
+        second one). `chat_template`: a Jinja template to use instead of the tokenizer's.
+        `tools`: OpenAI-style tool definitions for the template to show the model (its answer
+        comes back as text: no tool-call parsing). A history's tool calls reach the template
+        with their JSON arguments parsed, as the server's do."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
             raise ValueError("this model has no chat template: pass chat_template, or use generate()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         # As vLLM's, chat_template_kwargs may also set the named arguments (theirs win).
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-                  "chat_template": chat_template} | (chat_template_kwargs or {})
+                  "chat_template": chat_template, "tools": tools} | (chat_template_kwargs or {})
         kwargs["add_generation_prompt"] = kwargs["add_generation_prompt"] and not kwargs["continue_final_message"]
-        texts = [tokenizer.apply_chat_template(list(conversation), tokenize=False, **kwargs)
+        texts = [tokenizer.apply_chat_template([with_tool_arguments_parsed(m) for m in conversation],
+                                               tokenize=False, **kwargs)
                  for conversation in conversations]
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))

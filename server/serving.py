@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from engine.chat_messages import with_tool_arguments_parsed
 from engine.sampling_params import SamplingParams
 from server import errors
 from server.config import ServerConfig
@@ -128,19 +129,6 @@ def _with_logprobs(line: str, logprobs: str | None) -> str:
         return line
     head, _, tail = line.rpartition(_dumps(_PLACEHOLDER))
     return head + logprobs + tail
-
-
-def _with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
-    """A history's tool calls as templates take them (vLLM does the same): each call's
-    `function.arguments`, a JSON string in OpenAI's messages, as the object it encodes."""
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            try:
-                function["arguments"] = json.loads(function["arguments"])
-            except ValueError:
-                pass  # not JSON: the template gets the string
-    return message
 
 
 def _ranked(entry: list[list[float]]) -> tuple[dict[int, float], list[tuple[int, float]]]:
@@ -434,7 +422,7 @@ class OpenAIServing:
             if m.name:
                 message["name"] = m.name
             message |= {k: v for k, v in (m.model_extra or {}).items() if k not in message}  # tool_calls ...
-            messages.append(_with_tool_arguments_parsed(message))
+            messages.append(with_tool_arguments_parsed(message))
         reserved = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
                     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}

@@ -93,6 +93,18 @@ def test_chat_renders_the_template_once_without_a_second_bos(default_llm: LLM, t
     given = default_llm.chat(conversations[1], params, chat_template=plain)[0]
     assert given.prompt == "system: Answer in one word.\nuser: Hi\nassistant:"
     assert given.prompt_token_ids == tokenizer.encode(given.prompt, add_special_tokens=False)
+    # tools for the template, and a history's tool calls with their JSON arguments parsed (vLLM's).
+    tool_template = ("{% if tools %}tools: {{ tools | map(attribute='function.name') | join(',') }};{% endif %}"
+                     "{% for m in messages %}{{ m['role'] }}: {% if m.tool_calls %}"
+                     "{{ m.tool_calls[0].function.arguments.city }}{% else %}{{ m['content'] }}{% endif %};"
+                     "{% endfor %}")
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    rendered = default_llm.chat(history, params, chat_template=tool_template, tools=tools)[0]
+    assert rendered.prompt == "tools: weather;user: Weather?;assistant: Paris;tool: sunny;"
+    assert call["function"]["arguments"] == '{"city": "Paris"}', "the caller's messages are left as they were"
     assert_pool_empty(default_llm)
 
 
