@@ -166,18 +166,19 @@ def run_stoke(path: str | None, workload: Workload, args: argparse.Namespace) ->
         engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
     llm = LLM(path, **engine_args)
     load = time.perf_counter() - t0
-    llm.generate([workload.prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    llm.generate([workload.prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                 use_tqdm=False)
     if llm.engine.runner.device.type == "cuda":
         # Triton compiles a variant of a kernel per argument specialisation (ints equal to 1 or
         # divisible by 16): a few batch shapes before the timing keep compiles out of it.
         # Reversed prompts: no prefix of the workload lands in the prefix cache.
         warm = [p[::-1][: 1 + (37 * i) % len(p)] for i, p in enumerate(workload.prompts[:48])]
-        llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     llm.engine.stats = StepStats()
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in workload.output_lens]
     preemptions0 = llm.engine.scheduler.stats.num_preemptions
     t0 = time.perf_counter()
-    outs = llm.generate(workload.prompts, params)
+    outs = llm.generate(workload.prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     bad = [i for i, (t, n) in enumerate(zip(tokens, workload.output_lens)) if len(t) != n]

@@ -24,3 +24,25 @@ def with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
                 pass
         parsed.append(call)
     return message | {"tool_calls": parsed}
+
+
+class UnsupportedContent(ValueError):
+    """A content part stoke cannot show the model (an image, audio, ...)."""
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAI chat message as templates take it, as vLLM renders a string-content template:
+    text content parts joined by newlines (content None: ""), tool calls' arguments parsed.
+    ValueError for a malformed text part, UnsupportedContent for a part of another type."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise UnsupportedContent(f"message content of type '{kind}' is not supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs 'text'")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    return with_tool_arguments_parsed(message | {"content": content or ""})

@@ -127,6 +127,8 @@ class LLMEngine:
         ))
         self.sampler = Sampler()
         self.eos_token_ids = list(self.model_config.eos_token_ids)
+        # As vLLM: requests without a seed of their own sample the same way run after run.
+        torch.manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[Request, tuple[_Group, _Sample]] = {}
         self.stats = StepStats()
@@ -165,6 +167,9 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Raise ValueError for a request that can't be served; returns its max_tokens."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.verify()  # again: fields may have been set since construction
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
@@ -191,6 +196,7 @@ class LLMEngine:
         group = _Group(request_id, text, prompt_token_ids, params, arrival)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
+        # Every sample is built before any is queued: nothing stays behind if one fails.
         first: Request | None = None
         # Samples 1.. start once sample 0's prompt is in the prefix cache, to reuse it; with no
         # cache they would only wait to recompute it.
@@ -210,12 +216,13 @@ class LLMEngine:
                 logprobs=[] if params.logprobs is not None else None,
             )
             group.samples.append(sample)
-            self.samples[request] = (group, sample)
-            self.scheduler.add_request(request)
+        for sample in group.samples:
+            self.samples[sample.request] = (group, sample)
+            self.scheduler.add_request(sample.request)
         self.groups[request_id] = group
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
-        if self.tokenizer is None:
+        if self.tokenizer is None or not params.detokenize:
             return None
         return IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,

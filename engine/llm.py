@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.chat_messages import with_tool_arguments_parsed
+from tqdm.auto import tqdm
+
+from engine.chat_messages import template_message
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, truncate_prompt
 
-Prompt = str | list[int]
+# A text, token ids, or vLLM's TextPrompt / TokensPrompt dicts: {"prompt": text} or
+# {"prompt_token_ids": ids}.
+Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]  # {"role": ..., "content": ...}, as the OpenAI API's
+ProgressBar = bool | Callable[..., Any]  # vLLM's use_tqdm: on, off, or a tqdm-like class
 
 
 class LLM:
@@ -28,15 +33,38 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: ProgressBar = True,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        """Run every prompt to completion; outputs come back in prompt order. A prompt is a
+        text, a list of token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and _is_token(prompts[0])):
             prompts = [prompts]
-        prompts = list(prompts)
-        params = self._params(sampling_params, len(prompts))
-        # Tokenize and validate everything before anything is scheduled.
-        token_prompts = [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
-        return self._run(prompts, token_prompts, params)
+        texts, token_prompts = [], []
+        for prompt in prompts:  # tokenize and check everything before anything is scheduled
+            text, tokens = self._prompt(prompt)
+            texts.append(text)
+            token_prompts.append(tokens)
+        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm)
+
+    def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(its text if it has one, its token ids)."""
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenize(prompt)
+        if isinstance(prompt, list) and all(_is_token(t) for t in prompt):
+            return None, list(prompt)
+        if isinstance(prompt, dict):
+            unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+            if unknown:
+                raise ValueError(f"a prompt dict takes 'prompt' or 'prompt_token_ids', not {unknown}")
+            if "prompt_token_ids" in prompt:
+                text, tokens = self._prompt(prompt["prompt_token_ids"])
+                if text is not None:
+                    raise ValueError("'prompt_token_ids' must be a list of token ids")
+                return prompt.get("prompt"), tokens
+            if isinstance(prompt.get("prompt"), str):
+                return prompt["prompt"], self.engine.tokenize(prompt["prompt"])
+        raise TypeError(f"a prompt must be a string, a list of token ids, or a dict with 'prompt' (a string) "
+                        f"or 'prompt_token_ids', got {prompt!r:.100}")
 
     def chat(
         self,
@@ -48,6 +76,7 @@ class LLM:
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        use_tqdm: ProgressBar = True,
     ) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: one conversation (a list of messages) or a list of them, each
         rendered with the model's chat template, then generated as `generate` does (outputs
@@ -55,8 +84,8 @@ class LLM:
         without special tokens: the template writes them (a BOS added again would be a
         second one). `chat_template`: a Jinja template to use instead of the tokenizer's.
         `tools`: OpenAI-style tool definitions for the template to show the model (its answer
-        comes back as text: no tool-call parsing). A history's tool calls reach the template
-        with their JSON arguments parsed, as the server's do."""
+        comes back as text: no tool-call parsing). Messages reach the template as the server's
+        do: text content parts joined by newlines, tool calls' JSON arguments parsed."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
             raise ValueError("this model has no chat template: pass chat_template, or use generate()")
@@ -65,11 +94,11 @@ class LLM:
         kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                   "chat_template": chat_template, "tools": tools} | (chat_template_kwargs or {})
         kwargs["add_generation_prompt"] = kwargs["add_generation_prompt"] and not kwargs["continue_final_message"]
-        texts = [tokenizer.apply_chat_template([with_tool_arguments_parsed(m) for m in conversation],
+        texts = [tokenizer.apply_chat_template([template_message(m) for m in conversation],
                                                tokenize=False, **kwargs)
                  for conversation in conversations]
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)))
+        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: the defaults, with
@@ -87,7 +116,12 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if not isinstance(sampling_params, Sequence) or isinstance(sampling_params, str):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
         params = list(sampling_params)
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them")
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
@@ -101,25 +135,42 @@ class LLM:
             return params
         return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
-    def _run(self, prompts: list[Prompt], token_prompts: list[list[int]],
-             params: list[SamplingParams]) -> list[RequestOutput]:
+    def _run(self, texts: list[str | None], token_prompts: list[list[int]], params: list[SamplingParams],
+             use_tqdm: ProgressBar) -> list[RequestOutput]:
         """Validate every prompt, then run them all to completion."""
+        for p in params:
+            p.verify()  # fields may have been set since construction
+        token_prompts = [tokens if p.truncate_prompt_tokens is None
+                         else truncate_prompt(tokens, p.truncate_prompt_tokens, self.engine.max_model_len)
+                         for tokens, p in zip(token_prompts, params)]
         params = [self._within_context(tokens, p) for tokens, p in zip(token_prompts, params)]
         for tokens, p in zip(token_prompts, params):
             self.engine.validate(tokens, p)
         ids = []
         finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and token_prompts:
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(token_prompts), desc="Processed prompts")
         try:
-            for prompt, tokens, p in zip(prompts, token_prompts, params):
+            for text, tokens, p in zip(texts, token_prompts, params):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(request_id, prompt, p, prompt_token_ids=tokens)
+                self.engine.add_request(request_id, tokens if text is None else text, p, prompt_token_ids=tokens)
                 ids.append(request_id)
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step(outputs="final"):
                     finished[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
         except BaseException:  # e.g. Ctrl-C in a notebook: the next call must not run these first
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [finished[i] for i in ids]
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters, vLLM-compatible names; validated on construction."""
+"""Per-request sampling parameters, vLLM-compatible names; validated on construction, and
+again when a request is added (fields set after construction take effect, checked)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # a signed 64-bit integer: sample i draws with seed + i
 
 
 @dataclass(slots=True)
@@ -29,6 +31,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only, no text (no stop strings then)
+    # Offline (vLLM's): keep the prompt's last k tokens; -1: max_model_len. The server applies
+    # its request's own before the prompt reaches the engine.
+    truncate_prompt_tokens: int | None = None
     # token id → added to its logit before the penalties and sampling (OpenAI's logit_bias);
     # keys may arrive as decimal strings (JSON object keys)
     logit_bias: dict[int, float] | None = None
@@ -37,14 +43,25 @@ class SamplingParams:
     _bias_arrays: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self.verify()
+
+    def verify(self) -> None:
+        """Normalise and check every field, and derive what the engine reads (the stop list, the
+        bias arrays). The engine calls it again on every request added: vLLM users set fields
+        after construction (`llm.get_default_sampling_params()`, then `.stop = ...`)."""
         if isinstance(self.stop, str):
             self._stop_list = [self.stop]
-        else:
+        elif self.stop is None or isinstance(self.stop, (list, tuple)):
             self._stop_list = list(self.stop or [])
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r:.100}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.100}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        self._bias_arrays = None
         if self.logit_bias:
             n = len(self.logit_bias)
             self._bias_arrays = (np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=n),
@@ -78,11 +95,11 @@ class SamplingParams:
         def fail(name: str, rule: str) -> None:
             raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             fail("n", "must be an integer >= 1")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             fail("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             fail("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -92,7 +109,7 @@ class SamplingParams:
             fail("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             fail("top_k", "must be -1, 0 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", "must be in [0, 1]")
@@ -102,18 +119,42 @@ class SamplingParams:
             fail("frequency_penalty", "must be in [-2, 2]")
         if not self.repetition_penalty > 0.0:
             fail("repetition_penalty", "must be > 0")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             fail("logprobs", "must be None or an integer >= 0")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
             fail("prompt_logprobs", "must be None or an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "must be an integer")
+        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            fail("seed", "must be an integer that fits in a signed 64-bit integer")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+        k = self.truncate_prompt_tokens
+        if k is not None and not (_is_int(k) and (k == -1 or k >= 1)):
+            fail("truncate_prompt_tokens", "must be -1 or >= 1")
         if any(not isinstance(s, str) or not s for s in self._stop_list):
             fail("stop", "must be a non-empty string or a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if self._stop_list and not self.detokenize:
+            fail("stop", "needs detokenize=True (stop strings are matched in the text)")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be non-negative integers")
         if self.logit_bias is not None:
             self.logit_bias = _token_biases(self.logit_bias)
+
+
+def truncate_prompt(tokens: list[int], keep: int, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: max_model_len), the
+    same list when it is no longer."""
+    if keep == -1:
+        keep = max_model_len
+    if keep < 1:
+        raise ValueError(f"truncate_prompt_tokens must be -1 or >= 1, got {keep}")
+    if keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens ({keep}) is greater than max_model_len ({max_model_len})")
+    return tokens[-keep:] if len(tokens) > keep else tokens
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _token_biases(bias: object) -> dict[int, float]:

@@ -15,9 +15,9 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=args.stop or None)
     if not args.raw and tokenizer is not None and tokenizer.chat_template:
-        output = llm.chat([{"role": "user", "content": args.prompt}], params)[0].outputs[0]
+        output = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0].outputs[0]
     else:
-        output = llm.generate([args.prompt], params)[0].outputs[0]
+        output = llm.generate([args.prompt], params, use_tqdm=False)[0].outputs[0]
     print(output.text)
     return 0
 

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.chat_messages import with_tool_arguments_parsed
-from engine.sampling_params import SamplingParams
+from engine.chat_messages import UnsupportedContent, template_message
+from engine.sampling_params import SEED_RANGE, SamplingParams, truncate_prompt
 from server import errors
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
@@ -35,7 +35,6 @@ from server.request_log import RequestLogger, RequestRecord
 
 logger = logging.getLogger("stoke.server")
 
-_SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 _MAX_STOP_CHARS = 1024
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 # Prompts longer than this are tokenized off the event loop (~1.5 ms a 4k-character text here).
@@ -235,7 +234,7 @@ class OpenAIServing:
         if logprobs is not None and logprobs > cfg.max_logprobs:
             raise errors.invalid(f"at most {cfg.max_logprobs} logprobs per token are allowed, got {logprobs}",
                                  param="logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
-        if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
+        if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
             raise errors.invalid("seed must fit in a signed 64-bit integer", param="seed")
         default = self.client.info.default_sampling  # the model's generation config's
         fields = dict(
@@ -303,18 +302,12 @@ class OpenAIServing:
     def _truncated(self, req: CompletionRequest | ChatCompletionRequest, tokens: list[int]) -> list[int]:
         """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len), the
         same list when it is no longer."""
-        k = req.truncate_prompt_tokens
-        if k is None:
+        if req.truncate_prompt_tokens is None:
             return tokens
-        limit = self._max_model_len()
-        if k == -1:
-            k = limit
-        if k < 1:
-            raise errors.invalid(f"truncate_prompt_tokens must be -1 or >= 1, got {k}", param="truncate_prompt_tokens")
-        if k > limit:
-            raise errors.invalid(f"truncate_prompt_tokens ({k}) is greater than max_model_len ({limit})",
-                                 param="truncate_prompt_tokens")
-        return tokens[-k:] if len(tokens) > k else tokens
+        try:
+            return truncate_prompt(tokens, req.truncate_prompt_tokens, self._max_model_len())
+        except ValueError as exc:
+            raise errors.invalid(str(exc), param="truncate_prompt_tokens") from None
 
     async def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
@@ -407,22 +400,17 @@ class OpenAIServing:
     def _render_chat(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
         messages = []
         for i, m in enumerate(req.messages):
-            content = m.content
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.type == "text" and part.text is None:
-                        raise errors.invalid("a text content part needs 'text'", param=f"messages.{i}.content")
-                    if part.type != "text":
-                        raise errors.unsupported(f"message content of type '{part.type}' is not supported",
-                                                 param=f"messages.{i}.content")
-                    parts.append(part.text)
-                content = "\n".join(parts)  # as vLLM joins a string-content template's parts
-            message: dict[str, Any] = {"role": m.role, "content": content or ""}
+            content = [p.model_dump() for p in m.content] if isinstance(m.content, list) else m.content
+            message: dict[str, Any] = {"role": m.role, "content": content}
             if m.name:
                 message["name"] = m.name
             message |= {k: v for k, v in (m.model_extra or {}).items() if k not in message}  # tool_calls ...
-            messages.append(with_tool_arguments_parsed(message))
+            try:
+                messages.append(template_message(message))
+            except UnsupportedContent as exc:
+                raise errors.unsupported(str(exc), param=f"messages.{i}.content") from None
+            except ValueError as exc:
+                raise errors.invalid(str(exc), param=f"messages.{i}.content") from None
         reserved = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
                     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}

@@ -413,6 +413,8 @@ def test_stop_strings_are_cut_from_text(default_llm: LLM) -> None:
     dict(max_tokens=-1), dict(max_tokens=0), dict(top_p=0.0), dict(top_p=1.5), dict(n=0),
     dict(temperature=-0.1), dict(top_k=-2), dict(min_p=2.0), dict(min_tokens=5, max_tokens=2),
     dict(logprobs=-1), dict(stop=[""]), dict(presence_penalty=3.0), dict(repetition_penalty=0.0),
+    dict(n=True), dict(logprobs=True), dict(ignore_eos="no"), dict(stop=5), dict(seed=2 ** 64 - 1),
+    dict(seed=-(2 ** 63) - 1), dict(truncate_prompt_tokens=0), dict(stop="x", detokenize=False),
 ])
 def test_invalid_sampling_params_raise(bad: dict) -> None:
     with pytest.raises(ValueError) as info:
@@ -591,3 +593,103 @@ def test_output_kinds_agree(default_llm: LLM) -> None:
         for cb in b.outputs:
             assert delta_added[key, cb.index]["finish"] == (cb.finish_reason, cb.stop_reason, len(cb.token_ids),
                                                             cb.cumulative_logprob)
+
+
+def test_vllm_prompt_forms_and_offline_options(default_llm: LLM) -> None:
+    """vLLM's prompt dicts ({"prompt": text}, {"prompt_token_ids": ids}, alone or in a list),
+    a progress bar class for use_tqdm, truncate_prompt_tokens, detokenize=False, and chat
+    content given as text parts."""
+    tokenizer, params = default_llm.get_tokenizer(), SamplingParams(max_tokens=4, **GREEDY)
+    text = "The capital of France is"
+    ids = tokenizer.encode(text)
+    expected = default_llm.generate(text, params)[0]
+    for prompt in ({"prompt": text}, [{"prompt": text}], {"prompt_token_ids": ids}, [{"prompt_token_ids": ids}]):
+        (out,) = default_llm.generate(prompt, params)
+        assert out.prompt_token_ids == ids and out.outputs[0].token_ids == expected.outputs[0].token_ids, prompt
+        assert out.prompt == (text if "prompt" in (prompt if isinstance(prompt, dict) else prompt[0]) else None)
+    for bad, error in (({"prompt_token_ids": ids, "multi_modal_data": {}}, ValueError), ({"prompt": 5}, TypeError),
+                       ([(1, 2, 3)], TypeError), ({"prompt_token_ids": "abc"}, ValueError)):
+        with pytest.raises(error):
+            default_llm.generate(bad, params)
+    with pytest.raises(TypeError, match="sampling_params"):
+        default_llm.generate(text, {"max_tokens": 4})
+
+    class Bar:  # a tqdm-like class, as vLLM's use_tqdm takes
+        made: list["Bar"] = []
+
+        def __init__(self, total: int, desc: str) -> None:
+            self.total, self.count, self.closed = total, 0, False
+            Bar.made.append(self)
+
+        def update(self, n: int) -> None:
+            self.count += n
+
+        def close(self) -> None:
+            self.closed = True
+
+    default_llm.generate([text, ids], params, use_tqdm=Bar)
+    assert [(b.total, b.count, b.closed) for b in Bar.made] == [(2, 2, True)]
+    default_llm.generate(text, params, use_tqdm=False)
+    assert len(Bar.made) == 1
+
+    (cut,) = default_llm.generate(text, SamplingParams(max_tokens=4, truncate_prompt_tokens=2, **GREEDY))
+    assert cut.prompt_token_ids == ids[-2:]
+    assert default_llm.generate(text, SamplingParams(max_tokens=4, truncate_prompt_tokens=-1, **GREEDY))[0] \
+        .prompt_token_ids == ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        default_llm.generate(text, SamplingParams(max_tokens=4, truncate_prompt_tokens=10 ** 6))
+    (raw,) = default_llm.generate(text, SamplingParams(max_tokens=4, detokenize=False, **GREEDY))
+    assert raw.outputs[0].token_ids == expected.outputs[0].token_ids and raw.outputs[0].text == ""
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]}]
+    joined = [{"role": "user", "content": "Say\nhello"}]
+    assert default_llm.chat(parts, params)[0].prompt == default_llm.chat(joined, params)[0].prompt
+    with pytest.raises(ValueError, match="image_url"):
+        default_llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params)
+    assert_pool_empty(default_llm)
+
+
+def test_fields_set_after_construction_take_effect(tiny_path: str) -> None:
+    """vLLM users take the defaults and set fields (llm.get_default_sampling_params(), then
+    .stop = ...): each is read, and checked, when the request is added."""
+    llm = LLM(tiny_path, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    params.logit_bias = {7: 100}
+    assert token_ids(llm.generate([[1, 2, 3]], params)) == [[7] * 4]
+    params.logit_bias = None
+    assert token_ids(llm.generate([[1, 2, 3]], params)) != [[7] * 4]
+    params.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate([[1, 2, 3]], params)
+    assert_pool_empty(llm)
+
+
+def test_a_failing_sample_leaves_nothing_queued(tiny_path: str, monkeypatch) -> None:
+    """n > 1: every sample is built before any is queued, so one that fails (its generator,
+    here) leaves no half-added request behind for the next call to trip over."""
+    llm = LLM(tiny_path, num_kv_blocks=64)
+    real = llm.engine._generator
+
+    def generator(params, index):
+        if index == 1:
+            raise RuntimeError("no generator")
+        return real(params, index)
+
+    monkeypatch.setattr(llm.engine, "_generator", generator)
+    with pytest.raises(RuntimeError):
+        llm.generate([[7, 8, 9]], SamplingParams(n=2, max_tokens=3, temperature=1.0, seed=5))
+    assert not llm.engine.scheduler.waiting and not llm.engine.samples and not llm.engine.groups
+    monkeypatch.undo()
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0].token_ids) == 3
+    assert_pool_empty(llm)
+
+
+def test_engine_seed_makes_unseeded_sampling_repeatable(tiny_path: str) -> None:
+    """As vLLM (seed 0 by default): requests without a seed sample alike run after run."""
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+
+    def run(seed: int) -> list[list[int]]:
+        return token_ids(LLM(tiny_path, num_kv_blocks=64, seed=seed).generate([[1, 2, 3], [4, 5]], params))
+
+    first = run(0)
+    assert run(0) == first and run(1) != first
