@@ -201,6 +201,10 @@ def store_kv(
     if value.shape != key.shape or slot_mapping.shape != (T,):
         raise ValueError(f"store_kv: key {tuple(key.shape)}, value {tuple(value.shape)} and "
                          f"slot_mapping {tuple(slot_mapping.shape)} disagree")
+    for cache in (k_cache, v_cache):  # a slot's offset is slot * stride(1): blocks back to back
+        if cache.shape[0] > 1 and cache.stride(0) != cache.shape[1] * cache.stride(1):
+            raise ValueError("store_kv needs each cache's blocks back to back (stride(0) == block_size * "
+                             f"stride(1)), got strides {cache.stride()}")
     if T == 0:
         return
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
@@ -446,7 +450,7 @@ def paged_decode_attention(
     With splits, `fused_merge` has the last split of each (sequence, kv head) merge the
     partials (one launch); otherwise a second kernel merges them (the benchmarks' peer)."""
     B, num_heads, head_dim = q.shape
-    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
+    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
     block_size = k_cache.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
@@ -559,7 +563,7 @@ def paged_decode_attention_graphed(
     (`graphed_decode_splits` does)."""
     B = block_tables.shape[0]
     _, num_heads, head_dim = q.shape
-    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
+    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
     out = _output_like(q, out)
     if B == 0:
         return out
@@ -609,8 +613,9 @@ def paged_mixed_attention_graphed(
 def _output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with head_dim contiguous, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     return out
 
 
@@ -783,7 +788,7 @@ def paged_prefill_attention(
     `paged_decode_attention_graphed` attends); their rows of the output are not written.
     `out`: the output to write into (`q`'s shape and dtype) instead of a new tensor."""
     Tq, num_heads, head_dim = q.shape
-    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim)
+    num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
     block_size = k_cache.shape[1]
     num_seqs = cu_seqlens_q.shape[0] - 1
     out = _output_like(q, out)
@@ -980,7 +985,10 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
         raise ValueError(f"head_dim must be a power of two >= {MIN_DOT}, got {head_dim}")
 
 
-def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> int:
+def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int,
+                 scale: float) -> int:
+    if not scale > 0:  # masked scores are -inf: times 0 they are NaN, times a negative +inf
+        raise ValueError(f"scale must be > 0, got {scale}")
     num_kv_heads = k_cache.shape[2]
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
     if num_heads % num_kv_heads:

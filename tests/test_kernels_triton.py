@@ -352,6 +352,34 @@ def test_prefill_reads_new_tokens_from_key_value(
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
 
+def test_inputs_the_kernels_would_get_wrong_are_refused(ops: ModuleType) -> None:
+    """Layouts and values no kernel computes right are errors before any launch: caches whose
+    blocks are not back to back for store_kv (it wrote the other cache's memory), an `out`
+    whose head_dim is strided (written as contiguous), a scale <= 0 (NaN from -inf * 0)."""
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.zeros(3, 2, 4, 1, 16, device=DEVICE)  # [blocks, k/v, block_size, heads, dim]
+    key = torch.randn(2, 1, 16, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="back to back"):
+        ops.store_kv(key, key, pool[:, 0], pool[:, 1], torch.tensor([5, 9], dtype=torch.int32, device=DEVICE))
+    assert not pool.any()
+    k_cache, v_cache, tables, _, _ = paged_batch([5, 20], 16, 1, 16, torch.float32, gen, pad_id=0)
+    q = torch.randn(2, 2, 16, generator=gen)
+    context_lens = torch.tensor([5, 20], dtype=torch.int32)
+    args = to_device(q, k_cache, v_cache, tables, context_lens)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    for scale in (0.0, -0.25, float("nan")):
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            ops.paged_decode_attention(*args, scale)
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            ops.paged_prefill_attention(*args[:3], args[3], cu, args[4], scale)
+    strided = torch.zeros(16, 2, 2, device=DEVICE).permute(2, 1, 0)
+    with pytest.raises(ValueError, match="head_dim contiguous"):
+        ops.paged_prefill_attention(*args[:3], args[3], cu, args[4], SCALE, out=strided)
+    counts = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim contiguous"):
+        ops.paged_decode_attention_graphed(*args, SCALE, counts, strided)
+
+
 def test_prefill_key_value_errors(ops: ModuleType) -> None:
     gen = torch.Generator().manual_seed(2)
     k_cache, v_cache, tables, _, _ = paged_batch([5], 8, 2, 16, torch.float32, gen, pad_id=0)
