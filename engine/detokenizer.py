@@ -124,15 +124,17 @@ class IncrementalDetokenizer:
         return self._append(self._settle(new_text), check_stop)
 
     def finish(self) -> None:
-        """The request ended: release text held for incomplete characters or stop strings."""
+        """The request ended: release text held for incomplete characters or stop strings. It
+        ended for another reason (length, EOS, abort), so no stop string is looked for in the
+        released tail: a cut there would contradict that reason (and may fall before min_tokens)."""
         if self._done:
             return
         if len(self._ids) > self._read:
             if self._stream is not None:  # the window's prefix text was not kept up to date
                 self._prefix_text = self._decode(self._ids[: self._read])
             new_text = self._decode(self._ids)
-            if len(new_text) > len(self._prefix_text) and self._append(self._settle(new_text)):
-                return
+            if len(new_text) > len(self._prefix_text):
+                self._append(self._settle(new_text), check_stop=False)
         self._show(len(self._held))
         self._done = True
 

@@ -208,6 +208,18 @@ def test_sentencepiece_style_leading_space_and_byte_fallback():
     assert "".join(deltas) == full[len(sp.decode(prompt)) :] == " world! 😀 world\ufffd\ufffd"
 
 
+def test_text_released_at_the_end_is_not_cut_at_a_stop_string(tok) -> None:
+    """The tail held for an unfinished character is released when the request ends (length,
+    EOS): a stop string in it cut the text while the request reported that other finish."""
+    unfinished = 40303  # " " and the first byte of a CJK character
+    assert tok.decode([unfinished]).endswith("\ufffd")
+    out = encode(tok, "Hi") + [unfinished]
+    d = IncrementalDetokenizer(tok, [], stop=[" "])
+    assert not any(d.add_token(t) for t in out)
+    d.finish()
+    assert d.text == tok.decode(out) == "Hi \ufffd" and not d.stop_reason
+
+
 def test_stop_strings_are_not_checked_before_min_tokens(tok) -> None:
     ids = tok.encode(" one two one two three")
     detok = IncrementalDetokenizer(tok, [], stop=["two"])
