@@ -20,9 +20,11 @@ earlier text) the request carries on with the decodes here.
 
 Stop strings may span tokens. The trailing characters that could still become the start of
 a stop string are held back, so no streamed delta ever contains any part of a stop string;
-on a match the text is cut before it (or after it with `include_stop_str_in_output`). A match
-can only start in the held-back text, so only that tail is searched and ever rewritten; the
-text before it is kept as a list of pieces, not one string that every token would copy.
+on a match the text is cut before it. A match can only start in the held-back text, so only
+that tail is searched and ever rewritten; the text before it is kept as a list of pieces, not
+one string that every token would copy. With `include_stop_str_in_output` nothing is held
+back (a stop string is shown anyway; vLLM's too): the search also covers the shown text's last
+characters, and on a match the new text is cut after it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class IncrementalDetokenizer:
         self._shown: list[str] = []  # the text that may be shown, in pieces
         self._num_taken = 0  # pieces already returned by take_delta
         self._held = ""  # decoded text after it: a stop string may yet start there
+        self._recent = ""  # with include_stop_str_in_output: the shown text's last characters
         self.stop_reason: str | None = None
         self._done = False
 
@@ -157,22 +160,28 @@ class IncrementalDetokenizer:
         if not self._stop:
             self._shown.append(delta)
             return False
-        start = len(self._held)
+        recent = self._recent
+        start = len(recent) + len(self._held)
         self._held += delta
+        text = recent + self._held if recent else self._held
         # Earliest stop string that ends inside the new text (ties: the first listed).
         best: tuple[int, str] | None = None
         for s in self._stop if check_stop else ():
-            i = self._held.find(s, max(0, start - len(s) + 1))
+            i = text.find(s, max(0, start - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is not None:
             i, s = best
-            self._held = self._held[: i + len(s) if self._include_stop else i]
+            self._held = self._held[: (i + len(s) if self._include_stop else i) - len(recent)]
             self._show(len(self._held))
             self.stop_reason = s
             self._done = True
             return True
-        self._show(len(self._held) - self._held_back())
+        if self._include_stop:
+            self._recent = (recent + self._held)[-(self._max_stop - 1):] if self._max_stop > 1 else ""
+            self._show(len(self._held))
+        else:
+            self._show(len(self._held) - self._held_back())
         return False
 
     def _show(self, n: int) -> None:

@@ -148,6 +148,23 @@ def test_stop_string_never_leaks_into_deltas(tok):
 def test_include_stop_str_in_output(tok):
     _check_stop(tok, "Answer: 42. Done here.", ["Done"], "Done", include=True)
     _check_stop(tok, "你好，世界！再见", ["世界"], "世界", include=True)
+    _check_stop(tok, "The quick brown fox jumps over the lazy dog.", ["fox jum"], "fox jum", include=True)
+
+
+def test_included_stop_strings_hold_nothing_back(tok):
+    """A stop string that is to be shown anyway holds no text back (as vLLM): every token's
+    text streams at once, and one spanning tokens still stops at the token completing it."""
+    text = "Answer: Do it. Done here."
+    out = encode(tok, text)
+    d = IncrementalDetokenizer(tok, [], stop=["Done"], include_stop_str_in_output=True)
+    shown = ""
+    for i, t in enumerate(out):
+        hit = d.add_token(t)
+        shown += d.take_delta()
+        if hit:
+            break
+        assert shown == tok.decode(out[: i + 1]), "text held back"
+    assert shown == d.text == "Answer: Do it. Done" and d.stop_reason == "Done"
 
 
 def test_multiple_stop_strings_earliest_wins(tok):
