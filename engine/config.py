@@ -65,6 +65,10 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        model_type = raw.get("model_type", family)
+        if model_type != family:  # e.g. Granite names LlamaForCausalLM but scales differently
+            raise ValueError(f"model_type {model_type!r} is not supported: stoke runs {arch} as {family!r} "
+                             f"computes it, and transformers would run this checkpoint as {model_type!r}")
         # What our one model file does not compute is refused, never approximated.
         act = raw.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -74,15 +78,22 @@ class ModelConfig:
         if raw.get("attention_bias") and family != "qwen2":
             raise ValueError(f"attention_bias (biases on every attention projection) is not supported for {arch}")
         num_heads = raw["num_attention_heads"]
-        # transformers 5 folds rope_theta/rope_scaling into rope_parameters.
-        rope = dict(raw.get("rope_parameters") or {})
-        rope_theta = float(raw.get("rope_theta", rope.pop("rope_theta", 10000.0)))
-        scaling = raw.get("rope_scaling") or rope or None
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling.pop("rope_theta", None)
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        num_kv_heads = raw.get("num_key_value_heads") or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} attention heads do not share {num_kv_heads} key/value heads evenly")
+        max_positions = raw.get("max_position_embeddings", 2048)
+        # As transformers 5 reads them: `rope_scaling` (older configs) or `rope_parameters`,
+        # whose own rope_theta wins over a top-level one.
+        rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+        rope_theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None if kind == "default" else {**rope, "rope_type": kind}
+        if scaling is not None and kind in ("llama3", "yarn", "longrope"):
+            # The pretraining length: a top-level value wins (Phi3's layout), then the dict's,
+            # then the context length.
+            original = raw.get("original_max_position_embeddings") if "original_max_position_embeddings" in raw \
+                else scaling.get("original_max_position_embeddings")
+            scaling["original_max_position_embeddings"] = original or max_positions
         eos = raw.get("eos_token_id")
         return cls(
             architecture=arch,
@@ -91,12 +102,12 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_layers=raw["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            num_kv_heads=num_kv_heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3",
@@ -118,11 +129,16 @@ class ModelConfig:
         return config
 
 
+# transformers' config classes' sliding_window when config.json has none
+_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096}
+
+
 def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
     """The window of a checkpoint whose attention slides: Mistral's `sliding_window`; Qwen2 and
     Qwen3's only with `use_sliding_window` (released configs carry a window they do not use);
-    any model's whose `layer_types` name sliding layers."""
-    window = raw.get("sliding_window")
+    any model's whose `layer_types` name sliding layers. A missing key is the class default, as
+    transformers reads it; an explicit null is no window."""
+    window = raw["sliding_window"] if "sliding_window" in raw else _DEFAULT_WINDOW.get(family)
     uses = family == "mistral" or bool(raw.get("use_sliding_window")) \
         or "sliding_attention" in (raw.get("layer_types") or ())
     return int(window) if uses and window else None

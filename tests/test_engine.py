@@ -315,7 +315,7 @@ def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 256}
     for bad, match in (({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"),
-                       ({"attention_bias": True}, "attention_bias")):
+                       ({"attention_bias": True}, "attention_bias"), ({"num_key_value_heads": 3}, "evenly")):
         with pytest.raises(ValueError, match=match):
             ModelConfig.from_dict(base | bad)
     assert ModelConfig.from_dict(base | {"hidden_act": "silu"}).sliding_window is None
@@ -330,6 +330,60 @@ def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
     assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": False}).sliding_window is None  # released configs
     assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": True}).sliding_window == 64
     assert ModelConfig.from_dict(qwen2 | {"layer_types": ["full_attention", "sliding_attention"]}).sliding_window == 64
+    # A window missing from config.json is the config class's default, as transformers reads it.
+    no_key = base | {"architectures": ["MistralForCausalLM"]}
+    assert ModelConfig.from_dict(no_key).sliding_window == 4096
+    assert ModelConfig.from_dict(no_key | {"sliding_window": None}).sliding_window is None
+    # Granite's checkpoints name LlamaForCausalLM but scale what Llama does not.
+    with pytest.raises(ValueError, match="model_type 'granite'"):
+        ModelConfig.from_dict(base | {"model_type": "granite"})
+
+
+def test_rope_settings_read_as_transformers_reads_them() -> None:
+    """rope_scaling (older configs) or rope_parameters, whose own rope_theta wins over a
+    top-level one; a llama3 rope's pretraining length from the top level, the dict, or else
+    the context length."""
+    from engine.config import ModelConfig
+
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
+    inner = ModelConfig.from_dict(base | {"rope_theta": 5e5, "rope_parameters": {"rope_type": "default",
+                                                                                 "rope_theta": 1e4}})
+    assert inner.rope_theta == 1e4 and inner.rope_scaling is None
+    legacy = ModelConfig.from_dict(base | {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}})
+    assert legacy.rope_theta == 5e5 and legacy.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert ModelConfig.from_dict(base).rope_theta == 1e4
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    for extra, original in (({}, 256), ({"original_max_position_embeddings": 64}, 64)):
+        config = ModelConfig.from_dict(base | extra | {"rope_scaling": llama3})
+        assert config.rope_scaling["original_max_position_embeddings"] == original
+    top = ModelConfig.from_dict(base | {"original_max_position_embeddings": 64,
+                                        "rope_scaling": llama3 | {"original_max_position_embeddings": 128}})
+    assert top.rope_scaling["original_max_position_embeddings"] == 64
+
+
+def test_edited_configs_give_transformers_tokens(tmp_path, tiny_path: str) -> None:
+    """Checkpoints whose config transformers resolves in its own way: a legacy rope_scaling
+    holding rope_theta, and tie_word_embeddings over a checkpoint whose lm_head differs from
+    the embedding (transformers 5 then keeps the head): stoke's greedy tokens are its tokens."""
+    import json
+    import shutil
+
+    prompts = [[5, 17, 99, 3, 250, 42] * 30]  # 180 tokens: past the llama3 rope's pretraining length
+    for edit in ("legacy_rope_theta", "tied_but_different"):
+        path = tmp_path / edit
+        shutil.copytree(tiny_path, path)
+        config = json.loads((path / "config.json").read_text())
+        if edit == "legacy_rope_theta":
+            config.pop("rope_parameters", None)
+            config.pop("rope_theta", None)
+            config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+        else:
+            config["tie_word_embeddings"] = True
+        (path / "config.json").write_text(json.dumps(config))
+        llm = LLM(str(path), num_kv_blocks=64)
+        assert token_ids(llm.generate(prompts, SamplingParams(max_tokens=12, **GREEDY))) == \
+            hf_greedy(str(path), prompts, 12), edit
 
 
 @pytest.mark.parametrize("caching", [True, False])

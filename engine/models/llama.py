@@ -12,6 +12,7 @@ the LM head through a backend's product over weights it packed once (kernels.cpu
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -296,11 +299,13 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named tensors into our parameters; every parameter must be covered."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        tied_head: torch.Tensor | None = None
         for name, tensor in weights:
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
+                tied_head = tensor  # tied: the embedding serves as the head, if they are equal
+                continue
             parts = name.split(".")
             target, rows = name, None
             if len(parts) >= 2 and parts[-2] in self.FUSED:
@@ -328,3 +333,10 @@ class LlamaForCausalLM(nn.Module):
                 missing.append(name)
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        embed = self.model.embed_tokens.weight
+        if tied_head is not None and not torch.equal(tied_head.to(embed), embed):
+            # As transformers 5: a head the checkpoint holds apart from the embedding is its own.
+            logger.warning("tie_word_embeddings is set but lm_head.weight differs from the embedding: "
+                           "the checkpoint's lm_head is used")
+            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False).to(embed)
+            self.lm_head.weight.data.copy_(tied_head)
