@@ -46,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "in front of an engine worker process")
     p.add_argument("model", nargs="?", default=None,
                    help="HF checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every "
+                                                        "interface)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' (env STOKE_API_KEY)")
     p.add_argument("--log-request-text", action="store_true",
                    help="put prompt and output text in the per-request log line")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="a browser origin whose pages may call the API (CORS), e.g. https://chat.example.com, "
                         "repeated for several; '*' for any (default: none, same-origin pages only)")
@@ -60,25 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
                         "the template itself")
     e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--block-size", type=int, default=16)
-    e.add_argument("--kv-cache-memory-bytes", type=parse_size, default=None, help="CPU KV pool, e.g. 2GiB")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    e.add_argument("--num-kv-blocks", type=int, default=None)
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    e.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on the CPU), float32, float16 or bfloat16")
+    e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights from the config alone (benchmarks)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="seeds the sampling of requests without a seed of their own, and dummy weights "
+                        "(default: %(default)s)")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
+    e.add_argument("--kv-cache-memory-bytes", type=parse_size, default=None, help="the CPU's KV pool, e.g. 512MiB (default: 2GiB)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: the fraction of the GPU's memory this server may use, its KV cache sized to fill "
+                        "it (default: %(default)s)")
+    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="the longest sequence served (default: the model's, or its sliding window)")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="requests in the running batch (default: %(default)s)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens an engine step computes at most (default: %(default)s)")
     e.add_argument("--max-num-partial-prefills", type=int, default=2,
-                   help="prompts whose prefill a step may advance at once")
+                   help="prompts whose prefill a step may advance at once (default: %(default)s)")
     e.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="the most prompt tokens of one request per step (0: max-num-batched-tokens / 2); lower bounds the "
                         "steps that running requests wait through (inter-token latency), at some TTFT")
     e.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads in the worker (default: torch's choice; 1 is best on a busy shared CPU)")
-    e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="compute every prompt in full (no prefix cache)")
     e.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
                    help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only")
     e.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
@@ -91,17 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "defaults), or a directory with a generation_config.json")
     limits = p.add_argument_group("limits")
     d = ServerConfig()
-    limits.add_argument("--max-n", type=int, default=d.max_n)
-    limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
-    limits.add_argument("--max-stop", type=int, default=d.max_stop)
-    limits.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
-    limits.add_argument("--max-body-bytes", type=parse_size, default=d.max_body_bytes)
-    limits.add_argument("--max-pending-requests", type=int, default=d.max_pending_requests)
+    limits.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) a request may ask for (default: "
+                                                                   "%(default)s)")
+    limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                        help="the largest max_tokens (default: none, the context bounds it)")
+    limits.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings per request (default: "
+                                                                         "%(default)s)")
+    limits.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                        help="logprobs / top_logprobs per token (default: %(default)s)")
+    limits.add_argument("--max-body-bytes", type=parse_size, default=d.max_body_bytes,
+                        help="the largest request body, e.g. 4MiB; beyond it: 413 (default: %(default)s bytes)")
+    limits.add_argument("--max-pending-requests", type=int, default=d.max_pending_requests,
+                        help="API requests in flight; beyond them: 503 (default: %(default)s)")
     limits.add_argument("--request-timeout", type=float, default=d.request_timeout,
                         help="seconds from a request's arrival; then 504 (or an error event, streaming)")
     limits.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM")
-    limits.add_argument("--worker-death-grace", type=float, default=d.worker_death_grace)
+    limits.add_argument("--worker-death-grace", type=float, default=d.worker_death_grace,
+                        help="seconds /health answers 503 after the worker died, before the server exits "
+                             "(default: %(default)s)")
     return p
 
 
