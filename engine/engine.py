@@ -112,11 +112,9 @@ class LLMEngine:
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
         self.default_sampling = self._default_sampling(config.generation_config, path)
         self.runner = ModelRunner(path, self.model_config, config)
-        max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                            self.model_config.max_position_embeddings)
-        self.max_model_len = max_model_len
+        self.max_model_len = self.runner.max_model_len  # the model's positions, or its attention window
         self.scheduler = Scheduler(SchedulerConfig(
-            max_model_len=max_model_len,
+            max_model_len=self.max_model_len,
             num_blocks=self.runner.num_blocks,
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,

@@ -362,6 +362,25 @@ def test_rope_settings_read_as_transformers_reads_them() -> None:
     assert top.rope_scaling["original_max_position_embeddings"] == 64
 
 
+def test_a_sliding_window_model_is_served_up_to_its_window(tmp_path, tiny_checkpoints) -> None:
+    """The engine, its scheduler and what it reports all stop at the window: past it the
+    model attends to the window only, which the kernels do not compute."""
+    import json
+    import shutil
+
+    path = tmp_path / "windowed"
+    shutil.copytree(tiny_checkpoints["mistral"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"sliding_window": 64}))
+    llm = LLM(str(path), num_kv_blocks=64)
+    assert llm.engine.max_model_len == llm.engine.scheduler.config.max_model_len == 64
+    with pytest.raises(AdmissionError, match="maximum context length is 64"):
+        llm.engine.add_request("long", list(range(3, 103)), SamplingParams(max_tokens=1))
+    out = llm.generate([list(range(3, 43))], SamplingParams(max_tokens=None, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == 64 - 40 and out.finish_reason == "length"
+    assert_pool_empty(llm)
+
+
 def test_edited_configs_give_transformers_tokens(tmp_path, tiny_path: str) -> None:
     """Checkpoints whose config transformers resolves in its own way: a legacy rope_scaling
     holding rope_theta, and tie_word_embeddings over a checkpoint whose lm_head differs from
