@@ -60,6 +60,16 @@ gpu-check:
 gpu-carry: install
 	$(PY) -m benchmarks.gpu_check --prepare-carry
 
+# Static checks: syntax errors and pyflakes' rules (undefined names, unused imports and
+# variables), configured in pyproject.toml. ruff is installed into the venv on first use.
+RUFF := $(VENV)/bin/ruff
+
+$(RUFF): $(STAMP)
+	$(PY) -m pip install -q ruff==0.17.6
+
+lint: $(RUFF)
+	$(RUFF) check .
+
 LOCK_VENV := $(VENV)-lock
 
 lock:

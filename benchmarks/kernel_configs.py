@@ -138,7 +138,7 @@ def sweep_decode(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, Any
               f"{'-' if shipped is None else format(shipped, '.4f')} ms; best {best['splits']} splits "
               f"{best['ms']:.4f} ms", flush=True)
         save()
-        del k_cache, v_cache, k, v
+        k_cache = v_cache = k = v = None  # freed (not del: the timed lambdas close over them)
         _release(device)
 
 
@@ -207,7 +207,7 @@ def sweep_prefill(plan: Sweep, args: argparse.Namespace, rows: list[dict[str, An
                      f"({best['tflops']:.0f} TFLOP/s)")
         print(line, flush=True)
         save()
-        del k_cache, v_cache, k, v, q, want
+        k_cache = v_cache = k = v = q = want = None  # freed (not del: the timed lambdas close over them)
         _release(device)
 
 

@@ -310,7 +310,7 @@ class Bench:
                     rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": BLOCK_SIZE,
                                  **_row(ms, peers | sdpa, nbytes, self.peak, launch_us=launch_us),
                                  "sdpa_backend": choice})
-                    del k_cache, v_cache, k, v
+                    k_cache = v_cache = k = v = None  # freed (not del: the timed lambdas close over them)
                     self._release()
         return rows
 
@@ -351,7 +351,7 @@ class Bench:
                     rows.append({"layout": layout, "seqs": seqs, "length": length, "block_size": BLOCK_SIZE,
                                  **_row(ms, peers | sdpa, nbytes, self.peak, flops, launch_us),
                                  "sdpa_backend": choice})
-                    del k_cache, v_cache, k, v, q
+                    k_cache = v_cache = k = v = q = None  # freed (not del: the timed lambdas close over them)
                     self._release()
         return rows
 
@@ -388,7 +388,7 @@ class Bench:
                 nbytes = (2 * q.numel() + 2 * sum(lens) * hkv * d) * self.elt
                 rows.append({"layout": layout, "decodes": decodes, "context": context, "chunk": chunk,
                              **_row(ms, peers, nbytes, self.peak, launch_us=launch_us)})
-                del k_cache, v_cache, q
+                k_cache = v_cache = q = None  # freed (not del: the timed lambdas close over them)
                 self._release()
         return rows
 
@@ -582,10 +582,10 @@ def attention_share(model_name: str, config, device: torch.device, dtype: torch.
         out[phase] = {"batch": batch, "context": ctx, "tokens": batch * q_len, "step_ms": forward_ms,
                       "attention_ms": attention_ms, "attention_share": attention_ms / forward_ms,
                       "per_kernel_ms": per_kind}
-        del caches, meta
+        caches = meta = None  # freed (not del: the timed lambdas close over them)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    del model
+    model = None  # freed (not del: the timed lambdas close over them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
