@@ -7,8 +7,8 @@ parent by its serial, the number of the exact token prefix the block's KV was co
 never wrong KV. A hash may hold several blocks: twins (the same prefix computed by requests
 admitted together, sharing one serial) and collisions (other prefixes), as in vLLM, so a
 prefix stays cached while any copy of it does. Blocks with no references stay in the cache
-and are evicted only when no never-cached block is left: spare twins first (their prefix
-stays cached), then least-recently-freed first.
+and are evicted only when no never-cached block is left: spare twins first (copies of a
+prefix a request still holds: it stays cached), then least-recently-freed first.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class BlockManager:
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks are freed first so that, being the
         least useful to other prefixes, they are also evicted first; a block whose prefix a
-        twin also holds goes to the front: evicting it loses no hit."""
+        twin in use also holds goes to the front: evicting it loses no hit."""
         for block_id in reversed(request.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -179,15 +179,17 @@ class BlockManager:
             if block.ref_count == 0:
                 if block.hash is not None:
                     self.evictable[block_id] = None
-                    if self._has_twin(block):
+                    if self._has_twin_in_use(block):
                         self.evictable.move_to_end(block_id, last=False)
                 else:
                     self.free_uncached.append(block_id)
         request.block_ids.clear()
         request.num_prefix_cached_blocks, request.prefix_tail_serial = 0, None
 
-    def _has_twin(self, block: Block) -> bool:
-        return any(self.blocks[other].serial == block.serial
+    def _has_twin_in_use(self, block: Block) -> bool:
+        """Whether a request holds another copy of the block's prefix (a free copy may be
+        evicted first itself: this one would then be the last)."""
+        return any(self.blocks[other].serial == block.serial and self.blocks[other].ref_count
                    for other in self.cached[block.hash] if other != block.block_id)
 
     def cache_full_blocks(self, request: Request) -> None:

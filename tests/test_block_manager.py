@@ -159,7 +159,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def _release(self, request: Request) -> None:
         """Free the request in the manager and the model: tail blocks first; a cached block
-        whose prefix another cached block also holds (same serial) to the front of the LRU."""
+        whose prefix a block in use also holds (same serial) to the front of the LRU."""
         blocks = self.bm.blocks
         released = list(reversed(request.block_ids))
         self.bm.free(request)
@@ -174,7 +174,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
                     continue
                 self.lru[block_id] = None
                 if any(other.block_id != block_id and other.hash is not None and other.serial == block.serial
-                       for other in blocks):
+                       and self.refs.get(other.block_id, 0) for other in blocks):
                     self.lru.move_to_end(block_id, last=False)
 
     @precondition(lambda self: self.live)
@@ -323,6 +323,23 @@ def test_prefix_outlives_the_eviction_of_one_twin() -> None:
     assert bm.match_prefix(probe) == b.block_ids[:2]
     bm.free(filler)
     bm.check_invariants([b])
+
+
+def test_the_last_copy_of_a_prefix_keeps_its_place_in_the_lru() -> None:
+    """Both copies freed: the first (freed while its twin ran) is spare and goes first, but
+    the second is the prefix's last copy and waits its turn behind older prefixes."""
+    bm = BlockManager(9, 2)
+    older, _ = _admit_and_compute(bm, "o", [7, 7, 8, 8, 9])
+    bm.free(older)  # least recently freed
+    a, b = _admit_together(bm, [1, 2, 3, 4, 5], 2)
+    bm.free(a)
+    bm.free(b)
+    filler, _ = _admit_and_compute(bm, "f", [9] * 11)  # 6 blocks: 3 never cached, then 3 evictions
+    assert bm.stats.evictions == 3
+    assert len(bm.match_prefix(Request("q", [1, 2, 3, 4, 5], max_tokens=1))) == 2, "the last copy was evicted"
+    assert len(bm.match_prefix(Request("p", [7, 7, 8, 8, 9], max_tokens=1))) == 1
+    bm.free(filler)
+    bm.check_invariants()
 
 
 def test_spare_twins_are_evicted_before_other_prefixes() -> None:
