@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -23,7 +23,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_int, truncate_prompt
 from engine.transfer import HostCopy, to_device
 from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
@@ -163,33 +163,51 @@ class LLMEngine:
             raise ValueError("this model has no tokenizer: pass prompts as token ids")
         return self.tokenizer.encode(prompt)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Raise ValueError for a request that can't be served; returns its max_tokens."""
+    def prepare(self, prompt_token_ids: list[int], params: SamplingParams, *,
+                cap_at_context: bool = False) -> tuple[list[int], SamplingParams, int]:
+        """The request as it would run, or ValueError (AdmissionError) if it can't be served:
+        its prompt (cut to the last `truncate_prompt_tokens`), its own copy of params, checked
+        again (fields may have been set since construction; later edits to the caller's object
+        change nothing), and its max_tokens (None: as long as the context and the KV pool
+        allow; with cap_at_context, the offline API's rule as vLLM's, a larger one stops there
+        too, finish_reason "length", where the server refuses it)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        params.verify()  # again: fields may have been set since construction
+        params = replace(params)  # construction checks it
+        if params.truncate_prompt_tokens is not None:
+            prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
         params.check_vocab(vocab)
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
+        room = self.scheduler.max_sequence_tokens - len(prompt_token_ids)
         max_tokens = params.max_tokens
-        if max_tokens is None:  # as long as the context, and the KV pool, allow
-            max_tokens = max(1, self.scheduler.max_sequence_tokens - len(prompt_token_ids))
+        if max_tokens is None:
+            max_tokens = max(1, room)
+        elif cap_at_context and 1 <= room < max_tokens:
+            params.max_tokens = max_tokens = room
+            params.min_tokens = min(params.min_tokens, room)
         self.scheduler.check_admissible(len(prompt_token_ids), max_tokens)
-        return max_tokens
+        return prompt_token_ids, params, max_tokens
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError for a request that can't be served; returns its max_tokens."""
+        return self.prepare(prompt_token_ids, params)[2]
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None) -> None:
-        """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given."""
+                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None, *,
+                    cap_at_context: bool = False) -> None:
+        """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given.
+        See `prepare` for what it checks and `cap_at_context`."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in flight")
         text = prompt if isinstance(prompt, str) else None
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        max_tokens = self.validate(prompt_token_ids, params)
+        prompt_token_ids, params, max_tokens = self.prepare(prompt_token_ids, params, cap_at_context=cap_at_context)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         group = _Group(request_id, text, prompt_token_ids, params, arrival)
         if params.prompt_logprobs is not None:

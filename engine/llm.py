@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ from engine.chat_messages import template_message
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams, truncate_prompt
+from engine.sampling_params import SamplingParams, is_int
 
 # A text, token ids, or vLLM's TextPrompt / TokensPrompt dicts: {"prompt": text} or
 # {"prompt_token_ids": ids}.
@@ -37,7 +36,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order. A prompt is a
         text, a list of token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and _is_token(prompts[0])):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
             prompts = [prompts]
         texts, token_prompts = [], []
         for prompt in prompts:  # tokenize and check everything before anything is scheduled
@@ -50,7 +49,7 @@ class LLM:
         """(its text if it has one, its token ids)."""
         if isinstance(prompt, str):
             return prompt, self.engine.tokenize(prompt)
-        if isinstance(prompt, list) and all(_is_token(t) for t in prompt):
+        if isinstance(prompt, list) and all(is_int(t) for t in prompt):
             return None, list(prompt)
         if isinstance(prompt, dict):
             unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
@@ -120,32 +119,17 @@ class LLM:
             raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
                             f"got {type(sampling_params).__name__}")
         params = list(sampling_params)
-        if not all(isinstance(p, SamplingParams) for p in params):
-            raise TypeError("sampling_params must be a SamplingParams or a list of them")
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
 
-    def _within_context(self, tokens: list[int], params: SamplingParams) -> SamplingParams:
-        """As vLLM's offline API, a max_tokens past the end of the context (or of the KV pool,
-        when it holds less) stops there, finish_reason "length", instead of being refused (the
-        server refuses it, as vLLM's). A prompt with no room left is still an error."""
-        room = self.engine.scheduler.max_sequence_tokens - len(tokens)
-        if params.max_tokens is None or params.max_tokens <= room or room < 1:
-            return params
-        return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
-
     def _run(self, texts: list[str | None], token_prompts: list[list[int]], params: list[SamplingParams],
              use_tqdm: ProgressBar) -> list[RequestOutput]:
-        """Validate every prompt, then run them all to completion."""
-        for p in params:
-            p.verify()  # fields may have been set since construction
-        token_prompts = [tokens if p.truncate_prompt_tokens is None
-                         else truncate_prompt(tokens, p.truncate_prompt_tokens, self.engine.max_model_len)
-                         for tokens, p in zip(token_prompts, params)]
-        params = [self._within_context(tokens, p) for tokens, p in zip(token_prompts, params)]
+        """Check every prompt, then run them all to completion. As vLLM's offline API, a
+        max_tokens past the end of the context (or of a smaller KV pool) stops there,
+        finish_reason "length", instead of being refused (the server refuses it, as vLLM's)."""
         for tokens, p in zip(token_prompts, params):
-            self.engine.validate(tokens, p)
+            self.engine.prepare(tokens, p, cap_at_context=True)
         ids = []
         finished: dict[str, RequestOutput] = {}
         bar = None
@@ -155,7 +139,8 @@ class LLM:
             for text, tokens, p in zip(texts, token_prompts, params):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(request_id, tokens if text is None else text, p, prompt_token_ids=tokens)
+                self.engine.add_request(request_id, tokens if text is None else text, p, prompt_token_ids=tokens,
+                                        cap_at_context=True)
                 ids.append(request_id)
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step(outputs="final"):
@@ -171,6 +156,3 @@ class LLM:
                 bar.close()
         return [finished[i] for i in ids]
 
-
-def _is_token(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

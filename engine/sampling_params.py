@@ -1,5 +1,5 @@
-"""Per-request sampling parameters, vLLM-compatible names; validated on construction, and
-again when a request is added (fields set after construction take effect, checked)."""
+"""Per-request sampling parameters, vLLM-compatible names; validated on construction (and
+the engine's copy of them when a request is added)."""
 
 from __future__ import annotations
 
@@ -43,12 +43,11 @@ class SamplingParams:
     _bias_arrays: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.verify()
-
-    def verify(self) -> None:
         """Normalise and check every field, and derive what the engine reads (the stop list, the
-        bias arrays). The engine calls it again on every request added: vLLM users set fields
-        after construction (`llm.get_default_sampling_params()`, then `.stop = ...`)."""
+        bias arrays). The engine runs each request on a copy, made (so checked) when it is
+        added: fields set after construction take effect (vLLM users take
+        `llm.get_default_sampling_params()` and set `.stop = ...`), and later edits do not
+        reach requests already running."""
         if isinstance(self.stop, str):
             self._stop_list = [self.stop]
         elif self.stop is None or isinstance(self.stop, (list, tuple)):
@@ -95,11 +94,11 @@ class SamplingParams:
         def fail(name: str, rule: str) -> None:
             raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             fail("n", "must be an integer >= 1")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             fail("max_tokens", "must be an integer >= 1")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             fail("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -109,7 +108,7 @@ class SamplingParams:
             fail("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             fail("top_k", "must be -1, 0 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", "must be in [0, 1]")
@@ -119,23 +118,23 @@ class SamplingParams:
             fail("frequency_penalty", "must be in [-2, 2]")
         if not self.repetition_penalty > 0.0:
             fail("repetition_penalty", "must be > 0")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             fail("logprobs", "must be None or an integer >= 0")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
             fail("prompt_logprobs", "must be None or an integer >= 0")
-        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+        if self.seed is not None and not (is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             fail("seed", "must be an integer that fits in a signed 64-bit integer")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         k = self.truncate_prompt_tokens
-        if k is not None and not (_is_int(k) and (k == -1 or k >= 1)):
+        if k is not None and not (is_int(k) and (k == -1 or k >= 1)):
             fail("truncate_prompt_tokens", "must be -1 or >= 1")
         if any(not isinstance(s, str) or not s for s in self._stop_list):
             fail("stop", "must be a non-empty string or a list of non-empty strings")
         if self._stop_list and not self.detokenize:
             fail("stop", "needs detokenize=True (stop strings are matched in the text)")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be non-negative integers")
         if self.logit_bias is not None:
             self.logit_bias = _token_biases(self.logit_bias)
@@ -153,7 +152,8 @@ def truncate_prompt(tokens: list[int], keep: int, max_model_len: int) -> list[in
     return tokens[-keep:] if len(tokens) > keep else tokens
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

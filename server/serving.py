@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.chat_messages import UnsupportedContent, template_message
-from engine.sampling_params import SEED_RANGE, SamplingParams, truncate_prompt
+from engine.sampling_params import SamplingParams, truncate_prompt
 from server import errors
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
@@ -234,8 +234,6 @@ class OpenAIServing:
         if logprobs is not None and logprobs > cfg.max_logprobs:
             raise errors.invalid(f"at most {cfg.max_logprobs} logprobs per token are allowed, got {logprobs}",
                                  param="logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
-        if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
-            raise errors.invalid("seed must fit in a signed 64-bit integer", param="seed")
         default = self.client.info.default_sampling  # the model's generation config's
         fields = dict(
             n=n,

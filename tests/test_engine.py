@@ -711,6 +711,11 @@ def test_vllm_prompt_forms_and_offline_options(default_llm: LLM) -> None:
         .prompt_token_ids == ids
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         default_llm.generate(text, SamplingParams(max_tokens=4, truncate_prompt_tokens=10 ** 6))
+    later = SamplingParams(max_tokens=24, **GREEDY)  # vLLM's pattern: set a field after construction
+    words = default_llm.generate(text, later)[0].outputs[0].text.split()
+    later.stop = [words[2]]
+    cut_at_stop = default_llm.generate(text, later)[0].outputs[0]
+    assert cut_at_stop.finish_reason == "stop" and words[2] not in cut_at_stop.text
     (raw,) = default_llm.generate(text, SamplingParams(max_tokens=4, detokenize=False, **GREEDY))
     assert raw.outputs[0].token_ids == expected.outputs[0].token_ids and raw.outputs[0].text == ""
 
@@ -734,6 +739,23 @@ def test_fields_set_after_construction_take_effect(tiny_path: str) -> None:
     params.temperature = -1.0
     with pytest.raises(ValueError, match="temperature"):
         llm.generate([[1, 2, 3]], params)
+    # A request runs on its own copy: an edit made while it runs reaches only later requests.
+    shared = SamplingParams(max_tokens=6, **GREEDY)
+    alone = token_ids(llm.generate([[1, 2, 3]], shared))[0]
+    engine = llm.engine
+    engine.add_request("a", [1, 2, 3], shared)
+    engine.step()
+    shared.logit_bias = {7: 100}
+    engine.add_request("b", [4, 5, 6], shared)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs |= {o.request_id: o.outputs[0].token_ids for o in engine.step(outputs="final")}
+    assert outputs == {"a": alone, "b": [7] * 6}
+    # truncate_prompt_tokens holds on the engine's own API too.
+    engine.add_request("t", list(range(3, 23)), SamplingParams(max_tokens=1, truncate_prompt_tokens=2))
+    while engine.has_unfinished_requests():
+        for out in engine.step(outputs="final"):
+            assert out.prompt_token_ids == [21, 22]
     assert_pool_empty(llm)
 
 
