@@ -88,7 +88,7 @@ class ModelConfig:
         rope_theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0)
         kind = rope.get("rope_type", rope.get("type", "default"))
         scaling = None if kind == "default" else {**rope, "rope_type": kind}
-        if scaling is not None and kind in ("llama3", "yarn", "longrope"):
+        if scaling is not None and kind == "llama3":
             # The pretraining length: a top-level value wins (Phi3's layout), then the dict's,
             # then the context length.
             original = raw.get("original_max_position_embeddings") if "original_max_position_embeddings" in raw \

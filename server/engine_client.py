@@ -288,7 +288,13 @@ class EngineClient:
             logger.exception("broken frame from the worker")
         finally:
             reader.close()
-            self._loop.call_soon_threadsafe(self._on_eof)
+            code = None
+            if self.process is not None and not self.stopping:
+                try:  # the pipe closes as the process exits: its status follows within moments
+                    code = self.process.wait(timeout=0.5)  # on this thread, not the event loop
+                except subprocess.TimeoutExpired:
+                    pass
+            self._loop.call_soon_threadsafe(self._on_eof, code)
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -331,16 +337,11 @@ class EngineClient:
                 del self._owners[output["id"]]
             owner[0]._deliver(owner[1], output)
 
-    def _on_eof(self) -> None:
+    def _on_eof(self, code: int | None) -> None:
+        """The worker's pipe closed; `code`: its exit status, when it had exited."""
         if self.dead:
             return
         self.dead = True
-        code = None
-        if self.process is not None:
-            try:  # the pipe closes as the process exits: its status follows within moments
-                code = self.process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
         if self.stopping:
             logger.info("worker process stopped")
         else:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "interface)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' (env STOKE_API_KEY)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' (env STOKE_API_KEY; default: none, no key)")
     p.add_argument("--log-request-text", action="store_true",
                    help="put prompt and output text in the per-request log line")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="compute every prompt in full (no prefix cache)")
     e.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
-                   help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only")
+                   help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only "
+                        "(default: %(default)s)")
     e.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare and launch each step before the previous step's tokens reach the host "
@@ -105,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "%(default)s)")
     limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                         help="the largest max_tokens (default: none, the context bounds it)")
-    limits.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings per request (default: "
-                                                                         "%(default)s)")
+    limits.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings, and stop token ids, per request "
+                                                                         "(default: %(default)s)")
     limits.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                         help="logprobs / top_logprobs per token (default: %(default)s)")
     limits.add_argument("--max-body-bytes", type=parse_size, default=d.max_body_bytes,
@@ -114,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-pending-requests", type=int, default=d.max_pending_requests,
                         help="API requests in flight; beyond them: 503 (default: %(default)s)")
     limits.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                        help="seconds from a request's arrival; then 504 (or an error event, streaming)")
+                        help="seconds from a request's arrival; then 504 (or an error event, streaming) "
+                             "(default: none)")
     limits.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
-                        help="seconds in-flight requests get to finish after SIGTERM")
+                        help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
     limits.add_argument("--worker-death-grace", type=float, default=d.worker_death_grace,
                         help="seconds /health answers 503 after the worker died, before the server exits "
                              "(default: %(default)s)")

@@ -18,17 +18,20 @@ from pydantic_core import PydanticCustomError
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _has_lone_surrogate(value: Any, typed: bool) -> bool:
-    """typed: a declared field's value, where a list that starts with an int holds only ints
-    (pydantic checked it), so a 100k-token prompt is not walked; JSON of any shape is."""
+# Fields pydantic types as token ids (list[int] or list[list[int]] among their forms): a list
+# of them that starts with an int holds only ints, so a 100k-token prompt is not walked.
+_TOKEN_FIELDS = frozenset({"prompt", "stop_token_ids", "tokens"})
+
+
+def _has_lone_surrogate(value: Any, token_ids: bool = False) -> bool:
     if isinstance(value, str):
         return not value.isascii() and _LONE_SURROGATE.search(value) is not None
     if isinstance(value, list):
-        if typed and value and type(value[0]) is int:
+        if token_ids and value and type(value[0]) is int:
             return False
-        return any(_has_lone_surrogate(v, typed) for v in value)
+        return any(_has_lone_surrogate(v, token_ids) for v in value)
     if isinstance(value, dict):
-        return any(_has_lone_surrogate(k, False) or _has_lone_surrogate(v, False) for k, v in value.items())
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
     return False  # numbers, None, and nested models (each checked itself)
 
 
@@ -37,10 +40,10 @@ class _Model(BaseModel):
 
     @model_validator(mode="after")
     def _text_is_unicode(self) -> _Model:
-        fields = [(name, value, True) for name, value in self.__dict__.items()]
+        fields = [(name, value, name in _TOKEN_FIELDS) for name, value in self.__dict__.items()]
         fields += [(name, value, False) for name, value in (self.__pydantic_extra__ or {}).items()]
-        for name, value, typed in fields:
-            if _has_lone_surrogate(value, typed):
+        for name, value, token_ids in fields:
+            if _has_lone_surrogate(value, token_ids):
                 raise PydanticCustomError("lone_surrogate", "half a UTF-16 surrogate pair in '{field}'",
                                           {"field": name})
         return self

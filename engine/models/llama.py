@@ -334,9 +334,11 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
         embed = self.model.embed_tokens.weight
-        if tied_head is not None and not torch.equal(tied_head.to(embed), embed):
+        head = None if tied_head is None else tied_head.to(embed)
+        if head is not None and not torch.equal(head, embed):
             # As transformers 5: a head the checkpoint holds apart from the embedding is its own.
             logger.warning("tie_word_embeddings is set but lm_head.weight differs from the embedding: "
                            "the checkpoint's lm_head is used")
-            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False).to(embed)
-            self.lm_head.weight.data.copy_(tied_head)
+            with torch.device("meta"):  # no full-size fp32 init to throw away
+                self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+            self.lm_head.weight = nn.Parameter(head, requires_grad=embed.requires_grad)
