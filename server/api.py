@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import importlib.metadata
 import logging
 import time
@@ -166,7 +167,9 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     def check_access(request: Request) -> None:
         if config.api_key is not None:
             auth = request.headers.get("authorization", "")
-            if not (auth.lower().startswith("bearer ") and auth[7:].strip() == config.api_key):
+            # compare_digest: how long the comparison takes says nothing of how much matched
+            if not (auth.lower().startswith("bearer ")
+                    and hmac.compare_digest(auth[7:].strip().encode(), config.api_key.encode())):
                 raise errors.unauthorized()
         if serving.draining:
             raise errors.unavailable("the server is shutting down", code="shutting_down")
