@@ -130,6 +130,14 @@ def _with_logprobs(line: str, logprobs: str | None) -> str:
     return head + logprobs + tail
 
 
+def _text_end(logprobs: dict[str, Any] | None) -> int:
+    """Where the text after a completions logprobs object's tokens starts (its offsets count
+    each token's own text: a token that is part of a character counts its "\ufffd")."""
+    if not logprobs or not logprobs["tokens"]:
+        return 0
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+
+
 def _ranked(entry: list[list[float]]) -> tuple[dict[int, float], list[tuple[int, float]]]:
     """One token's [id, logprob] entries by id (clamped: JSON has no -inf), and best first."""
     pairs = {int(t): max(lp, _MIN_LOGPROB) for t, lp in entry}
@@ -678,10 +686,10 @@ class OpenAIServing:
                     if choice.index in echo_pending:  # echo with logprobs: the prompt's come first
                         echo_pending.discard(choice.index)
                         prompt_index = choice.index // job.n
-                        prompt_text = self._prompt_text(job, prompt_index)
-                        choice.text_offset = len(prompt_text)
-                        yield sse(self._completion_chunk(job, choice.index, prompt_text,
-                                                         self._prompt_logprobs(job, prompt_index), None))
+                        prompt_logprobs = self._prompt_logprobs(job, prompt_index)
+                        choice.text_offset = _text_end(prompt_logprobs)
+                        yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, prompt_index),
+                                                         prompt_logprobs, None))
                     text, token_ids, reason = delta["text"], delta["token_ids"], delta["finish_reason"]
                     if not text and reason is None and not (job.logprobs is not None and token_ids):
                         continue
@@ -692,7 +700,7 @@ class OpenAIServing:
                             chat_logprobs = self._chat_logprobs_json(job, token_ids, delta["logprobs"])
                         else:  # offsets run on from the previous chunk's, as in the whole body
                             logprobs = self._completion_logprobs(token_ids, delta["logprobs"], choice.text_offset)
-                            choice.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                            choice.text_offset = _text_end(logprobs)
                     if chat and not choice.started:
                         choice.started = True
                         yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""}, None, None))
@@ -841,9 +849,10 @@ class OpenAIServing:
             prefix = self._prompt_text(job, choice.index // job.n) if job.echo else ""
             logprobs = None
             if job.logprobs is not None:
-                logprobs = self._completion_logprobs(choice.token_ids, choice.logprobs, len(prefix))
-                if job.echo:
-                    prompt = self._prompt_logprobs(job, choice.index // job.n)
+                # Offsets run on from the prompt's, as one pass over prompt and output would.
+                prompt = self._prompt_logprobs(job, choice.index // job.n) if job.echo else None
+                logprobs = self._completion_logprobs(choice.token_ids, choice.logprobs, _text_end(prompt))
+                if prompt is not None:
                     logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
             out.append({"index": choice.index, "text": prefix + text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})

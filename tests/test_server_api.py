@@ -212,6 +212,14 @@ def test_echo_with_logprobs_scores_the_prompt(client, model, tokenizer):
                                             logprobs=2, stream=True))
     first = chunks[0].choices[0]
     assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt_ids)]
+    # Tokens that are parts of a character ("\ufffd" each): offsets still run on, prompt to output,
+    # each token's after the one before it, in the body and the stream alike.
+    kwargs = dict(model=model, prompt="Café 日本語 🎉 ok", max_tokens=3, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    assert all(b == a + len(t) for a, b, t in zip(whole.text_offset, whole.text_offset[1:], whole.tokens))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs]
+    assert [x for part in streamed for x in part.text_offset] == whole.text_offset
 
 
 def test_echo_with_max_tokens_0_returns_the_prompt_alone(client, model):
