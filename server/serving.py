@@ -840,6 +840,8 @@ class OpenAIServing:
             completion_tokens = 0 if "role" in choice.get("delta", ()) else job.choices[index].num_tokens
             chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens}
+        elif job.include_usage:  # OpenAI's: every chunk before the usage chunk has a null usage
+            chunk["usage"] = None
         return chunk
 
     def _completion_body(self, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def test_long_text_prompt(client, model, tokenizer):
     assert out.choices[0].text.startswith(text)
 
 
-def test_chat_and_streaming_with_usage(client, model):
+def test_chat_and_streaming_with_usage(server, client, model):
     messages = [{"role": "user", "content": "Say hello."}]
     full = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
     content = full.choices[0].message.content
@@ -103,6 +103,12 @@ def test_chat_and_streaming_with_usage(client, model):
     assert chunks[-1].usage.prompt_tokens_details is not None
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert all(c.usage is None for c in chunks[:-1])
+    # In the raw stream, as OpenAI documents: every chunk before the usage chunk has "usage": null.
+    status, raw = _post(server, "/v1/chat/completions", _j({"model": model, "messages": messages, "max_tokens": 4,
+                                                              "stream": True, "stream_options": {"include_usage": True}}))
+    events = [json.loads(line[6:]) for line in raw.decode().split("\n\n") if line.startswith("data: {")]
+    assert status == 200 and len(events) >= 3
+    assert all("usage" in e and e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["total_tokens"]
 
     # vLLM's continuous_usage_stats: every chunk with its choice's tokens so far
     continuous = list(client.chat.completions.create(
