@@ -32,6 +32,7 @@ from server.errors import APIError
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
+from server.token_bytes import token_bytes_reader
 
 logger = logging.getLogger("stoke.server")
 
@@ -188,6 +189,8 @@ class OpenAIServing:
         self.draining = False  # set on SIGTERM: requests cut short now are the server's doing
         self.live: set[Generation] = set()
         self._token_str = lru_cache(maxsize=1 << 16)(self._decode_token)
+        self._read_bytes = token_bytes_reader(tokenizer) if tokenizer is not None else None
+        self._token_bytes = lru_cache(maxsize=1 << 16)(self._byte_list)
         self._token_json = lru_cache(maxsize=1 << 16)(self._token_pieces)
 
     # =========================================================== requests → jobs
@@ -777,16 +780,21 @@ class OpenAIServing:
             pairs, ranked = _ranked(entry)
             s = self._token_str(tid)
             content.append({
-                "token": s, "logprob": pairs.get(tid), "bytes": list(s.encode()),
+                "token": s, "logprob": pairs.get(tid), "bytes": self._token_bytes(tid),
                 "top_logprobs": [{"token": self._token_str(t), "logprob": lp,
-                                  "bytes": list(self._token_str(t).encode())} for t, lp in ranked[:k]],
+                                  "bytes": self._token_bytes(t)} for t, lp in ranked[:k]],
             })
         return {"content": content}
 
+    def _byte_list(self, token_id: int) -> list[int]:
+        """Chat logprobs' `bytes` of a token: its own (server/token_bytes.py), not its text's
+        U+FFFD when it is part of a character. Cached: the lists are shared, never changed."""
+        s = self._token_str(token_id)
+        return list(self._read_bytes(token_id, s) if self._read_bytes is not None else s.encode())
+
     def _token_pieces(self, token_id: int) -> tuple[str, str]:
         """A token's string as JSON, and chat's `,"bytes":[...]` after it (`_token_json`)."""
-        s = self._token_str(token_id)
-        return _dumps(s), ',"bytes":' + _dumps(list(s.encode()))
+        return _dumps(self._token_str(token_id)), ',"bytes":' + _dumps(self._token_bytes(token_id))
 
     def _chat_logprobs_json(self, job: Job, token_ids: list[int], entries: list[list[list[float]]]) -> str:
         """`_chat_logprobs` as JSON text, for a stream's chunks: the same bytes as `_dumps` of it

@@ -192,6 +192,16 @@ def test_logprobs(client, model):
                                             temperature=0, logprobs=True, top_logprobs=2, stream=True)
     streamed = [x for c in stream if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]
     assert [x.model_dump() for x in streamed] == [x.model_dump() for x in content]  # the body's, chunk by chunk
+    # Tokens that are parts of a character (an emoji's bytes, forced): each entry's `bytes` are
+    # the token's own, not the UTF-8 of the U+FFFD its text shows.
+    parts = {10813: [240, 159], 230: [140], 231: [141]}  # "🌍" in SmolLM2's vocabulary: f0 9f | 8c | 8d
+    emoji = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                           temperature=0, logprobs=True, top_logprobs=3,
+                                           logit_bias={str(t): 100 for t in parts})
+    entries = emoji.choices[0].logprobs.content
+    assert emoji.choices[0].message.content == "🌍" and [e.token for e in entries] == ["\ufffd"] * 3
+    assert bytes(b for e in entries for b in e.bytes) == "🌍".encode()
+    assert all(t.bytes != [239, 191, 189] for e in entries for t in e.top_logprobs)  # (the model's own top 3)
 
 
 def test_echo(client, model):

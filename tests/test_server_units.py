@@ -647,3 +647,26 @@ def test_a_cut_short_requests_line_waits_for_the_workers_abort(answer, caplog, m
         assert (line["queue_time_s"], line["ttft_s"], line["e2e_s"]) == (0.5, 1.0, 2.0)
     else:
         assert line["completion_tokens"] == 1 and line["queue_time_s"] is None and line["e2e_s"] is None
+
+
+def test_token_bytes_join_to_the_texts_utf8(default_model_dir: str) -> None:
+    """A token's own bytes (chat logprobs' `bytes`), also for tokens that are parts of a
+    character: byte-level BPE (the default model) and SentencePiece byte fallback."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from server.token_bytes import token_bytes_reader
+
+    byte_level = AutoTokenizer.from_pretrained(default_model_dir)
+    read = token_bytes_reader(byte_level)
+    for text in ("🌍 日本語 ok", "naïve café", "plain ascii", "<|im_end|> after"):
+        ids = byte_level.encode(text, add_special_tokens=False)
+        assert b"".join(read(i, byte_level.decode([i])) for i in ids) == text.encode(), text
+    pieces = ["<unk>", "</s>", "▁Hello", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "!"]
+    backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    fallback = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    read = token_bytes_reader(fallback)
+    ids = [3, 4, 5, 6, 7]  # 😀 in four byte tokens, then "!"
+    assert [read(i, fallback.decode([i])) for i in ids] == [b"\xf0", b"\x9f", b"\x98", b"\x80", b"!"]

@@ -1,0 +1,53 @@
+"""A token's own bytes, as OpenAI's chat logprobs give them (`bytes`): joined over a completion
+they are its text's UTF-8. Decoding a token alone shows U+FFFD for a token that is part of a
+character (an emoji spread over byte tokens); its bytes are that part, read from the vocabulary:
+byte-level BPE (GPT-2's alphabet: Llama 3, Qwen, SmolLM2) or SentencePiece byte fallback
+(`<0xE4>`: Llama 2, Mistral). Other tokens' bytes are their text's UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's map from the characters its vocabulary spells bytes with, to the bytes: printable
+    bytes stand for themselves, the others for 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = {b: b for b in printable}
+    for b in range(256):
+        if b not in codes:
+            codes[b] = 256 + len(codes) - len(printable)
+    return {chr(code): b for b, code in codes.items()}
+
+
+def _decoder_kinds(tokenizer: Any) -> set[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return {d.get("type") for d in decoder.get("decoders", [decoder])}
+
+
+def token_bytes_reader(tokenizer: Any) -> Callable[[int, str], bytes]:
+    """`read(token_id, text)`: the token's bytes, given its text decoded alone."""
+    kinds = _decoder_kinds(tokenizer)
+    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+    byte_fallback = "ByteFallback" in kinds
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+
+    def read(token_id: int, text: str) -> bytes:
+        if "\ufffd" not in text or token_id in added:
+            return text.encode()
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if alphabet is not None and piece and all(ch in alphabet for ch in piece):
+            return bytes(alphabet[ch] for ch in piece)
+        match = _BYTE_FALLBACK.fullmatch(piece or "") if byte_fallback else None
+        return bytes([int(match.group(1), 16)]) if match else text.encode()
+
+    return read
