@@ -867,7 +867,7 @@ class OpenAIServing:
             out.append({"index": choice.index, "text": prefix + text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return {"id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
-                "choices": out, "usage": usage}
+                "choices": out, "usage": usage, "system_fingerprint": None}
 
     def _chat_body(self, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         out = []
@@ -875,8 +875,8 @@ class OpenAIServing:
             logprobs = None
             if job.logprobs is not None:
                 logprobs = self._chat_logprobs(job, choice.token_ids, choice.logprobs)
-            out.append({"index": choice.index, "message": {"role": "assistant", "content": "".join(choice.text)},
-                        "logprobs": logprobs, "finish_reason": choice.finish_reason,
-                        "stop_reason": choice.stop_reason})
+            message = {"role": "assistant", "content": "".join(choice.text), "refusal": None}  # OpenAI's keys
+            out.append({"index": choice.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,
-                "choices": out, "usage": usage}
+                "choices": out, "usage": usage, "system_fingerprint": None}

@@ -103,6 +103,10 @@ def test_chat_and_streaming_with_usage(server, client, model):
     assert chunks[-1].usage.prompt_tokens_details is not None
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert all(c.usage is None for c in chunks[:-1])
+    # OpenAI's keys that the SDK would also accept missing.
+    status, raw = _post(server, "/v1/chat/completions", _j({"model": model, "messages": messages, "max_tokens": 2}))
+    body = json.loads(raw)
+    assert body["system_fingerprint"] is None and body["choices"][0]["message"]["refusal"] is None
     # In the raw stream, as OpenAI documents: every chunk before the usage chunk has "usage": null.
     status, raw = _post(server, "/v1/chat/completions", _j({"model": model, "messages": messages, "max_tokens": 4,
                                                               "stream": True, "stream_options": {"include_usage": True}}))
