@@ -2,12 +2,13 @@
 
 Body: ``{"error": {"message", "type", "param", "code"}}`` with string codes. Statuses:
 
-  400  well-formed JSON whose values can't be served: malformed JSON, bad sampling values,
-       caps (n, max_tokens, stop, logprobs) exceeded, prompt too long, unsupported features
+  400  a request that can't be served: malformed JSON, JSON that doesn't match the schema
+       (wrong types, missing fields: code invalid_type / missing_required_parameter; 400 as
+       OpenAI and vLLM answer them, where FastAPI's default is 422), bad sampling values, caps
+       (n, max_tokens, stop, logprobs) exceeded, prompt too long, unsupported features
   401  missing or wrong API key (only when the server has one)
   404  unknown model or route            405  wrong method
   413  request body over the size cap
-  422  JSON that doesn't match the schema: wrong types, missing required fields
   499  (log only) the client went away before the response was complete
   503  the engine is not running, the server is shutting down, or too many requests in flight
   504  the request ran past the server's request timeout
@@ -94,7 +95,8 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 
 def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
-    """FastAPI/pydantic request validation errors → 400 (malformed JSON) or 422 (schema)."""
+    """FastAPI/pydantic request validation errors → 400, as OpenAI's and vLLM's (a client's
+    BadRequestError), with a code that tells malformed JSON from the schema's complaints."""
     first = errors[0] if errors else {"type": "value_error", "msg": "invalid request", "loc": ()}
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
@@ -107,8 +109,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
                                  "not text", param=param, code="invalid_value")
     if first.get("type") == "missing":
         if param is None:
-            return APIError(422, "the request body is missing", code="missing_required_parameter")
-        return APIError(422, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
+            return APIError(400, "the request body is missing", code="missing_required_parameter")
+        return APIError(400, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
     # pydantic's msg describes the expectation ("Input should be a valid integer"), never internals.
     msg = str(first.get("msg", "invalid value"))
     others = [e for e in errors[1:] if _param(tuple(e.get("loc", ()))) != param]
@@ -116,4 +118,4 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     if len(errors) > 1 and not others:  # one field, several accepted forms (a union)
         msg = f"{msg}, or one of the other accepted forms"
     where = f"'{param}': " if param else ""
-    return APIError(422, f"{where}{msg}{more}", param=param, code="invalid_type")
+    return APIError(400, f"{where}{msg}{more}", param=param, code="invalid_type")

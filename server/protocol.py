@@ -1,7 +1,8 @@
 """OpenAI request bodies (pydantic): what the `openai` SDK and vLLM users send.
 
 Only types live here; value checks (ranges, caps) happen when a request becomes
-SamplingParams (server/serving.py), so a wrong type is a 422 and a bad value is a 400.
+SamplingParams (server/serving.py): both are 400s, their codes tell them apart (invalid_type,
+invalid_value).
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 

@@ -50,17 +50,17 @@ def test_broken_frames_are_rejected(data):
     os.close(r)
 
 
-def test_validation_errors_map_to_400_and_422():
+def test_validation_errors_are_400s_with_their_codes():
     assert errors.from_validation_errors([{"type": "json_invalid", "loc": ("body", 5), "msg": "x"}]).status == 400
     e = errors.from_validation_errors([{"type": "int_parsing", "loc": ("body", "max_tokens"),
                                         "msg": "Input should be a valid integer"}])
-    assert (e.status, e.code, e.param) == (422, "invalid_type", "max_tokens")
+    assert (e.status, e.code, e.param) == (400, "invalid_type", "max_tokens")
     e = errors.from_validation_errors([{"type": "missing", "loc": ("body", "prompt"), "msg": "Field required"}])
-    assert (e.status, e.code, e.param) == (422, "missing_required_parameter", "prompt")
+    assert (e.status, e.code, e.param) == (400, "missing_required_parameter", "prompt")
     union = [{"type": "string_type", "loc": ("body", "prompt", "str"), "msg": "Input should be a valid string"},
              {"type": "list_type", "loc": ("body", "prompt", "list[str]"), "msg": "Input should be a valid list"}]
     e = errors.from_validation_errors(union)
-    assert (e.status, e.param) == (422, "prompt") and "more" not in e.message
+    assert (e.status, e.param) == (400, "prompt") and "more" not in e.message
     body = errors.internal().body()["error"]
     assert body["message"] == "internal server error" and set(body) == {"message", "type", "param", "code"}
 
