@@ -27,11 +27,12 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 def _decoder_kinds(tokenizer: Any) -> set[str]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
         return set()
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    return {d.get("type") for d in decoder.get("decoders", [decoder])}
+    # The decoder's own JSON (its pickled state), not the whole tokenizer's: ~0.1 ms, not ~0.2 s.
+    config = json.loads(decoder.__getstate__())
+    return {d.get("type") for d in config.get("decoders", [config])}
 
 
 def token_bytes_reader(tokenizer: Any) -> Callable[[int, str], bytes]:
