@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 
-def with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
+def _with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
     """A history's tool calls as templates take them (vLLM does the same): each call's
     `function.arguments`, a JSON string in OpenAI's messages, as the object it encodes (a
     string that is not JSON stays one). The message is copied where it changes, not modified."""
@@ -45,4 +45,4 @@ def template_message(message: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError("a text content part needs 'text'")
             texts.append(part["text"])
         content = "\n".join(texts)
-    return with_tool_arguments_parsed(message | {"content": content or ""})
+    return _with_tool_arguments_parsed(message | {"content": content or ""})

@@ -172,7 +172,8 @@ class Metrics:
         for reason in reasons:
             if reason in FINISH_REASONS:
                 self.requests.labels(reason).inc()
-        # Tokens of every request, aborted ones too: their sum is what the counters counted.
+        # Tokens of every request, aborted ones too: the generated ones sum to their counter; the
+        # prompt's count whole, where the counter takes only prefills that completed.
         self.request_prompt_tokens.observe(output["num_prompt_tokens"])
         self.request_generation_tokens.observe(0 if prompt_only else sum(tokens for _, tokens in choices))
         m = output.get("metrics")
