@@ -43,7 +43,7 @@ _ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions"
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 class BodyLimitMiddleware:
@@ -164,12 +164,15 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
 
+    api_keys = [key.encode() for key in config.api_keys]
+
     def check_access(request: Request) -> None:
-        if config.api_key is not None:
+        if api_keys:
             auth = request.headers.get("authorization", "")
-            # compare_digest: how long the comparison takes says nothing of how much matched
-            if not (auth.lower().startswith("bearer ")
-                    and hmac.compare_digest(auth[7:].strip().encode(), config.api_key.encode())):
+            sent = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
+            # compare_digest, against every key: how long the check takes says nothing of how
+            # much of a key matched, or which one
+            if not any([hmac.compare_digest(sent, key) for key in api_keys]):
                 raise errors.unauthorized()
         if serving.draining:
             raise errors.unavailable("the server is shutting down", code="shutting_down")
@@ -242,7 +245,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
 
     def check_key(request: Request) -> None:
         """The model list needs the key when one is set, and answers while loading or draining."""
-        if config.api_key is not None:
+        if api_keys:
             try:
                 check_access(request)
             except APIError as exc:

@@ -13,7 +13,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # default: the model directory's name
-    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    # When set, requests need "Authorization: Bearer <one of them>"; each key is a client with
+    # budgets of its own (server/limits.py).
+    api_keys: list[str] = field(default_factory=list)
     log_request_text: bool = False  # put prompt and output text in the request log line
     # Caps: a request beyond one gets a 400 that names the cap.
     max_n: int = 16
@@ -23,6 +25,16 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     max_pending_requests: int = 4096  # API requests in flight; beyond: 503 overloaded
     request_timeout: float | None = None  # seconds; past it: abort and 504
+    # Per client (API key) and minute; beyond: 429 (server/limits.py). None: no limit.
+    rate_limit_requests: int | None = None
+    rate_limit_tokens: int | None = None  # prompt + n x max_tokens reserved, settled to the usage
+    # Prices per million tokens (the log line's cost, stoke_cost_total); the cached prompt
+    # tokens' None: the prompt's price.
+    price_prompt: float = 0.0
+    price_cached_prompt: float | None = None
+    price_completion: float = 0.0
+    cost_cap: float | None = None  # per client and period, at those prices; beyond: 429
+    cost_cap_period: str = "day"  # hour, day or month (UTC)
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
     worker_death_grace: float = 1.0  # seconds /health answers 503 before the process exits
     log_level: str = "info"

@@ -9,6 +9,8 @@ Body: ``{"error": {"message", "type", "param", "code"}}`` with string codes. Sta
   401  missing or wrong API key (only when the server has one)
   404  unknown model or route            405  wrong method
   413  request body over the size cap
+  429  a client's rate limit (code rate_limit_exceeded, Retry-After) or cost cap
+       (insufficient_quota) reached: server/limits.py
   499  (log only) the client went away before the response was complete
   503  the engine is not running, the server is shutting down, or too many requests in flight
   504  the request ran past the server's request timeout
@@ -19,6 +21,7 @@ Every error also has a metric type (stoke_request_errors_total{type}).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # stoke_request_errors_total{type}: the label values, all exported from the start.
@@ -29,7 +32,7 @@ ERROR_METRIC_TYPES = ("timeout", "context_length", "invalid_request", "overloade
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  code: str = "invalid_request_error", param: str | None = None,
-                 metric: str = "invalid_request") -> None:
+                 metric: str = "invalid_request", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -37,6 +40,7 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.metric = metric
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -71,6 +75,20 @@ def engine_dead(message: str = "the engine is not running") -> APIError:
 def timeout(seconds: float) -> APIError:
     return APIError(504, f"the request did not finish within the server's {seconds:g}s request timeout",
                     type="timeout_error", code="timeout", metric="timeout")
+
+
+def rate_limited(message: str, *, kind: str, retry_after: float, headers: dict[str, str]) -> APIError:
+    """429 as OpenAI's: type "requests" or "tokens"; Retry-After tells the openai SDK (which
+    retries 429s) how long to wait."""
+    return APIError(429, message, type=kind, code="rate_limit_exceeded", metric="rate_limited",
+                    headers=headers | {"retry-after": str(math.ceil(retry_after)),
+                                       "retry-after-ms": str(math.ceil(retry_after * 1000))})
+
+
+def quota_exceeded(message: str) -> APIError:
+    """429 for a spent cost cap, as OpenAI's insufficient_quota: the SDK is told not to retry."""
+    return APIError(429, message, type="insufficient_quota", code="insufficient_quota", metric="rate_limited",
+                    headers={"x-should-retry": "false"})
 
 
 def internal() -> APIError:

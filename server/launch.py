@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "interface)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' (env STOKE_API_KEY; default: none, no key)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer <key>'; repeated for several keys, each a client with "
+                        "limits of its own (env STOKE_API_KEY, several separated by commas; default: none, no key)")
     p.add_argument("--log-request-text", action="store_true",
                    help="put prompt and output text in the per-request log line")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
@@ -117,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--request-timeout", type=float, default=d.request_timeout,
                         help="seconds from a request's arrival; then 504 (or an error event, streaming) "
                              "(default: none)")
+    limits.add_argument("--rate-limit-requests", type=int, default=d.rate_limit_requests, metavar="PER_MINUTE",
+                        help="requests a minute per API key (every client together without keys); beyond: 429 "
+                             "with Retry-After (default: none)")
+    limits.add_argument("--rate-limit-tokens", type=int, default=d.rate_limit_tokens, metavar="PER_MINUTE",
+                        help="tokens a minute per API key: prompt + n x max_tokens held when a request starts, "
+                             "settled to the tokens it used (default: none)")
+    limits.add_argument("--price-prompt", type=float, default=d.price_prompt, metavar="PRICE",
+                        help="per million prompt tokens computed: the cost in each request's log line and "
+                             "stoke_cost_total, in any currency (default: %(default)s)")
+    limits.add_argument("--price-cached-prompt", type=float, default=d.price_cached_prompt, metavar="PRICE",
+                        help="per million prompt tokens from the prefix cache (default: --price-prompt's)")
+    limits.add_argument("--price-completion", type=float, default=d.price_completion, metavar="PRICE",
+                        help="per million generated tokens (default: %(default)s)")
+    limits.add_argument("--cost-cap", type=float, default=d.cost_cap, metavar="AMOUNT",
+                        help="the most an API key may spend per --cost-cap-period at these prices: a request "
+                             "that might take it past is refused, 429 insufficient_quota (default: none)")
+    limits.add_argument("--cost-cap-period", default=d.cost_cap_period, choices=["hour", "day", "month"],
+                        help="the cost cap's period, UTC (default: %(default)s)")
     limits.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
     limits.add_argument("--worker-death-grace", type=float, default=d.worker_death_grace,
@@ -139,11 +159,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get("STOKE_API_KEY") or None, log_request_text=args.log_request_text,
+        api_keys=args.api_key or [k.strip() for k in os.environ.get("STOKE_API_KEY", "").split(",") if k.strip()],
+        log_request_text=args.log_request_text,
         max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, max_stop=args.max_stop,
         max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes,
         max_pending_requests=args.max_pending_requests, request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout, worker_death_grace=args.worker_death_grace, log_level=args.log_level,
+        rate_limit_requests=args.rate_limit_requests, rate_limit_tokens=args.rate_limit_tokens,
+        price_prompt=args.price_prompt, price_cached_prompt=args.price_cached_prompt,
+        price_completion=args.price_completion, cost_cap=args.cost_cap, cost_cap_period=args.cost_cap_period,
         cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
     )
 
@@ -170,11 +194,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.config import EngineConfig, generation_defaults
     from server.api import create_app
+    from server.limits import limits_from_config
 
     try:
         EngineConfig(**config.engine_args)  # fail fast on a bad option, before anything starts
     except (TypeError, ValueError) as exc:
         logger.error("bad engine option: %s", exc)
+        return 2
+    try:
+        limits_from_config(config)
+    except ValueError as exc:
+        logger.error("bad limit option: %s", exc)
         return 2
     model_path = config.engine_args.get("model")
     if model_path is not None and not os.path.isfile(os.path.join(model_path, "config.json")):

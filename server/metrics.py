@@ -89,6 +89,8 @@ class Metrics:
                                 ["finish_reason"], registry=r)
         self.errors = Counter("stoke_request_errors", "API requests that ended in an error, by type", ["type"],
                               registry=r)
+        self.cost = Counter("stoke_cost", "Cost of the API requests served, at the server's --price-* options",
+                            registry=r)
         self.ttft = Histogram("stoke_time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("stoke_inter_token_latency_seconds", "Time between consecutive generated tokens",
@@ -198,6 +200,10 @@ class Metrics:
     # ------------------------------------------------------------- from the HTTP layer
     def on_error(self, metric_type: str) -> None:
         self.errors.labels(metric_type if metric_type in ERROR_METRIC_TYPES else "internal").inc()
+
+    def on_cost(self, amount: float) -> None:
+        if amount > 0:
+            self.cost.inc(amount)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -2,8 +2,8 @@
 
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
-stream, n, prompt_tokens, cached_tokens, completion_tokens, queue_time_s, ttft_s,
-mean_itl_s, e2e_s, finish_reason, error_type, status — plus prompt and output text only
+stream, n, prompt_tokens, cached_tokens, completion_tokens, cost (at the server's prices; null
+without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status — plus prompt and output text only
 with --log-request-text. Latencies are the engine's monotonic timestamps (seconds). A request
 cut short (the client left, a timeout) is logged once the worker confirmed its abort, within
 a step, so its line has the engine's times too: e2e_s runs to the abort, and a request that
@@ -16,7 +16,10 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.limits import Reservation
 
 logger = logging.getLogger("stoke.requests")
 
@@ -40,6 +43,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    cost: float | None = None
     queue_time_s: float | None = None
     ttft_s: float | None = None
     mean_itl_s: float | None = None
@@ -54,6 +58,8 @@ class RequestRecord:
     _finished: bool = False  # status and error type are final
     _awaiting_engine: bool = False  # aborted: the worker's last outputs are on their way
     _done: bool = False  # the line was written
+    _reservation: Reservation | None = None  # what the client's limits set aside for it
+    _ran: bool = False  # handed to the engine, which did not refuse it: its usage is charged
 
     def add_engine_metrics(self, metrics: dict[str, Any] | None) -> None:
         """Fold one engine request's timestamps in (a request with several prompts has several)."""

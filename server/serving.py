@@ -29,6 +29,7 @@ from server import errors
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
 from server.errors import APIError
+from server.limits import limits_from_config
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
@@ -179,6 +180,7 @@ class OpenAIServing:
     def __init__(self, config: ServerConfig, tokenizer: Any, client: EngineClient, metrics: Metrics,
                  request_logger: RequestLogger, model_name: str) -> None:
         self.config = config
+        self.limits = limits_from_config(config)
         self.tokenizer = tokenizer
         self.client = client
         self.metrics = metrics
@@ -446,6 +448,11 @@ class OpenAIServing:
     async def run(self, job: Job, request: Request) -> Response:
         if self.in_flight >= self.config.max_pending_requests:
             raise errors.unavailable("the server has too many requests in flight; retry later", code="overloaded")
+        record = job.record
+        # Without API keys every client is one: a bearer token nobody checks is no identity.
+        client = record.key_id or "" if self.config.api_keys else ""
+        record._reservation = self.limits.admit(client, record.prompt_tokens,
+                                                len(job.prompts) * job.n * job.params["max_tokens"])
         self.in_flight += 1
         released = False
 
@@ -460,6 +467,7 @@ class OpenAIServing:
 
         try:
             generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival)
+            record._ran = True
             if job.echo_only:
                 self.metrics.prompt_only(generation.ids)
             self.live.add(generation)
@@ -470,19 +478,26 @@ class OpenAIServing:
                 raise
         except EngineDeadError:
             release()
+            record._ran = False
             raise errors.engine_dead() from None
         except EngineRejected as exc:
             release()
+            record._ran = False
             raise self._rejected(job, exc) from None
         except BaseException:
             release()
             raise
         if job.stream:
-            return SSEResponse(self._stream(job, generation), on_close=lambda: self._close(job, generation, release))
-        try:
-            return await self._respond(job, generation, request)
-        finally:
-            release()
+            response: Response = SSEResponse(self._stream(job, generation),
+                                             on_close=lambda: self._close(job, generation, release))
+        else:
+            try:
+                response = await self._respond(job, generation, request)
+            finally:
+                release()
+        if self.limits.rate_limited:  # OpenAI's x-ratelimit-* headers: what the client has left
+            response.headers.update(self.limits.headers(record._reservation.budget))
+        return response
 
     def cut_off(self) -> None:
         """Drain timeout: abort every request still running; each gets a 503 (or an error event)."""
@@ -542,7 +557,7 @@ class OpenAIServing:
         if record._awaiting_engine:
             record._awaiting_engine = False
             if record._finished:
-                self.request_logger.emit(record)
+                self._log(record)
 
     def finish(self, record: RequestRecord, status: int = 200, error_type: str | None = None) -> None:
         """The request's outcome (its first one stands): counted now, logged now or, when it was
@@ -555,7 +570,19 @@ class OpenAIServing:
         if error_type is not None:
             self.metrics.on_error(error_type)
         if not record._awaiting_engine:
-            self.request_logger.emit(record)
+            self._log(record)
+
+    def _log(self, record: RequestRecord) -> None:
+        """The request is over: its usage charged to its client's limits, its cost counted, its
+        line written (once)."""
+        if record._done:
+            return
+        cost = self.limits.settle(record._reservation, record.prompt_tokens, record.cached_tokens,
+                                  record.completion_tokens, record._ran)
+        if self.limits.pricing.priced:
+            record.cost = cost
+            self.metrics.on_cost(cost)
+        self.request_logger.emit(record)
 
     def fail(self, record: RequestRecord, exc: APIError) -> None:
         self.finish(record, status=exc.status, error_type=exc.metric)

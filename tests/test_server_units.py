@@ -186,6 +186,25 @@ def test_options():
         build_parser().parse_args([])).allowed_origins is None
 
 
+def test_limit_options(monkeypatch):
+    from server.limits import limits_from_config
+
+    config = config_from_args(build_parser().parse_args(
+        ["--api-key", "k1", "--api-key", "k2", "--rate-limit-requests", "60", "--rate-limit-tokens", "9000",
+         "--price-prompt", "0.5", "--price-completion", "1.5", "--cost-cap", "10", "--cost-cap-period", "hour"]))
+    assert config.api_keys == ["k1", "k2"]
+    limits = limits_from_config(config)
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.cost_cap, limits.cost_cap_period) == \
+        (60, 9000, 10.0, "hour")
+    assert limits.pricing.cost(1_000_000, 0, 1_000_000) == 2.0
+    monkeypatch.setenv("STOKE_API_KEY", "k3, k4,")
+    assert config_from_args(build_parser().parse_args([])).api_keys == ["k3", "k4"]
+    monkeypatch.delenv("STOKE_API_KEY")
+    assert config_from_args(build_parser().parse_args([])).api_keys == []
+    with pytest.raises(ValueError, match="a cost cap needs prices"):  # `stoke serve` exits 2, before starting
+        limits_from_config(config_from_args(build_parser().parse_args(["--cost-cap", "5"])))
+
+
 def test_worker_encodes_only_new_logprobs():
     from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
     from server.ipc import unpack_output
