@@ -172,7 +172,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             sent = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
             # compare_digest, against every key: how long the check takes says nothing of how
             # much of a key matched, or which one
-            if not any([hmac.compare_digest(sent, key) for key in api_keys]):
+            if not sent or not any([hmac.compare_digest(sent, key) for key in api_keys]):
                 raise errors.unauthorized()
         if serving.draining:
             raise errors.unavailable("the server is shutting down", code="shutting_down")

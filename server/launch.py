@@ -41,6 +41,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def api_key(text: str) -> str:
+    """An --api-key value: an empty one (`--api-key "$KEY"` with KEY unset) must not start a
+    server that takes requests without a key."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an API key must not be empty")
+    return text.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stoke serve", description="OpenAI-compatible HTTP server (FastAPI + uvicorn) "
                                 "in front of an engine worker process")
@@ -50,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "interface)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
-    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY", type=api_key,
                    help="require 'Authorization: Bearer <key>'; repeated for several keys, each a client with "
                         "limits of its own (env STOKE_API_KEY, several separated by commas; default: none, no key)")
     p.add_argument("--log-request-text", action="store_true",

@@ -9,8 +9,9 @@ Admission reserves what a request may use at most: one request, its prompt plus 
 tokens, and their price as if no prompt token came from the prefix cache. Requests in flight
 together therefore never overshoot the cost cap. When the request ends its reservation is
 settled to what it used (its usage's tokens; cached prompt tokens at their own price) and the
-rest is given back. A request the engine never ran (refused by it, or 503) uses no tokens and
-costs nothing; it keeps its place in the requests-per-minute budget, as a request made.
+rest is given back. A request the engine never ran (it refused the request, or was gone) uses
+no tokens and costs nothing; it keeps its place in the requests-per-minute budget, as a request
+made. A prompt's most is at the higher of the prompt and cached-prompt prices.
 
 Rates are token buckets: a limit of L per minute holds L and refills L/60 a second, so a client
 may burst L and then runs at L a minute. A request larger than the whole tokens-per-minute
@@ -47,6 +48,11 @@ class Pricing:
     @property
     def priced(self) -> bool:
         return bool(self.prompt or self.completion or self.cached_prompt)
+
+    def most(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The highest cost these tokens can come to, whatever of the prompt the cache holds."""
+        prompt_price = max(self.prompt, self.prompt if self.cached_prompt is None else self.cached_prompt)
+        return (prompt_tokens * prompt_price + completion_tokens * self.completion) / 1e6
 
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
         cached_price = self.prompt if self.cached_prompt is None else self.cached_prompt
@@ -97,6 +103,7 @@ class ClientBudget:
     period_start: float = 0.0  # the cost cap's current period (epoch seconds, UTC)
     spent: float = 0.0  # settled cost in the period
     reserved: float = 0.0  # the most the requests in flight may still cost
+    in_flight: int = 0  # their number (at 0, `reserved` is exactly 0: no float residue)
 
 
 @dataclass(slots=True)
@@ -163,17 +170,17 @@ class Limits:
         budget = self._budget(client)
         now = self.clock()
         tokens = prompt_tokens + max_completion_tokens
-        cost = self.pricing.cost(prompt_tokens, 0, max_completion_tokens)
+        cost = self.pricing.most(prompt_tokens, max_completion_tokens)
         waits = []
         if budget.requests is not None:
-            waits.append(("requests", budget.requests.wait(1, now), self.requests_per_minute, 1))
+            waits.append((budget.requests.wait(1, now), "requests", self.requests_per_minute, 1))
         if budget.tokens is not None:
-            waits.append(("tokens", budget.tokens.wait(tokens, now), self.tokens_per_minute, tokens))
-        for kind, wait, limit, asked in waits:
-            if wait > 0:
-                raise errors.rate_limited(
-                    f"rate limit reached on {kind} per minute: limit {limit}, this request needs {asked}; "
-                    f"retry in {_duration(wait)}", kind=kind, retry_after=wait, headers=self.headers(budget))
+            waits.append((budget.tokens.wait(tokens, now), "tokens", self.tokens_per_minute, tokens))
+        if waits and max(waits)[0] > 0:  # the longest wait: a retry after it passes both
+            wait, kind, limit, asked = max(waits)
+            raise errors.rate_limited(
+                f"rate limit reached on {kind} per minute: limit {limit}, this request needs {asked}; "
+                f"retry in {_duration(wait)}", kind=kind, retry_after=wait, headers=self.headers(budget))
         if self.cost_cap is not None and budget.spent + budget.reserved + cost > self.cost_cap:
             left = max(0.0, self.cost_cap - budget.spent - budget.reserved)
             resets = self._period_end(budget.period_start)
@@ -190,6 +197,7 @@ class Limits:
             taken = min(tokens, budget.tokens.capacity)  # more overdraws at settlement
             budget.tokens.take(taken, now)
         budget.reserved += cost
+        budget.in_flight += 1
         return Reservation(budget, taken, cost)
 
     def settle(self, reservation: Reservation | None, prompt_tokens: int, cached_tokens: int,
@@ -201,7 +209,8 @@ class Limits:
             return cost
         reservation.settled = True
         budget = self._in_current_period(reservation.budget)
-        budget.reserved = max(0.0, budget.reserved - reservation.cost)
+        budget.in_flight -= 1
+        budget.reserved = budget.reserved - reservation.cost if budget.in_flight else 0.0
         budget.spent += cost
         if budget.tokens is not None and self.tokens_per_minute is not None:
             used = prompt_tokens + completion_tokens if ran else 0
@@ -249,7 +258,8 @@ def _duration(seconds: float) -> str:
     """As OpenAI's reset headers write it: '250ms', '1.5s', '6m0s'."""
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
-    if seconds < 60:
-        return f"{math.ceil(seconds * 10) / 10:g}s"
+    tenths = math.ceil(seconds * 10) / 10
+    if tenths < 60:
+        return f"{tenths:g}s"
     minutes, rest = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{rest}s"

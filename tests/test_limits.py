@@ -67,6 +67,17 @@ def test_tokens_are_reserved_then_settled_to_the_usage():
     assert lim.headers(second.budget)["x-ratelimit-remaining-tokens"] == "85"
 
 
+def test_retry_after_is_the_longest_wait_of_the_limits_a_request_meets():
+    clock = Clock()
+    lim = limits(clock, requests_per_minute=2, tokens_per_minute=100)
+    lim.settle(lim.admit("a", 0, 100), 0, 0, 100, ran=True)
+    lim.admit("a", 0, 0)
+    error = refused(lim, "a", 0, 100)  # a request in 30 s, the tokens in 60 s
+    assert error.type == "tokens" and error.headers["retry-after"] == "60"
+    clock.t += 60
+    lim.admit("a", 0, 100)
+
+
 def test_a_request_over_the_whole_token_budget_waits_for_a_full_one_and_overdraws_it():
     clock = Clock()
     lim = limits(clock, tokens_per_minute=100)
@@ -99,6 +110,17 @@ def test_the_cost_cap_counts_requests_in_flight_at_their_most():
     assert third.budget.spent == pytest.approx(0.506) and third.budget.reserved == pytest.approx(0.0)
     refused(lim, "a", 3, 5)  # 0.503 more would pass 1
     lim.admit("a", 3, 4)
+
+
+def test_the_cost_cap_holds_a_prompt_at_its_dearer_price_and_leaves_no_residue():
+    clock = Clock()
+    lim = limits(clock, pricing=Pricing(prompt=1e6, cached_prompt=2e6, completion=0.1e6), cost_cap=5.0)
+    held = lim.admit("a", 2, 0)  # at most 4: a cached prompt token costs 2
+    assert lim.settle(held, 2, 2, 0, ran=True) == 4.0
+    refused(lim, "a", 1, 0)  # 2 more might pass 5
+    for _ in range(3):  # costs that leave float residue in a running sum
+        lim.settle(lim.admit("a", 0, 3), 0, 0, 1, ran=True)
+    assert held.budget.reserved == 0.0 and held.budget.in_flight == 0
 
 
 def test_the_cost_cap_resets_with_its_period():
@@ -137,5 +159,5 @@ def test_bad_options_are_refused(kwargs, message):
 
 
 def test_durations_as_openai_writes_them():
-    assert [_duration(s) for s in (0.25, 1.5, 12.0, 59.99, 360.0, 90.5)] == ["250ms", "1.5s", "12s", "60s", "6m0s",
+    assert [_duration(s) for s in (0.25, 1.5, 12.0, 59.99, 360.0, 90.5)] == ["250ms", "1.5s", "12s", "1m0s", "6m0s",
                                                                               "1m31s"]

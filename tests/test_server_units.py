@@ -197,6 +197,9 @@ def test_limit_options(monkeypatch):
     assert (limits.requests_per_minute, limits.tokens_per_minute, limits.cost_cap, limits.cost_cap_period) == \
         (60, 9000, 10.0, "hour")
     assert limits.pricing.cost(1_000_000, 0, 1_000_000) == 2.0
+    assert config_from_args(build_parser().parse_args(["--api-key", " k5 "])).api_keys == ["k5"]
+    with pytest.raises(SystemExit):  # `--api-key "$KEY"` with KEY unset: refused, not a server without a key
+        build_parser().parse_args(["--api-key", "k1", "--api-key", " "])
     monkeypatch.setenv("STOKE_API_KEY", "k3, k4,")
     assert config_from_args(build_parser().parse_args([])).api_keys == ["k3", "k4"]
     monkeypatch.delenv("STOKE_API_KEY")
