@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ class Stage:
     env: dict[str, str] = field(default_factory=dict)  # added to the run's environment
     pythonpath: list[str] = field(default_factory=list)  # appended to the run's PYTHONPATH
     requires: str | None = None  # a file an earlier stage writes: skipped without it
+    writes: list[str] = field(default_factory=list)  # files it writes besides its JSON
 
 
 @dataclass(slots=True)
@@ -111,6 +113,10 @@ def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str
     if stage.requires and not os.path.exists(stage.requires):
         return StageResult(stage.name, "skipped", command=stage.command,
                            reason=f"{os.path.relpath(stage.requires, ROOT)} does not exist", meta=stage.meta)
+    # A warm machine keeps the last run's files: a stage that fails now must not report them.
+    for path in [stage.result_path, *stage.writes]:
+        if path and os.path.exists(path):
+            os.remove(path)
     log = os.path.join(log_dir, f"{stage.name}.log")
     t0 = time.perf_counter()
     print(f"== {stage.name} (limit {limit:.0f}s): {' '.join(stage.command)}", flush=True)
@@ -118,13 +124,17 @@ def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str
     if stage.pythonpath:
         run_env["PYTHONPATH"] = os.pathsep.join([p for p in [run_env.get("PYTHONPATH")] if p] + stage.pythonpath)
     with open(log, "w") as f:
+        # Its own session: at the limit the whole group goes (a serve stage's server and
+        # worker too, which would otherwise hold the GPU's memory through the later stages).
+        proc = subprocess.Popen(stage.command, cwd=ROOT, env=run_env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(stage.command, cwd=ROOT, env=run_env, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=limit)
-            status = "ok" if proc.returncode == 0 else "failed"
-            code: int | None = proc.returncode
+            code: int | None = proc.wait(timeout=limit)
+            status = "ok" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
             status, code = "timeout", None
+        finally:
+            _kill_group(proc)
     seconds = time.perf_counter() - t0
     result = None
     if stage.result_path and os.path.exists(stage.result_path):
@@ -138,6 +148,15 @@ def run_stage(stage: Stage, remaining_s: float, log_dir: str, env: dict[str, str
                                              if status != "ok" else ""), flush=True)
     return StageResult(stage.name, status, seconds, code, os.path.relpath(log, ROOT), stage.command, reason,
                        result, stage.meta)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a stage's process group (nothing, when it cleaned up after itself)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -169,8 +188,11 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
                f"--junitxml={os.path.join(work, 'kernel_tests.xml')}"]
     else:
         cmd = [py, "-m", "benchmarks.mini_pytest", *test_files, *select, "--json", out("kernel_tests")]
-    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 150, None if use_pytest else out("kernel_tests"),
-                        "tests", {"runner": "pytest" if use_pytest else "mini_pytest"}))
+    # 180 s: the H200 ran 90 of them in 82 s; there are 123 now, and a test run cut off writes
+    # no report at all.
+    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 180, None if use_pytest else out("kernel_tests"),
+                        "tests", {"runner": "pytest" if use_pytest else "mini_pytest"},
+                        writes=[os.path.join(work, "kernel_tests.xml")]))
 
     kcmd = [py, "-m", "benchmarks.kernels", "--out", out("kernels")]
     if args.cpu_smoke:
@@ -220,7 +242,8 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
              "--write-tuning", tuning]
     if args.cpu_smoke:
         sweep += ["--tiny", "--iters", "1"]
-    stages.append(Stage("kernel_configs", sweep, 90 if args.cpu_smoke else 150, out("kernel_configs"), "sweep"))
+    stages.append(Stage("kernel_configs", sweep, 90 if args.cpu_smoke else 150, out("kernel_configs"), "sweep",
+                        writes=[tuning]))
     # The attention micro-benchmarks again with the tuning the sweep recommends: the shipped
     # kernels' figures and the tuned ones' from one run, for the next commit to choose.
     tuned = [py, "-m", "benchmarks.kernels", "--only", "decode", "prefill", "--out", out("kernels_tuned")]
@@ -266,41 +289,10 @@ def _junit(path: str) -> dict[str, Any] | None:
 def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"tests": None, "kernels": None, "offline": {}}
     for r in results:
-        if r.name == "kernel_tests":
-            tests = _junit(os.path.join(work, "kernel_tests.xml")) if r.meta.get("runner") == "pytest" else r.result
-            if tests is not None:
-                tests = {k: tests[k] for k in ("passed", "failed", "skipped") if k in tests} | {
-                    "failures": [f["test"] if isinstance(f, dict) else f for f in tests.get("failures", [])][:20]}
-            summary["tests"] = {"runner": r.meta.get("runner"), "status": r.status, **(tests or {})}
-        elif r.name == "kernels" and r.result:
-            summary["kernels"] = _kernel_summary(r.result)
-        elif r.name == "kernels_tuned" and r.result and "env" in r.result:
-            with open(r.meta["tuning"]) as f:
-                tuning = parse_tuning(json.load(f), r.meta["tuning"])
-            summary["kernels_tuned"] = _kernel_summary(r.result) | {"tuning": tuning.as_json()}
-        elif r.name == "serve_default_model" and r.result and "runs" in r.result:
-            stoke = r.result["runs"].get("stoke", {}).get("summary", {})
-            summary["serve"] = {k: stoke.get(k) for k in (
-                "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
-                "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples",
-                "server_cpu_us_per_token", "tokens_per_chunk", "client_cpu_busy", "client_bound")}
-        elif r.name == "kernel_configs" and r.result and "rows" in r.result:
-            summary["sweeps"] = _sweep_summary(r.result)
-        elif r.name.startswith("offline_") and r.result and "systems" in r.result:
-            entry = summary["offline"].setdefault(r.meta["model"], {})
-            systems = r.result["systems"]
-            key = OFFLINE_KEYS[r.meta["graphs"]]
-            stoke = systems.get("stoke", {})
-            entry[key] = stoke.get("useful_tokens_per_second")
-            entry[f"{key}_extra"] = {k: stoke.get("extra", {}).get(k) for k in (
-                "num_steps", "forward_seconds", "sample_seconds", "schedule_seconds", "cuda_graph_buckets",
-                "cuda_graph_token_buckets", "cuda_graph_capture_seconds", "device_busy_fraction",
-                "fused_norm_rope", "async_scheduling", "num_kv_blocks", "memory_profile", "dtype", "device")}
-            if "continuous" in systems:
-                entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
-            if r.result.get("peer_errors"):
-                entry["peer_errors"] = r.result["peer_errors"]
-            entry["workload"] = r.result.get("workload")
+        try:
+            _summarise_stage(r, work, summary)
+        except Exception as exc:  # a file cut off mid-write: the other stages' figures still count
+            summary.setdefault("errors", []).append(f"{r.name}: {type(exc).__name__}: {exc}")
     for model, e in summary["offline"].items():
         cb, graphs, eager = e.get("transformers_cb"), e.get("stoke_cuda_graphs"), e.get("stoke_eager")
         decode_only = e.get("stoke_decode_graphs")
@@ -311,6 +303,45 @@ def summarise(results: list[StageResult], work: str) -> dict[str, Any]:
         e["async_scheduling_speedup"] = graphs / sync if graphs and sync else None
         e["goal_vs_transformers_cb"] = 3.0
     return summary
+
+
+def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None:
+    """One stage's figures into the summary."""
+    if r.name == "kernel_tests":
+        tests = _junit(os.path.join(work, "kernel_tests.xml")) if r.meta.get("runner") == "pytest" else r.result
+        if tests is not None:
+            tests = {k: tests[k] for k in ("passed", "failed", "skipped") if k in tests} | {
+                "failures": [f["test"] if isinstance(f, dict) else f for f in tests.get("failures", [])][:20]}
+        summary["tests"] = {"runner": r.meta.get("runner"), "status": r.status, **(tests or {})}
+    elif r.name == "kernels" and r.result:
+        summary["kernels"] = _kernel_summary(r.result)
+    elif r.name == "kernels_tuned" and r.result and "env" in r.result:
+        with open(r.meta["tuning"]) as f:
+            tuning = parse_tuning(json.load(f), r.meta["tuning"])
+        summary["kernels_tuned"] = _kernel_summary(r.result) | {"tuning": tuning.as_json()}
+    elif r.name == "serve_default_model" and r.result and "runs" in r.result:
+        stoke = r.result["runs"].get("stoke", {}).get("summary", {})
+        summary["serve"] = {k: stoke.get(k) for k in (
+            "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
+            "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples",
+            "server_cpu_us_per_token", "tokens_per_chunk", "client_cpu_busy", "client_bound")}
+    elif r.name == "kernel_configs" and r.result and "rows" in r.result:
+        summary["sweeps"] = _sweep_summary(r.result)
+    elif r.name.startswith("offline_") and r.result and "systems" in r.result:
+        entry = summary["offline"].setdefault(r.meta["model"], {})
+        systems = r.result["systems"]
+        key = OFFLINE_KEYS[r.meta["graphs"]]
+        stoke = systems.get("stoke", {})
+        entry[key] = stoke.get("useful_tokens_per_second")
+        entry[f"{key}_extra"] = {k: stoke.get("extra", {}).get(k) for k in (
+            "num_steps", "forward_seconds", "sample_seconds", "schedule_seconds", "cuda_graph_buckets",
+            "cuda_graph_token_buckets", "cuda_graph_capture_seconds", "device_busy_fraction",
+            "fused_norm_rope", "async_scheduling", "num_kv_blocks", "memory_profile", "dtype", "device")}
+        if "continuous" in systems:
+            entry["transformers_cb"] = systems["continuous"].get("useful_tokens_per_second")
+        if r.result.get("peer_errors"):
+            entry["peer_errors"] = r.result["peer_errors"]
+        entry["workload"] = r.result.get("workload")
 
 
 def _sweep_summary(k: dict[str, Any]) -> dict[str, Any]:
@@ -483,6 +514,8 @@ def render(report: dict[str, Any]) -> str:
             extra = e.get("stoke_cuda_graphs_extra") or {}
             if "stoke_cuda_graphs" in e and not extra.get("cuda_graph_buckets"):
                 lines.append(f"  note: {model}: no CUDA graphs were captured (CPU, or not the Triton backend)")
+    for error in s.get("errors", []):
+        lines.append(f"summary of stage {error[:160]} (its figures are left out; its JSON is in the work folder)")
     return "\n".join(lines)
 
 

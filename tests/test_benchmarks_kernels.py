@@ -226,6 +226,47 @@ def test_run_stage_outcomes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (tmp_path / "paths.log").read_text().strip() == os.pathsep.join(["/repo", "/carried"])
 
 
+def test_run_stage_reports_only_this_runs_files_and_kills_its_whole_group(tmp_path, monkeypatch) -> None:
+    """A warm machine keeps the last run's files: a stage that fails now reports none of them.
+    At its limit the stage's children go too (a serve stage's server would hold the GPU)."""
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 0.5)
+    env, py = dict(os.environ), sys.executable
+    old, extra = tmp_path / "old.json", tmp_path / "old.xml"
+    old.write_text('{"stale": 1}')
+    extra.write_text("<stale/>")
+    failed = gpu_check.run_stage(gpu_check.Stage("fails", [py, "-c", "raise SystemExit(3)"], 30, str(old),
+                                                 writes=[str(extra)]), 100, str(tmp_path), env)
+    assert failed.status == "failed" and failed.result is None and not extra.exists()
+    broken = gpu_check.StageResult("kernels", "timeout", result={"unreadable": "cut off mid-write"})
+    summary = gpu_check.summarise([broken], str(tmp_path))  # the other stages' figures survive
+    assert summary["errors"] == ["kernels: KeyError: 'env'"] and "summary of stage kernels" in gpu_check.render(
+        {"env": {"device_name": "x", "python": "3", "torch": "2", "triton": "3", "transformers": "5", "seconds": 1.0,
+                 "budget_s": 2.0}, "stages": [], "summary": summary})
+    pid_file = tmp_path / "child.pid"
+    spawn = ("import subprocess, sys, time; "
+             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    slow = gpu_check.run_stage(gpu_check.Stage("spawns", [py, "-c", spawn], 30), 2.0, str(tmp_path), env)
+    assert slow.status == "timeout"
+    child = int(pid_file.read_text())
+    assert wait_for_exit(child), "the stage's child outlived it"
+
+
+def wait_for_exit(pid: int, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # a zombie: dead, not yet reaped
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_carried_wheels_unpack_importable(tmp_path) -> None:
     """`make gpu-carry`'s serve stack: wheels unpacked side by side import from one directory
     on PYTHONPATH (their .data scripts left out); pins are this venv's versions."""
