@@ -174,7 +174,8 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # CPU: the KV pool budget (default 2 GiB)
     # CUDA: the fraction of the GPU's total memory this engine may use (weights, activations,
-    # CUDA graphs, KV cache; other processes' memory counts against it too)
+    # CUDA graphs, KV cache). Memory taken before it started (another process) is not charged
+    # to it, but its KV pool never exceeds what is free.
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # overrides both (tests use tiny pools)
     max_model_len: int | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine import LLM, LLMEngine, EngineConfig, SamplingParams
 from scheduler import AdmissionError
@@ -788,3 +789,22 @@ def test_engine_seed_makes_unseeded_sampling_repeatable(tiny_path: str) -> None:
 
     first = run(0)
     assert run(0) == first and run(1) != first
+
+
+def test_a_16_bit_model_keeps_exact_fp32_rope_tables(tiny_checkpoints) -> None:
+    """Cast with the model to bf16 and back, the tables lost up to ~2e-3 at long positions."""
+    from engine.config import ModelConfig
+    from engine.models.llama import Rotary
+
+    config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 256,
+                                    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "max_position_embeddings": 8192, "rope_theta": 5e5})
+    rotary = Rotary(config)
+    exact = rotary.cos.clone()
+    rotary.to(torch.bfloat16)
+    assert not torch.equal(rotary.cos.float(), exact)
+    rotary.restore_fp32()
+    assert rotary.cos.dtype == torch.float32 and torch.equal(rotary.cos, exact)
+    runner = LLM(tiny_checkpoints["llama"], dtype="bfloat16", num_kv_blocks=16).engine.runner
+    tables = runner.model.model.rotary
+    assert tables.cos.dtype == torch.float32 and torch.equal(tables.cos, Rotary(runner.model_config).cos)

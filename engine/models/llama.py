@@ -86,11 +86,22 @@ class Rotary(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(config)
-        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        self.config = config
+        cos, sin = self._tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = rope_inv_freq(self.config)
+        positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        return freqs.cos(), freqs.sin()
+
+    def restore_fp32(self) -> None:
+        """The tables in fp32 again after the model was cast to a 16-bit dtype: computed anew,
+        as cast back they would keep bf16's rounding (~2e-3 at long positions)."""
+        with torch.device(self.cos.device):
+            self.cos, self.sin = self._tables()
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D/2] for the step's positions (once per step, shared by every layer)."""
