@@ -74,6 +74,28 @@ class SchedulerStats:
     num_preemptions: int = 0
 
 
+def check_admissible(num_prompt_tokens: int, max_tokens: int, max_model_len: int, num_blocks: int,
+                     block_size: int) -> None:
+    """Raise AdmissionError for a request that no engine of this context and KV pool could ever
+    serve (the HTTP process asks too, before a request takes from its client's limits)."""
+    total = num_prompt_tokens + max_tokens
+    if num_prompt_tokens < 1:
+        raise AdmissionError("the prompt must contain at least one token", "invalid_prompt")
+    if total > max_model_len:
+        raise AdmissionError(
+            f"this model's maximum context length is {max_model_len} tokens, but "
+            f"{total} were requested ({num_prompt_tokens} in the prompt + {max_tokens} max_tokens)",
+            "context_length_exceeded",
+        )
+    pool_tokens = num_blocks * block_size
+    if total > pool_tokens:
+        raise AdmissionError(
+            f"the request needs {total} tokens of KV cache ({num_prompt_tokens} prompt + {max_tokens} "
+            f"max_tokens) but the whole pool holds {pool_tokens} ({num_blocks} blocks of {block_size})",
+            "kv_cache_too_small",
+        )
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -91,23 +113,8 @@ class Scheduler:
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise AdmissionError for a request that could never be served."""
-        total = num_prompt_tokens + max_tokens
-        if num_prompt_tokens < 1:
-            raise AdmissionError("the prompt must contain at least one token", "invalid_prompt")
-        if total > self.config.max_model_len:
-            raise AdmissionError(
-                f"this model's maximum context length is {self.config.max_model_len} tokens, but "
-                f"{total} were requested ({num_prompt_tokens} in the prompt + {max_tokens} max_tokens)",
-                "context_length_exceeded",
-            )
-        pool_tokens = self.config.num_blocks * self.config.block_size
-        if total > pool_tokens:
-            raise AdmissionError(
-                f"the request needs {total} tokens of KV cache ({num_prompt_tokens} prompt + {max_tokens} "
-                f"max_tokens) but the whole pool holds {pool_tokens} ({self.config.num_blocks} blocks "
-                f"of {self.config.block_size})",
-                "kv_cache_too_small",
-            )
+        check_admissible(num_prompt_tokens, max_tokens, self.config.max_model_len, self.config.num_blocks,
+                         self.config.block_size)
 
     def add_request(self, request: Request) -> None:
         self.check_admissible(request.num_prompt_tokens, request.max_tokens)

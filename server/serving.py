@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from engine.chat_messages import UnsupportedContent, template_message
 from engine.sampling_params import SamplingParams, truncate_prompt
+from scheduler import AdmissionError, check_admissible
 from server import errors
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
@@ -449,6 +450,13 @@ class OpenAIServing:
         if self.in_flight >= self.config.max_pending_requests:
             raise errors.unavailable("the server has too many requests in flight; retry later", code="overloaded")
         record = job.record
+        info = self.client.info
+        for prompt in job.prompts:  # one that can never run is a 400, not a 429 of its client's limits
+            try:
+                check_admissible(len(prompt), job.params["max_tokens"], info.max_model_len, info.num_blocks,
+                                 info.block_size)
+            except AdmissionError as exc:
+                raise self._rejected(job, EngineRejected("admission", exc.code, str(exc))) from None
         # Without API keys every client is one: a bearer token nobody checks is no identity.
         client = record.key_id or "" if self.config.api_keys else ""
         record._reservation = self.limits.admit(client, record.prompt_tokens,

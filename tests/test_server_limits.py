@@ -73,10 +73,13 @@ def test_the_cost_cap_refuses_what_might_pass_it(server):
     assert (error.status_code, error.code) == (429, "insufficient_quota")
     assert error.response.headers["x-should-retry"] == "false"  # the SDK does not retry it
     assert "0.191 of this day's 1.1 is left" in error.message and "Lower max_tokens" in error.message
+    with pytest.raises(openai.BadRequestError) as info:  # can never run: a 400, not the cap's 429
+        _complete(client, 5000)
+    assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.RateLimitError):
         _complete(client, 2)
     _complete(client, 1)  # 0.103 fits what is left
     lines = _key_lines(server, KEY_B)
-    assert [line["status"] for line in lines] == [200, 200, 200, 429, 429, 200]
+    assert [line["status"] for line in lines] == [200, 200, 200, 429, 400, 429, 200]
     assert sum(line["cost"] for line in lines) == pytest.approx(spent + 0.003 + TOKEN_PRICE)
     assert wait_for(lambda: idle(server))  # refused requests hold no KV block
