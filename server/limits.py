@@ -212,7 +212,7 @@ class Limits:
         budget.in_flight -= 1
         budget.reserved = budget.reserved - reservation.cost if budget.in_flight else 0.0
         budget.spent += cost
-        if budget.tokens is not None and self.tokens_per_minute is not None:
+        if budget.tokens is not None:
             used = prompt_tokens + completion_tokens if ran else 0
             budget.tokens.give(reservation.tokens - used, self.clock())
         return cost
