@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from server.config import ServerConfig
+from server.limits import COST_CAP_PERIODS, limits_from_config
 
 logger = logging.getLogger("stoke.server")
 
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--cost-cap", type=float, default=d.cost_cap, metavar="AMOUNT",
                         help="the most an API key may spend per --cost-cap-period at these prices: a request "
                              "that might take it past is refused, 429 insufficient_quota (default: none)")
-    limits.add_argument("--cost-cap-period", default=d.cost_cap_period, choices=["hour", "day", "month"],
+    limits.add_argument("--cost-cap-period", default=d.cost_cap_period, choices=COST_CAP_PERIODS,
                         help="the cost cap's period, UTC (default: %(default)s)")
     limits.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
@@ -202,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.config import EngineConfig, generation_defaults
     from server.api import create_app
-    from server.limits import limits_from_config
 
     try:
         EngineConfig(**config.engine_args)  # fail fast on a bad option, before anything starts
