@@ -163,8 +163,11 @@ class Metrics:
                 self._prefilled.add(engine_id)
                 self.prompt_tokens.inc(output["num_prompt_tokens"])
         for c in output["outputs"]:
-            if c["finish_reason"] is not None:
-                self._finished.setdefault(engine_id, {})[c["index"]] = (c["finish_reason"], c["num_tokens"])
+            reason = c["finish_reason"]
+            if reason is not None:
+                if prompt_only and reason != "abort":  # the client's answer: max_tokens 0 reached
+                    reason = "length"
+                self._finished.setdefault(engine_id, {})[c["index"]] = (reason, c["num_tokens"])
         if not output["finished"]:
             return
         self._prefilled.discard(engine_id)

@@ -136,11 +136,14 @@ def test_a_scored_prompt_counts_no_generated_token():
     m = Metrics(gpu=False)
     m.prompt_only(["e-0"])
     m.on_frame({"outputs": [_engine_output("e-0", True, (0, 1, "length"), num_prompt_tokens=9)]})
+    m.prompt_only(["e-2"])  # the dropped token was a stop token: the client's answer is still "length"
+    m.on_frame({"outputs": [_engine_output("e-2", True, (0, 1, "stop"), num_prompt_tokens=0)]})
     m.prompt_only(["e-1"])
     m.on_frame({"errors": [{"ids": ["e-1"], "kind": "admission"}]})  # refused: never outputs
-    _assert_exported(m, "stoke_generation_tokens_total 0.0", "stoke_prompt_tokens_total 9.0",
+    _assert_exported(m, 'stoke_requests_total{finish_reason="length"} 2.0',
+                     'stoke_requests_total{finish_reason="stop"} 0.0', "stoke_generation_tokens_total 0.0", "stoke_prompt_tokens_total 9.0",
                      "stoke_request_generation_tokens_sum 0.0", "stoke_request_prompt_tokens_sum 9.0",
-                     "stoke_time_to_first_token_seconds_count 0.0", "stoke_e2e_request_latency_seconds_count 1.0")
+                     "stoke_time_to_first_token_seconds_count 0.0", "stoke_e2e_request_latency_seconds_count 2.0")
     assert not m._prompt_only
 
 
