@@ -19,6 +19,7 @@ class ServerConfig:
     log_request_text: bool = False  # put prompt and output text in the request log line
     # Caps: a request beyond one gets a 400 that names the cap.
     max_n: int = 16
+    max_prompts: int = 1024  # prompts in one completions request (each n choices: engine requests)
     max_tokens_limit: int | None = None  # None: only the context length bounds max_tokens
     max_stop: int = 16
     max_logprobs: int = 20

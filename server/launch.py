@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     limits.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) a request may ask for (default: "
                                                                    "%(default)s)")
+    limits.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                        help="prompts one completions request may list (each runs n choices) (default: "
+                             "%(default)s)")
     limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                         help="the largest max_tokens (default: none, the context bounds it)")
     limits.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings, and stop token ids, per request "
@@ -170,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_keys=args.api_key or [k.strip() for k in os.environ.get("STOKE_API_KEY", "").split(",") if k.strip()],
         log_request_text=args.log_request_text,
-        max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, max_stop=args.max_stop,
+        max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_limit=args.max_tokens_limit, max_stop=args.max_stop,
         max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes,
         max_pending_requests=args.max_pending_requests, request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout, worker_death_grace=args.worker_death_grace, log_level=args.log_level,

@@ -336,6 +336,9 @@ class OpenAIServing:
             raw = list(prompt)  # type: ignore[arg-type]
         if not raw:
             raise errors.invalid("prompt must not be empty", param="prompt")
+        if len(raw) > self.config.max_prompts:  # before any is tokenized: a 4 MiB body lists a million
+            raise errors.invalid(f"at most {self.config.max_prompts} prompts per request are allowed on this "
+                                 f"server, got {len(raw)}", param="prompt")
         prompts, texts = [], []
         for p in raw:
             tokens = await self._encode(p) if isinstance(p, str) else list(p)

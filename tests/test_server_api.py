@@ -24,7 +24,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1", "--api-key", API_KEY, "--max-n", "4",
-                       "--max-tokens-limit", "512", "--max-stop", "4", "--max-body-bytes", "65536") as s:
+                       "--max-prompts", "8", "--max-tokens-limit", "512", "--max-stop", "4", "--max-body-bytes", "65536") as s:
         yield s
 
 
@@ -389,6 +389,7 @@ BAD_INPUTS = [
      _j({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}), 400, "invalid_value"),
     ("max_tokens beyond cap", "/v1/completions", _j({"prompt": "hi", "max_tokens": 513}), 400, "invalid_value"),
     ("n beyond cap", "/v1/completions", _j({"prompt": "hi", "n": 5}), 400, "invalid_value"),
+    ("prompts beyond cap", "/v1/completions", _j({"prompt": [[1]] * 9}), 400, "invalid_value"),
     ("stop list beyond cap", "/v1/completions", _j({"prompt": "hi", "stop": list("abcde")}), 400, "invalid_value"),
     ("negative temperature", "/v1/completions", _j({"prompt": "hi", "temperature": -1}), 400, "invalid_value"),
     ("NaN temperature", "/v1/completions", '{"prompt": "hi", "temperature": NaN}', 400, "invalid_value"),
