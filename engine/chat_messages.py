@@ -20,7 +20,7 @@ def _with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
             try:
                 call = call | {"function": function | {"arguments": json.loads(function["arguments"])}}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 pass
         parsed.append(call)
     return message | {"tool_calls": parsed}

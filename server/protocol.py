@@ -25,14 +25,20 @@ _TOKEN_FIELDS = frozenset({"prompt", "stop_token_ids", "tokens"})
 
 
 def _has_lone_surrogate(value: Any, token_ids: bool = False) -> bool:
-    if isinstance(value, str):
-        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, list):
-        if token_ids and value and type(value[0]) is int:
-            return False
-        return any(_has_lone_surrogate(v, token_ids) for v in value)
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    """Walked with a stack, not recursion: a body nests JSON as deep as the parser allows, and a
+    RecursionError here was a 500 (and two tracebacks in the log) for a 1 KB request."""
+    stack = [(value, token_ids)]
+    while stack:
+        value, token_ids = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _LONE_SURROGATE.search(value) is not None:
+                return True
+        elif isinstance(value, list):
+            if not (token_ids and value and type(value[0]) is int):
+                stack.extend((v, token_ids) for v in value)
+        elif isinstance(value, dict):
+            stack.extend((k, False) for k in value)
+            stack.extend((v, False) for v in value.values())
     return False  # numbers, None, and nested models (each checked itself)
 
 

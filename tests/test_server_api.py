@@ -373,6 +373,20 @@ def _j(obj) -> str:
     return json.dumps(obj)
 
 
+def test_deeply_nested_json_is_not_a_500(server):
+    """JSON nested as deep as the parser allows, in a field the surrogate check walks and in a
+    tool call's arguments (parsed for the template): both were a RecursionError, a 500 (and
+    two tracebacks in the server log) for a 1 KB body."""
+    deep = "[" * 600 + "]" * 600
+    status, raw = _post(server, "/v1/chat/completions",
+                        '{"messages": [{"role": "user", "content": "hi", "x": ' + deep + '}], "max_tokens": 1}')
+    assert status in (200, 400), raw[:300]  # 400: the template's renderer nests too deep for it
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+    status, raw = _post(server, "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [call]}], "max_tokens": 1}))
+    assert status in (200, 400), raw[:300]
+
+
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
 BAD_INPUTS = [
     # (name, path, body, status, code)
