@@ -498,9 +498,21 @@ def test_server_healthy_after_bad_inputs(server, client, model):
 
 
 def test_auth_required(server, model):
+    """Every route but the probes and /metrics needs the key, which is checked before the body
+    is read: the 401's log line has nothing of the body (a client without a key wrote
+    megabytes of `user` into the log)."""
     bad = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        bad.completions.create(model=model, prompt="hi", max_tokens=1)
+        bad.completions.create(model=model, prompt="hi", max_tokens=1, user="mallory")
+    line = server.log_lines()[-1]
+    assert (line["status"], line["error_type"], line["user"], line["model"]) == (401, "invalid_request", None, None)
+    for call in (lambda: bad.models.list(), lambda: bad.chat.completions.create(model=model, messages=[], max_tokens=1)):
+        with pytest.raises(openai.AuthenticationError):
+            call()
+    for path in ("/tokenize", "/detokenize", "/v1/nothing-here"):
+        assert _post(server, path, "{}", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert _post(server, "/v1/completions", "{}", headers={"Authorization": "Bearer "})[0] == 401
+    assert all(server.get(path)[0] == 200 for path in ("/health", "/ready", "/version", "/metrics"))
 
 
 def test_request_log_lines(server, client, model):
