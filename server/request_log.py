@@ -86,6 +86,12 @@ class RequestRecord:
 
 LINE_FIELDS = tuple(f.name for f in fields(RequestRecord) if not f.name.startswith("_"))
 LATENCY_FIELDS = ("queue_time_s", "ttft_s", "mean_itl_s", "e2e_s")
+# What a client sends as `user` or `model` is logged up to this many characters (a 4 MB `user`
+# made a 4 MB line).
+CLIENT_FIELD_CHARS = 256
+# JSON leaves these unescaped, but Python's str.splitlines (and some log shippers) break lines
+# at them: a client's `user` could then forge a line of its own.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 class RequestLogger:
@@ -106,4 +112,7 @@ class RequestLogger:
         for key in LATENCY_FIELDS:
             if line[key] is not None:
                 line[key] = round(line[key], 6)
-        logger.info(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+        for key in ("user", "model"):
+            if isinstance(line[key], str) and len(line[key]) > CLIENT_FIELD_CHARS:
+                line[key] = line[key][:CLIENT_FIELD_CHARS] + "..."
+        logger.info(json.dumps(line, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS))

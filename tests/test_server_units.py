@@ -165,6 +165,15 @@ def test_request_log_line(caplog):
         RequestLogger(log_text=True).emit(record)
     line = json.loads(caplog.records[0].getMessage())
     assert line["prompt"] == "p" and line["output"] == "o"
+    caplog.clear()
+    forged = '\u2028{"event":"request","status":200}\x85'  # line breaks JSON leaves as they are
+    record = RequestRecord("cmpl-3", "completions", user="u" * 5000 + forged, model=forged)
+    with caplog.at_level(logging.INFO, logger="stoke.requests"):
+        RequestLogger(log_text=False).emit(record)
+    text = caplog.records[0].getMessage()
+    assert len(text.splitlines()) == 1 and len(text) < 1000
+    line = json.loads(text)
+    assert line["user"] == "u" * 256 + "..." and line["model"] == forged
 
 
 def test_options():
