@@ -556,10 +556,13 @@ def test_long_prompts_are_tokenized_off_the_event_loop():
         out = [await serving._encode("x" * TOKENIZE_INLINE_CHARS),
                await serving._encode("y" * (TOKENIZE_INLINE_CHARS + 1), add_special_tokens=False)]
         assert tokenizer.calls[0][0] == loop_thread
+        # Many short prompts together are long: a thousand inline stalled the loop 1.5 s.
+        out += await serving._encode_all(["z" * 10] * (TOKENIZE_INLINE_CHARS // 10 + 1))
         return out
 
-    assert asyncio.run(run()) == [[TOKENIZE_INLINE_CHARS, 1], [TOKENIZE_INLINE_CHARS + 1, 0]]
+    assert asyncio.run(run())[:3] == [[TOKENIZE_INLINE_CHARS, 1], [TOKENIZE_INLINE_CHARS + 1, 0], [10, 1]]
     assert tokenizer.calls[1] == ("stoke-tokenizer_0", False)
+    assert {name for name, _ in tokenizer.calls[2:]} == {"stoke-tokenizer_0"}
 
 
 def test_requests_take_the_generation_configs_sampling_where_they_set_none():
@@ -599,6 +602,10 @@ def test_requests_take_the_generation_configs_sampling_where_they_set_none():
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                               add_special_tokens=False)
     assert params(serving.chat_job, ChatCompletionRequest(messages=messages))["max_tokens"] == 256 - len(prompt)
+    # The caps come before any prompt is tokenized (a thousand prompts were, before n=17's 400).
+    serving.tokenizer = None  # encoding now fails with another message
+    with pytest.raises(errors.APIError, match="n must be <= 16"):
+        asyncio.run(serving.completion_job(CompletionRequest(prompt=["hi"] * 1000, n=17), RequestRecord("r", "x"), 0.0))
 
 
 def test_a_chat_history_with_tool_calls_reaches_the_template():
