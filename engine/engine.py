@@ -163,51 +163,62 @@ class LLMEngine:
             raise ValueError("this model has no tokenizer: pass prompts as token ids")
         return self.tokenizer.encode(prompt)
 
-    def prepare(self, prompt_token_ids: list[int], params: SamplingParams, *,
-                cap_at_context: bool = False) -> tuple[list[int], SamplingParams, int]:
-        """The request as it would run, or ValueError (AdmissionError) if it can't be served:
-        its prompt (cut to the last `truncate_prompt_tokens`), its own copy of params, checked
-        again (fields may have been set since construction; later edits to the caller's object
-        change nothing), and its max_tokens (None: as long as the context and the KV pool
-        allow; with cap_at_context, the offline API's rule as vLLM's, a larger one stops there
-        too, finish_reason "length", where the server refuses it)."""
+    def own_params(self, params: SamplingParams) -> SamplingParams:
+        """The engine's own copy of a request's params, checked again (fields may have been set
+        since construction; later edits to the caller's object change nothing). One copy may
+        serve every prompt of a request: a copy derives the params' arrays anew (3 MB for a
+        logit_bias over a 49k vocabulary)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params = replace(params)  # construction checks it
+        params.check_vocab(self.model_config.vocab_size)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        return params
+
+    def prepare(self, prompt_token_ids: list[int], params: SamplingParams, *, cap_at_context: bool = False,
+                owned: bool = False) -> tuple[list[int], SamplingParams, int]:
+        """The request as it would run, or ValueError (AdmissionError) if it can't be served:
+        its prompt (cut to the last `truncate_prompt_tokens`), params of the engine's own
+        (`own_params`, unless they are already: `owned`), and its max_tokens (None: as long as
+        the context and the KV pool allow; with cap_at_context, the offline API's rule as
+        vLLM's, a larger one stops there too, finish_reason "length", where the server refuses
+        it)."""
+        if not owned:
+            params = self.own_params(params)
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        params.check_vocab(vocab)
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none")
         room = self.scheduler.max_sequence_tokens - len(prompt_token_ids)
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = max(1, room)
         elif cap_at_context and 1 <= room < max_tokens:
-            params.max_tokens = max_tokens = room
-            params.min_tokens = min(params.min_tokens, room)
+            # this prompt's own params (the owned ones may be shared by other prompts)
+            params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+            max_tokens = room
         self.scheduler.check_admissible(len(prompt_token_ids), max_tokens)
         return prompt_token_ids, params, max_tokens
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Raise ValueError for a request that can't be served; returns its max_tokens."""
-        return self.prepare(prompt_token_ids, params)[2]
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, prompt_token_ids: list[int] | None = None, *,
                     cap_at_context: bool = False) -> None:
         """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given.
         See `prepare` for what it checks and `cap_at_context`."""
-        if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in flight")
-        text = prompt if isinstance(prompt, str) else None
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        prompt_token_ids, params, max_tokens = self.prepare(prompt_token_ids, params, cap_at_context=cap_at_context)
+        prepared = self.prepare(prompt_token_ids, params, cap_at_context=cap_at_context)
+        self.add_prepared(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time)
+
+    def add_prepared(self, request_id: str, text: str | None, prepared: tuple[list[int], SamplingParams, int],
+                     arrival_time: float | None = None) -> None:
+        """Queue a request `prepare` returned (a batch checks all its prompts, then adds them)."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        prompt_token_ids, params, max_tokens = prepared
         arrival = time.monotonic() if arrival_time is None else arrival_time
         group = _Group(request_id, text, prompt_token_ids, params, arrival)
         if params.prompt_logprobs is not None:

@@ -128,19 +128,22 @@ class LLM:
         """Check every prompt, then run them all to completion. As vLLM's offline API, a
         max_tokens past the end of the context (or of a smaller KV pool) stops there,
         finish_reason "length", instead of being refused (the server refuses it, as vLLM's)."""
+        owned: dict[int, SamplingParams] = {}  # one engine copy per params object, not per prompt
+        prepared = []
         for tokens, p in zip(token_prompts, params):
-            self.engine.prepare(tokens, p, cap_at_context=True)
+            if id(p) not in owned:
+                owned[id(p)] = self.engine.own_params(p)
+            prepared.append(self.engine.prepare(tokens, owned[id(p)], cap_at_context=True, owned=True))
         ids = []
         finished: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm and token_prompts:
             bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(token_prompts), desc="Processed prompts")
         try:
-            for text, tokens, p in zip(texts, token_prompts, params):
+            for text, request in zip(texts, prepared):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(request_id, tokens if text is None else text, p, prompt_token_ids=tokens,
-                                        cap_at_context=True)
+                self.engine.add_prepared(request_id, text, request)
                 ids.append(request_id)
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step(outputs="final"):

@@ -177,13 +177,12 @@ class Worker:
 
         ids: list[str] = message["ids"]
         try:
-            params = SamplingParams(**message["params"])
-            prompts = message["prompts"]
-            for tokens in prompts:
-                self.engine.validate(tokens, params)
-            for request_id, tokens in zip(ids, prompts):
-                self.engine.add_request(request_id, tokens, params, arrival_time=message.get("arrival_time"),
-                                        prompt_token_ids=tokens)
+            # One params copy for the message's prompts (a copy per prompt, made twice, with a
+            # logit_bias over the vocabulary took 3.5 GB and 40 s of the step loop for 1,024).
+            params = self.engine.own_params(SamplingParams(**message["params"]))
+            prepared = [self.engine.prepare(tokens, params, owned=True) for tokens in message["prompts"]]
+            for request_id, request in zip(ids, prepared):
+                self.engine.add_prepared(request_id, None, request, arrival_time=message.get("arrival_time"))
         except Exception as exc:  # nothing of this message stays queued
             for request_id in ids:
                 self.engine.abort_request(request_id)

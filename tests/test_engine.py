@@ -278,6 +278,9 @@ def test_unset_max_tokens_runs_to_the_context_or_the_pool(tiny_path: str) -> Non
     short = LLM(tiny_path, num_kv_blocks=64, block_size=16, max_model_len=40)
     out = short.generate([[1, 2, 3] * 10], SamplingParams(max_tokens=50, **GREEDY))[0].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
+    # The prompts of one call share one engine copy of their params: one prompt's cap is its own.
+    outs = short.generate([[1, 2, 3] * 10, [1, 2, 3]], SamplingParams(max_tokens=20, **GREEDY))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [10, 20]
     with pytest.raises(AdmissionError, match="maximum context length"):  # no room for one token
         short.generate([[1] * 40], SamplingParams(max_tokens=5))
     assert_pool_empty(short)
