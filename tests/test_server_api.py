@@ -352,10 +352,16 @@ def test_tokenize_and_detokenize(server, client, model, tokenizer):
                                 ("/tokenize", {"prompt": "a", "messages": messages}, "invalid_value"),
                                 ("/tokenize", {"model": "gpt-5", "prompt": "a"}, "model_not_found"),
                                 ("/detokenize", {"tokens": [1, 10 ** 9]}, "invalid_value"),
-                                ("/detokenize", {"tokens": "abc"}, "invalid_type")):
+                                ("/detokenize", {"tokens": "abc"}, "invalid_type"),
+                                ("/detokenize", {"tokens": [1] * 8193}, "invalid_value")):  # past the context
         status, raw = _post(server, path, _j(request))
         assert status in (400, 404) and json.loads(raw)["error"]["code"] == code, (path, request, raw)
-    assert server.metrics()[errors] == before + 5, "every refusal is counted, not only the schema's"
+    assert server.metrics()[errors] == before + 6, "every refusal is counted, not only the schema's"
+    # A long chat is rendered off the event loop, to the same ids.
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(101)]
+    status, raw = _post(server, "/tokenize", _j({"messages": many}))
+    assert status == 200 and json.loads(raw)["tokens"] == tokenizer.apply_chat_template(
+        many, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def _post(server, path: str, body: bytes | str, headers: dict | None = None, method: str = "POST"):
