@@ -554,7 +554,9 @@ class OpenAIServing:
         """A stream ended: if it ended early (client gone, or shutdown past the drain timeout),
         abort its engine requests and log it."""
         release()
-        if not generation.finished and generation.failed is None:
+        # Not only while the engine runs: a client may leave after the last output came in,
+        # before the last chunks went out (the request must still be logged and settled).
+        if generation.failed is None and not job.record._finished:
             self._abort(job, generation)
             self.cancelled(job.record)
 

@@ -711,3 +711,36 @@ def test_token_bytes_join_to_the_texts_utf8(default_model_dir: str) -> None:
     read = token_bytes_reader(fallback)
     ids = [3, 4, 5, 6, 7]  # 😀 in four byte tokens, then "!"
     assert [read(i, fallback.decode([i])) for i in ids] == [b"\xf0", b"\x9f", b"\x98", b"\x80", b"!"]
+
+
+def test_a_stream_left_after_its_last_output_is_logged_and_settled():
+    """The client leaves after the engine's last output came in but before the stream's last
+    chunks went out: the request was never logged, and its hold on the key's cost cap never
+    given back."""
+    from server.engine_client import Generation
+    from server.serving import Job, OpenAIServing
+
+    config = ServerConfig(price_prompt=1000.0, price_completion=1000.0, cost_cap=1.0)
+    serving = OpenAIServing(config, None, client=None, metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    record = RequestRecord("cmpl-1", "completions", prompt_tokens=3)
+    record._reservation, record._ran = serving.limits.admit("", 3, 10), True
+    job = Job("completion", "cmpl-1", "m", 0, 0.0, [[1, 2, 3]], ["p"], {"max_tokens": 10}, 1, True, True, False,
+              None, record)
+    async def leave_after_the_finish_chunk() -> None:
+        generation = Generation(client=None, ids=["e-0"])
+        generation.queue.put_nowait((0, _engine_output("e-0", True, (0, 1, "length"))))
+        stream = serving._stream(job, generation)
+        async for line in stream:
+            if '"finish_reason":"length"' in line:
+                break
+        await stream.aclose()
+        assert generation.finished
+        serving._close(job, generation, lambda: None)
+
+    asyncio.run(leave_after_the_finish_chunk())
+    assert (record._done, record.status, record.completion_tokens) == (True, 499, 1)
+    budget = record._reservation.budget
+    assert record._reservation.settled and budget.in_flight == 0 and budget.reserved == 0.0
+    assert budget.spent == pytest.approx(0.004)
+
