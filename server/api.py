@@ -42,6 +42,13 @@ except importlib.metadata.PackageNotFoundError:  # run from the tree (gpu-check:
 _ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions")}
 
 
+def bearer_token(request: Request) -> str | None:
+    """The key a request sends ("Authorization: Bearer <key>"), None without one."""
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    return token or None
+
+
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -58,8 +65,8 @@ class APIKeyMiddleware:
         self.keys = [key.encode() for key in keys]
         self.on_refused = on_refused  # counts it, and logs its line
 
-    def authorized(self, header: str) -> bool:
-        sent = header[7:].strip().encode() if header.lower().startswith("bearer ") else b""
+    def authorized(self, request: Request) -> bool:
+        sent = (bearer_token(request) or "").encode()
         # compare_digest, against every key: how long the check takes says nothing of how much
         # of a key matched, or which one
         return bool(sent) and any([hmac.compare_digest(sent, key) for key in self.keys])
@@ -68,7 +75,7 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in self.OPEN_PATHS:
             return await self.app(scope, receive, send)
         request = Request(scope)
-        if self.authorized(request.headers.get("authorization", "")):
+        if self.authorized(request):
             return await self.app(scope, receive, send)
         error = errors.unauthorized()
         self.on_refused(request, error)
@@ -169,18 +176,19 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         path = request.scope["path"]  # not request.url: that parses a whole URL per request
         prefix, endpoint = _ENDPOINTS.get(path, ("req", path))
         record = RequestRecord(client.new_request_id(prefix), endpoint)
-        auth = request.headers.get("authorization", "")
-        record.key_id = key_id(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
+        record.key_id = key_id(bearer_token(request))
         if body is not None:
             record.model = getattr(body, "model", None)
             record.user = getattr(body, "user", None)
         return record
 
     def refused(request: Request, error: APIError) -> None:
-        """A request refused before its handler ran: counted, and on an API route logged."""
-        if request.scope["path"] in _ENDPOINTS:
+        """A request refused before its handler ran: counted, and on an API route logged (a
+        scanner's 401s on paths stoke does not serve are neither)."""
+        path = request.scope["path"]
+        if path in _ENDPOINTS:
             serving.fail(new_record(request), error)
-        else:
+        elif path in ("/tokenize", "/detokenize") or path == "/v1/models" or path.startswith("/v1/models/"):
             metrics.on_error(error.metric)
 
     def utility_error(error: APIError) -> JSONResponse:

@@ -42,7 +42,7 @@ _MAX_STOP_CHARS = 1024
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 # Prompts longer than this are tokenized off the event loop (~1.5 ms a 4k-character text here).
 TOKENIZE_INLINE_CHARS = 4096
-# Chats of more messages than this (or longer) are rendered off the event loop too.
+# Chats of more messages or content parts than this (or longer) are rendered off the event loop too.
 RENDER_INLINE_MESSAGES = 64
 # An aborted request's log line waits this long at most for the worker's confirmation.
 ABORT_LOG_GRACE_S = 30.0
@@ -431,8 +431,9 @@ class OpenAIServing:
         """The chat rendered by its template; a long one on the tokenizer thread: Jinja holds
         the GIL but hands it back every few ms (135k messages held the event loop 0.8 s
         inline, the thread 11 ms at a time)."""
-        chars = sum(len(m.content) for m in req.messages if isinstance(m.content, str))
-        if len(req.messages) <= RENDER_INLINE_MESSAGES and chars <= TOKENIZE_INLINE_CHARS:
+        parts = [[m.content] if isinstance(m.content, str) else m.content or [] for m in req.messages]
+        chars = sum(len(p if isinstance(p, str) else p.text or "") for message in parts for p in message)
+        if sum(map(len, parts)) <= RENDER_INLINE_MESSAGES and chars <= TOKENIZE_INLINE_CHARS:
             return self._render_chat(req)
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._render_chat, req)
 
@@ -655,7 +656,7 @@ class OpenAIServing:
         for c in output["outputs"]:
             if job.echo_only:  # the token sampled is not the client's: max_tokens=0 was reached
                 c = c | {"text": "", "token_ids": [], "logprobs": None, "num_tokens": 0, "stop_reason": None,
-                         "finish_reason": "length" if c["finish_reason"] is not None else None}
+                         "finish_reason": "length" if c["finish_reason"] not in (None, "abort") else c["finish_reason"]}
             choice = choices[index * job.n + c["index"]]
             choice.text.append(c["text"])
             choice.token_ids.extend(c["token_ids"])

@@ -515,8 +515,11 @@ def test_auth_required(server, model):
     for call in (lambda: bad.models.list(), lambda: bad.chat.completions.create(model=model, messages=[], max_tokens=1)):
         with pytest.raises(openai.AuthenticationError):
             call()
+    counted = 'stoke_request_errors_total{type="invalid_request"}'
+    before = server.metrics()[counted]
     for path in ("/tokenize", "/detokenize", "/v1/nothing-here"):
         assert _post(server, path, "{}", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert server.metrics()[counted] == before + 2  # not a scanner's 401 on a path stoke does not serve
     assert _post(server, "/v1/completions", "{}", headers={"Authorization": "Bearer "})[0] == 401
     assert all(server.get(path)[0] == 200 for path in ("/health", "/ready", "/version", "/metrics"))
 

@@ -744,3 +744,30 @@ def test_a_stream_left_after_its_last_output_is_logged_and_settled():
     assert record._reservation.settled and budget.in_flight == 0 and budget.reserved == 0.0
     assert budget.spent == pytest.approx(0.004)
 
+
+def test_a_chat_of_many_content_parts_is_rendered_off_the_event_loop():
+    import threading
+
+    from server.protocol import ChatCompletionRequest
+    from server.serving import RENDER_INLINE_MESSAGES, OpenAIServing
+
+    class Tokenizer:
+        chat_template = "t"
+        threads: list[str] = []
+
+        def apply_chat_template(self, messages, tokenize, **kwargs) -> str:
+            self.threads.append(threading.current_thread().name)
+            return "|".join(m["content"] for m in messages)
+
+    serving = OpenAIServing(ServerConfig(), Tokenizer(), client=None, metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    few = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}]}])
+    many = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}] *
+                                            (RENDER_INLINE_MESSAGES + 1)}])
+
+    async def render() -> list[str]:
+        return [await serving._chat_text(few), await serving._chat_text(many)]
+
+    assert asyncio.run(render()) == ["a", "\n".join(["a"] * (RENDER_INLINE_MESSAGES + 1))]
+    assert Tokenizer.threads[0] == "MainThread" and Tokenizer.threads[1].startswith("stoke-tokenizer")
+
