@@ -135,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests a minute per API key (every client together without keys); beyond: 429 "
                              "with Retry-After (default: none)")
     limits.add_argument("--rate-limit-tokens", type=int, default=d.rate_limit_tokens, metavar="PER_MINUTE",
-                        help="tokens a minute per API key: prompt + n x max_tokens held when a request starts, "
-                             "settled to the tokens it used (default: none)")
+                        help="tokens a minute per API key: a request's prompts + n x max_tokens for each, held "
+                             "when it starts, settled to the tokens it used (default: none)")
     limits.add_argument("--price-prompt", type=float, default=d.price_prompt, metavar="PRICE",
-                        help="per million prompt tokens computed: the cost in each request's log line and "
+                        help="per million prompt tokens (not from the prefix cache): the cost in each request's log line and "
                              "stoke_cost_total, in any currency (default: %(default)s)")
     limits.add_argument("--price-cached-prompt", type=float, default=d.price_cached_prompt, metavar="PRICE",
                         help="per million prompt tokens from the prefix cache (default: --price-prompt's)")

@@ -9,9 +9,11 @@ Admission reserves what a request may use at most: one request, its prompt plus 
 tokens, and their price as if no prompt token came from the prefix cache. Requests in flight
 together therefore never overshoot the cost cap. When the request ends its reservation is
 settled to what it used (its usage's tokens; cached prompt tokens at their own price) and the
-rest is given back. A request the engine never ran (it refused the request, or was gone) uses
+rest is given back. A request the engine never started computing (it refused the request, was
+gone, or the request left the queue unscheduled: the client went, the request timed out) uses
 no tokens and costs nothing; it keeps its place in the requests-per-minute budget, as a request
-made. A prompt's most is at the higher of the prompt and cached-prompt prices.
+made. One it started is charged its whole prompt. A prompt's most is at the higher of the
+prompt and cached-prompt prices.
 
 Rates are token buckets: a limit of L per minute holds L and refills L/60 a second, so a client
 may burst L and then runs at L a minute. A request larger than the whole tokens-per-minute
@@ -202,7 +204,7 @@ class Limits:
 
     def settle(self, reservation: Reservation | None, prompt_tokens: int, cached_tokens: int,
                completion_tokens: int, ran: bool) -> float:
-        """A request's end: its cost (0 if the engine never ran it), charged to the period's
+        """A request's end: its cost (0 if the engine never started it), charged to the period's
         budget in place of its reservation, and its tokens in place of those reserved."""
         cost = self.pricing.cost(prompt_tokens, cached_tokens, completion_tokens) if ran else 0.0
         if reservation is None or reservation.settled:

@@ -59,13 +59,14 @@ class RequestRecord:
     _awaiting_engine: bool = False  # aborted: the worker's last outputs are on their way
     _done: bool = False  # the line was written
     _reservation: Reservation | None = None  # what the client's limits set aside for it
-    _ran: bool = False  # handed to the engine, which did not refuse it: its usage is charged
+    _scheduled: bool = False  # the engine started computing it: its usage is charged
 
     def add_engine_metrics(self, metrics: dict[str, Any] | None) -> None:
         """Fold one engine request's timestamps in (a request with several prompts has several)."""
         if not metrics:
             return
         arrival = metrics["arrival_time"]
+        self._scheduled = self._scheduled or metrics["first_scheduled_time"] is not None
 
         def since(t: float | None) -> float | None:
             return None if t is None else max(0.0, t - arrival)

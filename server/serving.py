@@ -503,7 +503,6 @@ class OpenAIServing:
 
         try:
             generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival)
-            record._ran = True
             if job.echo_only:
                 self.metrics.prompt_only(generation.ids)
             self.live.add(generation)
@@ -514,11 +513,9 @@ class OpenAIServing:
                 raise
         except EngineDeadError:
             release()
-            record._ran = False
             raise errors.engine_dead() from None
         except EngineRejected as exc:
             release()
-            record._ran = False
             raise self._rejected(job, exc) from None
         except BaseException:
             release()
@@ -616,7 +613,7 @@ class OpenAIServing:
         if record._done:
             return
         cost = self.limits.settle(record._reservation, record.prompt_tokens, record.cached_tokens,
-                                  record.completion_tokens, record._ran)
+                                  record.completion_tokens, record._scheduled)
         if self.limits.pricing.priced:
             record.cost = cost
             self.metrics.on_cost(cost)

@@ -724,7 +724,7 @@ def test_a_stream_left_after_its_last_output_is_logged_and_settled():
     serving = OpenAIServing(config, None, client=None, metrics=Metrics(gpu=False),
                             request_logger=RequestLogger(log_text=False), model_name="m")
     record = RequestRecord("cmpl-1", "completions", prompt_tokens=3)
-    record._reservation, record._ran = serving.limits.admit("", 3, 10), True
+    record._reservation = serving.limits.admit("", 3, 10)
     job = Job("completion", "cmpl-1", "m", 0, 0.0, [[1, 2, 3]], ["p"], {"max_tokens": 10}, 1, True, True, False,
               None, record)
     async def leave_after_the_finish_chunk() -> None:
@@ -771,3 +771,19 @@ def test_a_chat_of_many_content_parts_is_rendered_off_the_event_loop():
     assert asyncio.run(render()) == ["a", "\n".join(["a"] * (RENDER_INLINE_MESSAGES + 1))]
     assert Tokenizer.threads[0] == "MainThread" and Tokenizer.threads[1].startswith("stoke-tokenizer")
 
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_a_request_is_charged_once_the_engine_started_it(scheduled: bool):
+    """Aborted in the queue (the client left, a timeout): no tokens were computed, no cost; once
+    scheduled, its prompt is charged."""
+    from server.serving import OpenAIServing
+
+    serving = OpenAIServing(ServerConfig(price_prompt=1e6, cost_cap=100.0), None, client=None,
+                            metrics=Metrics(gpu=False), request_logger=RequestLogger(log_text=False), model_name="m")
+    record = RequestRecord("cmpl-1", "completions", prompt_tokens=3)
+    record._reservation = serving.limits.admit("", 3, 10)
+    record.add_engine_metrics({"arrival_time": 1.0, "first_scheduled_time": 1.5 if scheduled else None,
+                               "first_token_time": None, "finish_time": 2.0, "inter_token_latencies": []})
+    serving.finish(record, status=499, error_type="aborted")
+    assert record.cost == (3.0 if scheduled else 0.0) and record._reservation.budget.spent == record.cost
