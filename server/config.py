@@ -28,7 +28,7 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; past it: abort and 504
     # Per client (API key) and minute; beyond: 429 (server/limits.py). None: no limit.
     rate_limit_requests: int | None = None
-    rate_limit_tokens: int | None = None  # prompt + n x max_tokens reserved, settled to the usage
+    rate_limit_tokens: int | None = None  # prompts + n x max_tokens each reserved, settled to the usage
     # Prices per million tokens (the log line's cost, stoke_cost_total); the cached prompt
     # tokens' None: the prompt's price.
     price_prompt: float = 0.0
