@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens a minute per API key: a request's prompts + n x max_tokens for each, held "
                              "when it starts, settled to the tokens it used (default: none)")
     limits.add_argument("--price-prompt", type=float, default=d.price_prompt, metavar="PRICE",
-                        help="per million prompt tokens (not from the prefix cache): the cost in each request's log line and "
-                             "stoke_cost_total, in any currency (default: %(default)s)")
+                        help="per million prompt tokens (not from the prefix cache): the cost in each request's "
+                             "log line and stoke_cost_total, in any currency (default: %(default)s)")
     limits.add_argument("--price-cached-prompt", type=float, default=d.price_cached_prompt, metavar="PRICE",
                         help="per million prompt tokens from the prefix cache (default: --price-prompt's)")
     limits.add_argument("--price-completion", type=float, default=d.price_completion, metavar="PRICE",

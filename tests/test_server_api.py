@@ -24,7 +24,8 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess("--kv-cache-memory-bytes", "256MiB", "--cpu-threads", "1", "--api-key", API_KEY, "--max-n", "4",
-                       "--max-prompts", "8", "--max-tokens-limit", "512", "--max-stop", "4", "--max-body-bytes", "65536") as s:
+                       "--max-prompts", "8", "--max-tokens-limit", "512", "--max-stop", "4",
+                       "--max-body-bytes", "65536") as s:
         yield s
 
 
