@@ -4,11 +4,10 @@ Fields are always present (null when unknown), so a log pipeline can rely on the
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
 stream, n, prompt_tokens, cached_tokens, completion_tokens, cost (at the server's prices; null
 without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status —
-plus prompt and output text only
-with --log-request-text. Latencies are the engine's monotonic timestamps (seconds). A request
-cut short (the client left, a timeout) is logged once the worker confirmed its abort, within
-a step, so its line has the engine's times too: e2e_s runs to the abort, and a request that
-was never scheduled spent all of it queued.
+plus prompt and output text only with --log-request-text. Latencies are the engine's monotonic
+timestamps (seconds). A request cut short (the client left, a timeout) is logged once the
+worker confirmed its abort, within a step, so its line has the engine's times too: e2e_s runs
+to the abort, and a request that was never scheduled spent all of it queued.
 """
 
 from __future__ import annotations
