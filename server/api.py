@@ -106,7 +106,9 @@ class BodyLimitMiddleware:
             size, more = 0, True
             while more:
                 message = await receive()
-                if message["type"] == "http.disconnect":
+                if message["type"] == "http.disconnect":  # gone before its whole body came
+                    self.on_refused(Request(scope), APIError(499, "the client disconnected", code="client_closed",
+                                                             metric="aborted"))
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)

@@ -787,3 +787,36 @@ def test_a_request_is_charged_once_the_engine_started_it(scheduled: bool):
                                "first_token_time": None, "finish_time": 2.0, "inter_token_latencies": []})
     serving.finish(record, status=499, error_type="aborted")
     assert record.cost == (3.0 if scheduled else 0.0) and record._reservation.budget.spent == record.cost
+
+
+def test_keys_cors_and_early_disconnects_in_process(caplog):
+    """Without the worker (no lifespan): a CORS preflight needs no key, a 401 carries the CORS
+    headers, and a client gone before its whole body came is logged as aborted (499)."""
+    from fastapi.testclient import TestClient
+
+    from server.api import create_app
+
+    origin = "https://chat.example.com"
+    app = create_app(ServerConfig(api_keys=["k1"], allowed_origins=[origin]), model_path="/m")
+    client = TestClient(app)
+    preflight = client.options("/v1/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    refused = client.post("/v1/completions", json={"prompt": "hi"}, headers={"Origin": origin})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+
+    messages = iter([{"type": "http.request", "body": b'{"prompt": ', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        raise AssertionError("nothing is sent to a client that left")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"authorization", b"Bearer k1")], "scheme": "http", "server": ("127.0.0.1", 8000)}
+    with caplog.at_level(logging.INFO, logger="stoke.requests"):
+        asyncio.run(app(scope, receive, send))
+    line = json.loads(caplog.records[-1].getMessage())
+    assert (line["status"], line["error_type"]) == (499, "aborted")
