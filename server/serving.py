@@ -612,8 +612,10 @@ class OpenAIServing:
         line written (once)."""
         if record._done:
             return
+        # Started: the engine's times say so, or tokens came (a worker that died sent no times).
+        started = record._scheduled or record.completion_tokens > 0
         cost = self.limits.settle(record._reservation, record.prompt_tokens, record.cached_tokens,
-                                  record.completion_tokens, record._scheduled)
+                                  record.completion_tokens, started)
         if self.limits.pricing.priced:
             record.cost = cost
             self.metrics.on_cost(cost)

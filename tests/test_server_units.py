@@ -787,6 +787,10 @@ def test_a_request_is_charged_once_the_engine_started_it(scheduled: bool):
                                "first_token_time": None, "finish_time": 2.0, "inter_token_latencies": []})
     serving.finish(record, status=499, error_type="aborted")
     assert record.cost == (3.0 if scheduled else 0.0) and record._reservation.budget.spent == record.cost
+    died = RequestRecord("cmpl-2", "completions", prompt_tokens=3, completion_tokens=2)  # no engine times
+    died._reservation = serving.limits.admit("", 3, 10)
+    serving.finish(died, status=503, error_type="internal")
+    assert died.cost == 3.0  # tokens came: the engine had started it (price_completion is 0 here)
 
 
 def test_keys_cors_and_early_disconnects_in_process(caplog):
