@@ -5,8 +5,8 @@ prices (429 `insufficient_quota`), and the cost of every request (its log line, 
 A client is an API key: each key of --api-key has budgets of its own; without keys every
 request shares one (a bearer token the server does not check is no identity).
 
-Admission reserves what a request may use at most: one request, its prompt plus n x max_tokens
-tokens, and their price as if no prompt token came from the prefix cache. Requests in flight
+Admission reserves what a request may use at most: one request, its prompts plus n x max_tokens
+tokens for each, and their price as if no prompt token came from the prefix cache. Requests in flight
 together therefore never overshoot the cost cap. When the request ends its reservation is
 settled to what it used (its usage's tokens; cached prompt tokens at their own price) and the
 rest is given back. A request the engine never started computing (it refused the request, was
