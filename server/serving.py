@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache, lru_cache, partial
+from functools import lru_cache, partial
 from typing import Any
 
 from starlette.requests import Request
@@ -92,6 +92,9 @@ class Job:
     # completions with echo and max_tokens=0 (legacy OpenAI, vLLM): the prompt and its
     # logprobs only; the engine samples one token from the prompt's last logits, not returned
     echo_only: bool = False
+    # echo: prompt index → its text and (with logprobs) logprobs object, built once for its n
+    # choices (`_echoed`)
+    echoed: dict[int, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
     # cut short: when the log line stops waiting for the worker's confirmation (`_abort`)
     settle_timer: asyncio.TimerHandle | None = None
 
@@ -734,7 +737,7 @@ class OpenAIServing:
             echo_pending = {choice.index for choice in choices} if job.echo else set()
             if job.echo and job.logprobs is None:
                 for choice in choices:
-                    prompt_text = self._prompt_text(job, choice.index // job.n)
+                    prompt_text = self._echoed(job, choice.index // job.n)[0]
                     choice.text_offset = len(prompt_text)
                     yield sse(self._completion_chunk(job, choice.index, prompt_text, None, None))
                 echo_pending.clear()
@@ -752,11 +755,9 @@ class OpenAIServing:
                 for choice, delta in merge_deltas(deltas):
                     if choice.index in echo_pending:  # echo with logprobs: the prompt's come first
                         echo_pending.discard(choice.index)
-                        prompt_index = choice.index // job.n
-                        prompt_logprobs = self._prompt_logprobs(job, prompt_index)
+                        prompt_text, prompt_logprobs = self._echoed(job, choice.index // job.n)
                         choice.text_offset = _text_end(prompt_logprobs)
-                        yield sse(self._completion_chunk(job, choice.index, self._prompt_text(job, prompt_index),
-                                                         prompt_logprobs, None))
+                        yield sse(self._completion_chunk(job, choice.index, prompt_text, prompt_logprobs, None))
                     text, token_ids, reason = delta["text"], delta["token_ids"], delta["finish_reason"]
                     if not text and reason is None and not (job.logprobs is not None and token_ids):
                         continue
@@ -826,6 +827,16 @@ class OpenAIServing:
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _echoed(self, job: Job, prompt_index: int) -> tuple[str, dict[str, Any] | None]:
+        """An echoed prompt's text and, with logprobs, its logprobs object: built once for its n
+        choices, streamed or not (2,000 tokens x 20 logprobs x 16 prompts, rebuilt for each of
+        n = 16, held the event loop 13 s). Asked for once its prompt's logprobs are all in."""
+        echoed = job.echoed.get(prompt_index)
+        if echoed is None:
+            logprobs = self._prompt_logprobs(job, prompt_index) if job.logprobs is not None else None
+            echoed = job.echoed[prompt_index] = (self._prompt_text(job, prompt_index), logprobs)
+        return echoed
 
     def _prompt_logprobs(self, job: Job, prompt_index: int) -> dict[str, Any]:
         """The completions logprobs object for the echoed prompt (the first token has none)."""
@@ -918,17 +929,13 @@ class OpenAIServing:
 
     def _completion_body(self, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         out = []
-        # An echoed prompt's text and logprobs, once for its n choices (2,000 tokens x 20
-        # logprobs x 16 prompts, rebuilt for each of n = 16, held the event loop 13 s).
-        echoed = cache(lambda i: (self._prompt_text(job, i),
-                                            self._prompt_logprobs(job, i) if job.logprobs is not None else None))
         for choice in choices:
             text = "".join(choice.text)
-            prefix = echoed(choice.index // job.n)[0] if job.echo else ""
+            prefix = self._echoed(job, choice.index // job.n)[0] if job.echo else ""
             logprobs = None
             if job.logprobs is not None:
                 # Offsets run on from the prompt's, as one pass over prompt and output would.
-                prompt = echoed(choice.index // job.n)[1] if job.echo else None
+                prompt = self._echoed(job, choice.index // job.n)[1] if job.echo else None
                 logprobs = self._completion_logprobs(choice.token_ids, choice.logprobs, _text_end(prompt))
                 if prompt is not None:
                     logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
