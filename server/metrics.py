@@ -31,6 +31,12 @@ TOKEN_BUCKETS = tuple(float(2 ** i) for i in range(18))
 FINISH_REASONS = ("stop", "length", "abort")
 
 
+def scored_prompt_finish(reason: str | None) -> str | None:
+    """A scored prompt's (echo, max_tokens 0) finish reason as its client sees it: max_tokens 0
+    reached ("length"), however the engine's one dropped token ended; an abort stays one."""
+    return "length" if reason not in (None, "abort") else reason
+
+
 class GPUCollector:
     """stoke_gpu_utilization_ratio{gpu} and stoke_gpu_memory_used_bytes{gpu} from NVML."""
 
@@ -163,10 +169,8 @@ class Metrics:
                 self._prefilled.add(engine_id)
                 self.prompt_tokens.inc(output["num_prompt_tokens"])
         for c in output["outputs"]:
-            reason = c["finish_reason"]
+            reason = scored_prompt_finish(c["finish_reason"]) if prompt_only else c["finish_reason"]
             if reason is not None:
-                if prompt_only and reason != "abort":  # the client's answer: max_tokens 0 reached
-                    reason = "length"
                 self._finished.setdefault(engine_id, {})[c["index"]] = (reason, c["num_tokens"])
         if not output["finished"]:
             return

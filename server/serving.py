@@ -31,7 +31,7 @@ from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
 from server.errors import APIError
 from server.limits import limits_from_config
-from server.metrics import Metrics
+from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
 from server.token_bytes import token_bytes_reader
@@ -658,7 +658,7 @@ class OpenAIServing:
         for c in output["outputs"]:
             if job.echo_only:  # the token sampled is not the client's: max_tokens=0 was reached
                 c = c | {"text": "", "token_ids": [], "logprobs": None, "num_tokens": 0, "stop_reason": None,
-                         "finish_reason": "length" if c["finish_reason"] not in (None, "abort") else c["finish_reason"]}
+                         "finish_reason": scored_prompt_finish(c["finish_reason"])}
             choice = choices[index * job.n + c["index"]]
             choice.text.append(c["text"])
             choice.token_ids.extend(c["token_ids"])
