@@ -184,6 +184,9 @@ class EngineConfig:
     max_num_partial_prefills: int = 2
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
+    # "fcfs": arrival order; "priority": each request's priority first (lower runs earlier; a
+    # waiting request preempts running ones of lower priority), as vLLM's scheduling_policy.
+    scheduling_policy: str = "fcfs"
     # CUDA graphs (CUDA with the Triton backend only): "full" replays pure-decode steps and
     # steps with prefills, "decode" pure-decode steps only; enforce_eager: never.
     cuda_graph_mode: str = "full"

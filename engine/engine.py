@@ -25,7 +25,7 @@ from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
 from engine.transfer import HostCopy, to_device
-from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler import SCHEDULING_POLICIES, Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class StepStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
+        if config.scheduling_policy not in SCHEDULING_POLICIES:  # before the weights load
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {config.scheduling_policy!r}")
         self.config = config
         if config.model is None:
             from engine.default_model import default_model_path
@@ -122,6 +124,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             max_num_partial_prefills=config.max_num_partial_prefills,
             long_prefill_token_threshold=config.long_prefill_token_threshold,
+            policy=config.scheduling_policy,
         ))
         self.sampler = Sampler()
         self.eos_token_ids = list(self.model_config.eos_token_ids)
@@ -205,19 +208,30 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, prompt_token_ids: list[int] | None = None, *,
-                    cap_at_context: bool = False) -> None:
+                    cap_at_context: bool = False, priority: int = 0) -> None:
         """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given.
-        See `prepare` for what it checks and `cap_at_context`."""
+        See `prepare` for what it checks and `cap_at_context`; `priority` (lower runs earlier)
+        needs the "priority" scheduling policy."""
+        self.check_priority(priority)
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         prepared = self.prepare(prompt_token_ids, params, cap_at_context=cap_at_context)
-        self.add_prepared(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time)
+        self.add_prepared(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time, priority)
+
+    def check_priority(self, priority: int) -> None:
+        """ValueError for a priority this engine cannot honour (any but 0 under FCFS, as vLLM)."""
+        if not is_int(priority):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority and self.scheduler.config.policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy "
+                             "(scheduling_policy='priority'); this engine schedules first come, first served")
 
     def add_prepared(self, request_id: str, text: str | None, prepared: tuple[list[int], SamplingParams, int],
-                     arrival_time: float | None = None) -> None:
+                     arrival_time: float | None = None, priority: int = 0) -> None:
         """Queue a request `prepare` returned (a batch checks all its prompts, then adds them)."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        self.check_priority(priority)
         prompt_token_ids, params, max_tokens = prepared
         arrival = time.monotonic() if arrival_time is None else arrival_time
         group = _Group(request_id, text, prompt_token_ids, params, arrival)
@@ -233,7 +247,7 @@ class LLMEngine:
             request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens,
                               prefill_after=first if caching else None,
                               use_prefix_cache=first is not None or params.prompt_logprobs is None,
-                              arrival_time=arrival)
+                              arrival_time=arrival, priority=priority)
             first = first or request
             sample = _Sample(
                 index=index,

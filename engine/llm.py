@@ -33,9 +33,11 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: ProgressBar = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order. A prompt is a
-        text, a list of token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}."""
+        text, a list of token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
+        `priority`: one per prompt, lower runs earlier (needs scheduling_policy="priority")."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
             prompts = [prompts]
         texts, token_prompts = [], []
@@ -43,7 +45,13 @@ class LLM:
             text, tokens = self._prompt(prompt)
             texts.append(text)
             token_prompts.append(tokens)
-        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm)
+        if priority is not None:
+            priority = list(priority)
+            if len(priority) != len(texts):
+                raise ValueError(f"got {len(priority)} priorities for {len(texts)} prompts")
+            for p in priority:
+                self.engine.check_priority(p)
+        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm, priority)
 
     def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(its text if it has one, its token ids)."""
@@ -124,7 +132,7 @@ class LLM:
         return params
 
     def _run(self, texts: list[str | None], token_prompts: list[list[int]], params: list[SamplingParams],
-             use_tqdm: ProgressBar) -> list[RequestOutput]:
+             use_tqdm: ProgressBar, priority: list[int] | None = None) -> list[RequestOutput]:
         """Check every prompt, then run them all to completion. As vLLM's offline API, a
         max_tokens past the end of the context (or of a smaller KV pool) stops there,
         finish_reason "length", instead of being refused (the server refuses it, as vLLM's)."""
@@ -140,10 +148,10 @@ class LLM:
         if use_tqdm and token_prompts:
             bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(token_prompts), desc="Processed prompts")
         try:
-            for text, request in zip(texts, prepared):
+            for i, (text, request) in enumerate(zip(texts, prepared)):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_prepared(request_id, text, request)
+                self.engine.add_prepared(request_id, text, request, priority=priority[i] if priority else 0)
                 ids.append(request_id)
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step(outputs="final"):

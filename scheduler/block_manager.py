@@ -126,13 +126,10 @@ class BlockManager:
         `hits` (from match_prefix, only while the request holds no blocks) are shared, not
         copied. Returns False, changing nothing, when the pool cannot supply the new blocks.
         """
-        if not hits and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
-            return True  # fits the blocks it holds: most decode steps
-        assert not hits or not request.block_ids, "prefix hits only at admission"
-        computed = request.num_computed_tokens + len(hits) * self.block_size
-        num_new_blocks = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
-        reclaimed_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        if num_new_blocks > self.num_free_blocks - reclaimed_hits:
+        if not hits and self._fits_held(request, num_new_tokens):
+            return True  # most decode steps
+        num_new_blocks, short = self._new_blocks(request, num_new_tokens, hits)
+        if short:
             return False
         for block_id in hits:
             self._ref(block_id)
@@ -143,6 +140,27 @@ class BlockManager:
         for _ in range(num_new_blocks):
             request.block_ids.append(self._take_free_block())
         return True
+
+    def blocks_short(self, request: Request, num_new_tokens: int, hits: Sequence[int] = ()) -> int:
+        """How many more free blocks `allocate_slots` with these arguments needs (0: it fits)."""
+        if not hits and self._fits_held(request, num_new_tokens):
+            return 0
+        return self._new_blocks(request, num_new_tokens, hits)[1]
+
+    def _fits_held(self, request: Request, num_new_tokens: int) -> bool:
+        return request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+
+    def _new_blocks(self, request: Request, num_new_tokens: int, hits: Sequence[int]) -> tuple[int, int]:
+        """(blocks to take from the pool, how many of them it lacks)."""
+        assert not hits or not request.block_ids, "prefix hits only at admission"
+        computed = request.num_computed_tokens + len(hits) * self.block_size
+        num_new_blocks = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
+        reclaimed_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return num_new_blocks, max(0, num_new_blocks - (self.num_free_blocks - reclaimed_hits))
+
+    def num_held_alone(self, request: Request) -> int:
+        """Blocks no other request holds: what freeing the request gives back to the pool."""
+        return sum(1 for b in request.block_ids if self.blocks[b].ref_count == 1)
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

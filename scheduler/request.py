@@ -31,6 +31,7 @@ class Request:
     # False when every prompt position must be computed (e.g. for prompt logprobs).
     use_prefix_cache: bool = True
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower runs earlier, under the scheduler's "priority" policy
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output, as far as the host knows
     # Sampled on the device, not yet in token_ids (async scheduling: a step is scheduled while

@@ -5,6 +5,11 @@ admitted while the token budget and max_num_seqs allow. Prefill of any request i
 fit the budget; long prompts are capped per step so a short request is not stuck behind them.
 When blocks run out, the most recently admitted running request is preempted by recompute.
 
+The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
+the preempted request is then the running one that sorts last, and a waiting request that
+finds no seat or no blocks preempts running ones of a strictly lower priority (a larger
+number) to make room, as vLLM's older scheduler did.
+
 A launched step is `advance`d at once; its sampled tokens arrive later (`append_token`), and
 until then count as each request's pending tokens (async scheduling plans the next step with
 them).
@@ -13,12 +18,16 @@ them).
 from __future__ import annotations
 
 import time
+from bisect import insort_left, insort_right
 from collections import deque
-from itertools import chain, islice
+from itertools import chain
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
 from scheduler.request import AdmissionError, Request, RequestStatus
+
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(slots=True)
@@ -36,8 +45,11 @@ class SchedulerConfig:
     max_num_partial_prefills: int = 2
     max_long_partial_prefills: int = 1
     long_prefill_token_threshold: int = 0  # 0: max_num_batched_tokens // 2
+    policy: str = "fcfs"  # or "priority" (see the module's docstring)
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.long_prefill_token_threshold <= 0:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 2)
         for name in ("max_model_len", "num_blocks", "block_size", "max_num_seqs",
@@ -118,7 +130,14 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.check_admissible(request.num_prompt_tokens, request.max_tokens)
-        self.waiting.append(request)
+        if self.by_priority:
+            insort_right(self.waiting, request, key=_order)  # after its equals: they came first
+        else:
+            self.waiting.append(request)
+
+    @property
+    def by_priority(self) -> bool:
+        return self.config.policy == "priority"
 
     def finish(self, request: Request) -> None:
         """Remove a request (finished or aborted) wherever it is; every block is returned."""
@@ -163,7 +182,7 @@ class Scheduler:
             if n > 1 and (self.waiting or len(prefills) > 1):
                 n = min(n, cfg.long_prefill_token_threshold)
             while not bm.allocate_slots(request, n):
-                victim = self.running[-1]
+                victim = self._last_in_order()
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -174,14 +193,12 @@ class Scheduler:
                 budget -= n
 
         if not batch.preempted:
-            running = len(scheduled)
-            budget = self._admit(scheduled, budget, now, finishing)
+            budget, admitted = self._admit(scheduled, budget, now, finishing, batch.preempted)
             # The long-prefill cap keeps room for the requests waiting. What they could not take
             # this step (their prefill limits, the seats, the KV pool) goes to the chunks it cut
             # short, in order, rather than to nobody; unless a request admitted now finishes its
             # prompt in this step, whose first token a longer step would delay. Only prefills
             # can have been cut: the decodes, most of a batch, are not walked.
-            admitted = list(islice(reversed(scheduled), len(scheduled) - running))[::-1]
             if budget and all(scheduled[r] < r.num_uncomputed_tokens for r in admitted):
                 for request in chain(prefills, admitted):
                     n = scheduled.get(request, 0)  # 0: not in this step
@@ -201,7 +218,10 @@ class Scheduler:
         batch.num_decodes = sum(1 for n in batch.num_tokens if n == 1)
         return batch
 
-    def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int) -> int:
+    def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int,
+               preempted: list[Request]) -> tuple[int, list[Request]]:
+        """Admit waiting requests in order while the budget, the seats and the pool allow; the
+        budget left and the requests admitted."""
         cfg, bm = self.config, self.block_manager
         partial = sum(1 for r, n in scheduled.items() if n < r.num_uncomputed_tokens)
         long_partial = sum(
@@ -209,13 +229,20 @@ class Scheduler:
             if n < r.num_uncomputed_tokens and r.num_uncomputed_tokens > cfg.long_prefill_token_threshold
         )
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) - finishing < cfg.max_num_seqs:
+        admitted: list[Request] = []
+        while self.waiting and budget > 0:
             request = self.waiting[0]
             sibling = request.prefill_after
             # A request preempted with a token in flight waits for it: its prefill needs it.
-            if request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished):
+            if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
+                    or request in preempted):  # not back in the step that preempted it
                 skipped.append(self.waiting.popleft())
                 continue
+            if len(self.running) - finishing >= cfg.max_num_seqs:
+                if self._preempt_for(request, 0, scheduled, preempted):
+                    budget = cfg.max_num_batched_tokens - sum(scheduled.values())
+                    continue
+                break
             hits = bm.match_prefix(request)
             need = request.num_tokens - len(hits) * cfg.block_size
             is_long = need > cfg.long_prefill_token_threshold
@@ -227,6 +254,9 @@ class Scheduler:
                 partial += 1
                 long_partial += is_long
             if not bm.allocate_slots(request, n, hits):
+                if self._preempt_for(request, bm.blocks_short(request, n, hits), scheduled, preempted):
+                    budget = cfg.max_num_batched_tokens - sum(scheduled.values())
+                    continue  # the room made: its hits and chunk counted again
                 break
             self.waiting.popleft()
             num_hit_tokens = len(hits) * cfg.block_size
@@ -239,10 +269,11 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             self.running.append(request)
+            admitted.append(request)
             scheduled[request] = n
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return budget
+        return budget, admitted
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -250,8 +281,45 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        if self.by_priority:
+            insort_left(self.waiting, request, key=_order)  # before its equals, as FCFS's front
+        else:
+            self.waiting.appendleft(request)
         self.stats.num_preemptions += 1
+
+    def _preempt_for(self, request: Request, blocks_short: int, scheduled: dict[Request, int],
+                     preempted: list[Request]) -> bool:
+        """Under the priority policy, preempt running requests of a lower priority than the
+        waiting `request`, last in order first, until it has a seat (blocks_short 0) or that
+        many more free blocks; False, preempting none, when they could not give that much.
+        Requests about to finish by length are left: they give their room back soon anyway."""
+        if not self.by_priority:
+            return False
+        bm = self.block_manager
+        lower = (r for r in reversed(self.running) if r.priority > request.priority and not r.done_by_length)
+        victims = sorted(lower, key=_order, reverse=True)  # of equals, the latest admitted first
+        if not victims:
+            return False
+        chosen, freed = [], 0
+        for victim in victims:
+            chosen.append(victim)
+            freed += bm.num_held_alone(victim)
+            if freed >= blocks_short:
+                break
+        else:
+            return False
+        for victim in chosen:
+            scheduled.pop(victim, None)
+            self._preempt(victim)
+            preempted.append(victim)
+        return True
+
+    def _last_in_order(self) -> Request:
+        """The running request to preempt first: the latest admitted, or by priority the one
+        that sorts last (of equals, the latest admitted)."""
+        if not self.by_priority:
+            return self.running[-1]
+        return max(reversed(self.running), key=_order)
 
     # --------------------------------------------------------------- update
     def advance(self, batch: ScheduledBatch) -> None:
@@ -281,3 +349,8 @@ class Scheduler:
         for request, token in zip(batch.requests, sampled):
             if token is not None:
                 self.append_token(request, token, now)
+
+
+def _order(request: Request) -> tuple[int, float]:
+    """The priority policy's order: lower priority numbers first, then earlier arrivals."""
+    return request.priority, request.arrival_time

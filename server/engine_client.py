@@ -244,7 +244,7 @@ class EngineClient:
         return f"{prefix}-{os.getpid():x}{self._counter:08x}"
 
     def generate(self, request_id: str, prompts: list[list[int]], params: dict[str, Any],
-                 arrival_time: float) -> Generation:
+                 arrival_time: float, priority: int = 0) -> Generation:
         """Queue prompts (one engine request each, ids `{request_id}-{i}`) with one params."""
         if self.dead:
             raise EngineDeadError("the engine worker is not running")
@@ -254,7 +254,7 @@ class EngineClient:
             self._owners[engine_id] = (generation, index)
         try:
             self._send({"type": "add", "ids": ids, "prompts": prompts, "params": params,
-                        "arrival_time": arrival_time})
+                        "arrival_time": arrival_time, "priority": priority})
         except OSError:
             for engine_id in ids:
                 self._owners.pop(engine_id, None)

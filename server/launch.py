@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from scheduler import SCHEDULING_POLICIES
 from server.config import ServerConfig
 from server.limits import COST_CAP_PERIODS, limits_from_config
 
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="the most prompt tokens of one request per step (0: max-num-batched-tokens / 2); lower bounds the "
                         "steps that running requests wait through (inter-token latency), at some TTFT")
+    e.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
+                   help="fcfs: requests run in arrival order; priority: by each request's `priority` (lower first, "
+                        "then arrival), a waiting request preempting running ones of lower priority "
+                        "(default: %(default)s)")
     e.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads in the worker (default: torch's choice; 1 is best on a busy shared CPU)")
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -166,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
+        "scheduling_policy": args.scheduling_policy,
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
     }

@@ -89,7 +89,8 @@ class Metrics:
         self.prompt_tokens = Counter("stoke_prompt_tokens", "Prompt tokens of requests whose prefill completed",
                                      registry=r)
         self.generation_tokens = Counter("stoke_generation_tokens", "Generated tokens", registry=r)
-        self.preemptions = Counter("stoke_preemptions", "Requests preempted (recomputed) for lack of KV blocks",
+        self.preemptions = Counter("stoke_preemptions",
+                                   "Requests preempted (recomputed) for lack of KV blocks or for a higher priority",
                                    registry=r)
         self.requests = Counter("stoke_requests", "Finished completions (one per choice), by finish reason",
                                 ["finish_reason"], registry=r)

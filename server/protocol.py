@@ -85,6 +85,7 @@ class _SamplingRequest(_Model):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
+    priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
 
 
 class CompletionRequest(_SamplingRequest):

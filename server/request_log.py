@@ -2,7 +2,7 @@
 
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
-stream, n, prompt_tokens, cached_tokens, completion_tokens, cost (at the server's prices; null
+stream, n, priority, prompt_tokens, cached_tokens, completion_tokens, cost (at the server's prices; null
 without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status —
 plus prompt and output text only with --log-request-text. Latencies are the engine's monotonic
 timestamps (seconds). A request cut short (the client left, a timeout) is logged once the
@@ -40,6 +40,7 @@ class RequestRecord:
     user: str | None = None
     stream: bool = False
     n: int = 1
+    priority: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

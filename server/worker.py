@@ -5,7 +5,7 @@ frame in is ``{"type": "init", "engine": {EngineConfig fields}}``; the worker lo
 runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
 
     take every pending command (block only when idle)
-      add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t}
+      add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t, "priority": p}
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
@@ -182,7 +182,8 @@ class Worker:
             params = self.engine.own_params(SamplingParams(**message["params"]))
             prepared = [self.engine.prepare(tokens, params, owned=True) for tokens in message["prompts"]]
             for request_id, request in zip(ids, prepared):
-                self.engine.add_prepared(request_id, None, request, arrival_time=message.get("arrival_time"))
+                self.engine.add_prepared(request_id, None, request, arrival_time=message.get("arrival_time"),
+                                         priority=message.get("priority", 0))
         except Exception as exc:  # nothing of this message stays queued
             for request_id in ids:
                 self.engine.abort_request(request_id)

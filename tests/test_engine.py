@@ -146,6 +146,50 @@ def test_batch_invariance(tiny_path: str, alone: dict, engine_args: dict, async_
     assert_pool_empty(llm)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_priority_policy_preempts_for_a_late_urgent_request(tiny_path: str, alone: dict,
+                                                            async_scheduling: bool) -> None:
+    """Low-priority requests fill the seats; a later urgent one takes a seat at once (a low one
+    recomputed later), and every output is the prompt's output run alone."""
+    llm = LLM(tiny_path, num_kv_blocks=128, max_num_seqs=3, scheduling_policy="priority",
+              async_scheduling=async_scheduling)
+    engine, params = llm.engine, SamplingParams(max_tokens=20, **GREEDY)
+    prompts = mixed_prompts()
+    for i, prompt in enumerate(prompts[:-1]):
+        engine.add_request(f"low{i}", prompt, params, priority=5)
+    for _ in range(3):
+        engine.step()
+    engine.add_request("urgent", prompts[-1], params, priority=-1)
+    finished = []
+    for steps in range(1, 10):  # its first token comes from the next step (async: the one after)
+        outputs = engine.step()
+        finished += [o for o in outputs if o.finished]
+        if any(o.request_id == "urgent" for o in outputs):
+            break
+    assert steps == 1 + async_scheduling and engine.scheduler.stats.num_preemptions == 1
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    by_id = {o.request_id: o.outputs[0].token_ids for o in finished}
+    assert [by_id[f"low{i}"] for i in range(len(prompts) - 1)] + [by_id["urgent"]] == [alone[tuple(p)] for p in prompts]
+    assert_pool_empty(llm)
+    outputs = llm.generate(prompts[:3], params, priority=[2, 0, 1], use_tqdm=False)  # outputs in prompt order
+    assert token_ids(outputs) == [alone[tuple(p)] for p in prompts[:3]]
+    with pytest.raises(ValueError, match="3 priorities for 2 prompts"):
+        llm.generate(prompts[:2], params, priority=[0, 1, 2])
+
+
+def test_priority_needs_the_priority_policy(tiny_path: str) -> None:
+    llm = LLM(tiny_path, num_kv_blocks=64)
+    with pytest.raises(ValueError, match="priority scheduling policy"):
+        llm.engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2), priority=1)
+    with pytest.raises(ValueError, match="priority scheduling policy"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), priority=[1])
+    assert not llm.engine.has_unfinished_requests()
+    assert token_ids(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, **GREEDY), priority=[0]))
+    with pytest.raises(ValueError, match="scheduling_policy must be one of"):
+        LLM(tiny_path, scheduling_policy="shortest-first")
+
+
 def test_prefix_cache_hits_give_identical_outputs(tiny_path: str, alone: dict) -> None:
     llm = LLM(tiny_path, num_kv_blocks=128, block_size=4)
     prompts = mixed_prompts()[-3:]  # share a 40-token prefix

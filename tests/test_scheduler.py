@@ -31,8 +31,11 @@ def step(sched: Scheduler) -> ScheduledBatch:
     assert len(set(map(id, batch.requests))) == len(batch)
     assert all(n == 1 for n in batch.num_tokens[:batch.num_decodes])
     assert all(n > 1 for n in batch.num_tokens[batch.num_decodes:]), "decodes come first"
-    # Preemption takes the most recently admitted running request first.
-    assert batch.preempted == running_before[::-1][:len(batch.preempted)]
+    if cfg.policy == "fcfs":  # preemption takes the most recently admitted running request first
+        assert batch.preempted == running_before[::-1][:len(batch.preempted)]
+    else:  # the running requests that sort last (lowest priority, then latest arrival) first
+        kept = [r for r in running_before if r.status is RequestStatus.RUNNING and not r.done_by_length]
+        assert all(order(v) >= order(r) for v in batch.preempted for r in kept), (batch.preempted, kept)
     for victim in batch.preempted:
         assert victim.status is RequestStatus.WAITING and victim.block_ids == [] and victim.num_computed_tokens == 0
     if not batch.preempted and len(decodes_before) <= cfg.max_num_batched_tokens:
@@ -50,6 +53,10 @@ def step(sched: Scheduler) -> ScheduledBatch:
             sched.finish(request)
     sched.block_manager.check_invariants(live(sched))
     return batch
+
+
+def order(request: Request) -> tuple[int, float]:
+    return request.priority, request.arrival_time
 
 
 def run_to_completion(sched: Scheduler, max_steps: int = 10_000) -> int:
@@ -78,12 +85,13 @@ def assert_all_free(sched: Scheduler) -> None:
 CONFIGS = [(12, 4, 8, 32), (16, 2, 8, 16), (24, 4, 3, 100), (10, 16, 6, 64), (40, 4, 1, 8), (200, 16, 8, 32)]
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("seed", range(len(CONFIGS)))
-def test_random_workload_respects_limits_and_completes(seed: int) -> None:
+def test_random_workload_respects_limits_and_completes(seed: int, policy: str) -> None:
     rng = random.Random(seed)
     num_blocks, block_size, max_num_seqs, budget = CONFIGS[seed]
     cfg = SchedulerConfig(max_model_len=256, num_blocks=num_blocks, block_size=block_size,
-                          max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, policy=policy)
     sched = Scheduler(cfg)
     pool = cfg.num_blocks * cfg.block_size
     prefixes = [[rng.randrange(50) for _ in range(rng.randrange(0, 40))] for _ in range(3)]
@@ -94,7 +102,8 @@ def test_random_workload_respects_limits_and_completes(seed: int) -> None:
             prompt = (rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 60))])
             max_tokens = rng.randrange(1, 20)
             prompt = prompt[:max(1, min(cfg.max_model_len, pool) - max_tokens)]
-            request = Request(f"r{len(requests)}", prompt, max_tokens)
+            priority = rng.randrange(3) if policy == "priority" else 0
+            request = Request(f"r{len(requests)}", prompt, max_tokens, priority=priority)
             sched.add_request(request)
             requests.append(request)
         step(sched)
@@ -371,4 +380,115 @@ def test_one_step_in_flight_gives_the_same_sequences(num_blocks: int) -> None:
     assert (sched.stats.num_preemptions > 0) == (num_blocks == 12)
     assert seats_reused > 0 or num_blocks == 12
     assert bm.stats.hits_tokens > 0
+    assert_all_free(sched)
+
+
+# ------------------------------------------------------------------ priority policy
+def priority_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_model_len=64, num_blocks=num_blocks, block_size=block_size,
+                                     max_num_seqs=max_num_seqs, max_num_batched_tokens=64, policy="priority"))
+
+
+def test_priority_policy_admits_by_priority_then_arrival() -> None:
+    sched = priority_scheduler(max_num_seqs=1)
+    low, high, mid, mid2 = (make(5, 2, rid, priority=p) for rid, p in
+                            (("low", 5), ("high", -1), ("mid", 2), ("mid2", 2)))
+    for request in (low, high, mid, mid2):
+        sched.add_request(request)
+    assert list(sched.waiting) == [high, mid, mid2, low]
+    admitted: list[Request] = []
+    while sched.has_unfinished:
+        admitted += [r for r in step(sched).requests if r not in admitted]
+    assert admitted == [high, mid, mid2, low] and sched.stats.num_preemptions == 0
+    assert_all_free(sched)
+
+
+def test_fcfs_ignores_priority() -> None:
+    sched = Scheduler(SchedulerConfig(max_model_len=64, num_blocks=64, block_size=4, max_num_seqs=1))
+    first, second = make(5, 2, "first", priority=9), make(5, 2, "second", priority=0)
+    sched.add_request(first)
+    sched.add_request(second)
+    assert step(sched).requests == [first]
+    with pytest.raises(ValueError, match="policy"):
+        SchedulerConfig(max_model_len=64, num_blocks=8, policy="lottery")
+
+
+def test_a_higher_priority_arrival_takes_the_seat_of_the_lowest() -> None:
+    sched = priority_scheduler(max_num_seqs=2)
+    a, b = make(5, 6, "a", priority=1), make(5, 6, "b", 100, priority=1)
+    for request in (a, b):
+        sched.add_request(request)
+    step(sched)
+    step(sched)
+    urgent = make(5, 3, "urgent", 200, priority=0)
+    sched.add_request(urgent)
+    batch = step(sched)
+    # b: the same priority as a, admitted later (arrived later)
+    assert batch.preempted == [b] and b.status is RequestStatus.WAITING and b.num_preemptions == 1
+    assert urgent in batch.requests and sched.running == [a, urgent]
+    run_to_completion(sched)
+    for request in (a, b, urgent):
+        assert request.output_token_ids == [1000 + i for i in range(request.max_tokens)]
+    assert_all_free(sched)
+
+
+def test_equal_priority_waits_for_a_seat() -> None:
+    sched = priority_scheduler(max_num_seqs=2)
+    a, b = make(5, 6, "a", priority=1), make(5, 6, "b", 100, priority=1)
+    for request in (a, b):
+        sched.add_request(request)
+    step(sched)
+    late = make(5, 3, "late", 200, priority=1)
+    sched.add_request(late)
+    while a.status is RequestStatus.RUNNING and b.status is RequestStatus.RUNNING:
+        assert late.status is RequestStatus.WAITING and not step(sched).preempted
+    run_to_completion(sched)
+    assert sched.stats.num_preemptions == 0
+    assert_all_free(sched)
+
+
+def test_a_higher_priority_arrival_preempts_for_blocks_only_what_it_needs() -> None:
+    # Four low-priority requests hold 3 blocks each of 14; the newcomer's 9-token prompt
+    # needs 3 blocks, 2 are free: one victim (the latest of the lowest) is enough.
+    sched = priority_scheduler(num_blocks=14, max_num_seqs=8)
+    lows = [make(9, 3, f"low{i}", 100 * i, priority=3 if i < 2 else 4) for i in range(4)]
+    for request in lows:
+        sched.add_request(request)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 2
+    urgent = make(9, 2, "urgent", 900, priority=0)
+    sched.add_request(urgent)
+    batch = step(sched)
+    assert batch.preempted == [lows[3]] and urgent in batch.requests
+    run_to_completion(sched)
+    assert_all_free(sched)
+
+
+def test_no_preemption_when_the_lower_priorities_cannot_make_room() -> None:
+    sched = priority_scheduler(num_blocks=8, max_num_seqs=8)
+    big, small = make(20, 4, "big", priority=0), make(4, 4, "small", 100, priority=5)
+    for request in (big, small):
+        sched.add_request(request)
+    step(sched)  # big: 5 blocks, small: 1; 2 free
+    mid = make(20, 2, "mid", 200, priority=2)  # needs 5 blocks: small's 1 + 2 free are not enough
+    sched.add_request(mid)
+    batch = step(sched)
+    assert not batch.preempted and small.status is RequestStatus.RUNNING and mid.status is RequestStatus.WAITING
+    run_to_completion(sched)
+    assert sched.stats.num_preemptions == 0
+    assert_all_free(sched)
+
+
+def test_running_out_of_blocks_preempts_the_lowest_priority() -> None:
+    # As test_preemption_victim_is_the_most_recently_admitted, with b the lowest priority.
+    sched = priority_scheduler(num_blocks=6)
+    a, b, c = make(8, 10, "a", 0, priority=0), make(8, 10, "b", 100, priority=5), make(8, 10, "c", 200, priority=1)
+    for request in (a, b, c):
+        sched.add_request(request)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 0
+    batch = step(sched)
+    assert batch.preempted == [b]
+    run_to_completion(sched)
+    assert [r.num_output_tokens for r in (a, b, c)] == [10, 10, 10]
     assert_all_free(sched)

@@ -471,13 +471,16 @@ def test_continue_final_message_extends_the_assistants_text(server, client, mode
 
 def test_errors_name_the_field_the_client_sent(server):
     """A chat's max_completion_tokens is checked as max_tokens, but its errors name it; and
-    stream_options without stream is refused (OpenAI, vLLM)."""
+    stream_options without stream is refused (OpenAI, vLLM), as is a priority without
+    --scheduling-policy priority (vLLM)."""
     chat = {"messages": [{"role": "user", "content": "hi"}]}
     for body, param in ((chat | {"max_completion_tokens": 0}, "max_completion_tokens"),
                         (chat | {"max_completion_tokens": 513}, "max_completion_tokens"),
                         (chat | {"max_tokens": 513}, "max_tokens"),
                         (chat | {"stream_options": {"include_usage": True}}, "stream_options"),
-                        ({"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, "stream_options")):
+                        ({"prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+                        (chat | {"priority": 1}, "priority"),  # this server is first come, first served
+                        ({"prompt": "hi", "priority": -3}, "priority")):
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         status, raw = _post(server, path, _j(body))
         error = json.loads(raw)["error"]
@@ -532,7 +535,7 @@ def test_request_log_lines(server, client, model):
     assert len(lines) == before + 1
     line = lines[-1]
     assert line["request_id"] == out.id and line["user"] == "alice" and line["status"] == 200
-    expected = {"event", "request_id", "endpoint", "model", "key_id", "user", "stream", "n", "prompt_tokens",
+    expected = {"event", "request_id", "endpoint", "model", "key_id", "user", "stream", "n", "priority", "prompt_tokens",
                 "cached_tokens", "completion_tokens", "cost", "queue_time_s", "ttft_s", "mean_itl_s", "e2e_s",
                 "finish_reason", "error_type", "status"}
     assert set(line) == expected  # no prompt/output text without --log-request-text
