@@ -22,6 +22,14 @@ a core, fewer than a GPU server streams, and near a full core its own lag is in 
 `--client-processes N` shares the workload among N processes (each takes every N-th request
 and its share of the concurrency or arrival rate).
 
+Priorities: `--urgent-fraction F` marks that share of the requests urgent, reported as a class
+of their own (TTFT and end-to-end percentiles of each class); servers that schedule by priority
+get them with `priority: -1` (launched `stoke-priority`: stoke with `--scheduling-policy
+priority`; with --base-url, `--send-priority`). `--launch stoke,stoke-priority` shows what it
+buys the urgent requests on one workload, and what it costs the rest:
+  python -m benchmarks.serve --launch stoke,stoke-priority --urgent-fraction 0.1 \
+      --stoke-arg=--max-num-seqs --stoke-arg=8 --request-rate 2
+
 `--backend` picks how "generate exactly N tokens" is asked for: stoke/vllm take `ignore_eos`;
 `transformers serve` takes a `generation_config` without an EOS token; plain OpenAI gets
 max_tokens only (outputs may end early; the report counts real tokens either way).
@@ -54,11 +62,16 @@ CLIENT_BOUND = 0.9  # the load generator's CPU busy fraction from which its own 
 
 
 # ------------------------------------------------------------------------------ workload
+URGENT_PRIORITY = -1  # what an urgent request asks for, where the server schedules by priority
+CLASSES = ("urgent", "others")  # with --urgent-fraction: latencies reported per class
+
+
 @dataclass(slots=True)
 class Item:
     prompt: str
     prompt_len: int
     output_len: int
+    urgent: bool = False
 
 
 def _tokenizer(path: str | None) -> Any:
@@ -97,6 +110,9 @@ def build_workload(args: argparse.Namespace) -> list[Item]:
             prefix = prefixes[i % len(prefixes)]
             prompt = prefix + " Question: " + _random_text(tok, rng, args.suffix_len)
             items.append(Item(prompt, len(tok.encode(prompt)), rng.randint(olo, ohi)))
+    marks = random.Random(args.seed + 2)  # its own stream: the prompts are the same with or without
+    for item in items:
+        item.urgent = marks.random() < args.urgent_fraction
     return items
 
 
@@ -113,6 +129,7 @@ class Record:
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    urgent: bool = False
 
     @property
     def tpot(self) -> float | None:
@@ -126,6 +143,8 @@ def request_body(args: argparse.Namespace, model: str, item: Item) -> dict[str, 
                             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if args.logprobs is not None:
         body["logprobs"] = args.logprobs
+    if item.urgent and args.send_priority:
+        body["priority"] = URGENT_PRIORITY
     if args.backend in ("stoke", "vllm"):
         body["ignore_eos"] = True
     elif args.backend == "transformers":
@@ -134,7 +153,7 @@ def request_body(args: argparse.Namespace, model: str, item: Item) -> dict[str, 
 
 
 async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], item: Item) -> Record:
-    record = Record(ok=False, prompt_len=item.prompt_len, output_len_requested=item.output_len)
+    record = Record(ok=False, prompt_len=item.prompt_len, output_len_requested=item.output_len, urgent=item.urgent)
     start = record.start = time.perf_counter()
     last = None
     chunks = 0
@@ -338,6 +357,14 @@ def summarize(records: list[Record], duration: float, gpu_samples: list[float] |
         for p in PERCENTILES:
             v = _pct(values, p)
             summary[f"p{p}_{name}_ms"] = None if v is None else 1000 * v
+    if any(r.urgent for r in records):  # --urgent-fraction: each class's waits of its own
+        for cls in CLASSES:
+            members = [r for r in ok if r.urgent == (cls == "urgent")]
+            summary[f"{cls}_completed"] = len(members)
+            for name in ("ttft", "e2e"):
+                for p in PERCENTILES:
+                    v = _pct([getattr(r, name) for r in members if getattr(r, name) is not None], p)
+                    summary[f"{cls}_p{p}_{name}_ms"] = None if v is None else 1000 * v
     # The server's GPU busy fraction (NVML) sampled through the run: None without samples.
     summary["gpu_utilization_mean"] = sum(gpu_samples) / len(gpu_samples) if gpu_samples else None
     summary["gpu_utilization_samples"] = len(gpu_samples or [])
@@ -378,6 +405,14 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         for p in PERCENTILES:
             key = f"p{p}_{metric}_ms"
             rows.append((f"{metric.upper()} p{p} (ms)", lambda s, key=key: "-" if s[key] is None else f"{s[key]:.0f}"))
+    if any("urgent_completed" in s for s in results.values()):
+        for cls in CLASSES:
+            rows.append((f"{cls} completed", lambda s, cls=cls: str(s.get(f"{cls}_completed", "-"))))
+            for metric in ("ttft", "e2e"):
+                for p in PERCENTILES:
+                    key = f"{cls}_p{p}_{metric}_ms"
+                    rows.append((f"{cls} {metric.upper()} p{p} (ms)",
+                                 lambda s, key=key: "-" if s.get(key) is None else f"{s[key]:.0f}"))
     width = max(len(r[0]) for r in rows)
     cols = [max(14, len(n)) for n in names]
     print("| " + "metric".ljust(width) + " | " + " | ".join(n.rjust(c) for n, c in zip(names, cols)) + " |")
@@ -477,9 +512,10 @@ class Launched:
             from engine.default_model import default_model_path
 
             model_dir = default_model_path()
-        if kind == "stoke":
+        if kind in ("stoke", "stoke-priority"):
+            policy = ["--scheduling-policy", "priority"] if kind == "stoke-priority" else []
             cmd = [sys.executable, "-m", "server", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
-                   *(["--cpu-threads", str(args.threads)] if args.threads else []), *args.stoke_arg]
+                   *(["--cpu-threads", str(args.threads)] if args.threads else []), *policy, *args.stoke_arg]
             self.model = os.path.basename(os.path.normpath(model_dir))
             self.ready_path = "/ready"
         elif kind == "transformers":
@@ -546,7 +582,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--model", default=None, help="model id to send (default: the server's first model)")
     target.add_argument("--backend", default="stoke", choices=["stoke", "vllm", "transformers", "openai"])
     target.add_argument("--label", default=None, help="name of this run in the table")
-    target.add_argument("--launch", default=None, help="start these servers in turn: stoke,transformers")
+    target.add_argument("--launch", default=None,
+                        help="start these servers in turn: stoke, stoke-priority (--scheduling-policy priority), "
+                             "transformers")
     target.add_argument("--model-dir", default=None, help="checkpoint for --launch (default: embedded default)")
     target.add_argument("--threads", type=int, default=None, help="--launch: torch/OMP threads for every server")
     target.add_argument("--stoke-arg", action="append", default=[], help="extra `stoke serve` option (repeat)")
@@ -566,6 +604,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--concurrency", type=int, default=None, help="fixed number of clients instead of arrivals")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--logprobs", type=int, default=None, help="top logprobs per output token (default: none)")
+    w.add_argument("--urgent-fraction", type=float, default=0.0,
+                   help="this share of the requests is urgent: latencies per class, and priority -1 where the "
+                        "server schedules by priority (default: %(default)s)")
+    w.add_argument("--send-priority", action="store_true",
+                   help="--base-url: send urgent requests priority -1 (a server started with --scheduling-policy "
+                        "priority; launched stoke-priority gets it anyway)")
     w.add_argument("--client-processes", type=int, default=1,
                    help="load generators (processes) sharing the workload: one Python client parses "
                         "SSE chunks at ~10k/s a core, less than a GPU server streams")
@@ -600,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         run_args = argparse.Namespace(**vars(args))
         if args.launch:
             server = Launched(target, args)
-            run_args.backend = target
+            run_args.backend = "stoke" if target == "stoke-priority" else target
+            run_args.send_priority = target == "stoke-priority"
             print(f"starting {target} ...", flush=True)
             try:
                 server.wait_ready(600)

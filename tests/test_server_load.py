@@ -181,7 +181,7 @@ def test_serve_benchmark_against_the_server(server, tmp_path):
     from benchmarks.serve import main as serve_main
 
     assert serve_main(["--base-url", server.base_url, "--num-requests", "6", "--prompt-len", "8:24",
-                       "--output-len", "3:6", "--client-processes", "2", "--logprobs", "2",
+                       "--output-len", "3:6", "--client-processes", "2", "--logprobs", "2", "--urgent-fraction", "0.5",
                        "--out-dir", str(tmp_path), "--name", "load"]) == 0
     run = json.loads((tmp_path / "load.json").read_text())["runs"]["stoke"]
     s = run["summary"]
@@ -191,3 +191,6 @@ def test_serve_benchmark_against_the_server(server, tmp_path):
     assert s["tokens_per_chunk"] >= 1.0 and all(r["chunks"] >= 1 for r in run["records"])
     assert s["p99_ttft_ms"] > 0 and s["p50_itl_ms"] > 0
     assert s["gpu_utilization_mean"] is None and s["gpu_utilization_samples"] == 0
+    urgent = sum(r["urgent"] for r in run["records"])  # latencies per class (no priority sent: fcfs)
+    assert 0 < urgent < 6 and (s["urgent_completed"], s["others_completed"]) == (urgent, 6 - urgent)
+    assert s["urgent_p99_ttft_ms"] > 0 and s["others_p99_e2e_ms"] > 0

@@ -293,6 +293,26 @@ def test_serve_benchmark_summary():
     assert summarize(records, duration=2.0, client=(0.5, 0.5))["client_bound"] is False
     add_server_cpu(s, {"main": 0.002, "children": 0.001})
     assert s["server_cpu_us_per_token"] == pytest.approx({"main": 40.0, "children": 20.0})
+    assert "urgent_completed" not in s  # no urgent requests: no classes
+    for r in records[:3]:  # --urgent-fraction: the first three (TTFT 100-300 ms) urgent
+        r.urgent = True
+    s = summarize(records, duration=2.0)
+    assert (s["urgent_completed"], s["others_completed"]) == (3, 7)
+    assert s["urgent_p50_ttft_ms"] == pytest.approx(200.0) and s["others_p50_ttft_ms"] == pytest.approx(700.0)
+    assert s["urgent_p99_e2e_ms"] == pytest.approx(698.0) and s["p50_ttft_ms"] == pytest.approx(550.0)
+
+
+def test_serve_benchmark_sends_priority_only_where_asked():
+    import argparse
+
+    from benchmarks.serve import URGENT_PRIORITY, Item, request_body
+
+    args = argparse.Namespace(logprobs=None, backend="stoke", send_priority=False)
+    urgent, other = Item("hi", 1, 4, urgent=True), Item("hi", 1, 4)
+    assert "priority" not in request_body(args, "m", urgent)  # a first come, first served server refuses it
+    args.send_priority = True
+    assert request_body(args, "m", urgent)["priority"] == URGENT_PRIORITY == -1
+    assert "priority" not in request_body(args, "m", other)
 
 
 def test_serve_benchmark_times_tokens_per_arrival():
