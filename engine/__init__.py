@@ -3,10 +3,10 @@
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import LLMEngine
 from engine.llm import LLM
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "ModelConfig", "RequestMetrics",
+    "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "ModelConfig", "RequestMetrics",
     "RequestOutput", "SamplingParams",
 ]

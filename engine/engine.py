@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Literal, get_args
 
 import torch
@@ -21,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from engine.config import EngineConfig, ModelConfig, generation_defaults
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner, PreviousTokens
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
 from engine.transfer import HostCopy, to_device
@@ -41,7 +43,7 @@ class _Sample:
     request: Request
     detokenizer: IncrementalDetokenizer | None
     generator: torch.Generator | None
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -57,7 +59,7 @@ class _Group:
     params: SamplingParams
     arrival_time: float
     samples: list[_Sample] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_pending: int = 0  # positions whose logprobs are still on their way back
 
     @property
@@ -77,7 +79,7 @@ class _Launched:
     sampled: SampledTokens
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA: the step's device span
     # the prompt logprobs this step computed, per group, on their way back (in position order)
-    prompt_logprobs: list[tuple[_Group, HostCopy[list[dict[int, float]]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[_Group, HostCopy[list[dict[int, Logprob]]]]] = field(default_factory=list)
 
     def previous_tokens(self) -> PreviousTokens:
         return PreviousTokens(self.sampled.token_ids, {self.batch.requests[i]: j for j, i in enumerate(self.rows)})
@@ -112,6 +114,9 @@ class LLMEngine:
         self.model_path = path
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
+        # A token's text decoded alone: a Logprob's decoded_token (vLLM's), None without a tokenizer
+        self._token_text = lru_cache(maxsize=1 << 16)(self.tokenizer.decode if self.tokenizer is not None
+                                                      else lambda token_id: None)
         self.default_sampling = self._default_sampling(config.generation_config, path)
         self.runner = ModelRunner(path, self.model_config, config)
         self.max_model_len = self.runner.max_model_len  # the model's positions, or its attention window
@@ -382,7 +387,7 @@ class LLMEngine:
         final_only = outputs == "final"
         now = time.monotonic()
         touched: dict[str, _Group] = {}
-        token_ids, logprobs, top = out.token_ids, out.logprobs, out.top_logprobs
+        token_ids, logprobs, top, ranks = out.token_ids, out.logprobs, out.top_logprobs, out.ranks
         for j, i in enumerate(launched.rows):
             request = launched.batch.requests[i]
             entry = self.samples.get(request)
@@ -391,7 +396,7 @@ class LLMEngine:
             group, sample = entry
             self.scheduler.append_token(request, token_ids[j], now)
             self._append(group, sample, token_ids[j], logprobs[j] if logprobs is not None else None,
-                         top[j] if top is not None else None)
+                         ranks[j] if ranks is not None else None, top[j] if top is not None else None)
             if not final_only or sample.finish_reason is not None:
                 touched[group.request_id] = group
         self.stats.schedule_seconds += time.perf_counter() - t1
@@ -399,7 +404,7 @@ class LLMEngine:
                 if not final_only or group.finished]
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor,
-                         ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:
+                         ) -> tuple[_Group, HostCopy[list[dict[int, Logprob]]]] | None:
         """Hidden states at positions start.. predict prompt tokens start+1..: their logprobs,
         launched and on their way back with the step's tokens (`_take_back` records them), so a
         step with prompt logprobs waits on the device no more than any other. A recompute after
@@ -424,25 +429,27 @@ class LLMEngine:
             slices.append(top_logprobs_parts(logprobs, targets_dev[i - first:j - first], k))
         parts = [torch.cat(part) for part in zip(*slices)]  # each part's rows in order, as one call's
 
-        def unpack(host: torch.Tensor) -> list[dict[int, float]]:
-            chosen, values, ids = split_top_logprobs(host, n, k)
-            entries = []
-            for target, lp, top_ids, top_values in zip(targets, chosen, ids, values):
-                entry = dict(zip(top_ids, top_values))
-                entry[target] = lp
-                entries.append(entry)
-            return entries
+        def unpack(host: torch.Tensor) -> list[dict[int, Logprob]]:
+            chosen, ranks, values, ids = split_top_logprobs(host, n, k)
+            return [self._logprobs_entry(target, lp, rank, zip(top_ids, top_values))
+                    for target, lp, rank, top_ids, top_values in zip(targets, chosen, ranks, ids, values)]
 
         group.prompt_logprobs_pending += n
         return group, HostCopy(torch.cat(parts), unpack)
 
-    def _append(self, group: _Group, sample: _Sample, token: int, logprob: float | None,
+    def _logprobs_entry(self, token: int, logprob: float, rank: int,
+                        top: Iterable[tuple[int, float]]) -> dict[int, Logprob]:
+        """A position's logprobs as vLLM gives them: the top-k (ranked 1..k) and the token."""
+        text = self._token_text
+        entry = {t: Logprob(value, i, text(t)) for i, (t, value) in enumerate(top, 1)}
+        entry[token] = Logprob(logprob, rank, text(token))
+        return entry
+
+    def _append(self, group: _Group, sample: _Sample, token: int, logprob: float | None, rank: int | None,
                 top: list[tuple[int, float]] | None) -> None:
         params, request = group.params, sample.request
         if sample.logprobs is not None and logprob is not None:
-            entry = dict(top or [])
-            entry[token] = logprob
-            sample.logprobs.append(entry)
+            sample.logprobs.append(self._logprobs_entry(token, logprob, rank, top or ()))
             sample.cumulative_logprob += logprob
         num_out = request.num_output_tokens
         past_min = num_out >= params.min_tokens

@@ -5,14 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Logprob(float):
+    """vLLM's Logprob (`logprob`, `rank`: 1 is the likeliest token, `decoded_token`: the token's
+    text decoded alone) that is also the float it holds, so code written for vLLM's objects and
+    code that reads logprobs as numbers both work."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None) -> Logprob:
+        self = super().__new__(cls, logprob)
+        self.rank = rank
+        self.decoded_token = decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    # Per generated token: {token_id: logprob} for the sampled token and the top-k.
-    logprobs: list[dict[int, float]] | None = None
+    # Per generated token: {token_id: Logprob} for the sampled token and the top-k.
+    logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     delta_text: str = ""  # text new since this request's previous output
@@ -45,6 +66,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    # SamplingParams.prompt_logprobs: per prompt token, {token_id: logprob} of the token and
+    # SamplingParams.prompt_logprobs: per prompt token, {token_id: Logprob} of the token and
     # the top-k given the tokens before it; None for the first token.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

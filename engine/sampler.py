@@ -70,6 +70,8 @@ class SamplerOutput:
     logprobs: list[float] | None
     # per row, the top-k (token_id, logprob) pairs, best first (k = params.logprobs; [] if not asked)
     top_logprobs: list[list[tuple[int, float]]] | None
+    # the sampled token's rank per row (1: the likeliest), with logprobs (rows that didn't ask: 0)
+    ranks: list[int] | None = None
 
 
 class _Staged:
@@ -214,24 +216,29 @@ def _pairs(st: _Staged, name: str, pending_ids: torch.Tensor | None) -> tuple[to
 
 
 def top_logprobs_parts(logprobs: torch.Tensor, chosen_ids: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Each row's logprob of its chosen token, then (k > 0) its k best logprobs and their ids:
-    float64, exact for fp32 values and for ids < 2**53, so they go back to the host in one
-    copy with whatever else is concatenated to them; `split_top_logprobs` reads them."""
-    parts = [logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).double()]
+    """Each row's logprob of its chosen token and that token's rank (as vLLM's: how many tokens
+    are at least as likely, itself included; 1 is the likeliest), then (k > 0) its k best
+    logprobs and their ids: float64, exact for fp32 values and for ids < 2**53, so they go back
+    to the host in one copy with whatever else is concatenated to them; `split_top_logprobs`
+    reads them."""
+    chosen = logprobs.gather(1, chosen_ids.unsqueeze(1))
+    parts = [chosen.squeeze(1).double(), (logprobs >= chosen).sum(dim=1).double()]
     if k > 0:
         values, ids = logprobs.topk(k, dim=-1)
         parts += [values.double().flatten(), ids.double().flatten()]
     return parts
 
 
-def split_top_logprobs(host: torch.Tensor, n: int, k: int) -> tuple[list[float], list[list[float]], list[list[int]]]:
-    """`top_logprobs_parts` of n rows, from the start of `host`: (chosen, top values, top ids)."""
-    chosen = host[:n].tolist()
+def split_top_logprobs(host: torch.Tensor, n: int, k: int
+                       ) -> tuple[list[float], list[int], list[list[float]], list[list[int]]]:
+    """`top_logprobs_parts` of n rows, from the start of `host`: (chosen, their ranks, top
+    values, top ids)."""
+    chosen, ranks = host[:n].tolist(), host[n:2 * n].long().tolist()
     if k == 0:
-        return chosen, [[]] * n, [[]] * n
-    values = host[n:n + n * k].view(n, k).tolist()
-    ids = host[n + n * k:n + 2 * n * k].long().view(n, k).tolist()
-    return chosen, values, ids
+        return chosen, ranks, [[]] * n, [[]] * n
+    values = host[2 * n:2 * n + n * k].view(n, k).tolist()
+    ids = host[2 * n + n * k:2 * n + 2 * n * k].long().view(n, k).tolist()
+    return chosen, ranks, values, ids
 
 
 def _apply_top_k_top_p(
@@ -479,13 +486,13 @@ class Sampler:
 
         def unpack(host: torch.Tensor) -> SamplerOutput:
             token_list = host[:batch].long().tolist()
-            chosen_l, vals_l, ids_l = split_top_logprobs(host[batch:], len(sel), k_max)
-            logprobs = [0.0] * batch
+            chosen_l, ranks_l, vals_l, ids_l = split_top_logprobs(host[batch:], len(sel), k_max)
+            logprobs, ranks = [0.0] * batch, [0] * batch
             top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]
             for j, (i, k) in enumerate(zip(sel, ks)):
-                logprobs[i] = chosen_l[j]
+                logprobs[i], ranks[i] = chosen_l[j], ranks_l[j]
                 if k > 0:
                     top[i] = list(zip(ids_l[j][:k], vals_l[j][:k]))
-            return SamplerOutput(token_ids=token_list, logprobs=logprobs, top_logprobs=top)
+            return SamplerOutput(token_ids=token_list, logprobs=logprobs, top_logprobs=top, ranks=ranks)
 
         return SampledTokens(tokens, torch.cat(parts), unpack)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, LLMEngine, EngineConfig, SamplingParams
+from engine import LLM, EngineConfig, LLMEngine, Logprob, SamplingParams
 from scheduler import AdmissionError
 from tests.conftest import hf_greedy
 
@@ -650,9 +650,36 @@ def test_prompt_logprobs_equal_transformers(tiny_path: str, async_scheduling: bo
             assert entry[token] == pytest.approx(expected[pos - 1, token].item(), abs=1e-4)
             best = expected[pos - 1].topk(2).indices.tolist()
             assert set(best) <= set(entry) and len(entry) in (2, 3)
+            # vLLM's Logprob: the top-k ranked 1..k, the token by the tokens at least as likely
+            # (bounds for fp32's differences from transformers)
+            value = entry[token]
+            assert isinstance(value, Logprob) and value.logprob == float(value)
+            assert int((expected[pos - 1] > value + 1e-4).sum()) + 1 <= value.rank \
+                <= int((expected[pos - 1] >= value - 1e-4).sum())
+            assert all(entry[t].rank == i for i, t in enumerate(best, 1) if t != token)
     assert outputs[0].num_cached_tokens == 0
     assert llm.engine.scheduler.stats.num_preemptions > 0
     assert_pool_empty(llm)
+
+
+def test_logprobs_are_vllms_logprob_objects(default_llm: LLM) -> None:
+    """Sampled, a token is often not the likeliest: its rank says where it stood. Each entry
+    is vLLM's Logprob (logprob, rank, decoded_token: the token's text alone), and a float."""
+    params = SamplingParams(max_tokens=12, temperature=1.5, seed=3, logprobs=2, prompt_logprobs=1)
+    out = default_llm.generate(["The weather today is"], params, use_tqdm=False)[0]
+    tokenizer, sample = default_llm.get_tokenizer(), out.outputs[0]
+    ranks = []
+    for token, entry in zip(sample.token_ids, sample.logprobs, strict=True):
+        top = sorted((t for t in entry if entry[t].rank <= 2), key=lambda t: entry[t].rank)
+        assert [entry[t].rank for t in top] == [1, 2] and len(entry) == 2 + (token not in top)
+        assert all(entry[a].logprob >= entry[b].logprob for a, b in zip(top, top[1:]))
+        assert (entry[token].rank == 1) == (token == top[0])  # no ties in these logits
+        assert all(v.decoded_token == tokenizer.decode([t]) for t, v in entry.items())
+        ranks.append(entry[token].rank)
+    assert max(ranks) > 2 and sample.cumulative_logprob == pytest.approx(
+        sum(entry[t] for t, entry in zip(sample.token_ids, sample.logprobs)))
+    assert out.prompt_logprobs[0] is None
+    assert all(isinstance(v, Logprob) and v.rank >= 1 for e in out.prompt_logprobs[1:] for v in e.values())
 
 
 def test_output_kinds_agree(default_llm: LLM) -> None:

@@ -242,6 +242,8 @@ def test_logit_bias_forces_and_bans_tokens():
     assert out.token_ids[1] == int(logits[1].topk(2).indices[1])  # the runner-up
     assert out.token_ids[2] == int(logits[2].argmax())
     assert out.logprobs[0] == pytest.approx(float(logits[0].log_softmax(-1)[7]), abs=1e-5)
+    # vLLM's rank of the sampled token: the tokens at least as likely, itself included
+    assert out.ranks[0] == int((logits[0] >= logits[0][7]).sum()) > 1 and out.ranks[1] == 0
     draws = sampler(logits[0].expand(400, -1), [row(SamplingParams(logit_bias={3: -100, 4: -100}))] * 400)
     assert not {3, 4} & set(draws.token_ids)
     assert torch.equal(logits, torch.randn(4, 50, generator=torch.Generator().manual_seed(3)))  # unmodified
