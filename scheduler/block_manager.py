@@ -14,7 +14,7 @@ prefix a request still holds: it stays cached), then least-recently-freed first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from scheduler.request import Request
@@ -158,9 +158,10 @@ class BlockManager:
         reclaimed_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return num_new_blocks, max(0, num_new_blocks - (self.num_free_blocks - reclaimed_hits))
 
-    def num_held_alone(self, request: Request) -> int:
-        """Blocks no other request holds: what freeing the request gives back to the pool."""
-        return sum(1 for b in request.block_ids if self.blocks[b].ref_count == 1)
+    def num_freed_by(self, holds: Mapping[int, int], exclude: Collection[int] = ()) -> int:
+        """Blocks that freeing some requests would give back to the pool, `holds` saying how many
+        of them hold each of their blocks: those no other request holds, `exclude` left out."""
+        return sum(1 for b, count in holds.items() if self.blocks[b].ref_count == count and b not in exclude)
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from bisect import insort_left, insort_right
-from collections import deque
+from collections import Counter, deque
 from itertools import chain
 from dataclasses import dataclass, field
 
@@ -223,11 +223,7 @@ class Scheduler:
         """Admit waiting requests in order while the budget, the seats and the pool allow; the
         budget left and the requests admitted."""
         cfg, bm = self.config, self.block_manager
-        partial = sum(1 for r, n in scheduled.items() if n < r.num_uncomputed_tokens)
-        long_partial = sum(
-            1 for r, n in scheduled.items()
-            if n < r.num_uncomputed_tokens and r.num_uncomputed_tokens > cfg.long_prefill_token_threshold
-        )
+        partial, long_partial = self._partial_prefills(scheduled)
         skipped: list[Request] = []
         admitted: list[Request] = []
         while self.waiting and budget > 0:
@@ -238,26 +234,32 @@ class Scheduler:
                     or request in preempted):  # not back in the step that preempted it
                 skipped.append(self.waiting.popleft())
                 continue
-            if len(self.running) - finishing >= cfg.max_num_seqs:
-                if self._preempt_for(request, 0, scheduled, preempted):
-                    budget = cfg.max_num_batched_tokens - sum(scheduled.values())
-                    continue
+            no_seat = len(self.running) - finishing >= cfg.max_num_seqs
+            if no_seat and not self.by_priority:
                 break
             hits = bm.match_prefix(request)
             need = request.num_tokens - len(hits) * cfg.block_size
             is_long = need > cfg.long_prefill_token_threshold
             n = min(need, budget, cfg.long_prefill_token_threshold) if is_long else min(need, budget)
+            if n < need and (partial >= cfg.max_num_partial_prefills
+                             or is_long and long_partial >= cfg.max_long_partial_prefills):
+                skipped.append(self.waiting.popleft())
+                continue
+            if no_seat or not bm.allocate_slots(request, n, hits):
+                victims = self._victims_for(request, no_seat, n, hits)
+                if victims is None:
+                    break
+                for victim in victims:
+                    scheduled.pop(victim, None)
+                    self._preempt(victim)
+                    preempted.append(victim)
+                budget = cfg.max_num_batched_tokens - sum(scheduled.values())
+                partial, long_partial = self._partial_prefills(scheduled)  # a victim may have been one
+                allocated = bm.allocate_slots(request, n, hits)  # n, hits as checked: the room was counted
+                assert allocated, "the victims were to make room"
             if n < need:
-                if partial >= cfg.max_num_partial_prefills or (is_long and long_partial >= cfg.max_long_partial_prefills):
-                    skipped.append(self.waiting.popleft())
-                    continue
                 partial += 1
                 long_partial += is_long
-            if not bm.allocate_slots(request, n, hits):
-                if self._preempt_for(request, bm.blocks_short(request, n, hits), scheduled, preempted):
-                    budget = cfg.max_num_batched_tokens - sum(scheduled.values())
-                    continue  # the room made: its hits and chunk counted again
-                break
             self.waiting.popleft()
             num_hit_tokens = len(hits) * cfg.block_size
             if request.num_preemptions == 0:
@@ -287,32 +289,37 @@ class Scheduler:
             self.waiting.appendleft(request)
         self.stats.num_preemptions += 1
 
-    def _preempt_for(self, request: Request, blocks_short: int, scheduled: dict[Request, int],
-                     preempted: list[Request]) -> bool:
-        """Under the priority policy, preempt running requests of a lower priority than the
-        waiting `request`, last in order first, until it has a seat (blocks_short 0) or that
-        many more free blocks; False, preempting none, when they could not give that much.
-        Requests about to finish by length are left: they give their room back soon anyway."""
+    def _partial_prefills(self, scheduled: dict[Request, int]) -> tuple[int, int]:
+        """How many of the step's requests leave their prefill unfinished, and how many of
+        those are long."""
+        threshold = self.config.long_prefill_token_threshold
+        partial = [r for r, n in scheduled.items() if n < r.num_uncomputed_tokens]
+        return len(partial), sum(1 for r in partial if r.num_uncomputed_tokens > threshold)
+
+    def _victims_for(self, request: Request, need_seat: bool, num_tokens: int,
+                     hits: list[int]) -> list[Request] | None:
+        """Under the priority policy, the running requests of a lower priority than the waiting
+        `request` whose preemption gives it a seat (if `need_seat`) and the blocks for
+        `num_tokens` after its `hits`: the fewest, last in order first. None when they could
+        not (then none is preempted). Requests about to finish by length are left: they give
+        their room back soon anyway."""
         if not self.by_priority:
-            return False
+            return None
         bm = self.block_manager
         lower = (r for r in reversed(self.running) if r.priority > request.priority and not r.done_by_length)
-        victims = sorted(lower, key=_order, reverse=True)  # of equals, the latest admitted first
-        if not victims:
-            return False
-        chosen, freed = [], 0
-        for victim in victims:
-            chosen.append(victim)
-            freed += bm.num_held_alone(victim)
-            if freed >= blocks_short:
+        short = bm.blocks_short(request, num_tokens, hits)
+        hit_blocks = set(hits)
+        chosen: list[Request] = []
+        holds: Counter[int] = Counter()  # block id → how many chosen victims hold it
+        freed = 0
+        for victim in sorted(lower, key=_order, reverse=True):  # of equals, the latest admitted first
+            if len(chosen) >= need_seat and freed >= short:
                 break
-        else:
-            return False
-        for victim in chosen:
-            scheduled.pop(victim, None)
-            self._preempt(victim)
-            preempted.append(victim)
-        return True
+            chosen.append(victim)
+            holds.update(victim.block_ids)
+            # Only the hits' blocks would be freed to no avail: they were counted as the request's.
+            freed = bm.num_freed_by(holds, exclude=hit_blocks)
+        return chosen if chosen and len(chosen) >= need_seat and freed >= short else None
 
     def _last_in_order(self) -> Request:
         """The running request to preempt first: the latest admitted, or by priority the one

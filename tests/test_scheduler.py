@@ -492,3 +492,84 @@ def test_running_out_of_blocks_preempts_the_lowest_priority() -> None:
     run_to_completion(sched)
     assert [r.num_output_tokens for r in (a, b, c)] == [10, 10, 10]
     assert_all_free(sched)
+
+
+def test_a_long_urgent_prompt_is_admitted_in_the_step_it_preempts_for() -> None:
+    # Its first chunk (16 of 20 tokens) leaves it a long partial prefill: once it has made room
+    # it must take it, not skip itself and leave it to a lower priority.
+    sched = Scheduler(SchedulerConfig(max_model_len=64, num_blocks=3, block_size=16, max_num_seqs=8,
+                                      max_num_batched_tokens=32, enable_prefix_caching=False, policy="priority"))
+    a = Request("a", list(range(1, 18)), 15, priority=0, arrival_time=0.0)  # 2 blocks
+    sched.add_request(a)
+    step(sched)
+    v = Request("v", [7, 7, 7], 12, priority=5, arrival_time=1.0)
+    sched.add_request(v)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 0
+    q = Request("q", [8, 8, 8], 12, priority=5, arrival_time=2.0)
+    urgent = Request("urgent", [9] * 20, 2, priority=-1, arrival_time=3.0)
+    sched.add_request(q)
+    sched.add_request(urgent)
+    batch = step(sched)
+    assert batch.preempted == [v] and urgent.status is RequestStatus.RUNNING and q.status is RequestStatus.WAITING
+    run_to_completion(sched)
+    assert (v.num_preemptions, q.num_preemptions) == (1, 0)  # not preempting each other on its behalf
+    assert_all_free(sched)
+
+
+def test_no_preemption_for_a_seat_the_request_would_not_take() -> None:
+    # Two seats: v and a long prompt mid-prefill. The urgent request is long too, so it waits
+    # for that prefill (max_long_partial_prefills) whatever a seat would give it.
+    sched = Scheduler(SchedulerConfig(max_model_len=1024, num_blocks=200, block_size=16, max_num_seqs=2,
+                                      max_num_batched_tokens=32, enable_prefix_caching=False, policy="priority"))
+    v = Request("v", [7, 7, 7], 50, priority=5, arrival_time=0.0)
+    sched.add_request(v)
+    step(sched)
+    long = Request("long", list(range(1, 301)), 2, priority=-1, arrival_time=1.0)
+    sched.add_request(long)
+    step(sched)
+    urgent = Request("urgent", [9] * 40, 2, priority=-1, arrival_time=3.0)
+    sched.add_request(Request("q", [8, 8, 8], 50, priority=5, arrival_time=2.0))
+    sched.add_request(urgent)
+    while urgent.status is RequestStatus.WAITING:
+        assert not step(sched).preempted or long.prompt_computed
+    assert sched.stats.num_preemptions <= 1
+    run_to_completion(sched)
+    assert_all_free(sched)
+
+
+def test_victims_sharing_blocks_free_them_together() -> None:
+    # n = 2 samples share their 3 prompt blocks: preempting both frees 5 blocks, either alone 1.
+    sched = priority_scheduler(num_blocks=6)
+    prompt = list(range(50, 63))
+    v0 = Request("v-0", prompt, 10, priority=5, arrival_time=1.0)
+    v1 = Request("v-1", prompt, 10, priority=5, arrival_time=1.0, prefill_after=v0)
+    sched.add_request(v0)
+    sched.add_request(v1)
+    step(sched)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 1
+    urgent = Request("urgent", [9] * 16, 2, priority=0, arrival_time=2.0)  # 4 blocks: 3 short
+    sched.add_request(urgent)
+    batch = step(sched)
+    assert set(batch.preempted) == {v0, v1} and urgent.status is RequestStatus.RUNNING
+    run_to_completion(sched)
+    assert_all_free(sched)
+
+
+def test_the_requests_own_prefix_hits_are_no_room() -> None:
+    # v holds the urgent request's prefix: preempting it frees those blocks only for the urgent
+    # request to take back, and one block more, not the two it lacks.
+    sched = priority_scheduler(num_blocks=6)
+    a = Request("a", list(range(1, 10)), 7, priority=0, arrival_time=0.0)  # 3 blocks
+    sched.add_request(a)
+    step(sched)
+    shared = [50, 51, 52, 53, 54, 55, 56, 57]
+    v = Request("v", shared, 12, priority=5, arrival_time=1.0)
+    sched.add_request(v)
+    step(sched)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 0 and len(v.block_ids) == 3
+    urgent = Request("urgent", shared + [60] * 8, 4, priority=0, arrival_time=2.0)
+    sched.add_request(urgent)
+    assert not sched.schedule().preempted and urgent.status is RequestStatus.WAITING
