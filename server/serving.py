@@ -294,12 +294,11 @@ class OpenAIServing:
         if req.stream_options is not None and not stream:  # as OpenAI and vLLM
             raise errors.invalid("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
-        priority = req.priority or 0
+        priority = record.priority = req.priority or 0  # logged refused too
         if priority and self.config.engine_args.get("scheduling_policy", "fcfs") != "priority":  # as vLLM
             raise errors.invalid(f"priority {priority} needs a server started with --scheduling-policy priority; "
                                  "this one serves requests first come, first served", param="priority")
         record.n = params["n"]
-        record.priority = priority
         record.stream = stream
         record.prompt_tokens = sum(len(p) for p in prompts)
         job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,

@@ -485,6 +485,7 @@ def test_errors_name_the_field_the_client_sent(server):
         status, raw = _post(server, path, _j(body))
         error = json.loads(raw)["error"]
         assert status == 400 and error["param"] == param and error["message"].startswith(param), raw
+    assert server.log_lines()[-1]["priority"] == -3  # a refused request's line says what it asked for
 
 
 @pytest.mark.parametrize("name,path,body,status,code", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
