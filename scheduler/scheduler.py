@@ -8,7 +8,8 @@ When blocks run out, the most recently admitted running request is preempted by 
 The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
 the preempted request is then the running one that sorts last, and a waiting request that
 finds no seat or no blocks preempts running ones of a strictly lower priority (a larger
-number) to make room, as vLLM's older scheduler did.
+number) to make room, as vLLM's older scheduler did: only when they can make all of it, and
+it then takes the room in the same step.
 
 A launched step is `advance`d at once; its sampled tokens arrive later (`append_token`), and
 until then count as each request's pending tokens (async scheduling plans the next step with
