@@ -41,6 +41,9 @@ class ServerConfig:
     log_level: str = "info"
     cpu_threads: int | None = None  # torch intra-op threads in the worker (None: torch's default)
     chat_template: str | None = None  # --chat-template: a Jinja file or the template itself
+    # How a chat answer's tool calls are read (server/tool_parsers.py); None: tool_choice "auto"
+    # is refused (vLLM's --enable-auto-tool-choice --tool-call-parser).
+    tool_call_parser: str | None = None
     # Browser origins whose pages may call the API (CORS), e.g. a web UI's; ["*"]: any. None:
     # no CORS headers (browsers then allow same-origin pages only).
     allowed_origins: list[str] | None = None

@@ -26,6 +26,7 @@ import uvicorn
 from scheduler import SCHEDULING_POLICIES
 from server.config import ServerConfig
 from server.limits import COST_CAP_PERIODS, limits_from_config
+from server.tool_parsers import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("stoke.server")
 
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None,
                    help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
                         "the template itself")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="read tool calls in chat answers (tool_choice 'auto', the default with tools); needs "
+                        "--tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
+                   help="how tool calls look in the model's text: hermes (<tool_call> JSON </tool_call>: Qwen2.5, "
+                        "Qwen3, Hermes) or llama3_json (Llama 3.1+)")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on the CPU), float32, float16 or bfloat16")
@@ -187,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         price_prompt=args.price_prompt, price_cached_prompt=args.price_cached_prompt,
         price_completion=args.price_completion, cost_cap=args.cost_cap, cost_cap_period=args.cost_cap_period,
         cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
     )
 
 
@@ -206,7 +214,10 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # as vLLM
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     config = config_from_args(args)
     setup_logging(config.log_level)
 

@@ -35,6 +35,7 @@ from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
 from server.token_bytes import token_bytes_reader
+from server.tool_parsers import ToolCallParser
 
 logger = logging.getLogger("stoke.server")
 
@@ -63,6 +64,11 @@ class Choice:
     stop_reason: int | str | None = None
     started: bool = False  # chat streaming: the role delta went out
     text_offset: int = 0  # completions streaming: the next token's text_offset (after any echo)
+    # chat with a tool call parser: reads the text as it streams; the whole answer's content
+    # (None where only calls were made) and calls once it ended
+    tool_parser: ToolCallParser | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -98,6 +104,8 @@ class Job:
     # cut short: when the log line stops waiting for the worker's confirmation (`_abort`)
     settle_timer: asyncio.TimerHandle | None = None
     priority: int = 0  # the scheduler's order under --scheduling-policy priority (lower first)
+    tool_parser: str | None = None  # chat, tool_choice "auto": how its answers' tool calls are read
+    parallel_tool_calls: bool = True  # False: an answer's first call only
 
 
 class SSEResponse(StreamingResponse):
@@ -384,10 +392,7 @@ class OpenAIServing:
             raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
         if not req.messages:
             raise errors.invalid("messages must not be empty", param="messages")
-        if req.tools:
-            raise errors.unsupported("tools are not supported", param="tools")
-        if req.tool_choice is not None and req.tool_choice != "none":  # as OpenAI and vLLM
-            raise errors.invalid("tool_choice needs tools", param="tool_choice")
+        tool_parser = self._tool_parser(req)
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise errors.unsupported("only response_format type 'text' is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
@@ -404,7 +409,36 @@ class OpenAIServing:
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_fields(req, max_tokens, logprobs)
-        return self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
+        job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
+        job.tool_parser, job.parallel_tool_calls = tool_parser, req.parallel_tool_calls is not False
+        return job
+
+    def _tool_parser(self, req: ChatCompletionRequest) -> str | None:
+        """The parser that reads the answers' tool calls (None: answers are text), as vLLM
+        decides: tools and no tool_choice mean "auto", which needs a server with a parser."""
+        tools = req.tools or []
+        for i, tool in enumerate(tools):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str):
+                raise errors.invalid('a tool must be {"type": "function", "function": {"name": ..., ...}}',
+                                     param=f"tools.{i}")
+        choice = req.tool_choice if req.tool_choice is not None else "auto" if tools else "none"
+        if choice == "none":
+            return None
+        if not tools:  # as OpenAI and vLLM
+            raise errors.invalid("tool_choice needs tools", param="tool_choice")
+        if choice == "auto":
+            if self.config.tool_call_parser is None:
+                raise errors.invalid('tool_choice "auto" (the default with tools) needs a server started with '
+                                     '--enable-auto-tool-choice and --tool-call-parser; "none" shows the model the '
+                                     'tools and returns its answer as text', param="tool_choice")
+            return self.config.tool_call_parser
+        if choice == "required" or isinstance(choice, dict):
+            raise errors.unsupported('tool_choice "required" or a named function needs guided decoding, which '
+                                     'stoke does not do: use "auto"', param="tool_choice")
+        raise errors.invalid(f'tool_choice must be "none", "auto", "required" or a named function, got {choice!r}',
+                             param="tool_choice")
 
     # ============================================================== tokenizer
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
@@ -471,7 +505,7 @@ class OpenAIServing:
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=bool(req.add_generation_prompt) and not continue_final,
-                continue_final_message=continue_final, **extra)
+                continue_final_message=continue_final, tools=req.tools or None, **extra)
         except Exception as exc:
             from jinja2 import TemplateError
 
@@ -726,6 +760,9 @@ class OpenAIServing:
             if exc is not None:
                 raise exc
             usage = self._usage(job, choices, cached)
+            if job.tool_parser is not None:
+                for choice in choices:
+                    self._read_tool_calls(job, choice, "".join(choice.text), final=True)
             self._summarize(job, choices)
             body = self._completion_body(job, choices, usage) if job.kind == "completion" \
                 else self._chat_body(job, choices, usage)
@@ -778,6 +815,10 @@ class OpenAIServing:
                     if chat and not choice.started:
                         choice.started = True
                         yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""}, None, None))
+                    if job.tool_parser is not None:
+                        for line in self._tool_call_chunks(job, choice, text, reason, chat_logprobs):
+                            yield line
+                        continue
                     if text and logprobs is None and chat_logprobs is None and reason is None \
                             and not job.continuous_usage:  # most chunks
                         yield self._text_chunk(job, choice.index, text)
@@ -808,6 +849,47 @@ class OpenAIServing:
             self.fail(job.record, error)
             yield sse(error.body())
             yield sse("[DONE]")
+
+    # ---------------------------------------------------------------- tool calls
+    def _read_tool_calls(self, job: Job, choice: Choice, text: str, final: bool
+                         ) -> tuple[str, list[dict[str, Any]]]:
+        """Feed a chat choice's new text to its tool call parser (and at the end, finish it):
+        the content and the calls it released. The choice keeps the answer's content and calls,
+        and finishes by "tool_calls" once it made one (as vLLM's)."""
+        if choice.tool_parser is None:
+            choice.tool_parser = ToolCallParser(job.tool_parser)
+        parser = choice.tool_parser
+        content, calls = parser.feed(text)
+        if final:
+            more, last = parser.finish()
+            content, calls = content + more, calls + last
+            if parser.calls:
+                choice.finish_reason = "tool_calls"
+        if not job.parallel_tool_calls:
+            calls = [call for call in calls if call["index"] == 0]
+        choice.content = (choice.content or "") + content
+        choice.tool_calls += [{k: v for k, v in call.items() if k != "index"} for call in calls]
+        if final and choice.tool_calls and not choice.content.strip():
+            choice.content = None
+        return content, calls
+
+    def _tool_call_chunks(self, job: Job, choice: Choice, text: str, reason: str | None,
+                          logprobs: str | None) -> list[str]:
+        """A chat choice's delta as its tool call parser releases it: the content it lets
+        through, then each call whole, in chunks of their own (the `openai` SDK joins a call's
+        argument pieces, here one); the logprobs ride on the first chunk."""
+        content, calls = self._read_tool_calls(job, choice, text, final=reason is not None)
+        reason = choice.finish_reason if reason is not None else None
+        deltas: list[dict[str, Any]] = ([{"content": content}] if content else []) + [{"tool_calls": [call]}
+                                                                                        for call in calls]
+        if not deltas and (logprobs is not None or reason is not None):
+            deltas = [{}]
+        lines = []
+        for i, delta in enumerate(deltas):
+            slot = _PLACEHOLDER if i == 0 and logprobs is not None else None
+            chunk = self._chat_chunk(job, choice.index, delta, slot, reason if i == len(deltas) - 1 else None)
+            lines.append(_with_logprobs(sse(chunk), logprobs if slot else None))
+        return lines
 
     # ---------------------------------------------------------------- response bodies
     def _decode_token(self, token_id: int) -> str:
@@ -957,6 +1039,8 @@ class OpenAIServing:
             if job.logprobs is not None:
                 logprobs = self._chat_logprobs(job, choice.token_ids, choice.logprobs)
             message = {"role": "assistant", "content": "".join(choice.text), "refusal": None}  # OpenAI's keys
+            if job.tool_parser is not None:
+                message |= {"content": choice.content, "tool_calls": choice.tool_calls}
             out.append({"index": choice.index, "message": message, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,

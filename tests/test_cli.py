@@ -1,4 +1,5 @@
-"""`stoke generate` prints the completion of the embedded default model."""
+"""`stoke generate` prints the completion of the embedded default model; `stoke serve` checks its
+options before anything starts."""
 
 from __future__ import annotations
 
@@ -16,3 +17,15 @@ def test_generate_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as info:
         main(["generate"])
     assert info.value.code == 2 and "prompt" in capsys.readouterr().err
+
+
+def test_serve_refuses_auto_tool_choice_without_a_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.launch import build_parser, config_from_args, main as serve_main
+
+    with pytest.raises(SystemExit) as info:
+        serve_main(["--enable-auto-tool-choice"])  # as vLLM: before anything starts
+    assert info.value.code == 2 and "--tool-call-parser" in capsys.readouterr().err
+    args = build_parser().parse_args(["--tool-call-parser", "hermes"])  # a parser alone reads nothing
+    assert config_from_args(args).tool_call_parser is None
+    args = build_parser().parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"])
+    assert config_from_args(args).tool_call_parser == "llama3_json"

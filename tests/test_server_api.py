@@ -439,6 +439,9 @@ BAD_INPUTS = [
      "invalid_value"),
     ("tool_choice without tools", "/v1/chat/completions",
      _j({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}), 400, "invalid_value"),
+    ("tools without --tool-call-parser", "/v1/chat/completions",  # tool_choice "auto", as vLLM's default
+     _j({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+     400, "invalid_value"),
     # Half a surrogate pair: valid JSON, but no text (the tokenizer, the pipe and the log line failed on it).
     ("lone surrogate in the prompt", "/v1/completions", '{"prompt": "\\ud800"}', 400, "invalid_value"),
     ("lone surrogate in a stop string", "/v1/completions", '{"prompt": "hi", "stop": "\\udfff"}', 400,
@@ -455,6 +458,16 @@ BAD_INPUTS = [
     ("oversized body", "/v1/completions", _j({"prompt": "x" * 70000}), 413, "request_too_large"),
     ("unknown route", "/v1/engines", _j({}), 404, "not_found"),
 ]
+
+
+def test_tools_with_tool_choice_none_answer_in_text(client, model):
+    """Without --tool-call-parser, tools with tool_choice "none" are shown to the template and
+    the answer comes back as text (vLLM's)."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                         tool_choice="none", max_tokens=2, temperature=0)
+    assert out.choices[0].message.content and not out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "length"
 
 
 def test_continue_final_message_extends_the_assistants_text(server, client, model):

@@ -632,7 +632,7 @@ def test_a_chat_history_with_tool_calls_reaches_the_template():
     """A history's tool calls and tool results reach the chat template with their fields (as
     vLLM passes them), each call's JSON arguments parsed; the rest renders as before."""
     from engine.default_model import default_model_path
-    from server.protocol import ChatCompletionRequest
+    from server.protocol import ChatCompletionRequest, TokenizeRequest
     from server.serving import OpenAIServing
     from transformers import AutoTokenizer
 
@@ -650,6 +650,12 @@ def test_a_chat_history_with_tool_calls_reaches_the_template():
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], add_generation_prompt=False)
     assert serving._render_chat(req) == ("user: Weather in Paris?\nassistant:  call c1 weather(Paris)\n"
                                          "tool: sunny for c1\n")
+    # A request's tools reach it too (a chat's and /tokenize's alike), as vLLM passes them.
+    tokenizer.chat_template = "{% for t in tools or [] %}{{ t.function.name }};{% endfor %}{{ messages[0].content }}"
+    tools = [{"type": "function", "function": {"name": "weather"}}, {"type": "function", "function": {"name": "time"}}]
+    for make in (ChatCompletionRequest, TokenizeRequest):
+        assert serving._render_chat(make(messages=[{"role": "user", "content": "hi"}], tools=tools)) == \
+            "weather;time;hi"
 
 
 @pytest.mark.parametrize("answer", ["abort output", "worker death", "no answer"])

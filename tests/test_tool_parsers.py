@@ -1,0 +1,76 @@
+"""server/tool_parsers.py: the calls vLLM's hermes and llama3_json parsers find, the content
+around them, and a stream cut anywhere giving what the whole text gives."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from server.tool_parsers import ToolCallParser
+
+
+def calls_of(result: tuple[str | None, list[dict]]) -> tuple[str | None, list[tuple[int, str, object]]]:
+    content, calls = result
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) == 29
+    return content, [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+CASES = [
+    ("hermes", "Just text, no < tool call.", ("Just text, no < tool call.", [])),
+    ("hermes", '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     (None, [(0, "weather", {"city": "Paris"})])),
+    ("hermes", 'Let me look.\n<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+               '<tool_call>{"name": "b", "arguments": "{\\"y\\": 2}"}</tool_call>\n',
+     ("Let me look.\n", [(0, "a", {"x": 1}), (1, "b", {"y": 2})])),  # arguments given as a JSON string
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": [1, 2]}}',  # cut by max_tokens: whole JSON counts
+     (None, [(0, "a", {"x": [1, 2]})])),
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": [1, ',  # not whole: text
+     ('<tool_call>{"name": "a", "arguments": {"x": [1, ', [])),
+    ("hermes", "<tool_call>not JSON</tool_call> and more", ("<tool_call>not JSON</tool_call> and more", [])),
+    ("hermes", '<tool_call>{"arguments": {}}</tool_call>', ('<tool_call>{"arguments": {}}</tool_call>', [])),
+    ("hermes", 'x <tool_call>{"name": "a", "arguments": {}}</tool_call> then words',
+     ("x  then words", [(0, "a", {})])),
+    ("hermes", "ends with the start of <tool_", ("ends with the start of <tool_", [])),
+    ("llama3_json", '{"name": "weather", "parameters": {"city": "Paris"}}', (None, [(0, "weather", {"city": "Paris"})])),
+    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}',
+     (None, [(0, "a", {"x": 1}), (1, "b", {})])),
+    ("llama3_json", "It is 4 {degrees}.", ("It is 4 {degrees}.", [])),
+    ("llama3_json", '{"not": "a call"}', ('{"not": "a call"}', [])),
+    ("llama3_json", '{"name": "a", "parameters": {"x": 1}}; oops', ("oops", [(0, "a", {"x": 1})])),
+    ("llama3_json", "", ("", [])),
+]
+
+
+@pytest.mark.parametrize("kind,text,expected", CASES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CASES)])
+def test_whole_and_streamed_alike(kind: str, text: str, expected) -> None:
+    assert calls_of(ToolCallParser(kind).parse(text)) == expected
+    rng = random.Random(len(text))
+    for _ in range(100):  # the same text cut at random places, into 1 to 8 pieces
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text), rng.randrange(0, 8))))
+        parser, content, calls = ToolCallParser(kind), "", []
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            more, made = parser.feed(text[a:b])
+            content, calls = content + more, calls + made
+        more, made = parser.finish()
+        content, calls = content + more, calls + made
+        assert calls_of((None if calls and not content.strip() else content, calls)) == expected
+        assert parser.calls == len(expected[1])
+
+
+def test_a_marker_is_held_until_the_text_says_what_it_is() -> None:
+    parser = ToolCallParser("hermes")
+    assert parser.feed("Hi <tool") == ("Hi ", [])  # might begin a call
+    assert parser.feed("kit>") == ("<toolkit>", [])  # it did not
+    assert parser.feed(' <tool_call>{"name": "f", "arguments": {}}')[1] == []  # not closed yet
+    content, calls = parser.feed("</tool_call>")
+    assert content == "" and [c["function"]["name"] for c in calls] == ["f"]
+    assert parser.feed("\n") == ("", [])  # whitespace after a call waits: it may be all that comes
+    assert parser.finish() == ("", [])
+
+
+def test_unknown_parser_is_refused() -> None:
+    with pytest.raises(ValueError, match="hermes"):
+        ToolCallParser("mistral")
