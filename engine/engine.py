@@ -117,6 +117,9 @@ class LLMEngine:
         # A token's text decoded alone: a Logprob's decoded_token (vLLM's), None without a tokenizer
         self._token_text = lru_cache(maxsize=1 << 16)(self.tokenizer.decode if self.tokenizer is not None
                                                       else lambda token_id: None)
+        # Logprobs as vLLM's Logprob objects (rank, decoded_token); False: plain floats, what the
+        # server's worker sends on (10x cheaper: 0.9 against 9 us a token with 20 top logprobs).
+        self.logprob_objects = True
         self.default_sampling = self._default_sampling(config.generation_config, path)
         self.runner = ModelRunner(path, self.model_config, config)
         self.max_model_len = self.runner.max_model_len  # the model's positions, or its attention window
@@ -438,8 +441,12 @@ class LLMEngine:
         return group, HostCopy(torch.cat(parts), unpack)
 
     def _logprobs_entry(self, token: int, logprob: float, rank: int,
-                        top: Iterable[tuple[int, float]]) -> dict[int, Logprob]:
+                        top: Iterable[tuple[int, float]]) -> dict[int, float]:
         """A position's logprobs as vLLM gives them: the top-k (ranked 1..k) and the token."""
+        if not self.logprob_objects:
+            entry = dict(top)
+            entry[token] = logprob
+            return entry
         text = self._token_text
         entry = {t: Logprob(value, i, text(t)) for i, (t, value) in enumerate(top, 1)}
         entry[token] = Logprob(logprob, rank, text(token))

@@ -87,6 +87,7 @@ class Worker:
         if init.get("cpu_threads"):
             torch.set_num_threads(int(init["cpu_threads"]))
         self.engine = LLMEngine(EngineConfig(**init.get("engine", {})))
+        self.engine.logprob_objects = False  # the frames carry numbers only
         # One warm-up step: /ready means "a step has run", and the first user pays no warm-up.
         self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
         while self.engine.has_unfinished_requests():

@@ -680,6 +680,13 @@ def test_logprobs_are_vllms_logprob_objects(default_llm: LLM) -> None:
         sum(entry[t] for t, entry in zip(sample.token_ids, sample.logprobs)))
     assert out.prompt_logprobs[0] is None
     assert all(isinstance(v, Logprob) and v.rank >= 1 for e in out.prompt_logprobs[1:] for v in e.values())
+    default_llm.engine.logprob_objects = False  # the server's worker: plain numbers, the same ones
+    try:
+        plain = default_llm.generate(["The weather today is"], params, use_tqdm=False)[0]
+    finally:
+        default_llm.engine.logprob_objects = True
+    assert plain.outputs[0].logprobs == sample.logprobs and plain.prompt_logprobs == out.prompt_logprobs
+    assert {type(v) for e in plain.outputs[0].logprobs + plain.prompt_logprobs[1:] for v in e.values()} == {float}
 
 
 def test_output_kinds_agree(default_llm: LLM) -> None:
