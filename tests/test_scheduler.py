@@ -413,12 +413,18 @@ def test_fcfs_ignores_priority() -> None:
         SchedulerConfig(max_model_len=64, num_blocks=8, policy="lottery")
 
 
-def test_a_higher_priority_arrival_takes_the_seat_of_the_lowest() -> None:
+def two_seats_taken() -> tuple[Scheduler, Request, Request]:
+    """Two requests of priority 1 running in the only two seats."""
     sched = priority_scheduler(max_num_seqs=2)
     a, b = make(5, 6, "a", priority=1), make(5, 6, "b", 100, priority=1)
     for request in (a, b):
         sched.add_request(request)
     step(sched)
+    return sched, a, b
+
+
+def test_a_higher_priority_arrival_takes_the_seat_of_the_lowest() -> None:
+    sched, a, b = two_seats_taken()
     step(sched)
     urgent = make(5, 3, "urgent", 200, priority=0)
     sched.add_request(urgent)
@@ -433,11 +439,7 @@ def test_a_higher_priority_arrival_takes_the_seat_of_the_lowest() -> None:
 
 
 def test_equal_priority_waits_for_a_seat() -> None:
-    sched = priority_scheduler(max_num_seqs=2)
-    a, b = make(5, 6, "a", priority=1), make(5, 6, "b", 100, priority=1)
-    for request in (a, b):
-        sched.add_request(request)
-    step(sched)
+    sched, a, b = two_seats_taken()
     late = make(5, 3, "late", 200, priority=1)
     sched.add_request(late)
     while a.status is RequestStatus.RUNNING and b.status is RequestStatus.RUNNING:
