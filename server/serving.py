@@ -409,6 +409,8 @@ class OpenAIServing:
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_fields(req, max_tokens, logprobs)
+        if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
+            params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
         job.tool_parser, job.parallel_tool_calls = tool_parser, req.parallel_tool_calls is not False
         return job
@@ -476,6 +478,7 @@ class OpenAIServing:
         inline, the thread 11 ms at a time)."""
         parts = [[m.content] if isinstance(m.content, str) else m.content or [] for m in req.messages]
         chars = sum(len(p if isinstance(p, str) else p.text or "") for message in parts for p in message)
+        chars += len(json.dumps(req.tools)) if getattr(req, "tools", None) else 0  # the template shows them
         if sum(map(len, parts)) <= RENDER_INLINE_MESSAGES and chars <= TOKENIZE_INLINE_CHARS:
             return self._render_chat(req)
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._render_chat, req)

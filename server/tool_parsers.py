@@ -1,15 +1,18 @@
 """Tool calls in a model's text, as vLLM's `--tool-call-parser` finds them, for OpenAI's
-`tool_calls`: the same parser reads a whole answer and a stream, so both give the same calls.
+`tool_calls`: the same parser reads a whole answer and a stream, so both give the same calls
+and the same content.
 
 - `hermes` (Qwen2.5, Qwen3, Hermes, and most chat templates with tools): each call is
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the text before the first one is
-  the message's content. A last call left open (the answer cut by max_tokens) counts if its JSON
-  is whole, as vLLM's.
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. The content is the text before
+  the first call (as vLLM's), and any text after a call that is more than whitespace. A last
+  call left open (the answer cut by max_tokens) counts if its JSON is whole, as vLLM's.
 - `llama3_json` (Llama 3.1+): an answer that starts with a JSON object (after
   `<|python_tag|>`, when special tokens are kept) is one or more calls,
   `{"name": ..., "parameters": {...}}`, separated by `;`; any other answer is content.
 
-Text that does not parse as a call is never lost: it stays in the content.
+A call needs a string `name` and its arguments (`arguments`, or `parameters` for llama3_json),
+as vLLM's parsers read them; text that does not parse as a call is never lost: it stays in the
+content. With calls and no content, the content is None.
 """
 
 from __future__ import annotations
@@ -19,14 +22,23 @@ import uuid
 from typing import Any
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+Calls = list[dict[str, Any]]
 
 
-def _tool_call(data: Any, arguments_key: str) -> dict[str, Any] | None:
+def _tool_call(data: Any, argument_keys: tuple[str, ...]) -> dict[str, Any] | None:
     """OpenAI's tool call from a parsed call object; None if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
-    arguments = data.get(arguments_key, data.get("arguments", data.get("parameters", {})))
-    if not isinstance(arguments, str):
+    key = next((k for k in argument_keys if k in data), None)
+    if key is None:
+        return None
+    arguments = data[key]
+    if isinstance(arguments, str):  # JSON text already, or a bare string that must become JSON
+        try:
+            json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = json.dumps(arguments, ensure_ascii=False)
+    else:
         arguments = json.dumps(arguments, ensure_ascii=False)
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": data["name"], "arguments": arguments}}
@@ -42,30 +54,37 @@ def _held_back(text: str, marker: str) -> int:
 
 class ToolCallParser:
     """One choice's text, fed as it comes (`feed`), then `finish`ed: each returns the content
-    and the tool calls it completed. `calls` counts them all."""
+    and the tool calls it released (a call's `index` counts the answer's calls). `parse` reads
+    a whole answer."""
 
     def __init__(self, kind: str) -> None:
         if kind not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool call parser must be one of {TOOL_CALL_PARSERS}, got {kind!r}")
         self.kind = kind
         self.calls = 0
-        self._buffer = ""
+        self._buffer = ""  # text not released yet
+        self._blank = ""  # hermes: the whitespace after a call, content only if more text follows it
+        self._spoken = False  # hermes: text since the last call (past it, whitespace is content)
         self._json: bool | None = None  # llama3_json: the answer is calls (None: not known yet)
+        self._answer = ""  # llama3_json: the text as it came, the content if no call parses
+        self._tried = 0  # llama3_json: the buffer's length when a call last failed to parse whole
 
-    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+    def feed(self, text: str) -> tuple[str, Calls]:
         self._buffer += text
+        if self.kind == "llama3_json" and self._json is not False:
+            self._answer += text
         return self._hermes(final=False) if self.kind == "hermes" else self._llama3_json(final=False)
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self) -> tuple[str, Calls]:
         return self._hermes(final=True) if self.kind == "hermes" else self._llama3_json(final=True)
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    def parse(self, text: str) -> tuple[str | None, Calls]:
         """A whole answer: its content (None where only calls were made) and its calls."""
         content, calls = self.feed(text)
         more, last = self.finish()
         content += more
         calls += last
-        return (None if calls and not content.strip() else content), calls
+        return (content or None) if calls else content, calls
 
     def _made(self, call: dict[str, Any]) -> dict[str, Any]:
         call["index"] = self.calls
@@ -75,71 +94,83 @@ class ToolCallParser:
     # ------------------------------------------------------------------ hermes
     START, END = "<tool_call>", "</tool_call>"
 
-    def _hermes(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
-        content, calls, buffer = [], [], self._buffer
-        while buffer:
-            start = buffer.find(self.START)
-            text = buffer if start < 0 else buffer[:start]
-            if start < 0 and not final:  # what could begin a call, or only whitespace after one, waits
-                keep = len(text) if self.calls and not text.strip() else _held_back(text, self.START)
-                text = text[:len(text) - keep]
-            if text.strip() or not self.calls:  # between and after calls, only what is more than whitespace
-                content.append(text)
-            buffer = buffer[len(text):] if start < 0 else buffer[start:]
+    def _hermes(self, final: bool) -> tuple[str, Calls]:
+        content: list[str] = []
+        calls: Calls = []
+        while self._buffer:
+            start = self._buffer.find(self.START)
+            text = self._buffer if start < 0 else self._buffer[:start]
+            if start < 0 and not final:
+                text = text[:len(text) - _held_back(text, self.START)]
+            self._buffer = self._buffer[len(text):]
+            content.append(self._text(text))
             if start < 0:
-                if final:
-                    buffer = ""
                 break
-            end = buffer.find(self.END)
+            end = self._buffer.find(self.END)
             if end < 0 and not final:
                 break  # the call is not whole yet
-            body, taken = (buffer[len(self.START):end], end + len(self.END)) if end >= 0 else \
-                (buffer[len(self.START):], len(buffer))  # a last call left open
+            body, taken = (self._buffer[len(self.START):end], end + len(self.END)) if end >= 0 else \
+                (self._buffer[len(self.START):], len(self._buffer))  # a last call left open
             try:
-                call = _tool_call(json.loads(body), "arguments")
+                call = _tool_call(json.loads(body), ("arguments",))
             except json.JSONDecodeError:
                 call = None
             if call is None:
-                content.append(buffer[:taken])
+                content.append(self._text(self._buffer[:taken]))
             else:
+                self._blank, self._spoken = "", False  # whitespace between calls is no content
                 calls.append(self._made(call))
-            buffer = buffer[taken:]
-        self._buffer = buffer
+            self._buffer = self._buffer[taken:]
+        if final:
+            self._blank = ""  # nor is whitespace after the last call
         return "".join(content), calls
+
+    def _text(self, text: str) -> str:
+        """Text outside calls as content: after a call, whitespace waits to see whether more
+        text follows it."""
+        if not self.calls or self._spoken or not text:
+            return text
+        if not text.strip():
+            self._blank += text
+            return ""
+        text, self._blank, self._spoken = self._blank + text, "", True
+        return text
 
     # ------------------------------------------------------------- llama3_json
     PYTHON_TAG = "<|python_tag|>"
 
-    def _llama3_json(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+    def _llama3_json(self, final: bool) -> tuple[str, Calls]:
         if self._json is None:
             start = self._buffer.lstrip()
             if start.startswith(("{", self.PYTHON_TAG)):
                 self._json = True
-            elif start and not self.PYTHON_TAG.startswith(start) or final:
+                self._buffer = start.removeprefix(self.PYTHON_TAG)
+            elif final or start and not self.PYTHON_TAG.startswith(start):
                 self._json = False
             else:
                 return "", []  # only whitespace, or the tag's beginning, so far
         if not self._json:
             content, self._buffer = self._buffer, ""
             return content, []
-        text = self._buffer.lstrip()
-        text = text[len(self.PYTHON_TAG):] if text.startswith(self.PYTHON_TAG) else text
-        calls, decoder = [], json.JSONDecoder()
-        while True:
-            text = text.lstrip().removeprefix(";").lstrip()
-            if not text:
-                break
+        calls: Calls = []
+        decoder = json.JSONDecoder()
+        # Past a failed try, only a new "}" can end an object: no parse per token of a long call.
+        while self._buffer and (final or "}" in self._buffer[self._tried:]):
+            text = self._buffer.lstrip().removeprefix(";").lstrip()
             try:
                 data, end = decoder.raw_decode(text)
             except json.JSONDecodeError:
+                self._tried = len(self._buffer)
                 break  # not whole yet, or not JSON
-            call = _tool_call(data, "parameters")
+            call = _tool_call(data, ("parameters", "arguments"))
             if call is None:
+                self._tried = len(self._buffer)
                 break
             calls.append(self._made(call))
-            text = text[end:]
-        self._buffer = text
-        if final and text:  # what did not parse: content, all of the answer if no call came
-            self._buffer = ""
-            return text, calls
-        return "", calls
+            self._buffer, self._tried = text[end:], 0
+        if not final:
+            return "", calls
+        rest, self._buffer = self._buffer, ""
+        if not self.calls:  # no call at all: the answer is text, as it came
+            return self._answer, calls
+        return rest.lstrip().removeprefix(";").strip(), calls  # what follows the calls

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -41,23 +42,32 @@ def _spelled(text: str, pieces: dict[str, list[int]], banned: set[int]) -> list[
     return tokens
 
 
-def scripted_checkpoint(path: str, answer: str, added_tokens: tuple[str, ...] = ()) -> str:
-    """Write the checkpoint to `path`; its greedy chat answer is `answer`."""
+def scripted_checkpoint(path: str, answer: str, added_tokens: tuple[str, ...] = (), special: bool = False) -> str:
+    """Write the checkpoint to `path`; its greedy chat answer is `answer`. `special`: the
+    added tokens are special ones (skip_special_tokens drops them from text)."""
     from transformers import AutoTokenizer
 
     from engine.default_model import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    tokenizer.add_tokens(list(added_tokens))
-    special = set(tokenizer.all_special_ids)
+    reserved = set(tokenizer.all_special_ids)  # BOS, EOS ...: never part of the answer
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(added_tokens)})
+    else:
+        tokenizer.add_tokens(list(added_tokens))
+    added = {token: tokenizer.convert_tokens_to_ids(token) for token in added_tokens}
     pieces: dict[str, list[int]] = {}
     for token_id in range(len(tokenizer)):
-        if token_id not in special:
+        if token_id not in reserved and token_id not in added.values():
             pieces.setdefault(tokenizer.decode([token_id]), []).append(token_id)
     header = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                            add_generation_prompt=True)
     start = tokenizer.encode(header, add_special_tokens=False)[-1]
-    chain = _spelled(answer, pieces, banned={start})
+    chain: list[int] = []  # the added tokens where the answer has them, the text between spelled
+    for part in re.split("(" + "|".join(map(re.escape, added)) + ")", answer) if added else [answer]:
+        chain += [added[part]] if part in added else _spelled(part, pieces, banned={start, *chain}) if part else []
+    if len(set(chain)) < len(chain):
+        raise ValueError(f"an added token comes twice in {answer!r}")
     eos = tokenizer.eos_token_id
     inputs, outputs = [start, *chain], [*chain, eos]
     hidden = 16 * -(-len(inputs) // 16)
