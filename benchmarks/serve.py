@@ -618,7 +618,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default="results")
     o.add_argument("--name", default="serve", help="writes OUT_DIR/NAME.json and NAME.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.urgent_fraction <= 1.0:
+        p.error(f"--urgent-fraction must be in [0, 1], got {args.urgent_fraction}")
+    return args
 
 
 def _discover_model(base_url: str) -> str:
@@ -645,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.launch:
             server = Launched(target, args)
             run_args.backend = "stoke" if target == "stoke-priority" else target
-            run_args.send_priority = target == "stoke-priority"
+            run_args.send_priority = args.send_priority or target == "stoke-priority"
             print(f"starting {target} ...", flush=True)
             try:
                 server.wait_ready(600)

@@ -448,8 +448,8 @@ class LLMEngine:
             entry[token] = logprob
             return entry
         text = self._token_text
-        entry = {t: Logprob(value, i, text(t)) for i, (t, value) in enumerate(top, 1)}
-        entry[token] = Logprob(logprob, rank, text(token))
+        entry = {token: Logprob(logprob, rank, text(token))}
+        entry.update((t, Logprob(value, i, text(t))) for i, (t, value) in enumerate(top, 1))  # ties: k's rank
         return entry
 
     def _append(self, group: _Group, sample: _Sample, token: int, logprob: float | None, rank: int | None,

@@ -8,8 +8,8 @@ When blocks run out, the most recently admitted running request is preempted by 
 The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
 the preempted request is then the running one that sorts last, and a waiting request that
 finds no seat or no blocks preempts running ones of a strictly lower priority (a larger
-number) to make room, as vLLM's older scheduler did: only when they can make all of it, and
-it then takes the room in the same step.
+number) to make room, as vLLM's older scheduler did; stoke only when they can make all of it,
+and the request then takes the room in the same step.
 
 A launched step is `advance`d at once; its sampled tokens arrive later (`append_token`), and
 until then count as each request's pending tokens (async scheduling plans the next step with
@@ -301,8 +301,8 @@ class Scheduler:
                      hits: list[int]) -> list[Request] | None:
         """Under the priority policy, the running requests of a lower priority than the waiting
         `request` whose preemption gives it a seat (if `need_seat`) and the blocks for
-        `num_tokens` after its `hits`: the fewest, last in order first. None when they could
-        not (then none is preempted). Requests about to finish by length are left: they give
+        `num_tokens` after its `hits`: taken last in order first until they do (not the fewest
+        that would). None when they could not (then none is preempted). Requests about to finish by length are left: they give
         their room back soon anyway."""
         if not self.by_priority:
             return None

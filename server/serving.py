@@ -35,7 +35,7 @@ from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
 from server.token_bytes import token_bytes_reader
-from server.tool_parsers import ToolCallParser
+from server.tool_parsers import ToolCallParser, message_content
 
 logger = logging.getLogger("stoke.server")
 
@@ -302,7 +302,7 @@ class OpenAIServing:
         if req.stream_options is not None and not stream:  # as OpenAI and vLLM
             raise errors.invalid("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
-        priority = record.priority = req.priority or 0  # logged refused too
+        priority = req.priority or 0
         if priority and self.config.engine_args.get("scheduling_policy", "fcfs") != "priority":  # as vLLM
             raise errors.invalid(f"priority {priority} needs a server started with --scheduling-policy priority; "
                                  "this one serves requests first come, first served", param="priority")
@@ -351,6 +351,7 @@ class OpenAIServing:
 
     async def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
+        record.priority = req.priority or 0  # logged, refused or not
         if req.suffix:
             raise errors.unsupported("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
@@ -388,6 +389,7 @@ class OpenAIServing:
 
     async def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.model = self.check_model(req.model)
+        record.priority = req.priority or 0  # logged, refused or not
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
         if not req.messages:
@@ -872,8 +874,8 @@ class OpenAIServing:
             calls = [call for call in calls if call["index"] == 0]
         choice.content = (choice.content or "") + content
         choice.tool_calls += [{k: v for k, v in call.items() if k != "index"} for call in calls]
-        if final and choice.tool_calls and not choice.content.strip():
-            choice.content = None
+        if final:
+            choice.content = message_content(choice.content, bool(choice.tool_calls))
         return content, calls
 
     def _tool_call_chunks(self, job: Job, choice: Choice, text: str, reason: str | None,

@@ -44,6 +44,11 @@ def _tool_call(data: Any, argument_keys: tuple[str, ...]) -> dict[str, Any] | No
             "function": {"name": data["name"], "arguments": arguments}}
 
 
+def message_content(content: str, made_calls: bool) -> str | None:
+    """An answer's content as the message gives it: None where only calls were made (vLLM's)."""
+    return (content or None) if made_calls else content
+
+
 def _held_back(text: str, marker: str) -> int:
     """How many of the text's last characters could begin `marker`: held until the next text says."""
     for keep in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -84,7 +89,7 @@ class ToolCallParser:
         more, last = self.finish()
         content += more
         calls += last
-        return (content or None) if calls else content, calls
+        return message_content(content, bool(calls)), calls
 
     def _made(self, call: dict[str, Any]) -> dict[str, Any]:
         call["index"] = self.calls

@@ -449,7 +449,7 @@ def test_equal_priority_waits_for_a_seat() -> None:
     assert_all_free(sched)
 
 
-def test_a_higher_priority_arrival_preempts_for_blocks_only_what_it_needs() -> None:
+def test_a_higher_priority_arrival_preempts_the_lowest_for_blocks_until_it_fits() -> None:
     # Four low-priority requests hold 3 blocks each of 14; the newcomer's 9-token prompt
     # needs 3 blocks, 2 are free: one victim (the latest of the lowest) is enough.
     sched = priority_scheduler(num_blocks=14, max_num_seqs=8)

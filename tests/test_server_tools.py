@@ -90,6 +90,9 @@ def test_what_tool_calls_cannot_do_is_a_clear_400(server, client):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=None, messages=QUESTION, max_tokens=8, **({"tools": TOOLS} | extra))
         assert info.value.body["param"] == param and info.value.body["code"] == code, info.value.body
+    with pytest.raises(openai.BadRequestError):  # refused for its tools first: its line still has its priority
+        client.chat.completions.create(model=None, messages=QUESTION, tools=[{"type": "x"}], extra_body={"priority": 3})
+    assert server.log_lines()[-1]["priority"] == 3
     assert wait_for(lambda: idle(server), 30)
     assert server.metrics()['stoke_request_errors_total{type="invalid_request"}'] \
-        - before['stoke_request_errors_total{type="invalid_request"}'] == len(cases)
+        - before['stoke_request_errors_total{type="invalid_request"}'] == len(cases) + 1

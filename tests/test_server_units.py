@@ -850,3 +850,24 @@ def test_keys_cors_and_early_disconnects_in_process(caplog):
         asyncio.run(app(scope, receive, send))
     line = json.loads(caplog.records[-1].getMessage())
     assert (line["status"], line["error_type"]) == (499, "aborted")
+
+
+def test_tool_call_content_is_alike_whole_and_streamed():
+    """The server's tool call reading (`_read_tool_calls`) gives a whole body the content a
+    stream sends, whitespace included; None where only calls were made (vLLM's)."""
+    import types
+
+    from server.serving import Choice, OpenAIServing
+
+    serving = OpenAIServing(ServerConfig(), None, client=None, metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    job = types.SimpleNamespace(tool_parser="hermes", parallel_tool_calls=True)
+    call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    for text, content in (("\n\n" + call, "\n\n"), (call, None), ("Hi " + call + "\n", "Hi ")):
+        whole = Choice(0)
+        serving._read_tool_calls(job, whole, text, final=True)
+        streamed, sent, pieces = Choice(1), "", [text[i:i + 3] for i in range(0, len(text), 3)]
+        for i, piece in enumerate(pieces):
+            sent += serving._read_tool_calls(job, streamed, piece, final=i == len(pieces) - 1)[0]
+        assert whole.content == streamed.content == content and sent == (content or "")
+        assert [c["function"]["name"] for c in whole.tool_calls] == ["f"] and whole.finish_reason == "tool_calls"
