@@ -32,8 +32,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    # Per generated token: {token_id: Logprob} for the sampled token and the top-k.
-    logprobs: list[dict[int, Logprob]] | None = None
+    # Per generated token: {token_id: Logprob} for the sampled token and the top-k (plain
+    # floats where LLMEngine.logprob_objects is off: the server's worker).
+    logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     delta_text: str = ""  # text new since this request's previous output
@@ -67,5 +68,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     # SamplingParams.prompt_logprobs: per prompt token, {token_id: Logprob} of the token and
-    # the top-k given the tokens before it; None for the first token.
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # the top-k given the tokens before it (as `logprobs`); None for the first token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
