@@ -350,8 +350,8 @@ class OpenAIServing:
             raise errors.invalid(str(exc), param="truncate_prompt_tokens") from None
 
     async def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
-        record.model = self.check_model(req.model)
         record.priority = req.priority or 0  # logged, refused or not
+        record.model = self.check_model(req.model)
         if req.suffix:
             raise errors.unsupported("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
@@ -388,8 +388,8 @@ class OpenAIServing:
         return job
 
     async def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
-        record.model = self.check_model(req.model)
         record.priority = req.priority or 0  # logged, refused or not
+        record.model = self.check_model(req.model)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
         if not req.messages:

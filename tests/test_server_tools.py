@@ -93,6 +93,9 @@ def test_what_tool_calls_cannot_do_is_a_clear_400(server, client):
     with pytest.raises(openai.BadRequestError):  # refused for its tools first: its line still has its priority
         client.chat.completions.create(model=None, messages=QUESTION, tools=[{"type": "x"}], extra_body={"priority": 3})
     assert server.log_lines()[-1]["priority"] == 3
+    with pytest.raises(openai.NotFoundError):  # an unknown model too
+        client.chat.completions.create(model="nope", messages=QUESTION, extra_body={"priority": 2})
+    assert server.log_lines()[-1]["priority"] == 2
     assert wait_for(lambda: idle(server), 30)
     assert server.metrics()['stoke_request_errors_total{type="invalid_request"}'] \
-        - before['stoke_request_errors_total{type="invalid_request"}'] == len(cases) + 1
+        - before['stoke_request_errors_total{type="invalid_request"}'] == len(cases) + 2
