@@ -43,7 +43,7 @@ class _Sample:
     request: Request
     detokenizer: IncrementalDetokenizer | None
     generator: torch.Generator | None
-    logprobs: list[dict[int, Logprob]] | None
+    logprobs: list[dict[int, float]] | None  # Logprob objects unless logprob_objects is off
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -59,7 +59,7 @@ class _Group:
     params: SamplingParams
     arrival_time: float
     samples: list[_Sample] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_pending: int = 0  # positions whose logprobs are still on their way back
 
     @property
@@ -79,7 +79,7 @@ class _Launched:
     sampled: SampledTokens
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA: the step's device span
     # the prompt logprobs this step computed, per group, on their way back (in position order)
-    prompt_logprobs: list[tuple[_Group, HostCopy[list[dict[int, Logprob]]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[_Group, HostCopy[list[dict[int, float]]]]] = field(default_factory=list)
 
     def previous_tokens(self) -> PreviousTokens:
         return PreviousTokens(self.sampled.token_ids, {self.batch.requests[i]: j for j, i in enumerate(self.rows)})
@@ -220,7 +220,6 @@ class LLMEngine:
         """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given.
         See `prepare` for what it checks and `cap_at_context`; `priority` (lower runs earlier)
         needs the "priority" scheduling policy."""
-        self.check_priority(priority)
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         prepared = self.prepare(prompt_token_ids, params, cap_at_context=cap_at_context)
@@ -407,7 +406,7 @@ class LLMEngine:
                 if not final_only or group.finished]
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor,
-                         ) -> tuple[_Group, HostCopy[list[dict[int, Logprob]]]] | None:
+                         ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:
         """Hidden states at positions start.. predict prompt tokens start+1..: their logprobs,
         launched and on their way back with the step's tokens (`_take_back` records them), so a
         step with prompt logprobs waits on the device no more than any other. A recompute after
@@ -432,7 +431,7 @@ class LLMEngine:
             slices.append(top_logprobs_parts(logprobs, targets_dev[i - first:j - first], k))
         parts = [torch.cat(part) for part in zip(*slices)]  # each part's rows in order, as one call's
 
-        def unpack(host: torch.Tensor) -> list[dict[int, Logprob]]:
+        def unpack(host: torch.Tensor) -> list[dict[int, float]]:
             chosen, ranks, values, ids = split_top_logprobs(host, n, k)
             return [self._logprobs_entry(target, lp, rank, zip(top_ids, top_values))
                     for target, lp, rank, top_ids, top_values in zip(targets, chosen, ranks, ids, values)]

@@ -184,9 +184,7 @@ class Scheduler:
                 n = min(n, cfg.long_prefill_token_threshold)
             while not bm.allocate_slots(request, n):
                 victim = self._last_in_order()
-                budget += scheduled.pop(victim, 0)
-                self._preempt(victim)
-                batch.preempted.append(victim)
+                budget += self._preempt_planned(victim, scheduled, batch.preempted)
                 if victim is request:
                     break
             else:
@@ -251,10 +249,7 @@ class Scheduler:
                 if victims is None:
                     break
                 for victim in victims:
-                    scheduled.pop(victim, None)
-                    self._preempt(victim)
-                    preempted.append(victim)
-                budget = cfg.max_num_batched_tokens - sum(scheduled.values())
+                    budget += self._preempt_planned(victim, scheduled, preempted)
                 partial, long_partial = self._partial_prefills(scheduled)  # a victim may have been one
                 allocated = bm.allocate_slots(request, n, hits)  # n, hits as checked: the room was counted
                 assert allocated, "the victims were to make room"
@@ -290,6 +285,13 @@ class Scheduler:
             self.waiting.appendleft(request)
         self.stats.num_preemptions += 1
 
+    def _preempt_planned(self, request: Request, scheduled: dict[Request, int], preempted: list[Request]) -> int:
+        """Preempt a running request while the step is planned: the budget its tokens in the
+        step took, given back."""
+        self._preempt(request)
+        preempted.append(request)
+        return scheduled.pop(request, 0)
+
     def _partial_prefills(self, scheduled: dict[Request, int]) -> tuple[int, int]:
         """How many of the step's requests leave their prefill unfinished, and how many of
         those are long."""
@@ -302,8 +304,8 @@ class Scheduler:
         """Under the priority policy, the running requests of a lower priority than the waiting
         `request` whose preemption gives it a seat (if `need_seat`) and the blocks for
         `num_tokens` after its `hits`: taken last in order first until they do (not the fewest
-        that would). None when they could not (then none is preempted). Requests about to finish by length are left: they give
-        their room back soon anyway."""
+        that would). None when they could not (then none is preempted). Requests about to
+        finish by length are left: they give their room back soon anyway."""
         if not self.by_priority:
             return None
         bm = self.block_manager

@@ -103,7 +103,6 @@ class Job:
     echoed: dict[int, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
     # cut short: when the log line stops waiting for the worker's confirmation (`_abort`)
     settle_timer: asyncio.TimerHandle | None = None
-    priority: int = 0  # the scheduler's order under --scheduling-policy priority (lower first)
     tool_parser: str | None = None  # chat, tool_choice "auto": how its answers' tool calls are read
     parallel_tool_calls: bool = True  # False: an answer's first call only
 
@@ -302,7 +301,7 @@ class OpenAIServing:
         if req.stream_options is not None and not stream:  # as OpenAI and vLLM
             raise errors.invalid("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
-        priority = req.priority or 0
+        priority = record.priority  # chat_job / completion_job set it first: logged, refused or not
         if priority and self.config.engine_args.get("scheduling_policy", "fcfs") != "priority":  # as vLLM
             raise errors.invalid(f"priority {priority} needs a server started with --scheduling-policy priority; "
                                  "this one serves requests first come, first served", param="priority")
@@ -312,7 +311,6 @@ class OpenAIServing:
         job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
                   prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
         job.continuous_usage = include_usage and bool(req.stream_options.continuous_usage_stats)
-        job.priority = priority
         if self.request_logger.log_text:  # what the model sees: a truncated or token-id prompt decoded
             texts = [self._prompt_text(job, i) for i in range(len(prompts))]
             record.prompt = texts[0] if len(texts) == 1 else texts
@@ -550,7 +548,8 @@ class OpenAIServing:
                 self.live.discard(generation)
 
         try:
-            generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival, job.priority)
+            generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival,
+                                              job.record.priority)
             if job.echo_only:
                 self.metrics.prompt_only(generation.ids)
             self.live.add(generation)

@@ -66,6 +66,7 @@ class ToolCallParser:
         if kind not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool call parser must be one of {TOOL_CALL_PARSERS}, got {kind!r}")
         self.kind = kind
+        self._read = self._hermes if kind == "hermes" else self._llama3_json  # (final) -> content, calls
         self.calls = 0
         self._buffer = ""  # text not released yet
         self._blank = ""  # hermes: the whitespace after a call, content only if more text follows it
@@ -78,10 +79,10 @@ class ToolCallParser:
         self._buffer += text
         if self.kind == "llama3_json" and self._json is not False:
             self._answer += text
-        return self._hermes(final=False) if self.kind == "hermes" else self._llama3_json(final=False)
+        return self._read(final=False)
 
     def finish(self) -> tuple[str, Calls]:
-        return self._hermes(final=True) if self.kind == "hermes" else self._llama3_json(final=True)
+        return self._read(final=True)
 
     def parse(self, text: str) -> tuple[str | None, Calls]:
         """A whole answer: its content (None where only calls were made) and its calls."""
