@@ -5,8 +5,9 @@ from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "ModelConfig", "RequestMetrics",
-    "RequestOutput", "SamplingParams",
+    "RequestOutput", "SamplingParams", "StructuredOutputsParams",
 ]

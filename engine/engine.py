@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Literal, get_args
@@ -26,6 +26,8 @@ from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
+from engine.token_bytes import vocabulary_bytes
+from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
 from scheduler import SCHEDULING_POLICIES, Request, ScheduledBatch, Scheduler, SchedulerConfig
 
@@ -49,6 +51,7 @@ class _Sample:
     stop_reason: int | str | None = None
     sent_tokens: int = 0  # output tokens already reported in a delta
     sent_finish: bool = False  # a delta output reported finish_reason already
+    guide: Guide | None = None  # structured outputs: where the sample is in its grammar
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +146,8 @@ class LLMEngine:
         self.stats = StepStats()
         self.async_scheduling = config.resolve_async_scheduling(self.runner.device)
         self._in_flight: _Launched | None = None
+        self._token_masks: TokenMasks | None = None  # built for the first structured output
+        self._num_guided = 0  # unfinished samples with structured outputs
 
     @staticmethod
     def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
@@ -245,6 +250,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         # Every sample is built before any is queued: nothing stays behind if one fails.
+        guides = self._guides(params)
         first: Request | None = None
         # Samples 1.. start once sample 0's prompt is in the prefix cache, to reuse it; with no
         # cache they would only wait to recompute it.
@@ -262,12 +268,27 @@ class LLMEngine:
                 detokenizer=self._detokenizer(prompt_token_ids, params),
                 generator=self._generator(params, index),
                 logprobs=[] if params.logprobs is not None else None,
+                guide=next(guides, None),
             )
             group.samples.append(sample)
+        self._num_guided += sum(s.guide is not None for s in group.samples)
         for sample in group.samples:
             self.samples[sample.request] = (group, sample)
             self.scheduler.add_request(sample.request)
         self.groups[request_id] = group
+
+    def _guides(self, params: SamplingParams) -> Iterator[Guide]:
+        """One guide per sample for a request with structured outputs (none without)."""
+        if params.structured_outputs is None:
+            return iter(())
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer (the tokens' bytes), and this model has none")
+        if self._token_masks is None:
+            vocabulary = vocabulary_bytes(self.tokenizer, self.model_config.vocab_size)
+            self._token_masks = TokenMasks(TokenVocabulary(vocabulary))
+        grammar = params.structured_outputs.compile()
+        ends = [*self.eos_token_ids, *params.stop_token_ids]
+        return (Guide(grammar, self._token_masks, ends) for _ in range(params.n))
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None or not params.detokenize:
@@ -317,13 +338,17 @@ class LLMEngine:
         before it, and a request that finished there has one surplus token computed, discarded."""
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
+        results: list[RequestOutput] = []
+        if self._in_flight is not None and self._num_guided:
+            # A structured output's next mask needs its last token on the host: while any is
+            # running, steps run one after the other.
+            results += self._take_back(outputs)
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         # Left in self._in_flight until taken back: if launching this step raises, the engine
         # stays as it was.
         in_flight = self._in_flight
-        results: list[RequestOutput] = []
         if not batch.requests:
             return self._take_back(outputs) if in_flight is not None else results
         all_logits_rows = [
@@ -343,10 +368,12 @@ class LLMEngine:
         for i in step_logits.sampling_rows:
             request = batch.requests[i]
             group, sample = self.samples[request]
+            allowed, must_end = sample.guide.mask() if sample.guide is not None else (None, False)
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,
                 pending_rows=(previous.rows[request],) if request.num_pending_tokens else (), key=request,
+                allowed_tokens=allowed, must_end=must_end,
             ))
         sampled = self.sampler.sample(step_logits.logits, sampling_rows,
                                       previous.token_ids if previous is not None else None)
@@ -458,7 +485,13 @@ class LLMEngine:
             sample.logprobs.append(self._logprobs_entry(token, logprob, rank, top or ()))
             sample.cumulative_logprob += logprob
         num_out = request.num_output_tokens
-        past_min = num_out >= params.min_tokens
+        guide = sample.guide
+        # Only an end token was allowed: min_tokens yields to the grammar (so did the sampler).
+        past_min = num_out >= params.min_tokens or (guide is not None and guide.mask()[1])
+        if guide is not None and not guide.advance(token):
+            logger.warning("request %s: token %d is not one its grammar allows; the answer ends here",
+                           request.request_id, token)
+            return self._finish(sample, "stop")
         eos = past_min and token in self.eos_token_ids and not params.ignore_eos
         stop_token = past_min and token in params.stop_token_ids
         # As vLLM: the text ends before a stop token (EOS included), whose id stays in the
@@ -480,6 +513,8 @@ class LLMEngine:
 
     def _finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:
         sample.finish_reason, sample.stop_reason = reason, stop_reason
+        if sample.guide is not None:
+            self._num_guided -= 1
         if sample.detokenizer is not None and not sample.detokenizer.stop_reason:
             sample.detokenizer.finish()
         self.scheduler.finish(sample.request)

@@ -4,15 +4,15 @@ One call handles one decode step for a batch of sequences (one logits row each).
 in vLLM's order and each is skipped entirely when no row in the batch needs it, so an
 all-greedy batch without penalties costs one argmax:
 
-    min_tokens suppression → logit bias → repetition penalty → frequency/presence penalties
-    → greedy rows: argmax → temperature → min-p → top-k → top-p → sample
+    structured outputs' mask → min_tokens suppression → logit bias → repetition penalty
+    → frequency/presence penalties → greedy rows: argmax → temperature → min-p → top-k → top-p → sample
 
 Random sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws from
 `probs` exactly. A row with its own `torch.Generator` (a seeded request) draws its noise from
 that generator alone, so its tokens do not depend on its batch mates or its row index.
 
 Logprobs are computed from the raw logits (before penalties and temperature), as vLLM V1
-does by default.
+does by default; for a structured output, after its grammar's mask (as vLLM's).
 
 No host sync per row, on any device: which stages run, and over which rows, is decided on the
 host from the SamplingParams alone (never from device values). Every per-row parameter and
@@ -57,6 +57,10 @@ class SamplingRow:
     # The sequence's identity across steps (the engine's Request): the sampler then keeps its
     # history as an array and converts only the tokens added since (see _Histories).
     key: object = None
+    # Structured outputs: the tokens the row's grammar allows (a bool mask over the vocabulary,
+    # on the host), and whether only an end token is (min_tokens then yields to the grammar).
+    allowed_tokens: torch.Tensor | None = None
+    must_end: bool = False
 
     @property
     def num_output_tokens(self) -> int:
@@ -86,6 +90,9 @@ class _Staged:
 
     def float(self, name: str, values: list[float] | torch.Tensor) -> None:
         self._host[name] = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float32)
+
+    def tensor(self, name: str, values: torch.Tensor) -> None:
+        self._host[name] = values
 
     def send(self, device: torch.device) -> None:
         names = list(self._host)
@@ -300,7 +307,8 @@ class Sampler:
         params = [r.params for r in rows]
 
         want_lp = [p.logprobs is not None for p in params]
-        need_min = [r.num_output_tokens < r.params.min_tokens for r in rows]
+        need_min = [r.num_output_tokens < r.params.min_tokens and not r.must_end for r in rows]
+        guided = [i for i, r in enumerate(rows) if r.allowed_tokens is not None]
         biased = [i for i, p in enumerate(params) if p.logit_bias_arrays is not None]
         need_rep = [p.repetition_penalty != 1.0 for p in params]
         need_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
@@ -311,6 +319,10 @@ class Sampler:
 
         # ---- host: every index list and per-row value the stages below use, then one copy.
         st = _Staged()
+        if guided:
+            st.tensor("allowed", torch.stack([rows[i].allowed_tokens[:vocab] for i in guided]))
+            if len(guided) < batch:
+                st.long("guided_idx", guided)
         lp_rows = _subset(want_lp) if any(want_lp) else None
         if lp_rows is not None:
             st.long("lp_idx", lp_rows)
@@ -345,12 +357,18 @@ class Sampler:
         st.send(logits.device)
 
         # ---- device: no sync until the one copy back.
+        # 0. Structured outputs: what the grammar does not allow is never sampled, and has no
+        #    logprob (as vLLM, which applies the grammar's bitmask to the logits first).
+        if guided:
+            idx = st.get("guided_idx")
+            logits = _put(logits.clone() if idx is not None else logits, idx,
+                          _take(logits, idx).masked_fill(~st.dev["allowed"], float("-inf")))
         # Logprobs come from the raw logits, so take them before anything changes.
         lp_idx = st.get("lp_idx")
         raw_logprobs = _take(logits, lp_idx).float().log_softmax(dim=-1) if any(want_lp) else None
 
         modifies = any(need_min) or bool(biased) or any(need_rep) or any(need_freq) or not all(greedy)
-        x = logits.to(torch.float32, copy=True) if modifies else logits.float()
+        x = logits.to(torch.float32, copy=not guided) if modifies else logits.float()
 
         # 1. min_tokens: no EOS / stop token until the row has generated min_tokens.
         if st.get("ban_rows") is not None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.structured_outputs import StructuredOutputsParams
+
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # a signed 64-bit integer: sample i draws with seed + i
 
@@ -38,6 +40,9 @@ class SamplingParams:
     # token id → added to its logit before the penalties and sampling (OpenAI's logit_bias);
     # keys may arrive as decimal strings (JSON object keys)
     logit_bias: dict[int, float] | None = None
+    # the answer held to a JSON schema, any JSON object or a choice (a dict of its fields is
+    # taken too: what the server's worker receives)
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, repr=False)
     # logit_bias as (token ids, biases) arrays, for the sampler's scatter every step
     _bias_arrays: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
@@ -138,6 +143,17 @@ class SamplingParams:
             fail("stop_token_ids", "must be non-negative integers")
         if self.logit_bias is not None:
             self.logit_bias = _token_biases(self.logit_bias)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:  # a field it does not have
+                raise ValueError(f"structured_outputs: {exc}") from None
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                fail("structured_outputs", "must be a StructuredOutputsParams")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos cannot be set with structured_outputs: the answer ends where its "
+                                 "grammar does")
 
 
 def truncate_prompt(tokens: list[int], keep: int, max_model_len: int) -> list[int]:

@@ -34,7 +34,7 @@ from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
-from server.token_bytes import token_bytes_reader
+from engine.token_bytes import token_bytes_reader
 from server.tool_parsers import ToolCallParser, message_content
 
 logger = logging.getLogger("stoke.server")

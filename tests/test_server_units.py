@@ -722,7 +722,7 @@ def test_token_bytes_join_to_the_texts_utf8(default_model_dir: str) -> None:
     from tokenizers import Tokenizer, decoders, models
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from server.token_bytes import token_bytes_reader
+    from engine.token_bytes import token_bytes_reader
 
     byte_level = AutoTokenizer.from_pretrained(default_model_dir)
     read = token_bytes_reader(byte_level)

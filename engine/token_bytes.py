@@ -1,8 +1,9 @@
-"""A token's own bytes, as OpenAI's chat logprobs give them (`bytes`): joined over a completion
-they are its text's UTF-8. Decoding a token alone shows U+FFFD for a token that is part of a
-character (an emoji spread over byte tokens); its bytes are that part, read from the vocabulary:
-byte-level BPE (GPT-2's alphabet: Llama 3, Qwen, SmolLM2) or SentencePiece byte fallback
-(`<0xE4>`: Llama 2, Mistral). Other tokens' bytes are their text's UTF-8.
+"""A token's own bytes, as OpenAI's chat logprobs give them (`bytes`) and as structured outputs
+read them: joined over a completion they are its text's UTF-8. Decoding a token alone shows
+U+FFFD for a token that is part of a character (an emoji spread over byte tokens); its bytes
+are that part, read from the vocabulary: byte-level BPE (GPT-2's alphabet: Llama 3, Qwen,
+SmolLM2) or SentencePiece byte fallback (`<0xE4>`: Llama 2, Mistral). Other tokens' bytes are
+their text's UTF-8.
 """
 
 from __future__ import annotations
@@ -52,3 +53,29 @@ def token_bytes_reader(tokenizer: Any) -> Callable[[int, str], bytes]:
         return bytes([int(match.group(1), 16)]) if match else text.encode()
 
     return read
+
+
+def vocabulary_bytes(tokenizer: Any, size: int) -> list[bytes | None]:
+    """Every token's bytes as it adds them to a text, for ids below `size` (the model's
+    vocabulary, which may be larger than the tokenizer's); None for special tokens (BOS, EOS,
+    chat markers: no text of their own) and for ids the tokenizer does not have."""
+    kinds = _decoder_kinds(tokenizer)
+    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+    byte_fallback = "ByteFallback" in kinds
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+    known = min(size, len(tokenizer))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(known)))
+    out: list[bytes | None] = [None] * size
+    for token_id, piece in enumerate(pieces):
+        if token_id in special or piece is None:
+            continue
+        if token_id in added:
+            out[token_id] = str(added[token_id]).encode()
+        elif alphabet is not None and all(ch in alphabet for ch in piece):
+            out[token_id] = bytes(alphabet[ch] for ch in piece)
+        elif byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
+            out[token_id] = bytes([int(match.group(1), 16)])
+        else:  # SentencePiece: ▁ is a space
+            out[token_id] = piece.replace("\u2581", " ").encode()
+    return out

@@ -1,0 +1,385 @@
+"""Byte-level grammars for structured outputs: what text a sample may still write.
+
+A grammar is a tree (or, through `$ref`, a graph) of rules, each a small automaton over bytes
+that may hand a byte to a child rule and resume when the child is done: a pushdown automaton.
+A position in it is a set of stacks (`State`), so alternatives that begin alike (`anyOf`, enum
+values, keys that share a prefix) are followed side by side until the text tells them apart.
+States are immutable and hashable: token masks are cached per state (`engine/token_masks.py`).
+
+JSON is written as RFC 8259 has it, with two limits a sampler needs: at most `MAX_WHITESPACE`
+whitespace bytes in a row between tokens (a small model can otherwise write newlines until
+max_tokens), and none after the value (the answer ends there). Object members come in the
+schema's order, optional ones may be left out (as xgrammar and outlines write them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+MAX_WHITESPACE = 16
+WHITESPACE = frozenset(b" \t\n\r")
+
+# Rules open at once, at most: deeper nesting is not written (and stays far from Python's
+# recursion limit, which hashing a state's nested tuples runs into).
+MAX_DEPTH = 128
+
+# A stack: (rule, its local state, the stack below it or None, its depth). A state: the
+# stacks alive.
+Stack = tuple[Any, Hashable, Any, int]
+State = frozenset
+
+Move = tuple[Hashable, "Rule | None"]  # (the rule's next local state, a child to run first or None)
+_NO_MOVES: tuple[Move, ...] = ()
+
+
+class Rule:
+    """A piece of grammar. `moves(local, byte)`: what reading `byte` in `local` can do, each a
+    (next local, None) when this rule reads it, or (local to resume in, child) when a child
+    rule starts with it. `accepts(local)`: this rule may end here."""
+
+    __slots__ = ()
+    start: Hashable = 0
+
+    def moves(self, local: Any, byte: int) -> tuple[Move, ...]:
+        raise NotImplementedError
+
+    def accepts(self, local: Any) -> bool:
+        raise NotImplementedError
+
+
+class Literal(Rule):
+    """Exactly these bytes."""
+
+    __slots__ = ("text", "_reads")
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self._reads = tuple(((i + 1, None),) for i in range(len(text)))
+
+    def moves(self, local: int, byte: int) -> tuple[Move, ...]:
+        return self._reads[local] if local < len(self.text) and self.text[local] == byte else _NO_MOVES
+
+    def accepts(self, local: int) -> bool:
+        return local == len(self.text)
+
+
+class Alternatives(Rule):
+    """Any one of its options (an empty list until `set_options`: a `$ref` resolved later)."""
+
+    __slots__ = ("options", "_starts")
+
+    def __init__(self, options: Iterable[Rule] = ()) -> None:
+        self.set_options(options)
+
+    def set_options(self, options: Iterable[Rule]) -> None:
+        self.options = tuple(options)
+        self._starts = tuple((1, option) for option in self.options)
+
+    def moves(self, local: int, byte: int) -> tuple[Move, ...]:
+        return self._starts if local == 0 else _NO_MOVES
+
+    def accepts(self, local: int) -> bool:
+        return local == 1
+
+
+class JsonString(Rule):
+    """Any JSON string: quotes, escapes (\\uXXXX too), no raw control characters. Bytes from
+    0x80 up are taken as they come (a token may hold part of a character)."""
+
+    __slots__ = ()
+    OPEN, CONTENT, ESCAPE, HEX, CLOSED = 0, 1, 2, 3, 7  # HEX..HEX+3: \\u's four digits
+    _TO_CONTENT: tuple[Move, ...] = ((CONTENT, None),)
+    _TO_ESCAPE: tuple[Move, ...] = ((ESCAPE, None),)
+    _TO_CLOSED: tuple[Move, ...] = ((CLOSED, None),)
+    _ESCAPED = frozenset(b'"\\/bfnrt')
+    _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+    _HEX_NEXT: dict[int, tuple[Move, ...]] = {3: ((4, None),), 4: ((5, None),), 5: ((6, None),),
+                                              6: ((CONTENT, None),)}
+
+    def moves(self, local: int, byte: int) -> tuple[Move, ...]:
+        if local == self.CONTENT:
+            if byte == 0x22:  # "
+                return self._TO_CLOSED
+            if byte == 0x5C:  # backslash
+                return self._TO_ESCAPE
+            return self._TO_CONTENT if byte >= 0x20 else _NO_MOVES
+        if local == self.OPEN:
+            return self._TO_CONTENT if byte == 0x22 else _NO_MOVES
+        if local == self.ESCAPE:
+            if byte in self._ESCAPED:
+                return self._TO_CONTENT
+            return ((self.HEX, None),) if byte == 0x75 else _NO_MOVES  # u
+        if local in self._HEX_NEXT:
+            return self._HEX_NEXT[local] if byte in self._HEX_DIGITS else _NO_MOVES
+        return _NO_MOVES
+
+    def accepts(self, local: int) -> bool:
+        return local == self.CLOSED
+
+
+class JsonNumber(Rule):
+    """A JSON number (`-? (0 | [1-9][0-9]*) (.[0-9]+)? ([eE][+-]?[0-9]+)?`), or an integer only."""
+
+    __slots__ = ("integer",)
+    _DIGITS = frozenset(b"0123456789")
+    # START, MINUS, ZERO, INT, DOT, FRAC, E, E_SIGN, EXP
+    _ACCEPTING = frozenset({2, 3, 5, 8})
+    _TO = tuple(((i, None),) for i in range(9))
+
+    def __init__(self, integer: bool = False) -> None:
+        self.integer = integer
+
+    def moves(self, local: int, byte: int) -> tuple[Move, ...]:
+        to, digit = self._TO, byte in self._DIGITS
+        if local == 3 or local == 5 or local == 8:  # in digits: more of them
+            if digit:
+                return to[local]
+            if self.integer:
+                return _NO_MOVES
+            if byte == 0x2E and local == 3:  # .
+                return to[4]
+            return to[6] if byte in (0x65, 0x45) and local != 8 else _NO_MOVES  # e E
+        if local == 0 or local == 1:
+            if byte == 0x2D and local == 0:  # -
+                return to[1]
+            return (to[2] if byte == 0x30 else to[3]) if digit else _NO_MOVES
+        if local == 2:  # a leading 0: no more digits
+            if self.integer:
+                return _NO_MOVES
+            return to[4] if byte == 0x2E else to[6] if byte in (0x65, 0x45) else _NO_MOVES
+        if local == 4:
+            return to[5] if digit else _NO_MOVES
+        if local == 6:
+            return to[7] if byte in (0x2B, 0x2D) else to[8] if digit else _NO_MOVES
+        if local == 7:
+            return to[8] if digit else _NO_MOVES
+        return _NO_MOVES
+
+    def accepts(self, local: int) -> bool:
+        return local in self._ACCEPTING
+
+
+class _Whitespace:
+    """Locals (phase, index, whitespace bytes in a row): a whitespace byte keeps the phase."""
+
+    @staticmethod
+    def step(local: tuple[int, int, int], byte: int) -> tuple[Move, ...] | None:
+        """The move for a whitespace byte (none past the limit); None: not whitespace."""
+        if byte not in WHITESPACE:
+            return None
+        phase, index, run = local
+        return (((phase, index, run + 1), None),) if run < MAX_WHITESPACE else _NO_MOVES
+
+
+class JsonObject(Rule):
+    """`{ "key": value, ... }` with the given members, in order, the required ones present;
+    `additional` (a rule, or None for none) is the value of members past the listed ones, any
+    key."""
+
+    __slots__ = ("values", "additional", "_key_moves", "_can_close", "_next")
+    start = (0, 0, 0)
+    OPEN, FIRST, KEY, COLON, VALUE, AFTER, DONE = range(7)
+    _DONE: tuple[Move, ...] = (((DONE, 0, 0), None),)
+
+    def __init__(self, members: list[tuple[str, Rule, bool]], additional: Rule | None) -> None:
+        n = len(members)
+        self.values = [rule for _, rule, _ in members]
+        self.additional = additional
+        # Index i: the members from i on are still to come (n: only additional ones).
+        self._can_close = [not any(req for _, _, req in members[i:]) for i in range(n + 1)]
+        self._next = [min(i + 1, n) for i in range(n + 1)]
+        key_moves = []
+        for i in range(n + 1):
+            moves: list[Move] = []
+            for j in range(i, n):  # the next member may be any up to the first required one
+                key = json.dumps(members[j][0], ensure_ascii=False).encode()
+                moves.append(((self.COLON, j, 0), Literal(key)))
+                if members[j][2]:
+                    break
+            else:
+                if additional is not None:
+                    moves.append(((self.COLON, n, 0), JsonString()))
+            key_moves.append(tuple(moves))
+        self._key_moves = key_moves
+
+    def moves(self, local: tuple[int, int, int], byte: int) -> tuple[Move, ...]:
+        phase, i, _ = local
+        if phase == self.OPEN:
+            return (((self.FIRST, 0, 0), None),) if byte == 0x7B else _NO_MOVES  # {
+        if phase == self.DONE:
+            return _NO_MOVES
+        space = _Whitespace.step(local, byte)
+        if space is not None:
+            return space
+        if phase == self.VALUE:
+            return (((self.AFTER, i, 0), self.values[i] if i < len(self.values) else self.additional),)
+        if phase == self.FIRST or phase == self.KEY:
+            if byte == 0x22:  # "
+                return self._key_moves[i]
+            return self._DONE if byte == 0x7D and phase == self.FIRST and self._can_close[i] else _NO_MOVES
+        if phase == self.COLON:
+            return (((self.VALUE, i, 0), None),) if byte == 0x3A else _NO_MOVES  # :
+        # AFTER a value
+        after = self._next[i] if i < len(self.values) else i
+        if byte == 0x2C:  # ,
+            return (((self.KEY, after, 0), None),) if self._key_moves[after] else _NO_MOVES
+        return self._DONE if byte == 0x7D and self._can_close[after] else _NO_MOVES
+
+    def accepts(self, local: tuple[int, int, int]) -> bool:
+        return local[0] == self.DONE
+
+
+class JsonArray(Rule):
+    """`[ item, ... ]` with min_items..max_items items (max_items None: no limit)."""
+
+    __slots__ = ("items", "min_items", "max_items", "_cap")
+    start = (0, 0, 0)
+    OPEN, FIRST, NEXT, AFTER, DONE = range(5)
+    _DONE: tuple[Move, ...] = (((DONE, 0, 0), None),)
+
+    def __init__(self, items: Rule, min_items: int = 0, max_items: int | None = None) -> None:
+        self.items, self.min_items, self.max_items = items, min_items, max_items
+        self._cap = max_items if max_items is not None else min_items  # counts past it need not differ
+
+    def moves(self, local: tuple[int, int, int], byte: int) -> tuple[Move, ...]:
+        phase, count, _ = local
+        if phase == self.OPEN:
+            return (((self.FIRST, 0, 0), None),) if byte == 0x5B else _NO_MOVES  # [
+        if phase == self.DONE:
+            return _NO_MOVES
+        space = _Whitespace.step(local, byte)
+        if space is not None:
+            return space
+        if phase == self.AFTER:
+            if byte == 0x2C:  # ,
+                return (((self.NEXT, count, 0), None),) if self.max_items is None or count < self.max_items \
+                    else _NO_MOVES
+            return self._DONE if byte == 0x5D and count >= self.min_items else _NO_MOVES  # ]
+        if phase == self.FIRST and byte == 0x5D:
+            return self._DONE if self.min_items == 0 else _NO_MOVES
+        if phase == self.FIRST and self.max_items == 0:
+            return _NO_MOVES
+        return (((self.AFTER, min(count + 1, max(self._cap, 1)), 0), self.items),)
+
+    def accepts(self, local: tuple[int, int, int]) -> bool:
+        return local[0] == self.DONE
+
+
+class JsonDocument(Rule):
+    """A value, after at most MAX_WHITESPACE whitespace bytes, and nothing after it."""
+
+    __slots__ = ("value",)
+    start = 0  # leading whitespace bytes so far; END once the value has begun
+    END = -1
+
+    def __init__(self, value: Rule) -> None:
+        self.value = value
+
+    def moves(self, local: int, byte: int) -> tuple[Move, ...]:
+        if local == self.END:
+            return _NO_MOVES
+        if byte in WHITESPACE:
+            return ((local + 1, None),) if local < MAX_WHITESPACE else _NO_MOVES
+        return ((self.END, self.value),)
+
+    def accepts(self, local: int) -> bool:
+        return local == self.END
+
+
+def json_value() -> Rule:
+    """Any JSON value, objects and arrays of any JSON values included."""
+    value = Alternatives()
+    value.set_options([
+        JsonObject([], additional=value), JsonArray(value), JsonString(), JsonNumber(),
+        Literal(b"true"), Literal(b"false"), Literal(b"null"),
+    ])
+    return value
+
+
+def json_literal(value: Any) -> Literal:
+    """One JSON value, written compactly (a schema's const or enum member)."""
+    return Literal(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+# ------------------------------------------------------------------ the automaton
+def _step(stack: Stack, byte: int, out: set[Stack]) -> None:
+    """Add to `out` the stacks `stack` becomes by reading `byte`."""
+    rule, local, below, depth = stack
+    for next_local, child in rule.moves(local, byte):
+        if child is None:
+            out.add((rule, next_local, below, depth))
+        elif depth < MAX_DEPTH:
+            _step((child, child.start, (rule, next_local, below, depth), depth + 1), byte, out)
+    if below is not None and rule.accepts(local):  # this rule may end: the byte is the one below's
+        _step(below, byte, out)
+
+
+def _finished(stack: Stack | None) -> bool:
+    while stack is not None:
+        rule, local, stack, _ = stack
+        if not rule.accepts(local):
+            return False
+    return True
+
+
+class Grammar:
+    """A root rule and its automaton: `start`, `advance` over bytes, `complete`. Equal states
+    are one object (interned) and each (state, byte) step is computed once: a token mask walks
+    thousands of tokens that begin alike."""
+
+    __slots__ = ("root", "start", "_interned", "_steps", "_complete")
+    MAX_CACHED_STEPS = 1 << 18
+
+    def __init__(self, root: Rule) -> None:
+        self.root = root
+        self._interned: dict[State, State] = {}
+        self._steps: dict[tuple[State, int], State | None] = {}
+        self._complete: dict[State, bool] = {}
+        self.start = self._intern(frozenset({(root, root.start, None, 0)}))
+
+    def _intern(self, state: State) -> State:
+        return self._interned.setdefault(state, state)
+
+    def step(self, state: State, byte: int) -> State | None:
+        """The state after one byte; None if the grammar does not allow it."""
+        key = (state, byte)
+        try:
+            return self._steps[key]
+        except KeyError:
+            pass
+        out: set[Stack] = set()
+        for stack in state:
+            _step(stack, byte, out)
+        result = self._intern(frozenset(out)) if out else None
+        if len(self._steps) >= self.MAX_CACHED_STEPS:  # a long-lived grammar: start over
+            self._steps.clear()
+            self._interned.clear()
+            self._complete.clear()
+        self._steps[key] = result
+        return result
+
+    def advance(self, state: State, data: bytes) -> State | None:
+        for byte in data:
+            state = self.step(state, byte)
+            if state is None:
+                return None
+        return state
+
+    def complete(self, state: State) -> bool:
+        """The text so far is a whole answer."""
+        done = self._complete.get(state)
+        if done is None:
+            done = self._complete[state] = any(_finished(stack) for stack in state)
+        return done
+
+    def in_string(self, state: State) -> bool:
+        """Every stack is inside a free JSON string's content: a token of plain string bytes
+        leaves the state as it is (the token masks' fast path)."""
+        return all(type(rule) is JsonString and local == JsonString.CONTENT for rule, local, _, _ in state)
+
+    def accepts(self, text: bytes | str) -> bool:
+        """The whole text is an answer this grammar allows (tests, and checks of examples)."""
+        state = self.advance(self.start, text.encode() if isinstance(text, str) else text)
+        return state is not None and self.complete(state)

@@ -1,0 +1,178 @@
+"""A JSON schema as a grammar (`engine/grammar.py`): the answers that are JSON documents valid
+against it, as OpenAI's `response_format: json_schema` and vLLM's `structured_outputs.json`.
+
+What a grammar can hold is supported: `type` (one or a list), `properties`, `required`,
+`additionalProperties`, `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf` / `oneOf`
+(read as anyOf), and `$ref` to `#`, `#/$defs/...` or `#/definitions/...` (recursive ones too).
+Annotations (`title`, `description`, `default`, ...) are read past. Any other keyword
+(`pattern`, `format`, `minimum`, `minLength`, `allOf`, ...) is a ValueError that names it:
+silently ignoring a constraint would hand back answers the schema forbids.
+
+As xgrammar's strict mode (what vLLM uses): an object with `properties` and no
+`additionalProperties` takes no other members; members come in the order listed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.grammar import (
+    Alternatives,
+    Grammar,
+    JsonArray,
+    JsonDocument,
+    JsonNumber,
+    JsonObject,
+    JsonString,
+    Literal,
+    Rule,
+    json_literal,
+    json_value,
+)
+
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment",
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "strict"})
+_OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties"})
+_ARRAY_KEYWORDS = frozenset({"items", "minItems", "maxItems"})
+_COMBINATIONS = frozenset({"anyOf", "oneOf"})
+SUPPORTED = ANNOTATIONS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _COMBINATIONS | {"type", "enum", "const", "$ref"}
+MAX_SCHEMA_DEPTH = 64  # path segments: a deeper schema is refused before Python's recursion limit
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def schema_grammar(schema: Any) -> Grammar:
+    """The grammar of JSON documents valid against `schema`; ValueError for a schema that is
+    not one or uses what is not supported."""
+    compiler = _Compiler(schema)
+    root = compiler.rule(schema, "#")
+    compiler.check_refs()
+    return Grammar(JsonDocument(root))
+
+
+class _Compiler:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.refs: dict[str, Alternatives] = {}
+
+    def check_refs(self) -> None:
+        """A $ref that can reach itself before any byte is read (`{"$ref": "#"}`, or through
+        anyOf) would push itself forever: refused."""
+        for ref, rule in self.refs.items():
+            seen, todo = set(), list(rule.options)
+            while todo:
+                option = todo.pop()
+                if option is rule:
+                    raise ValueError(f"$ref {ref!r} refers to itself before any value begins: no JSON is valid")
+                if isinstance(option, Alternatives) and id(option) not in seen:
+                    seen.add(id(option))
+                    todo.extend(option.options)
+
+    def rule(self, schema: Any, path: str) -> Rule:
+        if path.count("/") > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (at {path[:200]}...)")
+        if schema is True or schema == {}:
+            return json_value()
+        if schema is False:
+            raise ValueError(f"the JSON schema at {path} is false: no value is valid")
+        if not isinstance(schema, dict):
+            raise ValueError(f"a JSON schema must be an object or a boolean, got {schema!r:.80} at {path}")
+        unknown = sorted(set(schema) - SUPPORTED)
+        if unknown:
+            raise ValueError(f"JSON schema keyword {unknown[0]!r} (at {path}) is not supported; structured outputs "
+                             f"support {', '.join(sorted(SUPPORTED - ANNOTATIONS))}")
+        given = set(schema) - ANNOTATIONS
+        if "$ref" in schema:
+            if given != {"$ref"}:
+                raise ValueError(f"$ref beside other keywords (at {path}) is not supported")
+            return self._ref(schema["$ref"], path)
+        if "const" in schema:
+            return json_literal(schema["const"])
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"enum (at {path}) must be a non-empty list")
+            return Alternatives(json_literal(v) for v in values)
+        combined = given & _COMBINATIONS
+        if combined:
+            if len(given) > 1:
+                raise ValueError(f"{sorted(given)[0]} beside {sorted(combined)[0]} (at {path}) is not supported: "
+                                 "put the shared keywords in each option")
+            key = combined.pop()
+            options = schema[key]
+            if not isinstance(options, list) or not options:
+                raise ValueError(f"{key} (at {path}) must be a non-empty list of schemas")
+            return Alternatives(self.rule(option, f"{path}/{key}/{i}") for i, option in enumerate(options))
+        kind = schema.get("type")
+        if kind is None:
+            kind = "object" if given & _OBJECT_KEYWORDS else "array" if given & _ARRAY_KEYWORDS else None
+            if kind is None:
+                return json_value()
+        if isinstance(kind, list):
+            if not kind:
+                raise ValueError(f"type (at {path}) must not be an empty list")
+            return Alternatives(self._typed(schema, k, path) for k in kind)
+        return self._typed(schema, kind, path)
+
+    def _typed(self, schema: dict[str, Any], kind: Any, path: str) -> Rule:
+        if kind not in TYPES:
+            raise ValueError(f"type (at {path}) must be one of {', '.join(TYPES)}, got {kind!r:.40}")
+        if kind == "object":
+            return self._object(schema, path)
+        if kind == "array":
+            return self._array(schema, path)
+        if kind == "string":
+            return JsonString()
+        if kind in ("number", "integer"):
+            return JsonNumber(integer=kind == "integer")
+        if kind == "boolean":
+            return Alternatives([Literal(b"true"), Literal(b"false")])
+        return Literal(b"null")
+
+    def _object(self, schema: dict[str, Any], path: str) -> Rule:
+        properties = schema.get("properties", {})
+        required = schema.get("required", [])
+        if not isinstance(properties, dict):
+            raise ValueError(f"properties (at {path}) must be an object")
+        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+            raise ValueError(f"required (at {path}) must be a list of property names")
+        missing = [name for name in required if name not in properties]
+        if missing:
+            raise ValueError(f"required property {missing[0]!r} (at {path}) is not in properties")
+        additional = schema.get("additionalProperties", "properties" not in schema)
+        if additional is False:
+            extra = None
+        elif additional is True:
+            extra = json_value()
+        else:
+            extra = self.rule(additional, f"{path}/additionalProperties")
+        members = [(name, self.rule(sub, f"{path}/properties/{name}"), name in required)
+                   for name, sub in properties.items()]
+        return JsonObject(members, extra)
+
+    def _array(self, schema: dict[str, Any], path: str) -> Rule:
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        for name, value in (("minItems", low), ("maxItems", high)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} (at {path}) must be an integer >= 0")
+        if high is not None and high < low:
+            raise ValueError(f"maxItems ({high}) < minItems ({low}) at {path}: no array is valid")
+        items = self.rule(schema.get("items", True), f"{path}/items")
+        return JsonArray(items, low, high)
+
+    def _ref(self, ref: Any, path: str) -> Rule:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"$ref {ref!r:.80} (at {path}) is not supported: only references inside the schema "
+                             "(#, #/$defs/..., #/definitions/...)")
+        rule = self.refs.get(ref)
+        if rule is not None:
+            return rule
+        target: Any = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise ValueError(f"$ref {ref!r} (at {path}) points at nothing in the schema")
+            target = target[part]
+        # A placeholder first: a recursive reference to it resolves to the same rule.
+        rule = self.refs[ref] = Alternatives()
+        rule.set_options([self.rule(target, ref)])
+        return rule

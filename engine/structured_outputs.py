@@ -1,0 +1,79 @@
+"""Structured outputs, as vLLM's `StructuredOutputsParams`: an answer held to a JSON schema, to
+any JSON object, or to one of a list of choices. The sampler masks every token the grammar
+does not allow next (`engine/token_masks.py`), and an end token (EOS) only once the answer is
+whole, so a sample that stops by itself stops on a valid answer; max_tokens or a stop string
+may still cut it short, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from engine.grammar import Alternatives, Grammar, JsonDocument, JsonObject, Literal, json_value
+from engine.json_schema import schema_grammar
+
+KINDS = ("json", "json_object", "choice", "regex", "grammar")
+_UNSUPPORTED = ("regex", "grammar")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """Exactly one of: `json` (a JSON schema, as a dict or its text), `json_object=True` (any
+    JSON object), `choice` (one of these strings, exactly). vLLM's `regex` and `grammar` are
+    not supported (a ValueError)."""
+
+    json: dict[str, Any] | str | bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured outputs take exactly one of {', '.join(KINDS)}, got "
+                             f"{', '.join(given) if given else 'none'}")
+        kind = given[0]
+        if kind in _UNSUPPORTED:
+            raise ValueError(f"structured outputs by {kind} are not supported: use json, json_object or choice")
+        if kind == "json_object" and self.json_object is not True:
+            raise ValueError(f"json_object must be true or false, got {self.json_object!r:.40}")
+        if kind == "json" and isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the JSON schema is not JSON: {exc}") from None
+        if kind == "choice" and (not isinstance(self.choice, list) or not self.choice
+                                 or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        self.compile()  # a schema it cannot hold is an error now, not in the engine's step
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in KINDS if getattr(self, kind) not in (None, False))
+
+    def compile(self) -> Grammar:
+        """The grammar (one per distinct request: a repeated schema reuses its grammar and the
+        token masks cached for it)."""
+        kind = self.kind
+        if kind == "json":
+            return _compiled("json", json.dumps(self.json))  # key order kept: members come in it
+        if kind == "choice":
+            return _compiled("choice", json.dumps(self.choice))
+        return _compiled("json_object", "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set (what crosses the server's pipe to its worker)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@lru_cache(maxsize=64)
+def _compiled(kind: str, text: str) -> Grammar:
+    if kind == "json":
+        return schema_grammar(json.loads(text))
+    if kind == "choice":
+        return Grammar(Alternatives(Literal(c.encode()) for c in json.loads(text)))
+    return Grammar(JsonDocument(JsonObject([], additional=json_value())))
