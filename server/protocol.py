@@ -86,6 +86,12 @@ class _SamplingRequest(_Model):
     include_stop_str_in_output: bool | None = False
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
+    # Structured outputs: OpenAI's response_format (text, json_object, json_schema), or vLLM's
+    # structured_outputs (json, json_object, choice) and its older guided_json / guided_choice
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_choice: list[str] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -119,7 +125,6 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = True
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None

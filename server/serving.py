@@ -25,6 +25,8 @@ from starlette.types import Receive, Scope, Send
 
 from engine.chat_messages import UnsupportedContent, template_message
 from engine.sampling_params import SamplingParams, truncate_prompt
+from engine.structured_outputs import StructuredOutputsParams
+from engine.token_bytes import token_bytes_reader
 from scheduler import AdmissionError, check_admissible
 from server import errors
 from server.config import ServerConfig
@@ -34,8 +36,7 @@ from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
-from engine.token_bytes import token_bytes_reader
-from server.tool_parsers import ToolCallParser, message_content
+from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
 
 logger = logging.getLogger("stoke.server")
 
@@ -103,7 +104,10 @@ class Job:
     echoed: dict[int, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
     # cut short: when the log line stops waiting for the worker's confirmation (`_abort`)
     settle_timer: asyncio.TimerHandle | None = None
-    tool_parser: str | None = None  # chat, tool_choice "auto": how its answers' tool calls are read
+    # chat: how its answers' tool calls are read (tool_choice "auto": the server's parser;
+    # "required" or a named function, `tool_function`: the JSON the answer is held to)
+    tool_parser: str | None = None
+    tool_function: str | None = None
     parallel_tool_calls: bool = True  # False: an answer's first call only
 
 
@@ -283,6 +287,9 @@ class OpenAIServing:
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             logit_bias=req.logit_bias or None,
         )
+        structured = self._structured_outputs(req)
+        if structured is not None:
+            fields["structured_outputs"] = structured
         try:
             SamplingParams(**fields).check_vocab(self.client.info.vocab_size)
         except ValueError as exc:
@@ -392,9 +399,7 @@ class OpenAIServing:
             raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
         if not req.messages:
             raise errors.invalid("messages must not be empty", param="messages")
-        tool_parser = self._tool_parser(req)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise errors.unsupported("only response_format type 'text' is supported", param="response_format")
+        tool_parser, tool_function = self._tool_parser(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise errors.invalid("top_logprobs needs logprobs=true", param="top_logprobs")
         if req.top_logprobs is not None and req.top_logprobs < 0:
@@ -409,15 +414,66 @@ class OpenAIServing:
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_fields(req, max_tokens, logprobs)
+        parallel = req.parallel_tool_calls is not False
         if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
             params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
+        if tool_parser in FORCED:
+            if "structured_outputs" in params:
+                raise errors.invalid('tool_choice "required" or a named function holds the answer to the tools\' '
+                                     'JSON: it cannot be combined with response_format or structured_outputs',
+                                     param="tool_choice")
+            schema = forced_tool_schema(req.tools, tool_function or "required", parallel)
+            params["structured_outputs"] = self._checked_structure({"json": schema}, "tools")
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
-        job.tool_parser, job.parallel_tool_calls = tool_parser, req.parallel_tool_calls is not False
+        job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
         return job
 
-    def _tool_parser(self, req: ChatCompletionRequest) -> str | None:
-        """The parser that reads the answers' tool calls (None: answers are text), as vLLM
-        decides: tools and no tool_choice mean "auto", which needs a server with a parser."""
+    def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
+        """The request's structured outputs as StructuredOutputsParams' fields (None: free text),
+        from OpenAI's response_format or vLLM's structured_outputs / guided_json / guided_choice."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        fmt = req.response_format
+        if fmt is not None:
+            kind = fmt.get("type", "text")
+            if kind == "json_object":
+                asked.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise errors.invalid('response_format "json_schema" needs json_schema: {"name": ..., '
+                                         '"schema": {...}}', param="response_format")
+                asked.append(("response_format", {"json": spec.get("schema", True)}))
+            elif kind != "text":
+                raise errors.invalid(f'response_format type must be "text", "json_object" or "json_schema", got '
+                                     f'{kind!r:.40}', param="response_format")
+        if req.structured_outputs is not None:
+            asked.append(("structured_outputs", dict(req.structured_outputs)))
+        if req.guided_json is not None:
+            asked.append(("guided_json", {"json": req.guided_json}))
+        if req.guided_choice is not None:
+            asked.append(("guided_choice", {"choice": req.guided_choice}))
+        if len(asked) > 1:
+            raise errors.invalid(f"{asked[0][0]} and {asked[1][0]} both ask for a structure: send one",
+                                 param=asked[1][0])
+        return self._checked_structure(asked[0][1], asked[0][0]) if asked else None
+
+    @staticmethod
+    def _checked_structure(fields: dict[str, Any], param: str) -> dict[str, Any]:
+        """StructuredOutputsParams' fields, checked (the schema compiled) before the request
+        reaches the worker; a 400 naming `param` if they can't be served."""
+        try:
+            StructuredOutputsParams(**fields)
+        except TypeError as exc:  # a field it does not have
+            raise errors.invalid(f"{param}: {exc}".replace("StructuredOutputsParams.__init__() ", ""),
+                                 param=param) from None
+        except ValueError as exc:
+            raise errors.invalid(f"{param}: {exc}", param=param) from None
+        return fields
+
+    def _tool_parser(self, req: ChatCompletionRequest) -> tuple[str | None, str | None]:
+        """The parser that reads the answers' tool calls (None: answers are text) and the named
+        function's name, as vLLM decides: tools and no tool_choice mean "auto", which needs a
+        server with a parser; "required" and a named function hold the answer to the tools' JSON."""
         tools = req.tools or []
         for i, tool in enumerate(tools):
             function = tool.get("function")
@@ -427,7 +483,7 @@ class OpenAIServing:
                                      param=f"tools.{i}")
         choice = req.tool_choice if req.tool_choice is not None else "auto" if tools else "none"
         if choice == "none":
-            return None
+            return None, None
         if not tools:  # as OpenAI and vLLM
             raise errors.invalid("tool_choice needs tools", param="tool_choice")
         if choice == "auto":
@@ -435,10 +491,19 @@ class OpenAIServing:
                 raise errors.invalid('tool_choice "auto" (the default with tools) needs a server started with '
                                      '--enable-auto-tool-choice and --tool-call-parser; "none" shows the model the '
                                      'tools and returns its answer as text', param="tool_choice")
-            return self.config.tool_call_parser
-        if choice == "required" or isinstance(choice, dict):
-            raise errors.unsupported('tool_choice "required" or a named function needs guided decoding, which '
-                                     'stoke does not do: use "auto"', param="tool_choice")
+            return self.config.tool_call_parser, None
+        if choice == "required":
+            return "required", None
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise errors.invalid('a named tool_choice is {"type": "function", "function": {"name": ...}}',
+                                     param="tool_choice")
+            if all(tool["function"]["name"] != name for tool in tools):
+                raise errors.invalid(f"tool_choice names {name!r:.80}, which is not one of the tools",
+                                     param="tool_choice")
+            return "named", name
         raise errors.invalid(f'tool_choice must be "none", "auto", "required" or a named function, got {choice!r}',
                              param="tool_choice")
 
@@ -861,13 +926,13 @@ class OpenAIServing:
         the content and the calls it released. The choice keeps the answer's content and calls,
         and finishes by "tool_calls" once it made one (as vLLM's)."""
         if choice.tool_parser is None:
-            choice.tool_parser = ToolCallParser(job.tool_parser)
+            choice.tool_parser = ToolCallParser(job.tool_parser, job.tool_function)
         parser = choice.tool_parser
         content, calls = parser.feed(text)
         if final:
             more, last = parser.finish()
             content, calls = content + more, calls + last
-            if parser.calls:
+            if parser.calls and parser.kind != "named":  # vLLM's: a named function's finish stays
                 choice.finish_reason = "tool_calls"
         if not job.parallel_tool_calls:
             calls = [call for call in calls if call["index"] == 0]

@@ -10,6 +10,11 @@ and the same content.
   `<|python_tag|>`, when special tokens are kept) is one or more calls,
   `{"name": ..., "parameters": {...}}`, separated by `;`; any other answer is content.
 
+`tool_choice` "required" or a named function holds the answer to a JSON schema instead
+(structured outputs, `forced_tool_schema`): "required" writes a JSON array of calls
+`{"name": ..., "parameters": {...}}` (vLLM's form), a named function its arguments alone. Their
+parsers read the whole answer when it ends: a cut answer (max_tokens) stays content.
+
 A call needs a string `name` and its arguments (`arguments`, or `parameters` for llama3_json),
 as vLLM's parsers read them; text that does not parse as a call is never lost: it stays in the
 content. With calls and no content, the content is None.
@@ -22,7 +27,24 @@ import uuid
 from typing import Any
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+FORCED = ("required", "named")  # tool_choice's: the answer is held to forced_tool_schema
 Calls = list[dict[str, Any]]
+
+
+def forced_tool_schema(tools: list[dict[str, Any]], choice: str, parallel: bool = True) -> dict[str, Any]:
+    """The JSON schema a forced tool_choice holds the answer to: for "required" an array of
+    calls to any of the tools (one at most unless `parallel`), as vLLM's; for a named function
+    (`choice` is its name), its parameters."""
+    def parameters(function: dict[str, Any]) -> Any:
+        schema = function.get("parameters")
+        return {"type": "object"} if schema is None else schema
+
+    functions = [tool["function"] for tool in tools]
+    if choice != "required":
+        return parameters(next(f for f in functions if f["name"] == choice))
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "parameters": parameters(f)},
+              "required": ["name", "parameters"]} for f in functions]
+    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": calls}}
 
 
 def _tool_call(data: Any, argument_keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -62,11 +84,13 @@ class ToolCallParser:
     and the tool calls it released (a call's `index` counts the answer's calls). `parse` reads
     a whole answer."""
 
-    def __init__(self, kind: str) -> None:
-        if kind not in TOOL_CALL_PARSERS:
+    def __init__(self, kind: str, function: str | None = None) -> None:
+        """`function`: the named function's name (kind "named")."""
+        if kind not in TOOL_CALL_PARSERS + FORCED:
             raise ValueError(f"tool call parser must be one of {TOOL_CALL_PARSERS}, got {kind!r}")
-        self.kind = kind
-        self._read = self._hermes if kind == "hermes" else self._llama3_json  # (final) -> content, calls
+        self.kind, self.function = kind, function
+        # (final) -> content, calls
+        self._read = {"hermes": self._hermes, "llama3_json": self._llama3_json}.get(kind, self._forced)
         self.calls = 0
         self._buffer = ""  # text not released yet
         self._blank = ""  # hermes: the whitespace after a call, content only if more text follows it
@@ -180,3 +204,23 @@ class ToolCallParser:
         if not self.calls:  # no call at all: the answer is text, as it came
             return self._answer, calls
         return rest.lstrip().removeprefix(";").strip(), calls  # what follows the calls
+
+    # ------------------------------------------------------ forced (structured)
+    def _forced(self, final: bool) -> tuple[str, Calls]:
+        if not final:
+            return "", []
+        text, self._buffer = self._buffer, ""
+        if self.kind == "named":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                return text, []  # cut short: not arguments
+            return "", [self._made(_tool_call({"name": self.function, "arguments": text.strip()}, ("arguments",)))]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        calls = [_tool_call(item, ("parameters",)) for item in data] if isinstance(data, list) else [None]
+        if not calls or None in calls:
+            return text, []
+        return "", [self._made(call) for call in calls]
