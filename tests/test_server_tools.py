@@ -82,8 +82,8 @@ def test_tool_choice_none_and_no_tools_answer_in_text(client):
 
 def test_what_tool_calls_cannot_do_is_a_clear_400(server, client):
     before = server.metrics()
-    cases = [({"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
-             ({"tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice", "unsupported_parameter"),
+    cases = [({"tool_choice": {"type": "function", "function": {"name": "rain"}}}, "tool_choice", "invalid_value"),
+             ({"tool_choice": {"type": "function", "name": "weather"}}, "tool_choice", "invalid_value"),
              ({"tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
              ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0", "invalid_value")]
     for extra, param, code in cases:
