@@ -123,3 +123,18 @@ def test_host_overhead_benchmark_tiny(tmp_path) -> None:
     assert report["device_ms"] == 1.0 and report["prompt_tokens"] == [300, 300]
     assert [(r["scheduling"], len(r["ms_per_step"])) for r in report["rows"]] == [("sync", 2), ("async", 2)]
     assert all(x >= 1.0 for r in report["rows"] for x in r["ms_per_step"])  # each step waits for its job
+
+
+def test_structured_benchmark_tiny(tmp_path) -> None:
+    """benchmarks/structured.py at a tiny size: mask times and each kind's run, in the JSON too."""
+    from benchmarks.structured import KINDS
+    from benchmarks.structured import main as structured_main
+
+    out = tmp_path / "structured.json"
+    report = structured_main(["--prompts", "2", "--max-tokens", "6", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    masks = report["masks"]
+    assert masks["vocabulary"] == 49152 and masks["states"] > 10
+    assert all(_positive(masks[k]) for k in ("cold_mask_ms", "cached_mask_ms", "advance_ms", "vocabulary_build_ms"))
+    assert list(report["engine"]) == list(KINDS)
+    assert all(_positive(e["tok_s"]) and e["tokens"] == 12 for e in report["engine"].values())
