@@ -25,6 +25,9 @@ WHITESPACE = frozenset(b" \t\n\r")
 # recursion limit, which hashing a state's nested tuples runs into).
 MAX_DEPTH = 128
 
+# Stacks (ways to read the text so far) a state may hold; see Grammar.step.
+MAX_STACKS = 256
+
 # A stack: (rule, its local state, the stack below it or None, its depth). A state: the
 # stacks alive.
 Stack = tuple[Any, Hashable, Any, int]
@@ -49,20 +52,32 @@ class Rule:
         raise NotImplementedError
 
 
-class Literal(Rule):
-    """Exactly these bytes."""
+class Literals(Rule):
+    """Exactly one of these byte strings, read through their trie: one stack however many
+    there are (an enum of thousands costs what one literal does)."""
 
-    __slots__ = ("text", "_reads")
+    __slots__ = ("_children", "_ends")
 
-    def __init__(self, text: bytes) -> None:
-        self.text = text
-        self._reads = tuple(((i + 1, None),) for i in range(len(text)))
+    def __init__(self, texts: Iterable[bytes]) -> None:
+        children: list[dict[int, int]] = [{}]
+        ends: set[int] = set()
+        for text in texts:
+            node = 0
+            for byte in text:
+                nxt = children[node].get(byte)
+                if nxt is None:
+                    nxt = children[node][byte] = len(children)
+                    children.append({})
+                node = nxt
+            ends.add(node)
+        self._children = [{b: ((n, None),) for b, n in c.items()} for c in children]
+        self._ends = frozenset(ends)
 
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
-        return self._reads[local] if local < len(self.text) and self.text[local] == byte else _NO_MOVES
+        return self._children[local].get(byte, _NO_MOVES)
 
     def accepts(self, local: int) -> bool:
-        return local == len(self.text)
+        return local in self._ends
 
 
 class Alternatives(Rule):
@@ -195,7 +210,7 @@ class JsonObject(Rule):
             moves: list[Move] = []
             for j in range(i, n):  # the next member may be any up to the first required one
                 key = json.dumps(members[j][0], ensure_ascii=False).encode()
-                moves.append(((self.COLON, j, 0), Literal(key)))
+                moves.append(((self.COLON, j, 0), Literals([key])))
                 if members[j][2]:
                     break
             else:
@@ -293,14 +308,14 @@ def json_value() -> Rule:
     value = Alternatives()
     value.set_options([
         JsonObject([], additional=value), JsonArray(value), JsonString(), JsonNumber(),
-        Literal(b"true"), Literal(b"false"), Literal(b"null"),
+        Literals([b"true", b"false", b"null"]),
     ])
     return value
 
 
-def json_literal(value: Any) -> Literal:
-    """One JSON value, written compactly (a schema's const or enum member)."""
-    return Literal(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+def json_literals(values: Iterable[Any]) -> Literals:
+    """One of these JSON values, each written compactly (a schema's const or enum)."""
+    return Literals(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode() for v in values)
 
 
 # ------------------------------------------------------------------ the automaton
@@ -330,7 +345,7 @@ class Grammar:
     thousands of tokens that begin alike."""
 
     __slots__ = ("root", "start", "_interned", "_steps", "_complete")
-    MAX_CACHED_STEPS = 1 << 18
+    MAX_CACHED_STEPS = 1 << 17
 
     def __init__(self, root: Rule) -> None:
         self.root = root
@@ -352,7 +367,9 @@ class Grammar:
         out: set[Stack] = set()
         for stack in state:
             _step(stack, byte, out)
-        result = self._intern(frozenset(out)) if out else None
+        # Past MAX_STACKS ways to read the text, the text is refused: a schema of nested
+        # alternatives could otherwise make one mask cost seconds of the engine's step.
+        result = self._intern(frozenset(out)) if 0 < len(out) <= MAX_STACKS else None
         if len(self._steps) >= self.MAX_CACHED_STEPS:  # a long-lived grammar: start over
             self._steps.clear()
             self._interned.clear()

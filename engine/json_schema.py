@@ -24,9 +24,9 @@ from engine.grammar import (
     JsonNumber,
     JsonObject,
     JsonString,
-    Literal,
+    Literals,
     Rule,
-    json_literal,
+    json_literals,
     json_value,
 )
 
@@ -86,12 +86,12 @@ class _Compiler:
                 raise ValueError(f"$ref beside other keywords (at {path}) is not supported")
             return self._ref(schema["$ref"], path)
         if "const" in schema:
-            return json_literal(schema["const"])
+            return json_literals([schema["const"]])
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise ValueError(f"enum (at {path}) must be a non-empty list")
-            return Alternatives(json_literal(v) for v in values)
+            return json_literals(values)
         combined = given & _COMBINATIONS
         if combined:
             if len(given) > 1:
@@ -125,8 +125,8 @@ class _Compiler:
         if kind in ("number", "integer"):
             return JsonNumber(integer=kind == "integer")
         if kind == "boolean":
-            return Alternatives([Literal(b"true"), Literal(b"false")])
-        return Literal(b"null")
+            return Literals([b"true", b"false"])
+        return Literals([b"null"])
 
     def _object(self, schema: dict[str, Any], path: str) -> Rule:
         properties = schema.get("properties", {})

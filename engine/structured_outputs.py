@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-from engine.grammar import Alternatives, Grammar, JsonDocument, JsonObject, Literal, json_value
+from engine.grammar import Grammar, JsonDocument, JsonObject, Literals, json_value
 from engine.json_schema import schema_grammar
 
 KINDS = ("json", "json_object", "choice", "regex", "grammar")
@@ -75,5 +75,5 @@ def _compiled(kind: str, text: str) -> Grammar:
     if kind == "json":
         return schema_grammar(json.loads(text))
     if kind == "choice":
-        return Grammar(Alternatives(Literal(c.encode()) for c in json.loads(text)))
+        return Grammar(Literals(c.encode() for c in json.loads(text)))
     return Grammar(JsonDocument(JsonObject([], additional=json_value())))

@@ -1,0 +1,733 @@
+"""Structured outputs without a model: the texts a grammar takes (json_object against json.loads,
+JSON schemas against their rules), the schemas and params refused, token masks against a
+brute-force walk of the vocabulary, guides, the sampler's mask, and the tokens' bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+from typing import Literal as TypingLiteral
+
+import numpy as np
+import pytest
+import torch
+from pydantic import BaseModel, ValidationError
+
+from engine.grammar import MAX_WHITESPACE, Grammar, State
+from engine.json_schema import schema_grammar
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from engine.structured_outputs import StructuredOutputsParams
+from engine.token_bytes import vocabulary_bytes
+from engine.token_masks import Guide, TokenMasks, TokenVocabulary
+
+WHITESPACE = " \t\n\r"
+VOCAB_SIZE = 49152  # the default model's
+EOS = 2  # the default model's <|im_end|>
+
+
+def json_object_grammar() -> Grammar:
+    return StructuredOutputsParams(json_object=True).compile()
+
+
+def max_whitespace_run(text: str) -> int:
+    """The longest whitespace run outside strings (inside one, spaces are content)."""
+    longest = run = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch in WHITESPACE:
+            run += 1
+            longest = max(longest, run)
+        else:
+            run = 0
+            in_string = ch == '"'
+    return longest
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # json.loads takes NaN and Infinity; RFC 8259 does not
+
+
+def json_object_oracle(text: str) -> bool:
+    """What the json_object grammar must take: an RFC 8259 object, nothing after it, no
+    whitespace run longer than MAX_WHITESPACE."""
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and text == text.rstrip(WHITESPACE) and max_whitespace_run(text) <= MAX_WHITESPACE
+
+
+# ------------------------------------------------------------------ json_object
+VALID_OBJECTS = [
+    "{}",
+    '{"a":1}',
+    ' \n\t\r{}',
+    " " * MAX_WHITESPACE + "{}",
+    '{"a":' + " " * MAX_WHITESPACE + "1}",
+    '{ "a" : [ ] , "b" : { } }',
+    '{"a":{"b":[1,2,{"c":null}],"d":[[[]]]}}',
+    r'{"a":"\u00e9\uD83D\uDE00 \" \\ \/ \b\f\n\r\t"}',
+    '{"a":-0,"b":1e5,"c":1E+5,"d":-1.5e-3,"e":0.5,"f":0e0,"g":123456789012345678901234567890}',
+    '{"a":true,"b":false,"c":null}',
+    '{"é":"日本語 👋🏽","":""}',
+    '{"a":1,"a":2}',  # duplicate keys: JSON, as json.loads has it
+    '{"a":"\x7f"}',  # DEL is no control character to JSON
+    '{\n  "a": [\n    1,\n    2\n  ]\n}',
+]
+INVALID_OBJECTS = [
+    "", " ", "{", '{"a":1', '{"a":', '{"a"', "}",
+    '{"a":01}', '{"a":-01}', '{"a":1.}', '{"a":.5}', '{"a":+1}', '{"a":1e}', '{"a":1e+}', '{"a":-}', '{"a":0x1}',
+    '{"a":[1,]}', '{"a":1,}', "{,}", '{"a"}', "{'a':1}", '{a:1}', '{"a" 1}', '{"a":1 "b":2}',
+    '{"a":"\x01"}', '{"a":"\t"}', '{"a":"\n"}', r'{"a":"\x41"}', r'{"a":"\u00g0"}', r'{"a":"\u00e"}', r'{"a":"\U0001"}',
+    r"{'a':'\''}", '{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}', '{"a":tru}', '{"a":True}', '{"a":nul}',
+    "[]", '"x"', "1", "null", "true",
+    "{}{}", "{} ", "{}\n", '{"a":1} x',
+    " " * (MAX_WHITESPACE + 1) + "{}", '{"a":' + " " * (MAX_WHITESPACE + 1) + "1}",
+    '{"a":[1,' + "\n" * (MAX_WHITESPACE + 1) + "2]}",
+]
+
+
+@pytest.mark.parametrize("text", VALID_OBJECTS)
+def test_json_object_takes_valid_objects(text: str) -> None:
+    assert json_object_oracle(text)
+    assert json_object_grammar().accepts(text)
+    assert json_object_grammar().accepts(text.encode())
+
+
+@pytest.mark.parametrize("text", INVALID_OBJECTS)
+def test_json_object_refuses_invalid_texts(text: str) -> None:
+    assert not json_object_oracle(text)
+    assert not json_object_grammar().accepts(text)
+
+
+def test_json_object_prefixes_are_viable_but_not_complete() -> None:
+    g = json_object_grammar()
+    for text in VALID_OBJECTS:
+        data = text.encode()
+        state = g.start
+        for i, byte in enumerate(data):
+            assert not g.complete(state), data[:i]
+            state = g.step(state, byte)
+            assert state is not None, data[:i + 1]
+        assert g.complete(state)
+
+
+def test_json_object_refuses_at_the_first_bad_byte() -> None:
+    g = json_object_grammar()
+    assert g.advance(g.start, b'{"a": 1') is not None
+    assert g.advance(g.start, b'{"a": 0') is not None and g.advance(g.start, b'{"a": 01') is None
+    assert g.advance(g.start, b'{"a": [1,') is not None and g.advance(g.start, b'{"a": [1,]') is None
+    assert g.advance(g.start, b'{"a": "\x1f') is None
+    assert g.advance(g.start, b'{}') is not None and g.advance(g.start, b'{} ') is None
+    assert g.advance(g.start, b'{"a": "\xe6\x97') is not None  # part of a character: a token may hold it
+
+
+def random_string(rng: random.Random) -> str:
+    alphabet = 'ab "\\/\b\f\n\r\t\x00\x1f\x7fé日👋🏽{}[]:,'
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+
+def random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.choice(["object", "array", "string", "int", "float", "bool", "null"] if depth < 4
+                      else ["string", "int", "float", "bool", "null"])
+    if kind == "object":
+        return {random_string(rng): random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    if kind == "array":
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    if kind == "string":
+        return random_string(rng)
+    if kind == "int":
+        return rng.choice([0, -1, 7, 10 ** 30, -(10 ** 20), rng.randint(-10 ** 6, 10 ** 6)])
+    if kind == "float":
+        return rng.choice([0.0, -0.0, 1e-7, 1.5e300, -2.5e-300, 0.1, rng.uniform(-1e6, 1e6)])
+    return {"bool": rng.random() < 0.5, "null": None}[kind]
+
+
+def random_dump(rng: random.Random, value: Any) -> str:
+    indent = rng.choice([None, None, 0, 2, "\t", " " * 7])
+    separators = rng.choice([(",", ":"), (", ", ": "), (" , ", " : "), (",\n", ":\t")])
+    text = json.dumps(value, indent=indent, separators=separators, ensure_ascii=rng.random() < 0.5)
+    return rng.choice(["", " ", "\n", "\r\n\t", " " * MAX_WHITESPACE, " " * (MAX_WHITESPACE + 1)]) + text
+
+
+MUTATION_ALPHABET = '{}[]":,.-+eE0123456789 \n\t\\u/atrueflsn\x01é'
+
+
+def mutate(rng: random.Random, text: str) -> str:
+    i = rng.randrange(len(text) + 1)
+    action = rng.choice(["delete", "insert", "replace"])
+    if action == "delete" and i < len(text):
+        return text[:i] + text[i + 1:]
+    if action == "replace" and i < len(text):
+        return text[:i] + rng.choice(MUTATION_ALPHABET) + text[i + 1:]
+    return text[:i] + rng.choice(MUTATION_ALPHABET) + text[i:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_object_agrees_with_json_loads_on_random_documents(seed: int) -> None:
+    rng = random.Random(seed)
+    g = json_object_grammar()
+    objects = mutations = 0
+    for _ in range(120):
+        value = random_value(rng)
+        text = random_dump(rng, value)
+        expected = isinstance(value, dict) and max_whitespace_run(text) <= MAX_WHITESPACE
+        assert json_object_oracle(text) == expected, text
+        assert g.accepts(text) == expected, text
+        objects += expected
+        for _ in range(4):
+            mutated = mutate(rng, text)
+            assert g.accepts(mutated) == json_object_oracle(mutated), (text, mutated)
+            mutations += json_object_oracle(mutated)
+    assert objects > 20 and mutations > 20  # both sides of the comparison were exercised
+
+
+# ------------------------------------------------------------------ JSON schemas
+def assert_schema(schema: Any, valid: list[Any], invalid: list[Any]) -> None:
+    """Values (dumped compactly and spaced) or texts (a str starting with a JSON opener)."""
+    g = schema_grammar(schema)
+
+    def texts(value: Any) -> list[str]:
+        if isinstance(value, RawText):
+            return [value.text]
+        return [json.dumps(value, separators=(",", ":")), json.dumps(value), json.dumps(value, indent=2)]
+
+    for value in valid:
+        for text in texts(value):
+            assert g.accepts(text), f"refused {text!r}"
+    for value in invalid:
+        for text in texts(value):
+            assert not g.accepts(text), f"accepted {text!r}"
+
+
+class RawText:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def test_schema_members_come_in_order_and_required_ones_are_present() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"},
+                                               "c": {"type": "boolean"}}, "required": ["a", "c"]}
+    assert_schema(schema,
+                  valid=[{"a": "x", "c": True}, {"a": "x", "b": 1, "c": False}],
+                  invalid=[{"c": True, "a": "x"}, {"a": "x"}, {"a": "x", "b": 1}, {"a": "x", "c": True, "d": 1},
+                           {"a": 1, "c": True}, {"a": "x", "b": 1.5, "c": True}, {"b": 1, "a": "x", "c": True},
+                           {}, [], "x", RawText('{"a":"x","c":true,}'), RawText('{"a":"x",,"c":true}')])
+    optional = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    assert_schema(optional, valid=[{}, {"a": 1}, {"b": 2}, {"a": 1, "b": 2}],
+                  invalid=[{"b": 2, "a": 1}, {"c": 1}, RawText('{,"b":2}'), RawText('{"a":1,}')])
+
+
+def test_schema_additional_properties() -> None:
+    props = {"a": {"type": "integer"}}
+    assert_schema({"type": "object", "properties": props, "additionalProperties": False},
+                  valid=[{}, {"a": 1}], invalid=[{"a": 1, "b": 2}, {"b": 2}])
+    # xgrammar's strict default: listed properties and no additionalProperties take no others
+    assert_schema({"type": "object", "properties": props}, valid=[{"a": 1}], invalid=[{"a": 1, "b": 2}])
+    assert_schema({"type": "object", "properties": props, "additionalProperties": True},
+                  valid=[{"a": 1, "b": [1, {"x": None}]}, {"b": 2}, {}, {"a": 1, "b": 1, "c": "d"}],
+                  invalid=[{"a": 1.5}, [1]])
+    assert_schema({"type": "object", "properties": props, "required": ["a"], "additionalProperties": {"type": "string"}},
+                  valid=[{"a": 1, "b": "x", "c": ""}],
+                  invalid=[{"a": 1, "b": 2}, {"b": "x"}, {"a": 1, "b": None}])
+    assert_schema({"type": "object"}, valid=[{}, {"x": {"y": []}}, {"k": "v", "n": 1.5}], invalid=[[], "x", None])
+    assert_schema({"type": "object", "additionalProperties": {"type": "integer"}},
+                  valid=[{}, {"x": 1, "y": -2}], invalid=[{"x": "1"}, {"x": 1.5}])
+
+
+def test_additional_properties_do_not_take_a_listed_name() -> None:
+    # A listed property's value must match its own schema, even where others are free.
+    g = schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": True})
+    assert g.accepts('{"a":1,"b":"x"}')
+    assert not g.accepts('{"a":"x"}')
+    g = schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                        "additionalProperties": {"type": "string"}})
+    assert not g.accepts('{"a":1,"a":"x"}')  # json.loads keeps the last: {"a": "x"}
+
+
+def test_schema_enum_and_const() -> None:
+    assert_schema({"enum": ["red", 1, None, {"a": [1]}, True, "é"]},
+                  valid=["red", 1, None, {"a": [1]}, True, "é", RawText('{"a":[1]}')],
+                  invalid=["blue", 2, False, "Red", {"a": [2]}, "re", 10, RawText('"red" ')])
+    assert_schema({"type": "string", "enum": ["x", "y"]}, valid=["x", "y"], invalid=["z", ""])
+    assert_schema({"const": "x"}, valid=["x"], invalid=["y", "xx", None])
+    assert_schema({"const": {"k": [1, None]}}, valid=[RawText('{"k":[1,null]}')], invalid=[{"k": [1]}, {}])
+    assert_schema({"type": "object", "properties": {"v": {"const": 3}}, "required": ["v"]},
+                  valid=[{"v": 3}], invalid=[{"v": 4}, {"v": 33}, {}])
+
+
+def test_schema_any_of_one_of_and_type_lists() -> None:
+    keyed = {"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}
+    assert_schema({"anyOf": [{"type": "integer"}, keyed]},
+                  valid=[5, -3, {"k": "v"}], invalid=["5", {"k": 1}, 1.5, None, {}])
+    assert_schema({"oneOf": [{"type": "string"}, {"type": "null"}]}, valid=["a", "", None], invalid=[1, [], {}])
+    assert_schema({"type": ["string", "null"]}, valid=["a", None], invalid=[1, True, []])
+    assert_schema({"type": ["integer", "number"]}, valid=[1, 1.5, -0.0], invalid=["1"])
+    assert_schema({"type": ["array", "object"], "items": {"type": "integer"}, "properties": {"x": {"type": "null"}}},
+                  valid=[[1, 2], {"x": None}, {}], invalid=[["a"], {"x": 1}])
+    # options that begin alike are followed side by side
+    assert_schema({"anyOf": [{"const": "abc"}, {"const": "abd"}, {"type": "string"}]},
+                  valid=["abc", "abd", "ab", "abcd"], invalid=[1])
+
+
+def test_schema_arrays() -> None:
+    assert_schema({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3},
+                  valid=[[1], [1, 2], [1, 2, 3]], invalid=[[], [1, 2, 3, 4], ["a"], [1.5], {}, RawText("[1,]")])
+    assert_schema({"minItems": 2}, valid=[[1, "x"], [None, [], {}]], invalid=[[1], [], {}])
+    assert_schema({"type": "array", "maxItems": 0}, valid=[[]], invalid=[[1], [[]]])
+    assert_schema({"type": "array", "items": {"type": "array", "items": {"type": "boolean"}, "minItems": 2}},
+                  valid=[[], [[True, False]], [[True, True, True], [False, False]]], invalid=[[[True]], [[]], [True]])
+    assert_schema({"type": "array", "minItems": 3, "maxItems": 3, "items": {"enum": ["a", "b"]}},
+                  valid=[["a", "b", "a"]], invalid=[["a", "b"], ["a", "b", "a", "b"], ["a", "c", "a"]])
+
+
+def test_schema_scalars_integer_number_boolean_null_string() -> None:
+    assert_schema({"type": "integer"}, valid=[0, -0, 12, -3, 10 ** 20, RawText("-0")],
+                  invalid=[1.5, "1", True, None, RawText("1e3"), RawText("1.0"), RawText("01"), RawText("+1"),
+                           RawText("1 "), RawText(" ")])
+    assert_schema({"type": "number"}, valid=[0, 1.5, -0.0, 1e-3, 2e10, RawText("2E+10"), RawText("1e5")],
+                  invalid=["1", RawText(".5"), RawText("1."), RawText("+1"), RawText("NaN"), RawText("-")])
+    assert_schema({"type": "boolean"}, valid=[True, False], invalid=[0, "true", None])
+    assert_schema({"type": "null"}, valid=[None], invalid=[0, "null", False])
+    assert_schema({"type": "string"}, valid=["", "é 👋", 'quote " and \\ and \n'],
+                  invalid=[1, None, RawText('"\n"'), RawText("'x'")])
+    assert_schema({}, valid=[1, "x", None, [1, {"a": []}], {"b": True}], invalid=[RawText(""), RawText("[1,]")])
+    assert_schema(True, valid=[1, {}], invalid=[RawText("{")])
+
+
+def test_schema_refs_recursive_and_nested() -> None:
+    tree = {"$defs": {"node": {"type": "object", "properties": {
+        "value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+        "required": ["value"]}}, "$ref": "#/$defs/node"}
+    assert_schema(tree, valid=[{"value": 1}, {"value": 1, "children": [{"value": 2},
+                                                                       {"value": 3, "children": [{"value": 4, "children": []}]}]}],
+                  invalid=[{"value": 1, "children": [{"children": []}]}, {"value": 1, "children": [1]}, {}])
+    linked = {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}, "required": ["next"]}
+    assert_schema(linked, valid=[{"next": None}, {"next": {"next": {"next": None}}}], invalid=[{"next": {}}, {}])
+    definitions = {"definitions": {"pos": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+                                   "alias": {"$ref": "#/definitions/pos"}},
+                   "type": "object", "properties": {"at": {"$ref": "#/definitions/alias"}}, "required": ["at"]}
+    assert_schema(definitions, valid=[{"at": [1, 2.5]}], invalid=[{"at": [1]}, {"at": ["x", 1]}])
+    escaped = {"$defs": {"a/b": {"type": "integer"}, "c~d": {"type": "string"}},
+               "type": "array", "items": {"anyOf": [{"$ref": "#/$defs/a~1b"}, {"$ref": "#/$defs/c~0d"}]}}
+    assert_schema(escaped, valid=[[1, "x"]], invalid=[[None]])
+    mutual = {"$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/b"}},
+                        "b": {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}}},
+              "$ref": "#/$defs/a"}
+    assert_schema(mutual, valid=[[], [{}, {"a": [{"a": []}]}]], invalid=[[[]], [{"a": {}}]])
+
+
+class Address(BaseModel):
+    street: str
+    zip_code: int | None = None
+
+
+class Person(BaseModel):
+    name: str
+    role: TypingLiteral["admin", "user"]
+    nickname: str | None = None
+    tags: list[str]
+    address: Address
+    friends: list[Person] = []
+
+
+def test_pydantic_schema() -> None:
+    g = schema_grammar(Person.model_json_schema())
+    bob = Person(name="Bob", role="admin", tags=[], address=Address(street="t", zip_code=5))
+    alice = Person(name="Alice", role="user", nickname="Al", tags=["x", "é"], address=Address(street="s"),
+                   friends=[bob])
+    valid = [alice.model_dump_json(), alice.model_dump_json(exclude_none=True), alice.model_dump_json(indent=2),
+             bob.model_dump_json(exclude_defaults=True)]
+    for text in valid:
+        assert g.accepts(text), text
+        Person.model_validate_json(text)
+    invalid = [
+        '{"name":"A","role":"boss","tags":[],"address":{"street":"s"}}',
+        '{"name":"A","role":"user","tags":[]}',
+        '{"name":"A","role":"user","tags":"x","address":{"street":"s"}}',
+        '{"name":"A","role":"user","tags":[],"address":{}}',
+        '{"name":"A","role":"user","tags":[],"address":{"street":"s","zip_code":"1"}}',
+        '{"name":"A","role":"user","tags":[],"address":{"street":"s"},"friends":[{"name":"B"}]}',
+        '{"role":"user","name":"A","tags":[],"address":{"street":"s"}}',  # out of order: refused, pydantic takes it
+    ]
+    for text in invalid:
+        assert not g.accepts(text), text
+    for text in invalid[:-1]:
+        with pytest.raises(ValidationError):
+            Person.model_validate_json(text)
+    assert not g.accepts('{"name":"A","role":"user","tags":[],"address":{"street":"s"},"extra":1}')
+
+
+@pytest.mark.parametrize("keyword,schema", [
+    ("pattern", {"type": "string", "pattern": "^a+$"}),
+    ("format", {"type": "string", "format": "date-time"}),
+    ("minimum", {"type": "integer", "minimum": 0}),
+    ("maximum", {"type": "number", "maximum": 1}),
+    ("minLength", {"type": "string", "minLength": 1}),
+    ("maxLength", {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}}),
+    ("allOf", {"allOf": [{"type": "string"}]}),
+    ("not", {"not": {"type": "string"}}),
+    ("uniqueItems", {"type": "array", "items": {"type": "integer", "multipleOf": 2}, "uniqueItems": True}),
+    ("multipleOf", {"type": "array", "items": {"type": "integer", "multipleOf": 2}}),
+    ("patternProperties", {"type": "object", "patternProperties": {"^x": {}}}),
+    ("prefixItems", {"type": "array", "prefixItems": [{"type": "string"}]}),
+])
+def test_unsupported_keywords_are_value_errors_that_name_them(keyword: str, schema: dict) -> None:
+    with pytest.raises(ValueError, match=f"'{keyword}'"):
+        schema_grammar(schema)
+    with pytest.raises(ValueError, match=f"'{keyword}'"):
+        StructuredOutputsParams(json=schema)
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"$ref": "#"}, "itself"),
+    ({"anyOf": [{"$ref": "#"}, {"type": "null"}]}, "itself"),
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}]}},
+      "$ref": "#/$defs/a"}, "itself"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}, "'b'.*not in properties"),
+    ({"type": "object", "required": ["a"]}, "'a'.*not in properties"),
+    ({"type": "object", "properties": {}, "required": "a"}, "required"),
+    ({"type": "object", "properties": ["a"]}, "properties"),
+    ({"type": "str"}, "type"),
+    ({"type": []}, "type"),
+    ({"type": ["string", "text"]}, "type"),
+    (5, "must be an object or a boolean"),
+    ("string", "must be an object or a boolean"),
+    (False, "false"),
+    ({"type": "object", "properties": {"a": False}}, "false"),
+    ({"type": "array", "minItems": -1}, "minItems"),
+    ({"type": "array", "minItems": True}, "minItems"),
+    ({"type": "array", "maxItems": 1.5}, "maxItems"),
+    ({"type": "array", "minItems": 3, "maxItems": 2}, "maxItems"),
+    ({"enum": []}, "enum"),
+    ({"enum": "abc"}, "enum"),
+    ({"anyOf": []}, "anyOf"),
+    ({"oneOf": {"type": "string"}}, "oneOf"),
+    ({"anyOf": [{"type": "string"}], "type": "string"}, "anyOf"),
+    ({"$ref": "#/$defs/missing"}, "points at nothing"),
+    ({"$ref": "https://example.com/schema.json"}, "not supported"),
+    ({"$ref": 5}, "not supported"),
+    ({"$defs": {"a": {}}, "$ref": "#/$defs/a", "type": "object"}, r"\$ref beside"),
+])
+def test_bad_schemas_are_value_errors(schema: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        schema_grammar(schema)
+
+
+def nested(levels: int, wrap: Any) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = wrap(schema)
+    return schema
+
+
+def test_too_deep_schemas_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="deeper than 64"):
+        schema_grammar(nested(70, lambda s: {"type": "array", "items": s}))
+    with pytest.raises(ValueError, match="deeper than 64"):
+        schema_grammar(nested(40, lambda s: {"type": "object", "properties": {"x": s}}))
+    with pytest.raises(ValueError, match="deeper than 64"):
+        schema_grammar(nested(40, lambda s: {"anyOf": [s, {"type": "null"}]}))
+    g = schema_grammar(nested(60, lambda s: {"type": "array", "items": s}))
+    assert g.accepts("[" * 60 + "1" + "]" * 60) and not g.accepts("[" * 59 + "1" + "]" * 59)
+    g = schema_grammar(nested(30, lambda s: {"type": "object", "properties": {"x": s}, "required": ["x"]}))
+    assert g.accepts('{"x":' * 30 + "1" + "}" * 30)
+
+
+def ref_chain(length: int, level: Any) -> dict:
+    defs = {f"d{i}": level(f"#/$defs/d{i + 1}") for i in range(length)}
+    defs[f"d{length}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+@pytest.mark.parametrize("length", [50, 200, 1000])
+def test_deep_ref_chains_are_value_errors_or_grammars_that_take_their_instances(length: int) -> None:
+    # Depth through $refs counts too: a chain of aliases, or of arrays, each one level down.
+    for schema, instance in [
+        (ref_chain(length, lambda ref: {"$ref": ref}), "1"),
+        (ref_chain(length, lambda ref: {"type": "array", "items": {"$ref": ref}}), "[" * length + "1" + "]" * length),
+    ]:
+        try:
+            g = schema_grammar(schema)
+        except ValueError:
+            continue
+        assert g.accepts(instance), f"a schema was compiled whose instance {instance[:20]!r}... it refuses"
+
+
+# ------------------------------------------------------------------ params
+def test_structured_outputs_params_take_exactly_one_kind() -> None:
+    with pytest.raises(ValueError, match="exactly one.*none"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="exactly one.*none"):
+        StructuredOutputsParams(json_object=False)
+    with pytest.raises(ValueError, match="exactly one.*json, choice"):
+        StructuredOutputsParams(json={"type": "integer"}, choice=["a"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(json_object=True, choice=["a"])
+    for kind, value in (("regex", "a+"), ("grammar", 'root ::= "a"')):
+        with pytest.raises(ValueError, match=f"{kind} are not supported"):
+            StructuredOutputsParams(**{kind: value})
+    with pytest.raises(ValueError, match="json_object"):
+        StructuredOutputsParams(json_object="yes")
+    assert StructuredOutputsParams(json_object=True).kind == "json_object"
+    assert StructuredOutputsParams(choice=["a"], json_object=False).kind == "choice"
+    assert StructuredOutputsParams(choice=["a"]).to_dict() == {"choice": ["a"]}
+
+
+def test_structured_outputs_json_as_text_and_choices() -> None:
+    params = StructuredOutputsParams(json='{"type": "integer"}')
+    assert params.json == {"type": "integer"} and params.kind == "json"
+    assert params.compile().accepts("12") and not params.compile().accepts('"12"')
+    with pytest.raises(ValueError, match="not JSON"):
+        StructuredOutputsParams(json="{not json")
+    with pytest.raises(ValueError, match="'pattern'"):
+        StructuredOutputsParams(json='{"type": "string", "pattern": "x"}')
+    assert StructuredOutputsParams(json=True).compile().accepts("[1]")
+    for choice in ([], ["a", ""], "ab", ["a", 1], [None]):
+        with pytest.raises(ValueError, match="choice"):
+            StructuredOutputsParams(choice=choice)
+    g = StructuredOutputsParams(choice=["yes", "no", "yes please", "né"]).compile()
+    for text in ("yes", "no", "yes please", "né"):
+        assert g.accepts(text)
+    for text in ("ye", "yesno", " yes", "yes ", "", "YES", '"yes"', "yes pleas", "ne"):
+        assert not g.accepts(text)
+
+
+def test_structured_outputs_compile_once_per_distinct_request() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    first = StructuredOutputsParams(json=schema).compile()
+    assert StructuredOutputsParams(json=json.dumps(schema)).compile() is first
+    reordered = StructuredOutputsParams(json={"type": "object", "properties": {"b": {"type": "string"},
+                                                                               "a": {"type": "integer"}}}).compile()
+    assert reordered is not first  # members come in the schema's order
+    assert first.accepts('{"a":1,"b":"x"}') and not first.accepts('{"b":"x","a":1}')
+    assert reordered.accepts('{"b":"x","a":1}') and not reordered.accepts('{"a":1,"b":"x"}')
+
+
+def test_sampling_params_structured_outputs() -> None:
+    params = SamplingParams(structured_outputs={"choice": ["a", "b"]})
+    assert isinstance(params.structured_outputs, StructuredOutputsParams)
+    assert params.structured_outputs.choice == ["a", "b"]
+    assert isinstance(SamplingParams(structured_outputs={"json": '{"type": "null"}'}).structured_outputs.json, dict)
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs={"bogus": 1})
+    with pytest.raises(ValueError, match="exactly one"):
+        SamplingParams(structured_outputs={})
+    with pytest.raises(ValueError, match="'minimum'"):
+        SamplingParams(structured_outputs={"json": {"type": "integer", "minimum": 1}})
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs="json")
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"]), ignore_eos=True)
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(structured_outputs={"json_object": True}, ignore_eos=True)
+
+
+# ------------------------------------------------------------------ token masks
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from engine.default_model import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def vocab_bytes(tokenizer) -> list[bytes | None]:
+    return vocabulary_bytes(tokenizer, VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def vocabulary(vocab_bytes: list[bytes | None]) -> TokenVocabulary:
+    return TokenVocabulary(vocab_bytes)
+
+
+def brute_force_mask(vocab_bytes: list[bytes | None], grammar: Grammar, state: State) -> np.ndarray:
+    fresh = Grammar(grammar.root)  # its own step cache: shares nothing with the walk's
+    mask = np.zeros(len(vocab_bytes), dtype=bool)
+    for token_id, data in enumerate(vocab_bytes):
+        mask[token_id] = bool(data) and fresh.advance(state, data) is not None
+    return mask
+
+
+PERSON_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"enum": ["a", "ab", 'b"c']}}, "price": {"type": "number"}},
+    "required": ["name"]}
+MASK_STATES = [  # (grammar, prefix, every stack inside a free string: the masks' fast path)
+    ("object", b"", False),
+    ("object", b"{", False),
+    ("object", b'{"ke', True),
+    ("object", b'{"key": "val', True),
+    ("object", b'{"k": "\xe6\x97', True),  # part of a character
+    ("object", b'{"k": "v\\', False),
+    ("object", b'{"k": "\\u00', False),
+    ("object", b'{"k": 12', False),
+    ("object", b'{"k": 1.', False),
+    ("object", b'{"k": -', False),
+    ("object", b'{"k": 1e', False),
+    ("object", b'{"k": tr', False),
+    ("object", b'{"k": [1, {"x": null}', False),
+    ("object", b"{" + b" " * MAX_WHITESPACE, False),
+    ("object", b'{"k": 1}', False),
+    ("person", b"", False),
+    ("person", b'{"', False),
+    ("person", b'{"na', False),
+    ("person", b'{"name": "', True),
+    ("person", b'{"name": "x", ', False),
+    ("person", b'{"name": "x", "tags": ["a', False),
+    ("person", b'{"name": "x", "age": 3', False),
+    ("choice", b"", False),
+    ("choice", b"yes", False),
+]
+
+
+def grammar_named(name: str) -> Grammar:
+    if name == "object":
+        return json_object_grammar()
+    if name == "person":
+        return StructuredOutputsParams(json=PERSON_SCHEMA).compile()
+    return StructuredOutputsParams(choice=["yes", "yes please", "no", "né"]).compile()
+
+
+@pytest.mark.parametrize("name,prefix,in_string", MASK_STATES, ids=[f"{n}-{p!r}" for n, p, _ in MASK_STATES])
+def test_token_mask_equals_brute_force(vocabulary: TokenVocabulary, vocab_bytes: list[bytes | None], name: str,
+                                       prefix: bytes, in_string: bool) -> None:
+    g = grammar_named(name)
+    state = g.advance(g.start, prefix)
+    assert state is not None
+    assert g.in_string(state) == in_string
+    mask = vocabulary.allowed(g, state)
+    expected = brute_force_mask(vocab_bytes, g, state)
+    assert mask.dtype == np.bool_ and mask.shape == (VOCAB_SIZE,)
+    wrong = np.flatnonzero(mask != expected)[:10]
+    assert not len(wrong), [(int(t), vocab_bytes[t], bool(mask[t])) for t in wrong]
+    assert not mask[[t for t, data in enumerate(vocab_bytes) if not data]].any()
+    assert mask.any() or g.complete(state)
+
+
+def test_token_masks_add_end_ids_only_when_complete(vocabulary: TokenVocabulary) -> None:
+    masks = TokenMasks(vocabulary, max_cached=2)
+    ends = (EOS, 0)
+    g = json_object_grammar()
+    incomplete = g.advance(g.start, b'{"a": 1')
+    mask, must_end = masks.get(g, incomplete, ends)
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == (VOCAB_SIZE,)
+    assert not must_end and not mask[EOS] and not mask[0]
+    assert torch.equal(mask, torch.from_numpy(vocabulary.allowed(g, incomplete)))
+    done = g.advance(g.start, b'{"a": 1}')
+    mask, must_end = masks.get(g, done, ends)
+    assert must_end and mask.nonzero().flatten().tolist() == [0, EOS]
+    # complete but it may go on: the end tokens join what the grammar allows
+    number = StructuredOutputsParams(json={"type": "integer"}).compile()
+    twelve = number.advance(number.start, b"12")
+    mask, must_end = masks.get(number, twelve, (EOS,))
+    assert not must_end and mask[EOS]
+    assert torch.equal(mask.clone().index_fill_(0, torch.tensor([EOS]), False),
+                       torch.from_numpy(vocabulary.allowed(number, twelve)))
+    choice = grammar_named("choice")
+    mask, must_end = masks.get(choice, choice.advance(choice.start, b"yes"), (EOS,))
+    assert not must_end and mask[EOS] and mask.sum() > 1
+    mask, must_end = masks.get(choice, choice.advance(choice.start, b"yes please"), (EOS, VOCAB_SIZE + 5))
+    assert must_end and mask.nonzero().flatten().tolist() == [EOS]  # an id past the vocabulary is left out
+    # evicted and recomputed alike
+    for _ in range(2):
+        again, must_end = masks.get(g, done, ends)
+        assert must_end and again.nonzero().flatten().tolist() == [0, EOS]
+
+
+def test_guide_advances_on_allowed_tokens_only(tokenizer, vocabulary: TokenVocabulary) -> None:
+    masks = TokenMasks(vocabulary)
+    text = '{"a": [1, "é 👋"], "b": {"c": null}}'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    guide = Guide(json_object_grammar(), masks, [EOS, EOS, 0])
+    assert guide.end_ids == (0, EOS)
+    bad = tokenizer.encode("]", add_special_tokens=False)[0]
+    start = guide.state
+    assert not guide.mask()[0][bad] and not guide.advance(bad) and guide.state is start
+    assert not guide.advance(EOS) and not guide.ended and guide.state is start  # not complete yet
+    assert not guide.advance(1) and guide.state is start  # a special token: no bytes
+    assert not guide.advance(VOCAB_SIZE + 1) and guide.state is start
+    for token in ids:
+        allowed, must_end = guide.mask()
+        assert allowed[token] and not must_end
+        assert guide.advance(token)
+    assert guide.grammar.complete(guide.state)
+    allowed, must_end = guide.mask()
+    assert must_end and allowed[EOS] and allowed[0] and allowed.sum() == 2
+    brace = tokenizer.encode("}", add_special_tokens=False)[0]
+    state = guide.state
+    assert not guide.advance(brace) and guide.state is state
+    assert guide.advance(EOS) and guide.ended
+    assert not guide.advance(EOS) and not guide.advance(ids[0])
+
+
+def test_sampler_samples_only_allowed_tokens() -> None:
+    sampler = Sampler()
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]] * 3)
+    allowed = torch.tensor([False, False, True, False, True, False])
+    only_end = torch.tensor([False, True, False, False, False, False])
+
+    def make(params: SamplingParams, mask: torch.Tensor | None, must_end: bool = False) -> SamplingRow:
+        return SamplingRow(params=params, token_ids=[7, 8], num_prompt_tokens=2, generator=None, eos_token_ids=[1],
+                           allowed_tokens=mask, must_end=must_end)
+
+    greedy = SamplingParams(temperature=0.0, logprobs=2)
+    out = sampler([logits[0], logits[1], logits[2]] and logits,
+                  [make(greedy, allowed), make(greedy, None), make(SamplingParams(logprobs=2), allowed)])
+    assert out.token_ids[0] == 2 and out.token_ids[1] == 0 and out.token_ids[2] in (2, 4)
+    assert math.isfinite(out.logprobs[0]) and math.isfinite(out.logprobs[2])
+    # logprobs after the mask, as vLLM's: the allowed tokens' probabilities sum to 1
+    top = dict(out.top_logprobs[0])
+    assert set(top) == {2, 4} and math.isclose(sum(math.exp(v) for v in top.values()), 1.0, rel_tol=1e-5)
+    # min_tokens yields where only an end token is allowed, and holds EOS back elsewhere
+    waiting = SamplingParams(temperature=0.0, min_tokens=5)
+    out = sampler(logits[:2], [make(waiting, only_end, must_end=True), make(waiting, only_end | allowed)])
+    assert out.token_ids == [1, 2]
+    # a logit bias does not lift a token the grammar refuses
+    biased = SamplingParams(temperature=0.0, logit_bias={0: 100.0, 3: 100.0})
+    assert sampler(logits[:1], [make(biased, allowed)]).token_ids == [2]
+    seeded = SamplingParams(temperature=1.0, seed=3)
+    for _ in range(20):
+        row = make(seeded, allowed)
+        row.generator = torch.Generator().manual_seed(random.randrange(1 << 30))
+        assert sampler(logits[:1], [row]).token_ids[0] in (2, 4)
+
+
+# ------------------------------------------------------------------ token bytes
+@pytest.mark.parametrize("text", [
+    "héllo wörld, ça va?",
+    "👋🏽 emoji 🇫🇷 and 日本語のテキスト",
+    '{"name": "Zoë", "city": "São Paulo", "note": "naïve — “quoted”"}',
+    " leading space\n\ttabs\r\n and\u00a0nbsp",
+])
+def test_vocabulary_bytes_join_to_the_texts_utf8(tokenizer, vocab_bytes: list[bytes | None], text: str) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(vocab_bytes[i] for i in ids) == text.encode()
+
+
+def test_vocabulary_bytes_hold_parts_of_characters_and_no_special_tokens(tokenizer,
+                                                                         vocab_bytes: list[bytes | None]) -> None:
+    ids = tokenizer.encode("👋🏽 日本語", add_special_tokens=False)
+    partial = [vocab_bytes[i] for i in ids if "\ufffd" in tokenizer.decode([i])]
+    assert partial and all(data and b"\xef\xbf\xbd" not in data for data in partial)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    assert {EOS, 0, 1} <= special
+    assert all(vocab_bytes[i] is None for i in special)
+    assert all(data for i, data in enumerate(vocab_bytes) if i not in special)
+    assert len(vocab_bytes) == VOCAB_SIZE
+    wider = vocabulary_bytes(tokenizer, len(tokenizer) + 3)
+    assert wider[-3:] == [None, None, None] and wider[:len(tokenizer)] == vocab_bytes[:len(tokenizer)]
+    assert vocabulary_bytes(tokenizer, 100) == vocab_bytes[:100]
