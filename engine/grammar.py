@@ -14,6 +14,7 @@ schema's order, optional ones may be left out (as xgrammar and outlines write th
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Hashable, Iterable
 from typing import Any
@@ -70,11 +71,12 @@ class Literals(Rule):
                     children.append({})
                 node = nxt
             ends.add(node)
-        self._children = [{b: ((n, None),) for b, n in c.items()} for c in children]
+        self._children = children
         self._ends = frozenset(ends)
 
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
-        return self._children[local].get(byte, _NO_MOVES)
+        child = self._children[local].get(byte)
+        return _NO_MOVES if child is None else ((child, None),)
 
     def accepts(self, local: int) -> bool:
         return local in self._ends
@@ -191,36 +193,71 @@ class _Whitespace:
 class JsonObject(Rule):
     """`{ "key": value, ... }` with the given members, in order, the required ones present;
     `additional` (a rule, or None for none) is the value of members past the listed ones, any
-    key."""
+    key. The keys are read through one trie: one stack however many members may come next."""
 
-    __slots__ = ("values", "additional", "_key_moves", "_can_close", "_next")
+    __slots__ = ("values", "additional", "_children", "_members_below", "_member_at", "_last", "_can_close",
+                 "_free_key")
     start = (0, 0, 0)
-    OPEN, FIRST, KEY, COLON, VALUE, AFTER, DONE = range(7)
+    OPEN, FIRST, KEY, KEY_TEXT, COLON, VALUE, AFTER, DONE = range(8)
     _DONE: tuple[Move, ...] = (((DONE, 0, 0), None),)
 
     def __init__(self, members: list[tuple[str, Rule, bool]], additional: Rule | None) -> None:
         n = len(members)
         self.values = [rule for _, rule, _ in members]
         self.additional = additional
-        # Index i: the members from i on are still to come (n: only additional ones).
-        self._can_close = [not any(req for _, _, req in members[i:]) for i in range(n + 1)]
-        self._next = [min(i + 1, n) for i in range(n + 1)]
-        key_moves = []
-        for i in range(n + 1):
-            moves: list[Move] = []
-            for j in range(i, n):  # the next member may be any up to the first required one
-                key = json.dumps(members[j][0], ensure_ascii=False).encode()
-                moves.append(((self.COLON, j, 0), Literals([key])))
-                if members[j][2]:
-                    break
-            else:
-                if additional is not None:
-                    moves.append(((self.COLON, n, 0), JsonString()))
-            key_moves.append(tuple(moves))
-        self._key_moves = key_moves
+        self._free_key = JsonString()
+        # Index i: members i.. are still to come (n: only additional ones). The next may be any
+        # of i..last[i], up to the first required one; the object may close if none is left.
+        self._last, self._can_close = [n - 1] * (n + 1), [True] * (n + 1)
+        required = None
+        for i in range(n - 1, -1, -1):
+            if members[i][2]:
+                required = i
+            self._last[i] = n - 1 if required is None else required
+            self._can_close[i] = required is None
+        # The trie of the quoted keys: per node, its children, and the members below it (in order).
+        children: list[dict[int, int]] = [{}]
+        below: list[list[int]] = [[]]
+        self._member_at: dict[int, int] = {}  # the node that ends a key → its member
+        for j, (name, _, _) in enumerate(members):
+            node = 0
+            below[0].append(j)
+            for byte in json.dumps(name, ensure_ascii=False).encode():
+                nxt = children[node].get(byte)
+                if nxt is None:
+                    nxt = children[node][byte] = len(children)
+                    children.append({})
+                    below.append([])
+                node = nxt
+                below[node].append(j)
+            self._member_at[node] = j
+        self._children = children
+        self._members_below = below
+
+    def _viable(self, node: int, i: int) -> bool:
+        """A key below `node` may come next when members i.. are still to come."""
+        members = self._members_below[node]
+        k = bisect.bisect_left(members, i)
+        return k < len(members) and members[k] <= self._last[i]
+
+    def _key_starts(self, i: int) -> tuple[Move, ...]:
+        """A key's opening quote, members i.. still to come: a listed key, or any (additional)."""
+        moves: list[Move] = []
+        quote = self._children[0].get(0x22)
+        if quote is not None and i < len(self.values) and self._viable(quote, i):
+            moves.append(((self.KEY_TEXT, i, quote), None))
+        if self.additional is not None and self._can_close[i]:
+            moves.append(((self.COLON, len(self.values), 0), self._free_key))
+        return tuple(moves)
 
     def moves(self, local: tuple[int, int, int], byte: int) -> tuple[Move, ...]:
-        phase, i, _ = local
+        phase, i, node = local
+        if phase == self.KEY_TEXT:
+            child = self._children[node].get(byte)
+            if child is None or not self._viable(child, i):
+                return _NO_MOVES
+            j = self._member_at.get(child)  # a key's closing quote: no key goes on past it
+            return (((self.COLON, j, 0), None),) if j is not None else (((self.KEY_TEXT, i, child), None),)
         if phase == self.OPEN:
             return (((self.FIRST, 0, 0), None),) if byte == 0x7B else _NO_MOVES  # {
         if phase == self.DONE:
@@ -232,14 +269,14 @@ class JsonObject(Rule):
             return (((self.AFTER, i, 0), self.values[i] if i < len(self.values) else self.additional),)
         if phase == self.FIRST or phase == self.KEY:
             if byte == 0x22:  # "
-                return self._key_moves[i]
+                return self._key_starts(i)
             return self._DONE if byte == 0x7D and phase == self.FIRST and self._can_close[i] else _NO_MOVES
         if phase == self.COLON:
             return (((self.VALUE, i, 0), None),) if byte == 0x3A else _NO_MOVES  # :
         # AFTER a value
-        after = self._next[i] if i < len(self.values) else i
+        after = min(i + 1, len(self.values))
         if byte == 0x2C:  # ,
-            return (((self.KEY, after, 0), None),) if self._key_moves[after] else _NO_MOVES
+            return (((self.KEY, after, 0), None),) if self._key_starts(after) else _NO_MOVES
         return self._DONE if byte == 0x7D and self._can_close[after] else _NO_MOVES
 
     def accepts(self, local: tuple[int, int, int]) -> bool:

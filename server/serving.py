@@ -237,7 +237,7 @@ class OpenAIServing:
         return min(otherwise, self.client.info.default_sampling.get("max_tokens", otherwise))
 
     def _sampling_fields(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                         logprobs: int | None) -> dict[str, Any]:
+                         logprobs: int | None, structured: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.config
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(req, name)
@@ -287,8 +287,7 @@ class OpenAIServing:
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             logit_bias=req.logit_bias or None,
         )
-        structured = self._structured_outputs(req)
-        if structured is not None:
+        if structured is not None:  # checked (and compiled) already
             fields["structured_outputs"] = structured
         try:
             SamplingParams(**fields).check_vocab(self.client.info.vocab_size)
@@ -378,7 +377,9 @@ class OpenAIServing:
         if max_tokens == 0 and not echo_only:
             raise errors.invalid("max_tokens must be >= 1 (0 only with echo: the prompt, and its logprobs "
                                  "with logprobs, without a completion)", param="max_tokens")
-        params = self._sampling_fields(req, 1 if echo_only else max_tokens, req.logprobs)  # caps before tokenizing
+        structured = await self._structured_outputs(req)
+        params = self._sampling_fields(req, 1 if echo_only else max_tokens, req.logprobs,  # caps before tokenizing
+                                       structured)
         encoded = iter(await self._encode_all([p for p in raw if isinstance(p, str)]))
         prompts, texts = [], []
         for p in raw:
@@ -413,22 +414,23 @@ class OpenAIServing:
             room = max(1, self.client.info.max_sequence_tokens - len(tokens))
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_fields(req, max_tokens, logprobs)
         parallel = req.parallel_tool_calls is not False
-        if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
-            params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
+        structured = await self._structured_outputs(req)
         if tool_parser in FORCED:
-            if "structured_outputs" in params:
+            if structured is not None:
                 raise errors.invalid('tool_choice "required" or a named function holds the answer to the tools\' '
                                      'JSON: it cannot be combined with response_format or structured_outputs',
                                      param="tool_choice")
             schema = forced_tool_schema(req.tools, tool_function or "required", parallel)
-            params["structured_outputs"] = self._checked_structure({"json": schema}, "tools")
+            structured = await self._checked_structure({"json": schema}, "tools")
+        params = self._sampling_fields(req, max_tokens, logprobs, structured)
+        if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
+            params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
         job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
         return job
 
-    def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
+    async def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
         """The request's structured outputs as StructuredOutputsParams' fields (None: free text),
         from OpenAI's response_format or vLLM's structured_outputs / guided_json / guided_choice."""
         asked: list[tuple[str, dict[str, Any]]] = []
@@ -455,14 +457,18 @@ class OpenAIServing:
         if len(asked) > 1:
             raise errors.invalid(f"{asked[0][0]} and {asked[1][0]} both ask for a structure: send one",
                                  param=asked[1][0])
-        return self._checked_structure(asked[0][1], asked[0][0]) if asked else None
+        return await self._checked_structure(asked[0][1], asked[0][0]) if asked else None
 
-    @staticmethod
-    def _checked_structure(fields: dict[str, Any], param: str) -> dict[str, Any]:
+    async def _checked_structure(self, fields: dict[str, Any], param: str) -> dict[str, Any]:
         """StructuredOutputsParams' fields, checked (the schema compiled) before the request
-        reaches the worker; a 400 naming `param` if they can't be served."""
+        reaches the worker; a 400 naming `param` if they can't be served. A long schema is
+        compiled on the tokenizer thread (an enum of 100k values takes 0.5 s)."""
         try:
-            StructuredOutputsParams(**fields)
+            if len(repr(fields)) <= TOKENIZE_INLINE_CHARS:
+                StructuredOutputsParams(**fields)
+            else:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._tokenizer_thread, partial(StructuredOutputsParams, **fields))
         except TypeError as exc:  # a field it does not have
             raise errors.invalid(f"{param}: {exc}".replace("StructuredOutputsParams.__init__() ", ""),
                                  param=param) from None
