@@ -489,9 +489,9 @@ class LLMEngine:
         # Only an end token was allowed: min_tokens yields to the grammar (so did the sampler).
         past_min = num_out >= params.min_tokens or (guide is not None and guide.mask()[1])
         if guide is not None and not guide.advance(token):
-            logger.warning("request %s: token %d is not one its grammar allows; the answer ends here",
+            logger.warning("request %s: token %d is not one its grammar allows; the answer is cut here",
                            request.request_id, token)
-            return self._finish(sample, "stop")
+            return self._finish(sample, "length")
         eos = past_min and token in self.eos_token_ids and not params.ignore_eos
         stop_token = past_min and token in params.stop_token_ids
         # As vLLM: the text ends before a stop token (EOS included), whose id stays in the
@@ -509,6 +509,10 @@ class LLMEngine:
         if stop_string:
             return self._finish(sample, "stop", sample.detokenizer.stop_reason)
         if num_out >= request.max_tokens or len(request.token_ids) >= self.max_model_len:
+            self._finish(sample, "length")
+        elif guide is not None and guide.dead_end():  # "stop" would say the answer is whole
+            logger.warning("request %s: its answer nests past what structured outputs follow; cut here",
+                           request.request_id)
             self._finish(sample, "length")
 
     def _finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:

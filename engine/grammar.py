@@ -24,10 +24,10 @@ WHITESPACE = frozenset(b" \t\n\r")
 
 # Rules open at once, at most: deeper nesting is not written (and stays far from Python's
 # recursion limit, which hashing a state's nested tuples runs into).
-MAX_DEPTH = 128
+MAX_DEPTH = 160
 
 # Stacks (ways to read the text so far) a state may hold; see Grammar.step.
-MAX_STACKS = 256
+MAX_STACKS = 512
 
 # A stack: (rule, its local state, the stack below it or None, its depth). A state: the
 # stacks alive.
@@ -45,6 +45,9 @@ class Rule:
 
     __slots__ = ()
     start: Hashable = 0
+    # The local state, if any, that a byte of plain string text (no quote, backslash or control
+    # byte) leaves as it is: the token masks' fast path (Grammar.in_string).
+    plain_text: Hashable = None
 
     def moves(self, local: Any, byte: int) -> tuple[Move, ...]:
         raise NotImplementedError
@@ -107,6 +110,7 @@ class JsonString(Rule):
 
     __slots__ = ()
     OPEN, CONTENT, ESCAPE, HEX, CLOSED = 0, 1, 2, 3, 7  # HEX..HEX+3: \\u's four digits
+    plain_text = CONTENT
     _TO_CONTENT: tuple[Move, ...] = ((CONTENT, None),)
     _TO_ESCAPE: tuple[Move, ...] = ((ESCAPE, None),)
     _TO_CLOSED: tuple[Move, ...] = ((CLOSED, None),)
@@ -205,7 +209,6 @@ class JsonObject(Rule):
         n = len(members)
         self.values = [rule for _, rule, _ in members]
         self.additional = additional
-        self._free_key = JsonString()
         # Index i: members i.. are still to come (n: only additional ones). The next may be any
         # of i..last[i], up to the first required one; the object may close if none is left.
         self._last, self._can_close = [n - 1] * (n + 1), [True] * (n + 1)
@@ -233,6 +236,7 @@ class JsonObject(Rule):
             self._member_at[node] = j
         self._children = children
         self._members_below = below
+        self._free_key = _OtherKey(children, self._member_at) if members else JsonString()
 
     def _viable(self, node: int, i: int) -> bool:
         """A key below `node` may come next when members i.. are still to come."""
@@ -281,6 +285,40 @@ class JsonObject(Rule):
 
     def accepts(self, local: tuple[int, int, int]) -> bool:
         return local[0] == self.DONE
+
+
+class _OtherKey(Rule):
+    """An additional member's key: a JSON string that is none of the object's listed keys (a
+    listed member's value keeps its own schema), written without escapes. Locals: OPEN, then
+    the node of the listed keys' trie the text is still on, DIVERGED once it left them all."""
+
+    __slots__ = ("_children", "_member_at")
+    OPEN, DIVERGED, CLOSED = -1, -2, -3
+    start = OPEN
+    plain_text = DIVERGED
+    _STAY: tuple[Move, ...] = ((DIVERGED, None),)
+    _CLOSE: tuple[Move, ...] = ((CLOSED, None),)
+
+    def __init__(self, children: list[dict[int, int]], member_at: dict[int, int]) -> None:
+        self._children, self._member_at = children, member_at
+
+    def moves(self, local: int, byte: int) -> tuple[Move, ...]:
+        if local == self.OPEN:
+            if byte != 0x22:
+                return _NO_MOVES
+            node = self._children[0].get(0x22)
+            return ((self.DIVERGED if node is None else node, None),)
+        if local == self.CLOSED or byte == 0x5C or byte < 0x20:
+            return _NO_MOVES
+        if byte == 0x22:  # the closing quote: refused where it would end a listed key
+            return _NO_MOVES if local >= 0 and self._children[local].get(0x22) in self._member_at else self._CLOSE
+        if local == self.DIVERGED:
+            return self._STAY
+        node = self._children[local].get(byte)
+        return self._STAY if node is None else ((node, None),)
+
+    def accepts(self, local: int) -> bool:
+        return local == self.CLOSED
 
 
 class JsonArray(Rule):
@@ -429,9 +467,9 @@ class Grammar:
         return done
 
     def in_string(self, state: State) -> bool:
-        """Every stack is inside a free JSON string's content: a token of plain string bytes
-        leaves the state as it is (the token masks' fast path)."""
-        return all(type(rule) is JsonString and local == JsonString.CONTENT for rule, local, _, _ in state)
+        """Every stack is inside free string text (`Rule.plain_text`): a token of plain string
+        bytes leaves the state as it is (the token masks' fast path)."""
+        return all(rule.plain_text == local for rule, local, _, _ in state)
 
     def accepts(self, text: bytes | str) -> bool:
         """The whole text is an answer this grammar allows (tests, and checks of examples)."""

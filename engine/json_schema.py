@@ -36,7 +36,11 @@ _OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties"})
 _ARRAY_KEYWORDS = frozenset({"items", "minItems", "maxItems"})
 _COMBINATIONS = frozenset({"anyOf", "oneOf"})
 SUPPORTED = ANNOTATIONS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _COMBINATIONS | {"type", "enum", "const", "$ref"}
-MAX_SCHEMA_DEPTH = 64  # path segments: a deeper schema is refused before Python's recursion limit
+# Schemas nested in one another (through $ref too): deeper ones are refused, well before
+# Python's recursion limit and the grammar's MAX_DEPTH (a level opens at most two rules).
+MAX_SCHEMA_DEPTH = 64
+# A union's options: each may stay open side by side (MAX_STACKS), so wider ones are refused.
+MAX_OPTIONS = 128
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
@@ -53,6 +57,7 @@ class _Compiler:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.refs: dict[str, Alternatives] = {}
+        self.depth = 0
 
     def check_refs(self) -> None:
         """A $ref that can reach itself before any byte is read (`{"$ref": "#"}`, or through
@@ -68,8 +73,16 @@ class _Compiler:
                     todo.extend(option.options)
 
     def rule(self, schema: Any, path: str) -> Rule:
-        if path.count("/") > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (at {path[:200]}...)")
+        if self.depth >= MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, $refs followed "
+                             f"(at {path[:200]})")
+        self.depth += 1
+        try:
+            return self._rule(schema, path)
+        finally:
+            self.depth -= 1
+
+    def _rule(self, schema: Any, path: str) -> Rule:
         if schema is True or schema == {}:
             return json_value()
         if schema is False:
@@ -101,6 +114,8 @@ class _Compiler:
             options = schema[key]
             if not isinstance(options, list) or not options:
                 raise ValueError(f"{key} (at {path}) must be a non-empty list of schemas")
+            if len(options) > MAX_OPTIONS:
+                raise ValueError(f"{key} (at {path}) has {len(options)} options; at most {MAX_OPTIONS} are supported")
             return Alternatives(self.rule(option, f"{path}/{key}/{i}") for i, option in enumerate(options))
         kind = schema.get("type")
         if kind is None:

@@ -115,28 +115,31 @@ class TokenMasks:
 
     def __init__(self, vocabulary: TokenVocabulary, max_cached: int = 4096) -> None:
         self.vocabulary = vocabulary
-        self._cached: OrderedDict[tuple[Grammar, State, tuple[int, ...]], tuple[np.ndarray, bool]] = OrderedDict()
+        self._cached: OrderedDict[tuple[Grammar, State, tuple[int, ...]], tuple[np.ndarray, bool, bool]] = \
+            OrderedDict()
         self._max_cached = max_cached
 
-    def get(self, grammar: Grammar, state: State, end_ids: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
-        """(the allowed tokens, only an end token is): the mask as a bool tensor on the host."""
+    def get(self, grammar: Grammar, state: State, end_ids: tuple[int, ...]) -> tuple[torch.Tensor, bool, bool]:
+        """(the allowed tokens as a bool tensor on the host, only an end token is, no token is:
+        a dead end, where a grammar's limits refuse every way on)."""
         key = (grammar, state, end_ids)
         hit = self._cached.get(key)
         if hit is not None:
             self._cached.move_to_end(key)
-            packed, must_end = hit
+            packed, must_end, dead = hit
         else:
             mask = self.vocabulary.allowed(grammar, state)
             complete = grammar.complete(state)
             must_end = complete and not mask.any()
             if complete:
                 mask[[t for t in end_ids if t < mask.shape[0]]] = True
+            dead = not mask.any()
             packed = np.packbits(mask)
-            self._cached[key] = packed, must_end
+            self._cached[key] = packed, must_end, dead
             if len(self._cached) > self._max_cached:
                 self._cached.popitem(last=False)
         size = self.vocabulary.size
-        return torch.from_numpy(np.unpackbits(packed, count=size).view(np.bool_)), must_end
+        return torch.from_numpy(np.unpackbits(packed, count=size).view(np.bool_)), must_end, dead
 
 
 class Guide:
@@ -149,10 +152,18 @@ class Guide:
         self.end_ids = tuple(sorted(set(end_ids)))
         self.state: State = grammar.start
         self.ended = False
-        self._mask: tuple[State, tuple[torch.Tensor, bool]] | None = None  # the current state's
+        self._mask: tuple[State, tuple[torch.Tensor, bool, bool]] | None = None  # the current state's
 
     def mask(self) -> tuple[torch.Tensor, bool]:
         """(the tokens allowed next, only an end token is)."""
+        return self._current()[:2]
+
+    def dead_end(self) -> bool:
+        """No token may follow, not even an end token: the grammar's limits (MAX_DEPTH,
+        MAX_STACKS) refused every way on. The answer can only be cut here."""
+        return not self.ended and self._current()[2]
+
+    def _current(self) -> tuple[torch.Tensor, bool, bool]:
         if self._mask is None or self._mask[0] is not self.state:
             self._mask = self.state, self.masks.get(self.grammar, self.state, self.end_ids)
         return self._mask[1]

@@ -248,13 +248,23 @@ WIDE_UNION = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "int
 
 
 @pytest.mark.parametrize("schema", [alias_chain(200), WIDE_UNION], ids=["alias-chain", "wide-union"])
-def test_an_answer_that_stops_is_whole_even_where_the_grammar_cannot_go_on(llm: LLM, schema: dict) -> None:
-    # A schema the grammar cannot write is refused up front, or its answer does not claim "stop".
-    try:
-        params = SamplingParams(max_tokens=24, temperature=0.0, structured_outputs={"json": schema})
-    except ValueError:
-        return
-    grammar = params.structured_outputs.compile()
+def test_a_schema_past_the_grammars_limits_is_refused_up_front(schema: dict) -> None:
+    with pytest.raises(ValueError, match="deeper than|options"):
+        SamplingParams(max_tokens=24, temperature=0.0, structured_outputs={"json": schema})
+
+
+# 100 objects whose "a" is one of 100 objects: past `{"a":`, 10,000 ways to read `{` (> MAX_STACKS).
+NESTED_UNIONS = {
+    "$defs": {"inner": {"anyOf": [{"type": "object", "properties": {f"b{j}": {"type": "integer"}},
+                                   "required": [f"b{j}"]} for j in range(100)]}},
+    "anyOf": [{"type": "object", "properties": {"a": {"$ref": "#/$defs/inner"}, f"x{i}": {"type": "integer"}},
+               "required": ["a"]} for i in range(100)],
+}
+
+
+def test_an_answer_at_a_dead_end_is_cut_with_length_not_stop(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=64, temperature=0.0, structured_outputs={"json": NESTED_UNIONS})
     completion = llm.generate("Write the JSON:", params, use_tqdm=False)[0].outputs[0]
-    assert completion.finish_reason != "stop" or grammar.accepts(completion.text), completion
+    assert completion.finish_reason == "length" and len(completion.token_ids) < 64, completion
+    assert '"a":' in completion.text and not params.structured_outputs.compile().accepts(completion.text)
     assert_engine_clean(llm)

@@ -437,9 +437,9 @@ def test_too_deep_schemas_are_value_errors() -> None:
     with pytest.raises(ValueError, match="deeper than 64"):
         schema_grammar(nested(70, lambda s: {"type": "array", "items": s}))
     with pytest.raises(ValueError, match="deeper than 64"):
-        schema_grammar(nested(40, lambda s: {"type": "object", "properties": {"x": s}}))
+        schema_grammar(nested(70, lambda s: {"type": "object", "properties": {"x": s}}))
     with pytest.raises(ValueError, match="deeper than 64"):
-        schema_grammar(nested(40, lambda s: {"anyOf": [s, {"type": "null"}]}))
+        schema_grammar(nested(40, lambda s: {"anyOf": [{"type": "array", "items": s}, {"type": "null"}]}))
     g = schema_grammar(nested(60, lambda s: {"type": "array", "items": s}))
     assert g.accepts("[" * 60 + "1" + "]" * 60) and not g.accepts("[" * 59 + "1" + "]" * 59)
     g = schema_grammar(nested(30, lambda s: {"type": "object", "properties": {"x": s}, "required": ["x"]}))
@@ -636,28 +636,28 @@ def test_token_masks_add_end_ids_only_when_complete(vocabulary: TokenVocabulary)
     ends = (EOS, 0)
     g = json_object_grammar()
     incomplete = g.advance(g.start, b'{"a": 1')
-    mask, must_end = masks.get(g, incomplete, ends)
+    mask, must_end, _ = masks.get(g, incomplete, ends)
     assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == (VOCAB_SIZE,)
     assert not must_end and not mask[EOS] and not mask[0]
     assert torch.equal(mask, torch.from_numpy(vocabulary.allowed(g, incomplete)))
     done = g.advance(g.start, b'{"a": 1}')
-    mask, must_end = masks.get(g, done, ends)
+    mask, must_end, _ = masks.get(g, done, ends)
     assert must_end and mask.nonzero().flatten().tolist() == [0, EOS]
     # complete but it may go on: the end tokens join what the grammar allows
     number = StructuredOutputsParams(json={"type": "integer"}).compile()
     twelve = number.advance(number.start, b"12")
-    mask, must_end = masks.get(number, twelve, (EOS,))
+    mask, must_end, _ = masks.get(number, twelve, (EOS,))
     assert not must_end and mask[EOS]
     assert torch.equal(mask.clone().index_fill_(0, torch.tensor([EOS]), False),
                        torch.from_numpy(vocabulary.allowed(number, twelve)))
     choice = grammar_named("choice")
-    mask, must_end = masks.get(choice, choice.advance(choice.start, b"yes"), (EOS,))
+    mask, must_end, _ = masks.get(choice, choice.advance(choice.start, b"yes"), (EOS,))
     assert not must_end and mask[EOS] and mask.sum() > 1
-    mask, must_end = masks.get(choice, choice.advance(choice.start, b"yes please"), (EOS, VOCAB_SIZE + 5))
+    mask, must_end, _ = masks.get(choice, choice.advance(choice.start, b"yes please"), (EOS, VOCAB_SIZE + 5))
     assert must_end and mask.nonzero().flatten().tolist() == [EOS]  # an id past the vocabulary is left out
     # evicted and recomputed alike
     for _ in range(2):
-        again, must_end = masks.get(g, done, ends)
+        again, must_end, _ = masks.get(g, done, ends)
         assert must_end and again.nonzero().flatten().tolist() == [0, EOS]
 
 
