@@ -1,5 +1,5 @@
 """Structured outputs, as vLLM's `StructuredOutputsParams`: an answer held to a JSON schema, to
-any JSON object, or to one of a list of choices. The sampler masks every token the grammar
+any JSON object, to one of a list of choices, or to a regular expression. The sampler masks every token the grammar
 does not allow next (`engine/token_masks.py`), and an end token (EOS) only once the answer is
 whole, so a sample that stops by itself stops on a valid answer; max_tokens or a stop string
 may still cut it short, as in vLLM.
@@ -14,16 +14,17 @@ from typing import Any
 
 from engine.grammar import Grammar, JsonDocument, JsonObject, Literals, json_value
 from engine.json_schema import schema_grammar
+from engine.regex import RegexRule
 
 KINDS = ("json", "json_object", "choice", "regex", "grammar")
-_UNSUPPORTED = ("regex", "grammar")
+_UNSUPPORTED = ("grammar",)
 
 
 @dataclass(slots=True)
 class StructuredOutputsParams:
     """Exactly one of: `json` (a JSON schema, as a dict or its text), `json_object=True` (any
-    JSON object), `choice` (one of these strings, exactly). vLLM's `regex` and `grammar` are
-    not supported (a ValueError)."""
+    JSON object), `choice` (one of these strings, exactly), `regex` (text it matches whole,
+    Python's syntax: engine/regex.py). vLLM's `grammar` (EBNF) is not supported (a ValueError)."""
 
     json: dict[str, Any] | str | bool | None = None
     regex: str | None = None
@@ -38,7 +39,8 @@ class StructuredOutputsParams:
                              f"{', '.join(given) if given else 'none'}")
         kind = given[0]
         if kind in _UNSUPPORTED:
-            raise ValueError(f"structured outputs by {kind} are not supported: use json, json_object or choice")
+            raise ValueError(f"structured outputs by {kind} are not supported: use json, json_object, choice or "
+                             "regex")
         if kind == "json_object" and self.json_object is not True:
             raise ValueError(f"json_object must be true or false, got {self.json_object!r:.40}")
         if kind == "json" and isinstance(self.json, str):
@@ -49,6 +51,8 @@ class StructuredOutputsParams:
         if kind == "choice" and (not isinstance(self.choice, list) or not self.choice
                                  or not all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError("choice must be a non-empty list of non-empty strings")
+        if kind == "regex" and not isinstance(self.regex, str):
+            raise ValueError(f"regex must be a string, got {self.regex!r:.40}")
         self.compile()  # a schema it cannot hold is an error now, not in the engine's step
 
     @property
@@ -61,8 +65,8 @@ class StructuredOutputsParams:
         kind = self.kind
         if kind == "json":
             return _compiled("json", json.dumps(self.json))  # key order kept: members come in it
-        if kind == "choice":
-            return _compiled("choice", json.dumps(self.choice))
+        if kind in ("choice", "regex"):
+            return _compiled(kind, json.dumps(getattr(self, kind)))
         return _compiled("json_object", "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,4 +80,6 @@ def _compiled(kind: str, text: str) -> Grammar:
         return schema_grammar(json.loads(text))
     if kind == "choice":
         return Grammar(Literals(c.encode() for c in json.loads(text)))
+    if kind == "regex":
+        return Grammar(RegexRule(json.loads(text)))
     return Grammar(JsonDocument(JsonObject([], additional=json_value())))

@@ -87,11 +87,13 @@ class _SamplingRequest(_Model):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
     # Structured outputs: OpenAI's response_format (text, json_object, json_schema), or vLLM's
-    # structured_outputs (json, json_object, choice) and its older guided_json / guided_choice
+    # structured_outputs (json, json_object, choice, regex) and its older guided_json /
+    # guided_choice / guided_regex
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_choice: list[str] | None = None
+    guided_regex: str | None = None
 
 
 class CompletionRequest(_SamplingRequest):

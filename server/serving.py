@@ -432,7 +432,8 @@ class OpenAIServing:
 
     async def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
         """The request's structured outputs as StructuredOutputsParams' fields (None: free text),
-        from OpenAI's response_format or vLLM's structured_outputs / guided_json / guided_choice."""
+        from OpenAI's response_format or vLLM's structured_outputs / guided_json / guided_choice /
+        guided_regex."""
         asked: list[tuple[str, dict[str, Any]]] = []
         fmt = req.response_format
         if fmt is not None:
@@ -454,6 +455,8 @@ class OpenAIServing:
             asked.append(("guided_json", {"json": req.guided_json}))
         if req.guided_choice is not None:
             asked.append(("guided_choice", {"choice": req.guided_choice}))
+        if req.guided_regex is not None:
+            asked.append(("guided_regex", {"regex": req.guided_regex}))
         if len(asked) > 1:
             raise errors.invalid(f"{asked[0][0]} and {asked[1][0]} both ask for a structure: send one",
                                  param=asked[1][0])

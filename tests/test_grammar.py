@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from typing import Any
 from typing import Literal as TypingLiteral
 
@@ -488,9 +489,8 @@ def test_structured_outputs_params_take_exactly_one_kind() -> None:
         StructuredOutputsParams(json={"type": "integer"}, choice=["a"])
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(json_object=True, choice=["a"])
-    for kind, value in (("regex", "a+"), ("grammar", 'root ::= "a"')):
-        with pytest.raises(ValueError, match=f"{kind} are not supported"):
-            StructuredOutputsParams(**{kind: value})
+    with pytest.raises(ValueError, match="grammar are not supported"):
+        StructuredOutputsParams(grammar='root ::= "a"')
     with pytest.raises(ValueError, match="json_object"):
         StructuredOutputsParams(json_object="yes")
     assert StructuredOutputsParams(json_object=True).kind == "json_object"
@@ -515,6 +515,40 @@ def test_structured_outputs_json_as_text_and_choices() -> None:
         assert g.accepts(text)
     for text in ("ye", "yesno", " yes", "yes ", "", "YES", '"yes"', "yes pleas", "ne"):
         assert not g.accepts(text)
+
+
+REGEXES = [r"\d{3}-\d{4}", r"(yes|no|maybe)", r"[a-z]+@[a-z]+\.(com|org)", r"x.?\s*(?:ab)*[^0-9é]\w", r"é+ü?",
+           r"[À-ÿ]{2}", r"(?s)a.b", r"^\w+$", r"a{2,4}b*?", r"(ab|a)(c|bcd)(d*)", r"[^a-c]+|_", r"\D\S\W?"]
+
+
+@pytest.mark.parametrize("pattern", REGEXES)
+def test_regex_agrees_with_re_fullmatch(pattern: str) -> None:
+    g = StructuredOutputsParams(regex=pattern).compile()
+    rng = random.Random(pattern)
+    alphabet = "ab9 é\n_-.@xyzcdü"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(2000)]
+    texts += ["555-1234", "maybe", "bob@site.org", "xa  ababz_", "ééü", "Àÿ", "a\nb", "héllo", "aaab", "abcd"]
+    for text in texts:
+        assert g.accepts(text) == (re.fullmatch(pattern, text) is not None), (pattern, text)
+
+
+def test_regex_reads_characters_byte_by_byte() -> None:
+    g = StructuredOutputsParams(regex="[À-ÿ]{2}").compile()
+    assert g.advance(g.start, "À".encode()[:1]) is not None  # may still become À..ÿ
+    assert g.advance(g.start, "日".encode()[:1]) is None  # no character it begins is in the set
+    assert g.advance(g.start, b"\xc3\x28") is None  # not UTF-8
+    assert not g.complete(g.advance(g.start, "Àÿ".encode()[:3]))  # half a character: not done
+
+
+@pytest.mark.parametrize("pattern,message", [
+    (r"(a)\1", "groupref"), (r"(?=a)a", "assert"), (r"(?<!a)b", "assert"), (r"(?i)a", "flags"), ("(", "parse"),
+    (r"(a{100}){300}", "too large"), (r"a\b", "anchor"),
+])
+def test_regexes_that_are_not_regular_are_value_errors(pattern: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams(regex=pattern)
+    with pytest.raises(ValueError, match="regex must be a string"):
+        StructuredOutputsParams(regex=["a"])
 
 
 def test_structured_outputs_compile_once_per_distinct_request() -> None:
@@ -604,7 +638,15 @@ MASK_STATES = [  # (grammar, prefix, every stack inside a free string: the masks
     ("person", b'{"name": "x", "age": 3', False),
     ("choice", b"", False),
     ("choice", b"yes", False),
+    ("phone", b"", False),
+    ("phone", b"555-1", False),
+    ("accents", b"", False),
+    ("accents", b"\xc3", False),  # half a character
+    ("anything", b"ab", False),
 ]
+
+
+REGEX_GRAMMARS = {"phone": r"\d{3}-\d{4}", "accents": r"[À-ÿ]+ (ok|no)", "anything": r"(?s).{0,12}!"}
 
 
 def grammar_named(name: str) -> Grammar:
@@ -612,6 +654,8 @@ def grammar_named(name: str) -> Grammar:
         return json_object_grammar()
     if name == "person":
         return StructuredOutputsParams(json=PERSON_SCHEMA).compile()
+    if name in REGEX_GRAMMARS:
+        return StructuredOutputsParams(regex=REGEX_GRAMMARS[name]).compile()
     return StructuredOutputsParams(choice=["yes", "yes please", "no", "né"]).compile()
 
 

@@ -1,11 +1,12 @@
 """Structured outputs over the real server, driven by the `openai` SDK with the embedded default
 model: OpenAI's response_format (json_schema, json_object; the SDK's `parse` with a pydantic
-model), vLLM's guided_choice / structured_outputs, tool_choice "required" and a named
+model), vLLM's guided_choice / guided_regex / structured_outputs, tool_choice "required" and a named
 function; what can't be served is a 400 that names the field and leaves the server as it was."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import openai
@@ -85,7 +86,7 @@ def test_the_sdk_parses_a_pydantic_model(client):
     assert isinstance(weather, Weather) and weather.sky in ("sunny", "cloudy", "rainy")
 
 
-def test_json_object_and_choices(client):
+def test_json_object_choices_and_regexes(client):
     out = client.chat.completions.create(model=None, messages=ASK, max_tokens=96, temperature=0,
                                          response_format={"type": "json_object"})
     text = out.choices[0].message.content
@@ -100,6 +101,11 @@ def test_json_object_and_choices(client):
     out = client.completions.create(model=None, prompt="Ann is 31. As JSON:", max_tokens=48, temperature=0,
                                     extra_body={"structured_outputs": {"json": json.dumps(PERSON)}})
     assert set(json.loads(out.choices[0].text)) == {"name", "age"}
+    date = r"\d{4}-\d{2}-\d{2}"
+    for extra in ({"guided_regex": date}, {"structured_outputs": {"regex": date}}):
+        out = client.chat.completions.create(model=None, messages=[{"role": "user", "content": "When did WW2 end?"}],
+                                             max_tokens=16, temperature=0, extra_body=extra)
+        assert re.fullmatch(date, out.choices[0].message.content) and out.choices[0].finish_reason == "stop"
 
 
 def test_tool_choice_required_and_named_make_calls(server, client):
@@ -138,7 +144,8 @@ def test_what_structured_outputs_cannot_do_is_a_clear_400(server, client):
          "response_format", "'pattern'"),
         ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
-        ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs", "regex"),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "structured_outputs", "grammar"),
+        ({"guided_regex": r"(a)\1"}, "guided_regex", "backreferences"),
         ({"structured_outputs": {"json_object": True, "whitespace_pattern": " "}}, "structured_outputs",
          "whitespace_pattern"),
         ({"structured_outputs": {"json": {"$ref": "#"}}}, "structured_outputs", "itself"),

@@ -1,0 +1,233 @@
+"""A regular expression as a grammar rule (vLLM's `structured_outputs.regex`): the answer is
+text the pattern matches whole.
+
+The pattern is parsed by Python's own `re` parser (Python's syntax; `re.compile` accepts it)
+and built into a Thompson NFA over characters; the rule reads bytes, gathering a character's
+UTF-8 bytes before it steps. A token may end inside a character when some transition could
+still take a character that begins so (for a literal or a range, exactly; for `.`, `\\w`,
+negated sets: assumed). Backreferences and lookarounds are not regular: a ValueError, as are
+flags other than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer
+matches anyway); lazy, possessive and atomic forms match as their greedy ones (the same set of
+texts).
+"""
+
+from __future__ import annotations
+
+import re
+import re._constants as sre  # noqa: PLC2701 (Python's own regex parser: its syntax, exactly)
+import re._parser as sre_parse
+from collections.abc import Callable
+from typing import Any
+
+from engine.grammar import Move, Rule
+
+MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: a{1000}{1000} would be a million
+_NO_MOVES: tuple[Move, ...] = ()
+_SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
+
+Predicate = Callable[[str], bool]
+Range = tuple[int, int]  # code points a transition may take, for partial characters (None: any)
+
+_CATEGORIES: dict[Any, Predicate] = {
+    sre.CATEGORY_DIGIT: str.isdecimal,
+    sre.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
+    sre.CATEGORY_SPACE: str.isspace,
+    sre.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
+    sre.CATEGORY_WORD: lambda ch: ch.isalnum() or ch == "_",
+    sre.CATEGORY_NOT_WORD: lambda ch: not (ch.isalnum() or ch == "_"),
+}
+
+
+class _Nfa:
+    """States are ints; `edges[s]`: (predicate, ranges or None, target); `empty[s]`: targets
+    reached without a character."""
+
+    def __init__(self, dotall: bool) -> None:
+        self.dotall = dotall
+        self.edges: list[list[tuple[Predicate, tuple[Range, ...] | None, int]]] = []
+        self.empty: list[list[int]] = []
+
+    def state(self) -> int:
+        if len(self.edges) >= MAX_NFA_STATES:
+            raise ValueError(f"the regex is too large (more than {MAX_NFA_STATES} states once its repeats are "
+                             "unrolled)")
+        self.edges.append([])
+        self.empty.append([])
+        return len(self.edges) - 1
+
+    def build(self, items: Any, start: int) -> int:
+        """Add the sequence `items` (a parsed pattern) from `start`; its end state."""
+        at = start
+        for op, arg in items:
+            at = self._item(op, arg, at)
+        return at
+
+    def _item(self, op: Any, arg: Any, start: int) -> int:
+        if op in (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN):
+            predicate, ranges = self._char(op, arg)
+            end = self.state()
+            self.edges[start].append((predicate, ranges, end))
+            return end
+        if op is sre.AT:
+            if arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING):
+                return start
+            raise ValueError(f"regex anchor {arg} is not supported")
+        if op is sre.SUBPATTERN:
+            _, add_flags, del_flags, items = arg
+            if (add_flags | del_flags) & ~_SUPPORTED_FLAGS:
+                raise ValueError("regex flags other than (?s) are not supported")
+            return self.build(items, start)
+        if op is sre.ATOMIC_GROUP:
+            return self.build(arg, start)
+        if op is sre.BRANCH:
+            end = self.state()
+            for items in arg[1]:
+                branch = self.state()
+                self.empty[start].append(branch)
+                self.empty[self.build(items, branch)].append(end)
+            return end
+        if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            low, high, items = arg
+            at = start
+            for _ in range(low):
+                at = self.build(items, at)
+            if high is sre.MAXREPEAT:  # a loop: items, any number of times more
+                loop = self.state()
+                self.empty[at].append(loop)
+                self.empty[self.build(items, loop)].append(loop)
+                return loop
+            end = self.state()
+            for _ in range(high - low):
+                self.empty[at].append(end)
+                at = self.build(items, at)
+            self.empty[at].append(end)
+            return end
+        raise ValueError(f"regex feature {str(op).lower()} is not supported (structured outputs take regular "
+                         "expressions: no backreferences or lookarounds)")
+
+    def _char(self, op: Any, arg: Any) -> tuple[Predicate, tuple[Range, ...] | None]:
+        if op is sre.LITERAL:
+            ch = chr(arg)
+            return ch.__eq__, ((arg, arg),)
+        if op is sre.NOT_LITERAL:
+            ch = chr(arg)
+            return ch.__ne__, None
+        if op is sre.ANY:
+            return (lambda c: True) if self.dotall else "\n".__ne__, None
+        negate, categories, tests, ranges = False, False, [], []
+        for kind, value in arg:
+            if kind is sre.NEGATE:
+                negate = True
+            elif kind is sre.LITERAL:
+                tests.append(chr(value).__eq__)
+                ranges.append((value, value))
+            elif kind is sre.RANGE:
+                low, high = value
+                tests.append(lambda c, low=low, high=high: low <= ord(c) <= high)
+                ranges.append((low, high))
+            elif kind is sre.CATEGORY and value in _CATEGORIES:
+                tests.append(_CATEGORIES[value])
+                categories = True  # spans scripts: any partial character may fit
+            else:
+                raise ValueError(f"regex set member {kind} {value} is not supported")
+        if negate:
+            return (lambda c: not any(t(c) for t in tests)), None
+        return (lambda c: any(t(c) for t in tests)), None if categories else tuple(ranges)
+
+
+class RegexRule(Rule):
+    """The pattern's full matches, read byte by byte. Locals: (NFA states, the bytes of a
+    character not complete yet)."""
+
+    __slots__ = ("_nfa", "_final", "start", "_steps")
+
+    def __init__(self, pattern: str) -> None:
+        try:
+            parsed = sre_parse.parse(pattern)
+        except re.error as exc:
+            raise ValueError(f"the regex does not parse: {exc}") from None
+        flags = parsed.state.flags
+        if flags & ~_SUPPORTED_FLAGS:
+            raise ValueError("regex flags other than (?s) are not supported")
+        self._nfa = _Nfa(dotall=bool(flags & re.DOTALL))
+        first = self._nfa.state()
+        self._final = self._nfa.build(parsed, first)
+        self.start = (self._closure({first}), b"")
+        self._steps: dict[tuple[frozenset[int], str], frozenset[int]] = {}
+
+    def _closure(self, states: set[int]) -> frozenset[int]:
+        todo, seen = list(states), set(states)
+        while todo:
+            for nxt in self._nfa.empty[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return frozenset(seen)
+
+    def _step(self, states: frozenset[int], ch: str) -> frozenset[int]:
+        key = (states, ch)
+        hit = self._steps.get(key)
+        if hit is None:
+            hit = self._steps[key] = self._closure({target for s in states
+                                                    for test, _, target in self._nfa.edges[s] if test(ch)})
+        return hit
+
+    def _may_begin(self, states: frozenset[int], low: int, high: int) -> bool:
+        """Some transition may take a character in [low, high] (a partial character's span)."""
+        for s in states:
+            for _, ranges, _ in self._nfa.edges[s]:
+                if ranges is None or any(a <= high and low <= b for a, b in ranges):
+                    return True
+        return False
+
+    def moves(self, local: tuple[frozenset[int], bytes], byte: int) -> tuple[Move, ...]:
+        states, pending = local
+        if not pending and byte < 0x80:
+            nxt = self._step(states, chr(byte))
+            return (((nxt, b""), None),) if nxt else _NO_MOVES
+        data = pending + bytes([byte])
+        size = _utf8_size(data[0])
+        if size == 0 or (len(data) > 1 and not 0x80 <= byte <= 0xBF):
+            return _NO_MOVES
+        if len(data) < size:
+            span = _span(data, size)
+            return (((states, data), None),) if span and self._may_begin(states, *span) else _NO_MOVES
+        try:
+            ch = data.decode()
+        except UnicodeDecodeError:
+            return _NO_MOVES
+        nxt = self._step(states, ch)
+        return (((nxt, b""), None),) if nxt else _NO_MOVES
+
+    def accepts(self, local: tuple[frozenset[int], bytes]) -> bool:
+        states, pending = local
+        return not pending and self._final in states
+
+
+def _utf8_size(lead: int) -> int:
+    """A character's byte count from its first byte (0: not a first byte)."""
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+_SIZE_SPANS = {2: (0x80, 0x7FF), 3: (0x800, 0xFFFF), 4: (0x10000, 0x10FFFF)}
+
+
+def _span(prefix: bytes, size: int) -> tuple[int, int] | None:
+    """The code points whose UTF-8 begins with `prefix` (None: none does: an overlong or
+    out-of-range beginning, or only surrogates)."""
+    bits = prefix[0] & (0x7F >> size)
+    for byte in prefix[1:]:
+        bits = bits << 6 | byte & 0x3F
+    free = 6 * (size - len(prefix))
+    low, high = bits << free, (bits << free) | ((1 << free) - 1)
+    least, most = _SIZE_SPANS[size]
+    low, high = max(low, least), min(high, most)
+    if low > high or 0xD800 <= low and high <= 0xDFFF:
+        return None
+    return low, high
