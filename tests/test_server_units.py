@@ -861,7 +861,7 @@ def test_tool_call_content_is_alike_whole_and_streamed():
 
     serving = OpenAIServing(ServerConfig(), None, client=None, metrics=Metrics(gpu=False),
                             request_logger=RequestLogger(log_text=False), model_name="m")
-    job = types.SimpleNamespace(tool_parser="hermes", parallel_tool_calls=True)
+    job = types.SimpleNamespace(tool_parser="hermes", tool_function=None, parallel_tool_calls=True)
     call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     for text, content in (("\n\n" + call, "\n\n"), (call, None), ("Hi " + call + "\n", "Hi ")):
         whole = Choice(0)
