@@ -26,8 +26,10 @@ WHITESPACE = frozenset(b" \t\n\r")
 # recursion limit, which hashing a state's nested tuples runs into).
 MAX_DEPTH = 160
 
-# Stacks (ways to read the text so far) a state may hold; see Grammar.step.
+# Stacks (ways to read the text so far) a state may hold, and stacks one byte's step may look
+# at: past them the text is refused (`_expand`), so no schema makes a step cost seconds.
 MAX_STACKS = 512
+MAX_EXPANSION = 8192
 
 # A stack: (rule, its local state, the stack below it or None, its depth). A state: the
 # stacks alive.
@@ -394,16 +396,30 @@ def json_literals(values: Iterable[Any]) -> Literals:
 
 
 # ------------------------------------------------------------------ the automaton
-def _step(stack: Stack, byte: int, out: set[Stack]) -> None:
-    """Add to `out` the stacks `stack` becomes by reading `byte`."""
-    rule, local, below, depth = stack
-    for next_local, child in rule.moves(local, byte):
-        if child is None:
-            out.add((rule, next_local, below, depth))
-        elif depth < MAX_DEPTH:
-            _step((child, child.start, (rule, next_local, below, depth), depth + 1), byte, out)
-    if below is not None and rule.accepts(local):  # this rule may end: the byte is the one below's
-        _step(below, byte, out)
+def _expand(state: State, byte: int) -> set[Stack] | None:
+    """The stacks `state` becomes by reading `byte`: each stack's rule reads it, or hands it to
+    a child it starts, or ends and hands it to the rule below. A stack met twice (alternatives
+    that share a $ref) is expanded once. None: past MAX_STACKS, or MAX_EXPANSION stacks looked
+    at (nested unions can multiply the ways to read a byte without bound)."""
+    out: set[Stack] = set()
+    seen: set[Stack] = set()
+    todo = list(state)
+    while todo:
+        stack = todo.pop()
+        if stack in seen:
+            continue
+        seen.add(stack)
+        if len(seen) > MAX_EXPANSION:
+            return None
+        rule, local, below, depth = stack
+        for next_local, child in rule.moves(local, byte):
+            if child is None:
+                out.add((rule, next_local, below, depth))
+            elif depth < MAX_DEPTH:
+                todo.append((child, child.start, (rule, next_local, below, depth), depth + 1))
+        if below is not None and rule.accepts(local):  # this rule may end: the byte is the one below's
+            todo.append(below)
+    return out if len(out) <= MAX_STACKS else None
 
 
 def _finished(stack: Stack | None) -> bool:
@@ -439,12 +455,8 @@ class Grammar:
             return self._steps[key]
         except KeyError:
             pass
-        out: set[Stack] = set()
-        for stack in state:
-            _step(stack, byte, out)
-        # Past MAX_STACKS ways to read the text, the text is refused: a schema of nested
-        # alternatives could otherwise make one mask cost seconds of the engine's step.
-        result = self._intern(frozenset(out)) if 0 < len(out) <= MAX_STACKS else None
+        out = _expand(state, byte)
+        result = self._intern(frozenset(out)) if out else None
         if len(self._steps) >= self.MAX_CACHED_STEPS:  # a long-lived grammar: start over
             self._steps.clear()
             self._interned.clear()

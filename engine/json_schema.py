@@ -14,6 +14,7 @@ As xgrammar's strict mode (what vLLM uses): an object with `properties` and no
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from engine.grammar import (
@@ -57,6 +58,7 @@ class _Compiler:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.refs: dict[str, Alternatives] = {}
+        self.compiled: dict[str, Rule] = {}
         self.depth = 0
 
     def check_refs(self) -> None:
@@ -76,11 +78,20 @@ class _Compiler:
         if self.depth >= MAX_SCHEMA_DEPTH:
             raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, $refs followed "
                              f"(at {path[:200]})")
+        try:  # one rule per distinct sub-schema: repeats (anyOf of the same shapes) share stacks
+            key = json.dumps(schema)
+        except (TypeError, ValueError):
+            key = None
+        if key is not None and key in self.compiled:
+            return self.compiled[key]
         self.depth += 1
         try:
-            return self._rule(schema, path)
+            rule = self._rule(schema, path)
         finally:
             self.depth -= 1
+        if key is not None:
+            self.compiled[key] = rule
+        return rule
 
     def _rule(self, schema: Any, path: str) -> Rule:
         if schema is True or schema == {}:
