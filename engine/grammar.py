@@ -392,7 +392,8 @@ def json_value() -> Rule:
 
 def json_literals(values: Iterable[Any]) -> Literals:
     """One of these JSON values, each written compactly (a schema's const or enum)."""
-    return Literals(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode() for v in values)
+    return Literals([json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+                     for v in values])
 
 
 # ------------------------------------------------------------------ the automaton

@@ -4,9 +4,10 @@ against it, as OpenAI's `response_format: json_schema` and vLLM's `structured_ou
 What a grammar can hold is supported: `type` (one or a list), `properties`, `required`,
 `additionalProperties`, `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf` / `oneOf`
 (read as anyOf), and `$ref` to `#`, `#/$defs/...` or `#/definitions/...` (recursive ones too).
-Annotations (`title`, `description`, `default`, ...) are read past. Any other keyword
-(`pattern`, `format`, `minimum`, `minLength`, `allOf`, ...) is a ValueError that names it:
-silently ignoring a constraint would hand back answers the schema forbids.
+Annotations (`title`, `description`, `default`, `format`, ...) are read past. Any other keyword
+(`pattern`, `minimum`, `minLength`, `allOf`, ...) is a ValueError that names it: silently
+ignoring a constraint would hand back answers the schema forbids. `enum` and `const` keep the
+values of the schema's `type`; other keywords beside them are refused.
 
 As xgrammar's strict mode (what vLLM uses): an object with `properties` and no
 `additionalProperties` takes no other members; members come in the order listed.
@@ -31,8 +32,11 @@ from engine.grammar import (
     json_value,
 )
 
+# Read past: they do not constrain the value (`format` is an annotation in JSON Schema 2020-12
+# unless a validator opts in, and `discriminator` is OpenAPI's hint beside a oneOf).
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment",
-                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "strict"})
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "strict", "format",
+                         "discriminator"})
 _OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties"})
 _ARRAY_KEYWORDS = frozenset({"items", "minItems", "maxItems"})
 _COMBINATIONS = frozenset({"anyOf", "oneOf"})
@@ -109,13 +113,8 @@ class _Compiler:
             if given != {"$ref"}:
                 raise ValueError(f"$ref beside other keywords (at {path}) is not supported")
             return self._ref(schema["$ref"], path)
-        if "const" in schema:
-            return json_literals([schema["const"]])
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"enum (at {path}) must be a non-empty list")
-            return json_literals(values)
+        if "const" in schema or "enum" in schema:
+            return self._values(schema, given, path)
         combined = given & _COMBINATIONS
         if combined:
             if len(given) > 1:
@@ -138,6 +137,28 @@ class _Compiler:
                 raise ValueError(f"type (at {path}) must not be an empty list")
             return Alternatives(self._typed(schema, k, path) for k in kind)
         return self._typed(schema, kind, path)
+
+    @staticmethod
+    def _values(schema: dict[str, Any], given: set[str], path: str) -> Rule:
+        """const / enum: the values, those of the schema's `type` (no other keyword beside)."""
+        others = sorted(given - {"const", "enum", "type"})
+        if others:
+            raise ValueError(f"{others[0]} beside enum or const (at {path}) is not supported: list only the values "
+                             "that satisfy it")
+        values = schema["enum"] if "enum" in schema else [schema["const"]]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"enum (at {path}) must be a non-empty list")
+        if "const" in schema and "enum" in schema:
+            values = [v for v in values if v == schema["const"]]
+        kinds = schema.get("type", list(TYPES))
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        values = [v for v in values if any(_is_type(v, kind) for kind in kinds)]
+        if not values:
+            raise ValueError(f"no value of the enum or const (at {path}) is of its type: no value is valid")
+        try:
+            return json_literals(values)
+        except ValueError:
+            raise ValueError(f"enum and const values (at {path}) must be JSON: NaN and infinities are not") from None
 
     def _typed(self, schema: dict[str, Any], kind: Any, path: str) -> Rule:
         if kind not in TYPES:
@@ -202,3 +223,13 @@ class _Compiler:
         rule = self.refs[ref] = Alternatives()
         rule.set_options([self.rule(target, ref)])
         return rule
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    """JSON Schema's type test of a Python value read from JSON."""
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    python = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}.get(kind)
+    return python is not None and isinstance(value, python)

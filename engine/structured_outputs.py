@@ -33,6 +33,13 @@ class StructuredOutputsParams:
     json_object: bool | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the JSON schema is not JSON: {exc}") from None
+            if self.json is None:
+                raise ValueError("the JSON schema is null: it must be an object or a boolean")
         given = [kind for kind in KINDS if getattr(self, kind) not in (None, False)]
         if len(given) != 1:
             raise ValueError(f"structured outputs take exactly one of {', '.join(KINDS)}, got "
@@ -43,11 +50,6 @@ class StructuredOutputsParams:
                              "regex")
         if kind == "json_object" and self.json_object is not True:
             raise ValueError(f"json_object must be true or false, got {self.json_object!r:.40}")
-        if kind == "json" and isinstance(self.json, str):
-            try:
-                self.json = json.loads(self.json)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"the JSON schema is not JSON: {exc}") from None
         if kind == "choice" and (not isinstance(self.choice, list) or not self.choice
                                  or not all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError("choice must be a non-empty list of non-empty strings")

@@ -421,7 +421,7 @@ class OpenAIServing:
                 raise errors.invalid('tool_choice "required" or a named function holds the answer to the tools\' '
                                      'JSON: it cannot be combined with response_format or structured_outputs',
                                      param="tool_choice")
-            schema = forced_tool_schema(req.tools, tool_function or "required", parallel)
+            schema = forced_tool_schema(req.tools, tool_function, parallel)
             structured = await self._checked_structure({"json": schema}, "tools")
         params = self._sampling_fields(req, max_tokens, logprobs, structured)
         if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:

@@ -31,20 +31,34 @@ FORCED = ("required", "named")  # tool_choice's: the answer is held to forced_to
 Calls = list[dict[str, Any]]
 
 
-def forced_tool_schema(tools: list[dict[str, Any]], choice: str, parallel: bool = True) -> dict[str, Any]:
-    """The JSON schema a forced tool_choice holds the answer to: for "required" an array of
-    calls to any of the tools (one at most unless `parallel`), as vLLM's; for a named function
-    (`choice` is its name), its parameters."""
+def forced_tool_schema(tools: list[dict[str, Any]], function: str | None, parallel: bool = True) -> dict[str, Any]:
+    """The JSON schema a forced tool_choice holds the answer to: for "required" (`function`
+    None) an array of calls to any of the tools (one at most unless `parallel`), as vLLM's; for a
+    named function, its parameters. Each tool's parameters move under `$defs`, their local
+    `$ref`s with them, so each resolves in its own tool."""
     def parameters(function: dict[str, Any]) -> Any:
         schema = function.get("parameters")
         return {"type": "object"} if schema is None else schema
 
     functions = [tool["function"] for tool in tools]
-    if choice != "required":
-        return parameters(next(f for f in functions if f["name"] == choice))
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "parameters": parameters(f)},
-              "required": ["name", "parameters"]} for f in functions]
-    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": calls}}
+    if function is not None:
+        return parameters(next(f for f in functions if f["name"] == function))
+    defs = {f"tool{i}": _moved_refs(parameters(f), f"#/$defs/tool{i}") for i, f in enumerate(functions)}
+    calls = [{"type": "object", "required": ["name", "parameters"],
+              "properties": {"name": {"const": f["name"]}, "parameters": {"$ref": f"#/$defs/tool{i}"}}}
+             for i, f in enumerate(functions)]
+    return {"$defs": defs, "type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}),
+            "items": {"anyOf": calls}}
+
+
+def _moved_refs(schema: Any, root: str) -> Any:
+    """The schema with its local `$ref`s ("#...") pointing under `root`, where it now lives."""
+    if isinstance(schema, list):
+        return [_moved_refs(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else _moved_refs(value, root) for key, value in schema.items()}
 
 
 def _tool_call(data: Any, argument_keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -87,7 +101,7 @@ class ToolCallParser:
     def __init__(self, kind: str, function: str | None = None) -> None:
         """`function`: the named function's name (kind "named")."""
         if kind not in TOOL_CALL_PARSERS + FORCED:
-            raise ValueError(f"tool call parser must be one of {TOOL_CALL_PARSERS}, got {kind!r}")
+            raise ValueError(f"tool call parser must be one of {TOOL_CALL_PARSERS + FORCED}, got {kind!r}")
         self.kind, self.function = kind, function
         # (final) -> content, calls
         self._read = {"hermes": self._hermes, "llama3_json": self._llama3_json}.get(kind, self._forced)

@@ -373,7 +373,6 @@ def test_pydantic_schema() -> None:
 
 @pytest.mark.parametrize("keyword,schema", [
     ("pattern", {"type": "string", "pattern": "^a+$"}),
-    ("format", {"type": "string", "format": "date-time"}),
     ("minimum", {"type": "integer", "minimum": 0}),
     ("maximum", {"type": "number", "maximum": 1}),
     ("minLength", {"type": "string", "minLength": 1}),
@@ -421,10 +420,48 @@ def test_unsupported_keywords_are_value_errors_that_name_them(keyword: str, sche
     ({"$ref": "https://example.com/schema.json"}, "not supported"),
     ({"$ref": 5}, "not supported"),
     ({"$defs": {"a": {}}, "$ref": "#/$defs/a", "type": "object"}, r"\$ref beside"),
+    ({"type": "string", "enum": [1, 2]}, "no value.*of its type"),
+    ({"type": "integer", "const": "x"}, "no value.*of its type"),
+    ({"enum": [[1, 2, 3]], "maxItems": 2}, "maxItems beside enum"),
+    ({"enum": ["a", "b"], "anyOf": [{"const": "a"}]}, "anyOf beside enum"),
+    ({"enum": [1e400]}, "NaN and infinities"),
+    ({"const": float("nan")}, "NaN and infinities"),
 ])
 def test_bad_schemas_are_value_errors(schema: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         schema_grammar(schema)
+
+
+def test_enum_and_const_keep_the_values_of_their_type_and_format_is_an_annotation() -> None:
+    g = schema_grammar({"type": "string", "enum": ["a", 1, None]})
+    assert g.accepts('"a"') and not g.accepts("1") and not g.accepts("null")
+    g = schema_grammar({"type": ["integer", "null"], "enum": [1, 1.5, None, "x"]})
+    assert g.accepts("1") and g.accepts("null") and not g.accepts("1.5") and not g.accepts('"x"')
+    g = schema_grammar({"type": "string", "format": "date-time", "description": "when"})
+    assert g.accepts('"2026-12-06T13:00:00Z"') and g.accepts('"any text"')  # read past, as 2020-12 does
+    g = schema_grammar({"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                                  {"type": "object", "properties": {"k": {"const": "b"}}, "required": ["k"]}],
+                        "discriminator": {"propertyName": "k"}})
+    assert g.accepts('{"k":"a"}') and g.accepts('{"k":"b"}') and not g.accepts('{"k":"c"}')
+
+
+def test_repeated_and_shared_unions_step_in_linear_time() -> None:
+    defs = {"l0": {"type": "string"}}
+    for i in range(1, 31):  # 128 ways to each level's $ref, 30 levels: 128**30 paths if walked
+        defs[f"l{i}"] = {"anyOf": [{"$ref": f"#/$defs/l{i - 1}"}] * 128}
+    g = schema_grammar({"$defs": defs, "$ref": "#/$defs/l30"})
+    assert g.accepts('"x"')
+    assert schema_grammar({"anyOf": [{"anyOf": [{"type": "string"}] * 128}] * 5}).accepts('"x"')
+    # Distinct unions nested, each way open at once: the ways double with each "[", and past
+    # MAX_STACKS the text is refused (the one valid shape nests 12 deep), in bounded time.
+    def union(level: int) -> dict:
+        if level == 0:
+            return {"type": "string"}
+        return {"anyOf": [{"type": "array", "items": union(level - 1), "title": f"{side}{level}"} for side in "ab"]}
+    g = schema_grammar(union(12))
+    state = g.advance(g.start, b"[" * 9)
+    assert state is not None and len(state) == 512 and g.step(state, ord("[")) is None
+    assert not g.accepts("[" * 12 + '"x"' + "]" * 12)
 
 
 def nested(levels: int, wrap: Any) -> dict:

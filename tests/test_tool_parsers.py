@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from server.tool_parsers import ToolCallParser
+from server.tool_parsers import ToolCallParser, forced_tool_schema
 
 
 def calls_of(result: tuple[str | None, list[dict]]) -> tuple[str | None, list[tuple[int, str, object]]]:
@@ -86,3 +86,27 @@ def test_a_marker_is_held_until_the_text_says_what_it_is() -> None:
 def test_unknown_parser_is_refused() -> None:
     with pytest.raises(ValueError, match="hermes"):
         ToolCallParser("mistral")
+
+
+def test_forced_tool_schemas_keep_each_tools_refs_and_names() -> None:
+    from engine.json_schema import schema_grammar
+
+    ship = {"$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+            "type": "object", "properties": {"to": {"$ref": "#/$defs/Address"}}, "required": ["to"]}
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "parent": {"$ref": "#"}},
+              "required": ["name"]}
+    tools = [{"type": "function", "function": {"name": "ship", "parameters": ship}},
+             {"type": "function", "function": {"name": "required", "parameters": person}}]
+    calls = schema_grammar(forced_tool_schema(tools, None))
+    assert calls.accepts('[{"name":"ship","parameters":{"to":{"city":"Oslo"}}}]')
+    assert calls.accepts('[{"name":"required","parameters":{"name":"a","parent":{"name":"b"}}}]')
+    # "#" is the tool's own parameters, not the array of calls around them
+    assert not calls.accepts('[{"name":"required","parameters":{"name":"a","parent":[{"name":"required",'
+                             '"parameters":{"name":"b"}}]}}]')
+    assert not schema_grammar(forced_tool_schema(tools, None, parallel=False)).accepts(
+        '[{"name":"ship","parameters":{"to":{"city":"x"}}},{"name":"ship","parameters":{"to":{"city":"y"}}}]')
+    # a function named "required" is a named choice like any other
+    named = schema_grammar(forced_tool_schema(tools, "required"))
+    assert named.accepts('{"name":"a","parent":{"name":"b"}}') and not named.accepts('[]')
+    content, (call,) = ToolCallParser("named", "required").parse(' {"name": "a"}\n')
+    assert content is None and call["function"] == {"name": "required", "arguments": '{"name": "a"}'}
