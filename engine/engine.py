@@ -278,7 +278,8 @@ class LLMEngine:
         self.groups[request_id] = group
 
     def _guides(self, params: SamplingParams) -> Iterator[Guide]:
-        """One guide per sample for a request with structured outputs (none without)."""
+        """One guide per sample for a request with structured outputs (none without);
+        ValueError for a structure no answer satisfies (its first token has no way on)."""
         if params.structured_outputs is None:
             return iter(())
         if self.tokenizer is None:
@@ -288,7 +289,10 @@ class LLMEngine:
             self._token_masks = TokenMasks(TokenVocabulary(vocabulary))
         grammar = params.structured_outputs.compile()
         ends = [*self.eos_token_ids, *params.stop_token_ids]
-        return (Guide(grammar, self._token_masks, ends) for _ in range(params.n))
+        guides = [Guide(grammar, self._token_masks, ends) for _ in range(params.n)]
+        if guides[0].dead_end():
+            raise ValueError("no answer satisfies these structured outputs (no token can begin one)")
+        return iter(guides)
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None or not params.detokenize:
@@ -368,7 +372,7 @@ class LLMEngine:
         for i in step_logits.sampling_rows:
             request = batch.requests[i]
             group, sample = self.samples[request]
-            allowed, must_end = sample.guide.mask() if sample.guide is not None else (None, False)
+            allowed, must_end = sample.guide.packed_mask() if sample.guide is not None else (None, False)
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,
@@ -486,8 +490,8 @@ class LLMEngine:
             sample.cumulative_logprob += logprob
         num_out = request.num_output_tokens
         guide = sample.guide
-        # Only an end token was allowed: min_tokens yields to the grammar (so did the sampler).
-        past_min = num_out >= params.min_tokens or (guide is not None and guide.mask()[1])
+        # Only end tokens were allowed: min_tokens yields to the grammar (so did the sampler).
+        past_min = num_out >= params.min_tokens or (guide is not None and guide.must_end())
         if guide is not None and not guide.advance(token):
             logger.warning("request %s: token %d is not one its grammar allows; the answer is cut here",
                            request.request_id, token)

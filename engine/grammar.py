@@ -37,7 +37,7 @@ Stack = tuple[Any, Hashable, Any, int]
 State = frozenset
 
 Move = tuple[Hashable, "Rule | None"]  # (the rule's next local state, a child to run first or None)
-_NO_MOVES: tuple[Move, ...] = ()
+NO_MOVES: tuple[Move, ...] = ()
 
 
 class Rule:
@@ -81,7 +81,7 @@ class Literals(Rule):
 
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
         child = self._children[local].get(byte)
-        return _NO_MOVES if child is None else ((child, None),)
+        return NO_MOVES if child is None else ((child, None),)
 
     def accepts(self, local: int) -> bool:
         return local in self._ends
@@ -100,7 +100,7 @@ class Alternatives(Rule):
         self._starts = tuple((1, option) for option in self.options)
 
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
-        return self._starts if local == 0 else _NO_MOVES
+        return self._starts if local == 0 else NO_MOVES
 
     def accepts(self, local: int) -> bool:
         return local == 1
@@ -127,16 +127,16 @@ class JsonString(Rule):
                 return self._TO_CLOSED
             if byte == 0x5C:  # backslash
                 return self._TO_ESCAPE
-            return self._TO_CONTENT if byte >= 0x20 else _NO_MOVES
+            return self._TO_CONTENT if byte >= 0x20 else NO_MOVES
         if local == self.OPEN:
-            return self._TO_CONTENT if byte == 0x22 else _NO_MOVES
+            return self._TO_CONTENT if byte == 0x22 else NO_MOVES
         if local == self.ESCAPE:
             if byte in self._ESCAPED:
                 return self._TO_CONTENT
-            return ((self.HEX, None),) if byte == 0x75 else _NO_MOVES  # u
+            return ((self.HEX, None),) if byte == 0x75 else NO_MOVES  # u
         if local in self._HEX_NEXT:
-            return self._HEX_NEXT[local] if byte in self._HEX_DIGITS else _NO_MOVES
-        return _NO_MOVES
+            return self._HEX_NEXT[local] if byte in self._HEX_DIGITS else NO_MOVES
+        return NO_MOVES
 
     def accepts(self, local: int) -> bool:
         return local == self.CLOSED
@@ -160,25 +160,25 @@ class JsonNumber(Rule):
             if digit:
                 return to[local]
             if self.integer:
-                return _NO_MOVES
+                return NO_MOVES
             if byte == 0x2E and local == 3:  # .
                 return to[4]
-            return to[6] if byte in (0x65, 0x45) and local != 8 else _NO_MOVES  # e E
+            return to[6] if byte in (0x65, 0x45) and local != 8 else NO_MOVES  # e E
         if local == 0 or local == 1:
             if byte == 0x2D and local == 0:  # -
                 return to[1]
-            return (to[2] if byte == 0x30 else to[3]) if digit else _NO_MOVES
+            return (to[2] if byte == 0x30 else to[3]) if digit else NO_MOVES
         if local == 2:  # a leading 0: no more digits
             if self.integer:
-                return _NO_MOVES
-            return to[4] if byte == 0x2E else to[6] if byte in (0x65, 0x45) else _NO_MOVES
+                return NO_MOVES
+            return to[4] if byte == 0x2E else to[6] if byte in (0x65, 0x45) else NO_MOVES
         if local == 4:
-            return to[5] if digit else _NO_MOVES
+            return to[5] if digit else NO_MOVES
         if local == 6:
-            return to[7] if byte in (0x2B, 0x2D) else to[8] if digit else _NO_MOVES
+            return to[7] if byte in (0x2B, 0x2D) else to[8] if digit else NO_MOVES
         if local == 7:
-            return to[8] if digit else _NO_MOVES
-        return _NO_MOVES
+            return to[8] if digit else NO_MOVES
+        return NO_MOVES
 
     def accepts(self, local: int) -> bool:
         return local in self._ACCEPTING
@@ -193,7 +193,7 @@ class _Whitespace:
         if byte not in WHITESPACE:
             return None
         phase, index, run = local
-        return (((phase, index, run + 1), None),) if run < MAX_WHITESPACE else _NO_MOVES
+        return (((phase, index, run + 1), None),) if run < MAX_WHITESPACE else NO_MOVES
 
 
 class JsonObject(Rule):
@@ -261,13 +261,13 @@ class JsonObject(Rule):
         if phase == self.KEY_TEXT:
             child = self._children[node].get(byte)
             if child is None or not self._viable(child, i):
-                return _NO_MOVES
+                return NO_MOVES
             j = self._member_at.get(child)  # a key's closing quote: no key goes on past it
             return (((self.COLON, j, 0), None),) if j is not None else (((self.KEY_TEXT, i, child), None),)
         if phase == self.OPEN:
-            return (((self.FIRST, 0, 0), None),) if byte == 0x7B else _NO_MOVES  # {
+            return (((self.FIRST, 0, 0), None),) if byte == 0x7B else NO_MOVES  # {
         if phase == self.DONE:
-            return _NO_MOVES
+            return NO_MOVES
         space = _Whitespace.step(local, byte)
         if space is not None:
             return space
@@ -276,14 +276,14 @@ class JsonObject(Rule):
         if phase == self.FIRST or phase == self.KEY:
             if byte == 0x22:  # "
                 return self._key_starts(i)
-            return self._DONE if byte == 0x7D and phase == self.FIRST and self._can_close[i] else _NO_MOVES
+            return self._DONE if byte == 0x7D and phase == self.FIRST and self._can_close[i] else NO_MOVES
         if phase == self.COLON:
-            return (((self.VALUE, i, 0), None),) if byte == 0x3A else _NO_MOVES  # :
+            return (((self.VALUE, i, 0), None),) if byte == 0x3A else NO_MOVES  # :
         # AFTER a value
         after = min(i + 1, len(self.values))
         if byte == 0x2C:  # ,
-            return (((self.KEY, after, 0), None),) if self._key_starts(after) else _NO_MOVES
-        return self._DONE if byte == 0x7D and self._can_close[after] else _NO_MOVES
+            return (((self.KEY, after, 0), None),) if self._key_starts(after) else NO_MOVES
+        return self._DONE if byte == 0x7D and self._can_close[after] else NO_MOVES
 
     def accepts(self, local: tuple[int, int, int]) -> bool:
         return local[0] == self.DONE
@@ -307,13 +307,13 @@ class _OtherKey(Rule):
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
         if local == self.OPEN:
             if byte != 0x22:
-                return _NO_MOVES
+                return NO_MOVES
             node = self._children[0].get(0x22)
             return ((self.DIVERGED if node is None else node, None),)
         if local == self.CLOSED or byte == 0x5C or byte < 0x20:
-            return _NO_MOVES
+            return NO_MOVES
         if byte == 0x22:  # the closing quote: refused where it would end a listed key
-            return _NO_MOVES if local >= 0 and self._children[local].get(0x22) in self._member_at else self._CLOSE
+            return NO_MOVES if local >= 0 and self._children[local].get(0x22) in self._member_at else self._CLOSE
         if local == self.DIVERGED:
             return self._STAY
         node = self._children[local].get(byte)
@@ -338,21 +338,21 @@ class JsonArray(Rule):
     def moves(self, local: tuple[int, int, int], byte: int) -> tuple[Move, ...]:
         phase, count, _ = local
         if phase == self.OPEN:
-            return (((self.FIRST, 0, 0), None),) if byte == 0x5B else _NO_MOVES  # [
+            return (((self.FIRST, 0, 0), None),) if byte == 0x5B else NO_MOVES  # [
         if phase == self.DONE:
-            return _NO_MOVES
+            return NO_MOVES
         space = _Whitespace.step(local, byte)
         if space is not None:
             return space
         if phase == self.AFTER:
             if byte == 0x2C:  # ,
                 return (((self.NEXT, count, 0), None),) if self.max_items is None or count < self.max_items \
-                    else _NO_MOVES
-            return self._DONE if byte == 0x5D and count >= self.min_items else _NO_MOVES  # ]
+                    else NO_MOVES
+            return self._DONE if byte == 0x5D and count >= self.min_items else NO_MOVES  # ]
         if phase == self.FIRST and byte == 0x5D:
-            return self._DONE if self.min_items == 0 else _NO_MOVES
+            return self._DONE if self.min_items == 0 else NO_MOVES
         if phase == self.FIRST and self.max_items == 0:
-            return _NO_MOVES
+            return NO_MOVES
         return (((self.AFTER, min(count + 1, max(self._cap, 1)), 0), self.items),)
 
     def accepts(self, local: tuple[int, int, int]) -> bool:
@@ -371,9 +371,9 @@ class JsonDocument(Rule):
 
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
         if local == self.END:
-            return _NO_MOVES
+            return NO_MOVES
         if byte in WHITESPACE:
-            return ((local + 1, None),) if local < MAX_WHITESPACE else _NO_MOVES
+            return ((local + 1, None),) if local < MAX_WHITESPACE else NO_MOVES
         return ((self.END, self.value),)
 
     def accepts(self, local: int) -> bool:

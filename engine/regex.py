@@ -4,8 +4,7 @@ text the pattern matches whole.
 The pattern is parsed by Python's own `re` parser (Python's syntax; `re.compile` accepts it)
 and built into a Thompson NFA over characters; the rule reads bytes, gathering a character's
 UTF-8 bytes before it steps. A token may end inside a character when some transition could
-still take a character that begins so (for a literal or a range, exactly; for `.`, `\\w`,
-negated sets: assumed). Backreferences and lookarounds are not regular: a ValueError, as are
+still take a character that begins so. Backreferences and lookarounds are not regular: a ValueError, as are
 flags other than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer
 matches anyway); lazy, possessive and atomic forms match as their greedy ones (the same set of
 texts).
@@ -19,10 +18,9 @@ import re._parser as sre_parse
 from collections.abc import Callable
 from typing import Any
 
-from engine.grammar import Move, Rule
+from engine.grammar import NO_MOVES, Move, Rule
 
 MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: a{1000}{1000} would be a million
-_NO_MOVES: tuple[Move, ...] = ()
 _SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
 
 Predicate = Callable[[str], bool]
@@ -173,10 +171,15 @@ class RegexRule(Rule):
         return hit
 
     def _may_begin(self, states: frozenset[int], low: int, high: int) -> bool:
-        """Some transition may take a character in [low, high] (a partial character's span)."""
+        """Some transition may take a character in [low, high] (a partial character's span):
+        exactly, by its ranges, or else by trying the span's characters (a one-time cost: the
+        grammar caches each step)."""
         for s in states:
-            for _, ranges, _ in self._nfa.edges[s]:
-                if ranges is None or any(a <= high and low <= b for a, b in ranges):
+            for test, ranges, _ in self._nfa.edges[s]:
+                if ranges is not None:
+                    if any(a <= high and low <= b for a, b in ranges):
+                        return True
+                elif any(test(chr(c)) for c in range(low, high + 1) if not 0xD800 <= c <= 0xDFFF):
                     return True
         return False
 
@@ -184,20 +187,20 @@ class RegexRule(Rule):
         states, pending = local
         if not pending and byte < 0x80:
             nxt = self._step(states, chr(byte))
-            return (((nxt, b""), None),) if nxt else _NO_MOVES
+            return (((nxt, b""), None),) if nxt else NO_MOVES
         data = pending + bytes([byte])
         size = _utf8_size(data[0])
         if size == 0 or (len(data) > 1 and not 0x80 <= byte <= 0xBF):
-            return _NO_MOVES
+            return NO_MOVES
         if len(data) < size:
             span = _span(data, size)
-            return (((states, data), None),) if span and self._may_begin(states, *span) else _NO_MOVES
+            return (((states, data), None),) if span and self._may_begin(states, *span) else NO_MOVES
         try:
             ch = data.decode()
         except UnicodeDecodeError:
-            return _NO_MOVES
+            return NO_MOVES
         nxt = self._step(states, ch)
-        return (((nxt, b""), None),) if nxt else _NO_MOVES
+        return (((nxt, b""), None),) if nxt else NO_MOVES
 
     def accepts(self, local: tuple[frozenset[int], bytes]) -> bool:
         states, pending = local

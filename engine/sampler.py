@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.token_masks import unpack_mask
 from engine.transfer import HostCopy, to_device
 
 _GREEDY_EPS = 1e-5
@@ -57,8 +58,9 @@ class SamplingRow:
     # The sequence's identity across steps (the engine's Request): the sampler then keeps its
     # history as an array and converts only the tokens added since (see _Histories).
     key: object = None
-    # Structured outputs: the tokens the row's grammar allows (a bool mask over the vocabulary,
-    # on the host), and whether only an end token is (min_tokens then yields to the grammar).
+    # Structured outputs: the tokens the row's grammar allows, as mask bits on the host (uint8,
+    # 8 tokens a byte: engine.token_masks), and whether only end tokens are (min_tokens then
+    # yields to the grammar).
     allowed_tokens: torch.Tensor | None = None
     must_end: bool = False
 
@@ -320,7 +322,7 @@ class Sampler:
         # ---- host: every index list and per-row value the stages below use, then one copy.
         st = _Staged()
         if guided:
-            st.tensor("allowed", torch.stack([rows[i].allowed_tokens[:vocab] for i in guided]))
+            st.tensor("allowed", torch.stack([rows[i].allowed_tokens for i in guided]))
             if len(guided) < batch:
                 st.long("guided_idx", guided)
         lp_rows = _subset(want_lp) if any(want_lp) else None
@@ -361,8 +363,9 @@ class Sampler:
         #    logprob (as vLLM, which applies the grammar's bitmask to the logits first).
         if guided:
             idx = st.get("guided_idx")
+            allowed = unpack_mask(st.dev["allowed"], vocab)
             logits = _put(logits.clone() if idx is not None else logits, idx,
-                          _take(logits, idx).masked_fill(~st.dev["allowed"], float("-inf")))
+                          _take(logits, idx).masked_fill(~allowed, float("-inf")))
         # Logprobs come from the raw logits, so take them before anything changes.
         lp_idx = st.get("lp_idx")
         raw_logprobs = _take(logits, lp_idx).float().log_softmax(dim=-1) if any(want_lp) else None

@@ -110,36 +110,47 @@ def _after_prefix(texts: list[bytes], prefix: bytes, lo: int) -> int:
 
 
 class TokenMasks:
-    """Masks per (grammar, state, end tokens), least recently used dropped first. The end
-    tokens (EOS, a request's stop_token_ids) are allowed once the answer is complete."""
+    """Masks per (grammar, state, end tokens), least recently used dropped first, kept packed
+    (8 tokens a byte, numpy's packbits order: what the sampler sends to the device, 8x less
+    than bools). The end tokens (EOS, a request's stop_token_ids) are allowed once the answer
+    is complete."""
 
     def __init__(self, vocabulary: TokenVocabulary, max_cached: int = 4096) -> None:
         self.vocabulary = vocabulary
-        self._cached: OrderedDict[tuple[Grammar, State, tuple[int, ...]], tuple[np.ndarray, bool, bool]] = \
+        self._cached: OrderedDict[tuple[Grammar, State, tuple[int, ...]], tuple[torch.Tensor, bool, bool]] = \
             OrderedDict()
         self._max_cached = max_cached
 
-    def get(self, grammar: Grammar, state: State, end_ids: tuple[int, ...]) -> tuple[torch.Tensor, bool, bool]:
-        """(the allowed tokens as a bool tensor on the host, only an end token is, no token is:
-        a dead end, where a grammar's limits refuse every way on)."""
+    def packed(self, grammar: Grammar, state: State, end_ids: tuple[int, ...]) -> tuple[torch.Tensor, bool, bool]:
+        """(the allowed tokens' bits (uint8, shared with the cache: read only), only end tokens
+        are allowed, no token is: a dead end, where a grammar's limits refuse every way on)."""
         key = (grammar, state, end_ids)
         hit = self._cached.get(key)
         if hit is not None:
             self._cached.move_to_end(key)
-            packed, must_end, dead = hit
-        else:
-            mask = self.vocabulary.allowed(grammar, state)
-            complete = grammar.complete(state)
-            must_end = complete and not mask.any()
-            if complete:
-                mask[[t for t in end_ids if t < mask.shape[0]]] = True
-            dead = not mask.any()
-            packed = np.packbits(mask)
-            self._cached[key] = packed, must_end, dead
-            if len(self._cached) > self._max_cached:
-                self._cached.popitem(last=False)
-        size = self.vocabulary.size
-        return torch.from_numpy(np.unpackbits(packed, count=size).view(np.bool_)), must_end, dead
+            return hit
+        mask = self.vocabulary.allowed(grammar, state)
+        ends = np.zeros_like(mask)
+        ends[[t for t in end_ids if t < mask.shape[0]]] = True
+        if grammar.complete(state):
+            mask |= ends
+        entry = torch.from_numpy(np.packbits(mask)), bool(mask.any() and not (mask & ~ends).any()), not mask.any()
+        self._cached[key] = entry
+        if len(self._cached) > self._max_cached:
+            self._cached.popitem(last=False)
+        return entry
+
+    def get(self, grammar: Grammar, state: State, end_ids: tuple[int, ...]) -> tuple[torch.Tensor, bool, bool]:
+        """`packed`, with the mask as a bool tensor over the vocabulary."""
+        bits, must_end, dead = self.packed(grammar, state, end_ids)
+        return unpack_mask(bits, self.vocabulary.size), must_end, dead
+
+
+def unpack_mask(bits: torch.Tensor, size: int) -> torch.Tensor:
+    """Packed mask bits (`[..., ceil(size / 8)]` uint8, numpy's packbits order) as bools
+    `[..., size]`, on the bits' device."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :size].bool()
 
 
 class Guide:
@@ -154,9 +165,18 @@ class Guide:
         self.ended = False
         self._mask: tuple[State, tuple[torch.Tensor, bool, bool]] | None = None  # the current state's
 
-    def mask(self) -> tuple[torch.Tensor, bool]:
-        """(the tokens allowed next, only an end token is)."""
+    def packed_mask(self) -> tuple[torch.Tensor, bool]:
+        """(the tokens allowed next, as packed bits; only end tokens are)."""
         return self._current()[:2]
+
+    def mask(self) -> tuple[torch.Tensor, bool]:
+        """(the tokens allowed next, as bools over the vocabulary; only end tokens are)."""
+        bits, must_end = self.packed_mask()
+        return unpack_mask(bits, self.masks.vocabulary.size), must_end
+
+    def must_end(self) -> bool:
+        """Only end tokens may follow: min_tokens yields to the grammar."""
+        return not self.ended and self._current()[1]
 
     def dead_end(self) -> bool:
         """No token may follow, not even an end token: the grammar's limits (MAX_DEPTH,
@@ -165,7 +185,7 @@ class Guide:
 
     def _current(self) -> tuple[torch.Tensor, bool, bool]:
         if self._mask is None or self._mask[0] is not self.state:
-            self._mask = self.state, self.masks.get(self.grammar, self.state, self.end_ids)
+            self._mask = self.state, self.masks.packed(self.grammar, self.state, self.end_ids)
         return self._mask[1]
 
     def advance(self, token_id: int) -> bool:

@@ -268,3 +268,17 @@ def test_an_answer_at_a_dead_end_is_cut_with_length_not_stop(llm: LLM) -> None:
     assert completion.finish_reason == "length" and len(completion.token_ids) < 64, completion
     assert '"a":' in completion.text and not params.structured_outputs.compile().accepts(completion.text)
     assert_engine_clean(llm)
+
+
+def test_a_structure_no_answer_satisfies_is_refused_when_added(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=8, structured_outputs={"regex": r"[^\s\S]"})
+    with pytest.raises(ValueError, match="no answer satisfies"):
+        llm.generate("Anything:", params, use_tqdm=False)
+    assert_engine_clean(llm)
+    # a stop token id that is the grammar's only way on, min_tokens unmet: it ends the answer
+    space = llm.get_tokenizer().convert_tokens_to_ids("Ġ")
+    params = SamplingParams(max_tokens=8, temperature=0.0, min_tokens=3, stop_token_ids=[space],
+                            structured_outputs={"choice": [" "]})
+    completion = llm.generate("A space:", params, use_tqdm=False)[0].outputs[0]
+    assert completion.token_ids == [space] and completion.finish_reason == "stop" and completion.stop_reason == space
+    assert_engine_clean(llm)

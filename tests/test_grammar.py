@@ -22,7 +22,7 @@ from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 from engine.token_bytes import vocabulary_bytes
-from engine.token_masks import Guide, TokenMasks, TokenVocabulary
+from engine.token_masks import Guide, TokenMasks, TokenVocabulary, unpack_mask
 
 WHITESPACE = " \t\n\r"
 VOCAB_SIZE = 49152  # the default model's
@@ -740,6 +740,16 @@ def test_token_masks_add_end_ids_only_when_complete(vocabulary: TokenVocabulary)
     for _ in range(2):
         again, must_end, _ = masks.get(g, done, ends)
         assert must_end and again.nonzero().flatten().tolist() == [0, EOS]
+    # a stop token id that is also the grammar's only way on: only end tokens are allowed
+    x = next(t for t, data in enumerate(vocabulary.token_bytes) if data == b"x")
+    mask, must_end, dead = masks.get(grammar_named("phone"), grammar_named("phone").start, (EOS,))
+    assert not must_end and not dead
+    only_x = StructuredOutputsParams(choice=["x"]).compile()
+    mask, must_end, dead = masks.get(only_x, only_x.start, (EOS, x))
+    assert must_end and not dead and mask.nonzero().flatten().tolist() == [x]  # EOS: not before "x"
+    nothing = StructuredOutputsParams(regex=r"[^\s\S]").compile()
+    mask, must_end, dead = masks.get(nothing, nothing.start, (EOS,))
+    assert dead and not must_end and not mask.any()
 
 
 def test_guide_advances_on_allowed_tokens_only(tokenizer, vocabulary: TokenVocabulary) -> None:
@@ -768,6 +778,15 @@ def test_guide_advances_on_allowed_tokens_only(tokenizer, vocabulary: TokenVocab
     assert not guide.advance(EOS) and not guide.advance(ids[0])
 
 
+def test_mask_bits_unpack_to_the_mask_on_any_shape() -> None:
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 8, 9, 49152, 151936 + 3):
+        masks = rng.random((3, size)) < 0.3
+        bits = torch.from_numpy(np.packbits(masks, axis=-1))
+        assert torch.equal(unpack_mask(bits, size), torch.from_numpy(masks))
+        assert torch.equal(unpack_mask(bits[0], size), torch.from_numpy(masks[0]))
+
+
 def test_sampler_samples_only_allowed_tokens() -> None:
     sampler = Sampler()
     logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]] * 3)
@@ -775,8 +794,9 @@ def test_sampler_samples_only_allowed_tokens() -> None:
     only_end = torch.tensor([False, True, False, False, False, False])
 
     def make(params: SamplingParams, mask: torch.Tensor | None, must_end: bool = False) -> SamplingRow:
+        bits = None if mask is None else torch.from_numpy(np.packbits(mask.numpy()))  # as TokenMasks keeps them
         return SamplingRow(params=params, token_ids=[7, 8], num_prompt_tokens=2, generator=None, eos_token_ids=[1],
-                           allowed_tokens=mask, must_end=must_end)
+                           allowed_tokens=bits, must_end=must_end)
 
     greedy = SamplingParams(temperature=0.0, logprobs=2)
     out = sampler(logits, [make(greedy, allowed), make(greedy, None), make(SamplingParams(logprobs=2), allowed)])
