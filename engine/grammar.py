@@ -57,6 +57,17 @@ class Rule:
     def accepts(self, local: Any) -> bool:
         raise NotImplementedError
 
+    def parts(self) -> tuple[Rule, ...]:
+        """The rules this one may start (for `trim`)."""
+        return ()
+
+    def finite(self, finite: set[Rule]) -> bool:
+        """Some text of this rule ends, given the parts known to (`trim`)."""
+        return True
+
+    def drop(self, finite: set[Rule]) -> None:
+        """Leave out the parts whose texts never end (`trim`), where this rule can do without."""
+
 
 class Literals(Rule):
     """Exactly one of these byte strings, read through their trie: one stack however many
@@ -86,6 +97,9 @@ class Literals(Rule):
     def accepts(self, local: int) -> bool:
         return local in self._ends
 
+    def finite(self, finite: set[Rule]) -> bool:
+        return bool(self._ends)
+
 
 class Alternatives(Rule):
     """Any one of its options (an empty list until `set_options`: a `$ref` resolved later)."""
@@ -104,6 +118,15 @@ class Alternatives(Rule):
 
     def accepts(self, local: int) -> bool:
         return local == 1
+
+    def parts(self) -> tuple[Rule, ...]:
+        return self.options
+
+    def finite(self, finite: set[Rule]) -> bool:
+        return any(option in finite for option in self.options)
+
+    def drop(self, finite: set[Rule]) -> None:
+        self.set_options(option for option in self.options if option in finite)
 
 
 class JsonString(Rule):
@@ -288,6 +311,20 @@ class JsonObject(Rule):
     def accepts(self, local: tuple[int, int, int]) -> bool:
         return local[0] == self.DONE
 
+    def parts(self) -> tuple[Rule, ...]:
+        return (*self.values, self.additional) if self.additional is not None else tuple(self.values)
+
+    def finite(self, finite: set[Rule]) -> bool:
+        required = {self._last[i] for i in range(len(self.values)) if not self._can_close[i]}
+        return all(self.values[j] in finite for j in required)
+
+    def drop(self, finite: set[Rule]) -> None:
+        gone = {j for j, value in enumerate(self.values) if value not in finite}  # optional ones (finite)
+        if gone:
+            self._members_below = [[j for j in below if j not in gone] for below in self._members_below]
+        if self.additional is not None and self.additional not in finite:
+            self.additional = None
+
 
 class _OtherKey(Rule):
     """An additional member's key: a JSON string that is none of the object's listed keys (a
@@ -358,6 +395,16 @@ class JsonArray(Rule):
     def accepts(self, local: tuple[int, int, int]) -> bool:
         return local[0] == self.DONE
 
+    def parts(self) -> tuple[Rule, ...]:
+        return (self.items,)
+
+    def finite(self, finite: set[Rule]) -> bool:
+        return self.min_items == 0 or self.items in finite
+
+    def drop(self, finite: set[Rule]) -> None:
+        if self.items not in finite:
+            self.max_items = 0
+
 
 class JsonDocument(Rule):
     """A value, after at most MAX_WHITESPACE whitespace bytes, and nothing after it."""
@@ -379,6 +426,12 @@ class JsonDocument(Rule):
     def accepts(self, local: int) -> bool:
         return local == self.END
 
+    def parts(self) -> tuple[Rule, ...]:
+        return (self.value,)
+
+    def finite(self, finite: set[Rule]) -> bool:
+        return self.value in finite
+
 
 def json_value() -> Rule:
     """Any JSON value, objects and arrays of any JSON values included."""
@@ -394,6 +447,29 @@ def json_literals(values: Iterable[Any]) -> Literals:
     """One of these JSON values, each written compactly (a schema's const or enum)."""
     return Literals([json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
                      for v in values])
+
+
+def trim(root: Rule) -> bool:
+    """Leave out the ways whose texts never end (an optional member, a union's option or an
+    array's items that must nest forever: `{"$ref": "#"}` required in itself), so no answer can
+    walk into one and write until max_tokens; False if the root's own texts never end."""
+    rules, todo = {root}, [root]
+    while todo:
+        for part in todo.pop().parts():
+            if part not in rules:
+                rules.add(part)
+                todo.append(part)
+    finite: set[Rule] = set()
+    grown = True
+    while grown:  # least fixed point: finite once its needed parts are
+        grown = False
+        for rule in rules - finite:
+            if rule.finite(finite):
+                finite.add(rule)
+                grown = True
+    for rule in rules & finite:
+        rule.drop(finite)
+    return root in finite
 
 
 # ------------------------------------------------------------------ the automaton

@@ -30,6 +30,7 @@ from engine.grammar import (
     Rule,
     json_literals,
     json_value,
+    trim,
 )
 
 # Read past: they do not constrain the value (`format` is an annotation in JSON Schema 2020-12
@@ -53,9 +54,12 @@ def schema_grammar(schema: Any) -> Grammar:
     """The grammar of JSON documents valid against `schema`; ValueError for a schema that is
     not one or uses what is not supported."""
     compiler = _Compiler(schema)
-    root = compiler.rule(schema, "#")
+    root = JsonDocument(compiler.rule(schema, "#"))
     compiler.check_refs()
-    return Grammar(JsonDocument(root))
+    if not trim(root):
+        raise ValueError("no JSON value satisfies the schema: each one would nest forever (a $ref required "
+                         "within itself)")
+    return Grammar(root)
 
 
 class _Compiler:

@@ -464,6 +464,24 @@ def test_repeated_and_shared_unions_step_in_linear_time() -> None:
     assert not g.accepts("[" * 12 + '"x"' + "]" * 12)
 
 
+def test_ways_that_never_end_are_left_out_and_a_schema_of_only_those_refused() -> None:
+    for schema in ({"type": "array", "minItems": 1, "items": {"$ref": "#"}},
+                   {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}):
+        with pytest.raises(ValueError, match="nest forever"):
+            schema_grammar(schema)
+    bad = {"type": "object", "properties": {"x": {"$ref": "#/$defs/bad"}}, "required": ["x"]}
+    g = schema_grammar({"$defs": {"bad": bad}, "type": "object", "properties": {
+        "a": {"$ref": "#/$defs/bad"}, "b": {"type": "integer"}, "c": {"anyOf": [{"$ref": "#/$defs/bad"},
+                                                                              {"type": "null"}]},
+        "d": {"type": "array", "items": {"$ref": "#/$defs/bad"}}}, "additionalProperties": {"$ref": "#/$defs/bad"}})
+    assert g.accepts('{"b":1,"c":null,"d":[]}')
+    for trap in (b'{"a', b'{"c":{', b'{"d":[{', b'{"zz'):  # no answer may walk in
+        assert g.advance(g.start, trap) is None, trap
+    tree = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["v", "kids"]}
+    assert schema_grammar(tree).accepts('{"v":1,"kids":[{"v":2,"kids":[]}]}')
+
+
 def nested(levels: int, wrap: Any) -> dict:
     schema: dict = {"type": "integer"}
     for _ in range(levels):
