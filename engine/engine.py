@@ -351,7 +351,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         # Left in self._in_flight until taken back: if launching this step raises, the engine
-        # stays as it was.
+        # stays as it was (but for a take-back above, for structured outputs: its outputs are
+        # lost with the error).
         in_flight = self._in_flight
         if not batch.requests:
             return self._take_back(outputs) if in_flight is not None else results
@@ -515,8 +516,8 @@ class LLMEngine:
         if num_out >= request.max_tokens or len(request.token_ids) >= self.max_model_len:
             self._finish(sample, "length")
         elif guide is not None and guide.dead_end():  # "stop" would say the answer is whole
-            logger.warning("request %s: its answer nests past what structured outputs follow; cut here",
-                           request.request_id)
+            logger.warning("request %s: its answer goes past what structured outputs follow (MAX_DEPTH open "
+                           "rules, MAX_STACKS ways to read it); cut here", request.request_id)
             self._finish(sample, "length")
 
     def _finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:

@@ -69,6 +69,24 @@ class Rule:
         """Leave out the parts whose texts never end (`trim`), where this rule can do without."""
 
 
+def _trie(texts: Iterable[bytes]) -> tuple[list[dict[int, int]], list[list[int]]]:
+    """The texts' trie (node 0 the root; each node's children by byte) and each text's path of
+    nodes, root first."""
+    children: list[dict[int, int]] = [{}]
+    paths = []
+    for text in texts:
+        node, path = 0, [0]
+        for byte in text:
+            nxt = children[node].get(byte)
+            if nxt is None:
+                nxt = children[node][byte] = len(children)
+                children.append({})
+            node = nxt
+            path.append(node)
+        paths.append(path)
+    return children, paths
+
+
 class Literals(Rule):
     """Exactly one of these byte strings, read through their trie: one stack however many
     there are (an enum of thousands costs what one literal does)."""
@@ -76,19 +94,8 @@ class Literals(Rule):
     __slots__ = ("_children", "_ends")
 
     def __init__(self, texts: Iterable[bytes]) -> None:
-        children: list[dict[int, int]] = [{}]
-        ends: set[int] = set()
-        for text in texts:
-            node = 0
-            for byte in text:
-                nxt = children[node].get(byte)
-                if nxt is None:
-                    nxt = children[node][byte] = len(children)
-                    children.append({})
-                node = nxt
-            ends.add(node)
-        self._children = children
-        self._ends = frozenset(ends)
+        self._children, paths = _trie(texts)
+        self._ends = frozenset(path[-1] for path in paths)
 
     def moves(self, local: int, byte: int) -> tuple[Move, ...]:
         child = self._children[local].get(byte)
@@ -244,21 +251,12 @@ class JsonObject(Rule):
             self._last[i] = n - 1 if required is None else required
             self._can_close[i] = required is None
         # The trie of the quoted keys: per node, its children, and the members below it (in order).
-        children: list[dict[int, int]] = [{}]
-        below: list[list[int]] = [[]]
-        self._member_at: dict[int, int] = {}  # the node that ends a key → its member
-        for j, (name, _, _) in enumerate(members):
-            node = 0
-            below[0].append(j)
-            for byte in json.dumps(name, ensure_ascii=False).encode():
-                nxt = children[node].get(byte)
-                if nxt is None:
-                    nxt = children[node][byte] = len(children)
-                    children.append({})
-                    below.append([])
-                node = nxt
+        children, paths = _trie(json.dumps(name, ensure_ascii=False).encode() for name, _, _ in members)
+        below: list[list[int]] = [[] for _ in children]
+        for j, path in enumerate(paths):  # in member order: each node's list is sorted
+            for node in path:
                 below[node].append(j)
-            self._member_at[node] = j
+        self._member_at = {path[-1]: j for j, path in enumerate(paths)}  # the node that ends a key → its member
         self._children = children
         self._members_below = below
         self._free_key = _OtherKey(children, self._member_at) if members else JsonString()
@@ -513,7 +511,7 @@ class Grammar:
     thousands of tokens that begin alike."""
 
     __slots__ = ("root", "start", "_interned", "_steps", "_complete")
-    MAX_CACHED_STEPS = 1 << 17
+    MAX_CACHED_STEPS = 1 << 16
 
     def __init__(self, root: Rule) -> None:
         self.root = root

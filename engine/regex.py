@@ -20,7 +20,8 @@ from typing import Any
 
 from engine.grammar import NO_MOVES, Move, Rule
 
-MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: a{1000}{1000} would be a million
+MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: (a{1000}){1000} would be a million
+MAX_CACHED_STEPS = 1 << 16
 _SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
 
 Predicate = Callable[[str], bool]
@@ -166,6 +167,8 @@ class RegexRule(Rule):
         key = (states, ch)
         hit = self._steps.get(key)
         if hit is None:
+            if len(self._steps) >= MAX_CACHED_STEPS:
+                self._steps.clear()
             hit = self._steps[key] = self._closure({target for s in states
                                                     for test, _, target in self._nfa.edges[s] if test(ch)})
         return hit

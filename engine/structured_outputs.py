@@ -8,7 +8,7 @@ may still cut it short, as in vLLM.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -70,10 +70,6 @@ class StructuredOutputsParams:
         if kind in ("choice", "regex"):
             return _compiled(kind, json.dumps(getattr(self, kind)))
         return _compiled("json_object", "")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields that are set (what crosses the server's pipe to its worker)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @lru_cache(maxsize=64)

@@ -38,30 +38,38 @@ def _decoder_kinds(tokenizer: Any) -> set[str]:
 
 def token_bytes_reader(tokenizer: Any) -> Callable[[int, str], bytes]:
     """`read(token_id, text)`: the token's bytes, given its text decoded alone."""
-    kinds = _decoder_kinds(tokenizer)
-    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
-    byte_fallback = "ByteFallback" in kinds
+    piece_bytes = _piece_reader(tokenizer)
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
 
     def read(token_id: int, text: str) -> bytes:
         if "\ufffd" not in text or token_id in added:
             return text.encode()
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if alphabet is not None and piece and all(ch in alphabet for ch in piece):
-            return bytes(alphabet[ch] for ch in piece)
-        match = _BYTE_FALLBACK.fullmatch(piece or "") if byte_fallback else None
-        return bytes([int(match.group(1), 16)]) if match else text.encode()
+        return piece_bytes(tokenizer.convert_ids_to_tokens(token_id) or "") or text.encode()
 
     return read
+
+
+def _piece_reader(tokenizer: Any) -> Callable[[str], bytes | None]:
+    """A vocabulary piece's bytes where its spelling says them (GPT-2's byte alphabet, or a
+    SentencePiece byte fallback `<0xE4>`); None where it does not."""
+    kinds = _decoder_kinds(tokenizer)
+    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+    byte_fallback = "ByteFallback" in kinds
+
+    def piece_bytes(piece: str) -> bytes | None:
+        if alphabet is not None and piece and all(ch in alphabet for ch in piece):
+            return bytes(alphabet[ch] for ch in piece)
+        match = _BYTE_FALLBACK.fullmatch(piece) if byte_fallback else None
+        return bytes([int(match.group(1), 16)]) if match else None
+
+    return piece_bytes
 
 
 def vocabulary_bytes(tokenizer: Any, size: int) -> list[bytes | None]:
     """Every token's bytes as it adds them to a text, for ids below `size` (the model's
     vocabulary, which may be larger than the tokenizer's); None for special tokens (BOS, EOS,
     chat markers: no text of their own) and for ids the tokenizer does not have."""
-    kinds = _decoder_kinds(tokenizer)
-    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
-    byte_fallback = "ByteFallback" in kinds
+    piece_bytes = _piece_reader(tokenizer)
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
     known = min(size, len(tokenizer))
@@ -72,10 +80,6 @@ def vocabulary_bytes(tokenizer: Any, size: int) -> list[bytes | None]:
             continue
         if token_id in added:
             out[token_id] = str(added[token_id]).encode()
-        elif alphabet is not None and all(ch in alphabet for ch in piece):
-            out[token_id] = bytes(alphabet[ch] for ch in piece)
-        elif byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
-            out[token_id] = bytes([int(match.group(1), 16)])
-        else:  # SentencePiece: ▁ is a space
-            out[token_id] = piece.replace("\u2581", " ").encode()
+        else:  # otherwise SentencePiece's: ▁ is a space
+            out[token_id] = piece_bytes(piece) or piece.replace("\u2581", " ").encode()
     return out
