@@ -214,27 +214,41 @@ class JsonNumber(Rule):
         return local in self._ACCEPTING
 
 
-class _Whitespace:
-    """Locals (phase, index, whitespace bytes in a row): a whitespace byte keeps the phase."""
+class _Bracketed(Rule):
+    """An object or an array: locals (phase, index, whitespace bytes in a row), from OPEN
+    (before the opening bracket) to DONE."""
 
-    @staticmethod
-    def step(local: tuple[int, int, int], byte: int) -> tuple[Move, ...] | None:
-        """The move for a whitespace byte (none past the limit); None: not whitespace."""
-        if byte not in WHITESPACE:
-            return None
+    __slots__ = ()
+    start = (0, 0, 0)
+    OPEN, FIRST = 0, 1
+    DONE: int
+    BRACKET: int  # the opening byte
+
+    def _framing(self, local: tuple[int, int, int], byte: int) -> tuple[Move, ...] | None:
+        """The moves of the opening bracket, of DONE (none) and of whitespace (the phase kept,
+        up to MAX_WHITESPACE); None for any other byte and phase."""
         phase, index, run = local
-        return (((phase, index, run + 1), None),) if run < MAX_WHITESPACE else NO_MOVES
+        if phase == self.OPEN:
+            return (((self.FIRST, 0, 0), None),) if byte == self.BRACKET else NO_MOVES
+        if phase == self.DONE:
+            return NO_MOVES
+        if byte in WHITESPACE:
+            return (((phase, index, run + 1), None),) if run < MAX_WHITESPACE else NO_MOVES
+        return None
+
+    def accepts(self, local: tuple[int, int, int]) -> bool:
+        return local[0] == self.DONE
 
 
-class JsonObject(Rule):
+class JsonObject(_Bracketed):
     """`{ "key": value, ... }` with the given members, in order, the required ones present;
     `additional` (a rule, or None for none) is the value of members past the listed ones, any
     key. The keys are read through one trie: one stack however many members may come next."""
 
     __slots__ = ("values", "additional", "_children", "_members_below", "_member_at", "_last", "_can_close",
                  "_free_key")
-    start = (0, 0, 0)
     OPEN, FIRST, KEY, KEY_TEXT, COLON, VALUE, AFTER, DONE = range(8)
+    BRACKET = 0x7B  # {
     _DONE: tuple[Move, ...] = (((DONE, 0, 0), None),)
 
     def __init__(self, members: list[tuple[str, Rule, bool]], additional: Rule | None) -> None:
@@ -285,13 +299,9 @@ class JsonObject(Rule):
                 return NO_MOVES
             j = self._member_at.get(child)  # a key's closing quote: no key goes on past it
             return (((self.COLON, j, 0), None),) if j is not None else (((self.KEY_TEXT, i, child), None),)
-        if phase == self.OPEN:
-            return (((self.FIRST, 0, 0), None),) if byte == 0x7B else NO_MOVES  # {
-        if phase == self.DONE:
-            return NO_MOVES
-        space = _Whitespace.step(local, byte)
-        if space is not None:
-            return space
+        framing = self._framing(local, byte)
+        if framing is not None:
+            return framing
         if phase == self.VALUE:
             return (((self.AFTER, i, 0), self.values[i] if i < len(self.values) else self.additional),)
         if phase == self.FIRST or phase == self.KEY:
@@ -305,9 +315,6 @@ class JsonObject(Rule):
         if byte == 0x2C:  # ,
             return (((self.KEY, after, 0), None),) if self._key_starts(after) else NO_MOVES
         return self._DONE if byte == 0x7D and self._can_close[after] else NO_MOVES
-
-    def accepts(self, local: tuple[int, int, int]) -> bool:
-        return local[0] == self.DONE
 
     def parts(self) -> tuple[Rule, ...]:
         return (*self.values, self.additional) if self.additional is not None else tuple(self.values)
@@ -358,12 +365,12 @@ class _OtherKey(Rule):
         return local == self.CLOSED
 
 
-class JsonArray(Rule):
+class JsonArray(_Bracketed):
     """`[ item, ... ]` with min_items..max_items items (max_items None: no limit)."""
 
     __slots__ = ("items", "min_items", "max_items", "_cap")
-    start = (0, 0, 0)
     OPEN, FIRST, NEXT, AFTER, DONE = range(5)
+    BRACKET = 0x5B  # [
     _DONE: tuple[Move, ...] = (((DONE, 0, 0), None),)
 
     def __init__(self, items: Rule, min_items: int = 0, max_items: int | None = None) -> None:
@@ -372,13 +379,9 @@ class JsonArray(Rule):
 
     def moves(self, local: tuple[int, int, int], byte: int) -> tuple[Move, ...]:
         phase, count, _ = local
-        if phase == self.OPEN:
-            return (((self.FIRST, 0, 0), None),) if byte == 0x5B else NO_MOVES  # [
-        if phase == self.DONE:
-            return NO_MOVES
-        space = _Whitespace.step(local, byte)
-        if space is not None:
-            return space
+        framing = self._framing(local, byte)
+        if framing is not None:
+            return framing
         if phase == self.AFTER:
             if byte == 0x2C:  # ,
                 return (((self.NEXT, count, 0), None),) if self.max_items is None or count < self.max_items \
@@ -389,9 +392,6 @@ class JsonArray(Rule):
         if phase == self.FIRST and self.max_items == 0:
             return NO_MOVES
         return (((self.AFTER, min(count + 1, max(self._cap, 1)), 0), self.items),)
-
-    def accepts(self, local: tuple[int, int, int]) -> bool:
-        return local[0] == self.DONE
 
     def parts(self) -> tuple[Rule, ...]:
         return (self.items,)
