@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from engine.grammar import (
+    MAX_STACKS,
     Alternatives,
     Grammar,
     JsonArray,
@@ -57,9 +58,13 @@ def schema_grammar(schema: Any) -> Grammar:
     root = JsonDocument(compiler.rule(schema, "#"))
     compiler.check_refs()
     if not trim(root):
-        raise ValueError("no JSON value satisfies the schema: each one would nest forever (a $ref required "
-                         "within itself)")
-    return Grammar(root)
+        raise ValueError("no JSON value satisfies the schema (a false schema where a value is needed, or a $ref "
+                         "required within itself: each value would nest forever)")
+    grammar = Grammar(root)
+    if not any(grammar.step(grammar.start, byte) for byte in b'{["-0123456789tfn'):
+        raise ValueError(f"the schema's unions are too many to follow at once (more than {MAX_STACKS} ways to read "
+                         "its first byte)")
+    return grammar
 
 
 class _Compiler:
@@ -104,8 +109,8 @@ class _Compiler:
     def _rule(self, schema: Any, path: str) -> Rule:
         if schema is True or schema == {}:
             return json_value()
-        if schema is False:
-            raise ValueError(f"the JSON schema at {path} is false: no value is valid")
+        if schema is False:  # no value: `trim` leaves out the ways through it
+            return Literals(())
         if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema must be an object or a boolean, got {schema!r:.80} at {path}")
         unknown = sorted(set(schema) - SUPPORTED)
@@ -208,7 +213,7 @@ class _Compiler:
         if high is not None and high < low:
             raise ValueError(f"maxItems ({high}) < minItems ({low}) at {path}: no array is valid")
         items = self.rule(schema.get("items", True), f"{path}/items")
-        return JsonArray(items, low, high)
+        return JsonArray(items, low, high)  # `items: false`: `trim` leaves only []
 
     def _ref(self, ref: Any, path: str) -> Rule:
         if not isinstance(ref, str) or not ref.startswith("#"):

@@ -8,7 +8,7 @@ may still cut it short, as in vLLM.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -31,6 +31,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    _grammar: Grammar | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.json, str):
@@ -62,17 +63,25 @@ class StructuredOutputsParams:
         return next(kind for kind in KINDS if getattr(self, kind) not in (None, False))
 
     def compile(self) -> Grammar:
-        """The grammar (one per distinct request: a repeated schema reuses its grammar and the
-        token masks cached for it)."""
-        kind = self.kind
-        if kind == "json":
-            return _compiled("json", json.dumps(self.json))  # key order kept: members come in it
-        if kind in ("choice", "regex"):
-            return _compiled(kind, json.dumps(getattr(self, kind)))
-        return _compiled("json_object", "")
+        """The grammar, compiled once per params object. Small structures are also cached
+        across requests (a repeated schema reuses its grammar and the token masks cached for
+        it); a large one (past MAX_SHARED_CHARS of JSON: ~30 MB for 2 MB of schema) lives as
+        long as its request."""
+        if self._grammar is None:
+            kind = self.kind
+            value = json.dumps(getattr(self, kind)) if kind != "json_object" else ""  # key order kept
+            self._grammar = _shared(kind, value) if len(value) <= MAX_SHARED_CHARS else _compiled(kind, value)
+        return self._grammar
+
+
+MAX_SHARED_CHARS = 1 << 16
 
 
 @lru_cache(maxsize=64)
+def _shared(kind: str, text: str) -> Grammar:
+    return _compiled(kind, text)
+
+
 def _compiled(kind: str, text: str) -> Grammar:
     if kind == "json":
         return schema_grammar(json.loads(text))

@@ -457,6 +457,8 @@ class OpenAIServing:
             asked.append(("guided_choice", {"choice": req.guided_choice}))
         if req.guided_regex is not None:
             asked.append(("guided_regex", {"regex": req.guided_regex}))
+        if req.guided_grammar is not None:
+            asked.append(("guided_grammar", {"grammar": req.guided_grammar}))
         if len(asked) > 1:
             raise errors.invalid(f"{asked[0][0]} and {asked[1][0]} both ask for a structure: send one",
                                  param=asked[1][0])
@@ -939,7 +941,7 @@ class OpenAIServing:
         parser = choice.tool_parser
         content, calls = parser.feed(text)
         if final:
-            more, last = parser.finish()
+            more, last = parser.finish(cut=choice.finish_reason == "length")
             content, calls = content + more, calls + last
             if parser.calls and parser.kind != "named":  # vLLM's: a named function's finish stays
                 choice.finish_reason = "tool_calls"

@@ -119,7 +119,13 @@ class ToolCallParser:
             self._answer += text
         return self._read(final=False)
 
-    def finish(self) -> tuple[str, Calls]:
+    def finish(self, cut: bool = False) -> tuple[str, Calls]:
+        """The rest; `cut`: the answer was cut short (max_tokens), so a forced choice's JSON,
+        even where it parses (`1` of `12...`), is no call (hermes and llama3_json keep a whole
+        last call, as vLLM's)."""
+        if cut and self.kind in FORCED:
+            text, self._buffer = self._buffer, ""
+            return text, []
         return self._read(final=True)
 
     def parse(self, text: str) -> tuple[str | None, Calls]:

@@ -406,7 +406,10 @@ def test_unsupported_keywords_are_value_errors_that_name_them(keyword: str, sche
     (5, "must be an object or a boolean"),
     ("string", "must be an object or a boolean"),
     (False, "false"),
-    ({"type": "object", "properties": {"a": False}}, "false"),
+    ({"type": "object", "properties": {"a": False}, "required": ["a"]}, "false"),
+    ({"type": "array", "items": False, "minItems": 1}, "false"),
+    ({"anyOf": [{"anyOf": [{"type": "string", "title": f"{i}.{j}"} for j in range(128)]} for i in range(8)]},
+     "too many to follow"),
     ({"type": "array", "minItems": -1}, "minItems"),
     ({"type": "array", "minItems": True}, "minItems"),
     ({"type": "array", "maxItems": 1.5}, "maxItems"),
@@ -462,6 +465,15 @@ def test_repeated_and_shared_unions_step_in_linear_time() -> None:
     state = g.advance(g.start, b"[" * 9)
     assert state is not None and len(state) == 512 and g.step(state, ord("[")) is None
     assert not g.accepts("[" * 12 + '"x"' + "]" * 12)
+
+
+def test_false_schemas_leave_their_ways_out() -> None:
+    g = schema_grammar({"type": "object", "properties": {"a": False, "b": {"type": "integer"}}})
+    assert g.accepts('{"b":1}') and g.advance(g.start, b'{"a') is None
+    g = schema_grammar({"type": "array", "items": False})
+    assert g.accepts("[]") and not g.accepts("[1]")
+    g = schema_grammar({"anyOf": [False, {"type": "null"}]})
+    assert g.accepts("null") and not g.accepts("1")
 
 
 def test_ways_that_never_end_are_left_out_and_a_schema_of_only_those_refused() -> None:

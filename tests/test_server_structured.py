@@ -146,6 +146,8 @@ def test_what_structured_outputs_cannot_do_is_a_clear_400(server, client):
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
         ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "structured_outputs", "grammar"),
         ({"guided_regex": r"(a)\1"}, "guided_regex", "backreferences"),
+        ({"guided_grammar": 'root ::= "a"'}, "guided_grammar", "grammar"),
+        ({"guided_json": {"enum": [1, 2], "type": "string"}}, "guided_json", "of its type"),
         ({"structured_outputs": {"json_object": True, "whitespace_pattern": " "}}, "structured_outputs",
          "whitespace_pattern"),
         ({"structured_outputs": {"json": {"$ref": "#"}}}, "structured_outputs", "itself"),

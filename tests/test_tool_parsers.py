@@ -110,3 +110,9 @@ def test_forced_tool_schemas_keep_each_tools_refs_and_names() -> None:
     assert named.accepts('{"name":"a","parent":{"name":"b"}}') and not named.accepts('[]')
     content, (call,) = ToolCallParser("named", "required").parse(' {"name": "a"}\n')
     assert content is None and call["function"] == {"name": "required", "arguments": '{"name": "a"}'}
+    # cut by max_tokens: a forced choice's JSON is no call, even where it parses
+    parser = ToolCallParser("named", "count")
+    assert parser.feed("1234") == ("", []) and parser.finish(cut=True) == ("1234", [])
+    parser = ToolCallParser("required")
+    parser.feed('[{"name": "ship", "parameters": {}}]')
+    assert parser.finish(cut=True) == ('[{"name": "ship", "parameters": {}}]', [])
