@@ -22,7 +22,7 @@ from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 from engine.token_bytes import vocabulary_bytes
-from engine.token_masks import Guide, TokenMasks, TokenVocabulary, unpack_mask
+from engine.token_masks import Guide, TokenMasks, TokenVocabulary, unpack_mask, unpack_mask_by_shifts
 
 WHITESPACE = " \t\n\r"
 VOCAB_SIZE = 49152  # the default model's
@@ -812,8 +812,9 @@ def test_mask_bits_unpack_to_the_mask_on_any_shape() -> None:
     for size in (1, 7, 8, 9, 49152, 151936 + 3):
         masks = rng.random((3, size)) < 0.3
         bits = torch.from_numpy(np.packbits(masks, axis=-1))
-        assert torch.equal(unpack_mask(bits, size), torch.from_numpy(masks))
-        assert torch.equal(unpack_mask(bits[0], size), torch.from_numpy(masks[0]))
+        for unpack in (unpack_mask, unpack_mask_by_shifts):  # the CPU's way and the GPU's
+            assert torch.equal(unpack(bits, size), torch.from_numpy(masks))
+            assert torch.equal(unpack(bits[0], size), torch.from_numpy(masks[0]))
 
 
 def test_sampler_samples_only_allowed_tokens() -> None:
