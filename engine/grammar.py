@@ -29,7 +29,7 @@ MAX_DEPTH = 160
 # Stacks (ways to read the text so far) a state may hold, and stacks one byte's step may look
 # at: past them the text is refused (`_expand`), so no schema makes a step cost seconds.
 MAX_STACKS = 512
-MAX_EXPANSION = 8192
+MAX_EXPANSION = 2048
 
 # A stack: (rule, its local state, the stack below it or None, its depth). A state: the
 # stacks alive.
