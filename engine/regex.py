@@ -3,19 +3,22 @@ text the pattern matches whole.
 
 The pattern is parsed by Python's own `re` parser (Python's syntax; `re.compile` accepts it)
 and built into a Thompson NFA over characters; the rule reads bytes, gathering a character's
-UTF-8 bytes before it steps. A token may end inside a character when some transition could
-still take a character that begins so. Backreferences and lookarounds are not regular: a ValueError, as are
-flags other than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer
-matches anyway); lazy, possessive and atomic forms match as their greedy ones (the same set of
-texts).
+UTF-8 bytes before it steps. A token may end inside a character only where some character
+that begins so can be taken. Every character class is a set of code point ranges (maybe
+negated), so that test is interval arithmetic. `\\d`, `\\w` and `\\s` are ASCII's (`[0-9]`,
+`[A-Za-z0-9_]`, `[ \\t\\n\\r\\f\\v]`), as in vLLM's regex engines and JSON Schema's
+patterns, not Python's Unicode classes (asked for `\\d{3}`, a model wrote digits of another
+script). Backreferences and lookarounds are not regular: a ValueError, as are flags other
+than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer matches anyway); lazy,
+possessive and atomic forms match as their greedy ones (the same set of texts).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 import re._constants as sre  # noqa: PLC2701 (Python's own regex parser: its syntax, exactly)
 import re._parser as sre_parse
-from collections.abc import Callable
 from typing import Any
 
 from engine.grammar import NO_MOVES, Move, Rule
@@ -23,27 +26,78 @@ from engine.grammar import NO_MOVES, Move, Rule
 MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: (a{1000}){1000} would be a million
 MAX_CACHED_STEPS = 1 << 16
 _SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
+_LAST = 0x10FFFF
+_SURROGATES = (0xD800, 0xDFFF)
 
-Predicate = Callable[[str], bool]
-Range = tuple[int, int]  # code points a transition may take, for partial characters (None: any)
+Range = tuple[int, int]  # code points, both ends included
 
-_CATEGORIES: dict[Any, Predicate] = {
-    sre.CATEGORY_DIGIT: str.isdecimal,
-    sre.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
-    sre.CATEGORY_SPACE: str.isspace,
-    sre.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
-    sre.CATEGORY_WORD: lambda ch: ch.isalnum() or ch == "_",
-    sre.CATEGORY_NOT_WORD: lambda ch: not (ch.isalnum() or ch == "_"),
+
+def _complement(ranges: tuple[Range, ...]) -> tuple[Range, ...]:
+    out, at = [], 0
+    for low, high in ranges:
+        if low > at:
+            out.append((at, low - 1))
+        at = max(at, high + 1)
+    if at <= _LAST:
+        out.append((at, _LAST))
+    return tuple(out)
+
+
+_DIGIT = ((48, 57),)
+_SPACE = ((9, 13), (32, 32))
+_WORD = ((48, 57), (65, 90), (95, 95), (97, 122))
+_CATEGORIES: dict[Any, tuple[Range, ...]] = {
+    sre.CATEGORY_DIGIT: _DIGIT, sre.CATEGORY_NOT_DIGIT: _complement(_DIGIT),
+    sre.CATEGORY_SPACE: _SPACE, sre.CATEGORY_NOT_SPACE: _complement(_SPACE),
+    sre.CATEGORY_WORD: _WORD, sre.CATEGORY_NOT_WORD: _complement(_WORD),
 }
 
 
+class _CharClass:
+    """Characters in any of `ranges` (merged, sorted), or outside all of them if `negate`."""
+
+    __slots__ = ("lows", "highs", "negate")
+
+    def __init__(self, ranges: list[Range], negate: bool = False) -> None:
+        merged: list[list[int]] = []
+        for low, high in sorted(ranges):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        self.lows, self.highs = [r[0] for r in merged], [r[1] for r in merged]
+        self.negate = negate
+
+    def __call__(self, ch: str) -> bool:
+        c = ord(ch)
+        i = bisect.bisect_right(self.lows, c) - 1
+        return (i >= 0 and c <= self.highs[i]) != self.negate
+
+    def any_in(self, low: int, high: int) -> bool:
+        """Some character in [low, high] (surrogates aside: no UTF-8 spells them) is in the class."""
+        parts = [(low, high)]
+        if low <= _SURROGATES[1] and _SURROGATES[0] <= high:
+            parts = [(a, b) for a, b in ((low, _SURROGATES[0] - 1), (_SURROGATES[1] + 1, high)) if a <= b]
+        if self.negate:
+            return any(not self._covers_all(a, b) for a, b in parts)
+        return any(self._covers_some(a, b) for a, b in parts)
+
+    def _covers_some(self, low: int, high: int) -> bool:
+        i = bisect.bisect_right(self.lows, high) - 1  # the last range starting at or before high
+        return i >= 0 and self.highs[i] >= low
+
+    def _covers_all(self, low: int, high: int) -> bool:
+        i = bisect.bisect_right(self.lows, low) - 1
+        return i >= 0 and self.highs[i] >= high  # merged: one range must hold it all
+
+
 class _Nfa:
-    """States are ints; `edges[s]`: (predicate, ranges or None, target); `empty[s]`: targets
-    reached without a character."""
+    """States are ints; `edges[s]`: (character class, target); `empty[s]`: targets reached
+    without a character."""
 
     def __init__(self, dotall: bool) -> None:
         self.dotall = dotall
-        self.edges: list[list[tuple[Predicate, tuple[Range, ...] | None, int]]] = []
+        self.edges: list[list[tuple[_CharClass, int]]] = []
         self.empty: list[list[int]] = []
 
     def state(self) -> int:
@@ -63,9 +117,8 @@ class _Nfa:
 
     def _item(self, op: Any, arg: Any, start: int) -> int:
         if op in (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN):
-            predicate, ranges = self._char(op, arg)
             end = self.state()
-            self.edges[start].append((predicate, ranges, end))
+            self.edges[start].append((self._char(op, arg), end))
             return end
         if op is sre.AT:
             if arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING):
@@ -104,34 +157,26 @@ class _Nfa:
         raise ValueError(f"regex feature {str(op).lower()} is not supported (structured outputs take regular "
                          "expressions: no backreferences or lookarounds)")
 
-    def _char(self, op: Any, arg: Any) -> tuple[Predicate, tuple[Range, ...] | None]:
+    def _char(self, op: Any, arg: Any) -> _CharClass:
         if op is sre.LITERAL:
-            ch = chr(arg)
-            return ch.__eq__, ((arg, arg),)
+            return _CharClass([(arg, arg)])
         if op is sre.NOT_LITERAL:
-            ch = chr(arg)
-            return ch.__ne__, None
+            return _CharClass([(arg, arg)], negate=True)
         if op is sre.ANY:
-            return (lambda c: True) if self.dotall else "\n".__ne__, None
-        negate, categories, tests, ranges = False, False, [], []
+            return _CharClass([] if self.dotall else [(10, 10)], negate=True)
+        negate, ranges = False, []
         for kind, value in arg:
             if kind is sre.NEGATE:
                 negate = True
             elif kind is sre.LITERAL:
-                tests.append(chr(value).__eq__)
                 ranges.append((value, value))
             elif kind is sre.RANGE:
-                low, high = value
-                tests.append(lambda c, low=low, high=high: low <= ord(c) <= high)
-                ranges.append((low, high))
+                ranges.append(value)
             elif kind is sre.CATEGORY and value in _CATEGORIES:
-                tests.append(_CATEGORIES[value])
-                categories = True  # spans scripts: any partial character may fit
+                ranges.extend(_CATEGORIES[value])
             else:
                 raise ValueError(f"regex set member {kind} {value} is not supported")
-        if negate:
-            return (lambda c: not any(t(c) for t in tests)), None
-        return (lambda c: any(t(c) for t in tests)), None if categories else tuple(ranges)
+        return _CharClass(ranges, negate)
 
 
 class RegexRule(Rule):
@@ -170,21 +215,12 @@ class RegexRule(Rule):
             if len(self._steps) >= MAX_CACHED_STEPS:
                 self._steps.clear()
             hit = self._steps[key] = self._closure({target for s in states
-                                                    for test, _, target in self._nfa.edges[s] if test(ch)})
+                                                    for chars, target in self._nfa.edges[s] if chars(ch)})
         return hit
 
     def _may_begin(self, states: frozenset[int], low: int, high: int) -> bool:
-        """Some transition may take a character in [low, high] (a partial character's span):
-        exactly, by its ranges, or else by trying the span's characters (a one-time cost: the
-        grammar caches each step)."""
-        for s in states:
-            for test, ranges, _ in self._nfa.edges[s]:
-                if ranges is not None:
-                    if any(a <= high and low <= b for a, b in ranges):
-                        return True
-                elif any(test(chr(c)) for c in range(low, high + 1) if not 0xD800 <= c <= 0xDFFF):
-                    return True
-        return False
+        """Some transition may take a character in [low, high] (a partial character's span)."""
+        return any(chars.any_in(low, high) for s in states for chars, _ in self._nfa.edges[s])
 
     def moves(self, local: tuple[frozenset[int], bytes], byte: int) -> tuple[Move, ...]:
         states, pending = local
