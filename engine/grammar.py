@@ -442,9 +442,14 @@ def json_value() -> Rule:
 
 
 def json_literals(values: Iterable[Any]) -> Literals:
-    """One of these JSON values, each written compactly (a schema's const or enum)."""
-    return Literals([json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-                     for v in values])
+    """One of these JSON values, each written compactly (a schema's const or enum; a whole
+    float as the integer it equals: JSON Schema's 1.0 is 1)."""
+    def text(value: Any) -> bytes:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+    return Literals([text(v) for v in values])
 
 
 def trim(root: Rule) -> bool:

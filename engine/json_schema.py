@@ -58,8 +58,9 @@ def schema_grammar(schema: Any) -> Grammar:
     root = JsonDocument(compiler.rule(schema, "#"))
     compiler.check_refs()
     if not trim(root):
-        raise ValueError("no JSON value satisfies the schema (a false schema where a value is needed, or a $ref "
-                         "required within itself: each value would nest forever)")
+        raise ValueError("no JSON value satisfies the schema (where a value is needed: a false schema, an enum or "
+                         "const with no value of its type, or a $ref required within itself, where each value "
+                         "would nest forever)")
     grammar = Grammar(root)
     if not any(grammar.step(grammar.start, byte) for byte in b'{["-0123456789tfn'):
         raise ValueError(f"the schema's unions are too many to follow at once (more than {MAX_STACKS} ways to read "
@@ -71,8 +72,11 @@ class _Compiler:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.refs: dict[str, Alternatives] = {}
-        self.compiled: dict[str, Rule] = {}
+        self.ref_levels: dict[str, int] = {}  # each resolved $ref's levels
+        self.compiled: dict[str, tuple[Rule, int]] = {}  # a sub-schema's JSON → its rule, its levels
         self.depth = 0
+        self.deepest = 0  # the deepest level reached in the sub-schema being compiled
+        self.last_levels = 0  # the levels of the rule `rule` returned last
 
     def check_refs(self) -> None:
         """A $ref that can reach itself before any byte is read (`{"$ref": "#"}`, or through
@@ -88,23 +92,39 @@ class _Compiler:
                     todo.extend(option.options)
 
     def rule(self, schema: Any, path: str) -> Rule:
+        """The schema's rule, one per distinct sub-schema (repeats, as anyOf of the same shapes,
+        share their stacks); a reused one still counts its levels (`_levels`)."""
         if self.depth >= MAX_SCHEMA_DEPTH:
             raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, $refs followed "
                              f"(at {path[:200]})")
-        try:  # one rule per distinct sub-schema: repeats (anyOf of the same shapes) share stacks
+        try:
             key = json.dumps(schema)
         except (TypeError, ValueError):
             key = None
         if key is not None and key in self.compiled:
-            return self.compiled[key]
+            rule, levels = self.compiled[key]
+            self._levels(levels, path)
+            return rule
+        outer, self.deepest = self.deepest, self.depth
         self.depth += 1
         try:
             rule = self._rule(schema, path)
+            self.deepest = max(self.deepest, self.depth)
         finally:
             self.depth -= 1
+        self.last_levels = self.deepest - self.depth
+        self.deepest = max(outer, self.deepest)
         if key is not None:
-            self.compiled[key] = rule
+            self.compiled[key] = rule, self.last_levels
         return rule
+
+    def _levels(self, levels: int, path: str) -> None:
+        """A rule compiled before, `levels` deep, used again here."""
+        if self.depth + levels > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, $refs followed "
+                             f"(at {path[:200]})")
+        self.deepest = max(self.deepest, self.depth + levels)
+        self.last_levels = levels
 
     def _rule(self, schema: Any, path: str) -> Rule:
         if schema is True or schema == {}:
@@ -154,16 +174,15 @@ class _Compiler:
         if others:
             raise ValueError(f"{others[0]} beside enum or const (at {path}) is not supported: list only the values "
                              "that satisfy it")
+        if "const" in schema and "enum" in schema:
+            raise ValueError(f"enum beside const (at {path}) is not supported: give one")
         values = schema["enum"] if "enum" in schema else [schema["const"]]
         if not isinstance(values, list) or not values:
             raise ValueError(f"enum (at {path}) must be a non-empty list")
-        if "const" in schema and "enum" in schema:
-            values = [v for v in values if v == schema["const"]]
         kinds = schema.get("type", list(TYPES))
         kinds = kinds if isinstance(kinds, list) else [kinds]
+        # None of its type: no value, as a false schema (`trim` leaves the ways through it out).
         values = [v for v in values if any(_is_type(v, kind) for kind in kinds)]
-        if not values:
-            raise ValueError(f"no value of the enum or const (at {path}) is of its type: no value is valid")
         try:
             return json_literals(values)
         except ValueError:
@@ -220,7 +239,8 @@ class _Compiler:
             raise ValueError(f"$ref {ref!r:.80} (at {path}) is not supported: only references inside the schema "
                              "(#, #/$defs/..., #/definitions/...)")
         rule = self.refs.get(ref)
-        if rule is not None:
+        if rule is not None:  # its levels are not known yet while it is being compiled (recursion)
+            self._levels(self.ref_levels.get(ref, 0), path)
             return rule
         target: Any = self.root
         for part in filter(None, ref[1:].split("/")):
@@ -231,6 +251,7 @@ class _Compiler:
         # A placeholder first: a recursive reference to it resolves to the same rule.
         rule = self.refs[ref] = Alternatives()
         rule.set_options([self.rule(target, ref)])
+        self.ref_levels[ref] = self.last_levels
         return rule
 
 

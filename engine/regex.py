@@ -9,8 +9,8 @@ negated), so that test is interval arithmetic. `\\d`, `\\w` and `\\s` are ASCII'
 `[A-Za-z0-9_]`, `[ \\t\\n\\r\\f\\v]`), as in vLLM's regex engines and JSON Schema's
 patterns, not Python's Unicode classes (asked for `\\d{3}`, a model wrote digits of another
 script). Backreferences and lookarounds are not regular: a ValueError, as are flags other
-than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer matches anyway); lazy,
-possessive and atomic forms match as their greedy ones (the same set of texts).
+than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer matches
+anyway); lazy, possessive and atomic forms match as their greedy ones (the same set of texts).
 """
 
 from __future__ import annotations

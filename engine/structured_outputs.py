@@ -31,7 +31,8 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    _grammar: Grammar | None = field(default=None, init=False, repr=False, compare=False)
+    # (the structure's JSON it was compiled from, the grammar): compiled again if a field changed
+    _built: tuple[str, Grammar] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.json, str):
@@ -63,15 +64,16 @@ class StructuredOutputsParams:
         return next(kind for kind in KINDS if getattr(self, kind) not in (None, False))
 
     def compile(self) -> Grammar:
-        """The grammar, compiled once per params object. Small structures are also cached
-        across requests (a repeated schema reuses its grammar and the token masks cached for
-        it); a large one (past MAX_SHARED_CHARS of JSON: ~30 MB for 2 MB of schema) lives as
-        long as its request."""
-        if self._grammar is None:
-            kind = self.kind
-            value = json.dumps(getattr(self, kind)) if kind != "json_object" else ""  # key order kept
-            self._grammar = _shared(kind, value) if len(value) <= MAX_SHARED_CHARS else _compiled(kind, value)
-        return self._grammar
+        """The grammar, compiled once per params object (again if a field changed since). Small
+        structures are also cached across requests (a repeated schema reuses its grammar and the
+        token masks cached for it); a large one (past MAX_SHARED_CHARS of JSON: ~30 MB for 2 MB
+        of schema) lives as long as its request."""
+        kind = self.kind
+        value = json.dumps(getattr(self, kind)) if kind != "json_object" else ""  # key order kept
+        if self._built is None or self._built[0] != kind + value:
+            grammar = _shared(kind, value) if len(value) <= MAX_SHARED_CHARS else _compiled(kind, value)
+            self._built = kind + value, grammar
+        return self._built[1]
 
 
 MAX_SHARED_CHARS = 1 << 16

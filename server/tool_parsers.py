@@ -51,13 +51,17 @@ def forced_tool_schema(tools: list[dict[str, Any]], function: str | None, parall
             "items": {"anyOf": calls}}
 
 
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # values, not schemas: left as they are
+
+
 def _moved_refs(schema: Any, root: str) -> Any:
     """The schema with its local `$ref`s ("#...") pointing under `root`, where it now lives."""
     if isinstance(schema, list):
         return [_moved_refs(item, root) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    return {key: root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+    return {key: value if key in _DATA_KEYWORDS
+            else root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
             else _moved_refs(value, root) for key, value in schema.items()}
 
 

@@ -425,6 +425,7 @@ def test_unsupported_keywords_are_value_errors_that_name_them(keyword: str, sche
     ({"$defs": {"a": {}}, "$ref": "#/$defs/a", "type": "object"}, r"\$ref beside"),
     ({"type": "string", "enum": [1, 2]}, "no value.*of its type"),
     ({"type": "integer", "const": "x"}, "no value.*of its type"),
+    ({"const": 1, "enum": [True, 1]}, "enum beside const"),
     ({"enum": [[1, 2, 3]], "maxItems": 2}, "maxItems beside enum"),
     ({"enum": ["a", "b"], "anyOf": [{"const": "a"}]}, "anyOf beside enum"),
     ({"enum": [1e400]}, "NaN and infinities"),
@@ -435,11 +436,30 @@ def test_bad_schemas_are_value_errors(schema: Any, message: str) -> None:
         schema_grammar(schema)
 
 
+def test_reused_sub_schemas_count_their_levels() -> None:
+    def nested(levels: int, inner: dict) -> dict:
+        for _ in range(levels):
+            inner = {"type": "array", "items": inner}
+        return inner
+
+    d1 = nested(60, {"type": "integer"})
+    with pytest.raises(ValueError, match="deeper than 64"):  # p2 reuses p1's rule 60 levels down
+        schema_grammar({"type": "object", "properties": {"p1": d1, "p2": nested(10, d1)}})
+    deep = {"$defs": {"deep": nested(55, {"type": "integer"})}, "type": "object"}
+    with pytest.raises(ValueError, match="deeper than 64"):
+        schema_grammar(deep | {"properties": {"a": {"$ref": "#/$defs/deep"}, "b": nested(20, {"$ref": "#/$defs/deep"})}})
+    assert schema_grammar(deep | {"properties": {"a": {"$ref": "#/$defs/deep"}, "b": nested(2, {"$ref": "#/$defs/deep"})}})
+
+
 def test_enum_and_const_keep_the_values_of_their_type_and_format_is_an_annotation() -> None:
     g = schema_grammar({"type": "string", "enum": ["a", 1, None]})
     assert g.accepts('"a"') and not g.accepts("1") and not g.accepts("null")
     g = schema_grammar({"type": ["integer", "null"], "enum": [1, 1.5, None, "x"]})
     assert g.accepts("1") and g.accepts("null") and not g.accepts("1.5") and not g.accepts('"x"')
+    assert schema_grammar({"enum": [2.0, True]}).accepts("2")  # 2.0 is 2, and true is no 1
+    # an enum with no value of its type is no value: left out where the schema can do without
+    g = schema_grammar({"type": "object", "properties": {"a": {"const": 1, "type": "string"}, "b": {}}})
+    assert g.accepts('{"b":1}') and g.advance(g.start, b'{"a') is None
     g = schema_grammar({"type": "string", "format": "date-time", "description": "when"})
     assert g.accepts('"2026-12-06T13:00:00Z"') and g.accepts('"any text"')  # read past, as 2020-12 does
     g = schema_grammar({"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
@@ -615,6 +635,19 @@ def test_regexes_that_are_not_regular_are_value_errors(pattern: str, message: st
         StructuredOutputsParams(regex=pattern)
     with pytest.raises(ValueError, match="regex must be a string"):
         StructuredOutputsParams(regex=["a"])
+
+
+def test_a_changed_field_is_compiled_again_and_consts_stay_data_in_tool_schemas() -> None:
+    params = StructuredOutputsParams(json={"type": "integer"})
+    assert params.compile().accepts("1")
+    params.json = {"type": "string"}
+    assert params.compile().accepts('"a"') and not params.compile().accepts("1")
+    from server.tool_parsers import forced_tool_schema
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"const": {"$ref": "#"}}}, "required": ["x"]}}}
+    g = schema_grammar(forced_tool_schema([tool], None))
+    assert g.accepts('[{"name":"f","parameters":{"x":{"$ref":"#"}}}]')
 
 
 def test_structured_outputs_compile_once_per_distinct_request() -> None:
