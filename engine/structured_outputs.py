@@ -59,6 +59,10 @@ class StructuredOutputsParams:
             raise ValueError(f"regex must be a string, got {self.regex!r:.40}")
         self.compile()  # a schema it cannot hold is an error now, not in the engine's step
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields set (a schema given as text, parsed): what the server sends its worker."""
+        return {kind: getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None}
+
     @property
     def kind(self) -> str:
         return next(kind for kind in KINDS if getattr(self, kind) not in (None, False))

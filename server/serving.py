@@ -237,7 +237,7 @@ class OpenAIServing:
         return min(otherwise, self.client.info.default_sampling.get("max_tokens", otherwise))
 
     def _sampling_fields(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                         logprobs: int | None, structured: dict[str, Any] | None = None) -> dict[str, Any]:
+                         logprobs: int | None, structured: StructuredOutputsParams | None = None) -> dict[str, Any]:
         cfg = self.config
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(req, name)
@@ -287,10 +287,8 @@ class OpenAIServing:
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             logit_bias=req.logit_bias or None,
         )
-        if structured is not None:  # checked (and compiled) already
-            fields["structured_outputs"] = structured
-        try:
-            SamplingParams(**fields).check_vocab(self.client.info.vocab_size)
+        try:  # the structure checked (and compiled) already: the object, not compiled again on the loop
+            SamplingParams(**fields, structured_outputs=structured).check_vocab(self.client.info.vocab_size)
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]
@@ -298,6 +296,8 @@ class OpenAIServing:
             if param is not None and param != name:
                 message = param + message[len(name):]
             raise errors.invalid(message, param=param) from None
+        if structured is not None:
+            fields["structured_outputs"] = structured.to_dict()
         return fields
 
     def _job(self, kind: str, req: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
@@ -430,10 +430,10 @@ class OpenAIServing:
         job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
         return job
 
-    async def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
-        """The request's structured outputs as StructuredOutputsParams' fields (None: free text),
-        from OpenAI's response_format or vLLM's structured_outputs / guided_json / guided_choice /
-        guided_regex."""
+    async def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest
+                                  ) -> StructuredOutputsParams | None:
+        """The request's structured outputs (None: free text), from OpenAI's response_format or
+        vLLM's structured_outputs / guided_json / guided_choice / guided_regex."""
         asked: list[tuple[str, dict[str, Any]]] = []
         fmt = req.response_format
         if fmt is not None:
@@ -464,22 +464,20 @@ class OpenAIServing:
                                  param=asked[1][0])
         return await self._checked_structure(asked[0][1], asked[0][0]) if asked else None
 
-    async def _checked_structure(self, fields: dict[str, Any], param: str) -> dict[str, Any]:
-        """StructuredOutputsParams' fields, checked (the schema compiled) before the request
-        reaches the worker; a 400 naming `param` if they can't be served. A long schema is
-        compiled on the tokenizer thread (an enum of 100k values takes 0.5 s)."""
+    async def _checked_structure(self, fields: dict[str, Any], param: str) -> StructuredOutputsParams:
+        """StructuredOutputsParams from their fields, checked (the schema compiled) before the
+        request reaches the worker; a 400 naming `param` if they can't be served. A long schema
+        is compiled on the tokenizer thread (an enum of 100k values takes 0.5 s)."""
         try:
             if len(repr(fields)) <= TOKENIZE_INLINE_CHARS:
-                StructuredOutputsParams(**fields)
-            else:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._tokenizer_thread, partial(StructuredOutputsParams, **fields))
+                return StructuredOutputsParams(**fields)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread, partial(StructuredOutputsParams, **fields))
         except TypeError as exc:  # a field it does not have
             raise errors.invalid(f"{param}: {exc}".replace("StructuredOutputsParams.__init__() ", ""),
                                  param=param) from None
         except ValueError as exc:
             raise errors.invalid(f"{param}: {exc}", param=param) from None
-        return fields
 
     def _tool_parser(self, req: ChatCompletionRequest) -> tuple[str | None, str | None]:
         """The parser that reads the answers' tool calls (None: answers are text) and the named

@@ -587,6 +587,7 @@ def test_structured_outputs_params_take_exactly_one_kind() -> None:
 def test_structured_outputs_json_as_text_and_choices() -> None:
     params = StructuredOutputsParams(json='{"type": "integer"}')
     assert params.json == {"type": "integer"} and params.kind == "json"
+    assert params.to_dict() == {"json": {"type": "integer"}}  # what the server's pipe carries
     assert params.compile().accepts("12") and not params.compile().accepts('"12"')
     with pytest.raises(ValueError, match="not JSON"):
         StructuredOutputsParams(json="{not json")
