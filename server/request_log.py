@@ -2,8 +2,9 @@
 
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
-stream, n, priority, prompt_tokens, cached_tokens, completion_tokens, cost (at the server's prices; null
-without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status —
+stream, n, priority, structured (what the answer was held to: json, json_object, choice or regex; a
+forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens, cost
+(at the server's prices; null without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status —
 plus prompt and output text only with --log-request-text. Latencies are the engine's monotonic
 timestamps (seconds). A request cut short (the client left, a timeout) is logged once the
 worker confirmed its abort, within a step, so its line has the engine's times too: e2e_s runs
@@ -41,6 +42,7 @@ class RequestRecord:
     stream: bool = False
     n: int = 1
     priority: int = 0
+    structured: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

@@ -378,6 +378,7 @@ class OpenAIServing:
             raise errors.invalid("max_tokens must be >= 1 (0 only with echo: the prompt, and its logprobs "
                                  "with logprobs, without a completion)", param="max_tokens")
         structured = await self._structured_outputs(req)
+        record.structured = structured.kind if structured is not None else None
         params = self._sampling_fields(req, 1 if echo_only else max_tokens, req.logprobs,  # caps before tokenizing
                                        structured)
         encoded = iter(await self._encode_all([p for p in raw if isinstance(p, str)]))
@@ -423,6 +424,7 @@ class OpenAIServing:
                                      param="tool_choice")
             schema = forced_tool_schema(req.tools, tool_function, parallel)
             structured = await self._checked_structure({"json": schema}, "tools")
+        record.structured = structured.kind if structured is not None else None
         params = self._sampling_fields(req, max_tokens, logprobs, structured)
         if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
             params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special

@@ -76,7 +76,7 @@ def test_a_json_schema_answer_is_valid_json_of_that_schema(server, client):
             assert set(json.loads(choice.message.content)) == {"name", "age"}
         else:  # cut by max_tokens: still the beginning of a valid answer
             assert choice.finish_reason == "length" and choice.message.content.lstrip().startswith('{"name"')
-    assert server.log_lines()[-1]["n"] == 3
+    assert server.log_lines()[-1]["n"] == 3 and server.log_lines()[-1]["structured"] == "json"
 
 
 def test_the_sdk_parses_a_pydantic_model(client):
@@ -86,7 +86,7 @@ def test_the_sdk_parses_a_pydantic_model(client):
     assert isinstance(weather, Weather) and weather.sky in ("sunny", "cloudy", "rainy")
 
 
-def test_json_object_choices_and_regexes(client):
+def test_json_object_choices_and_regexes(server, client):
     out = client.chat.completions.create(model=None, messages=ASK, max_tokens=96, temperature=0,
                                          response_format={"type": "json_object"})
     text = out.choices[0].message.content
@@ -98,6 +98,7 @@ def test_json_object_choices_and_regexes(client):
         out = client.completions.create(model=None, prompt="Review: I love this phone! Sentiment:", max_tokens=8,
                                         temperature=0, extra_body=extra)
         assert out.choices[0].text in choices and out.choices[0].finish_reason == "stop"
+        assert server.log_lines()[-1]["structured"] == "choice"
     out = client.completions.create(model=None, prompt="Ann is 31. As JSON:", max_tokens=48, temperature=0,
                                     extra_body={"structured_outputs": {"json": json.dumps(PERSON)}})
     assert set(json.loads(out.choices[0].text)) == {"name", "age"}
@@ -116,7 +117,7 @@ def test_tool_choice_required_and_named_make_calls(server, client):
     assert choice.message.tool_calls and all(c.function.name in ("get_weather", "get_time")
                                              for c in choice.message.tool_calls)
     assert all(set(json.loads(c.function.arguments)) == {"city"} for c in choice.message.tool_calls)
-    assert server.log_lines()[-1]["finish_reason"] == "tool_calls"
+    assert server.log_lines()[-1]["finish_reason"] == "tool_calls" and server.log_lines()[-1]["structured"] == "json"
     content, reasons, parts = _streamed(client.chat.completions.create(
         model=None, messages=WEATHER, tools=TOOLS, tool_choice="required", max_tokens=64, temperature=0, stream=True))
     assert reasons == {0: "tool_calls"} and not content[0]
@@ -166,4 +167,4 @@ def test_what_structured_outputs_cannot_do_is_a_clear_400(server, client):
     assert server.metrics()['stoke_request_errors_total{type="invalid_request"}'] \
         - before['stoke_request_errors_total{type="invalid_request"}'] == len(cases)
     out = client.chat.completions.create(model=None, messages=ASK, max_tokens=4, temperature=0)
-    assert out.choices[0].finish_reason == "length"
+    assert out.choices[0].finish_reason == "length" and server.log_lines()[-1]["structured"] is None
