@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Literal, get_args
@@ -268,7 +268,7 @@ class LLMEngine:
                 detokenizer=self._detokenizer(prompt_token_ids, params),
                 generator=self._generator(params, index),
                 logprobs=[] if params.logprobs is not None else None,
-                guide=next(guides, None),
+                guide=guides[index] if guides else None,
             )
             group.samples.append(sample)
         self._num_guided += sum(s.guide is not None for s in group.samples)
@@ -277,11 +277,11 @@ class LLMEngine:
             self.scheduler.add_request(sample.request)
         self.groups[request_id] = group
 
-    def _guides(self, params: SamplingParams) -> Iterator[Guide]:
+    def _guides(self, params: SamplingParams) -> list[Guide]:
         """One guide per sample for a request with structured outputs (none without);
         ValueError for a structure no answer satisfies (its first token has no way on)."""
         if params.structured_outputs is None:
-            return iter(())
+            return []
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer (the tokens' bytes), and this model has none")
         if self._token_masks is None:
@@ -292,7 +292,7 @@ class LLMEngine:
         guides = [Guide(grammar, self._token_masks, ends) for _ in range(params.n)]
         if guides[0].dead_end():
             raise ValueError("no answer satisfies these structured outputs (no token can begin one)")
-        return iter(guides)
+        return guides
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None or not params.detokenize:

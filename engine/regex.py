@@ -24,7 +24,6 @@ from typing import Any
 from engine.grammar import NO_MOVES, Move, Rule
 
 MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: (a{1000}){1000} would be a million
-MAX_CACHED_STEPS = 1 << 16
 _SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
 _LAST = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
@@ -183,7 +182,7 @@ class RegexRule(Rule):
     """The pattern's full matches, read byte by byte. Locals: (NFA states, the bytes of a
     character not complete yet)."""
 
-    __slots__ = ("_nfa", "_final", "start", "_steps")
+    __slots__ = ("_nfa", "_final", "start")
 
     def __init__(self, pattern: str) -> None:
         try:
@@ -197,7 +196,6 @@ class RegexRule(Rule):
         first = self._nfa.state()
         self._final = self._nfa.build(parsed, first)
         self.start = (self._closure({first}), b"")
-        self._steps: dict[tuple[frozenset[int], str], frozenset[int]] = {}
 
     def _closure(self, states: set[int]) -> frozenset[int]:
         todo, seen = list(states), set(states)
@@ -209,14 +207,8 @@ class RegexRule(Rule):
         return frozenset(seen)
 
     def _step(self, states: frozenset[int], ch: str) -> frozenset[int]:
-        key = (states, ch)
-        hit = self._steps.get(key)
-        if hit is None:
-            if len(self._steps) >= MAX_CACHED_STEPS:
-                self._steps.clear()
-            hit = self._steps[key] = self._closure({target for s in states
-                                                    for chars, target in self._nfa.edges[s] if chars(ch)})
-        return hit
+        """The NFA states after `ch` (the grammar caches each step: no cache of its own here)."""
+        return self._closure({target for s in states for chars, target in self._nfa.edges[s] if chars(ch)})
 
     def _may_begin(self, states: frozenset[int], low: int, high: int) -> bool:
         """Some transition may take a character in [low, high] (a partial character's span)."""
@@ -270,6 +262,6 @@ def _span(prefix: bytes, size: int) -> tuple[int, int] | None:
     low, high = bits << free, (bits << free) | ((1 << free) - 1)
     least, most = _SIZE_SPANS[size]
     low, high = max(low, least), min(high, most)
-    if low > high or 0xD800 <= low and high <= 0xDFFF:
+    if low > high or _SURROGATES[0] <= low and high <= _SURROGATES[1]:
         return None
     return low, high

@@ -42,7 +42,7 @@ class StructuredOutputsParams:
                 raise ValueError(f"the JSON schema is not JSON: {exc}") from None
             if self.json is None:
                 raise ValueError("the JSON schema is null: it must be an object or a boolean")
-        given = [kind for kind in KINDS if getattr(self, kind) not in (None, False)]
+        given = self._given()
         if len(given) != 1:
             raise ValueError(f"structured outputs take exactly one of {', '.join(KINDS)}, got "
                              f"{', '.join(given) if given else 'none'}")
@@ -63,9 +63,12 @@ class StructuredOutputsParams:
         """The fields set (a schema given as text, parsed): what the server sends its worker."""
         return {kind: getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None}
 
+    def _given(self) -> list[str]:
+        return [kind for kind in KINDS if getattr(self, kind) not in (None, False)]
+
     @property
     def kind(self) -> str:
-        return next(kind for kind in KINDS if getattr(self, kind) not in (None, False))
+        return self._given()[0]
 
     def compile(self) -> Grammar:
         """The grammar, compiled once per params object (again if a field changed since). Small
@@ -73,10 +76,11 @@ class StructuredOutputsParams:
         token masks cached for it); a large one (past MAX_SHARED_CHARS of JSON: ~30 MB for 2 MB
         of schema) lives as long as its request."""
         kind = self.kind
-        value = json.dumps(getattr(self, kind)) if kind != "json_object" else ""  # key order kept
-        if self._built is None or self._built[0] != kind + value:
-            grammar = _shared(kind, value) if len(value) <= MAX_SHARED_CHARS else _compiled(kind, value)
-            self._built = kind + value, grammar
+        value = getattr(self, kind)
+        text = kind + json.dumps(value)  # key order kept: members come in it
+        if self._built is None or self._built[0] != text:
+            grammar = _shared(kind, text) if len(text) <= MAX_SHARED_CHARS else _compiled(kind, value)
+            self._built = text, grammar
         return self._built[1]
 
 
@@ -85,14 +89,15 @@ MAX_SHARED_CHARS = 1 << 16
 
 @lru_cache(maxsize=64)
 def _shared(kind: str, text: str) -> Grammar:
-    return _compiled(kind, text)
+    """`_compiled`, one per distinct structure (`text`: the kind, then the value's JSON)."""
+    return _compiled(kind, json.loads(text[len(kind):]))
 
 
-def _compiled(kind: str, text: str) -> Grammar:
+def _compiled(kind: str, value: Any) -> Grammar:
     if kind == "json":
-        return schema_grammar(json.loads(text))
+        return schema_grammar(value)
     if kind == "choice":
-        return Grammar(Literals(c.encode() for c in json.loads(text)))
+        return Grammar(Literals(c.encode() for c in value))
     if kind == "regex":
-        return Grammar(RegexRule(json.loads(text)))
+        return Grammar(RegexRule(value))
     return Grammar(JsonDocument(JsonObject([], additional=json_value())))
