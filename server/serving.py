@@ -935,7 +935,8 @@ class OpenAIServing:
                          ) -> tuple[str, list[dict[str, Any]]]:
         """Feed a chat choice's new text to its tool call parser (and at the end, finish it):
         the content and the calls it released. The choice keeps the answer's content and calls,
-        and finishes by "tool_calls" once it made one (as vLLM's)."""
+        and finishes by "tool_calls" once it made one (as vLLM's; a named function's call keeps
+        the engine's finish)."""
         if choice.tool_parser is None:
             choice.tool_parser = ToolCallParser(job.tool_parser, job.tool_function)
         parser = choice.tool_parser
