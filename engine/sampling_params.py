@@ -40,8 +40,8 @@ class SamplingParams:
     # token id → added to its logit before the penalties and sampling (OpenAI's logit_bias);
     # keys may arrive as decimal strings (JSON object keys)
     logit_bias: dict[int, float] | None = None
-    # the answer held to a JSON schema, any JSON object or a choice (a dict of its fields is
-    # taken too: what the server's worker receives)
+    # the answer held to a JSON schema, any JSON object, a choice or a regex (a dict of its
+    # fields is taken too: what the server's worker receives)
     structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, repr=False)
     # logit_bias as (token ids, biases) arrays, for the sampler's scatter every step

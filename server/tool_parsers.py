@@ -36,8 +36,8 @@ def forced_tool_schema(tools: list[dict[str, Any]], function: str | None, parall
     None) an array of calls to any of the tools (one at most unless `parallel`), as vLLM's; for a
     named function, its parameters. Each tool's parameters move under `$defs`, their local
     `$ref`s with them, so each resolves in its own tool."""
-    def parameters(function: dict[str, Any]) -> Any:
-        schema = function.get("parameters")
+    def parameters(tool_function: dict[str, Any]) -> Any:
+        schema = tool_function.get("parameters")
         return {"type": "object"} if schema is None else schema
 
     functions = [tool["function"] for tool in tools]
