@@ -197,6 +197,10 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Where requests' default sampling comes from (`generation_defaults`): auto | none | a dir.
     generation_config: str = "auto"
+    # Speculative decoding by prompt lookup, vLLM's dict (or its JSON): {"method": "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_max": n, ...} (engine/speculative.py). Steps
+    # then run one after the other: the next step's drafts need this step's tokens.
+    speculative_config: dict[str, Any] | str | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len (at most the model's positions), capped
@@ -222,6 +226,11 @@ class EngineConfig:
         return self.cuda_graph_mode
 
     def resolve_async_scheduling(self, device: torch.device) -> bool:
+        if self.speculative_config is not None:
+            if self.async_scheduling:
+                raise ValueError("async scheduling does not work with speculative decoding: a step's drafts "
+                                 "come from the tokens of the step before it")
+            return False
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolve_device(self) -> torch.device:

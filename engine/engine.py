@@ -5,6 +5,10 @@ step is launched: the host turns them into outputs while the device runs.
 
 A request with n > 1 becomes n scheduler requests (samples); samples 1..n-1 wait for sample 0's
 prompt to be computed and then share its KV blocks through the prefix cache.
+
+With speculative decoding (engine/speculative.py) each step first proposes drafts for the
+running decodes; a decode with drafts samples one token per position it computed, and keeps
+its tokens up to the first one that differs from its draft.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
+from engine.speculative import NgramProposer, SpeculativeConfig
 from engine.token_bytes import vocabulary_bytes
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
@@ -100,6 +105,11 @@ class StepStats:
     # preparation, outputs, and launches that did not keep up.
     device_seconds: float = 0.0
     last_batch_tokens: int = 0
+    # Speculative decoding (vLLM's counters): decodes verified with drafts, their drafts, and
+    # the drafts accepted.
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -107,6 +117,7 @@ class LLMEngine:
         config = config or EngineConfig()
         if config.scheduling_policy not in SCHEDULING_POLICIES:  # before the weights load
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {config.scheduling_policy!r}")
+        speculative = SpeculativeConfig.from_value(config.speculative_config)
         self.config = config
         if config.model is None:
             from engine.default_model import default_model_path
@@ -148,6 +159,7 @@ class LLMEngine:
         self._in_flight: _Launched | None = None
         self._token_masks: TokenMasks | None = None  # built for the first structured output
         self._num_guided = 0  # unfinished samples with structured outputs
+        self.proposer = NgramProposer(speculative) if speculative is not None else None
 
     @staticmethod
     def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
@@ -348,6 +360,8 @@ class LLMEngine:
             # running, steps run one after the other.
             results += self._take_back(outputs)
         t0 = time.perf_counter()
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         # Left in self._in_flight until taken back: if launching this step raises, the engine
@@ -370,18 +384,32 @@ class LLMEngine:
                            for i, hidden in step_logits.per_position.items()]
         t2 = time.perf_counter()
         sampling_rows = []
-        for i in step_logits.sampling_rows:
+        pending_ids = previous.token_ids if previous is not None else None
+        drafts: list[int] = []  # the step's drafts, concatenated: the draft rows' pending ids
+        position = 0  # of a request with drafts, the position of its current row
+        for j, i in enumerate(step_logits.sampling_rows):
             request = batch.requests[i]
             group, sample = self.samples[request]
             allowed, must_end = sample.guide.packed_mask() if sample.guide is not None else (None, False)
+            pending_rows, draft = (previous.rows[request],) if request.num_pending_tokens else (), None
+            if batch.spec_token_ids and request in batch.spec_token_ids:
+                # Row `position` follows the drafts before it, sampled as if they were known (the
+                # sync steps of speculative decoding have no previous ids to index).
+                spec = batch.spec_token_ids[request]
+                position = position + 1 if j and step_logits.sampling_rows[j - 1] == i else 0
+                if position == 0:
+                    drafts.extend(spec)
+                start = len(drafts) - len(spec)
+                pending_rows = tuple(range(start, start + position))
+                draft = spec[position] if position < len(spec) else None
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,
-                pending_rows=(previous.rows[request],) if request.num_pending_tokens else (), key=request,
-                allowed_tokens=allowed, must_end=must_end,
+                pending_rows=pending_rows, key=request, allowed_tokens=allowed, must_end=must_end, draft_token=draft,
             ))
-        sampled = self.sampler.sample(step_logits.logits, sampling_rows,
-                                      previous.token_ids if previous is not None else None)
+        if drafts:
+            (pending_ids,) = to_device([torch.tensor(drafts, dtype=torch.long)], self.runner.device)
+        sampled = self.sampler.sample(step_logits.logits, sampling_rows, pending_ids)
         if events is not None:
             events[1].record()
         t3 = time.perf_counter()
@@ -422,20 +450,55 @@ class LLMEngine:
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         token_ids, logprobs, top, ranks = out.token_ids, out.logprobs, out.top_logprobs, out.ranks
-        for j, i in enumerate(launched.rows):
-            request = launched.batch.requests[i]
+        spec = launched.batch.spec_token_ids
+        rows, j = launched.rows, 0
+        while j < len(rows):
+            request = launched.batch.requests[rows[j]]
+            drafts = spec.get(request, ()) if spec else ()
+            first, j = j, j + 1 + len(drafts)
             entry = self.samples.get(request)
             if entry is None or entry[1].finish_reason is not None:
                 continue  # finished (or aborted) after this step was launched: a surplus token
             group, sample = entry
-            self.scheduler.append_token(request, token_ids[j], now)
-            self._append(group, sample, token_ids[j], logprobs[j] if logprobs is not None else None,
-                         ranks[j] if ranks is not None else None, top[j] if top is not None else None)
+            accepted = 0
+            while accepted < len(drafts) and token_ids[first + accepted] == drafts[accepted]:
+                accepted += 1
+            if drafts:
+                self._count_drafts(len(drafts), accepted)
+            for k in range(first, first + accepted + 1):
+                if sample.finish_reason is not None:
+                    break  # stopped at an accepted draft: the tokens after it are not the answer's
+                self.scheduler.append_token(request, token_ids[k], now, accepted_draft=k > first)
+                self._append(group, sample, token_ids[k], logprobs[k] if logprobs is not None else None,
+                             ranks[k] if ranks is not None else None, top[k] if top is not None else None)
             if not final_only or sample.finish_reason is not None:
                 touched[group.request_id] = group
         self.stats.schedule_seconds += time.perf_counter() - t1
         return [self._output(group, delta=outputs == "delta") for group in touched.values()
                 if not final_only or group.finished]
+
+    def _propose(self) -> None:
+        """Drafts for the running decodes, for the step about to be scheduled: none for a
+        structured output (its grammar's masks follow the known tokens only), none past what
+        max_tokens and the context leave, none at all from disable_by_batch_size running up."""
+        running = self.scheduler.running
+        limit = self.proposer.config.disable_by_batch_size
+        off = limit is not None and len(running) >= limit
+        for request in running:
+            request.spec_token_ids = []
+            if off or request.num_uncomputed_tokens != 1 or request.num_pending_tokens:
+                continue
+            entry = self.samples.get(request)
+            if entry is None or entry[1].guide is not None:
+                continue
+            room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+            request.spec_token_ids = self.proposer.propose(request, request.token_ids, room)
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += num_drafts
+        s.num_accepted_tokens += num_accepted
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor,
                          ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:
@@ -528,6 +591,8 @@ class LLMEngine:
             sample.detokenizer.finish()
         self.scheduler.finish(sample.request)
         self.runner.release(sample.request)
+        if self.proposer is not None:
+            self.proposer.forget(sample.request)
 
     def _output(self, group: _Group, delta: bool = False) -> RequestOutput:
         completions = []

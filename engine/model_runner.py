@@ -67,7 +67,9 @@ MIN_DECODE_GROUP = 8
 @dataclass(slots=True)
 class StepLogits:
     logits: torch.Tensor  # [num sampling requests, vocab] fp32
-    sampling_rows: list[int]  # for each logits row, the index of its request in the batch
+    # for each logits row, the index of its request in the batch (a request with drafts has a
+    # row for each position it computed, in order)
+    sampling_rows: list[int]
     # batch index → the final hidden states [n, hidden] of every position it computed (prompt
     # logprobs): their logits, a vocabulary per position, are made a slice at a time.
     per_position: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -375,11 +377,19 @@ class ModelRunner:
                 h.positions.append(start)
                 h.slots.append(blocks[start // bs] * bs + start % bs)
             else:
-                if end > len(request.token_ids):
+                drafts = batch.spec_token_ids.get(request) if batch.spec_token_ids else None
+                if drafts:  # the last token, then its drafts: each position's logits verify the next
+                    h.input_ids.extend(request.token_ids[start:])
+                    h.input_ids.extend(drafts)
+                elif end > len(request.token_ids):
                     raise RuntimeError(f"{request.request_id}: a chunk of {n} tokens reaches a pending token")
-                h.input_ids.extend(request.token_ids[start:end])
+                else:
+                    h.input_ids.extend(request.token_ids[start:end])
                 h.positions.extend(range(start, end))
                 h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+                if drafts:
+                    h.logits_indices.extend(range(len(h.input_ids) - n, len(h.input_ids)))
+                    h.sampling_rows.extend([i] * n)
             h.context_lens.append(end)
             if i >= batch.num_decodes:
                 h.cu_seqlens.append(h.cu_seqlens[-1] + n)
@@ -423,8 +433,8 @@ class ModelRunner:
     def graph_key(self, batch: ScheduledBatch) -> GraphKey | None:
         """The CUDA graph that runs this step, or None (eager): a decode graph for pure decodes,
         else a mixed one for the step's token count; every context within the captured width."""
-        if self.cuda_graphs is None or not batch.requests:
-            return None
+        if self.cuda_graphs is None or not batch.requests or batch.spec_token_ids:
+            return None  # drafts: several logits rows per sequence, which the graphs do not make
         if max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)) > self.max_model_len:
             return None
         if batch.num_decodes == len(batch.requests):

@@ -63,6 +63,11 @@ class SamplingRow:
     # yields to the grammar).
     allowed_tokens: torch.Tensor | None = None
     must_end: bool = False
+    # Speculative decoding: the draft this row verifies (the token proposed at its position).
+    # A greedy row's token is its argmax whatever the draft; a random row keeps the draft with
+    # its probability, and otherwise samples from the rest (rejection sampling): either way the
+    # draft is accepted exactly when the row's token equals it.
+    draft_token: int | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -356,6 +361,14 @@ class Sampler:
         plan = self._plan_random(st, [params[i] for i in rand], [rows[i].generator for i in rand], vocab)
         if rand and len(rand) < batch:
             st.long("rand_idx", rand)
+        drafted = [j for j, i in enumerate(rand) if rows[i].draft_token is not None]
+        if drafted:  # within the random rows, as the plan's indices
+            st.long("draft_rows", drafted)
+            st.long("draft_tokens", [rows[rand[j]].draft_token for j in drafted])
+            generators = plan["draft_generators"] = [rows[rand[j]].generator for j in drafted]
+            shared = [j for j, g in enumerate(generators) if g is None]
+            if 0 < len(shared) < len(generators):
+                st.long("draft_shared", shared)
         st.send(logits.device)
 
         # ---- device: no sync until the one copy back.
@@ -402,7 +415,7 @@ class Sampler:
         else:
             idx = st.get("rand_idx")
             sub = self._process(_take(x, idx), plan, st)
-            sampled = self._sample(sub, plan["generators"], st)
+            sampled = self._sample(sub, plan, st)
             tokens = sampled if idx is None else _put(x.argmax(dim=-1), idx, sampled)
 
         if raw_logprobs is None:
@@ -466,10 +479,28 @@ class Sampler:
         return x
 
     @staticmethod
-    def _sample(x: torch.Tensor, generators: list[torch.Generator | None], st: _Staged) -> torch.Tensor:
-        """Exponential race: argmax(probs / q), q ~ Exp(1) i.i.d., samples from probs."""
+    def _sample(x: torch.Tensor, plan: dict, st: _Staged) -> torch.Tensor:
+        """Exponential race: argmax(probs / q), q ~ Exp(1) i.i.d., samples from probs. Rows with
+        a draft keep it with its probability (u < p(draft), u ~ U[0, 1)), and otherwise race
+        over probs without the draft: the residual distribution of rejection sampling against
+        a draft that was certain."""
+        generators = plan["generators"]
         n, vocab = x.shape
         probs = x.softmax(dim=-1)
+        drafted = st.get("draft_rows")
+        if drafted is not None:
+            drafts = st.dev["draft_tokens"]
+            draft_generators = plan["draft_generators"]
+            num_shared = sum(g is None for g in draft_generators)
+            u = torch.rand(num_shared, device=x.device) if num_shared == len(draft_generators) \
+                else torch.empty(len(draft_generators), device=x.device)
+            if 0 < num_shared < len(draft_generators):
+                u[st.dev["draft_shared"]] = torch.rand(num_shared, device=x.device)
+            for j, g in enumerate(draft_generators):
+                if g is not None:  # drawn where the generator lives, as the noise below
+                    u[j:j + 1] = torch.rand(1, generator=g, device=g.device)
+            accepted = u < probs[drafted, drafts]
+            probs[drafted, drafts] = 0.0
         num_shared = sum(g is None for g in generators)
         if num_shared == n:
             q = torch.empty_like(probs).exponential_()
@@ -487,7 +518,10 @@ class Sampler:
                     q[i].copy_(torch.empty(vocab, device=g.device).exponential_(generator=g))
         # q == 0 would turn a masked token (p == 0) into NaN, which argmax would pick.
         q.clamp_(min=torch.finfo(torch.float32).tiny)
-        return probs.div_(q).argmax(dim=-1)
+        tokens = probs.div_(q).argmax(dim=-1)
+        if drafted is not None:
+            tokens[drafted] = torch.where(accepted, drafts, tokens[drafted])
+        return tokens
 
     @staticmethod
     def _logprobs(

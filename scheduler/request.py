@@ -38,6 +38,9 @@ class Request:
     # the previous step's tokens are still on their way back).
     num_pending_tokens: int = 0
     num_computed_tokens: int = 0
+    # Speculative decoding: tokens proposed to follow token_ids, computed with the request's
+    # next decode step if the scheduler finds room (ScheduledBatch.spec_token_ids).
+    spec_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of the full blocks of token_ids, computed lazily by the block manager.
     block_hashes: list[int] = field(default_factory=list)

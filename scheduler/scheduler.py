@@ -14,6 +14,12 @@ and the request then takes the room in the same step.
 A launched step is `advance`d at once; its sampled tokens arrive later (`append_token`), and
 until then count as each request's pending tokens (async scheduling plans the next step with
 them).
+
+Speculative decoding: a decode may compute its `spec_token_ids` (drafts) after its last token
+in the same step, where the budget and the KV pool have room for them (drafts never preempt).
+Only the last token counts as computed when the step is launched; each accepted draft is
+counted when its successor arrives (`append_token(..., accepted_draft=True)`), so a refused
+draft's KV, in slots past the computed tokens, is simply written over later.
 """
 
 from __future__ import annotations
@@ -62,12 +68,14 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class ScheduledBatch:
     """One forward pass: requests[i] computes num_tokens[i] tokens from its num_computed_tokens.
-    The first num_decodes entries compute exactly one token each."""
+    The first num_decodes entries compute exactly one token each; a decode with drafts computes
+    its last token and then its drafts (spec_token_ids), and is placed after them."""
 
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     num_decodes: int = 0
     preempted: list[Request] = field(default_factory=list)
+    spec_token_ids: dict[Request, list[int]] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -179,9 +187,14 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(request.num_uncomputed_tokens, budget)
+            drafts = request.spec_token_ids if request.num_uncomputed_tokens == 1 else ()
+            n = min(request.num_uncomputed_tokens + len(drafts), budget)
             if n > 1 and (self.waiting or len(prefills) > 1):
                 n = min(n, cfg.long_prefill_token_threshold)
+            if n > request.num_uncomputed_tokens and not bm.allocate_slots(request, n):
+                n = request.num_uncomputed_tokens  # drafts only where the pool has room: never preempt for them
+            if n > 1 and drafts:
+                batch.spec_token_ids[request] = drafts[:n - 1]
             while not bm.allocate_slots(request, n):
                 victim = self._last_in_order()
                 budget += self._preempt_planned(victim, scheduled, batch.preempted)
@@ -215,6 +228,8 @@ class Scheduler:
         batch.requests = [r for r, _ in ordered]
         batch.num_tokens = [n for _, n in ordered]
         batch.num_decodes = sum(1 for n in batch.num_tokens if n == 1)
+        if batch.spec_token_ids and batch.preempted:  # a decode with drafts may have been preempted later
+            batch.spec_token_ids = {r: d for r, d in batch.spec_token_ids.items() if r in scheduled}
         return batch
 
     def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int,
@@ -339,16 +354,22 @@ class Scheduler:
         for request, n in zip(batch.requests, batch.num_tokens):
             if request.status is not RequestStatus.RUNNING:
                 continue
+            if batch.spec_token_ids and request in batch.spec_token_ids:
+                n -= len(batch.spec_token_ids[request])  # drafts count once accepted (append_token)
             if request.num_computed_tokens + n == request.num_tokens:
                 request.num_pending_tokens += 1
             request.num_computed_tokens += n
             bm.cache_full_blocks(request)
 
-    def append_token(self, request: Request, token: int, now: float | None = None) -> None:
-        """A pending token has arrived (a preempted request gets it too: its recompute needs it)."""
+    def append_token(self, request: Request, token: int, now: float | None = None, accepted_draft: bool = False) -> None:
+        """A pending token has arrived (a preempted request gets it too: its recompute needs it).
+        accepted_draft: a token after the pending one in a speculative step, whose predecessor
+        (an accepted draft) had its KV computed in that step."""
         if request.status is RequestStatus.FINISHED:
             return
-        request.append_token(token, time.monotonic() if now is None else now, pending=True)
+        if accepted_draft:
+            request.num_computed_tokens += 1
+        request.append_token(token, time.monotonic() if now is None else now, pending=not accepted_draft)
         if request.status is RequestStatus.RUNNING:
             self.block_manager.cache_full_blocks(request)
 
