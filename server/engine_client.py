@@ -61,6 +61,9 @@ class EngineStats:
     prefix_hits_tokens: int = 0
     preemptions: int = 0
     num_steps: int = 0
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(eq=False)

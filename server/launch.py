@@ -44,6 +44,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def speculative_config(text: str) -> dict[str, Any]:
+    """A --speculative-config value, checked before the worker starts (a JSON object of vLLM's keys)."""
+    from engine.speculative import SpeculativeConfig  # the engine's imports (torch), only when asked
+
+    try:
+        return SpeculativeConfig.from_value(text).to_dict()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def api_key(text: str) -> str:
     """An --api-key value: an empty one (`--api-key "$KEY"` with KEY unset) must not start a
     server that takes requests without a key."""
@@ -119,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare and launch each step before the previous step's tokens reach the host "
                         "(default: on for CUDA, off for the CPU)")
+    e.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding by prompt lookup, as vLLM\'s: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (steps then '
+                        'run without async scheduling; default: off)')
     e.add_argument("--generation-config", default="auto",
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
@@ -181,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "scheduling_policy": args.scheduling_policy,
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
+        "speculative_config": args.speculative_config,
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,

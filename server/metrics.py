@@ -92,6 +92,12 @@ class Metrics:
         self.preemptions = Counter("stoke_preemptions",
                                    "Requests preempted (recomputed) for lack of KV blocks or for a higher priority",
                                    registry=r)
+        self.spec_drafts = Counter("stoke_spec_decode_drafts",
+                                   "Speculative decoding: decode steps of a request that verified drafts", registry=r)
+        self.spec_draft_tokens = Counter("stoke_spec_decode_draft_tokens",
+                                         "Speculative decoding: draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter("stoke_spec_decode_accepted_tokens",
+                                            "Speculative decoding: draft tokens accepted", registry=r)
         self.requests = Counter("stoke_requests", "Finished completions (one per choice), by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("stoke_request_errors", "API requests that ended in an error, by type", ["type"],
@@ -129,7 +135,13 @@ class Metrics:
 
     def set_baseline(self, stats: dict[str, Any]) -> None:
         """The worker's counters at ready (the warm-up step is not user traffic)."""
-        self._last = {k: int(stats[k]) for k in ("prefix_queries_tokens", "prefix_hits_tokens", "preemptions")}
+        self._last = {k: int(stats[k]) for k in self._worker_counters()}
+
+    def _worker_counters(self) -> dict[str, Counter]:
+        """The worker's cumulative counters (its stats' keys) and the counters they feed."""
+        return {"prefix_queries_tokens": self.prefix_queries, "prefix_hits_tokens": self.prefix_hits,
+                "preemptions": self.preemptions, "spec_drafts": self.spec_drafts,
+                "spec_draft_tokens": self.spec_draft_tokens, "spec_accepted_tokens": self.spec_accepted_tokens}
 
     # ------------------------------------------------------------ from the worker
     def on_frame(self, frame: dict[str, Any]) -> None:
@@ -140,8 +152,7 @@ class Metrics:
             self.requests_waiting.set(stats["waiting"])
             self.requests_running.set(stats["running"])
             self.kv_cache_usage.set(stats["kv_cache_usage"])
-            for key, counter in (("prefix_queries_tokens", self.prefix_queries),
-                                 ("prefix_hits_tokens", self.prefix_hits), ("preemptions", self.preemptions)):
+            for key, counter in self._worker_counters().items():
                 value = int(stats[key])
                 delta = value - self._last.get(key, 0)
                 if delta > 0:

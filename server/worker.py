@@ -118,6 +118,9 @@ class Worker:
             "prefix_hits_tokens": bm.stats.hits_tokens,
             "preemptions": s.stats.num_preemptions,
             "num_steps": self.engine.stats.num_steps,
+            "spec_drafts": self.engine.stats.num_drafts,
+            "spec_draft_tokens": self.engine.stats.num_draft_tokens,
+            "spec_accepted_tokens": self.engine.stats.num_accepted_tokens,
         }
 
     # ------------------------------------------------------------------ loop

@@ -138,3 +138,22 @@ def test_structured_benchmark_tiny(tmp_path) -> None:
     assert all(_positive(masks[k]) for k in ("cold_mask_ms", "cached_mask_ms", "advance_ms", "vocabulary_build_ms"))
     assert list(report["engine"]) == list(KINDS)
     assert all(_positive(e["tok_s"]) and e["tokens"] == 12 for e in report["engine"].values())
+
+
+def test_speculative_benchmark_tiny(tmp_path) -> None:
+    """benchmarks/speculative.py at a tiny size: every workload, batch and config, peers in the JSON."""
+    from benchmarks.speculative import WORKLOADS
+    from benchmarks.speculative import main as speculative_main
+
+    out = tmp_path / "speculative.json"
+    report = speculative_main(["--prompts", "2", "--max-tokens", "12", "--rounds", "1", "--configs",
+                               "off,ngram:4:1:3", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    results = report["results"]
+    assert [(r["workload"], r["batch"], r["config"]) for r in results] == [
+        (w, b, c) for w in WORKLOADS for b in (1, 2) for c in ("off", "ngram:4:1:3")]
+    assert all(_positive(r["tok_s"]) and r["tokens"] == 24 for r in results)
+    off = [r for r in results if r["config"] == "off"]
+    assert all(r["speedup"] == 1.0 and r["acceptance"] is None for r in off)
+    edit = [r for r in results if r["config"] != "off" and r["workload"] == "edit"]
+    assert all(r["acceptance"] > 0 and r["tokens_per_verified_step"] > 1 for r in edit)
