@@ -33,6 +33,7 @@ from engine.cuda_graphs import (
     token_buckets,
 )
 from engine.models.llama import LlamaForCausalLM
+from engine.speculative import SpeculativeConfig
 from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
 from scheduler import Request, ScheduledBatch
@@ -289,7 +290,9 @@ class ModelRunner:
             ids = torch.zeros(n, dtype=torch.long, device=dev)
             positions = torch.arange(n, device=dev) % self.model_config.max_position_embeddings
             hidden = self.model(ids, positions, meta)
-            rows = min(n, self.config.max_num_seqs)
+            # A step samples a row per sequence, and with speculative decoding one per draft too.
+            speculative = SpeculativeConfig.from_value(self.config.speculative_config)
+            rows = min(n, self.config.max_num_seqs * (1 + (speculative.num_speculative_tokens if speculative else 0)))
             logits = self.model.compute_logits(hidden[-rows:]).float()
             del hidden
             # Sampling at its most memory-hungry: a full-vocabulary sort (top-p) and logprobs.

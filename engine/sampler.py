@@ -8,7 +8,8 @@ all-greedy batch without penalties costs one argmax:
     → frequency/presence penalties → greedy rows: argmax → temperature → min-p → top-k → top-p → sample
 
 Random sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws from
-`probs` exactly. A row with its own `torch.Generator` (a seeded request) draws its noise from
+`probs` exactly; a row that verifies a speculative draft keeps it with its probability and
+otherwise races over the rest (rejection sampling: the token is still drawn from `probs`). A row with its own `torch.Generator` (a seeded request) draws its noise from
 that generator alone, so its tokens do not depend on its batch mates or its row index.
 
 Logprobs are computed from the raw logits (before penalties and temperature), as vLLM V1
