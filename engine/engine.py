@@ -391,7 +391,7 @@ class LLMEngine:
             request = batch.requests[i]
             group, sample = self.samples[request]
             allowed, must_end = sample.guide.packed_mask() if sample.guide is not None else (None, False)
-            pending_rows, draft = (previous.rows[request],) if request.num_pending_tokens else (), None
+            pending_rows, verifies_draft = (previous.rows[request],) if request.num_pending_tokens else (), False
             if batch.spec_token_ids and request in batch.spec_token_ids:
                 # Row `position` follows the drafts before it, sampled as if they were known (the
                 # sync steps of speculative decoding have no previous ids to index).
@@ -401,11 +401,12 @@ class LLMEngine:
                     drafts.extend(spec)
                 start = len(drafts) - len(spec)
                 pending_rows = tuple(range(start, start + position))
-                draft = spec[position] if position < len(spec) else None
+                verifies_draft = position < len(spec)
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,
-                pending_rows=pending_rows, key=request, allowed_tokens=allowed, must_end=must_end, draft_token=draft,
+                pending_rows=pending_rows, key=request, allowed_tokens=allowed, must_end=must_end,
+                verifies_draft=verifies_draft,
             ))
         if drafts:
             (pending_ids,) = to_device([torch.tensor(drafts, dtype=torch.long)], self.runner.device)
@@ -465,6 +466,9 @@ class LLMEngine:
                 accepted += 1
             if drafts:
                 self._count_drafts(len(drafts), accepted)
+                state = launched.sampled.generator_states.get(first + accepted)
+                if state is not None:  # refused: the draws after its row were for drafts not kept
+                    sample.generator.set_state(state)
             for k in range(first, first + accepted + 1):
                 if sample.finish_reason is not None:
                     break  # stopped at an accepted draft: the tokens after it are not the answer's

@@ -8,8 +8,9 @@ all-greedy batch without penalties costs one argmax:
     → frequency/presence penalties → greedy rows: argmax → temperature → min-p → top-k → top-p → sample
 
 Random sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws from
-`probs` exactly; a row that verifies a speculative draft keeps it with its probability and
-otherwise races over the rest (rejection sampling: the token is still drawn from `probs`). A row with its own `torch.Generator` (a seeded request) draws its noise from
+`probs` exactly. A speculative draft is accepted when its row samples it: against a draft that
+is one token for certain, that is rejection sampling exactly (kept with probability p(draft),
+otherwise drawn from p without it), and every token keeps its distribution. A row with its own `torch.Generator` (a seeded request) draws its noise from
 that generator alone, so its tokens do not depend on its batch mates or its row index.
 
 Logprobs are computed from the raw logits (before penalties and temperature), as vLLM V1
@@ -64,11 +65,12 @@ class SamplingRow:
     # yields to the grammar).
     allowed_tokens: torch.Tensor | None = None
     must_end: bool = False
-    # Speculative decoding: the draft this row verifies (the token proposed at its position).
-    # A greedy row's token is its argmax whatever the draft; a random row keeps the draft with
-    # its probability, and otherwise samples from the rest (rejection sampling): either way the
-    # draft is accepted exactly when the row's token equals it.
-    draft_token: int | None = None
+    # Speculative decoding: the row verifies a draft (its token is sampled as any other's; the
+    # draft is accepted when they are equal). A seeded row's generator state after its draw is
+    # kept (SampledTokens.generator_states): where the draft is refused, the engine winds the
+    # generator back to it, so a seeded request draws one noise row per token it keeps, with
+    # speculation or without, and samples the same tokens.
+    verifies_draft: bool = False
 
     @property
     def num_output_tokens(self) -> int:
@@ -290,6 +292,8 @@ class SampledTokens:
                  unpack: Callable[[torch.Tensor], SamplerOutput]) -> None:
         self.token_ids = token_ids
         self._copy = HostCopy(packed, unpack)
+        # batch row → its generator's state after the row's draw (seeded rows that verify drafts)
+        self.generator_states: dict[int, torch.Tensor] = {}
 
     def output(self) -> SamplerOutput:
         return self._copy.result()
@@ -362,14 +366,8 @@ class Sampler:
         plan = self._plan_random(st, [params[i] for i in rand], [rows[i].generator for i in rand], vocab)
         if rand and len(rand) < batch:
             st.long("rand_idx", rand)
-        drafted = [j for j, i in enumerate(rand) if rows[i].draft_token is not None]
-        if drafted:  # within the random rows, as the plan's indices
-            st.long("draft_rows", drafted)
-            st.long("draft_tokens", [rows[rand[j]].draft_token for j in drafted])
-            generators = plan["draft_generators"] = [rows[rand[j]].generator for j in drafted]
-            shared = [j for j, g in enumerate(generators) if g is None]
-            if 0 < len(shared) < len(generators):
-                st.long("draft_shared", shared)
+        # Within the random rows (the plan's indices): the seeded draft rows, and their batch rows.
+        plan["keep_states"] = {j: i for j, i in enumerate(rand) if rows[i].verifies_draft and rows[i].generator is not None}
         st.send(logits.device)
 
         # ---- device: no sync until the one copy back.
@@ -411,17 +409,21 @@ class Sampler:
 
         # 5. Greedy rows: exactly the argmax of the (penalised) logits.
         #    Random rows: x is our own copy here, so the stages below may write into it.
+        states: dict[int, torch.Tensor] = {}
         if not rand:
             tokens = x.argmax(dim=-1)
         else:
             idx = st.get("rand_idx")
             sub = self._process(_take(x, idx), plan, st)
-            sampled = self._sample(sub, plan, st)
+            sampled = self._sample(sub, plan, st, states)
             tokens = sampled if idx is None else _put(x.argmax(dim=-1), idx, sampled)
 
         if raw_logprobs is None:
-            return SampledTokens(tokens, tokens, lambda host: SamplerOutput(host.tolist(), None, None))
-        return self._logprobs(raw_logprobs, lp_idx, want_lp, tokens, params)
+            out = SampledTokens(tokens, tokens, lambda host: SamplerOutput(host.tolist(), None, None))
+        else:
+            out = self._logprobs(raw_logprobs, lp_idx, want_lp, tokens, params)
+        out.generator_states = states
+        return out
 
     @staticmethod
     def _plan_random(st: _Staged, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -480,28 +482,13 @@ class Sampler:
         return x
 
     @staticmethod
-    def _sample(x: torch.Tensor, plan: dict, st: _Staged) -> torch.Tensor:
-        """Exponential race: argmax(probs / q), q ~ Exp(1) i.i.d., samples from probs. Rows with
-        a draft keep it with its probability (u < p(draft), u ~ U[0, 1)), and otherwise race
-        over probs without the draft: the residual distribution of rejection sampling against
-        a draft that was certain."""
-        generators = plan["generators"]
+    def _sample(x: torch.Tensor, plan: dict, st: _Staged, states: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Exponential race: argmax(probs / q), q ~ Exp(1) i.i.d., samples from probs. The
+        generator states of plan["keep_states"]'s rows after their draws go into `states`, by
+        batch row."""
+        generators, keep = plan["generators"], plan["keep_states"]
         n, vocab = x.shape
         probs = x.softmax(dim=-1)
-        drafted = st.get("draft_rows")
-        if drafted is not None:
-            drafts = st.dev["draft_tokens"]
-            draft_generators = plan["draft_generators"]
-            num_shared = sum(g is None for g in draft_generators)
-            u = torch.rand(num_shared, device=x.device) if num_shared == len(draft_generators) \
-                else torch.empty(len(draft_generators), device=x.device)
-            if 0 < num_shared < len(draft_generators):
-                u[st.dev["draft_shared"]] = torch.rand(num_shared, device=x.device)
-            for j, g in enumerate(draft_generators):
-                if g is not None:  # drawn where the generator lives, as the noise below
-                    u[j:j + 1] = torch.rand(1, generator=g, device=g.device)
-            accepted = u < probs[drafted, drafts]
-            probs[drafted, drafts] = 0.0
         num_shared = sum(g is None for g in generators)
         if num_shared == n:
             q = torch.empty_like(probs).exponential_()
@@ -517,12 +504,11 @@ class Sampler:
                     q[i].exponential_(generator=g)
                 else:  # e.g. a CPU generator for CUDA logits: draw where the generator lives
                     q[i].copy_(torch.empty(vocab, device=g.device).exponential_(generator=g))
+                if i in keep:  # a host copy of (seed, offset) on CUDA: no sync
+                    states[keep[i]] = g.get_state()
         # q == 0 would turn a masked token (p == 0) into NaN, which argmax would pick.
         q.clamp_(min=torch.finfo(torch.float32).tiny)
-        tokens = probs.div_(q).argmax(dim=-1)
-        if drafted is not None:
-            tokens[drafted] = torch.where(accepted, drafts, tokens[drafted])
-        return tokens
+        return probs.div_(q).argmax(dim=-1)
 
     @staticmethod
     def _logprobs(

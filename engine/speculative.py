@@ -64,11 +64,11 @@ class SpeculativeConfig:
         if not _is_int(k) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be an integer >= 1, got {k!r}")
         low, high = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        for name, n in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+            if n is not None and (not _is_int(n) or n < 1):
+                raise ValueError(f"speculative_config {name} must be an integer >= 1, got {n!r}")
         low, high = (5, 5) if low is None and high is None else (low if low is not None else high,
                                                                    high if high is not None else low)
-        for name, n in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
-            if not _is_int(n) or n < 1:
-                raise ValueError(f"speculative_config {name} must be an integer >= 1, got {n!r}")
         if low > high:
             raise ValueError(f"speculative_config prompt_lookup_min ({low}) exceeds prompt_lookup_max ({high})")
         limit = value.get("disable_by_batch_size")

@@ -16,7 +16,8 @@ until then count as each request's pending tokens (async scheduling plans the ne
 them).
 
 Speculative decoding: a decode may compute its `spec_token_ids` (drafts) after its last token
-in the same step, where the budget and the KV pool have room for them (drafts never preempt).
+in the same step, with what the running requests leave of the budget and the KV pool, before
+waiting requests are admitted (drafts never preempt).
 Only the last token counts as computed when the step is launched; each accepted draft is
 counted when its successor arrives (`append_token(..., accepted_draft=True)`), so a refused
 draft's KV, in slots past the computed tokens, is simply written over later.
@@ -85,8 +86,11 @@ class ScheduledBatch:
         return len(self.requests)
 
     def samples(self, i: int) -> bool:
-        """Whether request i reaches its last known token this step (and so samples one)."""
+        """Whether request i reaches its last known token this step (and so samples one; with
+        drafts, one per position)."""
         request = self.requests[i]
+        if self.spec_token_ids and request in self.spec_token_ids:
+            return True
         return request.num_computed_tokens + self.num_tokens[i] == request.num_tokens
 
 
@@ -187,14 +191,9 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            drafts = request.spec_token_ids if request.num_uncomputed_tokens == 1 else ()
-            n = min(request.num_uncomputed_tokens + len(drafts), budget)
+            n = min(request.num_uncomputed_tokens, budget)
             if n > 1 and (self.waiting or len(prefills) > 1):
                 n = min(n, cfg.long_prefill_token_threshold)
-            if n > request.num_uncomputed_tokens and not bm.allocate_slots(request, n):
-                n = request.num_uncomputed_tokens  # drafts only where the pool has room: never preempt for them
-            if n > 1 and drafts:
-                batch.spec_token_ids[request] = drafts[:n - 1]
             while not bm.allocate_slots(request, n):
                 victim = self._last_in_order()
                 budget += self._preempt_planned(victim, scheduled, batch.preempted)
@@ -205,6 +204,7 @@ class Scheduler:
                 budget -= n
 
         if not batch.preempted:
+            budget = self._schedule_drafts(decodes, scheduled, budget, batch.spec_token_ids)
             budget, admitted = self._admit(scheduled, budget, now, finishing, batch.preempted)
             # The long-prefill cap keeps room for the requests waiting. What they could not take
             # this step (their prefill limits, the seats, the KV pool) goes to the chunks it cut
@@ -231,6 +231,28 @@ class Scheduler:
         if batch.spec_token_ids and batch.preempted:  # a decode with drafts may have been preempted later
             batch.spec_token_ids = {r: d for r, d in batch.spec_token_ids.items() if r in scheduled}
         return batch
+
+    def _schedule_drafts(self, decodes: list[Request], scheduled: dict[Request, int], budget: int,
+                         spec_token_ids: dict[Request, list[int]]) -> int:
+        """The scheduled decodes' drafts, in order, with what the running requests left of the
+        budget and the pool (drafts never preempt: where a new block is missing, only the
+        drafts that fit the blocks the request holds); the budget left."""
+        bm, size = self.block_manager, self.config.block_size
+        for request in decodes:
+            drafts = request.spec_token_ids
+            if budget == 0:
+                break
+            if not drafts or scheduled.get(request) != 1:
+                continue
+            k = min(len(drafts), budget)
+            if not bm.allocate_slots(request, 1 + k):
+                k = len(request.block_ids) * size - request.num_computed_tokens - 1
+                if k < 1:
+                    continue
+            scheduled[request] = 1 + k
+            spec_token_ids[request] = drafts[:k]
+            budget -= k
+        return budget
 
     def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int,
                preempted: list[Request]) -> tuple[int, list[Request]]:
