@@ -3,9 +3,11 @@
 Each step, a running request's last tokens are looked up earlier in its own sequence (prompt
 and output); the tokens that followed there are proposed as drafts. The step computes the
 request's last token and its drafts together, one position each, and samples every position;
-drafts are accepted while they equal what the model sampled (greedy), or by rejection sampling
-(random): a draft d is kept with probability p(d), and where it is refused the token is drawn
-from p without d, so each token is distributed exactly as without speculation. A step then
+each position samples as it would without speculation, and drafts are accepted while they
+equal what was sampled. Against a draft that is one token for certain this is rejection
+sampling exactly (d is kept with probability p(d), and where it is refused the token is drawn
+from p without d), so each token is distributed as without speculation; a seeded request's
+generator is wound back past the refused positions' draws, so it samples the same tokens. A step then
 emits between 1 and drafts + 1 tokens for the cost of one forward over a few more positions:
 decoding is bound by reading the weights, so those positions are nearly free at small batches.
 
