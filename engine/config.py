@@ -227,10 +227,7 @@ class EngineConfig:
 
     def resolve_async_scheduling(self, device: torch.device) -> bool:
         if self.speculative_config is not None:
-            if self.async_scheduling:
-                raise ValueError("async scheduling does not work with speculative decoding: a step's drafts "
-                                 "come from the tokens of the step before it")
-            return False
+            return False  # LLMEngine refuses async_scheduling=True with it, before the weights load
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolve_device(self) -> torch.device:

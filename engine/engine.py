@@ -118,6 +118,9 @@ class LLMEngine:
         if config.scheduling_policy not in SCHEDULING_POLICIES:  # before the weights load
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {config.scheduling_policy!r}")
         speculative = SpeculativeConfig.from_value(config.speculative_config)
+        if speculative is not None and config.async_scheduling:
+            raise ValueError("async scheduling does not work with speculative decoding: a step's drafts come from "
+                             "the tokens of the step before it")
         self.config = config
         if config.model is None:
             from engine.default_model import default_model_path
@@ -663,7 +666,8 @@ class LLMEngine:
             first_scheduled_time=first([r.first_scheduled_time for r in requests]),
             first_token_time=first([r.first_token_time for r in requests]),
             finish_time=max(finish_times) if all(t is not None for t in finish_times) else None,
-            inter_token_latencies=[b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
+            # Between the steps that gave a sample tokens, as vLLM's: a speculative step's tokens arrive together.
+            inter_token_latencies=[b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:]) if b != a]
             if finished else [],
             num_preemptions=sum(r.num_preemptions for r in requests),
         )

@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:  # as vLLM
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.async_scheduling and args.speculative_config is not None:
+        parser.error("--async-scheduling does not work with --speculative-config: a step's drafts come from the "
+                     "tokens of the step before it")
     config = config_from_args(args)
     setup_logging(config.log_level)
 
