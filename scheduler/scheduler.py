@@ -16,8 +16,8 @@ until then count as each request's pending tokens (async scheduling plans the ne
 them).
 
 Speculative decoding: a decode may compute its `spec_token_ids` (drafts) after its last token
-in the same step, with what the running requests leave of the budget and the KV pool, before
-waiting requests are admitted (drafts never preempt).
+in the same step, with what the running and newly admitted requests leave of the budget and
+the KV pool (drafts never preempt, nor delay a waiting request).
 Only the last token counts as computed when the step is launched; each accepted draft is
 counted when its successor arrives (`append_token(..., accepted_draft=True)`), so a refused
 draft's KV, in slots past the computed tokens, is simply written over later.
@@ -204,7 +204,6 @@ class Scheduler:
                 budget -= n
 
         if not batch.preempted:
-            budget = self._schedule_drafts(decodes, scheduled, budget, batch.spec_token_ids)
             budget, admitted = self._admit(scheduled, budget, now, finishing, batch.preempted)
             # The long-prefill cap keeps room for the requests waiting. What they could not take
             # this step (their prefill limits, the seats, the KV pool) goes to the chunks it cut
@@ -220,6 +219,8 @@ class Scheduler:
                         budget -= more
                     if budget == 0:
                         break
+            # Drafts are guesses: they get what the certain work left.
+            self._schedule_drafts(decodes, scheduled, budget, batch.spec_token_ids)
 
         # Decodes first, shortest context first (attention can then pad each group of decodes
         # only to its own longest context); prefill chunks after them in admission order.
@@ -228,15 +229,13 @@ class Scheduler:
         batch.requests = [r for r, _ in ordered]
         batch.num_tokens = [n for _, n in ordered]
         batch.num_decodes = sum(1 for n in batch.num_tokens if n == 1)
-        if batch.spec_token_ids and batch.preempted:  # a decode with drafts may have been preempted later
-            batch.spec_token_ids = {r: d for r, d in batch.spec_token_ids.items() if r in scheduled}
         return batch
 
     def _schedule_drafts(self, decodes: list[Request], scheduled: dict[Request, int], budget: int,
-                         spec_token_ids: dict[Request, list[int]]) -> int:
-        """The scheduled decodes' drafts, in order, with what the running requests left of the
+                         spec_token_ids: dict[Request, list[int]]) -> None:
+        """The scheduled decodes' drafts, in order, with what the step's certain work left of the
         budget and the pool (drafts never preempt: where a new block is missing, only the
-        drafts that fit the blocks the request holds); the budget left."""
+        drafts that fit the blocks the request holds)."""
         bm, size = self.block_manager, self.config.block_size
         for request in decodes:
             drafts = request.spec_token_ids
@@ -252,7 +251,6 @@ class Scheduler:
             scheduled[request] = 1 + k
             spec_token_ids[request] = drafts[:k]
             budget -= k
-        return budget
 
     def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int,
                preempted: list[Request]) -> tuple[int, list[Request]]:
