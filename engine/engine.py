@@ -468,7 +468,9 @@ class LLMEngine:
             while accepted < len(drafts) and token_ids[first + accepted] == drafts[accepted]:
                 accepted += 1
             if drafts:
-                self._count_drafts(len(drafts), accepted)
+                self.stats.num_drafts += 1
+                self.stats.num_draft_tokens += len(drafts)
+                self.stats.num_accepted_tokens += accepted
                 state = launched.sampled.generator_states.get(first + accepted)
                 if state is not None:  # refused: the draws after its row were for drafts not kept
                     sample.generator.set_state(state)
@@ -500,12 +502,6 @@ class LLMEngine:
                 continue
             room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
             request.spec_token_ids = self.proposer.propose(request, request.token_ids, room)
-
-    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
-        s = self.stats
-        s.num_drafts += 1
-        s.num_draft_tokens += num_drafts
-        s.num_accepted_tokens += num_accepted
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor,
                          ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:

@@ -8,10 +8,12 @@ all-greedy batch without penalties costs one argmax:
     → frequency/presence penalties → greedy rows: argmax → temperature → min-p → top-k → top-p → sample
 
 Random sampling uses the exponential race (argmax of probs / Exp(1) noise), which draws from
-`probs` exactly. A speculative draft is accepted when its row samples it: against a draft that
-is one token for certain, that is rejection sampling exactly (kept with probability p(draft),
-otherwise drawn from p without it), and every token keeps its distribution. A row with its own `torch.Generator` (a seeded request) draws its noise from
+`probs` exactly. A row with its own `torch.Generator` (a seeded request) draws its noise from
 that generator alone, so its tokens do not depend on its batch mates or its row index.
+
+A speculative draft is accepted when its row samples it: against a draft that is one token for
+certain, that is rejection sampling exactly (kept with probability p(draft), otherwise drawn
+from p without it), and every token keeps its distribution.
 
 Logprobs are computed from the raw logits (before penalties and temperature), as vLLM V1
 does by default; for a structured output, after its grammar's mask (as vLLM's).
@@ -367,7 +369,8 @@ class Sampler:
         if rand and len(rand) < batch:
             st.long("rand_idx", rand)
         # Within the random rows (the plan's indices): the seeded draft rows, and their batch rows.
-        plan["keep_states"] = {j: i for j, i in enumerate(rand) if rows[i].verifies_draft and rows[i].generator is not None}
+        plan["keep_states"] = {j: i for j, i in enumerate(rand)
+                               if rows[i].verifies_draft and rows[i].generator is not None}
         st.send(logits.device)
 
         # ---- device: no sync until the one copy back.

@@ -67,3 +67,18 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
                                  min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         outs.append(gen[0, len(prompt):].tolist())
     return outs
+
+
+def assert_engine_idle(llm) -> None:
+    """Nothing of a finished workload left in the engine: every KV block free, no scheduler
+    entry, block-table row, request, guide or proposer array."""
+    engine = llm.engine
+    bm = engine.scheduler.block_manager
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert len(engine.runner.block_tables) == 0, "block-table rows leaked"
+    assert not engine.groups and not engine.samples and not engine.has_unfinished_requests()
+    assert engine._num_guided == 0
+    if engine.proposer is not None:
+        assert not engine.proposer._kept, "the proposer kept finished requests' arrays"
+    bm.check_invariants()

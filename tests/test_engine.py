@@ -10,7 +10,7 @@ import torch
 
 from engine import LLM, EngineConfig, LLMEngine, Logprob, SamplingParams
 from scheduler import AdmissionError
-from tests.conftest import hf_greedy
+from tests.conftest import assert_engine_idle, hf_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -24,14 +24,6 @@ def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def assert_pool_empty(llm: LLM) -> None:
-    bm = llm.engine.scheduler.block_manager
-    assert bm.num_used_blocks == 0
-    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
-    assert len(llm.engine.runner.block_tables) == 0, "block-table rows leaked"
-    bm.check_invariants()
-
-
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_matches_transformers_tiny(tiny_checkpoints: dict[str, str], kind: str) -> None:
     path = tiny_checkpoints[kind]
@@ -39,7 +31,7 @@ def test_greedy_matches_transformers_tiny(tiny_checkpoints: dict[str, str], kind
     expected = hf_greedy(path, prompts, 16)
     llm = LLM(path, num_kv_blocks=64)
     assert token_ids(llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY))) == expected
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def test_greedy_matches_transformers_default_model(default_llm: LLM, default_mod
     outputs = default_llm.generate(texts, SamplingParams(max_tokens=24, **GREEDY))
     assert token_ids(outputs) == expected
     assert outputs[0].outputs[0].text == tokenizer.decode(expected[0], skip_special_tokens=True)
-    assert_pool_empty(default_llm)
+    assert_engine_idle(default_llm)
 
 
 def test_default_model_chat_stops_at_eos(default_llm: LLM) -> None:
@@ -106,7 +98,7 @@ def test_chat_renders_the_template_once_without_a_second_bos(default_llm: LLM, t
     rendered = default_llm.chat(history, params, chat_template=tool_template, tools=tools)[0]
     assert rendered.prompt == "tools: weather;user: Weather?;assistant: Paris;tool: sunny;"
     assert call["function"]["arguments"] == '{"city": "Paris"}', "the caller's messages are left as they were"
-    assert_pool_empty(default_llm)
+    assert_engine_idle(default_llm)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +135,7 @@ def test_batch_invariance(tiny_path: str, alone: dict, engine_args: dict, async_
     assert token_ids(outputs) == [alone[tuple(p)] for p in prompts]
     if engine_args["num_kv_blocks"] < 100:
         assert llm.engine.scheduler.stats.num_preemptions > 0
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -171,7 +163,7 @@ def test_priority_policy_preempts_for_a_late_urgent_request(tiny_path: str, alon
         finished += [o for o in engine.step() if o.finished]
     by_id = {o.request_id: o.outputs[0].token_ids for o in finished}
     assert [by_id[f"low{i}"] for i in range(len(prompts) - 1)] + [by_id["urgent"]] == [alone[tuple(p)] for p in prompts]
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     outputs = llm.generate(prompts[:3], params, priority=[2, 0, 1], use_tqdm=False)  # outputs in prompt order
     assert token_ids(outputs) == [alone[tuple(p)] for p in prompts[:3]]
     with pytest.raises(ValueError, match="3 priorities for 2 prompts"):
@@ -200,7 +192,7 @@ def test_prefix_cache_hits_give_identical_outputs(tiny_path: str, alone: dict) -
     stats = llm.engine.scheduler.block_manager.stats
     assert stats.hits_tokens == 80
     assert stats.queries_tokens == sum(len(p) for p in prompts)
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     # vLLM's reset_prefix_cache: refused while a request holds blocks, then the prefix is gone.
     llm.engine.add_request("held", prompts[0], SamplingParams(max_tokens=2, **GREEDY))
     llm.engine.step()
@@ -209,7 +201,7 @@ def test_prefix_cache_hits_give_identical_outputs(tiny_path: str, alone: dict) -
     assert llm.reset_prefix_cache()
     again = [llm.generate([p], SamplingParams(max_tokens=20, **GREEDY))[0] for p in prompts[1:]]
     assert [o.num_cached_tokens for o in again] == [0, 40] and token_ids(again) == token_ids(rest)
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_prefix_cache_hit_counts_skip_recomputation_after_preemption(tiny_path: str) -> None:
@@ -239,7 +231,7 @@ def test_n_samples_share_prompt_blocks(tiny_path: str) -> None:
             assert all(bm.blocks[b].ref_count == 3 for b in first_blocks[0])
             shared_seen = True
     assert shared_seen
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_n_samples_and_seeds(tiny_path: str) -> None:
@@ -253,7 +245,7 @@ def test_n_samples_and_seeds(tiny_path: str) -> None:
     others = random_prompts(5, 3, 5, 30)
     again = llm.generate(others + [prompt], [SamplingParams(max_tokens=12, temperature=0.7, seed=5)] * 3 + [sampled])
     assert token_ids([again[-1]]) == token_ids([out]) and [c.token_ids for c in again[-1].outputs] == [c.token_ids for c in out.outputs]
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_abort_mid_flight_returns_every_block(tiny_path: str) -> None:
@@ -272,7 +264,7 @@ def test_abort_mid_flight_returns_every_block(tiny_path: str) -> None:
         engine.abort_request(f"r{i}")
     assert not engine.has_unfinished_requests()
     assert engine.abort_request("r0") is None
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     # The engine keeps serving after aborts.
     out = llm.generate([prompts[0]], SamplingParams(max_tokens=4, **GREEDY))
     assert len(out[0].outputs[0].token_ids) == 4
@@ -303,7 +295,7 @@ def test_more_top_logprobs_than_the_vocabulary_is_refused(tiny_path: str) -> Non
     for name in ("logprobs", "prompt_logprobs"):
         with pytest.raises(ValueError, match=name):
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, **{name: vocab + 1}))
-        assert_pool_empty(llm)
+        assert_engine_idle(llm)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, logprobs=vocab, prompt_logprobs=vocab, **GREEDY))
     assert len(out[0].outputs[0].logprobs[0]) == vocab and len(out[0].prompt_logprobs[1]) == vocab
 
@@ -318,7 +310,7 @@ def test_unset_max_tokens_runs_to_the_context_or_the_pool(tiny_path: str) -> Non
         out = llm.generate([[1, 2, 3]], params)[0].outputs[0]
         assert len(out.token_ids) == 64 - 3 and out.finish_reason == "length"
         assert params.max_tokens in (None, 100)  # the caller's own params are left as they were
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     short = LLM(tiny_path, num_kv_blocks=64, block_size=16, max_model_len=40)
     out = short.generate([[1, 2, 3] * 10], SamplingParams(max_tokens=50, **GREEDY))[0].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
@@ -327,7 +319,7 @@ def test_unset_max_tokens_runs_to_the_context_or_the_pool(tiny_path: str) -> Non
     assert [len(o.outputs[0].token_ids) for o in outs] == [10, 20]
     with pytest.raises(AdmissionError, match="maximum context length"):  # no room for one token
         short.generate([[1] * 40], SamplingParams(max_tokens=5))
-    assert_pool_empty(short)
+    assert_engine_idle(short)
 
 
 def test_an_interrupted_generate_leaves_nothing_behind(tiny_path: str, monkeypatch) -> None:
@@ -348,7 +340,7 @@ def test_an_interrupted_generate_leaves_nothing_behind(tiny_path: str, monkeypat
     monkeypatch.setattr(llm.engine, "step", real_step)
     while llm.engine.has_unfinished_requests():  # a launched step's surplus tokens, if any
         assert llm.engine.step() == []
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, **GREEDY))
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4
 
@@ -426,7 +418,7 @@ def test_a_sliding_window_model_is_served_up_to_its_window(tmp_path, tiny_checkp
         llm.engine.add_request("long", list(range(3, 103)), SamplingParams(max_tokens=1))
     out = llm.generate([list(range(3, 43))], SamplingParams(max_tokens=None, **GREEDY))[0].outputs[0]
     assert len(out.token_ids) == 64 - 40 and out.finish_reason == "length"
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_edited_configs_give_transformers_tokens(tmp_path, tiny_path: str) -> None:
@@ -464,7 +456,7 @@ def test_samples_wait_for_the_first_prompt_only_to_reuse_it(tiny_path: str, cach
     assert len(engine.scheduler.running) == (1 if caching else 3)
     while engine.has_unfinished_requests():
         engine.step()
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_eos_ends_unless_ignored(default_llm: LLM) -> None:
@@ -659,7 +651,7 @@ def test_prompt_logprobs_equal_transformers(tiny_path: str, async_scheduling: bo
             assert all(entry[t].rank == i for i, t in enumerate(best, 1) if t != token)
     assert outputs[0].num_cached_tokens == 0
     assert llm.engine.scheduler.stats.num_preemptions > 0
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_logprobs_are_vllms_logprob_objects(default_llm: LLM) -> None:
@@ -806,7 +798,7 @@ def test_vllm_prompt_forms_and_offline_options(default_llm: LLM) -> None:
     assert default_llm.chat(parts, params)[0].prompt == default_llm.chat(joined, params)[0].prompt
     with pytest.raises(ValueError, match="image_url"):
         default_llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params)
-    assert_pool_empty(default_llm)
+    assert_engine_idle(default_llm)
 
 
 def test_fields_set_after_construction_take_effect(tiny_path: str) -> None:
@@ -838,7 +830,7 @@ def test_fields_set_after_construction_take_effect(tiny_path: str) -> None:
     while engine.has_unfinished_requests():
         for out in engine.step(outputs="final"):
             assert out.prompt_token_ids == [21, 22]
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_a_failing_sample_leaves_nothing_queued(tiny_path: str, monkeypatch) -> None:
@@ -858,7 +850,7 @@ def test_a_failing_sample_leaves_nothing_queued(tiny_path: str, monkeypatch) -> 
     assert not llm.engine.scheduler.waiting and not llm.engine.samples and not llm.engine.groups
     monkeypatch.undo()
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0].token_ids) == 3
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_engine_seed_makes_unseeded_sampling_repeatable(tiny_path: str) -> None:

@@ -15,6 +15,7 @@ from engine.outputs import CompletionOutput
 from engine.structured_outputs import StructuredOutputsParams
 from engine.token_bytes import vocabulary_bytes
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
+from tests.conftest import assert_engine_idle
 
 CITIES = ["Paris", "London", "Tokyo"]
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -35,17 +36,6 @@ def person(**params) -> SamplingParams:
 def is_person(value: object) -> bool:
     return (isinstance(value, dict) and list(value) == ["name", "age", "city"] and isinstance(value["name"], str)
             and type(value["age"]) is int and value["city"] in CITIES)
-
-
-def assert_engine_clean(llm: LLM) -> None:
-    engine = llm.engine
-    bm = engine.scheduler.block_manager
-    assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert len(engine.runner.block_tables) == 0, "block-table rows leaked"
-    assert not engine.groups and not engine.samples and not engine.has_unfinished_requests()
-    assert engine._num_guided == 0
-    bm.check_invariants()
 
 
 def assert_viable(grammar: Grammar, completion: CompletionOutput) -> None:
@@ -85,7 +75,7 @@ def test_greedy_chat_with_a_json_schema(llm: LLM, greedy_people: list[list[int]]
         completion = output.outputs[0]
         assert completion.finish_reason == "stop" and completion.token_ids[-1] in llm.engine.eos_token_ids
         assert is_person(json.loads(completion.text)), completion.text
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def test_seeded_samples_keep_to_the_schema_and_the_choice(llm: LLM) -> None:
@@ -106,7 +96,7 @@ def test_seeded_samples_keep_to_the_schema_and_the_choice(llm: LLM) -> None:
         assert len(output.outputs) == 2
         for completion in output.outputs:
             assert completion.text in ANSWERS and completion.finish_reason == "stop"
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def test_json_object_answers_parse_as_objects(llm: LLM) -> None:
@@ -123,7 +113,7 @@ def test_json_object_answers_parse_as_objects(llm: LLM) -> None:
     completion = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
     assert_viable(grammar, completion)
     assert completion.text.lstrip().startswith("{")
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def test_every_sampled_token_was_allowed(llm: LLM, masks: TokenMasks) -> None:
@@ -151,7 +141,7 @@ def test_every_sampled_token_was_allowed(llm: LLM, masks: TokenMasks) -> None:
             assert guide.advance(token)
         assert guide.ended == (completion.finish_reason == "stop")
     assert masked  # the choice's first step allows fewer than 5 tokens
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def test_min_tokens_yields_to_the_grammar_and_stop_token_ids_end_it(llm: LLM) -> None:
@@ -175,7 +165,7 @@ def test_min_tokens_yields_to_the_grammar_and_stop_token_ids_end_it(llm: LLM) ->
                             logit_bias={t: 100.0 for t in banned})
     completion = llm.chat(QUESTION, biased, use_tqdm=False)[0].outputs[0]
     assert completion.text in ANSWERS
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def test_an_aborted_structured_request_gives_everything_back(llm: LLM) -> None:
@@ -190,7 +180,7 @@ def test_an_aborted_structured_request_gives_everything_back(llm: LLM) -> None:
     assert [c.finish_reason for c in aborted.outputs] == ["abort", "abort"]
     while engine.has_unfinished_requests():
         engine.step()
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def mixed_requests() -> tuple[list[str], list[SamplingParams]]:
@@ -214,12 +204,12 @@ def test_async_scheduling_matches_sync_in_mixed_batches(default_model_dir: str, 
               choice, plain_params[1], person(max_tokens=48, temperature=0.0)]
     expected = [greedy_people[0], plain_alone[0], greedy_people[1], choice_alone[0], plain_alone[1], greedy_people[2]]
     assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == expected
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
     async_llm = LLM(default_model_dir, kv_cache_memory_bytes=256 << 20, async_scheduling=True)
     assert async_llm.engine.async_scheduling
     assert token_ids(async_llm.generate(prompts, params, use_tqdm=False)) == expected
     assert token_ids(async_llm.generate(plain_prompts, plain_params, use_tqdm=False)) == plain_alone
-    assert_engine_clean(async_llm)
+    assert_engine_idle(async_llm)
 
 
 def test_preemption_keeps_structured_outputs(default_model_dir: str, llm: LLM,
@@ -234,7 +224,7 @@ def test_preemption_keeps_structured_outputs(default_model_dir: str, llm: LLM,
     assert token_ids(outputs) == alone + alone[:1]
     for output in outputs:
         assert is_person(json.loads(output.outputs[0].text))
-    assert_engine_clean(small)
+    assert_engine_idle(small)
 
 
 def alias_chain(length: int) -> dict:
@@ -267,18 +257,18 @@ def test_an_answer_at_a_dead_end_is_cut_with_length_not_stop(llm: LLM) -> None:
     completion = llm.generate("Write the JSON:", params, use_tqdm=False)[0].outputs[0]
     assert completion.finish_reason == "length" and len(completion.token_ids) < 64, completion
     assert '"a":' in completion.text and not params.structured_outputs.compile().accepts(completion.text)
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
 
 
 def test_a_structure_no_answer_satisfies_is_refused_when_added(llm: LLM) -> None:
     params = SamplingParams(max_tokens=8, structured_outputs={"regex": r"[^\s\S]"})
     with pytest.raises(ValueError, match="no answer satisfies"):
         llm.generate("Anything:", params, use_tqdm=False)
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)
     # a stop token id that is the grammar's only way on, min_tokens unmet: it ends the answer
     space = llm.get_tokenizer().convert_tokens_to_ids("Ġ")
     params = SamplingParams(max_tokens=8, temperature=0.0, min_tokens=3, stop_token_ids=[space],
                             structured_outputs={"choice": [" "]})
     completion = llm.generate("A space:", params, use_tqdm=False)[0].outputs[0]
     assert completion.token_ids == [space] and completion.finish_reason == "stop" and completion.stop_reason == space
-    assert_engine_clean(llm)
+    assert_engine_idle(llm)

@@ -24,7 +24,7 @@ from engine import LLM, EngineConfig, SamplingParams, StructuredOutputsParams
 from engine.sampler import Sampler, SamplingRow
 from engine.speculative import NgramProposer, SpeculativeConfig
 from scheduler import Request, RequestStatus, ScheduledBatch, Scheduler, SchedulerConfig
-from tests.conftest import hf_greedy
+from tests.conftest import assert_engine_idle, hf_greedy
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -731,18 +731,6 @@ def recording(llm: LLM) -> Iterator[Record]:
         yield record
 
 
-def assert_pool_empty(llm: LLM) -> None:
-    engine = llm.engine
-    bm = engine.scheduler.block_manager
-    assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert len(engine.runner.block_tables) == 0, "block-table rows leaked"
-    assert not engine.groups and not engine.samples and not engine.has_unfinished_requests()
-    if engine.proposer is not None:
-        assert not engine.proposer._kept, "the proposer kept finished requests' arrays"
-    bm.check_invariants()
-
-
 def _lp(value) -> float:
     return getattr(value, "logprob", value)
 
@@ -875,7 +863,7 @@ def test_greedy_run_stops_mid_draft_and_counts_its_drafts(greedy_run: GreedyRun,
     assert num_drafts == len(scheduled) and num_draft_tokens == sum(map(len, scheduled))
     assert 0 < sum(greedy_run.record.accepted.values()) <= num_accepted < num_draft_tokens
     assert spec_llm.engine.async_scheduling is False
-    assert_pool_empty(spec_llm)
+    assert_engine_idle(spec_llm)
     eos = spec_llm.engine.eos_token_ids
     plain = greedy_run.got[greedy_run.names.index("plain+logprobs")].outputs[0]
     assert plain.finish_reason == "stop" and plain.token_ids[-1] in eos
@@ -914,7 +902,7 @@ def test_a_tiny_kv_pool_preempts_and_still_equals_the_reference(default_model_di
     assert llm.engine.scheduler.stats.num_preemptions > 0
     assert sum(record.accepted.values()) > 0
     assert_same_outputs(got, [greedy_run.want[greedy_run.names.index(n)] for n in names])
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     # Seeded samples too: the same tokens as without speculation, preempted or not.
     preemptions = llm.engine.scheduler.stats.num_preemptions
     params = SamplingParams(n=2, max_tokens=24, temperature=0.8, seed=42)
@@ -922,7 +910,7 @@ def test_a_tiny_kv_pool_preempts_and_still_equals_the_reference(default_model_di
         got = llm.chat([HELLO, REPEAT, CODE], params, use_tqdm=False)
     assert llm.engine.scheduler.stats.num_preemptions > preemptions and sum(record.accepted.values()) > 0
     assert_same_outputs(got, ref_llm.chat([HELLO, REPEAT, CODE], params, use_tqdm=False))
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_a_short_max_model_len_stops_drafts_at_the_context_end(default_model_dir: str, ref_llm: LLM) -> None:
@@ -939,7 +927,7 @@ def test_a_short_max_model_len_stops_drafts_at_the_context_end(default_model_dir
     assert_same_outputs(got, want)
     assert all(c.finish_reason == "length" for c in got[0].outputs)
     assert sum(record.accepted.values()) > 0
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_a_prompts_last_chunk_verifies_drafts_for_the_first_token(default_model_dir: str, ref_llm: LLM) -> None:
@@ -956,7 +944,7 @@ def test_a_prompts_last_chunk_verifies_drafts_for_the_first_token(default_model_
         got = llm.generate([prompt], params, use_tqdm=False)
     assert record.first_token_drafts > 0 and sum(record.accepted.values()) > 0
     assert_same_outputs(got, ref_llm.generate([prompt], params, use_tqdm=False))
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_streamed_deltas_carry_each_steps_tokens(spec_llm: LLM, greedy_run: GreedyRun) -> None:
@@ -980,7 +968,7 @@ def test_streamed_deltas_carry_each_steps_tokens(spec_llm: LLM, greedy_run: Gree
     assert ids == [c.token_ids for c in want.outputs] and texts == [c.text for c in want.outputs]
     assert finish == [c.finish_reason for c in want.outputs]
     assert max(sizes) > 1, "no step kept a draft"
-    assert_pool_empty(spec_llm)
+    assert_engine_idle(spec_llm)
 
 
 def test_abort_mid_generation_returns_every_block(spec_llm: LLM, ref_llm: LLM) -> None:
@@ -1003,7 +991,7 @@ def test_abort_mid_generation_returns_every_block(spec_llm: LLM, ref_llm: LLM) -
         assert 6 < len(got.token_ids) < 48 and got.token_ids == full.token_ids[:len(got.token_ids)]
     assert engine.scheduler.block_manager.num_free_blocks == free_before
     assert engine.step() == []
-    assert_pool_empty(spec_llm)
+    assert_engine_idle(spec_llm)
 
 
 # =============================================================================================
@@ -1025,7 +1013,7 @@ def test_seeded_samples_reproduce_and_equal_those_without_speculation(spec_llm: 
     assert_same_outputs(first, ref_llm.chat([HELLO, REPEAT, CODE], params, use_tqdm=False))
     other = spec_llm.chat([HELLO], SamplingParams(n=2, max_tokens=8, temperature=1.5, seed=99), use_tqdm=False)
     assert [c.token_ids for c in other[0].outputs] != [c.token_ids[:8] for c in first[0].outputs]
-    assert_pool_empty(spec_llm)
+    assert_engine_idle(spec_llm)
 
 
 # Tiny random model: the sampled tokens are held to S by a logit bias and top_k=3, so the
@@ -1089,7 +1077,7 @@ def test_random_sampling_keeps_the_joint_distribution(tiny_ref: LLM, tiny_spec: 
         assert chi2 < chi2_quantile(df, z=4.26), f"{kind}: chi2 {chi2:.1f} over {df} degrees of freedom"
         for k, p in exact.items():
             assert abs(counts[k] - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1, (kind, k, counts[k], n * p)
-    assert_pool_empty(tiny_spec)
+    assert_engine_idle(tiny_spec)
 
 
 # Tiny model, greedy: the drafts before a row count as its tokens; disable_by_batch_size.
@@ -1117,7 +1105,7 @@ def test_penalties_and_min_tokens_count_the_drafts_before_a_row(tiny_path: str, 
     assert_same_outputs(got, tiny_ref.generate(all_prompts, all_params, use_tqdm=False))
     assert sum(record.accepted.values()) > 20
     assert any(o.outputs[0].finish_reason == "stop" for o in got), "no EOS: min_tokens proved nothing"
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 def test_disable_by_batch_size_turns_drafts_off_for_big_batches(tiny_path: str, tiny_ref: LLM) -> None:
@@ -1137,7 +1125,7 @@ def test_disable_by_batch_size_turns_drafts_off_for_big_batches(tiny_path: str, 
     assert sum(record.drafts.values()) == 0
     assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == before
     assert_same_outputs(small + big, tiny_ref.generate(prompts[:2] + prompts[:3], params, use_tqdm=False))
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
 
 
 # =============================================================================================
@@ -1156,4 +1144,4 @@ def test_greedy_matches_transformers_tiny(tiny_checkpoints: dict[str, str], kind
         got = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == expected
     assert sum(record.accepted.values()) > 0
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
