@@ -435,9 +435,11 @@ class ModelRunner:
 
     def graph_key(self, batch: ScheduledBatch) -> GraphKey | None:
         """The CUDA graph that runs this step, or None (eager): a decode graph for pure decodes,
-        else a mixed one for the step's token count; every context within the captured width."""
-        if self.cuda_graphs is None or not batch.requests or batch.spec_token_ids:
-            return None  # drafts: several logits rows per sequence, which the graphs do not make
+        else a mixed one for the step's token count (decodes verifying drafts are chunks there,
+        their logits rows as many as the graph keeps: max_num_seqs); every context within the
+        captured width."""
+        if self.cuda_graphs is None or not batch.requests:
+            return None
         if max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)) > self.max_model_len:
             return None
         if batch.num_decodes == len(batch.requests):
@@ -445,7 +447,8 @@ class ModelRunner:
             if bucket is not None:
                 return "decode", bucket
         bucket = self.cuda_graphs.token_bucket(sum(batch.num_tokens))
-        if bucket is None or len(batch.requests) > self.cuda_graphs.max_num_seqs:
+        max_rows = len(batch.requests) + sum(map(len, batch.spec_token_ids.values()))
+        if bucket is None or max_rows > self.cuda_graphs.max_num_seqs:
             return None
         return "mixed", bucket
 

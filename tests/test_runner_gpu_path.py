@@ -356,6 +356,39 @@ def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, 
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
 
 
+@interpreter_only
+def test_speculative_steps_replay_the_mixed_graphs(tiny_checkpoints: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes verifying drafts ride the mixed graphs as chunks, a logits row per position (up
+    to max_num_seqs rows): the tokens and logprobs of the eager Triton path without speculation,
+    and no KV block leaks."""
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    path = tiny_checkpoints["llama"]
+    ps = prompts(5, 3, 3, 12)
+    params = [SamplingParams(max_tokens=n, logprobs=1, **GREEDY) for n in (6, 4, 5)]
+    args = dict(num_kv_blocks=40, max_num_seqs=8, max_num_batched_tokens=40, max_model_len=128, dtype="float32", **CPU)
+    want = LLM(path, **args).generate(ps, params)
+    llm = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **args)
+    expected = {tuple(p): o.outputs[0].token_ids for p, o in zip(ps, want)}
+
+    def propose(request, token_ids, max_drafts):  # a random model repeats nothing: drafts, one right, one wrong
+        done = len(token_ids) - request.num_prompt_tokens
+        return (expected[tuple(request.prompt_token_ids)][done:done + 1] + [3])[:max_drafts]
+
+    monkeypatch.setattr(llm.engine.proposer, "propose", propose)
+    with_eager_graphs(llm, 8, tokens=[8, 16, 40])
+    have = llm.generate(ps, params)
+    for a, b in zip(have, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    steps = llm.engine.runner.replayed_steps
+    assert any(k == "mixed" and nd < n for k, nd, n in steps[1:]), steps  # decodes with drafts, graphed
+    assert llm.engine.stats.num_accepted_tokens > 0
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+
+
 def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
     from scheduler import ScheduledBatch
 
@@ -378,6 +411,9 @@ def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
     assert runner.graph_key(ScheduledBatch([request] * 3, [1] * 3, num_decodes=3)) == ("decode", 4)
     assert runner.graph_key(ScheduledBatch([request] * 5, [1] * 5, num_decodes=5)) is None  # > max_num_seqs
     assert runner.graph_key(ScheduledBatch([request], [62], num_decodes=0)) is None  # past max_model_len
+    # decodes verifying drafts: mixed, while their logits rows fit the graph's max_num_seqs rows
+    assert runner.graph_key(ScheduledBatch([request], [3], spec_token_ids={request: [5, 6]})) == ("mixed", 8)
+    assert runner.graph_key(ScheduledBatch([request], [5], spec_token_ids={request: [5, 6, 7, 8]})) is None
     llm.engine.abort_request("a")
 
 
