@@ -10,7 +10,8 @@ import torch
 from engine import LLM, SamplingParams
 from engine.model_runner import ModelRunner
 from engine.sampler import SampledTokens, Sampler, SamplingRow
-from tests.test_engine import GREEDY, assert_pool_empty, random_prompts
+from tests.conftest import assert_engine_idle
+from tests.test_engine import GREEDY, random_prompts
 
 
 def run(llm: LLM, async_scheduling: bool, prompts, params):
@@ -18,7 +19,7 @@ def run(llm: LLM, async_scheduling: bool, prompts, params):
     llm.engine.scheduler.block_manager.reset_prefix_cache()  # each run computes its prompts
     steps, tokens = llm.engine.stats.num_steps, llm.engine.stats.num_batched_tokens
     outputs = llm.generate(prompts, params)
-    assert_pool_empty(llm)
+    assert_engine_idle(llm)
     return outputs, llm.engine.stats.num_steps - steps, llm.engine.stats.num_batched_tokens - tokens
 
 
@@ -124,7 +125,7 @@ def test_steps_overlap_and_compute_no_token_past_max_tokens(tiny_llm: LLM, monke
     assert [o.outputs[0].token_ids for o in first] == [want[0].outputs[0].token_ids[:1]]
     while engine.has_unfinished_requests():
         engine.step()
-    assert_pool_empty(tiny_llm)
+    assert_engine_idle(tiny_llm)
 
     # A stop token is only seen on the host after the next step was launched: one surplus token.
     stop = want[1].outputs[0].token_ids[4]
@@ -195,7 +196,7 @@ def test_a_step_that_fails_to_launch_leaves_the_engine_as_it_was(tiny_llm: LLM,
     monkeypatch.setattr(ModelRunner, "execute", execute)
     results = drain(engine)
     assert [results[f"f{i}"].outputs[0].token_ids for i in range(3)] == [w.outputs[0].token_ids for w in want]
-    assert_pool_empty(tiny_llm)
+    assert_engine_idle(tiny_llm)
 
 
 def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
@@ -210,7 +211,7 @@ def test_abort_with_a_step_in_flight(tiny_llm: LLM) -> None:
     assert "a0" not in results, "the aborted request's token in flight is dropped"
     assert [results[f"a{i}"].outputs[0].token_ids for i in (1, 2)] == [w.outputs[0].token_ids for w in want[1:]]
     assert engine._in_flight is None
-    assert_pool_empty(tiny_llm)
+    assert_engine_idle(tiny_llm)
 
 
 def test_sampler_needs_the_pending_ids_for_penalties() -> None:
