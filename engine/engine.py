@@ -57,6 +57,8 @@ class _Sample:
     sent_tokens: int = 0  # output tokens already reported in a delta
     sent_finish: bool = False  # a delta output reported finish_reason already
     guide: Guide | None = None  # structured outputs: where the sample is in its grammar
+    # with a guide and drafts: the mask of each position the drafts put the next step at
+    draft_masks: list[tuple[torch.Tensor, bool]] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -405,6 +407,8 @@ class LLMEngine:
                 start = len(drafts) - len(spec)
                 pending_rows = tuple(range(start, start + position))
                 verifies_draft = position < len(spec)
+                if sample.guide is not None:
+                    allowed, must_end = sample.draft_masks[position]
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,
@@ -487,9 +491,9 @@ class LLMEngine:
                 if not final_only or group.finished]
 
     def _propose(self) -> None:
-        """Drafts for the running decodes, for the step about to be scheduled: none for a
-        structured output (its grammar's masks follow the known tokens only), none past what
-        max_tokens and the context leave, none at all from disable_by_batch_size running up."""
+        """Drafts for the running decodes, for the step about to be scheduled: none past what
+        max_tokens and the context leave, for a structured output none past what its grammar
+        allows (or that would end it), none at all from disable_by_batch_size running up."""
         running = self.scheduler.running
         limit = self.proposer.config.disable_by_batch_size
         off = limit is not None and len(running) >= limit
@@ -498,10 +502,15 @@ class LLMEngine:
             if off or request.num_uncomputed_tokens != 1 or request.num_pending_tokens:
                 continue
             entry = self.samples.get(request)
-            if entry is None or entry[1].guide is not None:
+            if entry is None:
                 continue
             room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-            request.spec_token_ids = self.proposer.propose(request, request.token_ids, room)
+            drafts = self.proposer.propose(request, request.token_ids, room)
+            guide = entry[1].guide
+            if guide is not None and drafts:
+                entry[1].draft_masks = guide.masks_along(drafts)
+                drafts = drafts[:len(entry[1].draft_masks) - 1]
+            request.spec_token_ids = drafts
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor,
                          ) -> tuple[_Group, HostCopy[list[dict[int, float]]]] | None:

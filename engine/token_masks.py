@@ -195,6 +195,20 @@ class Guide:
             self._mask = self.state, self.masks.packed(self.grammar, self.state, self.end_ids)
         return self._mask[1]
 
+    def masks_along(self, tokens: list[int]) -> list[tuple[torch.Tensor, bool]]:
+        """Speculative decoding: packed_mask() here and after each of `tokens` in turn, as far
+        as the grammar takes them on without ending or reaching a dead end (the guide itself
+        does not move): a mask for each row that verifies `tokens[:len(masks) - 1]`."""
+        probe = Guide.__new__(Guide)
+        probe.grammar, probe.masks, probe.end_ids = self.grammar, self.masks, self.end_ids
+        probe.state, probe.ended, probe._mask = self.state, self.ended, self._mask
+        masks = [probe.packed_mask()]
+        for token in tokens:
+            if not probe.advance(token) or probe.ended or probe.dead_end():
+                break
+            masks.append(probe.packed_mask())
+        return masks
+
     def advance(self, token_id: int) -> bool:
         """Take a sampled token; False if the grammar does not allow it (the state is kept)."""
         if self.ended:

@@ -23,6 +23,7 @@ import torch
 from engine import LLM, EngineConfig, SamplingParams, StructuredOutputsParams
 from engine.sampler import Sampler, SamplingRow
 from engine.speculative import NgramProposer, SpeculativeConfig
+from engine.token_masks import Guide
 from scheduler import Request, RequestStatus, ScheduledBatch, Scheduler, SchedulerConfig
 from tests.conftest import assert_engine_idle, hf_greedy
 
@@ -773,7 +774,7 @@ HELLO = user("Write the word 'hello' ten times.")
 CODE = user("Fix the typo in this Python code and give the whole corrected code:\n"
             "```python\ndef greet(name):\n    print('Helo, ' + name)\n    return name\n```")
 COUNT = user("Count from 1 to 20, separated by commas.")
-JSON_PROMPT = user("Give me a JSON object for Marie, 31 years old.")
+JSON_PROMPT = user('Example: {"name": "Ann", "age": 40}. Give me a JSON object for Marie, 31 years old.')
 
 
 @pytest.fixture(scope="module")
@@ -877,7 +878,11 @@ def test_greedy_run_stops_mid_draft_and_counts_its_drafts(greedy_run: GreedyRun,
     assert len(latencies) == len(plain.token_ids) - 1 - greedy_run.record.accepted[sample_id]
 
 
-def test_structured_outputs_in_the_batch_get_no_drafts(greedy_run: GreedyRun) -> None:
+def test_structured_outputs_verify_only_drafts_their_grammar_allows(greedy_run: GreedyRun, spec_llm: LLM,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A structured output's drafts are cut where its grammar would refuse one (or end), and each
+    row samples under the mask of the position the drafts before it lead to: the answer equals
+    the engine's without speculation, drafts accepted."""
     i = greedy_run.names.index("structured")
     got, want = greedy_run.got[i], greedy_run.want[i]
     assert_same_outputs([got], [want])
@@ -885,11 +890,42 @@ def test_structured_outputs_in_the_batch_get_no_drafts(greedy_run: GreedyRun) ->
     assert completion.finish_reason == "stop"
     value = json.loads(completion.text)
     assert set(value) == {"name", "age"} and isinstance(value["name"], str) and type(value["age"]) is int
-    structured_sample = f"{got.request_id}-0"
-    assert all(structured_sample not in step for _, step in greedy_run.record.steps)
-    assert greedy_run.record.drafts[structured_sample] == 0
-    # the steps it ran in did verify drafts for its batch mates
-    assert sum(bool(step) for _, step in greedy_run.record.steps) > 3
+    assert greedy_run.record.accepted[f"{got.request_id}-0"] > 0
+    # Alone, with every draft proposal seen: whatever the lookup proposed, what was scheduled is
+    # the longest prefix the grammar takes on from the output so far.
+    proposals: list[tuple[int, list[int], list[int]]] = []  # (output tokens, proposed, scheduled)
+    propose, schedule = spec_llm.engine.proposer.propose, spec_llm.engine.scheduler.schedule
+
+    def recorded_propose(request, token_ids, max_drafts):
+        drafts = propose(request, token_ids, max_drafts)
+        proposals.append((len(token_ids) - request.num_prompt_tokens, drafts, []))
+        return drafts
+
+    def recorded_schedule():
+        batch = schedule()
+        for drafts in batch.spec_token_ids.values():
+            proposals[-1][2].extend(drafts)
+        return batch
+
+    monkeypatch.setattr(spec_llm.engine.proposer, "propose", recorded_propose)
+    monkeypatch.setattr(spec_llm.engine.scheduler, "schedule", recorded_schedule)
+    params = SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(json=PERSON))
+    alone = spec_llm.chat(JSON_PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert alone.token_ids == completion.token_ids
+    grammar, engine = StructuredOutputsParams(json=PERSON).compile(), spec_llm.engine
+    cut = 0
+    for done, proposed, scheduled in proposals:
+        guide = Guide(grammar, engine._token_masks, engine.eos_token_ids)
+        assert all(guide.advance(t) for t in alone.token_ids[:done])
+        valid = []
+        for token in proposed:
+            if not guide.advance(token) or guide.ended:
+                break
+            valid.append(token)
+        assert scheduled == valid, (done, proposed, scheduled)
+        cut += len(valid) < len(proposed)
+    assert cut > 0 and any(proposals[i][2] for i in range(len(proposals))), proposals  # both cases seen
+    assert_engine_idle(spec_llm)
 
 
 def test_a_tiny_kv_pool_preempts_and_still_equals_the_reference(default_model_dir: str, greedy_run: GreedyRun,
