@@ -198,8 +198,9 @@ class EngineConfig:
     # Where requests' default sampling comes from (`generation_defaults`): auto | none | a dir.
     generation_config: str = "auto"
     # Speculative decoding by prompt lookup, vLLM's dict (or its JSON): {"method": "ngram",
-    # "num_speculative_tokens": k, "prompt_lookup_max": n, ...} (engine/speculative.py). Steps
-    # then run one after the other: the next step's drafts need this step's tokens.
+    # "num_speculative_tokens": k, "prompt_lookup_max": n, ...} (engine/speculative.py). While
+    # drafts are proposed, steps run one after the other (the next step's drafts need this
+    # step's tokens); where disable_by_batch_size turns them off, async scheduling resumes.
     speculative_config: dict[str, Any] | str | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
@@ -226,8 +227,6 @@ class EngineConfig:
         return self.cuda_graph_mode
 
     def resolve_async_scheduling(self, device: torch.device) -> bool:
-        if self.speculative_config is not None:
-            return False  # LLMEngine refuses async_scheduling=True with it, before the weights load
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolve_device(self) -> torch.device:

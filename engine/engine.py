@@ -120,9 +120,6 @@ class LLMEngine:
         if config.scheduling_policy not in SCHEDULING_POLICIES:  # before the weights load
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {config.scheduling_policy!r}")
         speculative = SpeculativeConfig.from_value(config.speculative_config)
-        if speculative is not None and config.async_scheduling:
-            raise ValueError("async scheduling does not work with speculative decoding: a step's drafts come from "
-                             "the tokens of the step before it")
         self.config = config
         if config.model is None:
             from engine.default_model import default_model_path
@@ -360,9 +357,10 @@ class LLMEngine:
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
         results: list[RequestOutput] = []
-        if self._in_flight is not None and self._num_guided:
-            # A structured output's next mask needs its last token on the host: while any is
-            # running, steps run one after the other.
+        if self._in_flight is not None and (self._num_guided or self._drafting()):
+            # A structured output's next mask, and a step's drafts, need the last tokens on the
+            # host: while any structured request runs or drafts are proposed, steps run one
+            # after the other.
             results += self._take_back(outputs)
         t0 = time.perf_counter()
         if self.proposer is not None:
@@ -428,7 +426,7 @@ class LLMEngine:
         if in_flight is not None:
             results += self._take_back(outputs)
         self._in_flight = launched
-        if not self.async_scheduling:
+        if not self.async_scheduling or self._drafting():
             results += self._take_back(outputs)
 
         s = self.stats
@@ -490,16 +488,21 @@ class LLMEngine:
         return [self._output(group, delta=outputs == "delta") for group in touched.values()
                 if not final_only or group.finished]
 
+    def _drafting(self) -> bool:
+        """Whether the next step proposes drafts (speculative decoding, under disable_by_batch_size)."""
+        if self.proposer is None:
+            return False
+        limit = self.proposer.config.disable_by_batch_size
+        return limit is None or len(self.scheduler.running) < limit
+
     def _propose(self) -> None:
         """Drafts for the running decodes, for the step about to be scheduled: none past what
         max_tokens and the context leave, for a structured output none past what its grammar
         allows (or that would end it), none at all from disable_by_batch_size running up."""
-        running = self.scheduler.running
-        limit = self.proposer.config.disable_by_batch_size
-        off = limit is not None and len(running) >= limit
-        for request in running:
+        drafting = self._drafting()
+        for request in self.scheduler.running:
             request.spec_token_ids = []
-            if off or request.num_uncomputed_tokens != 1 or request.num_pending_tokens:
+            if not drafting or request.num_uncomputed_tokens != 1 or request.num_pending_tokens:
                 continue
             entry = self.samples.get(request)
             if entry is None:

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on for CUDA, off for the CPU)")
     e.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help='speculative decoding by prompt lookup, as vLLM\'s: \'{"method": "ngram", '
-                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (steps then '
-                        'run without async scheduling; default: off)')
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (while drafts '
+                        'are proposed, steps run without async scheduling; default: off)')
     e.add_argument("--generation-config", default="auto",
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
@@ -233,9 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:  # as vLLM
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
-    if args.async_scheduling and args.speculative_config is not None:
-        parser.error("--async-scheduling does not work with --speculative-config: a step's drafts come from the "
-                     "tokens of the step before it")
     config = config_from_args(args)
     setup_logging(config.log_level)
 

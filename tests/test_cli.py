@@ -49,11 +49,3 @@ def test_serve_checks_its_speculative_config_before_starting(capsys: pytest.Capt
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 5,
         "disable_by_batch_size": None}
 
-
-def test_serve_refuses_async_scheduling_with_speculation_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
-    from server.launch import main as serve_main
-
-    with pytest.raises(SystemExit) as info:
-        serve_main(["--async-scheduling", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
-    assert info.value.code == 2 and "--async-scheduling does not work with --speculative-config" in \
-        capsys.readouterr().err

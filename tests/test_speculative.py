@@ -93,25 +93,16 @@ def test_config_rejects_each_bad_value_naming_it(value, names: str) -> None:
     assert names in str(info.value), str(info.value)
 
 
-def test_async_scheduling_is_forced_off_and_refused_explicitly(tiny_checkpoints: dict[str, str]) -> None:
-    cuda = torch.device("cuda")  # only the device's type is read: no GPU needed
-    assert EngineConfig().resolve_async_scheduling(cuda) is True  # the control: on for CUDA by default
-    assert EngineConfig(speculative_config=NGRAM).resolve_async_scheduling(cuda) is False
-    assert EngineConfig(speculative_config=NGRAM, async_scheduling=False).resolve_async_scheduling(cuda) is False
-    # Explicitly asked for with speculation: refused, before any weight is looked for.
-    with pytest.raises(ValueError, match="async scheduling"):
-        LLM("/nonexistent/model/dir", async_scheduling=True, speculative_config=NGRAM)
-    with pytest.raises(ValueError, match="async scheduling"):
-        LLM(tiny_checkpoints["llama"], num_kv_blocks=16, async_scheduling=True, speculative_config=json.dumps(NGRAM))
-    # A bad config is refused before any weight is looked for too.
+def test_the_engine_takes_the_config_before_any_weight(tiny_checkpoints: dict[str, str]) -> None:
+    # A bad config is refused before any weight is looked for.
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLM("/nonexistent/model/dir", speculative_config={"method": "ngram", "num_speculative_tokens": 0})
     # The engine takes the dict or its JSON, and has no proposer without one.
     llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=16, speculative_config=json.dumps(NGRAM))
     assert llm.engine.proposer.config == SpeculativeConfig.from_value(NGRAM)
-    assert llm.engine.async_scheduling is False
-    assert LLM(tiny_checkpoints["llama"], num_kv_blocks=16, async_scheduling=False,
-               speculative_config=NGRAM).engine.async_scheduling is False
+    assert llm.engine.async_scheduling is False  # the CPU's default, speculation or not
+    cuda = torch.device("cuda")  # only the device's type is read: no GPU needed
+    assert EngineConfig(speculative_config=NGRAM).resolve_async_scheduling(cuda) is True
     assert LLM(tiny_checkpoints["llama"], num_kv_blocks=16).engine.proposer is None
 
 
@@ -1161,6 +1152,33 @@ def test_disable_by_batch_size_turns_drafts_off_for_big_batches(tiny_path: str, 
     assert sum(record.drafts.values()) == 0
     assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == before
     assert_same_outputs(small + big, tiny_ref.generate(prompts[:2] + prompts[:3], params, use_tqdm=False))
+    assert_engine_idle(llm)
+
+
+def test_async_scheduling_resumes_where_drafts_are_off(tiny_path: str, tiny_ref: LLM) -> None:
+    """With async scheduling, a step that verifies drafts runs alone (its successor's drafts need
+    its tokens), and where disable_by_batch_size turns drafts off the steps overlap again: no
+    step both has drafts and takes tokens from the step before it; the answers are the engine's
+    without speculation."""
+    llm = LLM(tiny_path, num_kv_blocks=256, block_size=4, async_scheduling=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                  "disable_by_batch_size": 3})
+    assert llm.engine.async_scheduling is True
+    steps: list[tuple[bool, bool]] = []  # (drafts in the step, launched over the previous step's tokens)
+    execute = llm.engine.runner.execute
+
+    def recorded_execute(batch, all_logits_rows=(), previous=None):
+        steps.append((bool(batch.spec_token_ids), previous is not None))
+        return execute(batch, all_logits_rows, previous)
+
+    llm.engine.runner.execute = recorded_execute
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logit_bias={s: 50.0 for s in S})
+              for n in (4, 6, 20, 24)]
+    prompts = [PROMPT[i:] for i in range(4)]
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert_same_outputs(got, tiny_ref.generate(prompts, params, use_tqdm=False))
+    assert (True, True) not in steps, steps
+    assert (False, True) in steps and (True, False) in steps, steps  # overlapped while 3+ ran, drafts after
     assert_engine_idle(llm)
 
 
