@@ -157,3 +157,20 @@ def test_speculative_benchmark_tiny(tmp_path) -> None:
     assert all(r["speedup"] == 1.0 and r["acceptance"] is None for r in off)
     edit = [r for r in results if r["config"] != "off" and r["workload"] == "edit"]
     assert all(r["acceptance"] > 0 and r["tokens_per_verified_step"] > 1 for r in edit)
+
+
+def test_speculative_cost_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
+    """benchmarks/speculative_cost.py at a tiny size: with and without drafts at each batch, the
+    oracle's drafts accepted at about their odds, the answers unchanged."""
+    from benchmarks.speculative_cost import main as cost_main
+
+    out = tmp_path / "speculative_cost.json"
+    report = cost_main(["--model", tiny_llama, "--batches", "1,3", "--max-tokens", "16", "--prompt-len", "12",
+                        "--rounds", "1", "--acceptance", "0.5", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    results = report["results"]
+    assert [(r["batch"], r["drafts"]) for r in results] == [(1, False), (1, True), (3, False), (3, True)]
+    assert all(_positive(r["tok_s"]) and _positive(r["ms_per_step"]) and r["same_tokens"] == r["batch"]
+               for r in results)
+    assert all(r["acceptance"] is None for r in results if not r["drafts"])
+    assert all(0.2 < r["acceptance"] < 0.8 for r in results if r["drafts"])
