@@ -15,11 +15,13 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    under benchmarks/serve.py's load from four processes: TTFT / ITL percentiles, the GPU
    utilisation its /metrics reports (NVML), CPU per token of each process; skipped without the
    carry;
-5. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
+5. speculative_cost: benchmarks/speculative_cost.py on Qwen3-0.6B's config (dummy weights, an
+   oracle proposer right 80% of the time): what a verified draft costs at batch 1, 8 and 32;
+6. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
    micro-benchmarks again with that tuning (STOKE_KERNEL_TUNING);
-6. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
+7. one JSON (results/gpu_check.json; each stage's own JSON and log under results/gpu_check/)
    and a table.
 Each stage is a subprocess with its own time limit, cut to what is left of the budget, so a
 stage that hangs or fails costs only itself. `--cpu-smoke` runs the same orchestration at tiny
@@ -235,6 +237,15 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     stages.append(Stage("serve_default_model", serve, 60 if args.cpu_smoke else 150, out("serve_default_model"),
                         "serve", {"carried_stack": carried}, requires=os.path.join(CARRY_DIR, "config.json"),
                         pythonpath=[CARRY_SITE] if carried else []))
+    # What a verified draft costs where a step reads the weights (speculative decoding, never yet
+    # measured on a GPU): the oracle's drafts stand in for a real model's.
+    spec = [py, "-m", "benchmarks.speculative_cost", "--out", out("speculative_cost")]
+    if args.cpu_smoke:
+        spec += ["--model", tiny, "--batches", "1,2", "--prompt-len", "8", "--max-tokens", "6", "--rounds", "1"]
+    else:
+        spec += ["--model", "configs/qwen3-0.6b", "--batches", "1,8,32", "--max-tokens", "128"]
+    stages.append(Stage("speculative_cost", spec, 30 if args.cpu_smoke else 90, out("speculative_cost"),
+                        "speculative"))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -258,7 +269,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # the server (never yet measured on a GPU); the large model without async scheduling; then
     # the CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 5, "kernels_tuned": 6,
-                               "serve_default_model": 7}
+                               "serve_default_model": 7, "speculative_cost": 7.5}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
                      ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
     for s in stages:
@@ -325,6 +336,12 @@ def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None
             "completed", "failed", "output_token_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms",
             "p99_itl_ms", "p99_e2e_ms", "gpu_utilization_mean", "gpu_utilization_samples",
             "server_cpu_us_per_token", "tokens_per_chunk", "client_cpu_busy", "client_bound")}
+    elif r.name == "speculative_cost" and r.result and "results" in r.result:
+        summary["speculative"] = {"model": r.result["args"]["model"], "acceptance": r.result["args"]["acceptance"],
+                                  "async_scheduling": r.result.get("async_scheduling"),
+                                  "rows": [{k: row[k] for k in ("batch", "drafts", "tok_s", "speedup", "ms_per_step",
+                                                                "acceptance", "same_tokens")}
+                                           for row in r.result["results"]]}
     elif r.name == "kernel_configs" and r.result and "rows" in r.result:
         summary["sweeps"] = _sweep_summary(r.result)
     elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -487,6 +504,15 @@ def render(report: dict[str, Any]) -> str:
         if busy is not None:
             lines.append(f"  load generators: the busiest kept {100 * busy:.0f}% of a core busy"
                          + (" (near 100%: latencies include its lag)" if v.get("client_bound") else ""))
+    if s.get("speculative"):
+        v = s["speculative"]
+        lines += ["", f"speculative decoding's cost ({v['model']}, dummy weights, drafts right "
+                      f"{100 * v['acceptance']:.0f}% of the time; off runs async: {v['async_scheduling']}):"]
+        for row in v["rows"]:
+            if row["drafts"]:
+                lines.append(f"  batch {row['batch']:>3}: {_f(row['tok_s'], '.0f')} tok/s with drafts, "
+                             f"{_f(row['speedup'])}x the tok/s without them; {_f(row['ms_per_step'])} ms a step; "
+                             f"{row['same_tokens']}/{row['batch']} answers unchanged")
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"

@@ -151,7 +151,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_sync_scheduling", "kernel_configs", "kernels_tuned",
-                     "serve_default_model", "offline_llama-3-8b_sync_scheduling",
+                     "serve_default_model", "speculative_cost", "offline_llama-3-8b_sync_scheduling",
                      "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
@@ -163,6 +163,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     tuning = sweep.command[sweep.command.index("--write-tuning") + 1]
     assert tuned.command[1:3] == ["-m", "benchmarks.kernels"] and tuned.requires == tuning
     assert tuned.env == {"STOKE_KERNEL_TUNING": tuning}
+    spec = by_name["speculative_cost"]
+    assert spec.command[1:3] == ["-m", "benchmarks.speculative_cost"] and "configs/qwen3-0.6b" in spec.command
     serve = by_name["serve_default_model"]
     assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"]
     assert "--stoke-arg=dummy" in serve.command
@@ -414,6 +416,12 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             "decode": [{"layout": "l", "batch": 1, "context": 512, "sdpa_ms": 0.0106, "heuristic_splits": 2,
                         "heuristic_ms": 0.0149, "best": {"splits": 1, "ms": 0.0091}}]}),
     ]
+    results.append(gpu_check.StageResult("speculative_cost", "ok", 30.0, 0, result={
+        "args": {"model": "configs/qwen3-0.6b", "acceptance": 0.8}, "async_scheduling": True, "results": [
+            {"batch": 1, "drafts": False, "tok_s": 100.0, "speedup": 1.0, "ms_per_step": 10.0, "acceptance": None,
+             "same_tokens": 1, "runs": []},
+            {"batch": 1, "drafts": True, "tok_s": 250.0, "speedup": 2.5, "ms_per_step": 12.0, "acceptance": 0.8,
+             "same_tokens": 1, "runs": []}]}))
     tuning = tmp_path / "kernel_tuning.json"
     tuning.write_text(json.dumps({"device": "dev", "prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
                                   "prefill_new_kv": "rows", "min_split_keys": 128}))
@@ -431,6 +439,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert m["stoke_sync_scheduling_extra"]["async_scheduling"] is False
     assert summary["sweeps"]["prefill"][0]["best"] == "(128, 64, 8, 2) unpacked new kv tma"
     assert summary["sweeps"]["decode"][0]["best"] == "1 splits (heuristic 2)"
+    assert [row["speedup"] for row in summary["speculative"]["rows"]] == [1.0, 2.5]
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
     assert k["mixed_one_launch_vs_split"]["min"] > 0 and k["prefill_packed_vs_unpacked"] is None  # no Triton
@@ -453,7 +462,9 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "not installed here (stoke serve needs them): pynvml; the serve stage ran with the carried ones",
                    "9000 output tok/s, TTFT p50/p99 80/420 ms, ITL p50/p99 9.5/31.0 ms, GPU utilisation (NVML) 87% "
                    "over 60 samples", "CPU per output token: HTTP process 41 us, engine worker 22 us",
-                   "1.50 tokens per SSE chunk", "the busiest kept 95% of a core busy (near 100%: latencies include"):
+                   "1.50 tokens per SSE chunk", "the busiest kept 95% of a core busy (near 100%: latencies include",
+                   "speculative decoding's cost (configs/qwen3-0.6b, dummy weights, drafts right 80% of the time",
+                   "batch   1: 250 tok/s with drafts, 2.50x the tok/s without them; 12.00 ms a step"):
         assert needle in table, needle
     # A serve stage that did not run (budget, --stages) ran with nothing carried.
     report["stages"] = [s | {"status": "skipped"} if s["name"] == "serve_default_model" else s
