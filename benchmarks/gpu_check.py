@@ -266,7 +266,8 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # still has to tell: the kernel tests and benchmarks; stoke (the defaults) against
     # transformers for both models; the small model without async scheduling (cheap, and it
     # decides that default); the kernel sweeps and the tuned re-run (the open kernel goals);
-    # the server (never yet measured on a GPU); the large model without async scheduling; then
+    # the server (never yet measured on a GPU); what a verified draft costs (nor that); the large
+    # model without async scheduling; then
     # the CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 5, "kernels_tuned": 6,
                                "serve_default_model": 7, "speculative_cost": 7.5}
