@@ -267,8 +267,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # transformers for both models; the small model without async scheduling (cheap, and it
     # decides that default); the kernel sweeps and the tuned re-run (the open kernel goals);
     # the server (never yet measured on a GPU); what a verified draft costs (nor that); the large
-    # model without async scheduling; then
-    # the CUDA-graph variants.
+    # model without async scheduling; then the CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 5, "kernels_tuned": 6,
                                "serve_default_model": 7, "speculative_cost": 7.5}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
