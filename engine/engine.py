@@ -42,6 +42,10 @@ OutputKind = Literal["cumulative", "delta", "final"]
 OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
 
 
+# The params of a row whose request finished after its step was launched: its token is discarded.
+_SURPLUS = SamplingParams(temperature=0.0)
+
+
 @dataclass(slots=True, eq=False)
 class _Sample:
     """One of a request's n samples: its scheduler request and its output state."""
@@ -357,10 +361,9 @@ class LLMEngine:
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
         results: list[RequestOutput] = []
-        if self._in_flight is not None and (self._num_guided or self._drafting()):
-            # A structured output's next mask, and a step's drafts, need the last tokens on the
-            # host: while any structured request runs or drafts are proposed, steps run one
-            # after the other.
+        if self._in_flight is not None and self._drafting():
+            # A step's drafts need the last tokens on the host: while drafts are proposed,
+            # steps run one after the other.
             results += self._take_back(outputs)
         t0 = time.perf_counter()
         if self.proposer is not None:
@@ -368,7 +371,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         # Left in self._in_flight until taken back: if launching this step raises, the engine
-        # stays as it was (but for a take-back above, for structured outputs: its outputs are
+        # stays as it was (but for a take-back below, for structured outputs: its outputs are
         # lost with the error).
         in_flight = self._in_flight
         if not batch.requests:
@@ -386,13 +389,23 @@ class LLMEngine:
         prompt_logprobs = [self._prompt_logprobs(batch.requests[i], hidden)
                            for i, hidden in step_logits.per_position.items()]
         t2 = time.perf_counter()
+        if in_flight is not None and self._num_guided:
+            # A structured output's mask needs its last token on the host: the step in flight
+            # is taken back now, while this step's forward runs (vLLM's order), and this step
+            # samples after it, with every token known.
+            results += self._take_back(outputs)
+            in_flight = previous = None
         sampling_rows = []
         pending_ids = previous.token_ids if previous is not None else None
         drafts: list[int] = []  # the step's drafts, concatenated: the draft rows' pending ids
         position = 0  # of a request with drafts, the position of its current row
         for j, i in enumerate(step_logits.sampling_rows):
             request = batch.requests[i]
-            group, sample = self.samples[request]
+            entry = self.samples.get(request)
+            if entry is None or entry[1].finish_reason is not None:  # finished in that take-back: surplus
+                sampling_rows.append(SamplingRow(_SURPLUS, request.token_ids, request.num_prompt_tokens, None, []))
+                continue
+            group, sample = entry
             allowed, must_end = sample.guide.packed_mask() if sample.guide is not None else (None, False)
             pending_rows, verifies_draft = (previous.rows[request],) if request.num_pending_tokens else (), False
             if batch.spec_token_ids and request in batch.spec_token_ids:

@@ -207,7 +207,18 @@ def test_async_scheduling_matches_sync_in_mixed_batches(default_model_dir: str, 
     assert_engine_idle(llm)
     async_llm = LLM(default_model_dir, kv_cache_memory_bytes=256 << 20, async_scheduling=True)
     assert async_llm.engine.async_scheduling
+    # Each forward is launched over the step in flight (vLLM's order): only the sampling waits
+    # for that step's tokens, which the structured outputs' masks need.
+    overlapped: list[bool] = []  # per forward: launched while the step before it was in flight
+    execute = async_llm.engine.runner.execute
+
+    def recorded_execute(batch, all_logits_rows=(), previous=None):
+        overlapped.append(previous is not None)
+        return execute(batch, all_logits_rows, previous)
+
+    async_llm.engine.runner.execute = recorded_execute
     assert token_ids(async_llm.generate(prompts, params, use_tqdm=False)) == expected
+    assert sum(overlapped) >= len(overlapped) - 2, overlapped  # all but the first, and one after a lone prefill
     assert token_ids(async_llm.generate(plain_prompts, plain_params, use_tqdm=False)) == plain_alone
     assert_engine_idle(async_llm)
 
