@@ -392,9 +392,10 @@ class LLMEngine:
         if in_flight is not None and self._num_guided:
             # A structured output's mask needs its last token on the host: the step in flight
             # is taken back now, while this step's forward runs (vLLM's order), and this step
-            # samples after it, with every token known.
+            # samples after it, with every token known (the take-back's time is its own).
             results += self._take_back(outputs)
             in_flight = previous = None
+        t_rows = time.perf_counter()
         sampling_rows = []
         pending_ids = previous.token_ids if previous is not None else None
         drafts: list[int] = []  # the step's drafts, concatenated: the draft rows' pending ids
@@ -439,7 +440,9 @@ class LLMEngine:
         if in_flight is not None:
             results += self._take_back(outputs)
         self._in_flight = launched
-        if not self.async_scheduling or self._drafting():
+        # A step with drafts is taken back at once too: the next step's inputs follow its accepted
+        # drafts, which only its tokens tell (though its admissions may have turned drafts off).
+        if not self.async_scheduling or self._drafting() or batch.spec_token_ids:
             results += self._take_back(outputs)
 
         s = self.stats
@@ -448,7 +451,7 @@ class LLMEngine:
         s.num_batched_tokens += batch.total_tokens
         s.schedule_seconds += (t1 - t0) + (t4 - t3)
         s.forward_seconds += t2 - t1
-        s.sample_seconds += t3 - t2
+        s.sample_seconds += t3 - t_rows
         return results
 
     def _take_back(self, outputs: OutputKind) -> list[RequestOutput]:

@@ -1182,6 +1182,40 @@ def test_async_scheduling_resumes_where_drafts_are_off(tiny_path: str, tiny_ref:
     assert_engine_idle(llm)
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_step_with_drafts_is_taken_back_before_the_next_one(default_model_dir: str, ref_llm: LLM,
+                                                              structured: bool) -> None:
+    """A step that verifies drafts and admits the request that turns drafts off (running reaches
+    disable_by_batch_size) is taken back before the next step is planned: the next step's
+    inputs follow its accepted drafts. (It was left in flight, and the next step read its last
+    draft row's token as the pending one; with a structured request beside it too.)"""
+    llm = LLM(default_model_dir, kv_cache_memory_bytes=128 << 20, async_scheduling=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                  "disable_by_batch_size": 2})
+    engine, tokenizer = llm.engine, llm.get_tokenizer()
+
+    def prompt(text: str) -> list[int]:
+        return tokenizer.apply_chat_template(user(text), add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    repeat = SamplingParams(temperature=0.0, max_tokens=20)
+    hello = SamplingParams(temperature=0.0, max_tokens=6,
+                           structured_outputs=StructuredOutputsParams(choice=["yes", "no"]) if structured else None)
+    engine.add_request("a", prompt("Repeat: one two three one two three one two three"), repeat)
+    outputs: dict[str, list[int]] = {}
+    for step in range(200):
+        if step == 5:  # joins while "a" verifies drafts
+            assert engine.stats.num_drafts > 0
+            engine.add_request("b", prompt("Say hello."), hello)
+        for output in engine.step("final"):
+            outputs[output.request_id] = output.outputs[0].token_ids
+        if step >= 5 and not engine.has_unfinished_requests():
+            break
+    want = ref_llm.generate([{"prompt_token_ids": prompt("Repeat: one two three one two three one two three")},
+                             {"prompt_token_ids": prompt("Say hello.")}], [repeat, hello], use_tqdm=False)
+    assert [outputs["a"], outputs["b"]] == [o.outputs[0].token_ids for o in want]
+    assert_engine_idle(llm)
+
+
 # =============================================================================================
 # 7. Token equality with transformers (greedy, fp32)
 
