@@ -54,6 +54,13 @@ def prompts(seed: int, count: int, lo: int, hi: int) -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
 
 
+def assert_same_tokens_and_logprobs(have, want) -> None:
+    for a, b in zip(have, want, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+
+
 # ----------------------------------------------------------------------------- transfer
 
 
@@ -307,10 +314,7 @@ def test_decode_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str,
     lp = SamplingParams(max_tokens=3, logprobs=2, **GREEDY)
     want = LLM(path, **args).generate(ps[:3], lp)
     have = llm.generate(ps[:3], lp)
-    for a, b in zip(have, want):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    assert_same_tokens_and_logprobs(have, want)
 
 
 @interpreter_only
@@ -343,10 +347,7 @@ def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, 
         llm = LLM(path, async_scheduling=async_scheduling, **args)
         log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
         have = llm.generate(ps, params)
-        for a, b in zip(have, want):
-            assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-                assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+        assert_same_tokens_and_logprobs(have, want)
     steps = llm.engine.runner.replayed_steps
     assert {k for k, _ in log} == {"decode", "mixed"}, log
     assert any(k == "mixed" and 0 < nd < n for k, nd, n in steps), steps  # decodes beside a chunk
@@ -378,10 +379,7 @@ def test_speculative_steps_replay_the_mixed_graphs(tiny_checkpoints: dict[str, s
     monkeypatch.setattr(llm.engine.proposer, "propose", propose)
     with_eager_graphs(llm, 8, tokens=[8, 16, 40])
     have = llm.generate(ps, params)
-    for a, b in zip(have, want):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    assert_same_tokens_and_logprobs(have, want)
     steps = llm.engine.runner.replayed_steps
     assert any(k == "mixed" and nd < n for k, nd, n in steps[1:]), steps  # decodes with drafts, graphed
     assert llm.engine.stats.num_accepted_tokens > 0
