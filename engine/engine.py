@@ -357,7 +357,9 @@ class LLMEngine:
 
         With async scheduling a step launches its forward and sampling, then turns the previous
         step's tokens into outputs while the device runs: a step returns the outputs of the one
-        before it, and a request that finished there has one surplus token computed, discarded."""
+        before it, and a request that finished there has one surplus token computed, discarded.
+        While a structured request runs, that turn comes between the forward and the sampling
+        (the masks need those tokens); while drafts are proposed, a step is taken back at once."""
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
         results: list[RequestOutput] = []
