@@ -7,9 +7,12 @@ each position samples as it would without speculation, and drafts are accepted w
 equal what was sampled. Against a draft that is one token for certain this is rejection
 sampling exactly (d is kept with probability p(d), and where it is refused the token is drawn
 from p without d), so each token is distributed as without speculation; a seeded request's
-generator is wound back past the refused positions' draws, so it samples the same tokens. A step then
-emits between 1 and drafts + 1 tokens for the cost of one forward over a few more positions:
-decoding is bound by reading the weights, so those positions are nearly free at small batches.
+generator is wound back past the refused positions' draws, so it samples the same tokens.
+
+A step then emits between 1 and drafts + 1 tokens for the cost of one forward over a few more
+positions. On a GPU at small batches, decoding is bound by reading the weights and those
+positions are nearly free; on a CPU they cost compute (benchmarks/speculative.py,
+benchmarks/speculative_cost.py).
 
 No draft model: prompt lookup pays off where answers repeat their context (editing code,
 summaries that quote, retrieval-augmented answers, structured rewrites).
