@@ -409,7 +409,7 @@ class LLMEngine:
                 sampling_rows.append(SamplingRow(_SURPLUS, request.token_ids, request.num_prompt_tokens, None, []))
                 continue
             group, sample = entry
-            allowed, must_end = sample.guide.packed_mask() if sample.guide is not None else (None, False)
+            allowed, must_end = None, False
             pending_rows, verifies_draft = (previous.rows[request],) if request.num_pending_tokens else (), False
             if batch.spec_token_ids and request in batch.spec_token_ids:
                 # Row `position` follows the drafts before it, sampled as if they were known (the
@@ -423,6 +423,8 @@ class LLMEngine:
                 verifies_draft = position < len(spec)
                 if sample.guide is not None:
                     allowed, must_end = sample.draft_masks[position]
+            elif sample.guide is not None:
+                allowed, must_end = sample.guide.packed_mask()
             sampling_rows.append(SamplingRow(
                 params=group.params, token_ids=request.token_ids, num_prompt_tokens=request.num_prompt_tokens,
                 generator=sample.generator, eos_token_ids=self.eos_token_ids,

@@ -384,15 +384,14 @@ class ModelRunner:
                 if drafts:  # the last token, then its drafts: each position's logits verify the next
                     h.input_ids.extend(request.token_ids[start:])
                     h.input_ids.extend(drafts)
+                    h.logits_indices.extend(range(len(h.input_ids) - n, len(h.input_ids)))
+                    h.sampling_rows.extend([i] * n)
                 elif end > len(request.token_ids):
                     raise RuntimeError(f"{request.request_id}: a chunk of {n} tokens reaches a pending token")
                 else:
                     h.input_ids.extend(request.token_ids[start:end])
                 h.positions.extend(range(start, end))
                 h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-                if drafts:
-                    h.logits_indices.extend(range(len(h.input_ids) - n, len(h.input_ids)))
-                    h.sampling_rows.extend([i] * n)
             h.context_lens.append(end)
             if i >= batch.num_decodes:
                 h.cu_seqlens.append(h.cu_seqlens[-1] + n)

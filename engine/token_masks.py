@@ -12,6 +12,7 @@ one a dictionary lookup and an unpack.
 from __future__ import annotations
 
 import bisect
+import copy
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -199,9 +200,7 @@ class Guide:
         """Speculative decoding: packed_mask() here and after each of `tokens` in turn, as far
         as the grammar takes them on without ending or reaching a dead end (the guide itself
         does not move): a mask for each row that verifies `tokens[:len(masks) - 1]`."""
-        probe = Guide.__new__(Guide)
-        probe.grammar, probe.masks, probe.end_ids = self.grammar, self.masks, self.end_ids
-        probe.state, probe.ended, probe._mask = self.state, self.ended, self._mask
+        probe = copy.copy(self)
         masks = [probe.packed_mask()]
         for token in tokens:
             if not probe.advance(token) or probe.ended or probe.dead_end():

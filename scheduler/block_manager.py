@@ -148,7 +148,11 @@ class BlockManager:
         return self._new_blocks(request, num_new_tokens, hits)[1]
 
     def _fits_held(self, request: Request, num_new_tokens: int) -> bool:
-        return request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        return num_new_tokens <= self.held_room(request)
+
+    def held_room(self, request: Request) -> int:
+        """Tokens the request's blocks hold room for past its computed ones."""
+        return len(request.block_ids) * self.block_size - request.num_computed_tokens
 
     def _new_blocks(self, request: Request, num_new_tokens: int, hits: Sequence[int]) -> tuple[int, int]:
         """(blocks to take from the pool, how many of them it lacks)."""

@@ -236,16 +236,16 @@ class Scheduler:
         """The scheduled decodes' drafts, in order, with what the step's certain work left of the
         budget and the pool (drafts never preempt: where a new block is missing, only the
         drafts that fit the blocks the request holds)."""
-        bm, size = self.block_manager, self.config.block_size
+        bm = self.block_manager
         for request in decodes:
-            drafts = request.spec_token_ids
             if budget == 0:
                 break
+            drafts = request.spec_token_ids
             if not drafts or scheduled.get(request) != 1:
                 continue
             k = min(len(drafts), budget)
             if not bm.allocate_slots(request, 1 + k):
-                k = len(request.block_ids) * size - request.num_computed_tokens - 1
+                k = bm.held_room(request) - 1  # what fits beside its token in the blocks it holds
                 if k < 1:
                     continue
             scheduled[request] = 1 + k

@@ -125,6 +125,11 @@ class Metrics:
             self.errors.labels(kind)
         if gpu:
             r.register(GPUCollector())
+        # The worker's cumulative counters (its stats' keys) and the counters they feed.
+        self._worker_counters = {
+            "prefix_queries_tokens": self.prefix_queries, "prefix_hits_tokens": self.prefix_hits,
+            "preemptions": self.preemptions, "spec_drafts": self.spec_drafts,
+            "spec_draft_tokens": self.spec_draft_tokens, "spec_accepted_tokens": self.spec_accepted_tokens}
         self._last: dict[str, int] = {}
         self._prefilled: set[str] = set()
         # engine request id → choice index → (finish reason, tokens), until the request ends:
@@ -135,13 +140,7 @@ class Metrics:
 
     def set_baseline(self, stats: dict[str, Any]) -> None:
         """The worker's counters at ready (the warm-up step is not user traffic)."""
-        self._last = {k: int(stats[k]) for k in self._worker_counters()}
-
-    def _worker_counters(self) -> dict[str, Counter]:
-        """The worker's cumulative counters (its stats' keys) and the counters they feed."""
-        return {"prefix_queries_tokens": self.prefix_queries, "prefix_hits_tokens": self.prefix_hits,
-                "preemptions": self.preemptions, "spec_drafts": self.spec_drafts,
-                "spec_draft_tokens": self.spec_draft_tokens, "spec_accepted_tokens": self.spec_accepted_tokens}
+        self._last = {k: int(stats[k]) for k in self._worker_counters}
 
     # ------------------------------------------------------------ from the worker
     def on_frame(self, frame: dict[str, Any]) -> None:
@@ -152,7 +151,7 @@ class Metrics:
             self.requests_waiting.set(stats["waiting"])
             self.requests_running.set(stats["running"])
             self.kv_cache_usage.set(stats["kv_cache_usage"])
-            for key, counter in self._worker_counters().items():
+            for key, counter in self._worker_counters.items():
                 value = int(stats[key])
                 delta = value - self._last.get(key, 0)
                 if delta > 0:
