@@ -3,11 +3,12 @@
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import LLMEngine
 from engine.llm import LLM
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
-    "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "ModelConfig", "RequestMetrics",
+    "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "RequestMetrics",
     "RequestOutput", "SamplingParams", "StructuredOutputsParams",
 ]

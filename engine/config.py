@@ -202,6 +202,13 @@ class EngineConfig:
     # drafts are proposed, steps run one after the other (the next step's drafts need this
     # step's tokens); where disable_by_batch_size turns them off, async scheduling resumes.
     speculative_config: dict[str, Any] | str | None = None
+    # LoRA adapters (engine/lora.py), as vLLM's: requests may name one (lora_request); at most
+    # max_loras of them run at once (slots on the device, ranks up to max_lora_rank), and up to
+    # max_cpu_loras (None: max_loras) stay loaded in host memory once no request uses them.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len (at most the model's positions), capped
@@ -220,6 +227,17 @@ class EngineConfig:
                            model.sliding_window)
             longest = model.sliding_window
         return min(self.max_model_len or longest, longest)
+
+    def resolve_max_cpu_loras(self) -> int:
+        """Checks the LoRA limits; the adapters kept in host memory."""
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        cpu = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < self.max_loras:
+            raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), got {cpu!r}")
+        return cpu
 
     def resolve_cuda_graph_mode(self) -> str:
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:

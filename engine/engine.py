@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig, ModelConfig, generation_defaults
 from engine.detokenizer import IncrementalDetokenizer
+from engine.lora import LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
@@ -75,6 +76,7 @@ class _Group:
     samples: list[_Sample] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_pending: int = 0  # positions whose logprobs are still on their way back
+    lora_request: LoRARequest | None = None
 
     @property
     def finished(self) -> bool:
@@ -141,7 +143,10 @@ class LLMEngine:
         # server's worker sends on (10x cheaper: 0.9 against 9 us a token with 20 top logprobs).
         self.logprob_objects = True
         self.default_sampling = self._default_sampling(config.generation_config, path)
-        self.runner = ModelRunner(path, self.model_config, config)
+        self.loras: LoRARegistry | None = None
+        if config.enable_lora:
+            self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras())
+        self.runner = ModelRunner(path, self.model_config, config, self.loras)
         self.max_model_len = self.runner.max_model_len  # the model's positions, or its attention window
         self.scheduler = Scheduler(SchedulerConfig(
             max_model_len=self.max_model_len,
@@ -153,6 +158,7 @@ class LLMEngine:
             max_num_partial_prefills=config.max_num_partial_prefills,
             long_prefill_token_threshold=config.long_prefill_token_threshold,
             policy=config.scheduling_policy,
+            max_loras=config.max_loras if config.enable_lora else 0,
         ))
         self.sampler = Sampler()
         self.eos_token_ids = list(self.model_config.eos_token_ids)
@@ -239,14 +245,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, prompt_token_ids: list[int] | None = None, *,
-                    cap_at_context: bool = False, priority: int = 0) -> None:
+                    cap_at_context: bool = False, priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; a text prompt is tokenized unless its prompt_token_ids are given.
         See `prepare` for what it checks and `cap_at_context`; `priority` (lower runs earlier)
-        needs the "priority" scheduling policy."""
+        needs the "priority" scheduling policy; `lora_request`, an engine with enable_lora."""
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         prepared = self.prepare(prompt_token_ids, params, cap_at_context=cap_at_context)
-        self.add_prepared(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time, priority)
+        self.add_prepared(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time, priority,
+                          lora_request)
 
     def check_priority(self, priority: int) -> None:
         """ValueError for a priority this engine cannot honour (any but 0 under FCFS, as vLLM)."""
@@ -257,18 +264,23 @@ class LLMEngine:
                              "(scheduling_policy='priority'); this engine schedules first come, first served")
 
     def add_prepared(self, request_id: str, text: str | None, prepared: tuple[list[int], SamplingParams, int],
-                     arrival_time: float | None = None, priority: int = 0) -> None:
+                     arrival_time: float | None = None, priority: int = 0,
+                     lora_request: LoRARequest | None = None) -> None:
         """Queue a request `prepare` returned (a batch checks all its prompts, then adds them)."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in flight")
         self.check_priority(priority)
         prompt_token_ids, params, max_tokens = prepared
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        group = _Group(request_id, text, prompt_token_ids, params, arrival)
+        group = _Group(request_id, text, prompt_token_ids, params, arrival, lora_request=lora_request)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         # Every sample is built before any is queued: nothing stays behind if one fails.
         guides = self._guides(params)
+        lora_id = 0
+        if lora_request is not None:
+            self.add_lora(lora_request)  # read and checked (ValueError) before anything is queued
+            lora_id = lora_request.lora_int_id
         first: Request | None = None
         # Samples 1.. start once sample 0's prompt is in the prefix cache, to reuse it; with no
         # cache they would only wait to recompute it.
@@ -278,7 +290,7 @@ class LLMEngine:
             request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens,
                               prefill_after=first if caching else None,
                               use_prefix_cache=first is not None or params.prompt_logprobs is None,
-                              arrival_time=arrival, priority=priority)
+                              arrival_time=arrival, priority=priority, lora_id=lora_id)
             first = first or request
             sample = _Sample(
                 index=index,
@@ -291,9 +303,28 @@ class LLMEngine:
             group.samples.append(sample)
         self._num_guided += sum(s.guide is not None for s in group.samples)
         for sample in group.samples:
+            if lora_request is not None:
+                self.loras.acquire(lora_request)  # held until the sample finishes
             self.samples[sample.request] = (group, sample)
             self.scheduler.add_request(sample.request)
         self.groups[request_id] = group
+
+    # ------------------------------------------------------------------ LoRA (vLLM's LLMEngine methods)
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read an adapter into host memory now (kept while max_cpu_loras allow); ValueError if
+        this engine can't serve it."""
+        if self.loras is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True")
+        self.loras.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Drop a loaded adapter; False while requests use it (or if it is not loaded)."""
+        return self.loras is not None and self.loras.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters in host memory."""
+        return set() if self.loras is None else set(self.loras.adapters)
 
     def _guides(self, params: SamplingParams) -> list[Guide]:
         """One guide per sample for a request with structured outputs (none without);
@@ -626,6 +657,8 @@ class LLMEngine:
             sample.detokenizer.finish()
         self.scheduler.finish(sample.request)
         self.runner.release(sample.request)
+        if sample.request.lora_id:
+            self.loras.release(sample.request.lora_id)
         if self.proposer is not None:
             self.proposer.forget(sample.request)
 
@@ -674,6 +707,7 @@ class LLMEngine:
             num_cached_tokens=group.samples[0].request.num_cached_tokens,
             metrics=self._metrics(group, finished),
             prompt_logprobs=group.prompt_logprobs,
+            lora_request=group.lora_request,
         )
 
     @staticmethod

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from engine.chat_messages import template_message
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams, is_int
 
@@ -34,10 +35,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: ProgressBar = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order. A prompt is a
         text, a list of token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
-        `priority`: one per prompt, lower runs earlier (needs scheduling_policy="priority")."""
+        `priority`: one per prompt, lower runs earlier (needs scheduling_policy="priority").
+        `lora_request`: the LoRA adapter all prompts run with, or one per prompt (None: the
+        base model; needs enable_lora=True)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
             prompts = [prompts]
         texts, token_prompts = [], []
@@ -51,7 +55,8 @@ class LLM:
                 raise ValueError(f"got {len(priority)} priorities for {len(texts)} prompts")
             for p in priority:
                 self.engine.check_priority(p)
-        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm, priority)
+        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm, priority,
+                         lora_request)
 
     def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(its text if it has one, its token ids)."""
@@ -84,6 +89,7 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         use_tqdm: ProgressBar = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: one conversation (a list of messages) or a list of them, each
         rendered with the model's chat template, then generated as `generate` does (outputs
@@ -92,7 +98,8 @@ class LLM:
         second one). `chat_template`: a Jinja template to use instead of the tokenizer's.
         `tools`: OpenAI-style tool definitions for the template to show the model (its answer
         comes back as text: no tool-call parsing). Messages reach the template as the server's
-        do: text content parts joined by newlines, tool calls' JSON arguments parsed."""
+        do: text content parts joined by newlines, tool calls' JSON arguments parsed.
+        `lora_request` as `generate`'s."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
             raise ValueError("this model has no chat template: pass chat_template, or use generate()")
@@ -105,7 +112,8 @@ class LLM:
                                                tokenize=False, **kwargs)
                  for conversation in conversations]
         token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm)
+        return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm,
+                         lora_request=lora_request)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: the defaults, with
@@ -131,8 +139,25 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
 
+    def _loras(self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+               n: int) -> list[LoRARequest | None]:
+        """One adapter (or None) per prompt, each read and checked."""
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * n
+        elif isinstance(lora_request, Sequence) and not isinstance(lora_request, str):
+            loras = list(lora_request)
+            if len(loras) != n:
+                raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
+        else:
+            raise TypeError(f"lora_request must be a LoRARequest or a list of them, got {type(lora_request).__name__}")
+        for lora in dict.fromkeys(loras):
+            if lora is not None:
+                self.engine.add_lora(lora)
+        return loras
+
     def _run(self, texts: list[str | None], token_prompts: list[list[int]], params: list[SamplingParams],
-             use_tqdm: ProgressBar, priority: list[int] | None = None) -> list[RequestOutput]:
+             use_tqdm: ProgressBar, priority: list[int] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Check every prompt, then run them all to completion. As vLLM's offline API, a
         max_tokens past the end of the context (or of a smaller KV pool) stops there,
         finish_reason "length", instead of being refused (the server refuses it, as vLLM's)."""
@@ -142,6 +167,7 @@ class LLM:
             if id(p) not in owned:
                 owned[id(p)] = self.engine.own_params(p)
             prepared.append(self.engine.prepare(tokens, owned[id(p)], cap_at_context=True, owned=True))
+        loras = self._loras(lora_request, len(token_prompts))
         ids = []
         finished: dict[str, RequestOutput] = {}
         bar = None
@@ -151,7 +177,8 @@ class LLM:
             for i, (text, request) in enumerate(zip(texts, prepared)):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_prepared(request_id, text, request, priority=priority[i] if priority else 0)
+                self.engine.add_prepared(request_id, text, request, priority=priority[i] if priority else 0,
+                                         lora_request=loras[i])
                 ids.append(request_id)
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step(outputs="final"):

@@ -32,6 +32,7 @@ from engine.cuda_graphs import (
     pad_tokens,
     token_buckets,
 )
+from engine.lora import LoRARegistry, LoRASlots
 from engine.models.llama import LlamaForCausalLM
 from engine.speculative import SpeculativeConfig
 from engine.transfer import to_device
@@ -93,10 +94,14 @@ class HostInputs:
     pending_positions: list[int] = field(default_factory=list)
     pending_rows: list[int] = field(default_factory=list)
     previous_ids: torch.Tensor | None = None
+    # With LoRA adapters: each input token's adapter slot (-1: the base model).
+    lora_slots: list[int] | None = None
 
     def on_device(self, device: torch.device) -> list[torch.Tensor]:
-        """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices, in one
-        copy; the pending input ids are then taken from the previous step's sampled ids."""
+        """input_ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices (and
+        with LoRA, lora_slots), in one copy; the pending input ids are then taken from the
+        previous step's sampled ids."""
+        lora = [] if self.lora_slots is None else [torch.tensor(self.lora_slots, dtype=torch.long)]
         pending = [torch.tensor(self.pending_positions, dtype=torch.long),
                    torch.tensor(self.pending_rows, dtype=torch.long)] if self.pending_positions else []
         tensors = to_device([
@@ -107,12 +112,13 @@ class HostInputs:
             torch.tensor(self.context_lens, dtype=torch.int32),
             torch.tensor(self.cu_seqlens, dtype=torch.int32),
             torch.tensor(self.logits_indices, dtype=torch.long),
+            *lora,
             *pending,
         ], device)
         if pending:
-            positions, rows = tensors[7:]
+            positions, rows = tensors[-2:]
             tensors[0][positions] = self.previous_ids[rows]
-        return tensors[:7]
+        return tensors[:7 + len(lora)]
 
 
 @dataclass(slots=True)
@@ -143,7 +149,10 @@ class CudaMemory:
 
 
 class ModelRunner:
-    def __init__(self, model_path: str, model_config: ModelConfig, config: EngineConfig) -> None:
+    def __init__(self, model_path: str, model_config: ModelConfig, config: EngineConfig,
+                 loras: LoRARegistry | None = None) -> None:
+        """`loras`: the adapters requests may run with (LoRA slots on the device, as many as
+        config.max_loras); None: the base model alone."""
         self.config = config
         self.model_config = model_config
         self.device = config.resolve_device()
@@ -165,6 +174,10 @@ class ModelRunner:
         elif self.backend.__name__ == kernels.BACKENDS["cpu"]:  # the same in C, and the projections
             self.model.use_norm_rope_kernels(self.backend)
             self.model.use_linear_kernels(self.backend)
+        self.lora: LoRASlots | None = None
+        if loras is not None:  # before the memory profile, which then counts the slots and their products
+            self.lora = LoRASlots(self.model, loras, config.max_loras,
+                                  max(config.max_num_batched_tokens, config.max_num_seqs), self.device, self.dtype)
         # CUDA graphs need host-sync-free kernels: CUDA with the Triton backend only.
         graphs = on_gpu_triton and not config.enforce_eager
         self.graph_buckets = batch_buckets(config.max_num_seqs) if graphs else []
@@ -366,7 +379,14 @@ class ModelRunner:
         bs = self.block_size
         h = HostInputs()
         max_blocks = 0
+        lora_slot: dict[int, int] = {}
+        if self.lora is not None:
+            lora_slot = self.lora.slots_for({r.lora_id for r in batch.requests if r.lora_id})
+            lora_slot[0] = -1
+            h.lora_slots = []
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            if h.lora_slots is not None:
+                h.lora_slots.extend([lora_slot[request.lora_id]] * n)
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             blocks = request.block_ids
             if n == 1:  # a decode: most rows of most steps, without the generic path's ranges
@@ -407,9 +427,17 @@ class ModelRunner:
         goes back."""
         self.block_tables.release(request)
 
+    def _on_device(self, h: HostInputs) -> list[torch.Tensor]:
+        """h.on_device; with LoRA, each token's adapter slot goes where the model reads it."""
+        tensors = h.on_device(self.device)
+        if self.lora is not None:
+            self.lora.state.active = any(slot >= 0 for slot in h.lora_slots)
+            self.lora.state.token_slots[:len(h.lora_slots)].copy_(tensors.pop())
+        return tensors
+
     def prepare(self, batch: ScheduledBatch, previous: PreviousTokens | None = None) -> StepInputs:
         h = self.host_inputs(batch, previous)
-        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = h.on_device(self.device)
+        ids, positions, slots, tables, context_lens, cu_seqlens, logits_indices = self._on_device(h)
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables,
@@ -459,7 +487,8 @@ class ModelRunner:
         num_logits = len(h.logits_indices)
         if kind == "decode":
             pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens)
-            ids, positions, slots, tables, context_lens, _, logits_indices = h.on_device(self.device)
+            self._pad_lora_slots(h)
+            ids, positions, slots, tables, context_lens, _, logits_indices = self._on_device(h)
             out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
             rows = out[:num_logits] if h.logits_indices == list(range(num_logits)) else out[logits_indices]
             # A copy: `out` is the graph's static memory, which the next replay overwrites.
@@ -475,10 +504,18 @@ class ModelRunner:
         pad_tokens(bucket - len(h.input_ids), h.input_ids, h.positions, h.slots)
         pad_mixed_sequences(self.cuda_graphs.max_num_seqs, h.cu_seqlens, h.context_lens, h.logits_indices)
         h.cu_seqlens += [nd, splits]  # the decode counts ride in cu_seqlens' copy
-        ids, positions, slots, tables, context_lens, cu_counts, logits_indices = h.on_device(self.device)
+        self._pad_lora_slots(h)
+        ids, positions, slots, tables, context_lens, cu_counts, logits_indices = self._on_device(h)
         hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_counts[:-2],
                                                logits_indices, cu_counts[-2:])
         return self.model.compute_logits(hidden[:num_logits]).float(), h.sampling_rows
+
+    @staticmethod
+    def _pad_lora_slots(h: HostInputs) -> None:
+        """A graph's padding tokens run with no adapter (the graph computes every slot's product
+        regardless: it was captured with them)."""
+        if h.lora_slots is not None:
+            h.lora_slots.extend([-1] * (len(h.input_ids) - len(h.lora_slots)))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = (),

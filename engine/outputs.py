@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Logprob(float):
@@ -70,3 +71,4 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: per prompt token, {token_id: Logprob} of the token and
     # the top-k given the tokens before it (as `logprobs`); None for the first token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    lora_request: Any = None  # the LoRARequest it ran with (engine.lora), None: the base model

@@ -6,7 +6,9 @@ parent by its serial, the number of the exact token prefix the block's KV was co
 (unique for ever, unlike hashes and block ids), so a hash collision can cost a cache miss,
 never wrong KV. A hash may hold several blocks: twins (the same prefix computed by requests
 admitted together, sharing one serial) and collisions (other prefixes), as in vLLM, so a
-prefix stays cached while any copy of it does. Blocks with no references stay in the cache
+prefix stays cached while any copy of it does. A request's first block chains from its
+`prefix_root` (its LoRA adapter's, where it has one), so an adapter's prefixes are never the
+base model's. Blocks with no references stay in the cache
 and are evicted only when no never-cached block is left: spare twins first (copies of a
 prefix a request still holds: it stays cached), then least-recently-freed first.
 """
@@ -32,7 +34,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None  # set while the block is registered in the prefix cache
     serial: int | None = None  # the number of the token prefix whose KV this block holds
-    parent_serial: int | None = None  # the prefix before this block's tokens
+    parent_serial: int | None = None  # the prefix before this block's tokens (first: the root)
     token_ids: tuple[int, ...] = ()
 
 
@@ -85,7 +87,7 @@ class BlockManager:
         """Extend request.block_hashes over every full block of its tokens."""
         hashes, tokens, size = request.block_hashes, request.token_ids, self.block_size
         for i in range(len(hashes), len(tokens) // size):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else request.prefix_root
             hashes.append(self.hasher(parent, tuple(tokens[i * size:(i + 1) * size])))
 
     def match_prefix(self, request: Request) -> list[int]:
@@ -96,7 +98,7 @@ class BlockManager:
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
-        parent: int | None = None
+        parent = request.prefix_root
         size, tokens = self.block_size, request.token_ids
         for i, h in enumerate(request.block_hashes[:max_blocks]):
             block_id = self._lookup(h, parent, tuple(tokens[i * size:(i + 1) * size]))
@@ -230,7 +232,8 @@ class BlockManager:
         if start >= num_full:
             return
         self._update_hashes(request)
-        tokens, parent = request.token_ids, request.prefix_tail_serial
+        tokens = request.token_ids
+        parent = request.prefix_tail_serial if start else request.prefix_root
         for i in range(start, num_full):
             h = request.block_hashes[i]
             block_tokens = tuple(tokens[i * size:(i + 1) * size])

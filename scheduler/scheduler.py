@@ -4,6 +4,9 @@ Every step: running decodes first, then running partial prefills, then waiting r
 admitted while the token budget and max_num_seqs allow. Prefill of any request is chunked to
 fit the budget; long prompts are capped per step so a short request is not stuck behind them.
 When blocks run out, the most recently admitted running request is preempted by recompute.
+Requests with LoRA adapters run beside each other and the base model's, with at most
+`max_loras` adapters among the running requests: a waiting request whose adapter would be one
+more is passed over (the next waiting request may go first) until one of theirs finishes.
 
 The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
 the preempted request is then the running one that sorts last, and a waiting request that
@@ -54,12 +57,17 @@ class SchedulerConfig:
     max_long_partial_prefills: int = 1
     long_prefill_token_threshold: int = 0  # 0: max_num_batched_tokens // 2
     policy: str = "fcfs"  # or "priority" (see the module's docstring)
+    # At most this many LoRA adapters among the running requests (the device's adapter
+    # slots); 0: no adapters. A waiting request whose adapter finds no slot is passed over.
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.long_prefill_token_threshold <= 0:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 2)
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras must be >= 0, got {self.max_loras}")
         for name in ("max_model_len", "num_blocks", "block_size", "max_num_seqs",
                      "max_num_batched_tokens", "max_num_partial_prefills", "max_long_partial_prefills"):
             if getattr(self, name) < 1:
@@ -143,6 +151,8 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.check_admissible(request.num_prompt_tokens, request.max_tokens)
+        if request.lora_id and not self.config.max_loras:
+            raise ValueError(f"{request.request_id} has a LoRA adapter, and this scheduler runs none (max_loras 0)")
         if self.by_priority:
             insort_right(self.waiting, request, key=_order)  # after its equals: they came first
         else:
@@ -260,12 +270,14 @@ class Scheduler:
         partial, long_partial = self._partial_prefills(scheduled)
         skipped: list[Request] = []
         admitted: list[Request] = []
+        loras = {r.lora_id for r in self.running if r.lora_id}
         while self.waiting and budget > 0:
             request = self.waiting[0]
             sibling = request.prefill_after
             # A request preempted with a token in flight waits for it: its prefill needs it.
             if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
-                    or request in preempted):  # not back in the step that preempted it
+                    or request in preempted  # not back in the step that preempted it
+                    or request.lora_id and request.lora_id not in loras and len(loras) >= cfg.max_loras):
                 skipped.append(self.waiting.popleft())
                 continue
             no_seat = len(self.running) - finishing >= cfg.max_num_seqs
@@ -303,6 +315,8 @@ class Scheduler:
                 request.first_scheduled_time = now
             self.running.append(request)
             admitted.append(request)
+            if request.lora_id:
+                loras.add(request.lora_id)
             scheduled[request] = n
             budget -= n
         self.waiting.extendleft(reversed(skipped))

@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
+from engine.lora import LoRAProjection, LoRAState
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ class Rotary(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear, or, after `use_kernels(ops)`, `ops.linear` over the weight as `ops` packed it.
     The packed copy replaces the weight (which is then empty) until `use_kernels(None)`
-    unpacks it again, so the weights are held once."""
+    unpacks it again, so the weights are held once. With LoRA adapters (engine/lora.py), each
+    token's adapter product is added to it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.kernels: ModuleType | None = None
         self.packed: torch.Tensor | None = None
+        self.lora: LoRAProjection | None = None
 
     def use_kernels(self, ops: ModuleType | None) -> None:
         if self.packed is not None:  # back to the plain weight first
@@ -146,8 +149,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return self.kernels.linear(x, self.packed, self.bias, self.out_features)
-        return F.linear(x, self.weight, self.bias)
+            y = self.kernels.linear(x, self.packed, self.bias, self.out_features)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and self.lora.state.active:
+            y = self.lora(x, y)
+        return y
 
 
 class Attention(nn.Module):
@@ -247,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
         # A tied head's packed weight: it also serves the embedding lookups, whose own weight is
         # then empty (held once, as with every Linear).
         self.head_packed: torch.Tensor | None = None
+        self.lora_state: LoRAState | None = None  # set with LoRA adapters (engine/lora.py)
 
     def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
         """Run every RMSNorm (with its residual add), the rotary embedding and the MLP's
@@ -278,8 +286,22 @@ class LlamaForCausalLM(nn.Module):
             if self.head_packed is not None:
                 embed.weight = nn.Parameter(embed.weight.new_empty(0), requires_grad=False)
 
+    def lora_projections(self) -> Iterable[tuple[int, Linear, list[tuple[str, int, int]]]]:
+        """Every projection a LoRA adapter may adapt: (layer, the Linear, and for each
+        checkpoint module it fuses, its name and first and end output column)."""
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            yield i, attn.qkv_proj, [(m, *self._shard_bounds("qkv_proj", s)) for m, s in
+                                     (("q_proj", 0), ("k_proj", 1), ("v_proj", 2))]
+            yield i, attn.o_proj, [("o_proj", 0, attn.o_proj.out_features)]
+            yield i, mlp.gate_up_proj, [(m, *self._shard_bounds("gate_up_proj", s)) for m, s in
+                                        (("gate_proj", 0), ("up_proj", 1))]
+            yield i, mlp.down_proj, [("down_proj", 0, mlp.down_proj.out_features)]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden] (before the norm)."""
+        if self.lora_state is not None and self.lora_state.active:
+            self.lora_state.begin(input_ids.shape[0])
         if self.head_packed is not None:
             x = self.linear_kernels.embedding_from_packed(self.head_packed, input_ids, self.config.hidden_size)
         else:
