@@ -277,10 +277,10 @@ class LLMEngine:
             group.prompt_logprobs = [None]
         # Every sample is built before any is queued: nothing stays behind if one fails.
         guides = self._guides(params)
-        lora_id = 0
+        lora_id, prefix_root = 0, None
         if lora_request is not None:
             self.add_lora(lora_request)  # read and checked (ValueError) before anything is queued
-            lora_id = lora_request.lora_int_id
+            lora_id, prefix_root = lora_request.lora_int_id, self.loras.get(lora_request.lora_int_id).prefix_root
         first: Request | None = None
         # Samples 1.. start once sample 0's prompt is in the prefix cache, to reuse it; with no
         # cache they would only wait to recompute it.
@@ -290,7 +290,7 @@ class LLMEngine:
             request = Request(f"{request_id}-{index}", prompt_token_ids, max_tokens,
                               prefill_after=first if caching else None,
                               use_prefix_cache=first is not None or params.prompt_logprobs is None,
-                              arrival_time=arrival, priority=priority, lora_id=lora_id)
+                              arrival_time=arrival, priority=priority, lora_id=lora_id, prefix_root=prefix_root)
             first = first or request
             sample = _Sample(
                 index=index,

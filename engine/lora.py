@@ -69,6 +69,9 @@ class LoRAAdapter:
     rank: int  # the largest of its modules'
     # (layer, module) → (A [r, in], s·B [out, r]), fp32 on the host
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # Where the prefix cache chains its requests' prompts from (Request.prefix_root): one per
+    # adapter's files as read, so an id given to other weights never meets this one's KV.
+    prefix_root: int = 0
 
 
 def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -89,6 +92,14 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(bin_path):
         return torch.load(bin_path, map_location="cpu", weights_only=True)  # tensors only: nothing executes
     raise ValueError(f"LoRA adapter {path!r} has no adapter_model.safetensors or adapter_model.bin")
+
+
+def _files_as_read(path: str) -> tuple:
+    """An adapter directory's files as they are now: each one's path, size and modification time."""
+    real = os.path.realpath(path)
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    stats = [(name, os.stat(os.path.join(real, name))) for name in names if os.path.exists(os.path.join(real, name))]
+    return (real, *((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 def _alpha(config: dict, module_name: str) -> float:
@@ -168,10 +179,14 @@ class LoRARegistry:
         self.max_cpu_loras = max_cpu_loras
         self.adapters: OrderedDict[int, LoRAAdapter] = OrderedDict()  # least recently used first
         self.users: Counter[int] = Counter()  # unfinished requests holding each adapter
+        # The files an adapter was read from, as they were then → its prefix_root: an adapter
+        # dropped and read again unchanged keeps its cached prefixes; changed files, or another
+        # adapter under a reused id, get a root of their own.
+        self._prefix_roots: dict[tuple, int] = {}
 
-    def add(self, request: LoRARequest) -> LoRAAdapter:
+    def add(self, request: LoRARequest, hold: bool = False) -> LoRAAdapter:
         """The adapter of `request`, read from disk unless it is loaded (ValueError if it can't
-        be served, or if its id is loaded under another name or path)."""
+        be served, or if its id is loaded under another name or path); `hold`: as `acquire`."""
         if not isinstance(request, LoRARequest):
             raise TypeError(f"a LoRA request must be a LoRARequest, got {type(request).__name__}")
         adapter = self.adapters.get(request.lora_int_id)
@@ -180,17 +195,19 @@ class LoRARegistry:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is loaded as {adapter.request.lora_name!r} "
                                  f"from {adapter.request.lora_path!r}: one id names one adapter")
             self.adapters.move_to_end(request.lora_int_id)
-            return adapter
-        adapter = load_adapter(request, self.model_config, self.max_lora_rank)
-        self.adapters[request.lora_int_id] = adapter
+        else:
+            files = _files_as_read(request.lora_path)
+            adapter = load_adapter(request, self.model_config, self.max_lora_rank)
+            adapter.prefix_root = self._prefix_roots.setdefault(files, -1 - len(self._prefix_roots))
+            self.adapters[request.lora_int_id] = adapter
+        if hold:
+            self.users[request.lora_int_id] += 1
         self._evict()
         return adapter
 
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
         """`add`, held until `release`: a request with this adapter is unfinished."""
-        adapter = self.add(request)
-        self.users[request.lora_int_id] += 1
-        return adapter
+        return self.add(request, hold=True)
 
     def release(self, lora_id: int) -> None:
         self.users[lora_id] -= 1
@@ -210,8 +227,9 @@ class LoRARegistry:
         return self.adapters[lora_id]
 
     def _evict(self) -> None:
-        """Past max_cpu_loras, drop adapters no request holds, least recently used first."""
-        idle = [i for i in self.adapters if not self.users[i]]
+        """Past max_cpu_loras, drop adapters no request holds, least recently used first; never
+        the one just used (a request is about to hold it)."""
+        idle = [i for i in list(self.adapters)[:-1] if not self.users[i]]
         for lora_id in idle[:max(0, len(self.adapters) - self.max_cpu_loras)]:
             del self.adapters[lora_id]
 

@@ -7,7 +7,7 @@ parent by its serial, the number of the exact token prefix the block's KV was co
 never wrong KV. A hash may hold several blocks: twins (the same prefix computed by requests
 admitted together, sharing one serial) and collisions (other prefixes), as in vLLM, so a
 prefix stays cached while any copy of it does. A request's first block chains from its
-`prefix_root` (its LoRA adapter's, where it has one), so an adapter's prefixes are never the
+`prefix_root` (its LoRA adapter's, where it has one: engine/lora.py), so an adapter's prefixes are never the
 base model's. Blocks with no references stay in the cache
 and are evicted only when no never-cached block is left: spare twins first (copies of a
 prefix a request still holds: it stays cached), then least-recently-freed first.

@@ -34,6 +34,10 @@ class Request:
     priority: int = 0  # lower runs earlier, under the scheduler's "priority" policy
     # The LoRA adapter the request runs with (its lora_int_id); 0: the base model.
     lora_id: int = 0
+    # What the prefix cache chains the request's first block from: None for the base model. An
+    # adapter's KV differs from the base model's for the same tokens, so its prefixes are kept
+    # apart: a negative number of its own (never the serial of a computed prefix, which are >= 0).
+    prefix_root: int | None = None
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output, as far as the host knows
     # Sampled on the device, not yet in token_ids (async scheduling: a step is scheduled while
@@ -61,13 +65,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-
-    @property
-    def prefix_root(self) -> int | None:
-        """What the prefix cache chains the first block from: None for the base model; an
-        adapter's KV differs from the base model's for the same tokens, so its prefixes are
-        apart (-lora_id: never the serial of a computed prefix, which are >= 0)."""
-        return -self.lora_id if self.lora_id else None
 
     @property
     def num_prompt_tokens(self) -> int:

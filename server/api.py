@@ -138,7 +138,7 @@ class BodyLimitMiddleware:
 def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str | None = None,
                on_worker_death: Callable[[], None] | None = None) -> FastAPI:
     """model_path: the resolved checkpoint dir (for the tokenizer and the model name)."""
-    metrics = Metrics()
+    metrics = Metrics(lora_adapters=[name for name, _ in config.lora_modules])
     request_logger = RequestLogger(config.log_request_text)
     engine_args = dict(config.engine_args)
     if model_path is not None:
@@ -152,7 +152,7 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             on_worker_death()
 
     client = EngineClient(engine_args, on_death=died, on_frame=metrics.on_frame, log_level=config.log_level,
-                          cpu_threads=config.cpu_threads)
+                          cpu_threads=config.cpu_threads, lora_modules=config.lora_modules)
     serving = OpenAIServing(config, tokenizer, client, metrics, request_logger, model_name)
 
     @asynccontextmanager
@@ -270,24 +270,29 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await handle(request, body, serving.chat_job)
 
-    def model_card() -> dict[str, Any]:
+    def model_card(name: str = model_name) -> dict[str, Any]:
+        """The base model's card, or (as vLLM's) a LoRA adapter's: its directory as root, the
+        base model as parent."""
         info = client.info
-        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "stoke",
-                "root": info.model_path if info else model_path,
+        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "stoke",
+                "root": info.model_path if info else model_path, "parent": None,
                 "max_model_len": info.max_model_len if info else None}
+        if name in serving.loras:
+            card.update(root=serving.loras[name][2], parent=model_name)
+        return card
 
     # The model list answers while the model loads or the server drains.
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [model_card(), *map(model_card, serving.loras)]})
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Response:
         try:
-            serving.check_model(model)
+            name = serving.check_model(model)
         except APIError as exc:
             return utility_error(exc)
-        return JSONResponse(model_card())
+        return JSONResponse(model_card(name))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:

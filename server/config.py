@@ -47,6 +47,9 @@ class ServerConfig:
     # Browser origins whose pages may call the API (CORS), e.g. a web UI's; ["*"]: any. None:
     # no CORS headers (browsers then allow same-origin pages only).
     allowed_origins: list[str] | None = None
+    # LoRA adapters clients may name as their model (vLLM's --lora-modules): (name, PEFT dir),
+    # each given the id of its place in the list (1, 2, ...); they need engine_args enable_lora.
+    lora_modules: list[tuple[str, str]] = field(default_factory=list)
 
     @staticmethod
     def model_name(model_path: str) -> str:

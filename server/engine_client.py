@@ -64,6 +64,9 @@ class EngineStats:
     spec_drafts: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    # With LoRA adapters: each adapter's running and waiting requests, by name.
+    lora_running: dict[str, int] = field(default_factory=dict)
+    lora_waiting: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -169,8 +172,9 @@ class Generation:
 class EngineClient:
     def __init__(self, engine_args: dict[str, Any], *, on_death: Callable[[], None] | None = None,
                  on_frame: Callable[[dict[str, Any]], None] | None = None, log_level: str = "INFO",
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, lora_modules: list[tuple[str, str]] | None = None) -> None:
         self.engine_args = engine_args
+        self.lora_modules = list(lora_modules or [])  # read into the worker's memory at start
         self.cpu_threads = cpu_threads
         self.on_death = on_death
         self.on_frame = on_frame  # metrics hook: every frame (stats, outputs, batch tokens)
@@ -208,7 +212,8 @@ class EngineClient:
         self._writer = FrameWriter(cmd_w)
         threading.Thread(target=self._read_loop, args=(FrameReader(out_r),), name="stoke-engine-reader",
                          daemon=True).start()
-        self._send({"type": "init", "engine": self.engine_args, "cpu_threads": self.cpu_threads})
+        self._send({"type": "init", "engine": self.engine_args, "cpu_threads": self.cpu_threads,
+                    "lora_modules": self.lora_modules})
         logger.info("worker process %d started", self.process.pid)
 
     @property
@@ -247,8 +252,9 @@ class EngineClient:
         return f"{prefix}-{os.getpid():x}{self._counter:08x}"
 
     def generate(self, request_id: str, prompts: list[list[int]], params: dict[str, Any],
-                 arrival_time: float, priority: int = 0) -> Generation:
-        """Queue prompts (one engine request each, ids `{request_id}-{i}`) with one params."""
+                 arrival_time: float, priority: int = 0, lora: list[Any] | None = None) -> Generation:
+        """Queue prompts (one engine request each, ids `{request_id}-{i}`) with one params;
+        `lora`: the LoRA adapter they run with ([name, id, path]), None: the base model."""
         if self.dead:
             raise EngineDeadError("the engine worker is not running")
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -257,7 +263,7 @@ class EngineClient:
             self._owners[engine_id] = (generation, index)
         try:
             self._send({"type": "add", "ids": ids, "prompts": prompts, "params": params,
-                        "arrival_time": arrival_time, "priority": priority})
+                        "arrival_time": arrival_time, "priority": priority, "lora": lora})
         except OSError:
             for engine_id in ids:
                 self._owners.pop(engine_id, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -52,6 +53,27 @@ def speculative_config(text: str) -> dict[str, Any]:
         return SpeculativeConfig.from_value(text).to_dict()
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """A --lora-modules value: name=path, or vLLM's JSON {"name": ..., "path": ...}."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not isinstance(raw.get("path"), str):
+            raise argparse.ArgumentTypeError(f'a JSON LoRA module is {{"name": ..., "path": ...}}, got {text!r}')
+        name, path = raw["name"], raw["path"]
+    else:
+        name, _, path = text.partition("=")
+    name = name.strip()
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"a LoRA module is NAME=PATH, got {text!r}")
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a PEFT LoRA adapter directory (no adapter_config.json)")
+    return name, path
 
 
 def api_key(text: str) -> str:
@@ -137,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
                         "defaults), or a directory with a generation_config.json")
+    e.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters: requests name one as their model (see --lora-modules)")
+    e.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=None,
+                   metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT checkpoint directories) clients may send as the model, as NAME=PATH or "
+                        'vLLM\'s JSON \'{"name": ..., "path": ...}\'; needs --enable-lora')
+    e.add_argument("--max-loras", type=int, default=1,
+                   help="LoRA adapters running at once (their requests batch together; others wait) "
+                        "(default: %(default)s)")
+    e.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank (default: %(default)s)")
+    e.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory while no request uses them (default: --max-loras)")
     limits = p.add_argument_group("limits")
     d = ServerConfig()
     limits.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) a request may ask for (default: "
@@ -196,6 +230,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
         "speculative_config": args.speculative_config,
+        "enable_lora": args.enable_lora, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+        "max_cpu_loras": args.max_cpu_loras,
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,
@@ -210,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         price_completion=args.price_completion, cost_cap=args.cost_cap, cost_cap_period=args.cost_cap_period,
         cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        lora_modules=list(args.lora_modules or []),
     )
 
 
@@ -233,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:  # as vLLM
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.lora_modules and not args.enable_lora:  # as vLLM
+        parser.error("--lora-modules needs --enable-lora")
+    names = [name for name, _ in args.lora_modules or []]
+    if len(set(names)) < len(names):
+        parser.error(f"--lora-modules names an adapter twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     config = config_from_args(args)
     setup_logging(config.log_level)
 
@@ -262,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         logger.error("bad --generation-config: %s", exc)
         return 2
+    if config.lora_modules:
+        error = check_lora_modules(config, model_path)
+        if error:
+            logger.error("bad --lora-modules: %s", error)
+            return 2
     tokenizer = load_tokenizer(model_path)
     if config.chat_template is not None:
         try:
@@ -290,6 +337,24 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("exiting with status 1: the engine worker died")
         return 1
     return 0
+
+
+def check_lora_modules(config: ServerConfig, model_path: str) -> str | None:
+    """What is wrong with the --lora-modules for this model, read as the worker will read them
+    (before anything starts); None: nothing."""
+    from engine.config import ModelConfig
+    from engine.lora import LoRARequest, load_adapter
+
+    served = config.served_model_name or ServerConfig.model_name(model_path)
+    model_config = ModelConfig.from_dir(model_path)
+    for lora_id, (name, path) in enumerate(config.lora_modules, 1):
+        if name == served:
+            return f"{name!r} is the base model's name"
+        try:
+            load_adapter(LoRARequest(name, lora_id, path), model_config, config.engine_args["max_lora_rank"])
+        except ValueError as exc:
+            return f"{name}: {exc}"
+    return None
 
 
 def load_chat_template(value: str) -> str:

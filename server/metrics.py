@@ -77,7 +77,8 @@ class GPUCollector:
 
 
 class Metrics:
-    def __init__(self, gpu: bool = True) -> None:
+    def __init__(self, gpu: bool = True, lora_adapters: Iterable[str] = ()) -> None:
+        """lora_adapters: the names of the LoRA adapters served (a series each)."""
         r = self.registry = CollectorRegistry()
         self.requests_waiting = Gauge("stoke_requests_waiting", "Requests queued in the scheduler", registry=r)
         self.requests_running = Gauge("stoke_requests_running", "Requests admitted to the running batch", registry=r)
@@ -119,6 +120,16 @@ class Metrics:
                                                    buckets=TOKEN_BUCKETS, registry=r)
         self.step_batch_tokens = Histogram("stoke_step_batch_tokens", "Tokens in one engine step's forward pass",
                                            buckets=TOKEN_BUCKETS, registry=r)
+        self.lora_adapters = list(lora_adapters)
+        self.lora_running = self.lora_waiting = None
+        if self.lora_adapters:
+            self.lora_running = Gauge("stoke_lora_requests_running", "Running requests of each LoRA adapter",
+                                      ["adapter"], registry=r)
+            self.lora_waiting = Gauge("stoke_lora_requests_waiting", "Waiting requests of each LoRA adapter",
+                                      ["adapter"], registry=r)
+            for name in self.lora_adapters:
+                self.lora_running.labels(name)
+                self.lora_waiting.labels(name)
         for reason in FINISH_REASONS:
             self.requests.labels(reason)
         for kind in ERROR_METRIC_TYPES:
@@ -151,6 +162,10 @@ class Metrics:
             self.requests_waiting.set(stats["waiting"])
             self.requests_running.set(stats["running"])
             self.kv_cache_usage.set(stats["kv_cache_usage"])
+            if self.lora_adapters and "lora_running" in stats:
+                for name in self.lora_adapters:
+                    self.lora_running.labels(name).set(stats["lora_running"].get(name, 0))
+                    self.lora_waiting.labels(name).set(stats["lora_waiting"].get(name, 0))
             for key, counter in self._worker_counters.items():
                 value = int(stats[key])
                 delta = value - self._last.get(key, 0)
@@ -214,6 +229,9 @@ class Metrics:
         so a dashboard must not show the dead engine as a busy one."""
         for gauge in (self.requests_waiting, self.requests_running, self.kv_cache_usage):
             gauge.set(0)
+        for name in self.lora_adapters:
+            self.lora_running.labels(name).set(0)
+            self.lora_waiting.labels(name).set(0)
 
     # ------------------------------------------------------------- from the HTTP layer
     def on_error(self, metric_type: str) -> None:

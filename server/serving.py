@@ -204,6 +204,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.request_logger = request_logger
         self.model_name = model_name
+        # The LoRA adapters clients may name as their model: name → [name, id, path] (a LoRARequest's fields).
+        self.loras = {name: [name, lora_id, path] for lora_id, (name, path) in enumerate(config.lora_modules, 1)}
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stoke-tokenizer")
         self.in_flight = 0
         self.draining = False  # set on SIGTERM: requests cut short now are the server's doing
@@ -223,6 +225,10 @@ class OpenAIServing:
             raise errors.engine_dead() from None
 
     def check_model(self, model: str | None) -> str:
+        """The served model a request names: the base model (its name or path, or none sent), or
+        a LoRA adapter's name."""
+        if model in self.loras:
+            return model
         known = (self.model_name, self.client.info.model_path if self.client.info else None)
         if model is not None and model not in known:
             raise errors.model_not_found(model)
@@ -625,7 +631,7 @@ class OpenAIServing:
 
         try:
             generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival,
-                                              job.record.priority)
+                                              job.record.priority, self.loras.get(job.model))
             if job.echo_only:
                 self.metrics.prompt_only(generation.ids)
             self.live.add(generation)

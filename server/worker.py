@@ -5,7 +5,8 @@ frame in is ``{"type": "init", "engine": {EngineConfig fields}}``; the worker lo
 runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
 
     take every pending command (block only when idle)
-      add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t, "priority": p}
+      add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t, "priority": p,
+              "lora": [name, id, path] or null}
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 import traceback
 from typing import Any
 
@@ -82,12 +84,14 @@ class Worker:
     def start(self, init: dict[str, Any]) -> None:
         import torch
 
-        from engine import EngineConfig, LLMEngine, SamplingParams
+        from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
         if init.get("cpu_threads"):
             torch.set_num_threads(int(init["cpu_threads"]))
         self.engine = LLMEngine(EngineConfig(**init.get("engine", {})))
         self.engine.logprob_objects = False  # the frames carry numbers only
+        for lora_id, (name, path) in enumerate(init.get("lora_modules") or [], 1):  # the ids serving gives them
+            self.engine.add_lora(LoRARequest(name, lora_id, path))
         # One warm-up step: /ready means "a step has run", and the first user pays no warm-up.
         self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
         while self.engine.has_unfinished_requests():
@@ -121,7 +125,18 @@ class Worker:
             "spec_drafts": self.engine.stats.num_drafts,
             "spec_draft_tokens": self.engine.stats.num_draft_tokens,
             "spec_accepted_tokens": self.engine.stats.num_accepted_tokens,
+            **self._lora_stats(),
         }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        """With LoRA: each adapter's running and waiting requests, by name."""
+        loras = self.engine.loras
+        if loras is None:
+            return {}
+        s = self.engine.scheduler
+        names = {lora_id: adapter.request.lora_name for lora_id, adapter in loras.adapters.items()}
+        return {f"lora_{state}": dict(Counter(names[r.lora_id] for r in requests if r.lora_id))
+                for state, requests in (("running", s.running), ("waiting", s.waiting))}
 
     # ------------------------------------------------------------------ loop
     def _read_commands(self) -> None:
@@ -176,7 +191,7 @@ class Worker:
                 self.writer.write(frame)
 
     def _add(self, message: dict[str, Any], frame: dict[str, Any]) -> None:
-        from engine import SamplingParams
+        from engine import LoRARequest, SamplingParams
         from scheduler import AdmissionError
 
         ids: list[str] = message["ids"]
@@ -184,10 +199,11 @@ class Worker:
             # One params copy for the message's prompts (a copy per prompt, made twice, with a
             # logit_bias over the vocabulary took 3.5 GB and 40 s of the step loop for 1,024).
             params = self.engine.own_params(SamplingParams(**message["params"]))
+            lora = LoRARequest(*message["lora"]) if message.get("lora") else None
             prepared = [self.engine.prepare(tokens, params, owned=True) for tokens in message["prompts"]]
             for request_id, request in zip(ids, prepared):
                 self.engine.add_prepared(request_id, None, request, arrival_time=message.get("arrival_time"),
-                                         priority=message.get("priority", 0))
+                                         priority=message.get("priority", 0), lora_request=lora)
         except Exception as exc:  # nothing of this message stays queued
             for request_id in ids:
                 self.engine.abort_request(request_id)
