@@ -17,6 +17,8 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    carry;
 5. speculative_cost: benchmarks/speculative_cost.py on Qwen3-0.6B's config (dummy weights, an
    oracle proposer right 80% of the time): what a verified draft costs at batch 1, 8 and 32;
+   lora_cost: benchmarks/lora.py on the same config, what serving LoRA adapters costs (none, on
+   but unused, one adapter, four in four slots, four in two) with CUDA graphs;
 6. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
@@ -246,6 +248,15 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
         spec += ["--model", "configs/qwen3-0.6b", "--batches", "1,8,32", "--max-tokens", "128"]
     stages.append(Stage("speculative_cost", spec, 30 if args.cpu_smoke else 90, out("speculative_cost"),
                         "speculative"))
+    # What LoRA adapters cost a step (their dense products inside the CUDA graphs), never yet
+    # measured on a GPU.
+    lora = [py, "-m", "benchmarks.lora", "--out", out("lora_cost")]
+    if args.cpu_smoke:
+        lora += ["--model", tiny, "--num-requests", "4", "--adapters", "2", "--rank", "4", "--prompt-len", "8",
+                 "--max-tokens", "4", "--rounds", "1"]
+    else:
+        lora += ["--model", "configs/qwen3-0.6b", "--num-requests", "64", "--prompt-len", "256", "--max-tokens", "64"]
+    stages.append(Stage("lora_cost", lora, 60 if args.cpu_smoke else 90, out("lora_cost"), "lora"))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -269,7 +280,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # the server (never yet measured on a GPU); what a verified draft costs (nor that); the large
     # model without async scheduling; then the CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 5, "kernels_tuned": 6,
-                               "serve_default_model": 7, "speculative_cost": 7.5}
+                               "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
                      ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
     for s in stages:
@@ -342,6 +353,11 @@ def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None
                                   "rows": [{k: row[k] for k in ("batch", "drafts", "tok_s", "speedup", "ms_per_step",
                                                                 "acceptance", "same_tokens")}
                                            for row in r.result["results"]]}
+    elif r.name == "lora_cost" and r.result and "results" in r.result:
+        summary["lora"] = {"model": r.result["args"]["model"], "cuda_graphs": r.result.get("cuda_graphs"),
+                           "checks": r.result.get("checks"),
+                           "rows": [{k: row[k] for k in ("case", "tok_s", "vs_no_lora", "ms_per_step")}
+                                    for row in r.result["results"]]}
     elif r.name == "kernel_configs" and r.result and "rows" in r.result:
         summary["sweeps"] = _sweep_summary(r.result)
     elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -513,6 +529,13 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"  batch {row['batch']:>3}: {_f(row['tok_s'], '.0f')} tok/s with drafts, "
                              f"{_f(row['speedup'])}x the tok/s without them; {_f(row['ms_per_step'])} ms a step; "
                              f"{row['same_tokens']}/{row['batch']} answers unchanged")
+    if s.get("lora"):
+        v = s["lora"]
+        lines += ["", f"LoRA's cost ({v['model']}, dummy weights, CUDA graphs: {v['cuda_graphs']}; checks "
+                      f"{v['checks']}):"]
+        for row in v["rows"]:
+            lines.append(f"  {row['case']:<24} {_f(row['tok_s'], '.0f'):>8} tok/s, {_f(row['vs_no_lora'])}x the "
+                         f"tok/s without LoRA; {_f(row['ms_per_step'])} ms a step")
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"

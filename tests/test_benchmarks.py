@@ -159,6 +159,23 @@ def test_speculative_benchmark_tiny(tmp_path) -> None:
     assert all(r["acceptance"] > 0 and r["tokens_per_verified_step"] > 1 for r in edit)
 
 
+def test_lora_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
+    """benchmarks/lora.py at a tiny size: every case timed against the same requests without
+    LoRA, its answers checked (LoRA unused gives the base model's; fewer slots, the same)."""
+    from benchmarks.lora import main as lora_main
+
+    out = tmp_path / "lora.json"
+    report = lora_main(["--model", tiny_llama, "--num-requests", "3", "--adapters", "2", "--rank", "4",
+                        "--prompt-len", "8", "--max-tokens", "4", "--rounds", "1", "--device", "cpu",
+                        "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["case"] for r in report["results"]] == ["no LoRA", "LoRA on, unused", "1 adapter",
+                                                      "2 adapters, 2 slots", "2 adapters, 1 slots"]
+    assert all(_positive(r["tok_s"]) and _positive(r["ms_per_step"]) for r in report["results"])
+    assert report["results"][0]["vs_no_lora"] == 1.0
+    assert report["checks"] == {"unused_equals_no_lora": True, "half_slots_equal_full": True}
+
+
 def test_speculative_cost_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
     """benchmarks/speculative_cost.py at a tiny size: with and without drafts at each batch, the
     oracle's drafts accepted at about their odds, the answers unchanged."""

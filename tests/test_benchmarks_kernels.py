@@ -151,7 +151,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     names = [s.name for s in stages]
     assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_sync_scheduling", "kernel_configs", "kernels_tuned",
-                     "serve_default_model", "speculative_cost", "offline_llama-3-8b_sync_scheduling",
+                     "serve_default_model", "speculative_cost", "lora_cost", "offline_llama-3-8b_sync_scheduling",
                      "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
@@ -165,6 +165,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert tuned.env == {"STOKE_KERNEL_TUNING": tuning}
     spec = by_name["speculative_cost"]
     assert spec.command[1:3] == ["-m", "benchmarks.speculative_cost"] and "configs/qwen3-0.6b" in spec.command
+    lora = by_name["lora_cost"]
+    assert lora.command[1:3] == ["-m", "benchmarks.lora"] and "configs/qwen3-0.6b" in lora.command
     serve = by_name["serve_default_model"]
     assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"]
     assert "--stoke-arg=dummy" in serve.command
@@ -422,6 +424,12 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
              "same_tokens": 1, "runs": []},
             {"batch": 1, "drafts": True, "tok_s": 250.0, "speedup": 2.5, "ms_per_step": 12.0, "acceptance": 0.8,
              "same_tokens": 1, "runs": []}]}))
+    results.append(gpu_check.StageResult("lora_cost", "ok", 40.0, 0, result={
+        "args": {"model": "configs/qwen3-0.6b"}, "cuda_graphs": True,
+        "checks": {"unused_equals_no_lora": True, "half_slots_equal_full": True}, "results": [
+            {"case": "no LoRA", "engine": "off", "tok_s": 5000.0, "vs_no_lora": 1.0, "ms_per_step": 8.0, "runs": []},
+            {"case": "4 adapters, 4 slots", "engine": "lora", "tok_s": 4000.0, "vs_no_lora": 0.8,
+             "ms_per_step": 10.0, "runs": []}]}))
     tuning = tmp_path / "kernel_tuning.json"
     tuning.write_text(json.dumps({"device": "dev", "prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
                                   "prefill_new_kv": "rows", "min_split_keys": 128}))
@@ -440,6 +448,7 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert summary["sweeps"]["prefill"][0]["best"] == "(128, 64, 8, 2) unpacked new kv tma"
     assert summary["sweeps"]["decode"][0]["best"] == "1 splits (heuristic 2)"
     assert [row["speedup"] for row in summary["speculative"]["rows"]] == [1.0, 2.5]
+    assert [row["vs_no_lora"] for row in summary["lora"]["rows"]] == [1.0, 0.8]
     k = summary["kernels"]
     assert k["impl"] == "reference" and k["decode_vs_sdpa"]["min"] > 0 and k["attention_share"][0]["model"] == "tiny"
     assert k["mixed_one_launch_vs_split"]["min"] > 0 and k["prefill_packed_vs_unpacked"] is None  # no Triton
@@ -451,7 +460,8 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                       "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False}},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
     table = gpu_check.render(report)
-    for needle in ("offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
+    for needle in ("4 adapters, 4 slots          4000 tok/s, 0.80x the tok/s without LoRA; 10.00 ms a step",
+                   "offline_m_eager", "timeout", "at the limit", "5 passed, 1 failed", "FAILED t::x", "3.00", "2.00",
                    "1.25", "l 4x1024 b16", "(128, 64, 8, 2) unpacked new kv tma",
                    "prefill_cache_vs_new_kv_tma", "new keys by TMA/through the cache",
                    "l n1 ctx512 b16", "0.0091", "mixed_one_launch_vs_split", "stoke 62%", "1.50",
