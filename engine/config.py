@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from scheduler import SCHEDULING_POLICIES
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {
@@ -144,6 +146,11 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
     return int(window) if uses and window else None
 
 
+def _check_size(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def generation_defaults(source: str, model_dir: str) -> dict[str, Any]:
     """The sampling defaults `source` names: "auto", those of the model's own
     generation_config.json (none if it has none); "none", none (OpenAI's and vLLM's built-in
@@ -228,12 +235,26 @@ class EngineConfig:
             longest = model.sliding_window
         return min(self.max_model_len or longest, longest)
 
+    def check(self) -> None:
+        """ValueError for an option no engine could run with, found without the model: the server
+        asks before it starts anything, the engine before its weights load."""
+        sizes = ["block_size", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills"]
+        if self.enable_lora:
+            sizes += ["max_loras", "max_lora_rank"]
+        for name in sizes:
+            _check_size(name, getattr(self, name))
+        if self.num_kv_blocks is not None:
+            _check_size("num_kv_blocks", self.num_kv_blocks)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(DTYPES)}")
+        self.resolve_cuda_graph_mode()
+        if self.enable_lora:
+            self.resolve_max_cpu_loras()
+
     def resolve_max_cpu_loras(self) -> int:
-        """Checks the LoRA limits; the adapters kept in host memory."""
-        for name in ("max_loras", "max_lora_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        """The LoRA adapters kept in host memory."""
         cpu = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
         if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < self.max_loras:
             raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), got {cpu!r}")

@@ -35,7 +35,7 @@ from engine.speculative import NgramProposer, SpeculativeConfig
 from engine.token_bytes import vocabulary_bytes
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
-from scheduler import SCHEDULING_POLICIES, Request, ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ class StepStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
-        if config.scheduling_policy not in SCHEDULING_POLICIES:  # before the weights load
-            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {config.scheduling_policy!r}")
+        config.check()  # before the weights load
         speculative = SpeculativeConfig.from_value(config.speculative_config)
         self.config = config
         if config.model is None:

@@ -84,13 +84,20 @@ def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     safetensors_path = os.path.join(path, "adapter_model.safetensors")
-    if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-
-        return load_file(safetensors_path)
     bin_path = os.path.join(path, "adapter_model.bin")
-    if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)  # tensors only: nothing executes
+    try:
+        if os.path.isfile(safetensors_path):
+            from safetensors.torch import load_file
+
+            return load_file(safetensors_path)
+        if os.path.isfile(bin_path):
+            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)  # tensors only: nothing executes
+            if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+                raise TypeError("not a dict of tensors")
+            return tensors
+    except Exception as exc:  # noqa: BLE001 - each library has errors of its own; all mean "not readable"
+        raise ValueError(f"LoRA adapter {path!r}: its weights are not readable ({type(exc).__name__}: {exc})"[:1000]) \
+            from None
     raise ValueError(f"LoRA adapter {path!r} has no adapter_model.safetensors or adapter_model.bin")
 
 

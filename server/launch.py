@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.api import create_app
 
     try:
-        EngineConfig(**config.engine_args)  # fail fast on a bad option, before anything starts
+        EngineConfig(**config.engine_args).check()  # fail fast on a bad option, before anything starts
     except (TypeError, ValueError) as exc:
         logger.error("bad engine option: %s", exc)
         return 2

@@ -162,7 +162,7 @@ def test_lora_request_fields_and_equality() -> None:
 ], ids=["loras-0", "loras-negative", "loras-bool", "loras-float", "rank-0", "cpu-below-loras", "cpu-0"])
 def test_engine_refuses_bad_lora_limits(tiny_checkpoints: dict[str, str], limits: dict, names: str) -> None:
     with pytest.raises(ValueError, match=names):
-        EngineConfig(enable_lora=True, **limits).resolve_max_cpu_loras()
+        EngineConfig(enable_lora=True, **limits).check()
     with pytest.raises(ValueError, match=names):
         LLM(tiny_checkpoints["llama"], enable_lora=True, num_kv_blocks=16, **limits)
 

@@ -151,6 +151,46 @@ def test_a_scored_prompt_counts_no_generated_token():
     assert not m._prompt_only
 
 
+def test_lora_gauges_per_adapter():
+    """With LoRA adapters served, stoke_lora_requests_running/waiting{adapter}: a series per
+    adapter from the start, each frame's counts (an adapter the worker's counts leave out is at
+    0 again), zeroed when the engine is gone; without adapters, no such series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def gauges(m: Metrics) -> dict[tuple[str, str], float]:
+        return {(f.name.removeprefix("stoke_lora_requests_"), s.labels["adapter"]): s.value
+                for f in text_string_to_metric_families(m.render()[0].decode())
+                if f.name.startswith("stoke_lora_") for s in f.samples}
+
+    def stats(**lora: dict[str, int]) -> dict:
+        return {"stats": {"waiting": 1, "running": 2, "kv_cache_usage": 0.25, "prefix_queries_tokens": 0,
+                          "prefix_hits_tokens": 0, "preemptions": 0, "num_steps": 1, "spec_drafts": 0,
+                          "spec_draft_tokens": 0, "spec_accepted_tokens": 0, **lora}}
+
+    assert "stoke_lora" not in Metrics(gpu=False).render()[0].decode()
+    plain = Metrics(gpu=False)
+    plain.on_frame(stats(lora_running={}, lora_waiting={}))  # --enable-lora without --lora-modules
+    plain.on_engine_gone()
+    assert "stoke_lora" not in plain.render()[0].decode()
+
+    m = Metrics(gpu=False, lora_adapters=["a", "b"])
+    zeros = {(state, name): 0.0 for state in ("running", "waiting") for name in ("a", "b")}
+    assert gauges(m) == zeros
+    m.on_frame(stats(lora_running={"a": 2}, lora_waiting={"b": 1}))
+    assert gauges(m) == zeros | {("running", "a"): 2.0, ("waiting", "b"): 1.0}
+    _assert_exported(m, 'stoke_lora_requests_running{adapter="a"} 2.0', 'stoke_lora_requests_running{adapter="b"} 0.0',
+                     'stoke_lora_requests_waiting{adapter="a"} 0.0', 'stoke_lora_requests_waiting{adapter="b"} 1.0')
+    m.on_frame({"batch_tokens": 3})  # a frame without stats changes no gauge
+    assert gauges(m) == zeros | {("running", "a"): 2.0, ("waiting", "b"): 1.0}
+    m.on_frame(stats(lora_running={"b": 1}, lora_waiting={}))  # a's requests finished, b's runs
+    assert gauges(m) == zeros | {("running", "b"): 1.0}
+    m.on_frame(stats(lora_running={"b": 1, "c": 4}, lora_waiting={"a": 3}))  # a name not served: no series
+    assert gauges(m) == zeros | {("running", "b"): 1.0, ("waiting", "a"): 3.0}
+    m.on_engine_gone()
+    assert gauges(m) == zeros
+    _assert_exported(m, "stoke_requests_running 0.0", "stoke_requests_waiting 0.0")
+
+
 def test_request_log_line(caplog):
     record = RequestRecord("cmpl-1", "completions", model="m", key_id=key_id("sk-secret"), prompt="p", output="o")
     record.add_engine_metrics({"arrival_time": 1.0, "first_scheduled_time": 1.5, "first_token_time": 2.0,
@@ -405,7 +445,8 @@ def test_grafana_dashboard_queries_only_exported_metrics(monkeypatch):
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=50),
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=1024))
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    text = Metrics().render()[0].decode()
+    # every series on: the LoRA gauges are exported where adapters are served (its panel is empty without)
+    text = Metrics(lora_adapters=["an-adapter"]).render()[0].decode()
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "docs", "grafana", "stoke.json")) as f:
