@@ -144,7 +144,8 @@ class LLMEngine:
         self.default_sampling = self._default_sampling(config.generation_config, path)
         self.loras: LoRARegistry | None = None
         if config.enable_lora:
-            self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras())
+            self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras(),
+                                      config.resolve_dtype(config.resolve_device()))
         self.runner = ModelRunner(path, self.model_config, config, self.loras)
         self.max_model_len = self.runner.max_model_len  # the model's positions, or its attention window
         self.scheduler = Scheduler(SchedulerConfig(

@@ -19,12 +19,15 @@ slot's A side by side, [in, k·S·R], and each output's B stacked, [S·R, out_j]
 step names its slot (-1: the base model). A projection then multiplies x by every slot's A at
 once, zeroes the columns of slots other than each token's, and adds the product with each B.
 Dense products of fixed shapes, no loop over adapters and no host sync, so a CUDA graph
-captures it once and replays it for any mix of adapters; the price is k·S·R extra columns a
-token (vLLM's punica kernels gather each token's adapter instead).
+captures it once and replays it for any mix of adapters. The price: every step reads every
+slot's A and B, and each token computes k·S·R extra columns (vLLM's punica kernels gather each
+token's adapter instead); a captured graph pays it even for a step with no adapter, an eager
+step does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,8 +72,9 @@ class LoRAAdapter:
     rank: int  # the largest of its modules'
     # (layer, module) → (A [r, in], s·B [out, r]), fp32 on the host
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    # Where the prefix cache chains its requests' prompts from (Request.prefix_root): one per
-    # adapter's files as read, so an id given to other weights never meets this one's KV.
+    # Where the prefix cache chains its requests' prompts from (Request.prefix_root), named by
+    # what was read (its config and tensors): an id given to other weights, or files rewritten
+    # in place, never meet this one's KV; the same adapter read again keeps its cached prefixes.
     prefix_root: int = 0
 
 
@@ -80,6 +84,17 @@ def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _content_root(config_bytes: bytes, tensors: dict[str, torch.Tensor]) -> int:
+    """A negative number named by an adapter's content (a 60-bit digest: never a prefix serial,
+    which are >= 0, and two adapters' never meet)."""
+    digest = hashlib.sha256(config_bytes)
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return -1 - int(digest.hexdigest()[:15], 16)
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -101,14 +116,6 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"LoRA adapter {path!r} has no adapter_model.safetensors or adapter_model.bin")
 
 
-def _files_as_read(path: str) -> tuple:
-    """An adapter directory's files as they are now: each one's path, size and modification time."""
-    real = os.path.realpath(path)
-    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-    stats = [(name, os.stat(os.path.join(real, name))) for name in names if os.path.exists(os.path.join(real, name))]
-    return (real, *((name, st.st_size, st.st_mtime_ns) for name, st in stats))
-
-
 def _alpha(config: dict, module_name: str) -> float:
     """PEFT's alpha for a module: the first alpha_pattern key that names it (a suffix of its
     dotted name, as a regex), else lora_alpha."""
@@ -118,18 +125,21 @@ def _alpha(config: dict, module_name: str) -> float:
     return float(config.get("lora_alpha", 8))
 
 
-def load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int) -> LoRAAdapter:
-    """Read a PEFT LoRA checkpoint for this model; ValueError naming what does not fit (a
-    module the model does not have or shapes that differ, a rank over max_rank, or a PEFT
-    feature stoke does not compute: DoRA, biases, modules_to_save, embeddings)."""
-    path = request.lora_path
+def load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int,
+                 dtype: torch.dtype = torch.float32) -> LoRAAdapter:
+    """Read a PEFT LoRA checkpoint for this model (its weights kept in `dtype`); ValueError
+    naming what does not fit (a module the model does not have or shapes that differ, a rank
+    over max_rank, weights that are not finite, or a PEFT feature stoke does not compute:
+    DoRA, biases, modules_to_save, embeddings)."""
+    path = os.path.expanduser(request.lora_path)
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"LoRA adapter {path!r} has no adapter_config.json")
     try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+        with open(config_path, "rb") as f:
+            config_bytes = f.read()
+        config = json.loads(config_bytes)
+    except (OSError, ValueError) as exc:
         raise ValueError(f"LoRA adapter {path!r}: adapter_config.json is not readable JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"LoRA adapter {path!r}: adapter_config.json is not a JSON object")
@@ -146,7 +156,8 @@ def load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int)
                              "(stoke serves plain LoRA on the attention and MLP projections)")
     shapes = module_shapes(model_config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in _read_tensors(path).items():
+    tensors = _read_tensors(path)
+    for name, tensor in tensors.items():
         match = _TENSOR_NAME.fullmatch(name)
         if match is None or match.group(3) not in LORA_MODULES or LORA_MODULES[match.group(3)] != match.group(2):
             raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} is not a LoRA weight of a projection stoke "
@@ -173,23 +184,28 @@ def load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int)
             raise ValueError(f"{where}: rank {r} exceeds max_lora_rank {max_rank}")
         alpha = _alpha(config, f"model.layers.{layer}.{LORA_MODULES[module]}.{module}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        weights[layer, module] = (a.float().contiguous(), (b.float() * scale).contiguous())
-    return LoRAAdapter(request, max(a.shape[0] for a, _ in weights.values()), weights)
+        a, b = a.float().to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
+        # Every slot's B multiplies every token's (masked) columns: a NaN or inf, even one from
+        # the cast to the model's dtype, would not stay in its own rows (0 × inf is NaN).
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{where}: weights hold NaN or infinity (in {str(dtype).removeprefix('torch.')})")
+        weights[layer, module] = (a, b)
+    return LoRAAdapter(request, max(a.shape[0] for a, _ in weights.values()), weights,
+                       _content_root(config_bytes, tensors))
 
 
 class LoRARegistry:
     """The adapters in host memory, by lora_int_id (see the module docstring)."""
 
-    def __init__(self, model_config: ModelConfig, max_lora_rank: int, max_cpu_loras: int) -> None:
+    def __init__(self, model_config: ModelConfig, max_lora_rank: int, max_cpu_loras: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        """dtype: the model's, which the adapters' weights are kept in."""
         self.model_config = model_config
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max_cpu_loras
+        self.dtype = dtype
         self.adapters: OrderedDict[int, LoRAAdapter] = OrderedDict()  # least recently used first
         self.users: Counter[int] = Counter()  # unfinished requests holding each adapter
-        # The files an adapter was read from, as they were then → its prefix_root: an adapter
-        # dropped and read again unchanged keeps its cached prefixes; changed files, or another
-        # adapter under a reused id, get a root of their own.
-        self._prefix_roots: dict[tuple, int] = {}
 
     def add(self, request: LoRARequest, hold: bool = False) -> LoRAAdapter:
         """The adapter of `request`, read from disk unless it is loaded (ValueError if it can't
@@ -203,9 +219,7 @@ class LoRARegistry:
                                  f"from {adapter.request.lora_path!r}: one id names one adapter")
             self.adapters.move_to_end(request.lora_int_id)
         else:
-            files = _files_as_read(request.lora_path)
-            adapter = load_adapter(request, self.model_config, self.max_lora_rank)
-            adapter.prefix_root = self._prefix_roots.setdefault(files, -1 - len(self._prefix_roots))
+            adapter = load_adapter(request, self.model_config, self.max_lora_rank, self.dtype)
             self.adapters[request.lora_int_id] = adapter
         if hold:
             self.users[request.lora_int_id] += 1
@@ -245,17 +259,16 @@ class LoRAState:
     """The step's adapter slot of every token (-1: none), shared by every LoRA projection of a
     model; a static buffer, so a CUDA graph reads each replay's."""
 
-    def __init__(self, max_loras: int, max_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, max_loras: int, max_tokens: int, device: torch.device) -> None:
         self.token_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
         self.slot_ids = torch.arange(max_loras, device=device)
-        self.dtype = dtype
         # False: no token of this step has an adapter, and eager steps skip the products.
         self.active = True
         self.mask: torch.Tensor | None = None  # [T, S]: token t runs with slot s
 
     def begin(self, num_tokens: int) -> None:
         """At the start of a forward over num_tokens tokens (inside a graph, when captured)."""
-        self.mask = (self.token_slots[:num_tokens, None] == self.slot_ids).to(self.dtype)
+        self.mask = self.token_slots[:num_tokens, None] == self.slot_ids
 
 
 class LoRAProjection:
@@ -288,8 +301,9 @@ class LoRAProjection:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base projection of x, [T, out]) plus each token's adapter's product."""
         t, k = x.shape[0], len(self.outputs)
-        shrunk = (x @ self.a).view(t, k, self.max_loras, self.max_rank) * self.state.mask[:, None, :, None]
-        shrunk = shrunk.view(t, k, self.max_loras * self.max_rank)
+        # where, not a product with the mask: another slot's inf (an fp16 overflow) times 0 is NaN
+        shrunk = (x @ self.a).view(t, k, self.max_loras, self.max_rank)
+        shrunk = torch.where(self.state.mask[:, None, :, None], shrunk, 0.0).view(t, k, self.max_loras * self.max_rank)
         for j, (_, start, end) in enumerate(self.outputs):
             y[:, start:end].addmm_(shrunk[:, j], self.b[j])
         return y
@@ -301,7 +315,7 @@ class LoRASlots:
     def __init__(self, model: torch.nn.Module, registry: LoRARegistry, max_loras: int, max_tokens: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.registry = registry
-        self.state = LoRAState(max_loras, max_tokens, device, dtype)
+        self.state = LoRAState(max_loras, max_tokens, device)
         self.projections: list[tuple[int, LoRAProjection]] = []
         for layer, linear, outputs in model.lora_projections():
             projection = LoRAProjection(self.state, linear.in_features, outputs, max_loras,

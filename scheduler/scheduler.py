@@ -5,8 +5,10 @@ admitted while the token budget and max_num_seqs allow. Prefill of any request i
 fit the budget; long prompts are capped per step so a short request is not stuck behind them.
 When blocks run out, the most recently admitted running request is preempted by recompute.
 Requests with LoRA adapters run beside each other and the base model's, with at most
-`max_loras` adapters among the running requests: a waiting request whose adapter would be one
-more is passed over (the next waiting request may go first) until one of theirs finishes.
+`max_loras` adapters among the running requests. A waiting request whose adapter would be one
+more is passed over, and so, for fairness, is every adapter's request behind it: the running
+adapters' requests drain, a slot frees, and it goes first; the base model's requests behind it
+still go on (they need no slot).
 
 The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
 the preempted request is then the running one that sorts last, and a waiting request that
@@ -271,13 +273,16 @@ class Scheduler:
         skipped: list[Request] = []
         admitted: list[Request] = []
         loras = {r.lora_id for r in self.running if r.lora_id}
+        lora_blocked = False  # an adapter's request found no slot: adapters' requests behind it wait too
         while self.waiting and budget > 0:
             request = self.waiting[0]
             sibling = request.prefill_after
+            if request.lora_id and request.lora_id not in loras and len(loras) >= cfg.max_loras:
+                lora_blocked = True
             # A request preempted with a token in flight waits for it: its prefill needs it.
             if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
                     or request in preempted  # not back in the step that preempted it
-                    or request.lora_id and request.lora_id not in loras and len(loras) >= cfg.max_loras):
+                    or request.lora_id and lora_blocked):
                 skipped.append(self.waiting.popleft())
                 continue
             no_seat = len(self.running) - finishing >= cfg.max_num_seqs

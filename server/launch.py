@@ -68,7 +68,7 @@ def lora_module(text: str) -> tuple[str, str]:
         name, path = raw["name"], raw["path"]
     else:
         name, _, path = text.partition("=")
-    name = name.strip()
+    name, path = name.strip(), os.path.expanduser(path)
     if not name or not path:
         raise argparse.ArgumentTypeError(f"a LoRA module is NAME=PATH, got {text!r}")
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     e.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank (default: %(default)s)")
     e.add_argument("--max-cpu-loras", type=int, default=None,
-                   help="adapters kept in host memory while no request uses them (default: --max-loras)")
+                   help="adapters kept in host memory while no request uses them (default: as many as "
+                        "--lora-modules names, at least --max-loras)")
     limits = p.add_argument_group("limits")
     d = ServerConfig()
     limits.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) a request may ask for (default: "
@@ -231,7 +232,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
         "speculative_config": args.speculative_config,
         "enable_lora": args.enable_lora, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
-        "max_cpu_loras": args.max_cpu_loras,
+        # The served adapters stay in memory by default: one read from disk would stall every step.
+        "max_cpu_loras": args.max_cpu_loras if args.max_cpu_loras is not None
+        else max(args.max_loras, len(args.lora_modules or [])) if args.enable_lora else None,
     }
     return ServerConfig(
         engine_args=engine_args, host=args.host, port=args.port, served_model_name=args.served_model_name,

@@ -147,6 +147,10 @@ def test_serve_reads_lora_modules_in_both_forms(lora_dirs: dict[str, str]) -> No
     assert config.lora_modules == [("a", lora_dirs["r4"]), ("x", lora_dirs["r8"]), ("b", lora_dirs["r4"])]
     assert {k: config.engine_args[k] for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")} == {
         "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 3}
+    # The served adapters stay in memory by default (a read from disk would stall every step).
+    default = config_from_args(build_parser().parse_args(["--enable-lora", "--lora-modules", f"a={lora_dirs['r4']}",
+                                                          f"b={lora_dirs['r8']}", f"c={lora_dirs['r4']}"]))
+    assert (default.engine_args["max_loras"], default.engine_args["max_cpu_loras"]) == (1, 3)
     plain = config_from_args(build_parser().parse_args([]))
     assert plain.lora_modules == [] and plain.engine_args["enable_lora"] is False
     assert (plain.engine_args["max_loras"], plain.engine_args["max_lora_rank"]) == (1, 16)

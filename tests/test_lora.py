@@ -330,6 +330,87 @@ def test_load_adapter_refuses_ranks_and_shapes_that_do_not_fit(tiny_checkpoints:
         load_adapter(LoRARequest("other", 1, other), ModelConfig.from_dir(llama), max_rank=8)
 
 
+def _set_tensor(adapter_dir: str, key: str, value: torch.Tensor) -> None:
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    tensors = load_file(path)
+    tensors[key] = value
+    save_file(tensors, path)
+
+
+def test_load_adapter_refuses_weights_that_are_not_finite(tiny_checkpoints: dict[str, str], tmp_path) -> None:
+    """Every slot's B multiplies every token's masked columns, so one NaN or inf (in the file, or
+    from the cast to the model's dtype) would reach other requests: refused at load."""
+    llama = tiny_checkpoints["llama"]
+    config = ModelConfig.from_dir(llama)
+    path = save_adapter(str(tmp_path / "nan"), llama, rank=4, modules=["q_proj"], layers=[0])
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    a = load_file(os.path.join(path, "adapter_model.safetensors"))[key]
+    a[0, 0] = float("nan")
+    _set_tensor(path, key, a)
+    with pytest.raises(ValueError, match="layer 0 q_proj: weights hold NaN or infinity"):
+        load_adapter(LoRARequest("nan", 1, path), config, max_rank=8)
+    big = save_adapter(str(tmp_path / "big"), llama, rank=4, modules=["q_proj"], layers=[0], scale=1.0)
+    _set_tensor(big, key, torch.full((4, 64), 1e5))  # finite in fp32, inf in fp16
+    assert load_adapter(LoRARequest("big", 1, big), config, max_rank=8).weights[0, "q_proj"][0].dtype == torch.float32
+    with pytest.raises(ValueError, match=r"NaN or infinity \(in float16\)"):
+        load_adapter(LoRARequest("big", 1, big), config, max_rank=8, dtype=torch.float16)
+
+
+def test_an_adapter_whose_products_overflow_leaves_its_neighbours_alone(tiny_checkpoints: dict[str, str],
+                                                                       tmp_path) -> None:
+    """fp16: finite weights whose x·A overflows to inf on the adapter's own rows; the other
+    slots' rows are masked with where (inf × 0 would be NaN), so the base request and another
+    adapter's beside it come out as they do alone."""
+    llama = tiny_checkpoints["llama"]
+    hot = save_adapter(str(tmp_path / "hot"), llama, rank=4, modules=["q_proj"], layers=[0], scale=1.0)
+    _set_tensor(hot, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.full((4, 64), 6e4))
+    calm = save_adapter(str(tmp_path / "calm"), llama, rank=4, modules=["v_proj"], seed=3, scale=0.3)
+    args = dict(dtype="float16", device="cpu", max_loras=3)
+    prompt = [1, 5, 9, 13, 40, 77]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    calm_request = LoRARequest("calm", 2, calm)
+    alone = [lora_llm(llama, **args).generate([prompt], params, lora_request=r, use_tqdm=False)[0].outputs[0].token_ids
+             for r in (None, calm_request)]
+    llm = lora_llm(llama, **args)
+    outs = llm.generate([prompt] * 3, params, lora_request=[None, LoRARequest("hot", 1, hot), calm_request],
+                        use_tqdm=False)
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == alone
+    assert_idle(llm)
+
+
+def test_an_adapter_rewritten_in_place_does_not_meet_its_old_prefixes(tiny_checkpoints: dict[str, str],
+                                                                     tmp_path, hf) -> None:
+    """Other weights written over an adapter's files with their old size and time (cp -p,
+    rsync -a, a coarse clock): its prefixes are named by what was read, not by the files' stat,
+    so the old KV is never served to the new weights; the same weights read again hit it."""
+    base = tiny_checkpoints["llama"]
+    path = save_adapter(str(tmp_path / "adapter"), base, rank=8, seed=21)
+    stats = {name: os.stat(os.path.join(path, name)) for name in os.listdir(path)}
+    llm = lora_llm(base, max_loras=1)
+    prompt = [1, *range(10, 50)]  # two full blocks
+    params = SamplingParams(max_tokens=MAX_TOKENS, **GREEDY)
+    first = llm.generate([prompt], params, lora_request=LoRARequest("v", 7, path), use_tqdm=False)[0]
+    assert llm.engine.remove_lora(7)
+    again = llm.generate([prompt], params, lora_request=LoRARequest("v", 7, path), use_tqdm=False)[0]
+    assert again.num_cached_tokens == 32 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.engine.remove_lora(7)
+    save_adapter(path, base, rank=8, seed=22)  # same shapes: same sizes
+    for name, st in stats.items():
+        os.utime(os.path.join(path, name), ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = llm.generate([prompt], params, lora_request=LoRARequest("v", 7, path), use_tqdm=False)[0]
+    assert new.num_cached_tokens == 0 and new.outputs[0].token_ids == hf(base, path, [prompt])[0]
+    assert new.outputs[0].token_ids != first.outputs[0].token_ids
+    assert_idle(llm)
+
+
+def test_an_adapter_path_may_start_with_a_tilde(tiny_checkpoints: dict[str, str], tmp_path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_adapter(str(tmp_path / "adapters" / "a"), tiny_checkpoints["llama"], rank=4, modules=["o_proj"])
+    adapter = load_adapter(LoRARequest("a", 1, "~/adapters/a"), ModelConfig.from_dir(tiny_checkpoints["llama"]), 8)
+    assert set(adapter.weights) == {(0, "o_proj"), (1, "o_proj")}
+
+
 # =============================================================================================
 # 3. The scheduler: at most max_loras adapters among the running requests
 
@@ -346,18 +427,47 @@ def test_scheduler_admits_at_most_max_loras_adapters_and_passes_over_the_rest() 
         s.update(batch, [7] * len(batch))
         return [r.request_id for r in batch.requests]
 
-    # adapter 3 finds no slot: its requests are passed over, everyone else (adapters 1 and 2,
-    # the base model) runs, in order
-    assert step() == ["r0", "r1", "r3", "r4", "r6"]
-    assert [r.request_id for r in s.waiting] == ["r2", "r5"], "the passed-over requests keep their order"
-    assert step() == ["r0", "r1", "r3", "r4", "r6"]  # still full
-    s.finish(reqs[0])
-    assert step() == ["r1", "r3", "r4", "r6"], "adapter 1 still runs (r4): still no room"
-    assert [r.request_id for r in s.waiting] == ["r2", "r5"]
+    # adapter 3 finds no slot: it and every adapter's request behind it (r4, though adapter 1
+    # runs) are passed over, in order; the base model's requests behind it go on
+    assert step() == ["r0", "r1", "r3", "r6"]
+    assert [r.request_id for r in s.waiting] == ["r2", "r4", "r5"], "the passed-over requests keep their order"
+    assert step() == ["r0", "r1", "r3", "r6"]  # still full
+    s.finish(reqs[0])  # adapter 1's only running request: its slot frees, and r2 (adapter 3), first in line, takes it
+    # decodes first, then r2's prompt; r4 (adapter 1) now finds no slot, and r5 (adapter 3, which
+    # runs) waits behind it
+    assert step() == ["r1", "r3", "r6", "r2"]
+    assert [r.request_id for r in s.waiting] == ["r4", "r5"]
     s.finish(reqs[1])  # adapter 2's last request: its slot is free
     batch = s.schedule()
     assert {r.request_id for r in batch.requests} == {"r2", "r3", "r4", "r5", "r6"} and not s.waiting
     assert {r.lora_id for r in s.running if r.lora_id} == {1, 3}
+
+
+def test_a_request_waiting_for_a_slot_is_not_starved_by_running_adapters_arrivals() -> None:
+    """One slot held by adapter 1, whose requests keep arriving: adapter 2's request, first in
+    line, gets the slot once adapter 1's running requests finish (later arrivals of adapter 1
+    wait behind it), while base-model requests are never held up."""
+    s = Scheduler(SchedulerConfig(max_model_len=256, num_blocks=256, max_loras=1))
+    first = Request("a-0", [1, 2, 3], 3, lora_id=1)
+    s.add_request(first)
+    s.update(s.schedule(), [7])
+    waiting = Request("b", [1, 2, 3], 3, lora_id=2)
+    s.add_request(waiting)
+    admitted_at: dict[str, int] = {}
+    for t in range(1, 12):
+        s.add_request(Request(f"a-{t}", [1, 2, 3], 3, lora_id=1))
+        s.add_request(Request(f"base-{t}", [1, 2, 3], 3))
+        batch = s.schedule()
+        s.update(batch, [7] * len(batch))
+        for r in batch.requests:
+            admitted_at.setdefault(r.request_id, t)
+        for r in list(s.running):
+            if r.num_output_tokens >= r.max_tokens:
+                s.finish(r)
+        assert len({r.lora_id for r in s.running if r.lora_id}) <= 1
+    assert admitted_at["b"] <= 3, "adapter 2 waited past adapter 1's first request"
+    assert all(admitted_at[f"base-{t}"] == t for t in range(1, 12)), "a base request was held up"
+    assert "a-1" in admitted_at and admitted_at["a-1"] > admitted_at["b"], "adapter 1's later arrivals go after b"
 
 
 def test_scheduler_without_loras_refuses_an_adapter_request() -> None:
@@ -473,7 +583,7 @@ def test_a_base_request_is_not_held_up_by_adapters_waiting_for_a_slot(
 @pytest.mark.parametrize("setting", [
     dict(num_kv_blocks=8),  # a pool this small preempts: recomputed with the adapter again
     dict(num_kv_blocks=64, max_num_batched_tokens=8),  # prompts in chunks beside other adapters' decodes
-    dict(num_kv_blocks=10, scheduling_policy="priority"),
+    dict(num_kv_blocks=7, scheduling_policy="priority"),
 ], ids=["preemption", "chunked-prefill", "priority"])
 def test_preemption_chunked_prefill_and_priority_keep_each_adapters_tokens(
         setting: dict, tiny_checkpoints: dict[str, str], adapters, requests_for, hf,
@@ -699,8 +809,8 @@ def test_an_id_reused_for_another_adapter_loads_the_new_one(
 @pytest.mark.parametrize("forget", ["remove_lora", "lru"])
 def test_an_id_reused_for_another_adapter_does_not_reuse_the_old_adapters_prefixes(
         forget: str, tiny_checkpoints: dict[str, str], swapped_adapter, requests_for, hf) -> None:
-    """The prefix cache chains an adapter's blocks from its id: blocks computed with the old
-    adapter under id 7 must not serve the new adapter that id names now."""
+    """The prefix cache chains an adapter's blocks from a root named by its content: blocks
+    computed with the old adapter under id 7 must not serve the new adapter that id names now."""
     base = tiny_checkpoints["llama"]
     old, new = swapped_adapter
     llm = lora_llm(base, max_loras=1, max_cpu_loras=1)
