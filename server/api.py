@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +28,14 @@ from server.engine_client import EngineClient
 from server.errors import APIError
 from server.heap import freeze_startup_heap
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 from server.request_log import RequestLogger, RequestRecord, key_id
 from server.serving import Job, OpenAIServing
 
@@ -190,7 +197,8 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
         path = request.scope["path"]
         if path in _ENDPOINTS:
             serving.fail(new_record(request), error)
-        elif path in ("/tokenize", "/detokenize") or path == "/v1/models" or path.startswith("/v1/models/"):
+        elif path in ("/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter") \
+                or path == "/v1/models" or path.startswith("/v1/models/"):
             metrics.on_error(error.metric)
 
     def utility_error(error: APIError) -> JSONResponse:
@@ -300,6 +308,24 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             check_access()
             await serving.wait_ready()
             return JSONResponse(await serving.tokenize(body))
+        except APIError as exc:
+            return utility_error(exc)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        try:
+            check_access()
+            await serving.wait_ready()
+            return PlainTextResponse(await serving.load_lora_adapter(body.lora_name, body.lora_path))
+        except APIError as exc:
+            return utility_error(exc)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        try:
+            check_access()
+            await serving.wait_ready()
+            return PlainTextResponse(await serving.unload_lora_adapter(body.lora_name))
         except APIError as exc:
             return utility_error(exc)
 

@@ -50,6 +50,9 @@ class ServerConfig:
     # LoRA adapters clients may name as their model (vLLM's --lora-modules): (name, PEFT dir),
     # each given the id of its place in the list (1, 2, ...); they need engine_args enable_lora.
     lora_modules: list[tuple[str, str]] = field(default_factory=list)
+    # vLLM's runtime LoRA updating: POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    # Any client with a key may then have the server read any adapter directory it can reach.
+    allow_runtime_lora_updating: bool = False
 
     @staticmethod
     def model_name(model_path: str) -> str:

@@ -190,6 +190,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owners: dict[str, tuple[Generation, int]] = {}
         self._counter = 0
+        self._calls: dict[int, asyncio.Future] = {}  # commands waiting for the worker's answer
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -278,6 +279,20 @@ class EngineClient:
         except OSError:
             pass
 
+    async def call(self, message: dict[str, Any]) -> str | None:
+        """Send a command that the worker answers (load_lora, unload_lora); its error, or None."""
+        if self.dead:
+            raise EngineDeadError("the engine worker is not running")
+        self._counter += 1
+        future = self._loop.create_future()
+        self._calls[self._counter] = future
+        try:
+            self._send({**message, "call": self._counter})
+        except OSError:
+            self._calls.pop(self._counter, None)
+            raise EngineDeadError("the engine worker is not running") from None
+        return await future
+
     def _send(self, message: dict[str, Any]) -> None:
         if self._writer is None:
             raise BrokenPipeError("worker not started")
@@ -329,6 +344,10 @@ class EngineClient:
                 logger.exception("metrics hook failed")
         if "stats" in frame:
             self.stats = EngineStats(**frame["stats"])
+        for answer in frame.get("calls", ()):
+            future = self._calls.pop(answer["call"], None)
+            if future is not None and not future.done():
+                future.set_result(answer["error"])
         for engine_id in frame.get("added", ()):
             owner = self._owners.get(engine_id)
             if owner is not None:
@@ -357,6 +376,10 @@ class EngineClient:
             logger.error("the engine worker died (exit code %s); failing %d in-flight request(s)",
                          code, len({g for g, _ in self._owners.values()}))
         exc = EngineDeadError("the engine worker is not running")
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._calls.clear()
         for generation in {g for g, _ in self._owners.values()}:
             generation._fail(exc)
         self._owners.clear()

@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=PATH",
                    help="LoRA adapters (PEFT checkpoint directories) clients may send as the model, as NAME=PATH or "
                         'vLLM\'s JSON \'{"name": ..., "path": ...}\'; needs --enable-lora')
+    e.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
+                        "{lora_name} (any client with a key may then load any adapter directory the server can "
+                        "read); needs --enable-lora")
     e.add_argument("--max-loras", type=int, default=1,
                    help="LoRA adapters running at once (their requests batch together; others wait) "
                         "(default: %(default)s)")
@@ -249,7 +253,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         price_completion=args.price_completion, cost_cap=args.cost_cap, cost_cap_period=args.cost_cap_period,
         cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-        lora_modules=list(args.lora_modules or []),
+        lora_modules=list(args.lora_modules or []), allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
 
 
@@ -275,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.lora_modules and not args.enable_lora:  # as vLLM
         parser.error("--lora-modules needs --enable-lora")
+    if args.allow_runtime_lora_updating and not args.enable_lora:
+        parser.error("--allow-runtime-lora-updating needs --enable-lora")
     names = [name for name, _ in args.lora_modules or []]
     if len(set(names)) < len(names):
         parser.error(f"--lora-modules names an adapter twice: {sorted(n for n in set(names) if names.count(n) > 1)}")

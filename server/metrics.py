@@ -120,16 +120,11 @@ class Metrics:
                                                    buckets=TOKEN_BUCKETS, registry=r)
         self.step_batch_tokens = Histogram("stoke_step_batch_tokens", "Tokens in one engine step's forward pass",
                                            buckets=TOKEN_BUCKETS, registry=r)
-        self.lora_adapters = list(lora_adapters)
-        self.lora_running = self.lora_waiting = None
-        if self.lora_adapters:
-            self.lora_running = Gauge("stoke_lora_requests_running", "Running requests of each LoRA adapter",
-                                      ["adapter"], registry=r)
-            self.lora_waiting = Gauge("stoke_lora_requests_waiting", "Waiting requests of each LoRA adapter",
-                                      ["adapter"], registry=r)
-            for name in self.lora_adapters:
-                self.lora_running.labels(name)
-                self.lora_waiting.labels(name)
+        self.lora_adapters: list[str] = []
+        self.lora_running: Gauge | None = None
+        self.lora_waiting: Gauge | None = None
+        for name in lora_adapters:
+            self.add_lora_adapter(name)
         for reason in FINISH_REASONS:
             self.requests.labels(reason)
         for kind in ERROR_METRIC_TYPES:
@@ -148,6 +143,25 @@ class Metrics:
         # (delta outputs list only the choices with news), or again in an abort's output.
         self._finished: dict[str, dict[int, tuple[str, int]]] = {}
         self._prompt_only: set[str] = set()  # engine request ids: see prompt_only()
+
+    def add_lora_adapter(self, name: str) -> None:
+        """A series of each LoRA gauge for a served adapter (the gauges appear with the first)."""
+        if self.lora_running is None:
+            self.lora_running = Gauge("stoke_lora_requests_running", "Running requests of each LoRA adapter",
+                                      ["adapter"], registry=self.registry)
+            self.lora_waiting = Gauge("stoke_lora_requests_waiting", "Waiting requests of each LoRA adapter",
+                                      ["adapter"], registry=self.registry)
+        if name not in self.lora_adapters:
+            self.lora_adapters.append(name)
+            self.lora_running.labels(name)
+            self.lora_waiting.labels(name)
+
+    def remove_lora_adapter(self, name: str) -> None:
+        """An adapter no longer served (unloaded at runtime): its series go."""
+        if name in self.lora_adapters:
+            self.lora_adapters.remove(name)
+            self.lora_running.remove(name)
+            self.lora_waiting.remove(name)
 
     def set_baseline(self, stats: dict[str, Any]) -> None:
         """The worker's counters at ready (the warm-up step is not user traffic)."""

@@ -146,6 +146,20 @@ class TokenizeRequest(_Model):
     tools: list[dict[str, Any]] | None = None  # shown to the template, as a chat's
 
 
+class LoadLoRAAdapterRequest(_Model):
+    """vLLM's /v1/load_lora_adapter."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Model):
+    """vLLM's /v1/unload_lora_adapter."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class DetokenizeRequest(_Model):
     model: str | None = None
     tokens: list[int]

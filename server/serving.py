@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -206,6 +207,7 @@ class OpenAIServing:
         self.model_name = model_name
         # The LoRA adapters clients may name as their model: name → [name, id, path] (a LoRARequest's fields).
         self.loras = {name: [name, lora_id, path] for lora_id, (name, path) in enumerate(config.lora_modules, 1)}
+        self._next_lora_id = len(self.loras) + 1  # never reused: an id names one adapter's weights
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stoke-tokenizer")
         self.in_flight = 0
         self.draining = False  # set on SIGTERM: requests cut short now are the server's doing
@@ -523,6 +525,53 @@ class OpenAIServing:
             return "named", name
         raise errors.invalid(f'tool_choice must be "none", "auto", "required" or a named function, got {choice!r}',
                              param="tool_choice")
+
+    # ============================================================== LoRA at runtime
+    async def load_lora_adapter(self, name: str, path: str) -> str:
+        """vLLM's /v1/load_lora_adapter: the worker reads the adapter (400 naming what is wrong
+        with it), then requests may name it."""
+        self._check_runtime_lora()
+        if not name:
+            raise errors.invalid("lora_name must not be empty", param="lora_name")
+        if name == self.model_name:
+            raise errors.invalid(f"'{name}' is the base model's name", param="lora_name")
+        if name in self.loras:
+            raise errors.invalid(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        lora = [name, self._next_lora_id, os.path.expanduser(path)]
+        self._next_lora_id += 1
+        try:
+            error = await self.client.call({"type": "load_lora", "lora": lora})
+        except EngineDeadError:
+            raise errors.engine_dead() from None
+        if error is not None:
+            raise errors.invalid(error, param="lora_path")
+        if name in self.loras:  # loaded by a request that raced this one
+            raise errors.invalid(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        self.loras[name] = lora
+        self.metrics.add_lora_adapter(name)
+        logger.info("LoRA adapter %r loaded from %s (id %d)", name, lora[2], lora[1])
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_lora_adapter(self, name: str) -> str:
+        """vLLM's /v1/unload_lora_adapter: new requests may no longer name it (404); those in
+        flight finish with it."""
+        self._check_runtime_lora()
+        lora = self.loras.pop(name, None)
+        if lora is None:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
+                           code="model_not_found")
+        self.metrics.remove_lora_adapter(name)
+        try:
+            await self.client.call({"type": "unload_lora", "id": lora[1]})
+        except EngineDeadError:
+            raise errors.engine_dead() from None
+        logger.info("LoRA adapter %r unloaded", name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def _check_runtime_lora(self) -> None:
+        if not self.config.allow_runtime_lora_updating:
+            raise APIError(404, "loading LoRA adapters at runtime needs a server started with "
+                                "--enable-lora --allow-runtime-lora-updating", code="not_found")
 
     # ============================================================== tokenizer
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:

@@ -9,6 +9,9 @@ runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
               "lora": [name, id, path] or null}
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
+      load_lora   {"call": n, "lora": [name, id, path]} → the adapter read into memory;
+      unload_lora {"call": n, "id": id} → dropped (once no request uses it): "calls" gets
+             {"call": n, "error": null or a message}
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
     one engine step → one frame {"outputs": [...], "stats": {...}, "batch_tokens": n}
 
@@ -174,6 +177,8 @@ class Worker:
                         out = engine.abort_request(request_id)
                         if out is not None:
                             frame["outputs"].append(encode_output(out))
+                elif kind in ("load_lora", "unload_lora"):
+                    frame.setdefault("calls", []).append({"call": message["call"], "error": self._lora_call(message)})
                 else:  # shutdown, end of pipe, or anything unknown
                     stop = True
                     break
@@ -189,6 +194,20 @@ class Worker:
             if messages or "batch_tokens" in frame or frame["outputs"]:
                 frame["stats"] = self.stats()
                 self.writer.write(frame)
+
+    def _lora_call(self, message: dict[str, Any]) -> str | None:
+        """A load_lora or unload_lora command; what went wrong, or None."""
+        from engine import LoRARequest
+
+        try:
+            if message["type"] == "load_lora":
+                self.engine.add_lora(LoRARequest(*message["lora"]))
+            elif self.engine.loras is not None:
+                # In use: it stays until its requests finish and max_cpu_loras drops it.
+                self.engine.remove_lora(message["id"])
+            return None
+        except (ValueError, TypeError) as exc:
+            return str(exc)
 
     def _add(self, message: dict[str, Any], frame: dict[str, Any]) -> None:
         from engine import LoRARequest, SamplingParams

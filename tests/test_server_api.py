@@ -57,6 +57,10 @@ def test_models_health_ready(server, client, model):
     assert server.get("/health")[0] == 200
     assert server.get("/ready")[0] == 200
     assert json.loads(server.get("/version")[1]) == {"version": importlib.metadata.version("stoke")}
+    # vLLM's runtime LoRA updating needs --allow-runtime-lora-updating: a 404 in OpenAI's shape.
+    with pytest.raises(openai.NotFoundError) as info:
+        client.post("/load_lora_adapter", body={"lora_name": "a", "lora_path": "/tmp"}, cast_to=object)
+    assert "--allow-runtime-lora-updating" in info.value.body["message"]
 
 
 def test_completion_text_and_token_id_prompts(client, model, tokenizer):

@@ -4,7 +4,7 @@ request naming an adapter gets exactly the offline engine's tokens with the same
 (completions and chat, whole and streamed, alone and among requests for the other adapter and
 the base model, with one device slot so that the adapters take turns); the per-adapter gauges
 of /metrics; bad input with an adapter is a 400 that leaves the server serving; the request
-log names the adapter."""
+log names the adapter; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ MAX_TOKENS = 5
 ADAPTERS = {
     "qv": dict(rank=4, modules=["q_proj", "v_proj"], seed=1, scale=0.06),
     "mlp": dict(rank=4, modules=["down_proj"], seed=2, scale=0.06),
+    "late": dict(rank=2, modules=["o_proj", "up_proj"], seed=3, scale=0.08),  # loaded at runtime
 }
 BASE = "SmolLM2-135M-Instruct-Q4_1"
 
@@ -47,7 +48,7 @@ def setup(default_model_dir: str, adapter_dirs: dict[str, str]):
     qv, mlp = adapter_dirs["qv"], adapter_dirs["mlp"]
     server = ServerProcess("--kv-cache-memory-bytes", "64MiB", "--cpu-threads", "1", "--enable-lora",
                            "--lora-modules", f"qv={qv}", json.dumps({"name": "mlp", "path": mlp}),
-                           "--max-loras", "1", "--max-lora-rank", "4")
+                           "--max-loras", "1", "--max-lora-rank", "4", "--allow-runtime-lora-updating")
     started: list[BaseException | None] = []
 
     def start() -> None:
@@ -67,10 +68,11 @@ def setup(default_model_dir: str, adapter_dirs: dict[str, str]):
         try:
             llm = LLM(default_model_dir, enable_lora=True, max_loras=1, max_lora_rank=4,
                       kv_cache_memory_bytes=32 << 20)
-            loras = [None, LoRARequest("qv", 1, qv), LoRARequest("mlp", 2, mlp)]
+            loras = [None, LoRARequest("qv", 1, qv), LoRARequest("mlp", 2, mlp),
+                     LoRARequest("late", 3, adapter_dirs["late"])]
             params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-            completions = llm.generate([PROMPT] * 3, params, lora_request=loras, use_tqdm=False)
-            chats = llm.chat([MESSAGES] * 3, params, lora_request=loras, use_tqdm=False)
+            completions = llm.generate([PROMPT] * 4, params, lora_request=loras, use_tqdm=False)
+            chats = llm.chat([MESSAGES] * 4, params, lora_request=loras, use_tqdm=False)
             del llm
         finally:
             torch.set_num_threads(threads)
@@ -78,7 +80,7 @@ def setup(default_model_dir: str, adapter_dirs: dict[str, str]):
         if started[0] is not None:
             raise started[0]
         expected = {(kind, model): out.outputs[0] for kind, outs in (("completion", completions), ("chat", chats))
-                    for model, out in zip((BASE, "qv", "mlp"), outs)}
+                    for model, out in zip((BASE, "qv", "mlp", "late"), outs)}
         expected["prompt_tokens"] = len(completions[0].prompt_token_ids)
         yield server, expected
         server.stop()
@@ -164,7 +166,7 @@ def test_models_lists_the_base_model_and_each_adapter(server, adapter_dirs):
 
 def test_idle_gauges_are_zero_for_each_adapter(server):
     assert wait_for(lambda: idle(server), 30), server.metrics()
-    assert lora_gauges(server) == {(state, name): 0.0 for state in ("running", "waiting") for name in ADAPTERS}
+    assert lora_gauges(server) == {(state, name): 0.0 for state in ("running", "waiting") for name in ("qv", "mlp")}
 
 
 @pytest.mark.parametrize("name", ["qv", "mlp"])
@@ -278,4 +280,59 @@ def test_the_request_log_names_the_adapter(server, expected):
         assert line["completion_tokens"] == MAX_TOKENS or line["finish_reason"] == "stop"
     assert lines[ids[0]]["completion_tokens"] == len(expected["completion", "mlp"].token_ids)
     assert lines[ids[0]]["prompt_tokens"] == expected["prompt_tokens"]
+    assert "Traceback" not in server.stderr()
+
+
+def post_text(server: ServerProcess, path: str, body: dict) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_adapters_load_and_unload_at_runtime(server, expected, adapter_dirs, tiny_checkpoints, tmp_path):
+    """vLLM's runtime LoRA updating: an adapter loaded over HTTP is listed, served (the offline
+    engine's tokens) and counted; refusals (a name taken, the base model's, a directory that is
+    no adapter, an adapter of another model) are 400s that change nothing; once unloaded it is
+    a 404 again, and it can be loaded again."""
+    client = server.client()
+    late = adapter_dirs["late"]
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "late")
+    assert post_text(server, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": late}) == (
+        200, "Success: LoRA adapter 'late' added successfully.")
+    assert [card.id for card in client.models.list().data] == [BASE, "qv", "mlp", "late"]
+    assert client.models.retrieve("late").model_extra == {"root": late, "parent": BASE, "max_model_len": 8192}
+    out = complete(client, "late")
+    assert out.model == "late" and out.choices[0].text == expected["completion", "late"].text
+    assert out.choices[0].text != expected["completion", BASE].text
+    assert chat(client, "late").choices[0].message.content == expected["chat", "late"].text
+    assert lora_gauges(server)["running", "late"] == 0.0
+    other_model = save_adapter(str(tmp_path / "tiny"), tiny_checkpoints["llama"], rank=2, modules=["q_proj"])
+    for body, message in (({"lora_name": "late", "lora_path": late}, "has already been loaded"),
+                          ({"lora_name": "qv", "lora_path": late}, "has already been loaded"),
+                          ({"lora_name": BASE, "lora_path": late}, "is the base model's name"),
+                          ({"lora_name": "x", "lora_path": str(tmp_path)}, "has no adapter_config.json"),
+                          ({"lora_name": "x", "lora_path": other_model}, "do not fit"),
+                          ({"lora_name": "x"}, "lora_path")):
+        status, text = post_text(server, "/v1/load_lora_adapter", body)
+        assert status == 400 and message in json.loads(text)["error"]["message"], (body, text)
+    assert [card.id for card in client.models.list().data] == [BASE, "qv", "mlp", "late"]
+    assert post_text(server, "/v1/unload_lora_adapter", {"lora_name": "late"}) == (
+        200, "Success: LoRA adapter 'late' removed successfully.")
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "late")
+    assert "late" not in [card.id for card in client.models.list().data]
+    assert ("running", "late") not in lora_gauges(server)
+    status, text = post_text(server, "/v1/unload_lora_adapter", {"lora_name": "late"})
+    assert status == 404 and json.loads(text)["error"]["message"] == "The lora adapter 'late' cannot be found."
+    # Loaded again (a new id, the same weights): the same answers.
+    assert post_text(server, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": late})[0] == 200
+    assert complete(client, "late").choices[0].text == expected["completion", "late"].text
+    assert post_text(server, "/v1/unload_lora_adapter", {"lora_name": "late"})[0] == 200
+    assert complete(client, "qv").choices[0].text == expected["completion", "qv"].text
+    assert wait_for(lambda: idle(server), 30), server.metrics()
     assert "Traceback" not in server.stderr()
