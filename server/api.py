@@ -302,41 +302,32 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
             return utility_error(exc)
         return JSONResponse(model_card(name))
 
+    async def utility(work: Callable[[], Awaitable[Any]], response: type[Response] = JSONResponse) -> Response:
+        """A utility route's answer (tokenize, detokenize, LoRA updates) once the engine is ready."""
+        try:
+            check_access()
+            await serving.wait_ready()
+            return response(await work())
+        except APIError as exc:
+            return utility_error(exc)
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
-        try:
-            check_access()
-            await serving.wait_ready()
-            return JSONResponse(await serving.tokenize(body))
-        except APIError as exc:
-            return utility_error(exc)
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
-        try:
-            check_access()
-            await serving.wait_ready()
-            return PlainTextResponse(await serving.load_lora_adapter(body.lora_name, body.lora_path))
-        except APIError as exc:
-            return utility_error(exc)
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
-        try:
-            check_access()
-            await serving.wait_ready()
-            return PlainTextResponse(await serving.unload_lora_adapter(body.lora_name))
-        except APIError as exc:
-            return utility_error(exc)
+        return await utility(lambda: serving.tokenize(body))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
-        try:
-            check_access()
-            await serving.wait_ready()
-            return JSONResponse(serving.detokenize(body))
-        except APIError as exc:
-            return utility_error(exc)
+        async def work() -> dict[str, Any]:
+            return serving.detokenize(body)
+        return await utility(work)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        return await utility(lambda: serving.load_lora_adapter(body.lora_name, body.lora_path), PlainTextResponse)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        return await utility(lambda: serving.unload_lora_adapter(body.lora_name), PlainTextResponse)
 
     @app.get("/health")
     async def health() -> Response:

@@ -58,7 +58,11 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    return greedy_tokens(model.eval(), prompts, max_new_tokens)
+
+
+def greedy_tokens(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """A transformers model's greedy tokens, one prompt at a time, EOS ignored."""
     outs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])

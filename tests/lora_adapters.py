@@ -105,14 +105,9 @@ def hf_lora_greedy(base_dir: str, adapter_dir: str | None, prompts: list[list[in
     """transformers' greedy tokens (fp32, EOS ignored) with the adapter applied (None: the base)."""
     import transformers
 
+    from tests.conftest import greedy_tokens
+
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     if adapter_dir is not None:
         apply_adapter(model, adapter_dir)
-    outs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        outs.append(gen[0, len(prompt):].tolist())
-    return outs
+    return greedy_tokens(model, prompts, max_new_tokens)
