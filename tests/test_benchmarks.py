@@ -122,7 +122,11 @@ def test_host_overhead_benchmark_tiny(tmp_path) -> None:
                         "--scheduling", "sync", "async", "--prompt-tokens", "300", "--out", str(out)])
     assert report["device_ms"] == 1.0 and report["prompt_tokens"] == [300, 300]
     assert [(r["scheduling"], len(r["ms_per_step"])) for r in report["rows"]] == [("sync", 2), ("async", 2)]
-    assert all(x >= 1.0 for r in report["rows"] for x in r["ms_per_step"])  # each step waits for its job
+    # The stand-in device runs one 1 ms job a step, one after another: a window of 5 steps takes
+    # at least 5 ms, or 4 ms with async scheduling, whose first job may have begun before the
+    # window did (it was launched while the step before was taken back).
+    sync, async_ = report["rows"]
+    assert all(x >= 1.0 for x in sync["ms_per_step"]) and all(x >= 0.8 for x in async_["ms_per_step"])
 
 
 def test_structured_benchmark_tiny(tmp_path) -> None:
