@@ -310,16 +310,23 @@ class LLMEngine:
         self.groups[request_id] = group
 
     # ------------------------------------------------------------------ LoRA (vLLM's LLMEngine methods)
-    def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Read an adapter into host memory now (kept while max_cpu_loras allow); ValueError if
-        this engine can't serve it."""
+    def add_lora(self, lora_request: LoRARequest, pin: bool = False) -> bool:
+        """Read an adapter into host memory now (kept while max_cpu_loras allow, or until
+        remove_lora if `pin`); ValueError if this engine can't serve it."""
         if self.loras is None:
             raise ValueError("LoRA adapters need an engine started with enable_lora=True")
         self.loras.add(lora_request)
+        if pin:
+            self.loras.pin(lora_request.lora_int_id)
         return True
 
+    def pin_lora(self, lora_id: int) -> bool:
+        """vLLM's: keep a loaded adapter in memory whatever max_cpu_loras says."""
+        return self.loras is not None and self.loras.pin(lora_id)
+
     def remove_lora(self, lora_id: int) -> bool:
-        """Drop a loaded adapter; False while requests use it (or if it is not loaded)."""
+        """Drop a loaded adapter; while requests use it, once they finish (False then, and if it
+        is not loaded)."""
         return self.loras is not None and self.loras.remove(lora_id)
 
     def list_loras(self) -> set[int]:

@@ -130,7 +130,17 @@ def load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int,
     """Read a PEFT LoRA checkpoint for this model (its weights kept in `dtype`); ValueError
     naming what does not fit (a module the model does not have or shapes that differ, a rank
     over max_rank, weights that are not finite, or a PEFT feature stoke does not compute:
-    DoRA, biases, modules_to_save, embeddings)."""
+    DoRA, biases, modules_to_save, embeddings), and for any file it can't make sense of."""
+    try:
+        return _load_adapter(request, model_config, max_rank, dtype)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed file (a bad regex, a wrong type) is bad input too
+        raise ValueError(f"LoRA adapter {request.lora_path!r} is malformed ({type(exc).__name__}: {exc})"[:1000]) \
+            from None
+
+
+def _load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int, dtype: torch.dtype) -> LoRAAdapter:
     path = os.path.expanduser(request.lora_path)
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -180,6 +190,8 @@ def load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int,
             raise ValueError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the model's "
                              f"[r, {fan_in}] and [{fan_out}, r]")
         r = a.shape[0]
+        if r < 1:
+            raise ValueError(f"{where}: rank {r} (a module's rank is at least 1)")
         if r > max_rank:
             raise ValueError(f"{where}: rank {r} exceeds max_lora_rank {max_rank}")
         alpha = _alpha(config, f"model.layers.{layer}.{LORA_MODULES[module]}.{module}")
@@ -205,7 +217,9 @@ class LoRARegistry:
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
         self.adapters: OrderedDict[int, LoRAAdapter] = OrderedDict()  # least recently used first
-        self.users: Counter[int] = Counter()  # unfinished requests holding each adapter
+        self.users: Counter[int] = Counter()  # unfinished requests holding each adapter, and pins
+        self.pinned: set[int] = set()  # never dropped while pinned (a server's served adapters)
+        self.dropping: set[int] = set()  # removed while in use: dropped when their last request finishes
 
     def add(self, request: LoRARequest, hold: bool = False) -> LoRAAdapter:
         """The adapter of `request`, read from disk unless it is loaded (ValueError if it can't
@@ -218,6 +232,7 @@ class LoRARegistry:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is loaded as {adapter.request.lora_name!r} "
                                  f"from {adapter.request.lora_path!r}: one id names one adapter")
             self.adapters.move_to_end(request.lora_int_id)
+            self.dropping.discard(request.lora_int_id)  # added again: no longer on its way out
         else:
             adapter = load_adapter(request, self.model_config, self.max_lora_rank, self.dtype)
             self.adapters[request.lora_int_id] = adapter
@@ -234,14 +249,36 @@ class LoRARegistry:
         self.users[lora_id] -= 1
         if self.users[lora_id] <= 0:
             del self.users[lora_id]
+            if lora_id in self.dropping:
+                self.dropping.discard(lora_id)
+                self.adapters.pop(lora_id, None)
             self._evict()
 
-    def remove(self, lora_id: int) -> bool:
-        """Drop a loaded adapter (vLLM's remove_lora); False while requests use it, or if it
-        is not loaded."""
-        if lora_id not in self.adapters or self.users[lora_id]:
+    def pin(self, lora_id: int) -> bool:
+        """Keep a loaded adapter in memory whatever max_cpu_loras says, until `remove` (vLLM's
+        pin_lora); False if it is not loaded."""
+        if lora_id not in self.adapters:
             return False
-        del self.adapters[lora_id]
+        if lora_id not in self.pinned:
+            self.pinned.add(lora_id)
+            self.users[lora_id] += 1
+        self.dropping.discard(lora_id)
+        return True
+
+    def remove(self, lora_id: int) -> bool:
+        """Drop a loaded adapter, pinned or not (vLLM's remove_lora). While requests use it, it
+        is dropped when the last of them finishes, and this returns False (as when it is not
+        loaded)."""
+        if lora_id not in self.adapters:
+            return False
+        if lora_id in self.pinned:
+            self.pinned.discard(lora_id)
+            self.release(lora_id)
+        if self.users[lora_id]:
+            self.dropping.add(lora_id)
+            return False
+        del self.users[lora_id]
+        self.adapters.pop(lora_id, None)
         return True
 
     def get(self, lora_id: int) -> LoRAAdapter:

@@ -8,7 +8,8 @@ Requests with LoRA adapters run beside each other and the base model's, with at 
 `max_loras` adapters among the running requests. A waiting request whose adapter would be one
 more is passed over, and so, for fairness, is every adapter's request behind it: the running
 adapters' requests drain, a slot frees, and it goes first; the base model's requests behind it
-still go on (they need no slot).
+still go on (they need no slot). A request passed over for another reason (a prefill limit, a
+token in flight) keeps a free slot for its adapter meanwhile.
 
 The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
 the preempted request is then the running one that sorts last, and a waiting request that
@@ -60,7 +61,8 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # 0: max_num_batched_tokens // 2
     policy: str = "fcfs"  # or "priority" (see the module's docstring)
     # At most this many LoRA adapters among the running requests (the device's adapter
-    # slots); 0: no adapters. A waiting request whose adapter finds no slot is passed over.
+    # slots); 0: no adapters. A waiting request whose adapter finds no slot waits, and adapters'
+    # requests behind it with it (see the module docstring).
     max_loras: int = 0
 
     def __post_init__(self) -> None:
@@ -273,16 +275,20 @@ class Scheduler:
         skipped: list[Request] = []
         admitted: list[Request] = []
         loras = {r.lora_id for r in self.running if r.lora_id}
+        kept: set[int] = set()  # adapters of requests passed over for another reason: their slots wait for them
         lora_blocked = False  # an adapter's request found no slot: adapters' requests behind it wait too
         while self.waiting and budget > 0:
             request = self.waiting[0]
             sibling = request.prefill_after
-            if request.lora_id and request.lora_id not in loras and len(loras) >= cfg.max_loras:
+            new_adapter = request.lora_id and request.lora_id not in loras and request.lora_id not in kept
+            if new_adapter and len(loras | kept) >= cfg.max_loras:
                 lora_blocked = True
             # A request preempted with a token in flight waits for it: its prefill needs it.
             if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
                     or request in preempted  # not back in the step that preempted it
                     or request.lora_id and lora_blocked):
+                if new_adapter and not lora_blocked:
+                    kept.add(request.lora_id)
                 skipped.append(self.waiting.popleft())
                 continue
             no_seat = len(self.running) - finishing >= cfg.max_num_seqs
@@ -294,6 +300,8 @@ class Scheduler:
             n = min(need, budget, cfg.long_prefill_token_threshold) if is_long else min(need, budget)
             if n < need and (partial >= cfg.max_num_partial_prefills
                              or is_long and long_partial >= cfg.max_long_partial_prefills):
+                if new_adapter:
+                    kept.add(request.lora_id)
                 skipped.append(self.waiting.popleft())
                 continue
             if no_seat or not bm.allocate_slots(request, n, hits):

@@ -351,16 +351,18 @@ def main(argv: list[str] | None = None) -> int:
 def check_lora_modules(config: ServerConfig, model_path: str) -> str | None:
     """What is wrong with the --lora-modules for this model, read as the worker will read them
     (before anything starts); None: nothing."""
-    from engine.config import ModelConfig
+    from engine.config import EngineConfig, ModelConfig
     from engine.lora import LoRARequest, load_adapter
 
     served = config.served_model_name or ServerConfig.model_name(model_path)
     model_config = ModelConfig.from_dir(model_path)
+    engine_config = EngineConfig(**config.engine_args)
+    dtype = engine_config.resolve_dtype(engine_config.resolve_device())  # an fp16 overflow shows in fp16 only
     for lora_id, (name, path) in enumerate(config.lora_modules, 1):
         if name == served:
             return f"{name!r} is the base model's name"
         try:
-            load_adapter(LoRARequest(name, lora_id, path), model_config, config.engine_args["max_lora_rank"])
+            load_adapter(LoRARequest(name, lora_id, path), model_config, engine_config.max_lora_rank, dtype)
         except ValueError as exc:
             return f"{name}: {exc}"
     return None

@@ -145,7 +145,8 @@ class Metrics:
         self._prompt_only: set[str] = set()  # engine request ids: see prompt_only()
 
     def add_lora_adapter(self, name: str) -> None:
-        """A series of each LoRA gauge for a served adapter (the gauges appear with the first)."""
+        """A series of each LoRA gauge for a served adapter (the gauges appear with the first). An
+        adapter unloaded at runtime keeps its series: its requests in flight still count."""
         if self.lora_running is None:
             self.lora_running = Gauge("stoke_lora_requests_running", "Running requests of each LoRA adapter",
                                       ["adapter"], registry=self.registry)
@@ -155,13 +156,6 @@ class Metrics:
             self.lora_adapters.append(name)
             self.lora_running.labels(name)
             self.lora_waiting.labels(name)
-
-    def remove_lora_adapter(self, name: str) -> None:
-        """An adapter no longer served (unloaded at runtime): its series go."""
-        if name in self.lora_adapters:
-            self.lora_adapters.remove(name)
-            self.lora_running.remove(name)
-            self.lora_waiting.remove(name)
 
     def set_baseline(self, stats: dict[str, Any]) -> None:
         """The worker's counters at ready (the warm-up step is not user traffic)."""

@@ -157,7 +157,6 @@ class UnloadLoRAAdapterRequest(_Model):
     """vLLM's /v1/unload_lora_adapter."""
 
     lora_name: str
-    lora_int_id: int | None = None
 
 
 class DetokenizeRequest(_Model):

@@ -93,6 +93,8 @@ class Job:
     cached: dict[int, int] = field(default_factory=dict)  # prompt index → prefix-cache hit tokens
     # echo with logprobs: prompt index → per prompt token [[tid, lp], ...] (None for the first)
     prompt_logprobs: dict[int, list[list[list[float]] | None]] = field(default_factory=dict)
+    # the LoRA adapter the request named ([name, id, path]), as served when it was checked
+    lora: list[Any] | None = None
     # choice index → its text chunk's SSE line before and after the text (`_text_chunk`)
     text_chunks: dict[int, tuple[str, str]] = field(default_factory=dict)
     # vLLM's stream_options.continuous_usage_stats: every chunk has its choice's usage so far
@@ -208,6 +210,7 @@ class OpenAIServing:
         # The LoRA adapters clients may name as their model: name → [name, id, path] (a LoRARequest's fields).
         self.loras = {name: [name, lora_id, path] for lora_id, (name, path) in enumerate(config.lora_modules, 1)}
         self._next_lora_id = len(self.loras) + 1  # never reused: an id names one adapter's weights
+        self._loading_loras: set[str] = set()  # names whose load the worker is doing
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stoke-tokenizer")
         self.in_flight = 0
         self.draining = False  # set on SIGTERM: requests cut short now are the server's doing
@@ -323,7 +326,8 @@ class OpenAIServing:
         record.stream = stream
         record.prompt_tokens = sum(len(p) for p in prompts)
         job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
-                  prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record)
+                  prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record,
+                  lora=self.loras.get(record.model))
         job.continuous_usage = include_usage and bool(req.stream_options.continuous_usage_stats)
         if self.request_logger.log_text:  # what the model sees: a truncated or token-id prompt decoded
             texts = [self._prompt_text(job, i) for i in range(len(prompts))]
@@ -533,20 +537,21 @@ class OpenAIServing:
         self._check_runtime_lora()
         if not name:
             raise errors.invalid("lora_name must not be empty", param="lora_name")
-        if name == self.model_name:
+        if name in (self.model_name, self.client.info.model_path):
             raise errors.invalid(f"'{name}' is the base model's name", param="lora_name")
-        if name in self.loras:
+        if name in self.loras or name in self._loading_loras:
             raise errors.invalid(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
         lora = [name, self._next_lora_id, os.path.expanduser(path)]
         self._next_lora_id += 1
+        self._loading_loras.add(name)
         try:
             error = await self.client.call({"type": "load_lora", "lora": lora})
         except EngineDeadError:
             raise errors.engine_dead() from None
+        finally:
+            self._loading_loras.discard(name)
         if error is not None:
             raise errors.invalid(error, param="lora_path")
-        if name in self.loras:  # loaded by a request that raced this one
-            raise errors.invalid(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
         self.loras[name] = lora
         self.metrics.add_lora_adapter(name)
         logger.info("LoRA adapter %r loaded from %s (id %d)", name, lora[2], lora[1])
@@ -554,13 +559,12 @@ class OpenAIServing:
 
     async def unload_lora_adapter(self, name: str) -> str:
         """vLLM's /v1/unload_lora_adapter: new requests may no longer name it (404); those in
-        flight finish with it."""
+        flight finish with it (and its gauges count them)."""
         self._check_runtime_lora()
         lora = self.loras.pop(name, None)
         if lora is None:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
                            code="model_not_found")
-        self.metrics.remove_lora_adapter(name)
         try:
             await self.client.call({"type": "unload_lora", "id": lora[1]})
         except EngineDeadError:
@@ -655,6 +659,8 @@ class OpenAIServing:
         if self.in_flight >= self.config.max_pending_requests:
             raise errors.unavailable("the server has too many requests in flight; retry later", code="overloaded")
         record = job.record
+        if job.lora is not None and self.loras.get(job.model) is not job.lora:  # unloaded since it was checked
+            raise errors.model_not_found(job.model)
         info = self.client.info
         for prompt in job.prompts:  # one that can never run is a 400, not a 429 of its client's limits
             try:
@@ -680,7 +686,7 @@ class OpenAIServing:
 
         try:
             generation = self.client.generate(job.request_id, job.prompts, job.params, job.arrival,
-                                              job.record.priority, self.loras.get(job.model))
+                                              job.record.priority, job.lora)
             if job.echo_only:
                 self.metrics.prompt_only(generation.ids)
             self.live.add(generation)

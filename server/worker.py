@@ -9,7 +9,7 @@ runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
               "lora": [name, id, path] or null}
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
-      load_lora   {"call": n, "lora": [name, id, path]} → the adapter read into memory;
+      load_lora   {"call": n, "lora": [name, id, path]} → the adapter read and pinned in memory;
       unload_lora {"call": n, "id": id} → dropped (once no request uses it): "calls" gets
              {"call": n, "error": null or a message}
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
@@ -94,7 +94,7 @@ class Worker:
         self.engine = LLMEngine(EngineConfig(**init.get("engine", {})))
         self.engine.logprob_objects = False  # the frames carry numbers only
         for lora_id, (name, path) in enumerate(init.get("lora_modules") or [], 1):  # the ids serving gives them
-            self.engine.add_lora(LoRARequest(name, lora_id, path))
+            self.engine.add_lora(LoRARequest(name, lora_id, path), pin=True)  # served: never read again
         # One warm-up step: /ready means "a step has run", and the first user pays no warm-up.
         self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
         while self.engine.has_unfinished_requests():
@@ -201,13 +201,14 @@ class Worker:
 
         try:
             if message["type"] == "load_lora":
-                self.engine.add_lora(LoRARequest(*message["lora"]))
-            elif self.engine.loras is not None:
-                # In use: it stays until its requests finish and max_cpu_loras drops it.
+                self.engine.add_lora(LoRARequest(*message["lora"]), pin=True)
+            else:  # in use: dropped when its last request finishes
                 self.engine.remove_lora(message["id"])
             return None
-        except (ValueError, TypeError) as exc:
-            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - an adapter the engine can't read must not stop it
+            if not isinstance(exc, (ValueError, TypeError)):
+                logger.exception("LoRA command %s failed", message["type"])
+            return str(exc) or type(exc).__name__
 
     def _add(self, message: dict[str, Any], frame: dict[str, Any]) -> None:
         from engine import LoRARequest, SamplingParams

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -403,6 +404,60 @@ def test_an_adapter_rewritten_in_place_does_not_meet_its_old_prefixes(tiny_check
     assert_idle(llm)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("rank0", "rank 0 (a module's rank is at least 1)"),
+    ("bad-regex", "malformed (error"),
+    ("pattern-list", "malformed (AttributeError"),
+    ("deep-json", "malformed (RecursionError"),
+])
+def test_a_malformed_adapter_is_a_value_error(tiny_checkpoints: dict[str, str], tmp_path, damage: str,
+                                              message: str) -> None:
+    """Files no adapter has: one ValueError that says so (a server answers it with a 400 and
+    keeps serving), never another exception out of the loader."""
+    llama = tiny_checkpoints["llama"]
+    path = save_adapter(str(tmp_path / damage), llama, rank=4, modules=["q_proj"], layers=[0])
+    config_path = os.path.join(path, "adapter_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    if damage == "rank0":
+        _set_tensor(path, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(0, 64))
+        _set_tensor(path, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", torch.zeros(64, 0))
+    elif damage == "bad-regex":
+        config["alpha_pattern"] = {"q_proj(": 4}
+    elif damage == "pattern-list":
+        config["alpha_pattern"] = ["q_proj"]
+    if damage == "deep-json":
+        text = "[" * 100_000 + "]" * 100_000
+    else:
+        text = json.dumps(config)
+    with open(config_path, "w") as f:
+        f.write(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_adapter(LoRARequest("bad", 1, path), ModelConfig.from_dir(llama), max_rank=8)
+
+
+def test_pinned_adapters_stay_and_a_removed_one_in_use_goes_when_its_requests_finish(
+        tiny_checkpoints: dict[str, str], requests_for) -> None:
+    """vLLM's pin_lora: kept whatever max_cpu_loras says; remove_lora of an adapter in use is
+    False and drops it once its last request finishes (not at some later eviction)."""
+    llm = lora_llm(tiny_checkpoints["llama"], max_loras=1, max_cpu_loras=1)
+    engine, registry = llm.engine, llm.engine.loras
+    all_, qv, mlp = (requests_for("llama", n) for n in ("all", "qv", "mlp"))
+    engine.add_lora(all_, pin=True)
+    engine.add_lora(qv)
+    engine.add_lora(mlp)  # past max_cpu_loras: qv (idle, unpinned) goes, the pinned one stays
+    assert engine.list_loras() == {IDS["all"], IDS["mlp"]}
+    assert engine.pin_lora(IDS["mlp"]) and not engine.pin_lora(IDS["qv"])  # not loaded
+    engine.add_request("r", [1, 5, 9], SamplingParams(max_tokens=3, **GREEDY), lora_request=mlp)
+    engine.step()
+    assert not engine.remove_lora(IDS["mlp"]) and IDS["mlp"] in engine.list_loras()  # in use: later
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.list_loras() == {IDS["all"]} and not registry.users.get(IDS["mlp"])
+    assert engine.remove_lora(IDS["all"]) and engine.list_loras() == set() and not registry.users
+    assert_idle(llm)
+
+
 def test_an_adapter_path_may_start_with_a_tilde(tiny_checkpoints: dict[str, str], tmp_path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -468,6 +523,40 @@ def test_a_request_waiting_for_a_slot_is_not_starved_by_running_adapters_arrival
     assert admitted_at["b"] <= 3, "adapter 2 waited past adapter 1's first request"
     assert all(admitted_at[f"base-{t}"] == t for t in range(1, 12)), "a base request was held up"
     assert "a-1" in admitted_at and admitted_at["a-1"] > admitted_at["b"], "adapter 1's later arrivals go after b"
+
+
+def test_a_request_passed_over_for_a_prefill_limit_keeps_its_adapters_slot() -> None:
+    """max_loras 1, one partial prefill at a time, long base prompts keeping one going: C (a new
+    adapter, first in line) is passed over for the prefill limit, not for a slot; the slot that
+    frees must wait for it, not go to the next adapters' short requests behind it."""
+    s = Scheduler(SchedulerConfig(max_model_len=1024, num_blocks=2000, max_num_batched_tokens=64,
+                                  max_num_partial_prefills=1, max_loras=1))
+    token = iter(range(3, 1_000_000))
+
+    def add(request_id: str, n: int, max_tokens: int, lora: int = 0) -> None:
+        s.add_request(Request(request_id, [next(token) for _ in range(n)], max_tokens, lora_id=lora,
+                              prefix_root=-lora if lora else None))
+
+    add("d-0", 4, 5, lora=100)
+    s.update(s.schedule(), [7])
+    add("C", 100, 4, lora=1)
+    overtaken = 0
+    for t in range(1, 200):
+        if t % 2 == 0:
+            add(f"base-{t}", 128, 1)
+        add(f"d-{t}", 4, 5, lora=100 + t)
+        batch = s.schedule()
+        if any(r.request_id == "C" for r in batch.requests):
+            break
+        overtaken += sum(r.request_id.startswith("d-") and r.num_computed_tokens == 0 for r in batch.requests)
+        s.update(batch, [7 if batch.samples(i) else None for i in range(len(batch))])
+        for r in list(s.running):
+            if r.num_output_tokens >= r.max_tokens:
+                s.finish(r)
+        assert len({r.lora_id for r in s.running if r.lora_id}) <= 1
+    else:
+        pytest.fail(f"C never ran; {overtaken} later adapters' requests did")
+    assert overtaken == 0 and t <= 10
 
 
 def test_scheduler_without_loras_refuses_an_adapter_request() -> None:
@@ -723,15 +812,15 @@ def test_registry_keeps_max_cpu_loras_least_recently_used_and_never_one_in_use(
     engine.add_lora(r2)
     engine.add_lora(r4)
     assert 1 in engine.list_loras() and 4 in engine.list_loras() and len(engine.list_loras()) == 2
-    assert engine.remove_lora(1) is False, "in use"
+    assert engine.remove_lora(1) is False, "in use: dropped once its request finishes"
     assert engine.remove_lora(99) is False, "not loaded"
+    assert 1 in engine.list_loras()
     outs = []
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert outs[-1].finished and outs[-1].lora_request == r1 and len(outs[-1].outputs[0].token_ids) == 3
     assert_idle(llm)
-    assert engine.remove_lora(1) is True and 1 not in engine.list_loras()
-    assert engine.remove_lora(1) is False, "already gone"
+    assert 1 not in engine.list_loras(), "removed while in use: gone with its last request"
     # One id names one adapter while it is loaded.
     with pytest.raises(ValueError, match="one id names one adapter"):
         engine.add_lora(LoRARequest("all", 4, adapters["llama"]["all"]))
@@ -740,6 +829,8 @@ def test_registry_keeps_max_cpu_loras_least_recently_used_and_never_one_in_use(
     with pytest.raises(ValueError, match="one id names one adapter"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), lora_request=LoRARequest("x", 4, r1.lora_path),
                      use_tqdm=False)
+    assert engine.remove_lora(4) is True and 4 not in engine.list_loras()
+    assert engine.remove_lora(4) is False, "already gone"
     assert_idle(llm)
 
 
@@ -772,7 +863,7 @@ def test_an_aborted_request_gives_its_adapter_back(tiny_checkpoints: dict[str, s
     while engine.has_unfinished_requests():
         engine.step()
     assert_idle(llm)
-    assert engine.remove_lora(r.lora_int_id) is True
+    assert r.lora_int_id not in engine.list_loras(), "removed while in use: gone once its requests were"
 
 
 @pytest.fixture()

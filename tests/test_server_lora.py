@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -293,7 +294,8 @@ def post_text(server: ServerProcess, path: str, body: dict) -> tuple[int, str]:
         conn.close()
 
 
-def test_adapters_load_and_unload_at_runtime(server, expected, adapter_dirs, tiny_checkpoints, tmp_path):
+def test_adapters_load_and_unload_at_runtime(server, expected, adapter_dirs, tiny_checkpoints, default_model_dir,
+                                             tmp_path):
     """vLLM's runtime LoRA updating: an adapter loaded over HTTP is listed, served (the offline
     engine's tokens) and counted; refusals (a name taken, the base model's, a directory that is
     no adapter, an adapter of another model) are 400s that change nothing; once unloaded it is
@@ -312,7 +314,10 @@ def test_adapters_load_and_unload_at_runtime(server, expected, adapter_dirs, tin
     assert chat(client, "late").choices[0].message.content == expected["chat", "late"].text
     assert lora_gauges(server)["running", "late"] == 0.0
     other_model = save_adapter(str(tmp_path / "tiny"), tiny_checkpoints["llama"], rank=2, modules=["q_proj"])
+    bad_regex = save_adapter(str(tmp_path / "regex"), default_model_dir, rank=2, modules=["q_proj"], layers=[0],
+                             alpha_pattern={"q_proj(": 4.0})
     for body, message in (({"lora_name": "late", "lora_path": late}, "has already been loaded"),
+                          ({"lora_name": "x", "lora_path": bad_regex}, "is malformed"),
                           ({"lora_name": "qv", "lora_path": late}, "has already been loaded"),
                           ({"lora_name": BASE, "lora_path": late}, "is the base model's name"),
                           ({"lora_name": "x", "lora_path": str(tmp_path)}, "has no adapter_config.json"),
@@ -321,12 +326,20 @@ def test_adapters_load_and_unload_at_runtime(server, expected, adapter_dirs, tin
         status, text = post_text(server, "/v1/load_lora_adapter", body)
         assert status == 400 and message in json.loads(text)["error"]["message"], (body, text)
     assert [card.id for card in client.models.list().data] == [BASE, "qv", "mlp", "late"]
+    # Three served adapters, more than the default max_cpu_loras (2: the --lora-modules): served
+    # ones stay in memory, not read again (here: their directory gone for a moment).
+    moved = adapter_dirs["qv"] + ".moved"
+    os.rename(adapter_dirs["qv"], moved)
+    try:
+        assert complete(client, "qv").choices[0].text == expected["completion", "qv"].text
+    finally:
+        os.rename(moved, adapter_dirs["qv"])
     assert post_text(server, "/v1/unload_lora_adapter", {"lora_name": "late"}) == (
         200, "Success: LoRA adapter 'late' removed successfully.")
     with pytest.raises(openai.NotFoundError):
         complete(client, "late")
     assert "late" not in [card.id for card in client.models.list().data]
-    assert ("running", "late") not in lora_gauges(server)
+    assert lora_gauges(server)["running", "late"] == 0.0  # kept: an unloaded adapter's requests in flight count
     status, text = post_text(server, "/v1/unload_lora_adapter", {"lora_name": "late"})
     assert status == 404 and json.loads(text)["error"]["message"] == "The lora adapter 'late' cannot be found."
     # Loaded again (a new id, the same weights): the same answers.

@@ -916,3 +916,39 @@ def test_tool_call_content_is_alike_whole_and_streamed():
             sent += serving._read_tool_calls(job, streamed, piece, final=i == len(pieces) - 1)[0]
         assert whole.content == streamed.content == content and sent == (content or "")
         assert [c["function"]["name"] for c in whole.tool_calls] == ["f"] and whole.finish_reason == "tool_calls"
+
+
+def test_a_request_for_an_adapter_unloaded_before_it_runs_is_a_404():
+    """The adapter a request names is taken when its model is checked; if it was unloaded (or
+    unloaded and loaded again, other weights under the name) before the request reaches the
+    engine, the request is a 404, never run on the base model, or on other weights, in its name."""
+    import types
+
+    from server.engine_client import WorkerInfo
+    from server.protocol import CompletionRequest
+    from server.serving import OpenAIServing
+
+    calls = []
+
+    async def call(message):
+        calls.append(message)
+        return None
+
+    client = types.SimpleNamespace(info=WorkerInfo("m", 1000, 49152, 16, 16, {}, 256), call=call,
+                                   generate=lambda *a: pytest.fail("the request reached the engine"))
+    config = ServerConfig(lora_modules=[("a", "/adapters/a")], allow_runtime_lora_updating=True)
+    serving = OpenAIServing(config, None, client=client, metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    job = asyncio.run(serving.completion_job(CompletionRequest(model="a", prompt=[1, 2, 3], max_tokens=2),
+                                             RequestRecord("r", "x"), 0.0))
+    assert job.lora == ["a", 1, "/adapters/a"] and job.model == "a"
+    asyncio.run(serving.unload_lora_adapter("a"))
+    with pytest.raises(errors.APIError) as info:
+        asyncio.run(serving.run(job, None))
+    assert info.value.status == 404 and info.value.code == "model_not_found"
+    asyncio.run(serving.load_lora_adapter("a", "/adapters/other"))  # the name again, other weights
+    assert serving.loras["a"] == ["a", 2, "/adapters/other"]
+    with pytest.raises(errors.APIError) as info:
+        asyncio.run(serving.run(job, None))
+    assert info.value.status == 404 and serving.in_flight == 0
+    assert [c["type"] for c in calls] == ["unload_lora", "load_lora"]
