@@ -15,14 +15,15 @@ Where the weights live:
   adapters among the running requests, so a step's always fit.
 
 The product (`LoRAProjection`): a projection with k outputs (qkv_proj: q, k, v) keeps every
-slot's A side by side, [in, k·S·R], and each output's B stacked, [S·R, out_j]. Each token of a
+slot's A side by side, [in, S·k·R], and each output's B stacked, [S·R, out_j]. Each token of a
 step names its slot (-1: the base model). A projection then multiplies x by every slot's A at
 once, zeroes the columns of slots other than each token's, and adds the product with each B.
 Dense products of fixed shapes, no loop over adapters and no host sync, so a CUDA graph
 captures it once and replays it for any mix of adapters. The price: every step reads every
 slot's A and B, and each token computes k·S·R extra columns (vLLM's punica kernels gather each
-token's adapter instead); a captured graph pays it even for a step with no adapter, an eager
-step does not.
+token's adapter instead); a captured graph pays it even for a step with no adapter. An eager
+step computes only the slots up to its last adapter's (slots fill from the first), and none
+without adapters.
 """
 
 from __future__ import annotations
@@ -301,6 +302,9 @@ class LoRAState:
         self.slot_ids = torch.arange(max_loras, device=device)
         # False: no token of this step has an adapter, and eager steps skip the products.
         self.active = True
+        # The leading slots an eager step computes (those its adapters are in: slots fill from
+        # the first); a captured graph computes them all (max_loras, what it was captured with).
+        self.num_slots = max_loras
         self.mask: torch.Tensor | None = None  # [T, S]: token t runs with slot s
 
     def begin(self, num_tokens: int) -> None:
@@ -318,14 +322,15 @@ class LoRAProjection:
         self.outputs = outputs
         self.max_loras, self.max_rank = max_loras, max_rank
         k, s, r = len(outputs), max_loras, max_rank
-        self.a = torch.zeros(in_features, k * s * r, device=device, dtype=dtype)
+        # slot by slot, each its outputs' A side by side: the leading slots' columns are one block
+        self.a = torch.zeros(in_features, s * k * r, device=device, dtype=dtype)
         self.b = [torch.zeros(s * r, end - start, device=device, dtype=dtype) for _, start, end in outputs]
 
     def load(self, slot: int, layer: int, adapter: LoRAAdapter | None) -> None:
         """Put `adapter`'s weights for this projection in `slot` (zeros where it has none)."""
-        s, r = self.max_loras, self.max_rank
+        k, r = len(self.outputs), self.max_rank
         for j, (module, _, _) in enumerate(self.outputs):
-            col, row = (j * s + slot) * r, slot * r
+            col, row = (slot * k + j) * r, slot * r
             self.a[:, col:col + r].zero_()
             self.b[j][row:row + r].zero_()
             pair = None if adapter is None else adapter.weights.get((layer, module))
@@ -337,12 +342,12 @@ class LoRAProjection:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base projection of x, [T, out]) plus each token's adapter's product."""
-        t, k = x.shape[0], len(self.outputs)
+        t, k, r, n = x.shape[0], len(self.outputs), self.max_rank, self.state.num_slots
+        shrunk = (x @ self.a[:, :n * k * r]).view(t, n, k, r)
         # where, not a product with the mask: another slot's inf (an fp16 overflow) times 0 is NaN
-        shrunk = (x @ self.a).view(t, k, self.max_loras, self.max_rank)
-        shrunk = torch.where(self.state.mask[:, None, :, None], shrunk, 0.0).view(t, k, self.max_loras * self.max_rank)
+        shrunk = torch.where(self.state.mask[:, :n, None, None], shrunk, 0.0)
         for j, (_, start, end) in enumerate(self.outputs):
-            y[:, start:end].addmm_(shrunk[:, j], self.b[j])
+            y[:, start:end].addmm_(shrunk[:, :, j].reshape(t, n * r), self.b[j][:n * r])
         return y
 
 

@@ -431,8 +431,10 @@ class ModelRunner:
         """h.on_device; with LoRA, each token's adapter slot goes where the model reads it."""
         tensors = h.on_device(self.device)
         if self.lora is not None:
-            self.lora.state.active = any(slot >= 0 for slot in h.lora_slots)
-            self.lora.state.token_slots[:len(h.lora_slots)].copy_(tensors.pop())
+            state = self.lora.state
+            state.num_slots = max(h.lora_slots, default=-1) + 1  # eager steps: up to the last slot in use
+            state.active = state.num_slots > 0
+            state.token_slots[:len(h.lora_slots)].copy_(tensors.pop())
         return tensors
 
     def prepare(self, batch: ScheduledBatch, previous: PreviousTokens | None = None) -> StepInputs:

@@ -6,9 +6,10 @@ fit the budget; long prompts are capped per step so a short request is not stuck
 When blocks run out, the most recently admitted running request is preempted by recompute.
 Requests with LoRA adapters run beside each other and the base model's, with at most
 `max_loras` adapters among the running requests. A waiting request whose adapter would be one
-more is passed over, and so, for fairness, is every adapter's request behind it: the running
-adapters' requests drain, a slot frees, and it goes first; the base model's requests behind it
-still go on (they need no slot). A request passed over for another reason (a prefill limit, a
+more waits for a slot, and so that one frees, the running adapter that has held its slot the
+longest takes no new request until its running ones finish (otherwise a busy adapter's arrivals
+could keep it for ever); the other running adapters' requests and the base model's go on, and
+new adapters' wait behind it. A request passed over for another reason (a prefill limit, a
 token in flight) keeps a free slot for its adapter meanwhile.
 
 The "priority" policy (vLLM's) orders the waiting queue by (priority, arrival), lower first;
@@ -61,8 +62,8 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # 0: max_num_batched_tokens // 2
     policy: str = "fcfs"  # or "priority" (see the module's docstring)
     # At most this many LoRA adapters among the running requests (the device's adapter
-    # slots); 0: no adapters. A waiting request whose adapter finds no slot waits, and adapters'
-    # requests behind it with it (see the module docstring).
+    # slots); 0: no adapters. A waiting request whose adapter finds no slot waits while one of
+    # them drains (see the module docstring).
     max_loras: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +140,8 @@ class Scheduler:
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # The running LoRA adapter giving its slot up to a request waiting for one (0: none).
+        self.draining_lora = 0
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------- requests
@@ -275,18 +278,23 @@ class Scheduler:
         skipped: list[Request] = []
         admitted: list[Request] = []
         loras = {r.lora_id for r in self.running if r.lora_id}
+        if self.draining_lora not in loras:  # drained: its slot is free
+            self.draining_lora = 0
         kept: set[int] = set()  # adapters of requests passed over for another reason: their slots wait for them
-        lora_blocked = False  # an adapter's request found no slot: adapters' requests behind it wait too
+        lora_blocked = False  # an adapter's request found no slot: new adapters' requests behind it wait too
         while self.waiting and budget > 0:
             request = self.waiting[0]
             sibling = request.prefill_after
             new_adapter = request.lora_id and request.lora_id not in loras and request.lora_id not in kept
             if new_adapter and len(loras | kept) >= cfg.max_loras:
                 lora_blocked = True
+                if not self.draining_lora:  # the adapter that has held its slot the longest
+                    self.draining_lora = next((r.lora_id for r in self.running if r.lora_id), 0)
             # A request preempted with a token in flight waits for it: its prefill needs it.
             if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
                     or request in preempted  # not back in the step that preempted it
-                    or request.lora_id and lora_blocked):
+                    or lora_blocked and request.lora_id
+                    and (request.lora_id not in loras or request.lora_id == self.draining_lora)):
                 if new_adapter and not lora_blocked:
                     kept.add(request.lora_id)
                 skipped.append(self.waiting.popleft())

@@ -482,20 +482,38 @@ def test_scheduler_admits_at_most_max_loras_adapters_and_passes_over_the_rest() 
         s.update(batch, [7] * len(batch))
         return [r.request_id for r in batch.requests]
 
-    # adapter 3 finds no slot: it and every adapter's request behind it (r4, though adapter 1
-    # runs) are passed over, in order; the base model's requests behind it go on
+    # adapter 3 finds no slot: it waits, and adapter 1, which has held its slot the longest,
+    # drains for it (r4 waits too); adapter 3's r5 waits behind r2; the base model goes on
     assert step() == ["r0", "r1", "r3", "r6"]
+    assert s.draining_lora == 1
     assert [r.request_id for r in s.waiting] == ["r2", "r4", "r5"], "the passed-over requests keep their order"
     assert step() == ["r0", "r1", "r3", "r6"]  # still full
-    s.finish(reqs[0])  # adapter 1's only running request: its slot frees, and r2 (adapter 3), first in line, takes it
-    # decodes first, then r2's prompt; r4 (adapter 1) now finds no slot, and r5 (adapter 3, which
-    # runs) waits behind it
-    assert step() == ["r1", "r3", "r6", "r2"]
-    assert [r.request_id for r in s.waiting] == ["r4", "r5"]
+    s.finish(reqs[0])  # adapter 1 drained: its slot goes to r2 (adapter 3), first in line, and r5 with it
+    # decodes first, then the prompts; r4 (adapter 1) now finds no slot, and adapter 2 drains for it
+    assert step() == ["r1", "r3", "r6", "r2", "r5"]
+    assert [r.request_id for r in s.waiting] == ["r4"] and s.draining_lora == 2
     s.finish(reqs[1])  # adapter 2's last request: its slot is free
     batch = s.schedule()
     assert {r.request_id for r in batch.requests} == {"r2", "r3", "r4", "r5", "r6"} and not s.waiting
-    assert {r.lora_id for r in s.running if r.lora_id} == {1, 3}
+    assert {r.lora_id for r in s.running if r.lora_id} == {1, 3} and s.draining_lora == 0
+
+
+def test_only_the_draining_adapter_stops_taking_requests() -> None:
+    """Two slots held by adapters 1 (first) and 2, adapter 3 waiting: adapter 1 drains, while
+    adapter 2 keeps taking its new requests (a busy adapter beside the drain is not held up)."""
+    s = Scheduler(SchedulerConfig(max_model_len=128, num_blocks=256, max_loras=2))
+    for i, lora in enumerate([1, 2, 3]):
+        s.add_request(Request(f"first-{lora}", [1, 2, 3, 4], 8, lora_id=lora))
+    batch = s.schedule()
+    s.update(batch, [7] * len(batch))
+    for t in range(3):
+        s.add_request(Request(f"one-{t}", [1, 2, 3], 8, lora_id=1))
+        s.add_request(Request(f"two-{t}", [1, 2, 3], 8, lora_id=2))
+        batch = s.schedule()
+        s.update(batch, [7 if batch.samples(i) else None for i in range(len(batch))])
+    running = {r.request_id for r in s.running}
+    assert {"two-0", "two-1", "two-2"} <= running and not running & {"one-0", "one-1", "one-2", "first-3"}
+    assert s.draining_lora == 1
 
 
 def test_a_request_waiting_for_a_slot_is_not_starved_by_running_adapters_arrivals() -> None:
