@@ -293,8 +293,7 @@ class Scheduler:
             # A request preempted with a token in flight waits for it: its prefill needs it.
             if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
                     or request in preempted  # not back in the step that preempted it
-                    or lora_blocked and request.lora_id
-                    and (request.lora_id not in loras or request.lora_id == self.draining_lora)):
+                    or lora_blocked and (new_adapter or request.lora_id == self.draining_lora)):
                 if new_adapter and not lora_blocked:
                     kept.add(request.lora_id)
                 skipped.append(self.waiting.popleft())

@@ -498,6 +498,21 @@ def test_scheduler_admits_at_most_max_loras_adapters_and_passes_over_the_rest() 
     assert {r.lora_id for r in s.running if r.lora_id} == {1, 3} and s.draining_lora == 0
 
 
+def test_a_slot_kept_for_an_adapter_serves_its_other_requests() -> None:
+    """max_loras 1: X (adapter 1) is passed over for a token still in flight, so the free slot is
+    kept for adapter 1; Y (adapter 2) behind it finds no slot; Z (adapter 1) behind both takes the
+    kept slot (it had been held back as if it were new, and with X waiting on a sibling-like
+    condition nothing ever ran: a fuzz found that deadlock under the priority policy)."""
+    s = Scheduler(SchedulerConfig(max_model_len=128, num_blocks=64, max_loras=1))
+    x, y, z = (Request(name, [1, 2, 3], 4, lora_id=lora) for name, lora in (("x", 1), ("y", 2), ("z", 1)))
+    for r in (x, y, z):
+        s.add_request(r)
+    x.num_pending_tokens = 1  # as a request preempted with its token in flight
+    batch = s.schedule()
+    assert [r.request_id for r in batch.requests] == ["z"]
+    assert [r.request_id for r in s.waiting] == ["x", "y"]
+
+
 def test_only_the_draining_adapter_stops_taking_requests() -> None:
     """Two slots held by adapters 1 (first) and 2, adapter 3 waiting: adapter 1 drains, while
     adapter 2 keeps taking its new requests (a busy adapter beside the drain is not held up)."""
