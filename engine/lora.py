@@ -7,8 +7,8 @@ request that runs with it, such a projection computes W x + s B A x, with s = lo
 
 Where the weights live:
 - `LoRARegistry` (host memory): adapters read from disk, by `lora_int_id`, B scaled by s. An
-  adapter is held while a request with it is unfinished, and up to `max_cpu_loras` are kept
-  after, least recently used dropped first.
+  adapter is held while a request with it is unfinished, or while pinned (a server's served
+  adapters), and up to `max_cpu_loras` are kept after, least recently used dropped first.
 - `LoRASlots` (the model's device): `max_loras` slots, each holding one adapter's weights with
   its rank padded to `max_lora_rank` with zeros. A step's adapters are copied into slots not
   used by that step, least recently used first; the scheduler admits at most `max_loras`
@@ -71,7 +71,7 @@ class LoRARequest:
 class LoRAAdapter:
     request: LoRARequest
     rank: int  # the largest of its modules'
-    # (layer, module) → (A [r, in], s·B [out, r]), fp32 on the host
+    # (layer, module) → (A [r, in], s·B [out, r]), in the model's dtype, on the host
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     # Where the prefix cache chains its requests' prompts from (Request.prefix_root), named by
     # what was read (its config and tensors): an id given to other weights, or files rewritten
