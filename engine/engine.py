@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig, ModelConfig, generation_defaults
 from engine.detokenizer import IncrementalDetokenizer
-from engine.lora import LoRARegistry, LoRARequest
+from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
@@ -310,12 +310,13 @@ class LLMEngine:
         self.groups[request_id] = group
 
     # ------------------------------------------------------------------ LoRA (vLLM's LLMEngine methods)
-    def add_lora(self, lora_request: LoRARequest, pin: bool = False) -> bool:
+    def add_lora(self, lora_request: LoRARequest, pin: bool = False, *, read: LoRAAdapter | None = None) -> bool:
         """Read an adapter into host memory now (kept while max_cpu_loras allow, or until
-        remove_lora if `pin`); ValueError if this engine can't serve it."""
+        remove_lora if `pin`); ValueError if this engine can't serve it. `read`: the adapter
+        already read (`engine.lora.load_adapter` with this engine's `loras` settings)."""
         if self.loras is None:
             raise ValueError("LoRA adapters need an engine started with enable_lora=True")
-        self.loras.add(lora_request)
+        self.loras.add(lora_request, read=read)
         if pin:
             self.loras.pin(lora_request.lora_int_id)
         return True

@@ -222,9 +222,10 @@ class LoRARegistry:
         self.pinned: set[int] = set()  # never dropped while pinned (a server's served adapters)
         self.dropping: set[int] = set()  # removed while in use: dropped when their last request finishes
 
-    def add(self, request: LoRARequest, hold: bool = False) -> LoRAAdapter:
+    def add(self, request: LoRARequest, hold: bool = False, read: LoRAAdapter | None = None) -> LoRAAdapter:
         """The adapter of `request`, read from disk unless it is loaded (ValueError if it can't
-        be served, or if its id is loaded under another name or path); `hold`: as `acquire`."""
+        be served, or if its id is loaded under another name or path); `hold`: as `acquire`;
+        `read`: the adapter already read (by `load_adapter`, off the step loop)."""
         if not isinstance(request, LoRARequest):
             raise TypeError(f"a LoRA request must be a LoRARequest, got {type(request).__name__}")
         adapter = self.adapters.get(request.lora_int_id)
@@ -235,7 +236,9 @@ class LoRARegistry:
             self.adapters.move_to_end(request.lora_int_id)
             self.dropping.discard(request.lora_int_id)  # added again: no longer on its way out
         else:
-            adapter = load_adapter(request, self.model_config, self.max_lora_rank, self.dtype)
+            if read is not None and read.request != request:
+                raise ValueError(f"the adapter read is {read.request}, not {request}")
+            adapter = read or load_adapter(request, self.model_config, self.max_lora_rank, self.dtype)
             self.adapters[request.lora_int_id] = adapter
         if hold:
             self.users[request.lora_int_id] += 1

@@ -9,7 +9,8 @@ runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
               "lora": [name, id, path] or null}
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
-      load_lora   {"call": n, "lora": [name, id, path]} → the adapter read and pinned in memory;
+      load_lora   {"call": n, "lora": [name, id, path]} → the adapter read (on the command thread:
+             the steps go on meanwhile) and pinned in memory;
       unload_lora {"call": n, "id": id} → dropped (once no request uses it): "calls" gets
              {"call": n, "error": null or a message}
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
@@ -146,6 +147,8 @@ class Worker:
         try:
             while True:
                 message = self.reader.read()
+                if message is not None and message.get("type") == "load_lora":
+                    self._read_adapter(message)
                 self.inbox.put(message)
                 if message is None:
                     return
@@ -195,13 +198,29 @@ class Worker:
                 frame["stats"] = self.stats()
                 self.writer.write(frame)
 
+    def _read_adapter(self, message: dict[str, Any]) -> None:
+        """A load_lora command's adapter, read here, off the step loop (disk, digest, checks take
+        long for a large one): message["adapter"], or message["error"]."""
+        from engine.lora import LoRARequest, load_adapter
+
+        loras = self.engine.loras
+        if loras is None:
+            return  # the engine refuses it (no enable_lora)
+        try:
+            message["adapter"] = load_adapter(LoRARequest(*message["lora"]), loras.model_config,
+                                              loras.max_lora_rank, loras.dtype)
+        except Exception as exc:  # noqa: BLE001 - the load's answer, sent back by the loop
+            message["error"] = str(exc) or type(exc).__name__
+
     def _lora_call(self, message: dict[str, Any]) -> str | None:
         """A load_lora or unload_lora command; what went wrong, or None."""
         from engine import LoRARequest
 
+        if "error" in message:
+            return message["error"]
         try:
             if message["type"] == "load_lora":
-                self.engine.add_lora(LoRARequest(*message["lora"]), pin=True)
+                self.engine.add_lora(LoRARequest(*message["lora"]), pin=True, read=message.get("adapter"))
             else:  # in use: dropped when its last request finishes
                 self.engine.remove_lora(message["id"])
             return None

@@ -952,3 +952,47 @@ def test_a_request_for_an_adapter_unloaded_before_it_runs_is_a_404():
         asyncio.run(serving.run(job, None))
     assert info.value.status == 404 and serving.in_flight == 0
     assert [c["type"] for c in calls] == ["unload_lora", "load_lora"]
+
+
+def test_the_worker_reads_an_adapter_off_its_step_loop(tiny_checkpoints, tmp_path, monkeypatch):
+    """A runtime load_lora: the adapter is read (disk, digest, checks: long for a large one) on
+    the worker's command thread, so the step loop goes on meanwhile; the loop only pins what was
+    read, and answers. A bad adapter is an answer too, and the worker keeps running."""
+    import threading
+
+    import engine.lora
+    from server.worker import Worker
+    from tests.lora_adapters import save_adapter
+
+    threads = []
+    read = engine.lora.load_adapter
+
+    def load_adapter(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(engine.lora, "load_adapter", load_adapter)
+    to_worker, from_worker = os.pipe(), os.pipe()
+    worker = Worker(FrameReader(to_worker[0]), FrameWriter(from_worker[1]))
+    worker.start({"engine": {"model": tiny_checkpoints["llama"], "num_kv_blocks": 16, "enable_lora": True,
+                             "max_lora_rank": 4}})
+    loop = threading.Thread(target=worker.run)
+    loop.start()
+    writer, reader = FrameWriter(to_worker[1]), FrameReader(from_worker[0])
+    good = save_adapter(str(tmp_path / "good"), tiny_checkpoints["llama"], rank=4, modules=["q_proj"])
+    try:
+        writer.write({"type": "load_lora", "call": 7, "lora": ["good", 1, good]})
+        writer.write({"type": "load_lora", "call": 8, "lora": ["bad", 2, str(tmp_path)]})
+        answers = {}
+        while len(answers) < 2:
+            for answer in reader.read().get("calls", ()):
+                answers[answer["call"]] = answer["error"]
+        assert answers[7] is None and "has no adapter_config.json" in answers[8]
+        assert threads == ["stoke-worker-commands", "stoke-worker-commands"], threads
+        assert worker.engine.list_loras() == {1} and worker.engine.loras.pinned == {1}
+        writer.write({"type": "shutdown"})
+        loop.join(30)
+        assert not loop.is_alive()
+    finally:
+        writer.close()
+        reader.close()
