@@ -958,6 +958,7 @@ def test_the_worker_reads_an_adapter_off_its_step_loop(tiny_checkpoints, tmp_pat
     """A runtime load_lora: the adapter is read (disk, digest, checks: long for a large one) on
     the worker's command thread, so the step loop goes on meanwhile; the loop only pins what was
     read, and answers. A bad adapter is an answer too, and the worker keeps running."""
+    import gc
     import threading
 
     import engine.lora
@@ -996,3 +997,4 @@ def test_the_worker_reads_an_adapter_off_its_step_loop(tiny_checkpoints, tmp_pat
     finally:
         writer.close()
         reader.close()
+        gc.unfreeze()  # the worker froze this process's heap, as it does its own
