@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from engine.sampling_params import is_int
 from scheduler import SCHEDULING_POLICIES
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
 
 
 def _check_size(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -256,7 +257,7 @@ class EngineConfig:
     def resolve_max_cpu_loras(self) -> int:
         """The LoRA adapters kept in host memory."""
         cpu = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
-        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < self.max_loras:
+        if not is_int(cpu) or cpu < self.max_loras:
             raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), got {cpu!r}")
         return cpu
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.sampling_params import is_int
+
 SPECULATIVE_METHODS = ("ngram",)
 
 
@@ -66,18 +68,18 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config method must be one of {SPECULATIVE_METHODS} (prompt lookup; "
                              f"stoke has no draft models), got {method!r}")
         k = value.get("num_speculative_tokens")
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be an integer >= 1, got {k!r}")
         low, high = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
         for name, n in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
-            if n is not None and (not _is_int(n) or n < 1):
+            if n is not None and (not is_int(n) or n < 1):
                 raise ValueError(f"speculative_config {name} must be an integer >= 1, got {n!r}")
         low, high = (5, 5) if low is None and high is None else (low if low is not None else high,
                                                                    high if high is not None else low)
         if low > high:
             raise ValueError(f"speculative_config prompt_lookup_min ({low}) exceeds prompt_lookup_max ({high})")
         limit = value.get("disable_by_batch_size")
-        if limit is not None and (not _is_int(limit) or limit < 1):
+        if limit is not None and (not is_int(limit) or limit < 1):
             raise ValueError(f"speculative_config disable_by_batch_size must be an integer >= 1, got {limit!r}")
         return cls(method, k, high, low, limit)
 
@@ -85,10 +87,6 @@ class SpeculativeConfig:
         return {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens,
                 "prompt_lookup_max": self.prompt_lookup_max, "prompt_lookup_min": self.prompt_lookup_min,
                 "disable_by_batch_size": self.disable_by_batch_size}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class NgramProposer:
