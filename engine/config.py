@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from engine.reasoning import REASONING_PARSERS
 from engine.sampling_params import is_int
 from scheduler import SCHEDULING_POLICIES
 
@@ -217,6 +218,9 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Reasoning models (engine/reasoning.py), as vLLM's --reasoning-parser: "deepseek_r1" or
+    # "qwen3". A structured output's grammar then holds the answer only once its reasoning ended.
+    reasoning_parser: str | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len (at most the model's positions), capped
@@ -251,6 +255,8 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(DTYPES)}")
         self.resolve_cuda_graph_mode()
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r:.40}")
         if self.enable_lora:
             self.resolve_max_cpu_loras()
 

@@ -33,6 +33,7 @@ from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logpro
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
 from engine.speculative import NgramProposer, SpeculativeConfig
 from engine.token_bytes import vocabulary_bytes
+from engine.reasoning import Reasoning, ReasoningGuide
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
 from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
@@ -61,7 +62,7 @@ class _Sample:
     stop_reason: int | str | None = None
     sent_tokens: int = 0  # output tokens already reported in a delta
     sent_finish: bool = False  # a delta output reported finish_reason already
-    guide: Guide | None = None  # structured outputs: where the sample is in its grammar
+    guide: Guide | ReasoningGuide | None = None  # structured outputs: where the sample is in its grammar
     # with a guide and drafts: the mask of each position the drafts put the next step at
     draft_masks: list[tuple[torch.Tensor, bool]] = field(default_factory=list)
 
@@ -142,6 +143,9 @@ class LLMEngine:
         # server's worker sends on (10x cheaper: 0.9 against 9 us a token with 20 top logprobs).
         self.logprob_objects = True
         self.default_sampling = self._default_sampling(config.generation_config, path)
+        # A reasoning model's tags: structured outputs hold the answer once its reasoning ended
+        self.reasoning = Reasoning.for_tokenizer(config.reasoning_parser, self.tokenizer) \
+            if config.reasoning_parser is not None else None
         self.loras: LoRARegistry | None = None
         if config.enable_lora:
             self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras(),
@@ -276,7 +280,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         # Every sample is built before any is queued: nothing stays behind if one fails.
-        guides = self._guides(params)
+        guides = self._guides(params, prompt_token_ids)
         lora_id, prefix_root = 0, None
         if lora_request is not None:
             self.add_lora(lora_request)  # read and checked (ValueError) before anything is queued
@@ -334,9 +338,10 @@ class LLMEngine:
         """The ids of the adapters in host memory."""
         return set() if self.loras is None else set(self.loras.adapters)
 
-    def _guides(self, params: SamplingParams) -> list[Guide]:
-        """One guide per sample for a request with structured outputs (none without);
-        ValueError for a structure no answer satisfies (its first token has no way on)."""
+    def _guides(self, params: SamplingParams, prompt_token_ids: list[int]) -> list[Guide | ReasoningGuide]:
+        """One guide per sample for a request with structured outputs (none without), held back
+        while a reasoning model thinks; ValueError for a structure no answer satisfies (its
+        first token has no way on)."""
         if params.structured_outputs is None:
             return []
         if self.tokenizer is None:
@@ -349,6 +354,8 @@ class LLMEngine:
         guides = [Guide(grammar, self._token_masks, ends) for _ in range(params.n)]
         if guides[0].dead_end():
             raise ValueError("no answer satisfies these structured outputs (no token can begin one)")
+        if self.reasoning is not None:
+            return [ReasoningGuide(guide, self.reasoning.phase(prompt_token_ids)) for guide in guides]
         return guides
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:

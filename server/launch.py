@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
                    help="how tool calls look in the model's text: hermes (<tool_call> JSON </tool_call>: Qwen2.5, "
                         "Qwen3, Hermes) or llama3_json (Llama 3.1+)")
+    p.add_argument("--reasoning-parser", default=None,
+                   help="split a reasoning model's chat answers into reasoning (<think>...</think>) and content, "
+                        "and hold structured outputs to their schema only once the reasoning ended: deepseek_r1 "
+                        "(DeepSeek-R1 and its distills, QwQ) or qwen3 (Qwen3)")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on the CPU), float32, float16 or bfloat16")
@@ -234,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "scheduling_policy": args.scheduling_policy,
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
-        "speculative_config": args.speculative_config,
+        "speculative_config": args.speculative_config, "reasoning_parser": args.reasoning_parser,
         "enable_lora": args.enable_lora, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
         # The served adapters stay in memory by default: one read from disk would stall every step.
         "max_cpu_loras": args.max_cpu_loras if args.max_cpu_loras is not None
@@ -326,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer.chat_template = load_chat_template(config.chat_template)
         except (OSError, ValueError) as exc:
             logger.error("bad --chat-template: %s", exc)
+            return 2
+    if config.engine_args["reasoning_parser"] is not None:
+        from engine.reasoning import Reasoning
+
+        try:
+            Reasoning.for_tokenizer(config.engine_args["reasoning_parser"], tokenizer)
+        except ValueError as exc:
+            logger.error("bad --reasoning-parser: %s", exc)
             return 2
 
     state = {"worker_died": False}

@@ -90,6 +90,9 @@ class Metrics:
         self.prompt_tokens = Counter("stoke_prompt_tokens", "Prompt tokens of requests whose prefill completed",
                                      registry=r)
         self.generation_tokens = Counter("stoke_generation_tokens", "Generated tokens", registry=r)
+        self.reasoning_tokens = Counter("stoke_reasoning_tokens",
+                                        "Generated tokens a reasoning model spent thinking (chats, --reasoning-parser)",
+                                        registry=r)
         self.preemptions = Counter("stoke_preemptions",
                                    "Requests preempted (recomputed) for lack of KV blocks or for a higher priority",
                                    registry=r)

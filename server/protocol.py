@@ -131,6 +131,7 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool | None = True  # vLLM's: False leaves a reasoning model's thinking out
 
 
 class TokenizeRequest(_Model):

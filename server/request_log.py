@@ -3,7 +3,9 @@
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
 stream, n, priority, structured (what the answer was held to: json, json_object, choice or regex; a
-forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens, cost
+forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens,
+reasoning_tokens (those of the completion tokens spent thinking: chats on a server with
+--reasoning-parser, null otherwise), cost
 (at the server's prices; null without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status —
 plus prompt and output text only with --log-request-text. Latencies are the engine's monotonic
 timestamps (seconds). A request cut short (the client left, a timeout) is logged once the
@@ -46,6 +48,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int | None = None  # of the completion tokens (a chat on a server with a reasoning parser)
     cost: float | None = None
     queue_time_s: float | None = None
     ttft_s: float | None = None

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.chat_messages import UnsupportedContent, template_message
+from engine.reasoning import Reasoning, ReasoningPhase, ReasoningSplitter
 from engine.sampling_params import SamplingParams, truncate_prompt
 from engine.structured_outputs import StructuredOutputsParams
 from engine.token_bytes import token_bytes_reader
@@ -71,6 +72,8 @@ class Choice:
     tool_parser: ToolCallParser | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # chat with a reasoning parser: splits the text into reasoning and content as it comes
+    reasoning: ReasoningSplitter | None = None
 
 
 @dataclass(slots=True)
@@ -95,8 +98,8 @@ class Job:
     prompt_logprobs: dict[int, list[list[list[float]] | None]] = field(default_factory=dict)
     # the LoRA adapter the request named ([name, id, path]), as served when it was checked
     lora: list[Any] | None = None
-    # choice index → its text chunk's SSE line before and after the text (`_text_chunk`)
-    text_chunks: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # (choice index, "content" or "reasoning") → its text chunk's SSE line around the text (`_text_chunk`)
+    text_chunks: dict[tuple[int, str], list[str]] = field(default_factory=dict)
     # vLLM's stream_options.continuous_usage_stats: every chunk has its choice's usage so far
     continuous_usage: bool = False
     # completions with echo and max_tokens=0 (legacy OpenAI, vLLM): the prompt and its
@@ -112,6 +115,11 @@ class Job:
     tool_parser: str | None = None
     tool_function: str | None = None
     parallel_tool_calls: bool = True  # False: an answer's first call only
+    # chat on a server with a reasoning parser: where the answer starts (engine/reasoning.py's
+    # opening of its prompt); None: no reasoning is read. include_reasoning (vLLM's): False
+    # leaves the reasoning out of the response.
+    reasoning_opening: str | None = None
+    include_reasoning: bool = True
 
 
 class SSEResponse(StreamingResponse):
@@ -207,6 +215,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.request_logger = request_logger
         self.model_name = model_name
+        parser = config.engine_args.get("reasoning_parser")
+        self.reasoning = Reasoning.for_tokenizer(parser, tokenizer) if parser is not None else None
         # The LoRA adapters clients may name as their model: name → [name, id, path] (a LoRARequest's fields).
         self.loras = {name: [name, lora_id, path] for lora_id, (name, path) in enumerate(config.lora_modules, 1)}
         self._next_lora_id = len(self.loras) + 1  # never reused: an id names one adapter's weights
@@ -440,8 +450,13 @@ class OpenAIServing:
         params = self._sampling_fields(req, max_tokens, logprobs, structured)
         if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
             params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
+        if self.reasoning is not None and self.reasoning.tags_special and "skip_special_tokens" not in req.model_fields_set:
+            params["skip_special_tokens"] = False  # the tags' text splits the answer
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
         job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
+        if self.reasoning is not None:
+            job.reasoning_opening = self.reasoning.opening(tokens)
+            job.include_reasoning = req.include_reasoning is not False
         return job
 
     async def _structured_outputs(self, req: CompletionRequest | ChatCompletionRequest
@@ -803,6 +818,8 @@ class OpenAIServing:
         if self.limits.pricing.priced:
             record.cost = cost
             self.metrics.on_cost(cost)
+        if record.reasoning_tokens:
+            self.metrics.reasoning_tokens.inc(record.reasoning_tokens)
         self.request_logger.emit(record)
 
     def fail(self, record: RequestRecord, exc: APIError) -> None:
@@ -857,9 +874,14 @@ class OpenAIServing:
         cached_tokens = sum(cached.values())
         r = job.record
         r.completion_tokens, r.cached_tokens = completion_tokens, cached_tokens
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+        if job.reasoning_opening is not None:  # OpenAI's: the completion tokens spent reasoning
+            r.reasoning_tokens = sum(ReasoningPhase(self.reasoning, job.reasoning_opening).extend(c.token_ids)
+                                     .reasoning_tokens for c in choices)
+            usage["completion_tokens_details"] = {"reasoning_tokens": r.reasoning_tokens}
+        return usage
 
     def _summarize(self, job: Job, choices: list[Choice]) -> None:
         reasons = sorted({c.finish_reason for c in choices if c.finish_reason})
@@ -901,9 +923,11 @@ class OpenAIServing:
             if exc is not None:
                 raise exc
             usage = self._usage(job, choices, cached)
-            if job.tool_parser is not None:
+            if job.kind == "chat":
                 for choice in choices:
-                    self._read_tool_calls(job, choice, "".join(choice.text), final=True)
+                    content = self._reasoning_split(job, choice, "".join(choice.text), final=True)[1]
+                    if job.tool_parser is not None:
+                        self._read_tool_calls(job, choice, content, final=True)
             self._summarize(job, choices)
             body = self._completion_body(job, choices, usage) if job.kind == "completion" \
                 else self._chat_body(job, choices, usage)
@@ -956,6 +980,13 @@ class OpenAIServing:
                     if chat and not choice.started:
                         choice.started = True
                         yield sse(self._chat_chunk(job, choice.index, {"role": "assistant", "content": ""}, None, None))
+                    if job.reasoning_opening is not None:
+                        reasoning, text = self._reasoning_split(job, choice, text, final=reason is not None)
+                        if reasoning and job.include_reasoning:
+                            yield self._reasoning_chunk(job, choice.index, reasoning, chat_logprobs)
+                            chat_logprobs = None  # they rode on the reasoning
+                        if not text and reason is None and chat_logprobs is None:
+                            continue
                     if job.tool_parser is not None:
                         for line in self._tool_call_chunks(job, choice, text, reason, chat_logprobs):
                             yield line
@@ -990,6 +1021,29 @@ class OpenAIServing:
             self.fail(job.record, error)
             yield sse(error.body())
             yield sse("[DONE]")
+
+    # ---------------------------------------------------------------- reasoning
+    def _reasoning_split(self, job: Job, choice: Choice, text: str, final: bool) -> tuple[str, str]:
+        """A chat choice's new text as (reasoning, content), by the server's reasoning parser
+        (all content without one); at the end (`final`), what the parser held back too."""
+        if job.reasoning_opening is None:
+            return "", text
+        if choice.reasoning is None:
+            choice.reasoning = ReasoningSplitter(job.reasoning_opening)
+        reasoning, content = choice.reasoning.feed(text)
+        if final:
+            more, rest = choice.reasoning.finish()
+            reasoning, content = reasoning + more, content + rest
+        return reasoning, content
+
+    def _reasoning_chunk(self, job: Job, index: int, reasoning: str, logprobs: str | None) -> str:
+        """A delta of reasoning, under both names clients read: `reasoning` (vLLM's) and
+        `reasoning_content` (DeepSeek's API, and vLLM's before)."""
+        if logprobs is None and not job.continuous_usage:
+            return self._text_chunk(job, index, reasoning, "reasoning")
+        chunk = self._chat_chunk(job, index, {"reasoning": reasoning, "reasoning_content": reasoning},
+                                 None if logprobs is None else _PLACEHOLDER, None)
+        return _with_logprobs(sse(chunk), logprobs)
 
     # ---------------------------------------------------------------- tool calls
     def _read_tool_calls(self, job: Job, choice: Choice, text: str, final: bool
@@ -1119,18 +1173,20 @@ class OpenAIServing:
             content.append(f'{{"token":{s},"logprob":{_number(pairs.get(tid))}{b},"top_logprobs":[{",".join(top)}]}}')
         return '{"content":[' + ",".join(content) + "]}"
 
-    def _text_chunk(self, job: Job, index: int, text: str) -> str:
+    def _text_chunk(self, job: Job, index: int, text: str, kind: str = "content") -> str:
         """The SSE line of a chunk with text only (no logprobs, no finish reason): the generic
         chunk rendered once per choice around a placeholder, then only the text is encoded for
         each token. The same bytes as `sse(self._chat_chunk(...))` / `_completion_chunk`, in a
-        quarter of the time, and it runs for every token of every stream."""
-        around = job.text_chunks.get(index)
+        quarter of the time, and it runs for every token of every stream. `kind` "reasoning":
+        a chat's reasoning delta (`_reasoning_chunk`)."""
+        around = job.text_chunks.get((index, kind))
         if around is None:
-            chunk = self._chat_chunk(job, index, {"content": _PLACEHOLDER}, None, None) if job.kind == "chat" \
+            delta = {"reasoning": _PLACEHOLDER, "reasoning_content": _PLACEHOLDER} if kind == "reasoning" \
+                else {"content": _PLACEHOLDER}
+            chunk = self._chat_chunk(job, index, delta, None, None) if job.kind == "chat" \
                 else self._completion_chunk(job, index, _PLACEHOLDER, None, None)
-            head, tail = sse(chunk).split(_dumps(_PLACEHOLDER))
-            around = job.text_chunks[index] = (head, tail)
-        return around[0] + _dumps(text) + around[1]
+            around = job.text_chunks[(index, kind)] = sse(chunk).split(_dumps(_PLACEHOLDER))
+        return _dumps(text).join(around)
 
     def _completion_chunk(self, job: Job, index: int, text: str, logprobs: dict[str, Any] | None,
                           finish_reason: str | None) -> dict[str, Any]:
@@ -1180,7 +1236,11 @@ class OpenAIServing:
             logprobs = None
             if job.logprobs is not None:
                 logprobs = self._chat_logprobs(job, choice.token_ids, choice.logprobs)
-            message = {"role": "assistant", "content": "".join(choice.text), "refusal": None}  # OpenAI's keys
+            content = "".join(choice.text) if choice.reasoning is None else choice.reasoning.content
+            message = {"role": "assistant", "content": content, "refusal": None}  # OpenAI's keys
+            if job.reasoning_opening is not None:  # both names, as `_reasoning_chunk`
+                reasoning = choice.reasoning.reasoning if job.include_reasoning else None
+                message |= {"reasoning": reasoning, "reasoning_content": reasoning}
             if job.tool_parser is not None:
                 message |= {"content": choice.content, "tool_calls": choice.tool_calls}
             out.append({"index": choice.index, "message": message, "logprobs": logprobs,

@@ -560,7 +560,7 @@ def test_text_chunks_are_the_generic_chunks_bytes(kind):
             generic = serving._chat_chunk(job, index, {"content": text}, None, None) if kind == "chat" \
                 else serving._completion_chunk(job, index, text, None, None)
             assert serving._text_chunk(job, index, text) == sse(generic)
-    assert sorted(job.text_chunks) == [0, 2]
+    assert sorted(job.text_chunks) == [(0, "content"), (2, "content")]
 
 
 def test_streamed_chat_logprobs_are_the_bodies_bytes():
