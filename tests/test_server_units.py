@@ -560,7 +560,11 @@ def test_text_chunks_are_the_generic_chunks_bytes(kind):
             generic = serving._chat_chunk(job, index, {"content": text}, None, None) if kind == "chat" \
                 else serving._completion_chunk(job, index, text, None, None)
             assert serving._text_chunk(job, index, text) == sse(generic)
-    assert sorted(job.text_chunks) == [(0, "content"), (2, "content")]
+            if kind == "chat":
+                generic = serving._chat_chunk(job, index, {"reasoning": text, "reasoning_content": text}, None, None)
+                assert serving._text_chunk(job, index, text, "reasoning") == sse(generic)
+    assert sorted(job.text_chunks) == [(0, "content"), (0, "reasoning"), (2, "content"), (2, "reasoning")][
+        ::1 if kind == "chat" else 2]
 
 
 def test_streamed_chat_logprobs_are_the_bodies_bytes():
@@ -998,3 +1002,52 @@ def test_the_worker_reads_an_adapter_off_its_step_loop(tiny_checkpoints, tmp_pat
         writer.close()
         reader.close()
         gc.unfreeze()  # the worker froze this process's heap, as it does its own
+
+
+@pytest.mark.parametrize("include_reasoning", [True, False])
+def test_a_streamed_reasoning_keeps_every_tokens_logprobs(include_reasoning: bool):
+    """A chat stream on a reasoning server: reasoning deltas, then content; each token's
+    logprobs go out once, on the chunk of its frame (on the reasoning delta where the frame's
+    text was all reasoning), also when the reasoning itself is left out; the usage counts the
+    tokens spent thinking, tags included."""
+    import types
+
+    from engine.reasoning import FIRST
+    from server.serving import Job, OpenAIServing
+
+    class Tokenizer:
+        def decode(self, ids: list[int]) -> str:
+            return f"<{ids[0]}>"
+
+    frames = [("<think>Let", [51, 52]), (" me", [53]), ("</think>Hi", [54, 55]), ("!", [56])]
+
+    class Frames:  # one output frame a batch, as a stream that keeps up with the engine gets them
+        async def batches(self):
+            done = 0
+            for i, (text, ids) in enumerate(frames):
+                done += len(ids)
+                yield [(0, _frame("e-0", 0, text, ids, done, "stop" if i == len(frames) - 1 else None,
+                                  [[[t, -0.5]] for t in ids]))]
+
+    async def run() -> list[dict]:
+        serving = OpenAIServing(ServerConfig(), Tokenizer(), client=None, metrics=Metrics(gpu=False),
+                                request_logger=RequestLogger(log_text=False), model_name="m")
+        serving.reasoning = types.SimpleNamespace(start_id=51, end_id=54)  # the tags' ids here
+        job = Job(kind="chat", request_id="c", model="m", created=0, arrival=0.0, prompts=[[1, 2, 3]],
+                  prompt_texts=["p"], params={}, n=1, stream=True, include_usage=True, echo=False, logprobs=0,
+                  record=RequestRecord("c", "chat"))
+        job.reasoning_opening, job.include_reasoning = FIRST, include_reasoning
+        lines = [line async for line in serving._stream(job, Frames())]
+        return [json.loads(line[len("data: "):]) for line in lines if line != "data: [DONE]\n\n"]
+
+    chunks = asyncio.run(run())
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+    reasoning = "".join(d["delta"].get("reasoning", "") for d in deltas)
+    assert reasoning == ("Let me" if include_reasoning else "")
+    assert all(d["delta"].get("reasoning_content") == d["delta"].get("reasoning") for d in deltas)
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == "Hi!"
+    tokens = [e["token"] for d in deltas if d["logprobs"] for e in d["logprobs"]["content"]]
+    assert tokens == [f"<{t}>" for _, ids in frames for t in ids]
+    assert len(deltas) == 5 and deltas[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
