@@ -555,12 +555,13 @@ def test_request_log_lines(server, client, model):
     assert line["request_id"] == out.id and line["user"] == "alice" and line["status"] == 200
     expected = {"event", "request_id", "endpoint", "model", "key_id", "user", "stream", "n", "priority", "structured",
                 "prompt_tokens",
-                "cached_tokens", "completion_tokens", "cost", "queue_time_s", "ttft_s", "mean_itl_s", "e2e_s",
+                "cached_tokens", "completion_tokens", "reasoning_tokens", "cost", "queue_time_s", "ttft_s", "mean_itl_s", "e2e_s",
                 "finish_reason", "error_type", "status"}
     assert set(line) == expected  # no prompt/output text without --log-request-text
     assert line["prompt_tokens"] == out.usage.prompt_tokens and line["completion_tokens"] == 3
     assert line["finish_reason"] == "length" and line["error_type"] is None
     assert line["cost"] is None  # no --price-* options: no cost
+    assert line["reasoning_tokens"] is None  # no --reasoning-parser
     assert 0 <= line["queue_time_s"] <= line["ttft_s"] <= line["e2e_s"] and line["mean_itl_s"] > 0
     assert line["key_id"] == "sha256:" + hashlib.sha256(API_KEY.encode()).hexdigest()[:12]
     # One line per request, errors included, and never the key itself.
