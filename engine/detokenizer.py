@@ -41,6 +41,11 @@ _PROMPT_CONTEXT = 5  # prompt tokens decoded as context for the first output tok
 _REPLACEMENT = "\ufffd"
 
 
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids skip_special_tokens leaves out: the added tokens marked special."""
+    return frozenset(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+
+
 class IncrementalDetokenizer:
     def __init__(
         self,
@@ -50,7 +55,15 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        shown_special: frozenset[int] = frozenset(),
     ) -> None:
+        """`shown_special`: special tokens whose text shows even with skip_special_tokens (a
+        reasoning parser's tags, engine/reasoning.py): the others are then skipped by id, before
+        decoding, as the tokenizer skips them."""
+        self._skipped: frozenset[int] = frozenset()
+        if skip_special_tokens and shown_special:
+            self._skipped = special_token_ids(tokenizer) - shown_special
+            skip_special_tokens = False
         # The Rust tokenizer decodes without transformers' Python overhead; transformers'
         # decode adds only clean_up_tokenization_spaces, which incremental decoding cannot
         # honour (it rewrites across token boundaries) and vLLM ignores as well.
@@ -64,7 +77,7 @@ class IncrementalDetokenizer:
         self._include_stop = include_stop_str_in_output
         self._max_stop = max((len(s) for s in self._stop), default=0)
 
-        context = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        context = [t for t in prompt_token_ids[-_PROMPT_CONTEXT:] if t not in self._skipped]
         self._prefix_text = self._decode(context) if context else ""
         if self._prefix_text.endswith(_REPLACEMENT):
             # The prompt ends inside a character: its text is no stable prefix. Decode the
@@ -107,7 +120,7 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int, check_stop: bool = True) -> bool:
         """Add one generated token; True iff a stop string matched now (text is then final).
         With check_stop False (before min_tokens) stop strings are not looked for."""
-        if self._done:
+        if self._done or token_id in self._skipped:
             return False
         self._ids.append(token_id)
         if self._stream is not None:

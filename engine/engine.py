@@ -146,6 +146,9 @@ class LLMEngine:
         # A reasoning model's tags: structured outputs hold the answer once its reasoning ended
         self.reasoning = Reasoning.for_tokenizer(config.reasoning_parser, self.tokenizer) \
             if config.reasoning_parser is not None else None
+        # ... whose tags stay in the text, special tokens or not: the server splits the text at them
+        self._reasoning_tags = frozenset((self.reasoning.start_id, self.reasoning.end_id)) \
+            if self.reasoning is not None and self.reasoning.tags_special else frozenset()
         self.loras: LoRARegistry | None = None
         if config.enable_lora:
             self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras(),
@@ -364,6 +367,7 @@ class LLMEngine:
         return IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             stop=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output,
+            shown_special=self._reasoning_tags,
         )
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:

@@ -450,8 +450,6 @@ class OpenAIServing:
         params = self._sampling_fields(req, max_tokens, logprobs, structured)
         if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
             params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
-        if self.reasoning is not None and self.reasoning.tags_special and "skip_special_tokens" not in req.model_fields_set:
-            params["skip_special_tokens"] = False  # the tags' text splits the answer
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
         job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
         if self.reasoning is not None:
@@ -1241,8 +1239,8 @@ class OpenAIServing:
             if job.reasoning_opening is not None:  # both names, as `_reasoning_chunk`
                 reasoning = choice.reasoning.reasoning if job.include_reasoning else None
                 message |= {"reasoning": reasoning, "reasoning_content": reasoning}
-            if job.tool_parser is not None:
-                message |= {"content": choice.content, "tool_calls": choice.tool_calls}
+            if job.tool_parser is not None:  # no content at all (thinking cut short): None
+                message |= {"content": None if content is None else choice.content, "tool_calls": choice.tool_calls}
             out.append({"index": choice.index, "message": message, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,

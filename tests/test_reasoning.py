@@ -227,3 +227,24 @@ def test_reasoning_under_drafts_n_and_async_scheduling(scripted: str) -> None:
         if "speculative_config" in options:
             assert llm.engine.stats.num_accepted_tokens > 0
         assert_engine_idle(llm)
+
+
+def test_special_tags_stay_in_the_text_and_other_special_tokens_do_not(tmp_path) -> None:
+    """Where the tokenizer marks the tags special, skip_special_tokens (the default) would drop
+    them and the server could not split the text: a reasoning engine shows them, and skips the
+    other special tokens as before (min_tokens holds EOS back here, so the model's next best
+    token, special <|endoftext|>, fills the rest)."""
+    model = scripted_checkpoint(str(tmp_path / "special"), ANSWER, TAGS, special=True)
+    params = SamplingParams(max_tokens=30, min_tokens=20, temperature=0)
+    llm = LLM(model, reasoning_parser="deepseek_r1", num_kv_blocks=64)
+    assert llm.engine.reasoning.tags_special
+    out = llm.chat([{"role": "user", "content": "x"}], params, use_tqdm=False)[0].outputs[0]
+    filler = llm.engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert out.text == ANSWER and out.token_ids.count(filler) > 5
+    assert ReasoningSplitter(REASONING).split(out.text) == ("Let me see.", '{"n": 7}')
+    shown = llm.chat([{"role": "user", "content": "x"}],
+                     SamplingParams(max_tokens=30, min_tokens=20, temperature=0, skip_special_tokens=False),
+                     use_tqdm=False)[0].outputs[0]
+    assert shown.text.startswith(ANSWER + "<|endoftext|>")
+    plain = LLM(model, num_kv_blocks=64).chat([{"role": "user", "content": "x"}], params, use_tqdm=False)[0].outputs[0]
+    assert plain.text == "Let me see." + '{"n": 7}'  # no reasoning parser: special tags skipped, as ever
