@@ -41,6 +41,15 @@ _PROMPT_CONTEXT = 5  # prompt tokens decoded as context for the first output tok
 _REPLACEMENT = "\ufffd"
 
 
+def held_back(text: str, marker: str) -> int:
+    """How many of the text's last characters could begin `marker`: a stream holds them until
+    the next text says (a tool call's or a reasoning tag's start, as stop strings here)."""
+    for keep in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-keep:]):
+            return keep
+    return 0
+
+
 def special_token_ids(tokenizer: Any) -> frozenset[int]:
     """The ids skip_special_tokens leaves out: the added tokens marked special."""
     return frozenset(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)

@@ -28,6 +28,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.detokenizer import held_back
+from engine.token_masks import masks_along
+
 if TYPE_CHECKING:
     import torch
 
@@ -158,22 +161,10 @@ class ReasoningGuide:
         return True
 
     def masks_along(self, tokens: list[int]) -> list[tuple[torch.Tensor | None, bool]]:
-        """As Guide.masks_along: the mask here and after each of `tokens` in turn."""
-        probe = ReasoningGuide(copy.copy(self.guide), copy.copy(self.phase))
-        masks = [probe.packed_mask()]
-        for token in tokens:
-            if not probe.advance(token) or probe.ended or probe.dead_end():
-                break
-            masks.append(probe.packed_mask())
-        return masks
+        return masks_along(self, tokens)
 
-
-def _held_back(text: str, tag: str) -> int:
-    """How many of the text's last characters could begin `tag`: held until the next text says."""
-    for keep in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-keep:]):
-            return keep
-    return 0
+    def __copy__(self) -> ReasoningGuide:  # a probe that moves apart from this guide
+        return ReasoningGuide(copy.copy(self.guide), copy.copy(self.phase))
 
 
 class ReasoningSplitter:
@@ -221,7 +212,7 @@ class ReasoningSplitter:
                 self.phase = CONTENT
                 self.reasoning = self.reasoning or ""  # closed: reasoning, if empty
             else:
-                keep = 0 if final else _held_back(self._buffer, END)
+                keep = 0 if final else held_back(self._buffer, END)
                 reasoning, self._buffer = self._buffer[:len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
         if self.phase == CONTENT:
             content, self._buffer = self._buffer, ""

@@ -15,6 +15,7 @@ import bisect
 import copy
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,6 +162,19 @@ def unpack_mask_by_shifts(bits: torch.Tensor, size: int) -> torch.Tensor:
     return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :size].bool()
 
 
+def masks_along(guide: Any, tokens: list[int]) -> list[tuple[torch.Tensor | None, bool]]:
+    """Speculative decoding: a guide's packed_mask() here and after each of `tokens` in turn, as
+    far as its grammar takes them on without ending or reaching a dead end (the guide itself
+    does not move: a copy probes): a mask for each row that verifies `tokens[:len(masks) - 1]`."""
+    probe = copy.copy(guide)
+    masks = [probe.packed_mask()]
+    for token in tokens:
+        if not probe.advance(token) or probe.ended or probe.dead_end():
+            break
+        masks.append(probe.packed_mask())
+    return masks
+
+
 class Guide:
     """One sample's place in its grammar: the mask of its next token, and each token it took."""
 
@@ -197,16 +211,7 @@ class Guide:
         return self._mask[1]
 
     def masks_along(self, tokens: list[int]) -> list[tuple[torch.Tensor, bool]]:
-        """Speculative decoding: packed_mask() here and after each of `tokens` in turn, as far
-        as the grammar takes them on without ending or reaching a dead end (the guide itself
-        does not move): a mask for each row that verifies `tokens[:len(masks) - 1]`."""
-        probe = copy.copy(self)
-        masks = [probe.packed_mask()]
-        for token in tokens:
-            if not probe.advance(token) or probe.ended or probe.dead_end():
-                break
-            masks.append(probe.packed_mask())
-        return masks
+        return masks_along(self, tokens)
 
     def advance(self, token_id: int) -> bool:
         """Take a sampled token; False if the grammar does not allow it (the state is kept)."""

@@ -90,7 +90,9 @@ def message_content(content: str, made_calls: bool) -> str | None:
 
 
 def _held_back(text: str, marker: str) -> int:
-    """How many of the text's last characters could begin `marker`: held until the next text says."""
+    """How many of the text's last characters could begin `marker`: held until the next text says.
+    (engine/detokenizer.py's `held_back`, kept here: server/launch.py imports this module for
+    its parsers' names, and an engine import would bring torch to `stoke serve --help`.)"""
     for keep in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-keep:]):
             return keep
