@@ -29,11 +29,11 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.reasoning import Reasoning, ReasoningGuide
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
 from engine.speculative import NgramProposer, SpeculativeConfig
 from engine.token_bytes import vocabulary_bytes
-from engine.reasoning import Reasoning, ReasoningGuide
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
 from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig

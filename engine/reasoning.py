@@ -28,7 +28,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.detokenizer import held_back
+from engine.detokenizer import held_back, special_token_ids
 from engine.token_masks import masks_along
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ class Reasoning:
         if missing:
             raise ValueError(f"the {parser} reasoning parser needs {' and '.join(missing)} as tokens of the "
                              "model's vocabulary, and this tokenizer has no such token")
-        special = set(getattr(tokenizer, "all_special_tokens", ()))
-        return cls(parser, vocab[START], vocab[END], START in special or END in special, tokenizer)
+        start, end, special = vocab[START], vocab[END], special_token_ids(tokenizer)
+        return cls(parser, start, end, start in special or end in special, tokenizer)
 
     def opening(self, prompt_token_ids: list[int]) -> str:
         """Where an answer to this prompt starts: REASONING, CONTENT or FIRST."""
