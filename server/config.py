@@ -41,6 +41,9 @@ class ServerConfig:
     log_level: str = "info"
     cpu_threads: int | None = None  # torch intra-op threads in the worker (None: torch's default)
     chat_template: str | None = None  # --chat-template: a Jinja file or the template itself
+    # vLLM's --trust-request-chat-template: a request may bring a chat template of its own (a
+    # template runs sandboxed, but nothing bounds the time it takes: trusted clients only)
+    trust_request_chat_template: bool = False
     # How a chat answer's tool calls are read (server/tool_parsers.py); None: tool_choice "auto"
     # is refused (vLLM's --enable-auto-tool-choice --tool-call-parser).
     tool_call_parser: str | None = None

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None,
                    help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
                         "the template itself")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request bring its own chat template (vLLM's chat_template field; a template runs "
+                        "sandboxed, but may take any time: for trusted clients)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="read tool calls in chat answers (tool_choice 'auto', the default with tools); needs "
                         "--tool-call-parser")
@@ -256,6 +259,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         price_prompt=args.price_prompt, price_cached_prompt=args.price_cached_prompt,
         price_completion=args.price_completion, cost_cap=args.cost_cap, cost_cap_period=args.cost_cap_period,
         cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
+        trust_request_chat_template=args.trust_request_chat_template,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         lora_modules=list(args.lora_modules or []), allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )

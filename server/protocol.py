@@ -131,6 +131,7 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's: needs a server started with --trust-request-chat-template
     include_reasoning: bool | None = True  # vLLM's: False leaves a reasoning model's thinking out
 
 
@@ -144,6 +145,7 @@ class TokenizeRequest(_Model):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # as a chat's
     tools: list[dict[str, Any]] | None = None  # shown to the template, as a chat's
 
 

@@ -649,6 +649,11 @@ class OpenAIServing:
                     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
         extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in reserved}
+        if req.chat_template is not None:
+            if not self.config.trust_request_chat_template:  # as vLLM
+                raise errors.invalid("this server takes no chat_template from requests: it must be started with "
+                                     "--trust-request-chat-template", param="chat_template")
+            extra["chat_template"] = req.chat_template
         continue_final = bool(req.continue_final_message)
         if continue_final and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
             raise errors.invalid("continue_final_message and add_generation_prompt cannot both be true (as vLLM)",

@@ -83,7 +83,7 @@ def thinking_tokens(answer_ids: list[int], tokenizer) -> int:
 @pytest.fixture(scope="module")
 def server(scripted: str):
     with ServerProcess(scripted, "--num-kv-blocks", "64", "--cpu-threads", "1", "--generation-config", "none",
-                       "--chat-template", TEMPLATE, "--reasoning-parser", "qwen3",
+                       "--chat-template", TEMPLATE, "--trust-request-chat-template", "--reasoning-parser", "qwen3",
                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as s:
         yield s
 
@@ -208,6 +208,16 @@ def test_a_prompt_that_opens_the_thinking_is_answered_in_reasoning(server, clien
     assert out.usage.completion_tokens_details.reasoning_tokens == (thinking_tokens if own_tag else thinking_tokens - 1)
     choices, _ = _streamed(_chat(client, stream=True, extra_body={"chat_template_kwargs": {"prefill": prefill}}))
     assert (choices[0]["reasoning"], choices[0]["content"]) == (THOUGHT, CONTENT)
+
+
+def test_a_requests_own_template_that_opens_the_thinking(server, client, thinking_tokens):
+    """vLLM's request `chat_template` (this server trusts it): where the answer starts is read
+    off the prompt that template made, here one that ends with `<think>`."""
+    own = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
+          "<|im_start|>assistant\n<think>"
+    out = _chat(client, extra_body={"chat_template": own})
+    assert _reasoning(out.choices[0].message) == (THOUGHT, THOUGHT) and out.choices[0].message.content == CONTENT
+    assert out.usage.completion_tokens_details.reasoning_tokens == thinking_tokens - 1
 
 
 def test_thinking_cut_short_is_all_reasoning(server, client, tokenizer, answer_ids):

@@ -707,6 +707,37 @@ def test_a_chat_history_with_tool_calls_reaches_the_template():
             "weather;time;hi"
 
 
+def test_a_requests_own_chat_template_needs_a_server_that_trusts_it():
+    """vLLM's request `chat_template` (a chat's and /tokenize's): a 400 naming the flag unless
+    the server runs with --trust-request-chat-template; then the request's template renders it,
+    its Jinja errors a 400 too."""
+    from engine.default_model import default_model_path
+    from server.errors import APIError
+    from server.protocol import ChatCompletionRequest, TokenizeRequest
+    from server.serving import OpenAIServing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    own = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    messages = [{"role": "user", "content": "hi"}]
+    for trusted in (False, True):
+        serving = OpenAIServing(ServerConfig(trust_request_chat_template=trusted), tokenizer, client=None,
+                                metrics=Metrics(gpu=False), request_logger=RequestLogger(log_text=False),
+                                model_name="m")
+        for make in (ChatCompletionRequest, TokenizeRequest):
+            assert serving._render_chat(make(messages=messages)).startswith("<|im_start|>")  # the tokenizer's
+            if not trusted:
+                with pytest.raises(APIError) as info:
+                    serving._render_chat(make(messages=messages, chat_template=own))
+                assert info.value.status == 400 and info.value.param == "chat_template"
+                assert "--trust-request-chat-template" in info.value.message
+                continue
+            assert serving._render_chat(make(messages=messages, chat_template=own)) == "[user] hi>"
+            with pytest.raises(APIError) as info:
+                serving._render_chat(make(messages=messages, chat_template="{% for %}"))
+            assert info.value.status == 400 and "chat template error" in info.value.message
+
+
 @pytest.mark.parametrize("answer", ["abort output", "worker death", "no answer"])
 def test_a_cut_short_requests_line_waits_for_the_workers_abort(answer, caplog, monkeypatch):
     """The line of a request cut short (here: the client left) is written once the worker's
