@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,10 +34,12 @@ from server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    ResponsesRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
 from server.request_log import RequestLogger, RequestRecord, key_id
+from server.responses import responses_job
 from server.serving import Job, OpenAIServing
 
 logger = logging.getLogger("stoke.server")
@@ -46,7 +49,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from the tree (gpu-check: PYTHONPATH=.)
     _VERSION = "unknown"
 
-_ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions")}
+_ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions"),
+              "/v1/responses": ("resp", "responses")}
 
 
 def bearer_token(request: Request) -> str | None:
@@ -277,6 +281,10 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await handle(request, body, serving.chat_job)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await handle(request, body, partial(responses_job, serving))
 
     def model_card(name: str = model_name) -> dict[str, Any]:
         """The base model's card, or (as vLLM's) a LoRA adapter's: its directory as root, the

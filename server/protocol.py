@@ -135,6 +135,36 @@ class ChatCompletionRequest(_SamplingRequest):
     include_reasoning: bool | None = True  # vLLM's: False leaves a reasoning model's thinking out
 
 
+class ResponsesRequest(_Model):
+    """OpenAI's Responses API body (server/responses.py turns it into a chat)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = True
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    stream: bool | None = False
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: str | None = None
+    # vLLM's extras, as a chat's
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    priority: int | None = 0
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
 class TokenizeRequest(_Model):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
 

@@ -120,6 +120,9 @@ class Job:
     # leaves the reasoning out of the response.
     reasoning_opening: str | None = None
     include_reasoning: bool = True
+    # renders the answer for another API than the kind's (server/responses.py: OpenAI's
+    # Responses API over a chat): its `body(...)` and `stream(...)` replace the chat's
+    renderer: Any = None
 
 
 class SSEResponse(StreamingResponse):
@@ -723,8 +726,8 @@ class OpenAIServing:
             release()
             raise
         if job.stream:
-            response: Response = SSEResponse(self._stream(job, generation),
-                                             on_close=lambda: self._close(job, generation, release))
+            events = self._stream(job, generation) if job.renderer is None else job.renderer.stream(self, job, generation)
+            response: Response = SSEResponse(events, on_close=lambda: self._close(job, generation, release))
         else:
             try:
                 response = await self._respond(job, generation, request)
@@ -933,7 +936,8 @@ class OpenAIServing:
                         self._read_tool_calls(job, choice, content, final=True)
             self._summarize(job, choices)
             body = self._completion_body(job, choices, usage) if job.kind == "completion" \
-                else self._chat_body(job, choices, usage)
+                else self._chat_body(job, choices, usage) if job.renderer is None \
+                else job.renderer.body(self, job, choices, usage)
             self.finish(job.record)
             return JSONResponse(body)
         if watcher in done:  # the client is gone: nobody reads this response

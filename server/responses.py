@@ -1,0 +1,361 @@
+"""OpenAI's Responses API (`POST /v1/responses`), as vLLM serves it, over the chat path: a
+request's `instructions`, `input` items (messages, function calls and their outputs), function
+`tools`, `tool_choice` and `text.format` become a chat (server/serving.py checks and runs it,
+with the server's template, tool call parser and reasoning parser), and its answer comes back
+as the Responses API's output items: a `reasoning` item (the reasoning parser's thinking), a
+`message` with its `output_text`, and a `function_call` item per tool call; streamed as the
+API's typed events (`response.created` ... `response.output_text.delta` ...
+`response.completed`), whose items and text add up to the final response exactly.
+
+Not served (a 400 that names them): `previous_response_id` (no response is stored: send the
+conversation as `input`), tools other than functions, `truncation: "auto"`, and input content
+other than text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from server import errors
+from server.engine_client import EngineDeadError, Generation
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, ResponsesRequest
+from server.request_log import RequestRecord
+
+if TYPE_CHECKING:
+    from server.serving import Choice, Job, OpenAIServing
+
+logger = logging.getLogger("stoke.server")
+
+# Chat fields a Responses request maps onto, and the Responses field a chat error names instead.
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+           "tools": "tools", "tool_choice": "tool_choice"}
+_PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "user", "seed", "top_k", "min_p",
+           "repetition_penalty", "stop", "priority", "chat_template_kwargs")
+
+
+def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat that answers a Responses request; APIError (400) for what it can't be."""
+    if req.previous_response_id is not None:
+        raise errors.invalid("this server stores no responses: send the whole conversation as input",
+                             param="previous_response_id")
+    if req.truncation not in (None, "disabled"):
+        raise errors.invalid('truncation must be "disabled": stoke does not drop input items to fit the context',
+                             param="truncation")
+    fields: dict[str, Any] = {name: getattr(req, name) for name in _PASSED if name in req.model_fields_set}
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    for i, item in enumerate(items):
+        messages += _messages(item, i, messages)
+    fields["messages"] = messages
+    if req.max_output_tokens is not None:
+        fields["max_tokens"] = req.max_output_tokens
+    if req.tools is not None:
+        fields["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(req.tools)]
+    if req.tool_choice is not None:
+        choice = req.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        fields["tool_choice"] = choice
+    if req.text is not None and req.text.get("format") is not None:
+        fields["response_format"] = _response_format(req.text["format"])
+    try:
+        return ChatCompletionRequest(**fields)
+    except ValidationError as exc:
+        raise errors.invalid(f"input: {exc.errors()[0]['msg']}", param="input") from None
+
+
+def _messages(item: Any, index: int, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat messages of one input item (a function call joins the assistant message before it)."""
+    param = f"input.{index}"
+    if not isinstance(item, dict):
+        raise errors.invalid("an input item must be an object", param=param)
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise errors.invalid(f"an input message's role must be user, assistant, system or developer, got "
+                                 f"{role!r:.40}", param=f"{param}.role")
+        return [{"role": "system" if role == "developer" else role, "content": _text(item.get("content"), param)}]
+    if kind == "function_call":
+        call = {"id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+        if not all(isinstance(v, str) for v in (call["id"], *call["function"].values())):
+            raise errors.invalid("a function_call item needs call_id, name and arguments (strings)", param=param)
+        last = before[-1] if before else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+            last["tool_calls"].append(call)
+            return []
+        return [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    if kind == "function_call_output":
+        output = item.get("output")
+        if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
+            raise errors.invalid("a function_call_output item needs call_id and output (strings)", param=param)
+        return [{"role": "tool", "tool_call_id": item["call_id"], "content": output}]
+    if kind == "reasoning":  # a past answer's thinking: templates leave it out of the history
+        return []
+    raise errors.unsupported(f"input items of type {kind!r:.40} are not supported", param=f"{param}.type")
+
+
+def _text(content: Any, param: str) -> str | list[dict[str, Any]]:
+    """A message's content as a chat's: a string, or its text parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise errors.invalid("a message's content must be a string or a list of content parts",
+                             param=f"{param}.content")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text"):
+            raise errors.unsupported(f"content parts of type {kind!r:.40} are not supported (text only)",
+                                     param=f"{param}.content.{j}")
+        parts.append({"type": "text", "text": part.get("text")})
+    return parts
+
+
+def _chat_tool(tool: Any, index: int) -> dict[str, Any]:
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        raise errors.unsupported(f"tools of type {kind!r:.40} are not supported: function tools only",
+                                 param=f"tools.{index}")
+    function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+    return {"type": "function", "function": function}
+
+
+def _response_format(fmt: Any) -> dict[str, Any]:
+    if not isinstance(fmt, dict):
+        raise errors.invalid("text.format must be an object", param="text.format")
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema", True)}}
+    return fmt  # text, json_object, or a type the chat path names in its 400
+
+
+async def responses_job(serving: OpenAIServing, req: ResponsesRequest, record: RequestRecord,
+                        arrival: float) -> Job:
+    """A Job for a Responses request: the chat's, rendered by a ResponsesRenderer."""
+    try:
+        job = await serving.chat_job(chat_request(req), record, arrival)
+    except APIError as exc:  # named as the Responses request names it
+        root = (exc.param or "").split(".")[0]
+        if root in _PARAMS:
+            exc.param = _PARAMS[root] + (exc.param or "")[len(root):]
+        raise
+    job.renderer = ResponsesRenderer(req)
+    return job
+
+
+def _event(kind: str, sequence: int, **fields: Any) -> str:
+    data = json.dumps({"type": kind, "sequence_number": sequence, **fields}, ensure_ascii=False,
+                      separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n"
+
+
+class ResponsesRenderer:
+    """One Responses request's output: its items as the answer releases them (`_reasoning`,
+    `_text`, `_call` return the stream's events), and the response object around them."""
+
+    def __init__(self, req: ResponsesRequest) -> None:
+        self.req = req
+        self.items: list[dict[str, Any]] = []  # in the order they opened: their output_index
+        self._open: dict[str, Any] | None = None  # the reasoning or message item text goes on
+        self._sequence = 0
+        self._events: list[tuple[str, dict[str, Any]]] = []
+
+    # ---------------------------------------------------------------- items
+    def _emit(self, kind: str, **fields: Any) -> None:
+        self._events.append((kind, fields))
+
+    def _opened(self, kind: str, item_id: str) -> dict[str, Any]:
+        """The open item of this kind (reasoning, message), opened now if it is not."""
+        if self._open is not None and self._open["type"] == kind:
+            return self._open
+        self._close()
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": item_id, "summary": [], "content": [], "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self.items.append(item)
+        self._emit("response.output_item.added", output_index=len(self.items) - 1, item=_copy(item))
+        item["content"].append(part)
+        self._emit("response.content_part.added", item_id=item_id, output_index=len(self.items) - 1,
+                   content_index=0, part=_copy(part))
+        self._open = item
+        return item
+
+    def _close(self) -> None:
+        item, self._open = self._open, None
+        if item is None:
+            return
+        index, part = self.items.index(item), item["content"][0]
+        if item["type"] == "reasoning":
+            self._emit("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                       text=part["text"])
+        else:
+            self._emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                       text=part["text"], logprobs=[])
+        self._emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                   part=_copy(part))
+        item["status"] = "completed"
+        self._emit("response.output_item.done", output_index=index, item=_copy(item))
+
+    def add(self, job: Job, reasoning: str, content: str, calls: list[dict[str, Any]]) -> None:
+        """What the answer released: reasoning, then content text, then tool calls."""
+        if reasoning:
+            item = self._opened("reasoning", f"rs_{_key(job)}")
+            item["content"][0]["text"] += reasoning
+            self._emit("response.reasoning_text.delta", item_id=item["id"], output_index=self.items.index(item),
+                       content_index=0, delta=reasoning)
+        if content:
+            item = self._opened("message", f"msg_{_key(job)}")
+            item["content"][0]["text"] += content
+            self._emit("response.output_text.delta", item_id=item["id"], output_index=self.items.index(item),
+                       content_index=0, delta=content, logprobs=[])
+        for call in calls:
+            self._close()
+            item = {"type": "function_call", "id": f"fc_{_key(job)}_{len(self.items)}", "call_id": call["id"],
+                    "name": call["function"]["name"], "arguments": "", "status": "in_progress"}
+            self.items.append(item)
+            index = len(self.items) - 1
+            self._emit("response.output_item.added", output_index=index, item=_copy(item))
+            item["arguments"] = call["function"]["arguments"]
+            self._emit("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                       delta=item["arguments"])
+            self._emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                       arguments=item["arguments"], name=item["name"])
+            item["status"] = "completed"
+            self._emit("response.output_item.done", output_index=index, item=_copy(item))
+
+    def end(self, job: Job) -> None:
+        """The answer ended: the open item closes; an answer with no item at all is an empty message."""
+        if not self.items:
+            self._opened("message", f"msg_{_key(job)}")
+        self._close()
+
+    def take_events(self) -> list[str]:
+        lines = []
+        for kind, fields in self._events:
+            lines.append(_event(kind, self._sequence, **fields))
+            self._sequence += 1
+        self._events.clear()
+        return lines
+
+    # ---------------------------------------------------------------- the response
+    def response(self, job: Job, status: str, choice: Choice | None = None,
+                 usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        req = self.req
+        incomplete = status == "incomplete"
+        body = {
+            "id": f"resp_{_key(job)}", "object": "response", "created_at": job.created,
+            "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": job.model,
+            "output": _copy(self.items) if status != "in_progress" else [],
+            "parallel_tool_calls": job.parallel_tool_calls,
+            "previous_response_id": None, "reasoning": req.reasoning, "store": False,
+            "temperature": job.params.get("temperature"), "top_p": job.params.get("top_p"),
+            "text": {"format": req.text.get("format") if req.text and req.text.get("format") else {"type": "text"}},
+            "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+            "tools": req.tools or [], "truncation": "disabled", "user": req.user, "metadata": req.metadata or {},
+            "usage": None,
+        }
+        if usage is not None:
+            body["usage"] = {
+                "input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": {
+                    "reasoning_tokens": usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)},
+                "total_tokens": usage["total_tokens"]}
+        return body
+
+    def status(self, choice: Choice) -> str:
+        return "incomplete" if choice.finish_reason == "length" else "completed"
+
+    def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer's response (the chat path read its reasoning and tool calls)."""
+        (choice,) = choices
+        reasoning = choice.reasoning.reasoning if choice.reasoning is not None else None
+        if job.tool_parser is not None:
+            content, calls = choice.content, choice.tool_calls
+        else:
+            content = choice.reasoning.content if choice.reasoning is not None else "".join(choice.text)
+            calls = []
+        self.add(job, reasoning or "", content or "", calls)
+        self.end(job)
+        self._events.clear()
+        return self.response(job, self.status(choice), choice, usage)
+
+    # ---------------------------------------------------------------- streaming
+    async def stream(self, serving: OpenAIServing, job: Job, generation: Generation) -> AsyncIterator[str]:
+        from server.serving import ShuttingDown, _shutdown_error, merge_deltas
+
+        choices, cached = serving._choices(job), job.cached
+        (choice,) = choices
+        try:
+            for kind in ("response.created", "response.in_progress"):
+                self._emit(kind, response=self.response(job, "in_progress"))
+            for line in self.take_events():
+                yield line
+            iterator = generation.batches()
+            while True:
+                try:
+                    remaining = serving._remaining(job)
+                    batch = await (iterator.__anext__() if remaining is None
+                                   else asyncio.wait_for(iterator.__anext__(), remaining))
+                except StopAsyncIteration:
+                    break
+                deltas = [d for index, output in batch for d in serving._absorb(job, choices, index, output, cached)]
+                for _, delta in merge_deltas(deltas):
+                    final = delta["finish_reason"] is not None
+                    reasoning, content = serving._reasoning_split(job, choice, delta["text"], final=final)
+                    calls: list[dict[str, Any]] = []
+                    if job.tool_parser is not None:
+                        content, calls = serving._read_tool_calls(job, choice, content, final=final)
+                    self.add(job, reasoning, content, calls)
+                    for line in self.take_events():
+                        yield line
+            usage = serving._usage(job, choices, cached)
+            self.end(job)
+            status = self.status(choice)
+            self._emit(f"response.{status}", response=self.response(job, status, choice, usage))
+            for line in self.take_events():
+                yield line
+            serving._summarize(job, choices)
+            serving.finish(job.record)
+        except Exception as exc:  # the status line went out already: the error goes in the stream
+            serving._abort(job, generation)
+            if isinstance(exc, asyncio.TimeoutError):
+                error = errors.timeout(serving.config.request_timeout or 0.0)
+            elif isinstance(exc, EngineDeadError):
+                error = errors.engine_dead("the engine stopped while serving this request")
+            elif isinstance(exc, ShuttingDown):
+                error = _shutdown_error()
+            else:
+                logger.exception("streaming %s failed", job.request_id)
+                error = errors.internal()
+            serving.fail(job.record, error)
+            failed = self.response(job, "failed") | {"error": {"code": error.code, "message": error.message}}
+            self._events.clear()
+            self._emit("error", code=error.code, message=error.message, param=error.param)
+            self._emit("response.failed", response=failed)
+            for line in self.take_events():
+                yield line
+
+
+def _key(job: Job) -> str:
+    """The request id's own part ("resp-7cbc00000001" → "7cbc00000001"): the ids of its items."""
+    return job.request_id.split("-", 1)[-1]
+
+
+def _copy(value: Any) -> Any:
+    """A snapshot of an item as an event shows it (the item itself goes on changing)."""
+    return json.loads(json.dumps(value))
