@@ -1,0 +1,127 @@
+"""OpenAI's Responses API over the chat path (server/responses.py), without a server: a request
+becomes the chat it means, or a 400 naming the Responses field; an answer released piece by
+piece gives the typed events whose deltas add up to the response's items, exactly the items a
+whole answer gives. (tests/test_server_responses.py drives a real server with the SDK.)"""
+
+from __future__ import annotations
+
+import json
+import random
+import types
+
+import pytest
+
+from server.errors import APIError
+from server.protocol import ResponsesRequest
+from server.responses import ResponsesRenderer, chat_request
+
+CALL = {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'}
+TOOL = {"type": "function", "name": "weather", "description": "The weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_a_request_becomes_the_chat_it_means() -> None:
+    req = ResponsesRequest(
+        model="m", instructions="Be brief.", max_output_tokens=32, temperature=0.5, tools=[TOOL],
+        tool_choice={"type": "function", "name": "weather"}, parallel_tool_calls=False,
+        text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": True}},
+        input=[{"role": "developer", "content": "Use tools."},
+               {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+               {"type": "reasoning", "id": "rs_1", "summary": []},
+               CALL, CALL | {"call_id": "call_2", "arguments": '{"city": "Rome"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+               {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]}])
+    chat = chat_request(req)
+    assert [m.role for m in chat.messages] == ["system", "system", "user", "assistant", "tool", "assistant"]
+    assert chat.messages[0].content == "Be brief." and chat.messages[2].content[0].text == "Weather?"
+    calls = chat.messages[3].model_extra["tool_calls"]  # two calls in a row: one assistant turn
+    assert [c["id"] for c in calls] == ["call_1", "call_2"] and calls[1]["function"]["arguments"] == '{"city": "Rome"}'
+    assert chat.messages[4].model_extra["tool_call_id"] == "call_1" and chat.messages[4].content == "sunny"
+    assert chat.tools == [{"type": "function", "function": {k: TOOL[k] for k in ("name", "description", "parameters")}}]
+    assert chat.tool_choice == {"type": "function", "function": {"name": "weather"}}
+    assert chat.response_format == {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}
+    assert (chat.max_tokens, chat.temperature, chat.parallel_tool_calls) == (32, 0.5, False)
+    # Only what the request set counts as set (the chat path's defaults stay its own).
+    assert "skip_special_tokens" not in chat.model_fields_set and "top_p" not in chat.model_fields_set
+    assert [m.role for m in chat_request(ResponsesRequest(input="Hi")).messages] == ["user"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
+    ({"input": [CALL | {"call_id": None}]}, "input.0"),
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input.0"),
+    ({"input": [{"type": "file_search_call"}]}, "input.0.type"),
+    ({"input": [{"role": "user", "content": 7}]}, "input.0.content"),
+    ({"text": {"format": "json"}}, "text.format"),
+])
+def test_what_is_not_served_is_a_400_naming_the_field(fields: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        chat_request(ResponsesRequest(**({"input": "Hi"} | fields)))
+    assert info.value.status == 400 and info.value.param == param
+
+
+def _job(tool_parser: str | None = None) -> types.SimpleNamespace:
+    return types.SimpleNamespace(request_id="resp-7c00000001", created=1, model="m", params={"temperature": 0.0},
+                                 parallel_tool_calls=True, tool_parser=tool_parser)
+
+
+def _events(lines: list[str]) -> list[dict]:
+    events = []
+    for line in lines:
+        head, data = line.split("\n")[:2]
+        event = json.loads(data.removeprefix("data: "))
+        assert head == f"event: {event['type']}"
+        events.append(event)
+    return events
+
+
+@pytest.mark.parametrize("reasoning, content, calls", [
+    ("Let me see.", "Sunny in Paris.", []),
+    ("", "Plain answer.", []),
+    ("Thinking", "", [{"id": "call_a", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+                      {"id": "call_b", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]),
+    ("Cut short", "", []),
+    ("", "", []),
+])
+def test_streamed_events_add_up_to_the_whole_response(reasoning: str, content: str, calls: list) -> None:
+    """The same answer released whole and in random pieces: the events' deltas add up to the
+    items, each item's done event is the item as the response has it, sequence numbers count
+    up, and the response's output is the whole answer's."""
+    whole = ResponsesRenderer(ResponsesRequest(input="Hi"))
+    whole.add(_job(), reasoning, content, calls)
+    whole.end(_job())
+    expected = whole.response(_job(), "completed")["output"]
+    assert [i["type"] for i in expected] == (["reasoning"] if reasoning else []) + (
+        ["message"] if content or not (reasoning or calls) else []) + ["function_call"] * len(calls)
+    rng = random.Random(len(reasoning + content))
+    for _ in range(20):
+        renderer, lines = ResponsesRenderer(ResponsesRequest(input="Hi")), []
+        pieces = [(reasoning[i:j], "") for i, j in _cuts(len(reasoning), rng)] + \
+                 [("", content[i:j]) for i, j in _cuts(len(content), rng)]
+        for r, c in pieces:
+            renderer.add(_job(), r, c, [])
+            lines += renderer.take_events()
+        renderer.add(_job(), "", "", calls)
+        renderer.end(_job())
+        lines += renderer.take_events()
+        events = _events(lines)
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        output = renderer.response(_job(), "completed")["output"]
+        assert output == expected
+        for index, item in enumerate(output):
+            deltas = "".join(e["delta"] for e in events if e.get("output_index") == index and "delta" in e)
+            text = item["content"][0]["text"] if item["type"] != "function_call" else item["arguments"]
+            assert deltas == text
+            added = [e for e in events if e["type"] == "response.output_item.added" and e["output_index"] == index]
+            done = [e for e in events if e["type"] == "response.output_item.done" and e["output_index"] == index]
+            assert len(added) == len(done) == 1 and done[0]["item"] == item
+            assert added[0]["item"]["status"] == "in_progress" and item["status"] == "completed"
+
+
+def _cuts(length: int, rng: random.Random) -> list[tuple[int, int]]:
+    points = sorted(set(rng.sample(range(1, length), min(length - 1, rng.randrange(4))))) if length > 1 else []
+    return [(i, j) for i, j in zip([0, *points], [*points, length]) if j > i]
