@@ -214,7 +214,8 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     if config.api_keys:  # outside the body limit: a client without a key gets its 401 first
         app.add_middleware(APIKeyMiddleware, keys=config.api_keys, on_refused=refused)
     if config.allowed_origins:  # outermost: preflights answered, and errors carry the headers too
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"])
 
     def check_access() -> None:
@@ -285,6 +286,25 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await handle(request, body, partial(responses_job, serving))
+
+    def stored_response(request: Request, response_id: str, delete: bool = False) -> Response:
+        """A stored response (--max-stored-responses), its client's alone: as OpenAI's, a 404
+        for any other client, or once it is gone."""
+        owner, store = key_id(bearer_token(request)), serving.responses_store
+        if delete and store is not None and store.delete(response_id, owner):
+            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+        stored = store.get(response_id, owner) if store is not None and not delete else None
+        if stored is None:
+            return utility_error(errors.response_not_found(response_id))
+        return JSONResponse(stored.body)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request) -> Response:
+        return stored_response(request, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> Response:
+        return stored_response(request, response_id, delete=True)
 
     def model_card(name: str = model_name) -> dict[str, Any]:
         """The base model's card, or (as vLLM's) a LoRA adapter's: its directory as root, the

@@ -44,6 +44,9 @@ class ServerConfig:
     # vLLM's --trust-request-chat-template: a request may bring a chat template of its own (a
     # template runs sandboxed, but nothing bounds the time it takes: trusted clients only)
     trust_request_chat_template: bool = False
+    # The Responses API's store (server/responses.py): how many responses are kept in memory for
+    # previous_response_id and GET /v1/responses/{id}; 0: none (previous_response_id is a 400).
+    max_stored_responses: int = 0
     # How a chat answer's tool calls are read (server/tool_parsers.py); None: tool_choice "auto"
     # is refused (vLLM's --enable-auto-tool-choice --tool-call-parser).
     tool_call_parser: str | None = None

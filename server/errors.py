@@ -58,6 +58,10 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
+def response_not_found(response_id: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No response with id '{response_id:.80}' is stored", param=param, code="not_found")
+
+
 def context_length(message: str, *, param: str | None = "prompt", code: str = "context_length_exceeded") -> APIError:
     return APIError(400, message, param=param, code=code, metric="context_length")
 

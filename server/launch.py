@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request bring its own chat template (vLLM's chat_template field; a template runs "
                         "sandboxed, but may take any time: for trusted clients)")
+    p.add_argument("--max-stored-responses", type=int, default=0, metavar="N",
+                   help="keep the last N Responses API responses (store: true) in memory, each for its own API "
+                        "key, for previous_response_id and GET/DELETE /v1/responses/{id} (default: 0, none)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="read tool calls in chat answers (tool_choice 'auto', the default with tools); needs "
                         "--tool-call-parser")
@@ -260,6 +263,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         price_completion=args.price_completion, cost_cap=args.cost_cap, cost_cap_period=args.cost_cap_period,
         cpu_threads=args.cpu_threads, chat_template=args.chat_template, allowed_origins=args.allowed_origins,
         trust_request_chat_template=args.trust_request_chat_template,
+        max_stored_responses=args.max_stored_responses,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         lora_modules=list(args.lora_modules or []), allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
@@ -285,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:  # as vLLM
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.max_stored_responses < 0:
+        parser.error("--max-stored-responses must be >= 0")
     if args.lora_modules and not args.enable_lora:  # as vLLM
         parser.error("--lora-modules needs --enable-lora")
     if args.allow_runtime_lora_updating and not args.enable_lora:

@@ -7,9 +7,13 @@ as the Responses API's output items: a `reasoning` item (the reasoning parser's 
 API's typed events (`response.created` ... `response.output_text.delta` ...
 `response.completed`), whose items and text add up to the final response exactly.
 
-Not served (a 400 that names them): `previous_response_id` (no response is stored: send the
-conversation as `input`), tools other than functions, `truncation: "auto"`, and input content
-other than text.
+With `--max-stored-responses N`, the last N responses asked to be stored (`store`, true unless
+set false, as OpenAI's) are kept in memory with their conversation, for their client (API key)
+alone: `previous_response_id` continues one, `GET /v1/responses/{id}` returns it and `DELETE`
+drops it. A restart forgets them all.
+
+Not served (a 400 that names them): `previous_response_id` on a server that stores nothing,
+tools other than functions, `truncation: "auto"`, and input content other than text.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -40,20 +46,62 @@ _PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "us
            "repetition_penalty", "stop", "priority", "chat_template_kwargs")
 
 
-def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat that answers a Responses request; APIError (400) for what it can't be."""
-    if req.previous_response_id is not None:
-        raise errors.invalid("this server stores no responses: send the whole conversation as input",
-                             param="previous_response_id")
+@dataclass(slots=True)
+class StoredResponse:
+    owner: str | None  # the client's key id: no other client sees it
+    body: dict[str, Any]
+    messages: list[dict[str, Any]]  # its conversation, its own output last (instructions left out)
+
+
+class ResponseStore:
+    """The last `size` stored responses, in memory, least recently used out first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._stored: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def put(self, response_id: str, stored: StoredResponse) -> None:
+        self._stored[response_id] = stored
+        self._stored.move_to_end(response_id)
+        while len(self._stored) > self.size:
+            self._stored.popitem(last=False)
+
+    def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
+        stored = self._stored.get(response_id)
+        if stored is None or stored.owner != owner:
+            return None
+        self._stored.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str, owner: str | None) -> bool:
+        if self.get(response_id, owner) is None:
+            return False
+        del self._stored[response_id]
+        return True
+
+
+def conversation(req: ResponsesRequest, history: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The chat messages of a request's input after a stored conversation (`history`), its
+    instructions left out (they are the request's own, never carried on)."""
+    messages = [dict(m) for m in history]
+    items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    for i, item in enumerate(items):
+        messages += _messages(item, i, messages)
+    return messages
+
+
+def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]] | None = None) -> ChatCompletionRequest:
+    """The chat that answers a Responses request (`messages`: its `conversation`); APIError
+    (400) for what it can't be."""
+    if req.previous_response_id is not None and messages is None:
+        raise errors.invalid("this server stores no responses (start it with --max-stored-responses): send the "
+                             "whole conversation as input", param="previous_response_id")
     if req.truncation not in (None, "disabled"):
         raise errors.invalid('truncation must be "disabled": stoke does not drop input items to fit the context',
                              param="truncation")
     fields: dict[str, Any] = {name: getattr(req, name) for name in _PASSED if name in req.model_fields_set}
-    messages = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
-    items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
-    for i, item in enumerate(items):
-        messages += _messages(item, i, messages)
-    fields["messages"] = messages
+    instructions = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    fields["messages"] = instructions + (conversation(req) if messages is None else messages)
     if req.max_output_tokens is not None:
         fields["max_tokens"] = req.max_output_tokens
     if req.tools is not None:
@@ -90,7 +138,7 @@ def _messages(item: Any, index: int, before: list[dict[str, Any]]) -> list[dict[
             raise errors.invalid("a function_call item needs call_id, name and arguments (strings)", param=param)
         last = before[-1] if before else None
         if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
-            last["tool_calls"].append(call)
+            last["tool_calls"] = [*last["tool_calls"], call]
             return []
         return [{"role": "assistant", "content": None, "tool_calls": [call]}]
     if kind == "function_call_output":
@@ -140,14 +188,25 @@ def _response_format(fmt: Any) -> dict[str, Any]:
 async def responses_job(serving: OpenAIServing, req: ResponsesRequest, record: RequestRecord,
                         arrival: float) -> Job:
     """A Job for a Responses request: the chat's, rendered by a ResponsesRenderer."""
+    store = serving.responses_store
+    messages = None
+    if store is not None:
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            stored = store.get(req.previous_response_id, record.key_id)
+            if stored is None:
+                raise errors.response_not_found(req.previous_response_id, param="previous_response_id")
+            history = stored.messages
+        messages = conversation(req, history)
     try:
-        job = await serving.chat_job(chat_request(req), record, arrival)
+        job = await serving.chat_job(chat_request(req, messages), record, arrival)
     except APIError as exc:  # named as the Responses request names it
         root = (exc.param or "").split(".")[0]
         if root in _PARAMS:
             exc.param = _PARAMS[root] + (exc.param or "")[len(root):]
         raise
-    job.renderer = ResponsesRenderer(req)
+    keep = store is not None and req.store is not False
+    job.renderer = ResponsesRenderer(req, store if keep else None, messages or [], record.key_id)
     return job
 
 
@@ -161,8 +220,11 @@ class ResponsesRenderer:
     """One Responses request's output: its items as the answer releases them (`_reasoning`,
     `_text`, `_call` return the stream's events), and the response object around them."""
 
-    def __init__(self, req: ResponsesRequest) -> None:
-        self.req = req
+    def __init__(self, req: ResponsesRequest, store: ResponseStore | None = None,
+                 messages: list[dict[str, Any]] = (), owner: str | None = None) -> None:
+        """`store`: where the response is kept once it ended, with `messages` (its conversation)
+        and its `owner`'s key id."""
+        self.req, self.store, self.messages, self.owner = req, store, messages, owner
         self.items: list[dict[str, Any]] = []  # in the order they opened: their output_index
         self._open: dict[str, Any] | None = None  # the reasoning or message item text goes on
         self._sequence = 0
@@ -260,7 +322,8 @@ class ResponsesRenderer:
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": job.model,
             "output": _copy(self.items) if status != "in_progress" else [],
             "parallel_tool_calls": job.parallel_tool_calls,
-            "previous_response_id": None, "reasoning": req.reasoning, "store": False,
+            "previous_response_id": req.previous_response_id, "reasoning": req.reasoning,
+            "store": self.store is not None,
             "temperature": job.params.get("temperature"), "top_p": job.params.get("top_p"),
             "text": {"format": req.text.get("format") if req.text and req.text.get("format") else {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
@@ -280,6 +343,19 @@ class ResponsesRenderer:
     def status(self, choice: Choice) -> str:
         return "incomplete" if choice.finish_reason == "length" else "completed"
 
+    def ended(self, job: Job, choice: Choice, usage: dict[str, Any]) -> dict[str, Any]:
+        """The ended answer's response, stored if it asked to be: its conversation goes on with
+        the answer as the assistant's turn (its thinking left out, as templates leave it)."""
+        body = self.response(job, self.status(choice), choice, usage)
+        if self.store is not None:
+            text = "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
+            calls = [{"id": item["call_id"], "type": "function",
+                      "function": {"name": item["name"], "arguments": item["arguments"]}}
+                     for item in self.items if item["type"] == "function_call"]
+            turn = {"role": "assistant", "content": text or None} | ({"tool_calls": calls} if calls else {})
+            self.store.put(body["id"], StoredResponse(self.owner, _copy(body), [*self.messages, turn]))
+        return body
+
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         """The whole answer's response (the chat path read its reasoning and tool calls)."""
         (choice,) = choices
@@ -292,7 +368,7 @@ class ResponsesRenderer:
         self.add(job, reasoning or "", content or "", calls)
         self.end(job)
         self._events.clear()
-        return self.response(job, self.status(choice), choice, usage)
+        return self.ended(job, choice, usage)
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, serving: OpenAIServing, job: Job, generation: Generation) -> AsyncIterator[str]:
@@ -325,8 +401,8 @@ class ResponsesRenderer:
                         yield line
             usage = serving._usage(job, choices, cached)
             self.end(job)
-            status = self.status(choice)
-            self._emit(f"response.{status}", response=self.response(job, status, choice, usage))
+            body = self.ended(job, choice, usage)
+            self._emit(f"response.{body['status']}", response=body)
             for line in self.take_events():
                 yield line
             serving._summarize(job, choices)

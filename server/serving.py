@@ -38,6 +38,7 @@ from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
+from server.responses import ResponseStore
 from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
 
 logger = logging.getLogger("stoke.server")
@@ -218,6 +219,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.request_logger = request_logger
         self.model_name = model_name
+        # The Responses API's stored responses (server/responses.py), with --max-stored-responses
+        self.responses_store = ResponseStore(config.max_stored_responses) if config.max_stored_responses > 0 else None
         parser = config.engine_args.get("reasoning_parser")
         self.reasoning = Reasoning.for_tokenizer(parser, tokenizer) if parser is not None else None
         # The LoRA adapters clients may name as their model: name → [name, id, path] (a LoRARequest's fields).

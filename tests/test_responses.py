@@ -125,3 +125,22 @@ def test_streamed_events_add_up_to_the_whole_response(reasoning: str, content: s
 def _cuts(length: int, rng: random.Random) -> list[tuple[int, int]]:
     points = sorted(set(rng.sample(range(1, length), min(length - 1, rng.randrange(4))))) if length > 1 else []
     return [(i, j) for i, j in zip([0, *points], [*points, length]) if j > i]
+
+
+def test_the_store_keeps_each_clients_last_responses() -> None:
+    from server.responses import ResponseStore, StoredResponse, conversation
+
+    store = ResponseStore(2)
+    for i, owner in enumerate(("a", "a", "b")):
+        store.put(f"resp_{i}", StoredResponse(owner, {"id": f"resp_{i}"}, [{"role": "user", "content": str(i)}]))
+    assert store.get("resp_0", "a") is None  # the least recently used went first
+    assert store.get("resp_1", "b") is None and store.get("resp_1", "a").body == {"id": "resp_1"}  # its owner's alone
+    assert not store.delete("resp_2", "a") and store.delete("resp_2", "b") and store.get("resp_2", "b") is None
+    # A conversation goes on from a stored one without changing it: a function call after the
+    # stored assistant turn with calls joins that turn in the new conversation only.
+    turn = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                                  "function": {"name": "f", "arguments": "{}"}}]}
+    history = [{"role": "user", "content": "Hi"}, turn]
+    messages = conversation(ResponsesRequest(input=[CALL]), history)
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_1", "call_1"] and len(turn["tool_calls"]) == 1
+    assert conversation(ResponsesRequest(input="More"), history)[2] == {"role": "user", "content": "More"}
