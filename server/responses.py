@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from engine.reasoning import ReasoningSplitter
 from server import errors
 from server.engine_client import EngineDeadError, Generation
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.request_log import RequestRecord
+from server.tool_parsers import ToolCallParser
 
 if TYPE_CHECKING:
     from server.serving import Choice, Job, OpenAIServing
@@ -137,8 +139,8 @@ def _messages(item: Any, index: int, before: list[dict[str, Any]]) -> list[dict[
         if not all(isinstance(v, str) for v in (call["id"], *call["function"].values())):
             raise errors.invalid("a function_call item needs call_id, name and arguments (strings)", param=param)
         last = before[-1] if before else None
-        if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
-            last["tool_calls"] = [*last["tool_calls"], call]
+        if last is not None and last["role"] == "assistant":  # a response's output sent back: one turn
+            last["tool_calls"] = [*(last.get("tool_calls") or []), call]
             return []
         return [{"role": "assistant", "content": None, "tool_calls": [call]}]
     if kind == "function_call_output":
@@ -220,11 +222,15 @@ class ResponsesRenderer:
     """One Responses request's output: its items as the answer releases them (`_reasoning`,
     `_text`, `_call` return the stream's events), and the response object around them."""
 
+    prompt_param = "input"  # what a refused prompt's 400 names
+
     def __init__(self, req: ResponsesRequest, store: ResponseStore | None = None,
                  messages: list[dict[str, Any]] = (), owner: str | None = None) -> None:
         """`store`: where the response is kept once it ended, with `messages` (its conversation)
         and its `owner`'s key id."""
         self.req, self.store, self.messages, self.owner = req, store, messages, owner
+        self._splitter: ReasoningSplitter | None = None  # the job's reasoning parser's, made at the first text
+        self._parser: ToolCallParser | None = None  # the job's tool call parser's
         self.items: list[dict[str, Any]] = []  # in the order they opened: their output_index
         self._open: dict[str, Any] | None = None  # the reasoning or message item text goes on
         self._sequence = 0
@@ -234,11 +240,12 @@ class ResponsesRenderer:
     def _emit(self, kind: str, **fields: Any) -> None:
         self._events.append((kind, fields))
 
-    def _opened(self, kind: str, item_id: str) -> dict[str, Any]:
+    def _opened(self, job: Job, kind: str) -> dict[str, Any]:
         """The open item of this kind (reasoning, message), opened now if it is not."""
         if self._open is not None and self._open["type"] == kind:
             return self._open
         self._close()
+        item_id = f"{'rs' if kind == 'reasoning' else 'msg'}_{_key(job)}_{len(self.items)}"
         if kind == "reasoning":
             item = {"type": "reasoning", "id": item_id, "summary": [], "content": [], "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
@@ -272,17 +279,17 @@ class ResponsesRenderer:
     def add(self, job: Job, reasoning: str, content: str, calls: list[dict[str, Any]]) -> None:
         """What the answer released: reasoning, then content text, then tool calls."""
         if reasoning:
-            item = self._opened("reasoning", f"rs_{_key(job)}")
+            item = self._opened(job, "reasoning")
             item["content"][0]["text"] += reasoning
             self._emit("response.reasoning_text.delta", item_id=item["id"], output_index=self.items.index(item),
                        content_index=0, delta=reasoning)
         if content:
-            item = self._opened("message", f"msg_{_key(job)}")
+            item = self._opened(job, "message")
             item["content"][0]["text"] += content
             self._emit("response.output_text.delta", item_id=item["id"], output_index=self.items.index(item),
                        content_index=0, delta=content, logprobs=[])
         for call in calls:
-            self._close()
+            self._close()  # items follow one another: text after a call is a message of its own
             item = {"type": "function_call", "id": f"fc_{_key(job)}_{len(self.items)}", "call_id": call["id"],
                     "name": call["function"]["name"], "arguments": "", "status": "in_progress"}
             self.items.append(item)
@@ -296,10 +303,33 @@ class ResponsesRenderer:
             item["status"] = "completed"
             self._emit("response.output_item.done", output_index=index, item=_copy(item))
 
+    def release(self, job: Job, text: str, final: bool) -> None:
+        """The answer's next text (`final`: its last), read as the chat path reads it (its
+        reasoning parser, then its tool call parser on the content), into items in the order
+        they come: the same items whatever pieces the text comes in, whole or streamed."""
+        if self._splitter is None and job.reasoning_opening is not None:
+            self._splitter = ReasoningSplitter(job.reasoning_opening)
+        if self._parser is None and job.tool_parser is not None:
+            self._parser = ToolCallParser(job.tool_parser, job.tool_function)
+        steps = [self._splitter.feed(text) if self._splitter is not None else ("", text)]
+        if final and self._splitter is not None:
+            steps.append(self._splitter.finish())
+        segments: list[str | dict[str, Any]] = []
+        for reasoning, content in steps:
+            self.add(job, reasoning, "", [])
+            segments += self._parser.feed_in_order(content) if self._parser is not None else [content]
+        if final and self._parser is not None:
+            segments += self._parser.finish_in_order(cut=job.choices[0].finish_reason == "length")
+        for segment in segments:  # content and calls in the answer's order, whatever the pieces
+            if isinstance(segment, str):
+                self.add(job, "", segment, [])
+            elif job.parallel_tool_calls or segment["index"] == 0:  # false: the answer's first call only
+                self.add(job, "", "", [segment])
+
     def end(self, job: Job) -> None:
         """The answer ended: the open item closes; an answer with no item at all is an empty message."""
         if not self.items:
-            self._opened("message", f"msg_{_key(job)}")
+            self._opened(job, "message")
         self._close()
 
     def take_events(self) -> list[str]:
@@ -357,15 +387,9 @@ class ResponsesRenderer:
         return body
 
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer's response (the chat path read its reasoning and tool calls)."""
+        """The whole answer's response."""
         (choice,) = choices
-        reasoning = choice.reasoning.reasoning if choice.reasoning is not None else None
-        if job.tool_parser is not None:
-            content, calls = choice.content, choice.tool_calls
-        else:
-            content = choice.reasoning.content if choice.reasoning is not None else "".join(choice.text)
-            calls = []
-        self.add(job, reasoning or "", content or "", calls)
+        self.release(job, "".join(choice.text), final=True)
         self.end(job)
         self._events.clear()
         return self.ended(job, choice, usage)
@@ -391,12 +415,7 @@ class ResponsesRenderer:
                     break
                 deltas = [d for index, output in batch for d in serving._absorb(job, choices, index, output, cached)]
                 for _, delta in merge_deltas(deltas):
-                    final = delta["finish_reason"] is not None
-                    reasoning, content = serving._reasoning_split(job, choice, delta["text"], final=final)
-                    calls: list[dict[str, Any]] = []
-                    if job.tool_parser is not None:
-                        content, calls = serving._read_tool_calls(job, choice, content, final=final)
-                    self.add(job, reasoning, content, calls)
+                    self.release(job, delta["text"], final=delta["finish_reason"] is not None)
                     for line in self.take_events():
                         yield line
             usage = serving._usage(job, choices, cached)

@@ -747,7 +747,8 @@ class OpenAIServing:
             generation._fail(ShuttingDown())
 
     def _rejected(self, job: Job, exc: EngineRejected) -> APIError:
-        param = "messages" if job.kind == "chat" else "prompt"
+        param = job.renderer.prompt_param if job.renderer is not None else "messages" if job.kind == "chat" \
+            else "prompt"
         if exc.kind == "admission":
             if exc.code in ("context_length_exceeded", "kv_cache_too_small"):
                 return errors.context_length(exc.message, param=param, code=exc.code)
@@ -932,7 +933,7 @@ class OpenAIServing:
             if exc is not None:
                 raise exc
             usage = self._usage(job, choices, cached)
-            if job.kind == "chat":
+            if job.kind == "chat" and job.renderer is None:  # a renderer reads the answer its own way
                 for choice in choices:
                     content = self._reasoning_split(job, choice, "".join(choice.text), final=True)[1]
                     if job.tool_parser is not None:

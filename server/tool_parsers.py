@@ -29,6 +29,12 @@ from typing import Any
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 FORCED = ("required", "named")  # tool_choice's: the answer is held to forced_tool_schema
 Calls = list[dict[str, Any]]
+Segments = list["str | dict[str, Any]"]  # content and calls, in the order the answer has them
+
+
+def joined(segments: Segments) -> tuple[str, Calls]:
+    """Segments as (their content, their calls)."""
+    return "".join(s for s in segments if isinstance(s, str)), [s for s in segments if isinstance(s, dict)]
 
 
 def forced_tool_schema(tools: list[dict[str, Any]], function: str | None, parallel: bool = True) -> dict[str, Any]:
@@ -109,7 +115,7 @@ class ToolCallParser:
         if kind not in TOOL_CALL_PARSERS + FORCED:
             raise ValueError(f"tool call parser must be one of {TOOL_CALL_PARSERS + FORCED}, got {kind!r}")
         self.kind, self.function = kind, function
-        # (final) -> content, calls
+        # (final) -> the content and calls released, in order
         self._read = {"hermes": self._hermes, "llama3_json": self._llama3_json}.get(kind, self._forced)
         self.calls = 0
         self._buffer = ""  # text not released yet
@@ -120,18 +126,25 @@ class ToolCallParser:
         self._tried = 0  # llama3_json: the buffer's length when a call last failed to parse whole
 
     def feed(self, text: str) -> tuple[str, Calls]:
+        return joined(self.feed_in_order(text))
+
+    def finish(self, cut: bool = False) -> tuple[str, Calls]:
+        return joined(self.finish_in_order(cut))
+
+    def feed_in_order(self, text: str) -> Segments:
+        """`feed`, its content and calls in the order the answer has them."""
         self._buffer += text
         if self.kind == "llama3_json" and self._json is not False:
             self._answer += text
         return self._read(final=False)
 
-    def finish(self, cut: bool = False) -> tuple[str, Calls]:
+    def finish_in_order(self, cut: bool = False) -> Segments:
         """The rest; `cut`: the answer was cut short (max_tokens), so a forced choice's JSON,
         even where it parses (`1` of `12...`), is no call (hermes and llama3_json keep a whole
         last call, as vLLM's)."""
         if cut and self.kind in FORCED:
             text, self._buffer = self._buffer, ""
-            return text, []
+            return [text]
         return self._read(final=True)
 
     def parse(self, text: str) -> tuple[str | None, Calls]:
@@ -150,16 +163,15 @@ class ToolCallParser:
     # ------------------------------------------------------------------ hermes
     START, END = "<tool_call>", "</tool_call>"
 
-    def _hermes(self, final: bool) -> tuple[str, Calls]:
-        content: list[str] = []
-        calls: Calls = []
+    def _hermes(self, final: bool) -> Segments:
+        out: Segments = []
         while self._buffer:
             start = self._buffer.find(self.START)
             text = self._buffer if start < 0 else self._buffer[:start]
             if start < 0 and not final:
                 text = text[:len(text) - _held_back(text, self.START)]
             self._buffer = self._buffer[len(text):]
-            content.append(self._text(text))
+            out.append(self._text(text))
             if start < 0:
                 break
             end = self._buffer.find(self.END)
@@ -172,14 +184,14 @@ class ToolCallParser:
             except json.JSONDecodeError:
                 call = None
             if call is None:
-                content.append(self._text(self._buffer[:taken]))
+                out.append(self._text(self._buffer[:taken]))
             else:
                 self._blank, self._spoken = "", False  # whitespace between calls is no content
-                calls.append(self._made(call))
+                out.append(self._made(call))
             self._buffer = self._buffer[taken:]
         if final:
             self._blank = ""  # nor is whitespace after the last call
-        return "".join(content), calls
+        return [s for s in out if s != ""]
 
     def _text(self, text: str) -> str:
         """Text outside calls as content: after a call, whitespace waits to see whether more
@@ -195,7 +207,7 @@ class ToolCallParser:
     # ------------------------------------------------------------- llama3_json
     PYTHON_TAG = "<|python_tag|>"
 
-    def _llama3_json(self, final: bool) -> tuple[str, Calls]:
+    def _llama3_json(self, final: bool) -> Segments:
         if self._json is None:
             start = self._buffer.lstrip()
             if start.startswith(("{", self.PYTHON_TAG)):
@@ -204,11 +216,11 @@ class ToolCallParser:
             elif final or start and not self.PYTHON_TAG.startswith(start):
                 self._json = False
             else:
-                return "", []  # only whitespace, or the tag's beginning, so far
+                return []  # only whitespace, or the tag's beginning, so far
         if not self._json:
             content, self._buffer = self._buffer, ""
-            return content, []
-        calls: Calls = []
+            return [content] if content else []
+        calls: Segments = []
         decoder = json.JSONDecoder()
         # Past a failed try, only a new "}" can end an object: no parse per token of a long call.
         while self._buffer and (final or "}" in self._buffer[self._tried:]):
@@ -225,28 +237,29 @@ class ToolCallParser:
             calls.append(self._made(call))
             self._buffer, self._tried = text[end:], 0
         if not final:
-            return "", calls
+            return calls
         rest, self._buffer = self._buffer, ""
         if not self.calls:  # no call at all: the answer is text, as it came
-            return self._answer, calls
-        return rest.lstrip().removeprefix(";").strip(), calls  # what follows the calls
+            return [self._answer] if self._answer else []
+        rest = rest.lstrip().removeprefix(";").strip()  # what follows the calls
+        return [*calls, rest] if rest else calls
 
     # ------------------------------------------------------ forced (structured)
-    def _forced(self, final: bool) -> tuple[str, Calls]:
+    def _forced(self, final: bool) -> Segments:
         if not final:
-            return "", []
+            return []
         text, self._buffer = self._buffer, ""
         if self.kind == "named":
             try:
                 json.loads(text)
             except json.JSONDecodeError:
-                return text, []  # cut short: not arguments
-            return "", [self._made(_tool_call({"name": self.function, "arguments": text.strip()}, ("arguments",)))]
+                return [text] if text else []  # cut short: not arguments
+            return [self._made(_tool_call({"name": self.function, "arguments": text.strip()}, ("arguments",)))]
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            return text, []
+            return [text] if text else []
         calls = [_tool_call(item, ("parameters",)) for item in data] if isinstance(data, list) else [None]
         if not calls or None in calls:
-            return text, []
-        return "", [self._made(call) for call in calls]
+            return [text] if text else []
+        return [self._made(call) for call in calls]

@@ -144,3 +144,32 @@ def test_the_store_keeps_each_clients_last_responses() -> None:
     messages = conversation(ResponsesRequest(input=[CALL]), history)
     assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_1", "call_1"] and len(turn["tool_calls"]) == 1
     assert conversation(ResponsesRequest(input="More"), history)[2] == {"role": "user", "content": "More"}
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_items_come_in_the_answers_order_whatever_its_pieces(parallel: bool) -> None:
+    """An answer read by the reasoning and tool call parsers (`release`): text after a call is a
+    message of its own, after the call, however the text was cut (one piece for a whole answer,
+    any pieces for a stream)."""
+    from engine.reasoning import FIRST
+
+    call = '<tool_call>{"name": "f", "arguments": {"x": %d}}</tool_call>'
+    answer = "<think>Hm.</think>Let me see." + call % 1 + " Then " + call % 2 + "\n\nDone."
+    expected = [("reasoning", "Hm."), ("message", "Let me see."), ("function_call", '{"x": 1}'),
+                ("message", " Then ")] + ([("function_call", '{"x": 2}')] if parallel else []) + [("message", "\n\nDone.")]
+    if not parallel:  # the second call's message run goes on in one message
+        expected[-2:] = [("message", " Then \n\nDone.")]
+    rng = random.Random(7)
+    for trial in range(30):
+        job = _job("hermes")
+        job.reasoning_opening, job.tool_function, job.parallel_tool_calls = FIRST, None, parallel
+        job.choices = [types.SimpleNamespace(finish_reason=None)]
+        renderer = ResponsesRenderer(ResponsesRequest(input="Hi"))
+        cuts = [(0, len(answer))] if trial == 0 else _cuts(len(answer), rng)
+        for k, (i, j) in enumerate(cuts):
+            renderer.release(job, answer[i:j], final=k == len(cuts) - 1)
+        renderer.end(job)
+        items = renderer.response(job, "completed")["output"]
+        assert [(item["type"], item["content"][0]["text"] if item["type"] != "function_call" else item["arguments"])
+                for item in items] == expected
+        assert [item["id"].rsplit("_", 1)[1] for item in items] == [str(i) for i in range(len(items))]
