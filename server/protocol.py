@@ -155,6 +155,10 @@ class ResponsesRequest(_Model):
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
+    # Not served (a 400, not silently ignored): state or modes stoke does not keep
+    conversation: Any = None
+    background: bool | None = None
+    prompt: Any = None
     # vLLM's extras, as a chat's
     seed: int | None = None
     top_k: int | None = None

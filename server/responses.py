@@ -13,7 +13,8 @@ alone: `previous_response_id` continues one, `GET /v1/responses/{id}` returns it
 drops it. A restart forgets them all.
 
 Not served (a 400 that names them): `previous_response_id` on a server that stores nothing,
-tools other than functions, `truncation: "auto"`, and input content other than text.
+`conversation`, `prompt`, `background`, tools other than functions, `truncation: "auto"`, and
+input content other than text.
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]] | None = 
     if req.previous_response_id is not None and messages is None:
         raise errors.invalid("this server stores no responses (start it with --max-stored-responses): send the "
                              "whole conversation as input", param="previous_response_id")
+    for name in ("conversation", "prompt"):
+        if getattr(req, name) is not None:
+            raise errors.unsupported(f"{name} is not supported: stoke keeps no conversations or prompt objects; send "
+                                     "the messages as input (or previous_response_id)", param=name)
+    if req.background:
+        raise errors.unsupported("background responses are not supported: stream, or wait for the response",
+                                 param="background")
     if req.truncation not in (None, "disabled"):
         raise errors.invalid('truncation must be "disabled": stoke does not drop input items to fit the context',
                              param="truncation")
