@@ -43,8 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("stoke.server")
 
 # Chat fields a Responses request maps onto, and the Responses field a chat error names instead.
-_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
-           "tools": "tools", "tool_choice": "tool_choice"}
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 _PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "user", "seed", "top_k", "min_p",
            "repetition_penalty", "stop", "priority", "chat_template_kwargs")
 
@@ -83,19 +82,29 @@ class ResponseStore:
         return True
 
 
-def conversation(req: ResponsesRequest, history: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def conversation(req: ResponsesRequest, history: list[dict[str, Any]] = (),
+                 origins: list[str] | None = None) -> list[dict[str, Any]]:
     """The chat messages of a request's input after a stored conversation (`history`), its
-    instructions left out (they are the request's own, never carried on)."""
+    instructions left out (they are the request's own, never carried on). `origins` gets, for
+    each message, what the request calls it (`input.3`), for the 400s the chat path names."""
     messages = [dict(m) for m in history]
+    if messages and messages[-1].get("tool_calls") is not None:  # a call may join that turn: not the stored one
+        messages[-1]["tool_calls"] = list(messages[-1]["tool_calls"])
+    names = ["previous_response_id"] * len(messages)
     items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     for i, item in enumerate(items):
-        messages += _messages(item, i, messages)
+        new = _messages(item, i, messages)
+        messages += new
+        names += [f"input.{i}" if isinstance(req.input, list) else "input"] * len(new)
+    if origins is not None:
+        origins += names
     return messages
 
 
-def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]] | None = None) -> ChatCompletionRequest:
-    """The chat that answers a Responses request (`messages`: its `conversation`); APIError
-    (400) for what it can't be."""
+def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]] | None = None,
+                 origins: list[str] | None = None) -> ChatCompletionRequest:
+    """The chat that answers a Responses request (`messages`: its `conversation`, whose
+    `origins` it puts its instructions before); APIError (400) for what it can't be."""
     if req.previous_response_id is not None and messages is None:
         raise errors.invalid("this server stores no responses (start it with --max-stored-responses): send the "
                              "whole conversation as input", param="previous_response_id")
@@ -111,22 +120,27 @@ def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]] | None = 
                              param="truncation")
     fields: dict[str, Any] = {name: getattr(req, name) for name in _PASSED if name in req.model_fields_set}
     instructions = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
-    fields["messages"] = instructions + (conversation(req) if messages is None else messages)
+    names: list[str] = []
+    fields["messages"] = instructions + (conversation(req, origins=names) if messages is None else messages)
+    if origins is not None:
+        origins[:0] = ["instructions"] * len(instructions) + names
     if req.max_output_tokens is not None:
         fields["max_tokens"] = req.max_output_tokens
     if req.tools is not None:
         fields["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(req.tools)]
     if req.tool_choice is not None:
         choice = req.tool_choice
-        if isinstance(choice, dict) and choice.get("type") == "function":
-            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+                raise errors.invalid('a named tool_choice is {"type": "function", "name": ...}', param="tool_choice")
+            choice = {"type": "function", "function": {"name": choice["name"]}}
         fields["tool_choice"] = choice
     if req.text is not None and req.text.get("format") is not None:
         fields["response_format"] = _response_format(req.text["format"])
     try:
         return ChatCompletionRequest(**fields)
-    except ValidationError as exc:
-        raise errors.invalid(f"input: {exc.errors()[0]['msg']}", param="input") from None
+    except ValidationError as exc:  # as a chat body's 400 ("messages.3.content..."), which responses_job renames
+        raise errors.from_validation_errors(list(exc.errors())) from None
 
 
 def _messages(item: Any, index: int, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,33 +162,39 @@ def _messages(item: Any, index: int, before: list[dict[str, Any]]) -> list[dict[
             raise errors.invalid("a function_call item needs call_id, name and arguments (strings)", param=param)
         last = before[-1] if before else None
         if last is not None and last["role"] == "assistant":  # a response's output sent back: one turn
-            last["tool_calls"] = [*(last.get("tool_calls") or []), call]
+            if last.get("tool_calls") is None:
+                last["tool_calls"] = []
+            last["tool_calls"].append(call)  # the conversation's own list (`conversation`)
             return []
         return [{"role": "assistant", "content": None, "tool_calls": [call]}]
     if kind == "function_call_output":
         output = item.get("output")
-        if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
-            raise errors.invalid("a function_call_output item needs call_id and output (strings)", param=param)
-        return [{"role": "tool", "tool_call_id": item["call_id"], "content": output}]
+        if not isinstance(item.get("call_id"), str) or not isinstance(output, (str, list)):
+            raise errors.invalid("a function_call_output item needs call_id and output (a string or text parts)",
+                                 param=param)
+        content = output if isinstance(output, str) else _text(output, param, "output")
+        return [{"role": "tool", "tool_call_id": item["call_id"], "content": content}]
     if kind == "reasoning":  # a past answer's thinking: templates leave it out of the history
         return []
     raise errors.unsupported(f"input items of type {kind!r:.40} are not supported", param=f"{param}.type")
 
 
-def _text(content: Any, param: str) -> str | list[dict[str, Any]]:
-    """A message's content as a chat's: a string, or its text parts."""
+def _text(content: Any, param: str, field: str = "content") -> str | list[dict[str, Any]]:
+    """A message's content (or a function call output) as a chat's: a string, or its text parts."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise errors.invalid("a message's content must be a string or a list of content parts",
-                             param=f"{param}.content")
+        raise errors.invalid(f"a message's {field} must be a string or a list of content parts",
+                             param=f"{param}.{field}")
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("input_text", "output_text"):
             raise errors.unsupported(f"content parts of type {kind!r:.40} are not supported (text only)",
-                                     param=f"{param}.content.{j}")
-        parts.append({"type": "text", "text": part.get("text")})
+                                     param=f"{param}.{field}.{j}")
+        if not isinstance(part.get("text"), str):
+            raise errors.invalid("a text part needs text (a string)", param=f"{param}.{field}.{j}.text")
+        parts.append({"type": "text", "text": part["text"]})
     return parts
 
 
@@ -183,41 +203,58 @@ def _chat_tool(tool: Any, index: int) -> dict[str, Any]:
         kind = tool.get("type") if isinstance(tool, dict) else None
         raise errors.unsupported(f"tools of type {kind!r:.40} are not supported: function tools only",
                                  param=f"tools.{index}")
+    if not isinstance(tool.get("name"), str):  # the chat's shape ({"function": {...}}) included
+        raise errors.invalid('a function tool is {"type": "function", "name": ..., "parameters": {...}}',
+                             param=f"tools.{index}")
     function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
     return {"type": "function", "function": function}
 
 
 def _response_format(fmt: Any) -> dict[str, Any]:
-    if not isinstance(fmt, dict):
-        raise errors.invalid("text.format must be an object", param="text.format")
-    if fmt.get("type") == "json_schema":
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema", True)}}
-    return fmt  # text, json_object, or a type the chat path names in its 400
+    if kind not in ("text", "json_object"):
+        raise errors.invalid('text.format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                             '"name": ..., "schema": {...}}', param="text.format")
+    return {"type": kind}
 
 
 async def responses_job(serving: OpenAIServing, req: ResponsesRequest, record: RequestRecord,
                         arrival: float) -> Job:
     """A Job for a Responses request: the chat's, rendered by a ResponsesRenderer."""
     store = serving.responses_store
-    messages = None
-    if store is not None:
-        history: list[dict[str, Any]] = []
-        if req.previous_response_id is not None:
-            stored = store.get(req.previous_response_id, record.key_id)
-            if stored is None:
-                raise errors.response_not_found(req.previous_response_id, param="previous_response_id")
-            history = stored.messages
-        messages = conversation(req, history)
+    # Without API keys every client is one: a bearer token nobody checks is no owner.
+    owner = record.key_id if serving.config.api_keys else None
+    messages, origins = None, []
     try:
-        job = await serving.chat_job(chat_request(req, messages), record, arrival)
-    except APIError as exc:  # named as the Responses request names it
-        root = (exc.param or "").split(".")[0]
-        if root in _PARAMS:
-            exc.param = _PARAMS[root] + (exc.param or "")[len(root):]
-        raise
+        if store is not None:
+            history: list[dict[str, Any]] = []
+            if req.previous_response_id is not None:
+                stored = store.get(req.previous_response_id, owner)
+                if stored is None:
+                    raise errors.response_not_found(req.previous_response_id, param="previous_response_id")
+                history = stored.messages
+            messages = conversation(req, history, origins)
+        job = await serving.chat_job(chat_request(req, messages, origins), record, arrival)
+    except APIError as exc:
+        raise _renamed(exc, origins) from None
     keep = store is not None and req.store is not False
-    job.renderer = ResponsesRenderer(req, store if keep else None, messages or [], record.key_id)
+    job.renderer = ResponsesRenderer(req, store if keep else None, messages or [], owner)
     return job
+
+
+def _renamed(exc: APIError, origins: list[str]) -> APIError:
+    """A chat path's 400 named as the Responses request names what it is about: chat message 3
+    is the input item it came from (`origins`), max_tokens is max_output_tokens ..."""
+    root, *rest = (exc.param or "").split(".")
+    if root == "messages" and rest and rest[0].isdigit() and int(rest[0]) < len(origins):
+        exc.param = ".".join([origins[int(rest[0])], *rest[1:]])
+    elif root in _PARAMS:
+        exc.param = ".".join([_PARAMS[root], *rest])
+    for chat, responses in _PARAMS.items():
+        exc.message = exc.message.replace(chat, responses)
+    return exc
 
 
 def _event(kind: str, sequence: int, **fields: Any) -> str:
@@ -241,6 +278,7 @@ class ResponsesRenderer:
         self._parser: ToolCallParser | None = None  # the job's tool call parser's
         self.items: list[dict[str, Any]] = []  # in the order they opened: their output_index
         self._open: dict[str, Any] | None = None  # the reasoning or message item text goes on
+        self._blank = ""  # whitespace that would open a message: it waits for text (none: no message)
         self._sequence = 0
         self._events: list[tuple[str, dict[str, Any]]] = []
 
@@ -268,7 +306,7 @@ class ResponsesRenderer:
         self._open = item
         return item
 
-    def _close(self) -> None:
+    def _close(self, status: str = "completed") -> None:
         item, self._open = self._open, None
         if item is None:
             return
@@ -281,7 +319,7 @@ class ResponsesRenderer:
                        text=part["text"], logprobs=[])
         self._emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                    part=_copy(part))
-        item["status"] = "completed"
+        item["status"] = status
         self._emit("response.output_item.done", output_index=index, item=_copy(item))
 
     def add(self, job: Job, reasoning: str, content: str, calls: list[dict[str, Any]]) -> None:
@@ -291,13 +329,18 @@ class ResponsesRenderer:
             item["content"][0]["text"] += reasoning
             self._emit("response.reasoning_text.delta", item_id=item["id"], output_index=self.items.index(item),
                        content_index=0, delta=reasoning)
+        if content and (self._open is None or self._open["type"] != "message") and not content.strip():
+            self._blank += content  # a message of whitespace alone (before a call: "\n\n") is no message
+            content = ""
         if content:
+            content, self._blank = self._blank + content, ""
             item = self._opened(job, "message")
             item["content"][0]["text"] += content
             self._emit("response.output_text.delta", item_id=item["id"], output_index=self.items.index(item),
                        content_index=0, delta=content, logprobs=[])
         for call in calls:
             self._close()  # items follow one another: text after a call is a message of its own
+            self._blank = ""  # whitespace before a call is no message's
             item = {"type": "function_call", "id": f"fc_{_key(job)}_{len(self.items)}", "call_id": call["id"],
                     "name": call["function"]["name"], "arguments": "", "status": "in_progress"}
             self.items.append(item)
@@ -335,10 +378,15 @@ class ResponsesRenderer:
                 self.add(job, "", "", [segment])
 
     def end(self, job: Job) -> None:
-        """The answer ended: the open item closes; an answer with no item at all is an empty message."""
+        """The answer ended: the open item closes (incomplete where max_output_tokens cut it); an
+        answer with no item at all is a message (of the whitespace it had, if any)."""
         if not self.items:
-            self._opened(job, "message")
-        self._close()
+            self._opened(job, "message")["content"][0]["text"] = self._blank
+            if self._blank:
+                self._emit("response.output_text.delta", item_id=self._open["id"], output_index=0, content_index=0,
+                           delta=self._blank, logprobs=[])
+        self._blank = ""
+        self._close("incomplete" if job.choices[0].finish_reason == "length" else "completed")
 
     def take_events(self) -> list[str]:
         lines = []
@@ -371,7 +419,8 @@ class ResponsesRenderer:
         if usage is not None:
             body["usage"] = {
                 "input_tokens": usage["prompt_tokens"],
-                "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+                "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                         "cache_write_tokens": 0},
                 "output_tokens": usage["completion_tokens"],
                 "output_tokens_details": {
                     "reasoning_tokens": usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)},
@@ -381,18 +430,17 @@ class ResponsesRenderer:
     def status(self, choice: Choice) -> str:
         return "incomplete" if choice.finish_reason == "length" else "completed"
 
-    def ended(self, job: Job, choice: Choice, usage: dict[str, Any]) -> dict[str, Any]:
-        """The ended answer's response, stored if it asked to be: its conversation goes on with
-        the answer as the assistant's turn (its thinking left out, as templates leave it)."""
-        body = self.response(job, self.status(choice), choice, usage)
-        if self.store is not None:
-            text = "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
-            calls = [{"id": item["call_id"], "type": "function",
-                      "function": {"name": item["name"], "arguments": item["arguments"]}}
-                     for item in self.items if item["type"] == "function_call"]
-            turn = {"role": "assistant", "content": text or None} | ({"tool_calls": calls} if calls else {})
-            self.store.put(body["id"], StoredResponse(self.owner, _copy(body), [*self.messages, turn]))
-        return body
+    def keep(self, body: dict[str, Any]) -> None:
+        """Store the ended response if it asked to be: its conversation goes on with the answer
+        as the assistant's turn (its thinking left out, as templates leave it)."""
+        if self.store is None:
+            return
+        text = "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
+        calls = [{"id": item["call_id"], "type": "function",
+                  "function": {"name": item["name"], "arguments": item["arguments"]}}
+                 for item in self.items if item["type"] == "function_call"]
+        turn = {"role": "assistant", "content": text or None} | ({"tool_calls": calls} if calls else {})
+        self.store.put(body["id"], StoredResponse(self.owner, _copy(body), [*self.messages, turn]))
 
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         """The whole answer's response."""
@@ -400,7 +448,9 @@ class ResponsesRenderer:
         self.release(job, "".join(choice.text), final=True)
         self.end(job)
         self._events.clear()
-        return self.ended(job, choice, usage)
+        body = self.response(job, self.status(choice), choice, usage)
+        self.keep(body)
+        return body
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, serving: OpenAIServing, job: Job, generation: Generation) -> AsyncIterator[str]:
@@ -428,10 +478,11 @@ class ResponsesRenderer:
                         yield line
             usage = serving._usage(job, choices, cached)
             self.end(job)
-            body = self.ended(job, choice, usage)
+            body = self.response(job, self.status(choice), choice, usage)
             self._emit(f"response.{body['status']}", response=body)
             for line in self.take_events():
                 yield line
+            self.keep(body)  # delivered: a client gone before its last event left nothing stored
             serving._summarize(job, choices)
             serving.finish(job.record)
         except Exception as exc:  # the status line went out already: the error goes in the stream
@@ -446,7 +497,8 @@ class ResponsesRenderer:
                 logger.exception("streaming %s failed", job.request_id)
                 error = errors.internal()
             serving.fail(job.record, error)
-            failed = self.response(job, "failed") | {"error": {"code": error.code, "message": error.message}}
+            # The response's error code is one of the API's; the event's is stoke's own.
+            failed = self.response(job, "failed") | {"error": {"code": "server_error", "message": error.message}}
             self._events.clear()
             self._emit("error", code=error.code, message=error.message, param=error.param)
             self._emit("response.failed", response=failed)

@@ -633,7 +633,8 @@ class OpenAIServing:
         parts = [[m.content] if isinstance(m.content, str) else m.content or [] for m in req.messages]
         chars = sum(len(p if isinstance(p, str) else p.text or "") for message in parts for p in message)
         chars += len(json.dumps(req.tools)) if getattr(req, "tools", None) else 0  # the template shows them
-        if sum(map(len, parts)) <= RENDER_INLINE_MESSAGES and chars <= TOKENIZE_INLINE_CHARS:
+        calls = sum(len(calls) for m in req.messages if isinstance(calls := (m.model_extra or {}).get("tool_calls"), list))
+        if sum(map(len, parts)) + calls <= RENDER_INLINE_MESSAGES and chars <= TOKENIZE_INLINE_CHARS:
             return self._render_chat(req)
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._render_chat, req)
 

@@ -69,7 +69,8 @@ def test_what_is_not_served_is_a_400_naming_the_field(fields: dict, param: str) 
 
 def _job(tool_parser: str | None = None) -> types.SimpleNamespace:
     return types.SimpleNamespace(request_id="resp-7c00000001", created=1, model="m", params={"temperature": 0.0},
-                                 parallel_tool_calls=True, tool_parser=tool_parser)
+                                 parallel_tool_calls=True, tool_parser=tool_parser,
+                                 choices=[types.SimpleNamespace(finish_reason="stop")])
 
 
 def _events(lines: list[str]) -> list[dict]:
@@ -166,7 +167,6 @@ def test_items_come_in_the_answers_order_whatever_its_pieces(parallel: bool) -> 
     for trial in range(30):
         job = _job("hermes")
         job.reasoning_opening, job.tool_function, job.parallel_tool_calls = FIRST, None, parallel
-        job.choices = [types.SimpleNamespace(finish_reason=None)]
         renderer = ResponsesRenderer(ResponsesRequest(input="Hi"))
         cuts = [(0, len(answer))] if trial == 0 else _cuts(len(answer), rng)
         for k, (i, j) in enumerate(cuts):
@@ -176,3 +176,77 @@ def test_items_come_in_the_answers_order_whatever_its_pieces(parallel: bool) -> 
         assert [(item["type"], item["content"][0]["text"] if item["type"] != "function_call" else item["arguments"])
                 for item in items] == expected
         assert [item["id"].rsplit("_", 1)[1] for item in items] == [str(i) for i in range(len(items))]
+
+
+def test_a_chat_paths_400_names_the_input_item_it_is_about() -> None:
+    """Chat message N is not input item N (instructions come first, calls join a turn,
+    reasoning items go, a stored conversation comes before): each 400 names its own item."""
+    from server.responses import _renamed, conversation
+
+    def param(req: ResponsesRequest, history: list | None = None) -> str:
+        origins: list[str] = []
+        try:
+            messages = None if history is None else conversation(req, history, origins)
+            chat_request(req, messages, origins)
+        except APIError as exc:
+            return _renamed(exc, origins).param
+        raise AssertionError("no 400")
+
+    bad = {"role": "user", "content": [{"type": "input_text", "text": 5}]}
+    assert param(ResponsesRequest(instructions="S", input=[bad])) == "input.0.content.0.text"
+    items = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "On it."}, CALL,
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}, {"type": "reasoning"},
+             {"role": "user", "content": [{"type": "input_text"}]}]
+    assert param(ResponsesRequest(instructions="S", input=items)) == "input.5.content.0.text"
+    history = [{"role": "user", "content": "Before"}, {"role": "assistant", "content": "Yes"}]
+    assert param(ResponsesRequest(input=items), history) == "input.5.content.0.text"
+    # The chat messages' origins, for the chat path's own 400s ("messages.4.content")
+    good = [*items[:-1], {"role": "user", "content": "More"}]
+    origins: list[str] = []
+    chat_request(ResponsesRequest(instructions="S", input=good), None, origins)
+    assert origins == ["instructions", "input.0", "input.1", "input.3", "input.5"]
+    assert _renamed(APIError(400, "bad", param="messages.4.content"), origins).param == "input.5.content"
+    origins = []
+    chat_request(ResponsesRequest(input=good), conversation(ResponsesRequest(input=good), history, origins), origins)
+    assert origins == ["previous_response_id"] * 2 + ["input.0", "input.1", "input.3", "input.5"]
+    # Errors the chat path words in its own names are worded in the Responses API's
+    for fields, name, words in (({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice",
+                                 '{"type": "function", "name": ...}'),
+                                ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools.0",
+                                 '{"type": "function", "name": ..., "parameters": {...}}'),
+                                ({"text": {"format": {"type": "xml"}}}, "text.format", '{"type": "json_object"}')):
+        with pytest.raises(APIError) as info:
+            chat_request(ResponsesRequest(input="Hi", **fields))
+        assert info.value.param == name and words in info.value.message
+    error = _renamed(APIError(400, "max_tokens must be at least 1", param="max_tokens"), [])
+    assert (error.param, error.message) == ("max_output_tokens", "max_output_tokens must be at least 1")
+
+
+def test_responses_and_events_are_the_sdks_types() -> None:
+    """The response and every event validate as the `openai` SDK's own models (strictly where
+    the SDK's types say what they hold), with usage, reasoning, a call, and a cut answer."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from engine.reasoning import FIRST
+
+    usage = {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16, "prompt_tokens_details": {"cached_tokens": 0},
+             "completion_tokens_details": {"reasoning_tokens": 3}}
+    events = TypeAdapter(ResponseStreamEvent)
+    for reason in ("stop", "length"):
+        job = _job("hermes")
+        job.reasoning_opening, job.tool_function = FIRST, None
+        job.choices[0].finish_reason = reason
+        renderer = ResponsesRenderer(ResponsesRequest(input="Hi", tools=[TOOL], metadata={"k": "v"}))
+        renderer._emit("response.created", response=renderer.response(job, "in_progress"))
+        renderer.release(job, '<think>Hm</think>\n\n<tool_call>{"name": "weather", "arguments": {}}</tool_call>Ok',
+                         final=True)
+        renderer.end(job)
+        body = renderer.response(job, renderer.status(job.choices[0]), job.choices[0], usage)
+        renderer._emit(f"response.{body['status']}", response=body)
+        for line in renderer.take_events():
+            events.validate_python(json.loads(line.split("\n")[1].removeprefix("data: ")))
+        response = Response.model_validate(body)
+        assert [item.type for item in response.output] == ["reasoning", "function_call", "message"]  # no "\n\n" message
+        assert response.output[-1].status == ("incomplete" if reason == "length" else "completed")
+        assert response.usage.output_tokens_details.reasoning_tokens == 3 and response.output_text == "Ok"
