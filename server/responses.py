@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pydantic import ValidationError
 
 from engine.reasoning import ReasoningSplitter
 from server import errors
-from server.engine_client import EngineDeadError, Generation
+from server.engine_client import Generation
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.request_log import RequestRecord
@@ -39,8 +38,6 @@ from server.tool_parsers import ToolCallParser
 
 if TYPE_CHECKING:
     from server.serving import Choice, Job, OpenAIServing
-
-logger = logging.getLogger("stoke.server")
 
 # Chat fields a Responses request maps onto, and the Responses field a chat error names instead.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
@@ -454,7 +451,7 @@ class ResponsesRenderer:
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, serving: OpenAIServing, job: Job, generation: Generation) -> AsyncIterator[str]:
-        from server.serving import ShuttingDown, _shutdown_error, merge_deltas
+        from server.serving import merge_deltas
 
         choices, cached = serving._choices(job), job.cached
         (choice,) = choices
@@ -486,17 +483,7 @@ class ResponsesRenderer:
             serving._summarize(job, choices)
             serving.finish(job.record)
         except Exception as exc:  # the status line went out already: the error goes in the stream
-            serving._abort(job, generation)
-            if isinstance(exc, asyncio.TimeoutError):
-                error = errors.timeout(serving.config.request_timeout or 0.0)
-            elif isinstance(exc, EngineDeadError):
-                error = errors.engine_dead("the engine stopped while serving this request")
-            elif isinstance(exc, ShuttingDown):
-                error = _shutdown_error()
-            else:
-                logger.exception("streaming %s failed", job.request_id)
-                error = errors.internal()
-            serving.fail(job.record, error)
+            error = serving.stream_failed(job, generation, exc)
             # The response's error code is one of the API's; the event's is stoke's own.
             failed = self.response(job, "failed") | {"error": {"code": "server_error", "message": error.message}}
             self._events.clear()

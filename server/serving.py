@@ -1020,19 +1020,25 @@ class OpenAIServing:
             self.finish(job.record)
             yield sse("[DONE]")
         except Exception as exc:  # the status line went out already: the error goes in the stream
-            self._abort(job, generation)
-            if isinstance(exc, asyncio.TimeoutError):
-                error = errors.timeout(self.config.request_timeout or 0.0)
-            elif isinstance(exc, EngineDeadError):
-                error = errors.engine_dead("the engine stopped while serving this request")
-            elif isinstance(exc, ShuttingDown):
-                error = _shutdown_error()
-            else:
-                logger.exception("streaming %s failed", job.request_id)
-                error = errors.internal()
-            self.fail(job.record, error)
+            error = self.stream_failed(job, generation, exc)
             yield sse(error.body())
             yield sse("[DONE]")
+
+    def stream_failed(self, job: Job, generation: Generation, exc: Exception) -> APIError:
+        """A stream that failed after its status line went out: its requests aborted, its
+        failure counted and logged; the error it ends with."""
+        self._abort(job, generation)
+        if isinstance(exc, asyncio.TimeoutError):
+            error = errors.timeout(self.config.request_timeout or 0.0)
+        elif isinstance(exc, EngineDeadError):
+            error = errors.engine_dead("the engine stopped while serving this request")
+        elif isinstance(exc, ShuttingDown):
+            error = _shutdown_error()
+        else:
+            logger.exception("streaming %s failed", job.request_id)
+            error = errors.internal()
+        self.fail(job.record, error)
+        return error
 
     # ---------------------------------------------------------------- reasoning
     def _reasoning_split(self, job: Job, choice: Choice, text: str, final: bool) -> tuple[str, str]:

@@ -96,3 +96,17 @@ def scripted_checkpoint(path: str, answer: str, added_tokens: tuple[str, ...] = 
         json.dump(config, f)
     tokenizer.save_pretrained(path)
     return path
+
+
+def scripted_tokens(path: str, after: int, eos: int, limit: int = 256) -> list[int]:
+    """The checkpoint's greedy tokens after token `after` up to EOS, read off its weights (each
+    token's one-hot embedding, through the LM head, to the next): what it answers a prompt
+    that ends with `after`."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    ids: list[int] = []
+    while (after := int((head @ embed[after]).argmax())) != eos and len(ids) < limit:
+        ids.append(after)
+    return ids

@@ -15,12 +15,11 @@ text after the assistant's header (`<think>` opens the thinking there)."""
 from __future__ import annotations
 
 import json
-import os
 
 import openai
 import pytest
 
-from tests.scripted_model import scripted_checkpoint
+from tests.scripted_model import scripted_checkpoint, scripted_tokens
 from tests.server_harness import ServerProcess, idle, wait_for
 
 THOUGHT = 'Maybe<tool_call>{"name":"count","arguments": {"n": 7}}</tool_call>?'
@@ -61,15 +60,8 @@ def tokenizer(scripted: str):
 
 @pytest.fixture(scope="module")
 def answer_ids(scripted: str, tokenizer) -> list[int]:
-    """The scripted answer's token ids, read off the checkpoint's weights (each token's one-hot
-    embedding, through the LM head, to the next), from the generation prompt's last token to EOS."""
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(scripted, "model.safetensors"))
-    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
-    token, ids = tokenizer.encode(RAW_PROMPT, add_special_tokens=False)[-1], []
-    while (token := int((head @ embed[token]).argmax())) != tokenizer.eos_token_id:
-        ids.append(token)
+    """The scripted answer's token ids, from the generation prompt's last token to EOS."""
+    ids = scripted_tokens(scripted, tokenizer.encode(RAW_PROMPT, add_special_tokens=False)[-1], tokenizer.eos_token_id)
     assert tokenizer.decode(ids) == ANSWER and len(ids) < 64
     return ids
 

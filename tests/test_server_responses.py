@@ -17,7 +17,6 @@ its call, no thinking; after `</tool_call>` it is nothing at all."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.request
 
@@ -25,7 +24,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.scripted_model import scripted_checkpoint
+from tests.scripted_model import scripted_checkpoint, scripted_tokens
 from tests.server_harness import ServerProcess, idle, wait_for
 
 THOUGHT = "Call count?"
@@ -66,17 +65,10 @@ def tokenizer(scripted: str):
 
 @pytest.fixture(scope="module")
 def answer_ids(scripted: str, tokenizer) -> list[int]:
-    """The scripted answer's token ids, read off the checkpoint's weights (each token's one-hot
-    embedding, through the LM head, to the next), from the generation prompt's last token to EOS."""
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(scripted, "model.safetensors"))
-    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    """The scripted answer's token ids, from the generation prompt's last token to EOS."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], chat_template=TEMPLATE,
                                            tokenize=False, add_generation_prompt=True)
-    token, ids = tokenizer.encode(prompt, add_special_tokens=False)[-1], []
-    while (token := int((head @ embed[token]).argmax())) != tokenizer.eos_token_id:
-        ids.append(token)
+    ids = scripted_tokens(scripted, tokenizer.encode(prompt, add_special_tokens=False)[-1], tokenizer.eos_token_id)
     assert tokenizer.decode(ids) == ANSWER and len(ids) < 64
     return ids
 
