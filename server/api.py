@@ -290,7 +290,9 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     def stored_response(request: Request, response_id: str, delete: bool = False) -> Response:
         """A stored response (--max-stored-responses), its client's alone: as OpenAI's, a 404
         for any other client, or once it is gone."""
-        owner, store = key_id(bearer_token(request)), serving.responses_store
+        # Without API keys every client is one (responses_job's rule): a bearer token nobody checks is no owner.
+        owner = key_id(bearer_token(request)) if config.api_keys else None
+        store = serving.responses_store
         if delete and store is not None and store.delete(response_id, owner):
             return JSONResponse({"id": response_id, "object": "response", "deleted": True})
         stored = store.get(response_id, owner) if store is not None and not delete else None

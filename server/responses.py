@@ -261,8 +261,9 @@ def _event(kind: str, sequence: int, **fields: Any) -> str:
 
 
 class ResponsesRenderer:
-    """One Responses request's output: its items as the answer releases them (`_reasoning`,
-    `_text`, `_call` return the stream's events), and the response object around them."""
+    """One Responses request's output: its items as the answer releases them (`release`, or
+    `add` what a reader released), the stream's events they make (`take_events`), and the
+    response object around them (`response`), stored once it ended if it asked to be (`keep`)."""
 
     prompt_param = "input"  # what a refused prompt's 400 names
 
