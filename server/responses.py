@@ -254,10 +254,15 @@ def _renamed(exc: APIError, origins: list[str]) -> APIError:
     return exc
 
 
-def _event(kind: str, sequence: int, **fields: Any) -> str:
-    data = json.dumps({"type": kind, "sequence_number": sequence, **fields}, ensure_ascii=False,
-                      separators=(",", ":"))
-    return f"event: {kind}\ndata: {data}\n\n"
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _event(kind: str, sequence: int | str, **fields: Any) -> str:
+    return f"event: {kind}\ndata: {_dumps({'type': kind, 'sequence_number': sequence, **fields})}\n\n"
+
+
+_SEQUENCE, _DELTA = "\x00sequence\x00", "\x00delta\x00"  # placeholders no real field encodes to
 
 
 class ResponsesRenderer:
@@ -279,6 +284,8 @@ class ResponsesRenderer:
         self._blank = ""  # whitespace that would open a message: it waits for text (none: no message)
         self._sequence = 0
         self._events: list[tuple[str, dict[str, Any]]] = []
+        # (event type, item id) → a delta event's line around its sequence number and delta
+        self._delta_lines: dict[tuple[str, str], tuple[str, str, str]] = {}
 
     # ---------------------------------------------------------------- items
     def _emit(self, kind: str, **fields: Any) -> None:
@@ -387,9 +394,19 @@ class ResponsesRenderer:
         self._close("incomplete" if job.choices[0].finish_reason == "length" else "completed")
 
     def take_events(self) -> list[str]:
+        """The SSE lines of the events since the last call. A text delta (most of them: one a
+        token) is its item's line rendered once around placeholders, then only its text is
+        encoded: the same bytes as `_event`, in a fraction of the time."""
         lines = []
         for kind, fields in self._events:
-            lines.append(_event(kind, self._sequence, **fields))
+            if kind.endswith("text.delta"):
+                around = self._delta_lines.get((kind, fields["item_id"]))
+                if around is None:
+                    head, rest = _event(kind, _SEQUENCE, **(fields | {"delta": _DELTA})).split(_dumps(_SEQUENCE))
+                    around = self._delta_lines[kind, fields["item_id"]] = (head, *rest.split(_dumps(_DELTA)))
+                lines.append(f"{around[0]}{self._sequence}{around[1]}{_dumps(fields['delta'])}{around[2]}")
+            else:
+                lines.append(_event(kind, self._sequence, **fields))
             self._sequence += 1
         self._events.clear()
         return lines

@@ -1093,6 +1093,8 @@ class OpenAIServing:
         through, then each call whole, in chunks of their own (the `openai` SDK joins a call's
         argument pieces, here one); the logprobs ride on the first chunk."""
         content, calls = self._read_tool_calls(job, choice, text, final=reason is not None)
+        if content and not calls and logprobs is None and reason is None and not job.continuous_usage:
+            return [self._text_chunk(job, choice.index, content)]  # most chunks: text only, the fast path
         reason = choice.finish_reason if reason is not None else None
         deltas: list[dict[str, Any]] = ([{"content": content}] if content else []) + [{"tool_calls": [call]}
                                                                                         for call in calls]

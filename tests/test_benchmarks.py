@@ -195,3 +195,16 @@ def test_speculative_cost_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
                for r in results)
     assert all(r["acceptance"] is None for r in results if not r["drafts"])
     assert all(0.2 < r["acceptance"] < 0.8 for r in results if r["drafts"])
+
+
+def test_stream_rendering_benchmark_tiny(tmp_path) -> None:
+    """benchmarks/stream_rendering.py at a tiny size: every case streamed through the server's
+    own code, timed against the chat's content."""
+    from benchmarks.stream_rendering import CASES
+    from benchmarks.stream_rendering import main as rendering_main
+
+    out = tmp_path / "stream_rendering.json"
+    report = rendering_main(["--tokens", "16", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["case"] for r in report["results"]] == list(CASES)
+    assert all(_positive(r["us_per_token"]) for r in report["results"]) and report["results"][0]["vs_chat_content"] == 1.0

@@ -250,3 +250,21 @@ def test_responses_and_events_are_the_sdks_types() -> None:
         assert [item.type for item in response.output] == ["reasoning", "function_call", "message"]  # no "\n\n" message
         assert response.output[-1].status == ("incomplete" if reason == "length" else "completed")
         assert response.usage.output_tokens_details.reasoning_tokens == 3 and response.output_text == "Ok"
+
+
+def test_delta_lines_are_the_generic_events_bytes() -> None:
+    """The per-token fast path (`take_events`: a delta's line rendered once around
+    placeholders) writes exactly what `_event` does, whatever the text and the sequence."""
+    from server.responses import _event
+
+    renderer = ResponsesRenderer(ResponsesRequest(input="Hi"))
+    texts = [" hello", '"quoted" \\ back', "\n\t\x00\x1f", "東京 🍣", '{"delta":"x"}', "\u2028", "x" * 300]
+    for text in texts:
+        renderer.add(_job(), text, "", [])
+    for text in texts:
+        renderer.add(_job(), "", text, [])
+    events, expected = renderer._events[:], []
+    for sequence, (kind, fields) in enumerate(events):
+        expected.append(_event(kind, sequence, **fields))
+    assert renderer.take_events() == expected
+    assert sum(kind.endswith("text.delta") for kind, _ in events) == 2 * len(texts)
