@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -249,9 +250,11 @@ def _renamed(exc: APIError, origins: list[str]) -> APIError:
         exc.param = ".".join([origins[int(rest[0])], *rest[1:]])
     elif root in _PARAMS:
         exc.param = ".".join([_PARAMS[root], *rest])
-    for chat, responses in _PARAMS.items():
-        exc.message = exc.message.replace(chat, responses)
+    exc.message = _CHAT_NAMES.sub(lambda m: _PARAMS[m.group(0)], exc.message)
     return exc
+
+
+_CHAT_NAMES = re.compile(r"\b(" + "|".join(_PARAMS) + r")\b")
 
 
 def _dumps(data: Any) -> str:
@@ -269,8 +272,6 @@ class ResponsesRenderer:
     """One Responses request's output: its items as the answer releases them (`release`, or
     `add` what a reader released), the stream's events they make (`take_events`), and the
     response object around them (`response`), stored once it ended if it asked to be (`keep`)."""
-
-    prompt_param = "input"  # what a refused prompt's 400 names
 
     def __init__(self, req: ResponsesRequest, store: ResponseStore | None = None,
                  messages: list[dict[str, Any]] = (), owner: str | None = None) -> None:
@@ -359,6 +360,11 @@ class ResponsesRenderer:
             item["status"] = "completed"
             self._emit("response.output_item.done", output_index=index, item=_copy(item))
 
+    @staticmethod
+    def renamed(exc: APIError) -> APIError:
+        """A chat's 400 (the engine refused its prompt) as this API names it."""
+        return _renamed(exc, [])
+
     def release(self, job: Job, text: str, final: bool) -> None:
         """The answer's next text (`final`: its last), read as the chat path reads it (its
         reasoning parser, then its tool call parser on the content), into items in the order
@@ -446,16 +452,16 @@ class ResponsesRenderer:
         return "incomplete" if choice.finish_reason == "length" else "completed"
 
     def keep(self, body: dict[str, Any]) -> None:
-        """Store the ended response if it asked to be: its conversation goes on with the answer
-        as the assistant's turn (its thinking left out, as templates leave it)."""
+        """Store the ended response if it asked to be: its conversation goes on with its output
+        items read as input items are (`response.output` sent back renders the same)."""
         if self.store is None:
             return
-        text = "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
-        calls = [{"id": item["call_id"], "type": "function",
-                  "function": {"name": item["name"], "arguments": item["arguments"]}}
-                 for item in self.items if item["type"] == "function_call"]
-        turn = {"role": "assistant", "content": text or None} | ({"tool_calls": calls} if calls else {})
-        self.store.put(body["id"], StoredResponse(self.owner, _copy(body), [*self.messages, turn]))
+        messages = [dict(m) for m in self.messages]
+        for i, item in enumerate(self.items):
+            if item["type"] == "message":
+                item = {"role": "assistant", "content": item["content"][0]["text"]}
+            messages += _messages(item, i, messages)
+        self.store.put(body["id"], StoredResponse(self.owner, _copy(body), messages))
 
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:
         """The whole answer's response."""

@@ -748,8 +748,11 @@ class OpenAIServing:
             generation._fail(ShuttingDown())
 
     def _rejected(self, job: Job, exc: EngineRejected) -> APIError:
-        param = job.renderer.prompt_param if job.renderer is not None else "messages" if job.kind == "chat" \
-            else "prompt"
+        error = self._refusal(exc, "messages" if job.kind == "chat" else "prompt")
+        return job.renderer.renamed(error) if job.renderer is not None else error
+
+    @staticmethod
+    def _refusal(exc: EngineRejected, param: str) -> APIError:
         if exc.kind == "admission":
             if exc.code in ("context_length_exceeded", "kv_cache_too_small"):
                 return errors.context_length(exc.message, param=param, code=exc.code)

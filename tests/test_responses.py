@@ -268,3 +268,30 @@ def test_delta_lines_are_the_generic_events_bytes() -> None:
         expected.append(_event(kind, sequence, **fields))
     assert renderer.take_events() == expected
     assert sum(kind.endswith("text.delta") for kind, _ in events) == 2 * len(texts)
+
+
+def test_a_stored_response_continues_as_its_output_sent_back_would() -> None:
+    """The stored conversation reads the response's output items as input items are read, so
+    previous_response_id renders what sending `response.output` back renders, text after a
+    call and all."""
+    from engine.reasoning import FIRST
+    from server.responses import ResponseStore, conversation
+
+    job = _job("hermes")
+    job.reasoning_opening, job.tool_function = FIRST, None
+    store = ResponseStore(4)
+    renderer = ResponsesRenderer(ResponsesRequest(input="Count."), store, conversation(ResponsesRequest(input="Count.")))
+    renderer.release(job, '<think>Hm.</think>\n\n<tool_call>{"name": "count", "arguments": {}}</tool_call>Done',
+                     final=True)
+    renderer.end(job)
+    body = renderer.response(job, "completed")
+    renderer.keep(body)
+    explicit = conversation(ResponsesRequest(input=[{"role": "user", "content": "Count."}, *body["output"]]))
+
+    def text(content):  # a message's text, however it came (a string or text parts)
+        return content if not isinstance(content, list) else "\n".join(p["text"] for p in content)
+
+    stored = store.get(body["id"], None).messages
+    assert [(m["role"], text(m.get("content")), m.get("tool_calls")) for m in stored] == \
+        [(m["role"], text(m.get("content")), m.get("tool_calls")) for m in explicit]
+    assert [m["role"] for m in stored] == ["user", "assistant", "assistant"]  # the call's turn, then "Done"
