@@ -188,6 +188,15 @@ class ReasoningSplitter:
     def finish(self) -> tuple[str, str]:
         return self._read(final=True)
 
+    def read(self, text: str, final: bool) -> tuple[str, str]:
+        """`feed`, and at the end (`final`) `finish` too: what both released (its reasoning
+        always before its content)."""
+        reasoning, content = self.feed(text)
+        if final:
+            more, rest = self.finish()
+            reasoning, content = reasoning + more, content + rest
+        return reasoning, content
+
     def split(self, text: str) -> tuple[str | None, str | None]:
         """A whole answer: (its reasoning, its content), None where it has none."""
         self.feed(text)

@@ -39,7 +39,7 @@ from server.protocol import (
     UnloadLoRAAdapterRequest,
 )
 from server.request_log import RequestLogger, RequestRecord, key_id
-from server.responses import responses_job
+from server.responses import ResponseStore, responses_job
 from server.serving import Job, OpenAIServing
 
 logger = logging.getLogger("stoke.server")
@@ -165,6 +165,8 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     client = EngineClient(engine_args, on_death=died, on_frame=metrics.on_frame, log_level=config.log_level,
                           cpu_threads=config.cpu_threads, lora_modules=config.lora_modules)
     serving = OpenAIServing(config, tokenizer, client, metrics, request_logger, model_name)
+    # The Responses API's stored responses (server/responses.py), with --max-stored-responses
+    responses_store = ResponseStore(config.max_stored_responses) if config.max_stored_responses > 0 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -285,17 +287,16 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
-        return await handle(request, body, partial(responses_job, serving))
+        return await handle(request, body, partial(responses_job, serving, responses_store))
 
     def stored_response(request: Request, response_id: str, delete: bool = False) -> Response:
         """A stored response (--max-stored-responses), its client's alone: as OpenAI's, a 404
         for any other client, or once it is gone."""
         # Without API keys every client is one (responses_job's rule): a bearer token nobody checks is no owner.
         owner = key_id(bearer_token(request)) if config.api_keys else None
-        store = serving.responses_store
-        if delete and store is not None and store.delete(response_id, owner):
+        if delete and responses_store is not None and responses_store.delete(response_id, owner):
             return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-        stored = store.get(response_id, owner) if store is not None and not delete else None
+        stored = responses_store.get(response_id, owner) if responses_store is not None and not delete else None
         if stored is None:
             return utility_error(errors.response_not_found(response_id))
         return JSONResponse(stored.body)

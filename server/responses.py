@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -35,10 +35,9 @@ from server.engine_client import Generation
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.request_log import RequestRecord
+from server.serving import Choice, Job, OpenAIServing, _dumps, merge_deltas
 from server.tool_parsers import ToolCallParser
 
-if TYPE_CHECKING:
-    from server.serving import Choice, Job, OpenAIServing
 
 # Chat fields a Responses request maps onto, and the Responses field a chat error names instead.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
@@ -218,10 +217,10 @@ def _response_format(fmt: Any) -> dict[str, Any]:
     return {"type": kind}
 
 
-async def responses_job(serving: OpenAIServing, req: ResponsesRequest, record: RequestRecord,
-                        arrival: float) -> Job:
-    """A Job for a Responses request: the chat's, rendered by a ResponsesRenderer."""
-    store = serving.responses_store
+async def responses_job(serving: OpenAIServing, store: ResponseStore | None, req: ResponsesRequest,
+                        record: RequestRecord, arrival: float) -> Job:
+    """A Job for a Responses request: the chat's, rendered by a ResponsesRenderer (`store`: the
+    server's stored responses, --max-stored-responses; None: none)."""
     # Without API keys every client is one: a bearer token nobody checks is no owner.
     owner = record.key_id if serving.config.api_keys else None
     messages, origins = None, []
@@ -255,10 +254,6 @@ def _renamed(exc: APIError, origins: list[str]) -> APIError:
 
 
 _CHAT_NAMES = re.compile(r"\b(" + "|".join(_PARAMS) + r")\b")
-
-
-def _dumps(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 def _event(kind: str, sequence: int | str, **fields: Any) -> str:
@@ -373,13 +368,9 @@ class ResponsesRenderer:
             self._splitter = ReasoningSplitter(job.reasoning_opening)
         if self._parser is None and job.tool_parser is not None:
             self._parser = ToolCallParser(job.tool_parser, job.tool_function)
-        steps = [self._splitter.feed(text) if self._splitter is not None else ("", text)]
-        if final and self._splitter is not None:
-            steps.append(self._splitter.finish())
-        segments: list[str | dict[str, Any]] = []
-        for reasoning, content in steps:
-            self.add(job, reasoning, "", [])
-            segments += self._parser.feed_in_order(content) if self._parser is not None else [content]
+        reasoning, content = self._splitter.read(text, final) if self._splitter is not None else ("", text)
+        self.add(job, reasoning, "", [])
+        segments = self._parser.feed_in_order(content) if self._parser is not None else [content]
         if final and self._parser is not None:
             segments += self._parser.finish_in_order(cut=job.choices[0].finish_reason == "length")
         for segment in segments:  # content and calls in the answer's order, whatever the pieces
@@ -475,8 +466,6 @@ class ResponsesRenderer:
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, serving: OpenAIServing, job: Job, generation: Generation) -> AsyncIterator[str]:
-        from server.serving import merge_deltas
-
         choices, cached = serving._choices(job), job.cached
         (choice,) = choices
         try:

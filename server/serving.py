@@ -38,7 +38,6 @@ from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.request_log import RequestLogger, RequestRecord
-from server.responses import ResponseStore
 from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
 
 logger = logging.getLogger("stoke.server")
@@ -219,8 +218,6 @@ class OpenAIServing:
         self.metrics = metrics
         self.request_logger = request_logger
         self.model_name = model_name
-        # The Responses API's stored responses (server/responses.py), with --max-stored-responses
-        self.responses_store = ResponseStore(config.max_stored_responses) if config.max_stored_responses > 0 else None
         parser = config.engine_args.get("reasoning_parser")
         self.reasoning = Reasoning.for_tokenizer(parser, tokenizer) if parser is not None else None
         # The LoRA adapters clients may name as their model: name → [name, id, path] (a LoRARequest's fields).
@@ -1051,11 +1048,7 @@ class OpenAIServing:
             return "", text
         if choice.reasoning is None:
             choice.reasoning = ReasoningSplitter(job.reasoning_opening)
-        reasoning, content = choice.reasoning.feed(text)
-        if final:
-            more, rest = choice.reasoning.finish()
-            reasoning, content = reasoning + more, content + rest
-        return reasoning, content
+        return choice.reasoning.read(text, final)
 
     def _reasoning_chunk(self, job: Job, index: int, reasoning: str, logprobs: str | None) -> str:
         """A delta of reasoning, under both names clients read: `reasoning` (vLLM's) and
