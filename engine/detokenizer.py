@@ -64,14 +64,14 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
-        shown_special: frozenset[int] = frozenset(),
+        special_skipped: frozenset[int] | None = None,
     ) -> None:
-        """`shown_special`: special tokens whose text shows even with skip_special_tokens (a
-        reasoning parser's tags, engine/reasoning.py): the others are then skipped by id, before
-        decoding, as the tokenizer skips them."""
+        """`special_skipped`: the special tokens skip_special_tokens leaves out, by id before
+        decoding (as the tokenizer skips them), where some must show: all special tokens but a
+        reasoning parser's tags (engine/reasoning.py). None: the tokenizer skips them all."""
         self._skipped: frozenset[int] = frozenset()
-        if skip_special_tokens and shown_special:
-            self._skipped = special_token_ids(tokenizer) - shown_special
+        if skip_special_tokens and special_skipped is not None:
+            self._skipped = special_skipped
             skip_special_tokens = False
         # The Rust tokenizer decodes without transformers' Python overhead; transformers'
         # decode adds only clean_up_tokenization_spaces, which incremental decoding cannot

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig, ModelConfig, generation_defaults
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -147,8 +147,8 @@ class LLMEngine:
         self.reasoning = Reasoning.for_tokenizer(config.reasoning_parser, self.tokenizer) \
             if config.reasoning_parser is not None else None
         # ... whose tags stay in the text, special tokens or not: the server splits the text at them
-        self._reasoning_tags = frozenset((self.reasoning.start_id, self.reasoning.end_id)) \
-            if self.reasoning is not None and self.reasoning.tags_special else frozenset()
+        self._special_skipped = special_token_ids(self.tokenizer) - {self.reasoning.start_id, self.reasoning.end_id} \
+            if self.reasoning is not None and self.reasoning.tags_special else None
         self.loras: LoRARegistry | None = None
         if config.enable_lora:
             self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras(),
@@ -367,7 +367,7 @@ class LLMEngine:
         return IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             stop=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output,
-            shown_special=self._reasoning_tags,
+            special_skipped=self._special_skipped,
         )
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:

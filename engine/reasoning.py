@@ -17,7 +17,7 @@ engine holds a structured output's grammar back until the reasoning ended (`Reas
 as vLLM's structured outputs with a reasoning parser) and the server counts reasoning tokens;
 and on text (`ReasoningSplitter`), which splits an answer, whole or streamed, into reasoning
 and content. The tags are single tokens of the model's vocabulary (and stay in the text when
-they are special tokens: engine/detokenizer.py's `shown_special`), so both agree on an answer
+they are special tokens: engine/detokenizer.py's `special_skipped`), so both agree on an answer
 that writes each tag as its token; one spelled out in pieces ends the reasoning in the text
 only (vLLM's gating has the same limit).
 """
