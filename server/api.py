@@ -39,7 +39,7 @@ from server.protocol import (
     UnloadLoRAAdapterRequest,
 )
 from server.request_log import RequestLogger, RequestRecord, key_id
-from server.responses import ResponseStore, responses_job
+from server.responses import ResponseStore, response_owner, responses_job
 from server.serving import Job, OpenAIServing
 
 logger = logging.getLogger("stoke.server")
@@ -289,25 +289,20 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await handle(request, body, partial(responses_job, serving, responses_store))
 
-    def stored_response(request: Request, response_id: str, delete: bool = False) -> Response:
-        """A stored response (--max-stored-responses), its client's alone: as OpenAI's, a 404
-        for any other client, or once it is gone."""
-        # Without API keys every client is one (responses_job's rule): a bearer token nobody checks is no owner.
-        owner = key_id(bearer_token(request)) if config.api_keys else None
-        if delete and responses_store is not None and responses_store.delete(response_id, owner):
-            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-        stored = responses_store.get(response_id, owner) if responses_store is not None and not delete else None
-        if stored is None:
-            return utility_error(errors.response_not_found(response_id))
-        return JSONResponse(stored.body)
-
+    # A stored response (--max-stored-responses) is its client's alone: as OpenAI's, a 404 for
+    # any other client, or once it is gone.
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request) -> Response:
-        return stored_response(request, response_id)
+        owner = response_owner(config, key_id(bearer_token(request)))
+        stored = responses_store.get(response_id, owner) if responses_store is not None else None
+        return JSONResponse(stored.body) if stored is not None else utility_error(errors.response_not_found(response_id))
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, request: Request) -> Response:
-        return stored_response(request, response_id, delete=True)
+        owner = response_owner(config, key_id(bearer_token(request)))
+        if responses_store is not None and responses_store.delete(response_id, owner):
+            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+        return utility_error(errors.response_not_found(response_id))
 
     def model_card(name: str = model_name) -> dict[str, Any]:
         """The base model's card, or (as vLLM's) a LoRA adapter's: its directory as root, the

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from engine.reasoning import ReasoningSplitter
 from server import errors
 from server.engine_client import Generation
+from server.config import ServerConfig
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.request_log import RequestRecord
@@ -217,12 +218,17 @@ def _response_format(fmt: Any) -> dict[str, Any]:
     return {"type": kind}
 
 
+def response_owner(config: ServerConfig, key_id: str | None) -> str | None:
+    """Whose stored responses a client sees: its API key's (its key id). Without API keys every
+    client is one: a bearer token nobody checks is no owner."""
+    return key_id if config.api_keys else None
+
+
 async def responses_job(serving: OpenAIServing, store: ResponseStore | None, req: ResponsesRequest,
                         record: RequestRecord, arrival: float) -> Job:
     """A Job for a Responses request: the chat's, rendered by a ResponsesRenderer (`store`: the
     server's stored responses, --max-stored-responses; None: none)."""
-    # Without API keys every client is one: a bearer token nobody checks is no owner.
-    owner = record.key_id if serving.config.api_keys else None
+    owner = response_owner(serving.config, record.key_id)
     messages, origins = None, []
     try:
         if store is not None:
