@@ -1,5 +1,6 @@
 """The worker: offline LLM API, engine loop, model runner, models, weights, sampler."""
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import LLMEngine
 from engine.llm import LLM
@@ -9,6 +10,6 @@ from engine.sampling_params import SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
-    "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "RequestMetrics",
+    "LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "RequestMetrics",
     "RequestOutput", "SamplingParams", "StructuredOutputsParams",
 ]

@@ -6,6 +6,11 @@ step is launched: the host turns them into outputs while the device runs.
 A request with n > 1 becomes n scheduler requests (samples); samples 1..n-1 wait for sample 0's
 prompt to be computed and then share its KV blocks through the prefix cache.
 
+A beam search (engine/beam_search.py) runs each running beam as a scheduler request, held
+after each step until the search has chosen its beams' next tokens: a beam continues its
+parent's request, or forks one of its own that reuses the parent's blocks through the prefix
+cache. While a search runs, steps run one after the other (its next inputs are its choice).
+
 With speculative decoding (engine/speculative.py) each step first proposes drafts for the
 running decodes; a decode with drafts samples one token per position it computed, and keeps
 its tokens up to the first one that differs from its draft.
@@ -24,6 +29,7 @@ from typing import Any, Literal, get_args
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.beam_search import Beam, BeamSearch, BeamSearchParams, TopLogprobs
 from engine.config import EngineConfig, ModelConfig, generation_defaults
 from engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
@@ -85,6 +91,27 @@ class _Group:
             if s.finish_reason is None:
                 return False
         return True
+
+
+@dataclass(slots=True, eq=False)
+class _BeamGroup:
+    """A beam search in flight: the requests of its running beams, in its order."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: BeamSearchParams
+    search: BeamSearch
+    row_params: SamplingParams  # what its rows sample: greedily, with the top K logprobs
+    max_tokens: int
+    arrival_time: float
+    priority: int
+    lora_request: LoRARequest | None
+    first: Request  # the prompt's: its cache hits and first scheduling are the search's
+    requests: list[Request] = field(default_factory=list)
+    tops: dict[Request, TopLogprobs] = field(default_factory=dict)  # this step's, as they arrive
+    num_requests: int = 1  # requests made so far (their ids' serial)
+    num_preemptions: int = 0  # of its released requests
 
 
 @dataclass(slots=True, eq=False)
@@ -173,6 +200,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.groups: dict[str, _Group] = {}
         self.samples: dict[Request, tuple[_Group, _Sample]] = {}
+        self.beam_groups: dict[str, _BeamGroup] = {}
+        self.beam_requests: dict[Request, _BeamGroup] = {}
         self.stats = StepStats()
         self.async_scheduling = config.resolve_async_scheduling(self.runner.device)
         self._in_flight: _Launched | None = None
@@ -274,8 +303,7 @@ class LLMEngine:
                      arrival_time: float | None = None, priority: int = 0,
                      lora_request: LoRARequest | None = None) -> None:
         """Queue a request `prepare` returned (a batch checks all its prompts, then adds them)."""
-        if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in flight")
+        self._check_new_id(request_id)
         self.check_priority(priority)
         prompt_token_ids, params, max_tokens = prepared
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -315,6 +343,155 @@ class LLMEngine:
             self.samples[sample.request] = (group, sample)
             self.scheduler.add_request(sample.request)
         self.groups[request_id] = group
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self.groups or request_id in self.beam_groups:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+
+    # ------------------------------------------------------------------ beam search
+    def prepare_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, *,
+                            cap_at_context: bool = False) -> tuple[list[int], BeamSearchParams, int]:
+        """A beam search as it would run, or ValueError (AdmissionError) if it can't be served:
+        its prompt, params of the engine's own, and its max_tokens (as `prepare`'s; every beam
+        may need blocks of its own for all of them)."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"beam search params must be a BeamSearchParams, got {type(params).__name__}")
+        params = replace(params)  # construction checks it
+        rows = SamplingParams(max_tokens=params.max_tokens, temperature=0.0, detokenize=False)
+        prompt_token_ids, _, max_tokens = self.prepare(prompt_token_ids, rows, cap_at_context=cap_at_context,
+                                                       owned=True)
+        self.scheduler.check_beams_admissible(len(prompt_token_ids), max_tokens, params.beam_width)
+        return prompt_token_ids, params, max_tokens
+
+    def add_beam_search(self, request_id: str, prompt: str | list[int], params: BeamSearchParams,
+                        arrival_time: float | None = None, *, cap_at_context: bool = False, priority: int = 0,
+                        lora_request: LoRARequest | None = None) -> None:
+        """Queue a beam search (vLLM's `LLM.beam_search`, one prompt): its one output, when it
+        finishes, holds its beam_width best sequences, best first (finish_reason "stop" for one
+        that ended with an end token, "length" for max_tokens)."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        prepared = self.prepare_beam_search(tokens, params, cap_at_context=cap_at_context)
+        self.add_prepared_beam_search(request_id, prompt if isinstance(prompt, str) else None, prepared,
+                                      arrival_time, priority, lora_request)
+
+    def add_prepared_beam_search(self, request_id: str, text: str | None,
+                                 prepared: tuple[list[int], BeamSearchParams, int], arrival_time: float | None = None,
+                                 priority: int = 0, lora_request: LoRARequest | None = None) -> None:
+        """Queue a beam search `prepare_beam_search` returned."""
+        self._check_new_id(request_id)
+        self.check_priority(priority)
+        prompt_token_ids, params, max_tokens = prepared
+        lora_id, prefix_root = 0, None
+        if lora_request is not None:
+            self.add_lora(lora_request)
+            lora_id, prefix_root = lora_request.lora_int_id, self.loras.get(lora_request.lora_int_id).prefix_root
+        search = BeamSearch(params, self.eos_token_ids, max_tokens)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        first = Request(f"{request_id}-0", prompt_token_ids, max_tokens, arrival_time=arrival, priority=priority,
+                        lora_id=lora_id, prefix_root=prefix_root)
+        self.scheduler.add_request(first)
+        group = _BeamGroup(request_id, text, prompt_token_ids, params, search,
+                           SamplingParams(temperature=0.0, logprobs=search.num_candidates, detokenize=False),
+                           max_tokens, arrival, priority, lora_request, first, [first])
+        if lora_request is not None:
+            self.loras.acquire(lora_request)
+        self.beam_groups[request_id] = group
+        self.beam_requests[first] = group
+
+    def _choose_beams(self, group: _BeamGroup, now: float) -> bool:
+        """The search's step, once every running beam's top logprobs arrived: each next beam
+        continues its parent's request (the first of its children) or forks one; parents without
+        children are released. True when the search is done (every request released)."""
+        parents = group.requests
+        following = group.search.step([group.tops.pop(r) for r in parents])
+        continued: set[int] = set()
+        forks: list[tuple[int, Beam]] = []
+        for parent, beam in following:
+            if parent in continued:
+                forks.append((parent, beam))
+            continued.add(parent)
+        for i, request in enumerate(parents):  # their seats and blocks go to the forks first
+            if i not in continued:
+                self._release_beam(group, request)
+        forked: dict[int, list[Request]] = {}
+        for parent, beam in forks:  # from the parents' tokens before their own next one
+            source = parents[parent]
+            fork = Request(f"{group.request_id}-{group.num_requests}", group.prompt_token_ids, group.max_tokens,
+                           arrival_time=group.arrival_time, priority=group.priority, lora_id=source.lora_id,
+                           prefix_root=source.prefix_root, preempts_later=True)
+            group.num_requests += 1
+            fork.token_ids = source.token_ids + [beam.token_ids[-1]]
+            fork.block_hashes = list(source.block_hashes)  # the same full blocks: no rehashing
+            forked.setdefault(parent, []).append(fork)
+        group.requests = []
+        continued.clear()
+        for parent, beam in following:  # the search's order
+            if parent in continued:
+                request = forked[parent].pop(0)
+                if group.lora_request is not None:
+                    self.loras.acquire(group.lora_request)
+                self.beam_requests[request] = group
+                self.scheduler.add_request(request)
+            else:
+                continued.add(parent)
+                request = parents[parent]
+                self.scheduler.append_token(request, beam.token_ids[-1], now)
+                request.held = False
+            group.requests.append(request)
+        return group.search.done
+
+    def _release_beam(self, group: _BeamGroup, request: Request) -> None:
+        group.num_preemptions += request.num_preemptions
+        del self.beam_requests[request]
+        self.scheduler.finish(request)
+        self.runner.release(request)
+        if request.lora_id:
+            self.loras.release(request.lora_id)
+
+    def _beam_output(self, group: _BeamGroup, aborted: bool = False) -> RequestOutput:
+        """The search's sequences, best first (as many as it found; none if it was aborted)."""
+        for request in list(group.requests):
+            self._release_beam(group, request)
+        group.requests = []
+        del self.beam_groups[group.request_id]
+        params, k = group.params, group.params.logprobs
+        completions = []
+        text_params = SamplingParams(skip_special_tokens=params.skip_special_tokens)
+        for index, beam in enumerate(() if aborted else group.search.best()):
+            shown = beam.token_ids[:-1] if beam.ended_by_token and not params.include_stop_str_in_output \
+                else beam.token_ids
+            text = ""
+            detokenizer = self._detokenizer(group.prompt_token_ids, text_params)
+            if detokenizer is not None:
+                for token in shown:
+                    detokenizer.add_token(token, True)
+                detokenizer.finish()
+                text = detokenizer.text
+            logprobs = None
+            if k is not None:
+                logprobs = [self._logprobs_entry(token, logprob, next(i for i, (t, _) in enumerate(top, 1) if t == token),
+                                                 top[:k])
+                            for token, logprob, top in zip(beam.token_ids, beam.token_logprobs, beam.tops)]
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=beam.token_ids, cumulative_logprob=beam.cumulative_logprob,
+                logprobs=logprobs, finish_reason="stop" if beam.ended_by_token else "length",
+                delta_text=text, delta_token_ids=beam.token_ids, num_tokens=len(beam.token_ids),
+            ))
+        if aborted:
+            completions.append(CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort"))
+        now = time.monotonic()
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=True,
+            num_cached_tokens=group.first.num_cached_tokens,
+            # Its sequences arrive together, when the search ends: that is its first token's time.
+            metrics=RequestMetrics(arrival_time=group.arrival_time, first_scheduled_time=group.first.first_scheduled_time,
+                                   first_token_time=now, finish_time=now, num_preemptions=group.num_preemptions),
+            lora_request=group.lora_request,
+        )
 
     # ------------------------------------------------------------------ LoRA (vLLM's LLMEngine methods)
     def add_lora(self, lora_request: LoRARequest, pin: bool = False, *, read: LoRAAdapter | None = None) -> bool:
@@ -377,6 +554,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is; all its blocks return to the pool."""
+        beams = self.beam_groups.get(request_id)
+        if beams is not None:
+            return self._beam_output(beams, aborted=True)
         group = self.groups.get(request_id)
         if group is None:
             return None
@@ -392,7 +572,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Requests in flight, or a launched step not yet taken back (its tokens are surplus
         when every request has finished, but its step still holds device memory)."""
-        return bool(self.groups) or self._in_flight is not None
+        return bool(self.groups) or bool(self.beam_groups) or self._in_flight is not None
 
     # ------------------------------------------------------------------- step
     def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput]:
@@ -413,9 +593,7 @@ class LLMEngine:
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
         results: list[RequestOutput] = []
-        if self._in_flight is not None and self._drafting():
-            # A step's drafts need the last tokens on the host: while drafts are proposed,
-            # steps run one after the other.
+        if self._in_flight is not None and self._in_sync():
             results += self._take_back(outputs)
         t0 = time.perf_counter()
         if self.proposer is not None:
@@ -454,6 +632,12 @@ class LLMEngine:
         position = 0  # of a request with drafts, the position of its current row
         for j, i in enumerate(step_logits.sampling_rows):
             request = batch.requests[i]
+            beams = self.beam_requests.get(request)
+            if beams is not None:  # held until its search has chosen its next token
+                request.held = True
+                sampling_rows.append(SamplingRow(beams.row_params, request.token_ids, request.num_prompt_tokens, None,
+                                                 self.eos_token_ids, key=request))
+                continue
             entry = self.samples.get(request)
             if entry is None or entry[1].finish_reason is not None:  # finished in that take-back: surplus
                 sampling_rows.append(SamplingRow(_SURPLUS, request.token_ids, request.num_prompt_tokens, None, []))
@@ -496,7 +680,7 @@ class LLMEngine:
         self._in_flight = launched
         # A step with drafts is taken back at once too: the next step's inputs follow its accepted
         # drafts, which only its tokens tell (though its admissions may have turned drafts off).
-        if not self.async_scheduling or self._drafting() or batch.spec_token_ids:
+        if not self.async_scheduling or self._in_sync() or batch.spec_token_ids:
             results += self._take_back(outputs)
 
         s = self.stats
@@ -525,6 +709,7 @@ class LLMEngine:
         final_only = outputs == "final"
         now = time.monotonic()
         touched: dict[str, _Group] = {}
+        searched: dict[str, _BeamGroup] = {}
         token_ids, logprobs, top, ranks = out.token_ids, out.logprobs, out.top_logprobs, out.ranks
         spec = launched.batch.spec_token_ids
         rows, j = launched.rows, 0
@@ -533,8 +718,14 @@ class LLMEngine:
             drafts = spec.get(request, ()) if spec else ()
             first, j = j, j + 1 + len(drafts)
             entry = self.samples.get(request)
-            if entry is None or entry[1].finish_reason is not None:
-                continue  # finished (or aborted) after this step was launched: a surplus token
+            if entry is None:
+                beams = self.beam_requests.get(request)
+                if beams is not None:
+                    beams.tops[request] = top[first]
+                    searched[beams.request_id] = beams
+                continue  # else finished (or aborted) after this step was launched: a surplus token
+            if entry[1].finish_reason is not None:
+                continue
             group, sample = entry
             accepted = 0
             while accepted < len(drafts) and token_ids[first + accepted] == drafts[accepted]:
@@ -554,9 +745,18 @@ class LLMEngine:
                              ranks[k] if ranks is not None else None, top[k] if top is not None else None)
             if not final_only or sample.finish_reason is not None:
                 touched[group.request_id] = group
+        results = [self._output(group, delta=outputs == "delta") for group in touched.values()
+                   if not final_only or group.finished]
+        for beams in searched.values():
+            if len(beams.tops) == len(beams.requests) and self._choose_beams(beams, now):
+                results.append(self._beam_output(beams))
         self.stats.schedule_seconds += time.perf_counter() - t1
-        return [self._output(group, delta=outputs == "delta") for group in touched.values()
-                if not final_only or group.finished]
+        return results
+
+    def _in_sync(self) -> bool:
+        """Whether a step is taken back before the next is scheduled: the next step's inputs need
+        its tokens on the host (drafts are proposed from them, a beam search chooses them)."""
+        return bool(self.beam_groups) or self._drafting()
 
     def _drafting(self) -> bool:
         """Whether the next step proposes drafts (speculative decoding, under disable_by_batch_size)."""

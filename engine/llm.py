@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.chat_messages import template_message
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -57,6 +59,67 @@ class LLM:
                 self.engine.check_priority(p)
         return self._run(texts, token_prompts, self._params(sampling_params, len(texts)), use_tqdm, priority,
                          lora_request)
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: ProgressBar = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`: each prompt's beam_width best sequences, best first, in
+        prompt order (see engine/beam_search.py for the search, transformers' `num_beams`).
+        Prompts as `generate`'s; `concurrency_limit`: at most this many searches at once (all
+        of them by default: continuous batching runs their beams together)."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
+            prompts = [prompts]
+        if concurrency_limit is not None and (not is_int(concurrency_limit) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be None or an integer >= 1, got {concurrency_limit!r}")
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if params.logprobs is None:  # vLLM's sequences carry each step's 2 x beam_width logprobs
+            params = replace(params, logprobs=2 * params.beam_width)
+        texts, prepared = [], []
+        for prompt in prompts:  # everything checked before anything is scheduled
+            text, tokens = self._prompt(prompt)
+            texts.append(text)
+            prepared.append(self.engine.prepare_beam_search(tokens, params, cap_at_context=True))
+        loras = self._loras(lora_request, len(prepared))
+        limit = concurrency_limit or max(1, len(prepared))
+        ids = [f"offline-{self._counter + i}" for i in range(len(prepared))]
+        self._counter += len(prepared)
+        finished: dict[str, Any] = {}
+        bar = None
+        if use_tqdm and prepared:
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(prepared), desc="Beam search")
+        try:
+            added = 0
+            while added < len(prepared) or self.engine.has_unfinished_requests():
+                while added < len(prepared) and added - len(finished) < limit:
+                    self.engine.add_prepared_beam_search(ids[added], texts[added], prepared[added],
+                                                         lora_request=loras[added])
+                    added += 1
+                for output in self.engine.step(outputs="final"):
+                    finished[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        results = []
+        for request_id in ids:
+            output = finished[request_id]
+            results.append(BeamSearchOutput([
+                BeamSearchSequence(tokens=output.prompt_token_ids + c.token_ids, logprobs=c.logprobs or [],
+                                   cum_logprob=c.cumulative_logprob, text=c.text, finish_reason=c.finish_reason,
+                                   stop_reason=c.stop_reason, lora_request=output.lora_request)
+                for c in output.outputs]))
+        return results
 
     def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(its text if it has one, its token ids)."""

@@ -38,6 +38,9 @@ class Request:
     # adapter's KV differs from the base model's for the same tokens, so its prefixes are kept
     # apart: a negative number of its own (never the serial of a computed prefix, which are >= 0).
     prefix_root: int | None = None
+    # A beam search's fork (engine/beam_search.py): its search waits for it, so it goes before
+    # the requests that arrived after its search, and may preempt them for a seat or blocks.
+    preempts_later: bool = False
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output, as far as the host knows
     # Sampled on the device, not yet in token_ids (async scheduling: a step is scheduled while
@@ -57,6 +60,9 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hit tokens at first admission
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    # A beam's request between the step that computed its next token's logprobs and its
+    # search's choice of that token: it keeps its seat and blocks, and is not scheduled.
+    held: bool = False
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -22,6 +22,12 @@ A launched step is `advance`d at once; its sampled tokens arrive later (`append_
 until then count as each request's pending tokens (async scheduling plans the next step with
 them).
 
+Beam search (engine/beam_search.py): a beam's request is `held` from the step that computes its
+next token's logprobs until its search has chosen that token (it keeps its seat and blocks, and
+is not scheduled), and a beam its search forks goes before the requests that arrived after the
+search, preempting them for a seat or blocks where it must: the search waits for it, held
+requests and all, so the earliest search always gets on.
+
 Speculative decoding: a decode may compute its `spec_token_ids` (drafts) after its last token
 in the same step, with what the running and newly admitted requests leave of the budget and
 the KV pool (drafts never preempt, nor delay a waiting request).
@@ -143,6 +149,7 @@ class Scheduler:
         # The running LoRA adapter giving its slot up to a request waiting for one (0: none).
         self.draining_lora = 0
         self.stats = SchedulerStats()
+        self._num_held = 0  # running requests held by their beam search, as of this step's schedule
 
     # ------------------------------------------------------------- requests
     @property
@@ -156,12 +163,32 @@ class Scheduler:
         check_admissible(num_prompt_tokens, max_tokens, self.config.max_model_len, self.config.num_blocks,
                          self.config.block_size)
 
+    def check_beams_admissible(self, num_prompt_tokens: int, max_tokens: int, beam_width: int) -> None:
+        """Raise AdmissionError for a beam search that could never be served: every beam must
+        hold a seat, and the pool must hold the prompt's full blocks (shared) and each beam's
+        own blocks for the rest of its sequence, where the beams may all part."""
+        self.check_admissible(num_prompt_tokens, max_tokens)
+        cfg = self.config
+        if beam_width > cfg.max_num_seqs:
+            raise AdmissionError(f"beam_width {beam_width} is more than this server's max_num_seqs "
+                                 f"({cfg.max_num_seqs}): every beam runs as a sequence", "beam_width_too_large")
+        shared = num_prompt_tokens // cfg.block_size if cfg.enable_prefix_caching else 0
+        own = -(-(num_prompt_tokens + max_tokens) // cfg.block_size) - shared
+        if shared + beam_width * own > cfg.num_blocks:
+            raise AdmissionError(
+                f"a beam search of width {beam_width} over {num_prompt_tokens} prompt tokens and {max_tokens} "
+                f"max_tokens may need {shared + beam_width * own} KV cache blocks, but the whole pool holds "
+                f"{cfg.num_blocks} (blocks of {cfg.block_size})", "kv_cache_too_small")
+
     def add_request(self, request: Request) -> None:
         self.check_admissible(request.num_prompt_tokens, request.max_tokens)
         if request.lora_id and not self.config.max_loras:
             raise ValueError(f"{request.request_id} has a LoRA adapter, and this scheduler runs none (max_loras 0)")
         if self.by_priority:
-            insort_right(self.waiting, request, key=_order)  # after its equals: they came first
+            # after its equals, which came first; a fork before them, as its search did
+            (insort_left if request.preempts_later else insort_right)(self.waiting, request, key=_order)
+        elif request.preempts_later:
+            self._insert_in_order(request)
         else:
             self.waiting.append(request)
 
@@ -196,7 +223,11 @@ class Scheduler:
         decodes: list[Request] = []
         prefills: list[Request] = []
         finishing = 0  # done by length once their pending tokens arrive: no seat in this batch
+        self._num_held = 0
         for r in self.running:
+            if r.held:
+                self._num_held += 1
+                continue
             if r.num_uncomputed_tokens > 1:
                 prefills.append(r)
             elif r.done_by_length:
@@ -212,7 +243,7 @@ class Scheduler:
             if n > 1 and (self.waiting or len(prefills) > 1):
                 n = min(n, cfg.long_prefill_token_threshold)
             while not bm.allocate_slots(request, n):
-                victim = self._last_in_order()
+                victim = self._last_in_order(after=request)
                 budget += self._preempt_planned(victim, scheduled, batch.preempted)
                 if victim is request:
                     break
@@ -299,7 +330,7 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             no_seat = len(self.running) - finishing >= cfg.max_num_seqs
-            if no_seat and not self.by_priority:
+            if no_seat and not (self.by_priority or request.preempts_later or self._num_held):
                 break
             hits = bm.match_prefix(request)
             need = request.num_tokens - len(hits) * cfg.block_size
@@ -317,13 +348,18 @@ class Scheduler:
                     break
                 for victim in victims:
                     budget += self._preempt_planned(victim, scheduled, preempted)
+                    if victim in admitted:  # a fork may preempt one admitted before it in this step
+                        admitted.remove(victim)
                 partial, long_partial = self._partial_prefills(scheduled)  # a victim may have been one
                 allocated = bm.allocate_slots(request, n, hits)  # n, hits as checked: the room was counted
                 assert allocated, "the victims were to make room"
             if n < need:
                 partial += 1
                 long_partial += is_long
-            self.waiting.popleft()
+            if self.waiting[0] is request:
+                self.waiting.popleft()
+            else:  # FCFS victims of a fork went to the front
+                self.waiting.remove(request)
             num_hit_tokens = len(hits) * cfg.block_size
             if request.num_preemptions == 0:
                 bm.stats.queries_tokens += request.num_tokens
@@ -342,6 +378,18 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return budget, admitted
 
+    def _insert_in_order(self, request: Request) -> None:
+        """FCFS: into the queue before the first request that came after it (the front, for a
+        preempted request but one that had jumped a request passed over), so that the queue's
+        head is its earliest request: what a beam search's held requests wait for is ahead of
+        whatever came after them."""
+        key = _order(request)
+        if not self.waiting or key <= _order(self.waiting[0]):
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.insert(next((i for i, r in enumerate(self.waiting) if _order(r) > key), len(self.waiting)),
+                                request)
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
@@ -351,7 +399,7 @@ class Scheduler:
         if self.by_priority:
             insort_left(self.waiting, request, key=_order)  # before its equals, as FCFS's front
         else:
-            self.waiting.appendleft(request)
+            self._insert_in_order(request)
         self.stats.num_preemptions += 1
 
     def _preempt_planned(self, request: Request, scheduled: dict[Request, int], preempted: list[Request]) -> int:
@@ -371,14 +419,17 @@ class Scheduler:
     def _victims_for(self, request: Request, need_seat: bool, num_tokens: int,
                      hits: list[int]) -> list[Request] | None:
         """Under the priority policy, the running requests of a lower priority than the waiting
-        `request` whose preemption gives it a seat (if `need_seat`) and the blocks for
+        `request`, and under either policy the held requests of beam searches that sort after it
+        (for a request of a search, `Request.preempts_later`, any that sorts after it), whose preemption gives it a seat (if `need_seat`) and the blocks for
         `num_tokens` after its `hits`: taken last in order first until they do (not the fewest
         that would). None when they could not (then none is preempted). Requests about to
         finish by length are left: they give their room back soon anyway."""
-        if not self.by_priority:
-            return None
-        bm = self.block_manager
-        lower = (r for r in reversed(self.running) if r.priority > request.priority and not r.done_by_length)
+        bm, key = self.block_manager, _order(request)
+        # a lower priority; or after it, if held by a search (idle: it waits for the queue too),
+        # or whatever it is where the request is a search's
+        lower = (r for r in reversed(self.running) if not r.done_by_length and (
+            self.by_priority and r.priority > request.priority
+            or (r.held or request.preempts_later) and _order(r) > key))
         short = bm.blocks_short(request, num_tokens, hits)
         hit_blocks = set(hits)
         chosen: list[Request] = []
@@ -393,9 +444,16 @@ class Scheduler:
             freed = bm.num_freed_by(holds, exclude=hit_blocks)
         return chosen if chosen and len(chosen) >= need_seat and freed >= short else None
 
-    def _last_in_order(self) -> Request:
+    def _last_in_order(self, after: Request | None = None) -> Request:
         """The running request to preempt first: the latest admitted, or by priority the one
-        that sorts last (of equals, the latest admitted)."""
+        that sorts last (of equals, the latest admitted). For a beam search's request (`after`),
+        the one of those that sorts after it, if any: its search, held requests and all, waits
+        for it."""
+        if after is not None and after.preempts_later:
+            key = _order(after)
+            later = [r for r in self.running if _order(r) > key]
+            if later:
+                return later[-1] if not self.by_priority else max(reversed(later), key=_order)
         if not self.by_priority:
             return self.running[-1]
         return max(reversed(self.running), key=_order)

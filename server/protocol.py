@@ -9,7 +9,7 @@ Unknown fields are ignored, as OpenAI-compatible servers do.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
@@ -86,6 +86,10 @@ class _SamplingRequest(_Model):
     include_stop_str_in_output: bool | None = False
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
+    # Beam search (vLLM's): n beams, the n best sequences as the choices
+    use_beam_search: bool | None = False
+    length_penalty: float | None = 1.0
+    early_stopping: bool | Literal["never"] | None = False
     # Structured outputs: OpenAI's response_format (text, json_object, json_schema), or vLLM's
     # structured_outputs (json, json_object, choice, regex) and its older guided_json /
     # guided_choice / guided_regex

@@ -322,7 +322,37 @@ class OpenAIServing:
             raise errors.invalid(message, param=param) from None
         if structured is not None:
             fields["structured_outputs"] = structured.to_dict()
+        if req.use_beam_search:
+            fields["beam_search"] = self._beam_search_fields(req, fields)
         return fields
+
+    @staticmethod
+    def _beam_search_fields(req: CompletionRequest | ChatCompletionRequest, fields: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's use_beam_search: n beams, the n best sequences as the choices. What a beam
+        search does not follow is a 400 that names it, rather than a request silently changed
+        (sampling knobs such as temperature and top_p are read past: a search samples nothing)."""
+        unfollowed = [name for name, given in (
+            ("stop", bool(fields["stop"])), ("stop_token_ids", bool(fields["stop_token_ids"])),
+            ("min_tokens", fields["min_tokens"] > 0), ("logit_bias", fields["logit_bias"] is not None),
+            ("presence_penalty", fields["presence_penalty"] != 0.0),
+            ("frequency_penalty", fields["frequency_penalty"] != 0.0),
+            ("repetition_penalty", req.repetition_penalty not in (None, 1.0)),
+            ("response_format", "structured_outputs" in fields),
+            ("echo", isinstance(req, CompletionRequest) and bool(req.echo))) if given]
+        if unfollowed:
+            raise errors.invalid(f"use_beam_search does not support {unfollowed[0]}", param=unfollowed[0])
+        length_penalty = 1.0 if req.length_penalty is None else req.length_penalty
+        if not math.isfinite(length_penalty):
+            raise errors.invalid("length_penalty must be a finite number", param="length_penalty")
+        if fields["logprobs"] is not None and fields["logprobs"] > 2 * fields["n"]:
+            param = "logprobs" if isinstance(req, CompletionRequest) else "top_logprobs"
+            raise errors.invalid(f"with use_beam_search, at most 2 x n ({2 * fields['n']}) logprobs per token are "
+                                 f"available, got {fields['logprobs']}", param=param)
+        return dict(beam_width=fields["n"], max_tokens=fields["max_tokens"], ignore_eos=fields["ignore_eos"],
+                    length_penalty=length_penalty, early_stopping=bool(req.early_stopping)
+                    if req.early_stopping != "never" else "never", logprobs=fields["logprobs"],
+                    include_stop_str_in_output=fields["include_stop_str_in_output"],
+                    skip_special_tokens=fields["skip_special_tokens"])
 
     def _job(self, kind: str, req: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
              arrival: float, prompts: list[list[int]], prompt_texts: list[str | None], params: dict[str, Any],

@@ -230,19 +230,27 @@ class Worker:
             return str(exc) or type(exc).__name__
 
     def _add(self, message: dict[str, Any], frame: dict[str, Any]) -> None:
-        from engine import LoRARequest, SamplingParams
+        from engine import BeamSearchParams, LoRARequest, SamplingParams
         from scheduler import AdmissionError
 
         ids: list[str] = message["ids"]
         try:
-            # One params copy for the message's prompts (a copy per prompt, made twice, with a
-            # logit_bias over the vocabulary took 3.5 GB and 40 s of the step loop for 1,024).
-            params = self.engine.own_params(SamplingParams(**message["params"]))
             lora = LoRARequest(*message["lora"]) if message.get("lora") else None
-            prepared = [self.engine.prepare(tokens, params, owned=True) for tokens in message["prompts"]]
-            for request_id, request in zip(ids, prepared):
-                self.engine.add_prepared(request_id, None, request, arrival_time=message.get("arrival_time"),
-                                         priority=message.get("priority", 0), lora_request=lora)
+            options = dict(arrival_time=message.get("arrival_time"), priority=message.get("priority", 0),
+                           lora_request=lora)
+            beam_search = message["params"].get("beam_search")
+            if beam_search is not None:
+                beams = BeamSearchParams(**beam_search)
+                searches = [self.engine.prepare_beam_search(tokens, beams) for tokens in message["prompts"]]
+                for request_id, search in zip(ids, searches):
+                    self.engine.add_prepared_beam_search(request_id, None, search, **options)
+            else:
+                # One params copy for the message's prompts (a copy per prompt, made twice, with a
+                # logit_bias over the vocabulary took 3.5 GB and 40 s of the step loop for 1,024).
+                params = self.engine.own_params(SamplingParams(**message["params"]))
+                prepared = [self.engine.prepare(tokens, params, owned=True) for tokens in message["prompts"]]
+                for request_id, request in zip(ids, prepared):
+                    self.engine.add_prepared(request_id, None, request, **options)
         except Exception as exc:  # nothing of this message stays queued
             for request_id in ids:
                 self.engine.abort_request(request_id)
