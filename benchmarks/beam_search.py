@@ -2,8 +2,8 @@
 the same run:
 
 - `stoke`: `LLM.beam_search` over every prompt at once: each beam a request of the continuous
-  batch, a beam that continues another's forking a request that reuses its blocks through the
-  prefix cache (only the last, partial block is computed again);
+  batch, a beam that continues another's forking a request with its parent's KV (full blocks
+  shared, the partial last one copied);
 - `stoke, one search at a time`: the same with `concurrency_limit=1`;
 - `per-step requests`: vLLM's way (its `LLM.beam_search`), over the same engine: every step,
   every beam is a new one-token request with 2 x width logprobs, its prompt found in the prefix

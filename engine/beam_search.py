@@ -12,9 +12,9 @@ can beat the W-th hypothesis any more (`early_stopping` False: judged at the cur
 heuristic; "never": at max_tokens when length_penalty > 0, exact), when W hypotheses are found
 (`early_stopping` True), or at max_tokens.
 
-This module only chooses: `LLMEngine` runs each beam as a scheduler request, and a beam that
-continues a beam other than its parent's first child forks a request of its own, which reuses
-its parent's blocks through the prefix cache (see engine/engine.py).
+This module only chooses: `LLMEngine` runs each beam as a scheduler request; a beam continues
+its parent's request if it is the parent's first child, else forks a request of its own with
+the parent's KV (see engine/engine.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ prompt to be computed and then share its KV blocks through the prefix cache.
 
 A beam search (engine/beam_search.py) runs each running beam as a scheduler request, held
 after each step until the search has chosen its beams' next tokens: a beam continues its
-parent's request, or forks one of its own that reuses the parent's blocks through the prefix
-cache. While a search runs, steps run one after the other (its next inputs are its choice).
+parent's request, or forks one of its own with the parent's KV (its full blocks shared, its
+partial last block copied; where no seat or block is free, it waits and finds them through the
+prefix cache). While a search runs, steps run one after the other (its next inputs are its choice).
 
 With speculative decoding (engine/speculative.py) each step first proposes drafts for the
 running decodes; a decode with drafts samples one token per position it computed, and keeps
@@ -400,8 +401,10 @@ class LLMEngine:
 
     def _choose_beams(self, group: _BeamGroup, now: float) -> bool:
         """The search's step, once every running beam's top logprobs arrived: each next beam
-        continues its parent's request (the first of its children) or forks one; parents without
-        children are released. True when the search is done (every request released)."""
+        continues its parent's request (the first of its children) or forks one
+        (`Scheduler.add_fork`: with the parent's blocks, its partial last one copied here, where a
+        seat and a block are free); parents without children are released first. True when the
+        search is done (every request released)."""
         parents = group.requests
         following = group.search.step([group.tops.pop(r) for r in parents])
         continued: set[int] = set()
@@ -414,6 +417,7 @@ class LLMEngine:
             if i not in continued:
                 self._release_beam(group, request)
         forked: dict[int, list[Request]] = {}
+        copies: list[tuple[int, int]] = []
         for parent, beam in forks:  # from the parents' tokens before their own next one
             source = parents[parent]
             fork = Request(f"{group.request_id}-{group.num_requests}", group.prompt_token_ids, group.max_tokens,
@@ -422,16 +426,19 @@ class LLMEngine:
             group.num_requests += 1
             fork.token_ids = source.token_ids + [beam.token_ids[-1]]
             fork.block_hashes = list(source.block_hashes)  # the same full blocks: no rehashing
+            if group.lora_request is not None:
+                self.loras.acquire(group.lora_request)
+            self.beam_requests[fork] = group
+            copy = self.scheduler.add_fork(source, fork)
+            if copy is not None:
+                copies.append(copy)
             forked.setdefault(parent, []).append(fork)
+        self.runner.copy_blocks(copies)
         group.requests = []
         continued.clear()
         for parent, beam in following:  # the search's order
             if parent in continued:
                 request = forked[parent].pop(0)
-                if group.lora_request is not None:
-                    self.loras.acquire(group.lora_request)
-                self.beam_requests[request] = group
-                self.scheduler.add_request(request)
             else:
                 continued.add(parent)
                 request = parents[parent]

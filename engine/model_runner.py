@@ -422,6 +422,16 @@ class ModelRunner:
         h.tables = self.block_tables.gather(batch.requests, max_blocks)
         return h
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks, (source, copy) pairs, in every layer: a beam search's forks get
+        their parents' partial last blocks, in stream order before the next step writes them."""
+        if not pairs:
+            return
+        source, copy = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs))
+        for k, v in self.kv_caches:
+            k[copy] = k[source]
+            v[copy] = v[source]
+
     def release(self, request: Request) -> None:
         """The request finished: what the runner kept for it across steps (its block-table row)
         goes back."""

@@ -143,6 +143,26 @@ class BlockManager:
             request.block_ids.append(self._take_free_block())
         return True
 
+    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Give `child` (a beam search's fork, its tokens the parent's computed ones and one
+        more) the parent's KV: its full blocks shared, and a fresh block for its partial last
+        one, whose KV the caller copies (the (source, copy) pair returned; None: the computed
+        tokens end on a block boundary). The caller checks that a free block is there."""
+        size, computed = self.block_size, parent.num_computed_tokens
+        full = computed // size
+        for block_id in parent.block_ids[:full]:
+            self._ref(block_id)
+        child.block_ids = parent.block_ids[:full]
+        child.num_computed_tokens = computed
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_prefix_cached_blocks = parent.num_prefix_cached_blocks  # registered up to there, and no further
+        child.prefix_tail_serial = parent.prefix_tail_serial
+        if computed % size == 0:
+            return None
+        copy = self._take_free_block()
+        child.block_ids.append(copy)
+        return parent.block_ids[full], copy
+
     def blocks_short(self, request: Request, num_new_tokens: int, hits: Sequence[int] = ()) -> int:
         """How many more free blocks `allocate_slots` with these arguments needs (0: it fits)."""
         if not hits and self._fits_held(request, num_new_tokens):

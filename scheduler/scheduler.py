@@ -24,9 +24,11 @@ them).
 
 Beam search (engine/beam_search.py): a beam's request is `held` from the step that computes its
 next token's logprobs until its search has chosen that token (it keeps its seat and blocks, and
-is not scheduled), and a beam its search forks goes before the requests that arrived after the
-search, preempting them for a seat or blocks where it must: the search waits for it, held
-requests and all, so the earliest search always gets on.
+is not scheduled). A beam its search forks runs at once with its parent's KV (`add_fork`: the
+full blocks shared, the partial last one copied) where a seat and a block are free; else it
+waits before the requests that arrived after the search, and preempts them for a seat or blocks
+where it must: the search waits for it, held requests and all, so the earliest search always
+gets on.
 
 Speculative decoding: a decode may compute its `spec_token_ids` (drafts) after its last token
 in the same step, with what the running and newly admitted requests leave of the budget and
@@ -191,6 +193,26 @@ class Scheduler:
             self._insert_in_order(request)
         else:
             self.waiting.append(request)
+
+    def add_fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Queue a beam search's fork (its tokens the parent's, all computed, and one more):
+        running at once where a seat and the block its parent's partial last block needs are
+        free, sharing the parent's full blocks and holding a copy of that one (the (source,
+        copy) block ids returned, whose KV the caller copies before the next step; None:
+        nothing to copy), else waiting (`add_request`), to find the parent's full blocks in
+        the prefix cache and compute the rest again."""
+        bm, size = self.block_manager, self.config.block_size
+        computed = parent.num_computed_tokens
+        if (parent.status is RequestStatus.RUNNING and computed == len(parent.token_ids) == len(child.token_ids) - 1
+                and len(self.running) < self.config.max_num_seqs
+                and (computed % size == 0 or bm.num_free_blocks > 0)):
+            copy = bm.fork(parent, child)
+            child.status = RequestStatus.RUNNING
+            child.first_scheduled_time = time.monotonic()
+            self.running.append(child)
+            return copy
+        self.add_request(child)
+        return None
 
     @property
     def by_priority(self) -> bool:

@@ -178,6 +178,22 @@ def test_searches_beside_other_requests_give_their_sequences_alone(ends_often: s
     assert_engine_idle(llm)
 
 
+@pytest.mark.parametrize("prompt_len", [37, 48])  # a partial last block to copy, and none
+def test_forks_take_their_parents_kv_and_compute_nothing_twice(searcher: LLM, prompt_len: int) -> None:
+    """With seats and blocks free, a fork runs at once with its parent's blocks (the partial
+    last one copied): the search computes its prompt once and one token per beam per step."""
+    width, max_tokens = 4, 9
+    prompt = _prompts(41, 1)[0][:3] * 20
+    prompt = prompt[:prompt_len]
+    stats = searcher.engine.stats
+    before = stats.num_batched_tokens
+    searcher.reset_prefix_cache()
+    output = searcher.beam_search(prompt, BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=True))
+    assert stats.num_batched_tokens - before == prompt_len + width * (max_tokens - 1)
+    assert len({tuple(s.tokens) for s in output[0].sequences}) == width
+    assert_engine_idle(searcher)
+
+
 def test_concurrency_limit_and_prompt_forms(searcher: LLM) -> None:
     params = BeamSearchParams(beam_width=2, max_tokens=6)
     prompts = _prompts(21, 3)
