@@ -208,3 +208,22 @@ def test_stream_rendering_benchmark_tiny(tmp_path) -> None:
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [r["case"] for r in report["results"]] == list(CASES)
     assert all(_positive(r["us_per_token"]) for r in report["results"]) and report["results"][0]["vs_chat_content"] == 1.0
+
+
+def test_beam_search_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
+    """benchmarks/beam_search.py at a tiny size: every case timed on the same searches, whose
+    sequences are transformers' in each; stoke computes no token twice."""
+    from benchmarks.beam_search import CASES
+    from benchmarks.beam_search import main as beam_main
+
+    out = tmp_path / "beam_search.json"
+    report = beam_main(["--model", tiny_llama, "--num-prompts", "2", "--prompt-len", "20", "40", "--width", "3",
+                        "--max-tokens", "5", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    results = report["results"]
+    assert [r["case"] for r in results] == list(CASES)
+    assert all(_positive(r["tok_s"]) and _positive(r["seconds"]) and r["same_as_transformers"] == 2 for r in results)
+    stoke = {r["case"]: r for r in results}
+    # past the prompt (whose prefill gives the first token), 3 beams x 4 steps for 3 x 5 sequence tokens
+    assert stoke["stoke"]["computed_per_token"] == round(12 / 15, 3)
+    assert stoke["per-step requests"]["computed_per_token"] > 1.0
