@@ -86,34 +86,12 @@ class LLM:
             texts.append(text)
             prepared.append(self.engine.prepare_beam_search(tokens, params, cap_at_context=True))
         loras = self._loras(lora_request, len(prepared))
-        limit = concurrency_limit or max(1, len(prepared))
-        ids = [f"offline-{self._counter + i}" for i in range(len(prepared))]
-        self._counter += len(prepared)
-        finished: dict[str, Any] = {}
-        bar = None
-        if use_tqdm and prepared:
-            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(prepared), desc="Beam search")
-        try:
-            added = 0
-            while added < len(prepared) or self.engine.has_unfinished_requests():
-                while added < len(prepared) and added - len(finished) < limit:
-                    self.engine.add_prepared_beam_search(ids[added], texts[added], prepared[added],
-                                                         lora_request=loras[added])
-                    added += 1
-                for output in self.engine.step(outputs="final"):
-                    finished[output.request_id] = output
-                    if bar is not None:
-                        bar.update(1)
-        except BaseException:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+
+        def add(i: int, request_id: str) -> None:
+            self.engine.add_prepared_beam_search(request_id, texts[i], prepared[i], lora_request=loras[i])
+
         results = []
-        for request_id in ids:
-            output = finished[request_id]
+        for output in self._drive(len(prepared), add, use_tqdm, "Beam search", concurrency_limit):
             results.append(BeamSearchOutput([
                 BeamSearchSequence(tokens=output.prompt_token_ids + c.token_ids, logprobs=c.logprobs or [],
                                    cum_logprob=c.cumulative_logprob, text=c.text, finish_reason=c.finish_reason,
@@ -231,19 +209,28 @@ class LLM:
                 owned[id(p)] = self.engine.own_params(p)
             prepared.append(self.engine.prepare(tokens, owned[id(p)], cap_at_context=True, owned=True))
         loras = self._loras(lora_request, len(token_prompts))
-        ids = []
+
+        def add(i: int, request_id: str) -> None:
+            self.engine.add_prepared(request_id, texts[i], prepared[i], priority=priority[i] if priority else 0,
+                                     lora_request=loras[i])
+
+        return self._drive(len(prepared), add, use_tqdm, "Processed prompts")
+
+    def _drive(self, count: int, add: Callable[[int, str], None], use_tqdm: ProgressBar, desc: str,
+               limit: int | None = None) -> list[RequestOutput]:
+        """Add requests 0..count-1 (`add(i, request_id)`; at most `limit` unfinished at once)
+        and step the engine until each has finished: their final outputs, in order. Interrupted,
+        every one is aborted."""
+        ids = [f"offline-{self._counter + i}" for i in range(count)]
+        self._counter += count
         finished: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm and token_prompts:
-            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(token_prompts), desc="Processed prompts")
+        bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=count, desc=desc) if use_tqdm and count else None
         try:
-            for i, (text, request) in enumerate(zip(texts, prepared)):
-                request_id = f"offline-{self._counter}"
-                self._counter += 1
-                self.engine.add_prepared(request_id, text, request, priority=priority[i] if priority else 0,
-                                         lora_request=loras[i])
-                ids.append(request_id)
-            while self.engine.has_unfinished_requests():
+            added = 0
+            while added < count or self.engine.has_unfinished_requests():
+                while added < count and (limit is None or added - len(finished) < limit):
+                    add(added, ids[added])
+                    added += 1
                 for output in self.engine.step(outputs="final"):
                     finished[output.request_id] = output
                     if bar is not None:
