@@ -2,7 +2,7 @@
 
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
-stream, n, priority, structured (what the answer was held to: json, json_object, choice or regex; a
+stream, n, beam_search (true: `use_beam_search`, n beams), priority, structured (what the answer was held to: json, json_object, choice or regex; a
 forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens,
 reasoning_tokens (those of the completion tokens spent thinking: chats on a server with
 --reasoning-parser, null otherwise), cost
@@ -43,6 +43,7 @@ class RequestRecord:
     user: str | None = None
     stream: bool = False
     n: int = 1
+    beam_search: bool = False
     priority: int = 0
     structured: str | None = None
     prompt_tokens: int = 0

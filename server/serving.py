@@ -366,6 +366,7 @@ class OpenAIServing:
             raise errors.invalid(f"priority {priority} needs a server started with --scheduling-policy priority; "
                                  "this one serves requests first come, first served", param="priority")
         record.n = params["n"]
+        record.beam_search = "beam_search" in params
         record.stream = stream
         record.prompt_tokens = sum(len(p) for p in prompts)
         job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,

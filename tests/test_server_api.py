@@ -553,7 +553,8 @@ def test_request_log_lines(server, client, model):
     assert len(lines) == before + 1
     line = lines[-1]
     assert line["request_id"] == out.id and line["user"] == "alice" and line["status"] == 200
-    expected = {"event", "request_id", "endpoint", "model", "key_id", "user", "stream", "n", "priority", "structured",
+    expected = {"event", "request_id", "endpoint", "model", "key_id", "user", "stream", "n", "beam_search", "priority",
+                "structured",
                 "prompt_tokens",
                 "cached_tokens", "completion_tokens", "reasoning_tokens", "cost", "queue_time_s", "ttft_s", "mean_itl_s", "e2e_s",
                 "finish_reason", "error_type", "status"}

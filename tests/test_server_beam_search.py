@@ -42,7 +42,7 @@ def _expected(offline: LLM, prompt_ids: list[int], **params) -> list:
     return offline.beam_search([{"prompt_token_ids": prompt_ids}], BeamSearchParams(**params))[0].sequences
 
 
-def test_completion_choices_are_the_best_sequences(client, model, offline) -> None:
+def test_completion_choices_are_the_best_sequences(client, model, offline, server) -> None:
     ids = offline.get_tokenizer().encode(PROMPT)
     expected = _expected(offline, ids, beam_width=3, max_tokens=8)
     got = client.completions.create(model=model, prompt=PROMPT, n=3, max_tokens=8, extra_body=BEAMS)
@@ -52,6 +52,10 @@ def test_completion_choices_are_the_best_sequences(client, model, offline) -> No
     assert len({c.text for c in got.choices}) == 3  # three different sequences, not one three times
     assert got.usage.prompt_tokens == len(ids)
     assert got.usage.completion_tokens == sum(len(s.tokens) - len(ids) for s in expected)
+    line = next(line for line in reversed(server.log_lines()) if line["request_id"] == got.id)
+    assert (line["beam_search"], line["n"], line["completion_tokens"]) == (True, 3, got.usage.completion_tokens)
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert next(line for line in reversed(server.log_lines()) if line["request_id"] == plain.id)["beam_search"] is False
 
 
 def test_chat_choices_whole_and_streamed(client, model, offline) -> None:
