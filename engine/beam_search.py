@@ -155,7 +155,9 @@ class BeamSearch:
             best_length = self.max_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length
             self._improvable = following[0][1].cumulative_logprob / best_length ** self.length_penalty \
                 > self.finished[-1].score
-        self.done = not following or not self._improvable or (self.early_stopping is True and self._full)
+        # One beam is greedy search to transformers: done at its first hypothesis, whatever early_stopping says.
+        self.done = not following or not self._improvable or self._full and (self.early_stopping is True
+                                                                              or self.width == 1)
         if self.done:
             self.running = []
         return following if not self.done else []

@@ -43,7 +43,7 @@ from engine.speculative import NgramProposer, SpeculativeConfig
 from engine.token_bytes import vocabulary_bytes
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
-from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
+from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig, beam_room
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +361,10 @@ class LLMEngine:
         rows = SamplingParams(max_tokens=params.max_tokens, temperature=0.0, detokenize=False)
         prompt_token_ids, _, max_tokens = self.prepare(prompt_token_ids, rows, cap_at_context=cap_at_context,
                                                        owned=True)
+        if cap_at_context:  # and at what the pool holds for every beam apart
+            cfg = self.scheduler.config
+            max_tokens = max(1, min(max_tokens, beam_room(len(prompt_token_ids), params.beam_width, cfg.num_blocks,
+                                                          cfg.block_size, cfg.enable_prefix_caching)))
         self.scheduler.check_beams_admissible(len(prompt_token_ids), max_tokens, params.beam_width)
         return prompt_token_ids, params, max_tokens
 
@@ -456,7 +460,9 @@ class LLMEngine:
             self.loras.release(request.lora_id)
 
     def _beam_output(self, group: _BeamGroup, aborted: bool = False) -> RequestOutput:
-        """The search's sequences, best first (as many as it found; none if it was aborted)."""
+        """The search's sequences, best first; aborted, its running beams as far as they got,
+        finish_reason "abort" (what it computed: usage, and what a client that left is charged),
+        or one empty sequence before its first step."""
         for request in list(group.requests):
             self._release_beam(group, request)
         group.requests = []
@@ -464,7 +470,8 @@ class LLMEngine:
         params, k = group.params, group.params.logprobs
         completions = []
         text_params = SamplingParams(skip_special_tokens=params.skip_special_tokens)
-        for index, beam in enumerate(() if aborted else group.search.best()):
+        beams = [beam for beam in group.search.running if beam.token_ids] if aborted else group.search.best()
+        for index, beam in enumerate(beams):
             shown = beam.token_ids[:-1] if beam.ended_by_token and not params.include_stop_str_in_output \
                 else beam.token_ids
             text = ""
@@ -481,10 +488,10 @@ class LLMEngine:
                             for token, logprob, top in zip(beam.token_ids, beam.token_logprobs, beam.tops)]
             completions.append(CompletionOutput(
                 index=index, text=text, token_ids=beam.token_ids, cumulative_logprob=beam.cumulative_logprob,
-                logprobs=logprobs, finish_reason="stop" if beam.ended_by_token else "length",
+                logprobs=logprobs, finish_reason="abort" if aborted else "stop" if beam.ended_by_token else "length",
                 delta_text=text, delta_token_ids=beam.token_ids, num_tokens=len(beam.token_ids),
             ))
-        if aborted:
+        if not completions:
             completions.append(CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort"))
         now = time.monotonic()
         return RequestOutput(

@@ -3,9 +3,10 @@ continuous-batching policy. Imports neither torch nor engine."""
 
 from scheduler.block_manager import BlockManager, PrefixCacheStats
 from scheduler.request import AdmissionError, Request, RequestStatus
-from scheduler.scheduler import SCHEDULING_POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, check_admissible
+from scheduler.scheduler import (SCHEDULING_POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, beam_room,
+                                 check_admissible)
 
 __all__ = [
     "SCHEDULING_POLICIES", "AdmissionError", "BlockManager", "PrefixCacheStats", "Request", "RequestStatus",
-    "ScheduledBatch", "Scheduler", "SchedulerConfig", "check_admissible",
+    "ScheduledBatch", "Scheduler", "SchedulerConfig", "beam_room", "check_admissible",
 ]

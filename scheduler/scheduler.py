@@ -142,6 +142,15 @@ def check_admissible(num_prompt_tokens: int, max_tokens: int, max_model_len: int
         )
 
 
+def beam_room(num_prompt_tokens: int, beam_width: int, num_blocks: int, block_size: int,
+              prefix_caching: bool) -> int:
+    """The most max_tokens a beam search of this width can be sure of in this pool: the
+    prompt's full blocks (shared, with prefix caching), and each beam's own blocks for the rest
+    of its sequence, as though the beams all parted."""
+    shared = num_prompt_tokens // block_size if prefix_caching else 0
+    return (shared + (num_blocks - shared) // beam_width) * block_size - num_prompt_tokens
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -174,13 +183,12 @@ class Scheduler:
         if beam_width > cfg.max_num_seqs:
             raise AdmissionError(f"beam_width {beam_width} is more than this server's max_num_seqs "
                                  f"({cfg.max_num_seqs}): every beam runs as a sequence", "beam_width_too_large")
-        shared = num_prompt_tokens // cfg.block_size if cfg.enable_prefix_caching else 0
-        own = -(-(num_prompt_tokens + max_tokens) // cfg.block_size) - shared
-        if shared + beam_width * own > cfg.num_blocks:
+        room = beam_room(num_prompt_tokens, beam_width, cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        if max_tokens > room:
             raise AdmissionError(
-                f"a beam search of width {beam_width} over {num_prompt_tokens} prompt tokens and {max_tokens} "
-                f"max_tokens may need {shared + beam_width * own} KV cache blocks, but the whole pool holds "
-                f"{cfg.num_blocks} (blocks of {cfg.block_size})", "kv_cache_too_small")
+                f"a beam search of width {beam_width} over {num_prompt_tokens} prompt tokens can be given at most "
+                f"{max(0, room)} max_tokens by this KV pool ({cfg.num_blocks} blocks of {cfg.block_size}: "
+                f"each beam may need blocks of its own), but {max_tokens} were requested", "kv_cache_too_small")
 
     def add_request(self, request: Request) -> None:
         self.check_admissible(request.num_prompt_tokens, request.max_tokens)
@@ -346,7 +354,10 @@ class Scheduler:
             # A request preempted with a token in flight waits for it: its prefill needs it.
             if (request.num_pending_tokens or sibling is not None and not (sibling.prompt_computed or sibling.finished)
                     or request in preempted  # not back in the step that preempted it
-                    or lora_blocked and (new_adapter or request.lora_id == self.draining_lora)):
+                    # a search's fork is not held back by its draining adapter: its search holds
+                    # the adapter, held, until the fork has run
+                    or lora_blocked and (new_adapter or request.lora_id == self.draining_lora
+                                         and not request.preempts_later)):
                 if new_adapter and not lora_blocked:
                     kept.add(request.lora_id)
                 skipped.append(self.waiting.popleft())

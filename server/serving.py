@@ -29,7 +29,7 @@ from engine.reasoning import Reasoning, ReasoningPhase, ReasoningSplitter
 from engine.sampling_params import SamplingParams, truncate_prompt
 from engine.structured_outputs import StructuredOutputsParams
 from engine.token_bytes import token_bytes_reader
-from scheduler import AdmissionError, check_admissible
+from scheduler import AdmissionError, beam_room, check_admissible
 from server import errors
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
@@ -208,6 +208,17 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
+def _structure_source(req: CompletionRequest | ChatCompletionRequest) -> str:
+    """The field a request's structured output came from (for an error that names it)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        return "response_format"
+    for name in ("structured_outputs", "guided_json", "guided_choice", "guided_regex"):
+        if getattr(req, name) is not None:
+            return name
+    return "tool_choice"  # required, or a named function: held to the tools' JSON
+
+
 class OpenAIServing:
     def __init__(self, config: ServerConfig, tokenizer: Any, client: EngineClient, metrics: Metrics,
                  request_logger: RequestLogger, model_name: str) -> None:
@@ -337,7 +348,7 @@ class OpenAIServing:
             ("presence_penalty", fields["presence_penalty"] != 0.0),
             ("frequency_penalty", fields["frequency_penalty"] != 0.0),
             ("repetition_penalty", req.repetition_penalty not in (None, 1.0)),
-            ("response_format", "structured_outputs" in fields),
+            (_structure_source(req), "structured_outputs" in fields),
             ("echo", isinstance(req, CompletionRequest) and bool(req.echo))) if given]
         if unfollowed:
             raise errors.invalid(f"use_beam_search does not support {unfollowed[0]}", param=unfollowed[0])
@@ -468,7 +479,11 @@ class OpenAIServing:
         text, tokens = (text if kept is tokens else None), kept
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
-            room = max(1, self.client.info.max_sequence_tokens - len(tokens))
+            info = self.client.info
+            room = max(1, info.max_sequence_tokens - len(tokens))
+            if req.use_beam_search:  # what the pool holds for every beam apart
+                room = max(1, min(room, beam_room(len(tokens), req.n or 1, info.num_blocks, info.block_size,
+                                                  self.config.engine_args.get("enable_prefix_caching", True))))
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         parallel = req.parallel_tool_calls is not False
@@ -784,6 +799,8 @@ class OpenAIServing:
         if exc.kind == "admission":
             if exc.code in ("context_length_exceeded", "kv_cache_too_small"):
                 return errors.context_length(exc.message, param=param, code=exc.code)
+            if exc.code == "beam_width_too_large":
+                param = "n"
             return errors.invalid(exc.message, param=param, code=exc.code)
         if exc.kind == "invalid":
             return errors.invalid(exc.message, param=param)

@@ -13,6 +13,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.beam_search import BeamSearch, BeamSearchParams
+from scheduler import Request, Scheduler, SchedulerConfig
 from scheduler.request import AdmissionError
 from tests.conftest import assert_engine_idle
 
@@ -83,6 +84,7 @@ def hf_model(ends_often: str):
     (3, 2.0, False, False),
     (2, 1.0, False, True),
     (1, 1.0, False, False),
+    (1, 2.0, "never", False),  # one beam is greedy search to transformers, whatever early_stopping says
     (5, -0.5, "never", False),
 ])
 def test_sequences_and_scores_are_transformers(searcher: LLM, hf_model, width: int, length_penalty: float,
@@ -215,7 +217,9 @@ def test_abort_mid_search_returns_every_block(searcher: LLM) -> None:
         engine.step()
     assert len(engine.beam_groups["search"].requests) == 4
     output = engine.abort_request("search")
-    assert output.finished and [c.finish_reason for c in output.outputs] == ["abort"]
+    # its running beams as far as they got: what it computed, and what a client that left is charged
+    assert output.finished and [c.finish_reason for c in output.outputs] == ["abort"] * 4
+    assert {len(c.token_ids) for c in output.outputs} == {4}
     assert engine.abort_request("search") is None
     assert_engine_idle(searcher)
 
@@ -226,7 +230,7 @@ def test_searches_that_cannot_run_are_refused_and_change_nothing(ends_often: str
     with pytest.raises(AdmissionError, match="max_num_seqs") as e:
         engine.add_beam_search("wide", [5, 6, 7], BeamSearchParams(beam_width=5, max_tokens=4))
     assert e.value.code == "beam_width_too_large"
-    with pytest.raises(AdmissionError, match="KV cache blocks") as e:  # 4 beams x 6 blocks of their own
+    with pytest.raises(AdmissionError, match="at most 17 max_tokens") as e:  # 4 beams x 5 blocks of their own
         engine.add_beam_search("long", [5, 6, 7], BeamSearchParams(beam_width=4, max_tokens=20))
     assert e.value.code == "kv_cache_too_small"
     with pytest.raises(TypeError, match="BeamSearchParams"):
@@ -285,3 +289,21 @@ def test_early_stopping_true_stops_at_width_hypotheses() -> None:
     following = search.step([[(9, -0.1), (5, -3.0), (6, -3.0), (7, -3.0)], [(9, -0.1), (5, -3.0), (6, -3.0), (7, -3.0)]])
     assert following == [] and search.done
     assert [b.token_ids for b in search.best()] == [[5, 9], [6, 9]]
+
+
+def test_a_fork_runs_though_its_adapter_drains() -> None:
+    """Under max_loras=1, a request of another adapter makes the running one drain; the fork of a
+    search of the draining adapter still runs (its search holds the adapter, held, until then)."""
+    scheduler = Scheduler(SchedulerConfig(max_model_len=64, num_blocks=16, block_size=4, max_num_seqs=2,
+                                          policy="priority", max_loras=1))
+    parent = Request("a-0", [1, 2, 3], 4, priority=1, lora_id=1, arrival_time=1.0)
+    scheduler.add_request(parent)
+    scheduler.advance(scheduler.schedule())
+    parent.held = True  # its search waits for the fork's logprobs
+    fork = Request("a-1", [1, 2, 3], 4, priority=1, lora_id=1, arrival_time=1.0, preempts_later=True)
+    fork.token_ids = [1, 2, 3, 9]
+    scheduler.add_request(fork)
+    scheduler.add_request(Request("b-0", [5, 6], 4, priority=0, lora_id=2, arrival_time=2.0))
+    batch = scheduler.schedule()
+    assert batch.requests == [fork]
+    assert scheduler.draining_lora == 1

@@ -18,7 +18,7 @@ BEAMS = {"use_beam_search": True}
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess("--cpu-threads", "1", "--max-n", "4", "--num-kv-blocks", "96", "--generation-config", "none",
+    with ServerProcess("--cpu-threads", "1", "--max-n", "16", "--num-kv-blocks", "96", "--generation-config", "none",
                        "--max-num-seqs", "8") as s:
         yield s
 
@@ -107,6 +107,29 @@ def test_what_a_search_does_not_follow_is_refused(client, model, server, extra: 
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=PROMPT, n=2, max_tokens=4, extra_body={**BEAMS, **extra})
     assert e.value.body["param"] == param, e.value.body
+    assert wait_for(lambda: idle(server))
+
+
+def test_a_chat_without_max_tokens_searches_as_far_as_the_pool_holds_every_beam(client, model) -> None:
+    got = client.chat.completions.create(model=model, messages=QUESTION, n=3, extra_body=BEAMS)
+    assert len(got.choices) == 3 and all(c.finish_reason in ("stop", "length") for c in got.choices)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 9, "max_tokens": 2}, "n"),  # more beams than --max-num-seqs
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "color", "parameters": {"type": "object", "properties": {}}}}]}, "tool_choice"),
+    ({"guided_choice": ["red", "blue"]}, "guided_choice"),
+])
+def test_chat_refusals_name_what_the_client_sent(client, model, server, extra: dict, param: str) -> None:
+    body = {"n": 2, "max_tokens": 4, **extra}
+    n, max_tokens = body.pop("n"), body.pop("max_tokens")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=QUESTION, n=n, max_tokens=max_tokens,
+                                       extra_body={**BEAMS, **body})
+    assert e.value.body["param"] == param, e.value.body
+    if param == "n":
+        assert e.value.body["code"] == "beam_width_too_large"
     assert wait_for(lambda: idle(server))
 
 
