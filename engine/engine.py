@@ -447,7 +447,7 @@ class LLMEngine:
                 continued.add(parent)
                 request = parents[parent]
                 self.scheduler.append_token(request, beam.token_ids[-1], now)
-                request.held = False
+                request.held, request.preempts_later = False, True
             group.requests.append(request)
         return group.search.done
 

@@ -38,8 +38,9 @@ class Request:
     # adapter's KV differs from the base model's for the same tokens, so its prefixes are kept
     # apart: a negative number of its own (never the serial of a computed prefix, which are >= 0).
     prefix_root: int | None = None
-    # A beam search's fork (engine/beam_search.py): its search waits for it, so it goes before
-    # the requests that arrived after its search, and may preempt them for a seat or blocks.
+    # A beam search's request once the search has begun (engine/beam_search.py): its search
+    # waits for it, so it goes before the requests that arrived after the search (its arrival
+    # time), and may preempt them for a seat or blocks.
     preempts_later: bool = False
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output, as far as the host knows

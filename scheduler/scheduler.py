@@ -25,10 +25,11 @@ them).
 Beam search (engine/beam_search.py): a beam's request is `held` from the step that computes its
 next token's logprobs until its search has chosen that token (it keeps its seat and blocks, and
 is not scheduled). A beam its search forks runs at once with its parent's KV (`add_fork`: the
-full blocks shared, the partial last one copied) where a seat and a block are free; else it
-waits before the requests that arrived after the search, and preempts them for a seat or blocks
-where it must: the search waits for it, held requests and all, so the earliest search always
-gets on.
+full blocks shared, the partial last one copied) where a seat and a block are free. A search's
+waiting request (a fork without that room, a beam preempted) goes before the requests that
+arrived after the search, and preempts them for a seat or blocks where it must; any waiting
+request may preempt the held requests of a later search: the search waits for it, held
+requests and all, so the earliest search always gets on.
 
 Speculative decoding: a decode may compute its `spec_token_ids` (drafts) after its last token
 in the same step, with what the running and newly admitted requests leave of the budget and
@@ -453,9 +454,9 @@ class Scheduler:
                      hits: list[int]) -> list[Request] | None:
         """Under the priority policy, the running requests of a lower priority than the waiting
         `request`, and under either policy the held requests of beam searches that sort after it
-        (for a request of a search, `Request.preempts_later`, any that sorts after it), whose preemption gives it a seat (if `need_seat`) and the blocks for
-        `num_tokens` after its `hits`: taken last in order first until they do (not the fewest
-        that would). None when they could not (then none is preempted). Requests about to
+        (for a request of a search, `Request.preempts_later`, any that sorts after it), whose
+        preemption gives it a seat (if `need_seat`) and the blocks for `num_tokens` after its
+        `hits`: taken last in order first until they do (not the fewest that would). None when they could not (then none is preempted). Requests about to
         finish by length are left: they give their room back soon anyway."""
         bm, key = self.block_manager, _order(request)
         # a lower priority; or after it, if held by a search (idle: it waits for the queue too),
