@@ -73,6 +73,26 @@ def greedy_tokens(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
     return outs
 
 
+def hf_beams(model, prompt: list[int], params, eos: list[int] | None
+             ) -> tuple[list[list[int]], list[float] | None]:
+    """transformers' beam search (`params`: engine.BeamSearchParams): each sequence's output
+    tokens (end token kept) and score."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
+                             num_beams=params.beam_width, num_return_sequences=params.beam_width, do_sample=False,
+                             length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+                             eos_token_id=eos, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    sequences = []
+    for row in out.sequences.tolist():
+        tokens = row[len(prompt):]
+        # padding after an end token (or after a shorter sequence's length)
+        end = next((i + 1 for i, t in enumerate(tokens) if eos and t in eos), None)
+        sequences.append(tokens[:end] if end is not None else tokens)
+    # one beam is greedy search to transformers, which scores nothing then
+    return sequences, out.sequences_scores.tolist() if params.beam_width > 1 else None
+
+
 def assert_engine_idle(llm) -> None:
     """Nothing of a finished workload left in the engine: every KV block free, no scheduler
     entry, block-table row, request, guide or proposer array."""

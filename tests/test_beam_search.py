@@ -15,7 +15,7 @@ from engine import LLM, SamplingParams
 from engine.beam_search import BeamSearch, BeamSearchParams
 from scheduler import Request, Scheduler, SchedulerConfig
 from scheduler.request import AdmissionError
-from tests.conftest import assert_engine_idle
+from tests.conftest import assert_engine_idle, hf_beams
 
 # In the tiny model's top 8 at about one position in ten: searches meet it often.
 FREQUENT = (43, 119)
@@ -40,25 +40,6 @@ def ends_often(tiny_checkpoints: dict[str, str], tmp_path_factory: pytest.TempPa
             with open(file, "w") as f:
                 json.dump(config, f)
     return path
-
-
-def hf_beams(model, prompt: list[int], params: BeamSearchParams, eos: list[int] | None
-             ) -> tuple[list[list[int]], list[float] | None]:
-    """transformers' beam search: each sequence's output tokens (end token kept) and score."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
-                             num_beams=params.beam_width, num_return_sequences=params.beam_width, do_sample=False,
-                             length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                             eos_token_id=eos, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    sequences = []
-    for row in out.sequences.tolist():
-        tokens = row[len(prompt):]
-        # padding after an end token (or after a shorter sequence's length)
-        end = next((i + 1 for i, t in enumerate(tokens) if eos and t in eos), None)
-        sequences.append(tokens[:end] if end is not None else tokens)
-    # one beam is greedy search to transformers, which scores nothing then
-    return sequences, out.sequences_scores.tolist() if params.beam_width > 1 else None
 
 
 def _score(tokens: list[int], cumulative_logprob: float, length_penalty: float) -> float:

@@ -554,6 +554,30 @@ def test_lora_adapters_through_cuda_graphs_match_transformers(tiny_checkpoints: 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_beam_search_through_cuda_graphs_matches_transformers(tiny_checkpoints: dict[str, str]) -> None:
+    """Beam search on the GPU: forks copy their parents' partial last blocks on the device
+    (ModelRunner.copy_blocks, outside the graphs), beams replay the decode graphs, and the
+    sequences are transformers' (fp32)."""
+    import transformers
+
+    from engine import BeamSearchParams
+    from tests.conftest import hf_beams
+
+    path = tiny_checkpoints["llama"]
+    llm = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256,
+              num_kv_blocks=96)
+    assert llm.engine.runner.cuda_graphs is not None
+    params = BeamSearchParams(beam_width=4, max_tokens=12, ignore_eos=True)
+    ps = prompts(9, 4, 5, 40)
+    outs = llm.beam_search(ps, params)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(ps, outs):
+        assert [s.tokens[len(prompt):] for s in out.sequences] == hf_beams(model, prompt, params, None)[0]
+    assert llm.engine.scheduler.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_gpu_engine_matches_transformers(tiny_checkpoints: dict[str, str], kind: str) -> None:
     """The whole GPU path (Triton attention, fused norm/rope, CUDA graphs, one-copy inputs,
