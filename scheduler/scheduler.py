@@ -456,12 +456,14 @@ class Scheduler:
         `request`, and under either policy the held requests of beam searches that sort after it
         (for a request of a search, `Request.preempts_later`, any that sorts after it), whose
         preemption gives it a seat (if `need_seat`) and the blocks for `num_tokens` after its
-        `hits`: taken last in order first until they do (not the fewest that would). None when they could not (then none is preempted). Requests about to
-        finish by length are left: they give their room back soon anyway."""
+        `hits`: taken last in order first until they do (not the fewest that would). None when
+        they could not (then none is preempted). Requests about to finish by length are left,
+        but for held ones: they give their room back soon anyway."""
         bm, key = self.block_manager, _order(request)
         # a lower priority; or after it, if held by a search (idle: it waits for the queue too),
         # or whatever it is where the request is a search's
-        lower = (r for r in reversed(self.running) if not r.done_by_length and (
+        # (one done by length gives its room back soon, unless held: its search may wait for this request)
+        lower = (r for r in reversed(self.running) if (r.held or not r.done_by_length) and (
             self.by_priority and r.priority > request.priority
             or (r.held or request.preempts_later) and _order(r) > key))
         short = bm.blocks_short(request, num_tokens, hits)

@@ -288,3 +288,29 @@ def test_a_fork_runs_though_its_adapter_drains() -> None:
     batch = scheduler.schedule()
     assert batch.requests == [fork]
     assert scheduler.draining_lora == 1
+
+
+def test_a_later_searchs_held_beams_at_their_last_token_give_way(ends_often: str) -> None:
+    """A later search's held beams whose pending token is their last still wait for their
+    search: an earlier search's beam that needs their room preempts them (a review's hang)."""
+    a = [49, 136, 283, 336, 400, 44, 435, 55, 390, 412, 74, 360, 489, 273, 216, 337, 450, 280, 234, 418, 410,
+         264, 291, 274, 99, 387, 205, 247]
+    b = [8, 472, 27, 171, 300, 181, 55, 285, 247, 153, 401, 51, 42, 471, 109, 161, 406, 403, 414, 210, 147, 288, 87]
+    first = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True, early_stopping=True, length_penalty=0.5)
+    second = BeamSearchParams(beam_width=3, max_tokens=3, ignore_eos=True, length_penalty=0.5)
+    llm = LLM(ends_often, seed=0, max_num_seqs=5, num_kv_blocks=30, block_size=2)
+    engine = llm.engine
+    engine.add_beam_search("a", a, first)
+    outputs = {o.request_id: o for o in engine.step(outputs="final")}
+    engine.add_beam_search("b", b, second)
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        outputs.update((o.request_id, o) for o in engine.step(outputs="final"))
+    assert not engine.has_unfinished_requests(), "the searches wait on each other"
+    alone = LLM(ends_often, seed=0, num_kv_blocks=512)
+    for request_id, prompt, params in (("a", a, first), ("b", b, second)):
+        expected = alone.beam_search([prompt], params)[0].sequences
+        assert [c.token_ids for c in outputs[request_id].outputs] == [s.tokens[len(prompt):] for s in expected]
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert_engine_idle(llm)
