@@ -20,6 +20,7 @@ the parent's KV (see engine/engine.py).
 from __future__ import annotations
 
 from collections.abc import Collection
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -110,7 +111,8 @@ class BeamSearchOutput:
 
 class BeamSearch:
     """One prompt's search. `step` takes the running beams' top logprobs and chooses the next
-    beams; `finished` holds the best hypotheses so far, best first."""
+    beams; `finished` holds the best hypotheses so far, best first: the search's sequences once
+    it is `done` (W of them, unless the vocabulary offered fewer candidates)."""
 
     def __init__(self, params: BeamSearchParams, end_token_ids: Collection[int], max_tokens: int) -> None:
         self.width = params.beam_width
@@ -149,7 +151,8 @@ class BeamSearch:
                 if ends(i, r):
                     self._add_hypothesis(self._extend(i, r, tops), length,
                                          ended_by_token=tops[i][r][0] in self.end_token_ids)
-        following = [(i, self._extend(i, r, tops)) for _, i, r in candidates if not ends(i, r)][:self.width]
+        going_on = (c for c in candidates if not ends(c[1], c[2]))
+        following = [(i, self._extend(i, r, tops)) for _, i, r in islice(going_on, self.width)]
         self.running = [beam for _, beam in following]
         if following and self._improvable and self._full:
             best_length = self.max_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length
@@ -172,13 +175,3 @@ class BeamSearch:
         # stable: of equal scores, the hypothesis found first stays ahead
         self.finished = sorted(self.finished + [beam], key=lambda b: -b.score)[:self.width]
 
-    def best(self) -> list[Beam]:
-        """The search's sequences, best first: its W hypotheses (a search that ran out of
-        candidates before it found W adds its running beams, scored where they stopped)."""
-        hypotheses = list(self.finished)
-        for beam in self.running:
-            if len(hypotheses) >= self.width:
-                break
-            beam.score = beam.cumulative_logprob / max(1, len(beam.token_ids)) ** self.length_penalty
-            hypotheses.append(beam)
-        return sorted(hypotheses, key=lambda b: -b.score)[:self.width]

@@ -470,7 +470,7 @@ class LLMEngine:
         params, k = group.params, group.params.logprobs
         completions = []
         text_params = SamplingParams(skip_special_tokens=params.skip_special_tokens)
-        beams = [beam for beam in group.search.running if beam.token_ids] if aborted else group.search.best()
+        beams = [beam for beam in group.search.running if beam.token_ids] if aborted else group.search.finished
         for index, beam in enumerate(beams):
             shown = beam.token_ids[:-1] if beam.ended_by_token and not params.include_stop_str_in_output \
                 else beam.token_ids

@@ -257,8 +257,7 @@ def test_the_search_step_by_step() -> None:
     assert search.step([[(1, -0.3), (2, -0.4), (3, -5.0), (4, -6.0)],
                         [(1, -0.2), (2, -5.0), (3, -6.0), (4, -7.0)]]) == []
     assert search.done
-    best = search.best()
-    assert [(b.token_ids, round(b.score, 6), b.ended_by_token) for b in best] == \
+    assert [(b.token_ids, round(b.score, 6), b.ended_by_token) for b in search.finished] == \
         [([9], -0.1, True), ([6, 8, 1], -0.95, False)]
     with pytest.raises(ValueError):
         search.step([[(1, -0.1)]])
@@ -269,7 +268,7 @@ def test_early_stopping_true_stops_at_width_hypotheses() -> None:
     search.step([[(5, -0.1), (6, -0.2), (7, -0.3), (8, -0.4)]])
     following = search.step([[(9, -0.1), (5, -3.0), (6, -3.0), (7, -3.0)], [(9, -0.1), (5, -3.0), (6, -3.0), (7, -3.0)]])
     assert following == [] and search.done
-    assert [b.token_ids for b in search.best()] == [[5, 9], [6, 9]]
+    assert [b.token_ids for b in search.finished] == [[5, 9], [6, 9]]
 
 
 def test_a_fork_runs_though_its_adapter_drains() -> None:
