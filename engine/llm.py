@@ -23,6 +23,13 @@ Message = dict[str, Any]  # {"role": ..., "content": ...}, as the OpenAI API's
 ProgressBar = bool | Callable[..., Any]  # vLLM's use_tqdm: on, off, or a tqdm-like class
 
 
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:
+    """One prompt (a text, token ids, a dict) or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
+        return [prompts]
+    return prompts
+
+
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
@@ -44,8 +51,7 @@ class LLM:
         `priority`: one per prompt, lower runs earlier (needs scheduling_policy="priority").
         `lora_request`: the LoRA adapter all prompts run with, or one per prompt (None: the
         base model; needs enable_lora=True)."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         texts, token_prompts = [], []
         for prompt in prompts:  # tokenize and check everything before anything is scheduled
             text, tokens = self._prompt(prompt)
@@ -72,8 +78,7 @@ class LLM:
         prompt order (see engine/beam_search.py for the search, transformers' `num_beams`).
         Prompts as `generate`'s; `concurrency_limit`: at most this many searches at once (all
         of them by default: continuous batching runs their beams together)."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_int(prompts[0])):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         if concurrency_limit is not None and (not is_int(concurrency_limit) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or an integer >= 1, got {concurrency_limit!r}")
         if not isinstance(params, BeamSearchParams):

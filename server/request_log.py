@@ -2,8 +2,8 @@
 
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
 request_id, endpoint, model, key_id (a hash prefix of the API key, never the key), user,
-stream, n, beam_search (true: `use_beam_search`, n beams), priority, structured (what the answer was held to: json, json_object, choice or regex; a
-forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens,
+stream, n, beam_search (true: `use_beam_search`, n beams), priority, structured (what the answer
+was held to: json, json_object, choice or regex; a forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens,
 reasoning_tokens (those of the completion tokens spent thinking: chats on a server with
 --reasoning-parser, null otherwise), cost
 (at the server's prices; null without prices), queue_time_s, ttft_s, mean_itl_s, e2e_s, finish_reason, error_type, status —
