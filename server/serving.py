@@ -359,9 +359,9 @@ class OpenAIServing:
             param = "logprobs" if isinstance(req, CompletionRequest) else "top_logprobs"
             raise errors.invalid(f"with use_beam_search, at most 2 x n ({2 * fields['n']}) logprobs per token are "
                                  f"available, got {fields['logprobs']}", param=param)
+        early_stopping = "never" if req.early_stopping == "never" else bool(req.early_stopping)
         return dict(beam_width=fields["n"], max_tokens=fields["max_tokens"], ignore_eos=fields["ignore_eos"],
-                    length_penalty=length_penalty, early_stopping=bool(req.early_stopping)
-                    if req.early_stopping != "never" else "never", logprobs=fields["logprobs"],
+                    length_penalty=length_penalty, early_stopping=early_stopping, logprobs=fields["logprobs"],
                     include_stop_str_in_output=fields["include_stop_str_in_output"],
                     skip_special_tokens=fields["skip_special_tokens"])
 
