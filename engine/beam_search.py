@@ -73,19 +73,34 @@ class BeamSearchParams:
 
 @dataclass(slots=True, eq=False)
 class Beam:
-    """A running beam or a finished hypothesis: its output tokens, their logprobs, and for each
-    token the top logprobs of its step (the logprobs of vLLM's BeamSearchSequence)."""
+    """A running beam or a finished hypothesis: its last output token, that token's logprob and
+    the top logprobs of its step (the logprobs of vLLM's BeamSearchSequence), after the beam it
+    continues. A chain, so that extending a beam copies nothing: its lists are read once, at the
+    end."""
 
-    token_ids: list[int] = field(default_factory=list)
+    parent: Beam | None = None  # None: the prompt's, before any output token
+    token: int = -1
+    logprob: float = 0.0
+    top: TopLogprobs = field(default_factory=list)
+    length: int = 0  # output tokens
     cumulative_logprob: float = 0.0
-    token_logprobs: list[float] = field(default_factory=list)
-    tops: list[TopLogprobs] = field(default_factory=list)
-    score: float = 0.0  # a hypothesis's: cumulative_logprob / len(token_ids) ** length_penalty
+    score: float = 0.0  # a hypothesis's: cumulative_logprob / length ** length_penalty
     ended_by_token: bool = False  # its last token is an end token (else it reached max_tokens)
 
     def extended(self, token: int, logprob: float, top: TopLogprobs) -> Beam:
-        return Beam(self.token_ids + [token], self.cumulative_logprob + logprob,
-                    self.token_logprobs + [logprob], self.tops + [top])
+        return Beam(self, token, logprob, top, self.length + 1, self.cumulative_logprob + logprob)
+
+    def chain(self) -> list[Beam]:
+        """The beams from its first output token to itself."""
+        chain, beam = [], self
+        while beam.parent is not None:
+            chain.append(beam)
+            beam = beam.parent
+        return chain[::-1]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [b.token for b in self.chain()]
 
 
 @dataclass(slots=True)
@@ -135,7 +150,7 @@ class BeamSearch:
         running beams, best first, each with the index of the beam it continues."""
         if self.done or len(tops) != len(self.running):
             raise ValueError(f"a step takes the top logprobs of the {len(self.running)} running beams")
-        length = len(self.running[0].token_ids) + 1
+        length = self.running[0].length + 1
         # (cumulative logprob, beam, rank in its top): ties go to the earlier beam, then the likelier token
         candidates = sorted(((beam.cumulative_logprob + lp, i, r) for i, beam in enumerate(self.running)
                              for r, (_, lp) in enumerate(tops[i])), key=lambda c: (-c[0], c[1], c[2]))

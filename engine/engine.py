@@ -428,7 +428,7 @@ class LLMEngine:
                            arrival_time=group.arrival_time, priority=group.priority, lora_id=source.lora_id,
                            prefix_root=source.prefix_root, preempts_later=True)
             group.num_requests += 1
-            fork.token_ids = source.token_ids + [beam.token_ids[-1]]
+            fork.token_ids = source.token_ids + [beam.token]
             fork.block_hashes = list(source.block_hashes)  # the same full blocks: no rehashing
             if group.lora_request is not None:
                 self.loras.acquire(group.lora_request)
@@ -446,7 +446,7 @@ class LLMEngine:
             else:
                 continued.add(parent)
                 request = parents[parent]
-                self.scheduler.append_token(request, beam.token_ids[-1], now)
+                self.scheduler.append_token(request, beam.token, now)
                 request.held, request.preempts_later = False, True
             group.requests.append(request)
         return group.search.done
@@ -470,10 +470,11 @@ class LLMEngine:
         params, k = group.params, group.params.logprobs
         completions = []
         text_params = SamplingParams(skip_special_tokens=params.skip_special_tokens)
-        beams = [beam for beam in group.search.running if beam.token_ids] if aborted else group.search.finished
+        beams = [beam for beam in group.search.running if beam.length] if aborted else group.search.finished
         for index, beam in enumerate(beams):
-            shown = beam.token_ids[:-1] if beam.ended_by_token and not params.include_stop_str_in_output \
-                else beam.token_ids
+            chain = beam.chain()
+            tokens = [b.token for b in chain]
+            shown = tokens[:-1] if beam.ended_by_token and not params.include_stop_str_in_output else tokens
             text = ""
             detokenizer = self._detokenizer(group.prompt_token_ids, text_params)
             if detokenizer is not None:
@@ -483,13 +484,13 @@ class LLMEngine:
                 text = detokenizer.text
             logprobs = None
             if k is not None:
-                logprobs = [self._logprobs_entry(token, logprob, next(i for i, (t, _) in enumerate(top, 1) if t == token),
-                                                 top[:k])
-                            for token, logprob, top in zip(beam.token_ids, beam.token_logprobs, beam.tops)]
+                logprobs = [self._logprobs_entry(b.token, b.logprob, next(i for i, (t, _) in enumerate(b.top, 1)
+                                                                          if t == b.token), b.top[:k])
+                            for b in chain]
             completions.append(CompletionOutput(
-                index=index, text=text, token_ids=beam.token_ids, cumulative_logprob=beam.cumulative_logprob,
+                index=index, text=text, token_ids=tokens, cumulative_logprob=beam.cumulative_logprob,
                 logprobs=logprobs, finish_reason="abort" if aborted else "stop" if beam.ended_by_token else "length",
-                delta_text=text, delta_token_ids=beam.token_ids, num_tokens=len(beam.token_ids),
+                delta_text=text, delta_token_ids=tokens, num_tokens=len(tokens),
             ))
         if not completions:
             completions.append(CompletionOutput(index=0, text="", token_ids=[], finish_reason="abort"))
