@@ -429,7 +429,6 @@ class LLMEngine:
                            prefix_root=source.prefix_root, preempts_later=True)
             group.num_requests += 1
             fork.token_ids = source.token_ids + [beam.token]
-            fork.block_hashes = list(source.block_hashes)  # the same full blocks: no rehashing
             if group.lora_request is not None:
                 self.loras.acquire(group.lora_request)
             self.beam_requests[fork] = group
@@ -454,6 +453,10 @@ class LLMEngine:
     def _release_beam(self, group: _BeamGroup, request: Request) -> None:
         group.num_preemptions += request.num_preemptions
         del self.beam_requests[request]
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """A finished scheduler request gives back its blocks, its block-table row, its adapter."""
         self.scheduler.finish(request)
         self.runner.release(request)
         if request.lora_id:
@@ -647,13 +650,12 @@ class LLMEngine:
         position = 0  # of a request with drafts, the position of its current row
         for j, i in enumerate(step_logits.sampling_rows):
             request = batch.requests[i]
-            beams = self.beam_requests.get(request)
-            if beams is not None:  # held until its search has chosen its next token
-                request.held = True
+            entry = self.samples.get(request)
+            if entry is None and (beams := self.beam_requests.get(request)) is not None:
+                request.held = True  # until its search has chosen its next token
                 sampling_rows.append(SamplingRow(beams.row_params, request.token_ids, request.num_prompt_tokens, None,
                                                  self.eos_token_ids, key=request))
                 continue
-            entry = self.samples.get(request)
             if entry is None or entry[1].finish_reason is not None:  # finished in that take-back: surplus
                 sampling_rows.append(SamplingRow(_SURPLUS, request.token_ids, request.num_prompt_tokens, None, []))
                 continue
@@ -889,10 +891,7 @@ class LLMEngine:
             self._num_guided -= 1
         if sample.detokenizer is not None and not sample.detokenizer.stop_reason:
             sample.detokenizer.finish()
-        self.scheduler.finish(sample.request)
-        self.runner.release(sample.request)
-        if sample.request.lora_id:
-            self.loras.release(sample.request.lora_id)
+        self._release(sample.request)
         if self.proposer is not None:
             self.proposer.forget(sample.request)
 

@@ -154,7 +154,6 @@ class BlockManager:
             self._ref(block_id)
         child.block_ids = parent.block_ids[:full]
         child.num_computed_tokens = computed
-        child.block_hashes = parent.block_hashes[:full]
         child.num_prefix_cached_blocks = parent.num_prefix_cached_blocks  # registered up to there, and no further
         child.prefix_tail_serial = parent.prefix_tail_serial
         if computed % size == 0:

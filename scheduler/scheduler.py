@@ -176,10 +176,10 @@ class Scheduler:
                          self.config.block_size)
 
     def check_beams_admissible(self, num_prompt_tokens: int, max_tokens: int, beam_width: int) -> None:
-        """Raise AdmissionError for a beam search that could never be served: every beam must
-        hold a seat, and the pool must hold the prompt's full blocks (shared) and each beam's
-        own blocks for the rest of its sequence, where the beams may all part."""
-        self.check_admissible(num_prompt_tokens, max_tokens)
+        """Beyond `check_admissible` (one sequence), raise AdmissionError for a beam search that
+        could never be served: every beam must hold a seat, and the pool must hold the prompt's
+        full blocks (shared) and each beam's own blocks for the rest of its sequence, where the
+        beams may all part."""
         cfg = self.config
         if beam_width > cfg.max_num_seqs:
             raise AdmissionError(f"beam_width {beam_width} is more than this server's max_num_seqs "
@@ -212,6 +212,7 @@ class Scheduler:
         the prefix cache and compute the rest again."""
         bm, size = self.block_manager, self.config.block_size
         computed = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)  # of the same full blocks: no rehashing
         if (parent.status is RequestStatus.RUNNING and computed == len(parent.token_ids) == len(child.token_ids) - 1
                 and len(self.running) < self.config.max_num_seqs
                 and (computed % size == 0 or bm.num_free_blocks > 0)):
@@ -459,6 +460,8 @@ class Scheduler:
         `hits`: taken last in order first until they do (not the fewest that would). None when
         they could not (then none is preempted). Requests about to finish by length are left,
         but for held ones: they give their room back soon anyway."""
+        if not (self.by_priority or request.preempts_later or self._num_held):
+            return None  # FCFS with no search's request on either side: nothing to preempt
         bm, key = self.block_manager, _order(request)
         # a lower priority; or after it, if held by a search (idle: it waits for the queue too),
         # or whatever it is where the request is a search's
