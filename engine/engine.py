@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.beam_search import Beam, BeamSearch, BeamSearchParams, TopLogprobs
+from engine.beam_search import BeamSearch, BeamSearchParams, TopLogprobs
 from engine.config import EngineConfig, ModelConfig, generation_defaults
 from engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
@@ -411,18 +411,19 @@ class LLMEngine:
         search is done (every request released)."""
         parents = group.requests
         following = group.search.step([group.tops.pop(r) for r in parents])
-        continued: set[int] = set()
-        forks: list[tuple[int, Beam]] = []
-        for parent, beam in following:
-            if parent in continued:
-                forks.append((parent, beam))
-            continued.add(parent)
+        continues: list[bool] = []  # for each next beam: it is its parent's first child
+        kept: set[int] = set()
+        for parent, _ in following:
+            continues.append(parent not in kept)
+            kept.add(parent)
         for i, request in enumerate(parents):  # their seats and blocks go to the forks first
-            if i not in continued:
+            if i not in kept:
                 self._release_beam(group, request)
-        forked: dict[int, list[Request]] = {}
+        requests = [parents[parent] for parent, _ in following]  # the forks are replaced below
         copies: list[tuple[int, int]] = []
-        for parent, beam in forks:  # from the parents' tokens before their own next one
+        for k, (parent, beam) in enumerate(following):  # forks first: from their parents' tokens before their next
+            if continues[k]:
+                continue
             source = parents[parent]
             fork = Request(f"{group.request_id}-{group.num_requests}", group.prompt_token_ids, group.max_tokens,
                            arrival_time=group.arrival_time, priority=group.priority, lora_id=source.lora_id,
@@ -435,19 +436,13 @@ class LLMEngine:
             copy = self.scheduler.add_fork(source, fork)
             if copy is not None:
                 copies.append(copy)
-            forked.setdefault(parent, []).append(fork)
+            requests[k] = fork
         self.runner.copy_blocks(copies)
-        group.requests = []
-        continued.clear()
-        for parent, beam in following:  # the search's order
-            if parent in continued:
-                request = forked[parent].pop(0)
-            else:
-                continued.add(parent)
-                request = parents[parent]
-                self.scheduler.append_token(request, beam.token, now)
-                request.held, request.preempts_later = False, True
-            group.requests.append(request)
+        for k, (_, beam) in enumerate(following):
+            if continues[k]:
+                self.scheduler.append_token(requests[k], beam.token, now)
+                requests[k].held, requests[k].preempts_later = False, True
+        group.requests = requests  # the search's order
         return group.search.done
 
     def _release_beam(self, group: _BeamGroup, request: Request) -> None:
