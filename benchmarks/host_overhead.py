@@ -91,7 +91,7 @@ def engine_without_forward(path: str, batch: int, max_len: int,
     logits = torch.randn(batch, STAND_IN_VOCAB, generator=torch.Generator().manual_seed(0))
     device = device or StandInDevice(0.0)
 
-    def execute(step_batch, all_logits_rows=(), previous=None) -> StepLogits:
+    def execute(step_batch, all_logits_rows=(), previous=None, pooling=False) -> StepLogits:
         inputs = runner.host_inputs(step_batch, previous)  # the host work a CUDA graph replay also does
         device.launch()
         return StepLogits(logits[:len(inputs.sampling_rows)], inputs.sampling_rows, {})

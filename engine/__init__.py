@@ -6,10 +6,12 @@ from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolerConfig, PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
-    "LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "RequestMetrics",
-    "RequestOutput", "SamplingParams", "StructuredOutputsParams",
+    "LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "CompletionOutput", "EmbeddingOutput",
+    "EmbeddingRequestOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "PoolerConfig",
+    "PoolingParams", "RequestMetrics", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
 ]

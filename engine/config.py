@@ -21,6 +21,11 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Base models without an LM head, as embedding models are saved (e5-mistral, gte-Qwen2): embeddings only.
+    "LlamaModel": "llama",
+    "MistralModel": "mistral",
+    "Qwen2Model": "qwen2",
+    "Qwen3Model": "qwen3",
 }
 
 # generation_config.json keys that become a request's defaults where it sets none (the model's
@@ -221,6 +226,10 @@ class EngineConfig:
     # Reasoning models (engine/reasoning.py), as vLLM's --reasoning-parser: "deepseek_r1" or
     # "qwen3". A structured output's grammar then holds the answer only once its reasoning ended.
     reasoning_parser: str | None = None
+    # Embeddings (engine/pooling.py), as vLLM's --pooler-config: {"pooling_type": "LAST" | "MEAN" |
+    # "CLS", "normalize": bool, "matryoshka_dimensions": [...] or true} (or its JSON) over what the
+    # checkpoint says (sentence-transformers modules; else the last token, normalised).
+    pooler_config: dict[str, Any] | str | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len (at most the model's positions), capped

@@ -12,6 +12,10 @@ parent's request, or forks one of its own with the parent's KV (its full blocks 
 partial last block copied; where no seat or block is free, it waits and finds them through the
 prefix cache). While a search runs, steps run one after the other (its next inputs are its choice).
 
+An embedding (engine/pooling.py) computes its prompt and samples nothing: its final hidden
+states are pooled on the device as its chunks are computed, and it gives its blocks back as soon
+as the step with its last prompt token is launched; its vector comes back with that step's tokens.
+
 With speculative decoding (engine/speculative.py) each step first proposes drafts for the
 running decodes; a decode with drafts samples one token per position it computed, and keeps
 its tokens up to the first one that differs from its draft.
@@ -36,6 +40,8 @@ from engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.pooling import (EmbeddingOutput, EmbeddingRequestOutput, PooledSum, PoolerConfig, PoolingParams,
+                            PoolingState, finish_embedding)
 from engine.reasoning import Reasoning, ReasoningGuide
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
@@ -125,6 +131,8 @@ class _Launched:
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA: the step's device span
     # the prompt logprobs this step computed, per group, on their way back (in position order)
     prompt_logprobs: list[tuple[_Group, HostCopy[list[dict[int, float]]]]] = field(default_factory=list)
+    # the embeddings this step finished, on their way back
+    embeddings: list[tuple[PoolingState, HostCopy[list[float]]]] = field(default_factory=list)
 
     def previous_tokens(self) -> PreviousTokens:
         return PreviousTokens(self.sampled.token_ids, {self.batch.requests[i]: j for j, i in enumerate(self.rows)})
@@ -203,6 +211,9 @@ class LLMEngine:
         self.samples: dict[Request, tuple[_Group, _Sample]] = {}
         self.beam_groups: dict[str, _BeamGroup] = {}
         self.beam_requests: dict[Request, _BeamGroup] = {}
+        self.pooler = PoolerConfig.for_model(path, config.pooler_config)
+        self.poolings: dict[str, PoolingState] = {}  # embeddings in flight, by request id
+        self.pooling_requests: dict[Request, PoolingState] = {}
         self.stats = StepStats()
         self.async_scheduling = config.resolve_async_scheduling(self.runner.device)
         self._in_flight: _Launched | None = None
@@ -261,14 +272,12 @@ class LLMEngine:
         the context and the KV pool allow; with cap_at_context, the offline API's rule as
         vLLM's, a larger one stops there too, finish_reason "length", where the server refuses
         it)."""
+        if not self.runner.model.has_lm_head:
+            raise ValueError("this model has no LM head (its checkpoint holds no lm_head.weight): "
+                             "it computes embeddings only")
         if not owned:
             params = self.own_params(params)
-        if params.truncate_prompt_tokens is not None:
-            prompt_token_ids = truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        prompt_token_ids = self._checked_prompt(prompt_token_ids, params.truncate_prompt_tokens)
         room = self.scheduler.max_sequence_tokens - len(prompt_token_ids)
         max_tokens = params.max_tokens
         if max_tokens is None:
@@ -279,6 +288,16 @@ class LLMEngine:
             max_tokens = room
         self.scheduler.check_admissible(len(prompt_token_ids), max_tokens)
         return prompt_token_ids, params, max_tokens
+
+    def _checked_prompt(self, prompt_token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
+        """The prompt cut to its last `truncate_prompt_tokens`; ValueError for an id out of the vocabulary."""
+        if truncate_prompt_tokens is not None:
+            prompt_token_ids = truncate_prompt(prompt_token_ids, truncate_prompt_tokens, self.max_model_len)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        return prompt_token_ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, prompt_token_ids: list[int] | None = None, *,
@@ -346,8 +365,94 @@ class LLMEngine:
         self.groups[request_id] = group
 
     def _check_new_id(self, request_id: str) -> None:
-        if request_id in self.groups or request_id in self.beam_groups:
+        if request_id in self.groups or request_id in self.beam_groups or request_id in self.poolings:
             raise ValueError(f"request id {request_id!r} is already in flight")
+
+    # ------------------------------------------------------------------ embeddings
+    def prepare_pooling(self, prompt_token_ids: list[int],
+                        params: PoolingParams | None = None) -> tuple[list[int], PoolingParams]:
+        """An embedding as it would run, or ValueError (AdmissionError) if it can't be served:
+        its prompt (cut to the last `truncate_prompt_tokens`) and params of the engine's own,
+        `normalize` resolved from the pooler config."""
+        params = PoolingParams() if params is None else params
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"pooling params must be a PoolingParams, got {type(params).__name__}")
+        params = replace(params)  # construction checks it
+        if params.normalize is None:
+            params.normalize = self.pooler.normalize
+        self.pooler.check_dimensions(params.dimensions, self.model_config.hidden_size)
+        prompt_token_ids = self._checked_prompt(prompt_token_ids, params.truncate_prompt_tokens)
+        self.scheduler.check_admissible(len(prompt_token_ids), 0)
+        return prompt_token_ids, params
+
+    def add_pooling_request(self, request_id: str, prompt: str | list[int], params: PoolingParams | None = None,
+                            arrival_time: float | None = None, *, priority: int = 0,
+                            lora_request: LoRARequest | None = None) -> None:
+        """Queue an embedding (vLLM's `LLM.embed`, one prompt): its one output, an
+        EmbeddingRequestOutput, arrives once its prompt is computed."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        prepared = self.prepare_pooling(tokens, params)
+        self.add_prepared_pooling(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time,
+                                  priority, lora_request)
+
+    def add_prepared_pooling(self, request_id: str, text: str | None, prepared: tuple[list[int], PoolingParams],
+                             arrival_time: float | None = None, priority: int = 0,
+                             lora_request: LoRARequest | None = None) -> None:
+        """Queue an embedding `prepare_pooling` returned."""
+        self._check_new_id(request_id)
+        self.check_priority(priority)
+        prompt_token_ids, params = prepared
+        lora_id, prefix_root = 0, None
+        if lora_request is not None:
+            self.add_lora(lora_request)
+            lora_id, prefix_root = lora_request.lora_int_id, self.loras.get(lora_request.lora_int_id).prefix_root
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        pooling_type = self.pooler.pooling_type
+        # The last token's hidden states need its prefix's KV only, which the prefix cache may
+        # hold; a mean or the first token's need every position computed.
+        request = Request(f"{request_id}-0", prompt_token_ids, 0, use_prefix_cache=pooling_type == "LAST",
+                          arrival_time=arrival, priority=priority, lora_id=lora_id, prefix_root=prefix_root,
+                          pooling=True)
+        self.scheduler.add_request(request)
+        if lora_request is not None:
+            self.loras.acquire(lora_request)
+        state = PoolingState(request_id, text, prompt_token_ids, params.dimensions, params.normalize, arrival,
+                             lora_request, request, PooledSum(pooling_type))
+        self.poolings[request_id] = state
+        self.pooling_requests[request] = state
+
+    def _pool(self, batch: ScheduledBatch, pooled: torch.Tensor | None,
+              pool_rows: list[int]) -> list[tuple[PoolingState, torch.Tensor]]:
+        """The embeddings whose last prompt token this step computed, on the device."""
+        if not pool_rows:
+            return []
+        done = []
+        with torch.inference_mode():
+            last = self.runner.model.final_norm(pooled)
+            for j, i in enumerate(pool_rows):
+                request = batch.requests[i]
+                state = self.pooling_requests[request]
+                vector = last[j] if state.pooled.pooling_type == "LAST" else state.pooled.result(request.num_prompt_tokens)
+                done.append((state, finish_embedding(vector, state.dimensions, state.normalize)))
+        return done
+
+    def _embedding_output(self, state: PoolingState, embedding: list[float] | None) -> EmbeddingRequestOutput:
+        """The embedding's one output (None: aborted); it leaves the engine."""
+        del self.poolings[state.request_id]
+        self.pooling_requests.pop(state.request, None)
+        now = time.monotonic()
+        r = state.request
+        return EmbeddingRequestOutput(
+            request_id=state.request_id,
+            outputs=EmbeddingOutput(embedding) if embedding is not None else None,
+            prompt_token_ids=state.prompt_token_ids,
+            prompt=state.prompt,
+            num_cached_tokens=r.num_cached_tokens,
+            metrics=RequestMetrics(arrival_time=state.arrival_time, first_scheduled_time=r.first_scheduled_time,
+                                   first_token_time=now if embedding is not None else None, finish_time=now,
+                                   num_preemptions=r.num_preemptions),
+            lora_request=state.lora_request,
+        )
 
     # ------------------------------------------------------------------ beam search
     def prepare_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams, *,
@@ -565,8 +670,13 @@ class LLMEngine:
             return None
         return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str) -> RequestOutput | EmbeddingRequestOutput | None:
         """Stop a request wherever it is; all its blocks return to the pool."""
+        pooling = self.poolings.get(request_id)
+        if pooling is not None:
+            self.pooling_requests.pop(pooling.request, None)
+            self._release(pooling.request)
+            return self._embedding_output(pooling, None)
         beams = self.beam_groups.get(request_id)
         if beams is not None:
             return self._beam_output(beams, aborted=True)
@@ -585,10 +695,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Requests in flight, or a launched step not yet taken back (its tokens are surplus
         when every request has finished, but its step still holds device memory)."""
-        return bool(self.groups) or bool(self.beam_groups) or self._in_flight is not None
+        return bool(self.groups) or bool(self.beam_groups) or bool(self.poolings) or self._in_flight is not None
 
     # ------------------------------------------------------------------- step
-    def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput]:
+    def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput | EmbeddingRequestOutput]:
         """One engine iteration, and the outputs it produced, as vLLM's RequestOutputKind:
         - "cumulative": every request that got tokens, with its whole text, tokens and logprobs
           so far, and what is new since its previous output (`delta_text`, `delta_token_ids`);
@@ -605,7 +715,7 @@ class LLMEngine:
         (the masks need those tokens); while drafts are proposed, a step is taken back at once."""
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
-        results: list[RequestOutput] = []
+        results: list[RequestOutput | EmbeddingRequestOutput] = []
         if self._in_flight is not None and self._in_sync():
             results += self._take_back(outputs)
         t0 = time.perf_counter()
@@ -628,9 +738,17 @@ class LLMEngine:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
         previous = in_flight.previous_tokens() if in_flight is not None else None
-        step_logits = self.runner.execute(batch, all_logits_rows, previous)
-        prompt_logprobs = [self._prompt_logprobs(batch.requests[i], hidden)
-                           for i, hidden in step_logits.per_position.items()]
+        step_logits = self.runner.execute(batch, all_logits_rows, previous, bool(self.poolings))
+        prompt_logprobs = []
+        for i, hidden in step_logits.per_position.items():
+            request = batch.requests[i]
+            if request.pooling:  # a mean or the first token: every position's, as they are computed
+                with torch.inference_mode():
+                    self.pooling_requests[request].pooled.add(request.num_computed_tokens,
+                                                              self.runner.model.final_norm(hidden))
+            else:
+                prompt_logprobs.append(self._prompt_logprobs(request, hidden))
+        embeddings = self._pool(batch, step_logits.pooled, step_logits.pool_rows)
         t2 = time.perf_counter()
         if in_flight is not None and self._num_guided:
             # A structured output's mask needs its last token on the host: the step in flight
@@ -684,8 +802,11 @@ class LLMEngine:
             events[1].record()
         t3 = time.perf_counter()
         self.scheduler.advance(batch)
+        for state, _ in embeddings:  # its prompt is computed: its blocks are free for the next step
+            self._release(state.request)
         launched = _Launched(batch, step_logits.sampling_rows, sampled, events,
-                             [p for p in prompt_logprobs if p is not None])
+                             [p for p in prompt_logprobs if p is not None],
+                             [(state, HostCopy(vector, torch.Tensor.tolist)) for state, vector in embeddings])
         t4 = time.perf_counter()
         if in_flight is not None:
             results += self._take_back(outputs)
@@ -704,7 +825,7 @@ class LLMEngine:
         s.sample_seconds += t3 - t_rows
         return results
 
-    def _take_back(self, outputs: OutputKind) -> list[RequestOutput]:
+    def _take_back(self, outputs: OutputKind) -> list[RequestOutput | EmbeddingRequestOutput]:
         """Wait for the launched step's tokens, and turn them into the requests' progress and outputs."""
         launched, self._in_flight = self._in_flight, None
         t0 = time.perf_counter()
@@ -757,8 +878,12 @@ class LLMEngine:
                              ranks[k] if ranks is not None else None, top[k] if top is not None else None)
             if not final_only or sample.finish_reason is not None:
                 touched[group.request_id] = group
-        results = [self._output(group, delta=outputs == "delta") for group in touched.values()
-                   if not final_only or group.finished]
+        results: list[RequestOutput | EmbeddingRequestOutput] = [
+            self._output(group, delta=outputs == "delta") for group in touched.values()
+            if not final_only or group.finished]
+        for state, copy in launched.embeddings:
+            if self.poolings.get(state.request_id) is state:  # else aborted after its step was launched
+                results.append(self._embedding_output(state, copy.result()))
         for beams in searched.values():
             if len(beams.tops) == len(beams.requests) and self._choose_beams(beams, now):
                 results.append(self._beam_output(beams))

@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
+from engine.pooling import EmbeddingRequestOutput, PoolingParams
 from engine.sampling_params import SamplingParams, is_int
 
 # A text, token ids, or vLLM's TextPrompt / TokensPrompt dicts: {"prompt": text} or
@@ -103,6 +104,43 @@ class LLM:
                                    stop_reason=c.stop_reason, lora_request=output.lora_request)
                 for c in output.outputs]))
         return results
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: ProgressBar = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's `LLM.embed`: each prompt's embedding (`outputs.embedding`, a list of floats),
+        in prompt order, pooled as the model's pooler config says (engine/pooling.py). Prompts
+        as `generate`'s; one PoolingParams for all or one per prompt; `truncate_prompt_tokens`
+        (keep the last k; -1: the context length) for those whose params set none."""
+        prompts = _prompt_list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        elif isinstance(pooling_params, Sequence) and not isinstance(pooling_params, str):
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} PoolingParams for {len(prompts)} prompts")
+        else:
+            raise TypeError(f"pooling_params must be a PoolingParams or a list of them, "
+                            f"got {type(pooling_params).__name__}")
+        texts, prepared = [], []
+        for prompt, p in zip(prompts, params):  # everything checked before anything is scheduled
+            if truncate_prompt_tokens is not None and isinstance(p, PoolingParams) and p.truncate_prompt_tokens is None:
+                p = replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
+            text, tokens = self._prompt(prompt)
+            texts.append(text)
+            prepared.append(self.engine.prepare_pooling(tokens, p))
+        loras = self._loras(lora_request, len(prepared))
+
+        def add(i: int, request_id: str) -> None:
+            self.engine.add_prepared_pooling(request_id, texts[i], prepared[i], lora_request=loras[i])
+
+        return self._drive(len(prepared), add, use_tqdm, "Embedded prompts")
 
     def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(its text if it has one, its token ids)."""
@@ -222,13 +260,13 @@ class LLM:
         return self._drive(len(prepared), add, use_tqdm, "Processed prompts")
 
     def _drive(self, count: int, add: Callable[[int, str], None], use_tqdm: ProgressBar, desc: str,
-               limit: int | None = None) -> list[RequestOutput]:
+               limit: int | None = None) -> list[Any]:
         """Add requests 0..count-1 (`add(i, request_id)`; at most `limit` unfinished at once)
         and step the engine until each has finished: their final outputs, in order. Interrupted,
         every one is aborted."""
         ids = [f"offline-{self._counter + i}" for i in range(count)]
         self._counter += count
-        finished: dict[str, RequestOutput] = {}
+        finished: dict[str, Any] = {}  # RequestOutput, EmbeddingRequestOutput
         bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=count, desc=desc) if use_tqdm and count else None
         try:
             added = 0

@@ -58,8 +58,9 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of the hidden states that sample
+    logits_indices: torch.Tensor  # rows of the hidden states that sample, then those that pool
     sampling_rows: list[int]  # for each logits row, the index of its request in the batch
+    pool_rows: list[int]  # for each pooled row after them, the index of its embedding request
 
 
 DECODE_GROUPS = 4
@@ -75,6 +76,10 @@ class StepLogits:
     # batch index → the final hidden states [n, hidden] of every position it computed (prompt
     # logprobs): their logits, a vocabulary per position, are made a slice at a time.
     per_position: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Embeddings that reached their last prompt token: its final hidden states (before the
+    # model's last norm) [len(pool_rows), hidden], and their batch indices.
+    pooled: torch.Tensor | None = None
+    pool_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -86,8 +91,9 @@ class HostInputs:
     slots: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     cu_seqlens: list[int] = field(default_factory=lambda: [0])
-    logits_indices: list[int] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)  # the sampling rows', then the pooled rows'
     sampling_rows: list[int] = field(default_factory=list)
+    pool_rows: list[int] = field(default_factory=list)
     tables: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))  # [sequences, width]
     # Input positions whose token is still on the device (async scheduling), and for each, its
     # row in the previous step's sampled ids (`previous_ids`, on the device).
@@ -178,8 +184,9 @@ class ModelRunner:
         if loras is not None:  # before the memory profile, which then counts the slots and their products
             self.lora = LoRASlots(self.model, loras, config.max_loras,
                                   max(config.max_num_batched_tokens, config.max_num_seqs), self.device, self.dtype)
-        # CUDA graphs need host-sync-free kernels: CUDA with the Triton backend only.
-        graphs = on_gpu_triton and not config.enforce_eager
+        # CUDA graphs need host-sync-free kernels: CUDA with the Triton backend only; and an LM
+        # head (a model without one computes prompts only, prefill-bound).
+        graphs = on_gpu_triton and not config.enforce_eager and self.model.has_lm_head
         self.graph_buckets = batch_buckets(config.max_num_seqs) if graphs else []
         self.graph_token_buckets = (token_buckets(config.max_num_batched_tokens)
                                     if graphs and self.cuda_graph_mode == "full" else [])
@@ -306,12 +313,15 @@ class ModelRunner:
             # A step samples a row per sequence, and with speculative decoding one per draft too.
             speculative = SpeculativeConfig.from_value(self.config.speculative_config)
             rows = min(n, self.config.max_num_seqs * (1 + (speculative.num_speculative_tokens if speculative else 0)))
-            logits = self.model.compute_logits(hidden[-rows:]).float()
-            del hidden
-            # Sampling at its most memory-hungry: a full-vocabulary sort (top-p) and logprobs.
-            worst = SamplingParams(temperature=0.7, top_p=0.9, logprobs=5)
-            Sampler()(logits, [SamplingRow(worst, [], 0, None, []) for _ in range(rows)])
-            del logits
+            if self.model.has_lm_head:
+                logits = self.model.compute_logits(hidden[-rows:]).float()
+                del hidden
+                # Sampling at its most memory-hungry: a full-vocabulary sort (top-p) and logprobs.
+                worst = SamplingParams(temperature=0.7, top_p=0.9, logprobs=5)
+                Sampler()(logits, [SamplingRow(worst, [], 0, None, []) for _ in range(rows)])
+                del logits
+            else:  # embeddings: each row's last hidden states, pooled
+                del hidden
             torch.cuda.synchronize(dev)
             step_peak = torch.cuda.max_memory_allocated(dev) - loaded.allocated - cache_bytes
             graph_reserve = 0
@@ -379,6 +389,7 @@ class ModelRunner:
         bs = self.block_size
         h = HostInputs()
         max_blocks = 0
+        pooled: list[int] = []  # the last positions of embeddings that pool this step
         lora_slot: dict[int, int] = {}
         if self.lora is not None:
             lora_slot = self.lora.slots_for({r.lora_id for r in batch.requests if r.lora_id})
@@ -416,9 +427,14 @@ class ModelRunner:
             if i >= batch.num_decodes:
                 h.cu_seqlens.append(h.cu_seqlens[-1] + n)
             if end == request.num_tokens:
-                h.logits_indices.append(len(h.input_ids) - 1)
-                h.sampling_rows.append(i)
+                if request.pooling:
+                    pooled.append(len(h.input_ids) - 1)
+                    h.pool_rows.append(i)
+                else:
+                    h.logits_indices.append(len(h.input_ids) - 1)
+                    h.sampling_rows.append(i)
             max_blocks = max(max_blocks, -(-end // bs))
+        h.logits_indices += pooled
         h.tables = self.block_tables.gather(batch.requests, max_blocks)
         return h
 
@@ -461,7 +477,7 @@ class ModelRunner:
             decode_groups=self._decode_groups(batch.num_decodes),
         )
         return StepInputs(input_ids=ids, positions=positions, meta=meta,
-                          logits_indices=logits_indices, sampling_rows=h.sampling_rows)
+                          logits_indices=logits_indices, sampling_rows=h.sampling_rows, pool_rows=h.pool_rows)
 
     def _decode_groups(self, num_decodes: int) -> tuple[int, ...]:
         """For the padded reference kernels: up to DECODE_GROUPS groups of at least
@@ -472,16 +488,17 @@ class ModelRunner:
         groups = min(DECODE_GROUPS, num_decodes // MIN_DECODE_GROUP)
         return tuple(num_decodes * (g + 1) // groups for g in range(groups))
 
-    def graph_key(self, batch: ScheduledBatch) -> GraphKey | None:
+    def graph_key(self, batch: ScheduledBatch, pooling: bool = False) -> GraphKey | None:
         """The CUDA graph that runs this step, or None (eager): a decode graph for pure decodes,
         else a mixed one for the step's token count (decodes verifying drafts are chunks there,
-        their logits rows as many as the graph keeps: max_num_seqs); every context within the
-        captured width."""
+        their logits rows as many as the graph keeps: max_num_seqs; an embedding's one-token
+        prompt too, whose hidden states the decode graph does not keep); every context within
+        the captured width. `pooling`: the batch may hold embeddings."""
         if self.cuda_graphs is None or not batch.requests:
             return None
         if max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)) > self.max_model_len:
             return None
-        if batch.num_decodes == len(batch.requests):
+        if batch.num_decodes == len(batch.requests) and not (pooling and any(r.pooling for r in batch.requests)):
             bucket = self.cuda_graphs.bucket(len(batch.requests))
             if bucket is not None:
                 return "decode", bucket
@@ -491,12 +508,11 @@ class ModelRunner:
             return None
         return "mixed", bucket
 
-    def _execute_graph(self, batch: ScheduledBatch, key: GraphKey,
-                       previous: PreviousTokens | None) -> tuple[torch.Tensor, list[int]]:
+    def _execute_graph(self, batch: ScheduledBatch, key: GraphKey, previous: PreviousTokens | None) -> StepLogits:
         h = self.host_inputs(batch, previous)
         kind, bucket = key
         n = len(batch.requests)
-        num_logits = len(h.logits_indices)
+        num_logits = len(h.sampling_rows)
         if kind == "decode":
             pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens)
             self._pad_lora_slots(h)
@@ -504,7 +520,7 @@ class ModelRunner:
             out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
             rows = out[:num_logits] if h.logits_indices == list(range(num_logits)) else out[logits_indices]
             # A copy: `out` is the graph's static memory, which the next replay overwrites.
-            return rows.to(torch.float32, copy=True), h.sampling_rows
+            return StepLogits(rows.to(torch.float32, copy=True), h.sampling_rows)
         # cu_seqlens spans every sequence, the decodes (first) as one-token ones; the graphed
         # decode kernel takes those, split as its counts say, and the prefill kernel the rest.
         nd = batch.num_decodes
@@ -520,7 +536,15 @@ class ModelRunner:
         ids, positions, slots, tables, context_lens, cu_counts, logits_indices = self._on_device(h)
         hidden = self.cuda_graphs.replay_mixed(ids, positions, slots, context_lens, tables, cu_counts[:-2],
                                                logits_indices, cu_counts[-2:])
-        return self.model.compute_logits(hidden[:num_logits]).float(), h.sampling_rows
+        pooled = hidden[num_logits:num_logits + len(h.pool_rows)].clone() if h.pool_rows else None
+        return StepLogits(self._logits(hidden[:num_logits]), h.sampling_rows, pooled=pooled, pool_rows=h.pool_rows)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of these final hidden states; none for none (a model without an LM head
+        serves embeddings alone)."""
+        if not hidden.shape[0]:
+            return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden).float()
 
     @staticmethod
     def _pad_lora_slots(h: HostInputs) -> None:
@@ -531,16 +555,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, all_logits_rows: Sequence[int] = (),
-                previous: PreviousTokens | None = None) -> StepLogits:
-        """Run the step: fp32 logits for the sampling requests, and for the requests at batch
-        indices `all_logits_rows` (prompt logprobs) the hidden states of every position computed.
-        A decode whose token is not in the host's token_ids yet takes it from `previous`."""
-        key = None if all_logits_rows else self.graph_key(batch)
+                previous: PreviousTokens | None = None, pooling: bool = False) -> StepLogits:
+        """Run the step: fp32 logits for the sampling requests, for the requests at batch
+        indices `all_logits_rows` (prompt logprobs, mean and first-token pooling) the hidden
+        states of every position computed, and for embeddings at their last prompt token, its
+        hidden states (`pooling`: the batch may hold embeddings). A decode whose token is not in
+        the host's token_ids yet takes it from `previous`."""
+        key = None if all_logits_rows else self.graph_key(batch, pooling)
         if key is not None:
-            return StepLogits(*self._execute_graph(batch, key, previous))
+            return self._execute_graph(batch, key, previous)
         inputs = self.prepare(batch, previous)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        rows = hidden[inputs.logits_indices]
+        num_logits = len(inputs.sampling_rows)
+        logits = self._logits(rows[:num_logits])
+        pooled = rows[num_logits:] if inputs.pool_rows else None
         per_position: dict[int, torch.Tensor] = {}
         if all_logits_rows:
             starts = [0]
@@ -548,4 +577,4 @@ class ModelRunner:
                 starts.append(starts[-1] + n)
             for i in all_logits_rows:
                 per_position[i] = hidden[starts[i]:starts[i + 1]]
-        return StepLogits(logits.float(), inputs.sampling_rows, per_position)
+        return StepLogits(logits, inputs.sampling_rows, per_position, pooled, inputs.pool_rows)

@@ -42,6 +42,8 @@ class Request:
     # waits for it, so it goes before the requests that arrived after the search (its arrival
     # time), and may preempt them for a seat or blocks.
     preempts_later: bool = False
+    # An embedding (engine/pooling.py): it computes its prompt and samples no token.
+    pooling: bool = False
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output, as far as the host knows
     # Sampled on the device, not yet in token_ids (async scheduling: a step is scheduled while

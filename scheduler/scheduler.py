@@ -109,11 +109,11 @@ class ScheduledBatch:
 
     def samples(self, i: int) -> bool:
         """Whether request i reaches its last known token this step (and so samples one; with
-        drafts, one per position)."""
+        drafts, one per position). An embedding samples none."""
         request = self.requests[i]
         if self.spec_token_ids and request in self.spec_token_ids:
             return True
-        return request.num_computed_tokens + self.num_tokens[i] == request.num_tokens
+        return request.num_computed_tokens + self.num_tokens[i] == request.num_tokens and not request.pooling
 
 
 @dataclass(slots=True)
@@ -128,17 +128,18 @@ def check_admissible(num_prompt_tokens: int, max_tokens: int, max_model_len: int
     total = num_prompt_tokens + max_tokens
     if num_prompt_tokens < 1:
         raise AdmissionError("the prompt must contain at least one token", "invalid_prompt")
+    # max_tokens 0: an embedding, its input alone
+    parts = f"{num_prompt_tokens} in the prompt + {max_tokens} max_tokens" if max_tokens else "all in the input"
     if total > max_model_len:
         raise AdmissionError(
-            f"this model's maximum context length is {max_model_len} tokens, but "
-            f"{total} were requested ({num_prompt_tokens} in the prompt + {max_tokens} max_tokens)",
+            f"this model's maximum context length is {max_model_len} tokens, but {total} were requested ({parts})",
             "context_length_exceeded",
         )
     pool_tokens = num_blocks * block_size
     if total > pool_tokens:
         raise AdmissionError(
-            f"the request needs {total} tokens of KV cache ({num_prompt_tokens} prompt + {max_tokens} "
-            f"max_tokens) but the whole pool holds {pool_tokens} ({num_blocks} blocks of {block_size})",
+            f"the request needs {total} tokens of KV cache ({parts}) but the whole pool holds {pool_tokens} "
+            f"({num_blocks} blocks of {block_size})",
             "kv_cache_too_small",
         )
 
@@ -500,14 +501,15 @@ class Scheduler:
     # --------------------------------------------------------------- update
     def advance(self, batch: ScheduledBatch) -> None:
         """The batch has been launched: its tokens count as computed, and each request that
-        samples has one token pending until append_token brings it."""
+        samples (any that reached its last token but an embedding) has one token pending until
+        append_token brings it."""
         bm = self.block_manager
         for request, n in zip(batch.requests, batch.num_tokens):
             if request.status is not RequestStatus.RUNNING:
                 continue
             if batch.spec_token_ids and request in batch.spec_token_ids:
                 n -= len(batch.spec_token_ids[request])  # drafts count once accepted (append_token)
-            if request.num_computed_tokens + n == request.num_tokens:
+            if request.num_computed_tokens + n == request.num_tokens and not request.pooling:
                 request.num_pending_tokens += 1
             request.num_computed_tokens += n
             bm.cache_full_blocks(request)

@@ -212,9 +212,9 @@ def test_async_scheduling_matches_sync_in_mixed_batches(default_model_dir: str, 
     overlapped: list[bool] = []  # per forward: launched while the step before it was in flight
     execute = async_llm.engine.runner.execute
 
-    def recorded_execute(batch, all_logits_rows=(), previous=None):
+    def recorded_execute(batch, all_logits_rows=(), previous=None, pooling=False):
         overlapped.append(previous is not None)
-        return execute(batch, all_logits_rows, previous)
+        return execute(batch, all_logits_rows, previous, pooling)
 
     async_llm.engine.runner.execute = recorded_execute
     assert token_ids(async_llm.generate(prompts, params, use_tqdm=False)) == expected

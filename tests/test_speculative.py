@@ -1167,9 +1167,9 @@ def test_async_scheduling_resumes_where_drafts_are_off(tiny_path: str, tiny_ref:
     steps: list[tuple[bool, bool]] = []  # (drafts in the step, launched over the previous step's tokens)
     execute = llm.engine.runner.execute
 
-    def recorded_execute(batch, all_logits_rows=(), previous=None):
+    def recorded_execute(batch, all_logits_rows=(), previous=None, pooling=False):
         steps.append((bool(batch.spec_token_ids), previous is not None))
-        return execute(batch, all_logits_rows, previous)
+        return execute(batch, all_logits_rows, previous, pooling)
 
     llm.engine.runner.execute = recorded_execute
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logit_bias={s: 50.0 for s in S})

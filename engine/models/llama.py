@@ -249,6 +249,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        # False for a checkpoint without one (an embedding model's): it serves embeddings only.
+        self.has_lm_head = True
         self.norm_rope_kernels: ModuleType | None = None
         self.linear_kernels: ModuleType | None = None
         # A tied head's packed weight: it also serves the embedding lookups, whose own weight is
@@ -312,7 +314,14 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, meta)
         return x + residual
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """forward's hidden states → the model's last hidden states (transformers'
+        `last_hidden_state`): what embeddings pool."""
+        return self.model.norm(hidden)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.has_lm_head:
+            raise RuntimeError("this model has no LM head: it computes embeddings only")
         hidden = self.model.norm(hidden)
         if self.lm_head is not None:
             return self.lm_head(hidden)
@@ -336,6 +345,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name:
                 continue
+            if not name.startswith(("model.", "lm_head.")):  # a base model's checkpoint (LlamaModel's names)
+                name = f"model.{name}"
             if name == "lm_head.weight" and self.lm_head is None:
                 tied_head = tensor  # tied: the embedding serves as the head, if they are equal
                 continue
@@ -364,6 +375,10 @@ class LlamaForCausalLM(nn.Module):
                     missing.append(name)
             elif name not in loaded:
                 missing.append(name)
+        if "lm_head.weight" in missing:  # an embedding model's checkpoint: no head
+            logger.warning("the checkpoint has no lm_head.weight: this model computes embeddings only")
+            missing.remove("lm_head.weight")
+            self.lm_head, self.has_lm_head = None, False
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
         embed = self.model.embed_tokens.weight
