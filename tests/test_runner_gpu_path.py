@@ -387,6 +387,43 @@ def test_speculative_steps_replay_the_mixed_graphs(tiny_checkpoints: dict[str, s
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
 
 
+@interpreter_only
+def test_embeddings_ride_the_mixed_graphs(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An embedding's last prompt token rides a mixed graph (its hidden states kept after the
+    sampling rows'), beside decodes; a one-token prompt among decodes takes the mixed graph,
+    not the decode graph (which keeps logits only). The vectors and tokens of the eager path."""
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    path = tiny_checkpoints["llama"]
+    embed_ps, gen_ps = prompts(6, 3, 1, 14), prompts(7, 2, 3, 8)
+    embed_ps[0] = embed_ps[0][:1]
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    args = dict(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, max_model_len=128, dtype="float32", **CPU)
+
+    def run(llm: LLM) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+        engine, outs = llm.engine, {}
+        for i, p in enumerate(gen_ps):
+            engine.add_request(f"g{i}", p, params)
+        engine.step()  # the generations' prefill: they decode beside the embeddings from here
+        for i, p in enumerate(embed_ps):
+            engine.add_pooling_request(f"e{i}", p)
+        while engine.has_unfinished_requests():
+            outs.update((o.request_id, o) for o in engine.step(outputs="final"))
+        return ({k: o.outputs.embedding for k, o in outs.items() if k[0] == "e"},
+                {k: o.outputs[0].token_ids for k, o in outs.items() if k[0] == "g"})
+
+    want_embeddings, want_tokens = run(LLM(path, **args))
+    llm = LLM(path, **args)
+    with_eager_graphs(llm, 4, tokens=[8, 16, 40])
+    have_embeddings, have_tokens = run(llm)
+    assert have_tokens == want_tokens
+    for key, want in want_embeddings.items():
+        assert torch.allclose(torch.tensor(have_embeddings[key]), torch.tensor(want), atol=1e-5)
+    steps = llm.engine.runner.replayed_steps
+    assert steps[0][0] == "mixed" and any(k == "mixed" and 0 < nd < n for k, nd, n in steps), steps
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+
+
 def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
     from scheduler import ScheduledBatch
 
@@ -412,6 +449,12 @@ def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
     # decodes verifying drafts: mixed, while their logits rows fit the graph's max_num_seqs rows
     assert runner.graph_key(ScheduledBatch([request], [3], spec_token_ids={request: [5, 6]})) == ("mixed", 8)
     assert runner.graph_key(ScheduledBatch([request], [5], spec_token_ids={request: [5, 6, 7, 8]})) is None
+    # an embedding's one-token prompt among decodes: the mixed graph keeps its hidden states
+    llm.engine.add_pooling_request("e", [9])
+    embedding = llm.engine.scheduler.waiting[0]
+    assert runner.graph_key(ScheduledBatch([request, embedding], [1, 1], num_decodes=2), pooling=True) == ("mixed", 8)
+    assert runner.graph_key(ScheduledBatch([request] * 2, [1, 1], num_decodes=2), pooling=True) == ("decode", 2)
+    llm.engine.abort_request("e")
     llm.engine.abort_request("a")
 
 
@@ -574,6 +617,36 @@ def test_beam_search_through_cuda_graphs_matches_transformers(tiny_checkpoints: 
     for prompt, out in zip(ps, outs):
         assert [s.tokens[len(prompt):] for s in out.sequences] == hf_beams(model, prompt, params, None)[0]
     assert llm.engine.scheduler.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pooling_type", ["LAST", "MEAN"])
+def test_embeddings_on_the_gpu_match_transformers(tiny_checkpoints: dict[str, str], pooling_type: str) -> None:
+    """Embeddings on the GPU beside generations (CUDA graphs, async scheduling): transformers'
+    last hidden states pooled (fp32), and no block left behind."""
+    import transformers
+
+    path = tiny_checkpoints["llama"]
+    llm = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256,
+              num_kv_blocks=96, pooler_config={"pooling_type": pooling_type})
+    assert llm.engine.runner.cuda_graphs is not None
+    engine = llm.engine
+    embed_ps = prompts(11, 6, 1, 200)
+    for i, p in enumerate(prompts(12, 4, 5, 40)):
+        engine.add_request(f"g{i}", p, SamplingParams(max_tokens=24, **GREEDY))
+    for i, p in enumerate(embed_ps):
+        engine.add_pooling_request(f"e{i}", p)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in engine.step(outputs="final"))
+    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    for i, p in enumerate(embed_ps):
+        with torch.no_grad():
+            hidden = model(torch.tensor([p])).last_hidden_state[0]
+        want = torch.nn.functional.normalize(hidden[-1] if pooling_type == "LAST" else hidden.mean(0), dim=-1)
+        assert torch.allclose(torch.tensor(outs[f"e{i}"].outputs.embedding), want, atol=1e-4)
+    assert engine.scheduler.block_manager.num_used_blocks == 0
 
 
 @pytest.mark.gpu
