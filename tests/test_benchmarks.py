@@ -227,3 +227,19 @@ def test_beam_search_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
     # past the prompt (whose prefill gives the first token), 3 beams x 4 steps for 3 x 5 sequence tokens
     assert stoke["stoke"]["computed_per_token"] == round(12 / 15, 3)
     assert stoke["per-step requests"]["computed_per_token"] > 1.0
+
+
+def test_embeddings_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
+    """benchmarks/embeddings.py at a tiny size: every case timed on the same prompts, its vectors
+    transformers' (one prompt at a time, unpadded)."""
+    from benchmarks.embeddings import CASES
+    from benchmarks.embeddings import main as embeddings_main
+
+    out = tmp_path / "embeddings.json"
+    report = embeddings_main(["--model", tiny_llama, "--num-prompts", "5", "--prompt-len", "3", "30",
+                              "--shared-prefix", "16", "--batch-size", "2", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    results = report["results"]
+    assert [r["case"] for r in results] == list(CASES)
+    assert all(_positive(r["tok_s"]) and _positive(r["seconds"]) and r["max_abs_diff"] < 1e-4 for r in results)
+    assert report["pooler"] == {"pooling_type": "LAST", "normalize": True}
