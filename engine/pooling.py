@@ -174,6 +174,8 @@ class PooledSum:
     def add(self, start: int, normed: torch.Tensor) -> None:
         """The normed hidden states of positions start.. (a chunk; a recompute after preemption
         repeats positions already included, which are skipped)."""
+        if start > self.upto:  # a mean needs every position: these requests skip the prefix cache
+            raise RuntimeError(f"positions {self.upto}..{start} were never pooled")
         skip = self.upto - start
         if skip >= normed.shape[0]:
             return
