@@ -345,6 +345,7 @@ class Scheduler:
         if self.draining_lora not in loras:  # drained: its slot is free
             self.draining_lora = 0
         kept: set[int] = set()  # adapters of requests passed over for another reason: their slots wait for them
+        computing: set[int] | None = None  # hashes of the full blocks running prefills are computing (lazily)
         lora_blocked = False  # an adapter's request found no slot: new adapters' requests behind it wait too
         while self.waiting and budget > 0:
             request = self.waiting[0]
@@ -369,6 +370,19 @@ class Scheduler:
             if no_seat and not (self.by_priority or request.preempts_later or self._num_held):
                 break
             hits = bm.match_prefix(request)
+            if cfg.enable_prefix_caching and request.use_prefix_cache:
+                # Its next block is being computed by a running prefill (requests that arrived
+                # together with one system prompt or instruction): it waits to find it cached
+                # rather than compute it again, as SGLang's in-batch prefix check.
+                if computing is None:
+                    computing = self._blocks_being_computed()
+                following = len(hits)
+                if following < (request.num_tokens - 1) // cfg.block_size and \
+                        request.block_hashes[following] in computing:
+                    if new_adapter:
+                        kept.add(request.lora_id)
+                    skipped.append(self.waiting.popleft())
+                    continue
             need = request.num_tokens - len(hits) * cfg.block_size
             is_long = need > cfg.long_prefill_token_threshold
             n = min(need, budget, cfg.long_prefill_token_threshold) if is_long else min(need, budget)
@@ -411,8 +425,19 @@ class Scheduler:
                 loras.add(request.lora_id)
             scheduled[request] = n
             budget -= n
+            if computing is not None:
+                computing.update(self._uncomputed_block_hashes(request))
         self.waiting.extendleft(reversed(skipped))
         return budget, admitted
+
+    def _uncomputed_block_hashes(self, request: Request) -> list[int]:
+        """The hashes of the request's full blocks of known tokens its KV does not hold yet."""
+        size = self.config.block_size
+        return request.block_hashes[request.num_computed_tokens // size:len(request.token_ids) // size]
+
+    def _blocks_being_computed(self) -> set[int]:
+        """The hashes of the full blocks the running prefills will compute."""
+        return {h for r in self.running if r.num_uncomputed_tokens > 1 for h in self._uncomputed_block_hashes(r)}
 
     def _insert_in_order(self, request: Request) -> None:
         """FCFS: into the queue before the first request that came after it (the front, for a

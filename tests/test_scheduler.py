@@ -575,3 +575,34 @@ def test_the_requests_own_prefix_hits_are_no_room() -> None:
     urgent = Request("urgent", shared + [60] * 8, 4, priority=0, arrival_time=2.0)
     sched.add_request(urgent)
     assert not sched.schedule().preempted and urgent.status is RequestStatus.WAITING
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_requests_that_arrive_together_compute_a_shared_prefix_once(policy: str) -> None:
+    """Requests that share a prompt prefix and arrive together: the first computes it, the others
+    wait for it in the prefix cache (as SGLang's in-batch prefix check) while requests without it
+    go on; every token of the prefix is computed once, chunked or not. Without prefix caching,
+    nobody waits."""
+    prefix = list(range(100, 164))  # 4 blocks of 16
+    for caching, budget in ((True, 256), (True, 24), (False, 256)):
+        sched = Scheduler(SchedulerConfig(max_model_len=256, num_blocks=64, block_size=16, max_num_seqs=8,
+                                          max_num_batched_tokens=budget, enable_prefix_caching=caching, policy=policy))
+        shared = [Request(f"s{i}", prefix + [200 + i] * 5, max_tokens=2) for i in range(3)]
+        other = Request("other", list(range(300, 340)), max_tokens=2)
+        for request in (shared[0], shared[1], other, shared[2]):
+            sched.add_request(request)
+        computed = 0
+        first = step(sched)
+        assert other in first.requests or budget < 64  # not held back by the requests waiting
+        computed += first.total_tokens
+        while sched.has_unfinished:
+            computed += step(sched).total_tokens
+        prompts = sum(r.num_prompt_tokens for r in (*shared, other))
+        outputs = sum(r.num_output_tokens for r in (*shared, other)) - 4  # the last tokens are never computed
+        if caching:
+            assert [r.num_cached_tokens for r in shared] == [0, 64, 64]
+            assert computed == prompts - 2 * 64 + outputs
+        else:
+            assert [r.num_cached_tokens for r in shared] == [0, 0, 0]
+            assert computed == prompts + outputs
+        assert sched.block_manager.num_free_blocks == 64
