@@ -674,8 +674,8 @@ class LLMEngine:
         """Stop a request wherever it is; all its blocks return to the pool."""
         pooling = self.poolings.get(request_id)
         if pooling is not None:
-            self.pooling_requests.pop(pooling.request, None)
-            self._release(pooling.request)
+            if not pooling.request.finished:  # else released when its last step was launched
+                self._release(pooling.request)
             return self._embedding_output(pooling, None)
         beams = self.beam_groups.get(request_id)
         if beams is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -217,4 +217,4 @@ class PoolingState:
     arrival_time: float
     lora_request: Any
     request: Any  # its scheduler Request
-    pooled: PooledSum = field(default_factory=lambda: PooledSum("LAST"))
+    pooled: PooledSum

@@ -360,3 +360,30 @@ def test_embeddings_with_lora_adapters(tiny_checkpoints: dict[str, str], tmp_pat
     (again,) = llm.embed([p], lora_request=lora, use_tqdm=False)
     assert again.num_cached_tokens == 32 and again.outputs.embedding == pytest.approx(outs[0].outputs.embedding, abs=1e-5)
     assert_no_leak(llm)
+
+
+def test_an_embedding_aborted_in_flight_gives_its_adapter_back_once(tiny_checkpoints: dict[str, str],
+                                                                     tmp_path) -> None:
+    """Async: an embedding whose last step was launched has given its blocks and its adapter
+    back; aborted before its vector is taken back, it gives nothing back twice (another
+    request's hold on the adapter stays)."""
+    from tests.lora_adapters import save_adapter
+
+    path = tiny_checkpoints["llama"]
+    lora = LoRARequest("a", 1, save_adapter(str(tmp_path / "a"), path, seed=4))
+    llm = LLM(path, num_kv_blocks=32, max_num_batched_tokens=16, async_scheduling=True, enable_lora=True,
+              max_lora_rank=8)
+    engine = llm.engine
+    short, long = prompts(13, [5, 60])
+    engine.add_pooling_request("short", short, lora_request=lora)
+    engine.add_pooling_request("long", long, lora_request=lora)
+    engine.step()  # short's whole prompt and long's first chunk, launched
+    assert engine.poolings["short"].request.finished and engine.loras.users[1] == 1
+    assert engine.abort_request("short").outputs is None
+    assert engine.loras.users[1] == 1  # long's
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step(outputs="final"))
+    assert list(finished) == ["long"] and 1 not in engine.loras.users
+    assert_close(finished["long"].outputs.embedding, pooled(hf_hidden(path, long, lora.lora_path), "LAST"))
+    assert_no_leak(llm)
