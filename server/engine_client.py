@@ -48,6 +48,10 @@ class WorkerInfo:
     block_size: int
     default_sampling: dict[str, Any]  # the generation config's: what a request leaves unset takes
     max_sequence_tokens: int  # prompt + output of the longest request admitted (context or pool)
+    hidden_size: int = 0
+    # how embeddings are pooled (engine/pooling.py's PoolerConfig fields): pooling_type,
+    # normalize, matryoshka_dimensions (the `dimensions` a request may ask for)
+    pooler: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -325,7 +329,7 @@ class EngineClient:
         if kind == "ready":
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
-                                   frame["max_sequence_tokens"])
+                                   frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"])
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

@@ -102,7 +102,8 @@ class Metrics:
                                          "Speculative decoding: draft tokens verified", registry=r)
         self.spec_accepted_tokens = Counter("stoke_spec_decode_accepted_tokens",
                                             "Speculative decoding: draft tokens accepted", registry=r)
-        self.requests = Counter("stoke_requests", "Finished completions (one per choice), by finish reason",
+        self.requests = Counter("stoke_requests", "Finished completions (one per choice) and embeddings (one per "
+                                "input), by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("stoke_request_errors", "API requests that ended in an error, by type", ["type"],
                               registry=r)
@@ -196,6 +197,8 @@ class Metrics:
         self._prompt_only.update(engine_ids)
 
     def _on_output(self, output: dict[str, Any]) -> None:
+        if "embedding" in output:
+            return self._on_embedding(output)
         engine_id = output["id"]
         prompt_only = engine_id in self._prompt_only
         new_tokens = sum(len(c["token_ids"]) for c in output["outputs"])
@@ -234,6 +237,24 @@ class Metrics:
             self.e2e.observe(max(0.0, m["finish_time"] - arrival))
         for latency in () if prompt_only else m["inter_token_latencies"]:
             self.itl.observe(latency)
+
+    def _on_embedding(self, output: dict[str, Any]) -> None:
+        """An embedding's one output, as vLLM counts a pooling request: finished "stop" once its
+        vector is computed (its prompt counted then), else "abort". It generates no token, so
+        it has no TTFT, inter-token latency or generated tokens to count."""
+        embedded = output["embedding"] is not None
+        self.requests.labels("stop" if embedded else "abort").inc()
+        self.request_prompt_tokens.observe(output["num_prompt_tokens"])
+        if not embedded:
+            return  # latency of an aborted request says nothing about the server
+        self.prompt_tokens.inc(output["num_prompt_tokens"])
+        m = output.get("metrics")
+        if m is None:
+            return
+        if m["first_scheduled_time"] is not None:
+            self.queue_time.observe(max(0.0, m["first_scheduled_time"] - m["arrival_time"]))
+        if m["finish_time"] is not None:
+            self.e2e.observe(max(0.0, m["finish_time"] - m["arrival_time"]))
 
     def on_engine_gone(self) -> None:
         """The worker died: nothing runs, waits or holds KV any more (its requests have failed),

@@ -2,11 +2,14 @@
 
 Run as ``python -m server.worker --in-fd R --out-fd W`` by server/engine_client.py. The first
 frame in is ``{"type": "init", "engine": {EngineConfig fields}}``; the worker loads the model,
-runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
+runs one warm-up step (an embedding for a model without an LM head, which computes nothing
+else) and answers ``{"type": "ready", ...}``. Then it loops:
 
     take every pending command (block only when idle)
       add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t, "priority": p,
               "lora": [name, id, path] or null}
+             params: SamplingParams fields; with "beam_search": BeamSearchParams fields (a search per
+             prompt); or {"pooling": PoolingParams fields} (an embedding per prompt)
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
       load_lora   {"call": n, "lora": [name, id, path]} → the adapter read (on the command thread:
@@ -15,6 +18,7 @@ runs one warm-up step and answers ``{"type": "ready", ...}``. Then it loops:
              {"call": n, "error": null or a message}
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
     one engine step → one frame {"outputs": [...], "stats": {...}, "batch_tokens": n}
+             (server.ipc.OUTPUT_FIELDS: a generation's news; an embedding's one output, its vector packed)
 
 Commands are read by a thread into a queue, so an abort takes effect before the next step.
 The worker ignores SIGINT/SIGTERM: the HTTP process owns shutdown (it drains first). An
@@ -35,8 +39,9 @@ from collections import Counter
 import traceback
 from typing import Any
 
+from engine.pooling import EmbeddingRequestOutput
 from server.heap import HeapPacer
-from server.ipc import FrameReader, FrameWriter, pack_logprobs
+from server.ipc import FrameReader, FrameWriter, pack_embedding, pack_logprobs
 
 logger = logging.getLogger("stoke.worker")
 
@@ -45,7 +50,9 @@ WARMUP_ID = "__stoke_warmup__"
 
 def encode_output(out: Any) -> list[Any]:
     """A RequestOutput (any output kind) as plain data (server.ipc.OUTPUT_FIELDS, in order):
-    only what is new since the previous one."""
+    only what is new since the previous one. An EmbeddingRequestOutput: `encode_embedding`."""
+    if type(out) is EmbeddingRequestOutput:
+        return encode_embedding(out)
     completions = []
     for c in out.outputs:
         n_new = len(c.delta_token_ids)
@@ -73,7 +80,23 @@ def encode_output(out: Any) -> list[Any]:
             "num_preemptions": m.num_preemptions,
         }
     return [out.request_id, out.finished, len(out.prompt_token_ids), out.num_cached_tokens, completions,
-            prompt_logprobs, metrics]
+            prompt_logprobs, metrics, None]
+
+
+def encode_embedding(out: EmbeddingRequestOutput) -> list[Any]:
+    """An embedding's one output (server.ipc.OUTPUT_FIELDS): no samples, its vector packed ("" if
+    it was aborted), and its times without a first token (it samples none: no TTFT to count)."""
+    m = out.metrics
+    metrics = None if m is None else {
+        "arrival_time": m.arrival_time,
+        "first_scheduled_time": m.first_scheduled_time,
+        "first_token_time": None,
+        "finish_time": m.finish_time,
+        "inter_token_latencies": [],
+        "num_preemptions": m.num_preemptions,
+    }
+    vector = pack_embedding(out.outputs.embedding) if out.outputs is not None else ""
+    return [out.request_id, True, len(out.prompt_token_ids), out.num_cached_tokens, [], None, metrics, vector]
 
 
 class Worker:
@@ -97,7 +120,10 @@ class Worker:
         for lora_id, (name, path) in enumerate(init.get("lora_modules") or [], 1):  # the ids serving gives them
             self.engine.add_lora(LoRARequest(name, lora_id, path), pin=True)  # served: never read again
         # One warm-up step: /ready means "a step has run", and the first user pays no warm-up.
-        self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
+        if self.engine.runner.model.has_lm_head:
+            self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
+        else:  # a checkpoint without lm_head.weight computes embeddings only
+            self.engine.add_pooling_request(WARMUP_ID, list(range(8)))
         while self.engine.has_unfinished_requests():
             self.engine.step()
         self.heap = HeapPacer()
@@ -111,6 +137,10 @@ class Worker:
             "block_size": e.scheduler.block_manager.block_size,
             "max_sequence_tokens": e.scheduler.max_sequence_tokens,
             "default_sampling": e.default_sampling,
+            # what a request's `dimensions` are checked against before it takes from its client's limits
+            "hidden_size": e.model_config.hidden_size,
+            "pooler": {"pooling_type": e.pooler.pooling_type, "normalize": e.pooler.normalize,
+                       "matryoshka_dimensions": e.pooler.matryoshka_dimensions},
             "frozen_objects": self.heap.frozen_baseline,
             "stats": self.stats(),
         })
@@ -230,7 +260,7 @@ class Worker:
             return str(exc) or type(exc).__name__
 
     def _add(self, message: dict[str, Any], frame: dict[str, Any]) -> None:
-        from engine import BeamSearchParams, LoRARequest, SamplingParams
+        from engine import BeamSearchParams, LoRARequest, PoolingParams, SamplingParams
         from scheduler import AdmissionError
 
         ids: list[str] = message["ids"]
@@ -239,7 +269,13 @@ class Worker:
             options = dict(arrival_time=message.get("arrival_time"), priority=message.get("priority", 0),
                            lora_request=lora)
             beam_search = message["params"].get("beam_search")
-            if beam_search is not None:
+            pooling = message["params"].get("pooling")
+            if pooling is not None:
+                pooling_params = PoolingParams(**pooling)
+                embeddings = [self.engine.prepare_pooling(tokens, pooling_params) for tokens in message["prompts"]]
+                for request_id, embedding in zip(ids, embeddings):
+                    self.engine.add_prepared_pooling(request_id, None, embedding, **options)
+            elif beam_search is not None:
                 beams = BeamSearchParams(**beam_search)
                 searches = [self.engine.prepare_beam_search(tokens, beams) for tokens in message["prompts"]]
                 for request_id, search in zip(ids, searches):

@@ -285,7 +285,7 @@ def test_worker_encodes_only_new_logprobs():
     assert packed[:4] == ["r", True, 2, 0] and packed[4][0][:3] == [0, "b", [6]]
     assert isinstance(packed[4][0][3], str) and packed[4][0][4:] == [2, "stop", None]  # logprobs packed
     json.dumps(packed)  # plain data
-    with pytest.raises(FrameError, match="7 fields"):
+    with pytest.raises(FrameError, match="8 fields"):
         unpack_output(packed[:6])
 
 
