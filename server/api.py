@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
 from server.config import ServerConfig
+from server.embeddings import embedding_job
 from server.engine_client import EngineClient
 from server.errors import APIError
 from server.heap import freeze_startup_heap
@@ -33,6 +34,7 @@ from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     ResponsesRequest,
     TokenizeRequest,
@@ -50,7 +52,7 @@ except importlib.metadata.PackageNotFoundError:  # run from the tree (gpu-check:
     _VERSION = "unknown"
 
 _ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions"),
-              "/v1/responses": ("resp", "responses")}
+              "/v1/responses": ("resp", "responses"), "/v1/embeddings": ("embd", "embeddings")}
 
 
 def bearer_token(request: Request) -> str | None:
@@ -288,6 +290,10 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await handle(request, body, partial(responses_job, serving, responses_store))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await handle(request, body, partial(embedding_job, serving))
 
     # A stored response (--max-stored-responses) is its client's alone: as OpenAI's, a 404 for
     # any other client, or once it is gone.

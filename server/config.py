@@ -19,7 +19,8 @@ class ServerConfig:
     log_request_text: bool = False  # put prompt and output text in the request log line
     # Caps: a request beyond one gets a 400 that names the cap.
     max_n: int = 16
-    max_prompts: int = 1024  # prompts in one completions request (each n choices: engine requests)
+    # prompts in one completions request (each n choices: engine requests), inputs in one embeddings request
+    max_prompts: int = 1024
     max_tokens_limit: int | None = None  # None: only the context length bounds max_tokens
     max_stop: int = 16
     max_logprobs: int = 20

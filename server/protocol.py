@@ -21,7 +21,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Fields pydantic types as token ids (list[int] or list[list[int]] among their forms): a list
 # of them that starts with an int holds only ints, so a 100k-token prompt is not walked.
-_TOKEN_FIELDS = frozenset({"prompt", "stop_token_ids", "tokens"})
+_TOKEN_FIELDS = frozenset({"prompt", "stop_token_ids", "tokens", "input"})
 
 
 def _has_lone_surrogate(value: Any, token_ids: bool = False) -> bool:
@@ -171,6 +171,24 @@ class ResponsesRequest(_Model):
     stop: str | list[str] | None = None
     priority: int | None = 0
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+class EmbeddingRequest(_Model):
+    """OpenAI's embeddings body (server/embeddings.py), with vLLM's extras."""
+
+    model: str | None = None
+    # Token ids before strings, as a completion's prompt (a failed list[str] is slow on 100k ids).
+    input: str | list[int] | list[list[int]] | list[str]
+    # "base64": each vector's float32 bytes (little-endian), what the openai SDK asks for unless
+    # told otherwise (it decodes them itself)
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = None  # Matryoshka models only: the vector's first this many, normalised
+    user: str | None = None
+    # vLLM's extras
+    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: max_model_len)
+    priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
+    add_special_tokens: bool | None = True
+    normalize: bool | None = None  # None: as the model's pooler config says
 
 
 class TokenizeRequest(_Model):

@@ -1,4 +1,5 @@
-"""OpenAI completions and chat completions over the engine client.
+"""OpenAI completions and chat completions over the engine client (and the jobs other APIs
+build on them: server/responses.py, server/embeddings.py).
 
 A request is validated and turned into a Job (token-id prompts + SamplingParams fields), handed
 to the worker, and its outputs are turned into OpenAI responses — one JSON body, or SSE chunks
@@ -9,6 +10,7 @@ away (streaming or not) aborts its engine requests at once, so their KV blocks a
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
@@ -36,7 +38,8 @@ from server.engine_client import EngineClient, EngineDeadError, EngineRejected, 
 from server.errors import APIError
 from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                             TokenizeRequest)
 from server.request_log import RequestLogger, RequestRecord
 from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
 
@@ -78,7 +81,7 @@ class Choice:
 
 @dataclass(slots=True)
 class Job:
-    kind: str  # "completion" | "chat"
+    kind: str  # "completion" | "chat" | "embedding"
     request_id: str
     model: str
     created: int
@@ -121,8 +124,11 @@ class Job:
     reasoning_opening: str | None = None
     include_reasoning: bool = True
     # renders the answer for another API than the kind's (server/responses.py: OpenAI's
-    # Responses API over a chat): its `body(...)` and `stream(...)` replace the chat's
+    # Responses API over a chat; server/embeddings.py): its `body(...)` (a dict, or a Response,
+    # or an awaitable of either) and `stream(...)` replace the chat's
     renderer: Any = None
+    # an embedding: prompt index → its vector, packed (server/ipc.py), None if it was aborted
+    embeddings: dict[int, str | None] = field(default_factory=dict)
 
 
 class SSEResponse(StreamingResponse):
@@ -372,18 +378,27 @@ class OpenAIServing:
         if req.stream_options is not None and not stream:  # as OpenAI and vLLM
             raise errors.invalid("stream_options is only allowed with stream: true", param="stream_options")
         include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
-        priority = record.priority  # chat_job / completion_job set it first: logged, refused or not
+        job = self.new_job(kind, record, arrival, prompts, prompt_texts, params, stream=stream,
+                           include_usage=include_usage, echo=echo, logprobs=logprobs)
+        job.continuous_usage = include_usage and bool(req.stream_options.continuous_usage_stats)
+        return job
+
+    def new_job(self, kind: str, record: RequestRecord, arrival: float, prompts: list[list[int]],
+                prompt_texts: list[str | None], params: dict[str, Any], *, stream: bool = False,
+                include_usage: bool = False, echo: bool = False, logprobs: int | None = None) -> Job:
+        """A checked request's Job (its priority allowed by the server), its record filled in."""
+        priority = record.priority  # the job builders set it first: logged, refused or not
         if priority and self.config.engine_args.get("scheduling_policy", "fcfs") != "priority":  # as vLLM
             raise errors.invalid(f"priority {priority} needs a server started with --scheduling-policy priority; "
                                  "this one serves requests first come, first served", param="priority")
-        record.n = params["n"]
+        n = params.get("n", 1)
+        record.n = n
         record.beam_search = "beam_search" in params
         record.stream = stream
         record.prompt_tokens = sum(len(p) for p in prompts)
         job = Job(kind, record.request_id, record.model or self.model_name, int(time.time()), arrival, prompts,
-                  prompt_texts, params, params["n"], stream, include_usage, echo, logprobs, record,
+                  prompt_texts, params, n, stream, include_usage, echo, logprobs, record,
                   lora=self.loras.get(record.model))
-        job.continuous_usage = include_usage and bool(req.stream_options.continuous_usage_stats)
         if self.request_logger.log_text:  # what the model sees: a truncated or token-id prompt decoded
             texts = [self._prompt_text(job, i) for i in range(len(prompts))]
             record.prompt = texts[0] if len(texts) == 1 else texts
@@ -392,7 +407,8 @@ class OpenAIServing:
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return (await self._encode_all([text], add_special_tokens))[0]
 
-    async def _encode_all(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    async def _encode_all(self, texts: list[str], add_special_tokens: bool = True,
+                          param: str = "prompt") -> list[list[int]]:
         """Token ids of prompts. Long texts (together) are tokenized on the tokenizer thread:
         ~12 ms for 8k tokens, which on the event loop would stall every stream for as long
         (the tokenizer releases the GIL); a thousand short prompts inline stalled it 1.5 s.
@@ -401,7 +417,7 @@ class OpenAIServing:
         if not texts:
             return []
         if self.tokenizer is None:
-            raise errors.invalid("this model has no tokenizer: send prompts as token ids", param="prompt")
+            raise errors.invalid(f"this model has no tokenizer: send {param} as token ids", param=param)
 
         def encode() -> list[list[int]]:
             return [self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
@@ -410,7 +426,38 @@ class OpenAIServing:
             return encode()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode)
 
-    def _truncated(self, req: CompletionRequest | ChatCompletionRequest, tokens: list[int]) -> list[int]:
+    def prompt_list(self, prompt: str | list[int] | list[list[int]] | list[str],
+                    param: str = "prompt") -> list[str | list[int]]:
+        """A request's prompts (a text, token ids, or a list of either), at most --max-prompts
+        of them; a 400 naming `param` for none or too many."""
+        if isinstance(prompt, str):
+            raw: list[str | list[int]] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            raw = [list(prompt)]  # type: ignore[list-item]
+        else:
+            raw = list(prompt)  # type: ignore[arg-type]
+        if not raw:
+            raise errors.invalid(f"{param} must not be empty", param=param)
+        if len(raw) > self.config.max_prompts:  # before any is tokenized: a 4 MiB body lists a million
+            raise errors.invalid(f"at most {self.config.max_prompts} {param}s per request are allowed on this "
+                                 f"server, got {len(raw)}", param=param)
+        return raw
+
+    async def prompt_ids(self, req: CompletionRequest | EmbeddingRequest, raw: list[str | list[int]], add_special_tokens: bool = True,
+                         param: str = "prompt") -> tuple[list[list[int]], list[str | None]]:
+        """`prompt_list`'s prompts as token ids, each cut to the request's truncate_prompt_tokens,
+        and their texts (None where the model sees something else: decoded when needed)."""
+        encoded = iter(await self._encode_all([p for p in raw if isinstance(p, str)], add_special_tokens, param))
+        prompts, texts = [], []
+        for p in raw:
+            tokens = next(encoded) if isinstance(p, str) else list(p)
+            kept = self._truncated(req, tokens)
+            prompts.append(kept)
+            texts.append(p if isinstance(p, str) and kept is tokens else None)
+        return prompts, texts
+
+    def _truncated(self, req: CompletionRequest | ChatCompletionRequest | EmbeddingRequest,
+                   tokens: list[int]) -> list[int]:
         """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len), the
         same list when it is no longer."""
         if req.truncate_prompt_tokens is None:
@@ -427,18 +474,7 @@ class OpenAIServing:
             raise errors.unsupported("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise errors.unsupported("best_of is not supported (use n)", param="best_of")
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            raw: list[str | list[int]] = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            raw = [list(prompt)]  # type: ignore[list-item]
-        else:
-            raw = list(prompt)  # type: ignore[arg-type]
-        if not raw:
-            raise errors.invalid("prompt must not be empty", param="prompt")
-        if len(raw) > self.config.max_prompts:  # before any is tokenized: a 4 MiB body lists a million
-            raise errors.invalid(f"at most {self.config.max_prompts} prompts per request are allowed on this "
-                                 f"server, got {len(raw)}", param="prompt")
+        raw = self.prompt_list(req.prompt)
         max_tokens = self._default_max_tokens(16) if req.max_tokens is None else req.max_tokens
         echo_only = bool(req.echo) and max_tokens == 0
         if max_tokens == 0 and not echo_only:
@@ -448,13 +484,7 @@ class OpenAIServing:
         record.structured = structured.kind if structured is not None else None
         params = self._sampling_fields(req, 1 if echo_only else max_tokens, req.logprobs,  # caps before tokenizing
                                        structured)
-        encoded = iter(await self._encode_all([p for p in raw if isinstance(p, str)]))
-        prompts, texts = [], []
-        for p in raw:
-            tokens = next(encoded) if isinstance(p, str) else list(p)
-            kept = self._truncated(req, tokens)
-            prompts.append(kept)
-            texts.append(p if isinstance(p, str) and kept is tokens else None)  # None: decoded when echoed
+        prompts, texts = await self.prompt_ids(req, raw)  # a text None: decoded when echoed
         if req.echo and req.logprobs is not None:
             params["prompt_logprobs"] = req.logprobs
         job = self._job("completion", req, record, arrival, prompts, texts, params, bool(req.echo), req.logprobs)
@@ -730,16 +760,15 @@ class OpenAIServing:
         if job.lora is not None and self.loras.get(job.model) is not job.lora:  # unloaded since it was checked
             raise errors.model_not_found(job.model)
         info = self.client.info
+        max_tokens = job.params.get("max_tokens", 0)  # an embedding's: none, its input alone
         for prompt in job.prompts:  # one that can never run is a 400, not a 429 of its client's limits
             try:
-                check_admissible(len(prompt), job.params["max_tokens"], info.max_model_len, info.num_blocks,
-                                 info.block_size)
+                check_admissible(len(prompt), max_tokens, info.max_model_len, info.num_blocks, info.block_size)
             except AdmissionError as exc:
                 raise self._rejected(job, EngineRejected("admission", exc.code, str(exc))) from None
         # Without API keys every client is one: a bearer token nobody checks is no identity.
         client = record.key_id or "" if self.config.api_keys else ""
-        record._reservation = self.limits.admit(client, record.prompt_tokens,
-                                                len(job.prompts) * job.n * job.params["max_tokens"])
+        record._reservation = self.limits.admit(client, record.prompt_tokens, len(job.prompts) * job.n * max_tokens)
         self.in_flight += 1
         released = False
 
@@ -900,6 +929,9 @@ class OpenAIServing:
                 cached: dict[int, int]) -> list[tuple[Choice, dict[str, Any]]]:
         """Fold one output frame into the choices; returns (choice, its delta) pairs."""
         cached[index] = output["num_cached_tokens"]
+        if "embedding" in output:  # an embedding's one output: its vector, or its abort
+            job.embeddings[index] = output["embedding"]
+            choices[index].finish_reason = "abort" if output["embedding"] is None else "stop"
         if job.record.ttft_s is None and not job.echo_only and any(c["token_ids"] for c in output["outputs"]):
             # When this process got the first token: the engine's own timestamp replaces it when
             # the request finishes; an aborted request (the client left) keeps it.
@@ -945,7 +977,7 @@ class OpenAIServing:
     def _summarize(self, job: Job, choices: list[Choice]) -> None:
         reasons = sorted({c.finish_reason for c in choices if c.finish_reason})
         job.record.finish_reason = ",".join(reasons) or None
-        if self.request_logger.log_text:
+        if self.request_logger.log_text and job.kind != "embedding":  # an embedding's output is no text
             outputs = ["".join(c.text) for c in choices]
             job.record.output = outputs[0] if len(outputs) == 1 else outputs
 
@@ -991,8 +1023,10 @@ class OpenAIServing:
             body = self._completion_body(job, choices, usage) if job.kind == "completion" \
                 else self._chat_body(job, choices, usage) if job.renderer is None \
                 else job.renderer.body(self, job, choices, usage)
+            if inspect.isawaitable(body):  # rendered off the event loop (a long one)
+                body = await body
             self.finish(job.record)
-            return JSONResponse(body)
+            return body if isinstance(body, Response) else JSONResponse(body)
         if watcher in done:  # the client is gone: nobody reads this response
             self.finish(job.record, status=499, error_type="aborted")
             return Response(status_code=499)

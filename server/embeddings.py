@@ -1,0 +1,97 @@
+"""OpenAI's embeddings (`POST /v1/embeddings`), as vLLM serves them: each input one engine
+request (engine/pooling.py) whose one output is its vector, run as a completion's prompts are
+(server/serving.py: the same checks, limits, timeout, aborts and log line; no tokens are
+generated, so no completion tokens are reserved, charged or counted).
+
+The worker packs each vector as little-endian float32 in base64 (server/ipc.py), which is what
+the `base64` encoding_format sends: the openai SDK asks for it unless told otherwise and
+decodes it itself, so that costs the HTTP process nothing. `float` sends JSON numbers, the
+float32 values exactly (a float's shortest repr); a body of many of them is rendered off the
+event loop, a vector at a time, as a long chat is (JSON numbers cost ~0.6 µs each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.responses import Response
+
+from engine.pooling import PoolerConfig, PoolingParams
+from server import errors
+from server.errors import APIError
+from server.ipc import unpack_embedding
+from server.protocol import EmbeddingRequest
+from server.request_log import RequestRecord
+from server.serving import Choice, Job, OpenAIServing, _dumps
+
+# A float body of more numbers than this (~5 ms of JSON) is rendered on the tokenizer thread.
+RENDER_INLINE_FLOATS = 8192
+
+
+async def embedding_job(serving: OpenAIServing, req: EmbeddingRequest, record: RequestRecord,
+                        arrival: float) -> Job:
+    """A Job for an embeddings request: one prompt per input, every one checked before any is
+    queued; its params are the worker's pooling params."""
+    record.priority = req.priority or 0  # logged, refused or not
+    record.model = serving.check_model(req.model)
+    raw = serving.prompt_list(req.input, "input")
+    for i, p in enumerate(raw):
+        if not p:
+            raise errors.invalid("input must not be empty" if len(raw) == 1 else f"input.{i} must not be empty",
+                                 param="input")
+    try:
+        params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
+    except ValueError as exc:
+        raise errors.invalid(str(exc), param=str(exc).split(" ", 1)[0]) from None
+    info = serving.client.info
+    pooler = PoolerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.pooler.items()})
+    try:  # the engine's own rules, before the request takes from its client's limits
+        pooler.check_dimensions(params.dimensions, info.hidden_size)
+    except ValueError as exc:
+        raise errors.invalid(str(exc), param="dimensions") from None
+    add_special_tokens = req.add_special_tokens is not False
+    prompts, texts = await serving.prompt_ids(req, raw, add_special_tokens, "input")
+    pooling = {"dimensions": params.dimensions, "normalize": params.normalize}
+    job = serving.new_job("embedding", record, arrival, prompts, texts, {"pooling": pooling})
+    job.renderer = EmbeddingRenderer(req.encoding_format or "float")
+    return job
+
+
+class EmbeddingRenderer:
+    """An embeddings request's response: OpenAI's list of vectors, in input order."""
+
+    def __init__(self, encoding_format: str) -> None:
+        self.encoding_format = encoding_format
+
+    @staticmethod
+    def renamed(exc: APIError) -> APIError:
+        """The engine's refusal of a prompt as this API names it: `input`."""
+        if exc.param == "prompt":
+            exc.param = "input"
+        return exc
+
+    def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> Any:
+        """The response (JSON text, built here: the vectors are the bulk of it); an awaitable
+        of it where its floats are many."""
+        vectors = [job.embeddings.get(i) for i in range(len(job.prompts))]
+        if any(v is None for v in vectors):  # every input's output came, none aborted: never
+            raise RuntimeError(f"{job.request_id}: an embedding is missing from a finished request")
+        head = _dumps({"id": job.request_id, "object": "list", "created": job.created, "model": job.model})
+        tail = _dumps({"usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}})
+
+        def render() -> Response:
+            items = ",".join(f'{{"object":"embedding","index":{i},"embedding":{self._vector(v)}}}'
+                             for i, v in enumerate(vectors))
+            return Response(f'{head[:-1]},"data":[{items}],{tail[1:]}', media_type="application/json")
+
+        floats = sum(len(v) for v in vectors) * 3 // 16  # base64: 4 digits per 3 bytes; 4 bytes a float
+        if self.encoding_format == "base64" or floats <= RENDER_INLINE_FLOATS:
+            return render()
+        # json.dumps holds the GIL for one vector's numbers at a time (~2.5 ms for 4,096), and the
+        # event loop gets it back between vectors
+        return asyncio.get_running_loop().run_in_executor(serving._tokenizer_thread, render)
+
+    def _vector(self, packed: str) -> str:
+        """One vector's JSON: its packed bytes as they came (base64), or its floats."""
+        return f'"{packed}"' if self.encoding_format == "base64" else _dumps(unpack_embedding(packed))
