@@ -55,6 +55,18 @@ def speculative_config(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def pooler_config(text: str) -> dict[str, Any]:
+    """A --pooler-config value: a JSON object (its keys are checked against the model, once it is
+    known, by `main`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'a JSON object, e.g. \'{{"pooling_type": "MEAN"}}\', got {text!r}')
+    return value
+
+
 def lora_module(text: str) -> tuple[str, str]:
     """A --lora-modules value: name=path, or vLLM's JSON {"name": ..., "path": ...}."""
     text = text.strip()
@@ -165,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='speculative decoding by prompt lookup, as vLLM\'s: \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (while drafts '
                         'are proposed, steps run without async scheduling; default: off)')
+    e.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",
+                   help='how /v1/embeddings pools the model\'s hidden states, as vLLM\'s: \'{"pooling_type": "MEAN", '
+                        '"normalize": true}\' (LAST, MEAN or CLS; "matryoshka_dimensions": [...] or true lets requests '
+                        'ask for fewer dimensions) over what the checkpoint says (sentence-transformers modules; '
+                        'default: the last token, normalised)')
     e.add_argument("--generation-config", default="auto",
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
@@ -191,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) a request may ask for (default: "
                                                                    "%(default)s)")
     limits.add_argument("--max-prompts", type=int, default=d.max_prompts,
-                        help="prompts one completions request may list (each runs n choices) (default: "
-                             "%(default)s)")
+                        help="prompts one completions request may list (each runs n choices), or inputs one "
+                             "embeddings request may (default: %(default)s)")
     limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                         help="the largest max_tokens (default: none, the context bounds it)")
     limits.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings, and stop token ids, per request "
@@ -245,6 +262,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
         "speculative_config": args.speculative_config, "reasoning_parser": args.reasoning_parser,
+        "pooler_config": args.pooler_config,
         "enable_lora": args.enable_lora, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
         # The served adapters stay in memory by default: one read from disk would stall every step.
         "max_cpu_loras": args.max_cpu_loras if args.max_cpu_loras is not None
@@ -326,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         generation_defaults(config.engine_args["generation_config"], model_path)
     except (OSError, ValueError) as exc:
         logger.error("bad --generation-config: %s", exc)
+        return 2
+    from engine.pooling import PoolerConfig
+
+    try:  # the checkpoint's own (sentence-transformers modules) too: the worker would refuse it
+        PoolerConfig.for_model(model_path, config.engine_args["pooler_config"])
+    except (OSError, ValueError, TypeError) as exc:
+        logger.error("bad --pooler-config (or the checkpoint's pooling): %s", exc)
         return 2
     if config.lora_modules:
         error = check_lora_modules(config, model_path)
