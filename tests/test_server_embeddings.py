@@ -118,6 +118,7 @@ def test_truncate_and_add_special_tokens(client, model, offline):
     ({"input": ["hi", ""]}, "input", "invalid_value"),
     ({"input": [[5, 6], [1, 2, 10 ** 6]]}, "input", "invalid_value"),  # a token id past the vocabulary
     ({"input": [[5, 6], list(range(MAX_MODEL_LEN + 1))]}, "input", "context_length_exceeded"),
+    ({"input": [[5]] * 1025}, "input", "invalid_value"),  # past --max-prompts (1,024)
     ({"input": "hi", "encoding_format": "bf16"}, "encoding_format", "invalid_type"),
     ({"input": "hi", "extra_body": {"priority": 1}}, "priority", "invalid_value"),  # first come, first served
 ])
