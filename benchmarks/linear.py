@@ -5,8 +5,10 @@ weight packed once) on a model's shapes, for the row counts of decode and prefil
     python -m benchmarks.linear --model DIR --rows 1 8 32 --threads 1
 
 Both run in the same process on the same inputs, timed by benchmarks.kernels.Timer (the median
-of `--iters` calls after a warm-up); the table shows GFLOP/s and C / torch. This is what decided that the engine's CPU backend runs
-every projection in C (where the weight is packed once) rather than torch's BLAS.
+of `--iters` calls after a warm-up); the table shows GFLOP/s and C / torch. This is what decided
+where the engine's CPU backend runs a projection in C (where the weight is packed once) rather
+than in torch's BLAS: at every row count on an AVX2 CPU, below `cpu_ops.BLAS_MIN_ROWS` where the
+CPU has AVX-512 (the report says which the CPU has).
 """
 
 from __future__ import annotations
@@ -40,11 +42,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = ModelConfig.from_dir(args.model)
     gen = torch.Generator().manual_seed(0)
     timer = Timer(torch.device("cpu"), args.iters, warmup=2)
+    blas_min_rows, cpu_ops.BLAS_MIN_ROWS = cpu_ops.BLAS_MIN_ROWS, None  # the C product itself at every row count
+    try:
+        rows = _measure(cpu_ops, model_shapes(config), args.rows, timer, gen)
+    finally:
+        cpu_ops.BLAS_MIN_ROWS = blas_min_rows
+    return {"model": args.model, "threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "blas_min_rows": blas_min_rows, "rows": rows}
+
+
+def _measure(cpu_ops: Any, shapes: dict[str, tuple[int, int]], row_counts: list[int], timer: Timer,
+             gen: torch.Generator) -> list[dict[str, Any]]:
     rows = []
-    for name, (k, n) in model_shapes(config).items():
+    for name, (k, n) in shapes.items():
         weight = torch.randn(n, k, generator=gen) / k**0.5
         packed = cpu_ops.pack_linear_weight(weight)
-        for m in args.rows:
+        for m in row_counts:
             x = torch.randn(m, k, generator=gen)
             flops = 2.0 * m * k * n
             torch_s = timer(lambda: F.linear(x, weight)) / 1e3
@@ -54,13 +67,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "c_gflops": flops / c_s / 1e9, "c_over_torch": torch_s / c_s, "max_abs_diff": diff})
             print(f"{name:>8} m={m:<5} torch {flops / torch_s / 1e9:6.1f}  C {flops / c_s / 1e9:6.1f} GFLOP/s  "
                   f"C/torch {torch_s / c_s:5.2f}x", flush=True)
-    return {"model": args.model, "threads": args.threads, "rows": rows}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint dir for the shapes (default: embedded default)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512, 2048])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=50, help="timed calls per shape and row count (median)")
     p.add_argument("--out", default="results/linear.json")

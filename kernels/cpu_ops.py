@@ -12,8 +12,11 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
 - The projections: the BLAS repacks the weight on every call, as much memory traffic as the
   product itself when a decode step has few rows. `pack_linear_weight` packs each weight once
   at load (the packed copy replaces it), and `linear` runs the product over the packed panels
-  in C (csrc/linear.c), at every row count: on this project's AVX2 machine it beat torch's
-  BLAS from 1 row (2-4x) to 2048 (1.1-1.2x); see benchmarks/linear.py.
+  in C (csrc/linear.c): on this project's AVX2 machine it beat torch's BLAS from 1 row (2-4x)
+  to 2048 (1.1-1.2x); see benchmarks/linear.py. Its tile is 8 floats wide: where the CPU has
+  AVX-512, torch's BLAS runs 16 and wins at prefill's row counts (1.7-2x from 256 rows on a
+  2-core Xeon), so there a product of `BLAS_MIN_ROWS` rows or more runs the BLAS over the
+  weight unpacked for the call (3% of the product's time at 2048 rows).
 
 The C code serves fp32 tensors on the CPU (attention: head dims that are multiples of 8 up to
 256); anything else goes to the torch reference. Importing this module builds the library, or
@@ -210,12 +213,19 @@ def embedding_from_packed(packed: torch.Tensor, ids: torch.Tensor, k: int) -> to
     return packed.view(-1, k, 16)[ids // 16, :, ids % 16]
 
 
+# Rows from which torch's BLAS takes a product (see the module docstring); None: never.
+BLAS_MIN_ROWS: int | None = 256 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else None
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """F.linear(x, weight, bias) for x `[M, K]`, with the `[n, K]` weight given packed
-    (pack_linear_weight): in C for fp32 rows, else torch over the unpacked weight."""
+    (pack_linear_weight): in C for fp32 rows (fewer than BLAS_MIN_ROWS), else torch over the
+    unpacked weight."""
     k = x.shape[-1]
-    if not (_rows(x) and k > 0 and _fp32_cpu(packed) and packed.is_contiguous()
-            and packed.numel() == -(-n // 16) * 16 * k and (bias is None or (_fp32_cpu(bias) and bias.numel() == n))):
+    in_c = (_rows(x) and k > 0 and _fp32_cpu(packed) and packed.is_contiguous()
+            and packed.numel() == -(-n // 16) * 16 * k and (bias is None or (_fp32_cpu(bias) and bias.numel() == n))
+            and (BLAS_MIN_ROWS is None or x.shape[0] < BLAS_MIN_ROWS))
+    if not in_c:
         weight = unpack_linear_weight(packed, n, k).to(x.dtype) if k else x.new_zeros(n, 0)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     m = x.shape[0]

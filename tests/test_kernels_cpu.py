@@ -183,6 +183,7 @@ def test_linear_matches_torch(m: int, k: int, n: int, with_bias: bool, threads: 
     """Every register-tile height (1-6 rows and their mix), a last panel of 1-15 columns, odd K,
     one or two threads, and rows read through a stride (a slice of wider rows)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(cpu_ops, "BLAS_MIN_ROWS", None)  # the C product at every row count
     gen = torch.Generator().manual_seed(m * n + k)
     weight = torch.randn(n, k, generator=gen)
     bias = torch.randn(n, generator=gen) if with_bias else None
@@ -193,6 +194,23 @@ def test_linear_matches_torch(m: int, k: int, n: int, with_bias: bool, threads: 
     assert torch.equal(cpu_ops.unpack_linear_weight(packed, n, k), weight)
     out = cpu_ops.linear(x, packed, bias, n)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=2e-5 * k**0.5, rtol=1e-5)
+
+
+def test_linear_hands_many_rows_to_the_blas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From BLAS_MIN_ROWS rows (set where the CPU has AVX-512: torch's BLAS runs wider vectors
+    than the C tile) the product is torch's over the unpacked weight; below, the C product's."""
+    monkeypatch.setattr(cpu_ops, "BLAS_MIN_ROWS", 8)
+    c_calls = []
+    c_product = cpu_ops._lib.stoke_linear_f32
+    monkeypatch.setattr(cpu_ops._lib, "stoke_linear_f32", lambda *args: c_calls.append(args[4]) or c_product(*args))
+    gen = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    packed = cpu_ops.pack_linear_weight(weight)
+    x = torch.randn(9, 24, generator=gen)
+    assert torch.equal(cpu_ops.linear(x[:8], packed, bias, 40), torch.nn.functional.linear(x[:8], weight, bias))
+    assert c_calls == []
+    torch.testing.assert_close(cpu_ops.linear(x[:7], packed, bias, 40), torch.nn.functional.linear(x[:7], weight, bias))
+    assert c_calls == [7]
 
 
 def test_linear_outside_the_c_product_is_torch() -> None:
