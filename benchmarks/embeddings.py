@@ -11,7 +11,8 @@
 The model pools as its pooler config says (the last token, normalised, for a decoder without
 sentence-transformers files); the transformers cases pool the same way. Reported per case
 (median of `--rounds`): wall seconds, prompt tokens/s, the speed against transformers'
-batches, and the largest difference of any vector component from the reference.
+batches, the prompt tokens stoke computed (the rest were prefix-cache hits), and the largest
+difference of any vector component from the reference.
 
     python -m benchmarks.embeddings --out results/embeddings.json
 """
@@ -81,17 +82,21 @@ def run_case(case: str, engines: dict[str, LLM], model: Any, prompts: list[list[
              batch_size: int) -> dict[str, Any]:
     pooler = engines["stoke"].engine.pooler
     t0 = time.perf_counter()
+    computed = None
     if case.startswith("stoke"):
         llm = engines[case]
         llm.reset_prefix_cache()  # each round finds the prompts uncached
+        before = llm.engine.stats.num_batched_tokens
         t0 = time.perf_counter()
         vectors = [torch.tensor(o.outputs.embedding) for o in llm.embed(prompts, use_tqdm=False)]
+        computed = llm.engine.stats.num_batched_tokens - before
     elif case == "transformers, batches":
         vectors = transformers_batches(model, prompts, batch_size, pooler.pooling_type, pooler.normalize)
     else:
         vectors = transformers_one_at_a_time(model, prompts, pooler.pooling_type, pooler.normalize)
     wall = time.perf_counter() - t0
-    return {"case": case, "seconds": wall, "tok_s": sum(map(len, prompts)) / wall, "vectors": vectors}
+    return {"case": case, "seconds": wall, "tok_s": sum(map(len, prompts)) / wall, "computed_tokens": computed,
+            "vectors": vectors}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "case": case,
             "seconds": round(statistics.median(r["seconds"] for r in rs), 4),
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 1),
+            "computed_tokens": rs[0]["computed_tokens"],
             "max_abs_diff": float(max((a - b).abs().max() for a, b in zip(rs[0]["vectors"], reference))),
             "runs": [{k: v for k, v in r.items() if k != "vectors"} for r in rs],
         })
@@ -139,9 +145,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"embeddings: {args.num_prompts} prompts of {args.shared_prefix} shared + {args.prompt_len[0]}-"
           f"{args.prompt_len[1]} tokens, {pooler.pooling_type} pooling, {torch.get_num_threads()} threads "
           f"(medians of {args.rounds})")
-    print(f"{'case':<30} {'seconds':>8} {'tok/s':>9} {'vs HF':>7} {'max |diff|':>11}")
+    print(f"{'case':<30} {'seconds':>8} {'tok/s':>9} {'vs HF':>7} {'computed':>9} {'max |diff|':>11}")
     for r in results:
-        print(f"{r['case']:<30} {r['seconds']:>8.3f} {r['tok_s']:>9.1f} {r['vs_transformers']:>6.2f}x "
+        computed = "-" if r["computed_tokens"] is None else r["computed_tokens"]
+        print(f"{r['case']:<30} {r['seconds']:>8.3f} {r['tok_s']:>9.1f} {r['vs_transformers']:>6.2f}x {computed:>9} "
               f"{r['max_abs_diff']:>11.2e}")
     write_json(report, args.out)
     return report

@@ -243,3 +243,7 @@ def test_embeddings_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
     assert [r["case"] for r in results] == list(CASES)
     assert all(_positive(r["tok_s"]) and _positive(r["seconds"]) and r["max_abs_diff"] < 1e-4 for r in results)
     assert report["pooler"] == {"pooling_type": "LAST", "normalize": True}
+    # with the prefix cache, the 16 shared tokens (one block) once; without it, every prompt token
+    computed = {r["case"]: r["computed_tokens"] for r in results}
+    assert computed["stoke"] == report["prompt_tokens"] - 4 * 16
+    assert computed["stoke, no prefix cache"] == report["prompt_tokens"]
