@@ -6,6 +6,9 @@ and output-token throughput plus TTFT / TPOT / ITL / end-to-end latency at p50/p
 Writes JSON (per-request records + summary) and, with matplotlib installed (the `bench`
 extra), a PNG.
 
+`--endpoint embeddings` sends each prompt to `/v1/embeddings` instead (one input a request, the
+SDK's base64 vectors): prompt tokens/s and end-to-end latency (TTFT is the whole answer's).
+
 Workloads:
   mixed          prompts of --prompt-len tokens, outputs of --output-len tokens (uniform ranges)
   shared-prefix  --num-prefixes system-prompt-like prefixes of --prefix-len tokens shared by the
@@ -139,8 +142,13 @@ class Record:
 
 
 def request_body(args: argparse.Namespace, model: str, item: Item) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len,
-                            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if args.endpoint == "embeddings":
+        body: dict[str, Any] = {"model": model, "input": item.prompt, "encoding_format": "base64"}
+        if item.urgent and args.send_priority:
+            body["priority"] = URGENT_PRIORITY
+        return body
+    body = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if args.logprobs is not None:
         body["logprobs"] = args.logprobs
     if item.urgent and args.send_priority:
@@ -152,7 +160,28 @@ def request_body(args: argparse.Namespace, model: str, item: Item) -> dict[str, 
     return body
 
 
+async def send_embedding(client: httpx.AsyncClient, url: str, body: dict[str, Any], item: Item) -> Record:
+    """One embeddings request: its answer arrives whole (its TTFT is its end-to-end time)."""
+    record = Record(ok=False, prompt_len=item.prompt_len, output_len_requested=0, urgent=item.urgent)
+    start = record.start = time.perf_counter()
+    try:
+        response = await client.post(url, json=body)
+        if response.status_code != 200:
+            record.error = f"HTTP {response.status_code}: {response.content[:200]!r}"
+            return record
+        data = response.json().get("data") or []
+        record.ttft = record.e2e = time.perf_counter() - start
+        record.ok = len(data) == 1 and bool(data[0].get("embedding"))
+        if not record.ok:
+            record.error = "no embedding"
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not crash
+        record.error = f"{type(exc).__name__}: {exc}"[:200]
+    return record
+
+
 async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], item: Item) -> Record:
+    if "input" in body:
+        return await send_embedding(client, url, body, item)
     record = Record(ok=False, prompt_len=item.prompt_len, output_len_requested=item.output_len, urgent=item.urgent)
     start = record.start = time.perf_counter()
     last = None
@@ -283,7 +312,7 @@ def _load_in_process(args: argparse.Namespace, base_url: str, model: str, items:
 
 async def run_load(args: argparse.Namespace, base_url: str, model: str, items: list[Item],
                    sample_gpu: bool = True) -> Load:
-    url = base_url.rstrip("/") + "/completions"
+    url = base_url.rstrip("/") + ("/embeddings" if args.endpoint == "embeddings" else "/completions")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
         # Warm-up, not measured: the first requests of a fresh server pay one-off costs. Its
@@ -344,6 +373,7 @@ def summarize(records: list[Record], duration: float, gpu_samples: list[float] |
         "requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
         "duration_s": duration, "request_throughput": len(ok) / duration,
         "output_token_throughput": out_tokens / duration,
+        "prompt_token_throughput": sum(r.prompt_len for r in ok) / duration,
         "total_token_throughput": (out_tokens + sum(r.prompt_len for r in ok)) / duration,
         "output_tokens": out_tokens,
         # A server streaming behind its engine merges tokens into fewer chunks (ITL is per
@@ -393,6 +423,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     rows = [("completed / failed", lambda s: f"{s['completed']} / {s['failed']}"),
             ("duration (s)", lambda s: f"{s['duration_s']:.1f}"),
             ("requests/s", lambda s: f"{s['request_throughput']:.2f}"),
+            ("prompt tokens/s", lambda s: f"{s['prompt_token_throughput']:.1f}"),
             ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}"),
             ("output tokens per chunk", lambda s: f"{s['tokens_per_chunk']:.2f}"),
             ("GPU utilisation (NVML)", lambda s: "-" if s.get("gpu_utilization_mean") is None
@@ -593,6 +624,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra PYTHONPATH for transformers serve (it needs accelerate)")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="mixed", choices=["mixed", "shared-prefix"])
+    w.add_argument("--endpoint", default="completions", choices=["completions", "embeddings"],
+                   help="embeddings: each prompt to /v1/embeddings (stoke, vllm, openai)")
     w.add_argument("--num-requests", type=int, default=64)
     w.add_argument("--prompt-len", type=_range, default=(32, 512), help="mixed: LO:HI prompt tokens")
     w.add_argument("--output-len", type=_range, default=(16, 256), help="LO:HI output tokens")
@@ -621,6 +654,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.urgent_fraction <= 1.0:
         p.error(f"--urgent-fraction must be in [0, 1], got {args.urgent_fraction}")
+    if args.endpoint == "embeddings" and "transformers" in (args.launch or args.backend).split(","):
+        p.error("transformers serve has no /v1/embeddings")
     return args
 
 
@@ -672,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[target] = {"backend": run_args.backend, "base_url": base_url, "model": model, "summary": summary,
                         "records": [{**asdict(r), "tpot": r.tpot} for r in records]}
         print(f"{target}: {summary['completed']}/{summary['requests']} ok in {duration:.1f}s, "
-              f"{summary['output_token_throughput']:.1f} output tok/s", flush=True)
+              f"{summary['output_token_throughput']:.1f} output tok/s, {summary['prompt_token_throughput']:.1f} "
+              "prompt tok/s", flush=True)
     print()
     print_table({name: run["summary"] for name, run in runs.items()})
     for name, run in runs.items():

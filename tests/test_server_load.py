@@ -194,3 +194,19 @@ def test_serve_benchmark_against_the_server(server, tmp_path):
     urgent = sum(r["urgent"] for r in run["records"])  # latencies per class (no priority sent: fcfs)
     assert 0 < urgent < 6 and (s["urgent_completed"], s["others_completed"]) == (urgent, 6 - urgent)
     assert s["urgent_p99_ttft_ms"] > 0 and s["others_p99_e2e_ms"] > 0
+
+
+def test_serve_benchmark_sends_embeddings(server, tmp_path):
+    """benchmarks/serve.py --endpoint embeddings: each prompt one /v1/embeddings request (base64,
+    as the SDK asks), prompt tokens/s and end-to-end latencies, nothing generated."""
+    from benchmarks.serve import main as serve_main
+
+    before = server.metrics()
+    assert serve_main(["--base-url", server.base_url, "--endpoint", "embeddings", "--num-requests", "5",
+                       "--prompt-len", "8:40", "--concurrency", "2", "--out-dir", str(tmp_path), "--name", "embed"]) == 0
+    run = json.loads((tmp_path / "embed.json").read_text())["runs"]["stoke"]
+    s = run["summary"]
+    assert (s["completed"], s["failed"], s["output_tokens"]) == (5, 0, 0)
+    assert s["prompt_token_throughput"] > 0 and s["p99_e2e_ms"] > 0 and s["p50_ttft_ms"] == s["p50_e2e_ms"]
+    after = server.metrics()
+    assert after["stoke_generation_tokens_total"] == before["stoke_generation_tokens_total"]
