@@ -351,12 +351,13 @@ def test_serve_benchmark_sends_priority_only_where_asked():
 
     from benchmarks.serve import URGENT_PRIORITY, Item, request_body
 
-    args = argparse.Namespace(logprobs=None, backend="stoke", send_priority=False)
-    urgent, other = Item("hi", 1, 4, urgent=True), Item("hi", 1, 4)
-    assert "priority" not in request_body(args, "m", urgent)  # a first come, first served server refuses it
-    args.send_priority = True
-    assert request_body(args, "m", urgent)["priority"] == URGENT_PRIORITY == -1
-    assert "priority" not in request_body(args, "m", other)
+    for endpoint in ("completions", "embeddings"):
+        args = argparse.Namespace(logprobs=None, backend="stoke", send_priority=False, endpoint=endpoint)
+        urgent, other = Item("hi", 1, 4, urgent=True), Item("hi", 1, 4)
+        assert "priority" not in request_body(args, "m", urgent)  # a first come, first served server refuses it
+        args.send_priority = True
+        assert request_body(args, "m", urgent)["priority"] == URGENT_PRIORITY == -1
+        assert "priority" not in request_body(args, "m", other)
 
 
 def test_serve_benchmark_times_tokens_per_arrival():
