@@ -80,6 +80,7 @@ class Generation:
     client: EngineClient
     ids: list[str]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Done once the worker queued every prompt; its exception: EngineRejected / EngineDeadError.
     started: asyncio.Future | None = None
     unfinished: set[str] = field(default_factory=set)
     pending_ack: set[str] = field(default_factory=set)
@@ -96,10 +97,6 @@ class Generation:
     @property
     def finished(self) -> bool:
         return not self.unfinished
-
-    async def wait_started(self) -> None:
-        """Return once the worker queued every prompt; raise EngineRejected / EngineDeadError."""
-        await self.started
 
     def __aiter__(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         return self._iterate()

@@ -788,7 +788,7 @@ class OpenAIServing:
                 self.metrics.prompt_only(generation.ids)
             self.live.add(generation)
             try:
-                await generation.wait_started()
+                started = await self._wait_started(job, generation, request)
             except asyncio.CancelledError:
                 self._abort(job, generation)
                 raise
@@ -798,9 +798,16 @@ class OpenAIServing:
         except EngineRejected as exc:
             release()
             raise self._rejected(job, exc) from None
+        except ShuttingDown:  # cut off by the drain timeout before its first step ended
+            release()
+            raise _shutdown_error() from None
         except BaseException:
             release()
             raise
+        if not started:  # the client left while the worker had its requests queued or in a step
+            release()
+            self.finish(record, status=499, error_type="aborted")
+            return Response(status_code=499)
         if job.stream:
             events = self._stream(job, generation) if job.renderer is None else job.renderer.stream(self, job, generation)
             response: Response = SSEResponse(events, on_close=lambda: self._close(job, generation, release))
@@ -812,6 +819,26 @@ class OpenAIServing:
         if self.limits.rate_limited:  # OpenAI's x-ratelimit-* headers: what the client has left
             response.headers.update(self.limits.headers(record._reservation.budget))
         return response
+
+    async def _wait_started(self, job: Job, generation: Generation, request: Request) -> bool:
+        """Wait for the worker to queue the job's requests (it says so after its next step, and
+        that step may be long: a long prompt on the CPU), within the job's deadline (past it, a
+        504 and the requests aborted); False if the client left meanwhile (aborted too). The
+        worker's refusals are raised."""
+        started = generation.started
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({started, watcher}, timeout=self._remaining(job),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if started in done:
+            started.result()
+            return True
+        self._abort(job, generation)
+        if watcher in done:
+            return False
+        raise errors.timeout(self.config.request_timeout or 0.0)
 
     def cut_off(self) -> None:
         """Drain timeout: abort every request still running; each gets a 503 (or an error event)."""

@@ -215,9 +215,12 @@ def test_a_client_that_leaves_aborts_its_embeddings(server):
     assert line["endpoint"] == "embeddings" and "abort" in line["finish_reason"] and line["completion_tokens"] == 0
 
 
-def test_a_timed_out_embedding_is_aborted_and_logged(caplog):
+@pytest.mark.parametrize("acked", [True, False])
+def test_a_timed_out_embedding_is_aborted_and_logged(caplog, acked: bool):
     """Past --request-timeout: a 504, the engine request aborted, and the line written once the
-    worker's abort output (no vector) is in; queued all its life, it costs nothing."""
+    worker's abort output (no vector) is in; queued all its life, it costs nothing. Not acked:
+    the worker's first step with it is still running (a long prompt on the CPU), and the
+    deadline holds there too."""
     import types
 
     from server.config import ServerConfig
@@ -234,7 +237,7 @@ def test_a_timed_out_embedding_is_aborted_and_logged(caplog):
     def generate(request_id, prompts, params, arrival, priority, lora):
         assert params == {"pooling": {"dimensions": None, "normalize": None}}
         client.generation = Generation(client, [f"{request_id}-{i}" for i in range(len(prompts))])
-        for engine_id in client.generation.ids:
+        for engine_id in client.generation.ids if acked else ():
             client.generation._on_added(engine_id)
         return client.generation
 
@@ -316,3 +319,43 @@ def test_pooler_config_option():
     for bad in ("MEAN", "[1]", "{"):
         with pytest.raises(argparse.ArgumentTypeError):
             pooler_config(bad)
+
+
+def test_a_drain_cut_off_before_the_first_step_ended_is_a_503():
+    """The drain timeout cuts off a request whose first step has not ended (the worker has not
+    acked it): a 503 shutting down, as for any request it cuts off, not a 500."""
+    import types
+
+    from server.config import ServerConfig
+    from server.embeddings import embedding_job
+    from server.engine_client import Generation, WorkerInfo
+    from server.errors import APIError
+    from server.metrics import Metrics
+    from server.protocol import EmbeddingRequest
+    from server.request_log import RequestLogger, RequestRecord
+    from server.serving import OpenAIServing
+
+    def generate(request_id, prompts, params, arrival, priority, lora):
+        return Generation(client, [f"{request_id}-{i}" for i in range(len(prompts))])
+
+    client = types.SimpleNamespace(info=WorkerInfo("m", 256, 1000, 16, 16, {}, 256, 64, {}), generate=generate,
+                                   abort=lambda ids: None)
+    serving = OpenAIServing(ServerConfig(), None, client=client, metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+
+    async def never(*_):
+        await asyncio.Event().wait()
+
+    async def run() -> APIError:
+        job = await embedding_job(serving, EmbeddingRequest(input=[1, 2, 3]), RequestRecord("embd-2", "embeddings"),
+                                  time.monotonic())
+        running = asyncio.ensure_future(serving.run(job, types.SimpleNamespace(receive=never)))
+        await asyncio.sleep(0.05)
+        serving.cut_off()
+        with pytest.raises(APIError) as info:
+            await running
+        return info.value
+
+    error = asyncio.run(run())
+    assert (error.status, error.code) == (503, "shutting_down")
+    assert serving.in_flight == 0
