@@ -346,6 +346,9 @@ class Scheduler:
             self.draining_lora = 0
         kept: set[int] = set()  # adapters of requests passed over for another reason: their slots wait for them
         computing: set[int] | None = None  # hashes of the full blocks running prefills are computing (lazily)
+        # The seats and blocks of the requests waiting for a prefix being computed: theirs, not
+        # the next requests'.
+        claimed_seats = claimed_blocks = 0
         lora_blocked = False  # an adapter's request found no slot: new adapters' requests behind it wait too
         while self.waiting and budget > 0:
             request = self.waiting[0]
@@ -381,6 +384,8 @@ class Scheduler:
                         request.block_hashes[following] in computing:
                     if new_adapter:
                         kept.add(request.lora_id)
+                    claimed_seats += 1
+                    claimed_blocks += -(-request.num_tokens // cfg.block_size) - following
                     skipped.append(self.waiting.popleft())
                     continue
             need = request.num_tokens - len(hits) * cfg.block_size
@@ -392,6 +397,9 @@ class Scheduler:
                     kept.add(request.lora_id)
                 skipped.append(self.waiting.popleft())
                 continue
+            if claimed_seats and (len(self.running) - finishing + claimed_seats >= cfg.max_num_seqs
+                                  or bm.num_free_blocks - claimed_blocks < -(-n // cfg.block_size)):
+                break  # it would take what a request ahead of it waits to have
             if no_seat or not bm.allocate_slots(request, n, hits):
                 victims = self._victims_for(request, no_seat, n, hits)
                 if victims is None:
@@ -513,10 +521,12 @@ class Scheduler:
         """The running request to preempt first: the latest admitted, or by priority the one
         that sorts last (of equals, the latest admitted). For a beam search's request (`after`),
         the one of those that sorts after it, if any: its search, held requests and all, waits
-        for it."""
-        if after is not None and after.preempts_later:
+        for it; for any other, a held request of a search that sorts after it, if any (idle,
+        and its search may wait on requests behind `after`: `after` preempting itself instead
+        would come back to the same wall every step)."""
+        if after is not None:
             key = _order(after)
-            later = [r for r in self.running if _order(r) > key]
+            later = [r for r in self.running if _order(r) > key and (after.preempts_later or r.held)]
             if later:
                 return later[-1] if not self.by_priority else max(reversed(later), key=_order)
         if not self.by_priority:

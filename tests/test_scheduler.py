@@ -606,3 +606,49 @@ def test_requests_that_arrive_together_compute_a_shared_prefix_once(policy: str)
             assert [r.num_cached_tokens for r in shared] == [0, 0, 0]
             assert computed == prompts + outputs
         assert sched.block_manager.num_free_blocks == 64
+
+
+def test_a_request_waiting_for_its_prefix_keeps_its_seat_and_blocks() -> None:
+    """A request that waits for the prefix a running prefill computes keeps its place: the
+    requests behind it take neither the last seat nor the blocks it will need (else it would
+    wait for their whole generation, not one step)."""
+    prefix = list(range(100, 148))  # 3 blocks of 16
+    for seats, blocks in ((2, 64), (8, 7)):
+        sched = Scheduler(SchedulerConfig(max_model_len=256, num_blocks=blocks, block_size=16, max_num_seqs=seats,
+                                          max_num_batched_tokens=40))
+        producer = Request("p", prefix + [5], max_tokens=2)
+        sched.add_request(producer)
+        step(sched)  # its first chunk
+        waiter, other = Request("w", prefix + [6, 7], max_tokens=2), Request("x", list(range(300, 340)), max_tokens=30)
+        sched.add_request(waiter)
+        sched.add_request(other)
+        first_scheduled = {}
+        for i in range(40):
+            if not sched.has_unfinished:
+                break
+            batch = step(sched)
+            for r in batch.requests:
+                first_scheduled.setdefault(r.request_id, i)
+        assert first_scheduled["w"] <= first_scheduled["x"], (seats, blocks, first_scheduled)
+        assert waiter.num_cached_tokens == 48
+        assert sched.block_manager.num_free_blocks == blocks
+
+
+def test_a_prefill_preempts_a_later_searchs_held_request_before_itself() -> None:
+    """A running prefill short of blocks preempts a held request of a beam search that came
+    after it (idle: its search waits for requests behind the prefill), not itself: preempting
+    itself, it met the same wall the next step, for ever."""
+    sched = Scheduler(SchedulerConfig(max_model_len=256, num_blocks=6, block_size=8, max_num_seqs=2,
+                                      max_num_batched_tokens=24))
+    beam = Request("beam", list(range(10, 30)), max_tokens=10, arrival_time=2.0)
+    sched.add_request(beam)
+    sched.update(sched.schedule(), [7])
+    beam.held = beam.preempts_later = True  # its search waits for its other beams
+    early = Request("early", list(range(50, 90)), max_tokens=2, arrival_time=1.0)
+    sched.add_request(early)
+    first = sched.schedule()
+    assert first.requests == [early] and not first.preempted
+    sched.update(first, [None])
+    second = sched.schedule()
+    assert second.preempted == [beam] and second.requests == [early]
+    assert beam.status is RequestStatus.WAITING and early.status is RequestStatus.RUNNING
