@@ -130,6 +130,7 @@ class LLM:
                             f"got {type(pooling_params).__name__}")
         texts, prepared = [], []
         for prompt, p in zip(prompts, params):  # everything checked before anything is scheduled
+            p = PoolingParams() if p is None else p
             if truncate_prompt_tokens is not None and isinstance(p, PoolingParams) and p.truncate_prompt_tokens is None:
                 p = replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
             text, tokens = self._prompt(prompt)

@@ -260,6 +260,9 @@ def test_refusals_queue_nothing(tiny_checkpoints: dict[str, str]) -> None:
     assert_no_leak(llm)
     (out,) = llm.embed([[5] * 150], truncate_prompt_tokens=100, use_tqdm=False)  # the last 100 kept
     assert out.prompt_token_ids == [5] * 100
+    outs = llm.embed([[5] * 30] * 3, [None, PoolingParams(), PoolingParams(truncate_prompt_tokens=20)],
+                     truncate_prompt_tokens=10, use_tqdm=False)  # for those that set none
+    assert [len(o.prompt_token_ids) for o in outs] == [10, 10, 20]
     engine = llm.engine
     engine.add_pooling_request("x", good)
     with pytest.raises(ValueError, match="already in flight"):
