@@ -52,6 +52,7 @@ class WorkerInfo:
     # how embeddings are pooled (engine/pooling.py's PoolerConfig fields): pooling_type,
     # normalize, matryoshka_dimensions (the `dimensions` a request may ask for)
     pooler: dict[str, Any] = field(default_factory=dict)
+    generates: bool = True  # False: a model without an LM head, which serves embeddings only
 
 
 @dataclass(slots=True)
@@ -326,7 +327,8 @@ class EngineClient:
         if kind == "ready":
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
-                                   frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"])
+                                   frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
+                                   frame["generates"])
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

@@ -187,11 +187,13 @@ class Limits:
             left = max(0.0, self.cost_cap - budget.spent - budget.reserved)
             resets = self._period_end(budget.period_start)
             held = f", with {budget.reserved:.6g} more held by requests in flight" if budget.reserved else ""
+            generates = max_completion_tokens > 0  # an embedding's cost is its prompt's alone
             raise errors.quota_exceeded(
-                f"cost cap reached: this request may cost up to {cost:.6g} (its prompt and max_tokens at the "
-                f"server's prices), and {left:.6g} of this {self.cost_cap_period}'s {self.cost_cap:g} is left{held}; "
-                f"the budget resets at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(resets))}. Lower "
-                "max_tokens, or wait.")
+                f"cost cap reached: this request may cost up to {cost:.6g} (its prompt"
+                f"{' and max_tokens' if generates else ''} at the server's prices), and {left:.6g} of this "
+                f"{self.cost_cap_period}'s {self.cost_cap:g} is left{held}; the budget resets at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(resets))}. "
+                f"{'Lower max_tokens, or wait.' if generates else 'Wait, or send less input.'}")
         if budget.requests is not None:
             budget.requests.take(1, now)
         taken = 0.0

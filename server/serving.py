@@ -269,6 +269,13 @@ class OpenAIServing:
             raise errors.model_not_found(model)
         return self.model_name
 
+    def check_generates(self) -> None:
+        """A 400 for a generation on a model without an LM head (before any other check of
+        the request, whose errors would point elsewhere)."""
+        if self.client.info is not None and not self.client.info.generates:
+            raise errors.invalid("this model has no LM head (an embedding model): it serves /v1/embeddings only",
+                                 param="model")
+
     def _max_model_len(self) -> int:
         return self.client.info.max_model_len
 
@@ -470,6 +477,7 @@ class OpenAIServing:
     async def completion_job(self, req: CompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.priority = req.priority or 0  # logged, refused or not
         record.model = self.check_model(req.model)
+        self.check_generates()
         if req.suffix:
             raise errors.unsupported("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
@@ -494,6 +502,7 @@ class OpenAIServing:
     async def chat_job(self, req: ChatCompletionRequest, record: RequestRecord, arrival: float) -> Job:
         record.priority = req.priority or 0  # logged, refused or not
         record.model = self.check_model(req.model)
+        self.check_generates()
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise errors.invalid("this model has no chat template: use /v1/completions", param="messages")
         if not req.messages:

@@ -139,6 +139,7 @@ class Worker:
             "default_sampling": e.default_sampling,
             # what a request's `dimensions` are checked against before it takes from its client's limits
             "hidden_size": e.model_config.hidden_size,
+            "generates": e.runner.model.has_lm_head,  # False: embeddings only
             "pooler": {"pooling_type": e.pooler.pooling_type, "normalize": e.pooler.normalize,
                        "matryoshka_dimensions": e.pooler.matryoshka_dimensions},
             "frozen_objects": self.heap.frozen_baseline,

@@ -111,6 +111,9 @@ def test_the_cost_cap_counts_requests_in_flight_at_their_most():
     assert third.budget.spent == pytest.approx(0.506) and third.budget.reserved == pytest.approx(0.0)
     refused(lim, "a", 3, 5)  # 0.503 more would pass 1
     lim.admit("a", 3, 4)
+    # an embedding generates nothing: its cost is its prompt's, and max_tokens is not the way out
+    error = refused(lim, "b", 700, 0)
+    assert "(its prompt at the server's prices)" in error.message and "max_tokens" not in error.message
 
 
 def test_the_cost_cap_holds_a_prompt_at_its_dearer_price_and_leaves_no_residue():

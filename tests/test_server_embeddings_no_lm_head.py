@@ -57,10 +57,16 @@ def test_what_would_generate_is_a_400(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=None, prompt=PROMPTS[0], max_tokens=2)
-    assert "no LM head" in info.value.body["message"] and "embeddings only" in info.value.body["message"]
+    assert "no LM head" in info.value.body["message"] and "/v1/embeddings only" in info.value.body["message"]
+    assert info.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=None, prompt=PROMPTS[0], max_tokens=2, n=2,
                                   extra_body={"use_beam_search": True})
+    for call in (lambda: client.chat.completions.create(model=None, messages=[{"role": "user", "content": "hi"}]),
+                 lambda: client.responses.create(model=None, input="hi")):  # said first, not "no chat template"
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert "no LM head" in info.value.body["message"]
     assert wait_for(lambda: idle(server))
     assert server.metrics()['stoke_request_errors_total{type="internal"}'] == 0
     assert len(client.embeddings.create(model=None, input=PROMPTS[1]).data) == 1  # and it goes on
