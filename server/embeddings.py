@@ -40,10 +40,7 @@ async def embedding_job(serving: OpenAIServing, req: EmbeddingRequest, record: R
         if not p:
             raise errors.invalid("input must not be empty" if len(raw) == 1 else f"input.{i} must not be empty",
                                  param="input")
-    try:
-        params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
-    except ValueError as exc:
-        raise errors.invalid(str(exc), param=str(exc).split(" ", 1)[0]) from None
+    params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)  # their types are the body's
     info = serving.client.info
     pooler = PoolerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.pooler.items()})
     try:  # the engine's own rules, before the request takes from its client's limits
