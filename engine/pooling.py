@@ -21,7 +21,7 @@ from engine.sampling_params import is_int
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 
-# sentence-transformers' Pooling module's modes: the ones stoke computes, and those it refuses.
+# sentence-transformers' Pooling module's modes that stoke computes (any other is refused).
 _SENTENCE_TRANSFORMERS_MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN",
                                 "pooling_mode_cls_token": "CLS"}
 _SENTENCE_TRANSFORMERS_MODULES = ("Transformer", "Pooling", "Normalize")
