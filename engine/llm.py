@@ -31,6 +31,20 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:
     return prompts
 
 
+def _per_prompt(value: Any, n: int, kind: type, name: str, default: Callable[[], Any]) -> list[Any]:
+    """One `kind` per prompt: `value` for all (None: `default()`), or a list of one per prompt."""
+    if value is None:
+        value = default()
+    if isinstance(value, kind):
+        return [value] * n
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name} must be a {kind.__name__} or a list of them, got {type(value).__name__}")
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {kind.__name__} for {n} prompts")
+    return values
+
+
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
@@ -119,15 +133,7 @@ class LLM:
         as `generate`'s; one PoolingParams for all or one per prompt; `truncate_prompt_tokens`
         (keep the last k; -1: the context length) for those whose params set none."""
         prompts = _prompt_list(prompts)
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            params = [pooling_params or PoolingParams()] * len(prompts)
-        elif isinstance(pooling_params, Sequence) and not isinstance(pooling_params, str):
-            params = list(pooling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} PoolingParams for {len(prompts)} prompts")
-        else:
-            raise TypeError(f"pooling_params must be a PoolingParams or a list of them, "
-                            f"got {type(pooling_params).__name__}")
+        params = _per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params", PoolingParams)
         texts, prepared = [], []
         for prompt, p in zip(prompts, params):  # everything checked before anything is scheduled
             p = PoolingParams() if p is None else p
@@ -212,17 +218,7 @@ class LLM:
 
     def _params(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
         """One SamplingParams per prompt."""
-        if sampling_params is None:
-            sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        if not isinstance(sampling_params, Sequence) or isinstance(sampling_params, str):
-            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
-                            f"got {type(sampling_params).__name__}")
-        params = list(sampling_params)
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
-        return params
+        return _per_prompt(sampling_params, n, SamplingParams, "sampling_params", self.get_default_sampling_params)
 
     def _loras(self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
                n: int) -> list[LoRARequest | None]:
