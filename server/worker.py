@@ -69,32 +69,29 @@ def encode_output(out: Any) -> list[Any]:
         # Complete once the first token exists: sent once, with sample 0's first output (a
         # delta output lists only the samples with news, in order).
         prompt_logprobs = pack_logprobs(out.prompt_logprobs)
-    m = out.metrics
-    if out.finished and m is not None:
-        metrics = {
-            "arrival_time": m.arrival_time,
-            "first_scheduled_time": m.first_scheduled_time,
-            "first_token_time": m.first_token_time,
-            "finish_time": m.finish_time,
-            "inter_token_latencies": m.inter_token_latencies,
-            "num_preemptions": m.num_preemptions,
-        }
+    if out.finished and out.metrics is not None:
+        metrics = encode_metrics(out.metrics)
     return [out.request_id, out.finished, len(out.prompt_token_ids), out.num_cached_tokens, completions,
             prompt_logprobs, metrics, None]
+
+
+def encode_metrics(m: Any) -> dict[str, Any]:
+    """A finished request's RequestMetrics as plain data."""
+    return {
+        "arrival_time": m.arrival_time,
+        "first_scheduled_time": m.first_scheduled_time,
+        "first_token_time": m.first_token_time,
+        "finish_time": m.finish_time,
+        "inter_token_latencies": m.inter_token_latencies,
+        "num_preemptions": m.num_preemptions,
+    }
 
 
 def encode_embedding(out: EmbeddingRequestOutput) -> list[Any]:
     """An embedding's one output (server.ipc.OUTPUT_FIELDS): no samples, its vector packed ("" if
     it was aborted), and its times without a first token (it samples none: no TTFT to count)."""
-    m = out.metrics
-    metrics = None if m is None else {
-        "arrival_time": m.arrival_time,
-        "first_scheduled_time": m.first_scheduled_time,
-        "first_token_time": None,
-        "finish_time": m.finish_time,
-        "inter_token_latencies": [],
-        "num_preemptions": m.num_preemptions,
-    }
+    metrics = None if out.metrics is None else encode_metrics(out.metrics) | {"first_token_time": None,
+                                                                             "inter_token_latencies": []}
     vector = pack_embedding(out.outputs.embedding) if out.outputs is not None else ""
     return [out.request_id, True, len(out.prompt_token_ids), out.num_cached_tokens, [], None, metrics, vector]
 
