@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import time
 from typing import Any
@@ -34,7 +33,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import torch
 
-from benchmarks.report import write_json
+from benchmarks.report import alternated, median_results, write_json
 from engine.beam_search import BeamSearchParams
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -114,24 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     llm = LLM(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32).eval()
     prompts = _prompts(args.num_prompts, *args.prompt_len, llm.engine.model_config.vocab_size)
-    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
-    for _ in range(args.rounds):
-        for case in CASES:  # alternated: drift on a shared machine touches every case alike
-            runs[case].append(run_case(case, llm, model, prompts, args.width, args.max_tokens))
+    runs = alternated(CASES, args.rounds, lambda case: run_case(case, llm, model, prompts, args.width, args.max_tokens))
     reference = runs["transformers"][0]["sequences"]
-    results = []
-    for case, rs in runs.items():
-        results.append({
-            "case": case,
-            "seconds": round(statistics.median(r["seconds"] for r in rs), 4),
-            "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
-            "computed_per_token": rs[0]["computed_per_token"],
-            "same_as_transformers": sum(a == b for a, b in zip(rs[0]["sequences"], reference)),
-            "runs": [{k: v for k, v in r.items() if k != "sequences"} for r in rs],
-        })
-    base = next(r["tok_s"] for r in results if r["case"] == "transformers")
+    results = median_results(runs, "transformers", "vs_transformers", 2, without="sequences")
     for r in results:
-        r["vs_transformers"] = round(r["tok_s"] / base, 3)
+        first = runs[r["case"]][0]
+        r["computed_per_token"] = first["computed_per_token"]
+        r["same_as_transformers"] = sum(a == b for a, b in zip(first["sequences"], reference))
     report = {"args": vars(args), "device": "cpu", "threads": torch.get_num_threads(), "results": results}
     print(f"beam search: {args.num_prompts} prompts of {args.prompt_len[0]}-{args.prompt_len[1]} tokens, width "
           f"{args.width}, {args.max_tokens} tokens, {torch.get_num_threads()} threads (medians of {args.rounds})")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import time
 from typing import Any
@@ -32,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import torch
 
-from benchmarks.report import write_json
+from benchmarks.report import alternated, median_results, write_json
 from engine.llm import LLM
 
 CASES = ("stoke", "stoke, no prefix cache", "transformers, batches", "transformers, one at a time")
@@ -120,24 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = transformers.AutoModel.from_pretrained(engines["stoke"].engine.model_path, dtype=torch.float32).eval()
     prompts = _prompts(args.num_prompts, *args.prompt_len, args.shared_prefix,
                        engines["stoke"].engine.model_config.vocab_size)
-    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
-    for _ in range(args.rounds):
-        for case in CASES:  # alternated: drift on a shared machine touches every case alike
-            runs[case].append(run_case(case, engines, model, prompts, args.batch_size))
+    runs = alternated(CASES, args.rounds, lambda case: run_case(case, engines, model, prompts, args.batch_size))
     reference = runs["transformers, one at a time"][0]["vectors"]
-    results = []
-    for case, rs in runs.items():
-        results.append({
-            "case": case,
-            "seconds": round(statistics.median(r["seconds"] for r in rs), 4),
-            "tok_s": round(statistics.median(r["tok_s"] for r in rs), 1),
-            "computed_tokens": rs[0]["computed_tokens"],
-            "max_abs_diff": float(max((a - b).abs().max() for a, b in zip(rs[0]["vectors"], reference))),
-            "runs": [{k: v for k, v in r.items() if k != "vectors"} for r in rs],
-        })
-    base = next(r["tok_s"] for r in results if r["case"] == "transformers, batches")
+    results = median_results(runs, "transformers, batches", "vs_transformers", 1, without="vectors")
     for r in results:
-        r["vs_transformers"] = round(r["tok_s"] / base, 3)
+        first = runs[r["case"]][0]
+        r["computed_tokens"] = first["computed_tokens"]
+        r["max_abs_diff"] = float(max((a - b).abs().max() for a, b in zip(first["vectors"], reference)))
     pooler = engines["stoke"].engine.pooler
     report = {"args": vars(args), "device": "cpu", "threads": torch.get_num_threads(),
               "pooler": {"pooling_type": pooler.pooling_type, "normalize": pooler.normalize},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -12,6 +14,32 @@ def write_json(report: Any, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+def alternated(cases: Sequence[str], rounds: int, run: Callable[[str], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each case's runs, `rounds` of them, the cases alternated within a round: drift on a
+    shared machine touches every case alike."""
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
+    for _ in range(rounds):
+        for case in cases:
+            runs[case].append(run(case))
+    return runs
+
+
+def median_results(runs: dict[str, list[dict[str, Any]]], baseline: str, ratio_key: str, digits: int,
+                   without: str) -> list[dict[str, Any]]:
+    """Per case of `alternated`'s runs: its median seconds and tok/s (rounded to `digits`), its
+    runs less their `without` key (what the caller compares across cases, too big to report),
+    and its tok/s over `baseline`'s as `ratio_key`."""
+    results = [{"case": case,
+                "seconds": round(statistics.median(r["seconds"] for r in rs), 4),
+                "tok_s": round(statistics.median(r["tok_s"] for r in rs), digits),
+                "runs": [{k: v for k, v in r.items() if k != without} for r in rs]}
+               for case, rs in runs.items()]
+    base = next(r["tok_s"] for r in results if r["case"] == baseline)
+    for r in results:
+        r[ratio_key] = round(r["tok_s"] / base, 3)
+    return results
 
 
 def describe_prefill_candidate(candidate: dict[str, Any]) -> str:
