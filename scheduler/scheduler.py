@@ -285,7 +285,7 @@ class Scheduler:
                 budget -= n
 
         if not batch.preempted:
-            budget, admitted = self._admit(scheduled, budget, now, finishing, batch.preempted)
+            budget, admitted = self._admit(scheduled, budget, now, finishing, batch.preempted, prefills)
             # The long-prefill cap keeps room for the requests waiting. What they could not take
             # this step (their prefill limits, the seats, the KV pool) goes to the chunks it cut
             # short, in order, rather than to nobody; unless a request admitted now finishes its
@@ -334,9 +334,10 @@ class Scheduler:
             budget -= k
 
     def _admit(self, scheduled: dict[Request, int], budget: int, now: float, finishing: int,
-               preempted: list[Request]) -> tuple[int, list[Request]]:
+               preempted: list[Request], prefills: list[Request]) -> tuple[int, list[Request]]:
         """Admit waiting requests in order while the budget, the seats and the pool allow; the
-        budget left and the requests admitted."""
+        budget left and the requests admitted. `prefills`: the running requests with prompt
+        left to compute, as this step found them."""
         cfg, bm = self.config, self.block_manager
         partial, long_partial = self._partial_prefills(scheduled)
         skipped: list[Request] = []
@@ -377,8 +378,9 @@ class Scheduler:
                 # Its next block is being computed by a running prefill (requests that arrived
                 # together with one system prompt or instruction): it waits to find it cached
                 # rather than compute it again, as SGLang's in-batch prefix check.
-                if computing is None:
-                    computing = self._blocks_being_computed()
+                if computing is None:  # the running prefills' blocks
+                    computing = {h for r in prefills if r.status is RequestStatus.RUNNING
+                                 for h in self._uncomputed_block_hashes(r)}
                 following = len(hits)
                 if following < (request.num_tokens - 1) // cfg.block_size and \
                         request.block_hashes[following] in computing:
@@ -442,10 +444,6 @@ class Scheduler:
         """The hashes of the request's full blocks of known tokens its KV does not hold yet."""
         size = self.config.block_size
         return request.block_hashes[request.num_computed_tokens // size:len(request.token_ids) // size]
-
-    def _blocks_being_computed(self) -> set[int]:
-        """The hashes of the full blocks the running prefills will compute."""
-        return {h for r in self.running if r.num_uncomputed_tokens > 1 for h in self._uncomputed_block_hashes(r)}
 
     def _insert_in_order(self, request: Request) -> None:
         """FCFS: into the queue before the first request that came after it (the front, for a
