@@ -6,12 +6,15 @@ from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolerConfig, PoolingParams
+from engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolerConfig, PoolingParams, PoolingRequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scoring import ClassificationOutput, ClassificationRequestOutput, ScoringOutput, ScoringRequestOutput
 from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
-    "LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "CompletionOutput", "EmbeddingOutput",
-    "EmbeddingRequestOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "PoolerConfig",
-    "PoolingParams", "RequestMetrics", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
+    "LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "ClassificationOutput",
+    "ClassificationRequestOutput", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "EngineConfig",
+    "LLMEngine", "Logprob", "LoRARequest", "ModelConfig", "PoolerConfig", "PoolingParams", "PoolingRequestOutput",
+    "RequestMetrics", "RequestOutput", "SamplingParams", "ScoringOutput", "ScoringRequestOutput",
+    "StructuredOutputsParams",
 ]

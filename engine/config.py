@@ -26,6 +26,12 @@ SUPPORTED_ARCHITECTURES = {
     "MistralModel": "mistral",
     "Qwen2Model": "qwen2",
     "Qwen3Model": "qwen3",
+    # Sequence classifiers (a linear `score` head on the last token's hidden states, as
+    # transformers'), rerankers among them: classification and scoring only.
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
 }
 
 # generation_config.json keys that become a request's defaults where it sets none (the model's
@@ -63,6 +69,12 @@ class ModelConfig:
     # Sliding-window attention, where the checkpoint uses it: served only up to the window, where
     # it equals the full attention our kernels compute.
     sliding_window: int | None = None
+    # A sequence classifier's number of labels (its `score` head's rows); None: not a classifier.
+    num_labels: int | None = None
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_labels is not None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -123,6 +135,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             sliding_window=_sliding_window(raw, family),
+            num_labels=_num_labels(raw) if arch.endswith("ForSequenceClassification") else None,
         )
 
     @classmethod
@@ -151,6 +164,16 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
     uses = family == "mistral" or bool(raw.get("use_sliding_window")) \
         or "sliding_attention" in (raw.get("layer_types") or ())
     return int(window) if uses and window else None
+
+
+def _num_labels(raw: dict[str, Any]) -> int:
+    """A classifier's labels, as transformers counts them: its id2label's, else num_labels (2,
+    transformers' default, where it has neither)."""
+    labels = raw.get("id2label")
+    count = len(labels) if labels else raw.get("num_labels", 2)
+    if not is_int(count) or count < 1:
+        raise ValueError(f"a sequence classifier needs at least one label, got {count!r}")
+    return count
 
 
 def _check_size(name: str, value: Any) -> None:

@@ -41,7 +41,9 @@ from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.pooling import (EmbeddingOutput, EmbeddingRequestOutput, PooledSum, PoolerConfig, PoolingParams,
-                            PoolingState, finish_embedding)
+                            PoolingRequestOutput, PoolingState, finish_embedding)
+from engine.scoring import (ClassificationOutput, ClassificationRequestOutput, ClassifierConfig, ScoringOutput,
+                            ScoringRequestOutput, activate)
 from engine.reasoning import Reasoning, ReasoningGuide
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
@@ -212,7 +214,9 @@ class LLMEngine:
         self.beam_groups: dict[str, _BeamGroup] = {}
         self.beam_requests: dict[Request, _BeamGroup] = {}
         self.pooler = PoolerConfig.for_model(path, config.pooler_config)
-        self.poolings: dict[str, PoolingState] = {}  # embeddings in flight, by request id
+        self.classifier = ClassifierConfig.for_model(path, self.model_config.num_labels) \
+            if self.model_config.is_classifier else None
+        self.poolings: dict[str, PoolingState] = {}  # embeddings, classifications, scores in flight, by id
         self.pooling_requests: dict[Request, PoolingState] = {}
         self.stats = StepStats()
         self.async_scheduling = config.resolve_async_scheduling(self.runner.device)
@@ -272,6 +276,9 @@ class LLMEngine:
         the context and the KV pool allow; with cap_at_context, the offline API's rule as
         vLLM's, a larger one stops there too, finish_reason "length", where the server refuses
         it)."""
+        if self.classifier is not None:
+            raise ValueError(f"this model is a sequence classifier ({self.model_config.architecture}): "
+                             "it classifies and scores, and generates nothing")
         if not self.runner.model.has_lm_head:
             raise ValueError("this model has no LM head (its checkpoint holds no lm_head.weight): "
                              "it computes embeddings only")
@@ -368,19 +375,45 @@ class LLMEngine:
         if request_id in self.groups or request_id in self.beam_groups or request_id in self.poolings:
             raise ValueError(f"request id {request_id!r} is already in flight")
 
-    # ------------------------------------------------------------------ embeddings
+    # ------------------------------------------------------------------ embeddings, classification, scores
+    def check_pooling_task(self, task: str) -> None:
+        """ValueError if this model can't run the pooling task (embed, classify, score)."""
+        classifier = self.classifier
+        if task == "embed" and classifier is not None:
+            raise ValueError(f"this model is a sequence classifier ({self.model_config.architecture}): it "
+                             "classifies and scores, and computes no embeddings")
+        if task in ("classify", "score") and classifier is None:
+            raise ValueError(f"{task} needs a sequence classifier (a *ForSequenceClassification checkpoint); "
+                             f"this model ({self.model_config.architecture}) computes embeddings"
+                             + (": score pairs with LLM.score, their embeddings' cosine similarity"
+                                if task == "score" else ""))
+        if task == "score" and classifier.num_labels != 1:
+            raise ValueError(f"score needs a cross-encoder (a classifier with one label); this classifier has "
+                             f"{classifier.num_labels} labels: use classify")
+
     def prepare_pooling(self, prompt_token_ids: list[int],
                         params: PoolingParams | None = None) -> tuple[list[int], PoolingParams]:
-        """An embedding as it would run, or ValueError (AdmissionError) if it can't be served:
-        its prompt (cut to the last `truncate_prompt_tokens`) and params of the engine's own,
-        `normalize` resolved from the pooler config."""
+        """An embedding (or a classification, or a cross-encoder's score: `params.task`) as it
+        would run, or ValueError (AdmissionError) if it can't be served: its prompt (cut to the
+        last `truncate_prompt_tokens`) and params of the engine's own, the task and
+        `normalize` / `use_activation` resolved from the model's."""
         params = PoolingParams() if params is None else params
         if not isinstance(params, PoolingParams):
             raise TypeError(f"pooling params must be a PoolingParams, got {type(params).__name__}")
         params = replace(params)  # construction checks it
-        if params.normalize is None:
-            params.normalize = self.pooler.normalize
-        self.pooler.check_dimensions(params.dimensions, self.model_config.hidden_size)
+        params.task = params.task or "embed"
+        self.check_pooling_task(params.task)
+        if params.task == "embed":
+            if params.use_activation is not None:
+                raise ValueError("use_activation applies to classify and score, not to embeddings")
+            if params.normalize is None:
+                params.normalize = self.pooler.normalize
+            self.pooler.check_dimensions(params.dimensions, self.model_config.hidden_size)
+        else:
+            if params.dimensions is not None or params.normalize is not None:
+                raise ValueError(f"dimensions and normalize apply to embeddings, not to {params.task}")
+            if params.use_activation is None:
+                params.use_activation = True
         prompt_token_ids = self._checked_prompt(prompt_token_ids, params.truncate_prompt_tokens)
         self.scheduler.check_admissible(len(prompt_token_ids), 0)
         return prompt_token_ids, params
@@ -388,8 +421,10 @@ class LLMEngine:
     def add_pooling_request(self, request_id: str, prompt: str | list[int], params: PoolingParams | None = None,
                             arrival_time: float | None = None, *, priority: int = 0,
                             lora_request: LoRARequest | None = None) -> None:
-        """Queue an embedding (vLLM's `LLM.embed`, one prompt): its one output, an
-        EmbeddingRequestOutput, arrives once its prompt is computed."""
+        """Queue an embedding (vLLM's `LLM.embed`, one prompt; `params.task` classify or score:
+        a classification or a cross-encoder's score): its one output, an
+        EmbeddingRequestOutput (a ClassificationRequestOutput, a ScoringRequestOutput),
+        arrives once its prompt is computed."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         prepared = self.prepare_pooling(tokens, params)
         self.add_prepared_pooling(request_id, prompt if isinstance(prompt, str) else None, prepared, arrival_time,
@@ -398,7 +433,7 @@ class LLMEngine:
     def add_prepared_pooling(self, request_id: str, text: str | None, prepared: tuple[list[int], PoolingParams],
                              arrival_time: float | None = None, priority: int = 0,
                              lora_request: LoRARequest | None = None) -> None:
-        """Queue an embedding `prepare_pooling` returned."""
+        """Queue what `prepare_pooling` returned."""
         self._check_new_id(request_id)
         self.check_priority(priority)
         prompt_token_ids, params = prepared
@@ -416,14 +451,19 @@ class LLMEngine:
         self.scheduler.add_request(request)
         if lora_request is not None:
             self.loras.acquire(lora_request)
-        state = PoolingState(request_id, text, prompt_token_ids, params.dimensions, params.normalize, arrival,
-                             lora_request, request, PooledSum(pooling_type))
+        activation = None
+        if params.task != "embed" and params.use_activation:
+            activation = self.classifier.score_activation if params.task == "score" \
+                else self.classifier.classify_activation
+        state = PoolingState(request_id, text, prompt_token_ids, params.task, params.dimensions, bool(params.normalize),
+                             activation, arrival, lora_request, request, PooledSum(pooling_type))
         self.poolings[request_id] = state
         self.pooling_requests[request] = state
 
     def _pool(self, batch: ScheduledBatch, pooled: torch.Tensor | None,
               pool_rows: list[int]) -> list[tuple[PoolingState, torch.Tensor]]:
-        """The embeddings whose last prompt token this step computed, on the device."""
+        """The embeddings (classifications, scores) whose last prompt token this step computed,
+        on the device."""
         if not pool_rows:
             return []
         done = []
@@ -433,23 +473,32 @@ class LLMEngine:
                 request = batch.requests[i]
                 state = self.pooling_requests[request]
                 vector = last[j] if state.pooled.pooling_type == "LAST" else state.pooled.result(request.num_prompt_tokens)
-                done.append((state, finish_embedding(vector, state.dimensions, state.normalize)))
+                if state.task == "embed":
+                    done.append((state, finish_embedding(vector, state.dimensions, state.normalize)))
+                else:
+                    done.append((state, activate(self.runner.model.classify(vector), state.activation)))
         return done
 
-    def _embedding_output(self, state: PoolingState, embedding: list[float] | None) -> EmbeddingRequestOutput:
-        """The embedding's one output (None: aborted); it leaves the engine."""
+    def _pooling_output(self, state: PoolingState, values: list[float] | None) -> PoolingRequestOutput:
+        """The request's one output, from its vector (None: aborted); it leaves the engine."""
         del self.poolings[state.request_id]
         self.pooling_requests.pop(state.request, None)
         now = time.monotonic()
         r = state.request
-        return EmbeddingRequestOutput(
+        if state.task == "embed":
+            kind, outputs = EmbeddingRequestOutput, None if values is None else EmbeddingOutput(values)
+        elif state.task == "classify":
+            kind, outputs = ClassificationRequestOutput, None if values is None else ClassificationOutput(values)
+        else:
+            kind, outputs = ScoringRequestOutput, None if values is None else ScoringOutput(values[0])
+        return kind(
             request_id=state.request_id,
-            outputs=EmbeddingOutput(embedding) if embedding is not None else None,
+            outputs=outputs,
             prompt_token_ids=state.prompt_token_ids,
             prompt=state.prompt,
             num_cached_tokens=r.num_cached_tokens,
             metrics=RequestMetrics(arrival_time=state.arrival_time, first_scheduled_time=r.first_scheduled_time,
-                                   first_token_time=now if embedding is not None else None, finish_time=now,
+                                   first_token_time=now if values is not None else None, finish_time=now,
                                    num_preemptions=r.num_preemptions),
             lora_request=state.lora_request,
         )
@@ -670,13 +719,13 @@ class LLMEngine:
             return None
         return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
 
-    def abort_request(self, request_id: str) -> RequestOutput | EmbeddingRequestOutput | None:
+    def abort_request(self, request_id: str) -> RequestOutput | PoolingRequestOutput | None:
         """Stop a request wherever it is; all its blocks return to the pool."""
         pooling = self.poolings.get(request_id)
         if pooling is not None:
             if not pooling.request.finished:  # else released when its last step was launched
                 self._release(pooling.request)
-            return self._embedding_output(pooling, None)
+            return self._pooling_output(pooling, None)
         beams = self.beam_groups.get(request_id)
         if beams is not None:
             return self._beam_output(beams, aborted=True)
@@ -698,7 +747,7 @@ class LLMEngine:
         return bool(self.groups) or bool(self.beam_groups) or bool(self.poolings) or self._in_flight is not None
 
     # ------------------------------------------------------------------- step
-    def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput | EmbeddingRequestOutput]:
+    def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput | PoolingRequestOutput]:
         """One engine iteration, and the outputs it produced, as vLLM's RequestOutputKind:
         - "cumulative": every request that got tokens, with its whole text, tokens and logprobs
           so far, and what is new since its previous output (`delta_text`, `delta_token_ids`);
@@ -715,7 +764,7 @@ class LLMEngine:
         (the masks need those tokens); while drafts are proposed, a step is taken back at once."""
         if outputs not in OUTPUT_KINDS:
             raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
-        results: list[RequestOutput | EmbeddingRequestOutput] = []
+        results: list[RequestOutput | PoolingRequestOutput] = []
         if self._in_flight is not None and self._in_sync():
             results += self._take_back(outputs)
         t0 = time.perf_counter()
@@ -825,7 +874,7 @@ class LLMEngine:
         s.sample_seconds += t3 - t_rows
         return results
 
-    def _take_back(self, outputs: OutputKind) -> list[RequestOutput | EmbeddingRequestOutput]:
+    def _take_back(self, outputs: OutputKind) -> list[RequestOutput | PoolingRequestOutput]:
         """Wait for the launched step's tokens, and turn them into the requests' progress and outputs."""
         launched, self._in_flight = self._in_flight, None
         t0 = time.perf_counter()
@@ -878,12 +927,12 @@ class LLMEngine:
                              ranks[k] if ranks is not None else None, top[k] if top is not None else None)
             if not final_only or sample.finish_reason is not None:
                 touched[group.request_id] = group
-        results: list[RequestOutput | EmbeddingRequestOutput] = [
+        results: list[RequestOutput | PoolingRequestOutput] = [
             self._output(group, delta=outputs == "delta") for group in touched.values()
             if not final_only or group.finished]
         for state, copy in launched.embeddings:
             if self.poolings.get(state.request_id) is state:  # else aborted after its step was launched
-                results.append(self._embedding_output(state, copy.result()))
+                results.append(self._pooling_output(state, copy.result()))
         for beams in searched.values():
             if len(beams.tops) == len(beams.requests) and self._choose_beams(beams, now):
                 results.append(self._beam_output(beams))

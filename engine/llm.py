@@ -14,7 +14,9 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
-from engine.pooling import EmbeddingRequestOutput, PoolingParams
+from engine.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
+from engine.scoring import (ClassificationRequestOutput, ScoringOutput, ScoringRequestOutput, cosine_similarity,
+                            cross_encoder_prompt, score_pairs)
 from engine.sampling_params import SamplingParams, is_int
 
 # A text, token ids, or vLLM's TextPrompt / TokensPrompt dicts: {"prompt": text} or
@@ -132,12 +134,92 @@ class LLM:
         in prompt order, pooled as the model's pooler config says (engine/pooling.py). Prompts
         as `generate`'s; one PoolingParams for all or one per prompt; `truncate_prompt_tokens`
         (keep the last k; -1: the context length) for those whose params set none."""
+        return self._pool(prompts, pooling_params, "embed", truncate_prompt_tokens, use_tqdm, lora_request,
+                          "Embedded prompts")
+
+    def classify(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: ProgressBar = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """vLLM's `LLM.classify`, for a sequence classifier: each prompt's label probabilities
+        (`outputs.probs`; the raw logits with use_activation=False), in prompt order.
+        Arguments as `embed`'s."""
+        return self._pool(prompts, pooling_params, "classify", truncate_prompt_tokens, use_tqdm, lora_request,
+                          "Classified prompts")
+
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: ProgressBar = True,
+        pooling_params: PoolingParams | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's `LLM.score`: how well each pair of texts match (`outputs.score`), pairing one
+        text with one, one with N, or N with N in order (engine/scoring.py). A cross-encoder (a
+        classifier with one label) reads each pair as one prompt; any other model embeds each
+        text, and a pair's score is its embeddings' cosine similarity. `lora_request`: one for
+        all, or one per pair."""
+        pairs = score_pairs(data_1, data_2)
+        if self.engine.classifier is not None:
+            prompts = [cross_encoder_prompt(text_1, text_2) for text_1, text_2 in pairs]
+            return self._pool(prompts, pooling_params, "score", truncate_prompt_tokens, use_tqdm, lora_request,
+                              "Scored pairs")
+        if pooling_params is not None and pooling_params.use_activation is not None:
+            raise ValueError("use_activation applies to a cross-encoder's score; this model's score is its "
+                             "embeddings' cosine similarity")
+        if pooling_params is not None and pooling_params.task == "score":
+            pooling_params = replace(pooling_params, task=None)
+        side_1 = [pairs[0][0]] if isinstance(data_1, str) or len(data_1) == 1 else [t for t, _ in pairs]
+        loras = lora_request if lora_request is None or isinstance(lora_request, LoRARequest) else \
+            self._per_pair(lora_request, len(pairs), len(side_1))
+        embedded = self._pool(side_1 + [t for _, t in pairs], pooling_params, "embed", truncate_prompt_tokens,
+                              use_tqdm, loras, "Embedded texts")
+        firsts, seconds = embedded[:len(side_1)], embedded[len(side_1):]
+        return [self._cosine_score(firsts[i if len(firsts) > 1 else 0], second) for i, second in enumerate(seconds)]
+
+    @staticmethod
+    def _per_pair(loras: Sequence[LoRARequest | None], num_pairs: int, num_firsts: int) -> list[LoRARequest | None]:
+        """One adapter per pair, as one per text embedded (a shared first text: the first pair's)."""
+        loras = list(loras)
+        if len(loras) != num_pairs:
+            raise ValueError(f"got {len(loras)} LoRA requests for {num_pairs} pairs")
+        return loras[:num_firsts] + loras
+
+    @staticmethod
+    def _cosine_score(first: EmbeddingRequestOutput, second: EmbeddingRequestOutput) -> ScoringRequestOutput:
+        """A bi-encoder's pair: its two embeddings' cosine similarity."""
+        return ScoringRequestOutput(
+            request_id=f"{first.request_id}_{second.request_id}",
+            outputs=ScoringOutput(cosine_similarity(first.outputs.embedding, second.outputs.embedding)),
+            prompt_token_ids=first.prompt_token_ids + second.prompt_token_ids,
+            num_cached_tokens=first.num_cached_tokens + second.num_cached_tokens,
+            lora_request=second.lora_request,
+        )
+
+    def _pool(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | Sequence[PoolingParams] | None,
+              task: str, truncate_prompt_tokens: int | None, use_tqdm: ProgressBar,
+              lora_request: LoRARequest | Sequence[LoRARequest | None] | None, desc: str) -> list[PoolingRequestOutput]:
+        """Run a pooling task on every prompt: one output each, in prompt order."""
         prompts = _prompt_list(prompts)
         params = _per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params", PoolingParams)
         texts, prepared = [], []
         for prompt, p in zip(prompts, params):  # everything checked before anything is scheduled
             p = PoolingParams() if p is None else p
-            if truncate_prompt_tokens is not None and isinstance(p, PoolingParams) and p.truncate_prompt_tokens is None:
+            if not isinstance(p, PoolingParams):
+                raise TypeError(f"pooling params must be a PoolingParams, got {type(p).__name__}")
+            if p.task not in (None, task):
+                raise ValueError(f"pooling params for {p.task} were given to {task}")
+            p = replace(p, task=task)
+            if truncate_prompt_tokens is not None and p.truncate_prompt_tokens is None:
                 p = replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
             text, tokens = self._prompt(prompt)
             texts.append(text)
@@ -147,7 +229,7 @@ class LLM:
         def add(i: int, request_id: str) -> None:
             self.engine.add_prepared_pooling(request_id, texts[i], prepared[i], lora_request=loras[i])
 
-        return self._drive(len(prepared), add, use_tqdm, "Embedded prompts")
+        return self._drive(len(prepared), add, use_tqdm, desc)
 
     def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(its text if it has one, its token ids)."""
@@ -263,7 +345,7 @@ class LLM:
         every one is aborted."""
         ids = [f"offline-{self._counter + i}" for i in range(count)]
         self._counter += count
-        finished: dict[str, Any] = {}  # RequestOutput, EmbeddingRequestOutput
+        finished: dict[str, Any] = {}  # RequestOutput, PoolingRequestOutput
         bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=count, desc=desc) if use_tqdm and count else None
         try:
             added = 0

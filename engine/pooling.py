@@ -120,17 +120,29 @@ def _sentence_transformers_pooling(path: str) -> dict[str, Any] | None:
     return found
 
 
+POOLING_TASKS = ("embed", "classify", "score")
+
+
 @dataclass(slots=True)
 class PoolingParams:
-    """vLLM's PoolingParams for embeddings: `dimensions` (Matryoshka models: keep the first
-    this many, before normalising), `normalize` (None: the model's pooler config), and
-    `truncate_prompt_tokens` (keep the prompt's last k tokens; -1: the context length)."""
+    """vLLM's PoolingParams. `task`: "embed" (the default), "classify" or "score" (a
+    cross-encoder's score of a pair, engine/scoring.py). For embeddings: `dimensions`
+    (Matryoshka models: keep the first this many, before normalising) and `normalize` (None:
+    the model's pooler config); for classify and score: `use_activation` (None: true; false:
+    the raw logits). For all: `truncate_prompt_tokens` (keep the prompt's last k tokens; -1:
+    the context length)."""
 
     dimensions: int | None = None
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
+    task: str | None = None
+    use_activation: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.task is not None and self.task not in POOLING_TASKS:
+            raise ValueError(f"task must be one of {POOLING_TASKS}, got {self.task!r}")
+        if self.use_activation is not None and not isinstance(self.use_activation, bool):
+            raise ValueError(f"use_activation must be true, false or None, got {self.use_activation!r}")
         if self.dimensions is not None and not is_int(self.dimensions):
             raise ValueError(f"dimensions must be an integer, got {self.dimensions!r}")
         if self.normalize is not None and not isinstance(self.normalize, bool):
@@ -150,17 +162,23 @@ class EmbeddingOutput:
 
 
 @dataclass(slots=True)
-class EmbeddingRequestOutput:
-    """vLLM's: one prompt's embedding. `outputs` is None for a request aborted before it ended."""
+class PoolingRequestOutput:
+    """vLLM's: one prompt's pooled result (an embedding, its classes' probabilities, a pair's
+    score). `outputs` is None for a request aborted before it ended."""
 
     request_id: str
-    outputs: EmbeddingOutput | None
+    outputs: Any
     prompt_token_ids: list[int]
     finished: bool = True
     prompt: str | None = None
     num_cached_tokens: int = 0  # prefix-cache hits (last-token pooling only)
     metrics: RequestMetrics | None = None
     lora_request: Any = None
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """One prompt's embedding: `outputs` an EmbeddingOutput (None: aborted)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -212,8 +230,10 @@ class PoolingState:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    task: str  # embed, classify or score
     dimensions: int | None
     normalize: bool
+    activation: str | None  # classify and score: engine/scoring.py's ACTIVATIONS; None: the logits
     arrival_time: float
     lora_request: Any
     request: Any  # its scheduler Request

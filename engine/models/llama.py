@@ -248,9 +248,13 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
-        # False for a checkpoint without one (an embedding model's): it serves embeddings only.
-        self.has_lm_head = True
+        classifier = config.is_classifier
+        self.lm_head = None if config.tie_word_embeddings or classifier else \
+            Linear(config.hidden_size, config.vocab_size, bias=False)
+        # False for a classifier and a checkpoint without one (an embedding model's): no generation.
+        self.has_lm_head = not classifier
+        # A sequence classifier's head, transformers' `score` (torch's product: a few rows a step).
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False) if classifier else None
         self.norm_rope_kernels: ModuleType | None = None
         self.linear_kernels: ModuleType | None = None
         # A tied head's packed weight: it also serves the embedding lookups, whose own weight is
@@ -319,9 +323,13 @@ class LlamaForCausalLM(nn.Module):
         `last_hidden_state`): what embeddings pool."""
         return self.model.norm(hidden)
 
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled last hidden states [..., hidden] → a classifier's logits [..., num_labels], fp32."""
+        return self.score(pooled.to(self.score.weight.dtype)).float()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.has_lm_head:
-            raise RuntimeError("this model has no LM head: it computes embeddings only")
+            raise RuntimeError("this model has no LM head: it generates nothing")
         hidden = self.model.norm(hidden)
         if self.lm_head is not None:
             return self.lm_head(hidden)
@@ -345,9 +353,9 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name:
                 continue
-            if not name.startswith(("model.", "lm_head.")):  # a base model's checkpoint (LlamaModel's names)
+            if not name.startswith(("model.", "lm_head.", "score.")):  # a base model's checkpoint (LlamaModel's)
                 name = f"model.{name}"
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.lm_head is None and self.has_lm_head:
                 tied_head = tensor  # tied: the embedding serves as the head, if they are equal
                 continue
             parts = name.split(".")
