@@ -46,6 +46,29 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
     return {kind: _save_tiny(kind, os.path.join(root, kind)) for kind in ("llama", "mistral", "qwen2", "qwen3")}
 
 
+def save_tiny_classifier(path: str, kind: str, num_labels: int, **config: object) -> str:
+    """A tiny random `*ForSequenceClassification` checkpoint (llama or qwen3) with the embedded
+    model's tokenizer, so text prompts work: a cross-encoder with one label."""
+    import shutil
+
+    import transformers
+
+    from engine.default_model import default_model_path
+
+    torch.manual_seed(0)
+    common = dict(TINY_COMMON, vocab_size=49152, num_labels=num_labels, pad_token_id=2, **config)
+    if kind == "llama":
+        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**common))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForSequenceClassification(transformers.Qwen3Config(**common, head_dim=32))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(default_model_path(), name), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
     from engine.default_model import default_model_path
