@@ -52,7 +52,10 @@ class WorkerInfo:
     # how embeddings are pooled (engine/pooling.py's PoolerConfig fields): pooling_type,
     # normalize, matryoshka_dimensions (the `dimensions` a request may ask for)
     pooler: dict[str, Any] = field(default_factory=dict)
-    generates: bool = True  # False: a model without an LM head, which serves embeddings only
+    generates: bool = True  # False: a model without an LM head (embeddings only), or a classifier
+    # a sequence classifier's labels, in id order (config.json's id2label): it serves /classify, and
+    # with one label (a cross-encoder) /score and /rerank; None: not a classifier
+    labels: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -328,7 +331,7 @@ class EngineClient:
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
                                    frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
-                                   frame["generates"])
+                                   frame["generates"], frame.get("labels"))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

@@ -29,8 +29,9 @@ class FrameError(RuntimeError):
 # A step's output for one engine request travels as a list of these fields, and each of its
 # samples as a list of COMPLETION_FIELDS: at 256 streams a step, named fields were twice the
 # bytes and twice the JSON time at both ends of the pipe. Optional fields travel as null.
-# An embedding's one output has no samples; its `embedding` is its vector packed
-# (`pack_embedding`), or "" when it was aborted before it had one.
+# A pooling request's one output (an embedding, a classification, a score) has no samples; its
+# `embedding` is its values packed as an embedding's vector (`pack_embedding`): the vector, the
+# probabilities, or the one score; "" when it was aborted before it had them.
 OUTPUT_FIELDS = ("id", "finished", "num_prompt_tokens", "num_cached_tokens", "outputs", "prompt_logprobs",
                  "metrics", "embedding")
 COMPLETION_FIELDS = ("index", "text", "token_ids", "logprobs", "num_tokens", "finish_reason", "stop_reason")
@@ -39,9 +40,9 @@ OPTIONAL_FIELDS = ("prompt_logprobs", "metrics", "embedding")
 
 def unpack_output(row: list[Any]) -> dict[str, Any]:
     """An output as the worker sends it, by field name; the optional fields only when present,
-    logprobs as `[[token id, logprob], ...]` per token (None for a prompt's first). An
-    embedding's output has `embedding`: its vector as `pack_embedding` packed it (the bytes
-    OpenAI's base64 encoding_format sends), None if it was aborted."""
+    logprobs as `[[token id, logprob], ...]` per token (None for a prompt's first). A pooling
+    request's output has `embedding`: its values as `pack_embedding` packed them (for an
+    embedding, the bytes OpenAI's base64 encoding_format sends), None if it was aborted."""
     if not isinstance(row, list) or len(row) != len(OUTPUT_FIELDS):
         raise FrameError(f"an output has {len(OUTPUT_FIELDS)} fields: {row!r:.200}")
     output = dict(zip(OUTPUT_FIELDS, row))

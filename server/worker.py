@@ -2,14 +2,16 @@
 
 Run as ``python -m server.worker --in-fd R --out-fd W`` by server/engine_client.py. The first
 frame in is ``{"type": "init", "engine": {EngineConfig fields}}``; the worker loads the model,
-runs one warm-up step (an embedding for a model without an LM head, which computes nothing
-else) and answers ``{"type": "ready", ...}``. Then it loops:
+runs one warm-up step (an embedding for a model without an LM head, a classification for a
+sequence classifier: each computes nothing else) and answers ``{"type": "ready", ...}``. Then it
+loops:
 
     take every pending command (block only when idle)
       add    {"ids": [...], "prompts": [[token ids], ...], "params": {...}, "arrival_time": t, "priority": p,
               "lora": [name, id, path] or null}
              params: SamplingParams fields; with "beam_search": BeamSearchParams fields (a search per
-             prompt); or {"pooling": PoolingParams fields} (an embedding per prompt)
+             prompt); or {"pooling": PoolingParams fields} (an embedding, classification or score per
+             prompt, as its task says)
              all prompts are validated before any is queued; ack in "added" or one "errors" entry
       abort  {"ids": [...]}  → the engine frees the blocks; the final outputs go back
       load_lora   {"call": n, "lora": [name, id, path]} → the adapter read (on the command thread:
@@ -18,7 +20,8 @@ else) and answers ``{"type": "ready", ...}``. Then it loops:
              {"call": n, "error": null or a message}
       shutdown (or end of the command pipe: the HTTP process is gone) → exit 0
     one engine step → one frame {"outputs": [...], "stats": {...}, "batch_tokens": n}
-             (server.ipc.OUTPUT_FIELDS: a generation's news; an embedding's one output, its vector packed)
+             (server.ipc.OUTPUT_FIELDS: a generation's news; a pooling request's one output, its values
+             packed: an embedding's vector, a classification's probabilities, a score)
 
 Commands are read by a thread into a queue, so an abort takes effect before the next step.
 The worker ignores SIGINT/SIGTERM: the HTTP process owns shutdown (it drains first). An
@@ -29,7 +32,9 @@ exception inside a step is fatal (exit 1): the HTTP process then fails in-flight
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -39,7 +44,8 @@ from collections import Counter
 import traceback
 from typing import Any
 
-from engine.pooling import EmbeddingRequestOutput
+from engine.pooling import EmbeddingOutput, PoolingRequestOutput
+from engine.scoring import ClassificationOutput, ScoringOutput
 from server.heap import HeapPacer
 from server.ipc import FrameReader, FrameWriter, pack_embedding, pack_logprobs
 
@@ -50,9 +56,9 @@ WARMUP_ID = "__stoke_warmup__"
 
 def encode_output(out: Any) -> list[Any]:
     """A RequestOutput (any output kind) as plain data (server.ipc.OUTPUT_FIELDS, in order):
-    only what is new since the previous one. An EmbeddingRequestOutput: `encode_embedding`."""
-    if type(out) is EmbeddingRequestOutput:
-        return encode_embedding(out)
+    only what is new since the previous one. A PoolingRequestOutput: `encode_pooling`."""
+    if isinstance(out, PoolingRequestOutput):
+        return encode_pooling(out)
     completions = []
     for c in out.outputs:
         n_new = len(c.delta_token_ids)
@@ -87,13 +93,32 @@ def encode_metrics(m: Any) -> dict[str, Any]:
     }
 
 
-def encode_embedding(out: EmbeddingRequestOutput) -> list[Any]:
-    """An embedding's one output (server.ipc.OUTPUT_FIELDS): no samples, its vector packed ("" if
-    it was aborted), and its times without a first token (it samples none: no TTFT to count)."""
+def encode_pooling(out: PoolingRequestOutput) -> list[Any]:
+    """A pooling request's one output (server.ipc.OUTPUT_FIELDS): no samples, its values packed
+    as an embedding's vector is (`pooled_values`; "" if it was aborted), and its times without a
+    first token (it samples none: no TTFT to count)."""
     metrics = None if out.metrics is None else encode_metrics(out.metrics) | {"first_token_time": None,
                                                                              "inter_token_latencies": []}
-    vector = pack_embedding(out.outputs.embedding) if out.outputs is not None else ""
-    return [out.request_id, True, len(out.prompt_token_ids), out.num_cached_tokens, [], None, metrics, vector]
+    values = pack_embedding(pooled_values(out.outputs)) if out.outputs is not None else ""
+    return [out.request_id, True, len(out.prompt_token_ids), out.num_cached_tokens, [], None, metrics, values]
+
+
+def pooled_values(outputs: EmbeddingOutput | ClassificationOutput | ScoringOutput) -> list[float]:
+    """What a pooling request computed, as floats: an embedding's vector, a classification's
+    probabilities (one per label), a score (one)."""
+    if isinstance(outputs, EmbeddingOutput):
+        return outputs.embedding
+    if isinstance(outputs, ClassificationOutput):
+        return outputs.probs
+    return [outputs.score]
+
+
+def classifier_labels(model_path: str, num_labels: int) -> list[str]:
+    """A sequence classifier's labels in id order: config.json's id2label, transformers' LABEL_i
+    where it names none."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        id2label = json.load(f).get("id2label") or {}
+    return [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
 
 
 class Worker:
@@ -108,7 +133,7 @@ class Worker:
     def start(self, init: dict[str, Any]) -> None:
         import torch
 
-        from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+        from engine import EngineConfig, LLMEngine, LoRARequest, PoolingParams, SamplingParams
 
         if init.get("cpu_threads"):
             torch.set_num_threads(int(init["cpu_threads"]))
@@ -117,7 +142,9 @@ class Worker:
         for lora_id, (name, path) in enumerate(init.get("lora_modules") or [], 1):  # the ids serving gives them
             self.engine.add_lora(LoRARequest(name, lora_id, path), pin=True)  # served: never read again
         # One warm-up step: /ready means "a step has run", and the first user pays no warm-up.
-        if self.engine.runner.model.has_lm_head:
+        if self.engine.classifier is not None:  # it classifies and scores, and computes nothing else
+            self.engine.add_pooling_request(WARMUP_ID, list(range(8)), PoolingParams(task="classify"))
+        elif self.engine.runner.model.has_lm_head:
             self.engine.add_request(WARMUP_ID, list(range(8)), SamplingParams(max_tokens=1, temperature=0.0))
         else:  # a checkpoint without lm_head.weight computes embeddings only
             self.engine.add_pooling_request(WARMUP_ID, list(range(8)))
@@ -136,7 +163,8 @@ class Worker:
             "default_sampling": e.default_sampling,
             # what a request's `dimensions` are checked against before it takes from its client's limits
             "hidden_size": e.model_config.hidden_size,
-            "generates": e.runner.model.has_lm_head,  # False: embeddings only
+            "generates": e.runner.model.has_lm_head,  # False: embeddings only, or a classifier
+            "labels": classifier_labels(e.model_path, e.classifier.num_labels) if e.classifier is not None else None,
             "pooler": {"pooling_type": e.pooler.pooling_type, "normalize": e.pooler.normalize,
                        "matryoshka_dimensions": e.pooler.matryoshka_dimensions},
             "frozen_objects": self.heap.frozen_baseline,
