@@ -32,16 +32,20 @@ from server.heap import freeze_startup_heap
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
     LoadLoRAAdapterRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
 from server.request_log import RequestLogger, RequestRecord, key_id
 from server.responses import ResponseStore, response_owner, responses_job
+from server.scoring import classify_job, rerank_job, score_job
 from server.serving import Job, OpenAIServing
 
 logger = logging.getLogger("stoke.server")
@@ -51,8 +55,12 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from the tree (gpu-check: PYTHONPATH=.)
     _VERSION = "unknown"
 
+# An API route's request id prefix and its log line's endpoint (vLLM's ids for score, rerank, classify).
 _ENDPOINTS = {"/v1/completions": ("cmpl", "completions"), "/v1/chat/completions": ("chatcmpl", "chat.completions"),
-              "/v1/responses": ("resp", "responses"), "/v1/embeddings": ("embd", "embeddings")}
+              "/v1/responses": ("resp", "responses"), "/v1/embeddings": ("embd", "embeddings"),
+              "/score": ("score", "score"), "/v1/score": ("score", "score"),
+              "/rerank": ("rerank", "rerank"), "/v1/rerank": ("rerank", "rerank"), "/v2/rerank": ("rerank", "rerank"),
+              "/classify": ("classify", "classify")}
 
 
 def bearer_token(request: Request) -> str | None:
@@ -294,6 +302,22 @@ def create_app(config: ServerConfig, *, tokenizer: Any = None, model_path: str |
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await handle(request, body, partial(embedding_job, serving))
+
+    # vLLM's pooling APIs beyond embeddings (server/scoring.py), at vLLM's paths
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request) -> Response:
+        return await handle(request, body, partial(score_job, serving))
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(body: RerankRequest, request: Request) -> Response:
+        return await handle(request, body, partial(rerank_job, serving))
+
+    @app.post("/classify")
+    async def classify(body: ClassificationRequest, request: Request) -> Response:
+        return await handle(request, body, partial(classify_job, serving))
 
     # A stored response (--max-stored-responses) is its client's alone: as OpenAI's, a 404 for
     # any other client, or once it is gone.

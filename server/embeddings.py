@@ -8,12 +8,17 @@ the `base64` encoding_format sends: the openai SDK asks for it unless told other
 decodes it itself, so that costs the HTTP process nothing. `float` sends JSON numbers, the
 float32 values exactly (a float's shortest repr); a body of many of them is rendered off the
 event loop, a vector at a time, as a long chat is (JSON numbers cost ~0.6 µs each).
+
+Score, rerank and classify (server/scoring.py) are pooling requests too, run the same way with
+the helpers here: their inputs checked (`check_not_empty`), their packed values read back in
+prompt order (`packed_values`), a large body built off the event loop (`render_off_loop`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.responses import Response
 
@@ -28,6 +33,33 @@ from server.serving import Choice, Job, OpenAIServing, _dumps
 # A float body of more numbers than this (~5 ms of JSON) is rendered on the tokenizer thread.
 RENDER_INLINE_FLOATS = 8192
 
+T = TypeVar("T")
+
+
+def check_not_empty(prompts: list[str | list[int]], param: str) -> None:
+    """A 400 naming `param` for an empty prompt (text or token ids): the engine computes nothing
+    from one."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise errors.invalid(f"{param} must not be empty" if len(prompts) == 1 else f"{param}.{i} must not be empty",
+                                 param=param)
+
+
+def packed_values(job: Job) -> list[str]:
+    """Every prompt's packed values (server/ipc.py), in prompt order, once the job finished."""
+    values = [job.embeddings.get(i) for i in range(len(job.prompts))]
+    if any(v is None for v in values):  # every prompt's output came, none aborted: never
+        raise RuntimeError(f"{job.request_id}: a pooling output is missing from a finished request")
+    return values
+
+
+def render_off_loop(serving: OpenAIServing, render: Callable[[], T], numbers: int) -> T | Awaitable[T]:
+    """`render()` now, or, for a body of more than RENDER_INLINE_FLOATS numbers, an awaitable of
+    it run on the tokenizer thread (the event loop gets the GIL back between its pieces)."""
+    if numbers <= RENDER_INLINE_FLOATS:
+        return render()
+    return asyncio.get_running_loop().run_in_executor(serving._tokenizer_thread, render)
+
 
 async def embedding_job(serving: OpenAIServing, req: EmbeddingRequest, record: RequestRecord,
                         arrival: float) -> Job:
@@ -35,11 +67,9 @@ async def embedding_job(serving: OpenAIServing, req: EmbeddingRequest, record: R
     queued; its params are the worker's pooling params."""
     record.priority = req.priority or 0  # logged, refused or not
     record.model = serving.check_model(req.model)
+    serving.check_pooling_task("embed")
     raw = serving.prompt_list(req.input, "input")
-    for i, p in enumerate(raw):
-        if not p:
-            raise errors.invalid("input must not be empty" if len(raw) == 1 else f"input.{i} must not be empty",
-                                 param="input")
+    check_not_empty(raw, "input")
     params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)  # their types are the body's
     info = serving.client.info
     pooler = PoolerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.pooler.items()})
@@ -62,7 +92,7 @@ class EmbeddingRenderer:
         self.encoding_format = encoding_format
 
     @staticmethod
-    def renamed(exc: APIError) -> APIError:
+    def renamed(exc: APIError, prompt_index: int | None = None) -> APIError:
         """The engine's refusal of a prompt as this API names it: `input`."""
         if exc.param == "prompt":
             exc.param = "input"
@@ -71,9 +101,7 @@ class EmbeddingRenderer:
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> Any:
         """The response (JSON text, built here: the vectors are the bulk of it); an awaitable
         of it where its floats are many."""
-        vectors = [job.embeddings.get(i) for i in range(len(job.prompts))]
-        if any(v is None for v in vectors):  # every input's output came, none aborted: never
-            raise RuntimeError(f"{job.request_id}: an embedding is missing from a finished request")
+        vectors = packed_values(job)
         head = _dumps({"id": job.request_id, "object": "list", "created": job.created, "model": job.model})
         tail = _dumps({"usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}})
 
@@ -82,12 +110,11 @@ class EmbeddingRenderer:
                              for i, v in enumerate(vectors))
             return Response(f'{head[:-1]},"data":[{items}],{tail[1:]}', media_type="application/json")
 
-        floats = sum(len(v) for v in vectors) * 3 // 16  # base64: 4 digits per 3 bytes; 4 bytes a float
-        if self.encoding_format == "base64" or floats <= RENDER_INLINE_FLOATS:
+        if self.encoding_format == "base64":
             return render()
         # json.dumps holds the GIL for one vector's numbers at a time (~2.5 ms for 4,096), and the
         # event loop gets it back between vectors
-        return asyncio.get_running_loop().run_in_executor(serving._tokenizer_thread, render)
+        return render_off_loop(serving, render, sum(len(v) for v in vectors) * 3 // 16)  # base64: 4 digits per 3 bytes
 
     def _vector(self, packed: str) -> str:
         """One vector's JSON: its packed bytes as they came (base64), or its floats."""

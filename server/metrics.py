@@ -102,8 +102,8 @@ class Metrics:
                                          "Speculative decoding: draft tokens verified", registry=r)
         self.spec_accepted_tokens = Counter("stoke_spec_decode_accepted_tokens",
                                             "Speculative decoding: draft tokens accepted", registry=r)
-        self.requests = Counter("stoke_requests", "Finished completions (one per choice) and embeddings (one per "
-                                "input), by finish reason",
+        self.requests = Counter("stoke_requests", "Finished completions (one per choice) and pooling requests "
+                                "(embeddings, classifications, scores: one per engine request), by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("stoke_request_errors", "API requests that ended in an error, by type", ["type"],
                               registry=r)
@@ -197,7 +197,7 @@ class Metrics:
         self._prompt_only.update(engine_ids)
 
     def _on_output(self, output: dict[str, Any]) -> None:
-        if "embedding" in output:
+        if "embedding" in output:  # any pooling request's
             return self._on_embedding(output)
         engine_id = output["id"]
         prompt_only = engine_id in self._prompt_only
@@ -239,9 +239,10 @@ class Metrics:
             self.itl.observe(latency)
 
     def _on_embedding(self, output: dict[str, Any]) -> None:
-        """An embedding's one output, as vLLM counts a pooling request: finished "stop" once its
-        vector is computed (its prompt counted then), else "abort". It generates no token, so
-        it has no TTFT, inter-token latency or generated tokens to count."""
+        """A pooling request's one output (an embedding, a classification, a score), as vLLM
+        counts one: finished "stop" once its values are computed (its prompt counted then), else
+        "abort". It generates no token, so it has no TTFT, inter-token latency or generated
+        tokens to count."""
         embedded = output["embedding"] is not None
         self.requests.labels("stop" if embedded else "abort").inc()
         self.request_prompt_tokens.observe(output["num_prompt_tokens"])

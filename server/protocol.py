@@ -173,22 +173,61 @@ class ResponsesRequest(_Model):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class EmbeddingRequest(_Model):
-    """OpenAI's embeddings body (server/embeddings.py), with vLLM's extras."""
+class PoolingRequest(_Model):
+    """What every pooling body has (embeddings, score, rerank, classify): each prompt an engine
+    request that computes it and samples nothing."""
 
     model: str | None = None
+    user: str | None = None
+    # vLLM's extras
+    truncate_prompt_tokens: int | None = None  # keep each prompt's last k tokens (-1: max_model_len)
+    priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
+
+
+class EmbeddingRequest(PoolingRequest):
+    """OpenAI's embeddings body (server/embeddings.py), with vLLM's extras."""
+
     # Token ids before strings, as a completion's prompt (a failed list[str] is slow on 100k ids).
     input: str | list[int] | list[list[int]] | list[str]
     # "base64": each vector's float32 bytes (little-endian), what the openai SDK asks for unless
     # told otherwise (it decodes them itself)
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = None  # Matryoshka models only: the vector's first this many, normalised
-    user: str | None = None
-    # vLLM's extras
-    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: max_model_len)
-    priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
     add_special_tokens: bool | None = True
     normalize: bool | None = None  # None: as the model's pooler config says
+
+
+class ScoreRequest(PoolingRequest):
+    """vLLM's /score body (server/scoring.py): pairs of texts, 1:1, 1:N or N:N."""
+
+    text_1: str | list[str]
+    text_2: str | list[str]
+    use_activation: bool | None = None  # a cross-encoder's: false gives its raw logit
+
+
+class RerankDocument(_Model):
+    """A document as Cohere's rerank API may send it: an object with its text."""
+
+    text: str
+
+
+class RerankRequest(PoolingRequest):
+    """vLLM's /rerank body, Jina's and Cohere's API (server/scoring.py): a query's score with
+    each document."""
+
+    query: str
+    documents: list[str | RerankDocument]
+    top_n: int | None = 0  # the best this many (0 or none: all)
+    return_documents: bool | None = True  # false: results without their document's text (Cohere's)
+    use_activation: bool | None = None
+
+
+class ClassificationRequest(PoolingRequest):
+    """vLLM's /classify body (server/scoring.py): a sequence classifier's labels for each input."""
+
+    input: str | list[int] | list[list[int]] | list[str]  # as an embedding's
+    add_special_tokens: bool | None = True
+    use_activation: bool | None = None  # false: the raw logits
 
 
 class TokenizeRequest(_Model):

@@ -362,7 +362,7 @@ class ResponsesRenderer:
             self._emit("response.output_item.done", output_index=index, item=_copy(item))
 
     @staticmethod
-    def renamed(exc: APIError) -> APIError:
+    def renamed(exc: APIError, prompt_index: int | None = None) -> APIError:
         """A chat's 400 (the engine refused its prompt) as this API names it."""
         return _renamed(exc, [])
 

@@ -1,5 +1,5 @@
 """OpenAI completions and chat completions over the engine client (and the jobs other APIs
-build on them: server/responses.py, server/embeddings.py).
+build on them: server/responses.py, server/embeddings.py, server/scoring.py).
 
 A request is validated and turned into a Job (token-id prompts + SamplingParams fields), handed
 to the worker, and its outputs are turned into OpenAI responses — one JSON body, or SSE chunks
@@ -38,7 +38,7 @@ from server.engine_client import EngineClient, EngineDeadError, EngineRejected, 
 from server.errors import APIError
 from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PoolingRequest,
                              TokenizeRequest)
 from server.request_log import RequestLogger, RequestRecord
 from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
@@ -81,7 +81,7 @@ class Choice:
 
 @dataclass(slots=True)
 class Job:
-    kind: str  # "completion" | "chat" | "embedding"
+    kind: str  # "completion" | "chat" | "embedding" | "score" | "rerank" | "classify"
     request_id: str
     model: str
     created: int
@@ -124,11 +124,18 @@ class Job:
     reasoning_opening: str | None = None
     include_reasoning: bool = True
     # renders the answer for another API than the kind's (server/responses.py: OpenAI's
-    # Responses API over a chat; server/embeddings.py): its `body(...)` (a dict, or a Response,
-    # or an awaitable of either) and `stream(...)` replace the chat's
+    # Responses API over a chat; server/embeddings.py, server/scoring.py): its `body(...)` (a
+    # dict, or a Response, or an awaitable of either) and `stream(...)` replace the chat's, and
+    # its `renamed(error, prompt_index)` names the field a refused prompt came from
     renderer: Any = None
-    # an embedding: prompt index → its vector, packed (server/ipc.py), None if it was aborted
+    # a pooling request (an embedding, a classification, a score): prompt index → its values,
+    # packed (server/ipc.py), None if it was aborted
     embeddings: dict[int, str | None] = field(default_factory=dict)
+
+    @property
+    def pooling(self) -> bool:
+        """Its prompts are pooled (embedded, classified, scored): they generate nothing."""
+        return "pooling" in self.params
 
 
 class SSEResponse(StreamingResponse):
@@ -270,11 +277,37 @@ class OpenAIServing:
         return self.model_name
 
     def check_generates(self) -> None:
-        """A 400 for a generation on a model without an LM head (before any other check of
-        the request, whose errors would point elsewhere)."""
-        if self.client.info is not None and not self.client.info.generates:
+        """A 400 for a generation on a model without an LM head or on a classifier (before any
+        other check of the request, whose errors would point elsewhere)."""
+        info = self.client.info
+        if info is not None and info.labels is not None:
+            raise errors.invalid(f"this model is a sequence classifier: it serves {self._classifier_endpoints()} "
+                                 "only", param="model")
+        if info is not None and not info.generates:
             raise errors.invalid("this model has no LM head (an embedding model): it serves /v1/embeddings only",
                                  param="model")
+
+    def check_pooling_task(self, task: str) -> None:
+        """A 400 naming `model` for a pooling task (embed, classify, score) the model can't run,
+        before any other check of the request (the engine's rules, LLMEngine.check_pooling_task,
+        said by endpoint): a classifier embeds nothing; only a classifier classifies; a pair is
+        scored by a cross-encoder (a classifier with one label) or by any other model's
+        embeddings."""
+        labels = self.client.info.labels
+        if task == "embed" and labels is not None:
+            raise errors.invalid(f"this model is a sequence classifier: it computes no embeddings (it serves "
+                                 f"{self._classifier_endpoints()})", param="model")
+        if task == "classify" and labels is None:
+            raise errors.invalid("/classify needs a sequence classifier (a *ForSequenceClassification checkpoint); "
+                                 "this model computes embeddings: /v1/embeddings, and /score and /rerank by their "
+                                 "cosine similarity", param="model")
+        if task == "score" and labels is not None and len(labels) != 1:
+            raise errors.invalid(f"/score and /rerank need a cross-encoder (a classifier with one label) or an "
+                                 f"embedding model; this classifier has {len(labels)} labels: use /classify",
+                                 param="model")
+
+    def _classifier_endpoints(self) -> str:
+        return "/classify, /score and /rerank" if len(self.client.info.labels) == 1 else "/classify"
 
     def _max_model_len(self) -> int:
         return self.client.info.max_model_len
@@ -445,12 +478,18 @@ class OpenAIServing:
             raw = list(prompt)  # type: ignore[arg-type]
         if not raw:
             raise errors.invalid(f"{param} must not be empty", param=param)
-        if len(raw) > self.config.max_prompts:  # before any is tokenized: a 4 MiB body lists a million
-            raise errors.invalid(f"at most {self.config.max_prompts} {param}s per request are allowed on this "
-                                 f"server, got {len(raw)}", param=param)
+        self.check_prompt_count(len(raw), param)
         return raw
 
-    async def prompt_ids(self, req: CompletionRequest | EmbeddingRequest, raw: list[str | list[int]], add_special_tokens: bool = True,
+    def check_prompt_count(self, count: int, param: str) -> None:
+        """--max-prompts: the engine requests one API request may queue, checked before any
+        prompt is tokenized (a 4 MiB body lists a million); a 400 naming `param`."""
+        if count > self.config.max_prompts:
+            raise errors.invalid(f"at most {self.config.max_prompts} {param}s per request are allowed on this "
+                                 f"server, got {count}", param=param)
+
+    async def prompt_ids(self, req: CompletionRequest | PoolingRequest, raw: list[str | list[int]],
+                         add_special_tokens: bool = True,
                          param: str = "prompt") -> tuple[list[list[int]], list[str | None]]:
         """`prompt_list`'s prompts as token ids, each cut to the request's truncate_prompt_tokens,
         and their texts (None where the model sees something else: decoded when needed)."""
@@ -463,7 +502,7 @@ class OpenAIServing:
             texts.append(p if isinstance(p, str) and kept is tokens else None)
         return prompts, texts
 
-    def _truncated(self, req: CompletionRequest | ChatCompletionRequest | EmbeddingRequest,
+    def _truncated(self, req: CompletionRequest | ChatCompletionRequest | PoolingRequest,
                    tokens: list[int]) -> list[int]:
         """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len), the
         same list when it is no longer."""
@@ -770,11 +809,11 @@ class OpenAIServing:
             raise errors.model_not_found(job.model)
         info = self.client.info
         max_tokens = job.params.get("max_tokens", 0)  # an embedding's: none, its input alone
-        for prompt in job.prompts:  # one that can never run is a 400, not a 429 of its client's limits
+        for index, prompt in enumerate(job.prompts):  # one that can never run is a 400, not a 429 of its limits
             try:
                 check_admissible(len(prompt), max_tokens, info.max_model_len, info.num_blocks, info.block_size)
             except AdmissionError as exc:
-                raise self._rejected(job, EngineRejected("admission", exc.code, str(exc))) from None
+                raise self._rejected(job, EngineRejected("admission", exc.code, str(exc)), index) from None
         # Without API keys every client is one: a bearer token nobody checks is no identity.
         client = record.key_id or "" if self.config.api_keys else ""
         record._reservation = self.limits.admit(client, record.prompt_tokens, len(job.prompts) * job.n * max_tokens)
@@ -855,9 +894,10 @@ class OpenAIServing:
             generation.abort()
             generation._fail(ShuttingDown())
 
-    def _rejected(self, job: Job, exc: EngineRejected) -> APIError:
+    def _rejected(self, job: Job, exc: EngineRejected, prompt_index: int | None = None) -> APIError:
+        """The error for a refused job; `prompt_index`: the prompt refused, where it is known."""
         error = self._refusal(exc, "messages" if job.kind == "chat" else "prompt")
-        return job.renderer.renamed(error) if job.renderer is not None else error
+        return job.renderer.renamed(error, prompt_index) if job.renderer is not None else error
 
     @staticmethod
     def _refusal(exc: EngineRejected, param: str) -> APIError:
@@ -1013,7 +1053,7 @@ class OpenAIServing:
     def _summarize(self, job: Job, choices: list[Choice]) -> None:
         reasons = sorted({c.finish_reason for c in choices if c.finish_reason})
         job.record.finish_reason = ",".join(reasons) or None
-        if self.request_logger.log_text and job.kind != "embedding":  # an embedding's output is no text
+        if self.request_logger.log_text and not job.pooling:  # a pooling request's output is no text
             outputs = ["".join(c.text) for c in choices]
             job.record.output = outputs[0] if len(outputs) == 1 else outputs
 
