@@ -71,6 +71,14 @@ class ModelConfig:
     sliding_window: int | None = None
     # A sequence classifier's number of labels (its `score` head's rows); None: not a classifier.
     num_labels: int | None = None
+    # An LLM reranker's classifier, as vLLM builds it from a causal LM's checkpoint (hf_overrides
+    # `classifier_from_token`, `method`): its score head is LM-head rows, those of these tokens
+    # ("from_2_way_softmax": one label, the second's row less the first's, so its sigmoid is the
+    # softmax of the two; "no_post_processing": a label per token, its row). The engine resolves
+    # the token ids with the tokenizer before the weights load.
+    classifier_from_token: tuple[str, ...] | None = None
+    classifier_method: str | None = None
+    classifier_token_ids: tuple[int, ...] | None = None
 
     @property
     def is_classifier(self) -> bool:
@@ -116,6 +124,7 @@ class ModelConfig:
                 else scaling.get("original_max_position_embeddings")
             scaling["original_max_position_embeddings"] = original or max_positions
         eos = raw.get("eos_token_id")
+        tokens, method = _classifier_from_token(raw, arch)
         return cls(
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -136,12 +145,13 @@ class ModelConfig:
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             sliding_window=_sliding_window(raw, family),
             num_labels=_num_labels(raw) if arch.endswith("ForSequenceClassification") else None,
+            classifier_from_token=tokens,
+            classifier_method=method,
         )
 
     @classmethod
-    def from_dir(cls, path: str) -> ModelConfig:
-        with open(os.path.join(path, "config.json")) as f:
-            config = cls.from_dict(json.load(f))
+    def from_dir(cls, path: str, hf_overrides: dict[str, Any] | str | None = None) -> ModelConfig:
+        config = cls.from_dict(read_hf_config(path, hf_overrides))
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_path):
             with open(gen_path) as f:
@@ -166,9 +176,49 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
     return int(window) if uses and window else None
 
 
+def read_hf_config(path: str, hf_overrides: dict[str, Any] | str | None = None) -> dict[str, Any]:
+    """A checkpoint's config.json, with vLLM's `hf_overrides` (a dict, or its JSON) over its keys."""
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if isinstance(hf_overrides, str):
+        try:
+            hf_overrides = json.loads(hf_overrides)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"hf_overrides is not valid JSON: {exc}") from None
+    if hf_overrides is not None and not isinstance(hf_overrides, dict):
+        raise ValueError(f"hf_overrides must be a dict (or its JSON), got {hf_overrides!r:.100}")
+    return raw | (hf_overrides or {})
+
+
+CLASSIFIER_METHODS = ("from_2_way_softmax", "no_post_processing")
+
+
+def _classifier_from_token(raw: dict[str, Any], arch: str) -> tuple[tuple[str, ...] | None, str | None]:
+    """An LLM reranker's classifier tokens and method (vLLM's keys; Qwen3-Reranker's
+    `is_original_qwen3_reranker` means the 2-way softmax), or (None, None)."""
+    tokens = raw.get("classifier_from_token")
+    if tokens is None:
+        return None, None
+    if not arch.endswith("ForSequenceClassification"):
+        raise ValueError(f"classifier_from_token makes a sequence classifier: the architecture must be one "
+                         f"(e.g. {arch.replace('ForCausalLM', '')}ForSequenceClassification), got {arch}")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"classifier_from_token must be a list of tokens, got {tokens!r:.100}")
+    method = raw.get("method") or ("from_2_way_softmax" if raw.get("is_original_qwen3_reranker") else None)
+    if method not in CLASSIFIER_METHODS:
+        raise ValueError(f"classifier_from_token needs a method, one of {CLASSIFIER_METHODS}, got {method!r}")
+    if method == "from_2_way_softmax" and len(tokens) != 2:
+        raise ValueError(f"from_2_way_softmax takes two tokens (false, true), got {len(tokens)}")
+    return tuple(tokens), method
+
+
 def _num_labels(raw: dict[str, Any]) -> int:
-    """A classifier's labels, as transformers counts them: its id2label's, else num_labels (2,
-    transformers' default, where it has neither)."""
+    """A classifier's labels, as transformers counts them (its id2label's, else num_labels: 2,
+    transformers' default, where it has neither); an LLM reranker's, as its method makes them."""
+    tokens = raw.get("classifier_from_token")
+    if tokens is not None:
+        return 1 if raw.get("method") == "from_2_way_softmax" or raw.get("is_original_qwen3_reranker") \
+            else len(tokens)
     labels = raw.get("id2label")
     count = len(labels) if labels else raw.get("num_labels", 2)
     if not is_int(count) or count < 1:
@@ -249,6 +299,10 @@ class EngineConfig:
     # Reasoning models (engine/reasoning.py), as vLLM's --reasoning-parser: "deepseek_r1" or
     # "qwen3". A structured output's grammar then holds the answer only once its reasoning ended.
     reasoning_parser: str | None = None
+    # vLLM's --hf-overrides: keys set over the checkpoint's config.json (a dict or its JSON), e.g.
+    # to serve a causal LM as a reranker: {"architectures": ["Qwen3ForSequenceClassification"],
+    # "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": true}.
+    hf_overrides: dict[str, Any] | str | None = None
     # Embeddings (engine/pooling.py), as vLLM's --pooler-config: {"pooling_type": "LAST" | "MEAN" |
     # "CLS", "normalize": bool, "matryoshka_dimensions": [...] or true} (or its JSON) over what the
     # checkpoint says (sentence-transformers modules; else the last token, normalised).

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.beam_search import BeamSearch, BeamSearchParams, TopLogprobs
-from engine.config import EngineConfig, ModelConfig, generation_defaults
+from engine.config import EngineConfig, ModelConfig, generation_defaults, read_hf_config
 from engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
@@ -172,8 +172,11 @@ class LLMEngine:
         else:
             path = config.model
         self.model_path = path
-        self.model_config = ModelConfig.from_dir(path)
+        hf_config = read_hf_config(path, config.hf_overrides)
+        self.model_config = ModelConfig.from_dir(path, config.hf_overrides)
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
+        if self.model_config.classifier_from_token is not None:
+            self.model_config.classifier_token_ids = self._classifier_token_ids(self.model_config.classifier_from_token)
         # A token's text decoded alone: a Logprob's decoded_token (vLLM's), None without a tokenizer
         self._token_text = lru_cache(maxsize=1 << 16)(self.tokenizer.decode if self.tokenizer is not None
                                                       else lambda token_id: None)
@@ -213,8 +216,8 @@ class LLMEngine:
         self.samples: dict[Request, tuple[_Group, _Sample]] = {}
         self.beam_groups: dict[str, _BeamGroup] = {}
         self.beam_requests: dict[Request, _BeamGroup] = {}
-        self.pooler = PoolerConfig.for_model(path, config.pooler_config)
-        self.classifier = ClassifierConfig.for_model(path, self.model_config.num_labels) \
+        self.pooler = PoolerConfig.for_model(path, config.pooler_config, config.hf_overrides)
+        self.classifier = ClassifierConfig.for_model(hf_config, self.model_config.num_labels) \
             if self.model_config.is_classifier else None
         self.poolings: dict[str, PoolingState] = {}  # embeddings, classifications, scores in flight, by id
         self.pooling_requests: dict[Request, PoolingState] = {}
@@ -224,6 +227,18 @@ class LLMEngine:
         self._token_masks: TokenMasks | None = None  # built for the first structured output
         self._num_guided = 0  # unfinished samples with structured outputs
         self.proposer = NgramProposer(speculative) if speculative is not None else None
+
+    def _classifier_token_ids(self, tokens: tuple[str, ...]) -> tuple[int, ...]:
+        """An LLM reranker's classifier tokens' ids (each must be one token of the vocabulary)."""
+        if self.tokenizer is None:
+            raise ValueError("classifier_from_token needs the model's tokenizer")
+        ids = []
+        for token in tokens:
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == self.tokenizer.unk_token_id:
+                raise ValueError(f"classifier_from_token: {token!r} is not a token of this model's vocabulary")
+            ids.append(token_id)
+        return tuple(ids)
 
     @staticmethod
     def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from engine.config import read_hf_config
 from engine.outputs import RequestMetrics
 from engine.sampling_params import is_int
 
@@ -48,11 +49,12 @@ class PoolerConfig:
             raise ValueError(f"matryoshka_dimensions must be a list of sizes or true, got {dims!r}")
 
     @staticmethod
-    def for_model(path: str, override: dict[str, Any] | str | None) -> PoolerConfig:
+    def for_model(path: str, override: dict[str, Any] | str | None,
+                  hf_overrides: dict[str, Any] | str | None = None) -> PoolerConfig:
         """The engine's `pooler_config` (a dict or its JSON: pooling_type, normalize,
-        matryoshka_dimensions) over what the checkpoint at `path` says."""
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
+        matryoshka_dimensions) over what the checkpoint at `path` says (its config.json with
+        `hf_overrides` over it)."""
+        hf_config = read_hf_config(path, hf_overrides)
         found = _sentence_transformers_pooling(path) or {}
         dims = hf_config.get("matryoshka_dimensions")
         found["matryoshka_dimensions"] = tuple(dims) if dims else (True if hf_config.get("is_matryoshka") else None)

@@ -15,8 +15,6 @@ sigmoid. `use_activation=False` gives the raw logits.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +47,8 @@ class ClassifierConfig:
     score_activation: str
 
     @staticmethod
-    def for_model(path: str, num_labels: int) -> ClassifierConfig:
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
+    def for_model(hf_config: dict[str, Any], num_labels: int) -> ClassifierConfig:
+        """From the checkpoint's config.json (hf_overrides over it)."""
         problem = hf_config.get("problem_type")
         if problem == "regression":
             classify = "identity"

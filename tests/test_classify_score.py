@@ -213,3 +213,67 @@ def test_aborted_classifications_give_every_block_back(three_labels: str) -> Non
     assert [o.request_id for o in outputs] == ["kept"]
     assert outputs[0].outputs.probs == pytest.approx(want, abs=TOLERANCE)
     assert_no_leak(llm)
+
+
+RERANKER = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+            "is_original_qwen3_reranker": True}
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Qwen3 causal LM (tied head) with the embedded model's tokenizer: an LLM reranker's
+    checkpoint, as Qwen3-Reranker's."""
+    import shutil
+
+    import transformers
+
+    from engine.default_model import default_model_path
+    from tests.conftest import TINY_COMMON
+
+    path = str(tmp_path_factory.mktemp("reranker"))
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(**dict(TINY_COMMON, vocab_size=49152), head_dim=32, tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(default_model_path(), name), path)
+    return path
+
+
+def hf_last_logits(path: str, text: str) -> torch.Tensor:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokenizer(text, return_tensors="pt").input_ids).logits[0, -1]
+
+
+def test_an_llm_reranker_scores_the_softmax_of_its_two_tokens(causal_lm: str) -> None:
+    """vLLM's hf_overrides for Qwen3-Reranker: a causal LM served as a cross-encoder whose score
+    is the probability of "yes" against "no" after the pair, from transformers' logits."""
+    llm = LLM(causal_lm, num_kv_blocks=32, hf_overrides=json.dumps(RERANKER))
+    tokenizer = llm.get_tokenizer()
+    no, yes = tokenizer.convert_tokens_to_ids("no"), tokenizer.convert_tokens_to_ids("yes")
+    query, docs = "<Query>: the capital of France?\n", ["<Document>: Paris", "<Document>: bananas are yellow"]
+    for out, doc in zip(llm.score(query, docs, use_tqdm=False), docs):
+        logits = hf_last_logits(causal_lm, query + doc)
+        assert_close(out.outputs.score, torch.softmax(logits[[no, yes]], dim=-1)[1])
+    per_token = LLM(causal_lm, num_kv_blocks=32, hf_overrides=RERANKER | {
+        "classifier_from_token": ["no", "yes", "maybe"], "method": "no_post_processing",
+        "is_original_qwen3_reranker": False})
+    out = per_token.classify(query + docs[0], PoolingParams(use_activation=False), use_tqdm=False)[0]
+    ids = [no, yes, tokenizer.convert_tokens_to_ids("maybe")]
+    assert_close(out.outputs.probs, hf_last_logits(causal_lm, query + docs[0])[ids])
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ({"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"}, "architecture must be one"),
+    (RERANKER | {"classifier_from_token": ["no", "absolutelynotatoken"]}, "not a token of this model"),
+    (RERANKER | {"is_original_qwen3_reranker": False}, "needs a method"),
+    (RERANKER | {"classifier_from_token": ["yes"]}, "takes two tokens"),
+    ("{not json", "hf_overrides is not valid JSON"),
+])
+def test_bad_reranker_overrides_are_refused(causal_lm: str, overrides, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        LLM(causal_lm, num_kv_blocks=8, hf_overrides=overrides)

@@ -337,6 +337,18 @@ class LlamaForCausalLM(nn.Module):
             return self.linear_kernels.linear(hidden, self.head_packed, None, self.config.vocab_size)
         return F.linear(hidden, self.model.embed_tokens.weight)
 
+    def _score_from_rows(self, head_rows: torch.Tensor | None) -> None:
+        """An LLM reranker's score head from its classifier tokens' LM-head rows (the
+        embedding's, for a tied head), as vLLM builds it (engine/config.py)."""
+        if head_rows is None:
+            if not self.config.tie_word_embeddings:
+                raise ValueError("classifier_from_token needs the checkpoint's lm_head.weight, and it has none")
+            head_rows = self.model.embed_tokens.weight[list(self.config.classifier_token_ids)]
+        rows = head_rows.float()
+        if self.config.classifier_method == "from_2_way_softmax":  # false, true: sigmoid(true - false)
+            rows = rows[1:2] - rows[0:1]
+        self.score.weight.copy_(rows.to(self.score.weight))
+
     def _shard_bounds(self, fused: str, shard: int) -> tuple[int, int]:
         c = self.config
         if fused == "qkv_proj":
@@ -350,11 +362,16 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         tied_head: torch.Tensor | None = None
+        head_rows: torch.Tensor | None = None  # an LLM reranker's: its classifier tokens' LM-head rows
+        token_ids = list(self.config.classifier_token_ids or ())
         for name, tensor in weights:
             if "rotary_emb" in name:
                 continue
             if not name.startswith(("model.", "lm_head.", "score.")):  # a base model's checkpoint (LlamaModel's)
                 name = f"model.{name}"
+            if name == "lm_head.weight" and token_ids:
+                head_rows = tensor[token_ids].clone()
+                continue
             if name == "lm_head.weight" and self.lm_head is None and self.has_lm_head:
                 tied_head = tensor  # tied: the embedding serves as the head, if they are equal
                 continue
@@ -383,6 +400,9 @@ class LlamaForCausalLM(nn.Module):
                     missing.append(name)
             elif name not in loaded:
                 missing.append(name)
+        if token_ids and "score.weight" in missing:
+            missing.remove("score.weight")
+            self._score_from_rows(head_rows)
         if "lm_head.weight" in missing:  # an embedding model's checkpoint: no head
             logger.warning("the checkpoint has no lm_head.weight: this model computes embeddings only")
             missing.remove("lm_head.weight")
