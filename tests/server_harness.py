@@ -37,6 +37,14 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):
     return predicate()
 
 
+def sdk_post(client: Any, path: str, body: dict[str, Any]) -> Any:
+    """The `openai` SDK's generic POST (it has no score, rerank or classify methods) at the
+    server's root (`path` without /v1: vLLM's paths), the JSON back; an error status raises the
+    SDK's error, as its own methods do."""
+    root = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    return client.post(root + path, body=body, cast_to=object)
+
+
 def idle(server: ServerProcess) -> bool:
     """Nothing running or waiting in the server's engine, and no KV block in use."""
     m = server.metrics()

@@ -3,7 +3,9 @@ SDK: the vectors are the offline `LLM.embed`'s, whether the SDK asks for base64 
 or floats; inputs as texts or token ids come back in order with their usage; what can't be
 served is a 400 in OpenAI's shape that names the field, and the server goes on with no block in
 use; the request's log line, metrics, rate limits (prompt tokens only) and prices; a client that
-leaves aborts its embeddings. A request timeout's abort runs in-process, against a fake worker."""
+leaves aborts its embeddings. A request timeout's abort runs in-process, against a fake worker.
+The same model scores pairs (`/score`, `/rerank`) by its embeddings' cosine similarity, as a
+bi-encoder."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import openai
 import pytest
 
 from engine import LLM
-from tests.server_harness import ServerProcess, idle, wait_for
+from tests.server_harness import ServerProcess, idle, sdk_post, wait_for
 
 KEY, LIMITED_KEY = "sk-embed-a-0123", "sk-embed-b-4567"
 TOKENS_PER_MINUTE = 6000  # refills 100 a second
@@ -136,6 +138,51 @@ def test_what_cannot_be_served_is_a_400_and_the_server_goes_on(server, client, m
     assert after[f'stoke_request_errors_total{{type="{kind}"}}'] - before[f'stoke_request_errors_total{{type="{kind}"}}'] == 1
     assert after["stoke_prompt_tokens_total"] == before["stoke_prompt_tokens_total"]
     assert client.embeddings.create(model=model, input=[[5, 6]]).usage.prompt_tokens == 2
+
+
+QUERY = "Where is the Eiffel Tower?"
+DOCUMENTS = ["The Eiffel Tower is in Paris.", "Bananas are yellow.", "Paris is in France."]
+
+
+def test_a_bi_encoder_scores_pairs_by_cosine_similarity(server, client, offline):
+    """Scores are the offline LLM.score's (its embeddings' cosine similarity), 1:N and N:N; a
+    rerank's documents best first. Each distinct text is embedded once (a 1:N request's one
+    text too): the engine requests that usage, the log line and metrics count."""
+    tokenizer = offline.get_tokenizer()
+    for text_1, text_2 in ((DOCUMENTS[:2], [QUERY, DOCUMENTS[2]]), (QUERY, DOCUMENTS)):
+        got = sdk_post(client, "/score", {"text_1": text_1, "text_2": text_2})
+        expected = [out.outputs.score for out in offline.score(text_1, text_2, use_tqdm=False)]
+        assert [d["index"] for d in got["data"]] == [0, 1, 2][:len(expected)]
+        assert max(abs(d["score"] - e) for d, e in zip(got["data"], expected)) < 1e-5
+        texts = {text_1} | set(text_2) if isinstance(text_1, str) else set(text_1) | set(text_2)
+        assert got["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(t)) for t in texts)
+    before = server.metrics()
+    ranked = sdk_post(client, "/rerank", {"query": QUERY, "documents": [*DOCUMENTS, DOCUMENTS[0]], "top_n": 3})
+    after = server.metrics()
+    sent = expected + expected[:1]  # one text, one embedding, the same score: ties keep document order
+    assert [r["index"] for r in ranked["results"]] == sorted(range(len(sent)), key=lambda i: -sent[i])[:3]
+    for r in ranked["results"]:
+        assert abs(r["relevance_score"] - expected[r["index"] % len(DOCUMENTS)]) < 1e-5
+        assert r["document"]["text"] == DOCUMENTS[r["index"] % len(DOCUMENTS)]
+    embedded = sum(len(tokenizer.encode(t)) for t in [QUERY, *DOCUMENTS])  # the repeated document once
+    assert ranked["usage"] == {"prompt_tokens": embedded, "total_tokens": embedded}
+    assert after['stoke_requests_total{finish_reason="stop"}'] - before['stoke_requests_total{finish_reason="stop"}'] == 4
+    line = _line(server, ranked["id"])
+    assert (line["endpoint"], line["prompt_tokens"], line["completion_tokens"]) == ("rerank", embedded, 0)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/classify", {"input": "hi"}, "model"),  # not a sequence classifier
+    ("/score", {"text_1": "a", "text_2": "b", "use_activation": False}, "use_activation"),  # a cross-encoder's
+    ("/rerank", {"query": "a", "documents": [str(i) for i in range(1024)]}, "documents"),  # 1,025 past --max-prompts
+])
+def test_what_a_bi_encoder_cannot_do_is_a_400(server, client, path: str, body, param: str):
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk_post(client, path, body)
+    assert info.value.body["param"] == param, info.value.body
+    assert wait_for(lambda: idle(server)), server.metrics()
+    # 1,024 documents of one text: two texts to embed, well within --max-prompts
+    assert sdk_post(client, "/rerank", {"query": "a", "documents": ["b"] * 1024})["usage"]["prompt_tokens"] == 2
 
 
 def test_a_wrong_key_is_a_401(server, model):
