@@ -49,6 +49,17 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
 def save_tiny_classifier(path: str, kind: str, num_labels: int, **config: object) -> str:
     """A tiny random `*ForSequenceClassification` checkpoint (llama or qwen3) with the embedded
     model's tokenizer, so text prompts work: a cross-encoder with one label."""
+    return _save_with_tokenizer(path, kind, "ForSequenceClassification",
+                                dict(num_labels=num_labels, pad_token_id=2, **config))
+
+
+def save_tiny_causal_lm(path: str, kind: str = "qwen3", **config: object) -> str:
+    """A tiny random causal LM (llama or qwen3) with the embedded model's tokenizer: an LLM
+    reranker's checkpoint, as Qwen3-Reranker's."""
+    return _save_with_tokenizer(path, kind, "ForCausalLM", config)
+
+
+def _save_with_tokenizer(path: str, kind: str, head: str, config: dict[str, object]) -> str:
     import shutil
 
     import transformers
@@ -56,11 +67,11 @@ def save_tiny_classifier(path: str, kind: str, num_labels: int, **config: object
     from engine.default_model import default_model_path
 
     torch.manual_seed(0)
-    common = dict(TINY_COMMON, vocab_size=49152, num_labels=num_labels, pad_token_id=2, **config)
+    common = dict(TINY_COMMON, vocab_size=49152, **config)
     if kind == "llama":
-        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**common))
+        model = getattr(transformers, f"Llama{head}")(transformers.LlamaConfig(**common))
     elif kind == "qwen3":
-        model = transformers.Qwen3ForSequenceClassification(transformers.Qwen3Config(**common, head_dim=32))
+        model = getattr(transformers, f"Qwen3{head}")(transformers.Qwen3Config(**common, head_dim=32))
     else:
         raise ValueError(kind)
     model.save_pretrained(path)

@@ -247,3 +247,30 @@ def test_embeddings_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
     computed = {r["case"]: r["computed_tokens"] for r in results}
     assert computed["stoke"] == report["prompt_tokens"] - 4 * 16
     assert computed["stoke, no prefix cache"] == report["prompt_tokens"]
+
+
+@pytest.mark.parametrize("kind", ["llm reranker", "cross-encoder"])
+def test_rerank_benchmark_tiny(tmp_path, kind: str) -> None:
+    """benchmarks/rerank.py at a tiny size, on a causal LM served as an LLM reranker and on a
+    sequence classifier: every case scores the same pairs, as transformers one at a time does;
+    with the prefix cache, a query's shared prefix is computed once for its documents."""
+    from benchmarks.rerank import CASES
+    from benchmarks.rerank import main as rerank_main
+    from tests.conftest import save_tiny_causal_lm, save_tiny_classifier
+
+    model = str(tmp_path / "model")
+    if kind == "llm reranker":
+        save_tiny_causal_lm(model)
+    else:
+        save_tiny_classifier(model, "llama", num_labels=1)
+    out = tmp_path / "rerank.json"
+    report = rerank_main(["--model", model, "--queries", "2", "--docs", "3", "--doc-len", "3", "12",
+                          "--batch-size", "2", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    results = report["results"]
+    assert [r["case"] for r in results] == list(CASES)
+    assert all(_positive(r["tok_s"]) and _positive(r["pairs_s"]) and r["max_abs_diff"] < 1e-4 for r in results)
+    assert (report["hf_overrides"] is not None) == (kind == "llm reranker") and report["pairs"] == 6
+    computed = {r["case"]: r["computed_tokens"] for r in results}
+    assert computed["stoke, no prefix cache"] == report["prompt_tokens"]
+    assert computed["stoke"] <= report["prompt_tokens"] - 2 * 2 * 16  # at least one block per query, twice

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, PoolingParams
-from tests.conftest import save_tiny_classifier
+from tests.conftest import save_tiny_causal_lm, save_tiny_classifier
 
 TOLERANCE = 2e-5  # fp32, the same math in another order
 TEXTS = ["hello", "What is the capital of France? Paris is the capital and the largest city of France, "
@@ -221,22 +221,8 @@ RERANKER = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_fro
 
 @pytest.fixture(scope="module")
 def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny Qwen3 causal LM (tied head) with the embedded model's tokenizer: an LLM reranker's
-    checkpoint, as Qwen3-Reranker's."""
-    import shutil
-
-    import transformers
-
-    from engine.default_model import default_model_path
-    from tests.conftest import TINY_COMMON
-
-    path = str(tmp_path_factory.mktemp("reranker"))
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(**dict(TINY_COMMON, vocab_size=49152), head_dim=32, tie_word_embeddings=True)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(default_model_path(), name), path)
-    return path
+    """A tiny Qwen3 causal LM with a tied head: an LLM reranker's checkpoint."""
+    return save_tiny_causal_lm(str(tmp_path_factory.mktemp("reranker")), tie_word_embeddings=True)
 
 
 def hf_last_logits(path: str, text: str) -> torch.Tensor:
