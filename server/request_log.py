@@ -1,8 +1,9 @@
 """One structured JSON line per finished API request, on the `stoke.requests` logger.
 
 Fields are always present (null when unknown), so a log pipeline can rely on the shape:
-request_id, endpoint (completions, chat.completions, responses or embeddings: an embeddings
-line has no completion tokens, ttft_s or mean_itl_s, and finishes "stop"), model, key_id (a hash prefix of the API key, never the key), user,
+request_id, endpoint (completions, chat.completions, responses, embeddings, score, rerank or
+classify: a line of the last four has no completion tokens, ttft_s or mean_itl_s, and finishes
+"stop"), model, key_id (a hash prefix of the API key, never the key), user,
 stream, n, beam_search (true: `use_beam_search`, n beams), priority, structured (what the answer
 was held to: json, json_object, choice or regex; a forced tool_choice is json; null: free text), prompt_tokens, cached_tokens, completion_tokens,
 reasoning_tokens (those of the completion tokens spent thinking: chats on a server with
