@@ -32,9 +32,7 @@ exception inside a step is fatal (exit 1): the HTTP process then fails in-flight
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import queue
 import signal
 import sys
@@ -113,12 +111,13 @@ def pooled_values(outputs: EmbeddingOutput | ClassificationOutput | ScoringOutpu
     return [outputs.score]
 
 
-def classifier_labels(model_path: str, num_labels: int) -> list[str]:
-    """A sequence classifier's labels in id order: config.json's id2label, transformers' LABEL_i
-    where it names none."""
-    with open(os.path.join(model_path, "config.json")) as f:
-        id2label = json.load(f).get("id2label") or {}
-    return [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
+def classifier_labels(engine: Any) -> list[str]:
+    """A sequence classifier's labels in id order: its config's id2label (config.json, with the
+    engine's hf_overrides over it), transformers' LABEL_i where it names none."""
+    from engine.config import read_hf_config
+
+    id2label = read_hf_config(engine.model_path, engine.config.hf_overrides).get("id2label") or {}
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(engine.classifier.num_labels)]
 
 
 class Worker:
@@ -164,7 +163,7 @@ class Worker:
             # what a request's `dimensions` are checked against before it takes from its client's limits
             "hidden_size": e.model_config.hidden_size,
             "generates": e.runner.model.has_lm_head,  # False: embeddings only, or a classifier
-            "labels": classifier_labels(e.model_path, e.classifier.num_labels) if e.classifier is not None else None,
+            "labels": classifier_labels(e) if e.classifier is not None else None,
             "pooler": {"pooling_type": e.pooler.pooling_type, "normalize": e.pooler.normalize,
                        "matryoshka_dimensions": e.pooler.matryoshka_dimensions},
             "frozen_objects": self.heap.frozen_baseline,
