@@ -651,6 +651,32 @@ def test_embeddings_on_the_gpu_match_transformers(tiny_checkpoints: dict[str, st
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_an_llm_reranker_on_the_gpu_matches_transformers(tmp_path) -> None:
+    """A causal LM served as an LLM reranker on the GPU (async scheduling, no CUDA graphs: a
+    classifier has no LM head to graph): each pair's P("yes") against "no" is transformers'."""
+    import transformers
+
+    from tests.conftest import save_tiny_causal_lm
+
+    path = save_tiny_causal_lm(str(tmp_path))
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+                 "method": "from_2_way_softmax"}
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_model_len=256, num_kv_blocks=64,
+              hf_overrides=overrides)
+    query, docs = "<Query>: the capital of France?\n", [f"<Document>: {i} " * (3 + 7 * i) for i in range(6)]
+    scores = llm.score(query, docs, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("no", "yes")]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for out, doc in zip(scores, docs):
+        with torch.no_grad():
+            logits = model(tokenizer(query + doc, return_tensors="pt").input_ids).logits[0, -1]
+        assert out.outputs.score == pytest.approx(torch.softmax(logits[ids], dim=-1)[1].item(), abs=1e-4)
+    assert llm.engine.scheduler.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_gpu_engine_matches_transformers(tiny_checkpoints: dict[str, str], kind: str) -> None:
     """The whole GPU path (Triton attention, fused norm/rope, CUDA graphs, one-copy inputs,
