@@ -651,27 +651,24 @@ def test_embeddings_on_the_gpu_match_transformers(tiny_checkpoints: dict[str, st
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_an_llm_reranker_on_the_gpu_matches_transformers(tmp_path) -> None:
-    """A causal LM served as an LLM reranker on the GPU (async scheduling, no CUDA graphs: a
-    classifier has no LM head to graph): each pair's P("yes") against "no" is transformers'."""
+def test_a_classifier_on_the_gpu_matches_transformers(tmp_path) -> None:
+    """A sequence classifier on the GPU (async scheduling, no CUDA graphs: it has no LM head to
+    graph), prompts chunked across steps: transformers' softmax over its labels' logits."""
     import transformers
 
-    from tests.conftest import save_tiny_causal_lm
+    from tests.conftest import TINY_COMMON
 
-    path = save_tiny_causal_lm(str(tmp_path))
-    overrides = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
-                 "method": "from_2_way_softmax"}
-    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_model_len=256, num_kv_blocks=64,
-              hf_overrides=overrides)
-    query, docs = "<Query>: the capital of France?\n", [f"<Document>: {i} " * (3 + 7 * i) for i in range(6)]
-    scores = llm.score(query, docs, use_tqdm=False)
-    tokenizer = llm.get_tokenizer()
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("no", "yes")]
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for out, doc in zip(scores, docs):
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**TINY_COMMON, num_labels=3)) \
+        .save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", max_num_batched_tokens=64, max_model_len=256, num_kv_blocks=64)
+    ps = prompts(13, 6, 1, 200)
+    outs = llm.classify(ps, use_tqdm=False)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for out, p in zip(outs, ps):
         with torch.no_grad():
-            logits = model(tokenizer(query + doc, return_tensors="pt").input_ids).logits[0, -1]
-        assert out.outputs.score == pytest.approx(torch.softmax(logits[ids], dim=-1)[1].item(), abs=1e-4)
+            want = torch.softmax(model(torch.tensor([p])).logits[0], dim=-1)
+        assert torch.allclose(torch.tensor(out.outputs.probs), want, atol=1e-4)
     assert llm.engine.scheduler.block_manager.num_used_blocks == 0
 
 
