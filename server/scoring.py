@@ -102,7 +102,8 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
         texts = list(prompt_of)
         pair_prompts = [(prompt_of[first], prompt_of[second]) for first, second in pairs]
         pooling = {"dimensions": None, "normalize": None}  # the model's own, as LLM.score's
-    serving.check_prompt_count(len(texts), sides[1])
+    serving.check_prompt_count(len(texts), sides[1], "pairs (prompts of a cross-encoder)" if cross_encoder
+                               else "distinct texts (each embedded once)")
     prompts, prompt_texts = await serving.prompt_ids(req, texts, True, sides[1])
     job = serving.new_job(kind, record, arrival, prompts, prompt_texts, {"pooling": pooling})
     return job, PairScores(pair_prompts, cross_encoder, prompt_params)

@@ -481,12 +481,13 @@ class OpenAIServing:
         self.check_prompt_count(len(raw), param)
         return raw
 
-    def check_prompt_count(self, count: int, param: str) -> None:
+    def check_prompt_count(self, count: int, param: str, prompts: str | None = None) -> None:
         """--max-prompts: the engine requests one API request may queue, checked before any
-        prompt is tokenized (a 4 MiB body lists a million); a 400 naming `param`."""
+        prompt is tokenized (a 4 MiB body lists a million); a 400 naming `param`. `prompts`:
+        what the message calls them (default: `param`s)."""
         if count > self.config.max_prompts:
-            raise errors.invalid(f"at most {self.config.max_prompts} {param}s per request are allowed on this "
-                                 f"server, got {count}", param=param)
+            raise errors.invalid(f"at most {self.config.max_prompts} {prompts or param + 's'} per request are allowed "
+                                 f"on this server, got {count}", param=param)
 
     async def prompt_ids(self, req: CompletionRequest | PoolingRequest, raw: list[str | list[int]],
                          add_special_tokens: bool = True,

@@ -180,6 +180,8 @@ def test_what_a_bi_encoder_cannot_do_is_a_400(server, client, path: str, body, p
     with pytest.raises(openai.BadRequestError) as info:
         sdk_post(client, path, body)
     assert info.value.body["param"] == param, info.value.body
+    if param == "documents":
+        assert "at most 1024 distinct texts (each embedded once)" in info.value.body["message"]
     assert wait_for(lambda: idle(server)), server.metrics()
     # 1,024 documents of one text: two texts to embed, well within --max-prompts
     assert sdk_post(client, "/rerank", {"query": "a", "documents": ["b"] * 1024})["usage"]["prompt_tokens"] == 2

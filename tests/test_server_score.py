@@ -175,6 +175,8 @@ def test_what_cannot_be_served_is_a_400_and_the_server_goes_on(server, client, p
     assert (error["param"], error["code"]) == (param, code), error
     if param == "model":
         assert "sequence classifier" in error["message"] and "/classify" in error["message"]
+    if isinstance(body.get("text_2"), list) and len(body["text_2"]) > MAX_PROMPTS:
+        assert f"at most {MAX_PROMPTS} pairs" in error["message"]
     assert wait_for(lambda: idle(server)), server.metrics()  # nothing queued, no KV block held
     after = server.metrics()
     kind = "context_length" if code == "context_length_exceeded" else "invalid_request"
