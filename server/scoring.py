@@ -84,6 +84,14 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
     the pairs' first and second texts came from (errors name them)."""
     cross_encoder = serving.client.info.labels is not None
     if cross_encoder:
+        # A 1:N request's one text is in every pair's prompt: a 3 MB text sent with 1,024
+        # documents would have 3 GB tokenized. The prompts may hold no more than a request may send.
+        joined = sum(len(first) + len(second) for first, second in pairs)
+        if joined > serving.config.max_body_bytes:
+            raise errors.invalid(f"a cross-encoder reads each pair as one prompt, the two texts joined: these pairs' "
+                                 f"prompts would hold {joined} characters, more than the {serving.config.max_body_bytes} "
+                                 f"a request may send (--max-body-bytes); send a shorter {sides[0]} or fewer pairs",
+                                 param=sides[0])
         texts = [cross_encoder_prompt(first, second) for first, second in pairs]
         pair_prompts = [(i, i) for i in range(len(pairs))]
         prompt_params = [sides[1]] * len(texts)  # a pair's own text is its second (1:N)

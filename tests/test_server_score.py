@@ -151,6 +151,7 @@ def test_classify_gives_the_offline_probabilities(client, offline):
     ("/score", {"text_1": "a"}, "text_2", "missing_required_parameter"),
     ("/score", {"text_1": "a", "text_2": ["b"] * (MAX_PROMPTS + 1)}, "text_2", "invalid_value"),  # --max-prompts
     ("/score", {"text_1": "a", "text_2": "b " * MAX_MODEL_LEN}, "text_2", "context_length_exceeded"),
+    ("/rerank", {"query": "q" * (600 << 10), "documents": ["d"] * MAX_PROMPTS}, "query", "invalid_value"),  # 4.8 MiB
     ("/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens",
      "invalid_value"),
     ("/score", {"text_1": "a", "text_2": "b", "priority": 1}, "priority", "invalid_value"),  # first come, first served
@@ -177,6 +178,8 @@ def test_what_cannot_be_served_is_a_400_and_the_server_goes_on(server, client, p
         assert "sequence classifier" in error["message"] and "/classify" in error["message"]
     if isinstance(body.get("text_2"), list) and len(body["text_2"]) > MAX_PROMPTS:
         assert f"at most {MAX_PROMPTS} pairs" in error["message"]
+    if len(body.get("query", "")) > MAX_MODEL_LEN:  # a long query joined to every document: not tokenized
+        assert "--max-body-bytes" in error["message"]
     assert wait_for(lambda: idle(server)), server.metrics()  # nothing queued, no KV block held
     after = server.metrics()
     kind = "context_length" if code == "context_length_exceeded" else "invalid_request"
