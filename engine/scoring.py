@@ -45,6 +45,7 @@ class ClassifierConfig:
     num_labels: int
     classify_activation: str
     score_activation: str
+    labels: tuple[str, ...] = ()  # the labels' names in id order: config.json's id2label, else LABEL_i
 
     @staticmethod
     def for_model(hf_config: dict[str, Any], num_labels: int) -> ClassifierConfig:
@@ -62,7 +63,9 @@ class ClassifierConfig:
             raise ValueError(f"the checkpoint's cross-encoder activation {named!r} is not supported "
                              f"(stoke applies {', '.join(_CROSS_ENCODER_ACTIVATIONS)})")
         score = _CROSS_ENCODER_ACTIVATIONS[named] if named is not None else "sigmoid"
-        return ClassifierConfig(num_labels, classify, score)
+        id2label = hf_config.get("id2label") or {}
+        labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels))
+        return ClassifierConfig(num_labels, classify, score, labels)
 
 
 def activate(logits: torch.Tensor, activation: str | None) -> torch.Tensor:

@@ -55,9 +55,9 @@ def speculative_config(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def pooler_config(text: str) -> dict[str, Any]:
-    """A --pooler-config value: a JSON object (its keys are checked against the model, once it is
-    known, by `main`)."""
+def json_object(text: str) -> dict[str, Any]:
+    """A --pooler-config or --hf-overrides value: a JSON object (its keys are checked against the
+    model, once it is known, by `main`)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -177,11 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help='speculative decoding by prompt lookup, as vLLM\'s: \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (while drafts '
                         'are proposed, steps run without async scheduling; default: off)')
-    e.add_argument("--pooler-config", type=pooler_config, default=None, metavar="JSON",
+    e.add_argument("--pooler-config", type=json_object, default=None, metavar="JSON",
                    help='how /v1/embeddings pools the model\'s hidden states, as vLLM\'s: \'{"pooling_type": "MEAN", '
                         '"normalize": true}\' (LAST, MEAN or CLS; "matryoshka_dimensions": [...] or true lets requests '
                         'ask for fewer dimensions) over what the checkpoint says (sentence-transformers modules; '
                         'default: the last token, normalised)')
+    e.add_argument("--hf-overrides", type=json_object, default=None, metavar="JSON",
+                   help="keys set over the checkpoint's config.json, as vLLM's; e.g. a causal LM served as an LLM "
+                        'reranker (Qwen3-Reranker): \'{"architectures": ["Qwen3ForSequenceClassification"], '
+                        '"classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": true}\'')
     e.add_argument("--generation-config", default="auto",
                    help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
                         "max_tokens come from: auto (the model's generation_config.json), none (OpenAI's "
@@ -262,7 +266,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "cuda_graph_mode": args.cuda_graph_mode, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "generation_config": args.generation_config,
         "speculative_config": args.speculative_config, "reasoning_parser": args.reasoning_parser,
-        "pooler_config": args.pooler_config,
+        "pooler_config": args.pooler_config, "hf_overrides": args.hf_overrides,
         "enable_lora": args.enable_lora, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
         # The served adapters stay in memory by default: one read from disk would stall every step.
         "max_cpu_loras": args.max_cpu_loras if args.max_cpu_loras is not None
@@ -345,10 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         logger.error("bad --generation-config: %s", exc)
         return 2
+    from engine.config import ModelConfig
     from engine.pooling import PoolerConfig
 
+    try:  # what the worker would refuse: an architecture the overrides name, a classifier's keys
+        ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.error("bad --hf-overrides (or the checkpoint's config.json): %s", exc)
+        return 2
     try:  # the checkpoint's own (sentence-transformers modules) too: the worker would refuse it
-        PoolerConfig.for_model(model_path, config.engine_args["pooler_config"])
+        PoolerConfig.for_model(model_path, config.engine_args["pooler_config"], config.engine_args["hf_overrides"])
     except (OSError, ValueError, TypeError) as exc:
         logger.error("bad --pooler-config (or the checkpoint's pooling): %s", exc)
         return 2
@@ -402,7 +412,7 @@ def check_lora_modules(config: ServerConfig, model_path: str) -> str | None:
     from engine.lora import LoRARequest, load_adapter
 
     served = config.served_model_name or ServerConfig.model_name(model_path)
-    model_config = ModelConfig.from_dir(model_path)
+    model_config = ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"])
     engine_config = EngineConfig(**config.engine_args)
     dtype = engine_config.resolve_dtype(engine_config.resolve_device())  # an fp16 overflow shows in fp16 only
     for lora_id, (name, path) in enumerate(config.lora_modules, 1):

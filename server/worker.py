@@ -111,15 +111,6 @@ def pooled_values(outputs: EmbeddingOutput | ClassificationOutput | ScoringOutpu
     return [outputs.score]
 
 
-def classifier_labels(engine: Any) -> list[str]:
-    """A sequence classifier's labels in id order: its config's id2label (config.json, with the
-    engine's hf_overrides over it), transformers' LABEL_i where it names none."""
-    from engine.config import read_hf_config
-
-    id2label = read_hf_config(engine.model_path, engine.config.hf_overrides).get("id2label") or {}
-    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(engine.classifier.num_labels)]
-
-
 class Worker:
     def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
         self.reader = reader
@@ -163,7 +154,7 @@ class Worker:
             # what a request's `dimensions` are checked against before it takes from its client's limits
             "hidden_size": e.model_config.hidden_size,
             "generates": e.runner.model.has_lm_head,  # False: embeddings only, or a classifier
-            "labels": classifier_labels(e) if e.classifier is not None else None,
+            "labels": list(e.classifier.labels) if e.classifier is not None else None,
             "pooler": {"pooling_type": e.pooler.pooling_type, "normalize": e.pooler.normalize,
                        "matryoshka_dimensions": e.pooler.matryoshka_dimensions},
             "frozen_objects": self.heap.frozen_baseline,

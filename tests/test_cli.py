@@ -206,3 +206,25 @@ def test_serve_checks_its_lora_limits_before_starting(capsys: pytest.CaptureFixt
     assert serve_main(["--enable-lora", *flags]) == 2
     err = capsys.readouterr().err
     assert "ERROR stoke.server: " in err and name in err, err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ('{"architectures": ["GPT2LMHeadModel"]}', "unsupported architecture"),
+    ('{"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"}', "architecture must be one"),
+])
+def test_serve_checks_its_hf_overrides_before_starting(capsys: pytest.CaptureFixture[str], never_served,
+                                                       overrides: str, message: str) -> None:
+    """`--hf-overrides` (vLLM's flag): a JSON object over the checkpoint's config.json, passed to
+    the engine as it is; one the model can't run with is refused before anything starts."""
+    from server.launch import build_parser, config_from_args, main as serve_main
+
+    assert serve_main(["--hf-overrides", overrides]) == 2
+    err = capsys.readouterr().err
+    assert "ERROR stoke.server: bad --hf-overrides" in err and message in err, err
+    reranker = {"architectures": ["LlamaForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+                "method": "from_2_way_softmax"}
+    import json
+
+    args = build_parser().parse_args(["--hf-overrides", json.dumps(reranker)])
+    assert config_from_args(args).engine_args["hf_overrides"] == reranker
+    assert config_from_args(build_parser().parse_args([])).engine_args["hf_overrides"] is None

@@ -360,14 +360,14 @@ def test_pooler_config_option():
     """`--pooler-config` (vLLM's flag) is a JSON object, passed to the engine as it is."""
     import argparse
 
-    from server.launch import build_parser, config_from_args, pooler_config
+    from server.launch import build_parser, config_from_args, json_object
 
     args = build_parser().parse_args(["--pooler-config", '{"pooling_type": "MEAN", "normalize": true}'])
     assert config_from_args(args).engine_args["pooler_config"] == {"pooling_type": "MEAN", "normalize": True}
     assert config_from_args(build_parser().parse_args([])).engine_args["pooler_config"] is None
     for bad in ("MEAN", "[1]", "{"):
         with pytest.raises(argparse.ArgumentTypeError):
-            pooler_config(bad)
+            json_object(bad)
 
 
 def test_a_drain_cut_off_before_the_first_step_ended_is_a_503():
