@@ -176,18 +176,23 @@ def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
     return int(window) if uses and window else None
 
 
+def dict_option(value: dict[str, Any] | str | None, name: str) -> dict[str, Any] | None:
+    """An engine option given as a dict or its JSON text (as the server's flags take it)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict (or its JSON), got {value!r:.100}")
+    return value
+
+
 def read_hf_config(path: str, hf_overrides: dict[str, Any] | str | None = None) -> dict[str, Any]:
     """A checkpoint's config.json, with vLLM's `hf_overrides` (a dict, or its JSON) over its keys."""
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    if isinstance(hf_overrides, str):
-        try:
-            hf_overrides = json.loads(hf_overrides)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"hf_overrides is not valid JSON: {exc}") from None
-    if hf_overrides is not None and not isinstance(hf_overrides, dict):
-        raise ValueError(f"hf_overrides must be a dict (or its JSON), got {hf_overrides!r:.100}")
-    return raw | (hf_overrides or {})
+    return raw | (dict_option(hf_overrides, "hf_overrides") or {})
 
 
 CLASSIFIER_METHODS = ("from_2_way_softmax", "no_post_processing")

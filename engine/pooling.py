@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.config import read_hf_config
+from engine.config import dict_option, read_hf_config
 from engine.outputs import RequestMetrics
 from engine.sampling_params import is_int
 
@@ -58,14 +58,7 @@ class PoolerConfig:
         found = _sentence_transformers_pooling(path) or {}
         dims = hf_config.get("matryoshka_dimensions")
         found["matryoshka_dimensions"] = tuple(dims) if dims else (True if hf_config.get("is_matryoshka") else None)
-        if isinstance(override, str):
-            try:
-                override = json.loads(override)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"pooler_config is not valid JSON: {exc}") from None
-        if override is not None and not isinstance(override, dict):
-            raise ValueError(f"pooler_config must be a dict (or its JSON), got {override!r}")
-        override = dict(override or {})
+        override = dict(dict_option(override, "pooler_config") or {})
         unknown = sorted(set(override) - {"pooling_type", "normalize", "matryoshka_dimensions"})
         if unknown:
             raise ValueError(f"pooler_config takes pooling_type, normalize and matryoshka_dimensions, not {unknown}")

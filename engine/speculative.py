@@ -20,12 +20,12 @@ summaries that quote, retrieval-augmented answers, structured rewrites).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from engine.config import dict_option
 from engine.sampling_params import is_int
 
 SPECULATIVE_METHODS = ("ngram",)
@@ -49,13 +49,7 @@ class SpeculativeConfig:
         """A config from vLLM's dict (or its JSON text, as `--speculative-config` takes it)."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        value = dict_option(value, "speculative_config")
         known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
                  "disable_by_batch_size"}
         unknown = sorted(set(value) - known)

@@ -137,6 +137,7 @@ def assert_engine_idle(llm) -> None:
     assert len(engine.runner.block_tables) == 0, "block-table rows leaked"
     assert not engine.groups and not engine.samples and not engine.has_unfinished_requests()
     assert not engine.beam_groups and not engine.beam_requests
+    assert not engine.poolings and not engine.pooling_requests
     assert engine._num_guided == 0
     if engine.proposer is not None:
         assert not engine.proposer._kept, "the proposer kept finished requests' arrays"

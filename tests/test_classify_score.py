@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, PoolingParams
-from tests.conftest import save_tiny_causal_lm, save_tiny_classifier
+from tests.conftest import assert_engine_idle, save_tiny_causal_lm, save_tiny_classifier
 
 TOLERANCE = 2e-5  # fp32, the same math in another order
 TEXTS = ["hello", "What is the capital of France? Paris is the capital and the largest city of France, "
@@ -53,14 +53,6 @@ def assert_close(have: list[float] | float, want: torch.Tensor) -> None:
     assert torch.allclose(have, want.reshape(-1), atol=TOLERANCE, rtol=0), (have - want).abs().max().item()
 
 
-def assert_no_leak(llm: LLM) -> None:
-    engine = llm.engine
-    bm = engine.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
-    assert not engine.has_unfinished_requests()
-    assert not engine.poolings and not engine.pooling_requests
-
-
 def test_classify_equals_transformers_softmax_and_logits(three_labels: str) -> None:
     """Three labels: a softmax over transformers' logits, and the logits themselves with
     use_activation=False, for prompts chunked across steps (32 tokens) and batched together."""
@@ -72,7 +64,7 @@ def test_classify_equals_transformers_softmax_and_logits(three_labels: str) -> N
         assert_close(p.outputs.probs, torch.softmax(want, dim=-1))
         assert_close(raw.outputs.probs, want)
     assert probs[0].prompt_token_ids == llm.get_tokenizer().encode(TEXTS[0])
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def test_mean_pooling_classifies_the_mean_of_the_hidden_states(three_labels: str) -> None:
@@ -80,7 +72,7 @@ def test_mean_pooling_classifies_the_mean_of_the_hidden_states(three_labels: str
     outs = llm.classify(TEXTS, use_tqdm=False)
     for out, want in zip(outs, hf_logits(three_labels, TEXTS, "MEAN")):
         assert_close(out.outputs.probs, torch.softmax(want, dim=-1))
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("problem_type, activation", [("regression", lambda x: x),
@@ -111,7 +103,7 @@ def test_a_cross_encoder_scores_the_joined_pair_through_a_sigmoid(cross_encoder:
     classified = llm.classify([query + d for d in docs], use_tqdm=False)
     for c, a in zip(classified, one_to_n):
         assert c.outputs.probs == pytest.approx([a.outputs.score], abs=TOLERANCE)
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def _set_config(path: str, **values: object) -> None:
@@ -155,7 +147,7 @@ def test_an_embedding_model_scores_by_cosine_similarity(default_model_dir: str) 
         llm.score(query, docs, pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
     with pytest.raises(ValueError, match="computes embeddings"):
         llm.classify(query, use_tqdm=False)
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("data_1, data_2, error", [
@@ -168,7 +160,7 @@ def test_bad_pairs_are_refused(cross_encoder: str, data_1, data_2, error: str) -
     llm = LLM(cross_encoder, num_kv_blocks=16)
     with pytest.raises((ValueError, TypeError), match=error):
         llm.score(data_1, data_2, use_tqdm=False)
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def test_refusals_queue_nothing(cross_encoder: str, three_labels: str) -> None:
@@ -187,11 +179,11 @@ def test_refusals_queue_nothing(cross_encoder: str, three_labels: str) -> None:
         llm.classify([[5, 6, 7]], PoolingParams(task="embed"), use_tqdm=False)
     with pytest.raises(ValueError, match="task must be one of"):
         PoolingParams(task="rerank")
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
     multi = LLM(three_labels, num_kv_blocks=16)
     with pytest.raises(ValueError, match="3 labels: use classify"):
         multi.score("a", "b", use_tqdm=False)
-    assert_no_leak(multi)
+    assert_engine_idle(multi)
 
 
 def test_aborted_classifications_give_every_block_back(three_labels: str) -> None:
@@ -212,7 +204,7 @@ def test_aborted_classifications_give_every_block_back(three_labels: str) -> Non
         outputs += engine.step(outputs="final")
     assert [o.request_id for o in outputs] == ["kept"]
     assert outputs[0].outputs.probs == pytest.approx(want, abs=TOLERANCE)
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 RERANKER = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
@@ -250,7 +242,7 @@ def test_an_llm_reranker_scores_the_softmax_of_its_two_tokens(causal_lm: str) ->
     out = per_token.classify(query + docs[0], PoolingParams(use_activation=False), use_tqdm=False)[0]
     ids = [no, yes, tokenizer.convert_tokens_to_ids("maybe")]
     assert_close(out.outputs.probs, hf_last_logits(causal_lm, query + docs[0])[ids])
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("overrides, error", [

@@ -14,7 +14,7 @@ import torch
 
 from engine import LLM, LoRARequest, PoolerConfig, PoolingParams, SamplingParams
 from scheduler import AdmissionError
-from tests.conftest import TINY_COMMON
+from tests.conftest import TINY_COMMON, assert_engine_idle
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 TOLERANCE = 2e-5  # fp32, the same math in another order
@@ -51,14 +51,6 @@ def assert_close(have: list[float], want: torch.Tensor) -> None:
         (torch.tensor(have) - want).abs().max().item()
 
 
-def assert_no_leak(llm: LLM) -> None:
-    engine = llm.engine
-    bm = engine.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
-    assert not engine.has_unfinished_requests()
-    assert not engine.poolings and not engine.pooling_requests
-
-
 # Lengths: one token, exact block multiples (16), past a chunk (max_num_batched_tokens 32).
 LENGTHS = [1, 5, 16, 17, 32, 47, 70]
 
@@ -79,7 +71,7 @@ def test_embeddings_equal_transformers_pooled_hidden_states(tiny_checkpoints: di
         assert a.prompt_token_ids == p and a.finished
         assert_close(a.outputs.embedding, pooled(hidden, kind))
         assert_close(b.outputs.embedding, pooled(hidden, kind, normalize=False))
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def test_embeddings_of_the_embedded_model_text_prompts(default_model_dir: str) -> None:
@@ -96,7 +88,7 @@ def test_embeddings_of_the_embedded_model_text_prompts(default_model_dir: str) -
         assert out.prompt_token_ids == ids and out.prompt == text
         assert out.outputs.hidden_size == llm.engine.model_config.hidden_size
         assert_close(out.outputs.embedding, pooled(hf_hidden(default_model_dir, ids), "LAST"))
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def test_last_token_pooling_uses_the_prefix_cache_and_mean_pooling_does_not(tiny_checkpoints: dict[str, str]) -> None:
@@ -115,7 +107,7 @@ def test_last_token_pooling_uses_the_prefix_cache_and_mean_pooling_does_not(tiny
         # A generation reuses an embedding's cached prompt too.
         (gen,) = llm.generate([first], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
         assert gen.num_cached_tokens == 48
-        assert_no_leak(llm)
+        assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("options", [
@@ -155,7 +147,7 @@ def test_embeddings_beside_generation_give_what_each_gives_alone(tiny_checkpoint
     for i, want in enumerate(want_embeddings):
         assert_close(outputs[f"e{i}"].outputs.embedding, torch.tensor(want))
     assert [outputs[f"g{i}"].outputs[0].token_ids for i in range(len(gen_ps))] == want_tokens
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("kind", ["MEAN", "CLS", "LAST"])
@@ -177,7 +169,7 @@ def test_a_preempted_embedding_is_recomputed_to_the_same_vector(tiny_checkpoints
             outputs[out.request_id] = out
     assert outputs["e"].metrics.num_preemptions > 0
     assert_close(outputs["e"].outputs.embedding, pooled(hf_hidden(path, long_prompt), kind))
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -204,14 +196,14 @@ def test_aborted_embeddings_give_every_block_back(tiny_checkpoints: dict[str, st
     for i in (1, 2):
         assert_close(finished[f"e{i}"].outputs.embedding, pooled(hf_hidden(path, ps[i]), "MEAN"))
     assert engine.abort_request("e1") is None  # finished: nothing to abort
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
     if async_scheduling:  # launched, then aborted before its vector was taken back
         engine.add_pooling_request("late", ps[1])
         engine.step()
         assert engine._in_flight is not None and "late" in engine.poolings
         assert engine.abort_request("late").outputs is None
         assert [o.request_id for o in engine.step(outputs="final")] == []
-        assert_no_leak(llm)
+        assert_engine_idle(llm)
 
 
 def test_matryoshka_dimensions(tiny_checkpoints: dict[str, str]) -> None:
@@ -232,7 +224,7 @@ def test_matryoshka_dimensions(tiny_checkpoints: dict[str, str]) -> None:
     plain = LLM(path, num_kv_blocks=16)
     with pytest.raises(ValueError, match="Matryoshka"):
         plain.embed([p], PoolingParams(dimensions=16), use_tqdm=False)
-    assert_no_leak(plain)
+    assert_engine_idle(plain)
 
 
 def test_refusals_queue_nothing(tiny_checkpoints: dict[str, str]) -> None:
@@ -257,7 +249,7 @@ def test_refusals_queue_nothing(tiny_checkpoints: dict[str, str]) -> None:
         llm.embed([good], SamplingParams(), use_tqdm=False)
     with pytest.raises(ValueError, match="2 PoolingParams for 1 prompts"):
         llm.embed([good], [PoolingParams(), PoolingParams()], use_tqdm=False)
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
     (out,) = llm.embed([[5] * 150], truncate_prompt_tokens=100, use_tqdm=False)  # the last 100 kept
     assert out.prompt_token_ids == [5] * 100
     outs = llm.embed([[5] * 30] * 3, [None, PoolingParams(), PoolingParams(truncate_prompt_tokens=20)],
@@ -270,7 +262,7 @@ def test_refusals_queue_nothing(tiny_checkpoints: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="already in flight"):
         engine.add_pooling_request("x", good)
     engine.abort_request("x")
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("option", [{"pooling_type": "MAX"}, {"normalize": 1}, {"dimensions": 3},
@@ -343,7 +335,7 @@ def test_a_checkpoint_without_an_lm_head_serves_embeddings_only(tmp_path) -> Non
 
     with pytest.raises(ValueError, match="embeddings only"):
         llm.beam_search([p], BeamSearchParams(beam_width=2, max_tokens=2))
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def test_embeddings_with_lora_adapters(tiny_checkpoints: dict[str, str], tmp_path) -> None:
@@ -362,7 +354,7 @@ def test_embeddings_with_lora_adapters(tiny_checkpoints: dict[str, str], tmp_pat
     assert outs[0].lora_request is lora
     (again,) = llm.embed([p], lora_request=lora, use_tqdm=False)
     assert again.num_cached_tokens == 32 and again.outputs.embedding == pytest.approx(outs[0].outputs.embedding, abs=1e-5)
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
 
 
 def test_an_embedding_aborted_in_flight_gives_its_adapter_back_once(tiny_checkpoints: dict[str, str],
@@ -389,4 +381,4 @@ def test_an_embedding_aborted_in_flight_gives_its_adapter_back_once(tiny_checkpo
         finished.update((o.request_id, o) for o in engine.step(outputs="final"))
     assert list(finished) == ["long"] and 1 not in engine.loras.users
     assert_close(finished["long"].outputs.embedding, pooled(hf_hidden(path, long, lora.lora_path), "LAST"))
-    assert_no_leak(llm)
+    assert_engine_idle(llm)
