@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import torch
 
-from benchmarks.report import alternated, median_results, write_json
+from benchmarks.report import alternated, pooling_results, write_json
 from engine.llm import LLM
 
 CASES = ("stoke", "stoke, no prefix cache", "transformers, batches", "transformers, one at a time")
@@ -120,12 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = _prompts(args.num_prompts, *args.prompt_len, args.shared_prefix,
                        engines["stoke"].engine.model_config.vocab_size)
     runs = alternated(CASES, args.rounds, lambda case: run_case(case, engines, model, prompts, args.batch_size))
-    reference = runs["transformers, one at a time"][0]["vectors"]
-    results = median_results(runs, "transformers, batches", "vs_transformers", 1, without="vectors")
-    for r in results:
-        first = runs[r["case"]][0]
-        r["computed_tokens"] = first["computed_tokens"]
-        r["max_abs_diff"] = float(max((a - b).abs().max() for a, b in zip(first["vectors"], reference)))
+    results = pooling_results(runs, "vectors", lambda have, want: max((a - b).abs().max() for a, b in zip(have, want)))
     pooler = engines["stoke"].engine.pooler
     report = {"args": vars(args), "device": "cpu", "threads": torch.get_num_threads(),
               "pooler": {"pooling_type": pooler.pooling_type, "normalize": pooler.normalize},

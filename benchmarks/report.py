@@ -42,6 +42,20 @@ def median_results(runs: dict[str, list[dict[str, Any]]], baseline: str, ratio_k
     return results
 
 
+def pooling_results(runs: dict[str, list[dict[str, Any]]], values: str,
+                    distance: Callable[[Any, Any], float]) -> list[dict[str, Any]]:
+    """`median_results` of a prompt-only benchmark (embeddings, scores) against transformers'
+    batches, with each case's prompt tokens computed and the largest `distance` of its `values`
+    from those of transformers one prompt at a time (first runs alike)."""
+    reference = runs["transformers, one at a time"][0][values]
+    results = median_results(runs, "transformers, batches", "vs_transformers", 1, without=values)
+    for r in results:
+        first = runs[r["case"]][0]
+        r["computed_tokens"] = first["computed_tokens"]
+        r["max_abs_diff"] = float(distance(first[values], reference))
+    return results
+
+
 def describe_prefill_candidate(candidate: dict[str, Any]) -> str:
     """A prefill sweep candidate (benchmarks/kernel_configs.py) in a few words."""
     new_kv = candidate.get("new_kv", "cache")

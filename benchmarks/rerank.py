@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Any
@@ -36,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import torch
 
-from benchmarks.report import alternated, median_results, write_json
+from benchmarks.report import alternated, pooling_results, write_json
 from engine.config import read_hf_config
 from engine.llm import LLM
 
@@ -167,13 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [engine.tokenize(query + doc) for query, docs in pairs for doc in docs]
     runs = alternated(CASES, args.rounds,
                       lambda case: run_case(case, engines, peer, pairs, prompts, args.batch_size))
-    reference = torch.tensor(runs["transformers, one at a time"][0]["scores"])
-    results = median_results(runs, "transformers, batches", "vs_transformers", 1, without="scores")
+    results = pooling_results(runs, "scores", lambda have, want: (torch.tensor(have) - torch.tensor(want)).abs().max())
     for r in results:
-        first = runs[r["case"]][0]
-        r["pairs_s"] = round(sorted(run["pairs_s"] for run in runs[r["case"]])[len(runs[r["case"]]) // 2], 2)
-        r["computed_tokens"] = first["computed_tokens"]
-        r["max_abs_diff"] = float((torch.tensor(first["scores"]) - reference).abs().max())
+        r["pairs_s"] = round(statistics.median(run["pairs_s"] for run in r["runs"]), 2)
     report = {"args": vars(args), "device": "cpu", "threads": torch.get_num_threads(),
               "hf_overrides": json.dumps(overrides) if overrides else None,
               "pairs": len(prompts), "prompt_tokens": sum(map(len, prompts)), "results": results}
