@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
+from server import errors
+
 # Half a UTF-16 pair: valid JSON ("\ud800"), but no UTF-8 text, so the tokenizer, the pipe to
 # the worker and the log line would each fail on it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -197,12 +199,44 @@ class EmbeddingRequest(PoolingRequest):
     normalize: bool | None = None  # None: as the model's pooler config says
 
 
-class ScoreRequest(PoolingRequest):
-    """vLLM's /score body (server/scoring.py): pairs of texts, 1:1, 1:N or N:N."""
+# /score's pairs of fields, as vLLM takes them: text_1 and text_2, or its newer names.
+SCORE_SIDES = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
 
-    text_1: str | list[str]
-    text_2: str | list[str]
+
+class ScoreRequest(PoolingRequest):
+    """vLLM's /score body (server/scoring.py): pairs of texts, 1:1, 1:N or N:N, as `text_1` and
+    `text_2` or any other of SCORE_SIDES."""
+
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
     use_activation: bool | None = None  # a cross-encoder's: false gives its raw logit
+
+    def sides(self) -> tuple[str, str]:
+        """The names of the fields the body's pairs come from; errors.invalid when it names
+        no pair, half of one, or fields of two."""
+        present = [name for name in dict.fromkeys(n for pair in SCORE_SIDES for n in pair)
+                   if getattr(self, name) is not None]
+        for first, second in SCORE_SIDES:
+            if set(present) == {first, second}:
+                return first, second
+        for first, second in SCORE_SIDES:
+            if present == [first]:
+                raise errors.invalid(f"missing required parameter '{second}'", param=second,
+                                     code="missing_required_parameter")
+            if present == [second]:
+                raise errors.invalid(f"missing required parameter '{first}'", param=first,
+                                     code="missing_required_parameter")
+        if not present:
+            raise errors.invalid("missing required parameter 'text_1' (the pairs' first texts; and 'text_2', their "
+                                 "second; or data_1 and data_2, or queries with documents or items)",
+                                 param="text_1", code="missing_required_parameter")
+        raise errors.invalid(f"a score's pairs come from one pair of fields (text_1 and text_2, data_1 and data_2, "
+                             f"queries with documents or items), got {', '.join(present)}", param=present[-1])
 
 
 class RerankDocument(_Model):

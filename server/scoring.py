@@ -30,17 +30,20 @@ from server.serving import Choice, Job, OpenAIServing
 
 
 async def score_job(serving: OpenAIServing, req: ScoreRequest, record: RequestRecord, arrival: float) -> Job:
-    """A Job for a /score request: its pairs of text_1 and text_2 (1:1, 1:N or N:N)."""
+    """A Job for a /score request: its pairs of text_1 and text_2 (or vLLM's other names for
+    them), 1:1, 1:N or N:N."""
     record.priority = req.priority or 0  # logged, refused or not
     record.model = serving.check_model(req.model)
     serving.check_pooling_task("score")
+    sides = req.sides()
+    data_1, data_2 = (getattr(req, side) for side in sides)
     try:
-        pairs = score_pairs(req.text_1, req.text_2)
+        pairs = score_pairs(data_1, data_2)
     except ValueError as exc:  # a side without texts, or N:M
-        raise errors.invalid(str(exc), param="text_1" if not req.text_1 else "text_2") from None
-    check_not_empty([req.text_1] if isinstance(req.text_1, str) else req.text_1, "text_1")
-    check_not_empty([req.text_2] if isinstance(req.text_2, str) else req.text_2, "text_2")
-    job, scores = await _pairs_job(serving, req, record, arrival, "score", pairs, ("text_1", "text_2"))
+        raise errors.invalid(str(exc), param=sides[0] if not data_1 else sides[1]) from None
+    for side, data in zip(sides, (data_1, data_2)):
+        check_not_empty([data] if isinstance(data, str) else data, side)
+    job, scores = await _pairs_job(serving, req, record, arrival, "score", pairs, sides)
     job.renderer = ScoreRenderer(scores)
     return job
 

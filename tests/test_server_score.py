@@ -93,6 +93,14 @@ def test_scores_are_the_offline_cross_encoders(client, offline, path: str, text_
     assert set(usage["prompt_tokens_details"]) == {"cached_tokens"}
 
 
+@pytest.mark.parametrize("first, second", [("data_1", "data_2"), ("queries", "documents"), ("queries", "items")])
+def test_vllms_other_names_for_the_pairs_fields(client, offline, first: str, second: str):
+    """vLLM's newer /score bodies name the pairs' sides data_1 and data_2, or queries with
+    documents or items: the same scores as text_1 and text_2."""
+    got = sdk_post(client, "/score", {first: QUERY, second: DOCUMENTS[:2]})
+    assert [d["score"] for d in got["data"]] == pytest.approx(scores(offline, QUERY, DOCUMENTS[:2]), abs=TOLERANCE)
+
+
 def test_use_activation_and_truncation(client, offline):
     raw = sdk_post(client, "/score", {"text_1": QUERY, "text_2": DOCUMENTS[:2], "use_activation": False})
     logits = scores(offline, QUERY, DOCUMENTS[:2], pooling_params=PoolingParams(use_activation=False))
@@ -149,6 +157,12 @@ def test_classify_gives_the_offline_probabilities(client, offline):
     ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2", "invalid_value"),  # 2:3
     ("/score", {"text_1": "", "text_2": "a"}, "text_1", "invalid_value"),
     ("/score", {"text_1": "a"}, "text_2", "missing_required_parameter"),
+    ("/score", {"queries": "a"}, "documents", "missing_required_parameter"),
+    ("/score", {"data_2": "a"}, "data_1", "missing_required_parameter"),
+    ("/score", {}, "text_1", "missing_required_parameter"),
+    ("/score", {"text_1": "a", "documents": ["b"]}, "documents", "invalid_value"),  # two namings mixed
+    ("/score", {"queries": "a", "documents": ["b"], "items": ["c"]}, "items", "invalid_value"),
+    ("/score", {"queries": "a", "items": [[1, 2]]}, "items", "invalid_type"),
     ("/score", {"text_1": "a", "text_2": ["b"] * (MAX_PROMPTS + 1)}, "text_2", "invalid_value"),  # --max-prompts
     ("/score", {"text_1": "a", "text_2": "b " * MAX_MODEL_LEN}, "text_2", "context_length_exceeded"),
     ("/rerank", {"query": "q" * (600 << 10), "documents": ["d"] * MAX_PROMPTS}, "query", "invalid_value"),  # 4.8 MiB
