@@ -40,6 +40,7 @@ import torch
 from benchmarks.report import alternated, pooling_results, write_json
 from engine.config import read_hf_config
 from engine.llm import LLM
+from engine.scoring import activate, cross_encoder_prompt
 
 CASES = ("stoke", "stoke, no prefix cache", "transformers, batches", "transformers, one at a time")
 
@@ -82,8 +83,6 @@ class TransformersReranker:
         self.activation = llm.engine.classifier.score_activation
 
     def _scores(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        from engine.scoring import activate
-
         return activate((last_hidden @ self.head.T)[:, 0].float(), self.activation)
 
     def batches(self, prompts: list[list[int]], batch_size: int) -> list[float]:
@@ -165,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peer = TransformersReranker(args.model, engines["stoke"])
     pairs = workload(peer.tokenizer, args.queries, args.docs, tuple(args.doc_len))
     engine = engines["stoke"].engine
-    prompts = [engine.tokenize(query + doc) for query, docs in pairs for doc in docs]
+    prompts = [cross_encoder_prompt(engine.tokenizer, query, doc, engine.classifier.joins_pairs)[1]
+               for query, docs in pairs for doc in docs]  # what LLM.score reads each pair as
     runs = alternated(CASES, args.rounds,
                       lambda case: run_case(case, engines, peer, pairs, prompts, args.batch_size))
     results = pooling_results(runs, "scores", lambda have, want: (torch.tensor(have) - torch.tensor(want)).abs().max())

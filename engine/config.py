@@ -144,7 +144,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             sliding_window=_sliding_window(raw, family),
-            num_labels=_num_labels(raw) if arch.endswith("ForSequenceClassification") else None,
+            num_labels=_num_labels(raw, tokens, method) if arch.endswith("ForSequenceClassification") else None,
             classifier_from_token=tokens,
             classifier_method=method,
         )
@@ -200,7 +200,8 @@ CLASSIFIER_METHODS = ("from_2_way_softmax", "no_post_processing")
 
 def _classifier_from_token(raw: dict[str, Any], arch: str) -> tuple[tuple[str, ...] | None, str | None]:
     """An LLM reranker's classifier tokens and method (vLLM's keys; Qwen3-Reranker's
-    `is_original_qwen3_reranker` means the 2-way softmax), or (None, None)."""
+    `is_original_qwen3_reranker` means the 2-way softmax, whatever `method` says, as in vLLM),
+    or (None, None)."""
     tokens = raw.get("classifier_from_token")
     if tokens is None:
         return None, None
@@ -209,7 +210,7 @@ def _classifier_from_token(raw: dict[str, Any], arch: str) -> tuple[tuple[str, .
                          f"(e.g. {arch.replace('ForCausalLM', '')}ForSequenceClassification), got {arch}")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise ValueError(f"classifier_from_token must be a list of tokens, got {tokens!r:.100}")
-    method = raw.get("method") or ("from_2_way_softmax" if raw.get("is_original_qwen3_reranker") else None)
+    method = "from_2_way_softmax" if raw.get("is_original_qwen3_reranker") else raw.get("method")
     if method not in CLASSIFIER_METHODS:
         raise ValueError(f"classifier_from_token needs a method, one of {CLASSIFIER_METHODS}, got {method!r}")
     if method == "from_2_way_softmax" and len(tokens) != 2:
@@ -217,13 +218,11 @@ def _classifier_from_token(raw: dict[str, Any], arch: str) -> tuple[tuple[str, .
     return tuple(tokens), method
 
 
-def _num_labels(raw: dict[str, Any]) -> int:
+def _num_labels(raw: dict[str, Any], tokens: tuple[str, ...] | None, method: str | None) -> int:
     """A classifier's labels, as transformers counts them (its id2label's, else num_labels: 2,
     transformers' default, where it has neither); an LLM reranker's, as its method makes them."""
-    tokens = raw.get("classifier_from_token")
     if tokens is not None:
-        return 1 if raw.get("method") == "from_2_way_softmax" or raw.get("is_original_qwen3_reranker") \
-            else len(tokens)
+        return 1 if method == "from_2_way_softmax" else len(tokens)
     labels = raw.get("id2label")
     count = len(labels) if labels else raw.get("num_labels", 2)
     if not is_int(count) or count < 1:

@@ -169,8 +169,14 @@ class LLM:
         text, and a pair's score is its embeddings' cosine similarity. `lora_request`: one for
         all, or one per pair."""
         pairs = score_pairs(data_1, data_2)
-        if self.engine.classifier is not None:
-            prompts = [cross_encoder_prompt(text_1, text_2) for text_1, text_2 in pairs]
+        classifier = self.engine.classifier
+        if classifier is not None:
+            if self.engine.tokenizer is None:
+                raise ValueError("this model has no tokenizer to read a pair of texts with")
+            prompts = []
+            for text_1, text_2 in pairs:
+                text, ids = cross_encoder_prompt(self.engine.tokenizer, text_1, text_2, classifier.joins_pairs)
+                prompts.append({"prompt": text, "prompt_token_ids": ids})
             return self._pool(prompts, pooling_params, "score", truncate_prompt_tokens, use_tqdm, lora_request,
                               "Scored pairs")
         if pooling_params is not None and pooling_params.use_activation is not None:
@@ -178,21 +184,25 @@ class LLM:
                              "embeddings' cosine similarity")
         if pooling_params is not None and pooling_params.task == "score":
             pooling_params = replace(pooling_params, task=None)
-        side_1 = [pairs[0][0]] if isinstance(data_1, str) or len(data_1) == 1 else [t for t, _ in pairs]
-        loras = lora_request if lora_request is None or isinstance(lora_request, LoRARequest) else \
-            self._per_pair(lora_request, len(pairs), len(side_1))
+        shared = isinstance(data_1, str) or len(data_1) == 1
+        loras = lora_request
+        if not (lora_request is None or isinstance(lora_request, LoRARequest)):
+            loras = self._per_pair(lora_request, len(pairs))
+            shared = False  # the one first text, embedded with each pair's adapter
+        side_1 = [pairs[0][0]] if shared else [t for t, _ in pairs]
         embedded = self._pool(side_1 + [t for _, t in pairs], pooling_params, "embed", truncate_prompt_tokens,
                               use_tqdm, loras, "Embedded texts")
         firsts, seconds = embedded[:len(side_1)], embedded[len(side_1):]
         return [self._cosine_score(firsts[i if len(firsts) > 1 else 0], second) for i, second in enumerate(seconds)]
 
     @staticmethod
-    def _per_pair(loras: Sequence[LoRARequest | None], num_pairs: int, num_firsts: int) -> list[LoRARequest | None]:
-        """One adapter per pair, as one per text embedded (a shared first text: the first pair's)."""
+    def _per_pair(loras: Sequence[LoRARequest | None], num_pairs: int) -> list[LoRARequest | None]:
+        """One adapter per pair, as one per text embedded: each pair's two texts, first texts
+        first."""
         loras = list(loras)
         if len(loras) != num_pairs:
             raise ValueError(f"got {len(loras)} LoRA requests for {num_pairs} pairs")
-        return loras[:num_firsts] + loras
+        return loras + loras
 
     @staticmethod
     def _cosine_score(first: EmbeddingRequestOutput, second: EmbeddingRequestOutput) -> ScoringRequestOutput:

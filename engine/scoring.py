@@ -3,9 +3,11 @@
 - `classify`: a sequence classifier's (a `*ForSequenceClassification` checkpoint's) labels for
   a prompt: its `score` head over the pooled last hidden states, then an activation.
 - `score`: how well a pair of texts match. A cross-encoder (a classifier with one label, a
-  reranker) reads the pair as one prompt: the two texts joined, as vLLM joins them for an LLM
-  reranker. An embedding model (a bi-encoder) embeds each text alone, and the score is the
-  cosine similarity of the two embeddings.
+  reranker) reads the pair as one prompt, as vLLM builds it: the tokenizer's encoding of the
+  pair (its separators, as sentence-transformers' CrossEncoder reads it), or for an LLM reranker
+  the two texts joined (its instruction and separators are the texts'). An embedding model (a
+  bi-encoder) embeds each text alone, and the score is the cosine similarity of the two
+  embeddings.
 
 The activation is transformers' and vLLM's: for classify, a softmax over the labels (a sigmoid
 for one label, or for a multi-label classifier; none for a regression); for score, the
@@ -46,6 +48,9 @@ class ClassifierConfig:
     classify_activation: str
     score_activation: str
     labels: tuple[str, ...] = ()  # the labels' names in id order: config.json's id2label, else LABEL_i
+    # A pair's prompt is the two texts joined (an LLM reranker's) rather than the tokenizer's
+    # pair encoding: vLLM's use_sep_token false (its older use_pad_token).
+    joins_pairs: bool = False
 
     @staticmethod
     def for_model(hf_config: dict[str, Any], num_labels: int) -> ClassifierConfig:
@@ -65,7 +70,9 @@ class ClassifierConfig:
         score = _CROSS_ENCODER_ACTIVATIONS[named] if named is not None else "sigmoid"
         id2label = hf_config.get("id2label") or {}
         labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels))
-        return ClassifierConfig(num_labels, classify, score, labels)
+        separates = hf_config.get("use_pad_token", hf_config.get("use_sep_token"))
+        joins = hf_config.get("classifier_from_token") is not None if separates is None else not separates
+        return ClassifierConfig(num_labels, classify, score, labels, joins)
 
 
 def activate(logits: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -116,10 +123,15 @@ def _texts(data: Any, name: str) -> list[str]:
     return texts
 
 
-def cross_encoder_prompt(text_1: str, text_2: str) -> str:
-    """The one prompt a cross-encoder scores a pair from: the texts joined, as vLLM joins them
-    for a decoder reranker (its instruction and separators, if it wants any, are the texts')."""
-    return text_1 + text_2
+def cross_encoder_prompt(tokenizer: Any, text_1: str, text_2: str, joins: bool) -> tuple[str, list[int]]:
+    """The one prompt (its text, its token ids) a cross-encoder scores a pair from, as vLLM
+    builds it: the texts joined for an LLM reranker (`joins`), else the tokenizer's encoding of
+    the pair (the text is its decoding)."""
+    if joins:
+        text = text_1 + text_2
+        return text, tokenizer.encode(text)
+    ids = tokenizer(text=text_1, text_pair=text_2)["input_ids"]
+    return tokenizer.decode(ids), ids
 
 
 def cosine_similarity(embedding_1: Sequence[float], embedding_2: Sequence[float]) -> float:

@@ -56,6 +56,7 @@ class WorkerInfo:
     # a sequence classifier's labels, in id order (config.json's id2label): it serves /classify, and
     # with one label (a cross-encoder) /score and /rerank; None: not a classifier
     labels: list[str] | None = None
+    joins_pairs: bool = False  # a cross-encoder's pair is its texts joined, not the tokenizer's pair encoding
 
 
 @dataclass(slots=True)
@@ -331,7 +332,7 @@ class EngineClient:
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
                                    frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
-                                   frame["generates"], frame.get("labels"))
+                                   frame["generates"], frame.get("labels"), frame.get("joins_pairs", False))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

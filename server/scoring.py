@@ -3,8 +3,9 @@ as embeddings are (server/embeddings.py; server/serving.py: the same checks, lim
 aborts and log line; nothing is generated, so no completion tokens are reserved or counted).
 
 - A cross-encoder (a sequence classifier with one label: a reranker) scores each pair as one
-  engine request: task "score" on the two texts joined (engine/scoring.py's
-  `cross_encoder_prompt`), its activation applied in the engine.
+  engine request: task "score" on the pair's prompt (engine/scoring.py's `cross_encoder_prompt`:
+  the tokenizer's pair encoding, or an LLM reranker's texts joined), its activation applied in
+  the engine.
 - Any other model that embeds (a bi-encoder) embeds each distinct text once (the one text of a
   1:N request, a rerank's query), and this process scores each pair by its two embeddings'
   cosine similarity (engine/scoring.py's, as the offline `LLM.score`).
@@ -95,7 +96,14 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
                                  f"prompts would hold {joined} characters, more than the {serving.config.max_body_bytes} "
                                  f"a request may send (--max-body-bytes); send a shorter {sides[0]} or fewer pairs",
                                  param=sides[0])
-        texts = [cross_encoder_prompt(first, second) for first, second in pairs]
+        serving.check_prompt_count(len(pairs), sides[1], "pairs (prompts of a cross-encoder)")
+        if serving.tokenizer is None:
+            raise errors.invalid("this model has no tokenizer to read pairs of texts with", param=sides[0])
+        joins = serving.client.info.joins_pairs
+        encoded = await serving.on_tokenizer(
+            lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins)[1] for first, second in pairs],
+            joined)
+        texts: list[str | list[int]] = list(encoded)
         pair_prompts = [(i, i) for i in range(len(pairs))]
         prompt_params = [sides[1]] * len(texts)  # a pair's own text is its second (1:N)
         pooling: dict[str, Any] = {"task": "score", "use_activation": req.use_activation}
@@ -113,8 +121,7 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
         texts = list(prompt_of)
         pair_prompts = [(prompt_of[first], prompt_of[second]) for first, second in pairs]
         pooling = {"dimensions": None, "normalize": None}  # the model's own, as LLM.score's
-    serving.check_prompt_count(len(texts), sides[1], "pairs (prompts of a cross-encoder)" if cross_encoder
-                               else "distinct texts (each embedded once)")
+        serving.check_prompt_count(len(texts), sides[1], "distinct texts (each embedded once)")
     prompts, prompt_texts = await serving.prompt_ids(req, texts, True, sides[1])
     job = serving.new_job(kind, record, arrival, prompts, prompt_texts, {"pooling": pooling})
     return job, PairScores(pair_prompts, cross_encoder, prompt_params)

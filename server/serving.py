@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +44,7 @@ from server.request_log import RequestLogger, RequestRecord
 from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
 
 logger = logging.getLogger("stoke.server")
+T = TypeVar("T")
 
 _MAX_STOP_CHARS = 1024
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -459,12 +460,16 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise errors.invalid(f"this model has no tokenizer: send {param} as token ids", param=param)
 
-        def encode() -> list[list[int]]:
-            return [self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+        return await self.on_tokenizer(
+            lambda: [self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts],
+            sum(len(text) for text in texts))
 
-        if sum(len(text) for text in texts) <= TOKENIZE_INLINE_CHARS:
-            return encode()
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode)
+    async def on_tokenizer(self, work: Callable[[], T], chars: int) -> T:
+        """`work`, tokenizing `chars` characters: inline, or on the tokenizer thread where they
+        are many (`_encode_all`)."""
+        if chars <= TOKENIZE_INLINE_CHARS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work)
 
     def prompt_list(self, prompt: str | list[int] | list[list[int]] | list[str],
                     param: str = "prompt") -> list[str | list[int]]:
@@ -742,11 +747,15 @@ class OpenAIServing:
         if len(req.tokens) > self._max_model_len():  # decoding holds the GIL: 1M tokens, the loop 1.3 s
             raise errors.invalid(f"at most {self._max_model_len()} tokens (the model's context) are decoded at "
                                  f"once, got {len(req.tokens)}", param="tokens")
-        vocab = self.client.info.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        bad = self._out_of_vocabulary(req.tokens)
         if bad:
-            raise errors.invalid(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+            raise errors.invalid(f"token ids must be in [0, {self.client.info.vocab_size}), got {bad[:5]}",
+                                 param="tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _out_of_vocabulary(self, tokens: list[int]) -> list[int]:
+        vocab = self.client.info.vocab_size
+        return [t for t in tokens if not 0 <= t < vocab]
 
     async def _chat_text(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
         """The chat rendered by its template; a long one on the tokenizer thread: Jinja holds
@@ -1269,9 +1278,13 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     def _prompt_text(self, job: Job, prompt_index: int) -> str:
+        """A prompt's text, its token ids decoded where it came as ids ("" where some are outside
+        the vocabulary: the engine refuses it)."""
         text = job.prompt_texts[prompt_index]
         if text is None:
-            text = self.tokenizer.decode(job.prompts[prompt_index]) if self.tokenizer is not None else ""
+            tokens = job.prompts[prompt_index]
+            decodes = self.tokenizer is not None and not self._out_of_vocabulary(tokens)
+            text = self.tokenizer.decode(tokens) if decodes else ""
         return text
 
     def _completion_logprobs(self, token_ids: list[int], entries: list[list[list[float]]],

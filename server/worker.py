@@ -155,6 +155,7 @@ class Worker:
             "hidden_size": e.model_config.hidden_size,
             "generates": e.runner.model.has_lm_head,  # False: embeddings only, or a classifier
             "labels": list(e.classifier.labels) if e.classifier is not None else None,
+            "joins_pairs": e.classifier is not None and e.classifier.joins_pairs,
             "pooler": {"pooling_type": e.pooler.pooling_type, "normalize": e.pooler.normalize,
                        "matryoshka_dimensions": e.pooler.matryoshka_dimensions},
             "frozen_objects": self.heap.frozen_baseline,

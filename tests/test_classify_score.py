@@ -29,9 +29,10 @@ def three_labels(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_tiny_classifier(str(tmp_path_factory.mktemp("cls")), "qwen3", num_labels=3)
 
 
-def hf_logits(path: str, texts: list[str], pooling: str = "LAST") -> list[torch.Tensor]:
-    """transformers' classifier logits for each text alone (MEAN: its score head over the mean
-    of the last hidden states, as vLLM pools before the head)."""
+def hf_logits(path: str, texts: list[str] | list[tuple[str, str]], pooling: str = "LAST") -> list[torch.Tensor]:
+    """transformers' classifier logits for each text (or pair: the tokenizer's pair encoding, as
+    sentence-transformers' CrossEncoder reads it) alone (MEAN: its score head over the mean of
+    the last hidden states, as vLLM pools before the head)."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -39,7 +40,7 @@ def hf_logits(path: str, texts: list[str], pooling: str = "LAST") -> list[torch.
     out = []
     with torch.no_grad():
         for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids
+            ids = tokenizer(*text if isinstance(text, tuple) else (text,), return_tensors="pt").input_ids
             if pooling == "LAST":
                 out.append(model(ids).logits[0])
             else:
@@ -84,12 +85,13 @@ def test_the_problem_type_picks_the_activation(tmp_path, problem_type: str, acti
         assert_close(out.outputs.probs, activation(want))
 
 
-def test_a_cross_encoder_scores_the_joined_pair_through_a_sigmoid(cross_encoder: str) -> None:
-    """1:N and N:N pairs: each pair is one prompt, the texts joined; classify gives the same
-    sigmoid; without activation, the logit."""
+def test_a_cross_encoder_scores_the_encoded_pair_through_a_sigmoid(cross_encoder: str) -> None:
+    """1:N and N:N pairs: each pair is one prompt, the tokenizer's encoding of the pair (as
+    sentence-transformers' CrossEncoder and vLLM read it); classify gives the same sigmoid;
+    without activation, the logit."""
     llm = LLM(cross_encoder, num_kv_blocks=64, max_num_batched_tokens=32)
     query, docs = "query: where is Paris? ", ["Paris is in France.", "Bananas are yellow.", "Paris, Texas."]
-    wants = hf_logits(cross_encoder, [query + d for d in docs])
+    wants = hf_logits(cross_encoder, [(query, d) for d in docs])
     one_to_n = llm.score(query, docs, use_tqdm=False)
     n_to_n = llm.score([query] * 3, docs, use_tqdm=False)
     raw = llm.score(query, docs, pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
@@ -97,10 +99,13 @@ def test_a_cross_encoder_scores_the_joined_pair_through_a_sigmoid(cross_encoder:
         assert_close(a.outputs.score, torch.sigmoid(want))
         assert_close(b.outputs.score, torch.sigmoid(want))
         assert_close(r.outputs.score, want)
-    assert one_to_n[0].prompt == query + docs[0]
+    tokenizer = llm.get_tokenizer()
+    assert not llm.engine.classifier.joins_pairs
+    assert one_to_n[0].prompt_token_ids == tokenizer(query, text_pair=docs[0])["input_ids"]
+    assert one_to_n[0].prompt == tokenizer.decode(one_to_n[0].prompt_token_ids)
     single = llm.score(query, docs[1], use_tqdm=False)
     assert len(single) == 1 and single[0].outputs.score == pytest.approx(one_to_n[1].outputs.score, abs=TOLERANCE)
-    classified = llm.classify([query + d for d in docs], use_tqdm=False)
+    classified = llm.classify([o.prompt_token_ids for o in one_to_n], use_tqdm=False)
     for c, a in zip(classified, one_to_n):
         assert c.outputs.probs == pytest.approx([a.outputs.score], abs=TOLERANCE)
     assert_engine_idle(llm)
@@ -119,9 +124,13 @@ def test_a_cross_encoders_configured_activation_is_applied(tmp_path) -> None:
     path = save_tiny_classifier(str(tmp_path), "llama", num_labels=1)
     _set_config(path, sentence_transformers={"activation_fn": "torch.nn.modules.linear.Identity"})
     llm = LLM(path, num_kv_blocks=32)
-    want = hf_logits(path, ["a" + "b"])[0]
+    want = hf_logits(path, [("a", "b")])[0]
     assert_close(llm.score("a", "b", use_tqdm=False)[0].outputs.score, want)
-    assert_close(llm.classify("ab", use_tqdm=False)[0].outputs.probs, torch.sigmoid(want))
+    assert_close(llm.classify([llm.get_tokenizer()("a", "b")["input_ids"]], use_tqdm=False)[0].outputs.probs,
+                 torch.sigmoid(want))
+    _set_config(path, sentence_transformers={"activation_fn": "torch.nn.modules.linear.Identity"}, use_sep_token=False)
+    joined = LLM(path, num_kv_blocks=32)  # vLLM's use_sep_token false: the texts joined, as an LLM reranker's
+    assert_close(joined.score("a", "b", use_tqdm=False)[0].outputs.score, hf_logits(path, ["ab"])[0])
     _set_config(path, sentence_transformers={"activation_fn": "os.system"})
     with pytest.raises(ValueError, match="activation 'os.system' is not supported"):
         LLM(path, num_kv_blocks=32)
@@ -230,12 +239,17 @@ def test_an_llm_reranker_scores_the_softmax_of_its_two_tokens(causal_lm: str) ->
     """vLLM's hf_overrides for Qwen3-Reranker: a causal LM served as a cross-encoder whose score
     is the probability of "yes" against "no" after the pair, from transformers' logits."""
     llm = LLM(causal_lm, num_kv_blocks=32, hf_overrides=json.dumps(RERANKER))
+    assert llm.engine.classifier.joins_pairs  # vLLM's use_sep_token false for an LLM reranker
     tokenizer = llm.get_tokenizer()
     no, yes = tokenizer.convert_tokens_to_ids("no"), tokenizer.convert_tokens_to_ids("yes")
     query, docs = "<Query>: the capital of France?\n", ["<Document>: Paris", "<Document>: bananas are yellow"]
     for out, doc in zip(llm.score(query, docs, use_tqdm=False), docs):
         logits = hf_last_logits(causal_lm, query + doc)
         assert_close(out.outputs.score, torch.softmax(logits[[no, yes]], dim=-1)[1])
+    # Qwen3-Reranker's flag means the 2-way softmax, whatever method says (as in vLLM)
+    flagged = LLM(causal_lm, num_kv_blocks=32, hf_overrides=RERANKER | {"method": "no_post_processing"})
+    assert flagged.score(query, docs[0], use_tqdm=False)[0].outputs.score == pytest.approx(
+        llm.score(query, docs[0], use_tqdm=False)[0].outputs.score, abs=1e-6)
     per_token = LLM(causal_lm, num_kv_blocks=32, hf_overrides=RERANKER | {
         "classifier_from_token": ["no", "yes", "maybe"], "method": "no_post_processing",
         "is_original_qwen3_reranker": False})
@@ -255,3 +269,21 @@ def test_an_llm_reranker_scores_the_softmax_of_its_two_tokens(causal_lm: str) ->
 def test_bad_reranker_overrides_are_refused(causal_lm: str, overrides, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         LLM(causal_lm, num_kv_blocks=8, hf_overrides=overrides)
+
+
+def test_a_bi_encoders_pairs_each_with_its_own_adapter(causal_lm: str, tmp_path) -> None:
+    """Per-pair LoRA adapters on a bi-encoder: the one first text is embedded with each pair's
+    adapter, so each pair scores as it does alone."""
+    from engine import LoRARequest
+    from tests.lora_adapters import save_adapter
+
+    loras = [LoRARequest(name, i + 1, save_adapter(str(tmp_path / name), causal_lm, seed=i + 3))
+             for i, name in enumerate(("a", "b"))]
+    llm = LLM(causal_lm, num_kv_blocks=32, enable_lora=True, max_loras=2, max_lora_rank=8)
+    query, docs = "the capital of France", ["Paris", "bananas are yellow"]
+    together = llm.score(query, docs, lora_request=loras, use_tqdm=False)
+    for out, doc, lora in zip(together, docs, loras):
+        alone = llm.score(query, doc, lora_request=lora, use_tqdm=False)[0]
+        assert out.outputs.score == pytest.approx(alone.outputs.score, abs=1e-6) and out.lora_request is lora
+    assert together[0].outputs.score != pytest.approx(together[1].outputs.score, abs=1e-3)
+    assert_engine_idle(llm)

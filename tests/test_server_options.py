@@ -198,3 +198,7 @@ def test_log_request_text_logs_what_the_model_saw(server, client):
     chat = client.chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     (line,) = [entry for entry in server.log_lines() if entry["request_id"] == chat.id]
     assert line["prompt"] == "<user> Hi\n<assistant>" and line["output"] == chat.choices[0].message.content
+    for bad in ([-1], [ids[0], 10 ** 9]):  # ids outside the vocabulary: the engine's 400, not the decoder's 500
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=None, max_tokens=2, prompt=bad)
+        assert info.value.body["param"] == "prompt" and "[0, " in info.value.body["message"]

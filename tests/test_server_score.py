@@ -64,8 +64,8 @@ def scores(offline: LLM, text_1: str | list[str], text_2: str | list[str], **kwa
 
 def tokens(offline: LLM, pairs: list[tuple[str, str]]) -> int:
     """The prompt tokens of a cross-encoder's pairs: each read as one prompt."""
-    tokenizer = offline.get_tokenizer()
-    return sum(len(tokenizer.encode(cross_encoder_prompt(first, second))) for first, second in pairs)
+    tokenizer, joins = offline.get_tokenizer(), offline.engine.classifier.joins_pairs
+    return sum(len(cross_encoder_prompt(tokenizer, first, second, joins)[1]) for first, second in pairs)
 
 
 def _line(server: ServerProcess, request_id: str) -> dict[str, Any]:
