@@ -1,8 +1,8 @@
 """Reranking throughput, stoke against transformers, on the same pairs in the same run.
 
-A reranker scores `--queries` queries against `--docs` documents each. Each query begins
-with Qwen3-Reranker's instruction (its system prompt, as its model card formats pairs), so
-a query's pairs share a long prefix. The model is the checkpoint's own sequence classifier,
+A reranker scores `--queries` queries against `--docs` documents each. Each pair is rendered
+by the score template shipped for Qwen3-Reranker (configs/score_templates/qwen3_reranker.jinja:
+its model card's format, its instruction first), so a query's pairs share a long prefix. The model is the checkpoint's own sequence classifier,
 or a causal LM served as an LLM reranker (vLLM's `hf_overrides` for Qwen3-Reranker: the score
 is P("yes") against "no" after the pair). By default that is the embedded SmolLM2 model: its
 scores mean nothing, but it computes what a reranker of its size computes.
@@ -44,11 +44,8 @@ from engine.scoring import activate, cross_encoder_prompt
 
 CASES = ("stoke", "stoke, no prefix cache", "transformers, batches", "transformers, one at a time")
 
-# Qwen3-Reranker's pair format (its model card): the instruction and query, then the document.
-INSTRUCTION = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and '
-               'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-               '<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n<Query>: ')
-SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "score_templates",
+                        "qwen3_reranker.jinja")
 TOKENS = ("no", "yes")  # the LLM reranker's false and true tokens
 
 
@@ -57,10 +54,9 @@ def _words(tokenizer: Any, rng: random.Random, count: int) -> str:
 
 
 def workload(tokenizer: Any, queries: int, docs: int, doc_len: tuple[int, int], seed: int = 0) -> list[tuple[str, list[str]]]:
-    """Each query (the instruction, ~16 tokens of query) with its documents."""
+    """Each query (~16 tokens) with its documents."""
     rng = random.Random(seed)
-    return [(INSTRUCTION + _words(tokenizer, rng, 16) + "\n<Document>: ",
-             [_words(tokenizer, rng, rng.randint(*doc_len)) + SUFFIX for _ in range(docs)])
+    return [(_words(tokenizer, rng, 16), [_words(tokenizer, rng, rng.randint(*doc_len)) for _ in range(docs)])
             for _ in range(queries)]
 
 
@@ -113,14 +109,14 @@ class TransformersReranker:
 
 
 def run_case(case: str, engines: dict[str, LLM], peer: TransformersReranker, pairs: list[tuple[str, list[str]]],
-             prompts: list[list[int]], batch_size: int) -> dict[str, Any]:
+             prompts: list[list[int]], batch_size: int, template: str) -> dict[str, Any]:
     computed = None
     if case.startswith("stoke"):
         llm = engines[case]
         llm.reset_prefix_cache()  # each round finds the pairs uncached
         before = llm.engine.stats.num_batched_tokens
         t0 = time.perf_counter()
-        scores = _score_all(llm, pairs)
+        scores = _score_all(llm, pairs, template)
         computed = llm.engine.stats.num_batched_tokens - before
     else:
         t0 = time.perf_counter()
@@ -130,11 +126,11 @@ def run_case(case: str, engines: dict[str, LLM], peer: TransformersReranker, pai
             "computed_tokens": computed, "scores": scores}
 
 
-def _score_all(llm: LLM, pairs: list[tuple[str, list[str]]]) -> list[float]:
+def _score_all(llm: LLM, pairs: list[tuple[str, list[str]]], template: str) -> list[float]:
     """Every query's documents in one call (N:N pairs), so all queries batch together."""
     firsts = [query for query, docs in pairs for _ in docs]
     seconds = [doc for _, docs in pairs for doc in docs]
-    return [o.outputs.score for o in llm.score(firsts, seconds, use_tqdm=False)]
+    return [o.outputs.score for o in llm.score(firsts, seconds, use_tqdm=False, chat_template=template)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -164,10 +160,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peer = TransformersReranker(args.model, engines["stoke"])
     pairs = workload(peer.tokenizer, args.queries, args.docs, tuple(args.doc_len))
     engine = engines["stoke"].engine
-    prompts = [cross_encoder_prompt(engine.tokenizer, query, doc, engine.classifier.joins_pairs)[1]
+    with open(TEMPLATE) as f:
+        template = f.read()
+    prompts = [cross_encoder_prompt(engine.tokenizer, query, doc, engine.classifier.joins_pairs, template)[1]
                for query, docs in pairs for doc in docs]  # what LLM.score reads each pair as
     runs = alternated(CASES, args.rounds,
-                      lambda case: run_case(case, engines, peer, pairs, prompts, args.batch_size))
+                      lambda case: run_case(case, engines, peer, pairs, prompts, args.batch_size, template))
     results = pooling_results(runs, "scores", lambda have, want: (torch.tensor(have) - torch.tensor(want)).abs().max())
     for r in results:
         r["pairs_s"] = round(statistics.median(run["pairs_s"] for run in r["runs"]), 2)

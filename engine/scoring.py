@@ -123,10 +123,17 @@ def _texts(data: Any, name: str) -> list[str]:
     return texts
 
 
-def cross_encoder_prompt(tokenizer: Any, text_1: str, text_2: str, joins: bool) -> tuple[str, list[int]]:
+def cross_encoder_prompt(tokenizer: Any, text_1: str, text_2: str, joins: bool,
+                         template: str | None = None) -> tuple[str, list[int]]:
     """The one prompt (its text, its token ids) a cross-encoder scores a pair from, as vLLM
-    builds it: the texts joined for an LLM reranker (`joins`), else the tokenizer's encoding of
-    the pair (the text is its decoding)."""
+    builds it: a score template's rendering where one is given (a Jinja chat template over the
+    messages {"role": "query", "content": text_1} and {"role": "document", "content": text_2},
+    as Qwen3-Reranker's instruction and format), else the texts joined for an LLM reranker
+    (`joins`), else the tokenizer's encoding of the pair (the text is its decoding)."""
+    if template is not None:
+        messages = [{"role": "query", "content": text_1}, {"role": "document", "content": text_2}]
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        return text, tokenizer.encode(text)
     if joins:
         text = text_1 + text_2
         return text, tokenizer.encode(text)

@@ -100,8 +100,12 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
         if serving.tokenizer is None:
             raise errors.invalid("this model has no tokenizer to read pairs of texts with", param=sides[0])
         joins = serving.client.info.joins_pairs
+        # vLLM's score template: --chat-template, where given (a model's own chat template is
+        # for its chats, and rerankers inherit ones that are not theirs)
+        template = serving.tokenizer.chat_template if serving.config.chat_template is not None else None
         encoded = await serving.on_tokenizer(
-            lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins)[1] for first, second in pairs],
+            lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins, template)[1]
+                     for first, second in pairs],
             joined)
         texts: list[str | list[int]] = list(encoded)
         pair_prompts = [(i, i) for i in range(len(pairs))]

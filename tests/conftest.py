@@ -45,6 +45,10 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
     root = tmp_path_factory.mktemp("tiny")
     return {kind: _save_tiny(kind, os.path.join(root, kind)) for kind in ("llama", "mistral", "qwen2", "qwen3")}
 
+# The score template shipped for Qwen3-Reranker (`--chat-template` for a cross-encoder).
+QWEN3_RERANKER_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                       "score_templates", "qwen3_reranker.jinja")
+
 
 def save_tiny_classifier(path: str, kind: str, num_labels: int, **config: object) -> str:
     """A tiny random `*ForSequenceClassification` checkpoint (llama or qwen3) with the embedded

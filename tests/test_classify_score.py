@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, PoolingParams
-from tests.conftest import assert_engine_idle, save_tiny_causal_lm, save_tiny_classifier
+from tests.conftest import QWEN3_RERANKER_TEMPLATE, assert_engine_idle, save_tiny_causal_lm, save_tiny_classifier
 
 TOLERANCE = 2e-5  # fp32, the same math in another order
 TEXTS = ["hello", "What is the capital of France? Paris is the capital and the largest city of France, "
@@ -257,6 +257,25 @@ def test_an_llm_reranker_scores_the_softmax_of_its_two_tokens(causal_lm: str) ->
     ids = [no, yes, tokenizer.convert_tokens_to_ids("maybe")]
     assert_close(out.outputs.probs, hf_last_logits(causal_lm, query + docs[0])[ids])
     assert_engine_idle(llm)
+
+
+def test_a_score_template_formats_each_pair(causal_lm: str) -> None:
+    """vLLM's score template (chat_template): each pair rendered from its query and document
+    messages, here in Qwen3-Reranker's format, then scored as transformers scores that text."""
+    with open(QWEN3_RERANKER_TEMPLATE) as f:
+        template = f.read()
+    llm = LLM(causal_lm, num_kv_blocks=32, hf_overrides=RERANKER)
+    tokenizer = llm.get_tokenizer()
+    no, yes = tokenizer.convert_tokens_to_ids("no"), tokenizer.convert_tokens_to_ids("yes")
+    query, docs = "the capital of France?", ["Paris", "bananas are yellow"]
+    templated = llm.score(query, docs, chat_template=template, use_tqdm=False)
+    for out, doc in zip(templated, docs):
+        assert out.prompt.startswith("<|im_start|>system\nJudge whether the Document") and out.prompt.endswith(
+            f"<Query>: {query}\n<Document>: {doc}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert out.prompt_token_ids == tokenizer.encode(out.prompt)
+        assert_close(out.outputs.score, torch.softmax(hf_last_logits(causal_lm, out.prompt)[[no, yes]], dim=-1)[1])
+    with pytest.raises(ValueError, match="chat_template applies to a cross-encoder"):
+        LLM(causal_lm, num_kv_blocks=8).score(query, docs, chat_template=template, use_tqdm=False)
 
 
 @pytest.mark.parametrize("overrides, error", [

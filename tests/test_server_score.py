@@ -408,3 +408,33 @@ def test_too_many_requests_in_flight_is_a_503_that_queues_nothing(tokenizer, end
     worker = FakeWorker(acked=True)
     error, _ = run_call(endpoint, worker, tokenizer, _never, max_pending_requests=0)
     assert (error.status, error.code) == (503, "overloaded") and worker.generation is None
+
+
+@pytest.mark.parametrize("template_given", [True, False])
+def test_chat_template_is_a_cross_encoders_score_template(tokenizer, template_given: bool):
+    """vLLM's score template: with --chat-template, each pair's prompt is its rendering from the
+    query and document messages (Qwen3-Reranker's format here); without it, the model's own chat
+    template is not used (rerankers inherit ones that are not theirs): the pair's encoding."""
+    import copy
+
+    from engine.scoring import cross_encoder_prompt
+    from server import protocol, scoring
+    from server.config import ServerConfig
+    from server.metrics import Metrics
+    from server.request_log import RequestLogger, RequestRecord
+    from server.serving import OpenAIServing
+    from tests.conftest import QWEN3_RERANKER_TEMPLATE
+
+    with open(QWEN3_RERANKER_TEMPLATE) as f:
+        template = f.read()
+    served_tokenizer = copy.deepcopy(tokenizer)
+    served_tokenizer.chat_template = template  # as `stoke serve --chat-template` sets it
+    config = ServerConfig(chat_template=QWEN3_RERANKER_TEMPLATE if template_given else None)
+    serving = OpenAIServing(config, served_tokenizer, client=FakeWorker(acked=True), metrics=Metrics(gpu=False),
+                            request_logger=RequestLogger(log_text=False), model_name="m")
+    body = protocol.RerankRequest(query="the capital of France?", documents=["Paris", "bananas"])
+    job = asyncio.run(scoring.rerank_job(serving, body, RequestRecord("rerank-1", "rerank"), time.monotonic()))
+    for prompt, doc in zip(job.prompts, body.documents):
+        want = cross_encoder_prompt(tokenizer, body.query, doc, False, template if template_given else None)[1]
+        assert prompt == want
+    assert (job.prompts[0] == tokenizer(body.query, text_pair="Paris")["input_ids"]) != template_given
