@@ -253,6 +253,7 @@ class RerankRequest(PoolingRequest):
     documents: list[str | RerankDocument]
     top_n: int | None = 0  # the best this many (0 or none: all)
     return_documents: bool | None = True  # false: results without their document's text (Cohere's)
+    max_tokens_per_doc: int | None = None  # Cohere's: each document read as its first this many tokens
     use_activation: bool | None = None
 
 

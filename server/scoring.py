@@ -61,6 +61,8 @@ async def rerank_job(serving: OpenAIServing, req: RerankRequest, record: Request
         raise errors.invalid(str(exc), param="documents") from None
     check_not_empty([req.query], "query")
     check_not_empty(documents, "documents")
+    if req.max_tokens_per_doc is not None:
+        pairs = list(zip([req.query] * len(pairs), await _first_tokens(serving, documents, req.max_tokens_per_doc)))
     job, scores = await _pairs_job(serving, req, record, arrival, "rerank", pairs, ("query", "documents"))
     job.renderer = RerankRenderer(scores, documents, req.top_n or 0, req.return_documents is not False)
     return job
@@ -79,6 +81,23 @@ async def classify_job(serving: OpenAIServing, req: ClassificationRequest, recor
     job = serving.new_job("classify", record, arrival, prompts, texts, {"pooling": pooling})
     job.renderer = ClassificationRenderer(serving.client.info.labels)
     return job
+
+
+async def _first_tokens(serving: OpenAIServing, documents: list[str], limit: int) -> list[str]:
+    """Each document as the text of its first `limit` tokens (Cohere's max_tokens_per_doc; the
+    document itself where it is no longer), tokenized off the event loop where long."""
+    if limit < 1:
+        raise errors.invalid(f"max_tokens_per_doc must be at least 1, got {limit}", param="max_tokens_per_doc")
+    if serving.tokenizer is None:
+        raise errors.invalid("this model has no tokenizer to count a document's tokens with",
+                             param="max_tokens_per_doc")
+    tokenizer = serving.tokenizer
+
+    def cut(document: str) -> str:
+        ids = tokenizer.encode(document, add_special_tokens=False)
+        return document if len(ids) <= limit else tokenizer.decode(ids[:limit])
+
+    return await serving.on_tokenizer(lambda: [cut(document) for document in documents], sum(map(len, documents)))
 
 
 async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, record: RequestRecord,

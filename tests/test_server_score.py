@@ -135,6 +135,22 @@ def test_rerank_orders_the_documents_by_score(client, offline, path: str):
     assert [r["index"] for r in everything["results"]] == best_first
 
 
+def test_max_tokens_per_doc_reads_each_document_as_its_first_tokens(client, offline):
+    """Cohere's max_tokens_per_doc: each document scored as the text of its first k tokens (the
+    results still carry the documents as sent); a limit past every document changes nothing."""
+    tokenizer = offline.get_tokenizer()
+    cut = [tokenizer.decode(tokenizer.encode(d, add_special_tokens=False)[:2]) for d in DOCUMENTS]
+    assert cut != DOCUMENTS
+    expected = scores(offline, QUERY, cut)
+    got = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS, "max_tokens_per_doc": 2})
+    for r in got["results"]:
+        assert abs(r["relevance_score"] - expected[r["index"]]) < TOLERANCE
+        assert r["document"] == {"text": DOCUMENTS[r["index"]]}
+    assert got["usage"]["prompt_tokens"] == tokens(offline, [(QUERY, d) for d in cut])
+    whole = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS, "max_tokens_per_doc": 4096})
+    assert whole == sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS}) | {"id": whole["id"]}
+
+
 def test_classify_gives_the_offline_probabilities(client, offline):
     tokenizer = offline.get_tokenizer()
     for sent in (DOCUMENTS[:3], DOCUMENTS[1], [tokenizer.encode(d) for d in DOCUMENTS[:2]]):
@@ -174,6 +190,7 @@ def test_classify_gives_the_offline_probabilities(client, offline):
     ("/rerank", {"query": "", "documents": ["a"]}, "query", "invalid_value"),
     ("/rerank", {"query": "q", "documents": [{"title": "a"}]}, "documents.0", "invalid_type"),
     ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": "many"}, "top_n", "invalid_type"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, "max_tokens_per_doc", "invalid_value"),
     ("/classify", {"input": []}, "input", "invalid_value"),
     ("/classify", {"input": ["a", ""]}, "input", "invalid_value"),
     ("/classify", {"input": [[5, 6], [1, 2, 10 ** 6]]}, "input", "invalid_value"),  # a token id past the vocabulary
