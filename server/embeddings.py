@@ -36,15 +36,6 @@ RENDER_INLINE_FLOATS = 8192
 T = TypeVar("T")
 
 
-def check_not_empty(prompts: list[str | list[int]], param: str) -> None:
-    """A 400 naming `param` for an empty prompt (text or token ids): the engine computes nothing
-    from one."""
-    for i, p in enumerate(prompts):
-        if not p:
-            raise errors.invalid(f"{param} must not be empty" if len(prompts) == 1 else f"{param}.{i} must not be empty",
-                                 param=param)
-
-
 def packed_values(job: Job) -> list[str]:
     """Every prompt's packed values (server/ipc.py), in prompt order, once the job finished."""
     values = [job.embeddings.get(i) for i in range(len(job.prompts))]
@@ -68,8 +59,6 @@ async def embedding_job(serving: OpenAIServing, req: EmbeddingRequest, record: R
     record.priority = req.priority or 0  # logged, refused or not
     record.model = serving.check_model(req.model)
     serving.check_pooling_task("embed")
-    raw = serving.prompt_list(req.input, "input")
-    check_not_empty(raw, "input")
     params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)  # their types are the body's
     info = serving.client.info
     pooler = PoolerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.pooler.items()})
@@ -77,26 +66,33 @@ async def embedding_job(serving: OpenAIServing, req: EmbeddingRequest, record: R
         pooler.check_dimensions(params.dimensions, info.hidden_size)
     except ValueError as exc:
         raise errors.invalid(str(exc), param="dimensions") from None
-    add_special_tokens = req.add_special_tokens is not False
-    prompts, texts = await serving.prompt_ids(req, raw, add_special_tokens, "input")
+    raw, add_special_tokens, field = await serving.pooling_prompts(req)
+    prompts, texts = await serving.prompt_ids(req, raw, add_special_tokens, field)
     pooling = {"dimensions": params.dimensions, "normalize": params.normalize}
     job = serving.new_job("embedding", record, arrival, prompts, texts, {"pooling": pooling})
-    job.renderer = EmbeddingRenderer(req.encoding_format or "float")
+    job.renderer = EmbeddingRenderer(req.encoding_format or "float", field)
     return job
 
 
-class EmbeddingRenderer:
+class PromptField:
+    """A renderer's naming of the engine's refusals: the field its prompts came from (`input`,
+    `messages`), where the engine says `prompt`."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def renamed(self, exc: APIError, prompt_index: int | None = None) -> APIError:
+        if exc.param == "prompt":
+            exc.param = self.field
+        return exc
+
+
+class EmbeddingRenderer(PromptField):
     """An embeddings request's response: OpenAI's list of vectors, in input order."""
 
-    def __init__(self, encoding_format: str) -> None:
+    def __init__(self, encoding_format: str, field: str = "input") -> None:
+        super().__init__(field)
         self.encoding_format = encoding_format
-
-    @staticmethod
-    def renamed(exc: APIError, prompt_index: int | None = None) -> APIError:
-        """The engine's refusal of a prompt as this API names it: `input`."""
-        if exc.param == "prompt":
-            exc.param = "input"
-        return exc
 
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> Any:
         """The response (JSON text, built here: the vectors are the bulk of it); an awaitable

@@ -186,16 +186,29 @@ class PoolingRequest(_Model):
     priority: int | None = 0  # lower runs earlier; needs --scheduling-policy priority
 
 
-class EmbeddingRequest(PoolingRequest):
-    """OpenAI's embeddings body (server/embeddings.py), with vLLM's extras."""
+class InputOrChat(PoolingRequest):
+    """A pooling body of prompts (`input`: a text, token ids, or a list of either) or, as vLLM's
+    chat-form embeddings and classifications, of one conversation (`messages`, rendered by the
+    chat template as a chat's)."""
 
     # Token ids before strings, as a completion's prompt (a failed list[str] is slow on 100k ids).
-    input: str | list[int] | list[list[int]] | list[str]
+    input: str | list[int] | list[list[int]] | list[str] | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for input, False for messages (their template's)
+    add_generation_prompt: bool | None = False
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # shown to the template, as a chat's
+
+
+class EmbeddingRequest(InputOrChat):
+    """OpenAI's embeddings body (server/embeddings.py), with vLLM's extras (its chat form too)."""
+
     # "base64": each vector's float32 bytes (little-endian), what the openai SDK asks for unless
     # told otherwise (it decodes them itself)
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = None  # Matryoshka models only: the vector's first this many, normalised
-    add_special_tokens: bool | None = True
     normalize: bool | None = None  # None: as the model's pooler config says
 
 
@@ -257,11 +270,10 @@ class RerankRequest(PoolingRequest):
     use_activation: bool | None = None
 
 
-class ClassificationRequest(PoolingRequest):
-    """vLLM's /classify body (server/scoring.py): a sequence classifier's labels for each input."""
+class ClassificationRequest(InputOrChat):
+    """vLLM's /classify body (server/scoring.py): a sequence classifier's labels for each input
+    (or for the conversation of its chat form)."""
 
-    input: str | list[int] | list[list[int]] | list[str]  # as an embedding's
-    add_special_tokens: bool | None = True
     use_activation: bool | None = None  # false: the raw logits
 
 

@@ -22,12 +22,12 @@ from typing import Any
 
 from engine.scoring import cosine_similarity, cross_encoder_prompt, score_pairs
 from server import errors
-from server.embeddings import EmbeddingRenderer, check_not_empty, packed_values, render_off_loop
+from server.embeddings import PromptField, packed_values, render_off_loop
 from server.errors import APIError
 from server.ipc import unpack_embedding
 from server.protocol import ClassificationRequest, RerankRequest, ScoreRequest
 from server.request_log import RequestRecord
-from server.serving import Choice, Job, OpenAIServing
+from server.serving import Choice, Job, OpenAIServing, check_not_empty
 
 
 async def score_job(serving: OpenAIServing, req: ScoreRequest, record: RequestRecord, arrival: float) -> Job:
@@ -74,12 +74,11 @@ async def classify_job(serving: OpenAIServing, req: ClassificationRequest, recor
     record.priority = req.priority or 0  # logged, refused or not
     record.model = serving.check_model(req.model)
     serving.check_pooling_task("classify")
-    raw = serving.prompt_list(req.input, "input")
-    check_not_empty(raw, "input")
-    prompts, texts = await serving.prompt_ids(req, raw, req.add_special_tokens is not False, "input")
+    raw, add_special_tokens, field = await serving.pooling_prompts(req)
+    prompts, texts = await serving.prompt_ids(req, raw, add_special_tokens, field)
     pooling = {"task": "classify", "use_activation": req.use_activation}
     job = serving.new_job("classify", record, arrival, prompts, texts, {"pooling": pooling})
-    job.renderer = ClassificationRenderer(serving.client.info.labels)
+    job.renderer = ClassificationRenderer(serving.client.info.labels, field)
     return job
 
 
@@ -223,13 +222,12 @@ class RerankRenderer:
         return self.pairs.render(serving, job, body)
 
 
-class ClassificationRenderer:
+class ClassificationRenderer(PromptField):
     """A /classify response: each input's probabilities (one per label), the most probable
     label's name, in input order."""
 
-    renamed = staticmethod(EmbeddingRenderer.renamed)  # its prompts are `input`, as an embedding's
-
-    def __init__(self, labels: list[str]) -> None:
+    def __init__(self, labels: list[str], field: str = "input") -> None:
+        super().__init__(field)
         self.labels = labels
 
     def body(self, serving: OpenAIServing, job: Job, choices: list[Choice], usage: dict[str, Any]) -> dict[str, Any]:

@@ -38,13 +38,23 @@ from server.engine_client import EngineClient, EngineDeadError, EngineRejected, 
 from server.errors import APIError
 from server.limits import limits_from_config
 from server.metrics import Metrics, scored_prompt_finish
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PoolingRequest,
-                             TokenizeRequest)
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InputOrChat,
+                             PoolingRequest, TokenizeRequest)
 from server.request_log import RequestLogger, RequestRecord
 from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
 
 logger = logging.getLogger("stoke.server")
 T = TypeVar("T")
+
+
+def check_not_empty(prompts: list[str | list[int]], param: str) -> None:
+    """A 400 naming `param` for an empty prompt (text or token ids): the engine computes nothing
+    from one."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise errors.invalid(f"{param} must not be empty" if len(prompts) == 1 else f"{param}.{i} must not be empty",
+                                 param=param)
+
 
 _MAX_STOP_CHARS = 1024
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -757,7 +767,24 @@ class OpenAIServing:
         vocab = self.client.info.vocab_size
         return [t for t in tokens if not 0 <= t < vocab]
 
-    async def _chat_text(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
+    async def pooling_prompts(self, req: InputOrChat) -> tuple[list[str | list[int]], bool, str]:
+        """A pooling body's prompts, whether special tokens are added to them, and the field they
+        came from: each of its `input`s (special tokens added unless it says not to), or its
+        `messages` rendered by the chat template as one prompt (none added unless it says so:
+        the template writes them), as vLLM's chat-form embeddings and classifications."""
+        if (req.input is None) == (req.messages is None):
+            raise errors.invalid("send either input or messages", param="input")
+        if req.messages is None:
+            raw = self.prompt_list(req.input, "input")
+            check_not_empty(raw, "input")
+            return raw, req.add_special_tokens is not False, "input"
+        if not req.messages:
+            raise errors.invalid("messages must not be empty", param="messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise errors.invalid("this model has no chat template: send input", param="messages")
+        return [await self._chat_text(req)], bool(req.add_special_tokens), "messages"
+
+    async def _chat_text(self, req: ChatCompletionRequest | TokenizeRequest | InputOrChat) -> str:
         """The chat rendered by its template; a long one on the tokenizer thread: Jinja holds
         the GIL but hands it back every few ms (135k messages held the event loop 0.8 s
         inline, the thread 11 ms at a time)."""
@@ -769,7 +796,7 @@ class OpenAIServing:
             return self._render_chat(req)
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._render_chat, req)
 
-    def _render_chat(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
+    def _render_chat(self, req: ChatCompletionRequest | TokenizeRequest | InputOrChat) -> str:
         messages = []
         for i, m in enumerate(req.messages):
             content = [p.model_dump() for p in m.content] if isinstance(m.content, list) else m.content

@@ -58,3 +58,16 @@ def test_what_a_classifier_of_several_labels_cannot_do_is_a_400(server, path: st
     assert info.value.body["param"] == "model" and says in info.value.body["message"], info.value.body
     assert wait_for(lambda: idle(server))
     assert sdk_post(client, "/classify", {"input": "a"})["data"][0]["num_classes"] == 3
+
+
+def test_a_chat_form_classification_classifies_the_rendered_conversation(server, checkpoint):
+    """vLLM's chat-form /classify: `messages` rendered by the chat template, classified as one
+    prompt (no special tokens added: the template writes them)."""
+    offline = LLM(checkpoint, num_kv_blocks=32)
+    tokenizer = offline.get_tokenizer()
+    messages = [{"role": "user", "content": "Is this review positive? I loved it."}]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    got = sdk_post(server.client(), "/classify", {"messages": messages})
+    (want,) = offline.classify([ids], use_tqdm=False)
+    assert max(abs(p - q) for p, q in zip(got["data"][0]["probs"], want.outputs.probs)) < 1e-5
+    assert got["usage"]["prompt_tokens"] == len(ids)

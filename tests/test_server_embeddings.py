@@ -408,3 +408,23 @@ def test_a_drain_cut_off_before_the_first_step_ended_is_a_503():
     error = asyncio.run(run())
     assert (error.status, error.code) == (503, "shutting_down")
     assert serving.in_flight == 0
+
+
+def test_chat_form_embeddings_embed_the_rendered_conversation(client, model, offline):
+    """vLLM's chat-form embeddings: `messages` rendered by the model's chat template (no
+    generation prompt unless asked; no special tokens added: the template writes them) and
+    embedded as one prompt. Either input or messages, not both nor neither."""
+    tokenizer = offline.get_tokenizer()
+    messages = [{"role": "system", "content": "Represent this query for retrieval."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    for extra in ({}, {"add_generation_prompt": True}):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **extra)
+        got = sdk_post(client, "/v1/embeddings", {"model": model, "messages": messages, **extra})
+        (want,) = _offline(offline, [tokenizer.encode(text, add_special_tokens=False)])
+        assert np.abs(np.array(got["data"][0]["embedding"]) - want).max() < 1e-5
+        assert got["usage"]["prompt_tokens"] == len(tokenizer.encode(text, add_special_tokens=False))
+    for body, param in (({"input": "a", "messages": messages}, "input"), ({}, "input"),
+                        ({"messages": []}, "messages")):
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk_post(client, "/v1/embeddings", {"model": model, **body})
+        assert info.value.body["param"] == param, info.value.body
