@@ -43,7 +43,7 @@ from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOut
 from engine.pooling import (EmbeddingOutput, EmbeddingRequestOutput, PooledSum, PoolerConfig, PoolingParams,
                             PoolingRequestOutput, PoolingState, finish_embedding)
 from engine.scoring import (ClassificationOutput, ClassificationRequestOutput, ClassifierConfig, ScoringOutput,
-                            ScoringRequestOutput, activate)
+                            ScoringRequestOutput, activate, classifier_token_ids)
 from engine.reasoning import Reasoning, ReasoningGuide
 from engine.sampler import SampledTokens, Sampler, SamplingRow, split_top_logprobs, top_logprobs_parts
 from engine.sampling_params import SamplingParams, is_int, truncate_prompt
@@ -176,7 +176,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(path, config.hf_overrides)
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
         if self.model_config.classifier_from_token is not None:
-            self.model_config.classifier_token_ids = self._classifier_token_ids(self.model_config.classifier_from_token)
+            self.model_config.classifier_token_ids = classifier_token_ids(self.tokenizer,
+                                                                          self.model_config.classifier_from_token)
         # A token's text decoded alone: a Logprob's decoded_token (vLLM's), None without a tokenizer
         self._token_text = lru_cache(maxsize=1 << 16)(self.tokenizer.decode if self.tokenizer is not None
                                                       else lambda token_id: None)
@@ -227,18 +228,6 @@ class LLMEngine:
         self._token_masks: TokenMasks | None = None  # built for the first structured output
         self._num_guided = 0  # unfinished samples with structured outputs
         self.proposer = NgramProposer(speculative) if speculative is not None else None
-
-    def _classifier_token_ids(self, tokens: tuple[str, ...]) -> tuple[int, ...]:
-        """An LLM reranker's classifier tokens' ids (each must be one token of the vocabulary)."""
-        if self.tokenizer is None:
-            raise ValueError("classifier_from_token needs the model's tokenizer")
-        ids = []
-        for token in tokens:
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == self.tokenizer.unk_token_id:
-                raise ValueError(f"classifier_from_token: {token!r} is not a token of this model's vocabulary")
-            ids.append(token_id)
-        return tuple(ids)
 
     @staticmethod
     def _load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:

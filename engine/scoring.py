@@ -75,6 +75,19 @@ class ClassifierConfig:
         return ClassifierConfig(num_labels, classify, score, labels, joins)
 
 
+def classifier_token_ids(tokenizer: Any, tokens: tuple[str, ...]) -> tuple[int, ...]:
+    """An LLM reranker's classifier tokens' ids (each must be one token of the vocabulary)."""
+    if tokenizer is None:
+        raise ValueError("classifier_from_token needs the model's tokenizer")
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"classifier_from_token: {token!r} is not a token of this model's vocabulary")
+        ids.append(token_id)
+    return tuple(ids)
+
+
 def activate(logits: torch.Tensor, activation: str | None) -> torch.Tensor:
     """A classifier's logits (fp32) through the named activation (None: as they are)."""
     return logits if activation is None else ACTIVATIONS[activation](logits)

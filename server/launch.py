@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeated for several; '*' for any (default: none, same-origin pages only)")
     p.add_argument("--chat-template", default=None,
                    help="the chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or "
-                        "the template itself")
+                        "the template itself; for a cross-encoder, the score template /score and /rerank render "
+                        "each pair with, from its query and document messages (as vLLM's)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request bring its own chat template (vLLM's chat_template field; a template runs "
                         "sandboxed, but may take any time: for trusted clients)")
@@ -368,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("bad --lora-modules: %s", error)
             return 2
     tokenizer = load_tokenizer(model_path)
+    tokens = ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"]).classifier_from_token
+    if tokens is not None:
+        from engine.scoring import classifier_token_ids
+
+        try:
+            classifier_token_ids(tokenizer, tokens)
+        except ValueError as exc:
+            logger.error("bad --hf-overrides: %s", exc)
+            return 2
     if config.chat_template is not None:
         try:
             if tokenizer is None:

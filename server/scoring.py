@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import TemplateError
+
 from engine.scoring import cosine_similarity, cross_encoder_prompt, score_pairs
 from server import errors
 from server.embeddings import PromptField, packed_values, render_off_loop
@@ -27,7 +29,8 @@ from server.errors import APIError
 from server.ipc import unpack_embedding
 from server.protocol import ClassificationRequest, RerankRequest, ScoreRequest
 from server.request_log import RequestRecord
-from server.serving import Choice, Job, OpenAIServing, check_not_empty
+from server.serving import (RENDER_INLINE_MESSAGES, TOKENIZE_INLINE_CHARS, Choice, Job, OpenAIServing,
+                            check_not_empty)
 
 
 async def score_job(serving: OpenAIServing, req: ScoreRequest, record: RequestRecord, arrival: float) -> Job:
@@ -61,7 +64,8 @@ async def rerank_job(serving: OpenAIServing, req: RerankRequest, record: Request
         raise errors.invalid(str(exc), param="documents") from None
     check_not_empty([req.query], "query")
     check_not_empty(documents, "documents")
-    if req.max_tokens_per_doc is not None:
+    if req.max_tokens_per_doc:  # 0 or none: whole documents (vLLM's)
+        serving.check_prompt_count(len(documents), "documents")  # before they are tokenized
         pairs = list(zip([req.query] * len(pairs), await _first_tokens(serving, documents, req.max_tokens_per_doc)))
     job, scores = await _pairs_job(serving, req, record, arrival, "rerank", pairs, ("query", "documents"))
     job.renderer = RerankRenderer(scores, documents, req.top_n or 0, req.return_documents is not False)
@@ -83,20 +87,23 @@ async def classify_job(serving: OpenAIServing, req: ClassificationRequest, recor
 
 
 async def _first_tokens(serving: OpenAIServing, documents: list[str], limit: int) -> list[str]:
-    """Each document as the text of its first `limit` tokens (Cohere's max_tokens_per_doc; the
-    document itself where it is no longer), tokenized off the event loop where long."""
-    if limit < 1:
-        raise errors.invalid(f"max_tokens_per_doc must be at least 1, got {limit}", param="max_tokens_per_doc")
+    """Each document cut to the text of its first `limit` tokens (Cohere's max_tokens_per_doc;
+    the document itself where it is no longer): its characters up to that token's end, so a cut
+    never splits a character (as vLLM's, by the tokenizer's offsets)."""
+    if limit < 0:
+        raise errors.invalid(f"max_tokens_per_doc must be at least 0 (0: whole documents), got {limit}",
+                             param="max_tokens_per_doc")
     if serving.tokenizer is None:
         raise errors.invalid("this model has no tokenizer to count a document's tokens with",
                              param="max_tokens_per_doc")
     tokenizer = serving.tokenizer
 
     def cut(document: str) -> str:
-        ids = tokenizer.encode(document, add_special_tokens=False)
-        return document if len(ids) <= limit else tokenizer.decode(ids[:limit])
+        offsets = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return document if len(offsets) <= limit else document[:offsets[limit - 1][1]]
 
-    return await serving.on_tokenizer(lambda: [cut(document) for document in documents], sum(map(len, documents)))
+    return await serving.on_tokenizer(lambda: [cut(document) for document in documents],
+                                      sum(map(len, documents)) <= TOKENIZE_INLINE_CHARS)
 
 
 async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, record: RequestRecord,
@@ -121,10 +128,14 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
         # vLLM's score template: --chat-template, where given (a model's own chat template is
         # for its chats, and rerankers inherit ones that are not theirs)
         template = serving.tokenizer.chat_template if serving.config.chat_template is not None else None
-        encoded = await serving.on_tokenizer(
-            lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins, template)[1]
-                     for first, second in pairs],
-            joined)
+        # A template costs a render a pair, however short: many of them render off the event loop.
+        inline = joined <= TOKENIZE_INLINE_CHARS and (template is None or len(pairs) <= RENDER_INLINE_MESSAGES)
+        try:
+            encoded = await serving.on_tokenizer(
+                lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins, template)[1]
+                         for first, second in pairs], inline)
+        except TemplateError as exc:  # the score template's own message, e.g. a role it refuses
+            raise errors.invalid(f"score template (--chat-template) error: {exc}", param=sides[0]) from None
         texts: list[str | list[int]] = list(encoded)
         pair_prompts = [(i, i) for i in range(len(pairs))]
         prompt_params = [sides[1]] * len(texts)  # a pair's own text is its second (1:N)

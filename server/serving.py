@@ -472,12 +472,12 @@ class OpenAIServing:
 
         return await self.on_tokenizer(
             lambda: [self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts],
-            sum(len(text) for text in texts))
+            sum(len(text) for text in texts) <= TOKENIZE_INLINE_CHARS)
 
-    async def on_tokenizer(self, work: Callable[[], T], chars: int) -> T:
-        """`work`, tokenizing `chars` characters: inline, or on the tokenizer thread where they
-        are many (`_encode_all`)."""
-        if chars <= TOKENIZE_INLINE_CHARS:
+    async def on_tokenizer(self, work: Callable[[], T], inline: bool) -> T:
+        """`work` (tokenizing, rendering templates) now, where `inline` says it is short, else on
+        the tokenizer thread (`_encode_all`)."""
+        if inline:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work)
 

@@ -283,6 +283,7 @@ def test_a_score_template_formats_each_pair(causal_lm: str) -> None:
     (RERANKER | {"classifier_from_token": ["no", "absolutelynotatoken"]}, "not a token of this model"),
     (RERANKER | {"is_original_qwen3_reranker": False}, "needs a method"),
     (RERANKER | {"classifier_from_token": ["yes"]}, "takes two tokens"),
+    ({"architectures": ["Qwen3ForSequenceClassification"]}, "needs classifier_from_token"),
     ("{not json", "hf_overrides is not valid JSON"),
 ])
 def test_bad_reranker_overrides_are_refused(causal_lm: str, overrides, error: str) -> None:

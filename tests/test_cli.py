@@ -211,6 +211,8 @@ def test_serve_checks_its_lora_limits_before_starting(capsys: pytest.CaptureFixt
 @pytest.mark.parametrize("overrides, message", [
     ('{"architectures": ["GPT2LMHeadModel"]}', "unsupported architecture"),
     ('{"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"}', "architecture must be one"),
+    ('{"architectures": ["LlamaForSequenceClassification"], "classifier_from_token": ["nope_not_a_token", "yes"], '
+     '"method": "from_2_way_softmax"}', "'nope_not_a_token' is not a token of this model's vocabulary"),
 ])
 def test_serve_checks_its_hf_overrides_before_starting(capsys: pytest.CaptureFixture[str], never_served,
                                                        overrides: str, message: str) -> None:

@@ -139,16 +139,19 @@ def test_max_tokens_per_doc_reads_each_document_as_its_first_tokens(client, offl
     """Cohere's max_tokens_per_doc: each document scored as the text of its first k tokens (the
     results still carry the documents as sent); a limit past every document changes nothing."""
     tokenizer = offline.get_tokenizer()
-    cut = [tokenizer.decode(tokenizer.encode(d, add_special_tokens=False)[:2]) for d in DOCUMENTS]
-    assert cut != DOCUMENTS
+    documents = [*DOCUMENTS, "日本語の文書です。"]  # a cut inside a character keeps it whole (no U+FFFD)
+    cut = [tokenizer.decode(tokenizer.encode(d, add_special_tokens=False)[:1]) for d in DOCUMENTS] + ["日"]
+    assert tokenizer.decode(tokenizer.encode(documents[-1], add_special_tokens=False)[:1]) == "\ufffd"
     expected = scores(offline, QUERY, cut)
-    got = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS, "max_tokens_per_doc": 2})
+    got = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": documents, "max_tokens_per_doc": 1})
     for r in got["results"]:
         assert abs(r["relevance_score"] - expected[r["index"]]) < TOLERANCE
-        assert r["document"] == {"text": DOCUMENTS[r["index"]]}
+        assert r["document"] == {"text": documents[r["index"]]}
     assert got["usage"]["prompt_tokens"] == tokens(offline, [(QUERY, d) for d in cut])
-    whole = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS, "max_tokens_per_doc": 4096})
-    assert whole == sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS}) | {"id": whole["id"]}
+    plain = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS})
+    for limit in (4096, 0):  # past every document; 0: off, as vLLM's
+        whole = sdk_post(client, "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS, "max_tokens_per_doc": limit})
+        assert whole == plain | {"id": whole["id"]}
 
 
 def test_classify_gives_the_offline_probabilities(client, offline):
@@ -190,7 +193,9 @@ def test_classify_gives_the_offline_probabilities(client, offline):
     ("/rerank", {"query": "", "documents": ["a"]}, "query", "invalid_value"),
     ("/rerank", {"query": "q", "documents": [{"title": "a"}]}, "documents.0", "invalid_type"),
     ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": "many"}, "top_n", "invalid_type"),
-    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, "max_tokens_per_doc", "invalid_value"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": -1}, "max_tokens_per_doc", "invalid_value"),
+    ("/v2/rerank", {"query": "q", "documents": ["d"] * (MAX_PROMPTS + 1), "max_tokens_per_doc": 1}, "documents",
+     "invalid_value"),  # counted before the documents are tokenized
     ("/classify", {"input": []}, "input", "invalid_value"),
     ("/classify", {"input": ["a", ""]}, "input", "invalid_value"),
     ("/classify", {"input": [[5, 6], [1, 2, 10 ** 6]]}, "input", "invalid_value"),  # a token id past the vocabulary
@@ -455,3 +460,26 @@ def test_chat_template_is_a_cross_encoders_score_template(tokenizer, template_gi
         want = cross_encoder_prompt(tokenizer, body.query, doc, False, template if template_given else None)[1]
         assert prompt == want
     assert (job.prompts[0] == tokenizer(body.query, text_pair="Paris")["input_ids"]) != template_given
+
+
+def test_a_score_template_that_refuses_a_pair_is_a_400(tokenizer):
+    """A template that raises for roles it does not know (as chat templates do): the template's
+    message in a 400, not a 500."""
+    import copy
+
+    from server import protocol, scoring
+    from server.config import ServerConfig
+    from server.errors import APIError
+    from server.metrics import Metrics
+    from server.request_log import RequestLogger, RequestRecord
+    from server.serving import OpenAIServing
+
+    served_tokenizer = copy.deepcopy(tokenizer)
+    served_tokenizer.chat_template = ("{% for m in messages %}{% if m.role not in ('user', 'assistant') %}"
+                                      "{{ raise_exception('roles must be user or assistant') }}{% endif %}{% endfor %}")
+    serving = OpenAIServing(ServerConfig(chat_template="mine.jinja"), served_tokenizer, client=FakeWorker(acked=True),
+                            metrics=Metrics(gpu=False), request_logger=RequestLogger(log_text=False), model_name="m")
+    body = protocol.RerankRequest(query="q", documents=["a", "b"])
+    with pytest.raises(APIError) as info:
+        asyncio.run(scoring.rerank_job(serving, body, RequestRecord("rerank-1", "rerank"), time.monotonic()))
+    assert info.value.status == 400 and "roles must be user or assistant" in info.value.message

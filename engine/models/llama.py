@@ -337,6 +337,11 @@ class LlamaForCausalLM(nn.Module):
             return self.linear_kernels.linear(hidden, self.head_packed, None, self.config.vocab_size)
         return F.linear(hidden, self.model.embed_tokens.weight)
 
+    def _no_score_head(self) -> ValueError:
+        return ValueError(f"this checkpoint has no score head (a causal LM's?): served as {self.config.architecture} "
+                          "it needs classifier_from_token (hf_overrides, as an LLM reranker's), else its own "
+                          "architecture")
+
     def _score_from_rows(self, head_rows: torch.Tensor | None) -> None:
         """An LLM reranker's score head from its classifier tokens' LM-head rows (the
         embedding's, for a tied head), as vLLM builds it (engine/config.py)."""
@@ -372,6 +377,8 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and token_ids:
                 head_rows = tensor[token_ids].clone()
                 continue
+            if name == "lm_head.weight" and self.config.is_classifier:
+                raise self._no_score_head()
             if name == "lm_head.weight" and self.lm_head is None and self.has_lm_head:
                 tied_head = tensor  # tied: the embedding serves as the head, if they are equal
                 continue
@@ -400,7 +407,9 @@ class LlamaForCausalLM(nn.Module):
                     missing.append(name)
             elif name not in loaded:
                 missing.append(name)
-        if token_ids and "score.weight" in missing:
+        if "score.weight" in missing:
+            if not token_ids:
+                raise self._no_score_head()
             missing.remove("score.weight")
             self._score_from_rows(head_rows)
         if "lm_head.weight" in missing:  # an embedding model's checkpoint: no head
