@@ -6,6 +6,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# apply_chat_template's own arguments: never a template variable a request's
+# chat_template_kwargs may set.
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def template_variables(chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's chat_template_kwargs that are the template's variables."""
+    return {k: v for k, v in (chat_template_kwargs or {}).items() if k not in TEMPLATE_ARGUMENTS}
+
 
 def _with_tool_arguments_parsed(message: dict[str, Any]) -> dict[str, Any]:
     """A history's tool calls as templates take them (vLLM does the same): each call's

@@ -163,6 +163,7 @@ class LLM:
         pooling_params: PoolingParams | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[ScoringRequestOutput]:
         """vLLM's `LLM.score`: how well each pair of texts match (`outputs.score`), pairing one
         text with one, one with N, or N with N in order (engine/scoring.py). A cross-encoder (a
@@ -170,7 +171,9 @@ class LLM:
         text, and a pair's score is its embeddings' cosine similarity. `lora_request`: one for
         all, or one per pair. `chat_template`: a cross-encoder's score template (vLLM's), a
         Jinja template that renders each pair from the messages of roles "query" and
-        "document" (Qwen3-Reranker's format, so the texts need not carry it)."""
+        "document" (Qwen3-Reranker's format, so the texts need not carry it);
+        `chat_template_kwargs`: its variables (the shipped Qwen3-Reranker template's
+        `instruction`)."""
         pairs = score_pairs(data_1, data_2)
         classifier = self.engine.classifier
         if classifier is not None:
@@ -179,13 +182,16 @@ class LLM:
             prompts = []
             for text_1, text_2 in pairs:
                 text, ids = cross_encoder_prompt(self.engine.tokenizer, text_1, text_2, classifier.joins_pairs,
-                                                 chat_template)
+                                                 chat_template, chat_template_kwargs)
                 prompts.append({"prompt": text, "prompt_token_ids": ids})
             return self._pool(prompts, pooling_params, "score", truncate_prompt_tokens, use_tqdm, lora_request,
                               "Scored pairs")
-        if chat_template is not None or pooling_params is not None and pooling_params.use_activation is not None:
-            raise ValueError(f"{'chat_template' if chat_template is not None else 'use_activation'} applies to a "
-                             "cross-encoder's score; this model's score is its embeddings' cosine similarity")
+        refused = [name for name, value in (("chat_template", chat_template), ("chat_template_kwargs", chat_template_kwargs),
+                                            ("use_activation", pooling_params and pooling_params.use_activation))
+                   if value is not None]
+        if refused:
+            raise ValueError(f"{refused[0]} applies to a cross-encoder's score; this model's score is its embeddings' "
+                             "cosine similarity")
         if pooling_params is not None and pooling_params.task == "score":
             pooling_params = replace(pooling_params, task=None)
         shared = isinstance(data_1, str) or len(data_1) == 1

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.chat_messages import template_variables
 from engine.pooling import PoolingRequestOutput
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -136,16 +137,18 @@ def _texts(data: Any, name: str) -> list[str]:
     return texts
 
 
-def cross_encoder_prompt(tokenizer: Any, text_1: str, text_2: str, joins: bool,
-                         template: str | None = None) -> tuple[str, list[int]]:
+def cross_encoder_prompt(tokenizer: Any, text_1: str, text_2: str, joins: bool, template: str | None = None,
+                         template_kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
     """The one prompt (its text, its token ids) a cross-encoder scores a pair from, as vLLM
     builds it: a score template's rendering where one is given (a Jinja chat template over the
     messages {"role": "query", "content": text_1} and {"role": "document", "content": text_2},
-    as Qwen3-Reranker's instruction and format), else the texts joined for an LLM reranker
-    (`joins`), else the tokenizer's encoding of the pair (the text is its decoding)."""
+    as Qwen3-Reranker's instruction and format; `template_kwargs`: its variables, e.g. an
+    `instruction`), else the texts joined for an LLM reranker (`joins`), else the tokenizer's
+    encoding of the pair (the text is its decoding)."""
     if template is not None:
         messages = [{"role": "query", "content": text_1}, {"role": "document", "content": text_2}]
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             **template_variables(template_kwargs))
         return text, tokenizer.encode(text)
     if joins:
         text = text_1 + text_2

@@ -228,6 +228,7 @@ class ScoreRequest(PoolingRequest):
     documents: str | list[str] | None = None
     items: str | list[str] | None = None
     use_activation: bool | None = None  # a cross-encoder's: false gives its raw logit
+    chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (--chat-template)
 
     def sides(self) -> tuple[str, str]:
         """The names of the fields the body's pairs come from; errors.invalid when it names
@@ -268,6 +269,7 @@ class RerankRequest(PoolingRequest):
     return_documents: bool | None = True  # false: results without their document's text (Cohere's)
     max_tokens_per_doc: int | None = None  # Cohere's: each document read as its first this many tokens
     use_activation: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (--chat-template)
 
 
 class ClassificationRequest(InputOrChat):

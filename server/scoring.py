@@ -132,8 +132,8 @@ async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, 
         inline = joined <= TOKENIZE_INLINE_CHARS and (template is None or len(pairs) <= RENDER_INLINE_MESSAGES)
         try:
             encoded = await serving.on_tokenizer(
-                lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins, template)[1]
-                         for first, second in pairs], inline)
+                lambda: [cross_encoder_prompt(serving.tokenizer, first, second, joins, template,
+                                              req.chat_template_kwargs)[1] for first, second in pairs], inline)
         except TemplateError as exc:  # the score template's own message, e.g. a role it refuses
             raise errors.invalid(f"score template (--chat-template) error: {exc}", param=sides[0]) from None
         texts: list[str | list[int]] = list(encoded)

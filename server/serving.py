@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.chat_messages import UnsupportedContent, template_message
+from engine.chat_messages import UnsupportedContent, template_message, template_variables
 from engine.reasoning import Reasoning, ReasoningPhase, ReasoningSplitter
 from engine.sampling_params import SamplingParams, truncate_prompt
 from engine.structured_outputs import StructuredOutputsParams
@@ -810,10 +810,7 @@ class OpenAIServing:
                 raise errors.unsupported(str(exc), param=f"messages.{i}.content") from None
             except ValueError as exc:
                 raise errors.invalid(str(exc), param=f"messages.{i}.content") from None
-        reserved = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-                    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
-        extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in reserved}
+        extra = template_variables(req.chat_template_kwargs)
         if req.chat_template is not None:
             if not self.config.trust_request_chat_template:  # as vLLM
                 raise errors.invalid("this server takes no chat_template from requests: it must be started with "

@@ -274,6 +274,10 @@ def test_a_score_template_formats_each_pair(causal_lm: str) -> None:
             f"<Query>: {query}\n<Document>: {doc}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert out.prompt_token_ids == tokenizer.encode(out.prompt)
         assert_close(out.outputs.score, torch.softmax(hf_last_logits(causal_lm, out.prompt)[[no, yes]], dim=-1)[1])
+    (instructed,) = llm.score(query, docs[0], chat_template=template, use_tqdm=False,
+                              chat_template_kwargs={"instruction": "Find the city named in the query"})
+    assert "<Instruct>: Find the city named in the query\n<Query>:" in instructed.prompt
+    assert instructed.outputs.score != pytest.approx(templated[0].outputs.score, abs=1e-6)
     with pytest.raises(ValueError, match="chat_template applies to a cross-encoder"):
         LLM(causal_lm, num_kv_blocks=8).score(query, docs, chat_template=template, use_tqdm=False)
 

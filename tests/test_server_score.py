@@ -460,6 +460,11 @@ def test_chat_template_is_a_cross_encoders_score_template(tokenizer, template_gi
         want = cross_encoder_prompt(tokenizer, body.query, doc, False, template if template_given else None)[1]
         assert prompt == want
     assert (job.prompts[0] == tokenizer(body.query, text_pair="Paris")["input_ids"]) != template_given
+    kwargs = {"instruction": "Find the city"}  # the template's variables
+    body = protocol.RerankRequest(query="the capital of France?", documents=["Paris"], chat_template_kwargs=kwargs)
+    job = asyncio.run(scoring.rerank_job(serving, body, RequestRecord("rerank-2", "rerank"), time.monotonic()))
+    want = cross_encoder_prompt(tokenizer, body.query, "Paris", False, template if template_given else None, kwargs)
+    assert job.prompts[0] == want[1] and ("Find the city" in want[0]) == template_given
 
 
 def test_a_score_template_that_refuses_a_pair_is_a_400(tokenizer):
