@@ -186,12 +186,11 @@ class LLM:
                 prompts.append({"prompt": text, "prompt_token_ids": ids})
             return self._pool(prompts, pooling_params, "score", truncate_prompt_tokens, use_tqdm, lora_request,
                               "Scored pairs")
-        refused = [name for name, value in (("chat_template", chat_template), ("chat_template_kwargs", chat_template_kwargs),
-                                            ("use_activation", pooling_params and pooling_params.use_activation))
-                   if value is not None]
-        if refused:
-            raise ValueError(f"{refused[0]} applies to a cross-encoder's score; this model's score is its embeddings' "
-                             "cosine similarity")
+        for name, value in (("chat_template", chat_template), ("chat_template_kwargs", chat_template_kwargs),
+                            ("use_activation", pooling_params and pooling_params.use_activation)):
+            if value is not None:
+                raise ValueError(f"{name} applies to a cross-encoder's score; this model's score is its embeddings' "
+                                 "cosine similarity")
         if pooling_params is not None and pooling_params.task == "score":
             pooling_params = replace(pooling_params, task=None)
         shared = isinstance(data_1, str) or len(data_1) == 1
