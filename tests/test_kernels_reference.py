@@ -201,6 +201,8 @@ def test_store_then_attend_round_trip() -> None:
 
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    # as in a process that never chose Triton (other tests' may have: tests share processes)
+    monkeypatch.delitem(sys.modules, "kernels.triton_ops", raising=False)
     assert kernels.attention_backend(torch.device("cpu")).__name__ == "kernels.cpu_ops"
     assert "kernels.triton_ops" not in sys.modules  # never imported unless chosen
     monkeypatch.setenv(kernels.BACKEND_ENV, "reference")
