@@ -5,7 +5,8 @@
 - `score`: how well a pair of texts match. A cross-encoder (a classifier with one label, a
   reranker) reads the pair as one prompt, as vLLM builds it: the tokenizer's encoding of the
   pair (its separators, as sentence-transformers' CrossEncoder reads it), or for an LLM reranker
-  the two texts joined (its instruction and separators are the texts'). An embedding model (a
+  the two texts joined, or a score template's rendering of them (Qwen3-Reranker's instruction
+  and format: configs/score_templates/). An embedding model (a
   bi-encoder) embeds each text alone, and the score is the cosine similarity of the two
   embeddings.
 
