@@ -10,8 +10,8 @@ float32 values exactly (a float's shortest repr); a body of many of them is rend
 event loop, a vector at a time, as a long chat is (JSON numbers cost ~0.6 µs each).
 
 Score, rerank and classify (server/scoring.py) are pooling requests too, run the same way with
-the helpers here: their inputs checked (`check_not_empty`), their packed values read back in
-prompt order (`packed_values`), a large body built off the event loop (`render_off_loop`).
+the helpers here: their packed values read back in prompt order (`packed_values`), a large body
+built off the event loop (`render_off_loop`), a refused prompt named by its field (`PromptField`).
 """
 
 from __future__ import annotations

@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.pooling import PoolerConfig
 
     try:  # what the worker would refuse: an architecture the overrides name, a classifier's keys
-        ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"])
+        model_config = ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         logger.error("bad --hf-overrides (or the checkpoint's config.json): %s", exc)
         return 2
@@ -369,12 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("bad --lora-modules: %s", error)
             return 2
     tokenizer = load_tokenizer(model_path)
-    tokens = ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"]).classifier_from_token
-    if tokens is not None:
+    if model_config.classifier_from_token is not None:
         from engine.scoring import classifier_token_ids
 
         try:
-            classifier_token_ids(tokenizer, tokens)
+            classifier_token_ids(tokenizer, model_config.classifier_from_token)
         except ValueError as exc:
             logger.error("bad --hf-overrides: %s", exc)
             return 2

@@ -216,7 +216,14 @@ class EmbeddingRequest(InputOrChat):
 SCORE_SIDES = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
 
 
-class ScoreRequest(PoolingRequest):
+class PairsRequest(PoolingRequest):
+    """What a body of scored pairs has (/score, /rerank): a cross-encoder's options."""
+
+    use_activation: bool | None = None  # false: the raw logit
+    chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (--chat-template)
+
+
+class ScoreRequest(PairsRequest):
     """vLLM's /score body (server/scoring.py): pairs of texts, 1:1, 1:N or N:N, as `text_1` and
     `text_2` or any other of SCORE_SIDES."""
 
@@ -227,8 +234,6 @@ class ScoreRequest(PoolingRequest):
     queries: str | list[str] | None = None
     documents: str | list[str] | None = None
     items: str | list[str] | None = None
-    use_activation: bool | None = None  # a cross-encoder's: false gives its raw logit
-    chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (--chat-template)
 
     def sides(self) -> tuple[str, str]:
         """The names of the fields the body's pairs come from; errors.invalid when it names
@@ -259,7 +264,7 @@ class RerankDocument(_Model):
     text: str
 
 
-class RerankRequest(PoolingRequest):
+class RerankRequest(PairsRequest):
     """vLLM's /rerank body, Jina's and Cohere's API (server/scoring.py): a query's score with
     each document."""
 
@@ -268,8 +273,6 @@ class RerankRequest(PoolingRequest):
     top_n: int | None = 0  # the best this many (0 or none: all)
     return_documents: bool | None = True  # false: results without their document's text (Cohere's)
     max_tokens_per_doc: int | None = None  # Cohere's: each document read as its first this many tokens
-    use_activation: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (--chat-template)
 
 
 class ClassificationRequest(InputOrChat):

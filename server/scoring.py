@@ -27,7 +27,7 @@ from server import errors
 from server.embeddings import PromptField, packed_values, render_off_loop
 from server.errors import APIError
 from server.ipc import unpack_embedding
-from server.protocol import ClassificationRequest, RerankRequest, ScoreRequest
+from server.protocol import ClassificationRequest, PairsRequest, RerankRequest, ScoreRequest
 from server.request_log import RequestRecord
 from server.serving import (RENDER_INLINE_MESSAGES, TOKENIZE_INLINE_CHARS, Choice, Job, OpenAIServing,
                             check_not_empty)
@@ -106,7 +106,7 @@ async def _first_tokens(serving: OpenAIServing, documents: list[str], limit: int
                                       sum(map(len, documents)) <= TOKENIZE_INLINE_CHARS)
 
 
-async def _pairs_job(serving: OpenAIServing, req: ScoreRequest | RerankRequest, record: RequestRecord,
+async def _pairs_job(serving: OpenAIServing, req: PairsRequest, record: RequestRecord,
                      arrival: float, kind: str, pairs: list[tuple[str, str]],
                      sides: tuple[str, str]) -> tuple[Job, PairScores]:
     """A Job that scores `pairs`, and how its outputs become their scores; `sides`: the fields
