@@ -160,3 +160,35 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation: x `[T, 2I]` holds gate then up; returns silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """A mixture-of-experts MLP: each token `x [T, H]` through its `K` routed experts, summed by
+    weight. `w13 [E, 2I, H]` holds each expert's gate then up projection, `w2 [E, H, I]` its down
+    projection; `topk_weights [T, K]` (fp32) and `topk_ids [T, K]` (any int) are the router's.
+    out[t] = Σ_k topk_weights[t, k] · w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])),
+    e = topk_ids[t, k], rounded as transformers' experts round (each product in x's dtype, the
+    weighted rows added into the output in x's dtype, expert by expert).
+
+    One batched product per expert that has tokens: it reads the routing on the host (not for
+    CUDA graphs; kernels.triton_moe is the graph-safe GPU version). → `[T, H]` in x's dtype."""
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    inter = w2.shape[-1]
+    out = torch.zeros_like(x)
+    flat = topk_ids.reshape(-1).long()
+    order = flat.argsort(stable=True)  # (token, k) pairs grouped by expert, tokens in order
+    tokens = order // top_k
+    weights = topk_weights.reshape(-1)[order].float()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        rows, scale = tokens[start:start + count], weights[start:start + count, None]
+        gate, up = F.linear(x[rows], w13[expert]).split(inter, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[expert])
+        out.index_add_(0, rows, (y.float() * scale).to(out.dtype))
+        start += count
+    return out
