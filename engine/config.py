@@ -21,6 +21,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Mixtures of experts: a routed MLP (engine/models/moe.py) on their sparse layers.
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     # Base models without an LM head, as embedding models are saved (e5-mistral, gte-Qwen2): embeddings only.
     "LlamaModel": "llama",
     "MistralModel": "mistral",
@@ -43,6 +47,53 @@ CUDA_GRAPH_MODES = ("full", "decode")  # full: decode and mixed steps; decode: p
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """A mixture of experts' MLP: each token runs through the `top_k` of `num_experts` experts
+    its router ranks first, weighted by their softmax probabilities."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's
+    renormalize: bool  # the top-k probabilities rescaled to sum to 1 (norm_topk_prob; Mixtral's always)
+    sparse_layers: frozenset[int]  # the layers with experts; the others keep the dense MLP
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's expert every token runs, sigmoid-gated; 0: none
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
+        """As transformers' config classes read config.json (their defaults where a key is missing)."""
+        # transformers 5 writes Qwen-MoE's num_experts as num_local_experts (Mixtral's name)
+        named = next((raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None), None)
+        if family == "mixtral":
+            return cls._checked(8 if named is None else named, raw.get("num_experts_per_tok", 2),
+                                raw["intermediate_size"], True, frozenset(range(num_layers)))
+        if family not in ("qwen2_moe", "qwen3_moe"):
+            return None
+        qwen2 = family == "qwen2_moe"
+        experts = (60 if qwen2 else 128) if named is None else named
+        step = raw.get("decoder_sparse_step", 1)
+        if not is_int(step) or step < 1:
+            raise ValueError(f"decoder_sparse_step must be an integer >= 1, got {step!r}")
+        dense = set(raw.get("mlp_only_layers") or ())
+        layers = frozenset(i for i in range(num_layers) if i not in dense and experts and (i + 1) % step == 0)
+        return cls._checked(experts, raw.get("num_experts_per_tok", 4 if qwen2 else 8),
+                            raw.get("moe_intermediate_size", 1408 if qwen2 else 768),
+                            bool(raw.get("norm_topk_prob", False)), layers,
+                            raw.get("shared_expert_intermediate_size", 5632) if qwen2 else 0)
+
+    @classmethod
+    def _checked(cls, experts: Any, top_k: Any, size: Any, renormalize: bool, layers: frozenset[int],
+                 shared: Any = 0) -> MoEConfig:
+        for name, value in (("num_experts", experts), ("num_experts_per_tok", top_k),
+                            ("moe_intermediate_size", size)):
+            _check_size(name, value)
+        if top_k > experts:
+            raise ValueError(f"num_experts_per_tok ({top_k}) exceeds num_experts ({experts})")
+        if not is_int(shared) or shared < 0:
+            raise ValueError(f"shared_expert_intermediate_size must be an integer >= 0, got {shared!r}")
+        return cls(experts, top_k, size, renormalize, layers, shared)
 
 
 @dataclass(slots=True)
@@ -79,6 +130,7 @@ class ModelConfig:
     classifier_from_token: tuple[str, ...] | None = None
     classifier_method: str | None = None
     classifier_token_ids: tuple[int, ...] | None = None
+    moe: MoEConfig | None = None  # None: a dense model
 
     @property
     def is_classifier(self) -> bool:
@@ -104,7 +156,7 @@ class ModelConfig:
             raise ValueError(f"hidden_act {act!r} is not supported: stoke's MLP is SiLU-gated")
         if raw.get("mlp_bias"):
             raise ValueError("mlp_bias (biases on the MLP projections) is not supported")
-        if raw.get("attention_bias") and family != "qwen2":
+        if raw.get("attention_bias") and family not in ("qwen2", "qwen2_moe"):
             raise ValueError(f"attention_bias (biases on every attention projection) is not supported for {arch}")
         num_heads = raw["num_attention_heads"]
         num_kv_heads = raw.get("num_key_value_heads") or num_heads
@@ -139,14 +191,15 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(raw.get("qkv_bias", True))),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             sliding_window=_sliding_window(raw, family),
             num_labels=_num_labels(raw, tokens, method) if arch.endswith("ForSequenceClassification") else None,
             classifier_from_token=tokens,
             classifier_method=method,
+            moe=MoEConfig.from_dict(raw, family, raw["num_hidden_layers"]),
         )
 
     @classmethod
@@ -162,16 +215,17 @@ class ModelConfig:
 
 
 # transformers' config classes' sliding_window when config.json has none
-_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096}
+_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096}
 
 
 def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
-    """The window of a checkpoint whose attention slides: Mistral's `sliding_window`; Qwen2 and
-    Qwen3's only with `use_sliding_window` (released configs carry a window they do not use);
+    """The window of a checkpoint whose attention slides: Mistral's and Mixtral's
+    `sliding_window`; Qwen2's and Qwen3's (MoE too) only with `use_sliding_window` (released
+    configs carry a window they do not use);
     any model's whose `layer_types` name sliding layers. A missing key is the class default, as
     transformers reads it; an explicit null is no window."""
     window = raw["sliding_window"] if "sliding_window" in raw else _DEFAULT_WINDOW.get(family)
-    uses = family == "mistral" or bool(raw.get("use_sliding_window")) \
+    uses = family in ("mistral", "mixtral") or bool(raw.get("use_sliding_window")) \
         or "sliding_attention" in (raw.get("layer_types") or ())
     return int(window) if uses and window else None
 

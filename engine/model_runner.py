@@ -177,6 +177,8 @@ class ModelRunner:
         on_gpu_triton = self.device.type == "cuda" and is_triton(self.backend)
         if on_gpu_triton:  # fused RMSNorm+residual and in-place rotary
             self.model.use_norm_rope_kernels(importlib.import_module("kernels.triton_norm_rope"))
+            if self.model_config.moe is not None:  # the graph-safe experts (the reference reads routing on the host)
+                self.model.use_moe_kernels(importlib.import_module("kernels.triton_moe"))
         elif self.backend.__name__ == kernels.BACKENDS["cpu"]:  # the same in C, and the projections
             self.model.use_norm_rope_kernels(self.backend)
             self.model.use_linear_kernels(self.backend)

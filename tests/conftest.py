@@ -40,6 +40,29 @@ def _save_tiny(kind: str, path: str) -> str:
     return path
 
 
+# Tiny mixtures of experts, each covering its family's own parts: Qwen3-MoE renormalised top-k
+# and q/k norm; Qwen2-MoE a shared expert, qkv bias and a dense layer (mlp_only_layers); Mixtral
+# its block_sparse_moe names.
+TINY_MOE = {
+    "qwen3_moe": ("Qwen3Moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   norm_topk_prob=True)),
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+}
+
+
+def save_tiny_moe(path: str, kind: str, **config: object) -> str:
+    """A tiny random mixture of experts (TINY_MOE's kinds), saved as transformers saves it."""
+    import transformers
+
+    torch.manual_seed(0)
+    prefix, own = TINY_MOE[kind]
+    hf_config = getattr(transformers, f"{prefix}Config")(**(TINY_COMMON | {"tie_word_embeddings": False} | own | config))
+    getattr(transformers, f"{prefix}ForCausalLM")(hf_config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")

@@ -1,5 +1,6 @@
 """The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
-(q/k RMSNorm). Tokens of all sequences are flattened to [T, hidden]; attention goes through
+(q/k RMSNorm), and their mixtures of experts, Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse
+layers' MLP is engine/models/moe.py's. Tokens of all sequences are flattened to [T, hidden]; attention goes through
 the paged kernels, so this file knows nothing about batching or padding.
 
 The layers pass the residual stream beside the hidden states (vLLM's style), so that the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -25,6 +27,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.lora import LoRAProjection, LoRAState
+from engine.models.moe import SparseMoeBlock
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +193,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=False)
         self.kernels: ModuleType | None = None  # a module with silu_and_mul, or None: torch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +212,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
+        sparse = config.moe is not None and layer in config.moe.sparse_layers
+        self.mlp = SparseMoeBlock(config, MLP) if sparse else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -243,6 +247,13 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+    # One expert's projection in a checkpoint (Mixtral's block_sparse_moe is renamed mlp first):
+    # Qwen-MoE's gate/up/down_proj, Mixtral's w1/w3/w2; its rows of our stacked w13 or w2.
+    EXPERT = re.compile(r"(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight")
+    EXPERT_SHARDS = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
+                     "down_proj": ("w2", None), "w2": ("w2", None)}
+    # Experts already stacked, as transformers 5 holds them: [E, 2I, H] and [E, H, I].
+    STACKED_EXPERTS = {"experts.gate_up_proj": "w13", "experts.down_proj": "w2"}
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -273,6 +284,13 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, Attention):
                 module.rope_kernels = ops
 
+    def use_moe_kernels(self, ops: ModuleType) -> None:
+        """Run every mixture of experts' MLP through `ops.fused_moe` (kernels.triton_moe on CUDA;
+        kernels.reference, the default, elsewhere)."""
+        for module in self.modules():
+            if isinstance(module, SparseMoeBlock):
+                module.kernels = ops
+
     def use_linear_kernels(self, ops: ModuleType | None) -> None:
         """Run every projection and the LM head as `ops.linear` over weights `ops` packs now
         (kernels.cpu_ops: the product in C); call it once the weights are loaded. A tied head
@@ -297,12 +315,14 @@ class LlamaForCausalLM(nn.Module):
         checkpoint module it fuses, its name and first and end output column)."""
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            yield i, attn.qkv_proj, [(m, *self._shard_bounds("qkv_proj", s)) for m, s in
+            yield i, attn.qkv_proj, [(m, *self._shard_bounds("qkv_proj", s, 0)) for m, s in
                                      (("q_proj", 0), ("k_proj", 1), ("v_proj", 2))]
             yield i, attn.o_proj, [("o_proj", 0, attn.o_proj.out_features)]
-            yield i, mlp.gate_up_proj, [(m, *self._shard_bounds("gate_up_proj", s)) for m, s in
-                                        (("gate_proj", 0), ("up_proj", 1))]
-            yield i, mlp.down_proj, [("down_proj", 0, mlp.down_proj.out_features)]
+            if isinstance(mlp, MLP):  # experts are not adapted (engine/lora.py refuses adapters for them)
+                yield i, mlp.gate_up_proj, [(m, *self._shard_bounds("gate_up_proj", s, mlp.gate_up_proj.out_features))
+                                            for m, s in
+                                            (("gate_proj", 0), ("up_proj", 1))]
+                yield i, mlp.down_proj, [("down_proj", 0, mlp.down_proj.out_features)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden] (before the norm)."""
@@ -354,13 +374,31 @@ class LlamaForCausalLM(nn.Module):
             rows = rows[1:2] - rows[0:1]
         self.score.weight.copy_(rows.to(self.score.weight))
 
-    def _shard_bounds(self, fused: str, shard: int) -> tuple[int, int]:
-        c = self.config
+    def _shard_bounds(self, fused: str, shard: int, rows: int) -> tuple[int, int]:
+        """Which of a fused projection's `rows` rows hold one of the checkpoint's projections: q,
+        k or v of qkv_proj; gate or up of gate_up_proj (a dense MLP's, or an expert's in w13)."""
         if fused == "qkv_proj":
+            c = self.config
             q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
-        i = c.intermediate_size
-        return (shard * i, (shard + 1) * i)
+        half = rows // 2
+        return (shard * half, (shard + 1) * half)
+
+    @staticmethod
+    def _pieces(name: str, param: torch.Tensor) -> list[str]:
+        """The parts a checkpoint may give a parameter of ours in separate tensors (none: it
+        comes whole): a fused projection's shards, stacked experts' projections."""
+        parts = name.split(".")
+        kind = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
+        if kind == "qkv_proj":
+            return ["0", "1", "2"]
+        if kind == "gate_up_proj":
+            return ["0", "1"]
+        if kind == "w13":
+            return [f"{e}.{s}" for e in range(param.shape[0]) for s in (0, 1)]
+        if kind == "w2":
+            return [str(e) for e in range(param.shape[0])]
+        return []
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our parameters; every parameter must be covered."""
@@ -382,31 +420,39 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.lm_head is None and self.has_lm_head:
                 tied_head = tensor  # tied: the embedding serves as the head, if they are equal
                 continue
+            source, name = name, name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")
-            target, rows = name, None
-            if len(parts) >= 2 and parts[-2] in self.FUSED:
+            # target: our parameter; expert: its index in stacked experts; fused, shard: which
+            # rows of a fused projection; piece: the part loaded, where the tensor is not all of it.
+            target, expert, fused, shard, piece = name, None, "", None, None
+            if (match := self.EXPERT.fullmatch(name)) and match.group(3) in self.EXPERT_SHARDS:
+                prefix, index, projection = match.groups()
+                stacked, shard = self.EXPERT_SHARDS[projection]
+                target, expert, fused = f"{prefix}.{stacked}", int(index), stacked
+                piece = index if shard is None else f"{index}.{shard}"
+            elif len(parts) >= 3 and f"{parts[-2]}.{parts[-1]}" in self.STACKED_EXPERTS:
+                target = ".".join(parts[:-2] + [self.STACKED_EXPERTS[f"{parts[-2]}.{parts[-1]}"]])
+            elif len(parts) >= 2 and parts[-2] in self.FUSED:
                 fused, shard = self.FUSED[parts[-2]]
-                target = ".".join(parts[:-2] + [fused, parts[-1]])
-                rows = self._shard_bounds(fused, shard)
-                loaded.add(f"{target}#{shard}")
+                target, piece = ".".join(parts[:-2] + [fused, parts[-1]]), str(shard)
             if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
-            param = params[target]
-            dest = param.data if rows is None else param.data[rows[0]:rows[1]]
+                raise ValueError(f"checkpoint tensor {source!r} has no place in {self.config.architecture}")
+            dest = params[target].data
+            if expert is not None:
+                if expert >= dest.shape[0]:
+                    raise ValueError(f"checkpoint tensor {source!r} is for expert {expert}, and the model has "
+                                     f"{dest.shape[0]}")
+                dest = dest[expert]
+            if shard is not None:
+                first, end = self._shard_bounds(fused, shard, dest.shape[0])
+                dest = dest[first:end]
             if dest.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
             dest.copy_(tensor)
-            if rows is None:
-                loaded.add(target)
-        missing = []
-        for name, param in params.items():
-            fused = name.split(".")[-2] if "." in name else ""
-            if fused in ("qkv_proj", "gate_up_proj"):
-                shards = 3 if fused == "qkv_proj" else 2
-                if not all(f"{name}#{s}" in loaded for s in range(shards)):
-                    missing.append(name)
-            elif name not in loaded:
-                missing.append(name)
+            loaded.add(target if piece is None else f"{target}#{piece}")
+        missing = [name for name, param in params.items()
+                   if name not in loaded and not all(f"{name}#{p}" in loaded for p in self._pieces(name, param))]
         if "score.weight" in missing:
             if not token_ids:
                 raise self._no_score_head()
