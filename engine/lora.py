@@ -177,6 +177,9 @@ def _load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int
         if layer >= model_config.num_layers:
             raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} is for layer {layer}, and the model has "
                              f"{model_config.num_layers}")
+        if match.group(2) == "mlp" and model_config.moe is not None and layer in model_config.moe.sparse_layers:
+            raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} adapts layer {layer}'s MLP, which is a "
+                             "mixture of experts here: stoke adapts its attention projections only")
         pairs.setdefault((layer, match.group(3)), {})[match.group(4)] = tensor
     if not pairs:
         raise ValueError(f"LoRA adapter {path!r} holds no LoRA weights")

@@ -177,11 +177,13 @@ class ModelRunner:
         on_gpu_triton = self.device.type == "cuda" and is_triton(self.backend)
         if on_gpu_triton:  # fused RMSNorm+residual and in-place rotary
             self.model.use_norm_rope_kernels(importlib.import_module("kernels.triton_norm_rope"))
-            if self.model_config.moe is not None:  # the graph-safe experts (the reference reads routing on the host)
-                self.model.use_moe_kernels(importlib.import_module("kernels.triton_moe"))
         elif self.backend.__name__ == kernels.BACKENDS["cpu"]:  # the same in C, and the projections
             self.model.use_norm_rope_kernels(self.backend)
             self.model.use_linear_kernels(self.backend)
+        if is_triton(self.backend) and model_config.moe is not None:
+            # The graph-safe experts (the reference reads the routing on the host); off CUDA in
+            # Triton's interpreter, as the attention kernels then run.
+            self.model.use_moe_kernels(importlib.import_module("kernels.triton_moe"))
         self.lora: LoRASlots | None = None
         if loras is not None:  # before the memory profile, which then counts the slots and their products
             self.lora = LoRASlots(self.model, loras, config.max_loras,
