@@ -1,0 +1,279 @@
+"""A mixture-of-experts MLP in Triton, safe to capture in CUDA graphs: the same contract as
+`kernels.reference.fused_moe`, for CUDA (and Triton's interpreter, for tests).
+
+vLLM's design (fused_moe's `moe_align_block_size` + one grouped GEMM), written for stoke:
+
+1. Align, in torch device ops: the T*K (token, k) pairs (pair id `t * K + k`) sorted by expert
+   (a stable sort), each expert's run padded to a multiple of BLOCK_M with the sentinel
+   `T * K`, so a block of BLOCK_M rows belongs to one expert. Out come `sorted_ids`, the expert
+   of each block and the number of padded rows (a 1-element device tensor). The lengths follow
+   from T, K, E and BLOCK_M alone (a static bound on the padded rows), never from the routing:
+   nothing is read on the host, so the call can be captured and replayed with new routing.
+2. One grouped-GEMM kernel, launched twice. gate_up: rows `x[pair // K]` times `w13[expert]`,
+   gate and up columns in two accumulators, `silu(gate) * up` in the epilogue, into an
+   intermediate `[T*K, I]` in x's dtype (where the reference rounds it too). down: rows
+   `intermediate[pair]` times `w2[expert]`, the pair's routing weight multiplied in fp32 in the
+   epilogue, into fp32 `[T*K, H]`. Blocks past the padded rows exit on the device count; pad
+   rows (the sentinel) are masked on every load and store; every dim is masked, so H and I
+   need not be multiples of the tiles. Programs walk the output in groups of GROUP_M row
+   blocks (consecutive blocks share an expert, so its weight tiles are read once from HBM).
+3. Each token's K rows summed in fp32 and rounded once to x's dtype.
+
+fp32 accumulation throughout (IEEE dots for fp32 inputs). Only pointer arithmetic (no block
+pointers): Triton 3.4 and later. Expert ids must lie in [0, E): checking their values would
+need a host sync, which this path exists to avoid.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_ops import LAUNCH_OPTIONS, MIN_DOT
+
+__all__ = ["Alignment", "MoETile", "align", "fused_moe", "max_padded_rows", "moe_tile"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class MoETile:
+    """The grouped GEMM's tiles and launch options, one for both passes."""
+
+    block_m: int  # rows (pairs) per block; each expert's rows are padded to a multiple of it
+    block_n: int  # output columns per program (of gate and of up each, in the gate_up pass)
+    block_k: int  # reduction step
+    group_m: int  # row blocks that walk the output columns together, for L2 reuse
+    num_warps: int
+    num_stages: int
+
+
+class Alignment(NamedTuple):
+    """The routing sorted by expert and padded to whole blocks (see `align`)."""
+
+    sorted_ids: torch.Tensor  # [max_padded_rows] int32: pair ids, expert by expert; pad = T*K
+    block_experts: torch.Tensor  # [max_padded_rows // block_m] int32: each block's expert
+    num_padded: torch.Tensor  # [1] int32: the padded rows in use; blocks at or past it are idle
+
+
+# ----------------------------------------------------------------------------- align (torch)
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The most rows the padded routing can take: each of at most min(E, T*K) experts with
+    rows adds under one block of padding, so Σ_e ceil(c_e / M) <= (T*K + min(E, T*K) * (M-1)) / M."""
+    return (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m * block_m
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """The (token, k) pairs of `topk_ids [T, K]` grouped by expert (tokens in order within an
+    expert), each expert's run padded to a multiple of `block_m`. Device ops only, no value-
+    dependent shape: the same in a CUDA graph as eagerly."""
+    device = topk_ids.device
+    num_pairs = topk_ids.numel()
+    length = max_padded_rows(num_pairs, num_experts, block_m)
+    experts, order = topk_ids.reshape(-1).to(torch.int64).sort(stable=True)
+    # bounds[e]: where expert e's pairs start in sorted order (bounds[E] = T*K).
+    bounds = torch.searchsorted(experts, torch.arange(num_experts + 1, device=device))
+    padded = (bounds.diff() + block_m - 1) // block_m * block_m
+    padded_ends = padded.cumsum(0)
+    # Sorted pair i of expert e goes to row padded_start[e] + (i - bounds[e]).
+    shift = padded_ends - padded - bounds[:-1]
+    rows = torch.arange(num_pairs, device=device) + shift[experts]
+    sorted_ids = torch.full((length,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, rows, order.to(torch.int32))
+    # A block's expert: the first whose padded run ends after the block's first row. Blocks past
+    # the padded rows get the last expert, a valid index they never read.
+    starts = torch.arange(0, length, block_m, device=device)
+    block_experts = torch.searchsorted(padded_ends, starts, right=True).clamp_(max=num_experts - 1)
+    return Alignment(sorted_ids, block_experts.to(torch.int32), padded_ends[-1:].to(torch.int32))
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
+    num_pairs, num_cols, depth, up_offset,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_om, stride_on,
+    PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # out[pair, n] = Σ_k a[pair // PAIRS_PER_A_ROW, k] * b[expert, n, k] for the BLOCK_M pairs of
+    # one block (one expert) and BLOCK_N columns; GATED: silu(that) * (the same at row n + up_offset).
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(num_cols, BLOCK_N)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    per_group = GROUP_M * num_pid_n
+    first_m = pid // per_group * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + pid % per_group % group_rows
+    pid_n = pid % per_group // group_rows
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return  # past the padded rows: this launch's routing needs fewer blocks than the bound
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pairs < num_pairs  # pad rows hold the sentinel num_pairs
+    pairs = pairs.to(tl.int64)
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < num_cols
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pairs // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(depth, BLOCK_K)):
+        if EVEN_K:
+            a_mask = row_mask[:, None]
+            b_mask = col_mask[None, :]
+        else:
+            k_mask = offs_k < depth - k * BLOCK_K
+            a_mask = row_mask[:, None] & k_mask[None, :]
+            b_mask = col_mask[None, :] & k_mask[:, None]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PREC)
+        if GATED:
+            acc_up = tl.dot(a, tl.load(b_ptrs + up_offset * stride_bn, mask=b_mask, other=0.0), acc_up,
+                            input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(weights_ptr + pairs, mask=row_mask, other=0.0)[:, None]
+    tl.store(out_ptr + pairs[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None,
+                  routing: Alignment, num_cols: int, pairs_per_a_row: int, gated: bool, tile: MoETile) -> None:
+    """out[pair] (rows of the pairs in `routing`) = a[pair // pairs_per_a_row] @ b[expert].T, its
+    first `num_cols` columns: gated, silu of those times those of b's rows from `num_cols` on;
+    with `weights` (fp32, per pair), times the pair's weight."""
+    depth = a.shape[1]
+    grid = (routing.block_experts.numel() * triton.cdiv(num_cols, tile.block_n),)
+    _moe_gemm_kernel[grid](
+        a, b, out, weights if weights is not None else out, routing.sorted_ids, routing.block_experts,
+        routing.num_padded, out.shape[0], num_cols, depth, num_cols if gated else 0,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+        PAIRS_PER_A_ROW=pairs_per_a_row, GATED=gated, WEIGHTED=weights is not None,
+        EVEN_K=depth % tile.block_k == 0, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=tile.group_m, DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **LAUNCH_OPTIONS,
+    )
+
+
+# ----------------------------------------------------------------------------- the MoE MLP
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    *, tile: MoETile | None = None,
+) -> torch.Tensor:
+    """A mixture-of-experts MLP, as `kernels.reference.fused_moe`: x `[T, H]`, w13 `[E, 2I, H]`
+    (each expert's gate rows then up rows), w2 `[E, H, I]`, topk_weights `[T, K]` (a float
+    type, used in fp32) and topk_ids `[T, K]` (int32 or int64, each in [0, E)) → `[T, H]` in
+    x's dtype: out[t] = Σ_k topk_weights[t, k] · w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])).
+
+    No host sync and no shape that depends on the routing's values: capture it in a CUDA graph
+    and replay it with new inputs copied into the same tensors. Tensors may be strided views
+    (no copy of the weights is made). `tile`: the grouped GEMM's tiles (default: `moe_tile`)."""
+    num_tokens, hidden, num_experts, inter, top_k = _check(x, w13, w2, topk_weights, topk_ids)
+    if num_tokens == 0:
+        return x.new_zeros((0, hidden))
+    num_pairs = num_tokens * top_k
+    tile = tile or moe_tile(num_pairs, num_experts, x.dtype, x.device)
+    _check_tile(tile)
+    routing = align(topk_ids, num_experts, tile.block_m)
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, act, None, routing, inter, top_k, True, tile)
+    weighted = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    weights = topk_weights.to(torch.float32).reshape(-1).contiguous()
+    _grouped_gemm(act, w2, weighted, weights, routing, hidden, 1, False, tile)
+    return weighted.view(num_tokens, top_k, hidden).sum(1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def moe_tile(num_pairs: int, num_experts: int, dtype: torch.dtype, device: torch.device) -> MoETile:
+    """Tiles from the shapes alone (no GPU sweep has measured them yet). Rows per block follow
+    the rows an expert gets on average (T*K / E): padding wastes up to a block per expert, so
+    decode-sized batches take 16 (a block of 16 rows reads each weight tile once for up to 16
+    pairs) and prefills 64. 16-bit shared memory per stage at most 24 KiB (gate_up's A tile
+    and two B tiles): four stages on Hopper, three elsewhere (Ada has 99 KiB a block). fp32
+    runs IEEE dots on FMA units: small tiles, two stages. The interpreter: the smallest tiles
+    (16), so tests cross many tiles, and groups of 2 row blocks to exercise the walk."""
+    if device.type != "cuda":
+        return MoETile(MIN_DOT, MIN_DOT, MIN_DOT, 2, 4, 1)
+    per_expert = num_pairs / num_experts
+    if dtype == torch.float32:
+        return MoETile(16 if per_expert <= 16 else 32, 32, 32, 1 if per_expert <= 16 else 8, 4, 2)
+    stages = 4 if _device_capability(device)[0] >= 9 else 3
+    if per_expert <= 16:
+        return MoETile(16, 32, 128, 1, 4, stages)  # many narrow column tiles: the weights' bandwidth
+    if per_expert <= 48:
+        return MoETile(32, 64, 64, 4, 4, stages)
+    return MoETile(64, 64, 64, 8, 4, stages)
+
+
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+           topk_ids: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(T, H, E, I, K), or a ValueError naming what is wrong."""
+    if x.dim() != 2:
+        raise ValueError(f"fused_moe: x must be [T, H], got {tuple(x.shape)}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"fused_moe: w13 must be [E, 2I, H] and w2 [E, H, I], got {tuple(w13.shape)} and "
+                         f"{tuple(w2.shape)}")
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    if two_inter % 2 or w13.shape[2] != hidden or tuple(w2.shape) != (num_experts, hidden, inter) or not inter:
+        raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit x "
+                         f"{tuple(x.shape)}: w13 must be [E, 2I, H] and w2 [E, H, I] with H = {hidden}, I >= 1")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                         f"{tuple(topk_ids.shape)} must both be [T, K] with T = {num_tokens}")
+    top_k = topk_ids.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"fused_moe: K = {top_k} experts per token, but there are {num_experts} (1 <= K <= E)")
+    if x.dtype not in DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"fused_moe: x, w13 and w2 must share one of {[str(d) for d in DTYPES]}, got "
+                         f"{x.dtype}, {w13.dtype} and {w2.dtype}")
+    if topk_ids.dtype not in ID_DTYPES:
+        raise ValueError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise ValueError(f"fused_moe: topk_weights must be a float type (used in fp32), got {topk_weights.dtype}")
+    devices = {t.device for t in (x, w13, w2, topk_weights, topk_ids)}
+    if len(devices) > 1:
+        raise ValueError(f"fused_moe: every tensor must be on one device, got {sorted(map(str, devices))}")
+    return num_tokens, hidden, num_experts, inter, top_k
+
+
+def _check_tile(tile: MoETile) -> None:
+    blocks = (tile.block_m, tile.block_n, tile.block_k)
+    if any(b < MIN_DOT or b & (b - 1) for b in blocks) or tile.group_m < 1:
+        raise ValueError(f"fused_moe: tile blocks must be powers of two >= {MIN_DOT} and group_m >= 1, got {tile}")
