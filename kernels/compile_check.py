@@ -4,9 +4,9 @@ The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, but it is 
 it never lowers a kernel to PTX, so a layout the compiler rejects, or a tile whose shared
 memory exceeds what a card gives one block, shows up only on a GPU. Here each kernel goes
 through Triton's whole NVIDIA pipeline (TTIR → TTGIR → LLVM → PTX → cubin with the bundled
-ptxas) for each target, launched through the real wrappers of kernels/triton_ops.py and
-kernels/triton_norm_rope.py, so the specialisations and tiles are exactly those a CUDA run
-picks. How: a stand-in driver names the target, and Triton's jit cache hook compiles each
+ptxas) for each target, launched through the real wrappers of kernels/triton_ops.py,
+kernels/triton_norm_rope.py and kernels/triton_moe.py, so the specialisations and tiles are
+exactly those a CUDA run picks. How: a stand-in driver names the target, and Triton's jit cache hook compiles each
 launch itself and tells Triton to skip it (nothing runs; outputs stay unwritten).
 
     python -m kernels.compile_check                       # every target and case; table + exit status
@@ -46,8 +46,11 @@ LAYOUTS = {
     "d256": (8, 2, 256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA", "FRESH",
-                "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK")
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA",
+                "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED")
+# Mixture-of-experts layouts (kernels/triton_moe.py): (experts, experts per token, hidden, intermediate)
+MOE_LAYOUT = (128, 8, 2048, 768)  # Qwen3-30B-A3B
+MOE_ROWS_PER_EXPERT = (1, 32, 128)  # steps whose rows pick each of the MoE tiles (decode, middle, prefill)
 
 
 @dataclass(slots=True)
@@ -157,6 +160,25 @@ def _launch(case: tuple[str, str, str]) -> None:
         triton_norm_rope.rms_norm(q, torch.ones(d, dtype=dtype), 1e-6)  # qk-norm on heads
         table = torch.zeros(128, d // 2)
         triton_norm_rope.apply_rotary(q, k, table, table, torch.zeros(tokens, dtype=torch.long))
+    if which == "all":
+        _launch_moe(dtype)
+
+
+def _launch_moe(dtype: torch.dtype) -> None:
+    """kernels/triton_moe.py's grouped GEMM, both passes, with the tiles a CUDA step of each
+    size picks. Only K experts' weights (never touched, so never paged in): the expert count
+    changes the tile, passed here, but no stride's specialisation."""
+    from kernels import triton_moe
+
+    num_experts, top_k, hidden, inter = MOE_LAYOUT
+    w13 = torch.empty(top_k, 2 * inter, hidden, dtype=dtype)
+    w2 = torch.empty(top_k, hidden, inter, dtype=dtype)
+    for rows in MOE_ROWS_PER_EXPERT:
+        tokens = rows * num_experts // top_k
+        ids = torch.zeros(tokens, top_k, dtype=torch.int32)
+        tile = triton_moe.moe_tile(tokens * top_k, num_experts, dtype, torch.device("cuda"))
+        triton_moe.fused_moe(torch.empty(tokens, hidden, dtype=dtype), w13, w2, torch.ones(tokens, top_k), ids,
+                             tile=tile)
 
 
 def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning | None = None) -> list[Compiled]:
@@ -202,7 +224,10 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
     tile_fns = {name: getattr(triton_ops, name) for name in ("_prefill_config", "_decode_config")}
     for name, fn in tile_fns.items():
         setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
+    from kernels import triton_moe
+
     capability_fn = triton_ops._device_capability  # tiles may depend on the architecture
+    moe_capability_fn = triton_moe._device_capability
     tuning_fn, triton_ops._device_tuning = triton_ops._device_tuning, lambda device: tuning or KernelTuning()
     hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
     previous_driver = getattr(driver, "_active", None)  # None until first use; restored below
@@ -210,6 +235,7 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
         for index, name in enumerate(targets):
             driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
             triton_ops._device_capability = lambda device, cc=TARGETS[name][0]: divmod(cc, 10)
+            triton_moe._device_capability = triton_ops._device_capability
             current["target"] = name
             for case in _cases(quick):
                 current["case"] = f"{case[0]} {case[1]}"
@@ -219,6 +245,7 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
         for name, fn in tile_fns.items():
             setattr(triton_ops, name, fn)
         triton_ops._device_capability = capability_fn
+        triton_moe._device_capability = moe_capability_fn
         triton_ops._device_tuning = tuning_fn
         driver.set_active(previous_driver)
     return results

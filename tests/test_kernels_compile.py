@@ -33,7 +33,9 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
         seen = {(r["kernel"], r["variant"].split(" TILE")[0]) for r in rows if r["target"] == target}
         kernels = {k for k, _ in seen}
         assert kernels >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel", "_decode_graphed_kernel",
-                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel"}, kernels
+                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel"}, kernels
+        moe = {(v.split()[0], v.split()[-1]) for k, v in seen if k == "_moe_gemm_kernel"}
+        assert moe == {(f"BLOCK_M={m}", f"GATED={g}") for m in (16, 32, 64) for g in (0, 1)}, moe  # both passes
         variants = {v for k, v in seen if k in ("_decode_kernel", "_prefill_kernel")}
         assert any("SPLIT=0" in v for v in variants) and any("SPLIT=1" in v for v in variants)
         assert any("HEADS=4" in v for v in variants) and any("HEADS=1" in v for v in variants)
@@ -76,7 +78,7 @@ def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path
     assert f"compiled with Triton {version} for sm90" in proc.stdout
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel",
-                                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel"}
+                                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel"}
     assert all(r["ok"] for r in rows)
     assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
                 if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
