@@ -169,26 +169,29 @@ def fused_moe(
     weight. `w13 [E, 2I, H]` holds each expert's gate then up projection, `w2 [E, H, I]` its down
     projection; `topk_weights [T, K]` (fp32) and `topk_ids [T, K]` (any int) are the router's.
     out[t] = Σ_k topk_weights[t, k] · w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])),
-    e = topk_ids[t, k], rounded as transformers' experts round (each product in x's dtype, the
-    weighted rows added into the output in x's dtype, expert by expert).
+    e = topk_ids[t, k]: each expert's products in x's dtype, as transformers' experts compute
+    them, then weighted and summed over k in fp32 and rounded once.
 
-    One batched product per expert that has tokens: it reads the routing on the host (not for
-    CUDA graphs; kernels.triton_moe is the graph-safe GPU version). → `[T, H]` in x's dtype."""
-    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
-    inter = w2.shape[-1]
-    out = torch.zeros_like(x)
+    One batched product per expert that has tokens, its rows written in expert order and put
+    back in token order by one gather (torch's index_add_ on the CPU costs more than the
+    products). It reads the routing on the host: not for CUDA graphs, where kernels.triton_moe
+    runs. → `[T, H]` in x's dtype."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, inter = w13.shape[0], w2.shape[-1]
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)  # (token, k) pairs grouped by expert, tokens in order
-    tokens = order // top_k
     weights = topk_weights.reshape(-1)[order].float()
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    rows = order // top_k
+    by_expert = torch.empty(flat.numel(), x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
         if not count:
             continue
-        rows, scale = tokens[start:start + count], weights[start:start + count, None]
-        gate, up = F.linear(x[rows], w13[expert]).split(inter, dim=-1)
+        end = start + count
+        gate, up = F.linear(x[rows[start:end]], w13[expert]).split(inter, dim=-1)
         y = F.linear(F.silu(gate) * up, w2[expert])
-        out.index_add_(0, rows, (y.float() * scale).to(out.dtype))
-        start += count
-    return out
+        torch.mul(y.float(), weights[start:end, None], out=by_expert[start:end])
+        start = end
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return by_expert.index_select(0, back).view(num_tokens, top_k, -1).sum(1).to(x.dtype)
