@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py at tiny sizes on the CPU, and the pieces of `make gpu-check`
+"""benchmarks/kernels.py and benchmarks/moe_kernels.py at tiny sizes on the CPU, and the pieces of `make gpu-check`
 (benchmarks/gpu_check.py, benchmarks/mini_pytest.py): its plan, its stage runner (ok, failed,
 timeout, out of budget), the pytest stand-in on a demo module, its summary and table, and one
 reduced end-to-end CPU smoke run. Numbers are not judged (benchmarks show performance, tests
@@ -19,6 +19,7 @@ import torch
 from benchmarks import gpu_check
 from benchmarks.kernels import main as kernels_main
 from benchmarks.kernels import peak_bandwidth
+from benchmarks.moe_kernels import main as moe_kernels_main
 from kernels.tuning import parse_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +93,47 @@ def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None
     assert "mixed step attention" in proc.stdout
     assert "torch_paged x" in proc.stdout and "merge_kernel x" in proc.stdout and "decode attention" in proc.stdout
     assert "decode: SDPA chose" in proc.stdout
+
+
+def test_moe_kernels_benchmark_tiny_on_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TRITON_INTERPRET: the reference timed at tiny layouts, Triton skipped with a note."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "moe.json"
+    report = moe_kernels_main(["--tiny", "--iters", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["summary"] == json.loads(json.dumps(report["summary"]))
+    assert data["env"]["impl"] == "reference" and data["env"]["tiny"] and data["interpreter_check"] is None
+    assert {r["layout"] for r in data["rows"]} == {"tiny-qwen3-moe", "tiny-mixtral"}
+    for r in data["rows"]:
+        for key in ("tokens", "experts_hit", "weight_bytes", "flops", "reference_ms", "reference_gbps",
+                    "reference_tflops"):
+            assert _positive(r[key]), (key, r)
+        assert r["experts_hit"] <= r["experts"] and "triton_ms" not in r
+    assert any("Triton skipped" in note for note in data["summary"]["notes"])
+
+
+def test_moe_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None:
+    """The CUDA run's shape (Triton timed beside the reference, ratios, differences) with the
+    interpreter standing in for the GPU, and the interpreter's check on one shape; a
+    subprocess, so that TRITON_INTERPRET is set before Triton is first imported."""
+    out = tmp_path / "moe.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.moe_kernels", "--tiny", "--impl", "triton", "--iters", "1",
+                           "--warmup", "0", "--tokens", "1", "5", "--out", str(out)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["env"]["impl"] == "triton" and data["env"]["interpreter"]
+    assert [r["tokens"] for r in data["rows"]] == [1, 5, 1, 5]
+    for r in data["rows"]:
+        for key in ("triton_ms", "triton_gbps", "triton_tflops", "reference_ms", "ratio"):
+            assert _positive(r[key]), (key, r)
+        assert r["max_rel_diff"] < 1e-5
+    assert data["interpreter_check"]["ok"] and data["interpreter_check"]["max_rel_diff"] < 1e-5
+    summary = data["summary"]["layouts"]["tiny-mixtral"]
+    assert _positive(summary["ratio"]["median"]) and summary["largest_tokens"] == 5
+    assert summary["max_rel_diff"] < 1e-5 and summary["decode_best_peak_fraction"] is None  # no peak on a CPU
+    assert "ratio = reference time / Triton time" in proc.stdout and "(ok)" in proc.stdout
 
 
 def test_peak_bandwidth_by_device_name(monkeypatch: pytest.MonkeyPatch) -> None:
