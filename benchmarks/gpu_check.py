@@ -2,9 +2,11 @@
 
 On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
 1. kernel_tests: the Triton kernels compiled for real (fp16/bf16/fp32): `pytest -m gpu` over
-   tests/test_kernels_triton.py and tests/test_runner_gpu_path.py, or, without pytest,
-   benchmarks/mini_pytest.py running the same test functions;
+   tests/test_kernels_triton.py, tests/test_runner_gpu_path.py and tests/test_kernels_moe.py,
+   or, without pytest, benchmarks/mini_pytest.py running the same test functions;
 2. kernels: benchmarks/kernels.py at GPU sizes (time, HBM GB/s vs peak, ratio to torch);
+   moe_kernels: benchmarks/moe_kernels.py, the Triton MoE MLP against the torch reference at
+   Qwen3-30B-A3B's and Mixtral-8x7B's expert layouts (time, ratio, GB/s of expert weights, TFLOP/s);
 3. offline_*: benchmarks/offline.py with dummy weights for configs/qwen3-0.6b and
    configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
    transformers' continuous batching on the same GPU, then stoke again without async
@@ -180,7 +182,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     py = sys.executable
     out = lambda name: os.path.join(work, f"{name}.json")  # noqa: E731
     stages: list[Stage] = []
-    test_files = ["tests/test_kernels_triton.py", "tests/test_runner_gpu_path.py"]
+    test_files = ["tests/test_kernels_triton.py", "tests/test_runner_gpu_path.py", "tests/test_kernels_moe.py"]
     if args.cpu_smoke:  # the interpreter on a handful of tests: the orchestration is what is tested
         select = ["-k", "store_kv_matches"]
         test_files = test_files[:1]
@@ -192,9 +194,9 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
                f"--junitxml={os.path.join(work, 'kernel_tests.xml')}"]
     else:
         cmd = [py, "-m", "benchmarks.mini_pytest", *test_files, *select, "--json", out("kernel_tests")]
-    # 180 s: the H200 ran 90 of them in 82 s; there are 123 now, and a test run cut off writes
-    # no report at all.
-    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 180, None if use_pytest else out("kernel_tests"),
+    # 210 s: the H200 ran 90 of them in 82 s; there are 123 now, and a test run cut off writes
+    # no report at all; 30 s more for the MoE tests' ~24 compiles (not yet timed on a GPU).
+    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 210, None if use_pytest else out("kernel_tests"),
                         "tests", {"runner": "pytest" if use_pytest else "mini_pytest"},
                         writes=[os.path.join(work, "kernel_tests.xml")]))
 
@@ -202,6 +204,10 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     if args.cpu_smoke:
         kcmd += ["--tiny", "--iters", "2", "--only", "decode", "rms_norm", "share"]
     stages.append(Stage("kernels", kcmd, 30 if args.cpu_smoke else 120, out("kernels"), "kernels"))
+    moe = [py, "-m", "benchmarks.moe_kernels", "--out", out("moe_kernels")]
+    if args.cpu_smoke:
+        moe += ["--tiny", "--iters", "2"]
+    stages.append(Stage("moe_kernels", moe, 30 if args.cpu_smoke else 60, out("moe_kernels"), "moe"))
 
     if args.cpu_smoke:
         tiny = os.path.join(work, "tiny-qwen3")
@@ -274,12 +280,12 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     stages.append(Stage("kernels_tuned", tuned, 90 if args.cpu_smoke else 60, out("kernels_tuned"), "kernels",
                         {"tuning": tuning}, env={"STOKE_KERNEL_TUNING": tuning}, requires=tuning))
     # Priority when time runs short (the budget rarely fits every stage), by what each stage
-    # still has to tell: the kernel tests and benchmarks; stoke (the defaults) against
+    # still has to tell: the kernel tests and benchmarks (attention, then MoE); stoke (the defaults) against
     # transformers for both models; the small model without async scheduling (cheap, and it
     # decides that default); the kernel sweeps and the tuned re-run (the open kernel goals);
     # the server (never yet measured on a GPU); what a verified draft costs (nor that); the large
     # model without async scheduling; then the CUDA-graph variants.
-    order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "kernel_configs": 5, "kernels_tuned": 6,
+    order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "moe_kernels": 1.5, "kernel_configs": 5, "kernels_tuned": 6,
                                "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
                      ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
@@ -337,6 +343,10 @@ def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None
         summary["tests"] = {"runner": r.meta.get("runner"), "status": r.status, **(tests or {})}
     elif r.name == "kernels" and r.result:
         summary["kernels"] = _kernel_summary(r.result)
+    elif r.name == "moe_kernels" and r.result and "rows" in r.result:
+        env = r.result["env"]
+        summary["moe_kernels"] = {"device": env.get("device_name"), "impl": env.get("impl"),
+                                  "peak_gbps": env.get("peak_gbps"), **r.result["summary"]}
     elif r.name == "kernels_tuned" and r.result and "env" in r.result:
         with open(r.meta["tuning"]) as f:
             tuning = parse_tuning(json.load(f), r.meta["tuning"])
@@ -498,6 +508,17 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  attention share of a step, {share['model']}: decode {_f(100 * share['decode'], '.0f')}%, "
                          f"prefill {_f(100 * share['prefill'], '.0f')}%" if "decode" in share and "prefill" in share
                          else f"  attention share, {share['model']}: -")
+    m = s.get("moe_kernels")
+    if m:
+        lines += ["", f"MoE kernels ({m['impl']} on {m['device']}, peak {_f(m['peak_gbps'], '.0f')} GB/s; "
+                      "reference/Triton time, > 1: Triton faster):"]
+        for layout, v in m["layouts"].items():
+            frac, diff = v["decode_best_peak_fraction"], v["max_rel_diff"]
+            lines.append(f"  {layout:<16} " + (_spread(v["ratio"]) if v["ratio"] else "-")
+                         + f"; decode best {_f(None if frac is None else 100 * frac, '.0f')}% of peak on the weights"
+                         f"; T={v['largest_tokens']} {_f(v['largest_tflops'], '.0f')} TFLOP/s"
+                         f"; max rel diff {_f(diff, '.1e')}")
+        lines += [f"  note: {note}" for note in m["notes"]]
     for kind, rows in (s.get("sweeps") or {}).items():
         if rows:
             lines += ["", f"{kind} sweep (ms){'':<12}{'sdpa':>11}{'shipped':>11}{'best':>11}  best candidate"]

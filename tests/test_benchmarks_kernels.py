@@ -20,6 +20,7 @@ from benchmarks import gpu_check
 from benchmarks.kernels import main as kernels_main
 from benchmarks.kernels import peak_bandwidth
 from benchmarks.moe_kernels import main as moe_kernels_main
+from benchmarks.moe_kernels import summarise as moe_kernels_summarise
 from kernels.tuning import parse_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,7 +192,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     args = gpu_check.parse_args([])
     stages = gpu_check.plan(args, str(tmp_path))
     names = [s.name for s in stages]
-    assert names == ["kernel_tests", "kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
+    assert names == ["kernel_tests", "kernels", "moe_kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_sync_scheduling", "kernel_configs", "kernels_tuned",
                      "serve_default_model", "speculative_cost", "lora_cost", "offline_llama-3-8b_sync_scheduling",
                      "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
@@ -199,7 +200,12 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
     tests = stages[0].command
     assert "-m" in tests and "gpu" in tests and "tests/test_kernels_triton.py" in tests
+    assert "tests/test_kernels_moe.py" in tests
     by_name = {s.name: s for s in stages}
+    moe = by_name["moe_kernels"]
+    assert moe.command[1:3] == ["-m", "benchmarks.moe_kernels"] and "--tiny" not in moe.command and moe.limit_s == 60
+    smoke = {s.name: s for s in gpu_check.plan(gpu_check.parse_args(["--cpu-smoke"]), str(tmp_path))}
+    assert "--tiny" in smoke["moe_kernels"].command and smoke["kernel_tests"].command.count("tests/test_kernels_moe.py") == 0
     sweep, tuned = by_name["kernel_configs"], by_name["kernels_tuned"]
     assert sweep.command[1:3] == ["-m", "benchmarks.kernel_configs"]
     tuning = sweep.command[sweep.command.index("--write-tuning") + 1]
@@ -230,7 +236,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         assert ("--cuda-graph-mode decode" in cmd) == s.name.endswith("_decode_graphs")
         assert ("--no-async-scheduling" in cmd) == s.name.endswith("_sync_scheduling")
         assert ("--skip-transformers" in cmd) == s.name.endswith(("_eager", "_decode_graphs", "_sync_scheduling"))
-    assert "--num-requests 256" in " ".join(stages[2].command)
+    assert "--num-requests 256" in " ".join(by_name["offline_qwen3-0.6b"].command)
     # Without pytest (the bare GPU box), the stand-in runs the same selection.
     monkeypatch.setattr(gpu_check, "has_pytest", lambda: False)
     stages = gpu_check.plan(args, str(tmp_path))
@@ -472,6 +478,12 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
             {"case": "no LoRA", "engine": "off", "tok_s": 5000.0, "vs_no_lora": 1.0, "ms_per_step": 8.0, "runs": []},
             {"case": "4 adapters, 4 slots", "engine": "lora", "tok_s": 4000.0, "vs_no_lora": 0.8,
              "ms_per_step": 10.0, "runs": []}]}))
+    moe_rows = [{"layout": "qwen3-30b-a3b", "tokens": t, "triton_ms": 0.05 * t, "triton_peak_fraction": 0.5 / t,
+                 "triton_tflops": 10.0 * t, "reference_ms": 0.2 * t, "ratio": r, "max_rel_diff": 4e-3}
+                for t, r in ((1, 4.0), (16, 3.0), (4096, 0.9))]
+    moe_report = {"env": {"device_name": "dev", "impl": "triton", "peak_gbps": 3350.0}, "rows": moe_rows}
+    moe_report["summary"] = moe_kernels_summarise(moe_report)
+    results.append(gpu_check.StageResult("moe_kernels", "ok", 40.0, 0, result=moe_report))
     tuning = tmp_path / "kernel_tuning.json"
     tuning.write_text(json.dumps({"device": "dev", "prefill_tile": [128, 64, 8, 2], "pack_gqa": True,
                                   "prefill_new_kv": "rows", "min_split_keys": 128}))
@@ -498,6 +510,9 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
     assert k["decode_vs_sdpa_cudnn"] is None and "CUDNN_ATTENTION" in k["sdpa_backends"]
     assert k["prefill_cache_vs_new_kv_rows"]["max"] == 1.02 and k["prefill_cache_vs_new_kv_tma"]["min"] == 0.8
     assert k["mixed_one_launch_vs_graphed"]["median"] == 0.4
+    moe = summary["moe_kernels"]["layouts"]["qwen3-30b-a3b"]
+    assert moe["ratio"] == {"min": 0.9, "median": 3.0, "max": 4.0} and moe["decode_best_peak_fraction"] == 0.5
+    assert moe["largest_tokens"] == 4096 and moe["slower_than_reference"] == [4096]
     report = {"env": {"device_name": "dev", "python": "3", "torch": "t", "triton": "x", "transformers": "y",
                       "seconds": 20.0, "budget_s": 560.0, "server_packages": {"fastapi": True, "pynvml": False}},
               "stages": [gpu_check.asdict(r) for r in results], "summary": summary}
@@ -516,7 +531,10 @@ def test_gpu_check_summary_and_table(kernels_report: dict, tmp_path) -> None:
                    "over 60 samples", "CPU per output token: HTTP process 41 us, engine worker 22 us",
                    "1.50 tokens per SSE chunk", "the busiest kept 95% of a core busy (near 100%: latencies include",
                    "speculative decoding's cost (configs/qwen3-0.6b, dummy weights, drafts right 80% of the time",
-                   "batch   1: 250 tok/s with drafts, 2.50x the tok/s without them; 12.00 ms a step"):
+                   "batch   1: 250 tok/s with drafts, 2.50x the tok/s without them; 12.00 ms a step",
+                   "MoE kernels (triton on dev, peak 3350 GB/s",
+                   "qwen3-30b-a3b    min 0.90x, median 3.00x, max 4.00x; decode best 50% of peak on the weights; "
+                   "T=4096 40960 TFLOP/s; max rel diff 4.0e-03"):
         assert needle in table, needle
     # A serve stage that did not run (budget, --stages) ran with nothing carried.
     report["stages"] = [s | {"status": "skipped"} if s["name"] == "serve_default_model" else s
