@@ -16,7 +16,8 @@ vLLM's design (fused_moe's `moe_align_block_size` + one grouped GEMM), written f
    epilogue, into fp32 `[T*K, H]`. Blocks past the padded rows exit on the device count; pad
    rows (the sentinel) are masked on every load and store; every dim is masked, so H and I
    need not be multiples of the tiles. Programs walk the output in groups of GROUP_M row
-   blocks (consecutive blocks share an expert, so its weight tiles are read once from HBM).
+   blocks (consecutive blocks mostly share an expert: its weight tiles come from L2 after the
+   first read).
 3. Each token's K rows summed in fp32 and rounded once to x's dtype.
 
 fp32 accumulation throughout (IEEE dots for fp32 inputs). Only pointer arithmetic (no block
