@@ -11,7 +11,8 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    configs/llama-3-8b on the mixed workload scaled up, stoke (CUDA graphs) against
    transformers' continuous batching on the same GPU, then stoke again without async
    scheduling (--no-async-scheduling), with CUDA graphs for pure-decode steps only
-   (--cuda-graph-mode decode) and with --enforce-eager;
+   (--cuda-graph-mode decode) and with --enforce-eager; and configs/qwen3-30b-a3b, a mixture of
+   experts, stoke alone;
 4. serve_default_model: `stoke serve` on the default model's architecture (config and tokenizer
    carried from `make gpu-carry`, dummy weights; the HTTP stack too, which the GPU box lacks)
    under benchmarks/serve.py's load from four processes: TTFT / ITL percentiles, the GPU
@@ -232,6 +233,14 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
             stage = f"offline_{name}_{graphs}"
             stages.append(Stage(stage, [*base, *flags, "--skip-transformers", "--out", out(stage)],
                                 limit_alone, out(stage), "offline", {"model": name, "graphs": graphs}))
+    if not args.cpu_smoke:
+        # A mixture of experts, Qwen3-30B-A3B (61 GB in bf16): stoke alone, its experts in
+        # kernels.triton_moe inside CUDA graphs (transformers would need a second copy).
+        moe = "qwen3-30b-a3b"
+        stages.append(Stage(f"offline_{moe}", [py, "-m", "benchmarks.offline", "--model", f"configs/{moe}",
+                                               "--load-format", "dummy", "--skip-static", "--skip-transformers",
+                                               "--num-requests", "128", *common, "--out", out(f"offline_{moe}")],
+                            150, out(f"offline_{moe}"), "offline", {"model": moe, "graphs": "full", "moe": True}))
     # stoke serve on the GPU under the serve benchmark's load: latency percentiles and the GPU
     # utilisation its /metrics reports (NVML), on the carried default model with dummy weights.
     serve = [py, "-m", "benchmarks.serve", "--launch", "stoke", "--model-dir", CARRY_DIR, "--tokenizer", CARRY_DIR,
@@ -283,14 +292,16 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # still has to tell: the kernel tests and benchmarks (attention, then MoE); stoke (the defaults) against
     # transformers for both models; the small model without async scheduling (cheap, and it
     # decides that default); the kernel sweeps and the tuned re-run (the open kernel goals);
-    # the server (never yet measured on a GPU); what a verified draft costs (nor that); the large
-    # model without async scheduling; then the CUDA-graph variants.
+    # the server (never yet measured on a GPU); what a verified draft costs (nor that); the
+    # mixture of experts; the large model without async scheduling; then the CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "moe_kernels": 1.5, "kernel_configs": 5, "kernels_tuned": 6,
                                "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
                      ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
     for s in stages:
-        if s.kind == "offline":
+        if s.kind == "offline" and s.meta.get("moe"):
+            order[s.name] = 7.8
+        elif s.kind == "offline":
             small = s.meta["model"] in ("qwen3-0.6b", "tiny")
             order[s.name] = variant_order[s.meta["graphs"], 0 if small else 1]
     stages.sort(key=lambda s: order[s.name])
