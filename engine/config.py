@@ -64,8 +64,10 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], family: str, num_layers: int) -> MoEConfig | None:
         """As transformers' config classes read config.json (their defaults where a key is missing)."""
-        # transformers 5 writes Qwen-MoE's num_experts as num_local_experts (Mixtral's name)
-        named = next((raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None), None)
+        # Mixtral's name is num_local_experts, Qwen's num_experts; transformers 5 writes Qwen3-MoE's
+        # as num_local_experts too (an alias it prefers, as here, where both are given).
+        keys = ("num_experts", "num_local_experts") if family == "qwen2_moe" else ("num_local_experts", "num_experts")
+        named = next((raw[k] for k in keys if raw.get(k) is not None), None)
         if family == "mixtral":
             return cls._checked(8 if named is None else named, raw.get("num_experts_per_tok", 2),
                                 raw["intermediate_size"], True, frozenset(range(num_layers)))
@@ -76,8 +78,10 @@ class MoEConfig:
         step = raw.get("decoder_sparse_step", 1)
         if not is_int(step) or step < 1:
             raise ValueError(f"decoder_sparse_step must be an integer >= 1, got {step!r}")
-        dense = set(raw.get("mlp_only_layers") or ())
-        layers = frozenset(i for i in range(num_layers) if i not in dense and experts and (i + 1) % step == 0)
+        dense = raw.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(is_int(i) for i in dense):
+            raise ValueError(f"mlp_only_layers must be a list of layer indices, got {dense!r:.100}")
+        layers = frozenset(range(step - 1, num_layers, step)) - set(dense) if experts else frozenset()
         return cls._checked(experts, raw.get("num_experts_per_tok", 4 if qwen2 else 8),
                             raw.get("moe_intermediate_size", 1408 if qwen2 else 768),
                             bool(raw.get("norm_topk_prob", False)), layers,

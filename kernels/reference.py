@@ -178,6 +178,8 @@ def fused_moe(
     runs. → `[T, H]` in x's dtype."""
     num_tokens, top_k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[-1]
+    if num_tokens == 0:
+        return x.new_zeros(x.shape)
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)  # (token, k) pairs grouped by expert, tokens in order
     weights = topk_weights.reshape(-1)[order].float()

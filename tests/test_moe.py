@@ -4,7 +4,6 @@ both checkpoint layouts of the experts, and what is refused."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -134,6 +133,17 @@ def test_config_reads_each_familys_experts() -> None:
     raw = _config("qwen3_moe")
     raw["num_experts"] = raw.pop("num_local_experts")
     assert ModelConfig.from_dict(raw).moe.num_experts == 8
+    # Both given: transformers reads Qwen3-MoE's and Mixtral's num_local_experts, Qwen2-MoE's num_experts.
+    assert ModelConfig.from_dict(raw | {"num_local_experts": 4}).moe.num_experts == 4
+    assert ModelConfig.from_dict(_config("qwen2_moe") | {"num_local_experts": 8}).moe.num_experts == 4
+
+
+def test_no_tokens_is_no_rows() -> None:
+    from kernels import reference
+
+    w13, w2 = torch.randn(4, 32, 16), torch.randn(4, 16, 16)
+    out = reference.fused_moe(torch.randn(0, 16), w13, w2, torch.ones(0, 2), torch.zeros(0, 2, dtype=torch.long))
+    assert out.shape == (0, 16)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -141,30 +151,51 @@ def test_config_reads_each_familys_experts() -> None:
     ({"num_experts_per_tok": 0}, "num_experts_per_tok must be an integer >= 1"),
     ({"moe_intermediate_size": "wide"}, "moe_intermediate_size must be an integer >= 1"),
     ({"decoder_sparse_step": 0}, "decoder_sparse_step must be an integer >= 1"),
+    ({"mlp_only_layers": 1}, "mlp_only_layers must be a list of layer indices, got 1"),
 ])
 def test_config_refuses_experts_it_cannot_run(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelConfig.from_dict(_config("qwen3_moe", **changes))
 
 
-def test_checkpoint_missing_or_extra_experts_is_refused(moe_checkpoints: dict[str, str], tmp_path) -> None:
-    path = moe_checkpoints["mixtral"]
+def _damaged(path: str, out: str, damage) -> str:
+    """A copy of the checkpoint at `path` whose tensors `damage` changed in place."""
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(path, "model.safetensors"))
-    config = json.load(open(os.path.join(path, "config.json")))
-    for name, damage in (("missing", lambda s: s.pop("model.layers.1.block_sparse_moe.experts.3.w3.weight")),
-                         ("extra", lambda s: s.__setitem__("model.layers.0.block_sparse_moe.experts.4.w1.weight",
-                                                           s["model.layers.0.block_sparse_moe.experts.0.w1.weight"].clone()))):
-        broken = tmp_path / name
-        broken.mkdir()
-        copy = dict(state)
-        damage(copy)
-        save_file(copy, str(broken / "model.safetensors"))
-        (broken / "config.json").write_text(json.dumps(config))
-        expected = "missing weights: model.layers.1.mlp.w13" if name == "missing" else "is for expert 4, and the model has 4"
-        with pytest.raises(ValueError, match=expected):
-            LLM(str(broken), num_kv_blocks=8)
+    damage(state)
+    os.makedirs(out)
+    save_file(state, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = f.read()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config)
+    return out
+
+
+MIXTRAL_EXPERT = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight"
+
+
+@pytest.mark.parametrize("case, damage, message", [
+    ("a missing expert", lambda s: s.pop(MIXTRAL_EXPERT.format(1, 3, "w3")), "missing weights: model.layers.1.mlp.w13"),
+    ("a missing router", lambda s: s.pop("model.layers.0.block_sparse_moe.gate.weight"),
+     "missing weights: model.layers.0.mlp.gate.weight"),
+    ("a missing norm", lambda s: s.pop("model.layers.1.post_attention_layernorm.weight"),
+     "missing weights: model.layers.1.post_attention_layernorm.weight"),
+    ("an extra expert", lambda s: s.__setitem__(MIXTRAL_EXPERT.format(0, 4, "w1"),
+                                                s[MIXTRAL_EXPERT.format(0, 0, "w1")].clone()),
+     "is for expert 4, and the model has 4"),
+    ("experts given twice", lambda s: s.__setitem__(
+        "model.layers.0.mlp.experts.down_proj", torch.stack([s[MIXTRAL_EXPERT.format(0, e, "w2")] for e in range(4)])),
+     "fills model.layers.0.mlp.w2 again"),
+    ("a wrong shape", lambda s: s.__setitem__(MIXTRAL_EXPERT.format(0, 2, "w2"), torch.zeros(64, 64)),
+     r"has shape \(64, 64\), expected \(64, 128\)"),
+])
+def test_a_checkpoint_that_does_not_fit_is_refused(moe_checkpoints: dict[str, str], tmp_path, case: str, damage,
+                                                   message: str) -> None:
+    broken = _damaged(moe_checkpoints["mixtral"], str(tmp_path / "broken"), damage)
+    with pytest.raises(ValueError, match=message):
+        LLM(broken, num_kv_blocks=8)
 
 
 def test_an_attention_adapter_serves_and_an_mlp_adapter_on_experts_is_refused(

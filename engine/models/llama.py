@@ -400,10 +400,16 @@ class LlamaForCausalLM(nn.Module):
             return [str(e) for e in range(param.shape[0])]
         return []
 
+    def _covered(self, name: str, param: torch.Tensor, loaded: set[str]) -> bool:
+        """Whether the checkpoint filled parameter `name`: whole, or every one of its parts."""
+        pieces = self._pieces(name, param)
+        return name in loaded or bool(pieces) and all(f"{name}#{p}" in loaded for p in pieces)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our parameters; every parameter must be covered."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        loaded: set[str] = set()  # our parameters filled whole, and `name#piece` for their parts
+        pieced: set[str] = set()  # our parameters filled in parts
         tied_head: torch.Tensor | None = None
         head_rows: torch.Tensor | None = None  # an LLM reranker's: its classifier tokens' LM-head rows
         token_ids = list(self.config.classifier_token_ids or ())
@@ -449,10 +455,15 @@ class LlamaForCausalLM(nn.Module):
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
+            key = target if piece is None else f"{target}#{piece}"
+            if key in loaded or (target in pieced if piece is None else target in loaded):
+                raise ValueError(f"checkpoint tensor {source!r} fills {target} again (the checkpoint holds it twice, "
+                                 "e.g. its experts both one by one and stacked)")
             dest.copy_(tensor)
-            loaded.add(target if piece is None else f"{target}#{piece}")
-        missing = [name for name, param in params.items()
-                   if name not in loaded and not all(f"{name}#{p}" in loaded for p in self._pieces(name, param))]
+            loaded.add(key)
+            if piece is not None:
+                pieced.add(target)
+        missing = [name for name, param in params.items() if not self._covered(name, param, loaded)]
         if "score.weight" in missing:
             if not token_ids:
                 raise self._no_score_head()
