@@ -1,7 +1,7 @@
 """The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
 (q/k RMSNorm), and their mixtures of experts, Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse
-layers' MLP is engine/models/moe.py's. Tokens of all sequences are flattened to [T, hidden]; attention goes through
-the paged kernels, so this file knows nothing about batching or padding.
+layers' MLP is engine/models/moe.py's. Tokens of all sequences are flattened to [T, hidden];
+attention goes through the paged kernels, so this file knows nothing about batching or padding.
 
 The layers pass the residual stream beside the hidden states (vLLM's style), so that the
 residual add and the next RMSNorm run as one fused kernel; rotary embedding then runs in place
@@ -319,8 +319,8 @@ class LlamaForCausalLM(nn.Module):
                                      (("q_proj", 0), ("k_proj", 1), ("v_proj", 2))]
             yield i, attn.o_proj, [("o_proj", 0, attn.o_proj.out_features)]
             if isinstance(mlp, MLP):  # experts are not adapted (engine/lora.py refuses adapters for them)
-                yield i, mlp.gate_up_proj, [(m, *self._shard_bounds("gate_up_proj", s, mlp.gate_up_proj.out_features))
-                                            for m, s in
+                rows = mlp.gate_up_proj.out_features
+                yield i, mlp.gate_up_proj, [(m, *self._shard_bounds("gate_up_proj", s, rows)) for m, s in
                                             (("gate_proj", 0), ("up_proj", 1))]
                 yield i, mlp.down_proj, [("down_proj", 0, mlp.down_proj.out_features)]
 

@@ -4,8 +4,8 @@ probabilities. Qwen2-MoE adds a shared expert every token runs, gated by a sigmo
 
 The experts' weights are stacked, `w13 [E, 2I, H]` (gate then up rows, as the dense MLP's
 gate_up_proj) and `w2 [E, H, I]`, so one kernel call runs them all: `kernels.reference.fused_moe`
-(a product per expert, reading the routing on the host) unless `use_kernels` gave the Triton
-one (kernels.triton_moe, free of host syncs, so it runs inside CUDA graphs)."""
+(a product per expert, reading the routing on the host) unless the model's `use_moe_kernels`
+gave the Triton one (kernels.triton_moe, free of host syncs, so it runs inside CUDA graphs)."""
 
 from __future__ import annotations
 
