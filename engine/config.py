@@ -30,12 +30,18 @@ SUPPORTED_ARCHITECTURES = {
     "MistralModel": "mistral",
     "Qwen2Model": "qwen2",
     "Qwen3Model": "qwen3",
+    "MixtralModel": "mixtral",
+    "Qwen2MoeModel": "qwen2_moe",
+    "Qwen3MoeModel": "qwen3_moe",
     # Sequence classifiers (a linear `score` head on the last token's hidden states, as
     # transformers'), rerankers among them: classification and scoring only.
     "LlamaForSequenceClassification": "llama",
     "MistralForSequenceClassification": "mistral",
     "Qwen2ForSequenceClassification": "qwen2",
     "Qwen3ForSequenceClassification": "qwen3",
+    "MixtralForSequenceClassification": "mixtral",
+    "Qwen2MoeForSequenceClassification": "qwen2_moe",
+    "Qwen3MoeForSequenceClassification": "qwen3_moe",
 }
 
 # generation_config.json keys that become a request's defaults where it sets none (the model's

@@ -218,6 +218,37 @@ def test_an_attention_adapter_serves_and_an_mlp_adapter_on_experts_is_refused(
     assert_engine_idle(llm)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_classifier_and_a_base_model_of_experts_equal_transformers(tmp_path, kind: str) -> None:
+    """`*MoeForSequenceClassification` (its score head on the last token) and the base model
+    saved without an LM head (`*MoeModel`, embeddings), as transformers computes them."""
+    import transformers
+
+    from tests.conftest import TINY_COMMON
+
+    prefix, own = TINY_MOE[kind]
+    config = getattr(transformers, f"{prefix}Config")(**(TINY_COMMON | own | {"num_labels": 3, "pad_token_id": 0}))
+    batch = prompts(12, 3)
+    torch.manual_seed(0)
+    classifier = getattr(transformers, f"{prefix}ForSequenceClassification")(config).eval()
+    classifier.save_pretrained(str(tmp_path / "cls"))
+    llm = LLM(str(tmp_path / "cls"), num_kv_blocks=32)
+    for p, out in zip(batch, llm.classify(batch, use_tqdm=False)):
+        with torch.no_grad():
+            expected = classifier(torch.tensor([p])).logits[0].softmax(-1)
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), expected, atol=1e-5, rtol=0)
+    base = getattr(transformers, f"{prefix}Model")(config).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    llm = LLM(str(tmp_path / "base"), num_kv_blocks=32)
+    assert not llm.engine.runner.model.has_lm_head
+    for p, out in zip(batch, llm.embed(batch, use_tqdm=False)):
+        with torch.no_grad():
+            last = base(torch.tensor([p])).last_hidden_state[0, -1]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(last, dim=-1),
+                                   atol=1e-5, rtol=0)
+    assert_engine_idle(llm)
+
+
 def test_routing_weights_follow_the_model() -> None:
     """Renormalised top-k weights sum to 1; Qwen2-MoE's raw probabilities sum to less."""
     for kind, renormalised in (("qwen3_moe", True), ("qwen2_moe", False)):
