@@ -52,7 +52,7 @@ _CATEGORIES: dict[Any, tuple[Range, ...]] = {
 }
 
 
-class _CharClass:
+class CharClass:
     """Characters in any of `ranges` (merged, sorted), or outside all of them if `negate`."""
 
     __slots__ = ("lows", "highs", "negate")
@@ -90,22 +90,33 @@ class _CharClass:
         return i >= 0 and self.highs[i] >= high  # merged: one range must hold it all
 
 
-class _Nfa:
+class Nfa:
     """States are ints; `edges[s]`: (character class, target); `empty[s]`: targets reached
-    without a character."""
+    without a character; `refs[s]`: (rule, target), the target reached once a child rule's
+    text was read (an EBNF grammar's rule references: engine/ebnf.py)."""
 
-    def __init__(self, dotall: bool) -> None:
-        self.dotall = dotall
-        self.edges: list[list[tuple[_CharClass, int]]] = []
+    def __init__(self, what: str) -> None:
+        self.what = what  # "regex" or "grammar", for the error past MAX_NFA_STATES
+        self.edges: list[list[tuple[CharClass, int]]] = []
         self.empty: list[list[int]] = []
+        self.refs: list[list[tuple[Rule, int]]] = []
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
-            raise ValueError(f"the regex is too large (more than {MAX_NFA_STATES} states once its repeats are "
+            raise ValueError(f"the {self.what} is too large (more than {MAX_NFA_STATES} states once its repeats are "
                              "unrolled)")
         self.edges.append([])
         self.empty.append([])
+        self.refs.append([])
         return len(self.edges) - 1
+
+
+class _PatternNfa(Nfa):
+    """An NFA built from Python's parse of a pattern."""
+
+    def __init__(self, dotall: bool) -> None:
+        super().__init__("regex")
+        self.dotall = dotall
 
     def build(self, items: Any, start: int) -> int:
         """Add the sequence `items` (a parsed pattern) from `start`; its end state."""
@@ -156,13 +167,13 @@ class _Nfa:
         raise ValueError(f"regex feature {str(op).lower()} is not supported (structured outputs take regular "
                          "expressions: no backreferences or lookarounds)")
 
-    def _char(self, op: Any, arg: Any) -> _CharClass:
+    def _char(self, op: Any, arg: Any) -> CharClass:
         if op is sre.LITERAL:
-            return _CharClass([(arg, arg)])
+            return CharClass([(arg, arg)])
         if op is sre.NOT_LITERAL:
-            return _CharClass([(arg, arg)], negate=True)
+            return CharClass([(arg, arg)], negate=True)
         if op is sre.ANY:
-            return _CharClass([] if self.dotall else [(10, 10)], negate=True)
+            return CharClass([] if self.dotall else [(10, 10)], negate=True)
         negate, ranges = False, []
         for kind, value in arg:
             if kind is sre.NEGATE:
@@ -175,32 +186,26 @@ class _Nfa:
                 ranges.extend(_CATEGORIES[value])
             else:
                 raise ValueError(f"regex set member {kind} {value} is not supported")
-        return _CharClass(ranges, negate)
+        return CharClass(ranges, negate)
 
 
-class RegexRule(Rule):
-    """The pattern's full matches, read byte by byte. Locals: (NFA states, the bytes of a
-    character not complete yet)."""
+class NfaRule(Rule):
+    """Text an NFA over characters (and child rules) takes from its first state to its final
+    one, read byte by byte. Locals: (NFA states, the bytes of a character not complete yet). A
+    child rule starts only between characters; `skippable` are the children that may read no
+    text, whose references the closure also steps over."""
 
-    __slots__ = ("_nfa", "_final", "start")
+    __slots__ = ("nfa", "final", "start", "skippable")
 
-    def __init__(self, pattern: str) -> None:
-        try:
-            parsed = sre_parse.parse(pattern)
-        except re.error as exc:
-            raise ValueError(f"the regex does not parse: {exc}") from None
-        flags = parsed.state.flags
-        if flags & ~_SUPPORTED_FLAGS:
-            raise ValueError("regex flags other than (?s) are not supported")
-        self._nfa = _Nfa(dotall=bool(flags & re.DOTALL))
-        first = self._nfa.state()
-        self._final = self._nfa.build(parsed, first)
-        self.start = (self._closure({first}), b"")
+    def __init__(self, nfa: Nfa, first: int, final: int, skippable: frozenset[Rule] = frozenset()) -> None:
+        self.nfa, self.final, self.skippable = nfa, final, skippable
+        self.start = (self.closure({first}), b"")
 
-    def _closure(self, states: set[int]) -> frozenset[int]:
+    def closure(self, states: set[int]) -> frozenset[int]:
         todo, seen = list(states), set(states)
         while todo:
-            for nxt in self._nfa.empty[todo.pop()]:
+            state = todo.pop()
+            for nxt in [*self.nfa.empty[state], *(t for rule, t in self.nfa.refs[state] if rule in self.skippable)]:
                 if nxt not in seen:
                     seen.add(nxt)
                     todo.append(nxt)
@@ -208,24 +213,26 @@ class RegexRule(Rule):
 
     def _step(self, states: frozenset[int], ch: str) -> frozenset[int]:
         """The NFA states after `ch` (the grammar caches each step: no cache of its own here)."""
-        return self._closure({target for s in states for chars, target in self._nfa.edges[s] if chars(ch)})
+        return self.closure({target for s in states for chars, target in self.nfa.edges[s] if chars(ch)})
 
     def _may_begin(self, states: frozenset[int], low: int, high: int) -> bool:
         """Some transition may take a character in [low, high] (a partial character's span)."""
-        return any(chars.any_in(low, high) for s in states for chars, _ in self._nfa.edges[s])
+        return any(chars.any_in(low, high) for s in states for chars, _ in self.nfa.edges[s])
 
     def moves(self, local: tuple[frozenset[int], bytes], byte: int) -> tuple[Move, ...]:
         states, pending = local
+        children = () if pending else tuple({((self.closure({target}), b""), rule)
+                                             for s in states for rule, target in self.nfa.refs[s]})
         if not pending and byte < 0x80:
             nxt = self._step(states, chr(byte))
-            return (((nxt, b""), None),) if nxt else NO_MOVES
+            return ((((nxt, b""), None),) if nxt else NO_MOVES) + children
         data = pending + bytes([byte])
-        size = _utf8_size(data[0])
+        size = utf8_size(data[0])
         if size == 0 or (len(data) > 1 and not 0x80 <= byte <= 0xBF):
-            return NO_MOVES
+            return children
         if len(data) < size:
-            span = _span(data, size)
-            return (((states, data), None),) if span and self._may_begin(states, *span) else NO_MOVES
+            span = utf8_span(data, size)
+            return ((((states, data), None),) if span and self._may_begin(states, *span) else NO_MOVES) + children
         try:
             ch = data.decode()
         except UnicodeDecodeError:
@@ -235,10 +242,28 @@ class RegexRule(Rule):
 
     def accepts(self, local: tuple[frozenset[int], bytes]) -> bool:
         states, pending = local
-        return not pending and self._final in states
+        return not pending and self.final in states
 
 
-def _utf8_size(lead: int) -> int:
+class RegexRule(NfaRule):
+    """The pattern's full matches."""
+
+    __slots__ = ()
+
+    def __init__(self, pattern: str) -> None:
+        try:
+            parsed = sre_parse.parse(pattern)
+        except re.error as exc:
+            raise ValueError(f"the regex does not parse: {exc}") from None
+        flags = parsed.state.flags
+        if flags & ~_SUPPORTED_FLAGS:
+            raise ValueError("regex flags other than (?s) are not supported")
+        nfa = _PatternNfa(dotall=bool(flags & re.DOTALL))
+        first = nfa.state()
+        super().__init__(nfa, first, nfa.build(parsed, first))
+
+
+def utf8_size(lead: int) -> int:
     """A character's byte count from its first byte (0: not a first byte)."""
     if 0xC2 <= lead <= 0xDF:
         return 2
@@ -252,7 +277,7 @@ def _utf8_size(lead: int) -> int:
 _SIZE_SPANS = {2: (0x80, 0x7FF), 3: (0x800, 0xFFFF), 4: (0x10000, 0x10FFFF)}
 
 
-def _span(prefix: bytes, size: int) -> tuple[int, int] | None:
+def utf8_span(prefix: bytes, size: int) -> tuple[int, int] | None:
     """The code points whose UTF-8 begins with `prefix` (None: none does: an overlong or
     out-of-range beginning, or only surrogates)."""
     bits = prefix[0] & (0x7F >> size)

@@ -1,5 +1,6 @@
 """Structured outputs, as vLLM's `StructuredOutputsParams`: an answer held to a JSON schema, to
-any JSON object, to one of a list of choices, or to a regular expression. The sampler masks every token the grammar
+any JSON object, to one of a list of choices, to a regular expression, or to an EBNF grammar
+(engine/ebnf.py). The sampler masks every token the grammar
 does not allow next (`engine/token_masks.py`), and an end token (EOS) only once the answer is
 whole, so a sample that stops by itself stops on a valid answer; max_tokens or a stop string
 may still cut it short, as in vLLM.
@@ -12,19 +13,20 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from engine.ebnf import ebnf_grammar
 from engine.grammar import Grammar, JsonDocument, JsonObject, Literals, json_value
 from engine.json_schema import schema_grammar
 from engine.regex import RegexRule
 
 KINDS = ("json", "json_object", "choice", "regex", "grammar")
-_UNSUPPORTED = ("grammar",)
 
 
 @dataclass(slots=True)
 class StructuredOutputsParams:
     """Exactly one of: `json` (a JSON schema, as a dict or its text), `json_object=True` (any
     JSON object), `choice` (one of these strings, exactly), `regex` (text it matches whole,
-    Python's syntax: engine/regex.py). vLLM's `grammar` (EBNF) is not supported (a ValueError)."""
+    Python's syntax: engine/regex.py), `grammar` (text its `root` rule derives, in GBNF as
+    llama.cpp's and xgrammar's: engine/ebnf.py)."""
 
     json: dict[str, Any] | str | bool | None = None
     regex: str | None = None
@@ -47,16 +49,13 @@ class StructuredOutputsParams:
             raise ValueError(f"structured outputs take exactly one of {', '.join(KINDS)}, got "
                              f"{', '.join(given) if given else 'none'}")
         kind = given[0]
-        if kind in _UNSUPPORTED:
-            raise ValueError(f"structured outputs by {kind} are not supported: use json, json_object, choice or "
-                             "regex")
         if kind == "json_object" and self.json_object is not True:
             raise ValueError(f"json_object must be true or false, got {self.json_object!r:.40}")
         if kind == "choice" and (not isinstance(self.choice, list) or not self.choice
                                  or not all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError("choice must be a non-empty list of non-empty strings")
-        if kind == "regex" and not isinstance(self.regex, str):
-            raise ValueError(f"regex must be a string, got {self.regex!r:.40}")
+        if kind in ("regex", "grammar") and not isinstance(getattr(self, kind), str):
+            raise ValueError(f"{kind} must be a string, got {getattr(self, kind)!r:.40}")
         self.compile()  # a schema it cannot hold is an error now, not in the engine's step
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,4 +99,6 @@ def _compiled(kind: str, value: Any) -> Grammar:
         return Grammar(Literals(c.encode() for c in value))
     if kind == "regex":
         return Grammar(RegexRule(value))
+    if kind == "grammar":
+        return ebnf_grammar(value)
     return Grammar(JsonDocument(JsonObject([], additional=json_value())))

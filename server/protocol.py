@@ -100,7 +100,7 @@ class _SamplingRequest(_Model):
     guided_json: dict[str, Any] | str | None = None
     guided_choice: list[str] | None = None
     guided_regex: str | None = None
-    guided_grammar: str | None = None  # refused: a 400 rather than unconstrained text
+    guided_grammar: str | None = None  # an EBNF grammar (GBNF), as structured_outputs' grammar
 
 
 class CompletionRequest(_SamplingRequest):

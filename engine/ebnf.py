@@ -1,0 +1,390 @@
+"""An EBNF grammar as a grammar rule (vLLM's `structured_outputs.grammar`, `guided_grammar`):
+the answer is text the grammar's `root` rule derives.
+
+The dialect is GBNF, llama.cpp's and xgrammar's (what vLLM takes):
+
+    root   ::= "SELECT " column (", " column)* " FROM " table
+    column ::= [a-z_]+ | "*"          # a comment
+    table  ::= "users" | "orders"
+
+A rule is `name ::= alternatives`; an item is a string ("..." or '...', escapes `\\n \\r \\t
+\\\\ \\" \\xHH \\uHHHH \\UHHHHHHHH`), a character class (`[a-z]`, `[^"\\\\]`), `.` (any
+character), another rule's name, or a parenthesised group; `*`, `+`, `?`, `{m}`, `{m,}` and
+`{m,n}` repeat an item. Whitespace and newlines between items are free: a rule ends where the
+next `name ::=` begins.
+
+Each rule is an NFA over characters and references to other rules (engine/regex.py's
+`NfaRule`); the grammar's pushdown automaton (engine/grammar.py) runs a referenced rule as a
+child, so rules may nest and recurse. Left recursion (`expr ::= expr "+" term`) would descend
+forever before reading a byte: it is refused, as llama.cpp refuses it (write
+`expr ::= term ("+" term)*`). Rules whose texts never end are left out where the grammar can do
+without them (`trim`), and a grammar whose root never ends is refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+from engine.grammar import Grammar, trim
+from engine.regex import CharClass, Nfa, NfaRule
+
+ROOT = "root"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_SPACE = re.compile(r"(?:\s|#[^\n]*)*")
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "'": "'", "[": "[", "]": "]", "-": "-",
+            "^": "^", "/": "/", "0": "\0", "f": "\f", "v": "\v", "b": "\b", "a": "\a", "e": "\x1b"}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_ANY = CharClass([], negate=True)
+
+
+class EbnfRule(NfaRule):
+    """One named rule of the grammar (its NFA filled in by the parser)."""
+
+    __slots__ = ("name", "states")
+
+    def __init__(self, name: str, nfa: Nfa) -> None:
+        self.name = name
+        self.nfa = nfa
+        self.states = range(0)  # its states in the grammar's one NFA (set by the parser)
+        self.skippable: frozenset = frozenset()
+        self.final = -1
+        self.start = (frozenset(), b"")
+
+    def finish(self, first: int, final: int, skippable: frozenset[EbnfRule]) -> None:
+        self.final, self.skippable = final, skippable
+        self.start = (self.closure({first}), b"")
+
+    def __repr__(self) -> str:
+        return f"EbnfRule({self.name!r})"
+
+    # trim: a rule's text ends if a path from its start to its final state takes only
+    # characters and rules whose texts end.
+    def parts(self) -> tuple[EbnfRule, ...]:
+        return tuple({rule: None for state in self.states for rule, _ in self.nfa.refs[state]})
+
+    def finite(self, finite: set) -> bool:
+        return self.final in self._reachable(lambda rule: rule in finite)
+
+    def drop(self, finite: set) -> None:
+        """Leave out references to rules that never end, then every way into a state that can no
+        longer reach the end (a character there would lead the answer into a dead end)."""
+        nfa = self.nfa
+        for state in self.states:
+            nfa.refs[state] = [(rule, target) for rule, target in nfa.refs[state] if rule in finite]
+        into: dict[int, list[int]] = {}
+        for state in self.states:
+            targets = [*nfa.empty[state], *(t for _, t in nfa.edges[state]), *(t for _, t in nfa.refs[state])]
+            for target in targets:
+                into.setdefault(target, []).append(state)
+        alive, todo = {self.final}, [self.final]
+        while todo:
+            for source in into.get(todo.pop(), ()):
+                if source not in alive:
+                    alive.add(source)
+                    todo.append(source)
+        for state in self.states:
+            nfa.empty[state] = [t for t in nfa.empty[state] if t in alive]
+            nfa.edges[state] = [(chars, t) for chars, t in nfa.edges[state] if t in alive]
+            nfa.refs[state] = [(rule, t) for rule, t in nfa.refs[state] if t in alive]
+
+    def _reachable(self, passable) -> set[int]:
+        todo, seen = list(self.start[0]), set(self.start[0])
+        while todo:
+            state = todo.pop()
+            nexts = [*self.nfa.empty[state], *(t for _, t in self.nfa.edges[state]),
+                     *(t for rule, t in self.nfa.refs[state] if passable(rule))]
+            for nxt in nexts:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+
+def ebnf_grammar(text: str) -> Grammar:
+    """The grammar of `text`'s `root` rule; a ValueError that names what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"the grammar must be a string, got {text!r:.40}")
+    rules = _Parser(text).parse()
+    if ROOT not in rules:
+        raise ValueError(f"the grammar has no {ROOT!r} rule (its answer is what `{ROOT} ::= ...` derives)")
+    _settle(rules)
+    root = rules[ROOT]
+    if not trim(root):
+        raise ValueError(f"the grammar's {ROOT!r} rule derives no text that ends (every way through it recurses "
+                         "forever)")
+    return Grammar(root)
+
+
+def _settle(rules: dict[str, EbnfRule]) -> None:
+    """Each rule's start, once every rule is parsed: the rules that may derive no text are known
+    (a least fixed point), then a rule that can reach itself without reading a character is
+    refused (left recursion)."""
+    bounds = {name: (rule.start[0], rule.final) for name, rule in rules.items()}  # set by the parser
+    empty: set[EbnfRule] = set()
+    grown = True
+    while grown:
+        grown = False
+        for name, rule in rules.items():
+            if rule not in empty:
+                first, final = bounds[name]
+                rule.finish(next(iter(first)), final, frozenset(empty))
+                if rule.final in rule.start[0]:
+                    empty.add(rule)
+                    grown = True
+    for name, rule in rules.items():
+        first, final = bounds[name]
+        rule.finish(next(iter(first)), final, frozenset(empty))
+    # A rule's left children: those it may start before reading a character.
+    left = {rule: {child for state in rule.start[0] for child, _ in rule.nfa.refs[state]} for rule in rules.values()}
+    for rule in rules.values():
+        todo, seen = list(left[rule]), set()
+        while todo:
+            child = todo.pop()
+            if child is rule:
+                raise ValueError(f"rule {rule.name!r} is left-recursive (it may derive itself before any "
+                                 f"character): write it with a repetition, e.g. `{rule.name} ::= item (sep item)*`")
+            if child not in seen:
+                seen.add(child)
+                todo.extend(left[child])
+
+
+class _Parser:
+    """A recursive-descent reader of GBNF text, building each rule's NFA as it goes."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.at = text, 0
+        self.nfa = Nfa("grammar")  # one NFA holds every rule's states
+        self.rules: dict[str, EbnfRule] = {}
+        self.defined: set[str] = set()
+
+    def parse(self) -> dict[str, EbnfRule]:
+        self._space()
+        if self.at == len(self.text):
+            raise ValueError("the grammar is empty")
+        while self.at < len(self.text):
+            name = self._name()
+            if name is not None and not self._rule_follows() and self.text.startswith(":", self._after_space()):
+                raise ValueError(f"rule {name!r} is written as Lark writes rules (`{name}: ...`): stoke takes GBNF, "
+                                 f"as llama.cpp and xgrammar do (`{name} ::= ...`)")
+            if name is None or not self._rule_follows():
+                self._fail("a rule (`name ::= ...`)")
+            self._space()
+            self.at += 3  # ::=
+            if name in self.defined:
+                raise ValueError(f"rule {name!r} is defined twice")
+            self.defined.add(name)
+            rule = self._rule(name)
+            first = self.nfa.state()
+            final = self._alternatives(first, top=True)
+            # The first state rides in start until _settle computes the closures.
+            rule.start, rule.final = (frozenset({first}), b""), final
+            rule.states = range(first, len(self.nfa.edges))
+        undefined = sorted(set(self.rules) - self.defined)
+        if undefined:
+            raise ValueError(f"the grammar refers to rules it does not define: {', '.join(undefined)}")
+        return self.rules
+
+    def _rule(self, name: str) -> EbnfRule:
+        return self.rules.setdefault(name, EbnfRule(name, self.nfa))
+
+    # ---------------------------------------------------------------- grammar of the grammar
+    def _alternatives(self, start: int, top: bool = False) -> int:
+        end = self.nfa.state()
+        while True:
+            branch = self.nfa.state()
+            self.nfa.empty[start].append(branch)
+            self.nfa.empty[self._sequence(branch, top)].append(end)
+            self._space()
+            if not self._take("|"):
+                return end
+
+    def _sequence(self, start: int, top: bool) -> int:
+        at = start
+        while True:
+            self._space()
+            if self.at == len(self.text) or self.text[self.at] in "|)":
+                return at
+            if top and self._at_rule_start():
+                return at
+            at = self._repeated(at)
+
+    def _repeated(self, start: int) -> int:
+        """An item and its repetition operator, if any (the item is built anew for each copy a
+        bounded repeat needs, from its text)."""
+        item_at = self.at
+        end = self._item(start)
+        item_end = self.at
+        if self.at >= len(self.text) or self.text[self.at] not in "*+?{":
+            return end
+        low, high = self._repetition()
+        after = self.at
+
+        def again(at: int) -> int:
+            self.at = item_at
+            out = self._item(at)
+            self.at = item_end
+            return out
+
+        at = end
+        for _ in range(low - 1):
+            at = again(at)
+        if low == 0:  # the first copy, built above, is optional
+            skip = self.nfa.state()
+            self.nfa.empty[start].append(skip)
+            self.nfa.empty[at].append(skip)
+            at = skip
+        if high is None:  # and any number more
+            loop = self.nfa.state()
+            self.nfa.empty[at].append(loop)
+            self.nfa.empty[again(loop)].append(loop)
+            at = loop
+        else:
+            done = self.nfa.state()
+            for _ in range(high - max(low, 1)):
+                self.nfa.empty[at].append(done)
+                at = again(at)
+            self.nfa.empty[at].append(done)
+            at = done
+        self.at = after
+        return at
+
+    def _repetition(self) -> tuple[int, int | None]:
+        op = self.text[self.at]
+        self.at += 1
+        if op != "{":
+            return {"*": (0, None), "+": (1, None), "?": (0, 1)}[op]
+        match = re.compile(r"\s*(\d+)\s*(?:(,)\s*(\d*)\s*)?}").match(self.text, self.at)
+        if match is None:
+            self._fail("a repetition `{m}`, `{m,}` or `{m,n}`")
+        self.at = match.end()
+        low = int(match.group(1))
+        high = low if match.group(2) is None else (int(match.group(3)) if match.group(3) else None)
+        if high is not None and high < low:
+            raise ValueError(f"repetition {{{low},{high}}} has a maximum below its minimum")
+        if high == 0:
+            raise ValueError("a repetition of at most 0 items matches nothing: leave the item out")
+        return low, high
+
+    def _item(self, start: int) -> int:
+        self._space()
+        if self.at == len(self.text):
+            self._fail("an item")
+        ch = self.text[self.at]
+        if ch in "\"'":
+            return self._string(start, ch)
+        if ch == "[":
+            return self._edge(start, self._char_class())
+        if ch == ".":
+            self.at += 1
+            return self._edge(start, _ANY)
+        if ch == "(":
+            self.at += 1
+            end = self._alternatives(start)
+            self._space()
+            if not self._take(")"):
+                self._fail("`)`")
+            return end
+        name = self._name()
+        if name is None:
+            self._fail("an item (a string, a character class, `.`, a rule's name or a group)")
+        end = self.nfa.state()
+        self.nfa.refs[start].append((self._rule(name), end))
+        return end
+
+    def _string(self, start: int, quote: str) -> int:
+        self.at += 1
+        at = start
+        while True:
+            if self.at == len(self.text):
+                raise ValueError("the grammar has a string without its closing quote")
+            ch = self.text[self.at]
+            if ch == quote:
+                self.at += 1
+                return at
+            if ch == "\n":
+                raise ValueError("a string in the grammar runs past the end of its line (write \\n for a newline)")
+            at = self._edge(at, CharClass([(ord(c := self._char()), ord(c))]))
+
+    def _char_class(self) -> CharClass:
+        self.at += 1
+        negate = self._take("^")
+        ranges: list[tuple[int, int]] = []
+        while True:
+            if self.at == len(self.text):
+                raise ValueError("the grammar has a character class without its closing ]")
+            if self.text[self.at] == "]":
+                self.at += 1
+                return CharClass(ranges, negate)
+            low = ord(self._char())
+            high = low
+            if self.text.startswith("-", self.at) and not self.text.startswith("-]", self.at):
+                self.at += 1
+                if self.at == len(self.text):
+                    raise ValueError("the grammar has a character class without its closing ]")
+                high = ord(self._char())
+                if high < low:
+                    raise ValueError(f"character range {chr(low)!r}-{chr(high)!r} is out of order")
+            ranges.append((low, high))
+
+    def _char(self) -> str:
+        """One character of a string or class, its escape read."""
+        ch = self.text[self.at]
+        self.at += 1
+        if ch != "\\":
+            return ch
+        if self.at == len(self.text):
+            raise ValueError("the grammar ends inside an escape")
+        kind = self.text[self.at]
+        self.at += 1
+        if kind in _HEX_ESCAPES:
+            digits = self.text[self.at:self.at + _HEX_ESCAPES[kind]]
+            if len(digits) != _HEX_ESCAPES[kind] or not all(c in "0123456789abcdefABCDEF" for c in digits):
+                raise ValueError(f"escape \\{kind} needs {_HEX_ESCAPES[kind]} hex digits, got {digits!r}")
+            self.at += len(digits)
+            code = int(digits, 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise ValueError(f"escape \\{kind}{digits} is not a character")
+            return chr(code)
+        if kind not in _ESCAPES:
+            raise ValueError(f"unknown escape \\{kind} in the grammar")
+        return _ESCAPES[kind]
+
+    def _edge(self, start: int, chars: CharClass) -> int:
+        end = self.nfa.state()
+        self.nfa.edges[start].append((chars, end))
+        return end
+
+    # ---------------------------------------------------------------- lexing
+    def _space(self) -> None:
+        self.at = _SPACE.match(self.text, self.at).end()
+
+    def _take(self, token: str) -> bool:
+        if self.text.startswith(token, self.at):
+            self.at += len(token)
+            return True
+        return False
+
+    def _name(self) -> str | None:
+        match = _NAME.match(self.text, self.at)
+        if match is None:
+            return None
+        self.at = match.end()
+        return match.group()
+
+    def _after_space(self) -> int:
+        return _SPACE.match(self.text, self.at).end()
+
+    def _rule_follows(self) -> bool:
+        """The text after a name just read is `::=` (after whitespace): a rule begins."""
+        return self.text.startswith("::=", self._after_space())
+
+    def _at_rule_start(self) -> bool:
+        match = _NAME.match(self.text, self.at)
+        return match is not None and self.text.startswith("::=", _SPACE.match(self.text, match.end()).end())
+
+    def _fail(self, wanted: str) -> None:
+        line = self.text.count("\n", 0, self.at) + 1
+        column = self.at - (self.text.rfind("\n", 0, self.at) + 1) + 1
+        found = self.text[self.at:self.at + 20] or "the end"
+        raise ValueError(f"the grammar does not parse at line {line}, column {column}: expected {wanted}, "
+                         f"found {found!r}")
