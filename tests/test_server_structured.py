@@ -107,6 +107,14 @@ def test_json_object_choices_and_regexes(server, client):
         out = client.chat.completions.create(model=None, messages=[{"role": "user", "content": "When did WW2 end?"}],
                                              max_tokens=16, temperature=0, extra_body=extra)
         assert re.fullmatch(date, out.choices[0].message.content) and out.choices[0].finish_reason == "stop"
+    # An EBNF grammar (GBNF), as vLLM's xgrammar takes it.
+    sql = 'root ::= "SELECT " col (", " col)* " FROM " table\ncol ::= [a-z_]+\ntable ::= "users" | "orders"'
+    pattern = r"SELECT [a-z_]+(, [a-z_]+)* FROM (users|orders)"
+    for extra in ({"guided_grammar": sql}, {"structured_outputs": {"grammar": sql}}):
+        out = client.completions.create(model=None, prompt="The SQL to list every user's name:", max_tokens=24,
+                                        temperature=0, extra_body=extra)
+        assert re.fullmatch(pattern, out.choices[0].text) and out.choices[0].finish_reason == "stop", out
+        assert server.log_lines()[-1]["structured"] == "grammar"
 
 
 def test_tool_choice_required_and_named_make_calls(server, client):
@@ -145,9 +153,9 @@ def test_what_structured_outputs_cannot_do_is_a_clear_400(server, client):
          "response_format", "'pattern'"),
         ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
-        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "structured_outputs", "grammar"),
+        ({"structured_outputs": {"grammar": 'root ::= "a" b'}}, "structured_outputs", "does not define: b"),
         ({"guided_regex": r"(a)\1"}, "guided_regex", "backreferences"),
-        ({"guided_grammar": 'root ::= "a"'}, "guided_grammar", "grammar"),
+        ({"guided_grammar": 'root: "a"'}, "guided_grammar", "as Lark writes rules"),
         ({"guided_json": {"enum": [1, 2], "type": "string"}}, "guided_json", "of its type"),
         ({"structured_outputs": {"json_object": True, "whitespace_pattern": " "}}, "structured_outputs",
          "whitespace_pattern"),
