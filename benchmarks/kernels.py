@@ -700,6 +700,26 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def bench_env(bench: Any, device: torch.device, dtype: torch.dtype, script: str, argv: list[str] | None,
+              **more: Any) -> dict[str, Any]:
+    """A kernel benchmark's report header: the device, its peak, the versions, how it ran.
+    `bench`: the benchmark's Bench (its impl, peak and timer)."""
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "impl": bench.impl,
+        "peak_gbps": bench.peak / 1e9 if bench.peak else None, "peak_source": bench.peak_source,
+        "torch": torch.__version__, "triton": triton_version, "iters": bench.timer.iters,
+        "argv": sys.argv if argv is None else [script, *argv], **more,
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -732,22 +752,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = Bench(args, device, dtype)
     parts = set(args.only or PARTS)
     t0 = time.perf_counter()
-    report: dict[str, Any] = {
-        "env": {
-            "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "dtype": str(dtype).removeprefix("torch."), "impl": bench.impl, "tiny": bench.sizes is TINY_SIZES,
-            "peak_gbps": bench.peak / 1e9 if bench.peak else None, "peak_source": bench.peak_source,
-            "torch": torch.__version__, "block_size": BLOCK_SIZE, "iters": bench.timer.iters,
-            "argv": sys.argv if argv is None else ["benchmarks/kernels.py", *argv],
-        },
-    }
-    try:
-        import triton
-
-        report["env"]["triton"] = triton.__version__
-    except ImportError:
-        report["env"]["triton"] = None
+    report: dict[str, Any] = {"env": bench_env(bench, device, dtype, "benchmarks/kernels.py", argv,
+                                               tiny=bench.sizes is TINY_SIZES, block_size=BLOCK_SIZE)}
     for part in KERNEL_PARTS:
         report[part] = getattr(bench, part)() if part in parts else []
         print(f"{part}: done ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import torch
 
-from benchmarks.kernels import Timer, _try, peak_bandwidth
+from benchmarks.kernels import Timer, _try, bench_env, peak_bandwidth
 from benchmarks.report import write_json
 from kernels import reference
 
@@ -229,23 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     bench = Bench(args, device, dtype)
     t0 = time.perf_counter()
-    report: dict[str, Any] = {
-        "env": {
-            "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "dtype": str(dtype).removeprefix("torch."), "impl": bench.impl, "tiny": bench.sizes is TINY_SIZES,
-            "interpreter": device.type != "cuda" and interpreting(),
-            "peak_gbps": bench.peak / 1e9 if bench.peak else None, "peak_source": bench.peak_source,
-            "torch": torch.__version__, "iters": bench.timer.iters,
-            "argv": sys.argv if argv is None else ["benchmarks/moe_kernels.py", *argv],
-        },
-    }
-    try:
-        import triton
-
-        report["env"]["triton"] = triton.__version__
-    except ImportError:
-        report["env"]["triton"] = None
+    report: dict[str, Any] = {"env": bench_env(bench, device, dtype, "benchmarks/moe_kernels.py", argv,
+                                               tiny=bench.sizes is TINY_SIZES,
+                                               interpreter=device.type != "cuda" and interpreting())}
     report["rows"] = bench.rows()
     report["interpreter_check"] = bench.interpreter_check()
     report["summary"] = summarise(report)

@@ -1,7 +1,7 @@
 """kernels/triton_moe.py (the graph-safe Triton mixture-of-experts MLP) against its torch
 reference, kernels.reference.fused_moe, run in fp32 on the same rounded inputs.
 
-Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET, set here before any
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET, set before any
 kernel module is imported; the module itself is imported lazily by a fixture), at tiny shapes
 in fp32/fp16 with the smallest tiles (16), so a few tokens already span several row blocks,
 column tiles and reduction steps; H and I that are not multiples of 16 exercise every mask.
@@ -15,25 +15,16 @@ activation (silu(gate) * up) to the input dtype, as the reference does, and the 
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Sets TRITON_INTERPRET (without CUDA) before any kernel module is imported; one device and
+# one set of tolerances for every Triton kernel.
+from tests.test_kernels_triton import CUDA, DEVICE, TOL  # noqa: I001
 
-import pytest  # noqa: E402
-
-from kernels import reference  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=3e-3, rtol=3e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
+from kernels import reference
 
 
 @pytest.fixture(scope="module")
