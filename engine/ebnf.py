@@ -29,7 +29,11 @@ from engine.grammar import Grammar, trim
 from engine.regex import CharClass, Nfa, NfaRule
 
 ROOT = "root"
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+MAX_GROUP_DEPTH = 64  # parenthesised groups open at once (the parser recurses into each)
+MAX_STATES = 200_000  # NFA states of a grammar (its repeats unrolled, small rules copied in)
+INLINE_STATES = 64  # a rule copied into its references has at most this many states
+INLINE_BUDGET = 50_000  # and the grammar's NFA grows by copies up to this many
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SPACE = re.compile(r"(?:\s|#[^\n]*)*")
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "'": "'", "[": "[", "]": "]", "-": "-",
             "^": "^", "/": "/", "0": "\0", "f": "\f", "v": "\v", "b": "\b", "a": "\a", "e": "\x1b"}
@@ -40,27 +44,31 @@ _ANY = CharClass([], negate=True)
 class EbnfRule(NfaRule):
     """One named rule of the grammar (its NFA filled in by the parser)."""
 
-    __slots__ = ("name", "states")
+    __slots__ = ("name", "states", "first")
 
     def __init__(self, name: str, nfa: Nfa) -> None:
         self.name = name
         self.nfa = nfa
-        self.states = range(0)  # its states in the grammar's one NFA (set by the parser)
+        self.states: list[int] = []  # its states in the grammar's one NFA
+        self.first = self.final = -1
         self.skippable: frozenset = frozenset()
-        self.final = -1
         self.start = (frozenset(), b"")
 
-    def finish(self, first: int, final: int, skippable: frozenset[EbnfRule]) -> None:
-        self.final, self.skippable = final, skippable
-        self.start = (self.closure({first}), b"")
+    def finish(self, skippable: frozenset[EbnfRule]) -> None:
+        self.skippable = skippable
+        self.start = (self.closure({self.first}), b"")
 
     def __repr__(self) -> str:
         return f"EbnfRule({self.name!r})"
 
+    def children(self) -> dict[EbnfRule, None]:
+        """The rules it references (in order, once each)."""
+        return {rule: None for state in self.states for rule, _ in self.nfa.refs[state]}
+
     # trim: a rule's text ends if a path from its start to its final state takes only
     # characters and rules whose texts end.
     def parts(self) -> tuple[EbnfRule, ...]:
-        return tuple({rule: None for state in self.states for rule, _ in self.nfa.refs[state]})
+        return tuple(self.children())
 
     def finite(self, finite: set) -> bool:
         return self.final in self._reachable(lambda rule: rule in finite)
@@ -73,8 +81,7 @@ class EbnfRule(NfaRule):
             nfa.refs[state] = [(rule, target) for rule, target in nfa.refs[state] if rule in finite]
         into: dict[int, list[int]] = {}
         for state in self.states:
-            targets = [*nfa.empty[state], *(t for _, t in nfa.edges[state]), *(t for _, t in nfa.refs[state])]
-            for target in targets:
+            for target in _targets(nfa, state):
                 into.setdefault(target, []).append(state)
         alive, todo = {self.final}, [self.final]
         while todo:
@@ -88,7 +95,7 @@ class EbnfRule(NfaRule):
             nfa.refs[state] = [(rule, t) for rule, t in nfa.refs[state] if t in alive]
 
     def _reachable(self, passable) -> set[int]:
-        todo, seen = list(self.start[0]), set(self.start[0])
+        todo, seen = [self.first], {self.first}
         while todo:
             state = todo.pop()
             nexts = [*self.nfa.empty[state], *(t for _, t in self.nfa.edges[state]),
@@ -100,13 +107,18 @@ class EbnfRule(NfaRule):
         return seen
 
 
+def _targets(nfa: Nfa, state: int) -> list[int]:
+    return [*nfa.empty[state], *(t for _, t in nfa.edges[state]), *(t for _, t in nfa.refs[state])]
+
+
 def ebnf_grammar(text: str) -> Grammar:
     """The grammar of `text`'s `root` rule; a ValueError that names what is wrong."""
     if not isinstance(text, str):
         raise ValueError(f"the grammar must be a string, got {text!r:.40}")
-    rules = _Parser(text).parse()
+    rules = _Parser(text.removeprefix("\ufeff")).parse()
     if ROOT not in rules:
         raise ValueError(f"the grammar has no {ROOT!r} rule (its answer is what `{ROOT} ::= ...` derives)")
+    _inline(rules)
     _settle(rules)
     root = rules[ROOT]
     if not trim(root):
@@ -115,37 +127,94 @@ def ebnf_grammar(text: str) -> Grammar:
     return Grammar(root)
 
 
-def _settle(rules: dict[str, EbnfRule]) -> None:
-    """Each rule's start, once every rule is parsed: the rules that may derive no text are known
-    (a least fixed point), then a rule that can reach itself without reading a character is
-    refused (left recursion)."""
-    bounds = {name: (rule.start[0], rule.final) for name, rule in rules.items()}  # set by the parser
-    empty: set[EbnfRule] = set()
-    grown = True
-    while grown:
-        grown = False
-        for name, rule in rules.items():
-            if rule not in empty:
-                first, final = bounds[name]
-                rule.finish(next(iter(first)), final, frozenset(empty))
-                if rule.final in rule.start[0]:
-                    empty.add(rule)
-                    grown = True
-    for name, rule in rules.items():
-        first, final = bounds[name]
-        rule.finish(next(iter(first)), final, frozenset(empty))
-    # A rule's left children: those it may start before reading a character.
-    left = {rule: {child for state in rule.start[0] for child, _ in rule.nfa.refs[state]} for rule in rules.values()}
+def _inline(rules: dict[str, EbnfRule]) -> None:
+    """Copy each small rule that references no other into the places that reference it, leaves
+    first (so a rule whose references were all copied is a leaf in turn): its characters then
+    join the referencing rule's NFA, where alternatives that begin alike share one stack (520
+    keyword rules in one alternation would otherwise be 520 stacks, past MAX_STACKS). Rules on
+    or above a cycle stay references, run as children; so do big ones, and all once the NFA
+    holds INLINE_BUDGET states."""
+    nfa = next(iter(rules.values())).nfa
+    users: dict[EbnfRule, list[EbnfRule]] = {rule: [] for rule in rules.values()}
+    waiting: dict[EbnfRule, int] = {}
     for rule in rules.values():
-        todo, seen = list(left[rule]), set()
-        while todo:
-            child = todo.pop()
-            if child is rule:
-                raise ValueError(f"rule {rule.name!r} is left-recursive (it may derive itself before any "
-                                 f"character): write it with a repetition, e.g. `{rule.name} ::= item (sep item)*`")
-            if child not in seen:
-                seen.add(child)
-                todo.extend(left[child])
+        children = rule.children()
+        waiting[rule] = len(children)
+        for child in children:
+            users[child].append(rule)
+    leaves = [rule for rule, count in waiting.items() if count == 0]
+    while leaves:
+        leaf = leaves.pop()
+        if len(leaf.states) <= INLINE_STATES:
+            for user in users[leaf]:
+                _copy_into(user, leaf, nfa)
+        for user in users[leaf]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                leaves.append(user)
+
+
+def _copy_into(user: EbnfRule, leaf: EbnfRule, nfa: Nfa) -> None:
+    """Replace `user`'s references to `leaf` by copies of leaf's states (while the budget lasts)."""
+    for state in list(user.states):
+        kept = []
+        for rule, target in nfa.refs[state]:
+            if rule is not leaf or len(nfa.edges) + len(leaf.states) > INLINE_BUDGET:
+                kept.append((rule, target))
+                continue
+            copy = {old: nfa.state() for old in leaf.states}
+            user.states.extend(copy.values())
+            for old, new in copy.items():
+                nfa.empty[new] = [copy[t] for t in nfa.empty[old]]
+                nfa.edges[new] = [(chars, copy[t]) for chars, t in nfa.edges[old]]
+                nfa.refs[new] = [(r, copy[t]) for r, t in nfa.refs[old]]
+            nfa.empty[state].append(copy[leaf.first])
+            nfa.empty[copy[leaf.final]].append(target)
+        nfa.refs[state] = kept
+
+
+def _settle(rules: dict[str, EbnfRule]) -> None:
+    """Each rule's start, once every rule is parsed: the rules that may derive no text are found
+    (a least fixed point, each rule looked at again only when a child turned out so), then a
+    rule that can reach itself without reading a character is refused (left recursion)."""
+    users: dict[EbnfRule, list[EbnfRule]] = {rule: [] for rule in rules.values()}
+    for rule in rules.values():
+        for child in rule.children():
+            users[child].append(rule)
+    empty: set[EbnfRule] = set()
+    todo = list(rules.values())
+    while todo:
+        rule = todo.pop()
+        if rule not in empty:
+            rule.finish(frozenset(empty))
+            if rule.final in rule.start[0]:
+                empty.add(rule)
+                todo.extend(users[rule])
+    skippable = frozenset(empty)
+    for rule in rules.values():
+        rule.finish(skippable)
+    # A rule's left children: those it may start before reading a character. A cycle among
+    # them is left recursion (found by one depth-first walk, without Python's recursion).
+    left = {rule: list({child: None for state in rule.start[0] for child, _ in rule.nfa.refs[state]})
+            for rule in rules.values()}
+    done: set[EbnfRule] = set()
+    for root in rules.values():
+        if root in done:
+            continue
+        path, on_path = [(root, iter(left[root]))], {root}
+        while path:
+            rule, children = path[-1]
+            child = next(children, None)
+            if child is None:
+                path.pop()
+                on_path.discard(rule)
+                done.add(rule)
+            elif child in on_path:
+                raise ValueError(f"rule {child.name!r} is left-recursive (it may derive itself before any "
+                                 f"character): write it with a repetition, e.g. `{child.name} ::= item (sep item)*`")
+            elif child not in done:
+                path.append((child, iter(left[child])))
+                on_path.add(child)
 
 
 class _Parser:
@@ -153,15 +222,18 @@ class _Parser:
 
     def __init__(self, text: str) -> None:
         self.text, self.at = text, 0
-        self.nfa = Nfa("grammar")  # one NFA holds every rule's states
+        self.nfa = Nfa("grammar", MAX_STATES)  # one NFA holds every rule's states
         self.rules: dict[str, EbnfRule] = {}
         self.defined: set[str] = set()
+        self.rule: EbnfRule | None = None  # the rule being read
+        self.depth = 0  # groups open
 
     def parse(self) -> dict[str, EbnfRule]:
         self._space()
         if self.at == len(self.text):
             raise ValueError("the grammar is empty")
         while self.at < len(self.text):
+            self._take("?")  # Lark's inlined-rule mark, for the message below
             name = self._name()
             if name is not None and not self._rule_follows() and self.text.startswith(":", self._after_space()):
                 raise ValueError(f"rule {name!r} is written as Lark writes rules (`{name}: ...`): stoke takes GBNF, "
@@ -173,12 +245,9 @@ class _Parser:
             if name in self.defined:
                 raise ValueError(f"rule {name!r} is defined twice")
             self.defined.add(name)
-            rule = self._rule(name)
-            first = self.nfa.state()
-            final = self._alternatives(first, top=True)
-            # The first state rides in start until _settle computes the closures.
-            rule.start, rule.final = (frozenset({first}), b""), final
-            rule.states = range(first, len(self.nfa.edges))
+            self.rule = self._rule(name)
+            self.rule.first = self._state()
+            self.rule.final = self._alternatives(self.rule.first, top=True)
         undefined = sorted(set(self.rules) - self.defined)
         if undefined:
             raise ValueError(f"the grammar refers to rules it does not define: {', '.join(undefined)}")
@@ -187,15 +256,24 @@ class _Parser:
     def _rule(self, name: str) -> EbnfRule:
         return self.rules.setdefault(name, EbnfRule(name, self.nfa))
 
+    def _state(self) -> int:
+        state = self.nfa.state()
+        self.rule.states.append(state)
+        return state
+
     # ---------------------------------------------------------------- grammar of the grammar
     def _alternatives(self, start: int, top: bool = False) -> int:
-        end = self.nfa.state()
+        self.depth += 1
+        if self.depth > MAX_GROUP_DEPTH:
+            raise ValueError(f"the grammar's groups nest deeper than {MAX_GROUP_DEPTH}")
+        end = self._state()
         while True:
-            branch = self.nfa.state()
+            branch = self._state()
             self.nfa.empty[start].append(branch)
             self.nfa.empty[self._sequence(branch, top)].append(end)
             self._space()
             if not self._take("|"):
+                self.depth -= 1
                 return end
 
     def _sequence(self, start: int, top: bool) -> int:
@@ -209,40 +287,50 @@ class _Parser:
             at = self._repeated(at)
 
     def _repeated(self, start: int) -> int:
-        """An item and its repetition operator, if any (the item is built anew for each copy a
-        bounded repeat needs, from its text)."""
+        """An item and its repetition operator, if any. The item is built as a fragment from a
+        state of its own, then wired so that each text is read one way only (a repeat read two
+        ways doubles the stacks of every rule it holds, at every level they nest); a bounded
+        repeat builds the item anew, from its text, for each copy it needs."""
         item_at = self.at
-        end = self._item(start)
+        first = self._state()
+        fragments = [(first, self._item(first))]
         item_end = self.at
+        self._space()
         if self.at >= len(self.text) or self.text[self.at] not in "*+?{":
-            return end
+            self.at = item_end
+            self.nfa.empty[start].append(first)
+            return fragments[0][1]
         low, high = self._repetition()
         after = self.at
 
-        def again(at: int) -> int:
-            self.at = item_at
-            out = self._item(at)
-            self.at = item_end
-            return out
+        def fragment(i: int) -> tuple[int, int]:
+            while len(fragments) <= i:
+                self.at = item_at
+                begin = self._state()
+                fragments.append((begin, self._item(begin)))
+            return fragments[i]
 
-        at = end
-        for _ in range(low - 1):
-            at = again(at)
-        if low == 0:  # the first copy, built above, is optional
-            skip = self.nfa.state()
-            self.nfa.empty[start].append(skip)
-            self.nfa.empty[at].append(skip)
-            at = skip
-        if high is None:  # and any number more
-            loop = self.nfa.state()
-            self.nfa.empty[at].append(loop)
-            self.nfa.empty[again(loop)].append(loop)
-            at = loop
-        else:
-            done = self.nfa.state()
-            for _ in range(high - max(low, 1)):
-                self.nfa.empty[at].append(done)
-                at = again(at)
+        at = start
+        for i in range(low):
+            begin, end = fragment(i)
+            self.nfa.empty[at].append(begin)
+            at = end
+        if high is None:  # any number more: the last copy loops (x+), or one copy does (x*)
+            if low:
+                self.nfa.empty[at].append(fragments[low - 1][0])
+            else:
+                loop = self._state()
+                begin, end = fragment(0)
+                self.nfa.empty[at].append(loop)
+                self.nfa.empty[loop].append(begin)
+                self.nfa.empty[end].append(loop)
+                at = loop
+        elif high > low:
+            done = self._state()
+            for i in range(low, high):
+                begin, end = fragment(i)
+                self.nfa.empty[at].extend((done, begin))
+                at = end
             self.nfa.empty[at].append(done)
             at = done
         self.at = after
@@ -253,16 +341,14 @@ class _Parser:
         self.at += 1
         if op != "{":
             return {"*": (0, None), "+": (1, None), "?": (0, 1)}[op]
-        match = re.compile(r"\s*(\d+)\s*(?:(,)\s*(\d*)\s*)?}").match(self.text, self.at)
-        if match is None:
-            self._fail("a repetition `{m}`, `{m,}` or `{m,n}`")
+        match = re.compile(r"\s*(\d*)\s*(?:(,)\s*(\d*)\s*)?}").match(self.text, self.at)
+        if match is None or not (match.group(1) or match.group(3)):
+            self._fail("a repetition `{m}`, `{m,}`, `{,n}` or `{m,n}`")
         self.at = match.end()
-        low = int(match.group(1))
+        low = int(match.group(1) or 0)
         high = low if match.group(2) is None else (int(match.group(3)) if match.group(3) else None)
         if high is not None and high < low:
             raise ValueError(f"repetition {{{low},{high}}} has a maximum below its minimum")
-        if high == 0:
-            raise ValueError("a repetition of at most 0 items matches nothing: leave the item out")
         return low, high
 
     def _item(self, start: int) -> int:
@@ -287,7 +373,7 @@ class _Parser:
         name = self._name()
         if name is None:
             self._fail("an item (a string, a character class, `.`, a rule's name or a group)")
-        end = self.nfa.state()
+        end = self._state()
         self.nfa.refs[start].append((self._rule(name), end))
         return end
 
@@ -350,7 +436,7 @@ class _Parser:
         return _ESCAPES[kind]
 
     def _edge(self, start: int, chars: CharClass) -> int:
-        end = self.nfa.state()
+        end = self._state()
         self.nfa.edges[start].append((chars, end))
         return end
 

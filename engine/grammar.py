@@ -38,6 +38,9 @@ State = frozenset
 
 Move = tuple[Hashable, "Rule | None"]  # (the rule's next local state, a child to run first or None)
 NO_MOVES: tuple[Move, ...] = ()
+# A move's local for a child run in the rule's place: the rule has nothing left to read after
+# it (a tail call), so right recursion (`list ::= item ("," list)?`) nests no deeper.
+TAIL = "tail"
 
 
 class Rule:
@@ -462,14 +465,19 @@ def trim(root: Rule) -> bool:
             if part not in rules:
                 rules.add(part)
                 todo.append(part)
+    users: dict[Rule, list[Rule]] = {rule: [] for rule in rules}
+    for rule in rules:
+        for part in rule.parts():
+            users[part].append(rule)
+    # Least fixed point: finite once its needed parts are; a rule is looked at again only when
+    # one of its parts turned out finite (linear in the grammar, not quadratic).
     finite: set[Rule] = set()
-    grown = True
-    while grown:  # least fixed point: finite once its needed parts are
-        grown = False
-        for rule in rules - finite:
-            if rule.finite(finite):
-                finite.add(rule)
-                grown = True
+    todo = list(rules)
+    while todo:
+        rule = todo.pop()
+        if rule not in finite and rule.finite(finite):
+            finite.add(rule)
+            todo.extend(users[rule])
     for rule in rules & finite:
         rule.drop(finite)
     return root in finite
@@ -495,6 +503,8 @@ def _expand(state: State, byte: int) -> set[Stack] | None:
         for next_local, child in rule.moves(local, byte):
             if child is None:
                 out.add((rule, next_local, below, depth))
+            elif next_local is TAIL:
+                todo.append((child, child.start, below, depth))
             elif depth < MAX_DEPTH:
                 todo.append((child, child.start, (rule, next_local, below, depth), depth + 1))
         if below is not None and rule.accepts(local):  # this rule may end: the byte is the one below's

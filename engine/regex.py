@@ -21,7 +21,7 @@ import re._constants as sre  # noqa: PLC2701 (Python's own regex parser: its syn
 import re._parser as sre_parse
 from typing import Any
 
-from engine.grammar import NO_MOVES, Move, Rule
+from engine.grammar import NO_MOVES, TAIL, Move, Rule
 
 MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: (a{1000}){1000} would be a million
 _SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
@@ -95,15 +95,16 @@ class Nfa:
     without a character; `refs[s]`: (rule, target), the target reached once a child rule's
     text was read (an EBNF grammar's rule references: engine/ebnf.py)."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what  # "regex" or "grammar", for the error past MAX_NFA_STATES
+    def __init__(self, what: str, limit: int = MAX_NFA_STATES) -> None:
+        self.what = what  # "regex" or "grammar", for the error past the limit
+        self.limit = limit
         self.edges: list[list[tuple[CharClass, int]]] = []
         self.empty: list[list[int]] = []
         self.refs: list[list[tuple[Rule, int]]] = []
 
     def state(self) -> int:
-        if len(self.edges) >= MAX_NFA_STATES:
-            raise ValueError(f"the {self.what} is too large (more than {MAX_NFA_STATES} states once its repeats are "
+        if len(self.edges) >= self.limit:
+            raise ValueError(f"the {self.what} is too large (more than {self.limit} states once its repeats are "
                              "unrolled)")
         self.edges.append([])
         self.empty.append([])
@@ -221,8 +222,7 @@ class NfaRule(Rule):
 
     def moves(self, local: tuple[frozenset[int], bytes], byte: int) -> tuple[Move, ...]:
         states, pending = local
-        children = () if pending else tuple({((self.closure({target}), b""), rule)
-                                             for s in states for rule, target in self.nfa.refs[s]})
+        children = () if pending else self._children(states)
         if not pending and byte < 0x80:
             nxt = self._step(states, chr(byte))
             return ((((nxt, b""), None),) if nxt else NO_MOVES) + children
@@ -239,6 +239,22 @@ class NfaRule(Rule):
             return NO_MOVES
         nxt = self._step(states, ch)
         return (((nxt, b""), None),) if nxt else NO_MOVES
+
+    def _children(self, states: frozenset[int]) -> tuple[Move, ...]:
+        """A child for each rule some state references, to resume in every state that follows
+        one of its references: one stack, however many places (or copies of a repeat) read it."""
+        resume: dict[Rule, set[int]] = {}
+        for state in states:
+            for rule, target in self.nfa.refs[state]:
+                resume.setdefault(rule, set()).add(target)
+        return tuple((self._resume(targets), rule) for rule, targets in resume.items())
+
+    def _resume(self, targets: set[int]) -> Any:
+        """The local to resume in after a child: TAIL where nothing but the end follows."""
+        states = self.closure(targets)
+        if self.final in states and not any(self.nfa.edges[s] or self.nfa.refs[s] for s in states):
+            return TAIL
+        return states, b""
 
     def accepts(self, local: tuple[frozenset[int], bytes]) -> bool:
         states, pending = local

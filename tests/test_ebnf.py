@@ -103,21 +103,50 @@ def test_rules_that_may_be_empty_and_escapes() -> None:
     ('root ::= [a-', "without its closing ]"),
     ("root ::= [z-a]", "out of order"),
     ('root ::= "a"{3,2}', "maximum below its minimum"),
-    ('root ::= "a"{0}', "at most 0 items"),
     ('root ::= "a"{x}', "expected a repetition"),
     ('root ::= ("a" | "b"', "expected `)`"),
     ('root ::= "\\q"', "unknown escape \\q"),
     ('root ::= "\\x4"', "escape \\x needs 2 hex digits"),
     ('root ::= "\\ud800"', "is not a character"),
     ('root: "a"', "written as Lark writes rules"),
+    ('?start: "a"', "rule 'start' is written as Lark writes rules"),
+    ("root ::= " + "(" * 70 + '"a"' + ")" * 70, "groups nest deeper than 64"),
+    ('root ::= "a"{,}', "expected a repetition"),
     ('root ::= "a" | * "b"', "line 1, column 16: expected an item"),
-    ('root ::= ("a"{9999}){3}', "too large"),
+    ('root ::= ("a"{9999}){30}', "too large"),
 ])
 def test_a_grammar_that_cannot_be_served_says_why(grammar: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         StructuredOutputsParams(grammar=grammar)
     with pytest.raises(ValueError, match="grammar must be a string"):
         StructuredOutputsParams(grammar=["root ::= 'a'"])
+
+
+def test_nesting_repeats_and_many_alternatives_stay_one_way_to_read_the_text() -> None:
+    """A repeat holding a rule reads its text one way (a second way at every level would double
+    the stacks until the automaton gives up, ~10 levels deep), and 600 one-keyword rules in one
+    alternation are copied in rather than run as 600 children (past MAX_STACKS)."""
+    arithmetic = ebnf_grammar('root ::= expr\nexpr ::= term ("+" term)*\nterm ::= "1" | "(" expr ")"')
+    deep = "(1+" * 40 + "1" + ")" * 40
+    assert arithmetic.accepts(deep) and not arithmetic.accepts(deep[:-1])
+    assert len(arithmetic.advance(arithmetic.start, deep[:-20].encode())) == 1
+    parens = ebnf_grammar('root ::= p*\np ::= "(" p* ")"')
+    assert parens.accepts("(" * 50 + ")" * 50 + "()") and not parens.accepts("(" * 50 + ")" * 49)
+    keywords = ebnf_grammar("root ::= " + " | ".join(f"w{i}" for i in range(600)) + "\n"
+                            + "".join(f'w{i} ::= "word{i}"\n' for i in range(600)))
+    assert keywords.accepts("word0") and keywords.accepts("word599") and not keywords.accepts("word600")
+    assert len(keywords.advance(keywords.start, b"word5")) == 1
+    chain = ebnf_grammar('root ::= "ok" | r0\n' + "".join(f'r{i} ::= "b" r{i + 1}\n' for i in range(3000))
+                         + 'r3000 ::= "end"')
+    assert chain.accepts("b" * 3000 + "end") and chain.accepts("ok") and not chain.accepts("b" * 2999 + "end")
+
+
+def test_the_dialects_leniencies() -> None:
+    """What llama.cpp and xgrammar also take: space before a repeat, `{,n}`, `{0}`, names that
+    begin with a digit, a byte-order mark."""
+    grammar = ebnf_grammar('\ufeffroot ::= "a" * "b" {,2} "c"{0} 1st\n1st ::= "!"')
+    for text, ok in [("!", True), ("aab!", True), ("bb!", True), ("bbb!", False), ("c!", False)]:
+        assert grammar.accepts(text) is ok, text
 
 
 def test_a_branch_that_never_ends_is_left_out() -> None:

@@ -576,8 +576,9 @@ def test_structured_outputs_params_take_exactly_one_kind() -> None:
         StructuredOutputsParams(json={"type": "integer"}, choice=["a"])
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(json_object=True, choice=["a"])
-    with pytest.raises(ValueError, match="grammar are not supported"):
-        StructuredOutputsParams(grammar='root ::= "a"')
+    assert StructuredOutputsParams(grammar='root ::= "a"').compile().accepts("a")  # tests/test_ebnf.py
+    with pytest.raises(ValueError, match="exactly one.*regex, grammar"):
+        StructuredOutputsParams(regex="a", grammar='root ::= "a"')
     with pytest.raises(ValueError, match="json_object"):
         StructuredOutputsParams(json_object="yes")
     assert StructuredOutputsParams(json_object=True).kind == "json_object"
