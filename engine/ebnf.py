@@ -9,16 +9,19 @@ The dialect is GBNF, llama.cpp's and xgrammar's (what vLLM takes):
 
 A rule is `name ::= alternatives`; an item is a string ("..." or '...', escapes `\\n \\r \\t
 \\\\ \\" \\xHH \\uHHHH \\UHHHHHHHH`), a character class (`[a-z]`, `[^"\\\\]`), `.` (any
-character), another rule's name, or a parenthesised group; `*`, `+`, `?`, `{m}`, `{m,}` and
-`{m,n}` repeat an item. Whitespace and newlines between items are free: a rule ends where the
-next `name ::=` begins.
+character), another rule's name, or a parenthesised group; `*`, `+`, `?`, `{m}`, `{m,}`,
+`{,n}` and `{m,n}` repeat an item. Whitespace and newlines between items are free: a rule ends
+where the next `name ::=` begins.
 
 Each rule is an NFA over characters and references to other rules (engine/regex.py's
-`NfaRule`); the grammar's pushdown automaton (engine/grammar.py) runs a referenced rule as a
-child, so rules may nest and recurse. Left recursion (`expr ::= expr "+" term`) would descend
-forever before reading a byte: it is refused, as llama.cpp refuses it (write
-`expr ::= term ("+" term)*`). Rules whose texts never end are left out where the grammar can do
-without them (`trim`), and a grammar whose root never ends is refused.
+`NfaRule`), built so that a text is read one way where the grammar allows only one; small rules
+that reference none are copied into their references. The grammar's pushdown automaton
+(engine/grammar.py) runs a remaining reference as a child, so rules may nest and recurse; a
+child with nothing after it runs in its parent's place (right recursion nests no deeper).
+Left recursion (`expr ::= expr "+" term`) would descend forever before reading a byte: it is
+refused, as llama.cpp refuses it (write `expr ::= term ("+" term)*`). Rules whose texts never
+end are left out where the grammar can do without them (`trim`), and a grammar whose root
+never ends is refused. Compiling is linear in the grammar's size.
 """
 
 from __future__ import annotations
