@@ -1,12 +1,14 @@
 """What structured outputs cost: the token masks alone, and the engine's tokens/s with and
 without them on the same prompts, in the same run.
 
-1. Masks: for a JSON-schema grammar over the model's vocabulary, the time of a mask computed
-   cold (a fresh TokenMasks: the walk) and cached (a lookup and an unpack), over the states a
-   real answer passes through, and of a Guide's advance per token.
+1. Masks: for a JSON-schema grammar over the model's vocabulary, and for an EBNF grammar of
+   the same records, the time of a mask computed cold (a fresh TokenMasks: the walk) and
+   cached (a lookup and an unpack), over the states a real answer passes through, and of a
+   Guide's advance per token.
 2. Engine: `--prompts` chat prompts asking for a JSON record, greedy, `--max-tokens` each,
-   run free, held to a JSON schema, and held to any JSON object (`--rounds` rounds, the kinds
-   alternated; medians). Reported: output tokens/s and the host's sampling time per token.
+   run free, held to a JSON schema, to any JSON object, and to the EBNF grammar (`--rounds`
+   rounds, the kinds alternated; medians). Reported: output tokens/s and the host's sampling
+   time per token.
 
     python -m benchmarks.structured --out results/structured.json
 """
@@ -35,20 +37,31 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 4}}}
 ANSWER = '{\n  "name": "Ann Lee",\n  "age": 31,\n  "city": "Paris",\n  "hobbies": ["chess", "tennis"]\n}'
 PEOPLE = ["Ann", "Bob", "Chen", "Dana", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
-KINDS = ("free", "json_schema", "json_object")
+# SCHEMA's records as an EBNF grammar (GBNF), whitespace bounded as the JSON grammar bounds it.
+RECORD_GBNF = r'''
+root    ::= "{" ws "\"name\"" ws ":" ws string ws "," ws "\"age\"" ws ":" ws integer ws "," ws
+            "\"city\"" ws ":" ws string ws "," ws "\"hobbies\"" ws ":" ws hobbies ws "}"
+hobbies ::= "[" ws ( string ws ( "," ws string ws ){0,3} )? "]"
+string  ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+integer ::= "-"? ( "0" | [1-9] [0-9]* )
+ws      ::= [ \t\n]{0,16}
+'''
+KINDS = ("free", "json_schema", "json_object", "grammar")
+STRUCTURES = {"json_schema": dict(json=SCHEMA), "json_object": dict(json_object=True), "grammar": dict(grammar=RECORD_GBNF)}
 
 
 def _ms(seconds: list[float]) -> float:
     return round(statistics.median(seconds) * 1e3, 4)
 
 
-def mask_costs(llm: LLM) -> dict[str, Any]:
-    """Cold and cached mask times over the states ANSWER's tokens pass through."""
+def mask_costs(llm: LLM, kind: str) -> dict[str, Any]:
+    """Cold and cached mask times over the states ANSWER's tokens pass through, under the
+    structure of `kind`."""
     engine = llm.engine
     t0 = time.perf_counter()
     vocabulary = TokenVocabulary(vocabulary_bytes(engine.tokenizer, engine.model_config.vocab_size))
     build = time.perf_counter() - t0
-    grammar = StructuredOutputsParams(json=SCHEMA).compile()
+    grammar = StructuredOutputsParams(**STRUCTURES[kind]).compile()
     tokens = engine.tokenizer.encode(ANSWER, add_special_tokens=False)
     cold, warm, advance = [], [], []
     masks = TokenMasks(vocabulary)
@@ -67,8 +80,7 @@ def mask_costs(llm: LLM) -> dict[str, Any]:
 
 
 def engine_run(llm: LLM, kind: str, prompts: int, max_tokens: int) -> dict[str, Any]:
-    structure = {"json_schema": StructuredOutputsParams(json=SCHEMA),
-                 "json_object": StructuredOutputsParams(json_object=True)}.get(kind)
+    structure = StructuredOutputsParams(**STRUCTURES[kind]) if kind in STRUCTURES else None
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_outputs=structure)
     conversations = [[{"role": "user", "content": f"Describe {PEOPLE[i % len(PEOPLE)]}, a person, as JSON with "
                                                    "name, age, city and hobbies."}] for i in range(prompts)]
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     llm = LLM(args.model)
-    masks = mask_costs(llm)
+    masks = {kind: mask_costs(llm, kind) for kind in ("json_schema", "grammar")}
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for _ in range(args.rounds):
         for kind in KINDS:
@@ -108,9 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "tokens": rs[0]["tokens"], "stopped": rs[0]["stopped"], "runs": rs}
               for kind, rs in runs.items()}
     report = {"args": vars(args), "masks": masks, "engine": engine}
-    print(f"masks over a {masks['vocabulary']}-token vocabulary ({masks['states']} states of one answer): "
-          f"cold {masks['cold_mask_ms']} ms (max {masks['cold_mask_max_ms']}), cached {masks['cached_mask_ms']} ms, "
-          f"advance {masks['advance_ms']} ms; vocabulary read in {masks['vocabulary_build_ms']} ms")
+    for kind, m in masks.items():
+        print(f"{kind} masks over a {m['vocabulary']}-token vocabulary ({m['states']} states of one answer): "
+              f"cold {m['cold_mask_ms']} ms (max {m['cold_mask_max_ms']}), cached {m['cached_mask_ms']} ms, "
+              f"advance {m['advance_ms']} ms; vocabulary read in {m['vocabulary_build_ms']} ms")
     print(f"{'kind':<12} {'tok/s':>8} {'vs free':>8} {'sample ms/tok':>14} {'tokens':>7} {'stopped':>8}")
     for kind, e in engine.items():
         print(f"{kind:<12} {e['tok_s']:>8.1f} {e['tok_s'] / engine['free']['tok_s']:>7.2f}x "
