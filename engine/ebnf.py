@@ -35,7 +35,7 @@ ROOT = "root"
 MAX_GROUP_DEPTH = 64  # parenthesised groups open at once (the parser recurses into each)
 MAX_STATES = 200_000  # NFA states of a grammar (its repeats unrolled, small rules copied in)
 INLINE_STATES = 64  # a rule copied into its references has at most this many states
-INLINE_BUDGET = 50_000  # and the grammar's NFA grows by copies up to this many
+INLINE_BUDGET = 50_000  # and copies add at most this many states to the grammar's NFA
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SPACE = re.compile(r"(?:\s|#[^\n]*)*")
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "'": "'", "[": "[", "]": "]", "-": "-",
@@ -135,36 +135,41 @@ def _inline(rules: dict[str, EbnfRule]) -> None:
     first (so a rule whose references were all copied is a leaf in turn): its characters then
     join the referencing rule's NFA, where alternatives that begin alike share one stack (520
     keyword rules in one alternation would otherwise be 520 stacks, past MAX_STACKS). Rules on
-    or above a cycle stay references, run as children; so do big ones, and all once the NFA
-    holds INLINE_BUDGET states."""
+    or above a cycle stay references, run as children; so do big ones, and all once copies
+    added INLINE_BUDGET states."""
     nfa = next(iter(rules.values())).nfa
-    users: dict[EbnfRule, list[EbnfRule]] = {rule: [] for rule in rules.values()}
+    # sites[child][user]: the user's states that reference the child.
+    sites: dict[EbnfRule, dict[EbnfRule, list[int]]] = {rule: {} for rule in rules.values()}
     waiting: dict[EbnfRule, int] = {}
     for rule in rules.values():
-        children = rule.children()
-        waiting[rule] = len(children)
-        for child in children:
-            users[child].append(rule)
+        for state in rule.states:
+            for child, _ in nfa.refs[state]:
+                places = sites[child].setdefault(rule, [])
+                if not places or places[-1] != state:
+                    places.append(state)
+        waiting[rule] = len(rule.children())
     leaves = [rule for rule, count in waiting.items() if count == 0]
+    budget = min(INLINE_BUDGET, MAX_STATES - len(nfa.edges))
     while leaves:
         leaf = leaves.pop()
-        if len(leaf.states) <= INLINE_STATES:
-            for user in users[leaf]:
-                _copy_into(user, leaf, nfa)
-        for user in users[leaf]:
+        for user, states in sites[leaf].items():
+            if len(leaf.states) <= INLINE_STATES:
+                budget = _copy_into(user, leaf, states, nfa, budget)
             waiting[user] -= 1
             if waiting[user] == 0:
                 leaves.append(user)
 
 
-def _copy_into(user: EbnfRule, leaf: EbnfRule, nfa: Nfa) -> None:
-    """Replace `user`'s references to `leaf` by copies of leaf's states (while the budget lasts)."""
-    for state in list(user.states):
+def _copy_into(user: EbnfRule, leaf: EbnfRule, states: list[int], nfa: Nfa, budget: int) -> int:
+    """Replace the references to `leaf` in these `states` of `user` by copies of leaf's states
+    while `budget` (states) lasts; what is left of it."""
+    for state in states:
         kept = []
         for rule, target in nfa.refs[state]:
-            if rule is not leaf or len(nfa.edges) + len(leaf.states) > INLINE_BUDGET:
+            if rule is not leaf or len(leaf.states) > budget:
                 kept.append((rule, target))
                 continue
+            budget -= len(leaf.states)
             copy = {old: nfa.state() for old in leaf.states}
             user.states.extend(copy.values())
             for old, new in copy.items():
@@ -174,6 +179,7 @@ def _copy_into(user: EbnfRule, leaf: EbnfRule, nfa: Nfa) -> None:
             nfa.empty[state].append(copy[leaf.first])
             nfa.empty[copy[leaf.final]].append(target)
         nfa.refs[state] = kept
+    return budget
 
 
 def _settle(rules: dict[str, EbnfRule]) -> None:
@@ -439,6 +445,8 @@ class _Parser:
         return _ESCAPES[kind]
 
     def _edge(self, start: int, chars: CharClass) -> int:
+        if not chars.any_in(0, 0x10FFFF):
+            raise ValueError("a character class in the grammar matches no character")
         end = self._state()
         self.nfa.edges[start].append((chars, end))
         return end

@@ -102,6 +102,8 @@ def test_rules_that_may_be_empty_and_escapes() -> None:
     ('root ::= "a\nb"', "runs past the end of its line"),
     ('root ::= [a-', "without its closing ]"),
     ("root ::= [z-a]", "out of order"),
+    ('root ::= "a"* [^\\x00-\\U0010FFFF] | "b"', "matches no character"),
+    ("root ::= []", "matches no character"),
     ('root ::= "a"{3,2}', "maximum below its minimum"),
     ('root ::= "a"{x}', "expected a repetition"),
     ('root ::= ("a" | "b"', "expected `)`"),
@@ -136,6 +138,10 @@ def test_nesting_repeats_and_many_alternatives_stay_one_way_to_read_the_text() -
                             + "".join(f'w{i} ::= "word{i}"\n' for i in range(600)))
     assert keywords.accepts("word0") and keywords.accepts("word599") and not keywords.accepts("word600")
     assert len(keywords.advance(keywords.start, b"word5")) == 1
+    # Past the copies' budget (1,200 rules of ~70 states), the rest stay children: still served.
+    long_keywords = ebnf_grammar("root ::= " + " | ".join(f"k{i}" for i in range(1200)) + "\n" + "".join(
+        f'k{i} ::= "keyword-number-{i:05d}-abcdefghij"\n' for i in range(1200)))
+    assert all(long_keywords.accepts(f"keyword-number-{i:05d}-abcdefghij") for i in (0, 700, 1199))
     chain = ebnf_grammar('root ::= "ok" | r0\n' + "".join(f'r{i} ::= "b" r{i + 1}\n' for i in range(3000))
                          + 'r3000 ::= "end"')
     assert chain.accepts("b" * 3000 + "end") and chain.accepts("ok") and not chain.accepts("b" * 2999 + "end")
