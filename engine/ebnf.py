@@ -27,6 +27,7 @@ never ends is refused. Compiling is linear in the grammar's size.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from engine.grammar import Grammar, trim
 from engine.regex import CharClass, Nfa, NfaRule
@@ -97,21 +98,21 @@ class EbnfRule(NfaRule):
             nfa.edges[state] = [(chars, t) for chars, t in nfa.edges[state] if t in alive]
             nfa.refs[state] = [(rule, t) for rule, t in nfa.refs[state] if t in alive]
 
-    def _reachable(self, passable) -> set[int]:
+    def _reachable(self, passable: Callable[[EbnfRule], bool]) -> set[int]:
         todo, seen = [self.first], {self.first}
         while todo:
-            state = todo.pop()
-            nexts = [*self.nfa.empty[state], *(t for _, t in self.nfa.edges[state]),
-                     *(t for rule, t in self.nfa.refs[state] if passable(rule))]
-            for nxt in nexts:
+            for nxt in _targets(self.nfa, todo.pop(), passable):
                 if nxt not in seen:
                     seen.add(nxt)
                     todo.append(nxt)
         return seen
 
 
-def _targets(nfa: Nfa, state: int) -> list[int]:
-    return [*nfa.empty[state], *(t for _, t in nfa.edges[state]), *(t for _, t in nfa.refs[state])]
+def _targets(nfa: Nfa, state: int, passable: Callable[[EbnfRule], bool] = lambda rule: True) -> list[int]:
+    """The states one step from `state`: without a character, by one, or past a child rule
+    (those `passable` lets by)."""
+    return [*nfa.empty[state], *(t for _, t in nfa.edges[state]),
+            *(t for rule, t in nfa.refs[state] if passable(rule))]
 
 
 def ebnf_grammar(text: str) -> Grammar:
