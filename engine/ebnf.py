@@ -27,7 +27,7 @@ never ends is refused. Compiling is linear in the grammar's size.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 
 from engine.grammar import Grammar, trim
 from engine.regex import CharClass, Nfa, NfaRule
@@ -58,7 +58,8 @@ class EbnfRule(NfaRule):
         self.skippable: frozenset = frozenset()
         self.start = (frozenset(), b"")
 
-    def finish(self, skippable: frozenset[EbnfRule]) -> None:
+    def finish(self, skippable: AbstractSet[EbnfRule]) -> None:
+        """Its start, the children in `skippable` (those that may read no text) stepped over."""
         self.skippable = skippable
         self.start = (self.closure({self.first}), b"")
 
@@ -191,12 +192,12 @@ def _settle(rules: dict[str, EbnfRule]) -> None:
     for rule in rules.values():
         for child in rule.children():
             users[child].append(rule)
-    empty: set[EbnfRule] = set()
+    empty: set[EbnfRule] = set()  # read live while it grows; frozen once complete
     todo = list(rules.values())
     while todo:
         rule = todo.pop()
         if rule not in empty:
-            rule.finish(frozenset(empty))
+            rule.finish(empty)
             if rule.final in rule.start[0]:
                 empty.add(rule)
                 todo.extend(users[rule])

@@ -15,7 +15,7 @@ from engine import LLM, SamplingParams
 from engine.config import ModelConfig
 from engine.models.llama import MLP
 from engine.models.moe import SparseMoeBlock
-from tests.conftest import TINY_MOE, assert_engine_idle, hf_greedy, save_tiny_moe
+from tests.conftest import TINY_COMMON, TINY_MOE, assert_engine_idle, hf_greedy, save_tiny_moe
 from tests.lora_adapters import hf_lora_greedy, save_adapter
 
 KINDS = list(TINY_MOE)
@@ -108,8 +108,6 @@ def _config(kind: str, **changes: object) -> dict:
     import transformers
 
     prefix, own = TINY_MOE[kind]
-    from tests.conftest import TINY_COMMON
-
     raw = getattr(transformers, f"{prefix}Config")(**(TINY_COMMON | own)).to_dict()
     raw["architectures"] = [f"{prefix}ForCausalLM"]
     return raw | changes
@@ -223,8 +221,6 @@ def test_a_classifier_and_a_base_model_of_experts_equal_transformers(tmp_path, k
     """`*MoeForSequenceClassification` (its score head on the last token) and the base model
     saved without an LM head (`*MoeModel`, embeddings), as transformers computes them."""
     import transformers
-
-    from tests.conftest import TINY_COMMON
 
     prefix, own = TINY_MOE[kind]
     config = getattr(transformers, f"{prefix}Config")(**(TINY_COMMON | own | {"num_labels": 3, "pad_token_id": 0}))
