@@ -67,14 +67,31 @@ def _gather_kv(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float = 0.0
 ) -> torch.Tensor:
     """q `[B, Hq, Lq, D]`, k/v `[B, Hkv, L, D]`, mask broadcastable to `[B, Hq, Lq, L]`."""
+    if softcap:
+        return _attend_softcapped(q, k, v, mask, scale, softcap)
     # An additive float mask takes a faster SDPA path on CPU than a boolean one.
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     return F.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=bias, scale=scale, enable_gqa=True
     )
+
+
+def _attend_softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """`_attend` with Gemma 2's capped scores, softcap · tanh(q·k · scale / softcap), which SDPA
+    cannot take: the products in fp32, each kv head's query heads side by side."""
+    batch, num_heads, num_q, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    g = q.float().reshape(batch, num_kv_heads, num_heads // num_kv_heads * num_q, head_dim)
+    scores = torch.tanh(g @ k.float().transpose(-1, -2) * (scale / softcap)) * softcap
+    scores = scores.view(batch, num_kv_heads, num_heads // num_kv_heads, num_q, -1)
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    weights = scores.softmax(-1).view(batch, num_kv_heads, -1, scores.shape[-1])
+    return (weights @ v.float()).view(q.shape).to(q.dtype)
 
 
 def paged_decode_attention(
@@ -84,10 +101,17 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys."""
+    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys: the last
+    `sliding_window` of them where that is not 0. `softcap` (not 0) caps the scaled scores at
+    ±softcap by softcap · tanh(s / softcap), as Gemma 2 does."""
     k, v, valid = _gather_kv(k_cache, v_cache, block_tables, context_lens)
-    out = _attend(q[:, :, None], k, v, valid[:, None, None, :], scale)
+    if sliding_window:
+        valid &= torch.arange(valid.shape[1], device=valid.device) >= (context_lens[:, None] - sliding_window)
+    out = _attend(q[:, :, None], k, v, valid[:, None, None, :], scale, softcap)
     return out[:, :, 0]
 
 
@@ -102,10 +126,14 @@ def paged_prefill_attention(
     *,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
     `key`/`value` `[Tq, Hkv, D]` are the new tokens' K/V, already stored in the cache: a kernel
-    may read them from there instead (the oracle reads everything from the cache)."""
+    may read them from there instead (the oracle reads everything from the cache). A query at
+    position p sees keys p - sliding_window < k <= p where `sliding_window` is not 0, as
+    transformers' sliding-window mask; `softcap` as in `paged_decode_attention`."""
     device = q.device
     starts = cu_seqlens_q[:-1].long()
     q_lens = cu_seqlens_q[1:].long() - starts
@@ -123,7 +151,10 @@ def paged_prefill_attention(
     key_pos = torch.arange(k.shape[2], device=device)
     # Padding rows (past q_len) see every valid key: never a fully masked (NaN) row.
     mask = (key_pos <= positions[:, :, None]) & valid[:, None, :]  # [B, max_q, L]
-    out = _attend(padded.transpose(1, 2), k, v, mask[:, None], scale)
+    if sliding_window:  # padding rows take the last query's window
+        last = torch.minimum(positions, context_lens[:, None].long() - 1)
+        mask &= key_pos > last[:, :, None] - sliding_window
+    out = _attend(padded.transpose(1, 2), k, v, mask[:, None], scale, softcap)
     return out.transpose(1, 2)[seq, row]
 
 
