@@ -31,27 +31,32 @@ class AttentionMetadata:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float,
+    *, sliding_window: int = 0, softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] of this step's tokens → [T, Hq, D]."""
+    """q [T, Hq, D], k/v [T, Hkv, D] of this step's tokens → [T, Hq, D]; a sliding layer's
+    queries see their last `sliding_window` keys, `softcap` caps the scores (kernels/)."""
     k_cache, v_cache = meta.kv_caches[layer]
     ops = meta.backend
     ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    scores = dict(sliding_window=sliding_window, softcap=softcap)
     if meta.graphed_decodes is not None:
         return ops.paged_mixed_attention_graphed(q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q,
-                                                 meta.context_lens, scale, meta.graphed_decodes, key=k, value=v)
+                                                 meta.context_lens, scale, meta.graphed_decodes, key=k, value=v,
+                                                 **scores)
     nd = meta.num_decodes
     parts = []
     start = 0
     for end in meta.decode_groups or ((nd,) if nd else ()):
         parts.append(ops.paged_decode_attention(
-            q[start:end], k_cache, v_cache, meta.block_tables[start:end], meta.context_lens[start:end], scale
+            q[start:end], k_cache, v_cache, meta.block_tables[start:end], meta.context_lens[start:end], scale,
+            **scores,
         ))
         start = end
     if nd < q.shape[0]:
         # The chunks' own K/V go along: their new keys need no trip through the block table.
         parts.append(ops.paged_prefill_attention(
             q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale,
-            key=k[nd:], value=v[nd:],
+            key=k[nd:], value=v[nd:], **scores,
         ))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

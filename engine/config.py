@@ -25,6 +25,9 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    # Gemma 2 and 3: the same decoder with Gemma's changes (ModelConfig's gemma fields).
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
     # Base models without an LM head, as embedding models are saved (e5-mistral, gte-Qwen2): embeddings only.
     "LlamaModel": "llama",
     "MistralModel": "mistral",
@@ -33,6 +36,8 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralModel": "mixtral",
     "Qwen2MoeModel": "qwen2_moe",
     "Qwen3MoeModel": "qwen3_moe",
+    "Gemma2Model": "gemma2",
+    "Gemma3TextModel": "gemma3_text",
     # Sequence classifiers (a linear `score` head on the last token's hidden states, as
     # transformers'), rerankers among them: classification and scoring only.
     "LlamaForSequenceClassification": "llama",
@@ -42,7 +47,10 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForSequenceClassification": "mixtral",
     "Qwen2MoeForSequenceClassification": "qwen2_moe",
     "Qwen3MoeForSequenceClassification": "qwen3_moe",
+    "Gemma2ForSequenceClassification": "gemma2",
+    "Gemma3TextForSequenceClassification": "gemma3_text",
 }
+GEMMA = ("gemma2", "gemma3_text")
 
 # generation_config.json keys that become a request's defaults where it sets none (the model's
 # recommended sampling, as vLLM's `--generation-config auto`); max_new_tokens is max_tokens.
@@ -127,9 +135,19 @@ class ModelConfig:
     qk_norm: bool
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    # Sliding-window attention, where the checkpoint uses it: served only up to the window, where
-    # it equals the full attention our kernels compute.
-    sliding_window: int | None = None
+    # Each layer's attention window (0: full attention): a query at position p sees the keys
+    # after p - window, as transformers' sliding-window layers. Empty: every layer full.
+    layer_windows: tuple[int, ...] = ()
+    # Gemma's changes to the decoder (the defaults are Llama's):
+    hidden_act: str = "silu"  # the gated MLP's activation: silu, or gelu_pytorch_tanh
+    attention_scale: float | None = None  # query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5
+    attn_softcap: float = 0.0  # scores capped by softcap · tanh(s / softcap); 0: not
+    final_softcap: float = 0.0  # the logits capped likewise
+    embedding_multiplier: float = 1.0  # the embeddings scaled by sqrt(hidden_size), in their dtype
+    norm_plus_one: bool = False  # RMSNorm weights stored as w - 1 (Gemma's 1 + w); folded at load
+    sandwich_norms: bool = False  # a norm after attention and around the MLP (Gemma 2/3's four per layer)
+    # The sliding layers' own rope (Gemma 3's local base frequency): theta, then scaling.
+    local_rope: tuple[float, dict[str, Any] | None] | None = None
     # A sequence classifier's number of labels (its `score` head's rows); None: not a classifier.
     num_labels: int | None = None
     # An LLM reranker's classifier, as vLLM builds it from a causal LM's checkpoint (hf_overrides
@@ -146,6 +164,14 @@ class ModelConfig:
     def is_classifier(self) -> bool:
         return self.num_labels is not None
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The widest window of a sliding layer; None: no layer slides."""
+        return max(self.layer_windows, default=0) or None
+
+    def window(self, layer: int) -> int:
+        return self.layer_windows[layer] if self.layer_windows else 0
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         archs = raw.get("architectures") or []
@@ -161,9 +187,14 @@ class ModelConfig:
             raise ValueError(f"model_type {model_type!r} is not supported: stoke runs {arch} as {family!r} "
                              f"computes it, and transformers would run this checkpoint as {model_type!r}")
         # What our one model file does not compute is refused, never approximated.
-        act = raw.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"hidden_act {act!r} is not supported: stoke's MLP is SiLU-gated")
+        gemma = family in GEMMA
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh" if gemma \
+            else raw.get("hidden_act", "silu")
+        if act not in (("gelu_pytorch_tanh",) if gemma else ("silu", "swish")):
+            raise ValueError(f"hidden_act {act!r} is not supported: stoke's MLP is "
+                             f"{'tanh-GELU' if gemma else 'SiLU'}-gated for {arch}")
+        if raw.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention (EmbeddingGemma's) is not supported: stoke's attention is causal")
         if raw.get("mlp_bias"):
             raise ValueError("mlp_bias (biases on the MLP projections) is not supported")
         if raw.get("attention_bias") and family not in ("qwen2", "qwen2_moe"):
@@ -173,18 +204,17 @@ class ModelConfig:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} attention heads do not share {num_kv_heads} key/value heads evenly")
         max_positions = raw.get("max_position_embeddings", 2048)
-        # As transformers 5 reads them: `rope_scaling` (older configs) or `rope_parameters`,
-        # whose own rope_theta wins over a top-level one.
-        rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
-        rope_theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0)
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None if kind == "default" else {**rope, "rope_type": kind}
-        if scaling is not None and kind == "llama3":
-            # The pretraining length: a top-level value wins (Phi3's layout), then the dict's,
-            # then the context length.
-            original = raw.get("original_max_position_embeddings") if "original_max_position_embeddings" in raw \
-                else scaling.get("original_max_position_embeddings")
-            scaling["original_max_position_embeddings"] = original or max_positions
+        params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        local_rope = None
+        if family == "gemma3_text":  # rope by layer type: the full layers' scaled, the sliding ones' local
+            by_type = params if "full_attention" in params or "sliding_attention" in params else \
+                {"full_attention": params}
+            params = by_type.get("full_attention") or {}
+            local = dict(by_type.get("sliding_attention") or {})
+            local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
+            local_rope = _rope(raw | {"rope_theta": None}, local, max_positions)
+        rope_theta, scaling = _rope(raw, params, max_positions, 1e6 if family == "gemma3_text" else 10000.0)
+        windows = _layer_windows(raw, family)
         eos = raw.get("eos_token_id")
         tokens, method = _classifier_from_token(raw, arch)
         return cls(
@@ -202,10 +232,11 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(raw.get("qkv_bias", True))),
-            qk_norm=family in ("qwen3", "qwen3_moe"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-            sliding_window=_sliding_window(raw, family),
+            layer_windows=windows,
+            **(_gemma_fields(raw, family, act, local_rope) if gemma else {}),
             num_labels=_num_labels(raw, tokens, method) if arch.endswith("ForSequenceClassification") else None,
             classifier_from_token=tokens,
             classifier_method=method,
@@ -224,20 +255,72 @@ class ModelConfig:
         return config
 
 
+def _rope(raw: dict[str, Any], params: dict[str, Any], max_positions: int,
+          default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling or None) as transformers 5 reads them: `rope_scaling` (older
+    configs) or `rope_parameters`, whose own rope_theta wins over a top-level one."""
+    rope = dict(params)
+    rope_theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or default_theta)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if kind == "default" else {**rope, "rope_type": kind}
+    if scaling is not None and kind == "llama3":
+        # The pretraining length: a top-level value wins (Phi3's layout), then the dict's, then
+        # the context length.
+        original = raw.get("original_max_position_embeddings") if "original_max_position_embeddings" in raw \
+            else scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original or max_positions
+    return rope_theta, scaling
+
+
 # transformers' config classes' sliding_window when config.json has none
-_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096}
+_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096,
+                   "gemma2": 4096, "gemma3_text": 4096}
 
 
-def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
-    """The window of a checkpoint whose attention slides: Mistral's and Mixtral's
-    `sliding_window`; Qwen2's and Qwen3's (MoE too) only with `use_sliding_window` (released
-    configs carry a window they do not use);
-    any model's whose `layer_types` name sliding layers. A missing key is the class default, as
-    transformers reads it; an explicit null is no window."""
+def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
+    """Each layer's window (0: full), as transformers' config class and model read config.json:
+    a missing `sliding_window` is the class default, an explicit null no window. Mistral,
+    Mixtral and Qwen3-MoE slide on every layer, Llama never; Qwen2/Qwen3 (and Qwen2-MoE) only with
+    `use_sliding_window` (released configs carry a window they do not use), on the layers
+    `layer_types` names, else by `max_window_layers`; Gemma 2 on every other layer, Gemma 3 on
+    five in six (`sliding_window_pattern`)."""
     window = raw["sliding_window"] if "sliding_window" in raw else _DEFAULT_WINDOW.get(family)
-    uses = family in ("mistral", "mixtral") or bool(raw.get("use_sliding_window")) \
-        or "sliding_attention" in (raw.get("layer_types") or ())
-    return int(window) if uses and window else None
+    if family == "llama" or family.startswith("qwen") and not raw.get("use_sliding_window"):
+        window = None
+    num_layers = raw["num_hidden_layers"]
+    if not window:
+        return ()
+    if not is_int(window) or window < 1:
+        raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
+    types = raw.get("layer_types")
+    if types is None or family in ("mistral", "mixtral", "qwen3_moe"):  # these models ignore layer_types
+        last = raw.get("max_window_layers", 28)
+        pattern = raw.get("sliding_window_pattern", 6)
+        slides = {"qwen2": lambda i: i >= last, "qwen3": lambda i: i >= last,
+                  "qwen2_moe": lambda i: i % 2 == 0 and i < last,
+                  "gemma2": lambda i: i % 2 == 0, "gemma3_text": lambda i: (i + 1) % pattern != 0}.get(family)
+        types = ["sliding_attention" if slides is None or slides(i) else "full_attention" for i in range(num_layers)]
+    if not isinstance(types, list) or len(types) != num_layers \
+            or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must name each of the {num_layers} layers sliding_attention or "
+                         f"full_attention, got {types!r:.200}")
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
+# Gemma 2's config class's softcaps when config.json has none (Gemma 3's are None)
+_DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}
+
+
+def _gemma_fields(raw: dict[str, Any], family: str, act: str,
+                  local_rope: tuple[float, dict[str, Any] | None] | None) -> dict[str, Any]:
+    """ModelConfig's Gemma fields, as transformers' Gemma2/Gemma3 models compute."""
+    attn_cap, final_cap = _DEFAULT_SOFTCAPS[family]
+    attn_cap = raw.get("attn_logit_softcapping", attn_cap) or 0.0
+    final_cap = raw.get("final_logit_softcapping", final_cap) or 0.0
+    return dict(hidden_act=act, attention_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
+                attn_softcap=float(attn_cap), final_softcap=float(final_cap),
+                embedding_multiplier=raw["hidden_size"] ** 0.5, norm_plus_one=True, sandwich_norms=True,
+                local_rope=local_rope)
 
 
 def dict_option(value: dict[str, Any] | str | None, name: str) -> dict[str, Any] | None:
@@ -377,21 +460,11 @@ class EngineConfig:
     pooler_config: dict[str, Any] | str | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
-        """The longest sequence served: max_model_len (at most the model's positions), capped
-        by its attention window (past it, the model attends to the window only, which our
-        kernels do not do)."""
+        """The longest sequence served: max_model_len, at most the model's positions."""
         longest = model.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > longest:  # as vLLM
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"({longest}): past them its positions were never trained")
-        if model.sliding_window is not None and model.sliding_window < longest:
-            if self.max_model_len is not None and self.max_model_len > model.sliding_window:
-                raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's attention window "
-                                 f"({model.sliding_window} tokens): stoke serves a sliding-window model "
-                                 "only up to its window")
-            logger.warning("the model attends to a sliding window of %d tokens: served up to that context",
-                           model.sliding_window)
-            longest = model.sliding_window
         return min(self.max_model_len or longest, longest)
 
     def check(self) -> None:

@@ -55,10 +55,9 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    scaling = config.rope_scaling
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if scaling is None:
         return inv_freq
     kind = scaling["rope_type"]
@@ -86,17 +85,19 @@ class RopeInputs:
 
 
 class Rotary(nn.Module):
-    """Rotary embedding with a cos/sin table over every position (HF's rotate-half layout)."""
+    """Rotary embedding with a cos/sin table over every position (HF's rotate-half layout): the
+    model's rope, or with `local`, its sliding layers' own (Gemma 3's)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, local: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.theta, self.scaling = config.local_rope if local else (config.rope_theta, config.rope_scaling)
         cos, sin = self._tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = rope_inv_freq(self.config)
+        inv_freq = rope_inv_freq(self.config.head_dim, self.theta, self.scaling)
         positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         return freqs.cos(), freqs.sin()
@@ -168,7 +169,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attention_scale or self.head_dim**-0.5
+        self.sliding_window, self.softcap = config.window(layer), config.attn_softcap
+        # A sliding layer of a model with a local rope (Gemma 3) rotates by that one.
+        self.local_rope = bool(self.sliding_window) and config.local_rope is not None
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
@@ -188,7 +192,8 @@ class Attention(nn.Module):
             self.rope_kernels.apply_rotary(q, k, rope.cos_table, rope.sin_table, rope.positions)
         else:
             q, k = Rotary.apply(rope.cos_sin, q, k)
-        out = paged_attention(q, k, v.contiguous(), self.layer, meta, self.scale)
+        out = paged_attention(q, k, v.contiguous(), self.layer, meta, self.scale,
+                              sliding_window=self.sliding_window, softcap=self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -199,9 +204,13 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
         self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=False)
         self.kernels: ModuleType | None = None  # a module with silu_and_mul, or None: torch
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"  # Gemma's gate, in torch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.gelu:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         if self.kernels is not None:
             return self.down_proj(self.kernels.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
@@ -216,6 +225,11 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoeBlock(config, MLP) if sparse else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.sandwich_norms:  # Gemma's: post_attention_layernorm then norms the attention's output
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs, meta: AttentionMetadata
@@ -227,8 +241,11 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, rope, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        if self.pre_feedforward_layernorm is None:
+            h, residual = self.post_attention_layernorm(h, residual)
+            return self.mlp(h), residual
+        h, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(h), residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class LlamaModel(nn.Module):
@@ -239,6 +256,13 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
+        self.local_rotary = Rotary(config, local=True) if config.local_rope is not None else None
+
+    def restore_rope_fp32(self) -> None:
+        """The rope tables in fp32 again after a cast (Rotary.restore_fp32)."""
+        for rotary in (self.rotary, self.local_rotary):
+            if rotary is not None:
+                rotary.restore_fp32()
 
 
 class LlamaForCausalLM(nn.Module):
@@ -332,10 +356,15 @@ class LlamaForCausalLM(nn.Module):
             x = self.linear_kernels.embedding_from_packed(self.head_packed, input_ids, self.config.hidden_size)
         else:
             x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary.inputs(positions, fused=self.norm_rope_kernels is not None)
+        if self.config.embedding_multiplier != 1.0:  # as transformers: the factor rounded to the dtype first
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        fused = self.norm_rope_kernels is not None
+        rope = self.model.rotary.inputs(positions, fused)
+        local = self.model.local_rotary
+        local_rope = rope if local is None else local.inputs(positions, fused)
         residual = None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, rope, meta)
+            x, residual = layer(x, residual, local_rope if layer.self_attn.local_rope else rope, meta)
         return x + residual
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -352,10 +381,13 @@ class LlamaForCausalLM(nn.Module):
             raise RuntimeError("this model has no LM head: it generates nothing")
         hidden = self.model.norm(hidden)
         if self.lm_head is not None:
-            return self.lm_head(hidden)
-        if self.head_packed is not None:
-            return self.linear_kernels.linear(hidden, self.head_packed, None, self.config.vocab_size)
-        return F.linear(hidden, self.model.embed_tokens.weight)
+            logits = self.lm_head(hidden)
+        elif self.head_packed is not None:
+            logits = self.linear_kernels.linear(hidden, self.head_packed, None, self.config.vocab_size)
+        else:
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        cap = self.config.final_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def _no_score_head(self) -> ValueError:
         return ValueError(f"this checkpoint has no score head (a causal LM's?): served as {self.config.architecture} "
@@ -459,6 +491,8 @@ class LlamaForCausalLM(nn.Module):
             if key in loaded or (target in pieced if piece is None else target in loaded):
                 raise ValueError(f"checkpoint tensor {source!r} fills {target} again (the checkpoint holds it twice, "
                                  "e.g. its experts both one by one and stacked)")
+            if self.config.norm_plus_one and target.endswith("norm.weight"):
+                tensor = tensor.float() + 1.0  # Gemma's RMSNorm scales by 1 + w
             dest.copy_(tensor)
             loaded.add(key)
             if piece is not None:
