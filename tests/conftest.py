@@ -134,6 +134,30 @@ def greedy_tokens(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
     return outs
 
 
+def assert_logprobs_equal_transformers(llm, model: torch.nn.Module, prompts: list[list[int]], max_tokens: int,
+                                      atol: float = 1e-4, prompt_logprobs: bool = True) -> None:
+    """The engine's greedy run of `prompts` against the transformers `model`'s logits over each
+    prompt and its answer: every prompt token's (unless not `prompt_logprobs`, which a cached
+    prefix would not serve) and answer token's logprob (prefill and decode attention both), and
+    each answer token the argmax, up to a near tie."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0,
+                            prompt_logprobs=0 if prompt_logprobs else None)
+    for prompt, out in zip(prompts, llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)):
+        answer = list(out.outputs[0].token_ids)
+        ids = prompt + answer
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        first = 1 if prompt_logprobs else len(prompt)
+        ours = [float(d[t]) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])] if prompt_logprobs else []
+        ours += [float(d[t]) for d, t in zip(out.outputs[0].logprobs, answer)]
+        theirs = expected[torch.arange(first - 1, len(ids) - 1), torch.tensor(ids[first:])]
+        torch.testing.assert_close(torch.tensor(ours), theirs, atol=atol, rtol=0)
+        best = expected[len(prompt) - 1:].max(-1).values
+        assert bool((theirs[-len(answer):] >= best - atol).all()), "an answer token is not transformers' argmax"
+
+
 def hf_beams(model, prompt: list[int], params, eos: list[int] | None
              ) -> tuple[list[list[int]], list[float] | None]:
     """transformers' beam search (`params`: engine.BeamSearchParams): each sequence's output

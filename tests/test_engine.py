@@ -345,10 +345,9 @@ def test_an_interrupted_generate_leaves_nothing_behind(tiny_path: str, monkeypat
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4
 
 
-def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
+def test_configs_stoke_cannot_compute_exactly_are_refused() -> None:
     """What the one model file does not compute is refused (another activation, MLP or o_proj
-    biases), never approximated; a sliding-window model is served up to its window, where its
-    attention is the full attention the kernels compute."""
+    biases), never approximated; a context past the positions trained is refused, as vLLM."""
     from engine.config import EngineConfig, ModelConfig
 
     base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
@@ -358,22 +357,9 @@ def test_configs_stoke_cannot_compute_exactly_are_refused_or_capped() -> None:
                        ({"attention_bias": True}, "attention_bias"), ({"num_key_value_heads": 3}, "evenly")):
         with pytest.raises(ValueError, match=match):
             ModelConfig.from_dict(base | bad)
-    assert ModelConfig.from_dict(base | {"hidden_act": "silu"}).sliding_window is None
-    mistral = ModelConfig.from_dict(base | {"architectures": ["MistralForCausalLM"], "sliding_window": 64})
-    assert mistral.sliding_window == 64 and EngineConfig().resolve_max_model_len(mistral) == 64
-    assert EngineConfig(max_model_len=32).resolve_max_model_len(mistral) == 32
-    with pytest.raises(ValueError, match="window"):
-        EngineConfig(max_model_len=128).resolve_max_model_len(mistral)
     with pytest.raises(ValueError, match="max_position_embeddings"):  # as vLLM: never trained that far
         EngineConfig(max_model_len=512).resolve_max_model_len(ModelConfig.from_dict(base))
-    qwen2 = base | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64}
-    assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": False}).sliding_window is None  # released configs
-    assert ModelConfig.from_dict(qwen2 | {"use_sliding_window": True}).sliding_window == 64
-    assert ModelConfig.from_dict(qwen2 | {"layer_types": ["full_attention", "sliding_attention"]}).sliding_window == 64
-    # A window missing from config.json is the config class's default, as transformers reads it.
-    no_key = base | {"architectures": ["MistralForCausalLM"]}
-    assert ModelConfig.from_dict(no_key).sliding_window == 4096
-    assert ModelConfig.from_dict(no_key | {"sliding_window": None}).sliding_window is None
+    assert EngineConfig(max_model_len=32).resolve_max_model_len(ModelConfig.from_dict(base)) == 32
     # Granite's checkpoints name LlamaForCausalLM but scale what Llama does not.
     with pytest.raises(ValueError, match="model_type 'granite'"):
         ModelConfig.from_dict(base | {"model_type": "granite"})
@@ -400,25 +386,6 @@ def test_rope_settings_read_as_transformers_reads_them() -> None:
     top = ModelConfig.from_dict(base | {"original_max_position_embeddings": 64,
                                         "rope_scaling": llama3 | {"original_max_position_embeddings": 128}})
     assert top.rope_scaling["original_max_position_embeddings"] == 64
-
-
-def test_a_sliding_window_model_is_served_up_to_its_window(tmp_path, tiny_checkpoints) -> None:
-    """The engine, its scheduler and what it reports all stop at the window: past it the
-    model attends to the window only, which the kernels do not compute."""
-    import json
-    import shutil
-
-    path = tmp_path / "windowed"
-    shutil.copytree(tiny_checkpoints["mistral"], path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(config | {"sliding_window": 64}))
-    llm = LLM(str(path), num_kv_blocks=64)
-    assert llm.engine.max_model_len == llm.engine.scheduler.config.max_model_len == 64
-    with pytest.raises(AdmissionError, match="maximum context length is 64"):
-        llm.engine.add_request("long", list(range(3, 103)), SamplingParams(max_tokens=1))
-    out = llm.generate([list(range(3, 43))], SamplingParams(max_tokens=None, **GREEDY))[0].outputs[0]
-    assert len(out.token_ids) == 64 - 40 and out.finish_reason == "length"
-    assert_engine_idle(llm)
 
 
 def test_edited_configs_give_transformers_tokens(tmp_path, tiny_path: str) -> None:

@@ -1,0 +1,151 @@
+"""Gemma 2 and Gemma 3 (text) against transformers: tiny random checkpoints whose windows the
+prompts outgrow, on the CPU serving kernels and the torch reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.config import ModelConfig
+from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers
+
+# Small windows (8 keys) under 4-key blocks and 16-token chunks: prompts of 60 cross them
+# mid-block and mid-chunk. Random norm weights, so Gemma's 1 + w counts.
+GEMMA = {
+    "gemma2": ("Gemma2", dict(sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3Text", dict(sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=24,
+                                  rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=100.0)),
+}
+SHAPE = dict(head_dim=32, num_hidden_layers=4, tie_word_embeddings=True)
+
+
+def hf_class(kind: str, head: str):
+    import transformers
+
+    prefix = GEMMA[kind][0]
+    if head == "ForCausalLM":
+        prefix = prefix.removesuffix("Text")
+    return getattr(transformers, f"{prefix}{head}")
+
+
+def hf_config(kind: str, **changes: object):
+    import transformers
+
+    prefix, own = GEMMA[kind]
+    return getattr(transformers, f"{prefix}Config")(**(TINY_COMMON | SHAPE | own | changes))
+
+
+def raw_config(kind: str, **changes: object) -> dict:
+    """config.json as transformers saves it for the causal LM."""
+    return hf_config(kind, **changes).to_dict() | {"architectures": [hf_class(kind, "ForCausalLM").__name__]}
+
+
+def save(kind: str, path: str, head: str = "ForCausalLM", **changes: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = hf_class(kind, head)(hf_config(kind, **changes))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gemmas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, torch.nn.Module]]:
+    root = tmp_path_factory.mktemp("gemma")
+    return {kind: (str(root / kind), save(kind, str(root / kind))) for kind in GEMMA}
+
+
+def prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", list(GEMMA))
+def test_logprobs_equal_transformers_past_the_window(gemmas, kind: str, backend: str, monkeypatch) -> None:
+    """Every prompt and answer token's logprob, prompts of 1 to 60 tokens in a batch prefilled
+    in 16-token chunks beside the others' decodes, each answer 12 decodes."""
+    monkeypatch.setenv("STOKE_ATTENTION_BACKEND", backend)
+    path, model = gemmas[kind]
+    llm = LLM(path, num_kv_blocks=96, block_size=4, max_num_batched_tokens=16)
+    assert llm.engine.max_model_len == TINY_COMMON["max_position_embeddings"]  # not capped at the window
+    assert_logprobs_equal_transformers(llm, model, prompts(1, (60, 1, 17, 9, 33)), max_tokens=12)
+    assert_engine_idle(llm)
+
+
+def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas) -> None:
+    """Prompts sharing a 30-token prefix in a pool too small for all of them: cached prefixes
+    and recomputed sequences attend to the same windows as a fresh run."""
+    path, model = gemmas["gemma3"]
+    shared = prompts(2, (30,))[0]
+    batch = [shared + p for p in prompts(3, (10, 20, 5, 14))]
+    llm = LLM(path, num_kv_blocks=22, block_size=4, max_num_batched_tokens=32)
+    for part, max_tokens in ((batch[:1], 4), (batch[1:], 16)):  # the first caches the prefix
+        assert_logprobs_equal_transformers(llm, model, part, max_tokens, prompt_logprobs=False)
+    assert llm.engine.scheduler.block_manager.stats.hits_tokens > 0
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert_engine_idle(llm)
+
+
+@pytest.mark.parametrize("kind", list(GEMMA))
+def test_a_classifier_and_a_base_model_equal_transformers(tmp_path, kind: str) -> None:
+    """Gemma's sequence classifier (its score head on the last token) and its base model's
+    embeddings."""
+    batch = prompts(4, (12, 30, 3))
+    classifier = save(kind, str(tmp_path / "cls"), "ForSequenceClassification", num_labels=3, pad_token_id=0)
+    llm = LLM(str(tmp_path / "cls"), num_kv_blocks=32)
+    for p, out in zip(batch, llm.classify(batch, use_tqdm=False)):
+        with torch.no_grad():
+            expected = classifier(torch.tensor([p])).logits[0].softmax(-1)
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), expected, atol=1e-5, rtol=0)
+    base = save(kind, str(tmp_path / "base"), "Model")
+    llm = LLM(str(tmp_path / "base"), num_kv_blocks=32)  # tied: the embedding is its head
+    for p, out in zip(batch, llm.embed(batch, use_tqdm=False)):
+        with torch.no_grad():
+            last = base(torch.tensor([p])).last_hidden_state[0, -1]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(last, dim=-1),
+                                   atol=1e-5, rtol=0)
+    assert_engine_idle(llm)
+
+
+def test_config_reads_gemma_as_transformers_does() -> None:
+    """Windows by layer type, the scale, the softcaps (Gemma 2's class defaults where the
+    key is missing, none where null) and Gemma 3's two ropes, in the old and new layouts."""
+    gemma2 = ModelConfig.from_dict(raw_config("gemma2", sliding_window=16))
+    assert gemma2.layer_windows == (16, 0, 16, 0)
+    assert gemma2.attention_scale == 24 ** -0.5 and (gemma2.attn_softcap, gemma2.final_softcap) == (5.0, 3.0)
+    raw = raw_config("gemma2")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "layer_types"):
+        raw.pop(key)
+    defaults = ModelConfig.from_dict(raw)
+    assert (defaults.attn_softcap, defaults.final_softcap) == (50.0, 30.0) and defaults.layer_windows == (8, 0, 8, 0)
+    nulls = ModelConfig.from_dict(raw | {"attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert (nulls.attn_softcap, nulls.final_softcap) == (0.0, 0.0)
+    gemma3 = ModelConfig.from_dict(raw_config("gemma3"))
+    assert gemma3.layer_windows == (8, 0, 8, 0) and gemma3.local_rope == (100.0, None)
+    assert (gemma3.rope_theta, gemma3.rope_scaling) == (1e6, {"rope_type": "linear", "factor": 4.0})
+    legacy = {key: value for key, value in raw_config("gemma3").items()
+              if key not in ("rope_parameters", "layer_types")}
+    legacy |= {"rope_theta": 5e5, "rope_local_base_freq": 20.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+               "sliding_window_pattern": 3, "num_hidden_layers": 6}
+    old = ModelConfig.from_dict(legacy)
+    assert old.layer_windows == (8, 8, 0, 8, 8, 0) and old.local_rope == (20.0, None)
+    assert (old.rope_theta, old.rope_scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hidden_activation": "gelu"}, "hidden_act"),
+    ({"use_bidirectional_attention": True}, "bidirectional"),
+    ({"layer_types": ["full_attention"]}, "layer_types"),
+    ({"sliding_window": -4}, "sliding_window"),
+])
+def test_config_refuses_what_it_cannot_compute(changes: dict, message: str) -> None:
+    raw = raw_config("gemma3") | changes
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(raw)
