@@ -28,6 +28,8 @@ SUPPORTED_ARCHITECTURES = {
     # Gemma 2 and 3: the same decoder with Gemma's changes (ModelConfig's gemma fields).
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    # Gemma 3 4B and up, image and text in: served as its language model (text in, text out).
+    "Gemma3ForConditionalGeneration": "gemma3_text",
     # Base models without an LM head, as embedding models are saved (e5-mistral, gte-Qwen2): embeddings only.
     "LlamaModel": "llama",
     "MistralModel": "mistral",
@@ -51,6 +53,12 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3TextForSequenceClassification": "gemma3_text",
 }
 GEMMA = ("gemma2", "gemma3_text")
+# Image-and-text checkpoints served as their language model: where its weights sit (the older
+# and transformers 5's layouts) and what is left out, the vision tower and its projector.
+LANGUAGE_MODEL_OF = {"Gemma3ForConditionalGeneration": (
+    {"language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head."},
+    ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+)}
 
 # generation_config.json keys that become a request's defaults where it sets none (the model's
 # recommended sampling, as vLLM's `--generation-config auto`); max_new_tokens is max_tokens.
@@ -182,6 +190,9 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        if arch in LANGUAGE_MODEL_OF:  # the language model's config, the checkpoint's end tokens
+            raw = raw.get("text_config", {}) | {"architectures": [arch], "model_type": family} | \
+                {key: raw[key] for key in ("bos_token_id", "eos_token_id") if key in raw}
         model_type = raw.get("model_type", family)
         if model_type != family:  # e.g. Granite names LlamaForCausalLM but scales differently
             raise ValueError(f"model_type {model_type!r} is not supported: stoke runs {arch} as {family!r} "

@@ -4,9 +4,12 @@ prompts outgrow, on the CPU serving kernels and the torch reference."""
 from __future__ import annotations
 
 import random
+import re
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine import LLM
 from engine.config import ModelConfig
@@ -149,3 +152,33 @@ def test_config_refuses_what_it_cannot_compute(changes: dict, message: str) -> N
     raw = raw_config("gemma3") | changes
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict(raw)
+
+
+def test_gemma3_with_a_vision_tower_is_served_as_its_language_model(tmp_path) -> None:
+    """Gemma 3 4B and up (Gemma3ForConditionalGeneration): its text config and language
+    model's weights, the vision tower left out; text logprobs equal transformers'."""
+    import transformers
+
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=hf_config("gemma3"), vision_config=vision, mm_tokens_per_image=4,
+                                       eos_token_id=[2, 7])
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(str(tmp_path / "saved"))
+    # transformers saves language_model.model.*; its version 5 holds model.language_model.*
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tmp_path / "saved", renamed)
+    tensors = load_file(str(renamed / "model.safetensors"))
+    save_file({re.sub(r"^language_model\.model\.|^(vision_tower|multi_modal_projector)\.",
+                      lambda m: f"model.{m.group(1) or 'language_model'}.", name): t for name, t in tensors.items()},
+              str(renamed / "model.safetensors"))
+    for path in (tmp_path / "saved", renamed):
+        llm = LLM(str(path), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+        assert llm.engine.runner.model_config.eos_token_ids == [2, 7]
+        assert_logprobs_equal_transformers(llm, model, prompts(7, (40, 11)), max_tokens=8)
+        assert_engine_idle(llm)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
-from engine.config import ModelConfig
+from engine.config import LANGUAGE_MODEL_OF, ModelConfig
 from engine.lora import LoRAProjection, LoRAState
 from engine.models.moe import SparseMoeBlock
 
@@ -445,9 +445,13 @@ class LlamaForCausalLM(nn.Module):
         tied_head: torch.Tensor | None = None
         head_rows: torch.Tensor | None = None  # an LLM reranker's: its classifier tokens' LM-head rows
         token_ids = list(self.config.classifier_token_ids or ())
+        renames, left_out = LANGUAGE_MODEL_OF.get(self.config.architecture, ({}, ()))
         for name, tensor in weights:
-            if "rotary_emb" in name:
+            if "rotary_emb" in name or name.startswith(left_out):
                 continue
+            prefix = next((p for p in renames if name.startswith(p)), None)
+            if prefix is not None:
+                name = renames[prefix] + name.removeprefix(prefix)
             if not name.startswith(("model.", "lm_head.", "score.")):  # a base model's checkpoint (LlamaModel's)
                 name = f"model.{name}"
             if name == "lm_head.weight" and token_ids:
