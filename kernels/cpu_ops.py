@@ -43,7 +43,7 @@ store_kv = reference.store_kv
 _lib = native.load()
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _lib.stoke_paged_decode_attention_f32.restype = ctypes.c_int
-_lib.stoke_paged_decode_attention_f32.argtypes = [_ptr] * 6 + [_i64] * 8 + [_f32, _i64]
+_lib.stoke_paged_decode_attention_f32.argtypes = [_ptr] * 6 + [_i64] * 8 + [_f32, _i64, _f32, _i64]
 _lib.stoke_rms_norm_f32.restype = None
 _lib.stoke_rms_norm_f32.argtypes = [_ptr] * 5 + [_i64] * 4 + [_f32, _i64]
 _lib.stoke_rotary_f32.restype = None
@@ -67,8 +67,13 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys."""
+    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys: the last
+    `sliding_window` of them where that is not 0 (the blocks before are not read). `softcap`
+    (not 0) caps the scaled scores s by softcap · tanh(s / softcap)."""
     batch, num_heads, head_dim = q.shape
     # What C trusts, checked in O(1) (shapes: the torch reference raises or broadcasts instead
     # of reading out of bounds); the block ids and lengths are the engine's to keep in range.
@@ -76,7 +81,8 @@ def paged_decode_attention(
             and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
             and num_heads % k_cache.shape[2] == 0 and block_tables.dim() == 2
             and block_tables.shape[0] == context_lens.shape[0] == batch):
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                sliding_window=sliding_window, softcap=softcap)
     if q.stride(2) != 1:
         q = q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # no-ops for the engine's pools
@@ -88,7 +94,7 @@ def paged_decode_attention(
     failed = _lib.stoke_paged_decode_attention_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         out.data_ptr(), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], tables.stride(0),
-        q.stride(0), q.stride(1), scale, torch.get_num_threads(),
+        q.stride(0), q.stride(1), scale, sliding_window, softcap, torch.get_num_threads(),
     )
     if failed:
         raise MemoryError("paged decode attention could not allocate its scratch memory")

@@ -118,14 +118,65 @@ def test_decode_zero_context_rows_are_zero() -> None:
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.float32, 20)])
-def test_decode_outside_the_c_kernel_is_the_reference(dtype: torch.dtype, head_dim: int) -> None:
+@pytest.mark.parametrize("extra", [{}, {"sliding_window": 5, "softcap": 2.0}])
+def test_decode_outside_the_c_kernel_is_the_reference(dtype: torch.dtype, head_dim: int, extra: dict) -> None:
     gen = torch.Generator().manual_seed(10)
     lens = [9, 30]
     k_cache, v_cache, tables, _, _ = paged_batch(lens, 4, 2, head_dim, dtype, gen, pad_id=-1)
     q = torch.randn(2, 4, head_dim, generator=gen).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32)
-    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3)
-    assert torch.equal(out, reference.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3))
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3, **extra)
+    assert torch.equal(out, reference.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.3, **extra))
+
+
+# Sliding windows against kernels.reference, block size 8 and contexts of 1 to 40 keys: one key,
+# less than a block, exactly a block, a window that starts mid-block, one longer than every
+# context; 0 is no window (softcap alone).
+WINDOWS = [0, 1, 5, 8, 12, 1000]
+WINDOW_LENS = [1, 7, 8, 9, 29, 40, 17, 2]
+
+
+def _poison_before(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, first_key: int) -> None:
+    """NaN in the blocks of one sequence wholly before `first_key`: blocks a window skips must
+    not be read at all (a masked read would still turn the output NaN)."""
+    blocks = table[: first_key // k_cache.shape[1]].long()
+    k_cache[blocks] = float("nan")
+    v_cache[blocks] = float("nan")
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 32), (4, 128)])
+def test_decode_window_and_softcap_match_reference(window: int, softcap: float, group: int, head_dim: int) -> None:
+    """A batch of mixed context lengths (GQA for group > 1): the window's keys only, the blocks
+    before them never read; scores capped by softcap · tanh(s / softcap)."""
+    gen = torch.Generator().manual_seed(window * 7 + group)
+    k_cache, v_cache, tables, _, _ = paged_batch(WINDOW_LENS, 8, 2, head_dim, torch.float32, gen, pad_id=-1)
+    q = torch.randn(len(WINDOW_LENS), 2 * group, head_dim, generator=gen)
+    context_lens = torch.tensor(WINDOW_LENS, dtype=torch.int32)
+    args = (q, k_cache, v_cache, tables, context_lens, 0.3)
+    expected = reference.paged_decode_attention(*args, sliding_window=window, softcap=softcap)
+    for b, n in enumerate(WINDOW_LENS):
+        _poison_before(k_cache, v_cache, tables[b], max(0, n - window) if window else 0)
+    out = cpu_ops.paged_decode_attention(*args, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if softcap and window != 1:  # the cap changes the result (the scores here reach well past it)
+        assert not torch.allclose(out, cpu_ops.paged_decode_attention(*args, sliding_window=window), atol=1e-3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lens", [[700, 1, 513, 64, 900, 333], [1, 777, 300]])
+def test_decode_window_across_threads(threads: int, lens: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long contexts shared out among threads (per sequence, or per kv head for few sequences),
+    each work item's scratch sized for its window, not its context."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 16, 4, 64, torch.float32, gen, pad_id=-1)
+    q = torch.randn(len(lens), 12, 64, generator=gen)
+    args = (q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.125)
+    out = cpu_ops.paged_decode_attention(*args, sliding_window=100, softcap=3.0)
+    torch.testing.assert_close(out, reference.paged_decode_attention(*args, sliding_window=100, softcap=3.0),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 20)])

@@ -13,6 +13,11 @@
  * vector extensions: AVX2 on x86, two NEON registers on ARM) with the head dim a constant for
  * 64 and 128, so the compiler keeps the accumulators in registers.
  *
+ * A sliding window (window > 0) starts a sequence's key loop at its last `window` keys: the
+ * blocks before them are never read. A softcap (softcap > 0, Gemma 2) replaces each scaled
+ * score s by softcap * tanh(s / softcap) in one vectorised pass over the scores before the
+ * softmax, so the uncapped path runs the very same loops as before.
+ *
  * Built by kernels/native.py with the machine's C compiler and loaded through ctypes: plain C
  * with no Python or torch headers, so it compiles in about a second. Threads: parallel.h.
  */
@@ -36,6 +41,8 @@ typedef struct {
     int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, table_stride;
     int64_t q_stride_b, q_stride_h;
     float scale;
+    int64_t window;              /* > 0: only the last `window` keys of each sequence */
+    float softcap;               /* > 0: scores capped by softcap * tanh(s / softcap) */
     int64_t heads_per_item;      /* kv heads per work item: num_kv_heads, or 1 for few sequences */
     int failed;                  /* set when scratch memory could not be had */
 } decode_args;
@@ -82,6 +89,27 @@ static inline __attribute__((always_inline)) void block_weighted_sum(
     for (int64_t c = 0; c < D / VL; c++) *(vf *)(acc + c * VL) = a[c];
 }
 
+/* tanh of 8 lanes, as Cephes' tanhf (a few ulp): an odd polynomial below |x| = 0.625, where
+ * 1 - 2 / (e^2|x| + 1) would lose digits to cancellation, that formula above (vexp clamps,
+ * so large |x| gives exactly +-1, never inf / inf). */
+static inline vf vtanh(vf x) {
+    const vi sign = (vi)x & (vi)splat(-0.0f);
+    const vf a = (vf)((vi)x & ~(vi)splat(-0.0f));
+    const vf big = 1.0f - 2.0f / (vexp(a + a) + 1.0f);
+    const vf z = x * x;
+    const vf small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
+                       + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+    return vselect(a < splat(0.625f), small, (vf)((vi)big | sign));
+}
+
+/* s[t] = cap * tanh(s[t] / cap) for the n scores of one head. */
+static void softcap_scores(float *s, int64_t n, float cap) {
+    const float inv = 1.0f / cap;
+    int64_t t = 0;
+    for (; t + VL <= n; t += VL) *(vf *)(s + t) = cap * vtanh(*(vf *)(s + t) * inv);
+    for (; t < n; t++) s[t] = cap * tanhf(s[t] * inv);
+}
+
 /* Ask for one kv head's rows of the next cache block (into L2) while this one is worked on:
  * blocks are scattered, so the hardware prefetcher can't guess where the next one starts. */
 static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_stride, int64_t D) {
@@ -90,8 +118,9 @@ static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_strid
 }
 
 /* One sequence's kv heads [h0, h0 + nh) with their query heads (nh * group of them, `heads`)
- * over its ctx keys; `scores` holds heads * ctx, `acc` heads * D. Inlined with D a constant
- * for the common head dims, so the inner loops unroll fully. */
+ * over its keys [first, ctx) (all ctx of them, or the window's last ones); `scores` holds
+ * heads * (ctx - first), `acc` heads * D. Inlined with D a constant for the common head dims,
+ * so the inner loops unroll fully. */
 static inline __attribute__((always_inline)) void decode_item(
     const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc, const int64_t D) {
     const int64_t bs = a->block_size, Hkv = a->num_kv_heads, Hq = a->num_heads;
@@ -105,36 +134,39 @@ static inline __attribute__((always_inline)) void decode_item(
     const int32_t *table = a->block_tables + b * a->table_stride;
     const int64_t row_stride = Hkv * D; /* between consecutive slots of one block */
     const int64_t block_floats = bs * row_stride;
-    const int64_t num_blocks = (ctx + bs - 1) / bs;
+    const int64_t first = a->window > 0 && ctx > a->window ? ctx - a->window : 0;
+    const int64_t len = ctx - first; /* keys seen; scores[head * len + t - first] is key t's */
+    const int64_t first_block = first / bs, num_blocks = (ctx + bs - 1) / bs;
     const float *q = a->q + b * a->q_stride_b + h0 * group * a->q_stride_h;
     const float *k_rows = a->k_cache + h0 * D, *v_rows = a->v_cache + h0 * D;
 
-    /* Pass 1: scores = q . k * scale. */
-    for (int64_t i = 0; i < num_blocks; i++) {
-        const int64_t t0 = i * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
-        const float *rows = k_rows + (int64_t)table[i] * block_floats;
+    /* Pass 1: scores = q . k * scale. Block i holds keys [t0, t1), read from its row t0 % bs. */
+    for (int64_t i = first_block; i < num_blocks; i++) {
+        const int64_t t0 = i == first_block ? first : i * bs, t1 = ctx - i * bs < bs ? ctx : (i + 1) * bs;
+        const float *rows = k_rows + (int64_t)table[i] * block_floats + (t0 - i * bs) * row_stride;
         prefetch_rows(i + 1 < num_blocks ? k_rows + (int64_t)table[i + 1] * block_floats
-                                         : v_rows + (int64_t)table[0] * block_floats,
+                                         : v_rows + (int64_t)table[first_block] * block_floats,
                       bs, row_stride, nh * D);
         for (int64_t head = 0; head < heads; head++)
-            block_scores(q + head * a->q_stride_h, rows + head / group * D, n, row_stride, a->scale,
-                         scores + head * ctx + t0, D);
+            block_scores(q + head * a->q_stride_h, rows + head / group * D, t1 - t0, row_stride, a->scale,
+                         scores + head * len + t0 - first, D);
     }
     /* Softmax per head, in place; the normaliser is applied to the output at the end. */
     float inv_sum[heads];
     for (int64_t head = 0; head < heads; head++) {
-        float *s = scores + head * ctx;
+        float *s = scores + head * len;
+        if (a->softcap > 0.0f) softcap_scores(s, len, a->softcap);
         float m = -INFINITY;
-        for (int64_t t = 0; t < ctx; t++) m = s[t] > m ? s[t] : m;
+        for (int64_t t = 0; t < len; t++) m = s[t] > m ? s[t] : m;
         vf vsum = {0};
         int64_t t = 0;
-        for (; t + VL <= ctx; t += VL) {
+        for (; t + VL <= len; t += VL) {
             const vf e = vexp(*(vf *)(s + t) - m);
             *(vf *)(s + t) = e;
             vsum += e;
         }
         float sum = hsum(vsum);
-        for (; t < ctx; t++) {
+        for (; t < len; t++) {
             s[t] = expf(s[t] - m);
             sum += s[t];
         }
@@ -142,12 +174,13 @@ static inline __attribute__((always_inline)) void decode_item(
     }
     /* Pass 2: acc = sum_t p_t v_t. */
     memset(acc, 0, (size_t)(heads * D) * sizeof(float));
-    for (int64_t i = 0; i < num_blocks; i++) {
-        const int64_t t0 = i * bs, n = ctx - t0 < bs ? ctx - t0 : bs;
-        const float *rows = v_rows + (int64_t)table[i] * block_floats;
+    for (int64_t i = first_block; i < num_blocks; i++) {
+        const int64_t t0 = i == first_block ? first : i * bs, t1 = ctx - i * bs < bs ? ctx : (i + 1) * bs;
+        const float *rows = v_rows + (int64_t)table[i] * block_floats + (t0 - i * bs) * row_stride;
         if (i + 1 < num_blocks) prefetch_rows(v_rows + (int64_t)table[i + 1] * block_floats, bs, row_stride, nh * D);
         for (int64_t head = 0; head < heads; head++)
-            block_weighted_sum(scores + head * ctx + t0, rows + head / group * D, n, row_stride, acc + head * D, D);
+            block_weighted_sum(scores + head * len + t0 - first, rows + head / group * D, t1 - t0, row_stride,
+                               acc + head * D, D);
     }
     for (int64_t head = 0; head < heads; head++)
         for (int64_t d = 0; d < D; d++) out[head * D + d] = acc[head * D + d] * inv_sum[head];
@@ -174,31 +207,37 @@ static void decode_range(void *ctx, int64_t begin, int64_t end) {
     const int64_t heads = nh * (a->num_heads / a->num_kv_heads);
     for (int64_t i = begin; i < end; i++) {
         const int64_t b = a->num_seqs - 1 - i / items_per_seq, h0 = i % items_per_seq * nh;
-        const int64_t ctx_len = a->context_lens[b] > 0 ? a->context_lens[b] : 1;
-        float *scores = malloc((size_t)(heads * (ctx_len + a->head_dim)) * sizeof(float));
+        int64_t keys = a->context_lens[b] > 0 ? a->context_lens[b] : 1;
+        if (a->window > 0 && keys > a->window) keys = a->window;
+        float *scores = malloc((size_t)(heads * (keys + a->head_dim)) * sizeof(float));
         if (scores == NULL) {
             __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
             return;
         }
-        item_fn(a, b, h0, nh, scores, scores + heads * ctx_len);
+        item_fn(a, b, h0, nh, scores, scores + heads * keys);
         free(scores);
     }
 }
 
-/* Returns 0 on success, nonzero if scratch memory could not be had. */
+/* window > 0: each sequence sees only its last `window` keys; softcap > 0: capped scores.
+ * Returns 0 on success, nonzero if scratch memory could not be had. */
 int stoke_paged_decode_attention_f32(
     const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
     const int32_t *context_lens, float *out, int64_t num_seqs, int64_t num_heads,
     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t table_stride,
-    int64_t q_stride_b, int64_t q_stride_h, float scale, int64_t num_threads) {
+    int64_t q_stride_b, int64_t q_stride_h, float scale, int64_t window, float softcap,
+    int64_t num_threads) {
     int64_t keys = 0;
-    for (int64_t b = 0; b < num_seqs; b++) keys += context_lens[b] > 0 ? context_lens[b] : 0;
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t n = context_lens[b] > 0 ? context_lens[b] : 0;
+        keys += window > 0 && n > window ? window : n;
+    }
     /* Handing work to the thread team costs microseconds: not worth it for a few keys. */
     if (keys * num_kv_heads * head_dim < (1 << 14)) num_threads = 1;
     const int64_t heads_per_item = num_threads > 1 && num_seqs < 2 * num_threads ? 1 : num_kv_heads;
     decode_args a = {q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
                      num_kv_heads, head_dim, block_size, table_stride, q_stride_b, q_stride_h,
-                     scale, heads_per_item, 0};
+                     scale, window, softcap, heads_per_item, 0};
     parallel_for(decode_range, &a, num_seqs * (num_kv_heads / heads_per_item), 1, num_threads);
     return a.failed;
 }
