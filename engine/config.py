@@ -53,6 +53,15 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3TextForSequenceClassification": "gemma3_text",
 }
 GEMMA = ("gemma2", "gemma3_text")
+# transformers' config classes' defaults, for families whose released configs leave keys out
+_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+}
 # Image-and-text checkpoints served as their language model: where its weights sit (the older
 # and transformers 5's layouts) and what is left out, the vision tower and its projector.
 LANGUAGE_MODEL_OF = {"Gemma3ForConditionalGeneration": (
@@ -193,6 +202,8 @@ class ModelConfig:
         if arch in LANGUAGE_MODEL_OF:  # the language model's config, the checkpoint's end tokens
             raw = raw.get("text_config", {}) | {"architectures": [arch], "model_type": family} | \
                 {key: raw[key] for key in ("bos_token_id", "eos_token_id") if key in raw}
+        # Released Gemma 3 configs name only what differs from the config class's defaults.
+        raw = _CLASS_DEFAULTS.get(family, {}) | raw
         model_type = raw.get("model_type", family)
         if model_type != family:  # e.g. Granite names LlamaForCausalLM but scales differently
             raise ValueError(f"model_type {model_type!r} is not supported: stoke runs {arch} as {family!r} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 import shutil
 
 import pytest
@@ -182,3 +183,25 @@ def test_gemma3_with_a_vision_tower_is_served_as_its_language_model(tmp_path) ->
         assert llm.engine.runner.model_config.eos_token_ids == [2, 7]
         assert_logprobs_equal_transformers(llm, model, prompts(7, (40, 11)), max_tokens=8)
         assert_engine_idle(llm)
+
+
+@pytest.mark.parametrize("name", ["gemma-3-4b", "gemma-3-small"])
+def test_shipped_configs_read_as_transformers_reads_them(name: str) -> None:
+    """configs/: Gemma 3 4B's released config.json (a text config naming only what differs
+    from the class's defaults) and the CPU benchmark's small Gemma 3."""
+    import transformers
+
+    path = str(Path(__file__).resolve().parent.parent / "configs" / name)
+    ours = ModelConfig.from_dir(path)
+    theirs = transformers.AutoConfig.from_pretrained(path)
+    theirs = getattr(theirs, "text_config", theirs)
+    rope = theirs.rope_parameters
+    assert (ours.vocab_size, ours.hidden_size, ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.num_layers,
+            ours.max_position_embeddings, ours.tie_word_embeddings) == \
+        (theirs.vocab_size, theirs.hidden_size, theirs.num_attention_heads, theirs.num_key_value_heads,
+         theirs.head_dim, theirs.num_hidden_layers, theirs.max_position_embeddings, theirs.tie_word_embeddings)
+    assert ours.layer_windows == tuple(theirs.sliding_window if t == "sliding_attention" else 0
+                                       for t in theirs.layer_types)
+    assert ours.rope_theta == rope["full_attention"]["rope_theta"]
+    assert ours.local_rope[0] == rope["sliding_attention"]["rope_theta"]
+    assert ours.attention_scale == theirs.query_pre_attn_scalar ** -0.5
