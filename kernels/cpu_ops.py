@@ -7,6 +7,9 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
   row once, in place in the paged cache.
 - Prefill attention is compute-bound and torch's SDPA is good at it: one unpadded call per
   sequence (a step holds a few prefill chunks), `is_causal` when there is no cached prefix.
+  Where a sliding window cuts keys, tiles of queries each attend to their own band of keys
+  (only those are gathered); Gemma 2's softcapped scores, which SDPA can't take, go through
+  kernels.reference's fp32 products, tile by tile.
 - RMSNorm + residual, rotary and SiLU * up are several torch ops each, every one a pass over
   memory; in C (csrc/layer_ops.c) each is one pass.
 - The projections: the BLAS repacks the weight on every call, as much memory traffic as the
@@ -112,17 +115,29 @@ def paged_prefill_attention(
     *,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences, one SDPA call each:
     no work on padding rows, and a chunk without a cached prefix (the common case) runs
     `is_causal`, which skips the masked tiles, on the step's own `key`/`value` when given
-    (no gather from the cache)."""
+    (no gather from the cache). A query at position p sees keys p - sliding_window < k <= p
+    where `sliding_window` is not 0; `softcap` (not 0) caps the scaled scores s by
+    softcap · tanh(s / softcap). A sequence whose window cuts keys, or any with a softcap,
+    takes `_prefill_sequence_banded`."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     for b, total in enumerate(context_lens.tolist()):
         start, end = bounds[b], bounds[b + 1]
         new = end - start
+        if softcap or (sliding_window and total > sliding_window):
+            if new:
+                out[start:end] = _prefill_sequence_banded(
+                    q[start:end], k_cache, v_cache, block_tables[b], total,
+                    None if key is None else key[start:end], None if value is None else value[start:end],
+                    scale, sliding_window, softcap)
+            continue
         # 4-D [1, H, L, D]: torch's CPU flash kernel takes only batched inputs; 3-D ones fall to
         # the math path, 3-5x slower.
         qb = q[start:end].transpose(0, 1)[None]  # [1, Hq, new, D]
@@ -139,6 +154,66 @@ def paged_prefill_attention(
             bias = torch.zeros(new, total, dtype=q.dtype).masked_fill_(torch.arange(total) > positions, float("-inf"))
             o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
         out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+# Queries per attention call on the banded path: with a window W, a tile of them sees at most
+# tile + W - 1 keys (not all the chunk's), and softcapped scores, which are materialised in
+# fp32, stay tile x keys per head.
+_BAND_TILE = 256
+
+
+def _prefill_sequence_banded(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, total: int,
+    key: torch.Tensor | None, value: torch.Tensor | None, scale: float, window: int, softcap: float,
+) -> torch.Tensor:
+    """One sequence's new queries q `[new, Hq, D]` (positions total - new ..) over the keys
+    each sees, p - window < k <= p (window 0: all of 0..p), in tiles of queries: only the keys
+    from the first query's window on are gathered, each tile attends to its own key band, with
+    `is_causal` where that band is exactly causal, else an additive mask; softcapped scores
+    through kernels.reference's fp32 products. `key`/`value` are the new tokens' K/V, read in
+    place of the cache where they hold every key the sequence needs. → `[new, Hq, D]`."""
+    new = q.shape[0]
+    first = total - new  # the first query's position
+    lo = max(0, first - window + 1) if window else 0  # the first key any query sees
+    if key is not None and lo >= first:
+        k, v = key[lo - first :], value[lo - first :]
+    else:
+        block_size = k_cache.shape[1]
+        skip = lo // block_size * block_size
+        blocks = table[lo // block_size : -(-total // block_size)].long()
+        k = k_cache.index_select(0, blocks).flatten(0, 1)[lo - skip : total - skip]
+        v = v_cache.index_select(0, blocks).flatten(0, 1)[lo - skip : total - skip]
+    k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, total - lo, D]
+    out = torch.empty_like(q)
+    tile = _BAND_TILE if softcap else max(window, _BAND_TILE)
+    biases: dict[tuple[int, int, int], torch.Tensor] = {}  # the interior tiles share one band
+    for a in range(0, new, tile):
+        b = min(a + tile, new)
+        p0, p1 = first + a, first + b - 1  # the tile's first and last query positions
+        klo = max(lo, p0 - window + 1) if window else 0  # the tile's keys: klo..p1
+        qt = q[a:b].transpose(0, 1)[None]
+        kt, vt = k[:, :, klo - lo : p1 + 1 - lo], v[:, :, klo - lo : p1 + 1 - lo]
+        key_pos = torch.arange(klo, p1 + 1)
+        positions = torch.arange(p0, p1 + 1)[:, None]
+        if softcap:
+            mask = key_pos <= positions
+            if window:
+                mask &= key_pos > positions - window
+            o = reference._attend_softcapped(qt, kt, vt, mask[None, None], scale, softcap)
+        # Without a softcap only a window that cuts sends a sequence here: window > 0 below.
+        elif b - a == 1:  # one query sees all of its band
+            o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True)
+        elif klo == p0 and p1 - window < klo:  # a square band that the window does not cut
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            bias = biases.get((b - a, p1 + 1 - klo, p0 - klo))
+            if bias is None:
+                hidden = (key_pos > positions) | (key_pos <= positions - window)
+                bias = biases[b - a, p1 + 1 - klo, p0 - klo] = torch.zeros(
+                    b - a, p1 + 1 - klo, dtype=q.dtype).masked_fill_(hidden, float("-inf"))
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale, enable_gqa=True)
+        out[a:b] = o[0].transpose(0, 1)
     return out
 
 

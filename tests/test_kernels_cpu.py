@@ -179,6 +179,39 @@ def test_decode_window_across_threads(threads: int, lens: list[int], monkeypatch
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("group,head_dim,tile", [(1, 64, 256), (3, 32, 4), (4, 128, 4)])
+def test_prefill_window_and_softcap_match_reference(window: int, softcap: float, fresh: bool, group: int,
+                                                    head_dim: int, tile: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ragged prefill chunks: whole prompts, single tokens and suffixes after a cached prefix
+    (new < total), GQA for group > 1. Only the keys from the chunk's first query's window on
+    are read (the blocks before are NaN here); `fresh` passes the new tokens' K/V as the engine
+    does, and a sequence whose keys are all among them reads no cache at all. A tile of 4
+    queries splits the chunks into several attention calls, each over its own key band."""
+    monkeypatch.setattr(cpu_ops, "_BAND_TILE", tile)
+    gen = torch.Generator().manual_seed(window * 5 + group)
+    q_lens = [1, 7, 3, 9, 1, 23, 17, 1]  # whole prompts: 7, 9, 17 keys; suffixes: 3 of 8, 23 of 40, 1 of 2
+    k_cache, v_cache, tables, keys, values = paged_batch(WINDOW_LENS, 8, 2, head_dim, torch.float32, gen, pad_id=-1)
+    q = torch.randn(sum(q_lens), 2 * group, head_dim, generator=gen)
+    cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor(WINDOW_LENS, dtype=torch.int32)
+    args = (q, k_cache, v_cache, tables, cu_seqlens, context_lens, 0.3)
+    expected = reference.paged_prefill_attention(*args, sliding_window=window, softcap=softcap)
+    kv = {}
+    if fresh:
+        kv = {"key": torch.cat([k[n - new :] for k, n, new in zip(keys, WINDOW_LENS, q_lens)]),
+              "value": torch.cat([v[n - new :] for v, n, new in zip(values, WINDOW_LENS, q_lens)])}
+    for b, (n, new) in enumerate(zip(WINDOW_LENS, q_lens)):
+        first_key = max(0, n - new - window + 1) if window else 0
+        if fresh and first_key >= n - new:  # every key it sees is a new token's
+            first_key = n
+        _poison_before(k_cache, v_cache, tables[b], first_key)
+    out = cpu_ops.paged_prefill_attention(*args, sliding_window=window, softcap=softcap, **kv)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 20)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(rows: int, hidden: int, with_residual: bool) -> None:
