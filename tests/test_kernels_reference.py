@@ -14,16 +14,21 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3,
 
 
 def naive_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0
 ) -> torch.Tensor:
-    """q `[n, Hq, D]` are the last n positions of a sequence whose keys are k/v `[L, Hkv, D]`."""
+    """q `[n, Hq, D]` are the last n positions of a sequence whose keys are k/v `[L, Hkv, D]`;
+    with `window`, position p sees keys p - window < k <= p; `softcap` caps the scores."""
     n, L = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     positions = torch.arange(L - n, L)
     causal = torch.arange(L)[None, :] <= positions[:, None]
+    if window:
+        causal &= torch.arange(L)[None, :] > positions[:, None] - window
     scores = scores.masked_fill(~causal, -math.inf)
     probs = torch.exp(scores - scores.amax(-1, keepdim=True))
     probs = probs / probs.sum(-1, keepdim=True)
@@ -131,6 +136,29 @@ def test_prefill_matches_naive(
         for b in range(len(lens))
     ])
     torch.testing.assert_close(out.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("window,softcap", [(1, 0.0), (3, 0.0), (4, 0.0), (9, 2.0), (0, 2.0), (200, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_windows_and_softcaps_match_naive(window: int, softcap: float, dtype: torch.dtype) -> None:
+    """Sliding windows (one key, under a block, a block, past every context) and softcapped
+    scores, decode and prefill (whole prompts, one token, suffixes after a cached prefix)."""
+    gen = torch.Generator().manual_seed(window)
+    num_kv_heads, group, head_dim, block_size = 2, 3, 32, 4
+    lens = ragged_lens(gen, 4, block_size, 40)
+    q_lens = [(n, 1, int(torch.randint(1, n + 1, (), generator=gen)))[i % 3] for i, n in enumerate(lens)]
+    k_cache, v_cache, tables, keys, values = paged_batch(lens, block_size, num_kv_heads, head_dim, dtype, gen, -1)
+    context = torch.tensor(lens, dtype=torch.int32)
+    shape = dict(sliding_window=window, softcap=softcap)
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype) * 2
+    cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    out = reference.paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens, context, 0.5, **shape)
+    expected = [naive_attention(q[cu_seqlens[b]:cu_seqlens[b + 1]], keys[b], values[b], 0.5, window, softcap)
+                for b in range(len(lens))]
+    torch.testing.assert_close(out.double(), torch.cat(expected), **TOL[dtype])
+    last = q[cu_seqlens[1:].long() - 1]
+    out = reference.paged_decode_attention(last, k_cache, v_cache, tables, context, 0.5, **shape)
+    torch.testing.assert_close(out.double(), torch.cat([e[-1:] for e in expected]), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
