@@ -12,7 +12,7 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    transformers' continuous batching on the same GPU, then stoke again without async
    scheduling (--no-async-scheduling), with CUDA graphs for pure-decode steps only
    (--cuda-graph-mode decode) and with --enforce-eager; and configs/qwen3-30b-a3b, a mixture of
-   experts, stoke alone;
+   experts, and configs/gemma-3-4b, sliding windows past their 1,024 keys, stoke alone;
 4. serve_default_model: `stoke serve` on the default model's architecture (config and tokenizer
    carried from `make gpu-carry`, dummy weights; the HTTP stack too, which the GPU box lacks)
    under benchmarks/serve.py's load from four processes: TTFT / ITL percentiles, the GPU
@@ -241,6 +241,16 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
                                                "--load-format", "dummy", "--skip-static", "--skip-transformers",
                                                "--num-requests", "128", *common, "--out", out(f"offline_{moe}")],
                             150, out(f"offline_{moe}"), "offline", {"model": moe, "graphs": "full", "moe": True}))
+        # Gemma 3 4B (its released config): five in six layers slide over 1,024 keys, so prompts
+        # of up to 3,072 tokens run the windowed kernels past their window. stoke alone.
+        gemma = "gemma-3-4b"
+        stages.append(Stage(f"offline_{gemma}", [py, "-m", "benchmarks.offline", "--model", f"configs/{gemma}",
+                                                 "--load-format", "dummy", "--skip-static", "--skip-transformers",
+                                                 "--num-requests", "64", "--dtype", "bfloat16", "--min-prompt", "512",
+                                                 "--max-prompt", "3072", "--min-output", "16", "--max-output", "256",
+                                                 "--max-model-len", "4096", "--sched-steps", "50",
+                                                 "--out", out(f"offline_{gemma}")],
+                            120, out(f"offline_{gemma}"), "offline", {"model": gemma, "graphs": "full", "windows": True}))
     # stoke serve on the GPU under the serve benchmark's load: latency percentiles and the GPU
     # utilisation its /metrics reports (NVML), on the carried default model with dummy weights.
     serve = [py, "-m", "benchmarks.serve", "--launch", "stoke", "--model-dir", CARRY_DIR, "--tokenizer", CARRY_DIR,
@@ -293,7 +303,8 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # transformers for both models; the small model without async scheduling (cheap, and it
     # decides that default); the kernel sweeps and the tuned re-run (the open kernel goals);
     # the server (never yet measured on a GPU); what a verified draft costs (nor that); the
-    # mixture of experts; the large model without async scheduling; then the CUDA-graph variants.
+    # mixture of experts; Gemma's windows; the large model without async scheduling; then the
+    # CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "moe_kernels": 1.5, "kernel_configs": 5, "kernels_tuned": 6,
                                "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
@@ -301,6 +312,8 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     for s in stages:
         if s.kind == "offline" and s.meta.get("moe"):
             order[s.name] = 7.8
+        elif s.kind == "offline" and s.meta.get("windows"):
+            order[s.name] = 7.9
         elif s.kind == "offline":
             small = s.meta["model"] in ("qwen3-0.6b", "tiny")
             order[s.name] = variant_order[s.meta["graphs"], 0 if small else 1]

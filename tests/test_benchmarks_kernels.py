@@ -195,7 +195,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert names == ["kernel_tests", "kernels", "moe_kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_sync_scheduling", "kernel_configs", "kernels_tuned",
                      "serve_default_model", "speculative_cost", "lora_cost", "offline_qwen3-30b-a3b",
-                     "offline_llama-3-8b_sync_scheduling",
+                     "offline_gemma-3-4b", "offline_llama-3-8b_sync_scheduling",
                      "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
@@ -237,8 +237,10 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         assert ("--cuda-graph-mode decode" in cmd) == s.name.endswith("_decode_graphs")
         assert ("--no-async-scheduling" in cmd) == s.name.endswith("_sync_scheduling")
         assert ("--skip-transformers" in cmd) == (s.name.endswith(("_eager", "_decode_graphs", "_sync_scheduling"))
-                                                  or s.meta.get("moe", False))
+                                                  or s.meta.get("moe", False) or s.meta.get("windows", False))
     assert "configs/qwen3-30b-a3b" in by_name["offline_qwen3-30b-a3b"].command  # a mixture of experts
+    gemma = by_name["offline_gemma-3-4b"].command
+    assert "configs/gemma-3-4b" in gemma and int(gemma[gemma.index("--max-prompt") + 1]) > 1024  # past the window
     assert "--num-requests 256" in " ".join(by_name["offline_qwen3-0.6b"].command)
     # Without pytest (the bare GPU box), the stand-in runs the same selection.
     monkeypatch.setattr(gpu_check, "has_pytest", lambda: False)
