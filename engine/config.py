@@ -210,8 +210,8 @@ class ModelConfig:
                              f"computes it, and transformers would run this checkpoint as {model_type!r}")
         # What our one model file does not compute is refused, never approximated.
         gemma = family in GEMMA
-        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh" if gemma \
-            else raw.get("hidden_act", "silu")
+        # Gemma's models read hidden_activation only (its hidden_act, "gelu" in Gemma 2's configs, never)
+        act = raw.get("hidden_activation") or "gelu_pytorch_tanh" if gemma else raw.get("hidden_act", "silu")
         if act not in (("gelu_pytorch_tanh",) if gemma else ("silu", "swish")):
             raise ValueError(f"hidden_act {act!r} is not supported: stoke's MLP is "
                              f"{'tanh-GELU' if gemma else 'SiLU'}-gated for {arch}")
@@ -229,9 +229,11 @@ class ModelConfig:
         params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         local_rope = None
         if family == "gemma3_text":  # rope by layer type: the full layers' scaled, the sliding ones' local
-            by_type = params if "full_attention" in params or "sliding_attention" in params else \
-                {"full_attention": params}
-            params = by_type.get("full_attention") or {}
+            nested = raw.get("rope_parameters") or {}
+            by_type = dict(nested) if "full_attention" in nested or "sliding_attention" in nested else \
+                {"full_attention": nested}
+            # transformers puts a legacy rope_scaling over the full layers' parameters
+            params = {**(by_type.get("full_attention") or {}), **(raw.get("rope_scaling") or {})}
             local = dict(by_type.get("sliding_attention") or {})
             local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
             local_rope = _rope(raw | {"rope_theta": None}, local, max_positions)
@@ -330,17 +332,18 @@ def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
 
 
 # Gemma 2's config class's softcaps when config.json has none (Gemma 3's are None)
-_DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}
+_DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (0.0, None)}
 
 
 def _gemma_fields(raw: dict[str, Any], family: str, act: str,
                   local_rope: tuple[float, dict[str, Any] | None] | None) -> dict[str, Any]:
     """ModelConfig's Gemma fields, as transformers' Gemma2/Gemma3 models compute."""
     attn_cap, final_cap = _DEFAULT_SOFTCAPS[family]
-    attn_cap = raw.get("attn_logit_softcapping", attn_cap) or 0.0
+    # Gemma 3's attention keeps the key but never applies it (transformers 5.24, as Google's code)
+    attn_cap = raw.get("attn_logit_softcapping", attn_cap) if family == "gemma2" else 0.0
     final_cap = raw.get("final_logit_softcapping", final_cap) or 0.0
     return dict(hidden_act=act, attention_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
-                attn_softcap=float(attn_cap), final_softcap=float(final_cap),
+                attn_softcap=float(attn_cap or 0.0), final_softcap=float(final_cap or 0.0),
                 embedding_multiplier=raw["hidden_size"] ** 0.5, norm_plus_one=True, sandwich_norms=True,
                 local_rope=local_rope)
 

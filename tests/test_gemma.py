@@ -141,6 +141,18 @@ def test_config_reads_gemma_as_transformers_does() -> None:
     old = ModelConfig.from_dict(legacy)
     assert old.layer_windows == (8, 8, 0, 8, 8, 0) and old.local_rope == (20.0, None)
     assert (old.rope_theta, old.rope_scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
+    # Both layouts at once: transformers puts rope_scaling over the nested full-layer parameters.
+    both = raw_config("gemma3") | {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    theirs = hf_config("gemma3", rope_parameters=both["rope_parameters"],
+                       rope_scaling=both["rope_scaling"]).rope_parameters
+    ours = ModelConfig.from_dict(both)
+    assert (ours.rope_theta, ours.rope_scaling["factor"]) == (theirs["full_attention"]["rope_theta"],
+                                                              theirs["full_attention"]["factor"])
+    assert ours.local_rope[0] == theirs["sliding_attention"]["rope_theta"]
+    # What the models ignore: Gemma 3's attention softcap, Gemma 2's hidden_act (hidden_activation rules).
+    assert ModelConfig.from_dict(raw_config("gemma3", attn_logit_softcapping=4.0)).attn_softcap == 0.0
+    gelu = {key: value for key, value in raw_config("gemma2").items() if key != "hidden_activation"}
+    assert ModelConfig.from_dict(gelu | {"hidden_act": "gelu"}).hidden_act == "gelu_pytorch_tanh"
 
 
 @pytest.mark.parametrize(("changes", "message"), [
