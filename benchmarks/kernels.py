@@ -518,7 +518,7 @@ def attention_share(model_name: str, config, device: torch.device, dtype: torch.
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.to(dtype)
-    model.model.restore_rope_fp32()
+    model.restore_fp32()
     init_dummy_weights(model)
     model.eval().requires_grad_(False)
     backend = kernels.attention_backend(device)

@@ -241,7 +241,7 @@ class ModelRunner:
             torch.set_default_dtype(default)
         model.to(self.dtype)
         # The rope tables stay fp32, as in the reference implementation.
-        model.model.restore_rope_fp32()
+        model.restore_fp32()
         if self.config.load_format == "dummy":
             init_dummy_weights(model, self.config.seed)
         else:

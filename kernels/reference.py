@@ -161,16 +161,18 @@ def paged_prefill_attention(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim, as engine/models/llama.py computes it: fp32 statistics, cast
-    back to x's dtype, then times the weight. With `residual`, normalises `x + residual`
-    (added in x's dtype) and returns `(out, x + residual)`: the fused pre-norm residual step."""
+    """RMSNorm over the last dim, as transformers' Llama computes it: fp32 statistics, cast back
+    to x's dtype, then times the weight. A weight in fp32 with x in 16 bits is Gemma's (its
+    1 + w kept in fp32): the product in fp32, rounded once to x's dtype. With `residual`,
+    normalises `x + residual` (added in x's dtype) and returns `(out, x + residual)`: the fused
+    pre-norm residual step."""
     if residual is not None:
         x = x + residual
         residual = x
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * h.to(dtype)
+    out = (h * weight).to(dtype) if weight.dtype == torch.float32 != dtype else weight * h.to(dtype)
     return out if residual is None else (out, residual)
 
 

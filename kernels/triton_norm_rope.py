@@ -27,7 +27,7 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     eps, N, rows_inner,
     stride_x0, stride_x1, stride_r0, stride_r1,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROUND_ONCE: tl.constexpr,
 ):
     # Row r of the flattened leading dims is (r // rows_inner, r % rows_inner) of a 3-D view.
     row = tl.program_id(0).to(tl.int64)
@@ -42,9 +42,12 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + row * N + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
-    y = (xf * rstd).to(x_ptr.dtype.element_ty)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    out = w.to(tl.float32) * y.to(tl.float32)
+    if ROUND_ONCE:  # Gemma's fp32 weight: the product in fp32, rounded once
+        out = w.to(tl.float32) * (xf * rstd)
+    else:
+        y = (xf * rstd).to(x_ptr.dtype.element_ty)
+        out = w.to(tl.float32) * y.to(tl.float32)
     tl.store(out_ptr + row * N + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -69,7 +72,9 @@ def rms_norm(
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim {N}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    round_once = weight.dtype == torch.float32 != x.dtype
+    out = torch.empty(x.shape, dtype=x.dtype if round_once else torch.promote_types(weight.dtype, x.dtype),
+                      device=x.device)
     res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     if x.numel() == 0:
         return out if residual is None else (out, res_out)
@@ -80,7 +85,7 @@ def rms_norm(
         x3, r3, weight.contiguous(), out, res_out if res_out is not None else out,
         eps, N, x3.shape[1],
         x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, ROUND_ONCE=round_once,
         num_warps=min(16, max(1, block // 512)), **LAUNCH_OPTIONS,
     )
     return out if residual is None else (out, res_out)

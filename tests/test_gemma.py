@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM
+from engine import LLM, SamplingParams
 from engine.config import ModelConfig
 from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers
 
@@ -217,3 +217,31 @@ def test_shipped_configs_read_as_transformers_reads_them(name: str) -> None:
     assert ours.rope_theta == rope["full_attention"]["rope_theta"]
     assert ours.local_rope[0] == rope["sliding_attention"]["rope_theta"]
     assert ours.attention_scale == theirs.query_pre_attn_scalar ** -0.5
+
+
+def test_bf16_keeps_gemmas_norms_in_fp32(tmp_path) -> None:
+    """In bf16 Gemma's norms multiply by 1 + w in fp32 and round once, as transformers': the
+    weights stay fp32 (the rest bf16), and each norm's output equals transformers' bit for bit
+    (a bf16 checkpoint, as released)."""
+    path = str(tmp_path)
+    save("gemma3", path).to(torch.bfloat16).save_pretrained(path)
+    llm = LLM(path, dtype="bfloat16", num_kv_blocks=64, block_size=4)
+    ours = llm.engine.runner.model
+    assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
+    theirs = hf_class("gemma3", "ForCausalLM").from_pretrained(path, dtype=torch.bfloat16).eval()
+    x = torch.randn(5, TINY_COMMON["hidden_size"]).to(torch.bfloat16) * 3
+    heads = torch.randn(5, 2, SHAPE["head_dim"]).to(torch.bfloat16)
+    for mine, hf in ((ours.model.layers[1].pre_feedforward_layernorm, theirs.model.layers[1].pre_feedforward_layernorm),
+                     (ours.model.norm, theirs.model.norm),
+                     (ours.model.layers[0].self_attn.k_norm, theirs.model.layers[0].self_attn.k_norm)):
+        assert mine.weight.dtype == torch.float32
+        torch.testing.assert_close(mine.weight, hf.weight.float() + 1, atol=0, rtol=0)
+        value = heads if mine is ours.model.layers[0].self_attn.k_norm else x
+        with torch.no_grad():
+            torch.testing.assert_close(mine(value), hf(value), atol=0, rtol=0)
+    with torch.no_grad():  # the fused residual step rounds the sum in bf16 first, as the model does
+        out, residual = ours.model.norm(x, x)
+        torch.testing.assert_close(out, theirs.model.norm(x + x), atol=0, rtol=0)
+    outputs = llm.generate([prompts(8, (40,))[0]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 4
+    assert_engine_idle(llm)

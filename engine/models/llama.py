@@ -8,8 +8,8 @@ The layers pass the residual stream beside the hidden states (vLLM's style), so 
 residual add and the next RMSNorm run as one fused kernel; rotary embedding then runs in place
 on q/k, and the MLP's SiLU * up in one pass. `LlamaForCausalLM.use_norm_rope_kernels(ops)`
 switches to those kernels (kernels.triton_norm_rope on CUDA, kernels.cpu_ops' C on the CPU);
-without it the torch code below runs, with the same rounding points, so all give the same
-numbers up to fp32 summation order. `use_linear_kernels(ops)` likewise runs the projections and
+without it kernels.reference's norm and the torch code below run, with the same rounding
+points, so all give the same numbers up to fp32 summation order. `use_linear_kernels(ops)` likewise runs the projections and
 the LM head through a backend's product over weights it packed once (kernels.cpu_ops)."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import LANGUAGE_MODEL_OF, ModelConfig
 from engine.lora import LoRAProjection, LoRAState
 from engine.models.moe import SparseMoeBlock
+from kernels import reference
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """rmsnorm(x) * weight; with `residual`, (rmsnorm(x + residual) * weight, x + residual)."""
-        if self.kernels is not None:
-            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        return (self.kernels or reference).rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -259,12 +251,6 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config)
         self.local_rotary = Rotary(config, local=True) if config.local_rope is not None else None
 
-    def restore_rope_fp32(self) -> None:
-        """The rope tables in fp32 again after a cast (Rotary.restore_fp32)."""
-        for rotary in (self.rotary, self.local_rotary):
-            if rotary is not None:
-                rotary.restore_fp32()
-
 
 class LlamaForCausalLM(nn.Module):
     # HF checkpoint names that land in a slice of one of our fused parameters.
@@ -297,6 +283,18 @@ class LlamaForCausalLM(nn.Module):
         # then empty (held once, as with every Linear).
         self.head_packed: torch.Tensor | None = None
         self.lora_state: LoRAState | None = None  # set with LoRA adapters (engine/lora.py)
+
+    def restore_fp32(self) -> None:
+        """After a cast to a 16-bit dtype, before the weights load: the rope tables computed anew
+        in fp32 (Rotary.restore_fp32), and Gemma's norm weights (1 + w) back in fp32, where its
+        norms multiply and round once (kernels.reference.rms_norm)."""
+        for rotary in (self.model.rotary, self.model.local_rotary):
+            if rotary is not None:
+                rotary.restore_fp32()
+        if self.config.norm_plus_one:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.data = module.weight.data.float()
 
     def use_norm_rope_kernels(self, ops: ModuleType | None) -> None:
         """Run every RMSNorm (with its residual add), the rotary embedding and the MLP's
