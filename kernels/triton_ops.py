@@ -28,6 +28,16 @@ Three kernels over the paged KV cache `[num_blocks, block_size, Hkv, D]`:
   tile per cache block): the cached prefix first, then the new keys in tiles that line up with
   the query tiles. Which source is faster is a GPU's tuning, measured by the sweep.
 
+Sliding windows (Mistral, Gemma 2/3: a query at p sees keys p - window < k <= p) and Gemma 2's
+softcapped scores (softcap · tanh(s / softcap), in fp32 through exp2: no tanh in every Triton
+from 3.4) are a layer's constants, so they are constexprs: a model compiles a variant or two,
+and with neither the kernels are what they were. With a window, decode's splits share the
+window's key tiles, not the context's; a prefill query tile starts at the tile holding the
+first key one of its queries sees, masks up to the last query's first key, and a row that has
+seen no key yet keeps an empty softmax (no NaN). No key that no query sees is loaded, so an
+engine may free the blocks wholly before the window of a sequence's first query in the step
+(their table entries are then never dereferenced).
+
 Keys are gathered token by token through the block table (a tile may span several cache
 blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
 sequence's context are masked, so stale cache slots are never read (even NaN is harmless).
@@ -39,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import triton
@@ -73,16 +84,18 @@ def _kv_offsets(table_row, tile_start, offs_n, ctx, stride_block, stride_slot,
 
 @triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """One online-softmax step of rows `q` `[M, D]` over a K/V tile `[N, D]`."""
     if MASKED:
         k = tl.load(k_ptrs, mask=kv_mask[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+    if SOFTCAP > 0:  # before the mask: a masked score may be anything
+        s = _softcapped(s, scale_log2e, SOFTCAP)
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
-    m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e)
+    m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e, SOFTCAP, EMPTY_ROWS)
     if MASKED:
         v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
     else:
@@ -94,27 +107,53 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_lo
 
 @triton.jit
 def _attend_loaded(q, k, v, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-                   MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                   MASKED: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """`_attend_tile` over K/V tiles already loaded whole (by TMA): rows past the context may
     hold anything, so their scores are masked and their values zeroed (0 * NaN is NaN)."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+    if SOFTCAP > 0:  # before the mask: NaN capped is NaN, masked it is -inf
+        s = _softcapped(s, scale_log2e, SOFTCAP)
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
         v = tl.where(kv_mask[:, None], v, 0.0)
-    m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e)
+    m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e, SOFTCAP, EMPTY_ROWS)
     v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i, scale_log2e):
+def _softcapped(s, scale_log2e, SOFTCAP: tl.constexpr):
+    """Gemma 2's cap of the scaled scores, SOFTCAP · tanh(s · scale / SOFTCAP), times LOG2E:
+    the exp2 domain's score, in fp32. tanh(x) = 1 - 2 / (e^2x + 1) (no tanh in every Triton
+    from 3.4), e^2x = exp2(s · scale_log2e · 2 / SOFTCAP): ±inf in the exponential give ±cap,
+    never NaN."""
+    cap = SOFTCAP * 1.4426950408889634
+    e = tl.exp2(s * (scale_log2e * (2.0 / SOFTCAP)))
+    return cap - (2.0 * cap) / (e + 1.0)
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, scale_log2e, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """One step of the running max / sum over raw scores `s`: (new max, rescale of the old
     accumulator, probabilities, new sum). The scale is applied to the row max and then inside
-    the exponent's argument, where it fuses with the subtraction (one FMA per score)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2e)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * scale_log2e - m_new[:, None])
+    the exponent's argument, where it fuses with the subtraction (one FMA per score); capped
+    scores (SOFTCAP > 0) are already scaled. EMPTY_ROWS: a row may have seen no key yet (a
+    sliding window can start past a row's first tiles), so a max still -inf is taken as 0:
+    exp2(-inf - -inf) would be NaN."""
+    if SOFTCAP > 0:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2e)
+    if EMPTY_ROWS:
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m_i - m_ref)
+    if SOFTCAP > 0:
+        p = tl.exp2(s - m_ref[:, None])
+    else:
+        p = tl.exp2(s * scale_log2e - m_ref[:, None])
     return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
@@ -124,14 +163,15 @@ def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_d
               kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
               TILE_IN_BLOCK: tl.constexpr, SAME_LAYOUT: tl.constexpr, USE_TMA: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """One online-softmax step over the key tile `start + offs_n` of a sequence: loaded through
     the tensor descriptors (USE_TMA: the tile lies inside one cache block) or gathered through
     the block table."""
     if USE_TMA:
         row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
         m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
-                                       kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+                                       kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC,
+                                       SOFTCAP, EMPTY_ROWS)
     else:
         k_off = _kv_offsets(table_row, start, offs_n, ctx, stride_kc_block, stride_kc_slot,
                             BLOCK_SIZE, TILE_IN_BLOCK)
@@ -141,25 +181,29 @@ def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_d
             v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
                                 BLOCK_SIZE, TILE_IN_BLOCK)
         m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC,
+                                     SOFTCAP, EMPTY_ROWS)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _fresh_tile(q, start, offs_n, kvh, key_head, value_head, key_desc, value_desc, stride_kt, stride_vt,
                 kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+                SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """One online-softmax step over the step's own K/V rows `start + offs_n` (contiguous
     token rows, whatever the cache's block size): through the tensor descriptors (USE_TMA) or
     plain loads."""
     if USE_TMA:
         column = kvh * HEAD_DIM
         m_i, l_i, acc = _attend_loaded(q, key_desc.load([start, column]), value_desc.load([start, column]),
-                                       kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+                                       kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC,
+                                       SOFTCAP, EMPTY_ROWS)
     else:
         rows = (start + offs_n).to(tl.int64)[:, None]
         m_i, l_i, acc = _attend_tile(q, key_head + rows * stride_kt, value_head + rows * stride_vt,
-                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC)
+                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC,
+                                     SOFTCAP, EMPTY_ROWS)
     return m_i, l_i, acc
 
 
@@ -234,7 +278,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # One program per (sequence, kv head, split).
     b = tl.program_id(0)
@@ -244,7 +288,8 @@ def _decode_kernel(
                                   context_lens_ptr, scale_log2e, stride_qb, stride_qh,
                                   stride_kc_block, stride_kc_slot, stride_kc_h,
                                   stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
-                                  GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT, DOT_PREC)
+                                  GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT, DOT_PREC,
+                                  WINDOW, SOFTCAP)
     if SPLIT:
         _decode_partial(m_i, l_i, acc, b, kvh, split, tl.num_programs(1), num_splits,
                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
@@ -265,7 +310,7 @@ def _decode_graphed_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # A fixed number of programs walks the (sequence, kv head, split) items of the first
     # counts[0] sequences, split counts[1] ways: both read here, not fixed by the grid.
@@ -281,7 +326,7 @@ def _decode_graphed_kernel(
                                       stride_kc_block, stride_kc_slot, stride_kc_h,
                                       stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
                                       GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT,
-                                      DOT_PREC)
+                                      DOT_PREC, WINDOW, SOFTCAP)
         if num_splits > 1:
             _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
                             out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
@@ -300,14 +345,22 @@ def _decode_split(
     stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Split `split` of `num_splits` of sequence b's context for kv head kvh's query heads (the
-    rows): the unnormalised (max, sum, accumulator) of the online softmax."""
+    rows): the unnormalised (max, sum, accumulator) of the online softmax. With a sliding
+    WINDOW only the last WINDOW keys are seen: the splits share the tiles from the one that
+    holds the first of them, not the whole context."""
     ctx = tl.load(context_lens_ptr + b)
-    # Splits cut the context into equal BLOCK_N-aligned chunks; trailing splits may be empty.
-    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    # Splits cut the keys into equal BLOCK_N-aligned chunks; trailing splits may be empty.
+    if WINDOW > 0:
+        first = tl.maximum(ctx - WINDOW, 0)  # the first key seen
+        base = first // BLOCK_N * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(ctx - base, num_splits), BLOCK_N) * BLOCK_N
+        lo = base + split * chunk
+    else:
+        chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -324,13 +377,19 @@ def _decode_split(
     table_row = block_tables_ptr + b64 * stride_bt
     k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
     v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
-    # Every tile starts below ctx, so each holds a valid key: m_i is finite after the first.
+    # Every tile starts below ctx, so each holds a valid key (the first tile of the window holds
+    # its first key, later ones start past it): m_i is finite after the first.
     for start in range(lo, hi, BLOCK_N):
-        kv_mask = start + offs_n < ctx
+        if WINDOW > 0:
+            # Keys first..ctx-1, the bounds moved onto the tile's offsets: as
+            # `start + offs_n >= first`, Triton 3.4's fp32 graphed kernel spilled 4 bytes.
+            kv_mask = (offs_n >= first - start) & (offs_n < ctx - start)
+        else:
+            kv_mask = start + offs_n < ctx
         m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, None, None,
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                   kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC)
+                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC, SOFTCAP, False)
     return m_i, l_i, acc
 
 
@@ -440,17 +499,23 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
     num_splits: int | None = None,
     fused_merge: bool = True,
 ) -> torch.Tensor:
-    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys; a
-    sequence with context 0 (a padding row of a captured batch) gets zeros.
+    """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys (the last
+    `sliding_window` of them where that is not 0; scores capped by `softcap` where that is not
+    0, as `kernels.reference`); a sequence with context 0 (a padding row of a captured batch)
+    gets zeros.
 
-    `num_splits` forces the split-K factor (None: chosen from the batch and the table width).
-    With splits, `fused_merge` has the last split of each (sequence, kv head) merge the
-    partials (one launch); otherwise a second kernel merges them (the benchmarks' peer)."""
+    `num_splits` forces the split-K factor (None: chosen from the batch and the keys a
+    sequence may see: the table width, or the window). With splits, `fused_merge` has the last
+    split of each (sequence, kv head) merge the partials (one launch); otherwise a second
+    kernel merges them (the benchmarks' peer)."""
     B, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
+    window, softcap = _check_window(sliding_window, softcap)
     block_size = k_cache.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
@@ -459,7 +524,8 @@ def paged_decode_attention(
     block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = _num_splits(B, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        max_keys = block_tables.shape[1] * block_size
+        num_splits = _num_splits(B, num_kv_heads, min(max_keys, window) if window else max_keys, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     split = num_splits > 1
@@ -471,7 +537,7 @@ def paged_decode_attention(
         part_acc = part_m = part_l = out  # unused
     fused = split and fused_merge
     counters = _split_counters(B * num_kv_heads, q.device) if fused else out  # unused without
-    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group)
+    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group, window, softcap)
     _decode_kernel[(B, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_acc, part_m, part_l, counters,
@@ -496,9 +562,9 @@ MIN_COUNTERS = 8192  # (sequence, kv head) pairs; the split heuristic needs fewe
 
 
 def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                   out: torch.Tensor, group: int) -> tuple[tuple[int, ...], dict]:
+                   out: torch.Tensor, group: int, window: int, softcap: float) -> tuple[tuple[int, ...], dict]:
     """What both decode kernels take after their scalars: the strides, then the constexprs
-    and launch options that the shapes and the dtype decide."""
+    and launch options that the shapes, the dtype and the layer's window and cap decide."""
     head_dim, block_size = q.shape[2], k_cache.shape[1]
     block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
     # The fused merge takes a kv head's query heads in one load, but fp32's caller then took
@@ -513,7 +579,7 @@ def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+        WINDOW=window, SOFTCAP=softcap, num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
     return strides, options
 
@@ -552,6 +618,9 @@ def paged_decode_attention_graphed(
     scale: float,
     counts: torch.Tensor,
     out: torch.Tensor,
+    *,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """`paged_decode_attention` for the leading `counts[0]` sequences (rows of `q`,
     `block_tables`, `context_lens`), each split `counts[1]` ways, into their rows of `out`
@@ -560,10 +629,12 @@ def paged_decode_attention_graphed(
     programs walks the work items instead of a grid shaped by them. The
     caller keeps counts[0] <= len(block_tables), counts[1] <= GRAPHED_MAX_SPLITS and, when
     counts[1] > 1, counts[0] * Hkv * counts[1] <= GRAPHED_SPLIT_ITEMS
-    (`graphed_decode_splits` does)."""
+    (`graphed_decode_splits` does). `sliding_window` and `softcap`, a layer's constants, are
+    compiled into the kernel (as in every attention kernel here): fixed at capture."""
     B = block_tables.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
+    window, softcap = _check_window(sliding_window, softcap)
     out = _output_like(q, out)
     if B == 0:
         return out
@@ -573,7 +644,7 @@ def paged_decode_attention_graphed(
     part_acc = torch.empty((GRAPHED_SPLIT_ITEMS * group, head_dim), dtype=torch.float32, device=q.device)
     part_m = torch.empty(GRAPHED_SPLIT_ITEMS * group, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group)
+    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group, window, softcap)
     # A program per (sequence, kv head) of the widest step, as paged_decode_attention's grid
     # without splits (so no program walks two contexts when nothing is split), and at least
     # two per SM, which the split items (at most GRAPHED_SPLIT_ITEMS) share.
@@ -599,15 +670,18 @@ def paged_mixed_attention_graphed(
     *,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """A mixed CUDA graph's attention, into one output: the leading `counts[0]` sequences
     (the decodes, one query each, first in `q`) by `paged_decode_attention_graphed`, split
     `counts[1]` ways, and the others by `paged_prefill_attention`, which skips them.
     `cu_seqlens_q` spans every sequence, decodes included."""
     out = paged_decode_attention_graphed(q, k_cache, v_cache, block_tables, context_lens, scale, counts,
-                                         torch.empty_like(q))
+                                         torch.empty_like(q), sliding_window=sliding_window, softcap=softcap)
     return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                                   key=key, value=value, skip_sequences=counts, out=out)
+                                   key=key, value=value, sliding_window=sliding_window, softcap=softcap,
+                                   skip_sequences=counts, out=out)
 
 
 def _output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -639,6 +713,24 @@ def _find_sequence(cu_seqlens_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _window_tiles(first, last, unmasked_end, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The BLOCK_N-aligned key tiles that rows at positions first..last see through a sliding
+    WINDOW, where tiles below `unmasked_end` hold no key past any row: (the first key any row
+    sees, the tile holding it, the first tile every row sees whole, at most unmasked_end)."""
+    seen = tl.maximum(first - (WINDOW - 1), 0)
+    start = seen // BLOCK_N * BLOCK_N
+    every = tl.maximum(last - (WINDOW - 1), 0)
+    return seen, start, tl.minimum(tl.maximum(tl.cdiv(every, BLOCK_N) * BLOCK_N, start), unmasked_end)
+
+
+@triton.jit
+def _tile_start(i, first_tiles, first_start, then_start, BLOCK_N: tl.constexpr):
+    """The start of masked key tile i of two runs in one loop: `first_tiles` from first_start,
+    then from then_start."""
+    return tl.where(i < first_tiles, first_start + i * BLOCK_N, then_start + (i - first_tiles) * BLOCK_N)
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, key_ptr, value_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr,
     out_ptr,
@@ -654,6 +746,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_TMA: tl.constexpr,
     FRESH: tl.constexpr, FRESH_TMA: tl.constexpr, SKIP_LEADING: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
@@ -703,50 +796,116 @@ def _prefill_kernel(
         first_pos = ctx - q_len + tile * BLOCK_Q
         end = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last position are unseen
         full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    # With a sliding WINDOW, row r sees keys above its position - WINDOW, and a row may see no
+    # key of a tile, even of the first (EMPTY_ROWS). Key tiles before the one holding the first
+    # row's first key are skipped; those up to the last row's first key are masked, in the same
+    # loop as the diagonal (a third loop took ~50 more registers: 252 of 255 on sm_90, bf16).
+    # No key that no row sees is loaded.
+    EMPTY_ROWS: tl.constexpr = WINDOW > 0
+    if WINDOW > 0:
+        first_pos = ctx - q_len + tile * BLOCK_Q
+        window_lo = ctx - q_len + offs_q - WINDOW  # row r sees keys > window_lo[r]
+        seen, win_start, open_start = _window_tiles(first_pos, tl.minimum(first_pos + BLOCK_Q, ctx) - 1, full_end,
+                                                    WINDOW, BLOCK_N)
+        win_tiles = tl.maximum(open_start - win_start, 0) // BLOCK_N
+    else:
+        open_start = 0
     # Cache key tiles visible to every row (wholly at or below the first row's position): no mask.
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(open_start, full_end, BLOCK_N):
         m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                   offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
-                                  TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+                                  TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
     if FRESH:
-        # At most one tile, but as a loop: straight-line, it took 255 registers and spilled
-        # (fp32 on sm_90, kernels/compile_check.py), where the loop takes 76.
-        for start in range(full_end, prefix, BLOCK_N):
-            kv_mask = start + offs_n < prefix
-            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
-                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                      kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                      BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+        if WINDOW > 0:
+            # The window's first tiles, then the prefix's tail where the window reaches it.
+            tail = tl.maximum(full_end, win_start)
+            masked_tiles = win_tiles + tl.where(seen < prefix, tl.cdiv(prefix - tail, BLOCK_N), 0)
+            for i in range(0, masked_tiles):
+                start = _tile_start(i, win_tiles, win_start, tail, BLOCK_N)
+                keys = start + offs_n
+                kv_mask = (keys < prefix) & (keys >= seen)
+                m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                          stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                          kv_mask, kv_mask[None, :] & (keys[None, :] > window_lo[:, None]),
+                                          m_i, l_i, acc, scale_log2e, True, HEAD_DIM, BLOCK_SIZE, TILE_IN_BLOCK,
+                                          SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+        else:
+            # At most one tile, but as a loop: straight-line, it took 255 registers and spilled
+            # (fp32 on sm_90, kernels/compile_check.py), where the loop takes 76.
+            for start in range(full_end, prefix, BLOCK_N):
+                kv_mask = start + offs_n < prefix
+                m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                          stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                          kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                          BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
+                                          EMPTY_ROWS)
         key_head = key_ptr + kvh * stride_kh + offs_d[None, :]
         value_head = value_ptr + kvh * stride_vh + offs_d[None, :]
         first_q = tile * BLOCK_Q
         # New keys wholly at or below the tile's first query: no mask. Key 0 is visible to
-        # every row, so if the prefix and this loop are empty m_i still turns finite below.
+        # every row, so if the prefix and this loop are empty m_i still turns finite below
+        # (without a window). The new keys' tiles count from the first new token, so their
+        # window is in query indices.
         fresh_full = (first_q + 1) // BLOCK_N * BLOCK_N
-        for start in range(0, fresh_full, BLOCK_N):
+        if WINDOW > 0:
+            diagonal_end = tl.minimum(first_q + BLOCK_Q, q_len)
+            seen_q, fresh_start, fresh_open = _window_tiles(first_q, diagonal_end - 1, fresh_full, WINDOW, BLOCK_N)
+        else:
+            fresh_open = 0
+        for start in range(fresh_open, fresh_full, BLOCK_N):
             m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc, value_desc,
                                         stride_kt, stride_vt, offs_n, offs_n, m_i, l_i, acc, scale_log2e,
-                                        False, HEAD_DIM, FRESH_TMA, DOT_PREC)
-        for start in range(fresh_full, tl.minimum(first_q + BLOCK_Q, q_len), BLOCK_N):
-            keys = start + offs_n
-            kv_mask = keys < q_len
-            score_mask = (keys[None, :] <= offs_q[:, None]) & kv_mask[None, :]
-            m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc, value_desc,
-                                        stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-                                        True, HEAD_DIM, FRESH_TMA, DOT_PREC)
+                                        False, HEAD_DIM, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+        if WINDOW > 0:
+            # The window's first tiles, then the diagonal.
+            fresh_win_tiles = tl.maximum(fresh_open - fresh_start, 0) // BLOCK_N
+            for i in range(0, fresh_win_tiles + tl.cdiv(diagonal_end - fresh_full, BLOCK_N)):
+                start = _tile_start(i, fresh_win_tiles, fresh_start, fresh_full, BLOCK_N)
+                keys = start + offs_n
+                kv_mask = (keys < q_len) & (keys >= seen_q)
+                score_mask = ((keys[None, :] <= offs_q[:, None]) & kv_mask[None, :]
+                              & (keys[None, :] > (offs_q - WINDOW)[:, None]))
+                m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc,
+                                            value_desc, stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc,
+                                            scale_log2e, True, HEAD_DIM, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+        else:
+            for start in range(fresh_full, tl.minimum(first_q + BLOCK_Q, q_len), BLOCK_N):
+                keys = start + offs_n
+                kv_mask = keys < q_len
+                score_mask = (keys[None, :] <= offs_q[:, None]) & kv_mask[None, :]
+                m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc,
+                                            value_desc, stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc,
+                                            scale_log2e, True, HEAD_DIM, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
     else:
-        # The diagonal. Key 0 is always visible, so if the first loop was empty every row sees
-        # a valid key in the first tile here and m_i never stays -inf.
-        for start in range(full_end, end, BLOCK_N):
-            keys = start + offs_n
-            kv_mask = keys < ctx
-            score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
-            m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
-                                      stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                      kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                      BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC)
+        if WINDOW > 0:
+            # The window's first tiles, then the diagonal.
+            for i in range(0, win_tiles + tl.cdiv(end - full_end, BLOCK_N)):
+                start = _tile_start(i, win_tiles, win_start, full_end, BLOCK_N)
+                keys = start + offs_n
+                kv_mask = (keys < ctx) & (keys >= seen)
+                score_mask = ((keys[None, :] <= positions[:, None]) & kv_mask[None, :]
+                              & (keys[None, :] > window_lo[:, None]))
+                m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                          stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                          kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                          BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
+                                          EMPTY_ROWS)
+        else:
+            # The diagonal. Key 0 is always visible, so if the first loop was empty every row
+            # sees a valid key in the first tile here and m_i never stays -inf.
+            for start in range(full_end, end, BLOCK_N):
+                keys = start + offs_n
+                kv_mask = keys < ctx
+                score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
+                m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
+                                          stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
+                                          kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                          BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
+                                          EMPTY_ROWS)
 
+    if WINDOW > 0:  # rows past the sequence may have seen no key: zeros (never stored) over NaN
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -763,6 +922,8 @@ def paged_prefill_attention(
     *,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
     new_kv: str | None = None,
     pack_gqa: bool | None = None,
     cache_tma: bool = False,
@@ -771,7 +932,8 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
     Sequences may have no new tokens, and tokens past `cu_seqlens_q[-1]` belong to none (their
-    rows are left unwritten): a padded step for a CUDA graph.
+    rows are left unwritten): a padded step for a CUDA graph. `sliding_window` and `softcap`
+    as in `kernels.reference` (0: none); key tiles before a query tile's window are skipped.
 
     `key`/`value` `[Tq, Hkv, D]`: the new tokens' K/V as just stored in the cache (views of the
     projection welcome). `new_kv` says where the new keys are read: `cache` through the block
@@ -789,6 +951,7 @@ def paged_prefill_attention(
     `out`: the output to write into (`q`'s shape and dtype) instead of a new tensor."""
     Tq, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
+    window, softcap = _check_window(sliding_window, softcap)
     block_size = k_cache.shape[1]
     num_seqs = cu_seqlens_q.shape[0] - 1
     out = _output_like(q, out)
@@ -849,7 +1012,7 @@ def paged_prefill_attention(
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), CACHE_TMA=cache_tma,
         FRESH=fresh, FRESH_TMA=new_kv == "tma", SKIP_LEADING=skip_sequences is not None,
-        num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+        WINDOW=window, SOFTCAP=softcap, num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
     )
     return out
 
@@ -994,6 +1157,18 @@ def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, h
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     return num_kv_heads
+
+
+def _check_window(sliding_window: int, softcap: float) -> tuple[int, float]:
+    """The window and cap as the kernels' constexprs: a plain int and float (0 or None: off), so
+    a model's layers share a few compiled variants and the kernels without them are unchanged."""
+    window = operator.index(sliding_window or 0)
+    if window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0: none), got {sliding_window}")
+    cap = float(softcap or 0.0)
+    if not (cap >= 0 and math.isfinite(cap)):
+        raise ValueError(f"softcap must be a finite value >= 0 (0: none), got {softcap}")
+    return window, cap
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -59,16 +59,16 @@ def to_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(DEVICE) for t in tensors]
 
 
-def expected_decode(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
-    """The reference, in fp32 on the same rounded inputs."""
+def expected_decode(q, k_cache, v_cache, tables, lens, **attn) -> torch.Tensor:
+    """The reference, in fp32 on the same rounded inputs (`attn`: sliding_window, softcap)."""
     return reference.paged_decode_attention(
-        q.float(), k_cache.float(), v_cache.float(), tables, lens, SCALE
+        q.float(), k_cache.float(), v_cache.float(), tables, lens, SCALE, **attn
     )
 
 
-def expected_prefill(q, k_cache, v_cache, tables, cu_seqlens, lens) -> torch.Tensor:
+def expected_prefill(q, k_cache, v_cache, tables, cu_seqlens, lens, **attn) -> torch.Tensor:
     return reference.paged_prefill_attention(
-        q.float(), k_cache.float(), v_cache.float(), tables, cu_seqlens, lens, SCALE
+        q.float(), k_cache.float(), v_cache.float(), tables, cu_seqlens, lens, SCALE, **attn
     )
 
 
@@ -81,6 +81,24 @@ def stale_to_nan(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Ten
             used[int(tables[b, i // block_size]), i % block_size] = True
     k_cache[~used] = float("nan")
     v_cache[~used] = float("nan")
+
+
+def nan_before_window(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                      first_queries: list[int], window: int) -> torch.Tensor:
+    """What an engine may do to the keys no query of a sequence sees through `window` (those
+    before its first query's first key, at position `first_queries[b]`): they become NaN (in
+    place) and the table entries of blocks holding only such keys point at block 0, all NaN
+    (the tables returned), as if the blocks were freed. A kernel that reads one shows it."""
+    block_size = k_cache.shape[1]
+    tables = tables.clone()
+    k_cache[0] = v_cache[0] = float("nan")
+    for b, first in enumerate(first_queries):
+        unseen = max(0, first - window + 1) if window else 0
+        for pos in range(unseen):
+            k_cache[int(tables[b, pos // block_size]), pos % block_size] = float("nan")
+            v_cache[int(tables[b, pos // block_size]), pos % block_size] = float("nan")
+        tables[b, : unseen // block_size] = 0
+    return tables
 
 
 def new_tokens_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
@@ -213,6 +231,39 @@ def test_decode_split_merge_in_one_launch_or_two(ops: ModuleType, fused_merge: b
     counters = ops._COUNTERS.get(out.device, [])
     assert counters or not fused_merge
     assert all(not c.any() for c in counters)
+
+
+# Sliding windows and Gemma 2's softcap, (sliding_window, softcap): one key; fewer keys than a
+# tile (16 here); exactly a tile; a window ending inside a tile; more keys than any context; the
+# cap alone. Queries are scaled up (scores up to ~10) so that a cap of 5 changes the weights.
+WINDOWS = [(1, 0.0), (5, 5.0), (16, 0.0), (21, 5.0), (1000, 5.0), (0, 5.0)]
+BIG_Q = 3.0
+
+
+@pytest.mark.parametrize("group,num_kv_heads,block_size,dtype,num_splits,fused_merge", [
+    (1, 1, 16, torch.float32, 1, True),  # unsplit, tiles inside one block
+    (3, 2, 4, torch.float32, 3, True),  # tiles spanning blocks, split-K merged by the last split
+    (4, 1, 8, torch.float16, 4, False),  # the reduction kernel; a short window leaves splits empty
+])
+def test_decode_sliding_window_and_softcap_match_reference(
+    ops: ModuleType, group: int, num_kv_heads: int, block_size: int, dtype: torch.dtype, num_splits: int,
+    fused_merge: bool,
+) -> None:
+    """The splits share the window's keys, not the context's: keys before the window are
+    never read (they hold NaN here), and splits left with no key merge to nothing."""
+    gen = torch.Generator().manual_seed(group)
+    lens = [1, 16, 45]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, 16, dtype, gen, pad_id=-1)
+    q = (BIG_Q * torch.randn(len(lens), num_kv_heads * group, 16, generator=gen)).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    for window, softcap in WINDOWS:
+        expected = expected_decode(q, k_cache, v_cache, tables, context_lens, sliding_window=window, softcap=softcap)
+        caches = k_cache.clone(), v_cache.clone()
+        stale_to_nan(*caches, tables, lens)
+        freed = nan_before_window(*caches, tables, [n - 1 for n in lens], window)
+        out = ops.paged_decode_attention(*to_device(q, *caches, freed, context_lens), SCALE, sliding_window=window,
+                                         softcap=softcap, num_splits=num_splits, fused_merge=fused_merge)
+        torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype], msg=f"window {window} cap {softcap}")
 
 
 def test_num_splits_heuristic(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,10 +403,44 @@ def test_prefill_reads_new_tokens_from_key_value(
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("group,num_kv_heads,block_size,dtype,pack_gqa,new_kv", [
+    (1, 2, 16, torch.float32, True, "cache"),
+    (3, 1, 4, torch.float32, False, "cache"),  # one query head per program; tiles spanning blocks
+    (4, 1, 8, torch.float16, True, "rows"),  # packed query heads; the new keys from the step's K/V
+    (2, 1, 32, torch.float32, True, "tma"),  # tensor descriptors, for the cache too
+])
+def test_prefill_sliding_window_and_softcap_match_reference(
+    ops: ModuleType, group: int, num_kv_heads: int, block_size: int, dtype: torch.dtype, pack_gqa: bool,
+    new_kv: str,
+) -> None:
+    """A whole prompt (three query tiles), a chunk after a cached prefix that ends inside a
+    tile, a decode, a one-token prompt: each query tile starts at the first key one of its
+    queries sees (the keys before hold NaN) and masks the rest of its window."""
+    gen = torch.Generator().manual_seed(block_size + group)
+    lens, q_lens = [34, 37, 33, 1], [34, 20, 1, 1]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, 16, dtype, gen, pad_id=0)
+    q = (BIG_Q * torch.randn(sum(q_lens), num_kv_heads * group, 16, generator=gen)).to(dtype)
+    cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    for window, softcap in WINDOWS:
+        attn = dict(sliding_window=window, softcap=softcap)
+        expected = expected_prefill(q, k_cache, v_cache, tables, cu, context_lens, **attn)
+        caches = k_cache.clone(), v_cache.clone()
+        stale_to_nan(*caches, tables, lens)
+        kv = {}
+        if new_kv != "cache":
+            kv = dict(zip(("key", "value"), to_device(*new_tokens_kv(*caches, tables, lens, q_lens))), new_kv=new_kv)
+        freed = nan_before_window(*caches, tables, [n - new for n, new in zip(lens, q_lens)], window)
+        out = ops.paged_prefill_attention(*to_device(q, *caches, freed, cu, context_lens), SCALE, **attn, **kv,
+                                          pack_gqa=pack_gqa, cache_tma=new_kv == "tma")
+        torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype], msg=f"window {window} cap {softcap}")
+
+
 def test_inputs_the_kernels_would_get_wrong_are_refused(ops: ModuleType) -> None:
     """Layouts and values no kernel computes right are errors before any launch: caches whose
     blocks are not back to back for store_kv (it wrote the other cache's memory), an `out`
-    whose head_dim is strided (written as contiguous), a scale <= 0 (NaN from -inf * 0)."""
+    whose head_dim is strided (written as contiguous), a scale <= 0 (NaN from -inf * 0), a
+    negative window, a negative or non-finite softcap."""
     gen = torch.Generator().manual_seed(3)
     pool = torch.zeros(3, 2, 4, 1, 16, device=DEVICE)  # [blocks, k/v, block_size, heads, dim]
     key = torch.randn(2, 1, 16, generator=gen).to(DEVICE)
@@ -372,6 +457,11 @@ def test_inputs_the_kernels_would_get_wrong_are_refused(ops: ModuleType) -> None
             ops.paged_decode_attention(*args, scale)
         with pytest.raises(ValueError, match="scale must be > 0"):
             ops.paged_prefill_attention(*args[:3], args[3], cu, args[4], scale)
+    for bad in (dict(sliding_window=-1), dict(softcap=-1.0), dict(softcap=float("inf")), dict(softcap=float("nan"))):
+        with pytest.raises(ValueError, match="sliding_window must be|softcap must be"):
+            ops.paged_decode_attention(*args, SCALE, **bad)
+        with pytest.raises(ValueError, match="sliding_window must be|softcap must be"):
+            ops.paged_prefill_attention(*args[:3], args[3], cu, args[4], SCALE, **bad)
     strided = torch.zeros(16, 2, 2, device=DEVICE).permute(2, 1, 0)
     with pytest.raises(ValueError, match="head_dim contiguous"):
         ops.paged_prefill_attention(*args[:3], args[3], cu, args[4], SCALE, out=strided)
@@ -407,24 +497,27 @@ def test_prefill_key_value_errors(ops: ModuleType) -> None:
 
 def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
                             lens: list[int], q_lens: list[int], num_decodes: int, fresh: bool = False,
-                            graphed_splits: int | None = None) -> None:
+                            graphed_splits: int | None = None, mixed: bool = False, **attn) -> None:
     """What a mixed CUDA graph launches: decodes (one new token) and chunks in one call, then
     sequences with no new token and tokens of no sequence up to the captured sizes. The real
     rows equal decode + prefill on their parts. `fresh`: the new tokens' K/V passed as the
     engine passes them (and only there: their cache slots hold NaN). `graphed_splits`: the
     decodes go to `paged_decode_attention_graphed` (split that many ways, counts on the
     device) and the prefill kernel skips them, both writing one output; the padding tokens'
-    rows stay as they were."""
+    rows stay as they were; `mixed`: the same by `paged_mixed_attention_graphed`. `attn`: a
+    sliding window (the keys before it NaN, their blocks as if freed) and a softcap (queries
+    scaled up so that it bites)."""
     gen = torch.Generator().manual_seed(12 + group + head_dim)
     k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, head_dim, dtype, gen, pad_id=-1)
     n = sum(q_lens)
-    q = torch.randn(n, 2 * group, head_dim, generator=gen).to(dtype)
+    q = torch.randn(n, 2 * group, head_dim, generator=gen)
+    q = (BIG_Q * q if attn.get("softcap") else q).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     nd = num_decodes
     cu_chunks = torch.tensor([0, *q_lens[nd:]], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     want = torch.cat([
-        expected_decode(q[:nd], k_cache, v_cache, tables[:nd], context_lens[:nd]),
-        expected_prefill(q[nd:], k_cache, v_cache, tables[nd:], cu_chunks, context_lens[nd:]),
+        expected_decode(q[:nd], k_cache, v_cache, tables[:nd], context_lens[:nd], **attn),
+        expected_prefill(q[nd:], k_cache, v_cache, tables[nd:], cu_chunks, context_lens[nd:], **attn),
     ])
     stale_to_nan(k_cache, v_cache, tables, lens)
     pad_seqs, pad_tokens = 3, 19
@@ -433,19 +526,26 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
         keep = nd if graphed_splits is not None else 0
         kv = dict(zip(("key", "value"), to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens, pad_tokens,
                                                                  keep))), new_kv="rows")
+    if attn.get("sliding_window"):
+        tables = nan_before_window(k_cache, v_cache, tables, [n - new for n, new in zip(lens, q_lens)],
+                                   attn["sliding_window"])
     cu = torch.tensor([0, *q_lens] + [0] * pad_seqs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     padded_q = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"), dtype=dtype)])
     padded_tables = torch.cat([tables, torch.zeros((pad_seqs, tables.shape[1]), dtype=tables.dtype)])
     padded_lens = torch.cat([context_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
     args = to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens)
     if graphed_splits is None:
-        out = ops.paged_prefill_attention(*args, SCALE, **kv).cpu()
+        out = ops.paged_prefill_attention(*args, SCALE, **kv, **attn).cpu()
+    elif mixed:
+        assert not fresh, "the mixed call reads the new tokens where this GPU's tuning says: the cache here"
+        counts = torch.tensor([nd, graphed_splits], dtype=torch.int32, device=DEVICE)
+        out = ops.paged_mixed_attention_graphed(*args, SCALE, counts, **attn).cpu()
     else:
         counts = torch.tensor([nd, graphed_splits], dtype=torch.int32, device=DEVICE)
         out = torch.full_like(args[0], 7.0)
-        ops.paged_prefill_attention(*args, SCALE, **kv, skip_sequences=counts, out=out)
+        ops.paged_prefill_attention(*args, SCALE, **kv, **attn, skip_sequences=counts, out=out)
         assert torch.equal(out[:nd].cpu(), torch.full_like(out[:nd].cpu(), 7.0)), "the decodes' rows are skipped"
-        ops.paged_decode_attention_graphed(args[0], *args[1:4], args[5], SCALE, counts, out)
+        ops.paged_decode_attention_graphed(args[0], *args[1:4], args[5], SCALE, counts, out, **attn)
         out = out.cpu()
         assert torch.equal(out[n:], torch.full_like(out[n:], 7.0))
     torch.testing.assert_close(out[:n].float(), want, **TOL[dtype])
@@ -463,6 +563,19 @@ def test_graphed_decodes_beside_a_prefill_that_skips_them(ops: ModuleType, group
     # three decodes (one of context 1, so most of its splits are empty), a cached prefix, a prompt
     check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh,
                             graphed_splits=splits)
+
+
+@pytest.mark.parametrize("splits,fresh,mixed,window,softcap", [
+    (1, False, False, 0, 5.0),  # the padded step through prefill alone
+    (3, True, False, 5, 5.0),  # graphed decodes beside a prefill reading the new K/V from their rows
+    (16, False, True, 21, 0.0),  # paged_mixed_attention_graphed: most splits empty
+])
+def test_mixed_step_with_sliding_window_and_softcap(ops: ModuleType, splits: int, fresh: bool, mixed: bool,
+                                                    window: int, softcap: float) -> None:
+    lens, q_lens = [9, 33, 1, 40, 21], [1, 1, 1, 23, 21]
+    check_padded_mixed_step(ops, 2, 16, 8, torch.float32, lens, q_lens, 3, fresh,
+                            graphed_splits=None if splits == 1 and not mixed else splits, mixed=mixed,
+                            sliding_window=window, softcap=softcap)
 
 
 def test_graphed_decode_counts_come_from_the_device(ops: ModuleType) -> None:
@@ -697,16 +810,21 @@ class TestCompiledOnGPU:
     @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
         (4, 8, 128, 16), (2, 8, 128, 32), (1, 4, 64, 64), (8, 2, 256, 16), (3, 2, 64, 128),
     ])
-    @pytest.mark.parametrize("batch,max_len,num_splits", [(1, 4100, None), (5, 2000, 1), (7, 700, 8), (40, 300, None)])
-    def test_decode(self, ops, dtype, group, num_kv_heads, head_dim, block_size, batch, max_len, num_splits):
+    @pytest.mark.parametrize("batch,max_len,num_splits,window,softcap", [
+        (1, 4100, None, 0, 0.0), (5, 2000, 1, 0, 0.0), (7, 700, 8, 0, 0.0), (40, 300, None, 0, 0.0),
+        (1, 4100, None, 1000, 0.0), (7, 700, 8, 77, 2.0),  # a window split-K; one ending mid-tile, capped
+    ])
+    def test_decode(self, ops, dtype, group, num_kv_heads, head_dim, block_size, batch, max_len, num_splits,
+                    window, softcap):
         gen = torch.Generator().manual_seed(batch + head_dim)
         lens = [1, 2 * block_size, *torch.randint(1, max_len, (batch,), generator=gen).tolist()]
         k_cache, v_cache, tables = paged_cache(lens, block_size, num_kv_heads, head_dim, dtype, gen)
         q = torch.randn(len(lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
         args = to_device(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32))
-        out = ops.paged_decode_attention(*args, head_dim**-0.5, num_splits=num_splits)
+        attn = dict(sliding_window=window, softcap=softcap)
+        out = ops.paged_decode_attention(*args, head_dim**-0.5, num_splits=num_splits, **attn)
         expected = reference.paged_decode_attention(
-            args[0].float(), args[1].float(), args[2].float(), args[3], args[4], head_dim**-0.5
+            args[0].float(), args[1].float(), args[2].float(), args[3], args[4], head_dim**-0.5, **attn
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
@@ -761,12 +879,14 @@ class TestCompiledOnGPU:
         assert not ops._COUNTERS[out.device][-1].any()
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,pack_gqa", [
-        (4, 8, 128, 16, None), (1, 4, 64, 64, None), (8, 2, 256, 32, None), (2, 2, 128, 128, None),
-        (3, 2, 128, 16, None),  # the defaults: packed for power-of-two groups
-        (4, 8, 128, 16, False), (3, 2, 128, 16, True),  # and each tiling where it is not the default
+    @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size,pack_gqa,window,softcap", [
+        (4, 8, 128, 16, None, 0, 0.0), (1, 4, 64, 64, None, 0, 0.0), (8, 2, 256, 32, None, 0, 0.0),
+        (2, 2, 128, 128, None, 0, 0.0), (3, 2, 128, 16, None, 0, 0.0),  # the defaults: packed for powers of two
+        (4, 8, 128, 16, False, 0, 0.0), (3, 2, 128, 16, True, 0, 0.0),  # and each tiling where it is not the default
+        (4, 8, 128, 16, None, 300, 2.0), (3, 2, 128, 16, None, 77, 0.0),  # sliding windows, capped scores
+        (1, 4, 64, 64, None, 0, 2.0),
     ])
-    def test_prefill(self, ops, dtype, group, num_kv_heads, head_dim, block_size, pack_gqa):
+    def test_prefill(self, ops, dtype, group, num_kv_heads, head_dim, block_size, pack_gqa, window, softcap):
         gen = torch.Generator().manual_seed(head_dim + block_size)
         lens = [1000, 1, 2 * block_size, 777]
         q_lens = [1000, 1, 5, 300]  # whole prompt, a decode-like token, cached prefixes
@@ -774,18 +894,21 @@ class TestCompiledOnGPU:
         q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
         cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         args = to_device(q, k_cache, v_cache, tables, cu, torch.tensor(lens, dtype=torch.int32))
-        out = ops.paged_prefill_attention(*args, head_dim**-0.5, pack_gqa=pack_gqa)
+        attn = dict(sliding_window=window, softcap=softcap)
+        out = ops.paged_prefill_attention(*args, head_dim**-0.5, pack_gqa=pack_gqa, **attn)
         expected = reference.paged_prefill_attention(
-            args[0].float(), args[1].float(), args[2].float(), *args[3:], head_dim**-0.5
+            args[0].float(), args[1].float(), args[2].float(), *args[3:], head_dim**-0.5, **attn
         )
         torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
-    @pytest.mark.parametrize("dtype,new_kv,group,num_kv_heads,head_dim,block_size", [  # a few compiles each
-        (torch.bfloat16, "rows", 4, 8, 128, 16), (torch.bfloat16, "tma", 4, 8, 128, 16),
-        (torch.float16, "tma", 3, 2, 128, 16), (torch.bfloat16, "rows", 8, 2, 256, 32),
-        (torch.float32, "rows", 1, 4, 64, 64), (torch.bfloat16, "tma", 1, 4, 64, 64),
+    @pytest.mark.parametrize("dtype,new_kv,group,num_kv_heads,head_dim,block_size,window,softcap", [
+        (torch.bfloat16, "rows", 4, 8, 128, 16, 0, 0.0), (torch.bfloat16, "tma", 4, 8, 128, 16, 0, 0.0),
+        (torch.float16, "tma", 3, 2, 128, 16, 0, 0.0), (torch.bfloat16, "rows", 8, 2, 256, 32, 0, 0.0),
+        (torch.float32, "rows", 1, 4, 64, 64, 0, 0.0), (torch.bfloat16, "tma", 1, 4, 64, 64, 0, 0.0),
+        (torch.bfloat16, "rows", 4, 8, 128, 16, 300, 2.0), (torch.float16, "tma", 3, 2, 128, 16, 77, 2.0),
     ])
-    def test_prefill_from_key_value(self, ops, dtype, new_kv, group, num_kv_heads, head_dim, block_size):
+    def test_prefill_from_key_value(self, ops, dtype, new_kv, group, num_kv_heads, head_dim, block_size, window,
+                                    softcap):
         """The new tokens' K/V from the projection's strided views (through tensor descriptors
         with `tma`), the cached prefix from the cache, whose new tokens' slots hold NaN."""
         gen = torch.Generator().manual_seed(head_dim + len(new_kv))
@@ -794,27 +917,36 @@ class TestCompiledOnGPU:
         q = torch.randn(sum(q_lens), group * num_kv_heads, head_dim, generator=gen).to(dtype)
         cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         ctx = torch.tensor(lens, dtype=torch.int32)
+        attn = dict(sliding_window=window, softcap=softcap)
         expected = reference.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), tables, cu, ctx,
-                                                     head_dim**-0.5)
+                                                     head_dim**-0.5, **attn)
         stale_to_nan(k_cache, v_cache, tables, lens)
         key, value = to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens))
+        if window:
+            tables = nan_before_window(k_cache, v_cache, tables, [n - new for n, new in zip(lens, q_lens)], window)
         out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), head_dim**-0.5,
-                                          key=key, value=value, new_kv=new_kv)
+                                          key=key, value=value, new_kv=new_kv, **attn)
         torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    def test_prefill_through_tensor_descriptors(self, ops, dtype):
-        """The TMA experiment compiled: 64-token blocks, stale NaN past each context."""
+    @pytest.mark.parametrize("dtype,window,softcap", [(torch.bfloat16, 0, 0.0), (torch.float16, 0, 0.0),
+                                                      (torch.bfloat16, 100, 2.0)])
+    def test_prefill_through_tensor_descriptors(self, ops, dtype, window, softcap):
+        """The TMA experiment compiled: 64-token blocks, stale NaN past each context (and
+        before each window)."""
         gen = torch.Generator().manual_seed(64)
         lens, q_lens = [1000, 777, 65], [1000, 300, 1]
         k_cache, v_cache, tables, _, _ = paged_batch(lens, 64, 8, 128, dtype, gen, pad_id=0)
         q = torch.randn(sum(q_lens), 32, 128, generator=gen).to(dtype)
         cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         ctx = torch.tensor(lens, dtype=torch.int32)
+        attn = dict(sliding_window=window, softcap=softcap)
         expected = reference.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), tables, cu, ctx,
-                                                     128**-0.5)
+                                                     128**-0.5, **attn)
         stale_to_nan(k_cache, v_cache, tables, lens)
-        out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), 128**-0.5, cache_tma=True)
+        if window:
+            tables = nan_before_window(k_cache, v_cache, tables, [n - new for n, new in zip(lens, q_lens)], window)
+        out = ops.paged_prefill_attention(*to_device(q, k_cache, v_cache, tables, cu, ctx), 128**-0.5, cache_tma=True,
+                                          **attn)
         torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
     @pytest.mark.parametrize("dtype,group,head_dim,block_size,fresh", [
@@ -827,13 +959,17 @@ class TestCompiledOnGPU:
         lens = [*torch.randint(1, 1200, (24,), generator=gen).tolist(), 700, 300]
         check_padded_mixed_step(ops, group, head_dim, block_size, dtype, lens, [1] * 24 + [200, 300], 24, fresh)
 
-    @pytest.mark.parametrize("dtype,group,splits", [(torch.bfloat16, 4, 1), (torch.bfloat16, 4, 5),
-                                                    (torch.float16, 3, 16), (torch.float32, 4, 7)])
-    def test_graphed_mixed_step(self, ops, dtype, group, splits):
+    @pytest.mark.parametrize("dtype,group,splits,mixed,window,softcap", [
+        (torch.bfloat16, 4, 1, False, 0, 0.0), (torch.bfloat16, 4, 5, False, 0, 0.0),
+        (torch.float16, 3, 16, False, 0, 0.0), (torch.float32, 4, 7, False, 0, 0.0),
+        (torch.bfloat16, 4, 5, True, 1000, 5.0), (torch.float16, 3, 16, True, 77, 0.0),
+    ])
+    def test_graphed_mixed_step(self, ops, dtype, group, splits, mixed, window, softcap):
         """What the mixed graphs launch now: 3 decodes up to 9000 keys split-K by the graphed
         decode kernel, the prefill kernel skipping them."""
         lens = [9000, 4100, 1, 700, 300]
-        check_padded_mixed_step(ops, group, 128, 16, dtype, lens, [1, 1, 1, 200, 300], 3, graphed_splits=splits)
+        check_padded_mixed_step(ops, group, 128, 16, dtype, lens, [1, 1, 1, 200, 300], 3, graphed_splits=splits,
+                                mixed=mixed, sliding_window=window, softcap=softcap)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_store_kv(self, ops, dtype):
