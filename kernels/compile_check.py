@@ -47,7 +47,12 @@ LAYOUTS = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA",
-                "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED")
+                "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED", "WINDOW", "SOFTCAP")
+NAMED_WHEN_SET = ("WINDOW", "SOFTCAP")  # off in most launches: in the variant only when on
+# Sliding windows and softcapped scores (Mistral, Gemma 2/3) in decode, the graphed decode and
+# prefill: Gemma 2's values, for these layouts (fp32's tiles are where spills show first).
+WINDOWED_LAYOUTS = ("llama-3-8b",)
+WINDOW_SOFTCAP = dict(sliding_window=4096, softcap=50.0)
 # Mixture-of-experts layouts (kernels/triton_moe.py): (experts, experts per token, hidden, intermediate)
 MOE_LAYOUT = (128, 8, 2048, 768)  # Qwen3-30B-A3B
 MOE_ROWS_PER_EXPERT = (1, 32, 128)  # steps whose rows pick each of the MoE tiles (decode, middle, prefill)
@@ -146,6 +151,10 @@ def _launch(case: tuple[str, str, str]) -> None:
     # prefill kernel skipping them, one output.
     triton_ops.paged_mixed_attention_graphed(q, cache, cache, tables, cu, lens, 0.1, torch.zeros(2, dtype=torch.int32),
                                              key=k, value=k)
+    if layout in WINDOWED_LAYOUTS:
+        triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=8, **WINDOW_SOFTCAP)
+        triton_ops.paged_mixed_attention_graphed(q, cache, cache, tables, cu, lens, 0.1,
+                                                 torch.zeros(2, dtype=torch.int32), key=k, value=k, **WINDOW_SOFTCAP)
     # The new tokens' K/V read from the projection's views (what a GPU's tuning may choose).
     triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
     if dtype != torch.float32:  # the tensor-descriptor experiments (TMA on Hopper), 16-bit only
@@ -201,7 +210,7 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
         names = fn.jit_function.arg_names
         constants = {names[path[0]]: value for path, value in compile["constants"].items() if len(path) == 1}
         variant = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k in VARIANT_KEYS
-                           if (v := constants.get(k)) is not None)
+                           if (v := constants.get(k)) is not None and (v or k not in NAMED_WHEN_SET))
         row = Compiled(name, current["case"], fn.name, compile["num_warps"], compile["num_stages"], variant,
                        shared_limit=limit)
         t0 = time.perf_counter()
