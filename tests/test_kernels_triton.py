@@ -650,6 +650,24 @@ def test_rms_norm_matches_reference(norm_rope: ModuleType, dtype: torch.dtype, w
     torch.testing.assert_close(out.cpu(), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_with_an_fp32_weight_rounds_once(norm_rope: ModuleType, with_residual: bool) -> None:
+    """Gemma's norm (its 1 + w kept in fp32) on fp16 rows: the product in fp32, one rounding,
+    the output in the rows' dtype, as kernels.reference computes it."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 96, generator=gen).to(torch.float16)
+    residual = torch.randn(5, 96, generator=gen).to(torch.float16) if with_residual else None
+    weight = 1 + 3 * torch.randn(96, generator=gen)
+    expected = reference.rms_norm(x, weight, 1e-6, residual)
+    got = norm_rope.rms_norm(*to_device(x, weight), 1e-6, residual.to(DEVICE) if with_residual else None)
+    out = got[0] if with_residual else got
+    expected = expected[0] if with_residual else expected
+    h = (x + residual if with_residual else x).float()
+    assert torch.equal(expected, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * weight).half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rms_norm_on_heads_of_a_fused_projection(norm_rope: ModuleType, dtype: torch.dtype) -> None:
     """Qwen3's q/k norm: per head over head_dim, on a strided view of the qkv output."""
