@@ -158,6 +158,29 @@ def assert_logprobs_equal_transformers(llm, model: torch.nn.Module, prompts: lis
         assert bool((theirs[-len(answer):] >= best - atol).all()), "an answer token is not transformers' argmax"
 
 
+def assert_classify_and_embed_equal_transformers(classifier: tuple[str, torch.nn.Module],
+                                                base: tuple[str, torch.nn.Module], prompts: list[list[int]],
+                                                has_lm_head: bool = False) -> None:
+    """A saved `*ForSequenceClassification` (path, model) classifies `prompts` with
+    transformers' probabilities, and a saved base model (`*Model`) embeds them as its last
+    hidden state, normalised; `has_lm_head`: the base model's tied embedding serves as a head."""
+    from engine import LLM
+
+    llm = LLM(classifier[0], num_kv_blocks=32)
+    for p, out in zip(prompts, llm.classify(prompts, use_tqdm=False)):
+        with torch.no_grad():
+            expected = classifier[1](torch.tensor([p])).logits[0].softmax(-1)
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), expected, atol=1e-5, rtol=0)
+    llm = LLM(base[0], num_kv_blocks=32)
+    assert llm.engine.runner.model.has_lm_head == has_lm_head
+    for p, out in zip(prompts, llm.embed(prompts, use_tqdm=False)):
+        with torch.no_grad():
+            last = base[1](torch.tensor([p])).last_hidden_state[0, -1]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(last, dim=-1),
+                                   atol=1e-5, rtol=0)
+    assert_engine_idle(llm)
+
+
 def hf_beams(model, prompt: list[int], params, eos: list[int] | None
              ) -> tuple[list[list[int]], list[float] | None]:
     """transformers' beam search (`params`: engine.BeamSearchParams): each sequence's output

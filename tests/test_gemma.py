@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig
-from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers
+from tests.conftest import (TINY_COMMON, assert_classify_and_embed_equal_transformers, assert_engine_idle,
+                            assert_logprobs_equal_transformers)
 
 # Small windows (8 keys) under 4-key blocks and 16-token chunks: prompts of 60 cross them
 # mid-block and mid-chunk. Random norm weights, so Gemma's 1 + w counts.
@@ -101,21 +102,11 @@ def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas) -> None:
 def test_a_classifier_and_a_base_model_equal_transformers(tmp_path, kind: str) -> None:
     """Gemma's sequence classifier (its score head on the last token) and its base model's
     embeddings."""
-    batch = prompts(4, (12, 30, 3))
     classifier = save(kind, str(tmp_path / "cls"), "ForSequenceClassification", num_labels=3, pad_token_id=0)
-    llm = LLM(str(tmp_path / "cls"), num_kv_blocks=32)
-    for p, out in zip(batch, llm.classify(batch, use_tqdm=False)):
-        with torch.no_grad():
-            expected = classifier(torch.tensor([p])).logits[0].softmax(-1)
-        torch.testing.assert_close(torch.tensor(out.outputs.probs), expected, atol=1e-5, rtol=0)
     base = save(kind, str(tmp_path / "base"), "Model")
-    llm = LLM(str(tmp_path / "base"), num_kv_blocks=32)  # tied: the embedding is its head
-    for p, out in zip(batch, llm.embed(batch, use_tqdm=False)):
-        with torch.no_grad():
-            last = base(torch.tensor([p])).last_hidden_state[0, -1]
-        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(last, dim=-1),
-                                   atol=1e-5, rtol=0)
-    assert_engine_idle(llm)
+    # tied: the base model's embedding is its head
+    assert_classify_and_embed_equal_transformers((str(tmp_path / "cls"), classifier), (str(tmp_path / "base"), base),
+                                                 prompts(4, (12, 30, 3)), has_lm_head=True)
 
 
 def test_config_reads_gemma_as_transformers_does() -> None:

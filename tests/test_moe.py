@@ -15,7 +15,8 @@ from engine import LLM, SamplingParams
 from engine.config import ModelConfig
 from engine.models.llama import MLP
 from engine.models.moe import SparseMoeBlock
-from tests.conftest import TINY_COMMON, TINY_MOE, assert_engine_idle, hf_greedy, save_tiny_moe
+from tests.conftest import (TINY_COMMON, TINY_MOE, assert_classify_and_embed_equal_transformers, assert_engine_idle,
+                            hf_greedy, save_tiny_moe)
 from tests.lora_adapters import hf_lora_greedy, save_adapter
 
 KINDS = list(TINY_MOE)
@@ -228,21 +229,10 @@ def test_a_classifier_and_a_base_model_of_experts_equal_transformers(tmp_path, k
     torch.manual_seed(0)
     classifier = getattr(transformers, f"{prefix}ForSequenceClassification")(config).eval()
     classifier.save_pretrained(str(tmp_path / "cls"))
-    llm = LLM(str(tmp_path / "cls"), num_kv_blocks=32)
-    for p, out in zip(batch, llm.classify(batch, use_tqdm=False)):
-        with torch.no_grad():
-            expected = classifier(torch.tensor([p])).logits[0].softmax(-1)
-        torch.testing.assert_close(torch.tensor(out.outputs.probs), expected, atol=1e-5, rtol=0)
     base = getattr(transformers, f"{prefix}Model")(config).eval()
     base.save_pretrained(str(tmp_path / "base"))
-    llm = LLM(str(tmp_path / "base"), num_kv_blocks=32)
-    assert not llm.engine.runner.model.has_lm_head
-    for p, out in zip(batch, llm.embed(batch, use_tqdm=False)):
-        with torch.no_grad():
-            last = base(torch.tensor([p])).last_hidden_state[0, -1]
-        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(last, dim=-1),
-                                   atol=1e-5, rtol=0)
-    assert_engine_idle(llm)
+    assert_classify_and_embed_equal_transformers((str(tmp_path / "cls"), classifier), (str(tmp_path / "base"), base),
+                                                 batch)
 
 
 def test_routing_weights_follow_the_model() -> None:
