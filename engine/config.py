@@ -21,6 +21,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Phi-3 and Phi-4: Llama's decoder with q/k/v and gate/up saved fused.
+    "Phi3ForCausalLM": "phi3",
     # Mixtures of experts: a routed MLP (engine/models/moe.py) on their sparse layers.
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -35,6 +37,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralModel": "mistral",
     "Qwen2Model": "qwen2",
     "Qwen3Model": "qwen3",
+    "Phi3Model": "phi3",
     "MixtralModel": "mixtral",
     "Qwen2MoeModel": "qwen2_moe",
     "Qwen3MoeModel": "qwen3_moe",
@@ -46,6 +49,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForSequenceClassification": "mistral",
     "Qwen2ForSequenceClassification": "qwen2",
     "Qwen3ForSequenceClassification": "qwen3",
+    "Phi3ForSequenceClassification": "phi3",
     "MixtralForSequenceClassification": "mixtral",
     "Qwen2MoeForSequenceClassification": "qwen2_moe",
     "Qwen3MoeForSequenceClassification": "qwen3_moe",
@@ -155,6 +159,8 @@ class ModelConfig:
     # Each layer's attention window (0: full attention): a query at position p sees the keys
     # after p - window, as transformers' sliding-window layers. Empty: every layer full.
     layer_windows: tuple[int, ...] = ()
+    # q/k/v and gate/up saved fused (Phi-3's qkv_proj, gate_up_proj), as LoRA adapters name them
+    fused_checkpoint: bool = False
     # Gemma's changes to the decoder (the defaults are Llama's):
     hidden_act: str = "silu"  # the gated MLP's activation: silu, or gelu_pytorch_tanh
     attention_scale: float | None = None  # query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5
@@ -238,6 +244,9 @@ class ModelConfig:
             local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
             local_rope = _rope(raw | {"rope_theta": None}, local, max_positions)
         rope_theta, scaling = _rope(raw, params, max_positions, 1e6 if family == "gemma3_text" else 10000.0)
+        partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:  # Phi-4-mini's: a rotation of part of each head
+            raise ValueError(f"partial_rotary_factor {partial} is not supported: stoke rotates every head dim")
         windows = _layer_windows(raw, family)
         eos = raw.get("eos_token_id")
         tokens, method = _classifier_from_token(raw, arch)
@@ -260,6 +269,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             layer_windows=windows,
+            fused_checkpoint=family == "phi3",
             **(_gemma_fields(raw, family, act, local_rope) if gemma else {}),
             num_labels=_num_labels(raw, tokens, method) if arch.endswith("ForSequenceClassification") else None,
             classifier_from_token=tokens,
@@ -304,7 +314,7 @@ _DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4
 def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     """Each layer's window (0: full), as transformers' config class and model read config.json:
     a missing `sliding_window` is the class default, an explicit null no window. Mistral,
-    Mixtral and Qwen3-MoE slide on every layer, Llama never; Qwen2/Qwen3 (and Qwen2-MoE) only with
+    Mixtral, Qwen3-MoE and Phi-3 slide on every layer, Llama never; Qwen2/Qwen3 (and Qwen2-MoE) only with
     `use_sliding_window` (released configs carry a window they do not use), on the layers
     `layer_types` names, else by `max_window_layers`; Gemma 2 on every other layer, Gemma 3 on
     five in six (`sliding_window_pattern`)."""
@@ -317,7 +327,7 @@ def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     if not is_int(window) or window < 1:
         raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
     types = raw.get("layer_types")
-    if types is None or family in ("mistral", "mixtral", "qwen3_moe"):  # these models ignore layer_types
+    if types is None or family in ("mistral", "mixtral", "qwen3_moe", "phi3"):  # these models ignore layer_types
         last = raw.get("max_window_layers", 28)
         pattern = raw.get("sliding_window_pattern", 6)
         slides = {"qwen2": lambda i: i >= last, "qwen3": lambda i: i >= last,

@@ -42,9 +42,15 @@ import torch
 from engine.config import ModelConfig
 from engine.sampling_params import is_int
 
-# The projections an adapter may hold (Hugging Face's names), and their parent in a layer.
+# The projections an adapter may hold (Hugging Face's names), and their parent in a layer; a
+# model whose checkpoint fuses q/k/v and gate/up (Phi-3) has those fused modules instead.
 LORA_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+FUSED_LORA_MODULES = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
+
+
+def lora_modules(config: ModelConfig) -> dict[str, str]:
+    return FUSED_LORA_MODULES if config.fused_checkpoint else LORA_MODULES
 
 _TENSOR_NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
@@ -84,7 +90,8 @@ def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     h, i = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}
 
 
 def _content_root(config_bytes: bytes, tensors: dict[str, torch.Tensor]) -> int:
@@ -165,14 +172,15 @@ def _load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int
         if refused:
             raise ValueError(f"LoRA adapter {path!r}: {key}={config[key]!r} is not supported "
                              "(stoke serves plain LoRA on the attention and MLP projections)")
-    shapes = module_shapes(model_config)
+    shapes, modules = module_shapes(model_config), lora_modules(model_config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     tensors = _read_tensors(path)
     for name, tensor in tensors.items():
         match = _TENSOR_NAME.fullmatch(name)
-        if match is None or match.group(3) not in LORA_MODULES or LORA_MODULES[match.group(3)] != match.group(2):
+        if match is None or match.group(3) not in modules or modules[match.group(3)] != match.group(2):
             raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} is not a LoRA weight of a projection stoke "
-                             f"adapts ({', '.join(LORA_MODULES)}; embeddings, the LM head and biases are not)")
+                             f"adapts in this model ({', '.join(modules)}; embeddings, the LM head and biases "
+                             "are not)")
         layer = int(match.group(1))
         if layer >= model_config.num_layers:
             raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} is for layer {layer}, and the model has "
@@ -198,7 +206,7 @@ def _load_adapter(request: LoRARequest, model_config: ModelConfig, max_rank: int
             raise ValueError(f"{where}: rank {r} (a module's rank is at least 1)")
         if r > max_rank:
             raise ValueError(f"{where}: rank {r} exceeds max_lora_rank {max_rank}")
-        alpha = _alpha(config, f"model.layers.{layer}.{LORA_MODULES[module]}.{module}")
+        alpha = _alpha(config, f"model.layers.{layer}.{modules[module]}.{module}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         a, b = a.float().to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
         # Every slot's B multiplies every token's (masked) columns: a NaN or inf, even one from

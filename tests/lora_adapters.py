@@ -14,6 +14,7 @@ import torch
 
 MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+FUSED_PARENT = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # Phi-3's modules
 
 
 def _shapes(config: dict) -> dict[str, tuple[int, int]]:
@@ -22,7 +23,8 @@ def _shapes(config: dict) -> dict[str, tuple[int, int]]:
     kv_heads = config.get("num_key_value_heads") or heads
     d = config.get("head_dim") or h // heads
     return {"q_proj": (h, heads * d), "k_proj": (h, kv_heads * d), "v_proj": (h, kv_heads * d),
-            "o_proj": (heads * d, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            "o_proj": (heads * d, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, (heads + 2 * kv_heads) * d), "gate_up_proj": (h, 2 * i)}
 
 
 def save_adapter(out_dir: str, base_dir: str, *, rank: int = 8, alpha: float = 16.0,
@@ -41,7 +43,7 @@ def save_adapter(out_dir: str, base_dir: str, *, rank: int = 8, alpha: float = 1
     tensors = {}
     for layer in layers:
         for module in modules:
-            name = f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
+            name = f"model.layers.{layer}.{(MODULE_PARENT | FUSED_PARENT)[module]}.{module}"
             r = rank
             for pattern, value in (rank_pattern or {}).items():
                 if re.match(rf"(^|.*\.){pattern}$", name):

@@ -1,6 +1,6 @@
 """The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
-(q/k RMSNorm), and their mixtures of experts, Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse
-layers' MLP is engine/models/moe.py's; Gemma 2 and 3 are the same decoder with the changes
+(q/k RMSNorm), Phi-3 and Phi-4 (q/k/v and gate/up saved fused), and the mixtures of experts
+Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse layers' MLP is engine/models/moe.py's; Gemma 2 and 3 are the same decoder with the changes
 ModelConfig's Gemma fields name. Tokens of all sequences are flattened to [T, hidden];
 attention goes through the paged kernels, so this file knows nothing about batching or padding.
 
@@ -336,15 +336,16 @@ class LlamaForCausalLM(nn.Module):
     def lora_projections(self) -> Iterable[tuple[int, Linear, list[tuple[str, int, int]]]]:
         """Every projection a LoRA adapter may adapt: (layer, the Linear, and for each
         checkpoint module it fuses, its name and first and end output column)."""
+        fused = self.config.fused_checkpoint  # the adapters name the fused modules (Phi-3)
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            yield i, attn.qkv_proj, [(m, *self._shard_bounds("qkv_proj", s, 0)) for m, s in
-                                     (("q_proj", 0), ("k_proj", 1), ("v_proj", 2))]
+            yield i, attn.qkv_proj, [("qkv_proj", 0, attn.qkv_proj.out_features)] if fused else \
+                [(m, *self._shard_bounds("qkv_proj", s, 0)) for m, s in (("q_proj", 0), ("k_proj", 1), ("v_proj", 2))]
             yield i, attn.o_proj, [("o_proj", 0, attn.o_proj.out_features)]
             if isinstance(mlp, MLP):  # experts are not adapted (engine/lora.py refuses adapters for them)
                 rows = mlp.gate_up_proj.out_features
-                yield i, mlp.gate_up_proj, [(m, *self._shard_bounds("gate_up_proj", s, rows)) for m, s in
-                                            (("gate_proj", 0), ("up_proj", 1))]
+                yield i, mlp.gate_up_proj, [("gate_up_proj", 0, rows)] if fused else \
+                    [(m, *self._shard_bounds("gate_up_proj", s, rows)) for m, s in (("gate_proj", 0), ("up_proj", 1))]
                 yield i, mlp.down_proj, [("down_proj", 0, mlp.down_proj.out_features)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
