@@ -62,6 +62,12 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
                    rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+                 eos_token_id=32000),
+    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2),
     "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
                         rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
@@ -208,7 +214,8 @@ class ModelConfig:
         if arch in LANGUAGE_MODEL_OF:  # the language model's config, the checkpoint's end tokens
             raw = raw.get("text_config", {}) | {"architectures": [arch], "model_type": family} | \
                 {key: raw[key] for key in ("bos_token_id", "eos_token_id") if key in raw}
-        # Released Gemma 3 configs name only what differs from the config class's defaults.
+        # Released Gemma 3 configs name only what differs from the config class's defaults, and a
+        # key left out is the class's default wherever it differs from Llama's.
         raw = _CLASS_DEFAULTS.get(family, {}) | raw
         model_type = raw.get("model_type", family)
         if model_type != family:  # e.g. Granite names LlamaForCausalLM but scales differently
@@ -289,6 +296,9 @@ class ModelConfig:
         return config
 
 
+ROPE_TYPES = ("default", "linear", "llama3")  # what engine/models/llama.py's rope_inv_freq computes
+
+
 def _rope(raw: dict[str, Any], params: dict[str, Any], max_positions: int,
           default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling or None) as transformers 5 reads them: `rope_scaling` (older
@@ -296,6 +306,8 @@ def _rope(raw: dict[str, Any], params: dict[str, Any], max_positions: int,
     rope = dict(params)
     rope_theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or default_theta)
     kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:  # refused before any weight is allocated
+        raise ValueError(f"rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are)")
     scaling = None if kind == "default" else {**rope, "rope_type": kind}
     if scaling is not None and kind == "llama3":
         # The pretraining length: a top-level value wins (Phi3's layout), then the dict's, then

@@ -164,7 +164,7 @@ class ModelRunner:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.block_size = config.block_size
-        self.backend = kernels.attention_backend(self.device)
+        self.backend = kernels.attention_backend(self.device, model_config.head_dim)
         self.max_model_len = config.resolve_max_model_len(model_config)
         self.cuda_graph_mode = config.resolve_cuda_graph_mode()
         # What the card held before this engine took anything: the memory profile charges this

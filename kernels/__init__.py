@@ -20,14 +20,29 @@ BACKENDS = {"reference": "kernels.reference", "cpu": "kernels.cpu_ops", "triton"
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "attention_backend", "reference"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "attention_backend", "reference", "triton_takes_head_dim"]
+
+TRITON_MIN_HEAD_DIM = 16  # tl.dot needs every tile dimension >= 16
 
 
-def attention_backend(device: torch.device) -> ModuleType:
-    """The kernels module to run on `device`: Triton on CUDA, else the C kernels (the reference
-    where they can't be built); the env var overrides, and then a failure is an error."""
+def triton_takes_head_dim(head_dim: int) -> bool:
+    """The Triton attention kernels' head dims: powers of two from 16 (a tile's width)."""
+    return head_dim >= TRITON_MIN_HEAD_DIM and head_dim & (head_dim - 1) == 0
+
+
+def attention_backend(device: torch.device, head_dim: int | None = None) -> ModuleType:
+    """The kernels module to run on `device`: Triton on CUDA (the torch reference, with a
+    warning, for a `head_dim` Triton does not take: Phi-3-mini's 96), else the C kernels (the
+    reference where they can't be built); the env var overrides, and then a failure is an error."""
     name = os.environ.get(BACKEND_ENV)
+    if name == "triton" and head_dim is not None and not triton_takes_head_dim(head_dim):
+        raise ValueError(f"{BACKEND_ENV}=triton: the Triton attention kernels take head dims that are powers of "
+                         f"two from {TRITON_MIN_HEAD_DIM}, and this model's is {head_dim}; choose reference")
     if not name:
+        if torch.device(device).type == "cuda" and head_dim is not None and not triton_takes_head_dim(head_dim):
+            logger.warning("head_dim %d: the Triton attention kernels take powers of two from %d; running the "
+                           "torch reference attention (no CUDA graphs)", head_dim, TRITON_MIN_HEAD_DIM)
+            return reference
         if torch.device(device).type == "cuda":
             name = "triton"
         else:

@@ -55,10 +55,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import TRITON_MIN_HEAD_DIM, triton_takes_head_dim
 from kernels.tuning import NEW_KV_SOURCES, KernelTuning, load_tuning
 
 LOG2E = 1.4426950408889634
-MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
+MIN_DOT = TRITON_MIN_HEAD_DIM  # tl.dot needs every tile dimension >= 16
 # Every launch: multiply-adds fused (the softmax's scale sits in the exponent's FMA). Triton
 # 3.9 fuses by default but warns that 3.10 will not.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
@@ -1144,7 +1145,7 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
         raise ValueError(f"cache heads/dim {tuple(k_cache.shape[2:])} != tokens' {(num_kv_heads, head_dim)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' head_dim must be contiguous")
-    if head_dim < MIN_DOT or head_dim & (head_dim - 1):
+    if not triton_takes_head_dim(head_dim):
         raise ValueError(f"head_dim must be a power of two >= {MIN_DOT}, got {head_dim}")
 
 

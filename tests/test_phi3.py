@@ -84,14 +84,27 @@ def test_a_classifier_and_a_base_model_equal_transformers(tmp_path) -> None:
                                                  prompts(3, (12, 30, 3)))
 
 
-def test_what_stoke_does_not_compute_is_refused(tmp_path) -> None:
-    """Phi-4-mini's partial rotary and Phi-3.5's LongRoPE, never approximated."""
+def test_what_stoke_does_not_compute_is_refused() -> None:
+    """Phi-4-mini's partial rotary and Phi-3.5's LongRoPE (its older name "su" too), refused
+    with the config, before any weight is allocated; never approximated."""
     raw = hf_config().to_dict() | {"architectures": ["Phi3ForCausalLM"]}
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         ModelConfig.from_dict(raw | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                          "partial_rotary_factor": 0.75}})
-    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                "original_max_position_embeddings": 256}
-    save(str(tmp_path), rope_parameters=longrope | {"rope_theta": 1e4}, original_max_position_embeddings=256)
-    with pytest.raises(ValueError, match="longrope"):
-        LLM(str(tmp_path), num_kv_blocks=8)
+    for kind in ("longrope", "su"):
+        rope = {"type": kind, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+        with pytest.raises(ValueError, match=f"rope scaling '{kind}' is not supported"):
+            ModelConfig.from_dict({key: value for key, value in raw.items() if key != "rope_parameters"}
+                                  | {"rope_scaling": rope})
+
+
+def test_keys_left_out_are_phi3s_defaults() -> None:
+    """A config.json without rms_norm_eps, max_position_embeddings or eos_token_id reads
+    Phi3Config's defaults (1e-5, 4096, 32000), not Llama's."""
+    import transformers
+
+    raw = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 512, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    ours, theirs = ModelConfig.from_dict(raw), transformers.Phi3Config(**raw)
+    assert (ours.rms_norm_eps, ours.max_position_embeddings, ours.eos_token_ids, ours.tie_word_embeddings) == \
+        (theirs.rms_norm_eps, theirs.max_position_embeddings, [theirs.eos_token_id], theirs.tie_word_embeddings)

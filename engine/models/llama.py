@@ -66,7 +66,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+    raise ValueError(f"rope scaling {kind!r} is not supported")  # engine/config.py refuses it first
 
 
 @dataclass(slots=True)
