@@ -326,8 +326,8 @@ _DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4
 def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     """Each layer's window (0: full), as transformers' config class and model read config.json:
     a missing `sliding_window` is the class default, an explicit null no window. Mistral,
-    Mixtral, Qwen3-MoE and Phi-3 slide on every layer, Llama never; Qwen2/Qwen3 (and Qwen2-MoE) only with
-    `use_sliding_window` (released configs carry a window they do not use), on the layers
+    Mixtral, Qwen3-MoE and Phi-3 slide on every layer, Llama never; Qwen2/Qwen3 (and
+    Qwen2-MoE) only with `use_sliding_window` (released configs carry a window they do not use), on the layers
     `layer_types` names, else by `max_window_layers`; Gemma 2 on every other layer, Gemma 3 on
     five in six (`sliding_window_pattern`)."""
     window = raw["sliding_window"] if "sliding_window" in raw else _DEFAULT_WINDOW.get(family)
