@@ -1,8 +1,9 @@
 """The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
 (q/k RMSNorm), Phi-3 and Phi-4 (q/k/v and gate/up saved fused), and the mixtures of experts
 Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse layers' MLP is engine/models/moe.py's; Gemma 2
-and 3 are the same decoder with the changes ModelConfig's Gemma fields name. Tokens of all sequences are flattened to [T, hidden];
-attention goes through the paged kernels, so this file knows nothing about batching or padding.
+and 3 are the same decoder with the changes ModelConfig's Gemma fields name. Tokens of all
+sequences are flattened to [T, hidden]; attention goes through the paged kernels, so this file
+knows nothing about batching or padding.
 
 The layers pass the residual stream beside the hidden states (vLLM's style), so that the
 residual add and the next RMSNorm run as one fused kernel; rotary embedding then runs in place
