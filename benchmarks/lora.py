@@ -26,7 +26,7 @@ import torch
 from benchmarks.report import write_json
 from engine.config import ModelConfig
 from engine.llm import LLM
-from engine.lora import LORA_MODULES, LoRARequest, module_shapes
+from engine.lora import LoRARequest, lora_modules, module_shapes
 from engine.sampling_params import SamplingParams
 
 
@@ -38,7 +38,7 @@ def save_random_adapter(out_dir: str, config: ModelConfig, rank: int, seed: int,
     tensors = {}
     for layer in range(config.num_layers):
         for module, (fan_in, fan_out) in module_shapes(config).items():
-            name = f"base_model.model.model.layers.{layer}.{LORA_MODULES[module]}.{module}"
+            name = f"base_model.model.model.layers.{layer}.{lora_modules(config)[module]}.{module}"
             tensors[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * std
             tensors[f"{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * std
     os.makedirs(out_dir, exist_ok=True)

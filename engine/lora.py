@@ -50,6 +50,7 @@ FUSED_LORA_MODULES = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_p
 
 
 def lora_modules(config: ModelConfig) -> dict[str, str]:
+    """This model's LoRA modules and their parents."""
     return FUSED_LORA_MODULES if config.fused_checkpoint else LORA_MODULES
 
 _TENSOR_NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
@@ -86,12 +87,13 @@ class LoRAAdapter:
 
 
 def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Each LoRA module's (in, out) features in this model."""
+    """Each of this model's LoRA modules' (in, out) features (`lora_modules`)."""
     h, i = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+              "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}
+    return {module: shapes[module] for module in lora_modules(config)}
 
 
 def _content_root(config_bytes: bytes, tensors: dict[str, torch.Tensor]) -> int:
