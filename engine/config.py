@@ -57,11 +57,18 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3TextForSequenceClassification": "gemma3_text",
 }
 GEMMA = ("gemma2", "gemma3_text")
-# transformers' config classes' defaults, for families whose released configs leave keys out
+# transformers' config classes' defaults where they differ from what from_dict assumes (Llama's),
+# for keys config.json leaves out: a released Gemma 3 config names only six
 _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": dict(sliding_window=4096),
+    "qwen2": dict(sliding_window=4096),
+    "qwen3": dict(sliding_window=4096),
+    "qwen2_moe": dict(sliding_window=4096),
+    "qwen3_moe": dict(sliding_window=4096),
     "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-                   rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+                   rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                   sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
                  eos_token_id=32000),
@@ -70,7 +77,8 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                     rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2),
     "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
-                        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+                        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                        sliding_window=4096),
 }
 # Image-and-text checkpoints served as their language model: where its weights sit (the older
 # and transformers 5's layouts) and what is left out, the vision tower and its projector.
@@ -214,8 +222,6 @@ class ModelConfig:
         if arch in LANGUAGE_MODEL_OF:  # the language model's config, the checkpoint's end tokens
             raw = raw.get("text_config", {}) | {"architectures": [arch], "model_type": family} | \
                 {key: raw[key] for key in ("bos_token_id", "eos_token_id") if key in raw}
-        # Released Gemma 3 configs name only what differs from the config class's defaults, and a
-        # key left out is the class's default wherever it differs from Llama's.
         raw = _CLASS_DEFAULTS.get(family, {}) | raw
         model_type = raw.get("model_type", family)
         if model_type != family:  # e.g. Granite names LlamaForCausalLM but scales differently
@@ -318,11 +324,6 @@ def _rope(raw: dict[str, Any], params: dict[str, Any], max_positions: int,
     return rope_theta, scaling
 
 
-# transformers' config classes' sliding_window when config.json has none
-_DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096,
-                   "gemma2": 4096, "gemma3_text": 4096}
-
-
 def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     """Each layer's window (0: full), as transformers' config class and model read config.json:
     a missing `sliding_window` is the class default, an explicit null no window. Mistral,
@@ -330,7 +331,7 @@ def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     Qwen2-MoE) only with `use_sliding_window` (released configs carry a window they do not use), on the layers
     `layer_types` names, else by `max_window_layers`; Gemma 2 on every other layer, Gemma 3 on
     five in six (`sliding_window_pattern`)."""
-    window = raw["sliding_window"] if "sliding_window" in raw else _DEFAULT_WINDOW.get(family)
+    window = raw.get("sliding_window")
     if family == "llama" or family.startswith("qwen") and not raw.get("use_sliding_window"):
         window = None
     num_layers = raw["num_hidden_layers"]
@@ -353,17 +354,12 @@ def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     return tuple(window if t == "sliding_attention" else 0 for t in types)
 
 
-# Gemma 2's config class's softcaps when config.json has none (Gemma 3's are None)
-_DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (0.0, None)}
-
-
 def _gemma_fields(raw: dict[str, Any], family: str, act: str,
                   local_rope: tuple[float, dict[str, Any] | None] | None) -> dict[str, Any]:
     """ModelConfig's Gemma fields, as transformers' Gemma2/Gemma3 models compute."""
-    attn_cap, final_cap = _DEFAULT_SOFTCAPS[family]
     # Gemma 3's attention keeps the key but never applies it (transformers 5.24, as Google's code)
-    attn_cap = raw.get("attn_logit_softcapping", attn_cap) if family == "gemma2" else 0.0
-    final_cap = raw.get("final_logit_softcapping", final_cap) or 0.0
+    attn_cap = raw.get("attn_logit_softcapping") if family == "gemma2" else 0.0
+    final_cap = raw.get("final_logit_softcapping")
     return dict(hidden_act=act, attention_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
                 attn_softcap=float(attn_cap or 0.0), final_softcap=float(final_cap or 0.0),
                 embedding_multiplier=raw["hidden_size"] ** 0.5, norm_plus_one=True, sandwich_norms=True,
