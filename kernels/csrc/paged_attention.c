@@ -117,6 +117,11 @@ static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_strid
         for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(rows + c, 0, 1);
 }
 
+/* How many of a sequence's ctx keys it sees: all, or its last `window` (window > 0). */
+static inline int64_t keys_seen(int64_t ctx, int64_t window) {
+    return window > 0 && ctx > window ? window : ctx;
+}
+
 /* One sequence's kv heads [h0, h0 + nh) with their query heads (nh * group of them, `heads`)
  * over its keys [first, ctx) (all ctx of them, or the window's last ones); `scores` holds
  * heads * (ctx - first), `acc` heads * D. Inlined with D a constant for the common head dims,
@@ -134,7 +139,7 @@ static inline __attribute__((always_inline)) void decode_item(
     const int32_t *table = a->block_tables + b * a->table_stride;
     const int64_t row_stride = Hkv * D; /* between consecutive slots of one block */
     const int64_t block_floats = bs * row_stride;
-    const int64_t first = a->window > 0 && ctx > a->window ? ctx - a->window : 0;
+    const int64_t first = ctx - keys_seen(ctx, a->window);
     const int64_t len = ctx - first; /* keys seen; scores[head * len + t - first] is key t's */
     const int64_t first_block = first / bs, num_blocks = (ctx + bs - 1) / bs;
     const float *q = a->q + b * a->q_stride_b + h0 * group * a->q_stride_h;
@@ -207,8 +212,7 @@ static void decode_range(void *ctx, int64_t begin, int64_t end) {
     const int64_t heads = nh * (a->num_heads / a->num_kv_heads);
     for (int64_t i = begin; i < end; i++) {
         const int64_t b = a->num_seqs - 1 - i / items_per_seq, h0 = i % items_per_seq * nh;
-        int64_t keys = a->context_lens[b] > 0 ? a->context_lens[b] : 1;
-        if (a->window > 0 && keys > a->window) keys = a->window;
+        const int64_t keys = keys_seen(a->context_lens[b] > 0 ? a->context_lens[b] : 1, a->window);
         float *scores = malloc((size_t)(heads * (keys + a->head_dim)) * sizeof(float));
         if (scores == NULL) {
             __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
@@ -228,10 +232,7 @@ int stoke_paged_decode_attention_f32(
     int64_t q_stride_b, int64_t q_stride_h, float scale, int64_t window, float softcap,
     int64_t num_threads) {
     int64_t keys = 0;
-    for (int64_t b = 0; b < num_seqs; b++) {
-        const int64_t n = context_lens[b] > 0 ? context_lens[b] : 0;
-        keys += window > 0 && n > window ? window : n;
-    }
+    for (int64_t b = 0; b < num_seqs; b++) keys += keys_seen(context_lens[b] > 0 ? context_lens[b] : 0, window);
     /* Handing work to the thread team costs microseconds: not worth it for a few keys. */
     if (keys * num_kv_heads * head_dim < (1 << 14)) num_threads = 1;
     const int64_t heads_per_item = num_threads > 1 && num_seqs < 2 * num_threads ? 1 : num_kv_heads;
