@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -112,6 +114,12 @@ def default_model_dir() -> str:
     from engine.default_model import default_model_path
 
     return default_model_path()
+
+
+def random_prompts(seed: int, lengths: Sequence[int]) -> list[list[int]]:
+    """Prompts of these lengths, token ids drawn in [3, 500) (past the tiny models' special ones)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
 
 
 def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 import torch
 
 from engine import LLM, LoRARequest, PoolerConfig, PoolingParams, SamplingParams
 from scheduler import AdmissionError
-from tests.conftest import TINY_COMMON, assert_engine_idle
+from tests.conftest import TINY_COMMON, assert_engine_idle, random_prompts
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 TOLERANCE = 2e-5  # fp32, the same math in another order
 
-
-def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
 
 
 def hf_hidden(path: str, prompt: list[int], adapter: str | None = None) -> torch.Tensor:
@@ -62,7 +57,7 @@ def test_embeddings_equal_transformers_pooled_hidden_states(tiny_checkpoints: di
     """Each pooling type, normalised and not, on prompts chunked across steps (and several in
     one step): transformers' last hidden states, pooled."""
     path = tiny_checkpoints[model]
-    ps = prompts(1, LENGTHS)
+    ps = random_prompts(1, LENGTHS)
     llm = LLM(path, num_kv_blocks=64, max_num_batched_tokens=32, pooler_config={"pooling_type": kind})
     normed = llm.embed(ps, use_tqdm=False)
     raw = llm.embed(ps, PoolingParams(normalize=False), use_tqdm=False)
@@ -96,7 +91,7 @@ def test_last_token_pooling_uses_the_prefix_cache_and_mean_pooling_does_not(tiny
     the rest, and its embedding is the same. A mean needs every position's hidden states: it
     computes them all."""
     path = tiny_checkpoints["llama"]
-    shared = prompts(2, [48])[0]
+    shared = random_prompts(2, [48])[0]
     first, second = shared + [7, 8, 9], shared + [10, 11]
     for kind, hits in (("LAST", 48), ("MEAN", 0)):
         llm = LLM(path, num_kv_blocks=32, pooler_config={"pooling_type": kind})
@@ -124,7 +119,7 @@ def test_embeddings_beside_generation_give_what_each_gives_alone(tiny_checkpoint
     path = tiny_checkpoints["llama"]
     base = dict(num_kv_blocks=48, max_num_seqs=6, max_num_batched_tokens=40, pooler_config={"pooling_type": kind})
     base |= options
-    embed_ps, gen_ps = prompts(3, [9, 40, 1, 23, 64]), prompts(4, [12, 30, 5])
+    embed_ps, gen_ps = random_prompts(3, [9, 40, 1, 23, 64]), random_prompts(4, [12, 30, 5])
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 4, 14)]
     alone = LLM(path, **base)
     want_embeddings = [o.outputs.embedding for o in alone.embed(embed_ps, use_tqdm=False)]
@@ -156,7 +151,7 @@ def test_a_preempted_embedding_is_recomputed_to_the_same_vector(tiny_checkpoints
     embedding halfway through its prompt's chunks; it is recomputed later, its pooling restarts
     where it must, and its vector is the one transformers gives."""
     path = tiny_checkpoints["llama"]
-    gen_ps, (long_prompt,) = prompts(5, [30, 30]), prompts(6, [90])
+    gen_ps, (long_prompt,) = random_prompts(5, [30, 30]), random_prompts(6, [90])
     llm = LLM(path, num_kv_blocks=10, block_size=16, max_num_seqs=3, max_num_batched_tokens=16,
               enable_prefix_caching=False, pooler_config={"pooling_type": kind})
     engine = llm.engine
@@ -181,7 +176,7 @@ def test_aborted_embeddings_give_every_block_back(tiny_checkpoints: dict[str, st
     llm = LLM(path, num_kv_blocks=32, max_num_batched_tokens=16, async_scheduling=async_scheduling,
               pooler_config={"pooling_type": "MEAN"})
     engine = llm.engine
-    ps = prompts(7, [50, 8, 8, 20])
+    ps = random_prompts(7, [50, 8, 8, 20])
     for i, p in enumerate(ps):
         engine.add_pooling_request(f"e{i}", p)
     finished = {o.request_id: o for o in engine.step(outputs="final")}  # e0's first chunk, e1's prompt
@@ -210,7 +205,7 @@ def test_matryoshka_dimensions(tiny_checkpoints: dict[str, str]) -> None:
     """`dimensions` keeps the first ones, then normalises (vLLM's order), on a model whose pooler
     config says it was trained for them; any other model, or size, is refused."""
     path = tiny_checkpoints["qwen3"]
-    p = prompts(8, [20])[0]
+    p = random_prompts(8, [20])[0]
     hidden = hf_hidden(path, p)
     llm = LLM(path, num_kv_blocks=16, pooler_config={"matryoshka_dimensions": [16, 32]})
     (out,) = llm.embed([p], PoolingParams(dimensions=16), use_tqdm=False)
@@ -230,7 +225,7 @@ def test_matryoshka_dimensions(tiny_checkpoints: dict[str, str]) -> None:
 def test_refusals_queue_nothing(tiny_checkpoints: dict[str, str]) -> None:
     path = tiny_checkpoints["llama"]
     llm = LLM(path, num_kv_blocks=8, max_model_len=100)
-    good = prompts(9, [10])[0]
+    good = random_prompts(9, [10])[0]
     with pytest.raises(AdmissionError, match="maximum context length is 100 tokens, but 101") as info:
         llm.embed([good, [5] * 101], use_tqdm=False)
     assert info.value.code == "context_length_exceeded"
@@ -292,7 +287,7 @@ def test_sentence_transformers_checkpoints_pool_as_their_modules_say(tiny_checkp
 
     path = str(tmp_path / "st")
     shutil.copytree(tiny_checkpoints["llama"], path)
-    p = prompts(10, [25])[0]
+    p = random_prompts(10, [25])[0]
     hidden = hf_hidden(path, p)
     _sentence_transformers(path, {"pooling_mode_mean_tokens": True}, ["Transformer", "Pooling", "Normalize"])
     llm = LLM(path, num_kv_blocks=16)
@@ -322,7 +317,7 @@ def test_a_checkpoint_without_an_lm_head_serves_embeddings_only(tmp_path) -> Non
     path = str(tmp_path / "base")
     config = transformers.LlamaConfig(**TINY_COMMON, tie_word_embeddings=False)
     transformers.LlamaModel(config).save_pretrained(path)
-    p = prompts(11, [30])[0]
+    p = random_prompts(11, [30])[0]
     model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         hidden = model(torch.tensor([p])).last_hidden_state[0]
@@ -345,7 +340,7 @@ def test_embeddings_with_lora_adapters(tiny_checkpoints: dict[str, str], tmp_pat
 
     path = tiny_checkpoints["llama"]
     adapter = save_adapter(str(tmp_path / "a"), path, seed=3)
-    p = prompts(12, [40])[0]
+    p = random_prompts(12, [40])[0]
     llm = LLM(path, num_kv_blocks=32, enable_lora=True, max_loras=1, max_lora_rank=8)
     lora = LoRARequest("a", 1, adapter)
     outs = llm.embed([p, p], lora_request=[lora, None], use_tqdm=False)
@@ -369,7 +364,7 @@ def test_an_embedding_aborted_in_flight_gives_its_adapter_back_once(tiny_checkpo
     llm = LLM(path, num_kv_blocks=32, max_num_batched_tokens=16, async_scheduling=True, enable_lora=True,
               max_lora_rank=8)
     engine = llm.engine
-    short, long = prompts(13, [5, 60])
+    short, long = random_prompts(13, [5, 60])
     engine.add_pooling_request("short", short, lora_request=lora)
     engine.add_pooling_request("long", long, lora_request=lora)
     engine.step()  # short's whole prompt and long's first chunk, launched

@@ -3,7 +3,6 @@ prompts outgrow, on the CPU serving kernels and the torch reference."""
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 import shutil
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig
 from tests.conftest import (TINY_COMMON, assert_classify_and_embed_equal_transformers, assert_engine_idle,
-                            assert_logprobs_equal_transformers)
+                            assert_logprobs_equal_transformers, random_prompts)
 
 # Small windows (8 keys) under 4-key blocks and 16-token chunks: prompts of 60 cross them
 # mid-block and mid-chunk. Random norm weights, so Gemma's 1 + w counts.
@@ -66,10 +65,6 @@ def gemmas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, tor
     return {kind: (str(root / kind), save(kind, str(root / kind))) for kind in GEMMA}
 
 
-def prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
-
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("kind", list(GEMMA))
@@ -80,7 +75,7 @@ def test_logprobs_equal_transformers_past_the_window(gemmas, kind: str, backend:
     path, model = gemmas[kind]
     llm = LLM(path, num_kv_blocks=96, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.max_model_len == TINY_COMMON["max_position_embeddings"]  # not capped at the window
-    assert_logprobs_equal_transformers(llm, model, prompts(1, (60, 1, 17, 9, 33)), max_tokens=12)
+    assert_logprobs_equal_transformers(llm, model, random_prompts(1, (60, 1, 17, 9, 33)), max_tokens=12)
     assert_engine_idle(llm)
 
 
@@ -88,8 +83,8 @@ def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas) -> None:
     """Prompts sharing a 30-token prefix in a pool too small for all of them: cached prefixes
     and recomputed sequences attend to the same windows as a fresh run."""
     path, model = gemmas["gemma3"]
-    shared = prompts(2, (30,))[0]
-    batch = [shared + p for p in prompts(3, (10, 20, 5, 14))]
+    shared = random_prompts(2, (30,))[0]
+    batch = [shared + p for p in random_prompts(3, (10, 20, 5, 14))]
     llm = LLM(path, num_kv_blocks=22, block_size=4, max_num_batched_tokens=32)
     for part, max_tokens in ((batch[:1], 4), (batch[1:], 16)):  # the first caches the prefix
         assert_logprobs_equal_transformers(llm, model, part, max_tokens, prompt_logprobs=False)
@@ -106,7 +101,7 @@ def test_a_classifier_and_a_base_model_equal_transformers(tmp_path, kind: str) -
     base = save(kind, str(tmp_path / "base"), "Model")
     # tied: the base model's embedding is its head
     assert_classify_and_embed_equal_transformers((str(tmp_path / "cls"), classifier), (str(tmp_path / "base"), base),
-                                                 prompts(4, (12, 30, 3)), has_lm_head=True)
+                                                 random_prompts(4, (12, 30, 3)), has_lm_head=True)
 
 
 def test_config_reads_gemma_as_transformers_does() -> None:
@@ -184,7 +179,7 @@ def test_gemma3_with_a_vision_tower_is_served_as_its_language_model(tmp_path) ->
     for path in (tmp_path / "saved", renamed):
         llm = LLM(str(path), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
         assert llm.engine.runner.model_config.eos_token_ids == [2, 7]
-        assert_logprobs_equal_transformers(llm, model, prompts(7, (40, 11)), max_tokens=8)
+        assert_logprobs_equal_transformers(llm, model, random_prompts(7, (40, 11)), max_tokens=8)
         assert_engine_idle(llm)
 
 
@@ -233,6 +228,6 @@ def test_bf16_keeps_gemmas_norms_in_fp32(tmp_path) -> None:
     with torch.no_grad():  # the fused residual step rounds the sum in bf16 first, as the model does
         out, residual = ours.model.norm(x, x)
         torch.testing.assert_close(out, theirs.model.norm(x + x), atol=0, rtol=0)
-    outputs = llm.generate([prompts(8, (40,))[0]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    outputs = llm.generate(random_prompts(8, (40,)), SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) == 4
     assert_engine_idle(llm)

@@ -3,7 +3,6 @@ against transformers: tiny random checkpoints, a sliding window the prompts outg
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from engine import LLM, LoRARequest, SamplingParams
 from engine.config import ModelConfig
 from tests.conftest import (TINY_COMMON, assert_classify_and_embed_equal_transformers, assert_engine_idle,
-                            assert_logprobs_equal_transformers, save_tiny_causal_lm)
+                            assert_logprobs_equal_transformers, random_prompts, save_tiny_causal_lm)
 from tests.lora_adapters import hf_lora_greedy, save_adapter
 
 
@@ -37,10 +36,6 @@ def phi3(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.nn.Module
     return path, save(path)
 
 
-def prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
-
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_logprobs_equal_transformers_past_the_window(phi3, backend: str, monkeypatch) -> None:
@@ -49,7 +44,7 @@ def test_logprobs_equal_transformers_past_the_window(phi3, backend: str, monkeyp
     path, model = phi3
     llm = LLM(path, num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.runner.model_config.layer_windows == (6, 6)
-    assert_logprobs_equal_transformers(llm, model, prompts(1, (40, 3, 19)), max_tokens=10)
+    assert_logprobs_equal_transformers(llm, model, random_prompts(1, (40, 3, 19)), max_tokens=10)
     assert_engine_idle(llm)
 
 
@@ -59,7 +54,7 @@ def test_a_fused_lora_adapter_equals_transformers(phi3, tmp_path) -> None:
     path, _ = phi3
     adapter = save_adapter(str(tmp_path / "fused"), path, modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
                            rank=4)
-    batch = prompts(2, (12, 30))
+    batch = random_prompts(2, (12, 30))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     llm = LLM(path, num_kv_blocks=64, enable_lora=True, max_loras=1, max_lora_rank=4)
     got = [list(o.outputs[0].token_ids) for o in llm.generate(
@@ -81,7 +76,7 @@ def test_a_classifier_and_a_base_model_equal_transformers(tmp_path) -> None:
     classifier = save(str(tmp_path / "cls"), "ForSequenceClassification", num_labels=3)
     base = save(str(tmp_path / "base"), "Model")
     assert_classify_and_embed_equal_transformers((str(tmp_path / "cls"), classifier), (str(tmp_path / "base"), base),
-                                                 prompts(3, (12, 30, 3)))
+                                                 random_prompts(3, (12, 30, 3)))
 
 
 def test_what_stoke_does_not_compute_is_refused() -> None:

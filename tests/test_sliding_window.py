@@ -3,14 +3,13 @@ windowed models served past their window with transformers' logprobs."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from engine import LLM
 from engine.config import ModelConfig
-from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers
+from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers, random_prompts
 
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -86,10 +85,6 @@ def windowed_mistral(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, tor
     return path, model.eval()
 
 
-def prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
-
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_a_windowed_model_is_served_past_its_window(windowed_mistral, backend: str, monkeypatch) -> None:
@@ -99,7 +94,7 @@ def test_a_windowed_model_is_served_past_its_window(windowed_mistral, backend: s
     path, model = windowed_mistral
     llm = LLM(path, num_kv_blocks=64, block_size=4, max_num_batched_tokens=20)
     assert llm.engine.max_model_len == TINY_COMMON["max_position_embeddings"]
-    assert_logprobs_equal_transformers(llm, model, prompts(5, (60, 2, 6, 13, 24)), max_tokens=10)
+    assert_logprobs_equal_transformers(llm, model, random_prompts(5, (60, 2, 6, 13, 24)), max_tokens=10)
     assert_engine_idle(llm)
 
 
@@ -113,5 +108,5 @@ def test_a_qwen2_sliding_on_its_upper_layer_equals_transformers(tmp_path) -> Non
     model.save_pretrained(str(tmp_path))
     llm = LLM(str(tmp_path), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.runner.model_config.layer_windows == (0, 5)
-    assert_logprobs_equal_transformers(llm, model, prompts(6, (40, 7)), max_tokens=8)
+    assert_logprobs_equal_transformers(llm, model, random_prompts(6, (40, 7)), max_tokens=8)
     assert_engine_idle(llm)
