@@ -10,8 +10,9 @@ residual add and the next RMSNorm run as one fused kernel; rotary embedding then
 on q/k, and the MLP's SiLU * up in one pass. `LlamaForCausalLM.use_norm_rope_kernels(ops)`
 switches to those kernels (kernels.triton_norm_rope on CUDA, kernels.cpu_ops' C on the CPU);
 without it kernels.reference's norm and the torch code below run, with the same rounding
-points, so all give the same numbers up to fp32 summation order. `use_linear_kernels(ops)` likewise runs the projections and
-the LM head through a backend's product over weights it packed once (kernels.cpu_ops)."""
+points, so all give the same numbers up to fp32 summation order. `use_linear_kernels(ops)`
+likewise runs the projections and the LM head through a backend's product over weights it
+packed once (kernels.cpu_ops)."""
 
 from __future__ import annotations
 
@@ -202,13 +203,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.gelu:
-            gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-        if self.kernels is not None:
+        if self.kernels is not None and not self.gelu:
             return self.down_proj(self.kernels.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
