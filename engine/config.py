@@ -201,11 +201,6 @@ class ModelConfig:
     def is_classifier(self) -> bool:
         return self.num_labels is not None
 
-    @property
-    def sliding_window(self) -> int | None:
-        """The widest window of a sliding layer; None: no layer slides."""
-        return max(self.layer_windows, default=0) or None
-
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
 

@@ -126,8 +126,8 @@ def test_config_reads_each_familys_experts() -> None:
     assert not ModelConfig.from_dict(_config("qwen2_moe", qkv_bias=False)).qkv_bias
     mixtral = ModelConfig.from_dict(_config("mixtral"))
     assert mixtral.moe.renormalize and mixtral.moe.sparse_layers == {0, 1} and mixtral.moe.intermediate_size == 128
-    assert mixtral.sliding_window is None
-    assert ModelConfig.from_dict(_config("mixtral", sliding_window=256)).sliding_window == 256
+    assert mixtral.layer_windows == ()
+    assert ModelConfig.from_dict(_config("mixtral", sliding_window=256)).layer_windows == (256, 256)
     # Released Qwen3-MoE configs name the count num_experts (transformers 5 writes num_local_experts).
     raw = _config("qwen3_moe")
     raw["num_experts"] = raw.pop("num_local_experts")
