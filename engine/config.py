@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from engine.reasoning import REASONING_PARSERS
+from engine.rope import read_rope, rope_max_len
 from engine.sampling_params import is_int
 from scheduler import SCHEDULING_POLICIES
 
@@ -170,6 +171,7 @@ class ModelConfig:
     qk_norm: bool
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    rotary_dim: int = 0  # the leading dims of each head that rotate (Phi-4-mini's 3/4); 0: all of them
     # Each layer's attention window (0: full attention): a query at position p sees the keys
     # after p - window, as transformers' sliding-window layers. Empty: every layer full.
     layer_windows: tuple[int, ...] = ()
@@ -200,6 +202,12 @@ class ModelConfig:
     @property
     def is_classifier(self) -> bool:
         return self.num_labels is not None
+
+    @property
+    def longest_sequence(self) -> int:
+        """The positions the model serves: max_position_embeddings, stretched by a dynamic or
+        yarn rope scaling's factor (engine/rope.py)."""
+        return rope_max_len(self.rope_scaling, self.max_position_embeddings)
 
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
@@ -240,7 +248,9 @@ class ModelConfig:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} attention heads do not share {num_kv_heads} key/value heads evenly")
         max_positions = raw.get("max_position_embeddings", 2048)
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
         params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        rotary_dim = _rotary_dim(raw, params, family, head_dim)
         local_rope = None
         if family == "gemma3_text":  # rope by layer type: the full layers' scaled, the sliding ones' local
             nested = raw.get("rope_parameters") or {}
@@ -250,11 +260,9 @@ class ModelConfig:
             params = {**(by_type.get("full_attention") or {}), **(raw.get("rope_scaling") or {})}
             local = dict(by_type.get("sliding_attention") or {})
             local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
-            local_rope = _rope(raw | {"rope_theta": None}, local, max_positions)
-        rope_theta, scaling = _rope(raw, params, max_positions, 1e6 if family == "gemma3_text" else 10000.0)
-        partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:  # Phi-4-mini's: a rotation of part of each head
-            raise ValueError(f"partial_rotary_factor {partial} is not supported: stoke rotates every head dim")
+            local_rope = read_rope(raw | {"rope_theta": None}, local, max_positions, rotary_dim)
+        rope_theta, scaling = read_rope(raw, params, max_positions, rotary_dim,
+                                        1e6 if family == "gemma3_text" else 10000.0, phi3=family == "phi3")
         windows = _layer_windows(raw, family)
         eos = raw.get("eos_token_id")
         tokens, method = _classifier_from_token(raw, arch)
@@ -266,11 +274,12 @@ class ModelConfig:
             num_layers=raw["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
             max_position_embeddings=max_positions,
+            rotary_dim=rotary_dim,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(raw.get("qkv_bias", True))),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
@@ -297,26 +306,21 @@ class ModelConfig:
         return config
 
 
-ROPE_TYPES = ("default", "linear", "llama3")  # what engine/models/llama.py's rope_inv_freq computes
-
-
-def _rope(raw: dict[str, Any], params: dict[str, Any], max_positions: int,
-          default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, scaling or None) as transformers 5 reads them: `rope_scaling` (older
-    configs) or `rope_parameters`, whose own rope_theta wins over a top-level one."""
-    rope = dict(params)
-    rope_theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or default_theta)
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ROPE_TYPES:  # refused before any weight is allocated
-        raise ValueError(f"rope scaling {kind!r} is not supported ({', '.join(ROPE_TYPES)} are)")
-    scaling = None if kind == "default" else {**rope, "rope_type": kind}
-    if scaling is not None and kind == "llama3":
-        # The pretraining length: a top-level value wins (Phi3's layout), then the dict's, then
-        # the context length.
-        original = raw.get("original_max_position_embeddings") if "original_max_position_embeddings" in raw \
-            else scaling.get("original_max_position_embeddings")
-        scaling["original_max_position_embeddings"] = original or max_positions
-    return rope_theta, scaling
+def _rotary_dim(raw: dict[str, Any], params: dict[str, Any], family: str, head_dim: int) -> int:
+    """The leading dims of each head that rotate: all, or Phi-3's `partial_rotary_factor` of
+    them (Phi-4-mini's 3/4), its rope dict's value over the top-level one, as Phi3Config reads
+    them. The other families' transformers models rotate every dim."""
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial == 1.0:
+        return head_dim
+    if family != "phi3":
+        raise ValueError(f"partial_rotary_factor {partial} is not supported for {family}: its transformers "
+                         f"model rotates every head dim")
+    rotary_dim = int(head_dim * partial)
+    if not 0 < partial <= 1 or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor {partial} of head_dim {head_dim} does not give an even "
+                         f"number of rotary dims")
+    return rotary_dim
 
 
 def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
@@ -499,10 +503,12 @@ class EngineConfig:
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, at most the model's positions."""
-        longest = model.max_position_embeddings
+        longest = model.longest_sequence
         if self.max_model_len is not None and self.max_model_len > longest:  # as vLLM
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
-                             f"({longest}): past them its positions were never trained")
+            stretched = "" if longest == model.max_position_embeddings else ", stretched by its rope scaling"
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {longest} positions "
+                             f"(max_position_embeddings {model.max_position_embeddings}{stretched}): past them "
+                             f"its positions were never trained")
         return min(self.max_model_len or longest, longest)
 
     def check(self) -> None:

@@ -236,7 +236,7 @@ class ModelRunner:
             torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = LlamaForCausalLM(self.model_config)
+                model = LlamaForCausalLM(self.model_config, self.max_model_len)
         finally:
             torch.set_default_dtype(default)
         model.to(self.dtype)
@@ -312,7 +312,7 @@ class ModelRunner:
                 backend=self.backend,
             )
             ids = torch.zeros(n, dtype=torch.long, device=dev)
-            positions = torch.arange(n, device=dev) % self.model_config.max_position_embeddings
+            positions = torch.arange(n, device=dev) % self.max_model_len
             hidden = self.model(ids, positions, meta)
             # A step samples a row per sequence, and with speculative decoding one per draft too.
             speculative = SpeculativeConfig.from_value(self.config.speculative_config)

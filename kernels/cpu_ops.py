@@ -245,17 +245,18 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels.reference.apply_rotary in place on q `[T, Hq, D]` and k `[T, Hkv, D]` (strided
-    views welcome: only the last dim must be contiguous); cos/sin `[max_positions, D/2]`."""
-    half = q.shape[-1] // 2
+    views welcome: only the last dim must be contiguous); cos/sin `[max_positions, R/2]`
+    rotate each head's leading R <= D dims."""
+    half = cos.shape[-1]
     if not (_fp32_cpu(q, k, cos, sin) and q.stride(2) == 1 and k.stride(2) == 1
-            and cos.is_contiguous() and sin.is_contiguous() and q.shape[-1] == k.shape[-1] == 2 * half
-            and cos.shape[-1] == sin.shape[-1] == half and positions.numel() == q.shape[0] == k.shape[0]):
+            and cos.is_contiguous() and sin.is_contiguous() and q.shape[-1] == k.shape[-1] >= 2 * half
+            and sin.shape[-1] == half and positions.numel() == q.shape[0] == k.shape[0]):
         return reference.apply_rotary(q, k, cos, sin, positions)
     pos = positions.to(torch.int64).contiguous()
     for x in (q, k):
-        tokens, heads, head_dim = x.shape
+        tokens, heads, _ = x.shape
         _lib.stoke_rotary_f32(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), tokens, heads,
-                              head_dim, x.stride(0), x.stride(1), torch.get_num_threads())
+                              2 * half, x.stride(0), x.stride(1), torch.get_num_threads())
     return q, k
 
 

@@ -180,12 +180,16 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding in HF's rotate-half layout, in place on q `[T, Hq, D]` and k `[T, Hkv, D]`
-    (views welcome); cos/sin `[max_positions, D/2]` are indexed by positions `[T]`. Computed in
-    fp32 and cast back, as engine/models/llama.py does. Returns (q, k)."""
+    (views welcome); cos/sin `[max_positions, R/2]` are indexed by positions `[T]` and rotate
+    each head's leading R <= D dims (partial rotary: the rest pass through). Computed in fp32
+    and cast back, as engine/models/llama.py does. Returns (q, k)."""
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim > q.shape[-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"cos/sin tables {tuple(cos.shape)} rotate more than head_dim {q.shape[-1]} dims")
     c, s = cos[positions].float().unsqueeze(1), sin[positions].float().unsqueeze(1)
     for x in (q, k):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        x.copy_(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
+        x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+        x[..., :rotary_dim].copy_(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
     return q, k
 
 

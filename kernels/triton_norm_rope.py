@@ -126,15 +126,17 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding (HF rotate-half), in place on q `[T, Hq, D]` and k `[T, Hkv, D]`, which
-    may be strided views but need a contiguous last dim; cos/sin `[max_positions, D/2]`."""
+    may be strided views but need a contiguous last dim; cos/sin `[max_positions, R/2]` rotate
+    each head's leading R <= D dims (partial rotary: the rest pass through)."""
     T, num_q_heads, D = q.shape
-    if k.shape[0] != T or k.shape[2] != D or D % 2:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same tokens and an even head_dim")
+    if k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same tokens and head_dim")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("apply_rotary works in place: q and k need a contiguous last dim")
-    half = D // 2
-    if cos.shape[-1] != half or sin.shape[-1] != half:
-        raise ValueError(f"cos/sin tables {tuple(cos.shape)} do not have head_dim/2 = {half} columns")
+    half = cos.shape[-1]
+    if sin.shape[-1] != half or 2 * half > D:
+        raise ValueError(f"cos/sin tables {tuple(cos.shape)}, {tuple(sin.shape)} do not rotate at most "
+                         f"head_dim/2 = {D // 2} pairs")
     if T == 0:
         return q, k
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()

@@ -1,5 +1,6 @@
 """Phi-3 and Phi-4 (Phi3ForCausalLM: Llama's decoder with q/k/v and gate/up saved fused)
-against transformers: tiny random checkpoints, a sliding window the prompts outgrow."""
+against transformers: tiny random checkpoints, a sliding window the prompts outgrow (their
+LongRoPE and partial rotary: tests/test_rope.py)."""
 
 from __future__ import annotations
 
@@ -77,20 +78,6 @@ def test_a_classifier_and_a_base_model_equal_transformers(tmp_path) -> None:
     base = save(str(tmp_path / "base"), "Model")
     assert_classify_and_embed_equal_transformers((str(tmp_path / "cls"), classifier), (str(tmp_path / "base"), base),
                                                  random_prompts(3, (12, 30, 3)))
-
-
-def test_what_stoke_does_not_compute_is_refused() -> None:
-    """Phi-4-mini's partial rotary and Phi-3.5's LongRoPE (its older name "su" too), refused
-    with the config, before any weight is allocated; never approximated."""
-    raw = hf_config().to_dict() | {"architectures": ["Phi3ForCausalLM"]}
-    with pytest.raises(ValueError, match="partial_rotary_factor"):
-        ModelConfig.from_dict(raw | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                                         "partial_rotary_factor": 0.75}})
-    for kind in ("longrope", "su"):
-        rope = {"type": kind, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
-        with pytest.raises(ValueError, match=f"rope scaling '{kind}' is not supported"):
-            ModelConfig.from_dict({key: value for key, value in raw.items() if key != "rope_parameters"}
-                                  | {"rope_scaling": rope})
 
 
 def test_keys_left_out_are_phi3s_defaults() -> None:

@@ -17,7 +17,6 @@ packed once (kernels.cpu_ops)."""
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import LANGUAGE_MODEL_OF, ModelConfig
 from engine.lora import LoRAProjection, LoRAState
 from engine.models.moe import SparseMoeBlock
+from engine.rope import inv_freq
 from kernels import reference
 
 logger = logging.getLogger(__name__)
@@ -50,52 +50,34 @@ class RMSNorm(nn.Module):
         return (self.kernels or reference).rms_norm(x, self.weight, self.eps, residual)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    d = head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if scaling is None:
-        return inv_freq
-    kind = scaling["rope_type"]
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"rope scaling {kind!r} is not supported")  # engine/config.py refuses it first
-
-
 @dataclass(slots=True)
 class RopeInputs:
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None  # [T, 1, D/2] each (torch path)
-    cos_table: torch.Tensor  # [max_positions, D/2] (fused kernel)
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None  # [T, 1, rotary_dim/2] each (torch path)
+    cos_table: torch.Tensor  # [max_model_len, rotary_dim/2] (fused kernel)
     sin_table: torch.Tensor
     positions: torch.Tensor  # [T]
 
 
 class Rotary(nn.Module):
-    """Rotary embedding with a cos/sin table over every position (HF's rotate-half layout): the
-    model's rope, or with `local`, its sliding layers' own (Gemma 3's)."""
+    """Rotary embedding with a cos/sin table over every position served (HF's rotate-half
+    layout, over each head's leading `rotary_dim` dims): the model's rope, or with `local`, its
+    sliding layers' own (Gemma 3's). The tables carry the scaling's attention factor (yarn's,
+    longrope's), as transformers scales its cos and sin."""
 
-    def __init__(self, config: ModelConfig, local: bool = False) -> None:
+    def __init__(self, config: ModelConfig, max_model_len: int | None = None, local: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.positions = max_model_len or config.longest_sequence
         self.theta, self.scaling = config.local_rope if local else (config.rope_theta, config.rope_scaling)
         cos, sin = self._tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = rope_inv_freq(self.config.head_dim, self.theta, self.scaling)
-        positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
-        return freqs.cos(), freqs.sin()
+        frequencies, scale = inv_freq(self.config.rotary_dim or self.config.head_dim, self.theta, self.scaling,
+                                      self.positions)
+        freqs = torch.outer(torch.arange(self.positions, dtype=torch.float32), frequencies)
+        return freqs.cos() * scale, freqs.sin() * scale
 
     def restore_fp32(self) -> None:
         """The tables in fp32 again after the model was cast to a 16-bit dtype: computed anew,
@@ -117,10 +99,12 @@ class Rotary(nn.Module):
     @staticmethod
     def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], *xs: torch.Tensor) -> list[torch.Tensor]:
         cos, sin = cos_sin
+        rotary_dim = 2 * cos.shape[-1]
         out = []
         for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            out.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype))
+            x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+            rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+            out.append(rotated if rotary_dim == x.shape[-1] else torch.cat([rotated, x[..., rotary_dim:]], dim=-1))
         return out
 
 
@@ -242,14 +226,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, max_model_len: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config)
-        self.local_rotary = Rotary(config, local=True) if config.local_rope is not None else None
+        self.rotary = Rotary(config, max_model_len)
+        self.local_rotary = Rotary(config, max_model_len, local=True) if config.local_rope is not None else None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -266,10 +250,12 @@ class LlamaForCausalLM(nn.Module):
     # Experts already stacked, as transformers 5 holds them: [E, 2I, H] and [E, H, I].
     STACKED_EXPERTS = {"experts.gate_up_proj": "w13", "experts.down_proj": "w2"}
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, max_model_len: int | None = None) -> None:
+        """`max_model_len`: the longest sequence served (the rope tables' rows, and the length
+        longrope and dynamic NTK pick their frequencies by, engine/rope.py); None: the model's."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, max_model_len)
         classifier = config.is_classifier
         self.lm_head = None if config.tie_word_embeddings or classifier else \
             Linear(config.hidden_size, config.vocab_size, bias=False)

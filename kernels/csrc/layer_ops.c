@@ -74,19 +74,19 @@ void stoke_rms_norm_f32(const float *x, const float *residual, const float *weig
 
 typedef struct {
     float *x;                 /* [T, heads, D] with strides token_stride, head_stride */
-    const float *cos, *sin;   /* [max_positions, D / 2] */
+    const float *cos, *sin;   /* [max_positions, R / 2]: the leading R <= D dims rotate */
     const int64_t *positions; /* [T] */
-    int64_t heads, head_dim, token_stride, head_stride;
+    int64_t heads, rotary_dim, token_stride, head_stride;
 } rotary_args;
 
 static void rotary_rows(void *ctx, int64_t begin, int64_t end) {
     const rotary_args *a = (const rotary_args *)ctx;
-    const int64_t half = a->head_dim / 2;
+    const int64_t half = a->rotary_dim / 2;
     for (int64_t t = begin; t < end; t++) {
         const float *c = a->cos + a->positions[t] * half;
         const float *s = a->sin + a->positions[t] * half;
         for (int64_t h = 0; h < a->heads; h++) {
-            float *x1 = a->x + t * a->token_stride + h * a->head_stride, *x2 = x1 + half;
+            float *x1 = a->x + t * a->token_stride + h * a->head_stride, *x2 = x1 + a->head_stride / 2;
             int64_t i = 0;
             for (; i + VL <= half; i += VL) {
                 const vf u = *(vf *)(x1 + i), v = *(vf *)(x2 + i);
@@ -103,12 +103,13 @@ static void rotary_rows(void *ctx, int64_t begin, int64_t end) {
     }
 }
 
-/* Rotate x in place: every head of every token by its position's cos/sin. */
+/* Rotate x in place: the leading rotary_dim dims of every head of every token by its
+   position's cos/sin (the rest of each head passes through: partial rotary). */
 void stoke_rotary_f32(float *x, const float *cos, const float *sin, const int64_t *positions,
-                      int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride,
+                      int64_t tokens, int64_t heads, int64_t rotary_dim, int64_t token_stride,
                       int64_t head_stride, int64_t num_threads) {
-    rotary_args a = {x, cos, sin, positions, heads, head_dim, token_stride, head_stride};
-    parallel_for(rotary_rows, &a, tokens, 16, threads_for(tokens * heads * head_dim, num_threads));
+    rotary_args a = {x, cos, sin, positions, heads, rotary_dim, token_stride, head_stride};
+    parallel_for(rotary_rows, &a, tokens, 16, threads_for(tokens * heads * rotary_dim, num_threads));
 }
 
 /* ---------------------------------------------------------------------------- SiLU * up */
