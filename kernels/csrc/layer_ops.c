@@ -86,7 +86,7 @@ static void rotary_rows(void *ctx, int64_t begin, int64_t end) {
         const float *c = a->cos + a->positions[t] * half;
         const float *s = a->sin + a->positions[t] * half;
         for (int64_t h = 0; h < a->heads; h++) {
-            float *x1 = a->x + t * a->token_stride + h * a->head_stride, *x2 = x1 + a->head_stride / 2;
+            float *x1 = a->x + t * a->token_stride + h * a->head_stride, *x2 = x1 + half;
             int64_t i = 0;
             for (; i + VL <= half; i += VL) {
                 const vf u = *(vf *)(x1 + i), v = *(vf *)(x2 + i);
