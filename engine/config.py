@@ -263,7 +263,9 @@ class ModelConfig:
             local_rope = read_rope(raw | {"rope_theta": None}, local, max_positions, rotary_dim)
         rope_theta, scaling = read_rope(raw, params, max_positions, rotary_dim,
                                         1e6 if family == "gemma3_text" else 10000.0, phi3=family == "phi3")
-        windows = _layer_windows(raw, family)
+        # A window that covers every position served is no window (Phi-4-mini's 262,144 of 131,072).
+        longest = rope_max_len(scaling, max_positions)
+        windows = tuple(0 if window >= longest else window for window in _layer_windows(raw, family))
         eos = raw.get("eos_token_id")
         tokens, method = _classifier_from_token(raw, arch)
         return cls(

@@ -214,3 +214,25 @@ def test_dynamic_ntk_logprobs_equal_transformers(tmp_path) -> None:
     assert past.engine.max_model_len == 64
     assert_logprobs_equal_transformers(past, model, random_prompts(5, (54,)), max_tokens=10)
     assert_engine_idle(past)
+
+
+def test_phi4_minis_released_config() -> None:
+    """configs/phi-4-mini: Phi-4-mini-instruct's config.json. 96 of its 128 head dims rotate;
+    served to 131,072 its long factors, to 4,096 its short ones (both scaled by
+    sqrt(1 + ln 32 / ln 4096)); its 262,144-key window covers every position, so no layer slides."""
+    import math
+    from pathlib import Path
+
+    import transformers
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "phi-4-mini"
+    ours = ModelConfig.from_dir(str(path))
+    theirs = transformers.AutoConfig.from_pretrained(str(path))
+    assert (ours.head_dim, ours.rotary_dim, ours.longest_sequence, ours.layer_windows) == (128, 96, 131072, (0,) * 32)
+    assert ours.tie_word_embeddings and ours.eos_token_ids == [200020]
+    for served, hf_length in ((131072, 4097), (4096, 4096)):  # transformers: long past 4,096 tokens
+        rotary = Rotary(ours, served)
+        cos, sin = hf_tables(theirs, hf_length)
+        torch.testing.assert_close(rotary.cos[:4096], cos[:4096], atol=2e-6, rtol=0)
+        torch.testing.assert_close(rotary.sin[:4096], sin[:4096], atol=2e-6, rtol=0)
+    assert math.isclose(ours.rope_scaling["attention_factor"], math.sqrt(1 + math.log(32) / math.log(4096)))

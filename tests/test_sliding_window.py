@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers, random_prompts
 
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192}
 
 
 def windows(arch: str, **raw: object) -> tuple[int, ...]:
@@ -25,6 +25,7 @@ def test_each_familys_windows_are_read_as_transformers_reads_them() -> None:
     layers below it; Llama never. A missing window is the config class's default, a null none."""
     assert windows("MistralForCausalLM", sliding_window=64) == (64,) * 4
     assert windows("MistralForCausalLM") == (4096,) * 4
+    assert windows("MistralForCausalLM", sliding_window=8192) == (0,) * 4  # it covers every position: none
     assert windows("MistralForCausalLM", sliding_window=None) == ()
     assert windows("MistralForCausalLM", sliding_window=64, layer_types=["full_attention"] * 4) == (64,) * 4
     assert windows("MixtralForCausalLM") == () and windows("MixtralForCausalLM", sliding_window=32) == (32,) * 4
