@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it (default: %(default)s)")
     e.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
     e.add_argument("--max-model-len", type=int, default=None,
-                   help="the longest sequence served (default: the model's max_position_embeddings)")
+                   help="the longest sequence served (default: the model's max_position_embeddings, stretched "
+                        "by a yarn or dynamic rope scaling's factor; LongRoPE takes its long factors past its "
+                        "pretraining length)")
     e.add_argument("--max-num-seqs", type=int, default=256, help="requests in the running batch (default: %(default)s)")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens an engine step computes at most (default: %(default)s)")
