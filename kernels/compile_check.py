@@ -169,6 +169,8 @@ def _launch(case: tuple[str, str, str]) -> None:
         triton_norm_rope.rms_norm(q, torch.ones(d, dtype=dtype), 1e-6)  # qk-norm on heads
         table = torch.zeros(128, d // 2)
         triton_norm_rope.apply_rotary(q, k, table, table, torch.zeros(tokens, dtype=torch.long))
+        partial = torch.zeros(128, 3 * d // 8)  # partial rotary (Phi-4-mini's leading 3/4 of each head)
+        triton_norm_rope.apply_rotary(q, k, partial, partial, torch.zeros(tokens, dtype=torch.long))
     if which == "all":
         _launch_moe(dtype)
 

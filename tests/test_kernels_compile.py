@@ -40,6 +40,8 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
         assert any("SPLIT=0" in v for v in variants) and any("SPLIT=1" in v for v in variants)
         assert any("HEADS=4" in v for v in variants) and any("HEADS=1" in v for v in variants)
         assert _windowed(rows, target) == WINDOWED, _windowed(rows, target)  # Gemma 2's window and cap
+        rotary = [r for r in rows if r["target"] == target and r["kernel"] == "_rotary_kernel"]
+        assert len(rotary) >= 2, rotary  # whole heads and partial rotary (a table of 3/8 head_dim columns)
     # No kernel the engine launches by default spills registers to local memory in its inner
     # loops (16-bit and fp32 cases). The experiments run only where a GPU's tuning says, after
     # the sweep timed them, spills and all: tensor-descriptor loads, and the new tokens' K/V

@@ -232,23 +232,40 @@ def test_rms_norm_matches_reference(rows: int, hidden: int, with_residual: bool)
     assert torch.equal(cpu_ops.rms_norm(x3, weight, 1e-6), reference.rms_norm(x3, weight, 1e-6))
 
 
-@pytest.mark.parametrize("head_dim", [64, 32, 12])
-def test_rotary_in_place_on_strided_views_matches_reference(head_dim: int) -> None:
-    gen = torch.Generator().manual_seed(head_dim)
+# (head_dim, rotary_dim): every head dim rotated, Phi-4-mini's leading 3/4, half, one pair; the
+# C loop's 8-wide vectors with and without a scalar tail (half = 48, 24, 12, 1).
+ROTARY_DIMS = [(d, r) for d in (128, 64, 32) for r in (d, 3 * d // 4, d // 2, 2)] + [(12, 12), (12, 4)]
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", ROTARY_DIMS)
+def test_rotary_in_place_on_strided_views_matches_reference(head_dim: int, rotary_dim: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """q and k as views into one qkv tensor, as the model passes them: the C kernel (called once
+    each for q and k, with the table's rotary_dim) rotates each head's leading rotary_dim dims as
+    the reference does; dims rotary_dim.. of every head, and v, are bit-identical to the input."""
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim)
     tokens, hq, hkv = 23, 6, 2
     qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=gen)
+    before = qkv.clone()
     q = qkv[:, : hq * head_dim].view(tokens, hq, head_dim)
     k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(tokens, hkv, head_dim)
-    angles = torch.rand(100, head_dim // 2, generator=gen) * 6
+    angles = torch.rand(100, rotary_dim // 2, generator=gen) * 6
     cos, sin = angles.cos(), angles.sin()
     positions = torch.randint(0, 100, (tokens,), generator=gen)
     q_ref, k_ref = reference.apply_rotary(q.clone(), k.clone(), cos, sin, positions)
-    before_v = qkv[:, (hq + hkv) * head_dim :].clone()
+    c_calls = []
+    c_rotary = cpu_ops._lib.stoke_rotary_f32
+    monkeypatch.setattr(cpu_ops._lib, "stoke_rotary_f32", lambda *args: c_calls.append(args[6]) or c_rotary(*args))
     q_out, k_out = cpu_ops.apply_rotary(q, k, cos, sin, positions)
+    assert c_calls == [rotary_dim, rotary_dim]  # the C kernel, not the torch fallback
     assert q_out is q and k_out is k  # in place
     torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6)
-    assert torch.equal(qkv[:, (hq + hkv) * head_dim :], before_v)  # v untouched
+    heads = lambda t: t.view(tokens, hq + 2 * hkv, head_dim)  # noqa: E731
+    assert torch.equal(heads(qkv)[..., rotary_dim:], heads(before)[..., rotary_dim:])  # pass-through dims
+    assert torch.equal(qkv[:, (hq + hkv) * head_dim :], before[:, (hq + hkv) * head_dim :])  # v untouched
+    if rotary_dim < head_dim:  # and the rotated dims did change
+        assert not torch.equal(heads(qkv)[:, : hq + hkv, :rotary_dim], heads(before)[:, : hq + hkv, :rotary_dim])
 
 
 @pytest.mark.parametrize("rows,inner", [(1, 1536), (70, 64), (5, 13)])
@@ -441,6 +458,13 @@ def _inconsistent_inputs() -> dict[str, tuple]:
                                                 (r(4, 2, 64), r(4, 1, 64), table, table, torch.arange(2))),
         "rotary, full-width tables": (cpu_ops.apply_rotary, reference.apply_rotary,
                                       (r(4, 2, 64), r(4, 1, 64), r(100, 64), r(100, 64), torch.arange(4))),
+        "rotary, tables one pair wider than half the head": (
+            cpu_ops.apply_rotary, reference.apply_rotary,
+            (r(4, 2, 64), r(4, 1, 64), r(100, 33), r(100, 33), torch.arange(4))),
+        "rotary, a sin table narrower than cos": (cpu_ops.apply_rotary, reference.apply_rotary,
+                                                  (r(4, 2, 64), r(4, 1, 64), table, r(100, 24), torch.arange(4))),
+        "rotary, k of another head_dim": (cpu_ops.apply_rotary, reference.apply_rotary,
+                                          (r(4, 2, 64), r(4, 1, 48), r(100, 24), r(100, 24), torch.arange(4))),
         "silu_and_mul, an odd width": (cpu_ops.silu_and_mul, reference.silu_and_mul, (r(4, 129),)),
         "decode, a cache of another head_dim": (cpu_ops.paged_decode_attention, reference.paged_decode_attention,
                                                 (q, r(4, 16, 1, 32), r(4, 16, 1, 32), tables, lens, 0.1)),
@@ -452,11 +476,15 @@ def _inconsistent_inputs() -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("case", list(_inconsistent_inputs()))
-def test_inconsistent_shapes_never_reach_c(case: str) -> None:
+def test_inconsistent_shapes_never_reach_c(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shapes that disagree go to torch, which raises or broadcasts as the reference does: C,
-    which trusts them, would read out of bounds, or crash the worker."""
+    which trusts them, would read out of bounds, or crash the worker (here a call into C fails
+    the test instead)."""
     torch.manual_seed(0)
     fn, ref, args = _inconsistent_inputs()[case]
+    for name in ("stoke_linear_f32", "stoke_rms_norm_f32", "stoke_rotary_f32", "stoke_silu_and_mul_f32",
+                 "stoke_paged_decode_attention_f32"):
+        monkeypatch.setattr(cpu_ops._lib, name, lambda *_, name=name: pytest.fail(f"{name} was called"))
     clone = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731 (rotary is in place)
     try:
         want = ref(*clone())

@@ -686,14 +686,22 @@ def rope_tables(head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor
     return freqs.cos(), freqs.sin()
 
 
+# (head_dim, rotary_dim): every dim rotated (16, 24: not a power of two), Phi-4-mini's leading
+# 3/4 (R/2 = 24, 48: masked tiles), half, one pair.
+ROTARY_DIMS = [(16, 16), (24, 24), (64, 48), (128, 96), (64, 32), (32, 2)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim", [16, 24])
-def test_rotary_matches_reference_in_place(norm_rope: ModuleType, dtype: torch.dtype, head_dim: int) -> None:
+@pytest.mark.parametrize("head_dim,rotary_dim", ROTARY_DIMS)
+def test_rotary_matches_reference_in_place(norm_rope: ModuleType, dtype: torch.dtype, head_dim: int,
+                                           rotary_dim: int) -> None:
+    """On q/k views of one qkv tensor: each head's leading rotary_dim dims (the table's width)
+    as the reference rotates them; the rest of each head, and v, bit-identical to the input."""
     gen = torch.Generator().manual_seed(4)
     T, Hq, Hkv, max_pos = 6, 6, 2, 64
     qkv = torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen).to(dtype)
     positions = torch.tensor([0, 63, 5, 6, 7, 31])
-    cos, sin = rope_tables(head_dim, max_pos)
+    cos, sin = rope_tables(rotary_dim, max_pos)
     ref = qkv.clone()
     views = lambda t: (t[:, : Hq * head_dim].view(T, Hq, head_dim),  # noqa: E731
                        t[:, Hq * head_dim : (Hq + Hkv) * head_dim].view(T, Hkv, head_dim))
@@ -704,19 +712,46 @@ def test_rotary_matches_reference_in_place(norm_rope: ModuleType, dtype: torch.d
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
     got = dev_qkv.cpu()
     torch.testing.assert_close(got, ref, **TOL[dtype])
+    heads = lambda t: t.view(T, Hq + 2 * Hkv, head_dim)  # noqa: E731
+    assert torch.equal(heads(got)[..., rotary_dim:], heads(qkv)[..., rotary_dim:])  # pass-through dims
     v_cols = slice((Hq + Hkv) * head_dim, None)
     assert torch.equal(got[:, v_cols], qkv[:, v_cols])  # v untouched
 
 
-def test_rotary_reference_matches_model(norm_rope: ModuleType) -> None:
-    """kernels.reference.apply_rotary is the model's own Rotary, in place."""
+def test_rotary_refuses_tables_wider_than_half_the_head(norm_rope: ModuleType) -> None:
+    """Tables of more than head_dim/2 columns (one pair too many, or full-width), or cos and sin
+    of different widths, are errors before any launch (the kernel would rotate past the head)
+    and leave q and k as they were; so are q and k of different head dims."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = to_device(torch.randn(3, 4, 32, generator=gen), torch.randn(3, 2, 32, generator=gen))
+    q0, k0 = q.clone(), k.clone()
+    positions = torch.arange(3, device=DEVICE)
+    for cos_cols, sin_cols in ((17, 17), (32, 32), (16, 12)):
+        cos, sin = to_device(torch.rand(8, cos_cols, generator=gen), torch.rand(8, sin_cols, generator=gen))
+        with pytest.raises(ValueError, match="at most head_dim/2 = 16 pairs"):
+            norm_rope.apply_rotary(q, k, cos, sin, positions)
+        if cos_cols > 16:  # as the reference refuses them
+            with pytest.raises(ValueError, match="rotate more than head_dim"):
+                reference.apply_rotary(q.clone(), k.clone(), cos, sin, positions)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    cos, sin = to_device(*rope_tables(16, 8))
+    with pytest.raises(ValueError, match="same tokens and head_dim"):
+        norm_rope.apply_rotary(q, k[..., :16].contiguous(), cos[:, :8], sin[:, :8], positions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rotary_dim", [16, 12, 2])
+def test_rotary_reference_matches_model(norm_rope: ModuleType, dtype: torch.dtype, rotary_dim: int) -> None:
+    """kernels.reference.apply_rotary is the model's own Rotary, in place: over every head dim,
+    and over the leading rotary_dim of 16 (partial rotary, the rest passed through)."""
     from engine.models.llama import Rotary
 
     gen = torch.Generator().manual_seed(8)
-    q, k = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 2, 16, generator=gen)
-    cos, sin = rope_tables(16, 32)
+    q, k = torch.randn(5, 4, 16, generator=gen).to(dtype), torch.randn(5, 2, 16, generator=gen).to(dtype)
+    cos, sin = rope_tables(rotary_dim, 32)
     positions = torch.tensor([3, 0, 31, 7, 7])
     expected = Rotary.apply((cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)), q, k)
+    assert all(e.shape == x.shape and e.dtype == dtype for e, x in zip(expected, (q, k)))
     reference.apply_rotary(q, k, cos, sin, positions)
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
 
@@ -1015,16 +1050,20 @@ class TestCompiledOnGPU:
         torch.testing.assert_close(norm_rope.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), **TOL[dtype])
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("head_dim", [64, 128])
-    def test_rotary(self, norm_rope, dtype, head_dim):
-        gen = torch.Generator().manual_seed(head_dim)
+    @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 128), (96, 72), (128, 96), (128, 64)])
+    def test_rotary(self, norm_rope, dtype, head_dim, rotary_dim):
+        """Whole heads and partial rotary (Phi-4-mini's 3/4 of 96, R/2 = 36 and 48): the rest of
+        each head passes through bit-identical."""
+        gen = torch.Generator().manual_seed(head_dim + rotary_dim)
         T, Hq, Hkv = 333, 32, 8
         qkv = torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen).to(dtype).to(DEVICE)
         positions = torch.randint(0, 4096, (T,), generator=gen).to(DEVICE)
-        cos, sin = to_device(*rope_tables(head_dim, 4096))
-        ref = qkv.clone()
+        cos, sin = to_device(*rope_tables(rotary_dim, 4096))
+        ref, before = qkv.clone(), qkv.clone()
         views = lambda t: (t[:, : Hq * head_dim].view(T, Hq, head_dim),  # noqa: E731
                            t[:, Hq * head_dim : (Hq + Hkv) * head_dim].view(T, Hkv, head_dim))
         reference.apply_rotary(*views(ref), cos, sin, positions)
         norm_rope.apply_rotary(*views(qkv), cos, sin, positions)
         torch.testing.assert_close(qkv, ref, **TOL[dtype])
+        heads = lambda t: t.view(T, Hq + 2 * Hkv, head_dim)  # noqa: E731
+        assert torch.equal(heads(qkv)[..., rotary_dim:], heads(before)[..., rotary_dim:])
