@@ -184,7 +184,9 @@ def apply_rotary(
     each head's leading R <= D dims (partial rotary: the rest pass through). Computed in fp32
     and cast back, as engine/models/llama.py does. Returns (q, k)."""
     rotary_dim = 2 * cos.shape[-1]
-    if rotary_dim > q.shape[-1] or q.shape[-1] != k.shape[-1]:
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same head_dim")
+    if rotary_dim > q.shape[-1]:
         raise ValueError(f"cos/sin tables {tuple(cos.shape)} rotate more than head_dim {q.shape[-1]} dims")
     c, s = cos[positions].float().unsqueeze(1), sin[positions].float().unsqueeze(1)
     for x in (q, k):
