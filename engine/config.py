@@ -72,7 +72,7 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                    sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
-                 eos_token_id=32000),
+                 eos_token_id=32000, original_max_position_embeddings=4096),
     "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                     rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2),
@@ -250,6 +250,12 @@ class ModelConfig:
         max_positions = raw.get("max_position_embeddings", 2048)
         head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
         params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        if raw.get("rope_scaling") and isinstance(raw.get("rope_parameters"), dict):
+            # A rope_scaling given over a transformers-5 config (--hf-overrides' yarn): the theta and
+            # partial rotary that config saved in its rope_parameters still hold.
+            kept = {key: raw["rope_parameters"][key] for key in ("rope_theta", "partial_rotary_factor")
+                    if key in raw["rope_parameters"]}
+            params = kept | params
         rotary_dim = _rotary_dim(raw, params, family, head_dim)
         local_rope = None
         if family == "gemma3_text":  # rope by layer type: the full layers' scaled, the sliding ones' local
@@ -258,14 +264,17 @@ class ModelConfig:
                 {"full_attention": nested}
             # transformers puts a legacy rope_scaling over the full layers' parameters
             params = {**(by_type.get("full_attention") or {}), **(raw.get("rope_scaling") or {})}
+            # Its Gemma 3 reads neither a top-level pretraining length nor yarn's `truncate`
+            # (looked up beside the layer types, so always the default) for the nested parameters.
+            params.pop("truncate", None)
+            raw = {key: value for key, value in raw.items() if key != "original_max_position_embeddings"}
             local = dict(by_type.get("sliding_attention") or {})
             local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
+            local.pop("truncate", None)
             local_rope = read_rope(raw | {"rope_theta": None}, local, max_positions, rotary_dim)
         rope_theta, scaling = read_rope(raw, params, max_positions, rotary_dim,
                                         1e6 if family == "gemma3_text" else 10000.0, phi3=family == "phi3")
-        # A window that covers every position served is no window (Phi-4-mini's 262,144 of 131,072).
-        longest = rope_max_len(scaling, max_positions)
-        windows = tuple(0 if window >= longest else window for window in _layer_windows(raw, family))
+        windows = _layer_windows(raw, family)
         eos = raw.get("eos_token_id")
         tokens, method = _classifier_from_token(raw, arch)
         return cls(
@@ -312,8 +321,8 @@ def _rotary_dim(raw: dict[str, Any], params: dict[str, Any], family: str, head_d
     """The leading dims of each head that rotate: all, or Phi-3's `partial_rotary_factor` of
     them (Phi-4-mini's 3/4), its rope dict's value over the top-level one, as Phi3Config reads
     them. The other families' transformers models rotate every dim."""
-    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if partial == 1.0:
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial is None or partial == 1.0:
         return head_dim
     if family != "phi3":
         raise ValueError(f"partial_rotary_factor {partial} is not supported for {family}: its transformers "

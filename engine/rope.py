@@ -8,8 +8,10 @@ factors once a sequence passes the pretraining length (and re-encodes the cache 
 crosses it), dynamic NTK grows its base past `max_position_embeddings`. A paged cache keeps
 every key as it was rotated, so stoke fixes the choice once, by the longest sequence it serves
 (vLLM's rule): the long factors when max_model_len passes the pretraining length, dynamic's
-base for a sequence of max_model_len. Within those bounds every sequence gets transformers'
-numbers; longrope's short factors serve a max_model_len at most the pretraining length."""
+base for a sequence of max_model_len. A sequence gets transformers' numbers where transformers
+makes the same choice for it: under longrope, every sequence when served within the
+pretraining length, else those longer than it; under dynamic NTK, every sequence when served
+within max_position_embeddings, else one of max_model_len tokens."""
 
 from __future__ import annotations
 

@@ -219,7 +219,7 @@ def test_dynamic_ntk_logprobs_equal_transformers(tmp_path) -> None:
 def test_phi4_minis_released_config() -> None:
     """configs/phi-4-mini: Phi-4-mini-instruct's config.json. 96 of its 128 head dims rotate;
     served to 131,072 its long factors, to 4,096 its short ones (both scaled by
-    sqrt(1 + ln 32 / ln 4096)); its 262,144-key window covers every position, so no layer slides."""
+    sqrt(1 + ln 32 / ln 4096))."""
     import math
     from pathlib import Path
 
@@ -228,7 +228,7 @@ def test_phi4_minis_released_config() -> None:
     path = Path(__file__).resolve().parent.parent / "configs" / "phi-4-mini"
     ours = ModelConfig.from_dir(str(path))
     theirs = transformers.AutoConfig.from_pretrained(str(path))
-    assert (ours.head_dim, ours.rotary_dim, ours.longest_sequence, ours.layer_windows) == (128, 96, 131072, (0,) * 32)
+    assert (ours.head_dim, ours.rotary_dim, ours.longest_sequence) == (128, 96, 131072)
     assert ours.tie_word_embeddings and ours.eos_token_ids == [200020]
     for served, hf_length in ((131072, 4097), (4096, 4096)):  # transformers: long past 4,096 tokens
         rotary = Rotary(ours, served)
@@ -236,3 +236,55 @@ def test_phi4_minis_released_config() -> None:
         torch.testing.assert_close(rotary.cos[:4096], cos[:4096], atol=2e-6, rtol=0)
         torch.testing.assert_close(rotary.sin[:4096], sin[:4096], atol=2e-6, rtol=0)
     assert math.isclose(ours.rope_scaling["attention_factor"], math.sqrt(1 + math.log(32) / math.log(4096)))
+
+
+def test_a_rope_scaling_override_keeps_the_checkpoints_theta(tmp_path) -> None:
+    """YaRN switched on with --hf-overrides' rope_scaling over a config transformers 5 saved,
+    whose rope_theta (and partial rotary) sit in its rope_parameters: they still hold."""
+    import transformers
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    model = save(str(tmp_path), "qwen3", max_position_embeddings=32,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    intended = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path), rope_parameters=yarn | {
+        "rope_theta": 1e6}).eval()
+    llm = LLM(str(tmp_path), num_kv_blocks=64, block_size=4, hf_overrides={"rope_scaling": yarn})
+    assert llm.engine.runner.model_config.rope_theta == 1e6 and llm.engine.max_model_len == 128
+    assert_logprobs_equal_transformers(llm, intended, random_prompts(6, (100,)), max_tokens=4)
+    assert model.config.rope_parameters["rope_type"] == "default"
+    without_partial = {key: value for key, value in longrope().items() if key != "partial_rotary_factor"}
+    phi3 = model_config("phi3", rope_parameters=longrope(), rope_scaling=without_partial)
+    assert phi3.rotary_dim == 2 * PAIRS
+
+
+def test_phi3s_class_default_pretraining_length() -> None:
+    """Phi3Config's original_max_position_embeddings (4,096) is always there, and it wins over
+    the rope dict's, as transformers' standardisation puts it."""
+    import transformers
+
+    rope = longrope(original_max_position_embeddings=16)
+    ours = model_config("phi3", max_position_embeddings=8192, rope_scaling=rope)
+    theirs = transformers.Phi3Config(**(TINY_COMMON | dict(max_position_embeddings=8192, rope_parameters=rope)))
+    assert ours.rope_scaling["original_max_position_embeddings"] == theirs.original_max_position_embeddings == 4096
+    torch.testing.assert_close(Rotary(ours, 4097).cos, hf_tables(theirs, 4097)[0], atol=2e-5, rtol=0)
+
+
+def test_gemma3s_yarn_reads_as_its_transformers_model() -> None:
+    """Gemma 3's nested rope parameters: transformers reads neither yarn's `truncate` nor a
+    top-level pretraining length for them, so neither does stoke; both layer types' tables
+    equal its rotary embedding's."""
+    import transformers
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16,
+            "truncate": False}
+    config = transformers.Gemma3TextConfig(**(TINY_COMMON | dict(
+        head_dim=HEAD_DIM, max_position_embeddings=64, original_max_position_embeddings=4096,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={
+            "full_attention": yarn, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})))
+    ours = ModelConfig.from_dict(config.to_dict() | {"architectures": ["Gemma3ForCausalLM"]})
+    assert ours.longest_sequence == 64 and ours.rope_scaling["truncate"] is True
+    theirs = Gemma3RotaryEmbedding(config)
+    for local, layer_type in ((False, "full_attention"), (True, "sliding_attention")):
+        cos = theirs(torch.zeros(1), torch.arange(64)[None], layer_type)[0][0, :, :HEAD_DIM // 2]
+        torch.testing.assert_close(Rotary(ours, 64, local=local).cos, cos, atol=2e-7, rtol=0)

@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers, random_prompts
 
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 
 def windows(arch: str, **raw: object) -> tuple[int, ...]:
@@ -25,7 +25,6 @@ def test_each_familys_windows_are_read_as_transformers_reads_them() -> None:
     layers below it; Llama never. A missing window is the config class's default, a null none."""
     assert windows("MistralForCausalLM", sliding_window=64) == (64,) * 4
     assert windows("MistralForCausalLM") == (4096,) * 4
-    assert windows("MistralForCausalLM", sliding_window=8192) == (0,) * 4  # it covers every position: none
     assert windows("MistralForCausalLM", sliding_window=None) == ()
     assert windows("MistralForCausalLM", sliding_window=64, layer_types=["full_attention"] * 4) == (64,) * 4
     assert windows("MixtralForCausalLM") == () and windows("MixtralForCausalLM", sliding_window=32) == (32,) * 4
@@ -110,4 +109,22 @@ def test_a_qwen2_sliding_on_its_upper_layer_equals_transformers(tmp_path) -> Non
     llm = LLM(str(tmp_path), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.runner.model_config.layer_windows == (0, 5)
     assert_logprobs_equal_transformers(llm, model, random_prompts(6, (40, 7)), max_tokens=8)
+    assert_engine_idle(llm)
+
+
+def test_a_window_covering_every_position_is_none_to_the_kernels(tmp_path) -> None:
+    """Phi-4-mini's 262,144-key window over 131,072 positions: the kernels take no window,
+    while a Gemma 3 layer with such a window is still a sliding one, rotated by its local rope."""
+    from engine.models.llama import LlamaForCausalLM
+    from tests.test_gemma import save
+
+    model = LlamaForCausalLM(ModelConfig.from_dict(BASE | {"architectures": ["MistralForCausalLM"],
+                                                           "sliding_window": 256}))
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [0] * 4
+    hf = save("gemma3", str(tmp_path), max_position_embeddings=64, sliding_window=64)
+    llm = LLM(str(tmp_path), num_kv_blocks=64, block_size=4)
+    layers = [layer.self_attn for layer in llm.engine.runner.model.model.layers]
+    sliding = [bool(window) for window in llm.engine.runner.model_config.layer_windows]
+    assert any(sliding) and [(a.sliding_window, a.local_rope) for a in layers] == [(0, s) for s in sliding]
+    assert_logprobs_equal_transformers(llm, hf, random_prompts(1, (40, 9)), max_tokens=6)
     assert_engine_idle(llm)

@@ -149,9 +149,13 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = config.attention_scale or self.head_dim**-0.5
-        self.sliding_window, self.softcap = config.window(layer), config.attn_softcap
-        # A sliding layer of a model with a local rope (Gemma 3) rotates by that one.
-        self.local_rope = bool(self.sliding_window) and config.local_rope is not None
+        window = config.window(layer)
+        # A window that covers every position served is none to the kernels (Phi-4-mini's 262,144
+        # keys of 131,072), but its layer is still a sliding one: with a local rope (Gemma 3's),
+        # it rotates by that one.
+        self.sliding_window = window if window < config.longest_sequence else 0
+        self.softcap = config.attn_softcap
+        self.local_rope = bool(window) and config.local_rope is not None
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
