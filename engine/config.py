@@ -24,6 +24,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     # Phi-3 and Phi-4: Llama's decoder with q/k/v and gate/up saved fused.
     "Phi3ForCausalLM": "phi3",
+    # SmolLM3: Llama's decoder with no rotary embedding on every fourth layer (NoPE).
+    "SmolLM3ForCausalLM": "smollm3",
     # Mixtures of experts: a routed MLP (engine/models/moe.py) on their sparse layers.
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -39,6 +41,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2Model": "qwen2",
     "Qwen3Model": "qwen3",
     "Phi3Model": "phi3",
+    "SmolLM3Model": "smollm3",
     "MixtralModel": "mixtral",
     "Qwen2MoeModel": "qwen2_moe",
     "Qwen3MoeModel": "qwen3_moe",
@@ -51,6 +54,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForSequenceClassification": "qwen2",
     "Qwen3ForSequenceClassification": "qwen3",
     "Phi3ForSequenceClassification": "phi3",
+    "SmolLM3ForSequenceClassification": "smollm3",
     "MixtralForSequenceClassification": "mixtral",
     "Qwen2MoeForSequenceClassification": "qwen2_moe",
     "Qwen3MoeForSequenceClassification": "qwen3_moe",
@@ -73,6 +77,10 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
                  eos_token_id=32000, original_max_position_embeddings=4096),
+    "smollm3": dict(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    rope_theta=2e6, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=True,
+                    no_rope_layer_interval=4),
     "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                     rms_norm_eps=1e-5, rope_theta=1e6, bos_token_id=1, eos_token_id=2),
@@ -172,6 +180,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     rotary_dim: int = 0  # the leading dims of each head that rotate (Phi-4-mini's 3/4); 0: all of them
+    nope_layers: tuple[int, ...] = ()  # the layers with no rotary embedding at all (SmolLM3's every fourth)
     # Each layer's attention window (0: full attention): a query at position p sees the keys
     # after p - window, as transformers' sliding-window layers. Empty: every layer full.
     layer_windows: tuple[int, ...] = ()
@@ -274,7 +283,8 @@ class ModelConfig:
             local_rope = read_rope(raw | {"rope_theta": None}, local, max_positions, rotary_dim)
         rope_theta, scaling = read_rope(raw, params, max_positions, rotary_dim,
                                         1e6 if family == "gemma3_text" else 10000.0, phi3=family == "phi3")
-        windows = _layer_windows(raw, family)
+        nope = _nope_layers(raw, family)
+        windows = _layer_windows(raw, family, nope)
         eos = raw.get("eos_token_id")
         tokens, method = _classifier_from_token(raw, arch)
         return cls(
@@ -291,6 +301,7 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=max_positions,
             rotary_dim=rotary_dim,
+            nope_layers=nope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(raw.get("qkv_bias", True))),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
@@ -334,15 +345,32 @@ def _rotary_dim(raw: dict[str, Any], params: dict[str, Any], family: str, head_d
     return rotary_dim
 
 
-def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
+def _nope_layers(raw: dict[str, Any], family: str) -> tuple[int, ...]:
+    """SmolLM3's layers without rope: `no_rope_layers` (1: rope, 0: none, per layer), else one
+    every `no_rope_layer_interval` layers (the fourth, eighth, ...), as SmolLM3Config builds it."""
+    if family != "smollm3":
+        return ()
+    num_layers = raw["num_hidden_layers"]
+    flags = raw.get("no_rope_layers")
+    if flags is None:
+        interval = raw["no_rope_layer_interval"]
+        if not is_int(interval) or interval < 1:
+            raise ValueError(f"no_rope_layer_interval must be a positive integer, got {interval!r}")
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if not isinstance(flags, list) or len(flags) != num_layers or not all(f in (0, 1) for f in flags):
+        raise ValueError(f"no_rope_layers must be a 0 or 1 for each of the {num_layers} layers, got {flags!r:.200}")
+    return tuple(i for i, rotates in enumerate(flags) if not rotates)
+
+
+def _layer_windows(raw: dict[str, Any], family: str, nope_layers: tuple[int, ...] = ()) -> tuple[int, ...]:
     """Each layer's window (0: full), as transformers' config class and model read config.json:
     a missing `sliding_window` is the class default, an explicit null no window. Mistral,
     Mixtral, Qwen3-MoE and Phi-3 slide on every layer, Llama never; Qwen2/Qwen3 (and
     Qwen2-MoE) only with `use_sliding_window` (released configs carry a window they do not use), on the layers
-    `layer_types` names, else by `max_window_layers`; Gemma 2 on every other layer, Gemma 3 on
-    five in six (`sliding_window_pattern`)."""
+    `layer_types` names, else by `max_window_layers`; SmolLM3 likewise, on its layers without
+    rope; Gemma 2 on every other layer, Gemma 3 on five in six (`sliding_window_pattern`)."""
     window = raw.get("sliding_window")
-    if family == "llama" or family.startswith("qwen") and not raw.get("use_sliding_window"):
+    if family == "llama" or (family.startswith("qwen") or family == "smollm3") and not raw.get("use_sliding_window"):
         window = None
     num_layers = raw["num_hidden_layers"]
     if not window:
@@ -355,7 +383,8 @@ def _layer_windows(raw: dict[str, Any], family: str) -> tuple[int, ...]:
         pattern = raw.get("sliding_window_pattern", 6)
         slides = {"qwen2": lambda i: i >= last, "qwen3": lambda i: i >= last,
                   "qwen2_moe": lambda i: i % 2 == 0 and i < last,
-                  "gemma2": lambda i: i % 2 == 0, "gemma3_text": lambda i: (i + 1) % pattern != 0}.get(family)
+                  "gemma2": lambda i: i % 2 == 0, "gemma3_text": lambda i: (i + 1) % pattern != 0,
+                  "smollm3": lambda i: i in nope_layers}.get(family)
         types = ["sliding_attention" if slides is None or slides(i) else "full_attention" for i in range(num_layers)]
     if not isinstance(types, list) or len(types) != num_layers \
             or not set(types) <= {"sliding_attention", "full_attention"}:

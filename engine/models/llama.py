@@ -1,9 +1,9 @@
-"""The Llama family in one file: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
-(q/k RMSNorm), Phi-3 and Phi-4 (q/k/v and gate/up saved fused), and the mixtures of experts
-Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse layers' MLP is engine/models/moe.py's; Gemma 2
-and 3 are the same decoder with the changes ModelConfig's Gemma fields name. Tokens of all
-sequences are flattened to [T, hidden]; attention goes through the paged kernels, so this file
-knows nothing about batching or padding.
+"""The Llama family in one file: Llama 2/3, SmolLM2, SmolLM3 (no rope on every fourth layer),
+Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm), Phi-3 and Phi-4 (q/k/v and gate/up saved
+fused), and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse layers' MLP
+is engine/models/moe.py's; Gemma 2 and 3 are the same decoder with the changes ModelConfig's
+Gemma fields name. Tokens of all sequences are flattened to [T, hidden]; attention goes through
+the paged kernels, so this file knows nothing about batching or padding.
 
 The layers pass the residual stream beside the hidden states (vLLM's style), so that the
 residual add and the next RMSNorm run as one fused kernel; rotary embedding then runs in place
@@ -156,6 +156,7 @@ class Attention(nn.Module):
         self.sliding_window = window if window < config.longest_sequence else 0
         self.softcap = config.attn_softcap
         self.local_rope = bool(window) and config.local_rope is not None
+        self.rotates = layer not in config.nope_layers
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
@@ -171,7 +172,9 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_kernels is not None:  # in place on the (strided) views
+        if not self.rotates:  # a NoPE layer (SmolLM3's): no position but the causal order
+            pass
+        elif self.rope_kernels is not None:  # in place on the (strided) views
             self.rope_kernels.apply_rotary(q, k, rope.cos_table, rope.sin_table, rope.positions)
         else:
             q, k = Rotary.apply(rope.cos_sin, q, k)
