@@ -357,9 +357,16 @@ def _nope_layers(raw: dict[str, Any], family: str) -> tuple[int, ...]:
         if not is_int(interval) or interval < 1:
             raise ValueError(f"no_rope_layer_interval must be a positive integer, got {interval!r}")
         flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
-    if not isinstance(flags, list) or len(flags) != num_layers or not all(f in (0, 1) for f in flags):
+    # At least one flag a layer (a pruned model's list may run on), as SmolLM3's attention reads it.
+    if not isinstance(flags, list) or len(flags) < num_layers or not all(f in (0, 1) for f in flags):
         raise ValueError(f"no_rope_layers must be a 0 or 1 for each of the {num_layers} layers, got {flags!r:.200}")
-    return tuple(i for i, rotates in enumerate(flags) if not rotates)
+    if not raw.get("use_sliding_window") and raw.get("sliding_window") \
+            and "sliding_attention" in (raw.get("layer_types") or []):
+        # transformers' SmolLM3 masks those layers by their window under sdpa and eager but not
+        # under flash attention: no one answer to give
+        raise ValueError("layer_types names sliding layers while use_sliding_window is false: SmolLM3's "
+                         "transformers model windows them under some attention implementations only")
+    return tuple(i for i, rotates in enumerate(flags[:num_layers]) if not rotates)
 
 
 def _layer_windows(raw: dict[str, Any], family: str, nope_layers: tuple[int, ...] = ()) -> tuple[int, ...]:

@@ -68,15 +68,19 @@ def test_a_classifier_and_a_base_model_equal_transformers(tmp_path) -> None:
 
 
 def test_config_reading() -> None:
-    """no_rope_layers (1: rope) over no_rope_layer_interval; SmolLM3Config's defaults where keys
-    are missing (theta 2e6, tied embeddings); windows only with use_sliding_window; bad lists
-    refused."""
+    """no_rope_layers (1: rope; a longer list's first flags) over no_rope_layer_interval;
+    SmolLM3Config's defaults where keys are missing (theta 2e6, tied embeddings); windows only
+    with use_sliding_window; short lists, and sliding layer_types without use_sliding_window
+    (windowed by some of transformers' attention implementations only), refused."""
     assert ModelConfig.from_dict(raw(no_rope_layers=[0, 1, 1, 0])).nope_layers == (0, 3)
     assert ModelConfig.from_dict(raw(no_rope_layer_interval=1)).nope_layers == (0, 1, 2, 3)
     assert ModelConfig.from_dict(raw(sliding_window=8)).layer_windows == ()
     bare = ModelConfig.from_dict({"architectures": ["SmolLM3ForCausalLM"], **TINY_COMMON, "num_hidden_layers": 8})
     assert (bare.rope_theta, bare.tie_word_embeddings, bare.nope_layers) == (2e6, True, (3, 7))
+    assert ModelConfig.from_dict(raw() | {"no_rope_layers": [1, 0, 1, 1, 0, 0]}).nope_layers == (1,)  # pruned
     with pytest.raises(ValueError, match="no_rope_layers must be a 0 or 1 for each of the 4 layers"):
         ModelConfig.from_dict(raw() | {"no_rope_layers": [1, 1, 0]})
+    with pytest.raises(ValueError, match="use_sliding_window is false"):
+        ModelConfig.from_dict(raw(sliding_window=8) | {"layer_types": ["full_attention", "sliding_attention"] * 2})
     with pytest.raises(ValueError, match="attention_bias"):
         ModelConfig.from_dict(raw(attention_bias=True))
