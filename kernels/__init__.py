@@ -23,25 +23,40 @@ logger = logging.getLogger(__name__)
 __all__ = ["BACKENDS", "BACKEND_ENV", "attention_backend", "reference", "triton_takes_head_dim"]
 
 TRITON_MIN_HEAD_DIM = 16  # tl.dot needs every tile dimension >= 16
+TRITON_MAX_PADDED_HEAD_DIM = 256  # the widest tile the kernels are sized, tuned and compile-checked for
 
 
 def triton_takes_head_dim(head_dim: int) -> bool:
-    """The Triton attention kernels' head dims: powers of two from 16 (a tile's width)."""
-    return head_dim >= TRITON_MIN_HEAD_DIM and head_dim & (head_dim - 1) == 0
+    """The Triton attention kernels' head dims: multiples of 16 from 16 to 256 (Phi-3-mini's 96,
+    80, 112, 160, 192 as well as the powers of two), and the larger powers of two as before.
+    A head dim that is not a power of two is tiled as the next one (BLOCK_D) with the rest of
+    each row masked; a multiple of 16 keeps every head's row 16-element aligned, so the masked
+    loads still vectorise (16 bytes at a time)."""
+    if head_dim < TRITON_MIN_HEAD_DIM:
+        return False
+    if head_dim & (head_dim - 1) == 0:
+        return True
+    return head_dim % TRITON_MIN_HEAD_DIM == 0 and head_dim <= TRITON_MAX_PADDED_HEAD_DIM
+
+
+def _triton_head_dims() -> str:
+    return (f"multiples of {TRITON_MIN_HEAD_DIM} from {TRITON_MIN_HEAD_DIM} to {TRITON_MAX_PADDED_HEAD_DIM} "
+            "and larger powers of two")
 
 
 def attention_backend(device: torch.device, head_dim: int | None = None) -> ModuleType:
     """The kernels module to run on `device`: Triton on CUDA (the torch reference, with a
-    warning, for a `head_dim` Triton does not take: Phi-3-mini's 96), else the C kernels (the
-    reference where they can't be built); the env var overrides, and then a failure is an error."""
+    warning, for a `head_dim` Triton does not take (`triton_takes_head_dim`: not a multiple of
+    16, say 72, or wider than 256 and not a power of two), else the C kernels (the reference
+    where they can't be built); the env var overrides, and then a failure is an error."""
     name = os.environ.get(BACKEND_ENV)
     if name == "triton" and head_dim is not None and not triton_takes_head_dim(head_dim):
-        raise ValueError(f"{BACKEND_ENV}=triton: the Triton attention kernels take head dims that are powers of "
-                         f"two from {TRITON_MIN_HEAD_DIM}, and this model's is {head_dim}; choose reference")
+        raise ValueError(f"{BACKEND_ENV}=triton: the Triton attention kernels take head dims that are "
+                         f"{_triton_head_dims()}, and this model's is {head_dim}; choose reference")
     if not name:
         if torch.device(device).type == "cuda" and head_dim is not None and not triton_takes_head_dim(head_dim):
-            logger.warning("head_dim %d: the Triton attention kernels take powers of two from %d; running the "
-                           "torch reference attention (no CUDA graphs)", head_dim, TRITON_MIN_HEAD_DIM)
+            logger.warning("head_dim %d: the Triton attention kernels take %s; running the torch reference "
+                           "attention (no CUDA graphs)", head_dim, _triton_head_dims())
             return reference
         if torch.device(device).type == "cuda":
             name = "triton"

@@ -38,6 +38,15 @@ seen no key yet keeps an empty softmax (no NaN). No key that no query sees is lo
 engine may free the blocks wholly before the window of a sequence's first query in the step
 (their table entries are then never dereferenced).
 
+Head dims: multiples of 16 up to 256 (`kernels.triton_takes_head_dim`) and larger powers of
+two. One that is not a power of two (Phi-3-mini's 96; 80, 112, 160, 192) is tiled BLOCK_D wide,
+the next power of two, with every load and store along d masked past HEAD_DIM: loads read 0
+there, so the dots and the softmax see the head alone, and stores never touch the next head.
+The masks are constexpr-guarded, so a power-of-two head dim compiles to the PTX it did before
+them. Tiles are chosen by BLOCK_D (registers and shared memory are the tile's), and tensor
+descriptors, whose boxes are powers of two, are left to power-of-two head dims: a padded one
+reads the new tokens' K/V through pointers (`rows`).
+
 Keys are gathered token by token through the block table (a tile may span several cache
 blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
 sequence's context are masked, so stale cache slots are never read (even NaN is harmless).
@@ -55,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import TRITON_MIN_HEAD_DIM, triton_takes_head_dim
+from kernels import TRITON_MAX_PADDED_HEAD_DIM, TRITON_MIN_HEAD_DIM, triton_takes_head_dim
 from kernels.tuning import NEW_KV_SOURCES, KernelTuning, load_tuning
 
 LOG2E = 1.4426950408889634
@@ -83,24 +92,51 @@ def _kv_offsets(table_row, tile_start, offs_n, ctx, stride_block, stride_slot,
     return block * stride_block + slot.to(tl.int64) * stride_slot
 
 
+# Head dims that are not powers of two (Phi-3-mini's 96) are tiled BLOCK_D wide, the next power
+# of two, and each kernel masks the columns past HEAD_DIM: loads read 0 there (so they add
+# nothing to q·k, and P·V's padded columns are never stored), stores skip them (they are the
+# next head's memory). Those masks are constexpr-guarded (PADDED = BLOCK_D != HEAD_DIM), so a
+# power-of-two head dim compiles to exactly the kernels it did before (the PTX is identical).
+# Masks are computed before the pointers they guard, as a load's keyword argument is
+# evaluated first: the same op order, the same PTX.
+
+
 @triton.jit
-def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
-    """One online-softmax step of rows `q` `[M, D]` over a K/V tile `[N, D]`."""
-    if MASKED:
-        k = tl.load(k_ptrs, mask=kv_mask[:, None], other=0.0)
+def _rows_mask(row_mask, d_mask, PADDED: tl.constexpr):
+    """The mask of a `[rows, BLOCK_D]` tile: the rows where `row_mask`, and with PADDED only
+    each row's HEAD_DIM columns (`d_mask`)."""
+    if PADDED:
+        mask = row_mask[:, None] & d_mask[None, :]
     else:
-        k = tl.load(k_ptrs)
+        mask = row_mask[:, None]
+    return mask
+
+
+@triton.jit
+def _load_rows(ptrs, row_mask, d_mask, MASK_ROWS: tl.constexpr, PADDED: tl.constexpr):
+    """A K or V tile `[rows, BLOCK_D]`: the masked rows (MASK_ROWS) and padded columns read 0."""
+    if MASK_ROWS:
+        x = tl.load(ptrs, mask=_rows_mask(row_mask, d_mask, PADDED), other=0.0)
+    elif PADDED:
+        x = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e,
+                 MASKED: tl.constexpr, PADDED: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
+                 EMPTY_ROWS: tl.constexpr):
+    """One online-softmax step of rows `q` `[M, BLOCK_D]` over a K/V tile `[N, BLOCK_D]`."""
+    k = _load_rows(k_ptrs, kv_mask, d_mask, MASKED, PADDED)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
     if SOFTCAP > 0:  # before the mask: a masked score may be anything
         s = _softcapped(s, scale_log2e, SOFTCAP)
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
     m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e, SOFTCAP, EMPTY_ROWS)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=kv_mask[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = _load_rows(v_ptrs, kv_mask, d_mask, MASKED, PADDED)
     v = v.to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return m_new, l_i, acc
@@ -161,13 +197,14 @@ def _online_softmax(s, m_i, l_i, scale_log2e, SOFTCAP: tl.constexpr, EMPTY_ROWS:
 @triton.jit
 def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
               stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-              kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
               TILE_IN_BLOCK: tl.constexpr, SAME_LAYOUT: tl.constexpr, USE_TMA: tl.constexpr,
               DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """One online-softmax step over the key tile `start + offs_n` of a sequence: loaded through
     the tensor descriptors (USE_TMA: the tile lies inside one cache block) or gathered through
     the block table."""
+    tl.static_assert(not (USE_TMA and PADDED), "tensor descriptors take power-of-two head dims only")
     if USE_TMA:
         row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
         m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
@@ -182,19 +219,20 @@ def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_d
             v_off = _kv_offsets(table_row, start, offs_n, ctx, stride_vc_block, stride_vc_slot,
                                 BLOCK_SIZE, TILE_IN_BLOCK)
         m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
-                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC,
-                                     SOFTCAP, EMPTY_ROWS)
+                                     kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, PADDED,
+                                     DOT_PREC, SOFTCAP, EMPTY_ROWS)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _fresh_tile(q, start, offs_n, kvh, key_head, value_head, key_desc, value_desc, stride_kt, stride_vt,
-                kv_mask, score_mask, m_i, l_i, acc, scale_log2e,
-                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
-                SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+                kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e,
+                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, USE_TMA: tl.constexpr,
+                DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """One online-softmax step over the step's own K/V rows `start + offs_n` (contiguous
     token rows, whatever the cache's block size): through the tensor descriptors (USE_TMA) or
     plain loads."""
+    tl.static_assert(not (USE_TMA and PADDED), "tensor descriptors take power-of-two head dims only")
     if USE_TMA:
         column = kvh * HEAD_DIM
         m_i, l_i, acc = _attend_loaded(q, key_desc.load([start, column]), value_desc.load([start, column]),
@@ -203,8 +241,8 @@ def _fresh_tile(q, start, offs_n, kvh, key_head, value_head, key_desc, value_des
     else:
         rows = (start + offs_n).to(tl.int64)[:, None]
         m_i, l_i, acc = _attend_tile(q, key_head + rows * stride_kt, value_head + rows * stride_vt,
-                                     kv_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, DOT_PREC,
-                                     SOFTCAP, EMPTY_ROWS)
+                                     kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, PADDED,
+                                     DOT_PREC, SOFTCAP, EMPTY_ROWS)
     return m_i, l_i, acc
 
 
@@ -216,14 +254,16 @@ def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_h < NUM_KV_HEADS)[:, None]
+        if BLOCK_D != HEAD_DIM:  # a padded head dim: never past a head (the next one's memory)
+            mask = mask & (offs_d < HEAD_DIM)[None, :]
         t64 = t.to(tl.int64)
         k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
         v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
@@ -258,7 +298,8 @@ def store_kv(
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **LAUNCH_OPTIONS,
     )
 
@@ -275,7 +316,7 @@ def _decode_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
     stride_bt, stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
@@ -289,14 +330,14 @@ def _decode_kernel(
                                   context_lens_ptr, scale_log2e, stride_qb, stride_qh,
                                   stride_kc_block, stride_kc_slot, stride_kc_h,
                                   stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
-                                  GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT, DOT_PREC,
-                                  WINDOW, SOFTCAP)
+                                  GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT,
+                                  DOT_PREC, WINDOW, SOFTCAP)
     if SPLIT:
         _decode_partial(m_i, l_i, acc, b, kvh, split, tl.num_programs(1), num_splits,
                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
-                        GROUP, BLOCK_G, HEAD_DIM, FUSED_MERGE, BLOCK_S, MERGE_HEADS, BLOCK_GM)
+                        GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, FUSED_MERGE, BLOCK_S, MERGE_HEADS, BLOCK_GM)
     else:
-        _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM)
+        _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -308,7 +349,7 @@ def _decode_graphed_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
     stride_bt, stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -326,14 +367,14 @@ def _decode_graphed_kernel(
                                       context_lens_ptr, scale_log2e, stride_qb, stride_qh,
                                       stride_kc_block, stride_kc_slot, stride_kc_h,
                                       stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
-                                      GROUP, BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT,
-                                      DOT_PREC, WINDOW, SOFTCAP)
+                                      GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK,
+                                      SAME_LAYOUT, DOT_PREC, WINDOW, SOFTCAP)
         if num_splits > 1:
             _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
                             out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
-                            GROUP, BLOCK_G, HEAD_DIM, True, BLOCK_S, MERGE_HEADS, BLOCK_GM)
+                            GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, True, BLOCK_S, MERGE_HEADS, BLOCK_GM)
         else:
-            _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM)
+            _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -344,7 +385,7 @@ def _decode_split(
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
     stride_bt,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
@@ -364,17 +405,19 @@ def _decode_split(
         lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
 
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * GROUP + offs_g
     b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < GROUP)[:, None], other=0.0)
+                mask=_rows_mask(offs_g < GROUP, d_mask, PADDED), other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + b64 * stride_bt
     k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
     v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
@@ -389,36 +432,40 @@ def _decode_split(
             kv_mask = start + offs_n < ctx
         m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, None, None,
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                  kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC, SOFTCAP, False)
+                                  kv_mask, d_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                  PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC, SOFTCAP, False)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _decode_output(l_i, acc, b, kvh, out_ptr, stride_ob, stride_oh,
-                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """An unsplit context's output rows."""
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # context 0 (padding rows): zeros
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + (kvh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=_rows_mask(offs_g < GROUP, offs_d < HEAD_DIM, PADDED))
 
 
 @triton.jit
 def _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
                     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
-                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, FUSED_MERGE: tl.constexpr,
-                    BLOCK_S: tl.constexpr, MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr):
+                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_HEADS: tl.constexpr,
+                    BLOCK_GM: tl.constexpr):
     """A split's partial; with FUSED_MERGE, the last split of the (sequence, kv head) to arrive
     merges them all into the output rows."""
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     g_mask = offs_g < GROUP
     b64 = b.to(tl.int64)
-    # Partials [B, Hq, S, D] and [B, Hq, S], contiguous.
+    # Partials [B, Hq, S, D] and [B, Hq, S], contiguous (rows of HEAD_DIM, not BLOCK_D).
     row = (b64 * num_kv_heads * GROUP + kvh * GROUP + offs_g) * num_splits + split
-    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
+             mask=_rows_mask(g_mask, offs_d < HEAD_DIM, PADDED))
     tl.store(part_m_ptr + row, m_i, mask=g_mask)
     tl.store(part_l_ptr + row, l_i, mask=g_mask)
     if FUSED_MERGE:
@@ -434,27 +481,33 @@ def _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
                 _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
                               (b64 * num_kv_heads * GROUP + head) * num_splits, num_splits,
                               out_ptr + b64 * stride_ob + head * stride_oh, stride_oh,
-                              MERGE_HEADS, BLOCK_GM, HEAD_DIM, BLOCK_S)
+                              MERGE_HEADS, BLOCK_GM, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
 @triton.jit(noinline=True)  # inlined into the decode kernel, fp32 tiles spilled 1 KiB on sm_90
 def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, out_ptr, stride_oh,
-                  HEADS: tl.constexpr, BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                  HEADS: tl.constexpr, BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
     """Write the outputs of HEADS (<= BLOCK_GM) consecutive query heads of one sequence (from
     `out_ptr`) from their `num_splits` partials each, at rows `first_row + g * num_splits + s`:
     one load of all of them, not one per head, since in the fused merge this is the tail of the
     last split to finish. Loads bypass L1 (`.cg`): other programs of the same launch wrote them."""
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     if HEADS == 1:
         # One head as [S] and [S, D]: as [1, S, D], fp32's caller spilled (sm_90, Triton 3.6).
         s_mask = offs_s < num_splits
         row = first_row + offs_s
         m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0, cache_modifier=".cg")
-        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0,
-                      cache_modifier=".cg")
-        tl.store(out_ptr + offs_d, _merged(m, l, acc, 0).to(out_ptr.dtype.element_ty))
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=_rows_mask(s_mask, d_mask, PADDED),
+                      other=0.0, cache_modifier=".cg")
+        if PADDED:
+            tl.store(out_ptr + offs_d, _merged(m, l, acc, 0).to(out_ptr.dtype.element_ty), mask=d_mask)
+        else:
+            tl.store(out_ptr + offs_d, _merged(m, l, acc, 0).to(out_ptr.dtype.element_ty))
     else:
         offs_g = tl.arange(0, BLOCK_GM)
         g_mask = offs_g < HEADS
@@ -462,10 +515,14 @@ def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, first_row, num_splits, o
         row = first_row + offs_g[:, None] * num_splits + offs_s[None, :]  # [G, S]
         m = tl.load(part_m_ptr + row, mask=mask, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(part_l_ptr + row, mask=mask, other=0.0, cache_modifier=".cg")
-        acc = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None],
+        if PADDED:
+            acc_mask = mask[:, :, None] & d_mask[None, None, :]
+        else:
+            acc_mask = mask[:, :, None]
+        acc = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=acc_mask,
                       other=0.0, cache_modifier=".cg")  # [G, S, D]
         tl.store(out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :],
-                 _merged(m, l, acc, 1).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+                 _merged(m, l, acc, 1).to(out_ptr.dtype.element_ty), mask=_rows_mask(g_mask, d_mask, PADDED))
 
 
 @triton.jit
@@ -482,14 +539,14 @@ def _merged(m, l, acc, AXIS: tl.constexpr):
 def _decode_reduce_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, num_splits,
     stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_GM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # One program per (sequence, kv head), as the fused merge.
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, (b * tl.num_programs(1) + kvh) * GROUP * num_splits,
                   num_splits, out_ptr + b * stride_ob + kvh * GROUP * stride_oh, stride_oh, GROUP,
-                  BLOCK_GM, HEAD_DIM, BLOCK_S)
+                  BLOCK_GM, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
 def paged_decode_attention(
@@ -549,6 +606,7 @@ def paged_decode_attention(
         _decode_reduce_kernel[(B, num_kv_heads)](
             part_acc, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
             GROUP=group, BLOCK_GM=triton.next_power_of_2(group), HEAD_DIM=head_dim,
+            BLOCK_D=triton.next_power_of_2(head_dim),
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4 if group * head_dim * num_splits >= 2048 else 2, **LAUNCH_OPTIONS,
         )
@@ -577,6 +635,7 @@ def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                block_tables.stride(0), out.stride(0), out.stride(1))
     options = dict(
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
@@ -743,9 +802,9 @@ def _prefill_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
     stride_bt, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_TMA: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILE_IN_BLOCK: tl.constexpr, SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_TMA: tl.constexpr,
     FRESH: tl.constexpr, FRESH_TMA: tl.constexpr, SKIP_LEADING: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
@@ -776,14 +835,16 @@ def _prefill_kernel(
     heads = first_head + rows % HEADS
     row_mask = (offs_q < q_len) & (rows % HEADS < GROUP)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     tok = (q_start + offs_q).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask[:, None], other=0.0)
+                mask=_rows_mask(row_mask, d_mask, PADDED), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_kc_h + offs_d[None, :]
     v_head = v_cache_ptr + kvh * stride_vc_h + offs_d[None, :]
@@ -815,8 +876,8 @@ def _prefill_kernel(
     for start in range(open_start, full_end, BLOCK_N):
         m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                  offs_n, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, BLOCK_SIZE,
-                                  TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                  offs_n, d_mask, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, PADDED,
+                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
     if FRESH:
         if WINDOW > 0:
             # The window's first tiles, then the prefix's tail where the window reaches it.
@@ -828,8 +889,8 @@ def _prefill_kernel(
                 kv_mask = (keys < prefix) & (keys >= seen)
                 m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                          kv_mask, kv_mask[None, :] & (keys[None, :] > window_lo[:, None]),
-                                          m_i, l_i, acc, scale_log2e, True, HEAD_DIM, BLOCK_SIZE, TILE_IN_BLOCK,
+                                          kv_mask, d_mask, kv_mask[None, :] & (keys[None, :] > window_lo[:, None]),
+                                          m_i, l_i, acc, scale_log2e, True, HEAD_DIM, PADDED, BLOCK_SIZE, TILE_IN_BLOCK,
                                           SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
         else:
             # At most one tile, but as a loop: straight-line, it took 255 registers and spilled
@@ -838,9 +899,9 @@ def _prefill_kernel(
                 kv_mask = start + offs_n < prefix
                 m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                          kv_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                          BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
-                                          EMPTY_ROWS)
+                                          kv_mask, d_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True,
+                                          HEAD_DIM, PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA,
+                                          DOT_PREC, SOFTCAP, EMPTY_ROWS)
         key_head = key_ptr + kvh * stride_kh + offs_d[None, :]
         value_head = value_ptr + kvh * stride_vh + offs_d[None, :]
         first_q = tile * BLOCK_Q
@@ -856,8 +917,8 @@ def _prefill_kernel(
             fresh_open = 0
         for start in range(fresh_open, fresh_full, BLOCK_N):
             m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc, value_desc,
-                                        stride_kt, stride_vt, offs_n, offs_n, m_i, l_i, acc, scale_log2e,
-                                        False, HEAD_DIM, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                        stride_kt, stride_vt, offs_n, d_mask, offs_n, m_i, l_i, acc, scale_log2e,
+                                        False, HEAD_DIM, PADDED, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
         if WINDOW > 0:
             # The window's first tiles, then the diagonal.
             fresh_win_tiles = tl.maximum(fresh_open - fresh_start, 0) // BLOCK_N
@@ -868,16 +929,18 @@ def _prefill_kernel(
                 score_mask = ((keys[None, :] <= offs_q[:, None]) & kv_mask[None, :]
                               & (keys[None, :] > (offs_q - WINDOW)[:, None]))
                 m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc,
-                                            value_desc, stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc,
-                                            scale_log2e, True, HEAD_DIM, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                            value_desc, stride_kt, stride_vt, kv_mask, d_mask, score_mask, m_i, l_i,
+                                            acc, scale_log2e, True, HEAD_DIM, PADDED, FRESH_TMA, DOT_PREC, SOFTCAP,
+                                            EMPTY_ROWS)
         else:
             for start in range(fresh_full, tl.minimum(first_q + BLOCK_Q, q_len), BLOCK_N):
                 keys = start + offs_n
                 kv_mask = keys < q_len
                 score_mask = (keys[None, :] <= offs_q[:, None]) & kv_mask[None, :]
                 m_i, l_i, acc = _fresh_tile(q, q_start + start, offs_n, kvh, key_head, value_head, key_desc,
-                                            value_desc, stride_kt, stride_vt, kv_mask, score_mask, m_i, l_i, acc,
-                                            scale_log2e, True, HEAD_DIM, FRESH_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                            value_desc, stride_kt, stride_vt, kv_mask, d_mask, score_mask, m_i, l_i,
+                                            acc, scale_log2e, True, HEAD_DIM, PADDED, FRESH_TMA, DOT_PREC, SOFTCAP,
+                                            EMPTY_ROWS)
     else:
         if WINDOW > 0:
             # The window's first tiles, then the diagonal.
@@ -889,8 +952,8 @@ def _prefill_kernel(
                               & (keys[None, :] > window_lo[:, None]))
                 m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                          kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                          BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
+                                          kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                          PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
                                           EMPTY_ROWS)
         else:
             # The diagonal. Key 0 is always visible, so if the first loop was empty every row
@@ -901,15 +964,15 @@ def _prefill_kernel(
                 score_mask = (keys[None, :] <= positions[:, None]) & kv_mask[None, :]
                 m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
-                                          kv_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                          BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
+                                          kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
+                                          PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
                                           EMPTY_ROWS)
 
     if WINDOW > 0:  # rows past the sequence may have seen no key: zeros (never stored) over NaN
         l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=_rows_mask(row_mask, d_mask, PADDED))
 
 
 def paged_prefill_attention(
@@ -944,7 +1007,9 @@ def paged_prefill_attention(
     far). `pack_gqa` forces whether a program takes all query heads of a kv head (None: when
     the group is a power of two, so no row of the tile is wasted). `cache_tma` loads cache
     tiles through tensor descriptors: an experiment for benchmarks/kernel_configs.py, only
-    where a key tile lies inside one cache block.
+    where a key tile lies inside one cache block. Tensor descriptors (`tma`, `cache_tma`) take
+    power-of-two head dims only (a box is a power of two wide); a tuning's `tma` is `rows` for
+    the others.
 
     `skip_sequences`: an int32 tensor on the device whose first element is how many leading
     sequences to leave alone (a mixed CUDA graph's decodes, which
@@ -962,7 +1027,7 @@ def paged_prefill_attention(
         raise ValueError(f"paged_prefill_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must be "
                          f"{(Tq, num_kv_heads, head_dim)}, one row per query token")
     if new_kv is None:
-        new_kv = "cache" if key is None else _new_kv_default(q.device)
+        new_kv = "cache" if key is None else _new_kv_default(q.device, head_dim)
     if new_kv not in NEW_KV_SOURCES:
         raise ValueError(f"new_kv must be one of {NEW_KV_SOURCES}, got {new_kv!r}")
     if new_kv != "cache" and key is None:
@@ -983,6 +1048,9 @@ def paged_prefill_attention(
     fresh = new_kv != "cache"
     if fresh:
         key, value = _rows_with_contiguous_heads(key), _rows_with_contiguous_heads(value)
+    if (cache_tma or new_kv == "tma") and _padded(head_dim):
+        raise ValueError(f"cache_tma and new_kv='tma' load whole [tokens, head_dim] boxes through tensor descriptors, "
+                         f"whose sides are powers of two; head_dim {head_dim} takes the pointer loads (new_kv='rows')")
     if cache_tma and (block_size % block_n or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
         raise ValueError(f"cache_tma needs contiguous caches whose blocks ({block_size}) hold whole key tiles "
                          f"({block_n})")
@@ -1009,7 +1077,7 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), CACHE_TMA=cache_tma,
         FRESH=fresh, FRESH_TMA=new_kv == "tma", SKIP_LEADING=skip_sequences is not None,
@@ -1032,14 +1100,25 @@ def _tma_ready(*xs: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- configuration
 
 
+def _padded(head_dim: int) -> bool:
+    """Whether the kernels tile `head_dim` wider (BLOCK_D, the next power of two) and mask the rest."""
+    return head_dim != triton.next_power_of_2(head_dim)
+
+
 def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). K+V tiles of one stage stay <= 32 KiB (bf16, D=128:
-    64 keys), so three stages fit any recent GPU's shared memory; fp32 halves the tile."""
+    64 keys), so three stages fit any recent GPU's shared memory; fp32 halves the tile. Sized
+    by the tile's width, BLOCK_D (head_dim rounded up to a power of two), which is what the
+    shared memory holds: D = 96 takes D = 128's tile."""
     if device.type != "cuda":
         return MIN_DOT, 4, 1  # the interpreter: smallest tile, so tests exercise many tiles
     elt = dtype.itemsize
-    block_n = max(MIN_DOT, min(64, 16384 // (head_dim * elt)))
-    return block_n, 4, 3 if elt <= 2 else 2
+    block_n = max(MIN_DOT, min(64, 16384 // (triton.next_power_of_2(head_dim) * elt)))
+    # fp32 at a padded head dim: the d masks on top of the FMA dots spilled 4-32 bytes with 4
+    # warps (sm_89 with Triton 3.9, sm_90 with 3.4: kernels/compile_check.py); over 8 warps the
+    # same tile spills nothing.
+    num_warps = 8 if elt > 2 and _padded(head_dim) else 4
+    return block_n, num_warps, 3 if elt <= 2 else 2
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
@@ -1052,12 +1131,16 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     --resources, sm_80 and sm_89), where 128 x 32 with 8 warps takes 194 and spills nothing
     (48 KiB; the tile FlashAttention-2 uses on sm8x). 64 x 32, 8 warps at D = 256 (96 KiB;
     not swept). fp32 runs its IEEE dots on FMA units, where 64-row tiles spill: 32 x 32,
-    32 x 16 at D = 128, 16 x 16 at D = 256; 8 warps."""
+    32 x 16 at D = 128, 16 x 16 at D = 256; 8 warps. D is the tile's width, BLOCK_D (head_dim
+    rounded up to a power of two: registers and shared memory are the tile's), so a padded
+    head dim takes the next power of two's tile, and a tuning's tile (measured at D = 128)
+    serves every head dim up to 128."""
     if device.type != "cuda":
         return MIN_DOT, MIN_DOT, 4, 1
+    block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
-        return 32 if head_dim <= 128 else 16, 32 if head_dim <= 64 else 16, 8, 2
-    if head_dim <= 128:
+        return 32 if block_d <= 128 else 16, 32 if block_d <= 64 else 16, 8, 2
+    if block_d <= 128:
         tuned = _device_tuning(device).prefill_tile  # what the sweep measured fastest on this GPU
         if tuned is not None:
             return tuned
@@ -1065,9 +1148,14 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     return 64, 32, 8, 2
 
 
-def _new_kv_default(device: torch.device) -> str:
-    """Where prefill reads the new tokens' K/V unless told: this GPU's tuning, else the cache."""
+def _new_kv_default(device: torch.device, head_dim: int) -> str:
+    """Where prefill reads the new tokens' K/V unless told: this GPU's tuning, else the cache.
+    A tuning's `tma` is `rows` (the same source, through pointers) for a padded head dim: a
+    tensor descriptor's box is a power of two on each side, and [BLOCK_N, BLOCK_D] boxes would
+    read the next head's dims (a masked pointer load reads only the head's)."""
     tuned = _device_tuning(device).prefill_new_kv if device.type == "cuda" else None
+    if tuned == "tma" and _padded(head_dim):
+        return "rows"
     return tuned or "cache"
 
 
@@ -1146,7 +1234,8 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' head_dim must be contiguous")
     if not triton_takes_head_dim(head_dim):
-        raise ValueError(f"head_dim must be a power of two >= {MIN_DOT}, got {head_dim}")
+        raise ValueError(f"head_dim must be a multiple of {MIN_DOT} from {MIN_DOT} to {TRITON_MAX_PADDED_HEAD_DIM} "
+                         f"or a larger power of two, got {head_dim}")
 
 
 def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int,

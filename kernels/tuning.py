@@ -7,10 +7,12 @@ A tuning is a small JSON file:
      "min_split_keys": 64}
 
 - `prefill_tile`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for 16-bit
-  inputs with head_dim <= 128, the shapes the sweep measures;
+  inputs with head_dim <= 128, the shapes the sweep measures (keyed by the tile's width, the
+  head dim rounded up to a power of two: Phi-3-mini's 96 takes it too);
 - `pack_gqa`: whether prefill packs a kv head's query heads into one tile (power-of-two groups);
 - `prefill_new_kv`: where prefill reads the new tokens' K/V: `cache` (through the block table,
-  as the prefix), `rows` (the step's own K/V rows) or `tma` (those through tensor descriptors);
+  as the prefix), `rows` (the step's own K/V rows) or `tma` (those through tensor descriptors,
+  whose boxes are powers of two: a head dim that is not one reads the same rows by pointers);
 - `min_split_keys`: the shortest split-K chunk the decode heuristic makes.
 
 Any key may be missing or null: the built-in choice stands. The file is `$STOKE_KERNEL_TUNING`

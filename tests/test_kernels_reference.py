@@ -238,12 +238,13 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.BACKEND_ENV, "cuda-graphs")
     with pytest.raises(ValueError, match="cuda-graphs.*reference.*triton"):
         kernels.attention_backend(torch.device("cpu"))
-    # A head dim Triton doesn't take (Phi-3-mini's 96): the reference on CUDA, or a clear error
-    # where Triton is asked for by name.
+    # A head dim Triton doesn't take (72: not a multiple of 16): the reference on CUDA, or a
+    # clear error where Triton is asked for by name.
     monkeypatch.delenv(kernels.BACKEND_ENV)
-    assert kernels.attention_backend(torch.device("cuda"), head_dim=96) is reference
+    assert kernels.attention_backend(torch.device("cuda"), head_dim=72) is reference
     assert "kernels.triton_ops" not in sys.modules
     monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
-    with pytest.raises(ValueError, match="powers of two from 16.*96"):
-        kernels.attention_backend(torch.device("cuda"), head_dim=96)
-    assert [d for d in range(1, 300) if kernels.triton_takes_head_dim(d)] == [16, 32, 64, 128, 256]
+    with pytest.raises(ValueError, match="multiples of 16 from 16 to 256 and larger powers of two.*72"):
+        kernels.attention_backend(torch.device("cuda"), head_dim=72)
+    # Multiples of 16 to 256 (Phi-3-mini's 96, tiled as 128 and masked), and powers of two past it.
+    assert [d for d in range(1, 1100) if kernels.triton_takes_head_dim(d)] == [*range(16, 257, 16), 512, 1024]

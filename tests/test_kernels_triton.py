@@ -9,6 +9,12 @@ interpreter is slow and wrong for bf16, so the CPU tests use tiny shapes in fp32
 smallest tiles (16), which makes even short contexts span several tiles and splits. The `gpu`
 class compiles for real and adds bf16, head dims 64-256 and long contexts.
 
+Head dims that are not powers of two (48, 80, 96 here; Phi-3-mini's 96) run tiled as the next
+power of two with the rest of each row masked. Their tests pass q, the caches, the new K/V and
+the output as views into rows padded to that width (`guarded`): NaN past each head where the
+kernels read (a load past the head poisons the dot: 0 · NaN), a sentinel where they write (a
+store past the head shows in it).
+
 Tolerances against the reference run in fp32 on the same (rounded) inputs:
 fp32 1e-5 (abs and rel); fp16 3e-3; bf16 (GPU) 2e-2 — about two units in the last place of
 the output, which the kernels round once from an fp32 accumulator (plus the probabilities
@@ -126,14 +132,38 @@ def new_tokens_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Te
 SCALE = 0.3
 
 
+def guarded(x: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """`x` (last dim D, on its device) as a view into rows padded to the next power of two
+    (the kernels' tile width), the padding `fill`: what a kernel reads or writes past a head
+    lands there. A power-of-two D: `x` itself."""
+    d = x.shape[-1]
+    width = 1 << (d - 1).bit_length()
+    if width == d:
+        return x
+    rows = torch.full((*x.shape[:-1], width), fill, dtype=x.dtype, device=x.device)
+    rows[..., :d] = x
+    return rows[..., :d]
+
+
+def assert_guard_intact(view: torch.Tensor, fill: float) -> None:
+    """The padding of a `guarded` view still holds `fill`: nothing was written past a head."""
+    if view._base is None or view._base.shape[-1] == view.shape[-1]:
+        return
+    tail = view._base[..., view.shape[-1]:].cpu()
+    assert torch.equal(tail, torch.full_like(tail, fill)), "written past the head dim"
+
+
 # ----------------------------------------------------------------------------- store_kv
 
 
+@pytest.mark.parametrize("head_dim", [16, 48, 80])
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_store_kv_matches_reference(ops: ModuleType, slot_dtype: torch.dtype, dtype: torch.dtype) -> None:
+def test_store_kv_matches_reference(ops: ModuleType, slot_dtype: torch.dtype, dtype: torch.dtype,
+                                    head_dim: int) -> None:
+    """Padded head dims (48, 80) write each head's D dims, never the cache rows' padding."""
     gen = torch.Generator().manual_seed(1)
-    num_blocks, block_size, num_kv_heads, head_dim, T = 5, 4, 3, 16, 9
+    num_blocks, block_size, num_kv_heads, T = 5, 4, 3, 9
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
@@ -146,8 +176,11 @@ def test_store_kv_matches_reference(ops: ModuleType, slot_dtype: torch.dtype, dt
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     reference.store_kv(*views(qkv), k_ref, v_ref, slots.to(slot_dtype))
     k_cache, v_cache, qkv, slots = to_device(k_cache, v_cache, qkv, slots.to(slot_dtype))
+    k_cache, v_cache = guarded(k_cache, 7.0), guarded(v_cache, 7.0)
     ops.store_kv(*views(qkv), k_cache, v_cache, slots)
     assert torch.equal(k_cache.cpu(), k_ref) and torch.equal(v_cache.cpu(), v_ref)
+    assert_guard_intact(k_cache, 7.0)
+    assert_guard_intact(v_cache, 7.0)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -159,6 +192,11 @@ DECODE_CONFIGS = [  # (query heads per kv head, kv heads, head_dim, block_size, 
     (8, 1, 32, 8, torch.float16, 1),
     (4, 2, 16, 16, torch.float32, None),  # the automatic choice
     (8, 1, 16, 16, torch.float16, 4),
+    # Head dims tiled as the next power of two, the rest masked (Phi-3-mini's 96):
+    (3, 2, 48, 4, torch.float32, 3),
+    (4, 1, 80, 8, torch.float16, 2),
+    (2, 2, 96, 16, torch.float16, 1),
+    (1, 2, 80, 16, torch.float32, 1),
 ]
 
 
@@ -178,7 +216,8 @@ def test_decode_matches_reference(
     q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     expected = expected_decode(q, k_cache, v_cache, tables, context_lens)
-    out = ops.paged_decode_attention(*to_device(q, k_cache, v_cache, tables, context_lens), SCALE,
+    q, k_cache, v_cache, tables, context_lens = to_device(q, k_cache, v_cache, tables, context_lens)
+    out = ops.paged_decode_attention(guarded(q), guarded(k_cache), guarded(v_cache), tables, context_lens, SCALE,
                                      num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
@@ -213,19 +252,22 @@ def test_decode_padding_rows_with_no_context_give_zeros(ops: ModuleType) -> None
         torch.testing.assert_close(out[:1], expected, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("head_dim", [16, 48])
 @pytest.mark.parametrize("fused_merge", [True, False])
-def test_decode_split_merge_in_one_launch_or_two(ops: ModuleType, fused_merge: bool) -> None:
+def test_decode_split_merge_in_one_launch_or_two(ops: ModuleType, fused_merge: bool, head_dim: int) -> None:
     """The last split merging the partials (one launch) and the reduction kernel (two) both give
     the reference; the fused merge leaves its arrival counters zero, so the next launch starts
-    clean with any split count (and a CUDA graph replays without a memset)."""
+    clean with any split count (and a CUDA graph replays without a memset). A padded head dim's
+    partials are rows of D, not of the tile's width."""
     gen = torch.Generator().manual_seed(13)
     lens = [1, 40, 33, 70]
-    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float32, gen, pad_id=-1)
-    q = torch.randn(len(lens), 8, 16, generator=gen)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, head_dim, torch.float32, gen, pad_id=-1)
+    q = torch.randn(len(lens), 8, head_dim, generator=gen)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     expected = expected_decode(q, k_cache, v_cache, tables, context_lens)
+    q, k_cache, v_cache, tables, context_lens = to_device(q, k_cache, v_cache, tables, context_lens)
     for splits in (2, 5, 3):
-        out = ops.paged_decode_attention(*to_device(q, k_cache, v_cache, tables, context_lens), SCALE,
+        out = ops.paged_decode_attention(guarded(q), guarded(k_cache), guarded(v_cache), tables, context_lens, SCALE,
                                          num_splits=splits, fused_merge=fused_merge)
         torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
     counters = ops._COUNTERS.get(out.device, [])
@@ -240,28 +282,30 @@ WINDOWS = [(1, 0.0), (5, 5.0), (16, 0.0), (21, 5.0), (1000, 5.0), (0, 5.0)]
 BIG_Q = 3.0
 
 
-@pytest.mark.parametrize("group,num_kv_heads,block_size,dtype,num_splits,fused_merge", [
-    (1, 1, 16, torch.float32, 1, True),  # unsplit, tiles inside one block
-    (3, 2, 4, torch.float32, 3, True),  # tiles spanning blocks, split-K merged by the last split
-    (4, 1, 8, torch.float16, 4, False),  # the reduction kernel; a short window leaves splits empty
+@pytest.mark.parametrize("group,num_kv_heads,block_size,dtype,num_splits,fused_merge,head_dim", [
+    (1, 1, 16, torch.float32, 1, True, 16),  # unsplit, tiles inside one block
+    (3, 2, 4, torch.float32, 3, True, 16),  # tiles spanning blocks, split-K merged by the last split
+    (4, 1, 8, torch.float16, 4, False, 16),  # the reduction kernel; a short window leaves splits empty
+    (2, 2, 8, torch.float16, 3, True, 80),  # a padded head dim
 ])
 def test_decode_sliding_window_and_softcap_match_reference(
     ops: ModuleType, group: int, num_kv_heads: int, block_size: int, dtype: torch.dtype, num_splits: int,
-    fused_merge: bool,
+    fused_merge: bool, head_dim: int,
 ) -> None:
     """The splits share the window's keys, not the context's: keys before the window are
     never read (they hold NaN here), and splits left with no key merge to nothing."""
     gen = torch.Generator().manual_seed(group)
     lens = [1, 16, 45]
-    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, 16, dtype, gen, pad_id=-1)
-    q = (BIG_Q * torch.randn(len(lens), num_kv_heads * group, 16, generator=gen)).to(dtype)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, head_dim, dtype, gen, pad_id=-1)
+    q = (BIG_Q * torch.randn(len(lens), num_kv_heads * group, head_dim, generator=gen)).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     for window, softcap in WINDOWS:
         expected = expected_decode(q, k_cache, v_cache, tables, context_lens, sliding_window=window, softcap=softcap)
         caches = k_cache.clone(), v_cache.clone()
         stale_to_nan(*caches, tables, lens)
         freed = nan_before_window(*caches, tables, [n - 1 for n in lens], window)
-        out = ops.paged_decode_attention(*to_device(q, *caches, freed, context_lens), SCALE, sliding_window=window,
+        args = to_device(q, *caches, freed, context_lens)
+        out = ops.paged_decode_attention(*map(guarded, args[:3]), *args[3:], SCALE, sliding_window=window,
                                          softcap=softcap, num_splits=num_splits, fused_merge=fused_merge)
         torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype], msg=f"window {window} cap {softcap}")
 
@@ -297,20 +341,44 @@ def test_a_gpus_tuning_replaces_the_built_in_choices(ops: ModuleType, monkeypatc
     assert ops._prefill_config(128, torch.bfloat16, cuda) == (64, 64, 4, 2)
     assert ops._pack_gqa_default(4, cuda) and not ops._pack_gqa_default(3, cuda)
     assert ops._num_splits(1, 8, 512, cuda) == 8
-    assert ops._new_kv_default(cuda) == "cache"
+    assert ops._new_kv_default(cuda, 128) == "cache"
     tuned = KernelTuning(prefill_tile=(128, 128, 8, 2), pack_gqa=False, prefill_new_kv="tma", min_split_keys=256)
     monkeypatch.setattr(ops, "_device_tuning", lambda device: tuned)
     assert ops._prefill_config(128, torch.bfloat16, cuda) == ops._prefill_config(64, torch.float16, cuda) == (
         128, 128, 8, 2)
     assert ops._prefill_config(256, torch.bfloat16, cuda) == (64, 32, 8, 2)  # not what was swept
     assert ops._prefill_config(128, torch.float32, cuda) == (32, 16, 8, 2)
-    assert not ops._pack_gqa_default(4, cuda) and ops._new_kv_default(cuda) == "tma"
+    assert not ops._pack_gqa_default(4, cuda) and ops._new_kv_default(cuda, 128) == "tma"
     assert ops._num_splits(1, 8, 512, cuda) == 2
     assert ops._num_splits(1, 8, 512, cuda, min_keys=32) == 16  # the sweep's what-if
     # On the CPU (the interpreter) no tuning is read: the smallest tiles, one split.
     assert ops._prefill_config(128, torch.float16, torch.device("cpu")) == (16, 16, 4, 1)
     assert ops._pack_gqa_default(4, torch.device("cpu")) and ops._num_splits(1, 8, 512, torch.device("cpu")) == 1
-    assert ops._new_kv_default(torch.device("cpu")) == "cache"
+    assert ops._new_kv_default(torch.device("cpu"), 128) == "cache"
+
+
+def test_padded_head_dims_take_the_tiles_of_their_tile_width(ops: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head dim that is not a power of two is sized as its tile (BLOCK_D, the next power of
+    two): 96 takes 128's decode and prefill tiles, a tuning's tile (measured at 128) included,
+    160 and 192 take 256's (fp32 decode over 8 warps: with 4 its masks spilled); and the
+    tensor-descriptor source a tuning may choose becomes the same rows through pointers (a
+    descriptor's box is a power of two wide)."""
+    from kernels.tuning import KernelTuning
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_device_capability", lambda device: (9, 0))
+    for tuning in (KernelTuning(), KernelTuning(prefill_tile=(128, 64, 8, 2), prefill_new_kv="tma")):
+        monkeypatch.setattr(ops, "_device_tuning", lambda device, tuning=tuning: tuning)
+        for dtype in (torch.bfloat16, torch.float32):
+            for padded, tile in ((48, 64), (80, 128), (96, 128), (112, 128), (160, 256), (192, 256)):
+                block_n, warps, stages = ops._decode_config(padded, dtype, cuda)
+                assert (block_n, stages) == ops._decode_config(tile, dtype, cuda)[::2]
+                assert warps == (8 if dtype == torch.float32 else 4) and ops._decode_config(tile, dtype, cuda)[1] == 4
+                assert ops._prefill_config(padded, dtype, cuda) == ops._prefill_config(tile, dtype, cuda)
+        assert ops._new_kv_default(cuda, 96) == ("rows" if tuning.prefill_new_kv else "cache")
+        assert ops._new_kv_default(cuda, 128) == (tuning.prefill_new_kv or "cache")
+    assert ops._prefill_config(96, torch.bfloat16, cuda) == (128, 64, 8, 2)  # the tuned tile
+    assert {ops._decode_config(d, torch.float16, cuda)[0] for d in range(16, 257, 16)} <= {16, 32, 64}
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -320,6 +388,10 @@ PREFILL_CONFIGS = [  # (query heads per kv head, kv heads, head_dim, block_size,
     (3, 1, 32, 4, torch.float32),
     (4, 1, 16, 32, torch.float16),
     (8, 1, 16, 8, torch.float16),
+    # Head dims tiled as the next power of two, the rest masked:
+    (2, 2, 48, 8, torch.float32),
+    (3, 1, 80, 16, torch.float16),
+    (4, 1, 96, 4, torch.float16),
 ]
 
 
@@ -330,7 +402,8 @@ def test_prefill_matches_reference(
     ops: ModuleType, group: int, num_kv_heads: int, head_dim: int, block_size: int,
     dtype: torch.dtype, prefix: str, pack_gqa: bool,
 ) -> None:
-    """Both tilings: query heads packed per kv head (a group of 3 pads its tile rows) or not."""
+    """Both tilings: query heads packed per kv head (a group of 3 pads its tile rows) or not.
+    Padded head dims write each row's D dims into `out`, nothing past them."""
     gen = torch.Generator().manual_seed(group + head_dim + (prefix == "cached"))
     lens = ragged_lens(gen, 1, block_size, 40)
     if prefix == "none":  # whole prompts: several query and key tiles, the diagonal in each
@@ -346,11 +419,16 @@ def test_prefill_matches_reference(
     cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     expected = expected_prefill(q, k_cache, v_cache, tables, cu_seqlens, context_lens)
-    out = ops.paged_prefill_attention(
-        *to_device(q, k_cache, v_cache, tables, cu_seqlens, context_lens), SCALE, pack_gqa=pack_gqa
-    )
+    q, k_cache, v_cache, tables, cu_seqlens, context_lens = to_device(q, k_cache, v_cache, tables, cu_seqlens,
+                                                                      context_lens)
+    into = guarded(torch.zeros_like(q), 7.0) if head_dim & (head_dim - 1) else None
+    out = ops.paged_prefill_attention(guarded(q), guarded(k_cache), guarded(v_cache), tables, cu_seqlens,
+                                      context_lens, SCALE, pack_gqa=pack_gqa, out=into)
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+    if into is not None:
+        assert out is into
+        assert_guard_intact(out, 7.0)
 
 
 @pytest.mark.parametrize("pack_gqa", [True, False])
@@ -403,23 +481,54 @@ def test_prefill_reads_new_tokens_from_key_value(
     torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("group,num_kv_heads,block_size,dtype,pack_gqa,new_kv", [
-    (1, 2, 16, torch.float32, True, "cache"),
-    (3, 1, 4, torch.float32, False, "cache"),  # one query head per program; tiles spanning blocks
-    (4, 1, 8, torch.float16, True, "rows"),  # packed query heads; the new keys from the step's K/V
-    (2, 1, 32, torch.float32, True, "tma"),  # tensor descriptors, for the cache too
+@pytest.mark.parametrize("head_dim,dtype,block_size,pack_gqa", [
+    (48, torch.float32, 16, True), (80, torch.float16, 8, False), (96, torch.float16, 32, True),
+])
+def test_prefill_with_a_padded_head_dim_reads_new_tokens_through_pointers(
+    ops: ModuleType, head_dim: int, dtype: torch.dtype, block_size: int, pack_gqa: bool
+) -> None:
+    """A head dim that is not a power of two: the new tokens' K/V from their rows (strided views
+    of one projection, NaN between them) by masked pointer loads; the tensor-descriptor sources
+    (whose boxes are powers of two) are refused before any launch."""
+    gen = torch.Generator().manual_seed(head_dim)
+    lens, q_lens = [45, 2 * block_size + 20, 33, 1], [45, 20, 1, 1]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, head_dim, dtype, gen, pad_id=0)
+    q = torch.randn(sum(q_lens), 8, head_dim, generator=gen).to(dtype)
+    cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    expected = expected_prefill(q, k_cache, v_cache, tables, cu, context_lens)
+    stale_to_nan(k_cache, v_cache, tables, lens)
+    key, value = to_device(*new_tokens_kv(k_cache, v_cache, tables, lens, q_lens))
+    q, k_cache, v_cache, tables, cu, context_lens = to_device(q, k_cache, v_cache, tables, cu, context_lens)
+    args = (guarded(q), guarded(k_cache), guarded(v_cache), tables, cu, context_lens, SCALE)
+    into = guarded(torch.zeros_like(q), 7.0)
+    out = ops.paged_prefill_attention(*args, key=key, value=value, new_kv="rows", pack_gqa=pack_gqa, out=into)
+    torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype])
+    assert_guard_intact(into, 7.0)
+    for tma in (dict(new_kv="tma"), dict(new_kv="rows", cache_tma=True)):
+        with pytest.raises(ValueError, match="powers of two; head_dim"):
+            ops.paged_prefill_attention(*args, key=key, value=value, **tma)
+
+
+@pytest.mark.parametrize("group,num_kv_heads,block_size,dtype,pack_gqa,new_kv,head_dim", [
+    (1, 2, 16, torch.float32, True, "cache", 16),
+    (3, 1, 4, torch.float32, False, "cache", 16),  # one query head per program; tiles spanning blocks
+    (4, 1, 8, torch.float16, True, "rows", 16),  # packed query heads; the new keys from the step's K/V
+    (2, 1, 32, torch.float32, True, "tma", 16),  # tensor descriptors, for the cache too
+    (2, 2, 8, torch.float16, True, "rows", 48),  # padded head dims
+    (3, 1, 16, torch.float32, False, "cache", 80),
 ])
 def test_prefill_sliding_window_and_softcap_match_reference(
     ops: ModuleType, group: int, num_kv_heads: int, block_size: int, dtype: torch.dtype, pack_gqa: bool,
-    new_kv: str,
+    new_kv: str, head_dim: int,
 ) -> None:
     """A whole prompt (three query tiles), a chunk after a cached prefix that ends inside a
     tile, a decode, a one-token prompt: each query tile starts at the first key one of its
     queries sees (the keys before hold NaN) and masks the rest of its window."""
     gen = torch.Generator().manual_seed(block_size + group)
     lens, q_lens = [34, 37, 33, 1], [34, 20, 1, 1]
-    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, 16, dtype, gen, pad_id=0)
-    q = (BIG_Q * torch.randn(sum(q_lens), num_kv_heads * group, 16, generator=gen)).to(dtype)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, num_kv_heads, head_dim, dtype, gen, pad_id=0)
+    q = (BIG_Q * torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen)).to(dtype)
     cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     for window, softcap in WINDOWS:
@@ -431,16 +540,20 @@ def test_prefill_sliding_window_and_softcap_match_reference(
         if new_kv != "cache":
             kv = dict(zip(("key", "value"), to_device(*new_tokens_kv(*caches, tables, lens, q_lens))), new_kv=new_kv)
         freed = nan_before_window(*caches, tables, [n - new for n, new in zip(lens, q_lens)], window)
-        out = ops.paged_prefill_attention(*to_device(q, *caches, freed, cu, context_lens), SCALE, **attn, **kv,
-                                          pack_gqa=pack_gqa, cache_tma=new_kv == "tma")
+        args = to_device(q, *caches, freed, cu, context_lens)
+        into = guarded(torch.zeros_like(args[0]), 7.0)
+        out = ops.paged_prefill_attention(*map(guarded, args[:3]), *args[3:], SCALE, **attn, **kv, pack_gqa=pack_gqa,
+                                          cache_tma=new_kv == "tma", out=into)
         torch.testing.assert_close(out.cpu().float(), expected, **TOL[dtype], msg=f"window {window} cap {softcap}")
+        assert_guard_intact(into, 7.0)
 
 
 def test_inputs_the_kernels_would_get_wrong_are_refused(ops: ModuleType) -> None:
     """Layouts and values no kernel computes right are errors before any launch: caches whose
     blocks are not back to back for store_kv (it wrote the other cache's memory), an `out`
     whose head_dim is strided (written as contiguous), a scale <= 0 (NaN from -inf * 0), a
-    negative window, a negative or non-finite softcap."""
+    negative window, a negative or non-finite softcap, a head dim the kernels don't take (not a
+    multiple of 16, or past 256 and not a power of two)."""
     gen = torch.Generator().manual_seed(3)
     pool = torch.zeros(3, 2, 4, 1, 16, device=DEVICE)  # [blocks, k/v, block_size, heads, dim]
     key = torch.randn(2, 1, 16, generator=gen).to(DEVICE)
@@ -468,6 +581,13 @@ def test_inputs_the_kernels_would_get_wrong_are_refused(ops: ModuleType) -> None
     counts = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim contiguous"):
         ops.paged_decode_attention_graphed(*args, SCALE, counts, strided)
+    for head_dim in (8, 72, 272):
+        cache = torch.zeros(2, 4, 1, head_dim, device=DEVICE)
+        with pytest.raises(ValueError, match=f"multiple of 16 from 16 to 256 or a larger power of two, got {head_dim}"):
+            ops.paged_decode_attention(torch.zeros(1, 1, head_dim, device=DEVICE), cache, cache, args[3][:1],
+                                       args[4][:1], SCALE)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            ops.store_kv(cache[0], cache[0], cache, cache, torch.zeros(2, dtype=torch.int32, device=DEVICE))
 
 
 def test_prefill_key_value_errors(ops: ModuleType) -> None:
@@ -534,6 +654,7 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
     padded_tables = torch.cat([tables, torch.zeros((pad_seqs, tables.shape[1]), dtype=tables.dtype)])
     padded_lens = torch.cat([context_lens, torch.zeros(pad_seqs, dtype=torch.int32)])
     args = to_device(padded_q, k_cache, v_cache, padded_tables, cu, padded_lens)
+    args = [*map(guarded, args[:3]), *args[3:]]  # a padded head dim: NaN past each head
     if graphed_splits is None:
         out = ops.paged_prefill_attention(*args, SCALE, **kv, **attn).cpu()
     elif mixed:
@@ -542,64 +663,75 @@ def check_padded_mixed_step(ops: ModuleType, group: int, head_dim: int, block_si
         out = ops.paged_mixed_attention_graphed(*args, SCALE, counts, **attn).cpu()
     else:
         counts = torch.tensor([nd, graphed_splits], dtype=torch.int32, device=DEVICE)
-        out = torch.full_like(args[0], 7.0)
+        out = guarded(torch.full(args[0].shape, 7.0, dtype=dtype, device=DEVICE), 7.0)
         ops.paged_prefill_attention(*args, SCALE, **kv, **attn, skip_sequences=counts, out=out)
         assert torch.equal(out[:nd].cpu(), torch.full_like(out[:nd].cpu(), 7.0)), "the decodes' rows are skipped"
         ops.paged_decode_attention_graphed(args[0], *args[1:4], args[5], SCALE, counts, out, **attn)
+        assert_guard_intact(out, 7.0)
         out = out.cpu()
         assert torch.equal(out[n:], torch.full_like(out[n:], 7.0))
     torch.testing.assert_close(out[:n].float(), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("group,fresh", [(1, False), (4, False), (4, True)])
-def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int, fresh: bool) -> None:
+@pytest.mark.parametrize("group,fresh,head_dim", [(1, False, 16), (4, False, 16), (4, True, 16), (2, True, 48)])
+def test_prefill_of_a_padded_mixed_step(ops: ModuleType, group: int, fresh: bool, head_dim: int) -> None:
     # three decodes, a cached prefix, a whole prompt
-    check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh)
+    check_padded_mixed_step(ops, group, head_dim, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh)
 
 
-@pytest.mark.parametrize("group,splits,fresh", [(1, 1, False), (4, 3, False), (4, 16, True), (2, 5, False)])
+@pytest.mark.parametrize("group,splits,fresh,head_dim", [
+    (1, 1, False, 16), (4, 3, False, 16), (4, 16, True, 16), (2, 5, False, 16),
+    (2, 5, True, 48), (4, 3, False, 80), (1, 1, False, 96),  # padded head dims
+])
 def test_graphed_decodes_beside_a_prefill_that_skips_them(ops: ModuleType, group: int, splits: int,
-                                                          fresh: bool) -> None:
+                                                          fresh: bool, head_dim: int) -> None:
     # three decodes (one of context 1, so most of its splits are empty), a cached prefix, a prompt
-    check_padded_mixed_step(ops, group, 16, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh,
+    check_padded_mixed_step(ops, group, head_dim, 8, torch.float32, [9, 33, 1, 40, 21], [1, 1, 1, 23, 21], 3, fresh,
                             graphed_splits=splits)
 
 
-@pytest.mark.parametrize("splits,fresh,mixed,window,softcap", [
-    (1, False, False, 0, 5.0),  # the padded step through prefill alone
-    (3, True, False, 5, 5.0),  # graphed decodes beside a prefill reading the new K/V from their rows
-    (16, False, True, 21, 0.0),  # paged_mixed_attention_graphed: most splits empty
+@pytest.mark.parametrize("splits,fresh,mixed,window,softcap,head_dim", [
+    (1, False, False, 0, 5.0, 16),  # the padded step through prefill alone
+    (3, True, False, 5, 5.0, 16),  # graphed decodes beside a prefill reading the new K/V from their rows
+    (16, False, True, 21, 0.0, 16),  # paged_mixed_attention_graphed: most splits empty
+    (3, True, False, 5, 5.0, 48), (16, False, True, 21, 0.0, 80),  # padded head dims
 ])
 def test_mixed_step_with_sliding_window_and_softcap(ops: ModuleType, splits: int, fresh: bool, mixed: bool,
-                                                    window: int, softcap: float) -> None:
+                                                    window: int, softcap: float, head_dim: int) -> None:
     lens, q_lens = [9, 33, 1, 40, 21], [1, 1, 1, 23, 21]
-    check_padded_mixed_step(ops, 2, 16, 8, torch.float32, lens, q_lens, 3, fresh,
+    check_padded_mixed_step(ops, 2, head_dim, 8, torch.float32, lens, q_lens, 3, fresh,
                             graphed_splits=None if splits == 1 and not mixed else splits, mixed=mixed,
                             sliding_window=window, softcap=softcap)
 
 
-def test_graphed_decode_counts_come_from_the_device(ops: ModuleType) -> None:
+@pytest.mark.parametrize("head_dim,dtype", [(16, torch.float16), (48, torch.float16), (80, torch.float32)])
+def test_graphed_decode_counts_come_from_the_device(ops: ModuleType, head_dim: int, dtype: torch.dtype) -> None:
     """One launch shape, any step: the decode count and the split count are read from the
     tensor at run time (0 decodes: nothing written), and repeated launches find the merge's
-    arrival counters zero."""
+    arrival counters zero. Padded head dims: nothing written past a head (fp16 merges a kv
+    head's query heads at once, fp32 one at a time)."""
     gen = torch.Generator().manual_seed(21)
     lens = [17, 40, 3, 29]
-    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 16, torch.float16, gen, pad_id=-1)
-    q = torch.randn(len(lens), 8, 16, generator=gen).to(torch.float16)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, head_dim, dtype, gen, pad_id=-1)
+    q = torch.randn(len(lens), 8, head_dim, generator=gen).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     want = expected_decode(q, k_cache, v_cache, tables, context_lens)
     args = to_device(q, k_cache, v_cache, tables, context_lens)
+    args = [*map(guarded, args[:3]), *args[3:]]
     counts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     for nd, splits in ((0, 4), (2, 4), (4, 1), (3, 7), (4, 16)):
         counts.copy_(torch.tensor([nd, splits]))
-        out = ops.paged_decode_attention_graphed(*args, SCALE, counts, torch.zeros_like(args[0])).cpu()
-        torch.testing.assert_close(out[:nd].float(), want[:nd], **TOL[torch.float16])
+        into = guarded(torch.zeros(q.shape, dtype=dtype, device=DEVICE), 7.0)
+        out = ops.paged_decode_attention_graphed(*args, SCALE, counts, into)
+        assert_guard_intact(into, 7.0)
+        out = out.cpu()
+        torch.testing.assert_close(out[:nd].float(), want[:nd], **TOL[dtype])
         assert not out[nd:].any()
     assert all(not c.any() for c in ops._COUNTERS.get(args[0].device, []))
     assert ops.graphed_decode_splits(0, 8, 4096, DEVICE) == 1
     assert ops.graphed_decode_splits(3, 8, 4096, torch.device("cpu")) == 1  # no split on the CPU
     with pytest.raises(ValueError, match="out must be"):
-        ops.paged_decode_attention_graphed(*args, SCALE, counts, torch.zeros(4, 8, 16))
+        ops.paged_decode_attention_graphed(*args, SCALE, counts, torch.zeros(4, 8, head_dim, dtype=torch.float64))
 
 
 def test_prefill_ignores_stale_slots_and_equals_decode(ops: ModuleType) -> None:
@@ -759,8 +891,25 @@ def test_rotary_reference_matches_model(norm_rope: ModuleType, dtype: torch.dtyp
 # ----------------------------------------------------------------------------- the engine
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_head_dim_48(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama with 48-dim heads (4 x 48 = 192 wide attention over a 64 hidden): a
+    head dim the kernels tile as 64, the rest masked."""
+    import transformers
+
+    from tests.conftest import TINY_COMMON
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("llama_d48") / "model")
+    config = transformers.LlamaConfig(**TINY_COMMON, head_dim=48, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model", ["llama", "llama-head-dim-48"])
 def test_engine_greedy_tokens_equal_reference_backend(
-    ops: ModuleType, tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ops: ModuleType, tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch, model: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     from engine import LLM, SamplingParams
 
@@ -789,9 +938,10 @@ def test_engine_greedy_tokens_equal_reference_backend(
         # A 16-token step budget chunks the long prompt, so steps mix decodes with a prefill
         # chunk over a cached prefix; 8-token blocks make every 16-key tile span two blocks.
         # fp32 on any device: bf16 rounding could legitimately flip a greedy token.
-        llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=16, block_size=8, max_num_batched_tokens=16,
-                  dtype="float32")
+        path = tiny_checkpoints["llama"] if model == "llama" else request.getfixturevalue("tiny_llama_head_dim_48")
+        llm = LLM(path, num_kv_blocks=16, block_size=8, max_num_batched_tokens=16, dtype="float32")
         assert llm.engine.runner.backend.__name__ == kernels.BACKENDS[backend]
+        assert llm.engine.runner.model_config.head_dim == (16 if model == "llama" else 48)
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert tokens["triton"] == tokens["reference"]
     trace = "".join(calls)
@@ -855,13 +1005,15 @@ def paged_cache(
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 class TestCompiledOnGPU:
-    """Compiled for real: bf16, head dims 64-256, large blocks, long contexts, many splits."""
+    """Compiled for real: bf16, head dims 64-256 (80 and 96 padded to 128), large blocks, long
+    contexts, many splits."""
 
     DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("group,num_kv_heads,head_dim,block_size", [
         (4, 8, 128, 16), (2, 8, 128, 32), (1, 4, 64, 64), (8, 2, 256, 16), (3, 2, 64, 128),
+        (1, 32, 96, 16), (4, 8, 96, 16), (2, 4, 80, 64), (2, 2, 160, 16),  # padded: Phi-3-mini's 96
     ])
     @pytest.mark.parametrize("batch,max_len,num_splits,window,softcap", [
         (1, 4100, None, 0, 0.0), (5, 2000, 1, 0, 0.0), (7, 700, 8, 0, 0.0), (40, 300, None, 0, 0.0),
@@ -938,6 +1090,8 @@ class TestCompiledOnGPU:
         (4, 8, 128, 16, False, 0, 0.0), (3, 2, 128, 16, True, 0, 0.0),  # and each tiling where it is not the default
         (4, 8, 128, 16, None, 300, 2.0), (3, 2, 128, 16, None, 77, 0.0),  # sliding windows, capped scores
         (1, 4, 64, 64, None, 0, 2.0),
+        (1, 32, 96, 16, None, 0, 0.0), (4, 8, 96, 16, None, 0, 0.0), (3, 2, 80, 32, None, 0, 0.0),  # padded
+        (4, 8, 96, 16, False, 0, 0.0), (1, 32, 96, 16, None, 300, 0.0), (2, 2, 160, 16, None, 77, 2.0),
     ])
     def test_prefill(self, ops, dtype, group, num_kv_heads, head_dim, block_size, pack_gqa, window, softcap):
         gen = torch.Generator().manual_seed(head_dim + block_size)
@@ -959,6 +1113,8 @@ class TestCompiledOnGPU:
         (torch.float16, "tma", 3, 2, 128, 16, 0, 0.0), (torch.bfloat16, "rows", 8, 2, 256, 32, 0, 0.0),
         (torch.float32, "rows", 1, 4, 64, 64, 0, 0.0), (torch.bfloat16, "tma", 1, 4, 64, 64, 0, 0.0),
         (torch.bfloat16, "rows", 4, 8, 128, 16, 300, 2.0), (torch.float16, "tma", 3, 2, 128, 16, 77, 2.0),
+        (torch.bfloat16, "rows", 4, 8, 96, 16, 0, 0.0), (torch.float32, "rows", 1, 32, 96, 16, 300, 0.0),  # padded
+        (torch.float16, "rows", 2, 4, 80, 64, 77, 2.0),
     ])
     def test_prefill_from_key_value(self, ops, dtype, new_kv, group, num_kv_heads, head_dim, block_size, window,
                                     softcap):
@@ -1004,38 +1160,44 @@ class TestCompiledOnGPU:
 
     @pytest.mark.parametrize("dtype,group,head_dim,block_size,fresh", [
         (dtype, *config, False) for dtype in (torch.bfloat16, torch.float16)
-        for config in ((4, 128, 16), (2, 64, 32), (3, 128, 16))
-    ] + [(torch.bfloat16, 4, 128, 16, True), (torch.float16, 3, 128, 16, True)])
+        for config in ((4, 128, 16), (2, 64, 32), (3, 128, 16), (4, 96, 16), (1, 80, 16))
+    ] + [(torch.bfloat16, 4, 128, 16, True), (torch.float16, 3, 128, 16, True), (torch.bfloat16, 4, 96, 16, True)])
     def test_padded_mixed_step(self, ops, dtype, group, head_dim, block_size, fresh):
         """A mixed CUDA graph's one launch: 24 decodes up to 1200 keys beside two chunks."""
         gen = torch.Generator().manual_seed(group)
         lens = [*torch.randint(1, 1200, (24,), generator=gen).tolist(), 700, 300]
         check_padded_mixed_step(ops, group, head_dim, block_size, dtype, lens, [1] * 24 + [200, 300], 24, fresh)
 
-    @pytest.mark.parametrize("dtype,group,splits,mixed,window,softcap", [
-        (torch.bfloat16, 4, 1, False, 0, 0.0), (torch.bfloat16, 4, 5, False, 0, 0.0),
-        (torch.float16, 3, 16, False, 0, 0.0), (torch.float32, 4, 7, False, 0, 0.0),
-        (torch.bfloat16, 4, 5, True, 1000, 5.0), (torch.float16, 3, 16, True, 77, 0.0),
+    @pytest.mark.parametrize("dtype,group,splits,mixed,window,softcap,head_dim", [
+        (torch.bfloat16, 4, 1, False, 0, 0.0, 128), (torch.bfloat16, 4, 5, False, 0, 0.0, 128),
+        (torch.float16, 3, 16, False, 0, 0.0, 128), (torch.float32, 4, 7, False, 0, 0.0, 128),
+        (torch.bfloat16, 4, 5, True, 1000, 5.0, 128), (torch.float16, 3, 16, True, 77, 0.0, 128),
+        (torch.bfloat16, 4, 5, False, 0, 0.0, 96), (torch.float32, 1, 7, True, 1000, 0.0, 96),  # padded
+        (torch.float16, 2, 16, False, 77, 2.0, 80),
     ])
-    def test_graphed_mixed_step(self, ops, dtype, group, splits, mixed, window, softcap):
+    def test_graphed_mixed_step(self, ops, dtype, group, splits, mixed, window, softcap, head_dim):
         """What the mixed graphs launch now: 3 decodes up to 9000 keys split-K by the graphed
         decode kernel, the prefill kernel skipping them."""
         lens = [9000, 4100, 1, 700, 300]
-        check_padded_mixed_step(ops, group, 128, 16, dtype, lens, [1, 1, 1, 200, 300], 3, graphed_splits=splits,
+        check_padded_mixed_step(ops, group, head_dim, 16, dtype, lens, [1, 1, 1, 200, 300], 3, graphed_splits=splits,
                                 mixed=mixed, sliding_window=window, softcap=softcap)
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    def test_store_kv(self, ops, dtype):
+    @pytest.mark.parametrize("head_dim", [128, 96])
+    def test_store_kv(self, ops, dtype, head_dim):
         gen = torch.Generator().manual_seed(0)
-        k_cache = torch.randn(64, 16, 8, 128, generator=gen).to(dtype).to(DEVICE)
-        v_cache = torch.randn(64, 16, 8, 128, generator=gen).to(dtype).to(DEVICE)
+        k_cache = torch.randn(64, 16, 8, head_dim, generator=gen).to(dtype).to(DEVICE)
+        v_cache = torch.randn(64, 16, 8, head_dim, generator=gen).to(dtype).to(DEVICE)
         slots = torch.randperm(64 * 16, generator=gen)[:300].to(DEVICE)
         slots[::7] = -1
-        key, value = torch.randn(2, 300, 8, 128, generator=gen).to(dtype).to(DEVICE)
+        key, value = torch.randn(2, 300, 8, head_dim, generator=gen).to(dtype).to(DEVICE)
         k_ref, v_ref = k_cache.clone(), v_cache.clone()
         reference.store_kv(key, value, k_ref, v_ref, slots)
+        k_cache, v_cache = guarded(k_cache, 7.0), guarded(v_cache, 7.0)
         ops.store_kv(key, value, k_cache, v_cache, slots.int())
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        assert_guard_intact(k_cache, 7.0)
+        assert_guard_intact(v_cache, 7.0)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("hidden", [576, 4096])
