@@ -44,6 +44,10 @@ LAYOUTS = {
     "llama-3-8b": (32, 8, 128),
     "smollm2": (9, 3, 64),  # a group of 3: one query head per program unless packing is forced
     "d256": (8, 2, 256),
+    # Head dims that are not powers of two, tiled as the next one (128) with the rest masked:
+    # Phi-3-mini's layout (no GQA), and its head dim with a group of 4 (packed tiles).
+    "phi-3-mini": (32, 32, 96),
+    "d96": (32, 8, 96),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA",
@@ -51,7 +55,7 @@ VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE"
 NAMED_WHEN_SET = ("WINDOW", "SOFTCAP")  # off in most launches: in the variant only when on
 # Sliding windows and softcapped scores (Mistral, Gemma 2/3) in decode, the graphed decode and
 # prefill: Gemma 2's values, for these layouts (fp32's tiles are where spills show first).
-WINDOWED_LAYOUTS = ("llama-3-8b",)
+WINDOWED_LAYOUTS = ("llama-3-8b", "phi-3-mini", "d96")
 WINDOW_SOFTCAP = dict(sliding_window=4096, softcap=50.0)
 # Mixture-of-experts layouts (kernels/triton_moe.py): (experts, experts per token, hidden, intermediate)
 MOE_LAYOUT = (128, 8, 2048, 768)  # Qwen3-30B-A3B
@@ -123,7 +127,7 @@ def _cases(quick: bool) -> list[tuple[str, str, str]]:
     """(layout, dtype, which kernels): all = attention and the norm/rope kernels."""
     if quick:
         return [("llama-3-8b", "bf16", "all"), ("llama-3-8b", "fp32", "attention"), ("smollm2", "fp16", "attention"),
-                ("d256", "bf16", "attention")]
+                ("d256", "bf16", "attention"), ("d96", "bf16", "attention"), ("d96", "fp32", "attention")]
     return [(layout, dtype, "all") for layout in LAYOUTS for dtype in DTYPES]
 
 
@@ -157,7 +161,9 @@ def _launch(case: tuple[str, str, str]) -> None:
                                                  torch.zeros(2, dtype=torch.int32), key=k, value=k, **WINDOW_SOFTCAP)
     # The new tokens' K/V read from the projection's views (what a GPU's tuning may choose).
     triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
-    if dtype != torch.float32:  # the tensor-descriptor experiments (TMA on Hopper), 16-bit only
+    # The tensor-descriptor experiments (TMA on Hopper), 16-bit only; their boxes are powers of
+    # two, so a padded head dim reads its new K/V through pointers (above) and never takes them.
+    if dtype != torch.float32 and not triton_ops._padded(d):
         triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="tma")
         tile_keys = triton_ops._prefill_config(d, dtype, torch.device("cuda"))[1]  # a tuning may set 128
         big_blocks = torch.zeros(8, max(64, tile_keys), hkv, d, dtype=dtype)  # blocks that hold whole key tiles

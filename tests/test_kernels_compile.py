@@ -42,6 +42,7 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
         assert _windowed(rows, target) == WINDOWED, _windowed(rows, target)  # Gemma 2's window and cap
         rotary = [r for r in rows if r["target"] == target and r["kernel"] == "_rotary_kernel"]
         assert len(rotary) >= 2, rotary  # whole heads and partial rotary (a table of 3/8 head_dim columns)
+        assert _padded(rows, target) == PADDED, _padded(rows, target)
     # No kernel the engine launches by default spills registers to local memory in its inner
     # loops (16-bit and fp32 cases). The experiments run only where a GPU's tuning says, after
     # the sweep timed them, spills and all: tensor-descriptor loads, and the new tokens' K/V
@@ -67,6 +68,22 @@ def _experiment(variant: str) -> bool:
 
 
 WINDOWED = {"_decode_kernel", "_decode_graphed_kernel", "_prefill_kernel"}
+# Head dim 96 (Phi-3-mini's), tiled as 128 with the rest masked: every attention kernel, both
+# prefill tilings, 16-bit and fp32, windowed too; its spills are checked with the rest.
+PADDED = {("_store_kv_kernel", "bf16"), ("_decode_kernel", "bf16"), ("_decode_reduce_kernel", "bf16"),
+          ("_decode_graphed_kernel", "bf16"), ("_prefill_kernel", "bf16"), ("_store_kv_kernel", "fp32"),
+          ("_decode_kernel", "fp32"), ("_decode_reduce_kernel", "fp32"), ("_decode_graphed_kernel", "fp32"),
+          ("_prefill_kernel", "fp32")}
+
+
+def _padded(rows: list[dict], target: str) -> set[tuple[str, str]]:
+    """The attention kernels compiled at head dim 96, with their dtype, where the prefill kernel
+    took both tilings (HEADS=4 and 1) and a window and softcap."""
+    d96 = [r for r in rows if r["target"] == target and r["case"].startswith("d96 ")]
+    heads = {v for r in d96 if r["kernel"] == "_prefill_kernel" for v in r["variant"].split() if v.startswith("HEADS")}
+    windowed = {r["kernel"] for r in d96 if "WINDOW=4096" in r["variant"]}
+    assert heads == {"HEADS=4", "HEADS=1"} and windowed == WINDOWED, (heads, windowed)
+    return {(r["kernel"], r["case"].split()[1]) for r in d96}
 
 
 def _windowed(rows: list[dict], target: str) -> set[str]:
@@ -90,7 +107,7 @@ def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel",
                                            "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel"}
-    assert all(r["ok"] for r in rows) and _windowed(rows, "sm90") == WINDOWED
+    assert all(r["ok"] for r in rows) and _windowed(rows, "sm90") == WINDOWED and _padded(rows, "sm90") == PADDED
     assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
                 if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
                 and not _experiment(r["variant"])]
