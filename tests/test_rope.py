@@ -236,6 +236,8 @@ def test_phi4_minis_released_config() -> None:
         torch.testing.assert_close(rotary.cos[:4096], cos[:4096], atol=2e-6, rtol=0)
         torch.testing.assert_close(rotary.sin[:4096], sin[:4096], atol=2e-6, rtol=0)
     assert math.isclose(ours.rope_scaling["attention_factor"], math.sqrt(1 + math.log(32) / math.log(4096)))
+    small = ModelConfig.from_dir(str(path.parent / "phi-4-mini-small"))  # the CPU benchmark's
+    assert (small.head_dim, small.rotary_dim, small.longest_sequence) == (128, 96, 8192)
 
 
 def test_a_rope_scaling_override_keeps_the_checkpoints_theta(tmp_path) -> None:
