@@ -298,7 +298,7 @@ def store_kv(
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **LAUNCH_OPTIONS,
     )
@@ -606,7 +606,7 @@ def paged_decode_attention(
         _decode_reduce_kernel[(B, num_kv_heads)](
             part_acc, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
             GROUP=group, BLOCK_GM=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-            BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_D=_block_d(head_dim),
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4 if group * head_dim * num_splits >= 2048 else 2, **LAUNCH_OPTIONS,
         )
@@ -635,7 +635,7 @@ def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                block_tables.stride(0), out.stride(0), out.stride(1))
     options = dict(
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=_block_d(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
@@ -1077,7 +1077,7 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), CACHE_TMA=cache_tma,
         FRESH=fresh, FRESH_TMA=new_kv == "tma", SKIP_LEADING=skip_sequences is not None,
@@ -1100,9 +1100,14 @@ def _tma_ready(*xs: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- configuration
 
 
+def _block_d(head_dim: int) -> int:
+    """The kernels' tile width along the head dim, BLOCK_D: `head_dim` rounded up to a power of two."""
+    return triton.next_power_of_2(head_dim)
+
+
 def _padded(head_dim: int) -> bool:
-    """Whether the kernels tile `head_dim` wider (BLOCK_D, the next power of two) and mask the rest."""
-    return head_dim != triton.next_power_of_2(head_dim)
+    """Whether the kernels tile `head_dim` wider (BLOCK_D) and mask the rest."""
+    return head_dim != _block_d(head_dim)
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
@@ -1113,7 +1118,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
     if device.type != "cuda":
         return MIN_DOT, 4, 1  # the interpreter: smallest tile, so tests exercise many tiles
     elt = dtype.itemsize
-    block_n = max(MIN_DOT, min(64, 16384 // (triton.next_power_of_2(head_dim) * elt)))
+    block_n = max(MIN_DOT, min(64, 16384 // (_block_d(head_dim) * elt)))
     # fp32 at a padded head dim: the d masks on top of the FMA dots spilled 4-32 bytes with 4
     # warps (sm_89 with Triton 3.9, sm_90 with 3.4: kernels/compile_check.py); over 8 warps the
     # same tile spills nothing.
@@ -1137,7 +1142,7 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     serves every head dim up to 128."""
     if device.type != "cuda":
         return MIN_DOT, MIN_DOT, 4, 1
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _block_d(head_dim)
     if dtype == torch.float32:
         return 32 if block_d <= 128 else 16, 32 if block_d <= 64 else 16, 8, 2
     if block_d <= 128:
