@@ -360,12 +360,6 @@ def _nope_layers(raw: dict[str, Any], family: str) -> tuple[int, ...]:
     # At least one flag a layer (a pruned model's list may run on), as SmolLM3's attention reads it.
     if not isinstance(flags, list) or len(flags) < num_layers or not all(f in (0, 1) for f in flags):
         raise ValueError(f"no_rope_layers must be a 0 or 1 for each of the {num_layers} layers, got {flags!r:.200}")
-    if not raw.get("use_sliding_window") and raw.get("sliding_window") \
-            and "sliding_attention" in (raw.get("layer_types") or []):
-        # transformers' SmolLM3 masks those layers by their window under sdpa and eager but not
-        # under flash attention: no one answer to give
-        raise ValueError("layer_types names sliding layers while use_sliding_window is false: SmolLM3's "
-                         "transformers model windows them under some attention implementations only")
     return tuple(i for i, rotates in enumerate(flags[:num_layers]) if not rotates)
 
 
@@ -377,6 +371,12 @@ def _layer_windows(raw: dict[str, Any], family: str, nope_layers: tuple[int, ...
     `layer_types` names, else by `max_window_layers`; SmolLM3 likewise, on its layers without
     rope; Gemma 2 on every other layer, Gemma 3 on five in six (`sliding_window_pattern`)."""
     window = raw.get("sliding_window")
+    if family == "smollm3" and window and not raw.get("use_sliding_window") \
+            and "sliding_attention" in (raw.get("layer_types") or []):
+        # transformers' SmolLM3 masks those layers by their window under sdpa and eager but not
+        # under flash attention: no one answer to give
+        raise ValueError("layer_types names sliding layers while use_sliding_window is false: SmolLM3's "
+                         "transformers model windows them under some attention implementations only")
     if family == "llama" or (family.startswith("qwen") or family == "smollm3") and not raw.get("use_sliding_window"):
         window = None
     num_layers = raw["num_hidden_layers"]

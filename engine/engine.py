@@ -196,7 +196,7 @@ class LLMEngine:
             self.loras = LoRARegistry(self.model_config, config.max_lora_rank, config.resolve_max_cpu_loras(),
                                       config.resolve_dtype(config.resolve_device()))
         self.runner = ModelRunner(path, self.model_config, config, self.loras)
-        self.max_model_len = self.runner.max_model_len  # the model's positions, or max_model_len
+        self.max_model_len = self.runner.max_model_len  # max_model_len, at most the model's positions
         self.scheduler = Scheduler(SchedulerConfig(
             max_model_len=self.max_model_len,
             num_blocks=self.runner.num_blocks,

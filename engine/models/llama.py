@@ -172,12 +172,11 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if not self.rotates:  # a NoPE layer (SmolLM3's): no position but the causal order
-            pass
-        elif self.rope_kernels is not None:  # in place on the (strided) views
-            self.rope_kernels.apply_rotary(q, k, rope.cos_table, rope.sin_table, rope.positions)
-        else:
-            q, k = Rotary.apply(rope.cos_sin, q, k)
+        if self.rotates:  # a NoPE layer (SmolLM3's) has no position but the causal order
+            if self.rope_kernels is not None:  # in place on the (strided) views
+                self.rope_kernels.apply_rotary(q, k, rope.cos_table, rope.sin_table, rope.positions)
+            else:
+                q, k = Rotary.apply(rope.cos_sin, q, k)
         out = paged_attention(q, k, v.contiguous(), self.layer, meta, self.scale,
                               sliding_window=self.sliding_window, softcap=self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
