@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--tool-call-parser")
     p.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
                    help="how tool calls look in the model's text: hermes (<tool_call> JSON </tool_call>: Qwen2.5, "
-                        "Qwen3, Hermes) or llama3_json (Llama 3.1+)")
+                        "Qwen3, SmolLM3, Hermes), llama3_json (Llama 3.1+), mistral ([TOOL_CALLS]: Mistral, "
+                        "Mixtral, Ministral), pythonic ([f(x=1), ...]: Llama 3.2 and 4, Gemma 3, with a template "
+                        "that asks for it) or qwen3_coder (<tool_call><function=...>: Qwen3-Coder)")
     p.add_argument("--reasoning-parser", default=None,
                    help="split a reasoning model's chat answers into reasoning (<think>...</think>) and content, "
                         "and hold structured outputs to their schema only once the reasoning ended: deepseek_r1 "

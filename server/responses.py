@@ -373,7 +373,7 @@ class ResponsesRenderer:
         if self._splitter is None and job.reasoning_opening is not None:
             self._splitter = ReasoningSplitter(job.reasoning_opening)
         if self._parser is None and job.tool_parser is not None:
-            self._parser = ToolCallParser(job.tool_parser, job.tool_function)
+            self._parser = job.new_tool_parser()
         reasoning, content = self._splitter.read(text, final) if self._splitter is not None else ("", text)
         self.add(job, reasoning, "", [])
         segments = self._parser.feed_in_order(content) if self._parser is not None else [content]

@@ -41,7 +41,13 @@ from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InputOrChat,
                              PoolingRequest, TokenizeRequest)
 from server.request_log import RequestLogger, RequestRecord
-from server.tool_parsers import FORCED, ToolCallParser, forced_tool_schema, message_content
+from server.tool_parsers import (
+    FORCED,
+    KEEPS_SPECIAL_TOKENS,
+    ToolCallParser,
+    forced_tool_schema,
+    message_content,
+)
 
 logger = logging.getLogger("stoke.server")
 T = TypeVar("T")
@@ -129,6 +135,8 @@ class Job:
     tool_parser: str | None = None
     tool_function: str | None = None
     parallel_tool_calls: bool = True  # False: an answer's first call only
+    tools: list[dict[str, Any]] = field(default_factory=list)  # the request's (qwen3_coder types values by them)
+    short_tool_ids: bool = False  # call ids as Mistral's chat templates take them (`ToolCallParser`)
     # chat on a server with a reasoning parser: where the answer starts (engine/reasoning.py's
     # opening of its prompt); None: no reasoning is read. include_reasoning (vLLM's): False
     # leaves the reasoning out of the response.
@@ -147,6 +155,11 @@ class Job:
     def pooling(self) -> bool:
         """Its prompts are pooled (embedded, classified, scored): they generate nothing."""
         return "pooling" in self.params
+
+    def new_tool_parser(self) -> ToolCallParser:
+        """A parser for one of its answers' tool calls (a chat with tool_parser set)."""
+        assert self.tool_parser is not None
+        return ToolCallParser(self.tool_parser, self.tool_function, self.tools, self.short_tool_ids)
 
 
 class SSEResponse(StreamingResponse):
@@ -591,10 +604,11 @@ class OpenAIServing:
             structured = await self._checked_structure({"json": schema}, "tools")
         record.structured = structured.kind if structured is not None else None
         params = self._sampling_fields(req, max_tokens, logprobs, structured)
-        if tool_parser == "hermes" and "skip_special_tokens" not in req.model_fields_set:
-            params["skip_special_tokens"] = False  # as vLLM's: some tokenizers mark <tool_call> special
+        if tool_parser in KEEPS_SPECIAL_TOKENS and "skip_special_tokens" not in req.model_fields_set:
+            params["skip_special_tokens"] = False  # as vLLM's: <tool_call>, [TOOL_CALLS] may be special tokens
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
         job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
+        job.tools, job.short_tool_ids = req.tools or [], self.config.tool_call_parser == "mistral"
         if self.reasoning is not None:
             job.reasoning_opening = self.reasoning.opening(tokens)
             job.include_reasoning = req.include_reasoning is not False
@@ -1259,7 +1273,7 @@ class OpenAIServing:
         and finishes by "tool_calls" once it made one (as vLLM's; a named function's call keeps
         the engine's finish)."""
         if choice.tool_parser is None:
-            choice.tool_parser = ToolCallParser(job.tool_parser, job.tool_function)
+            choice.tool_parser = job.new_tool_parser()
         parser = choice.tool_parser
         content, calls = parser.feed(text)
         if final:

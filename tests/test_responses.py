@@ -14,6 +14,7 @@ import pytest
 from server.errors import APIError
 from server.protocol import ResponsesRequest
 from server.responses import ResponsesRenderer, chat_request
+from server.tool_parsers import ToolCallParser
 
 CALL = {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'}
 TOOL = {"type": "function", "name": "weather", "description": "The weather",
@@ -70,6 +71,7 @@ def test_what_is_not_served_is_a_400_naming_the_field(fields: dict, param: str) 
 def _job(tool_parser: str | None = None) -> types.SimpleNamespace:
     return types.SimpleNamespace(request_id="resp-7c00000001", created=1, model="m", params={"temperature": 0.0},
                                  parallel_tool_calls=True, tool_parser=tool_parser,
+                                 new_tool_parser=lambda: ToolCallParser(tool_parser),
                                  choices=[types.SimpleNamespace(finish_reason="stop")])
 
 

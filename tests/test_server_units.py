@@ -14,6 +14,7 @@ import pytest
 from server import errors
 from server.config import ServerConfig
 from server.ipc import FrameError, FrameReader, FrameWriter, encode_frame
+from server.tool_parsers import ToolCallParser
 from server.launch import build_parser, config_from_args, parse_size
 from server.metrics import Metrics
 from server.request_log import RequestLogger, RequestRecord, key_id
@@ -942,7 +943,8 @@ def test_tool_call_content_is_alike_whole_and_streamed():
 
     serving = OpenAIServing(ServerConfig(), None, client=None, metrics=Metrics(gpu=False),
                             request_logger=RequestLogger(log_text=False), model_name="m")
-    job = types.SimpleNamespace(tool_parser="hermes", tool_function=None, parallel_tool_calls=True)
+    job = types.SimpleNamespace(tool_parser="hermes", parallel_tool_calls=True,
+                                new_tool_parser=lambda: ToolCallParser("hermes"))
     call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     for text, content in (("\n\n" + call, "\n\n"), (call, None), ("Hi " + call + "\n", "Hi ")):
         whole = Choice(0)

@@ -1,20 +1,29 @@
-"""server/tool_parsers.py: the calls vLLM's hermes and llama3_json parsers find, the content
-around them, and a stream cut anywhere giving what the whole text gives."""
+"""server/tool_parsers.py: the calls vLLM's hermes, llama3_json, mistral, pythonic and
+qwen3_coder parsers find, the content around them, and a stream cut anywhere giving what the
+whole text gives."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
 from server.tool_parsers import ToolCallParser, forced_tool_schema
 
 
+# The request's tools, which type qwen3_coder's values.
+TOOLS = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "temp": {"type": "number"}, "ok": {"type": "boolean"},
+    "opts": {"type": "object"}, "tags": {"type": "array"}, "code": {"type": "string"},
+    "maybe": {"type": ["integer", "null"]}, "any": {}}}}}]
+
+
 def calls_of(result: tuple[str | None, list[dict]]) -> tuple[str | None, list[tuple[int, str, object]]]:
     content, calls = result
     for call in calls:
-        assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) == 29
+        assert call["type"] == "function" and re.fullmatch("call_[0-9a-f]{24}", call["id"])
     return content, [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
@@ -53,16 +62,70 @@ CASES = [
     ("llama3_json", '{"name": "Alice", "age": 30}', ('{"name": "Alice", "age": 30}', [])),
     ("llama3_json", "  {Note} prose", ("  {Note} prose", [])),
     ("llama3_json", '<|python_tag|><|python_tag|>hi', ('<|python_tag|><|python_tag|>hi', [])),
+    # mistral: v0.3's JSON array, v11's name[ARGS]{...}, content before and after
+    ("mistral", "Use [brackets] and [TOOL", ("Use [brackets] and [TOOL", [])),
+    ("mistral", 'Sure. [TOOL_CALLS] [{"name": "w", "arguments": {"city": "Paris"}}, {"name": "x", "arguments": {}}]',
+     ("Sure. ", [(0, "w", {"city": "Paris"}), (1, "x", {})])),
+    ("mistral", '[TOOL_CALLS]w[ARGS]{"city": "Paris"}[TOOL_CALLS]x[CALL_ID]a1B2c3D4e[ARGS]{}',
+     (None, [(0, "w", {"city": "Paris"}), (1, "x", {})])),
+    ("mistral", '[TOOL_CALLS]w{"a": [1, "}]"]}', (None, [(0, "w", {"a": [1, "}]"]})])),
+    ("mistral", '[TOOL_CALLS]{"name": "w", "arguments": {}}\n', (None, [(0, "w", {})])),
+    ("mistral", '[TOOL_CALLS][{"name": "w", "arguments": {"a": 1}}] Done.', (" Done.", [(0, "w", {"a": 1})])),
+    ("mistral", "[TOOL_CALLS] not json", ("[TOOL_CALLS] not json", [])),
+    ("mistral", '[TOOL_CALLS][{"name": "w", "arguments": {"a": 1', ('[TOOL_CALLS][{"name": "w", "arguments": {"a": 1', [])),
+    ("mistral", '[TOOL_CALLS][{"name": "w"}]', ('[TOOL_CALLS][{"name": "w"}]', [])),
+    ("mistral", "[TOOL_CALLS]w", ("[TOOL_CALLS]w", [])),
+    ("mistral", "[TOOL_CALLS]w[ARGS]", ("[TOOL_CALLS]w[ARGS]", [])),
+    ("mistral", "[TOOL_CALLS]w[ARGS][1]", ("[TOOL_CALLS]w[ARGS][1]", [])),
+    ("mistral", "[TOOL_CALLS][] and [TOOL_CALLS]w[ARGS]{}", ("[TOOL_CALLS][] and ", [(0, "w", {})])),
+    # pythonic: a list of calls with keyword literals, or text
+    ("pythonic", '[get_weather(city="Paris", days=-3), now()]',
+     (None, [(0, "get_weather", {"city": "Paris", "days": -3}), (1, "now", {})])),
+    ("pythonic", '  [f(opts={"a": [1, None, True]}, t=(1, 2))]',
+     (None, [(0, "f", {"opts": {"a": [1, None, True]}, "t": [1, 2]})])),
+    ("pythonic", '<|python_start|>[f(a="x)]")]<|python_end|>', (None, [(0, "f", {"a": "x)]"})])),
+    ("pythonic", r"""[f(s='it\'s', t='''a
+)b''')]""", (None, [(0, "f", {"s": "it's", "t": "a\n)b"})])),
+    ("pythonic", "[f(a=1)] Done", ("Done", [(0, "f", {"a": 1})])),
+    ("pythonic", "[f(a=1), g(b=2)", (None, [(0, "f", {"a": 1}), (1, "g", {"b": 2})])),  # cut: whole calls count
+    ("pythonic", "[f(a=1), g(b=)] tail", ("g(b=)] tail", [(0, "f", {"a": 1})])),
+    ("pythonic", "The answer is [1, 2].", ("The answer is [1, 2].", [])),
+    ("pythonic", "[1, 2, 3]", ("[1, 2, 3]", [])),
+    ("pythonic", "[f(1)]", ("[f(1)]", [])),
+    ("pythonic", "[link](http://x.org)", ("[link](http://x.org)", [])),
+    ("pythonic", "[f(a={1, 2})]", ("[f(a={1, 2})]", [])),
+    ("pythonic", "[f(a=float('nan'))]", ("[f(a=float('nan'))]", [])),
+    ("pythonic", "[f(a=1]", ("[f(a=1]", [])),
+    ("pythonic", "[]", ("[]", [])),
+    ("pythonic", "<|python_start|>", ("<|python_start|>", [])),
+    # qwen3_coder: hermes's <tool_call>s around XML-like functions, values typed by the tools' schemas
+    ("qwen3_coder", "Let me.\n<tool_call>\n<function=w>\n<parameter=city>\n42\n</parameter>\n<parameter=days>\n3\n"
+                    "</parameter>\n<parameter=temp>\n21.5\n</parameter>\n<parameter=ok>\nTrue\n</parameter>\n"
+                    "<parameter=opts>\n{\"a\": 1}\n</parameter>\n<parameter=tags>\n['x']\n</parameter>\n"
+                    "<parameter=maybe>\nnull\n</parameter>\n<parameter=any>\n[1]\n</parameter>\n"
+                    "<parameter=other>\n7\n</parameter>\n</function>\n</tool_call>",
+     ("Let me.\n", [(0, "w", {"city": "42", "days": 3, "temp": 21.5, "ok": True, "opts": {"a": 1}, "tags": ["x"],
+                             "maybe": None, "any": "[1]", "other": "7"})])),
+    ("qwen3_coder", "<tool_call>\n<function=w>\n<parameter=code>\ndef f():\n    return 1\n\n</parameter>\n"
+                    "<parameter=days>\nthree\n<parameter=temp>\n2\n</function>\n</tool_call>\n"
+                    "<tool_call><function=x></function></tool_call> ok",
+     (" ok", [(0, "w", {"code": "def f():\n    return 1\n", "days": "three", "temp": 2}), (1, "x", {})])),
+    ("qwen3_coder", "<tool_call>\n<function=w>\n<parameter=days>\n1\n</parameter>\n",
+     ("<tool_call>\n<function=w>\n<parameter=days>\n1\n</parameter>\n", [])),
+    ("qwen3_coder", "<tool_call>\n<function=w>\n</function>", (None, [(0, "w", {})])),  # cut: a whole function counts
+    ("qwen3_coder", '<tool_call>{"name": "w", "arguments": {}}</tool_call>',
+     ('<tool_call>{"name": "w", "arguments": {}}</tool_call>', [])),
 ]
+
 
 
 @pytest.mark.parametrize("kind,text,expected", CASES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CASES)])
 def test_whole_and_streamed_alike(kind: str, text: str, expected) -> None:
-    assert calls_of(ToolCallParser(kind).parse(text)) == expected
+    assert calls_of(ToolCallParser(kind, tools=TOOLS).parse(text)) == expected
     rng = random.Random(len(text))
     for _ in range(100):  # the same text cut at random places, into 1 to 8 pieces
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text), rng.randrange(0, 8))))
-        parser, content, calls = ToolCallParser(kind), "", []
+        parser, content, calls = ToolCallParser(kind, tools=TOOLS), "", []
         for a, b in zip([0, *cuts], [*cuts, len(text)]):
             more, made = parser.feed(text[a:b])
             content, calls = content + more, calls + made
@@ -85,7 +148,29 @@ def test_a_marker_is_held_until_the_text_says_what_it_is() -> None:
 
 def test_unknown_parser_is_refused() -> None:
     with pytest.raises(ValueError, match="hermes"):
-        ToolCallParser("mistral")
+        ToolCallParser("granite")
+
+
+def test_a_mistral_servers_call_ids_are_what_mistral_templates_take() -> None:
+    answers = {"mistral": '[TOOL_CALLS]w[ARGS]{"a": 1}', "named": '{"a": 1}',
+               "required": '[{"name": "w", "parameters": {"a": 1}}]'}
+    for kind, answer in answers.items():
+        (call,) = ToolCallParser(kind, "w", short_ids=True).parse(answer)[1]
+        assert re.fullmatch("[A-Za-z0-9]{9}", call["id"]) and call["function"] == {"name": "w", "arguments": '{"a": 1}'}
+
+
+def test_a_long_call_is_parsed_once_it_can_end() -> None:
+    """A call's arguments streamed token by token are not re-read for every token: only a
+    character that can end the call tries it again."""
+    for kind, head, tail in (("mistral", '[TOOL_CALLS]w[ARGS]{"code": "', '"}'),
+                             ("pythonic", '[w(code="', '")]')):
+        parser = ToolCallParser(kind)
+        assert parser.feed(head) == ("", [])
+        tries = parser._tried
+        for _ in range(200):
+            assert parser.feed("x = 1; ") == ("", []) and parser._tried == tries
+        content, (call,) = parser.feed(tail)
+        assert content == "" and json.loads(call["function"]["arguments"]) == {"code": "x = 1; " * 200}
 
 
 def test_forced_tool_schemas_keep_each_tools_refs_and_names() -> None:
