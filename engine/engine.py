@@ -165,12 +165,9 @@ class LLMEngine:
         config.check()  # before the weights load
         speculative = SpeculativeConfig.from_value(config.speculative_config)
         self.config = config
-        if config.model is None:
-            from engine.default_model import default_model_path
+        from engine.default_model import model_dir
 
-            path = default_model_path()
-        else:
-            path = config.model
+        path = model_dir(config.model)
         self.model_path = path
         hf_config = read_hf_config(path, config.hf_overrides)
         self.model_config = ModelConfig.from_dir(path, config.hf_overrides)

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="HF checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--model", default=None,
+                     help="HF checkpoint dir or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stoke serve", description="OpenAI-compatible HTTP server (FastAPI + uvicorn) "
                                 "in front of an engine worker process")
     p.add_argument("model", nargs="?", default=None,
-                   help="HF checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
+                   help="HF checkpoint dir, or a llama.cpp GGUF file (converted once into the cache) "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every "
                                                         "interface)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -341,14 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("bad limit option: %s", exc)
         return 2
-    model_path = config.engine_args.get("model")
-    if model_path is not None and not os.path.isfile(os.path.join(model_path, "config.json")):
-        logger.error("%s is not a Hugging Face checkpoint directory (no config.json)", model_path)
-        return 2
-    if model_path is None:
-        from engine.default_model import default_model_path
+    from engine.default_model import model_dir
 
-        model_path = default_model_path()
+    model_path = config.engine_args.get("model")
+    if model_path is not None and model_path.endswith(".gguf") and os.path.isfile(model_path):
+        try:  # the worker loads the conversion; clients name the file, as they would its directory
+            config.engine_args["model"] = model_dir(model_path)
+        except (OSError, ValueError) as exc:
+            logger.error("cannot serve %s: %s", model_path, exc)
+            return 2
+        config.served_model_name = config.served_model_name or os.path.basename(model_path)
+    elif model_path is not None and not os.path.isfile(os.path.join(model_path, "config.json")):
+        logger.error("%s is not a Hugging Face checkpoint directory (no config.json) nor a GGUF file", model_path)
+        return 2
+    model_path = model_dir(config.engine_args.get("model"))
     try:
         generation_defaults(config.engine_args["generation_config"], model_path)
     except (OSError, ValueError) as exc:

@@ -173,7 +173,9 @@ def test_reverse_permute_inverts_llama_cpp_permute(n_head, rows, cols):
         return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
-    assert np.array_equal(dm._reverse_llama_permute(llama_cpp_permute(w, n_head), n_head), w)
+    from engine.gguf import reverse_llama_permute
+
+    assert np.array_equal(reverse_llama_permute(llama_cpp_permute(w, n_head), n_head), w)
 
 
 # ---------------------------------------------------------------------------------------------
