@@ -51,6 +51,9 @@ class ServerConfig:
     # How a chat answer's tool calls are read (server/tool_parsers.py); None: tool_choice "auto"
     # is refused (vLLM's --enable-auto-tool-choice --tool-call-parser).
     tool_call_parser: str | None = None
+    # Call ids of 9 letters and digits, the only ones Mistral's chat templates take back
+    # (--tool-call-parser mistral, with or without --enable-auto-tool-choice: forced calls too)
+    short_tool_call_ids: bool = False
     # Browser origins whose pages may call the API (CORS), e.g. a web UI's; ["*"]: any. None:
     # no CORS headers (browsers then allow same-origin pages only).
     allowed_origins: list[str] | None = None

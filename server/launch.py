@@ -293,6 +293,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         trust_request_chat_template=args.trust_request_chat_template,
         max_stored_responses=args.max_stored_responses,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        short_tool_call_ids=args.tool_call_parser == "mistral",
         lora_modules=list(args.lora_modules or []), allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
 

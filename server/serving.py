@@ -608,7 +608,7 @@ class OpenAIServing:
             params["skip_special_tokens"] = False  # as vLLM's: <tool_call>, [TOOL_CALLS] may be special tokens
         job = self._job("chat", req, record, arrival, [tokens], [text], params, False, logprobs)
         job.tool_parser, job.tool_function, job.parallel_tool_calls = tool_parser, tool_function, parallel
-        job.tools, job.short_tool_ids = req.tools or [], self.config.tool_call_parser == "mistral"
+        job.tools, job.short_tool_ids = req.tools or [], self.config.short_tool_call_ids
         if self.reasoning is not None:
             job.reasoning_opening = self.reasoning.opening(tokens)
             job.include_reasoning = req.include_reasoning is not False

@@ -95,6 +95,46 @@ def _moved_refs(schema: Any, root: str) -> Any:
             else _moved_refs(value, root) for key, value in schema.items()}
 
 
+# What reading a model's JSON or Python may raise besides a syntax error: a number of more
+# than 4,300 digits (ValueError), nesting deeper than the interpreter's stack.
+_PARSE_ERRORS = (ValueError, SyntaxError, RecursionError, MemoryError, TypeError)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# JSON as RFC 8259 has it: NaN and Infinity, which Python's json reads and writes, are refused.
+_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON text's value; ValueError for anything else (however deep or long)."""
+    try:
+        return _JSON.decode(text)
+    except _PARSE_ERRORS as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _well_formed(text: str) -> str:
+    """The text as UTF-8 can carry it: a surrogate pair escaped one half at a time
+    ("\\ud83d\\ude00", as JSON writes an emoji) joined, a lone half replaced (U+FFFD)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _dumps(value: Any) -> str:
+    """JSON text of a call's arguments: strict (ValueError for NaN), and well-formed."""
+    return _well_formed(json.dumps(value, ensure_ascii=False, allow_nan=False))
+
+
+def _function(name: str, arguments: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": _well_formed(name), "arguments": arguments}}
+
+
 def _tool_call(data: Any, argument_keys: tuple[str, ...]) -> dict[str, Any] | None:
     """OpenAI's tool call (without its id) from a parsed call object; None if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
@@ -103,22 +143,27 @@ def _tool_call(data: Any, argument_keys: tuple[str, ...]) -> dict[str, Any] | No
     if key is None:
         return None
     arguments = data[key]
-    if isinstance(arguments, str):  # JSON text already, or a bare string that must become JSON
-        try:
-            json.loads(arguments)
-        except json.JSONDecodeError:
-            arguments = json.dumps(arguments, ensure_ascii=False)
-    else:
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"type": "function", "function": {"name": data["name"], "arguments": arguments}}
-
-
-def _json_call(text: str) -> dict[str, Any] | None:
-    """OpenAI's tool call from hermes's JSON, `{"name": ..., "arguments": ...}`; None if it is not one."""
     try:
-        return _tool_call(json.loads(text), ("arguments",))
-    except json.JSONDecodeError:
+        if isinstance(arguments, str):  # JSON text already, or a bare string that must become JSON
+            try:
+                _loads(arguments)
+                arguments = _well_formed(arguments)
+            except ValueError:
+                arguments = _dumps(arguments)
+        else:
+            arguments = _dumps(arguments)
+    except _PARSE_ERRORS:  # NaN, or nested past the stack
         return None
+    return _function(data["name"], arguments)
+
+
+def _json_calls(text: str) -> list[dict[str, Any]]:
+    """OpenAI's tool call from hermes's JSON, `{"name": ..., "arguments": ...}`; none if it is not one."""
+    try:
+        call = _tool_call(_loads(text), ("arguments",))
+    except ValueError:
+        return []
+    return [call] if call is not None else []
 
 
 def _python_call(text: str) -> dict[str, Any] | None:
@@ -126,7 +171,7 @@ def _python_call(text: str) -> dict[str, Any] | None:
     (positional arguments, a value that is not a literal or has no JSON)."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
-    except (SyntaxError, ValueError):
+    except _PARSE_ERRORS:
         return None
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
         return None
@@ -136,41 +181,63 @@ def _python_call(text: str) -> dict[str, Any] | None:
             return None
         try:
             arguments[keyword.arg] = ast.literal_eval(keyword.value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        except _PARSE_ERRORS:
             return None
     try:
-        encoded = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):  # a set, bytes, a complex number, NaN
+        encoded = _dumps(arguments)
+    except _PARSE_ERRORS:  # a set, bytes, a complex number, NaN
         return None
-    return {"type": "function", "function": {"name": node.func.id, "arguments": encoded}}
+    return _function(node.func.id, encoded)
 
 
-def _python_call_end(text: str) -> int | None:
-    """Where the call `text` begins with ends (after its closing parenthesis), its brackets
-    and strings followed; None while it is still open. A bracket closed by the wrong one is -1."""
-    stack: list[str] = []
-    quote, i, n = "", 0, len(text)
-    pairs = {")": "(", "]": "[", "}": "{"}
-    while i < n:
-        c = text[i]
-        if quote:
-            if c == "\\":
+class _PythonCallEnd:
+    """Where a Python call ends (after its closing parenthesis), its brackets and strings
+    followed, read on as its text grows: each character is read once, however many pieces the
+    text comes in."""
+
+    _PAIRS = {")": "(", "]": "[", "}": "{"}
+
+    def __init__(self) -> None:
+        self.read = 0  # the characters read
+        self.stack: list[str] = []  # open brackets
+        self.quote = ""  # the open string's quote (' " \'\'\' or \"\"\"), if any
+
+    def find(self, text: str) -> int | None:
+        """The end in `text` (the call's text so far, the same text with more at its end each
+        time); None while it is open; -1 where a bracket closes another kind."""
+        i, n, stack = self.read, len(text), self.stack
+        try:
+            while i < n:
+                c = text[i]
+                if self.quote:
+                    if c == "\\":
+                        if i + 1 == n:
+                            return None  # what it escapes comes next
+                        i += 2
+                        continue
+                    if text.startswith(self.quote, i):
+                        i += len(self.quote)
+                        self.quote = ""
+                        continue
+                    if n - i < len(self.quote) and self.quote.startswith(text[i:]):
+                        return None  # a closing triple quote's beginning
+                elif c in "'\"":
+                    if i + 3 > n and (c * 3).startswith(text[i:]):
+                        return None  # one quote or the first of three
+                    self.quote = c * 3 if text.startswith(c * 3, i) else c
+                    i += len(self.quote)
+                    continue
+                elif c in "([{":
+                    stack.append(c)
+                elif c in self._PAIRS:
+                    if not stack or stack.pop() != self._PAIRS[c]:
+                        return -1
+                    if not stack:
+                        return i + 1
                 i += 1
-            elif text.startswith(quote, i):
-                i += len(quote) - 1
-                quote = ""
-        elif c in "'\"":
-            quote = c * 3 if text.startswith(c * 3, i) else c
-            i += len(quote) - 1
-        elif c in "([{":
-            stack.append(c)
-        elif c in pairs:
-            if not stack or stack.pop() != pairs[c]:
-                return -1
-            if not stack:
-                return i + 1
-        i += 1
-    return None
+            return None
+        finally:
+            self.read = i
 
 
 _JSON_FALLBACK_TYPES = ("object", "array", "arr", "dict", "list")
@@ -200,13 +267,13 @@ def _typed(value: str, schema: Any) -> Any:
                 continue
             if kind.startswith(_JSON_FALLBACK_TYPES):
                 try:
-                    return json.loads(value)
-                except json.JSONDecodeError:
+                    return _loads(value)
+                except ValueError:
                     pass
             literal = ast.literal_eval(value)
-            json.dumps(literal, allow_nan=False)
+            _dumps(literal)  # a set, NaN: no JSON
             return literal
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, OverflowError):
+        except (*_PARSE_ERRORS, OverflowError):
             continue
     return value
 
@@ -224,21 +291,37 @@ def _tool_properties(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return {}
 
 
-def _xml_call(body: str, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """OpenAI's tool call from qwen3_coder's `<function=NAME><parameter=KEY>VALUE</parameter>
-    ...</function>`; None if it is not one. A parameter's closing tag may be missing before the
-    next parameter or the function's end, as vLLM's parser allows."""
-    body = body.strip()
-    if not body.startswith(_FUNCTION) or not body.endswith(_FUNCTION_END):
-        return None
-    head = body.find(">")
-    name = body[len(_FUNCTION):head].strip()
+def _xml_calls(body: str, tools: list[dict[str, Any]], closed: bool) -> list[dict[str, Any]]:
+    """OpenAI's tool calls from qwen3_coder's `<function=NAME><parameter=KEY>VALUE</parameter>
+    ...</function>`, one or more; none if the body is not that. As vLLM's parser allows, a
+    parameter's closing tag may be missing before the next parameter or its function's end, and
+    the last function's closing tag where the call around it closed (`closed`; not where the
+    answer was cut inside it)."""
+    calls: list[dict[str, Any]] = []
+    rest = body.strip()
+    while rest:
+        if not rest.startswith(_FUNCTION):
+            return []
+        end = rest.find(_FUNCTION_END)
+        if end < 0 and not closed:
+            return []
+        function, rest = (rest[:end], rest[end + len(_FUNCTION_END):].strip()) if end >= 0 else (rest, "")
+        call = _xml_call(function, tools)
+        if call is None:
+            return []
+        calls.append(call)
+    return calls
+
+
+def _xml_call(function: str, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One `<function=NAME>...` (its closing tag cut off) as OpenAI's call; None if it is not one."""
+    head = function.find(">")
+    name = function[len(_FUNCTION):head].strip() if head >= 0 else ""
     if not name or "<" in name or "\n" in name:
         return None
-    inner = body[head + 1:len(body) - len(_FUNCTION_END)]
     properties = _tool_properties(tools, name)
     arguments: dict[str, Any] = {}
-    for part in inner.split(_PARAMETER)[1:]:
+    for part in function[head + 1:].split(_PARAMETER)[1:]:
         key, sep, value = part.partition(">")
         if not sep or not key.strip():
             return None
@@ -246,7 +329,10 @@ def _xml_call(body: str, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
         value = value[1:] if value.startswith("\n") else value
         value = value[:-1] if value.endswith("\n") else value
         arguments[key.strip()] = _typed(value, properties.get(key.strip()))
-    return {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    try:
+        return _function(name, _dumps(arguments))
+    except _PARSE_ERRORS:
+        return None
 
 
 _MISTRAL_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # v11's name before [ARGS], as vLLM's parser reads it
@@ -297,9 +383,10 @@ class ToolCallParser:
         # llama3_json, pythonic: the answer is calls (None: not known yet; False: content)
         self._json: bool | None = None
         self._answer = ""  # llama3_json, pythonic: the text as it came, the content if no call parses
-        # llama3_json, mistral, pythonic: the buffer's length when a call last failed to parse whole
+        # llama3_json, mistral: the buffer's length when a call last failed to parse whole
         self._tried = 0
         self._listed = False  # pythonic: the list's calls ended ("]")
+        self._call_end: _PythonCallEnd | None = None  # pythonic: the call being read
 
     def feed(self, text: str) -> tuple[str, Calls]:
         return joined(self.feed_in_order(text))
@@ -343,27 +430,38 @@ class ToolCallParser:
     START, END = "<tool_call>", "</tool_call>"
 
     def _hermes(self, final: bool) -> Segments:
+        # Qwen3-Coder also writes a call without its <tool_call>: a bare <function=...></function>,
+        # its </tool_call> after it or not (dropped), as vLLM's parser reads it.
+        markers = (self.START, _FUNCTION, self.END) if self.kind == "qwen3_coder" else (self.START,)
         out: Segments = []
         while self._buffer:
-            start = self._buffer.find(self.START)
+            start, marker = min(((i, m) for m in markers if (i := self._buffer.find(m)) >= 0), default=(-1, ""))
             text = self._buffer if start < 0 else self._buffer[:start]
             if start < 0 and not final:
-                text = text[:len(text) - _held_back(text, self.START)]
+                text = text[:len(text) - max(_held_back(text, m) for m in markers)]
             self._buffer = self._buffer[len(text):]
             out.append(self._text(text))
             if start < 0:
                 break
-            end = self._buffer.find(self.END)
+            if marker == self.END:  # right after a call, a bare function's closing tag: dropped
+                if self.calls and not self._spoken:
+                    self._blank = ""
+                else:
+                    out.append(self._text(marker))
+                self._buffer = self._buffer[len(marker):]
+                continue
+            opened, closing = (len(self.START), self.END) if marker == self.START else (0, _FUNCTION_END)
+            end = self._buffer.find(closing, opened)
             if end < 0 and not final:
                 break  # the call is not whole yet
-            body, taken = (self._buffer[len(self.START):end], end + len(self.END)) if end >= 0 else \
-                (self._buffer[len(self.START):], len(self._buffer))  # a last call left open
-            call = _xml_call(body, self.tools) if self.kind == "qwen3_coder" else _json_call(body)
-            if call is None:
+            taken = end + len(closing) if end >= 0 else len(self._buffer)  # a last call left open
+            body = self._buffer[opened:end if marker == self.START else taken] if end >= 0 else self._buffer[opened:]
+            calls = _xml_calls(body, self.tools, closed=end >= 0) if self.kind == "qwen3_coder" else _json_calls(body)
+            if not calls:
                 out.append(self._text(self._buffer[:taken]))
             else:
                 self._blank, self._spoken = "", False  # whitespace between calls is no content
-                out.append(self._made(call))
+                out += [self._made(call) for call in calls]
             self._buffer = self._buffer[taken:]
         if final:
             self._blank = ""  # nor is whitespace after the last call
@@ -397,13 +495,12 @@ class ToolCallParser:
             content, self._buffer = self._buffer, ""
             return [content] if content else []
         calls: Segments = []
-        decoder = json.JSONDecoder()
         # Past a failed try, only a new "}" can end an object: no parse per token of a long call.
         while self._buffer and (final or "}" in self._buffer[self._tried:]):
             text = self._buffer.lstrip().removeprefix(";").lstrip()
             try:
-                data, end = decoder.raw_decode(text)
-            except json.JSONDecodeError:
+                data, end = _JSON.raw_decode(text)
+            except _PARSE_ERRORS:
                 self._tried = len(self._buffer)
                 break  # not whole yet, or not JSON
             call = _tool_call(data, ("parameters", "arguments"))
@@ -475,8 +572,8 @@ class ToolCallParser:
             if not rest.startswith("{"):
                 return [], 0
         try:
-            data, end = json.JSONDecoder().raw_decode(text, at)
-        except json.JSONDecodeError:
+            data, end = _JSON.raw_decode(text, at)
+        except _PARSE_ERRORS:
             if final:
                 return [], 0
             self._tried = len(self._buffer)
@@ -511,30 +608,29 @@ class ToolCallParser:
         out: Segments = []
         while not self._listed:
             text = self._buffer.lstrip()
-            if self.calls and text[:1] == "]":
-                self._listed, self._buffer = True, text[1:]
-                break
-            if self.calls and text[:1] == ",":
-                text = text[1:].lstrip()
-            elif self.calls and text:
-                return out + self._not_pythonic()
+            if self.calls:  # after a call: a comma, the list's end, or a comma and its end
+                if text[:1] == ",":
+                    text = text[1:].lstrip()
+                elif text and text[0] != "]":
+                    return out + self._not_pythonic()
+                if text[:1] == "]":
+                    self._listed, self._buffer = True, text[1:]
+                    break
             match = _PYTHON_NAME.match(text)
             opened = text[match.end():].lstrip()[:1] if match else ""
             if match is None and text or opened not in ("", "("):
                 return out + self._not_pythonic()
-            if not opened or not final and self._tried and ")" not in self._buffer[self._tried:]:
+            self._call_end = self._call_end or _PythonCallEnd()
+            end = self._call_end.find(text) if opened else None
+            if end is None:
                 if final:
                     return out + self._not_pythonic()
                 break  # the call is not whole yet
-            end = _python_call_end(text)
-            if end is None and not final:
-                self._tried = len(self._buffer)
-                break
-            call = _python_call(text[:end]) if end is not None and end > 0 else None
+            call = _python_call(text[:end]) if end > 0 else None
             if call is None:
                 return out + self._not_pythonic()
             out.append(self._made(call))
-            self._buffer, self._tried = text[end:], 0
+            self._buffer, self._call_end = text[end:], None
         if final and self._listed:
             rest, self._buffer = self._buffer.strip().removeprefix(self.PYTHON_END).strip(), ""
             out += [rest] if rest else []  # what follows the list
@@ -544,7 +640,7 @@ class ToolCallParser:
         """The text from where calls stopped parsing, as content: the whole answer if no call
         parsed, else what followed the last call; what comes next is content too."""
         text = self._buffer.lstrip().removeprefix(",").lstrip() if self.calls else self._answer
-        self._json, self._buffer = False, ""
+        self._json, self._buffer, self._call_end = False, "", None
         return [text] if text else []
 
     # ------------------------------------------------------ forced (structured)
@@ -554,13 +650,13 @@ class ToolCallParser:
         text, self._buffer = self._buffer, ""
         if self.kind == "named":
             try:
-                json.loads(text)
-            except json.JSONDecodeError:
+                _loads(text)
+            except ValueError:
                 return [text] if text else []  # cut short: not arguments
             return [self._made(_tool_call({"name": self.function, "arguments": text.strip()}, ("arguments",)))]
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
+            data = _loads(text)
+        except ValueError:
             return [text] if text else []
         calls = [_tool_call(item, ("parameters",)) for item in data] if isinstance(data, list) else [None]
         if not calls or None in calls:

@@ -230,3 +230,16 @@ def test_serve_checks_its_hf_overrides_before_starting(capsys: pytest.CaptureFix
     args = build_parser().parse_args(["--hf-overrides", json.dumps(reranker)])
     assert config_from_args(args).engine_args["hf_overrides"] == reranker
     assert config_from_args(build_parser().parse_args([])).engine_args["hf_overrides"] is None
+
+
+def test_a_mistral_servers_call_ids_are_short_with_or_without_auto_tool_choice() -> None:
+    """Forced tool choices make calls on a server without --enable-auto-tool-choice too: their
+    ids must be ones Mistral's chat templates take back."""
+    from server.launch import build_parser, config_from_args
+
+    for flags, parser in ((["--tool-call-parser", "mistral"], None),
+                          (["--enable-auto-tool-choice", "--tool-call-parser", "mistral"], "mistral")):
+        config = config_from_args(build_parser().parse_args(flags))
+        assert config.short_tool_call_ids and config.tool_call_parser == parser
+    hermes = config_from_args(build_parser().parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
+    assert not hermes.short_tool_call_ids

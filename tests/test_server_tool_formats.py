@@ -1,12 +1,13 @@
 """Tool call formats other than hermes over the real server, driven by the `openai` SDK: a
 scripted checkpoint (tests/scripted_model.py) answers every chat with Mistral's `[TOOL_CALLS]`
-(a special token, as in Mistral's tokenizers: the parser must see it although text skips special
-tokens by default) or Qwen3-Coder's XML-like call (its values typed by the request's tools).
-Whole and streamed answers give the same calls; a Mistral server's call ids are the 9 letters and
-digits Mistral's chat templates take back."""
+or Qwen3-Coder's XML-like call (its values typed by the request's tools), their markers special
+tokens, which the parser must see although text skips special tokens by default. Whole and
+streamed answers, and the Responses API's, give the same calls; a Mistral server's call ids are
+the 9 letters and digits Mistral's chat templates take back."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -30,7 +31,7 @@ FORMATS = {
     # "3" comes back as the integer the request's tool says it is
     "qwen3_coder": ("Let me check. <tool_call><function=weather><parameter=days>3</parameter></function></tool_call>",
                     ("<tool_call>", "<function=weather>", "<parameter=days>", "</parameter>", "</function>",
-                     "</tool_call>"), False, "Let me check. ", {"days": 3}, "call_[0-9a-f]{24}"),
+                     "</tool_call>"), True, "Let me check. ", {"days": 3}, "call_[0-9a-f]{24}"),
 }
 
 
@@ -59,11 +60,24 @@ def test_a_whole_answers_call(server):
     assert choice.finish_reason == "tool_calls" and call.type == "function"
     the_call(server, choice.message.content, {"id": call.id, "name": call.function.name,
                                               "arguments": call.function.arguments})
-    # tool_choice "none": the answer is text, its special tokens skipped as any chat's
-    answer, added, special, *_ = FORMATS[server.parser]
-    text = client.chat.completions.create(model=None, messages=QUESTION, tools=TOOLS, tool_choice="none",
-                                          max_tokens=96, temperature=0).choices[0].message.content
-    assert text == (answer.replace(added[0], "").replace(added[1], "") if special else answer)
+    # tool_choice "none", or a request that skips special tokens itself: the answer is text,
+    # without the markers
+    answer, added, *_ = FORMATS[server.parser]
+    for extra in ({"tool_choice": "none"}, {"extra_body": {"skip_special_tokens": True}}):
+        out = client.chat.completions.create(model=None, messages=QUESTION, tools=TOOLS, max_tokens=96,
+                                             temperature=0, **extra).choices[0]
+        assert out.message.content == functools.reduce(lambda text, tag: text.replace(tag, ""), added, answer)
+        assert not out.message.tool_calls and out.finish_reason == "stop"
+
+
+def test_the_responses_apis_call_is_the_chats(server):
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    response = server.client().responses.create(model=None, input=QUESTION[0]["content"], tools=tools,
+                                                max_output_tokens=96, temperature=0)
+    message, call = response.output
+    assert message.type == "message" and call.type == "function_call"
+    the_call(server, message.content[0].text, {"id": call.call_id, "name": call.name, "arguments": call.arguments})
 
 
 def test_a_streamed_answers_call_is_the_whole_ones(server):

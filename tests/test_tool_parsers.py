@@ -115,7 +115,38 @@ CASES = [
     ("qwen3_coder", "<tool_call>\n<function=w>\n</function>", (None, [(0, "w", {})])),  # cut: a whole function counts
     ("qwen3_coder", '<tool_call>{"name": "w", "arguments": {}}</tool_call>',
      ('<tool_call>{"name": "w", "arguments": {}}</tool_call>', [])),
+    # found by review: malformed or huge input is content, never an exception; emoji escaped
+    # as surrogate halves joined; two functions in one call; Qwen3-Coder's bare functions
+    ("pythonic", "[f(a=" + "-" * 7000 + "1)]", ("[f(a=" + "-" * 7000 + "1)]", [])),
+    ("pythonic", r'[f(s="hi \ud83d\ude00", t="\ud83d")]', (None, [(0, "f", {"s": "hi \U0001F600", "t": "\ufffd"})])),
+    ("pythonic", "[f(a=1), g(b=2),]", (None, [(0, "f", {"a": 1}), (1, "g", {"b": 2})])),
+    ("pythonic", "[f(a=1),]", (None, [(0, "f", {"a": 1})])),
+    ("pythonic", '[f(s="""a"b)""")]', (None, [(0, "f", {"s": 'a"b)'})])),
+    ("pythonic", "<|python_tag|>[f(a=1)]", (None, [(0, "f", {"a": 1})])),
+    ("pythonic", "[f(**x)]", ("[f(**x)]", [])),
+    ("pythonic", "[f(a=1e999)]", ("[f(a=1e999)]", [])),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": ' + "1" * 5000 + "}", ('[TOOL_CALLS]f[ARGS]{"a": ' + "1" * 5000 + "}", [])),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"x": NaN}', ('[TOOL_CALLS]f[ARGS]{"x": NaN}', [])),
+    ("mistral", "[TOOL_CALLS]f{}Hi[TOOL_CALLS]g{} ", ("Hi", [(0, "f", {}), (1, "g", {})])),
+    ("hermes", "<tool_call>" + "[" * 100000 + "</tool_call>", ("<tool_call>" + "[" * 100000 + "</tool_call>", [])),
+    ("hermes", '<tool_call>{"name": "f", "arguments": "' + "1" * 5000 + '"}</tool_call>',
+     (None, [(0, "f", "1" * 5000)])),
+    ("hermes", r'<tool_call>{"name": "f", "arguments": {"e": "\ud83d\ude00 \ud83d"}}</tool_call>',
+     (None, [(0, "f", {"e": "\U0001F600 \ufffd"})])),
+    ("llama3_json", '{"name": "f", "parameters": {"x": Infinity}}', ('{"name": "f", "parameters": {"x": Infinity}}', [])),
+    ("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n<function=g>\n"
+                    "<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>",
+     (None, [(0, "f", {"a": "1"}), (1, "g", {"b": "2"})])),
+    ("qwen3_coder", "I'll fetch it.\n\n<function=w>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+                    " done", ("I'll fetch it.\n\n done", [(0, "w", {"city": "Paris"})])),
+    ("qwen3_coder", "<tool_call>\n<function=w>\n<parameter=days>\n4\n</parameter>\n</tool_call>",
+     (None, [(0, "w", {"days": 4})])),  # the function's closing tag left out inside a closed call
+    ("qwen3_coder", "<function=w>\n<parameter=days>\n4\n", ("<function=w>\n<parameter=days>\n4\n", [])),
+    ("qwen3_coder", "A </tool_call> tag", ("A </tool_call> tag", [])),
+    ("qwen3_coder", "<tool_call><function=w><parameter=opts>\n{\"x\": NaN}\n</parameter></function></tool_call>",
+     (None, [(0, "w", {"opts": "{\"x\": NaN}"})])),
 ]
+
 
 
 
@@ -160,17 +191,41 @@ def test_a_mistral_servers_call_ids_are_what_mistral_templates_take() -> None:
 
 
 def test_a_long_call_is_parsed_once_it_can_end() -> None:
-    """A call's arguments streamed token by token are not re-read for every token: only a
-    character that can end the call tries it again."""
-    for kind, head, tail in (("mistral", '[TOOL_CALLS]w[ARGS]{"code": "', '"}'),
-                             ("pythonic", '[w(code="', '")]')):
-        parser = ToolCallParser(kind)
-        assert parser.feed(head) == ("", [])
-        tries = parser._tried
-        for _ in range(200):
-            assert parser.feed("x = 1; ") == ("", []) and parser._tried == tries
-        content, (call,) = parser.feed(tail)
-        assert content == "" and json.loads(call["function"]["arguments"]) == {"code": "x = 1; " * 200}
+    """A call's arguments streamed token by token are not re-read for every token: a JSON call
+    is tried again only past a character that can end it; a Python call's text is read once,
+    where it stopped."""
+    parser = ToolCallParser("mistral")
+    assert parser.feed('[TOOL_CALLS]w[ARGS]{"code": "') == ("", [])
+    tries = parser._tried
+    for _ in range(200):
+        assert parser.feed("f(x); ") == ("", []) and parser._tried == tries
+    content, (call,) = parser.feed('"}')
+    assert content == "" and json.loads(call["function"]["arguments"]) == {"code": "f(x); " * 200}
+    parser = ToolCallParser("pythonic")
+    assert parser.feed('[w(code="') == ("", [])
+    for i in range(1, 201):
+        assert parser.feed("f(x); ") == ("", []) and parser._call_end.read == len('w(code="') + 6 * i
+    assert parser.feed("\\") == ("", []) and parser._call_end.read == len('w(code="') + 1200  # what it escapes comes next
+    content, (call,) = parser.feed('"")]')
+    assert content == "" and json.loads(call["function"]["arguments"]) == {"code": "f(x); " * 200 + '"'}
+
+
+def test_qwen3_coder_values_take_their_schemas_types() -> None:
+    """Each value's type as vLLM's parser makes it (2 an integer where the schema says number,
+    2.5 a float), a list of types tried in turn, a tool without `properties` read as its own."""
+    from server.tool_parsers import _typed
+
+    cases = [("2", {"type": "number"}, 2), ("2.5", {"type": "number"}, 2.5), ("nan", {"type": "number"}, "nan"),
+             ("2", {"type": ["boolean", "integer"]}, 2), ("true", {"type": ["integer", "boolean"]}, True),
+             ("x", {"type": ["integer", "null"]}, "x"), ("NULL", {"type": "string"}, None),
+             ("{1, 2}", {"type": "object"}, "{1, 2}"), ("[1, 2]", None, "[1, 2]"), ("7", {"type": "int64"}, 7)]
+    for value, schema, expected in cases:
+        got = _typed(value, schema)
+        assert got == expected and type(got) is type(expected), (value, schema, got)
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {"days": {"type": "integer"}}}}]
+    (call,) = ToolCallParser("qwen3_coder", tools=tools).parse(
+        "<tool_call><function=w><parameter=days>3</parameter></function></tool_call>")[1]
+    assert call["function"]["arguments"] == '{"days": 3}'
 
 
 def test_forced_tool_schemas_keep_each_tools_refs_and_names() -> None:
