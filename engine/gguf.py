@@ -166,6 +166,8 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         config["final_logit_softcapping"] = meta("final_logit_softcapping")
         if arch == "gemma2":
             config["attn_logit_softcapping"] = meta("attn_logit_softcapping")
+        elif meta("rope.freq_base_swa") is not None:  # the sliding layers' (llama.cpp's default: 10,000)
+            config["rope_local_base_freq"] = float(meta("rope.freq_base_swa"))
     config["rope_scaling"] = _rope_scaling(reader, arch, meta, tensors, head_dim, max_positions)
     return config
 

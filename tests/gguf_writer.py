@@ -15,7 +15,8 @@ Qwen2Model, Qwen3Model, Gemma2Model, Gemma3Model; ModelBase.prepare_tensors for 
   a llama3 rope scaling becomes the ``rope_freqs`` tensor.
 - types: 1-D tensors and ``*_norm.weight`` stay F32; the rest is F32, F16 or Q8_0 (F16 where a row does
   not split into Q8_0 blocks), quantised with gguf.quants.quantize.
-- tokenizer: the SmolLM2 vocabulary's ``tokenizer.*`` fields, copied from the embedded GGUF file.
+- tokenizer: the SmolLM2 vocabulary's ``tokenizer.*`` fields, copied from the embedded GGUF file
+  (for a model of a smaller vocabulary, its first tokens and the merges among them).
 
 The model's shape comes from ``AutoConfig.to_dict()``, as the convert script reads it, so legacy
 ``rope_theta``/``rope_scaling`` configs and ``rope_parameters`` configs both work. A Gemma2 rope other
@@ -75,10 +76,7 @@ def write_gguf(hf_dir: str, out_path: str, dtype: str = "F32") -> None:
     if model_type not in GGUF_ARCHS:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(GGUF_ARCHS)}")
     arch = GGUF_ARCHS[model_type]
-    tokenizer = _embedded_tokenizer_fields()
-    n_tokens = len(tokenizer["tokenizer.ggml.tokens"][0])
-    if hparams["vocab_size"] != n_tokens:
-        raise ValueError(f"config vocab_size {hparams['vocab_size']} != the SmolLM2 tokenizer's {n_tokens} tokens")
+    tokenizer = _tokenizer_fields(hparams["vocab_size"])
 
     writer = gguf.GGUFWriter(out_path, arch)
     for name, data in _gguf_tensors(hf_dir, hparams, arch):
@@ -281,6 +279,26 @@ def _embedded_tokenizer_fields() -> dict[str, tuple[Any, list[gguf.GGUFValueType
     reader = gguf.GGUFReader(default_gguf_path())
     fields = reader.fields.items()
     return {key: (field.contents(), field.types) for key, field in fields if key.startswith("tokenizer.")}
+
+
+def _tokenizer_fields(vocab_size: int) -> dict[str, tuple[Any, list[gguf.GGUFValueType]]]:
+    """The embedded tokenizer's fields for a model of `vocab_size` tokens: all of them, or its
+    first `vocab_size` tokens and the merges among them (a smaller BPE tokenizer, quicker to
+    read back: the byte tokens come first, then each merge's result in merge order)."""
+    fields = _embedded_tokenizer_fields()
+    tokens = fields["tokenizer.ggml.tokens"][0]
+    if vocab_size > len(tokens):
+        raise ValueError(f"config vocab_size {vocab_size} exceeds the SmolLM2 tokenizer's {len(tokens)} tokens")
+    if vocab_size == len(tokens):
+        return fields
+    kept = set(tokens[:vocab_size])
+    merges = [m for m in fields["tokenizer.ggml.merges"][0] if m.replace(" ", "", 1) in kept
+              and all(part in kept for part in m.split(" ", 1))]
+    small = dict(fields)
+    for key, value in (("tokenizer.ggml.tokens", tokens[:vocab_size]), ("tokenizer.ggml.merges", merges),
+                       ("tokenizer.ggml.token_type", fields["tokenizer.ggml.token_type"][0][:vocab_size])):
+        small[key] = (value, fields[key][1])
+    return small
 
 
 # ---------------------------------------------------------------------------------------------

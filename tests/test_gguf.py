@@ -1,0 +1,179 @@
+"""GGUF files served as their checkpoints (engine/gguf.py): tiny random transformers models of
+each converted architecture, written as llama.cpp's convert_hf_to_gguf.py writes them
+(tests/gguf_writer.py, itself checked against transformers' GGUF loader), give the original
+model's logprobs; a quantised file its own; the conversion is cached; what is not converted is
+refused before anything loads; and `stoke serve model.gguf` serves it under the file's name."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import LLM
+from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equal_transformers, random_prompts
+from tests.gguf_writer import write_gguf
+
+# Each family's own parts: Llama's q/k permutation and Llama 3 rope (llama.cpp's rope_freqs);
+# Qwen2's biases; Qwen3's q/k norms; Gemma's 1 + w norms, softcaps and windows the prompts
+# outgrow, and Gemma 3's linear rope on its global layer. The files carry the embedded
+# tokenizer's first 1,024 tokens (its whole 49k take seconds to read back). Gemma's query scale
+# is the head dim, as llama.cpp assumes, and its LM head the embedding (llama.cpp drops an
+# untied one).
+SHAPE = dict(TINY_COMMON, vocab_size=1024, head_dim=16, tie_word_embeddings=False)
+FAMILIES = {
+    "llama": ("Llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3", dict()),
+    "gemma2": ("Gemma2", dict(sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3", dict(num_hidden_layers=6, sliding_window=8, query_pre_attn_scalar=16,
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0}, tie_word_embeddings=True)),
+}
+
+
+def save_family(kind: str, path: str) -> torch.nn.Module:
+    import transformers
+
+    prefix, own = FAMILIES[kind]
+    config_class = getattr(transformers, f"{prefix}TextConfig" if kind == "gemma3_text" else f"{prefix}Config")
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config_class(**(SHAPE | own)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # not the init's ones (zeros for Gemma): a norm's offset must count
+                param.normal_(0.5, 0.3)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory, default_model_dir: str):
+    """A cache of conversions of its own, for the module (the embedded model's, the reference
+    tokenizer, found first in the usual one)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cache")
+        patch.setenv("STOKE_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, cache) -> dict[str, tuple[str, torch.nn.Module]]:
+    """kind -> (its F32 GGUF file, the transformers model it was written from)."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for kind in FAMILIES:
+        model = save_family(kind, str(root / kind))
+        write_gguf(str(root / kind), str(root / f"{kind}.gguf"))
+        out[kind] = (str(root / f"{kind}.gguf"), model)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_a_gguf_file_gives_its_models_logprobs(files, default_model_dir: str, kind: str) -> None:
+    path, model = files[kind]
+    llm = LLM(path, block_size=4, max_num_batched_tokens=16, num_kv_blocks=128)
+    assert_logprobs_equal_transformers(llm, model, random_prompts(1, [30, 5]), max_tokens=4)
+    assert_engine_idle(llm)
+    converted = Path(llm.engine.model_path)
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == kind and config["vocab_size"] == 1024
+    # the tokenizer is the file's, with its chat template and special tokens (a Gemma file's is
+    # read as SentencePiece's, which these BPE tokens are not: its encoding is not checked)
+    from transformers import AutoTokenizer
+
+    ours, theirs = llm.engine.tokenizer, AutoTokenizer.from_pretrained(default_model_dir)
+    assert ours.chat_template == theirs.chat_template and (ours.bos_token_id, ours.eos_token_id) == (1, 2)
+    if not kind.startswith("gemma"):
+        ids = ours.encode("Hello, world!")
+        assert max(ids) < 1024 and ours.decode(ids) == "Hello, world!"
+
+
+def test_a_quantised_file_is_served_as_it_dequantises(tmp_path, files) -> None:
+    """A Q8_0 file: its weights written as float16, each within a block's rounding of the
+    file's own values, and the engine's logprobs those of its dequantised weights."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    src = Path(files["qwen3"][0]).parent / "qwen3"
+    write_gguf(str(src), str(tmp_path / "q8.gguf"), dtype="Q8_0")
+    llm = LLM(str(tmp_path / "q8.gguf"), block_size=4, num_kv_blocks=64)
+    weights = load_file(Path(llm.engine.model_path) / "model.safetensors")
+    reader = GGUFReader(str(tmp_path / "q8.gguf"))
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    assert q.tensor_type.name == "Q8_0"
+    ours = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert ours.dtype == torch.float16 and weights["model.norm.weight"].dtype == torch.float32
+    exact = torch.from_numpy(np.asarray(dequantize(q.data, q.tensor_type), dtype=np.float32))
+    torch.testing.assert_close(ours.float(), exact, rtol=1e-3, atol=1e-6)
+    # The model of the dequantised weights, in transformers, is what the engine serves.
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32).eval()
+    assert_logprobs_equal_transformers(llm, reference, random_prompts(2, [20]), max_tokens=3)
+
+
+def test_the_conversion_is_cached_until_the_file_changes(tmp_path, files, cache) -> None:
+    from engine.default_model import gguf_checkpoint
+
+    path = tmp_path / "llama.gguf"
+    path.write_bytes(Path(files["llama"][0]).read_bytes())
+    first = gguf_checkpoint(str(path))
+    stamp = Path(first, "model.safetensors").stat().st_mtime_ns
+    assert gguf_checkpoint(str(path)) == first and Path(first, "model.safetensors").stat().st_mtime_ns == stamp
+    assert Path(first).parent == cache / "models" and Path(first).name.startswith("llama-")
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # the file changed: converted again, in place
+    assert gguf_checkpoint(str(path)) == first and Path(first, "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_what_is_not_converted_is_refused_before_anything_loads(tmp_path, files) -> None:
+    import gguf
+
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="'phi3' is not supported.*llama, qwen2, qwen3, gemma2, gemma3"):
+        LLM(str(path))
+    models = Path(os.environ["STOKE_CACHE_DIR"]) / "models"
+    assert not any(p.name.startswith("phi-") and not p.name.endswith(".lock") for p in models.iterdir())
+
+
+def test_stoke_serve_serves_a_gguf_file_under_its_name(files) -> None:
+    from transformers import AutoTokenizer
+
+    from engine.default_model import gguf_checkpoint
+    from tests.server_harness import ServerProcess
+
+    path, model = files["qwen2"]
+    with ServerProcess(path, "--num-kv-blocks", "64", "--cpu-threads", "1") as server:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == ["qwen2.gguf"]
+        prompt = random_prompts(3, [12])[0]  # ids below 500: in the file's vocabulary
+        out = client.completions.create(model="qwen2.gguf", prompt=prompt, max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.choices[0].text == AutoTokenizer.from_pretrained(gguf_checkpoint(path)).decode(expected)
+
+
+def test_stoke_serve_refuses_a_gguf_file_it_cannot_convert(tmp_path, cache) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF not really")
+    result = subprocess.run([sys.executable, "-m", "server", str(path)], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2 and "cannot serve" in result.stderr and "broken.gguf" in result.stderr
