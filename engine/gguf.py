@@ -11,13 +11,15 @@ from the file. The conversion undoes what llama.cpp's convert_hf_to_gguf.py does
   rope scaling written as per-pair frequency factors (`rope_freqs`), which become a longrope
   scaling with those factors (the same inverse frequencies, as llama.cpp applies them);
 - qwen2 (attention biases), qwen3 (q/k norms): the tensors as they are;
+- qwen3moe (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B): every layer's experts stacked, gate and up
+  written as the engine's one stacked gate_up_proj;
 - gemma2, gemma3: every RMSNorm weight stored plus one (Gemma's norm scales by 1 + weight),
   the embedding's rows past the tokenizer's dropped (the vocabulary is the file's), and the
   query scale llama.cpp derives from the model's size (27B: hidden / heads; others: head dim).
 
 Weights keep their precision where the file has one (F32, F16, BF16); quantised ones are written
 as float16 (a block's scale times its small integers, rounded once more: ~5e-4 relative). Other
-architectures (mixtures of experts, Phi-3) are refused with the list of those converted.
+architectures (Qwen2-MoE, Mixtral, Phi-3 ...) are refused with the list of those converted.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
 _GEMMA = ("gemma2", "gemma3")
 # The layer count of Gemma 2's and Gemma 3's 27B, whose queries llama.cpp scales by hidden / heads.
@@ -59,6 +62,11 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # a mixture of experts': its router, and its experts stacked [experts, rows, columns]
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 # Gemma's four norms a layer: llama.cpp's ffn_norm is Gemma's pre-feedforward norm.
 _NORMS = {"ffn_norm": "post_attention_layernorm"}
@@ -88,7 +96,9 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
     names = _LAYER_NAMES | (_GEMMA_NORMS if arch in _GEMMA else _NORMS)
     if base not in names or kind not in ("weight", "bias") or not layer.isdigit():
         return None
-    return f"model.layers.{int(layer)}.{names[base]}.{kind}"
+    name = f"model.layers.{int(layer)}.{names[base]}"
+    # stacked experts are named as transformers 5 holds them, without ".weight"
+    return name if base.endswith("_exps") and kind == "weight" else f"{name}.{kind}"
 
 
 def reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -123,6 +133,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     if "token_embd.weight" not in tensors:
         raise ValueError("the GGUF file has no token_embd.weight")
     hidden = int(meta("embedding_length", required=True))
+    experts = arch == "qwen3moe"
     layers = int(meta("block_count", required=True))
     n_head = int(meta("attention.head_count", required=True))
     n_kv = int(meta("attention.head_count_kv", n_head))
@@ -140,7 +151,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         "model_type": ARCHITECTURES[arch][1],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length", required=True)),
+        "intermediate_size": int(meta("feed_forward_length", required=not experts) or 0),
         "num_hidden_layers": layers,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
@@ -155,6 +166,12 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                       ("pad_token_id", "padding_token_id")):
         value = field(reader, f"tokenizer.ggml.{name}")
         config[key] = None if value is None else int(value)
+    if experts:  # llama.cpp's Qwen3-MoE: every layer sparse, its top-k weights renormalised
+        config |= {"num_experts": int(meta("expert_count", required=True)),
+                   "num_experts_per_tok": int(meta("expert_used_count", required=True)),
+                   "moe_intermediate_size": int(meta("expert_feed_forward_length", required=True)),
+                   "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+        config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
     if arch == "llama":
         config |= {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": False}
     if arch in _GEMMA:
@@ -235,9 +252,14 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes |= {p + "self_attn.q_proj.weight": (nq * hd, h), p + "self_attn.k_proj.weight": (nkv * hd, h),
                    p + "self_attn.v_proj.weight": (nkv * hd, h), p + "self_attn.o_proj.weight": (h, nq * hd),
-                   p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
-                   p + "mlp.down_proj.weight": (h, ff), p + "input_layernorm.weight": (h,),
-                   p + "post_attention_layernorm.weight": (h,)}
+                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if "num_experts" in config:
+            e, fe = config["num_experts"], config["moe_intermediate_size"]
+            shapes |= {p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_proj": (e, fe, h),
+                       p + "mlp.experts.up_proj": (e, fe, h), p + "mlp.experts.down_proj": (e, h, fe)}
+        else:
+            shapes |= {p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                       p + "mlp.down_proj.weight": (h, ff)}
     return shapes
 
 
@@ -261,7 +283,7 @@ def _required_by_architecture(config: dict[str, Any]) -> set[str]:
     per_layer: tuple[str, ...] = ()
     if model_type == "qwen2":
         per_layer = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
-    elif model_type == "qwen3":
+    elif model_type in ("qwen3", "qwen3_moe"):
         per_layer = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
     elif model_type in ("gemma2", "gemma3_text"):
         per_layer = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
@@ -286,6 +308,7 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
     allowed = expected | _optional_shapes(config)
     required = set(expected) | _required_by_architecture(config)
     shards: list[dict[str, torch.Tensor]] = [{}]
+    halves: dict[str, torch.Tensor] = {}  # a layer's stacked gate or up experts, until both are read
     size, seen = 0, set()
     for tensor in tqdm(reader.tensors, desc="Converting GGUF tensors", unit="tensor", file=sys.stderr):
         if tensor.name == "rope_freqs.weight":
@@ -302,13 +325,21 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
             w = w - 1.0
         weight = torch.from_numpy(np.array(w)).to(  # a copy: a tensor of the file is read-only
             torch.float32 if keep_fp32 else _target_dtype(tensor.tensor_type))
+        seen.add(name)
+        if name.endswith((".experts.gate_proj", ".experts.up_proj")):
+            # the engine's stacked experts hold gate and up in one [experts, 2 rows, columns]
+            halves[name] = weight
+            layer = name.rsplit(".", 1)[0]
+            if f"{layer}.gate_proj" not in halves or f"{layer}.up_proj" not in halves:
+                continue
+            gate, up = halves.pop(f"{layer}.gate_proj"), halves.pop(f"{layer}.up_proj")
+            name, weight = f"{layer}.gate_up_proj", torch.cat([gate, up.to(gate.dtype)], dim=1)
         nbytes = weight.numel() * weight.element_size()
         if size and size + nbytes > _SHARD_BYTES:
             shards.append({})
             size = 0
         shards[-1][name] = weight
         size += nbytes
-        seen.add(name)
     missing = sorted(required - seen)
     if missing:
         raise ValueError(f"the GGUF file lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -50,6 +50,7 @@ GGUF_ARCHS = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "qwen3_moe": "qwen3moe",
 }
 
 _FILE_TYPES = {
@@ -168,6 +169,10 @@ def _arch_params(hparams: dict[str, Any], arch: str) -> dict[str, Any]:
         params["add_rope_dimension_count"] = _head_dim(hparams)
     elif arch == "gemma3":
         params.update(_gemma3_overrides(hparams))
+    elif arch == "qwen3moe":  # TextModel's expert counts, then Qwen2MoeModel's expert width
+        params["add_expert_count"] = _find(hparams, "num_local_experts", "num_experts")
+        params["add_expert_used_count"] = hparams["num_experts_per_tok"]
+        params["add_expert_feed_forward_length"] = hparams["moe_intermediate_size"]
     return params
 
 
@@ -311,8 +316,15 @@ def _gguf_tensors(hf_dir: str, hparams: dict[str, Any], arch: str) -> Iterator[t
     name_map = gguf.get_tensor_name_map(_model_arch(arch), hparams["num_hidden_layers"])
     if arch == "llama" and (rope_freqs := _llama3_rope_freqs(hparams)) is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs
+    experts: dict[str, torch.Tensor] = {}  # Qwen2MoeModel's: one layer's experts, until all are read
     for hf_name, tensor in _checkpoint_tensors(hf_dir):
         if hf_name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+            continue
+        if ".mlp.experts." in hf_name:
+            experts[hf_name] = tensor
+            stacked = _stacked_experts(experts, hf_name, _find(hparams, "num_local_experts", "num_experts"))
+            for name, data in stacked:
+                yield name_map.get_name(name, try_suffixes=(".weight",)), data.to(torch.float32).numpy()
             continue
         if hf_name == "lm_head.weight" and (arch == "gemma2" or hparams.get("tie_word_embeddings")):
             continue  # Gemma2Model skips it; a tied head is the embedding, written once
@@ -323,6 +335,21 @@ def _gguf_tensors(hf_dir: str, hparams: dict[str, Any], arch: str) -> Iterator[t
         if gguf_name is None:
             raise ValueError(f"cannot map tensor {hf_name!r} for GGUF arch {arch!r}")
         yield gguf_name, tensor.numpy()
+
+
+def _stacked_experts(experts: dict[str, torch.Tensor], name: str, n_experts: int
+                     ) -> list[tuple[str, torch.Tensor]]:
+    """Qwen2MoeModel.modify_tensors: once a layer's experts are all read, each projection's
+    experts stacked [n_expert, rows, columns] as `model.layers.{bid}.mlp.experts.{w}.weight`."""
+    prefix = name.split(".mlp.experts.")[0]
+    mine = [k for k in experts if k.startswith(prefix + ".mlp.experts.")]
+    if len(mine) < n_experts * 3:
+        return []
+    stacked = []
+    for w_name in ("down_proj", "gate_proj", "up_proj"):
+        data = torch.stack([experts.pop(f"{prefix}.mlp.experts.{x}.{w_name}.weight") for x in range(n_experts)])
+        stacked.append((f"{prefix}.mlp.experts.{w_name}.weight", data))
+    return stacked
 
 
 def _model_arch(arch: str) -> gguf.MODEL_ARCH:

@@ -19,7 +19,7 @@ from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equa
 from tests.gguf_writer import write_gguf
 
 # Each family's own parts: Llama's q/k permutation and Llama 3 rope (llama.cpp's rope_freqs);
-# Qwen2's biases; Qwen3's q/k norms; Gemma's 1 + w norms, softcaps and windows the prompts
+# Qwen2's biases; Qwen3's q/k norms; Qwen3-MoE's stacked experts; Gemma's 1 + w norms, softcaps and windows the prompts
 # outgrow, and Gemma 3's linear rope on its global layer. The files carry the embedded
 # tokenizer's first 1,024 tokens (its whole 49k take seconds to read back). Gemma's query scale
 # is the head dim, as llama.cpp assumes, and its LM head the embedding (llama.cpp drops an
@@ -30,6 +30,8 @@ FAMILIES = {
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
     "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3", dict()),
+    "qwen3_moe": ("Qwen3Moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   norm_topk_prob=True)),
     "gemma2": ("Gemma2", dict(sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                               final_logit_softcapping=3.0, tie_word_embeddings=True)),
     "gemma3_text": ("Gemma3", dict(num_hidden_layers=6, sliding_window=8, query_pre_attn_scalar=16,
