@@ -54,7 +54,7 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Bump whenever the converted checkpoint's format changes: cached checkpoints written with
 # another version are converted again.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MARKER_FILE = ".stoke_converted.json"
 
 _TMP_INFIX = ".tmp-"

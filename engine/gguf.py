@@ -127,8 +127,13 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         value = field(reader, f"{arch}.{key}", default)
         if value is None and required:
             raise ValueError(f"the GGUF file's metadata lacks {arch}.{key}")
+        if isinstance(value, list):  # per-layer values (head counts, widths): other architectures'
+            raise ValueError(f"the GGUF file's {arch}.{key} differs by layer, which {arch} models do not")
         return value
 
+    if int(field(reader, "split.count", 1)) > 1:
+        raise ValueError("the GGUF file is one part of a split model: merge its parts first "
+                         "(llama.cpp's `llama-gguf-split --merge first-part.gguf merged.gguf`)")
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError("the GGUF file has no token_embd.weight")
@@ -166,6 +171,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
                       ("pad_token_id", "padding_token_id")):
         value = field(reader, f"tokenizer.ggml.{name}")
         config[key] = None if value is None else int(value)
+    config["eos_token_id"] = _stop_tokens(reader, config["eos_token_id"])
     if experts:  # llama.cpp's Qwen3-MoE: every layer sparse, its top-k weights renormalised
         config |= {"num_experts": int(meta("expert_count", required=True)),
                    "num_experts_per_tok": int(meta("expert_used_count", required=True)),
@@ -178,15 +184,32 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         big = layers == _GEMMA_27B_LAYERS[arch]
         config["query_pre_attn_scalar"] = hidden // n_head if big else head_dim
         config["hidden_activation"] = "gelu_pytorch_tanh"
-        window = meta("attention.sliding_window")
+        # Gemma 2's keys default as llama.cpp defaults them (files written before they were)
+        window = meta("attention.sliding_window", 4096 if arch == "gemma2" else None)
         config["sliding_window"] = None if window is None else int(window)
-        config["final_logit_softcapping"] = meta("final_logit_softcapping")
+        config["final_logit_softcapping"] = meta("final_logit_softcapping", 30.0 if arch == "gemma2" else None)
         if arch == "gemma2":
-            config["attn_logit_softcapping"] = meta("attn_logit_softcapping")
+            config["attn_logit_softcapping"] = meta("attn_logit_softcapping", 50.0)
         elif meta("rope.freq_base_swa") is not None:  # the sliding layers' (llama.cpp's default: 10,000)
             config["rope_local_base_freq"] = float(meta("rope.freq_base_swa"))
     config["rope_scaling"] = _rope_scaling(reader, arch, meta, tensors, head_dim, max_positions)
     return config
+
+
+# Tokens that end a generation in llama.cpp besides the file's EOS (llama-vocab.cpp's list, by text).
+_END_OF_GENERATION = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _stop_tokens(reader: Any, eos: int | None) -> int | list[int] | None:
+    """The file's EOS, with its end-of-turn and end-of-message tokens (Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>) and those llama.cpp ends a generation at by their text: a chat
+    stops at its turn's end, as it does in llama.cpp."""
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    types = field(reader, "tokenizer.ggml.token_type") or []
+    ids = [eos] + [field(reader, f"tokenizer.ggml.{key}") for key in ("eot_token_id", "eom_token_id")]
+    ids += [i for i, text in enumerate(tokens) if text in _END_OF_GENERATION and i < len(types) and types[i] in (3, 4)]
+    stops = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    return stops[0] if len(stops) == 1 else stops or None
 
 
 def _rope_scaling(reader: Any, arch: str, meta: Any, tensors: dict[str, Any], head_dim: int,
@@ -205,16 +228,27 @@ def _rope_scaling(reader: Any, arch: str, meta: Any, tensors: dict[str, Any], he
             raise ValueError(f"rope_freqs has {len(factors)} factors, not one per rotated pair ({head_dim // 2})")
         return {"rope_type": "longrope", "short_factor": factors, "long_factor": factors,
                 "original_max_position_embeddings": max_positions, "factor": 1.0, "attention_factor": 1.0}
+    # llama.cpp reads a factor without a type as linear, and the older `rope.scale_linear` too.
+    factor = meta("rope.scaling.factor", meta("rope.scale_linear"))
+    if kind is None and factor not in (None, 1.0):
+        kind = "linear"
     if kind in (None, "none"):
         return None
-    factor = meta("rope.scaling.factor")
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"the GGUF file's {kind!r} rope scaling has no positive factor ({factor!r})")
+    if meta("rope.scaling.attn_factor", 1.0) != 1.0:
+        raise ValueError("the GGUF file's rope.scaling.attn_factor is not supported")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        original = meta("rope.scaling.original_context_length")
+        if meta("rope.scaling.yarn_ext_factor", 1.0) != 1.0 or meta("rope.scaling.yarn_log_multiplier") is not None:
+            raise ValueError("the GGUF file's yarn extrapolation factor and log multiplier are not supported")
         scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
-        if original is not None:
-            scaling["original_max_position_embeddings"] = int(original)
+        for key, name in (("original_context_length", "original_max_position_embeddings"),
+                          ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            if (value := meta(f"rope.scaling.{key}")) is not None:
+                scaling[name] = value
         return scaling
     raise ValueError(f"the GGUF file's rope scaling {kind!r} is not supported (linear, yarn and Llama 3's "
                      "rope_freqs are)")
@@ -307,9 +341,9 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
     expected = _expected_shapes(config)
     allowed = expected | _optional_shapes(config)
     required = set(expected) | _required_by_architecture(config)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards = _Shards(out_dir, save_file)
     halves: dict[str, torch.Tensor] = {}  # a layer's stacked gate or up experts, until both are read
-    size, seen = 0, set()
+    seen: set[str] = set()
     for tensor in tqdm(reader.tensors, desc="Converting GGUF tensors", unit="tensor", file=sys.stderr):
         if tensor.name == "rope_freqs.weight":
             continue  # in the config's rope scaling
@@ -334,17 +368,11 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
                 continue
             gate, up = halves.pop(f"{layer}.gate_proj"), halves.pop(f"{layer}.up_proj")
             name, weight = f"{layer}.gate_up_proj", torch.cat([gate, up.to(gate.dtype)], dim=1)
-        nbytes = weight.numel() * weight.element_size()
-        if size and size + nbytes > _SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = weight
-        size += nbytes
+        shards.add(name, weight)
     missing = sorted(required - seen)
     if missing:
         raise ValueError(f"the GGUF file lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    _write_shards(shards, out_dir, save_file)
-    del shards
+    shards.close()
     _write_json(os.path.join(out_dir, "config.json"), config)
     generation = {"_from_model_config": True} | {key: config[key] for key in ("bos_token_id", "eos_token_id",
                                                                               "pad_token_id") if config[key] is not None}
@@ -352,19 +380,43 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
     write_tokenizer(gguf_path, out_dir, reader)
 
 
-def _write_shards(shards: list[dict[str, torch.Tensor]], out_dir: str, save_file: Any) -> None:
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, name)
-        total += sum(w.numel() * w.element_size() for w in shard.values())
-    _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+class _Shards:
+    """Safetensors shards of at most _SHARD_BYTES, each written as soon as it is full (a model's
+    weights are never all in memory at once), named and indexed as transformers names them once
+    their count is known."""
+
+    def __init__(self, out_dir: str, save_file: Any) -> None:
+        self.out_dir, self.save_file = out_dir, save_file
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[str, list[str], int]] = []  # (temporary file, its names, its bytes)
+
+    def add(self, name: str, weight: torch.Tensor) -> None:
+        nbytes = weight.numel() * weight.element_size()
+        if self.current and self.size + nbytes > _SHARD_BYTES:
+            self._flush()
+        self.current[name] = weight
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        path = os.path.join(self.out_dir, f".shard-{len(self.written)}.safetensors")
+        self.save_file(self.current, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.current), self.size))
+        self.current, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.written) == 1:
+            os.replace(self.written[0][0], os.path.join(self.out_dir, "model.safetensors"))
+            return
+        weight_map: dict[str, str] = {}
+        for i, (path, names, _) in enumerate(self.written):
+            name = f"model-{i + 1:05d}-of-{len(self.written):05d}.safetensors"
+            os.replace(path, os.path.join(self.out_dir, name))
+            weight_map |= dict.fromkeys(names, name)
+        total = sum(nbytes for _, _, nbytes in self.written)
+        _write_json(os.path.join(self.out_dir, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if model_path is not None and model_path.endswith(".gguf") and os.path.isfile(model_path):
         try:  # the worker loads the conversion; clients name the file, as they would its directory
             config.engine_args["model"] = model_dir(model_path)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # whatever a corrupt file makes the reader raise: not served
             logger.error("cannot serve %s: %s", model_path, exc)
             return 2
         config.served_model_name = config.served_model_name or os.path.basename(model_path)

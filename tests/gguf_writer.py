@@ -57,18 +57,20 @@ _FILE_TYPES = {
     "F32": gguf.LlamaFileType.ALL_F32,
     "F16": gguf.LlamaFileType.MOSTLY_F16,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
 }
 _TENSOR_TYPES = {
     gguf.LlamaFileType.ALL_F32: gguf.GGMLQuantizationType.F32,
     gguf.LlamaFileType.MOSTLY_F16: gguf.GGMLQuantizationType.F16,
     gguf.LlamaFileType.MOSTLY_Q8_0: gguf.GGMLQuantizationType.Q8_0,
+    gguf.LlamaFileType.MOSTLY_BF16: gguf.GGMLQuantizationType.BF16,
 }
 
 
 def write_gguf(hf_dir: str, out_path: str, dtype: str = "F32") -> None:
     """Write the Hugging Face checkpoint at hf_dir (config.json + model*.safetensors) to out_path as a
     GGUF file the way llama.cpp's convert_hf_to_gguf.py would, with tensors in ``dtype`` ("F32",
-    "F16" or "Q8_0") and the embedded SmolLM2 tokenizer. Raises ValueError for what it cannot write."""
+    "F16", "BF16" or "Q8_0") and the embedded SmolLM2 tokenizer. Raises ValueError for what it cannot write."""
     if dtype not in _FILE_TYPES:
         raise ValueError(f"dtype must be one of {sorted(_FILE_TYPES)}, got {dtype!r}")
     ftype = _FILE_TYPES[dtype]

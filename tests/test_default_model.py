@@ -110,11 +110,12 @@ def test_config_from_gguf_metadata(ckpt):
     assert cfg["rms_norm_eps"] == pytest.approx(1e-5)
     assert cfg["tie_word_embeddings"] is True  # the GGUF has no output.weight
     assert cfg["torch_dtype"] == "float32"
-    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    # <|im_end|>, and <|endoftext|>, which ends a generation in llama.cpp too (a document's end)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, [2, 0])
 
     gen = json.loads(Path(ckpt, "generation_config.json").read_text())
     assert gen["bos_token_id"] == 1
-    assert gen["eos_token_id"] == 2  # <|im_end|>
+    assert gen["eos_token_id"] == [2, 0]
 
 
 def test_loads_with_no_missing_or_unexpected_keys(model_and_info):

@@ -19,7 +19,7 @@ from tests.conftest import TINY_COMMON, assert_engine_idle, assert_logprobs_equa
 from tests.gguf_writer import write_gguf
 
 # Each family's own parts: Llama's q/k permutation and Llama 3 rope (llama.cpp's rope_freqs);
-# Qwen2's biases; Qwen3's q/k norms; Qwen3-MoE's stacked experts; Gemma's 1 + w norms, softcaps and windows the prompts
+# Qwen2's biases; Qwen3's q/k norms, a head dim of its own and YaRN; Qwen3-MoE's stacked experts; Gemma's 1 + w norms, softcaps and windows the prompts
 # outgrow, and Gemma 3's linear rope on its global layer. The files carry the embedded
 # tokenizer's first 1,024 tokens (its whole 49k take seconds to read back). Gemma's query scale
 # is the head dim, as llama.cpp assumes, and its LM head the embedding (llama.cpp drops an
@@ -29,7 +29,8 @@ FAMILIES = {
     "llama": ("Llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
     "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3", dict()),
+    "qwen3": ("Qwen3", dict(head_dim=32, rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0,
+                                                       "beta_slow": 2.0, "original_max_position_embeddings": 256})),
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                    norm_topk_prob=True)),
     "gemma2": ("Gemma2", dict(sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
@@ -50,6 +51,8 @@ def save_family(kind: str, path: str) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if "norm" in name:  # not the init's ones (zeros for Gemma): a norm's offset must count
                 param.normal_(0.5, 0.3)
+            elif name.endswith("bias"):  # not the init's zeros
+                param.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return model.eval()
 
@@ -96,24 +99,34 @@ def test_a_gguf_file_gives_its_models_logprobs(files, default_model_dir: str, ki
         assert max(ids) < 1024 and ours.decode(ids) == "Hello, world!"
 
 
-def test_a_quantised_file_is_served_as_it_dequantises(tmp_path, files) -> None:
+@pytest.mark.parametrize("dtype", ["Q8_0", "BF16"])
+def test_a_quantised_file_is_served_as_it_dequantises(tmp_path, files, monkeypatch, dtype: str) -> None:
     """A Q8_0 file: its weights written as float16, each within a block's rounding of the
-    file's own values, and the engine's logprobs those of its dequantised weights."""
+    file's own values (a BF16 file's kept bf16, exactly), in shards written as they fill, and
+    the engine's logprobs those of its dequantised weights."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import load_file
 
+    from engine import gguf as gguf_module
+
+    monkeypatch.setattr(gguf_module, "_SHARD_BYTES", 200_000)
     src = Path(files["qwen3"][0]).parent / "qwen3"
-    write_gguf(str(src), str(tmp_path / "q8.gguf"), dtype="Q8_0")
-    llm = LLM(str(tmp_path / "q8.gguf"), block_size=4, num_kv_blocks=64)
-    weights = load_file(Path(llm.engine.model_path) / "model.safetensors")
-    reader = GGUFReader(str(tmp_path / "q8.gguf"))
+    write_gguf(str(src), str(tmp_path / "m.gguf"), dtype=dtype)
+    llm = LLM(str(tmp_path / "m.gguf"), block_size=4, num_kv_blocks=64)
+    converted = Path(llm.engine.model_path)
+    index = json.loads((converted / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2 and not list(converted.glob(".shard-*"))
+    weights = {name: load_file(converted / file)[name] for name, file in index.items()}
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
     q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
-    assert q.tensor_type.name == "Q8_0"
+    assert q.tensor_type.name == dtype
     ours = weights["model.layers.0.self_attn.q_proj.weight"]
-    assert ours.dtype == torch.float16 and weights["model.norm.weight"].dtype == torch.float32
+    assert ours.dtype == (torch.float16 if dtype == "Q8_0" else torch.bfloat16)
+    assert weights["model.norm.weight"].dtype == torch.float32
     exact = torch.from_numpy(np.asarray(dequantize(q.data, q.tensor_type), dtype=np.float32))
-    torch.testing.assert_close(ours.float(), exact, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(ours.float(), exact, rtol=1e-3 if dtype == "Q8_0" else 0.0,
+                               atol=1e-6 if dtype == "Q8_0" else 0.0)
     # The model of the dequantised weights, in transformers, is what the engine serves.
     import transformers
 
@@ -132,6 +145,87 @@ def test_the_conversion_is_cached_until_the_file_changes(tmp_path, files, cache)
     assert Path(first).parent == cache / "models" and Path(first).name.startswith("llama-")
     os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # the file changed: converted again, in place
     assert gguf_checkpoint(str(path)) == first and Path(first, "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def metadata_only(path: Path, arch: str, values: dict[str, object], tokens: list[str] | None = None) -> Path:
+    """A GGUF file of `arch` with these metadata values and an embedding, for gguf_config."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in values.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, int(value))
+    if tokens is not None:
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t.startswith("<") else 1 for t in tokens])
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+SHAPE_KEYS = {"embedding_length": 4, "attention.head_count": 2, "block_count": 2, "feed_forward_length": 8}
+
+
+@pytest.mark.parametrize("arch, values, expected", [
+    # llama.cpp's Gemma 27B scales queries by hidden / heads; every other size by the head dim
+    ("gemma3", {"block_count": 62, "attention.key_length": 256}, {"query_pre_attn_scalar": 2}),
+    ("gemma3", {"block_count": 34, "attention.key_length": 256}, {"query_pre_attn_scalar": 256}),
+    ("gemma2", {"block_count": 46}, {"query_pre_attn_scalar": 2}),
+    # Gemma 2's keys default as llama.cpp's do; Gemma 3's local rope base is read
+    ("gemma2", {}, {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    ("gemma3", {"rope.freq_base_swa": 1000.0}, {"rope_local_base_freq": 1000.0}),
+    # a factor without a type, and the older key, are linear
+    ("llama", {"rope.scaling.factor": 4.0}, {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    ("llama", {"rope.scale_linear": 2.0}, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("qwen3", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 64,
+               "rope.scaling.yarn_beta_fast": 8.0, "rope.scaling.yarn_beta_slow": 2.0},
+     {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 8.0,
+                       "beta_slow": 2.0}}),
+])
+def test_metadata_reads_as_llama_cpp_reads_it(tmp_path, arch: str, values: dict, expected: dict) -> None:
+    from gguf import GGUFReader
+
+    from engine.gguf import gguf_config
+
+    prefixed = {f"{arch}.{key}": value for key, value in (SHAPE_KEYS | values).items()}
+    config = gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", arch, prefixed))))
+    assert {key: config[key] for key in expected} == expected
+
+
+def test_a_chat_stops_where_llama_cpp_stops_it(tmp_path) -> None:
+    """The EOS, the end-of-turn id, and the tokens llama.cpp ends a generation at by their text."""
+    from gguf import GGUFReader
+
+    from engine.gguf import gguf_config
+
+    tokens = ["<unk>", "<bos>", "<eos>", "a", "<end_of_turn>", "<|eot_id|>", "b", "<|im_end|>"]
+    values = {f"llama.{key}": value for key, value in SHAPE_KEYS.items()} | {
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 5}
+    config = gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", "llama", values, tokens))))
+    assert config["eos_token_id"] == [2, 5, 4, 7]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"split.count": 2}, "one part of a split model"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0, "llama.rope.scaling.yarn_ext_factor": 0.5},
+     "extrapolation factor"),
+    ({"llama.rope.scaling.type": "yarn"}, "no positive factor"),
+])
+def test_what_would_be_misread_is_refused(tmp_path, values: dict, message: str) -> None:
+    from gguf import GGUFReader
+
+    from engine.gguf import gguf_config
+
+    prefixed = {f"llama.{key}": value for key, value in SHAPE_KEYS.items()} | values
+    with pytest.raises(ValueError, match=message):
+        gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", "llama", prefixed))))
 
 
 def test_what_is_not_converted_is_refused_before_anything_loads(tmp_path, files) -> None:
