@@ -335,21 +335,32 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception as exc:  # gguf-py's own errors say little of what is wrong with the file
+        raise ValueError(f"{gguf_path} does not read as a GGUF file (truncated or corrupt?): {exc}") from None
     config = gguf_config(reader)
     arch = field(reader, "general.architecture")
     expected = _expected_shapes(config)
     allowed = expected | _optional_shapes(config)
     required = set(expected) | _required_by_architecture(config)
+    # What can be refused is, before minutes of dequantising: a tensor the model has no place
+    # for, one it lacks, a tokenizer transformers cannot build.
+    names = {tensor.name: hf_name(tensor.name, arch) for tensor in reader.tensors if tensor.name != "rope_freqs.weight"}
+    unknown = [gguf_name for gguf_name, name in names.items() if name not in allowed]
+    if unknown:
+        raise ValueError(f"the GGUF file's tensor {unknown[0]!r} is not one a {arch} model has")
+    missing = sorted(required - set(names.values()))
+    if missing:
+        raise ValueError(f"the GGUF file lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    write_tokenizer(gguf_path, out_dir, reader)
     shards = _Shards(out_dir, save_file)
     halves: dict[str, torch.Tensor] = {}  # a layer's stacked gate or up experts, until both are read
-    seen: set[str] = set()
     for tensor in tqdm(reader.tensors, desc="Converting GGUF tensors", unit="tensor", file=sys.stderr):
-        if tensor.name == "rope_freqs.weight":
-            continue  # in the config's rope scaling
-        name = hf_name(tensor.name, arch)
-        if name is None or name not in allowed:
-            raise ValueError(f"the GGUF file's tensor {tensor.name!r} is not one a {arch} model has")
+        if tensor.name not in names:
+            continue  # rope_freqs: in the config's rope scaling
+        name = names[tensor.name]
+        assert name is not None
         w = _dequantized(tensor, allowed[name])
         if arch == "llama" and ".self_attn.q_proj." in name:
             w = reverse_llama_permute(w, config["num_attention_heads"])
@@ -359,7 +370,6 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
             w = w - 1.0
         weight = torch.from_numpy(np.array(w)).to(  # a copy: a tensor of the file is read-only
             torch.float32 if keep_fp32 else _target_dtype(tensor.tensor_type))
-        seen.add(name)
         if name.endswith((".experts.gate_proj", ".experts.up_proj")):
             # the engine's stacked experts hold gate and up in one [experts, 2 rows, columns]
             halves[name] = weight
@@ -369,15 +379,11 @@ def convert_gguf(gguf_path: str, out_dir: str, keep_fp32: bool = False) -> None:
             gate, up = halves.pop(f"{layer}.gate_proj"), halves.pop(f"{layer}.up_proj")
             name, weight = f"{layer}.gate_up_proj", torch.cat([gate, up.to(gate.dtype)], dim=1)
         shards.add(name, weight)
-    missing = sorted(required - seen)
-    if missing:
-        raise ValueError(f"the GGUF file lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     shards.close()
     _write_json(os.path.join(out_dir, "config.json"), config)
     generation = {"_from_model_config": True} | {key: config[key] for key in ("bos_token_id", "eos_token_id",
                                                                               "pad_token_id") if config[key] is not None}
     _write_json(os.path.join(out_dir, "generation_config.json"), generation)
-    write_tokenizer(gguf_path, out_dir, reader)
 
 
 class _Shards:

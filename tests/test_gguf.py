@@ -228,6 +228,27 @@ def test_what_would_be_misread_is_refused(tmp_path, values: dict, message: str) 
         gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", "llama", prefixed))))
 
 
+def test_a_file_whose_tensors_do_not_fit_is_refused_before_its_weights_are_read(tmp_path, files) -> None:
+    import gguf
+
+    path = tmp_path / "mixtral.gguf"  # Mixtral's files say "llama" and carry a router
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in SHAPE_KEYS.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((2, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="'blk.0.ffn_gate_inp.weight' is not one a llama model has"):
+        LLM(str(path))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="does not read as a GGUF file"):
+        LLM(str(truncated))
+
+
 def test_what_is_not_converted_is_refused_before_anything_loads(tmp_path, files) -> None:
     import gguf
 
