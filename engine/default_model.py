@@ -150,6 +150,7 @@ def default_model_path() -> str:
     later calls."""
     gguf_path = default_gguf_path()
     source = {"name": os.path.basename(gguf_path), "size": os.path.getsize(gguf_path)}
+    # the converter is looked up when called, so a test may replace it
     return _converted(gguf_path, DEFAULT_MODEL_NAME, source, lambda src, out: convert_gguf_to_hf(src, out))
 
 

@@ -41,13 +41,8 @@ from server.metrics import Metrics, scored_prompt_finish
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InputOrChat,
                              PoolingRequest, TokenizeRequest)
 from server.request_log import RequestLogger, RequestRecord
-from server.tool_parsers import (
-    FORCED,
-    KEEPS_SPECIAL_TOKENS,
-    ToolCallParser,
-    forced_tool_schema,
-    message_content,
-)
+from server.tool_parsers import (FORCED, KEEPS_SPECIAL_TOKENS, ToolCallParser, forced_tool_schema,
+                                 message_content)
 
 logger = logging.getLogger("stoke.server")
 T = TypeVar("T")

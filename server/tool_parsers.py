@@ -455,7 +455,8 @@ class ToolCallParser:
             if end < 0 and not final:
                 break  # the call is not whole yet
             taken = end + len(closing) if end >= 0 else len(self._buffer)  # a last call left open
-            body = self._buffer[opened:end if marker == self.START else taken] if end >= 0 else self._buffer[opened:]
+            # a wrapped call's body is what its tags hold; a bare function's, the function itself
+            body = self._buffer[opened:end if end >= 0 and marker == self.START else taken]
             calls = _xml_calls(body, self.tools, closed=end >= 0) if self.kind == "qwen3_coder" else _json_calls(body)
             if not calls:
                 out.append(self._text(self._buffer[:taken]))
