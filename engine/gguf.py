@@ -4,8 +4,10 @@ A GGUF file holds the weights (quantised or not), the model's hyperparameters un
 architecture's keys, and the tokenizer. The engine loads Hugging Face checkpoints, so a GGUF file
 is converted once, as the embedded default is (engine/default_model.py): every tensor read with
 the `gguf` package and dequantised (`gguf.quants.dequantize`), renamed, and written as safetensors
-shards with a `config.json`, a `generation_config.json` and the tokenizer transformers builds
-from the file. The conversion undoes what llama.cpp's convert_hf_to_gguf.py does to a checkpoint:
+shards with a `config.json`, a `generation_config.json` (its stop tokens the ones llama.cpp
+ends a generation at) and the tokenizer transformers builds from the file. What can be refused
+is, before any weight is read. The conversion undoes what llama.cpp's convert_hf_to_gguf.py does
+to a checkpoint:
 
 - llama (Llama, Mistral, SmolLM2): q/k rows permuted for ggml's interleaved rope; a Llama 3
   rope scaling written as per-pair frequency factors (`rope_freqs`), which become a longrope
