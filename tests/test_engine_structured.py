@@ -151,8 +151,8 @@ def test_min_tokens_yields_to_the_grammar_and_stop_token_ids_end_it(llm: LLM) ->
     completion = llm.chat(QUESTION, waiting, use_tqdm=False)[0].outputs[0]
     assert completion.text in ANSWERS and completion.finish_reason == "stop"
     assert completion.token_ids[-1] in eos and len(completion.token_ids) < 10
-    # <|endoftext|> as a stop token, pushed hard: it ends the answer, and only once it is whole
-    stop_id = 0
+    # <repo_name> as a stop token, pushed hard: it ends the answer, and only once it is whole
+    stop_id = 3
     assert stop_id not in eos
     stopping = SamplingParams(max_tokens=12, min_tokens=10, temperature=0.0, structured_outputs=choice,
                               stop_token_ids=[stop_id], logit_bias={stop_id: 100.0})
