@@ -10,7 +10,11 @@ import sys
 def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype)
+    try:
+        llm = LLM(args.model, dtype=args.dtype)
+    except (OSError, ValueError) as exc:  # a model it cannot load: said in a line, not a traceback
+        print(f"stoke generate: cannot load {args.model or 'the embedded default'}: {exc}", file=sys.stderr)
+        return 2
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=args.stop or None)

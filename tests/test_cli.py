@@ -243,3 +243,16 @@ def test_a_mistral_servers_call_ids_are_short_with_or_without_auto_tool_choice()
         assert config.short_tool_call_ids and config.tool_call_parser == parser
     hermes = config_from_args(build_parser().parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
     assert not hermes.short_tool_call_ids
+
+
+def test_generate_says_in_a_line_why_it_cannot_load_a_model(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import main
+
+    monkeypatch.setenv("STOKE_CACHE_DIR", str(tmp_path / "cache"))  # the refused file's lock lands there
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF not really")
+    for model, message in ((str(broken), "does not read as a GGUF file"), (str(tmp_path), "config.json")):
+        assert main(["generate", "hi", "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert f"stoke generate: cannot load {model}: " in err and message in err and "Traceback" not in err
