@@ -181,6 +181,9 @@ SHAPE_KEYS = {"embedding_length": 4, "attention.head_count": 2, "block_count": 2
     # Gemma 2's keys default as llama.cpp's do; Gemma 3's local rope base is read
     ("gemma2", {}, {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
     ("gemma3", {"rope.freq_base_swa": 1000.0}, {"rope_local_base_freq": 1000.0}),
+    # the served length, and the norm eps each family defaults to
+    ("llama", {"context_length": 4096}, {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}),
+    ("gemma2", {}, {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}),
     # a factor without a type, and the older key, are linear
     ("llama", {"rope.scaling.factor": 4.0}, {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     ("llama", {"rope.scale_linear": 2.0}, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
@@ -207,9 +210,9 @@ def test_a_chat_stops_where_llama_cpp_stops_it(tmp_path) -> None:
 
     tokens = ["<unk>", "<bos>", "<eos>", "a", "<end_of_turn>", "<|eot_id|>", "b", "<|im_end|>"]
     values = {f"llama.{key}": value for key, value in SHAPE_KEYS.items()} | {
-        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 5}
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 5, "tokenizer.ggml.padding_token_id": 0}
     config = gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", "llama", values, tokens))))
-    assert config["eos_token_id"] == [2, 5, 4, 7]
+    assert config["eos_token_id"] == [2, 5, 4, 7] and config["pad_token_id"] == 0
 
 
 @pytest.mark.parametrize("values, message", [
