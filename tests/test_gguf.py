@@ -147,8 +147,10 @@ def test_the_conversion_is_cached_until_the_file_changes(tmp_path, files, cache)
     assert gguf_checkpoint(str(path)) == first and Path(first, "model.safetensors").stat().st_mtime_ns != stamp
 
 
-def metadata_only(path: Path, arch: str, values: dict[str, object], tokens: list[str] | None = None) -> Path:
-    """A GGUF file of `arch` with these metadata values and an embedding, for gguf_config."""
+def small_gguf(path: Path, arch: str, values: dict[str, object], tokens: list[str] | None = None,
+               tensors: tuple[tuple[str, tuple[int, int]], ...] = ()) -> Path:
+    """A GGUF file of `arch` with these metadata values, an embedding and `tensors` (name,
+    shape: zeros), for gguf_config and the refusals."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -162,7 +164,8 @@ def metadata_only(path: Path, arch: str, values: dict[str, object], tokens: list
     if tokens is not None:
         writer.add_token_list(tokens)
         writer.add_token_types([3 if t.startswith("<") else 1 for t in tokens])
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    for name, shape in (("token_embd.weight", (8, 4)), *tensors):
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -198,7 +201,7 @@ def test_metadata_reads_as_llama_cpp_reads_it(tmp_path, arch: str, values: dict,
     from engine.gguf import gguf_config
 
     prefixed = {f"{arch}.{key}": value for key, value in (SHAPE_KEYS | values).items()}
-    config = gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", arch, prefixed))))
+    config = gguf_config(GGUFReader(str(small_gguf(tmp_path / "m.gguf", arch, prefixed))))
     assert {key: config[key] for key in expected} == expected
 
 
@@ -211,7 +214,7 @@ def test_a_chat_stops_where_llama_cpp_stops_it(tmp_path) -> None:
     tokens = ["<unk>", "<bos>", "<eos>", "a", "<end_of_turn>", "<|eot_id|>", "b", "<|im_end|>"]
     values = {f"llama.{key}": value for key, value in SHAPE_KEYS.items()} | {
         "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 5, "tokenizer.ggml.padding_token_id": 0}
-    config = gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", "llama", values, tokens))))
+    config = gguf_config(GGUFReader(str(small_gguf(tmp_path / "m.gguf", "llama", values, tokens))))
     assert config["eos_token_id"] == [2, 5, 4, 7] and config["pad_token_id"] == 0
 
 
@@ -228,22 +231,13 @@ def test_what_would_be_misread_is_refused(tmp_path, values: dict, message: str) 
 
     prefixed = {f"llama.{key}": value for key, value in SHAPE_KEYS.items()} | values
     with pytest.raises(ValueError, match=message):
-        gguf_config(GGUFReader(str(metadata_only(tmp_path / "m.gguf", "llama", prefixed))))
+        gguf_config(GGUFReader(str(small_gguf(tmp_path / "m.gguf", "llama", prefixed))))
 
 
 def test_a_file_whose_tensors_do_not_fit_is_refused_before_its_weights_are_read(tmp_path, files) -> None:
-    import gguf
-
-    path = tmp_path / "mixtral.gguf"  # Mixtral's files say "llama" and carry a router
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in SHAPE_KEYS.items():
-        writer.add_uint32(f"llama.{key}", value)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((2, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # Mixtral's files say "llama" and carry a router
+    path = small_gguf(tmp_path / "mixtral.gguf", "llama", {f"llama.{key}": value for key, value in SHAPE_KEYS.items()},
+                      tensors=(("blk.0.ffn_gate_inp.weight", (2, 4)),))
     with pytest.raises(ValueError, match="'blk.0.ffn_gate_inp.weight' is not one a llama model has"):
         LLM(str(path))
     truncated = tmp_path / "truncated.gguf"
@@ -253,16 +247,7 @@ def test_a_file_whose_tensors_do_not_fit_is_refused_before_its_weights_are_read(
 
 
 def test_what_is_not_converted_is_refused_before_anything_loads(tmp_path, files) -> None:
-    import gguf
-
-    path = tmp_path / "phi.gguf"
-    writer = gguf.GGUFWriter(str(path), "phi3")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = small_gguf(tmp_path / "phi.gguf", "phi3", {"phi3.block_count": 1})
     with pytest.raises(ValueError, match="'phi3' is not supported.*llama, qwen2, qwen3, gemma2, gemma3"):
         LLM(str(path))
     models = Path(os.environ["STOKE_CACHE_DIR"]) / "models"
