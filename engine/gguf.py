@@ -194,7 +194,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
             config["attn_logit_softcapping"] = meta("attn_logit_softcapping", 50.0)
         elif meta("rope.freq_base_swa") is not None:  # the sliding layers' (llama.cpp's default: 10,000)
             config["rope_local_base_freq"] = float(meta("rope.freq_base_swa"))
-    config["rope_scaling"] = _rope_scaling(reader, arch, meta, tensors, head_dim, max_positions)
+    config["rope_scaling"] = _rope_scaling(meta, tensors, head_dim, max_positions)
     return config
 
 
@@ -214,8 +214,7 @@ def _stop_tokens(reader: Any, eos: int | None) -> int | list[int] | None:
     return stops[0] if len(stops) == 1 else stops or None
 
 
-def _rope_scaling(reader: Any, arch: str, meta: Any, tensors: dict[str, Any], head_dim: int,
-                  max_positions: int) -> dict[str, Any] | None:
+def _rope_scaling(meta: Any, tensors: dict[str, Any], head_dim: int, max_positions: int) -> dict[str, Any] | None:
     """The rope scaling the file describes: its `rope.scaling.*` keys, or llama.cpp's
     per-pair frequency factors (`rope_freqs`: Llama 3's scaling, precomputed)."""
     kind = meta("rope.scaling.type")
