@@ -14,6 +14,7 @@ import torch
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    # A hybrid model's (layer_groups) are per KV group: [groups, T] and [groups, B, max_blocks].
     slot_mapping: torch.Tensor  # [T] int64
     block_tables: torch.Tensor  # [B, max_blocks] int32, decodes first
     context_lens: torch.Tensor  # [B] int32: keys per sequence after this step
@@ -28,6 +29,9 @@ class AttentionMetadata:
     # sequences) and their split count, which change at every replay. num_decodes is then 0
     # and prefill_cu_seqlens_q spans every sequence, decodes included.
     graphed_decodes: torch.Tensor | None = None
+    # A hybrid model's: each layer's KV group (scheduler/kv_cache_groups.py), which picks its
+    # slots and block tables. () = one group.
+    layer_groups: tuple[int, ...] = ()
 
 
 def paged_attention(
@@ -38,10 +42,14 @@ def paged_attention(
     queries see their last `sliding_window` keys, `softcap` caps the scores (kernels/)."""
     k_cache, v_cache = meta.kv_caches[layer]
     ops = meta.backend
-    ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    slot_mapping, block_tables = meta.slot_mapping, meta.block_tables
+    if meta.layer_groups:
+        group = meta.layer_groups[layer]
+        slot_mapping, block_tables = slot_mapping[group], block_tables[group]
+    ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
     scores = dict(sliding_window=sliding_window, softcap=softcap)
     if meta.graphed_decodes is not None:
-        return ops.paged_mixed_attention_graphed(q, k_cache, v_cache, meta.block_tables, meta.prefill_cu_seqlens_q,
+        return ops.paged_mixed_attention_graphed(q, k_cache, v_cache, block_tables, meta.prefill_cu_seqlens_q,
                                                  meta.context_lens, scale, meta.graphed_decodes, key=k, value=v,
                                                  **scores)
     nd = meta.num_decodes
@@ -49,14 +57,14 @@ def paged_attention(
     start = 0
     for end in meta.decode_groups or ((nd,) if nd else ()):
         parts.append(ops.paged_decode_attention(
-            q[start:end], k_cache, v_cache, meta.block_tables[start:end], meta.context_lens[start:end], scale,
+            q[start:end], k_cache, v_cache, block_tables[start:end], meta.context_lens[start:end], scale,
             **scores,
         ))
         start = end
     if nd < q.shape[0]:
         # The chunks' own K/V go along: their new keys need no trip through the block table.
         parts.append(ops.paged_prefill_attention(
-            q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale,
+            q[nd:], k_cache, v_cache, block_tables[nd:], meta.prefill_cu_seqlens_q, meta.context_lens[nd:], scale,
             key=k[nd:], value=v[nd:], **scores,
         ))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -10,7 +10,10 @@ batch's rows in one numpy indexing.
 
 A request's block ids only grow while it runs; they are dropped and reallocated when it is
 preempted (its `num_preemptions` then changes, and its row is rewritten from scratch) and when
-it finishes, when the engine calls `release`.
+it finishes, when the engine calls `release`. A hybrid model's requests hold a block list per
+KV group (scheduler/kv_cache_groups.py): a row then has a table per group, `[groups, sequences,
+width]` gathered. A sliding group's block given back before its window keeps its old id in the
+row (the kernels read no block before a query's window); one a prefix hit never held reads 0.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler import Request
+from scheduler.request import NULL_BLOCK
 
 
 @dataclass(slots=True, eq=False)
@@ -30,10 +34,11 @@ class _Row:
 
 
 class BlockTables:
-    def __init__(self, max_blocks_per_seq: int, rows: int = 64) -> None:
-        self._array = np.zeros((max(rows, 1), max(max_blocks_per_seq, 1)), dtype=np.int32)
+    def __init__(self, max_blocks_per_seq: int, rows: int = 64, num_groups: int = 1) -> None:
+        self.num_groups = num_groups
+        self._array = np.zeros((num_groups, max(rows, 1), max(max_blocks_per_seq, 1)), dtype=np.int32)
         self._rows: dict[Request, _Row] = {}
-        self._free = list(range(self._array.shape[0] - 1, -1, -1))
+        self._free = list(range(self._array.shape[1] - 1, -1, -1))
 
     def __len__(self) -> int:
         """Requests that own a row."""
@@ -41,34 +46,41 @@ class BlockTables:
 
     def gather(self, requests: list[Request], width: int) -> np.ndarray:
         """`[len(requests), width]`: each request's first `width` block ids, zeros past its
-        own. A copy: later steps may rewrite the rows."""
-        if width > self._array.shape[1]:
-            self._grow(self._array.shape[0], width)
+        own (a hybrid model's: `[groups, len(requests), width]`). A copy: later steps may
+        rewrite the rows."""
+        if width > self._array.shape[2]:
+            self._grow(self._array.shape[1], width)
         rows = [self._sync(r) for r in requests]  # first: it may grow the array
-        return self._array[rows, :width]
+        if self.num_groups == 1:
+            return self._array[0, rows, :width]
+        return self._array[:, rows, :width]
 
     def release(self, request: Request) -> None:
         """The request finished: its row goes back (zeroed when next owned)."""
         row = self._rows.pop(request, None)
         if row is not None:
-            self._array[row.index, :row.synced] = 0
+            self._array[:, row.index, :row.synced] = 0
             self._free.append(row.index)
 
     def _sync(self, request: Request) -> int:
         row = self._rows.get(request)
         if row is None:
             if not self._free:
-                self._grow(2 * self._array.shape[0], self._array.shape[1])
+                self._grow(2 * self._array.shape[1], self._array.shape[2])
             row = self._rows[request] = _Row(self._free.pop(), preemptions=request.num_preemptions)
         elif row.preemptions != request.num_preemptions:  # its blocks were dropped and reallocated
-            self._array[row.index, :row.synced] = 0
+            self._array[:, row.index, :row.synced] = 0
             row.synced, row.preemptions = 0, request.num_preemptions
         ids = request.block_ids
         n = len(ids)
         if n > row.synced:
-            if n > self._array.shape[1]:
-                self._grow(self._array.shape[0], n)
-            self._array[row.index, row.synced:n] = ids[row.synced:n]
+            if n > self._array.shape[2]:
+                self._grow(self._array.shape[1], n)
+            for group, blocks in enumerate(request.kv_blocks):
+                new = self._array[group, row.index, row.synced:n]
+                new[:] = blocks[row.synced:n]
+                if NULL_BLOCK in blocks[row.synced:row.synced + 1]:  # a hit's window starts later
+                    new[new == NULL_BLOCK] = 0
             row.synced = n
         elif n < row.synced:
             raise RuntimeError(f"{request.request_id}: its block table shrank from {row.synced} to {n} blocks "
@@ -77,6 +89,6 @@ class BlockTables:
 
     def _grow(self, rows: int, width: int) -> None:
         old = self._array
-        self._array = np.zeros((rows, width), dtype=np.int32)
-        self._array[:old.shape[0], :old.shape[1]] = old
-        self._free[:0] = range(rows - 1, old.shape[0] - 1, -1)
+        self._array = np.zeros((self.num_groups, rows, width), dtype=np.int32)
+        self._array[:, :old.shape[1], :old.shape[2]] = old
+        self._free[:0] = range(rows - 1, old.shape[1] - 1, -1)

@@ -511,6 +511,11 @@ class EngineConfig:
     max_num_partial_prefills: int = 2
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
+    # A model with sliding-window layers beside others (Gemma 2/3), or only sliding ones: its
+    # layers share the pool in groups, and a sliding group's blocks before its window go back to
+    # the pool (scheduler/kv_cache_groups.py). True (vLLM's --disable-hybrid-kv-cache-manager):
+    # every layer keeps every block of its sequence, as a full-attention model's.
+    disable_hybrid_kv_cache_manager: bool = False
     # "fcfs": arrival order; "priority": each request's priority first (lower runs earlier; a
     # waiting request preempts running ones of lower priority), as vLLM's scheduling_policy.
     scheduling_policy: str = "fcfs"

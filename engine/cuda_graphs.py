@@ -127,9 +127,11 @@ class CudaGraphRunner:
         max_num_seqs: int,
         table_width: int,
         device: torch.device,
+        layer_groups: tuple[int, ...] = (),
     ) -> None:
         """model_forward(input_ids, positions, meta) → final hidden states of every row;
-        compute_logits(hidden) → logits. No token bucket: decode graphs only."""
+        compute_logits(hidden) → logits. No token bucket: decode graphs only. `layer_groups`:
+        each layer's KV group, for a hybrid model (AttentionMetadata.layer_groups)."""
         if not decode_buckets:
             raise ValueError("no batch bucket to capture")
         if decode_buckets[-1] > max_num_seqs:
@@ -143,13 +145,15 @@ class CudaGraphRunner:
         self.max_num_seqs = max_num_seqs
         self.table_width = table_width
         self.device = device
+        self.layer_groups = layer_groups
+        groups = (max(layer_groups) + 1,) if layer_groups else ()  # a hybrid model's slots and tables, per group
         tokens = max(self.buckets[-1], self.token_buckets[-1] if self.token_buckets else 0)
         # Static inputs (outside the graphs' pool): every replay reads these addresses.
         self.input_ids = torch.zeros(tokens, dtype=torch.long, device=device)
         self.positions = torch.zeros(tokens, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((tokens,), -1, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((*groups, tokens), -1, dtype=torch.long, device=device)
         self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_num_seqs, table_width), dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((*groups, max_num_seqs, table_width), dtype=torch.int32, device=device)
         self.cu_seqlens = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=device)
@@ -180,14 +184,14 @@ class CudaGraphRunner:
         kind, n = key
         if kind == "decode":
             return AttentionMetadata(
-                slot_mapping=self.slot_mapping[:n], block_tables=self.block_tables[:n],
+                slot_mapping=self.slot_mapping[..., :n], block_tables=self.block_tables[..., :n, :],
                 context_lens=self.context_lens[:n], num_decodes=n, prefill_cu_seqlens_q=self.no_prefill,
-                kv_caches=self.kv_caches, backend=self.backend,
+                kv_caches=self.kv_caches, backend=self.backend, layer_groups=self.layer_groups,
             )
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:n], block_tables=self.block_tables,
+            slot_mapping=self.slot_mapping[..., :n], block_tables=self.block_tables,
             context_lens=self.context_lens, num_decodes=0, prefill_cu_seqlens_q=self.cu_seqlens,
-            kv_caches=self.kv_caches, backend=self.backend,
+            kv_caches=self.kv_caches, backend=self.backend, layer_groups=self.layer_groups,
             graphed_decodes=self.decode_counts if self.graphed_decodes else None,
         )
 
@@ -234,17 +238,17 @@ class CudaGraphRunner:
         return bucket_for(self.token_buckets, n)
 
     def _copy_tables(self, block_tables: torch.Tensor) -> None:
-        rows, w = block_tables.shape
+        rows, w = block_tables.shape[-2:]
         if w > self.table_width:
             raise ValueError(f"block tables of width {w} exceed the captured {self.table_width}")
         if w:
-            self.block_tables[:rows, :w].copy_(block_tables)
+            self.block_tables[..., :rows, :w].copy_(block_tables)
 
     def _copy_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         n = input_ids.shape[0]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
+        self.slot_mapping[..., :n].copy_(slot_mapping)
 
     def replay(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,

@@ -51,7 +51,7 @@ from engine.speculative import NgramProposer, SpeculativeConfig
 from engine.token_bytes import vocabulary_bytes
 from engine.token_masks import Guide, TokenMasks, TokenVocabulary
 from engine.transfer import HostCopy, to_device
-from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig, beam_room
+from scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class LLMEngine:
             long_prefill_token_threshold=config.long_prefill_token_threshold,
             policy=config.scheduling_policy,
             max_loras=config.max_loras if config.enable_lora else 0,
+            kv_groups=self.runner.kv_groups,
         ))
         self.sampler = Sampler()
         self.eos_token_ids = list(self.model_config.eos_token_ids)
@@ -518,8 +519,8 @@ class LLMEngine:
                                                        owned=True)
         if cap_at_context:  # and at what the pool holds for every beam apart
             cfg = self.scheduler.config
-            max_tokens = max(1, min(max_tokens, beam_room(len(prompt_token_ids), params.beam_width, cfg.num_blocks,
-                                                          cfg.block_size, cfg.enable_prefix_caching)))
+            max_tokens = max(1, min(max_tokens, self.scheduler.kv_plan.beam_room(
+                len(prompt_token_ids), params.beam_width, cfg.num_blocks, cfg.enable_prefix_caching)))
         self.scheduler.check_beams_admissible(len(prompt_token_ids), max_tokens, params.beam_width)
         return prompt_token_ids, params, max_tokens
 
@@ -588,9 +589,7 @@ class LLMEngine:
             if group.lora_request is not None:
                 self.loras.acquire(group.lora_request)
             self.beam_requests[fork] = group
-            copy = self.scheduler.add_fork(source, fork)
-            if copy is not None:
-                copies.append(copy)
+            copies += self.scheduler.add_fork(source, fork)
             requests[k] = fork
         self.runner.copy_blocks(copies)
         for k, (_, beam) in enumerate(following):

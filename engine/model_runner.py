@@ -37,7 +37,7 @@ from engine.models.llama import LlamaForCausalLM
 from engine.speculative import SpeculativeConfig
 from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
-from scheduler import Request, ScheduledBatch
+from scheduler import KVCacheGroups, Request, ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class HostInputs:
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    # A hybrid model's: the slots of its other KV groups (then slots and tables go per group).
+    group_slots: list[list[int]] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     cu_seqlens: list[int] = field(default_factory=lambda: [0])
     logits_indices: list[int] = field(default_factory=list)  # the sampling rows', then the pooled rows'
@@ -113,7 +115,7 @@ class HostInputs:
         tensors = to_device([
             torch.tensor(self.input_ids, dtype=torch.long),
             torch.tensor(self.positions, dtype=torch.long),
-            torch.tensor(self.slots, dtype=torch.int64),
+            torch.tensor([self.slots, *self.group_slots] if self.group_slots else self.slots, dtype=torch.int64),
             torch.from_numpy(self.tables),
             torch.tensor(self.context_lens, dtype=torch.int32),
             torch.tensor(self.cu_seqlens, dtype=torch.int32),
@@ -125,6 +127,11 @@ class HostInputs:
             positions, rows = tensors[-2:]
             tensors[0][positions] = self.previous_ids[rows]
         return tensors[:7 + len(lora)]
+
+    def pad_group_slots(self) -> None:
+        """The other groups' slots padded as `slots` was (graph padding: slot -1)."""
+        for slots in self.group_slots:
+            slots.extend([-1] * (len(self.slots) - len(slots)))
 
 
 @dataclass(slots=True)
@@ -195,7 +202,14 @@ class ModelRunner:
         self.graph_token_buckets = (token_buckets(config.max_num_batched_tokens)
                                     if graphs and self.cuda_graph_mode == "full" else [])
         self.graph_table_width = -(-self.max_model_len // self.block_size)
-        self.block_tables = BlockTables(self.graph_table_width, rows=config.max_num_seqs)
+        # How the layers share the pool: a hybrid model's in groups (scheduler/kv_cache_groups.py),
+        # a window that covers every sequence served being none.
+        windows = [w if w < self.max_model_len else 0 for w in map(model_config.window, range(model_config.num_layers))]
+        self.kv_groups = KVCacheGroups.of(windows, hybrid=not config.disable_hybrid_kv_cache_manager)
+        places = self.kv_groups.layer_places()
+        self.layer_groups = tuple(g for g, _ in places) if self.kv_groups.num_groups > 1 else ()
+        self.block_tables = BlockTables(self.graph_table_width, rows=config.max_num_seqs,
+                                        num_groups=self.kv_groups.num_groups)
         self.memory_profile: dict[str, Any] = {}
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches(self.num_blocks)
@@ -205,7 +219,8 @@ class ModelRunner:
 
     def _graph_runner(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CudaGraphRunner:
         return CudaGraphRunner(self.model, self.model.compute_logits, kv_caches, self.backend, self.graph_buckets,
-                               self.graph_token_buckets, self.config.max_num_seqs, self.graph_table_width, self.device)
+                               self.graph_token_buckets, self.config.max_num_seqs, self.graph_table_width, self.device,
+                               self.layer_groups)
 
     def _capture_cuda_graphs(self) -> None:
         graphs = self._graph_runner(self.kv_caches)
@@ -254,7 +269,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         c = self.model_config
         element = self.dtype.itemsize
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * element
+        return 2 * self.kv_groups.group_size * self.block_size * c.num_kv_heads * c.head_dim * element
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -300,16 +315,18 @@ class ModelRunner:
         bs = self.block_size
         blocks = -(-n // bs)
         caches = self._allocate_kv_caches(blocks)
-        cache_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in caches)
+        cache_bytes = blocks * self.block_bytes
+        groups = (self.kv_groups.num_groups,) if self.layer_groups else ()  # every group the same blocks
         with torch.inference_mode():
             meta = AttentionMetadata(
-                slot_mapping=torch.arange(n, device=dev),
-                block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+                slot_mapping=torch.arange(n, device=dev).expand(*groups, n),
+                block_tables=torch.arange(blocks, dtype=torch.int32, device=dev).expand(*groups, 1, blocks),
                 context_lens=torch.tensor([n], dtype=torch.int32, device=dev),
                 num_decodes=0,
                 prefill_cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
                 kv_caches=caches,
                 backend=self.backend,
+                layer_groups=self.layer_groups,
             )
             ids = torch.zeros(n, dtype=torch.long, device=dev)
             positions = torch.arange(n, device=dev) % self.max_model_len
@@ -339,7 +356,7 @@ class ModelRunner:
         non_tensor = max(0, (baseline.free - now.free) - (now.allocated - baseline.allocated))
         allowed = int(now.total * util)
         share = allowed - weights - step_peak - non_tensor - graph_reserve
-        margin = FREE_MEMORY_MARGIN_BYTES + 2 * self.model_config.num_layers * FREE_MEMORY_SEGMENT_BYTES
+        margin = FREE_MEMORY_MARGIN_BYTES + 2 * self.kv_groups.group_size * FREE_MEMORY_SEGMENT_BYTES
         fits = now.free - step_peak - graph_reserve - margin
         budget = min(share, fits)
         self.memory_profile.update(total=now.total, allowed=allowed, weights=weights, step_peak=step_peak,
@@ -379,14 +396,17 @@ class ModelRunner:
         return peak + others + graphs.static_bytes + rounding + CUDA_GRAPH_SLACK_BYTES
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (k_cache, v_cache): a hybrid model's layers share the pool's tensors, the
+        i-th layer of each group the i-th pair."""
         c = self.model_config
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeroed: masked-out slots still enter the matmuls, and garbage NaNs would poison them.
-        return [
+        tensors = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(c.num_layers)
+            for _ in range(self.kv_groups.group_size)
         ]
+        return [tensors[slot] for _, slot in self.kv_groups.layer_places()]
 
     # ------------------------------------------------------------------ a step
     def host_inputs(self, batch: ScheduledBatch, previous: PreviousTokens | None = None) -> HostInputs:
@@ -395,6 +415,8 @@ class ModelRunner:
         max_blocks = 0
         pooled: list[int] = []  # the last positions of embeddings that pool this step
         lora_slot: dict[int, int] = {}
+        other_groups = range(1, self.kv_groups.num_groups)
+        h.group_slots = [[] for _ in other_groups]
         if self.lora is not None:
             lora_slot = self.lora.slots_for({r.lora_id for r in batch.requests if r.lora_id})
             lora_slot[0] = -1
@@ -414,6 +436,8 @@ class ModelRunner:
                     h.input_ids.append(0)
                 h.positions.append(start)
                 h.slots.append(blocks[start // bs] * bs + start % bs)
+                for g in other_groups:
+                    h.group_slots[g - 1].append(request.kv_blocks[g][start // bs] * bs + start % bs)
             else:
                 drafts = batch.spec_token_ids.get(request) if batch.spec_token_ids else None
                 if drafts:  # the last token, then its drafts: each position's logits verify the next
@@ -427,6 +451,9 @@ class ModelRunner:
                     h.input_ids.extend(request.token_ids[start:end])
                 h.positions.extend(range(start, end))
                 h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+                for g in other_groups:
+                    group_blocks = request.kv_blocks[g]
+                    h.group_slots[g - 1].extend(group_blocks[p // bs] * bs + p % bs for p in range(start, end))
             h.context_lens.append(end)
             if i >= batch.num_decodes:
                 h.cu_seqlens.append(h.cu_seqlens[-1] + n)
@@ -443,12 +470,12 @@ class ModelRunner:
         return h
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole KV blocks, (source, copy) pairs, in every layer: a beam search's forks get
+        """Copy whole KV blocks, (source, copy) pairs, in every KV tensor: a beam search's forks get
         their parents' partial last blocks, in stream order before the next step writes them."""
         if not pairs:
             return
         source, copy = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs))
-        for k, v in self.kv_caches:
+        for k, v in {id(pair): pair for pair in self.kv_caches}.values():  # a hybrid model's layers share them
             k[copy] = k[source]
             v[copy] = v[source]
 
@@ -479,6 +506,7 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             backend=self.backend,
             decode_groups=self._decode_groups(batch.num_decodes),
+            layer_groups=self.layer_groups,
         )
         return StepInputs(input_ids=ids, positions=positions, meta=meta,
                           logits_indices=logits_indices, sampling_rows=h.sampling_rows, pool_rows=h.pool_rows)
@@ -519,6 +547,7 @@ class ModelRunner:
         num_logits = len(h.sampling_rows)
         if kind == "decode":
             pad_decode_inputs(n, bucket, h.input_ids, h.positions, h.slots, h.context_lens)
+            h.pad_group_slots()
             self._pad_lora_slots(h)
             ids, positions, slots, tables, context_lens, _, logits_indices = self._on_device(h)
             out = self.cuda_graphs.replay(ids, positions, slots, context_lens, tables)
@@ -534,6 +563,7 @@ class ModelRunner:
                                                         max(h.context_lens[:nd], default=0), self.device)
         h.cu_seqlens = list(range(nd + 1)) + [nd + c for c in h.cu_seqlens[1:]]
         pad_tokens(bucket - len(h.input_ids), h.input_ids, h.positions, h.slots)
+        h.pad_group_slots()
         pad_mixed_sequences(self.cuda_graphs.max_num_seqs, h.cu_seqlens, h.context_lens, h.logits_indices)
         h.cu_seqlens += [nd, splits]  # the decode counts ride in cu_seqlens' copy
         self._pad_lora_slots(h)

@@ -2,11 +2,11 @@
 continuous-batching policy. Imports neither torch nor engine."""
 
 from scheduler.block_manager import BlockManager, PrefixCacheStats
+from scheduler.kv_cache_groups import KVCacheGroups, KVCachePlan
 from scheduler.request import AdmissionError, Request, RequestStatus
-from scheduler.scheduler import (SCHEDULING_POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, beam_room,
-                                 check_admissible)
+from scheduler.scheduler import SCHEDULING_POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, check_admissible
 
 __all__ = [
-    "SCHEDULING_POLICIES", "AdmissionError", "BlockManager", "PrefixCacheStats", "Request", "RequestStatus",
-    "ScheduledBatch", "Scheduler", "SchedulerConfig", "beam_room", "check_admissible",
+    "SCHEDULING_POLICIES", "AdmissionError", "BlockManager", "KVCacheGroups", "KVCachePlan", "PrefixCacheStats",
+    "Request", "RequestStatus", "ScheduledBatch", "Scheduler", "SchedulerConfig", "check_admissible",
 ]

@@ -11,6 +11,15 @@ prefix stays cached while any copy of it does. A request's first block chains fr
 base model's. Blocks with no references stay in the cache
 and are evicted only when no never-cached block is left: spare twins first (copies of a
 prefix a request still holds: it stays cached), then least-recently-freed first.
+
+A hybrid model's layers share the pool in groups (scheduler/kv_cache_groups.py): a request
+holds a block list per group, all of one length, and a block is one group's at a time. A
+sliding group's blocks before its window go back to the pool as the request's computed tokens
+pass them (each time it takes new blocks; their place in its list is NULL_BLOCK), still cached
+for other requests of that prefix. Group 0 anchors the prefix cache: a hit is the anchor's
+longest cached prefix, cut back until every other group has the blocks its layers read after it
+(a sliding group: those of its window); a block of another group is verified against the
+anchor's serial of the prefix before it, and registered with the anchor's serial of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.request import Request
+from scheduler.kv_cache_groups import window_start_block
+from scheduler.request import NULL_BLOCK, Request
 
 BlockHasher = Callable[[int | None, tuple[int, ...]], int]
 
@@ -36,6 +46,22 @@ class Block:
     serial: int | None = None  # the number of the token prefix whose KV this block holds
     parent_serial: int | None = None  # the prefix before this block's tokens (first: the root)
     token_ids: tuple[int, ...] = ()
+    group: int = 0  # the layer group whose KV the block holds (while taken or cached)
+
+
+class PrefixHits(list):
+    """match_prefix's answer, a list: the anchor group's cached blocks of the prefix. `groups`:
+    every group's blocks of it, the anchor's first (a sliding group's NULL_BLOCK before its
+    window)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, anchor: list[int], groups: list[list[int]] | None = None) -> None:
+        super().__init__(anchor)
+        self.groups = groups if groups is not None else [anchor]
+
+    def held_block_ids(self) -> list[int]:
+        return [b for ids in self.groups for b in ids if b != NULL_BLOCK]
 
 
 @dataclass(slots=True)
@@ -52,18 +78,23 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         hasher: BlockHasher = chained_hash,
+        windows: Sequence[int] = (0,),
     ) -> None:
+        """`windows`: each layer group's attention window (0: every key), the anchor first."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.hasher = hasher
+        self.windows = tuple(windows)
+        self.num_groups = len(self.windows)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Never-cached free blocks (a stack) and cached unreferenced blocks (LRU order).
         self.free_uncached: list[int] = list(range(num_blocks - 1, -1, -1))
         self.evictable: OrderedDict[int, None] = OrderedDict()
-        self.cached: dict[int, dict[int, None]] = {}  # hash -> its registered block ids, in order
+        # per group: hash -> its registered block ids, in order
+        self.cached: list[dict[int, dict[int, None]]] = [{} for _ in self.windows]
         self.stats = PrefixCacheStats()
         self._next_serial = 0
 
@@ -90,29 +121,61 @@ class BlockManager:
             parent = hashes[-1] if hashes else request.prefix_root
             hashes.append(self.hasher(parent, tuple(tokens[i * size:(i + 1) * size])))
 
-    def match_prefix(self, request: Request) -> list[int]:
+    def match_prefix(self, request: Request) -> PrefixHits:
         """Cached blocks holding the longest prefix of the request's tokens, leaving at least
         one token to compute (the last one must produce logits)."""
         if not self.enable_prefix_caching or not request.use_prefix_cache:
-            return []
+            return PrefixHits([], [[] for _ in self.windows])
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
         parent = request.prefix_root
         size, tokens = self.block_size, request.token_ids
         for i, h in enumerate(request.block_hashes[:max_blocks]):
-            block_id = self._lookup(h, parent, tuple(tokens[i * size:(i + 1) * size]))
+            block_id = self._lookup(0, h, parent, tuple(tokens[i * size:(i + 1) * size]))
             if block_id is None:
                 break
             hits.append(block_id)
             parent = self.blocks[block_id].serial
-        return hits
+        if self.num_groups == 1:
+            return PrefixHits(hits)
+        return self._other_groups_hits(request, hits)
 
-    def _lookup(self, block_hash: int, parent: int | None, token_ids: tuple[int, ...]) -> int | None:
-        """A registered block holding token_ids after the prefix numbered parent; one in use
-        if any (sharing it takes no free block), else the first registered."""
+    def _other_groups_hits(self, request: Request, anchor: list[int]) -> PrefixHits:
+        """The anchor's hits cut back to the longest prefix after which every other group holds
+        the blocks its layers read (a sliding group: its window's before the next token)."""
+        size, tokens = self.block_size, request.token_ids
+        serials = [self.blocks[b].serial for b in anchor]
+        found: list[dict[int, int | None]] = [{} for _ in self.windows]
+
+        def lookup(group: int, j: int) -> int | None:
+            if j not in found[group]:
+                parent = serials[j - 1] if j else request.prefix_root
+                found[group][j] = self._lookup(group, request.block_hashes[j], parent,
+                                               tuple(tokens[j * size:(j + 1) * size]))
+            return found[group][j]
+
+        n = len(anchor)
+        settled = False
+        while not settled and n:
+            settled = True
+            for group in range(1, self.num_groups):
+                start = window_start_block(self.windows[group], n * size, size)
+                missing = next((j for j in range(n - 1, start - 1, -1) if lookup(group, j) is None), None)
+                if missing is not None:
+                    n, settled = missing, False  # the prefix before the missing block, if any
+                    break
+        groups = [anchor[:n]]
+        for group in range(1, self.num_groups):
+            start = window_start_block(self.windows[group], n * size, size)
+            groups.append([NULL_BLOCK] * start + [found[group][j] for j in range(start, n)])
+        return PrefixHits(anchor[:n], groups)
+
+    def _lookup(self, group: int, block_hash: int, parent: int | None, token_ids: tuple[int, ...]) -> int | None:
+        """A registered block of the group holding token_ids after the prefix numbered parent;
+        one in use if any (sharing it takes no free block), else the first registered."""
         found = None
-        for block_id in self.cached.get(block_hash, ()):
+        for block_id in self.cached[group].get(block_hash, ()):
             block = self.blocks[block_id]
             if block.parent_serial == parent and block.token_ids == token_ids:
                 if block.ref_count:
@@ -123,50 +186,90 @@ class BlockManager:
 
     # -------------------------------------------------------------- allocation
     def allocate_slots(self, request: Request, num_new_tokens: int, hits: Sequence[int] = ()) -> bool:
-        """Give the request blocks for num_computed_tokens + len(hits) blocks + num_new_tokens.
+        """Give the request blocks for num_computed_tokens + len(hits) blocks + num_new_tokens,
+        in every layer group (a sliding group's blocks before its window given back first).
 
         `hits` (from match_prefix, only while the request holds no blocks) are shared, not
-        copied. Returns False, changing nothing, when the pool cannot supply the new blocks.
+        copied. Returns False, taking nothing, when the pool cannot supply the new blocks.
         """
         if not hits and self._fits_held(request, num_new_tokens):
             return True  # most decode steps
+        if len(request.kv_blocks) != self.num_groups:
+            assert not request.held_block_ids(), "a request's groups change only while it holds nothing"
+            request.kv_blocks = [[] for _ in self.windows]
+        self._release_out_of_window(request)
         num_new_blocks, short = self._new_blocks(request, num_new_tokens, hits)
         if short:
             return False
-        for block_id in hits:
-            self._ref(block_id)
-        request.block_ids.extend(hits)
         if hits:
+            for blocks, placed in zip(request.kv_blocks, self._placed_hits(request, hits)):
+                for block_id in placed:
+                    if block_id != NULL_BLOCK:
+                        self._ref(block_id)
+                blocks.extend(placed)
             request.num_prefix_cached_blocks = len(hits)
             request.prefix_tail_serial = self.blocks[hits[-1]].serial
-        for _ in range(num_new_blocks):
-            request.block_ids.append(self._take_free_block())
+        for group, blocks in enumerate(request.kv_blocks):
+            for _ in range(num_new_blocks):
+                blocks.append(self._take_free_block(group))
         return True
 
-    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+    def _placed_hits(self, request: Request, hits: Sequence[int]) -> list[list[int]]:
+        """Each group's hit blocks as the request holds them: those before the group's window
+        (a sliding anchor's) NULL_BLOCK."""
+        computed = request.num_computed_tokens + len(hits) * self.block_size
+        placed = []
+        for window, ids in zip(self.windows, getattr(hits, "groups", [list(hits)])):
+            start = min(window_start_block(window, computed, self.block_size), len(ids))
+            placed.append([NULL_BLOCK] * start + list(ids[start:]))
+        return placed
+
+    def _out_of_window(self, request: Request) -> list[tuple[list[int], int]]:
+        """The request's blocks its later queries no longer read: (its group's list, index)
+        for each before a sliding group's window, latest first."""
+        found = []
+        for window, blocks in zip(self.windows, request.kv_blocks):
+            if window:
+                j = min(window_start_block(window, request.num_computed_tokens, self.block_size), len(blocks)) - 1
+                while j >= 0 and blocks[j] != NULL_BLOCK:
+                    found.append((blocks, j))
+                    j -= 1
+        return found
+
+    def _release_out_of_window(self, request: Request) -> None:
+        for blocks, j in self._out_of_window(request):
+            self._release(blocks[j])
+            blocks[j] = NULL_BLOCK
+
+    def fork(self, parent: Request, child: Request) -> list[tuple[int, int]]:
         """Give `child` (a beam search's fork, its tokens the parent's computed ones and one
-        more) the parent's KV: its full blocks shared, and a fresh block for its partial last
-        one, whose KV the caller copies (the (source, copy) pair returned; None: the computed
-        tokens end on a block boundary). The caller checks that a free block is there."""
+        more) the parent's KV: its full blocks shared (in every group), and a fresh block for
+        each group's partial last one, whose KV the caller copies (the (source, copy) pairs
+        returned; none: the computed tokens end on a block boundary). The caller checks that
+        the free blocks are there."""
         size, computed = self.block_size, parent.num_computed_tokens
         full = computed // size
-        for block_id in parent.block_ids[:full]:
+        child.kv_blocks = [blocks[:full] for blocks in parent.kv_blocks]
+        for block_id in child.held_block_ids():
             self._ref(block_id)
-        child.block_ids = parent.block_ids[:full]
         child.num_computed_tokens = computed
         child.num_prefix_cached_blocks = parent.num_prefix_cached_blocks  # registered up to there, and no further
         child.prefix_tail_serial = parent.prefix_tail_serial
         if computed % size == 0:
-            return None
-        copy = self._take_free_block()
-        child.block_ids.append(copy)
-        return parent.block_ids[full], copy
+            return []
+        pairs = []
+        for group, (blocks, own) in enumerate(zip(parent.kv_blocks, child.kv_blocks)):
+            copy = self._take_free_block(group)
+            own.append(copy)
+            pairs.append((blocks[full], copy))
+        return pairs
 
     def blocks_short(self, request: Request, num_new_tokens: int, hits: Sequence[int] = ()) -> int:
         """How many more free blocks `allocate_slots` with these arguments needs (0: it fits)."""
         if not hits and self._fits_held(request, num_new_tokens):
             return 0
-        return self._new_blocks(request, num_new_tokens, hits)[1]
+        released = sum(1 for blocks, j in self._out_of_window(request) if self.blocks[blocks[j]].ref_count == 1)
+        return self._new_blocks(request, num_new_tokens, hits, released)[1]
 
     def _fits_held(self, request: Request, num_new_tokens: int) -> bool:
         return num_new_tokens <= self.held_room(request)
@@ -175,13 +278,19 @@ class BlockManager:
         """Tokens the request's blocks hold room for past its computed ones."""
         return len(request.block_ids) * self.block_size - request.num_computed_tokens
 
-    def _new_blocks(self, request: Request, num_new_tokens: int, hits: Sequence[int]) -> tuple[int, int]:
-        """(blocks to take from the pool, how many of them it lacks)."""
+    def _new_blocks(self, request: Request, num_new_tokens: int, hits: Sequence[int],
+                    released: int = 0) -> tuple[int, int]:
+        """(blocks to take from the pool for each group, how many of them all lack), with
+        `released` more blocks free by then."""
         assert not hits or not request.block_ids, "prefix hits only at admission"
         computed = request.num_computed_tokens + len(hits) * self.block_size
         num_new_blocks = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
-        reclaimed_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        return num_new_blocks, max(0, num_new_blocks - (self.num_free_blocks - reclaimed_hits))
+        reclaimed_hits = 0
+        if hits:
+            reclaimed_hits = sum(1 for ids in self._placed_hits(request, hits) for b in ids
+                                 if b != NULL_BLOCK and self.blocks[b].ref_count == 0)
+        free = self.num_free_blocks + released - reclaimed_hits
+        return num_new_blocks, max(0, num_new_blocks * self.num_groups - free)
 
     def num_freed_by(self, holds: Mapping[int, int], exclude: Collection[int] = ()) -> int:
         """Blocks that freeing some requests would give back to the pool, `holds` saying how many
@@ -194,53 +303,63 @@ class BlockManager:
             del self.evictable[block_id]
         block.ref_count += 1
 
-    def _take_free_block(self) -> int:
+    def _take_free_block(self, group: int = 0) -> int:
         if self.free_uncached:
             block_id = self.free_uncached.pop()
         else:
             block_id, _ = self.evictable.popitem(last=False)
             self._uncache(self.blocks[block_id])
             self.stats.evictions += 1
-        self.blocks[block_id].ref_count = 1
+        block = self.blocks[block_id]
+        block.ref_count, block.group = 1, group
         return block_id
 
     def _uncache(self, block: Block) -> None:
         if block.hash is not None:
-            twins = self.cached[block.hash]
+            cached = self.cached[block.group]
+            twins = cached[block.hash]
             del twins[block.block_id]
             if not twins:
-                del self.cached[block.hash]
+                del cached[block.hash]
         block.hash, block.serial, block.parent_serial, block.token_ids = None, None, None, ()
 
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks are freed first so that, being the
         least useful to other prefixes, they are also evicted first; a block whose prefix a
         twin in use also holds goes to the front: evicting it loses no hit."""
-        for block_id in reversed(request.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self.evictable[block_id] = None
-                    if self._has_twin_in_use(block):
-                        self.evictable.move_to_end(block_id, last=False)
-                else:
-                    self.free_uncached.append(block_id)
-        request.block_ids.clear()
+        for blocks in request.kv_blocks:
+            for block_id in reversed(blocks):
+                if block_id != NULL_BLOCK:
+                    self._release(block_id)
+            blocks.clear()
         request.num_prefix_cached_blocks, request.prefix_tail_serial = 0, None
+
+    def _release(self, block_id: int) -> None:
+        """Drop one reference to the block: unreferenced, it is evictable if cached, else free."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            if block.hash is not None:
+                self.evictable[block_id] = None
+                if self._has_twin_in_use(block):
+                    self.evictable.move_to_end(block_id, last=False)
+            else:
+                self.free_uncached.append(block_id)
 
     def _has_twin_in_use(self, block: Block) -> bool:
         """Whether a request holds another copy of the block's prefix (a free copy may be
         evicted first itself: this one would then be the last)."""
         return any(self.blocks[other].serial == block.serial and self.blocks[other].ref_count
-                   for other in self.cached[block.hash] if other != block.block_id)
+                   for other in self.cached[block.group][block.hash] if other != block.block_id)
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's blocks whose KV is now fully computed.
+        """Register the request's blocks whose KV is now fully computed, in every group.
 
         A block whose prefix a registered twin already holds (the same tokens after the same
-        prefix) takes the twin's serial, so the prefix outlives either copy's eviction.
+        prefix) takes the twin's serial, so the prefix outlives either copy's eviction. The
+        other groups' blocks take the anchor's serials; a block already given back (before
+        its window) is not registered.
         """
         if not self.enable_prefix_caching:
             return
@@ -254,19 +373,28 @@ class BlockManager:
         tokens = request.token_ids
         parent = request.prefix_tail_serial if start else request.prefix_root
         for i in range(start, num_full):
+            anchor_id = request.block_ids[i]
+            if anchor_id == NULL_BLOCK:
+                return  # a sliding anchor's block given back unregistered: the chain stops there
             h = request.block_hashes[i]
             block_tokens = tuple(tokens[i * size:(i + 1) * size])
-            block = self.blocks[request.block_ids[i]]
-            assert block.hash is None, f"block {block.block_id} registered twice"
-            twin_id = self._lookup(h, parent, block_tokens)
+            twin_id = self._lookup(0, h, parent, block_tokens)
             if twin_id is not None:
                 serial = self.blocks[twin_id].serial
             else:
                 serial, self._next_serial = self._next_serial, self._next_serial + 1
-            block.hash, block.serial, block.parent_serial, block.token_ids = h, serial, parent, block_tokens
-            self.cached.setdefault(h, {})[block.block_id] = None
+            for group, blocks in enumerate(request.kv_blocks):
+                if blocks[i] != NULL_BLOCK:
+                    self._register(self.blocks[blocks[i]], group, h, serial, parent, block_tokens)
             parent = serial
             request.num_prefix_cached_blocks, request.prefix_tail_serial = i + 1, parent
+
+    def _register(self, block: Block, group: int, block_hash: int, serial: int, parent: int | None,
+                  token_ids: tuple[int, ...]) -> None:
+        assert block.hash is None, f"block {block.block_id} registered twice"
+        block.hash, block.serial, block.parent_serial, block.token_ids, block.group = \
+            block_hash, serial, parent, token_ids, group
+        self.cached[group].setdefault(block_hash, {})[block.block_id] = None
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (after weights change, between benchmark runs), as vLLM's:
@@ -290,17 +418,22 @@ class BlockManager:
             in_free = block.block_id in free or block.block_id in evictable
             assert (block.ref_count == 0) == in_free, f"block {block.block_id}: ref {block.ref_count}, free {in_free}"
             if block.hash is not None:
-                assert block.block_id in self.cached.get(block.hash, ()), f"block {block.block_id} unlisted"
+                assert block.block_id in self.cached[block.group].get(block.hash, ()), f"block {block.block_id} unlisted"
             if block.block_id in evictable:
                 assert block.hash is not None
             if block.block_id in free:
                 assert block.hash is None
-        for h, block_ids in self.cached.items():
-            assert block_ids and all(self.blocks[b].hash == h for b in block_ids)
+        for group, cached in enumerate(self.cached):
+            for h, block_ids in cached.items():
+                assert block_ids and all(self.blocks[b].hash == h and self.blocks[b].group == group for b in block_ids)
         if live_requests:
             refs: dict[int, int] = {}
             for request in live_requests:
-                for block_id in request.block_ids:
-                    refs[block_id] = refs.get(block_id, 0) + 1
+                assert len({len(blocks) for blocks in request.kv_blocks}) == 1, "groups of unequal lengths"
+                for group, blocks in enumerate(request.kv_blocks):
+                    for block_id in blocks:
+                        if block_id != NULL_BLOCK:
+                            assert self.blocks[block_id].group == group, f"block {block_id} in two groups"
+                            refs[block_id] = refs.get(block_id, 0) + 1
             for block in self.blocks:
                 assert block.ref_count == refs.get(block.block_id, 0), f"block {block.block_id} refcount"

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+# A sliding group's block before the window: given back, its place kept (block tables read 0).
+NULL_BLOCK = -1
+
+
 class RequestStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -53,7 +57,9 @@ class Request:
     # Speculative decoding: tokens proposed to follow token_ids, computed with the request's
     # next decode step if the scheduler finds room (ScheduledBatch.spec_token_ids).
     spec_token_ids: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+    # The KV block ids of each of the pool's layer groups (scheduler/kv_cache_groups.py), one per
+    # block of the sequence; a sliding group's blocks before its window are NULL_BLOCK.
+    kv_blocks: list[list[int]] = field(default_factory=lambda: [[]])
     # Chained hashes of the full blocks of token_ids, computed lazily by the block manager.
     block_hashes: list[int] = field(default_factory=list)
     # Leading full blocks registered in the prefix cache (hits, then our own), and the serial
@@ -74,6 +80,19 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The block ids of the first layer group: the only one, unless the model is hybrid."""
+        return self.kv_blocks[0]
+
+    @block_ids.setter
+    def block_ids(self, block_ids: list[int]) -> None:
+        self.kv_blocks[0] = block_ids
+
+    def held_block_ids(self) -> list[int]:
+        """Every block the request holds, in any group."""
+        return [b for blocks in self.kv_blocks for b in blocks if b != NULL_BLOCK]
 
     @property
     def num_prompt_tokens(self) -> int:

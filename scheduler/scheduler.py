@@ -47,7 +47,8 @@ from collections import Counter, deque
 from itertools import chain
 from dataclasses import dataclass, field
 
-from scheduler.block_manager import BlockManager
+from scheduler.block_manager import BlockManager, PrefixHits
+from scheduler.kv_cache_groups import KVCacheGroups, KVCachePlan
 from scheduler.request import AdmissionError, Request, RequestStatus
 
 
@@ -74,6 +75,9 @@ class SchedulerConfig:
     # slots); 0: no adapters. A waiting request whose adapter finds no slot waits while one of
     # them drains (see the module docstring).
     max_loras: int = 0
+    # How the model's layers share the pool (scheduler/kv_cache_groups.py); None: one group of
+    # full attention.
+    kv_groups: KVCacheGroups | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
@@ -122,9 +126,10 @@ class SchedulerStats:
 
 
 def check_admissible(num_prompt_tokens: int, max_tokens: int, max_model_len: int, num_blocks: int,
-                     block_size: int) -> None:
-    """Raise AdmissionError for a request that no engine of this context and KV pool could ever
-    serve (the HTTP process asks too, before a request takes from its client's limits)."""
+                     plan: KVCachePlan) -> None:
+    """Raise AdmissionError for a request that no engine of this context and KV pool (`plan`:
+    what a sequence takes of it) could ever serve (the HTTP process asks too, before a request
+    takes from its client's limits)."""
     total = num_prompt_tokens + max_tokens
     if num_prompt_tokens < 1:
         raise AdmissionError("the prompt must contain at least one token", "invalid_prompt")
@@ -135,28 +140,24 @@ def check_admissible(num_prompt_tokens: int, max_tokens: int, max_model_len: int
             f"this model's maximum context length is {max_model_len} tokens, but {total} were requested ({parts})",
             "context_length_exceeded",
         )
-    pool_tokens = num_blocks * block_size
+    pool_tokens = plan.pool_tokens(num_blocks)
     if total > pool_tokens:
+        groups = plan.groups.num_groups
         raise AdmissionError(
             f"the request needs {total} tokens of KV cache ({parts}) but the whole pool holds {pool_tokens} "
-            f"({num_blocks} blocks of {block_size})",
+            f"({num_blocks} blocks of {plan.block_size}" + (f" over {groups} layer groups)" if groups > 1 else ")"),
             "kv_cache_too_small",
         )
-
-
-def beam_room(num_prompt_tokens: int, beam_width: int, num_blocks: int, block_size: int,
-              prefix_caching: bool) -> int:
-    """The most max_tokens a beam search of this width can be sure of in this pool: the
-    prompt's full blocks (shared, with prefix caching), and each beam's own blocks for the rest
-    of its sequence, as though the beams all parted."""
-    shared = num_prompt_tokens // block_size if prefix_caching else 0
-    return (shared + (num_blocks - shared) // beam_width) * block_size - num_prompt_tokens
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        groups = config.kv_groups or KVCacheGroups((0,), ((0,),))
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          windows=groups.windows)
+        # What a sequence takes of the pool, for admission (a step computes at most the token budget of one)
+        self.kv_plan = KVCachePlan(groups, config.block_size, config.max_num_batched_tokens)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # The running LoRA adapter giving its slot up to a request waiting for one (0: none).
@@ -169,12 +170,12 @@ class Scheduler:
     def max_sequence_tokens(self) -> int:
         """The longest sequence (prompt + output) that can be admitted: the context length, or
         the whole KV pool where that holds less."""
-        return min(self.config.max_model_len, self.config.num_blocks * self.config.block_size)
+        return min(self.config.max_model_len, self.kv_plan.pool_tokens(self.config.num_blocks))
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise AdmissionError for a request that could never be served."""
         check_admissible(num_prompt_tokens, max_tokens, self.config.max_model_len, self.config.num_blocks,
-                         self.config.block_size)
+                         self.kv_plan)
 
     def check_beams_admissible(self, num_prompt_tokens: int, max_tokens: int, beam_width: int) -> None:
         """Beyond `check_admissible` (one sequence), raise AdmissionError for a beam search that
@@ -185,7 +186,7 @@ class Scheduler:
         if beam_width > cfg.max_num_seqs:
             raise AdmissionError(f"beam_width {beam_width} is more than this server's max_num_seqs "
                                  f"({cfg.max_num_seqs}): every beam runs as a sequence", "beam_width_too_large")
-        room = beam_room(num_prompt_tokens, beam_width, cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        room = self.kv_plan.beam_room(num_prompt_tokens, beam_width, cfg.num_blocks, cfg.enable_prefix_caching)
         if max_tokens > room:
             raise AdmissionError(
                 f"a beam search of width {beam_width} over {num_prompt_tokens} prompt tokens can be given at most "
@@ -204,26 +205,26 @@ class Scheduler:
         else:
             self.waiting.append(request)
 
-    def add_fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+    def add_fork(self, parent: Request, child: Request) -> list[tuple[int, int]]:
         """Queue a beam search's fork (its tokens the parent's, all computed, and one more):
         running at once where a seat and the block its parent's partial last block needs are
         free, sharing the parent's full blocks and holding a copy of that one (the (source,
         copy) block ids returned, whose KV the caller copies before the next step; None:
-        nothing to copy), else waiting (`add_request`), to find the parent's full blocks in
-        the prefix cache and compute the rest again."""
+        nothing to copy: none, a pair per layer group), else waiting (`add_request`), to find the
+        parent's full blocks in the prefix cache and compute the rest again."""
         bm, size = self.block_manager, self.config.block_size
         computed = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)  # of the same full blocks: no rehashing
         if (parent.status is RequestStatus.RUNNING and computed == len(parent.token_ids) == len(child.token_ids) - 1
                 and len(self.running) < self.config.max_num_seqs
-                and (computed % size == 0 or bm.num_free_blocks > 0)):
+                and (computed % size == 0 or bm.num_free_blocks >= bm.num_groups)):
             copy = bm.fork(parent, child)
             child.status = RequestStatus.RUNNING
             child.first_scheduled_time = time.monotonic()
             self.running.append(child)
             return copy
         self.add_request(child)
-        return None
+        return []
 
     @property
     def by_priority(self) -> bool:
@@ -387,7 +388,8 @@ class Scheduler:
                     if new_adapter:
                         kept.add(request.lora_id)
                     claimed_seats += 1
-                    claimed_blocks += -(-request.num_tokens // cfg.block_size) - following
+                    claimed_blocks += (self.kv_plan.sequence_blocks(request.num_tokens)
+                                       - self.kv_plan.sequence_blocks(following * cfg.block_size))
                     skipped.append(self.waiting.popleft())
                     continue
             need = request.num_tokens - len(hits) * cfg.block_size
@@ -400,7 +402,7 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             if claimed_seats and (len(self.running) - finishing + claimed_seats >= cfg.max_num_seqs
-                                  or bm.num_free_blocks - claimed_blocks < -(-n // cfg.block_size)):
+                                  or bm.num_free_blocks - claimed_blocks < self.kv_plan.sequence_blocks(n)):
                 break  # it would take what a request ahead of it waits to have
             if no_seat or not bm.allocate_slots(request, n, hits):
                 victims = self._victims_for(request, no_seat, n, hits)
@@ -484,7 +486,7 @@ class Scheduler:
         return len(partial), sum(1 for r in partial if r.num_uncomputed_tokens > threshold)
 
     def _victims_for(self, request: Request, need_seat: bool, num_tokens: int,
-                     hits: list[int]) -> list[Request] | None:
+                     hits: PrefixHits) -> list[Request] | None:
         """Under the priority policy, the running requests of a lower priority than the waiting
         `request`, and under either policy the held requests of beam searches that sort after it
         (for a request of a search, `Request.preempts_later`, any that sorts after it), whose
@@ -502,7 +504,7 @@ class Scheduler:
             self.by_priority and r.priority > request.priority
             or (r.held or request.preempts_later) and _order(r) > key))
         short = bm.blocks_short(request, num_tokens, hits)
-        hit_blocks = set(hits)
+        hit_blocks = set(hits.held_block_ids())
         chosen: list[Request] = []
         holds: Counter[int] = Counter()  # block id → how many chosen victims hold it
         freed = 0
@@ -510,7 +512,7 @@ class Scheduler:
             if len(chosen) >= need_seat and freed >= short:
                 break
             chosen.append(victim)
-            holds.update(victim.block_ids)
+            holds.update(victim.held_block_ids())
             # Only the hits' blocks would be freed to no avail: they were counted as the request's.
             freed = bm.num_freed_by(holds, exclude=hit_blocks)
         return chosen if chosen and len(chosen) >= need_seat and freed >= short else None

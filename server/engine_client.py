@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler import KVCacheGroups, KVCachePlan
 from server.ipc import FrameReader, FrameWriter, unpack_output
 
 logger = logging.getLogger("stoke.server")
@@ -57,6 +58,12 @@ class WorkerInfo:
     # with one label (a cross-encoder) /score and /rerank; None: not a classifier
     labels: list[str] | None = None
     joins_pairs: bool = False  # a cross-encoder's pair is its texts joined, not the tokenizer's pair encoding
+    # What a sequence takes of the KV pool (a hybrid model's layer groups); None: one full group
+    kv_plan: KVCachePlan | None = None
+
+    @property
+    def plan(self) -> KVCachePlan:
+        return self.kv_plan or KVCachePlan(KVCacheGroups.of([0]), self.block_size, 1)
 
 
 @dataclass(slots=True)
@@ -332,7 +339,8 @@ class EngineClient:
             self.info = WorkerInfo(frame["model_path"], frame["max_model_len"], frame["vocab_size"],
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
                                    frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
-                                   frame["generates"], frame.get("labels"), frame.get("joins_pairs", False))
+                                   frame["generates"], frame.get("labels"), frame.get("joins_pairs", False),
+                                   KVCachePlan.from_dict(frame["kv_plan"]))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads in the worker (default: torch's choice; 1 is best on a busy shared CPU)")
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="compute every prompt in full (no prefix cache)")
+    e.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="a model with sliding-window layers keeps every KV block of its sequences in every layer, "
+                        "instead of giving a sliding layer's blocks before its window back to the pool")
     e.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
                    help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only "
                         "(default: %(default)s)")
@@ -266,6 +269,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "gpu_memory_utilization": args.gpu_memory_utilization, "num_kv_blocks": args.num_kv_blocks,
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
+        "disable_hybrid_kv_cache_manager": args.disable_hybrid_kv_cache_manager,
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "scheduling_policy": args.scheduling_policy,

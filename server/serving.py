@@ -31,7 +31,7 @@ from engine.reasoning import Reasoning, ReasoningPhase, ReasoningSplitter
 from engine.sampling_params import SamplingParams, truncate_prompt
 from engine.structured_outputs import StructuredOutputsParams
 from engine.token_bytes import token_bytes_reader
-from scheduler import AdmissionError, beam_room, check_admissible
+from scheduler import AdmissionError, check_admissible
 from server import errors
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRejected, Generation
@@ -584,8 +584,8 @@ class OpenAIServing:
             info = self.client.info
             room = max(1, info.max_sequence_tokens - len(tokens))
             if req.use_beam_search:  # what the pool holds for every beam apart
-                room = max(1, min(room, beam_room(len(tokens), req.n or 1, info.num_blocks, info.block_size,
-                                                  self.config.engine_args.get("enable_prefix_caching", True))))
+                room = max(1, min(room, info.plan.beam_room(len(tokens), req.n or 1, info.num_blocks,
+                                                            self.config.engine_args.get("enable_prefix_caching", True))))
             max_tokens = self._default_max_tokens(min(room, self.config.max_tokens_limit or room))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         parallel = req.parallel_tool_calls is not False
@@ -854,7 +854,7 @@ class OpenAIServing:
         max_tokens = job.params.get("max_tokens", 0)  # an embedding's: none, its input alone
         for index, prompt in enumerate(job.prompts):  # one that can never run is a 400, not a 429 of its limits
             try:
-                check_admissible(len(prompt), max_tokens, info.max_model_len, info.num_blocks, info.block_size)
+                check_admissible(len(prompt), max_tokens, info.max_model_len, info.num_blocks, info.plan)
             except AdmissionError as exc:
                 raise self._rejected(job, EngineRejected("admission", exc.code, str(exc)), index) from None
         # Without API keys every client is one: a bearer token nobody checks is no identity.

@@ -150,6 +150,7 @@ class Worker:
             "num_blocks": e.scheduler.block_manager.num_blocks,
             "block_size": e.scheduler.block_manager.block_size,
             "max_sequence_tokens": e.scheduler.max_sequence_tokens,
+            "kv_plan": e.scheduler.kv_plan.to_dict(),
             "default_sampling": e.default_sampling,
             # what a request's `dimensions` are checked against before it takes from its client's limits
             "hidden_size": e.model_config.hidden_size,

@@ -64,7 +64,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     # ----------------------------------------------------------- helpers
     def _snapshot(self) -> tuple:
         bm = self.bm
-        return (list(bm.free_uncached), list(bm.evictable), dict(bm.cached), bm.stats.evictions,
+        return (list(bm.free_uncached), list(bm.evictable), [dict(c) for c in bm.cached], bm.stats.evictions,
                 [(b.ref_count, b.hash) for b in bm.blocks])
 
     def _check_allocation(self, request: Request, before: int, hits: list[int]) -> None:

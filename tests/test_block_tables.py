@@ -37,24 +37,24 @@ def test_rows_follow_growth_preemption_and_release() -> None:
     # A released row is zeroed before its next owner, whose blocks are fewer.
     tables.release(c)
     tables.release(c)  # twice is harmless
-    d = Request("d", [1], max_tokens=8, block_ids=[8])
+    d = Request("d", [1], max_tokens=8, kv_blocks=[[8]])
     assert tables.gather([d, b], 6).tolist() == [[8, 0, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]]
     assert len(tables) == 3  # a, b, d
 
 
 def test_the_gathered_table_is_a_copy() -> None:
     tables = BlockTables(max_blocks_per_seq=2)
-    a = Request("a", [1], max_tokens=4, block_ids=[3])
+    a = Request("a", [1], max_tokens=4, kv_blocks=[[3]])
     first = tables.gather([a], 2)
     tables.release(a)
-    b = Request("b", [1], max_tokens=4, block_ids=[6, 7])
+    b = Request("b", [1], max_tokens=4, kv_blocks=[[6, 7]])
     tables.gather([b], 2)
     assert first.tolist() == [[3, 0]]
 
 
 def test_shrinking_without_a_preemption_is_an_error() -> None:
     tables = BlockTables(max_blocks_per_seq=4)
-    a = Request("a", [1], max_tokens=4, block_ids=[1, 2])
+    a = Request("a", [1], max_tokens=4, kv_blocks=[[1, 2]])
     tables.gather([a], 2)
     a.block_ids.pop()
     with pytest.raises(RuntimeError, match="shrank"):
@@ -71,7 +71,7 @@ def test_random_steps_equal_tables_built_from_lists() -> None:
         if action < 0.15 or not live:
             serial += 1
             blocks = [rng.randrange(100) for _ in range(rng.randint(0, 3))]
-            live.append(Request(f"r{serial}", [1], max_tokens=64, block_ids=blocks))
+            live.append(Request(f"r{serial}", [1], max_tokens=64, kv_blocks=[blocks]))
         elif action < 0.25:
             tables.release(live.pop(rng.randrange(len(live))))
         elif action < 0.35:

@@ -263,7 +263,7 @@ def with_eager_graphs(llm: LLM, max_num_seqs: int, tokens: list[int] = ()) -> li
     log: list[tuple[str, int]] = []
     g = CudaGraphRunner(runner.model, runner.model.compute_logits, runner.kv_caches, runner.backend,
                         batch_buckets(max_num_seqs), list(tokens), max_num_seqs, runner.graph_table_width,
-                        runner.device)
+                        runner.device, runner.layer_groups)
     c = runner.model_config
     for key in g.keys:
         g.graphs[key] = EagerGraph(g, key, log)
@@ -353,6 +353,35 @@ def test_mixed_graph_replay_path_gives_eager_tokens(tiny_checkpoints: dict[str, 
     assert any(k == "mixed" and 0 < nd < n for k, nd, n in steps), steps  # decodes beside a chunk
     assert any(nd > 0 and s == (splits or 1) for nd, s in chosen), chosen
     assert any(llm.engine.runner.padded_replays)
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+
+
+@interpreter_only
+def test_a_hybrid_models_groups_replay_the_graphs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 3's full and sliding layers in two KV groups, each with its own slots and block
+    tables in the graphs' static inputs, its sliding blocks before the window given back as
+    sequences pass them: decode and mixed replays give the eager Triton path's tokens and
+    logprobs (which transformers' are, tests/test_gemma.py), and no block leaks."""
+    from tests.test_gemma import save
+
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    save("gemma3", str(tmp_path))
+    lens = (8, 4, 6)
+    ps = prompts(8, len(lens), 2, 24)
+    ps[2] = ps[0][:20] + ps[2]  # a cached prefix: its sliding group's window blocks hit
+    params = [SamplingParams(max_tokens=n, logprobs=1, **GREEDY) for n in lens]
+    args = dict(num_kv_blocks=60, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128,
+                dtype="float32", **CPU)
+    want = LLM(str(tmp_path), **args).generate(ps, params)
+    llm = LLM(str(tmp_path), **args)
+    assert llm.engine.runner.layer_groups == (1, 0, 1, 0)  # layers 1 and 3 are full: the anchor
+    log = with_eager_graphs(llm, 4, tokens=[8, 16])
+    assert llm.engine.runner.cuda_graphs.block_tables.shape[0] == 2
+    have = llm.generate(ps, params)
+    assert_same_tokens_and_logprobs(have, want)
+    assert {k for k, _ in log} == {"decode", "mixed"}, log
+    assert llm.engine.scheduler.block_manager.stats.hits_tokens > 0
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
 
