@@ -343,8 +343,11 @@ class EngineClient:
                                    KVCachePlan.from_dict(frame["kv_plan"]))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
-            logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",
-                        self.info.model_path, self.info.max_model_len, self.info.num_blocks, self.info.block_size)
+            groups = self.info.plan.groups
+            logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens%s; a sequence of up to %d "
+                        "tokens)", self.info.model_path, self.info.max_model_len, self.info.num_blocks,
+                        self.info.block_size, f" in {groups.num_groups} layer groups of windows {list(groups.windows)}"
+                        if groups.num_groups > 1 else "", self.info.max_sequence_tokens)
             if self.on_frame is not None:
                 self.on_frame(frame)
             self._ready.set()

@@ -58,6 +58,8 @@ def test_a_request_past_the_pool_is_a_400_that_says_why(server) -> None:
     message = info.value.body["message"]
     assert f"needs {POOL_TOKENS + 1} tokens of KV cache" in message and f"holds {POOL_TOKENS}" in message
     assert "over 2 layer groups" in message
+    assert f"in 2 layer groups of windows [0, 8]; a sequence of up to {POOL_TOKENS} tokens" in \
+        server.stdout() + server.stderr(), "the start-up log names the groups"
     # ... and nothing changed: the server answers the next one
     out = server.client().completions.create(model=None, prompt=prompt, max_tokens=2)
     assert out.usage.completion_tokens == 2
