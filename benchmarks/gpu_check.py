@@ -21,7 +21,9 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
 5. speculative_cost: benchmarks/speculative_cost.py on Qwen3-0.6B's config (dummy weights, an
    oracle proposer right 80% of the time): what a verified draft costs at batch 1, 8 and 32;
    lora_cost: benchmarks/lora.py on the same config, what serving LoRA adapters costs (none, on
-   but unused, one adapter, four in four slots, four in two) with CUDA graphs;
+   but unused, one adapter, four in four slots, four in two) with CUDA graphs; hybrid_kv:
+   benchmarks/hybrid_kv.py on configs/gemma-3-4b, long prompts in the same KV memory with the
+   sliding layers' blocks before their window given back and kept;
 6. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
@@ -282,6 +284,15 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     else:
         lora += ["--model", "configs/qwen3-0.6b", "--num-requests", "64", "--prompt-len", "256", "--max-tokens", "64"]
     stages.append(Stage("lora_cost", lora, 60 if args.cpu_smoke else 90, out("lora_cost"), "lora"))
+    # What giving a sliding layer's blocks back buys (the hybrid KV cache manager), never yet
+    # measured on a GPU: Gemma 3 4B's long prompts in the same 2 GiB of KV, given back and kept.
+    hybrid = [py, "-m", "benchmarks.hybrid_kv", "--rounds", "1", "--out", out("hybrid_kv")]
+    if args.cpu_smoke:
+        hybrid += ["--num-requests", "4", "--prompt-len", "64", "--output-len", "4"]
+    else:
+        hybrid += ["--model", "configs/gemma-3-4b", "--dtype", "bfloat16", "--num-requests", "48", "--prompt-len",
+                   "4096", "--output-len", "128", "--kv-cache-gib", "2", "--max-num-batched-tokens", "8192"]
+    stages.append(Stage("hybrid_kv", hybrid, 60 if args.cpu_smoke else 120, out("hybrid_kv"), "hybrid"))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -306,7 +317,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # mixture of experts; Gemma's windows; the large model without async scheduling; then the
     # CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "moe_kernels": 1.5, "kernel_configs": 5, "kernels_tuned": 6,
-                               "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7}
+                               "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7, "hybrid_kv": 7.95}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
                      ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
     for s in stages:
@@ -392,6 +403,11 @@ def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None
                            "checks": r.result.get("checks"),
                            "rows": [{k: row[k] for k in ("case", "tok_s", "vs_no_lora", "ms_per_step")}
                                     for row in r.result["results"]]}
+    elif r.name == "hybrid_kv" and r.result and "summary" in r.result:
+        summary["hybrid_kv"] = {"args": {k: r.result["args"][k] for k in ("model", "num_requests", "prompt_len",
+                                                                          "output_len", "kv_cache_gib")},
+                                "same_tokens": r.result["same_tokens"], "ratio_tok_s": r.result["ratio_tok_s"],
+                                **r.result["summary"]}
     elif r.name == "kernel_configs" and r.result and "rows" in r.result:
         summary["sweeps"] = _sweep_summary(r.result)
     elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -581,6 +597,16 @@ def render(report: dict[str, Any]) -> str:
         for row in v["rows"]:
             lines.append(f"  {row['case']:<24} {_f(row['tok_s'], '.0f'):>8} tok/s, {_f(row['vs_no_lora'])}x the "
                          f"tok/s without LoRA; {_f(row['ms_per_step'])} ms a step")
+    if s.get("hybrid_kv"):
+        v = s["hybrid_kv"]
+        a = v["args"]
+        lines += ["", f"hybrid KV cache manager ({a['model']}, {a['num_requests']} requests of {a['prompt_len']} + "
+                      f"{a['output_len']} tokens in {a['kv_cache_gib']} GiB of KV; same tokens: {v['same_tokens']}):"]
+        for case in ("hybrid", "kept"):
+            row = v[case]
+            lines.append(f"  {case:<7} {_f(row['output_tok_s'], '.0f'):>8} tok/s, {row['max_running']} running at most "
+                         f"({_f(row['mean_running'], '.1f')} mean), {row['preemptions']} preemptions")
+        lines.append(f"  hybrid / kept: {_f(v['ratio_tok_s'])}x the output tok/s")
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"
