@@ -120,17 +120,20 @@ class KVCachePlan:
     def beam_room(self, num_prompt_tokens: int, beam_width: int, num_blocks: int, prefix_caching: bool) -> int:
         """The most max_tokens a beam search of this width can be sure of in this pool: the
         prompt's full blocks in the full groups (shared, with prefix caching), and each beam's
-        own blocks for the rest of its sequence, as though the beams all parted (a sliding
-        group's too, shared or not)."""
+        own blocks for the rest of its sequence, as though the beams all parted; in a sliding
+        group, each beam's window (beams decode a token a step), shared or not. One beam must
+        also fit alone, computed a chunk at a time (the prompt; a preempted beam again)."""
+        size = self.block_size
+        held = num_prompt_tokens // size if prefix_caching else 0
+        if self.groups.num_groups == 1 and not self.groups.windows[0]:  # one full group: in closed form
+            return (held + (num_blocks - held) // beam_width) * size - num_prompt_tokens
         full_groups = sum(1 for w in self.groups.windows if not w)
-        shared = full_groups * (num_prompt_tokens // self.block_size) if prefix_caching else 0
+        decoding = KVCachePlan(self.groups, size, 1)
 
         def fits(total_tokens: int) -> bool:
-            return shared + beam_width * (self.sequence_blocks(total_tokens) - shared) <= num_blocks
+            own = decoding.sequence_blocks(total_tokens) - full_groups * held
+            return full_groups * held + beam_width * own <= num_blocks and self.sequence_blocks(total_tokens) <= num_blocks
 
-        if self.groups.num_groups == 1 and not self.groups.windows[0]:  # one full group: in closed form
-            held = num_prompt_tokens // self.block_size if prefix_caching else 0
-            return (held + (num_blocks - held) // beam_width) * self.block_size - num_prompt_tokens
         if not fits(num_prompt_tokens + 1):
             return -1
         lo, hi = num_prompt_tokens + 1, num_prompt_tokens + 2

@@ -63,20 +63,31 @@ def test_pool_tokens_and_beam_room_are_the_largest_that_fit(windows: tuple[int, 
         assert plan.sequence_blocks(tokens) <= num_blocks
         if 0 in windows:  # a full group bounds the sequence
             assert plan.sequence_blocks(tokens + 1) > num_blocks
+        decoding = KVCachePlan(plan.groups, block_size, 1)  # a beam decodes a token a step
         for prompt, width in ((3, 2), (block_size * 3, 4), (tokens // 2, 2)):
             room = plan.beam_room(prompt, width, num_blocks, True)
-            full_groups = windows.count(0)
-            shared = full_groups * (prompt // block_size)
+            shared = windows.count(0) * (prompt // block_size)
 
-            def need(total: int) -> int:
-                return shared + width * (plan.sequence_blocks(total) - shared)
+            def fits(total: int) -> bool:  # the beams parted, and one alone computed a chunk at a time
+                return shared + width * (decoding.sequence_blocks(total) - shared) <= num_blocks \
+                    and plan.sequence_blocks(total) <= num_blocks
 
             if room > 0:
-                assert need(prompt + room) <= num_blocks
+                assert fits(prompt + room)
                 if 0 in windows:
-                    assert need(prompt + room + 1) > num_blocks
+                    assert not fits(prompt + room + 1)
             else:
-                assert need(prompt + 1) > num_blocks
+                assert not fits(prompt + 1)
+
+
+def test_beams_are_charged_their_windows_not_a_chunk_each() -> None:
+    """Gemma 2's two groups (window 8) in 40 blocks of 4, 32-token chunks: three beams after a
+    40-token prompt share its 10 full blocks and hold 3 sliding blocks each as they decode, so
+    28 more tokens each fit (kept in every layer, the same bytes hold 12: 20 blocks of twice the
+    layers)."""
+    plan = KVCachePlan(KVCacheGroups((0, 8), ((1,), (0,))), block_size=4, chunk=32)
+    assert plan.beam_room(40, 3, 40, True) == 28
+    assert KVCachePlan(KVCacheGroups.of([0, 0]), 4, 32).beam_room(40, 3, 20, True) == 12
 
 
 @pytest.mark.parametrize("windows", [(0, 8), (0, 8, 8), (6,), (0, 0, 5), (0, 4, 13)])
