@@ -572,3 +572,21 @@ def test_a_long_sequence_holds_only_its_window_in_sliding_groups(windows: tuple[
     bm.free(request)
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("windows", [(0, 8), (0, 0)])
+def test_an_adapters_prefix_hits_in_every_group(windows: tuple[int, ...]) -> None:
+    """A LoRA adapter's prefixes chain from its own root (Request.prefix_root) in every group:
+    its next request with the same prompt hits every block the first computed, in each group,
+    and the base model's request (root None) hits none of them."""
+    bm = BlockManager(32, 4, windows=windows)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    first = Request("a", prompt, max_tokens=1, prefix_root=-5)
+    assert bm.allocate_slots(first, first.num_tokens)
+    first.num_computed_tokens = first.num_tokens
+    bm.cache_full_blocks(first)
+    held = [list(blocks[:2]) for blocks in first.kv_blocks]
+    bm.free(first)
+    again = bm.match_prefix(Request("b", prompt, max_tokens=1, prefix_root=-5))
+    assert again == held[0] and again.groups == held
+    assert bm.match_prefix(Request("c", prompt, max_tokens=1)) == []

@@ -10,6 +10,7 @@ import pytest
 
 from engine.block_tables import BlockTables
 from scheduler import Request
+from scheduler.request import NULL_BLOCK
 
 
 def built_from_lists(requests: list[Request], width: int) -> np.ndarray:
@@ -88,3 +89,18 @@ def test_random_steps_equal_tables_built_from_lists() -> None:
     for r in live:
         tables.release(r)
     assert len(tables) == 0
+
+
+def test_a_hybrid_models_rows_hold_a_table_per_group() -> None:
+    """A table per KV group, `[groups, sequences, width]`: a hit's sliding blocks before its
+    window (NULL_BLOCK) read 0, and a row released or rewritten after a preemption is zeroed in
+    every group before its next blocks."""
+    tables = BlockTables(max_blocks_per_seq=3, rows=1, num_groups=2)
+    a = Request("a", [1], max_tokens=4, kv_blocks=[[5, 6, 9], [NULL_BLOCK, 7, 8]])
+    assert tables.gather([a], 3).tolist() == [[[5, 6, 9]], [[0, 7, 8]]]
+    a.kv_blocks = [[3], [4]]
+    a.num_preemptions += 1
+    assert tables.gather([a], 3).tolist() == [[[3, 0, 0]], [[4, 0, 0]]]
+    tables.release(a)
+    b = Request("b", [1], max_tokens=4, kv_blocks=[[1], [2]])
+    assert tables.gather([b], 2).tolist() == [[[1, 0]], [[2, 0]]]

@@ -98,6 +98,25 @@ def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas, hybrid: bool) -> N
     assert_engine_idle(llm)
 
 
+def test_beam_search_forks_every_groups_blocks(gemmas) -> None:
+    """Three beams over Gemma 2's two KV groups, in a pool that holds them only with their
+    sliding blocks given back (40 blocks; kept, the same bytes would give them 12 tokens each):
+    each fork shares its parent's full blocks and copies its partial one in both groups, and
+    the beams are transformers' `num_beams` search."""
+    from engine.beam_search import BeamSearchParams
+    from tests.conftest import hf_beams
+
+    path, model = gemmas["gemma2"]
+    llm = LLM(path, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32)
+    params = BeamSearchParams(beam_width=3, max_tokens=16, ignore_eos=True)
+    prompts = random_prompts(13, (40, 27))
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, output in zip(prompts, outputs):
+        expected, _ = hf_beams(model, prompt, params, None)
+        assert [s.tokens[len(prompt):] for s in output.sequences] == expected
+    assert_engine_idle(llm)
+
+
 @pytest.mark.parametrize("kind", list(GEMMA))
 def test_a_classifier_and_a_base_model_equal_transformers(tmp_path, kind: str) -> None:
     """Gemma's sequence classifier (its score head on the last token) and its base model's

@@ -652,3 +652,49 @@ def test_a_prefill_preempts_a_later_searchs_held_request_before_itself() -> None
     second = sched.schedule()
     assert second.preempted == [beam] and second.requests == [early]
     assert beam.status is RequestStatus.WAITING and early.status is RequestStatus.RUNNING
+
+
+# ------------------------------------------------------------------ a hybrid model's pool
+def hybrid_scheduler(num_blocks: int, **kw) -> Scheduler:
+    """Two KV groups (a full one and one of window 8) over one pool of 4-token blocks."""
+    from scheduler import KVCacheGroups
+
+    return Scheduler(SchedulerConfig(max_model_len=64, num_blocks=num_blocks, block_size=4, max_num_batched_tokens=64,
+                                     kv_groups=KVCacheGroups((0, 8), ((1,), (0,))), **kw))
+
+
+def test_a_higher_priority_arrival_counts_every_group_its_victims_free() -> None:
+    """Two low-priority requests hold 3 blocks in each group (12 of 14); the urgent one's 9
+    tokens need 3 in each: preempting one low frees 6 across its groups, enough."""
+    sched = hybrid_scheduler(14, policy="priority")
+    lows = [make(9, 3, f"low{i}", 100 * i, priority=3) for i in range(2)]
+    for request in lows:
+        sched.add_request(request)
+    step(sched)
+    assert sched.block_manager.num_free_blocks == 2 and all(len(r.held_block_ids()) == 6 for r in lows)
+    urgent = make(9, 2, "urgent", 900, priority=0)
+    sched.add_request(urgent)
+    batch = step(sched)
+    assert batch.preempted == [lows[1]] and urgent in batch.requests
+    run_to_completion(sched)
+    assert_all_free(sched)
+
+
+def test_a_fork_waits_unless_every_group_has_a_block_for_its_copy() -> None:
+    """A beam's fork copies its parent's partial last block in each group: with one free block
+    for two groups it waits (to find the full blocks in the prefix cache), with two it runs."""
+    for free, runs in ((1, False), (2, True)):
+        sched = hybrid_scheduler(6 + free)
+        parent = make(10, 2, "parent")  # 3 blocks a group, the last one partial
+        sched.add_request(parent)
+        sched.advance(sched.schedule())  # its prompt computed: its search chooses what follows
+        assert sched.block_manager.num_free_blocks == free
+        child = Request("child", parent.prompt_token_ids, 2, preempts_later=True)
+        child.token_ids = parent.token_ids + [7]
+        copies = sched.add_fork(parent, child)
+        assert (child.status is RequestStatus.RUNNING) == runs
+        assert [len(copies), sched.block_manager.num_free_blocks] == ([2, 0] if runs else [0, 1])
+        sched.block_manager.check_invariants(sched.running)
+        for request in (child, parent):
+            sched.finish(request)
+        assert_all_free(sched)

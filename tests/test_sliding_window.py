@@ -98,6 +98,20 @@ def test_a_windowed_model_is_served_past_its_window(windowed_mistral, backend: s
     assert_engine_idle(llm)
 
 
+def test_blocks_given_back_before_the_window_are_reused_at_once(windowed_mistral) -> None:
+    """Without a prefix cache a block given back is the next one taken, and written over: one
+    request at a time in a pool of 6 blocks of 4 (window 6: a query reads into the block before
+    its own from mid-block), prompts chunked by 8 across the window, answers decoded past it,
+    each with transformers' logprobs. A block given back one step early is read after a chunk
+    wrote over it."""
+    path, model = windowed_mistral
+    llm = LLM(path, num_kv_blocks=6, block_size=4, max_num_batched_tokens=8, enable_prefix_caching=False,
+              max_num_seqs=1)
+    assert llm.engine.scheduler.max_sequence_tokens == TINY_COMMON["max_position_embeddings"]
+    assert_logprobs_equal_transformers(llm, model, random_prompts(5, (60, 33, 45)), max_tokens=12)
+    assert_engine_idle(llm)
+
+
 def test_a_qwen2_sliding_on_its_upper_layer_equals_transformers(tmp_path) -> None:
     """Qwen2's max_window_layers: layer 0 attends to every key, layer 1 to its last 5."""
     import transformers
@@ -126,5 +140,6 @@ def test_a_window_covering_every_position_is_none_to_the_kernels(tmp_path) -> No
     layers = [layer.self_attn for layer in llm.engine.runner.model.model.layers]
     sliding = [bool(window) for window in llm.engine.runner.model_config.layer_windows]
     assert any(sliding) and [(a.sliding_window, a.local_rope) for a in layers] == [(0, s) for s in sliding]
+    assert llm.engine.scheduler.block_manager.windows == (0,)  # nothing to give back: one KV group
     assert_logprobs_equal_transformers(llm, hf, random_prompts(1, (40, 9)), max_tokens=6)
     assert_engine_idle(llm)
