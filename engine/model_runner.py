@@ -89,8 +89,9 @@ class HostInputs:
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
-    # A hybrid model's: the slots of its other KV groups (then slots and tables go per group).
-    group_slots: list[list[int]] = field(default_factory=list)
+    # A hybrid model's: the slots of its other KV groups, [groups - 1, tokens] (then slots and
+    # tables go per group); None: one group.
+    group_slots: np.ndarray | None = None
     context_lens: list[int] = field(default_factory=list)
     cu_seqlens: list[int] = field(default_factory=lambda: [0])
     logits_indices: list[int] = field(default_factory=list)  # the sampling rows', then the pooled rows'
@@ -115,7 +116,8 @@ class HostInputs:
         tensors = to_device([
             torch.tensor(self.input_ids, dtype=torch.long),
             torch.tensor(self.positions, dtype=torch.long),
-            torch.tensor([self.slots, *self.group_slots] if self.group_slots else self.slots, dtype=torch.int64),
+            torch.tensor(self.slots, dtype=torch.int64) if self.group_slots is None else
+            torch.cat([torch.tensor(self.slots, dtype=torch.int64)[None], torch.from_numpy(self.group_slots)]),
             torch.from_numpy(self.tables),
             torch.tensor(self.context_lens, dtype=torch.int32),
             torch.tensor(self.cu_seqlens, dtype=torch.int32),
@@ -130,8 +132,9 @@ class HostInputs:
 
     def pad_group_slots(self) -> None:
         """The other groups' slots padded as `slots` was (graph padding: slot -1)."""
-        for slots in self.group_slots:
-            slots.extend([-1] * (len(self.slots) - len(slots)))
+        if self.group_slots is not None:
+            pad = len(self.slots) - self.group_slots.shape[1]
+            self.group_slots = np.pad(self.group_slots, ((0, 0), (0, pad)), constant_values=-1)
 
 
 @dataclass(slots=True)
@@ -415,8 +418,6 @@ class ModelRunner:
         max_blocks = 0
         pooled: list[int] = []  # the last positions of embeddings that pool this step
         lora_slot: dict[int, int] = {}
-        other_groups = range(1, self.kv_groups.num_groups)
-        h.group_slots = [[] for _ in other_groups]
         if self.lora is not None:
             lora_slot = self.lora.slots_for({r.lora_id for r in batch.requests if r.lora_id})
             lora_slot[0] = -1
@@ -436,8 +437,6 @@ class ModelRunner:
                     h.input_ids.append(0)
                 h.positions.append(start)
                 h.slots.append(blocks[start // bs] * bs + start % bs)
-                for g in other_groups:
-                    h.group_slots[g - 1].append(request.kv_blocks[g][start // bs] * bs + start % bs)
             else:
                 drafts = batch.spec_token_ids.get(request) if batch.spec_token_ids else None
                 if drafts:  # the last token, then its drafts: each position's logits verify the next
@@ -451,9 +450,6 @@ class ModelRunner:
                     h.input_ids.extend(request.token_ids[start:end])
                 h.positions.extend(range(start, end))
                 h.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-                for g in other_groups:
-                    group_blocks = request.kv_blocks[g]
-                    h.group_slots[g - 1].extend(group_blocks[p // bs] * bs + p % bs for p in range(start, end))
             h.context_lens.append(end)
             if i >= batch.num_decodes:
                 h.cu_seqlens.append(h.cu_seqlens[-1] + n)
@@ -467,6 +463,10 @@ class ModelRunner:
             max_blocks = max(max_blocks, -(-end // bs))
         h.logits_indices += pooled
         h.tables = self.block_tables.gather(batch.requests, max_blocks)
+        if self.layer_groups:  # the other groups' slots, read off their tables at once
+            rows = np.repeat(np.arange(len(batch.requests)), batch.num_tokens)
+            positions = np.asarray(h.positions)
+            h.group_slots = h.tables[1:, rows, positions // bs].astype(np.int64) * bs + positions % bs
         return h
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
