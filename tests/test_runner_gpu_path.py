@@ -731,6 +731,30 @@ def test_gpu_engine_matches_transformers(tiny_checkpoints: dict[str, str], kind:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_hybrid_model_on_the_gpu_matches_transformers(tmp_path) -> None:
+    """Gemma 3's full and sliding layers in two KV groups on the whole GPU path (Triton's
+    windowed kernels, captured CUDA graphs with a table and slots per group, async scheduling,
+    the memory profile counting a block as a group's layers), its sliding blocks given back and
+    taken again in a small pool: transformers' logprobs, and no block leaked."""
+    from tests.conftest import assert_engine_idle, assert_logprobs_equal_transformers, random_prompts
+    from tests.test_gemma import save
+
+    model = save("gemma3", str(tmp_path))
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=32,
+              max_num_seqs=4, max_model_len=256)
+    runner = llm.engine.runner
+    assert runner.layer_groups == (1, 0, 1, 0) and runner.cuda_graphs is not None
+    assert runner.cuda_graphs.block_tables.shape[0] == 2 and llm.engine.async_scheduling
+    assert_logprobs_equal_transformers(llm, model, random_prompts(1, (60, 1, 17, 9, 33)), max_tokens=12, atol=1e-3)
+    assert_engine_idle(llm)
+    budgeted = LLM(str(tmp_path), dtype="float32", max_num_batched_tokens=64, max_model_len=256, max_num_seqs=4,
+                   gpu_memory_utilization=0.05)
+    prof = budgeted.engine.runner.memory_profile
+    assert budgeted.engine.runner.num_blocks == prof["kv_cache_budget"] // budgeted.engine.runner.block_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[str, str],
                                                         monkeypatch: pytest.MonkeyPatch, enforce_eager: bool) -> None:
