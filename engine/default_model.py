@@ -7,7 +7,8 @@ every tensor dequantised, fp32 for the default, llama.cpp's q/k row permutation 
 normal ``config.json`` + ``model.safetensors`` + tokenizer checkpoint in the user's cache dir.
 Later calls return the cached directory immediately. A user's GGUF file (``gguf_checkpoint``)
 is converted the same way, under a name made of its file name and a hash of its path, and
-again when the file changes.
+again when the file changes. Each conversion also removes those whose file is gone (moved or
+deleted): a converted 8B model takes 16 GB, and nothing else would ever reclaim them.
 
 Cache layout::
 
@@ -217,7 +218,37 @@ def _converted(gguf_path: str, name: str, source: dict[str, Any], convert: Calla
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    _remove_orphans(models)
     return str(target)
+
+
+def _remove_orphans(models: Path) -> None:
+    """Remove the conversions of GGUF files that are no longer there. One whose lock another
+    process holds (converting it again, or its file back) is left for the next time."""
+    for entry in models.iterdir():
+        try:
+            with open(entry / MARKER_FILE, encoding="utf-8") as f:
+                source = json.load(f).get("source", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # not a finished conversion (or not ours)
+        path = source.get("path") if isinstance(source, dict) else None
+        if not isinstance(path, str) or os.path.isfile(path):
+            continue  # the embedded default's (no path), or its file is still there
+        fd = os.open(models / f".{entry.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            if not os.path.isfile(path):
+                old = Path(tempfile.mkdtemp(prefix=f".{entry.name}{_OLD_INFIX}", dir=models))
+                os.replace(entry, old / "checkpoint")
+                shutil.rmtree(old, ignore_errors=True)
+                print(f"stoke: removed {entry}, the conversion of {path}, which is no longer there", file=sys.stderr)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,6 +147,28 @@ def test_the_conversion_is_cached_until_the_file_changes(tmp_path, files, cache)
     assert gguf_checkpoint(str(path)) == first and Path(first, "model.safetensors").stat().st_mtime_ns != stamp
 
 
+def test_a_conversion_removes_those_whose_file_is_gone(tmp_path, files, cache) -> None:
+    """A GGUF file moved away leaves its conversion behind until the next conversion, which
+    removes it; the conversions of files still there stay, and so does the embedded default's."""
+    from engine.default_model import FORMAT_VERSION, MARKER_FILE, gguf_checkpoint
+
+    default = cache / "models" / "Default-Q4_1"  # the embedded default's kind of marker: no path
+    default.mkdir(parents=True, exist_ok=True)
+    (default / MARKER_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                   "source": {"name": "x.gguf", "size": 1}}))
+    kept, moved = tmp_path / "kept.gguf", tmp_path / "moved.gguf"
+    for path in (kept, moved):
+        path.write_bytes(Path(files["llama"][0]).read_bytes())
+    kept_dir, moved_dir = gguf_checkpoint(str(kept)), gguf_checkpoint(str(moved))
+    assert Path(moved_dir).is_dir()
+    moved.rename(tmp_path / "elsewhere.gguf")
+    assert Path(moved_dir).is_dir()  # nothing converted since
+    elsewhere_dir = gguf_checkpoint(str(tmp_path / "elsewhere.gguf"))
+    assert not Path(moved_dir).exists() and not list(Path(moved_dir).parent.glob(f".{Path(moved_dir).name}.old-*"))
+    assert Path(kept_dir, "model.safetensors").is_file() and Path(elsewhere_dir, "model.safetensors").is_file()
+    assert (default / MARKER_FILE).is_file()
+
+
 def small_gguf(path: Path, arch: str, values: dict[str, object], tokens: list[str] | None = None,
                tensors: tuple[tuple[str, tuple[int, int]], ...] = ()) -> Path:
     """A GGUF file of `arch` with these metadata values, an embedding and `tensors` (name,
