@@ -175,6 +175,45 @@ class JsonString(Rule):
         return local == self.CLOSED
 
 
+class BoundedJsonString(JsonString):
+    """A JSON string of `min_length` to `max_length` (None: any) characters (JSON Schema's
+    minLength / maxLength): a character is a UTF-8 sequence's first byte or an escape (a
+    surrogate pair's two \\u escapes count two, as the UTF-16 code units JSON Schema's older
+    drafts counted). Locals: (JsonString's, the characters so far)."""
+
+    __slots__ = ("min_length", "max_length")
+    start = (JsonString.OPEN, 0)
+    plain_text = None  # plain text counts: no fast path
+
+    def __init__(self, min_length: int = 0, max_length: int | None = None) -> None:
+        self.min_length, self.max_length = min_length, max_length
+
+    def moves(self, local: tuple[int, int], byte: int) -> tuple[Move, ...]:
+        phase, count = local
+        if phase == self.CONTENT:
+            if byte == 0x22:  # "
+                return (((self.CLOSED, count), None),) if count >= self.min_length else NO_MOVES
+            if byte < 0x20:
+                return NO_MOVES
+            if 0x80 <= byte <= 0xBF:  # a character's later byte: counted at its first
+                return (((self.CONTENT, count), None),)
+            if self.max_length is not None and count >= self.max_length:
+                return NO_MOVES
+            return (((self.ESCAPE if byte == 0x5C else self.CONTENT, count + 1), None),)
+        if phase == self.OPEN:
+            return (((self.CONTENT, 0), None),) if byte == 0x22 else NO_MOVES
+        if phase == self.ESCAPE:
+            if byte in self._ESCAPED:
+                return (((self.CONTENT, count), None),)
+            return (((self.HEX, count), None),) if byte == 0x75 else NO_MOVES  # u
+        if phase in self._HEX_NEXT and byte in self._HEX_DIGITS:
+            return ((((self._HEX_NEXT[phase][0][0]), count), None),)
+        return NO_MOVES
+
+    def accepts(self, local: tuple[int, int]) -> bool:
+        return local[0] == self.CLOSED
+
+
 class JsonNumber(Rule):
     """A JSON number (`-? (0 | [1-9][0-9]*) (.[0-9]+)? ([eE][+-]?[0-9]+)?`), or an integer only."""
 

@@ -3,11 +3,15 @@ against it, as OpenAI's `response_format: json_schema` and vLLM's `structured_ou
 
 What a grammar can hold is supported: `type` (one or a list), `properties`, `required`,
 `additionalProperties`, `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf` / `oneOf`
-(read as anyOf), and `$ref` to `#`, `#/$defs/...` or `#/definitions/...` (recursive ones too).
-Annotations (`title`, `description`, `default`, `format`, ...) are read past. Any other keyword
-(`pattern`, `minimum`, `minLength`, `allOf`, ...) is a ValueError that names it: silently
-ignoring a constraint would hand back answers the schema forbids. `enum` and `const` keep the
-values of the schema's `type`; other keywords beside them are refused.
+(read as anyOf), `$ref` to `#`, `#/$defs/...` or `#/definitions/...` (recursive ones too), and
+as Pydantic's constrained fields write them (`Field(max_length=..., pattern=..., ge=...)`):
+a string's `minLength`, `maxLength` or `pattern` (matched whole, as xgrammar does: any text it
+allows matches the unanchored pattern too), and an integer's `minimum`, `maximum`,
+`exclusiveMinimum`, `exclusiveMaximum`. Annotations (`title`, `description`, `default`,
+`format`, ...) are read past. Any other keyword (`multipleOf`, `allOf`, a number's bounds, a
+pattern beside a length, ...) is a ValueError that names it: silently ignoring a constraint
+would hand back answers the schema forbids. `enum` and `const` keep the values of the schema's
+`type`; other keywords beside them are refused.
 
 As xgrammar's strict mode (what vLLM uses): an object with `properties` and no
 `additionalProperties` takes no other members; members come in the order listed.
@@ -16,11 +20,13 @@ As xgrammar's strict mode (what vLLM uses): an object with `properties` and no
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from engine.grammar import (
     MAX_STACKS,
     Alternatives,
+    BoundedJsonString,
     Grammar,
     JsonArray,
     JsonDocument,
@@ -33,6 +39,7 @@ from engine.grammar import (
     json_value,
     trim,
 )
+from engine.regex import JsonStringPattern, RegexRule
 
 # Read past: they do not constrain the value (`format` is an annotation in JSON Schema 2020-12
 # unless a validator opts in, and `discriminator` is OpenAPI's hint beside a oneOf).
@@ -41,8 +48,11 @@ ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema
                          "discriminator"})
 _OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties"})
 _ARRAY_KEYWORDS = frozenset({"items", "minItems", "maxItems"})
+_STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern"})
+_INTEGER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 _COMBINATIONS = frozenset({"anyOf", "oneOf"})
-SUPPORTED = ANNOTATIONS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _COMBINATIONS | {"type", "enum", "const", "$ref"}
+SUPPORTED = (ANNOTATIONS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _STRING_KEYWORDS | _INTEGER_KEYWORDS | _COMBINATIONS
+             | {"type", "enum", "const", "$ref"})
 # Schemas nested in one another (through $ref too): deeper ones are refused, well before
 # Python's recursion limit and the grammar's MAX_DEPTH (a level opens at most two rules).
 MAX_SCHEMA_DEPTH = 64
@@ -158,6 +168,10 @@ class _Compiler:
             return Alternatives(self.rule(option, f"{path}/{key}/{i}") for i, option in enumerate(options))
         kind = schema.get("type")
         if kind is None:
+            if given & (_STRING_KEYWORDS | _INTEGER_KEYWORDS):
+                raise ValueError(f"{sorted(given & (_STRING_KEYWORDS | _INTEGER_KEYWORDS))[0]!r} without a type (at "
+                                 f"{path}) is not supported: say which type it bounds (\"type\": \"string\" or "
+                                 "\"integer\")")
             kind = "object" if given & _OBJECT_KEYWORDS else "array" if given & _ARRAY_KEYWORDS else None
             if kind is None:
                 return json_value()
@@ -196,9 +210,14 @@ class _Compiler:
         if kind == "array":
             return self._array(schema, path)
         if kind == "string":
-            return JsonString()
-        if kind in ("number", "integer"):
-            return JsonNumber(integer=kind == "integer")
+            return _string(schema, path)
+        if kind == "integer":
+            return _integer(schema, path)
+        if kind == "number":
+            bounds = sorted(set(schema) & _INTEGER_KEYWORDS)
+            if bounds:
+                raise ValueError(f"{bounds[0]!r} on a number (at {path}) is not supported: only an integer's bounds are")
+            return JsonNumber()
         if kind == "boolean":
             return Literals([b"true", b"false"])
         return Literals([b"null"])
@@ -253,6 +272,99 @@ class _Compiler:
         rule.set_options([self.rule(target, ref)])
         self.ref_levels[ref] = self.last_levels
         return rule
+
+
+def _string(schema: dict[str, Any], path: str) -> Rule:
+    """A string, of its length bounds or whole matches of its pattern (both: refused)."""
+    low, high, pattern = schema.get("minLength", 0), schema.get("maxLength"), schema.get("pattern")
+    for name, value in (("minLength", low), ("maxLength", high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name} (at {path}) must be an integer >= 0")
+    if high is not None and high < low:
+        raise ValueError(f"maxLength ({high}) < minLength ({low}) at {path}: no string is valid")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise ValueError(f"pattern (at {path}) must be a string")
+        if "minLength" in schema or "maxLength" in schema:
+            raise ValueError(f"'pattern' beside minLength or maxLength (at {path}) is not supported: bound the "
+                             "length in the pattern ({m,n})")
+        try:
+            return JsonStringPattern(pattern)
+        except ValueError as exc:
+            raise ValueError(f"pattern (at {path}): {exc}") from None
+    if low or high is not None:
+        return BoundedJsonString(low, high)
+    return JsonString()
+
+
+def _integer(schema: dict[str, Any], path: str) -> Rule:
+    """An integer, within its bounds (inclusive or exclusive) where it has any."""
+    low = high = None
+    for name in sorted(set(schema) & _INTEGER_KEYWORDS):
+        value = schema[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) == float("inf"):
+            raise ValueError(f"{name} (at {path}) must be a finite number")
+        if name == "minimum":
+            bound = math.ceil(value)
+        elif name == "exclusiveMinimum":
+            bound = math.floor(value) + 1
+        elif name == "maximum":
+            bound = math.floor(value)
+        else:
+            bound = math.ceil(value) - 1
+        if name.endswith("inimum"):
+            low = bound if low is None else max(low, bound)
+        else:
+            high = bound if high is None else min(high, bound)
+    if low is None and high is None:
+        return JsonNumber(integer=True)
+    if low is not None and high is not None and low > high:
+        return Literals(())  # no integer: `trim` leaves out the ways through it
+    return RegexRule(integer_range_pattern(low, high))
+
+
+def integer_range_pattern(low: int | None, high: int | None) -> str:
+    """A regex of the integers in [low, high] (None: unbounded) as JSON writes them."""
+    if low is not None and low >= 0:
+        return _naturals(low, high)
+    if high is not None and high < 0:
+        return f"-(?:{_naturals(-high, None if low is None else -low)})"
+    return f"-(?:{_naturals(1, None if low is None else -low)})|{_naturals(0, high)}"
+
+
+def _naturals(low: int, high: int | None) -> str:
+    """A regex of the integers in [low, high] (None: unbounded), 0 <= low <= high."""
+    parts = []
+    top = len(str(low)) if high is None else len(str(high))
+    for digits in range(len(str(low)), top + 1):
+        a = max(low, 10 ** (digits - 1) if digits > 1 else 0)
+        b = 10**digits - 1 if high is None else min(high, 10**digits - 1)
+        if a <= b:
+            parts += _same_length(str(a), str(b))
+    if high is None:  # and every longer one
+        parts.append(f"[1-9][0-9]{{{top},}}")
+    return "|".join(parts)
+
+
+def _same_length(a: str, b: str) -> list[str]:
+    """Regex alternatives of the numbers from a to b, both of the same number of digits."""
+    if not a:
+        return [""]
+    if a[0] == b[0]:
+        return [a[0] + rest for rest in _same_length(a[1:], b[1:])]
+    tail = len(a) - 1
+    out, first, last = [], int(a[0]), int(b[0])
+    if a[1:] != "0" * tail:  # a's own first digit, from a's rest up
+        out += [a[0] + rest for rest in _same_length(a[1:], "9" * tail)]
+        first += 1
+    whole_last = b[1:] == "9" * tail
+    if not whole_last:
+        last -= 1
+    if first <= last:
+        out.append((str(first) if first == last else f"[{first}-{last}]") + "[0-9]" * tail)
+    if not whole_last:  # b's own first digit, up to b's rest
+        out += [b[0] + rest for rest in _same_length("0" * tail, b[1:])]
+    return out
 
 
 def _is_type(value: Any, kind: str) -> bool:

@@ -267,16 +267,93 @@ class RegexRule(NfaRule):
     __slots__ = ()
 
     def __init__(self, pattern: str) -> None:
-        try:
-            parsed = sre_parse.parse(pattern)
-        except re.error as exc:
-            raise ValueError(f"the regex does not parse: {exc}") from None
-        flags = parsed.state.flags
-        if flags & ~_SUPPORTED_FLAGS:
-            raise ValueError("regex flags other than (?s) are not supported")
-        nfa = _PatternNfa(dotall=bool(flags & re.DOTALL))
-        first = nfa.state()
-        super().__init__(nfa, first, nfa.build(parsed, first))
+        super().__init__(*_pattern_nfa(pattern))
+
+
+class JsonStringPattern(NfaRule):
+    """A JSON string whose text the pattern matches whole (JSON Schema's `pattern`, anchored as
+    xgrammar and outlines read it: every text it allows also matches the unanchored pattern).
+    The pattern's NFA reads the characters as a JSON string holds them, between quotes: a
+    quote, backslash or control character by its escape (the short one, or \\u00XX)."""
+
+    __slots__ = ()
+
+    def __init__(self, pattern: str) -> None:
+        nfa, first, final = _pattern_nfa(pattern)
+        _escape_for_json(nfa)
+        opened, closed = nfa.state(), nfa.state()
+        nfa.edges[opened].append((_QUOTE, first))
+        nfa.edges[final].append((_QUOTE, closed))
+        super().__init__(nfa, opened, closed)
+
+
+_QUOTE = CharClass([(0x22, 0x22)])
+_BACKSLASH = CharClass([(0x5C, 0x5C)])
+# The characters a JSON string writes escaped, and the short escapes it has
+_JSON_SPECIAL = (*range(0x20), 0x22, 0x5C)
+_SHORT_ESCAPES = {0x22: '"', 0x5C: "\\", 0x08: "b", 0x0C: "f", 0x0A: "n", 0x0D: "r", 0x09: "t"}
+
+
+class _JsonPlain:
+    """A class's characters a JSON string holds as they are: not a quote, a backslash or a
+    control character."""
+
+    __slots__ = ("chars",)
+
+    def __init__(self, chars: CharClass) -> None:
+        self.chars = chars
+
+    def __call__(self, ch: str) -> bool:
+        return ch >= " " and ch not in '"\\' and self.chars(ch)
+
+    def any_in(self, low: int, high: int) -> bool:
+        return self.chars.any_in(low, high)  # asked of multi-byte characters only, none escaped
+
+
+def _escape_for_json(nfa: Nfa) -> None:
+    """Rewrite every character edge of `nfa` to read its characters as a JSON string writes
+    them: plain ones as they are, the others by their escapes."""
+    for state in range(len(nfa.edges)):  # the escapes' own states, added below, are left as they are
+        edges: list[tuple[Any, int]] = []
+        for chars, target in nfa.edges[state]:
+            edges.append((_JsonPlain(chars), target))
+            special = [c for c in _JSON_SPECIAL if chars(chr(c))]
+            if not special:
+                continue
+            escape = nfa.state()
+            edges.append((_BACKSLASH, escape))
+            short = [ord(_SHORT_ESCAPES[c]) for c in special if c in _SHORT_ESCAPES]
+            if short:
+                nfa.edges[escape].append((CharClass([(c, c) for c in short]), target))
+            controls = [c for c in special if c < 0x20]
+            if controls:
+                at = escape
+                for digit in b"u00":
+                    nxt = nfa.state()
+                    nfa.edges[at].append((CharClass([(digit, digit)]), nxt))
+                    at = nxt
+                for high in (0, 1):
+                    lows = [c & 0xF for c in controls if c >> 4 == high]
+                    if lows:
+                        last = nfa.state()
+                        nfa.edges[at].append((CharClass([(0x30 + high, 0x30 + high)]), last))
+                        hex_digits = [ord(f"{low:x}") for low in lows] + [ord(f"{low:X}") for low in lows]
+                        nfa.edges[last].append((CharClass([(c, c) for c in hex_digits]), target))
+        nfa.edges[state] = edges
+
+
+def _pattern_nfa(pattern: str) -> tuple[_PatternNfa, int, int]:
+    """The pattern's NFA, its first state and its final one."""
+    try:
+        parsed = sre_parse.parse(pattern)
+    except re.error as exc:
+        raise ValueError(f"the regex does not parse: {exc}") from None
+    flags = parsed.state.flags
+    if flags & ~_SUPPORTED_FLAGS:
+        raise ValueError("regex flags other than (?s) are not supported")
+    nfa = _PatternNfa(dotall=bool(flags & re.DOTALL))
+    first = nfa.state()
+    return nfa, first, nfa.build(parsed, first)
 
 
 def utf8_size(lead: int) -> int:

@@ -283,3 +283,27 @@ def test_a_structure_no_answer_satisfies_is_refused_when_added(llm: LLM) -> None
     completion = llm.generate("A space:", params, use_tqdm=False)[0].outputs[0]
     assert completion.token_ids == [space] and completion.finish_reason == "stop" and completion.stop_reason == space
     assert_engine_idle(llm)
+
+
+def test_pydantic_constrained_fields_on_the_default_model(llm: LLM) -> None:
+    """A schema of Pydantic's constrained fields (a pattern, length bounds, integer bounds) held
+    by a real model's sampling: every answer that stops validates, one cut is still a prefix."""
+    from pydantic import BaseModel, Field
+
+    class Order(BaseModel):
+        code: str = Field(pattern=r"^[A-Z]{2}-[0-9]{3}$")
+        item: str = Field(min_length=3, max_length=12)
+        qty: int = Field(ge=1, le=20)
+
+    schema = Order.model_json_schema()
+    grammar = StructuredOutputsParams(json=schema).compile()
+    params = SamplingParams(max_tokens=64, temperature=1.0, seed=11, n=3,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    prompt = [{"role": "user", "content": "Write an order as JSON: a code like AB-123, an item and a quantity."}]
+    completions = [c for o in llm.chat([prompt, PERSON_PROMPTS[0]], params, use_tqdm=False) for c in o.outputs]
+    for completion in completions:
+        assert_viable(grammar, completion)
+        if completion.finish_reason == "stop":
+            Order.model_validate_json(completion.text, strict=True)
+    assert any(c.finish_reason == "stop" for c in completions)
+    assert_engine_idle(llm)

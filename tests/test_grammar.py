@@ -14,7 +14,7 @@ from typing import Literal as TypingLiteral
 import numpy as np
 import pytest
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from engine.grammar import MAX_WHITESPACE, Grammar, State
 from engine.json_schema import schema_grammar
@@ -371,12 +371,71 @@ def test_pydantic_schema() -> None:
     assert not g.accepts('{"name":"A","role":"user","tags":[],"address":{"street":"s"},"extra":1}')
 
 
+class Constrained(BaseModel):
+    """Pydantic's constrained fields, as agent frameworks send them."""
+
+    code: str = Field(pattern=r"^[A-Z]{2}-[0-9]{3}$")
+    name: str = Field(min_length=2, max_length=5)
+    qty: int = Field(ge=1, le=120)
+    delta: int = Field(gt=-10, lt=10)
+    quote: str = Field(pattern=r'^say "[a-z]+"\\?\n?$')  # a quote, a backslash, a newline: escaped in JSON
+
+
+def test_pydantics_constrained_fields_hold_exactly_what_pydantic_validates() -> None:
+    """Random candidates for each field (lengths by code point, escapes counting one, multi-byte
+    text, bounds either side, near-misses of the patterns): the grammar takes a document exactly
+    when Pydantic validates it."""
+    grammar = schema_grammar(Constrained.model_json_schema())
+    rng = random.Random(5)
+
+    def text(alphabet: str, longest: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
+
+    taken = refused = 0
+    for _ in range(1500):
+        doc = {"code": rng.choice(["AB-123", "ZQ-009", text("AZaz-0129", 7)]),
+               "name": text('ab"\\\né😀\x01', 7),
+               "qty": rng.randint(-3, 125), "delta": rng.randint(-12, 12),
+               "quote": rng.choice(['say "hi"', 'say "yes"\\', 'say "ok"\n', 'say "ok"\\\n', 'say "Hi"', 'say hi',
+                                    'say "hi"\n\n'])}
+        encoded = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+        try:
+            Constrained.model_validate_json(encoded, strict=True)
+            valid = True
+        except ValidationError:
+            valid = False
+        assert grammar.accepts(encoded) == valid, encoded
+        taken += valid
+        refused += not valid
+    assert taken > 50 and refused > 50
+
+
+def test_integer_bounds_and_string_lengths() -> None:
+    g = schema_grammar({"type": "integer", "minimum": -3.5, "exclusiveMaximum": 1000})
+    assert [v for v in range(-20, 1020) if g.accepts(str(v))] == list(range(-3, 1000))
+    assert not any(g.accepts(t) for t in ("-0", "0.0", "007", "1e2"))
+    assert g.accepts("0") and g.accepts("-3")
+    unbounded_above = schema_grammar({"type": "integer", "exclusiveMinimum": 98})
+    assert not unbounded_above.accepts("98") and all(unbounded_above.accepts(str(v)) for v in (99, 100, 10**30))
+    with pytest.raises(ValueError, match="no JSON value"):
+        schema_grammar({"type": "integer", "minimum": 3, "maximum": 2})
+    with pytest.raises(ValueError, match="finite"):
+        schema_grammar({"type": "integer", "maximum": "9"})
+    short = schema_grammar({"type": "string", "maxLength": 2})
+    assert [short.accepts(json.dumps(t, ensure_ascii=False)) for t in ("", "ab", "abc", "\n\"", "é😀", "é😀a")] == \
+        [True, True, False, True, True, False]
+    assert schema_grammar({"type": "string", "minLength": 1}).accepts('"\\u00e9"')
+    with pytest.raises(ValueError, match="maxLength"):
+        schema_grammar({"type": "string", "minLength": 3, "maxLength": 2})
+    with pytest.raises(ValueError, match="pattern .*does not parse"):
+        schema_grammar({"type": "string", "pattern": "(a"})
+
+
 @pytest.mark.parametrize("keyword,schema", [
-    ("pattern", {"type": "string", "pattern": "^a+$"}),
-    ("minimum", {"type": "integer", "minimum": 0}),
-    ("maximum", {"type": "number", "maximum": 1}),
-    ("minLength", {"type": "string", "minLength": 1}),
-    ("maxLength", {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}}),
+    ("maximum", {"type": "number", "maximum": 1}),  # a number's bounds: only an integer's are
+    ("exclusiveMinimum", {"type": ["integer", "number"], "exclusiveMinimum": 0}),
+    ("pattern", {"type": "string", "pattern": "^a+$", "maxLength": 3}),  # both: refused
+    ("minLength", {"properties": {"s": {"minLength": 1}}}),  # no type to bound
     ("allOf", {"allOf": [{"type": "string"}]}),
     ("not", {"not": {"type": "string"}}),
     ("uniqueItems", {"type": "array", "items": {"type": "integer", "multipleOf": 2}, "uniqueItems": True}),
@@ -592,8 +651,8 @@ def test_structured_outputs_json_as_text_and_choices() -> None:
     assert params.compile().accepts("12") and not params.compile().accepts('"12"')
     with pytest.raises(ValueError, match="not JSON"):
         StructuredOutputsParams(json="{not json")
-    with pytest.raises(ValueError, match="'pattern'"):
-        StructuredOutputsParams(json='{"type": "string", "pattern": "x"}')
+    with pytest.raises(ValueError, match="'multipleOf'"):
+        StructuredOutputsParams(json='{"type": "integer", "multipleOf": 2}')
     assert StructuredOutputsParams(json=True).compile().accepts("[1]")
     for choice in ([], ["a", ""], "ab", ["a", 1], [None]):
         with pytest.raises(ValueError, match="choice"):
@@ -673,7 +732,7 @@ def test_sampling_params_structured_outputs() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         SamplingParams(structured_outputs={})
     with pytest.raises(ValueError, match="'minimum'"):
-        SamplingParams(structured_outputs={"json": {"type": "integer", "minimum": 1}})
+        SamplingParams(structured_outputs={"json": {"type": "number", "minimum": 1}})
     with pytest.raises(ValueError, match="structured_outputs"):
         SamplingParams(structured_outputs="json")
     with pytest.raises(ValueError, match="ignore_eos"):
