@@ -7,8 +7,9 @@ What a grammar can hold is supported: `type` (one or a list), `properties`, `req
 as Pydantic's constrained fields write them (`Field(max_length=..., pattern=..., ge=...)`):
 a string's `minLength`, `maxLength` or `pattern` (matched whole, as xgrammar does: any text it
 allows matches the unanchored pattern too), and an integer's `minimum`, `maximum`,
-`exclusiveMinimum`, `exclusiveMaximum`. Annotations (`title`, `description`, `default`,
-`format`, ...) are read past. Any other keyword (`multipleOf`, `allOf`, a number's bounds, a
+`exclusiveMinimum`, `exclusiveMaximum`; a string's `format` date-time, date, time, uuid, email or
+ipv4 (FORMAT_PATTERNS, where it has no pattern or length). Annotations (`title`, `description`,
+`default`, other formats, ...) are read past. Any other keyword (`multipleOf`, `allOf`, a number's bounds, a
 pattern beside a length, ...) is a ValueError that names it: silently ignoring a constraint
 would hand back answers the schema forbids. `enum` and `const` keep the values of the schema's
 `type`; other keywords beside them are refused.
@@ -274,9 +275,35 @@ class _Compiler:
         return rule
 
 
+# `format`s a string is held to where it has no pattern or length of its own (as xgrammar holds
+# them; Pydantic writes them for datetime, date, time, UUID and EmailStr fields), each in the
+# strict form RFC 3339 and its RFCs give, which every validator takes (the Gregorian calendar's
+# days, leap years included; no leap second; at most microseconds); any other format is read
+# past, an annotation, as JSON Schema 2020-12 has it by default.
+_OFFSET = "(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_TIME = f"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{{1,6}})?{_OFFSET}"
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"  # 0001-9999, as Python's dates
+_LEAP_YEAR = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (f"(?:{_YEAR}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|{_YEAR}-(?:0[13-9]|1[0-2])-(?:29|30)"
+         f"|{_YEAR}-(?:0[13578]|1[02])-31|{_LEAP_YEAR}-02-29)")
+_HEX = "[0-9a-fA-F]"
+FORMAT_PATTERNS = {
+    "date-time": f"{_DATE}T{_TIME}",
+    "date": _DATE,
+    "time": _TIME,
+    "uuid": f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}",
+    "email": "[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+             "(?:\\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+",
+    "ipv4": "(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
+}
+
+
 def _string(schema: dict[str, Any], path: str) -> Rule:
-    """A string, of its length bounds or whole matches of its pattern (both: refused)."""
+    """A string, of its length bounds or whole matches of its pattern (both: refused), or else
+    of its format where it is one of FORMAT_PATTERNS."""
     low, high, pattern = schema.get("minLength", 0), schema.get("maxLength"), schema.get("pattern")
+    if pattern is None and not set(schema) & {"minLength", "maxLength"}:
+        pattern = FORMAT_PATTERNS.get(schema.get("format"))
     for name, value in (("minLength", low), ("maxLength", high)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{name} (at {path}) must be an integer >= 0")
