@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -51,11 +52,16 @@ class Rule:
     __slots__ = ()
     start: Hashable = 0
     # The local state, if any, that a byte of plain string text (no quote, backslash or control
-    # byte) leaves as it is: the token masks' fast path (Grammar.in_string).
+    # byte) leaves as it is: the token masks' fast path (Grammar.plain_text_room).
     plain_text: Hashable = None
 
     def moves(self, local: Any, byte: int) -> tuple[Move, ...]:
         raise NotImplementedError
+
+    def plain_room(self, local: Any) -> float | None:
+        """The characters of plain string text this rule takes from `local` (math.inf: any);
+        None where it is not in plain string text."""
+        return math.inf if self.plain_text is not None and local == self.plain_text else None
 
     def accepts(self, local: Any) -> bool:
         raise NotImplementedError
@@ -183,7 +189,7 @@ class BoundedJsonString(JsonString):
 
     __slots__ = ("min_length", "max_length")
     start = (JsonString.OPEN, 0)
-    plain_text = None  # plain text counts: no fast path
+    plain_text = None  # plain text counts: its room is the local's (plain_room)
 
     def __init__(self, min_length: int = 0, max_length: int | None = None) -> None:
         self.min_length, self.max_length = min_length, max_length
@@ -212,6 +218,11 @@ class BoundedJsonString(JsonString):
 
     def accepts(self, local: tuple[int, int]) -> bool:
         return local[0] == self.CLOSED
+
+    def plain_room(self, local: tuple[int, int]) -> float | None:
+        if local[0] != self.CONTENT:
+            return None
+        return math.inf if self.max_length is None else self.max_length - local[1]
 
 
 class JsonNumber(Rule):
@@ -607,10 +618,17 @@ class Grammar:
             done = self._complete[state] = any(_finished(stack) for stack in state)
         return done
 
-    def in_string(self, state: State) -> bool:
-        """Every stack is inside free string text (`Rule.plain_text`): a token of plain string
-        bytes leaves the state as it is (the token masks' fast path)."""
-        return all(rule.plain_text == local for rule, local, _, _ in state)
+    def plain_text_room(self, state: State) -> float | None:
+        """Every stack is inside string text (`Rule.plain_room`): a token of plain string text is
+        taken where it holds at most this many characters (the most any stack takes); None: some
+        stack is not."""
+        room = -1.0
+        for rule, local, _, _ in state:
+            here = rule.plain_room(local)
+            if here is None:
+                return None
+            room = max(room, here)
+        return room
 
     def accepts(self, text: bytes | str) -> bool:
         """The whole text is an answer this grammar allows (tests, and checks of examples)."""

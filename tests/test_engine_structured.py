@@ -4,6 +4,7 @@ batch mates and preemption."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 
@@ -286,7 +287,7 @@ def test_a_structure_no_answer_satisfies_is_refused_when_added(llm: LLM) -> None
 
 
 def test_pydantic_constrained_fields_on_the_default_model(llm: LLM) -> None:
-    """A schema of Pydantic's constrained fields (a pattern, length bounds, integer bounds) held
+    """A schema of Pydantic's constrained fields (a pattern, length bounds, integer bounds, a date) held
     by a real model's sampling: every answer that stops validates, one cut is still a prefix."""
     from pydantic import BaseModel, Field
 
@@ -294,12 +295,14 @@ def test_pydantic_constrained_fields_on_the_default_model(llm: LLM) -> None:
         code: str = Field(pattern=r"^[A-Z]{2}-[0-9]{3}$")
         item: str = Field(min_length=3, max_length=12)
         qty: int = Field(ge=1, le=20)
+        due: datetime.date
 
     schema = Order.model_json_schema()
     grammar = StructuredOutputsParams(json=schema).compile()
     params = SamplingParams(max_tokens=64, temperature=1.0, seed=11, n=3,
                             structured_outputs=StructuredOutputsParams(json=schema))
-    prompt = [{"role": "user", "content": "Write an order as JSON: a code like AB-123, an item and a quantity."}]
+    prompt = [{"role": "user", "content": "Write an order as JSON: a code like AB-123, an item, a quantity and a "
+                                          "due date."}]
     completions = [c for o in llm.chat([prompt, PERSON_PROMPTS[0]], params, use_tqdm=False) for c in o.outputs]
     for completion in completions:
         assert_viable(grammar, completion)
