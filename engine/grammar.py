@@ -58,6 +58,9 @@ class Rule:
     def moves(self, local: Any, byte: int) -> tuple[Move, ...]:
         raise NotImplementedError
 
+    # plain_room's text must be well-formed UTF-8 (a whole token's: it may end inside a character)
+    plain_utf8 = False
+
     def plain_room(self, local: Any) -> float | None:
         """The characters of plain string text this rule takes from `local` (math.inf: any);
         None where it is not in plain string text."""
@@ -183,46 +186,93 @@ class JsonString(Rule):
 
 class BoundedJsonString(JsonString):
     """A JSON string of `min_length` to `max_length` (None: any) characters (JSON Schema's
-    minLength / maxLength): a character is a UTF-8 sequence's first byte or an escape (a
-    surrogate pair's two \\u escapes count two, as the UTF-16 code units JSON Schema's older
-    drafts counted). Locals: (JsonString's, the characters so far)."""
+    minLength / maxLength: code points, as Pydantic counts them): a character is a UTF-8
+    sequence, which must be well formed (a model's stray continuation bytes would pass a count
+    of first bytes), or an escape; a \\u escape of a surrogate is refused (a pair would count
+    one character, a lone half is no text): the model writes the character itself. Without a
+    maximum the count stops at the minimum, so long strings share their states and masks.
+    Locals: (JsonString's phase, the characters so far, the continuation bytes the character
+    being read still has, the range its next one must be in)."""
 
     __slots__ = ("min_length", "max_length")
-    start = (JsonString.OPEN, 0)
+    HEX_D = 8  # \\u's first digit was d: the second must keep it below the surrogates
+    start = (JsonString.OPEN, 0, 0, None)
     plain_text = None  # plain text counts: its room is the local's (plain_room)
+    plain_utf8 = True
+    _LOW_HEX = frozenset(b"01234567")
+    _CONTINUATION = (0x80, 0xBF)
+    # A first byte's continuation count, and where its second byte's range is narrower than
+    # 0x80-0xBF (no overlong forms, no surrogates, nothing past U+10FFFF)
+    _FIRST_NARROW = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
 
     def __init__(self, min_length: int = 0, max_length: int | None = None) -> None:
         self.min_length, self.max_length = min_length, max_length
 
-    def moves(self, local: tuple[int, int], byte: int) -> tuple[Move, ...]:
-        phase, count = local
+    def moves(self, local: tuple[int, int, int, Any], byte: int) -> tuple[Move, ...]:
+        phase, count, more, narrow = local
         if phase == self.CONTENT:
+            if more:  # a character's later bytes
+                low, high = narrow or self._CONTINUATION
+                return (((self.CONTENT, count, more - 1, None), None),) if low <= byte <= high else NO_MOVES
             if byte == 0x22:  # "
-                return (((self.CLOSED, count), None),) if count >= self.min_length else NO_MOVES
-            if byte < 0x20:
+                return (((self.CLOSED, count, 0, None), None),) if count >= self.min_length else NO_MOVES
+            size = utf8_char_size(byte)
+            if not size or byte < 0x20 or self.max_length is not None and count >= self.max_length:
                 return NO_MOVES
-            if 0x80 <= byte <= 0xBF:  # a character's later byte: counted at its first
-                return (((self.CONTENT, count), None),)
-            if self.max_length is not None and count >= self.max_length:
-                return NO_MOVES
-            return (((self.ESCAPE if byte == 0x5C else self.CONTENT, count + 1), None),)
+            count = count + 1 if self.max_length is not None or count < self.min_length else count
+            if byte == 0x5C:  # backslash
+                return (((self.ESCAPE, count, 0, None), None),)
+            return (((self.CONTENT, count, size - 1, self._FIRST_NARROW.get(byte)), None),)
         if phase == self.OPEN:
-            return (((self.CONTENT, 0), None),) if byte == 0x22 else NO_MOVES
+            return (((self.CONTENT, 0, 0, None), None),) if byte == 0x22 else NO_MOVES
         if phase == self.ESCAPE:
             if byte in self._ESCAPED:
-                return (((self.CONTENT, count), None),)
-            return (((self.HEX, count), None),) if byte == 0x75 else NO_MOVES  # u
+                return (((self.CONTENT, count, 0, None), None),)
+            return (((self.HEX, count, 0, None), None),) if byte == 0x75 else NO_MOVES  # u
+        if phase == self.HEX and byte in b"dD":
+            return (((self.HEX_D, count, 0, None), None),)
+        if phase == self.HEX_D:
+            return (((self.HEX + 2, count, 0, None), None),) if byte in self._LOW_HEX else NO_MOVES
         if phase in self._HEX_NEXT and byte in self._HEX_DIGITS:
-            return ((((self._HEX_NEXT[phase][0][0]), count), None),)
+            return (((self._HEX_NEXT[phase][0][0], count, 0, None), None),)
         return NO_MOVES
 
-    def accepts(self, local: tuple[int, int]) -> bool:
+    def accepts(self, local: tuple[int, int, int, Any]) -> bool:
         return local[0] == self.CLOSED
 
-    def plain_room(self, local: tuple[int, int]) -> float | None:
-        if local[0] != self.CONTENT:
+    def plain_room(self, local: tuple[int, int, int, Any]) -> float | None:
+        if local[0] != self.CONTENT or local[2]:
             return None
         return math.inf if self.max_length is None else self.max_length - local[1]
+
+
+def utf8_prefix(text: bytes) -> bool:
+    """Well-formed UTF-8 from its first byte, but for a last character it may cut short (as
+    BoundedJsonString reads it)."""
+    more, narrow = 0, None
+    for byte in text:
+        if more:
+            low, high = narrow or BoundedJsonString._CONTINUATION
+            if not low <= byte <= high:
+                return False
+            more, narrow = more - 1, None
+        else:
+            size = utf8_char_size(byte)
+            if not size:
+                return False
+            more, narrow = size - 1, BoundedJsonString._FIRST_NARROW.get(byte)
+    return True
+
+
+def utf8_char_size(first: int) -> int:
+    """A character's byte count from its first byte (0: no character begins with it)."""
+    if first < 0x80:
+        return 1
+    if 0xC2 <= first <= 0xDF:
+        return 2
+    if 0xE0 <= first <= 0xEF:
+        return 3
+    return 4 if 0xF0 <= first <= 0xF4 else 0
 
 
 class JsonNumber(Rule):
@@ -618,17 +668,17 @@ class Grammar:
             done = self._complete[state] = any(_finished(stack) for stack in state)
         return done
 
-    def plain_text_room(self, state: State) -> float | None:
+    def plain_text_rooms(self, state: State) -> set[tuple[float, bool]] | None:
         """Every stack is inside string text (`Rule.plain_room`): a token of plain string text is
-        taken where it holds at most this many characters (the most any stack takes); None: some
-        stack is not."""
-        room = -1.0
+        taken where, for some stack, it holds at most its room in characters (and is well-formed
+        UTF-8 where that stack's `plain_utf8` says so); None: some stack is not."""
+        rooms = set()
         for rule, local, _, _ in state:
-            here = rule.plain_room(local)
-            if here is None:
+            room = rule.plain_room(local)
+            if room is None:
                 return None
-            room = max(room, here)
-        return room
+            rooms.add((room, rule.plain_utf8))
+        return rooms
 
     def accepts(self, text: bytes | str) -> bool:
         """The whole text is an answer this grammar allows (tests, and checks of examples)."""

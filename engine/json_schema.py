@@ -60,6 +60,8 @@ MAX_SCHEMA_DEPTH = 64
 # A union's options: each may stay open side by side (MAX_STACKS), so wider ones are refused.
 MAX_OPTIONS = 128
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+# An integer's bounds are written as a digit-range regex: larger ones are refused, not unrolled.
+MAX_INTEGER_BOUND = 10**30
 
 
 def schema_grammar(schema: Any) -> Grammar:
@@ -329,8 +331,11 @@ def _integer(schema: dict[str, Any], path: str) -> Rule:
     low = high = None
     for name in sorted(set(schema) & _INTEGER_KEYWORDS):
         value = schema[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) == float("inf"):
-            raise ValueError(f"{name} (at {path}) must be a finite number")
+        if isinstance(value, bool):
+            raise ValueError(f"{name} (at {path}) must be a number: JSON Schema draft 4's boolean form is not "
+                             "supported (give the bound itself)")
+        if not isinstance(value, (int, float)) or value != value or abs(value) > MAX_INTEGER_BOUND:
+            raise ValueError(f"{name} (at {path}) must be a number of at most {MAX_INTEGER_BOUND:.0e} in magnitude")
         if name == "minimum":
             bound = math.ceil(value)
         elif name == "exclusiveMinimum":

@@ -9,8 +9,9 @@ negated), so that test is interval arithmetic. `\\d`, `\\w` and `\\s` are ASCII'
 `[A-Za-z0-9_]`, `[ \\t\\n\\r\\f\\v]`), as in vLLM's regex engines and JSON Schema's
 patterns, not Python's Unicode classes (asked for `\\d{3}`, a model wrote digits of another
 script). Backreferences and lookarounds are not regular: a ValueError, as are flags other
-than DOTALL (and the default UNICODE). `^` and `$` are read past (the whole answer matches
-anyway); lazy, possessive and atomic forms match as their greedy ones (the same set of texts).
+than DOTALL (and the default UNICODE; `(?s:...)` holds inside its group). `^` and `$` at the
+pattern's start and end are read past (the whole answer matches anyway), anywhere else a
+ValueError; lazy, possessive and atomic forms match as their greedy ones (the same set of texts).
 """
 
 from __future__ import annotations
@@ -131,15 +132,19 @@ class _PatternNfa(Nfa):
             end = self.state()
             self.edges[start].append((self._char(op, arg), end))
             return end
-        if op is sre.AT:
-            if arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING):
-                return start
-            raise ValueError(f"regex anchor {arg} is not supported")
+        if op is sre.AT:  # those at the pattern's ends were taken out (_without_end_anchors)
+            raise ValueError("regex anchors are supported only at the pattern's start (^) and end ($): the whole "
+                             "text matches")
         if op is sre.SUBPATTERN:
             _, add_flags, del_flags, items = arg
             if (add_flags | del_flags) & ~_SUPPORTED_FLAGS:
                 raise ValueError("regex flags other than (?s) are not supported")
-            return self.build(items, start)
+            outer = self.dotall  # (?s:...) and (?-s:...) hold inside their group only
+            self.dotall = bool(add_flags & re.DOTALL) or outer and not del_flags & re.DOTALL
+            try:
+                return self.build(items, start)
+            finally:
+                self.dotall = outer
         if op is sre.ATOMIC_GROUP:
             return self.build(arg, start)
         if op is sre.BRANCH:
@@ -353,7 +358,30 @@ def _pattern_nfa(pattern: str) -> tuple[_PatternNfa, int, int]:
         raise ValueError("regex flags other than (?s) are not supported")
     nfa = _PatternNfa(dotall=bool(flags & re.DOTALL))
     first = nfa.state()
-    return nfa, first, nfa.build(parsed, first)
+    return nfa, first, nfa.build(_without_end_anchors(list(parsed), True, True), first)
+
+
+_STARTS = (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING)
+_ENDS = (sre.AT_END, sre.AT_END_STRING)
+
+
+def _without_end_anchors(items: list[Any], at_start: bool, at_end: bool) -> list[Any]:
+    """The parsed items with the anchors that sit at the pattern's start or end left out (the
+    whole text matches anyway), within the groups and branches that begin or end it too."""
+    while at_start and items and items[0][0] is sre.AT and items[0][1] in _STARTS:
+        items = items[1:]
+    while at_end and items and items[-1][0] is sre.AT and items[-1][1] in _ENDS:
+        items = items[:-1]
+    out = []
+    for i, (op, arg) in enumerate(items):
+        first, last = at_start and i == 0, at_end and i == len(items) - 1
+        if op is sre.SUBPATTERN and (first or last):
+            group, add_flags, del_flags, inner = arg
+            arg = (group, add_flags, del_flags, _without_end_anchors(list(inner), first, last))
+        elif op is sre.BRANCH and (first or last):
+            arg = (arg[0], [_without_end_anchors(list(branch), first, last) for branch in arg[1]])
+        out.append((op, arg))
+    return out
 
 
 def utf8_size(lead: int) -> int:

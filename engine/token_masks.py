@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.grammar import Grammar, State
+from engine.grammar import Grammar, State, utf8_prefix
 
 
 class TokenVocabulary:
@@ -45,18 +45,25 @@ class TokenVocabulary:
             else:
                 plain[ids] = True
         self.string_plain = plain
-        # each plain token's characters: its bytes but UTF-8's continuation bytes (as JSON strings count them)
+        # Each plain token's characters (its bytes but UTF-8's continuation bytes), and whether it
+        # is well-formed UTF-8 from a character's start (it may end inside one): a bounded
+        # string's fast path.
         self.string_plain_chars = np.zeros(self.size, dtype=np.int32)
+        self.string_plain_utf8 = np.zeros(self.size, dtype=bool)
         for text, ids in by_text.items():
             if plain[ids[0]]:
                 self.string_plain_chars[ids] = sum(1 for byte in text if not 0x80 <= byte <= 0xBF)
+                self.string_plain_utf8[ids] = utf8_prefix(text)
         self._string_special = _Sorted(special)
 
     def allowed(self, grammar: Grammar, state: State) -> np.ndarray:
         """A bool mask over the vocabulary: the tokens whose bytes the grammar takes from `state`."""
-        room = grammar.plain_text_room(state)
-        if room is not None:
-            mask = self.string_plain.copy() if room == math.inf else self.string_plain & (self.string_plain_chars <= room)
+        rooms = grammar.plain_text_rooms(state)
+        if rooms is not None:
+            mask = np.zeros(self.size, dtype=bool)
+            for room, utf8 in rooms:
+                plain = self.string_plain_utf8 if utf8 else self.string_plain
+                mask |= plain if room == math.inf else plain & (self.string_plain_chars <= room)
             ids = self._string_special.walk(grammar, state)
         else:
             mask = np.zeros(self.size, dtype=bool)

@@ -463,8 +463,9 @@ def test_integer_bounds_and_string_lengths() -> None:
     assert not unbounded_above.accepts("98") and all(unbounded_above.accepts(str(v)) for v in (99, 100, 10**30))
     with pytest.raises(ValueError, match="no JSON value"):
         schema_grammar({"type": "integer", "minimum": 3, "maximum": 2})
-    with pytest.raises(ValueError, match="finite"):
-        schema_grammar({"type": "integer", "maximum": "9"})
+    for bad in ("9", True, 10**31, float("nan")):  # draft 4's boolean form too
+        with pytest.raises(ValueError, match="must be a number"):
+            schema_grammar({"type": "integer", "maximum": bad})
     short = schema_grammar({"type": "string", "maxLength": 2})
     assert [short.accepts(json.dumps(t, ensure_ascii=False)) for t in ("", "ab", "abc", "\n\"", "é😀", "é😀a")] == \
         [True, True, False, True, True, False]
@@ -473,6 +474,58 @@ def test_integer_bounds_and_string_lengths() -> None:
         schema_grammar({"type": "string", "minLength": 3, "maxLength": 2})
     with pytest.raises(ValueError, match="pattern .*does not parse"):
         schema_grammar({"type": "string", "pattern": "(a"})
+
+
+def test_bounded_strings_read_well_formed_text_only() -> None:
+    """A length bound counts characters of well-formed UTF-8: stray continuation bytes, overlong
+    forms and surrogates' bytes are refused (a model's byte tokens could otherwise run on past
+    maxLength), and so are a surrogate's \\u escapes (a pair is one character, a lone half no
+    text); past minLength without a maximum, states stop counting."""
+    one = schema_grammar({"type": "string", "maxLength": 1})
+    for text in (b'"\x80"', b'"\xc3\xa9\xa9"', b'"\xc0\xaf"', b'"\xe0\x80\xaf"', b'"\xed\xa0\x80"',
+                 b'"\xf4\x90\x80\x80"', b'"\xf5\x80\x80\x80"', b'"\\ud83d\\ude00"', b'"\\uDBFF"', b'"\x01"',
+                 b'"\\u00g0"', b'"\\x41"'):
+        assert not one.accepts(text), text
+    for text in ('"é"', '"😀"', '"\\u00E9"', '"\\uD7FF"', '"\\/"', '"\\t"', '"\x7f"'):
+        assert one.accepts(text), text
+    at_least = schema_grammar({"type": "string", "minLength": 3})
+    assert at_least.advance(at_least.start, b'"abc') == at_least.advance(at_least.start, b'"abcdefgh')
+
+
+def test_patterns_write_their_characters_as_json_does() -> None:
+    """A pattern's quote, backslash and control characters are written escaped (short escapes,
+    or \\u00XX in either case), never raw; anchors hold only at the pattern's ends; (?s:...) and
+    (?-s:...) hold inside their group."""
+    g = schema_grammar({"type": "string", "pattern": '^a["\\\\\x01\x1f\n]b$'})
+    for text in ('"a\\"b"', '"a\\\\b"', '"a\\u0001b"', '"a\\u001Fb"', '"a\\u001fb"', '"a\\nb"', '"a\\u000ab"'):
+        assert g.accepts(text), text
+    for text in ('"a"b"', '"a\\b"', '"a\x01b"', '"a\\u0011b"', '"a\\u0002b"', '"a\\tb"', '"a\\/b"'):
+        assert not g.accepts(text), text
+    for pattern in ("a$b", "^a$b$", "a^b"):
+        with pytest.raises(ValueError, match="anchors"):
+            schema_grammar({"type": "string", "pattern": pattern})
+    assert [schema_grammar({"type": "string", "pattern": p}).accepts(json.dumps(t)) for p, t in (
+        ("(^a|^b$)", "b"), ("(?s)a(?-s:.)", "a\n"), ("(?s:.)", "\n"), ("a.", "a\n"))] == [True, False, True, False]
+
+
+def test_integer_ranges_equal_brute_force() -> None:
+    """Random bounds, inclusive and exclusive, whole and fractional, one or both, either sign:
+    the integers taken are exactly those within them."""
+    rng = random.Random(3)
+    for _ in range(300):
+        schema: dict[str, Any] = {"type": "integer"}
+        for name in rng.sample(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"], rng.randint(1, 3)):
+            schema[name] = rng.choice([rng.randint(-150, 150), rng.randint(-3, 3), round(rng.uniform(-150, 150), 1)])
+        want = [v for v in range(-200, 201) if v >= schema.get("minimum", -math.inf) and v <= schema.get(
+            "maximum", math.inf) and v > schema.get("exclusiveMinimum", -math.inf) and v < schema.get(
+            "exclusiveMaximum", math.inf)]
+        try:
+            g = schema_grammar(schema)
+        except ValueError:
+            assert not want, schema  # no integer: refused as no value
+            continue
+        assert [v for v in range(-200, 201) if g.accepts(str(v))] == want, schema
+        assert not any(g.accepts(t) for t in ("-0", "00", "01", "-01", "1.0"))
 
 
 @pytest.mark.parametrize("keyword,schema", [
@@ -855,7 +908,7 @@ MASK_STATES = [  # (grammar, prefix, every stack inside a free string: the masks
     ("constrained", b'{"code":"AB-1', False),
     ("constrained", b'{"code":"AB-123","name":"', True),
     ("constrained", b'{"code":"AB-123","name":"ab', True),
-    ("constrained", b'{"code":"AB-123","name":"\xc3\xa9\xc3', True),  # part of a character
+    ("constrained", b'{"code":"AB-123","name":"\xc3\xa9\xc3', False),  # inside a character: walked
     ("constrained", b'{"code":"AB-123","name":"abcd', True),
     ("constrained", b'{"code":"AB-123","name":"abcde', True),  # full: only the quote, or a character's rest
     ("constrained", b'{"code":"AB-123","name":"ab\\', False),
@@ -890,7 +943,7 @@ def test_token_mask_equals_brute_force(vocabulary: TokenVocabulary, vocab_bytes:
     g = grammar_named(name)
     state = g.advance(g.start, prefix)
     assert state is not None
-    assert (g.plain_text_room(state) is not None) == in_string
+    assert (g.plain_text_rooms(state) is not None) == in_string
     mask = vocabulary.allowed(g, state)
     expected = brute_force_mask(vocab_bytes, g, state)
     assert mask.dtype == np.bool_ and mask.shape == (VOCAB_SIZE,)
