@@ -454,6 +454,12 @@ def test_a_higher_priority_arrival_preempts_the_lowest_for_blocks_until_it_fits(
     # needs 3 blocks, 2 are free: one victim (the latest of the lowest) is enough.
     sched = priority_scheduler(num_blocks=14, max_num_seqs=8)
     lows = [make(9, 3, f"low{i}", 100 * i, priority=3 if i < 2 else 4) for i in range(4)]
+    assert_an_urgent_arrival_preempts(sched, lows, lows[3])
+
+
+def assert_an_urgent_arrival_preempts(sched: Scheduler, lows: list[Request], victim: Request) -> None:
+    """The low-priority requests leave 2 free blocks; an urgent 9-token prompt arrives and, the
+    victim preempted, runs in the same step."""
     for request in lows:
         sched.add_request(request)
     step(sched)
@@ -461,7 +467,7 @@ def test_a_higher_priority_arrival_preempts_the_lowest_for_blocks_until_it_fits(
     urgent = make(9, 2, "urgent", 900, priority=0)
     sched.add_request(urgent)
     batch = step(sched)
-    assert batch.preempted == [lows[3]] and urgent in batch.requests
+    assert batch.preempted == [victim] and urgent in batch.requests
     run_to_completion(sched)
     assert_all_free(sched)
 
@@ -668,16 +674,7 @@ def test_a_higher_priority_arrival_counts_every_group_its_victims_free() -> None
     tokens need 3 in each: preempting one low frees 6 across its groups, enough."""
     sched = hybrid_scheduler(14, policy="priority")
     lows = [make(9, 3, f"low{i}", 100 * i, priority=3) for i in range(2)]
-    for request in lows:
-        sched.add_request(request)
-    step(sched)
-    assert sched.block_manager.num_free_blocks == 2 and all(len(r.held_block_ids()) == 6 for r in lows)
-    urgent = make(9, 2, "urgent", 900, priority=0)
-    sched.add_request(urgent)
-    batch = step(sched)
-    assert batch.preempted == [lows[1]] and urgent in batch.requests
-    run_to_completion(sched)
-    assert_all_free(sched)
+    assert_an_urgent_arrival_preempts(sched, lows, lows[1])  # 2 free: each low held 3 blocks in each group
 
 
 def test_a_fork_waits_unless_every_group_has_a_block_for_its_copy() -> None:
