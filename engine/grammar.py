@@ -52,14 +52,13 @@ class Rule:
     __slots__ = ()
     start: Hashable = 0
     # The local state, if any, that a byte of plain string text (no quote, backslash or control
-    # byte) leaves as it is: the token masks' fast path (Grammar.plain_text_room).
+    # byte) leaves as it is: the token masks' fast path (Grammar.plain_text_rooms).
     plain_text: Hashable = None
+    # plain_room's text must be well-formed UTF-8 (a whole token's: it may end inside a character)
+    plain_utf8 = False
 
     def moves(self, local: Any, byte: int) -> tuple[Move, ...]:
         raise NotImplementedError
-
-    # plain_room's text must be well-formed UTF-8 (a whole token's: it may end inside a character)
-    plain_utf8 = False
 
     def plain_room(self, local: Any) -> float | None:
         """The characters of plain string text this rule takes from `local` (math.inf: any);
