@@ -161,6 +161,8 @@ class ResponsesRequest(_Model):
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
     # Not served (a 400, not silently ignored): state or modes stoke does not keep
     conversation: Any = None
     background: bool | None = None

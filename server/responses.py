@@ -13,8 +13,9 @@ alone: `previous_response_id` continues one, `GET /v1/responses/{id}` returns it
 drops it. A restart forgets them all.
 
 Not served (a 400 that names them): `previous_response_id` on a server that stores nothing,
-`conversation`, `prompt`, `background`, tools other than functions, `truncation: "auto"`, and
-input content other than text.
+`conversation`, `prompt`, `background`, tools other than functions, `truncation: "auto"`,
+output text logprobs (`top_logprobs`, `include: ["message.output_text.logprobs"]`), and input
+content other than text.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ from server.serving import Choice, Job, OpenAIServing, _dumps, merge_deltas
 from server.tool_parsers import ToolCallParser
 
 
+# What OpenAI's `include` may ask for. Its output items' extra data, which stoke's items never
+# have (no search, code, computer or image items; reasoning is not encrypted), is nothing to add:
+# asked for, it is left out as OpenAI leaves out what an answer has not got. Logprobs are a 400.
+INCLUDABLE = frozenset({"code_interpreter_call.outputs", "computer_call_output.output.image_url",
+                        "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
+                        "reasoning.encrypted_content", "web_search_call.action.sources", "web_search_call.results"})
 # Chat fields a Responses request maps onto, and the Responses field a chat error names instead.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 _PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "user", "seed", "top_k", "min_p",
@@ -113,6 +120,13 @@ def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]] | None = 
     if req.background:
         raise errors.unsupported("background responses are not supported: stream, or wait for the response",
                                  param="background")
+    for i, item in enumerate(req.include or []):
+        if item not in INCLUDABLE:
+            raise errors.invalid(f"include.{i} must be one of {', '.join(sorted(INCLUDABLE))}", param=f"include.{i}")
+    if req.top_logprobs or "message.output_text.logprobs" in (req.include or []):
+        raise errors.unsupported("output text logprobs are not served by the Responses API here: ask "
+                                 "/v1/chat/completions with logprobs and top_logprobs",
+                                 param="top_logprobs" if req.top_logprobs else "include")
     if req.truncation not in (None, "disabled"):
         raise errors.invalid('truncation must be "disabled": stoke does not drop input items to fit the context',
                              param="truncation")

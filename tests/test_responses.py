@@ -61,11 +61,23 @@ def test_a_request_becomes_the_chat_it_means() -> None:
     ({"input": [{"type": "file_search_call"}]}, "input.0.type"),
     ({"input": [{"role": "user", "content": 7}]}, "input.0.content"),
     ({"text": {"format": "json"}}, "text.format"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # asked for, never silently left out
+    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["reasoning.encrypted_content", "output.everything"]}, "include.1"),
 ])
 def test_what_is_not_served_is_a_400_naming_the_field(fields: dict, param: str) -> None:
     with pytest.raises(APIError) as info:
         chat_request(ResponsesRequest(**({"input": "Hi"} | fields)))
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_includes_of_what_no_answer_has_are_nothing_to_add() -> None:
+    """The Agents SDK asks stateless runs for reasoning.encrypted_content: stoke's reasoning
+    items carry none, so there is nothing to include (as OpenAI leaves out what an answer has
+    not got), and top_logprobs 0 asks for nothing."""
+    req = ResponsesRequest(input="Hi", include=["reasoning.encrypted_content", "web_search_call.results"],
+                           top_logprobs=0)
+    assert [m.role for m in chat_request(req).messages] == ["user"]
 
 
 def _job(tool_parser: str | None = None) -> types.SimpleNamespace:
