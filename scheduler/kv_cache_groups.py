@@ -19,7 +19,7 @@ manager read a prefix's identity from its blocks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,11 @@ class KVCacheGroups:
     @property
     def num_groups(self) -> int:
         return len(self.windows)
+
+    @property
+    def one_full_group(self) -> bool:
+        """A model whose every layer keeps every block (no hybrid grouping)."""
+        return self.windows == (0,)
 
     @property
     def group_size(self) -> int:
@@ -105,17 +110,9 @@ class KVCachePlan:
         """The longest sequence the whole pool holds."""
         if self.sequence_blocks(1) > num_blocks:
             return 0
-        if self.groups.num_groups == 1 and not self.groups.windows[0]:
+        if self.groups.one_full_group:
             return num_blocks * self.block_size
-        lo, hi = 1, 1
-        while self.sequence_blocks(hi) <= num_blocks and hi < 1 << 40:
-            lo, hi = hi, hi * 2
-        if hi >= 1 << 40:
-            return hi  # windows only: a sequence of any length fits
-        while hi - lo > 1:  # sequence_blocks(lo) fits, (hi) does not
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.sequence_blocks(mid) <= num_blocks else (lo, mid)
-        return lo
+        return _largest(lambda tokens: self.sequence_blocks(tokens) <= num_blocks, 1)
 
     def beam_room(self, num_prompt_tokens: int, beam_width: int, num_blocks: int, prefix_caching: bool) -> int:
         """The most max_tokens a beam search of this width can be sure of in this pool: the
@@ -125,7 +122,7 @@ class KVCachePlan:
         also fit alone, computed a chunk at a time (the prompt; a preempted beam again)."""
         size = self.block_size
         held = num_prompt_tokens // size if prefix_caching else 0
-        if self.groups.num_groups == 1 and not self.groups.windows[0]:  # one full group: in closed form
+        if self.groups.one_full_group:  # in closed form
             return (held + (num_blocks - held) // beam_width) * size - num_prompt_tokens
         full_groups = sum(1 for w in self.groups.windows if not w)
         decoding = KVCachePlan(self.groups, size, 1)
@@ -136,10 +133,21 @@ class KVCachePlan:
 
         if not fits(num_prompt_tokens + 1):
             return -1
-        lo, hi = num_prompt_tokens + 1, num_prompt_tokens + 2
-        while fits(hi) and hi < 1 << 40:
-            lo, hi = hi, 2 * hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo - num_prompt_tokens
+        return _largest(fits, num_prompt_tokens + 1) - num_prompt_tokens
+
+
+_UNBOUNDED = 1 << 40  # tokens: a sequence past this fits a pool of sliding windows alone
+
+
+def _largest(fits: Callable[[int], bool], low: int) -> int:
+    """The largest n >= low that `fits` (true at low, and for every n below one that is), or
+    _UNBOUNDED and beyond where it never stops: doubling, then bisecting."""
+    high = low + 1
+    while fits(high) and high < _UNBOUNDED:
+        low, high = high, 2 * high
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

@@ -153,7 +153,7 @@ def check_admissible(num_prompt_tokens: int, max_tokens: int, max_model_len: int
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        groups = config.kv_groups or KVCacheGroups((0,), ((0,),))
+        groups = config.kv_groups or KVCacheGroups.of([0])
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
                                           windows=groups.windows)
         # What a sequence takes of the pool, for admission (a step computes at most the token budget of one)
