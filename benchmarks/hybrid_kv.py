@@ -31,8 +31,9 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 from benchmarks.report import alternated, write_json
 from engine.config import ModelConfig
 from engine.llm import LLM
+from engine.model_runner import kv_block_bytes, kv_cache_groups
 from engine.sampling_params import SamplingParams
-from scheduler import KVCacheGroups, KVCachePlan
+from scheduler import KVCachePlan
 
 CONFIGS = ("hybrid", "kept")
 
@@ -62,15 +63,10 @@ def run_once(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, A
             "token_ids": [tokens[str(i)] for i in range(len(prompts))]}
 
 
-def kv_groups(model: ModelConfig, hybrid: bool) -> KVCacheGroups:
-    """The engine's groups for this model (a window covering every position is none)."""
-    windows = [w if w < model.longest_sequence else 0 for w in map(model.window, range(model.num_layers))]
-    return KVCacheGroups.of(windows, hybrid=hybrid)
-
-
-def blocks_in(kv_bytes: int, model: ModelConfig, groups: KVCacheGroups, dtype_bytes: int, block_size: int = 16) -> int:
-    """The pool's blocks in kv_bytes: a block holds block_size tokens of a group's layers."""
-    return kv_bytes // (2 * block_size * model.num_kv_heads * model.head_dim * dtype_bytes * groups.group_size)
+def blocks_in(kv_bytes: int, model: ModelConfig, hybrid: bool, dtype_bytes: int, block_size: int = 16) -> int:
+    """The pool's blocks in kv_bytes, as the engine groups the model's layers at its full length."""
+    groups = kv_cache_groups(model, model.longest_sequence, hybrid)
+    return kv_bytes // kv_block_bytes(model, groups, block_size, dtype_bytes)
 
 
 def capacity(config_dir: str, kv_gib: float, sequence_len: int, dtype_bytes: int, block_size: int = 16,
@@ -83,8 +79,8 @@ def capacity(config_dir: str, kv_gib: float, sequence_len: int, dtype_bytes: int
                               "sliding_layers": sum(1 for w in windows if w), "window": max(windows),
                               "kv_gib": kv_gib, "sequence_len": sequence_len}
     for name, hybrid in (("hybrid", True), ("kept", False)):
-        groups = kv_groups(model, hybrid)
-        num_blocks = blocks_in(int(kv_gib * 2**30), model, groups, dtype_bytes, block_size)
+        groups = kv_cache_groups(model, model.longest_sequence, hybrid)
+        num_blocks = blocks_in(int(kv_gib * 2**30), model, hybrid, dtype_bytes, block_size)
         plan = KVCachePlan(groups, block_size, chunk)
         decoding = KVCachePlan(groups, block_size, 1).sequence_blocks(sequence_len)  # what a decoding sequence holds
         result[name] = {"groups": groups.num_groups, "num_blocks": num_blocks,
@@ -118,7 +114,7 @@ def main() -> None:
     dtype_bytes = 4 if args.dtype == "float32" else 2
     llms = {}
     for name in CONFIGS:
-        num_blocks = blocks_in(budget, model, kv_groups(model, hybrid=name == "hybrid"), dtype_bytes)
+        num_blocks = blocks_in(budget, model, name == "hybrid", dtype_bytes)
         llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                   max_num_batched_tokens=args.max_num_batched_tokens, disable_hybrid_kv_cache_manager=name == "kept",
                   num_kv_blocks=num_blocks, seed=0)

@@ -145,6 +145,18 @@ class PreviousTokens:
     rows: dict[Request, int]
 
 
+def kv_cache_groups(model: ModelConfig, max_model_len: int, hybrid: bool) -> KVCacheGroups:
+    """How the model's layers share the KV pool (scheduler/kv_cache_groups.py): a window that
+    covers every sequence served is none."""
+    windows = [w if w < max_model_len else 0 for w in map(model.window, range(model.num_layers))]
+    return KVCacheGroups.of(windows, hybrid=hybrid)
+
+
+def kv_block_bytes(model: ModelConfig, groups: KVCacheGroups, block_size: int, element_size: int) -> int:
+    """A KV block's bytes: keys and values of block_size tokens in a group's layers."""
+    return 2 * groups.group_size * block_size * model.num_kv_heads * model.head_dim * element_size
+
+
 def is_triton(backend) -> bool:
     return backend.__name__ == kernels.BACKENDS["triton"]
 
@@ -205,10 +217,7 @@ class ModelRunner:
         self.graph_token_buckets = (token_buckets(config.max_num_batched_tokens)
                                     if graphs and self.cuda_graph_mode == "full" else [])
         self.graph_table_width = -(-self.max_model_len // self.block_size)
-        # How the layers share the pool: a hybrid model's in groups (scheduler/kv_cache_groups.py),
-        # a window that covers every sequence served being none.
-        windows = [w if w < self.max_model_len else 0 for w in map(model_config.window, range(model_config.num_layers))]
-        self.kv_groups = KVCacheGroups.of(windows, hybrid=not config.disable_hybrid_kv_cache_manager)
+        self.kv_groups = kv_cache_groups(model_config, self.max_model_len, not config.disable_hybrid_kv_cache_manager)
         places = self.kv_groups.layer_places()
         self.layer_groups = tuple(g for g, _ in places) if self.kv_groups.num_groups > 1 else ()
         self.block_tables = BlockTables(self.graph_table_width, rows=config.max_num_seqs,
@@ -270,9 +279,7 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        c = self.model_config
-        element = self.dtype.itemsize
-        return 2 * self.kv_groups.group_size * self.block_size * c.num_kv_heads * c.head_dim * element
+        return kv_block_bytes(self.model_config, self.kv_groups, self.block_size, self.dtype.itemsize)
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
