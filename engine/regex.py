@@ -22,7 +22,7 @@ import re._constants as sre  # noqa: PLC2701 (Python's own regex parser: its syn
 import re._parser as sre_parse
 from typing import Any
 
-from engine.grammar import NO_MOVES, TAIL, Move, Rule
+from engine.grammar import NO_MOVES, TAIL, Move, Rule, utf8_char_size
 
 MAX_NFA_STATES = 20_000  # bounded repeats are unrolled: (a{1000}){1000} would be a million
 _SUPPORTED_FLAGS = re.UNICODE | re.DOTALL
@@ -232,7 +232,7 @@ class NfaRule(Rule):
             nxt = self._step(states, chr(byte))
             return ((((nxt, b""), None),) if nxt else NO_MOVES) + children
         data = pending + bytes([byte])
-        size = utf8_size(data[0])
+        size = utf8_char_size(data[0])  # data[0] >= 0x80 here: 0 unless it begins a character
         if size == 0 or (len(data) > 1 and not 0x80 <= byte <= 0xBF):
             return children
         if len(data) < size:
@@ -382,17 +382,6 @@ def _without_end_anchors(items: list[Any], at_start: bool, at_end: bool) -> list
             arg = (arg[0], [_without_end_anchors(list(branch), first, last) for branch in arg[1]])
         out.append((op, arg))
     return out
-
-
-def utf8_size(lead: int) -> int:
-    """A character's byte count from its first byte (0: not a first byte)."""
-    if 0xC2 <= lead <= 0xDF:
-        return 2
-    if 0xE0 <= lead <= 0xEF:
-        return 3
-    if 0xF0 <= lead <= 0xF4:
-        return 4
-    return 0
 
 
 _SIZE_SPANS = {2: (0x80, 0x7FF), 3: (0x800, 0xFFFF), 4: (0x10000, 0x10FFFF)}
