@@ -247,12 +247,7 @@ class _Compiler:
         return JsonObject(members, extra)
 
     def _array(self, schema: dict[str, Any], path: str) -> Rule:
-        low, high = schema.get("minItems", 0), schema.get("maxItems")
-        for name, value in (("minItems", low), ("maxItems", high)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} (at {path}) must be an integer >= 0")
-        if high is not None and high < low:
-            raise ValueError(f"maxItems ({high}) < minItems ({low}) at {path}: no array is valid")
+        low, high = _count_bounds(schema, "minItems", "maxItems", "array", path)
         items = self.rule(schema.get("items", True), f"{path}/items")
         return JsonArray(items, low, high)  # `items: false`: `trim` leaves only []
 
@@ -303,14 +298,10 @@ FORMAT_PATTERNS = {
 def _string(schema: dict[str, Any], path: str) -> Rule:
     """A string, of its length bounds or whole matches of its pattern (both: refused), or else
     of its format where it is one of FORMAT_PATTERNS."""
-    low, high, pattern = schema.get("minLength", 0), schema.get("maxLength"), schema.get("pattern")
+    low, high = _count_bounds(schema, "minLength", "maxLength", "string", path)
+    pattern = schema.get("pattern")
     if pattern is None and not set(schema) & {"minLength", "maxLength"}:
         pattern = FORMAT_PATTERNS.get(schema.get("format"))
-    for name, value in (("minLength", low), ("maxLength", high)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{name} (at {path}) must be an integer >= 0")
-    if high is not None and high < low:
-        raise ValueError(f"maxLength ({high}) < minLength ({low}) at {path}: no string is valid")
     if pattern is not None:
         if not isinstance(pattern, str):
             raise ValueError(f"pattern (at {path}) must be a string")
@@ -324,6 +315,19 @@ def _string(schema: dict[str, Any], path: str) -> Rule:
     if low or high is not None:
         return BoundedJsonString(low, high)
     return JsonString()
+
+
+def _count_bounds(schema: dict[str, Any], low_name: str, high_name: str, what: str,
+                  path: str) -> tuple[int, int | None]:
+    """An array's item count or a string's length bounds (minItems/maxItems, minLength/maxLength):
+    integers >= 0, the maximum (None: none) not below the minimum."""
+    low, high = schema.get(low_name, 0), schema.get(high_name)
+    for name, value in ((low_name, low), (high_name, high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name} (at {path}) must be an integer >= 0")
+    if high is not None and high < low:
+        raise ValueError(f"{high_name} ({high}) < {low_name} ({low}) at {path}: no {what} is valid")
+    return low, high
 
 
 def _integer(schema: dict[str, Any], path: str) -> Rule:
