@@ -108,16 +108,30 @@ def _is_current(target: Path, source: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the fcntl lock at `path`: yields True once held; with `wait` False, False at once
+    where another process holds it (then nothing is held)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _remove_checkpoint(models: Path, target: Path) -> None:
+    """Remove a checkpoint directory in one rename (a directory cannot be replaced while it
+    holds files): moved aside under a temporary name, then deleted."""
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD_INFIX}", dir=models))
+    os.replace(target, old / "checkpoint")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -207,11 +221,8 @@ def _converted(gguf_path: str, name: str, source: dict[str, Any], convert: Calla
             with open(tmp / MARKER_FILE, "w", encoding="utf-8") as f:
                 json.dump(_marker_contents(source), f, indent=2)
             _finalize_tree(tmp)
-            if target.exists() or target.is_symlink():
-                # os.replace cannot overwrite a non-empty directory: move the stale one aside.
-                old = Path(tempfile.mkdtemp(prefix=f".{name}{_OLD_INFIX}", dir=models))
-                os.replace(target, old / "checkpoint")
-                shutil.rmtree(old, ignore_errors=True)
+            if target.exists() or target.is_symlink():  # os.replace cannot overwrite a non-empty directory
+                _remove_checkpoint(models, target)
             os.replace(tmp, target)
             _fsync_dir(models)
             print(f"stoke: converted in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -234,21 +245,10 @@ def _remove_orphans(models: Path) -> None:
         path = source.get("path") if isinstance(source, dict) else None
         if not isinstance(path, str) or os.path.isfile(path):
             continue  # the embedded default's (no path), or its file is still there
-        fd = os.open(models / f".{entry.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        try:
-            if not os.path.isfile(path):
-                old = Path(tempfile.mkdtemp(prefix=f".{entry.name}{_OLD_INFIX}", dir=models))
-                os.replace(entry, old / "checkpoint")
-                shutil.rmtree(old, ignore_errors=True)
+        with _file_lock(models / f".{entry.name}.lock", wait=False) as held:
+            if held and not os.path.isfile(path):
+                _remove_checkpoint(models, entry)
                 print(f"stoke: removed {entry}, the conversion of {path}, which is no longer there", file=sys.stderr)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
