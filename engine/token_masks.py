@@ -36,22 +36,18 @@ class TokenVocabulary:
             if text:  # an empty token would be allowed everywhere and write nothing
                 by_text.setdefault(text, []).append(token_id)
         self._all = _Sorted(by_text)
-        # Plain string bytes: not ", not backslash, not a control byte.
-        plain = np.zeros(self.size, dtype=bool)
+        # Plain string bytes: not ", not backslash, not a control byte. And each plain token's
+        # characters (its bytes but UTF-8's continuation bytes), and whether it is well-formed
+        # UTF-8 from a character's start (it may end inside one): a bounded string's fast path.
+        self.string_plain = np.zeros(self.size, dtype=bool)
+        self.string_plain_chars = np.zeros(self.size, dtype=np.int32)
+        self.string_plain_utf8 = np.zeros(self.size, dtype=bool)
         special: dict[bytes, list[int]] = {}
         for text, ids in by_text.items():
             if b'"' in text or b"\\" in text or min(text) < 0x20:
                 special[text] = ids
             else:
-                plain[ids] = True
-        self.string_plain = plain
-        # Each plain token's characters (its bytes but UTF-8's continuation bytes), and whether it
-        # is well-formed UTF-8 from a character's start (it may end inside one): a bounded
-        # string's fast path.
-        self.string_plain_chars = np.zeros(self.size, dtype=np.int32)
-        self.string_plain_utf8 = np.zeros(self.size, dtype=bool)
-        for text, ids in by_text.items():
-            if plain[ids[0]]:
+                self.string_plain[ids] = True
                 self.string_plain_chars[ids] = sum(1 for byte in text if not 0x80 <= byte <= 0xBF)
                 self.string_plain_utf8[ids] = utf8_prefix(text)
         self._string_special = _Sorted(special)
