@@ -516,6 +516,11 @@ class EngineConfig:
     # the pool (scheduler/kv_cache_groups.py). True (vLLM's --disable-hybrid-kv-cache-manager):
     # every layer keeps every block of its sequence, as a full-attention model's.
     disable_hybrid_kv_cache_manager: bool = False
+    # The prefix cache's host tier, as vLLM's --kv-offloading-size (GiB of host memory; 0: none):
+    # a cached block the pool evicts is saved there first, and a later hit on it is loaded back
+    # instead of computed again (scheduler/host_kv_cache.py). Needs the prefix cache.
+    kv_offloading_size: float = 0.0
+    kv_offloading_backend: str = "native"  # vLLM's choice of offloader: stoke has its own only
     # "fcfs": arrival order; "priority": each request's priority first (lower runs earlier; a
     # waiting request preempts running ones of lower priority), as vLLM's scheduling_policy.
     scheduling_policy: str = "fcfs"
@@ -573,6 +578,12 @@ class EngineConfig:
             _check_size(name, getattr(self, name))
         if self.num_kv_blocks is not None:
             _check_size("num_kv_blocks", self.num_kv_blocks)
+        if not isinstance(self.kv_offloading_size, int | float) or not 0 <= self.kv_offloading_size < float("inf"):
+            raise ValueError(f"kv_offloading_size must be a number of GiB >= 0, got {self.kv_offloading_size!r:.40}")
+        if self.kv_offloading_backend != "native":
+            raise ValueError(f"kv_offloading_backend must be native, got {self.kv_offloading_backend!r:.40}")
+        if self.kv_offloading_size and not self.enable_prefix_caching:
+            raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks: it needs the prefix cache on")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

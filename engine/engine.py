@@ -206,6 +206,7 @@ class LLMEngine:
             policy=config.scheduling_policy,
             max_loras=config.max_loras if config.enable_lora else 0,
             kv_groups=self.runner.kv_groups,
+            num_host_blocks=self.runner.num_host_blocks,
         ))
         self.sampler = Sampler()
         self.eos_token_ids = list(self.model_config.eos_token_ids)
@@ -591,6 +592,7 @@ class LLMEngine:
             self.beam_requests[fork] = group
             copies += self.scheduler.add_fork(source, fork)
             requests[k] = fork
+        self._transfer_kv()  # a fork's copy may go into a block whose KV an eviction saves first
         self.runner.copy_blocks(copies)
         for k, (_, beam) in enumerate(following):
             if continues[k]:
@@ -747,6 +749,11 @@ class LLMEngine:
         return bool(self.groups) or bool(self.beam_groups) or bool(self.poolings) or self._in_flight is not None
 
     # ------------------------------------------------------------------- step
+    def _transfer_kv(self) -> None:
+        """The prefix cache's host-tier saves and loads since the last, before anything else
+        writes the device blocks they read or fill."""
+        self.runner.transfer_kv(self.scheduler.block_manager.take_transfers())
+
     def step(self, outputs: OutputKind = "cumulative") -> list[RequestOutput | PoolingRequestOutput]:
         """One engine iteration, and the outputs it produced, as vLLM's RequestOutputKind:
         - "cumulative": every request that got tokens, with its whole text, tokens and logprobs
@@ -787,6 +794,7 @@ class LLMEngine:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
         previous = in_flight.previous_tokens() if in_flight is not None else None
+        self._transfer_kv()
         step_logits = self.runner.execute(batch, all_logits_rows, previous, bool(self.poolings))
         prompt_logprobs = []
         for i, hidden in step_logits.per_position.items():

@@ -32,12 +32,13 @@ from engine.cuda_graphs import (
     pad_tokens,
     token_buckets,
 )
+from engine.kv_offload import HostKVTier
 from engine.lora import LoRARegistry, LoRASlots
 from engine.models.llama import LlamaForCausalLM
 from engine.speculative import SpeculativeConfig
 from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
-from scheduler import KVCacheGroups, Request, ScheduledBatch
+from scheduler import KVCacheGroups, KVTransfer, Request, ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,12 @@ class ModelRunner:
         self.block_tables = BlockTables(self.graph_table_width, rows=config.max_num_seqs,
                                         num_groups=self.kv_groups.num_groups)
         self.memory_profile: dict[str, Any] = {}
+        self.num_host_blocks = self._num_host_kv_blocks()
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches(self.num_blocks)
+        self.host_kv: HostKVTier | None = None  # the prefix cache's host tier
+        if self.num_host_blocks:
+            self.host_kv = HostKVTier(self.num_host_blocks, self._distinct_kv_caches())
         self.cuda_graphs: CudaGraphRunner | None = None
         if self.graph_buckets:
             self._capture_cuda_graphs()
@@ -285,7 +290,7 @@ class ModelRunner:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
-            budget = self._profile_cuda_kv_budget()
+            budget = self._profile_cuda_kv_budget() - HostKVTier.staging_bytes(self.num_host_blocks, self.block_bytes)
         else:
             budget = self.config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
         num_blocks = budget // self.block_bytes
@@ -297,6 +302,15 @@ class ModelRunner:
             elif self.device.type == "cuda":
                 hint = " (raise gpu_memory_utilization, or lower max_num_batched_tokens / max_num_seqs)"
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.block_bytes} bytes{hint}")
+        return num_blocks
+
+    def _num_host_kv_blocks(self) -> int:
+        size = self.config.kv_offloading_size
+        if not size:
+            return 0
+        num_blocks = int(size * 2**30) // self.block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_offloading_size of {size} GiB holds no KV block of {self.block_bytes} bytes")
         return num_blocks
 
     def _profile_cuda_kv_budget(self) -> int:
@@ -482,9 +496,20 @@ class ModelRunner:
         if not pairs:
             return
         source, copy = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs))
-        for k, v in {id(pair): pair for pair in self.kv_caches}.values():  # a hybrid model's layers share them
+        for k, v in self._distinct_kv_caches():
             k[copy] = k[source]
             v[copy] = v[source]
+
+    def _distinct_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pool's (keys, values) tensors, once each: a hybrid model's layers share them."""
+        return list({id(pair): pair for pair in self.kv_caches}.values())
+
+    def transfer_kv(self, transfers: Sequence[KVTransfer]) -> None:
+        """Run the prefix cache's host-tier transfers (BlockManager.take_transfers), in stream
+        order before whatever runs next."""
+        if transfers:
+            with torch.inference_mode():
+                self.host_kv.run(transfers)
 
     def release(self, request: Request) -> None:
         """The request finished: what the runner kept for it across steps (its block-table row)

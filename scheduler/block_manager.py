@@ -20,6 +20,10 @@ for other requests of that prefix. Group 0 anchors the prefix cache: a hit is th
 longest cached prefix, cut back until every other group has the blocks its layers read after it
 (a sliding group: those of its window); a block of another group is verified against the
 anchor's serial of the prefix before it, and registered with the anchor's serial of its own.
+
+With a host tier (scheduler/host_kv_cache.py) a cached block about to be evicted is saved to
+host memory first, and a hit may take blocks from there: each gets a fresh block, registered
+as the host copy's twin, and a load (`take_transfers`) that the engine runs before the step.
 """
 
 from __future__ import annotations
@@ -28,10 +32,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from scheduler.host_kv_cache import HostKVCache, KVTransfer
 from scheduler.kv_cache_groups import window_start_block
 from scheduler.request import NULL_BLOCK, Request
 
 BlockHasher = Callable[[int | None, tuple[int, ...]], int]
+
+# A prefix hit's block held only in host memory: allocate_slots gives it a device block and a load.
+HOST_BLOCK = -2
 
 
 def chained_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
@@ -52,16 +60,19 @@ class Block:
 class PrefixHits(list):
     """match_prefix's answer, a list: the anchor group's cached blocks of the prefix. `groups`:
     every group's blocks of it, the anchor's first (a sliding group's NULL_BLOCK before its
-    window)."""
+    window; HOST_BLOCK: in host memory only). `serials`: the anchor's, of each block's prefix."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "serials")
 
-    def __init__(self, anchor: list[int], groups: list[list[int]] | None = None) -> None:
+    def __init__(self, anchor: list[int], groups: list[list[int]] | None = None,
+                 serials: list[int] | None = None) -> None:
         super().__init__(anchor)
         self.groups = groups if groups is not None else [anchor]
+        self.serials = serials if serials is not None else []
 
     def held_block_ids(self) -> list[int]:
-        return [b for ids in self.groups for b in ids if b != NULL_BLOCK]
+        """The device blocks of the hit."""
+        return [b for ids in self.groups for b in ids if b >= 0]
 
 
 @dataclass(slots=True)
@@ -69,6 +80,8 @@ class PrefixCacheStats:
     queries_tokens: int = 0
     hits_tokens: int = 0
     evictions: int = 0
+    saved_blocks: int = 0  # to the host tier
+    loaded_blocks: int = 0  # from it
 
 
 class BlockManager:
@@ -79,8 +92,10 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         hasher: BlockHasher = chained_hash,
         windows: Sequence[int] = (0,),
+        num_host_blocks: int = 0,
     ) -> None:
-        """`windows`: each layer group's attention window (0: every key), the anchor first."""
+        """`windows`: each layer group's attention window (0: every key), the anchor first.
+        `num_host_blocks`: the host tier's (0: none)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -97,6 +112,8 @@ class BlockManager:
         self.cached: list[dict[int, dict[int, None]]] = [{} for _ in self.windows]
         self.stats = PrefixCacheStats()
         self._next_serial = 0
+        self.host = HostKVCache(num_host_blocks) if num_host_blocks and enable_prefix_caching else None
+        self.transfers: list[KVTransfer] = []  # to run before the next step's forward
 
     # ------------------------------------------------------------------ queries
     @property
@@ -129,30 +146,30 @@ class BlockManager:
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
+        serials: list[int] = []
         parent = request.prefix_root
         size, tokens = self.block_size, request.token_ids
         for i, h in enumerate(request.block_hashes[:max_blocks]):
-            block_id = self._lookup(0, h, parent, tuple(tokens[i * size:(i + 1) * size]))
-            if block_id is None:
+            found = self._find(0, h, parent, tuple(tokens[i * size:(i + 1) * size]))
+            if found is None:
                 break
-            hits.append(block_id)
-            parent = self.blocks[block_id].serial
+            hits.append(found[0])
+            serials.append(parent := found[1])
         if self.num_groups == 1:
-            return PrefixHits(hits)
-        return self._other_groups_hits(request, hits)
+            return PrefixHits(hits, serials=serials)
+        return self._other_groups_hits(request, hits, serials)
 
-    def _other_groups_hits(self, request: Request, anchor: list[int]) -> PrefixHits:
+    def _other_groups_hits(self, request: Request, anchor: list[int], serials: list[int]) -> PrefixHits:
         """The anchor's hits cut back to the longest prefix after which every other group holds
         the blocks its layers read (a sliding group: its window's before the next token)."""
         size, tokens = self.block_size, request.token_ids
-        serials = [self.blocks[b].serial for b in anchor]
         found: list[dict[int, int | None]] = [{} for _ in self.windows]
 
         def lookup(group: int, j: int) -> int | None:
             if j not in found[group]:
                 parent = serials[j - 1] if j else request.prefix_root
-                found[group][j] = self._lookup(group, request.block_hashes[j], parent,
-                                               tuple(tokens[j * size:(j + 1) * size]))
+                hit = self._find(group, request.block_hashes[j], parent, tuple(tokens[j * size:(j + 1) * size]))
+                found[group][j] = None if hit is None else hit[0]
             return found[group][j]
 
         n = len(anchor)
@@ -169,7 +186,21 @@ class BlockManager:
         for group in range(1, self.num_groups):
             start = window_start_block(self.windows[group], n * size, size)
             groups.append([NULL_BLOCK] * start + [found[group][j] for j in range(start, n)])
-        return PrefixHits(anchor[:n], groups)
+        return PrefixHits(anchor[:n], groups, serials[:n])
+
+    def _find(self, group: int, block_hash: int, parent: int | None,
+              token_ids: tuple[int, ...]) -> tuple[int, int] | None:
+        """(block id, serial) of a cached copy of the group's block holding token_ids after the
+        prefix numbered parent: a device block if any (`_lookup`'s), else HOST_BLOCK for one in
+        host memory."""
+        block_id = self._lookup(group, block_hash, parent, token_ids)
+        if block_id is not None:
+            return block_id, self.blocks[block_id].serial
+        if self.host is not None:
+            saved = self.host.lookup(group, block_hash, parent, token_ids)
+            if saved is not None:
+                return HOST_BLOCK, saved.serial
+        return None
 
     def _lookup(self, group: int, block_hash: int, parent: int | None, token_ids: tuple[int, ...]) -> int | None:
         """A registered block of the group holding token_ids after the prefix numbered parent;
@@ -202,17 +233,43 @@ class BlockManager:
         if short:
             return False
         if hits:
-            for blocks, placed in zip(request.kv_blocks, self._placed_hits(request, hits)):
-                for block_id in placed:
-                    if block_id != NULL_BLOCK:
+            serials = getattr(hits, "serials", None) or [self.blocks[b].serial for b in hits]
+            loads: list[tuple[int, int, int]] = []  # (group, index, host slot)
+            for group, (blocks, placed) in enumerate(zip(request.kv_blocks, self._placed_hits(request, hits))):
+                for j, block_id in enumerate(placed):
+                    if block_id >= 0:
                         self._ref(block_id)
+                    elif block_id == HOST_BLOCK:
+                        loads.append((group, j, self.host.by_serial[group, serials[j]]))
+                        self.host.pin(loads[-1][2])  # before taking blocks: their evictions save to host
                 blocks.extend(placed)
+            for group, j, slot in loads:
+                self._load(request, group, j, slot)
             request.num_prefix_cached_blocks = len(hits)
-            request.prefix_tail_serial = self.blocks[hits[-1]].serial
+            request.prefix_tail_serial = serials[len(hits) - 1]
         for group, blocks in enumerate(request.kv_blocks):
             for _ in range(num_new_blocks):
                 blocks.append(self._take_free_block(group))
         return True
+
+    def _load(self, request: Request, group: int, j: int, slot: int) -> None:
+        """Give the request a fresh block for its hit j of the group held in host slot `slot`,
+        registered as the host copy's twin, and the load that fills it."""
+        saved = self.host.blocks[slot]
+        block_id = self._take_free_block(group)
+        self._register(self.blocks[block_id], group, saved.hash, saved.serial, saved.parent_serial, saved.token_ids)
+        request.kv_blocks[group][j] = block_id
+        self.transfers.append(KVTransfer("load", slot, block_id))
+        self.stats.loaded_blocks += 1
+
+    def take_transfers(self) -> list[KVTransfer]:
+        """The host tier's transfers since the last call, in order, for the engine to run
+        before the next forward (and before a fork's copies); the host blocks they read are
+        no longer pinned."""
+        transfers, self.transfers = self.transfers, []
+        if self.host is not None:
+            self.host.unpin_all()
+        return transfers
 
     def _placed_hits(self, request: Request, hits: Sequence[int]) -> list[list[int]]:
         """Each group's hit blocks as the request holds them: those before the group's window
@@ -285,12 +342,13 @@ class BlockManager:
         assert not hits or not request.block_ids, "prefix hits only at admission"
         computed = request.num_computed_tokens + len(hits) * self.block_size
         num_new_blocks = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
-        reclaimed_hits = 0
+        reclaimed_hits = loads = 0
         if hits:
-            reclaimed_hits = sum(1 for ids in self._placed_hits(request, hits) for b in ids
-                                 if b != NULL_BLOCK and self.blocks[b].ref_count == 0)
+            placed = [b for ids in self._placed_hits(request, hits) for b in ids]
+            reclaimed_hits = sum(1 for b in placed if b >= 0 and self.blocks[b].ref_count == 0)
+            loads = placed.count(HOST_BLOCK)
         free = self.num_free_blocks + released - reclaimed_hits
-        return num_new_blocks, max(0, num_new_blocks * self.num_groups - free)
+        return num_new_blocks, max(0, num_new_blocks * self.num_groups + loads - free)
 
     def num_freed_by(self, holds: Mapping[int, int], exclude: Collection[int] = ()) -> int:
         """Blocks that freeing some requests would give back to the pool, `holds` saying how many
@@ -308,11 +366,24 @@ class BlockManager:
             block_id = self.free_uncached.pop()
         else:
             block_id, _ = self.evictable.popitem(last=False)
+            self._save(self.blocks[block_id])
             self._uncache(self.blocks[block_id])
             self.stats.evictions += 1
         block = self.blocks[block_id]
         block.ref_count, block.group = 1, group
         return block_id
+
+    def _save(self, block: Block) -> None:
+        """Before an evicted block is reused: its KV to the host tier, unless the host holds its
+        prefix already or a device twin does (that one is saved when it goes)."""
+        if self.host is None or self.host.holds(block.group, block.serial) or any(
+                self.blocks[other].serial == block.serial
+                for other in self.cached[block.group][block.hash] if other != block.block_id):
+            return
+        slot = self.host.store(block.group, block.hash, block.serial, block.parent_serial, block.token_ids)
+        if slot is not None:
+            self.transfers.append(KVTransfer("save", block.block_id, slot))
+            self.stats.saved_blocks += 1
 
     def _uncache(self, block: Block) -> None:
         if block.hash is not None:
@@ -378,9 +449,9 @@ class BlockManager:
                 return  # a sliding anchor's block given back unregistered: the chain stops there
             h = request.block_hashes[i]
             block_tokens = tuple(tokens[i * size:(i + 1) * size])
-            twin_id = self._lookup(0, h, parent, block_tokens)
-            if twin_id is not None:
-                serial = self.blocks[twin_id].serial
+            twin = self._find(0, h, parent, block_tokens)
+            if twin is not None:
+                serial = twin[1]
             else:
                 serial, self._next_serial = self._next_serial, self._next_serial + 1
             for group, blocks in enumerate(request.kv_blocks):
@@ -405,11 +476,15 @@ class BlockManager:
             block_id, _ = self.evictable.popitem(last=False)
             self._uncache(self.blocks[block_id])
             self.free_uncached.append(block_id)
+        if self.host is not None:
+            self.host.clear()
         return True
 
     # -------------------------------------------------------------- invariants
     def check_invariants(self, live_requests: Sequence[Request] = ()) -> None:
         """Assert the pool's bookkeeping is consistent (used by tests)."""
+        if self.host is not None:
+            self.host.check_invariants()
         free = set(self.free_uncached)
         evictable = set(self.evictable)
         assert len(free) == len(self.free_uncached), "duplicate in free list"
@@ -432,6 +507,7 @@ class BlockManager:
                 assert len({len(blocks) for blocks in request.kv_blocks}) == 1, "groups of unequal lengths"
                 for group, blocks in enumerate(request.kv_blocks):
                     for block_id in blocks:
+                        assert block_id >= 0 or block_id == NULL_BLOCK, f"block id {block_id} held"
                         if block_id != NULL_BLOCK:
                             assert self.blocks[block_id].group == group, f"block {block_id} in two groups"
                             refs[block_id] = refs.get(block_id, 0) + 1

@@ -78,6 +78,8 @@ class SchedulerConfig:
     # How the model's layers share the pool (scheduler/kv_cache_groups.py); None: one group of
     # full attention.
     kv_groups: KVCacheGroups | None = None
+    # Blocks of the prefix cache's host tier (scheduler/host_kv_cache.py); 0: none.
+    num_host_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
@@ -155,7 +157,7 @@ class Scheduler:
         self.config = config
         groups = config.kv_groups or KVCacheGroups.of([0])
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          windows=groups.windows)
+                                          windows=groups.windows, num_host_blocks=config.num_host_blocks)
         # What a sequence takes of the pool, for admission (a step computes at most the token budget of one)
         self.kv_plan = KVCachePlan(groups, config.block_size, config.max_num_batched_tokens)
         self.waiting: deque[Request] = deque()

@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="a model with sliding-window layers keeps every KV block of its sequences in every layer, "
                         "instead of giving a sliding layer's blocks before its window back to the pool")
+    e.add_argument("--kv-offloading-size", type=float, default=0.0, metavar="GIB",
+                   help="GiB of host memory for a second tier of the prefix cache: blocks the KV pool evicts are "
+                        "saved there, and loaded back on a hit instead of computed again (default: none)")
+    e.add_argument("--kv-offloading-backend", default="native", choices=["native"],
+                   help="the offloader (vLLM's option; stoke has its own)")
     e.add_argument("--cuda-graph-mode", default="full", choices=["full", "decode"],
                    help="CUDA: replay graphs for pure-decode steps and steps with prefills (full), or the first only "
                         "(default: %(default)s)")
@@ -270,6 +275,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
         "disable_hybrid_kv_cache_manager": args.disable_hybrid_kv_cache_manager,
+        "kv_offloading_size": args.kv_offloading_size, "kv_offloading_backend": args.kv_offloading_backend,
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "scheduling_policy": args.scheduling_policy,
