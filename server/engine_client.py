@@ -60,6 +60,7 @@ class WorkerInfo:
     joins_pairs: bool = False  # a cross-encoder's pair is its texts joined, not the tokenizer's pair encoding
     # What a sequence takes of the KV pool (a hybrid model's layer groups); None: one full group
     kv_plan: KVCachePlan | None = None
+    num_host_blocks: int = 0  # the prefix cache's host tier (--kv-offloading-size)
 
     @property
     def plan(self) -> KVCachePlan:
@@ -75,6 +76,9 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     prefix_queries_tokens: int = 0
     prefix_hits_tokens: int = 0
+    kv_offload_usage: float = 0.0  # of the prefix cache's host tier
+    kv_offload_saved_blocks: int = 0
+    kv_offload_loaded_blocks: int = 0
     preemptions: int = 0
     num_steps: int = 0
     spec_drafts: int = 0
@@ -340,14 +344,16 @@ class EngineClient:
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
                                    frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
                                    frame["generates"], frame.get("labels"), frame.get("joins_pairs", False),
-                                   KVCachePlan.from_dict(frame["kv_plan"]))
+                                   KVCachePlan.from_dict(frame["kv_plan"]), frame.get("num_host_blocks", 0))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             groups = self.info.plan.groups
             logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens%s; a sequence of up to %d "
-                        "tokens)", self.info.model_path, self.info.max_model_len, self.info.num_blocks,
+                        "tokens%s)", self.info.model_path, self.info.max_model_len, self.info.num_blocks,
                         self.info.block_size, f" in {groups.num_groups} layer groups of windows {list(groups.windows)}"
-                        if groups.num_groups > 1 else "", self.info.max_sequence_tokens)
+                        if groups.num_groups > 1 else "", self.info.max_sequence_tokens,
+                        f"; the prefix cache keeps {self.info.num_host_blocks} more blocks in host memory"
+                        if self.info.num_host_blocks else "")
             if self.on_frame is not None:
                 self.on_frame(frame)
             self._ready.set()

@@ -87,6 +87,14 @@ class Metrics:
                                       "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter("stoke_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache",
                                    registry=r)
+        self.kv_offload_usage = Gauge("stoke_kv_offload_usage_ratio",
+                                      "Fraction of the prefix cache's host-memory blocks in use (--kv-offloading-size)",
+                                      registry=r)
+        self.kv_offload_saved = Counter("stoke_kv_offload_saved_blocks",
+                                        "KV blocks the pool evicted that were saved to host memory", registry=r)
+        self.kv_offload_loaded = Counter("stoke_kv_offload_loaded_blocks",
+                                         "KV blocks of prefix-cache hits loaded from host memory, not computed again",
+                                         registry=r)
         self.prompt_tokens = Counter("stoke_prompt_tokens", "Prompt tokens of requests whose prefill completed",
                                      registry=r)
         self.generation_tokens = Counter("stoke_generation_tokens", "Generated tokens", registry=r)
@@ -138,6 +146,7 @@ class Metrics:
         # The worker's cumulative counters (its stats' keys) and the counters they feed.
         self._worker_counters = {
             "prefix_queries_tokens": self.prefix_queries, "prefix_hits_tokens": self.prefix_hits,
+            "kv_offload_saved_blocks": self.kv_offload_saved, "kv_offload_loaded_blocks": self.kv_offload_loaded,
             "preemptions": self.preemptions, "spec_drafts": self.spec_drafts,
             "spec_draft_tokens": self.spec_draft_tokens, "spec_accepted_tokens": self.spec_accepted_tokens}
         self._last: dict[str, int] = {}
@@ -174,6 +183,7 @@ class Metrics:
             self.requests_waiting.set(stats["waiting"])
             self.requests_running.set(stats["running"])
             self.kv_cache_usage.set(stats["kv_cache_usage"])
+            self.kv_offload_usage.set(stats["kv_offload_usage"])
             if self.lora_adapters and "lora_running" in stats:
                 for name in self.lora_adapters:
                     self.lora_running.labels(name).set(stats["lora_running"].get(name, 0))
@@ -260,7 +270,7 @@ class Metrics:
     def on_engine_gone(self) -> None:
         """The worker died: nothing runs, waits or holds KV any more (its requests have failed),
         so a dashboard must not show the dead engine as a busy one."""
-        for gauge in (self.requests_waiting, self.requests_running, self.kv_cache_usage):
+        for gauge in (self.requests_waiting, self.requests_running, self.kv_cache_usage, self.kv_offload_usage):
             gauge.set(0)
         for name in self.lora_adapters:
             self.lora_running.labels(name).set(0)

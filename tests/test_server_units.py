@@ -27,6 +27,7 @@ SPEC_METRICS = [
     "stoke_request_queue_time_seconds", "stoke_request_prompt_tokens", "stoke_request_generation_tokens",
     "stoke_step_batch_tokens", "stoke_gpu_info", "stoke_spec_decode_drafts_total",
     "stoke_spec_decode_draft_tokens_total", "stoke_spec_decode_accepted_tokens_total",
+    "stoke_kv_offload_usage_ratio", "stoke_kv_offload_saved_blocks_total", "stoke_kv_offload_loaded_blocks_total",
 ]
 
 
@@ -77,6 +78,8 @@ def test_metrics_names_and_engine_frames():
         assert "stoke_gpu_memory_used_bytes" in text
     m.on_frame({"type": "ready", "stats": {"waiting": 0, "running": 0, "kv_cache_usage": 0.0,
                                            "prefix_queries_tokens": 8, "prefix_hits_tokens": 0,
+                                           "kv_offload_usage": 0.0, "kv_offload_saved_blocks": 2,
+                                           "kv_offload_loaded_blocks": 0,
                                            "preemptions": 0, "num_steps": 1, "spec_drafts": 1,
                                            "spec_draft_tokens": 4, "spec_accepted_tokens": 2}})
     output = {"id": "r-0", "finished": True, "num_prompt_tokens": 5, "num_cached_tokens": 0,
@@ -85,7 +88,8 @@ def test_metrics_names_and_engine_frames():
               "metrics": {"arrival_time": 10.0, "first_scheduled_time": 10.001, "first_token_time": 10.2,
                           "finish_time": 10.3, "inter_token_latencies": [0.1], "num_preemptions": 0}}
     m.on_frame({"stats": {"waiting": 3, "running": 2, "kv_cache_usage": 0.5, "prefix_queries_tokens": 40,
-                          "prefix_hits_tokens": 16, "preemptions": 1, "num_steps": 5, "spec_drafts": 3,
+                          "prefix_hits_tokens": 16, "kv_offload_usage": 0.25, "kv_offload_saved_blocks": 5,
+                          "kv_offload_loaded_blocks": 4, "preemptions": 1, "num_steps": 5, "spec_drafts": 3,
                           "spec_draft_tokens": 12, "spec_accepted_tokens": 7},
                 "batch_tokens": 7, "outputs": [output]})
     m.on_error("aborted")
@@ -98,7 +102,9 @@ def test_metrics_names_and_engine_frames():
                  'stoke_time_to_first_token_seconds_bucket{le="0.3"} 1.0',
                  'stoke_time_to_first_token_seconds_bucket{le="0.15"} 0.0', "stoke_step_batch_tokens_sum 7.0",
                  'stoke_inter_token_latency_seconds_bucket{le="0.001"} 0.0', "stoke_spec_decode_drafts_total 2.0",
-                 "stoke_spec_decode_draft_tokens_total 8.0", "stoke_spec_decode_accepted_tokens_total 5.0"):
+                 "stoke_spec_decode_draft_tokens_total 8.0", "stoke_spec_decode_accepted_tokens_total 5.0",
+                 "stoke_kv_offload_usage_ratio 0.25", "stoke_kv_offload_saved_blocks_total 3.0",
+                 "stoke_kv_offload_loaded_blocks_total 4.0"):
         assert line in text, line
 
 
@@ -165,7 +171,8 @@ def test_lora_gauges_per_adapter():
 
     def stats(**lora: dict[str, int]) -> dict:
         return {"stats": {"waiting": 1, "running": 2, "kv_cache_usage": 0.25, "prefix_queries_tokens": 0,
-                          "prefix_hits_tokens": 0, "preemptions": 0, "num_steps": 1, "spec_drafts": 0,
+                          "prefix_hits_tokens": 0, "kv_offload_usage": 0.0, "kv_offload_saved_blocks": 0,
+                          "kv_offload_loaded_blocks": 0, "preemptions": 0, "num_steps": 1, "spec_drafts": 0,
                           "spec_draft_tokens": 0, "spec_accepted_tokens": 0, **lora}}
 
     assert "stoke_lora" not in Metrics(gpu=False).render()[0].decode()
