@@ -79,22 +79,26 @@ def test_logprobs_equal_transformers_past_the_window(gemmas, kind: str, backend:
     assert_engine_idle(llm)
 
 
-@pytest.mark.parametrize("hybrid", [True, False])
-def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas, hybrid: bool) -> None:
+@pytest.mark.parametrize("hybrid, offload", [(True, False), (False, False), (True, True)])
+def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas, hybrid: bool, offload: bool) -> None:
     """Prompts sharing a 30-token prefix in a pool too small for all of them: cached prefixes
     and recomputed sequences attend to the same windows as a fresh run, with the sliding layers'
     blocks before their window given back (hybrid: two groups of two layers, so a block is half
-    the bytes) or kept."""
+    the bytes) or kept; and with a host tier, every group's blocks the pool evicted come back
+    from host memory (`kv_offloading_size`: 64 blocks)."""
     path, model = gemmas["gemma3"]
     shared = random_prompts(2, (30,))[0]
     batch = [shared + p for p in random_prompts(3, (10, 20, 5, 14))]
     llm = LLM(path, num_kv_blocks=28 if hybrid else 22, block_size=4, max_num_batched_tokens=32,
-              disable_hybrid_kv_cache_manager=not hybrid)
-    assert llm.engine.scheduler.block_manager.windows == ((0, 8) if hybrid else (0,))
+              disable_hybrid_kv_cache_manager=not hybrid, kv_offloading_size=64 * 2048 / 2**30 if offload else 0)
+    bm = llm.engine.scheduler.block_manager
+    assert bm.windows == ((0, 8) if hybrid else (0,))
     for part, max_tokens in ((batch[:1], 4), (batch[1:], 16)):  # the first caches the prefix
         assert_logprobs_equal_transformers(llm, model, part, max_tokens, prompt_logprobs=False)
-    assert llm.engine.scheduler.block_manager.stats.hits_tokens > 0
+    assert bm.stats.hits_tokens > 0
     assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert (bm.stats.loaded_blocks > 0) == offload
+    bm.check_invariants()
     assert_engine_idle(llm)
 
 
