@@ -23,7 +23,9 @@ On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
    lora_cost: benchmarks/lora.py on the same config, what serving LoRA adapters costs (none, on
    but unused, one adapter, four in four slots, four in two) with CUDA graphs; hybrid_kv:
    benchmarks/hybrid_kv.py on configs/gemma-3-4b, long prompts in the same KV memory with the
-   sliding layers' blocks before their window given back and kept;
+   sliding layers' blocks before their window given back and kept; kv_offload:
+   benchmarks/kv_offload.py on Qwen3-0.6B's config, chats whose histories outgrow the KV pool with
+   the prefix cache's host tier (pinned memory) and without;
 6. kernel_configs: benchmarks/kernel_configs.py, the prefill tile and decode split sweeps (run
    after the offline runs against transformers, before the others: see the priority in plan()),
    which write the tuning they recommend after every shape (kernels/tuning.py); kernels_tuned: the attention
@@ -293,6 +295,18 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
         hybrid += ["--model", "configs/gemma-3-4b", "--dtype", "bfloat16", "--num-requests", "48", "--prompt-len",
                    "4096", "--output-len", "128", "--kv-cache-gib", "2", "--max-num-batched-tokens", "8192"]
     stages.append(Stage("hybrid_kv", hybrid, 60 if args.cpu_smoke else 120, out("hybrid_kv"), "hybrid"))
+    # What the prefix cache's host tier buys, never yet measured on a GPU: 64 chats of 1k-token
+    # system prompts and 512-token turns through a pool that holds 16 of them, their histories
+    # loaded back from pinned host memory or computed again.
+    offload = [py, "-m", "benchmarks.kv_offload", "--rounds", "1", "--out", out("kv_offload")]
+    if args.cpu_smoke:
+        offload += ["--chats", "3", "--turns", "2", "--system-len", "16", "--user-len", "16", "--output-len", "4",
+                    "--max-num-seqs", "1"]
+    else:
+        offload += ["--model", "configs/qwen3-0.6b", "--load-format", "dummy", "--dtype", "bfloat16", "--chats", "64",
+                    "--turns", "3", "--system-len", "1024", "--user-len", "512", "--output-len", "64",
+                    "--max-num-seqs", "16", "--max-num-batched-tokens", "8192"]
+    stages.append(Stage("kv_offload", offload, 60 if args.cpu_smoke else 90, out("kv_offload"), "offload"))
     # The sweeps write their JSON after every shape: cut short by the budget, they keep what ran.
     # Prefill tiles get 90 s of the stage's 150, so the decode sweep after them still runs.
     tuning = os.path.join(work, "kernel_tuning.json")
@@ -317,7 +331,8 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     # mixture of experts; Gemma's windows; the large model without async scheduling; then the
     # CUDA-graph variants.
     order: dict[str, float] = {"kernel_tests": 0, "kernels": 1, "moe_kernels": 1.5, "kernel_configs": 5, "kernels_tuned": 6,
-                               "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7, "hybrid_kv": 7.95}
+                               "serve_default_model": 7, "speculative_cost": 7.5, "lora_cost": 7.7, "hybrid_kv": 7.95,
+                               "kv_offload": 7.97}
     variant_order = {("full", 0): 2, ("full", 1): 3, ("sync_scheduling", 0): 4, ("sync_scheduling", 1): 8,
                      ("decode_graphs", 0): 9, ("decode_graphs", 1): 10, ("eager", 0): 11, ("eager", 1): 12}
     for s in stages:
@@ -408,6 +423,12 @@ def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None
                                                                           "output_len", "kv_cache_gib")},
                                 "same_tokens": r.result["same_tokens"], "ratio_tok_s": r.result["ratio_tok_s"],
                                 **r.result["summary"]}
+    elif r.name == "kv_offload" and r.result and "summary" in r.result:
+        summary["kv_offload"] = {"args": {k: r.result["args"][k] for k in ("chats", "turns", "system_len", "user_len",
+                                                                           "output_len", "max_num_seqs")},
+                                 "model": r.result["model"], "num_kv_blocks": r.result["num_kv_blocks"],
+                                 "same_tokens": r.result["same_tokens"], "ratios": r.result["ratios"],
+                                 **r.result["summary"]}
     elif r.name == "kernel_configs" and r.result and "rows" in r.result:
         summary["sweeps"] = _sweep_summary(r.result)
     elif r.name.startswith("offline_") and r.result and "systems" in r.result:
@@ -607,6 +628,20 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  {case:<7} {_f(row['output_tok_s'], '.0f'):>8} tok/s, {row['max_running']} running at most "
                          f"({_f(row['mean_running'], '.1f')} mean), {row['preemptions']} preemptions")
         lines.append(f"  hybrid / kept: {_f(v['ratio_tok_s'])}x the output tok/s")
+    if s.get("kv_offload"):
+        v = s["kv_offload"]
+        a = v["args"]
+        lines += ["", f"KV offloading ({v['model']}, {a['chats']} chats x {a['turns']} turns of {a['user_len']} + "
+                      f"{a['output_len']} tokens after a {a['system_len']}-token system prompt, {a['max_num_seqs']} at "
+                      f"once in {v['num_kv_blocks']} blocks; same tokens: {v['same_tokens']}):"]
+        for case in ("offload", "none"):
+            row = v[case]
+            lines.append(f"  {case:<7} {_f(row['output_tok_s'], '.0f'):>8} tok/s, TTFT p50 {_f(row['ttft_p50'], '.3f')} s, "
+                         f"p99 {_f(row['ttft_p99'], '.3f')} s; {_f(row['computed_prompt_tokens'], '.0f')} prompt "
+                         f"tokens computed, {_f(row['loaded_blocks'], '.0f')} blocks loaded")
+        r = v["ratios"]
+        lines.append(f"  offload / none: {_f(r['output_tok_s'])}x the output tok/s, TTFT {_f(r['ttft_p50'])}x lower "
+                     f"at p50, {_f(r['ttft_p99'])}x at p99")
     if s.get("offline"):
         lines += ["", f"{'offline (useful tok/s)':<24}{'stoke':>8}{'sync sched':>12}{'decode graphs':>15}"
                       f"{'eager':>8}{'HF CB':>8}{'stoke/HF':>10}{'async/sync':>12}{'graphs/eager':>14}"

@@ -181,6 +181,25 @@ def test_lora_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
     assert report["checks"] == {"unused_equals_no_lora": True, "half_slots_equal_full": True}
 
 
+def test_kv_offload_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
+    """benchmarks/kv_offload.py at a tiny size: chats that outgrow the pool, their histories
+    loaded back from host memory with the host tier and computed again without, the answers
+    the same."""
+    from benchmarks.kv_offload import main as offload_main
+
+    out = tmp_path / "kv_offload.json"
+    report = offload_main(["--model", tiny_llama, "--chats", "3", "--turns", "3", "--system-len", "8",
+                           "--user-len", "8", "--output-len", "4", "--max-num-seqs", "1", "--block-size", "4",
+                           "--rounds", "1", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["same_tokens"] is True
+    offload, none = report["summary"]["offload"], report["summary"]["none"]
+    assert offload["loaded_blocks"] > 0 and none["loaded_blocks"] == none["num_host_blocks"] == 0
+    assert offload["computed_prompt_tokens"] < none["computed_prompt_tokens"]
+    assert offload["prompt_tokens"] == none["prompt_tokens"] == 3 * (16 + 28 + 40)
+    assert all(_positive(s[k]) for s in (offload, none) for k in ("seconds", "output_tok_s", "ttft_p50", "ttft_p99"))
+
+
 def test_speculative_cost_benchmark_tiny(tiny_llama: str, tmp_path) -> None:
     """benchmarks/speculative_cost.py at a tiny size: with and without drafts at each batch, the
     oracle's drafts accepted at about their odds, the answers unchanged."""
