@@ -240,7 +240,7 @@ class BlockManager:
                     if block_id >= 0:
                         self._ref(block_id)
                     elif block_id == HOST_BLOCK:
-                        loads.append((group, j, self.host.by_serial[group, serials[j]]))
+                        loads.append((group, j, self._host_slot(request, group, j, serials)))
                         self.host.pin(loads[-1][2])  # before taking blocks: their evictions save to host
                 blocks.extend(placed)
             for group, j, slot in loads:
@@ -251,6 +251,17 @@ class BlockManager:
             for _ in range(num_new_blocks):
                 blocks.append(self._take_free_block(group))
         return True
+
+    def _host_slot(self, request: Request, group: int, j: int, serials: Sequence[int]) -> int:
+        """The host slot of the request's hit j of the group, as match_prefix found it: by its
+        parent and tokens, not the anchor's serial, which another group's copy need not have
+        (the anchor's copies may all be gone before another group's, and the prefix computed
+        again under a new serial)."""
+        size, parent = self.block_size, serials[j - 1] if j else request.prefix_root
+        tokens = tuple(request.token_ids[j * size:(j + 1) * size])
+        saved = self.host.lookup(group, request.block_hashes[j], parent, tokens)
+        assert saved is not None, "a host hit no longer held"
+        return saved.slot
 
     def _load(self, request: Request, group: int, j: int, slot: int) -> None:
         """Give the request a fresh block for its hit j of the group held in host slot `slot`,
