@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.host_kv_cache import HostKVCache, KVTransfer
+from scheduler.host_kv_cache import HostBlock, HostKVCache, KVTransfer
 from scheduler.kv_cache_groups import window_start_block
 from scheduler.request import NULL_BLOCK, Request
 
@@ -234,17 +234,17 @@ class BlockManager:
             return False
         if hits:
             serials = getattr(hits, "serials", None) or [self.blocks[b].serial for b in hits]
-            loads: list[tuple[int, int, int]] = []  # (group, index, host slot)
+            loads: list[tuple[int, int, HostBlock]] = []  # (group, index, the host copy)
             for group, (blocks, placed) in enumerate(zip(request.kv_blocks, self._placed_hits(request, hits))):
                 for j, block_id in enumerate(placed):
                     if block_id >= 0:
                         self._ref(block_id)
                     elif block_id == HOST_BLOCK:
-                        loads.append((group, j, self._host_slot(request, group, j, serials)))
-                        self.host.pin(loads[-1][2])  # before taking blocks: their evictions save to host
+                        loads.append((group, j, self._host_copy(request, group, j, serials)))
+                        self.host.pin(loads[-1][2].slot)  # before taking blocks: their evictions save to host
                 blocks.extend(placed)
-            for group, j, slot in loads:
-                self._load(request, group, j, slot)
+            for group, j, saved in loads:
+                self._load(request, group, j, saved)
             request.num_prefix_cached_blocks = len(hits)
             request.prefix_tail_serial = serials[len(hits) - 1]
         for group, blocks in enumerate(request.kv_blocks):
@@ -252,8 +252,8 @@ class BlockManager:
                 blocks.append(self._take_free_block(group))
         return True
 
-    def _host_slot(self, request: Request, group: int, j: int, serials: Sequence[int]) -> int:
-        """The host slot of the request's hit j of the group, as match_prefix found it: by its
+    def _host_copy(self, request: Request, group: int, j: int, serials: Sequence[int]) -> HostBlock:
+        """The host block of the request's hit j of the group, as match_prefix found it: by its
         parent and tokens, not the anchor's serial, which another group's copy need not have
         (the anchor's copies may all be gone before another group's, and the prefix computed
         again under a new serial)."""
@@ -261,16 +261,15 @@ class BlockManager:
         tokens = tuple(request.token_ids[j * size:(j + 1) * size])
         saved = self.host.lookup(group, request.block_hashes[j], parent, tokens)
         assert saved is not None, "a host hit no longer held"
-        return saved.slot
+        return saved
 
-    def _load(self, request: Request, group: int, j: int, slot: int) -> None:
-        """Give the request a fresh block for its hit j of the group held in host slot `slot`,
+    def _load(self, request: Request, group: int, j: int, saved: HostBlock) -> None:
+        """Give the request a fresh block for its hit j of the group held in host memory,
         registered as the host copy's twin, and the load that fills it."""
-        saved = self.host.blocks[slot]
         block_id = self._take_free_block(group)
         self._register(self.blocks[block_id], group, saved.hash, saved.serial, saved.parent_serial, saved.token_ids)
         request.kv_blocks[group][j] = block_id
-        self.transfers.append(KVTransfer("load", slot, block_id))
+        self.transfers.append(KVTransfer("load", saved.slot, block_id))
         self.stats.loaded_blocks += 1
 
     def take_transfers(self) -> list[KVTransfer]:
