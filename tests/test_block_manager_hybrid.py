@@ -216,14 +216,7 @@ class HybridSim:
         hits = self.bm.match_prefix(request)
         assert isinstance(hits, PrefixHits) and hits.groups[0] == list(hits)
         assert len(hits) <= (request.num_tokens - 1) // bs, "a hit must leave a token to compute"
-        for g, (w, ids) in enumerate(zip(self.windows, hits.groups)):
-            assert len(ids) == len(hits)
-            start = window_start_block(w, len(hits) * bs, bs) if g else 0
-            for j, b in enumerate(ids):
-                assert (b == NULL_BLOCK) == (j < start), f"group {g} hit {j}: {b}"
-                if b != NULL_BLOCK:
-                    assert self.bm.blocks[b].group == g
-                    assert self.content.get(b) == self._truth(request, g, (j + 1) * bs), "wrong KV served"
+        self.check_hits(request, hits)
         if hits:
             self._count("hit")
         n = self._chunk(request.num_tokens - len(hits) * bs)
@@ -233,6 +226,18 @@ class HybridSim:
         request.num_computed_tokens = len(hits) * bs
         self.live.append(request)
         self.compute(request, n)
+
+    def check_hits(self, request: Request, hits: PrefixHits) -> None:
+        """Every group's hit blocks: NULL_BLOCK before its window, each holding the request's own KV."""
+        bs = self.bs
+        for g, (w, ids) in enumerate(zip(self.windows, hits.groups)):
+            assert len(ids) == len(hits)
+            start = window_start_block(w, len(hits) * bs, bs) if g else 0
+            for j, b in enumerate(ids):
+                assert (b == NULL_BLOCK) == (j < start), f"group {g} hit {j}: {b}"
+                if b != NULL_BLOCK:
+                    assert self.bm.blocks[b].group == g
+                    assert self.content.get(b) == self._truth(request, g, (j + 1) * bs), "wrong KV served"
 
     def grow(self) -> None:
         request = self.rng.choice(self.live)

@@ -174,19 +174,10 @@ class HostSim(HybridSim):
         assert request not in self.scheduled
         self.scheduled[request] = n
 
-    def admit(self) -> None:
-        rng, bm, bs = self.rng, self.bm, self.bs
-        if self.waiting and rng.random() < 0.5:
-            request = self.waiting.pop(rng.randrange(len(self.waiting)))  # a preempted one comes back
-        else:
-            request = Request(f"r{self.next_id}", self._prompt(), max_tokens=1,
-                              prefix_root=rng.choice([None, None, None, -1]), use_prefix_cache=rng.random() > 0.05)
-            self.next_id += 1
-        assert request.num_computed_tokens == 0 and not request.held_block_ids()
-        hits = bm.match_prefix(request)
-        assert isinstance(hits, PrefixHits) and hits.groups[0] == list(hits) and len(hits.serials) == len(hits)
-        assert len(hits) <= (request.num_tokens - 1) // bs, "a hit must leave a token to compute"
-        tokens = request.token_ids
+    def check_hits(self, request: Request, hits: PrefixHits) -> None:
+        """HybridSim's, and a hit held in host memory holds the request's own KV there."""
+        bm, bs, tokens = self.bm, self.bs, request.token_ids
+        assert len(hits.serials) == len(hits)
         for g, ids in enumerate(hits.groups):
             assert len(ids) == len(hits)
             start = window_start_block(self.windows[g], len(hits) * bs, bs) if g else 0
@@ -203,15 +194,6 @@ class HostSim(HybridSim):
             if ids and g == 0:
                 assert self.serials.get(hits.serials[-1], (request.prefix_root, tuple(tokens[:len(ids) * bs]))) == \
                     (request.prefix_root, tuple(tokens[:len(ids) * bs])), "the hit's serial names another prefix"
-        if hits:
-            self._count("hit")
-        n = self._chunk(request.num_tokens - len(hits) * bs)
-        if not self.allocate(request, n, hits):
-            self.waiting.append(request)
-            return
-        request.num_computed_tokens = len(hits) * bs
-        self.live.append(request)
-        self.compute(request, n)
 
     def grow(self) -> None:
         """HybridSim's, for a request not scheduled in this step already."""
