@@ -158,6 +158,18 @@ def kv_block_bytes(model: ModelConfig, groups: KVCacheGroups, block_size: int, e
     return 2 * groups.group_size * block_size * model.num_kv_heads * model.head_dim * element_size
 
 
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to new allocations (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def is_triton(backend) -> bool:
     return backend.__name__ == kernels.BACKENDS["triton"]
 
@@ -311,6 +323,12 @@ class ModelRunner:
         num_blocks = int(size * 2**30) // self.block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_offloading_size of {size} GiB holds no KV block of {self.block_bytes} bytes")
+        available = available_host_memory()
+        if available is not None and num_blocks * self.block_bytes > available:
+            # Pinned, it would fail to allocate; unpinned (the CPU), the kernel would kill the
+            # worker once the tier filled, long after start-up.
+            raise ValueError(f"kv_offloading_size of {size} GiB exceeds the host's available memory "
+                             f"({available / 2**30:.1f} GiB)")
         return num_blocks
 
     def _profile_cuda_kv_budget(self) -> int:

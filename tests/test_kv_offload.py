@@ -173,6 +173,12 @@ def test_options_a_user_can_get_wrong(changes: dict, message: str) -> None:
         EngineConfig(**changes).check()
 
 
-def test_a_host_tier_too_small_for_one_block_is_an_error(tiny_path: str) -> None:
+def test_a_host_tier_of_less_than_a_block_or_more_than_the_host_has_is_an_error(tiny_path: str) -> None:
+    from engine.model_runner import available_host_memory
+
     with pytest.raises(ValueError, match=f"holds no KV block of {BLOCK_BYTES} bytes"):
         LLM(tiny_path, num_kv_blocks=16, block_size=4, kv_offloading_size=host_gib(1) / 2)
+    available = available_host_memory()
+    assert available is not None and available > 0  # Linux
+    with pytest.raises(ValueError, match=r"exceeds the host's available memory \(\d+\.\d GiB\)"):
+        LLM(tiny_path, num_kv_blocks=16, block_size=4, kv_offloading_size=2 * available / 2**30)
