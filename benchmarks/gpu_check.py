@@ -427,6 +427,7 @@ def _summarise_stage(r: StageResult, work: str, summary: dict[str, Any]) -> None
         summary["kv_offload"] = {"args": {k: r.result["args"][k] for k in ("chats", "turns", "system_len", "user_len",
                                                                            "output_len", "max_num_seqs")},
                                  "model": r.result["model"], "num_kv_blocks": r.result["num_kv_blocks"],
+                                 "host_pinned": r.result.get("host_pinned"), "host_bytes": r.result.get("host_bytes"),
                                  "same_tokens": r.result["same_tokens"], "ratios": r.result["ratios"],
                                  **r.result["summary"]}
     elif r.name == "kernel_configs" and r.result and "rows" in r.result:
@@ -633,7 +634,8 @@ def render(report: dict[str, Any]) -> str:
         a = v["args"]
         lines += ["", f"KV offloading ({v['model']}, {a['chats']} chats x {a['turns']} turns of {a['user_len']} + "
                       f"{a['output_len']} tokens after a {a['system_len']}-token system prompt, {a['max_num_seqs']} at "
-                      f"once in {v['num_kv_blocks']} blocks; same tokens: {v['same_tokens']}):"]
+                      f"once in {v['num_kv_blocks']} blocks; same tokens: {v['same_tokens']}; host tier "
+                      f"{_f(v['host_bytes'] and v['host_bytes'] / 2**30)} GiB, pinned: {v['host_pinned']}):"]
         for case in ("offload", "none"):
             row = v[case]
             lines.append(f"  {case:<7} {_f(row['output_tok_s'], '.0f'):>8} tok/s, TTFT p50 {_f(row['ttft_p50'], '.3f')} s, "

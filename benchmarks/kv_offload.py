@@ -11,8 +11,9 @@ longest conversations), not every chat's history, so by a chat's next turn its b
 evicted: without a host tier its history is computed again, with one it is loaded back.
 
 Measured per configuration: the wall time, output tokens/s, time to first token (p50, p99) from
-each turn's arrival, prompt tokens computed and the prefix-cache hit rate, blocks saved and
-loaded. Greedy, both must give the same tokens (checked).
+each turn's arrival, prompt tokens computed (those the prefix cache did not hold at admission; a
+preempted request's recomputation is not counted) and the hit rate, blocks saved and loaded,
+preemptions. Greedy, both must give the same tokens (checked).
 
     python -m benchmarks.kv_offload --out results/kv_offload.json   # the embedded default model, CPU
     python -m benchmarks.kv_offload --model configs/qwen3-0.6b --load-format dummy --dtype bfloat16 \\
@@ -48,7 +49,8 @@ def run_once(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
     system = [rng.randrange(3, vocab) for _ in range(args.system_len)]
     histories = [list(system) for _ in range(args.chats)]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    before = (bm.stats.queries_tokens, bm.stats.hits_tokens, bm.stats.saved_blocks, bm.stats.loaded_blocks)
+    before = (bm.stats.queries_tokens, bm.stats.hits_tokens, bm.stats.saved_blocks, bm.stats.loaded_blocks,
+              engine.scheduler.stats.num_preemptions)
     ttfts: list[float] = []
     answers: list[list[int]] = []
     output_tokens = 0
@@ -66,14 +68,15 @@ def run_once(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
                 output_tokens += len(tokens)
                 ttfts.append(out.metrics.first_token_time - out.metrics.arrival_time)
     seconds = time.perf_counter() - t0
-    queries, hits, saved, loaded = (now - then for now, then in zip(
-        (bm.stats.queries_tokens, bm.stats.hits_tokens, bm.stats.saved_blocks, bm.stats.loaded_blocks), before))
+    queries, hits, saved, loaded, preemptions = (now - then for now, then in zip(
+        (bm.stats.queries_tokens, bm.stats.hits_tokens, bm.stats.saved_blocks, bm.stats.loaded_blocks,
+         engine.scheduler.stats.num_preemptions), before))
     llm.reset_prefix_cache()
     ttfts.sort()
     return {"seconds": seconds, "output_tok_s": output_tokens / seconds,
             "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "prompt_tokens": queries, "computed_prompt_tokens": queries - hits, "hit_rate": hits / queries,
-            "saved_blocks": saved, "loaded_blocks": loaded, "preemptions": engine.scheduler.stats.num_preemptions,
+            "saved_blocks": saved, "loaded_blocks": loaded, "preemptions": preemptions,
             "answers": answers}
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = alternated(CONFIGS, args.rounds, lambda name: run_once(llms[name], args))
     same = all(r["answers"] == runs["none"][0]["answers"] for rs in runs.values() for r in rs)
     keys = ("seconds", "output_tok_s", "ttft_p50", "ttft_p99", "prompt_tokens", "computed_prompt_tokens",
-            "hit_rate", "saved_blocks", "loaded_blocks")
+            "hit_rate", "saved_blocks", "loaded_blocks", "preemptions")
     summary = {name: {key: statistics.median(r[key] for r in runs[name]) for key in keys} for name in CONFIGS}
     for name in CONFIGS:
         summary[name]["num_host_blocks"] = llms[name].engine.runner.num_host_blocks
@@ -135,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{s['hit_rate']:>9.1%} {s['saved_blocks']:>6.0f} {s['loaded_blocks']:>7.0f}")
     print(f"offload / none: {ratios['output_tok_s']:.2f}x the output tok/s; TTFT {ratios['ttft_p50']:.2f}x lower at "
           f"p50, {ratios['ttft_p99']:.2f}x at p99")
+    tier = llms["offload"].engine.runner.host_kv
     report = {"args": vars(args), "model": model, "num_kv_blocks": num_blocks, "kv_offloading_gib": host_gib,
+              "host_pinned": tier.pinned, "host_bytes": tier.host.nbytes,
               "same_tokens": same, "summary": summary, "ratios": ratios,
               "runs": {name: [{k: v for k, v in r.items() if k != "answers"} for r in rs] for name, rs in runs.items()}}
     write_json(report, args.out)

@@ -578,7 +578,8 @@ class EngineConfig:
             _check_size(name, getattr(self, name))
         if self.num_kv_blocks is not None:
             _check_size("num_kv_blocks", self.num_kv_blocks)
-        if not isinstance(self.kv_offloading_size, int | float) or not 0 <= self.kv_offloading_size < float("inf"):
+        if (not isinstance(self.kv_offloading_size, int | float) or isinstance(self.kv_offloading_size, bool)
+                or not 0 <= self.kv_offloading_size < float("inf")):
             raise ValueError(f"kv_offloading_size must be a number of GiB >= 0, got {self.kv_offloading_size!r:.40}")
         if self.kv_offloading_backend != "native":
             raise ValueError(f"kv_offloading_backend must be native, got {self.kv_offloading_backend!r:.40}")

@@ -3,20 +3,29 @@ blocks saved from the device pool into host memory and loaded back.
 
 A host block is one device block of every KV tensor, contiguous: [2 · tensors, block_size,
 kv_heads, head_dim], keys then values of each tensor (a hybrid model's pool has one pair per
-layer of a group). On CUDA the host memory is pinned and every copy is asynchronous, in stream
-order: a save reads its block after the steps before it wrote it, a load lands before the step
-that reads it, and the host never waits. Blocks move through a device staging buffer, a chunk
-at a time: one gather (or scatter) per KV tensor, then one copy per run of consecutive host
-blocks, so a transfer costs a few launches per chunk rather than a copy per block and layer.
+layer of a group). On CUDA the host memory is pinned (registered with CUDA as allocated, not
+through torch's caching host allocator, which rounds a request up to a power of two: 40 GiB
+would pin 64) and every copy is asynchronous on the compute stream, in its order: a save reads
+its block after the steps before it wrote it, a load lands before the step that reads it, and
+the host never waits; the device does, as the copies run before the step's forward. Blocks move
+through a device staging buffer, a chunk at a time: one gather (or scatter) per KV tensor, then
+one copy per run of consecutive host blocks, so a transfer costs a few launches per chunk
+rather than a copy per block and layer. The one stream is what keeps the staging buffer safe to
+reuse chunk after chunk: copies moved to a side stream would need events.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from engine.transfer import to_device
 from scheduler.host_kv_cache import KVTransfer
+
+logger = logging.getLogger(__name__)
 
 TRANSFER_CHUNK_BLOCKS = 32  # the staging buffer's blocks
 
@@ -28,7 +37,8 @@ class HostKVTier:
         k = self.kv_tensors[0][0]
         block_shape = (2 * len(self.kv_tensors), *k.shape[1:])
         self.device = k.device
-        self.host = torch.empty((num_blocks, *block_shape), dtype=k.dtype, pin_memory=k.is_cuda)
+        self.host = torch.empty((num_blocks, *block_shape), dtype=k.dtype)
+        self.pinned = k.is_cuda and _pin(self.host, self)
         self.staging = torch.empty((min(TRANSFER_CHUNK_BLOCKS, num_blocks), *block_shape), dtype=k.dtype,
                                    device=self.device)
 
@@ -46,7 +56,7 @@ class HostKVTier:
 
     def _save(self, blocks: list[int], slots: list[int]) -> None:
         n = len(blocks)
-        index = torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
+        index = to_device([torch.tensor(blocks)], self.device)[0]
         staged = self.staging[:n]
         for i, (k, v) in enumerate(self.kv_tensors):
             staged[:, 2 * i] = k[index]
@@ -59,10 +69,24 @@ class HostKVTier:
         staged = self.staging[:n]
         for first, slot, count in _consecutive(slots):
             staged[first:first + count].copy_(self.host[slot:slot + count], non_blocking=True)
-        index = torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
+        index = to_device([torch.tensor(blocks)], self.device)[0]
         for i, (k, v) in enumerate(self.kv_tensors):
             k.index_copy_(0, index, staged[:, 2 * i])
             v.index_copy_(0, index, staged[:, 2 * i + 1])
+
+
+def _pin(host: torch.Tensor, owner: object) -> bool:
+    """Register `host` with CUDA (page-locked, for asynchronous copies) until `owner` is gone;
+    False, with a warning, where CUDA refuses (the copies then wait for the host)."""
+    cudart = torch.cuda.cudart()
+    pointer = host.data_ptr()
+    error = int(cudart.cudaHostRegister(pointer, host.numel() * host.element_size(), 0))
+    if error:
+        logger.warning("could not pin the %.1f GiB host KV tier (CUDA error %d): its copies will be synchronous",
+                       host.numel() * host.element_size() / 2**30, error)
+        return False
+    weakref.finalize(owner, cudart.cudaHostUnregister, pointer)
+    return True
 
 
 def _runs(transfers: Sequence[KVTransfer], chunk: int) -> Iterator[tuple[str, list[int], list[int]]]:

@@ -238,6 +238,7 @@ class ModelRunner:
         self.memory_profile: dict[str, Any] = {}
         self.num_host_blocks = self._num_host_kv_blocks()
         self.num_blocks = self._num_kv_blocks()
+        self._check_host_memory()
         self.kv_caches = self._allocate_kv_caches(self.num_blocks)
         self.host_kv: HostKVTier | None = None  # the prefix cache's host tier
         if self.num_host_blocks:
@@ -323,13 +324,21 @@ class ModelRunner:
         num_blocks = int(size * 2**30) // self.block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_offloading_size of {size} GiB holds no KV block of {self.block_bytes} bytes")
-        available = available_host_memory()
-        if available is not None and num_blocks * self.block_bytes > available:
-            # Pinned, it would fail to allocate; unpinned (the CPU), the kernel would kill the
-            # worker once the tier filled, long after start-up.
-            raise ValueError(f"kv_offloading_size of {size} GiB exceeds the host's available memory "
-                             f"({available / 2**30:.1f} GiB)")
         return num_blocks
+
+    def _check_host_memory(self) -> None:
+        """The host tier (and on the CPU, the KV pool, host memory too) must fit what the host
+        has free: pinned, a tier past it fails to allocate; unpinned, the kernel would kill the
+        worker once it filled, long after start-up."""
+        tier = self.num_host_blocks * self.block_bytes
+        available = available_host_memory()
+        if not tier or available is None:
+            return
+        pool = self.num_blocks * self.block_bytes if self.device.type == "cpu" else 0
+        if tier + pool > available:
+            beside = f" beside the {pool / 2**30:.1f} GiB KV pool" if pool else ""
+            raise ValueError(f"kv_offloading_size of {self.config.kv_offloading_size} GiB{beside} exceeds the host's "
+                             f"available memory ({available / 2**30:.1f} GiB)")
 
     def _profile_cuda_kv_budget(self) -> int:
         """The KV pool's bytes, as vLLM sizes it: gpu_memory_utilization × total memory is this

@@ -8,6 +8,7 @@ from scheduler.request import AdmissionError, Request, RequestStatus
 from scheduler.scheduler import SCHEDULING_POLICIES, ScheduledBatch, Scheduler, SchedulerConfig, check_admissible
 
 __all__ = [
-    "SCHEDULING_POLICIES", "AdmissionError", "BlockManager", "HostKVCache", "KVCacheGroups", "KVTransfer", "KVCachePlan", "PrefixCacheStats",
-    "Request", "RequestStatus", "ScheduledBatch", "Scheduler", "SchedulerConfig", "check_admissible",
+    "SCHEDULING_POLICIES", "AdmissionError", "BlockManager", "HostKVCache", "KVCacheGroups", "KVCachePlan",
+    "KVTransfer", "PrefixCacheStats", "Request", "RequestStatus", "ScheduledBatch", "Scheduler", "SchedulerConfig",
+    "check_admissible",
 ]

@@ -233,7 +233,10 @@ class BlockManager:
         if short:
             return False
         if hits:
-            serials = getattr(hits, "serials", None) or [self.blocks[b].serial for b in hits]
+            serials = getattr(hits, "serials", None)
+            if not serials:  # a plain list of device blocks
+                assert min(hits) >= 0, "a host hit comes with its serials (match_prefix's PrefixHits)"
+                serials = [self.blocks[b].serial for b in hits]
             loads: list[tuple[int, int, HostBlock]] = []  # (group, index, the host copy)
             for group, (blocks, placed) in enumerate(zip(request.kv_blocks, self._placed_hits(request, hits))):
                 for j, block_id in enumerate(placed):

@@ -90,7 +90,7 @@ def test_prefix_hits_and_preemption_keep_the_logprobs(gemmas, hybrid: bool, offl
     shared = random_prompts(2, (30,))[0]
     batch = [shared + p for p in random_prompts(3, (10, 20, 5, 14))]
     llm = LLM(path, num_kv_blocks=28 if hybrid else 22, block_size=4, max_num_batched_tokens=32,
-              disable_hybrid_kv_cache_manager=not hybrid, kv_offloading_size=64 * 2048 / 2**30 if offload else 0)
+              disable_hybrid_kv_cache_manager=not hybrid, kv_offloading_size=64 * 4096 / 2**30 if offload else 0)
     bm = llm.engine.scheduler.block_manager
     assert bm.windows == ((0, 8) if hybrid else (0,))
     for part, max_tokens in ((batch[:1], 4), (batch[1:], 16)):  # the first caches the prefix

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.kv_offload import TRANSFER_CHUNK_BLOCKS, HostKVTier
+from engine.kv_offload import TRANSFER_CHUNK_BLOCKS, HostKVTier, _runs
 from scheduler import KVTransfer
 from tests.conftest import assert_engine_idle, hf_greedy
 
@@ -161,10 +161,50 @@ def test_block_moves_equal_a_plain_copy() -> None:
         assert torch.equal(k, ek) and torch.equal(v, ev)
 
 
+def test_runs_split_where_one_scatter_would_race() -> None:
+    """A second load into a block in one run would scatter twice into one row (which wins is
+    undefined on CUDA): it starts a new run. Two saves into one host block stay together (their
+    copies run in order), and a run is at most a chunk."""
+    transfers = [KVTransfer("load", 7, 5), KVTransfer("load", 9, 5), KVTransfer("save", 5, 1), KVTransfer("save", 6, 1),
+                 KVTransfer("save", 2, 3), KVTransfer("load", 1, 4)]
+    assert list(_runs(transfers, 32)) == [("load", [7], [5]), ("load", [9], [5]), ("save", [5, 6, 2], [1, 1, 3]),
+                                          ("load", [1], [4])]
+    assert list(_runs(transfers[2:5], 2)) == [("save", [5, 6], [1, 1]), ("save", [2], [3])]
+
+
+def test_a_hybrid_models_host_block_is_one_device_block(tmp_path) -> None:
+    """Gemma 3's layers share two KV tensor pairs (two groups of two layers): a host block holds
+    each pair's block once, the device block's bytes, and the staging buffer as many."""
+    from tests.test_gemma import save
+
+    save("gemma3", str(tmp_path))
+    runner = LLM(str(tmp_path), num_kv_blocks=16, block_size=4, kv_offloading_size=10 * 4096 / 2**30).engine.runner
+    tier = runner.host_kv
+    assert runner.kv_groups.num_groups == 2 and len(tier.kv_tensors) == runner.kv_groups.group_size == 2
+    assert runner.num_host_blocks == 10 and runner.block_bytes == 4096
+    assert tier.host.nbytes == 10 * runner.block_bytes and tier.staging[0].nbytes == runner.block_bytes
+    assert not tier.pinned  # the CPU's: nothing to page-lock for
+
+
+def test_the_cuda_pool_leaves_room_for_the_staging_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the KV pool is what the memory profile leaves, less the host tier's staging buffer
+    (allocated after the pool): a chunk of blocks, or the whole tier where it is smaller."""
+    from engine.model_runner import ModelRunner
+
+    runner = object.__new__(ModelRunner)
+    runner.config, runner.device = EngineConfig(), torch.device("cuda")
+    monkeypatch.setattr(ModelRunner, "block_bytes", 1000)
+    monkeypatch.setattr(ModelRunner, "_profile_cuda_kv_budget", lambda self: 100 * 1000)
+    for host_blocks, pool in ((0, 100), (64, 100 - TRANSFER_CHUNK_BLOCKS), (5, 95)):
+        runner.num_host_blocks = host_blocks
+        assert runner._num_kv_blocks() == pool
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(kv_offloading_size=-1.0), "kv_offloading_size must be a number of GiB >= 0"),
     (dict(kv_offloading_size=float("nan")), "kv_offloading_size must be a number of GiB >= 0"),
     (dict(kv_offloading_size="4"), "kv_offloading_size must be a number of GiB >= 0"),
+    (dict(kv_offloading_size=True), "kv_offloading_size must be a number of GiB >= 0"),
     (dict(kv_offloading_size=4.0, kv_offloading_backend="lmcache"), "kv_offloading_backend must be native"),
     (dict(kv_offloading_size=4.0, enable_prefix_caching=False), "it needs the prefix cache on"),
 ])
@@ -182,3 +222,7 @@ def test_a_host_tier_of_less_than_a_block_or_more_than_the_host_has_is_an_error(
     assert available is not None and available > 0  # Linux
     with pytest.raises(ValueError, match=r"exceeds the host's available memory \(\d+\.\d GiB\)"):
         LLM(tiny_path, num_kv_blocks=16, block_size=4, kv_offloading_size=2 * available / 2**30)
+    # the CPU's KV pool is host memory too: each fits alone, not both (checked before either is allocated)
+    with pytest.raises(ValueError, match=r"GiB beside the \d+\.\d GiB KV pool exceeds the host's available memory"):
+        LLM(tiny_path, block_size=4, kv_cache_memory_bytes=int(0.6 * available),
+            kv_offloading_size=0.6 * available / 2**30)
