@@ -295,15 +295,15 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
         hybrid += ["--model", "configs/gemma-3-4b", "--dtype", "bfloat16", "--num-requests", "48", "--prompt-len",
                    "4096", "--output-len", "128", "--kv-cache-gib", "2", "--max-num-batched-tokens", "8192"]
     stages.append(Stage("hybrid_kv", hybrid, 60 if args.cpu_smoke else 120, out("hybrid_kv"), "hybrid"))
-    # What the prefix cache's host tier buys, never yet measured on a GPU: 64 chats of 1k-token
+    # What the prefix cache's host tier buys, never yet measured on a GPU: 32 chats of 1k-token
     # system prompts and 512-token turns through a pool that holds 16 of them, their histories
-    # loaded back from pinned host memory or computed again.
+    # loaded back from pinned host memory (9.4 GiB of it) or computed again.
     offload = [py, "-m", "benchmarks.kv_offload", "--rounds", "1", "--out", out("kv_offload")]
     if args.cpu_smoke:
         offload += ["--chats", "3", "--turns", "2", "--system-len", "16", "--user-len", "16", "--output-len", "4",
                     "--max-num-seqs", "1"]
     else:
-        offload += ["--model", "configs/qwen3-0.6b", "--load-format", "dummy", "--dtype", "bfloat16", "--chats", "64",
+        offload += ["--model", "configs/qwen3-0.6b", "--load-format", "dummy", "--dtype", "bfloat16", "--chats", "32",
                     "--turns", "3", "--system-len", "1024", "--user-len", "512", "--output-len", "64",
                     "--max-num-seqs", "16", "--max-num-batched-tokens", "8192"]
     stages.append(Stage("kv_offload", offload, 60 if args.cpu_smoke else 90, out("kv_offload"), "offload"))

@@ -17,7 +17,7 @@ preemptions. Greedy, both must give the same tokens (checked).
 
     python -m benchmarks.kv_offload --out results/kv_offload.json   # the embedded default model, CPU
     python -m benchmarks.kv_offload --model configs/qwen3-0.6b --load-format dummy --dtype bfloat16 \\
-        --chats 64 --turns 4 --system-len 1024 --user-len 512 --output-len 64 --max-num-seqs 16   # a GPU
+        --chats 32 --turns 3 --system-len 1024 --user-len 512 --output-len 64 --max-num-seqs 16   # a GPU
 """
 
 from __future__ import annotations
