@@ -6,11 +6,12 @@ What a grammar can hold is supported: `type` (one or a list), `properties`, `req
 (read as anyOf), `$ref` to `#`, `#/$defs/...` or `#/definitions/...` (recursive ones too), and
 as Pydantic's constrained fields write them (`Field(max_length=..., pattern=..., ge=...)`):
 a string's `minLength`, `maxLength` or `pattern` (matched whole, as xgrammar does: any text it
-allows matches the unanchored pattern too), and an integer's `minimum`, `maximum`,
-`exclusiveMinimum`, `exclusiveMaximum`; a string's `format` date-time, date, time, uuid, email or
-ipv4 (FORMAT_PATTERNS, where it has no pattern or length). Annotations (`title`, `description`,
-`default`, other formats, ...) are read past. Any other keyword (`multipleOf`, `allOf`, a number's bounds, a
-pattern beside a length, ...) is a ValueError that names it: silently ignoring a constraint
+allows matches the unanchored pattern too), and an integer's or a number's `minimum`, `maximum`,
+`exclusiveMinimum`, `exclusiveMaximum` (a bounded number is written without an exponent: every
+decimal within its bounds, and only those); a string's `format` date-time, date, time, uuid,
+email or ipv4 (FORMAT_PATTERNS, where it has no pattern or length). Annotations (`title`,
+`description`, `default`, other formats, ...) are read past. Any other keyword (`multipleOf`,
+`allOf`, a pattern beside a length, ...) is a ValueError that names it: silently ignoring a constraint
 would hand back answers the schema forbids. `enum` and `const` keep the values of the schema's
 `type`; other keywords beside them are refused.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from typing import Any
 
 from engine.grammar import (
@@ -50,9 +52,9 @@ ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema
 _OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties"})
 _ARRAY_KEYWORDS = frozenset({"items", "minItems", "maxItems"})
 _STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern"})
-_INTEGER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+_BOUND_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 _COMBINATIONS = frozenset({"anyOf", "oneOf"})
-SUPPORTED = (ANNOTATIONS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _STRING_KEYWORDS | _INTEGER_KEYWORDS | _COMBINATIONS
+SUPPORTED = (ANNOTATIONS | _OBJECT_KEYWORDS | _ARRAY_KEYWORDS | _STRING_KEYWORDS | _BOUND_KEYWORDS | _COMBINATIONS
              | {"type", "enum", "const", "$ref"})
 # Schemas nested in one another (through $ref too): deeper ones are refused, well before
 # Python's recursion limit and the grammar's MAX_DEPTH (a level opens at most two rules).
@@ -60,8 +62,10 @@ MAX_SCHEMA_DEPTH = 64
 # A union's options: each may stay open side by side (MAX_STACKS), so wider ones are refused.
 MAX_OPTIONS = 128
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-# An integer's bounds are written as a digit-range regex: larger ones are refused, not unrolled.
+# An integer's or a number's bounds are written as a digit-range regex: larger ones are refused,
+# not unrolled, and so are a number's bounds with more fractional digits.
 MAX_INTEGER_BOUND = 10**30
+MAX_FRACTION_DIGITS = 30
 
 
 def schema_grammar(schema: Any) -> Grammar:
@@ -171,10 +175,10 @@ class _Compiler:
             return Alternatives(self.rule(option, f"{path}/{key}/{i}") for i, option in enumerate(options))
         kind = schema.get("type")
         if kind is None:
-            if given & (_STRING_KEYWORDS | _INTEGER_KEYWORDS):
-                raise ValueError(f"{sorted(given & (_STRING_KEYWORDS | _INTEGER_KEYWORDS))[0]!r} without a type (at "
-                                 f"{path}) is not supported: say which type it bounds (\"type\": \"string\" or "
-                                 "\"integer\")")
+            if given & (_STRING_KEYWORDS | _BOUND_KEYWORDS):
+                raise ValueError(f"{sorted(given & (_STRING_KEYWORDS | _BOUND_KEYWORDS))[0]!r} without a type (at "
+                                 f"{path}) is not supported: say which type it bounds (\"type\": \"string\", "
+                                 "\"integer\" or \"number\")")
             kind = "object" if given & _OBJECT_KEYWORDS else "array" if given & _ARRAY_KEYWORDS else None
             if kind is None:
                 return json_value()
@@ -217,10 +221,7 @@ class _Compiler:
         if kind == "integer":
             return _integer(schema, path)
         if kind == "number":
-            bounds = sorted(set(schema) & _INTEGER_KEYWORDS)
-            if bounds:
-                raise ValueError(f"{bounds[0]!r} on a number (at {path}) is not supported: only an integer's bounds are")
-            return JsonNumber()
+            return _number(schema, path)
         if kind == "boolean":
             return Literals([b"true", b"false"])
         return Literals([b"null"])
@@ -330,16 +331,24 @@ def _count_bounds(schema: dict[str, Any], low_name: str, high_name: str, what: s
     return low, high
 
 
-def _integer(schema: dict[str, Any], path: str) -> Rule:
-    """An integer, within its bounds (inclusive or exclusive) where it has any."""
-    low = high = None
-    for name in sorted(set(schema) & _INTEGER_KEYWORDS):
+def _bounds(schema: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """The schema's bounds, (keyword, value), each checked to be a number a regex can hold."""
+    bounds = []
+    for name in sorted(set(schema) & _BOUND_KEYWORDS):
         value = schema[name]
         if isinstance(value, bool):
             raise ValueError(f"{name} (at {path}) must be a number: JSON Schema draft 4's boolean form is not "
                              "supported (give the bound itself)")
         if not isinstance(value, (int, float)) or value != value or abs(value) > MAX_INTEGER_BOUND:
             raise ValueError(f"{name} (at {path}) must be a number of at most {MAX_INTEGER_BOUND:.0e} in magnitude")
+        bounds.append((name, value))
+    return bounds
+
+
+def _integer(schema: dict[str, Any], path: str) -> Rule:
+    """An integer, within its bounds (inclusive or exclusive) where it has any."""
+    low = high = None
+    for name, value in _bounds(schema, path):
         if name == "minimum":
             bound = math.ceil(value)
         elif name == "exclusiveMinimum":
@@ -357,6 +366,105 @@ def _integer(schema: dict[str, Any], path: str) -> Rule:
     if low is not None and high is not None and low > high:
         return Literals(())  # no integer: `trim` leaves out the ways through it
     return RegexRule(integer_range_pattern(low, high))
+
+
+def _number(schema: dict[str, Any], path: str) -> Rule:
+    """A number, within its bounds (inclusive or exclusive) where it has any: then written as a
+    decimal, without an exponent."""
+    low: tuple[Decimal, bool] | None = None  # (bound, exclusive)
+    high: tuple[Decimal, bool] | None = None
+    for name, value in _bounds(schema, path):
+        bound = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        if -bound.as_tuple().exponent > MAX_FRACTION_DIGITS:
+            raise ValueError(f"{name} (at {path}) must have at most {MAX_FRACTION_DIGITS} digits after the point")
+        exclusive = name.startswith("exclusive")
+        if name.endswith("inimum"):  # the tighter: the larger, and of equals the exclusive
+            low = max(low, (bound, exclusive)) if low is not None else (bound, exclusive)
+        else:  # the smaller, and of equals the exclusive
+            high = min(high, (bound, not exclusive)) if high is not None else (bound, not exclusive)
+    if low is None and high is None:
+        return JsonNumber()
+    pattern = number_range_pattern(low, None if high is None else (high[0], not high[1]))
+    return Literals(()) if pattern is None else RegexRule(pattern)
+
+
+def number_range_pattern(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] | None) -> str | None:
+    """A regex of the decimal numbers (JSON's form without an exponent; no -0) within `low` and
+    `high`, each (bound, exclusive) or None (unbounded); None where no number is."""
+    if low is not None and high is not None and (low[0] > high[0] or low[0] == high[0] and (low[1] or high[1])):
+        return None
+    parts = []
+    if high is None or high[0] > 0 or high[0] == 0 and not high[1]:  # x >= 0
+        start = low if low is not None and low[0] >= 0 else (Decimal(0), False)
+        parts += _decimals(start, high)
+    if low is None or low[0] < 0:  # x = -y, y > 0
+        y_low = (-high[0], high[1]) if high is not None and high[0] < 0 else (Decimal(0), True)
+        y_high = None if low is None else (-low[0], low[1])
+        negative = _decimals(y_low, y_high)
+        if negative:
+            parts.append(f"-(?:{'|'.join(negative)})")
+    return "|".join(parts) or None
+
+
+def _decimals(low: tuple[Decimal, bool], high: tuple[Decimal, bool] | None) -> list[str]:
+    """Regex alternatives of the decimals x >= 0 within `low` (at least 0) and `high`."""
+    whole, a = _split(low[0])
+    if high is None:
+        return [p for p in (_with_fraction(whole, _fractions(a, low[1], None, False)),
+                            f"(?:{_naturals(whole + 1, None)})(?:\\.[0-9]+)?") if p]
+    top, b = _split(high[0])
+    if whole == top:
+        return [p for p in (_with_fraction(whole, _fractions(a, low[1], b, high[1])),) if p]
+    parts = [_with_fraction(whole, _fractions(a, low[1], None, False))]
+    if whole + 1 <= top - 1:
+        parts.append(f"(?:{_naturals(whole + 1, top - 1)})(?:\\.[0-9]+)?")
+    parts.append(_with_fraction(top, _fractions("", False, b, high[1])))
+    return [p for p in parts if p]
+
+
+def _split(value: Decimal) -> tuple[int, str]:
+    """A decimal >= 0 as its whole part and its fraction's digits (no trailing zeros)."""
+    whole, _, fraction = format(value, "f").partition(".")
+    return int(whole), fraction.rstrip("0")
+
+
+def _with_fraction(whole: int, fractions: tuple[bool, list[str]]) -> str | None:
+    """`whole` followed by the fractions (`_fractions`): none, or a point and digits."""
+    bare, digits = fractions
+    if not digits:
+        return str(whole) if bare else None
+    return f"{whole}(?:\\.(?:{'|'.join(digits)})){'?' if bare else ''}"
+
+
+def _fractions(a: str, a_open: bool, b: str | None, b_open: bool) -> tuple[bool, list[str]]:
+    """The digit strings D with 0.a < 0.D < 0.b (<= where not open; b None: no upper bound):
+    whether the empty one (0) is among them, and regex alternatives of the others. Digits are
+    compared as written, the shorter padded with zeros."""
+    a_zero, b_zero = not a.strip("0"), b is not None and not b.strip("0")
+    if b_zero:  # at most 0: zeros, if 0 is in
+        return (True, ["0+"]) if a_zero and not a_open and not b_open else (False, [])
+    bare = a_zero and not a_open
+    if a_zero and b is None:
+        return bare, ["0*[1-9][0-9]*" if a_open else "[0-9]+"]
+    first, last = int(a[0]) if a else 0, int(b[0]) if b is not None else 10
+    digits = []
+    if first == last:  # b is not None
+        digits += _prefixed(a[0] if a else "0", _fractions(a[1:], a_open, b[1:], b_open))
+    else:
+        digits += _prefixed(str(first), _fractions(a[1:], a_open, None, False))
+        if first + 1 <= min(last - 1, 9):
+            middle = str(first + 1) if first + 1 == min(last - 1, 9) else f"[{first + 1}-{min(last - 1, 9)}]"
+            digits.append(middle + "[0-9]*")
+        if last <= 9:
+            digits += _prefixed(str(last), _fractions("", False, b[1:], b_open))
+    return bare, digits
+
+
+def _prefixed(digit: str, fractions: tuple[bool, list[str]]) -> list[str]:
+    bare, rest = fractions
+    if not rest:
+        return [digit] if bare else []
+    return [f"{digit}(?:{'|'.join(rest)}){'?' if bare else ''}"]
 
 
 def integer_range_pattern(low: int | None, high: int | None) -> str:

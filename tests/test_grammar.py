@@ -528,9 +528,91 @@ def test_integer_ranges_equal_brute_force() -> None:
         assert not any(g.accepts(t) for t in ("-0", "00", "01", "-01", "1.0"))
 
 
+def _decimal_candidates(rng: random.Random) -> list[str]:
+    """Decimal numbers as JSON writes them and as it does not (-0, leading zeros, a bare point,
+    an exponent), of either sign, whole and with fractions of 1-3 digits, trailing zeros too."""
+    out = {"-0", "-0.0", "01", "00.5", "1.", ".5", "1e2", "1E-1", "-"}
+    for _ in range(400):
+        whole = rng.choice([0, 0, 1, 2, 3, 9, 10, 99, 100, 101, 150, rng.randint(0, 300)])
+        fraction = rng.choice(["", "", "0", "00", "5", "50", "05", "1", "12", "125", "999", "001",
+                               str(rng.randint(0, 999))])
+        text = str(whole) + ("." + fraction if fraction else "")
+        out |= {text, "-" + text}
+    return sorted(out)
+
+
+def test_number_ranges_equal_brute_force() -> None:
+    """Random bounds, inclusive and exclusive, whole and fractional, one or two, either sign:
+    a bounded number takes exactly the decimals within them (no exponent, no -0), each bound
+    read as the decimal JSON wrote."""
+    from decimal import Decimal
+
+    rng = random.Random(5)
+    candidates = _decimal_candidates(rng)
+    canonical = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
+    tests = {"minimum": Decimal.__ge__, "maximum": Decimal.__le__, "exclusiveMinimum": Decimal.__gt__,
+             "exclusiveMaximum": Decimal.__lt__}
+    for _ in range(300):
+        schema: dict[str, Any] = {"type": "number"}
+        for name in rng.sample(sorted(tests), rng.randint(1, 2)):
+            schema[name] = rng.choice([rng.randint(-150, 150), rng.randint(-3, 3), 0, 0.5, -0.5, 0.125,
+                                       round(rng.uniform(-150, 150), rng.randint(1, 3))])
+        bounds = {name: Decimal(repr(v)) for name, v in schema.items() if name != "type"}
+        want = [t for t in candidates if canonical.fullmatch(t) and not (t.startswith("-") and Decimal(t) == 0)
+                and all(tests[name](Decimal(t), bound) for name, bound in bounds.items())]
+        try:
+            g = schema_grammar(schema)
+        except ValueError:
+            assert min(bounds.get("minimum", bounds.get("exclusiveMinimum", Decimal("-inf"))),
+                       Decimal("inf")) >= min(bounds.get("maximum", bounds.get("exclusiveMaximum", Decimal("inf"))),
+                                              Decimal("inf")), schema  # refused only as no value
+            continue
+        assert [t for t in candidates if g.accepts(t)] == want, schema
+
+
+class Reading(BaseModel):
+    """Pydantic's bounded float fields (Field(ge=..., gt=..., le=..., lt=...), Optional too)."""
+
+    confidence: float = Field(ge=0, le=1)
+    price: float = Field(gt=0)
+    kelvin_offset: float = Field(ge=-273.15, lt=1e6)
+    ratio: float | None = Field(default=None, gt=-1.5, le=2.25)
+
+
+def test_pydantic_float_fields_with_bounds() -> None:
+    """Every document the grammar takes validates, and the near misses it refuses do not (or are
+    numbers it writes without an exponent, a bare point or leading zeros)."""
+    g = schema_grammar(Reading.model_json_schema())
+    rng = random.Random(9)
+    anywhere = _decimal_candidates(rng)
+    near = {"confidence": ["0", "1", "0.5", "1.0000", "0.999", "1.01", "-0.01", "0.000", "-0"],
+            "price": ["0", "0.0", "0.001", "5", "-1", "1e2"],
+            "kelvin_offset": ["-273.15", "-273.150", "-273.151", "-273.14", "999999.99", "1000000", "0"],
+            "ratio": ["null", "-1.5", "-1.4999", "2.25", "2.2500001", "0", "2.", "-1.50"]}
+    taken = refused = 0
+    for _ in range(3000):
+        doc = {name: rng.choice(near[name] if rng.random() < 0.8 else anywhere) for name in near}
+        text = "{" + ",".join(f'"{k}":{v}' for k, v in doc.items()) + "}"
+        try:
+            Reading.model_validate_json(text, strict=True)
+            valid = True
+        except ValidationError:
+            valid = False
+        if g.accepts(text):
+            taken += 1
+            assert valid, text
+        else:
+            refused += 1
+            assert not valid or any(re.search(r"\.$|^-?0[0-9]|[eE]|^-0(\.0+)?$|^\.", v) for v in doc.values()), text
+    assert taken > 100 and refused > 100
+    with pytest.raises(ValueError, match="at most 30 digits after the point"):
+        schema_grammar({"type": "number", "minimum": 1e-31})
+    with pytest.raises(ValueError, match="must be a number"):
+        schema_grammar({"type": "number", "maximum": True})
+
+
 @pytest.mark.parametrize("keyword,schema", [
-    ("maximum", {"type": "number", "maximum": 1}),  # a number's bounds: only an integer's are
-    ("exclusiveMinimum", {"type": ["integer", "number"], "exclusiveMinimum": 0}),
+    ("maximum", {"properties": {"x": {"maximum": 1}}}),  # no type to bound
     ("pattern", {"type": "string", "pattern": "^a+$", "maxLength": 3}),  # both: refused
     ("minLength", {"properties": {"s": {"minLength": 1}}}),  # no type to bound
     ("allOf", {"allOf": [{"type": "string"}]}),
@@ -830,8 +912,8 @@ def test_sampling_params_structured_outputs() -> None:
         SamplingParams(structured_outputs={"bogus": 1})
     with pytest.raises(ValueError, match="exactly one"):
         SamplingParams(structured_outputs={})
-    with pytest.raises(ValueError, match="'minimum'"):
-        SamplingParams(structured_outputs={"json": {"type": "number", "minimum": 1}})
+    with pytest.raises(ValueError, match="'multipleOf'"):
+        SamplingParams(structured_outputs={"json": {"type": "number", "multipleOf": 1}})
     with pytest.raises(ValueError, match="structured_outputs"):
         SamplingParams(structured_outputs="json")
     with pytest.raises(ValueError, match="ignore_eos"):
@@ -917,6 +999,11 @@ MASK_STATES = [  # (grammar, prefix, every stack inside a free string: the masks
     ("constrained", b'{"code":"AB-123","name":"ab","qty":12,"delta":-', False),
     ("constrained", b'{"code":"AB-123","name":"ab","qty":12,"delta":-1,"quote":"say \\"hi\\"', False),
     ("dated", b'{"when":"2024-02-2', False),
+    # a bounded float's digits: past 1 only zeros, and a price above 0 after its zeros
+    ("reading", b'{"confidence":', False),
+    ("reading", b'{"confidence":1.', False),
+    ("reading", b'{"confidence":0.5,"price":0.00', False),
+    ("reading", b'{"confidence":0.5,"price":1,"kelvin_offset":-273.1', False),
 ]
 
 
@@ -934,6 +1021,8 @@ def grammar_named(name: str) -> Grammar:
         return StructuredOutputsParams(json=Constrained.model_json_schema()).compile()
     if name == "dated":
         return StructuredOutputsParams(json=Dated.model_json_schema()).compile()
+    if name == "reading":
+        return StructuredOutputsParams(json=Reading.model_json_schema()).compile()
     return StructuredOutputsParams(choice=["yes", "yes please", "no", "né"]).compile()
 
 
