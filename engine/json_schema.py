@@ -398,8 +398,9 @@ def number_range_pattern(low: tuple[Decimal, bool] | None, high: tuple[Decimal, 
         start = low if low is not None and low[0] >= 0 else (Decimal(0), False)
         parts += _decimals(start, high)
     if low is None or low[0] < 0:  # x = -y, y > 0
-        y_low = (-high[0], high[1]) if high is not None and high[0] < 0 else (Decimal(0), True)
-        y_high = None if low is None else (-low[0], low[1])
+        # copy_negate: exact, where unary minus rounds to the context's 28 digits
+        y_low = (high[0].copy_negate(), high[1]) if high is not None and high[0] < 0 else (Decimal(0), True)
+        y_high = None if low is None else (low[0].copy_negate(), low[1])
         negative = _decimals(y_low, y_high)
         if negative:
             parts.append(f"-(?:{'|'.join(negative)})")

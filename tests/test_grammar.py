@@ -570,6 +570,22 @@ def test_number_ranges_equal_brute_force() -> None:
         assert [t for t in candidates if g.accepts(t)] == want, schema
 
 
+@pytest.mark.parametrize("schema,taken,refused", [
+    ({"minimum": 0.1, "maximum": 0.45}, ["0.1", "0.3", "0.35", "0.45", "0.4499"], ["0.09", "0.451", "0.46"]),
+    ({"minimum": 0, "maximum": 0.95}, ["0", "0.9", "0.93", "0.95", "0.950"], ["0.951", "0.96", "1"]),
+    ({"exclusiveMinimum": 0.25, "maximum": 0.29}, ["0.26", "0.2500001", "0.29"], ["0.25", "0.250", "0.2900001"]),
+    # 29 and 30 digits: past Decimal's 28, a negated bound would be rounded
+    ({"maximum": -12345678901234567890123456789}, ["-12345678901234567890123456789", "-12345678901234567890123456790"],
+     ["-12345678901234567890123456788", "-12345678901234567890123456788.5"]),
+    ({"minimum": -999999999999999999999999999999}, ["-999999999999999999999999999999", "0.5"],
+     ["-1000000000000000000000000000000", "-999999999999999999999999999999.1"]),
+])
+def test_number_bounds_within_one_integer_part_and_past_28_digits(schema: dict, taken: list[str],
+                                                                  refused: list[str]) -> None:
+    g = schema_grammar({"type": "number", **schema})
+    assert [t for t in taken + refused if g.accepts(t)] == taken
+
+
 class Reading(BaseModel):
     """Pydantic's bounded float fields (Field(ge=..., gt=..., le=..., lt=...), Optional too)."""
 
