@@ -93,7 +93,7 @@ class Metrics:
         self.kv_offload_saved = Counter("stoke_kv_offload_saved_blocks",
                                         "KV blocks the pool evicted that were saved to host memory", registry=r)
         self.kv_offload_loaded = Counter("stoke_kv_offload_loaded_blocks",
-                                         "KV blocks of prefix-cache hits loaded from host memory, not computed again",
+                                         "KV blocks loaded back from host memory (prefix-cache hits, a preempted request's own), not computed again",
                                          registry=r)
         self.prompt_tokens = Counter("stoke_prompt_tokens", "Prompt tokens of requests whose prefill completed",
                                      registry=r)
