@@ -801,3 +801,26 @@ def test_async_steps_launch_without_waiting_on_the_gpu(tiny_checkpoints: dict[st
     assert launches.count("execute") > 12 and launches.count("sample") == launches.count("execute")
     assert "_prompt_logprobs" in launches and all(len(c.token_ids) == 12 for o in out for c in o.outputs)
     assert len(out[0].prompt_logprobs) == len(ps[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_kv_offloading_on_the_gpu_gives_the_tokens_of_a_roomy_pool(tiny_checkpoints: dict[str, str]) -> None:
+    """The prefix cache's host tier on the GPU path: page-locked host memory, its saves and loads
+    asynchronous on the compute stream between captured-graph steps with async scheduling. Chats
+    that outgrow a 24-block pool load their histories back and answer as a pool with room does."""
+    from tests.conftest import assert_engine_idle
+    from tests.test_kv_offload import chat_turns, host_gib
+
+    path = tiny_checkpoints["llama"]
+    shapes = dict(block_size=4, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32")
+    roomy = LLM(path, num_kv_blocks=256, **shapes)
+    tight = LLM(path, num_kv_blocks=24, kv_offloading_size=host_gib(256), **shapes)
+    tier = tight.engine.runner.host_kv
+    assert tier.pinned and tier.host.is_pinned() and tight.engine.async_scheduling
+    assert tight.engine.runner.cuda_graphs is not None
+    assert chat_turns(tight, seed=1) == chat_turns(roomy, seed=1)
+    stats = tight.engine.scheduler.block_manager.stats
+    assert stats.saved_blocks > 0 and stats.loaded_blocks > 0
+    tight.engine.scheduler.block_manager.check_invariants()
+    assert_engine_idle(tight)
