@@ -158,14 +158,48 @@ def kv_block_bytes(model: ModelConfig, groups: KVCacheGroups, block_size: int, e
     return 2 * groups.group_size * block_size * model.num_kv_heads * model.head_dim * element_size
 
 
+MEMINFO = "/proc/meminfo"
+# A container's memory limit, cgroup v2's then v1's: (limit, usage, stats) files, and the stat of
+# reclaimable page cache (what the kernel drops before it kills: kubelet's working set leaves it out).
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+                  "inactive_file"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                  "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+
+
 def available_host_memory() -> int | None:
-    """Bytes of host memory available to new allocations (Linux's MemAvailable); None elsewhere."""
+    """Bytes of host memory available to new allocations: Linux's MemAvailable, or less where
+    the process's cgroup (a container's memory limit) leaves less; None where neither is known."""
+    found = [n for n in (_read_stat(MEMINFO, "MemAvailable:", 1024), _cgroup_headroom()) if n is not None]
+    return min(found) if found else None
+
+
+def _cgroup_headroom() -> int | None:
+    """The cgroup's limit less its working set (usage less reclaimable page cache); None without
+    a limit."""
+    for limit_path, usage_path, stat_path, inactive in CGROUP_MEMORY:
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+            with open(usage_path) as f:
+                usage = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+            return None
+        return max(0, int(limit) - usage + (_read_stat(stat_path, inactive) or 0))
+    return None
+
+
+def _read_stat(path: str, key: str, unit: int = 1) -> int | None:
+    """The number after `key` on its line of a stats file, times `unit`; None if absent."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value.split()[0]) * unit
+    except (OSError, ValueError):
         pass
     return None
 

@@ -200,6 +200,31 @@ def test_the_cuda_pool_leaves_room_for_the_staging_buffer(monkeypatch: pytest.Mo
         assert runner._num_kv_blocks() == pool
 
 
+def test_a_containers_memory_limit_bounds_the_host_memory_available(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a container, MemAvailable is the machine's: the cgroup's limit less its working set
+    (usage less reclaimable page cache, as kubelet counts it) is what a host tier may take."""
+    import engine.model_runner as model_runner
+
+    def cgroup(limit: str, usage: int, inactive: int) -> tuple[str, str, str, str]:
+        (tmp_path / "max").write_text(limit + "\n")
+        (tmp_path / "current").write_text(f"{usage}\n")
+        (tmp_path / "stat").write_text(f"anon 5\ninactive_file {inactive}\nactive_file 7\n")
+        return str(tmp_path / "max"), str(tmp_path / "current"), str(tmp_path / "stat"), "inactive_file"
+
+    (tmp_path / "meminfo").write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(model_runner, "MEMINFO", str(tmp_path / "meminfo"))
+    machine = 20000000 * 1024
+    monkeypatch.setattr(model_runner, "CGROUP_MEMORY", (cgroup(str(8 << 30), 6 << 30, 1 << 30),))
+    assert model_runner.available_host_memory() == 3 << 30
+    monkeypatch.setattr(model_runner, "CGROUP_MEMORY", (cgroup(str(1 << 30), 3 << 30, 0),))
+    assert model_runner.available_host_memory() == 0  # over its limit already
+    for unlimited in ("max", str(2**63 - 4096)):  # v2's and v1's "no limit"
+        monkeypatch.setattr(model_runner, "CGROUP_MEMORY", (cgroup(unlimited, 3 << 30, 0),))
+        assert model_runner.available_host_memory() == machine
+    monkeypatch.setattr(model_runner, "CGROUP_MEMORY", ((str(tmp_path / "none"), "", "", ""),))
+    assert model_runner.available_host_memory() == machine
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(kv_offloading_size=-1.0), "kv_offloading_size must be a number of GiB >= 0"),
     (dict(kv_offloading_size=float("nan")), "kv_offloading_size must be a number of GiB >= 0"),
