@@ -29,7 +29,7 @@ as the host copy's twin, and a load (`take_transfers`) that the engine runs befo
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from scheduler.host_kv_cache import HostBlock, HostKVCache, KVTransfer
@@ -60,15 +60,17 @@ class Block:
 class PrefixHits(list):
     """match_prefix's answer, a list: the anchor group's cached blocks of the prefix. `groups`:
     every group's blocks of it, the anchor's first (a sliding group's NULL_BLOCK before its
-    window; HOST_BLOCK: in host memory only). `serials`: the anchor's, of each block's prefix."""
+    window; HOST_BLOCK: in host memory only). `serials`: the anchor's, of each block's prefix.
+    `host`: the host copy found for each HOST_BLOCK, by (group, index)."""
 
-    __slots__ = ("groups", "serials")
+    __slots__ = ("groups", "serials", "host")
 
     def __init__(self, anchor: list[int], groups: list[list[int]] | None = None,
-                 serials: list[int] | None = None) -> None:
+                 serials: list[int] | None = None, host: dict[tuple[int, int], HostBlock] | None = None) -> None:
         super().__init__(anchor)
         self.groups = groups if groups is not None else [anchor]
         self.serials = serials if serials is not None else []
+        self.host = host if host is not None else {}
 
     def held_block_ids(self) -> list[int]:
         """The device blocks of the hit."""
@@ -147,19 +149,23 @@ class BlockManager:
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
         serials: list[int] = []
+        host: dict[tuple[int, int], HostBlock] = {}
         parent = request.prefix_root
         size, tokens = self.block_size, request.token_ids
         for i, h in enumerate(request.block_hashes[:max_blocks]):
             found = self._find(0, h, parent, tuple(tokens[i * size:(i + 1) * size]))
             if found is None:
                 break
-            hits.append(found[0])
-            serials.append(parent := found[1])
+            if isinstance(found, HostBlock):
+                host[0, i] = found
+            hits.append(HOST_BLOCK if isinstance(found, HostBlock) else found.block_id)
+            serials.append(parent := found.serial)
         if self.num_groups == 1:
-            return PrefixHits(hits, serials=serials)
-        return self._other_groups_hits(request, hits, serials)
+            return PrefixHits(hits, serials=serials, host=host)
+        return self._other_groups_hits(request, hits, serials, host)
 
-    def _other_groups_hits(self, request: Request, anchor: list[int], serials: list[int]) -> PrefixHits:
+    def _other_groups_hits(self, request: Request, anchor: list[int], serials: list[int],
+                           host: dict[tuple[int, int], HostBlock]) -> PrefixHits:
         """The anchor's hits cut back to the longest prefix after which every other group holds
         the blocks its layers read (a sliding group: its window's before the next token)."""
         size, tokens = self.block_size, request.token_ids
@@ -169,7 +175,9 @@ class BlockManager:
             if j not in found[group]:
                 parent = serials[j - 1] if j else request.prefix_root
                 hit = self._find(group, request.block_hashes[j], parent, tuple(tokens[j * size:(j + 1) * size]))
-                found[group][j] = None if hit is None else hit[0]
+                if isinstance(hit, HostBlock):
+                    host[group, j] = hit
+                found[group][j] = None if hit is None else HOST_BLOCK if isinstance(hit, HostBlock) else hit.block_id
             return found[group][j]
 
         n = len(anchor)
@@ -186,20 +194,17 @@ class BlockManager:
         for group in range(1, self.num_groups):
             start = window_start_block(self.windows[group], n * size, size)
             groups.append([NULL_BLOCK] * start + [found[group][j] for j in range(start, n)])
-        return PrefixHits(anchor[:n], groups, serials[:n])
+        return PrefixHits(anchor[:n], groups, serials[:n], {(g, j): b for (g, j), b in host.items() if j < n})
 
     def _find(self, group: int, block_hash: int, parent: int | None,
-              token_ids: tuple[int, ...]) -> tuple[int, int] | None:
-        """(block id, serial) of a cached copy of the group's block holding token_ids after the
-        prefix numbered parent: a device block if any (`_lookup`'s), else HOST_BLOCK for one in
-        host memory."""
+              token_ids: tuple[int, ...]) -> Block | HostBlock | None:
+        """A cached copy of the group's block holding token_ids after the prefix numbered parent:
+        a device block if any (`_lookup`'s), else one in host memory."""
         block_id = self._lookup(group, block_hash, parent, token_ids)
         if block_id is not None:
-            return block_id, self.blocks[block_id].serial
+            return self.blocks[block_id]
         if self.host is not None:
-            saved = self.host.lookup(group, block_hash, parent, token_ids)
-            if saved is not None:
-                return HOST_BLOCK, saved.serial
+            return self.host.lookup(group, block_hash, parent, token_ids)
         return None
 
     def _lookup(self, group: int, block_hash: int, parent: int | None, token_ids: tuple[int, ...]) -> int | None:
@@ -243,7 +248,7 @@ class BlockManager:
                     if block_id >= 0:
                         self._ref(block_id)
                     elif block_id == HOST_BLOCK:
-                        loads.append((group, j, self._host_copy(request, group, j, serials)))
+                        loads.append((group, j, hits.host[group, j]))
                         self.host.pin(loads[-1][2].slot)  # before taking blocks: their evictions save to host
                 blocks.extend(placed)
             for group, j, saved in loads:
@@ -255,20 +260,11 @@ class BlockManager:
                 blocks.append(self._take_free_block(group))
         return True
 
-    def _host_copy(self, request: Request, group: int, j: int, serials: Sequence[int]) -> HostBlock:
-        """The host block of the request's hit j of the group, as match_prefix found it: by its
-        parent and tokens, not the anchor's serial, which another group's copy need not have
-        (the anchor's copies may all be gone before another group's, and the prefix computed
-        again under a new serial)."""
-        size, parent = self.block_size, serials[j - 1] if j else request.prefix_root
-        tokens = tuple(request.token_ids[j * size:(j + 1) * size])
-        saved = self.host.lookup(group, request.block_hashes[j], parent, tokens)
-        assert saved is not None, "a host hit no longer held"
-        return saved
-
     def _load(self, request: Request, group: int, j: int, saved: HostBlock) -> None:
-        """Give the request a fresh block for its hit j of the group held in host memory,
-        registered as the host copy's twin, and the load that fills it."""
+        """Give the request a fresh block for its hit j of the group held in host memory (the
+        copy match_prefix found, by parent and tokens: another group's copy need not carry the
+        anchor's serial), registered as the host copy's twin, and the load that fills it."""
+        assert self.host.blocks.get(saved.slot) is saved, "a host hit no longer held"
         block_id = self._take_free_block(group)
         self._register(self.blocks[block_id], group, saved.hash, saved.serial, saved.parent_serial, saved.token_ids)
         request.kv_blocks[group][j] = block_id
@@ -389,9 +385,7 @@ class BlockManager:
     def _save(self, block: Block) -> None:
         """Before an evicted block is reused: its KV to the host tier, unless the host holds its
         prefix already or a device twin does (that one is saved when it goes)."""
-        if self.host is None or self.host.holds(block.group, block.serial) or any(
-                self.blocks[other].serial == block.serial
-                for other in self.cached[block.group][block.hash] if other != block.block_id):
+        if self.host is None or self.host.holds(block.group, block.serial) or any(self._twins(block)):
             return
         slot = self.host.store(block.group, block.hash, block.serial, block.parent_serial, block.token_ids)
         if slot is not None:
@@ -434,8 +428,12 @@ class BlockManager:
     def _has_twin_in_use(self, block: Block) -> bool:
         """Whether a request holds another copy of the block's prefix (a free copy may be
         evicted first itself: this one would then be the last)."""
-        return any(self.blocks[other].serial == block.serial and self.blocks[other].ref_count
-                   for other in self.cached[block.group][block.hash] if other != block.block_id)
+        return any(twin.ref_count for twin in self._twins(block))
+
+    def _twins(self, block: Block) -> Iterator[Block]:
+        """The group's other registered blocks of the block's prefix (its serial)."""
+        return (other for other in map(self.blocks.__getitem__, self.cached[block.group][block.hash])
+                if other.serial == block.serial and other is not block)
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks whose KV is now fully computed, in every group.
@@ -464,7 +462,7 @@ class BlockManager:
             block_tokens = tuple(tokens[i * size:(i + 1) * size])
             twin = self._find(0, h, parent, block_tokens)
             if twin is not None:
-                serial = twin[1]
+                serial = twin.serial
             else:
                 serial, self._next_serial = self._next_serial, self._next_serial + 1
             for group, blocks in enumerate(request.kv_blocks):
