@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from engine.fp8 import QUANTIZATIONS, Fp8Scheme, read_scheme
 from engine.reasoning import REASONING_PARSERS
 from engine.rope import read_rope, rope_max_len
 from engine.sampling_params import is_int
@@ -207,6 +208,9 @@ class ModelConfig:
     classifier_method: str | None = None
     classifier_token_ids: tuple[int, ...] | None = None
     moe: MoEConfig | None = None  # None: a dense model
+    # How the projections' weights are held in fp8 (engine/fp8.py): the checkpoint's
+    # quantization_config, or the engine's quantization="fp8"; None: at the model's dtype.
+    quantization: Fp8Scheme | None = None
 
     @property
     def is_classifier(self) -> bool:
@@ -231,6 +235,7 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        quantization = read_scheme(raw)  # top-level, also for a model whose text config is nested
         if arch in LANGUAGE_MODEL_OF:  # the language model's config, the checkpoint's end tokens
             raw = raw.get("text_config", {}) | {"architectures": [arch], "model_type": family} | \
                 {key: raw[key] for key in ("bos_token_id", "eos_token_id") if key in raw}
@@ -314,6 +319,7 @@ class ModelConfig:
             classifier_from_token=tokens,
             classifier_method=method,
             moe=MoEConfig.from_dict(raw, family, raw["num_hidden_layers"]),
+            quantization=quantization,
         )
 
     @classmethod
@@ -557,6 +563,10 @@ class EngineConfig:
     # "CLS", "normalize": bool, "matryoshka_dimensions": [...] or true} (or its JSON) over what the
     # checkpoint says (sentence-transformers modules; else the last token, normalised).
     pooler_config: dict[str, Any] | str | None = None
+    # vLLM's --quantization: "fp8" holds the projections' weights in fp8 e4m3, a scale per row
+    # (engine/fp8.py), quantized at load from a wider checkpoint; None: as the checkpoint's
+    # quantization_config says (an fp8 checkpoint is served in fp8 either way).
+    quantization: str | None = None
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, at most the model's positions."""
@@ -592,6 +602,8 @@ class EngineConfig:
         self.resolve_cuda_graph_mode()
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r:.40}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r:.40}")
         if self.enable_lora:
             self.resolve_max_cpu_loras()
 

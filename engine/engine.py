@@ -37,6 +37,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from engine.beam_search import BeamSearch, BeamSearchParams, TopLogprobs
 from engine.config import EngineConfig, ModelConfig, generation_defaults, read_hf_config
 from engine.detokenizer import IncrementalDetokenizer, special_token_ids
+from engine.fp8 import resolve_scheme
 from engine.lora import LoRAAdapter, LoRARegistry, LoRARequest
 from engine.model_runner import ModelRunner, PreviousTokens
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -171,6 +172,7 @@ class LLMEngine:
         self.model_path = path
         hf_config = read_hf_config(path, config.hf_overrides)
         self.model_config = ModelConfig.from_dir(path, config.hf_overrides)
+        self.model_config.quantization = resolve_scheme(self.model_config.quantization, config.quantization)
         self.tokenizer: PreTrainedTokenizerBase | None = self._load_tokenizer(path)
         if self.model_config.classifier_from_token is not None:
             self.model_config.classifier_token_ids = classifier_token_ids(self.tokenizer,

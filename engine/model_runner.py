@@ -34,7 +34,7 @@ from engine.cuda_graphs import (
 )
 from engine.kv_offload import HostKVTier
 from engine.lora import LoRARegistry, LoRASlots
-from engine.models.llama import LlamaForCausalLM
+from engine.models.llama import Linear, LlamaForCausalLM
 from engine.speculative import SpeculativeConfig
 from engine.transfer import to_device
 from engine.weights import init_dummy_weights, iterate_safetensors
@@ -318,7 +318,7 @@ class ModelRunner:
                 model = LlamaForCausalLM(self.model_config, self.max_model_len)
         finally:
             torch.set_default_dtype(default)
-        model.to(self.dtype)
+        model.cast(self.dtype)
         # The rope tables stay fp32, as in the reference implementation.
         model.restore_fp32()
         if self.config.load_format == "dummy":
@@ -328,6 +328,14 @@ class ModelRunner:
                 model.load_weights(iterate_safetensors(path))
         model.eval().requires_grad_(False)
         return model
+
+    @property
+    def weight_bytes(self) -> int:
+        """The memory the model's weights take: its parameters, and the copies kernels packed."""
+        packed = [m.packed for m in self.model.modules() if isinstance(m, Linear) and m.packed is not None]
+        if self.model.head_packed is not None:
+            packed.append(self.model.head_packed)
+        return sum(t.nbytes for t in [*self.model.parameters(), *packed])
 
     @property
     def block_bytes(self) -> int:

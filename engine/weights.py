@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.fp8 import FP8, quantize
+
 
 def safetensors_files(path: str) -> list[str]:
     """The checkpoint's shard files, from model.safetensors.index.json or a lone file."""
@@ -41,6 +43,12 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif name.endswith(".weight_scale"):
+                continue  # an fp8 projection's: set with its weight
             else:
                 values = torch.randn(param.shape, generator=generator, device=device) * std
+                if param.dtype == FP8:  # quantized as quantization="fp8" quantizes a checkpoint's
+                    module = model.get_submodule(name.removesuffix(".weight"))
+                    values, scale = quantize(values, module.fp8_group_size)
+                    module.weight_scale.copy_(scale)
                 param.copy_(values.to(param.dtype))

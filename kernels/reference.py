@@ -1,4 +1,5 @@
-"""Paged attention in plain torch: the CPU serving path and the oracle for the Triton kernels.
+"""Paged attention in plain torch: the CPU serving path and the oracle for the Triton kernels
+(and likewise the layers' other kernels: norm, rotary, the MoE MLP, fp8 projections).
 
 Every function is vectorised over the batch: K/V are gathered through the block tables with
 one index op, padding and causality become one boolean mask, and torch's fused
@@ -236,3 +237,22 @@ def fused_moe(
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)
     return by_expert.index_select(0, back).view(num_tokens, top_k, -1).sum(1).to(x.dtype)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 (e4m3) weight `[..., N, K]` at `dtype`: each element times its row's scale for its
+    group of `group_size` input columns, `scale [..., N, ceil(K / group_size)]` (fp32; the last
+    group may be narrower), in fp32 and rounded to `dtype` once, as transformers dequantizes."""
+    k, groups = weight.shape[-1], scale.shape[-1]
+    values = weight.float()
+    if groups * group_size == k:  # whole groups: the scales broadcast over a view
+        return (values.unflatten(-1, (groups, group_size)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+    return (values * scale.repeat_interleave(group_size, dim=-1)[..., :k]).to(dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection over an fp8 weight: x `[..., K]` @ dequantize_fp8(weight `[N, K]`, scale,
+    group_size, x's dtype)ᵀ (+ bias `[N]`) → `[..., N]` in x's dtype. The weight is dequantized
+    whole for each call: memory holds it in fp8, and only one projection's at a time wider."""
+    return F.linear(x, dequantize_fp8(weight, scale, group_size, x.dtype), bias)

@@ -61,6 +61,8 @@ class WorkerInfo:
     # What a sequence takes of the KV pool (a hybrid model's layer groups); None: one full group
     kv_plan: KVCachePlan | None = None
     num_host_blocks: int = 0  # the prefix cache's host tier (--kv-offloading-size)
+    weight_bytes: int = 0  # what the model's weights take in memory
+    quantization: str | None = None  # how they are held in fp8 (engine/fp8.py's scheme methods); None: not
 
     @property
     def plan(self) -> KVCachePlan:
@@ -344,12 +346,15 @@ class EngineClient:
                                    frame["num_blocks"], frame["block_size"], frame["default_sampling"],
                                    frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
                                    frame["generates"], frame.get("labels"), frame.get("joins_pairs", False),
-                                   KVCachePlan.from_dict(frame["kv_plan"]), frame.get("num_host_blocks", 0))
+                                   KVCachePlan.from_dict(frame["kv_plan"]), frame.get("num_host_blocks", 0),
+                                   frame.get("weight_bytes", 0), frame.get("quantization"))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             groups = self.info.plan.groups
-            logger.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens%s; a sequence of up to %d "
-                        "tokens%s)", self.info.model_path, self.info.max_model_len, self.info.num_blocks,
+            weights = f"weights {self.info.weight_bytes / 2**30:.2f} GiB" + \
+                (f" in fp8 ({self.info.quantization})" if self.info.quantization else "")
+            logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks of %d tokens%s; a sequence of up to %d "
+                        "tokens%s)", self.info.model_path, weights, self.info.max_model_len, self.info.num_blocks,
                         self.info.block_size, f" in {groups.num_groups} layer groups of windows {list(groups.windows)}"
                         if groups.num_groups > 1 else "", self.info.max_sequence_tokens,
                         f"; the prefix cache keeps {self.info.num_host_blocks} more blocks in host memory"

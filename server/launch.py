@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="a model with sliding-window layers keeps every KV block of its sequences in every layer, "
                         "instead of giving a sliding layer's blocks before its window back to the pool")
+    e.add_argument("--quantization", "-q", default=None,
+                   help="fp8: hold the projections' weights in fp8 e4m3 with a scale per row, quantized at load "
+                        "(half of bf16's memory); an fp8 checkpoint (quant_method fp8 or compressed-tensors' "
+                        "float8) is served in fp8 without it (default: as the checkpoint is)")
     e.add_argument("--kv-offloading-size", type=float, default=0.0, metavar="GIB",
                    help="GiB of host memory for a second tier of the prefix cache: blocks the KV pool evicts are "
                         "saved there, and loaded back on a hit instead of computed again (default: none)")
@@ -275,7 +279,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
         "disable_hybrid_kv_cache_manager": args.disable_hybrid_kv_cache_manager,
-        "kv_offloading_size": args.kv_offloading_size, "kv_offloading_backend": args.kv_offloading_backend,
+        "quantization": args.quantization, "kv_offloading_size": args.kv_offloading_size, "kv_offloading_backend": args.kv_offloading_backend,
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "scheduling_policy": args.scheduling_policy,
@@ -373,12 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("bad --generation-config: %s", exc)
         return 2
     from engine.config import ModelConfig
+    from engine.fp8 import resolve_scheme
     from engine.pooling import PoolerConfig
 
     try:  # what the worker would refuse: an architecture the overrides name, a classifier's keys
         model_config = ModelConfig.from_dir(model_path, config.engine_args["hf_overrides"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         logger.error("bad --hf-overrides (or the checkpoint's config.json): %s", exc)
+        return 2
+    try:
+        resolve_scheme(model_config.quantization, config.engine_args["quantization"])
+    except ValueError as exc:
+        logger.error("bad --quantization: %s", exc)
         return 2
     try:  # the checkpoint's own (sentence-transformers modules) too: the worker would refuse it
         PoolerConfig.for_model(model_path, config.engine_args["pooler_config"], config.engine_args["hf_overrides"])

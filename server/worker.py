@@ -149,6 +149,8 @@ class Worker:
             "vocab_size": e.model_config.vocab_size,
             "num_blocks": e.scheduler.block_manager.num_blocks,
             "num_host_blocks": e.scheduler.config.num_host_blocks,
+            "weight_bytes": e.runner.weight_bytes,
+            "quantization": None if e.model_config.quantization is None else e.model_config.quantization.method,
             "block_size": e.scheduler.block_manager.block_size,
             "max_sequence_tokens": e.scheduler.max_sequence_tokens,
             "kv_plan": e.scheduler.kv_plan.to_dict(),

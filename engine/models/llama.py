@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import LANGUAGE_MODEL_OF, ModelConfig
+from engine.fp8 import FP8, UNUSED_SCALES, quantize, scales_per_row
 from engine.lora import LoRAProjection, LoRAState
 from engine.models.moe import SparseMoeBlock
 from engine.rope import inv_freq
@@ -111,14 +112,27 @@ class Rotary(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear, or, after `use_kernels(ops)`, `ops.linear` over the weight as `ops` packed it.
     The packed copy replaces the weight (which is then empty) until `use_kernels(None)`
-    unpacks it again, so the weights are held once. With LoRA adapters (engine/lora.py), each
-    token's adapter product is added to it."""
+    unpacks it again, so the weights are held once. With `fp8_group_size`, the weight is held
+    in fp8 with a scale per row and group of that many input columns (engine/fp8.py), and the
+    product is `fp8_kernels.fp8_linear`'s. With LoRA adapters (engine/lora.py), each token's
+    adapter product is added to it."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__(in_features, out_features, bias=bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool, fp8_group_size: int | None = None) -> None:
+        # An fp8 weight is made in fp8 from the start (never first at the model's dtype).
+        super().__init__(in_features, out_features, bias=bias, device="meta" if fp8_group_size else None)
         self.kernels: ModuleType | None = None
         self.packed: torch.Tensor | None = None
         self.lora: LoRAProjection | None = None
+        self.fp8_group_size = fp8_group_size
+        self.fp8_kernels: ModuleType = reference  # a module with fp8_linear
+        self.weight_scale: nn.Parameter | None = None
+        if fp8_group_size:
+            groups = -(-in_features // fp8_group_size)
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+            self.weight_scale = nn.Parameter(torch.empty(out_features, groups, dtype=torch.float32),
+                                             requires_grad=False)
+            if bias:
+                self.bias = nn.Parameter(torch.empty(out_features))
 
     def use_kernels(self, ops: ModuleType | None) -> None:
         if self.packed is not None:  # back to the plain weight first
@@ -131,7 +145,9 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.weight_scale is not None:
+            y = self.fp8_kernels.fp8_linear(x, self.weight, self.weight_scale, self.fp8_group_size, self.bias)
+        elif self.packed is not None:
             y = self.kernels.linear(x, self.packed, self.bias, self.out_features)
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -157,8 +173,12 @@ class Attention(nn.Module):
         self.softcap = config.attn_softcap
         self.local_rope = bool(window) and config.local_rope is not None
         self.rotates = layer not in config.nope_layers
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        where = f"model.layers.{layer}.self_attn"
+        qkv = ["qkv_proj"] if config.fused_checkpoint else ["q_proj", "k_proj", "v_proj"]
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias,
+                               fp8_group_size=fp8_group_size(config, where, qkv, config.hidden_size))
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False,
+                             fp8_group_size=fp8_group_size(config, where, ["o_proj"], self.q_size))
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -182,12 +202,26 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
+def fp8_group_size(config: ModelConfig, where: str, modules: list[str], in_features: int) -> int | None:
+    """The fp8 group size of the projection fusing checkpoint `modules` under `where` (a module
+    path as the checkpoint names it), None where it is not quantized."""
+    scheme = config.quantization
+    if scheme is None or not scheme.quantizes_all([f"{where}.{m}" if where else m for m in modules]):
+        return None
+    return scheme.group(in_features)
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None, where: str = "") -> None:
+        """`where`: the MLP's module path in the checkpoint (model.layers.0.mlp), which its
+        quantization config may name."""
         super().__init__()
         self.intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
-        self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=False)
+        gate_up = ["gate_up_proj"] if config.fused_checkpoint else ["gate_proj", "up_proj"]
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=False,
+                                   fp8_group_size=fp8_group_size(config, where, gate_up, config.hidden_size))
+        self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=False,
+                                fp8_group_size=fp8_group_size(config, where, ["down_proj"], self.intermediate_size))
         self.kernels: ModuleType | None = None  # a module with silu_and_mul, or None: torch
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"  # Gemma's gate, in torch
 
@@ -205,7 +239,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer)
         sparse = config.moe is not None and layer in config.moe.sparse_layers
-        self.mlp = SparseMoeBlock(config, MLP) if sparse else MLP(config)
+        self.mlp = SparseMoeBlock(config, MLP, f"model.layers.{layer}.mlp") if sparse else \
+            MLP(config, where=f"model.layers.{layer}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.sandwich_norms:  # Gemma's: post_attention_layernorm then norms the attention's output
@@ -264,7 +299,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, max_model_len)
         classifier = config.is_classifier
         self.lm_head = None if config.tie_word_embeddings or classifier else \
-            Linear(config.hidden_size, config.vocab_size, bias=False)
+            Linear(config.hidden_size, config.vocab_size, bias=False,
+                   fp8_group_size=fp8_group_size(config, "", ["lm_head"], config.hidden_size))
         # False for a classifier and a checkpoint without one (an embedding model's): no generation.
         self.has_lm_head = not classifier
         # A sequence classifier's head, transformers' `score` (torch's product: a few rows a step).
@@ -413,7 +449,7 @@ class LlamaForCausalLM(nn.Module):
         """The parts a checkpoint may give a parameter of ours in separate tensors (none: it
         comes whole): a fused projection's shards, stacked experts' projections."""
         parts = name.split(".")
-        kind = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
+        kind = parts[-2] if parts[-1] in ("weight", "bias", "weight_scale") else parts[-1]
         if kind == "qkv_proj":
             return ["0", "1", "2"]
         if kind == "gate_up_proj":
@@ -429,6 +465,28 @@ class LlamaForCausalLM(nn.Module):
         pieces = self._pieces(name, param)
         return name in loaded or bool(pieces) and all(f"{name}#{p}" in loaded for p in pieces)
 
+    def _fp8_fills(self, source: str, target: str, tensor: torch.Tensor, fp8_param: bool) -> dict[str, torch.Tensor]:
+        """What a tensor of the other kind than its parameter fills: with quantization="fp8",
+        a wide weight quantized with its scales; else a ValueError (a checkpoint that disagrees
+        with its quantization config)."""
+        scheme = self.config.quantization
+        if not fp8_param:
+            raise ValueError(f"checkpoint tensor {source!r} is fp8, and its quantization config leaves the projection "
+                             "out (or the checkpoint has none)")
+        if not scheme.online:
+            raise ValueError(f"checkpoint tensor {source!r} is {str(tensor.dtype).removeprefix('torch.')}, and its "
+                             "quantization config says the projection is fp8")
+        module = self.get_submodule(target.removesuffix(".weight"))
+        weight, scale = quantize(tensor, module.fp8_group_size)
+        return {target: weight, f"{target}_scale": scale}
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """model.to(dtype), but for what fp8 projections hold: their fp8 weights and fp32 scales
+        (an fp8 weight cast would be a copy at the model's dtype, twice the memory)."""
+        kept = {id(t) for m in self.modules() if isinstance(m, Linear) and m.weight_scale is not None
+                for t in (m.weight, m.weight_scale)}
+        self._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.to(dtype))
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into our parameters; every parameter must be covered."""
         params = dict(self.named_parameters())
@@ -438,9 +496,16 @@ class LlamaForCausalLM(nn.Module):
         head_rows: torch.Tensor | None = None  # an LLM reranker's: its classifier tokens' LM-head rows
         token_ids = list(self.config.classifier_token_ids or ())
         renames, left_out = LANGUAGE_MODEL_OF.get(self.config.architecture, ({}, ()))
+        scheme = self.config.quantization
         for name, tensor in weights:
             if "rotary_emb" in name or name.startswith(left_out):
                 continue
+            if scheme is not None and not scheme.online:
+                last = name.rsplit(".", 1)[-1]
+                if last in UNUSED_SCALES:
+                    continue
+                if last == scheme.scale_suffix:  # our name for a projection's scales
+                    name = name.removesuffix(last) + "weight_scale"
             prefix = next((p for p in renames if name.startswith(p)), None)
             if prefix is not None:
                 name = renames[prefix] + name.removeprefix(prefix)
@@ -471,28 +536,41 @@ class LlamaForCausalLM(nn.Module):
                 target, piece = ".".join(parts[:-2] + [fused, parts[-1]]), str(shard)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {source!r} has no place in {self.config.architecture}")
-            dest = params[target].data
-            if expert is not None:
-                if expert >= dest.shape[0]:
-                    raise ValueError(f"checkpoint tensor {source!r} is for expert {expert}, and the model has "
-                                     f"{dest.shape[0]}")
-                dest = dest[expert]
-            if shard is not None:
-                first, end = self._shard_bounds(fused, shard, dest.shape[0])
-                dest = dest[first:end]
-            if dest.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(dest.shape)}")
-            key = target if piece is None else f"{target}#{piece}"
-            if key in loaded or (target in pieced if piece is None else target in loaded):
-                raise ValueError(f"checkpoint tensor {source!r} fills {target} again (the checkpoint holds it twice, "
-                                 "e.g. its experts both one by one and stacked)")
-            if self.config.norm_plus_one and target.endswith("norm.weight"):
-                tensor = tensor.float() + 1.0  # Gemma's RMSNorm scales by 1 + w
-            dest.copy_(tensor)
-            loaded.add(key)
-            if piece is not None:
-                pieced.add(target)
+
+            def place(param: str) -> torch.Tensor:
+                """Where the tensor lands in `param`: its expert's, its shard's rows."""
+                dest = params[param].data
+                if expert is not None:
+                    if expert >= dest.shape[0]:
+                        raise ValueError(f"checkpoint tensor {source!r} is for expert {expert}, and the model has "
+                                         f"{dest.shape[0]}")
+                    dest = dest[expert]
+                if shard is not None:
+                    first, end = self._shard_bounds(fused, shard, dest.shape[0])
+                    dest = dest[first:end]
+                return dest
+
+            dest = place(target)
+            fills = {target: tensor}  # what the tensor fills: an online quantization's scales too
+            if target.endswith(".weight_scale"):
+                fills[target] = scales_per_row(tensor, *dest.shape, scheme.block_rows, source)
+            elif (dest.dtype == FP8) != (tensor.dtype == FP8):
+                fills = self._fp8_fills(source, target, tensor, dest.dtype == FP8)
+            for target, tensor in fills.items():
+                dest = place(target)
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(dest.shape)}")
+                key = target if piece is None else f"{target}#{piece}"
+                if key in loaded or (target in pieced if piece is None else target in loaded):
+                    raise ValueError(f"checkpoint tensor {source!r} fills {target} again (the checkpoint holds it "
+                                     "twice, e.g. its experts both one by one and stacked)")
+                if self.config.norm_plus_one and target.endswith("norm.weight"):
+                    tensor = tensor.float() + 1.0  # Gemma's RMSNorm scales by 1 + w
+                dest.copy_(tensor)
+                loaded.add(key)
+                if piece is not None:
+                    pieced.add(target)
         missing = [name for name, param in params.items() if not self._covered(name, param, loaded)]
         if "score.weight" in missing:
             if not token_ids:

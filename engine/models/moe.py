@@ -20,11 +20,17 @@ from kernels import reference
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, config: ModelConfig, mlp: type[nn.Module]) -> None:
-        """`mlp`: the model's dense MLP class, for the shared expert."""
+    def __init__(self, config: ModelConfig, mlp: type[nn.Module], where: str = "") -> None:
+        """`mlp`: the model's dense MLP class, for the shared expert; `where`: this block's module
+        path in the checkpoint (model.layers.0.mlp), which its quantization config may name."""
         super().__init__()
         moe = config.moe
         assert moe is not None
+        scheme = config.quantization
+        if scheme is not None and scheme.quantizes(f"{where}.experts"):
+            raise ValueError("fp8 expert weights are not supported yet: a mixture of experts is served with its "
+                             "experts at the model's dtype (an fp8 checkpoint whose quantization config leaves the "
+                             "experts out serves; quantization='fp8' does not)")
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
         self.intermediate_size = moe.intermediate_size
         # The router: torch's product, not a packed Linear's (its logits decide discrete choices,
@@ -33,7 +39,7 @@ class SparseMoeBlock(nn.Module):
         self.w13 = nn.Parameter(torch.empty(moe.num_experts, 2 * moe.intermediate_size, config.hidden_size))
         self.w2 = nn.Parameter(torch.empty(moe.num_experts, config.hidden_size, moe.intermediate_size))
         shared = moe.shared_expert_intermediate_size
-        self.shared_expert = mlp(config, shared) if shared else None
+        self.shared_expert = mlp(config, shared, f"{where}.shared_expert") if shared else None
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if shared else None
         self.kernels: ModuleType = reference  # a module with fused_moe
 

@@ -1,0 +1,273 @@
+"""FP8 weights (engine/fp8.py): checkpoints saved in fp8, and quantization="fp8" over wider ones.
+
+The oracle is transformers over the same weights dequantized: each fp8 checkpoint here is
+written by its format's own writer (transformers' FineGrainedFP8 quantizer for HF's "fp8";
+compressed-tensors' layouts by hand, as llm-compressor saves them), dequantized by the format's
+rule into a plain fp32 checkpoint (transformers' own dequantizer for "fp8"), and run by
+transformers. stoke must give its greedy tokens and, prompt and answer, its logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine import LLM, SamplingParams
+from engine.config import ModelConfig
+from engine.fp8 import FP8, FP8_MAX
+from engine.weights import iterate_safetensors
+from tests.conftest import (assert_engine_idle, assert_logprobs_equal_transformers, hf_greedy, random_prompts,
+                            save_tiny_moe)
+
+PROMPTS = random_prompts(7, [5, 23, 40])
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    return {name: tensor.contiguous() for name, tensor in iterate_safetensors(path)}
+
+
+def _config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def _save(path: str, state: dict[str, torch.Tensor], config: dict) -> str:
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def _is_projection(name: str) -> bool:
+    return name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS
+
+
+def _amax_scale(values: torch.Tensor) -> torch.Tensor:
+    amax = values.abs().amax(-1, keepdim=True)
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def _ct_quantize(weight: torch.Tensor, strategy: str, group: int = 0, block: tuple[int, int] = (0, 0)
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compressed-tensors' float8 weight, its `weight_scale` as saved for `strategy`, and the
+    weight it stands for (fp8 times the scale): per tensor [1], channel [N, 1], group [N, G],
+    block [ceil(N / bn), ceil(K / bk)], each scale amax / 448 over what it covers."""
+    w = weight.float()
+    n, k = w.shape
+    if strategy == "tensor":
+        scale = _amax_scale(w.reshape(1, -1)).reshape(1)
+        expanded = scale.expand(n, k)
+    elif strategy == "channel":
+        scale = _amax_scale(w)
+        expanded = scale.expand(n, k)
+    else:
+        rows, cols = (1, group) if strategy == "group" else block
+        tiles = torch.zeros(-(-n // rows) * rows, -(-k // cols) * cols)
+        tiles[:n, :k] = w
+        grid = tiles.unflatten(0, (-1, rows)).unflatten(-1, (-1, cols)).transpose(1, 2)  # [R, C, rows, cols]
+        scale = _amax_scale(grid.flatten(-2)).squeeze(-1)
+        expanded = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k]
+    quantized = (w / expanded).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantized, scale, quantized.float() * expanded
+
+
+def _run(path: str, **engine_args: object) -> LLM:
+    return LLM(path, num_kv_blocks=64, block_size=8, max_num_batched_tokens=32, **engine_args)
+
+
+def _greedy(llm: LLM, max_tokens: int = 8) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _assert_like_transformers(llm: LLM, reference: str) -> None:
+    import transformers
+
+    assert _greedy(llm) == hf_greedy(reference, PROMPTS, 8)
+    model = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    assert_logprobs_equal_transformers(llm, model, PROMPTS, 6)
+    assert_engine_idle(llm)
+
+
+def _fp8_linears(llm: LLM) -> dict[str, torch.nn.Module]:
+    from engine.models.llama import Linear
+
+    return {name: m for name, m in llm.engine.runner.model.named_modules()
+            if isinstance(m, Linear) and m.weight.dtype == FP8}
+
+
+# ----------------------------------------------------------------------------- HF's "fp8"
+
+
+def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(tiny_checkpoints, tmp_path) -> None:
+    """Qwen3-FP8's layout: 32 x 32 blocks (128 x 128 there), written and dequantized by
+    transformers' own FineGrainedFP8 code; q/k/v and gate/up fused from shards with their own
+    block grids; the LM head left wide."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+    source = tiny_checkpoints["llama"]
+    quant_config = FineGrainedFP8Config(weight_block_size=(32, 32))
+    quantizer = type("Quantizer", (), {"quantization_config": quant_config})()
+    write, read = Fp8Quantize(quantizer), Fp8Dequantize(quantizer)
+    state, plain = {}, {}
+    for name, tensor in _state(source).items():
+        if _is_projection(name):
+            saved = write._quantize_one(name, tensor)
+            state |= saved
+            plain[name] = read._dequantize_one(saved[name], saved[name + "_scale_inv"], torch.float32)
+        else:
+            state[name] = plain[name] = tensor
+    config = _config(source)
+    quantized = _save(str(tmp_path / "fp8"), state, config | {"quantization_config": json.loads(
+        json.dumps(quant_config.to_dict(), default=str))})
+    reference = _save(str(tmp_path / "plain"), plain, config)
+
+    llm = _run(quantized)
+    linears = _fp8_linears(llm)
+    assert len(linears) == 4 * 2 and "lm_head" not in linears  # qkv, o, gate_up, down in 2 layers
+    assert all(m.fp8_group_size == 32 and m.weight_scale.shape == (m.out_features, m.in_features // 32) for m in linears.values())
+    _assert_like_transformers(llm, reference)
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+
+
+CT_CASES = {
+    # (tiny model, weight strategy, its arguments, modules the config ignores)
+    "tensor": ("llama", {}, ["lm_head"]),
+    "channel": ("qwen3", {}, ["lm_head", "model.layers.1.mlp.down_proj"]),
+    "group": ("qwen2", {"group": 48}, ["re:.*lm_head"]),  # a narrower last group: 64 = 48 + 16
+    "block": ("mistral", {"block": (16, 48)}, []),  # the LM head quantized too
+}
+
+
+def _ct_config(strategy: str, args: dict, ignore: list[str]) -> dict:
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+               "group_size": args.get("group"), "block_structure": list(args["block"]) if "block" in args else None}
+    activations = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+            "ignore": ignore, "kv_cache_scheme": None}
+
+
+@pytest.mark.parametrize("strategy", list(CT_CASES))
+def test_compressed_tensors_fp8_checkpoint_gives_the_tokens_of_transformers(strategy, tiny_checkpoints,
+                                                                             tmp_path) -> None:
+    """llm-compressor's FP8 layouts: a scale per tensor (fused shards of different scales), per
+    channel, per group (the last narrower), per block (a ragged grid, the LM head quantized);
+    modules the config ignores stay wide; static input scales are read past."""
+    from engine.fp8 import _matches
+
+    kind, args, ignore = CT_CASES[strategy]
+    source = tiny_checkpoints[kind]
+    state, plain = {}, {}
+    config = _config(source)
+    for name, tensor in _state(source).items():
+        module = name.removesuffix(".weight")
+        wide = any(_matches(pattern, module) for pattern in ignore)
+        if (_is_projection(name) or name == "lm_head.weight") and not wide:
+            state[name], state[f"{module}.weight_scale"], plain[name] = _ct_quantize(tensor, strategy, **args)
+            state[f"{module}.input_scale"] = torch.tensor([0.02])
+        else:
+            state[name] = plain[name] = tensor
+    quantized = _save(str(tmp_path / "ct"), state, config | {"quantization_config": _ct_config(strategy, args, ignore)})
+    reference = _save(str(tmp_path / "plain"), plain, config)
+
+    llm = _run(quantized)
+    linears = _fp8_linears(llm)
+    assert ("lm_head" in linears) == (strategy == "block")
+    assert ("model.layers.1.mlp.down_proj" in linears) == (strategy != "channel")
+    _assert_like_transformers(llm, reference)
+
+
+# ----------------------------------------------------------------------------- quantization="fp8"
+
+
+def test_online_fp8_gives_the_tokens_of_transformers_over_the_weights_it_kept(tiny_checkpoints, tmp_path) -> None:
+    """quantization="fp8" over an fp32 checkpoint: each projection row quantized with its own
+    scale (amax / 448); transformers over those weights dequantized gives the same tokens, and
+    the projections hold a byte a weight."""
+    source = tiny_checkpoints["qwen3"]
+    plain = {}
+    for name, tensor in _state(source).items():
+        plain[name] = _ct_quantize(tensor, "channel")[2] if _is_projection(name) else tensor
+    reference = _save(str(tmp_path / "plain"), plain, _config(source))
+
+    llm = _run(source, quantization="fp8")
+    linears = _fp8_linears(llm)
+    assert len(linears) == 8 and all(m.weight_scale.shape == (m.out_features, 1) for m in linears.values())
+    for module in linears.values():  # a byte a weight (a quarter of fp32's), and a scale a row
+        assert module.weight.nbytes == module.out_features * module.in_features
+        assert module.weight_scale.nbytes == module.out_features * 4
+    _assert_like_transformers(llm, reference)
+
+
+def test_online_fp8_with_dummy_weights_quantizes_them(tiny_checkpoints) -> None:
+    """load_format="dummy" with quantization="fp8" (a benchmark's): the random weights are
+    quantized as a checkpoint's would be, scales and all, and the engine generates."""
+    llm = _run(tiny_checkpoints["llama"], load_format="dummy", quantization="fp8")
+    for module in _fp8_linears(llm).values():
+        assert bool((module.weight_scale > 0).all())
+        assert float(module.weight.float().abs().max()) == FP8_MAX  # each row's largest weight is 448
+    assert all(len(tokens) == 8 for tokens in _greedy(llm))
+
+
+# ----------------------------------------------------------------------------- refused
+
+
+def test_quantizations_stoke_does_not_serve_are_refused_with_their_names(tiny_checkpoints, tmp_path) -> None:
+    source = tiny_checkpoints["llama"]
+    raw = _config(source)
+    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
+        ModelConfig.from_dict(raw | {"quantization_config": {"quant_method": "awq", "bits": 4}})
+    int8 = _ct_config("channel", {}, []) | {"config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}}}
+    with pytest.raises(ValueError, match="type 'int' with 8 bits are not supported"):
+        ModelConfig.from_dict(raw | {"quantization_config": int8})
+    with pytest.raises(ValueError, match="fp8 format 'e5m2'"):
+        ModelConfig.from_dict(raw | {"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}})
+    with pytest.raises(ValueError, match="quantization must be one of fp8, compressed-tensors"):
+        LLM(source, quantization="int4")
+    with pytest.raises(ValueError, match="the checkpoint has no such quantization_config"):
+        LLM(source, quantization="compressed-tensors")
+    moe = save_tiny_moe(str(tmp_path / "moe"), "qwen3_moe")
+    with pytest.raises(ValueError, match="fp8 expert weights are not supported yet"):
+        LLM(moe, quantization="fp8", num_kv_blocks=16)
+
+
+def test_a_checkpoint_that_disagrees_with_its_quantization_config_is_refused(tiny_checkpoints, tmp_path) -> None:
+    """Tensor by tensor: a projection the config quantizes saved wide, an fp8 tensor in a module
+    the config leaves out, and a fused projection the config would split."""
+    source = tiny_checkpoints["llama"]
+    config = _config(source)
+    state = {}
+    for name, tensor in _state(source).items():
+        if _is_projection(name):
+            state[name], state[name + "_scale"], _ = _ct_quantize(tensor, "channel")
+        else:
+            state[name] = tensor
+    wide_down = dict(state, **{"model.layers.0.mlp.down_proj.weight": torch.zeros(64, 128)})
+    path = _save(str(tmp_path / "wide"), wide_down, config | {"quantization_config": _ct_config("channel", {}, ["lm_head"])})
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.weight' is float32, and its quantization "
+                                         "config says the projection is fp8"):
+        _run(path)
+    left_out = _ct_config("channel", {}, ["lm_head", "model.layers.0.mlp.down_proj"])
+    path = _save(str(tmp_path / "left_out"), state, config | {"quantization_config": left_out})
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.weight' is fp8, and its quantization config "
+                                         "leaves the projection out"):
+        _run(path)
+    split = _ct_config("channel", {}, ["lm_head", "model.layers.0.self_attn.k_proj"])
+    shutil.copytree(path, str(tmp_path / "split"))
+    with open(tmp_path / "split" / "config.json", "w") as f:
+        json.dump(config | {"quantization_config": split}, f)
+    with pytest.raises(ValueError, match="leaves some of .*q_proj.*k_proj.*v_proj unquantized"):
+        _run(str(tmp_path / "split"))
