@@ -294,3 +294,23 @@ def test_rerank_benchmark_tiny(tmp_path, kind: str) -> None:
     computed = {r["case"]: r["computed_tokens"] for r in results}
     assert computed["stoke, no prefix cache"] == report["prompt_tokens"]
     assert computed["stoke"] <= report["prompt_tokens"] - 2 * 2 * 16  # at least one block per query, twice
+
+
+def test_fp8_benchmark_on_the_default_model(tmp_path) -> None:
+    """benchmarks/fp8.py at a tiny size over the embedded default's real weights: the fp8
+    engine's projections take a byte a weight, its perplexity over the README stays near the
+    wide model's, and the answers are compared."""
+    from benchmarks.fp8 import main as fp8_main
+
+    out = tmp_path / "fp8.json"
+    report = fp8_main(["--num-requests", "2", "--prompt-len", "8", "--max-tokens", "4", "--rounds", "1",
+                       "--text-tokens", "128", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    memory, quality = report["memory"], report["quality"]
+    assert memory["fp8"]["weight_gib"] < 0.5 * memory["wide"]["weight_gib"]  # fp32 projections, embedding kept
+    assert quality["real_weights"] and quality["text_tokens"] == 128
+    assert 0.9 < quality["perplexity_ratio"] < 1.1  # fp8 per channel moves a model, a little (either way)
+    assert 0 <= quality["same_answers"] <= 1 and 0 <= quality["mean_common_prefix"] <= 4
+    assert [(r["case"], r["batch"]) for r in report["results"]] == [("wide", "batch 1"), ("fp8", "batch 1"),
+                                                                    ("wide", "batch 2"), ("fp8", "batch 2")]
+    assert all(_positive(r["tok_s"]) and _positive(r["ms_per_step"]) for r in report["results"])

@@ -195,7 +195,8 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert names == ["kernel_tests", "kernels", "moe_kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_sync_scheduling", "kernel_configs", "kernels_tuned",
                      "serve_default_model", "speculative_cost", "lora_cost", "offline_qwen3-30b-a3b",
-                     "offline_gemma-3-4b", "hybrid_kv", "kv_offload", "offline_llama-3-8b_sync_scheduling",
+                     "offline_gemma-3-4b", "hybrid_kv", "kv_offload", "fp8_weights",
+                     "offline_llama-3-8b_sync_scheduling",
                      "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
     assert sum(s.limit_s for s in stages) >= 560  # the budget (560 s), not the limits, binds
@@ -221,6 +222,9 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert "configs/gemma-3-4b" not in smoke["hybrid_kv"].command  # the CPU's: the small Gemma 3
     offload = by_name["kv_offload"]
     assert offload.command[1:3] == ["-m", "benchmarks.kv_offload"] and "configs/qwen3-0.6b" in offload.command
+    fp8 = by_name["fp8_weights"]
+    assert fp8.command[1:3] == ["-m", "benchmarks.fp8"] and "configs/llama-3-8b" in fp8.command
+    assert "configs/llama-3-8b" not in smoke["fp8_weights"].command
     serve = by_name["serve_default_model"]
     assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"]
     assert "--stoke-arg=dummy" in serve.command
