@@ -43,12 +43,11 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            elif name.endswith(".weight_scale"):
-                continue  # an fp8 projection's: set with its weight
+            elif name.endswith("_scale"):
+                continue  # an fp8 weight's: set with it
             else:
                 values = torch.randn(param.shape, generator=generator, device=device) * std
                 if param.dtype == FP8:  # quantized as quantization="fp8" quantizes a checkpoint's
-                    module = model.get_submodule(name.removesuffix(".weight"))
-                    values, scale = quantize(values, module.fp8_group_size)
-                    module.weight_scale.copy_(scale)
+                    values, scale = quantize(values, model.fp8_group_size(name))
+                    model.get_parameter(f"{name}_scale").copy_(scale)
                 param.copy_(values.to(param.dtype))

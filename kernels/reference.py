@@ -203,7 +203,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None, fp8_groups: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """A mixture-of-experts MLP: each token `x [T, H]` through its `K` routed experts, summed by
     weight. `w13 [E, 2I, H]` holds each expert's gate then up projection, `w2 [E, H, I]` its down
@@ -215,7 +216,9 @@ def fused_moe(
     One batched product per expert that has tokens, its rows written in expert order and put
     back in token order by one gather (torch's index_add_ on the CPU costs more than the
     products). It reads the routing on the host: not for CUDA graphs, where kernels.triton_moe
-    runs. → `[T, H]` in x's dtype."""
+    runs. With `fp8_scales`, w13 and w2 are fp8 with scales `[E, rows, groups]` per row and group
+    of `fp8_groups` columns (dequantize_fp8's), each expert's dequantized when it runs.
+    → `[T, H]` in x's dtype."""
     num_tokens, top_k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[-1]
     if num_tokens == 0:
@@ -230,8 +233,12 @@ def fused_moe(
         if not count:
             continue
         end = start + count
-        gate, up = F.linear(x[rows[start:end]], w13[expert]).split(inter, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[expert])
+        up_weight, down_weight = w13[expert], w2[expert]
+        if fp8_scales is not None:
+            up_weight = dequantize_fp8(up_weight, fp8_scales[0][expert], fp8_groups[0], x.dtype)
+            down_weight = dequantize_fp8(down_weight, fp8_scales[1][expert], fp8_groups[1], x.dtype)
+        gate, up = F.linear(x[rows[start:end]], up_weight).split(inter, dim=-1)
+        y = F.linear(F.silu(gate) * up, down_weight)
         torch.mul(y.float(), weights[start:end, None], out=by_expert[start:end])
         start = end
     back = torch.empty_like(order)

@@ -104,17 +104,32 @@ def _fp8_linears(llm: LLM) -> dict[str, torch.nn.Module]:
             if isinstance(m, Linear) and m.weight.dtype == FP8}
 
 
+def _assert_experts_fp8(llm: LLM, held: bool, group: int | None = None) -> None:
+    """Every sparse layer's experts in fp8 (with scales per row and `group` columns) if `held`;
+    whether or not, the router at the model's dtype."""
+    from engine.models.moe import SparseMoeBlock
+
+    blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+    assert bool(blocks) == held
+    for block in blocks:
+        assert block.w13.dtype == block.w2.dtype == FP8 and block.gate.weight.dtype == torch.float32
+        hidden, inter = block.w13.shape[-1], block.w2.shape[-1]
+        assert block.w13_scale.shape[-1] == -(-hidden // (group or hidden))
+        assert block.w2_scale.shape[-1] == -(-inter // (group or inter))
+
+
 # ----------------------------------------------------------------------------- HF's "fp8"
 
 
-def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(tiny_checkpoints, tmp_path) -> None:
-    """Qwen3-FP8's layout: 32 x 32 blocks (128 x 128 there), written and dequantized by
-    transformers' own FineGrainedFP8 code; q/k/v and gate/up fused from shards with their own
-    block grids; the LM head left wide."""
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(kind, tiny_checkpoints, tmp_path) -> None:
+    """Qwen3-FP8's and Qwen3-30B-A3B-FP8's layout: 32 x 32 blocks (128 x 128 there), written and
+    dequantized by transformers' own FineGrainedFP8 code; q/k/v and gate/up fused from shards
+    with their own block grids, experts stacked from theirs; the router and LM head left wide."""
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
-    source = tiny_checkpoints["llama"]
+    source = tiny_checkpoints[kind] if kind in tiny_checkpoints else save_tiny_moe(str(tmp_path / kind), kind)
     quant_config = FineGrainedFP8Config(weight_block_size=(32, 32))
     quantizer = type("Quantizer", (), {"quantization_config": quant_config})()
     write, read = Fp8Quantize(quantizer), Fp8Dequantize(quantizer)
@@ -133,7 +148,9 @@ def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(tiny_checkpoin
 
     llm = _run(quantized)
     linears = _fp8_linears(llm)
-    assert len(linears) == 4 * 2 and "lm_head" not in linears  # qkv, o, gate_up, down in 2 layers
+    # qkv, o (and gate_up, down unless the MLP is experts) in 2 layers
+    assert len(linears) == (2 if kind == "qwen3_moe" else 4) * 2 and "lm_head" not in linears
+    _assert_experts_fp8(llm, kind == "qwen3_moe", 32)
     assert all(m.fp8_group_size == 32 and m.weight_scale.shape == (m.out_features, m.in_features // 32) for m in linears.values())
     _assert_like_transformers(llm, reference)
 
@@ -146,7 +163,7 @@ CT_CASES = {
     "tensor": ("llama", {}, ["lm_head"]),
     "channel": ("qwen3", {}, ["lm_head", "model.layers.1.mlp.down_proj"]),
     "group": ("qwen2", {"group": 48}, ["re:.*lm_head"]),  # a narrower last group: 64 = 48 + 16
-    "block": ("mistral", {"block": (16, 48)}, []),  # the LM head quantized too
+    "block": ("mistral", {"block": (48, 48)}, []),  # ragged both ways; the LM head quantized too
 }
 
 
@@ -192,11 +209,13 @@ def test_compressed_tensors_fp8_checkpoint_gives_the_tokens_of_transformers(stra
 # ----------------------------------------------------------------------------- quantization="fp8"
 
 
-def test_online_fp8_gives_the_tokens_of_transformers_over_the_weights_it_kept(tiny_checkpoints, tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2_moe"])
+def test_online_fp8_gives_the_tokens_of_transformers_over_the_weights_it_kept(kind, tiny_checkpoints,
+                                                                              tmp_path) -> None:
     """quantization="fp8" over an fp32 checkpoint: each projection row quantized with its own
-    scale (amax / 448); transformers over those weights dequantized gives the same tokens, and
-    the projections hold a byte a weight."""
-    source = tiny_checkpoints["qwen3"]
+    scale (amax / 448), experts' and a shared expert's too (Qwen2-MoE); transformers over those
+    weights dequantized gives the same tokens, and the projections hold a byte a weight."""
+    source = tiny_checkpoints[kind] if kind in tiny_checkpoints else save_tiny_moe(str(tmp_path / kind), kind)
     plain = {}
     for name, tensor in _state(source).items():
         plain[name] = _ct_quantize(tensor, "channel")[2] if _is_projection(name) else tensor
@@ -204,7 +223,10 @@ def test_online_fp8_gives_the_tokens_of_transformers_over_the_weights_it_kept(ti
 
     llm = _run(source, quantization="fp8")
     linears = _fp8_linears(llm)
-    assert len(linears) == 8 and all(m.weight_scale.shape == (m.out_features, 1) for m in linears.values())
+    # qkv, o, and gate_up, down of the dense MLP (Qwen2-MoE's: its shared expert's, and layer 1's)
+    assert len(linears) == (4 + 2 + 2 if kind == "qwen2_moe" else 8)
+    assert all(m.weight_scale.shape == (m.out_features, 1) for m in linears.values())
+    _assert_experts_fp8(llm, kind == "qwen2_moe")
     for module in linears.values():  # a byte a weight (a quarter of fp32's), and a scale a row
         assert module.weight.nbytes == module.out_features * module.in_features
         assert module.weight_scale.nbytes == module.out_features * 4
@@ -239,9 +261,6 @@ def test_quantizations_stoke_does_not_serve_are_refused_with_their_names(tiny_ch
         LLM(source, quantization="int4")
     with pytest.raises(ValueError, match="the checkpoint has no such quantization_config"):
         LLM(source, quantization="compressed-tensors")
-    moe = save_tiny_moe(str(tmp_path / "moe"), "qwen3_moe")
-    with pytest.raises(ValueError, match="fp8 expert weights are not supported yet"):
-        LLM(moe, quantization="fp8", num_kv_blocks=16)
 
 
 def test_a_checkpoint_that_disagrees_with_its_quantization_config_is_refused(tiny_checkpoints, tmp_path) -> None:

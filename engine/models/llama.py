@@ -285,7 +285,7 @@ class LlamaForCausalLM(nn.Module):
     }
     # One expert's projection in a checkpoint (Mixtral's block_sparse_moe is renamed mlp first):
     # Qwen-MoE's gate/up/down_proj, Mixtral's w1/w3/w2; its rows of our stacked w13 or w2.
-    EXPERT = re.compile(r"(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight")
+    EXPERT = re.compile(r"(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight(_scale)?")
     EXPERT_SHARDS = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
                      "down_proj": ("w2", None), "w2": ("w2", None)}
     # Experts already stacked, as transformers 5 holds them: [E, 2I, H] and [E, H, I].
@@ -449,7 +449,7 @@ class LlamaForCausalLM(nn.Module):
         """The parts a checkpoint may give a parameter of ours in separate tensors (none: it
         comes whole): a fused projection's shards, stacked experts' projections."""
         parts = name.split(".")
-        kind = parts[-2] if parts[-1] in ("weight", "bias", "weight_scale") else parts[-1]
+        kind = parts[-2] if parts[-1] in ("weight", "bias", "weight_scale") else parts[-1].removesuffix("_scale")
         if kind == "qkv_proj":
             return ["0", "1", "2"]
         if kind == "gate_up_proj":
@@ -476,15 +476,19 @@ class LlamaForCausalLM(nn.Module):
         if not scheme.online:
             raise ValueError(f"checkpoint tensor {source!r} is {str(tensor.dtype).removeprefix('torch.')}, and its "
                              "quantization config says the projection is fp8")
-        module = self.get_submodule(target.removesuffix(".weight"))
-        weight, scale = quantize(tensor, module.fp8_group_size)
+        weight, scale = quantize(tensor, self.fp8_group_size(target))
         return {target: weight, f"{target}_scale": scale}
 
+    def fp8_group_size(self, param: str) -> int:
+        """The group size of fp8 parameter `param` (a projection's weight, an expert stack)."""
+        owner, leaf = param.rsplit(".", 1)
+        module = self.get_submodule(owner)
+        return module.fp8_group_size if isinstance(module, Linear) else module.fp8_groups[leaf]
+
     def cast(self, dtype: torch.dtype) -> None:
-        """model.to(dtype), but for what fp8 projections hold: their fp8 weights and fp32 scales
-        (an fp8 weight cast would be a copy at the model's dtype, twice the memory)."""
-        kept = {id(t) for m in self.modules() if isinstance(m, Linear) and m.weight_scale is not None
-                for t in (m.weight, m.weight_scale)}
+        """model.to(dtype), but for fp8 weights and their fp32 scales (an fp8 weight cast would
+        be a copy at the model's dtype, twice the memory)."""
+        kept = {id(p) for name, p in self.named_parameters() if p.dtype == FP8 or name.endswith("_scale")}
         self._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.to(dtype))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -525,9 +529,9 @@ class LlamaForCausalLM(nn.Module):
             # rows of a fused projection; piece: the part loaded, where the tensor is not all of it.
             target, expert, fused, shard, piece = name, None, "", None, None
             if (match := self.EXPERT.fullmatch(name)) and match.group(3) in self.EXPERT_SHARDS:
-                prefix, index, projection = match.groups()
+                prefix, index, projection, scales = match.groups()
                 stacked, shard = self.EXPERT_SHARDS[projection]
-                target, expert, fused = f"{prefix}.{stacked}", int(index), stacked
+                target, expert, fused = f"{prefix}.{stacked}{scales or ''}", int(index), stacked
                 piece = index if shard is None else f"{index}.{shard}"
             elif len(parts) >= 3 and f"{parts[-2]}.{parts[-1]}" in self.STACKED_EXPERTS:
                 target = ".".join(parts[:-2] + [self.STACKED_EXPERTS[f"{parts[-2]}.{parts[-1]}"]])
@@ -552,7 +556,7 @@ class LlamaForCausalLM(nn.Module):
 
             dest = place(target)
             fills = {target: tensor}  # what the tensor fills: an online quantization's scales too
-            if target.endswith(".weight_scale"):
+            if target.endswith("_scale"):
                 fills[target] = scales_per_row(tensor, *dest.shape, scheme.block_rows, source)
             elif (dest.dtype == FP8) != (tensor.dtype == FP8):
                 fills = self._fp8_fills(source, target, tensor, dest.dtype == FP8)
