@@ -5,9 +5,10 @@ it never lowers a kernel to PTX, so a layout the compiler rejects, or a tile who
 memory exceeds what a card gives one block, shows up only on a GPU. Here each kernel goes
 through Triton's whole NVIDIA pipeline (TTIR → TTGIR → LLVM → PTX → cubin with the bundled
 ptxas) for each target, launched through the real wrappers of kernels/triton_ops.py,
-kernels/triton_norm_rope.py and kernels/triton_moe.py, so the specialisations and tiles are
-exactly those a CUDA run picks. How: a stand-in driver names the target, and Triton's jit cache hook compiles each
-launch itself and tells Triton to skip it (nothing runs; outputs stay unwritten).
+kernels/triton_norm_rope.py, kernels/triton_moe.py and kernels/triton_fp8.py, so the
+specialisations and tiles are exactly those a CUDA run picks. How: a stand-in driver names the
+target, and Triton's jit cache hook compiles each launch itself and tells Triton to skip it
+(nothing runs; outputs stay unwritten).
 
     python -m kernels.compile_check                       # every target and case; table + exit status
     python -m kernels.compile_check --targets sm90 --resources   # + registers and spills (ptxas -v)
@@ -51,7 +52,8 @@ LAYOUTS = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA",
-                "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED", "WINDOW", "SOFTCAP")
+                "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED", "TILE_IN_GROUP", "HAS_BIAS",
+                "WINDOW", "SOFTCAP")
 NAMED_WHEN_SET = ("WINDOW", "SOFTCAP")  # off in most launches: in the variant only when on
 # Sliding windows and softcapped scores (Mistral, Gemma 2/3) in decode, the graphed decode and
 # prefill: Gemma 2's values, for these layouts (fp32's tiles are where spills show first).
@@ -60,6 +62,13 @@ WINDOW_SOFTCAP = dict(sliding_window=4096, softcap=50.0)
 # Mixture-of-experts layouts (kernels/triton_moe.py): (experts, experts per token, hidden, intermediate)
 MOE_LAYOUT = (128, 8, 2048, 768)  # Qwen3-30B-A3B
 MOE_ROWS_PER_EXPERT = (1, 32, 128)  # steps whose rows pick each of the MoE tiles (decode, middle, prefill)
+# fp8 projections (kernels/triton_fp8.py): rows that pick each of its tiles (decode to prefill),
+# and the projections launched: (input K, output N, group size, bias)
+FP8_ROWS = (1, 64, 256, 2048)
+FP8_BLOCKS = (4096, 12288, 128, False)  # Qwen3-8B's up projection, block-quantized (groups of 128)
+FP8_OTHERS = ((2048, 2560, 2048, True),  # per-channel with a bias (Qwen2.5-3B's qkv projection)
+              (1000, 512, 48, False),  # a step that divides the groups (BLOCK_K 16), a ragged K
+              (1000, 512, 100, False))  # groups that split any step (per-element scales)
 
 
 @dataclass(slots=True)
@@ -179,6 +188,7 @@ def _launch(case: tuple[str, str, str]) -> None:
         triton_norm_rope.apply_rotary(q, k, partial, partial, torch.zeros(tokens, dtype=torch.long))
     if which == "all":
         _launch_moe(dtype)
+        _launch_fp8(dtype)
 
 
 def _launch_moe(dtype: torch.dtype) -> None:
@@ -196,6 +206,30 @@ def _launch_moe(dtype: torch.dtype) -> None:
         tile = triton_moe.moe_tile(tokens * top_k, num_experts, dtype, torch.device("cuda"))
         triton_moe.fused_moe(torch.empty(tokens, hidden, dtype=dtype), w13, w2, torch.ones(tokens, top_k), ids,
                              tile=tile)
+
+
+def _launch_fp8(dtype: torch.dtype) -> None:
+    """kernels/triton_fp8.py's projection with the tiles a CUDA step of each size picks: the
+    block-quantized layout at every size, the other variants (bias, per-channel, per-element
+    scales, a ragged K) at the smallest and largest. The fp8 conversion the target has (sm_80
+    decodes the bits). Empty tensors: never touched."""
+    from kernels import triton_fp8
+
+    cuda = torch.device("cuda")
+
+    def launch(rows: int, depth: int, cols: int, group_size: int, bias: bool) -> None:
+        triton_fp8.fp8_linear(torch.empty(rows, depth, dtype=dtype),
+                              torch.empty(cols, depth, dtype=triton_fp8.WEIGHT_DTYPE),
+                              torch.empty(cols, -(-depth // group_size)), group_size,
+                              torch.empty(cols, dtype=dtype) if bias else None,
+                              tile=triton_fp8.fp8_tile(rows, group_size, depth, dtype, cuda),
+                              native_fp8=triton_fp8.has_native_fp8(cuda))
+
+    for rows in FP8_ROWS:
+        launch(rows, *FP8_BLOCKS)
+    for rows in (FP8_ROWS[0], FP8_ROWS[-1]):
+        for layout in FP8_OTHERS:
+            launch(rows, *layout)
 
 
 def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning | None = None) -> list[Compiled]:
@@ -241,10 +275,11 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
     tile_fns = {name: getattr(triton_ops, name) for name in ("_prefill_config", "_decode_config")}
     for name, fn in tile_fns.items():
         setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
-    from kernels import triton_moe
+    from kernels import triton_fp8, triton_moe
 
     capability_fn = triton_ops._device_capability  # tiles may depend on the architecture
     moe_capability_fn = triton_moe._device_capability
+    fp8_capability_fn = triton_fp8._device_capability
     tuning_fn, triton_ops._device_tuning = triton_ops._device_tuning, lambda device: tuning or KernelTuning()
     hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
     previous_driver = getattr(driver, "_active", None)  # None until first use; restored below
@@ -253,6 +288,7 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
             driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
             triton_ops._device_capability = lambda device, cc=TARGETS[name][0]: divmod(cc, 10)
             triton_moe._device_capability = triton_ops._device_capability
+            triton_fp8._device_capability = triton_ops._device_capability
             current["target"] = name
             for case in _cases(quick):
                 current["case"] = f"{case[0]} {case[1]}"
@@ -263,6 +299,7 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
             setattr(triton_ops, name, fn)
         triton_ops._device_capability = capability_fn
         triton_moe._device_capability = moe_capability_fn
+        triton_fp8._device_capability = fp8_capability_fn
         triton_ops._device_tuning = tuning_fn
         driver.set_active(previous_driver)
     return results
