@@ -249,6 +249,9 @@ class ModelRunner:
         elif self.backend.__name__ == kernels.BACKENDS["cpu"]:  # the same in C, and the projections
             self.model.use_norm_rope_kernels(self.backend)
             self.model.use_linear_kernels(self.backend)
+        if is_triton(self.backend) and model_config.quantization is not None:
+            # The fp8 projections' product tile by tile (the reference dequantizes whole weights)
+            self.model.use_fp8_kernels(importlib.import_module("kernels.triton_fp8"))
         if is_triton(self.backend) and model_config.moe is not None:
             # The graph-safe experts (the reference reads the routing on the host); off CUDA in
             # Triton's interpreter, as the attention kernels then run.

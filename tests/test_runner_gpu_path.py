@@ -453,6 +453,33 @@ def test_embeddings_ride_the_mixed_graphs(tiny_checkpoints: dict[str, str], monk
     assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
 
 
+@interpreter_only
+@pytest.mark.parametrize("kind", ["qwen3"])
+def test_fp8_projections_ride_the_graphs_through_the_triton_kernel(tiny_checkpoints: dict[str, str], kind: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantization="fp8" on the Triton path: every fp8 projection runs kernels.triton_fp8 (the
+    reference dequantizes whole weights), in eager steps and replayed decode and mixed graphs,
+    with the tokens and logprobs of the reference's fp8 engine."""
+    path = tiny_checkpoints[kind]
+    ps = prompts(8, 3, 2, 12)
+    params = [SamplingParams(max_tokens=n, logprobs=1, **GREEDY) for n in (4, 2, 3)]
+    args = dict(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, max_model_len=128, dtype="float32",
+                quantization="fp8", **CPU)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "reference")
+    want = LLM(path, **args).generate(ps, params)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    llm = LLM(path, **args)
+    triton_fp8 = importlib.import_module("kernels.triton_fp8")
+    fp8 = [m for m in llm.engine.runner.model.modules() if getattr(m, "weight_scale", None) is not None]
+    assert fp8 and all(m.fp8_kernels is triton_fp8 for m in fp8)
+    calls: list[int] = []
+    run = triton_fp8.fp8_linear
+    monkeypatch.setattr(triton_fp8, "fp8_linear", lambda x, *a, **k: calls.append(x.shape[0]) or run(x, *a, **k))
+    log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
+    assert_same_tokens_and_logprobs(llm.generate(ps, params), want)
+    assert calls and {k for k, _ in log} == {"decode", "mixed"}, log
+
+
 def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
     from scheduler import ScheduledBatch
 
@@ -591,6 +618,22 @@ def test_cuda_graphs_give_eager_tokens_on_gpu(tiny_checkpoints: dict[str, str]) 
         assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
         assert graphs.engine.stats.device_seconds > 0  # each step's span on the GPU, by CUDA events
         del graphs, runner
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_fp8_weights_through_cuda_graphs_give_the_cpus_tokens(tiny_checkpoints: dict[str, str]) -> None:
+    """quantization="fp8" on the real GPU path (kernels.triton_fp8 inside captured graphs, async
+    scheduling): the greedy tokens of the CPU's fp8 engine (fp32 both)."""
+    path = tiny_checkpoints["llama"]
+    ps = prompts(10, 6, 1, 40)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 3, 7, 12, 5, 10)]
+    args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32",
+                quantization="fp8")
+    want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", **args).generate(ps, params)]
+    graphs = LLM(path, **args)
+    assert graphs.engine.runner.cuda_graphs is not None
+    assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
 
 
 @pytest.mark.gpu

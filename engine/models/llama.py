@@ -342,6 +342,14 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, SparseMoeBlock):
                 module.kernels = ops
 
+    def use_fp8_kernels(self, ops: ModuleType) -> None:
+        """Run every fp8 projection as `ops.fp8_linear` (kernels.triton_fp8 on CUDA;
+        kernels.reference, the default, elsewhere; the CPU's C product packs its own copy,
+        `use_linear_kernels`)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.fp8_kernels = ops
+
     def use_linear_kernels(self, ops: ModuleType | None) -> None:
         """Run every projection and the LM head as `ops.linear` over weights `ops` packs now
         (kernels.cpu_ops: the product in C); call it once the weights are loaded. A tied head
