@@ -256,3 +256,21 @@ def test_generate_says_in_a_line_why_it_cannot_load_a_model(tmp_path, capsys: py
         assert main(["generate", "hi", "--model", model]) == 2
         err = capsys.readouterr().err
         assert f"stoke generate: cannot load {model}: " in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantization", "int8"], "quantization must be one of fp8, compressed-tensors, got 'int8'"),
+    (["-q", "compressed-tensors"], "bad --quantization: quantization='compressed-tensors': the checkpoint has no such "
+                                   "quantization_config"),
+])
+def test_serve_checks_its_quantization_before_starting(capsys: pytest.CaptureFixture[str], never_served,
+                                                       flags: list[str], message: str) -> None:
+    """`--quantization` (vLLM's `-q`): a value stoke does not serve, or one the checkpoint
+    does not match, is refused before anything starts; fp8 reaches the engine."""
+    from server.launch import build_parser, config_from_args, main as serve_main
+
+    assert serve_main(flags) == 2
+    err = capsys.readouterr().err
+    assert "ERROR stoke.server: " in err and message in err, err
+    assert config_from_args(build_parser().parse_args(["-q", "fp8"])).engine_args["quantization"] == "fp8"
+    assert config_from_args(build_parser().parse_args([])).engine_args["quantization"] is None
