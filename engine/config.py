@@ -222,6 +222,19 @@ class ModelConfig:
         yarn rope scaling's factor (engine/rope.py)."""
         return rope_max_len(self.rope_scaling, self.max_position_embeddings)
 
+    def checkpoint_names(self, module: str) -> list[str]:
+        """A module's names: stoke's (model.layers.0.mlp.experts), then those a checkpoint of this
+        architecture may give it (Mixtral's block_sparse_moe, a multimodal model's
+        language_model prefixes), as the checkpoint's quantization config names modules."""
+        names = [module]
+        if self.architecture.startswith("Mixtral") and ".mlp." in f"{module}.":
+            names.append(f"{module}.".replace(".mlp.", ".block_sparse_moe.", 1).rstrip("."))
+        renames, _ = LANGUAGE_MODEL_OF.get(self.architecture, ({}, ()))
+        for theirs, ours in renames.items():
+            if f"{module}.".startswith(ours):
+                names.append((theirs + f"{module}."[len(ours):]).rstrip("."))
+        return names
+
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
 

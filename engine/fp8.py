@@ -27,6 +27,7 @@ that disagrees with its config is refused at load, tensor by tensor.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,8 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 QUANTIZATIONS = ("fp8", "compressed-tensors")
 # A quantized checkpoint's per-tensor activation and KV-cache scales: stoke computes activations
 # and keeps KV at the model's dtype, so they have no place (and change nothing).
-UNUSED_SCALES = ("input_scale", "k_scale", "v_scale", "kv_scale")
+UNUSED_SCALES = ("input_scale", "output_scale", "q_scale", "k_scale", "v_scale", "kv_scale")
+WEIGHT_SCALES = ("weight_scale", "weight_scale_inv")  # a projection's, as the formats name them
 _CT_STRATEGIES = ("tensor", "channel", "group", "block")
 
 
@@ -49,8 +51,8 @@ class Fp8Scheme:
     method: str  # "fp8" (HF's), "compressed-tensors" or "online"
     group_size: int | None = None  # input columns per scale; None: a whole row
     block_rows: int | None = None  # the rows one checkpoint scale covers (a block's); None: one row, or all
-    skip: tuple[str, ...] = ()  # modules left unquantized (names, name suffixes, or "re:" patterns)
-    head: bool = False  # whether the LM head is quantized
+    skip: tuple[str, ...] = ()  # modules left unquantized, as the format reads them (`_skips`)
+    head: bool = False  # whether the LM head may be quantized (compressed-tensors': unless ignored)
 
     @property
     def online(self) -> bool:
@@ -64,29 +66,35 @@ class Fp8Scheme:
     def group(self, in_features: int) -> int:
         return self.group_size or in_features
 
-    def quantizes(self, module: str) -> bool:
-        """Whether the projection named `module` (as the checkpoint names it: model.layers.0.
-        self_attn.q_proj, lm_head) is held in fp8."""
-        if module == "lm_head" and not self.head:
+    def quantizes(self, names: Sequence[str]) -> bool:
+        """Whether a projection is held in fp8, given its names: stoke's first (model.layers.0.
+        self_attn.q_proj, lm_head), then the others the checkpoint may use for it (Mixtral's
+        block_sparse_moe, a multimodal model's language_model), which its config may name."""
+        if names[0] == "lm_head" and not self.head:
             return False
-        return not any(_matches(pattern, module) for pattern in self.skip)
+        return not any(self._skips(pattern, name) for pattern in self.skip for name in names)
 
-    def quantizes_all(self, modules: list[str]) -> bool:
-        """Whether a fused projection's checkpoint modules are held in fp8: all or none of them,
-        else ValueError (one weight cannot be both)."""
-        held = {self.quantizes(m) for m in modules}
+    def quantizes_all(self, modules: Sequence[Sequence[str]]) -> bool:
+        """Whether the projection fusing these checkpoint modules (each given by its names) is
+        held in fp8: all of them or none, else ValueError (one weight is held one way)."""
+        held = {self.quantizes(names) for names in modules}
         if len(held) > 1:
-            raise ValueError(f"the quantization config leaves some of {', '.join(modules)} unquantized and not the "
-                             "others: stoke fuses them into one projection, held in one way")
+            listed = [names[-1] for names in modules]
+            raise ValueError(f"the quantization config leaves some of {', '.join(listed[:6])}"
+                             f"{' …' if len(listed) > 6 else ''} unquantized and not the others: stoke holds them "
+                             "in one weight, one way")
         return held.pop()
 
-
-def _matches(pattern: str, module: str) -> bool:
-    """An ignore entry as compressed-tensors and transformers read them: "re:" and a regex
-    matched whole, else the module's name, a parent's, or the name's last parts."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], module) is not None
-    return module == pattern or module.startswith(pattern + ".") or module.endswith("." + pattern)
+    def _skips(self, pattern: str, module: str) -> bool:
+        """Whether an ignore entry names `module`, as the format's own code reads it:
+        compressed-tensors (and vLLM) a name whole, or after "re:" a regex matched from the
+        start; transformers (HF's fp8) a regex or name matched from the start to a module
+        boundary (a parent's name too), or the name's end."""
+        if self.method == "compressed-tensors":
+            if pattern.startswith("re:"):
+                return re.match(pattern[3:], module) is not None
+            return module == pattern
+        return re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module) is not None or module.endswith(pattern)
 
 
 def read_scheme(raw: dict[str, Any]) -> Fp8Scheme | None:
@@ -149,8 +157,8 @@ def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme:
     if group_size is not None and not (isinstance(group_size, int) and group_size > 0):
         raise ValueError(f"compressed-tensors group size must be a positive integer, got {group_size!r:.40}")
     ignore = tuple(quant.get("ignore") or ())
-    return Fp8Scheme("compressed-tensors", group_size=group_size, block_rows=block_rows, skip=ignore,
-                     head=not any(_matches(p, "lm_head") for p in ignore))
+    # Its targets hold every Linear, the LM head too, unless `ignore` names it.
+    return Fp8Scheme("compressed-tensors", group_size=group_size, block_rows=block_rows, skip=ignore, head=True)
 
 
 def resolve_scheme(checkpoint: Fp8Scheme | None, requested: str | None) -> Fp8Scheme | None:

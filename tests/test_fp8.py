@@ -22,7 +22,7 @@ from engine.config import ModelConfig
 from engine.fp8 import FP8, FP8_MAX
 from engine.weights import iterate_safetensors
 from tests.conftest import (assert_engine_idle, assert_logprobs_equal_transformers, hf_greedy, random_prompts,
-                            save_tiny_moe)
+                            save_tiny_causal_lm, save_tiny_moe)
 
 PROMPTS = random_prompts(7, [5, 23, 40])
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -105,14 +105,16 @@ def _fp8_linears(llm: LLM) -> dict[str, torch.nn.Module]:
 
 
 def _assert_experts_fp8(llm: LLM, held: bool, group: int | None = None) -> None:
-    """Every sparse layer's experts in fp8 (with scales per row and `group` columns) if `held`;
-    whether or not, the router at the model's dtype."""
+    """Every sparse layer's experts in fp8 (with scales per row and `group` columns) if `held`,
+    else none; whether or not, the router at the model's dtype."""
     from engine.models.moe import SparseMoeBlock
 
     blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
-    assert bool(blocks) == held
+    assert blocks or not held
     for block in blocks:
-        assert block.w13.dtype == block.w2.dtype == FP8 and block.gate.weight.dtype == torch.float32
+        assert block.gate.weight.dtype == torch.float32
+        assert (block.w13.dtype == FP8) == held and (block.w2.dtype == FP8) == held
+    for block in blocks if held else []:
         hidden, inter = block.w13.shape[-1], block.w2.shape[-1]
         assert block.w13_scale.shape[-1] == -(-hidden // (group or hidden))
         assert block.w2_scale.shape[-1] == -(-inter // (group or inter))
@@ -121,21 +123,40 @@ def _assert_experts_fp8(llm: LLM, held: bool, group: int | None = None) -> None:
 # ----------------------------------------------------------------------------- HF's "fp8"
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def _source(kind: str, tiny_checkpoints: dict[str, str], tmp_path, **config: object) -> str:
+    """A tiny checkpoint: conftest's dense ones, or a mixture of experts saved here."""
+    return tiny_checkpoints[kind] if kind in tiny_checkpoints else save_tiny_moe(str(tmp_path / kind), kind, **config)
+
+
+def _with_biases(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Qwen2's qkv biases drawn away from the zeros transformers saves, so the product's bias counts."""
+    return torch.randn(tensor.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5 \
+        if name.endswith("proj.bias") else tensor
+
+
+# (tiny model, modules_to_not_convert: transformers' reading, a parent's name and a regex)
+HF_CASES = {"llama": ("llama", ["model.layers.1.self_attn", "model.layers.0.mlp.down_proj"]),
+            "qwen3_moe": ("qwen3_moe", ["model.layers.[1].self_attn"])}
+
+
+@pytest.mark.parametrize("kind", list(HF_CASES))
 def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(kind, tiny_checkpoints, tmp_path) -> None:
-    """Qwen3-FP8's and Qwen3-30B-A3B-FP8's layout: 32 x 32 blocks (128 x 128 there), written and
-    dequantized by transformers' own FineGrainedFP8 code; q/k/v and gate/up fused from shards
-    with their own block grids, experts stacked from theirs; the router and LM head left wide."""
+    """Qwen3-FP8's and Qwen3-30B-A3B-FP8's layout: 16 x 32 blocks (128 x 128 there; rows and
+    columns apart), written and dequantized by transformers' own FineGrainedFP8 code; q/k/v and
+    gate/up fused from shards with their own block grids, experts stacked from theirs; the
+    router, the LM head and what modules_to_not_convert names left wide."""
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
-    source = tiny_checkpoints[kind] if kind in tiny_checkpoints else save_tiny_moe(str(tmp_path / kind), kind)
-    quant_config = FineGrainedFP8Config(weight_block_size=(32, 32))
+    model, skip = HF_CASES[kind]
+    source = _source(model, tiny_checkpoints, tmp_path)
+    quant_config = FineGrainedFP8Config(weight_block_size=(16, 32), modules_to_not_convert=skip)
     quantizer = type("Quantizer", (), {"quantization_config": quant_config})()
     write, read = Fp8Quantize(quantizer), Fp8Dequantize(quantizer)
     state, plain = {}, {}
     for name, tensor in _state(source).items():
-        if _is_projection(name):
+        wide = name.startswith(("model.layers.1.self_attn.", "model.layers.0.mlp.down_proj."))
+        if _is_projection(name) and not wide:
             saved = write._quantize_one(name, tensor)
             state |= saved
             plain[name] = read._dequantize_one(saved[name], saved[name + "_scale_inv"], torch.float32)
@@ -148,10 +169,14 @@ def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(kind, tiny_che
 
     llm = _run(quantized)
     linears = _fp8_linears(llm)
-    # qkv, o (and gate_up, down unless the MLP is experts) in 2 layers
-    assert len(linears) == (2 if kind == "qwen3_moe" else 4) * 2 and "lm_head" not in linears
+    expected = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"}
+    if kind == "llama":
+        expected |= {"model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.gate_up_proj",
+                     "model.layers.1.mlp.down_proj"}
+    assert set(linears) == expected
     _assert_experts_fp8(llm, kind == "qwen3_moe", 32)
-    assert all(m.fp8_group_size == 32 and m.weight_scale.shape == (m.out_features, m.in_features // 32) for m in linears.values())
+    assert all(m.fp8_group_size == 32 and m.weight_scale.shape == (m.out_features, m.in_features // 32)
+               for m in linears.values())
     _assert_like_transformers(llm, reference)
 
 
@@ -159,11 +184,21 @@ def test_hf_fp8_block_checkpoint_gives_the_tokens_of_transformers(kind, tiny_che
 
 
 CT_CASES = {
-    # (tiny model, weight strategy, its arguments, modules the config ignores)
-    "tensor": ("llama", {}, ["lm_head"]),
-    "channel": ("qwen3", {}, ["lm_head", "model.layers.1.mlp.down_proj"]),
-    "group": ("qwen2", {"group": 48}, ["re:.*lm_head"]),  # a narrower last group: 64 = 48 + 16
-    "block": ("mistral", {"block": (48, 48)}, []),  # ragged both ways; the LM head quantized too
+    # (tiny model, weight strategy, its arguments, what the config ignores, and whether a module is
+    # then left wide: compressed-tensors reads a name whole, after "re:" a regex from the start)
+    "tensor": ("llama", "tensor", {}, ["lm_head"], lambda m: m == "lm_head"),
+    "channel": ("qwen3", "channel", {}, ["lm_head", "model.layers.1.mlp.down_proj"],
+                lambda m: m in ("lm_head", "model.layers.1.mlp.down_proj")),
+    # a narrower last group: 64 = 48 + 16; qkv biases
+    "group": ("qwen2", "group", {"group": 48}, ["re:.*lm_head"], lambda m: m == "lm_head"),
+    # rows and columns apart, ragged both ways; the LM head quantized too
+    "block": ("mistral", "block", {"block": (48, 40)}, [], lambda m: False),
+    # Mixtral's names for its experts, left wide; its attention per channel
+    "experts": ("mixtral", "channel", {}, ["lm_head", "re:.*block_sparse_moe.experts"],
+                lambda m: m == "lm_head" or ".experts." in m),
+    # Qwen2-MoE's shared expert left wide, its experts per channel
+    "shared": ("qwen2_moe", "channel", {}, ["lm_head", "re:model.layers.0.mlp.shared_expert."],
+               lambda m: m == "lm_head" or ".shared_expert." in m),
 }
 
 
@@ -176,33 +211,38 @@ def _ct_config(strategy: str, args: dict, ignore: list[str]) -> dict:
             "ignore": ignore, "kv_cache_scheme": None}
 
 
-@pytest.mark.parametrize("strategy", list(CT_CASES))
-def test_compressed_tensors_fp8_checkpoint_gives_the_tokens_of_transformers(strategy, tiny_checkpoints,
-                                                                             tmp_path) -> None:
+@pytest.mark.parametrize("case", list(CT_CASES))
+def test_compressed_tensors_fp8_checkpoint_gives_the_tokens_of_transformers(case, tiny_checkpoints, tmp_path) -> None:
     """llm-compressor's FP8 layouts: a scale per tensor (fused shards of different scales), per
     channel, per group (the last narrower), per block (a ragged grid, the LM head quantized);
-    modules the config ignores stay wide; static input scales are read past."""
-    from engine.fp8 import _matches
-
-    kind, args, ignore = CT_CASES[strategy]
-    source = tiny_checkpoints[kind]
+    modules the config ignores stay wide (by Mixtral's own names too); static input, output and
+    KV-cache scales are read past."""
+    kind, strategy, args, ignore, wide = CT_CASES[case]
+    source = _source(kind, tiny_checkpoints, tmp_path)
     state, plain = {}, {}
     config = _config(source)
     for name, tensor in _state(source).items():
+        tensor = _with_biases(name, tensor)
         module = name.removesuffix(".weight")
-        wide = any(_matches(pattern, module) for pattern in ignore)
-        if (_is_projection(name) or name == "lm_head.weight") and not wide:
+        if (_is_projection(name) or name in ("lm_head.weight", *(f"{m}.weight" for m in ("w1", "w2", "w3")))
+                or name.split(".")[-2] in ("w1", "w2", "w3")) and not wide(module):
             state[name], state[f"{module}.weight_scale"], plain[name] = _ct_quantize(tensor, strategy, **args)
             state[f"{module}.input_scale"] = torch.tensor([0.02])
         else:
             state[name] = plain[name] = tensor
+        if name.endswith("self_attn.k_proj.weight"):
+            attention = name.removesuffix(".k_proj.weight")
+            state |= {f"{attention}.k_scale": torch.tensor(0.1), f"{attention}.v_scale": torch.tensor(0.1),
+                      f"{module}.output_scale": torch.tensor([0.1])}
     quantized = _save(str(tmp_path / "ct"), state, config | {"quantization_config": _ct_config(strategy, args, ignore)})
     reference = _save(str(tmp_path / "plain"), plain, config)
 
     llm = _run(quantized)
     linears = _fp8_linears(llm)
-    assert ("lm_head" in linears) == (strategy == "block")
-    assert ("model.layers.1.mlp.down_proj" in linears) == (strategy != "channel")
+    assert ("lm_head" in linears) == (case == "block")
+    assert ("model.layers.1.mlp.down_proj" in linears) == (case not in ("channel", "experts"))  # Mixtral: experts
+    assert ("model.layers.0.mlp.shared_expert.down_proj" in linears) is False
+    _assert_experts_fp8(llm, case == "shared", None)
     _assert_like_transformers(llm, reference)
 
 
@@ -215,7 +255,8 @@ def test_online_fp8_gives_the_tokens_of_transformers_over_the_weights_it_kept(ki
     """quantization="fp8" over an fp32 checkpoint: each projection row quantized with its own
     scale (amax / 448), experts' and a shared expert's too (Qwen2-MoE); transformers over those
     weights dequantized gives the same tokens, and the projections hold a byte a weight."""
-    source = tiny_checkpoints[kind] if kind in tiny_checkpoints else save_tiny_moe(str(tmp_path / kind), kind)
+    # experts wider than the model (96 > 64): their down projection's rows are 96 long
+    source = _source(kind, tiny_checkpoints, tmp_path, moe_intermediate_size=96)
     plain = {}
     for name, tensor in _state(source).items():
         plain[name] = _ct_quantize(tensor, "channel")[2] if _is_projection(name) else tensor
@@ -281,8 +322,8 @@ def test_a_checkpoint_that_disagrees_with_its_quantization_config_is_refused(tin
         _run(path)
     left_out = _ct_config("channel", {}, ["lm_head", "model.layers.0.mlp.down_proj"])
     path = _save(str(tmp_path / "left_out"), state, config | {"quantization_config": left_out})
-    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.weight' is fp8, and its quantization config "
-                                         "leaves the projection out"):
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.weight' is fp8, and stoke holds "
+                                         "model.layers.0.mlp.down_proj.weight at the model's dtype"):
         _run(path)
     split = _ct_config("channel", {}, ["lm_head", "model.layers.0.self_attn.k_proj"])
     shutil.copytree(path, str(tmp_path / "split"))
@@ -290,3 +331,89 @@ def test_a_checkpoint_that_disagrees_with_its_quantization_config_is_refused(tin
         json.dump(config | {"quantization_config": split}, f)
     with pytest.raises(ValueError, match="leaves some of .*q_proj.*k_proj.*v_proj unquantized"):
         _run(str(tmp_path / "split"))
+
+
+def test_what_the_heads_and_scales_of_a_checkpoint_say_is_read_or_refused_by_name(tiny_checkpoints,
+                                                                                  tmp_path) -> None:
+    """A base model (no LM head) saved with every Linear targeted loads for embeddings; a tied
+    head's quantized copy is read past (the embedding is the head, as vLLM reads it); fp8
+    tensors without a quantization_config, an fp8 score head, and an LLM reranker over an fp8 LM
+    head are refused by name; experts the config would split are refused."""
+    import transformers
+
+    from tests.conftest import TINY_COMMON
+
+    def channel(state: dict[str, torch.Tensor], head: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tensor in state.items():
+            if _is_projection(name) or (head and name in ("lm_head.weight", "score.weight")):
+                out[name], out[name + "_scale"], _ = _ct_quantize(tensor, "channel")
+            else:
+                out[name] = tensor
+        return out
+
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    transformers.LlamaModel(transformers.LlamaConfig(**TINY_COMMON)).save_pretrained(base)
+    path = _save(str(tmp_path / "base_ct"), channel(_state(base)), _config(base) | {"quantization_config":
+                                                                                    _ct_config("channel", {}, [])})
+    embedder = _run(path)
+    assert not embedder.engine.runner.model.has_lm_head and _fp8_linears(embedder)
+    assert len(embedder.embed([[5, 6, 7]], use_tqdm=False)[0].outputs.embedding) == TINY_COMMON["hidden_size"]
+
+    tied = tiny_checkpoints["qwen2"]  # tie_word_embeddings: the head is the embedding
+    state = channel(_state(tied) | {"lm_head.weight": _state(tied)["model.embed_tokens.weight"]}, head=True)
+    llm = _run(_save(str(tmp_path / "tied"), state, _config(tied) | {"quantization_config":
+                                                                    _ct_config("channel", {}, [])}))
+    assert llm.engine.runner.model.lm_head is None and "lm_head" not in _fp8_linears(llm)
+
+    source = tiny_checkpoints["llama"]
+    path = _save(str(tmp_path / "no_config"), channel(_state(source)), _config(source))
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.weight' is fp8, and the checkpoint's "
+                                         "config.json has no quantization_config"):
+        _run(path)
+    path = _save(str(tmp_path / "scales_only"), _state(source) | {"model.layers.0.self_attn.k_scale": torch.tensor(1.0)},
+                 _config(source))
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_scale' is a quantization scale, and the "
+                                         "checkpoint's config.json has no quantization_config"):
+        _run(path)
+    classifier = str(tmp_path / "classifier")
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**TINY_COMMON, num_labels=2)
+                                                ).save_pretrained(classifier)
+    path = _save(str(tmp_path / "classifier_ct"), channel(_state(classifier), head=True),
+                 _config(classifier) | {"quantization_config": _ct_config("channel", {}, [])})
+    with pytest.raises(ValueError, match="'score.weight' is fp8, and stoke holds score.weight at the model's dtype"):
+        _run(path)
+    causal = save_tiny_causal_lm(str(tmp_path / "causal"), "llama", tie_word_embeddings=False)  # with a tokenizer
+    reranker = _save(causal, channel(_state(causal), head=True),
+                     _config(causal) | {"quantization_config": _ct_config("channel", {}, [])})
+    with pytest.raises(ValueError, match="classifier_from_token reads the LM head's rows, and this checkpoint's is fp8"):
+        _run(reranker, hf_overrides={"architectures": ["LlamaForSequenceClassification"],
+                                     "classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"})
+    moe = save_tiny_moe(str(tmp_path / "moe"), "qwen3_moe")
+    half = _ct_config("channel", {}, ["lm_head", "re:.*experts.*down_proj"])
+    config = _config(moe) | {"quantization_config": half}
+    with open(os.path.join(moe, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="leaves some of model.layers.0.mlp.experts.0.gate_proj, .* unquantized"):
+        _run(moe)
+
+
+def test_dequantizing_rounds_once_and_a_16_bit_engine_keeps_fp8_weights_and_fp32_scales(tiny_checkpoints) -> None:
+    """The weight times its scale in fp32, then one rounding to the dtype (as transformers
+    dequantizes), with scales a bf16 could not hold; a bf16 engine casts all but the fp8
+    weights and their scales."""
+    from kernels.reference import dequantize_fp8
+
+    for columns in (40, 48):  # a narrower last group, and whole ones
+        weight = (torch.randn(8, columns) * 100).to(FP8)
+        scale = torch.rand(8, 3) * 1e-3 + 1e-4
+        exact = weight.float() * scale.repeat_interleave(16, dim=1)[:, :columns]
+        assert torch.equal(dequantize_fp8(weight, scale, 16, torch.bfloat16), exact.to(torch.bfloat16))
+    llm = _run(tiny_checkpoints["qwen3"], quantization="fp8", dtype="bfloat16")
+    for name, param in llm.engine.runner.model.named_parameters():
+        want = FP8 if name in {f"{m}.weight" for m in _fp8_linears(llm)} else \
+            torch.float32 if name.endswith("_scale") else torch.bfloat16
+        assert param.dtype == want or param.numel() == 0, name
+    assert all(len(tokens) == 8 for tokens in _greedy(llm))

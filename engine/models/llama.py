@@ -28,7 +28,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import LANGUAGE_MODEL_OF, ModelConfig
-from engine.fp8 import FP8, UNUSED_SCALES, quantize, scales_per_row
+from engine.fp8 import FP8, UNUSED_SCALES, WEIGHT_SCALES, quantize, scales_per_row
 from engine.lora import LoRAProjection, LoRAState
 from engine.models.moe import SparseMoeBlock
 from engine.rope import inv_freq
@@ -206,7 +206,8 @@ def fp8_group_size(config: ModelConfig, where: str, modules: list[str], in_featu
     """The fp8 group size of the projection fusing checkpoint `modules` under `where` (a module
     path as the checkpoint names it), None where it is not quantized."""
     scheme = config.quantization
-    if scheme is None or not scheme.quantizes_all([f"{where}.{m}" if where else m for m in modules]):
+    if scheme is None or not scheme.quantizes_all([config.checkpoint_names(f"{where}.{m}" if where else m)
+                                                    for m in modules]):
         return None
     return scheme.group(in_features)
 
@@ -478,9 +479,13 @@ class LlamaForCausalLM(nn.Module):
         a wide weight quantized with its scales; else a ValueError (a checkpoint that disagrees
         with its quantization config)."""
         scheme = self.config.quantization
+        if not fp8_param and scheme is None:
+            raise ValueError(f"checkpoint tensor {source!r} is fp8, and the checkpoint's config.json has no "
+                             "quantization_config saying how its weights are quantized")
         if not fp8_param:
-            raise ValueError(f"checkpoint tensor {source!r} is fp8, and its quantization config leaves the projection "
-                             "out (or the checkpoint has none)")
+            raise ValueError(f"checkpoint tensor {source!r} is fp8, and stoke holds {target} at the model's dtype: "
+                             "the quantization config leaves it out, or it is a module stoke serves in fp8 from no "
+                             "checkpoint (a classifier's score head, a router)")
         if not scheme.online:
             raise ValueError(f"checkpoint tensor {source!r} is {str(tensor.dtype).removeprefix('torch.')}, and its "
                              "quantization config says the projection is fp8")
@@ -512,8 +517,11 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name or name.startswith(left_out):
                 continue
+            given, last = name, name.rsplit(".", 1)[-1]
+            if (scheme is None or scheme.online) and (last in UNUSED_SCALES or last in WEIGHT_SCALES):
+                raise ValueError(f"checkpoint tensor {given!r} is a quantization scale, and the checkpoint's "
+                                 "config.json has no quantization_config saying how its weights are quantized")
             if scheme is not None and not scheme.online:
-                last = name.rsplit(".", 1)[-1]
                 if last in UNUSED_SCALES:
                     continue
                 if last == scheme.scale_suffix:  # our name for a projection's scales
@@ -524,14 +532,20 @@ class LlamaForCausalLM(nn.Module):
             if not name.startswith(("model.", "lm_head.", "score.")):  # a base model's checkpoint (LlamaModel's)
                 name = f"model.{name}"
             if name == "lm_head.weight" and token_ids:
+                if tensor.dtype == FP8:
+                    raise ValueError("classifier_from_token reads the LM head's rows, and this checkpoint's is fp8: "
+                                     "stoke builds a reranker's score head from a wide LM head only")
                 head_rows = tensor[token_ids].clone()
                 continue
             if name == "lm_head.weight" and self.config.is_classifier:
                 raise self._no_score_head()
+            if name.startswith("lm_head.") and self.lm_head is None and scheme is not None and \
+                    (tensor.dtype == FP8 or name != "lm_head.weight"):
+                continue  # a quantized copy of a tied head: the embedding is the head (vLLM reads past it too)
             if name == "lm_head.weight" and self.lm_head is None and self.has_lm_head:
                 tied_head = tensor  # tied: the embedding serves as the head, if they are equal
                 continue
-            source, name = name, name.replace(".block_sparse_moe.", ".mlp.")
+            source, name = given, name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")
             # target: our parameter; expert: its index in stacked experts; fused, shard: which
             # rows of a fused projection; piece: the part loaded, where the tensor is not all of it.
@@ -591,7 +605,7 @@ class LlamaForCausalLM(nn.Module):
             self._score_from_rows(head_rows)
         if "lm_head.weight" in missing:  # an embedding model's checkpoint: no head
             logger.warning("the checkpoint has no lm_head.weight: this model computes embeddings only")
-            missing.remove("lm_head.weight")
+            missing = [m for m in missing if m not in ("lm_head.weight", "lm_head.weight_scale")]
             self.lm_head, self.has_lm_head = None, False
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")

@@ -39,7 +39,10 @@ class SparseMoeBlock(nn.Module):
         self.fp8_groups: dict[str, int] = {}
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
-        if scheme is not None and scheme.quantizes(f"{where}.experts"):
+        projections = ("w1", "w3", "w2") if config.architecture.startswith("Mixtral") else \
+            ("gate_proj", "up_proj", "down_proj")
+        if scheme is not None and scheme.quantizes_all([config.checkpoint_names(f"{where}.experts.{e}.{p}")
+                                                        for e in range(experts) for p in projections]):
             self.fp8_groups = {"w13": scheme.group(hidden), "w2": scheme.group(inter)}
             for name, rows, cols in (("w13", 2 * inter, hidden), ("w2", hidden, inter)):
                 groups = -(-cols // self.fp8_groups[name])
