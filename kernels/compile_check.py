@@ -53,8 +53,8 @@ LAYOUTS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA",
                 "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED", "TILE_IN_GROUP", "HAS_BIAS",
-                "WINDOW", "SOFTCAP")
-NAMED_WHEN_SET = ("WINDOW", "SOFTCAP")  # off in most launches: in the variant only when on
+                "FP8", "WINDOW", "SOFTCAP")
+NAMED_WHEN_SET = ("FP8", "WINDOW", "SOFTCAP")  # off in most launches: in the variant only when on
 # Sliding windows and softcapped scores (Mistral, Gemma 2/3) in decode, the graphed decode and
 # prefill: Gemma 2's values, for these layouts (fp32's tiles are where spills show first).
 WINDOWED_LAYOUTS = ("llama-3-8b", "phi-3-mini", "d96")
@@ -62,6 +62,11 @@ WINDOW_SOFTCAP = dict(sliding_window=4096, softcap=50.0)
 # Mixture-of-experts layouts (kernels/triton_moe.py): (experts, experts per token, hidden, intermediate)
 MOE_LAYOUT = (128, 8, 2048, 768)  # Qwen3-30B-A3B
 MOE_ROWS_PER_EXPERT = (1, 32, 128)  # steps whose rows pick each of the MoE tiles (decode, middle, prefill)
+# fp8 experts' group sizes (w13's, w2's): Qwen3-30B-A3B-FP8's blocks of 128 at every size; at the
+# smallest and largest, groups that a step divides (BLOCK_K 16) and groups that split any step
+# (per-element scales)
+MOE_FP8_GROUPS = (128, 128)
+MOE_FP8_OTHERS = ((48, 48), (100, 100))
 # fp8 projections (kernels/triton_fp8.py): rows that pick each of its tiles (decode to prefill),
 # and the projections launched: (input K, output N, group size, bias)
 FP8_ROWS = (1, 64, 256, 2048)
@@ -193,19 +198,37 @@ def _launch(case: tuple[str, str, str]) -> None:
 
 def _launch_moe(dtype: torch.dtype) -> None:
     """kernels/triton_moe.py's grouped GEMM, both passes, with the tiles a CUDA step of each
-    size picks. Only K experts' weights (never touched, so never paged in): the expert count
-    changes the tile, passed here, but no stride's specialisation."""
-    from kernels import triton_moe
+    size picks, over 16/32-bit experts and over fp8 ones (with the fp8 conversion the target
+    has: sm_80 decodes the bits). Only K experts' weights (never touched, so never paged in):
+    the expert count changes the tile, passed here, but no stride's specialisation."""
+    from kernels import triton_fp8, triton_moe
 
     num_experts, top_k, hidden, inter = MOE_LAYOUT
+    cuda = torch.device("cuda")
     w13 = torch.empty(top_k, 2 * inter, hidden, dtype=dtype)
     w2 = torch.empty(top_k, hidden, inter, dtype=dtype)
-    for rows in MOE_ROWS_PER_EXPERT:
+    w13_fp8 = torch.empty(top_k, 2 * inter, hidden, dtype=triton_fp8.WEIGHT_DTYPE)
+    w2_fp8 = torch.empty(top_k, hidden, inter, dtype=triton_fp8.WEIGHT_DTYPE)
+
+    def launch(rows: int, groups: tuple[int, int] | None) -> None:
         tokens = rows * num_experts // top_k
+        x, weights = torch.empty(tokens, hidden, dtype=dtype), torch.ones(tokens, top_k)
         ids = torch.zeros(tokens, top_k, dtype=torch.int32)
-        tile = triton_moe.moe_tile(tokens * top_k, num_experts, dtype, torch.device("cuda"))
-        triton_moe.fused_moe(torch.empty(tokens, hidden, dtype=dtype), w13, w2, torch.ones(tokens, top_k), ids,
-                             tile=tile)
+        if groups is None:
+            tile = triton_moe.moe_tile(tokens * top_k, num_experts, dtype, cuda)
+            triton_moe.fused_moe(x, w13, w2, weights, ids, tile=tile)
+            return
+        scales = (torch.empty(top_k, 2 * inter, -(-hidden // groups[0])), torch.empty(top_k, hidden, -(-inter // groups[1])))
+        tile = triton_moe.moe_tile(tokens * top_k, num_experts, dtype, cuda, ((groups[0], hidden), (groups[1], inter)))
+        triton_moe.fused_moe(x, w13_fp8, w2_fp8, weights, ids, scales, groups, tile=tile,
+                             native_fp8=triton_fp8.has_native_fp8(cuda))
+
+    for rows in MOE_ROWS_PER_EXPERT:
+        launch(rows, None)
+        launch(rows, MOE_FP8_GROUPS)
+    for rows in (MOE_ROWS_PER_EXPERT[0], MOE_ROWS_PER_EXPERT[-1]):
+        for groups in MOE_FP8_OTHERS:
+            launch(rows, groups)
 
 
 def _launch_fp8(dtype: torch.dtype) -> None:

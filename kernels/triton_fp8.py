@@ -125,13 +125,25 @@ def _step(acc, x_ptrs, w_ptrs, s_ptrs, k0, depth, group_size, stride_sg, row_mas
         x_mask = row_mask[:, None]
         w_mask = col_mask[None, :]
     a = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    w = _dequantized(w_ptrs, s_ptrs, k0, group_size, stride_sg, w_mask, col_mask, offs_k, TILE_IN_GROUP, NATIVE_FP8,
+                     x_ptrs.dtype.element_ty)
+    return tl.dot(a, w, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dequantized(w_ptrs, s_ptrs, k0, group_size, stride_sg, w_mask, col_mask, offs_k, TILE_IN_GROUP: tl.constexpr,
+                 NATIVE_FP8: tl.constexpr, DTYPE: tl.constexpr):
+    """The fp8 weight tile at `w_ptrs` (wᵀ, [BLOCK_K, BLOCK_N], input columns k0..) dequantized
+    as the reference does: fp8 to fp32, times each element's scale (`s_ptrs`: each output
+    column's first group, groups `stride_sg` apart), rounded once to DTYPE (x's) for the dot.
+    Shared with kernels/triton_moe.py's fp8 experts."""
     w = _fp8_to_fp32(tl.load(w_ptrs, mask=w_mask, other=0.0), NATIVE_FP8)
     if TILE_IN_GROUP:  # the whole step in one group: one scale per column
         w = w * tl.load(s_ptrs + (k0 // group_size) * stride_sg, mask=col_mask, other=0.0)[None, :]
     else:  # groups narrower than the step, or straddling it: a scale per element
         groups = (k0 + offs_k) // group_size
         w = w * tl.load(s_ptrs[None, :] + groups[:, None] * stride_sg, mask=w_mask, other=0.0)
-    return tl.dot(a, w.to(x_ptrs.dtype.element_ty), acc, input_precision=DOT_PREC)
+    return w.to(DTYPE)
 
 
 @triton.jit

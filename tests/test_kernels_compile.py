@@ -33,9 +33,11 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
         seen = {(r["kernel"], r["variant"].split(" TILE")[0]) for r in rows if r["target"] == target}
         kernels = {k for k, _ in seen}
         assert kernels >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel", "_decode_graphed_kernel",
-                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel"}, kernels
+                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel",
+                           "_fp8_linear_kernel"}, kernels
         moe = {(v.split()[0], v.split()[-1]) for k, v in seen if k == "_moe_gemm_kernel"}
         assert moe == {(f"BLOCK_M={m}", f"GATED={g}") for m in (16, 32, 64) for g in (0, 1)}, moe  # both passes
+        assert _fp8_moe(rows, target) == FP8_MOE, _fp8_moe(rows, target)
         variants = {v for k, v in seen if k in ("_decode_kernel", "_prefill_kernel")}
         assert any("SPLIT=0" in v for v in variants) and any("SPLIT=1" in v for v in variants)
         assert any("HEADS=4" in v for v in variants) and any("HEADS=1" in v for v in variants)
@@ -61,6 +63,20 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
     prefill = {r["target"]: r for r in rows if r["case"] == "llama-3-8b bf16" and r["kernel"] == "_prefill_kernel"}
     assert "BLOCK_M=64 BLOCK_N=64" in prefill["sm90"]["variant"] and prefill["sm90"]["num_warps"] == 4
     assert "BLOCK_M=128 BLOCK_N=32" in prefill["sm89"]["variant"] and prefill["sm89"]["num_warps"] == 8
+
+
+# fp8 experts: both passes (GATED) at every row-block size with one scale per column (groups of
+# 128, and of 48 under a 16-column step), and with a scale per element (groups that split the
+# steps) on the fallback's blocks of at most 32 rows.
+FP8_MOE = ({(m, g, "1") for m in ("16", "32", "64") for g in ("0", "1")}
+           | {(m, g, "0") for m in ("16", "32") for g in ("0", "1")})
+
+
+def _fp8_moe(rows: list[dict], target: str) -> set[tuple[str, str, str]]:
+    """(BLOCK_M, GATED, TILE_IN_GROUP) of the MoE kernel's fp8 launches for `target`."""
+    variants = [dict(kv.split("=") for kv in r["variant"].split()) for r in rows
+                if r["target"] == target and r["kernel"] == "_moe_gemm_kernel"]
+    return {(v["BLOCK_M"], v["GATED"], v["TILE_IN_GROUP"]) for v in variants if v.get("FP8") == "1"}
 
 
 def _experiment(variant: str) -> bool:
@@ -106,7 +122,9 @@ def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path
     assert f"compiled with Triton {version} for sm90" in proc.stdout
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel",
-                                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel"}
+                                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel",
+                                           "_fp8_linear_kernel"}
+    assert _fp8_moe(rows, "sm90") == FP8_MOE, _fp8_moe(rows, "sm90")
     assert all(r["ok"] for r in rows) and _windowed(rows, "sm90") == WINDOWED and _padded(rows, "sm90") == PADDED
     assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
                 if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
