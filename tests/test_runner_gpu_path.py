@@ -454,13 +454,15 @@ def test_embeddings_ride_the_mixed_graphs(tiny_checkpoints: dict[str, str], monk
 
 
 @interpreter_only
-@pytest.mark.parametrize("kind", ["qwen3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2_moe"])
 def test_fp8_projections_ride_the_graphs_through_the_triton_kernel(tiny_checkpoints: dict[str, str], kind: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """quantization="fp8" on the Triton path: every fp8 projection runs kernels.triton_fp8 (the
-    reference dequantizes whole weights), in eager steps and replayed decode and mixed graphs,
-    with the tokens and logprobs of the reference's fp8 engine."""
-    path = tiny_checkpoints[kind]
+    reference dequantizes whole weights), and fp8 experts kernels.triton_moe, in eager steps and
+    replayed decode and mixed graphs, with the tokens and logprobs of the reference's fp8 engine."""
+    from tests.conftest import save_tiny_moe
+
+    path = tiny_checkpoints[kind] if kind in tiny_checkpoints else save_tiny_moe(str(tmp_path / kind), kind)
     ps = prompts(8, 3, 2, 12)
     params = [SamplingParams(max_tokens=n, logprobs=1, **GREEDY) for n in (4, 2, 3)]
     args = dict(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, max_model_len=128, dtype="float32",
@@ -475,9 +477,15 @@ def test_fp8_projections_ride_the_graphs_through_the_triton_kernel(tiny_checkpoi
     calls: list[int] = []
     run = triton_fp8.fp8_linear
     monkeypatch.setattr(triton_fp8, "fp8_linear", lambda x, *a, **k: calls.append(x.shape[0]) or run(x, *a, **k))
+    triton_moe = importlib.import_module("kernels.triton_moe")
+    experts: list[bool] = []
+    moe = triton_moe.fused_moe
+    monkeypatch.setattr(triton_moe, "fused_moe",
+                        lambda *a, **k: experts.append(k.get("fp8_scales") is not None) or moe(*a, **k))
     log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
     assert_same_tokens_and_logprobs(llm.generate(ps, params), want)
     assert calls and {k for k, _ in log} == {"decode", "mixed"}, log
+    assert experts == ([True] * len(experts) if kind == "qwen2_moe" else []) and (experts or kind == "qwen3")
 
 
 def test_graph_choice(tiny_checkpoints: dict[str, str]) -> None:
