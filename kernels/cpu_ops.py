@@ -20,10 +20,20 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
   AVX-512, torch's BLAS runs 16 and wins at prefill's row counts (1.7-2x from 256 rows on a
   2-core Xeon), so there a product of `BLAS_MIN_ROWS` rows or more runs the BLAS over the
   weight unpacked for the call (3% of the product's time at 2048 rows).
+- fp8 projections (e4m3 weights, an fp32 scale per output row and group of input columns):
+  kernels.reference dequantizes the whole weight every call (35-100x this product at a row).
+  `pack_fp8_linear_weight` packs the bytes as `pack_linear_weight` packs floats, and
+  `fp8_linear` (csrc/linear_fp8.c) dequantizes as it reads, to the reference's fp32 weight
+  exactly, reading one byte per weight. Against the fp32 product (benchmarks/linear.py --fp8,
+  2 threads): 2.5x faster where the weight comes from memory (2048 -> 8192 at 1-4 rows); where
+  it sits in cache 0.9x at one row, 0.65x at 4 (the decode costs more than 4 rows' FMAs); from
+  7 rows a block of the panel is dequantized once for every tile of rows: 0.8x at 16 rows,
+  0.9-1.05x at 64-256. From `FP8_BLAS_MIN_ROWS` rows, torch's BLAS over the weight
+  dequantized for the call (in C, into a workspace kept between calls).
 
 The C code serves fp32 tensors on the CPU (attention: head dims that are multiples of 8 up to
-256); anything else goes to the torch reference. Importing this module builds the library, or
-raises NativeBuildError where it can't be built.
+256; fp8 weights with fp32 activations); anything else goes to the torch reference. Importing
+this module builds the library, or raises NativeBuildError where it can't be built.
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ import torch.nn.functional as F
 from kernels import native, reference
 
 __all__ = [
-    "apply_rotary", "embedding_from_packed", "linear", "pack_linear_weight", "paged_decode_attention",
-    "paged_prefill_attention", "rms_norm", "silu_and_mul", "store_kv", "unpack_linear_weight",
+    "apply_rotary", "embedding_from_packed", "fp8_linear", "linear", "pack_fp8_linear_weight", "pack_linear_weight",
+    "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_and_mul", "store_kv",
+    "unpack_fp8_linear_weight", "unpack_linear_weight",
 ]
 
 
@@ -57,6 +68,12 @@ _lib.stoke_pack_linear_weight_f32.restype = None
 _lib.stoke_pack_linear_weight_f32.argtypes = [_ptr] * 2 + [_i64] * 3
 _lib.stoke_linear_f32.restype = None
 _lib.stoke_linear_f32.argtypes = [_ptr] * 4 + [_i64] * 6
+_lib.stoke_pack_linear_weight_u8.restype = None
+_lib.stoke_pack_linear_weight_u8.argtypes = [_ptr] * 2 + [_i64] * 3
+_lib.stoke_linear_fp8.restype = None
+_lib.stoke_linear_fp8.argtypes = [_ptr] * 5 + [_i64] * 7
+_lib.stoke_dequantize_fp8.restype = None
+_lib.stoke_dequantize_fp8.argtypes = [_ptr] * 3 + [_i64] * 4
 
 
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:
@@ -317,4 +334,76 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: 
     bias = None if bias is None else bias.contiguous()
     _lib.stoke_linear_f32(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
                           out.data_ptr(), m, n, k, x.stride(0), n, torch.get_num_threads())
+    return out
+
+
+def pack_fp8_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """An fp8 (e4m3) Linear weight `[N, K]` in the C product's layout, one byte a weight
+    (panels of 16 output columns, each `[K][16]` contiguous, N padded to 16 with zeros), or
+    None where `fp8_linear` can't serve it (not a 2-D float8_e4m3fn CPU tensor)."""
+    if not (weight.dim() == 2 and weight.dtype == torch.float8_e4m3fn and weight.device.type == "cpu"):
+        return None
+    weight = weight.detach().contiguous()
+    n, k = weight.shape
+    packed = torch.empty(-(-n // 16) * k * 16, dtype=torch.float8_e4m3fn)
+    _lib.stoke_pack_linear_weight_u8(weight.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
+    return packed
+
+
+def unpack_fp8_linear_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The fp8 `[n, k]` weight that pack_fp8_linear_weight packed."""
+    return packed.view(torch.uint8).view(-1, k, 16).transpose(1, 2).reshape(-1, k)[:n].contiguous().view(packed.dtype)
+
+
+# The fp32 weight that fp8_linear dequantizes for the BLAS, reused across calls (one projection
+# at a time): a fresh one costs more in page faults than the dequantizing (64 MiB: 45 ms
+# against 16 ms on one core here), as kernels.reference's gather buffers do.
+_fp8_workspace = torch.empty(0)
+
+
+def _dequantized(packed: torch.Tensor, scale: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
+    """The `[n, k]` fp32 weight of a packed fp8 one, as kernels.reference.dequantize_fp8 has it,
+    in the workspace (valid until the next call)."""
+    global _fp8_workspace
+    if _fp8_workspace.numel() < n * k:
+        _fp8_workspace = torch.empty(0)  # the old one freed before the new one is taken
+        _fp8_workspace = torch.empty(n * k)
+    weight = _fp8_workspace[: n * k].view(n, k)
+    _lib.stoke_dequantize_fp8(packed.data_ptr(), scale.contiguous().data_ptr(), weight.data_ptr(), n, k, group_size,
+                              torch.get_num_threads())
+    return weight
+
+
+# Rows from which an fp8 product is torch's BLAS over the weight dequantized for the call: the
+# fp32 product's (see the module docstring). There the fp8 product runs at about the fp32 one's
+# speed, and the BLAS path at the fp32 BLAS's plus the dequantizing (about 1 ns per weight and
+# core: an eighth to a fifth of the product at 256 rows, less beyond), so the two products cross
+# over about together; on a Zen 4 (AVX-512 at half width) neither did below 1024 rows.
+# None: never.
+FP8_BLAS_MIN_ROWS: int | None = BLAS_MIN_ROWS
+
+
+def fp8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """kernels.reference.fp8_linear(x, weight, scale, group_size, bias) for x `[M, K]`, with the
+    fp8 `[n, K]` weight given packed (pack_fp8_linear_weight): for fp32 rows, in C dequantizing
+    as it reads (fewer than FP8_BLAS_MIN_ROWS), else torch's BLAS over the weight dequantized
+    for the call; anything else (other dtypes, shapes that disagree) the reference's."""
+    k = x.shape[-1]
+    groups = -(-k // group_size) if group_size > 0 else -1
+    if not (_rows(x) and k > 0 and packed.dtype == torch.float8_e4m3fn and packed.device.type == "cpu"
+            and packed.is_contiguous() and packed.numel() == -(-n // 16) * 16 * k
+            and _fp32_cpu(scale) and scale.shape == (n, groups)
+            and (bias is None or (_fp32_cpu(bias) and bias.numel() == n))):
+        weight = unpack_fp8_linear_weight(packed, n, k) if k else packed.new_zeros(n, 0)
+        return reference.fp8_linear(x, weight, scale, group_size, None if bias is None else bias.to(x.dtype))
+    m = x.shape[0]
+    if FP8_BLAS_MIN_ROWS is not None and m >= FP8_BLAS_MIN_ROWS:
+        return F.linear(x, _dequantized(packed, scale, group_size, n, k), bias)
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m == 0:
+        return out
+    scale, bias = scale.contiguous(), None if bias is None else bias.contiguous()
+    _lib.stoke_linear_fp8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                          out.data_ptr(), m, n, k, group_size, x.stride(0), n, torch.get_num_threads())
     return out

