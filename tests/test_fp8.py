@@ -97,6 +97,13 @@ def _assert_like_transformers(llm: LLM, reference: str) -> None:
     assert_engine_idle(llm)
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """An fp8 projection's weight, unpacked where the CPU's C product packed it."""
+    if module.packed is None:
+        return module.weight
+    return module.kernels.unpack_fp8_linear_weight(module.packed, module.out_features, module.in_features)
+
+
 def _fp8_linears(llm: LLM) -> dict[str, torch.nn.Module]:
     from engine.models.llama import Linear
 
@@ -269,7 +276,9 @@ def test_online_fp8_gives_the_tokens_of_transformers_over_the_weights_it_kept(ki
     assert all(m.weight_scale.shape == (m.out_features, 1) for m in linears.values())
     _assert_experts_fp8(llm, kind == "qwen2_moe")
     for module in linears.values():  # a byte a weight (a quarter of fp32's), and a scale a row
-        assert module.weight.nbytes == module.out_features * module.in_features
+        assert module.packed is not None  # the CPU's C product, over its packed copy (rows padded to 16)
+        assert module.packed.dtype == FP8 and module.weight.numel() == 0
+        assert module.packed.nbytes == -(-module.out_features // 16) * 16 * module.in_features
         assert module.weight_scale.nbytes == module.out_features * 4
     _assert_like_transformers(llm, reference)
 
@@ -280,7 +289,8 @@ def test_online_fp8_with_dummy_weights_quantizes_them(tiny_checkpoints) -> None:
     llm = _run(tiny_checkpoints["llama"], load_format="dummy", quantization="fp8")
     for module in _fp8_linears(llm).values():
         assert bool((module.weight_scale > 0).all())
-        assert float(module.weight.float().abs().max()) == FP8_MAX  # each row's largest weight is 448
+        weight = _weight(module)
+        assert float(weight.float().abs().amax(-1).min()) == FP8_MAX  # each row's largest weight is 448
     assert all(len(tokens) == 8 for tokens in _greedy(llm))
 
 

@@ -114,7 +114,7 @@ class Linear(nn.Linear):
     The packed copy replaces the weight (which is then empty) until `use_kernels(None)`
     unpacks it again, so the weights are held once. With `fp8_group_size`, the weight is held
     in fp8 with a scale per row and group of that many input columns (engine/fp8.py), and the
-    product is `fp8_kernels.fp8_linear`'s. With LoRA adapters (engine/lora.py), each token's
+    product is `fp8_kernels.fp8_linear`'s, or packed, `ops.fp8_linear`'s (the CPU's C). With LoRA adapters (engine/lora.py), each token's
     adapter product is added to it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fp8_group_size: int | None = None) -> None:
@@ -135,17 +135,21 @@ class Linear(nn.Linear):
                 self.bias = nn.Parameter(torch.empty(out_features))
 
     def use_kernels(self, ops: ModuleType | None) -> None:
+        fp8 = self.weight_scale is not None  # packed by the fp8 packer, its scales kept apart
         if self.packed is not None:  # back to the plain weight first
-            unpacked = self.kernels.unpack_linear_weight(self.packed, self.out_features, self.in_features)
-            self.weight = nn.Parameter(unpacked, requires_grad=False)
+            unpack = self.kernels.unpack_fp8_linear_weight if fp8 else self.kernels.unpack_linear_weight
+            self.weight = nn.Parameter(unpack(self.packed, self.out_features, self.in_features), requires_grad=False)
             self.kernels = self.packed = None
-        packed = None if ops is None else ops.pack_linear_weight(self.weight)
+        packed = None if ops is None else (ops.pack_fp8_linear_weight if fp8 else ops.pack_linear_weight)(self.weight)
         if packed is not None:
             self.kernels, self.packed = ops, packed
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale is not None:
+        if self.weight_scale is not None and self.packed is not None:
+            y = self.kernels.fp8_linear(x, self.packed, self.weight_scale, self.fp8_group_size, self.bias,
+                                        self.out_features)
+        elif self.weight_scale is not None:
             y = self.fp8_kernels.fp8_linear(x, self.weight, self.weight_scale, self.fp8_group_size, self.bias)
         elif self.packed is not None:
             y = self.kernels.linear(x, self.packed, self.bias, self.out_features)
