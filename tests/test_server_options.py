@@ -1,7 +1,7 @@
 """`stoke serve` options that change what requests get, on a real server (embedded default
 model) driven by the `openai` SDK: `--chat-template`, `--generation-config`,
-`--allowed-origins`, `--request-timeout`, `--max-pending-requests`, `--served-model-name` and
-`--log-request-text`."""
+`--allowed-origins`, `--request-timeout`, `--max-pending-requests`, `--served-model-name`,
+`--log-request-text` and `--quantization fp8` (the weights every test here is served by)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                        "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root),
                        "--allowed-origins", ORIGIN, "--request-timeout", str(REQUEST_TIMEOUT),
                        "--max-pending-requests", "2", "--served-model-name", SERVED_NAME,
-                       "--log-request-text") as s:
+                       "--log-request-text", "--quantization", "fp8") as s:
         yield s
 
 
@@ -202,3 +202,16 @@ def test_log_request_text_logs_what_the_model_saw(server, client):
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model=None, max_tokens=2, prompt=bad)
         assert info.value.body["param"] == "prompt" and "[0, " in info.value.body["message"]
+
+
+def test_quantization_option_serves_the_offline_fp8_engines_tokens(server, client):
+    """`--quantization fp8`: the start-up line says the weights are in fp8 and what they take,
+    and a greedy completion is the offline engine's with quantization="fp8"."""
+    from engine import LLM, SamplingParams
+
+    ready = [line for line in server.stderr().splitlines() if "engine ready:" in line]
+    assert ready and " GiB in fp8 (online), max_model_len " in ready[0], ready
+    out = client.completions.create(model=None, prompt="The capital of France is", max_tokens=6, temperature=0)
+    offline = LLM(kv_cache_memory_bytes=64 << 20, quantization="fp8").generate(
+        ["The capital of France is"], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
+    assert out.choices[0].text == offline[0].outputs[0].text
