@@ -39,6 +39,7 @@ this module builds the library, or raises NativeBuildError where it can't be bui
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ from kernels import native, reference
 __all__ = [
     "apply_rotary", "embedding_from_packed", "fp8_linear", "linear", "pack_fp8_linear_weight", "pack_linear_weight",
     "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_and_mul", "store_kv",
-    "unpack_fp8_linear_weight", "unpack_linear_weight",
+    "unpack_linear_weight",
 ]
 
 
@@ -293,16 +294,23 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     fp32 CPU tensor)."""
     if not (weight.dim() == 2 and _fp32_cpu(weight)):
         return None
+    return _pack(weight, _lib.stoke_pack_linear_weight_f32)
+
+
+def _pack(weight: torch.Tensor, pack: Callable[..., None]) -> torch.Tensor:
+    """`weight [N, K]` in panels of 16 output columns, by the C packer for its element size."""
     weight = weight.detach().contiguous()
     n, k = weight.shape
-    packed = torch.empty(-(-n // 16) * k * 16, dtype=torch.float32)
-    _lib.stoke_pack_linear_weight_f32(weight.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
+    packed = torch.empty(-(-n // 16) * k * 16, dtype=weight.dtype)
+    pack(weight.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
     return packed
 
 
 def unpack_linear_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The `[n, k]` weight that pack_linear_weight packed."""
-    return packed.view(-1, k, 16).transpose(1, 2).reshape(-1, k)[:n].contiguous()
+    """The `[n, k]` weight that pack_linear_weight or pack_fp8_linear_weight packed (an fp8
+    one moved as its bytes)."""
+    raw = packed.view(torch.uint8) if packed.element_size() == 1 else packed
+    return raw.view(-1, k, 16).transpose(1, 2).reshape(-1, k)[:n].contiguous().view(packed.dtype)
 
 
 def embedding_from_packed(packed: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -343,16 +351,7 @@ def pack_fp8_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     None where `fp8_linear` can't serve it (not a 2-D float8_e4m3fn CPU tensor)."""
     if not (weight.dim() == 2 and weight.dtype == torch.float8_e4m3fn and weight.device.type == "cpu"):
         return None
-    weight = weight.detach().contiguous()
-    n, k = weight.shape
-    packed = torch.empty(-(-n // 16) * k * 16, dtype=torch.float8_e4m3fn)
-    _lib.stoke_pack_linear_weight_u8(weight.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
-    return packed
-
-
-def unpack_fp8_linear_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The fp8 `[n, k]` weight that pack_fp8_linear_weight packed."""
-    return packed.view(torch.uint8).view(-1, k, 16).transpose(1, 2).reshape(-1, k)[:n].contiguous().view(packed.dtype)
+    return _pack(weight, _lib.stoke_pack_linear_weight_u8)
 
 
 # The fp32 weight that fp8_linear dequantizes for the BLAS, reused across calls (one projection
@@ -395,7 +394,7 @@ def fp8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group
             and packed.is_contiguous() and packed.numel() == -(-n // 16) * 16 * k
             and _fp32_cpu(scale) and scale.shape == (n, groups)
             and (bias is None or (_fp32_cpu(bias) and bias.numel() == n))):
-        weight = unpack_fp8_linear_weight(packed, n, k) if k else packed.new_zeros(n, 0)
+        weight = unpack_linear_weight(packed, n, k) if k else packed.new_zeros(n, 0)
         return reference.fp8_linear(x, weight, scale, group_size, None if bias is None else bias.to(x.dtype))
     m = x.shape[0]
     if FP8_BLAS_MIN_ROWS is not None and m >= FP8_BLAS_MIN_ROWS:

@@ -101,7 +101,7 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     """An fp8 projection's weight, unpacked where the CPU's C product packed it."""
     if module.packed is None:
         return module.weight
-    return module.kernels.unpack_fp8_linear_weight(module.packed, module.out_features, module.in_features)
+    return module.kernels.unpack_linear_weight(module.packed, module.out_features, module.in_features)
 
 
 def _fp8_linears(llm: LLM) -> dict[str, torch.nn.Module]:

@@ -411,7 +411,7 @@ def test_fp8_linear_matches_reference(m: int, n: int, k: int, group_size: int, w
     x = torch.randn(m, k + 7, generator=gen)[:, 3 : 3 + k]
     packed = cpu_ops.pack_fp8_linear_weight(weight)
     assert packed is not None and packed.dtype == torch.float8_e4m3fn and packed.numel() == -(-n // 16) * 16 * k
-    assert torch.equal(cpu_ops.unpack_fp8_linear_weight(packed, n, k).view(torch.uint8), weight.view(torch.uint8))
+    assert torch.equal(cpu_ops.unpack_linear_weight(packed, n, k).view(torch.uint8), weight.view(torch.uint8))
     out = cpu_ops.fp8_linear(x, packed, scale, group_size, bias, n)
     assert out.shape == (m, n) and out.dtype == torch.float32
     torch.testing.assert_close(out, reference.fp8_linear(x, weight, scale, group_size, bias),
@@ -580,7 +580,7 @@ def _inconsistent_inputs() -> dict[str, tuple]:
     fp8_24, scale24 = _fp8_weight(40, 24, 16, torch.Generator().manual_seed(0))
     packed8 = cpu_ops.pack_fp8_linear_weight(fp8_24)
     fp8_ref = lambda x, p, s, g, b, n: reference.fp8_linear(  # noqa: E731
-        x, cpu_ops.unpack_fp8_linear_weight(p, n, 24), s, g, b)
+        x, cpu_ops.unpack_linear_weight(p, n, 24), s, g, b)
     q, cache = r(2, 3, 64), r(4, 16, 2, 64)
     tables, lens = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32)
     table = r(100, 32)

@@ -471,23 +471,28 @@ class TestCompiledOnGPU:
         inputs = moe_inputs(num_experts, top_k, tokens, hidden, inter, dtype, seed=tokens)
         check_against_reference(moe, *inputs)
 
+    @pytest.mark.parametrize("fp8_experts", [False, True], ids=["bf16", "fp8"])
     @pytest.mark.parametrize("tokens", [4, 200])
-    def test_cuda_graph_replays_new_routing_without_host_sync(self, moe, tokens):
+    def test_cuda_graph_replays_new_routing_without_host_sync(self, moe, tokens, fp8_experts):
         """Captured once, replayed with new inputs and routing (random, all on one expert, half
-        the experts) copied into the static tensors: equal to the eager call each time. The
-        eager call runs with CUDA's sync debug mode erroring on any host synchronisation."""
+        the experts) copied into the static tensors: equal to the eager call each time, and with
+        fp8 experts (Qwen3-30B-A3B-FP8's) to the reference. The eager call runs with CUDA's sync
+        debug mode erroring on any host synchronisation."""
         num_experts, top_k, hidden, inter = LAYOUTS["qwen3-30b-a3b"]
-        static = list(moe_inputs(num_experts, top_k, tokens, hidden, inter, torch.bfloat16))
-        x, w13, w2, weights, ids = static
-        moe.fused_moe(*static)  # compiles outside the capture
+        if fp8_experts:
+            inputs, fp8 = moe_fp8_inputs(num_experts, top_k, tokens, hidden, inter, torch.bfloat16, (128, 128))
+        else:
+            inputs, fp8 = moe_inputs(num_experts, top_k, tokens, hidden, inter, torch.bfloat16), {}
+        x, w13, w2, weights, ids = static = list(inputs)
+        moe.fused_moe(*static, **fp8)  # compiles outside the capture
         torch.cuda.set_sync_debug_mode("error")
         try:
-            moe.fused_moe(*static)
+            moe.fused_moe(*static, **fp8)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = moe.fused_moe(*static)
+            out = moe.fused_moe(*static, **fp8)
         routings = [routing(num_experts, top_k, tokens, seed=1),
                     (weights, torch.arange(top_k, device=DEVICE).expand(tokens, -1).int()),
                     routing(num_experts, top_k, tokens, seed=2, experts=list(range(0, num_experts, 2)))]
@@ -496,8 +501,10 @@ class TestCompiledOnGPU:
             weights.copy_(new_weights)
             ids.copy_(new_ids)
             graph.replay()
-            eager = moe.fused_moe(*static)
+            eager = moe.fused_moe(*static, **fp8)
             assert torch.equal(out, eager), i
+            if fp8_experts:
+                torch.testing.assert_close(out.float(), expected_fp8(*static, **fp8), **TOL[torch.bfloat16])
             torch.testing.assert_close(out.float(), expected(*static), **TOL[torch.bfloat16])
 
     @pytest.mark.parametrize("native", [True, False])
@@ -532,31 +539,3 @@ class TestCompiledOnGPU:
             assert abs(float(want[0, 0]) - unrounded) > 0.2 * unrounded
             torch.testing.assert_close(moe.fused_moe(*inputs, **fp8), want, rtol=1e-2, atol=0)
 
-    @pytest.mark.parametrize("tokens", [4, 200])
-    def test_fp8_cuda_graph_replays_new_routing_without_host_sync(self, moe, tokens):
-        """fp8 experts (Qwen3-30B-A3B-FP8's) captured once and replayed with new inputs and
-        routing copied into the static tensors: equal to the eager call each time, and to the
-        reference; the eager call under CUDA's sync debug mode erroring on a host sync."""
-        num_experts, top_k, hidden, inter = LAYOUTS["qwen3-30b-a3b"]
-        inputs, fp8 = moe_fp8_inputs(num_experts, top_k, tokens, hidden, inter, torch.bfloat16, (128, 128))
-        x, w13, w2, weights, ids = static = list(inputs)
-        moe.fused_moe(*static, **fp8)  # compiles outside the capture
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            moe.fused_moe(*static, **fp8)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = moe.fused_moe(*static, **fp8)
-        routings = [routing(num_experts, top_k, tokens, seed=1),
-                    (weights, torch.arange(top_k, device=DEVICE).expand(tokens, -1).int()),
-                    routing(num_experts, top_k, tokens, seed=2, experts=list(range(0, num_experts, 2)))]
-        for i, (new_weights, new_ids) in enumerate(routings):
-            x.copy_(torch.randn_like(x))
-            weights.copy_(new_weights)
-            ids.copy_(new_ids)
-            graph.replay()
-            eager = moe.fused_moe(*static, **fp8)
-            assert torch.equal(out, eager), i
-            torch.testing.assert_close(out.float(), expected_fp8(*static, **fp8), **TOL[torch.bfloat16])

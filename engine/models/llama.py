@@ -137,8 +137,8 @@ class Linear(nn.Linear):
     def use_kernels(self, ops: ModuleType | None) -> None:
         fp8 = self.weight_scale is not None  # packed by the fp8 packer, its scales kept apart
         if self.packed is not None:  # back to the plain weight first
-            unpack = self.kernels.unpack_fp8_linear_weight if fp8 else self.kernels.unpack_linear_weight
-            self.weight = nn.Parameter(unpack(self.packed, self.out_features, self.in_features), requires_grad=False)
+            unpacked = self.kernels.unpack_linear_weight(self.packed, self.out_features, self.in_features)
+            self.weight = nn.Parameter(unpacked, requires_grad=False)
             self.kernels = self.packed = None
         packed = None if ops is None else (ops.pack_fp8_linear_weight if fp8 else ops.pack_linear_weight)(self.weight)
         if packed is not None:
