@@ -368,7 +368,8 @@ def _dequantized(packed: torch.Tensor, scale: torch.Tensor, group_size: int, n: 
         _fp8_workspace = torch.empty(0)  # the old one freed before the new one is taken
         _fp8_workspace = torch.empty(n * k)
     weight = _fp8_workspace[: n * k].view(n, k)
-    _lib.stoke_dequantize_fp8(packed.data_ptr(), scale.contiguous().data_ptr(), weight.data_ptr(), n, k, group_size,
+    scale = scale.contiguous()  # held while the C code reads it
+    _lib.stoke_dequantize_fp8(packed.data_ptr(), scale.data_ptr(), weight.data_ptr(), n, k, group_size,
                               torch.get_num_threads())
     return weight
 

@@ -389,11 +389,14 @@ def test_fp8_portable_decoding_is_exact_too(monkeypatch: pytest.MonkeyPatch, tmp
 
 # (n, k, group_size): per-channel scales (group_size = K), block checkpoints' 128 with a ragged
 # last group, ragged 48-column groups (one across the C product's 1024-k blocks) and 32, 16,
-# K = 1; N padded in the last panel or not.
-FP8_SHAPES = [(40, 64, 64), (16, 576, 128), (37, 1100, 48), (1000, 96, 16), (50, 200, 32), (17, 1, 1)]
+# K = 1; N padded in the last panel or not; and a real layer's K of 2048 in groups of 128, a
+# group starting at each 1024-k block.
+FP8_SHAPES = [(40, 64, 64), (16, 576, 128), (37, 1100, 48), (1000, 96, 16), (50, 200, 32), (17, 1, 1),
+              (24, 2048, 128)]
 
 
-@pytest.mark.parametrize("m", [0, 1, 5, 6, 7, 13])
+# Rows: every register-tile height of both paths (1-6 in registers; 6 + 1-6 through a block).
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
 @pytest.mark.parametrize("n,k,group_size", FP8_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -414,14 +417,18 @@ def test_fp8_linear_matches_reference(m: int, n: int, k: int, group_size: int, w
     assert torch.equal(cpu_ops.unpack_linear_weight(packed, n, k).view(torch.uint8), weight.view(torch.uint8))
     out = cpu_ops.fp8_linear(x, packed, scale, group_size, bias, n)
     assert out.shape == (m, n) and out.dtype == torch.float32
-    torch.testing.assert_close(out, reference.fp8_linear(x, weight, scale, group_size, bias),
-                               atol=2e-6 * k**0.5, rtol=1e-5)
+    # Summation order alone: within a few ulps of the sum of the terms' magnitudes
+    magnitude = x.abs() @ reference.dequantize_fp8(weight, scale, group_size, torch.float32).abs().T
+    error = (out - reference.fp8_linear(x, weight, scale, group_size, bias)).abs()
+    assert bool((error <= 4e-6 * magnitude + 1e-6).all()), float((error / (magnitude + 1e-9)).max())
     if m > 6:
         rows = [cpu_ops.fp8_linear(x[i : i + 1], packed, scale, group_size, bias, n) for i in range(m)]
         assert torch.equal(out, torch.cat(rows))
     monkeypatch.setattr(cpu_ops, "FP8_BLAS_MIN_ROWS", 0)  # the BLAS over the weight C dequantizes
-    assert torch.equal(cpu_ops.fp8_linear(x, packed, scale, group_size, bias, n),
-                       reference.fp8_linear(x, weight, scale, group_size, bias))
+    strided_scale = scale.t().contiguous().t()  # the same scales, not contiguous: copied and held for C
+    for scales in (scale, strided_scale):
+        assert torch.equal(cpu_ops.fp8_linear(x, packed, scales, group_size, bias, n),
+                           reference.fp8_linear(x, weight, scale, group_size, bias))
 
 
 def test_fp8_linear_hands_many_rows_to_the_blas(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -293,6 +293,7 @@ static void linear_panels(void *ctx, int64_t begin, int64_t end) {
 void stoke_linear_fp8(const float *x, const uint8_t *packed, const float *scale, const float *bias, float *y,
                       int64_t m, int64_t n, int64_t k, int64_t group_size, int64_t x_stride, int64_t y_stride,
                       int64_t num_threads) {
+    if (m <= 0 || n <= 0 || k <= 0 || group_size <= 0) return; /* cpu_ops.fp8_linear serves these */
     linear_args a = {x, scale, bias, packed, y, m, n, k, (k + group_size - 1) / group_size, group_size,
                      x_stride, y_stride};
     const int64_t panels = (n + NR - 1) / NR;
@@ -327,6 +328,7 @@ static void dequantize_panels(void *ctx, int64_t begin, int64_t end) {
  * unpacking, widening and scaling in torch. */
 void stoke_dequantize_fp8(const uint8_t *packed, const float *scale, float *w, int64_t n, int64_t k,
                           int64_t group_size, int64_t num_threads) {
+    if (n <= 0 || k <= 0 || group_size <= 0) return;
     linear_args a = {NULL, scale, NULL, packed, w, 0, n, k, (k + group_size - 1) / group_size, group_size, 0, 0};
     parallel_for(dequantize_panels, &a, (n + NR - 1) / NR, 4, num_threads);
 }
