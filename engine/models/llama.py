@@ -114,8 +114,8 @@ class Linear(nn.Linear):
     The packed copy replaces the weight (which is then empty) until `use_kernels(None)`
     unpacks it again, so the weights are held once. With `fp8_group_size`, the weight is held
     in fp8 with a scale per row and group of that many input columns (engine/fp8.py), and the
-    product is `fp8_kernels.fp8_linear`'s, or packed, `ops.fp8_linear`'s (the CPU's C). With LoRA adapters (engine/lora.py), each token's
-    adapter product is added to it."""
+    product is `fp8_kernels.fp8_linear`'s, or packed, `ops.fp8_linear`'s (the CPU's C). With
+    LoRA adapters (engine/lora.py), each token's adapter product is added to it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fp8_group_size: int | None = None) -> None:
         # An fp8 weight is made in fp8 from the start (never first at the model's dtype).
