@@ -298,11 +298,7 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
     tile_fns = {name: getattr(triton_ops, name) for name in ("_prefill_config", "_decode_config")}
     for name, fn in tile_fns.items():
         setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
-    from kernels import triton_fp8, triton_moe
-
-    capability_fn = triton_ops._device_capability  # tiles may depend on the architecture
-    moe_capability_fn = triton_moe._device_capability
-    fp8_capability_fn = triton_fp8._device_capability
+    capability_fn = triton_ops._device_capability  # every Triton module's tiles may depend on the architecture
     tuning_fn, triton_ops._device_tuning = triton_ops._device_tuning, lambda device: tuning or KernelTuning()
     hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
     previous_driver = getattr(driver, "_active", None)  # None until first use; restored below
@@ -310,8 +306,6 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
         for index, name in enumerate(targets):
             driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
             triton_ops._device_capability = lambda device, cc=TARGETS[name][0]: divmod(cc, 10)
-            triton_moe._device_capability = triton_ops._device_capability
-            triton_fp8._device_capability = triton_ops._device_capability
             current["target"] = name
             for case in _cases(quick):
                 current["case"] = f"{case[0]} {case[1]}"
@@ -321,8 +315,6 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
         for name, fn in tile_fns.items():
             setattr(triton_ops, name, fn)
         triton_ops._device_capability = capability_fn
-        triton_moe._device_capability = moe_capability_fn
-        triton_fp8._device_capability = fp8_capability_fn
         triton_ops._device_tuning = tuning_fn
         driver.set_active(previous_driver)
     return results

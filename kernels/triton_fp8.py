@@ -34,13 +34,13 @@ decode and prefill sizes and tune them; see `fp8_tile` for the reasoning behind 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_ops
 from kernels.triton_ops import LAUNCH_OPTIONS, MIN_DOT
 
 __all__ = ["Fp8Tile", "fp8_linear", "fp8_tile", "has_native_fp8"]
@@ -239,7 +239,7 @@ def fp8_tile(num_rows: int, group_size: int, depth: int, dtype: torch.dtype, dev
     if dtype == torch.float32:
         tile = Fp8Tile(16 if decode else 32, 32, 32, 1 if decode else 8, 4, 2)
     else:
-        stages = 4 if _device_capability(device)[0] >= 9 else 3
+        stages = 4 if triton_ops._device_capability(device)[0] >= 9 else 3
         if decode:
             tile = Fp8Tile(16, 32, 128, 1, 4, stages)
         elif num_rows <= 64:
@@ -263,16 +263,8 @@ def _tile_in_group(group_size: int, depth: int, block_k: int) -> bool:
 def has_native_fp8(device: torch.device) -> bool:
     """Whether Triton converts e4m3fn on this device: from sm_89 (Ada, Hopper) on, and in the
     interpreter; A100s (sm_80) decode the bits instead (`_fp8_to_fp32`)."""
-    return device.type != "cuda" or _device_capability(device) >= (8, 9)
+    return device.type != "cuda" or triton_ops._device_capability(device) >= (8, 9)
 
-
-def _device_capability(device: torch.device) -> tuple[int, int]:
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 # ----------------------------------------------------------------------------- checks

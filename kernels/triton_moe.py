@@ -34,7 +34,6 @@ need a host sync, which this path exists to avoid.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -43,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_fp8 import WEIGHT_DTYPE, _dequantized, _tile_in_group, has_native_fp8
+from kernels import triton_ops
 from kernels.triton_ops import LAUNCH_OPTIONS, MIN_DOT
 
 __all__ = ["Alignment", "MoETile", "align", "fused_moe", "max_padded_rows", "moe_tile"]
@@ -296,21 +296,13 @@ def _moe_tile(num_pairs: int, num_experts: int, dtype: torch.dtype, device: torc
     per_expert = num_pairs / num_experts
     if dtype == torch.float32:
         return MoETile(16 if per_expert <= 16 else 32, 32, 32, 1 if per_expert <= 16 else 8, 4, 2)
-    stages = 4 if _device_capability(device)[0] >= 9 else 3
+    stages = 4 if triton_ops._device_capability(device)[0] >= 9 else 3
     if per_expert <= 16:
         return MoETile(16, 32, 128, 1, 4, stages)  # many narrow column tiles: the weights' bandwidth
     if per_expert <= 48:
         return MoETile(32, 64, 64, 4, 4, stages)
     return MoETile(64, 64, 64, 8, 4, stages)
 
-
-def _device_capability(device: torch.device) -> tuple[int, int]:
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 # ----------------------------------------------------------------------------- checks

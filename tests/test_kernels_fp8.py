@@ -205,7 +205,7 @@ def test_other_tiles(fp8: ModuleType, tile: tuple[int, ...], group_size: int) ->
 def test_tiles_by_size(fp8: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda", 0)
     capability = [(9, 0)]
-    monkeypatch.setattr(fp8, "_device_capability", lambda device: capability[0])
+    monkeypatch.setattr(importlib.import_module("kernels.triton_ops"), "_device_capability", lambda device: capability[0])
 
     def tile(rows: int, group_size: int = 128, depth: int = 4096, dtype: torch.dtype = torch.bfloat16):
         return fp8.fp8_tile(rows, group_size, depth, dtype, cuda)
@@ -233,7 +233,7 @@ def test_tiles_by_size(fp8: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None
 def test_native_fp8_by_architecture(fp8: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda", 0)
     for capability, native in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(fp8, "_device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(importlib.import_module("kernels.triton_ops"), "_device_capability", lambda device, c=capability: c)
         assert fp8.has_native_fp8(cuda) is native, capability
     assert fp8.has_native_fp8(torch.device("cpu"))  # the interpreter
 

@@ -210,7 +210,7 @@ def test_align_reads_nothing_on_the_host(moe: ModuleType) -> None:
 def test_tiles_by_size(moe: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda", 0)
     capability = [(9, 0)]
-    monkeypatch.setattr(moe, "_device_capability", lambda device: capability[0])
+    monkeypatch.setattr(importlib.import_module("kernels.triton_ops"), "_device_capability", lambda device: capability[0])
     decode = moe.moe_tile(8, 128, torch.bfloat16, cuda)  # one Qwen3-30B-A3B token
     prefill = moe.moe_tile(4096 * 8, 128, torch.bfloat16, cuda)
     assert (decode.block_m, prefill.block_m) == (16, 64)
@@ -396,7 +396,7 @@ def test_fp8_tiles(moe: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """Block-quantized (groups of 128) and per-channel experts keep the 16-bit tiles; groups
     of a multiple of 16 take a step that divides both passes'; the others small tiles."""
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(moe, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(importlib.import_module("kernels.triton_ops"), "_device_capability", lambda device: (9, 0))
     hidden, inter = 2048, 768
 
     def tile(pairs: int, groups: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> object:
