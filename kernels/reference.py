@@ -9,6 +9,26 @@ one index op, padding and causality become one boolean mask, and torch's fused
 import torch
 import torch.nn.functional as F
 
+# An fp8 KV cache (vLLM's kv_cache_dtype="fp8"): e4m3 values, each tensor's K and V with a
+# scale of their own (1.0 unless the checkpoint brings one). A key is stored as
+# saturate(key / k_scale) rounded to e4m3, and read as that byte times k_scale in fp32, then
+# rounded once to the queries' dtype; every kernel reads every key so, the step's own too.
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = float(torch.finfo(FP8_KV).max)  # 448
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in any float dtype → e4m3, as an fp8 cache stores it (saturated at ±448, as vLLM's
+    kernels convert, where torch's cast would give NaN)."""
+    return (x.float() / scale).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """What an fp8 cache's bytes hold, at `dtype` (one rounding, from fp32); other caches as they are."""
+    if x.dtype != FP8_KV:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
 
 def store_kv(
     key: torch.Tensor,
@@ -16,15 +36,22 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip."""
+    """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip.
+    An fp8 cache stores key / k_scale and value / v_scale (other caches take no scales)."""
     slots = slot_mapping.long()
     keep = slots >= 0
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
-    # Views of the caches as one row per slot, so the copies land in place.
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+    for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        rows = cache.view(-1, *cache.shape[2:])  # one row per slot, so the copy lands in place
+        if cache.dtype == FP8_KV:  # torch has no fp8 index_copy_ on the CPU: its bytes do
+            rows.view(torch.uint8).index_copy_(0, slots, quantize_kv(x, scale).view(torch.uint8))
+        else:
+            rows.index_copy_(0, slots, x.to(cache.dtype))
 
 
 # Gather destinations reused across calls: a fresh multi-MB tensor per layer per step costs
@@ -105,11 +132,15 @@ def paged_decode_attention(
     *,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys: the last
     `sliding_window` of them where that is not 0. `softcap` (not 0) caps the scaled scores at
-    ±softcap by softcap · tanh(s / softcap), as Gemma 2 does."""
+    ±softcap by softcap · tanh(s / softcap), as Gemma 2 does. An fp8 cache's keys and values
+    are read times `k_scale` / `v_scale`."""
     k, v, valid = _gather_kv(k_cache, v_cache, block_tables, context_lens)
+    k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     if sliding_window:
         valid &= torch.arange(valid.shape[1], device=valid.device) >= (context_lens[:, None] - sliding_window)
     out = _attend(q[:, :, None], k, v, valid[:, None, None, :], scale, softcap)
@@ -129,12 +160,15 @@ def paged_prefill_attention(
     value: torch.Tensor | None = None,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences (ragged, concatenated).
     `key`/`value` `[Tq, Hkv, D]` are the new tokens' K/V, already stored in the cache: a kernel
-    may read them from there instead (the oracle reads everything from the cache). A query at
-    position p sees keys p - sliding_window < k <= p where `sliding_window` is not 0, as
-    transformers' sliding-window mask; `softcap` as in `paged_decode_attention`."""
+    may read them from there instead (the oracle reads everything from the cache), but not
+    from an fp8 cache, whose keys are what it stored. A query at position p sees keys
+    p - sliding_window < k <= p where `sliding_window` is not 0, as transformers'
+    sliding-window mask; `softcap` and the scales as in `paged_decode_attention`."""
     device = q.device
     starts = cu_seqlens_q[:-1].long()
     q_lens = cu_seqlens_q[1:].long() - starts
@@ -148,6 +182,7 @@ def paged_prefill_attention(
     padded[seq, row] = q
 
     k, v, valid = _gather_kv(k_cache, v_cache, block_tables, context_lens)
+    k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     positions = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=device)
     key_pos = torch.arange(k.shape[2], device=device)
     # Padding rows (past q_len) see every valid key: never a fully masked (NaN) row.
