@@ -36,18 +36,20 @@ class AttentionMetadata:
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float,
-    *, sliding_window: int = 0, softcap: float = 0.0,
+    *, sliding_window: int = 0, softcap: float = 0.0, kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] of this step's tokens → [T, Hq, D]; a sliding layer's
-    queries see their last `sliding_window` keys, `softcap` caps the scores (kernels/)."""
+    queries see their last `sliding_window` keys, `softcap` caps the scores (kernels/); an fp8
+    cache holds the layer's K and V divided by `kv_scales`."""
     k_cache, v_cache = meta.kv_caches[layer]
     ops = meta.backend
     slot_mapping, block_tables = meta.slot_mapping, meta.block_tables
     if meta.layer_groups:
         group = meta.layer_groups[layer]
         slot_mapping, block_tables = slot_mapping[group], block_tables[group]
-    ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
-    scores = dict(sliding_window=sliding_window, softcap=softcap)
+    k_scale, v_scale = kv_scales
+    ops.store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    scores = dict(sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     if meta.graphed_decodes is not None:
         return ops.paged_mixed_attention_graphed(q, k_cache, v_cache, block_tables, meta.prefill_cu_seqlens_q,
                                                  meta.context_lens, scale, meta.graphed_decodes, key=k, value=v,

@@ -106,6 +106,9 @@ CUDA_GRAPH_MODES = ("full", "decode")  # full: decode and mixed steps; decode: p
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# vLLM's --kv-cache-dtype: "auto" keeps K/V at the model's dtype; "fp8" (= "fp8_e4m3") stores
+# them in e4m3 with a scale per layer (kernels/reference.py), half of bf16's bytes per block.
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,6 +583,9 @@ class EngineConfig:
     # (engine/fp8.py), quantized at load from a wider checkpoint; None: as the checkpoint's
     # quantization_config says (an fp8 checkpoint is served in fp8 either way).
     quantization: str | None = None
+    # vLLM's --kv-cache-dtype (KV_CACHE_DTYPES): "fp8" holds twice the blocks of bf16 in the same
+    # memory, each layer's K and V scaled by the checkpoint's k_scale / v_scale (else 1.0).
+    kv_cache_dtype: str = "auto"
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, at most the model's positions."""
@@ -619,6 +625,7 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r:.40}")
         if self.enable_lora:
             self.resolve_max_cpu_loras()
+        self.resolve_kv_cache_dtype(torch.float32)
 
     def resolve_max_cpu_loras(self) -> int:
         """The LoRA adapters kept in host memory."""
@@ -643,6 +650,16 @@ class EngineConfig:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
+
+    def resolve_kv_cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype, for a model computing in `dtype`."""
+        if self.kv_cache_dtype == "auto":
+            return dtype
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            unsupported = " (stoke stores fp8 K/V as e4m3 only)" if str(self.kv_cache_dtype).startswith("fp8") else ""
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r:.40}{unsupported}")
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -17,8 +17,9 @@ with scales per row, quantizing the shards apart is quantizing the fused weight.
 Activations are not quantized: the product runs at the model's dtype over the dequantized weight
 (w8a16). The weights take half the memory of bf16's and half the bytes a decode step reads; the
 tokens are those of transformers, which dequantizes such checkpoints to serve them on a CPU. A
-checkpoint's activation and KV-cache scales (`input_scale`, `k_scale`, `v_scale`) are read past,
-the KV cache staying at the model's dtype. What is quantized follows the config, as vLLM's:
+checkpoint's activation scales (`input_scale`, `q_scale`) are read past. Its KV-cache scales
+(`kv_scale_of`) scale an fp8 KV cache (kv_cache_dtype="fp8"), and change nothing in a cache at
+the model's dtype. What is quantized follows the config, as vLLM's:
 every projection but those its `modules_to_not_convert` / `ignore` name, the LM head only where
 compressed-tensors' config leaves it in (never under HF's fp8, as transformers); a checkpoint
 that disagrees with its config is refused at load, tensor by tensor.
@@ -36,9 +37,13 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 QUANTIZATIONS = ("fp8", "compressed-tensors")
-# A quantized checkpoint's per-tensor activation and KV-cache scales: stoke computes activations
-# and keeps KV at the model's dtype, so they have no place (and change nothing).
+# A quantized checkpoint's per-tensor activation and KV-cache scales: no parameter's. Activations
+# are computed at the model's dtype; KV scales go to their layer's attention (kv_scale_of).
 UNUSED_SCALES = ("input_scale", "output_scale", "q_scale", "k_scale", "v_scale", "kv_scale")
+# Where checkpoints keep a layer's KV-cache scales, as vLLM reads them: llm-compressor's
+# self_attn.k_scale / v_scale, vLLM's own attn.k_scale, one kv_scale for both, and AutoFP8's
+# k_proj / v_proj output_scale.
+_KV_SCALE = re.compile(r"(?:.*\.)?layers\.(\d+)\.self_attn\.(?:attn\.)?(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)")
 WEIGHT_SCALES = ("weight_scale", "weight_scale_inv")  # a projection's, as the formats name them
 _CT_STRATEGIES = ("tensor", "channel", "group", "block")
 
@@ -205,3 +210,18 @@ def scales_per_row(tensor: torch.Tensor, rows: int, groups: int, block_rows: int
         raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}: scales for {rows} rows in "
                          f"{groups} groups were expected")
     return scale
+
+
+def kv_scale_of(name: str, tensor: torch.Tensor) -> tuple[int, str, float] | None:
+    """(layer, "k" | "v" | "kv", scale) where checkpoint tensor `name` is a layer's KV-cache
+    scale, else None. A scale per tensor only: an fp8 KV cache has one per layer for K and V."""
+    match = _KV_SCALE.fullmatch(name)
+    if match is None:
+        return None
+    if tensor.numel() != 1:
+        raise ValueError(f"checkpoint tensor {name!r} holds {tensor.numel()} KV-cache scales: stoke scales an "
+                         "fp8 KV cache per tensor (one scale per layer for K, one for V)")
+    scale = float(tensor.float())
+    if not 0.0 < scale < float("inf"):
+        raise ValueError(f"checkpoint tensor {name!r} is a KV-cache scale of {scale}: it must be positive and finite")
+    return int(match.group(1)), match.group(2) or match.group(3), scale

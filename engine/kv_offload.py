@@ -33,7 +33,9 @@ TRANSFER_CHUNK_BLOCKS = 32  # the staging buffer's blocks
 class HostKVTier:
     def __init__(self, num_blocks: int, kv_tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """`kv_tensors`: the pool's distinct (keys, values) pairs, whose blocks move together."""
-        self.kv_tensors = list(kv_tensors)
+        # An fp8 pool moves as bytes: torch has no fp8 index_copy_ on the CPU.
+        self.kv_tensors = [(k.view(torch.uint8), v.view(torch.uint8)) if k.dtype == torch.float8_e4m3fn else (k, v)
+                           for k, v in kv_tensors]
         k = self.kv_tensors[0][0]
         block_shape = (2 * len(self.kv_tensors), *k.shape[1:])
         self.device = k.device

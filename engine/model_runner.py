@@ -232,6 +232,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        self.kv_cache_dtype = config.resolve_kv_cache_dtype(self.dtype)
         self.block_size = config.block_size
         self.backend = kernels.attention_backend(self.device, model_config.head_dim)
         self.max_model_len = config.resolve_max_model_len(model_config)
@@ -342,7 +343,7 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        return kv_block_bytes(self.model_config, self.kv_groups, self.block_size, self.dtype.itemsize)
+        return kv_block_bytes(self.model_config, self.kv_groups, self.block_size, self.kv_cache_dtype.itemsize)
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -498,8 +499,8 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeroed: masked-out slots still enter the matmuls, and garbage NaNs would poison them.
         tensors = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device))
             for _ in range(self.kv_groups.group_size)
         ]
         return [tensors[slot] for _, slot in self.kv_groups.layer_places()]

@@ -28,7 +28,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import LANGUAGE_MODEL_OF, ModelConfig
-from engine.fp8 import FP8, UNUSED_SCALES, WEIGHT_SCALES, quantize, scales_per_row
+from engine.fp8 import FP8, UNUSED_SCALES, WEIGHT_SCALES, kv_scale_of, quantize, scales_per_row
 from engine.lora import LoRAProjection, LoRAState
 from engine.models.moe import SparseMoeBlock
 from engine.rope import inv_freq
@@ -177,6 +177,8 @@ class Attention(nn.Module):
         self.softcap = config.attn_softcap
         self.local_rope = bool(window) and config.local_rope is not None
         self.rotates = layer not in config.nope_layers
+        # An fp8 KV cache holds K / k_scale and V / v_scale (the checkpoint's, else 1.0).
+        self.kv_scales = (1.0, 1.0)
         where = f"model.layers.{layer}.self_attn"
         qkv = ["qkv_proj"] if config.fused_checkpoint else ["q_proj", "k_proj", "v_proj"]
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias,
@@ -202,7 +204,7 @@ class Attention(nn.Module):
             else:
                 q, k = Rotary.apply(rope.cos_sin, q, k)
         out = paged_attention(q, k, v.contiguous(), self.layer, meta, self.scale,
-                              sliding_window=self.sliding_window, softcap=self.softcap)
+                              sliding_window=self.sliding_window, softcap=self.softcap, kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -473,6 +475,15 @@ class LlamaForCausalLM(nn.Module):
             return [str(e) for e in range(param.shape[0])]
         return []
 
+    def _set_kv_scales(self, scales: dict[tuple[int, str], float]) -> None:
+        """The checkpoint's KV-cache scales, to their layers' attention (1.0 where it has none)."""
+        layers = self.model.layers
+        for layer, _ in scales:
+            if layer >= len(layers):
+                raise ValueError(f"the checkpoint has a KV-cache scale for layer {layer}, and the model has {len(layers)}")
+        for i, layer in enumerate(layers):
+            layer.self_attn.kv_scales = (scales.get((i, "k"), 1.0), scales.get((i, "v"), 1.0))
+
     def _covered(self, name: str, param: torch.Tensor, loaded: set[str]) -> bool:
         """Whether the checkpoint filled parameter `name`: whole, or every one of its parts."""
         pieces = self._pieces(name, param)
@@ -518,6 +529,7 @@ class LlamaForCausalLM(nn.Module):
         token_ids = list(self.config.classifier_token_ids or ())
         renames, left_out = LANGUAGE_MODEL_OF.get(self.config.architecture, ({}, ()))
         scheme = self.config.quantization
+        kv_scales: dict[tuple[int, str], float] = {}  # (layer, "k" | "v"): an fp8 KV cache's scale
         for name, tensor in weights:
             if "rotary_emb" in name or name.startswith(left_out):
                 continue
@@ -527,6 +539,9 @@ class LlamaForCausalLM(nn.Module):
                                  "config.json has no quantization_config saying how its weights are quantized")
             if scheme is not None and not scheme.online:
                 if last in UNUSED_SCALES:
+                    if found := kv_scale_of(name, tensor):
+                        layer, which, scale = found
+                        kv_scales.update({(layer, part): scale for part in which})  # "kv": both
                     continue
                 if last == scheme.scale_suffix:  # our name for a projection's scales
                     name = name.removesuffix(last) + "weight_scale"
@@ -601,6 +616,7 @@ class LlamaForCausalLM(nn.Module):
                 loaded.add(key)
                 if piece is not None:
                     pieced.add(target)
+        self._set_kv_scales(kv_scales)
         missing = [name for name, param in params.items() if not self._covered(name, param, loaded)]
         if "score.weight" in missing:
             if not token_ids:
