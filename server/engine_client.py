@@ -63,6 +63,7 @@ class WorkerInfo:
     num_host_blocks: int = 0  # the prefix cache's host tier (--kv-offloading-size)
     weight_bytes: int = 0  # what the model's weights take in memory
     quantization: str | None = None  # how they are held in fp8 (engine/fp8.py's scheme methods); None: not
+    kv_cache_dtype: str = ""  # the KV pool's torch dtype, e.g. float8_e4m3fn
 
     @property
     def plan(self) -> KVCachePlan:
@@ -347,15 +348,16 @@ class EngineClient:
                                    frame["max_sequence_tokens"], frame["hidden_size"], frame["pooler"],
                                    frame["generates"], frame.get("labels"), frame.get("joins_pairs", False),
                                    KVCachePlan.from_dict(frame["kv_plan"]), frame.get("num_host_blocks", 0),
-                                   frame.get("weight_bytes", 0), frame.get("quantization"))
+                                   frame.get("weight_bytes", 0), frame.get("quantization"),
+                                   frame.get("kv_cache_dtype", ""))
             self.initial_stats = EngineStats(**frame["stats"])
             self.stats = EngineStats(**frame["stats"])
             groups = self.info.plan.groups
             weights = f"weights {self.info.weight_bytes / 2**30:.2f} GiB" + \
                 (f" in fp8 ({self.info.quantization})" if self.info.quantization else "")
-            logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks of %d tokens%s; a sequence of up to %d "
-                        "tokens%s)", self.info.model_path, weights, self.info.max_model_len, self.info.num_blocks,
-                        self.info.block_size, f" in {groups.num_groups} layer groups of windows {list(groups.windows)}"
+            logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks of %d tokens in %s%s; a sequence of up "
+                        "to %d tokens%s)", self.info.model_path, weights, self.info.max_model_len, self.info.num_blocks,
+                        self.info.block_size, self.info.kv_cache_dtype, f" in {groups.num_groups} layer groups of windows {list(groups.windows)}"
                         if groups.num_groups > 1 else "", self.info.max_sequence_tokens,
                         f"; the prefix cache keeps {self.info.num_host_blocks} more blocks in host memory"
                         if self.info.num_host_blocks else "")

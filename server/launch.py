@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: hold the projections' weights in fp8 e4m3 with a scale per row, quantized at load "
                         "(half of bf16's memory); an fp8 checkpoint (quant_method fp8 or compressed-tensors' "
                         "float8) is served in fp8 without it (default: as the checkpoint is)")
+    e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8 (= fp8_e4m3): store K/V in fp8 e4m3, scaled by the checkpoint's per-layer k_scale / "
+                        "v_scale (else 1.0): twice bf16's blocks in the same memory (default: the model's dtype)")
     e.add_argument("--kv-offloading-size", type=float, default=0.0, metavar="GIB",
                    help="GiB of host memory for a second tier of the prefix cache: blocks the KV pool evicts are "
                         "saved there, and loaded back on a hit instead of computed again (default: none)")
@@ -279,7 +282,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": args.enable_prefix_caching,
         "disable_hybrid_kv_cache_manager": args.disable_hybrid_kv_cache_manager,
-        "quantization": args.quantization, "kv_offloading_size": args.kv_offloading_size, "kv_offloading_backend": args.kv_offloading_backend,
+        "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "kv_offloading_size": args.kv_offloading_size, "kv_offloading_backend": args.kv_offloading_backend,
         "max_num_partial_prefills": args.max_num_partial_prefills,
         "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "scheduling_policy": args.scheduling_policy,

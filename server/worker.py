@@ -151,6 +151,7 @@ class Worker:
             "num_host_blocks": e.scheduler.config.num_host_blocks,
             "weight_bytes": e.runner.weight_bytes,
             "quantization": None if e.model_config.quantization is None else e.model_config.quantization.method,
+            "kv_cache_dtype": str(e.runner.kv_cache_dtype).removeprefix("torch."),
             "block_size": e.scheduler.block_manager.block_size,
             "max_sequence_tokens": e.scheduler.max_sequence_tokens,
             "kv_plan": e.scheduler.kv_plan.to_dict(),

@@ -274,3 +274,18 @@ def test_serve_checks_its_quantization_before_starting(capsys: pytest.CaptureFix
     assert "ERROR stoke.server: " in err and message in err, err
     assert config_from_args(build_parser().parse_args(["-q", "fp8"])).engine_args["quantization"] == "fp8"
     assert config_from_args(build_parser().parse_args([])).engine_args["quantization"] is None
+
+
+def test_serve_takes_vllms_kv_cache_dtypes(capsys: pytest.CaptureFixture[str], never_served) -> None:
+    """`--kv-cache-dtype`: auto (the default), fp8 and fp8_e4m3 reach the engine; fp8_e5m2,
+    which stoke does not store, is refused before anything starts."""
+    from server.launch import build_parser, config_from_args, main as serve_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--kv-cache-dtype", "fp8_e5m2"])
+    assert exit_info.value.code == 2
+    assert "argument --kv-cache-dtype: invalid choice: 'fp8_e5m2'" in capsys.readouterr().err
+    for value in ("auto", "fp8", "fp8_e4m3"):
+        args = build_parser().parse_args(["--kv-cache-dtype", value])
+        assert config_from_args(args).engine_args["kv_cache_dtype"] == value
+    assert config_from_args(build_parser().parse_args([])).engine_args["kv_cache_dtype"] == "auto"

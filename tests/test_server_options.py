@@ -1,7 +1,8 @@
 """`stoke serve` options that change what requests get, on a real server (embedded default
 model) driven by the `openai` SDK: `--chat-template`, `--generation-config`,
 `--allowed-origins`, `--request-timeout`, `--max-pending-requests`, `--served-model-name`,
-`--log-request-text` and `--quantization fp8` (the weights every test here is served by)."""
+`--log-request-text`, `--quantization fp8` and `--kv-cache-dtype fp8` (the weights and KV cache
+every test here is served by)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                        "--chat-template", str(root / "chat.jinja"), "--generation-config", str(root),
                        "--allowed-origins", ORIGIN, "--request-timeout", str(REQUEST_TIMEOUT),
                        "--max-pending-requests", "2", "--served-model-name", SERVED_NAME,
-                       "--log-request-text", "--quantization", "fp8") as s:
+                       "--log-request-text", "--quantization", "fp8", "--kv-cache-dtype", "fp8") as s:
         yield s
 
 
@@ -204,14 +205,17 @@ def test_log_request_text_logs_what_the_model_saw(server, client):
         assert info.value.body["param"] == "prompt" and "[0, " in info.value.body["message"]
 
 
-def test_quantization_option_serves_the_offline_fp8_engines_tokens(server, client):
-    """`--quantization fp8`: the start-up line says the weights are in fp8 and what they take,
-    and a greedy completion is the offline engine's with quantization="fp8"."""
+def test_fp8_options_serve_the_offline_fp8_engines_tokens(server, client):
+    """`--quantization fp8 --kv-cache-dtype fp8`: the start-up line says the weights and the KV
+    blocks are in fp8 (the blocks 4x fp32's in the same 160 MiB), and a greedy completion is the
+    offline engine's with quantization="fp8" and kv_cache_dtype="fp8"."""
     from engine import LLM, SamplingParams
 
     ready = [line for line in server.stderr().splitlines() if "engine ready:" in line]
     assert ready and " GiB in fp8 (online), max_model_len " in ready[0], ready
+    # SmolLM2-135M's block of 16 tokens: K and V of 30 layers, 3 heads of 64, a byte each
+    assert f" {(160 << 20) // (2 * 30 * 16 * 3 * 64)} KV blocks of 16 tokens in float8_e4m3fn" in ready[0], ready
     out = client.completions.create(model=None, prompt="The capital of France is", max_tokens=6, temperature=0)
-    offline = LLM(kv_cache_memory_bytes=64 << 20, quantization="fp8").generate(
+    offline = LLM(kv_cache_memory_bytes=64 << 20, quantization="fp8", kv_cache_dtype="fp8").generate(
         ["The capital of France is"], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
     assert out.choices[0].text == offline[0].outputs[0].text
