@@ -83,6 +83,9 @@ class Metrics:
         self.requests_waiting = Gauge("stoke_requests_waiting", "Requests queued in the scheduler", registry=r)
         self.requests_running = Gauge("stoke_requests_running", "Requests admitted to the running batch", registry=r)
         self.kv_cache_usage = Gauge("stoke_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)
+        self.cache_config = Gauge("stoke_cache_config_info", "The KV pool the engine runs (1): its blocks' tokens, "
+                                  "dtype and count, and the prefix cache's host-memory blocks (vLLM's cache_config_info)",
+                                  ["block_size", "cache_dtype", "num_blocks", "num_host_blocks"], registry=r)
         self.prefix_queries = Counter("stoke_prefix_cache_queries_tokens",
                                       "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter("stoke_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache",
@@ -178,6 +181,9 @@ class Metrics:
     def on_frame(self, frame: dict[str, Any]) -> None:
         if frame.get("type") == "ready":
             self.set_baseline(frame["stats"])
+            self.cache_config.clear()  # one series: the running engine's
+            self.cache_config.labels(str(frame["block_size"]), frame.get("kv_cache_dtype", ""), str(frame["num_blocks"]),
+                                     str(frame.get("num_host_blocks", 0))).set(1)
         stats = frame.get("stats")
         if stats is not None:
             self.requests_waiting.set(stats["waiting"])

@@ -69,6 +69,24 @@ def test_kernels_benchmark_tiny_on_cpu(kernels_report: dict) -> None:
     assert set(kernels_report["summary"]) >= {"decode_goal_met", "slower_than_torch", "notes"}
 
 
+def test_kernels_benchmark_cpu_kernels_with_an_fp8_kv_cache(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--impl cpu times kernels.cpu_ops with the reference as its peer; --kv-fp8 times each
+    decode again over fp8 caches (the sizes given on the command line) and tabulates the two."""
+    out = tmp_path / "k.json"
+    report = kernels_main(["--impl", "cpu", "--kv-fp8", "--only", "decode", "--layouts", "qwen3-0.6b",
+                           "--decode-batches", "2", "--decode-contexts", "40", "--iters", "1", "--warmup", "0",
+                           "--out", str(out)])
+    assert json.loads(out.read_text())["decode"] == json.loads(json.dumps(report["decode"]))
+    assert report["env"]["impl"] == "cpu" and report["env"]["tiny"]
+    (row,) = report["decode"]
+    assert (row["batch"], row["context"]) == (2, 40)
+    for key in ("stoke_ms", "torch_paged_ms", "fp8_kv_ms", "fp8_kv_gbps", "fp8_kv_speedup"):
+        assert _positive(row[key]), (key, row)
+    assert 0 <= row["fp8_kv_max_abs_diff"] < 0.5
+    assert report["summary"]["decode_fp8_kv_speedup"]["median"] == row["fp8_kv_speedup"]
+    assert "decode attention over an fp8 (e4m3) KV cache vs the float32 one" in capsys.readouterr().out
+
+
 def test_kernels_benchmark_gpu_code_path_under_the_interpreter(tmp_path) -> None:
     """The CUDA run's shape (Triton as stoke's kernels, torch's reference as a peer, ratios)
     with the interpreter standing in for the GPU; a subprocess, so that TRITON_INTERPRET is set
@@ -195,7 +213,7 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert names == ["kernel_tests", "kernels", "moe_kernels", "offline_qwen3-0.6b", "offline_llama-3-8b",
                      "offline_qwen3-0.6b_sync_scheduling", "kernel_configs", "kernels_tuned",
                      "serve_default_model", "speculative_cost", "lora_cost", "offline_qwen3-30b-a3b",
-                     "offline_gemma-3-4b", "hybrid_kv", "kv_offload", "fp8_weights",
+                     "offline_gemma-3-4b", "hybrid_kv", "kv_offload", "fp8",
                      "offline_llama-3-8b_sync_scheduling",
                      "offline_qwen3-0.6b_decode_graphs", "offline_llama-3-8b_decode_graphs",
                      "offline_qwen3-0.6b_eager", "offline_llama-3-8b_eager"]
@@ -222,9 +240,10 @@ def test_gpu_check_plan(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert "configs/gemma-3-4b" not in smoke["hybrid_kv"].command  # the CPU's: the small Gemma 3
     offload = by_name["kv_offload"]
     assert offload.command[1:3] == ["-m", "benchmarks.kv_offload"] and "configs/qwen3-0.6b" in offload.command
-    fp8 = by_name["fp8_weights"]
+    fp8 = by_name["fp8"]
     assert fp8.command[1:3] == ["-m", "benchmarks.fp8"] and "configs/llama-3-8b" in fp8.command
-    assert "configs/llama-3-8b" not in smoke["fp8_weights"].command
+    assert fp8.command[fp8.command.index("--cases") + 1] == "fp8,kv_fp8"  # three 8B engines on one card
+    assert "configs/llama-3-8b" not in smoke["fp8"].command
     serve = by_name["serve_default_model"]
     assert serve.command[1:5] == ["-m", "benchmarks.serve", "--launch", "stoke"]
     assert "--stoke-arg=dummy" in serve.command

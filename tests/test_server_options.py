@@ -214,7 +214,10 @@ def test_fp8_options_serve_the_offline_fp8_engines_tokens(server, client):
     ready = [line for line in server.stderr().splitlines() if "engine ready:" in line]
     assert ready and " GiB in fp8 (online), max_model_len " in ready[0], ready
     # SmolLM2-135M's block of 16 tokens: K and V of 30 layers, 3 heads of 64, a byte each
-    assert f" {(160 << 20) // (2 * 30 * 16 * 3 * 64)} KV blocks of 16 tokens in float8_e4m3fn" in ready[0], ready
+    blocks = (160 << 20) // (2 * 30 * 16 * 3 * 64)
+    assert f" {blocks} KV blocks of 16 tokens in float8_e4m3fn" in ready[0], ready
+    info = f'stoke_cache_config_info{{block_size="16",cache_dtype="float8_e4m3fn",num_blocks="{blocks}",num_host_blocks="0"}}'
+    assert server.metrics()[info] == 1
     out = client.completions.create(model=None, prompt="The capital of France is", max_tokens=6, temperature=0)
     offline = LLM(kv_cache_memory_bytes=64 << 20, quantization="fp8", kv_cache_dtype="fp8").generate(
         ["The capital of France is"], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)

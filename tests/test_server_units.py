@@ -28,6 +28,7 @@ SPEC_METRICS = [
     "stoke_step_batch_tokens", "stoke_gpu_info", "stoke_spec_decode_drafts_total",
     "stoke_spec_decode_draft_tokens_total", "stoke_spec_decode_accepted_tokens_total",
     "stoke_kv_offload_usage_ratio", "stoke_kv_offload_saved_blocks_total", "stoke_kv_offload_loaded_blocks_total",
+    "stoke_cache_config_info",
 ]
 
 
@@ -81,7 +82,8 @@ def test_metrics_names_and_engine_frames():
                                            "kv_offload_usage": 0.0, "kv_offload_saved_blocks": 2,
                                            "kv_offload_loaded_blocks": 0,
                                            "preemptions": 0, "num_steps": 1, "spec_drafts": 1,
-                                           "spec_draft_tokens": 4, "spec_accepted_tokens": 2}})
+                                           "spec_draft_tokens": 4, "spec_accepted_tokens": 2},
+                "block_size": 16, "num_blocks": 4096, "num_host_blocks": 0, "kv_cache_dtype": "float8_e4m3fn"})
     output = {"id": "r-0", "finished": True, "num_prompt_tokens": 5, "num_cached_tokens": 0,
               "outputs": [{"index": 0, "text": "hi", "token_ids": [7, 8], "logprobs": None, "num_tokens": 2,
                            "finish_reason": "length", "stop_reason": None}],
@@ -104,7 +106,9 @@ def test_metrics_names_and_engine_frames():
                  'stoke_inter_token_latency_seconds_bucket{le="0.001"} 0.0', "stoke_spec_decode_drafts_total 2.0",
                  "stoke_spec_decode_draft_tokens_total 8.0", "stoke_spec_decode_accepted_tokens_total 5.0",
                  "stoke_kv_offload_usage_ratio 0.25", "stoke_kv_offload_saved_blocks_total 3.0",
-                 "stoke_kv_offload_loaded_blocks_total 4.0"):
+                 "stoke_kv_offload_loaded_blocks_total 4.0",
+                 'stoke_cache_config_info{block_size="16",cache_dtype="float8_e4m3fn",num_blocks="4096",'
+                 'num_host_blocks="0"} 1.0'):
         assert line in text, line
 
 
