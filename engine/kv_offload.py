@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from engine.transfer import to_device
+from kernels.reference import indexable_kv
 from scheduler.host_kv_cache import KVTransfer
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,7 @@ TRANSFER_CHUNK_BLOCKS = 32  # the staging buffer's blocks
 class HostKVTier:
     def __init__(self, num_blocks: int, kv_tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """`kv_tensors`: the pool's distinct (keys, values) pairs, whose blocks move together."""
-        # An fp8 pool moves as bytes: torch has no fp8 index_copy_ on the CPU.
-        self.kv_tensors = [(k.view(torch.uint8), v.view(torch.uint8)) if k.dtype == torch.float8_e4m3fn else (k, v)
-                           for k, v in kv_tensors]
+        self.kv_tensors = [(indexable_kv(k), indexable_kv(v)) for k, v in kv_tensors]
         k = self.kv_tensors[0][0]
         block_shape = (2 * len(self.kv_tensors), *k.shape[1:])
         self.device = k.device

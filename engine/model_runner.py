@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import kernels
+from kernels.reference import indexable_kv
 from engine.attention import AttentionMetadata
 from engine.block_tables import BlockTables
 from engine.config import EngineConfig, ModelConfig
@@ -569,9 +570,9 @@ class ModelRunner:
         if not pairs:
             return
         source, copy = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*pairs))
-        for k, v in self._distinct_kv_caches():
-            k[copy] = k[source]
-            v[copy] = v[source]
+        for pair in self._distinct_kv_caches():
+            for cache in map(indexable_kv, pair):
+                cache[copy] = cache[source]
 
     def _distinct_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The pool's (keys, values) tensors, once each: a hybrid model's layers share them."""

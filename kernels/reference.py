@@ -17,6 +17,12 @@ FP8_KV = torch.float8_e4m3fn
 FP8_KV_MAX = float(torch.finfo(FP8_KV).max)  # 448
 
 
+def indexable_kv(cache: torch.Tensor) -> torch.Tensor:
+    """`cache` as torch can index-copy it: an fp8 cache as its bytes (a view), which torch's fp8
+    lacks on the CPU; any other as it is."""
+    return cache.view(torch.uint8) if cache.dtype == FP8_KV else cache
+
+
 def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x in any float dtype → e4m3, as an fp8 cache stores it (saturated at ±448, as vLLM's
     kernels convert, where torch's cast would give NaN)."""
@@ -47,11 +53,9 @@ def store_kv(
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
     for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        stored = quantize_kv(x, scale) if cache.dtype == FP8_KV else x.to(cache.dtype)
         rows = cache.view(-1, *cache.shape[2:])  # one row per slot, so the copy lands in place
-        if cache.dtype == FP8_KV:  # torch has no fp8 index_copy_ on the CPU: its bytes do
-            rows.view(torch.uint8).index_copy_(0, slots, quantize_kv(x, scale).view(torch.uint8))
-        else:
-            rows.index_copy_(0, slots, x.to(cache.dtype))
+        indexable_kv(rows).index_copy_(0, slots, indexable_kv(stored))
 
 
 # Gather destinations reused across calls: a fresh multi-MB tensor per layer per step costs

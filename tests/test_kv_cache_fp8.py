@@ -16,8 +16,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from engine import LLM, SamplingParams
+from engine.beam_search import BeamSearchParams
 from engine.fp8 import kv_scale_of
-from tests.conftest import assert_engine_idle, assert_logprobs_equal_transformers, greedy_tokens, random_prompts
+from tests.conftest import (assert_engine_idle, assert_logprobs_equal_transformers, greedy_tokens, hf_beams,
+                            random_prompts)
 from tests.test_fp8 import _config, _ct_config, _ct_quantize, _is_projection, _save, _state
 from tests.test_kv_offload import chat_turns, host_gib
 
@@ -163,6 +165,21 @@ def test_fp8_blocks_the_host_tier_saved_come_back_as_they_left(tiny_checkpoints)
     assert [answer for _, answer in turns] == greedy_tokens(oracle, [prompt for prompt, _ in turns], 8)
     for llm in (offloaded, kept):
         assert_engine_idle(llm)
+
+
+def test_beam_search_forks_copy_fp8_blocks(tiny_checkpoints) -> None:
+    """Beam search over an fp8 cache: forks take copies of their parents' partial last blocks
+    (bytes copied as they are) and the sequences are transformers' over K/V rounded as stored."""
+    path = tiny_checkpoints["llama"]
+    llm = _run(path, kv_cache_dtype="fp8", num_kv_blocks=256)
+    oracle = _transformers_over_fp8_kv(path)
+    params = BeamSearchParams(beam_width=3, max_tokens=9, ignore_eos=True)
+    prompts = random_prompts(21, [13, 30])  # partial last blocks of 8 to copy
+    for prompt, output in zip(prompts, llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)):
+        expected, scores = hf_beams(oracle, prompt, params, None)
+        assert [s.tokens[len(prompt):] for s in output.sequences] == expected
+        assert [s.cum_logprob / len(s.tokens[len(prompt):]) for s in output.sequences] == pytest.approx(scores, abs=1e-4)
+    assert_engine_idle(llm)
 
 
 @pytest.mark.parametrize("value", ["fp8_e5m2", "int8", "float16", ""])
