@@ -25,11 +25,18 @@ ratio = torch time / stoke time (> 1: stoke faster).
 
 On the CPU only the torch reference runs (the Triton interpreter's speed means nothing), at
 tiny sizes: its time, and the attention share of a whole forward step of the tiny (--tiny) or
-the default model. Also measured on CUDA: the attention share of a decode and a prefill step
-of Qwen3-0.6B and Llama-3-8B (dummy weights).
+the default model; `--impl cpu` times the C kernels the CPU serves with (kernels.cpu_ops)
+instead, with the reference as their peer. Also measured on CUDA: the attention share of a
+decode and a prefill step of Qwen3-0.6B and Llama-3-8B (dummy weights).
+
+`--kv-fp8` times each decode again over its caches in fp8 (e4m3, per-tensor scales from their
+amax, as a calibrated checkpoint's): fp8 against the wide cache's time in the same run, and how
+far the output moves. `--decode-batches` / `--decode-contexts` replace the decode sizes.
 
     python -m benchmarks.kernels                      # GPU sizes on CUDA, tiny on CPU
     python -m benchmarks.kernels --tiny --out results/kernels_tiny.json
+    python -m benchmarks.kernels --impl cpu --kv-fp8 --only decode --layouts qwen3-0.6b \
+        --decode-batches 1 8 32 --decode-contexts 512 2048 8192   # fp32 vs fp8 KV on the CPU
 """
 
 from __future__ import annotations
@@ -257,7 +264,11 @@ def sdpa_peers(timer: Timer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device, self.dtype = args, device, dtype
-        self.sizes = TINY_SIZES if args.tiny or device.type != "cuda" else GPU_SIZES
+        self.tiny = args.tiny or device.type != "cuda"
+        self.sizes = dict(TINY_SIZES if self.tiny else GPU_SIZES)
+        for size in ("decode_batches", "decode_contexts"):
+            if getattr(args, size):
+                self.sizes[size] = getattr(args, size)
         warmup = self.sizes["warmup"] if args.warmup is None else args.warmup
         self.timer = Timer(device, args.iters or self.sizes["iters"], warmup)
         self.peak, self.peak_source = peak_bandwidth(device)
@@ -269,7 +280,11 @@ class Bench:
 
             self.ops = importlib.import_module("kernels.triton_ops")
             self.norm_rope = importlib.import_module("kernels.triton_norm_rope")
-        else:  # the CPU serving path is the reference itself
+        elif impl == "cpu":  # the C kernels (built on import)
+            import importlib
+
+            self.ops = self.norm_rope = importlib.import_module("kernels.cpu_ops")
+        else:  # the CPU's fallback serving path is the reference itself
             self.ops = self.norm_rope = reference
         self.impl = impl
 
@@ -310,9 +325,37 @@ class Bench:
                     rows.append({"layout": layout, "batch": batch, "context": ctx, "block_size": BLOCK_SIZE,
                                  **_row(ms, peers | sdpa, nbytes, self.peak, launch_us=launch_us),
                                  "sdpa_backend": choice})
+                    if self.args.kv_fp8:
+                        rows[-1] |= self.decode_fp8(q, k_cache, v_cache, tables, lens, scale, ms)
                     k_cache = v_cache = k = v = None  # freed (not del: the timed lambdas close over them)
                     self._release()
         return rows
+
+    def decode_fp8(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                   lens: torch.Tensor, scale: float, wide_ms: float | None) -> dict[str, Any]:
+        """The same decode over the caches in fp8 (e4m3, a scale per tensor from its amax): its
+        time and bandwidth, the wide cache's time over it (`fp8_kv_speedup`), and the largest
+        change in the output."""
+        k_scale = float(k_cache.abs().amax()) / reference.FP8_KV_MAX
+        v_scale = float(v_cache.abs().amax()) / reference.FP8_KV_MAX
+        k8, v8 = reference.quantize_kv(k_cache, k_scale), reference.quantize_kv(v_cache, v_scale)
+
+        def call() -> torch.Tensor:
+            return self.ops.paged_decode_attention(q, k8, v8, tables, lens, scale, k_scale=k_scale, v_scale=v_scale)
+
+        try:
+            ms, why = _try(self.timer, call)
+        except TypeError as e:  # a backend without the fp8 cache's keywords
+            ms, why = None, f"TypeError: {e}"
+        nbytes = k8.numel() // k_cache.shape[0] * 2 * int(lens.sum()) // k_cache.shape[1] + 2 * q.numel() * self.elt
+        row: dict[str, Any] = {"fp8_kv_ms": ms, "fp8_kv_bytes": nbytes}
+        if ms:
+            wide = self.ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+            row |= {"fp8_kv_gbps": nbytes / ms / 1e6, "fp8_kv_speedup": wide_ms / ms if wide_ms else None,
+                    "fp8_kv_max_abs_diff": float((call().float() - wide.float()).abs().max())}
+        if why:
+            row["fp8_kv_skipped"] = why
+        return row
 
     def prefill(self) -> list[dict[str, Any]]:
         rows = []
@@ -649,6 +692,17 @@ def render(report: dict[str, Any]) -> str:
     triton = env["impl"] == "triton"
     table("decode attention (torch ms (torch/stoke))", report["decode"],
           [("layout", ""), ("batch", ""), ("context", "")], (["merge_kernel"] if triton else []) + peers)
+    fp8_rows = [r for r in report["decode"] if "fp8_kv_ms" in r]
+    if fp8_rows:
+        lines += ["", f"decode attention over an fp8 (e4m3) KV cache vs the {env['dtype']} one (same run)",
+                  f"{'layout':>12}{'batch':>7}{'context':>9}{env['dtype'] + ' ms':>13}{'fp8 ms':>10}{'speedup':>9}"
+                  f"{env['dtype'] + ' GB/s':>15}{'fp8 GB/s':>10}{'max |diff|':>12}"]
+        for r in fp8_rows:
+            lines.append(f"{r['layout']:>12}{r['batch']:>7}{r['context']:>9}{_fmt(r['stoke_ms'], '.4f'):>13}"
+                         f"{_fmt(r['fp8_kv_ms'], '.4f'):>10}{_fmt(r.get('fp8_kv_speedup'), '.2f'):>9}"
+                         f"{_fmt(r.get('stoke_gbps'), '.1f'):>15}{_fmt(r.get('fp8_kv_gbps'), '.1f'):>10}"
+                         f"{_fmt(r.get('fp8_kv_max_abs_diff'), '.1e'):>12}"
+                         + (f"  ({r['fp8_kv_skipped']})" if r.get("fp8_kv_skipped") else ""))
     table("prefill attention", report["prefill"], [("layout", ""), ("seqs", ""), ("length", "")],
           (["unpacked", "new_kv_rows", "new_kv_tma"] if triton else []) + peers)
     for kind in ("decode", "prefill"):
@@ -691,7 +745,10 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     if report["env"]["impl"] == "reference":
         notes.append("CPU: only the torch reference ran (the Triton interpreter's speed means nothing); "
                      "its times show the CPU serving path at tiny sizes")
+    speedups = sorted(r["fp8_kv_speedup"] for r in report["decode"] if r.get("fp8_kv_speedup"))
     return {
+        "decode_fp8_kv_speedup": {"min": speedups[0], "median": statistics.median(speedups), "max": speedups[-1]}
+        if speedups else None,
         "decode_long_context_best_peak_fraction": best,
         "decode_goal_peak_fraction": 0.8,
         "decode_goal_met": None if best is None else best >= 0.8,
@@ -734,9 +791,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--share-models", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS),
                    help="models for the attention share on CUDA")
     p.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS), help="head layouts")
-    p.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"],
+    p.add_argument("--impl", default="auto", choices=["auto", "reference", "triton", "cpu"],
                    help="stoke's kernels: auto = Triton on CUDA, the reference on the CPU; triton on the CPU "
-                        "runs the interpreter (slow; only to exercise this script)")
+                        "runs the interpreter (slow; only to exercise this script); cpu = kernels.cpu_ops, "
+                        "the C kernels the CPU serves with")
+    p.add_argument("--kv-fp8", action="store_true",
+                   help="time each decode again over its caches in fp8 (e4m3): fp8 vs the wide cache, same run")
+    p.add_argument("--decode-batches", type=int, nargs="*", default=None, help="decode batch sizes (default: by size)")
+    p.add_argument("--decode-contexts", type=int, nargs="*", default=None,
+                   help="decode context lengths (default: by size)")
     p.add_argument("--out", default="results/kernels.json")
     return p.parse_args(argv)
 
@@ -753,7 +816,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts = set(args.only or PARTS)
     t0 = time.perf_counter()
     report: dict[str, Any] = {"env": bench_env(bench, device, dtype, "benchmarks/kernels.py", argv,
-                                               tiny=bench.sizes is TINY_SIZES, block_size=BLOCK_SIZE)}
+                                               tiny=bench.tiny, block_size=BLOCK_SIZE)}
     for part in KERNEL_PARTS:
         report[part] = getattr(bench, part)() if part in parts else []
         print(f"{part}: done ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)

@@ -5,6 +5,15 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
 - Decode attention is bandwidth-bound: the reference gathers every sequence's K/V into a dense
   copy and SDPA reads that copy again. The C kernel (csrc/paged_attention.c) reads each K/V
   row once, in place in the paged cache.
+- An fp8 KV cache (e4m3, vLLM's kv_cache_dtype="fp8"; kernels.reference's contract) holds a
+  quarter of the fp32 cache's bytes. The same C decode kernel reads its bytes in place, each
+  kv head's rows of a block decoded exactly and times k_scale / v_scale once into an L1
+  scratch block that its query heads share: bit for bit the fp32 kernel over the dequantized
+  cache. Prefill gathers the blocks it needs and dequantizes them (compute-bound: the copy
+  hardly shows); the step's own key/value are never read in place of the cache, whose keys
+  are what it stores, quantized. `store_kv` quantizes and scatters in C in one pass
+  (csrc/store_kv.c), 2.5-3.5x the reference's divide, clamp, convert and copy at a decode
+  step's tokens, where each of those is a call; other caches take the reference's store.
 - Prefill attention is compute-bound and torch's SDPA is good at it: one unpadded call per
   sequence (a step holds a few prefill chunks), `is_causal` when there is no cached prefix.
   Where a sliding window cuts keys, tiles of queries each attend to their own band of keys
@@ -32,8 +41,9 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
   dequantized for the call (in C, into a workspace kept between calls).
 
 The C code serves fp32 tensors on the CPU (attention: head dims that are multiples of 8 up to
-256; fp8 weights with fp32 activations); anything else goes to the torch reference. Importing
-this module builds the library, or raises NativeBuildError where it can't be built.
+256, over fp32 or fp8 caches; fp8 weights with fp32 activations); anything else goes to the
+torch reference. Importing this module builds the library, or raises NativeBuildError where it
+can't be built.
 """
 
 from __future__ import annotations
@@ -52,13 +62,14 @@ __all__ = [
     "unpack_linear_weight",
 ]
 
-
-store_kv = reference.store_kv
-
 _lib = native.load()
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _lib.stoke_paged_decode_attention_f32.restype = ctypes.c_int
 _lib.stoke_paged_decode_attention_f32.argtypes = [_ptr] * 6 + [_i64] * 8 + [_f32, _i64, _f32, _i64]
+_lib.stoke_paged_decode_attention_fp8.restype = ctypes.c_int
+_lib.stoke_paged_decode_attention_fp8.argtypes = [_ptr] * 6 + [_i64] * 8 + [_f32, _i64, _f32, _f32, _f32, _i64]
+_lib.stoke_store_kv_fp8.restype = ctypes.c_int
+_lib.stoke_store_kv_fp8.argtypes = [_ptr] * 5 + [_i64] * 5 + [_f32, _f32, _i64]
 _lib.stoke_rms_norm_f32.restype = None
 _lib.stoke_rms_norm_f32.argtypes = [_ptr] * 5 + [_i64] * 4 + [_f32, _i64]
 _lib.stoke_rotary_f32.restype = None
@@ -81,6 +92,42 @@ def _fp32_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+def _fp8_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == reference.FP8_KV for t in tensors)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """kernels.reference.store_kv: key/value `[T, Hkv, D]` into the caches at `slot_mapping`
+    `[T]` (-1: skip). fp32 K/V into fp8 caches in C, quantized (key / k_scale, value / v_scale,
+    byte for byte the reference's) and scattered in one pass; other caches as the reference
+    stores them. A slot past the cache raises IndexError, with nothing stored."""
+    tokens = key.shape[0]
+    if not (_fp8_cpu(k_cache, v_cache) and _fp32_cpu(key, value) and key.dim() == 3 and key.shape == value.shape
+            and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and key.shape[1:] == k_cache.shape[2:]
+            and key[:1].is_contiguous() and value[:1].is_contiguous() and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and slot_mapping.device.type == "cpu" and slot_mapping.shape == (tokens,)):
+        reference.store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+        return
+    if tokens == 0:
+        return
+    slots = slot_mapping.to(torch.int64).contiguous()
+    width = key.shape[1] * key.shape[2]
+    if _lib.stoke_store_kv_fp8(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                               slots.data_ptr(), tokens, width, key.stride(0), value.stride(0),
+                               k_cache.shape[0] * k_cache.shape[1], k_scale, v_scale, torch.get_num_threads()):
+        raise IndexError(f"store_kv: a slot past the cache's {k_cache.shape[0] * k_cache.shape[1]} in "
+                         f"{slot_mapping.tolist()}; nothing stored")
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -91,19 +138,24 @@ def paged_decode_attention(
     *,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys: the last
     `sliding_window` of them where that is not 0 (the blocks before are not read). `softcap`
-    (not 0) caps the scaled scores s by softcap · tanh(s / softcap)."""
+    (not 0) caps the scaled scores s by softcap · tanh(s / softcap). An fp8 cache's bytes are
+    read in place, each key times `k_scale` and value times `v_scale` (rounded once to fp32)."""
     batch, num_heads, head_dim = q.shape
+    fp8 = _fp8_cpu(k_cache, v_cache)
     # What C trusts, checked in O(1) (shapes: the torch reference raises or broadcasts instead
     # of reading out of bounds); the block ids and lengths are the engine's to keep in range.
-    if not (_fp32_cpu(q, k_cache, v_cache) and head_dim % 8 == 0 and head_dim <= 256
+    if not (_fp32_cpu(q) and (fp8 or _fp32_cpu(k_cache, v_cache)) and head_dim % 8 == 0 and head_dim <= 256
             and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
             and num_heads % k_cache.shape[2] == 0 and block_tables.dim() == 2
             and block_tables.shape[0] == context_lens.shape[0] == batch):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                sliding_window=sliding_window, softcap=softcap)
+                                                sliding_window=sliding_window, softcap=softcap,
+                                                k_scale=k_scale, v_scale=v_scale)
     if q.stride(2) != 1:
         q = q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # no-ops for the engine's pools
@@ -112,11 +164,13 @@ def paged_decode_attention(
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype)
     if batch == 0:
         return out
-    failed = _lib.stoke_paged_decode_attention_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-        out.data_ptr(), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], tables.stride(0),
-        q.stride(0), q.stride(1), scale, sliding_window, softcap, torch.get_num_threads(),
-    )
+    args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+            out.data_ptr(), batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], tables.stride(0),
+            q.stride(0), q.stride(1), scale, sliding_window, softcap)
+    if fp8:
+        failed = _lib.stoke_paged_decode_attention_fp8(*args, k_scale, v_scale, torch.get_num_threads())
+    else:
+        failed = _lib.stoke_paged_decode_attention_f32(*args, torch.get_num_threads())
     if failed:
         raise MemoryError("paged decode attention could not allocate its scratch memory")
     return out
@@ -135,6 +189,8 @@ def paged_prefill_attention(
     value: torch.Tensor | None = None,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention for the new tokens q `[Tq, Hq, D]` of B sequences, one SDPA call each:
     no work on padding rows, and a chunk without a cached prefix (the common case) runs
@@ -142,9 +198,15 @@ def paged_prefill_attention(
     (no gather from the cache). A query at position p sees keys p - sliding_window < k <= p
     where `sliding_window` is not 0; `softcap` (not 0) caps the scaled scores s by
     softcap · tanh(s / softcap). A sequence whose window cuts keys, or any with a softcap,
-    takes `_prefill_sequence_banded`."""
+    takes `_prefill_sequence_banded`. An fp8 cache's blocks are gathered and dequantized
+    (times `k_scale` / `v_scale`); `key`/`value` are not read then: the keys are what the cache
+    stores, quantized."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
+    kv_scales = None
+    if k_cache.dtype == reference.FP8_KV:
+        key = value = None
+        kv_scales = (k_scale, v_scale)
     bounds = cu_seqlens_q.tolist()
     for b, total in enumerate(context_lens.tolist()):
         start, end = bounds[b], bounds[b + 1]
@@ -154,7 +216,7 @@ def paged_prefill_attention(
                 out[start:end] = _prefill_sequence_banded(
                     q[start:end], k_cache, v_cache, block_tables[b], total,
                     None if key is None else key[start:end], None if value is None else value[start:end],
-                    scale, sliding_window, softcap)
+                    scale, sliding_window, softcap, kv_scales)
             continue
         # 4-D [1, H, L, D]: torch's CPU flash kernel takes only batched inputs; 3-D ones fall to
         # the math path, 3-5x slower.
@@ -163,8 +225,11 @@ def paged_prefill_attention(
             k, v = key[start:end].transpose(0, 1)[None], value[start:end].transpose(0, 1)[None]
         else:
             blocks = block_tables[b, : -(-total // block_size)].long()
-            k = k_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)[None]  # [1, Hkv, L, D]
-            v = v_cache.index_select(0, blocks).flatten(0, 1)[:total].transpose(0, 1)[None]
+            k = k_cache.index_select(0, blocks).flatten(0, 1)[:total]
+            v = v_cache.index_select(0, blocks).flatten(0, 1)[:total]
+            if kv_scales is not None:
+                k, v = (reference.dequantize_kv(x, s, q.dtype) for x, s in zip((k, v), kv_scales))
+            k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, L, D]
         if new == total:
             o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:  # new tokens after a cached prefix: query j sits at position total - new + j
@@ -184,13 +249,15 @@ _BAND_TILE = 256
 def _prefill_sequence_banded(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, total: int,
     key: torch.Tensor | None, value: torch.Tensor | None, scale: float, window: int, softcap: float,
+    kv_scales: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """One sequence's new queries q `[new, Hq, D]` (positions total - new ..) over the keys
     each sees, p - window < k <= p (window 0: all of 0..p), in tiles of queries: only the keys
     from the first query's window on are gathered, each tile attends to its own key band, with
     `is_causal` where that band is exactly causal, else an additive mask; softcapped scores
     through kernels.reference's fp32 products. `key`/`value` are the new tokens' K/V, read in
-    place of the cache where they hold every key the sequence needs. → `[new, Hq, D]`."""
+    place of the cache where they hold every key the sequence needs. `kv_scales`: the caches
+    are fp8, the keys gathered dequantized by (k_scale, v_scale). → `[new, Hq, D]`."""
     new = q.shape[0]
     first = total - new  # the first query's position
     lo = max(0, first - window + 1) if window else 0  # the first key any query sees
@@ -202,6 +269,8 @@ def _prefill_sequence_banded(
         blocks = table[lo // block_size : -(-total // block_size)].long()
         k = k_cache.index_select(0, blocks).flatten(0, 1)[lo - skip : total - skip]
         v = v_cache.index_select(0, blocks).flatten(0, 1)[lo - skip : total - skip]
+        if kv_scales is not None:
+            k, v = (reference.dequantize_kv(x, s, q.dtype) for x, s in zip((k, v), kv_scales))
     k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, total - lo, D]
     out = torch.empty_like(q)
     tile = _BAND_TILE if softcap else max(window, _BAND_TILE)

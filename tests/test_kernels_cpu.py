@@ -212,6 +212,206 @@ def test_prefill_window_and_softcap_match_reference(window: int, softcap: float,
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+# fp8 KV caches (e4m3, k_scale / v_scale), kernels.reference the oracle: scales of 1 and others.
+FP8_KV_SCALES = [(1.0, 1.0), (0.37, 2.5)]
+
+
+@pytest.fixture
+def fp8_decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch sizes the C fp8 decode kernel was called with."""
+    calls: list[int] = []
+    c_decode = cpu_ops._lib.stoke_paged_decode_attention_fp8
+    monkeypatch.setattr(cpu_ops._lib, "stoke_paged_decode_attention_fp8",
+                        lambda *args: calls.append(args[6]) or c_decode(*args))
+    return calls
+
+
+def _fp8_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float,
+            v_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.quantize_kv(k_cache, k_scale), reference.quantize_kv(v_cache, v_scale)
+
+
+@pytest.mark.parametrize("group,head_dim,block_size", CONFIGS)
+@pytest.mark.parametrize("k_scale,v_scale", FP8_KV_SCALES)
+def test_fp8_decode_matches_reference(group: int, head_dim: int, block_size: int, k_scale: float, v_scale: float,
+                                      fp8_decode_calls: list[int]) -> None:
+    """GQA, ragged contexts (one key, a multiple of the block), scattered blocks, padded tables:
+    the C kernel reads the fp8 bytes in place and agrees with the reference; it computes, bit
+    for bit, what the fp32 kernel does over the dequantized cache."""
+    gen = torch.Generator().manual_seed(group * head_dim + block_size)
+    lens = ragged_lens(gen, 5, block_size, 90)
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, block_size, 2, head_dim, torch.float32, gen, pad_id=-1)
+    k8, v8 = _fp8_kv(k_cache, v_cache, k_scale, v_scale)
+    q = torch.randn(len(lens), 2 * group, head_dim, generator=gen)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    args = (tables, context_lens, head_dim**-0.5)
+    out = cpu_ops.paged_decode_attention(q, k8, v8, *args, k_scale=k_scale, v_scale=v_scale)
+    assert fp8_decode_calls == [len(lens)] and out.shape == q.shape and out.dtype == torch.float32
+    expected = reference.paged_decode_attention(q, k8, v8, *args, k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    wide = reference.dequantize_kv(k8, k_scale, torch.float32), reference.dequantize_kv(v8, v_scale, torch.float32)
+    assert torch.equal(out, cpu_ops.paged_decode_attention(q, *wide, *args))
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 2.0), (1, 0.0), (5, 2.0), (8, 0.0), (12, 2.0), (1000, 0.0)])
+def test_fp8_decode_window_and_softcap_match_reference(window: int, softcap: float,
+                                                       fp8_decode_calls: list[int]) -> None:
+    gen = torch.Generator().manual_seed(window)
+    k_cache, v_cache, tables, _, _ = paged_batch(WINDOW_LENS, 8, 2, 32, torch.float32, gen, pad_id=-1)
+    k8, v8 = _fp8_kv(k_cache, v_cache, 0.37, 2.5)
+    q = torch.randn(len(WINDOW_LENS), 6, 32, generator=gen)
+    args = (q, k8, v8, tables, torch.tensor(WINDOW_LENS, dtype=torch.int32), 0.3)
+    extra = dict(sliding_window=window, softcap=softcap, k_scale=0.37, v_scale=2.5)
+    torch.testing.assert_close(cpu_ops.paged_decode_attention(*args, **extra),
+                               reference.paged_decode_attention(*args, **extra), atol=1e-5, rtol=1e-5)
+    assert fp8_decode_calls == [len(WINDOW_LENS)]
+
+
+@pytest.mark.parametrize("lens", [[700, 1, 513, 64, 900, 333], [1, 777, 300]])
+def test_fp8_decode_across_threads(lens: list[int], monkeypatch: pytest.MonkeyPatch,
+                                   fp8_decode_calls: list[int]) -> None:
+    """Long contexts shared out among two threads (per sequence, or per kv head for few
+    sequences), each work item with its own scratch block; with a window and a softcap too."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    gen = torch.Generator().manual_seed(len(lens))
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 16, 4, 64, torch.float32, gen, pad_id=-1)
+    k8, v8 = _fp8_kv(k_cache, v_cache, 0.37, 2.5)
+    q = torch.randn(len(lens), 12, 64, generator=gen)
+    args = (q, k8, v8, tables, torch.tensor(lens, dtype=torch.int32), 0.125)
+    for extra in ({}, {"sliding_window": 100, "softcap": 3.0}):
+        extra |= {"k_scale": 0.37, "v_scale": 2.5}
+        torch.testing.assert_close(cpu_ops.paged_decode_attention(*args, **extra),
+                                   reference.paged_decode_attention(*args, **extra), atol=1e-5, rtol=1e-5)
+    assert len(fp8_decode_calls) == 2
+
+
+def test_fp8_decode_reads_strided_queries_and_int64_inputs(fp8_decode_calls: list[int]) -> None:
+    gen = torch.Generator().manual_seed(8)
+    lens = [5, 40, 17]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 8, 2, 64, torch.float32, gen, pad_id=-1)
+    k8, v8 = _fp8_kv(k_cache, v_cache, 0.37, 2.5)
+    qkv = torch.randn(len(lens), 6 * 64 + 2 * 2 * 64, generator=gen)
+    q = qkv[:, : 6 * 64].view(len(lens), 6, 64)
+    scales = dict(k_scale=0.37, v_scale=2.5)
+    out = cpu_ops.paged_decode_attention(q, k8, v8, tables.long(), torch.tensor(lens), 0.2, **scales)
+    expected = reference.paged_decode_attention(q, k8, v8, tables, torch.tensor(lens, dtype=torch.int32), 0.2, **scales)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert fp8_decode_calls == [3]
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (0, 2.0), (5, 0.0), (12, 2.0), (1000, 0.0)])
+@pytest.mark.parametrize("group,head_dim,tile", [(1, 64, 256), (3, 32, 4)])
+def test_fp8_prefill_matches_reference(window: int, softcap: float, group: int, head_dim: int, tile: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole prompts, single tokens and suffixes after a cached prefix, GQA, queries read
+    through a stride, one SDPA call per sequence or bands of 4-query tiles: the fp8 blocks
+    gathered and dequantized. The step's own key/value, passed as the engine passes them, are
+    not the cache's quantized keys: here they are far off, and never read."""
+    monkeypatch.setattr(cpu_ops, "_BAND_TILE", tile)
+    gen = torch.Generator().manual_seed(window * 5 + group)
+    q_lens = [1, 7, 3, 9, 1, 23, 17, 1]
+    k_cache, v_cache, tables, keys, values = paged_batch(WINDOW_LENS, 8, 2, head_dim, torch.float32, gen, pad_id=-1)
+    k8, v8 = _fp8_kv(k_cache, v_cache, 0.37, 2.5)
+    tokens, hq = sum(q_lens), 2 * group
+    q = torch.randn(tokens, hq * head_dim + 16, generator=gen)[:, 8 : 8 + hq * head_dim].view(tokens, hq, head_dim)
+    cu_seqlens = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    args = (q, k8, v8, tables, cu_seqlens, torch.tensor(WINDOW_LENS, dtype=torch.int32), 0.3)
+    extra = dict(sliding_window=window, softcap=softcap, k_scale=0.37, v_scale=2.5)
+    far_off = {"key": 50 * torch.cat([k[n - new :] for k, n, new in zip(keys, WINDOW_LENS, q_lens)]),
+               "value": 50 * torch.cat([v[n - new :] for v, n, new in zip(values, WINDOW_LENS, q_lens)])}
+    torch.testing.assert_close(cpu_ops.paged_prefill_attention(*args, **extra, **far_off),
+                               reference.paged_prefill_attention(*args, **extra), atol=1e-5, rtol=1e-5)
+
+
+def _e4m3_edges() -> torch.Tensor:
+    """Every e4m3 value, the midpoints between neighbours (ties round to even) and the floats
+    either side of them, past 448 (saturated), infinities, NaN, fp32 subnormals; both signs."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[~values.isnan()].unique()
+    mids = (values[1:] + values[:-1]) / 2
+    inf = torch.tensor(float("inf"))
+    edges = torch.cat([values, mids, mids.nextafter(inf), mids.nextafter(-inf),
+                       torch.tensor([449.0, 464.0, 479.9, 480.0, 1e30, float("inf"), float("nan"), 1e-40, 2**-10])])
+    return torch.cat([edges, -edges])
+
+
+@pytest.mark.parametrize("head_dim,threads", [(64, 1), (12, 2)])
+def test_fp8_store_kv_matches_reference_byte_for_byte(head_dim: int, threads: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """key/value as views into the fused qkv rows, slots scattered and -1, rows of 2 x 12 (a
+    tail past the 8-float vectors) and two threads: the C store writes the very bytes the
+    reference does, at scales of 1 and others; the slots it skips keep their bytes."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    c_calls = []
+    c_store = cpu_ops._lib.stoke_store_kv_fp8
+    monkeypatch.setattr(cpu_ops._lib, "stoke_store_kv_fp8", lambda *args: c_calls.append(args[5]) or c_store(*args))
+    gen = torch.Generator().manual_seed(head_dim)
+    hkv, width = 2, 2 * head_dim
+    values = torch.cat([_e4m3_edges(), torch.randn(40000, generator=gen) * torch.rand(40000, generator=gen) ** 6 * 900])
+    tokens = values.numel() // width
+    qkv = torch.empty(tokens, 4 * width)
+    qkv[:, width : 2 * width] = values[: tokens * width].view(tokens, width)
+    shuffled = values[torch.randperm(values.numel(), generator=gen)]
+    qkv[:, 2 * width : 3 * width] = shuffled[: tokens * width].view(tokens, width)
+    key = qkv[:, width : 2 * width].view(tokens, hkv, head_dim)
+    value = qkv[:, 2 * width : 3 * width].view(tokens, hkv, head_dim)
+    num_blocks = tokens // 8 + 2
+    slots = torch.randperm(num_blocks * 8, generator=gen)[:tokens]
+    slots[::5] = -1
+    initial = torch.randint(0, 256, (2, num_blocks, 8, hkv, head_dim), dtype=torch.uint8, generator=gen)
+    for k_scale, v_scale in FP8_KV_SCALES:
+        ours = initial.clone().view(torch.float8_e4m3fn)
+        theirs = initial.clone().view(torch.float8_e4m3fn)
+        cpu_ops.store_kv(key, value, ours[0], ours[1], slots, k_scale=k_scale, v_scale=v_scale)
+        reference.store_kv(key, value, theirs[0], theirs[1], slots, k_scale=k_scale, v_scale=v_scale)
+        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+    assert c_calls == [tokens, tokens]
+
+
+def test_fp8_store_kv_refuses_slots_past_the_cache_and_stores_nothing() -> None:
+    gen = torch.Generator().manual_seed(3)
+    key, value = torch.randn(2, 3, 2, 16, generator=gen)
+    k8, v8 = torch.zeros(2, 2, 4, 2, 16, dtype=torch.float8_e4m3fn)
+    for bad in (8, 100):
+        with pytest.raises(IndexError, match="past the cache"):
+            cpu_ops.store_kv(key, value, k8, v8, torch.tensor([0, 5, bad]))
+        assert not k8.view(torch.uint8).any() and not v8.view(torch.uint8).any()
+    cpu_ops.store_kv(key, value, k8, v8, torch.tensor([0, -2, 7], dtype=torch.int32))  # negative: skipped
+    assert torch.equal(k8.view(-1, 2, 16)[[0, 7]].float(), reference.quantize_kv(key[[0, 2]], 1.0).float())
+    cpu_ops.store_kv(key[:0], value[:0], k8, v8, torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("case", ["fp32 cache", "fp16 keys", "fp16 cache", "mixed caches"])
+def test_kv_outside_the_c_kernels_is_the_reference(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches and K/V that the C fp8 code does not take (16-bit K/V or caches; an fp8 K cache
+    beside an fp32 V cache) are the reference's, scales and all; an fp32 cache keeps the
+    reference's store, and its decode ignores the scales."""
+    for name in ("stoke_store_kv_fp8", "stoke_paged_decode_attention_fp8"):
+        monkeypatch.setattr(cpu_ops._lib, name, lambda *_, name=name: pytest.fail(f"{name} was called"))
+    gen = torch.Generator().manual_seed(4)
+    lens = [9, 30]
+    k_cache, v_cache, tables, _, _ = paged_batch(lens, 4, 2, 64, torch.float32, gen, pad_id=-1)
+    key, value = torch.randn(2, 3, 2, 64, generator=gen)
+    q = torch.randn(2, 4, 64, generator=gen)
+    fp8 = reference.FP8_KV
+    k_cache, v_cache, key, value, q = {
+        "fp32 cache": (k_cache, v_cache, key, value, q),
+        "fp16 keys": (k_cache.to(fp8), v_cache.to(fp8), key.half(), value.half(), q.half()),
+        "fp16 cache": (k_cache.half(), v_cache.half(), key, value, q.half()),
+        "mixed caches": (k_cache.to(fp8), v_cache, key, value, q),
+    }[case]
+    scales = dict(k_scale=0.5, v_scale=2.0)
+    slots = torch.tensor([3, -1, 17])
+    ours, theirs = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
+    cpu_ops.store_kv(key, value, *ours, slots, **scales)
+    reference.store_kv(key, value, *theirs, slots, **scales)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(ours, theirs))
+    args = (q, *ours, tables, torch.tensor(lens, dtype=torch.int32), 0.3)
+    expected = (cpu_ops.paged_decode_attention(*args) if case == "fp32 cache"  # the fp32 C kernel
+                else reference.paged_decode_attention(*args, **scales))
+    assert torch.equal(cpu_ops.paged_decode_attention(*args, **scales), expected)
+
+
 @pytest.mark.parametrize("rows,hidden", [(1, 576), (37, 64), (300, 20)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(rows: int, hidden: int, with_residual: bool) -> None:
@@ -363,19 +563,30 @@ def test_fp8_decodes_every_byte_exactly(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_fp8_portable_decoding_is_exact_too(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """csrc/linear_fp8.c built without its x86 fp16 conversion (as on ARM) decodes the same, and
-    its product and its dequantized weight for the BLAS agree."""
+    """csrc/fp8.h's decode built without the x86 fp16 conversion (as on ARM) decodes the same:
+    linear_fp8.c's product and its dequantized weight for the BLAS agree, and paged_attention.c
+    over an fp8 cache of every finite byte gives the F16C build's result bit for bit."""
     import ctypes
     import subprocess
 
-    target = tmp_path / "linear_fp8.so"
+    target = tmp_path / "fp8_portable.so"
     subprocess.run([native._compiler(), *native.FLAGS, "-DSTOKE_FP8_PORTABLE", f"-I{native.SOURCE_DIR}",
-                    str(native.SOURCE_DIR / "linear_fp8.c"), "-o", str(target)], check=True)
+                    *(str(native.SOURCE_DIR / f) for f in ("linear_fp8.c", "paged_attention.c")), "-o", str(target),
+                    "-lm"], check=True)
     lib = ctypes.CDLL(str(target))
-    for name in ("stoke_pack_linear_weight_u8", "stoke_linear_fp8", "stoke_dequantize_fp8"):
+    for name in ("stoke_pack_linear_weight_u8", "stoke_linear_fp8", "stoke_dequantize_fp8",
+                 "stoke_paged_decode_attention_fp8"):
         original = getattr(cpu_ops._lib, name)
         getattr(lib, name).restype, getattr(lib, name).argtypes = original.restype, original.argtypes
+    gen = torch.Generator().manual_seed(2)
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    k8, v8 = finite[torch.randint(0, finite.numel(), (2, 12, 8, 2, 64), generator=gen)].view(torch.float8_e4m3fn)
+    tables = torch.randperm(12, generator=gen).int().view(3, 4)
+    q = torch.randn(3, 6, 64, generator=gen) / 30
+    args = (q, k8, v8, tables, torch.tensor([1, 17, 32], dtype=torch.int32), 0.125)
+    native_out = cpu_ops.paged_decode_attention(*args, k_scale=0.37, v_scale=2.5)
     monkeypatch.setattr(cpu_ops, "_lib", lib)
+    assert torch.equal(cpu_ops.paged_decode_attention(*args, k_scale=0.37, v_scale=2.5), native_out)
     _check_every_fp8_byte(monkeypatch)
     gen = torch.Generator().manual_seed(1)
     weight, scale = _fp8_weight(37, 1100, 48, gen)
@@ -589,6 +800,7 @@ def _inconsistent_inputs() -> dict[str, tuple]:
     fp8_ref = lambda x, p, s, g, b, n: reference.fp8_linear(  # noqa: E731
         x, cpu_ops.unpack_linear_weight(p, n, 24), s, g, b)
     q, cache = r(2, 3, 64), r(4, 16, 2, 64)
+    fp8 = lambda x: reference.quantize_kv(x, 1.0)  # noqa: E731
     tables, lens = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32)
     table = r(100, 32)
     return {
@@ -628,6 +840,18 @@ def _inconsistent_inputs() -> dict[str, tuple]:
             cpu_ops.paged_decode_attention, reference.paged_decode_attention, (q, cache, cache, tables, lens, 0.1)),
         "decode, fewer tables than queries": (cpu_ops.paged_decode_attention, reference.paged_decode_attention,
                                               (r(2, 4, 64), cache, cache, tables[:1], lens[:1], 0.1)),
+        "decode, an fp8 cache of another head_dim": (
+            cpu_ops.paged_decode_attention, reference.paged_decode_attention,
+            (q, fp8(r(4, 16, 1, 32)), fp8(r(4, 16, 1, 32)), tables, lens, 0.1)),
+        "decode, fp8 K and V caches of different shapes": (
+            cpu_ops.paged_decode_attention, reference.paged_decode_attention,
+            (r(2, 4, 64), fp8(cache), fp8(r(4, 8, 2, 64)), tables, lens, 0.1)),
+        "store_kv, values of another head_dim": (cpu_ops.store_kv, reference.store_kv,
+                                                 (r(3, 2, 64), r(3, 2, 32), fp8(cache), fp8(cache), torch.arange(3))),
+        "store_kv, keys of another head_dim than the cache's": (
+            cpu_ops.store_kv, reference.store_kv, (r(3, 2, 32), r(3, 2, 32), fp8(cache), fp8(cache), torch.arange(3))),
+        "store_kv, fewer slots than tokens": (cpu_ops.store_kv, reference.store_kv,
+                                              (r(3, 2, 64), r(3, 2, 64), fp8(cache), fp8(cache), torch.arange(2))),
     }
 
 
@@ -639,7 +863,7 @@ def test_inconsistent_shapes_never_reach_c(case: str, monkeypatch: pytest.Monkey
     torch.manual_seed(0)
     fn, ref, args = _inconsistent_inputs()[case]
     for name in ("stoke_linear_f32", "stoke_linear_fp8", "stoke_dequantize_fp8", "stoke_rms_norm_f32", "stoke_rotary_f32", "stoke_silu_and_mul_f32",
-                 "stoke_paged_decode_attention_f32"):
+                 "stoke_paged_decode_attention_f32", "stoke_paged_decode_attention_fp8", "stoke_store_kv_fp8"):
         monkeypatch.setattr(cpu_ops._lib, name, lambda *_, name=name: pytest.fail(f"{name} was called"))
     clone = lambda: [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731 (rotary is in place)
     try:

@@ -12,7 +12,7 @@
  * and each tile of rows runs linear.c's fp32 tile over it.
  *
  * The dequantized element is the reference's w.float() * scale, rounded once in fp32: the
- * decode is exact, at 2^-8 of the value (below), and the scale vectors hold scale * 256, a
+ * decode is exact, at 2^-8 of the value (fp8.h), and the scale vectors hold scale * 256, a
  * power of two off, so their product is the same real number. Both paths then do the same FMAs
  * in k order: they agree bit for bit, and differ from kernels.reference.fp8_linear by summation
  * order only.
@@ -20,53 +20,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fp8.h"
 #include "parallel.h"
 #include "vec.h"
 
-#if defined(__F16C__) && defined(__AVX2__) && !defined(STOKE_FP8_PORTABLE)
-#include <immintrin.h>
-#define FP8_F16C 1
-#endif
-
 #define NR 16 /* output columns per panel: two 8-float vectors */
 #define MR 6  /* rows per register tile */
-
-typedef uint32_t vu __attribute__((vector_size(32), aligned(4)));
-
-/* ------------------------------------------------------------------------------ decoding */
-
-/* 16 e4m3 bytes to 16 floats, each 2^-8 of the byte's value (exactly: sign, subnormals;
- * NaN bytes decode to 480 or -480, not NaN). e4m3 is fp16 with 4 exponent bits and 3
- * mantissa bits: shifted into fp16's fields, (b & 0x7F) << 7 with the sign at bit 15, it is
- * an fp16 whose exponent bias is 15 rather than 7, so 2^-8 of the value, subnormals
- * included; the CPU's fp16 conversion (F16C) makes that exact fp32 normals. */
-#ifdef FP8_F16C
-static inline void decode16(const uint8_t *p, vf *lo, vf *hi) {
-    /* sign-extended, << 7 sets bits 14 and 15 for a negative byte: clearing 14 leaves the sign */
-    const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-    const __m256i bits = _mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16((short)0xBFFF));
-    *lo = (vf)_mm256_cvtph_ps(_mm256_castsi256_si128(bits));
-    *hi = (vf)_mm256_cvtph_ps(_mm256_extracti128_si256(bits, 1));
-}
-#else
-/* Without F16C (ARM, older x86) the same values from the bits: a normal byte's exponent and
- * mantissa shifted into fp32's fields with the bias moved by 127 - 7 - 8; a subnormal one
- * (exponent 0) is its mantissa m times 2^-9 · 2^-8, an exact int-to-float conversion. No fp32
- * subnormal appears, so flush-to-zero modes change nothing. */
-static inline vf decode8(const uint8_t *p) {
-    typedef uint8_t vb8 __attribute__((vector_size(8), aligned(1)));
-    const vu b = __builtin_convertvector(*(const vb8 *)p, vu);
-    const vu mag = b & 0x7F;
-    const vf normal = (vf)((mag << 20) + (112u << 23));
-    const vf subnormal = __builtin_convertvector((vi)mag, vf) * 0x1p-17f;
-    return (vf)((vu)vselect((vi)(mag < 8), subnormal, normal) | (b & 0x80) << 24);
-}
-
-static inline void decode16(const uint8_t *p, vf *lo, vf *hi) {
-    *lo = decode8(p);
-    *hi = decode8(p + VL);
-}
-#endif
 
 /* ------------------------------------------------------------------------------ packing */
 

@@ -1,5 +1,6 @@
 /* Paged decode attention for the CPU, fp32: the contract's paged_decode_attention, reading
- * each K/V row of the paged cache once, in place (no gather into a dense copy).
+ * each K/V row of the paged cache once, in place (no gather into a dense copy), from an fp32
+ * cache or an fp8 (e4m3) one.
  *
  * A work item is one sequence, all its heads: each cache block (block_size slots of every kv
  * head, contiguous) is read once per pass, and the query heads of one kv head (GQA) reuse the
@@ -18,6 +19,14 @@
  * score s by softcap * tanh(s / softcap) in one vectorised pass over the scores before the
  * softmax, so the uncapped path runs the very same loops as before.
  *
+ * An fp8 cache (vLLM's kv_cache_dtype="fp8") holds a quarter of the bytes, and decode reads
+ * them all each step. Each kv head's rows of a block are decoded once (fp8.h: exact) and
+ * multiplied by k_scale or v_scale into a scratch block that stays in L1, rounded once as
+ * kernels.reference.dequantize_kv does; its query heads then run the fp32 loops over that
+ * block. So the fp8 kernel computes bit for bit what the fp32 one does over the dequantized
+ * cache. One item function serves both, with the cache's element type a constant (as D is), so
+ * the fp32 instances compile to the loops they had before the fp8 cache came.
+ *
  * Built by kernels/native.py with the machine's C compiler and loaded through ctypes: plain C
  * with no Python or torch headers, so it compiles in about a second. Threads: parallel.h.
  */
@@ -26,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp8.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -33,8 +43,8 @@
 
 typedef struct {
     const float *q;              /* [B, Hq, D] with strides q_stride_b, q_stride_h (elements) */
-    const float *k_cache;        /* [num_blocks, block_size, Hkv, D], contiguous */
-    const float *v_cache;
+    const void *k_cache;         /* [num_blocks, block_size, Hkv, D], contiguous: fp32, or e4m3 bytes */
+    const void *v_cache;
     const int32_t *block_tables; /* [B, table_stride] */
     const int32_t *context_lens; /* [B] */
     float *out;                  /* [B, Hq, D], contiguous */
@@ -44,6 +54,8 @@ typedef struct {
     int64_t window;              /* > 0: only the last `window` keys of each sequence */
     float softcap;               /* > 0: scores capped by softcap * tanh(s / softcap) */
     int64_t heads_per_item;      /* kv heads per work item: num_kv_heads, or 1 for few sequences */
+    int fp8;                     /* the caches hold e4m3 bytes, read times k_mult / v_mult */
+    float k_mult, v_mult;        /* k_scale, v_scale times 2^8 (fp8.h decodes to 2^-8 of the value) */
     int failed;                  /* set when scratch memory could not be had */
 } decode_args;
 
@@ -110,11 +122,21 @@ static void softcap_scores(float *s, int64_t n, float cap) {
     for (; t < n; t++) s[t] = cap * tanhf(s[t] * inv);
 }
 
+/* n rows of one kv head's e4m3 K or V (row_stride bytes apart) into out `[n][D]`, each times
+ * mult: the reference's byte.float() * scale, rounded once (mult is scale * 2^8, a power of
+ * two off the decode's 2^-8, so the product is the same real number). */
+static inline __attribute__((always_inline)) void dequantize_rows(
+    const uint8_t *rows, int64_t n, int64_t row_stride, float mult, float *out, const int64_t D) {
+    const vf m = splat(mult);
+    for (int64_t j = 0; j < n; j++, rows += row_stride, out += D)
+        for (int64_t c = 0; c < D; c += VL) *(vf *)(out + c) = decode8(rows + c) * m;
+}
+
 /* Ask for one kv head's rows of the next cache block (into L2) while this one is worked on:
  * blocks are scattered, so the hardware prefetcher can't guess where the next one starts. */
-static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_stride, int64_t D) {
+static inline void prefetch_rows(const char *rows, int64_t n, int64_t row_stride, int64_t bytes) {
     for (int64_t j = 0; j < n; j++, rows += row_stride)
-        for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(rows + c, 0, 1);
+        for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(rows + c, 0, 1);
 }
 
 /* How many of a sequence's ctx keys it sees: all, or its last `window` (window > 0). */
@@ -124,10 +146,12 @@ static inline int64_t keys_seen(int64_t ctx, int64_t window) {
 
 /* One sequence's kv heads [h0, h0 + nh) with their query heads (nh * group of them, `heads`)
  * over its keys [first, ctx) (all ctx of them, or the window's last ones); `scores` holds
- * heads * (ctx - first), `acc` heads * D. Inlined with D a constant for the common head dims,
- * so the inner loops unroll fully. */
+ * heads * (ctx - first), `acc` heads * D, `block` (fp8) block_size * D. Inlined with D a
+ * constant for the common head dims, so the inner loops unroll fully, and FP8 a constant. */
 static inline __attribute__((always_inline)) void decode_item(
-    const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc, const int64_t D) {
+    const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc, float *block,
+    const int64_t D, const int FP8) {
+    const int64_t elt = FP8 ? 1 : (int64_t)sizeof(float); /* bytes per cache element */
     const int64_t bs = a->block_size, Hkv = a->num_kv_heads, Hq = a->num_heads;
     const int64_t group = Hq / Hkv, heads = nh * group;
     const int64_t ctx = a->context_lens[b];
@@ -138,23 +162,31 @@ static inline __attribute__((always_inline)) void decode_item(
     }
     const int32_t *table = a->block_tables + b * a->table_stride;
     const int64_t row_stride = Hkv * D; /* between consecutive slots of one block */
-    const int64_t block_floats = bs * row_stride;
+    const int64_t block_elems = bs * row_stride;
     const int64_t first = ctx - keys_seen(ctx, a->window);
     const int64_t len = ctx - first; /* keys seen; scores[head * len + t - first] is key t's */
     const int64_t first_block = first / bs, num_blocks = (ctx + bs - 1) / bs;
     const float *q = a->q + b * a->q_stride_b + h0 * group * a->q_stride_h;
-    const float *k_rows = a->k_cache + h0 * D, *v_rows = a->v_cache + h0 * D;
+    const char *k_rows = (const char *)a->k_cache + h0 * D * elt, *v_rows = (const char *)a->v_cache + h0 * D * elt;
 
     /* Pass 1: scores = q . k * scale. Block i holds keys [t0, t1), read from its row t0 % bs. */
     for (int64_t i = first_block; i < num_blocks; i++) {
         const int64_t t0 = i == first_block ? first : i * bs, t1 = ctx - i * bs < bs ? ctx : (i + 1) * bs;
-        const float *rows = k_rows + (int64_t)table[i] * block_floats + (t0 - i * bs) * row_stride;
-        prefetch_rows(i + 1 < num_blocks ? k_rows + (int64_t)table[i + 1] * block_floats
-                                         : v_rows + (int64_t)table[first_block] * block_floats,
-                      bs, row_stride, nh * D);
-        for (int64_t head = 0; head < heads; head++)
-            block_scores(q + head * a->q_stride_h, rows + head / group * D, t1 - t0, row_stride, a->scale,
-                         scores + head * len + t0 - first, D);
+        const char *rows = k_rows + ((int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride) * elt;
+        prefetch_rows(i + 1 < num_blocks ? k_rows + (int64_t)table[i + 1] * block_elems * elt
+                                         : v_rows + (int64_t)table[first_block] * block_elems * elt,
+                      bs, row_stride * elt, nh * D * elt);
+        for (int64_t head = 0; head < heads; head++) {
+            const float *k = (const float *)(rows + head / group * D * elt);
+            int64_t stride = row_stride;
+            if (FP8) { /* the kv head's rows decoded once for all its query heads */
+                if (head % group == 0)
+                    dequantize_rows((const uint8_t *)rows + head / group * D, t1 - t0, row_stride, a->k_mult, block, D);
+                k = block;
+                stride = D;
+            }
+            block_scores(q + head * a->q_stride_h, k, t1 - t0, stride, a->scale, scores + head * len + t0 - first, D);
+        }
     }
     /* Softmax per head, in place; the normaliser is applied to the output at the end. */
     float inv_sum[heads];
@@ -181,46 +213,73 @@ static inline __attribute__((always_inline)) void decode_item(
     memset(acc, 0, (size_t)(heads * D) * sizeof(float));
     for (int64_t i = first_block; i < num_blocks; i++) {
         const int64_t t0 = i == first_block ? first : i * bs, t1 = ctx - i * bs < bs ? ctx : (i + 1) * bs;
-        const float *rows = v_rows + (int64_t)table[i] * block_floats + (t0 - i * bs) * row_stride;
-        if (i + 1 < num_blocks) prefetch_rows(v_rows + (int64_t)table[i + 1] * block_floats, bs, row_stride, nh * D);
-        for (int64_t head = 0; head < heads; head++)
-            block_weighted_sum(scores + head * len + t0 - first, rows + head / group * D, t1 - t0, row_stride,
-                               acc + head * D, D);
+        const char *rows = v_rows + ((int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride) * elt;
+        if (i + 1 < num_blocks)
+            prefetch_rows(v_rows + (int64_t)table[i + 1] * block_elems * elt, bs, row_stride * elt, nh * D * elt);
+        for (int64_t head = 0; head < heads; head++) {
+            const float *v = (const float *)(rows + head / group * D * elt);
+            int64_t stride = row_stride;
+            if (FP8) {
+                if (head % group == 0)
+                    dequantize_rows((const uint8_t *)rows + head / group * D, t1 - t0, row_stride, a->v_mult, block, D);
+                v = block;
+                stride = D;
+            }
+            block_weighted_sum(scores + head * len + t0 - first, v, t1 - t0, stride, acc + head * D, D);
+        }
     }
     for (int64_t head = 0; head < heads; head++)
         for (int64_t d = 0; d < D; d++) out[head * D + d] = acc[head * D + d] * inv_sum[head];
 }
 
-static void decode_item_64(const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc) {
-    decode_item(a, b, h0, nh, scores, acc, 64);
-}
-static void decode_item_128(const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc) {
-    decode_item(a, b, h0, nh, scores, acc, 128);
-}
-static void decode_item_any(const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc) {
-    decode_item(a, b, h0, nh, scores, acc, a->head_dim);
-}
+typedef void (*item_fn)(const decode_args *, int64_t, int64_t, int64_t, float *, float *, float *);
+
+#define DEFINE_ITEM(name, D, FP8)                                                                  \
+    static void name(const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc, \
+                     float *block) {                                                               \
+        decode_item(a, b, h0, nh, scores, acc, block, D, FP8);                                     \
+    }
+DEFINE_ITEM(decode_item_64, 64, 0)
+DEFINE_ITEM(decode_item_128, 128, 0)
+DEFINE_ITEM(decode_item_any, a->head_dim, 0)
+DEFINE_ITEM(decode_item_fp8_64, 64, 1)
+DEFINE_ITEM(decode_item_fp8_128, 128, 1)
+DEFINE_ITEM(decode_item_fp8_any, a->head_dim, 1)
 
 /* Items [begin, end) counted from the longest context: the caller sorts decodes by context
  * length ascending, so the items are walked from the end and the long ones start first. An
  * item is a sequence's `heads_per_item` kv heads (all of them, or one). */
 static void decode_range(void *ctx, int64_t begin, int64_t end) {
     decode_args *a = (decode_args *)ctx;
-    void (*item_fn)(const decode_args *, int64_t, int64_t, int64_t, float *, float *) =
-        a->head_dim == 64 ? decode_item_64 : a->head_dim == 128 ? decode_item_128 : decode_item_any;
+    const int64_t D = a->head_dim;
+    const item_fn item = a->fp8 ? (D == 64 ? decode_item_fp8_64 : D == 128 ? decode_item_fp8_128 : decode_item_fp8_any)
+                                : (D == 64 ? decode_item_64 : D == 128 ? decode_item_128 : decode_item_any);
     const int64_t nh = a->heads_per_item, items_per_seq = a->num_kv_heads / nh;
     const int64_t heads = nh * (a->num_heads / a->num_kv_heads);
+    const int64_t block_elems = a->fp8 ? a->block_size * D : 0;
     for (int64_t i = begin; i < end; i++) {
         const int64_t b = a->num_seqs - 1 - i / items_per_seq, h0 = i % items_per_seq * nh;
         const int64_t keys = keys_seen(a->context_lens[b] > 0 ? a->context_lens[b] : 1, a->window);
-        float *scores = malloc((size_t)(heads * (keys + a->head_dim)) * sizeof(float));
+        float *scores = malloc((size_t)(heads * (keys + D) + block_elems) * sizeof(float));
         if (scores == NULL) {
             __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
             return;
         }
-        item_fn(a, b, h0, nh, scores, scores + heads * keys);
+        item(a, b, h0, nh, scores, scores + heads * keys, scores + heads * (keys + D));
         free(scores);
     }
+}
+
+/* Shares a's items out among the threads; fills in heads_per_item. */
+static int run_decode(decode_args *a, int64_t num_threads) {
+    int64_t keys = 0;
+    for (int64_t b = 0; b < a->num_seqs; b++)
+        keys += keys_seen(a->context_lens[b] > 0 ? a->context_lens[b] : 0, a->window);
+    /* Handing work to the thread team costs microseconds: not worth it for a few keys. */
+    if (keys * a->num_kv_heads * a->head_dim < (1 << 14)) num_threads = 1;
+    a->heads_per_item = num_threads > 1 && a->num_seqs < 2 * num_threads ? 1 : a->num_kv_heads;
+    parallel_for(decode_range, a, a->num_seqs * (a->num_kv_heads / a->heads_per_item), 1, num_threads);
+    return a->failed;
 }
 
 /* window > 0: each sequence sees only its last `window` keys; softcap > 0: capped scores.
@@ -231,14 +290,22 @@ int stoke_paged_decode_attention_f32(
     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t table_stride,
     int64_t q_stride_b, int64_t q_stride_h, float scale, int64_t window, float softcap,
     int64_t num_threads) {
-    int64_t keys = 0;
-    for (int64_t b = 0; b < num_seqs; b++) keys += keys_seen(context_lens[b] > 0 ? context_lens[b] : 0, window);
-    /* Handing work to the thread team costs microseconds: not worth it for a few keys. */
-    if (keys * num_kv_heads * head_dim < (1 << 14)) num_threads = 1;
-    const int64_t heads_per_item = num_threads > 1 && num_seqs < 2 * num_threads ? 1 : num_kv_heads;
     decode_args a = {q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
                      num_kv_heads, head_dim, block_size, table_stride, q_stride_b, q_stride_h,
-                     scale, window, softcap, heads_per_item, 0};
-    parallel_for(decode_range, &a, num_seqs * (num_kv_heads / heads_per_item), 1, num_threads);
-    return a.failed;
+                     scale, window, softcap, 0, 0, 1.0f, 1.0f, 0};
+    return run_decode(&a, num_threads);
+}
+
+/* The same over e4m3 caches (float8_e4m3fn bytes), each key read as byte * k_scale and each
+ * value as byte * v_scale, rounded once to fp32. */
+int stoke_paged_decode_attention_fp8(
+    const float *q, const uint8_t *k_cache, const uint8_t *v_cache, const int32_t *block_tables,
+    const int32_t *context_lens, float *out, int64_t num_seqs, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t table_stride,
+    int64_t q_stride_b, int64_t q_stride_h, float scale, int64_t window, float softcap,
+    float k_scale, float v_scale, int64_t num_threads) {
+    decode_args a = {q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
+                     num_kv_heads, head_dim, block_size, table_stride, q_stride_b, q_stride_h,
+                     scale, window, softcap, 0, 1, k_scale * 256.0f, v_scale * 256.0f, 0};
+    return run_decode(&a, num_threads);
 }
