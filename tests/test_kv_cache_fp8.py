@@ -9,17 +9,20 @@ loaded back; with the checkpoint's per-layer scales; in a quarter of fp32's byte
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import transformers
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from engine import LLM, SamplingParams
 from engine.beam_search import BeamSearchParams
 from engine.fp8 import kv_scale_of
 from tests.conftest import (assert_engine_idle, assert_logprobs_equal_transformers, greedy_tokens, hf_beams,
                             random_prompts)
+from tests.test_gemma import save as save_gemma
 from tests.test_fp8 import _config, _ct_config, _ct_quantize, _is_projection, _save, _state
 from tests.test_kv_offload import chat_turns, host_gib
 
@@ -34,13 +37,16 @@ def _rounded(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _attention_over_fp8_kv(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+                           attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own eager attention (Gemma 2's softcap and every window as transformers
+    computes them) over its K/V rounded as an fp8 cache stores them."""
     k_scale, v_scale = getattr(module, "fp8_kv_scales", (1.0, 1.0))
-    return sdpa_attention_forward(module, query, _rounded(key, k_scale), _rounded(value, v_scale),
-                                  attention_mask, **kwargs)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, _rounded(key, k_scale), _rounded(value, v_scale), attention_mask, **kwargs)
 
 
 AttentionInterface.register("fp8_kv", _attention_over_fp8_kv)
+AttentionMaskInterface.register("fp8_kv", eager_mask)
 
 
 def _transformers_over_fp8_kv(path: str, scales: dict[int, tuple[float, float]] | None = None) -> torch.nn.Module:
@@ -81,6 +87,20 @@ def test_fp8_kv_cache_gives_the_tokens_of_transformers_over_kv_rounded_as_stored
     assert _greedy(llm, PROMPTS) == expected  # again, the shared prefixes' blocks from the prefix cache
     assert llm.engine.scheduler.block_manager.stats.hits_tokens >= hits + 2 * 24
     assert_logprobs_equal_transformers(llm, oracle, PROMPTS, 6, prompt_logprobs=False)
+    assert_engine_idle(llm)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_fp8_kv_cache_under_windows_and_softcaps(kind, tmp_path) -> None:
+    """Gemma 2 (windows of 8 keys on every other layer, softcapped scores) and Gemma 3 (its
+    sliding layers a KV group of their own, their blocks before the window given back) over an
+    fp8 cache: transformers' logprobs over K/V rounded as stored, past the windows."""
+    path = str(tmp_path / kind)
+    save_gemma(kind, path)
+    llm = LLM(path, kv_cache_dtype="fp8", num_kv_blocks=96, block_size=4, max_num_batched_tokens=16)
+    _assert_caches_fp8(llm)
+    oracle = _transformers_over_fp8_kv(path)
+    assert_logprobs_equal_transformers(llm, oracle, random_prompts(1, (40, 1, 17)), max_tokens=8)
     assert_engine_idle(llm)
 
 
