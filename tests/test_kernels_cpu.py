@@ -769,8 +769,11 @@ def test_build_is_cached_per_source_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp
         native.load.cache_clear()
 
 
-def test_engine_tokens_equal_the_reference_backend(tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mixed decode/prefill steps (a 16-token budget chunks the long prompts) with prefix hits."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_engine_tokens_equal_the_reference_backend(kv_cache_dtype: str, tiny_checkpoints: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed decode/prefill steps (a 16-token budget chunks the long prompts) with prefix hits,
+    over an fp32 KV cache or an fp8 one."""
     from engine import LLM, SamplingParams
 
     rng = random.Random(4)
@@ -781,8 +784,10 @@ def test_engine_tokens_equal_the_reference_backend(tiny_checkpoints: dict[str, s
     tokens = {}
     for backend in ("reference", "cpu"):
         monkeypatch.setenv(kernels.BACKEND_ENV, backend)
-        llm = LLM(tiny_checkpoints["qwen2"], num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
+        llm = LLM(tiny_checkpoints["qwen2"], num_kv_blocks=64, block_size=8, max_num_batched_tokens=16,
+                  kv_cache_dtype=kv_cache_dtype)
         assert llm.engine.runner.backend is (cpu_ops if backend == "cpu" else reference)
+        assert llm.engine.runner.kv_cache_dtype == (torch.float32 if kv_cache_dtype == "auto" else reference.FP8_KV)
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert llm.engine.scheduler.block_manager.num_used_blocks == 0
     assert tokens["cpu"] == tokens["reference"]

@@ -24,8 +24,8 @@
  * multiplied by k_scale or v_scale into a scratch block that stays in L1, rounded once as
  * kernels.reference.dequantize_kv does; its query heads then run the fp32 loops over that
  * block. So the fp8 kernel computes bit for bit what the fp32 one does over the dequantized
- * cache. One item function serves both, with the cache's element type a constant (as D is), so
- * the fp32 instances compile to the loops they had before the fp8 cache came.
+ * cache. One item function serves both, with FP8 a constant (as D is): the fp32 instances
+ * compile to the very instructions they had before the fp8 cache came (the same assembly).
  *
  * Built by kernels/native.py with the machine's C compiler and loaded through ctypes: plain C
  * with no Python or torch headers, so it compiles in about a second. Threads: parallel.h.
@@ -128,13 +128,27 @@ static void softcap_scores(float *s, int64_t n, float cap) {
 static inline __attribute__((always_inline)) void dequantize_rows(
     const uint8_t *rows, int64_t n, int64_t row_stride, float mult, float *out, const int64_t D) {
     const vf m = splat(mult);
-    for (int64_t j = 0; j < n; j++, rows += row_stride, out += D)
-        for (int64_t c = 0; c < D; c += VL) *(vf *)(out + c) = decode8(rows + c) * m;
+    for (int64_t j = 0; j < n; j++, rows += row_stride, out += D) {
+        int64_t c = 0;
+        for (; c + 2 * VL <= D; c += 2 * VL) { /* 16 bytes a step: one widening for two vectors */
+            vf lo, hi;
+            decode16(rows + c, &lo, &hi);
+            *(vf *)(out + c) = lo * m;
+            *(vf *)(out + c + VL) = hi * m;
+        }
+        if (c < D) *(vf *)(out + c) = decode8(rows + c) * m;
+    }
 }
 
 /* Ask for one kv head's rows of the next cache block (into L2) while this one is worked on:
  * blocks are scattered, so the hardware prefetcher can't guess where the next one starts. */
-static inline void prefetch_rows(const char *rows, int64_t n, int64_t row_stride, int64_t bytes) {
+static inline void prefetch_rows(const float *rows, int64_t n, int64_t row_stride, int64_t D) {
+    for (int64_t j = 0; j < n; j++, rows += row_stride)
+        for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(rows + c, 0, 1);
+}
+
+/* The same for an fp8 cache's rows of `bytes` bytes. */
+static inline void prefetch_bytes(const uint8_t *rows, int64_t n, int64_t row_stride, int64_t bytes) {
     for (int64_t j = 0; j < n; j++, rows += row_stride)
         for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(rows + c, 0, 1);
 }
@@ -151,7 +165,6 @@ static inline int64_t keys_seen(int64_t ctx, int64_t window) {
 static inline __attribute__((always_inline)) void decode_item(
     const decode_args *a, int64_t b, int64_t h0, int64_t nh, float *scores, float *acc, float *block,
     const int64_t D, const int FP8) {
-    const int64_t elt = FP8 ? 1 : (int64_t)sizeof(float); /* bytes per cache element */
     const int64_t bs = a->block_size, Hkv = a->num_kv_heads, Hq = a->num_heads;
     const int64_t group = Hq / Hkv, heads = nh * group;
     const int64_t ctx = a->context_lens[b];
@@ -167,26 +180,38 @@ static inline __attribute__((always_inline)) void decode_item(
     const int64_t len = ctx - first; /* keys seen; scores[head * len + t - first] is key t's */
     const int64_t first_block = first / bs, num_blocks = (ctx + bs - 1) / bs;
     const float *q = a->q + b * a->q_stride_b + h0 * group * a->q_stride_h;
-    const char *k_rows = (const char *)a->k_cache + h0 * D * elt, *v_rows = (const char *)a->v_cache + h0 * D * elt;
+    /* The item's first kv head in each slot: fp32 rows, or (FP8) e4m3 bytes. */
+    const float *k_rows = FP8 ? NULL : (const float *)a->k_cache + h0 * D;
+    const float *v_rows = FP8 ? NULL : (const float *)a->v_cache + h0 * D;
+    const uint8_t *k_bytes = FP8 ? (const uint8_t *)a->k_cache + h0 * D : NULL;
+    const uint8_t *v_bytes = FP8 ? (const uint8_t *)a->v_cache + h0 * D : NULL;
 
     /* Pass 1: scores = q . k * scale. Block i holds keys [t0, t1), read from its row t0 % bs. */
     for (int64_t i = first_block; i < num_blocks; i++) {
         const int64_t t0 = i == first_block ? first : i * bs, t1 = ctx - i * bs < bs ? ctx : (i + 1) * bs;
-        const char *rows = k_rows + ((int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride) * elt;
-        prefetch_rows(i + 1 < num_blocks ? k_rows + (int64_t)table[i + 1] * block_elems * elt
-                                         : v_rows + (int64_t)table[first_block] * block_elems * elt,
-                      bs, row_stride * elt, nh * D * elt);
-        for (int64_t head = 0; head < heads; head++) {
-            const float *k = (const float *)(rows + head / group * D * elt);
-            int64_t stride = row_stride;
-            if (FP8) { /* the kv head's rows decoded once for all its query heads */
-                if (head % group == 0)
-                    dequantize_rows((const uint8_t *)rows + head / group * D, t1 - t0, row_stride, a->k_mult, block, D);
-                k = block;
-                stride = D;
+        if (FP8) { /* each kv head's rows decoded once, then the fp32 loop for each of its query heads */
+            const uint8_t *rows = k_bytes + (int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride;
+            const uint8_t *next = i + 1 < num_blocks ? k_bytes + (int64_t)table[i + 1] * block_elems
+                                                     : v_bytes + (int64_t)table[first_block] * block_elems;
+            for (int64_t kv = 0; kv < nh; kv++) {
+                /* The next block's rows a kv head at a time, between this block's: a quarter of the
+                 * bytes goes 4x as fast, and asking for the whole next block at once stalled on the
+                 * misses in flight (the kernel took a third longer at contexts past the caches). */
+                prefetch_bytes(next + kv * D, bs, row_stride, D);
+                dequantize_rows(rows + kv * D, t1 - t0, row_stride, a->k_mult, block, D);
+                for (int64_t head = kv * group; head < (kv + 1) * group; head++)
+                    block_scores(q + head * a->q_stride_h, block, t1 - t0, D, a->scale,
+                                 scores + head * len + t0 - first, D);
             }
-            block_scores(q + head * a->q_stride_h, k, t1 - t0, stride, a->scale, scores + head * len + t0 - first, D);
+            continue;
         }
+        const float *rows = k_rows + (int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride;
+        prefetch_rows(i + 1 < num_blocks ? k_rows + (int64_t)table[i + 1] * block_elems
+                                         : v_rows + (int64_t)table[first_block] * block_elems,
+                      bs, row_stride, nh * D);
+        for (int64_t head = 0; head < heads; head++)
+            block_scores(q + head * a->q_stride_h, rows + head / group * D, t1 - t0, row_stride, a->scale,
+                         scores + head * len + t0 - first, D);
     }
     /* Softmax per head, in place; the normaliser is applied to the output at the end. */
     float inv_sum[heads];
@@ -213,20 +238,22 @@ static inline __attribute__((always_inline)) void decode_item(
     memset(acc, 0, (size_t)(heads * D) * sizeof(float));
     for (int64_t i = first_block; i < num_blocks; i++) {
         const int64_t t0 = i == first_block ? first : i * bs, t1 = ctx - i * bs < bs ? ctx : (i + 1) * bs;
-        const char *rows = v_rows + ((int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride) * elt;
-        if (i + 1 < num_blocks)
-            prefetch_rows(v_rows + (int64_t)table[i + 1] * block_elems * elt, bs, row_stride * elt, nh * D * elt);
-        for (int64_t head = 0; head < heads; head++) {
-            const float *v = (const float *)(rows + head / group * D * elt);
-            int64_t stride = row_stride;
-            if (FP8) {
-                if (head % group == 0)
-                    dequantize_rows((const uint8_t *)rows + head / group * D, t1 - t0, row_stride, a->v_mult, block, D);
-                v = block;
-                stride = D;
+        if (FP8) {
+            const uint8_t *rows = v_bytes + (int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride;
+            for (int64_t kv = 0; kv < nh; kv++) {
+                if (i + 1 < num_blocks)
+                    prefetch_bytes(v_bytes + (int64_t)table[i + 1] * block_elems + kv * D, bs, row_stride, D);
+                dequantize_rows(rows + kv * D, t1 - t0, row_stride, a->v_mult, block, D);
+                for (int64_t head = kv * group; head < (kv + 1) * group; head++)
+                    block_weighted_sum(scores + head * len + t0 - first, block, t1 - t0, D, acc + head * D, D);
             }
-            block_weighted_sum(scores + head * len + t0 - first, v, t1 - t0, stride, acc + head * D, D);
+            continue;
         }
+        const float *rows = v_rows + (int64_t)table[i] * block_elems + (t0 - i * bs) * row_stride;
+        if (i + 1 < num_blocks) prefetch_rows(v_rows + (int64_t)table[i + 1] * block_elems, bs, row_stride, nh * D);
+        for (int64_t head = 0; head < heads; head++)
+            block_weighted_sum(scores + head * len + t0 - first, rows + head / group * D, t1 - t0, row_stride,
+                               acc + head * D, D);
     }
     for (int64_t head = 0; head < heads; head++)
         for (int64_t d = 0; d < D; d++) out[head * D + d] = acc[head * D + d] * inv_sum[head];
