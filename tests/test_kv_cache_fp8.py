@@ -177,8 +177,8 @@ def test_fp8_blocks_the_host_tier_saved_come_back_as_they_left(tiny_checkpoints)
     offloaded = LLM(path, kv_offloading_size=host_gib(64), **config)
     assert offloaded.engine.runner.host_kv.host.element_size() == 1
     assert offloaded.engine.runner.num_host_blocks == 4 * 64  # host_gib counts fp32 blocks
-    turns = chat_turns(offloaded, seed=3)
-    assert turns == chat_turns(kept, seed=3)
+    turns = chat_turns(offloaded, seed=3, chats=3, turns=2)
+    assert turns == chat_turns(kept, seed=3, chats=3, turns=2)
     stats = offloaded.engine.scheduler.block_manager.stats
     assert stats.loaded_blocks > 0 and stats.saved_blocks > 0
     oracle = _transformers_over_fp8_kv(path)
