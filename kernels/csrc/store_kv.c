@@ -5,7 +5,7 @@
  * several times the fp32 store's, at a prefill chunk's thousands the passes do.
  *
  * Slots are checked before anything is written (negative: skip, as the reference skips them;
- * one past the cache: the call stores nothing and says so, where the reference's index_copy_
+ * past the cache's end: the call stores nothing and says so, where the reference's index_copy_
  * raises). Tokens are shared out among the threads; the engine never maps two tokens to one
  * slot. */
 #include <stdint.h>
@@ -16,7 +16,7 @@
 #include "vec.h"
 
 typedef struct {
-    const float *key, *value;     /* [T, width] rows, token_stride apart (elements) */
+    const float *key, *value;     /* [T, width] rows, key_stride / value_stride apart (elements) */
     int64_t key_stride, value_stride;
     uint8_t *k_cache, *v_cache;   /* [num_slots, width] bytes */
     const int64_t *slots;         /* [T], negative: skip */
@@ -66,8 +66,9 @@ int stoke_store_kv_fp8(const float *key, const float *value, uint8_t *k_cache, u
     for (int64_t t = 0; t < tokens; t++)
         if (slots[t] >= num_slots) return 1;
     store_args a = {key, value, key_stride, value_stride, k_cache, v_cache, slots, width, k_scale, v_scale};
-    /* a thread's share at least 64 KiB of input: handing out less costs more than it saves */
-    const int64_t chunk = 1 + 8192 / (width > 0 ? width : 1);
+    /* A hand-out of at least 256 KiB of K/V (tens of microseconds): waking the thread team for
+     * a decode step's few tokens would cost about what quantizing them does. */
+    const int64_t chunk = 1 + 32768 / (width > 0 ? width : 1);
     parallel_for(store_range, &a, tokens, chunk, num_threads);
     return 0;
 }
