@@ -47,11 +47,15 @@ def store_kv(
     v_scale: float = 1.0,
 ) -> None:
     """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip.
-    An fp8 cache stores key / k_scale and value / v_scale (other caches take no scales)."""
+    An fp8 cache stores key / k_scale and value / v_scale (other caches take no scales). A slot
+    past the caches is an IndexError, raised before either is written."""
     slots = slot_mapping.long()
     keep = slots >= 0
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if slots.numel() and int(slots.max()) >= num_slots:
+        raise IndexError(f"slot {int(slots.max())} is past the caches' {num_slots} slots")
     for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
         stored = quantize_kv(x, scale) if cache.dtype == FP8_KV else x.to(cache.dtype)
         rows = cache.view(-1, *cache.shape[2:])  # one row per slot, so the copy lands in place

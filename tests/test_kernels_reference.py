@@ -207,6 +207,39 @@ def test_store_kv_writes_slots_and_skips_minus_one(
     assert torch.equal(v_cache[untouched], v_before[untouched])
 
 
+def test_store_kv_into_an_fp8_cache_saturates_and_scales() -> None:
+    """An fp8 cache holds x / scale rounded to e4m3, saturated at ±448 (torch's own cast would
+    give NaN), K and V with scales of their own; attention reads the bytes times the scales."""
+    gen = torch.Generator().manual_seed(4)
+    shape = (3, 4, 2, 16)
+    k_cache, v_cache = torch.zeros(shape, dtype=torch.float8_e4m3fn), torch.zeros(shape, dtype=torch.float8_e4m3fn)
+    key = torch.randn(5, 2, 16, generator=gen) * 4
+    key[0, 0, :3] = torch.tensor([1e6, -1e6, 448.0 * 0.25 * 1.04])  # past e4m3's range at k_scale 0.25
+    value = torch.randn(5, 2, 16, generator=gen)
+    slots = torch.tensor([4, 0, -1, 11, 7])
+    reference.store_kv(key, value, k_cache, v_cache, slots, k_scale=0.25, v_scale=2.0)
+    k_rows, v_rows = k_cache.view(-1, 2, 16).float(), v_cache.view(-1, 2, 16).float()
+    kept = slots >= 0
+    want_k = (key[kept] / 0.25).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert torch.equal(k_rows[slots[kept]], want_k)
+    assert k_rows[4, 0, :3].tolist() == [448.0, -448.0, 448.0]
+    assert torch.equal(v_rows[slots[kept]], (value[kept] / 2.0).to(torch.float8_e4m3fn).float())
+    assert not bool(k_rows.isnan().any()) and int((k_rows != 0).any(-1).any(-1).sum()) == 4
+    q = torch.randn(1, 4, 16, generator=gen)
+    table, lens = torch.tensor([[1, 0, 2]], dtype=torch.int32), torch.tensor([12], dtype=torch.int32)
+    got = reference.paged_decode_attention(q, k_cache, v_cache, table, lens, 0.3, k_scale=0.25, v_scale=2.0)
+    wide = reference.paged_decode_attention(q, k_cache.float() * 0.25, v_cache.float() * 2.0, table, lens, 0.3)
+    torch.testing.assert_close(got, wide, atol=1e-6, rtol=1e-6)
+
+
+def test_store_kv_past_the_cache_writes_nothing() -> None:
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        k_cache, v_cache = torch.zeros(2, 4, 1, 8, dtype=dtype), torch.zeros(2, 4, 1, 8, dtype=dtype)
+        with pytest.raises(IndexError, match="slot 8 is past the caches' 8 slots"):
+            reference.store_kv(torch.ones(2, 1, 8), torch.ones(2, 1, 8), k_cache, v_cache, torch.tensor([3, 8]))
+        assert not bool(k_cache.float().any()) and not bool(v_cache.float().any())
+
+
 def test_store_then_attend_round_trip() -> None:
     """Tokens written with store_kv are exactly the keys prefill attends to."""
     gen = torch.Generator().manual_seed(11)
