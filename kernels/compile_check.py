@@ -12,6 +12,7 @@ target, and Triton's jit cache hook compiles each launch itself and tells Triton
 
     python -m kernels.compile_check                       # every target and case; table + exit status
     python -m kernels.compile_check --targets sm90 --resources   # + registers and spills (ptxas -v)
+    python -m kernels.compile_check --quick --fp8-kv-only --targets sm80   # the fp8 KV cache's kernels alone
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than its target has.
 Needs a Triton with the NVIDIA backend (the PyPI wheel); must run without TRITON_INTERPRET.
@@ -53,12 +54,17 @@ LAYOUTS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "HEADS", "SPLIT", "FUSED_MERGE", "TILE_IN_BLOCK", "CACHE_TMA",
                 "FRESH", "FRESH_TMA", "SKIP_LEADING", "HAS_RESIDUAL", "BLOCK", "GATED", "TILE_IN_GROUP", "HAS_BIAS",
-                "FP8", "WINDOW", "SOFTCAP")
-NAMED_WHEN_SET = ("FP8", "WINDOW", "SOFTCAP")  # off in most launches: in the variant only when on
+                "FP8", "WINDOW", "SOFTCAP", "FP8_KV")
+NAMED_WHEN_SET = ("FP8", "WINDOW", "SOFTCAP", "FP8_KV")  # off in most launches: in the variant only when on
 # Sliding windows and softcapped scores (Mistral, Gemma 2/3) in decode, the graphed decode and
 # prefill: Gemma 2's values, for these layouts (fp32's tiles are where spills show first).
 WINDOWED_LAYOUTS = ("llama-3-8b", "phi-3-mini", "d96")
 WINDOW_SOFTCAP = dict(sliding_window=4096, softcap=50.0)
+# An fp8 KV cache (case kind "fp8-kv"): the attention kernels over e4m3 bytes, with scales, in
+# the conversion each target has (sm_80 moves the bits itself). Quick: 16-bit, fp32 at a padded
+# head dim (where spills show first) and unpacked GQA.
+FP8_KV_SCALES = dict(k_scale=0.5, v_scale=2.0)
+FP8_KV_QUICK = (("llama-3-8b", "bf16"), ("d96", "fp32"), ("smollm2", "fp16"))
 # Mixture-of-experts layouts (kernels/triton_moe.py): (experts, experts per token, hidden, intermediate)
 MOE_LAYOUT = (128, 8, 2048, 768)  # Qwen3-30B-A3B
 MOE_ROWS_PER_EXPERT = (1, 32, 128)  # steps whose rows pick each of the MoE tiles (decode, middle, prefill)
@@ -137,17 +143,22 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1][:300] if lines else ''}"
 
 
-def _cases(quick: bool) -> list[tuple[str, str, str]]:
-    """(layout, dtype, which kernels): all = attention and the norm/rope kernels."""
+def _cases(quick: bool, fp8_kv_only: bool = False) -> list[tuple[str, str, str]]:
+    """(layout, dtype, which kernels): all = attention and the norm/rope kernels; fp8-kv = the
+    attention kernels over an fp8 cache."""
     if quick:
-        return [("llama-3-8b", "bf16", "all"), ("llama-3-8b", "fp32", "attention"), ("smollm2", "fp16", "attention"),
-                ("d256", "bf16", "attention"), ("d96", "bf16", "attention"), ("d96", "fp32", "attention")]
-    return [(layout, dtype, "all") for layout in LAYOUTS for dtype in DTYPES]
+        fp8_kv = [(layout, dtype, "fp8-kv") for layout, dtype in FP8_KV_QUICK]
+        cases = [("llama-3-8b", "bf16", "all"), ("llama-3-8b", "fp32", "attention"), ("smollm2", "fp16", "attention"),
+                 ("d256", "bf16", "attention"), ("d96", "bf16", "attention"), ("d96", "fp32", "attention")]
+    else:
+        fp8_kv = [(layout, dtype, "fp8-kv") for layout in LAYOUTS for dtype in DTYPES]
+        cases = [(layout, dtype, "all") for layout in LAYOUTS for dtype in DTYPES]
+    return fp8_kv if fp8_kv_only else cases + fp8_kv
 
 
 def _launch(case: tuple[str, str, str]) -> None:
     """Every launch a CUDA step makes for this case, through the public wrappers."""
-    from kernels import triton_norm_rope, triton_ops
+    from kernels import reference, triton_norm_rope, triton_ops
 
     layout, dtype_name, which = case
     hq, hkv, d = LAYOUTS[layout]
@@ -155,24 +166,30 @@ def _launch(case: tuple[str, str, str]) -> None:
     qkv = torch.zeros(tokens, (hq + 2 * hkv) * d, dtype=dtype)  # the engine's q/k/v are views of this
     q = qkv[:, : hq * d].view(tokens, hq, d)
     k = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
-    cache = torch.zeros(32, block_size, hkv, d, dtype=dtype)
+    fp8_kv = which == "fp8-kv"
+    cache = torch.zeros(32, block_size, hkv, d, dtype=reference.FP8_KV if fp8_kv else dtype)
+    scales = FP8_KV_SCALES if fp8_kv else {}
     tables = torch.zeros(seqs, 8, dtype=torch.int32)
     lens = torch.ones(seqs, dtype=torch.int32)
     cu = torch.arange(seqs + 1, dtype=torch.int32) * (tokens // seqs)
-    triton_ops.store_kv(k, k, cache, cache, torch.zeros(tokens, dtype=torch.long))
+    triton_ops.store_kv(k, k, cache, cache, torch.zeros(tokens, dtype=torch.long), **scales)
     for splits, fused in ((1, True), (8, True), (8, False)):  # one split, the merge fused or launched
         triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=splits,
-                                          fused_merge=fused)
+                                          fused_merge=fused, **scales)
     for pack in (True, False):
-        triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack)
+        triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, pack_gqa=pack, **scales)
     # A mixed CUDA graph's attention: the leading decodes by the graphed decode kernel, the
     # prefill kernel skipping them, one output.
     triton_ops.paged_mixed_attention_graphed(q, cache, cache, tables, cu, lens, 0.1, torch.zeros(2, dtype=torch.int32),
-                                             key=k, value=k)
+                                             key=k, value=k, **scales)
     if layout in WINDOWED_LAYOUTS:
-        triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=8, **WINDOW_SOFTCAP)
+        triton_ops.paged_decode_attention(q[:seqs], cache, cache, tables, lens, 0.1, num_splits=8, **WINDOW_SOFTCAP,
+                                          **scales)
         triton_ops.paged_mixed_attention_graphed(q, cache, cache, tables, cu, lens, 0.1,
-                                                 torch.zeros(2, dtype=torch.int32), key=k, value=k, **WINDOW_SOFTCAP)
+                                                 torch.zeros(2, dtype=torch.int32), key=k, value=k, **WINDOW_SOFTCAP,
+                                                 **scales)
+    if fp8_kv:
+        return  # an fp8 cache's new keys are read from it: no key/value rows, no tensor descriptors
     # The new tokens' K/V read from the projection's views (what a GPU's tuning may choose).
     triton_ops.paged_prefill_attention(q, cache, cache, tables, cu, lens, 0.1, key=k, value=k, new_kv="rows")
     # The tensor-descriptor experiments (TMA on Hopper), 16-bit only; their boxes are powers of
@@ -255,8 +272,10 @@ def _launch_fp8(dtype: torch.dtype) -> None:
             launch(rows, *layout)
 
 
-def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning | None = None) -> list[Compiled]:
-    """`tuning`: a GPU's kernel tuning to compile with (None: the built-in choices)."""
+def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning | None = None,
+          fp8_kv_only: bool = False) -> list[Compiled]:
+    """`tuning`: a GPU's kernel tuning to compile with (None: the built-in choices);
+    `fp8_kv_only`: only the cases of an fp8 KV cache."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernels.compile_check compiles for GPUs: run it without TRITON_INTERPRET")
     import triton
@@ -297,7 +316,9 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
     cuda = torch.device("cuda")
     tile_fns = {name: getattr(triton_ops, name) for name in ("_prefill_config", "_decode_config")}
     for name, fn in tile_fns.items():
-        setattr(triton_ops, name, lambda head_dim, dtype, device, fn=fn: fn(head_dim, dtype, cuda))
+        setattr(triton_ops, name, lambda head_dim, dtype, device, *args, fn=fn: fn(head_dim, dtype, cuda, *args))
+    native_fp8_kv_fn = triton_ops._native_fp8_kv  # the target's e4m3 conversion (sm_80 moves the bits)
+    triton_ops._native_fp8_kv = lambda device: native_fp8_kv_fn(cuda)
     capability_fn = triton_ops._device_capability  # every Triton module's tiles may depend on the architecture
     tuning_fn, triton_ops._device_tuning = triton_ops._device_tuning, lambda device: tuning or KernelTuning()
     hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, compile_launch
@@ -307,13 +328,14 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
             driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
             triton_ops._device_capability = lambda device, cc=TARGETS[name][0]: divmod(cc, 10)
             current["target"] = name
-            for case in _cases(quick):
-                current["case"] = f"{case[0]} {case[1]}"
+            for case in _cases(quick, fp8_kv_only):
+                current["case"] = f"{case[0]} {case[1]}" + (" fp8-kv" if case[2] == "fp8-kv" else "")
                 _launch(case)
     finally:
         knobs.runtime.jit_cache_hook = hook
         for name, fn in tile_fns.items():
             setattr(triton_ops, name, fn)
+        triton_ops._native_fp8_kv = native_fp8_kv_fn
         triton_ops._device_capability = capability_fn
         triton_ops._device_tuning = tuning_fn
         driver.set_active(previous_driver)
@@ -321,12 +343,12 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
 
 
 def render(rows: list[Compiled]) -> str:
-    lines = [f"{'target':<7}{'case':<18}{'kernel':<24}{'variant':<48}{'warps':>6}{'stages':>7}{'shared KiB':>11}"
+    lines = [f"{'target':<7}{'case':<24}{'kernel':<24}{'variant':<48}{'warps':>6}{'stages':>7}{'shared KiB':>11}"
              f"{'limit':>7}{'regs':>6}{'spills':>8}  status"]
     for r in rows:
         spills = r.resources.get("spill_stores", 0) + r.resources.get("spill_loads", 0) if r.resources else None
         status = "ok" if r.ok else (r.error or "shared memory over the limit")
-        lines.append(f"{r.target:<7}{r.case:<18}{r.kernel:<24}{r.variant:<48}{r.num_warps:>6}{r.num_stages:>7}"
+        lines.append(f"{r.target:<7}{r.case:<24}{r.kernel:<24}{r.variant:<48}{r.num_warps:>6}{r.num_stages:>7}"
                      f"{'-' if r.shared is None else r.shared // 1024:>11}{r.shared_limit // 1024:>7}"
                      f"{r.resources.get('registers', '-'):>6}{'-' if spills is None else spills:>8}  {status}")
     return "\n".join(lines)
@@ -339,13 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resources", action="store_true", help="registers and spills per kernel (ptxas -v)")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     p.add_argument("--tuning", default=None, help="a kernel tuning JSON (kernels/tuning.py) to compile with")
+    p.add_argument("--fp8-kv-only", action="store_true", help="only the attention kernels over an fp8 KV cache")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     tuning = None
     if args.tuning:
         with open(args.tuning) as f:
             tuning = parse_tuning(json.load(f), args.tuning)
-    rows = check(args.targets, args.quick, args.resources, tuning)
+    rows = check(args.targets, args.quick, args.resources, tuning, args.fp8_kv_only)
     print(render(rows))
     bad = [r for r in rows if not r.ok]
     import triton

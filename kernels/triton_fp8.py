@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels import triton_ops
-from kernels.triton_ops import LAUNCH_OPTIONS, MIN_DOT
+from kernels.triton_ops import LAUNCH_OPTIONS, MIN_DOT, _fp8_to_fp32  # the bits decoded on sm_80 too
 
 __all__ = ["Fp8Tile", "fp8_linear", "fp8_tile", "has_native_fp8"]
 
@@ -144,23 +144,6 @@ def _dequantized(w_ptrs, s_ptrs, k0, group_size, stride_sg, w_mask, col_mask, of
         groups = (k0 + offs_k) // group_size
         w = w * tl.load(s_ptrs[None, :] + groups[:, None] * stride_sg, mask=w_mask, other=0.0)
     return w.to(DTYPE)
-
-
-@triton.jit
-def _fp8_to_fp32(w, NATIVE_FP8: tl.constexpr):
-    """e4m3fn values to fp32, exactly. NATIVE_FP8: the hardware's conversion (sm_89 and later);
-    otherwise `w` holds the raw bytes (uint8) and the bits are moved into an fp16 (sign to the
-    top, exponent and mantissa under fp16's 5-bit exponent): e4m3 and fp16 differ only in the
-    exponent bias (7 and 15), so that fp16 is the value / 2^8, subnormals included (they land
-    on fp16's subnormals), and the rest is exact arithmetic. e4m3fn's NaN (S.1111.111) reads as
-    ±480 here, not NaN: checkpoints hold none."""
-    if NATIVE_FP8:
-        out = w.to(tl.float32)
-    else:
-        bits = w.to(tl.int32)
-        half = (((bits & 0x7F) << 7) | ((bits & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
-        out = half.to(tl.float32) * 256.0
-    return out
 
 
 # ----------------------------------------------------------------------------- the projection

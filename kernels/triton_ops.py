@@ -47,6 +47,22 @@ them. Tiles are chosen by BLOCK_D (registers and shared memory are the tile's), 
 descriptors, whose boxes are powers of two, are left to power-of-two head dims: a padded one
 reads the new tokens' K/V through pointers (`rows`).
 
+An fp8 KV cache (float8_e4m3fn, `kernels.reference.FP8_KV`): `store_kv` writes x / scale
+saturated at ±448 and rounded to nearest even, the reference's bytes. The attention kernels
+convert each byte as they load it, in registers, to the queries' dtype, exactly (every e4m3
+value is an fp16 and a bf16), and apply the layer's scales in fp32 where they cost one multiply:
+k_scale in the scores' scale, v_scale on each output row. That is the reference's reading
+(byte · scale, rounded once to the queries' dtype) less its one rounding: multiplying every
+value before the dots cost registers (pre-Hopper 16-bit prefill at head dim 256 spilled 2 KiB,
+kernels/compile_check.py), and the plain conversion is what Triton keeps cheap. FP8_KV is a
+constexpr, so the 16/32-bit caches compile to the kernels they were. From sm_89 Triton converts
+e4m3 itself (NATIVE_FP8); an A100 has no e4m3 in Triton, so there the kernels take the cache's
+bytes (uint8) and move the bits (as kernels/triton_fp8.py's projection does), and `store_kv`
+encodes them from the fp32 bits; the interpreter does the same (its own cast to e4m3 rounds ties
+up). An fp8 cache's keys are what it stores, so prefill reads the new tokens' keys from it,
+never from `key`/`value`, and only through pointers (`new_kv` other than the cache and
+`cache_tma` are refused).
+
 Keys are gathered token by token through the block table (a tile may span several cache
 blocks), or with one block-id load per tile when the tile sits inside one block. Loads past a
 sequence's context are masked, so stale cache slots are never read (even NaN is harmless).
@@ -65,6 +81,7 @@ import triton
 import triton.language as tl
 
 from kernels import TRITON_MAX_PADDED_HEAD_DIM, TRITON_MIN_HEAD_DIM, triton_takes_head_dim
+from kernels.reference import FP8_KV
 from kernels.tuning import NEW_KV_SOURCES, KernelTuning, load_tuning
 
 LOG2E = 1.4426950408889634
@@ -125,19 +142,87 @@ def _load_rows(ptrs, row_mask, d_mask, MASK_ROWS: tl.constexpr, PADDED: tl.const
 
 
 @triton.jit
+def _fp8_to_fp32(w, NATIVE_FP8: tl.constexpr):
+    """e4m3fn values to fp32, exactly. NATIVE_FP8: the hardware's conversion (sm_89 and later);
+    otherwise `w` holds the raw bytes (uint8) and the bits are moved into an fp16 (sign to the
+    top, exponent and mantissa under fp16's 5-bit exponent): e4m3 and fp16 differ only in the
+    exponent bias (7 and 15), so that fp16 is the value / 2^8, subnormals included (they land
+    on fp16's subnormals), and the rest is exact arithmetic. e4m3fn's NaN (S.1111.111) reads as
+    ±480 here, not NaN: checkpoints hold none. Shared with kernels/triton_fp8.py."""
+    if NATIVE_FP8:
+        out = w.to(tl.float32)
+    else:
+        bits = w.to(tl.int32)
+        half = (((bits & 0x7F) << 7) | ((bits & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
+        out = half.to(tl.float32) * 256.0
+    return out
+
+
+@triton.jit
+def _fp32_to_fp8_bits(x):
+    """The e4m3fn codes (uint8) of fp32 values within ±448, rounded to nearest even, from their
+    bits: where Triton has no e4m3 (sm_80) and in the interpreter (whose conversion rounds ties
+    up). A normal (from 2^-6) keeps 3 of its 23 mantissa bits, rounded on the 20 below (a carry
+    runs into the exponent, as it should), its exponent rebiased from 127 to 7; below 2^-6 the
+    code is |x| in the subnormals' units of 2^-9, rounded to even the same way (2^-6 itself,
+    8 units, is the smallest normal's code)."""
+    bits = x.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    exponent = mag >> 23
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)
+    shift = tl.minimum(141 - exponent, 31)  # significand bits below the 2^-9 unit
+    significand = (mag & 0x7FFFFF) | 0x800000
+    units = significand >> shift
+    rest = significand - (units << shift)
+    half = 1 << (shift - 1)
+    units += ((rest > half) | ((rest == half) & ((units & 1) == 1))).to(tl.int32)
+    code = tl.where(exponent >= 121, normal, units)
+    return (code | ((bits >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
+def _kv_values(x, DTYPE: tl.constexpr, FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """A loaded K or V tile as the dot takes it, at DTYPE (the queries'): an fp8 cache's codes
+    (FP8_KV) as their values, exactly (every e4m3 value is an fp16 and a bf16); the scales
+    apply to the scores and the output."""
+    if FP8_KV and not NATIVE_FP8:
+        y = _fp8_to_fp32(x, NATIVE_FP8).to(DTYPE)
+    else:
+        y = x.to(DTYPE)
+    return y
+
+
+@triton.jit
+def _cache_values(x, kv_scale, DTYPE: tl.constexpr, FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """K or V rows as the cache stores them, at DTYPE (its element type): with FP8_KV the e4m3
+    codes of x / kv_scale (IEEE division, as torch's), saturated at ±448 (kernels.reference's
+    FP8_KV_MAX) and rounded to nearest even; without NATIVE_FP8 as bytes."""
+    if FP8_KV:
+        y = tl.math.div_rn(x.to(tl.float32), tl.full(x.shape, kv_scale, tl.float32))
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        if NATIVE_FP8:
+            y = y.to(tl.float8e4nv)
+        else:
+            y = _fp32_to_fp8_bits(y)
+    else:
+        y = x.to(DTYPE)
+    return y
+
+
+@triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e,
                  MASKED: tl.constexpr, PADDED: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
-                 EMPTY_ROWS: tl.constexpr):
-    """One online-softmax step of rows `q` `[M, BLOCK_D]` over a K/V tile `[N, BLOCK_D]`."""
-    k = _load_rows(k_ptrs, kv_mask, d_mask, MASKED, PADDED)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+                 EMPTY_ROWS: tl.constexpr, FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """One online-softmax step of rows `q` `[M, BLOCK_D]` over a K/V tile `[N, BLOCK_D]` (an
+    fp8 cache's codes with FP8_KV: k_scale is in `scale_log2e`, v_scale for the caller)."""
+    k = _kv_values(_load_rows(k_ptrs, kv_mask, d_mask, MASKED, PADDED), q.dtype, FP8_KV, NATIVE_FP8)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if SOFTCAP > 0:  # before the mask: a masked score may be anything
         s = _softcapped(s, scale_log2e, SOFTCAP)
     if MASKED:
         s = tl.where(score_mask, s, float("-inf"))
     m_new, alpha, p, l_i = _online_softmax(s, m_i, l_i, scale_log2e, SOFTCAP, EMPTY_ROWS)
-    v = _load_rows(v_ptrs, kv_mask, d_mask, MASKED, PADDED)
-    v = v.to(q.dtype)
+    v = _kv_values(_load_rows(v_ptrs, kv_mask, d_mask, MASKED, PADDED), q.dtype, FP8_KV, NATIVE_FP8)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return m_new, l_i, acc
 
@@ -200,11 +285,13 @@ def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_d
               kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e,
               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
               TILE_IN_BLOCK: tl.constexpr, SAME_LAYOUT: tl.constexpr, USE_TMA: tl.constexpr,
-              DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+              DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ROWS: tl.constexpr,
+              FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr):
     """One online-softmax step over the key tile `start + offs_n` of a sequence: loaded through
     the tensor descriptors (USE_TMA: the tile lies inside one cache block) or gathered through
-    the block table."""
+    the block table (an fp8 cache's dequantized as loaded, FP8_KV)."""
     tl.static_assert(not (USE_TMA and PADDED), "tensor descriptors take power-of-two head dims only")
+    tl.static_assert(not (USE_TMA and FP8_KV), "fp8 caches are read through pointers")
     if USE_TMA:
         row = (tl.load(table_row + start // BLOCK_SIZE) * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
         m_i, l_i, acc = _attend_loaded(q, k_desc.load([row, kvh * HEAD_DIM]), v_desc.load([row, kvh * HEAD_DIM]),
@@ -220,7 +307,7 @@ def _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_d
                                 BLOCK_SIZE, TILE_IN_BLOCK)
         m_i, l_i, acc = _attend_tile(q, k_head + k_off[:, None], v_head + v_off[:, None],
                                      kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, PADDED,
-                                     DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                     DOT_PREC, SOFTCAP, EMPTY_ROWS, FP8_KV, NATIVE_FP8)
     return m_i, l_i, acc
 
 
@@ -242,7 +329,7 @@ def _fresh_tile(q, start, offs_n, kvh, key_head, value_head, key_desc, value_des
         rows = (start + offs_n).to(tl.int64)[:, None]
         m_i, l_i, acc = _attend_tile(q, key_head + rows * stride_kt, value_head + rows * stride_vt,
                                      kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, MASKED, PADDED,
-                                     DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                     DOT_PREC, SOFTCAP, EMPTY_ROWS, False, False)
     return m_i, l_i, acc
 
 
@@ -253,8 +340,9 @@ def _fresh_tile(q, start, offs_n, kvh, key_head, value_head, key_desc, value_des
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h, k_scale, v_scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -268,9 +356,9 @@ def _store_kv_kernel(
         k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
         v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
         tl.store(k_cache_ptr + slot * stride_kc_slot + offs_h[:, None] * stride_kc_h + offs_d[None, :],
-                 k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+                 _cache_values(k, k_scale, k_cache_ptr.dtype.element_ty, FP8_KV, NATIVE_FP8), mask=mask)
         tl.store(v_cache_ptr + slot * stride_vc_slot + offs_h[:, None] * stride_vc_h + offs_d[None, :],
-                 v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+                 _cache_values(v, v_scale, v_cache_ptr.dtype.element_ty, FP8_KV, NATIVE_FP8), mask=mask)
 
 
 def store_kv(
@@ -279,8 +367,13 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip."""
+    """Write key/value `[T, Hkv, D]` into the caches at `slot_mapping` `[T]`; slot -1 = skip.
+    An fp8 cache stores key / k_scale and value / v_scale, as `kernels.reference.store_kv`
+    (other caches take no scales)."""
     T, num_kv_heads, head_dim = key.shape
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
     if value.shape != key.shape or slot_mapping.shape != (T,):
@@ -294,12 +387,13 @@ def store_kv(
         return
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     slot_mapping = slot_mapping.contiguous()
+    k_cache, v_cache, scales, fp8 = _kv_operands(k_cache, v_cache, k_scale, v_scale, key.device)
     _store_kv_kernel[(T,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), *scales,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), **fp8,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **LAUNCH_OPTIONS,
     )
 
@@ -315,23 +409,24 @@ def _decode_kernel(
     stride_qb, stride_qh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
-    stride_bt, stride_ob, stride_oh,
+    stride_bt, stride_ob, stride_oh, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     # One program per (sequence, kv head, split).
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     m_i, l_i, acc = _decode_split(b, kvh, split, num_splits, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                                  context_lens_ptr, scale_log2e, stride_qb, stride_qh,
+                                  context_lens_ptr, scale_log2e, v_scale, stride_qb, stride_qh,
                                   stride_kc_block, stride_kc_slot, stride_kc_h,
                                   stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
                                   GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK, SAME_LAYOUT,
-                                  DOT_PREC, WINDOW, SOFTCAP)
+                                  DOT_PREC, WINDOW, SOFTCAP, FP8_KV, NATIVE_FP8)
     if SPLIT:
         _decode_partial(m_i, l_i, acc, b, kvh, split, tl.num_programs(1), num_splits,
                         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
@@ -348,11 +443,12 @@ def _decode_graphed_kernel(
     stride_qb, stride_qh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
-    stride_bt, stride_ob, stride_oh,
+    stride_bt, stride_ob, stride_oh, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_HEADS: tl.constexpr, BLOCK_GM: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     # A fixed number of programs walks the (sequence, kv head, split) items of the first
     # counts[0] sequences, split counts[1] ways: both read here, not fixed by the grid.
@@ -364,11 +460,11 @@ def _decode_graphed_kernel(
         kvh = item % per_seq // num_splits
         split = item % num_splits
         m_i, l_i, acc = _decode_split(b, kvh, split, num_splits, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                                      context_lens_ptr, scale_log2e, stride_qb, stride_qh,
+                                      context_lens_ptr, scale_log2e, v_scale, stride_qb, stride_qh,
                                       stride_kc_block, stride_kc_slot, stride_kc_h,
                                       stride_vc_block, stride_vc_slot, stride_vc_h, stride_bt,
                                       GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, TILE_IN_BLOCK,
-                                      SAME_LAYOUT, DOT_PREC, WINDOW, SOFTCAP)
+                                      SAME_LAYOUT, DOT_PREC, WINDOW, SOFTCAP, FP8_KV, NATIVE_FP8)
         if num_splits > 1:
             _decode_partial(m_i, l_i, acc, b, kvh, split, num_kv_heads, num_splits,
                             out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counters_ptr, stride_ob, stride_oh,
@@ -380,7 +476,7 @@ def _decode_graphed_kernel(
 @triton.jit
 def _decode_split(
     b, kvh, split, num_splits,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale_log2e,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale_log2e, v_scale,
     stride_qb, stride_qh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
@@ -388,6 +484,7 @@ def _decode_split(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_BLOCK: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     """Split `split` of `num_splits` of sequence b's context for kv head kvh's query heads (the
     rows): the unnormalised (max, sum, accumulator) of the online softmax. With a sliding
@@ -433,7 +530,10 @@ def _decode_split(
         m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, None, None,
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                   kv_mask, d_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
-                                  PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC, SOFTCAP, False)
+                                  PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, False, DOT_PREC, SOFTCAP, False,
+                                  FP8_KV, NATIVE_FP8)
+    if FP8_KV:  # the values' scale, once per output row instead of per value read
+        acc = acc * v_scale
     return m_i, l_i, acc
 
 
@@ -559,13 +659,15 @@ def paged_decode_attention(
     *,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     num_splits: int | None = None,
     fused_merge: bool = True,
 ) -> torch.Tensor:
     """One query per sequence, q `[B, Hq, D]`, over its `context_lens[b]` cached keys (the last
     `sliding_window` of them where that is not 0; scores capped by `softcap` where that is not
     0, as `kernels.reference`); a sequence with context 0 (a padding row of a captured batch)
-    gets zeros.
+    gets zeros. An fp8 cache's keys and values are read times `k_scale` / `v_scale`.
 
     `num_splits` forces the split-K factor (None: chosen from the batch and the keys a
     sequence may see: the table width, or the window). With splits, `fused_merge` has the last
@@ -595,11 +697,12 @@ def paged_decode_attention(
         part_acc = part_m = part_l = out  # unused
     fused = split and fused_merge
     counters = _split_counters(B * num_kv_heads, q.device) if fused else out  # unused without
-    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group, window, softcap)
+    k_cache, v_cache, scales, fp8 = _kv_operands(k_cache, v_cache, k_scale, v_scale, q.device)
+    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group, window, softcap, fp8)
     _decode_kernel[(B, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_acc, part_m, part_l, counters,
-        scale * LOG2E, num_splits, *strides,
+        scale * LOG2E * scales[0], num_splits, *strides, scales[1],
         SPLIT=split, FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(num_splits), **options,
     )
     if split and not fused:
@@ -621,11 +724,13 @@ MIN_COUNTERS = 8192  # (sequence, kv head) pairs; the split heuristic needs fewe
 
 
 def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                   out: torch.Tensor, group: int, window: int, softcap: float) -> tuple[tuple[int, ...], dict]:
+                   out: torch.Tensor, group: int, window: int, softcap: float,
+                   fp8: dict[str, bool]) -> tuple[tuple[int, ...], dict]:
     """What both decode kernels take after their scalars: the strides, then the constexprs
-    and launch options that the shapes, the dtype and the layer's window and cap decide."""
+    and launch options that the shapes, the dtype, the layer's window and cap and the cache's
+    fp8 constexprs (`_kv_operands`) decide."""
     head_dim, block_size = q.shape[2], k_cache.shape[1]
-    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device)
+    block_n, num_warps, num_stages = _decode_config(head_dim, q.dtype, q.device, fp8["FP8_KV"])
     # The fused merge takes a kv head's query heads in one load, but fp32's caller then took
     # 255 registers and spilled 556 bytes on sm_90 (kernels/compile_check.py): one at a time.
     merge_heads = group if q.element_size() <= 2 else 1
@@ -639,7 +744,7 @@ def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         BLOCK_SIZE=block_size, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         MERGE_HEADS=merge_heads, BLOCK_GM=triton.next_power_of_2(merge_heads),
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype),
-        WINDOW=window, SOFTCAP=softcap, num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+        WINDOW=window, SOFTCAP=softcap, num_warps=num_warps, num_stages=num_stages, **fp8, **LAUNCH_OPTIONS,
     )
     return strides, options
 
@@ -681,6 +786,8 @@ def paged_decode_attention_graphed(
     *,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_decode_attention` for the leading `counts[0]` sequences (rows of `q`,
     `block_tables`, `context_lens`), each split `counts[1]` ways, into their rows of `out`
@@ -690,7 +797,8 @@ def paged_decode_attention_graphed(
     caller keeps counts[0] <= len(block_tables), counts[1] <= GRAPHED_MAX_SPLITS and, when
     counts[1] > 1, counts[0] * Hkv * counts[1] <= GRAPHED_SPLIT_ITEMS
     (`graphed_decode_splits` does). `sliding_window` and `softcap`, a layer's constants, are
-    compiled into the kernel (as in every attention kernel here): fixed at capture."""
+    compiled into the kernel (as in every attention kernel here): fixed at capture; an fp8
+    cache's `k_scale` / `v_scale` are the launch's arguments, also fixed at capture."""
     B = block_tables.shape[0]
     _, num_heads, head_dim = q.shape
     num_kv_heads = _check_heads(num_heads, k_cache, v_cache, head_dim, scale)
@@ -704,7 +812,13 @@ def paged_decode_attention_graphed(
     part_acc = torch.empty((GRAPHED_SPLIT_ITEMS * group, head_dim), dtype=torch.float32, device=q.device)
     part_m = torch.empty(GRAPHED_SPLIT_ITEMS * group, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group, window, softcap)
+    k_cache, v_cache, scales, fp8 = _kv_operands(k_cache, v_cache, k_scale, v_scale, q.device)
+    strides, options = _decode_launch(q, k_cache, v_cache, block_tables, out, group, window, softcap, fp8)
+    if fp8["FP8_KV"] and softcap > 0 and q.element_size() <= 2:
+        # Over 4 warps Triton 3.6 (the GPU machines') spilled 64 bytes here on sm_90 (bf16,
+        # Gemma 2's window and cap; kernels/compile_check.py), and fewer stages only moved the
+        # spills between releases; over 8 none of 3.4, 3.6 and 3.9 spills on sm_80 to sm_90.
+        options["num_warps"] = 8
     # A program per (sequence, kv head) of the widest step, as paged_decode_attention's grid
     # without splits (so no program walks two contexts when nothing is split), and at least
     # two per SM, which the split items (at most GRAPHED_SPLIT_ITEMS) share.
@@ -712,7 +826,7 @@ def paged_decode_attention_graphed(
     _decode_graphed_kernel[(programs,)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_acc, part_m, part_l, _split_counters(B * num_kv_heads, q.device), counts,
-        scale * LOG2E, num_kv_heads, *strides,
+        scale * LOG2E * scales[0], num_kv_heads, *strides, scales[1],
         BLOCK_S=GRAPHED_MAX_SPLITS, **options,
     )
     return out
@@ -732,16 +846,18 @@ def paged_mixed_attention_graphed(
     value: torch.Tensor | None = None,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """A mixed CUDA graph's attention, into one output: the leading `counts[0]` sequences
     (the decodes, one query each, first in `q`) by `paged_decode_attention_graphed`, split
     `counts[1]` ways, and the others by `paged_prefill_attention`, which skips them.
-    `cu_seqlens_q` spans every sequence, decodes included."""
+    `cu_seqlens_q` spans every sequence, decodes included. An fp8 cache's scales as there."""
+    attn = dict(sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     out = paged_decode_attention_graphed(q, k_cache, v_cache, block_tables, context_lens, scale, counts,
-                                         torch.empty_like(q), sliding_window=sliding_window, softcap=softcap)
+                                         torch.empty_like(q), **attn)
     return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                                   key=key, value=value, sliding_window=sliding_window, softcap=softcap,
-                                   skip_sequences=counts, out=out)
+                                   key=key, value=value, skip_sequences=counts, out=out, **attn)
 
 
 def _output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -801,15 +917,16 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_block, stride_kc_slot, stride_kc_h,
     stride_vc_block, stride_vc_slot, stride_vc_h,
-    stride_bt, stride_ot, stride_oh,
+    stride_bt, stride_ot, stride_oh, v_scale,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_BLOCK: tl.constexpr, SAME_LAYOUT: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_TMA: tl.constexpr,
     FRESH: tl.constexpr, FRESH_TMA: tl.constexpr, SKIP_LEADING: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, FP8_KV: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     # Row r of the tile is query token tile * BLOCK_Q + r // HEADS of head first_head + r % HEADS:
     # HEADS = 1 is one query head per program; HEADS > 1 packs a kv head's GROUP query heads.
+    tl.static_assert(not (FP8_KV and FRESH), "an fp8 cache's new keys are read from it, as it stores them")
     pid = tl.program_id(0)
     if HEADS > 1:
         first_head = tl.program_id(1) * GROUP
@@ -877,7 +994,8 @@ def _prefill_kernel(
         m_i, l_i, acc = _key_tile(q, start, offs_n, ctx, table_row, kvh, k_head, v_head, k_desc, v_desc,
                                   stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                   offs_n, d_mask, offs_n, m_i, l_i, acc, scale_log2e, False, HEAD_DIM, PADDED,
-                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                  BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS,
+                                  FP8_KV, NATIVE_FP8)
     if FRESH:
         if WINDOW > 0:
             # The window's first tiles, then the prefix's tail where the window reaches it.
@@ -891,7 +1009,7 @@ def _prefill_kernel(
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                           kv_mask, d_mask, kv_mask[None, :] & (keys[None, :] > window_lo[:, None]),
                                           m_i, l_i, acc, scale_log2e, True, HEAD_DIM, PADDED, BLOCK_SIZE, TILE_IN_BLOCK,
-                                          SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                          SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP, EMPTY_ROWS, FP8_KV, NATIVE_FP8)
         else:
             # At most one tile, but as a loop: straight-line, it took 255 registers and spilled
             # (fp32 on sm_90, kernels/compile_check.py), where the loop takes 76.
@@ -901,7 +1019,7 @@ def _prefill_kernel(
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                           kv_mask, d_mask, kv_mask[None, :], m_i, l_i, acc, scale_log2e, True,
                                           HEAD_DIM, PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA,
-                                          DOT_PREC, SOFTCAP, EMPTY_ROWS)
+                                          DOT_PREC, SOFTCAP, EMPTY_ROWS, FP8_KV, NATIVE_FP8)
         key_head = key_ptr + kvh * stride_kh + offs_d[None, :]
         value_head = value_ptr + kvh * stride_vh + offs_d[None, :]
         first_q = tile * BLOCK_Q
@@ -954,7 +1072,7 @@ def _prefill_kernel(
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                           kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
                                           PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
-                                          EMPTY_ROWS)
+                                          EMPTY_ROWS, FP8_KV, NATIVE_FP8)
         else:
             # The diagonal. Key 0 is always visible, so if the first loop was empty every row
             # sees a valid key in the first tile here and m_i never stays -inf.
@@ -966,10 +1084,12 @@ def _prefill_kernel(
                                           stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot,
                                           kv_mask, d_mask, score_mask, m_i, l_i, acc, scale_log2e, True, HEAD_DIM,
                                           PADDED, BLOCK_SIZE, TILE_IN_BLOCK, SAME_LAYOUT, CACHE_TMA, DOT_PREC, SOFTCAP,
-                                          EMPTY_ROWS)
+                                          EMPTY_ROWS, FP8_KV, NATIVE_FP8)
 
     if WINDOW > 0:  # rows past the sequence may have seen no key: zeros (never stored) over NaN
         l_i = tl.where(l_i > 0, l_i, 1.0)
+    if FP8_KV:  # the values' scale, once per output row instead of per value read
+        acc = acc * v_scale
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=_rows_mask(row_mask, d_mask, PADDED))
@@ -988,6 +1108,8 @@ def paged_prefill_attention(
     value: torch.Tensor | None = None,
     sliding_window: int = 0,
     softcap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     new_kv: str | None = None,
     pack_gqa: bool | None = None,
     cache_tma: bool = False,
@@ -1009,7 +1131,9 @@ def paged_prefill_attention(
     tiles through tensor descriptors: an experiment for benchmarks/kernel_configs.py, only
     where a key tile lies inside one cache block. Tensor descriptors (`tma`, `cache_tma`) take
     power-of-two head dims only (a box is a power of two wide); a tuning's `tma` is `rows` for
-    the others.
+    the others. An fp8 cache's keys and values are read times `k_scale` / `v_scale`, and all
+    of them from the cache: its new keys are what it stored, not `key`/`value` (ignored unless
+    `new_kv` names them, which is refused, as is `cache_tma`).
 
     `skip_sequences`: an int32 tensor on the device whose first element is how many leading
     sequences to leave alone (a mixed CUDA graph's decodes, which
@@ -1026,19 +1150,23 @@ def paged_prefill_attention(
     if key is not None and not (key.shape == value.shape == (Tq, num_kv_heads, head_dim)):
         raise ValueError(f"paged_prefill_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must be "
                          f"{(Tq, num_kv_heads, head_dim)}, one row per query token")
+    fp8 = k_cache.dtype == FP8_KV
     if new_kv is None:
-        new_kv = "cache" if key is None else _new_kv_default(q.device, head_dim)
+        new_kv = "cache" if key is None or fp8 else _new_kv_default(q.device, head_dim)
     if new_kv not in NEW_KV_SOURCES:
         raise ValueError(f"new_kv must be one of {NEW_KV_SOURCES}, got {new_kv!r}")
     if new_kv != "cache" and key is None:
         raise ValueError(f"new_kv={new_kv!r} reads the new tokens' key and value: pass them")
+    if fp8 and (new_kv != "cache" or cache_tma):
+        raise ValueError("an fp8 cache's keys are read from it, through pointers, as it stores them: new_kv must "
+                         f"be 'cache' and cache_tma False, got new_kv={new_kv!r}, cache_tma={cache_tma}")
     if Tq == 0 or num_seqs == 0:
         return out
     q = _last_dim_contiguous(q)
     block_tables, context_lens = _last_dim_contiguous(block_tables), context_lens.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous()
     group = num_heads // num_kv_heads
-    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device, fp8)
     if pack_gqa is None:
         pack_gqa = _pack_gqa_default(group, q.device)
     heads = triton.next_power_of_2(group) if pack_gqa else 1
@@ -1069,19 +1197,20 @@ def paged_prefill_attention(
             key_desc, value_desc = descriptor(key), descriptor(value)
     rows = (key, value) if fresh else (q, q)  # unused with the cache
     row_strides = (key.stride(0), key.stride(1), value.stride(0), value.stride(1)) if fresh else (0, 0, 0, 0)
+    k_cache, v_cache, scales, fp8_options = _kv_operands(k_cache, v_cache, k_scale, v_scale, q.device)
     _prefill_kernel[grid](
         q, k_cache, v_cache, *rows, block_tables, cu_seqlens_q, context_lens, out,
         k_desc, v_desc, key_desc, value_desc, skip_sequences if skip_sequences is not None else cu_seqlens_q,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E * scales[0], num_seqs,
         q.stride(0), q.stride(1), *row_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), scales[1],
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, TILE_IN_BLOCK=block_size % block_n == 0,
         SAME_LAYOUT=k_cache.stride() == v_cache.stride(), DOT_PREC=_dot_precision(q.dtype), CACHE_TMA=cache_tma,
         FRESH=fresh, FRESH_TMA=new_kv == "tma", SKIP_LEADING=skip_sequences is not None,
-        WINDOW=window, SOFTCAP=softcap, num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS,
+        WINDOW=window, SOFTCAP=softcap, num_warps=num_warps, num_stages=num_stages, **fp8_options, **LAUNCH_OPTIONS,
     )
     return out
 
@@ -1110,11 +1239,12 @@ def _padded(head_dim: int) -> bool:
     return head_dim != _block_d(head_dim)
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                   fp8_kv: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). K+V tiles of one stage stay <= 32 KiB (bf16, D=128:
     64 keys), so three stages fit any recent GPU's shared memory; fp32 halves the tile. Sized
     by the tile's width, BLOCK_D (head_dim rounded up to a power of two), which is what the
-    shared memory holds: D = 96 takes D = 128's tile."""
+    shared memory holds: D = 96 takes D = 128's tile. `fp8_kv`: see `_fp8_kv_stages`."""
     if device.type != "cuda":
         return MIN_DOT, 4, 1  # the interpreter: smallest tile, so tests exercise many tiles
     elt = dtype.itemsize
@@ -1123,10 +1253,11 @@ def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
     # warps (sm_89 with Triton 3.9, sm_90 with 3.4: kernels/compile_check.py); over 8 warps the
     # same tile spills nothing.
     num_warps = 8 if elt > 2 and _padded(head_dim) else 4
-    return block_n, num_warps, 3 if elt <= 2 else 2
+    return block_n, num_warps, _fp8_kv_stages(3 if elt <= 2 else 2, dtype, fp8_kv)
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                    fp8_kv: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit types, D <= 128: on Hopper 64 queries
     x 64 keys, 4 warps (two stages of K+V plus the Q tile: 80 KiB of shared memory at D=128);
     on an H200 (benchmarks/kernel_configs.py, bf16, D=128) it was the fastest of 11 tiles on
@@ -1139,18 +1270,26 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     32 x 16 at D = 128, 16 x 16 at D = 256; 8 warps. D is the tile's width, BLOCK_D (head_dim
     rounded up to a power of two: registers and shared memory are the tile's), so a padded
     head dim takes the next power of two's tile, and a tuning's tile (measured at D = 128)
-    serves every head dim up to 128."""
+    serves every head dim up to 128. `fp8_kv`: see `_fp8_kv_stages`."""
     if device.type != "cuda":
         return MIN_DOT, MIN_DOT, 4, 1
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
-        return 32 if block_d <= 128 else 16, 32 if block_d <= 64 else 16, 8, 2
+        return 32 if block_d <= 128 else 16, 32 if block_d <= 64 else 16, 8, _fp8_kv_stages(2, dtype, fp8_kv)
     if block_d <= 128:
         tuned = _device_tuning(device).prefill_tile  # what the sweep measured fastest on this GPU
         if tuned is not None:
             return tuned
         return (64, 64, 4, 2) if _device_capability(device)[0] >= 9 else (128, 32, 8, 2)
     return 64, 32, 8, 2
+
+
+def _fp8_kv_stages(stages: int, dtype: torch.dtype, fp8_kv: bool) -> int:
+    """The pipeline's stages over an fp8 cache: fp32 queries take one. Staged through shared
+    memory and converted in registers for the FMA dots, fp32's K/V tiles took 255 registers
+    and spilled 300-900 bytes (sm_80 to sm_90, kernels/compile_check.py); loaded straight into
+    registers they spill nothing."""
+    return 1 if fp8_kv and dtype == torch.float32 else stages
 
 
 def _new_kv_default(device: torch.device, head_dim: int) -> str:
@@ -1231,6 +1370,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    if (k_cache.dtype == FP8_KV) != (v_cache.dtype == FP8_KV):
+        raise ValueError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must both be fp8 ({FP8_KV}) "
+                         "or neither")
+    for cache in (k_cache, v_cache):
+        if cache.dtype.is_floating_point and cache.dtype.itemsize == 1 and cache.dtype != FP8_KV:
+            raise ValueError(f"an fp8 KV cache holds {FP8_KV} (e4m3), got {cache.dtype}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
                          "[num_blocks, block_size, num_kv_heads, head_dim]")
@@ -1241,6 +1386,32 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
     if not triton_takes_head_dim(head_dim):
         raise ValueError(f"head_dim must be a multiple of {MIN_DOT} from {MIN_DOT} to {TRITON_MAX_PADDED_HEAD_DIM} "
                          f"or a larger power of two, got {head_dim}")
+
+
+def _kv_operands(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float, v_scale: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float], dict[str, bool]]:
+    """What a kernel takes for the caches: (k_cache, v_cache, (k_scale, v_scale), the
+    constexprs FP8_KV and NATIVE_FP8). An fp8 cache goes as its bytes (uint8) where Triton
+    does not convert e4m3 (`_native_fp8_kv`); other caches take no scales (1.0 goes, unused)."""
+    if k_cache.dtype != FP8_KV:
+        return k_cache, v_cache, (1.0, 1.0), dict(FP8_KV=False, NATIVE_FP8=False)
+    scales = []
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        value = float(value)
+        if not (value > 0 and math.isfinite(value)):  # 0 or inf would store NaN, a negative flip signs
+            raise ValueError(f"{name} must be a finite value > 0, got {value}")
+        scales.append(value)
+    native = _native_fp8_kv(device)
+    if not native:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    return k_cache, v_cache, (scales[0], scales[1]), dict(FP8_KV=True, NATIVE_FP8=native)
+
+
+def _native_fp8_kv(device: torch.device) -> bool:
+    """Whether an fp8 cache's kernels convert e4m3 with Triton's own casts: on CUDA from sm_89
+    (Ada, Hopper). An A100 has none (Triton refuses the type), and the interpreter's cast to
+    e4m3 rounds ties up and can drop a mantissa carry, so both move the bits themselves."""
+    return device.type == "cuda" and _device_capability(device) >= (8, 9)
 
 
 def _check_heads(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int,

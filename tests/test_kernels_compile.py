@@ -45,6 +45,7 @@ def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_s
         rotary = [r for r in rows if r["target"] == target and r["kernel"] == "_rotary_kernel"]
         assert len(rotary) >= 2, rotary  # whole heads and partial rotary (a table of 3/8 head_dim columns)
         assert _padded(rows, target) == PADDED, _padded(rows, target)
+        assert _fp8_kv(rows, target) == FP8_KV, _fp8_kv(rows, target)
     # No kernel the engine launches by default spills registers to local memory in its inner
     # loops (16-bit and fp32 cases). The experiments run only where a GPU's tuning says, after
     # the sweep timed them, spills and all: tensor-descriptor loads, and the new tokens' K/V
@@ -77,6 +78,22 @@ def _fp8_moe(rows: list[dict], target: str) -> set[tuple[str, str, str]]:
     variants = [dict(kv.split("=") for kv in r["variant"].split()) for r in rows
                 if r["target"] == target and r["kernel"] == "_moe_gemm_kernel"]
     return {(v["BLOCK_M"], v["GATED"], v["TILE_IN_GROUP"]) for v in variants if v.get("FP8") == "1"}
+
+
+# An fp8 KV cache: every attention kernel that reads or writes the cache, windowed and capped
+# too (the reduction kernel reads only the partials); bf16, fp16 and fp32 queries.
+FP8_KV = ({(k, dtype) for k in ("_store_kv_kernel", "_decode_kernel", "_decode_graphed_kernel", "_prefill_kernel")
+           for dtype in ("bf16", "fp16", "fp32")}
+          | {(k, "windowed") for k in ("_decode_kernel", "_decode_graphed_kernel", "_prefill_kernel")})
+
+
+def _fp8_kv(rows: list[dict], target: str) -> set[tuple[str, str]]:
+    """The kernels compiled over an fp8 KV cache for `target`, with their queries' dtype (and
+    "windowed" for those with a window and a cap)."""
+    fp8 = [r for r in rows if r["target"] == target and "FP8_KV=1" in r["variant"]]
+    assert all(r["case"].endswith(" fp8-kv") for r in fp8)
+    return ({(r["kernel"], r["case"].split()[1]) for r in fp8}
+            | {(r["kernel"], "windowed") for r in fp8 if "WINDOW=4096 SOFTCAP=50.0" in r["variant"]})
 
 
 def _experiment(variant: str) -> bool:
@@ -126,9 +143,27 @@ def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path
                                            "_fp8_linear_kernel"}
     assert _fp8_moe(rows, "sm90") == FP8_MOE, _fp8_moe(rows, "sm90")
     assert all(r["ok"] for r in rows) and _windowed(rows, "sm90") == WINDOWED and _padded(rows, "sm90") == PADDED
+    assert _fp8_kv(rows, "sm90") == FP8_KV, _fp8_kv(rows, "sm90")
     assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
                 if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
                 and not _experiment(r["variant"])]
+
+
+def test_fp8_kv_cache_kernels_compile_for_ampere(tmp_path) -> None:
+    """The attention kernels over an fp8 KV cache for an A100 (sm_80: Triton has no e4m3 there,
+    so they move the bits themselves) with the venv's Triton: within shared memory, no spills.
+    Hopper and Ada's native conversions: the tests above."""
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick", "--fp8-kv-only", "--targets",
+                           "sm80", "--resources", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert all(r["ok"] for r in rows) and {r["target"] for r in rows} == {"sm80"}
+    assert _fp8_kv(rows, "sm80") == FP8_KV, _fp8_kv(rows, "sm80")
+    assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
+                if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)]
 
 
 def test_the_sweeps_largest_prefill_tile_compiles_with_the_gpu_machines_triton(tmp_path) -> None:

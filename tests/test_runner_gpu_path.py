@@ -598,6 +598,53 @@ def test_kv_budget_profile_arithmetic(tiny_checkpoints: dict[str, str], monkeypa
         runner._profile_cuda_kv_budget()
 
 
+def _scale_kv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models loaded from here on take per-layer KV scales that are not 1, as a checkpoint's
+    would come (before any graph is captured): layer 0's small enough that keys saturate."""
+    from engine.models.llama import LlamaForCausalLM
+
+    def scales(model: LlamaForCausalLM, _: object) -> None:
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.kv_scales = (0.004, 0.03) if i == 0 else (0.05, 0.02)
+
+    monkeypatch.setattr(LlamaForCausalLM, "_set_kv_scales", scales)
+
+
+@interpreter_only
+def test_an_fp8_kv_cache_rides_the_graphs_through_the_triton_kernels(tiny_checkpoints: dict[str, str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache_dtype="fp8" on the Triton path, with scales that are not 1: eager steps and
+    replayed decode and mixed graphs (chunks after a cached prefix, decodes beside them) give
+    the tokens and logprobs of the reference's fp8 engine, whose cache holds the same bytes."""
+    path = tiny_checkpoints["llama"]
+    ps = prompts(12, 4, 2, 24)
+    ps[3] = ps[0][:16] + ps[3]  # a cached prefix: its chunk reads fp8 keys it did not compute
+    params = [SamplingParams(max_tokens=n, logprobs=1, **GREEDY) for n in (4, 2, 3, 3)]
+    args = dict(num_kv_blocks=40, max_num_seqs=4, max_num_batched_tokens=40, max_model_len=128, dtype="float32",
+                kv_cache_dtype="fp8", **CPU)
+    _scale_kv(monkeypatch)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "reference")
+    reference = LLM(path, **args)
+    want = reference.generate(ps, params)
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    llm = LLM(path, **args)
+    log = with_eager_graphs(llm, 4, tokens=[8, 16, 40])
+    assert_same_tokens_and_logprobs(llm.generate(ps, params), want)
+    assert {k for k, _ in log} == {"decode", "mixed"}, log
+    # Layer 0 stores the same bytes. Past it a byte may sit one code from the reference's: the
+    # kernels apply the scales to scores and outputs, not to each value read (one rounding
+    # fewer), and a value on a rounding boundary of the next layer's K/V goes the other way.
+    for layer, caches in enumerate(zip(llm.engine.runner.kv_caches, reference.engine.runner.kv_caches)):
+        for got, ref in zip(*caches):
+            assert got.dtype == torch.float8_e4m3fn
+            got, ref = got.view(torch.uint8).int(), ref.view(torch.uint8).int()
+            off = got != ref
+            assert not off.any() if layer == 0 else off.float().mean() < 1e-3, (layer, off.sum())
+            assert ((got - ref)[off].abs() == 1).all(), "a byte more than one code from the reference's"
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 
@@ -638,6 +685,26 @@ def test_fp8_weights_through_cuda_graphs_give_the_cpus_tokens(tiny_checkpoints: 
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 3, 7, 12, 5, 10)]
     args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32",
                 quantization="fp8")
+    want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", **args).generate(ps, params)]
+    graphs = LLM(path, **args)
+    assert graphs.engine.runner.cuda_graphs is not None
+    assert [o.outputs[0].token_ids for o in graphs.generate(ps, params)] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_an_fp8_kv_cache_through_cuda_graphs_gives_the_cpus_tokens(tiny_checkpoints: dict[str, str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache_dtype="fp8" on the real GPU path (store and attention kernels inside captured
+    graphs, scales that are not 1, async scheduling): the greedy tokens of the CPU's fp8 engine
+    (fp32 both)."""
+    path = tiny_checkpoints["llama"]
+    ps = prompts(13, 6, 1, 40)
+    ps[4] = ps[1][:20] + ps[4]  # a cached prefix
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in (9, 3, 7, 12, 5, 10)]
+    args = dict(num_kv_blocks=48, max_num_seqs=5, max_num_batched_tokens=64, max_model_len=256, dtype="float32",
+                kv_cache_dtype="fp8")
+    _scale_kv(monkeypatch)
     want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", **args).generate(ps, params)]
     graphs = LLM(path, **args)
     assert graphs.engine.runner.cuda_graphs is not None
