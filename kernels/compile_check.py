@@ -13,6 +13,7 @@ target, and Triton's jit cache hook compiles each launch itself and tells Triton
     python -m kernels.compile_check                       # every target and case; table + exit status
     python -m kernels.compile_check --targets sm90 --resources   # + registers and spills (ptxas -v)
     python -m kernels.compile_check --quick --fp8-kv-only --targets sm80   # the fp8 KV cache's kernels alone
+    python -m kernels.compile_check --quick --targets sm90 --cases "llama-3-8b bf16"   # one case
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than its target has.
 Needs a Triton with the NVIDIA backend (the PyPI wheel); must run without TRITON_INTERPRET.
@@ -156,6 +157,11 @@ def _cases(quick: bool, fp8_kv_only: bool = False) -> list[tuple[str, str, str]]
     return fp8_kv if fp8_kv_only else cases + fp8_kv
 
 
+def _case_name(case: tuple[str, str, str]) -> str:
+    """How rows and --cases name a case: "layout dtype", and " fp8-kv" over an fp8 KV cache."""
+    return f"{case[0]} {case[1]}" + (" fp8-kv" if case[2] == "fp8-kv" else "")
+
+
 def _launch(case: tuple[str, str, str]) -> None:
     """Every launch a CUDA step makes for this case, through the public wrappers."""
     from kernels import reference, triton_norm_rope, triton_ops
@@ -273,9 +279,12 @@ def _launch_fp8(dtype: torch.dtype) -> None:
 
 
 def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning | None = None,
-          fp8_kv_only: bool = False) -> list[Compiled]:
+          fp8_kv_only: bool = False, names: list[str] | None = None) -> list[Compiled]:
     """`tuning`: a GPU's kernel tuning to compile with (None: the built-in choices);
-    `fp8_kv_only`: only the cases of an fp8 KV cache."""
+    `fp8_kv_only`: only the cases of an fp8 KV cache; `names`: only these cases (`_case_name`)."""
+    cases = [c for c in _cases(quick, fp8_kv_only) if names is None or _case_name(c) in names]
+    if names is not None and len(cases) != len(set(names)):
+        raise SystemExit(f"--cases: no such case among {[_case_name(c) for c in _cases(quick, fp8_kv_only)]}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernels.compile_check compiles for GPUs: run it without TRITON_INTERPRET")
     import triton
@@ -328,8 +337,8 @@ def check(targets: list[str], quick: bool, resources: bool, tuning: KernelTuning
             driver.set_active(_TargetDriver(GPUTarget("cuda", TARGETS[name][0], 32), index))
             triton_ops._device_capability = lambda device, cc=TARGETS[name][0]: divmod(cc, 10)
             current["target"] = name
-            for case in _cases(quick, fp8_kv_only):
-                current["case"] = f"{case[0]} {case[1]}" + (" fp8-kv" if case[2] == "fp8-kv" else "")
+            for case in cases:
+                current["case"] = _case_name(case)
                 _launch(case)
     finally:
         knobs.runtime.jit_cache_hook = hook
@@ -362,13 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     p.add_argument("--tuning", default=None, help="a kernel tuning JSON (kernels/tuning.py) to compile with")
     p.add_argument("--fp8-kv-only", action="store_true", help="only the attention kernels over an fp8 KV cache")
+    p.add_argument("--cases", nargs="+", default=None, help='only these cases, named as in the table ("layout dtype")')
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     tuning = None
     if args.tuning:
         with open(args.tuning) as f:
             tuning = parse_tuning(json.load(f), args.tuning)
-    rows = check(args.targets, args.quick, args.resources, tuning, args.fp8_kv_only)
+    rows = check(args.targets, args.quick, args.resources, tuning, args.fp8_kv_only, args.cases)
     print(render(rows))
     bad = [r for r in rows if not r.ok]
     import triton

@@ -19,6 +19,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLDER_TRITONS = ["3.4.0", "3.6.0"]  # `make test` installs them (the Makefile's OLDER_TRITONS)
+# The oldest's cases: every kernel (llama-3-8b bf16), a padded head dim's masks in fp32, and
+# the attention kernels over an fp8 KV cache (kernels/compile_check.py's names).
+OLDEST_TRITONS_CASES = ["llama-3-8b bf16", "d96 fp32", "llama-3-8b bf16 fp8-kv"]
 
 
 def test_every_kernel_compiles_for_hopper_and_ada_within_shared_memory_without_spills(tmp_path) -> None:
@@ -128,22 +131,31 @@ def _windowed(rows: list[dict], target: str) -> set[str]:
 @pytest.mark.parametrize("version", OLDER_TRITONS)
 def test_every_kernel_compiles_with_older_triton_releases(version: str, tmp_path) -> None:
     """The same kernels with Triton 3.4 (the oldest the kernels support) and 3.6 (the GPU
-    machines' release), installed beside the venv by `make test`, for Hopper."""
+    machines' release), installed beside the venv by `make test`, for Hopper. 3.6 compiles
+    every quick case and is held to no spills, as above; 3.4 only has to compile every kernel
+    (an API it lacks fails any case), so it takes one case of each kind (CI's time: a cold
+    compile of the quick cases took 160 s on a 2-core CPU)."""
     side = os.path.join(sys.prefix, f"triton-{version}")
     assert os.path.isdir(side), f"{side} is missing: `make test` puts it there"
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": f"{side}{os.pathsep}{ROOT}"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick", "--targets", "sm90",
-                           "--resources", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    oldest = version == OLDER_TRITONS[0]
+    options = ["--cases", *OLDEST_TRITONS_CASES] if oldest else ["--resources"]
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick", "--targets", "sm90", *options,
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"compiled with Triton {version} for sm90" in proc.stdout
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} >= {"_store_kv_kernel", "_decode_kernel", "_decode_reduce_kernel",
-                                           "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel",
-                                           "_fp8_linear_kernel"}
+                                           "_decode_graphed_kernel", "_prefill_kernel", "_rms_norm_kernel",
+                                           "_rotary_kernel", "_moe_gemm_kernel", "_fp8_linear_kernel"}
     assert _fp8_moe(rows, "sm90") == FP8_MOE, _fp8_moe(rows, "sm90")
-    assert all(r["ok"] for r in rows) and _windowed(rows, "sm90") == WINDOWED and _padded(rows, "sm90") == PADDED
-    assert _fp8_kv(rows, "sm90") == FP8_KV, _fp8_kv(rows, "sm90")
+    assert all(r["ok"] for r in rows) and _windowed(rows, "sm90") == WINDOWED
+    if oldest:
+        assert {r["case"] for r in rows} == set(OLDEST_TRITONS_CASES)
+        assert {k for k, _ in _fp8_kv(rows, "sm90")} == {k for k, _ in FP8_KV}
+        return
+    assert _padded(rows, "sm90") == PADDED and _fp8_kv(rows, "sm90") == FP8_KV, _fp8_kv(rows, "sm90")
     assert not [(r["case"], r["kernel"], r["variant"]) for r in rows
                 if r["resources"].get("spill_stores", 0) + r["resources"].get("spill_loads", 0)
                 and not _experiment(r["variant"])]
@@ -180,8 +192,8 @@ def test_the_sweeps_largest_prefill_tile_compiles_with_the_gpu_machines_triton(t
                                   "prefill_new_kv": "tma"}))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": f"{side}{os.pathsep}{ROOT}"}
     proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick", "--targets", "sm90",
-                           "--resources", "--tuning", str(tuning), "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                           "--resources", "--tuning", str(tuning), "--cases", "llama-3-8b bf16", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     prefill = [r for r in rows if r["kernel"] == "_prefill_kernel" and r["case"] == "llama-3-8b bf16"]

@@ -18,27 +18,18 @@ an engine passes them, are NaN: an fp8 cache's kernels must read its keys from t
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Sets TRITON_INTERPRET without CUDA before the kernels are imported; the reference in fp32
+# over the same bytes, within that module's tolerances.
+from tests.test_kernels_triton import CUDA, DEVICE, TOL  # isort: skip
 
-import pytest  # noqa: E402
+from kernels import reference
+from kernels.reference import FP8_KV, FP8_KV_MAX
 
-from kernels import reference  # noqa: E402
-from kernels.reference import FP8_KV, FP8_KV_MAX  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-# Against the reference in fp32 over the same bytes, as tests/test_kernels_triton.py.
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=3e-3, rtol=3e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
 SCALE = 0.3
 K_SCALE, V_SCALE = 0.0071, 0.013  # keys ~ N(0, 2): |key| / K_SCALE > 448 past 1.6 sigma
 NAN_BYTE = 0x7F  # e4m3fn's NaN: stale slots, padding blocks
