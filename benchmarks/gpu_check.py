@@ -2,8 +2,8 @@
 
 On a CUDA machine, from the repo root with nothing installed (PYTHONPATH=.):
 1. kernel_tests: the Triton kernels compiled for real (fp16/bf16/fp32): `pytest -m gpu` over
-   tests/test_kernels_triton.py, tests/test_runner_gpu_path.py, tests/test_kernels_moe.py and
-   tests/test_kernels_fp8.py, or, without pytest, benchmarks/mini_pytest.py running the same
+   tests/test_kernels_triton.py, tests/test_runner_gpu_path.py, tests/test_kernels_moe.py,
+   tests/test_kernels_fp8.py and tests/test_kernels_kv_fp8.py, or, without pytest, benchmarks/mini_pytest.py running the same
    test functions;
 2. kernels: benchmarks/kernels.py at GPU sizes (time, HBM GB/s vs peak, ratio to torch);
    moe_kernels: benchmarks/moe_kernels.py, the Triton MoE MLP against the torch reference at
@@ -189,7 +189,7 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
     out = lambda name: os.path.join(work, f"{name}.json")  # noqa: E731
     stages: list[Stage] = []
     test_files = ["tests/test_kernels_triton.py", "tests/test_runner_gpu_path.py", "tests/test_kernels_moe.py",
-                  "tests/test_kernels_fp8.py"]
+                  "tests/test_kernels_fp8.py", "tests/test_kernels_kv_fp8.py"]
     if args.cpu_smoke:  # the interpreter on a handful of tests: the orchestration is what is tested
         select = ["-k", "store_kv_matches"]
         test_files = test_files[:1]
@@ -203,8 +203,9 @@ def plan(args: argparse.Namespace, work: str) -> list[Stage]:
         cmd = [py, "-m", "benchmarks.mini_pytest", *test_files, *select, "--json", out("kernel_tests")]
     # 210 s: the H200 ran 90 of them in 82 s; there are 123 now, and a test run cut off writes
     # no report at all; 30 s more for the MoE tests' ~24 compiles (not yet timed on a GPU), and
-    # 30 s for the fp8 projection's ~45 (kernels compile in about 0.5 s each on a CPU).
-    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 240, None if use_pytest else out("kernel_tests"),
+    # 30 s for the fp8 projection's ~45 (kernels compile in about 0.5 s each on a CPU), and 20 s
+    # for the fp8 KV cache's ~16 tests.
+    stages.append(Stage("kernel_tests", cmd, 30 if args.cpu_smoke else 260, None if use_pytest else out("kernel_tests"),
                         "tests", {"runner": "pytest" if use_pytest else "mini_pytest"},
                         writes=[os.path.join(work, "kernel_tests.xml")]))
 
