@@ -18,8 +18,8 @@ Activations are not quantized: the product runs at the model's dtype over the de
 (w8a16). The weights take half the memory of bf16's and half the bytes a decode step reads; the
 tokens are those of transformers, which dequantizes such checkpoints to serve them on a CPU. A
 checkpoint's activation scales (`input_scale`, `q_scale`) are read past. Its KV-cache scales
-(`kv_scale_of`) scale an fp8 KV cache (kv_cache_dtype="fp8"), and change nothing in a cache at
-the model's dtype. What is quantized follows the config, as vLLM's:
+(`kv_scale_of`) scale an fp8 KV cache (kv_cache_dtype="fp8"); a cache at the model's dtype
+leaves them unread. What is quantized follows the config, as vLLM's:
 every projection but those its `modules_to_not_convert` / `ignore` name, the LM head only where
 compressed-tensors' config leaves it in (never under HF's fp8, as transformers); a checkpoint
 that disagrees with its config is refused at load, tensor by tensor.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import kernels
-from kernels.reference import indexable_kv
+from kernels.reference import FP8_KV, indexable_kv
 from engine.attention import AttentionMetadata
 from engine.block_tables import BlockTables
 from engine.config import EngineConfig, ModelConfig
@@ -330,7 +330,7 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
         else:
             with torch.no_grad():
-                model.load_weights(iterate_safetensors(path))
+                model.load_weights(iterate_safetensors(path), read_kv_scales=self.kv_cache_dtype == FP8_KV)
         model.eval().requires_grad_(False)
         return model
 

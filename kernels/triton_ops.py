@@ -165,7 +165,7 @@ def _fp32_to_fp8_bits(x):
     up). A normal (from 2^-6) keeps 3 of its 23 mantissa bits, rounded on the 20 below (a carry
     runs into the exponent, as it should), its exponent rebiased from 127 to 7; below 2^-6 the
     code is |x| in the subnormals' units of 2^-9, rounded to even the same way (2^-6 itself,
-    8 units, is the smallest normal's code)."""
+    8 units, is the smallest normal's code); NaN to NaN's code."""
     bits = x.to(tl.int32, bitcast=True)
     mag = bits & 0x7FFFFFFF
     exponent = mag >> 23
@@ -177,6 +177,7 @@ def _fp32_to_fp8_bits(x):
     half = 1 << (shift - 1)
     units += ((rest > half) | ((rest == half) & ((units & 1) == 1))).to(tl.int32)
     code = tl.where(exponent >= 121, normal, units)
+    code = tl.where(mag > 0x7F800000, 0x7F, code)  # NaN stays NaN (S.1111.111), as torch's cast
     return (code | ((bits >> 24) & 0x80)).to(tl.uint8)
 
 
@@ -199,7 +200,8 @@ def _cache_values(x, kv_scale, DTYPE: tl.constexpr, FP8_KV: tl.constexpr, NATIVE
     FP8_KV_MAX) and rounded to nearest even; without NATIVE_FP8 as bytes."""
     if FP8_KV:
         y = tl.math.div_rn(x.to(tl.float32), tl.full(x.shape, kv_scale, tl.float32))
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        # Saturated, NaN kept (Triton's min/max may drop it): the reference's and the C store's bytes.
+        y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))
         if NATIVE_FP8:
             y = y.to(tl.float8e4nv)
         else:

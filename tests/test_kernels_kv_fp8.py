@@ -104,12 +104,13 @@ def nan_rows(num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dty
 def special_values(scale: float) -> torch.Tensor:
     """Every finite e4m3 value times `scale`, the midpoints between neighbours (ties: to even)
     and the fp32 values either side of them, values past 448 · scale (saturated), below the
-    smallest subnormal, and signed zeros."""
+    smallest subnormal, signed zeros and NaN (stored as NaN, as torch's cast)."""
     codes = torch.arange(256, dtype=torch.uint8).view(FP8_KV).float()
     values = codes[~codes.isnan()].unique()
     mids = (values[1:] + values[:-1]) / 2
     up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
-    extra = torch.tensor([FP8_KV_MAX + 1, FP8_KV_MAX + 16, 500.0, 1e30, 2.0**-10, 3 * 2.0**-11, 2.0**-12, 1e-30, 0.0, -0.0])
+    extra = torch.tensor([FP8_KV_MAX + 1, FP8_KV_MAX + 16, 500.0, 1e30, 2.0**-10, 3 * 2.0**-11, 2.0**-12, 1e-30, 0.0, -0.0,
+                          float("nan")])
     x = torch.cat([values, mids, mids.nextafter(up), mids.nextafter(down), extra, -extra])
     return x * scale
 

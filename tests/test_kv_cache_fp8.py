@@ -150,6 +150,17 @@ def test_checkpoint_kv_scales_scale_the_fp8_cache(tiny_checkpoints, tmp_path) ->
     assert_logprobs_equal_transformers(llm, oracle, PROMPTS, 6)
     assert_engine_idle(llm)
 
+    # KV scales an fp8 cache cannot take (one per head, or 0) leave a wide cache's load alone,
+    # as before the fp8 cache; an fp8 cache refuses them by name.
+    wide = _run(quantized)
+    assert [layer.self_attn.kv_scales for layer in wide.engine.runner.model.model.layers] == [(1.0, 1.0)] * 2
+    for name, bad in (("k_scale", torch.tensor([0.01, 0.02]).view(2, 1, 1)), ("v_scale", torch.tensor(0.0))):
+        state_bad = state | {f"{attn.format(0)}.{name}": bad}
+        path = _save(str(tmp_path / f"bad_{name}"), state_bad, config)
+        assert _greedy(_run(path), PROMPTS) == _greedy(wide, PROMPTS)
+        with pytest.raises(ValueError, match=f"self_attn.{name}"):
+            _run(path, kv_cache_dtype="fp8")
+
 
 def test_kv_scale_names_as_checkpoints_save_them() -> None:
     one = torch.tensor(0.5)

@@ -519,8 +519,11 @@ class LlamaForCausalLM(nn.Module):
         kept = {id(p) for name, p in self.named_parameters() if p.dtype == FP8 or name.endswith("_scale")}
         self._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.to(dtype))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into our parameters; every parameter must be covered."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, read_kv_scales: bool = False) -> None:
+        """Copy HF-named tensors into our parameters; every parameter must be covered.
+        `read_kv_scales`: take the checkpoint's KV-cache scales for an fp8 KV cache (refusing
+        what it cannot use); otherwise they are skipped, unread, as a cache at the model's dtype
+        has no use for them (a checkpoint with per-head ones loads as it did)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()  # our parameters filled whole, and `name#piece` for their parts
         pieced: set[str] = set()  # our parameters filled in parts
@@ -539,7 +542,7 @@ class LlamaForCausalLM(nn.Module):
                                  "config.json has no quantization_config saying how its weights are quantized")
             if scheme is not None and not scheme.online:
                 if last in UNUSED_SCALES:
-                    if found := kv_scale_of(name, tensor):
+                    if read_kv_scales and (found := kv_scale_of(name, tensor)):
                         layer, which, scale = found
                         kv_scales.update({(layer, part): scale for part in which})  # "kv": both
                     continue
