@@ -39,7 +39,7 @@ $(TRITONS_STAMP): $(STAMP)
 # of a module's time is spent waiting on its server or in one Python thread, so two run in
 # about three quarters of one's time on a 2-core machine.
 test: install $(TRITONS_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 generate: install
 	$(VENV)/bin/stoke generate "$(PROMPT)"

@@ -224,3 +224,16 @@ def assert_engine_idle(llm) -> None:
     if engine.proposer is not None:
         assert not engine.proposer._kept, "the proposer kept finished requests' arrays"
     bm.check_invariants()
+
+
+# The longest modules first, longest first (a 2-core CI run, tests/ with --durations=0): under
+# `--dist loadfile` a module is one worker's, so the compile checks' minutes, scheduled last,
+# had one worker finishing them alone while the other sat idle. The Makefile keeps this order
+# (--no-loadscope-reorder: xdist would otherwise start with the modules of the most tests).
+LONGEST_FIRST = ("tests/test_kernels_compile.py", "tests/test_runner_gpu_path.py", "tests/test_kernels_triton.py",
+                 "tests/test_speculative.py", "tests/test_benchmarks_kernels.py", "tests/test_engine.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest as collected
