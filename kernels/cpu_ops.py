@@ -9,9 +9,10 @@ silu_and_mul, as kernels.triton_norm_rope has them on CUDA), with the hot parts 
   quarter of the fp32 cache's bytes. The same C decode kernel reads its bytes in place, each
   kv head's rows of a block decoded exactly and times k_scale / v_scale once into an L1
   scratch block that its query heads share: bit for bit the fp32 kernel over the dequantized
-  cache. Past the caches it ran 1.5-2x the fp32 kernel's speed on this project's 2-core
+  cache. Past the caches it ran 1.5-2x the fp32 kernel's speed on one thread of a 2-core
   machine (benchmarks/kernels.py --impl cpu --kv-fp8; the decode, not the memory, is then its
-  limit), about even where the fp32 cache fits in L2. Prefill gathers the blocks it needs and
+  limit), about even where the fp32 cache fits in L2; 1.2-2.3x at every size on two threads
+  of a 2-core AVX2 EPYC (docs/measurements/cpu-2026-12-08). Prefill gathers the blocks it needs and
   dequantizes them (compute-bound: the copy hardly shows); the step's own key/value are never
   read in place of the cache, whose keys are what it stores, quantized. `store_kv` quantizes
   and scatters in C in one pass (csrc/store_kv.c): 2.5-4.5x the reference's divide, clamp,

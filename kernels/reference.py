@@ -26,8 +26,10 @@ def indexable_kv(cache: torch.Tensor) -> torch.Tensor:
 def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x in any float dtype → e4m3, as an fp8 cache stores it (saturated at ±448, as vLLM's
     kernels convert, where torch's cast would give NaN). Divided by a tensor: CUDA divides by a
-    Python scalar as a product with its reciprocal, a bit off IEEE division (the other backends')."""
-    divisor = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    Python scalar as a product with its reciprocal, a bit off IEEE division (the other backends').
+    Filled on the device, not copied from the host: no transfer per call, and a CUDA graph's
+    capture allows it."""
+    divisor = torch.full((), scale, dtype=torch.float32, device=x.device)
     return (x.float() / divisor).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
 
 
